@@ -1,0 +1,45 @@
+# The README's commands. Each target sets itself up on a fresh machine:
+# .venv, pinned installs (torch from the local CPU wheel), the extension build.
+#   make test    build, compile-target checks, and the test suite
+#   make bench   build and run the CPU benchmark report (CSV + PNG in bench/results/)
+#   make check   nvcc (sm_80, sm_90) and Triton → PTX (sm_90) compile checks only
+#   make lint    ruff
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION := 2.13.0
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
+# torch.compile's cache stays inside the ignored build folder.
+export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/build/inductor-cache
+export TRITON_CACHE_DIR := $(CURDIR)/build/triton-cache
+
+.PHONY: test bench check lint clean
+
+$(VENV)/.installed: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+# pip's editable build compiles fastkd._C (and fastkd._C_cuda with CUDA torch).
+$(VENV)/.built: $(VENV)/.installed $(CSRC)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: $(VENV)/.built
+	$(PY) -m pytest tests
+
+check: $(VENV)/.built
+	$(PY) -m pytest tests/test_compile_targets.py
+
+bench: $(VENV)/.built
+	$(PY) -m bench.run
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check fastkd kernels tests bench
+
+clean:
+	rm -rf build fastkd/*.so $(VENV)/.built

@@ -1,0 +1,20 @@
+"""fastkd: fused knowledge-distillation losses for PyTorch.
+
+Public API: the functional losses, their modules, and :func:`backends`.
+"""
+
+from fastkd._dispatch import BackendStatus, backends
+from fastkd.functional import divergence, kd_loss
+from fastkd.losses import DivergenceLoss, KDLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendStatus",
+    "DivergenceLoss",
+    "KDLoss",
+    "__version__",
+    "backends",
+    "divergence",
+    "kd_loss",
+]

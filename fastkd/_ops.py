@@ -1,0 +1,60 @@
+"""Loads the compiled extensions and gives their ops what torch.library needs.
+
+Importing this module never fails: a missing extension is logged and reported
+by :func:`fastkd.backends`. For each ``fastkd::`` op it registers a fake
+(meta) kernel, so the ops trace under ``torch.compile`` and pass
+``torch.library.opcheck``. The ops are not differentiable themselves: they
+return the gradients, which the autograd Functions in ``functional.py`` scale.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import torch
+
+_log = logging.getLogger("fastkd")
+
+
+
+def _load(name: str):
+    """(module, None) or (None, why it could not be imported)."""
+    try:
+        return importlib.import_module(name), None
+    except ImportError as exc:
+        return None, f"{name} not importable ({exc})"
+
+
+# _C registers the schemas and the CPU kernels; _C_cuda (loaded second: it
+# needs the schemas) registers the CUDA kernels.
+_C, CPU_EXTENSION_ERROR = _load("fastkd._C")
+if CPU_EXTENSION_ERROR:  # pragma: no cover - depends on the build
+    CPU_EXTENSION_ERROR += "; build it with `pip install -e . --no-build-isolation`"
+    _log.warning(CPU_EXTENSION_ERROR)
+_C_cuda, CUDA_EXTENSION_ERROR = _load("fastkd._C_cuda") if _C is not None else (None, "fastkd._C missing")
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether ``fastkd::<op>`` has a kernel for ``dispatch_key`` ("CPU", "CUDA")."""
+    if _C is None:
+        return False
+    try:
+        dump = torch._C._dispatch_dump(f"fastkd::{op}")
+    except RuntimeError:
+        return False
+    return f"{dispatch_key}:" in dump
+
+
+if _C is not None:
+
+    @torch.library.register_fake("fastkd::divergence_forward")
+    def _divergence_forward_fake(
+        student, teacher, row_mask, kind, inv_temperature, coef, grad_scale, student_grad, teacher_grad
+    ):
+        rows, vocab = student.shape
+        loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        row_loss = student.new_empty((rows,), dtype=loss_dtype)
+        grad_s = student.new_empty((rows, vocab) if student_grad else (0, 0))
+        grad_t = teacher.new_empty((rows, vocab) if teacher_grad else (0, 0))
+        return row_loss, grad_s, grad_t

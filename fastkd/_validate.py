@@ -1,0 +1,82 @@
+"""Argument checks shared by every entry point.
+
+Each check raises ``ValueError`` naming the offending argument, before any
+kernel runs (SPEC §6).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def tensor(name: str, value, *, dtypes=FLOAT_DTYPES, min_dim: int = 1) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} must have dtype in ({allowed}), got {value.dtype}")
+    if value.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dim(s), got shape {tuple(value.shape)}")
+    return value
+
+
+def same_layout(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """``value`` must match ``ref`` in shape, dtype and device."""
+    if value.shape != ref.shape:
+        raise ValueError(
+            f"{name} shape {tuple(value.shape)} does not match {ref_name} shape {tuple(ref.shape)}"
+        )
+    if value.dtype != ref.dtype:
+        raise ValueError(f"{name} dtype {value.dtype} does not match {ref_name} dtype {ref.dtype}")
+    same_device(name, value, ref_name, ref)
+
+
+def same_device(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if value.device != ref.device:
+        raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}")
+
+
+def real(name: str, value, *, low: float | None = None, high: float | None = None,
+         low_open: bool = False) -> float:
+    """A finite Python number in [low, high] (or (low, high] with ``low_open``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def choice(name: str, value, options) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def row_selector(name: str, value, rows_shape: torch.Size, ref: torch.Tensor, *, integer: bool):
+    """``labels`` (integer) or ``mask`` (bool) with one entry per row of ``ref``."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+        raise ValueError(f"{name} must be an integer tensor, got {value.dtype}")
+    if not integer and value.dtype != torch.bool:
+        raise ValueError(f"{name} must be a bool tensor, got {value.dtype}")
+    if value.shape != rows_shape:
+        raise ValueError(
+            f"{name} shape {tuple(value.shape)} must equal the logits' leading shape {tuple(rows_shape)}"
+        )
+    same_device(name, value, "student_logits", ref)
+    return value

@@ -1,0 +1,222 @@
+"""The public losses: validate → pick a backend → autograd Function.
+
+Each function here is the single entry point of one loss; ``losses.py`` wraps
+them in modules. The mathematics is SPEC.md's; the reference implementations
+in ``fastkd.reference`` define it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastkd import _dispatch, _validate
+from fastkd import _ops  # noqa: F401  (registers the fastkd:: ops and their fake kernels)
+from fastkd import reference as _reference
+
+__all__ = ["divergence", "kd_loss"]
+
+# fastkd::divergence::Kind (csrc/common/divergence_math.h).
+DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "skew_kl": 3, "skew_reverse_kl": 4, "tvd": 5}
+
+
+def _kernel_divergence(divergence: str, beta: float, alpha: float) -> tuple[int, float]:
+    """(kind code, interior coefficient) for the kernels.
+
+    Endpoints are exact special cases (SPEC §1): JSD at β=0 is KL(p‖q) and at
+    β=1 is KL(q‖p); skew divergences at α=0 are the plain ones. The kernels
+    see β in (0, 1) and α in (0, 1] (α=1 is the zero divergence KL(p‖p),
+    which the kernels' formulas handle without special-casing).
+    """
+    if divergence == "jsd":
+        if beta == 0.0:
+            return DIVERGENCE_CODES["kl"], 0.0
+        if beta == 1.0:
+            return DIVERGENCE_CODES["reverse_kl"], 0.0
+        return DIVERGENCE_CODES["jsd"], beta
+    if divergence in ("skew_kl", "skew_reverse_kl"):
+        if alpha == 0.0:
+            return DIVERGENCE_CODES[divergence.removeprefix("skew_")], 0.0
+        return DIVERGENCE_CODES[divergence], alpha
+    return DIVERGENCE_CODES[divergence], 0.0
+
+
+def _run_kernel(backend: str, *args):
+    if backend == "triton":
+        from fastkd.kernels import divergence as triton_divergence
+
+        return triton_divergence.divergence_forward(*args)
+    return torch.ops.fastkd.divergence_forward(*args)
+
+
+def _scale_by_upstream(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """``grad · grad_output`` (scalar, or one value per row), reusing ``grad``.
+
+    ``grad`` is the gradient the forward kernel already produced. When the
+    upstream gradient is exactly 1 (``loss.backward()``) it is returned as is;
+    otherwise it is scaled in place, which bumps its version counter, so a
+    second backward through the same graph (``retain_graph=True``) raises
+    instead of scaling twice. Under ``torch.compile`` the product is out of
+    place (no data-dependent branch).
+    """
+    factor = grad_output if grad_output.dim() == 0 else grad_output.reshape(-1, 1)
+    if torch.compiler.is_compiling():
+        return grad * factor.to(grad.dtype)
+    if grad_output.numel() == 1 and grad_output.item() == 1.0:
+        return grad
+    return grad.mul_(factor)
+
+
+class DivergenceFunction(torch.autograd.Function):
+    """Fused softmax divergence on ``(N, V)`` logits; one kernel call.
+
+    The forward kernel returns the row losses and, for the inputs that need
+    them, the gradients already multiplied by the reduction's factor; the
+    backward only applies the upstream gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, row_mask, kind, inv_temperature, coef, factor, per_row, backend):
+        row_loss, grad_s, grad_t = _run_kernel(
+            backend, student, teacher, row_mask, kind, inv_temperature, coef, factor,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+        )
+        ctx.save_for_backward(grad_s, grad_t)
+        return row_loss * factor if per_row else row_loss.sum() * factor
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_s, grad_t = ctx.saved_tensors
+        grad_student = _scale_by_upstream(grad_s, grad_output) if ctx.needs_input_grad[0] else None
+        grad_teacher = _scale_by_upstream(grad_t, grad_output) if ctx.needs_input_grad[1] else None
+        return grad_student, grad_teacher, None, None, None, None, None, None, None
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Logits flattened to rows, and which rows count."""
+
+    student: torch.Tensor  # (N, V)
+    teacher: torch.Tensor  # (N, V)
+    keep: torch.Tensor | None  # (N,) bool, None = every row
+    lead_shape: torch.Size
+
+
+def _as_rows(s: torch.Tensor, t: torch.Tensor, labels, ignore_index: int, mask) -> _Rows:
+    vocab = s.shape[-1]
+    keep = None
+    if labels is not None:
+        keep = labels.reshape(-1) != ignore_index
+    if mask is not None:
+        keep = mask.reshape(-1) if keep is None else keep & mask.reshape(-1)
+    return _Rows(_row_major(s.reshape(-1, vocab)), _row_major(t.reshape(-1, vocab)), keep, s.shape[:-1])
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    """The kernels take any row stride but need unit stride along V."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    scale: float | None = None,
+    reduction: str = "batchmean",
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Divergence between the temperature-softened teacher and student distributions.
+
+    Per row ``i``: ``p = softmax(t_i / T)``, ``q = softmax(s_i / T)`` and ``ℓ_i``
+    is the chosen divergence (SPEC §1). ``loss = scale · reduce(ℓ)``.
+
+    Args:
+        student_logits: ``(..., V)`` float32 / bfloat16 / float16 / float64.
+        teacher_logits: ``(..., V)``, same shape, dtype and device. Gets a
+            gradient when it requires one (online / mutual distillation).
+        divergence: ``"kl"`` KL(p‖q), ``"reverse_kl"`` KL(q‖p), ``"jsd"``
+            (β-weighted; β=0 is KL(p‖q), β=1 is KL(q‖p) exactly),
+            ``"skew_kl"`` KL(p‖αp+(1−α)q), ``"skew_reverse_kl"``
+            KL(q‖αq+(1−α)p), ``"tvd"`` ½Σ|p−q|.
+        temperature: ``T > 0``.
+        beta: JSD weight on the teacher side, in [0, 1].
+        alpha: skew weight, in [0, 1].
+        scale: loss multiplier; ``None`` means ``T²`` (Hinton). Pass 1.0 for the
+            TRL / Liger convention.
+        reduction: ``"batchmean"`` (sum over kept rows / number of kept rows —
+            for ``(B, T, V)`` input that is per token, not per sequence as in
+            ``torch.nn.KLDivLoss``), ``"sum"``, ``"mean"`` (/ kept rows · V),
+            ``"none"`` (one value per row, 0 for excluded rows).
+        labels: ``(...)`` integer; rows with ``labels == ignore_index`` are excluded.
+        mask: ``(...)`` bool; rows where it is False are excluded.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
+
+    Returns:
+        A float32 scalar (float64 for float64 input), or ``(...)`` for ``"none"``.
+        With no kept rows the loss is 0 and so is its gradient.
+
+    A kept row whose logits are all ``−inf`` has no distribution: the
+    reference raises ``ValueError``, the fused kernels return NaN for it.
+    """
+    s = _validate.tensor("student_logits", student_logits)
+    t = _validate.tensor("teacher_logits", teacher_logits)
+    _validate.same_layout("teacher_logits", t, "student_logits", s)
+    _validate.choice("divergence", divergence, _validate.DIVERGENCES)
+    _validate.choice("reduction", reduction, _validate.REDUCTIONS)
+    temperature = _validate.real("temperature", temperature, low=0.0, low_open=True)
+    beta = _validate.real("beta", beta, low=0.0, high=1.0)
+    alpha = _validate.real("alpha", alpha, low=0.0, high=1.0)
+    scale = temperature**2 if scale is None else _validate.real("scale", scale)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    labels = _validate.row_selector("labels", labels, s.shape[:-1], s, integer=True)
+    mask = _validate.row_selector("mask", mask, s.shape[:-1], s, integer=False)
+    if s.shape[-1] == 0:
+        raise ValueError("student_logits must have a non-empty last (vocabulary) dimension")
+
+    chosen = _dispatch.resolve(backend, s)
+    if chosen == "reference":
+        return _reference.divergence(
+            s, t, divergence=divergence, temperature=temperature, beta=beta, alpha=alpha, scale=scale,
+            reduction=reduction, labels=labels, ignore_index=ignore_index, mask=mask,
+        )
+
+    rows = _as_rows(s, t, labels, ignore_index, mask)
+    n_rows, vocab = rows.student.shape
+    if reduction in ("none", "sum"):
+        factor = scale
+    else:
+        n_kept = n_rows if rows.keep is None else int(rows.keep.sum().item())
+        norm = n_kept * (vocab if reduction == "mean" else 1)
+        factor = scale / max(norm, 1)
+    kind, coef = _kernel_divergence(divergence, beta, alpha)
+    loss = DivergenceFunction.apply(
+        rows.student, rows.teacher, rows.keep, kind, 1.0 / temperature, coef, factor,
+        reduction == "none", chosen,
+    )
+    return loss.reshape(rows.lead_shape) if reduction == "none" else loss
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 4.0,
+    **kwargs,
+) -> torch.Tensor:
+    """Hinton knowledge distillation: ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, batchmean.
+
+    Shorthand for :func:`divergence` with ``divergence="kl"``; every other
+    keyword of :func:`divergence` is accepted.
+    """
+    if "divergence" in kwargs:
+        raise ValueError("kd_loss is KL divergence; use fastkd.divergence(divergence=...) for others")
+    return divergence(student_logits, teacher_logits, temperature=temperature, **kwargs)

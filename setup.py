@@ -1,0 +1,156 @@
+"""Build fastkd's compiled extensions.
+
+    pip install -e . --no-build-isolation      (torch must already be installed)
+
+Extensions:
+  fastkd._C       always: the fastkd:: operator schemas, the CPU kernels
+                  (csrc/fastkd.cpp, csrc/cpu/*.cpp) and build information.
+                  The SIMD kernel sources (csrc/cpu/*_kernel.cpp) are compiled
+                  once per CPU capability (default, avx2, avx512); the best one
+                  the CPU supports is chosen at run time.
+  fastkd._C_cuda  only when torch was built with CUDA and a CUDA toolkit is
+                  found: the CUDA kernels (csrc/cuda/*.cu).
+
+Environment switches (all optional; each is printed when it takes effect):
+  FASTKD_SKIP_CUDA=1          never build fastkd._C_cuda              (default 0)
+  FASTKD_CUDA_ARCH_LIST="8.0;9.0"
+                              GPU architectures for fastkd._C_cuda     (default "8.0;9.0")
+  FASTKD_DEBUG=1              -O0 -g, no NDEBUG                        (default 0)
+  FASTKD_BUILD_JOBS=N         parallel compile jobs inside one build;
+                              do not use `build_ext -j`, which races   (default 1)
+
+A missing or unusable CUDA toolchain gives a warning and a CPU-only build.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent.resolve()
+
+
+def env_flag(name: str, default: str) -> str:
+    value = os.environ.get(name, default)
+    if name in os.environ:
+        print(f"fastkd setup: {name}={value}", file=sys.stderr)
+    return value
+
+
+SKIP_CUDA = env_flag("FASTKD_SKIP_CUDA", "0") == "1"
+CUDA_ARCH_LIST = env_flag("FASTKD_CUDA_ARCH_LIST", "8.0;9.0")
+DEBUG = env_flag("FASTKD_DEBUG", "0") == "1"
+BUILD_JOBS = max(1, int(env_flag("FASTKD_BUILD_JOBS", "1")))
+
+# Flags for each SIMD variant of the CPU kernels (the flag sets PyTorch uses
+# for its own ATen/native/cpu kernels). No -ffast-math: it breaks -inf.
+SIMD_VARIANTS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mlzcnt"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+
+OPT_FLAGS = ["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O3", "-DNDEBUG"]
+CXX_FLAGS = ["-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas", *OPT_FLAGS]
+
+
+def cpu_sources() -> tuple[list[str], list[str]]:
+    """(plain sources, SIMD kernel sources) of fastkd._C, relative to ROOT."""
+    cpu = sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))
+    kernels = [p for p in cpu if p.stem.endswith("_kernel")]
+    plain = [ROOT / "csrc" / "fastkd.cpp", *[p for p in cpu if p not in kernels]]
+    return ([str(p.relative_to(ROOT)) for p in plain], [str(p.relative_to(ROOT)) for p in kernels])
+
+
+def cuda_sources() -> list[str]:
+    return [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]
+
+
+def want_cuda() -> bool:
+    if SKIP_CUDA:
+        return False
+    import torch
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        print("fastkd setup: torch has no CUDA; building the CPU extension only", file=sys.stderr)
+        return False
+    if cpp_extension.CUDA_HOME is None:
+        print("fastkd setup: WARNING no CUDA toolkit found; CPU-only build", file=sys.stderr)
+        return False
+    return True
+
+
+def make_extensions():
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    plain, kernels = cpu_sources()
+    cxx_flags = [*CXX_FLAGS, f"-DFASTKD_BUILD_CXX_FLAGS=\"{' '.join(CXX_FLAGS)}\""]
+    cpu_ext = CppExtension(
+        "fastkd._C",
+        plain,
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+    cpu_ext.simd_sources = kernels
+    extensions = [cpu_ext]
+    if want_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCH_LIST)
+        extensions.append(
+            CUDAExtension(
+                "fastkd._C_cuda",
+                cuda_sources(),
+                include_dirs=[str(ROOT / "csrc")],
+                extra_compile_args={
+                    "cxx": CXX_FLAGS,
+                    "nvcc": ["-std=c++17", "-lineinfo", *OPT_FLAGS],
+                },
+            )
+        )
+    return extensions
+
+
+def make_build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    class FastkdBuildExt(BuildExtension):
+        """BuildExtension that also compiles each SIMD kernel source once per
+        capability, with that capability's flags, and links all variants."""
+
+        def build_extension(self, ext):
+            simd_sources = getattr(ext, "simd_sources", [])
+            if simd_sources:
+                ext.extra_objects = [*ext.extra_objects, *self._compile_simd_variants(ext, simd_sources)]
+            super().build_extension(ext)
+
+        def _compile_simd_variants(self, ext, sources):
+            base = ext.extra_compile_args
+            base = list(base["cxx"] if isinstance(base, dict) else base)
+
+            def compile_variant(item):
+                capability, flags = item
+                return self.compiler.compile(
+                    sources,
+                    output_dir=os.path.join(self.build_temp, f"simd_{capability}"),
+                    include_dirs=ext.include_dirs,
+                    debug=self.debug,
+                    extra_postargs=[*base, *flags, f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"],
+                    depends=ext.depends,
+                )
+
+            with ThreadPoolExecutor(max_workers=BUILD_JOBS) as pool:
+                objects = list(pool.map(compile_variant, SIMD_VARIANTS.items()))
+            return [obj for variant in objects for obj in variant]
+
+    return FastkdBuildExt.with_options(use_ninja=False)
+
+
+setup(
+    ext_modules=make_extensions(),
+    cmdclass={"build_ext": make_build_ext()},
+)
