@@ -55,7 +55,7 @@ SIMD_VARIANTS = {
 }
 
 OPT_FLAGS = ["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O3", "-DNDEBUG"]
-CXX_FLAGS = ["-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas", *OPT_FLAGS]
+CXX_FLAGS = ["-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", *OPT_FLAGS]
 
 
 def cpu_sources() -> tuple[list[str], list[str]]:
@@ -90,9 +90,13 @@ def make_extensions():
 
     plain, kernels = cpu_sources()
     cxx_flags = [*CXX_FLAGS, f"-DFASTKD_BUILD_CXX_FLAGS=\"{' '.join(CXX_FLAGS)}\""]
+    headers = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc").rglob("*.h"))]
     cpu_ext = CppExtension(
         "fastkd._C",
         plain,
+        # the SIMD sources are compiled separately: list them so that a change
+        # to one of them (or to any header) triggers a rebuild
+        depends=[*kernels, *headers],
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-fopenmp"],

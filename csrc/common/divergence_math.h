@@ -11,7 +11,14 @@
 //   dL/dt_j = (v_j − p_j · Σ_k v_k) / T,   v_j = p_j · ∂L/∂p_j
 //
 // (the softmax Jacobian). Terms of u proportional to q (and of v to p) cancel
-// in that expression, so they are dropped below. xlogy convention: a term
+// in that expression, so they are dropped below — including a row constant
+// subtracted from an unbounded log ratio: for REVERSE_KL's u and KL's v
+// (u = q log(q/p), v = p log(p/q)), the caller passes the log ratio minus its
+// value at the distribution's mode, computed from logit differences. With
+// logits of magnitude 1e4, log(q/p) is ~1e4 at the mode and the gradient there
+// is a difference of two such numbers; shifting makes that term exactly 0 and
+// leaves only small, accurate contributions (see csrc/cpu/divergence_kernel.cpp).
+// The bounded terms of the other divergences need no such care. xlogy convention: a term
 // whose probability is exactly 0 is 0 (even where its log ratio is NaN, as
 // for a padded `-inf` entry in both rows); NaN probabilities still propagate.
 #pragma once
@@ -99,8 +106,11 @@ struct ElementTerms {
   V loss, u, v, p, q;
 };
 
+// shifted_ratio_q: log(q/p) − c_q (REVERSE_KL's u); shifted_ratio_p:
+// log(p/q) − c_p (KL's v); c_q, c_p row constants. Other kinds ignore them.
 template <int KIND, class V>
-FASTKD_HOST_DEVICE ElementTerms<V> element_terms(V logp, V logq,
+FASTKD_HOST_DEVICE ElementTerms<V> element_terms(V logp, V logq, V shifted_ratio_q,
+                                                 V shifted_ratio_p,
                                                  const Coefficient<V>& k) {
   const V p = fk_exp(logp);
   const V q = fk_exp(logq);
@@ -108,16 +118,14 @@ FASTKD_HOST_DEVICE ElementTerms<V> element_terms(V logp, V logq,
   r.p = p;
   r.q = q;
   if constexpr (KIND == KL) {
-    // KL(p‖q) = Σ p (log p − log q);  u = −p,  v = p (log p − log q)
-    const V term = fk_zero_where_zero(p, p * (logp - logq));
-    r.loss = term;
+    // KL(p‖q) = Σ p (log p − log q);  u = −p,  v = p (log p − log q − c_p)
+    r.loss = fk_zero_where_zero(p, p * (logp - logq));
     r.u = V(0) - p;
-    r.v = term;
+    r.v = fk_zero_where_zero(p, p * shifted_ratio_p);
   } else if constexpr (KIND == REVERSE_KL) {
-    // KL(q‖p) = Σ q (log q − log p);  u = q (log q − log p),  v = −q
-    const V term = fk_zero_where_zero(q, q * (logq - logp));
-    r.loss = term;
-    r.u = term;
+    // KL(q‖p) = Σ q (log q − log p);  u = q (log q − log p − c_q),  v = −q
+    r.loss = fk_zero_where_zero(q, q * (logq - logp));
+    r.u = fk_zero_where_zero(q, q * shifted_ratio_q);
     r.v = V(0) - q;
   } else if constexpr (KIND == JSD) {
     // m = β p + (1−β) q in log space;  L = β KL(p‖m) + (1−β) KL(q‖m)

@@ -6,10 +6,12 @@
 //
 // Per row (rows in parallel, at::parallel_for):
 //   pass 1  max of s and t                           read s, t (from memory)
-//   pass 2  Σ exp(s/T − max), Σ exp(t/T − max) → lse  read s, t (from cache)
+//   pass 2  Σ exp(s/T − max), Σ exp(t/T − max)        read s, t (from cache)
 //   pass 3  loss, Σu, Σv  (KL with student gradient only: also writes the
 //           gradient, (q − p)/T, since Σu = −1 is known in advance)
 //   pass 4  gradients (u − q Σu)/T, (v − p Σv)/T      other cases
+// REVERSE_KL's student gradient and KL's teacher gradient also locate the
+// row's mode (a scalar scan) to shift their unbounded log ratios.
 // Memory traffic: read N·V twice (s and t), write N·V per gradient requested.
 // A row of fp32 logits at V = 32000 is 125 KiB, so passes 2–4 hit L2.
 // Reduced-precision rows are widened into a per-task float scratch row first.
@@ -61,17 +63,22 @@ struct RowParams {
   bool teacher_grad;
 };
 
+// A row's log-softmax normaliser, kept in two parts: log q_j is computed as
+// (x_j/T − shift) − log_sum, not x_j/T − (shift + log_sum): with logits of
+// magnitude 1e4 the rounding of the sum would swallow log_sum (~1e-6) and
+// make the dominant probability exactly 1, ruining gradients that cancel.
 template <class T>
-Coefficient<Vec<T>> broadcast(const Coefficient<T>& k) {
-  return {Vec<T>(k.c), Vec<T>(k.one_minus_c), Vec<T>(k.log_c),
-          Vec<T>(k.log_one_minus_c)};
-}
+struct Normaliser {
+  T max;      // max_j x_j
+  T shift;    // max / T
+  T log_sum;  // log Σ_j exp(x_j/T − shift)
+};
 
-// log Σ_j exp(x_j / T), two passes over the (cached) row; NaN propagates and
-// an all −inf row gives NaN (documented: such a row has no distribution).
+// Two passes over the (cached) row; NaN propagates and an all −inf row gives
+// NaN (documented: such a row has no distribution).
 template <class T>
-void row_log_sum_exp(const T* s, const T* t, int64_t V, T inv_temperature,
-                     T& lse_s, T& lse_t) {
+void row_normalisers(const T* s, const T* t, int64_t V, T inv_temperature,
+                     Normaliser<T>& ns, Normaliser<T>& nt) {
   constexpr int64_t L = Vec<T>::size();
   const T neg_inf = -std::numeric_limits<T>::infinity();
   Vec<T> vmax_s(neg_inf), vmax_t(neg_inf);
@@ -98,67 +105,123 @@ void row_log_sum_exp(const T* s, const T* t, int64_t V, T inv_temperature,
     sum_s += fk_exp(s[j] * inv_temperature - shift_s);
     sum_t += fk_exp(t[j] * inv_temperature - shift_t);
   }
-  lse_s = shift_s + fk_log(sum_s);
-  lse_t = shift_t + fk_log(sum_t);
+  ns = {max_s, shift_s, fk_log(sum_s)};
+  nt = {max_t, shift_t, fk_log(sum_t)};
 }
 
-// One row: returns the row loss and writes the (scaled) gradients.
-template <int KIND, class T>
-T divergence_row(const T* s, const T* t, int64_t V, const RowParams<T>& rp,
-                 T* gs, T* gt) {
+// First index holding `value` (the row's max), 0 if none (a NaN row).
+template <class T>
+int64_t index_of(const T* x, int64_t V, T value) {
+  for (int64_t j = 0; j < V; ++j) {
+    if (x[j] == value) return j;
+  }
+  return 0;
+}
+
+// Everything element_terms needs besides the two logits, for scalar (W = T)
+// or SIMD (W = Vec<T>) evaluation. The *_mode values are the logits at the
+// student's and the teacher's most probable entry (see divergence_math.h on
+// shifted log ratios).
+template <class W>
+struct RowConstants {
+  W inv_t, shift_s, log_sum_s, shift_t, log_sum_t;
+  W s_mode, t_at_s_mode, t_mode, s_at_t_mode;
+  Coefficient<W> coef;
+};
+
+template <class T>
+RowConstants<Vec<T>> broadcast(const RowConstants<T>& c) {
+  using W = Vec<T>;
+  return {W(c.inv_t), W(c.shift_s), W(c.log_sum_s), W(c.shift_t), W(c.log_sum_t),
+          W(c.s_mode), W(c.t_at_s_mode), W(c.t_mode), W(c.s_at_t_mode),
+          {W(c.coef.c), W(c.coef.one_minus_c), W(c.coef.log_c), W(c.coef.log_one_minus_c)}};
+}
+
+template <int KIND, class W>
+inline ElementTerms<W> terms_at(W s, W t, const RowConstants<W>& c) {
+  const W logq = (s * c.inv_t - c.shift_s) - c.log_sum_s;
+  const W logp = (t * c.inv_t - c.shift_t) - c.log_sum_t;
+  // log(q/p) − (its value at q's mode), from logit differences (exact near
+  // the mode); likewise for log(p/q) at p's mode. Only KL / REVERSE_KL read them.
+  const W ratio_q = (s - c.s_mode) * c.inv_t - (t - c.t_at_s_mode) * c.inv_t;
+  const W ratio_p = (t - c.t_mode) * c.inv_t - (s - c.s_at_t_mode) * c.inv_t;
+  return element_terms<KIND>(logp, logq, ratio_q, ratio_p, c.coef);
+}
+
+// One row: returns the row loss and writes the gradients requested
+// (STUDENT_GRAD → gs, TEACHER_GRAD → gt), scaled by rp.grad_factor.
+template <int KIND, bool STUDENT_GRAD, bool TEACHER_GRAD, class T>
+T divergence_row(const T* s, const T* t, int64_t V, const RowParams<T>& rp, T* gs, T* gt) {
   constexpr int64_t L = Vec<T>::size();
-  T lse_s, lse_t;
-  row_log_sum_exp(s, t, V, rp.inv_temperature, lse_s, lse_t);
-
-  const Vec<T> vinv(rp.inv_temperature), vlse_s(lse_s), vlse_t(lse_t);
+  Normaliser<T> ns, nt;
+  row_normalisers(s, t, V, rp.inv_temperature, ns, nt);
+  RowConstants<T> c{rp.inv_temperature, ns.shift, ns.log_sum, nt.shift, nt.log_sum,
+                    T(0), T(0), T(0), T(0), rp.coef};
+  if constexpr ((KIND == REVERSE_KL && STUDENT_GRAD) || (KIND == KL && TEACHER_GRAD)) {
+    const int64_t s_mode = index_of(s, V, ns.max), t_mode = index_of(t, V, nt.max);
+    c.s_mode = s[s_mode];
+    c.t_at_s_mode = t[s_mode];
+    c.t_mode = t[t_mode];
+    c.s_at_t_mode = s[t_mode];
+  }
+  const RowConstants<Vec<T>> vc = broadcast(c);
   const Vec<T> vfactor(rp.grad_factor);
-  const Coefficient<Vec<T>> vcoef = broadcast(rp.coef);
-  // KL with only the student gradient: Σu = −Σp = −1, so the gradient is
-  // known in pass 3 and pass 4 is skipped.
-  constexpr bool kl = KIND == KL;
-  const bool fused_grad = kl && rp.student_grad && !rp.teacher_grad;
-  const Vec<T> vminus_one(T(-1));
+  // KL with only the student gradient: Σu = −Σp = −1 is known before the
+  // row is summed, so the gradient is written in pass 3 and pass 4 is skipped.
+  constexpr bool fused = KIND == KL && STUDENT_GRAD && !TEACHER_GRAD;
 
+  // pass 3: loss, Σu, Σv
   Vec<T> vloss(T(0)), vsum_u(T(0)), vsum_v(T(0));
   int64_t j = 0;
   for (; j + L <= V; j += L) {
-    const Vec<T> logq = Vec<T>::loadu(s + j) * vinv - vlse_s;
-    const Vec<T> logp = Vec<T>::loadu(t + j) * vinv - vlse_t;
-    const ElementTerms<Vec<T>> e = element_terms<KIND>(logp, logq, vcoef);
+    const ElementTerms<Vec<T>> e = terms_at<KIND>(Vec<T>::loadu(s + j), Vec<T>::loadu(t + j), vc);
     vloss += e.loss;
-    vsum_u += e.u;
-    vsum_v += e.v;
-    if (fused_grad) softmax_grad(e.u, e.q, vminus_one, vfactor).store(gs + j);
+    if constexpr (fused) {
+      softmax_grad(e.u, e.q, Vec<T>(T(-1)), vfactor).store(gs + j);
+    } else {
+      if constexpr (STUDENT_GRAD) vsum_u += e.u;
+      if constexpr (TEACHER_GRAD) vsum_v += e.v;
+    }
   }
   T loss = horizontal_sum(vloss);
   T sum_u = horizontal_sum(vsum_u), sum_v = horizontal_sum(vsum_v);
   for (; j < V; ++j) {
-    const T logq = s[j] * rp.inv_temperature - lse_s;
-    const T logp = t[j] * rp.inv_temperature - lse_t;
-    const ElementTerms<T> e = element_terms<KIND>(logp, logq, rp.coef);
+    const ElementTerms<T> e = terms_at<KIND>(s[j], t[j], c);
     loss += e.loss;
-    sum_u += e.u;
-    sum_v += e.v;
-    if (fused_grad) gs[j] = softmax_grad(e.u, e.q, T(-1), rp.grad_factor);
+    if constexpr (fused) {
+      gs[j] = softmax_grad(e.u, e.q, T(-1), rp.grad_factor);
+    } else {
+      if constexpr (STUDENT_GRAD) sum_u += e.u;
+      if constexpr (TEACHER_GRAD) sum_v += e.v;
+    }
   }
-  if (fused_grad || !(rp.student_grad || rp.teacher_grad)) return loss;
+  if constexpr (fused || !(STUDENT_GRAD || TEACHER_GRAD)) return loss;
 
-  const Vec<T> vsu(sum_u), vsv(sum_v);
+  // pass 4: gradients
+  const Vec<T> vsum_u_all(sum_u), vsum_v_all(sum_v);
   for (j = 0; j + L <= V; j += L) {
-    const Vec<T> logq = Vec<T>::loadu(s + j) * vinv - vlse_s;
-    const Vec<T> logp = Vec<T>::loadu(t + j) * vinv - vlse_t;
-    const ElementTerms<Vec<T>> e = element_terms<KIND>(logp, logq, vcoef);
-    if (rp.student_grad) softmax_grad(e.u, e.q, vsu, vfactor).store(gs + j);
-    if (rp.teacher_grad) softmax_grad(e.v, e.p, vsv, vfactor).store(gt + j);
+    const ElementTerms<Vec<T>> e = terms_at<KIND>(Vec<T>::loadu(s + j), Vec<T>::loadu(t + j), vc);
+    if constexpr (STUDENT_GRAD) softmax_grad(e.u, e.q, vsum_u_all, vfactor).store(gs + j);
+    if constexpr (TEACHER_GRAD) softmax_grad(e.v, e.p, vsum_v_all, vfactor).store(gt + j);
   }
   for (; j < V; ++j) {
-    const T logq = s[j] * rp.inv_temperature - lse_s;
-    const T logp = t[j] * rp.inv_temperature - lse_t;
-    const ElementTerms<T> e = element_terms<KIND>(logp, logq, rp.coef);
-    if (rp.student_grad) gs[j] = softmax_grad(e.u, e.q, sum_u, rp.grad_factor);
-    if (rp.teacher_grad) gt[j] = softmax_grad(e.v, e.p, sum_v, rp.grad_factor);
+    const ElementTerms<T> e = terms_at<KIND>(s[j], t[j], c);
+    if constexpr (STUDENT_GRAD) gs[j] = softmax_grad(e.u, e.q, sum_u, rp.grad_factor);
+    if constexpr (TEACHER_GRAD) gt[j] = softmax_grad(e.v, e.p, sum_v, rp.grad_factor);
   }
   return loss;
+}
+
+// The row function for the gradients requested, chosen once per call.
+template <int KIND, class T>
+using RowFn = T (*)(const T*, const T*, int64_t, const RowParams<T>&, T*, T*);
+
+template <int KIND, class T>
+RowFn<KIND, T> pick_row_fn(bool student_grad, bool teacher_grad) {
+  if (student_grad && teacher_grad) return &divergence_row<KIND, true, true, T>;
+  if (student_grad) return &divergence_row<KIND, true, false, T>;
+  if (teacher_grad) return &divergence_row<KIND, false, true, T>;
+  return &divergence_row<KIND, false, false, T>;
 }
 
 template <class T>
@@ -183,6 +246,7 @@ void divergence_rows(const DivergenceArgs& a) {
   rp.student_grad = student_grad != nullptr;
   rp.teacher_grad = teacher_grad != nullptr;
   constexpr bool widen = !std::is_same_v<scalar_t, acc_t>;
+  const RowFn<KIND, acc_t> row_fn = pick_row_fn<KIND, acc_t>(rp.student_grad, rp.teacher_grad);
 
   // Grain: enough rows that a task streams at least ~256 KiB.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(V, 1));
@@ -207,12 +271,11 @@ void divergence_rows(const DivergenceArgs& a) {
       if constexpr (widen) {
         at::vec::convert(s_row, s_buf, V);
         at::vec::convert(t_row, t_buf, V);
-        row_loss[i] = divergence_row<KIND, acc_t>(
-            s_buf, t_buf, V, rp, gs_row ? gs_buf : nullptr, gt_row ? gt_buf : nullptr);
+        row_loss[i] = row_fn(s_buf, t_buf, V, rp, gs_buf, gt_buf);
         if (gs_row) at::vec::convert(gs_buf, gs_row, V);
         if (gt_row) at::vec::convert(gt_buf, gt_row, V);
       } else {
-        row_loss[i] = divergence_row<KIND, acc_t>(s_row, t_row, V, rp, gs_row, gt_row);
+        row_loss[i] = row_fn(s_row, t_row, V, rp, gs_row, gt_row);
       }
     }
   });

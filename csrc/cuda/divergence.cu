@@ -1,0 +1,313 @@
+// Fused softmax-divergence forward (+ gradient) on CUDA: fastkd::divergence_forward
+// for CUDA tensors (SPEC §1). Same contract and pass structure as the CPU
+// kernel (csrc/cpu/divergence_kernel.cpp); the per-element math is the shared
+// csrc/common/divergence_math.h, evaluated in float32 for float32, bfloat16
+// and float16 inputs (float64 is refused: nothing here accumulates in double).
+//
+// One thread block per row (blocks grid-stride over rows when N exceeds the
+// grid), threads stride over V so that a warp's loads are coalesced; each pass
+// ends in one cub::BlockReduce whose result is broadcast to the block:
+//   pass 1  max of s and t                                       read s, t
+//   pass 2  Σ exp(s/T − max), Σ exp(t/T − max) → lse             read s, t
+//   pass 3  loss, Σu, Σv  (KL with the student gradient only: Σu = −1 is
+//           known in advance, so the gradient (q − p)·grad_scale/T is written
+//           here and pass 4 is skipped)                          read s, t
+//   pass 4  gradients (u − q Σu)·grad_scale/T, (v − p Σv)·grad_scale/T
+//                                                     read s, t; write grads
+// Memory traffic floor: read 2·N·V elements, write N·V per gradient requested
+// (and 4·N bytes of row loss). Passes 2–4 re-read the row; the re-reads come
+// from L2 only while the rows resident on the GPU at once (SMs × blocks per
+// SM, one row each: 2·V·sizeof(dtype) bytes) fit in it, so the floor is
+// reached for small and moderate V, and large V approaches 3–4 reads.
+//
+// Layout: the device code and a raw-pointer launcher (no at::Tensor) first,
+// then the op (checks, outputs, device guard, stream) and its registration.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+#include "../common/checks.h"
+#include "../common/divergence_math.h"
+
+namespace fastkd {
+namespace cuda {
+namespace {
+
+using namespace fastkd::divergence;
+
+// ---- raw-pointer interface --------------------------------------------------
+
+enum class DType : int { Float32, BFloat16, Float16 };
+
+struct DivergenceArgs {
+  const void* student;         // [rows, vocab], unit stride along vocab
+  const void* teacher;         // [rows, vocab], unit stride along vocab
+  int64_t student_row_stride;  // elements between consecutive rows
+  int64_t teacher_row_stride;
+  const bool* row_mask;        // [rows] or nullptr (all rows kept)
+  float* row_loss;             // [rows]
+  void* student_grad;          // [rows, vocab] contiguous, input dtype, or nullptr
+  void* teacher_grad;          // [rows, vocab] contiguous, input dtype, or nullptr
+  int64_t rows;
+  int64_t vocab;
+  DType dtype;
+  int kind;                    // fastkd::divergence::Kind
+  double inv_temperature;      // 1 / T, > 0
+  double coef;                 // β (JSD) or α (skew); interior values only
+  double grad_scale;           // gradients are grad_scale · d(row loss)/d(logits)
+};
+
+// ---- device code --------------------------------------------------------------
+
+struct MaxOp2 {
+  __device__ __forceinline__ float2 operator()(const float2& a, const float2& b) const {
+    return make_float2(fk_max(a.x, b.x), fk_max(a.y, b.y));
+  }
+};
+
+struct SumOp2 {
+  __device__ __forceinline__ float2 operator()(const float2& a, const float2& b) const {
+    return make_float2(a.x + b.x, a.y + b.y);
+  }
+};
+
+struct SumOp3 {
+  __device__ __forceinline__ float3 operator()(const float3& a, const float3& b) const {
+    return make_float3(a.x + b.x, a.y + b.y, a.z + b.z);
+  }
+};
+
+// Reduces `value` over the block and returns the total to every thread.
+// `temp` and `result` are free again when this returns (second barrier).
+template <int BLOCK, class T, class Op>
+__device__ __forceinline__ T block_all_reduce(T value, Op op,
+                                              typename cub::BlockReduce<T, BLOCK>::TempStorage& temp,
+                                              T& result) {
+  const T total = cub::BlockReduce<T, BLOCK>(temp).Reduce(value, op);
+  if (threadIdx.x == 0) result = total;
+  __syncthreads();
+  const T broadcast = result;
+  __syncthreads();
+  return broadcast;
+}
+
+template <int KIND, int BLOCK, class scalar_t>
+__global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
+    const scalar_t* __restrict__ student,  // [N, V] student logits, row stride student_row_stride
+    const scalar_t* __restrict__ teacher,  // [N, V] teacher logits, row stride teacher_row_stride
+    int64_t student_row_stride, int64_t teacher_row_stride,
+    const bool* __restrict__ row_mask,     // [N] or nullptr
+    float* __restrict__ row_loss,          // [N]
+    scalar_t* __restrict__ student_grad,   // [N, V] contiguous, or nullptr
+    scalar_t* __restrict__ teacher_grad,   // [N, V] contiguous, or nullptr
+    int64_t rows, int64_t V, float inv_temperature,
+    float grad_factor,                     // grad_scale / T
+    Coefficient<float> coef) {
+  static_assert(BLOCK % 32 == 0, "block size must be a whole number of warps");
+  using Reduce2 = cub::BlockReduce<float2, BLOCK>;
+  using Reduce3 = cub::BlockReduce<float3, BLOCK>;
+  __shared__ union {
+    typename Reduce2::TempStorage pair;
+    typename Reduce3::TempStorage triple;
+  } temp;
+  __shared__ float2 pair_result;
+  __shared__ float3 triple_result;
+
+  const bool want_s = student_grad != nullptr;
+  const bool want_t = teacher_grad != nullptr;
+  // KL with only the student gradient: Σu = −Σp = −1, so the gradient is
+  // known in pass 3 and pass 4 is skipped.
+  const bool fused_grad = KIND == KL && want_s && !want_t;
+  const int64_t first = threadIdx.x;
+
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    scalar_t* gs = want_s ? student_grad + row * V : nullptr;
+    scalar_t* gt = want_t ? teacher_grad + row * V : nullptr;
+    // The mask is read by every thread of the block alike: no divergence
+    // around the barriers below.
+    if (row_mask != nullptr && !row_mask[row]) {
+      if (threadIdx.x == 0) row_loss[row] = 0.f;
+      for (int64_t j = first; j < V; j += BLOCK) {
+        if (want_s) gs[j] = scalar_t(0.f);
+        if (want_t) gt[j] = scalar_t(0.f);
+      }
+      continue;
+    }
+    const scalar_t* s = student + row * student_row_stride;
+    const scalar_t* t = teacher + row * teacher_row_stride;
+
+    // pass 1: max(x)/T == max(x/T) because T > 0; NaN propagates.
+    float2 max_st = make_float2(-INFINITY, -INFINITY);
+    for (int64_t j = first; j < V; j += BLOCK) {
+      max_st.x = fk_max(max_st.x, static_cast<float>(s[j]));
+      max_st.y = fk_max(max_st.y, static_cast<float>(t[j]));
+    }
+    max_st = block_all_reduce<BLOCK>(max_st, MaxOp2{}, temp.pair, pair_result);
+    const float shift_s = max_st.x * inv_temperature;
+    const float shift_t = max_st.y * inv_temperature;
+
+    // pass 2: log-sum-exp (an all −inf row gives NaN, as on CPU).
+    float2 sum_st = make_float2(0.f, 0.f);
+    for (int64_t j = first; j < V; j += BLOCK) {
+      sum_st.x += fk_exp(static_cast<float>(s[j]) * inv_temperature - shift_s);
+      sum_st.y += fk_exp(static_cast<float>(t[j]) * inv_temperature - shift_t);
+    }
+    sum_st = block_all_reduce<BLOCK>(sum_st, SumOp2{}, temp.pair, pair_result);
+    const float lse_s = shift_s + fk_log(sum_st.x);
+    const float lse_t = shift_t + fk_log(sum_st.y);
+
+    // pass 3: ℓ = Σ loss terms, Σu, Σv (divergence_math.h).
+    float3 acc = make_float3(0.f, 0.f, 0.f);
+    for (int64_t j = first; j < V; j += BLOCK) {
+      const float logq = static_cast<float>(s[j]) * inv_temperature - lse_s;
+      const float logp = static_cast<float>(t[j]) * inv_temperature - lse_t;
+      const ElementTerms<float> e = element_terms<KIND>(logp, logq, coef);
+      acc.x += e.loss;
+      acc.y += e.u;
+      acc.z += e.v;
+      if (fused_grad) gs[j] = static_cast<scalar_t>(softmax_grad(e.u, e.q, -1.f, grad_factor));
+    }
+    acc = block_all_reduce<BLOCK>(acc, SumOp3{}, temp.triple, triple_result);
+    if (threadIdx.x == 0) row_loss[row] = acc.x;
+    if (fused_grad || !(want_s || want_t)) continue;
+
+    // pass 4: dL/ds = (u − q Σu)/T, dL/dt = (v − p Σv)/T, times grad_scale.
+    const float sum_u = acc.y, sum_v = acc.z;
+    for (int64_t j = first; j < V; j += BLOCK) {
+      const float logq = static_cast<float>(s[j]) * inv_temperature - lse_s;
+      const float logp = static_cast<float>(t[j]) * inv_temperature - lse_t;
+      const ElementTerms<float> e = element_terms<KIND>(logp, logq, coef);
+      if (want_s) gs[j] = static_cast<scalar_t>(softmax_grad(e.u, e.q, sum_u, grad_factor));
+      if (want_t) gt[j] = static_cast<scalar_t>(softmax_grad(e.v, e.p, sum_v, grad_factor));
+    }
+  }
+}
+
+// ---- launcher -----------------------------------------------------------------
+
+// Rows beyond this many blocks are grid-strided: far more blocks than can be
+// resident on any GPU, and well inside gridDim.x's limit.
+constexpr int64_t kMaxBlocks = int64_t(1) << 20;
+
+template <int KIND, int BLOCK, class scalar_t>
+void launch(const DivergenceArgs& a, cudaStream_t stream) {
+  Coefficient<float> coef;
+  coef.c = static_cast<float>(a.coef);
+  coef.one_minus_c = static_cast<float>(1.0 - a.coef);
+  coef.log_c = static_cast<float>(std::log(a.coef));
+  coef.log_one_minus_c = static_cast<float>(std::log1p(-a.coef));
+  const unsigned grid = static_cast<unsigned>(std::min(a.rows, kMaxBlocks));
+  _divergence_fwd_kernel<KIND, BLOCK, scalar_t><<<grid, BLOCK, 0, stream>>>(
+      static_cast<const scalar_t*>(a.student), static_cast<const scalar_t*>(a.teacher),
+      a.student_row_stride, a.teacher_row_stride, a.row_mask, a.row_loss,
+      static_cast<scalar_t*>(a.student_grad), static_cast<scalar_t*>(a.teacher_grad), a.rows,
+      a.vocab, static_cast<float>(a.inv_temperature),
+      static_cast<float>(a.grad_scale * a.inv_temperature), coef);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Short rows (classification heads, V ≤ 2048) get small blocks so that most
+// threads have work; vocabulary-sized rows get 512 threads.
+template <int KIND, class scalar_t>
+void launch_for_vocab(const DivergenceArgs& a, cudaStream_t stream) {
+  if (a.vocab <= 2048) {
+    launch<KIND, 128, scalar_t>(a, stream);
+  } else {
+    launch<KIND, 512, scalar_t>(a, stream);
+  }
+}
+
+template <int KIND>
+void launch_for_dtype(const DivergenceArgs& a, cudaStream_t stream) {
+  switch (a.dtype) {
+    case DType::Float32: return launch_for_vocab<KIND, float>(a, stream);
+    case DType::BFloat16: return launch_for_vocab<KIND, c10::BFloat16>(a, stream);
+    case DType::Float16: return launch_for_vocab<KIND, c10::Half>(a, stream);
+  }
+}
+
+void divergence_forward_launch(const DivergenceArgs& a, cudaStream_t stream) {
+  switch (a.kind) {
+    case KL: return launch_for_dtype<KL>(a, stream);
+    case REVERSE_KL: return launch_for_dtype<REVERSE_KL>(a, stream);
+    case JSD: return launch_for_dtype<JSD>(a, stream);
+    case SKEW_KL: return launch_for_dtype<SKEW_KL>(a, stream);
+    case SKEW_REVERSE_KL: return launch_for_dtype<SKEW_REVERSE_KL>(a, stream);
+    case TVD: return launch_for_dtype<TVD>(a, stream);
+  }
+  TORCH_CHECK(false, "fastkd::divergence_forward: unknown kind ", a.kind);
+}
+
+// ---- the op -------------------------------------------------------------------
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::Float32;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kHalf: return DType::Float16;
+    default: break;
+  }
+  TORCH_CHECK(false, "fastkd::divergence_forward on CUDA: student must be float32, bfloat16 "
+                     "or float16 (the GPU kernels accumulate in float32), got ", t);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_forward_cuda(
+    const at::Tensor& student, const at::Tensor& teacher,
+    const std::optional<at::Tensor>& row_mask, int64_t kind, double inv_temperature,
+    double coef, double grad_scale, bool student_grad, bool teacher_grad) {
+  check_divergence_args(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale);
+  CHECK_DEVICE_TYPE(student, at::kCUDA);
+  CHECK_DEVICE_TYPE(teacher, at::kCUDA);
+  const DType dtype = to_dtype(student.scalar_type());
+  const c10::cuda::CUDAGuard device_guard(student.device());
+
+  const int64_t rows = student.size(0), vocab = student.size(1);
+  at::Tensor row_loss = at::empty({rows}, student.options().dtype(at::kFloat));
+  at::Tensor grad_s = at::empty({student_grad ? rows : 0, student_grad ? vocab : 0},
+                                student.options());
+  at::Tensor grad_t = at::empty({teacher_grad ? rows : 0, teacher_grad ? vocab : 0},
+                                teacher.options());
+  if (rows == 0) return {row_loss, grad_s, grad_t};
+
+  at::Tensor mask;
+  if (row_mask.has_value()) mask = row_mask->contiguous();
+
+  DivergenceArgs args;
+  args.student = student.data_ptr();
+  args.teacher = teacher.data_ptr();
+  args.student_row_stride = student.stride(0);
+  args.teacher_row_stride = teacher.stride(0);
+  args.row_mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  args.row_loss = row_loss.data_ptr<float>();
+  args.student_grad = student_grad ? grad_s.data_ptr() : nullptr;
+  args.teacher_grad = teacher_grad ? grad_t.data_ptr() : nullptr;
+  args.rows = rows;
+  args.vocab = vocab;
+  args.dtype = dtype;
+  args.kind = static_cast<int>(kind);
+  args.inv_temperature = inv_temperature;
+  args.coef = coef;
+  args.grad_scale = grad_scale;
+  divergence_forward_launch(args, c10::cuda::getCurrentCUDAStream());
+  return {row_loss, grad_s, grad_t};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastkd
+
+TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
+  m.impl("divergence_forward", &fastkd::cuda::divergence_forward_cuda);
+}

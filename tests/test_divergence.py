@@ -1,0 +1,324 @@
+"""Softmax-divergence family (SPEC §1): every backend against the float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastkd
+from fastkd import reference
+from tests.helpers import DEVICE, assert_matches, backend_params
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# (1, 1) and (3, 7): tiny; (41, 1271): awkward; (2, 5000): V above one Triton
+# block; (2, 3, 257): leading dims flattened into rows.
+SHAPES = ((1, 1), (3, 7), (41, 1271), (2, 5000), (2, 3, 257))
+UPSTREAM = 0.7  # never test only with an upstream gradient of 1
+
+
+def logits(shape, dtype=torch.float32, spread=3.0):
+    """Random logits in ``dtype`` (on DEVICE), drawn in float64 first."""
+    return (torch.randn(shape, dtype=torch.float64) * spread).to(device=DEVICE, dtype=dtype)
+
+
+def run_with_grads(fn, s, t, *, teacher_grad: bool, upstream=UPSTREAM):
+    """Loss of ``fn(s, t)`` and the gradients of ``upstream · loss`` (elementwise for "none")."""
+    s = s.detach().clone().requires_grad_(True)
+    t = t.detach().clone().requires_grad_(teacher_grad)
+    loss = fn(s, t)
+    weight = torch.full_like(loss, upstream) if loss.dim() else torch.tensor(upstream, dtype=loss.dtype)
+    if loss.dim():  # a different weight per row catches per-row scaling mistakes
+        weight = weight * torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    loss.backward(weight.to(loss.device))
+    return loss.detach(), s.grad, (t.grad if teacher_grad else None)
+
+
+def check_parity(backend, s, t, *, teacher_grad=False, **kwargs):
+    """fastkd on ``backend`` with inputs of s.dtype vs the reference in float64 on the same values."""
+    dtype = s.dtype
+    got = run_with_grads(lambda a, b: fastkd.divergence(a, b, backend=backend, **kwargs), s, t,
+                         teacher_grad=teacher_grad)
+    want = run_with_grads(lambda a, b: reference.divergence(a, b, **kwargs), s.double(), t.double(),
+                          teacher_grad=teacher_grad)
+    # The reference run from the same low-precision inputs: the relative pass mark.
+    same = run_with_grads(lambda a, b: reference.divergence(a, b, **kwargs), s, t, teacher_grad=teacher_grad)
+    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert got[1].dtype == dtype
+    assert_matches(got[0], want[0], dtype, f"{backend} loss", same[0])
+    assert_matches(got[1], want[1], dtype, f"{backend} student grad", same[1])
+    if teacher_grad:
+        assert got[2].dtype == dtype
+        assert_matches(got[2], want[2], dtype, f"{backend} teacher grad", same[2])
+
+
+# ---- parity -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_parity_every_divergence_dtype_shape(backend, dtype, divergence, shape):
+    s, t = logits(shape, dtype), logits(shape, dtype)
+    check_parity(backend, s, t, divergence=divergence, temperature=2.0, teacher_grad=True)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("temperature", (0.5, 1.0, 4.0))
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_parity_temperatures(backend, temperature, divergence):
+    s, t = logits((5, 300)), logits((5, 300))
+    check_parity(backend, s, t, divergence=divergence, temperature=temperature)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("reduction", ("batchmean", "sum", "mean", "none"))
+@pytest.mark.parametrize("selector", ("all", "labels", "mask", "both"))
+def test_parity_reductions_and_row_exclusion(backend, reduction, selector):
+    s, t = logits((3, 5, 97)), logits((3, 5, 97))
+    labels = torch.randint(0, 97, (3, 5), device=DEVICE)
+    labels[0, 1] = labels[2, 4] = -100
+    mask = torch.rand(3, 5, device=DEVICE) > 0.3
+    kwargs = {"labels": labels if selector in ("labels", "both") else None,
+              "mask": mask if selector in ("mask", "both") else None}
+    check_parity(backend, s, t, reduction=reduction, temperature=1.5, teacher_grad=True, **kwargs)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("reduction", ("batchmean", "sum", "mean", "none"))
+def test_no_kept_rows_gives_zero_loss_and_gradient(backend, reduction):
+    s, t = logits((4, 33)), logits((4, 33))
+    labels = torch.full((4,), -100, device=DEVICE)
+    loss, gs, _ = run_with_grads(
+        lambda a, b: fastkd.divergence(a, b, labels=labels, reduction=reduction, backend=backend), s, t,
+        teacher_grad=False)
+    assert torch.all(loss == 0) and not torch.isnan(loss).any()
+    assert torch.all(gs == 0)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_float64_inputs(backend):
+    if backend != "cpu":
+        pytest.skip("float64 kernels exist on the CPU backend only")
+    s, t = logits((7, 301), torch.float64), logits((7, 301), torch.float64)
+    for divergence in DIVERGENCES:
+        check_parity(backend, s, t, divergence=divergence, temperature=3.0, teacher_grad=True)
+
+
+# ---- hard inputs ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_padded_vocab_and_neg_inf_entries(backend, divergence):
+    s, t = logits((6, 600)), logits((6, 600))
+    s[:, 500:] = t[:, 500:] = -math.inf  # padded vocabulary: no mass on either side
+    s[1, 7] = -math.inf  # masked in the student only
+    t[2, 9] = -math.inf  # masked in the teacher only
+    if divergence in ("kl", "skew_reverse_kl"):
+        s[1, 7] = 0.0  # KL(p‖q) with q = 0 < p is +inf: keep these finite
+    if divergence in ("reverse_kl", "skew_kl"):
+        t[2, 9] = 0.0
+    check_parity(backend, s, t, divergence=divergence, temperature=1.0, teacher_grad=True)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", (0.5, 1.0))
+def test_large_logits(backend, divergence, temperature):
+    s, t = logits((4, 513), spread=1e4 / 3), logits((4, 513), spread=1e4 / 3)
+    s[0, 0], t[0, 1] = 1e4, -1e4
+    check_parity(backend, s, t, divergence=divergence, temperature=temperature)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("beta", (0.1, 0.5, 0.9))
+def test_jsd_interior_beta_with_underflowing_probabilities(backend, beta):
+    # Both distributions put ~0 mass (exp(-1e3)) on most entries: log m must
+    # come from log-space mixing, never log(0 + 0).
+    s = torch.full((3, 257), -1000.0, device=DEVICE)
+    t = torch.full((3, 257), -1000.0, device=DEVICE)
+    s[:, 0] = t[:, 1] = 0.0
+    s[:, 2] = t[:, 2] = 1.0
+    loss, gs, gt = run_with_grads(
+        lambda a, b: fastkd.divergence(a, b, divergence="jsd", beta=beta, backend=backend), s, t,
+        teacher_grad=True)
+    assert torch.isfinite(loss).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
+    check_parity(backend, s, t, divergence="jsd", beta=beta, teacher_grad=True)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_non_contiguous_inputs(backend):
+    wide_s, wide_t = logits((8, 700)), logits((8, 700))
+    s, t = wide_s[:, :650], wide_t[::1, 20:670]  # row stride 700, unit column stride
+    check_parity(backend, s, t, divergence="jsd", temperature=2.0, teacher_grad=True)
+    s_cols, t_cols = logits((300, 6)).t(), logits((300, 6)).t()  # column-major
+    check_parity(backend, s_cols, t_cols, divergence="kl", temperature=2.0, teacher_grad=True)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("which", ("student", "teacher"))
+def test_nan_input_gives_nan_loss(backend, which):
+    s, t = logits((3, 40)), logits((3, 40))
+    (s if which == "student" else t)[1, 5] = math.nan
+    loss = fastkd.divergence(s, t, backend=backend)
+    assert torch.isnan(loss)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_all_neg_inf_row_is_nan_in_kernels_and_error_in_reference(backend):
+    s, t = logits((2, 16)), logits((2, 16))
+    s[1] = -math.inf
+    assert torch.isnan(fastkd.divergence(s, t, backend=backend, reduction="none")[1])
+    with pytest.raises(ValueError, match="entirely -inf"):
+        reference.divergence(s, t)
+    # excluded rows are never looked at
+    ok = fastkd.divergence(s, t, backend=backend, mask=torch.tensor([True, False], device=DEVICE))
+    assert torch.isfinite(ok)
+
+
+def test_endpoint_coefficients_are_exact():
+    s, t = logits((4, 50)), logits((4, 50))
+    backend = "cpu" if DEVICE.type == "cpu" else "cuda"
+    kw = {"backend": backend, "temperature": 2.0}
+    kl = fastkd.divergence(s, t, divergence="kl", **kw)
+    rkl = fastkd.divergence(s, t, divergence="reverse_kl", **kw)
+    assert torch.equal(fastkd.divergence(s, t, divergence="jsd", beta=0.0, **kw), kl)
+    assert torch.equal(fastkd.divergence(s, t, divergence="jsd", beta=1.0, **kw), rkl)
+    assert torch.equal(fastkd.divergence(s, t, divergence="skew_kl", alpha=0.0, **kw), kl)
+    assert torch.equal(fastkd.divergence(s, t, divergence="skew_reverse_kl", alpha=0.0, **kw), rkl)
+    zero = fastkd.divergence(s, t, divergence="skew_kl", alpha=1.0, **kw)
+    assert abs(zero.item()) < 1e-6
+
+
+# ---- what the divergences match (SPEC §1, "matches" column) --------------------
+
+
+def test_kl_matches_torch_kldivloss():
+    s, t = logits((6, 40), torch.float64), logits((6, 40), torch.float64)
+    temperature = 3.0
+    torch_kl = torch.nn.KLDivLoss(reduction="batchmean", log_target=False)(
+        F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1))
+    ours = fastkd.divergence(s, t, temperature=temperature, scale=1.0, backend="reference")
+    assert_matches(ours, torch_kl, torch.float64, "kl vs KLDivLoss")
+
+
+def test_jsd_matches_trl_generalized_jsd_formula():
+    # TRL's generalized_jsd_loss: mixture in log space with β on the teacher,
+    # β·KL(p‖m) + (1−β)·KL(q‖m) via F.kl_div(log m, log target, log_target=True).
+    s, t = logits((6, 40), torch.float64), logits((6, 40), torch.float64)
+    beta, temperature = 0.3, 2.0
+    log_q = F.log_softmax(s / temperature, -1)
+    log_p = F.log_softmax(t / temperature, -1)
+    log_m = torch.logsumexp(torch.stack([log_q + math.log(1 - beta), log_p + math.log(beta)]), 0)
+    kl_teacher = F.kl_div(log_m, log_p, reduction="none", log_target=True)
+    kl_student = F.kl_div(log_m, log_q, reduction="none", log_target=True)
+    trl = (beta * kl_teacher + (1 - beta) * kl_student).sum() / s.shape[0]
+    ours = fastkd.divergence(s, t, divergence="jsd", beta=beta, temperature=temperature, scale=1.0,
+                             backend="reference")
+    assert_matches(ours, trl, torch.float64, "jsd vs TRL formula")
+
+
+def test_tvd_is_half_l1_of_probabilities():
+    s, t = logits((6, 40), torch.float64), logits((6, 40), torch.float64)
+    expected = 0.5 * (F.softmax(s, -1) - F.softmax(t, -1)).abs().sum() / 6
+    ours = fastkd.divergence(s, t, divergence="tvd", scale=1.0, backend="reference")
+    assert_matches(ours, expected, torch.float64, "tvd")
+
+
+# ---- autograd behaviour -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_teacher_without_grad_gets_none_and_upstream_one_is_exact(backend):
+    s, t = logits((5, 64)), logits((5, 64))
+    s.requires_grad_(True)
+    fastkd.kd_loss(s, t, backend=backend).backward()
+    assert t.grad is None
+    grad_unit = s.grad.clone()
+    s.grad = None
+    (fastkd.kd_loss(s, t, backend=backend) * 3.0).backward()
+    assert_matches(s.grad, grad_unit.double() * 3.0, torch.float32, "scaled upstream")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_second_backward_through_retained_graph_raises_instead_of_scaling_twice(backend):
+    s = logits((3, 20)).requires_grad_(True)
+    loss = fastkd.kd_loss(s, logits((3, 20)), backend=backend) * 2.0
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_modules_match_functional():
+    s, t = logits((4, 3, 50)), logits((4, 3, 50))
+    labels = torch.randint(0, 50, (4, 3), device=DEVICE)
+    labels[1, 1] = -100
+    module = fastkd.DivergenceLoss(divergence="jsd", beta=0.4, temperature=2.0, reduction="sum")
+    assert torch.equal(module(s, t, labels=labels),
+                       fastkd.divergence(s, t, divergence="jsd", beta=0.4, temperature=2.0,
+                                         reduction="sum", labels=labels))
+    assert torch.equal(fastkd.KDLoss()(s, t), fastkd.kd_loss(s, t))
+    assert "jsd" in repr(module)
+
+
+# ---- bad input ----------------------------------------------------------------------
+
+
+def _bad_calls():
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    return [
+        ("teacher_logits shape", lambda: fastkd.divergence(s, torch.randn(4, 11))),
+        ("teacher_logits dtype", lambda: fastkd.divergence(s, t.double())),
+        ("student_logits must have dtype", lambda: fastkd.divergence(s.long(), t.long())),
+        ("student_logits must be a torch.Tensor", lambda: fastkd.divergence([1.0], t)),
+        ("temperature must be >", lambda: fastkd.divergence(s, t, temperature=0.0)),
+        ("temperature must be >", lambda: fastkd.divergence(s, t, temperature=-2.0)),
+        ("temperature must be finite", lambda: fastkd.divergence(s, t, temperature=math.inf)),
+        ("beta must be <=", lambda: fastkd.divergence(s, t, divergence="jsd", beta=1.5)),
+        ("beta must be >=", lambda: fastkd.divergence(s, t, divergence="jsd", beta=-0.1)),
+        ("alpha must be <=", lambda: fastkd.divergence(s, t, divergence="skew_kl", alpha=2.0)),
+        ("divergence must be one of", lambda: fastkd.divergence(s, t, divergence="kl2")),
+        ("reduction must be one of", lambda: fastkd.divergence(s, t, reduction="avg")),
+        ("labels shape", lambda: fastkd.divergence(s, t, labels=torch.zeros(5, dtype=torch.long))),
+        ("labels must be an integer", lambda: fastkd.divergence(s, t, labels=torch.zeros(4))),
+        ("mask must be a bool", lambda: fastkd.divergence(s, t, mask=torch.ones(4))),
+        ("mask shape", lambda: fastkd.divergence(s, t, mask=torch.ones(2, 2, dtype=torch.bool))),
+        ("scale must be finite", lambda: fastkd.divergence(s, t, scale=math.nan)),
+        ("ignore_index must be an int", lambda: fastkd.divergence(s, t, ignore_index=1.5)),
+        ("backend must be", lambda: fastkd.divergence(s, t, backend="tpu")),
+        ("non-empty last", lambda: fastkd.divergence(torch.randn(3, 0), torch.randn(3, 0))),
+        ("at least 1 dim", lambda: fastkd.divergence(torch.tensor(1.0), torch.tensor(1.0))),
+        ("divergence=", lambda: fastkd.kd_loss(s, t, divergence="jsd")),
+    ]
+
+
+@pytest.mark.parametrize("needle,call", _bad_calls(), ids=[c[0] for c in _bad_calls()])
+def test_bad_input_raises_value_error_naming_the_argument(needle, call):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
+        call()
+
+
+def test_unavailable_backend_requested_explicitly_raises():
+    s, t = torch.randn(2, 5), torch.randn(2, 5)
+    with pytest.raises(ValueError, match="backend='cuda' is unavailable"):
+        fastkd.divergence(s, t, backend="cuda")
+
+
+def test_devices_must_match():
+    meta = torch.randn(2, 5, device="meta")
+    with pytest.raises(ValueError, match="teacher_logits is on meta"):
+        fastkd.divergence(torch.randn(2, 5), meta)
+
+
+def test_env_override_of_auto_backend(monkeypatch):
+    s, t = torch.randn(2, 5), torch.randn(2, 5)
+    monkeypatch.setenv("FASTKD_BACKEND", "no-such-backend")
+    with pytest.raises(ValueError, match="backend must be"):
+        fastkd.divergence(s, t)
+    monkeypatch.setenv("FASTKD_BACKEND", "reference")
+    assert torch.equal(fastkd.divergence(s, t), reference.divergence(s, t))
