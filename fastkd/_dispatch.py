@@ -61,7 +61,7 @@ def backend_status(name: str, device_type: str | None = None) -> BackendStatus:
             return BackendStatus(False, f"the cpu backend takes CPU tensors, not {device_type}")
         if _ops.CPU_EXTENSION_ERROR:
             return BackendStatus(False, _ops.CPU_EXTENSION_ERROR)
-        return BackendStatus(True, f"fastkd._C, SIMD variant {_ops._C.cpu_capability()}")
+        return BackendStatus(True, "fastkd._C (SIMD variant: see backends())")
     if name == "cuda":
         if device_type not in (None, "cuda"):
             return BackendStatus(False, f"the cuda backend takes CUDA tensors, not {device_type}")
@@ -86,7 +86,11 @@ def backend_status(name: str, device_type: str | None = None) -> BackendStatus:
 
 def backends() -> dict[str, BackendStatus]:
     """Every backend, whether it is available on this machine, and why (not)."""
-    return {name: backend_status(name) for name in BACKENDS}
+    report = {name: backend_status(name) for name in BACKENDS}
+    if report["cpu"].available:
+        # Asked here, not in backend_status: that one runs inside traced code.
+        report["cpu"] = BackendStatus(True, f"fastkd._C, SIMD variant {_ops._C.cpu_capability()}")
+    return report
 
 
 _warned_fallbacks: set[tuple[str, str]] = set()

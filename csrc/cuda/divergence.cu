@@ -7,13 +7,16 @@
 // One thread block per row (blocks grid-stride over rows when N exceeds the
 // grid), threads stride over V so that a warp's loads are coalesced; each pass
 // ends in one cub::BlockReduce whose result is broadcast to the block:
-//   pass 1  max of s and t                                       read s, t
-//   pass 2  Σ exp(s/T − max), Σ exp(t/T − max) → lse             read s, t
+//   pass 1  max of s and t, and the first index of each max    read s, t
+//   pass 2  Σ exp(s/T − max), Σ exp(t/T − max)                  read s, t
 //   pass 3  loss, Σu, Σv  (KL with the student gradient only: Σu = −1 is
 //           known in advance, so the gradient (q − p)·grad_scale/T is written
 //           here and pass 4 is skipped)                          read s, t
 //   pass 4  gradients (u − q Σu)·grad_scale/T, (v − p Σv)·grad_scale/T
 //                                                     read s, t; write grads
+// The row's mode (index of the max) locates the shift of the unbounded log
+// ratios of REVERSE_KL's u and KL's v (divergence_math.h); the CPU kernel finds
+// it with a separate scan, here it rides along with pass 1's max.
 // Memory traffic floor: read 2·N·V elements, write N·V per gradient requested
 // (and 4·N bytes of row loss). Passes 2–4 re-read the row; the re-reads come
 // from L2 only while the rows resident on the GPU at once (SMs × blocks per
@@ -71,9 +74,21 @@ struct DivergenceArgs {
 
 // ---- device code --------------------------------------------------------------
 
-struct MaxOp2 {
-  __device__ __forceinline__ float2 operator()(const float2& a, const float2& b) const {
-    return make_float2(fk_max(a.x, b.x), fk_max(a.y, b.y));
+// Pass 1's per-thread (then per-block) state: the max of each row and the
+// first index holding it (first strict maximum; ties resolved to the lower
+// index when combining). `fk_max` keeps NaN sticky, as on CPU.
+struct RowMax {
+  float s, t;          // max_j s_j, max_j t_j
+  int64_t s_at, t_at;  // first j with s_j == max (t_j == max); `none` if no such j
+};
+
+struct RowMaxOp {
+  __device__ __forceinline__ static int64_t first_at(float a, int64_t ia, float b, int64_t ib) {
+    return a > b ? ia : (b > a ? ib : (ia < ib ? ia : ib));
+  }
+  __device__ __forceinline__ RowMax operator()(const RowMax& a, const RowMax& b) const {
+    return {fk_max(a.s, b.s), fk_max(a.t, b.t), first_at(a.s, a.s_at, b.s, b.s_at),
+            first_at(a.t, a.t_at, b.t, b.t_at)};
   }
 };
 
@@ -103,6 +118,28 @@ __device__ __forceinline__ T block_all_reduce(T value, Op op,
   return broadcast;
 }
 
+// Everything element_terms needs besides the two logits; the same constants
+// and the same expressions as RowConstants / terms_at in
+// csrc/cpu/divergence_kernel.cpp. log q = (s/T − shift) − log_sum keeps the
+// normaliser in two parts (see there); the *_mode values are the logits at the
+// student's and the teacher's most probable entry.
+struct RowConstants {
+  float inv_t, shift_s, log_sum_s, shift_t, log_sum_t;
+  float s_mode, t_at_s_mode, t_mode, s_at_t_mode;
+};
+
+template <int KIND>
+__device__ __forceinline__ ElementTerms<float> terms_at(float s, float t, const RowConstants& c,
+                                                        const Coefficient<float>& coef) {
+  const float logq = (s * c.inv_t - c.shift_s) - c.log_sum_s;
+  const float logp = (t * c.inv_t - c.shift_t) - c.log_sum_t;
+  // log(q/p) − (its value at q's mode), from logit differences; likewise for
+  // log(p/q) at p's mode. Only KL / REVERSE_KL read them (dead code otherwise).
+  const float ratio_q = (s - c.s_mode) * c.inv_t - (t - c.t_at_s_mode) * c.inv_t;
+  const float ratio_p = (t - c.t_mode) * c.inv_t - (s - c.s_at_t_mode) * c.inv_t;
+  return element_terms<KIND>(logp, logq, ratio_q, ratio_p, coef);
+}
+
 template <int KIND, int BLOCK, class scalar_t>
 __global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
     const scalar_t* __restrict__ student,  // [N, V] student logits, row stride student_row_stride
@@ -116,12 +153,15 @@ __global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
     float grad_factor,                     // grad_scale / T
     Coefficient<float> coef) {
   static_assert(BLOCK % 32 == 0, "block size must be a whole number of warps");
+  using ReduceMax = cub::BlockReduce<RowMax, BLOCK>;
   using Reduce2 = cub::BlockReduce<float2, BLOCK>;
   using Reduce3 = cub::BlockReduce<float3, BLOCK>;
   __shared__ union {
+    typename ReduceMax::TempStorage max;
     typename Reduce2::TempStorage pair;
     typename Reduce3::TempStorage triple;
   } temp;
+  __shared__ RowMax max_result;
   __shared__ float2 pair_result;
   __shared__ float3 triple_result;
 
@@ -130,13 +170,16 @@ __global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
   // KL with only the student gradient: Σu = −Σp = −1, so the gradient is
   // known in pass 3 and pass 4 is skipped.
   const bool fused_grad = KIND == KL && want_s && !want_t;
+  // The gradients whose log ratios are shifted by their value at the mode.
+  // (V > 0: the mode is loaded, and an empty row has none.)
+  const bool need_modes = V > 0 && ((KIND == REVERSE_KL && want_s) || (KIND == KL && want_t));
   const int64_t first = threadIdx.x;
 
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     scalar_t* gs = want_s ? student_grad + row * V : nullptr;
     scalar_t* gt = want_t ? teacher_grad + row * V : nullptr;
-    // The mask is read by every thread of the block alike: no divergence
-    // around the barriers below.
+    // Every thread of the block reads the same mask entry: the branch is
+    // uniform, so no thread skips the barriers below.
     if (row_mask != nullptr && !row_mask[row]) {
       if (threadIdx.x == 0) row_loss[row] = 0.f;
       for (int64_t j = first; j < V; j += BLOCK) {
@@ -148,36 +191,54 @@ __global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
     const scalar_t* s = student + row * student_row_stride;
     const scalar_t* t = teacher + row * teacher_row_stride;
 
-    // pass 1: max(x)/T == max(x/T) because T > 0; NaN propagates.
-    float2 max_st = make_float2(-INFINITY, -INFINITY);
+    // pass 1: max(x)/T == max(x/T) because T > 0.
+    RowMax mx{-INFINITY, -INFINITY, V, V};
     for (int64_t j = first; j < V; j += BLOCK) {
-      max_st.x = fk_max(max_st.x, static_cast<float>(s[j]));
-      max_st.y = fk_max(max_st.y, static_cast<float>(t[j]));
+      const float sj = static_cast<float>(s[j]), tj = static_cast<float>(t[j]);
+      if (sj > mx.s) mx.s_at = j;
+      if (tj > mx.t) mx.t_at = j;
+      mx.s = fk_max(mx.s, sj);
+      mx.t = fk_max(mx.t, tj);
     }
-    max_st = block_all_reduce<BLOCK>(max_st, MaxOp2{}, temp.pair, pair_result);
-    const float shift_s = max_st.x * inv_temperature;
-    const float shift_t = max_st.y * inv_temperature;
+    mx = block_all_reduce<BLOCK>(mx, RowMaxOp{}, temp.max, max_result);
+    RowConstants c;
+    c.inv_t = inv_temperature;
+    c.shift_s = mx.s * inv_temperature;
+    c.shift_t = mx.t * inv_temperature;
 
-    // pass 2: log-sum-exp (an all −inf row gives NaN, as on CPU).
+    // pass 2: the log-sum-exp (an all −inf row gives NaN, as on CPU).
     float2 sum_st = make_float2(0.f, 0.f);
     for (int64_t j = first; j < V; j += BLOCK) {
-      sum_st.x += fk_exp(static_cast<float>(s[j]) * inv_temperature - shift_s);
-      sum_st.y += fk_exp(static_cast<float>(t[j]) * inv_temperature - shift_t);
+      sum_st.x += fk_exp(static_cast<float>(s[j]) * inv_temperature - c.shift_s);
+      sum_st.y += fk_exp(static_cast<float>(t[j]) * inv_temperature - c.shift_t);
     }
     sum_st = block_all_reduce<BLOCK>(sum_st, SumOp2{}, temp.pair, pair_result);
-    const float lse_s = shift_s + fk_log(sum_st.x);
-    const float lse_t = shift_t + fk_log(sum_st.y);
+    c.log_sum_s = fk_log(sum_st.x);
+    c.log_sum_t = fk_log(sum_st.y);
+    c.s_mode = c.t_at_s_mode = c.t_mode = c.s_at_t_mode = 0.f;
+    if (need_modes) {
+      // No index for a row without a maximum (NaN, or all −inf): such a row's
+      // loss is NaN anyway; index 0 as on CPU keeps the loads in bounds.
+      const int64_t s_at = mx.s_at < V ? mx.s_at : 0;
+      const int64_t t_at = mx.t_at < V ? mx.t_at : 0;
+      c.s_mode = static_cast<float>(s[s_at]);
+      c.t_at_s_mode = static_cast<float>(t[s_at]);
+      c.t_mode = static_cast<float>(t[t_at]);
+      c.s_at_t_mode = static_cast<float>(s[t_at]);
+    }
 
     // pass 3: ℓ = Σ loss terms, Σu, Σv (divergence_math.h).
     float3 acc = make_float3(0.f, 0.f, 0.f);
     for (int64_t j = first; j < V; j += BLOCK) {
-      const float logq = static_cast<float>(s[j]) * inv_temperature - lse_s;
-      const float logp = static_cast<float>(t[j]) * inv_temperature - lse_t;
-      const ElementTerms<float> e = element_terms<KIND>(logp, logq, coef);
+      const ElementTerms<float> e =
+          terms_at<KIND>(static_cast<float>(s[j]), static_cast<float>(t[j]), c, coef);
       acc.x += e.loss;
-      acc.y += e.u;
-      acc.z += e.v;
-      if (fused_grad) gs[j] = static_cast<scalar_t>(softmax_grad(e.u, e.q, -1.f, grad_factor));
+      if (fused_grad) {
+        gs[j] = static_cast<scalar_t>(softmax_grad(e.u, e.q, -1.f, grad_factor));
+      } else {
+        if (want_s) acc.y += e.u;
+        if (want_t) acc.z += e.v;
+      }
     }
     acc = block_all_reduce<BLOCK>(acc, SumOp3{}, temp.triple, triple_result);
     if (threadIdx.x == 0) row_loss[row] = acc.x;
@@ -186,9 +247,8 @@ __global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
     // pass 4: dL/ds = (u − q Σu)/T, dL/dt = (v − p Σv)/T, times grad_scale.
     const float sum_u = acc.y, sum_v = acc.z;
     for (int64_t j = first; j < V; j += BLOCK) {
-      const float logq = static_cast<float>(s[j]) * inv_temperature - lse_s;
-      const float logp = static_cast<float>(t[j]) * inv_temperature - lse_t;
-      const ElementTerms<float> e = element_terms<KIND>(logp, logq, coef);
+      const ElementTerms<float> e =
+          terms_at<KIND>(static_cast<float>(s[j]), static_cast<float>(t[j]), c, coef);
       if (want_s) gs[j] = static_cast<scalar_t>(softmax_grad(e.u, e.q, sum_u, grad_factor));
       if (want_t) gt[j] = static_cast<scalar_t>(softmax_grad(e.v, e.p, sum_v, grad_factor));
     }
