@@ -55,7 +55,7 @@ SIMD_VARIANTS = {
 }
 
 OPT_FLAGS = ["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O3", "-DNDEBUG"]
-CXX_FLAGS = ["-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", *OPT_FLAGS]
+CXX_FLAGS = ["-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", *OPT_FLAGS]
 
 
 def cpu_sources() -> tuple[list[str], list[str]]:
@@ -67,7 +67,8 @@ def cpu_sources() -> tuple[list[str], list[str]]:
 
 
 def cuda_sources() -> list[str]:
-    return [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]
+    cuda = ROOT / "csrc" / "cuda"
+    return [str(p.relative_to(ROOT)) for p in sorted([*cuda.glob("*.cu"), *cuda.glob("*.cpp")])]
 
 
 def want_cuda() -> bool:
@@ -104,15 +105,19 @@ def make_extensions():
     cpu_ext.simd_sources = kernels
     extensions = [cpu_ext]
     if want_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCH_LIST)
+        # The fastkd switch wins over any TORCH_CUDA_ARCH_LIST in the environment.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = CUDA_ARCH_LIST
+        print(f"fastkd setup: building fastkd._C_cuda for {CUDA_ARCH_LIST}", file=sys.stderr)
         extensions.append(
             CUDAExtension(
                 "fastkd._C_cuda",
                 cuda_sources(),
                 include_dirs=[str(ROOT / "csrc")],
+                depends=headers,
                 extra_compile_args={
-                    "cxx": CXX_FLAGS,
-                    "nvcc": ["-std=c++17", "-lineinfo", *OPT_FLAGS],
+                    "cxx": [*CXX_FLAGS, f"-DFASTKD_CUDA_ARCHS=\"{CUDA_ARCH_LIST}\""],
+                    # --threads: compile the architectures in parallel
+                    "nvcc": ["-std=c++20", "-lineinfo", "--threads", "2", *OPT_FLAGS],
                 },
             )
         )

@@ -99,21 +99,29 @@ struct Coefficient {
   V c, one_minus_c, log_c, log_one_minus_c;
 };
 
+// What element_terms reads at one vocabulary position. p and q are passed in
+// (not recomputed from the logs) so that a caller holding exp(x/T − max) from
+// its normalising pass needs no second exponential.
+template <class V>
+struct ElementInputs {
+  V logp, logq;  // log-softmax of t/T and s/T
+  V p, q;        // exp(logp), exp(logq)
+  V shifted_ratio_q;  // log(q/p) − c_q, read by REVERSE_KL's u
+  V shifted_ratio_p;  // log(p/q) − c_p, read by KL's v   (c_q, c_p: row constants)
+};
+
 // loss: this element's contribution to L; u, v: as in the header comment;
-// p, q: the probabilities, returned so callers need not exponentiate twice.
+// p, q: the probabilities passed in, returned for the gradient formula.
 template <class V>
 struct ElementTerms {
   V loss, u, v, p, q;
 };
 
-// shifted_ratio_q: log(q/p) − c_q (REVERSE_KL's u); shifted_ratio_p:
-// log(p/q) − c_p (KL's v); c_q, c_p row constants. Other kinds ignore them.
 template <int KIND, class V>
-FASTKD_HOST_DEVICE ElementTerms<V> element_terms(V logp, V logq, V shifted_ratio_q,
-                                                 V shifted_ratio_p,
+FASTKD_HOST_DEVICE ElementTerms<V> element_terms(const ElementInputs<V>& x,
                                                  const Coefficient<V>& k) {
-  const V p = fk_exp(logp);
-  const V q = fk_exp(logq);
+  const V logp = x.logp, logq = x.logq, p = x.p, q = x.q;
+  const V shifted_ratio_q = x.shifted_ratio_q, shifted_ratio_p = x.shifted_ratio_p;
   ElementTerms<V> r;
   r.p = p;
   r.q = q;

@@ -5,16 +5,22 @@
 // picks one at run time from what the CPU supports.
 //
 // Per row (rows in parallel, at::parallel_for):
-//   pass 1  max of s and t                           read s, t (from memory)
-//   pass 2  Σ exp(s/T − max), Σ exp(t/T − max)        read s, t (from cache)
-//   pass 3  loss, Σu, Σv  (KL with student gradient only: also writes the
-//           gradient, (q − p)/T, since Σu = −1 is known in advance)
-//   pass 4  gradients (u − q Σu)/T, (v − p Σv)/T      other cases
+//   pass 1  max of s and t                                read s, t (memory)
+//   pass 2  e_s = exp(s/T − max_s), e_t = exp(t/T − max_t), stored in a
+//           per-task scratch row, and their sums           read s, t (cache)
+//           KL also sums p·(t − s) here, which gives its loss:
+//           KL = Σ p (t − s)/T + lse_s − lse_t   (Σ p = 1)
+//   pass 3  loss, Σu, Σv, with p = e_t/Σe_t and q = e_s/Σe_s (no exp) —
+//           or, for KL with the student gradient only, the gradient
+//           (q − p)·grad_scale/T (Σu = −1 is known in advance)
+//   pass 4  gradients (u − q Σu)/T, (v − p Σv)/T           other cases
 // REVERSE_KL's student gradient and KL's teacher gradient also locate the
 // row's mode (a scalar scan) to shift their unbounded log ratios.
 // Memory traffic: read N·V twice (s and t), write N·V per gradient requested.
-// A row of fp32 logits at V = 32000 is 125 KiB, so passes 2–4 hit L2.
-// Reduced-precision rows are widened into a per-task float scratch row first.
+// Passes 2–4 work on the row in cache: at V = 32000, fp32, the row's s, t,
+// e_s, e_t are 500 KiB, within a 1 MiB L2. Exponentials: 2 per element, the
+// minimum (plus the log-space mixture of JSD and the skew divergences).
+// Reduced-precision rows are widened into the scratch first.
 #include "divergence_kernel.h"
 
 #include <ATen/Parallel.h>
@@ -63,7 +69,15 @@ struct RowParams {
   bool teacher_grad;
 };
 
-// A row's log-softmax normaliser, kept in two parts: log q_j is computed as
+// The scratch rows of one task: exponentials of the current row, and, for
+// bf16 / fp16 inputs, the widened row and its float gradients.
+template <class T>
+struct Scratch {
+  T* e_s;  // exp(s/T − max_s)   [V]
+  T* e_t;  // exp(t/T − max_t)   [V]
+};
+
+// A row's log-softmax, kept in parts: log q_j is computed as
 // (x_j/T − shift) − log_sum, not x_j/T − (shift + log_sum): with logits of
 // magnitude 1e4 the rounding of the sum would swallow log_sum (~1e-6) and
 // make the dominant probability exactly 1, ruining gradients that cancel.
@@ -72,41 +86,62 @@ struct Normaliser {
   T max;      // max_j x_j
   T shift;    // max / T
   T log_sum;  // log Σ_j exp(x_j/T − shift)
+  T inv_sum;  // 1 / Σ_j exp(x_j/T − shift)
 };
 
-// Two passes over the (cached) row; NaN propagates and an all −inf row gives
-// NaN (documented: such a row has no distribution).
 template <class T>
-void row_normalisers(const T* s, const T* t, int64_t V, T inv_temperature,
-                     Normaliser<T>& ns, Normaliser<T>& nt) {
+T row_max(const T* x, int64_t V) {
   constexpr int64_t L = Vec<T>::size();
-  const T neg_inf = -std::numeric_limits<T>::infinity();
-  Vec<T> vmax_s(neg_inf), vmax_t(neg_inf);
+  Vec<T> vmax(-std::numeric_limits<T>::infinity());
+  int64_t j = 0;
+  for (; j + L <= V; j += L) vmax = fk_max(vmax, Vec<T>::loadu(x + j));
+  T best = horizontal_max(vmax);
+  for (; j < V; ++j) best = fk_max(best, x[j]);
+  return best;
+}
+
+// p·(t − s) with the xlogy rule (0 where p is 0, even if t − s is NaN).
+template <class W>
+inline W weighted_logit_gap(W e_t, W s, W t) {
+  return fk_zero_where_zero(e_t, e_t * (t - s));
+}
+
+// Pass 2 (see the file header). Returns Σ e_t·(t − s) when KL_GAP, else 0.
+template <bool KL_GAP, class T>
+T row_exponentials(const T* s, const T* t, int64_t V, T inv_t, Normaliser<T>& ns,
+                   Normaliser<T>& nt, const Scratch<T>& scratch) {
+  constexpr int64_t L = Vec<T>::size();
+  // max(x)/T == max(x/T) because T > 0.
+  ns.shift = ns.max * inv_t;
+  nt.shift = nt.max * inv_t;
+  const Vec<T> vinv(inv_t), vshift_s(ns.shift), vshift_t(nt.shift);
+  Vec<T> vsum_s(T(0)), vsum_t(T(0)), vgap(T(0));
   int64_t j = 0;
   for (; j + L <= V; j += L) {
-    vmax_s = fk_max(vmax_s, Vec<T>::loadu(s + j));
-    vmax_t = fk_max(vmax_t, Vec<T>::loadu(t + j));
+    const Vec<T> sv = Vec<T>::loadu(s + j), tv = Vec<T>::loadu(t + j);
+    const Vec<T> es = (sv * vinv - vshift_s).exp(), et = (tv * vinv - vshift_t).exp();
+    es.store(scratch.e_s + j);
+    et.store(scratch.e_t + j);
+    vsum_s += es;
+    vsum_t += et;
+    if constexpr (KL_GAP) vgap += weighted_logit_gap(et, sv, tv);
   }
-  T max_s = horizontal_max(vmax_s), max_t = horizontal_max(vmax_t);
+  T sum_s = horizontal_sum(vsum_s), sum_t = horizontal_sum(vsum_t), gap = horizontal_sum(vgap);
   for (; j < V; ++j) {
-    max_s = fk_max(max_s, s[j]);
-    max_t = fk_max(max_t, t[j]);
+    const T es = fk_exp(s[j] * inv_t - ns.shift), et = fk_exp(t[j] * inv_t - nt.shift);
+    scratch.e_s[j] = es;
+    scratch.e_t[j] = et;
+    sum_s += es;
+    sum_t += et;
+    if constexpr (KL_GAP) gap += weighted_logit_gap(et, s[j], t[j]);
   }
-  // max(x)/T == max(x/T) because T > 0.
-  const T shift_s = max_s * inv_temperature, shift_t = max_t * inv_temperature;
-  const Vec<T> vinv(inv_temperature), vshift_s(shift_s), vshift_t(shift_t);
-  Vec<T> vsum_s(T(0)), vsum_t(T(0));
-  for (j = 0; j + L <= V; j += L) {
-    vsum_s += (Vec<T>::loadu(s + j) * vinv - vshift_s).exp();
-    vsum_t += (Vec<T>::loadu(t + j) * vinv - vshift_t).exp();
-  }
-  T sum_s = horizontal_sum(vsum_s), sum_t = horizontal_sum(vsum_t);
-  for (; j < V; ++j) {
-    sum_s += fk_exp(s[j] * inv_temperature - shift_s);
-    sum_t += fk_exp(t[j] * inv_temperature - shift_t);
-  }
-  ns = {max_s, shift_s, fk_log(sum_s)};
-  nt = {max_t, shift_t, fk_log(sum_t)};
+  // An all −inf row: max −inf, so every exponent is NaN and so is everything
+  // after (documented: such a row has no distribution). NaN inputs likewise.
+  ns.log_sum = fk_log(sum_s);
+  nt.log_sum = fk_log(sum_t);
+  ns.inv_sum = T(1) / sum_s;
+  nt.inv_sum = T(1) / sum_t;
+  return gap;
 }
 
 // First index holding `value` (the row's max), 0 if none (a NaN row).
@@ -118,13 +153,13 @@ int64_t index_of(const T* x, int64_t V, T value) {
   return 0;
 }
 
-// Everything element_terms needs besides the two logits, for scalar (W = T)
-// or SIMD (W = Vec<T>) evaluation. The *_mode values are the logits at the
-// student's and the teacher's most probable entry (see divergence_math.h on
-// shifted log ratios).
+// Everything element_terms needs besides the logits and the stored
+// exponentials, for scalar (W = T) or SIMD (W = Vec<T>) evaluation. The *_mode
+// values are the logits at the student's and the teacher's most probable
+// entry (see divergence_math.h on shifted log ratios).
 template <class W>
 struct RowConstants {
-  W inv_t, shift_s, log_sum_s, shift_t, log_sum_t;
+  W inv_t, shift_s, log_sum_s, inv_sum_s, shift_t, log_sum_t, inv_sum_t;
   W s_mode, t_at_s_mode, t_mode, s_at_t_mode;
   Coefficient<W> coef;
 };
@@ -132,31 +167,61 @@ struct RowConstants {
 template <class T>
 RowConstants<Vec<T>> broadcast(const RowConstants<T>& c) {
   using W = Vec<T>;
-  return {W(c.inv_t), W(c.shift_s), W(c.log_sum_s), W(c.shift_t), W(c.log_sum_t),
-          W(c.s_mode), W(c.t_at_s_mode), W(c.t_mode), W(c.s_at_t_mode),
+  return {W(c.inv_t),  W(c.shift_s), W(c.log_sum_s),   W(c.inv_sum_s), W(c.shift_t),
+          W(c.log_sum_t), W(c.inv_sum_t), W(c.s_mode), W(c.t_at_s_mode), W(c.t_mode),
+          W(c.s_at_t_mode),
           {W(c.coef.c), W(c.coef.one_minus_c), W(c.coef.log_c), W(c.coef.log_one_minus_c)}};
 }
 
 template <int KIND, class W>
-inline ElementTerms<W> terms_at(W s, W t, const RowConstants<W>& c) {
-  const W logq = (s * c.inv_t - c.shift_s) - c.log_sum_s;
-  const W logp = (t * c.inv_t - c.shift_t) - c.log_sum_t;
+inline ElementTerms<W> terms_at(W s, W t, W e_s, W e_t, const RowConstants<W>& c) {
+  ElementInputs<W> x;
+  x.logq = (s * c.inv_t - c.shift_s) - c.log_sum_s;
+  x.logp = (t * c.inv_t - c.shift_t) - c.log_sum_t;
+  x.q = e_s * c.inv_sum_s;
+  x.p = e_t * c.inv_sum_t;
   // log(q/p) − (its value at q's mode), from logit differences (exact near
   // the mode); likewise for log(p/q) at p's mode. Only KL / REVERSE_KL read them.
-  const W ratio_q = (s - c.s_mode) * c.inv_t - (t - c.t_at_s_mode) * c.inv_t;
-  const W ratio_p = (t - c.t_mode) * c.inv_t - (s - c.s_at_t_mode) * c.inv_t;
-  return element_terms<KIND>(logp, logq, ratio_q, ratio_p, c.coef);
+  x.shifted_ratio_q = (s - c.s_mode) * c.inv_t - (t - c.t_at_s_mode) * c.inv_t;
+  x.shifted_ratio_p = (t - c.t_mode) * c.inv_t - (s - c.s_at_t_mode) * c.inv_t;
+  return element_terms<KIND>(x, c.coef);
 }
 
 // One row: returns the row loss and writes the gradients requested
 // (STUDENT_GRAD → gs, TEACHER_GRAD → gt), scaled by rp.grad_factor.
 template <int KIND, bool STUDENT_GRAD, bool TEACHER_GRAD, class T>
-T divergence_row(const T* s, const T* t, int64_t V, const RowParams<T>& rp, T* gs, T* gt) {
+T divergence_row(const T* s, const T* t, int64_t V, const RowParams<T>& rp, T* gs, T* gt,
+                 const Scratch<T>& scratch) {
   constexpr int64_t L = Vec<T>::size();
-  Normaliser<T> ns, nt;
-  row_normalisers(s, t, V, rp.inv_temperature, ns, nt);
-  RowConstants<T> c{rp.inv_temperature, ns.shift, ns.log_sum, nt.shift, nt.log_sum,
-                    T(0), T(0), T(0), T(0), rp.coef};
+  // KL's loss comes out of pass 2; with at most the student gradient, pass 3
+  // only writes (q − p)·factor and pass 4 is not needed.
+  constexpr bool kl_shortcut = KIND == KL && !TEACHER_GRAD;
+  Normaliser<T> ns{}, nt{};
+  ns.max = row_max(s, V);
+  nt.max = row_max(t, V);
+  const T gap = row_exponentials<kl_shortcut>(s, t, V, rp.inv_temperature, ns, nt, scratch);
+  const T* e_s = scratch.e_s;
+  const T* e_t = scratch.e_t;
+
+  if constexpr (kl_shortcut) {
+    // KL = Σ p (t − s)/T + lse_s − lse_t
+    const T loss = gap * nt.inv_sum * rp.inv_temperature + (ns.shift - nt.shift) +
+                   (ns.log_sum - nt.log_sum);
+    if constexpr (STUDENT_GRAD) {
+      // dKL/ds = (q − p)/T
+      const T fq = rp.grad_factor * ns.inv_sum, fp = rp.grad_factor * nt.inv_sum;
+      const Vec<T> vfq(fq), vfp(fp);
+      int64_t j = 0;
+      for (; j + L <= V; j += L) {
+        (Vec<T>::loadu(e_s + j) * vfq - Vec<T>::loadu(e_t + j) * vfp).store(gs + j);
+      }
+      for (; j < V; ++j) gs[j] = e_s[j] * fq - e_t[j] * fp;
+    }
+    return loss;
+  }
+
+  RowConstants<T> c{rp.inv_temperature, ns.shift, ns.log_sum, ns.inv_sum, nt.shift, nt.log_sum,
+                    nt.inv_sum, T(0), T(0), T(0), T(0), rp.coef};
   if constexpr ((KIND == REVERSE_KL && STUDENT_GRAD) || (KIND == KL && TEACHER_GRAD)) {
     const int64_t s_mode = index_of(s, V, ns.max), t_mode = index_of(t, V, nt.max);
     c.s_mode = s[s_mode];
@@ -165,47 +230,37 @@ T divergence_row(const T* s, const T* t, int64_t V, const RowParams<T>& rp, T* g
     c.s_at_t_mode = s[t_mode];
   }
   const RowConstants<Vec<T>> vc = broadcast(c);
-  const Vec<T> vfactor(rp.grad_factor);
-  // KL with only the student gradient: Σu = −Σp = −1 is known before the
-  // row is summed, so the gradient is written in pass 3 and pass 4 is skipped.
-  constexpr bool fused = KIND == KL && STUDENT_GRAD && !TEACHER_GRAD;
 
   // pass 3: loss, Σu, Σv
   Vec<T> vloss(T(0)), vsum_u(T(0)), vsum_v(T(0));
   int64_t j = 0;
   for (; j + L <= V; j += L) {
-    const ElementTerms<Vec<T>> e = terms_at<KIND>(Vec<T>::loadu(s + j), Vec<T>::loadu(t + j), vc);
+    const ElementTerms<Vec<T>> e = terms_at<KIND>(Vec<T>::loadu(s + j), Vec<T>::loadu(t + j),
+                                                  Vec<T>::loadu(e_s + j), Vec<T>::loadu(e_t + j), vc);
     vloss += e.loss;
-    if constexpr (fused) {
-      softmax_grad(e.u, e.q, Vec<T>(T(-1)), vfactor).store(gs + j);
-    } else {
-      if constexpr (STUDENT_GRAD) vsum_u += e.u;
-      if constexpr (TEACHER_GRAD) vsum_v += e.v;
-    }
+    if constexpr (STUDENT_GRAD) vsum_u += e.u;
+    if constexpr (TEACHER_GRAD) vsum_v += e.v;
   }
   T loss = horizontal_sum(vloss);
   T sum_u = horizontal_sum(vsum_u), sum_v = horizontal_sum(vsum_v);
   for (; j < V; ++j) {
-    const ElementTerms<T> e = terms_at<KIND>(s[j], t[j], c);
+    const ElementTerms<T> e = terms_at<KIND>(s[j], t[j], e_s[j], e_t[j], c);
     loss += e.loss;
-    if constexpr (fused) {
-      gs[j] = softmax_grad(e.u, e.q, T(-1), rp.grad_factor);
-    } else {
-      if constexpr (STUDENT_GRAD) sum_u += e.u;
-      if constexpr (TEACHER_GRAD) sum_v += e.v;
-    }
+    if constexpr (STUDENT_GRAD) sum_u += e.u;
+    if constexpr (TEACHER_GRAD) sum_v += e.v;
   }
-  if constexpr (fused || !(STUDENT_GRAD || TEACHER_GRAD)) return loss;
+  if constexpr (!(STUDENT_GRAD || TEACHER_GRAD)) return loss;
 
   // pass 4: gradients
-  const Vec<T> vsum_u_all(sum_u), vsum_v_all(sum_v);
+  const Vec<T> vfactor(rp.grad_factor), vsum_u_all(sum_u), vsum_v_all(sum_v);
   for (j = 0; j + L <= V; j += L) {
-    const ElementTerms<Vec<T>> e = terms_at<KIND>(Vec<T>::loadu(s + j), Vec<T>::loadu(t + j), vc);
+    const ElementTerms<Vec<T>> e = terms_at<KIND>(Vec<T>::loadu(s + j), Vec<T>::loadu(t + j),
+                                                  Vec<T>::loadu(e_s + j), Vec<T>::loadu(e_t + j), vc);
     if constexpr (STUDENT_GRAD) softmax_grad(e.u, e.q, vsum_u_all, vfactor).store(gs + j);
     if constexpr (TEACHER_GRAD) softmax_grad(e.v, e.p, vsum_v_all, vfactor).store(gt + j);
   }
   for (; j < V; ++j) {
-    const ElementTerms<T> e = terms_at<KIND>(s[j], t[j], c);
+    const ElementTerms<T> e = terms_at<KIND>(s[j], t[j], e_s[j], e_t[j], c);
     if constexpr (STUDENT_GRAD) gs[j] = softmax_grad(e.u, e.q, sum_u, rp.grad_factor);
     if constexpr (TEACHER_GRAD) gt[j] = softmax_grad(e.v, e.p, sum_v, rp.grad_factor);
   }
@@ -213,11 +268,11 @@ T divergence_row(const T* s, const T* t, int64_t V, const RowParams<T>& rp, T* g
 }
 
 // The row function for the gradients requested, chosen once per call.
-template <int KIND, class T>
-using RowFn = T (*)(const T*, const T*, int64_t, const RowParams<T>&, T*, T*);
+template <class T>
+using RowFn = T (*)(const T*, const T*, int64_t, const RowParams<T>&, T*, T*, const Scratch<T>&);
 
 template <int KIND, class T>
-RowFn<KIND, T> pick_row_fn(bool student_grad, bool teacher_grad) {
+RowFn<T> pick_row_fn(bool student_grad, bool teacher_grad) {
   if (student_grad && teacher_grad) return &divergence_row<KIND, true, true, T>;
   if (student_grad) return &divergence_row<KIND, true, false, T>;
   if (teacher_grad) return &divergence_row<KIND, false, true, T>;
@@ -246,14 +301,16 @@ void divergence_rows(const DivergenceArgs& a) {
   rp.student_grad = student_grad != nullptr;
   rp.teacher_grad = teacher_grad != nullptr;
   constexpr bool widen = !std::is_same_v<scalar_t, acc_t>;
-  const RowFn<KIND, acc_t> row_fn = pick_row_fn<KIND, acc_t>(rp.student_grad, rp.teacher_grad);
+  const RowFn<acc_t> row_fn = pick_row_fn<KIND, acc_t>(rp.student_grad, rp.teacher_grad);
 
   // Grain: enough rows that a task streams at least ~256 KiB.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(V, 1));
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
-    // Widened copies of one row (and its gradients) for bf16 / fp16 inputs.
-    std::vector<acc_t> scratch(widen ? 4 * V : 0);
-    acc_t* s_buf = scratch.data();
+    // Per task: the exponentials of one row, and for bf16 / fp16 inputs its
+    // widened logits and float gradients.
+    std::vector<acc_t> buffer((widen ? 6 : 2) * V);
+    const Scratch<acc_t> scratch{buffer.data(), buffer.data() + V};
+    acc_t* s_buf = buffer.data() + 2 * V;
     acc_t* t_buf = s_buf + (widen ? V : 0);
     acc_t* gs_buf = t_buf + (widen ? V : 0);
     acc_t* gt_buf = gs_buf + (widen ? V : 0);
@@ -271,11 +328,11 @@ void divergence_rows(const DivergenceArgs& a) {
       if constexpr (widen) {
         at::vec::convert(s_row, s_buf, V);
         at::vec::convert(t_row, t_buf, V);
-        row_loss[i] = row_fn(s_buf, t_buf, V, rp, gs_buf, gt_buf);
+        row_loss[i] = row_fn(s_buf, t_buf, V, rp, gs_buf, gt_buf, scratch);
         if (gs_row) at::vec::convert(gs_buf, gs_row, V);
         if (gt_row) at::vec::convert(gt_buf, gt_row, V);
       } else {
-        row_loss[i] = row_fn(s_row, t_row, V, rp, gs_row, gt_row);
+        row_loss[i] = row_fn(s_row, t_row, V, rp, gs_row, gt_row, scratch);
       }
     }
   });

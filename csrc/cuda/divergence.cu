@@ -137,7 +137,7 @@ __device__ __forceinline__ ElementTerms<float> terms_at(float s, float t, const 
   // log(p/q) at p's mode. Only KL / REVERSE_KL read them (dead code otherwise).
   const float ratio_q = (s - c.s_mode) * c.inv_t - (t - c.t_at_s_mode) * c.inv_t;
   const float ratio_p = (t - c.t_mode) * c.inv_t - (s - c.s_at_t_mode) * c.inv_t;
-  return element_terms<KIND>(logp, logq, ratio_q, ratio_p, coef);
+  return element_terms<KIND>({logp, logq, fk_exp(logp), fk_exp(logq), ratio_q, ratio_p}, coef);
 }
 
 template <int KIND, int BLOCK, class scalar_t>
