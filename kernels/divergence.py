@@ -1,18 +1,22 @@
 """Fused softmax divergences (SPEC §1) in Triton, the ``triton`` backend of ``fastkd.divergence``.
 
-Same contract as the C++ op ``fastkd::divergence_forward`` (csrc/fastkd.cpp) and
-the same arithmetic as ``csrc/common/divergence_math.h``, whose comment derives
-the gradients. One program per row streams the row in BLOCK-wide chunks:
+Same contract as the C++ op ``fastkd::divergence_forward`` (csrc/fastkd.cpp),
+the per-element math of ``csrc/common/divergence_math.h`` (whose comment
+derives the gradients) and the passes of ``csrc/cuda/divergence.cu``, with
+its first two passes fused by an online log-sum-exp. One program per row
+streams the row in BLOCK-wide chunks:
 
-  pass 1  online max and Σ exp of s/T and t/T → log-sum-exp      read s, t
-  pass 2  loss, Σu, Σv; KL with only the student gradient also
-          writes it, (q − p)/T, since Σu = −Σp = −1               read s, t
+  pass 1  max of s and t (and the first index of each, for the mode-
+          shifted log ratios), Σ exp((x − max)/T), online          read s, t
+  pass 2  loss, Σu, Σv; KL with only the student gradient writes
+          it here, (q − p)/T, since Σu = −Σp = −1                 read s, t
   pass 3  gradients (u − q Σu)/T and (v − p Σv)/T                 read s, t; write gradients
 
-Memory traffic, b bytes per logit: 2·N·V·b read from HBM in pass 1; passes 2
-and 3 read the same row again (fp32 at V = 128256 is 500 KiB per row, so the
-rows in flight mostly stay in L2); N·V·b written per requested gradient, 4·N
-for the row losses. Floor: 2·N·V·b + N·V·b per gradient.
+Memory traffic floor, b bytes per logit: read 2·N·V·b, write N·V·b per
+requested gradient and 4·N bytes of row loss. Passes 2 and 3 re-read the row
+from L2 while the rows resident at once (about one per SM: 2·V·b bytes each)
+fit in it: on a 50 MiB L2 with 132 SMs up to V ≈ 49K in fp32 (≈ 99K in
+bf16 / fp16); beyond that the re-reads go to HBM.
 
 Everything is accumulated in float32; bf16 / fp16 logits are widened as they
 are loaded and the gradients rounded to the input dtype as they are stored.
@@ -34,9 +38,10 @@ __all__ = ["divergence_forward"]
 # fastkd::divergence::Kind (csrc/common/divergence_math.h).
 KL, REVERSE_KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD = range(6)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Widest chunk of a row one loop iteration holds. 8 elements per thread keeps
-# the ~15 live BLOCK-wide fp32 values of pass 2 in registers; the interpreter
-# pays milliseconds per iteration, so it wants wide chunks as well.
+# Widest chunk of a row one loop iteration holds, with 8 elements per thread:
+# at 4096 and 16 warps ptxas (sm_90) reports about 100 registers and no
+# spills for every kind. The interpreter pays milliseconds per iteration, so
+# it wants wide chunks too.
 MAX_BLOCK = 4096
 _ELEMENTS_PER_THREAD = 8
 
@@ -82,23 +87,25 @@ def _half_sign(d):
 
 
 @triton.jit
-def _element_terms(logp, logq, c, one_minus_c, log_c, log_one_minus_c, KIND: tl.constexpr):
+def _element_terms(
+    logp, logq, p, q, ratio_q, ratio_p, c, one_minus_c, log_c, log_one_minus_c, KIND: tl.constexpr
+):
     """Per-element (loss, u, v, p, q) of divergence KIND: element_terms() of divergence_math.h.
 
     u = q ∂L/∂q and v = p ∂L/∂p, less the terms proportional to q (p) that
-    cancel in the softmax Jacobian; c is β (JSD) or α (skew).
+    cancel in the softmax Jacobian, including a row constant: ratio_q is
+    log(q/p) and ratio_p is log(p/q), each minus its value at the mode of
+    q (p). c is β (JSD) or α (skew).
     """
-    p = tl.exp(logp)
-    q = tl.exp(logq)
     if KIND == 0:
-        # KL(p‖q) = Σ p (log p − log q);  u = −p,  v = p (log p − log q)
+        # KL(p‖q) = Σ p (log p − log q);  u = −p,  v = p (log p − log q − c_p)
         loss = _zero_where_zero(p, p * (logp - logq))
         u = -p
-        v = loss
+        v = _zero_where_zero(p, p * ratio_p)
     elif KIND == 1:
-        # KL(q‖p) = Σ q (log q − log p);  u = q (log q − log p),  v = −q
+        # KL(q‖p) = Σ q (log q − log p);  u = q (log q − log p − c_q),  v = −q
         loss = _zero_where_zero(q, q * (logq - logp))
-        u = loss
+        u = _zero_where_zero(q, q * ratio_q)
         v = -q
     elif KIND == 2:
         # m = β p + (1−β) q in log space;  L = β KL(p‖m) + (1−β) KL(q‖m)
@@ -138,13 +145,55 @@ def _softmax_grad(term, prob, term_sum, factor):
 
 
 @triton.jit
-def _online_lse_step(m, d, x):
-    # Running max m and Σ exp(x − m) after the chunk x. While the row has been
-    # all −inf the shift is 0, so no −inf − (−inf) appears; a NaN reaches d.
-    m_new = _max_nan(m, tl.max(x, 0))
+def _online_max_sum_exp(m, d, at, x, offs, V, inv_temperature, TRACK_AT: tl.constexpr):
+    # Running m = max x, d = Σ exp((x − m) / T) and (if TRACK_AT) `at`, the
+    # first index holding m (V while there is none), after the chunk x. While
+    # the row has been all −inf the shift is 0, so no −inf − (−inf) appears;
+    # a NaN (or +inf) logit makes d NaN.
+    chunk_max = tl.max(x, 0)
+    if TRACK_AT:
+        at = tl.where(chunk_max > m, tl.min(tl.where(x == chunk_max, offs, V), 0), at)
+    m_new = _max_nan(m, chunk_max)
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    d = d * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
-    return m_new, d
+    d = d * tl.exp((m - shift) * inv_temperature) + tl.sum(tl.exp((x - shift) * inv_temperature), 0)
+    return m_new, d, at
+
+
+@triton.jit
+def _terms_at(
+    s_row, t_row, offs, V,
+    m_s, log_d_s, m_t, log_d_t,  # row maxima and log Σ exp((x − m) / T)
+    s_mode, t_at_s_mode, t_mode, s_at_t_mode,  # logits at the modes of q and p
+    inv_temperature, c, one_minus_c, log_c, log_one_minus_c, KIND: tl.constexpr,
+):
+    # The chunk's element terms (terms_at of csrc/cuda/divergence.cu). Lanes
+    # past V load −inf: p = q = 0 there, and every term is 0 by the xlogy rule.
+    s = tl.load(s_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    t = tl.load(t_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    # log softmax(x / T) = (x − m) / T − log d: the rounding of the product
+    # scales with |x − m| / T, small where the probability is large, rather
+    # than with |x / T| (the interpreter has no FMA to hide it)
+    logq = (s - m_s) * inv_temperature - log_d_s
+    logp = (t - m_t) * inv_temperature - log_d_t
+    # log(q/p) − (its value at q's mode) and log(p/q) − (its value at p's
+    # mode), from logit differences; only KL and REVERSE_KL read them
+    ratio_q = (s - s_mode) * inv_temperature - (t - t_at_s_mode) * inv_temperature
+    ratio_p = (t - t_mode) * inv_temperature - (s - s_at_t_mode) * inv_temperature
+    return _element_terms(
+        logp, logq, tl.exp(logp), tl.exp(logq), ratio_q, ratio_p, c, one_minus_c, log_c, log_one_minus_c, KIND
+    )
+
+
+@triton.jit
+def _store_grad(g_ptr, row, V, offs, grad):
+    # one chunk of row `row` of a contiguous [N, V] gradient, rounded to its dtype
+    tl.store(g_ptr + row * V + offs, grad.to(g_ptr.dtype.element_ty), mask=offs < V)
+
+
+@triton.jit
+def _logit_at(x_row, at, V):
+    # x[at] in float32, for an index already clamped into the row (masked for V = 0)
+    return tl.load(x_row + at, mask=at < V, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -163,7 +212,7 @@ def _divergence_fwd_kernel(
     c,  # β (JSD) or α (skew); unused by the other kinds
     one_minus_c,
     log_c,
-    log_one_minus_c,  # may be −inf (α = 1)
+    log_one_minus_c,  # −inf for α = 1
     KIND: tl.constexpr,
     HAS_MASK: tl.constexpr,
     STUDENT_GRAD: tl.constexpr,
@@ -172,73 +221,94 @@ def _divergence_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    NEG_INF: tl.constexpr = float("-inf")
+    # KL with only the student gradient: Σu = −Σp = −1 is known in advance,
+    # so the gradient is written in pass 2 and pass 3 is skipped.
     FUSED_KL_GRAD: tl.constexpr = KIND == 0 and STUDENT_GRAD and not TEACHER_GRAD
+    # The gradients whose unbounded log ratios are shifted by their value at
+    # the mode (divergence_math.h): REVERSE_KL's u and KL's v.
+    NEED_MODES: tl.constexpr = (KIND == 1 and STUDENT_GRAD) or (KIND == 0 and TEACHER_GRAD)
 
     if HAS_MASK:
         if tl.load(mask_ptr + row) == 0:
+            # excluded row: ℓ = 0 and zero gradients, without reading the logits
             tl.store(loss_ptr + row, 0.0)
+            zero = tl.zeros([BLOCK], tl.float32)
             for start in range(0, V, BLOCK):
-                offs = start + cols
                 if STUDENT_GRAD:
-                    tl.store(gs_ptr + row * V + offs, tl.zeros([BLOCK], gs_ptr.dtype.element_ty), mask=offs < V)
+                    _store_grad(gs_ptr, row, V, start + cols, zero)
                 if TEACHER_GRAD:
-                    tl.store(gt_ptr + row * V + offs, tl.zeros([BLOCK], gt_ptr.dtype.element_ty), mask=offs < V)
+                    _store_grad(gt_ptr, row, V, start + cols, zero)
             return
 
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
 
-    # log Σ_j exp(x_j / T), online: an all −inf row gives lse = −inf, hence
-    # NaN log-probabilities and a NaN loss (such a row has no distribution).
-    m_s = NEG_INF
+    # pass 1: max (and, for the mode shifts, the first index of the max) and
+    # log Σ_j exp((x_j − max) / T), online. An all −inf row keeps max = −inf,
+    # so its x − max and its loss are NaN (it has no distribution).
+    m_s = float("-inf")
     d_s = 0.0
-    m_t = NEG_INF
+    s_at = V
+    m_t = float("-inf")
     d_t = 0.0
+    t_at = V
     for start in range(0, V, BLOCK):
         offs = start + cols
-        xs = tl.load(s_row + offs, mask=offs < V, other=NEG_INF).to(tl.float32) * inv_temperature
-        xt = tl.load(t_row + offs, mask=offs < V, other=NEG_INF).to(tl.float32) * inv_temperature
-        m_s, d_s = _online_lse_step(m_s, d_s, xs)
-        m_t, d_t = _online_lse_step(m_t, d_t, xt)
-    lse_s = m_s + tl.log(d_s)
-    lse_t = m_t + tl.log(d_t)
+        s = tl.load(s_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        t = tl.load(t_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        m_s, d_s, s_at = _online_max_sum_exp(m_s, d_s, s_at, s, offs, V, inv_temperature, NEED_MODES)
+        m_t, d_t, t_at = _online_max_sum_exp(m_t, d_t, t_at, t, offs, V, inv_temperature, NEED_MODES)
+    log_d_s = tl.log(d_s)
+    log_d_t = tl.log(d_t)
+    s_mode = 0.0
+    t_at_s_mode = 0.0
+    t_mode = 0.0
+    s_at_t_mode = 0.0
+    if NEED_MODES:
+        # a row without a maximum (NaN) has a NaN loss anyway; index 0 keeps
+        # the loads in the row, as in the CPU and CUDA kernels
+        s_at = tl.where(s_at < V, s_at, 0)
+        t_at = tl.where(t_at < V, t_at, 0)
+        s_mode = _logit_at(s_row, s_at, V)
+        t_at_s_mode = _logit_at(t_row, s_at, V)
+        t_mode = _logit_at(t_row, t_at, V)
+        s_at_t_mode = _logit_at(s_row, t_at, V)
 
-    # ℓ = Σ_j loss_j, Σu, Σv. Lanes past V load −inf in both rows: p = q = 0
-    # there, and every term is 0 by the xlogy rule.
+    # pass 2: ℓ = Σ_j loss_j, Σu, Σv
     loss_acc = tl.zeros([BLOCK], tl.float32)
     u_acc = tl.zeros([BLOCK], tl.float32)
     v_acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, V, BLOCK):
         offs = start + cols
-        logq = tl.load(s_row + offs, mask=offs < V, other=NEG_INF).to(tl.float32) * inv_temperature - lse_s
-        logp = tl.load(t_row + offs, mask=offs < V, other=NEG_INF).to(tl.float32) * inv_temperature - lse_t
-        loss, u, v, p, q = _element_terms(logp, logq, c, one_minus_c, log_c, log_one_minus_c, KIND)
+        loss, u, v, p, q = _terms_at(
+            s_row, t_row, offs, V, m_s, log_d_s, m_t, log_d_t, s_mode, t_at_s_mode, t_mode, s_at_t_mode,
+            inv_temperature, c, one_minus_c, log_c, log_one_minus_c, KIND,
+        )
         loss_acc += loss
-        u_acc += u
-        v_acc += v
         if FUSED_KL_GRAD:
-            # KL: Σu = −Σp = −1, so dℓ/ds = (q − p) / T is known in this pass
-            grad = _softmax_grad(u, q, -1.0, grad_factor)
-            tl.store(gs_ptr + row * V + offs, grad.to(gs_ptr.dtype.element_ty), mask=offs < V)
+            # dKL/ds = (q − p) / T
+            _store_grad(gs_ptr, row, V, offs, _softmax_grad(u, q, -1.0, grad_factor))
+        else:
+            if STUDENT_GRAD:
+                u_acc += u
+            if TEACHER_GRAD:
+                v_acc += v
     tl.store(loss_ptr + row, tl.sum(loss_acc, 0))
 
+    # pass 3: dℓ/ds_j = (u_j − q_j Σu) / T,  dℓ/dt_j = (v_j − p_j Σv) / T
     if (STUDENT_GRAD or TEACHER_GRAD) and not FUSED_KL_GRAD:
         sum_u = tl.sum(u_acc, 0)
         sum_v = tl.sum(v_acc, 0)
         for start in range(0, V, BLOCK):
             offs = start + cols
-            logq = tl.load(s_row + offs, mask=offs < V, other=NEG_INF).to(tl.float32) * inv_temperature - lse_s
-            logp = tl.load(t_row + offs, mask=offs < V, other=NEG_INF).to(tl.float32) * inv_temperature - lse_t
-            loss, u, v, p, q = _element_terms(logp, logq, c, one_minus_c, log_c, log_one_minus_c, KIND)
+            loss, u, v, p, q = _terms_at(
+                s_row, t_row, offs, V, m_s, log_d_s, m_t, log_d_t, s_mode, t_at_s_mode, t_mode, s_at_t_mode,
+                inv_temperature, c, one_minus_c, log_c, log_one_minus_c, KIND,
+            )
             if STUDENT_GRAD:
-                # dℓ/ds_j = (u_j − q_j Σu) / T
-                grad = _softmax_grad(u, q, sum_u, grad_factor)
-                tl.store(gs_ptr + row * V + offs, grad.to(gs_ptr.dtype.element_ty), mask=offs < V)
+                _store_grad(gs_ptr, row, V, offs, _softmax_grad(u, q, sum_u, grad_factor))
             if TEACHER_GRAD:
-                # dℓ/dt_j = (v_j − p_j Σv) / T
-                grad = _softmax_grad(v, p, sum_v, grad_factor)
-                tl.store(gt_ptr + row * V + offs, grad.to(gt_ptr.dtype.element_ty), mask=offs < V)
+                _store_grad(gt_ptr, row, V, offs, _softmax_grad(v, p, sum_v, grad_factor))
 
 
 # The kernel runs where triton.jit put it: the interpreter on CPU tensors, or CUDA.
@@ -255,40 +325,41 @@ def coefficient_terms(kind: int, coef: float) -> tuple[float, float, float, floa
     """(c, 1 − c, log c, log(1 − c)) for the kernel; only JSD and the skew kinds read them."""
     if kind not in (JSD, SKEW_KL, SKEW_REVERSE_KL):
         return 0.0, 1.0, -math.inf, 0.0
-    return coef, 1.0 - coef, math.log(coef), math.log1p(-coef) if coef < 1.0 else -math.inf
+    c = float(coef)
+    return c, 1.0 - c, math.log(c), math.log1p(-c) if c < 1.0 else -math.inf
 
 
 def _check_args(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale) -> None:
-    """The checks of csrc/common/checks.h, as ValueError, plus the device the kernel runs on."""
+    """The checks of csrc/common/checks.h as ValueError, and the device the kernel runs on."""
     for name, x in (("student", student), ("teacher", teacher)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 2:
             raise ValueError(f"{name} must be 2-D (N, V), got shape {tuple(x.shape)}")
         if x.dtype not in DTYPES:
-            raise ValueError(f"{name} must be float32, bfloat16 or float16 for the triton backend, got {x.dtype}")
+            raise ValueError(f"{name} must be float32, bfloat16 or float16 for triton, got {x.dtype}")
         if x.device.type != DEVICE_TYPE:
-            where = "CPU tensors (TRITON_INTERPRET=1)" if DEVICE_TYPE == "cpu" else "CUDA tensors"
-            raise ValueError(f"{name} must be on {DEVICE_TYPE}: this triton kernel takes {where}, got {x.device}")
+            takes = "CPU tensors (TRITON_INTERPRET=1)" if DEVICE_TYPE == "cpu" else "CUDA tensors"
+            raise ValueError(f"{name} is on {x.device}, but this triton kernel takes {takes}")
         if x.shape[1] > 1 and x.stride(1) != 1:
             raise ValueError(f"{name} must have unit stride along V, got strides {x.stride()}")
         if x.shape[0] > 1 and x.stride(0) < x.shape[1]:
-            raise ValueError(f"{name} rows must not overlap, got strides {x.stride()} for shape {tuple(x.shape)}")
+            raise ValueError(f"{name} rows must not overlap, got strides {x.stride()} for {tuple(x.shape)}")
     if student.shape != teacher.shape:
-        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must have the same shape")
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in shape")
     if student.dtype != teacher.dtype:
         raise ValueError(f"student ({student.dtype}) and teacher ({teacher.dtype}) must have the same dtype")
     if student.device != teacher.device:
-        raise ValueError(f"student ({student.device}) and teacher ({teacher.device}) must be on the same device")
+        raise ValueError(f"student ({student.device}) and teacher ({teacher.device}) must share a device")
     if row_mask is not None:
         if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
             raise ValueError("row_mask must be None or a bool tensor")
         if row_mask.shape != student.shape[:1]:
             raise ValueError(f"row_mask must have shape ({student.shape[0]},), got {tuple(row_mask.shape)}")
         if row_mask.device != student.device:
-            raise ValueError(f"row_mask ({row_mask.device}) must be on the device of student ({student.device})")
-    if kind not in range(6):
-        raise ValueError(f"kind must be in [0, 6), got {kind}")
+            raise ValueError(f"row_mask ({row_mask.device}) must be on student's device ({student.device})")
+    if not isinstance(kind, int) or isinstance(kind, bool) or not KL <= kind <= TVD:
+        raise ValueError(f"kind must be an int in [0, 6), got {kind!r}")
     if not (math.isfinite(inv_temperature) and inv_temperature > 0):
         raise ValueError(f"inv_temperature must be finite and > 0, got {inv_temperature}")
     if kind == JSD and not 0.0 < coef < 1.0:
@@ -332,17 +403,22 @@ def divergence_forward(
     _check_args(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale)
     rows, vocab = student.shape
     row_loss = torch.empty(rows, dtype=torch.float32, device=student.device)
-    grad_s = student.new_empty((rows, vocab) if student_grad else (0, 0))
-    grad_t = teacher.new_empty((rows, vocab) if teacher_grad else (0, 0))
-    if rows == 0:
-        return row_loss, grad_s, grad_t
-    block, num_warps = launch_config(vocab)
-    _divergence_fwd_kernel[(rows,)](
-        student, teacher, row_mask, row_loss,
-        grad_s if student_grad else None, grad_t if teacher_grad else None,
-        student.stride(0), teacher.stride(0), vocab,
-        inv_temperature, grad_scale * inv_temperature, *coefficient_terms(kind, coef),
-        KIND=kind, HAS_MASK=row_mask is not None, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
-        BLOCK=block, num_warps=num_warps,
-    )
-    return row_loss, grad_s, grad_t
+    # The interpreter truncates float32 → bfloat16 (triton 3.7 casts there
+    # without a rounding mode) where CUDA rounds to nearest even, doubling the
+    # rounding error: under it, bf16 gradients are stored in float32 and
+    # rounded by torch.
+    interpreted_bf16 = DEVICE_TYPE == "cpu" and student.dtype == torch.bfloat16
+    grad_dtype = torch.float32 if interpreted_bf16 else student.dtype
+    grad_s = student.new_empty((rows, vocab) if student_grad else (0, 0), dtype=grad_dtype)
+    grad_t = teacher.new_empty((rows, vocab) if teacher_grad else (0, 0), dtype=grad_dtype)
+    if rows > 0:
+        block, num_warps = launch_config(vocab)
+        _divergence_fwd_kernel[(rows,)](
+            student, teacher, None if row_mask is None else row_mask.contiguous(), row_loss,
+            grad_s if student_grad else None, grad_t if teacher_grad else None,
+            student.stride(0), teacher.stride(0), vocab,
+            float(inv_temperature), float(grad_scale * inv_temperature), *coefficient_terms(kind, coef),
+            KIND=kind, HAS_MASK=row_mask is not None, STUDENT_GRAD=bool(student_grad),
+            TEACHER_GRAD=bool(teacher_grad), BLOCK=block, num_warps=num_warps,
+        )
+    return row_loss, grad_s.to(student.dtype), grad_t.to(teacher.dtype)

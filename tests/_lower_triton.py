@@ -41,10 +41,10 @@ class Variant:
         self.num_warps = num_warps
 
     def source(self, kernel: JITFunction) -> ASTSource:
-        signature = {name: "constexpr" if name in self.constexprs else self.types[name] for name in kernel.arg_names}
-        attrs = {
-            (i,): ALIGNED for i, name in enumerate(kernel.arg_names) if signature[name].startswith("*")
+        signature = {
+            name: "constexpr" if name in self.constexprs else self.types[name] for name in kernel.arg_names
         }
+        attrs = {(i,): ALIGNED for i, name in enumerate(kernel.arg_names) if signature[name].startswith("*")}
         return ASTSource(fn=kernel, signature=signature, constexprs=self.constexprs, attrs=attrs)
 
 
@@ -64,7 +64,9 @@ def divergence_variants(module):
             "log_c": "fp32", "log_one_minus_c": "fp32",
         }
         for kind, name in names.items():
-            constexprs = {"KIND": kind, "HAS_MASK": True, "STUDENT_GRAD": True, "TEACHER_GRAD": True, "BLOCK": block}
+            constexprs = {
+                "KIND": kind, "HAS_MASK": True, "STUDENT_GRAD": True, "TEACHER_GRAD": True, "BLOCK": block,
+            }
             yield Variant(f"{dtype} {name} mask+both-grads", types, constexprs, num_warps)
         constexprs = {
             "KIND": module.KL, "HAS_MASK": False, "STUDENT_GRAD": True, "TEACHER_GRAD": False,

@@ -47,6 +47,7 @@ def test_op_outputs_follow_the_schema_contract():
     "change,needle",
     [
         ({"student": torch.randn(5)}, "student must be 2-D"),
+        ({"student": torch.randn(5, 0), "teacher": torch.randn(5, 0)}, "at least one column"),
         ({"teacher": torch.randn(5, 36)}, "must have the same shape"),
         ({"teacher": torch.randn(5, 37, dtype=torch.float64)}, "same dtype"),
         ({"student": torch.randn(37, 5).t(), "teacher": torch.randn(37, 5).t()}, "unit stride"),

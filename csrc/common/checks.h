@@ -30,6 +30,7 @@ inline void check_divergence_args(const at::Tensor& student, const at::Tensor& t
   CHECK_DIM(teacher, 2);
   TORCH_CHECK(student.sizes() == teacher.sizes(), "student ", student.sizes(),
               " and teacher ", teacher.sizes(), " must have the same shape");
+  TORCH_CHECK(student.size(1) > 0, "student must have at least one column (vocabulary entry)");
   TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
               "student and teacher must have the same dtype");
   CHECK_SAME_DEVICE(student, teacher);
