@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../common/checks.h"
+#include "allocation.h"
 #include "capability.h"
 #include "divergence_kernel.h"
 
@@ -36,10 +37,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_forward_cpu(
   const at::ScalarType loss_type =
       student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor row_loss = at::empty({rows}, student.options().dtype(loss_type));
-  at::Tensor grad_s = at::empty({student_grad ? rows : 0, student_grad ? vocab : 0},
-                                student.options());
-  at::Tensor grad_t = at::empty({teacher_grad ? rows : 0, teacher_grad ? vocab : 0},
-                                teacher.options());
+  at::Tensor grad_s = empty_for_output({student_grad ? rows : 0, student_grad ? vocab : 0},
+                                      student.options());
+  at::Tensor grad_t = empty_for_output({teacher_grad ? rows : 0, teacher_grad ? vocab : 0},
+                                      teacher.options());
   if (rows == 0) return {row_loss, grad_s, grad_t};
 
   at::Tensor mask;

@@ -77,6 +77,15 @@ struct Scratch {
   T* e_t;  // exp(t/T − max_t)   [V]
 };
 
+// The next row's logits, as bytes (nullptr: none). Pass 2 is compute-bound
+// and works in cache, so it asks for the next row meanwhile: pass 1 of that
+// row then reads from cache instead of waiting on memory.
+struct NextRow {
+  const char* s;
+  const char* t;
+  int64_t element_size;  // bytes per logit of the input dtype
+};
+
 // A row's log-softmax, kept in parts: log q_j is computed as
 // (x_j/T − shift) − log_sum, not x_j/T − (shift + log_sum): with logits of
 // magnitude 1e4 the rounding of the sum would swallow log_sum (~1e-6) and
@@ -109,7 +118,7 @@ inline W weighted_logit_gap(W e_t, W s, W t) {
 // Pass 2 (see the file header). Returns Σ e_t·(t − s) when KL_GAP, else 0.
 template <bool KL_GAP, class T>
 T row_exponentials(const T* s, const T* t, int64_t V, T inv_t, Normaliser<T>& ns,
-                   Normaliser<T>& nt, const Scratch<T>& scratch) {
+                   Normaliser<T>& nt, const Scratch<T>& scratch, const NextRow& next) {
   constexpr int64_t L = Vec<T>::size();
   // max(x)/T == max(x/T) because T > 0.
   ns.shift = ns.max * inv_t;
@@ -118,6 +127,11 @@ T row_exponentials(const T* s, const T* t, int64_t V, T inv_t, Normaliser<T>& ns
   Vec<T> vsum_s(T(0)), vsum_t(T(0)), vgap(T(0));
   int64_t j = 0;
   for (; j + L <= V; j += L) {
+    if (next.s != nullptr) {
+      // one vector of this row ↔ the same element range of the next one
+      __builtin_prefetch(next.s + j * next.element_size);
+      __builtin_prefetch(next.t + j * next.element_size);
+    }
     const Vec<T> sv = Vec<T>::loadu(s + j), tv = Vec<T>::loadu(t + j);
     const Vec<T> es = (sv * vinv - vshift_s).exp(), et = (tv * vinv - vshift_t).exp();
     es.store(scratch.e_s + j);
@@ -191,7 +205,7 @@ inline ElementTerms<W> terms_at(W s, W t, W e_s, W e_t, const RowConstants<W>& c
 // (STUDENT_GRAD → gs, TEACHER_GRAD → gt), scaled by rp.grad_factor.
 template <int KIND, bool STUDENT_GRAD, bool TEACHER_GRAD, class T>
 T divergence_row(const T* s, const T* t, int64_t V, const RowParams<T>& rp, T* gs, T* gt,
-                 const Scratch<T>& scratch) {
+                 const Scratch<T>& scratch, const NextRow& next) {
   constexpr int64_t L = Vec<T>::size();
   // KL's loss comes out of pass 2; with at most the student gradient, pass 3
   // only writes (q − p)·factor and pass 4 is not needed.
@@ -199,7 +213,7 @@ T divergence_row(const T* s, const T* t, int64_t V, const RowParams<T>& rp, T* g
   Normaliser<T> ns{}, nt{};
   ns.max = row_max(s, V);
   nt.max = row_max(t, V);
-  const T gap = row_exponentials<kl_shortcut>(s, t, V, rp.inv_temperature, ns, nt, scratch);
+  const T gap = row_exponentials<kl_shortcut>(s, t, V, rp.inv_temperature, ns, nt, scratch, next);
   const T* e_s = scratch.e_s;
   const T* e_t = scratch.e_t;
 
@@ -269,7 +283,8 @@ T divergence_row(const T* s, const T* t, int64_t V, const RowParams<T>& rp, T* g
 
 // The row function for the gradients requested, chosen once per call.
 template <class T>
-using RowFn = T (*)(const T*, const T*, int64_t, const RowParams<T>&, T*, T*, const Scratch<T>&);
+using RowFn = T (*)(const T*, const T*, int64_t, const RowParams<T>&, T*, T*, const Scratch<T>&,
+                    const NextRow&);
 
 template <int KIND, class T>
 RowFn<T> pick_row_fn(bool student_grad, bool teacher_grad) {
@@ -325,14 +340,20 @@ void divergence_rows(const DivergenceArgs& a) {
       }
       const scalar_t* s_row = student + i * a.student_row_stride;
       const scalar_t* t_row = teacher + i * a.teacher_row_stride;
+      const NextRow next =
+          i + 1 < end
+              ? NextRow{reinterpret_cast<const char*>(s_row + a.student_row_stride),
+                        reinterpret_cast<const char*>(t_row + a.teacher_row_stride),
+                        static_cast<int64_t>(sizeof(scalar_t))}
+              : NextRow{nullptr, nullptr, 0};
       if constexpr (widen) {
         at::vec::convert(s_row, s_buf, V);
         at::vec::convert(t_row, t_buf, V);
-        row_loss[i] = row_fn(s_buf, t_buf, V, rp, gs_buf, gt_buf, scratch);
+        row_loss[i] = row_fn(s_buf, t_buf, V, rp, gs_buf, gt_buf, scratch, next);
         if (gs_row) at::vec::convert(gs_buf, gs_row, V);
         if (gt_row) at::vec::convert(gt_buf, gt_row, V);
       } else {
-        row_loss[i] = row_fn(s_row, t_row, V, rp, gs_row, gt_row, scratch);
+        row_loss[i] = row_fn(s_row, t_row, V, rp, gs_row, gt_row, scratch, next);
       }
     }
   });
