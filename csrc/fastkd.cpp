@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "cpu/allocation.h"
 #include "cpu/capability.h"
 
 #ifndef FASTKD_BUILD_CXX_FLAGS
@@ -38,6 +39,10 @@ PYBIND11_MODULE(_C, module) {
   module.def("cpu_capability", [] {
     return fastkd::cpu::capability_name(fastkd::cpu::active_capability());
   }, "SIMD variant the CPU kernels run (FASTKD_CPU_CAPABILITY may lower it).");
+  module.def("empty_cache", &fastkd::cpu::release_cached_outputs,
+             "Free the cached CPU output buffers; returns the bytes released.");
+  module.def("cached_bytes", &fastkd::cpu::cached_output_bytes,
+             "Bytes held in free cached CPU output buffers.");
   module.def("supported_cpu_capability", [] {
     return fastkd::cpu::capability_name(fastkd::cpu::supported_capability());
   }, "Best SIMD variant this CPU supports.");

@@ -4,6 +4,7 @@ Public API: the functional losses, their modules, and :func:`backends`.
 """
 
 from fastkd._dispatch import BackendStatus, backends
+from fastkd._ops import empty_cache
 from fastkd.functional import divergence, kd_loss
 from fastkd.losses import DivergenceLoss, KDLoss
 
@@ -16,5 +17,6 @@ __all__ = [
     "__version__",
     "backends",
     "divergence",
+    "empty_cache",
     "kd_loss",
 ]

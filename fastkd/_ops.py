@@ -35,6 +35,18 @@ if CPU_EXTENSION_ERROR:  # pragma: no cover - depends on the build
 _C_cuda, CUDA_EXTENSION_ERROR = _load("fastkd._C_cuda") if _C is not None else (None, "fastkd._C missing")
 
 
+def empty_cache() -> int:
+    """Free the output buffers fastkd's CPU kernels keep for reuse; returns the bytes freed.
+
+    Large CPU outputs (gradients) of the fused kernels come from a small cache
+    of freed buffers of the same size, so that a training loop does not pay
+    page faults for a fresh gradient every step (at most
+    ``FASTKD_CPU_CACHE_MB`` MiB, default 2048, are held; 0 disables it). Like
+    ``torch.cuda.empty_cache``, this returns them to the operating system.
+    """
+    return _C.empty_cache() if _C is not None else 0
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``fastkd::<op>`` has a kernel for ``dispatch_key`` ("CPU", "CUDA")."""
     if _C is None:

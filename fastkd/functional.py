@@ -11,8 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from fastkd import _dispatch, _validate
-from fastkd import _ops  # noqa: F401  (registers the fastkd:: ops and their fake kernels)
+from fastkd import (
+    _dispatch,
+    _ops,  # noqa: F401  (registers the fastkd:: ops and their fake kernels)
+    _validate,
+)
 from fastkd import reference as _reference
 
 __all__ = ["divergence", "kd_loss"]

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastkd
 from fastkd import reference
@@ -44,15 +46,31 @@ def check_parity(backend, s, t, *, teacher_grad=False, **kwargs):
                          teacher_grad=teacher_grad)
     want = run_with_grads(lambda a, b: reference.divergence(a, b, **kwargs), s.double(), t.double(),
                           teacher_grad=teacher_grad)
-    # The reference run from the same low-precision inputs: the relative pass mark.
-    same = run_with_grads(lambda a, b: reference.divergence(a, b, **kwargs), s, t, teacher_grad=teacher_grad)
+    same = reference_in_input_dtype(s, t, teacher_grad=teacher_grad, **kwargs)
     assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert got[1].dtype == dtype
-    assert_matches(got[0], want[0], dtype, f"{backend} loss", same[0])
-    assert_matches(got[1], want[1], dtype, f"{backend} student grad", same[1])
+    assert_matches(got[0], want[0], dtype, f"{backend} loss", [r[0] for r in same])
+    assert_matches(got[1], want[1], dtype, f"{backend} student grad", [r[1] for r in same])
     if teacher_grad:
         assert got[2].dtype == dtype
-        assert_matches(got[2], want[2], dtype, f"{backend} teacher grad", same[2])
+        assert_matches(got[2], want[2], dtype, f"{backend} teacher grad", [r[2] for r in same])
+
+
+def reference_in_input_dtype(s, t, *, teacher_grad, samples=3, **kwargs):
+    """The reference run from the same low-precision inputs (the relative pass
+    mark), in ``samples`` summation orders: the vocabulary permuted the same
+    way in student and teacher leaves every divergence unchanged but not its
+    rounding. Gradients are mapped back to the original order."""
+    results = []
+    for k in range(samples):
+        perm = torch.arange(s.shape[-1], device=s.device)
+        if k:
+            perm = torch.randperm(s.shape[-1], generator=torch.Generator().manual_seed(k)).to(s.device)
+        inverse = torch.argsort(perm)
+        loss, gs, gt = run_with_grads(lambda a, b: reference.divergence(a, b, **kwargs),
+                                      s[..., perm], t[..., perm], teacher_grad=teacher_grad)
+        results.append((loss, gs[..., inverse], gt[..., inverse] if teacher_grad else None))
+    return results
 
 
 # ---- parity -----------------------------------------------------------------
@@ -107,6 +125,24 @@ def test_float64_inputs(backend):
     s, t = logits((7, 301), torch.float64), logits((7, 301), torch.float64)
     for divergence in DIVERGENCES:
         check_parity(backend, s, t, divergence=divergence, temperature=3.0, teacher_grad=True)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    vocab=st.integers(1, 700),
+    temperature=st.floats(0.05, 100.0),
+    divergence=st.sampled_from(DIVERGENCES),
+    spread=st.floats(0.1, 30.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_parity_property(backend, rows, vocab, temperature, divergence, spread, seed):
+    # Random shapes, temperatures (SPEC §6: 0.05 to 100) and logit scales.
+    torch.manual_seed(seed)
+    s, t = logits((rows, vocab), spread=spread), logits((rows, vocab), spread=spread)
+    check_parity(backend, s, t, divergence=divergence, temperature=temperature, teacher_grad=True,
+                 reduction="none")
 
 
 # ---- hard inputs ----------------------------------------------------------------

@@ -3,6 +3,10 @@ torch.compile, the C++ argument checks and every SIMD variant of the CPU kernels
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -66,7 +70,7 @@ def test_op_checks_its_arguments_in_cpp(change, needle):
         pytest.skip("argument tensors are built on the CPU")
     names = ["student", "teacher", "row_mask", "kind", "inv_temperature", "coef", "grad_scale",
              "student_grad", "teacher_grad"]
-    args = dict(zip(names, divergence_op_args(0, mask=False)))
+    args = dict(zip(names, divergence_op_args(0, mask=False), strict=True))
     args.update(change)
     with pytest.raises(RuntimeError, match=needle):
         torch.ops.fastkd.divergence_forward(*[args[n] for n in names])
@@ -125,3 +129,37 @@ def test_backends_report_and_build_info():
     assert all(isinstance(s.reason, str) and s.reason for s in status.values())
     info = _ops._C.build_info()
     assert "-O" in info["cxx_flags"] and info["simd_variants"] == ("default", "avx2", "avx512")
+
+
+def test_output_cache_reuses_freed_gradients_never_live_ones():
+    if DEVICE.type != "cpu":
+        pytest.skip("CPU-only test")
+    s = torch.randn(64, 8192, requires_grad=True)  # a 2 MiB gradient: cached size
+    t = torch.randn(64, 8192)
+    fastkd.empty_cache()
+    fastkd.kd_loss(s, t, backend="cpu").backward()
+    first_ptr, first = s.grad.data_ptr(), s.grad.clone()
+    s.grad = None
+    assert _ops._C.cached_bytes() >= s.numel() * 4
+    fastkd.kd_loss(s, t, backend="cpu").backward()
+    assert s.grad.data_ptr() == first_ptr and torch.equal(s.grad, first)
+    kept, s.grad = s.grad, None
+    fastkd.kd_loss(s, t, backend="cpu").backward()
+    assert s.grad.data_ptr() != kept.data_ptr() and torch.equal(s.grad, kept)
+    del kept
+    s.grad = None
+    assert fastkd.empty_cache() >= 2 * s.numel() * 4
+    assert _ops._C.cached_bytes() == 0
+
+
+def test_output_cache_can_be_disabled():
+    script = (
+        "import torch, fastkd; from fastkd import _ops\n"
+        "s = torch.randn(64, 8192, requires_grad=True)\n"
+        "fastkd.kd_loss(s, torch.randn(64, 8192), backend='cpu').backward()\n"
+        "s.grad = None\n"
+        "assert _ops._C.cached_bytes() == 0, _ops._C.cached_bytes()\n"
+    )
+    env = {**os.environ, "FASTKD_CPU_CACHE_MB": "0"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

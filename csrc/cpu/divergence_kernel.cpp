@@ -6,10 +6,10 @@
 //
 // Per row (rows in parallel, at::parallel_for):
 //   pass 1  max of s and t                                read s, t (memory)
-//   pass 2  e_s = exp(s/T − max_s), e_t = exp(t/T − max_t), stored in a
+//   pass 2  e_s = exp((s − max_s)/T), e_t = exp((t − max_t)/T), stored in a
 //           per-task scratch row, and their sums           read s, t (cache)
-//           KL also sums p·(t − s) here, which gives its loss:
-//           KL = Σ p (t − s)/T + lse_s − lse_t   (Σ p = 1)
+//           KL also sums p·(a_t − a_s) here (a = (x − max)/T), which
+//           gives its loss: KL = Σ p (a_t − a_s) − log Σe_t + log Σe_s
 //   pass 3  loss, Σu, Σv, with p = e_t/Σe_t and q = e_s/Σe_s (no exp) —
 //           or, for KL with the student gradient only, the gradient
 //           (q − p)·grad_scale/T (Σu = −1 is known in advance)
@@ -43,21 +43,43 @@ using namespace fastkd::divergence;
 namespace {
 
 template <class T>
-T horizontal_sum(Vec<T> v) {
-  std::array<T, Vec<T>::size()> lanes;
-  v.store(lanes.data());
-  T total = T(0);
-  for (T lane : lanes) total += lane;
-  return total;
-}
-
-template <class T>
 T horizontal_max(Vec<T> v) {
   std::array<T, Vec<T>::size()> lanes;
   v.store(lanes.data());
   T best = -std::numeric_limits<T>::infinity();
   for (T lane : lanes) best = fk_max(best, lane);
   return best;
+}
+
+// Compensated (Kahan) summation for every row sum. Summed lane-wise, a row of
+// V terms builds chains of V/lanes additions whose rounding grows with V:
+// in Σ exp the error reaches log Σ, and so every log-probability, as a
+// shift common to the row, which a small divergence (near convergence, at
+// high temperature) cannot absorb; in the loss, Σu and Σv, whose terms have
+// both signs, it is worse. Plain lane sums fell behind PyTorch's cascade
+// summation there; compensated ones do not depend on V. Four extra additions
+// per term. (No -ffast-math: it would undo this.)
+template <class W>
+struct CompensatedSum {
+  W sum = W(0), compensation = W(0);
+  void add(W x) {
+    const W y = x - compensation;
+    const W total = sum + y;
+    compensation = (total - sum) - y;
+    sum = total;
+  }
+};
+
+// Total of a SIMD compensated sum and a scalar one (the row's tail), with the
+// lanes combined in double.
+template <class T>
+T total(const CompensatedSum<Vec<T>>& lanes, const CompensatedSum<T>& tail) {
+  std::array<T, Vec<T>::size()> sums, compensations;
+  lanes.sum.store(sums.data());
+  lanes.compensation.store(compensations.data());
+  double result = double(tail.sum) - double(tail.compensation);
+  for (size_t i = 0; i < sums.size(); ++i) result += double(sums[i]) - double(compensations[i]);
+  return T(result);
 }
 
 template <class T>
@@ -73,8 +95,8 @@ struct RowParams {
 // bf16 / fp16 inputs, the widened row and its float gradients.
 template <class T>
 struct Scratch {
-  T* e_s;  // exp(s/T − max_s)   [V]
-  T* e_t;  // exp(t/T − max_t)   [V]
+  T* e_s;  // exp((s − max_s)/T)   [V]
+  T* e_t;  // exp((t − max_t)/T)   [V]
 };
 
 // The next row's logits, as bytes (nullptr: none). Pass 2 is compute-bound
@@ -86,16 +108,17 @@ struct NextRow {
   int64_t element_size;  // bytes per logit of the input dtype
 };
 
-// A row's log-softmax, kept in parts: log q_j is computed as
-// (x_j/T − shift) − log_sum, not x_j/T − (shift + log_sum): with logits of
-// magnitude 1e4 the rounding of the sum would swallow log_sum (~1e-6) and
-// make the dominant probability exactly 1, ruining gradients that cancel.
+// A row's log-softmax, kept in parts: log q_j = (x_j − max)/T − log_sum.
+// x_j − max is exact near the max (Sterbenz), so the dominant entries get
+// exact arguments whatever the compiler does with x·(1/T) (an FMA-contracted
+// x·(1/T) − max/T is not 0 at the max). Not x_j/T − lse either: with logits
+// of magnitude 1e4 the rounding of lse would swallow log_sum (~1e-6) and make
+// the dominant probability exactly 1, ruining gradients that cancel.
 template <class T>
 struct Normaliser {
   T max;      // max_j x_j
-  T shift;    // max / T
-  T log_sum;  // log Σ_j exp(x_j/T − shift)
-  T inv_sum;  // 1 / Σ_j exp(x_j/T − shift)
+  T log_sum;  // log Σ_j exp((x_j − max)/T)
+  T inv_sum;  // 1 / Σ_j exp((x_j − max)/T)
 };
 
 template <class T>
@@ -109,22 +132,20 @@ T row_max(const T* x, int64_t V) {
   return best;
 }
 
-// p·(t − s) with the xlogy rule (0 where p is 0, even if t − s is NaN).
+// e_t·(a_t − a_s), a = (x − max)/T, with the xlogy rule (0 where e_t is 0,
+// even if a_t − a_s is NaN). a_t − a_s is log p − log q up to a row constant.
 template <class W>
-inline W weighted_logit_gap(W e_t, W s, W t) {
-  return fk_zero_where_zero(e_t, e_t * (t - s));
+inline W weighted_log_ratio(W e_t, W a_s, W a_t) {
+  return fk_zero_where_zero(e_t, e_t * (a_t - a_s));
 }
 
-// Pass 2 (see the file header). Returns Σ e_t·(t − s) when KL_GAP, else 0.
+// Pass 2 (see the file header). Returns Σ e_t·(a_t − a_s) when KL_GAP, else 0.
 template <bool KL_GAP, class T>
 T row_exponentials(const T* s, const T* t, int64_t V, T inv_t, Normaliser<T>& ns,
                    Normaliser<T>& nt, const Scratch<T>& scratch, const NextRow& next) {
   constexpr int64_t L = Vec<T>::size();
-  // max(x)/T == max(x/T) because T > 0.
-  ns.shift = ns.max * inv_t;
-  nt.shift = nt.max * inv_t;
-  const Vec<T> vinv(inv_t), vshift_s(ns.shift), vshift_t(nt.shift);
-  Vec<T> vsum_s(T(0)), vsum_t(T(0)), vgap(T(0));
+  const Vec<T> vinv(inv_t), vmax_s(ns.max), vmax_t(nt.max);
+  CompensatedSum<Vec<T>> vsum_s, vsum_t, vgap;
   int64_t j = 0;
   for (; j + L <= V; j += L) {
     if (next.s != nullptr) {
@@ -132,30 +153,33 @@ T row_exponentials(const T* s, const T* t, int64_t V, T inv_t, Normaliser<T>& ns
       __builtin_prefetch(next.s + j * next.element_size);
       __builtin_prefetch(next.t + j * next.element_size);
     }
-    const Vec<T> sv = Vec<T>::loadu(s + j), tv = Vec<T>::loadu(t + j);
-    const Vec<T> es = (sv * vinv - vshift_s).exp(), et = (tv * vinv - vshift_t).exp();
+    const Vec<T> a_s = (Vec<T>::loadu(s + j) - vmax_s) * vinv;
+    const Vec<T> a_t = (Vec<T>::loadu(t + j) - vmax_t) * vinv;
+    const Vec<T> es = fk_exp_normaliser(a_s), et = fk_exp_normaliser(a_t);
     es.store(scratch.e_s + j);
     et.store(scratch.e_t + j);
-    vsum_s += es;
-    vsum_t += et;
-    if constexpr (KL_GAP) vgap += weighted_logit_gap(et, sv, tv);
+    vsum_s.add(es);
+    vsum_t.add(et);
+    if constexpr (KL_GAP) vgap.add(weighted_log_ratio(et, a_s, a_t));
   }
-  T sum_s = horizontal_sum(vsum_s), sum_t = horizontal_sum(vsum_t), gap = horizontal_sum(vgap);
+  CompensatedSum<T> tail_s, tail_t, gap;
   for (; j < V; ++j) {
-    const T es = fk_exp(s[j] * inv_t - ns.shift), et = fk_exp(t[j] * inv_t - nt.shift);
+    const T a_s = (s[j] - ns.max) * inv_t, a_t = (t[j] - nt.max) * inv_t;
+    const T es = fk_exp(a_s), et = fk_exp(a_t);
     scratch.e_s[j] = es;
     scratch.e_t[j] = et;
-    sum_s += es;
-    sum_t += et;
-    if constexpr (KL_GAP) gap += weighted_logit_gap(et, s[j], t[j]);
+    tail_s.add(es);
+    tail_t.add(et);
+    if constexpr (KL_GAP) gap.add(weighted_log_ratio(et, a_s, a_t));
   }
   // An all −inf row: max −inf, so every exponent is NaN and so is everything
   // after (documented: such a row has no distribution). NaN inputs likewise.
+  const T sum_s = total(vsum_s, tail_s), sum_t = total(vsum_t, tail_t);
   ns.log_sum = fk_log(sum_s);
   nt.log_sum = fk_log(sum_t);
   ns.inv_sum = T(1) / sum_s;
   nt.inv_sum = T(1) / sum_t;
-  return gap;
+  return total(vgap, gap);
 }
 
 // First index holding `value` (the row's max), 0 if none (a NaN row).
@@ -173,7 +197,7 @@ int64_t index_of(const T* x, int64_t V, T value) {
 // entry (see divergence_math.h on shifted log ratios).
 template <class W>
 struct RowConstants {
-  W inv_t, shift_s, log_sum_s, inv_sum_s, shift_t, log_sum_t, inv_sum_t;
+  W inv_t, max_s, log_sum_s, inv_sum_s, max_t, log_sum_t, inv_sum_t;
   W s_mode, t_at_s_mode, t_mode, s_at_t_mode;
   Coefficient<W> coef;
 };
@@ -181,7 +205,7 @@ struct RowConstants {
 template <class T>
 RowConstants<Vec<T>> broadcast(const RowConstants<T>& c) {
   using W = Vec<T>;
-  return {W(c.inv_t),  W(c.shift_s), W(c.log_sum_s),   W(c.inv_sum_s), W(c.shift_t),
+  return {W(c.inv_t),  W(c.max_s), W(c.log_sum_s),   W(c.inv_sum_s), W(c.max_t),
           W(c.log_sum_t), W(c.inv_sum_t), W(c.s_mode), W(c.t_at_s_mode), W(c.t_mode),
           W(c.s_at_t_mode),
           {W(c.coef.c), W(c.coef.one_minus_c), W(c.coef.log_c), W(c.coef.log_one_minus_c)}};
@@ -190,8 +214,8 @@ RowConstants<Vec<T>> broadcast(const RowConstants<T>& c) {
 template <int KIND, class W>
 inline ElementTerms<W> terms_at(W s, W t, W e_s, W e_t, const RowConstants<W>& c) {
   ElementInputs<W> x;
-  x.logq = (s * c.inv_t - c.shift_s) - c.log_sum_s;
-  x.logp = (t * c.inv_t - c.shift_t) - c.log_sum_t;
+  x.logq = (s - c.max_s) * c.inv_t - c.log_sum_s;
+  x.logp = (t - c.max_t) * c.inv_t - c.log_sum_t;
   x.q = e_s * c.inv_sum_s;
   x.p = e_t * c.inv_sum_t;
   // log(q/p) − (its value at q's mode), from logit differences (exact near
@@ -218,9 +242,8 @@ T divergence_row(const T* s, const T* t, int64_t V, const RowParams<T>& rp, T* g
   const T* e_t = scratch.e_t;
 
   if constexpr (kl_shortcut) {
-    // KL = Σ p (t − s)/T + lse_s − lse_t
-    const T loss = gap * nt.inv_sum * rp.inv_temperature + (ns.shift - nt.shift) +
-                   (ns.log_sum - nt.log_sum);
+    // KL = Σ p (log p − log q) = Σ p (a_t − a_s) − (log Σ_t − log Σ_s)
+    const T loss = gap * nt.inv_sum - (nt.log_sum - ns.log_sum);
     if constexpr (STUDENT_GRAD) {
       // dKL/ds = (q − p)/T
       const T fq = rp.grad_factor * ns.inv_sum, fp = rp.grad_factor * nt.inv_sum;
@@ -234,7 +257,7 @@ T divergence_row(const T* s, const T* t, int64_t V, const RowParams<T>& rp, T* g
     return loss;
   }
 
-  RowConstants<T> c{rp.inv_temperature, ns.shift, ns.log_sum, ns.inv_sum, nt.shift, nt.log_sum,
+  RowConstants<T> c{rp.inv_temperature, ns.max, ns.log_sum, ns.inv_sum, nt.max, nt.log_sum,
                     nt.inv_sum, T(0), T(0), T(0), T(0), rp.coef};
   if constexpr ((KIND == REVERSE_KL && STUDENT_GRAD) || (KIND == KL && TEACHER_GRAD)) {
     const int64_t s_mode = index_of(s, V, ns.max), t_mode = index_of(t, V, nt.max);
@@ -246,24 +269,25 @@ T divergence_row(const T* s, const T* t, int64_t V, const RowParams<T>& rp, T* g
   const RowConstants<Vec<T>> vc = broadcast(c);
 
   // pass 3: loss, Σu, Σv
-  Vec<T> vloss(T(0)), vsum_u(T(0)), vsum_v(T(0));
+  CompensatedSum<Vec<T>> vloss, vsum_u, vsum_v;
   int64_t j = 0;
   for (; j + L <= V; j += L) {
     const ElementTerms<Vec<T>> e = terms_at<KIND>(Vec<T>::loadu(s + j), Vec<T>::loadu(t + j),
                                                   Vec<T>::loadu(e_s + j), Vec<T>::loadu(e_t + j), vc);
-    vloss += e.loss;
-    if constexpr (STUDENT_GRAD) vsum_u += e.u;
-    if constexpr (TEACHER_GRAD) vsum_v += e.v;
+    vloss.add(e.loss);
+    if constexpr (STUDENT_GRAD) vsum_u.add(e.u);
+    if constexpr (TEACHER_GRAD) vsum_v.add(e.v);
   }
-  T loss = horizontal_sum(vloss);
-  T sum_u = horizontal_sum(vsum_u), sum_v = horizontal_sum(vsum_v);
+  CompensatedSum<T> tail_loss, tail_u, tail_v;
   for (; j < V; ++j) {
     const ElementTerms<T> e = terms_at<KIND>(s[j], t[j], e_s[j], e_t[j], c);
-    loss += e.loss;
-    if constexpr (STUDENT_GRAD) sum_u += e.u;
-    if constexpr (TEACHER_GRAD) sum_v += e.v;
+    tail_loss.add(e.loss);
+    if constexpr (STUDENT_GRAD) tail_u.add(e.u);
+    if constexpr (TEACHER_GRAD) tail_v.add(e.v);
   }
+  const T loss = total(vloss, tail_loss);
   if constexpr (!(STUDENT_GRAD || TEACHER_GRAD)) return loss;
+  const T sum_u = total(vsum_u, tail_u), sum_v = total(vsum_v, tail_v);
 
   // pass 4: gradients
   const Vec<T> vfactor(rp.grad_factor), vsum_u_all(sum_u), vsum_v_all(sum_v);

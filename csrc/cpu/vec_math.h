@@ -11,6 +11,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <limits>
+#include <type_traits>
 
 namespace fastkd {
 namespace divergence {
@@ -22,6 +23,19 @@ template <class T>
 inline Vec<T> fk_exp(Vec<T> x) { return x.exp(); }
 template <class T>
 inline Vec<T> fk_log(Vec<T> x) { return x.log(); }
+
+// exp for the normalising pass, where it dominates the cost: at::vec's
+// exp_u20 (a degree-5 polynomial, ≤ 20 ulp: ~2e-6 relative, well inside the
+// float32 tolerance) is about twice as fast as Sleef's 1-ulp exp. It maps
+// NaN to a finite value, so NaN is put back; −inf gives 0 as required.
+template <class T>
+inline Vec<T> fk_exp_normaliser(Vec<T> x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec<T>::blendv(x.exp_u20(), x, x != x);
+  } else {
+    return x.exp();
+  }
+}
 template <class T>
 inline Vec<T> fk_log1p(Vec<T> x) { return x.log1p(); }
 template <class T>

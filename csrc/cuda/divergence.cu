@@ -8,7 +8,7 @@
 // grid), threads stride over V so that a warp's loads are coalesced; each pass
 // ends in one cub::BlockReduce whose result is broadcast to the block:
 //   pass 1  max of s and t, and the first index of each max    read s, t
-//   pass 2  Σ exp(s/T − max), Σ exp(t/T − max)                  read s, t
+//   pass 2  Σ exp((s − max)/T), Σ exp((t − max)/T)              read s, t
 //   pass 3  loss, Σu, Σv  (KL with the student gradient only: Σu = −1 is
 //           known in advance, so the gradient (q − p)·grad_scale/T is written
 //           here and pass 4 is skipped)                          read s, t
@@ -120,19 +120,20 @@ __device__ __forceinline__ T block_all_reduce(T value, Op op,
 
 // Everything element_terms needs besides the two logits; the same constants
 // and the same expressions as RowConstants / terms_at in
-// csrc/cpu/divergence_kernel.cpp. log q = (s/T − shift) − log_sum keeps the
-// normaliser in two parts (see there); the *_mode values are the logits at the
-// student's and the teacher's most probable entry.
+// csrc/cpu/divergence_kernel.cpp. log q = (s − max)/T − log_sum keeps the
+// normaliser in parts and is exact at the max even under FMA contraction (see
+// there); the *_mode values are the logits at the student's and the teacher's
+// most probable entry.
 struct RowConstants {
-  float inv_t, shift_s, log_sum_s, shift_t, log_sum_t;
+  float inv_t, max_s, log_sum_s, max_t, log_sum_t;
   float s_mode, t_at_s_mode, t_mode, s_at_t_mode;
 };
 
 template <int KIND>
 __device__ __forceinline__ ElementTerms<float> terms_at(float s, float t, const RowConstants& c,
                                                         const Coefficient<float>& coef) {
-  const float logq = (s * c.inv_t - c.shift_s) - c.log_sum_s;
-  const float logp = (t * c.inv_t - c.shift_t) - c.log_sum_t;
+  const float logq = (s - c.max_s) * c.inv_t - c.log_sum_s;
+  const float logp = (t - c.max_t) * c.inv_t - c.log_sum_t;
   // log(q/p) − (its value at q's mode), from logit differences; likewise for
   // log(p/q) at p's mode. Only KL / REVERSE_KL read them (dead code otherwise).
   const float ratio_q = (s - c.s_mode) * c.inv_t - (t - c.t_at_s_mode) * c.inv_t;
@@ -203,14 +204,14 @@ __global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
     mx = block_all_reduce<BLOCK>(mx, RowMaxOp{}, temp.max, max_result);
     RowConstants c;
     c.inv_t = inv_temperature;
-    c.shift_s = mx.s * inv_temperature;
-    c.shift_t = mx.t * inv_temperature;
+    c.max_s = mx.s;
+    c.max_t = mx.t;
 
     // pass 2: the log-sum-exp (an all −inf row gives NaN, as on CPU).
     float2 sum_st = make_float2(0.f, 0.f);
     for (int64_t j = first; j < V; j += BLOCK) {
-      sum_st.x += fk_exp(static_cast<float>(s[j]) * inv_temperature - c.shift_s);
-      sum_st.y += fk_exp(static_cast<float>(t[j]) * inv_temperature - c.shift_t);
+      sum_st.x += fk_exp((static_cast<float>(s[j]) - c.max_s) * inv_temperature);
+      sum_st.y += fk_exp((static_cast<float>(t[j]) - c.max_t) * inv_temperature);
     }
     sum_st = block_all_reduce<BLOCK>(sum_st, SumOp2{}, temp.pair, pair_result);
     c.log_sum_s = fk_log(sum_st.x);
