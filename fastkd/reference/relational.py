@@ -1,0 +1,258 @@
+"""Relational losses, SPEC §2, as plain PyTorch with autograd.
+
+Every function takes embeddings ``student (N, ...)`` and ``teacher (N, ...)``,
+flattens them per sample to ``(N, D_s)`` and ``(N, D_t)`` (the feature sizes
+may differ: only the ``N × N`` relations are compared), treats the teacher as
+constant (it is detached, so it never receives a gradient) and returns a
+scalar loss in float32 (float64 for float64 inputs). NaN in either input gives
+a NaN loss (SPEC §6).
+
+This is the oracle: it materialises whatever is convenient, up to the
+``(N, N, D)`` differences and the ``(N, N, N)`` angles of RKD.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from fastkd import _validate
+
+_PDIST_EPS = 1e-12  # RepDistiller's clamp on squared distances
+_NORMALIZE_EPS = 1e-12  # F.normalize's default
+
+
+def _pair(student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked ``(N, D_s)`` student and detached ``(N, D_t)`` teacher in the accumulation dtype.
+
+    Student and teacher must agree in ``N``, dtype and device; the feature
+    dimensions may differ.
+    """
+    s = _validate.tensor("student", student, min_dim=2)
+    t = _validate.tensor("teacher", teacher, min_dim=2)
+    if s.shape[0] == 0:
+        raise ValueError(f"student must hold at least one sample (N >= 1), got shape {tuple(s.shape)}")
+    if t.shape[0] != s.shape[0]:
+        raise ValueError(
+            f"teacher shape {tuple(t.shape)} does not match student shape {tuple(s.shape)} in dim 0 (N)"
+        )
+    if t.dtype != s.dtype:
+        raise ValueError(f"teacher dtype {t.dtype} does not match student dtype {s.dtype}")
+    _validate.same_device("teacher", t, "student", s)
+    for name, x in (("student", s), ("teacher", t)):
+        if x[0].numel() == 0:
+            raise ValueError(
+                f"{name} must have a non-empty feature size per sample, got shape {tuple(x.shape)}"
+            )
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    return s.flatten(1).to(acc), t.detach().flatten(1).to(acc)
+
+
+def _pdist(x: torch.Tensor) -> torch.Tensor:
+    """``(N, N)`` RKD distances ``sqrt(clamp(‖x_i‖² + ‖x_j‖² − 2 x_i·x_j, 1e-12))``, diagonal 0.
+
+    The diagonal is ``0 · d_ii`` rather than a literal 0: the same value and a
+    zero gradient, but a NaN sample still makes it NaN (with ``N = 1`` there
+    is no off-diagonal entry to carry the NaN).
+    """
+    sq = x.pow(2).sum(1)
+    d = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * (x @ x.t())).clamp(min=_PDIST_EPS).sqrt()
+    eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+    return torch.where(eye, d * 0, d)
+
+
+def _mean_normalised_pdist(x: torch.Tensor) -> torch.Tensor:
+    """``d / mean(d[d > 0])``; with no positive entry (``N = 1``) the divisor is 1, not NaN."""
+    d = _pdist(x)
+    positive = d > 0
+    count = positive.sum()
+    total = torch.where(positive, d, torch.zeros_like(d)).sum()
+    return d / torch.where(count > 0, total / count.clamp(min=1), torch.ones_like(total))
+
+
+def _angles(x: torch.Tensor) -> torch.Tensor:
+    """``(N, N, N)`` RKD angles ``a_ijk = e_ij · e_ik``, ``e_ij = normalize(x_j − x_i)`` (0 for ``j = i``)."""
+    e = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), p=2, dim=2, eps=_NORMALIZE_EPS)  # e[i, j] = e_ij
+    return torch.bmm(e, e.transpose(1, 2))
+
+
+def rkd_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """RKD distance term (RepDistiller ``RKDLoss``, unweighted).
+
+    ``d_ij = sqrt(clamp(‖x_i‖² + ‖x_j‖² − 2 x_i·x_j, min=1e-12))`` with the
+    diagonal set to 0, each matrix divided by the mean of its positive entries
+    (teacher and student separately), then ``smooth_l1(d_s, d_t)`` (β = 1)
+    averaged over all ``N²`` entries.
+
+    With ``N = 1`` there is no pair, so no positive distance: RepDistiller
+    takes the mean of an empty set and returns NaN; here the loss is 0 with a
+    zero gradient (NaN only for a NaN input). For ``N ≥ 2`` every off-diagonal
+    distance is at least ``1e-6`` (the clamp), so duplicate samples are
+    finite and the result equals RepDistiller's.
+
+    Args:
+        student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
+        teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
+    Returns:
+        ``()`` loss, float32 (float64 for float64 inputs).
+    """
+    s, t = _pair(student, teacher)
+    return F.smooth_l1_loss(_mean_normalised_pdist(s), _mean_normalised_pdist(t), beta=1.0)
+
+
+def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """RKD angle term (RepDistiller ``RKDLoss``, unweighted).
+
+    ``e_ij = F.normalize(x_j − x_i)`` (eps 1e-12, so ``e_ii = 0``),
+    ``a_ijk = e_ij · e_ik``, then ``smooth_l1(a_s, a_t)`` (β = 1) averaged over
+    all ``N³`` entries, the zero ones with a repeated index included.
+
+    ``N = 1`` gives 0 (every angle has a repeated index); ``N = 2`` is finite
+    (the only non-zero angles are ``a_ijj = 1``, identical for student and
+    teacher, so the loss is 0 up to rounding). Both agree with RepDistiller, which never takes
+    an empty mean here. Two *distinct* samples that coincide (``x_j = x_i``,
+    ``j ≠ i``) give ``e_ij = 0`` and a finite but large gradient (through
+    ``x / eps``): that is ``F.normalize``'s, and RepDistiller's, behaviour.
+
+    Args:
+        student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
+        teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
+    Returns:
+        ``()`` loss, float32 (float64 for float64 inputs).
+    """
+    s, t = _pair(student, teacher)
+    return F.smooth_l1_loss(_angles(s), _angles(t), beta=1.0)
+
+
+def rkd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    distance_weight: float = 25.0,
+    angle_weight: float = 50.0,
+) -> torch.Tensor:
+    """Relational KD (Park et al., CVPR 2019; RepDistiller ``RKDLoss`` defaults).
+
+    ``w_d · rkd_distance + w_a · rkd_angle``.
+
+    Args:
+        student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
+        teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
+        distance_weight: ``w_d >= 0``.
+        angle_weight: ``w_a >= 0``.
+    Returns:
+        ``()`` loss, float32 (float64 for float64 inputs).
+    """
+    distance_weight = _validate.real("distance_weight", distance_weight, low=0.0)
+    angle_weight = _validate.real("angle_weight", angle_weight, low=0.0)
+    return distance_weight * rkd_distance(student, teacher) + angle_weight * rkd_angle(student, teacher)
+
+
+def _pkt_probabilities(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(N, N)`` row-stochastic ``P = S / rowsum(S)``, ``S = (x̂ x̂ᵀ + 1) / 2``."""
+    # vector_norm rather than sqrt(sum x²): same value, but a zero row gets a
+    # finite gradient (x / eps) instead of sqrt'(0) · 0 = NaN.
+    xh = x / (torch.linalg.vector_norm(x, dim=1, keepdim=True) + eps)
+    # RepDistiller sets NaN entries of x̂ to 0. From a non-NaN row they come
+    # from an infinite entry (inf / inf); a row with a NaN input stays NaN
+    # (SPEC §6: NaN is never silently dropped).
+    made_nan = torch.isnan(xh) & ~torch.isnan(x).any(1, keepdim=True)
+    xh = torch.where(made_nan, torch.zeros_like(xh), xh)
+    sim = (xh @ xh.t() + 1) / 2
+    return sim / sim.sum(1, keepdim=True)
+
+
+def pkt_loss(student: torch.Tensor, teacher: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
+    """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018; RepDistiller ``PKT``).
+
+    ``x̂ = x / (‖x‖ + eps)``, ``S = (x̂ x̂ᵀ + 1) / 2``, ``P = S / rowsum(S)``,
+    ``L = mean_ij P_t log((P_t + eps) / (P_s + eps))`` over all ``N²``
+    entries, the diagonal included. ``rowsum(S) >= S_ii >= 1/2``, so every
+    ``N >= 1`` is finite (``N = 1``: ``P = 1`` on both sides, loss 0).
+
+    Args:
+        student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
+        teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
+        eps: ``> 0``, added to the norms and inside the log ratio.
+    Returns:
+        ``()`` loss, float32 (float64 for float64 inputs).
+    """
+    eps = _validate.real("eps", eps, low=0.0, low_open=True)
+    s, t = _pair(student, teacher)
+    p_s, p_t = _pkt_probabilities(s, eps), _pkt_probabilities(t, eps)
+    return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+
+
+def sp_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Similarity-preserving KD (Tung & Mori, ICCV 2019; RepDistiller ``Similarity``).
+
+    ``G = F.normalize(X Xᵀ)`` row-wise (L2, eps 1e-12) for each side,
+    ``L = ‖G_t − G_s‖²_F / N²``. RepDistiller returns a ``(1,)`` tensor; this
+    returns the same value as a scalar.
+
+    Args:
+        student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
+        teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
+    Returns:
+        ``()`` loss, float32 (float64 for float64 inputs).
+    """
+    s, t = _pair(student, teacher)
+    g_s = F.normalize(s @ s.t(), p=2, dim=1, eps=_NORMALIZE_EPS)
+    g_t = F.normalize(t @ t.t(), p=2, dim=1, eps=_NORMALIZE_EPS)
+    return (g_t - g_s).pow(2).sum() / s.shape[0] ** 2
+
+
+def _cc_matrix(x: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
+    """``(N, N)`` ``K_ij = exp(−2γ) Σ_{p=0..P} (2γ)^p / p! · (x_i·x_j)^p``."""
+    gram = x @ x.t()
+    k = torch.ones_like(gram)
+    for p in range(1, order + 1):
+        k = k + (2 * gamma) ** p / math.factorial(p) * gram.pow(p)
+    return math.exp(-2 * gamma) * k
+
+
+def cc_loss(
+    student: torch.Tensor, teacher: torch.Tensor, *, gamma: float = 0.4, order: int = 2
+) -> torch.Tensor:
+    """Correlation congruence (Peng et al., ICCV 2019), torchdistill ``CCKDLoss`` Gaussian form.
+
+    The form used is torchdistill's ``CCKDLoss`` with ``kernel_config
+    {type: 'gaussian', gamma, max_p}`` and ``reduction='batchmean'``
+    (``torchdistill/losses/mid_level.py``; ``compute_cc_mat_by_gaussian_rbf``
+    and ``forward``): the correlation matrix is the ``P``-th order Taylor
+    expansion of the Gaussian RBF ``exp(−γ‖x_i − x_j‖²)`` for unit vectors,
+
+        ``K_ij = exp(−2γ) Σ_{p=0..P} (2γ)^p / p! · (x_i·x_j)^p``,
+
+    applied to the embeddings as given (torchdistill does not normalise them;
+    its ``Linear4CCKD`` wrapper only projects), and
+
+        ``L = ‖K_s − K_t‖_F / N²``
+
+    (``torch.dist(K_s, K_t, 2) / batch_size ** 2``): the Frobenius norm
+    itself, not its square. Where ``K_s = K_t`` the norm is not
+    differentiable; autograd returns a zero gradient there.
+
+    Other "CC" codes differ: RepDistiller's ``Correlation`` is not this
+    kernel, and the Knowledge-Distillation-Zoo variant L2-normalises the
+    features and takes an MSE.
+
+    Args:
+        student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
+        teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
+        gamma: RBF parameter ``γ > 0``.
+        order: Taylor order ``P >= 1`` (an int).
+    Returns:
+        ``()`` loss, float32 (float64 for float64 inputs).
+    """
+    gamma = _validate.real("gamma", gamma, low=0.0, low_open=True)
+    if isinstance(order, bool) or not isinstance(order, numbers.Integral):
+        raise ValueError(f"order must be an int, got {type(order).__name__}")
+    if order < 1:
+        raise ValueError(f"order must be >= 1, got {order}")
+    s, t = _pair(student, teacher)
+    diff = _cc_matrix(s, gamma, int(order)) - _cc_matrix(t, gamma, int(order))
+    return torch.linalg.vector_norm(diff) / s.shape[0] ** 2
