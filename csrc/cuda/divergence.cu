@@ -41,36 +41,14 @@
 #include <cstdint>
 #include <tuple>
 
-#include "../common/checks.h"
 #include "../common/divergence_math.h"
+#include "../common/divergence_op.h"
 
 namespace fastkd {
 namespace cuda {
 namespace {
 
 using namespace fastkd::divergence;
-
-// ---- raw-pointer interface --------------------------------------------------
-
-enum class DType : int { Float32, BFloat16, Float16 };
-
-struct DivergenceArgs {
-  const void* student;         // [rows, vocab], unit stride along vocab
-  const void* teacher;         // [rows, vocab], unit stride along vocab
-  int64_t student_row_stride;  // elements between consecutive rows
-  int64_t teacher_row_stride;
-  const bool* row_mask;        // [rows] or nullptr (all rows kept)
-  float* row_loss;             // [rows]
-  void* student_grad;          // [rows, vocab] contiguous, input dtype, or nullptr
-  void* teacher_grad;          // [rows, vocab] contiguous, input dtype, or nullptr
-  int64_t rows;
-  int64_t vocab;
-  DType dtype;
-  int kind;                    // fastkd::divergence::Kind
-  double inv_temperature;      // 1 / T, > 0
-  double coef;                 // β (JSD) or α (skew); interior values only
-  double grad_scale;           // gradients are grad_scale · d(row loss)/d(logits)
-};
 
 // ---- device code --------------------------------------------------------------
 
@@ -272,7 +250,7 @@ void launch(const DivergenceArgs& a, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(std::min(a.rows, kMaxBlocks));
   _divergence_fwd_kernel<KIND, BLOCK, scalar_t><<<grid, BLOCK, 0, stream>>>(
       static_cast<const scalar_t*>(a.student), static_cast<const scalar_t*>(a.teacher),
-      a.student_row_stride, a.teacher_row_stride, a.row_mask, a.row_loss,
+      a.student_row_stride, a.teacher_row_stride, a.row_mask, static_cast<float*>(a.row_loss),
       static_cast<scalar_t*>(a.student_grad), static_cast<scalar_t*>(a.teacher_grad), a.rows,
       a.vocab, static_cast<float>(a.inv_temperature),
       static_cast<float>(a.grad_scale * a.inv_temperature), coef);
@@ -296,7 +274,9 @@ void launch_for_dtype(const DivergenceArgs& a, cudaStream_t stream) {
     case DType::Float32: return launch_for_vocab<KIND, float>(a, stream);
     case DType::BFloat16: return launch_for_vocab<KIND, c10::BFloat16>(a, stream);
     case DType::Float16: return launch_for_vocab<KIND, c10::Half>(a, stream);
+    case DType::Float64: break;  // refused by the op before any launch
   }
+  TORCH_CHECK(false, "fastkd::divergence_forward on CUDA: float64 is not supported");
 }
 
 void divergence_forward_launch(const DivergenceArgs& a, cudaStream_t stream) {
@@ -313,56 +293,25 @@ void divergence_forward_launch(const DivergenceArgs& a, cudaStream_t stream) {
 
 // ---- the op -------------------------------------------------------------------
 
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::Float32;
-    case at::kBFloat16: return DType::BFloat16;
-    case at::kHalf: return DType::Float16;
-    default: break;
-  }
-  TORCH_CHECK(false, "fastkd::divergence_forward on CUDA: student must be float32, bfloat16 "
-                     "or float16 (the GPU kernels accumulate in float32), got ", t);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_forward_cuda(
     const at::Tensor& student, const at::Tensor& teacher,
     const std::optional<at::Tensor>& row_mask, int64_t kind, double inv_temperature,
     double coef, double grad_scale, bool student_grad, bool teacher_grad) {
-  check_divergence_args(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale);
   CHECK_DEVICE_TYPE(student, at::kCUDA);
   CHECK_DEVICE_TYPE(teacher, at::kCUDA);
-  const DType dtype = to_dtype(student.scalar_type());
+  TORCH_CHECK(student.scalar_type() != at::kDouble,
+              "fastkd::divergence_forward on CUDA: student must be float32, bfloat16 or "
+              "float16 (the GPU kernels accumulate in float32), got float64");
   const c10::cuda::CUDAGuard device_guard(student.device());
-
-  const int64_t rows = student.size(0), vocab = student.size(1);
-  at::Tensor row_loss = at::empty({rows}, student.options().dtype(at::kFloat));
-  at::Tensor grad_s = at::empty({student_grad ? rows : 0, student_grad ? vocab : 0},
-                                student.options());
-  at::Tensor grad_t = at::empty({teacher_grad ? rows : 0, teacher_grad ? vocab : 0},
-                                teacher.options());
-  if (rows == 0) return {row_loss, grad_s, grad_t};
-
-  at::Tensor mask;
-  if (row_mask.has_value()) mask = row_mask->contiguous();
-
-  DivergenceArgs args;
-  args.student = student.data_ptr();
-  args.teacher = teacher.data_ptr();
-  args.student_row_stride = student.stride(0);
-  args.teacher_row_stride = teacher.stride(0);
-  args.row_mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  args.row_loss = row_loss.data_ptr<float>();
-  args.student_grad = student_grad ? grad_s.data_ptr() : nullptr;
-  args.teacher_grad = teacher_grad ? grad_t.data_ptr() : nullptr;
-  args.rows = rows;
-  args.vocab = vocab;
-  args.dtype = dtype;
-  args.kind = static_cast<int>(kind);
-  args.inv_temperature = inv_temperature;
-  args.coef = coef;
-  args.grad_scale = grad_scale;
-  divergence_forward_launch(args, c10::cuda::getCurrentCUDAStream());
-  return {row_loss, grad_s, grad_t};
+  const auto empty = [](at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return at::empty(sizes, options);
+  };
+  const DivergenceCall call =
+      prepare_divergence(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale,
+                         student_grad, teacher_grad, empty);
+  if (call.args.rows == 0) return call.outputs();
+  divergence_forward_launch(call.args, c10::cuda::getCurrentCUDAStream());
+  return call.outputs();
 }
 
 }  // namespace

@@ -1,0 +1,79 @@
+// Host-side body of fastkd::divergence_forward shared by the CPU and CUDA ops:
+// argument checks, outputs, and the raw-pointer arguments for the kernel.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <optional>
+#include <tuple>
+
+#include "checks.h"
+#include "divergence_args.h"
+
+namespace fastkd {
+
+// The op's outputs (see the schema in csrc/fastkd.cpp) and the kernel's view of
+// them; `mask` keeps a contiguous copy of row_mask alive while the kernel runs.
+struct DivergenceCall {
+  at::Tensor row_loss, student_grad, teacher_grad, mask;
+  DivergenceArgs args;
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    return {row_loss, student_grad, teacher_grad};
+  }
+};
+
+inline DType divergence_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::Float32;
+    case at::kDouble: return DType::Float64;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kHalf: return DType::Float16;
+    default: break;
+  }
+  TORCH_CHECK(false, "fastkd::divergence_forward: student must be float32, float64, "
+                     "bfloat16 or float16, got ", t);
+}
+
+// Checks the arguments and allocates the outputs: the row losses with
+// at::empty, the gradients with `empty_gradient(sizes, options)` (the CPU op
+// passes its caching allocator).
+template <class EmptyGradient>
+DivergenceCall prepare_divergence(const at::Tensor& student, const at::Tensor& teacher,
+                                  const std::optional<at::Tensor>& row_mask, int64_t kind,
+                                  double inv_temperature, double coef, double grad_scale,
+                                  bool student_grad, bool teacher_grad,
+                                  EmptyGradient empty_gradient) {
+  check_divergence_args(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale);
+  const int64_t rows = student.size(0), vocab = student.size(1);
+  const DType dtype = divergence_dtype(student.scalar_type());
+  DivergenceCall call;
+  call.row_loss = at::empty(
+      {rows}, student.options().dtype(dtype == DType::Float64 ? at::kDouble : at::kFloat));
+  call.student_grad = empty_gradient(at::IntArrayRef{student_grad ? rows : 0, student_grad ? vocab : 0},
+                                     student.options());
+  call.teacher_grad = empty_gradient(at::IntArrayRef{teacher_grad ? rows : 0, teacher_grad ? vocab : 0},
+                                     teacher.options());
+  if (row_mask.has_value()) call.mask = row_mask->contiguous();
+
+  DivergenceArgs& a = call.args;
+  a.student = student.data_ptr();
+  a.teacher = teacher.data_ptr();
+  a.student_row_stride = student.stride(0);
+  a.teacher_row_stride = teacher.stride(0);
+  a.row_mask = call.mask.defined() ? call.mask.data_ptr<bool>() : nullptr;
+  a.row_loss = call.row_loss.data_ptr();
+  a.student_grad = student_grad ? call.student_grad.data_ptr() : nullptr;
+  a.teacher_grad = teacher_grad ? call.teacher_grad.data_ptr() : nullptr;
+  a.rows = rows;
+  a.vocab = vocab;
+  a.dtype = dtype;
+  a.kind = static_cast<int>(kind);
+  a.inv_temperature = inv_temperature;
+  a.coef = coef;
+  a.grad_scale = grad_scale;
+  return call;
+}
+
+}  // namespace fastkd
