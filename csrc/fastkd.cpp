@@ -23,6 +23,23 @@ TORCH_LIBRARY(fastkd, m) {
       "divergence_forward(Tensor student, Tensor teacher, Tensor? row_mask, int kind, "
       "float inv_temperature, float coef, float grad_scale, bool student_grad, "
       "bool teacher_grad) -> (Tensor, Tensor, Tensor)");
+
+  // InfoNCE (SPEC §4), tiled over the rows of q (Inf-CL style): only a
+  // tile_rows × M block of logits exists at a time, and O(N) state (the row
+  // log-sum-exp) is kept between forward and backward.
+  //   q: [N, D], k: [M, D], same floating dtype; labels: [N] int64 in [0, M)
+  //   (arange(N) for diagonal positives); logits = q kᵀ · inv_temperature.
+  // info_nce_forward returns (row_loss [N], row_lse [N]), fp32 (fp64 for fp64
+  // input): row_loss_i = lse_j logits_ij − logits_{i, labels_i}.
+  // info_nce_backward takes the upstream gradient of row_loss and row_lse and
+  // returns (grad_q [N, D], grad_k [M, D]) in the input dtype (accumulated in
+  // fp32 for bf16 / fp16).
+  m.def(
+      "info_nce_forward(Tensor q, Tensor k, Tensor labels, float inv_temperature, "
+      "int tile_rows) -> (Tensor, Tensor)");
+  m.def(
+      "info_nce_backward(Tensor grad_row_loss, Tensor q, Tensor k, Tensor labels, "
+      "Tensor row_lse, float inv_temperature, int tile_rows) -> (Tensor, Tensor)");
 }
 
 namespace py = pybind11;

@@ -5,18 +5,20 @@ Public API: the functional losses, their modules, and :func:`backends`.
 
 from fastkd._dispatch import BackendStatus, backends
 from fastkd._ops import empty_cache
-from fastkd.functional import divergence, kd_loss
-from fastkd.losses import DivergenceLoss, KDLoss
+from fastkd.functional import divergence, info_nce, kd_loss
+from fastkd.losses import DivergenceLoss, InfoNCELoss, KDLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
     "DivergenceLoss",
+    "InfoNCELoss",
     "KDLoss",
     "__version__",
     "backends",
     "divergence",
     "empty_cache",
+    "info_nce",
     "kd_loss",
 ]

@@ -70,3 +70,13 @@ if _C is not None:
         grad_s = student.new_empty((rows, vocab) if student_grad else (0, 0))
         grad_t = teacher.new_empty((rows, vocab) if teacher_grad else (0, 0))
         return row_loss, grad_s, grad_t
+
+    @torch.library.register_fake("fastkd::info_nce_forward")
+    def _info_nce_forward_fake(q, k, labels, inv_temperature, tile_rows):
+        loss_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        rows = q.shape[0]
+        return q.new_empty((rows,), dtype=loss_dtype), q.new_empty((rows,), dtype=loss_dtype)
+
+    @torch.library.register_fake("fastkd::info_nce_backward")
+    def _info_nce_backward_fake(grad_row_loss, q, k, labels, row_lse, inv_temperature, tile_rows):
+        return q.new_empty(q.shape), k.new_empty(k.shape)

@@ -17,8 +17,9 @@ from fastkd import (
     _validate,
 )
 from fastkd import reference as _reference
+from fastkd.reference import contrastive as _reference_contrastive
 
-__all__ = ["divergence", "kd_loss"]
+__all__ = ["divergence", "info_nce", "kd_loss"]
 
 # fastkd::divergence::Kind (csrc/common/divergence_math.h).
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "skew_kl": 3, "skew_reverse_kl": 4, "tvd": 5}
@@ -223,3 +224,119 @@ def kd_loss(
     if "divergence" in kwargs:
         raise ValueError("kd_loss is KL divergence; use fastkd.divergence(divergence=...) for others")
     return divergence(student_logits, teacher_logits, temperature=temperature, **kwargs)
+
+
+# ---- InfoNCE (SPEC §4) --------------------------------------------------------
+
+# The compiled backends that have an InfoNCE kernel. On CUDA tensors
+# backend="auto" falls back to the reference until triton / cuda get one.
+INFO_NCE_KERNELS = ("cpu",)
+
+
+def _info_nce_tile_rows(m: int) -> int:
+    """Rows of q per tile of the InfoNCE ops.
+
+    A tile's logits (tile_rows × M) are the ops' only large temporary: 2**23
+    elements, i.e. 32 MiB in float32 (64 MiB for float64 input), whatever N.
+    """
+    return max(1, 2**23 // max(m, 1))
+
+
+class InfoNCEFunction(torch.autograd.Function):
+    """One InfoNCE direction, ``mean_i (lse_j logits_ij − logits_{i, y_i})``, on the fused ops.
+
+    Between forward and backward it keeps only ``labels`` and the row
+    log-sum-exp (O(N), besides references to ``q`` and ``k`` themselves); the
+    backward recomputes the logits tile by tile.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, labels, inv_temperature, tile_rows):
+        row_loss, row_lse = torch.ops.fastkd.info_nce_forward(q, k, labels, inv_temperature, tile_rows)
+        ctx.save_for_backward(q, k, labels, row_lse)
+        ctx.inv_temperature = inv_temperature
+        ctx.tile_rows = tile_rows
+        return row_loss.mean()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        q, k, labels, row_lse = ctx.saved_tensors
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None, None
+        n = q.shape[0]
+        grad_rows = (grad_output.to(row_lse.dtype) / n).expand(n).contiguous()
+        grad_q, grad_k = torch.ops.fastkd.info_nce_backward(
+            grad_rows, q, k, labels, row_lse, ctx.inv_temperature, ctx.tile_rows
+        )
+        return (
+            grad_q if ctx.needs_input_grad[0] else None,
+            grad_k if ctx.needs_input_grad[1] else None,
+            None, None, None,
+        )
+
+
+def _info_nce_backend(backend: str, q: torch.Tensor) -> str:
+    """``_dispatch.resolve``, restricted to the backends with an InfoNCE kernel."""
+    chosen = _dispatch.resolve(backend, q)
+    if chosen == "reference" or chosen in INFO_NCE_KERNELS:
+        return chosen
+    if backend == "auto":
+        return "reference"
+    raise ValueError(f"backend={chosen!r} has no info_nce kernel yet")
+
+
+def info_nce(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    temperature: float = 0.07,
+    labels: torch.Tensor | None = None,
+    symmetric: bool = False,
+    normalize: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """InfoNCE / CLIP loss with in-batch negatives (SPEC §4).
+
+    ``logits = q kᵀ / τ``, ``L = mean_i (lse_j logits_ij − logits_{i, y_i})``
+    (``F.cross_entropy(q @ k.T / τ, y)``) with ``y = labels`` or, without
+    labels, ``y_i = i`` (keys beyond the N-th are extra negatives).
+
+    The fused CPU kernel tiles the similarity matrix (about 32 MiB of logits
+    at a time) and keeps only the row log-sum-exp between forward and
+    backward, so memory is O(N) instead of O(N·M) (Inf-CL style).
+
+    Args:
+        q: ``(N, D)`` queries, float32 / bfloat16 / float16 / float64.
+        k: ``(M, D)`` keys, same dtype and device; without ``labels`` ``M >= N``.
+        temperature: ``τ > 0``.
+        labels: optional ``(N,)`` integer tensor, each query's positive key in
+            ``[0, M)``. Not allowed with ``symmetric=True``.
+        symmetric: average with the key→query direction (needs ``M == N``).
+        normalize: L2-normalise the rows of ``q`` and ``k`` first (in float32,
+            float64 for float64 input), as the reference does.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``;
+            only ``"cpu"`` has an InfoNCE kernel so far: ``"auto"`` uses the
+            reference for CUDA tensors, an explicit ``"cuda"`` / ``"triton"``
+            raises ``ValueError``.
+
+    Returns:
+        ``()`` loss, float32 (float64 for float64 inputs).
+    """
+    q, k, temperature, labels = _reference_contrastive.check_arguments(
+        q, k, temperature, labels, symmetric, normalize
+    )
+    chosen = _info_nce_backend(backend, q)
+    if chosen == "reference":
+        return _reference.info_nce(
+            q, k, temperature=temperature, labels=labels, symmetric=symmetric, normalize=normalize
+        )
+    if normalize:
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q = torch.nn.functional.normalize(q.to(acc), dim=1)
+        k = torch.nn.functional.normalize(k.to(acc), dim=1)
+    inv_temperature = 1.0 / temperature
+    loss = InfoNCEFunction.apply(q, k, labels, inv_temperature, _info_nce_tile_rows(k.shape[0]))
+    if symmetric:
+        back = InfoNCEFunction.apply(k, q, labels, inv_temperature, _info_nce_tile_rows(q.shape[0]))
+        loss = (loss + back) / 2
+    return loss

@@ -72,3 +72,41 @@ class KDLoss(DivergenceLoss):
         if "divergence" in kwargs:
             raise ValueError("KDLoss is KL divergence; use DivergenceLoss(divergence=...) for others")
         super().__init__(divergence="kl", temperature=temperature, **kwargs)
+
+
+class InfoNCELoss(nn.Module):
+    """Module form of :func:`fastkd.info_nce`; keyword arguments as there.
+
+    ``forward(q (N, D), k (M, D), labels=None)`` → ``()`` loss.
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 0.07,
+        symmetric: bool = False,
+        normalize: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.symmetric = symmetric
+        self.normalize = normalize
+        self.backend = backend
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return F.info_nce(
+            q,
+            k,
+            temperature=self.temperature,
+            labels=labels,
+            symmetric=self.symmetric,
+            normalize=self.normalize,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, symmetric={self.symmetric}, "
+            f"normalize={self.normalize}, backend={self.backend!r}"
+        )

@@ -34,6 +34,34 @@ def _one_direction(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (torch.logsumexp(logits, dim=1) - positive).mean()
 
 
+def check_arguments(q, k, temperature, labels, symmetric, normalize):
+    """Validates InfoNCE's arguments (``ValueError`` naming the argument).
+
+    Returns ``(q, k, temperature, labels)`` with ``temperature`` a float and
+    ``labels`` an int64 ``(N,)`` tensor (``arange(N)`` when not given).
+    Shared with the fused backends (``fastkd.functional.info_nce``).
+    """
+    q = _samples("q", q)
+    k = _samples("k", k)
+    _same_features("k", k, "q", q)
+    temperature = _validate.real("temperature", temperature, low=0.0, low_open=True)
+    for name, flag in (("symmetric", symmetric), ("normalize", normalize)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {type(flag).__name__}")
+    n, m = q.shape[0], k.shape[0]
+    if symmetric and labels is not None:
+        raise ValueError("labels must be None when symmetric=True (the positives are the diagonal)")
+    if symmetric and m != n:
+        raise ValueError(f"symmetric=True needs as many rows in k as in q, got k with {m} and q with {n}")
+    if labels is None:
+        if m < n:
+            raise ValueError(f"k must have at least as many rows as q without labels, got {m} < {n}")
+        labels = torch.arange(n, device=q.device)
+    else:
+        labels = _labels(labels, n, m, q)
+    return q, k, temperature, labels
+
+
 def info_nce(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -67,25 +95,7 @@ def info_nce(
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
     """
-    q = _samples("q", q)
-    k = _samples("k", k)
-    _same_features("k", k, "q", q)
-    temperature = _validate.real("temperature", temperature, low=0.0, low_open=True)
-    for name, flag in (("symmetric", symmetric), ("normalize", normalize)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be a bool, got {type(flag).__name__}")
-    n, m = q.shape[0], k.shape[0]
-    if symmetric and labels is not None:
-        raise ValueError("labels must be None when symmetric=True (the positives are the diagonal)")
-    if symmetric and m != n:
-        raise ValueError(f"symmetric=True needs as many rows in k as in q, got k with {m} and q with {n}")
-    if labels is None:
-        if m < n:
-            raise ValueError(f"k must have at least as many rows as q without labels, got {m} < {n}")
-        labels = torch.arange(n, device=q.device)
-    else:
-        labels = _labels(labels, n, m, q)
-
+    q, k, temperature, labels = check_arguments(q, k, temperature, labels, symmetric, normalize)
     acc = _accumulation_dtype(q)
     q, k = q.to(acc), k.to(acc)
     if normalize:

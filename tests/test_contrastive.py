@@ -1,0 +1,201 @@
+"""InfoNCE (SPEC §4): the fused cpu backend against the float64 reference,
+the ops themselves (opcheck, C++ checks) and the argument validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastkd
+from fastkd import _ops, reference
+from fastkd import functional as fkf
+from tests.helpers import assert_matches
+
+pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+UPSTREAM = 0.7  # never test only with an upstream gradient of 1
+SMALL_TILE = 4  # rows per tile when the multi-tile path is forced
+
+
+@pytest.fixture(params=["default_tile", "small_tile"])
+def tiles(request, monkeypatch):
+    """Runs a test with the default tile size and with tiles of SMALL_TILE rows."""
+    if request.param == "small_tile":
+        monkeypatch.setattr(fkf, "_info_nce_tile_rows", lambda m: SMALL_TILE)
+    return request.param
+
+
+def embeddings(rows, dim, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, dim, generator=g, dtype=torch.float64).to(dtype)
+
+
+def run_with_grads(fn, q, k, upstream=UPSTREAM):
+    q = q.detach().clone().requires_grad_(True)
+    k = k.detach().clone().requires_grad_(True)
+    loss = fn(q, k)
+    loss.backward(torch.tensor(upstream, dtype=loss.dtype))
+    return loss.detach(), q.grad, k.grad
+
+
+def check_parity(q, k, **kwargs):
+    dtype = q.dtype
+    got = run_with_grads(lambda a, b: fastkd.info_nce(a, b, backend="cpu", **kwargs), q, k)
+    want = run_with_grads(lambda a, b: reference.info_nce(a, b, **kwargs), q.double(), k.double())
+    same = run_with_grads(lambda a, b: reference.info_nce(a, b, **kwargs), q, k)
+    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+    for name, a, b, c in zip(("loss", "q grad", "k grad"), got, want, same, strict=True):
+        assert_matches(a, b, dtype, f"cpu info_nce {name}", [c])
+
+
+# (N, M, D, with labels)
+SHAPES = ((1, 1, 5, False), (37, 37, 130, False), (17, 53, 5, True), (17, 53, 130, False))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:3])) + ("_labels" * s[3]))
+@pytest.mark.parametrize("temperature", (0.07, 1.0))
+def test_parity(tiles, dtype, shape, temperature):
+    n, m, d, with_labels = shape
+    q = embeddings(n, d, dtype, 0)
+    k = embeddings(m, d, dtype, 1)
+    # unnormalised inputs at τ = 0.07 give huge logits; keep them O(1/τ)
+    q, k = q / d**0.5, k / d**0.5
+    labels = torch.randint(0, m, (n,), generator=torch.Generator().manual_seed(2)) if with_labels else None
+    check_parity(q, k, temperature=temperature, labels=labels)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("symmetric", (False, True))
+@pytest.mark.parametrize("normalize", (False, True))
+def test_parity_symmetric_normalize(tiles, dtype, symmetric, normalize):
+    n, d = 23, 33
+    q = embeddings(n, d, dtype, 3) * (1.0 if normalize else d**-0.5)
+    k = embeddings(n, d, dtype, 4) * (1.0 if normalize else d**-0.5)
+    check_parity(q, k, temperature=0.07, symmetric=symmetric, normalize=normalize)
+
+
+def test_float64_and_non_contiguous(tiles):
+    q = embeddings(9, 20, torch.float64, 5).t().contiguous().t()  # column-major view
+    k = embeddings(40, 20, torch.float64, 6)[::2]  # row stride 40
+    assert not q.is_contiguous() and not k.is_contiguous()
+    got = run_with_grads(lambda a, b: fastkd.info_nce(a, b, temperature=0.3, backend="cpu"), q, k)
+    want = run_with_grads(lambda a, b: reference.info_nce(a, b, temperature=0.3), q, k)
+    assert got[0].dtype == torch.float64
+    for a, b in zip(got, want, strict=True):
+        assert_matches(a, b, torch.float64, "float64 info_nce")
+
+
+def test_auto_uses_the_cpu_kernel_and_the_module_matches():
+    q, k = embeddings(6, 8, torch.float32, 7), embeddings(6, 8, torch.float32, 8)
+    auto = fastkd.info_nce(q, k, symmetric=True)
+    assert torch.equal(auto, fastkd.info_nce(q, k, symmetric=True, backend="cpu"))
+    module = fastkd.InfoNCELoss(symmetric=True)
+    assert torch.equal(module(q, k), auto)
+    assert "symmetric=True" in repr(module)
+
+
+def test_only_row_state_is_saved_for_backward():
+    """Between forward and backward: q, k (the inputs themselves), labels and the
+    row log-sum-exp; nothing of size N × M."""
+    n, m, d = 48, 64, 4
+    q = embeddings(n, d, torch.float32, 9).requires_grad_(True)
+    k = embeddings(m, d, torch.float32, 10).requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = fastkd.info_nce(q, k, backend="cpu")
+    assert saved and max(t.numel() for t in saved) <= m * d < n * m
+    loss.backward()
+    assert q.grad is not None and k.grad is not None
+
+
+def test_nan_propagates():
+    q = embeddings(5, 3, torch.float32, 11)
+    q[2, 1] = float("nan")
+    assert torch.isnan(fastkd.info_nce(q, embeddings(5, 3, torch.float32, 12), backend="cpu"))
+
+
+# ---- the ops ------------------------------------------------------------------
+
+
+def op_args(dtype, n=7, m=11, d=5, tile_rows=3):
+    q = torch.randn(n, d, dtype=dtype)
+    k = torch.randn(m, d, dtype=dtype)
+    labels = torch.randint(0, m, (n,))
+    return q, k, labels, 2.0, tile_rows
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=str)
+def test_opcheck(dtype):
+    args = op_args(dtype)
+    torch.library.opcheck(torch.ops.fastkd.info_nce_forward.default, args)
+    row_loss, row_lse = torch.ops.fastkd.info_nce_forward(*args)
+    q, k, labels, inv_t, tile_rows = args
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert row_loss.shape == (7,) and row_loss.dtype == acc and row_lse.dtype == acc
+    grad_rows = torch.linspace(0.5, 1.5, 7, dtype=row_lse.dtype)
+    torch.library.opcheck(torch.ops.fastkd.info_nce_backward.default,
+                          (grad_rows, q, k, labels, row_lse, inv_t, tile_rows))
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"q": torch.randn(7)}, "q must be 2-D"),
+        ({"k": torch.randn(11, 4)}, "same feature dim"),
+        ({"k": torch.randn(11, 5, dtype=torch.float64)}, "same dtype"),
+        ({"labels": torch.zeros(7, dtype=torch.int32)}, "labels must be int64"),
+        ({"labels": torch.zeros(6, dtype=torch.long)}, "one entry per row"),
+        ({"labels": torch.full((7,), 11)}, "labels must lie in"),
+        ({"inv_temperature": 0.0}, "inv_temperature"),
+        ({"tile_rows": 0}, "tile_rows"),
+    ],
+)
+def test_op_checks(change, needle):
+    names = ("q", "k", "labels", "inv_temperature", "tile_rows")
+    args = dict(zip(names, op_args(torch.float32), strict=True))
+    args.update(change)
+    with pytest.raises(RuntimeError, match=needle):
+        torch.ops.fastkd.info_nce_forward(*args.values())
+
+
+# ---- validation -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"q": torch.randn(4)}, "q"),
+        ({"k": torch.randn(4, 3)}, "k has feature dim"),
+        ({"k": torch.randn(4, 5, dtype=torch.float64)}, "k dtype"),
+        ({"k": torch.randn(3, 5)}, "k must have at least"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"labels": torch.tensor([0, 1, 2, 9])}, "labels"),
+        ({"labels": torch.zeros(4)}, "labels"),
+        ({"labels": torch.zeros(4, dtype=torch.long), "symmetric": True}, "labels"),
+        ({"symmetric": 1}, "symmetric"),
+        ({"normalize": "yes"}, "normalize"),
+        ({"backend": "fast"}, "backend"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, needle):
+    args = {"q": torch.randn(4, 5), "k": torch.randn(4, 5)}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=needle):
+        fastkd.info_nce(args.pop("q"), args.pop("k"), **args)
+
+
+def test_explicit_gpu_backend_on_cpu_tensors_raises():
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        fastkd.info_nce(torch.randn(4, 5), torch.randn(4, 5), backend="cuda")
+
+
+def test_explicit_backend_without_info_nce_kernel_raises(monkeypatch):
+    monkeypatch.setattr(fkf._dispatch, "resolve", lambda backend, tensor: "triton")
+    with pytest.raises(ValueError, match="backend='triton' has no info_nce kernel yet"):
+        fastkd.info_nce(torch.randn(4, 5), torch.randn(4, 5), backend="triton")
+    # backend="auto" falls back to the reference instead
+    q, k = torch.randn(4, 5), torch.randn(4, 5)
+    assert torch.equal(fastkd.info_nce(q, k), reference.info_nce(q, k))
