@@ -419,7 +419,9 @@ def add_floor_and_ratios(rows: list[dict], bandwidth: float, group_keys: Sequenc
     ``speedup_vs_compile`` in place.
 
     ``floor_ms`` is the row's ``traffic_bytes`` (the bytes its family counts
-    as the least any implementation must move) at ``bandwidth`` bytes/s.
+    as the least any implementation must move) at ``bandwidth`` bytes/s; a
+    family whose loss is compute-bound gives ``traffic_bytes`` None and gets
+    no floor (``floor_ms`` and ``x_floor`` None).
     Speed-ups are taken within one configuration (the rows sharing
     ``group_keys``), between medians measured in this run.
     """
@@ -428,11 +430,12 @@ def add_floor_and_ratios(rows: list[dict], bandwidth: float, group_keys: Sequenc
         if row["provider"] in (EAGER, COMPILE) and row.get("median_ms") is not None:
             baselines.setdefault(tuple(row[k] for k in group_keys), {})[row["provider"]] = row["median_ms"]
     for row in rows:
-        row["floor_ms"] = floor_ms(row["traffic_bytes"], bandwidth)
+        traffic = row.get("traffic_bytes")
+        row["floor_ms"] = None if traffic is None else floor_ms(traffic, bandwidth)
         row["copy_gbs"] = bandwidth / 1e9
         ms = row.get("median_ms")
         base = baselines.get(tuple(row[k] for k in group_keys), {})
-        row["x_floor"] = ms / row["floor_ms"] if ms else None
+        row["x_floor"] = ms / row["floor_ms"] if ms and row["floor_ms"] else None
         row["speedup_vs_eager"] = base[EAGER] / ms if ms and EAGER in base else None
         row["speedup_vs_compile"] = base[COMPILE] / ms if ms and COMPILE in base else None
 
@@ -506,15 +509,23 @@ TABLE_COLUMNS = (
 )
 
 
-def print_table(console, rows: Sequence[dict], *, title: str, config_label: Callable[[dict], str]) -> None:
-    """One line per measured row: its configuration, provider, and the numbers;
+def print_table(
+    console,
+    rows: Sequence[dict],
+    *,
+    title: str,
+    config_label: Callable[[dict], str],
+    columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS,
+) -> None:
+    """One line per measured row: its configuration, provider, and the numbers
+    (``columns``: (row key, header, format), default :data:`TABLE_COLUMNS`);
     then one line per provider that was not measured, with the reason."""
     from rich.table import Table
 
     table = Table(title=title)
     table.add_column("configuration")
     table.add_column("provider")
-    for _, header, _ in TABLE_COLUMNS:
+    for _, header, _ in columns:
         table.add_column(header, justify="right")
     previous = None
     for row in rows:
@@ -526,7 +537,7 @@ def print_table(console, rows: Sequence[dict], *, title: str, config_label: Call
         table.add_row(
             config if config != previous else "",
             row["provider"],
-            *(_fmt(row.get(key), spec) for key, _, spec in TABLE_COLUMNS),
+            *(_fmt(row.get(key), spec) for key, _, spec in columns),
         )
         previous = config
     console.print(table)
@@ -557,10 +568,12 @@ def plot_family(
     size_label: Callable[[dict], str],
     size_order: Callable[[dict], object],
     output_key: str | None = None,
+    xlabel: str = "problem size N × V (ordered by N·V)",
 ) -> None:
     """Two panels against problem size: median fwd+bwd time (with the traffic
-    floor dashed) and peak extra memory (with the size of the outputs dashed
-    when ``output_key`` names a MiB column), one line per provider and dtype.
+    floor dashed, where the rows have one) and peak extra memory (with the
+    size of the outputs dashed when ``output_key`` names a MiB column), one
+    line per provider and dtype.
 
     Sizes are placed in order of ``size_order`` at even spacing, providers
     side by side around each: families sweep shapes whose element counts can
@@ -604,24 +617,28 @@ def plot_family(
         outputs = {}
         for r in measured:
             if r["dtype"] == dtype:
-                floor[position[size_label(r)]] = r["floor_ms"]
+                if r.get("floor_ms") is not None:
+                    floor[position[size_label(r)]] = r["floor_ms"]
                 if output_key:
                     outputs[position[size_label(r)]] = r[output_key]
-        xs = sorted(floor)
         # A wide flat marker keeps a one-size floor (--quick) visible.
         dashed = {"linestyle": "--", "color": grey, "linewidth": 1.2, "marker": "_", "markersize": 18}
-        ax_time.plot(xs, [floor[x] for x in xs], **dashed)
+        if floor:
+            xs = sorted(floor)
+            ax_time.plot(xs, [floor[x] for x in xs], **dashed)
         if outputs:
+            xs = sorted(outputs)
             ax_mem.plot(xs, [outputs[x] for x in xs], **dashed)
+    has_floor = any(r.get("floor_ms") is not None for r in measured)
 
     for ax, ylabel in ((ax_time, "median forward + backward time (ms)"), (ax_mem, "peak extra memory (MiB)")):
         ax.set_yscale("log")
         ax.set_xticks(range(len(labels)), labels)
-        ax.set_xlabel("problem size N × V (ordered by N·V)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.set_xlim(-0.25, len(labels) - 0.75)
-    ax_time.set_title("time (dashed: memory-traffic floor)")
+    ax_time.set_title("time (dashed: memory-traffic floor)" if has_floor else "time")
     ax_mem.set_title("peak extra memory" + (" (dashed: size of the outputs)" if output_key else ""))
 
     handles = [Line2D([], [], color=PROVIDER_COLOURS.get(p), linewidth=2.5, label=p) for p in providers]
@@ -630,10 +647,12 @@ def plot_family(
                marker=DTYPE_STYLES.get(d, ("-", "o"))[1], label=d)
         for d in dtypes
     ]
-    handles += [
-        Line2D([], [], color=grey, linestyle="--", label=f"floor / outputs ({d})")
-        for grey, d in zip(FLOOR_GREYS, dtypes, strict=False)
-    ]
+    dashed_label = "floor / outputs" if has_floor else "outputs"
+    if has_floor or output_key:
+        handles += [
+            Line2D([], [], color=grey, linestyle="--", label=f"{dashed_label} ({d})")
+            for grey, d in zip(FLOOR_GREYS, dtypes, strict=False)
+        ]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), frameon=False)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))

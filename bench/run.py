@@ -17,9 +17,11 @@ columns that make a configuration), ``sweep(ctx) -> rows``,
 ``config_label(row)``, ``size_label(row)``, ``size_order(row)`` and
 ``title(rows, ctx)``, and may provide ``add_arguments(parser)`` and
 ``OUTPUT_KEY`` (a MiB column: the size of the outputs, drawn on the memory
-panel). Each row has ``provider``, ``dtype``, ``traffic_bytes`` and, when
-measured, ``median_ms`` and ``peak_extra_mib``; ``run`` adds the floor and
-the ratios.
+panel), ``TABLE_COLUMNS`` (the table's numeric columns, default
+``common.TABLE_COLUMNS``) and ``SIZE_AXIS`` (the plot's x label). Each row
+has ``provider``, ``dtype``, ``traffic_bytes`` (None for a compute-bound
+loss: no floor) and, when measured, ``median_ms`` and ``peak_extra_mib``;
+``run`` adds the floor and the ratios.
 """
 
 from __future__ import annotations
@@ -120,11 +122,15 @@ def main(argv=None) -> None:
         csv_path = args.out / f"{name}_{device.type}.csv"
         png_path = args.out / f"{name}_{device.type}.png"
         common.write_csv(csv_path, rows, module.COLUMNS)
+        plot_options = {"xlabel": module.SIZE_AXIS} if hasattr(module, "SIZE_AXIS") else {}
         common.plot_family(
             rows, png_path, title=module.title(rows, ctx), size_label=module.size_label,
-            size_order=module.size_order, output_key=getattr(module, "OUTPUT_KEY", None),
+            size_order=module.size_order, output_key=getattr(module, "OUTPUT_KEY", None), **plot_options,
         )
-        common.print_table(console, rows, title=module.title(rows, ctx), config_label=module.config_label)
+        common.print_table(
+            console, rows, title=module.title(rows, ctx), config_label=module.config_label,
+            columns=getattr(module, "TABLE_COLUMNS", common.TABLE_COLUMNS),
+        )
         loaded = [r for r in rows if (r.get("other_load") or 0) > common.CONTENDED_LOAD]
         busy = sorted({module.config_label(r) for r in loaded})
         if busy:

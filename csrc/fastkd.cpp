@@ -40,6 +40,24 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "info_nce_backward(Tensor grad_row_loss, Tensor q, Tensor k, Tensor labels, "
       "Tensor row_lse, float inv_temperature, int tile_rows) -> (Tensor, Tensor)");
+
+  // Squared MMD (SPEC §3), tiled over the rows of x and of y: only
+  // tile_rows × max(N, M) blocks of the kernel matrices exist at a time, and
+  // nothing is kept between forward and backward (the backward recomputes).
+  //   x: [N, D], y: [M, D], same floating dtype.
+  //   kernel: 0 gaussian Σ_σ exp(−‖a−b‖²/(2σ²)), 1 laplacian Σ_σ exp(−‖a−b‖/σ),
+  //   2 polynomial (a·b/c + 1)^degree; unbiased: leave out the within-sample
+  //   diagonals (then N, M >= 2).
+  // mmd_forward returns the () loss, fp32 (fp64 for fp64 input).
+  // mmd_backward takes the upstream gradient (one element) and returns
+  // (grad_x [N, D], grad_y [M, D]) in the input dtype (accumulated in fp32
+  // for bf16 / fp16).
+  m.def(
+      "mmd_forward(Tensor x, Tensor y, int kernel, float[] bandwidths, int degree, float c, "
+      "bool unbiased, int tile_rows) -> Tensor");
+  m.def(
+      "mmd_backward(Tensor grad, Tensor x, Tensor y, int kernel, float[] bandwidths, "
+      "int degree, float c, bool unbiased, int tile_rows) -> (Tensor, Tensor)");
 }
 
 namespace py = pybind11;

@@ -5,8 +5,8 @@ Public API: the functional losses, their modules, and :func:`backends`.
 
 from fastkd._dispatch import BackendStatus, backends
 from fastkd._ops import empty_cache
-from fastkd.functional import divergence, info_nce, kd_loss
-from fastkd.losses import DivergenceLoss, InfoNCELoss, KDLoss
+from fastkd.functional import divergence, info_nce, kd_loss, mmd_loss, nst_loss
+from fastkd.losses import DivergenceLoss, InfoNCELoss, KDLoss, MMDLoss, NSTLoss
 
 __version__ = "0.1.0"
 
@@ -15,10 +15,14 @@ __all__ = [
     "DivergenceLoss",
     "InfoNCELoss",
     "KDLoss",
+    "MMDLoss",
+    "NSTLoss",
     "__version__",
     "backends",
     "divergence",
     "empty_cache",
     "info_nce",
     "kd_loss",
+    "mmd_loss",
+    "nst_loss",
 ]

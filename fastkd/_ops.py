@@ -80,3 +80,12 @@ if _C is not None:
     @torch.library.register_fake("fastkd::info_nce_backward")
     def _info_nce_backward_fake(grad_row_loss, q, k, labels, row_lse, inv_temperature, tile_rows):
         return q.new_empty(q.shape), k.new_empty(k.shape)
+
+    @torch.library.register_fake("fastkd::mmd_forward")
+    def _mmd_forward_fake(x, y, kernel, bandwidths, degree, c, unbiased, tile_rows):
+        loss_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return x.new_empty((), dtype=loss_dtype)
+
+    @torch.library.register_fake("fastkd::mmd_backward")
+    def _mmd_backward_fake(grad, x, y, kernel, bandwidths, degree, c, unbiased, tile_rows):
+        return x.new_empty(x.shape), y.new_empty(y.shape)

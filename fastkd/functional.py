@@ -18,8 +18,9 @@ from fastkd import (
 )
 from fastkd import reference as _reference
 from fastkd.reference import contrastive as _reference_contrastive
+from fastkd.reference import mmd as _reference_mmd
 
-__all__ = ["divergence", "info_nce", "kd_loss"]
+__all__ = ["divergence", "info_nce", "kd_loss", "mmd_loss", "nst_loss"]
 
 # fastkd::divergence::Kind (csrc/common/divergence_math.h).
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "skew_kl": 3, "skew_reverse_kl": 4, "tvd": 5}
@@ -275,14 +276,18 @@ class InfoNCEFunction(torch.autograd.Function):
         )
 
 
-def _info_nce_backend(backend: str, q: torch.Tensor) -> str:
-    """``_dispatch.resolve``, restricted to the backends with an InfoNCE kernel."""
-    chosen = _dispatch.resolve(backend, q)
-    if chosen == "reference" or chosen in INFO_NCE_KERNELS:
+def _backend_for(loss_name: str, kernels: tuple[str, ...], backend: str, tensor: torch.Tensor) -> str:
+    """``_dispatch.resolve``, restricted to ``kernels``, the backends with a kernel for ``loss_name``.
+
+    ``backend="auto"`` falls back to the reference where the resolved backend
+    has no such kernel; an explicit request for one raises ``ValueError``.
+    """
+    chosen = _dispatch.resolve(backend, tensor)
+    if chosen == "reference" or chosen in kernels:
         return chosen
     if backend == "auto":
         return "reference"
-    raise ValueError(f"backend={chosen!r} has no info_nce kernel yet")
+    raise ValueError(f"backend={chosen!r} has no {loss_name} kernel yet")
 
 
 def info_nce(
@@ -325,7 +330,7 @@ def info_nce(
     q, k, temperature, labels = _reference_contrastive.check_arguments(
         q, k, temperature, labels, symmetric, normalize
     )
-    chosen = _info_nce_backend(backend, q)
+    chosen = _backend_for("info_nce", INFO_NCE_KERNELS, backend, q)
     if chosen == "reference":
         return _reference.info_nce(
             q, k, temperature=temperature, labels=labels, symmetric=symmetric, normalize=normalize
@@ -340,3 +345,164 @@ def info_nce(
         back = InfoNCEFunction.apply(k, q, labels, inv_temperature, _info_nce_tile_rows(q.shape[0]))
         loss = (loss + back) / 2
     return loss
+
+
+# ---- MMD and NST (SPEC §3) ------------------------------------------------------
+
+# The compiled backends that have an MMD kernel. On CUDA tensors
+# backend="auto" falls back to the reference until triton / cuda get one.
+MMD_KERNELS = ("cpu",)
+# The ops' `kernel` codes (csrc/cpu/mmd.cpp, MmdKernel).
+MMD_KERNEL_CODES = {"gaussian": 0, "laplacian": 1, "polynomial": 2}
+
+
+def _mmd_tile_rows(n: int, m: int) -> int:
+    """Rows of x (then of y) per tile of the MMD ops.
+
+    A tile's kernel block (tile_rows × max(N, M)) and its few same-sized
+    temporaries are the ops' only large allocations: 2**22 elements each,
+    16 MiB in float32 (32 MiB for float64 input), whatever N and M.
+    """
+    return max(1, 2**22 // max(n, m, 1))
+
+
+class MMDFunction(torch.autograd.Function):
+    """Squared MMD on the fused ops.
+
+    Nothing is saved between forward and backward besides references to
+    ``x`` and ``y`` themselves: the backward recomputes the kernel blocks.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, kernel, bandwidths, degree, c, unbiased, tile_rows):
+        loss = torch.ops.fastkd.mmd_forward(x, y, kernel, bandwidths, degree, c, unbiased, tile_rows)
+        ctx.save_for_backward(x, y)
+        ctx.params = (kernel, bandwidths, degree, c, unbiased, tile_rows)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, y = ctx.saved_tensors
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return (None,) * 8
+        grad_x, grad_y = torch.ops.fastkd.mmd_backward(grad_output, x, y, *ctx.params)
+        return (
+            grad_x if ctx.needs_input_grad[0] else None,
+            grad_y if ctx.needs_input_grad[1] else None,
+            None, None, None, None, None, None,
+        )
+
+
+def mmd_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    kernel: str = "gaussian",
+    bandwidths: float | tuple[float, ...] = _reference_mmd.DEFAULT_BANDWIDTHS,
+    unbiased: bool = False,
+    degree: int = 2,
+    c: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Squared maximum mean discrepancy between two samples (SPEC §3).
+
+    ``MMD² = mean k(x, x') + mean k(y, y') − 2 mean k(x, y)``; the semantics,
+    kernels and defaults are :func:`fastkd.reference.mmd_loss`'s:
+
+    - ``"gaussian"``: ``Σ_σ exp(−‖a−b‖² / (2σ²))`` (summed over bandwidths);
+    - ``"laplacian"``: ``Σ_σ exp(−‖a−b‖₂ / σ)``, gradient 0 at coincident points;
+    - ``"polynomial"``: ``(a·b / c + 1)^degree``.
+
+    The fused CPU kernel never holds a kernel matrix: it walks the rows in
+    tiles (blocks of about 2**22 kernel values) and saves nothing for the
+    backward, which recomputes the blocks, so memory is O((N + M)·D) besides
+    a few fixed-size blocks instead of O((N + M)²). Its squared distances come
+    from the norms (``‖a‖² + ‖b‖² − 2a·b``), exact 0 for a point against
+    itself; for the laplacian, whose square root amplifies that form's
+    rounding at small distances, near pairs are recomputed from their
+    differences (gradient 0 at exactly coincident points, as the reference).
+
+    Args:
+        x: ``(N, D)`` samples, float32 / bfloat16 / float16 / float64.
+        y: ``(M, D)`` samples, same dtype and device; ``M`` may differ from ``N``.
+        kernel: ``"gaussian"``, ``"laplacian"`` or ``"polynomial"``.
+        bandwidths: one ``σ > 0`` or a non-empty sequence of them (gaussian,
+            laplacian); default ``(0.5, 1, 2, 4, 8)``, for features of unit scale.
+        unbiased: leave the within-sample diagonals out (then ``N, M >= 2``).
+        degree: polynomial degree, an integer ``>= 1``.
+        c: polynomial scale, ``> 0``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``;
+            only ``"cpu"`` has an MMD kernel so far: ``"auto"`` uses the
+            reference for CUDA tensors, an explicit ``"cuda"`` / ``"triton"``
+            raises ``ValueError``.
+
+    Returns:
+        ``()`` loss, float32 (float64 for float64 inputs).
+    """
+    x, y, bandwidths, degree, c = _reference_mmd.check_mmd_arguments(
+        x, y, kernel, bandwidths, unbiased, degree, c
+    )
+    chosen = _backend_for("mmd", MMD_KERNELS, backend, x)
+    if chosen == "reference":
+        return _reference.mmd_loss(
+            x, y, kernel=kernel, bandwidths=bandwidths, unbiased=unbiased, degree=degree, c=c
+        )
+    return MMDFunction.apply(
+        x, y, MMD_KERNEL_CODES[kernel], list(bandwidths), degree, c, unbiased,
+        _mmd_tile_rows(x.shape[0], y.shape[0]),
+    )
+
+
+def _nst_closed_form(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """NST on pooled, normalised ``(N, C_s, HW)`` and ``(N, C_t, HW)`` features.
+
+    Per sample, with ``A = s_n``, ``B = t_n`` and ``(a·b)²`` over channel pairs,
+    ``mean K(t,t) + mean K(s,s) − 2 mean K(s,t) = ‖AᵀA / C_s − BᵀB / C_t‖²_F``
+    (``Σ_{c,c'} (a_c·b_c')² = ⟨AᵀA, BᵀB⟩_F``). That needs two HW × HW Grams
+    per sample; the channel form needs C × C products. Whichever is smaller
+    is used, so memory is O(N · min(max(C_s, C_t), HW)²).
+    """
+    c_s, c_t, hw = s.shape[1], t.shape[1], s.shape[2]
+    if hw < max(c_s, c_t):
+        gram_s = s.transpose(1, 2) @ s  # (N, HW, HW)
+        gram_t = t.transpose(1, 2) @ t
+        return (gram_s / c_s - gram_t / c_t).square().sum(dim=(1, 2)).mean()
+
+    def pair_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a @ b.transpose(1, 2)).square().mean(dim=(1, 2))
+
+    return (pair_mean(t, t) + pair_mean(s, s) - 2 * pair_mean(s, t)).mean()
+
+
+def nst_loss(
+    student_maps: torch.Tensor, teacher_maps: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """Neural selectivity transfer (RepDistiller ``NSTLoss``, SPEC §3).
+
+    Same semantics as :func:`fastkd.reference.nst_loss`: both maps pooled to
+    ``(min(H, H'), min(W, W'))``, flattened to ``(N, C, HW)``, L2-normalised
+    over HW; per sample ``mean K(t,t) + mean K(s,s) − 2 mean K(s,t)`` with
+    ``k(a, b) = (a·b)²`` over channel pairs, averaged over N. Nothing is
+    detached (detach ``teacher_maps`` for a frozen teacher).
+
+    The ``"cpu"`` backend is composite ATen with autograd, no fused op: it
+    uses the closed form ``‖AᵀA / C_s − BᵀB / C_t‖²_F`` (two HW × HW Grams per
+    sample) when HW is smaller than the channel counts, else the C × C channel
+    products, so its memory is O(N · min(max(C_s, C_t), HW)²).
+
+    Args:
+        student_maps: ``(N, C_s, H, W)`` student feature maps.
+        teacher_maps: ``(N, C_t, H', W')``; channels and spatial size may differ.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``;
+            only ``"cpu"`` has an NST path so far: ``"auto"`` uses the
+            reference for CUDA tensors, an explicit ``"cuda"`` / ``"triton"``
+            raises ``ValueError``.
+
+    Returns:
+        ``()`` loss, float32 (float64 for float64 inputs).
+    """
+    s, t = _reference_mmd.check_nst_arguments(student_maps, teacher_maps)
+    chosen = _backend_for("nst", MMD_KERNELS, backend, s)
+    if chosen == "reference":
+        return _reference.nst_loss(s, t)
+    return _nst_closed_form(*_reference_mmd.nst_features(s, t))

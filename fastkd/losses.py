@@ -110,3 +110,65 @@ class InfoNCELoss(nn.Module):
             f"temperature={self.temperature}, symmetric={self.symmetric}, "
             f"normalize={self.normalize}, backend={self.backend!r}"
         )
+
+
+class MMDLoss(nn.Module):
+    """Module form of :func:`fastkd.mmd_loss`; keyword arguments as there.
+
+    ``forward(x (N, D), y (M, D))`` → ``()`` loss.
+    """
+
+    def __init__(
+        self,
+        *,
+        kernel: str = "gaussian",
+        bandwidths: float | tuple[float, ...] = F._reference_mmd.DEFAULT_BANDWIDTHS,
+        unbiased: bool = False,
+        degree: int = 2,
+        c: float = 1.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.bandwidths = bandwidths
+        self.unbiased = unbiased
+        self.degree = degree
+        self.c = c
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.mmd_loss(
+            x,
+            y,
+            kernel=self.kernel,
+            bandwidths=self.bandwidths,
+            unbiased=self.unbiased,
+            degree=self.degree,
+            c=self.c,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        params = (
+            f"degree={self.degree}, c={self.c}"
+            if self.kernel == "polynomial"
+            else f"bandwidths={self.bandwidths}"
+        )
+        return f"kernel={self.kernel!r}, {params}, unbiased={self.unbiased}, backend={self.backend!r}"
+
+
+class NSTLoss(nn.Module):
+    """Module form of :func:`fastkd.nst_loss`.
+
+    ``forward(student_maps (N, C_s, H, W), teacher_maps (N, C_t, H', W'))`` → ``()`` loss.
+    """
+
+    def __init__(self, *, backend: str = "auto") -> None:
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, student_maps: torch.Tensor, teacher_maps: torch.Tensor) -> torch.Tensor:
+        return F.nst_loss(student_maps, teacher_maps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"

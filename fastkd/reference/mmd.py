@@ -107,6 +107,28 @@ def _within_mean(k: torch.Tensor, unbiased: bool) -> torch.Tensor:
     return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
 
 
+def check_mmd_arguments(x, y, kernel, bandwidths, unbiased, degree, c):
+    """Validates :func:`mmd_loss`'s arguments (``ValueError`` naming the bad one).
+
+    Returns ``(x, y, bandwidths as a tuple of floats, degree, c)``; shared
+    with the fused backends so that every backend rejects the same inputs.
+    """
+    x = _samples("x", x)
+    y = _samples("y", y)
+    _same_features("y", y, "x", x)
+    _validate.choice("kernel", kernel, KERNELS)
+    bandwidths = _bandwidths(bandwidths)
+    degree = _positive_int("degree", degree)
+    c = _validate.real("c", c, low=0.0, low_open=True)
+    if not isinstance(unbiased, bool):
+        raise ValueError(f"unbiased must be a bool, got {type(unbiased).__name__}")
+    if unbiased:
+        for name, value in (("x", x), ("y", y)):
+            if value.shape[0] < 2:
+                raise ValueError(f"unbiased=True needs at least 2 rows in {name}, got {value.shape[0]}")
+    return x, y, bandwidths, degree, c
+
+
 def mmd_loss(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -150,20 +172,7 @@ def mmd_loss(
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
     """
-    x = _samples("x", x)
-    y = _samples("y", y)
-    _same_features("y", y, "x", x)
-    _validate.choice("kernel", kernel, KERNELS)
-    bandwidths = _bandwidths(bandwidths)
-    degree = _positive_int("degree", degree)
-    c = _validate.real("c", c, low=0.0, low_open=True)
-    if not isinstance(unbiased, bool):
-        raise ValueError(f"unbiased must be a bool, got {type(unbiased).__name__}")
-    if unbiased:
-        for name, value in (("x", x), ("y", y)):
-            if value.shape[0] < 2:
-                raise ValueError(f"unbiased=True needs at least 2 rows in {name}, got {value.shape[0]}")
-
+    x, y, bandwidths, degree, c = check_mmd_arguments(x, y, kernel, bandwidths, unbiased, degree, c)
     acc = _accumulation_dtype(x)
     x, y = x.to(acc), y.to(acc)
     params = {"bandwidths": bandwidths, "degree": degree, "c": c}
@@ -179,6 +188,35 @@ def _feature_maps(name: str, value) -> torch.Tensor:
     if value.dim() != 4 or value.numel() == 0:
         raise ValueError(f"{name} must have shape (N, C, H, W) with every dim >= 1, got {tuple(value.shape)}")
     return value
+
+
+def check_nst_arguments(student_maps, teacher_maps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validates :func:`nst_loss`'s arguments (``ValueError`` naming the bad one)."""
+    s = _feature_maps("student_maps", student_maps)
+    t = _feature_maps("teacher_maps", teacher_maps)
+    if t.shape[0] != s.shape[0]:
+        raise ValueError(
+            f"teacher_maps batch size {t.shape[0]} does not match student_maps batch size {s.shape[0]}"
+        )
+    if t.dtype != s.dtype:
+        raise ValueError(f"teacher_maps dtype {t.dtype} does not match student_maps dtype {s.dtype}")
+    _validate.same_device("teacher_maps", t, "student_maps", s)
+    return s, t
+
+
+def nst_features(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated maps → pooled to a common size, ``(N, C, HW)``, L2-normalised over HW.
+
+    Computed in float32 (float64 for float64 inputs).
+    """
+    acc = _accumulation_dtype(s)
+    s, t = s.to(acc), t.to(acc)
+    size = (min(s.shape[2], t.shape[2]), min(s.shape[3], t.shape[3]))
+    if s.shape[2:] != size:
+        s = F.adaptive_avg_pool2d(s, size)
+    if t.shape[2:] != size:
+        t = F.adaptive_avg_pool2d(t, size)
+    return F.normalize(s.flatten(2), dim=2), F.normalize(t.flatten(2), dim=2)
 
 
 def nst_loss(student_maps: torch.Tensor, teacher_maps: torch.Tensor) -> torch.Tensor:
@@ -204,25 +242,8 @@ def nst_loss(student_maps: torch.Tensor, teacher_maps: torch.Tensor) -> torch.Te
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
     """
-    s = _feature_maps("student_maps", student_maps)
-    t = _feature_maps("teacher_maps", teacher_maps)
-    if t.shape[0] != s.shape[0]:
-        raise ValueError(
-            f"teacher_maps batch size {t.shape[0]} does not match student_maps batch size {s.shape[0]}"
-        )
-    if t.dtype != s.dtype:
-        raise ValueError(f"teacher_maps dtype {t.dtype} does not match student_maps dtype {s.dtype}")
-    _validate.same_device("teacher_maps", t, "student_maps", s)
-
-    acc = _accumulation_dtype(s)
-    s, t = s.to(acc), t.to(acc)
-    size = (min(s.shape[2], t.shape[2]), min(s.shape[3], t.shape[3]))
-    if s.shape[2:] != size:
-        s = F.adaptive_avg_pool2d(s, size)
-    if t.shape[2:] != size:
-        t = F.adaptive_avg_pool2d(t, size)
-    s = F.normalize(s.flatten(2), dim=2)
-    t = F.normalize(t.flatten(2), dim=2)
+    s, t = check_nst_arguments(student_maps, teacher_maps)
+    s, t = nst_features(s, t)
 
     def poly(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # (N, C_a, HW), (N, C_b, HW) → per-sample mean over channel pairs of (a_c·b_c')², (N,)

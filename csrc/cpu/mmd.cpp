@@ -1,0 +1,356 @@
+// CPU implementation of fastkd::mmd_forward / fastkd::mmd_backward (SPEC §3):
+// the squared MMD between samples x (N, D) and y (M, D) without the (N, N),
+// (M, M) or (N, M) kernel matrices. Each op walks the rows of x (for the
+// x–x and x–y terms) and then of y (for the y–y term) in tiles of
+// `tile_rows` rows; one tile's kernel block (tile_rows × N or M), and a few
+// temporaries of that size, are the only large allocations. The backward
+// saves nothing: it recomputes each block from x and y. The work is ATen
+// (at::mm / addmm for the dot products, elementwise exp), no SIMD of our own.
+//
+// Squared distances come from the norms, ‖a‖² + ‖b‖² − 2 a·b, clamped at 0.
+// A point's distance to itself (the diagonal of a within-sample block) is set
+// to exactly 0, as the reference's difference-based cdist gives it, so that
+// k(a, a) is exact and the laplacian's derivative there is 0. The laplacian's
+// derivative at any exact zero distance is defined as 0 (cdist's convention).
+//
+// bfloat16 / float16 inputs are upcast once and everything accumulates in
+// float32; float64 inputs stay float64.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../common/checks.h"
+
+namespace fastkd {
+namespace cpu {
+namespace {
+
+// fastkd.functional.MMD_KERNEL_CODES
+enum class MmdKernel : int64_t { kGaussian = 0, kLaplacian = 1, kPolynomial = 2 };
+
+at::ScalarType accumulation_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_mmd_args(const at::Tensor& x, const at::Tensor& y, int64_t kernel,
+                    at::ArrayRef<double> bandwidths, int64_t degree, double c, bool unbiased,
+                    int64_t tile_rows) {
+  CHECK_DEVICE_TYPE(x, at::kCPU);
+  CHECK_DEVICE_TYPE(y, at::kCPU);
+  CHECK_DIM(x, 2);
+  CHECK_DIM(y, 2);
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be a floating-point tensor, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "x and y must have the same dtype, got ",
+              x.scalar_type(), " and ", y.scalar_type());
+  TORCH_CHECK(x.size(1) == y.size(1), "x and y must have the same feature dim D, got ", x.size(1),
+              " and ", y.size(1));
+  TORCH_CHECK(x.size(0) >= 1 && y.size(0) >= 1, "x and y must have at least one row, got ",
+              x.size(0), " and ", y.size(0));
+  TORCH_CHECK(kernel >= 0 && kernel <= 2, "kernel must be 0 (gaussian), 1 (laplacian) or 2 "
+              "(polynomial), got ", kernel);
+  if (kernel != static_cast<int64_t>(MmdKernel::kPolynomial)) {
+    TORCH_CHECK(!bandwidths.empty(), "bandwidths must not be empty");
+    for (double s : bandwidths) {
+      TORCH_CHECK(std::isfinite(s) && s > 0, "bandwidths must be finite and > 0, got ", s);
+    }
+  }
+  TORCH_CHECK(degree >= 1, "degree must be >= 1, got ", degree);
+  TORCH_CHECK(std::isfinite(c) && c > 0, "c must be finite and > 0, got ", c);
+  if (unbiased) {
+    TORCH_CHECK(x.size(0) >= 2 && y.size(0) >= 2,
+                "unbiased needs at least 2 rows in x and in y, got ", x.size(0), " and ",
+                y.size(0));
+  }
+  TORCH_CHECK(tile_rows >= 1, "tile_rows must be >= 1, got ", tile_rows);
+}
+
+struct MmdParams {
+  MmdKernel kernel;
+  std::vector<double> bandwidths;
+  int64_t degree;
+  double c;
+  bool unbiased;
+  int64_t tile_rows;
+
+  bool distance_based() const { return kernel != MmdKernel::kPolynomial; }
+};
+
+// The samples in the accumulation dtype and their squared row norms.
+struct Samples {
+  at::Tensor x, y, x_norm, y_norm;
+};
+
+Samples prepare(const at::Tensor& x, const at::Tensor& y, const MmdParams& p) {
+  const auto acc = accumulation_type(x);
+  Samples s{x.to(acc), y.to(acc), {}, {}};
+  if (p.distance_based()) {
+    s.x_norm = s.x.square().sum(1);
+    s.y_norm = s.y.square().sum(1);
+  }
+  return s;
+}
+
+// One block of the kernel between rows [start, start + a_tile.size(0)) of a
+// sample and every row of b. `within`: b is that same sample (its diagonal
+// is offset by `start`). Returns the kernel values K and, if `want_coef`,
+// the gradient coefficients C with
+//   d k(a_i, b_j) / d a_i = C_ij (a_i − b_j)   (distance kernels),
+//   d k(a_i, b_j) / d a_i = C_ij b_j           (polynomial),
+// C's within-sample diagonal set to 0 where its contribution is 0 (distance
+// kernels: a_i − a_i = 0) or excluded (unbiased).
+struct Block {
+  at::Tensor k, coef;
+  // Laplacian only: the (row, column) indices of the near pairs, whose
+  // distance was recomputed from the difference (see refine_near_pairs);
+  // their entries of `coef` are 0 and their gradient is near_pairs_grad's.
+  at::Tensor near_rows, near_cols;
+};
+
+// Pairs per chunk when near pairs are handled from their differences
+// (chunk × D temporaries).
+int64_t near_chunk(int64_t d) { return std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(d, 1)); }
+
+// The laplacian takes the square root of the squared distance, which turns
+// the norm form's absolute rounding error eps·(‖a‖² + ‖b‖²) into an error of
+// order sqrt(eps)·‖a‖ at small distances. Entries with
+// sq < (eps / target)² · (‖a‖² + ‖b‖²) (target 1e-6 in float32, 1e-13 in
+// float64: d below ~0.1·‖a‖, resp. ~0.002·‖a‖) are recomputed as ‖a − b‖²
+// from the differences, which keeps the distance's error below about target
+// times the norms. Returns their (row, column) indices.
+std::pair<at::Tensor, at::Tensor> refine_near_pairs(at::Tensor& sq, const at::Tensor& a_tile,
+                                                    const at::Tensor& a_norm_tile,
+                                                    const at::Tensor& b, const at::Tensor& b_norm) {
+  const bool dbl = sq.scalar_type() == at::kDouble;
+  // machine epsilon / the distance error (relative to the norms) to stay under
+  const double ratio = dbl ? 2.220446049250313e-16 / 1e-13 : 1.1920928955078125e-07 / 1e-6;
+  const double factor = ratio * ratio;
+  const at::Tensor near = sq < (a_norm_tile.unsqueeze(1) + b_norm.unsqueeze(0)).mul_(factor);
+  const at::Tensor idx = near.nonzero();  // (P, 2)
+  at::Tensor rows = idx.select(1, 0).contiguous();
+  at::Tensor cols = idx.select(1, 1).contiguous();
+  const int64_t pairs = rows.size(0);
+  const int64_t chunk = near_chunk(a_tile.size(1));
+  at::Tensor flat = sq.view({-1});
+  for (int64_t start = 0; start < pairs; start += chunk) {
+    const int64_t len = std::min(chunk, pairs - start);
+    const at::Tensor r = rows.narrow(0, start, len), c = cols.narrow(0, start, len);
+    const at::Tensor exact = (a_tile.index_select(0, r) - b.index_select(0, c)).square_().sum(1);
+    flat.index_put_({r * sq.size(1) + c}, exact);
+  }
+  return {rows, cols};
+}
+
+Block kernel_block(const at::Tensor& a_tile, const at::Tensor& a_norm_tile, const at::Tensor& b,
+                   const at::Tensor& b_norm, bool within, int64_t start, const MmdParams& p,
+                   bool want_k, bool want_coef) {
+  Block out;
+  if (!p.distance_based()) {
+    // u = a·b / c + 1; k = u^degree; dk/da = degree / c · u^(degree − 1) · b.
+    at::Tensor u = at::mm(a_tile, b.t()).mul_(1.0 / p.c).add_(1.0);
+    if (want_coef) {
+      out.coef = p.degree == 1 ? at::full_like(u, 1.0 / p.c)
+                               : at::pow(u, static_cast<double>(p.degree - 1)).mul_(
+                                     static_cast<double>(p.degree) / p.c);
+      if (within && p.unbiased) at::diagonal(out.coef, start).zero_();
+    }
+    if (want_k) {
+      out.k = p.degree == 1 ? u : at::pow(u, static_cast<double>(p.degree));
+      if (within && p.unbiased) at::diagonal(out.k, start).zero_();
+    }
+    return out;
+  }
+  // sq = ‖a‖² + ‖b‖² − 2 a·b, clamped at 0 (NaN stays NaN), exact 0 on the diagonal.
+  at::Tensor sq = at::addmm(b_norm.unsqueeze(0), a_tile, b.t(), /*beta=*/1, /*alpha=*/-2);
+  sq.add_(a_norm_tile.unsqueeze(1)).clamp_min_(0);
+  if (within) at::diagonal(sq, start).zero_();
+  at::Tensor dist;
+  at::Tensor inv_dist;
+  if (p.kernel == MmdKernel::kLaplacian) {
+    std::tie(out.near_rows, out.near_cols) = refine_near_pairs(sq, a_tile, a_norm_tile, b, b_norm);
+    dist = sq.sqrt_();
+    if (want_coef) {
+      // 1/d, and 0 where d == 0 (the derivative of ‖a − b‖ taken as 0 there).
+      inv_dist = at::where(dist > 0, dist.reciprocal(), at::zeros({}, dist.options()));
+    }
+  }
+  if (want_k) out.k = at::zeros_like(sq);
+  if (want_coef) out.coef = at::zeros_like(sq);
+  at::Tensor term = at::empty_like(sq);
+  for (double s : p.bandwidths) {
+    if (p.kernel == MmdKernel::kGaussian) {
+      // k_σ = exp(−sq / (2σ²)); dk_σ/da = −k_σ / σ² · (a − b).
+      at::mul_out(term, sq, -0.5 / (s * s)).exp_();
+      if (want_k) out.k.add_(term);
+      if (want_coef) out.coef.add_(term, -1.0 / (s * s));
+    } else {
+      // k_σ = exp(−d / σ); dk_σ/da = −k_σ / (σ d) · (a − b).
+      at::mul_out(term, dist, -1.0 / s).exp_();
+      if (want_k) out.k.add_(term);
+      if (want_coef) out.coef.add_(term, -1.0 / s);
+    }
+  }
+  if (want_coef) {
+    if (p.kernel == MmdKernel::kLaplacian) {
+      out.coef.mul_(inv_dist);
+      out.coef.view({-1}).index_fill_(0, out.near_rows * out.coef.size(1) + out.near_cols, 0.0);
+    }
+    if (within) at::diagonal(out.coef, start).zero_();
+  }
+  if (want_k && within && p.unbiased) at::diagonal(out.k, start).zero_();
+  return out;
+}
+
+// Σ_j d k(a_i, b_j) / d a_i for the rows i of a block: C-weighted.
+at::Tensor row_side_grad(const at::Tensor& coef, const at::Tensor& a_tile, const at::Tensor& b,
+                         const MmdParams& p) {
+  if (!p.distance_based()) return at::mm(coef, b);
+  // Σ_j C_ij (a_i − b_j) = a_i Σ_j C_ij − (C b)_i
+  return at::mm(coef, b).neg_().addcmul_(a_tile, coef.sum(1, /*keepdim=*/true));
+}
+
+// The laplacian's near pairs (Block::near_rows / near_cols), from their
+// differences: C_ij (a_i − b_j) with C_ij = Σ_σ −exp(−d/σ) / (σ d) (0 at d = 0)
+// is bounded by Σ 1/σ, while the matrix form a_i Σ_j C_ij − (C b)_i would
+// cancel two terms of size |C_ij|·‖a‖. Adds row_weight · C_ij (a_i − b_j) to
+// row_out[i] and, if col_out is defined, col_weight · C_ij (b_j − a_i) to col_out[j].
+void near_pairs_grad(const Block& blk, const at::Tensor& a_tile, const at::Tensor& b,
+                     const MmdParams& p, at::Tensor& row_out, const at::Tensor& row_weight,
+                     at::Tensor& col_out, const at::Tensor& col_weight) {
+  const int64_t pairs = blk.near_rows.size(0);
+  const int64_t chunk = near_chunk(a_tile.size(1));
+  for (int64_t start = 0; start < pairs; start += chunk) {
+    const int64_t len = std::min(chunk, pairs - start);
+    const at::Tensor r = blk.near_rows.narrow(0, start, len), c = blk.near_cols.narrow(0, start, len);
+    at::Tensor diff = a_tile.index_select(0, r) - b.index_select(0, c);
+    const at::Tensor dist = diff.square().sum(1).sqrt_();
+    at::Tensor coef = at::zeros_like(dist);
+    for (double s : p.bandwidths) coef.add_(at::mul(dist, -1.0 / s).exp_(), -1.0 / s);
+    coef = at::where(dist > 0, coef / dist, at::zeros({}, dist.options()));
+    diff.mul_(coef.unsqueeze(1));
+    row_out.index_add_(0, r, diff * row_weight);
+    if (col_out.defined()) col_out.index_add_(0, c, diff * (-col_weight));
+  }
+}
+
+// Within-sample and cross-sample weights of the estimator:
+// loss = w_xx Σ k(x, x') + w_yy Σ k(y, y') − w_xy Σ k(x, y).
+struct Weights {
+  double xx, yy, xy;
+};
+
+Weights estimator_weights(int64_t n, int64_t m, bool unbiased) {
+  const double nn = unbiased ? double(n) * double(n - 1) : double(n) * double(n);
+  const double mm = unbiased ? double(m) * double(m - 1) : double(m) * double(m);
+  return {1.0 / nn, 1.0 / mm, 2.0 / (double(n) * double(m))};
+}
+
+MmdParams make_params(int64_t kernel, at::ArrayRef<double> bandwidths, int64_t degree, double c,
+                      bool unbiased, int64_t tile_rows) {
+  return {static_cast<MmdKernel>(kernel), bandwidths.vec(), degree, c, unbiased, tile_rows};
+}
+
+at::Tensor narrow_or_empty(const at::Tensor& t, int64_t start, int64_t rows) {
+  return t.defined() ? t.narrow(0, start, rows) : t;
+}
+
+at::Tensor mmd_forward_cpu(const at::Tensor& x, const at::Tensor& y, int64_t kernel,
+                           at::ArrayRef<double> bandwidths, int64_t degree, double c,
+                           bool unbiased, int64_t tile_rows) {
+  check_mmd_args(x, y, kernel, bandwidths, degree, c, unbiased, tile_rows);
+  const MmdParams p = make_params(kernel, bandwidths, degree, c, unbiased, tile_rows);
+  const Samples s = prepare(x, y, p);
+  const int64_t n = x.size(0), m = y.size(0);
+  const Weights w = estimator_weights(n, m, unbiased);
+  at::Tensor sum_xx = at::zeros({}, s.x.options());
+  at::Tensor sum_xy = at::zeros({}, s.x.options());
+  at::Tensor sum_yy = at::zeros({}, s.x.options());
+  for (int64_t start = 0; start < n; start += tile_rows) {
+    const int64_t rows = std::min(tile_rows, n - start);
+    const at::Tensor a = s.x.narrow(0, start, rows);
+    const at::Tensor a_norm = narrow_or_empty(s.x_norm, start, rows);
+    sum_xx.add_(kernel_block(a, a_norm, s.x, s.x_norm, true, start, p, true, false).k.sum());
+    sum_xy.add_(kernel_block(a, a_norm, s.y, s.y_norm, false, start, p, true, false).k.sum());
+  }
+  for (int64_t start = 0; start < m; start += tile_rows) {
+    const int64_t rows = std::min(tile_rows, m - start);
+    const at::Tensor a = s.y.narrow(0, start, rows);
+    const at::Tensor a_norm = narrow_or_empty(s.y_norm, start, rows);
+    sum_yy.add_(kernel_block(a, a_norm, s.y, s.y_norm, true, start, p, true, false).k.sum());
+  }
+  return sum_xx.mul_(w.xx).add_(sum_yy, w.yy).sub_(sum_xy, w.xy);
+}
+
+std::tuple<at::Tensor, at::Tensor> mmd_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                    const at::Tensor& y, int64_t kernel,
+                                                    at::ArrayRef<double> bandwidths,
+                                                    int64_t degree, double c, bool unbiased,
+                                                    int64_t tile_rows) {
+  check_mmd_args(x, y, kernel, bandwidths, degree, c, unbiased, tile_rows);
+  CHECK_DEVICE_TYPE(grad, at::kCPU);
+  TORCH_CHECK(grad.numel() == 1, "grad must have one element, got ", grad.numel());
+  const MmdParams p = make_params(kernel, bandwidths, degree, c, unbiased, tile_rows);
+  const Samples s = prepare(x, y, p);
+  const int64_t n = x.size(0), m = y.size(0);
+  const Weights w = estimator_weights(n, m, unbiased);
+  // Σ k(x, x') is symmetric in its two arguments: each x_i appears in both,
+  // so its gradient is twice the row side's.
+  const at::Tensor g = grad.to(s.x.scalar_type()).reshape({});
+  const at::Tensor g_xx = g * (2.0 * w.xx);
+  const at::Tensor g_yy = g * (2.0 * w.yy);
+  const at::Tensor g_xy = g * (-w.xy);
+
+  at::Tensor grad_x = at::empty(s.x.sizes(), s.x.options());
+  at::Tensor grad_y = at::empty(s.y.sizes(), s.y.options());
+  // The column side of the cross term, Σ_i d k(x_i, y_j) / d y_j, accumulated over x tiles:
+  //   distance kernels: Σ_i C_ij (y_j − x_i) = y_j Σ_i C_ij − (Cᵀ x)_j;  polynomial: (Cᵀ x)_j.
+  at::Tensor cross_y = at::zeros(s.y.sizes(), s.y.options());
+  at::Tensor cross_colsum = p.distance_based() ? at::zeros({m}, s.y.options()) : at::Tensor();
+  for (int64_t start = 0; start < n; start += tile_rows) {
+    const int64_t rows = std::min(tile_rows, n - start);
+    const at::Tensor a = s.x.narrow(0, start, rows);
+    const at::Tensor a_norm = narrow_or_empty(s.x_norm, start, rows);
+    at::Tensor out = grad_x.narrow(0, start, rows);
+    const Block xx = kernel_block(a, a_norm, s.x, s.x_norm, true, start, p, false, true);
+    out.copy_(row_side_grad(xx.coef, a, s.x, p)).mul_(g_xx);
+    const Block xy = kernel_block(a, a_norm, s.y, s.y_norm, false, start, p, false, true);
+    out.add_(row_side_grad(xy.coef, a, s.y, p).mul_(g_xy));
+    if (p.kernel == MmdKernel::kLaplacian) {
+      at::Tensor none;
+      near_pairs_grad(xx, a, s.x, p, out, g_xx, none, g_xx);
+      near_pairs_grad(xy, a, s.y, p, out, g_xy, cross_y, at::ones({}, g.options()));
+    }
+    if (p.distance_based()) {
+      cross_y.addmm_(xy.coef.t(), a, 1, -1);
+      cross_colsum.add_(xy.coef.sum(0));
+    } else {
+      cross_y.addmm_(xy.coef.t(), a);
+    }
+  }
+  if (p.distance_based()) cross_y.addcmul_(s.y, cross_colsum.unsqueeze(1));
+  for (int64_t start = 0; start < m; start += tile_rows) {
+    const int64_t rows = std::min(tile_rows, m - start);
+    const at::Tensor a = s.y.narrow(0, start, rows);
+    const at::Tensor a_norm = narrow_or_empty(s.y_norm, start, rows);
+    at::Tensor out = grad_y.narrow(0, start, rows);
+    const Block yy = kernel_block(a, a_norm, s.y, s.y_norm, true, start, p, false, true);
+    out.copy_(row_side_grad(yy.coef, a, s.y, p)).mul_(g_yy);
+    if (p.kernel == MmdKernel::kLaplacian) {
+      at::Tensor none;
+      near_pairs_grad(yy, a, s.y, p, out, g_yy, none, g_yy);
+    }
+  }
+  grad_y.add_(cross_y.mul_(g_xy));
+  return {grad_x.to(x.scalar_type()), grad_y.to(y.scalar_type())};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastkd
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("mmd_forward", &fastkd::cpu::mmd_forward_cpu);
+  m.impl("mmd_backward", &fastkd::cpu::mmd_backward_cpu);
+}
