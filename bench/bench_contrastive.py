@@ -57,7 +57,6 @@ options disable timing; add ``--benchmark-enable`` for timings).
 from __future__ import annotations
 
 import argparse
-import time
 
 import pytest
 import torch
@@ -69,6 +68,7 @@ from bench.common import (
     MIB,
     Call,
     SweepContext,
+    first_call,
     peak_extra_bytes,
     synchronize,
     time_uncontended,
@@ -197,19 +197,6 @@ def configs(quick: bool) -> list[tuple[str, int]]:
     ]
 
 
-def _first_call(loss_fn, q, k, device) -> tuple[float, float]:
-    """(loss, seconds) of an untimed first forward + backward: a warm-up, the
-    compile for ``compile``, and the value the providers are checked by."""
-    q.grad = k.grad = None
-    start = time.perf_counter()
-    loss = loss_fn(q, k)
-    loss.backward()
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    q.grad = k.grad = None
-    return float(loss.detach()), seconds
-
-
 def sweep(ctx: SweepContext) -> list[dict]:
     """Every provider on every configuration; one row per (configuration, provider).
 
@@ -275,7 +262,7 @@ def sweep(ctx: SweepContext) -> list[dict]:
         first = {}
         for name, loss_fn in here.items():
             ctx.progress.update(task, description=f"{label} {name}: first call")
-            first[name] = _first_call(loss_fn, q, k, device)
+            first[name] = first_call(loss_fn, (q, k), device=device)
         ctx.progress.update(task, description=f"{label}: timing")
         if n >= LONG_N:
             options = {"warmup": 0, "min_repeats": LONG_REPEATS, "max_repeats": LONG_REPEATS, "attempts": 2}

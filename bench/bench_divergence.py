@@ -32,7 +32,6 @@ options disable timing; add ``--benchmark-enable`` for timings).
 from __future__ import annotations
 
 import argparse
-import time
 
 import pytest
 import torch
@@ -45,6 +44,7 @@ from bench.common import (
     MIB,
     Call,
     SweepContext,
+    first_call,
     peak_extra_bytes,
     synchronize,
     time_uncontended,
@@ -159,19 +159,6 @@ def configs(quick: bool) -> list[tuple[str, int, int]]:
     return [(dtype, n, v) for dtype in DTYPES for n, v in SHAPES]
 
 
-def _first_call(loss_fn, s, t, device) -> tuple[float, float]:
-    """(loss, seconds) of an untimed first forward + backward: a warm-up, the
-    compile for ``compile``, and the value the providers are checked by."""
-    s.grad = None
-    start = time.perf_counter()
-    loss = loss_fn(s, t)
-    loss.backward()
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    s.grad = None
-    return float(loss.detach()), seconds
-
-
 def sweep(ctx: SweepContext) -> list[dict]:
     """Every provider on every configuration; one row per (configuration, provider).
 
@@ -220,7 +207,7 @@ def sweep(ctx: SweepContext) -> list[dict]:
         first = {}
         for name, loss_fn in found.items():
             ctx.progress.update(task, description=f"{label} {name}: first call")
-            first[name] = _first_call(loss_fn, s, t, device)
+            first[name] = first_call(loss_fn, (s, t), device=device)
         ctx.progress.update(task, description=f"{label}: timing")
         timings, other_load = time_uncontended(calls, device=device)
         eager_loss = first[EAGER][0]

@@ -114,6 +114,26 @@ def time_interleaved(
     return {name: Timing(statistics.median(runs), tuple(runs)) for name, runs in times.items()}
 
 
+def first_call(loss_fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], *,
+               device: torch.device) -> tuple[float, float]:
+    """(loss, seconds) of an untimed first forward + backward of ``loss_fn(*inputs)``:
+    a warm-up, the compile for ``compile``, and the value the providers are
+    checked by. The inputs' gradients are cleared before and after."""
+
+    def clear_grads() -> None:
+        for x in inputs:
+            x.grad = None
+
+    clear_grads()
+    start = time.perf_counter()
+    loss = loss_fn(*inputs)
+    loss.backward()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    clear_grads()
+    return float(loss.detach()), seconds
+
+
 def time_call(fn: Callable[[], object], *, device: torch.device, setup=None, **options) -> Timing:
     """:func:`time_interleaved` of one call."""
     return time_interleaved({"": Call(fn, setup)}, device=device, **options)[""]
