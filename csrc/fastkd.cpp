@@ -58,6 +58,21 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "mmd_backward(Tensor grad, Tensor x, Tensor y, int kernel, float[] bandwidths, "
       "int degree, float c, bool unbiased, int tile_rows) -> (Tensor, Tensor)");
+
+  // Top-k (sparse) teacher divergence (SPEC §1): the teacher is k (id, logit)
+  // pairs per row, renormalised over its ids; the student's softmax is over
+  // the full vocabulary. No [N, V] teacher tensor is built.
+  //   student: [N, V] logits, unit stride along V.
+  //   teacher_index: [N, k] int64, distinct ids in [0, V) per row.
+  //   teacher_value: [N, k] teacher logits, float32 (float64 for float64 student).
+  //   kind: as divergence_forward, except reverse KL (1), which is infinite
+  //   off the teacher's ids.
+  // Returns (row_loss [N] fp32 (fp64 for fp64 input), student_grad [N, V] or
+  // [0, 0] in the input dtype, = grad_scale · d(row loss)/d(logits)).
+  m.def(
+      "topk_divergence_forward(Tensor student, Tensor teacher_index, Tensor teacher_value, "
+      "Tensor? row_mask, int kind, float inv_temperature, float coef, float grad_scale, "
+      "bool student_grad) -> (Tensor, Tensor)");
 }
 
 namespace py = pybind11;

@@ -7,6 +7,7 @@ from fastkd._dispatch import BackendStatus, backends
 from fastkd._ops import empty_cache
 from fastkd.functional import divergence, info_nce, kd_loss, mmd_loss, nst_loss
 from fastkd.losses import DivergenceLoss, InfoNCELoss, KDLoss, MMDLoss, NSTLoss
+from fastkd.topk import TopKDivergenceLoss, topk_divergence
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,7 @@ __all__ = [
     "KDLoss",
     "MMDLoss",
     "NSTLoss",
+    "TopKDivergenceLoss",
     "__version__",
     "backends",
     "divergence",
@@ -25,4 +27,5 @@ __all__ = [
     "kd_loss",
     "mmd_loss",
     "nst_loss",
+    "topk_divergence",
 ]

@@ -89,3 +89,13 @@ if _C is not None:
     @torch.library.register_fake("fastkd::mmd_backward")
     def _mmd_backward_fake(grad, x, y, kernel, bandwidths, degree, c, unbiased, tile_rows):
         return x.new_empty(x.shape), y.new_empty(y.shape)
+
+    @torch.library.register_fake("fastkd::topk_divergence_forward")
+    def _topk_divergence_forward_fake(
+        student, teacher_index, teacher_value, row_mask, kind, inv_temperature, coef, grad_scale, student_grad
+    ):
+        rows, vocab = student.shape
+        loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        row_loss = student.new_empty((rows,), dtype=loss_dtype)
+        grad = student.new_empty((rows, vocab) if student_grad else (0, 0))
+        return row_loss, grad

@@ -1,0 +1,245 @@
+"""Benchmark of ``fastkd.topk_divergence``: forward + backward of KL (T = 2,
+``T²`` · batchmean) against a top-k teacher stored as ``(indices (N, k),
+logits (N, k))``, the student ``(N, V)`` requiring a gradient,
+``loss.backward()`` with the default upstream gradient of 1. ``V = 128256``
+(a Llama-3-size vocabulary), ``k = 64``.
+
+Providers — everything but ``fastkd-cpu`` first builds the dense ``(N, V)``
+teacher logits, ``−inf`` off the k ids (what one does without a sparse-teacher
+loss; its softmax is the teacher renormalised over the k ids), and that
+scatter is timed as part of the loss:
+
+- ``eager``: dense teacher, then ``bench_divergence.reference_loss`` (the
+  reference's plain-PyTorch computation of the divergence).
+- ``compile``: ``torch.compile`` (``fullgraph=True, dynamic=False``) of the
+  same function, scatter included. ``--no-compile`` skips it.
+- ``dense-fastkd-cpu``: dense teacher, then ``fastkd.divergence(...,
+  backend="cpu")``, the fused dense kernel.
+- ``fastkd-cpu``: ``fastkd.topk_divergence(..., backend="cpu")``: no dense
+  teacher; its dense work is the student row alone.
+
+On CUDA nothing but ``eager`` / ``compile`` / ``dense-fastkd-*`` would run
+(no top-k kernel there yet), so the family is CPU-only for now.
+
+Memory traffic (the floor): read the student logits once, write the student
+gradient once, ``2 · N · V · itemsize`` bytes (the teacher's ``N · k`` pairs
+are negligible).
+
+``python -m bench.run --families topk`` runs the sweep; ``pytest bench/`` runs
+the small pytest-benchmark cases below once each.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastkd
+from bench.bench_divergence import reference_loss
+from bench.common import (
+    COMPILE,
+    EAGER,
+    MIB,
+    Call,
+    SweepContext,
+    first_call,
+    peak_extra_bytes,
+    synchronize,
+    time_uncontended,
+)
+from fastkd.topk import TOPK_KERNELS
+
+FAMILY = "topk"
+VOCAB = 128256
+TOP_K = 64
+ROWS = (128, 512, 2048)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TEMPERATURE = 2.0
+CONFIG_KEYS = ("dtype", "N", "V", "k")
+COLUMNS = (
+    "family", "temperature", "device", "dtype", "N", "V", "k", "provider",
+    "median_ms", "min_ms", "max_ms", "repeats", "peak_extra_mib", "output_mib", "traffic_bytes",
+    "floor_ms", "copy_gbs",
+    "speedup_vs_eager", "speedup_vs_compile", "x_floor", "loss_rel_diff", "other_load", "thp", "note",
+)
+SIZE_AXIS = f"tokens N (V = {VOCAB}, k = {TOP_K})"
+# The student gradient: the least a fused forward + backward allocates.
+OUTPUT_KEY = "output_mib"
+# Every provider computes in float32; they differ by summation order only.
+LOSS_REL_TOLERANCE = 1e-3
+DENSE_FASTKD = "dense-fastkd-cpu"
+
+
+def dense_teacher(index: torch.Tensor, values: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``(N, V)`` logits: ``values`` at ``index``, ``−inf`` elsewhere."""
+    dense = torch.full((index.shape[0], vocab), -torch.inf, dtype=values.dtype, device=values.device)
+    return dense.scatter_(1, index, values)
+
+
+def dense_reference_loss(student, index, values):
+    return reference_loss(student, dense_teacher(index, values, student.shape[1]), divergence="kl",
+                          temperature=TEMPERATURE)
+
+
+def providers(device: torch.device, *, use_compile: bool):
+    """(name → ``loss(student, index, values)``, name → why it is not measured)."""
+    found = {EAGER: dense_reference_loss}
+    skipped = {}
+    if use_compile:
+        found[COMPILE] = torch.compile(dense_reference_loss, fullgraph=True, dynamic=False)
+    else:
+        skipped[COMPILE] = "--no-compile"
+    status = fastkd.backends()
+    if device.type == "cpu" and status["cpu"].available and "cpu" in TOPK_KERNELS:
+        found[DENSE_FASTKD] = lambda s, i, v: fastkd.divergence(
+            s, dense_teacher(i, v, s.shape[1]), temperature=TEMPERATURE, backend="cpu"
+        )
+        found["fastkd-cpu"] = lambda s, i, v: fastkd.topk_divergence(
+            s, i, v, temperature=TEMPERATURE, backend="cpu"
+        )
+    else:
+        reason = status["cpu"].reason if device.type == "cpu" else f"no top-k kernel on {device.type} yet"
+        skipped["fastkd-cpu"] = skipped[DENSE_FASTKD] = reason
+    return found, skipped
+
+
+def configs(quick: bool) -> list[tuple[str, int]]:
+    if quick:
+        return [("fp32", ROWS[0])]
+    return [(dtype, n) for dtype in DTYPES for n in ROWS]
+
+
+def make_inputs(n: int, dtype: torch.dtype, device: torch.device):
+    """Student logits (N, V) requiring grad; the teacher's top-k of a correlated dense teacher."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    student = torch.randn(n, VOCAB, device=device, generator=generator)
+    values, index = (student + torch.randn(n, VOCAB, device=device, generator=generator)).topk(TOP_K, dim=1)
+    return student.to(dtype).requires_grad_(), index, values.to(dtype)
+
+
+def sweep(ctx: SweepContext) -> list[dict]:
+    """Every provider on every configuration; one row per (configuration, provider).
+
+    Per configuration: a first call of each provider, then their timed runs in
+    turns (:func:`bench.common.time_uncontended`), then each one's peak memory.
+    """
+    device = ctx.device
+    found, skipped = providers(device, use_compile=ctx.compile)
+    if ctx.compile:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 256
+        )
+    todo = configs(ctx.quick)
+    task = ctx.progress.add_task(FAMILY, total=len(todo) * len(found))
+    rows = []
+    for dtype_name, n in todo:
+        s, index, values = make_inputs(n, DTYPES[dtype_name], device)
+        label = f"{FAMILY} {dtype_name} {n}×{VOCAB}"
+        base = {
+            "family": FAMILY,
+            "temperature": TEMPERATURE,
+            "device": device.type,
+            "dtype": dtype_name,
+            "N": n,
+            "V": VOCAB,
+            "k": TOP_K,
+            "output_mib": s.nbytes / MIB,
+            "traffic_bytes": 2 * s.nbytes,
+            "thp": ctx.thp.short,
+        }
+
+        def reset(s=s):
+            s.grad = None
+
+        calls = {
+            name: Call(lambda loss_fn=loss_fn, s=s, i=index, v=values: loss_fn(s, i, v).backward(), reset)
+            for name, loss_fn in found.items()
+        }
+        first = {}
+        for name, loss_fn in found.items():
+            ctx.progress.update(task, description=f"{label} {name}: first call")
+            loss_of_student = lambda s, loss_fn=loss_fn, i=index, v=values: loss_fn(s, i, v)  # noqa: E731
+            first[name] = first_call(loss_of_student, (s,), device=device)
+        ctx.progress.update(task, description=f"{label}: timing")
+        timings, other_load = time_uncontended(calls, device=device)
+        eager_loss = first[EAGER][0]
+        for name, call in calls.items():
+            ctx.progress.update(task, description=f"{label} {name}: memory")
+            peak = peak_extra_bytes(call.fn, device=device, setup=reset)
+            reset()
+            loss, first_s = first[name]
+            rel_diff = abs(loss - eager_loss) / abs(eager_loss) if eager_loss else None
+            notes = []
+            if name == COMPILE:
+                notes.append(f"first call (compile or cache load) {first_s:.1f} s")
+            if rel_diff is not None and rel_diff > LOSS_REL_TOLERANCE:
+                notes.append(f"loss differs from eager by {rel_diff:.1e}")
+            timing = timings[name]
+            rows.append({
+                **base,
+                "provider": name,
+                "median_ms": timing.median_ms,
+                "min_ms": min(timing.times_ms),
+                "max_ms": max(timing.times_ms),
+                "repeats": timing.repeats,
+                "peak_extra_mib": None if peak is None else peak / MIB,
+                "loss_rel_diff": rel_diff,
+                "other_load": other_load,
+                "note": "; ".join(notes),
+            })
+            ctx.progress.advance(task)
+        rows.extend({**base, "provider": name, "note": reason} for name, reason in skipped.items())
+        del s, index, values, calls, reset
+    ctx.progress.update(task, description=f"{FAMILY} done")
+    return rows
+
+
+def config_label(row: dict) -> str:
+    return f"{row['dtype']} {row['N']}×{row['V']} k={row['k']}"
+
+
+def size_label(row: dict) -> str:
+    return f"{row['N']}"
+
+
+def size_order(row: dict) -> tuple[int, int]:
+    return (row["N"] * row["V"], row["V"])
+
+
+def title(rows: list[dict], ctx: SweepContext) -> str:
+    return (
+        f"fastkd.topk_divergence: kl (T={TEMPERATURE:g}, k={TOP_K}) forward + backward, "
+        f"{ctx.device.type}, {torch.get_num_threads()} threads, THP {ctx.thp.short}"
+    )
+
+
+# ----------------------------------------------------------------------------- pytest-benchmark
+
+_DEVICE = torch.device("cpu")
+_PROVIDERS, _ = providers(_DEVICE, use_compile=False)
+
+
+@pytest.mark.parametrize("provider", list(_PROVIDERS))
+def test_topk_fwd_bwd(benchmark, provider):
+    s = torch.randn(16, 4096, requires_grad=True)
+    values, index = torch.randn(16, 4096).topk(32, dim=1)
+    loss_fn = _PROVIDERS[provider]
+
+    def reset():
+        s.grad = None
+
+    def step():
+        loss_fn(s, index, values).backward()
+        synchronize(_DEVICE)
+
+    benchmark.pedantic(step, setup=reset, rounds=10, warmup_rounds=1)
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+
+
+def test_providers_agree():
+    s = torch.randn(8, 1000, dtype=torch.float64, requires_grad=True)
+    values, index = torch.randn(8, 1000, dtype=torch.float64).topk(20, dim=1)
+    losses = {name: fn(s, index, values).item() for name, fn in _PROVIDERS.items()}
+    for name, loss in losses.items():
+        assert loss == pytest.approx(losses[EAGER], rel=1e-9), name

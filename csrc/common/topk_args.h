@@ -1,0 +1,31 @@
+// Raw-pointer interface of the top-k (sparse teacher) divergence kernel:
+// csrc/cpu/topk_divergence.cpp checks the tensors and fills it;
+// csrc/cpu/topk_kernel.cpp (compiled once per CPU capability) never sees an
+// at::Tensor. Plain C++: no ATen here.
+#pragma once
+
+#include <cstdint>
+
+#include "divergence_args.h"
+
+namespace fastkd {
+
+struct TopKDivergenceArgs {
+  const void* student;         // [rows, vocab] logits, unit stride along vocab
+  int64_t student_row_stride;  // elements between consecutive rows
+  const int64_t* index;        // [rows, k] contiguous, distinct ids in [0, vocab) per row
+  const void* value;           // [rows, k] contiguous teacher logits (float; double for Float64)
+  const bool* row_mask;        // [rows] or nullptr (all rows kept)
+  void* row_loss;              // [rows] float (double for Float64 inputs)
+  void* student_grad;          // [rows, vocab] contiguous, input dtype, or nullptr
+  int64_t rows;
+  int64_t vocab;
+  int64_t k;
+  DType dtype;
+  int kind;                    // fastkd::divergence::Kind, never REVERSE_KL
+  double inv_temperature;      // 1 / T, > 0
+  double coef;                 // β (JSD, in (0, 1)) or α (skew, in (0, 1])
+  double grad_scale;           // the gradient is grad_scale · d(row loss)/d(logits)
+};
+
+}  // namespace fastkd

@@ -1,0 +1,281 @@
+// Fused top-k (sparse teacher) divergence forward (+ student gradient) on CPU.
+//
+// Compiled three times by setup.py (CPU_CAPABILITY = DEFAULT, AVX2, AVX512);
+// csrc/cpu/topk_divergence.cpp picks one at run time.
+//
+// The teacher is k (id, logit) pairs per row; p lives on those ids,
+// renormalised over them. The student q is the full-vocabulary softmax. No
+// (N, V) teacher tensor exists: per row the dense work is the student's only.
+//
+// Every divergence the kernel takes is, as a function of q, a sum of terms on
+// the k support ids plus, off the support (where p = 0), a term c·q_v with a
+// constant c (SPEC §1 formulas with p = 0):
+//   KL(p‖q)                      c = 0
+//   JSD_β                        c = −(1−β) log(1−β)   ((1−β) q log(q/m), m = (1−β) q)
+//   KL(p‖αp+(1−α)q)              c = 0
+//   KL(q‖αq+(1−α)p)              c = −log α
+//   TVD ½Σ|p−q|                  c = ½
+// so the row loss is Σ_support terms + c·R with R = Σ_{v∉support} q_v, and
+// with g_v = ∂ℓ/∂q_v (= c off the support) the student gradient is
+//   dℓ/ds_v = q_v (g_v − G)/T,   G = Σ_v q_v g_v = Σ_support q_j g_j + c·R.
+// (KL(q‖p) is infinite off the support and is rejected by the caller.)
+//
+// Per row (rows in parallel):
+//   pass 1  widen s into the scratch row and find its max          read s
+//   support gather s at the k ids, then put −inf at those ids in the scratch,
+//           so that pass 2 sums the off-support mass R directly (not as
+//           1 − Σ_support q, which cancels when the teacher's ids hold
+//           nearly all of the student's mass)
+//   pass 2  e_v = exp((s_v − max)/T) into the scratch, compensated sum
+//   support the k terms, in double (k is small)
+//   pass 3  gradient: e_v · (c − G)/(T Σe) · grad_scale everywhere (0 on the
+//           support, whose scratch holds e = 0), then the k support values
+//                                                              write N·V
+#include "topk_kernel.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "vec_math.h"
+
+namespace fastkd {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+using namespace fastkd::divergence;
+
+namespace {
+
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+// Kahan-compensated sum (see divergence_kernel.cpp for why every row sum is
+// compensated: a small divergence cannot absorb a shift of log Σ).
+template <class W>
+struct Compensated {
+  W sum = W(0), compensation = W(0);
+  void add(W x) {
+    const W y = x - compensation;
+    const W t = sum + y;
+    compensation = (t - sum) - y;
+    sum = t;
+  }
+};
+
+// max of x[0, V) into a scalar; NaN propagates (fk_max).
+template <class W>
+W row_max(const W* x, int64_t V) {
+  constexpr int64_t L = Vec<W>::size();
+  Vec<W> vmax(-std::numeric_limits<W>::infinity());
+  int64_t j = 0;
+  for (; j + L <= V; j += L) vmax = fk_max(vmax, Vec<W>::loadu(x + j));
+  std::array<W, L> lanes;
+  vmax.store(lanes.data());
+  W best = -std::numeric_limits<W>::infinity();
+  for (W lane : lanes) best = fk_max(best, lane);
+  for (; j < V; ++j) best = fk_max(best, x[j]);
+  return best;
+}
+
+// x[v] ← exp((x[v] − max)·inv_t); returns Σ x[v] (compensated, lanes in double).
+template <class W>
+double exponentiate_and_sum(W* x, int64_t V, W max, W inv_t) {
+  constexpr int64_t L = Vec<W>::size();
+  const Vec<W> vmax(max), vinv(inv_t);
+  Compensated<Vec<W>> lanes;
+  int64_t j = 0;
+  for (; j + L <= V; j += L) {
+    const Vec<W> e = fk_exp_normaliser((Vec<W>::loadu(x + j) - vmax) * vinv);
+    e.store(x + j);
+    lanes.add(e);
+  }
+  Compensated<W> tail;
+  for (; j < V; ++j) {
+    x[j] = fk_exp((x[j] - max) * inv_t);
+    tail.add(x[j]);
+  }
+  std::array<W, L> sums, comps;
+  lanes.sum.store(sums.data());
+  lanes.compensation.store(comps.data());
+  double total = double(tail.sum) - double(tail.compensation);
+  for (int64_t l = 0; l < L; ++l) total += double(sums[l]) - double(comps[l]);
+  return total;
+}
+
+// log(exp(a) + exp(b)), −inf when both are −inf.
+inline double logaddexp(double a, double b) {
+  const double hi = std::max(a, b), lo = std::min(a, b);
+  if (hi == kNegInf) return kNegInf;
+  return hi + std::log1p(std::exp(lo - hi));
+}
+
+// x·(log x − log y) with the xlogy rule: 0 when x is 0.
+inline double xlog_ratio(double x, double log_x, double log_y) {
+  return x == 0.0 ? 0.0 : x * (log_x - log_y);
+}
+
+// Loss term and q_j·g_j of one support id (see the file header), from log q_j
+// and log p_j.
+struct SupportTerm {
+  double loss;
+  double q_times_g;
+};
+
+inline SupportTerm support_term(int kind, double coef, double log_q, double log_p) {
+  const double q = std::exp(log_q), p = std::exp(log_p);
+  switch (kind) {
+    case KL:
+      return {xlog_ratio(p, log_p, log_q), -p};
+    case JSD: {
+      const double beta = coef;
+      const double log_m = logaddexp(std::log(beta) + log_p, std::log1p(-beta) + log_q);
+      const double q_term = xlog_ratio(q, log_q, log_m);
+      return {beta * xlog_ratio(p, log_p, log_m) + (1.0 - beta) * q_term, (1.0 - beta) * q_term};
+    }
+    case SKEW_KL: {
+      const double alpha = coef;
+      const double log_m = logaddexp(std::log(alpha) + log_p, std::log1p(-alpha) + log_q);
+      // g = −(1−α) p/m, so q g = −(1−α) q p/m (0 when p is 0)
+      const double qg = p == 0.0 ? 0.0 : -(1.0 - alpha) * std::exp(log_q + log_p - log_m);
+      return {xlog_ratio(p, log_p, log_m), qg};
+    }
+    case SKEW_REVERSE_KL: {
+      const double alpha = coef;
+      const double log_m = logaddexp(std::log(alpha) + log_q, std::log1p(-alpha) + log_p);
+      // g = log(q/m) + (1−α) p/m
+      const double q_term = xlog_ratio(q, log_q, log_m);
+      const double mix = (q == 0.0 || p == 0.0) ? 0.0 : (1.0 - alpha) * std::exp(log_q + log_p - log_m);
+      return {q_term, q_term + mix};
+    }
+    case TVD: {
+      const double d = q - p;
+      const double half_sign = d > 0 ? 0.5 : (d < 0 ? -0.5 : 0.0);
+      return {0.5 * std::abs(d), q * half_sign};
+    }
+    default:
+      return {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::quiet_NaN()};
+  }
+}
+
+// The constant c = g_v off the support (file header).
+inline double off_support_slope(int kind, double coef) {
+  switch (kind) {
+    case JSD: return -(1.0 - coef) * std::log1p(-coef);
+    case SKEW_REVERSE_KL: return -std::log(coef);
+    case TVD: return 0.5;
+    default: return 0.0;
+  }
+}
+
+template <class scalar_t, class W>
+void topk_rows(const TopKDivergenceArgs& a) {
+  const auto* student = static_cast<const scalar_t*>(a.student);
+  const auto* values = static_cast<const W*>(a.value);
+  auto* row_loss = static_cast<W*>(a.row_loss);
+  auto* grad = static_cast<scalar_t*>(a.student_grad);
+  const int64_t V = a.vocab, K = a.k;
+  const W inv_t = W(a.inv_temperature);
+  const double inv_t_d = a.inv_temperature;
+  const double c = off_support_slope(a.kind, a.coef);
+
+  // Grain: enough rows that a task streams at least ~256 KiB.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(V, 1));
+  at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<W> scratch(V);
+    std::vector<double> log_q(K), log_p(K), q_times_g(K);
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t* grad_row = grad != nullptr ? grad + i * V : nullptr;
+      if (a.row_mask != nullptr && !a.row_mask[i]) {
+        row_loss[i] = W(0);
+        if (grad_row) std::fill(grad_row, grad_row + V, scalar_t(0));
+        continue;
+      }
+      const scalar_t* s = student + i * a.student_row_stride;
+      const int64_t* ids = a.index + i * K;
+      const W* t = values + i * K;
+
+      // pass 1
+      if constexpr (std::is_same_v<scalar_t, W>) {
+        std::copy(s, s + V, scratch.data());
+      } else {
+        at::vec::convert(s, scratch.data(), V);
+      }
+      const W max_s = row_max(scratch.data(), V);
+
+      // support: a_j = (s_j − max)/T, exact near the max (Sterbenz)
+      for (int64_t j = 0; j < K; ++j) log_q[j] = double(scratch[ids[j]] - max_s) * inv_t_d;
+      for (int64_t j = 0; j < K; ++j) scratch[ids[j]] = -std::numeric_limits<W>::infinity();
+
+      // pass 2
+      const double off_sum = exponentiate_and_sum(scratch.data(), V, max_s, inv_t);
+      double support_sum = 0.0;
+      for (int64_t j = 0; j < K; ++j) support_sum += std::exp(log_q[j]);
+      const double sum = off_sum + support_sum;
+      const double log_sum = std::log(sum);
+      const double off_mass = off_sum / sum;  // R
+      for (int64_t j = 0; j < K; ++j) log_q[j] -= log_sum;
+
+      // teacher log-probabilities over its k ids
+      double max_t = kNegInf;
+      for (int64_t j = 0; j < K; ++j) {
+        log_p[j] = double(t[j]) * inv_t_d;
+        // NaN sticks: once max_t is NaN no comparison replaces it
+        if (std::isnan(log_p[j]) || log_p[j] > max_t) max_t = log_p[j];
+      }
+      double teacher_sum = 0.0;
+      for (int64_t j = 0; j < K; ++j) teacher_sum += std::exp(log_p[j] - max_t);
+      const double teacher_log_sum = std::log(teacher_sum);
+      for (int64_t j = 0; j < K; ++j) log_p[j] = log_p[j] - max_t - teacher_log_sum;
+
+      // support terms
+      double loss = c * off_mass, big_g = c * off_mass;
+      for (int64_t j = 0; j < K; ++j) {
+        const SupportTerm term = support_term(a.kind, a.coef, log_q[j], log_p[j]);
+        loss += term.loss;
+        q_times_g[j] = term.q_times_g;
+        big_g += term.q_times_g;
+      }
+      row_loss[i] = W(loss);
+      if (grad_row == nullptr) continue;
+
+      // pass 3: off the support q_v (c − G)/T = e_v (c − G)/(T Σe)
+      const double factor = a.grad_scale * inv_t_d;
+      const W off_factor = W((c - big_g) * factor / sum);
+      if constexpr (std::is_same_v<scalar_t, W>) {
+        at::vec::map([off_factor](Vec<W> e) { return e * Vec<W>(off_factor); }, grad_row,
+                     scratch.data(), V);
+      } else {
+        at::vec::map([off_factor](Vec<W> e) { return e * Vec<W>(off_factor); }, scratch.data(),
+                     scratch.data(), V);
+        at::vec::convert(scratch.data(), grad_row, V);
+      }
+      for (int64_t j = 0; j < K; ++j) {
+        const double q = std::exp(log_q[j]);
+        grad_row[ids[j]] = scalar_t((q_times_g[j] - q * big_g) * factor);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void topk_divergence_kernel(const TopKDivergenceArgs& a) {
+  switch (a.dtype) {
+    case DType::Float32: return topk_rows<float, float>(a);
+    case DType::Float64: return topk_rows<double, double>(a);
+    case DType::BFloat16: return topk_rows<c10::BFloat16, float>(a);
+    case DType::Float16: return topk_rows<c10::Half, float>(a);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fastkd

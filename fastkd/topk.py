@@ -1,0 +1,242 @@
+"""Divergence against a top-k (sparse) teacher, SPEC §1.
+
+What LLM distillation pipelines store offline instead of full teacher logits:
+per token, the teacher's k most likely vocabulary ids and their logits (or
+log-probabilities). The teacher distribution is renormalised over those k ids;
+the student's is its full-vocabulary softmax. The fused kernel never builds an
+``(N, V)`` teacher tensor: its dense work is the student row alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastkd import _ops, _validate  # noqa: F401  (_ops registers the fastkd:: ops)
+from fastkd.functional import _backend_for, _kernel_divergence, _row_major, _scale_by_upstream
+from fastkd.reference import topk as _reference_topk
+
+__all__ = ["TOPK_DIVERGENCES", "TopKDivergenceLoss", "topk_divergence"]
+
+# The compiled backends with a top-k kernel; on CUDA tensors backend="auto"
+# uses the reference until triton / cuda get one.
+TOPK_KERNELS = ("cpu",)
+
+# Divergences defined for a teacher with support on k ids: everything in the
+# family except KL(q‖p), which is +∞ whenever the student puts mass off the
+# teacher's ids (always, for a softmax student and k < V). So are its
+# endpoint forms: JSD with β = 1 and the skew reverse KL with α = 0.
+TOPK_DIVERGENCES = ("kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
+# How far above 0 a stored log-probability may be (rounding of a fp16 / bf16
+# store) before teacher_is_logprob=True rejects it as not a log-probability.
+_LOGPROB_SLACK = 1e-2
+
+
+class TopKDivergenceFunction(torch.autograd.Function):
+    """Fused top-k divergence on ``(N, V)`` student logits; one kernel call.
+
+    Like ``DivergenceFunction``: the kernel returns the row losses and the
+    student gradient already multiplied by the reduction's factor; the
+    backward applies the upstream gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, student, index, values, row_mask, kind, inv_temperature, coef, factor, per_row):
+        row_loss, grad = torch.ops.fastkd.topk_divergence_forward(
+            student, index, values, row_mask, kind, inv_temperature, coef, factor, ctx.needs_input_grad[0]
+        )
+        ctx.save_for_backward(grad)
+        return row_loss * factor if per_row else row_loss.sum() * factor
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        grad_student = _scale_by_upstream(grad, grad_output) if ctx.needs_input_grad[0] else None
+        return grad_student, None, None, None, None, None, None, None, None
+
+
+def _check_teacher(student: torch.Tensor, index, values, teacher_is_logprob: bool):
+    """Validates the sparse teacher against ``student`` ``(..., V)``."""
+    if not isinstance(index, torch.Tensor):
+        raise ValueError(f"teacher_index must be a torch.Tensor, got {type(index).__name__}")
+    if index.dtype != torch.int64:
+        raise ValueError(f"teacher_index must be int64, got {index.dtype}")
+    values = _validate.tensor("teacher_values", values)
+    if index.shape[:-1] != student.shape[:-1] or index.dim() != student.dim():
+        raise ValueError(
+            f"teacher_index shape {tuple(index.shape)} must be the student's leading shape "
+            f"{tuple(student.shape[:-1])} followed by k"
+        )
+    if values.shape != index.shape:
+        raise ValueError(
+            f"teacher_values shape {tuple(values.shape)} does not match "
+            f"teacher_index shape {tuple(index.shape)}"
+        )
+    _validate.same_device("teacher_index", index, "student_logits", student)
+    _validate.same_device("teacher_values", values, "student_logits", student)
+    if values.requires_grad:
+        raise ValueError(
+            "teacher_values requires grad, but the top-k teacher gets no gradient; "
+            "pass teacher_values.detach()"
+        )
+    vocab, k = student.shape[-1], index.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"teacher_index must hold between 1 and V={vocab} ids per row, got k={k}")
+    if index.numel() == 0:
+        return values
+    if bool(((index < 0) | (index >= vocab)).any()):
+        raise ValueError(f"teacher_index has ids outside [0, {vocab})")
+    ordered = index.sort(dim=-1).values
+    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+        raise ValueError("teacher_index has an id twice in one row")
+    if bool(torch.isneginf(values).all(dim=-1).any()):
+        raise ValueError("teacher_values has a row whose values are all -inf (no teacher distribution)")
+    if teacher_is_logprob:
+        if bool((values > _LOGPROB_SLACK).any()):
+            raise ValueError("teacher_is_logprob=True but teacher_values has entries > 0")
+        mass = torch.logsumexp(values.float(), dim=-1)
+        if bool((mass > _LOGPROB_SLACK).any()):
+            raise ValueError("teacher_is_logprob=True but a row of teacher_values has total probability > 1")
+    return values
+
+
+def topk_divergence(
+    student_logits: torch.Tensor,
+    teacher_index: torch.Tensor,
+    teacher_values: torch.Tensor,
+    *,
+    teacher_is_logprob: bool = False,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    scale: float | None = None,
+    reduction: str = "batchmean",
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Divergence between a top-k teacher and the full-vocabulary student.
+
+    Per row: ``p_j = softmax_j(values / T)`` over the row's k ids (the teacher,
+    renormalised over them) and ``q = softmax(s / T)`` over all V entries; the
+    row loss is the chosen divergence between ``p`` (zero off the k ids) and
+    ``q``. For KL: ``ℓ = Σ_j p_j (log p_j − log q_{idx_j})``. Equal to
+    :func:`fastkd.divergence` with teacher logits ``values`` at the k ids and
+    ``−inf`` elsewhere. ``loss = scale · reduce(ℓ)`` as in :func:`fastkd.divergence`.
+
+    Args:
+        student_logits: ``(..., V)`` float32 / bfloat16 / float16 / float64.
+        teacher_index: ``(..., k)`` int64, distinct ids in ``[0, V)`` per row.
+        teacher_values: ``(..., k)`` floating, the teacher's logits at those
+            ids (any floating dtype; the fused kernel reads them in float32,
+            float64 for a float64 student). Gets no gradient (must not
+            require one). ``−inf`` entries are legal (zero mass) but not a
+            whole row of them.
+        teacher_is_logprob: the values are log-probabilities (log-softmax at
+            temperature 1, as generation logs store them) rather than logits.
+            After renormalisation over the k ids both give the same ``p`` — a
+            log-probability differs from its logit by a per-row constant — so
+            the temperature rescales stored log-probabilities exactly as it
+            rescales logits; the flag only checks that the values are
+            log-probabilities (≤ 0, total mass ≤ 1).
+        divergence: ``"kl"``, ``"jsd"``, ``"skew_kl"``, ``"skew_reverse_kl"``
+            or ``"tvd"`` — see :func:`fastkd.divergence`. ``"reverse_kl"`` is
+            not defined here (KL(q‖p) is +∞ when ``q`` has mass off the k
+            ids), nor are its endpoint forms ``jsd`` with ``beta=1`` and
+            ``skew_reverse_kl`` with ``alpha=0``.
+        temperature, beta, alpha, scale, reduction, labels, ignore_index, mask,
+        backend: as :func:`fastkd.divergence` (``"mean"`` divides by kept
+            rows · V, the full vocabulary).
+
+    Returns:
+        A float32 scalar (float64 for float64 input), or ``(...)`` for ``"none"``.
+    """
+    s = _validate.tensor("student_logits", student_logits)
+    if s.shape[-1] == 0:
+        raise ValueError("student_logits must have a non-empty last (vocabulary) dimension")
+    values = _check_teacher(s, teacher_index, teacher_values, teacher_is_logprob)
+    _validate.choice("divergence", divergence, TOPK_DIVERGENCES)
+    _validate.choice("reduction", reduction, _validate.REDUCTIONS)
+    temperature = _validate.real("temperature", temperature, low=0.0, low_open=True)
+    beta = _validate.real("beta", beta, low=0.0, high=1.0)
+    alpha = _validate.real("alpha", alpha, low=0.0, high=1.0)
+    if divergence == "jsd" and beta == 1.0:
+        raise ValueError("beta=1 makes jsd the reverse KL, which is not defined for a top-k teacher")
+    if divergence == "skew_reverse_kl" and alpha == 0.0:
+        raise ValueError(
+            "alpha=0 makes skew_reverse_kl the reverse KL, which is not defined for a top-k teacher"
+        )
+    scale = temperature**2 if scale is None else _validate.real("scale", scale)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    labels = _validate.row_selector("labels", labels, s.shape[:-1], s, integer=True)
+    mask = _validate.row_selector("mask", mask, s.shape[:-1], s, integer=False)
+
+    chosen = _backend_for("top-k divergence", TOPK_KERNELS, backend, s)
+    if chosen == "reference":
+        return _reference_topk.topk_divergence(
+            s, teacher_index, values, divergence=divergence, temperature=temperature, beta=beta,
+            alpha=alpha, scale=scale, reduction=reduction, labels=labels, ignore_index=ignore_index,
+            mask=mask,
+        )
+
+    vocab, k = s.shape[-1], teacher_index.shape[-1]
+    student = _row_major(s.reshape(-1, vocab))
+    index = teacher_index.reshape(-1, k).contiguous()
+    value_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+    value_rows = values.reshape(-1, k).to(value_dtype).contiguous()
+    keep = None
+    if labels is not None:
+        keep = labels.reshape(-1) != ignore_index
+    if mask is not None:
+        keep = mask.reshape(-1) if keep is None else keep & mask.reshape(-1)
+    n_rows = student.shape[0]
+    if reduction in ("none", "sum"):
+        factor = scale
+    else:
+        n_kept = n_rows if keep is None else int(keep.sum().item())
+        factor = scale / max(n_kept * (vocab if reduction == "mean" else 1), 1)
+    kind, coef = _kernel_divergence(divergence, beta, alpha)
+    loss = TopKDivergenceFunction.apply(
+        student, index, value_rows, keep, kind, 1.0 / temperature, coef, factor, reduction == "none"
+    )
+    return loss.reshape(s.shape[:-1]) if reduction == "none" else loss
+
+
+class TopKDivergenceLoss(nn.Module):
+    """Module form of :func:`topk_divergence` (options fixed at construction).
+
+    ``forward(student_logits (..., V), teacher_index (..., k), teacher_values (..., k),
+    labels=None, mask=None)``.
+    """
+
+    def __init__(
+        self,
+        divergence: str = "kl",
+        *,
+        temperature: float = 1.0,
+        beta: float = 0.5,
+        alpha: float = 0.1,
+        scale: float | None = None,
+        reduction: str = "batchmean",
+        ignore_index: int = -100,
+        teacher_is_logprob: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.options = dict(
+            divergence=divergence, temperature=temperature, beta=beta, alpha=alpha, scale=scale,
+            reduction=reduction, ignore_index=ignore_index, teacher_is_logprob=teacher_is_logprob,
+            backend=backend,
+        )
+
+    def forward(self, student_logits, teacher_index, teacher_values, labels=None, mask=None):
+        return topk_divergence(
+            student_logits, teacher_index, teacher_values, labels=labels, mask=mask, **self.options
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

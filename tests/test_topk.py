@@ -1,0 +1,331 @@
+"""Top-k (sparse) teacher divergence (SPEC §1): reference and fused kernels vs float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastkd
+from fastkd.reference import topk as reference_topk
+from fastkd.topk import TOPK_DIVERGENCES, TOPK_KERNELS
+from tests.helpers import DEVICE, assert_matches
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# (N..., V, k): one entry; tiny; awkward; k = V; V above a SIMD block with a
+# large k; leading dims flattened into rows.
+SHAPES = (((1,), 1, 1), ((3,), 7, 3), ((41,), 1271, 17), ((4,), 9, 9), ((2,), 5000, 64), ((2, 3), 257, 5))
+UPSTREAM = 0.7
+
+
+def kernel_params():
+    """The backends with a top-k kernel on DEVICE, skipped with the reason when unavailable."""
+    params = []
+    for name in TOPK_KERNELS:
+        status = fastkd._dispatch.backend_status(name, DEVICE.type)
+        marks = () if status.available else (pytest.mark.skip(reason=f"{name}: {status.reason}"),)
+        params.append(pytest.param(name, marks=marks, id=name))
+    none = pytest.param("none", marks=pytest.mark.skip(reason=f"no top-k kernel on {DEVICE.type}"))
+    return params or [none]
+
+
+def sparse_teacher(lead, vocab, k, dtype=torch.float32, spread=3.0, generator_seed=None):
+    """Distinct random ids (N..., k) and teacher logits at them."""
+    g = torch.Generator().manual_seed(generator_seed) if generator_seed is not None else None
+    rows = math.prod(lead)
+    index = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(rows)]).reshape(*lead, k)
+    values = (torch.randn((*lead, k), dtype=torch.float64, generator=g) * spread).to(dtype)
+    return index.to(DEVICE), values.to(DEVICE)
+
+
+def student_logits(lead, vocab, dtype=torch.float32, spread=3.0):
+    return (torch.randn((*lead, vocab), dtype=torch.float64) * spread).to(device=DEVICE, dtype=dtype)
+
+
+def run_with_grad(fn, s, upstream=UPSTREAM):
+    """Loss of ``fn(s)`` and the gradient of ``upstream · loss`` (per-row weights for "none")."""
+    s = s.detach().clone().requires_grad_(True)
+    loss = fn(s)
+    weight = torch.full_like(loss, upstream)
+    if loss.dim():
+        ramp = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device)
+        weight = weight * ramp.reshape(loss.shape)
+    loss.backward(weight)
+    return loss.detach(), s.grad
+
+
+def check_parity(backend, s, index, values, **kwargs):
+    """fastkd on ``backend`` vs the float64 reference (and the reference in s.dtype as baseline)."""
+    dtype = s.dtype
+    got = run_with_grad(lambda a: fastkd.topk_divergence(a, index, values, backend=backend, **kwargs), s)
+    values64 = values.double()
+    want = run_with_grad(lambda a: reference_topk.topk_divergence(a, index, values64, **kwargs), s.double())
+    same = run_with_grad(lambda a: reference_topk.topk_divergence(a, index, values, **kwargs), s)
+    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert got[1].dtype == dtype
+    assert_matches(got[0], want[0], dtype, f"{backend} loss", [same[0]])
+    assert_matches(got[1], want[1], dtype, f"{backend} student grad", [same[1]])
+
+
+# ---- the reference against the formulas written out ---------------------------
+
+
+def explicit_topk_divergence(s, index, values, divergence, temperature, beta=0.5, alpha=0.1):
+    """Row losses (N,) in float64 from SPEC §1's formulas, with p zero off the ids."""
+    log_q = torch.log_softmax(s.double() / temperature, dim=-1)
+    q = log_q.exp()
+    p = torch.zeros_like(q).scatter(-1, index, torch.softmax(values.double() / temperature, dim=-1))
+    if divergence == "kl":
+        log_p_k = torch.log_softmax(values.double() / temperature, dim=-1)
+        return (log_p_k.exp() * (log_p_k - log_q.gather(-1, index))).sum(-1)
+
+    def kl(a, b):  # Σ a log(a/b) with 0 log 0 = 0
+        return torch.where(a > 0, a * (a.log() - b.log()), torch.zeros_like(a)).sum(-1)
+
+    if divergence == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if divergence == "skew_kl":
+        return kl(p, alpha * p + (1 - alpha) * q)
+    if divergence == "skew_reverse_kl":
+        return kl(q, alpha * q + (1 - alpha) * p)
+    assert divergence == "tvd"
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+@pytest.mark.parametrize("divergence", TOPK_DIVERGENCES)
+def test_reference_equals_written_out_formula(divergence):
+    s = student_logits((6,), 50, torch.float64)
+    index, values = sparse_teacher((6,), 50, 7, torch.float64)
+    got = reference_topk.topk_divergence(
+        s, index, values, divergence=divergence, temperature=1.7, scale=1.0, reduction="none"
+    )
+    want = explicit_topk_divergence(s, index, values, divergence, 1.7)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+# ---- parity -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("divergence", TOPK_DIVERGENCES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_parity_every_divergence_dtype_shape(backend, dtype, divergence, shape):
+    lead, vocab, k = shape
+    s = student_logits(lead, vocab, dtype)
+    index, values = sparse_teacher(lead, vocab, k, dtype)
+    check_parity(backend, s, index, values, divergence=divergence, temperature=2.0)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("temperature", (0.05, 1.0, 4.0, 100.0))
+@pytest.mark.parametrize("divergence", TOPK_DIVERGENCES)
+def test_parity_temperatures(backend, temperature, divergence):
+    s = student_logits((5,), 300)
+    index, values = sparse_teacher((5,), 300, 20)
+    check_parity(backend, s, index, values, divergence=divergence, temperature=temperature)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("reduction", ("batchmean", "sum", "mean", "none"))
+@pytest.mark.parametrize("selector", ("all", "labels", "mask", "both"))
+def test_parity_reductions_and_row_exclusion(backend, reduction, selector):
+    s = student_logits((3, 5), 97)
+    index, values = sparse_teacher((3, 5), 97, 11)
+    labels = torch.randint(0, 97, (3, 5), device=DEVICE)
+    labels[0, 1] = labels[2, 4] = -100
+    mask = torch.ones(3, 5, dtype=torch.bool, device=DEVICE)
+    mask[1, 2] = False
+    kwargs = {"labels": labels if selector in ("labels", "both") else None,
+              "mask": mask if selector in ("mask", "both") else None}
+    check_parity(backend, s, index, values, divergence="jsd", temperature=2.0, reduction=reduction, **kwargs)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+def test_no_kept_rows_gives_zero_loss_and_gradient(backend):
+    s = student_logits((4,), 30).requires_grad_(True)
+    index, values = sparse_teacher((4,), 30, 5)
+    loss = fastkd.topk_divergence(s, index, values, mask=torch.zeros(4, dtype=torch.bool), backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(s.grad, torch.zeros_like(s))
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("divergence", TOPK_DIVERGENCES)
+def test_student_mass_on_teacher_ids(backend, divergence):
+    """The student puts nearly all its mass on the teacher's ids: the off-support
+    mass R (JSD, skew reverse KL, TVD use it) must not come from 1 − Σ q_support."""
+    lead, vocab, k = (8,), 2000, 32
+    index, values = sparse_teacher(lead, vocab, k)
+    s = student_logits(lead, vocab, spread=1.0) - 30.0
+    s.scatter_(-1, index, values + 0.01 * torch.randn_like(values))
+    check_parity(backend, s, index, values, divergence=divergence, temperature=1.0)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("divergence", TOPK_DIVERGENCES)
+def test_large_logits_and_neg_inf(backend, divergence):
+    lead, vocab, k = (6,), 500, 9
+    s = student_logits(lead, vocab, spread=1e4)
+    s[0, 3] = -torch.inf
+    index, values = sparse_teacher(lead, vocab, k, spread=1e4)
+    values[1, 2] = -torch.inf  # zero teacher mass at one id
+    s[2, index[2, 0]] = -torch.inf  # a teacher id where the student has no mass
+    check_parity(backend, s, index, values, divergence=divergence, temperature=3.0)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+def test_agrees_with_dense_divergence_on_padded_teacher(backend):
+    """The fused sparse kernel and the fused dense kernel on the −inf-padded teacher."""
+    s = student_logits((7,), 640)
+    index, values = sparse_teacher((7,), 640, 25)
+    dense = reference_topk.dense_teacher_logits(index, values, 640, s.dtype)
+    for divergence in TOPK_DIVERGENCES:
+        sparse_loss = fastkd.topk_divergence(s, index, values, divergence=divergence, backend=backend)
+        dense_loss = fastkd.divergence(s, dense, divergence=divergence, backend=backend)
+        torch.testing.assert_close(sparse_loss, dense_loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", *kernel_params()])
+def test_logprob_values_give_the_same_loss_as_logits(backend):
+    s = student_logits((5,), 100)
+    teacher = student_logits((5,), 100)
+    values, index = teacher.topk(10, dim=-1)
+    from_logits = fastkd.topk_divergence(s, index, values, temperature=2.0, backend=backend)
+    logprobs = torch.log_softmax(teacher, dim=-1).gather(-1, index)
+    from_logprobs = fastkd.topk_divergence(
+        s, index, logprobs, temperature=2.0, teacher_is_logprob=True, backend=backend
+    )
+    torch.testing.assert_close(from_logprobs, from_logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+def test_values_dtype_independent_of_student(backend):
+    """fp32 values with a bf16 student: the kernel reads the values in float32."""
+    s = student_logits((4,), 64, torch.bfloat16)
+    index, values = sparse_teacher((4,), 64, 8)
+    got = fastkd.topk_divergence(s, index, values, backend=backend)
+    want = reference_topk.topk_divergence(s.double(), index, values.double())
+    assert_matches(got, want, torch.bfloat16, "bf16 student, fp32 values")
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+def test_nan_propagates(backend):
+    s = student_logits((3,), 40)
+    index, values = sparse_teacher((3,), 40, 4)
+    s_nan = s.clone()
+    s_nan[1, 7] = torch.nan
+    assert torch.isnan(fastkd.topk_divergence(s_nan, index, values, backend=backend))
+    values_nan = values.clone()
+    values_nan[2, 1] = torch.nan
+    assert torch.isnan(fastkd.topk_divergence(s, index, values_nan, backend=backend))
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+def test_non_contiguous_student(backend):
+    base = student_logits((6,), 2 * 130)
+    s = base[:, ::2]  # stride 2 along V
+    index, values = sparse_teacher((6,), 130, 12)
+    check_parity(backend, s, index, values, divergence="kl", temperature=2.0)
+    s_rows = student_logits((12,), 130)[::2]  # row stride 2 V
+    check_parity(backend, s_rows, index, values, divergence="tvd", temperature=2.0)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+def test_float64_input(backend):
+    s = student_logits((5,), 77, torch.float64)
+    index, values = sparse_teacher((5,), 77, 6, torch.float64)
+    check_parity(backend, s, index, values, divergence="skew_reverse_kl", temperature=1.5)
+
+
+def test_module_matches_function():
+    s = student_logits((3,), 50)
+    index, values = sparse_teacher((3,), 50, 6)
+    module = fastkd.TopKDivergenceLoss("jsd", temperature=2.0, beta=0.3)
+    expected = fastkd.topk_divergence(s, index, values, divergence="jsd", temperature=2.0, beta=0.3)
+    torch.testing.assert_close(module(s, index, values), expected)
+    assert "jsd" in repr(module)
+
+
+# ---- bad input ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda s, i, v: (s, i.int(), v), "teacher_index must be int64"),
+        (lambda s, i, v: (s, i.clone().index_fill_(1, torch.tensor([0]), 50), v), r"outside \[0, 50\)"),
+        (lambda s, i, v: (s, i.clone().index_fill_(1, torch.tensor([0]), -1), v), r"outside \[0, 50\)"),
+        (lambda s, i, v: (s, torch.cat([i[:, :1], i[:, :1]], 1), v[:, :2]), "twice"),
+        (lambda s, i, v: (s, i, v[:, :3]), "teacher_values shape"),
+        (lambda s, i, v: (s, i[:2], v[:2]), "teacher_index shape"),
+        (lambda s, i, v: (s, i[:, :0], v[:, :0]), "between 1 and V"),
+        (lambda s, i, v: (s, i, torch.full_like(v, -torch.inf)), "all -inf"),
+        (lambda s, i, v: (s, i, v.long()), "teacher_values must have dtype"),
+        (lambda s, i, v: (s, i, v.clone().requires_grad_(True)), "detach"),
+    ],
+)
+def test_bad_teacher_raises_value_error(mutate, match):
+    s = student_logits((4,), 50)
+    index, values = sparse_teacher((4,), 50, 5)
+    s, index, values = mutate(s, index, values)
+    with pytest.raises(ValueError, match=match):
+        fastkd.topk_divergence(s, index, values)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"divergence": "reverse_kl"}, "divergence must be one of"),
+        ({"divergence": "jsd", "beta": 1.0}, "beta=1"),
+        ({"divergence": "skew_reverse_kl", "alpha": 0.0}, "alpha=0"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"teacher_is_logprob": True}, "teacher_is_logprob"),
+        ({"reduction": "avg"}, "reduction"),
+    ],
+)
+def test_bad_options_raise_value_error(kwargs, match):
+    s = student_logits((4,), 50)
+    index, values = sparse_teacher((4,), 50, 5)
+    values = values.abs() + 1.0  # positive: not log-probabilities
+    with pytest.raises(ValueError, match=match):
+        fastkd.topk_divergence(s, index, values, **kwargs)
+
+
+def test_explicit_backend_without_kernel_raises():
+    s = student_logits((2,), 10)
+    index, values = sparse_teacher((2,), 10, 3)
+    with pytest.raises(ValueError, match="no top-k divergence kernel"):
+        fastkd.topk_divergence(s, index, values, backend="triton")
+
+
+# ---- the op itself ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not fastkd._ops.has_kernel("topk_divergence_forward", "CPU"), reason="no CPU extension")
+def test_op_checks_ids_itself():
+    """Called directly through torch.ops (no Python validation), the op refuses bad ids."""
+    s = torch.randn(2, 10)
+    values = torch.randn(2, 3)
+    op = torch.ops.fastkd.topk_divergence_forward
+    with pytest.raises(RuntimeError, match="outside"):
+        op(s, torch.tensor([[0, 1, 10], [0, 1, 2]]), values, None, 0, 1.0, 0.0, 1.0, True)
+    with pytest.raises(RuntimeError, match="twice"):
+        op(s, torch.tensor([[0, 1, 2], [4, 4, 2]]), values, None, 0, 1.0, 0.0, 1.0, True)
+    with pytest.raises(RuntimeError, match="reverse KL"):
+        op(s, torch.tensor([[0, 1, 2], [0, 1, 2]]), values, None, 1, 1.0, 0.0, 1.0, True)
+
+
+@pytest.mark.skipif(not fastkd._ops.has_kernel("topk_divergence_forward", "CPU"), reason="no CPU extension")
+@pytest.mark.parametrize("student_grad", (True, False))
+def test_opcheck(student_grad):
+    s = torch.randn(5, 33)
+    index, values = sparse_teacher((5,), 33, 4)
+    mask = torch.tensor([True, False, True, True, True])
+    torch.library.opcheck(
+        torch.ops.fastkd.topk_divergence_forward,
+        (s, index, values, mask, 2, 0.5, 0.3, 0.25, student_grad),
+    )
