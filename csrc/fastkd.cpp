@@ -73,6 +73,18 @@ TORCH_LIBRARY(fastkd, m) {
       "topk_divergence_forward(Tensor student, Tensor teacher_index, Tensor teacher_value, "
       "Tensor? row_mask, int kind, float inv_temperature, float coef, float grad_scale, "
       "bool student_grad) -> (Tensor, Tensor)");
+
+  // Multi-teacher divergence (SPEC §1): the target is the mixture
+  // p = Σ_k w_k softmax(t_k / T), accumulated in log space in one pass.
+  //   student: [N, V]; teachers: [K, N, V], same dtype, unit stride along V.
+  //   teacher_weights: [K] float64 on the CPU, >= 0, summing to 1.
+  //   kind, coef: as divergence_forward. Teachers get no gradient.
+  // Returns (row_loss [N] fp32 (fp64 for fp64 input), student_grad [N, V] or
+  // [0, 0] in the input dtype, = grad_scale · d(row loss)/d(logits)).
+  m.def(
+      "mixture_divergence_forward(Tensor student, Tensor teachers, Tensor teacher_weights, "
+      "Tensor? row_mask, int kind, float inv_temperature, float coef, float grad_scale, "
+      "bool student_grad) -> (Tensor, Tensor)");
 }
 
 namespace py = pybind11;

@@ -99,3 +99,13 @@ if _C is not None:
         row_loss = student.new_empty((rows,), dtype=loss_dtype)
         grad = student.new_empty((rows, vocab) if student_grad else (0, 0))
         return row_loss, grad
+
+    @torch.library.register_fake("fastkd::mixture_divergence_forward")
+    def _mixture_divergence_forward_fake(
+        student, teachers, teacher_weights, row_mask, kind, inv_temperature, coef, grad_scale, student_grad
+    ):
+        rows, vocab = student.shape
+        loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        row_loss = student.new_empty((rows,), dtype=loss_dtype)
+        grad = student.new_empty((rows, vocab) if student_grad else (0, 0))
+        return row_loss, grad

@@ -136,6 +136,8 @@ def divergence(
     labels: torch.Tensor | None = None,
     ignore_index: int = -100,
     mask: torch.Tensor | None = None,
+    teacher_weights=None,
+    process_group=None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Divergence between the temperature-softened teacher and student distributions.
@@ -162,6 +164,16 @@ def divergence(
             ``"none"`` (one value per row, 0 for excluded rows).
         labels: ``(...)`` integer; rows with ``labels == ignore_index`` are excluded.
         mask: ``(...)`` bool; rows where it is False are excluded.
+        teacher_weights: for several teachers, ``teacher_logits`` is
+            ``(K, ..., V)`` and the target is the mixture
+            ``Σ_k w_k softmax(t_k / T)`` with these ``(K,)`` weights (>= 0,
+            summing to 1; ``None`` with ``(K, ..., V)`` teachers means
+            uniform). See :func:`fastkd.multi_teacher.mixture_divergence`.
+        process_group: logits sharded along the vocabulary across the ranks
+            of this ``torch.distributed`` group (tensor parallelism); the
+            loss equals the unsharded one. See
+            :func:`fastkd.vocab_parallel.vocab_parallel_divergence` (a
+            composite path: ``backend`` must be ``"auto"`` or ``"reference"``).
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
 
     Returns:
@@ -173,6 +185,27 @@ def divergence(
     """
     s = _validate.tensor("student_logits", student_logits)
     t = _validate.tensor("teacher_logits", teacher_logits)
+    if process_group is not None:
+        if backend not in ("auto", "reference") or teacher_weights is not None:
+            raise ValueError(
+                "process_group (vocabulary-parallel) runs a composite path: backend must be 'auto' or "
+                "'reference', and a mixture of teachers is not supported with it yet"
+            )
+        from fastkd.vocab_parallel import vocab_parallel_divergence
+
+        return vocab_parallel_divergence(
+            s, t, process_group=process_group, divergence=divergence, temperature=temperature,
+            beta=beta, alpha=alpha, scale=scale, reduction=reduction, labels=labels,
+            ignore_index=ignore_index, mask=mask,
+        )
+    if teacher_weights is not None or t.dim() == s.dim() + 1:
+        from fastkd.multi_teacher import mixture_divergence
+
+        return mixture_divergence(
+            s, t, teacher_weights=teacher_weights, divergence=divergence, temperature=temperature,
+            beta=beta, alpha=alpha, scale=scale, reduction=reduction, labels=labels,
+            ignore_index=ignore_index, mask=mask, backend=backend,
+        )
     _validate.same_layout("teacher_logits", t, "student_logits", s)
     _validate.choice("divergence", divergence, _validate.DIVERGENCES)
     _validate.choice("reduction", reduction, _validate.REDUCTIONS)

@@ -42,10 +42,14 @@ class DivergenceLoss(nn.Module):
         teacher_logits: torch.Tensor,
         labels: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        teacher_weights=None,
     ) -> torch.Tensor:
+        """``teacher_logits`` ``(..., V)``, or ``(K, ..., V)`` for a mixture of K
+        teachers weighted by ``teacher_weights`` (see :func:`fastkd.divergence`)."""
         return F.divergence(
             student_logits,
             teacher_logits,
+            teacher_weights=teacher_weights,
             divergence=self.divergence,
             temperature=self.temperature,
             beta=self.beta,

@@ -1,0 +1,231 @@
+"""Benchmark of multi-teacher ``fastkd.divergence``: forward + backward of KL
+(T = 2, ``T²`` · batchmean) from the student ``(N, V)`` to the mixture of
+``K = 3`` teachers ``(K, N, V)`` with weights ``(0.5, 0.3, 0.2)``, the
+student requiring a gradient, ``loss.backward()`` with upstream gradient 1.
+
+Providers:
+
+- ``eager``: ``fastkd.reference.multi_teacher.mixture_divergence`` — the
+  mixture's log-probabilities (``logsumexp_k(log w_k + log_softmax(t_k/T))``,
+  an ``(N, V)`` tensor and K ``log_softmax`` temporaries), then the reference
+  divergence on it.
+- ``compile``: ``torch.compile`` (``dynamic=False``) of the same function.
+  ``--no-compile`` skips it.
+- ``mixture+fastkd-cpu``: the mixture's log-probabilities in PyTorch (as
+  ``eager``), then the fused single-teacher kernel ``fastkd.divergence(...,
+  backend="cpu")`` on ``T · log p``.
+- ``fastkd-cpu``: ``fastkd.divergence(s, teachers, teacher_weights=w,
+  backend="cpu")``, one fused call, the mixture formed per row in log space.
+- ``3×fastkd-cpu``: three single-teacher calls ``Σ_k w_k D(p_k ‖ q)`` — a
+  *different* objective (the weighted average of the divergences, not the
+  divergence to the mixture), listed only as the cost of three dense passes;
+  its ``loss_rel_diff`` is expected to be large.
+
+Memory traffic (the floor): read the student and the K teachers once, write
+the student gradient once, ``(K + 2) · N · V · itemsize`` bytes.
+
+``python -m bench.run --families multi_teacher`` runs the sweep.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastkd
+from bench.common import (
+    COMPILE,
+    EAGER,
+    MIB,
+    Call,
+    SweepContext,
+    first_call,
+    peak_extra_bytes,
+    synchronize,
+    time_uncontended,
+)
+from fastkd.multi_teacher import MIXTURE_KERNELS
+from fastkd.reference import multi_teacher as reference_mt
+
+FAMILY = "multi_teacher"
+SHAPES = ((4096, 1024), (1024, 32000))
+WEIGHTS = (0.5, 0.3, 0.2)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TEMPERATURE = 2.0
+CONFIG_KEYS = ("dtype", "N", "V", "K")
+COLUMNS = (
+    "family", "temperature", "device", "dtype", "N", "V", "K", "provider",
+    "median_ms", "min_ms", "max_ms", "repeats", "peak_extra_mib", "output_mib", "traffic_bytes",
+    "floor_ms", "copy_gbs",
+    "speedup_vs_eager", "speedup_vs_compile", "x_floor", "loss_rel_diff", "other_load", "thp", "note",
+)
+OUTPUT_KEY = "output_mib"
+LOSS_REL_TOLERANCE = 1e-3
+SEPARATE = "3×fastkd-cpu"
+
+
+def reference_loss(student, teachers, weights):
+    return reference_mt.mixture_divergence(student, teachers, weights, temperature=TEMPERATURE)
+
+
+def mixture_then_fastkd(student, teachers, weights):
+    with torch.no_grad():
+        log_p = reference_mt.mixture_log_probs(teachers, weights, TEMPERATURE)
+    return fastkd.divergence(student, (TEMPERATURE * log_p).to(student.dtype), temperature=TEMPERATURE,
+                             backend="cpu")
+
+
+def separate_calls(student, teachers, weights):
+    return sum(
+        float(w) * fastkd.divergence(student, teachers[k], temperature=TEMPERATURE, backend="cpu")
+        for k, w in enumerate(weights)
+    )
+
+
+def providers(device: torch.device, *, use_compile: bool):
+    """(name → ``loss(student, teachers, weights)``, name → why it is not measured)."""
+    found = {EAGER: reference_loss}
+    skipped = {}
+    if use_compile:
+        found[COMPILE] = torch.compile(reference_loss, dynamic=False)
+    else:
+        skipped[COMPILE] = "--no-compile"
+    status = fastkd.backends()
+    if device.type == "cpu" and status["cpu"].available and "cpu" in MIXTURE_KERNELS:
+        found["mixture+fastkd-cpu"] = mixture_then_fastkd
+        found["fastkd-cpu"] = lambda s, t, w: fastkd.divergence(
+            s, t, teacher_weights=w, temperature=TEMPERATURE, backend="cpu"
+        )
+        found[SEPARATE] = separate_calls
+    else:
+        reason = (
+            status["cpu"].reason if device.type == "cpu" else f"no multi-teacher kernel on {device.type} yet"
+        )
+        for name in ("mixture+fastkd-cpu", "fastkd-cpu", SEPARATE):
+            skipped[name] = reason
+    return found, skipped
+
+
+def configs(quick: bool) -> list[tuple[str, int, int]]:
+    if quick:
+        return [("fp32", *SHAPES[0])]
+    return [(dtype, n, v) for dtype in DTYPES for n, v in SHAPES]
+
+
+def sweep(ctx: SweepContext) -> list[dict]:
+    """Every provider on every configuration; one row per (configuration, provider)."""
+    device = ctx.device
+    found, skipped = providers(device, use_compile=ctx.compile)
+    if ctx.compile:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 256
+        )
+    todo = configs(ctx.quick)
+    task = ctx.progress.add_task(FAMILY, total=len(todo) * len(found))
+    weights = torch.tensor(WEIGHTS, dtype=torch.float64)
+    rows = []
+    for dtype_name, n, v in todo:
+        dtype = DTYPES[dtype_name]
+        generator = torch.Generator(device=device).manual_seed(0)
+        s = torch.randn(n, v, device=device, generator=generator).to(dtype).requires_grad_()
+        t = torch.randn(len(WEIGHTS), n, v, device=device, generator=generator).to(dtype)
+        label = f"{FAMILY} {dtype_name} {n}×{v}"
+        base = {
+            "family": FAMILY, "temperature": TEMPERATURE, "device": device.type, "dtype": dtype_name,
+            "N": n, "V": v, "K": len(WEIGHTS), "output_mib": s.nbytes / MIB,
+            "traffic_bytes": (len(WEIGHTS) + 2) * s.nbytes, "thp": ctx.thp.short,
+        }
+
+        def reset(s=s):
+            s.grad = None
+
+        calls = {
+            name: Call(lambda loss_fn=loss_fn, s=s, t=t: loss_fn(s, t, weights).backward(), reset)
+            for name, loss_fn in found.items()
+        }
+        first = {}
+        for name, loss_fn in found.items():
+            ctx.progress.update(task, description=f"{label} {name}: first call")
+            loss_of_student = lambda s, loss_fn=loss_fn, t=t: loss_fn(s, t, weights)  # noqa: E731
+            first[name] = first_call(loss_of_student, (s,), device=device)
+        ctx.progress.update(task, description=f"{label}: timing")
+        timings, other_load = time_uncontended(calls, device=device)
+        eager_loss = first[EAGER][0]
+        for name, call in calls.items():
+            ctx.progress.update(task, description=f"{label} {name}: memory")
+            peak = peak_extra_bytes(call.fn, device=device, setup=reset)
+            reset()
+            loss, first_s = first[name]
+            rel_diff = abs(loss - eager_loss) / abs(eager_loss) if eager_loss else None
+            notes = []
+            if name == COMPILE:
+                notes.append(f"first call (compile or cache load) {first_s:.1f} s")
+            if name == SEPARATE:
+                notes.append("a different objective (Σ w_k D(p_k‖q)): cost of 3 dense passes only")
+            elif rel_diff is not None and rel_diff > LOSS_REL_TOLERANCE:
+                notes.append(f"loss differs from eager by {rel_diff:.1e}")
+            timing = timings[name]
+            rows.append({
+                **base, "provider": name, "median_ms": timing.median_ms, "min_ms": min(timing.times_ms),
+                "max_ms": max(timing.times_ms), "repeats": timing.repeats,
+                "peak_extra_mib": None if peak is None else peak / MIB, "loss_rel_diff": rel_diff,
+                "other_load": other_load, "note": "; ".join(notes),
+            })
+            ctx.progress.advance(task)
+        rows.extend({**base, "provider": name, "note": reason} for name, reason in skipped.items())
+        del s, t, calls, reset
+    ctx.progress.update(task, description=f"{FAMILY} done")
+    return rows
+
+
+def config_label(row: dict) -> str:
+    return f"{row['dtype']} K={row['K']} {row['N']}×{row['V']}"
+
+
+def size_label(row: dict) -> str:
+    return f"{row['N']}×{row['V']}"
+
+
+def size_order(row: dict) -> tuple[int, int]:
+    return (row["N"] * row["V"], row["V"])
+
+
+def title(rows: list[dict], ctx: SweepContext) -> str:
+    return (
+        f"fastkd.divergence with K={len(WEIGHTS)} teachers: kl to the mixture (T={TEMPERATURE:g}) "
+        f"forward + backward, {ctx.device.type}, {torch.get_num_threads()} threads, THP {ctx.thp.short}"
+    )
+
+
+# ----------------------------------------------------------------------------- pytest-benchmark
+
+_DEVICE = torch.device("cpu")
+_PROVIDERS, _ = providers(_DEVICE, use_compile=False)
+
+
+@pytest.mark.parametrize("provider", list(_PROVIDERS))
+def test_multi_teacher_fwd_bwd(benchmark, provider):
+    s = torch.randn(32, 2048, requires_grad=True)
+    t = torch.randn(3, 32, 2048)
+    weights = torch.tensor(WEIGHTS, dtype=torch.float64)
+    loss_fn = _PROVIDERS[provider]
+
+    def reset():
+        s.grad = None
+
+    def step():
+        loss_fn(s, t, weights).backward()
+        synchronize(_DEVICE)
+
+    benchmark.pedantic(step, setup=reset, rounds=10, warmup_rounds=1)
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+
+
+def test_mixture_providers_agree():
+    s = torch.randn(8, 500, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 8, 500, dtype=torch.float64)
+    weights = torch.tensor(WEIGHTS, dtype=torch.float64)
+    losses = {name: fn(s, t, weights).item() for name, fn in _PROVIDERS.items() if name != SEPARATE}
+    for name, loss in losses.items():
+        assert loss == pytest.approx(losses[EAGER], rel=1e-9), name

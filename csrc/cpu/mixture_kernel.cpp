@@ -1,0 +1,289 @@
+// Fused multi-teacher divergence forward (+ student gradient) on CPU.
+//
+// Compiled three times by setup.py (CPU_CAPABILITY = DEFAULT, AVX2, AVX512);
+// csrc/cpu/mixture_divergence.cpp picks one at run time.
+//
+// The target is the weighted mixture of the teachers' softened distributions
+// (SPEC §1): p = Σ_k w_k softmax(t_k / T). Per row, in one call and without
+// any [N, V] intermediate:
+//   student   max, then e_s = exp((s − max)/T) into the scratch and its sum
+//   teacher k max, then Σ exp((t_k − max_k)/T), then
+//             log p ← logaddexp(log p, (t_k − max_k)/T + log w_k − log Σ_k)
+//             — the mixture is accumulated in log space, so a probability
+//             that underflows in every teacher still has an exact log
+//   terms     loss and u_j = q_j ∂L/∂q_j per element (element_terms of
+//             csrc/common/divergence_math.h, shared with the single-teacher
+//             kernels), Σ loss and Σ u, compensated
+//   gradient  (u − q Σu) · grad_scale / T
+// Each input row is read from memory once (max pass) and again from cache.
+// Teachers get no gradient (the Python layer refuses teachers that need one).
+//
+// Everything is evaluated in double, for every input dtype. In float the
+// mixture's log p carries rounding at the magnitude of log p itself (~log V),
+// re-added by every logaddexp; with the divergence ~1e-4 (T = 100, where
+// log p − log q is ~1e-2) that put the float32 loss 3× further from the
+// float64 reference than PyTorch's float32 computation (measured, and
+// reproduced by emulating the float arithmetic in PyTorch). Double SIMD lanes
+// are half as many; the kernel stays well ahead of the eager mixture (see
+// bench/bench_multi_teacher.py).
+#include "mixture_kernel.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "vec_math.h"
+
+namespace fastkd {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+using namespace fastkd::divergence;
+
+namespace {
+
+// Kahan-compensated sum (see divergence_kernel.cpp for why row sums are).
+template <class W>
+struct Compensated {
+  W sum = W(0), compensation = W(0);
+  void add(W x) {
+    const W y = x - compensation;
+    const W t = sum + y;
+    compensation = (t - sum) - y;
+    sum = t;
+  }
+};
+
+// Total of SIMD lanes and a scalar tail, combined in double.
+template <class W>
+W total(const Compensated<Vec<W>>& lanes, const Compensated<W>& tail) {
+  constexpr int64_t L = Vec<W>::size();
+  std::array<W, L> sums, comps;
+  lanes.sum.store(sums.data());
+  lanes.compensation.store(comps.data());
+  double result = double(tail.sum) - double(tail.compensation);
+  for (int64_t l = 0; l < L; ++l) result += double(sums[l]) - double(comps[l]);
+  return W(result);
+}
+
+template <class W>
+W row_max(const W* x, int64_t V) {
+  constexpr int64_t L = Vec<W>::size();
+  Vec<W> vmax(-std::numeric_limits<W>::infinity());
+  int64_t j = 0;
+  for (; j + L <= V; j += L) vmax = fk_max(vmax, Vec<W>::loadu(x + j));
+  std::array<W, L> lanes;
+  vmax.store(lanes.data());
+  W best = -std::numeric_limits<W>::infinity();
+  for (W lane : lanes) best = fk_max(best, lane);
+  for (; j < V; ++j) best = fk_max(best, x[j]);
+  return best;
+}
+
+// Σ exp((x − max)/T); with `out`, the exponentials are stored there too.
+template <class W>
+W exp_sum(const W* x, int64_t V, W max, W inv_t, W* out) {
+  constexpr int64_t L = Vec<W>::size();
+  const Vec<W> vmax(max), vinv(inv_t);
+  Compensated<Vec<W>> lanes;
+  int64_t j = 0;
+  for (; j + L <= V; j += L) {
+    const Vec<W> e = fk_exp_normaliser((Vec<W>::loadu(x + j) - vmax) * vinv);
+    if (out != nullptr) e.store(out + j);
+    lanes.add(e);
+  }
+  Compensated<W> tail;
+  for (; j < V; ++j) {
+    const W e = fk_exp((x[j] - max) * inv_t);
+    if (out != nullptr) out[j] = e;
+    tail.add(e);
+  }
+  return total(lanes, tail);
+}
+
+// log p ← (first ? a : logaddexp(log p, a)), a = (t − max)/T + offset.
+template <class W>
+void accumulate_log_mixture(W* log_p, const W* t, int64_t V, W max, W inv_t, W offset, bool first) {
+  constexpr int64_t L = Vec<W>::size();
+  const Vec<W> vmax(max), vinv(inv_t), voff(offset);
+  int64_t j = 0;
+  for (; j + L <= V; j += L) {
+    const Vec<W> a = (Vec<W>::loadu(t + j) - vmax) * vinv + voff;
+    (first ? a : fk_logaddexp(Vec<W>::loadu(log_p + j), a)).store(log_p + j);
+  }
+  for (; j < V; ++j) {
+    const W a = (t[j] - max) * inv_t + offset;
+    log_p[j] = first ? a : fk_logaddexp(log_p[j], a);
+  }
+}
+
+template <class W>
+int64_t index_of(const W* x, int64_t V, W value) {
+  for (int64_t j = 0; j < V; ++j) {
+    if (x[j] == value) return j;
+  }
+  return 0;
+}
+
+// Row constants of the terms pass, for scalar (X = W) or SIMD (X = Vec<W>) use.
+template <class X>
+struct TermConstants {
+  X inv_t, max_s, log_sum_s, inv_sum_s, log_p_at_mode;
+  Coefficient<X> coef;
+};
+
+template <int KIND, class X>
+inline ElementTerms<X> terms_at(X s, X e_s, X log_p, const TermConstants<X>& c) {
+  ElementInputs<X> x;
+  const X a_s = (s - c.max_s) * c.inv_t;
+  x.logq = a_s - c.log_sum_s;
+  x.logp = log_p;
+  x.q = e_s * c.inv_sum_s;
+  x.p = fk_exp(log_p);
+  // log(q/p) minus its value at the student's mode (where a_s = 0), which
+  // REVERSE_KL's u reads (divergence_math.h): log Σ_s cancels exactly.
+  x.shifted_ratio_q = a_s - (log_p - c.log_p_at_mode);
+  x.shifted_ratio_p = X(0);  // teacher gradient only: never read here
+  return element_terms<KIND>(x, c.coef);
+}
+
+// Rows of `scalar_t` logits, evaluated in double (W) whatever the input
+// dtype; the row losses are written as `loss_t` (float, double for double).
+template <int KIND, class scalar_t, class loss_t>
+void mixture_rows(const MixtureDivergenceArgs& a) {
+  using W = double;
+  const auto* student = static_cast<const scalar_t*>(a.student);
+  const auto* teacher = static_cast<const scalar_t*>(a.teacher);
+  auto* row_loss = static_cast<loss_t*>(a.row_loss);
+  auto* grad = static_cast<scalar_t*>(a.student_grad);
+  const int64_t V = a.vocab;
+  constexpr int64_t L = Vec<W>::size();
+  constexpr bool widen = !std::is_same_v<scalar_t, W>;
+  const W inv_t = W(a.inv_temperature);
+  const W factor = W(a.grad_scale * a.inv_temperature);
+  const Coefficient<W> coef{W(a.coef), W(1.0 - a.coef), W(std::log(a.coef)), W(std::log1p(-a.coef))};
+
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(V * a.teachers, 1));
+  at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
+    // e_s, log p, u; for non-double inputs also the widened student and teacher rows
+    std::vector<W> buffer((widen ? 5 : 3) * V);
+    W* e_s = buffer.data();
+    W* log_p = e_s + V;
+    W* u = log_p + V;
+    W* s_wide = widen ? u + V : nullptr;
+    W* t_wide = widen ? s_wide + V : nullptr;
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t* grad_row = grad != nullptr ? grad + i * V : nullptr;
+      if (a.row_mask != nullptr && !a.row_mask[i]) {
+        row_loss[i] = loss_t(0);
+        if (grad_row) std::fill(grad_row, grad_row + V, scalar_t(0));
+        continue;
+      }
+      const scalar_t* s_row = student + i * a.student_row_stride;
+      const W* s = nullptr;
+      if constexpr (widen) {
+        at::vec::convert(s_row, s_wide, V);
+        s = s_wide;
+      } else {
+        s = s_row;
+      }
+      const W max_s = row_max(s, V);
+      const W sum_s = exp_sum(s, V, max_s, inv_t, e_s);
+      TermConstants<W> c{inv_t, max_s, fk_log(sum_s), W(1) / sum_s, W(0), coef};
+
+      bool first = true;
+      for (int64_t k = 0; k < a.teachers; ++k) {
+        const scalar_t* t_row = teacher + k * a.teacher_stride + i * a.teacher_row_stride;
+        const W* t = nullptr;
+        if constexpr (widen) {
+          at::vec::convert(t_row, t_wide, V);
+          t = t_wide;
+        } else {
+          t = t_row;
+        }
+        const W max_t = row_max(t, V);
+        const W sum_t = exp_sum(t, V, max_t, inv_t, static_cast<W*>(nullptr));
+        // A teacher of weight 0 is still read: its offset is −inf, so it adds
+        // nothing, except NaN from a NaN input (SPEC §6: NaN is never dropped).
+        const W offset = W(a.log_weights[k] - std::log(double(sum_t)));
+        accumulate_log_mixture(log_p, t, V, max_t, inv_t, offset, first);
+        first = false;
+      }
+      c.log_p_at_mode = log_p[index_of(s, V, max_s)];
+
+      // terms: loss, Σu (u kept for the gradient)
+      const TermConstants<Vec<W>> vc{Vec<W>(c.inv_t), Vec<W>(c.max_s), Vec<W>(c.log_sum_s),
+                                     Vec<W>(c.inv_sum_s), Vec<W>(c.log_p_at_mode),
+                                     {Vec<W>(coef.c), Vec<W>(coef.one_minus_c), Vec<W>(coef.log_c),
+                                      Vec<W>(coef.log_one_minus_c)}};
+      Compensated<Vec<W>> vloss, vsum_u;
+      int64_t j = 0;
+      for (; j + L <= V; j += L) {
+        const ElementTerms<Vec<W>> e = terms_at<KIND>(Vec<W>::loadu(s + j), Vec<W>::loadu(e_s + j),
+                                                      Vec<W>::loadu(log_p + j), vc);
+        vloss.add(e.loss);
+        vsum_u.add(e.u);
+        e.u.store(u + j);
+      }
+      Compensated<W> tail_loss, tail_u;
+      for (; j < V; ++j) {
+        const ElementTerms<W> e = terms_at<KIND>(s[j], e_s[j], log_p[j], c);
+        tail_loss.add(e.loss);
+        tail_u.add(e.u);
+        u[j] = e.u;
+      }
+      row_loss[i] = loss_t(total(vloss, tail_loss));
+      if (grad_row == nullptr) continue;
+
+      // gradient (u − q Σu)·factor, q = e_s / Σ_s; written over u, then narrowed
+      const W sum_u = total(vsum_u, tail_u);
+      const Vec<W> vfactor(factor), vsum(sum_u), vinv_sum(c.inv_sum_s);
+      W* out = nullptr;
+      if constexpr (widen) {
+        out = u;
+      } else {
+        out = grad_row;
+      }
+      for (j = 0; j + L <= V; j += L) {
+        const Vec<W> q = Vec<W>::loadu(e_s + j) * vinv_sum;
+        softmax_grad(Vec<W>::loadu(u + j), q, vsum, vfactor).store(out + j);
+      }
+      for (; j < V; ++j) out[j] = softmax_grad(u[j], e_s[j] * c.inv_sum_s, sum_u, factor);
+      if constexpr (widen) at::vec::convert(u, grad_row, V);
+    }
+  });
+}
+
+template <int KIND>
+void mixture_rows_for_dtype(const MixtureDivergenceArgs& a) {
+  switch (a.dtype) {
+    case DType::Float32: return mixture_rows<KIND, float, float>(a);
+    case DType::Float64: return mixture_rows<KIND, double, double>(a);
+    case DType::BFloat16: return mixture_rows<KIND, c10::BFloat16, float>(a);
+    case DType::Float16: return mixture_rows<KIND, c10::Half, float>(a);
+  }
+}
+
+}  // namespace
+
+void mixture_divergence_kernel(const MixtureDivergenceArgs& a) {
+  switch (a.kind) {
+    case KL: return mixture_rows_for_dtype<KL>(a);
+    case REVERSE_KL: return mixture_rows_for_dtype<REVERSE_KL>(a);
+    case JSD: return mixture_rows_for_dtype<JSD>(a);
+    case SKEW_KL: return mixture_rows_for_dtype<SKEW_KL>(a);
+    case SKEW_REVERSE_KL: return mixture_rows_for_dtype<SKEW_REVERSE_KL>(a);
+    case TVD: return mixture_rows_for_dtype<TVD>(a);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fastkd

@@ -1,0 +1,165 @@
+"""Multi-teacher divergence, SPEC §1: the student against a weighted mixture of teachers.
+
+``fastkd.divergence(student (..., V), teachers (K, ..., V), teacher_weights=(K,))``
+lands here. The target is ``p = Σ_k w_k softmax(t_k / T)``; the fused kernel
+forms it per row, in log space, in the same call that evaluates the
+divergence and its gradient — no ``(N, V)`` mixture tensor, no K passes of
+the dense kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fastkd import _ops, _validate  # noqa: F401  (_ops registers the fastkd:: ops)
+from fastkd.functional import _backend_for, _kernel_divergence, _row_major, _scale_by_upstream
+from fastkd.reference import multi_teacher as _reference
+
+__all__ = ["mixture_divergence"]
+
+# The compiled backends with a multi-teacher kernel; on CUDA tensors
+# backend="auto" uses the reference until triton / cuda get one.
+MIXTURE_KERNELS = ("cpu",)
+
+# How far the weights' sum may be from 1 (SPEC §6: "weights not summing to 1"
+# is an error); loose enough for float32 weights from a softmax.
+WEIGHT_SUM_TOLERANCE = 1e-6
+
+
+class MixtureDivergenceFunction(torch.autograd.Function):
+    """Fused multi-teacher divergence on ``(N, V)`` student logits; one kernel call."""
+
+    @staticmethod
+    def forward(ctx, student, teachers, weights, row_mask, kind, inv_temperature, coef, factor, per_row):
+        row_loss, grad = torch.ops.fastkd.mixture_divergence_forward(
+            student, teachers, weights, row_mask, kind, inv_temperature, coef, factor, ctx.needs_input_grad[0]
+        )
+        ctx.save_for_backward(grad)
+        return row_loss * factor if per_row else row_loss.sum() * factor
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        grad_student = _scale_by_upstream(grad, grad_output) if ctx.needs_input_grad[0] else None
+        return grad_student, None, None, None, None, None, None, None, None
+
+
+def check_teacher_weights(teacher_weights, count: int) -> torch.Tensor:
+    """``(K,)`` float64 CPU weights: finite, >= 0, summing to 1 (``None``: uniform)."""
+    if teacher_weights is None:
+        return torch.full((count,), 1.0 / count, dtype=torch.float64)
+    if isinstance(teacher_weights, torch.Tensor):
+        if not teacher_weights.dtype.is_floating_point:
+            raise ValueError(f"teacher_weights must be floating point, got {teacher_weights.dtype}")
+        weights = teacher_weights.detach().to(device="cpu", dtype=torch.float64)
+    elif isinstance(teacher_weights, Sequence) and all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) for w in teacher_weights
+    ):
+        weights = torch.tensor(list(teacher_weights), dtype=torch.float64)
+    else:
+        raise ValueError("teacher_weights must be a (K,) tensor or a sequence of numbers")
+    if weights.shape != (count,):
+        raise ValueError(
+            f"teacher_weights must have shape ({count},) (one per teacher), got {tuple(weights.shape)}"
+        )
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError("teacher_weights must be finite and >= 0")
+    total = float(weights.sum())
+    if not math.isclose(total, 1.0, rel_tol=0.0, abs_tol=WEIGHT_SUM_TOLERANCE):
+        raise ValueError(f"teacher_weights must sum to 1, got {total}")
+    return weights
+
+
+def mixture_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    teacher_weights=None,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    scale: float | None = None,
+    reduction: str = "batchmean",
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Divergence between the mixture of K teachers and the student (SPEC §1, multi-teacher).
+
+    ``p = Σ_k w_k softmax(t_k / T)``, ``q = softmax(s / T)``, then the chosen
+    divergence, ``scale`` and reduction exactly as :func:`fastkd.divergence`
+    (which calls this for ``(K, ..., V)`` teachers).
+
+    Args:
+        student_logits: ``(..., V)``.
+        teacher_logits: ``(K, ..., V)``, same dtype and device; gets no
+            gradient (must not require one).
+        teacher_weights: ``(K,)`` tensor or sequence, >= 0, summing to 1;
+            ``None`` means uniform ``1/K``.
+        The rest: as :func:`fastkd.divergence`.
+
+    A teacher row that is entirely ``−inf`` gives NaN (every backend).
+    """
+    s = _validate.tensor("student_logits", student_logits)
+    t = _validate.tensor("teacher_logits", teacher_logits)
+    if t.dim() != s.dim() + 1 or t.shape[1:] != s.shape:
+        raise ValueError(
+            f"teacher_logits shape {tuple(t.shape)} must be (K, *student shape) for student_logits "
+            f"shape {tuple(s.shape)}"
+        )
+    if t.dtype != s.dtype:
+        raise ValueError(f"teacher_logits dtype {t.dtype} does not match student_logits dtype {s.dtype}")
+    _validate.same_device("teacher_logits", t, "student_logits", s)
+    if t.requires_grad:
+        raise ValueError(
+            "teacher_logits requires grad, but a mixture of teachers gets no gradient; pass a detached tensor"
+        )
+    if t.shape[0] == 0:
+        raise ValueError("teacher_logits must hold at least one teacher (K >= 1)")
+    weights = check_teacher_weights(teacher_weights, t.shape[0])
+    _validate.choice("divergence", divergence, _validate.DIVERGENCES)
+    _validate.choice("reduction", reduction, _validate.REDUCTIONS)
+    temperature = _validate.real("temperature", temperature, low=0.0, low_open=True)
+    beta = _validate.real("beta", beta, low=0.0, high=1.0)
+    alpha = _validate.real("alpha", alpha, low=0.0, high=1.0)
+    scale = temperature**2 if scale is None else _validate.real("scale", scale)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    labels = _validate.row_selector("labels", labels, s.shape[:-1], s, integer=True)
+    mask = _validate.row_selector("mask", mask, s.shape[:-1], s, integer=False)
+    if s.shape[-1] == 0:
+        raise ValueError("student_logits must have a non-empty last (vocabulary) dimension")
+
+    chosen = _backend_for("multi-teacher divergence", MIXTURE_KERNELS, backend, s)
+    if chosen == "reference":
+        return _reference.mixture_divergence(
+            s, t, weights, divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+            scale=scale, reduction=reduction, labels=labels, ignore_index=ignore_index, mask=mask,
+        )
+
+    vocab, count = s.shape[-1], t.shape[0]
+    student = _row_major(s.reshape(-1, vocab))
+    teachers = t.reshape(count, -1, vocab)
+    if vocab > 1 and teachers.stride(-1) != 1:
+        teachers = teachers.contiguous()
+    keep = None
+    if labels is not None:
+        keep = labels.reshape(-1) != ignore_index
+    if mask is not None:
+        keep = mask.reshape(-1) if keep is None else keep & mask.reshape(-1)
+    n_rows = student.shape[0]
+    if reduction in ("none", "sum"):
+        factor = scale
+    else:
+        n_kept = n_rows if keep is None else int(keep.sum().item())
+        factor = scale / max(n_kept * (vocab if reduction == "mean" else 1), 1)
+    kind, coef = _kernel_divergence(divergence, beta, alpha)
+    loss = MixtureDivergenceFunction.apply(
+        student, teachers, weights, keep, kind, 1.0 / temperature, coef, factor, reduction == "none"
+    )
+    return loss.reshape(s.shape[:-1]) if reduction == "none" else loss

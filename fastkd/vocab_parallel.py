@@ -1,0 +1,172 @@
+"""Vocabulary-parallel divergences (SPEC §1): logits sharded along V across ranks.
+
+In tensor-parallel (Megatron-layout) LLM training each rank of a
+``process_group`` holds a contiguous slice of the vocabulary: student and
+teacher logits ``(..., V_r)`` with ``Σ_r V_r = V``. Gathering the full
+``(N, V)`` logits on one rank is what tensor parallelism exists to avoid; the
+divergence only needs, per row, the global max and sum of exponentials (for
+each side's log-softmax) and the global sum of the per-element terms. Each
+rank computes its shard's contributions and all-reduces combine them (per
+side a MAX and a SUM for the log-sum-exp, then a SUM of the row terms; the
+backward all-reduces the gradient of the two sums of exponentials). Every
+rank ends with the same loss and the gradient of its own shard.
+
+Implementation: composite PyTorch ops on each shard (the same formulas as
+``fastkd.reference``), with autograd through the all-reduces. Not fused yet:
+the shard's log-softmax and terms are ordinary tensors (O(N · V_r) per
+rank), which is what the unsharded reference allocates for the whole
+vocabulary, divided by the world size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from fastkd import _validate
+from fastkd.reference.divergence import row_divergence
+
+__all__ = ["vocab_parallel_divergence"]
+
+
+class _SumOfPartials(torch.autograd.Function):
+    """Σ over the ranks of each rank's partial result (here: its shard's share
+    of the row divergence); the backward passes the gradient through.
+
+    Every rank computes the same (replicated) loss from the total and
+    backpropagates its own copy, so the derivative with respect to this
+    rank's partial is the derivative with respect to the total, unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _SharedSum(torch.autograd.Function):
+    """Σ over the ranks of a statistic that every rank then uses in its own
+    partial result (here: the shards' sums of exponentials, in every shard's
+    log-softmax); the backward sums the gradient over the ranks.
+
+    Rank r's graph only sees how *its* partial depends on the shared value; the
+    loss depends on it through every rank's partial, so the derivative is the
+    sum of the ranks' contributions.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def _global_log_sum_exp(a: torch.Tensor, group) -> torch.Tensor:
+    """``(..., 1)`` log Σ_v exp(a_v) over the vocabulary shards of every rank."""
+    with torch.no_grad():
+        top = a.amax(dim=-1, keepdim=True)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        # a shard that is all −inf contributes exp(−inf − top) = 0; only a row
+        # that is −inf on every rank has top = −inf (NaN below, as documented)
+    local = torch.exp(a - top).sum(dim=-1, keepdim=True)
+    return top + _SharedSum.apply(local, group).log()
+
+
+def vocab_parallel_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    process_group,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    scale: float | None = None,
+    reduction: str = "batchmean",
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`fastkd.divergence` on logits sharded along the vocabulary across ``process_group``.
+
+    Args:
+        student_logits: ``(..., V_r)``, this rank's slice of the vocabulary;
+            the slices of all ranks, in rank order, make the full ``V``
+            (any split, e.g. Megatron's equal one).
+        teacher_logits: ``(..., V_r)``, the same slice of the teacher.
+        process_group: an initialised ``torch.distributed`` process group
+            (``None`` is not accepted here: pass ``dist.group.WORLD``
+            explicitly to shard across every rank).
+        The rest: as :func:`fastkd.divergence` (``"mean"`` divides by kept
+        rows × the global V; ``labels`` / ``mask`` are the same on every rank).
+
+    Returns:
+        The same value on every rank: the divergence of the unsharded logits.
+        Backward gives each rank the gradient of its own slice.
+    """
+    s = _validate.tensor("student_logits", student_logits)
+    t = _validate.tensor("teacher_logits", teacher_logits)
+    _validate.same_layout("teacher_logits", t, "student_logits", s)
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group needs torch.distributed to be initialised (init_process_group)")
+    _validate.choice("divergence", divergence, _validate.DIVERGENCES)
+    _validate.choice("reduction", reduction, _validate.REDUCTIONS)
+    temperature = _validate.real("temperature", temperature, low=0.0, low_open=True)
+    beta = _validate.real("beta", beta, low=0.0, high=1.0)
+    alpha = _validate.real("alpha", alpha, low=0.0, high=1.0)
+    scale = temperature**2 if scale is None else _validate.real("scale", scale)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    lead = s.shape[:-1]
+    labels = _validate.row_selector("labels", labels, lead, s, integer=True)
+    mask = _validate.row_selector("mask", mask, lead, s, integer=False)
+
+    local_vocab = torch.tensor([s.shape[-1]], dtype=torch.int64, device=s.device)
+    dist.all_reduce(local_vocab, op=dist.ReduceOp.SUM, group=process_group)
+    vocab = int(local_vocab.item())
+    if vocab == 0:
+        raise ValueError("student_logits: the vocabulary is empty on every rank")
+
+    keep = torch.ones(s.reshape(-1, s.shape[-1]).shape[0], dtype=torch.bool, device=s.device)
+    if labels is not None:
+        keep &= labels.reshape(-1) != ignore_index
+    if mask is not None:
+        keep &= mask.reshape(-1)
+    # Excluded rows are dropped before any arithmetic (as the reference does):
+    # an all −inf padding row must not put NaN into the gradient. labels and
+    # mask are the same on every rank, so every rank keeps the same rows and
+    # the all-reduces below line up.
+    kept = keep.nonzero().squeeze(-1)
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    a_s = s.reshape(-1, s.shape[-1])[kept].to(acc) / temperature
+    a_t = t.reshape(-1, t.shape[-1])[kept].to(acc) / temperature
+    log_q = a_s - _global_log_sum_exp(a_s, process_group)
+    log_p = a_t - _global_log_sum_exp(a_t, process_group)
+    # the row divergence is a sum over the vocabulary: local sums, then a global one
+    local_rows = row_divergence(log_p, log_q, divergence, beta=beta, alpha=alpha)
+    rows = _SumOfPartials.apply(local_rows, process_group)
+
+    if reduction == "none":
+        out = torch.zeros(keep.shape[0], dtype=acc, device=s.device).index_put((kept,), rows)
+        return scale * out.reshape(lead)
+    total = rows.sum()
+    if reduction == "sum":
+        return scale * total
+    n_kept = kept.numel()
+    if n_kept == 0:
+        return scale * total  # an empty sum: 0, with a zero gradient
+    if reduction == "batchmean":
+        return scale * total / n_kept
+    return scale * total / (n_kept * vocab)

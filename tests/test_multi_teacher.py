@@ -1,0 +1,281 @@
+"""Multi-teacher divergence (SPEC §1): mixture target, reference and fused kernels vs float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastkd
+from fastkd.multi_teacher import MIXTURE_KERNELS
+from fastkd.reference import multi_teacher as reference_mt
+from tests.helpers import DEVICE, assert_matches
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# (K, N..., V)
+SHAPES = ((1, (1,), 1), (2, (3,), 7), (3, (41,), 1271), (3, (2,), 5000), (2, (2, 3), 257))
+UPSTREAM = 0.7
+HAS_OP = fastkd._ops.has_kernel("mixture_divergence_forward", "CPU")
+
+
+def kernel_params():
+    params = []
+    for name in MIXTURE_KERNELS:
+        status = fastkd._dispatch.backend_status(name, DEVICE.type)
+        marks = () if status.available else (pytest.mark.skip(reason=f"{name}: {status.reason}"),)
+        params.append(pytest.param(name, marks=marks, id=name))
+    none = pytest.param("none", marks=pytest.mark.skip(reason=f"no multi-teacher kernel on {DEVICE.type}"))
+    return params or [none]
+
+
+def logits(shape, dtype=torch.float32, spread=3.0):
+    return (torch.randn(shape, dtype=torch.float64) * spread).to(device=DEVICE, dtype=dtype)
+
+
+def random_weights(count: int) -> torch.Tensor:
+    w = torch.rand(count, dtype=torch.float64) + 0.1
+    return w / w.sum()
+
+
+def run_with_grad(fn, s, upstream=UPSTREAM):
+    s = s.detach().clone().requires_grad_(True)
+    loss = fn(s)
+    weight = torch.full_like(loss, upstream)
+    if loss.dim():
+        ramp = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device)
+        weight = weight * ramp.reshape(loss.shape)
+    loss.backward(weight)
+    return loss.detach(), s.grad
+
+
+def check_parity(backend, s, t, weights, **kwargs):
+    dtype = s.dtype
+    got = run_with_grad(
+        lambda a: fastkd.divergence(a, t, teacher_weights=weights, backend=backend, **kwargs), s
+    )
+    t64 = t.double()
+    want = run_with_grad(lambda a: reference_mt.mixture_divergence(a, t64, weights, **kwargs), s.double())
+    same = reference_in_input_dtype(s, t, weights, **kwargs)
+    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert got[1].dtype == dtype
+    assert_matches(got[0], want[0], dtype, f"{backend} loss", [r[0] for r in same])
+    assert_matches(got[1], want[1], dtype, f"{backend} student grad", [r[1] for r in same])
+
+
+def reference_in_input_dtype(s, t, weights, samples=3, **kwargs):
+    """The reference from the same ``s.dtype`` inputs in ``samples`` summation
+    orders (vocabulary permuted alike in student and teachers: the same loss,
+    a different rounding), gradients mapped back to the original order."""
+    results = []
+    for k in range(samples):
+        perm = torch.arange(s.shape[-1], device=s.device)
+        if k:
+            perm = torch.randperm(s.shape[-1], generator=torch.Generator().manual_seed(k)).to(s.device)
+        loss, grad = run_with_grad(
+            lambda a, perm=perm: reference_mt.mixture_divergence(a, t[..., perm], weights, **kwargs),
+            s[..., perm],
+        )
+        results.append((loss, grad[..., torch.argsort(perm)]))
+    return results
+
+
+# ---- the reference against the formulas written out ----------------------------
+
+
+def explicit_row_divergence(p, q, divergence, beta=0.5, alpha=0.1):
+    """(N,) from probabilities, float64, SPEC §1 as written (0 log 0 = 0)."""
+
+    def kl(a, b):
+        return torch.where(a > 0, a * (a.log() - b.log()), torch.zeros_like(a)).sum(-1)
+
+    if divergence == "kl":
+        return kl(p, q)
+    if divergence == "reverse_kl":
+        return kl(q, p)
+    if divergence == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if divergence == "skew_kl":
+        return kl(p, alpha * p + (1 - alpha) * q)
+    if divergence == "skew_reverse_kl":
+        return kl(q, alpha * q + (1 - alpha) * p)
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_reference_equals_written_out_mixture(divergence):
+    t = logits((3, 6, 40), torch.float64)
+    s = logits((6, 40), torch.float64)
+    w = random_weights(3)
+    p = sum(w[k] * torch.softmax(t[k] / 1.5, dim=-1) for k in range(3))
+    q = torch.softmax(s / 1.5, dim=-1)
+    got = reference_mt.mixture_divergence(
+        s, t, w, divergence=divergence, temperature=1.5, scale=1.0, reduction="none"
+    )
+    torch.testing.assert_close(got, explicit_row_divergence(p, q, divergence), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(reference_mt.mixture_log_probs(t, w, 1.5).exp(), p, rtol=1e-12, atol=1e-15)
+
+
+# ---- parity ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_parity_every_divergence_dtype_shape(backend, dtype, divergence, shape):
+    count, lead, vocab = shape
+    s = logits((*lead, vocab), dtype)
+    t = logits((count, *lead, vocab), dtype)
+    check_parity(backend, s, t, random_weights(count), divergence=divergence, temperature=2.0)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("temperature", (0.05, 1.0, 4.0, 100.0))
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_parity_temperatures(backend, temperature, divergence):
+    s, t = logits((5, 300)), logits((3, 5, 300))
+    check_parity(backend, s, t, random_weights(3), divergence=divergence, temperature=temperature)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("reduction", ("batchmean", "sum", "mean", "none"))
+@pytest.mark.parametrize("selector", ("all", "labels", "mask", "both"))
+def test_parity_reductions_and_row_exclusion(backend, reduction, selector):
+    s, t = logits((3, 5, 97)), logits((2, 3, 5, 97))
+    labels = torch.randint(0, 97, (3, 5), device=DEVICE)
+    labels[0, 1] = labels[2, 4] = -100
+    mask = torch.ones(3, 5, dtype=torch.bool, device=DEVICE)
+    mask[1, 2] = False
+    kwargs = {"labels": labels if selector in ("labels", "both") else None,
+              "mask": mask if selector in ("mask", "both") else None}
+    check_parity(backend, s, t, random_weights(2), divergence="jsd", temperature=2.0, reduction=reduction,
+                 **kwargs)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_large_logits_neg_inf_and_a_zero_weight(backend, divergence):
+    s, t = logits((6, 500), spread=1e4), logits((3, 6, 500), spread=1e4)
+    s[0, 3] = -torch.inf
+    t[:, 1, 7] = -torch.inf  # no teacher puts mass there
+    t[0, 2, 9] = -torch.inf  # one does not
+    weights = torch.tensor([0.25, 0.75, 0.0], dtype=torch.float64)  # the third adds nothing
+    check_parity(backend, s, t, weights, divergence=divergence, temperature=3.0)
+    t[2, 4, 0] = torch.nan  # ... but NaN in it is not dropped (SPEC §6)
+    got = fastkd.divergence(s, t, teacher_weights=weights, divergence=divergence, temperature=3.0,
+                            backend=backend)
+    assert torch.isnan(got)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_one_teacher_equals_single_teacher_divergence(backend, divergence):
+    s, t = logits((9, 333)), logits((9, 333))
+    mixed = fastkd.divergence(s, t[None], teacher_weights=[1.0], divergence=divergence, temperature=2.0,
+                              backend=backend)
+    single = fastkd.divergence(s, t, divergence=divergence, temperature=2.0, backend=backend)
+    torch.testing.assert_close(mixed, single, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+def test_identical_teachers_equal_one(backend):
+    """A mixture of copies of one teacher is that teacher, whatever the weights."""
+    s, t = logits((4, 200)), logits((4, 200))
+    mixed = fastkd.divergence(s, torch.stack([t, t, t]), teacher_weights=[0.2, 0.3, 0.5], backend=backend,
+                              divergence="reverse_kl", temperature=2.0)
+    single = fastkd.divergence(s, t, divergence="reverse_kl", temperature=2.0, backend=backend)
+    torch.testing.assert_close(mixed, single, rtol=1e-5, atol=1e-6)
+    expanded = t.expand(3, *t.shape)  # stride 0 over the teachers: read-only, so allowed
+    mixed = fastkd.divergence(s, expanded, teacher_weights=[0.2, 0.3, 0.5], backend=backend,
+                              divergence="reverse_kl", temperature=2.0)
+    torch.testing.assert_close(mixed, single, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+def test_non_contiguous_teachers_and_float64(backend):
+    t = logits((5, 3, 130), torch.float64).transpose(0, 1)  # (K, N, V) with a permuted stride
+    s = logits((5, 2 * 130), torch.float64)[:, ::2]  # stride 2 along V
+    check_parity(backend, s, t, random_weights(3), divergence="skew_reverse_kl", temperature=1.5)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+def test_nan_propagates(backend):
+    s, t = logits((3, 40)), logits((2, 3, 40))
+    t[1, 2, 5] = torch.nan
+    assert torch.isnan(fastkd.divergence(s, t, teacher_weights=[0.5, 0.5], backend=backend))
+
+
+def test_uniform_default_and_module():
+    s, t = logits((4, 30)), logits((2, 4, 30))
+    uniform = fastkd.divergence(s, t, temperature=2.0)
+    explicit = fastkd.divergence(s, t, teacher_weights=torch.tensor([0.5, 0.5]), temperature=2.0)
+    torch.testing.assert_close(uniform, explicit)
+    module = fastkd.DivergenceLoss(divergence="kl", temperature=2.0)
+    torch.testing.assert_close(module(s, t, teacher_weights=[0.5, 0.5]), explicit)
+
+
+# ---- bad input --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        ([0.5, 0.6], "sum to 1"),
+        ([1.5, -0.5], ">= 0"),
+        ([1.0], r"shape \(2,\)"),
+        (torch.tensor([1, 0]), "floating point"),
+        ([float("nan"), 1.0], "finite"),
+        ("ab", "sequence of numbers"),
+    ],
+)
+def test_bad_weights_raise_value_error(weights, match):
+    s, t = logits((4, 30)), logits((2, 4, 30))
+    with pytest.raises(ValueError, match=match):
+        fastkd.divergence(s, t, teacher_weights=weights)
+
+
+def test_bad_teachers_raise_value_error():
+    s = logits((4, 30))
+    with pytest.raises(ValueError, match="must be \\(K, \\*student shape\\)"):
+        fastkd.divergence(s, logits((2, 4, 31)), teacher_weights=[0.5, 0.5])
+    with pytest.raises(ValueError, match="dtype"):
+        fastkd.divergence(s, logits((2, 4, 30), torch.float64))
+    with pytest.raises(ValueError, match="requires grad"):
+        fastkd.divergence(s, logits((2, 4, 30)).requires_grad_(True))
+    with pytest.raises(ValueError, match="K >= 1"):
+        fastkd.divergence(s, logits((0, 4, 30)))
+    with pytest.raises(ValueError, match="must be \\(K, \\*student shape\\)"):
+        fastkd.divergence(s, logits((4, 30)), teacher_weights=[1.0])  # weights but one teacher, no K dim
+
+
+def test_explicit_backend_without_kernel_raises():
+    s, t = logits((2, 10)), logits((2, 2, 10))
+    with pytest.raises(ValueError, match="no multi-teacher divergence kernel"):
+        fastkd.divergence(s, t, backend="triton")
+
+
+# ---- the op itself --------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not HAS_OP, reason="no CPU extension")
+def test_op_checks_weights_itself():
+    op = torch.ops.fastkd.mixture_divergence_forward
+    s, t = torch.randn(2, 10), torch.randn(2, 2, 10)
+    with pytest.raises(RuntimeError, match="sum to 1"):
+        op(s, t, torch.tensor([0.5, 0.6], dtype=torch.float64), None, 0, 1.0, 0.0, 1.0, True)
+    with pytest.raises(RuntimeError, match=">= 0"):
+        op(s, t, torch.tensor([1.5, -0.5], dtype=torch.float64), None, 0, 1.0, 0.0, 1.0, True)
+    with pytest.raises(RuntimeError, match="one entry per teacher"):
+        op(s, t, torch.tensor([1.0], dtype=torch.float64), None, 0, 1.0, 0.0, 1.0, True)
+
+
+@pytest.mark.skipif(not HAS_OP, reason="no CPU extension")
+@pytest.mark.parametrize("student_grad", (True, False))
+def test_opcheck(student_grad):
+    s, t = torch.randn(5, 33), torch.randn(3, 5, 33)
+    weights = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    mask = torch.tensor([True, False, True, True, True])
+    torch.library.opcheck(
+        torch.ops.fastkd.mixture_divergence_forward, (s, t, weights, mask, 2, 0.5, 0.3, 0.25, student_grad)
+    )
