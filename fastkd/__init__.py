@@ -5,14 +5,18 @@ Public API: the functional losses, their modules, and :func:`backends`.
 
 from fastkd._dispatch import BackendStatus, backends
 from fastkd._ops import empty_cache
+from fastkd.dkd import DKDLoss, dkd_loss
 from fastkd.functional import divergence, info_nce, kd_loss, mmd_loss, nst_loss
+from fastkd.fused_linear import FusedLinearDivergenceLoss, fused_linear_divergence
 from fastkd.losses import DivergenceLoss, InfoNCELoss, KDLoss, MMDLoss, NSTLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
+    "DKDLoss",
     "DivergenceLoss",
+    "FusedLinearDivergenceLoss",
     "InfoNCELoss",
     "KDLoss",
     "MMDLoss",
@@ -20,7 +24,9 @@ __all__ = [
     "__version__",
     "backends",
     "divergence",
+    "dkd_loss",
     "empty_cache",
+    "fused_linear_divergence",
     "info_nce",
     "kd_loss",
     "mmd_loss",
