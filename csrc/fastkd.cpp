@@ -85,6 +85,14 @@ TORCH_LIBRARY(fastkd, m) {
       "mixture_divergence_forward(Tensor student, Tensor teachers, Tensor teacher_weights, "
       "Tensor? row_mask, int kind, float inv_temperature, float coef, float grad_scale, "
       "bool student_grad) -> (Tensor, Tensor)");
+  // Decoupled KD (SPEC §1, mdistiller), one pass per row (csrc/cpu/dkd.cpp).
+  //   student, teacher: [N, C] logits (C >= 2), same dtype; labels: [N] int64
+  //   in [0, C). Returns (row_loss [N] = α·TCKD + β·NCKD (no T²), fp32 (fp64
+  //   for fp64 input); student_grad [N, C] = grad_scale · d row_loss / d
+  //   student in the input dtype, or [0, 0]). The teacher gets no gradient.
+  m.def(
+      "dkd_forward(Tensor student, Tensor teacher, Tensor labels, float alpha, float beta, "
+      "float inv_temperature, float grad_scale, bool student_grad) -> (Tensor, Tensor)");
 }
 
 namespace py = pybind11;

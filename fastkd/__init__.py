@@ -5,7 +5,9 @@ Public API: the functional losses, their modules, and :func:`backends`.
 
 from fastkd._dispatch import BackendStatus, backends
 from fastkd._ops import empty_cache
+from fastkd.dkd import DKDLoss, dkd_loss
 from fastkd.functional import divergence, info_nce, kd_loss, mmd_loss, nst_loss
+from fastkd.fused_linear import FusedLinearDivergenceLoss, fused_linear_divergence
 from fastkd.losses import DivergenceLoss, InfoNCELoss, KDLoss, MMDLoss, NSTLoss
 from fastkd.topk import TopKDivergenceLoss, topk_divergence
 
@@ -13,7 +15,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
+    "DKDLoss",
     "DivergenceLoss",
+    "FusedLinearDivergenceLoss",
     "InfoNCELoss",
     "KDLoss",
     "MMDLoss",
@@ -22,7 +26,9 @@ __all__ = [
     "__version__",
     "backends",
     "divergence",
+    "dkd_loss",
     "empty_cache",
+    "fused_linear_divergence",
     "info_nce",
     "kd_loss",
     "mmd_loss",

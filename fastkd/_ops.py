@@ -109,3 +109,14 @@ if _C is not None:
         row_loss = student.new_empty((rows,), dtype=loss_dtype)
         grad = student.new_empty((rows, vocab) if student_grad else (0, 0))
         return row_loss, grad
+
+# An extension built before fastkd::dkd_forward existed lacks it; DKD's cpu
+# backend then fails at call time instead of breaking the import.
+if _C is not None and has_kernel("dkd_forward", "CPU"):
+
+    @torch.library.register_fake("fastkd::dkd_forward")
+    def _dkd_forward_fake(student, teacher, labels, alpha, beta, inv_temperature, grad_scale, student_grad):
+        rows, classes = student.shape
+        loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        grad = student.new_empty((rows, classes) if student_grad else (0, 0))
+        return student.new_empty((rows,), dtype=loss_dtype), grad

@@ -13,11 +13,13 @@ import torch
 
 from fastkd import (
     _dispatch,
+    _hard_labels,
     _ops,  # noqa: F401  (registers the fastkd:: ops and their fake kernels)
     _validate,
 )
 from fastkd import reference as _reference
 from fastkd.reference import contrastive as _reference_contrastive
+from fastkd.reference import fused_linear as _reference_fused_linear
 from fastkd.reference import mmd as _reference_mmd
 
 __all__ = ["divergence", "info_nce", "kd_loss", "mmd_loss", "nst_loss"]
@@ -138,8 +140,11 @@ def divergence(
     mask: torch.Tensor | None = None,
     teacher_weights=None,
     process_group=None,
+    hard_weight: float | None = None,
+    soft_weight: float = 1.0,
+    return_parts: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Divergence between the temperature-softened teacher and student distributions.
 
     Per row ``i``: ``p = softmax(t_i / T)``, ``q = softmax(s_i / T)`` and ``ℓ_i``
@@ -174,17 +179,41 @@ def divergence(
             loss equals the unsharded one. See
             :func:`fastkd.vocab_parallel.vocab_parallel_divergence` (a
             composite path: ``backend`` must be ``"auto"`` or ``"reference"``).
+        hard_weight: ``None`` / 0 (default: off) or ``> 0``: mix in the
+            cross-entropy of the student against ``labels`` (required then),
+            ``loss = hard_weight · CE + soft_weight · KD``. CE is at
+            temperature 1, not multiplied by ``scale``, over the same kept
+            rows; for ``"batchmean"`` and ``"mean"`` it is divided by the kept
+            rows (not by V), for ``"sum"`` summed, for ``"none"`` per row.
+            Kept rows' labels must lie in ``[0, V)``.
+        soft_weight: ``>= 0`` multiplier of the divergence term (default 1).
+        return_parts: return ``(total, hard_part, soft_part)`` (weighted, so
+            ``total = hard_part + soft_part``; ``hard_part`` is 0 when mixing is
+            off); all three carry gradients.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
 
     Returns:
         A float32 scalar (float64 for float64 input), or ``(...)`` for ``"none"``.
         With no kept rows the loss is 0 and so is its gradient.
 
+    The cross-entropy of the fused backends is computed with ATen operations
+    in chunks (``fastkd._hard_labels``), next to the divergence kernel, keeping
+    only O(N) state between forward and backward; it is not fused into the
+    divergence kernel's pass.
+
     A kept row whose logits are all ``−inf`` has no distribution: the
     reference raises ``ValueError``, the fused kernels return NaN for it.
     """
     s = _validate.tensor("student_logits", student_logits)
     t = _validate.tensor("teacher_logits", teacher_logits)
+    several_teachers = teacher_weights is not None or t.dim() == s.dim() + 1
+    if (process_group is not None or several_teachers) and (
+        hard_weight or soft_weight != 1.0 or return_parts
+    ):
+        raise ValueError(
+            "hard_weight / soft_weight / return_parts are not supported with teacher_weights (several "
+            "teachers) or process_group yet; add the cross-entropy term separately"
+        )
     if process_group is not None:
         if backend not in ("auto", "reference") or teacher_weights is not None:
             raise ValueError(
@@ -198,7 +227,7 @@ def divergence(
             beta=beta, alpha=alpha, scale=scale, reduction=reduction, labels=labels,
             ignore_index=ignore_index, mask=mask,
         )
-    if teacher_weights is not None or t.dim() == s.dim() + 1:
+    if several_teachers:
         from fastkd.multi_teacher import mixture_divergence
 
         return mixture_divergence(
@@ -219,6 +248,13 @@ def divergence(
     mask = _validate.row_selector("mask", mask, s.shape[:-1], s, integer=False)
     if s.shape[-1] == 0:
         raise ValueError("student_logits must have a non-empty last (vocabulary) dimension")
+    hard_weight, soft_weight, mixing = _hard_labels.mixing_weights(hard_weight, soft_weight, labels)
+    if mixing or soft_weight != 1.0 or return_parts:
+        return _mixed_divergence(
+            s, t, divergence=divergence, temperature=temperature, beta=beta, alpha=alpha, scale=scale,
+            reduction=reduction, labels=labels, ignore_index=ignore_index, mask=mask,
+            hard_weight=hard_weight, soft_weight=soft_weight, return_parts=return_parts, backend=backend,
+        )
 
     chosen = _dispatch.resolve(backend, s)
     if chosen == "reference":
@@ -241,6 +277,36 @@ def divergence(
         reduction == "none", chosen,
     )
     return loss.reshape(rows.lead_shape) if reduction == "none" else loss
+
+
+def _mixed_divergence(s, t, *, labels, ignore_index, mask, reduction, hard_weight, soft_weight,
+                      return_parts, backend, **divergence_kwargs):
+    """``hard_weight · CE + soft_weight · divergence`` for :func:`divergence` (validated arguments)."""
+    soft = divergence(
+        s, t, labels=labels, ignore_index=ignore_index, mask=mask, reduction=reduction, backend=backend,
+        **divergence_kwargs,
+    )
+    # soft_weight scales the loss and (through autograd's scalar multiply) its gradient.
+    soft = soft * soft_weight
+    if hard_weight == 0.0:
+        total = soft
+        return (total, torch.zeros_like(soft), soft) if return_parts else total
+    rows = _as_rows(s, t, labels, ignore_index, mask)
+    _hard_labels.check_label_range(labels.reshape(-1), rows.keep, rows.student.shape[1])
+    if _dispatch.resolve(backend, s) == "reference":
+        hard = hard_weight * _reference_fused_linear.cross_entropy(
+            s, labels, reduction=reduction, ignore_index=ignore_index, mask=mask
+        )
+    else:
+        n_kept = int(rows.keep.sum().item())
+        factor = hard_weight * _hard_labels.reduce_factor(reduction, n_kept)
+        hard = _hard_labels.CrossEntropyFunction.apply(
+            rows.student, labels.reshape(-1).long(), rows.keep, factor, reduction == "none"
+        )
+        if reduction == "none":
+            hard = hard.reshape(rows.lead_shape)
+    total = hard + soft
+    return (total, hard, soft) if return_parts else total
 
 
 def kd_loss(

@@ -1,0 +1,461 @@
+"""Fused linear head + softmax divergence for LLM distillation (SPEC §1, "Fused linear").
+
+``fused_linear_divergence`` computes ``fastkd.divergence`` on
+``student_hidden @ student_weightᵀ + student_bias`` and
+``teacher_hidden @ teacher_weightᵀ + teacher_bias`` without ever holding the
+full ``(N, V)`` logits. Rows are processed in chunks; per chunk:
+
+1. student and teacher logits, one matmul each (``addmm`` with the bias);
+2. the fused divergence op (``torch.ops.fastkd.divergence_forward`` or the
+   Triton kernel), which returns the row losses *and* the gradient w.r.t. the
+   chunk's student logits, already multiplied by the reduction's factor;
+3. with ``hard_weight``, the chunk's cross-entropy and its gradient (ATen,
+   ``fastkd._hard_labels``), added to that gradient;
+4. the chunk's contribution to ``grad_hidden`` (``g @ W``, its own rows),
+   ``grad_weight`` (``gᵀ h``, accumulated) and ``grad_bias`` (``Σ g``).
+
+So the forward produces the gradients (Liger-style) and the backward only
+multiplies them by the upstream gradient. Memory beyond the inputs: one
+chunk's logits and gradient (bounded by ``memory_budget``) plus the gradients
+themselves (``grad_weight`` is summed over the chunks in float32 for
+bfloat16 / float16 inputs, each chunk's ``gᵀ h`` computed in the input
+dtype). With ``reduction="none"`` the upstream gradient differs per row and
+is only known in backward, which then recomputes the chunks (twice the
+matmuls).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastkd import _dispatch, _hard_labels, _validate
+from fastkd import functional as _functional
+from fastkd.reference import fused_linear as _reference
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "FusedLinearDivergenceLoss", "fused_linear_divergence"]
+
+# Bytes of per-chunk temporaries (logits, their gradient, float32 copies) the
+# automatic chunk size aims at: 128 MiB, e.g. 341 rows at V = 32000 in float32.
+DEFAULT_MEMORY_BUDGET = 128 * 2**20
+
+
+def chunk_rows(vocab: int, dtype: torch.dtype, hard: bool, memory_budget: int) -> int:
+    """Rows per chunk so that the chunk's temporaries fit in ``memory_budget`` bytes.
+
+    Per row: student logits, teacher logits and their gradient in the input
+    dtype; for bfloat16 / float16 a float32 row more (a float32 copy of the
+    gradient where CE or a per-row upstream gradient is added to it); with
+    hard labels two more float32 rows (the upcast logits and the softmax).
+    Besides the chunk: the float32 weight-gradient accumulator, and for
+    bfloat16 / float16 one chunk's product ``gᵀ h`` (``V × H``).
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_row = vocab * (3 * itemsize + (4 if itemsize < 4 else 0) + (8 if hard else 0))
+    return max(1, memory_budget // max(per_row, 1))
+
+
+@dataclass(frozen=True)
+class _Config:
+    kind: int  # fastkd::divergence::Kind
+    inv_temperature: float
+    coef: float  # β (JSD) or α (skew), interior
+    kd_factor: float  # soft_weight · scale / norm: multiplies the divergence row losses
+    ce_factor: float  # hard_weight / norm: multiplies the CE row losses (0 = no CE)
+    per_row: bool  # reduction == "none"
+    chunk: int
+    backend: str
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.mm(hidden, weight.t()) if bias is None else torch.addmm(bias, hidden, weight.t())
+
+
+def _chunk_pass(cfg: _Config, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need, row_upstream=None):
+    """One walk over the row chunks.
+
+    Args:
+        need: ``(hidden, weight, bias)``: which student gradients to produce.
+        row_upstream: ``(N,)`` per-row upstream gradient (``reduction="none"``
+            backward), or None.
+
+    Returns:
+        ``(kd_rows (N,), ce_rows (N,), grad_hidden, grad_weight, grad_bias)``;
+        the row losses unscaled (accumulation dtype), the gradients already
+        multiplied by the reduction factors (and ``row_upstream``), None where
+        not needed.
+    """
+    n, vocab = s_h.shape[0], s_w.shape[0]
+    dtype = s_h.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    any_grad = any(need)
+    kd_rows = s_h.new_empty((n,), dtype=acc)
+    ce_rows = s_h.new_zeros((n,), dtype=acc)
+    grad_h = s_h.new_empty(s_h.shape) if need[0] else None  # new_empty is contiguous
+    grad_w = s_w.new_zeros(s_w.shape, dtype=acc) if need[1] else None
+    grad_b = s_w.new_zeros((vocab,), dtype=acc) if need[2] else None
+    for start in range(0, n, cfg.chunk):
+        rows = slice(start, min(start + cfg.chunk, n))
+        h = s_h[rows]
+        s_logits = _logits(h, s_w, s_b)
+        t_logits = _logits(t_h[rows], t_w, t_b)
+        chunk_keep = None if keep is None else keep[rows]
+        row_loss, g, _ = _functional._run_kernel(
+            cfg.backend,
+            s_logits,
+            t_logits,
+            chunk_keep,
+            cfg.kind,
+            cfg.inv_temperature,
+            cfg.coef,
+            cfg.kd_factor,
+            any_grad,
+            False,
+        )
+        kd_rows[rows] = row_loss
+        g_ce = None
+        if cfg.ce_factor != 0.0:
+            ce, g_ce = _hard_labels.ce_rows_and_grad(
+                s_logits, labels[rows], chunk_keep, cfg.ce_factor if any_grad else None
+            )
+            ce_rows[rows] = ce
+        if not any_grad:
+            continue
+        del s_logits, t_logits
+        if g_ce is not None or row_upstream is not None:
+            # Combined in the accumulation dtype (for float32 / float64 that
+            # is the kernel's own buffer), then rounded once to the input dtype.
+            g_acc = g if g.dtype == acc else g.to(acc)
+            if g_ce is not None:
+                g_acc.add_(g_ce)
+            if row_upstream is not None:
+                g_acc.mul_(row_upstream[rows].to(acc).unsqueeze(1))
+            g = g_acc if g_acc.dtype == dtype else g_acc.to(dtype)
+        if need[0]:
+            torch.mm(g, s_w, out=grad_h[rows])
+        if need[1]:
+            if dtype == acc:
+                grad_w.addmm_(g.t(), h)
+            else:
+                # bfloat16 / float16: the chunk's product runs in the input
+                # dtype (about twice as fast as a float32 product on CPUs with
+                # bf16 units; float32 accumulation inside), and the chunks are
+                # summed in float32.
+                grad_w.add_(torch.mm(g.t(), h))
+        if need[2]:
+            grad_b.add_(g.sum(0, dtype=acc))
+    cast = (lambda x: x) if acc == dtype else (lambda x: None if x is None else x.to(dtype))
+    return kd_rows, ce_rows, grad_h, cast(grad_w), cast(grad_b)
+
+
+class FusedLinearDivergenceFunction(torch.autograd.Function):
+    """Chunked linear head + divergence (+ CE); returns ``(total, hard_part, soft_part)``.
+
+    Only ``total`` is differentiable. Gradients flow to the student hidden
+    states, weight and bias; never to the teacher's.
+    """
+
+    @staticmethod
+    def forward(ctx, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, cfg):
+        need = tuple(ctx.needs_input_grad[:3])
+        if cfg.per_row:
+            kd, ce, *_ = _chunk_pass(cfg, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, (False,) * 3)
+            ctx.save_for_backward(s_h, s_w, s_b, t_h, t_w, t_b, keep, labels)
+            soft, hard = kd * cfg.kd_factor, ce * cfg.ce_factor
+        else:
+            kd, ce, grad_h, grad_w, grad_b = _chunk_pass(
+                cfg, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need
+            )
+            ctx.save_for_backward(grad_h, grad_w, grad_b)
+            soft, hard = kd.sum() * cfg.kd_factor, ce.sum() * cfg.ce_factor
+        ctx.cfg = cfg
+        ctx.need = need
+        ctx.mark_non_differentiable(hard, soft)
+        return hard + soft, hard, soft
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_hard, _grad_soft):
+        cfg, need = ctx.cfg, ctx.need
+        if not any(need):
+            return (None,) * 9
+        if cfg.per_row:
+            s_h, s_w, s_b, t_h, t_w, t_b, keep, labels = ctx.saved_tensors
+            _, _, grad_h, grad_w, grad_b = _chunk_pass(
+                cfg, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need, row_upstream=grad_total
+            )
+        else:
+            grad_h, grad_w, grad_b = (
+                None if g is None else _functional._scale_by_upstream(g, grad_total)
+                for g in ctx.saved_tensors
+            )
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _check_linear(prefix: str, hidden, weight, bias):
+    """Validated ``(hidden, weight, bias)`` of one model."""
+    hidden = _validate.tensor(f"{prefix}_hidden", hidden, min_dim=2)
+    weight = _validate.tensor(f"{prefix}_weight", weight, min_dim=2)
+    if weight.dim() != 2:
+        raise ValueError(f"{prefix}_weight must be 2-D (V, H), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{prefix}_weight shape {tuple(weight.shape)} must be (V, H) with H = {prefix}_hidden's "
+            f"last dim {hidden.shape[-1]}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise ValueError(
+            f"{prefix}_weight dtype {weight.dtype} does not match {prefix}_hidden dtype {hidden.dtype}"
+        )
+    _validate.same_device(f"{prefix}_weight", weight, f"{prefix}_hidden", hidden)
+    if bias is not None:
+        bias = _validate.tensor(f"{prefix}_bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{prefix}_bias shape {tuple(bias.shape)} must be (V,) = ({weight.shape[0]},)")
+        if bias.dtype != hidden.dtype:
+            raise ValueError(
+                f"{prefix}_bias dtype {bias.dtype} does not match {prefix}_hidden dtype {hidden.dtype}"
+            )
+        _validate.same_device(f"{prefix}_bias", bias, f"{prefix}_hidden", hidden)
+    return hidden, weight, bias
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def fused_linear_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    scale: float | None = None,
+    reduction: str = "batchmean",
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    hard_weight: float | None = None,
+    soft_weight: float = 1.0,
+    return_parts: bool = False,
+    chunk_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fastkd.divergence` on two linear heads' logits, without materialising them.
+
+    ``student_logits = student_hidden @ student_weightᵀ + student_bias`` and
+    ``teacher_logits = teacher_hidden @ teacher_weightᵀ + teacher_bias``; the
+    loss is exactly ``fastkd.divergence(student_logits, teacher_logits, ...)``
+    (or, with ``hard_weight``, ``hard_weight · CE(student_logits, labels) +
+    soft_weight · divergence``, as :func:`fastkd.divergence` defines it), but
+    rows are processed ``chunk_size`` at a time and the ``(N, V)`` logits never
+    exist. The teacher side runs without autograd: ``teacher_hidden``,
+    ``teacher_weight`` and ``teacher_bias`` get no gradient, even if they
+    require one.
+
+    Args:
+        student_hidden: ``(N, H_s)`` or ``(B, T, H_s)`` (any leading dims,
+            flattened into rows) float32 / bfloat16 / float16 / float64.
+        student_weight: ``(V, H_s)``, the student's output projection
+            (``nn.Linear(H_s, V).weight``), same dtype and device.
+        teacher_hidden: ``(N, H_t)`` / ``(B, T, H_t)``: same leading dims, same dtype.
+        teacher_weight: ``(V, H_t)``, same V as ``student_weight``.
+        student_bias, teacher_bias: optional ``(V,)``.
+        divergence, temperature, beta, alpha, scale, reduction, labels,
+        ignore_index, mask, hard_weight, soft_weight: as :func:`fastkd.divergence`
+            (``labels`` / ``mask`` have the hidden states' leading shape;
+            ``"batchmean"`` divides by kept tokens).
+        return_parts: return ``(total, hard_part, soft_part)``; ``total`` is
+            the only one with a gradient (the parts are for logging).
+        chunk_size: rows per chunk; ``None`` chooses it from ``memory_budget``.
+        memory_budget: bytes of per-chunk temporaries (logits, their gradient,
+            float32 copies) when ``chunk_size`` is None; default 128 MiB.
+        backend: ``"auto"``, ``"reference"`` (unfused: full logits and
+            autograd, the parity oracle), ``"cpu"``, ``"cuda"``, ``"triton"``
+            (the divergence kernel each chunk runs).
+
+    Returns:
+        float32 scalar (float64 for float64 inputs), or ``(N,)`` / ``(B, T)``
+        for ``"none"``. Gradients come back in the input dtype; for bfloat16 /
+        float16 the weight and bias gradients are summed over the chunks in
+        float32 (each chunk's ``gᵀ h`` is one product in the input dtype, as
+        the unfused backward computes the whole of it).
+    """
+    s_h, s_w, s_b = _check_linear("student", student_hidden, student_weight, student_bias)
+    t_h, t_w, t_b = _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    if t_h.shape[:-1] != s_h.shape[:-1]:
+        raise ValueError(
+            f"teacher_hidden leading shape {tuple(t_h.shape[:-1])} does not match student_hidden's "
+            f"{tuple(s_h.shape[:-1])}"
+        )
+    if t_h.dtype != s_h.dtype:
+        raise ValueError(f"teacher_hidden dtype {t_h.dtype} does not match student_hidden dtype {s_h.dtype}")
+    _validate.same_device("teacher_hidden", t_h, "student_hidden", s_h)
+    if t_w.shape[0] != s_w.shape[0]:
+        raise ValueError(
+            f"teacher_weight vocabulary size {t_w.shape[0]} does not match student_weight's {s_w.shape[0]}"
+        )
+    vocab = s_w.shape[0]
+    if vocab == 0:
+        raise ValueError("student_weight must have at least one row (vocabulary entry)")
+    _validate.choice("divergence", divergence, _validate.DIVERGENCES)
+    _validate.choice("reduction", reduction, _validate.REDUCTIONS)
+    temperature = _validate.real("temperature", temperature, low=0.0, low_open=True)
+    beta = _validate.real("beta", beta, low=0.0, high=1.0)
+    alpha = _validate.real("alpha", alpha, low=0.0, high=1.0)
+    scale = temperature**2 if scale is None else _validate.real("scale", scale)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    lead = s_h.shape[:-1]
+    labels = _validate.row_selector("labels", labels, lead, s_h, integer=True)
+    mask = _validate.row_selector("mask", mask, lead, s_h, integer=False)
+    hard_weight, soft_weight, mixing = _hard_labels.mixing_weights(hard_weight, soft_weight, labels)
+    if chunk_size is not None:
+        chunk_size = _positive_int("chunk_size", chunk_size)
+    memory_budget = _positive_int("memory_budget", memory_budget)
+    if not isinstance(return_parts, bool):
+        raise ValueError(f"return_parts must be a bool, got {type(return_parts).__name__}")
+
+    keep = None
+    if labels is not None:
+        keep = labels.reshape(-1) != ignore_index
+    if mask is not None:
+        keep = mask.reshape(-1) if keep is None else keep & mask.reshape(-1)
+    if mixing:
+        _hard_labels.check_label_range(labels.reshape(-1), keep, vocab)
+
+    chosen = _dispatch.resolve(backend, s_h)
+    if chosen == "reference":
+        return _reference.fused_linear_divergence(
+            s_h,
+            s_w,
+            t_h,
+            t_w,
+            student_bias=s_b,
+            teacher_bias=t_b,
+            labels=labels,
+            hard_weight=hard_weight,
+            soft_weight=soft_weight,
+            return_parts=return_parts,
+            divergence=divergence,
+            temperature=temperature,
+            beta=beta,
+            alpha=alpha,
+            scale=scale,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            mask=mask,
+        )
+
+    s_rows = s_h.reshape(-1, s_h.shape[-1])
+    t_rows = t_h.reshape(-1, t_h.shape[-1])
+    n_rows = s_rows.shape[0]
+    if reduction in ("none", "sum"):
+        kd_norm = ce_norm = 1
+    else:
+        n_kept = n_rows if keep is None else int(keep.sum().item())
+        kd_norm = max(n_kept * (vocab if reduction == "mean" else 1), 1)
+        ce_norm = max(n_kept, 1)
+    kind, coef = _functional._kernel_divergence(divergence, beta, alpha)
+    cfg = _Config(
+        kind=kind,
+        inv_temperature=1.0 / temperature,
+        coef=coef,
+        kd_factor=soft_weight * scale / kd_norm,
+        ce_factor=hard_weight / ce_norm,
+        per_row=reduction == "none",
+        chunk=chunk_size or chunk_rows(vocab, s_h.dtype, mixing, memory_budget),
+        backend=chosen,
+    )
+    flat_labels = labels.reshape(-1).long() if mixing else None
+    total, hard, soft = FusedLinearDivergenceFunction.apply(
+        s_rows,
+        s_w,
+        s_b,
+        t_rows.detach(),
+        t_w.detach(),
+        None if t_b is None else t_b.detach(),
+        keep,
+        flat_labels,
+        cfg,
+    )
+    if reduction == "none":
+        total, hard, soft = total.reshape(lead), hard.reshape(lead), soft.reshape(lead)
+    return (total, hard, soft) if return_parts else total
+
+
+class FusedLinearDivergenceLoss(nn.Module):
+    """Module form of :func:`fused_linear_divergence`; keyword arguments as there.
+
+    ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight,
+    student_bias=None, teacher_bias=None, labels=None, mask=None)``; pass
+    ``lm_head.weight`` / ``lm_head.bias`` of each model.
+    """
+
+    def __init__(
+        self,
+        *,
+        divergence: str = "kl",
+        temperature: float = 1.0,
+        beta: float = 0.5,
+        alpha: float = 0.1,
+        scale: float | None = None,
+        reduction: str = "batchmean",
+        ignore_index: int = -100,
+        hard_weight: float | None = None,
+        soft_weight: float = 1.0,
+        chunk_size: int | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.options = dict(
+            divergence=divergence,
+            temperature=temperature,
+            beta=beta,
+            alpha=alpha,
+            scale=scale,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            hard_weight=hard_weight,
+            soft_weight=soft_weight,
+            chunk_size=chunk_size,
+            memory_budget=memory_budget,
+            backend=backend,
+        )
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        student_bias: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return fused_linear_divergence(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            labels=labels,
+            mask=mask,
+            **self.options,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,133 @@
+"""Hard-label mixing in fastkd.divergence / kd_loss (SPEC §1):
+``hard_weight · CE + soft_weight · KD`` against the float64 reference, and
+the reference CE against torch's cross_entropy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastkd
+from fastkd import reference
+from tests.helpers import assert_matches, backend_params
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def logits(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (2.0 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def class_labels(shape, vocab, seed, ignored=()):
+    y = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+    flat = y.view(-1)
+    for i in ignored:
+        flat[i] = -100
+    return y
+
+
+def run(fn, s, t, upstream):
+    s = s.detach().clone().requires_grad_(True)
+    t = t.detach().clone().requires_grad_(True)
+    out = fn(s, t)
+    grad = upstream.to(out.dtype) if out.dim() else torch.tensor(0.6, dtype=out.dtype)
+    out.backward(grad)
+    return out.detach(), s.grad, t.grad
+
+
+@pytest.mark.parametrize("reduction", ("batchmean", "mean", "sum", "none"))
+def test_reference_cross_entropy_matches_torch(reduction):
+    s = logits((4, 5, 11), torch.float64, 0)
+    y = class_labels((4, 5), 11, 1, ignored=(0, 7, 19))
+    got = reference.cross_entropy(s, y, reduction=reduction)
+    torch_reduction = {"batchmean": "mean", "mean": "mean"}.get(reduction, reduction)
+    want = F.cross_entropy(s.reshape(-1, 11), y.reshape(-1), reduction=torch_reduction, ignore_index=-100)
+    assert torch.allclose(got.reshape(-1) if reduction == "none" else got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", backend_params(include_reference=True))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ("batchmean", "mean", "sum", "none"))
+@pytest.mark.parametrize("divergence", ("kl", "jsd", "reverse_kl"))
+def test_mixed_parity(backend, dtype, reduction, divergence):
+    shape, vocab = (3, 7), 301
+    s, t = logits((*shape, vocab), dtype, 2), logits((*shape, vocab), dtype, 3)
+    y = class_labels(shape, vocab, 4, ignored=(1, 8))
+    mask = torch.ones(shape, dtype=torch.bool)
+    mask[2, 3] = False
+    upstream = torch.linspace(0.2, 1.9, 21, dtype=torch.float64).reshape(shape)
+    kwargs = dict(
+        divergence=divergence,
+        temperature=2.0,
+        reduction=reduction,
+        labels=y,
+        mask=mask,
+        hard_weight=0.3,
+        soft_weight=0.7,
+    )
+    got = run(lambda a, b: fastkd.divergence(a, b, backend=backend, **kwargs), s, t, upstream)
+    want = run(lambda a, b: reference.mixed_divergence(a, b, **kwargs)[0], s.double(), t.double(), upstream)
+    same = run(lambda a, b: reference.mixed_divergence(a, b, **kwargs)[0], s, t, upstream)
+    for name, a, b, c in zip(("loss", "student grad", "teacher grad"), got, want, same, strict=True):
+        assert_matches(a, b, dtype, f"{backend} mixed {name}", [c])
+
+
+@pytest.mark.parametrize("backend", backend_params(include_reference=True))
+def test_return_parts_and_hand_computed_mixture(backend):
+    s, t = logits((9, 40), torch.float32, 5), logits((9, 40), torch.float32, 6)
+    y = class_labels((9,), 40, 7, ignored=(4,))
+    total, hard, soft = fastkd.kd_loss(
+        s, t, labels=y, hard_weight=0.25, soft_weight=0.5, return_parts=True, backend=backend
+    )
+    kept = y != -100
+    s64, t64 = s[kept].double(), t[kept].double()
+    ce = F.cross_entropy(s64, y[kept])  # mean over the 8 kept rows
+    kd = F.kl_div(F.log_softmax(s64 / 4, -1), F.softmax(t64 / 4, -1), reduction="batchmean") * 16
+    assert torch.allclose(hard.double(), 0.25 * ce, rtol=1e-5)
+    assert torch.allclose(soft.double(), 0.5 * kd, rtol=1e-5)
+    assert torch.allclose(total, hard + soft, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params(include_reference=True))
+def test_defaults_keep_todays_behaviour(backend):
+    s, t = logits((6, 50), torch.float32, 8), logits((6, 50), torch.float32, 9)
+    y = class_labels((6,), 50, 10, ignored=(2,))
+    plain = fastkd.divergence(s, t, labels=y, temperature=2.0, backend=backend)
+    for extra in (dict(hard_weight=None), dict(hard_weight=0.0), dict(soft_weight=1.0)):
+        assert torch.equal(
+            fastkd.divergence(s, t, labels=y, temperature=2.0, backend=backend, **extra), plain
+        )
+    total, hard, soft = fastkd.divergence(s, t, labels=y, temperature=2.0, backend=backend, return_parts=True)
+    assert torch.equal(total, plain) and torch.equal(soft, plain) and hard.item() == 0.0
+    # labels alone still only exclude rows: no CE term
+    kept_only = fastkd.divergence(s[[0, 1, 3, 4, 5]], t[[0, 1, 3, 4, 5]], temperature=2.0, backend=backend)
+    assert torch.allclose(plain, kept_only, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", backend_params(include_reference=True))
+def test_no_kept_rows(backend):
+    s = logits((3, 8), torch.float32, 11).requires_grad_(True)
+    y = torch.full((3,), -100)
+    loss = fastkd.divergence(s, logits((3, 8), torch.float32, 12), labels=y, hard_weight=1.0, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(s.grad) == 0
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    (
+        (dict(labels=None), "labels is required"),
+        (dict(hard_weight=-0.5), "hard_weight"),
+        (dict(soft_weight=float("nan")), "soft_weight"),
+        (dict(labels=torch.tensor([0, 8, 1])), r"labels of kept rows must lie in \[0, V\)"),
+        (dict(labels=torch.tensor([0, -5, 1])), r"labels of kept rows"),
+    ),
+)
+@pytest.mark.parametrize("backend", backend_params(include_reference=True))
+def test_bad_arguments(change, match, backend):
+    args = dict(labels=torch.tensor([0, 7, -100]), hard_weight=1.0)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        fastkd.divergence(torch.zeros(3, 8), torch.zeros(3, 8), backend=backend, **args)
