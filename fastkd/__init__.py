@@ -5,6 +5,7 @@ Public API: the functional losses, their modules, and :func:`backends`.
 
 from fastkd._dispatch import BackendStatus, backends
 from fastkd._ops import empty_cache
+from fastkd.crd import CRDLoss, crd_nce
 from fastkd.functional import divergence, info_nce, kd_loss, mmd_loss, nst_loss
 from fastkd.losses import DivergenceLoss, InfoNCELoss, KDLoss, MMDLoss, NSTLoss
 
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
+    "CRDLoss",
     "DivergenceLoss",
     "InfoNCELoss",
     "KDLoss",
@@ -19,6 +21,7 @@ __all__ = [
     "NSTLoss",
     "__version__",
     "backends",
+    "crd_nce",
     "divergence",
     "empty_cache",
     "info_nce",

@@ -89,3 +89,8 @@ if _C is not None:
     @torch.library.register_fake("fastkd::mmd_backward")
     def _mmd_backward_fake(grad, x, y, kernel, bandwidths, degree, c, unbiased, tile_rows):
         return x.new_empty(x.shape), y.new_empty(y.shape)
+
+    @torch.library.register_fake("fastkd::crd_nce_forward")
+    def _crd_nce_forward_fake(v, bank, contrast_idx, z, inv_temperature, want_grad):
+        rows, dim = v.shape
+        return v.new_empty((rows,)), v.new_empty((rows, dim) if want_grad else (0, 0)), v.new_empty(())
