@@ -20,10 +20,13 @@ Providers:
   are listed as not measured until ``fastkd.functional.MMD_KERNELS`` has them.
 
 ``eager`` and ``compile`` hold several ``N × M`` float32 tensors at once
-(``NM_TENSORS``, measured at N = M = 4096 with
-:func:`bench.common.peak_extra_bytes`). A configuration where that estimate
-exceeds 80 % of the memory available is skipped for them, with the estimate
-in the note.
+(``NM_TENSORS``, from :func:`bench.common.peak_extra_bytes` on the
+development machine: eager 740 MiB at N = M = 2048 and 1472 MiB at 4096,
+about 15 N×M tensors plus 0.5 GiB; compile 166 MiB at 2048). A configuration
+where that estimate exceeds 80 % of the memory available is skipped for
+them, with the estimate in the note; so is any N above ``REFERENCE_MAX_N``:
+their cost is the difference-based ``cdist`` and its backward, O(N²·D)
+elementwise work, 12.6 s per call at N = 4096 on two cores, minutes at 16384.
 
 No floor: MMD is compute-bound (``2·D`` FLOP per kernel value against a few
 bytes of input per row). ``model_gflop`` counts the matrix products of a
@@ -110,9 +113,10 @@ SIZE_AXIS = f"problem size N = M (D = {DIM})"
 OUTPUT_KEY = "output_mib"
 # Every provider computes in float32; eager and fastkd take distances differently.
 LOSS_REL_TOLERANCE = 1e-3
-# N × M float32 tensors held at once, measured at N = M = 4096 with
-# bench.common.peak_extra_bytes (eager ~19, compile ~8; see the module docstring).
-NM_TENSORS = {EAGER: 19, COMPILE: 8}
+# N × M float32 tensors held at once (see the module docstring), rounded up.
+NM_TENSORS = {EAGER: 16, COMPILE: 11}
+# Largest N at which eager and compile run (time, see the module docstring).
+REFERENCE_MAX_N = 4096
 MEMORY_FRACTION = 0.8
 # N from which a call takes seconds: no extra warm-up, exactly this many runs.
 LONG_N = 16384
@@ -128,6 +132,8 @@ def memory_skip_reason(provider: str, n: int, m: int, available: int | None) -> 
     """Why ``provider`` (``eager`` / ``compile``) cannot run at ``N × M``, or None."""
     if provider not in NM_TENSORS:
         return None
+    if max(n, m) > REFERENCE_MAX_N:
+        return f"skipped: N > {REFERENCE_MAX_N}, minutes per call (O(N²·D) elementwise cdist work)"
     need = NM_TENSORS[provider] * max(n, m) ** 2 * 4
     if available is None or need <= MEMORY_FRACTION * available:
         return None
@@ -321,10 +327,10 @@ def test_mmd_fwd_bwd(benchmark, provider):
 
 def test_memory_skip_reason():
     gib = 2**30
-    # 16384²·4 B = 1 GiB per N×M tensor.
-    assert memory_skip_reason(EAGER, 16384, 16384, 20 * gib).startswith("skipped: would need ~19 GiB")
-    assert memory_skip_reason(COMPILE, 16384, 16384, 20 * gib) is None
+    # 4096²·4 B = 64 MiB per N×M tensor.
+    assert memory_skip_reason(EAGER, 4096, 4096, gib).startswith("skipped: would need ~1 GiB")
     assert memory_skip_reason(EAGER, 4096, 4096, 20 * gib) is None
+    assert memory_skip_reason(COMPILE, 16384, 16384, 100 * gib).startswith("skipped: N > 4096")
     assert memory_skip_reason("fastkd-cpu", 65536, 65536, gib) is None
 
 
