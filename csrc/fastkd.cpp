@@ -93,6 +93,19 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "dkd_forward(Tensor student, Tensor teacher, Tensor labels, float alpha, float beta, "
       "float inv_temperature, float grad_scale, bool student_grad) -> (Tensor, Tensor)");
+  // CRD (SPEC §4, RepDistiller CRDLoss), one direction of the NCE loss over a
+  // memory bank, fused: gather + dot + exp + NCE terms + gradient per sample,
+  // without the (B, K+1, D) gather.
+  //   v: [B, D] embeddings, bank: [n_data, D] memory (same dtype, float32 or
+  //   float64, unit stride along D); contrast_idx: [B, K+1] int64 in
+  //   [0, n_data), column 0 the positive; z: the normalisation constant Z,
+  //   or <= 0 to set it from this batch (mean exp(s/T) · n_data).
+  // Returns (row_loss [B] in v's dtype, grad [B, D] = d row_loss_b / d v_b
+  // (or [0, 0] without want_grad), z_used [] in v's dtype). The bank gets
+  // no gradient.
+  m.def(
+      "crd_nce_forward(Tensor v, Tensor bank, Tensor contrast_idx, float z, "
+      "float inv_temperature, bool want_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace py = pybind11;

@@ -5,6 +5,7 @@ Public API: the functional losses, their modules, and :func:`backends`.
 
 from fastkd._dispatch import BackendStatus, backends
 from fastkd._ops import empty_cache
+from fastkd.crd import CRDLoss, crd_nce
 from fastkd.dkd import DKDLoss, dkd_loss
 from fastkd.functional import divergence, info_nce, kd_loss, mmd_loss, nst_loss
 from fastkd.fused_linear import FusedLinearDivergenceLoss, fused_linear_divergence
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
+    "CRDLoss",
     "DKDLoss",
     "DivergenceLoss",
     "FusedLinearDivergenceLoss",
@@ -25,6 +27,7 @@ __all__ = [
     "TopKDivergenceLoss",
     "__version__",
     "backends",
+    "crd_nce",
     "divergence",
     "dkd_loss",
     "empty_cache",

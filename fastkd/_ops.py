@@ -120,3 +120,7 @@ if _C is not None and has_kernel("dkd_forward", "CPU"):
         loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
         grad = student.new_empty((rows, classes) if student_grad else (0, 0))
         return student.new_empty((rows,), dtype=loss_dtype), grad
+    @torch.library.register_fake("fastkd::crd_nce_forward")
+    def _crd_nce_forward_fake(v, bank, contrast_idx, z, inv_temperature, want_grad):
+        rows, dim = v.shape
+        return v.new_empty((rows,)), v.new_empty((rows, dim) if want_grad else (0, 0)), v.new_empty(())

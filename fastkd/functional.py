@@ -17,6 +17,7 @@ from fastkd import (
     _ops,  # noqa: F401  (registers the fastkd:: ops and their fake kernels)
     _validate,
 )
+from fastkd import distributed as _distributed
 from fastkd import reference as _reference
 from fastkd.reference import contrastive as _reference_contrastive
 from fastkd.reference import fused_linear as _reference_fused_linear
@@ -398,6 +399,8 @@ def info_nce(
     symmetric: bool = False,
     normalize: bool = False,
     backend: str = "auto",
+    gather: bool = False,
+    process_group=None,
 ) -> torch.Tensor:
     """InfoNCE / CLIP loss with in-batch negatives (SPEC §4).
 
@@ -422,10 +425,26 @@ def info_nce(
             only ``"cpu"`` has an InfoNCE kernel so far: ``"auto"`` uses the
             reference for CUDA tensors, an explicit ``"cuda"`` / ``"triton"``
             raises ``ValueError``.
+        gather: gather ``q``, ``k`` (and ``labels``, each rank's indexing its
+            own keys) from every rank of ``process_group`` (default: the world)
+            and compute the loss of the global batch, negatives from every rank
+            (:mod:`fastkd.distributed`: same value on every rank; each rank's
+            gradient is ``world_size`` × the single-process one of its rows).
+            Every rank passes ``labels`` or every rank passes None.
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
     """
+    if gather:
+        # Every rank must make the same collective calls in the same order.
+        diagonal = labels is None and k.shape[0] == q.shape[0]
+        q, k, temperature, labels = _reference_contrastive.check_arguments(
+            q, k, temperature, labels, symmetric, normalize
+        )
+        keys_per_rank = k.shape[0]
+        q = _distributed.gather_with_grad("q", q, process_group)
+        k = _distributed.gather_with_grad("k", k, process_group)
+        labels = None if diagonal else _distributed.gather_labels(labels, keys_per_rank, process_group)
     q, k, temperature, labels = _reference_contrastive.check_arguments(
         q, k, temperature, labels, symmetric, normalize
     )
@@ -502,6 +521,8 @@ def mmd_loss(
     degree: int = 2,
     c: float = 1.0,
     backend: str = "auto",
+    gather: bool = False,
+    process_group=None,
 ) -> torch.Tensor:
     """Squared maximum mean discrepancy between two samples (SPEC §3).
 
@@ -534,10 +555,18 @@ def mmd_loss(
             only ``"cpu"`` has an MMD kernel so far: ``"auto"`` uses the
             reference for CUDA tensors, an explicit ``"cuda"`` / ``"triton"``
             raises ``ValueError``.
+        gather: gather ``x`` and ``y`` from every rank of ``process_group``
+            (default: the world) and compute the MMD of the global samples
+            (:mod:`fastkd.distributed`: same value on every rank; each rank's
+            gradient is ``world_size`` × the single-process one of its rows).
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
     """
+    if gather:
+        _reference_mmd.check_mmd_arguments(x, y, kernel, bandwidths, unbiased, degree, c)
+        x = _distributed.gather_with_grad("x", x, process_group)
+        y = _distributed.gather_with_grad("y", y, process_group)
     x, y, bandwidths, degree, c = _reference_mmd.check_mmd_arguments(
         x, y, kernel, bandwidths, unbiased, degree, c
     )

@@ -1,0 +1,144 @@
+"""Contrastive representation distillation (SPEC §4, RepDistiller ``CRDLoss``) on the fused op.
+
+:func:`crd_nce` is one direction of the loss (embeddings against a memory
+bank); :class:`CRDLoss` is the whole module: embed heads, the two banks, ``Z``
+and the bank update, which it shares with the reference
+(:class:`fastkd.reference.crd.CRDLoss`) so that both update identically; only
+the NCE computation differs.
+
+The fused ``cpu`` kernel (``torch.ops.fastkd.crd_nce_forward``) gathers each
+bank row, takes its dot product, exponential and NCE term and adds its share
+of the gradient while the row is in cache: the ``(B, K+1, feat_dim)`` gather
+of the reference never exists, so memory is O(B · feat_dim) besides the
+banks. It returns the gradient with the loss; the backward only scales it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastkd import _ops  # noqa: F401  (registers fastkd::crd_nce_forward and its fake kernel)
+from fastkd.functional import _backend_for, _scale_by_upstream
+from fastkd.reference import crd as _reference_crd
+
+__all__ = ["CRDLoss", "crd_nce"]
+
+# The compiled backends with a CRD kernel. On CUDA tensors backend="auto"
+# uses the reference until triton / cuda get one.
+CRD_KERNELS = ("cpu",)
+
+
+class CRDNCEFunction(torch.autograd.Function):
+    """One CRD direction on the fused op: ``mean_b row_loss_b``.
+
+    The forward op returns ``d row_loss_b / d v_b`` ((B, feat_dim), the only
+    thing saved); the backward scales it by ``grad_output / B``.
+    """
+
+    @staticmethod
+    def forward(ctx, v, bank, contrast_idx, z, inv_temperature):
+        row_loss, grad, z_used = torch.ops.fastkd.crd_nce_forward(
+            v, bank, contrast_idx, z, inv_temperature, ctx.needs_input_grad[0]
+        )
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(z_used)
+        return row_loss.mean(), z_used
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_z):
+        (grad,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        return _scale_by_upstream(grad, grad_output / grad.shape[0]), None, None, None, None
+
+
+def crd_nce(
+    v: torch.Tensor,
+    bank: torch.Tensor,
+    contrast_idx: torch.Tensor,
+    *,
+    temperature: float = 0.07,
+    z: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, float]:
+    """One direction of the CRD loss: embeddings ``v`` scored against a memory ``bank``.
+
+    ``P_bj = exp(bank[contrast_idx_bj] · v_b / τ) / Z``;
+    ``loss = −(Σ_b log(P_b0 / (P_b0 + c')) + Σ_bk log(c / (P_bk + c'))) / B``
+    with ``c = K / n_data``, ``c' = c + 1e-7`` (RepDistiller ``ContrastMemory``
+    + ``ContrastLoss``; SPEC §4). The bank gets no gradient.
+
+    Args:
+        v: ``(B, feat_dim)`` embeddings (any float dtype; computed in the bank's
+            dtype, the gradient comes back in ``v``'s).
+        bank: ``(n_data, feat_dim)`` float32 / float64 memory bank.
+        contrast_idx: ``(B, K+1)`` integer indices into ``bank``, column 0 the
+            positive, the others the negatives.
+        temperature: ``τ > 0``.
+        z: the normalisation constant ``Z > 0``; ``None`` sets it from this
+            batch, ``Z = mean_bj exp(s_bj / τ) · n_data``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``;
+            only ``"cpu"`` has a CRD kernel: ``"auto"`` uses the reference for
+            CUDA tensors, an explicit ``"cuda"`` / ``"triton"`` raises ``ValueError``.
+
+    Returns:
+        ``(loss, Z)``: the ``()`` loss in the bank's dtype and the ``Z`` used (a float).
+    """
+    v, bank, contrast_idx, temperature, z = _reference_crd.check_nce_arguments(
+        v, bank, contrast_idx, temperature, z
+    )
+    return _crd_nce_unchecked(v, bank, contrast_idx, temperature, z, backend)
+
+
+def _crd_nce_unchecked(v, bank, contrast_idx, temperature: float, z: float | None, backend: str):
+    """:func:`crd_nce` on validated arguments (the module validates once for both directions)."""
+    chosen = _backend_for("crd", CRD_KERNELS, backend, v)
+    if chosen == "reference":
+        return _reference_crd.crd_nce_unchecked(v, bank, contrast_idx, temperature, z)
+    if bank.stride(1) != 1 and bank.shape[1] > 1:
+        bank = bank.contiguous()  # the kernel reads rows at any stride, elements at unit stride
+    loss, z_used = CRDNCEFunction.apply(
+        v.to(bank.dtype), bank.detach(), contrast_idx, -1.0 if z is None else z, 1.0 / temperature
+    )
+    return loss, z if z is not None else z_used.item()
+
+
+class CRDLoss(_reference_crd.CRDLoss):
+    """Contrastive representation distillation (RepDistiller ``CRDLoss``), fused.
+
+    ``CRDLoss(student_dim, teacher_dim, n_data, feat_dim=128, nce_k=16384,
+    nce_t=0.07, nce_m=0.5, *, backend="auto")``;
+    ``forward(f_s (B, ...), f_t (B, ...), idx (B,), contrast_idx=None, generator=None)``
+    → ``()`` loss.
+
+    Everything but the NCE computation is :class:`fastkd.reference.crd.CRDLoss`'s
+    (see there): the ``Embed`` heads (linear + L2 normalisation), the buffers
+    ``memory_s``, ``memory_t`` (``(n_data, feat_dim)``) and ``z`` (``[Z_s, Z_t]``,
+    set on the first call) in ``state_dict``, how negatives are given or
+    drawn (``contrast_idx`` ``(B, K+1)`` with the positive first, or ``(B, K)``
+    negatives with ``idx`` as the positive, or ``None``: uniform with
+    replacement from ``generator``), and the momentum bank update in training
+    mode, ``bank[idx] = l2n(m · bank[idx] + (1 − m) · v)``, after the loss.
+    A state dict moves between this module and the reference one.
+    """
+
+    def __init__(
+        self,
+        student_dim: int,
+        teacher_dim: int,
+        n_data: int,
+        feat_dim: int = 128,
+        nce_k: int = 16384,
+        nce_t: float = 0.07,
+        nce_m: float = 0.5,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(student_dim, teacher_dim, n_data, feat_dim, nce_k, nce_t, nce_m)
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"
+
+    def _nce(self, v, bank, contrast_idx, z):
+        return _crd_nce_unchecked(v, bank, contrast_idx, self.nce_t, z, self.backend)

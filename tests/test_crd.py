@@ -1,0 +1,448 @@
+"""CRD (SPEC §4, RepDistiller CRDLoss): the reference against a loop transcription
+of the formulas, the fused cpu backend against the float64 reference (loss and
+gradients of the embed heads and inputs), the memory banks and Z (update rule,
+state_dict), negative sampling, the op itself and the argument validation."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import fastkd
+from fastkd import _ops
+from fastkd import crd as fkcrd
+from fastkd import functional as fkf
+from fastkd.reference import crd as refcrd
+from tests.helpers import assert_matches
+
+pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
+
+UPSTREAM = 0.7  # never test only with an upstream gradient of 1
+
+
+def make_pair(student_dim=11, teacher_dim=6, n_data=23, feat_dim=5, nce_k=7, dtype=torch.float64, seed=0):
+    """(fused module, reference module) with identical parameters and banks."""
+    torch.manual_seed(seed)
+    fused = fastkd.CRDLoss(student_dim, teacher_dim, n_data, feat_dim, nce_k, backend="cpu").to(dtype)
+    ref = refcrd.CRDLoss(student_dim, teacher_dim, n_data, feat_dim, nce_k).to(dtype)
+    ref.load_state_dict(fused.state_dict())
+    return fused, ref
+
+
+def batch(b, student_dim, teacher_dim, n_data, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    f_s = torch.randn(b, student_dim, generator=g, dtype=torch.float64).to(dtype)
+    f_t = torch.randn(b, teacher_dim, generator=g, dtype=torch.float64).to(dtype)
+    idx = torch.randperm(n_data, generator=g)[:b]
+    return f_s, f_t, idx
+
+
+def step(module, f_s, f_t, idx, contrast_idx, upstream=UPSTREAM):
+    """Loss and the gradients of (f_s, f_t, every parameter) after backward(upstream)."""
+    module.zero_grad(set_to_none=True)
+    f_s = f_s.detach().clone().requires_grad_(True)
+    f_t = f_t.detach().clone().requires_grad_(True)
+    loss = module(f_s, f_t, idx, contrast_idx)
+    loss.backward(torch.tensor(upstream, dtype=loss.dtype))
+    grads = {"f_s": f_s.grad, "f_t": f_t.grad}
+    grads.update({name: p.grad for name, p in module.named_parameters()})
+    return loss.detach(), grads
+
+
+# ---- the reference against the formulas --------------------------------------------
+
+
+def loop_nce(v, bank, contrast_idx, temperature, z):
+    """SPEC §4 for one direction, element by element in float64."""
+    b, cols = contrast_idx.shape
+    n = bank.shape[0]
+    negatives = cols - 1
+    out = [[math.exp(float(bank[j] @ v[i]) / temperature) for j in contrast_idx[i]] for i in range(b)]
+    if z is None:
+        z = sum(sum(row) for row in out) / (b * cols) * n
+    c = negatives / n
+    total = 0.0
+    for i in range(b):
+        p0 = out[i][0] / z
+        total += math.log(p0 / (p0 + c + 1e-7))
+        for j in range(1, cols):
+            total += math.log(c / (out[i][j] / z + c + 1e-7))
+    return -total / b, z
+
+
+@pytest.mark.parametrize("backend", ("reference", "cpu"))
+@pytest.mark.parametrize("z", (None, 3.5))
+def test_crd_nce_matches_the_formula(backend, z):
+    g = torch.Generator().manual_seed(1)
+    v = torch.nn.functional.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1)
+    bank = torch.randn(13, 4, generator=g, dtype=torch.float64) / 2
+    contrast_idx = torch.randint(13, (5, 4), generator=g)
+    loss, z_used = fastkd.crd_nce(v, bank, contrast_idx, temperature=0.3, z=z, backend=backend)
+    want, want_z = loop_nce(v, bank, contrast_idx, 0.3, z)
+    assert z_used == pytest.approx(want_z, rel=1e-12)
+    assert loss.item() == pytest.approx(want, rel=1e-10)
+
+
+# ---- fused against the reference ---------------------------------------------------
+
+# (B, K, n_data, feat_dim)
+SHAPES = ((1, 1, 5, 3), (7, 5, 40, 8), (13, 37, 64, 33), (3, 200, 250, 128))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_module_parity_float64(shape):
+    b, k, n_data, feat_dim = shape
+    fused, ref = make_pair(n_data=n_data, feat_dim=feat_dim, nce_k=k)
+    for call in range(3):  # the first call sets Z; the banks change between calls
+        f_s, f_t, idx = batch(b, 11, 6, n_data, torch.float64, seed=10 + call)
+        contrast_idx = torch.randint(n_data, (b, k))
+        got_loss, got = step(fused, f_s, f_t, idx, contrast_idx)
+        want_loss, want = step(ref, f_s, f_t, idx, contrast_idx)
+        assert_matches(got_loss, want_loss, torch.float64, f"loss, call {call}")
+        assert got.keys() == want.keys()
+        for name in got:
+            assert_matches(got[name], want[name], torch.float64, f"grad {name}, call {call}")
+        # Z: summed in a different order; the banks: the same update of the same embeddings.
+        torch.testing.assert_close(fused.z, ref.z, rtol=1e-12, atol=0)
+        assert torch.equal(fused.memory_s, ref.memory_s) and torch.equal(fused.memory_t, ref.memory_t)
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "x".join(map(str, s)))
+def test_module_parity_float32(shape):
+    """float32 modules (fused and reference) against the float64 reference on the same state."""
+    b, k, n_data, feat_dim = shape
+    fused, ref32 = make_pair(n_data=n_data, feat_dim=feat_dim, nce_k=k, dtype=torch.float32)
+    ref64 = copy.deepcopy(ref32).double()
+    # Z from the float64 reference, so that every module uses the same constant.
+    f_s, f_t, idx = batch(b, 11, 6, n_data, torch.float32, seed=3)
+    contrast_idx = torch.randint(n_data, (b, k))
+    ref64.eval()
+    ref64(f_s.double(), f_t.double(), idx, contrast_idx)
+    fused.z.copy_(ref64.z)
+    ref32.z.copy_(ref64.z)
+    got_loss, got = step(fused, f_s, f_t, idx, contrast_idx)
+    want_loss, want = step(ref64, f_s.double(), f_t.double(), idx, contrast_idx)
+    same_loss, same = step(ref32, f_s, f_t, idx, contrast_idx)
+    assert got_loss.dtype == torch.float32
+    assert_matches(got_loss, want_loss, torch.float32, "loss", [same_loss])
+    for name in got:
+        assert got[name].dtype == torch.float32
+        assert_matches(got[name], want[name], torch.float32, f"grad {name}", [same[name]])
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32), ids=str)
+@pytest.mark.parametrize("layout", ("row_stride", "column_stride"))
+def test_functional_parity_low_precision_v_and_non_contiguous(dtype, layout):
+    g = torch.Generator().manual_seed(2)
+    v64 = torch.nn.functional.normalize(torch.randn(9, 16, generator=g, dtype=torch.float64), dim=1)
+    bank64 = torch.nn.functional.normalize(torch.randn(50, 32, generator=g, dtype=torch.float64), dim=1)
+    # rows 32 apart with unit stride along feat_dim (used in place), or stride 2 along it (copied)
+    bank64 = bank64[:, :16] if layout == "row_stride" else bank64[:, ::2]
+    assert not bank64.is_contiguous()
+    contrast_idx = torch.randint(50, (9, 2 * 11), generator=g)[:, ::2]  # non-contiguous, K = 10
+    v = v64.to(dtype)
+
+    def run(fn, vv, bank):
+        vv = vv.detach().clone().requires_grad_(True)
+        loss, z = fn(vv, bank)
+        loss.backward(torch.tensor(UPSTREAM, dtype=loss.dtype))
+        return loss.detach(), vv.grad, z
+
+    got = run(lambda a, bk: fastkd.crd_nce(a, bk, contrast_idx, z=4.0, backend="cpu"), v, bank64.float())
+    want = run(lambda a, bk: refcrd.crd_nce(a, bk, contrast_idx, z=4.0), v.double(), bank64)
+    same = run(lambda a, bk: refcrd.crd_nce(a, bk, contrast_idx, z=4.0), v, bank64.float())
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype
+    assert_matches(got[0], want[0], dtype, "loss", [same[0]])
+    assert_matches(got[1], want[1], dtype, "grad v", [same[1]])
+
+
+def test_fused_saves_only_the_gradient_rows():
+    fused, _ = make_pair(dtype=torch.float32, n_data=64, nce_k=40)
+    f_s, f_t, idx = batch(6, 11, 6, 64, torch.float32, 0)
+    contrast_idx = torch.randint(64, (6, 41))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        v = fused.embed_s(f_s)
+        n_before = len(saved)
+        loss, _ = fastkd.crd_nce(v, fused.memory_t, contrast_idx, z=2.0, backend="cpu")
+    assert [tuple(t.shape) for t in saved[n_before:]] == [(6, 5)]  # grad of v, (B, feat_dim)
+    loss.backward()
+
+
+def test_auto_uses_the_cpu_kernel():
+    g = torch.Generator().manual_seed(4)
+    v, bank = torch.randn(3, 4, generator=g), torch.randn(9, 4, generator=g)
+    contrast_idx = torch.randint(9, (3, 5), generator=g)
+    auto = fastkd.crd_nce(v, bank, contrast_idx)
+    cpu = fastkd.crd_nce(v, bank, contrast_idx, backend="cpu")
+    assert torch.equal(auto[0], cpu[0]) and auto[1] == cpu[1]
+
+
+def test_nan_propagates():
+    v, bank = torch.randn(3, 4), torch.randn(9, 4)
+    v[1, 2] = float("nan")
+    loss, _ = fastkd.crd_nce(v, bank, torch.randint(9, (3, 5)), z=1.0, backend="cpu")
+    assert torch.isnan(loss)
+
+
+# ---- banks and Z ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", (fastkd.CRDLoss, refcrd.CRDLoss), ids=("fused", "reference"))
+def test_bank_update_rule_and_z_fixed_after_first_batch(cls):
+    torch.manual_seed(5)
+    module = cls(4, 3, 10, feat_dim=3, nce_k=4, nce_m=0.3).double()
+    assert module.z.tolist() == [-1.0, -1.0]
+    f_s, f_t, idx = batch(3, 4, 3, 10, torch.float64, 6)
+    contrast_idx = torch.randint(10, (3, 5))
+    old_s, old_t = module.memory_s.clone(), module.memory_t.clone()
+    v_s, v_t = module.embed_s(f_s).detach(), module.embed_t(f_t).detach()
+    module(f_s, f_t, idx, contrast_idx)
+
+    # Z_s: the student embedding against the teacher bank; Z_t the other way round.
+    for z, v, bank in ((module.z[0], v_s, old_t), (module.z[1], v_t, old_s)):
+        scores = [math.exp(float(bank[j] @ v[i]) / 0.07) for i in range(3) for j in contrast_idx[i].tolist()]
+        assert z.item() == pytest.approx(sum(scores) / len(scores) * 10, rel=1e-12)
+    # new = normalize(m · old + (1 − m) · v), by hand; other rows untouched
+    for new_bank, old_bank, v in ((module.memory_s, old_s, v_s), (module.memory_t, old_t, v_t)):
+        for row in range(10):
+            if row in idx.tolist():
+                i = idx.tolist().index(row)
+                mixed = [0.3 * float(old_bank[row, d]) + 0.7 * float(v[i, d]) for d in range(3)]
+                norm = math.sqrt(sum(x * x for x in mixed))
+                assert new_bank[row].tolist() == pytest.approx([x / norm for x in mixed], rel=1e-12)
+            else:
+                assert torch.equal(new_bank[row], old_bank[row])
+
+    z_after_first = module.z.clone()
+    f_s2, f_t2, idx2 = batch(3, 4, 3, 10, torch.float64, 7)
+    module(f_s2 * 3, f_t2, idx2, torch.randint(10, (3, 5)))
+    assert torch.equal(module.z, z_after_first)
+
+
+@pytest.mark.parametrize("cls", (fastkd.CRDLoss, refcrd.CRDLoss), ids=("fused", "reference"))
+def test_eval_mode_leaves_the_banks(cls):
+    torch.manual_seed(8)
+    module = cls(4, 3, 10, feat_dim=3, nce_k=4).eval()
+    banks = (module.memory_s.clone(), module.memory_t.clone())
+    f_s, f_t, idx = batch(3, 4, 3, 10, torch.float32, 9)
+    module(f_s, f_t, idx)
+    assert torch.equal(module.memory_s, banks[0]) and torch.equal(module.memory_t, banks[1])
+    assert (module.z > 0).all()
+
+
+@pytest.mark.parametrize("target", (fastkd.CRDLoss, refcrd.CRDLoss), ids=("to_fused", "to_reference"))
+def test_state_dict_round_trip_reproduces_the_next_loss(target):
+    torch.manual_seed(10)
+    module = fastkd.CRDLoss(8, 5, 30, feat_dim=6, nce_k=9)
+    for seed in (11, 12):
+        f_s, f_t, idx = batch(4, 8, 5, 30, torch.float32, seed)
+        module(f_s, f_t, idx, generator=torch.Generator().manual_seed(seed)).backward()
+    state = copy.deepcopy(module.state_dict())
+    assert set(state) >= {"memory_s", "memory_t", "z"}
+    torch.manual_seed(99)
+    restored = target(8, 5, 30, feat_dim=6, nce_k=9)
+    assert not torch.equal(restored.memory_s, module.memory_s)
+    restored.load_state_dict(state)
+    f_s, f_t, idx = batch(4, 8, 5, 30, torch.float32, 13)
+    contrast_idx = torch.randint(30, (4, 10))
+    want = module(f_s, f_t, idx, contrast_idx)
+    got = restored(f_s, f_t, idx, contrast_idx)
+    if target is fastkd.CRDLoss:
+        assert torch.equal(got, want)
+        assert torch.equal(restored.memory_s, module.memory_s)
+        assert torch.equal(restored.memory_t, module.memory_t)
+    else:
+        assert_matches(got, want.double(), torch.float32, "reference after load")
+
+
+# ---- negatives ---------------------------------------------------------------------
+
+
+def test_generator_reproducibility_and_sampled_indices():
+    fused, _ = make_pair(dtype=torch.float32, n_data=40, nce_k=6)
+    f_s, f_t, idx = batch(5, 11, 6, 40, torch.float32, 14)
+    fused.eval()
+    first = fused(f_s, f_t, idx, generator=torch.Generator().manual_seed(3))
+    again = fused(f_s, f_t, idx, generator=torch.Generator().manual_seed(3))
+    other = fused(f_s, f_t, idx, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    # what is drawn: the positive idx in column 0, then K uniform indices from the generator
+    _, drawn = fused.contrast_indices(idx, None, torch.Generator().manual_seed(3), f_s)
+    expected = torch.randint(40, (5, 7), generator=torch.Generator().manual_seed(3))
+    expected[:, 0] = idx
+    assert torch.equal(drawn, expected)
+    assert torch.equal(first, fused(f_s, f_t, idx, expected))
+
+
+def test_negatives_only_contrast_idx_takes_idx_as_positive():
+    fused, _ = make_pair(dtype=torch.float32, n_data=40, nce_k=6)
+    fused.eval()
+    f_s, f_t, idx = batch(5, 11, 6, 40, torch.float32, 15)
+    negatives = torch.randint(40, (5, 6))
+    full = torch.cat([idx[:, None], negatives], dim=1)
+    assert torch.equal(fused(f_s, f_t, idx, negatives), fused(f_s, f_t, idx, full))
+
+
+def test_feature_maps_are_flattened():
+    fused = fastkd.CRDLoss(2 * 3 * 3, 4, 20, feat_dim=5, nce_k=3).eval()
+    f_s = torch.randn(4, 2, 3, 3)
+    f_t = torch.randn(4, 4)
+    idx = torch.arange(4)
+    negatives = torch.randint(20, (4, 3))
+    assert torch.equal(fused(f_s, f_t, idx, negatives), fused(f_s.flatten(1), f_t, idx, negatives))
+
+
+# ---- the op --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("want_grad", (True, False))
+@pytest.mark.parametrize("z", (-1.0, 2.5))
+def test_opcheck(dtype, want_grad, z):
+    v = torch.randn(5, 7, dtype=dtype)
+    bank = torch.randn(12, 7, dtype=dtype)
+    contrast_idx = torch.randint(12, (5, 4))
+    args = (v, bank, contrast_idx, z, 1 / 0.07, want_grad)
+    torch.library.opcheck(torch.ops.fastkd.crd_nce_forward.default, args)
+    row_loss, grad, z_used = torch.ops.fastkd.crd_nce_forward(*args)
+    assert row_loss.shape == (5,) and row_loss.dtype == dtype
+    assert grad.shape == ((5, 7) if want_grad else (0, 0))
+    assert z_used.shape == () and (z < 0 or z_used.item() == z)
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"contrast_idx": torch.full((5, 4), 12)}, "contrast_idx must lie in"),
+        ({"contrast_idx": torch.full((5, 4), -1)}, "contrast_idx must lie in"),
+        ({"contrast_idx": torch.zeros(4, 4, dtype=torch.long)}, "one row per row of v"),
+        ({"contrast_idx": torch.zeros(5, 4, dtype=torch.int32)}, "int64"),
+        ({"bank": torch.randn(12, 6)}, "same feature dim"),
+        ({"bank": torch.randn(12, 7, dtype=torch.float64)}, "same dtype"),
+        (
+            {"v": torch.randn(5, 7, dtype=torch.bfloat16), "bank": torch.randn(12, 7, dtype=torch.bfloat16)},
+            "float32 or float64",
+        ),
+        ({"v": torch.randn(5)}, "v must be 2-D"),
+        ({"bank": torch.randn(7, 12).t()}, "unit stride"),
+        ({"inv_temperature": 0.0}, "inv_temperature"),
+        ({"z": float("inf")}, "z must be finite"),
+    ],
+)
+def test_op_checks(change, needle):
+    args = {
+        "v": torch.randn(5, 7),
+        "bank": torch.randn(12, 7),
+        "contrast_idx": torch.randint(12, (5, 4)),
+        "z": 1.0,
+        "inv_temperature": 2.0,
+        "want_grad": True,
+    }
+    args.update(change)
+    with pytest.raises(RuntimeError, match=needle):
+        torch.ops.fastkd.crd_nce_forward(*args.values())
+
+
+# ---- validation -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"idx": torch.tensor([0, 1, 30])}, "idx must lie in"),
+        ({"idx": torch.tensor([0, 1, -1])}, "idx must lie in"),
+        ({"idx": torch.tensor([0, 1, 1])}, "idx must hold distinct"),
+        ({"idx": torch.tensor([0.0, 1.0, 2.0])}, "idx must be an integer"),
+        ({"idx": torch.tensor([0, 1])}, r"idx must have shape \(3,\)"),
+        ({"f_s": torch.randn(3, 7)}, "f_s must have shape"),
+        ({"f_t": torch.randn(2, 5)}, "f_t batch size"),
+        ({"f_t": torch.randn(3, 4)}, "f_t must have shape"),
+        ({"f_s": torch.randn(3, 8).long()}, "f_s must have dtype"),
+        ({"contrast_idx": torch.randint(30, (3, 5))}, r"contrast_idx must have shape \(3, 10\)"),
+        ({"contrast_idx": torch.full((3, 10), 30)}, "contrast_idx must lie in"),
+        ({"contrast_idx": torch.zeros(3, 9, dtype=torch.long) - 1}, "contrast_idx must lie in"),
+        ({"contrast_idx": [[0] * 10] * 3}, "contrast_idx must be a torch.Tensor"),
+        ({"generator": 3}, "generator must be a torch.Generator"),
+    ],
+)
+@pytest.mark.parametrize("cls", (fastkd.CRDLoss, refcrd.CRDLoss), ids=("fused", "reference"))
+def test_module_bad_arguments_raise_value_error(cls, kwargs, needle):
+    module = cls(8, 5, 30, feat_dim=6, nce_k=9)
+    args = {
+        "f_s": torch.randn(3, 8),
+        "f_t": torch.randn(3, 5),
+        "idx": torch.tensor([0, 4, 29]),
+        "contrast_idx": None,
+        "generator": None,
+    }
+    args.update(kwargs)
+    banks = (module.memory_s.clone(), module.memory_t.clone())
+    with pytest.raises(ValueError, match=needle):
+        module(**args)
+    assert torch.equal(module.memory_s, banks[0]) and torch.equal(module.memory_t, banks[1])
+    assert module.z.tolist() == [-1.0, -1.0]
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"student_dim": 0}, "student_dim"),
+        ({"n_data": 2.5}, "n_data"),
+        ({"nce_k": 0}, "nce_k"),
+        ({"nce_t": 0.0}, "nce_t"),
+        ({"nce_m": 1.5}, "nce_m"),
+    ],
+)
+def test_constructor_bad_arguments(kwargs, needle):
+    args = {"student_dim": 8, "teacher_dim": 5, "n_data": 30, **kwargs}
+    with pytest.raises(ValueError, match=needle):
+        fastkd.CRDLoss(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"v": torch.randn(3, 5)}, r"v must have shape \(B, feat_dim\)"),
+        ({"bank": torch.randn(9, 4).long()}, "bank must have dtype"),
+        ({"bank": torch.randn(9, 4).half()}, "bank must have dtype"),
+        ({"contrast_idx": torch.randint(9, (2, 5))}, r"contrast_idx must have shape \(3, 5\)"),
+        ({"contrast_idx": torch.randint(9, (3,))}, r"contrast_idx must be a \(B, K\+1\)"),
+        ({"contrast_idx": torch.full((3, 5), 9)}, "contrast_idx must lie in"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"z": -2.0}, "z must be"),
+        ({"backend": "fast"}, "backend"),
+    ],
+)
+def test_functional_bad_arguments_raise_value_error(kwargs, needle):
+    args = {
+        "v": torch.randn(3, 4),
+        "bank": torch.randn(9, 4),
+        "contrast_idx": torch.randint(9, (3, 5)),
+        "backend": "cpu",
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=needle):
+        fastkd.crd_nce(args.pop("v"), args.pop("bank"), args.pop("contrast_idx"), **args)
+
+
+def test_explicit_gpu_backends_raise():
+    v, bank, contrast_idx = torch.randn(3, 4), torch.randn(9, 4), torch.randint(9, (3, 5))
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        fastkd.crd_nce(v, bank, contrast_idx, backend="cuda")
+
+
+def test_explicit_backend_without_crd_kernel_raises(monkeypatch):
+    monkeypatch.setattr(fkf._dispatch, "resolve", lambda backend, tensor: "triton")
+    v, bank, contrast_idx = torch.randn(3, 4), torch.randn(9, 4), torch.randint(9, (3, 5))
+    with pytest.raises(ValueError, match="backend='triton' has no crd kernel yet"):
+        fastkd.crd_nce(v, bank, contrast_idx, backend="triton")
+    # backend="auto" falls back to the reference instead
+    got = fastkd.crd_nce(v, bank, contrast_idx, z=2.0)
+    want = refcrd.crd_nce(v, bank, contrast_idx, z=2.0)
+    assert torch.equal(got[0], want[0])
+    assert fkcrd.CRD_KERNELS == ("cpu",)
