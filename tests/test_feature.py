@@ -425,3 +425,23 @@ def test_hint_unbridgeable_inputs_raise(adapter, s, t, needle):
 def test_hint_bad_construction(args, kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         fastkd.HintLoss(*args, **kwargs)
+
+
+@needs_cpu_ext
+def test_torch_compile_fullgraph_without_graph_breaks(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+
+    def step(s, t):
+        return fastkd.at_loss(s, t, backend="cpu") * 3.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    s = maps(2, 3, 4, 5, torch.float32).requires_grad_(True)
+    t = maps(2, 6, 4, 5, torch.float32, 1)
+    loss = compiled(s, t)
+    loss.backward()
+    s_eager = s.detach().clone().requires_grad_(True)
+    expected = step(s_eager, t)
+    expected.backward()
+    assert_matches(loss, expected.double(), torch.float32, "compiled loss")
+    assert_matches(s.grad, s_eager.grad.double(), torch.float32, "compiled grad")
