@@ -223,7 +223,7 @@ def write_results(rows: list[dict], teacher_acc: float, out: Path) -> list[Path]
     ax.invert_yaxis()
     ax.set_xlabel(f"student test accuracy, % (mean ± std over {rows[0]['seeds']} seeds)")
     ax.set_title("fastkd on sklearn digits: ~2.5k-parameter student, ~52k teacher", fontsize=10)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="lower right", fontsize=8, framealpha=1.0)
     fig.tight_layout()
     written.append(out / "digits.png")
     fig.savefig(written[1])
