@@ -48,7 +48,7 @@ examples: $(VENV)/.examples
 	$(PY) examples/digits.py
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check fastkd kernels tests bench
+	$(PY) -m ruff check fastkd kernels tests bench examples
 
 clean:
 	rm -rf build fastkd/*.so $(VENV)/.built
