@@ -148,14 +148,17 @@ void map_grad(const SampleMaps<scalar_t>& f, int64_t p, const acc_t* g, scalar_t
       const scalar_t* run = f.data + k * c_count;
       scalar_t* dst = out + k * c_count;
       const acc_t gk = g[k] * scale;
-      for (int64_t c = 0; c < c_count; ++c) dst[c] = static_cast<scalar_t>(gk * power_derivative_over_p<kP>(static_cast<acc_t>(run[c]), p));
+      for (int64_t c = 0; c < c_count; ++c) {
+        dst[c] = static_cast<scalar_t>(gk * power_derivative_over_p<kP>(static_cast<acc_t>(run[c]), p));
+      }
     }
   } else {
     for (int64_t c = 0; c < c_count; ++c) {
       const scalar_t* row = f.data + c * hw;
       scalar_t* dst = out + c * hw;
       for (int64_t k = 0; k < hw; ++k) {
-        dst[k] = static_cast<scalar_t>(g[k] * scale * power_derivative_over_p<kP>(static_cast<acc_t>(row[k]), p));
+        const acc_t x = static_cast<acc_t>(row[k]);
+        dst[k] = static_cast<scalar_t>(g[k] * scale * power_derivative_over_p<kP>(x, p));
       }
     }
   }
@@ -204,6 +207,82 @@ SampleMaps<scalar_t> sample(const at::Tensor& x, int64_t n, bool channels_last) 
   return {x.const_data_ptr<scalar_t>() + n * c * hw, c, hw, channels_last};
 }
 
+// Forward over every sample (parallel over N): ‖v_s‖, ‖v_t‖ and Σ_k (a_s − a_t)².
+template <int kP, typename scalar_t>
+void forward_samples(const at::Tensor& student, const at::Tensor& teacher, bool s_last, bool t_last,
+                     int64_t p, double eps, at::Tensor& s_norm, at::Tensor& t_norm, at::Tensor& row_loss) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = student.size(0), hw = student.size(2) * student.size(3);
+  acc_t* s_norm_p = s_norm.mutable_data_ptr<acc_t>();
+  acc_t* t_norm_p = t_norm.mutable_data_ptr<acc_t>();
+  acc_t* loss_p = row_loss.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> vs(hw), vt(hw);
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t ns = attention_map<kP, scalar_t, acc_t>(sample<scalar_t>(student, i, s_last), p, vs.data());
+      const acc_t nt = attention_map<kP, scalar_t, acc_t>(sample<scalar_t>(teacher, i, t_last), p, vt.data());
+      const acc_t inv_s = acc_t(1) / clamp_norm(ns, eps), inv_t = acc_t(1) / clamp_norm(nt, eps);
+      acc_t sum = 0;
+      for (int64_t k = 0; k < hw; ++k) {
+        const acc_t d = vs[k] * inv_s - vt[k] * inv_t;
+        sum += d * d;
+      }
+      s_norm_p[i] = ns;
+      t_norm_p[i] = nt;
+      loss_p[i] = sum;
+    }
+  });
+}
+
+// Backward over every sample (parallel over N); `factor` = upstream · 2 / (N·HW).
+// grad_s / grad_t are written where defined with their full shape.
+template <int kP, typename scalar_t>
+void backward_samples(const at::Tensor& student, const at::Tensor& teacher, bool s_last, bool t_last,
+                      const at::Tensor& s_norm, const at::Tensor& t_norm, int64_t p, double eps,
+                      double factor, at::Tensor& grad_s, at::Tensor& grad_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = student.size(0), hw = student.size(2) * student.size(3);
+  const bool student_grad = grad_s.numel() > 0, teacher_grad = grad_t.numel() > 0;
+  const acc_t* s_norm_p = s_norm.const_data_ptr<acc_t>();
+  const acc_t* t_norm_p = t_norm.const_data_ptr<acc_t>();
+  const acc_t f = static_cast<acc_t>(factor);
+  const acc_t eps_acc = static_cast<acc_t>(eps);
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> vs(hw), vt(hw), ga(hw);
+    for (int64_t i = begin; i < end; ++i) {
+      const SampleMaps<scalar_t> fs = sample<scalar_t>(student, i, s_last);
+      const SampleMaps<scalar_t> ft = sample<scalar_t>(teacher, i, t_last);
+      attention_map<kP, scalar_t, acc_t>(fs, p, vs.data());
+      attention_map<kP, scalar_t, acc_t>(ft, p, vt.data());
+      const acc_t ns = s_norm_p[i], nt = t_norm_p[i];
+      const acc_t den_s = clamp_norm(ns, eps), den_t = clamp_norm(nt, eps);
+      // vs, vt become a_s, a_t; ga = dL/da_s = −dL/da_t.
+      acc_t dot_s = 0, dot_t = 0;
+      for (int64_t k = 0; k < hw; ++k) {
+        vs[k] /= den_s;
+        vt[k] /= den_t;
+        ga[k] = f * (vs[k] - vt[k]);
+        dot_s += vs[k] * ga[k];
+        dot_t += vt[k] * ga[k];
+      }
+      // Through a = v / max(‖v‖, eps): the norm only moves a when ‖v‖ >= eps
+      // (clamp_min passes the gradient at equality, as torch does).
+      if (student_grad) {
+        const acc_t along = ns >= eps_acc ? dot_s : acc_t(0);
+        for (int64_t k = 0; k < hw; ++k) vs[k] = (ga[k] - vs[k] * along) / den_s;
+        scalar_t* out = grad_s.mutable_data_ptr<scalar_t>() + i * fs.channels * hw;
+        map_grad<kP, scalar_t, acc_t>(fs, p, vs.data(), out);
+      }
+      if (teacher_grad) {
+        const acc_t along = nt >= eps_acc ? dot_t : acc_t(0);
+        for (int64_t k = 0; k < hw; ++k) vt[k] = (vt[k] * along - ga[k]) / den_t;
+        scalar_t* out = grad_t.mutable_data_ptr<scalar_t>() + i * ft.channels * hw;
+        map_grad<kP, scalar_t, acc_t>(ft, p, vt.data(), out);
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_transfer_forward_cpu(
     const at::Tensor& student_in, const at::Tensor& teacher_in, int64_t p, double eps) {
   check_at_args(student_in, teacher_in, p, eps);
@@ -215,40 +294,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_transfer_forward_cpu(
   at::Tensor s_norm = at::empty({n}, acc_options);
   at::Tensor t_norm = at::empty({n}, acc_options);
   at::Tensor row_loss = at::empty({n}, acc_options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "attention_transfer_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    acc_t* s_norm_p = s_norm.mutable_data_ptr<acc_t>();
-    acc_t* t_norm_p = t_norm.mutable_data_ptr<acc_t>();
-    acc_t* loss_p = row_loss.mutable_data_ptr<acc_t>();
+  const auto dtype = student.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "attention_transfer_forward", [&] {
     with_power(p, [&](auto power_tag) {
-    constexpr int kP = decltype(power_tag)::value;
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> vs(hw), vt(hw);
-      for (int64_t i = begin; i < end; ++i) {
-        const acc_t ns = attention_map<kP, scalar_t, acc_t>(sample<scalar_t>(student, i, s_last), p, vs.data());
-        const acc_t nt = attention_map<kP, scalar_t, acc_t>(sample<scalar_t>(teacher, i, t_last), p, vt.data());
-        const acc_t inv_s = acc_t(1) / clamp_norm(ns, eps), inv_t = acc_t(1) / clamp_norm(nt, eps);
-        acc_t sum = 0;
-        for (int64_t k = 0; k < hw; ++k) {
-          const acc_t d = vs[k] * inv_s - vt[k] * inv_t;
-          sum += d * d;
-        }
-        s_norm_p[i] = ns;
-        t_norm_p[i] = nt;
-        loss_p[i] = sum;
-      }
-    });
+      forward_samples<decltype(power_tag)::value, scalar_t>(student, teacher, s_last, t_last, p, eps, s_norm,
+                                                            t_norm, row_loss);
     });
   });
-  // Summed serially in sample order: the same loss whatever the thread count.
+  // Each sample's sum comes from one thread: the loss does not depend on how
+  // the samples were split between threads.
   at::Tensor loss = row_loss.sum().div_(static_cast<double>(n) * static_cast<double>(hw));
   return {loss, s_norm, t_norm};
 }
 
 at::Tensor grad_buffer(const at::Tensor& x, bool wanted) {
   if (!wanted) return at::empty({0}, x.options());
-  return at::empty(x.sizes(), x.options().memory_format(reads_channels_last(x) ? at::MemoryFormat::ChannelsLast
-                                                                                : at::MemoryFormat::Contiguous));
+  const auto layout = reads_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  return at::empty(x.sizes(), x.options().memory_format(layout));
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_transfer_backward_cpu(
@@ -272,45 +334,13 @@ std::tuple<at::Tensor, at::Tensor> attention_transfer_backward_cpu(
   at::Tensor grad_t = grad_buffer(teacher, teacher_grad);
   if (!student_grad && !teacher_grad) return {grad_s, grad_t};
   const at::Tensor s_norm_c = s_norm.contiguous(), t_norm_c = t_norm.contiguous();
-  const double factor = grad.to(at::kDouble).item<double>() * 2.0 / (static_cast<double>(n) * static_cast<double>(hw));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "attention_transfer_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* s_norm_p = s_norm_c.const_data_ptr<acc_t>();
-    const acc_t* t_norm_p = t_norm_c.const_data_ptr<acc_t>();
-    const acc_t f = static_cast<acc_t>(factor);
+  const double factor =
+      grad.to(at::kDouble).item<double>() * 2.0 / (static_cast<double>(n) * static_cast<double>(hw));
+  const auto dtype = student.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "attention_transfer_backward", [&] {
     with_power(p, [&](auto power_tag) {
-    constexpr int kP = decltype(power_tag)::value;
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> vs(hw), vt(hw), ga(hw);
-      for (int64_t i = begin; i < end; ++i) {
-        const SampleMaps<scalar_t> fs = sample<scalar_t>(student, i, s_last);
-        const SampleMaps<scalar_t> ft = sample<scalar_t>(teacher, i, t_last);
-        attention_map<kP, scalar_t, acc_t>(fs, p, vs.data());
-        attention_map<kP, scalar_t, acc_t>(ft, p, vt.data());
-        const acc_t ns = s_norm_p[i], nt = t_norm_p[i];
-        const acc_t den_s = clamp_norm(ns, eps), den_t = clamp_norm(nt, eps);
-        // vs, vt become a_s, a_t; ga = dL/da_s = −dL/da_t.
-        acc_t dot_s = 0, dot_t = 0;
-        for (int64_t k = 0; k < hw; ++k) {
-          vs[k] /= den_s;
-          vt[k] /= den_t;
-          ga[k] = f * (vs[k] - vt[k]);
-          dot_s += vs[k] * ga[k];
-          dot_t += vt[k] * ga[k];
-        }
-        // Through a = v / max(‖v‖, eps): the norm only moves a when ‖v‖ >= eps
-        // (clamp_min passes the gradient at equality, as torch does).
-        const bool s_through = ns >= static_cast<acc_t>(eps), t_through = nt >= static_cast<acc_t>(eps);
-        if (student_grad) {
-          for (int64_t k = 0; k < hw; ++k) vs[k] = (ga[k] - (s_through ? vs[k] * dot_s : acc_t(0))) / den_s;
-          map_grad<kP, scalar_t, acc_t>(fs, p, vs.data(), grad_s.mutable_data_ptr<scalar_t>() + i * fs.channels * hw);
-        }
-        if (teacher_grad) {
-          for (int64_t k = 0; k < hw; ++k) vt[k] = (-ga[k] + (t_through ? vt[k] * dot_t : acc_t(0))) / den_t;
-          map_grad<kP, scalar_t, acc_t>(ft, p, vt.data(), grad_t.mutable_data_ptr<scalar_t>() + i * ft.channels * hw);
-        }
-      }
-    });
+      backward_samples<decltype(power_tag)::value, scalar_t>(student, teacher, s_last, t_last, s_norm_c,
+                                                             t_norm_c, p, eps, factor, grad_s, grad_t);
     });
   });
   return {grad_s, grad_t};
