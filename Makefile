@@ -2,6 +2,7 @@
 # .venv, pinned installs (torch from the local CPU wheel), the extension build.
 #   make test    build, compile-target checks, and the test suite
 #   make bench   build and run the CPU benchmark report (CSV + PNG in bench/results/)
+#   make examples  build, install the `examples` extra, run examples/digits.py (→ examples/results/)
 #   make check   nvcc (sm_80, sm_90) and Triton → PTX (sm_90) compile checks only
 #   make lint    ruff
 
@@ -15,7 +16,7 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name 
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/build/inductor-cache
 export TRITON_CACHE_DIR := $(CURDIR)/build/triton-cache
 
-.PHONY: test bench check lint clean
+.PHONY: test bench examples check lint clean
 
 $(VENV)/.installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +39,16 @@ check: $(VENV)/.built
 bench: $(VENV)/.built
 	$(PY) -m bench.run
 
+# The `examples` extra (scikit-learn, matplotlib), installed once.
+$(VENV)/.examples: $(VENV)/.built pyproject.toml
+	$(PIP) install -q --no-build-isolation -e '.[examples]'
+	touch $@
+
+examples: $(VENV)/.examples
+	$(PY) examples/digits.py
+
 lint: $(VENV)/.installed
-	$(PY) -m ruff check fastkd kernels tests bench
+	$(PY) -m ruff check fastkd kernels tests bench examples
 
 clean:
 	rm -rf build fastkd/*.so $(VENV)/.built

@@ -106,6 +106,23 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "crd_nce_forward(Tensor v, Tensor bank, Tensor contrast_idx, float z, "
       "float inv_temperature, bool want_grad) -> (Tensor, Tensor, Tensor)");
+  // Attention transfer (SPEC §5, RepDistiller `Attention`), one pass over C
+  // per spatial position. student: [N, C_s, H, W], teacher: [N, C_t, H, W]
+  // (same N, H, W and dtype; the caller pools the larger map), read as NCHW or
+  // channels_last (other strides are copied). a = v / max(‖v‖, eps) with
+  // v = mean_c f^p over each sample's HW positions; loss = mean((a_s − a_t)²)
+  // over N·HW.
+  // attention_transfer_forward returns (loss [], s_norm [N], t_norm [N]) —
+  // ‖v‖ per sample, the only state the backward needs — fp32 (fp64 for fp64
+  // input). attention_transfer_backward takes the upstream gradient (one
+  // element) and returns (grad_student, grad_teacher) in the input dtype and
+  // the layout read, or [0] tensors where not requested.
+  m.def(
+      "attention_transfer_forward(Tensor student, Tensor teacher, int p, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_transfer_backward(Tensor grad, Tensor student, Tensor teacher, Tensor s_norm, "
+      "Tensor t_norm, int p, float eps, bool student_grad, bool teacher_grad) -> (Tensor, Tensor)");
 }
 
 namespace py = pybind11;

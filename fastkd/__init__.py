@@ -6,7 +6,9 @@ Public API: the functional losses, their modules, and :func:`backends`.
 from fastkd._dispatch import BackendStatus, backends
 from fastkd._ops import empty_cache
 from fastkd.crd import CRDLoss, crd_nce
+from fastkd.distiller import OUTPUT, Distiller, DistillerOutput, EMATeacher, Term
 from fastkd.dkd import DKDLoss, dkd_loss
+from fastkd.feature import ATLoss, HintLoss, at_loss
 from fastkd.functional import divergence, info_nce, kd_loss, mmd_loss, nst_loss
 from fastkd.fused_linear import FusedLinearDivergenceLoss, fused_linear_divergence
 from fastkd.losses import DivergenceLoss, InfoNCELoss, KDLoss, MMDLoss, NSTLoss
@@ -15,17 +17,24 @@ from fastkd.topk import TopKDivergenceLoss, topk_divergence
 __version__ = "0.1.0"
 
 __all__ = [
+    "ATLoss",
     "BackendStatus",
     "CRDLoss",
     "DKDLoss",
+    "Distiller",
+    "DistillerOutput",
     "DivergenceLoss",
+    "EMATeacher",
     "FusedLinearDivergenceLoss",
+    "HintLoss",
     "InfoNCELoss",
     "KDLoss",
     "MMDLoss",
     "NSTLoss",
+    "OUTPUT",
+    "Term",
     "TopKDivergenceLoss",
-    "__version__",
+    "at_loss",
     "backends",
     "crd_nce",
     "divergence",
@@ -37,4 +46,5 @@ __all__ = [
     "mmd_loss",
     "nst_loss",
     "topk_divergence",
+    "__version__",
 ]

@@ -124,3 +124,28 @@ if _C is not None and has_kernel("dkd_forward", "CPU"):
     def _crd_nce_forward_fake(v, bank, contrast_idx, z, inv_temperature, want_grad):
         rows, dim = v.shape
         return v.new_empty((rows,)), v.new_empty((rows, dim) if want_grad else (0, 0)), v.new_empty(())
+    def _at_reads_channels_last(x):
+        # csrc/cpu/attention_transfer.cpp: channels_last only when not also NCHW-contiguous
+        return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+    @torch.library.register_fake("fastkd::attention_transfer_forward")
+    def _attention_transfer_forward_fake(student, teacher, p, eps):
+        loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        rows = student.shape[0]
+        return (
+            student.new_empty((), dtype=loss_dtype),
+            student.new_empty((rows,), dtype=loss_dtype),
+            student.new_empty((rows,), dtype=loss_dtype),
+        )
+
+    @torch.library.register_fake("fastkd::attention_transfer_backward")
+    def _attention_transfer_backward_fake(
+        grad, student, teacher, s_norm, t_norm, p, eps, student_grad, teacher_grad
+    ):
+        def grad_like(x, wanted):
+            if not wanted:
+                return x.new_empty((0,))
+            layout = torch.channels_last if _at_reads_channels_last(x) else torch.contiguous_format
+            return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout)
+
+        return grad_like(student, student_grad), grad_like(teacher, teacher_grad)

@@ -1,0 +1,227 @@
+"""Feature losses (SPEC §5): FitNets hints (:class:`HintLoss`) and attention
+transfer (:func:`at_loss`, :class:`ATLoss`)."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fastkd import _ops  # noqa: F401  (registers the fastkd:: ops and their fake kernels)
+from fastkd.functional import _backend_for
+from fastkd.reference import feature as _reference_feature
+
+__all__ = ["ATLoss", "HintLoss", "at_loss"]
+
+# The compiled backends that have an attention-transfer kernel. On CUDA
+# tensors backend="auto" falls back to the reference until triton / cuda get one.
+AT_KERNELS = ("cpu",)
+ADAPTERS = ("conv1x1", "conv3x3", "linear")
+
+
+class ATFunction(torch.autograd.Function):
+    """Attention transfer on the fused ops, for maps of equal spatial size.
+
+    Between forward and backward it keeps the two ``(N,)`` norms of the
+    attention maps (besides references to the maps themselves); the backward
+    rebuilds the attention maps in one pass over the channels.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, p, eps):
+        loss, s_norm, t_norm = torch.ops.fastkd.attention_transfer_forward(student, teacher, p, eps)
+        ctx.save_for_backward(student, teacher, s_norm, t_norm)
+        ctx.p, ctx.eps = p, eps
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        student, teacher, s_norm, t_norm = ctx.saved_tensors
+        want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (want_s or want_t):
+            return None, None, None, None
+        grad_s, grad_t = torch.ops.fastkd.attention_transfer_backward(
+            grad_output, student, teacher, s_norm, t_norm, ctx.p, ctx.eps, want_s, want_t
+        )
+        return (grad_s if want_s else None), (grad_t if want_t else None), None, None
+
+
+def at_loss(
+    student_maps: torch.Tensor, teacher_maps: torch.Tensor, *, p: int = 2, backend: str = "auto"
+) -> torch.Tensor:
+    """Attention transfer for one pair of feature maps (RepDistiller ``Attention``, SPEC §5).
+
+    ``a(f) = normalize(mean_c f^p)`` over each sample's ``H·W`` positions
+    (``F.normalize``, eps 1e-12); ``L = mean((a_s − a_t)²)`` over ``N·H·W``.
+    Maps of different spatial size are adaptive-average-pooled to
+    ``(min(H, H'), min(W, W'))`` first (in float32, float64 for float64
+    input). Nothing is detached: ``teacher_maps`` gets a gradient when it
+    requires one (detach it for a frozen teacher).
+
+    The ``"cpu"`` kernel builds each sample's attention map in one pass over
+    the channels (NCHW and channels_last inputs are read in place), fuses the
+    normalisation and the squared difference, and keeps only the two ``(N,)``
+    map norms for the backward, which is fused the same way.
+
+    Args:
+        student_maps: ``(N, C_s, H, W)``, float32 / bfloat16 / float16 / float64.
+        teacher_maps: ``(N, C_t, H', W')``, same dtype and device; channels and
+            spatial size may differ.
+        p: the power, an integer ``>= 1`` (2 in the paper and RepDistiller).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``;
+            only ``"cpu"`` has an attention-transfer kernel so far: ``"auto"``
+            uses the reference for CUDA tensors, an explicit ``"cuda"`` /
+            ``"triton"`` raises ``ValueError``.
+
+    Returns:
+        ``()`` loss, float32 (float64 for float64 inputs).
+
+    RepDistiller weights this loss by ``β = 1000`` (summed over layer pairs).
+    """
+    s, t, p = _reference_feature.check_at_arguments(student_maps, teacher_maps, p)
+    chosen = _backend_for("at", AT_KERNELS, backend, s)
+    if chosen == "reference":
+        return _reference_feature.at_loss(s, t, p=p)
+    if s.shape[2:] != t.shape[2:]:
+        # Pooling averages; doing it in the accumulation dtype keeps reduced
+        # precision inputs as accurate as the reference.
+        acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+        s, t = _reference_feature.pool_to_common_size(s.to(acc), t.to(acc))
+    return ATFunction.apply(s, t, p, _reference_feature.NORMALIZE_EPS)
+
+
+class ATLoss(nn.Module):
+    """Attention transfer summed over layer pairs (RepDistiller ``Attention``, SPEC §5).
+
+    ``forward(student_maps, teacher_maps)`` takes two equally long sequences of
+    ``(N, C, H, W)`` maps (or one map each) and returns
+    ``Σ_i at_loss(student_maps[i], teacher_maps[i])``, a ``()`` loss.
+    Weight it yourself (RepDistiller uses ``β = 1000``).
+    """
+
+    def __init__(self, *, p: int = 2, backend: str = "auto") -> None:
+        super().__init__()
+        self.p = p
+        self.backend = backend
+
+    def forward(
+        self,
+        student_maps: torch.Tensor | Sequence[torch.Tensor],
+        teacher_maps: torch.Tensor | Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        s_list = _as_list("student_maps", student_maps)
+        t_list = _as_list("teacher_maps", teacher_maps)
+        if len(s_list) != len(t_list):
+            raise ValueError(
+                f"teacher_maps has {len(t_list)} maps but student_maps has {len(s_list)}; "
+                "give one teacher map per student map"
+            )
+        losses = [at_loss(s, t, p=self.p, backend=self.backend) for s, t in zip(s_list, t_list, strict=True)]
+        return torch.stack(losses).sum()
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, backend={self.backend!r}"
+
+
+def _as_list(name: str, value) -> list:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) == 0:
+        raise ValueError(
+            f"{name} must be a tensor or a non-empty sequence of tensors, got {type(value).__name__}"
+        )
+    return list(value)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+class HintLoss(nn.Module):
+    """FitNets hint loss (SPEC §5): ``MSE(adapter(f_s), f_t)``.
+
+    The adapter maps the student's channels to the teacher's and is trained
+    with the student (give ``HintLoss.parameters()`` to the optimizer;
+    :class:`fastkd.Distiller` does that through its own ``parameters()``):
+
+    - ``"conv1x1"`` (default): ``Conv2d(C_s, C_t, 1, bias=False)`` + ``BatchNorm2d(C_t)``,
+      for ``(N, C, H, W)`` maps;
+    - ``"conv3x3"``: the same with a 3×3 convolution (padding 1);
+    - ``"linear"``: ``Linear(C_s, C_t)``, for ``(N, C)`` vectors.
+
+    Maps of different spatial size are adaptive-average-pooled (after the
+    adapter) to ``(min(H, H'), min(W, W'))``, i.e. the larger map to the
+    smaller. The mean is over every element (``nn.MSELoss()``, as
+    RepDistiller's ``HintLoss``), computed in float32 (float64 for float64
+    input). ``teacher_features`` is detached: the hint is a regression target,
+    so the teacher never gets a gradient from it.
+
+    Args:
+        student_channels: ``C_s``.
+        teacher_channels: ``C_t``.
+        adapter: ``"conv1x1"``, ``"conv3x3"`` or ``"linear"``.
+
+    ``forward(student_features (N, C_s, H, W) or (N, C_s), teacher_features (N, C_t, H', W') or (N, C_t))``
+    → ``()`` loss.
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int, *, adapter: str = "conv1x1") -> None:
+        super().__init__()
+        self.student_channels = _positive_int("student_channels", student_channels)
+        self.teacher_channels = _positive_int("teacher_channels", teacher_channels)
+        if adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")
+        self.adapter_kind = adapter
+        c_s, c_t = self.student_channels, self.teacher_channels
+        if adapter == "linear":
+            self.adapter = nn.Linear(c_s, c_t)
+        else:
+            k = 1 if adapter == "conv1x1" else 3
+            self.adapter = nn.Sequential(
+                nn.Conv2d(c_s, c_t, kernel_size=k, padding=k // 2, bias=False), nn.BatchNorm2d(c_t)
+            )
+
+    def _check(self, name: str, value, channels: int, channels_name: str) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if not value.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        want_dim, layout = (
+            (2, "(N, C) vectors") if self.adapter_kind == "linear" else (4, "(N, C, H, W) maps")
+        )
+        if value.dim() != want_dim:
+            other = "a conv adapter ('conv1x1')" if want_dim == 2 else "adapter='linear'"
+            raise ValueError(
+                f"{name} has shape {tuple(value.shape)}, but adapter={self.adapter_kind!r} takes "
+                f"{layout}; for {value.dim()}-D features use {other}"
+            )
+        if value.shape[1] != channels:
+            raise ValueError(
+                f"{name} has {value.shape[1]} channels (shape {tuple(value.shape)}) but the "
+                f"HintLoss was built with {channels_name}={channels}"
+            )
+        if value.numel() == 0:
+            raise ValueError(f"{name} must be non-empty, got shape {tuple(value.shape)}")
+        return value
+
+    def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+        s = self._check("student_features", student_features, self.student_channels, "student_channels")
+        t = self._check("teacher_features", teacher_features, self.teacher_channels, "teacher_channels")
+        if t.shape[0] != s.shape[0]:
+            raise ValueError(
+                f"teacher_features batch size {t.shape[0]} does not match "
+                f"student_features batch size {s.shape[0]}"
+            )
+        if t.device != s.device:
+            raise ValueError(f"teacher_features is on {t.device} but student_features is on {s.device}")
+        return _reference_feature.hint_loss(self.adapter(s), t)
+
+    def extra_repr(self) -> str:
+        return (
+            f"student_channels={self.student_channels}, teacher_channels={self.teacher_channels}, "
+            f"adapter={self.adapter_kind!r}"
+        )

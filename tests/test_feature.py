@@ -1,0 +1,447 @@
+"""Feature losses (SPEC §5): the attention-transfer reference against explicit
+loops, the fused cpu op against the float64 reference (loss and gradients),
+the op itself (opcheck, C++ checks), validation, and HintLoss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastkd
+from fastkd import _ops
+from fastkd import feature as fkfeat
+from fastkd.reference import feature as ref
+from tests.helpers import assert_matches
+
+needs_cpu_ext = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+UPSTREAM = 0.7  # never test only with an upstream gradient of 1
+
+
+def maps(n, c, h, w, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, h, w, generator=g, dtype=torch.float64).to(dtype)
+
+
+# ---- the reference against explicit loops (Python floats) ---------------------------
+
+
+def loop_pool(f, h, w):
+    """Adaptive average pooling of one (C, H, W) nested list to (C, h, w): bins
+    [floor(i·H/h), ceil((i+1)·H/h))."""
+    c_count, big_h, big_w = len(f), len(f[0]), len(f[0][0])
+    out = []
+    for c in range(c_count):
+        rows = []
+        for i in range(h):
+            r0, r1 = (i * big_h) // h, math.ceil((i + 1) * big_h / h)
+            row = []
+            for j in range(w):
+                c0, c1 = (j * big_w) // w, math.ceil((j + 1) * big_w / w)
+                vals = [f[c][r][q] for r in range(r0, r1) for q in range(c0, c1)]
+                row.append(sum(vals) / len(vals))
+            rows.append(row)
+        out.append(rows)
+    return out
+
+
+def loop_attention(f, p):
+    """(C, h, w) nested list → normalised attention list over the h·w positions."""
+    c_count, h, w = len(f), len(f[0]), len(f[0][0])
+    v = [sum(f[c][i][j] ** p for c in range(c_count)) / c_count for i in range(h) for j in range(w)]
+    norm = math.sqrt(sum(x * x for x in v))
+    return [x / max(norm, 1e-12) for x in v]
+
+
+def loop_at(fs, ft, p=2):
+    n = fs.shape[0]
+    h, w = min(fs.shape[2], ft.shape[2]), min(fs.shape[3], ft.shape[3])
+    total, count = 0.0, 0
+    for i in range(n):
+        a_s = loop_attention(loop_pool(fs[i].tolist(), h, w), p)
+        a_t = loop_attention(loop_pool(ft[i].tolist(), h, w), p)
+        total += sum((x - y) ** 2 for x, y in zip(a_s, a_t, strict=True))
+        count += len(a_s)
+    return total / count
+
+
+# (N, C_s, H_s, W_s, C_t, H_t, W_t): equal sizes, pooling either map (also
+# non-dividing sizes), C = 1, H·W = 1, non-square.
+AT_SHAPES = (
+    (2, 3, 5, 7, 4, 5, 7),
+    (1, 1, 1, 1, 1, 1, 1),
+    (3, 1, 6, 6, 16, 3, 3),
+    (2, 8, 4, 4, 2, 8, 8),
+    (2, 5, 7, 5, 3, 4, 3),
+    (5, 17, 9, 3, 33, 9, 3),
+)
+shape_id = "x".join
+
+
+@pytest.mark.parametrize("shape", AT_SHAPES, ids=lambda s: "_".join(map(str, s)))
+@pytest.mark.parametrize("p", (1, 2, 3))
+def test_reference_equals_loops(shape, p):
+    n, cs, hs, ws, ct, ht, wt = shape
+    fs, ft = maps(n, cs, hs, ws, seed=1), maps(n, ct, ht, wt, seed=2)
+    assert ref.at_loss(fs, ft, p=p).item() == pytest.approx(loop_at(fs, ft, p), rel=1e-12, abs=1e-15)
+
+
+def test_reference_gradcheck():
+    fs = maps(2, 3, 4, 5, seed=3).requires_grad_(True)
+    ft = maps(2, 2, 2, 3, seed=4).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: ref.at_loss(a, b), (fs, ft))
+
+
+# ---- fused cpu op against the float64 reference --------------------------------------
+
+
+def run_with_grads(fn, *inputs, upstream=UPSTREAM):
+    inputs = [a.detach().clone().requires_grad_(True) for a in inputs]
+    loss = fn(*inputs)
+    loss.backward(torch.tensor(upstream, dtype=loss.dtype))
+    return (loss.detach(), *(a.grad for a in inputs))
+
+
+def check_parity(inputs, what, p=2, prepare=lambda x: x):
+    """cpu kernel (inputs passed through ``prepare``, e.g. to channels_last) vs
+    the float64 reference, loss and both gradients."""
+    dtype = inputs[0].dtype
+
+    def fused(a, b):
+        return fastkd.at_loss(prepare(a), prepare(b), p=p, backend="cpu")
+
+    def reference(a, b):
+        return ref.at_loss(a, b, p=p)
+
+    got = run_with_grads(fused, *inputs)
+    want = run_with_grads(reference, *(a.double() for a in inputs))
+    same = run_with_grads(reference, *inputs)
+    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert all(g.dtype == dtype for g in got[1:])
+    for name, a, b, c in zip(("loss", "grad student", "grad teacher"), got, want, same, strict=True):
+        assert_matches(a, b, dtype, f"{what} {name}", [c])
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float64), ids=str)
+@pytest.mark.parametrize("shape", AT_SHAPES, ids=lambda s: "_".join(map(str, s)))
+def test_at_parity(dtype, shape):
+    n, cs, hs, ws, ct, ht, wt = shape
+    check_parity((maps(n, cs, hs, ws, dtype, 5), maps(n, ct, ht, wt, dtype, 6)), f"cpu at {dtype}")
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("p", (1, 3, 4))
+def test_at_other_powers_float64(p):
+    check_parity((maps(3, 5, 6, 4, seed=7), maps(3, 7, 6, 4, seed=8)), f"cpu at p={p}", p=p)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("layout", ("channels_last", "channels_last_pooled", "sliced", "permuted"), ids=str)
+def test_at_non_contiguous(dtype, layout):
+    fs, ft = maps(4, 6, 5, 7, dtype, 9), maps(4, 3, 5, 7, dtype, 10)
+
+    def prepare(x):
+        if layout.startswith("channels_last"):
+            out = x.contiguous(memory_format=torch.channels_last)
+            assert not out.is_contiguous()
+            return out
+        if layout == "sliced":
+            out = x.repeat_interleave(2, dim=1)[:, ::2]  # the same values, channel stride 2·H·W
+            assert torch.equal(out, x) and not out.is_contiguous()
+            return out
+        out = x.transpose(2, 3).contiguous().transpose(2, 3)  # W-major
+        assert not out.is_contiguous()
+        return out
+
+    if layout == "channels_last_pooled":
+        ft = maps(4, 3, 10, 14, dtype, 10)
+    check_parity((fs, ft), f"cpu at {layout}", prepare=prepare)
+
+
+@needs_cpu_ext
+def test_at_channels_last_gradient_keeps_layout():
+    fs = maps(2, 4, 3, 5, torch.float32).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    ft = maps(2, 4, 3, 5, torch.float32, 1)
+    fastkd.at_loss(fs, ft, backend="cpu").backward()
+    assert fs.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("which", ("student", "both"))
+def test_at_zero_maps(which):
+    """Zero maps have a zero attention vector (F.normalize's eps): finite loss,
+    the reference's gradients (zero for the zero map)."""
+    fs = torch.zeros(3, 4, 5, 5, dtype=torch.float64)
+    ft = torch.zeros_like(fs) if which == "both" else maps(3, 2, 5, 5, seed=11)
+    got = run_with_grads(lambda a, b: fastkd.at_loss(a, b, backend="cpu"), fs, ft)
+    want = run_with_grads(ref.at_loss, fs, ft)
+    assert all(torch.isfinite(g).all() for g in got)
+    assert torch.equal(got[1], torch.zeros_like(fs))
+    for a, b in zip(got, want, strict=True):
+        assert_matches(a, b, torch.float64, "zero maps")
+    if which == "student":
+        assert got[0].item() == pytest.approx(1.0 / 25, rel=1e-12)  # ‖a_t‖ = 1 over 25 positions
+
+
+@needs_cpu_ext
+def test_at_one_zero_sample_in_batch():
+    fs, ft = maps(3, 4, 4, 4, torch.float32, 12), maps(3, 4, 4, 4, torch.float32, 13)
+    fs[1] = 0
+    check_parity((fs, ft), "zero sample")
+
+
+@needs_cpu_ext
+def test_at_nan_propagates():
+    fs, ft = maps(2, 3, 4, 4, torch.float32), maps(2, 3, 4, 4, torch.float32, 1)
+    fs[1, 2, 3, 0] = float("nan")
+    assert torch.isnan(fastkd.at_loss(fs, ft, backend="cpu"))
+
+
+@needs_cpu_ext
+def test_at_teacher_without_grad_and_only_norms_saved():
+    fs = maps(4, 8, 6, 6, torch.float32).requires_grad_(True)
+    ft = maps(4, 16, 6, 6, torch.float32, 1)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = fastkd.at_loss(fs, ft, backend="cpu")
+    shapes = sorted(tuple(t.shape) for t in saved)
+    assert shapes == [(4,), (4,), tuple(fs.shape), tuple(ft.shape)]
+    loss.backward()
+    assert fs.grad is not None and ft.grad is None
+
+
+@needs_cpu_ext
+def test_at_auto_uses_the_cpu_kernel_and_atloss_sums_pairs():
+    pairs = [(maps(2, 3, 8, 8, torch.float32, i), maps(2, 5, 4, 4, torch.float32, 10 + i)) for i in range(3)]
+    auto = fastkd.at_loss(*pairs[0])
+    assert torch.equal(auto, fastkd.at_loss(*pairs[0], backend="cpu"))
+    assert not torch.equal(auto, ref.at_loss(*pairs[0]))  # a different summation: not the reference path
+    module = fastkd.ATLoss()
+    total = module([s for s, _ in pairs], [t for _, t in pairs])
+    want = sum(ref.at_loss(s, t).item() for s, t in pairs)
+    assert total.item() == pytest.approx(want, rel=1e-5)
+    assert torch.equal(module(*pairs[1]), fastkd.at_loss(*pairs[1]))
+    assert "p=2" in repr(module)
+    with pytest.raises(ValueError, match="teacher_maps has 2 maps but student_maps has 3"):
+        module([s for s, _ in pairs], [t for _, t in pairs[:2]])
+    with pytest.raises(ValueError, match="student_maps"):
+        module([], [])
+
+
+# ---- the ops ------------------------------------------------------------------------
+
+
+def op_inputs(dtype, channels_last=False):
+    s, t = maps(3, 5, 4, 6, dtype, 0), maps(3, 2, 4, 6, dtype, 1)
+    if channels_last:
+        s = s.contiguous(memory_format=torch.channels_last)
+    return s, t
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=str)
+@pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
+def test_opcheck(dtype, channels_last):
+    s, t = op_inputs(dtype, channels_last)
+    torch.library.opcheck(torch.ops.fastkd.attention_transfer_forward.default, (s, t, 2, 1e-12))
+    loss, s_norm, t_norm = torch.ops.fastkd.attention_transfer_forward(s, t, 2, 1e-12)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.shape == () and loss.dtype == acc and s_norm.shape == (3,) and t_norm.dtype == acc
+    for want in ((True, True), (True, False), (False, True)):
+        args = (torch.tensor(0.7, dtype=acc), s, t, s_norm, t_norm, 2, 1e-12, *want)
+        torch.library.opcheck(torch.ops.fastkd.attention_transfer_backward.default, args)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"student": torch.randn(3, 5, 4)}, "student must be 4-D"),
+        ({"teacher": torch.randn(3, 2, 4, 5)}, "same spatial size"),
+        ({"teacher": torch.randn(2, 2, 4, 6)}, "same batch size"),
+        ({"teacher": torch.randn(3, 2, 4, 6, dtype=torch.float64)}, "same dtype"),
+        ({"student": torch.zeros(3, 5, 4, 6, dtype=torch.int64)}, "floating-point"),
+        ({"p": 0}, "p must be >= 1"),
+        ({"eps": 0.0}, "eps must be"),
+    ],
+)
+def test_op_checks(change, needle):
+    args = {"student": torch.randn(3, 5, 4, 6), "teacher": torch.randn(3, 2, 4, 6), "p": 2, "eps": 1e-12}
+    args.update(change)
+    with pytest.raises(RuntimeError, match=needle):
+        torch.ops.fastkd.attention_transfer_forward(*args.values())
+
+
+@needs_cpu_ext
+def test_backward_op_checks_norms():
+    s, t = op_inputs(torch.float32)
+    norm = torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"norms must have shape \[N\]"):
+        torch.ops.fastkd.attention_transfer_backward(
+            torch.tensor(1.0), s, t, norm[:2], norm, 2, 1e-12, True, True
+        )
+    with pytest.raises(RuntimeError, match="norms must have dtype"):
+        torch.ops.fastkd.attention_transfer_backward(
+            torch.tensor(1.0), s, t, norm.double(), norm, 2, 1e-12, True, True
+        )
+
+
+# ---- validation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"student_maps": torch.randn(2, 3, 4)}, "student_maps must have"),
+        ({"teacher_maps": torch.randn(2, 3)}, "teacher_maps must have"),
+        ({"teacher_maps": torch.randn(3, 3, 4, 4)}, "teacher_maps batch size"),
+        ({"teacher_maps": torch.randn(2, 3, 4, 4, dtype=torch.float64)}, "teacher_maps dtype"),
+        ({"student_maps": torch.randn(2, 0, 4, 4)}, "student_maps"),
+        ({"student_maps": [torch.randn(2, 3, 4, 4)]}, "student_maps must be a torch.Tensor"),
+        ({"p": 0}, "p must be"),
+        ({"p": 2.0}, "p must be"),
+        ({"p": True}, "p must be"),
+        ({"backend": "fast"}, "backend"),
+    ],
+)
+@pytest.mark.parametrize("backend", ("cpu", "reference"))
+def test_at_bad_arguments_raise_value_error(kwargs, needle, backend):
+    if backend == "cpu" and _ops.CPU_EXTENSION_ERROR is not None:
+        pytest.skip("no cpu extension")
+    args = {
+        "student_maps": torch.randn(2, 3, 4, 4),
+        "teacher_maps": torch.randn(2, 5, 2, 2),
+        "backend": backend,
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=needle):
+        fastkd.at_loss(args.pop("student_maps"), args.pop("teacher_maps"), **args)
+
+
+def test_explicit_gpu_backend_without_at_kernel_raises(monkeypatch):
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        fastkd.at_loss(s, t, backend="cuda")
+    monkeypatch.setattr(
+        fkfeat._backend_for.__globals__["_dispatch"], "resolve", lambda backend, tensor: "triton"
+    )
+    with pytest.raises(ValueError, match="backend='triton' has no at kernel yet"):
+        fastkd.at_loss(s, t, backend="triton")
+    # backend="auto" falls back to the reference instead
+    assert torch.equal(fastkd.at_loss(s, t), ref.at_loss(s, t))
+
+
+# ---- HintLoss -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "adapter,weight_shape",
+    [("conv1x1", (12, 5, 1, 1)), ("conv3x3", (12, 5, 3, 3)), ("linear", (12, 5))],
+)
+def test_hint_adapter_shapes(adapter, weight_shape):
+    hint = fastkd.HintLoss(5, 12, adapter=adapter)
+    params = dict(hint.named_parameters())
+    weight = next(v for k, v in params.items() if k.endswith("weight") and v.dim() >= 2)
+    assert tuple(weight.shape) == weight_shape
+    if adapter == "linear":
+        assert isinstance(hint.adapter, torch.nn.Linear)
+    else:
+        conv, bn = hint.adapter
+        assert isinstance(bn, torch.nn.BatchNorm2d) and bn.num_features == 12 and conv.bias is None
+    assert adapter in repr(hint)
+
+
+@pytest.mark.parametrize(
+    "s_shape,t_shape",
+    [((4, 5, 6, 6), (4, 12, 6, 6)), ((4, 5, 8, 8), (4, 12, 4, 4)), ((4, 5, 3, 5), (4, 12, 6, 10))],
+)
+def test_hint_value_pooling_and_gradients(s_shape, t_shape):
+    torch.manual_seed(1)
+    hint = fastkd.HintLoss(5, 12)
+    s = torch.randn(*s_shape, requires_grad=True)
+    t = torch.randn(*t_shape, requires_grad=True)
+    loss = hint(s, t)
+    adapted = hint.adapter(s)
+    size = (min(s_shape[2], t_shape[2]), min(s_shape[3], t_shape[3]))
+    want = (
+        (
+            torch.nn.functional.adaptive_avg_pool2d(adapted, size)
+            - torch.nn.functional.adaptive_avg_pool2d(t, size)
+        )
+        ** 2
+    ).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    loss.backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in hint.parameters())
+    assert t.grad is None  # the hint is a target
+
+
+def test_hint_linear_vectors():
+    torch.manual_seed(2)
+    hint = fastkd.HintLoss(7, 3, adapter="linear")
+    s, t = torch.randn(9, 7, requires_grad=True), torch.randn(9, 3)
+    loss = hint(s, t)
+    assert loss.item() == pytest.approx(((hint.adapter(s) - t) ** 2).mean().item(), rel=1e-6)
+    loss.backward()
+    assert hint.adapter.weight.grad is not None and s.grad is not None
+
+
+@pytest.mark.parametrize(
+    "adapter,s,t,needle",
+    [
+        (
+            "conv1x1",
+            torch.randn(4, 5),
+            torch.randn(4, 12),
+            "student_features has shape .* use adapter='linear'",
+        ),
+        ("linear", torch.randn(4, 5, 2, 2), torch.randn(4, 12), "student_features has shape .* conv adapter"),
+        ("linear", torch.randn(4, 5), torch.randn(4, 12, 2, 2), "teacher_features has shape"),
+        ("conv1x1", torch.randn(4, 6, 3, 3), torch.randn(4, 12, 3, 3), "student_features has 6 channels"),
+        ("conv1x1", torch.randn(4, 5, 3, 3), torch.randn(4, 11, 3, 3), "teacher_features has 11 channels"),
+        ("conv1x1", torch.randn(4, 5, 3, 3), torch.randn(3, 12, 3, 3), "teacher_features batch size"),
+        ("conv1x1", torch.randn(4, 5, 3, 3), "maps", "teacher_features must be a torch.Tensor"),
+    ],
+)
+def test_hint_unbridgeable_inputs_raise(adapter, s, t, needle):
+    with pytest.raises(ValueError, match=needle):
+        fastkd.HintLoss(5, 12, adapter=adapter)(s, t)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,needle",
+    [
+        ((0, 4), {}, "student_channels"),
+        ((4, 2.5), {}, "teacher_channels"),
+        ((4, 4), {"adapter": "mlp"}, "adapter"),
+    ],
+)
+def test_hint_bad_construction(args, kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        fastkd.HintLoss(*args, **kwargs)
+
+
+@needs_cpu_ext
+def test_torch_compile_fullgraph_without_graph_breaks(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+
+    def step(s, t):
+        return fastkd.at_loss(s, t, backend="cpu") * 3.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    s = maps(2, 3, 4, 5, torch.float32).requires_grad_(True)
+    t = maps(2, 6, 4, 5, torch.float32, 1)
+    loss = compiled(s, t)
+    loss.backward()
+    s_eager = s.detach().clone().requires_grad_(True)
+    expected = step(s_eager, t)
+    expected.backward()
+    assert_matches(loss, expected.double(), torch.float32, "compiled loss")
+    assert_matches(s.grad, s_eager.grad.double(), torch.float32, "compiled grad")
