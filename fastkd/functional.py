@@ -450,8 +450,11 @@ def info_nce(
     )
     chosen = _backend_for("info_nce", INFO_NCE_KERNELS, backend, q)
     if chosen == "reference":
+        # check_arguments filled in arange labels; the reference rejects labels
+        # with symmetric=True (whose positives are the diagonal by definition)
         return _reference.info_nce(
-            q, k, temperature=temperature, labels=labels, symmetric=symmetric, normalize=normalize
+            q, k, temperature=temperature, labels=None if symmetric else labels, symmetric=symmetric,
+            normalize=normalize,
         )
     if normalize:
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32

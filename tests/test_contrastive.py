@@ -97,6 +97,14 @@ def test_auto_uses_the_cpu_kernel_and_the_module_matches():
     assert "symmetric=True" in repr(module)
 
 
+def test_reference_backend_through_the_public_function_symmetric():
+    """backend="reference" through fastkd.info_nce (not only fastkd.reference directly)."""
+    q, k = embeddings(6, 8, torch.float64, 9), embeddings(6, 8, torch.float64, 10)
+    got = fastkd.info_nce(q, k, symmetric=True, backend="reference")
+    torch.testing.assert_close(got, reference.info_nce(q, k, symmetric=True))
+    torch.testing.assert_close(got, fastkd.info_nce(q, k, symmetric=True, backend="cpu"))
+
+
 def test_only_row_state_is_saved_for_backward():
     """Between forward and backward: q, k (the inputs themselves), labels and the
     row log-sum-exp; nothing of size N × M."""
