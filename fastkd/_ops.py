@@ -89,3 +89,11 @@ if _C is not None:
     @torch.library.register_fake("fastkd::mmd_backward")
     def _mmd_backward_fake(grad, x, y, kernel, bandwidths, degree, c, unbiased, tile_rows):
         return x.new_empty(x.shape), y.new_empty(y.shape)
+
+    def _rkd_forward_fake(student, teacher, student_grad):
+        loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        grad = student.new_empty(student.shape if student_grad else (0, 0))
+        return student.new_empty((), dtype=loss_dtype), grad
+
+    torch.library.register_fake("fastkd::rkd_distance_forward")(_rkd_forward_fake)
+    torch.library.register_fake("fastkd::rkd_angle_forward")(_rkd_forward_fake)
