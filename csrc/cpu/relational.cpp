@@ -80,39 +80,67 @@ double direct_sq(const T* a, const T* b, int64_t d) {
 
 // ---- RKD distance -----------------------------------------------------------
 
+// The SIMD variant of each distance row pass (relational_kernel.h).
+template <class T>
+double distance_row(const T* g, const T* norms, T n_i, T factor, T* d, uint8_t* near, int64_t n) {
+  switch (active_capability()) {
+    case Capability::AVX512: return AVX512::distance_row(g, norms, n_i, factor, d, near, n);
+    case Capability::AVX2: return AVX2::distance_row(g, norms, n_i, factor, d, near, n);
+    case Capability::Default: break;
+  }
+  return DEFAULT::distance_row(g, norms, n_i, factor, d, near, n);
+}
+
+template <class T>
+std::pair<double, double> distance_loss_row(const T* d_s, T* d_t, T inv_s, T inv_t, T inv_n2, int64_t n) {
+  switch (active_capability()) {
+    case Capability::AVX512: return AVX512::distance_loss_row(d_s, d_t, inv_s, inv_t, inv_n2, n);
+    case Capability::AVX2: return AVX2::distance_loss_row(d_s, d_t, inv_s, inv_t, inv_n2, n);
+    case Capability::Default: break;
+  }
+  return DEFAULT::distance_loss_row(d_s, d_t, inv_s, inv_t, inv_n2, n);
+}
+
+template <class T>
+double distance_coef_row(T* d_s, const T* q, T shift, T inv_s, int64_t n) {
+  switch (active_capability()) {
+    case Capability::AVX512: return AVX512::distance_coef_row(d_s, q, shift, inv_s, n);
+    case Capability::AVX2: return AVX2::distance_coef_row(d_s, q, shift, inv_s, n);
+    case Capability::Default: break;
+  }
+  return DEFAULT::distance_coef_row(d_s, q, shift, inv_s, n);
+}
+
 // One side's distances d_ij = sqrt(max(‖x_i − x_j‖², 1e-12)) (0 on the
-// diagonal) into `dist`; their off-diagonal sum is returned. `near`, if not
-// null, receives 1 for the pairs recomputed from differences.
+// diagonal) into `dist` (an [n, n] buffer), from its Gram matrix; returns
+// their sum. `near` ([n, n]) receives 1 for the pairs recomputed from
+// their differences (the diagonal included).
 template <class T>
 double distances(const at::Tensor& x, const at::Tensor& gram, T* dist, uint8_t* near) {
   const int64_t n = x.size(0), d = x.size(1);
   const T* xp = x.data_ptr<T>();
   const T* g = gram.data_ptr<T>();
+  const at::Tensor norms_t = gram.diagonal().contiguous();
+  const T* norms = norms_t.data_ptr<T>();
   // The distance's error relative to the norms: 1e-6 (float32), 1e-13 (float64).
-  const double factor = std::is_same_v<T, double> ? near_factor(2.220446049250313e-16, 1e-13)
-                                                  : near_factor(1.1920928955078125e-07, 1e-6);
+  const T factor = static_cast<T>(std::is_same_v<T, double> ? near_factor(2.220446049250313e-16, 1e-13)
+                                                            : near_factor(1.1920928955078125e-07, 1e-6));
   std::vector<double> row_sum(n, 0.0);
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const double ni = g[i * n + i];
-      double sum = 0;
+      T* row = dist + i * n;
+      uint8_t* near_row = near + i * n;
+      double sum = distance_row(g + i * n, norms, norms[i], factor, row, near_row, n);
+      near_row[i] = 1;
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t e = i * n + j;
-        if (near) near[e] = 0;
+        if (!near_row[j]) continue;
         if (j == i) {
-          dist[e] = T(0);
+          row[j] = T(0);
           continue;
         }
-        const double nj = g[j * n + j];
-        double sq = ni + nj - 2.0 * static_cast<double>(g[e]);
-        if (near_pair(sq, ni, nj, factor)) {
-          sq = direct_sq(xp + i * d, xp + j * d, d);
-          if (near) near[e] = 1;
-        }
         // std::max(NaN, eps) is NaN: NaN stays NaN
-        const T value = static_cast<T>(std::sqrt(std::max(sq, kPdistEps)));
-        dist[e] = value;
-        sum += value;
+        row[j] = static_cast<T>(std::sqrt(std::max(direct_sq(xp + i * d, xp + j * d, d), kPdistEps)));
+        sum += row[j];
       }
       row_sum[i] = sum;
     }
@@ -137,16 +165,16 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_impl(const at::Tensor& student,
   }
   const at::Tensor xs_c = xs - xs.mean(0, true);
   const at::Tensor xt_c = xt - xt.mean(0, true);
-  at::Tensor ds = at::mm(xs_c, xs_c.t());  // Gram matrices, then overwritten by the distances
-  at::Tensor dt = at::mm(xt_c, xt_c.t());
-  std::vector<uint8_t> near(student_grad ? n * n : 0);
-  const at::Tensor gram_s = ds.clone();
-  const at::Tensor gram_t = dt.clone();
+  const at::Tensor gram_s = at::mm(xs_c, xs_c.t());
+  const at::Tensor gram_t = at::mm(xt_c, xt_c.t());
+  at::Tensor ds = at::empty_like(gram_s);
+  at::Tensor dt = at::empty_like(gram_t);
+  std::vector<uint8_t> near_s(n * n), near_t(n * n);
   T* ps = ds.data_ptr<T>();
   T* pt = dt.data_ptr<T>();
   const double pairs = double(n) * double(n - 1);
-  const double mean_s = distances<T>(xs, gram_s, ps, student_grad ? near.data() : nullptr) / pairs;
-  const double mean_t = distances<T>(xt, gram_t, pt, nullptr) / pairs;
+  const double mean_s = distances<T>(xs, gram_s, ps, near_s.data()) / pairs;
+  const double mean_t = distances<T>(xt, gram_t, pt, near_t.data()) / pairs;
   const double inv_s = 1.0 / mean_s, inv_t = 1.0 / mean_t;
   const double inv_n2 = 1.0 / (double(n) * double(n));
 
@@ -155,18 +183,8 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_impl(const at::Tensor& student,
   std::vector<double> loss_rows(n), q_rows(n);
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      double loss = 0, qd = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t e = i * n + j;
-        const double rho = ps[e] * inv_s - pt[e] * inv_t;
-        const double arho = std::abs(rho);
-        loss += arho < 1 ? 0.5 * rho * rho : arho - 0.5;
-        const double q = std::min(std::max(rho, -1.0), 1.0) * inv_n2;
-        pt[e] = static_cast<T>(q);
-        qd += q * ps[e];
-      }
-      loss_rows[i] = loss;
-      q_rows[i] = qd;
+      std::tie(loss_rows[i], q_rows[i]) = distance_loss_row<T>(
+          ps + i * n, pt + i * n, static_cast<T>(inv_s), static_cast<T>(inv_t), static_cast<T>(inv_n2), n);
     }
   });
   double loss = 0, big_q = 0;
@@ -190,20 +208,18 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_impl(const at::Tensor& student,
   std::vector<double> c_rows(n);
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      double row = 0;
+      T* row = ps + i * n;
+      double sum = distance_coef_row<T>(row, pt + i * n, static_cast<T>(shift), static_cast<T>(inv_s), n);
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t e = i * n + j;
-        const double dist = ps[e];
-        double c = 0;
-        if (j != i && dist > std::sqrt(kPdistEps)) c = 2.0 * (pt[e] - shift) * inv_s / dist;
-        if (near[e]) {
-          for (int64_t k = 0; k < dim; ++k) pg[i * dim + k] += c * (double(xp[i * dim + k]) - double(xp[j * dim + k]));
-          c = 0;
+        if (!near_s[i * n + j] || j == i) continue;
+        const double c = row[j];
+        for (int64_t k = 0; k < dim; ++k) {
+          pg[i * dim + k] += c * (double(xp[i * dim + k]) - double(xp[j * dim + k]));
         }
-        ps[e] = static_cast<T>(c);
-        row += c;
+        row[j] = T(0);
+        sum -= c;
       }
-      c_rows[i] = row;
+      c_rows[i] = sum;
     }
   });
   const at::Tensor c_sum = at::from_blob(c_rows.data(), {n, 1}, at::kDouble).to(acc);

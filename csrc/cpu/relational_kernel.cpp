@@ -68,6 +68,21 @@ T smooth_l1(T d) {
 template <class T>
 T clamp_unit(T d) { return std::min(std::max(d, T(-1)), T(1)); }
 
+// Full-width loads and stores, and the partial ones (at::vec copies through a
+// buffer for those) only for the tail.
+template <class T>
+Vec<T> load(const T* p, int64_t cnt) {
+  return cnt == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, cnt);
+}
+template <class T>
+void store(const Vec<T>& v, T* p, int64_t cnt) {
+  if (cnt == Vec<T>::size()) {
+    v.store(p);
+  } else {
+    v.store(p, cnt);
+  }
+}
+
 // One side's scalars for anchor i and row j: G_ij, G_ii (hi halves),
 // G_ii − G_ij of both halves, and |u_ij|.
 template <class T>
@@ -84,16 +99,19 @@ struct Side {
 template <class T>
 Vec<T> numerator(const Side<T>& sd, const T* gj_hi, const T* gi_hi, const T* gj_lo, const T* gi_lo,
                  const Vec<T>& u_k, int64_t cnt) {
-  const Vec<T> a = Vec<T>::loadu(gj_hi, cnt), b = Vec<T>::loadu(gi_hi, cnt);
+  const Vec<T> a = load(gj_hi, cnt), b = load(gi_hi, cnt);
   const Vec<T> j_nearer = (a - b) + Vec<T>(sd.c_hi);
   const Vec<T> k_nearer = (a - Vec<T>(sd.g_ij)) + (Vec<T>(sd.g_ii) - b);
   const Vec<T> hi = Vec<T>::blendv(j_nearer, k_nearer, u_k.abs() > Vec<T>(sd.u_j));
-  const Vec<T> lo = (Vec<T>::loadu(gj_lo, cnt) - Vec<T>::loadu(gi_lo, cnt)) + Vec<T>(sd.c_lo);
+  const Vec<T> lo = (load(gj_lo, cnt) - load(gi_lo, cnt)) + Vec<T>(sd.c_lo);
   return hi + lo;
 }
 
+// Anchor i, row j ≠ i: the angles a_ijk for k >= j (k > j counted twice).
+// Adds the gradient terms to d_gram (this task's) and to anchor i's row
+// accumulators r_acc, s_acc; returns the row's smooth-L1 sum.
 template <class T, bool kGrad>
-double anchor(const AngleArgs<T>& a, int64_t i, T* d_gram, T* r_acc, T* s_acc) {
+double row_pair(const AngleArgs<T>& a, int64_t i, int64_t j, T* d_gram, T* r_acc, T* s_acc) {
   const int64_t n = a.n;
   constexpr int64_t L = Vec<T>::size();
   const T* gsi_hi = a.gs_hi + i * n;
@@ -102,86 +120,102 @@ double anchor(const AngleArgs<T>& a, int64_t i, T* d_gram, T* r_acc, T* s_acc) {
   const T* gti_lo = a.gt_lo + i * n;
   const T* usi = a.us + i * n;
   const T* uti = a.ut + i * n;
+  const T* gsj_hi = a.gs_hi + j * n;
+  const T* gsj_lo = a.gs_lo + j * n;
+  const T* gtj_hi = a.gt_hi + j * n;
+  const T* gtj_lo = a.gt_lo + j * n;
+  const T fs_j = std::max(usi[j], T(0)), ft_j = std::max(uti[j], T(0));
+  // Gradient weight of j: |u_ij|. If j coincides with i (u_ij < 0), every
+  // term that multiplies x_j − x_i (= 0) vanishes: a_ijk has a non-zero
+  // derivative only through x_k − x_i, so k must not coincide with i too
+  // (and k = j gives none); without this the Gram form would cancel
+  // weights of 1 / eps² in float arithmetic.
+  const bool j_coincides = usi[j] < T(0);
+  const T ws_j = std::abs(usi[j]);
+  // G_ii − G_ij of the hi and lo halves
+  const T cs_hi = gsi_hi[i] - gsi_hi[j], cs_lo = gsi_lo[i] - gsi_lo[j];
+  const T ct_hi = gti_hi[i] - gti_hi[j], ct_lo = gti_lo[i] - gti_lo[j];
+
+  // k = j: a_ijj (1 for distinct samples), counted once. (G_jj − G_ij) +
+  // (G_ii − G_ij) on the hi halves cancels exactly for j ≈ i (Sterbenz);
+  // the lo halves are added last.
+  const T as_jj = (((gsj_hi[j] - gsi_hi[j]) + cs_hi) + ((gsj_lo[j] - gsi_lo[j]) + cs_lo)) * fs_j * fs_j;
+  const T at_jj = (((gtj_hi[j] - gti_hi[j]) + ct_hi) + ((gtj_lo[j] - gti_lo[j]) + ct_lo)) * ft_j * ft_j;
+  double row_loss = smooth_l1(as_jj - at_jj);
+  T r_j = 0, s_j = 0;
   if constexpr (kGrad) {
-    std::fill(r_acc, r_acc + n, T(0));
-    std::fill(s_acc, s_acc + n, T(0));
+    const T g = clamp_unit(as_jj - at_jj);
+    const T w = j_coincides ? T(0) : g * ws_j * ws_j;
+    d_gram[j * n + j] += w;
+    r_j = w;
+    s_j = g * as_jj;
+  }
+
+  // k > j, each counted twice (a_ijk = a_ikj).
+  const Vec<T> vfs(fs_j), vft(ft_j), vws(T(2) * ws_j);
+  const Side<T> side_s{gsi_hi[j], gsi_hi[i], cs_hi, cs_lo, std::abs(usi[j])};
+  const Side<T> side_t{gti_hi[j], gti_hi[i], ct_hi, ct_lo, std::abs(uti[j])};
+  Vec<T> vloss(T(0)), vr(T(0)), vs(T(0));
+  T* dgj = kGrad ? d_gram + j * n : nullptr;
+  for (int64_t k = j + 1; k < n; k += L) {
+    const int64_t cnt = std::min<int64_t>(L, n - k);
+    // Tail lanes load zeros: u = 0 there, so a = 0 on both sides and they add nothing.
+    const Vec<T> us_k = load(usi + k, cnt);
+    const Vec<T> ut_k = load(uti + k, cnt);
+    const Vec<T> num_s = numerator(side_s, gsj_hi + k, gsi_hi + k, gsj_lo + k, gsi_lo + k, us_k, cnt);
+    const Vec<T> num_t = numerator(side_t, gtj_hi + k, gti_hi + k, gtj_lo + k, gti_lo + k, ut_k, cnt);
+    const Vec<T> as = num_s * vfs * forward_factor(us_k);
+    const Vec<T> at = num_t * vft * forward_factor(ut_k);
+    const Vec<T> d = as - at;
+    vloss = vloss + smooth_l1(d);
+    if constexpr (kGrad) {
+      const Vec<T> g = at::vec::clamp(d, Vec<T>(T(-1)), Vec<T>(T(1)));
+      // 2W: both (j, k) and (k, j)
+      const Vec<T> w = g * (j_coincides ? forward_factor(us_k) : us_k.abs()) * vws;
+      store<T>(load(dgj + k, cnt) + w, dgj + k, cnt);
+      const Vec<T> half_w = w * Vec<T>(T(0.5));
+      store<T>(load(r_acc + k, cnt) + half_w, r_acc + k, cnt);
+      vr = vr + half_w;
+      const Vec<T> ga = g * as;
+      store<T>(load(s_acc + k, cnt) + ga, s_acc + k, cnt);
+      vs = vs + ga;
+    }
+  }
+  if constexpr (kGrad) {
+    r_acc[j] += r_j + static_cast<T>(lane_sum(vr));
+    s_acc[j] += s_j + static_cast<T>(lane_sum(vs));
+  }
+  return row_loss + 2 * lane_sum(vloss);
+}
+
+// Anchors [first, first + count): one sweep over the rows j serves them all,
+// so row j of the Gram halves and of d_gram is read from memory once per
+// block instead of once per anchor. r_acc, s_acc: [count, n] scratch.
+template <class T, bool kGrad>
+double anchor_block(const AngleArgs<T>& a, int64_t first, int64_t count, T* d_gram, T* r_acc, T* s_acc) {
+  const int64_t n = a.n;
+  if constexpr (kGrad) {
+    std::fill(r_acc, r_acc + count * n, T(0));
+    std::fill(s_acc, s_acc + count * n, T(0));
   }
   double total = 0;
   for (int64_t j = 0; j < n; ++j) {
-    if (j == i) continue;  // e_ii = 0: every angle with j = i is 0 on both sides
-    const T* gsj_hi = a.gs_hi + j * n;
-    const T* gsj_lo = a.gs_lo + j * n;
-    const T* gtj_hi = a.gt_hi + j * n;
-    const T* gtj_lo = a.gt_lo + j * n;
-    const T fs_j = std::max(usi[j], T(0)), ft_j = std::max(uti[j], T(0));
-    // Gradient weight of j: |u_ij|. If j coincides with i (u_ij < 0), every
-    // term that multiplies x_j − x_i (= 0) vanishes: a_ijk has a non-zero
-    // derivative only through x_k − x_i, so k must not coincide with i too
-    // (and k = j gives none); without this the Gram form would cancel
-    // weights of 1 / eps² in float arithmetic.
-    const bool j_coincides = usi[j] < T(0);
-    const T ws_j = std::abs(usi[j]);
-    // G_ii − G_ij of the hi and lo halves
-    const T cs_hi = gsi_hi[i] - gsi_hi[j], cs_lo = gsi_lo[i] - gsi_lo[j];
-    const T ct_hi = gti_hi[i] - gti_hi[j], ct_lo = gti_lo[i] - gti_lo[j];
-
-    // k = j: a_ijj (1 for distinct samples), counted once. (G_jj − G_ij) +
-    // (G_ii − G_ij) on the hi halves cancels exactly for j ≈ i (Sterbenz);
-    // the lo halves are added last.
-    const T as_jj = (((gsj_hi[j] - gsi_hi[j]) + cs_hi) + ((gsj_lo[j] - gsi_lo[j]) + cs_lo)) * fs_j * fs_j;
-    const T at_jj = (((gtj_hi[j] - gti_hi[j]) + ct_hi) + ((gtj_lo[j] - gti_lo[j]) + ct_lo)) * ft_j * ft_j;
-    double row_loss = smooth_l1(as_jj - at_jj);
-    T r_j = 0, s_j = 0;
-    if constexpr (kGrad) {
-      const T g = clamp_unit(as_jj - at_jj);
-      const T w = j_coincides ? T(0) : g * ws_j * ws_j;
-      d_gram[j * n + j] += w;
-      r_j = w;
-      s_j = g * as_jj;
-    }
-
-    // k > j, each counted twice (a_ijk = a_ikj).
-    const Vec<T> vfs(fs_j), vft(ft_j), vws(T(2) * ws_j);
-    const Side<T> side_s{gsi_hi[j], gsi_hi[i], cs_hi, cs_lo, std::abs(usi[j])};
-    const Side<T> side_t{gti_hi[j], gti_hi[i], ct_hi, ct_lo, std::abs(uti[j])};
-    Vec<T> vloss(T(0)), vr(T(0)), vs(T(0));
-    T* dgj = kGrad ? d_gram + j * n : nullptr;
-    for (int64_t k = j + 1; k < n; k += L) {
-      const int64_t cnt = std::min<int64_t>(L, n - k);
-      // Tail lanes load zeros: u = 0 there, so a = 0 on both sides and they add nothing.
-      const Vec<T> us_k = Vec<T>::loadu(usi + k, cnt);
-      const Vec<T> ut_k = Vec<T>::loadu(uti + k, cnt);
-      const Vec<T> num_s = numerator(side_s, gsj_hi + k, gsi_hi + k, gsj_lo + k, gsi_lo + k, us_k, cnt);
-      const Vec<T> num_t = numerator(side_t, gtj_hi + k, gti_hi + k, gtj_lo + k, gti_lo + k, ut_k, cnt);
-      const Vec<T> as = num_s * vfs * forward_factor(us_k);
-      const Vec<T> at = num_t * vft * forward_factor(ut_k);
-      const Vec<T> d = as - at;
-      vloss = vloss + smooth_l1(d);
-      if constexpr (kGrad) {
-        const Vec<T> g = at::vec::clamp(d, Vec<T>(T(-1)), Vec<T>(T(1)));
-        // 2W: both (j, k) and (k, j)
-        const Vec<T> w = g * (j_coincides ? forward_factor(us_k) : us_k.abs()) * vws;
-        (Vec<T>::loadu(dgj + k, cnt) + w).store(dgj + k, cnt);
-        const Vec<T> half_w = w * Vec<T>(T(0.5));
-        (Vec<T>::loadu(r_acc + k, cnt) + half_w).store(r_acc + k, cnt);
-        vr = vr + half_w;
-        const Vec<T> ga = g * as;
-        (Vec<T>::loadu(s_acc + k, cnt) + ga).store(s_acc + k, cnt);
-        vs = vs + ga;
-      }
-    }
-    total += row_loss + 2 * lane_sum(vloss);
-    if constexpr (kGrad) {
-      r_acc[j] += r_j + static_cast<T>(lane_sum(vr));
-      s_acc[j] += s_j + static_cast<T>(lane_sum(vs));
+    for (int64_t b = 0; b < count; ++b) {
+      const int64_t i = first + b;
+      if (j == i) continue;  // e_ii = 0: every angle with j = i is 0 on both sides
+      total += row_pair<T, kGrad>(a, i, j, d_gram, kGrad ? r_acc + b * n : nullptr,
+                                  kGrad ? s_acc + b * n : nullptr);
     }
   }
   if constexpr (kGrad) {
-    std::copy(r_acc, r_acc + n, a.row_sums + i * n);
-    std::copy(s_acc, s_acc + n, a.ang_sums + i * n);
+    std::copy(r_acc, r_acc + count * n, a.row_sums + first * n);
+    std::copy(s_acc, s_acc + count * n, a.ang_sums + first * n);
   }
   return total;
 }
+
+// Anchors per block of anchor_block.
+constexpr int64_t kAnchorBlock = 8;
 
 template <class T>
 double run(const AngleArgs<T>& a) {
@@ -192,11 +226,12 @@ double run(const AngleArgs<T>& a) {
   double total = 0;
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> d_gram(a.grad ? n * n : 0, T(0));
-    std::vector<T> r_acc(a.grad ? n : 0), s_acc(a.grad ? n : 0);
+    std::vector<T> r_acc(a.grad ? kAnchorBlock * n : 0), s_acc(a.grad ? kAnchorBlock * n : 0);
     double part = 0;
-    for (int64_t i = begin; i < end; ++i) {
-      part += a.grad ? anchor<T, true>(a, i, d_gram.data(), r_acc.data(), s_acc.data())
-                     : anchor<T, false>(a, i, nullptr, nullptr, nullptr);
+    for (int64_t first = begin; first < end; first += kAnchorBlock) {
+      const int64_t count = std::min(kAnchorBlock, end - first);
+      part += a.grad ? anchor_block<T, true>(a, first, count, d_gram.data(), r_acc.data(), s_acc.data())
+                     : anchor_block<T, false>(a, first, count, nullptr, nullptr, nullptr);
     }
     std::lock_guard<std::mutex> lock(mutex);
     total += part;
@@ -211,6 +246,69 @@ double run(const AngleArgs<T>& a) {
 
 double rkd_angle_kernel(const AngleArgs<float>& args) { return run(args); }
 double rkd_angle_kernel(const AngleArgs<double>& args) { return run(args); }
+
+template <class T>
+double distance_row(const T* g, const T* norms, T n_i, T factor, T* d, uint8_t* near, int64_t n) {
+  constexpr int64_t L = Vec<T>::size();
+  const Vec<T> vni(n_i), two(T(2)), vfactor(factor), eps(T(1e-12)), zero(T(0));
+  Vec<T> sum(T(0));
+  for (int64_t k = 0; k < n; k += L) {
+    const int64_t cnt = std::min<int64_t>(L, n - k);
+    const Vec<T> nk = load(norms + k, cnt);
+    const Vec<T> sq = vni + nk - two * load(g + k, cnt);
+    // near: !(sq >= factor · (n_i + n_k)), NaN included
+    const Vec<T> ok = sq >= vfactor * (vni + nk);
+    const Vec<T> dist = at::vec::maximum(sq, eps).sqrt();
+    store<T>(dist, d + k, cnt);
+    // Tail lanes (zeros loaded) look like a far pair: leave them out.
+    sum = sum + Vec<T>::set(zero, Vec<T>::blendv(zero, dist, ok), cnt);
+    std::array<T, L> flags;
+    ok.store(flags.data());
+    for (int64_t l = 0; l < cnt; ++l) near[k + l] = flags[l] == T(0);
+  }
+  return lane_sum(sum);
+}
+
+template <class T>
+std::pair<double, double> distance_loss_row(const T* d_s, T* d_t, T inv_s, T inv_t, T inv_n2,
+                                            int64_t n) {
+  constexpr int64_t L = Vec<T>::size();
+  const Vec<T> vs(inv_s), vt(inv_t), vn(inv_n2), one(T(1));
+  Vec<T> loss(T(0)), qd(T(0));
+  for (int64_t k = 0; k < n; k += L) {
+    const int64_t cnt = std::min<int64_t>(L, n - k);
+    const Vec<T> ds = load(d_s + k, cnt);
+    const Vec<T> rho = ds * vs - load(d_t + k, cnt) * vt;
+    loss = loss + smooth_l1(rho);
+    const Vec<T> q = at::vec::clamp(rho, -one, one) * vn;
+    store<T>(q, d_t + k, cnt);
+    qd = qd + q * ds;
+  }
+  return {lane_sum(loss), lane_sum(qd)};
+}
+
+template <class T>
+double distance_coef_row(T* d_s, const T* q, T shift, T inv_s, int64_t n) {
+  constexpr int64_t L = Vec<T>::size();
+  const Vec<T> vshift(shift), scale(T(2) * inv_s), floor(static_cast<T>(1e-6)), zero(T(0));
+  Vec<T> sum(T(0));
+  for (int64_t k = 0; k < n; k += L) {
+    const int64_t cnt = std::min<int64_t>(L, n - k);
+    const Vec<T> d = load(d_s + k, cnt);
+    // d = 1e-6 where the clamp holds it (and 0 on the diagonal): no gradient
+    const Vec<T> c = Vec<T>::blendv(zero, (load(q + k, cnt) - vshift) * scale / d, d > floor);
+    store<T>(c, d_s + k, cnt);
+    sum = sum + c;
+  }
+  return lane_sum(sum);
+}
+
+#define FASTKD_INSTANTIATE_DISTANCE_ROWS(T)                                                    \
+  template double distance_row<T>(const T*, const T*, T, T, T*, uint8_t*, int64_t);           \
+  template std::pair<double, double> distance_loss_row<T>(const T*, T*, T, T, T, int64_t);     \
+  template double distance_coef_row<T>(T*, const T*, T, T, int64_t);
+FASTKD_INSTANTIATE_DISTANCE_ROWS(float)
+FASTKD_INSTANTIATE_DISTANCE_ROWS(double)
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
 namespace fastkd {
 namespace cpu {
@@ -44,10 +45,29 @@ struct AngleArgs {
   T* ang_sums;
 };
 
-#define FASTKD_DECLARE_RELATIONAL_KERNEL(CAPABILITY)       \
-  namespace CAPABILITY {                                   \
-  double rkd_angle_kernel(const AngleArgs<float>& args);   \
-  double rkd_angle_kernel(const AngleArgs<double>& args);  \
+// Row passes of the RKD distance op (relational.cpp), one row of [n, n] each:
+//   distance_row   d_k = sqrt(max(n_i + n_k − 2 g_k, 1e-12)) from Gram row g
+//                  and squared norms; lanes where the Gram form is too close
+//                  to its rounding (sq < factor · (n_i + n_k), or NaN) get
+//                  near[k] = 1 (their d is left for the caller to recompute),
+//                  others near[k] = 0. Returns the sum of the others' d.
+//   distance_loss_row  ρ = d_s · inv_s − d_t · inv_t; writes
+//                  q = clamp(ρ, −1, 1) · inv_n2 over d_t; returns
+//                  (Σ smooth_l1(ρ), Σ q · d_s).
+//   distance_coef_row  overwrites d_s with c = 2 (q − shift) · inv_s / d_s
+//                  where d_s > 1e-6 (0 elsewhere); returns Σ c.
+#define FASTKD_DECLARE_RELATIONAL_KERNEL(CAPABILITY)                                          \
+  namespace CAPABILITY {                                                                      \
+  double rkd_angle_kernel(const AngleArgs<float>& args);                                      \
+  double rkd_angle_kernel(const AngleArgs<double>& args);                                     \
+  template <class T>                                                                          \
+  double distance_row(const T* g, const T* norms, T n_i, T factor, T* d, uint8_t* near,       \
+                      int64_t n);                                                             \
+  template <class T>                                                                          \
+  std::pair<double, double> distance_loss_row(const T* d_s, T* d_t, T inv_s, T inv_t,         \
+                                              T inv_n2, int64_t n);                           \
+  template <class T>                                                                          \
+  double distance_coef_row(T* d_s, const T* q, T shift, T inv_s, int64_t n);                  \
   }
 
 FASTKD_DECLARE_RELATIONAL_KERNEL(DEFAULT)
