@@ -247,7 +247,15 @@ template <class T>
 struct AngleSide {
   at::Tensor centred;  // [n, D] float64
   at::Tensor hi, lo, u;
+  // [n]: 1 where some x_k lies within sqrt(kFastPathRatio) · max‖x‖ of x_i
+  std::vector<uint8_t> near_anchor;
 };
+
+// Below this squared distance, relative to the largest squared norm of the
+// centred rows, a pair is near: its anchor takes the kernel's exact path.
+// Elsewhere the hi halves alone give the numerators within about
+// 4 eps / kFastPathRatio ≈ 2.4e-6 of ‖x‖² / (e_ij e_ik) ≤ 1 / kFastPathRatio.
+constexpr double kFastPathRatio = 0.1;
 
 template <class T>
 AngleSide<T> angle_side(const at::Tensor& x) {
@@ -267,6 +275,8 @@ AngleSide<T> angle_side(const at::Tensor& x) {
   T* u = ptr<T>(side.u);
   // u needs the distances to float32 (float64) precision relative to the norms.
   const double factor = near_factor(2.220446049250313e-16, std::is_same_v<T, double> ? 1e-13 : 1e-8);
+  const double near_sq = kFastPathRatio * gram.diagonal().max().item<double>();
+  side.near_anchor.assign(n, 0);
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const double ni = g[i * n + i];
@@ -282,6 +292,7 @@ AngleSide<T> angle_side(const at::Tensor& x) {
         double sq = ni + nj - 2.0 * g[e];
         if (near_pair(sq, ni, nj, factor)) sq = direct_sq(xp + i * d, xp + j * d, d);
         sq = sq < 0 ? 0.0 : sq;  // NaN stays NaN
+        if (sq < near_sq) side.near_anchor[i] = 1;
         // F.normalize: x / max(‖x‖, eps); a coinciding pair is flagged by the sign.
         u[e] = sq == 0 ? static_cast<T>(-1.0 / kNormalizeEps)
                        : static_cast<T>(1.0 / std::max(std::sqrt(sq), kNormalizeEps));
@@ -315,6 +326,8 @@ std::tuple<at::Tensor, at::Tensor> rkd_angle_impl(const at::Tensor& student, con
   AngleSide<T> s = angle_side<T>(student);
   AngleSide<T> t = angle_side<T>(teacher);
   const auto opts = s.hi.options();
+  std::vector<uint8_t> precise(n);
+  for (int64_t i = 0; i < n; ++i) precise[i] = s.near_anchor[i] | t.near_anchor[i];
   at::Tensor d_gram, row_sums, ang_sums;
   if (student_grad) {
     d_gram = at::zeros({n, n}, opts);
@@ -324,6 +337,7 @@ std::tuple<at::Tensor, at::Tensor> rkd_angle_impl(const at::Tensor& student, con
   AngleArgs<T> args{n,
                     ptr<T>(s.hi), ptr<T>(s.lo), ptr<T>(s.u),
                     ptr<T>(t.hi), ptr<T>(t.lo), ptr<T>(t.u),
+                    precise.data(),
                     student_grad,
                     student_grad ? ptr<T>(d_gram) : nullptr,
                     student_grad ? ptr<T>(row_sums) : nullptr,

@@ -110,7 +110,7 @@ Vec<T> numerator(const Side<T>& sd, const T* gj_hi, const T* gi_hi, const T* gj_
 // Anchor i, row j ≠ i: the angles a_ijk for k >= j (k > j counted twice).
 // Adds the gradient terms to d_gram (this task's) and to anchor i's row
 // accumulators r_acc, s_acc; returns the row's smooth-L1 sum.
-template <class T, bool kGrad>
+template <class T, bool kGrad, bool kPrecise>
 double row_pair(const AngleArgs<T>& a, int64_t i, int64_t j, T* d_gram, T* r_acc, T* s_acc) {
   const int64_t n = a.n;
   constexpr int64_t L = Vec<T>::size();
@@ -155,6 +155,7 @@ double row_pair(const AngleArgs<T>& a, int64_t i, int64_t j, T* d_gram, T* r_acc
   const Vec<T> vfs(fs_j), vft(ft_j), vws(T(2) * ws_j);
   const Side<T> side_s{gsi_hi[j], gsi_hi[i], cs_hi, cs_lo, std::abs(usi[j])};
   const Side<T> side_t{gti_hi[j], gti_hi[i], ct_hi, ct_lo, std::abs(uti[j])};
+  const Vec<T> vcs(cs_hi + cs_lo), vct(ct_hi + ct_lo);
   Vec<T> vloss(T(0)), vr(T(0)), vs(T(0));
   T* dgj = kGrad ? d_gram + j * n : nullptr;
   for (int64_t k = j + 1; k < n; k += L) {
@@ -162,8 +163,16 @@ double row_pair(const AngleArgs<T>& a, int64_t i, int64_t j, T* d_gram, T* r_acc
     // Tail lanes load zeros: u = 0 there, so a = 0 on both sides and they add nothing.
     const Vec<T> us_k = load(usi + k, cnt);
     const Vec<T> ut_k = load(uti + k, cnt);
-    const Vec<T> num_s = numerator(side_s, gsj_hi + k, gsi_hi + k, gsj_lo + k, gsi_lo + k, us_k, cnt);
-    const Vec<T> num_t = numerator(side_t, gtj_hi + k, gti_hi + k, gtj_lo + k, gti_lo + k, ut_k, cnt);
+    Vec<T> num_s, num_t;
+    if constexpr (kPrecise) {
+      num_s = numerator(side_s, gsj_hi + k, gsi_hi + k, gsj_lo + k, gsi_lo + k, us_k, cnt);
+      num_t = numerator(side_t, gtj_hi + k, gti_hi + k, gtj_lo + k, gti_lo + k, ut_k, cnt);
+    } else {
+      // x_j and x_k far from x_i: (G_jk − G_ik) + (G_ii − G_ij) on the hi
+      // halves is within ~1e-6 of the numerator's scale (angle_side, relational.cpp).
+      num_s = (load(gsj_hi + k, cnt) - load(gsi_hi + k, cnt)) + vcs;
+      num_t = (load(gtj_hi + k, cnt) - load(gti_hi + k, cnt)) + vct;
+    }
     const Vec<T> as = num_s * vfs * forward_factor(us_k);
     const Vec<T> at = num_t * vft * forward_factor(ut_k);
     const Vec<T> d = as - at;
@@ -203,8 +212,10 @@ double anchor_block(const AngleArgs<T>& a, int64_t first, int64_t count, T* d_gr
     for (int64_t b = 0; b < count; ++b) {
       const int64_t i = first + b;
       if (j == i) continue;  // e_ii = 0: every angle with j = i is 0 on both sides
-      total += row_pair<T, kGrad>(a, i, j, d_gram, kGrad ? r_acc + b * n : nullptr,
-                                  kGrad ? s_acc + b * n : nullptr);
+      T* r = kGrad ? r_acc + b * n : nullptr;
+      T* sa = kGrad ? s_acc + b * n : nullptr;
+      total += a.precise[i] ? row_pair<T, kGrad, true>(a, i, j, d_gram, r, sa)
+                            : row_pair<T, kGrad, false>(a, i, j, d_gram, r, sa);
     }
   }
   if constexpr (kGrad) {

@@ -39,6 +39,9 @@ struct AngleArgs {
   const T* gt_hi;
   const T* gt_lo;
   const T* ut;
+  // [n]: 1 where anchor i has a sample near it (on either side) and needs
+  // the exact pairing of numerator() with the lo halves; 0: hi halves only.
+  const uint8_t* precise;
   bool grad;
   T* d_gram;
   T* row_sums;
