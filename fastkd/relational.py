@@ -22,6 +22,7 @@ from fastkd import (
     _ops,  # noqa: F401  (registers the fastkd:: ops and their fake kernels)
     _validate,
 )
+from fastkd import distributed as _distributed
 from fastkd.functional import _backend_for, _scale_by_upstream
 from fastkd.reference import relational as _reference
 
@@ -33,13 +34,16 @@ RKD_KERNELS = ("cpu",)
 NO_KERNELS: tuple[str, ...] = ()
 
 
-def _check_pair(student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_pair(student, teacher, gather=False, process_group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(N, D_s)`` student and detached ``(N, D_t)`` teacher views, in the input dtype.
 
     The same checks (and messages) as the reference: floating dtype, at least
     2-D, ``N >= 1`` and equal on both sides, same dtype and device, non-empty
-    features.
+    features. With ``gather``, the whole batch from every rank of
+    ``process_group`` (:func:`fastkd.distributed.gather_batch`).
     """
+    if not isinstance(gather, bool):
+        raise ValueError(f"gather must be a bool, got {type(gather).__name__}")
     s = _validate.tensor("student", student, min_dim=2)
     t = _validate.tensor("teacher", teacher, min_dim=2)
     if s.shape[0] == 0:
@@ -56,7 +60,10 @@ def _check_pair(student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
             raise ValueError(
                 f"{name} must have a non-empty feature size per sample, got shape {tuple(x.shape)}"
             )
-    return s.flatten(1), t.detach().flatten(1)
+    s, t = s.flatten(1), t.detach().flatten(1)
+    if gather:
+        s, t = _distributed.gather_batch(s, t, process_group)
+    return s, t
 
 
 class RKDFunction(torch.autograd.Function):
@@ -80,8 +87,8 @@ class RKDFunction(torch.autograd.Function):
         return _scale_by_upstream(grad, grad_output), None, None
 
 
-def _rkd_term(name: str, student, teacher, backend: str) -> torch.Tensor:
-    s, t = _check_pair(student, teacher)
+def _rkd_term(name: str, student, teacher, backend: str, gather=False, process_group=None) -> torch.Tensor:
+    s, t = _check_pair(student, teacher, gather, process_group)
     chosen = _backend_for(name, RKD_KERNELS, backend, s)
     if chosen == "reference":
         return getattr(_reference, name)(s, t)
@@ -89,7 +96,14 @@ def _rkd_term(name: str, student, teacher, backend: str) -> torch.Tensor:
     return RKDFunction.apply(s, t, op)
 
 
-def rkd_distance(student: torch.Tensor, teacher: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+def rkd_distance(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    backend: str = "auto",
+    gather: bool = False,
+    process_group=None,
+) -> torch.Tensor:
     """RKD distance term (Park et al., CVPR 2019; RepDistiller ``RKDLoss``, unweighted).
 
     ``d_ij = sqrt(clamp(‖x_i‖² + ‖x_j‖² − 2 x_i·x_j, min=1e-12))``, diagonal 0,
@@ -112,14 +126,25 @@ def rkd_distance(student: torch.Tensor, teacher: torch.Tensor, *, backend: str =
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``;
             only ``"cpu"`` has a kernel: ``"auto"`` uses the reference for
             CUDA tensors, an explicit ``"cuda"`` / ``"triton"`` raises ``ValueError``.
+        gather: compute the loss of the batch gathered from every rank of
+            ``process_group`` (same ``N`` on each; see :mod:`fastkd.distributed`
+            for the gradient convention).
+        process_group: the ``torch.distributed`` group (default: the world).
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
     """
-    return _rkd_term("rkd_distance", student, teacher, backend)
+    return _rkd_term("rkd_distance", student, teacher, backend, gather, process_group)
 
 
-def rkd_angle(student: torch.Tensor, teacher: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+def rkd_angle(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    backend: str = "auto",
+    gather: bool = False,
+    process_group=None,
+) -> torch.Tensor:
     """RKD angle term (Park et al., CVPR 2019; RepDistiller ``RKDLoss``, unweighted).
 
     ``e_ij = F.normalize(x_j − x_i)`` (eps 1e-12, so ``e_ii = 0``),
@@ -141,12 +166,12 @@ def rkd_angle(student: torch.Tensor, teacher: torch.Tensor, *, backend: str = "a
             float32 / bfloat16 / float16 / float64.
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``;
             same dtype and device (a constant: no gradient).
-        backend: as for :func:`rkd_distance`.
+        backend, gather, process_group: as for :func:`rkd_distance`.
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
     """
-    return _rkd_term("rkd_angle", student, teacher, backend)
+    return _rkd_term("rkd_angle", student, teacher, backend, gather, process_group)
 
 
 def rkd_loss(
@@ -156,6 +181,8 @@ def rkd_loss(
     distance_weight: float = 25.0,
     angle_weight: float = 50.0,
     backend: str = "auto",
+    gather: bool = False,
+    process_group=None,
 ) -> torch.Tensor:
     """Relational KD, ``w_d · rkd_distance + w_a · rkd_angle`` (RepDistiller ``RKDLoss`` defaults).
 
@@ -168,13 +195,16 @@ def rkd_loss(
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
         distance_weight: ``w_d >= 0``.
         angle_weight: ``w_a >= 0``.
-        backend: as for :func:`rkd_distance`.
+        backend, gather, process_group: as for :func:`rkd_distance` (the batch
+            is gathered once for both terms).
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
     """
     distance_weight = _validate.real("distance_weight", distance_weight, low=0.0)
     angle_weight = _validate.real("angle_weight", angle_weight, low=0.0)
+    if gather:
+        student, teacher = _check_pair(student, teacher, gather, process_group)
     loss = None
     if distance_weight > 0 or angle_weight == 0:
         loss = distance_weight * rkd_distance(student, teacher, backend=backend)
@@ -184,14 +214,22 @@ def rkd_loss(
     return loss
 
 
-def _reference_only(name: str, student, teacher, backend: str, **kwargs) -> torch.Tensor:
-    s, t = _check_pair(student, teacher)
+def _reference_only(
+    name: str, student, teacher, backend: str, gather=False, process_group=None, **kwargs
+) -> torch.Tensor:
+    s, t = _check_pair(student, teacher, gather, process_group)
     _backend_for(name, NO_KERNELS, backend, s)  # "auto" → reference; an explicit kernel raises
     return getattr(_reference, name)(s, t, **kwargs)
 
 
 def pkt_loss(
-    student: torch.Tensor, teacher: torch.Tensor, *, eps: float = 1e-7, backend: str = "auto"
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    eps: float = 1e-7,
+    backend: str = "auto",
+    gather: bool = False,
+    process_group=None,
 ) -> torch.Tensor:
     """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018; RepDistiller ``PKT``).
 
@@ -212,14 +250,22 @@ def pkt_loss(
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
         eps: ``> 0``, added to the norms and inside the log ratio.
         backend: ``"auto"`` or ``"reference"``.
+        gather, process_group: as for :func:`rkd_distance`.
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
     """
-    return _reference_only("pkt_loss", student, teacher, backend, eps=eps)
+    return _reference_only("pkt_loss", student, teacher, backend, gather, process_group, eps=eps)
 
 
-def sp_loss(student: torch.Tensor, teacher: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+def sp_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    backend: str = "auto",
+    gather: bool = False,
+    process_group=None,
+) -> torch.Tensor:
     """Similarity-preserving KD (Tung & Mori, ICCV 2019; RepDistiller ``Similarity``).
 
     ``G = F.normalize(X Xᵀ)`` row-wise per side, ``L = ‖G_t − G_s‖²_F / N²``.
@@ -229,11 +275,12 @@ def sp_loss(student: torch.Tensor, teacher: torch.Tensor, *, backend: str = "aut
         student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
         backend: ``"auto"`` or ``"reference"``.
+        gather, process_group: as for :func:`rkd_distance`.
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
     """
-    return _reference_only("sp_loss", student, teacher, backend)
+    return _reference_only("sp_loss", student, teacher, backend, gather, process_group)
 
 
 def cc_loss(
@@ -243,6 +290,8 @@ def cc_loss(
     gamma: float = 0.4,
     order: int = 2,
     backend: str = "auto",
+    gather: bool = False,
+    process_group=None,
 ) -> torch.Tensor:
     """Correlation congruence (Peng et al., ICCV 2019), torchdistill ``CCKDLoss`` Gaussian form.
 
@@ -257,8 +306,11 @@ def cc_loss(
         gamma: RBF parameter ``γ > 0``.
         order: Taylor order ``P >= 1`` (an int).
         backend: ``"auto"`` or ``"reference"``.
+        gather, process_group: as for :func:`rkd_distance`.
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
     """
-    return _reference_only("cc_loss", student, teacher, backend, gamma=gamma, order=order)
+    return _reference_only(
+        "cc_loss", student, teacher, backend, gather, process_group, gamma=gamma, order=order
+    )

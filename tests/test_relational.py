@@ -344,3 +344,13 @@ def test_bad_input_raises_value_error_naming_the_argument(name, student, teacher
 def test_bad_hyper_parameters_raise_value_error(call, needle):
     with pytest.raises(ValueError, match=needle):
         call(torch.randn(5, 3), torch.randn(5, 3))
+
+
+def test_torch_compile_fullgraph():
+    s = embeddings((9, 6), torch.float32, 41)
+    t = embeddings((9, 4), torch.float32, 42)
+    compiled = torch.compile(lambda a, b: fastkd.rkd_loss(a, b, backend="cpu"), fullgraph=True)
+    got = run(compiled, s, t)
+    want = run(lambda a, b: fastkd.rkd_loss(a, b, backend="cpu"), s, t)
+    for a, b in zip(got, want, strict=True):
+        assert_matches(a, b.double(), torch.float32, "compiled rkd_loss")
