@@ -123,6 +123,15 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "attention_transfer_backward(Tensor grad, Tensor student, Tensor teacher, Tensor s_norm, "
       "Tensor t_norm, int p, float eps, bool student_grad, bool teacher_grad) -> (Tensor, Tensor)");
+  // RKD relational losses (SPEC §2) from Gram matrices, O(N²) memory: the
+  // distance term (O(N² D)) and the angle term (O(N³) arithmetic).
+  //   student: [N, D_s], teacher: [N, D_t], same floating dtype (D may differ);
+  //   the teacher is a constant (no gradient).
+  // Each returns (loss () fp32 (fp64 for fp64 input), student_grad [N, D_s]
+  // in the input dtype, or [0, 0] without student_grad): the gradient of the
+  // loss itself (upstream gradient 1), computed in the same pass.
+  m.def("rkd_distance_forward(Tensor student, Tensor teacher, bool student_grad) -> (Tensor, Tensor)");
+  m.def("rkd_angle_forward(Tensor student, Tensor teacher, bool student_grad) -> (Tensor, Tensor)");
 }
 
 namespace py = pybind11;

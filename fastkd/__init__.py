@@ -12,6 +12,8 @@ from fastkd.feature import ATLoss, HintLoss, at_loss
 from fastkd.functional import divergence, info_nce, kd_loss, mmd_loss, nst_loss
 from fastkd.fused_linear import FusedLinearDivergenceLoss, fused_linear_divergence
 from fastkd.losses import DivergenceLoss, InfoNCELoss, KDLoss, MMDLoss, NSTLoss
+from fastkd.relational import cc_loss, pkt_loss, rkd_angle, rkd_distance, rkd_loss, sp_loss
+from fastkd.relational_losses import CCLoss, PKTLoss, RKDLoss, SPLoss
 from fastkd.topk import TopKDivergenceLoss, topk_divergence
 
 __version__ = "0.1.0"
@@ -19,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ATLoss",
     "BackendStatus",
+    "CCLoss",
     "CRDLoss",
     "DKDLoss",
     "Distiller",
@@ -32,10 +35,14 @@ __all__ = [
     "MMDLoss",
     "NSTLoss",
     "OUTPUT",
+    "PKTLoss",
+    "RKDLoss",
+    "SPLoss",
     "Term",
     "TopKDivergenceLoss",
     "at_loss",
     "backends",
+    "cc_loss",
     "crd_nce",
     "divergence",
     "dkd_loss",
@@ -45,6 +52,11 @@ __all__ = [
     "kd_loss",
     "mmd_loss",
     "nst_loss",
+    "pkt_loss",
+    "rkd_angle",
+    "rkd_distance",
+    "rkd_loss",
+    "sp_loss",
     "topk_divergence",
     "__version__",
 ]

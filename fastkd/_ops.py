@@ -149,3 +149,10 @@ if _C is not None and has_kernel("dkd_forward", "CPU"):
             return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout)
 
         return grad_like(student, student_grad), grad_like(teacher, teacher_grad)
+    def _rkd_forward_fake(student, teacher, student_grad):
+        loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        grad = student.new_empty(student.shape if student_grad else (0, 0))
+        return student.new_empty((), dtype=loss_dtype), grad
+
+    torch.library.register_fake("fastkd::rkd_distance_forward")(_rkd_forward_fake)
+    torch.library.register_fake("fastkd::rkd_angle_forward")(_rkd_forward_fake)

@@ -1,7 +1,8 @@
 """Gathering a batch across ranks with gradients, for the batch-relational losses.
 
-With ``gather=True`` (``fastkd.info_nce``, ``fastkd.mmd_loss``) every rank
-gathers the inputs of all ranks (``torch.distributed.all_gather``, in rank
+With ``gather=True`` (``fastkd.info_nce``, ``fastkd.mmd_loss`` and the
+relational losses of :mod:`fastkd.relational`) every rank gathers the inputs
+of all ranks (``torch.distributed.all_gather``, in rank
 order) and computes the loss of the whole global batch, so negatives (InfoNCE)
 and sample pairs (MMD) span every rank; the value is the same on every rank.
 The backward all-reduces (sums) the gradient of the gathered tensor and hands
@@ -9,8 +10,9 @@ each rank the rows it contributed: each rank receives ``world_size`` times
 the gradient of the single-process loss on the concatenated batch with
 respect to its own samples, which is what DDP's averaging of parameter
 gradients over ``world_size`` ranks expects (open_clip's
-``gather_with_grad`` convention). Every rank must pass the same number of
-rows.
+``gather_with_grad`` convention; ``torch.distributed.nn.functional.all_gather``
+has the same one — here it is backed by an all-reduce, which every backend,
+gloo included, supports). Every rank must pass the same number of rows.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather_with_grad"]
+__all__ = ["gather_batch", "gather_labels", "gather_with_grad"]
 
 
 def _check_initialised(group) -> None:
@@ -77,3 +79,30 @@ def gather_labels(labels: torch.Tensor, keys_per_rank: int, group=None) -> torch
     _check_initialised(group)
     offset = dist.get_rank(group) * keys_per_rank
     return torch.cat(_gather_no_grad(labels + offset, group))
+
+
+def gather_batch(
+    student: torch.Tensor, teacher: torch.Tensor, process_group=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole batch, ``(world · N, ...)`` each: the student with gradient
+    (see the module docstring), the teacher without (relational losses never
+    differentiate the teacher).
+
+    Every rank must hold the same ``N`` and feature sizes (checked: a mismatch
+    raises ``ValueError`` on every rank).
+    """
+    _check_initialised(process_group)
+    shape = torch.tensor(
+        [student.shape[0], student[0].numel(), teacher[0].numel()], dtype=torch.int64, device=student.device
+    )
+    shapes = _gather_no_grad(shape, process_group)
+    if any(not torch.equal(s, shapes[0]) for s in shapes):
+        sizes = [tuple(s.tolist()) for s in shapes]
+        raise ValueError(
+            f"gather=True needs the same student batch size and feature sizes on every rank, "
+            f"got (N, D_s, D_t) = {sizes}"
+        )
+    s = _GatherWithGrad.apply(student, process_group)
+    with torch.no_grad():
+        t = torch.cat(_gather_no_grad(teacher, process_group))
+    return s, t

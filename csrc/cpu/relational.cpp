@@ -1,0 +1,403 @@
+// CPU implementation of fastkd::rkd_distance_forward / fastkd::rkd_angle_forward
+// (SPEC §2): RKD's distance and angle losses and the student's gradient, from
+// Gram matrices, with O(n²) memory (the reference holds (n, n, D) differences
+// and (n, n, n) angles).
+//
+// Both ops centre the embeddings first (distances and angles do not change,
+// and the Gram form's rounding shrinks with the norms), and recompute the
+// squared distance of pairs that the Gram form cannot resolve,
+// ‖x_i‖² + ‖x_j‖² − 2 x_i·x_j below a multiple of its rounding error, from
+// the difference x_i − x_j itself, so that exact duplicates are exactly 0 as
+// in the reference.
+//
+// bfloat16 / float16 inputs are upcast; the distance op accumulates in float32
+// (float64 for float64 input). The angle op builds its Gram matrix in float64
+// and hands it to the float32 kernel split into hi + lo halves (see
+// relational_kernel.h); float64 input runs the kernel in float64.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "../common/checks.h"
+#include "capability.h"
+#include "relational_kernel.h"
+
+namespace fastkd {
+namespace cpu {
+namespace {
+
+constexpr double kPdistEps = 1e-12;      // RepDistiller's clamp on squared distances
+constexpr double kNormalizeEps = 1e-12;  // F.normalize's eps
+
+void check_relational_args(const at::Tensor& student, const at::Tensor& teacher) {
+  CHECK_DEVICE_TYPE(student, at::kCPU);
+  CHECK_DEVICE_TYPE(teacher, at::kCPU);
+  CHECK_DIM(student, 2);
+  CHECK_DIM(teacher, 2);
+  TORCH_CHECK(at::isFloatingType(student.scalar_type()),
+              "student must be a floating-point tensor, got ", student.scalar_type());
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
+              "student and teacher must have the same dtype, got ", student.scalar_type(), " and ",
+              teacher.scalar_type());
+  TORCH_CHECK(student.size(0) == teacher.size(0),
+              "student and teacher must have the same number of samples N, got ", student.size(0),
+              " and ", teacher.size(0));
+  TORCH_CHECK(student.size(0) >= 1, "student must hold at least one sample");
+  TORCH_CHECK(student.size(1) >= 1 && teacher.size(1) >= 1,
+              "student and teacher must have at least one feature per sample");
+}
+
+at::ScalarType accumulation_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Whether the Gram-form squared distance `sq` of rows with squared norms
+// `ni`, `nj` is too close to its rounding error (relative eps · (ni + nj) of
+// the Gram matrix's dtype) for a distance accurate to `target` relative to
+// the norms: sq < (eps / target)² (ni + nj). NaN counts as near (the
+// recomputation keeps it NaN).
+inline bool near_pair(double sq, double ni, double nj, double factor) {
+  return !(sq >= factor * (ni + nj));
+}
+
+double near_factor(double eps, double target) { return (eps / target) * (eps / target); }
+
+// ‖a − b‖² in float64, from the rows themselves.
+template <class T>
+double direct_sq(const T* a, const T* b, int64_t d) {
+  double total = 0;
+  for (int64_t c = 0; c < d; ++c) {
+    const double diff = static_cast<double>(a[c]) - static_cast<double>(b[c]);
+    total += diff * diff;
+  }
+  return total;
+}
+
+// ---- RKD distance -----------------------------------------------------------
+
+// The SIMD variant of each distance row pass (relational_kernel.h).
+template <class T>
+double distance_row(const T* g, const T* norms, T n_i, T factor, T* d, uint8_t* near, int64_t n) {
+  switch (active_capability()) {
+    case Capability::AVX512: return AVX512::distance_row(g, norms, n_i, factor, d, near, n);
+    case Capability::AVX2: return AVX2::distance_row(g, norms, n_i, factor, d, near, n);
+    case Capability::Default: break;
+  }
+  return DEFAULT::distance_row(g, norms, n_i, factor, d, near, n);
+}
+
+template <class T>
+std::pair<double, double> distance_loss_row(const T* d_s, T* d_t, T inv_s, T inv_t, T inv_n2, int64_t n) {
+  switch (active_capability()) {
+    case Capability::AVX512: return AVX512::distance_loss_row(d_s, d_t, inv_s, inv_t, inv_n2, n);
+    case Capability::AVX2: return AVX2::distance_loss_row(d_s, d_t, inv_s, inv_t, inv_n2, n);
+    case Capability::Default: break;
+  }
+  return DEFAULT::distance_loss_row(d_s, d_t, inv_s, inv_t, inv_n2, n);
+}
+
+template <class T>
+double distance_coef_row(T* d_s, const T* q, T shift, T inv_s, int64_t n) {
+  switch (active_capability()) {
+    case Capability::AVX512: return AVX512::distance_coef_row(d_s, q, shift, inv_s, n);
+    case Capability::AVX2: return AVX2::distance_coef_row(d_s, q, shift, inv_s, n);
+    case Capability::Default: break;
+  }
+  return DEFAULT::distance_coef_row(d_s, q, shift, inv_s, n);
+}
+
+// One side's distances d_ij = sqrt(max(‖x_i − x_j‖², 1e-12)) (0 on the
+// diagonal) into `dist` (an [n, n] buffer), from its Gram matrix; returns
+// their sum. `near` ([n, n]) receives 1 for the pairs recomputed from
+// their differences (the diagonal included).
+template <class T>
+double distances(const at::Tensor& x, const at::Tensor& gram, T* dist, uint8_t* near) {
+  const int64_t n = x.size(0), d = x.size(1);
+  const T* xp = x.data_ptr<T>();
+  const T* g = gram.data_ptr<T>();
+  const at::Tensor norms_t = gram.diagonal().contiguous();
+  const T* norms = norms_t.data_ptr<T>();
+  // The distance's error relative to the norms: 1e-6 (float32), 1e-13 (float64).
+  const T factor = static_cast<T>(std::is_same_v<T, double> ? near_factor(2.220446049250313e-16, 1e-13)
+                                                            : near_factor(1.1920928955078125e-07, 1e-6));
+  std::vector<double> row_sum(n, 0.0);
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* row = dist + i * n;
+      uint8_t* near_row = near + i * n;
+      double sum = distance_row(g + i * n, norms, norms[i], factor, row, near_row, n);
+      near_row[i] = 1;
+      for (int64_t j = 0; j < n; ++j) {
+        if (!near_row[j]) continue;
+        if (j == i) {
+          row[j] = T(0);
+          continue;
+        }
+        // std::max(NaN, eps) is NaN: NaN stays NaN
+        row[j] = static_cast<T>(std::sqrt(std::max(direct_sq(xp + i * d, xp + j * d, d), kPdistEps)));
+        sum += row[j];
+      }
+      row_sum[i] = sum;
+    }
+  });
+  double total = 0;
+  for (double v : row_sum) total += v;
+  return total;
+}
+
+template <class T>
+std::tuple<at::Tensor, at::Tensor> rkd_distance_impl(const at::Tensor& student,
+                                                     const at::Tensor& teacher, bool student_grad) {
+  const int64_t n = student.size(0);
+  const auto acc = accumulation_type(student);
+  const at::Tensor xs = student.to(acc).contiguous();
+  const at::Tensor xt = teacher.to(acc).contiguous();
+  const at::Tensor empty_grad = at::zeros({0, 0}, student.options());
+  if (n == 1) {
+    // No pair: loss 0, gradient 0; a NaN (or inf) input still gives NaN.
+    const at::Tensor loss = (xs.sum() + xt.sum()).mul_(0);
+    return {loss, student_grad ? at::zeros_like(student) : empty_grad};
+  }
+  const at::Tensor xs_c = xs - xs.mean(0, true);
+  const at::Tensor xt_c = xt - xt.mean(0, true);
+  const at::Tensor gram_s = at::mm(xs_c, xs_c.t());
+  const at::Tensor gram_t = at::mm(xt_c, xt_c.t());
+  at::Tensor ds = at::empty_like(gram_s);
+  at::Tensor dt = at::empty_like(gram_t);
+  std::vector<uint8_t> near_s(n * n), near_t(n * n);
+  T* ps = ds.data_ptr<T>();
+  T* pt = dt.data_ptr<T>();
+  const double pairs = double(n) * double(n - 1);
+  const double mean_s = distances<T>(xs, gram_s, ps, near_s.data()) / pairs;
+  const double mean_t = distances<T>(xt, gram_t, pt, near_t.data()) / pairs;
+  const double inv_s = 1.0 / mean_s, inv_t = 1.0 / mean_t;
+  const double inv_n2 = 1.0 / (double(n) * double(n));
+
+  // ρ = d_s/μ_s − d_t/μ_t; loss = mean smooth_l1(ρ); q = ∂loss/∂ρ (into dt);
+  // Q = Σ q d_s (the mean's share of the gradient).
+  std::vector<double> loss_rows(n), q_rows(n);
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      std::tie(loss_rows[i], q_rows[i]) = distance_loss_row<T>(
+          ps + i * n, pt + i * n, static_cast<T>(inv_s), static_cast<T>(inv_t), static_cast<T>(inv_n2), n);
+    }
+  });
+  double loss = 0, big_q = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    loss += loss_rows[i];
+    big_q += q_rows[i];
+  }
+  const at::Tensor loss_t = at::scalar_tensor(loss * inv_n2, xs.options());
+  if (!student_grad) return {loss_t, empty_grad};
+
+  // ∂loss/∂d_ij = (q_ij − Q/(μ M)) / μ off the diagonal; with
+  // d = sqrt(‖x_i − x_j‖²) and both (i, j) and (j, i), x_i's gradient is
+  // Σ_j C_ij (x_i − x_j), C_ij = 2 ∂loss/∂d_ij / d_ij (0 where the clamp
+  // holds d at 1e-6). Far pairs go through C (into ds); near pairs are
+  // added from their differences, where the matrix form would cancel.
+  const double shift = big_q * inv_s / pairs;
+  const int64_t dim = xs.size(1);
+  at::Tensor grad = at::zeros({n, dim}, at::TensorOptions().dtype(at::kDouble));
+  double* pg = grad.data_ptr<double>();
+  const T* xp = xs.data_ptr<T>();
+  std::vector<double> c_rows(n);
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* row = ps + i * n;
+      double sum = distance_coef_row<T>(row, pt + i * n, static_cast<T>(shift), static_cast<T>(inv_s), n);
+      for (int64_t j = 0; j < n; ++j) {
+        if (!near_s[i * n + j] || j == i) continue;
+        const double c = row[j];
+        for (int64_t k = 0; k < dim; ++k) {
+          pg[i * dim + k] += c * (double(xp[i * dim + k]) - double(xp[j * dim + k]));
+        }
+        row[j] = T(0);
+        sum -= c;
+      }
+      c_rows[i] = sum;
+    }
+  });
+  const at::Tensor c_sum = at::from_blob(c_rows.data(), {n, 1}, at::kDouble).to(acc);
+  at::Tensor far = xs_c * c_sum - at::mm(ds, xs_c);
+  return {loss_t, grad.add_(far).to(student.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> rkd_distance_forward_cpu(const at::Tensor& student,
+                                                            const at::Tensor& teacher,
+                                                            bool student_grad) {
+  check_relational_args(student, teacher);
+  if (student.scalar_type() == at::kDouble) return rkd_distance_impl<double>(student, teacher, student_grad);
+  return rkd_distance_impl<float>(student, teacher, student_grad);
+}
+
+// ---- RKD angle ----------------------------------------------------------------
+
+// One side's kernel inputs (relational_kernel.h): the float64 Gram matrix of
+// the centred rows split into hi + lo halves of type T, and the signed
+// inverse distances u.
+template <class T>
+T* ptr(const at::Tensor& x) { return x.data_ptr<T>(); }
+
+template <class T>
+struct AngleSide {
+  at::Tensor centred;  // [n, D] float64
+  at::Tensor hi, lo, u;
+  // [n]: 1 where some x_k lies within sqrt(kFastPathRatio) · max‖x‖ of x_i
+  std::vector<uint8_t> near_anchor;
+};
+
+// Below this squared distance, relative to the largest squared norm of the
+// centred rows, a pair is near: its anchor takes the kernel's exact path.
+// Elsewhere the hi halves alone give the numerators within about
+// 4 eps / kFastPathRatio ≈ 2.4e-6 of ‖x‖² / (e_ij e_ik) ≤ 1 / kFastPathRatio.
+constexpr double kFastPathRatio = 0.1;
+
+template <class T>
+AngleSide<T> angle_side(const at::Tensor& x) {
+  const int64_t n = x.size(0), d = x.size(1);
+  const at::Tensor x64 = x.to(at::kDouble).contiguous();
+  AngleSide<T> side;
+  side.centred = x64 - x64.mean(0, true);
+  const at::Tensor gram = at::mm(side.centred, side.centred.t());
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  side.hi = at::empty({n, n}, opts);
+  side.lo = at::empty({n, n}, opts);
+  side.u = at::empty({n, n}, opts);
+  const double* g = gram.data_ptr<double>();
+  const double* xp = x64.data_ptr<double>();
+  T* hi = ptr<T>(side.hi);
+  T* lo = ptr<T>(side.lo);
+  T* u = ptr<T>(side.u);
+  // u needs the distances to float32 (float64) precision relative to the norms.
+  const double factor = near_factor(2.220446049250313e-16, std::is_same_v<T, double> ? 1e-13 : 1e-8);
+  const double near_sq = kFastPathRatio * gram.diagonal().max().item<double>();
+  side.near_anchor.assign(n, 0);
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const double ni = g[i * n + i];
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t e = i * n + j;
+        hi[e] = static_cast<T>(g[e]);
+        lo[e] = static_cast<T>(g[e] - static_cast<double>(hi[e]));
+        if (j == i) {
+          u[e] = T(0);
+          continue;
+        }
+        const double nj = g[j * n + j];
+        double sq = ni + nj - 2.0 * g[e];
+        if (near_pair(sq, ni, nj, factor)) sq = direct_sq(xp + i * d, xp + j * d, d);
+        sq = sq < 0 ? 0.0 : sq;  // NaN stays NaN
+        if (sq < near_sq) side.near_anchor[i] = 1;
+        // F.normalize: x / max(‖x‖, eps); a coinciding pair is flagged by the sign.
+        u[e] = sq == 0 ? static_cast<T>(-1.0 / kNormalizeEps)
+                       : static_cast<T>(1.0 / std::max(std::sqrt(sq), kNormalizeEps));
+      }
+    }
+  });
+  return side;
+}
+
+template <class T>
+double run_angle_kernel(const AngleArgs<T>& args) {
+  switch (active_capability()) {
+    case Capability::AVX512: return AVX512::rkd_angle_kernel(args);
+    case Capability::AVX2: return AVX2::rkd_angle_kernel(args);
+    case Capability::Default: break;
+  }
+  return DEFAULT::rkd_angle_kernel(args);
+}
+
+template <class T>
+std::tuple<at::Tensor, at::Tensor> rkd_angle_impl(const at::Tensor& student, const at::Tensor& teacher,
+                                                  bool student_grad) {
+  const int64_t n = student.size(0);
+  const auto acc = accumulation_type(student);
+  if (n == 1) {
+    // Every angle has a repeated index: loss 0, gradient 0; the reference's
+    // x − x still turns a NaN (or inf) input into a NaN loss.
+    const at::Tensor loss = (student.to(acc).sum() + teacher.to(acc).sum()).mul_(0);
+    return {loss, student_grad ? at::zeros_like(student) : at::zeros({0, 0}, student.options())};
+  }
+  AngleSide<T> s = angle_side<T>(student);
+  AngleSide<T> t = angle_side<T>(teacher);
+  const auto opts = s.hi.options();
+  std::vector<uint8_t> precise(n);
+  for (int64_t i = 0; i < n; ++i) precise[i] = s.near_anchor[i] | t.near_anchor[i];
+  at::Tensor d_gram, row_sums, ang_sums;
+  if (student_grad) {
+    d_gram = at::zeros({n, n}, opts);
+    row_sums = at::zeros({n, n}, opts);
+    ang_sums = at::zeros({n, n}, opts);
+  }
+  AngleArgs<T> args{n,
+                    ptr<T>(s.hi), ptr<T>(s.lo), ptr<T>(s.u),
+                    ptr<T>(t.hi), ptr<T>(t.lo), ptr<T>(t.u),
+                    precise.data(),
+                    student_grad,
+                    student_grad ? ptr<T>(d_gram) : nullptr,
+                    student_grad ? ptr<T>(row_sums) : nullptr,
+                    student_grad ? ptr<T>(ang_sums) : nullptr};
+  const double total = run_angle_kernel(args);
+  const double scale = 1.0 / (double(n) * double(n) * double(n));
+  const at::Tensor loss = at::scalar_tensor(total * scale, at::TensorOptions().dtype(acc));
+  if (!student_grad) return {loss, at::zeros({0, 0}, student.options())};
+  t = AngleSide<T>{};
+  s.hi.reset();
+  s.lo.reset();
+
+  // ∂loss/∂G (up to transposition) from the numerators
+  // (x_j − x_i)·(x_k − x_i) = G_jk − G_ij − G_ik + G_ii, summed over anchors i:
+  //   Σ_i W^(i) − 2 R + diag(rowsum R),   R[i, m] = Σ_k W^(i)_mk.
+  at::Tensor d_g = d_gram.to(at::kDouble);
+  d_gram.reset();
+  {
+    const at::Tensor r = row_sums.to(at::kDouble);
+    row_sums.reset();
+    d_g.sub_(r, 2.0);
+    d_g.diagonal().add_(r.sum(1));
+  }
+  // dX = M X with M = dG + dGᵀ, whose rows sum to 0 (translation
+  // invariance), written as Σ_m M_km (x_m − x_k): the rounding of the large
+  // weights of nearby samples (~1 / e²) then multiplies x_m − x_k, not x_m.
+  d_g.add_(d_g.t().clone());
+  at::Tensor grad = at::mm(d_g, s.centred).sub_(s.centred * d_g.sum(1, true));
+  d_g.reset();
+  // The normalisers: ∂loss/∂e_ij = −2 u_ij S_ij, i.e. ∂loss/∂‖x_i − x_j‖² =
+  // −S_ij u_ij² where e_ij > eps (F.normalize's max holds it constant below).
+  // Both (i, j) and (j, i) act on x_i − x_j: x_i's gradient is
+  // 2 Σ_j C_ij (x_i − x_j) with C = c + cᵀ, in float64 (near pairs cancel).
+  at::Tensor c = ang_sums.to(at::kDouble);
+  ang_sums.reset();
+  {
+    const at::Tensor u = s.u.to(at::kDouble);
+    const at::Tensor live = (u > 0) & (u < 1.0 / kNormalizeEps);
+    c.mul_(u.square()).neg_().mul_(live);
+  }
+  c.add_(c.t().clone());
+  grad.addcmul_(s.centred, c.sum(1, true), 2.0).sub_(at::mm(c, s.centred), 2.0);
+  grad.mul_(scale);
+  // x enters through its centred copy: project out the mean (a no-op up to rounding).
+  grad.sub_(grad.mean(0, true));
+  return {loss, grad.to(student.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> rkd_angle_forward_cpu(const at::Tensor& student,
+                                                         const at::Tensor& teacher, bool student_grad) {
+  check_relational_args(student, teacher);
+  if (student.scalar_type() == at::kDouble) return rkd_angle_impl<double>(student, teacher, student_grad);
+  return rkd_angle_impl<float>(student, teacher, student_grad);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastkd
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("rkd_distance_forward", &fastkd::cpu::rkd_distance_forward_cpu);
+  m.impl("rkd_angle_forward", &fastkd::cpu::rkd_angle_forward_cpu);
+}

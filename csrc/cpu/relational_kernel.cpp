@@ -1,0 +1,326 @@
+// RKD angle loss (SPEC §2) and its gradient w.r.t. the student's Gram matrix,
+// in O(n³) arithmetic and O(n²) memory.
+//
+// This file is compiled three times by setup.py, with CPU_CAPABILITY set to
+// DEFAULT, AVX2 and AVX512 (and the matching -m flags); csrc/cpu/relational.cpp
+// picks one at run time from what the CPU supports.
+//
+// For anchor i the angle between j and k is
+//   a_ijk = (x_j − x_i)·(x_k − x_i) · u_ij u_ik,
+//   (x_j − x_i)·(x_k − x_i) = (G_jk − G_ik) + (G_ii − G_ij)      (Gram form)
+// with u = 1 / max(e, 1e-12) (F.normalize). a is symmetric in (j, k), so each
+// anchor visits k > j only (and k = j once) and counts the pair twice.
+// Per term, with g = clamp(a_s − a_t, −1, 1) (smooth-L1, β = 1):
+//   ∂/∂num = W = g u_ij u_ik              → d_gram[j, k], row_sums[i, ·]
+//   ∂/∂u_ij · (from both j and k sides)  → ang_sums[i, j] = Σ_k g a_ijk
+// relational.cpp turns these into dG and then dX = (dG + dGᵀ) X.
+//
+// Anchors are split over threads (at::parallel_for); each task accumulates
+// into its own [n, n] d_gram and adds it to the shared one at the end, so the
+// extra memory is one n × n buffer per thread. The inner loop over k is
+// at::vec SIMD; reads per element: the anchor's rows (in L1/L2) and row j of
+// the four Gram halves (streamed), plus d_gram's row j (read-modify-write).
+#include "relational_kernel.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <array>
+#include <mutex>
+#include <vector>
+
+namespace fastkd {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+template <class T>
+using Vec = at::vec::Vectorized<T>;
+
+template <class T>
+double lane_sum(const Vec<T>& v) {
+  std::array<T, Vec<T>::size()> lanes;
+  v.store(lanes.data());
+  double total = 0;
+  for (T x : lanes) total += x;
+  return total;
+}
+
+// 0 where u ≤ 0 (diagonal, coinciding samples), u elsewhere; NaN stays NaN.
+template <class T>
+Vec<T> forward_factor(const Vec<T>& u) { return at::vec::maximum(u, Vec<T>(T(0))); }
+
+// Smooth-L1 (β = 1) of d: ½d² for |d| < 1, |d| − ½ otherwise.
+template <class T>
+Vec<T> smooth_l1(const Vec<T>& d) {
+  const Vec<T> ad = d.abs();
+  const Vec<T> half(T(0.5));
+  return Vec<T>::blendv(ad - half, half * d * d, ad < Vec<T>(T(1)));
+}
+
+template <class T>
+T smooth_l1(T d) {
+  const T ad = std::abs(d);
+  return ad < T(1) ? T(0.5) * d * d : ad - T(0.5);
+}
+
+template <class T>
+T clamp_unit(T d) { return std::min(std::max(d, T(-1)), T(1)); }
+
+// Full-width loads and stores, and the partial ones (at::vec copies through a
+// buffer for those) only for the tail.
+template <class T>
+Vec<T> load(const T* p, int64_t cnt) {
+  return cnt == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, cnt);
+}
+template <class T>
+void store(const Vec<T>& v, T* p, int64_t cnt) {
+  if (cnt == Vec<T>::size()) {
+    v.store(p);
+  } else {
+    v.store(p, cnt);
+  }
+}
+
+// One side's scalars for anchor i and row j: G_ij, G_ii (hi halves),
+// G_ii − G_ij of both halves, and |u_ij|.
+template <class T>
+struct Side {
+  T g_ij, g_ii, c_hi, c_lo, u_j;
+};
+
+// (x_j − x_i)·(x_k − x_i) = G_jk − G_ik − G_ij + G_ii for lanes k. The four
+// hi terms are paired so that each difference cancels exactly where it
+// cancels at all (Sterbenz): (G_jk − G_ik) + (G_ii − G_ij) when x_j is the
+// nearer of x_j, x_k to x_i, (G_jk − G_ij) + (G_ii − G_ik) when x_k is; the
+// error is then about eps·‖x‖ / max(e_ij, e_ik) instead of
+// eps·‖x‖² / (e_ij e_ik). The lo halves, small, are added last.
+template <class T>
+Vec<T> numerator(const Side<T>& sd, const T* gj_hi, const T* gi_hi, const T* gj_lo, const T* gi_lo,
+                 const Vec<T>& u_k, int64_t cnt) {
+  const Vec<T> a = load(gj_hi, cnt), b = load(gi_hi, cnt);
+  const Vec<T> j_nearer = (a - b) + Vec<T>(sd.c_hi);
+  const Vec<T> k_nearer = (a - Vec<T>(sd.g_ij)) + (Vec<T>(sd.g_ii) - b);
+  const Vec<T> hi = Vec<T>::blendv(j_nearer, k_nearer, u_k.abs() > Vec<T>(sd.u_j));
+  const Vec<T> lo = (load(gj_lo, cnt) - load(gi_lo, cnt)) + Vec<T>(sd.c_lo);
+  return hi + lo;
+}
+
+// Anchor i, row j ≠ i: the angles a_ijk for k >= j (k > j counted twice).
+// Adds the gradient terms to d_gram (this task's) and to anchor i's row
+// accumulators r_acc, s_acc; returns the row's smooth-L1 sum.
+template <class T, bool kGrad, bool kPrecise>
+double row_pair(const AngleArgs<T>& a, int64_t i, int64_t j, T* d_gram, T* r_acc, T* s_acc) {
+  const int64_t n = a.n;
+  constexpr int64_t L = Vec<T>::size();
+  const T* gsi_hi = a.gs_hi + i * n;
+  const T* gsi_lo = a.gs_lo + i * n;
+  const T* gti_hi = a.gt_hi + i * n;
+  const T* gti_lo = a.gt_lo + i * n;
+  const T* usi = a.us + i * n;
+  const T* uti = a.ut + i * n;
+  const T* gsj_hi = a.gs_hi + j * n;
+  const T* gsj_lo = a.gs_lo + j * n;
+  const T* gtj_hi = a.gt_hi + j * n;
+  const T* gtj_lo = a.gt_lo + j * n;
+  const T fs_j = std::max(usi[j], T(0)), ft_j = std::max(uti[j], T(0));
+  // Gradient weight of j: |u_ij|. If j coincides with i (u_ij < 0), every
+  // term that multiplies x_j − x_i (= 0) vanishes: a_ijk has a non-zero
+  // derivative only through x_k − x_i, so k must not coincide with i too
+  // (and k = j gives none); without this the Gram form would cancel
+  // weights of 1 / eps² in float arithmetic.
+  const bool j_coincides = usi[j] < T(0);
+  const T ws_j = std::abs(usi[j]);
+  // G_ii − G_ij of the hi and lo halves
+  const T cs_hi = gsi_hi[i] - gsi_hi[j], cs_lo = gsi_lo[i] - gsi_lo[j];
+  const T ct_hi = gti_hi[i] - gti_hi[j], ct_lo = gti_lo[i] - gti_lo[j];
+
+  // k = j: a_ijj (1 for distinct samples), counted once. (G_jj − G_ij) +
+  // (G_ii − G_ij) on the hi halves cancels exactly for j ≈ i (Sterbenz);
+  // the lo halves are added last.
+  const T as_jj = (((gsj_hi[j] - gsi_hi[j]) + cs_hi) + ((gsj_lo[j] - gsi_lo[j]) + cs_lo)) * fs_j * fs_j;
+  const T at_jj = (((gtj_hi[j] - gti_hi[j]) + ct_hi) + ((gtj_lo[j] - gti_lo[j]) + ct_lo)) * ft_j * ft_j;
+  double row_loss = smooth_l1(as_jj - at_jj);
+  T r_j = 0, s_j = 0;
+  if constexpr (kGrad) {
+    const T g = clamp_unit(as_jj - at_jj);
+    const T w = j_coincides ? T(0) : g * ws_j * ws_j;
+    d_gram[j * n + j] += w;
+    r_j = w;
+    s_j = g * as_jj;
+  }
+
+  // k > j, each counted twice (a_ijk = a_ikj).
+  const Vec<T> vfs(fs_j), vft(ft_j), vws(T(2) * ws_j);
+  const Side<T> side_s{gsi_hi[j], gsi_hi[i], cs_hi, cs_lo, std::abs(usi[j])};
+  const Side<T> side_t{gti_hi[j], gti_hi[i], ct_hi, ct_lo, std::abs(uti[j])};
+  const Vec<T> vcs(cs_hi + cs_lo), vct(ct_hi + ct_lo);
+  Vec<T> vloss(T(0)), vr(T(0)), vs(T(0));
+  T* dgj = kGrad ? d_gram + j * n : nullptr;
+  for (int64_t k = j + 1; k < n; k += L) {
+    const int64_t cnt = std::min<int64_t>(L, n - k);
+    // Tail lanes load zeros: u = 0 there, so a = 0 on both sides and they add nothing.
+    const Vec<T> us_k = load(usi + k, cnt);
+    const Vec<T> ut_k = load(uti + k, cnt);
+    Vec<T> num_s, num_t;
+    if constexpr (kPrecise) {
+      num_s = numerator(side_s, gsj_hi + k, gsi_hi + k, gsj_lo + k, gsi_lo + k, us_k, cnt);
+      num_t = numerator(side_t, gtj_hi + k, gti_hi + k, gtj_lo + k, gti_lo + k, ut_k, cnt);
+    } else {
+      // x_j and x_k far from x_i: (G_jk − G_ik) + (G_ii − G_ij) on the hi
+      // halves is within ~1e-6 of the numerator's scale (angle_side, relational.cpp).
+      num_s = (load(gsj_hi + k, cnt) - load(gsi_hi + k, cnt)) + vcs;
+      num_t = (load(gtj_hi + k, cnt) - load(gti_hi + k, cnt)) + vct;
+    }
+    const Vec<T> as = num_s * vfs * forward_factor(us_k);
+    const Vec<T> at = num_t * vft * forward_factor(ut_k);
+    const Vec<T> d = as - at;
+    vloss = vloss + smooth_l1(d);
+    if constexpr (kGrad) {
+      const Vec<T> g = at::vec::clamp(d, Vec<T>(T(-1)), Vec<T>(T(1)));
+      // 2W: both (j, k) and (k, j)
+      const Vec<T> w = g * (j_coincides ? forward_factor(us_k) : us_k.abs()) * vws;
+      store<T>(load(dgj + k, cnt) + w, dgj + k, cnt);
+      const Vec<T> half_w = w * Vec<T>(T(0.5));
+      store<T>(load(r_acc + k, cnt) + half_w, r_acc + k, cnt);
+      vr = vr + half_w;
+      const Vec<T> ga = g * as;
+      store<T>(load(s_acc + k, cnt) + ga, s_acc + k, cnt);
+      vs = vs + ga;
+    }
+  }
+  if constexpr (kGrad) {
+    r_acc[j] += r_j + static_cast<T>(lane_sum(vr));
+    s_acc[j] += s_j + static_cast<T>(lane_sum(vs));
+  }
+  return row_loss + 2 * lane_sum(vloss);
+}
+
+// Anchors [first, first + count): one sweep over the rows j serves them all,
+// so row j of the Gram halves and of d_gram is read from memory once per
+// block instead of once per anchor. r_acc, s_acc: [count, n] scratch.
+template <class T, bool kGrad>
+double anchor_block(const AngleArgs<T>& a, int64_t first, int64_t count, T* d_gram, T* r_acc, T* s_acc) {
+  const int64_t n = a.n;
+  if constexpr (kGrad) {
+    std::fill(r_acc, r_acc + count * n, T(0));
+    std::fill(s_acc, s_acc + count * n, T(0));
+  }
+  double total = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t b = 0; b < count; ++b) {
+      const int64_t i = first + b;
+      if (j == i) continue;  // e_ii = 0: every angle with j = i is 0 on both sides
+      T* r = kGrad ? r_acc + b * n : nullptr;
+      T* sa = kGrad ? s_acc + b * n : nullptr;
+      total += a.precise[i] ? row_pair<T, kGrad, true>(a, i, j, d_gram, r, sa)
+                            : row_pair<T, kGrad, false>(a, i, j, d_gram, r, sa);
+    }
+  }
+  if constexpr (kGrad) {
+    std::copy(r_acc, r_acc + count * n, a.row_sums + first * n);
+    std::copy(s_acc, s_acc + count * n, a.ang_sums + first * n);
+  }
+  return total;
+}
+
+// Anchors per block of anchor_block.
+constexpr int64_t kAnchorBlock = 8;
+
+template <class T>
+double run(const AngleArgs<T>& a) {
+  const int64_t n = a.n;
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  const int64_t grain = (n + tasks - 1) / tasks;
+  std::mutex mutex;
+  double total = 0;
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> d_gram(a.grad ? n * n : 0, T(0));
+    std::vector<T> r_acc(a.grad ? kAnchorBlock * n : 0), s_acc(a.grad ? kAnchorBlock * n : 0);
+    double part = 0;
+    for (int64_t first = begin; first < end; first += kAnchorBlock) {
+      const int64_t count = std::min(kAnchorBlock, end - first);
+      part += a.grad ? anchor_block<T, true>(a, first, count, d_gram.data(), r_acc.data(), s_acc.data())
+                     : anchor_block<T, false>(a, first, count, nullptr, nullptr, nullptr);
+    }
+    std::lock_guard<std::mutex> lock(mutex);
+    total += part;
+    if (a.grad) {
+      for (int64_t e = 0; e < n * n; ++e) a.d_gram[e] += d_gram[e];
+    }
+  });
+  return total;
+}
+
+}  // namespace
+
+double rkd_angle_kernel(const AngleArgs<float>& args) { return run(args); }
+double rkd_angle_kernel(const AngleArgs<double>& args) { return run(args); }
+
+template <class T>
+double distance_row(const T* g, const T* norms, T n_i, T factor, T* d, uint8_t* near, int64_t n) {
+  constexpr int64_t L = Vec<T>::size();
+  const Vec<T> vni(n_i), two(T(2)), vfactor(factor), eps(T(1e-12)), zero(T(0));
+  Vec<T> sum(T(0));
+  for (int64_t k = 0; k < n; k += L) {
+    const int64_t cnt = std::min<int64_t>(L, n - k);
+    const Vec<T> nk = load(norms + k, cnt);
+    const Vec<T> sq = vni + nk - two * load(g + k, cnt);
+    // near: !(sq >= factor · (n_i + n_k)), NaN included
+    const Vec<T> ok = sq >= vfactor * (vni + nk);
+    const Vec<T> dist = at::vec::maximum(sq, eps).sqrt();
+    store<T>(dist, d + k, cnt);
+    // Tail lanes (zeros loaded) look like a far pair: leave them out.
+    sum = sum + Vec<T>::set(zero, Vec<T>::blendv(zero, dist, ok), cnt);
+    std::array<T, L> flags;
+    ok.store(flags.data());
+    for (int64_t l = 0; l < cnt; ++l) near[k + l] = flags[l] == T(0);
+  }
+  return lane_sum(sum);
+}
+
+template <class T>
+std::pair<double, double> distance_loss_row(const T* d_s, T* d_t, T inv_s, T inv_t, T inv_n2,
+                                            int64_t n) {
+  constexpr int64_t L = Vec<T>::size();
+  const Vec<T> vs(inv_s), vt(inv_t), vn(inv_n2), one(T(1));
+  Vec<T> loss(T(0)), qd(T(0));
+  for (int64_t k = 0; k < n; k += L) {
+    const int64_t cnt = std::min<int64_t>(L, n - k);
+    const Vec<T> ds = load(d_s + k, cnt);
+    const Vec<T> rho = ds * vs - load(d_t + k, cnt) * vt;
+    loss = loss + smooth_l1(rho);
+    const Vec<T> q = at::vec::clamp(rho, -one, one) * vn;
+    store<T>(q, d_t + k, cnt);
+    qd = qd + q * ds;
+  }
+  return {lane_sum(loss), lane_sum(qd)};
+}
+
+template <class T>
+double distance_coef_row(T* d_s, const T* q, T shift, T inv_s, int64_t n) {
+  constexpr int64_t L = Vec<T>::size();
+  const Vec<T> vshift(shift), scale(T(2) * inv_s), floor(static_cast<T>(1e-6)), zero(T(0));
+  Vec<T> sum(T(0));
+  for (int64_t k = 0; k < n; k += L) {
+    const int64_t cnt = std::min<int64_t>(L, n - k);
+    const Vec<T> d = load(d_s + k, cnt);
+    // d = 1e-6 where the clamp holds it (and 0 on the diagonal): no gradient
+    const Vec<T> c = Vec<T>::blendv(zero, (load(q + k, cnt) - vshift) * scale / d, d > floor);
+    store<T>(c, d_s + k, cnt);
+    sum = sum + c;
+  }
+  return lane_sum(sum);
+}
+
+#define FASTKD_INSTANTIATE_DISTANCE_ROWS(T)                                                    \
+  template double distance_row<T>(const T*, const T*, T, T, T*, uint8_t*, int64_t);           \
+  template std::pair<double, double> distance_loss_row<T>(const T*, T*, T, T, T, int64_t);     \
+  template double distance_coef_row<T>(T*, const T*, T, T, int64_t);
+FASTKD_INSTANTIATE_DISTANCE_ROWS(float)
+FASTKD_INSTANTIATE_DISTANCE_ROWS(double)
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fastkd

@@ -1,0 +1,316 @@
+"""Relational losses (SPEC §2): RKD distance and angle, PKT, SP, CC.
+
+Each function takes embeddings ``student (N, ...)`` and ``teacher (N, ...)``,
+flattened per sample to ``(N, D_s)`` and ``(N, D_t)`` (the feature sizes may
+differ: only the ``N × N`` relations are compared). The teacher is a constant:
+it is detached and never receives a gradient. Losses are float32 (float64 for
+float64 inputs); the student's gradient comes back in its dtype.
+
+Backends: ``"cpu"`` has fused ops for the RKD terms, built on Gram matrices
+with O(N²) memory (``csrc/cpu/relational.cpp``); PKT, SP and CC have no fused
+kernel yet (their references are already O(N²) Gram computations), so
+``backend="auto"`` runs the reference for them, and for every relational loss
+on CUDA tensors. An explicit ``"cpu"`` / ``"cuda"`` / ``"triton"`` where no
+kernel exists raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastkd import (
+    _ops,  # noqa: F401  (registers the fastkd:: ops and their fake kernels)
+    _validate,
+)
+from fastkd import distributed as _distributed
+from fastkd.functional import _backend_for, _scale_by_upstream
+from fastkd.reference import relational as _reference
+
+__all__ = ["cc_loss", "pkt_loss", "rkd_angle", "rkd_distance", "rkd_loss", "sp_loss"]
+
+# The compiled backends with a kernel, per loss. On CUDA tensors
+# backend="auto" falls back to the reference until triton / cuda get one.
+RKD_KERNELS = ("cpu",)
+NO_KERNELS: tuple[str, ...] = ()
+
+
+def _check_pair(student, teacher, gather=False, process_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, D_s)`` student and detached ``(N, D_t)`` teacher views, in the input dtype.
+
+    The same checks (and messages) as the reference: floating dtype, at least
+    2-D, ``N >= 1`` and equal on both sides, same dtype and device, non-empty
+    features. With ``gather``, the whole batch from every rank of
+    ``process_group`` (:func:`fastkd.distributed.gather_batch`).
+    """
+    if not isinstance(gather, bool):
+        raise ValueError(f"gather must be a bool, got {type(gather).__name__}")
+    s = _validate.tensor("student", student, min_dim=2)
+    t = _validate.tensor("teacher", teacher, min_dim=2)
+    if s.shape[0] == 0:
+        raise ValueError(f"student must hold at least one sample (N >= 1), got shape {tuple(s.shape)}")
+    if t.shape[0] != s.shape[0]:
+        raise ValueError(
+            f"teacher shape {tuple(t.shape)} does not match student shape {tuple(s.shape)} in dim 0 (N)"
+        )
+    if t.dtype != s.dtype:
+        raise ValueError(f"teacher dtype {t.dtype} does not match student dtype {s.dtype}")
+    _validate.same_device("teacher", t, "student", s)
+    for name, x in (("student", s), ("teacher", t)):
+        if x[0].numel() == 0:
+            raise ValueError(
+                f"{name} must have a non-empty feature size per sample, got shape {tuple(x.shape)}"
+            )
+    s, t = s.flatten(1), t.detach().flatten(1)
+    if gather:
+        s, t = _distributed.gather_batch(s, t, process_group)
+    return s, t
+
+
+class RKDFunction(torch.autograd.Function):
+    """One RKD term on its fused op: the op returns the loss and, when the
+    student needs it, the student's gradient (computed in the same pass).
+
+    Between forward and backward only that ``(N, D_s)`` gradient is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, op):
+        loss, grad = op(student, teacher, ctx.needs_input_grad[0])
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return _scale_by_upstream(grad, grad_output), None, None
+
+
+def _rkd_term(name: str, student, teacher, backend: str, gather=False, process_group=None) -> torch.Tensor:
+    s, t = _check_pair(student, teacher, gather, process_group)
+    chosen = _backend_for(name, RKD_KERNELS, backend, s)
+    if chosen == "reference":
+        return getattr(_reference, name)(s, t)
+    op = getattr(torch.ops.fastkd, f"{name}_forward")
+    return RKDFunction.apply(s, t, op)
+
+
+def rkd_distance(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    backend: str = "auto",
+    gather: bool = False,
+    process_group=None,
+) -> torch.Tensor:
+    """RKD distance term (Park et al., CVPR 2019; RepDistiller ``RKDLoss``, unweighted).
+
+    ``d_ij = sqrt(clamp(‖x_i‖² + ‖x_j‖² − 2 x_i·x_j, min=1e-12))``, diagonal 0,
+    each side divided by the mean of its positive entries, then
+    ``smooth_l1(d_s, d_t)`` (β = 1) over all ``N²`` entries. ``N = 1`` gives 0
+    (RepDistiller: NaN, the mean of an empty set); see
+    :func:`fastkd.reference.rkd_distance`.
+
+    The ``"cpu"`` kernel works from the Gram matrices of the centred
+    embeddings with O(N²) memory and returns the gradient from the same pass;
+    pairs too close for the Gram form's rounding are recomputed from their
+    differences (exact duplicates are exactly at the 1e-6 clamp, as in the
+    reference).
+
+    Args:
+        student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``;
+            float32 / bfloat16 / float16 / float64.
+        teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``;
+            same dtype and device (a constant: no gradient).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``;
+            only ``"cpu"`` has a kernel: ``"auto"`` uses the reference for
+            CUDA tensors, an explicit ``"cuda"`` / ``"triton"`` raises ``ValueError``.
+        gather: compute the loss of the batch gathered from every rank of
+            ``process_group`` (same ``N`` on each; see :mod:`fastkd.distributed`
+            for the gradient convention).
+        process_group: the ``torch.distributed`` group (default: the world).
+
+    Returns:
+        ``()`` loss, float32 (float64 for float64 inputs).
+    """
+    return _rkd_term("rkd_distance", student, teacher, backend, gather, process_group)
+
+
+def rkd_angle(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    backend: str = "auto",
+    gather: bool = False,
+    process_group=None,
+) -> torch.Tensor:
+    """RKD angle term (Park et al., CVPR 2019; RepDistiller ``RKDLoss``, unweighted).
+
+    ``e_ij = F.normalize(x_j − x_i)`` (eps 1e-12, so ``e_ii = 0``),
+    ``a_ijk = e_ij · e_ik``, ``smooth_l1(a_s, a_t)`` (β = 1) over all ``N³``
+    angles, the zero ones with a repeated index included.
+
+    The ``"cpu"`` kernel never forms the ``(N, N, D)`` differences nor the
+    ``(N, N, N)`` angles: with ``G = X Xᵀ`` of the centred embeddings,
+    ``(x_j − x_i)·(x_k − x_i) = G_jk − G_ij − G_ik + G_ii``, so each anchor's
+    angles come from rows of G (O(N³) arithmetic, O(N²) memory), and the
+    gradient is accumulated into ``dG`` and mapped back as ``dX = (dG + dGᵀ) X``.
+    G is formed in float64 and split into two float32 halves, which keeps the
+    numerators of nearby samples accurate; samples that coincide exactly give
+    0 angles (and F.normalize's ``1 / eps`` gradient) as in the reference.
+    Extra memory: about ``(9 + threads) · N² · 4`` bytes for float32.
+
+    Args:
+        student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``;
+            float32 / bfloat16 / float16 / float64.
+        teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``;
+            same dtype and device (a constant: no gradient).
+        backend, gather, process_group: as for :func:`rkd_distance`.
+
+    Returns:
+        ``()`` loss, float32 (float64 for float64 inputs).
+    """
+    return _rkd_term("rkd_angle", student, teacher, backend, gather, process_group)
+
+
+def rkd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    distance_weight: float = 25.0,
+    angle_weight: float = 50.0,
+    backend: str = "auto",
+    gather: bool = False,
+    process_group=None,
+) -> torch.Tensor:
+    """Relational KD, ``w_d · rkd_distance + w_a · rkd_angle`` (RepDistiller ``RKDLoss`` defaults).
+
+    A term whose weight is 0 is not computed (the other one still carries a
+    NaN input into the loss), except that with both weights 0 the distance
+    term is, so that NaN still gives NaN.
+
+    Args:
+        student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
+        teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
+        distance_weight: ``w_d >= 0``.
+        angle_weight: ``w_a >= 0``.
+        backend, gather, process_group: as for :func:`rkd_distance` (the batch
+            is gathered once for both terms).
+
+    Returns:
+        ``()`` loss, float32 (float64 for float64 inputs).
+    """
+    distance_weight = _validate.real("distance_weight", distance_weight, low=0.0)
+    angle_weight = _validate.real("angle_weight", angle_weight, low=0.0)
+    if gather:
+        student, teacher = _check_pair(student, teacher, gather, process_group)
+    loss = None
+    if distance_weight > 0 or angle_weight == 0:
+        loss = distance_weight * rkd_distance(student, teacher, backend=backend)
+    if angle_weight > 0:
+        angle = angle_weight * rkd_angle(student, teacher, backend=backend)
+        loss = angle if loss is None else loss + angle
+    return loss
+
+
+def _reference_only(
+    name: str, student, teacher, backend: str, gather=False, process_group=None, **kwargs
+) -> torch.Tensor:
+    s, t = _check_pair(student, teacher, gather, process_group)
+    _backend_for(name, NO_KERNELS, backend, s)  # "auto" → reference; an explicit kernel raises
+    return getattr(_reference, name)(s, t, **kwargs)
+
+
+def pkt_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    eps: float = 1e-7,
+    backend: str = "auto",
+    gather: bool = False,
+    process_group=None,
+) -> torch.Tensor:
+    """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018; RepDistiller ``PKT``).
+
+    ``x̂ = x / (‖x‖ + eps)``, ``S = (x̂ x̂ᵀ + 1) / 2``, ``P = S / rowsum(S)``,
+    ``L = mean_ij P_t log((P_t + eps) / (P_s + eps))`` over all ``N²`` entries.
+
+    NaN: RepDistiller sets NaN entries of ``x̂`` to 0 (SPEC §2, "NaN → 0"); like
+    the reference, only NaN *created* by the normalisation (an infinite
+    entry, inf / inf) is zeroed; a NaN in the input still gives a NaN loss
+    (SPEC §6).
+
+    No fused kernel yet: ``backend="auto"`` (and ``"reference"``) run
+    :func:`fastkd.reference.pkt_loss`, itself O(N²) memory; an explicit
+    compiled backend raises ``ValueError``.
+
+    Args:
+        student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
+        teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
+        eps: ``> 0``, added to the norms and inside the log ratio.
+        backend: ``"auto"`` or ``"reference"``.
+        gather, process_group: as for :func:`rkd_distance`.
+
+    Returns:
+        ``()`` loss, float32 (float64 for float64 inputs).
+    """
+    return _reference_only("pkt_loss", student, teacher, backend, gather, process_group, eps=eps)
+
+
+def sp_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    backend: str = "auto",
+    gather: bool = False,
+    process_group=None,
+) -> torch.Tensor:
+    """Similarity-preserving KD (Tung & Mori, ICCV 2019; RepDistiller ``Similarity``).
+
+    ``G = F.normalize(X Xᵀ)`` row-wise per side, ``L = ‖G_t − G_s‖²_F / N²``.
+    No fused kernel yet (see :func:`pkt_loss`).
+
+    Args:
+        student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
+        teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
+        backend: ``"auto"`` or ``"reference"``.
+        gather, process_group: as for :func:`rkd_distance`.
+
+    Returns:
+        ``()`` loss, float32 (float64 for float64 inputs).
+    """
+    return _reference_only("sp_loss", student, teacher, backend, gather, process_group)
+
+
+def cc_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    gamma: float = 0.4,
+    order: int = 2,
+    backend: str = "auto",
+    gather: bool = False,
+    process_group=None,
+) -> torch.Tensor:
+    """Correlation congruence (Peng et al., ICCV 2019), torchdistill ``CCKDLoss`` Gaussian form.
+
+    ``K_ij = exp(−2γ) Σ_{p=0..P} (2γ)^p / p! · (x_i·x_j)^p`` per side (the
+    Taylor expansion of the Gaussian RBF, on the embeddings as given),
+    ``L = ‖K_s − K_t‖_F / N²`` (the norm, not its square); see
+    :func:`fastkd.reference.cc_loss`. No fused kernel yet (see :func:`pkt_loss`).
+
+    Args:
+        student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
+        teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
+        gamma: RBF parameter ``γ > 0``.
+        order: Taylor order ``P >= 1`` (an int).
+        backend: ``"auto"`` or ``"reference"``.
+        gather, process_group: as for :func:`rkd_distance`.
+
+    Returns:
+        ``()`` loss, float32 (float64 for float64 inputs).
+    """
+    return _reference_only(
+        "cc_loss", student, teacher, backend, gather, process_group, gamma=gamma, order=order
+    )
