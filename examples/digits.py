@@ -112,6 +112,26 @@ METHODS = [
         note="student → teacher embedding, in-batch negatives, τ=0.1",
     ),
     Method(
+        "DKD",
+        lambda: [Term(fastkd.DKDLoss(), with_labels=True, name="dkd")],
+        note="decoupled KD on the logits, α=1, β=8, T=4 (mdistiller's defaults, no warm-up)",
+    ),
+    Method(
+        "RKD",
+        lambda: [Term(fastkd.RKDLoss(), student_layer="embed", weight=1.0)],
+        note="RKD distance (25) + angle (50) on the 32-d embeddings",
+    ),
+    Method(
+        "PKT",
+        lambda: [Term(fastkd.PKTLoss(), student_layer="embed", weight=30000.0)],
+        note="probabilistic knowledge transfer on the embeddings, weight 30000 (RepDistiller)",
+    ),
+    Method(
+        "SP",
+        lambda: [Term(fastkd.SPLoss(), student_layer="block2", weight=3000.0)],
+        note="similarity-preserving on block2, weight 3000 (RepDistiller)",
+    ),
+    Method(
         "self-KD (EMA)",
         lambda: [kd()],
         hard_weight=0.1,
