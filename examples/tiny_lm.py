@@ -15,9 +15,10 @@ Tokens are UTF-8 bytes, so ``V = 256`` (about 100 of them occur): the output
 head is a real ``(V, H)`` projection, which the fused linear loss never
 materialises as logits.
 
-A 3-layer transformer teacher (dim 128, ~670k parameters) is trained once on next-byte prediction; then a
-7.7× smaller 1-layer student (dim 64, ~87k parameters) (same initialisation, batch order and optimiser for
-each seed) is trained three ways:
+A 3-layer transformer teacher (dim 128, ~670k parameters) is trained once on
+next-byte prediction; then a 7.7× smaller 1-layer student (dim 64, ~87k
+parameters) is trained three ways, with the same initialisation, batch order,
+optimiser and schedule for each seed:
 
 * ``CE alone``: cross-entropy on the next byte;
 * ``fused linear KD``: ``fastkd.fused_linear_divergence`` on the student's and
