@@ -2,7 +2,7 @@
 # .venv, pinned installs (torch from the local CPU wheel), the extension build.
 #   make test    build, compile-target checks, and the test suite
 #   make bench   build and run the CPU benchmark report (CSV + PNG in bench/results/)
-#   make examples  build, install the `examples` extra, run examples/digits.py (→ examples/results/)
+#   make examples  build, install the `examples` extra, run examples/digits.py and tiny_lm.py (→ examples/results/)
 #   make check   nvcc (sm_80, sm_90) and Triton → PTX (sm_90) compile checks only
 #   make lint    ruff
 
@@ -46,6 +46,7 @@ $(VENV)/.examples: $(VENV)/.built pyproject.toml
 
 examples: $(VENV)/.examples
 	$(PY) examples/digits.py
+	$(PY) examples/tiny_lm.py
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check fastkd kernels tests bench examples
