@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastkd import _ops, _validate  # noqa: F401  (_ops registers the fastkd:: ops)
+from fastkd import _hard_labels, _ops, _validate  # noqa: F401  (_ops registers the fastkd:: ops)
 from fastkd.functional import _backend_for, _kernel_divergence, _row_major, _scale_by_upstream
+from fastkd.reference import fused_linear as _reference_fused_linear
 from fastkd.reference import topk as _reference_topk
 
 __all__ = ["TOPK_DIVERGENCES", "TopKDivergenceLoss", "topk_divergence"]
@@ -116,8 +117,11 @@ def topk_divergence(
     labels: torch.Tensor | None = None,
     ignore_index: int = -100,
     mask: torch.Tensor | None = None,
+    hard_weight: float | None = None,
+    soft_weight: float = 1.0,
+    return_parts: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Divergence between a top-k teacher and the full-vocabulary student.
 
     Per row: ``p_j = softmax_j(values / T)`` over the row's k ids (the teacher,
@@ -148,8 +152,12 @@ def topk_divergence(
             ids), nor are its endpoint forms ``jsd`` with ``beta=1`` and
             ``skew_reverse_kl`` with ``alpha=0``.
         temperature, beta, alpha, scale, reduction, labels, ignore_index, mask,
-        backend: as :func:`fastkd.divergence` (``"mean"`` divides by kept
-            rows · V, the full vocabulary).
+        hard_weight, soft_weight, return_parts, backend: as
+            :func:`fastkd.divergence` (``"mean"`` divides by kept rows · V, the
+            full vocabulary; with ``hard_weight > 0`` the loss is
+            ``hard_weight · CE(student, labels) + soft_weight · divergence``,
+            the CE over the full vocabulary at temperature 1, computed next
+            to the kernel as in :func:`fastkd.divergence`).
 
     Returns:
         A float32 scalar (float64 for float64 input), or ``(...)`` for ``"none"``.
@@ -175,24 +183,62 @@ def topk_divergence(
     labels = _validate.row_selector("labels", labels, s.shape[:-1], s, integer=True)
     mask = _validate.row_selector("mask", mask, s.shape[:-1], s, integer=False)
 
+    hard_weight, soft_weight, mixing = _hard_labels.mixing_weights(hard_weight, soft_weight, labels)
+
     chosen = _backend_for("top-k divergence", TOPK_KERNELS, backend, s)
     if chosen == "reference":
-        return _reference_topk.topk_divergence(
+        soft = _reference_topk.topk_divergence(
             s, teacher_index, values, divergence=divergence, temperature=temperature, beta=beta,
             alpha=alpha, scale=scale, reduction=reduction, labels=labels, ignore_index=ignore_index,
             mask=mask,
         )
+    else:
+        soft = _fused_topk(s, teacher_index, values, divergence, temperature, beta, alpha, scale,
+                           reduction, labels, ignore_index, mask)
+    if not (mixing or soft_weight != 1.0 or return_parts):
+        return soft
+    soft = soft * soft_weight
+    if not mixing:
+        return (soft, torch.zeros_like(soft), soft) if return_parts else soft
+    hard = _hard_part(s, labels, ignore_index, mask, reduction, hard_weight, chosen)
+    total = hard + soft
+    return (total, hard, soft) if return_parts else total
 
-    vocab, k = s.shape[-1], teacher_index.shape[-1]
-    student = _row_major(s.reshape(-1, vocab))
-    index = teacher_index.reshape(-1, k).contiguous()
-    value_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
-    value_rows = values.reshape(-1, k).to(value_dtype).contiguous()
+
+def _keep_rows(labels, ignore_index, mask) -> torch.Tensor | None:
     keep = None
     if labels is not None:
         keep = labels.reshape(-1) != ignore_index
     if mask is not None:
         keep = mask.reshape(-1) if keep is None else keep & mask.reshape(-1)
+    return keep
+
+
+def _hard_part(s, labels, ignore_index, mask, reduction, hard_weight, chosen):
+    """``hard_weight · CE(s, labels)`` over the kept rows (validated arguments, labels given)."""
+    vocab = s.shape[-1]
+    keep = _keep_rows(labels, ignore_index, mask)
+    _hard_labels.check_label_range(labels.reshape(-1), keep, vocab)
+    if chosen == "reference":
+        return hard_weight * _reference_fused_linear.cross_entropy(
+            s, labels, reduction=reduction, ignore_index=ignore_index, mask=mask
+        )
+    factor = hard_weight * _hard_labels.reduce_factor(reduction, int(keep.sum().item()))
+    hard = _hard_labels.CrossEntropyFunction.apply(
+        _row_major(s.reshape(-1, vocab)), labels.reshape(-1).long(), keep, factor, reduction == "none"
+    )
+    return hard.reshape(s.shape[:-1]) if reduction == "none" else hard
+
+
+def _fused_topk(s, teacher_index, values, divergence, temperature, beta, alpha, scale, reduction, labels,
+                ignore_index, mask):
+    """The divergence term on the fused kernel (validated arguments)."""
+    vocab, k = s.shape[-1], teacher_index.shape[-1]
+    student = _row_major(s.reshape(-1, vocab))
+    index = teacher_index.reshape(-1, k).contiguous()
+    value_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+    value_rows = values.reshape(-1, k).to(value_dtype).contiguous()
+    keep = _keep_rows(labels, ignore_index, mask)
     n_rows = student.shape[0]
     if reduction in ("none", "sum"):
         factor = scale
@@ -224,13 +270,15 @@ class TopKDivergenceLoss(nn.Module):
         reduction: str = "batchmean",
         ignore_index: int = -100,
         teacher_is_logprob: bool = False,
+        hard_weight: float | None = None,
+        soft_weight: float = 1.0,
         backend: str = "auto",
     ):
         super().__init__()
         self.options = dict(
             divergence=divergence, temperature=temperature, beta=beta, alpha=alpha, scale=scale,
             reduction=reduction, ignore_index=ignore_index, teacher_is_logprob=teacher_is_logprob,
-            backend=backend,
+            hard_weight=hard_weight, soft_weight=soft_weight, backend=backend,
         )
 
     def forward(self, student_logits, teacher_index, teacher_values, labels=None, mask=None):

@@ -268,6 +268,61 @@ def test_module_matches_function():
     assert "jsd" in repr(module)
 
 
+# ---- hard-label mixing ----------------------------------------------------------------
+
+
+def explicit_mixed(s, index, values, labels, hard_weight, soft_weight, reduction, **kwargs):
+    """hard_weight · CE + soft_weight · top-k divergence, float64, CE written with F.cross_entropy."""
+    soft = reference_topk.topk_divergence(s, index, values, labels=labels, reduction=reduction, **kwargs)
+    flat = labels.reshape(-1)
+    ce_rows = torch.nn.functional.cross_entropy(
+        s.reshape(-1, s.shape[-1]), flat.clamp(min=0), reduction="none"
+    ) * (flat != -100)
+    if reduction == "none":
+        hard = ce_rows.reshape(labels.shape)
+    elif reduction == "sum":
+        hard = ce_rows.sum()
+    else:
+        hard = ce_rows.sum() / (flat != -100).sum()
+    return hard_weight * hard + soft_weight * soft
+
+
+@pytest.mark.parametrize("backend", ["reference", *kernel_params()])
+@pytest.mark.parametrize("reduction", ("batchmean", "sum", "none"))
+def test_hard_label_mixing(backend, reduction):
+    s = student_logits((3, 4), 90)
+    index, values = sparse_teacher((3, 4), 90, 7)
+    labels = torch.randint(0, 90, (3, 4), device=DEVICE)
+    labels[1, 2] = -100
+    kwargs = {"divergence": "jsd", "temperature": 2.0}
+    got = run_with_grad(
+        lambda a: fastkd.topk_divergence(a, index, values, labels=labels, hard_weight=0.3, soft_weight=0.7,
+                                         reduction=reduction, backend=backend, **kwargs), s)
+    v64 = values.double()
+    want = run_with_grad(
+        lambda a: explicit_mixed(a, index, v64, labels, 0.3, 0.7, reduction, **kwargs), s.double()
+    )
+    assert_matches(got[0], want[0], torch.float32, "mixed loss")
+    assert_matches(got[1], want[1], torch.float32, "mixed grad")
+
+
+@pytest.mark.parametrize("backend", ["reference", *kernel_params()])
+def test_return_parts_and_default_unchanged(backend):
+    s = student_logits((5,), 40)
+    index, values = sparse_teacher((5,), 40, 6)
+    labels = torch.randint(0, 40, (5,), device=DEVICE)
+    plain = fastkd.topk_divergence(s, index, values, labels=labels, backend=backend)
+    assert torch.equal(plain, fastkd.topk_divergence(s, index, values, labels=labels, hard_weight=0.0,
+                                                     backend=backend))
+    total, hard, soft = fastkd.topk_divergence(s, index, values, labels=labels, hard_weight=0.5,
+                                               soft_weight=0.25, return_parts=True, backend=backend)
+    torch.testing.assert_close(total, hard + soft)
+    torch.testing.assert_close(soft, 0.25 * plain)
+    assert hard.item() > 0
+    with pytest.raises(ValueError, match="labels is required"):
+        fastkd.topk_divergence(s, index, values, hard_weight=0.5, backend=backend)
+
+
 # ---- bad input ------------------------------------------------------------------
 
 
