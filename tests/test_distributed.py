@@ -83,6 +83,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             loss.backward(torch.tensor(UPSTREAM, dtype=loss.dtype))
             results[name] = (loss.detach(), a.grad, b.grad)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other finishes
     finally:
         dist.destroy_process_group()
 

@@ -65,6 +65,7 @@ def _losses_and_grads(s, t, kwargs, teacher_grad, fn):
 
 
 def _worker(rank, init_file, results_dir):
+    torch.set_num_threads(1)  # two processes on a 2-core machine
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         out = {}
@@ -81,6 +82,10 @@ def _worker(rank, init_file, results_dir):
             )
             out[name] = (loss, gs, gt)
         torch.save(out, os.path.join(results_dir, f"rank{rank}.pt"))
+        # No rank tears gloo down while the other may still be finishing the
+        # last collective: without this, a rank occasionally aborted at exit
+        # ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
