@@ -56,6 +56,7 @@ class CNN(nn.Module):
 
 
 TEACHER = (32, 64)
+N_TRAIN = 1347  # training images (load_data's split); CRD's memory bank has one row per image
 STUDENT = (2, 4)
 
 
@@ -132,6 +133,18 @@ METHODS = [
         note="similarity-preserving on block2, weight 3000 (RepDistiller)",
     ),
     Method(
+        "CRD",
+        lambda: [
+            Term(
+                fastkd.CRDLoss(32, 32, n_data=N_TRAIN, feat_dim=32, nce_k=512),
+                student_layer="embed",
+                with_indices=True,
+                weight=0.8,
+            )
+        ],
+        note="contrastive representation distillation on the embeddings, 512 negatives, weight 0.8",
+    ),
+    Method(
         "self-KD (EMA)",
         lambda: [kd()],
         hard_weight=0.1,
@@ -160,6 +173,8 @@ def load_data() -> Data:
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(digits.target, dtype=torch.int64)
     idx_train, idx_test = train_test_split(range(len(y)), test_size=450, random_state=0, stratify=y.numpy())
+    if len(idx_train) != N_TRAIN:  # CRD's bank size; scikit-learn's digits have 1797 images
+        raise RuntimeError(f"expected {N_TRAIN} training images, got {len(idx_train)}")
     return Data(x[idx_train], y[idx_train], x[idx_test], y[idx_test])
 
 
@@ -197,7 +212,7 @@ def train(
             perm = torch.randperm(len(data.y_train), generator=order)
             for i in range(0, len(perm) - sched.batch + 1, sched.batch):
                 idx = perm[i : i + sched.batch]
-                out = distiller(data.x_train[idx], labels=data.y_train[idx])
+                out = distiller(data.x_train[idx], labels=data.y_train[idx], indices=idx)
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
                 opt.step()

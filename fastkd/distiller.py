@@ -32,7 +32,9 @@ class Term:
             ``()`` tensor: a fastkd loss module (``KDLoss(temperature=4)``,
             ``HintLoss(...)``, ``ATLoss()``), a function
             (``functools.partial(fastkd.kd_loss, temperature=4)``) or your own.
-            With ``with_labels=True`` it is called ``loss(s, t, labels)``.
+            With ``with_labels=True`` it is called ``loss(s, t, labels)``; with
+            ``with_indices=True`` the batch's dataset indices follow
+            (``loss(s, t[, labels], indices)``).
             Loss modules with parameters (``HintLoss``'s adapter) become part of
             :meth:`Distiller.parameters`.
         student_layer: the student submodule whose output is used, by its
@@ -47,6 +49,9 @@ class Term:
         teacher: with several teachers, the index of the one this term uses;
             ``None`` (default) uses every teacher, weighted by ``teacher_weights``.
         with_labels: pass the batch's labels as a third argument (DKD-style losses).
+        with_indices: pass the ``indices=`` of the :class:`Distiller` call (each
+            sample's index in the training set) after the other arguments —
+            what :class:`fastkd.CRDLoss` needs for its memory bank.
         select: applied to each captured output before the loss, to pull a
             tensor out of a tuple or a model-output object
             (``select=lambda out: out.logits``).
@@ -59,6 +64,7 @@ class Term:
     name: str | None = None
     teacher: int | None = None
     with_labels: bool = False
+    with_indices: bool = False
     select: Callable[[Any], torch.Tensor] | None = None
 
     @property
@@ -310,6 +316,7 @@ class Distiller(nn.Module):
         self,
         *inputs: Any,
         labels: torch.Tensor | None = None,
+        indices: torch.Tensor | None = None,
         teacher_outputs: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
         **kwargs: Any,
     ) -> DistillerOutput:
@@ -319,6 +326,8 @@ class Distiller(nn.Module):
             inputs, kwargs: the model inputs.
             labels: for the hard loss (required when ``hard_weight > 0``) and
                 for terms with ``with_labels=True``.
+            indices: ``(B,)`` int64, each sample's index in the training set,
+                for terms with ``with_indices=True`` (required then).
             teacher_outputs: precomputed teacher layer outputs (layer name →
                 output; :data:`OUTPUT` for the model output), one mapping per
                 teacher; given, the teacher models are not run. Detached.
@@ -328,6 +337,8 @@ class Distiller(nn.Module):
         """
         if self.hard_weight > 0 and labels is None:
             raise ValueError("labels are required when hard_weight > 0 (or set hard_weight=0)")
+        if indices is None and any(term.with_indices for term in self.terms):
+            raise ValueError("indices are required: a term has with_indices=True (e.g. CRDLoss)")
         # Without terms (plain supervised training) no teacher is needed or run.
         teacher_values = self._teacher_values(inputs, kwargs, teacher_outputs) if self.terms else []
         capture = self._student_capture
@@ -344,7 +355,7 @@ class Distiller(nn.Module):
         total = None
         parts: dict[str, torch.Tensor] = {}
         for term in self.terms:
-            value = term.weight * self._term_value(term, student_values, teacher_values, labels)
+            value = term.weight * self._term_value(term, student_values, teacher_values, labels, indices)
             parts[term.name or term.default_name()] = value.detach()
             total = value if total is None else total + value
         if self.hard_weight > 0:
@@ -383,7 +394,7 @@ class Distiller(nn.Module):
                 capture.values = {}
         return values
 
-    def _term_value(self, term: Term, student_values, teacher_values, labels) -> torch.Tensor:
+    def _term_value(self, term: Term, student_values, teacher_values, labels, indices) -> torch.Tensor:
         name = term.name or term.default_name()
         s_names, t_names = _names(term.student_layer), _names(term.teacher_layers)
         s = [self._pick(student_values, n, "student", term) for n in s_names]
@@ -394,6 +405,8 @@ class Distiller(nn.Module):
             args = (s[0], t[0]) if isinstance(term.student_layer, str) else (s, t)
             if term.with_labels:
                 args = (*args, labels)
+            if term.with_indices:
+                args = (*args, indices)
             try:
                 value = term.loss(*args)
             except ValueError as exc:

@@ -324,3 +324,33 @@ def test_ema_validation_and_as_distiller_teacher():
     assert all(p.grad is None for p in ema.parameters())
     distiller.close()
     assert hooks_of(ema) == 0
+
+
+def test_indices_reach_terms_that_ask_for_them_and_crd_trains_through_distiller():
+    student, teacher = Net(4, seed=0), Net(6, seed=1)
+    seen = []
+
+    def with_both(s, t, labels, indices):
+        seen.append((labels.clone(), indices.clone()))
+        return s.float().square().mean()
+
+    x, y = batch()
+    idx = torch.tensor([5, 0, 3, 9, 2, 7])
+    terms = [Term(with_both, with_labels=True, with_indices=True)]
+    with Distiller(student, teacher, terms, hard_weight=0.0) as d:
+        d(x, labels=y, indices=idx)
+        assert torch.equal(seen[0][0], y) and torch.equal(seen[0][1], idx)
+        with pytest.raises(ValueError, match="indices are required"):
+            d(x, labels=y)
+
+    # CRD (memory bank indexed by the samples' dataset indices) end to end
+    crd = fastkd.CRDLoss(student_dim=3, teacher_dim=3, n_data=10, feat_dim=4, nce_k=5)
+    with Distiller(student, teacher, [Term(crd, with_indices=True, weight=0.8)], hard_weight=1.0) as d:
+        d.train()
+        bank_before = crd.memory_s.clone()
+        out = d(x, labels=y, indices=idx)
+        out.loss.backward()
+        assert torch.isfinite(out.loss)
+        assert any(p.grad is not None for p in crd.parameters())  # its embed heads train
+        changed = (crd.memory_s != bank_before).any(dim=1)
+        assert torch.equal(changed.nonzero().squeeze(1).sort().values, idx.sort().values)
