@@ -22,6 +22,7 @@ import argparse
 import csv
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -272,9 +273,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--epochs", type=int, default=20, help="student epochs (the teacher trains 30)")
     parser.add_argument("--smoke", action="store_true", help="a few steps per run, one seed")
     parser.add_argument("--methods", nargs="*", help="only these METHODS names")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where digits.csv / digits.png go")
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="where digits.csv / digits.png go (default examples/results; a temporary folder with --smoke)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     args = parser.parse_args(argv)
+    if args.out is None:  # a smoke run never overwrites the committed results
+        args.out = Path(tempfile.mkdtemp(prefix="fastkd-digits-smoke-")) if args.smoke else RESULTS
     torch.set_num_threads(args.threads)
     seeds = 1 if args.smoke else args.seeds
     sched = Schedule(epochs=1 if args.smoke else args.epochs, max_steps=3 if args.smoke else None)

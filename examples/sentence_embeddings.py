@@ -48,6 +48,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -415,9 +416,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--smoke", action="store_true", help="a few steps on a few hundred sentences, one seed"
     )
     parser.add_argument("--methods", nargs="*", help="only these METHODS names")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where the .csv / .png go")
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="where the .csv / .png go (default examples/results; a temporary folder with --smoke)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for the student)")
     args = parser.parse_args(argv)
+    if args.out is None:  # a smoke run never overwrites the committed results
+        args.out = Path(tempfile.mkdtemp(prefix="fastkd-sentences-smoke-")) if args.smoke else RESULTS
     torch.set_num_threads(args.threads)
     seeds = 1 if args.smoke else args.seeds
     sched = Schedule(

@@ -42,6 +42,7 @@ import inspect
 import math
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -464,7 +465,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--k", type=int, default=8, help="teacher logits stored per position (top-k KD)")
     parser.add_argument("--smoke", action="store_true", help="a few steps per run on a 20 kB slice, one seed")
     parser.add_argument("--methods", nargs="*", help="only these METHODS names")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where tiny_lm.csv / tiny_lm.png go")
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="where tiny_lm.csv / tiny_lm.png go (default examples/results; a temporary folder with --smoke)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -472,6 +476,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="torch threads (1: tiny matmuls, and 2 threads on a shared 2-core CPU were 30× slower)",
     )
     args = parser.parse_args(argv)
+    if args.out is None:  # a smoke run never overwrites the committed results
+        args.out = Path(tempfile.mkdtemp(prefix="fastkd-tiny_lm-smoke-")) if args.smoke else RESULTS
     torch.set_num_threads(args.threads)
     seeds = 1 if args.smoke else args.seeds
     sched = Schedule(steps=3 if args.smoke else args.steps, warmup=1 if args.smoke else 50)
