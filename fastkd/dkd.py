@@ -21,28 +21,6 @@ __all__ = ["DKD_KERNELS", "DKDLoss", "dkd_loss"]
 DKD_KERNELS = ("cpu",)
 
 
-class DKDFunction(torch.autograd.Function):
-    """``(α·TCKD + β·NCKD)·T²`` per row on the fused op, then the reduction.
-
-    The op's gradient is computed in the forward with the reduction's factor;
-    the backward multiplies it by the upstream gradient (per row for ``"none"``).
-    """
-
-    @staticmethod
-    def forward(ctx, student, teacher, labels, alpha, beta, inv_temperature, factor, per_row):
-        row_loss, grad = torch.ops.fastkd.dkd_forward(
-            student, teacher, labels, alpha, beta, inv_temperature, factor, ctx.needs_input_grad[0]
-        )
-        ctx.save_for_backward(grad)
-        return row_loss * factor if per_row else row_loss.sum() * factor
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        grad_student = _functional._scale_by_upstream(grad, grad_output) if ctx.needs_input_grad[0] else None
-        return grad_student, None, None, None, None, None, None, None
-
-
 def dkd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -87,7 +65,10 @@ def dkd_loss(
         )
     n = s.shape[0]
     factor = temperature**2 / (max(n, 1) if reduction == "batchmean" else 1)
-    return DKDFunction.apply(s, t.detach(), y, alpha, beta, 1.0 / temperature, factor, reduction == "none")
+    return _functional.RowLossKernelFunction.apply(
+        torch.ops.fastkd.dkd_forward, factor, reduction == "none",
+        s, t.detach(), y, alpha, beta, 1.0 / temperature, factor,
+    )
 
 
 class DKDLoss(nn.Module):

@@ -111,13 +111,48 @@ class _Rows:
     lead_shape: torch.Size
 
 
-def _as_rows(s: torch.Tensor, t: torch.Tensor, labels, ignore_index: int, mask) -> _Rows:
-    vocab = s.shape[-1]
+def _kept_rows(labels, ignore_index: int, mask) -> torch.Tensor | None:
+    """``(N,)`` bool of the rows that count (label not ``ignore_index``, mask true); None: every row."""
     keep = None
     if labels is not None:
         keep = labels.reshape(-1) != ignore_index
     if mask is not None:
         keep = mask.reshape(-1) if keep is None else keep & mask.reshape(-1)
+    return keep
+
+
+def _loss_factor(reduction: str, scale: float, n_rows: int, keep, vocab: int) -> float:
+    """What the kernels' row losses (and gradients) are multiplied by: ``scale`` over the
+    reduction's denominator (kept rows, × V for ``"mean"``; none for ``"sum"`` / ``"none"``)."""
+    if reduction in ("none", "sum"):
+        return scale
+    n_kept = n_rows if keep is None else int(keep.sum().item())
+    return scale / max(n_kept * (vocab if reduction == "mean" else 1), 1)
+
+
+class RowLossKernelFunction(torch.autograd.Function):
+    """A fused student-only op ``op(student, *op_args, student_grad) -> (row_loss, grad)``
+    whose gradient, already multiplied by ``factor``, comes out of the forward
+    (the top-k and multi-teacher divergences); the backward applies the
+    upstream gradient. ``factor`` also scales the returned loss."""
+
+    @staticmethod
+    def forward(ctx, op, factor, per_row, student, *op_args):
+        row_loss, grad = op(student, *op_args, ctx.needs_input_grad[3])
+        ctx.save_for_backward(grad)
+        ctx.num_op_args = len(op_args)
+        return row_loss * factor if per_row else row_loss.sum() * factor
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        grad_student = _scale_by_upstream(grad, grad_output) if ctx.needs_input_grad[3] else None
+        return (None, None, None, grad_student, *([None] * ctx.num_op_args))
+
+
+def _as_rows(s: torch.Tensor, t: torch.Tensor, labels, ignore_index: int, mask) -> _Rows:
+    vocab = s.shape[-1]
+    keep = _kept_rows(labels, ignore_index, mask)
     return _Rows(_row_major(s.reshape(-1, vocab)), _row_major(t.reshape(-1, vocab)), keep, s.shape[:-1])
 
 
@@ -266,12 +301,7 @@ def divergence(
 
     rows = _as_rows(s, t, labels, ignore_index, mask)
     n_rows, vocab = rows.student.shape
-    if reduction in ("none", "sum"):
-        factor = scale
-    else:
-        n_kept = n_rows if rows.keep is None else int(rows.keep.sum().item())
-        norm = n_kept * (vocab if reduction == "mean" else 1)
-        factor = scale / max(norm, 1)
+    factor = _loss_factor(reduction, scale, n_rows, rows.keep, vocab)
     kind, coef = _kernel_divergence(divergence, beta, alpha)
     loss = DivergenceFunction.apply(
         rows.student, rows.teacher, rows.keep, kind, 1.0 / temperature, coef, factor,

@@ -326,11 +326,7 @@ def fused_linear_divergence(
     if not isinstance(return_parts, bool):
         raise ValueError(f"return_parts must be a bool, got {type(return_parts).__name__}")
 
-    keep = None
-    if labels is not None:
-        keep = labels.reshape(-1) != ignore_index
-    if mask is not None:
-        keep = mask.reshape(-1) if keep is None else keep & mask.reshape(-1)
+    keep = _functional._kept_rows(labels, ignore_index, mask)
     if mixing:
         _hard_labels.check_label_range(labels.reshape(-1), keep, vocab)
 

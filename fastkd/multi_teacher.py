@@ -15,7 +15,14 @@ from collections.abc import Sequence
 import torch
 
 from fastkd import _ops, _validate  # noqa: F401  (_ops registers the fastkd:: ops)
-from fastkd.functional import _backend_for, _kernel_divergence, _row_major, _scale_by_upstream
+from fastkd.functional import (
+    RowLossKernelFunction,
+    _backend_for,
+    _kept_rows,
+    _kernel_divergence,
+    _loss_factor,
+    _row_major,
+)
 from fastkd.reference import multi_teacher as _reference
 
 __all__ = ["mixture_divergence"]
@@ -27,24 +34,6 @@ MIXTURE_KERNELS = ("cpu",)
 # How far the weights' sum may be from 1 (SPEC §6: "weights not summing to 1"
 # is an error); loose enough for float32 weights from a softmax.
 WEIGHT_SUM_TOLERANCE = 1e-6
-
-
-class MixtureDivergenceFunction(torch.autograd.Function):
-    """Fused multi-teacher divergence on ``(N, V)`` student logits; one kernel call."""
-
-    @staticmethod
-    def forward(ctx, student, teachers, weights, row_mask, kind, inv_temperature, coef, factor, per_row):
-        row_loss, grad = torch.ops.fastkd.mixture_divergence_forward(
-            student, teachers, weights, row_mask, kind, inv_temperature, coef, factor, ctx.needs_input_grad[0]
-        )
-        ctx.save_for_backward(grad)
-        return row_loss * factor if per_row else row_loss.sum() * factor
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        grad_student = _scale_by_upstream(grad, grad_output) if ctx.needs_input_grad[0] else None
-        return grad_student, None, None, None, None, None, None, None, None
 
 
 def check_teacher_weights(teacher_weights, count: int) -> torch.Tensor:
@@ -147,19 +136,11 @@ def mixture_divergence(
     teachers = t.reshape(count, -1, vocab)
     if vocab > 1 and teachers.stride(-1) != 1:
         teachers = teachers.contiguous()
-    keep = None
-    if labels is not None:
-        keep = labels.reshape(-1) != ignore_index
-    if mask is not None:
-        keep = mask.reshape(-1) if keep is None else keep & mask.reshape(-1)
-    n_rows = student.shape[0]
-    if reduction in ("none", "sum"):
-        factor = scale
-    else:
-        n_kept = n_rows if keep is None else int(keep.sum().item())
-        factor = scale / max(n_kept * (vocab if reduction == "mean" else 1), 1)
+    keep = _kept_rows(labels, ignore_index, mask)
+    factor = _loss_factor(reduction, scale, student.shape[0], keep, vocab)
     kind, coef = _kernel_divergence(divergence, beta, alpha)
-    loss = MixtureDivergenceFunction.apply(
-        student, teachers, weights, keep, kind, 1.0 / temperature, coef, factor, reduction == "none"
+    loss = RowLossKernelFunction.apply(
+        torch.ops.fastkd.mixture_divergence_forward, factor, reduction == "none",
+        student, teachers, weights, keep, kind, 1.0 / temperature, coef, factor,
     )
     return loss.reshape(s.shape[:-1]) if reduction == "none" else loss

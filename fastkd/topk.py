@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 from fastkd import _hard_labels, _ops, _validate  # noqa: F401  (_ops registers the fastkd:: ops)
-from fastkd.functional import _backend_for, _kernel_divergence, _row_major, _scale_by_upstream
+from fastkd.functional import (
+    RowLossKernelFunction,
+    _backend_for,
+    _kept_rows,
+    _kernel_divergence,
+    _loss_factor,
+    _row_major,
+)
 from fastkd.reference import fused_linear as _reference_fused_linear
 from fastkd.reference import topk as _reference_topk
 
@@ -32,29 +39,6 @@ TOPK_DIVERGENCES = ("kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
 # How far above 0 a stored log-probability may be (rounding of a fp16 / bf16
 # store) before teacher_is_logprob=True rejects it as not a log-probability.
 _LOGPROB_SLACK = 1e-2
-
-
-class TopKDivergenceFunction(torch.autograd.Function):
-    """Fused top-k divergence on ``(N, V)`` student logits; one kernel call.
-
-    Like ``DivergenceFunction``: the kernel returns the row losses and the
-    student gradient already multiplied by the reduction's factor; the
-    backward applies the upstream gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, student, index, values, row_mask, kind, inv_temperature, coef, factor, per_row):
-        row_loss, grad = torch.ops.fastkd.topk_divergence_forward(
-            student, index, values, row_mask, kind, inv_temperature, coef, factor, ctx.needs_input_grad[0]
-        )
-        ctx.save_for_backward(grad)
-        return row_loss * factor if per_row else row_loss.sum() * factor
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        grad_student = _scale_by_upstream(grad, grad_output) if ctx.needs_input_grad[0] else None
-        return grad_student, None, None, None, None, None, None, None, None
 
 
 def _check_teacher(student: torch.Tensor, index, values, teacher_is_logprob: bool):
@@ -205,19 +189,10 @@ def topk_divergence(
     return (total, hard, soft) if return_parts else total
 
 
-def _keep_rows(labels, ignore_index, mask) -> torch.Tensor | None:
-    keep = None
-    if labels is not None:
-        keep = labels.reshape(-1) != ignore_index
-    if mask is not None:
-        keep = mask.reshape(-1) if keep is None else keep & mask.reshape(-1)
-    return keep
-
-
 def _hard_part(s, labels, ignore_index, mask, reduction, hard_weight, chosen):
     """``hard_weight · CE(s, labels)`` over the kept rows (validated arguments, labels given)."""
     vocab = s.shape[-1]
-    keep = _keep_rows(labels, ignore_index, mask)
+    keep = _kept_rows(labels, ignore_index, mask)
     _hard_labels.check_label_range(labels.reshape(-1), keep, vocab)
     if chosen == "reference":
         return hard_weight * _reference_fused_linear.cross_entropy(
@@ -238,16 +213,12 @@ def _fused_topk(s, teacher_index, values, divergence, temperature, beta, alpha, 
     index = teacher_index.reshape(-1, k).contiguous()
     value_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
     value_rows = values.reshape(-1, k).to(value_dtype).contiguous()
-    keep = _keep_rows(labels, ignore_index, mask)
-    n_rows = student.shape[0]
-    if reduction in ("none", "sum"):
-        factor = scale
-    else:
-        n_kept = n_rows if keep is None else int(keep.sum().item())
-        factor = scale / max(n_kept * (vocab if reduction == "mean" else 1), 1)
+    keep = _kept_rows(labels, ignore_index, mask)
+    factor = _loss_factor(reduction, scale, student.shape[0], keep, vocab)
     kind, coef = _kernel_divergence(divergence, beta, alpha)
-    loss = TopKDivergenceFunction.apply(
-        student, index, value_rows, keep, kind, 1.0 / temperature, coef, factor, reduction == "none"
+    loss = RowLossKernelFunction.apply(
+        torch.ops.fastkd.topk_divergence_forward, factor, reduction == "none",
+        student, index, value_rows, keep, kind, 1.0 / temperature, coef, factor,
     )
     return loss.reshape(s.shape[:-1]) if reduction == "none" else loss
 
