@@ -18,8 +18,14 @@ from L2 while the rows resident at once (about one per SM: 2·V·b bytes each)
 fit in it: on a 50 MiB L2 with 132 SMs up to V ≈ 49K in fp32 (≈ 99K in
 bf16 / fp16); beyond that the re-reads go to HBM.
 
-Everything is accumulated in float32; bf16 / fp16 logits are widened as they
-are loaded and the gradients rounded to the input dtype as they are stored.
+Everything is accumulated in float32 except the normalisers Σ exp, summed
+(per chunk, across lanes) and logged in float64 so that the row constant of
+the log ratio log(q/p) = (s − t)/T − row constant is rounded once; the
+mixture divergences (JSD, skew) are written in that log ratio rather than as
+differences of log-probabilities, which at T = 100 cancel to ~1e-3 of their
+magnitude (their error went from about 2× the float32 reference's to 0.1–0.6×
+of it). bf16 / fp16 logits are widened as they are loaded and the gradients
+rounded to the input dtype as they are stored.
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernel runs
 on CPU tensors, which is how the tests check it without a GPU.
 """
@@ -87,46 +93,75 @@ def _half_sign(d):
 
 
 @triton.jit
+def _expm1(x):
+    # e^x − 1 = (u − 1) · x / log u with u = fl(e^x) (Kahan): the ratio cancels
+    # the rounding of u; accurate for the |x| < 1 it is used at
+    u = tl.exp(x)
+    return tl.where(u == 1.0, x, (u - 1.0) * (x / tl.log(u)))
+
+
+@triton.jit
+def _log_mixture_ratio(d, one_minus_c, log_c, log_one_minus_c):
+    # log(c + (1 − c) e^d) for a log ratio d: the log of m / (the reference
+    # side) for m = c·ref + (1 − c)·other and d = log(other / ref). Near d = 0
+    # the result is near 0 and is formed as log1p((1 − c) expm1(d)), so no
+    # difference of two log-probabilities of magnitude ~log V is taken.
+    near = _log1p(one_minus_c * _expm1(d))
+    far = _logaddexp(log_c + tl.zeros_like(d), log_one_minus_c + d)
+    return tl.where(tl.abs(d) < 1.0, near, far)
+
+
+@triton.jit
 def _element_terms(
-    logp, logq, p, q, ratio_q, ratio_p, c, one_minus_c, log_c, log_one_minus_c, KIND: tl.constexpr
+    p, q, log_ratio, ratio_q, ratio_p, c, one_minus_c, log_c, log_one_minus_c, KIND: tl.constexpr
 ):
     """Per-element (loss, u, v, p, q) of divergence KIND: element_terms() of divergence_math.h.
 
     u = q ∂L/∂q and v = p ∂L/∂p, less the terms proportional to q (p) that
     cancel in the softmax Jacobian, including a row constant: ratio_q is
     log(q/p) and ratio_p is log(p/q), each minus its value at the mode of
-    q (p). c is β (JSD) or α (skew).
+    q (p). c is β (JSD) or α (skew). log_ratio is log(q/p) itself, formed
+    from the logit difference and one row constant (see _terms_at), which
+    every log ratio below is written in: the same quantities as
+    divergence_math.h's, with the cancellation of log p − log q (both ~log V,
+    their difference ~1e-3 at T = 100) taken out of the per-element work.
     """
     if KIND == 0:
         # KL(p‖q) = Σ p (log p − log q);  u = −p,  v = p (log p − log q − c_p)
-        loss = _zero_where_zero(p, p * (logp - logq))
+        loss = _zero_where_zero(p, -p * log_ratio)
         u = -p
         v = _zero_where_zero(p, p * ratio_p)
     elif KIND == 1:
         # KL(q‖p) = Σ q (log q − log p);  u = q (log q − log p − c_q),  v = −q
-        loss = _zero_where_zero(q, q * (logq - logp))
+        loss = _zero_where_zero(q, q * log_ratio)
         u = _zero_where_zero(q, q * ratio_q)
         v = -q
     elif KIND == 2:
-        # m = β p + (1−β) q in log space;  L = β KL(p‖m) + (1−β) KL(q‖m)
+        # m = β p + (1−β) q;  L = β KL(p‖m) + (1−β) KL(q‖m)
         # u = (1−β) q (log q − log m),  v = β p (log p − log m)
-        logm = _logaddexp(log_c + logp, log_one_minus_c + logq)
-        u = one_minus_c * _zero_where_zero(q, q * (logq - logm))
-        v = c * _zero_where_zero(p, p * (logp - logm))
+        # with log(m/p) = log(β + (1−β) q/p) and log(m/q) = log((1−β) + β p/q)
+        # (each finite where its own probability is positive)
+        log_m_over_p = _log_mixture_ratio(log_ratio, one_minus_c, log_c, log_one_minus_c)
+        log_m_over_q = _log_mixture_ratio(-log_ratio, c, log_one_minus_c, log_c)
+        u = one_minus_c * _zero_where_zero(q, -q * log_m_over_q)
+        v = c * _zero_where_zero(p, -p * log_m_over_p)
         loss = v + u
     elif KIND == 3:
         # m = α p + (1−α) q;  L = KL(p‖m)
-        # u = −(1−α) q p / m,  v = p (log p − log m) − α p² / m
-        logm = _logaddexp(log_c + logp, log_one_minus_c + logq)
-        loss = _zero_where_zero(p, p * (logp - logm))
-        u = -one_minus_c * _zero_where_zero(p, tl.exp(logp + logq - logm))
-        v = loss - c * _zero_where_zero(p, tl.exp(logp + logp - logm))
+        # u = −(1−α) q p / m,  v = p (log p − log m) − α p² / m,  p / m = e^(−log(m/p))
+        log_m_over_p = _log_mixture_ratio(log_ratio, one_minus_c, log_c, log_one_minus_c)
+        p_over_m = tl.exp(-log_m_over_p)
+        loss = _zero_where_zero(p, -p * log_m_over_p)
+        u = -one_minus_c * _zero_where_zero(p, q * p_over_m)
+        v = loss - c * _zero_where_zero(p, p * p_over_m)
     elif KIND == 4:
-        # m = α q + (1−α) p;  L = KL(q‖m)  (KIND 3 with the roles swapped)
-        logm = _logaddexp(log_c + logq, log_one_minus_c + logp)
-        loss = _zero_where_zero(q, q * (logq - logm))
-        u = loss - c * _zero_where_zero(q, tl.exp(logq + logq - logm))
-        v = -one_minus_c * _zero_where_zero(q, tl.exp(logp + logq - logm))
+        # m = α q + (1−α) p;  L = KL(q‖m)  (KIND 3 with the roles swapped:
+        # log(m/q) = log(α + (1−α) p/q), p/q = e^(−log_ratio))
+        log_m_over_q = _log_mixture_ratio(-log_ratio, one_minus_c, log_c, log_one_minus_c)
+        q_over_m = tl.exp(-log_m_over_q)
+        loss = _zero_where_zero(q, -q * log_m_over_q)
+        u = loss - c * _zero_where_zero(q, q * q_over_m)
+        v = -one_minus_c * _zero_where_zero(q, p * q_over_m)
     else:
         tl.static_assert(KIND == 5, "unknown divergence kind")
         # TVD = ½ Σ |p − q|;  u = q · ½ sign(q − p),  v = −p · ½ sign(q − p)
@@ -149,13 +184,16 @@ def _online_max_sum_exp(m, d, at, x, offs, V, inv_temperature, TRACK_AT: tl.cons
     # Running m = max x, d = Σ exp((x − m) / T) and (if TRACK_AT) `at`, the
     # first index holding m (V while there is none), after the chunk x. While
     # the row has been all −inf the shift is 0, so no −inf − (−inf) appears;
-    # a NaN (or +inf) logit makes d NaN.
+    # a NaN (or +inf) logit makes d NaN. d is float64: the chunk's terms are
+    # summed in float64, so log d (and the log ratio's row constant built
+    # from it) carry about float32's rounding of one value, not of a sum.
     chunk_max = tl.max(x, 0)
     if TRACK_AT:
         at = tl.where(chunk_max > m, tl.min(tl.where(x == chunk_max, offs, V), 0), at)
     m_new = _max_nan(m, chunk_max)
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    d = d * tl.exp((m - shift) * inv_temperature) + tl.sum(tl.exp((x - shift) * inv_temperature), 0)
+    rescale = tl.exp((m - shift) * inv_temperature).to(tl.float64)
+    d = d * rescale + tl.sum(tl.exp((x - shift) * inv_temperature).to(tl.float64), 0)
     return m_new, d, at
 
 
@@ -163,6 +201,7 @@ def _online_max_sum_exp(m, d, at, x, offs, V, inv_temperature, TRACK_AT: tl.cons
 def _terms_at(
     s_row, t_row, offs, V,
     m_s, log_d_s, m_t, log_d_t,  # row maxima and log Σ exp((x − m) / T)
+    row_shift,  # log(q/p) = (s − t) / T − row_shift
     s_mode, t_at_s_mode, t_mode, s_at_t_mode,  # logits at the modes of q and p
     inv_temperature, c, one_minus_c, log_c, log_one_minus_c, KIND: tl.constexpr,
 ):
@@ -179,8 +218,13 @@ def _terms_at(
     # mode), from logit differences; only KL and REVERSE_KL read them
     ratio_q = (s - s_mode) * inv_temperature - (t - t_at_s_mode) * inv_temperature
     ratio_p = (t - t_mode) * inv_temperature - (s - s_at_t_mode) * inv_temperature
+    # log(q/p) = (s − t)/T − ((max_s − max_t)/T + log d_s − log d_t): small
+    # where p ≈ q, and rounded relative to that size, where log q − log p
+    # would carry the rounding of two numbers of magnitude ~log V. Where both
+    # logits are −inf it is NaN, and p = q = 0 zero every term that reads it.
+    log_ratio = (s - t) * inv_temperature - row_shift
     return _element_terms(
-        logp, logq, tl.exp(logp), tl.exp(logq), ratio_q, ratio_p, c, one_minus_c, log_c, log_one_minus_c, KIND
+        tl.exp(logp), tl.exp(logq), log_ratio, ratio_q, ratio_p, c, one_minus_c, log_c, log_one_minus_c, KIND
     )
 
 
@@ -247,10 +291,10 @@ def _divergence_fwd_kernel(
     # log Σ_j exp((x_j − max) / T), online. An all −inf row keeps max = −inf,
     # so its x − max and its loss are NaN (it has no distribution).
     m_s = float("-inf")
-    d_s = 0.0
+    d_s = tl.zeros([], tl.float64)
     s_at = V
     m_t = float("-inf")
-    d_t = 0.0
+    d_t = tl.zeros([], tl.float64)
     t_at = V
     for start in range(0, V, BLOCK):
         offs = start + cols
@@ -258,8 +302,14 @@ def _divergence_fwd_kernel(
         t = tl.load(t_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
         m_s, d_s, s_at = _online_max_sum_exp(m_s, d_s, s_at, s, offs, V, inv_temperature, NEED_MODES)
         m_t, d_t, t_at = _online_max_sum_exp(m_t, d_t, t_at, t, offs, V, inv_temperature, NEED_MODES)
-    log_d_s = tl.log(d_s)
-    log_d_t = tl.log(d_t)
+    log_d_s64 = tl.log(d_s)
+    log_d_t64 = tl.log(d_t)
+    # in float64, then rounded once: the row constant of log(q/p)
+    row_shift = ((m_s.to(tl.float64) - m_t.to(tl.float64)) * inv_temperature + (log_d_s64 - log_d_t64)).to(
+        tl.float32
+    )
+    log_d_s = log_d_s64.to(tl.float32)
+    log_d_t = log_d_t64.to(tl.float32)
     s_mode = 0.0
     t_at_s_mode = 0.0
     t_mode = 0.0
@@ -281,7 +331,8 @@ def _divergence_fwd_kernel(
     for start in range(0, V, BLOCK):
         offs = start + cols
         loss, u, v, p, q = _terms_at(
-            s_row, t_row, offs, V, m_s, log_d_s, m_t, log_d_t, s_mode, t_at_s_mode, t_mode, s_at_t_mode,
+            s_row, t_row, offs, V, m_s, log_d_s, m_t, log_d_t, row_shift, s_mode, t_at_s_mode, t_mode,
+                s_at_t_mode,
             inv_temperature, c, one_minus_c, log_c, log_one_minus_c, KIND,
         )
         loss_acc += loss
@@ -302,7 +353,8 @@ def _divergence_fwd_kernel(
         for start in range(0, V, BLOCK):
             offs = start + cols
             loss, u, v, p, q = _terms_at(
-                s_row, t_row, offs, V, m_s, log_d_s, m_t, log_d_t, s_mode, t_at_s_mode, t_mode, s_at_t_mode,
+                s_row, t_row, offs, V, m_s, log_d_s, m_t, log_d_t, row_shift, s_mode, t_at_s_mode, t_mode,
+                s_at_t_mode,
                 inv_temperature, c, one_minus_c, log_c, log_one_minus_c, KIND,
             )
             if STUDENT_GRAD:

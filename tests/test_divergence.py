@@ -127,10 +127,10 @@ def test_float64_inputs(backend):
         check_parity(backend, s, t, divergence=divergence, temperature=3.0, teacher_grad=True)
 
 
-# The CPU kernel only: at the ill-conditioned end of this range (T near 100,
-# tiny divergences) the Triton kernel's error is about 2-3x the fp32
-# reference's, just outside the 2x rule (open work: compensated sums there).
-@pytest.mark.parametrize("backend", [p for p in backend_params() if p.id == "cpu"])
+# At the ill-conditioned end of this range (T near 100, divergences ~1e-4)
+# the mixture divergences' log ratios are differences of two numbers of
+# magnitude ~log V: the kernels form them from logit differences instead.
+@pytest.mark.parametrize("backend", backend_params())
 @settings(max_examples=25, deadline=None, derandomize=True)  # same examples in every CI run
 @given(
     rows=st.integers(1, 6),
