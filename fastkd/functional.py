@@ -221,7 +221,9 @@ def divergence(
             temperature 1, not multiplied by ``scale``, over the same kept
             rows; for ``"batchmean"`` and ``"mean"`` it is divided by the kept
             rows (not by V), for ``"sum"`` summed, for ``"none"`` per row.
-            Kept rows' labels must lie in ``[0, V)``.
+            Kept rows' labels must lie in ``[0, V)``. Works with several
+            teachers (the mixture is the soft term) and with
+            ``process_group`` (global class ids).
         soft_weight: ``>= 0`` multiplier of the divergence term (default 1).
         return_parts: return ``(total, hard_part, soft_part)`` (weighted, so
             ``total = hard_part + soft_part``; ``hard_part`` is 0 when mixing is
@@ -243,13 +245,6 @@ def divergence(
     s = _validate.tensor("student_logits", student_logits)
     t = _validate.tensor("teacher_logits", teacher_logits)
     several_teachers = teacher_weights is not None or t.dim() == s.dim() + 1
-    if (process_group is not None or several_teachers) and (
-        hard_weight or soft_weight != 1.0 or return_parts
-    ):
-        raise ValueError(
-            "hard_weight / soft_weight / return_parts are not supported with teacher_weights (several "
-            "teachers) or process_group yet; add the cross-entropy term separately"
-        )
     if process_group is not None:
         if backend not in ("auto", "reference") or teacher_weights is not None:
             raise ValueError(
@@ -261,7 +256,17 @@ def divergence(
         return vocab_parallel_divergence(
             s, t, process_group=process_group, divergence=divergence, temperature=temperature,
             beta=beta, alpha=alpha, scale=scale, reduction=reduction, labels=labels,
-            ignore_index=ignore_index, mask=mask,
+            ignore_index=ignore_index, mask=mask, hard_weight=hard_weight, soft_weight=soft_weight,
+            return_parts=return_parts,
+        )
+    if several_teachers and (hard_weight or soft_weight != 1.0 or return_parts):
+        # the cross-entropy needs the student only: the mixture is the soft term
+        hard_weight, soft_weight, _ = _hard_labels.mixing_weights(hard_weight, soft_weight, labels)
+        return _mixed_divergence(
+            s, t, divergence=divergence, temperature=temperature, beta=beta, alpha=alpha, scale=scale,
+            reduction=reduction, labels=labels, ignore_index=ignore_index, mask=mask,
+            hard_weight=hard_weight, soft_weight=soft_weight, return_parts=return_parts, backend=backend,
+            teacher_weights=teacher_weights,
         )
     if several_teachers:
         from fastkd.multi_teacher import mixture_divergence
@@ -322,20 +327,22 @@ def _mixed_divergence(s, t, *, labels, ignore_index, mask, reduction, hard_weigh
     if hard_weight == 0.0:
         total = soft
         return (total, torch.zeros_like(soft), soft) if return_parts else total
-    rows = _as_rows(s, t, labels, ignore_index, mask)
-    _hard_labels.check_label_range(labels.reshape(-1), rows.keep, rows.student.shape[1])
+    # the student's rows only: t may be (K, ..., V), several teachers
+    student_rows = _row_major(s.reshape(-1, s.shape[-1]))
+    keep = _kept_rows(labels, ignore_index, mask)
+    _hard_labels.check_label_range(labels.reshape(-1), keep, student_rows.shape[1])
     if _dispatch.resolve(backend, s) == "reference":
         hard = hard_weight * _reference_fused_linear.cross_entropy(
             s, labels, reduction=reduction, ignore_index=ignore_index, mask=mask
         )
     else:
-        n_kept = int(rows.keep.sum().item())
+        n_kept = int(keep.sum().item())
         factor = hard_weight * _hard_labels.reduce_factor(reduction, n_kept)
         hard = _hard_labels.CrossEntropyFunction.apply(
-            rows.student, labels.reshape(-1).long(), rows.keep, factor, reduction == "none"
+            student_rows, labels.reshape(-1).long(), keep, factor, reduction == "none"
         )
         if reduction == "none":
-            hard = hard.reshape(rows.lead_shape)
+            hard = hard.reshape(s.shape[:-1])
     total = hard + soft
     return (total, hard, soft) if return_parts else total
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fastkd import _validate
+from fastkd import _hard_labels, _validate
 from fastkd.reference.divergence import row_divergence
 
 __all__ = ["vocab_parallel_divergence"]
@@ -73,15 +73,24 @@ class _SharedSum(torch.autograd.Function):
         return grad, None
 
 
-def _global_log_sum_exp(a: torch.Tensor, group) -> torch.Tensor:
-    """``(..., 1)`` log Σ_v exp(a_v) over the vocabulary shards of every rank."""
+def _global_log_sum_exp(a: torch.Tensor, group, *, replicated: bool = False) -> torch.Tensor:
+    """``(..., 1)`` log Σ_v exp(a_v) over the vocabulary shards of every rank.
+
+    ``replicated=False``: every rank uses the result in its own partial sum
+    (the divergence's log-softmax), so the backward sums the ranks'
+    gradients (:class:`_SharedSum`). ``replicated=True``: the result enters
+    the loss directly, identically on every rank (the cross-entropy's
+    log-sum-exp), so each rank's gradient already is the whole one
+    (:class:`_SumOfPartials`); summing would multiply it by the world size.
+    """
     with torch.no_grad():
         top = a.amax(dim=-1, keepdim=True)
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
         # a shard that is all −inf contributes exp(−inf − top) = 0; only a row
         # that is −inf on every rank has top = −inf (NaN below, as documented)
     local = torch.exp(a - top).sum(dim=-1, keepdim=True)
-    return top + _SharedSum.apply(local, group).log()
+    total = (_SumOfPartials if replicated else _SharedSum).apply(local, group)
+    return top + total.log()
 
 
 def vocab_parallel_divergence(
@@ -98,7 +107,10 @@ def vocab_parallel_divergence(
     labels: torch.Tensor | None = None,
     ignore_index: int = -100,
     mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    hard_weight: float | None = None,
+    soft_weight: float = 1.0,
+    return_parts: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fastkd.divergence` on logits sharded along the vocabulary across ``process_group``.
 
     Args:
@@ -109,12 +121,18 @@ def vocab_parallel_divergence(
         process_group: an initialised ``torch.distributed`` process group
             (``None`` is not accepted here: pass ``dist.group.WORLD``
             explicitly to shard across every rank).
+        hard_weight, soft_weight, return_parts: hard-label mixing as in
+            :func:`fastkd.divergence`; ``labels`` are global class ids in
+            ``[0, V)``: the rank whose slice holds a row's label contributes
+            its logit, and the cross-entropy's log-sum-exp (at temperature 1)
+            is all-reduced like the divergence's.
         The rest: as :func:`fastkd.divergence` (``"mean"`` divides by kept
-        rows × the global V; ``labels`` / ``mask`` are the same on every rank).
+            rows × the global V; ``labels`` / ``mask`` are the same on every rank).
 
     Returns:
-        The same value on every rank: the divergence of the unsharded logits.
-        Backward gives each rank the gradient of its own slice.
+        The same value on every rank: the divergence of the unsharded logits
+        (``(total, hard, soft)`` with ``return_parts``). Backward gives each
+        rank the gradient of its own slice.
     """
     s = _validate.tensor("student_logits", student_logits)
     t = _validate.tensor("teacher_logits", teacher_logits)
@@ -132,10 +150,16 @@ def vocab_parallel_divergence(
     lead = s.shape[:-1]
     labels = _validate.row_selector("labels", labels, lead, s, integer=True)
     mask = _validate.row_selector("mask", mask, lead, s, integer=False)
+    hard_weight, soft_weight, mixing = _hard_labels.mixing_weights(hard_weight, soft_weight, labels)
 
-    local_vocab = torch.tensor([s.shape[-1]], dtype=torch.int64, device=s.device)
-    dist.all_reduce(local_vocab, op=dist.ReduceOp.SUM, group=process_group)
-    vocab = int(local_vocab.item())
+    # every rank's slice width, in rank order: V, and where this rank's slice starts
+    world = dist.get_world_size(process_group)
+    widths = [torch.zeros(1, dtype=torch.int64, device=s.device) for _ in range(world)]
+    width = torch.tensor([s.shape[-1]], dtype=torch.int64, device=s.device)
+    dist.all_gather(widths, width, group=process_group)
+    widths = [int(w.item()) for w in widths]
+    vocab = sum(widths)
+    offset = sum(widths[: dist.get_rank(process_group)])
     if vocab == 0:
         raise ValueError("student_logits: the vocabulary is empty on every rank")
 
@@ -157,16 +181,40 @@ def vocab_parallel_divergence(
     # the row divergence is a sum over the vocabulary: local sums, then a global one
     local_rows = row_divergence(log_p, log_q, divergence, beta=beta, alpha=alpha)
     rows = _SumOfPartials.apply(local_rows, process_group)
+    soft = scale * _reduce(rows, reduction, keep, kept, lead, vocab)
+    if not mixing and soft_weight == 1.0 and not return_parts:
+        return soft
+    soft = soft_weight * soft
+    if not mixing:
+        return (soft, torch.zeros_like(soft), soft) if return_parts else soft
 
+    y = labels.reshape(-1)[kept].long()
+    _hard_labels.check_label_range(y, None, vocab)
+    x = s.reshape(-1, s.shape[-1])[kept].to(acc)
+    # CE_i = log Σ_v exp(x_iv) − x_{i, y_i}: the label's logit comes from the
+    # one rank whose slice holds it (0 from the others), summed over the ranks
+    here = (y >= offset) & (y < offset + s.shape[-1])
+    local_index = torch.where(here, y - offset, torch.zeros_like(y)).unsqueeze(-1)
+    label_logit = torch.where(here, x.gather(-1, local_index).squeeze(-1), torch.zeros((), dtype=acc))
+    label_logit = _SumOfPartials.apply(label_logit, process_group)
+    ce_rows = _global_log_sum_exp(x, process_group, replicated=True).squeeze(-1) - label_logit
+    # the cross-entropy's "mean" divides by the kept rows only (not by V)
+    ce_reduction = "batchmean" if reduction == "mean" else reduction
+    hard = hard_weight * _reduce(ce_rows, ce_reduction, keep, kept, lead, vocab)
+    total = hard + soft
+    return (total, hard, soft) if return_parts else total
+
+
+def _reduce(rows: torch.Tensor, reduction: str, keep, kept, lead, vocab: int) -> torch.Tensor:
+    """The kept rows' values reduced: ``"none"`` scattered back to ``lead`` (0 for excluded
+    rows), ``"sum"``, ``"batchmean"`` (/ kept rows) or ``"mean"`` (/ kept rows · V)."""
     if reduction == "none":
-        out = torch.zeros(keep.shape[0], dtype=acc, device=s.device).index_put((kept,), rows)
-        return scale * out.reshape(lead)
+        out = torch.zeros(keep.shape[0], dtype=rows.dtype, device=rows.device).index_put((kept,), rows)
+        return out.reshape(lead)
     total = rows.sum()
-    if reduction == "sum":
-        return scale * total
     n_kept = kept.numel()
-    if n_kept == 0:
-        return scale * total  # an empty sum: 0, with a zero gradient
+    if reduction == "sum" or n_kept == 0:
+        return total  # an empty sum is 0, with a zero gradient
     if reduction == "batchmean":
-        return scale * total / n_kept
-    return scale * total / (n_kept * vocab)
+        return total / n_kept
+    return total / (n_kept * vocab)

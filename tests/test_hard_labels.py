@@ -131,3 +131,46 @@ def test_bad_arguments(change, match, backend):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         fastkd.divergence(torch.zeros(3, 8), torch.zeros(3, 8), backend=backend, **args)
+
+
+def _mixture_backends():
+    from fastkd.multi_teacher import MIXTURE_KERNELS
+
+    names = ("reference", *MIXTURE_KERNELS)
+    return [p for p in backend_params(include_reference=True) if p.id in names]
+
+
+@pytest.mark.parametrize("backend", _mixture_backends())
+@pytest.mark.parametrize("reduction", ("batchmean", "mean", "none"))
+def test_several_teachers(backend, reduction):
+    # CE of the student + the mixture divergence of K = 3 teachers, against
+    # F.cross_entropy and the reference mixture computed separately in float64
+    from fastkd.reference import multi_teacher as reference_mt
+
+    s, t = logits((2, 5, 33), torch.float32, 13), logits((3, 2, 5, 33), torch.float32, 14)
+    w = torch.tensor([0.5, 0.2, 0.3], dtype=torch.float64)
+    y = class_labels((2, 5), 33, 15, ignored=(3,))
+    upstream = torch.linspace(0.3, 1.7, 10, dtype=torch.float64).reshape(2, 5)
+    kwargs = dict(divergence="jsd", temperature=3.0, reduction=reduction, labels=y)
+
+    def mixed(a, b):
+        total, hard, soft = fastkd.divergence(
+            a, b.detach(), teacher_weights=w, hard_weight=0.6, soft_weight=0.4, return_parts=True, backend=backend,
+            **kwargs,
+        )
+        torch.testing.assert_close(total, hard + soft)
+        return total
+
+    def composed(a, b):
+        kept = y.reshape(-1) != -100
+        ce_rows = F.cross_entropy(a.reshape(-1, 33)[kept], y.reshape(-1)[kept], reduction="none")
+        if reduction == "none":
+            ce = torch.zeros(10, dtype=a.dtype).index_put((kept.nonzero().squeeze(1),), ce_rows).reshape(2, 5)
+        else:
+            ce = ce_rows.mean()
+        return 0.6 * ce + 0.4 * reference_mt.mixture_divergence(a, b.detach(), w, **kwargs)
+
+    got = run(mixed, s, t, upstream)
+    want = run(composed, s.double(), t.double(), upstream)
+    assert_matches(got[0], want[0], torch.float32, f"{backend} several-teacher mixed loss")
+    assert_matches(got[1], want[1], torch.float32, f"{backend} several-teacher mixed student grad")

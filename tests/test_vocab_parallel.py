@@ -28,6 +28,13 @@ def _cases():
         ("mean-mask", {"reduction": "mean", "mask": "mask", "divergence": "jsd"}, (6, 50), (1, 49), False),
         ("sum-teacher-grad", {"reduction": "sum", "divergence": "kl"}, (4, 40), (25, 15), True),
         ("neg-inf-shard", {"divergence": "kl", "temperature": 3.0}, (3, 30), (10, 20), False),
+        # hard-label mixing: each row's label lies in one rank's slice
+        ("hard-batchmean", {"labels": "labels", "hard_weight": 0.4, "soft_weight": 0.6, "divergence": "jsd"},
+         (5, 37), (20, 17), False),
+        ("hard-mean-parts", {"reduction": "mean", "labels": "labels", "mask": "mask", "hard_weight": 1.0,
+                             "return_parts": True}, (6, 50), (1, 49), True),
+        ("hard-none", {"reduction": "none", "labels": "labels", "hard_weight": 0.5, "temperature": 2.0},
+         (2, 3, 64), (40, 24), False),
     ]
     return cases
 
@@ -57,6 +64,8 @@ def _losses_and_grads(s, t, kwargs, teacher_grad, fn):
     s = s.clone().requires_grad_(True)
     t = t.clone().requires_grad_(teacher_grad)
     loss = fn(s, t, **kwargs)
+    if isinstance(loss, tuple):  # return_parts: (total, hard, soft), every part's gradient
+        loss = torch.stack(loss)
     weight = torch.full_like(loss, UPSTREAM)
     if loss.dim():
         weight = weight * torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
@@ -108,7 +117,15 @@ def test_sharded_equals_unsharded(sharded_results, case):
     if name == "neg-inf-shard":
         s[0, :10] = -torch.inf
     kwargs = _resolve(kwargs, labels, mask)
-    want = _losses_and_grads(s, t, kwargs, teacher_grad, reference.divergence)
+    # the unsharded reference; hard-label mixing through fastkd's reference
+    # backend (F.cross_entropy + the reference divergence)
+    mixing = "hard_weight" in kwargs or "return_parts" in kwargs
+    def expected(a, b, **kw):
+        if mixing:
+            return fastkd.divergence(a, b, backend="reference", **kw)
+        return reference.divergence(a, b, **kw)
+
+    want = _losses_and_grads(s, t, kwargs, teacher_grad, expected)
     for rank in range(WORLD):
         loss, gs, gt = sharded_results[rank][name]
         torch.testing.assert_close(loss, want[0], rtol=1e-10, atol=1e-12)
