@@ -8,6 +8,13 @@ from torch import nn
 from fastkd import functional as F
 
 
+def _flag(name: str, value) -> bool:
+    """``value`` if it is a bool, else ``ValueError`` naming the argument."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 class DivergenceLoss(nn.Module):
     """Module form of :func:`fastkd.divergence`; keyword arguments as there.
 
@@ -81,7 +88,9 @@ class KDLoss(DivergenceLoss):
 class InfoNCELoss(nn.Module):
     """Module form of :func:`fastkd.info_nce`; keyword arguments as there.
 
-    ``forward(q (N, D), k (M, D), labels=None)`` → ``()`` loss.
+    ``forward(q (N, D), k (M, D), labels=None)`` → ``()`` loss. With
+    ``gather=True`` the negatives span every rank of ``process_group``
+    (default: the world), as :func:`fastkd.info_nce`'s ``gather``.
     """
 
     def __init__(
@@ -91,12 +100,16 @@ class InfoNCELoss(nn.Module):
         symmetric: bool = False,
         normalize: bool = False,
         backend: str = "auto",
+        gather: bool = False,
+        process_group=None,
     ) -> None:
         super().__init__()
         self.temperature = temperature
         self.symmetric = symmetric
         self.normalize = normalize
         self.backend = backend
+        self.gather = _flag("gather", gather)
+        self.process_group = process_group
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return F.info_nce(
@@ -107,19 +120,23 @@ class InfoNCELoss(nn.Module):
             symmetric=self.symmetric,
             normalize=self.normalize,
             backend=self.backend,
+            gather=self.gather,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, symmetric={self.symmetric}, "
-            f"normalize={self.normalize}, backend={self.backend!r}"
+            f"normalize={self.normalize}, backend={self.backend!r}, gather={self.gather}"
         )
 
 
 class MMDLoss(nn.Module):
     """Module form of :func:`fastkd.mmd_loss`; keyword arguments as there.
 
-    ``forward(x (N, D), y (M, D))`` → ``()`` loss.
+    ``forward(x (N, D), y (M, D))`` → ``()`` loss. With ``gather=True`` the
+    samples of every rank of ``process_group`` (default: the world) are
+    compared, as :func:`fastkd.mmd_loss`'s ``gather``.
     """
 
     def __init__(
@@ -131,6 +148,8 @@ class MMDLoss(nn.Module):
         degree: int = 2,
         c: float = 1.0,
         backend: str = "auto",
+        gather: bool = False,
+        process_group=None,
     ) -> None:
         super().__init__()
         self.kernel = kernel
@@ -139,6 +158,8 @@ class MMDLoss(nn.Module):
         self.degree = degree
         self.c = c
         self.backend = backend
+        self.gather = _flag("gather", gather)
+        self.process_group = process_group
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.mmd_loss(
@@ -150,6 +171,8 @@ class MMDLoss(nn.Module):
             degree=self.degree,
             c=self.c,
             backend=self.backend,
+            gather=self.gather,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
@@ -158,7 +181,10 @@ class MMDLoss(nn.Module):
             if self.kernel == "polynomial"
             else f"bandwidths={self.bandwidths}"
         )
-        return f"kernel={self.kernel!r}, {params}, unbiased={self.unbiased}, backend={self.backend!r}"
+        return (
+            f"kernel={self.kernel!r}, {params}, unbiased={self.unbiased}, backend={self.backend!r}, "
+            f"gather={self.gather}"
+        )
 
 
 class NSTLoss(nn.Module):

@@ -55,6 +55,23 @@ def cases():
             ROWS + 2,
             None,
         ),
+        # the module forms, gather passed at construction
+        "info_nce_module_cpu": (
+            lambda a, b, gather=False, **kw: fastkd.InfoNCELoss(normalize=True, backend="cpu", gather=gather)(
+                a, b, **kw
+            ),
+            ROWS,
+            ROWS,
+            None,
+        ),
+        "mmd_module_laplacian_cpu": (
+            lambda a, b, gather=False, **kw: fastkd.MMDLoss(kernel="laplacian", backend="cpu", gather=gather)(
+                a, b, **kw
+            ),
+            ROWS,
+            ROWS + 2,
+            None,
+        ),
         "mmd_unbiased_reference": (
             lambda a, b, **kw: fastkd.mmd_loss(a, b, unbiased=True, backend="reference", **kw),
             ROWS,
@@ -109,9 +126,18 @@ def test_gather_matches_the_concatenated_batch(tmp_path):
             assert_matches(got_b, own_b, torch.float64, f"{name} grad b, rank {r}")
 
 
+def test_module_gather_must_be_a_bool():
+    with pytest.raises(ValueError, match="gather must be a bool"):
+        fastkd.InfoNCELoss(gather="yes")
+    with pytest.raises(ValueError, match="gather must be a bool"):
+        fastkd.MMDLoss(gather=1)
+
+
 def test_gather_without_process_group_raises():
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match="torch.distributed to be initialised"):
         fastkd.info_nce(torch.randn(3, 4), torch.randn(3, 4), gather=True)
     with pytest.raises(ValueError, match="torch.distributed to be initialised"):
         fastkd.mmd_loss(torch.randn(3, 4), torch.randn(3, 4), gather=True)
+    with pytest.raises(ValueError, match="torch.distributed to be initialised"):
+        fastkd.InfoNCELoss(gather=True)(torch.randn(3, 4), torch.randn(3, 4))
