@@ -57,6 +57,7 @@ options disable timing; add ``--benchmark-enable`` for timings).
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import pytest
 import torch
@@ -66,12 +67,10 @@ from bench.common import (
     COMPILE,
     EAGER,
     MIB,
-    Call,
     SweepContext,
-    first_call,
-    peak_extra_bytes,
+    allow_recompiles,
+    measure_config,
     synchronize,
-    time_uncontended,
 )
 from fastkd.functional import INFO_NCE_KERNELS
 from fastkd.reference import info_nce as reference_info_nce
@@ -106,7 +105,6 @@ SIZE_AXIS = f"problem size N = M (D = {DIM})"
 # grad_q and grad_k: the least a fused forward + backward allocates.
 OUTPUT_KEY = "output_mib"
 # The reference and fastkd both compute in float32 whatever the input dtype.
-LOSS_REL_TOLERANCE = 1e-3
 # N × M float32 tensors held at once, measured at N = M = 4096 with
 # bench.common.peak_extra_bytes (eager 5.0-5.1, compile 2.0-2.1).
 NM_TENSORS = {EAGER: 5, COMPILE: 2}
@@ -115,6 +113,7 @@ MEMORY_FRACTION = 0.8
 # N from which a call takes seconds: no extra warm-up, exactly this many runs.
 LONG_N = 32768
 LONG_REPEATS = 2
+LONG_TIMING = {"warmup": 0, "min_repeats": LONG_REPEATS, "max_repeats": LONG_REPEATS, "attempts": 2}
 
 
 def model_flop(n: int, m: int, d: int) -> int:
@@ -198,22 +197,14 @@ def configs(quick: bool) -> list[tuple[str, int]]:
 
 
 def sweep(ctx: SweepContext) -> list[dict]:
-    """Every provider on every configuration; one row per (configuration, provider).
-
-    Per configuration: a first call of each provider that fits in memory,
-    then their timed runs in turns, repeated while other processes load the
-    machine (:func:`bench.common.time_uncontended`), then each one's peak
-    memory.
-    """
+    """Every provider on every configuration; one row per (configuration, provider)
+    (:func:`bench.common.measure_config`; providers that would not fit in
+    memory are skipped with the reason)."""
     device = ctx.device
     temperature = ctx.options.get("nce_temperature", 0.07)
     found, skipped = providers(device, temperature, use_compile=ctx.compile)
     if ctx.compile:
-        # One static graph per shape and dtype of the same function.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 256
-        )
+        allow_recompiles()
     todo = configs(ctx.quick)
     task = ctx.progress.add_task(FAMILY, total=len(todo) * len(found))
     rows = []
@@ -247,61 +238,19 @@ def sweep(ctx: SweepContext) -> list[dict]:
             q.grad = k.grad = None
 
         available = available_memory_bytes(device)
-        here = {}
-        for name, loss_fn in found.items():
-            reason = memory_skip_reason(name, n, m, available)
-            if reason is None:
-                here[name] = loss_fn
-            else:
-                rows.append({**base, "provider": name, "note": reason})
-                ctx.progress.advance(task)
-        calls = {
-            name: Call(lambda loss_fn=loss_fn, q=q, k=k: loss_fn(q, k).backward(), reset)
-            for name, loss_fn in here.items()
-        }
-        first = {}
-        for name, loss_fn in here.items():
-            ctx.progress.update(task, description=f"{label} {name}: first call")
-            first[name] = first_call(loss_fn, (q, k), device=device)
-        ctx.progress.update(task, description=f"{label}: timing")
-        if n >= LONG_N:
-            options = {"warmup": 0, "min_repeats": LONG_REPEATS, "max_repeats": LONG_REPEATS, "attempts": 2}
-        else:
-            options = {}
-        timings, other_load = time_uncontended(calls, device=device, **options)
-        eager_loss = first[EAGER][0] if EAGER in first else None
-        for name, call in calls.items():
-            ctx.progress.update(task, description=f"{label} {name}: memory")
-            peak = peak_extra_bytes(call.fn, device=device, setup=reset)
-            reset()
-            loss, first_s = first[name]
-            rel_diff = abs(loss - eager_loss) / abs(eager_loss) if eager_loss else None
-            notes = []
-            if name == COMPILE:
-                notes.append(f"first call (compile or cache load) {first_s:.1f} s")
-            if rel_diff is not None and rel_diff > LOSS_REL_TOLERANCE:
-                notes.append(f"loss differs from eager by {rel_diff:.1e}")
-            timing = timings[name]
-            seconds = timing.median_ms * 1e-3
-            executed = executed_flop(name, n, m, d) / 1e9
-            rows.append({
-                **base,
-                "provider": name,
-                "median_ms": timing.median_ms,
-                "min_ms": min(timing.times_ms),
-                "max_ms": max(timing.times_ms),
-                "repeats": timing.repeats,
-                "peak_extra_mib": None if peak is None else peak / MIB,
-                "model_gflops": base["model_gflop"] / seconds,
-                "executed_gflop": executed,
-                "executed_gflops": executed / seconds,
-                "loss_rel_diff": rel_diff,
-                "other_load": other_load,
-                "note": "; ".join(notes),
-            })
-            ctx.progress.advance(task)
-        rows.extend({**base, "provider": name, "note": reason} for name, reason in skipped.items())
-        del q, k, calls, reset
+        executed = {name: executed_flop(name, n, m, d) / 1e9 for name in found}
+        measured = measure_config(
+            ctx, task, label, base, found, (q, k), reset, unavailable=skipped,
+            skip=partial(memory_skip_reason, n=n, m=m, available=available),
+            timing_options=LONG_TIMING if n >= LONG_N else None,
+            per_second={"model_gflops": base["model_gflop"]},
+        )
+        for row in measured:
+            if row.get("median_ms") is not None:
+                row["executed_gflop"] = executed[row["provider"]]
+                row["executed_gflops"] = executed[row["provider"]] / (row["median_ms"] * 1e-3)
+        rows += measured
+        del q, k, reset
     ctx.progress.update(task, description=f"{FAMILY} done")
     return rows
 

@@ -40,12 +40,9 @@ from bench.common import (
     COMPILE,
     EAGER,
     MIB,
-    Call,
     SweepContext,
-    first_call,
-    peak_extra_bytes,
+    measure_config,
     synchronize,
-    time_uncontended,
 )
 from fastkd.crd import CRD_KERNELS
 from fastkd.reference.crd import CRDLoss as ReferenceCRDLoss
@@ -99,7 +96,6 @@ TABLE_COLUMNS = (
 SIZE_AXIS = f"negatives per sample K (B = {BATCH}, n_data = {N_DATA}, feat_dim = {FEAT_DIM})"
 # The gradients of f_s and f_t and of both heads' parameters.
 OUTPUT_KEY = "output_mib"
-LOSS_REL_TOLERANCE = 1e-3
 
 
 def providers(device: torch.device):
@@ -181,45 +177,11 @@ def sweep(ctx: SweepContext) -> list[dict]:
             return lambda a, b: module(a, b, idx, contrast_idx)
 
         loss_fns = {name: loss_fn_for(module) for name, module in modules.items()}
-        calls = {
-            name: Call(lambda fn=fn, f_s=f_s, f_t=f_t: fn(f_s, f_t).backward(), reset)
-            for name, fn in loss_fns.items()
-        }
-        first = {}
-        for name, loss_fn in loss_fns.items():
-            ctx.progress.update(task, description=f"{label} {name}: first call")
-            first[name] = first_call(loss_fn, (f_s, f_t), device=device)
-        ctx.progress.update(task, description=f"{label}: timing")
-        timings, other_load = time_uncontended(calls, device=device)
-        eager_loss = first[EAGER][0] if EAGER in first else None
-        for name, call in calls.items():
-            ctx.progress.update(task, description=f"{label} {name}: memory")
-            peak = peak_extra_bytes(call.fn, device=device, setup=reset)
-            reset()
-            loss, _ = first[name]
-            rel_diff = abs(loss - eager_loss) / abs(eager_loss) if eager_loss else None
-            notes = []
-            if rel_diff is not None and rel_diff > LOSS_REL_TOLERANCE:
-                notes.append(f"first loss differs from eager by {rel_diff:.1e}")
-            timing = timings[name]
-            rows.append(
-                {
-                    **base,
-                    "provider": name,
-                    "median_ms": timing.median_ms,
-                    "min_ms": min(timing.times_ms),
-                    "max_ms": max(timing.times_ms),
-                    "repeats": timing.repeats,
-                    "peak_extra_mib": None if peak is None else peak / MIB,
-                    "gathered_gbs": gathered / (timing.median_ms * 1e-3) / 1e9,
-                    "loss_rel_diff": rel_diff,
-                    "other_load": other_load,
-                    "note": "; ".join(notes),
-                }
-            )
-            ctx.progress.advance(task)
-        rows.extend({**base, "provider": name, "note": reason} for name, reason in skipped.items())
-        del f_s, f_t, modules, loss_fns, calls, reset
+        rows += measure_config(
+            ctx, task, label, base, loss_fns, (f_s, f_t), reset, unavailable=skipped,
+            per_second={"gathered_gbs": gathered / 1e9},
+        )
+        del f_s, f_t, modules, loss_fns, reset
     ctx.progress.update(task, description=f"{FAMILY} done")
     return rows
 

@@ -42,12 +42,10 @@ from bench.common import (
     COMPILE,
     EAGER,
     MIB,
-    Call,
     SweepContext,
-    first_call,
-    peak_extra_bytes,
+    allow_recompiles,
+    measure_config,
     synchronize,
-    time_uncontended,
 )
 from fastkd import _validate
 from fastkd.reference import divergence as reference_divergence
@@ -68,7 +66,6 @@ OUTPUT_KEY = "output_mib"
 # A provider whose loss differs from eager's by more than this (relative) is
 # flagged in its note. The reference and fastkd compute in float32 whatever
 # the input dtype; Liger takes bf16 log-probabilities as given.
-LOSS_REL_TOLERANCE = 1e-3
 
 
 def reference_loss(
@@ -160,21 +157,13 @@ def configs(quick: bool) -> list[tuple[str, int, int]]:
 
 
 def sweep(ctx: SweepContext) -> list[dict]:
-    """Every provider on every configuration; one row per (configuration, provider).
-
-    Per configuration: a first call of each provider, then the providers'
-    timed runs in turns, repeated while other processes load the machine
-    (:func:`bench.common.time_uncontended`), then each one's peak memory.
-    """
+    """Every provider on every configuration; one row per (configuration, provider)
+    (:func:`bench.common.measure_config`)."""
     options = ctx.options
     device = ctx.device
     found, skipped = providers(device, options, use_compile=ctx.compile)
     if ctx.compile:
-        # One static graph per shape and dtype of the same function.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 256
-        )
+        allow_recompiles()
     todo = configs(ctx.quick)
     task = ctx.progress.add_task(FAMILY, total=len(todo) * len(found))
     rows = []
@@ -183,7 +172,6 @@ def sweep(ctx: SweepContext) -> list[dict]:
         generator = torch.Generator(device=device).manual_seed(0)
         s = torch.randn(n, v, device=device, dtype=dtype, generator=generator).requires_grad_()
         t = torch.randn(n, v, device=device, dtype=dtype, generator=generator)
-        label = f"{FAMILY} {dtype_name} {n}×{v}"
         base = {
             "family": FAMILY,
             "divergence": options["divergence"],
@@ -200,44 +188,10 @@ def sweep(ctx: SweepContext) -> list[dict]:
         def reset(s=s):
             s.grad = None
 
-        calls = {
-            name: Call(lambda loss_fn=loss_fn, s=s, t=t: loss_fn(s, t).backward(), reset)
-            for name, loss_fn in found.items()
-        }
-        first = {}
-        for name, loss_fn in found.items():
-            ctx.progress.update(task, description=f"{label} {name}: first call")
-            first[name] = first_call(loss_fn, (s, t), device=device)
-        ctx.progress.update(task, description=f"{label}: timing")
-        timings, other_load = time_uncontended(calls, device=device)
-        eager_loss = first[EAGER][0]
-        for name, call in calls.items():
-            ctx.progress.update(task, description=f"{label} {name}: memory")
-            peak = peak_extra_bytes(call.fn, device=device, setup=reset)
-            reset()
-            loss, first_s = first[name]
-            rel_diff = abs(loss - eager_loss) / abs(eager_loss) if eager_loss else None
-            notes = []
-            if name == COMPILE:
-                notes.append(f"first call (compile or cache load) {first_s:.1f} s")
-            if rel_diff is not None and rel_diff > LOSS_REL_TOLERANCE:
-                notes.append(f"loss differs from eager by {rel_diff:.1e}")
-            timing = timings[name]
-            rows.append({
-                **base,
-                "provider": name,
-                "median_ms": timing.median_ms,
-                "min_ms": min(timing.times_ms),
-                "max_ms": max(timing.times_ms),
-                "repeats": timing.repeats,
-                "peak_extra_mib": None if peak is None else peak / MIB,
-                "loss_rel_diff": rel_diff,
-                "other_load": other_load,
-                "note": "; ".join(notes),
-            })
-            ctx.progress.advance(task)
-        rows.extend({**base, "provider": name, "note": reason} for name, reason in skipped.items())
-        del s, t, calls, reset
+        rows += measure_config(
+            ctx, task, f"{FAMILY} {dtype_name} {n}×{v}", base, found, (s, t), reset, unavailable=skipped
+        )
+        del s, t, reset
     ctx.progress.update(task, description=f"{FAMILY} done")
     return rows
 

@@ -43,12 +43,9 @@ import fastkd
 from bench.common import (
     EAGER,
     MIB,
-    Call,
     SweepContext,
-    first_call,
-    peak_extra_bytes,
+    measure_config,
     synchronize,
-    time_uncontended,
 )
 from fastkd.reference import divergence as reference_divergence
 
@@ -80,7 +77,6 @@ SIZE_AXIS = "problem size N × V (H given in the label)"
 OUTPUT_KEY = "output_mib"
 TIME_TARGET = 1.2  # fused time ≤ 1.2 × unfused
 MEMORY_TARGET = 0.25  # fused peak extra memory ≤ ¼ of unfused
-LOSS_REL_TOLERANCE = 1e-3
 # N × V float32 tensors the eager provider holds at once (logits, log-softmaxes,
 # probabilities, the log ratio and gradients); used only to skip it where it
 # cannot fit.
@@ -169,6 +165,22 @@ def target_verdict(time_ratio: float | None, memory_ratio: float | None) -> str:
     return "met" if not missed else "missed: " + ", ".join(missed)
 
 
+def add_unfused_ratios(rows: list[dict], unfused_name: str | None) -> None:
+    """``time_vs_unfused``, ``memory_vs_unfused`` (and the issue's ``target``
+    verdict for fastkd's rows) in place, for one configuration's measured rows."""
+    unfused = next((row for row in rows if row["provider"] == unfused_name and "median_ms" in row), None)
+    if unfused is None:
+        return
+    for row in rows:
+        if row is unfused or row.get("median_ms") is None:
+            continue
+        row["time_vs_unfused"] = row["median_ms"] / unfused["median_ms"]
+        if row["peak_extra_mib"] is not None and unfused["peak_extra_mib"]:
+            row["memory_vs_unfused"] = row["peak_extra_mib"] / unfused["peak_extra_mib"]
+        if row["provider"].startswith("fastkd-"):
+            row["target"] = target_verdict(row["time_vs_unfused"], row.get("memory_vs_unfused"))
+
+
 def sweep(ctx: SweepContext) -> list[dict]:
     """Every provider on every configuration; one row per (configuration, provider)."""
     device = ctx.device
@@ -198,68 +210,23 @@ def sweep(ctx: SweepContext) -> list[dict]:
         def reset(s_h=s_h, s_w=s_w):
             s_h.grad = s_w.grad = None
 
-        here = dict(found)
         available = available_memory_bytes() if device.type == "cpu" else None
         need = EAGER_NV_TENSORS * n * v * 4
+        too_big = None
         if available is not None and need > MEMORY_FRACTION * available:
-            del here[EAGER]
-            rows.append(
-                {
-                    **base,
-                    "provider": EAGER,
-                    "note": f"skipped: would need ~{need / 2**30:.1f} GiB, "
-                    f"{available / 2**30:.1f} GiB available",
-                }
-            )
-            ctx.progress.advance(task)
-        calls = {
-            name: Call(lambda loss_fn=loss_fn, inputs=inputs: loss_fn(*inputs).backward(), reset)
-            for name, loss_fn in here.items()
-        }
-        first = {}
-        for name, loss_fn in here.items():
-            ctx.progress.update(task, description=f"{label} {name}: first call")
-            first[name] = first_call(loss_fn, inputs, device=device)
-        ctx.progress.update(task, description=f"{label}: timing")
+            too_big = f"skipped: would need ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
         slow = n * h * v >= 2**30
-        options = {"warmup": 0, "min_repeats": 3, "max_repeats": 3, "attempts": 2} if slow else {}
-        timings, other_load = time_uncontended(calls, device=device, **options)
-        peaks = {}
-        for name, call in calls.items():
-            ctx.progress.update(task, description=f"{label} {name}: memory")
-            peaks[name] = peak_extra_bytes(call.fn, device=device, setup=reset)
-            reset()
-        unfused_name = next((name for name in here if name.startswith("unfused-")), None)
-        reference_loss = first[unfused_name][0] if unfused_name else None
-        for name in calls:
-            timing = timings[name]
-            loss, _ = first[name]
-            rel_diff = abs(loss - reference_loss) / abs(reference_loss) if reference_loss else None
-            row = {
-                **base,
-                "provider": name,
-                "median_ms": timing.median_ms,
-                "min_ms": min(timing.times_ms),
-                "max_ms": max(timing.times_ms),
-                "repeats": timing.repeats,
-                "peak_extra_mib": None if peaks[name] is None else peaks[name] / MIB,
-                "model_gflops": base["model_gflop"] / (timing.median_ms * 1e-3),
-                "loss_rel_diff": rel_diff,
-                "other_load": other_load,
-                "note": f"loss differs from {unfused_name} by {rel_diff:.1e}"
-                if rel_diff is not None and rel_diff > LOSS_REL_TOLERANCE
-                else "",
-            }
-            if unfused_name and name != unfused_name:
-                row["time_vs_unfused"] = timing.median_ms / timings[unfused_name].median_ms
-                if peaks[name] is not None and peaks[unfused_name]:
-                    row["memory_vs_unfused"] = peaks[name] / peaks[unfused_name]
-                if name.startswith("fastkd-"):
-                    row["target"] = target_verdict(row["time_vs_unfused"], row.get("memory_vs_unfused"))
-            rows.append(row)
-            ctx.progress.advance(task)
-        rows.extend({**base, "provider": name, "note": reason} for name, reason in skipped.items())
-        del inputs, s_h, s_w, calls, reset
+        unfused_name = next((name for name in found if name.startswith("unfused-")), None)
+        measured = measure_config(
+            ctx, task, label, base, found, inputs, reset, unavailable=skipped,
+            skip=lambda name, why=too_big: why if name == EAGER else None,
+            baseline=unfused_name,
+            timing_options={"warmup": 0, "min_repeats": 3, "max_repeats": 3, "attempts": 2} if slow else None,
+            per_second={"model_gflops": base["model_gflop"]},
+        )
+        add_unfused_ratios(measured, unfused_name)
+        rows += measured
+        del inputs, s_h, s_w, reset
     ctx.progress.update(task, description=f"{FAMILY} done")
     return rows
 

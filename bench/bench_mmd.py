@@ -43,6 +43,8 @@ the small pytest-benchmark cases below once each.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -52,12 +54,10 @@ from bench.common import (
     COMPILE,
     EAGER,
     MIB,
-    Call,
     SweepContext,
-    first_call,
-    peak_extra_bytes,
+    allow_recompiles,
+    measure_config,
     synchronize,
-    time_uncontended,
 )
 from fastkd.functional import MMD_KERNELS
 from fastkd.reference import mmd_loss as reference_mmd_loss
@@ -112,7 +112,6 @@ SIZE_AXIS = f"problem size N = M (D = {DIM})"
 # grad_x and grad_y: the least a fused forward + backward allocates.
 OUTPUT_KEY = "output_mib"
 # Every provider computes in float32; eager and fastkd take distances differently.
-LOSS_REL_TOLERANCE = 1e-3
 # N × M float32 tensors held at once (see the module docstring), rounded up.
 NM_TENSORS = {EAGER: 16, COMPILE: 11}
 # Largest N at which eager and compile run (time, see the module docstring).
@@ -121,6 +120,7 @@ MEMORY_FRACTION = 0.8
 # N from which a call takes seconds: no extra warm-up, exactly this many runs.
 LONG_N = 16384
 LONG_REPEATS = 2
+LONG_TIMING = {"warmup": 0, "min_repeats": LONG_REPEATS, "max_repeats": LONG_REPEATS, "attempts": 2}
 
 
 def model_flop(n: int, m: int, d: int) -> int:
@@ -184,20 +184,13 @@ def make_samples(n: int, m: int, d: int, device: torch.device, dtype: torch.dtyp
 
 
 def sweep(ctx: SweepContext) -> list[dict]:
-    """Every provider on every configuration; one row per (configuration, provider).
-
-    Per configuration: a first call of each provider that fits in memory,
-    then their timed runs in turns, repeated while other processes load the
-    machine (:func:`bench.common.time_uncontended`), then each one's peak
-    memory.
-    """
+    """Every provider on every configuration; one row per (configuration, provider)
+    (:func:`bench.common.measure_config`; providers that would not fit in
+    memory are skipped with the reason)."""
     device = ctx.device
     found, skipped = providers(device, use_compile=ctx.compile)
     if ctx.compile:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 256
-        )
+        allow_recompiles()
     todo = configs(ctx.quick)
     task = ctx.progress.add_task(FAMILY, total=len(todo) * len(found))
     rows = []
@@ -224,59 +217,13 @@ def sweep(ctx: SweepContext) -> list[dict]:
             x.grad = y.grad = None
 
         available = available_memory_bytes(device)
-        here = {}
-        for name, loss_fn in found.items():
-            reason = memory_skip_reason(name, n, m, available)
-            if reason is None:
-                here[name] = loss_fn
-            else:
-                rows.append({**base, "provider": name, "note": reason})
-                ctx.progress.advance(task)
-        calls = {
-            name: Call(lambda loss_fn=loss_fn, x=x, y=y: loss_fn(x, y).backward(), reset)
-            for name, loss_fn in here.items()
-        }
-        first = {}
-        for name, loss_fn in here.items():
-            ctx.progress.update(task, description=f"{label} {name}: first call")
-            first[name] = first_call(loss_fn, (x, y), device=device)
-        ctx.progress.update(task, description=f"{label}: timing")
-        if n >= LONG_N:
-            options = {"warmup": 0, "min_repeats": LONG_REPEATS, "max_repeats": LONG_REPEATS, "attempts": 2}
-        else:
-            options = {}
-        timings, other_load = time_uncontended(calls, device=device, **options)
-        eager_loss = first[EAGER][0] if EAGER in first else None
-        for name, call in calls.items():
-            ctx.progress.update(task, description=f"{label} {name}: memory")
-            peak = peak_extra_bytes(call.fn, device=device, setup=reset)
-            reset()
-            loss, first_s = first[name]
-            rel_diff = abs(loss - eager_loss) / abs(eager_loss) if eager_loss else None
-            notes = []
-            if name == COMPILE:
-                notes.append(f"first call (compile or cache load) {first_s:.1f} s")
-            if rel_diff is not None and rel_diff > LOSS_REL_TOLERANCE:
-                notes.append(f"loss differs from eager by {rel_diff:.1e}")
-            timing = timings[name]
-            rows.append(
-                {
-                    **base,
-                    "provider": name,
-                    "median_ms": timing.median_ms,
-                    "min_ms": min(timing.times_ms),
-                    "max_ms": max(timing.times_ms),
-                    "repeats": timing.repeats,
-                    "peak_extra_mib": None if peak is None else peak / MIB,
-                    "model_gflops": base["model_gflop"] / (timing.median_ms * 1e-3),
-                    "loss_rel_diff": rel_diff,
-                    "other_load": other_load,
-                    "note": "; ".join(notes),
-                }
-            )
-            ctx.progress.advance(task)
-        rows.extend({**base, "provider": name, "note": reason} for name, reason in skipped.items())
-        del x, y, calls, reset
+        rows += measure_config(
+            ctx, task, label, base, found, (x, y), reset, unavailable=skipped,
+            skip=partial(memory_skip_reason, n=n, m=m, available=available),
+            timing_options=LONG_TIMING if n >= LONG_N else None,
+            per_second={"model_gflops": base["model_gflop"]},
+        )
+        del x, y, reset
     ctx.progress.update(task, description=f"{FAMILY} done")
     return rows
 

@@ -37,12 +37,10 @@ from bench.common import (
     COMPILE,
     EAGER,
     MIB,
-    Call,
     SweepContext,
-    first_call,
-    peak_extra_bytes,
+    allow_recompiles,
+    measure_config,
     synchronize,
-    time_uncontended,
 )
 from fastkd.multi_teacher import MIXTURE_KERNELS
 from fastkd.reference import multi_teacher as reference_mt
@@ -60,7 +58,6 @@ COLUMNS = (
     "speedup_vs_eager", "speedup_vs_compile", "x_floor", "loss_rel_diff", "other_load", "thp", "note",
 )
 OUTPUT_KEY = "output_mib"
-LOSS_REL_TOLERANCE = 1e-3
 SEPARATE = "3×fastkd-cpu"
 
 
@@ -113,14 +110,12 @@ def configs(quick: bool) -> list[tuple[str, int, int]]:
 
 
 def sweep(ctx: SweepContext) -> list[dict]:
-    """Every provider on every configuration; one row per (configuration, provider)."""
+    """Every provider on every configuration; one row per (configuration, provider)
+    (:func:`bench.common.measure_config`)."""
     device = ctx.device
     found, skipped = providers(device, use_compile=ctx.compile)
     if ctx.compile:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 256
-        )
+        allow_recompiles()
     todo = configs(ctx.quick)
     task = ctx.progress.add_task(FAMILY, total=len(todo) * len(found))
     weights = torch.tensor(WEIGHTS, dtype=torch.float64)
@@ -130,7 +125,6 @@ def sweep(ctx: SweepContext) -> list[dict]:
         generator = torch.Generator(device=device).manual_seed(0)
         s = torch.randn(n, v, device=device, generator=generator).to(dtype).requires_grad_()
         t = torch.randn(len(WEIGHTS), n, v, device=device, generator=generator).to(dtype)
-        label = f"{FAMILY} {dtype_name} {n}×{v}"
         base = {
             "family": FAMILY, "temperature": TEMPERATURE, "device": device.type, "dtype": dtype_name,
             "N": n, "V": v, "K": len(WEIGHTS), "output_mib": s.nbytes / MIB,
@@ -140,41 +134,12 @@ def sweep(ctx: SweepContext) -> list[dict]:
         def reset(s=s):
             s.grad = None
 
-        calls = {
-            name: Call(lambda loss_fn=loss_fn, s=s, t=t: loss_fn(s, t, weights).backward(), reset)
-            for name, loss_fn in found.items()
-        }
-        first = {}
-        for name, loss_fn in found.items():
-            ctx.progress.update(task, description=f"{label} {name}: first call")
-            loss_of_student = lambda s, loss_fn=loss_fn, t=t: loss_fn(s, t, weights)  # noqa: E731
-            first[name] = first_call(loss_of_student, (s,), device=device)
-        ctx.progress.update(task, description=f"{label}: timing")
-        timings, other_load = time_uncontended(calls, device=device)
-        eager_loss = first[EAGER][0]
-        for name, call in calls.items():
-            ctx.progress.update(task, description=f"{label} {name}: memory")
-            peak = peak_extra_bytes(call.fn, device=device, setup=reset)
-            reset()
-            loss, first_s = first[name]
-            rel_diff = abs(loss - eager_loss) / abs(eager_loss) if eager_loss else None
-            notes = []
-            if name == COMPILE:
-                notes.append(f"first call (compile or cache load) {first_s:.1f} s")
-            if name == SEPARATE:
-                notes.append("a different objective (Σ w_k D(p_k‖q)): cost of 3 dense passes only")
-            elif rel_diff is not None and rel_diff > LOSS_REL_TOLERANCE:
-                notes.append(f"loss differs from eager by {rel_diff:.1e}")
-            timing = timings[name]
-            rows.append({
-                **base, "provider": name, "median_ms": timing.median_ms, "min_ms": min(timing.times_ms),
-                "max_ms": max(timing.times_ms), "repeats": timing.repeats,
-                "peak_extra_mib": None if peak is None else peak / MIB, "loss_rel_diff": rel_diff,
-                "other_load": other_load, "note": "; ".join(notes),
-            })
-            ctx.progress.advance(task)
-        rows.extend({**base, "provider": name, "note": reason} for name, reason in skipped.items())
-        del s, t, calls, reset
+        rows += measure_config(
+            ctx, task, f"{FAMILY} {dtype_name} {n}×{v}", base, found, (s, t, weights), reset,
+            unavailable=skipped,
+            unlike_baseline={SEPARATE: "a different objective (Σ w_k D(p_k‖q)): cost of 3 dense passes only"},
+        )
+        del s, t, reset
     ctx.progress.update(task, description=f"{FAMILY} done")
     return rows
 

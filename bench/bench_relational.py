@@ -44,6 +44,8 @@ PKT, SP and CC are not benchmarked: fastkd has no fused kernel for them yet
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -52,12 +54,10 @@ from bench.common import (
     COMPILE,
     EAGER,
     MIB,
-    Call,
     SweepContext,
-    first_call,
-    peak_extra_bytes,
+    allow_recompiles,
+    measure_config,
     synchronize,
-    time_uncontended,
 )
 from fastkd.reference import relational as reference_relational
 from fastkd.relational import RKD_KERNELS
@@ -161,13 +161,11 @@ def size_skip_reason(provider: str, loss: str, n: int) -> str | None:
 
 
 def sweep(ctx: SweepContext) -> list[dict]:
-    """Every provider on every configuration; one row per (configuration, provider)."""
+    """Every provider on every configuration; one row per (configuration, provider)
+    (:func:`bench.common.measure_config`)."""
     device = ctx.device
     if ctx.compile:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 256
-        )
+        allow_recompiles()
     per_loss = {loss: providers(device, loss, use_compile=ctx.compile) for loss in LOSSES}
     todo = configs(ctx.quick)
     task = ctx.progress.add_task(FAMILY, total=sum(len(per_loss[loss][0]) for loss, _ in todo))
@@ -178,7 +176,6 @@ def sweep(ctx: SweepContext) -> list[dict]:
         generator = torch.Generator(device=device).manual_seed(0)
         teacher = torch.randn(n, d, device=device, generator=generator)
         student = (teacher + 0.5 * torch.randn(n, d, device=device, generator=generator)).requires_grad_()
-        label = f"{FAMILY} {loss} {n}"
         base = {
             "family": FAMILY,
             "loss": loss,
@@ -195,61 +192,18 @@ def sweep(ctx: SweepContext) -> list[dict]:
         def reset(student=student):
             student.grad = None
 
-        here = {}
-        for name, loss_fn in found.items():
-            reason = size_skip_reason(name, loss, n)
-            if reason is None:
-                here[name] = loss_fn
-            else:
-                rows.append({**base, "provider": name, "note": reason})
-                ctx.progress.advance(task)
-        calls = {
-            name: Call(lambda loss_fn=loss_fn, s=student, t=teacher: loss_fn(s, t).backward(), reset)
-            for name, loss_fn in here.items()
-        }
-        first = {}
-        for name, loss_fn in here.items():
-            ctx.progress.update(task, description=f"{label} {name}: first call")
-            first[name] = first_call(loss_fn, (student, teacher), device=device)
-        ctx.progress.update(task, description=f"{label}: timing")
         long = loss == "angle" and n >= LONG_N
-        options = (
-            {"warmup": 0, "min_repeats": LONG_REPEATS, "max_repeats": LONG_REPEATS, "attempts": 2}
-            if long
-            else {}
+        rows += measure_config(
+            ctx, task, f"{FAMILY} {loss} {n}", base, found, (student, teacher), reset,
+            skip=partial(size_skip_reason, loss=loss, n=n), unavailable=skipped, tolerance=LOSS_REL_TOLERANCE,
+            timing_options=(
+                {"warmup": 0, "min_repeats": LONG_REPEATS, "max_repeats": LONG_REPEATS, "attempts": 2}
+                if long
+                else None
+            ),
+            per_second={"model_gflops": base["model_gflop"]},
         )
-        timings, other_load = time_uncontended(calls, device=device, **options)
-        eager_loss = first[EAGER][0] if EAGER in first else None
-        for name, call in calls.items():
-            ctx.progress.update(task, description=f"{label} {name}: memory")
-            peak = peak_extra_bytes(call.fn, device=device, setup=reset)
-            reset()
-            value, first_s = first[name]
-            rel_diff = abs(value - eager_loss) / abs(eager_loss) if eager_loss else None
-            notes = []
-            if name == COMPILE:
-                notes.append(f"first call (compile or cache load) {first_s:.1f} s")
-            if rel_diff is not None and rel_diff > LOSS_REL_TOLERANCE:
-                notes.append(f"loss differs from eager by {rel_diff:.1e}")
-            timing = timings[name]
-            rows.append(
-                {
-                    **base,
-                    "provider": name,
-                    "median_ms": timing.median_ms,
-                    "min_ms": min(timing.times_ms),
-                    "max_ms": max(timing.times_ms),
-                    "repeats": timing.repeats,
-                    "peak_extra_mib": None if peak is None else peak / MIB,
-                    "model_gflops": base["model_gflop"] / (timing.median_ms * 1e-3),
-                    "loss_rel_diff": rel_diff,
-                    "other_load": other_load,
-                    "note": "; ".join(notes),
-                }
-            )
-            ctx.progress.advance(task)
-        rows.extend({**base, "provider": name, "note": reason} for name, reason in skipped.items())
-        del student, teacher, calls, reset
+        del student, teacher, reset
     ctx.progress.update(task, description=f"{FAMILY} done")
     return rows
 

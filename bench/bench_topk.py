@@ -40,12 +40,10 @@ from bench.common import (
     COMPILE,
     EAGER,
     MIB,
-    Call,
     SweepContext,
-    first_call,
-    peak_extra_bytes,
+    allow_recompiles,
+    measure_config,
     synchronize,
-    time_uncontended,
 )
 from fastkd.topk import TOPK_KERNELS
 
@@ -66,7 +64,6 @@ SIZE_AXIS = f"tokens N (V = {VOCAB}, k = {TOP_K})"
 # The student gradient: the least a fused forward + backward allocates.
 OUTPUT_KEY = "output_mib"
 # Every provider computes in float32; they differ by summation order only.
-LOSS_REL_TOLERANCE = 1e-3
 DENSE_FASTKD = "dense-fastkd-cpu"
 
 
@@ -118,24 +115,17 @@ def make_inputs(n: int, dtype: torch.dtype, device: torch.device):
 
 
 def sweep(ctx: SweepContext) -> list[dict]:
-    """Every provider on every configuration; one row per (configuration, provider).
-
-    Per configuration: a first call of each provider, then their timed runs in
-    turns (:func:`bench.common.time_uncontended`), then each one's peak memory.
-    """
+    """Every provider on every configuration; one row per (configuration, provider)
+    (:func:`bench.common.measure_config`)."""
     device = ctx.device
     found, skipped = providers(device, use_compile=ctx.compile)
     if ctx.compile:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 256
-        )
+        allow_recompiles()
     todo = configs(ctx.quick)
     task = ctx.progress.add_task(FAMILY, total=len(todo) * len(found))
     rows = []
     for dtype_name, n in todo:
         s, index, values = make_inputs(n, DTYPES[dtype_name], device)
-        label = f"{FAMILY} {dtype_name} {n}×{VOCAB}"
         base = {
             "family": FAMILY,
             "temperature": TEMPERATURE,
@@ -152,45 +142,9 @@ def sweep(ctx: SweepContext) -> list[dict]:
         def reset(s=s):
             s.grad = None
 
-        calls = {
-            name: Call(lambda loss_fn=loss_fn, s=s, i=index, v=values: loss_fn(s, i, v).backward(), reset)
-            for name, loss_fn in found.items()
-        }
-        first = {}
-        for name, loss_fn in found.items():
-            ctx.progress.update(task, description=f"{label} {name}: first call")
-            loss_of_student = lambda s, loss_fn=loss_fn, i=index, v=values: loss_fn(s, i, v)  # noqa: E731
-            first[name] = first_call(loss_of_student, (s,), device=device)
-        ctx.progress.update(task, description=f"{label}: timing")
-        timings, other_load = time_uncontended(calls, device=device)
-        eager_loss = first[EAGER][0]
-        for name, call in calls.items():
-            ctx.progress.update(task, description=f"{label} {name}: memory")
-            peak = peak_extra_bytes(call.fn, device=device, setup=reset)
-            reset()
-            loss, first_s = first[name]
-            rel_diff = abs(loss - eager_loss) / abs(eager_loss) if eager_loss else None
-            notes = []
-            if name == COMPILE:
-                notes.append(f"first call (compile or cache load) {first_s:.1f} s")
-            if rel_diff is not None and rel_diff > LOSS_REL_TOLERANCE:
-                notes.append(f"loss differs from eager by {rel_diff:.1e}")
-            timing = timings[name]
-            rows.append({
-                **base,
-                "provider": name,
-                "median_ms": timing.median_ms,
-                "min_ms": min(timing.times_ms),
-                "max_ms": max(timing.times_ms),
-                "repeats": timing.repeats,
-                "peak_extra_mib": None if peak is None else peak / MIB,
-                "loss_rel_diff": rel_diff,
-                "other_load": other_load,
-                "note": "; ".join(notes),
-            })
-            ctx.progress.advance(task)
-        rows.extend({**base, "provider": name, "note": reason} for name, reason in skipped.items())
-        del s, index, values, calls, reset
+        label = f"{FAMILY} {dtype_name} {n}×{VOCAB}"
+        rows += measure_config(ctx, task, label, base, found, (s, index, values), reset, unavailable=skipped)
+        del s, index, values, reset
     ctx.progress.update(task, description=f"{FAMILY} done")
     return rows
 

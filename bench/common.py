@@ -431,6 +431,121 @@ def thp_setting() -> ThpSetting:
     return ThpSetting(os.environ.get("THP_MEM_ALLOC_ENABLE"), kernel)
 
 
+# ----------------------------------------------------------------------------- one configuration
+
+# A provider's first loss may differ from the baseline's by this much
+# (relative) before its row says so: a benchmark is not a parity test, but a
+# provider computing something else must not pass silently.
+LOSS_REL_TOLERANCE = 1e-3
+
+
+def allow_recompiles() -> None:
+    """Let ``torch.compile`` keep one static graph per shape and dtype of the same function."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 256
+    )
+
+
+def measure_config(
+    ctx: SweepContext,
+    task,
+    label: str,
+    base: dict,
+    loss_fns: dict[str, Callable[..., torch.Tensor]],
+    inputs: Sequence[torch.Tensor],
+    reset: Callable[[], object],
+    *,
+    skip: Callable[[str], str | None] | None = None,
+    unavailable: dict[str, str] | None = None,
+    baseline: str | None = EAGER,
+    tolerance: float = LOSS_REL_TOLERANCE,
+    unlike_baseline: dict[str, str] | None = None,
+    timing_options: dict | None = None,
+    per_second: dict[str, float] | None = None,
+) -> list[dict]:
+    """Measure every provider on one configuration; one row per provider.
+
+    Each provider ``loss_fns[name](*inputs)`` (a loss whose ``.backward()``
+    is timed with it) gets an untimed first call (warm-up, compile, and the
+    loss value it is checked by), then the providers' timed runs take turns
+    (:func:`time_uncontended`), then each one's peak extra memory. ``reset``
+    clears the gradients before every call.
+
+    Args:
+        ctx, task: the sweep's context and its progress task (advanced once
+            per measured or ``skip``-ped provider).
+        label: what the progress line says about this configuration.
+        base: the configuration's columns, copied into every row.
+        skip: ``skip(name)`` is why a provider is not run on this
+            configuration (too big for memory, say) or None: a row with the
+            reason as its note, first.
+        unavailable: providers not run at all (not installed ...): rows with
+            the reason, last; not counted in the progress.
+        baseline: the provider whose first loss the others are compared with
+            (``loss_rel_diff``, and a note beyond ``tolerance``); None or
+            absent: no comparison.
+        unlike_baseline: providers that compute a different objective on
+            purpose, with the note saying so instead of a comparison.
+        timing_options: passed to :func:`time_uncontended` (fewer repeats for
+            slow configurations).
+        per_second: column name → amount per call (GFLOP, GB ...); the row
+            gets ``amount / median seconds`` under that name.
+    """
+    unlike_baseline = unlike_baseline or {}
+    rows = []
+    here = {}
+    for name, loss_fn in loss_fns.items():
+        reason = skip(name) if skip is not None else None
+        if reason is None:
+            here[name] = loss_fn
+        else:
+            rows.append({**base, "provider": name, "note": reason})
+            ctx.progress.advance(task)
+    calls = {
+        name: Call(lambda loss_fn=loss_fn: loss_fn(*inputs).backward(), reset)
+        for name, loss_fn in here.items()
+    }
+    first = {}
+    for name, loss_fn in here.items():
+        ctx.progress.update(task, description=f"{label} {name}: first call")
+        first[name] = first_call(loss_fn, inputs, device=ctx.device)
+    ctx.progress.update(task, description=f"{label}: timing")
+    timings, other_load = time_uncontended(calls, device=ctx.device, **(timing_options or {}))
+    baseline_loss = first[baseline][0] if baseline in first else None
+    for name, call in calls.items():
+        ctx.progress.update(task, description=f"{label} {name}: memory")
+        peak = peak_extra_bytes(call.fn, device=ctx.device, setup=reset)
+        reset()
+        loss, first_s = first[name]
+        rel_diff = abs(loss - baseline_loss) / abs(baseline_loss) if baseline_loss else None
+        notes = []
+        if name == COMPILE:
+            notes.append(f"first call (compile or cache load) {first_s:.1f} s")
+        if name in unlike_baseline:
+            notes.append(unlike_baseline[name])
+        elif rel_diff is not None and rel_diff > tolerance:
+            notes.append(f"loss differs from {baseline} by {rel_diff:.1e}")
+        timing = timings[name]
+        seconds = timing.median_ms * 1e-3
+        rows.append({
+            **base,
+            "provider": name,
+            "median_ms": timing.median_ms,
+            "min_ms": min(timing.times_ms),
+            "max_ms": max(timing.times_ms),
+            "repeats": timing.repeats,
+            "peak_extra_mib": None if peak is None else peak / MIB,
+            **{column: amount / seconds for column, amount in (per_second or {}).items()},
+            "loss_rel_diff": rel_diff,
+            "other_load": other_load,
+            "note": "; ".join(notes),
+        })
+        ctx.progress.advance(task)
+    rows.extend({**base, "provider": name, "note": reason} for name, reason in (unavailable or {}).items())
+    return rows
+
+
 # ----------------------------------------------------------------------------- rows and ratios
 
 
