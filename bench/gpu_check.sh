@@ -102,7 +102,7 @@ ARCH="${FASTKD_CUDA_ARCH_LIST:-$(timeout 60 "$PY" -c \
 ARCH="${ARCH:-9.0}"
 # setup.py only fills TORCH_CUDA_ARCH_LIST when it is unset: unset it so that
 # the arch chosen here is the one built.
-run_step build 200 env -u TORCH_CUDA_ARCH_LIST FASTKD_CUDA_ARCH_LIST="$ARCH" FASTKD_BUILD_JOBS=3 \
+run_step build 150 env -u TORCH_CUDA_ARCH_LIST FASTKD_CUDA_ARCH_LIST="$ARCH" FASTKD_BUILD_JOBS=8 \
   "$PY" setup.py build_ext --inplace
 
 # An in-place build does not apply pyproject's package-dir mapping
@@ -124,10 +124,13 @@ import fastkd.kernels
 '
 
 # ---- tests ------------------------------------------------------------------
-PYTEST_ARGS=(-x -q --junitxml="$OUTDIR/pytest.xml")
+# Only the tests that run a GPU kernel (their ids name the triton or cuda
+# backend): the CPU-only rest runs in CI. No -x: one failing kernel must not
+# hide the state of the others; --maxfail bounds a broken build's log.
+PYTEST_ARGS=(-q -k "triton or cuda" --maxfail=30 --junitxml="$OUTDIR/pytest.xml")
 # pyproject's addopts name a pytest-benchmark option; without the plugin, drop them.
 "$PY" -c 'import pytest_benchmark' >/dev/null 2>&1 || PYTEST_ARGS+=(-o "addopts=-ra")
-run_step tests 150 env FASTKD_TEST_DEVICE=cuda "$PY" -m pytest tests "${PYTEST_ARGS[@]}"
+run_step tests 180 env FASTKD_TEST_DEVICE=cuda "$PY" -m pytest tests "${PYTEST_ARGS[@]}"
 
 # ---- benchmark --------------------------------------------------------------
 run_step bench 150 "$PY" -m bench.run --device cuda --out "$OUTDIR"
