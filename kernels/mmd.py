@@ -332,22 +332,28 @@ DEVICE_TYPE = "cpu" if isinstance(_mmd_fwd_kernel, InterpretedFunction) else "cu
 # ---- launch configuration -----------------------------------------------------------
 
 
-def launch_config(kernel: int, dim: int) -> tuple[int, int, int, int]:
+def launch_config(kernel: int, dim: int, backward: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK, BLOCK_D, BLOCK_E, num_warps) for samples of ``dim`` features.
 
-    On a GPU: 64 × 64 tiles, D in chunks of 32 (fp32 IEEE ``tl.dot`` wants
-    tiles of at least 16 on each side; the 64 × 64 fp32 accumulator is 32
-    registers a thread at 4 warps). The laplacian's near-pair path holds a
-    (BLOCK, BLOCK, BLOCK_E) difference tensor, so it runs 32 × 32 tiles with
-    BLOCK_E = 8 (64 registers a thread). The interpreter pays per operation,
-    not per element: one wide D chunk, and 32-row tiles.
+    IEEE fp32 ``tl.dot`` runs on FMA units with its operands replicated
+    across threads, so registers, not the tile, set the limit. On a GPU
+    (ptxas -v for sm_90 on the lowered variants): 64 × 64 tiles at 8 warps,
+    D in chunks of 32 in the forward and 16 in the backward, which also holds
+    the coefficient tile and a (64, 16) product; the laplacian's near-pair
+    path holds a (BLOCK, BLOCK, BLOCK_E) difference tensor, so it runs
+    32 × 32 tiles, BLOCK_D 16, BLOCK_E 8. fp32 variants: 114–191 registers,
+    no spills (64 × 64 with D chunks of 32 at 4 warps spilled 744 bytes in
+    the backward); bf16 / fp16 variants are held to 128 registers and spill
+    at most 36 bytes. Not tuned on hardware.
+    The interpreter pays per operation, not per element: one wide D chunk,
+    and 32-row tiles.
     """
     if DEVICE_TYPE == "cpu":
         block_d = max(16, min(triton.next_power_of_2(max(dim, 1)), 128))
         return 32, block_d, block_d, 4
     if kernel == LAPLACIAN:
-        return 32, 32, 8, 4
-    return 64, 32, 4, 4
+        return 32, 16, 8, 8
+    return 64, 16 if backward else 32, 4, 8
 
 
 @functools.cache
@@ -487,7 +493,7 @@ def mmd_forward(
 
 def _row_side_grad(ws, a, a_norm, b, b_norm, exps, kernel, n_bw, degree, c, weight, within, unbiased) -> None:
     """ws[s] += weight · Σ_j ∂k(a_i, b_j)/∂a_i, the columns split over ws's first dim."""
-    block, block_d, block_e, num_warps = launch_config(kernel, a.shape[1])
+    block, block_d, block_e, num_warps = launch_config(kernel, a.shape[1], backward=True)
     row_blocks = triton.cdiv(a.shape[0], block)
     splits = min(ws.shape[0], triton.cdiv(b.shape[0], block))
     _mmd_bwd_kernel[(row_blocks, splits)](
@@ -500,7 +506,7 @@ def _row_side_grad(ws, a, a_norm, b, b_norm, exps, kernel, n_bw, degree, c, weig
 
 
 def _workspace(t: torch.Tensor, kernel: int, other_rows: int) -> torch.Tensor:
-    block = launch_config(kernel, t.shape[1])[0]
+    block = launch_config(kernel, t.shape[1], backward=True)[0]
     row_blocks = triton.cdiv(t.shape[0], block)
     col_blocks = triton.cdiv(max(t.shape[0], other_rows), block)
     splits = splits_for(row_blocks, col_blocks, t.shape[0], t.shape[1], t.device)

@@ -53,7 +53,11 @@ def tiles(request, monkeypatch):
             from fastkd.kernels import mmd as triton_mmd
 
             config = triton_mmd.launch_config
-            monkeypatch.setattr(triton_mmd, "launch_config", lambda k, d: (SMALL_BLOCK, *config(k, d)[1:]))
+
+            def small_blocks(kernel, dim, backward=False):
+                return (SMALL_BLOCK, *config(kernel, dim, backward)[1:])
+
+            monkeypatch.setattr(triton_mmd, "launch_config", small_blocks)
             monkeypatch.setattr(triton_mmd, "splits_for", lambda rb, cb, rows, dim, dev: min(2, cb))
     return request.param
 

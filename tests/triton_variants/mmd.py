@@ -13,7 +13,7 @@ def _kernels(module):
     return {module.GAUSSIAN: "gaussian", module.LAPLACIAN: "laplacian", module.POLYNOMIAL: "polynomial"}
 
 
-def _variants(module, extra_types: dict):
+def _variants(module, extra_types: dict, backward: bool):
     for dtype in DTYPES:
         types = {
             "a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "a_norm_ptr": "*fp32", "b_norm_ptr": "*fp32",
@@ -22,7 +22,7 @@ def _variants(module, extra_types: dict):
         }
         for kernel, name in _kernels(module).items():
             # the launch configuration the launchers use for this kernel on a GPU
-            block, block_d, block_e, num_warps = module.launch_config(kernel, 768)
+            block, block_d, block_e, num_warps = module.launch_config(kernel, 768, backward)
             for term, (within, unbiased) in TERMS.items():
                 constexprs = {
                     "KERNEL": kernel, "WITHIN": within, "UNBIASED": unbiased,
@@ -35,12 +35,12 @@ def _variants(module, extra_types: dict):
 
 def forward_variants(module):
     """Every kernel × term × dtype: fp64 partial sums."""
-    yield from _variants(module, {"partial_ptr": "*fp64"})
+    yield from _variants(module, {"partial_ptr": "*fp64"}, backward=False)
 
 
 def backward_variants(module):
     """Every kernel × term × dtype: the fp32 gradient workspace."""
-    yield from _variants(module, {"ws_ptr": "*fp32", "weight": "fp32"})
+    yield from _variants(module, {"ws_ptr": "*fp32", "weight": "fp32"}, backward=True)
 
 
 VARIANTS = {"_mmd_fwd_kernel": forward_variants, "_mmd_bwd_kernel": backward_variants}
