@@ -502,13 +502,13 @@ def info_nce(
 
 # The compiled backends that have an MMD kernel: csrc/cpu/mmd.cpp,
 # kernels/mmd.py (triton) and csrc/cuda/mmd.cu.
-MMD_KERNELS = ("cpu", "triton")
+MMD_KERNELS = ("cpu", "triton", "cuda")
 # The backends on which nst_loss runs its closed form. That form is composite
 # ATen (two batched GEMMs and a reduction, autograd through them), not a
 # kernel of any backend: it runs on whatever device the tensors are on, and
 # the backend name only says that the closed form, not the reference's
 # (N, C, C') kernel matrices, is wanted.
-NST_CLOSED_FORM_BACKENDS = ("cpu", "triton")
+NST_CLOSED_FORM_BACKENDS = ("cpu", "triton", "cuda")
 # The ops' `kernel` codes (csrc/cpu/mmd.cpp, MmdKernel).
 MMD_KERNEL_CODES = {"gaussian": 0, "laplacian": 1, "polynomial": 2}
 
@@ -593,8 +593,9 @@ def mmd_loss(
     The fused kernels never hold a kernel matrix and save nothing for the
     backward, which recomputes the blocks. The CPU op walks the rows in tiles
     (blocks of about 2**22 kernel values), so memory is O((N + M)·D) besides
-    a few fixed-size blocks instead of O((N + M)²); the Triton kernels work
-    on 64 × 64 (laplacian: 32 × 32) tiles in registers, with an fp32
+    a few fixed-size blocks instead of O((N + M)²); the CUDA op tiles the same
+    way (cuBLAS GEMMs per tile plus its own block kernels); the Triton kernels
+    work on 64 × 64 (laplacian: 32 × 32) tiles in registers, with an fp32
     O((N + M)·D) gradient workspace. Squared distances come from the norms
     (``‖a‖² + ‖b‖² − 2a·b``), exact 0 for a point against itself; for the
     laplacian, whose square root amplifies that form's rounding at small
