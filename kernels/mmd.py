@@ -399,7 +399,7 @@ def _check_args(x, y, kernel, bandwidths, degree, c, unbiased) -> None:
         raise ValueError(f"x ({x.device}) and y ({y.device}) must share a device")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same feature dim D, got {x.shape[1]} and {y.shape[1]}")
-    if isinstance(kernel, bool) or kernel not in (GAUSSIAN, LAPLACIAN, POLYNOMIAL):
+    if not isinstance(kernel, int) or isinstance(kernel, bool) or kernel not in range(3):
         raise ValueError(f"kernel must be 0 (gaussian), 1 (laplacian) or 2 (polynomial), got {kernel!r}")
     if kernel != POLYNOMIAL:
         if len(bandwidths) == 0:
@@ -409,12 +409,19 @@ def _check_args(x, y, kernel, bandwidths, degree, c, unbiased) -> None:
                 raise ValueError(f"bandwidths must be finite and > 0, got {s}")
     if isinstance(degree, bool) or not isinstance(degree, numbers.Integral) or degree < 1:
         raise ValueError(f"degree must be an integer >= 1, got {degree!r}")
-    if not (math.isfinite(c) and c > 0):
+    if not isinstance(c, numbers.Real) or isinstance(c, bool) or not (math.isfinite(c) and c > 0):
         raise ValueError(f"c must be finite and > 0, got {c}")
     if not isinstance(unbiased, bool):
         raise ValueError(f"unbiased must be a bool, got {type(unbiased).__name__}")
     if unbiased and (x.shape[0] < 2 or y.shape[0] < 2):
         raise ValueError(f"unbiased needs at least 2 rows in x and in y, got {x.shape[0]} and {y.shape[0]}")
+
+
+def _bandwidth_list(bandwidths) -> list[float]:
+    try:
+        return [float(s) for s in bandwidths]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bandwidths must be a sequence of numbers, got {bandwidths!r}") from exc
 
 
 def _prepare(t: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -477,7 +484,7 @@ def mmd_forward(
     Returns:
         ``()`` float32 loss.
     """
-    bandwidths = [float(s) for s in bandwidths]
+    bandwidths = _bandwidth_list(bandwidths)
     _check_args(x, y, kernel, bandwidths, degree, c, unbiased)
     x, x_norm = _prepare(x, kernel)
     y, y_norm = _prepare(y, kernel)
@@ -532,7 +539,7 @@ def mmd_backward(
     Returns:
         ``(grad_x (N, D), grad_y (M, D))`` contiguous, in the input dtype.
     """
-    bandwidths = [float(s) for s in bandwidths]
+    bandwidths = _bandwidth_list(bandwidths)
     _check_args(x, y, kernel, bandwidths, degree, c, unbiased)
     if not isinstance(grad, torch.Tensor) or grad.numel() != 1:
         raise ValueError("grad must be a tensor with one element")

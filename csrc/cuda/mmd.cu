@@ -186,8 +186,9 @@ __global__ void __launch_bounds__(BLOCK) _mmd_block_kernel(
         if constexpr (KERNEL == kLaplacian) near_coef[i * p.cols + j] = near_c;
       }
     }
-    // Both branches end in a barrier every thread of the block reaches (the
-    // row loop's bounds are uniform), so `temp` is free for the next row.
+    // The sum ends in a barrier every thread of the block reaches (the row
+    // loop's bounds are uniform), so `temp` is free for the next row; so does
+    // the laplacian's flag vote. The other coefficient blocks share nothing.
     if constexpr (SUM) {
       const double total = Reduce(temp).Sum(acc);
       if (threadIdx.x == 0) row_sums[i] = total;
