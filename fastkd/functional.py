@@ -507,9 +507,15 @@ def info_nce(
 
 # ---- MMD and NST (SPEC §3) ------------------------------------------------------
 
-# The compiled backends that have an MMD kernel. On CUDA tensors
-# backend="auto" falls back to the reference until triton / cuda get one.
-MMD_KERNELS = ("cpu",)
+# The compiled backends that have an MMD kernel: csrc/cpu/mmd.cpp,
+# kernels/mmd.py (triton) and csrc/cuda/mmd.cu.
+MMD_KERNELS = ("cpu", "triton", "cuda")
+# The backends on which nst_loss runs its closed form. That form is composite
+# ATen (two batched GEMMs and a reduction, autograd through them), not a
+# kernel of any backend: it runs on whatever device the tensors are on, and
+# the backend name only says that the closed form, not the reference's
+# (N, C, C') kernel matrices, is wanted.
+NST_CLOSED_FORM_BACKENDS = ("cpu", "triton", "cuda")
 # The ops' `kernel` codes (csrc/cpu/mmd.cpp, MmdKernel).
 MMD_KERNEL_CODES = {"gaussian": 0, "laplacian": 1, "polynomial": 2}
 
@@ -524,30 +530,48 @@ def _mmd_tile_rows(n: int, m: int) -> int:
     return max(1, 2**22 // max(n, m, 1))
 
 
+def _run_mmd_forward(backend: str, x, y, kernel, bandwidths, degree, c, unbiased, tile_rows):
+    if backend == "triton":
+        from fastkd.kernels import mmd as triton_mmd
+
+        # the Triton kernels tile by their own launch configuration, not by tile_rows
+        return triton_mmd.mmd_forward(x, y, kernel, bandwidths, degree, c, unbiased)
+    return torch.ops.fastkd.mmd_forward(x, y, kernel, bandwidths, degree, c, unbiased, tile_rows)
+
+
+def _run_mmd_backward(backend: str, grad, x, y, kernel, bandwidths, degree, c, unbiased, tile_rows):
+    if backend == "triton":
+        from fastkd.kernels import mmd as triton_mmd
+
+        return triton_mmd.mmd_backward(grad, x, y, kernel, bandwidths, degree, c, unbiased)
+    return torch.ops.fastkd.mmd_backward(grad, x, y, kernel, bandwidths, degree, c, unbiased, tile_rows)
+
+
 class MMDFunction(torch.autograd.Function):
-    """Squared MMD on the fused ops.
+    """Squared MMD on the fused ops (``fastkd::mmd_*`` for cpu / cuda, kernels/mmd.py for triton).
 
     Nothing is saved between forward and backward besides references to
     ``x`` and ``y`` themselves: the backward recomputes the kernel blocks.
     """
 
     @staticmethod
-    def forward(ctx, x, y, kernel, bandwidths, degree, c, unbiased, tile_rows):
-        loss = torch.ops.fastkd.mmd_forward(x, y, kernel, bandwidths, degree, c, unbiased, tile_rows)
+    def forward(ctx, x, y, kernel, bandwidths, degree, c, unbiased, tile_rows, backend):
+        loss = _run_mmd_forward(backend, x, y, kernel, bandwidths, degree, c, unbiased, tile_rows)
         ctx.save_for_backward(x, y)
         ctx.params = (kernel, bandwidths, degree, c, unbiased, tile_rows)
+        ctx.backend = backend
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         x, y = ctx.saved_tensors
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            return (None,) * 8
-        grad_x, grad_y = torch.ops.fastkd.mmd_backward(grad_output, x, y, *ctx.params)
+            return (None,) * 9
+        grad_x, grad_y = _run_mmd_backward(ctx.backend, grad_output, x, y, *ctx.params)
         return (
             grad_x if ctx.needs_input_grad[0] else None,
             grad_y if ctx.needs_input_grad[1] else None,
-            None, None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )
 
 
@@ -573,14 +597,17 @@ def mmd_loss(
     - ``"laplacian"``: ``Σ_σ exp(−‖a−b‖₂ / σ)``, gradient 0 at coincident points;
     - ``"polynomial"``: ``(a·b / c + 1)^degree``.
 
-    The fused CPU kernel never holds a kernel matrix: it walks the rows in
-    tiles (blocks of about 2**22 kernel values) and saves nothing for the
-    backward, which recomputes the blocks, so memory is O((N + M)·D) besides
-    a few fixed-size blocks instead of O((N + M)²). Its squared distances come
-    from the norms (``‖a‖² + ‖b‖² − 2a·b``), exact 0 for a point against
-    itself; for the laplacian, whose square root amplifies that form's
-    rounding at small distances, near pairs are recomputed from their
-    differences (gradient 0 at exactly coincident points, as the reference).
+    The fused kernels never hold a kernel matrix and save nothing for the
+    backward, which recomputes the blocks. The CPU op walks the rows in tiles
+    (blocks of about 2**22 kernel values), so memory is O((N + M)·D) besides
+    a few fixed-size blocks instead of O((N + M)²); the CUDA op tiles the same
+    way (cuBLAS GEMMs per tile plus its own block kernels); the Triton kernels
+    work on 64 × 64 (laplacian: 32 × 32) tiles in registers, with an fp32
+    O((N + M)·D) gradient workspace. Squared distances come from the norms
+    (``‖a‖² + ‖b‖² − 2a·b``), exact 0 for a point against itself; for the
+    laplacian, whose square root amplifies that form's rounding at small
+    distances, near pairs are recomputed from their differences (gradient 0
+    at exactly coincident points, as the reference).
 
     Args:
         x: ``(N, D)`` samples, float32 / bfloat16 / float16 / float64.
@@ -591,10 +618,9 @@ def mmd_loss(
         unbiased: leave the within-sample diagonals out (then ``N, M >= 2``).
         degree: polynomial degree, an integer ``>= 1``.
         c: polynomial scale, ``> 0``.
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``;
-            only ``"cpu"`` has an MMD kernel so far: ``"auto"`` uses the
-            reference for CUDA tensors, an explicit ``"cuda"`` / ``"triton"``
-            raises ``ValueError``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``
+            (those in ``MMD_KERNELS`` have an MMD kernel; the GPU kernels take
+            float32 / bfloat16 / float16).
         gather: gather ``x`` and ``y`` from every rank of ``process_group``
             (default: the world) and compute the MMD of the global samples
             (:mod:`fastkd.distributed`: same value on every rank; each rank's
@@ -617,7 +643,7 @@ def mmd_loss(
         )
     return MMDFunction.apply(
         x, y, MMD_KERNEL_CODES[kernel], list(bandwidths), degree, c, unbiased,
-        _mmd_tile_rows(x.shape[0], y.shape[0]),
+        _mmd_tile_rows(x.shape[0], y.shape[0]), chosen,
     )
 
 
@@ -653,24 +679,26 @@ def nst_loss(
     ``k(a, b) = (a·b)²`` over channel pairs, averaged over N. Nothing is
     detached (detach ``teacher_maps`` for a frozen teacher).
 
-    The ``"cpu"`` backend is composite ATen with autograd, no fused op: it
-    uses the closed form ``‖AᵀA / C_s − BᵀB / C_t‖²_F`` (two HW × HW Grams per
-    sample) when HW is smaller than the channel counts, else the C × C channel
-    products, so its memory is O(N · min(max(C_s, C_t), HW)²).
+    There is no NST kernel on any backend: the compiled backends
+    (``NST_CLOSED_FORM_BACKENDS``) run composite ATen with autograd, the
+    closed form ``‖AᵀA / C_s − BᵀB / C_t‖²_F`` (two HW × HW Grams per sample)
+    when HW is smaller than the channel counts, else the C × C channel
+    products, so memory is O(N · min(max(C_s, C_t), HW)²). Those are batched
+    GEMMs, which is what a kernel would do too; on CUDA tensors they are
+    cuBLAS's, whichever of ``"triton"`` / ``"cuda"`` is named.
 
     Args:
         student_maps: ``(N, C_s, H, W)`` student feature maps.
         teacher_maps: ``(N, C_t, H', W')``; channels and spatial size may differ.
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``;
-            only ``"cpu"`` has an NST path so far: ``"auto"`` uses the
-            reference for CUDA tensors, an explicit ``"cuda"`` / ``"triton"``
-            raises ``ValueError``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``:
+            ``"reference"`` builds the kernel matrices, the others (where
+            available) take the closed form above.
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
     """
     s, t = _reference_mmd.check_nst_arguments(student_maps, teacher_maps)
-    chosen = _backend_for("nst", MMD_KERNELS, backend, s)
+    chosen = _backend_for("nst", NST_CLOSED_FORM_BACKENDS, backend, s)
     if chosen == "reference":
         return _reference.nst_loss(s, t)
     return _nst_closed_form(*_reference_mmd.nst_features(s, t))

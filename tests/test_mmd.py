@@ -1,5 +1,6 @@
-"""MMD and NST (SPEC §3): the fused cpu backend against the float64 reference,
-the ops themselves (opcheck, C++ checks) and the argument validation."""
+"""MMD and NST (SPEC §3): every fused backend (cpu + triton here, triton + cuda under
+FASTKD_TEST_DEVICE=cuda) against the float64 reference, the ops themselves
+(opcheck, C++ checks) and the argument validation."""
 
 from __future__ import annotations
 
@@ -9,34 +10,69 @@ import torch
 import fastkd
 from fastkd import _ops, reference
 from fastkd import functional as fkf
-from tests.helpers import assert_matches
+from tests.helpers import DEVICE, KERNEL_BACKENDS, assert_matches
 
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 UPSTREAM = 0.7  # never test only with an upstream gradient of 1
-SMALL_TILE = 4  # rows per tile when the multi-tile path is forced
+SMALL_TILE = 4  # rows per tile (cpu / cuda ops) when the multi-tile path is forced
+SMALL_BLOCK = 16  # rows per Triton tile when the multi-tile path is forced (its minimum)
 KERNELS = ("gaussian", "laplacian", "polynomial")
+# Under the Triton interpreter every operation costs milliseconds: the
+# triton backend runs the full grid on a GPU, and on CPU float32 on every
+# shape with the default tiles, the rest on these shapes.
+INTERPRETED = DEVICE.type == "cpu"
+INTERPRETER_SHAPES = ((13, 9, 3), (9, 21, 130))
+
+
+def kernel_params():
+    """The backends of KERNEL_BACKENDS that have an MMD kernel, skipped with the reason when unavailable."""
+    params = []
+    for name in KERNEL_BACKENDS:
+        status = fastkd._dispatch.backend_status(name, DEVICE.type)
+        if name not in fkf.MMD_KERNELS:
+            status = fastkd._dispatch.BackendStatus(False, "no MMD kernel")
+        marks = () if status.available else (pytest.mark.skip(reason=f"{name}: {status.reason}"),)
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def native_dtypes(backend):
+    """float64 runs on the cpu op only (the GPU backends accumulate in float32)."""
+    return (torch.float64,) if backend == "cpu" else (torch.float32,)
 
 
 @pytest.fixture(params=["default_tile", "small_tile"])
 def tiles(request, monkeypatch):
-    """Runs a test with the default tile size and with tiles of SMALL_TILE rows."""
+    """Runs a test with the default tiling and with small tiles: SMALL_TILE rows
+    per tile of the cpu / cuda ops, and SMALL_BLOCK-row Triton tiles with the
+    columns split over two programs (the GPU's SPLITS path)."""
     if request.param == "small_tile":
         monkeypatch.setattr(fkf, "_mmd_tile_rows", lambda n, m: SMALL_TILE)
+        if fastkd._dispatch.backend_status("triton", DEVICE.type).available:
+            from fastkd.kernels import mmd as triton_mmd
+
+            config = triton_mmd.launch_config
+
+            def small_blocks(kernel, dim, backward=False):
+                return (SMALL_BLOCK, *config(kernel, dim, backward)[1:])
+
+            monkeypatch.setattr(triton_mmd, "launch_config", small_blocks)
+            monkeypatch.setattr(triton_mmd, "splits_for", lambda rb, cb, rows, dim, dev: min(2, cb))
     return request.param
 
 
 def samples(rows, dim, dtype, seed, shift=0.0):
-    """Rows of unit scale (‖a − b‖ ~ 1, the scale the default bandwidths suit)."""
+    """Rows of unit scale (‖a − b‖ ~ 1, the scale the default bandwidths suit), on DEVICE."""
     g = torch.Generator().manual_seed(seed)
-    return ((torch.randn(rows, dim, generator=g, dtype=torch.float64) + shift) / dim**0.5).to(dtype)
+    return ((torch.randn(rows, dim, generator=g, dtype=torch.float64) + shift) / dim**0.5).to(DEVICE, dtype)
 
 
 def run_with_grads(fn, *inputs, upstream=UPSTREAM):
     inputs = [a.detach().clone().requires_grad_(True) for a in inputs]
     loss = fn(*inputs)
-    loss.backward(torch.tensor(upstream, dtype=loss.dtype))
+    loss.backward(torch.tensor(upstream, dtype=loss.dtype, device=loss.device))
     return (loss.detach(), *(a.grad for a in inputs))
 
 
@@ -62,98 +98,132 @@ def kernel_kwargs(kernel):
 SHAPES = ((1, 1, 3), (1, 6, 3), (13, 9, 3), (19, 19, 130), (9, 21, 130))
 
 
+@pytest.mark.parametrize("backend", kernel_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("unbiased", (False, True), ids=("biased", "unbiased"))
-def test_mmd_parity(tiles, dtype, shape, kernel, unbiased):
+def test_mmd_parity(tiles, backend, dtype, shape, kernel, unbiased):
     n, m, d = shape
     if unbiased and min(n, m) < 2:
         pytest.skip("unbiased needs 2 rows")
+    if backend == "triton" and INTERPRETED:
+        if tiles == "small_tile" and (dtype != torch.float32 or shape not in INTERPRETER_SHAPES):
+            pytest.skip("interpreter: small tiles in float32 on INTERPRETER_SHAPES only")
+        if dtype != torch.float32 and shape not in INTERPRETER_SHAPES:
+            pytest.skip("interpreter: bfloat16 / float16 on INTERPRETER_SHAPES only")
     x = samples(n, d, dtype, 0)
     y = samples(m, d, dtype, 1, shift=0.3)
     kwargs = {**kernel_kwargs(kernel), "unbiased": unbiased}
     check_parity(
-        lambda a, b: fastkd.mmd_loss(a, b, backend="cpu", **kwargs),
+        lambda a, b: fastkd.mmd_loss(a, b, backend=backend, **kwargs),
         lambda a, b: reference.mmd_loss(a, b, **kwargs),
         (x, y),
-        f"cpu mmd {kernel}",
+        f"{backend} mmd {kernel}",
     )
 
 
+@pytest.mark.parametrize("backend", kernel_params())
 @pytest.mark.parametrize("bandwidths", (0.7, (0.1, 1.0, 10.0)))
 @pytest.mark.parametrize("kernel", ("gaussian", "laplacian"))
-def test_mmd_bandwidths_float64_non_contiguous(tiles, bandwidths, kernel):
-    x = samples(11, 20, torch.float64, 2).t().contiguous().t()  # column-major view
-    y = samples(30, 20, torch.float64, 3)[::2]  # row stride 40
+def test_mmd_bandwidths_non_contiguous(tiles, backend, bandwidths, kernel):
+    """Column-major x, row-strided y; float64 where the backend takes it."""
+    (dtype,) = native_dtypes(backend)
+    x = samples(11, 20, dtype, 2).t().contiguous().t()  # column-major view
+    y = samples(30, 20, dtype, 3)[::2]  # row stride 40
     assert not x.is_contiguous() and not y.is_contiguous()
     kwargs = {"kernel": kernel, "bandwidths": bandwidths}
-    got = run_with_grads(lambda a, b: fastkd.mmd_loss(a, b, backend="cpu", **kwargs), x, y)
-    want = run_with_grads(lambda a, b: reference.mmd_loss(a, b, **kwargs), x, y)
-    assert got[0].dtype == torch.float64
-    for a, b in zip(got, want, strict=True):
-        assert_matches(a, b, torch.float64, "float64 mmd")
+    check_parity(
+        lambda a, b: fastkd.mmd_loss(a, b, backend=backend, **kwargs),
+        lambda a, b: reference.mmd_loss(a, b, **kwargs),
+        (x, y),
+        f"{backend} {dtype} mmd",
+    )
 
 
-def test_mmd_of_a_sample_with_itself_is_zero():
+@pytest.mark.parametrize("backend", kernel_params())
+def test_mmd_of_a_sample_with_itself_is_zero(backend):
     x = samples(8, 5, torch.float32, 4)
     for kernel in KERNELS:
-        assert fastkd.mmd_loss(x, x, kernel=kernel, backend="cpu").item() == pytest.approx(0.0, abs=1e-6)
+        assert fastkd.mmd_loss(x, x, kernel=kernel, backend=backend).item() == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("backend", kernel_params())
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
-def test_mmd_laplacian_near_coincident_points(tiles, dtype):
+def test_mmd_laplacian_near_coincident_points(tiles, backend, dtype):
     """y ≈ x (a converged student) and duplicated rows: the laplacian's square
     root amplifies the norm form's rounding at small distances, so those pairs
-    are recomputed from their differences."""
+    are recomputed from their differences (in the Triton kernels: the tiles
+    that hold such pairs take the difference path). Without it the float32
+    gradient is off by O(1) (the direction (a − b)/d of a rounding residue)."""
+    if dtype not in native_dtypes(backend) + (torch.float32,):
+        pytest.skip(f"{backend} takes no {dtype}")
     x = samples(12, 40, dtype, 11, shift=3.0)
     x[5] = x[2]  # an exact duplicate within x
     y = x[:9] + 1e-4 * samples(9, 40, dtype, 12)
     check_parity(
-        lambda a, b: fastkd.mmd_loss(a, b, kernel="laplacian", backend="cpu"),
+        lambda a, b: fastkd.mmd_loss(a, b, kernel="laplacian", backend=backend),
         lambda a, b: reference.mmd_loss(a, b, kernel="laplacian"),
         (x, y),
-        "cpu mmd near points",
+        f"{backend} mmd near points",
     )
 
 
-def test_mmd_only_inputs_are_saved_for_backward():
+@pytest.mark.parametrize("backend", kernel_params())
+def test_mmd_only_inputs_are_saved_for_backward(backend):
     n, m, d = 48, 64, 4
     x = samples(n, d, torch.float32, 5).requires_grad_(True)
     y = samples(m, d, torch.float32, 6).requires_grad_(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = fastkd.mmd_loss(x, y, backend="cpu")
+        loss = fastkd.mmd_loss(x, y, backend=backend)
     assert saved and max(t.numel() for t in saved) <= m * d < n * m
     loss.backward()
     assert x.grad is not None and y.grad is not None
 
 
-def test_mmd_auto_uses_the_cpu_kernel_and_the_module_matches():
+def test_mmd_auto_uses_the_first_kernel_backend_and_the_module_matches():
+    """backend="auto": the cpu op on CPU tensors, triton on CUDA tensors (DESIGN.md)."""
+    first = KERNEL_BACKENDS[0]
+    if not fastkd._dispatch.backend_status(first, DEVICE.type).available:
+        pytest.skip(f"{first} is unavailable")
     x, y = samples(6, 8, torch.float32, 7), samples(5, 8, torch.float32, 8)
     auto = fastkd.mmd_loss(x, y, kernel="laplacian", unbiased=True)
-    assert torch.equal(auto, fastkd.mmd_loss(x, y, kernel="laplacian", unbiased=True, backend="cpu"))
+    assert torch.equal(auto, fastkd.mmd_loss(x, y, kernel="laplacian", unbiased=True, backend=first))
     module = fastkd.MMDLoss(kernel="laplacian", unbiased=True)
     assert torch.equal(module(x, y), auto)
     assert "laplacian" in repr(module)
 
 
-def test_mmd_nan_propagates():
+@pytest.mark.parametrize("backend", kernel_params())
+def test_mmd_nan_propagates(backend):
     x = samples(5, 3, torch.float32, 9)
     x[2, 1] = float("nan")
+    y = samples(4, 3, torch.float32, 10)
     for kernel in KERNELS:
-        assert torch.isnan(fastkd.mmd_loss(x, samples(4, 3, torch.float32, 10), kernel=kernel, backend="cpu"))
+        xg = x.clone().requires_grad_(True)
+        loss = fastkd.mmd_loss(xg, y, kernel=kernel, backend=backend)
+        assert torch.isnan(loss)
+        loss.backward()
+        assert torch.isnan(xg.grad[2]).all()
 
 
 # ---- the ops ------------------------------------------------------------------
 
+OP_DISPATCH_KEY = "CUDA" if DEVICE.type == "cuda" else "CPU"
+needs_op = pytest.mark.skipif(
+    not _ops.has_kernel("mmd_forward", OP_DISPATCH_KEY),
+    reason=f"no fastkd::mmd_forward {OP_DISPATCH_KEY} kernel",
+)
+
 
 def op_args(dtype, kernel=0, n=7, m=11, d=5, unbiased=False, tile_rows=3):
-    x = torch.randn(n, d, dtype=dtype)
-    y = torch.randn(m, d, dtype=dtype)
+    x = torch.randn(n, d, dtype=dtype, device=DEVICE)
+    y = torch.randn(m, d, dtype=dtype, device=DEVICE)
     return x, y, kernel, [0.5, 2.0], 2, 1.5, unbiased, tile_rows
 
 
+@needs_op
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=str)
 @pytest.mark.parametrize("kernel", (0, 1, 2))
 def test_opcheck(dtype, kernel):
@@ -162,29 +232,76 @@ def test_opcheck(dtype, kernel):
     loss = torch.ops.fastkd.mmd_forward(*args)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert loss.shape == () and loss.dtype == acc
-    torch.library.opcheck(torch.ops.fastkd.mmd_backward.default, (torch.tensor(0.7, dtype=acc), *args))
+    grad = torch.tensor(0.7, dtype=acc, device=DEVICE)
+    torch.library.opcheck(torch.ops.fastkd.mmd_backward.default, (grad, *args))
 
 
-@pytest.mark.parametrize(
-    "change,needle",
-    [
-        ({"x": torch.randn(7)}, "x must be 2-D"),
-        ({"y": torch.randn(11, 4)}, "same feature dim"),
-        ({"y": torch.randn(11, 5, dtype=torch.float64)}, "same dtype"),
-        ({"kernel": 3}, "kernel must be"),
-        ({"bandwidths": [1.0, -1.0]}, "bandwidths"),
-        ({"degree": 0}, "degree"),
-        ({"c": 0.0}, "c must be"),
-        ({"x": torch.randn(1, 5), "unbiased": True}, "unbiased"),
-        ({"tile_rows": 0}, "tile_rows"),
-    ],
-)
+@needs_op
+@pytest.mark.parametrize("kernel", (0, 1, 2))
+@pytest.mark.parametrize("unbiased", (False, True), ids=("biased", "unbiased"))
+def test_op_tile_rows_do_not_change_the_result(kernel, unbiased):
+    """The ops' tiling (tile_rows) against one tile holding every row, float64."""
+    x, y, *rest = op_args(torch.float64, kernel, n=9, m=13, d=6, unbiased=unbiased)
+    params = rest[:-1]
+    whole = torch.ops.fastkd.mmd_forward(x, y, *params, 64)
+    grad = torch.tensor(0.7, dtype=torch.float64, device=DEVICE)
+    whole_grads = torch.ops.fastkd.mmd_backward(grad, x, y, *params, 64)
+    for tile_rows in (1, 4):
+        torch.testing.assert_close(torch.ops.fastkd.mmd_forward(x, y, *params, tile_rows), whole)
+        grads = torch.ops.fastkd.mmd_backward(grad, x, y, *params, tile_rows)
+        for got, want in zip(grads, whole_grads, strict=True):
+            torch.testing.assert_close(got, want)
+
+
+OP_CHECK_CASES = [
+    ({"x": torch.randn(7)}, "x must be 2-D"),
+    ({"y": torch.randn(11, 4)}, "same feature dim"),
+    ({"y": torch.randn(11, 5, dtype=torch.float64)}, "same dtype"),
+    ({"kernel": 3}, "kernel must be"),
+    ({"bandwidths": [1.0, -1.0]}, "bandwidths"),
+    ({"degree": 0}, "degree"),
+    ({"c": 0.0}, "c must be"),
+    ({"x": torch.randn(1, 5), "unbiased": True}, "unbiased"),
+    ({"tile_rows": 0}, "tile_rows"),
+]
+
+
+@needs_op
+@pytest.mark.parametrize("change,needle", OP_CHECK_CASES)
 def test_op_checks(change, needle):
     names = ("x", "y", "kernel", "bandwidths", "degree", "c", "unbiased", "tile_rows")
     args = dict(zip(names, op_args(torch.float32), strict=True))
-    args.update(change)
+    args.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in change.items()})
     with pytest.raises(RuntimeError, match=needle):
         torch.ops.fastkd.mmd_forward(*args.values())
+    with pytest.raises(RuntimeError, match=needle):
+        grad = torch.tensor(1.0, device=DEVICE)
+        torch.ops.fastkd.mmd_backward(grad, *args.values())
+
+
+@pytest.mark.skipif(not fastkd._dispatch.backend_status("triton", DEVICE.type).available, reason="no triton")
+@pytest.mark.parametrize(
+    "change,needle",
+    [case for case in OP_CHECK_CASES if "tile_rows" not in case[0] and case[1] != "same dtype"]
+    + [
+        ({"y": torch.randn(11, 5, dtype=torch.float16)}, "same dtype"),
+        ({"x": torch.randn(7, 5, dtype=torch.float64), "y": torch.randn(11, 5, dtype=torch.float64)},
+         "x must be"),
+        ({"unbiased": 1}, "unbiased must be a bool"),
+        ({"degree": 2.0}, "degree"),
+    ],
+)
+def test_triton_launcher_checks(change, needle):
+    """kernels/mmd.py rejects what the C++ ops reject, with ValueError, before any launch."""
+    from fastkd.kernels import mmd as triton_mmd
+
+    names = ("x", "y", "kernel", "bandwidths", "degree", "c", "unbiased")
+    args = dict(zip(names, op_args(torch.float32)[:-1], strict=True))
+    args.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in change.items()})
+    with pytest.raises(ValueError, match=needle):
+        triton_mmd.mmd_forward(*args.values())
+    with pytest.raises(ValueError, match=needle):
+        triton_mmd.mmd_backward(torch.tensor(1.0, device=DEVICE), *args.values())
 
 
 # ---- validation -----------------------------------------------------------------
@@ -207,9 +324,11 @@ def test_op_checks(change, needle):
         ({"backend": "fast"}, "backend"),
     ],
 )
-def test_mmd_bad_arguments_raise_value_error(kwargs, needle):
-    args = {"x": torch.randn(4, 5), "y": torch.randn(3, 5), "backend": "cpu"}
+@pytest.mark.parametrize("backend", kernel_params())
+def test_mmd_bad_arguments_raise_value_error(kwargs, needle, backend):
+    args = {"x": torch.randn(4, 5), "y": torch.randn(3, 5), "backend": backend}
     args.update(kwargs)
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     with pytest.raises(ValueError, match=needle):
         fastkd.mmd_loss(args.pop("x"), args.pop("y"), **args)
 
@@ -225,6 +344,8 @@ def test_explicit_gpu_backend_on_cpu_tensors_raises(fn):
 
 def test_explicit_backend_without_mmd_kernel_raises(monkeypatch):
     monkeypatch.setattr(fkf._dispatch, "resolve", lambda backend, tensor: "triton")
+    monkeypatch.setattr(fkf, "MMD_KERNELS", ("cpu",))
+    monkeypatch.setattr(fkf, "NST_CLOSED_FORM_BACKENDS", ("cpu",))
     with pytest.raises(ValueError, match="backend='triton' has no mmd kernel yet"):
         fastkd.mmd_loss(torch.randn(4, 5), torch.randn(4, 5), backend="triton")
     with pytest.raises(ValueError, match="backend='triton' has no nst kernel yet"):
@@ -237,26 +358,39 @@ def test_explicit_backend_without_mmd_kernel_raises(monkeypatch):
 # ---- NST --------------------------------------------------------------------------
 
 
+def nst_params():
+    """KERNEL_BACKENDS that run NST's closed form (composite ATen: no kernel of their own)."""
+    params = []
+    for name in KERNEL_BACKENDS:
+        status = fastkd._dispatch.backend_status(name, DEVICE.type)
+        if name not in fkf.NST_CLOSED_FORM_BACKENDS:
+            status = fastkd._dispatch.BackendStatus(False, "no NST path")
+        marks = () if status.available else (pytest.mark.skip(reason=f"{name}: {status.reason}"),)
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
 def feature_maps(n, c, h, w, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, c, h, w, generator=g, dtype=torch.float64).to(dtype)
+    return torch.randn(n, c, h, w, generator=g, dtype=torch.float64).to(DEVICE, dtype)
 
 
 # (N, C_s, H_s, C_t, H_t): both the channel form (HW >= C) and the Gram form (HW < C)
 NST_SHAPES = ((3, 4, 8, 6, 4), (2, 16, 2, 24, 4), (1, 5, 3, 5, 3), (4, 32, 4, 8, 2))
 
 
+@pytest.mark.parametrize("backend", nst_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", NST_SHAPES, ids=lambda s: "_".join(map(str, s)))
-def test_nst_parity(dtype, shape):
+def test_nst_parity(backend, dtype, shape):
     n, c_s, h_s, c_t, h_t = shape
     s = feature_maps(n, c_s, h_s, h_s, dtype, 0)
     t = feature_maps(n, c_t, h_t, h_t + 1, dtype, 1)
     check_parity(
-        lambda a, b: fastkd.nst_loss(a, b, backend="cpu"),
+        lambda a, b: fastkd.nst_loss(a, b, backend=backend),
         reference.nst_loss,
         (s, t),
-        "cpu nst",
+        f"{backend} nst",
     )
 
 
@@ -264,6 +398,6 @@ def test_nst_module_and_validation():
     s, t = feature_maps(2, 3, 4, 4, torch.float32, 2), feature_maps(2, 5, 4, 4, torch.float32, 3)
     assert torch.allclose(fastkd.NSTLoss()(s, t), reference.nst_loss(s, t), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="teacher_maps batch size"):
-        fastkd.nst_loss(s, t[:1], backend="cpu")
+        fastkd.nst_loss(s, t[:1])
     with pytest.raises(ValueError, match="student_maps"):
-        fastkd.nst_loss(s[0], t, backend="cpu")
+        fastkd.nst_loss(s[0], t)
