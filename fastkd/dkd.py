@@ -3,7 +3,8 @@
 The mathematics is :mod:`fastkd.reference.dkd`'s. Each compiled backend is one
 fused call with the contract of ``fastkd::dkd_forward`` that returns the row
 losses and the student gradient together; the backward only scales it:
-``cpu`` (csrc/cpu/dkd.cpp) and ``triton`` (kernels/dkd.py).
+``cpu`` (csrc/cpu/dkd.cpp), ``triton`` (kernels/dkd.py) and ``cuda``
+(csrc/cuda/dkd.cu).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from fastkd.reference import dkd as _reference
 __all__ = ["DKD_KERNELS", "DKDLoss", "dkd_loss"]
 
 # The compiled backends that have a DKD kernel.
-DKD_KERNELS = ("cpu", "triton")
+DKD_KERNELS = ("cpu", "triton", "cuda")
 
 
 def _dkd_op(backend: str):
-    """``fastkd::dkd_forward`` on ``backend``: the Triton launcher or the registered op."""
+    """``fastkd::dkd_forward`` on ``backend``: the Triton launcher or the registered op (cpu, cuda)."""
     if backend == "triton":
         from fastkd.kernels import dkd as triton_dkd
 
@@ -57,10 +58,9 @@ def dkd_loss(
         beta: NCKD weight, ``>= 0`` (default 8).
         temperature: ``T > 0`` (default 4).
         reduction: ``"batchmean"`` (mean over rows), ``"sum"`` or ``"none"``.
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``;
-            ``"cuda"`` has no DKD kernel yet (an explicit request raises
-            ``ValueError``). The GPU kernels take float32 / bfloat16 /
-            float16 (``"auto"`` runs float64 on CUDA with the reference).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
+            The GPU kernels take float32 / bfloat16 / float16 (``"auto"``
+            runs float64 on CUDA with the reference).
 
     Returns:
         float32 (float64 for float64 inputs) scalar, or ``(N,)`` for ``"none"``.
