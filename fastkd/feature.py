@@ -16,13 +16,13 @@ from fastkd.reference import feature as _reference_feature
 __all__ = ["ATLoss", "HintLoss", "at_loss"]
 
 # The compiled backends that have an attention-transfer kernel.
-AT_KERNELS = ("cpu", "triton")
+AT_KERNELS = ("cpu", "triton", "cuda")
 ADAPTERS = ("conv1x1", "conv3x3", "linear")
 
 
 def _at_ops(backend: str):
     """(forward, backward) with the contracts of ``fastkd::attention_transfer_forward`` /
-    ``_backward`` on ``backend``: the Triton launchers or the registered ops."""
+    ``_backward`` on ``backend``: the Triton launchers or the registered ops (cpu, cuda)."""
     if backend == "triton":
         from fastkd.kernels import attention_transfer as triton_at
 
@@ -71,22 +71,20 @@ def at_loss(
     input). Nothing is detached: ``teacher_maps`` gets a gradient when it
     requires one (detach it for a frozen teacher).
 
-    The fused kernels (``"cpu"``, ``"triton"``) build each sample's attention
-    map in one pass over the channels (NCHW and channels_last inputs are read
-    in place), fuse the normalisation and the squared difference, and keep
-    only the two ``(N,)`` map norms for the backward, which is fused the same
-    way.
+    The fused kernels (``"cpu"``, ``"triton"``, ``"cuda"``) build each
+    sample's attention map in one pass over the channels (NCHW and
+    channels_last inputs are read in place), fuse the normalisation and the
+    squared difference, and keep only the two ``(N,)`` map norms for the
+    backward, which is fused the same way.
 
     Args:
         student_maps: ``(N, C_s, H, W)``, float32 / bfloat16 / float16 / float64.
         teacher_maps: ``(N, C_t, H', W')``, same dtype and device; channels and
             spatial size may differ.
         p: the power, an integer ``>= 1`` (2 in the paper and RepDistiller).
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``;
-            ``"cuda"`` has no attention-transfer kernel yet (an explicit
-            request raises ``ValueError``). The GPU kernels take float32 /
-            bfloat16 / float16 (``"auto"`` runs float64 on CUDA with the
-            reference).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
+            The GPU kernels take float32 / bfloat16 / float16 (``"auto"``
+            runs float64 on CUDA with the reference).
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
