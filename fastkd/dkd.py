@@ -1,8 +1,10 @@
 """Decoupled knowledge distillation (DKD, SPEC §1): public loss and module.
 
-The mathematics is :mod:`fastkd.reference.dkd`'s. The ``cpu`` backend is one
-fused C++ op (``fastkd::dkd_forward``, csrc/cpu/dkd.cpp) that returns the row
-losses and the student gradient in one call; the backward only scales it.
+The mathematics is :mod:`fastkd.reference.dkd`'s. Each compiled backend is one
+fused call with the contract of ``fastkd::dkd_forward`` that returns the row
+losses and the student gradient together; the backward only scales it:
+``cpu`` (csrc/cpu/dkd.cpp), ``triton`` (kernels/dkd.py) and ``cuda``
+(csrc/cuda/dkd.cu).
 """
 
 from __future__ import annotations
@@ -16,9 +18,17 @@ from fastkd.reference import dkd as _reference
 
 __all__ = ["DKD_KERNELS", "DKDLoss", "dkd_loss"]
 
-# The compiled backends that have a DKD kernel; on CUDA tensors
-# backend="auto" uses the reference until triton / cuda get one.
-DKD_KERNELS = ("cpu",)
+# The compiled backends that have a DKD kernel.
+DKD_KERNELS = ("cpu", "triton", "cuda")
+
+
+def _dkd_op(backend: str):
+    """``fastkd::dkd_forward`` on ``backend``: the Triton launcher or the registered op (cpu, cuda)."""
+    if backend == "triton":
+        from fastkd.kernels import dkd as triton_dkd
+
+        return triton_dkd.dkd_forward
+    return torch.ops.fastkd.dkd_forward
 
 
 def dkd_loss(
@@ -48,9 +58,9 @@ def dkd_loss(
         beta: NCKD weight, ``>= 0`` (default 8).
         temperature: ``T > 0`` (default 4).
         reduction: ``"batchmean"`` (mean over rows), ``"sum"`` or ``"none"``.
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``; ``"cuda"`` / ``"triton"``
-            have no DKD kernel yet (``"auto"`` uses the reference on CUDA
-            tensors, an explicit request raises ``ValueError``).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
+            The GPU kernels take float32 / bfloat16 / float16 (``"auto"``
+            runs float64 on CUDA with the reference).
 
     Returns:
         float32 (float64 for float64 inputs) scalar, or ``(N,)`` for ``"none"``.
@@ -66,7 +76,7 @@ def dkd_loss(
     n = s.shape[0]
     factor = temperature**2 / (max(n, 1) if reduction == "batchmean" else 1)
     return _functional.RowLossKernelFunction.apply(
-        torch.ops.fastkd.dkd_forward, factor, reduction == "none",
+        _dkd_op(chosen), factor, reduction == "none",
         s, t.detach(), y, alpha, beta, 1.0 / temperature, factor,
     )
 

@@ -15,14 +15,23 @@ from fastkd.reference import feature as _reference_feature
 
 __all__ = ["ATLoss", "HintLoss", "at_loss"]
 
-# The compiled backends that have an attention-transfer kernel. On CUDA
-# tensors backend="auto" falls back to the reference until triton / cuda get one.
-AT_KERNELS = ("cpu",)
+# The compiled backends that have an attention-transfer kernel.
+AT_KERNELS = ("cpu", "triton", "cuda")
 ADAPTERS = ("conv1x1", "conv3x3", "linear")
 
 
+def _at_ops(backend: str):
+    """(forward, backward) with the contracts of ``fastkd::attention_transfer_forward`` /
+    ``_backward`` on ``backend``: the Triton launchers or the registered ops (cpu, cuda)."""
+    if backend == "triton":
+        from fastkd.kernels import attention_transfer as triton_at
+
+        return triton_at.attention_transfer_forward, triton_at.attention_transfer_backward
+    return torch.ops.fastkd.attention_transfer_forward, torch.ops.fastkd.attention_transfer_backward
+
+
 class ATFunction(torch.autograd.Function):
-    """Attention transfer on the fused ops, for maps of equal spatial size.
+    """Attention transfer on the fused ops of ``backend``, for maps of equal spatial size.
 
     Between forward and backward it keeps the two ``(N,)`` norms of the
     attention maps (besides references to the maps themselves); the backward
@@ -30,10 +39,11 @@ class ATFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, p, eps):
-        loss, s_norm, t_norm = torch.ops.fastkd.attention_transfer_forward(student, teacher, p, eps)
+    def forward(ctx, student, teacher, p, eps, backend):
+        forward_op, _ = _at_ops(backend)
+        loss, s_norm, t_norm = forward_op(student, teacher, p, eps)
         ctx.save_for_backward(student, teacher, s_norm, t_norm)
-        ctx.p, ctx.eps = p, eps
+        ctx.p, ctx.eps, ctx.backend = p, eps, backend
         return loss
 
     @staticmethod
@@ -41,11 +51,12 @@ class ATFunction(torch.autograd.Function):
         student, teacher, s_norm, t_norm = ctx.saved_tensors
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (want_s or want_t):
-            return None, None, None, None
-        grad_s, grad_t = torch.ops.fastkd.attention_transfer_backward(
+            return None, None, None, None, None
+        _, backward_op = _at_ops(ctx.backend)
+        grad_s, grad_t = backward_op(
             grad_output, student, teacher, s_norm, t_norm, ctx.p, ctx.eps, want_s, want_t
         )
-        return (grad_s if want_s else None), (grad_t if want_t else None), None, None
+        return (grad_s if want_s else None), (grad_t if want_t else None), None, None, None
 
 
 def at_loss(
@@ -60,20 +71,20 @@ def at_loss(
     input). Nothing is detached: ``teacher_maps`` gets a gradient when it
     requires one (detach it for a frozen teacher).
 
-    The ``"cpu"`` kernel builds each sample's attention map in one pass over
-    the channels (NCHW and channels_last inputs are read in place), fuses the
-    normalisation and the squared difference, and keeps only the two ``(N,)``
-    map norms for the backward, which is fused the same way.
+    The fused kernels (``"cpu"``, ``"triton"``, ``"cuda"``) build each
+    sample's attention map in one pass over the channels (NCHW and
+    channels_last inputs are read in place), fuse the normalisation and the
+    squared difference, and keep only the two ``(N,)`` map norms for the
+    backward, which is fused the same way.
 
     Args:
         student_maps: ``(N, C_s, H, W)``, float32 / bfloat16 / float16 / float64.
         teacher_maps: ``(N, C_t, H', W')``, same dtype and device; channels and
             spatial size may differ.
         p: the power, an integer ``>= 1`` (2 in the paper and RepDistiller).
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``;
-            only ``"cpu"`` has an attention-transfer kernel so far: ``"auto"``
-            uses the reference for CUDA tensors, an explicit ``"cuda"`` /
-            ``"triton"`` raises ``ValueError``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
+            The GPU kernels take float32 / bfloat16 / float16 (``"auto"``
+            runs float64 on CUDA with the reference).
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
@@ -89,7 +100,7 @@ def at_loss(
         # precision inputs as accurate as the reference.
         acc = torch.float64 if s.dtype == torch.float64 else torch.float32
         s, t = _reference_feature.pool_to_common_size(s.to(acc), t.to(acc))
-    return ATFunction.apply(s, t, p, _reference_feature.NORMALIZE_EPS)
+    return ATFunction.apply(s, t, p, _reference_feature.NORMALIZE_EPS, chosen)
 
 
 class ATLoss(nn.Module):
