@@ -264,12 +264,13 @@ def test_triton_launcher_checks(change, needle):
 
 def test_triton_launcher_checks_row_vectors():
     triton_contrastive = pytest.importorskip("fastkd.kernels.contrastive")
-    q, k, labels, inv_t, _ = op_args(torch.float32, device=triton_contrastive.DEVICE_TYPE)
+    device = triton_contrastive.DEVICE_TYPE
+    q, k, labels, inv_t, _ = op_args(torch.float32, device=device)
+    ones, zeros = torch.ones(7, device=device), torch.zeros(7, device=device)
     with pytest.raises(ValueError, match="grad_row_loss"):
-        triton_contrastive.info_nce_backward(torch.ones(6), q, k, labels, torch.zeros(7), inv_t)
+        triton_contrastive.info_nce_backward(ones[:6], q, k, labels, zeros, inv_t)
     with pytest.raises(ValueError, match="row_lse must be a floating-point"):
-        integer_lse = torch.zeros(7, dtype=torch.long)
-        triton_contrastive.info_nce_backward(torch.ones(7), q, k, labels, integer_lse, inv_t)
+        triton_contrastive.info_nce_backward(ones, q, k, labels, zeros.long(), inv_t)
 
 
 # ---- validation -----------------------------------------------------------------
