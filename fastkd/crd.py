@@ -6,8 +6,8 @@ and the bank update, which it shares with the reference
 (:class:`fastkd.reference.crd.CRDLoss`) so that both update identically; only
 the NCE computation differs.
 
-The fused kernels (the ``cpu`` op ``torch.ops.fastkd.crd_nce_forward``, the
-``triton`` kernels of ``fastkd.kernels.crd``) gather each bank row, take its
+The fused kernels (the ``cpu`` and ``cuda`` op ``torch.ops.fastkd.crd_nce_forward``,
+the ``triton`` kernels of ``fastkd.kernels.crd``) gather each bank row, take its
 dot product, exponential and NCE term and add its share of the gradient
 while the row is in cache (in registers for Triton): the
 ``(B, K+1, feat_dim)`` gather of the reference never exists, so memory is
@@ -29,7 +29,10 @@ from fastkd.reference import crd as _reference_crd
 __all__ = ["CRDLoss", "crd_nce"]
 
 # The compiled backends with a CRD kernel.
-CRD_KERNELS = ("cpu", "triton")
+CRD_KERNELS = ("cpu", "triton", "cuda")
+# The widest feat_dim of the CUDA kernel (kMaxFeatDim of csrc/cuda/crd.cu:
+# 32 lanes × 32 registers).
+CUDA_MAX_FEAT_DIM = 1024
 
 
 def _crd_op(backend: str):
@@ -47,6 +50,8 @@ def _feat_dim_limit(backend: str) -> int | None:
         from fastkd.kernels import crd as triton_crd
 
         return triton_crd.MAX_FEAT_DIM
+    if backend == "cuda":
+        return CUDA_MAX_FEAT_DIM
     return None
 
 
@@ -119,8 +124,8 @@ def crd_nce(
             batch, ``Z = mean_bj exp(s_bj / τ) · n_data``.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
             The GPU kernels take float32 banks (``"auto"`` uses the reference
-            for float64 banks on CUDA); Triton takes feat_dim up to
-            ``fastkd.kernels.crd.MAX_FEAT_DIM`` (8192).
+            for float64 banks on CUDA) and feat_dim up to 8192 (triton) and
+            1024 (cuda); ``"auto"`` moves on to the next backend beyond that.
 
     Returns:
         ``(loss, Z)``: the ``()`` loss in the bank's dtype and the ``Z`` used (a float).
