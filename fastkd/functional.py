@@ -360,7 +360,7 @@ def kd_loss(
 # ---- InfoNCE (SPEC §4) --------------------------------------------------------
 
 # The compiled backends that have an InfoNCE kernel.
-INFO_NCE_KERNELS = ("cpu", "triton")
+INFO_NCE_KERNELS = ("cpu", "triton", "cuda")
 
 
 def _info_nce_tile_rows(m: int) -> int:
@@ -458,9 +458,10 @@ def info_nce(
 
     The fused kernels keep only the row log-sum-exp between forward and
     backward and recompute the logits in the backward, so memory is O(N)
-    instead of O(N·M) (Inf-CL style): the cpu op tiles the similarity matrix
-    (about 32 MiB of logits at a time), the triton kernels hold one 64 × 64
-    logits tile per program, flash-attention style.
+    instead of O(N·M) (Inf-CL style): the cpu and cuda ops tile the
+    similarity matrix (ATen GEMMs on about 32 MiB of logits at a time, plus
+    their own row log-sum-exp / softmax-gradient kernels), the triton kernels
+    hold one 64 × 64 logits tile per program, flash-attention style.
 
     Args:
         q: ``(N, D)`` queries, float32 / bfloat16 / float16 / float64.

@@ -200,7 +200,7 @@ def test_module_first_call_sets_z(backend):
     contrast_idx = torch.randint(64, (13, 37)).to(DEVICE)
     got_loss, _ = step(fused, f_s, f_t, idx, contrast_idx)
     want_loss, _ = step(ref64, f_s.double(), f_t.double(), idx, contrast_idx)
-    torch.testing.assert_close(fused.z.double(), ref64.z, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fused.z.double(), ref64.z, rtol=1e-5, atol=0)  # SPEC §6 float32
     assert_matches(got_loss, want_loss, torch.float32, f"{backend} first-call loss")
 
 
