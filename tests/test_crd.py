@@ -46,12 +46,12 @@ def op_device_params():
 @pytest.fixture(params=["default_blocks", "split_columns"])
 def blocks(request, monkeypatch):
     """Runs a test with the default Triton launch configuration and with one that
-    splits each sample's columns over 3 programs of 4-column blocks."""
+    splits each sample's columns over 3 programs of 8-column blocks."""
     if request.param == "split_columns" and importlib.util.find_spec("triton") is not None:
         from fastkd.kernels import crd as triton_crd
 
         def split(batch, cols, dim):
-            return {"BLOCK_K": 4, "BLOCK_D": max(1, 1 << (dim - 1).bit_length()), "SPLITS": 3, "num_warps": 1}
+            return {"BLOCK_K": 8, "BLOCK_D": max(1, 1 << (dim - 1).bit_length()), "SPLITS": 3, "num_warps": 1}
 
         monkeypatch.setattr(triton_crd, "launch_config", split)
     return request.param
