@@ -3,7 +3,8 @@
 Same contract as the C++ ops ``fastkd::info_nce_forward`` /
 ``fastkd::info_nce_backward`` (csrc/fastkd.cpp, csrc/cpu/contrastive.cpp),
 flash-attention style: the ``(N, M)`` logits ``q kᵀ / τ`` exist only one
-``BLOCK_M × BLOCK_N`` tile at a time, in registers.
+``BLOCK_M × BLOCK_N`` tile at a time, in registers (64 × 64 for large
+batches, see launch_config).
 
   forward     one program per block of BLOCK_M query rows; it walks the key
               blocks, computing each logits tile with tl.dot (contracted over
@@ -214,18 +215,40 @@ def _info_nce_bwd_dk_kernel(
 DEVICE_TYPE = "cpu" if isinstance(_info_nce_fwd_kernel, InterpretedFunction) else "cuda"
 
 
-def launch_config(dim: int) -> dict:
-    """Block sizes and num_warps for feature dim ``dim`` (one configuration, no autotuning).
+# Programs that fill an H100 / H200 once (one per SM).
+_SMS = 132
 
-    64 × 64 logits tiles with 4 warps: the float32 tile and the two BLOCK_D-wide
-    operand chunks stay in registers; tl.dot needs every dimension >= 16.
-    BLOCK_DV, the slice of D one backward program owns, is as wide as D up to
-    128 (a 64 × 128 float32 accumulator): wider D recomputes the logits once
-    per slice.
+
+def _rows_per_block(count: int) -> int:
+    """64 rows per block (the most reuse of each loaded tile), or 32 / 16 when
+    64 would leave more than a quarter of the SMs idle: the forward and dq
+    grids have one program per query block, the dk grid one per key block
+    (times the D slices). The interpreter runs one program at a time, so it
+    always gets 64."""
+    busy = 3 * _SMS // 4 if DEVICE_TYPE == "cuda" else 1
+    for block in (64, 32):
+        if triton.cdiv(count, block) >= busy:
+            return block
+    return 16
+
+
+def launch_config(rows: int, keys: int, dim: int) -> dict:
+    """Block sizes and num_warps for ``rows`` queries, ``keys`` keys of ``dim``
+    features (one configuration per call, no autotuning).
+
+    BLOCK_M (query rows) and BLOCK_N (keys) are 64 for large batches: a
+    64 × 64 float32 logits tile and two BLOCK_D-wide operand chunks stay in
+    registers at 4 warps. Smaller batches get smaller blocks so that every
+    SM has a program (chosen so, not measured). tl.dot needs every dimension
+    >= 16. BLOCK_DV, the slice of D one backward program owns, is as wide as
+    D up to 128 (a BLOCK × 128 float32 accumulator): wider D recomputes the
+    logits once per slice.
     """
     width = max(16, triton.next_power_of_2(max(dim, 1)))
+    block_m, block_n = _rows_per_block(rows), _rows_per_block(keys)
     return {
-        "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": min(width, 64), "BLOCK_DV": min(width, 128), "num_warps": 4,
+        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": min(width, 64), "BLOCK_DV": min(width, 128),
+        "num_warps": 4 if max(block_m, block_n) == 64 else 2,
     }
 
 
@@ -300,7 +323,7 @@ def info_nce_forward(
     row_lse = torch.empty(n, dtype=torch.float32, device=q.device)
     if n == 0:
         return row_loss, row_lse
-    cfg = launch_config(d)
+    cfg = launch_config(n, m, d)
     _info_nce_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_M"]),)](
         q, k, labels, row_loss, row_lse, n, m, d, *_strides(q, k), float(inv_temperature),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
@@ -342,7 +365,7 @@ def info_nce_backward(
     # without queries no kernel runs and dk = 0
     grad_k = (torch.empty if n > 0 else torch.zeros)((m, d), dtype=out_dtype, device=q.device)
     if n > 0:
-        cfg = launch_config(d)
+        cfg = launch_config(n, m, d)
         grad = grad_row_loss.to(torch.float32).contiguous()
         lse = row_lse.to(torch.float32).contiguous()
         common = (n, m, d, *_strides(q, k), float(inv_temperature))

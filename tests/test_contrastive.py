@@ -52,7 +52,10 @@ def tiles(request, monkeypatch):
         if importlib.util.find_spec("triton") is not None:
             from fastkd.kernels import contrastive as triton_contrastive
 
-            monkeypatch.setattr(triton_contrastive, "launch_config", lambda dim: dict(SMALL_BLOCKS))
+            def small_blocks(rows, keys, dim):
+                return dict(SMALL_BLOCKS)
+
+            monkeypatch.setattr(triton_contrastive, "launch_config", small_blocks)
     return request.param
 
 

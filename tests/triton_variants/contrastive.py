@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from tests.triton_variants import DTYPES, Variant
 
-# The launch configuration of a CLIP-sized embedding (D = 512: BLOCK_D 64,
-# BLOCK_DV 128) and of a narrow one (D = 40: every block 64 wide).
-DIMS = (512, 40)
+# (N, M, D) as launch_config sizes them on a GPU: a large batch of CLIP-sized
+# embeddings (64-row blocks, BLOCK_D 64, BLOCK_DV 128), a small batch of
+# narrow ones (N = M = 1024: 16-row blocks; D = 40: BLOCK_D = BLOCK_DV = 64)
+# and N = 4096 queries against 2048 keys (32-row query blocks, 16-key blocks).
+SHAPES = ((32768, 32768, 512), (1024, 1024, 40), (4096, 2048, 128))
 
 
 def _types(dtype: str, pointers: dict) -> dict:
@@ -22,8 +24,8 @@ def _types(dtype: str, pointers: dict) -> dict:
 
 def _variants(module, pointers, uses_dv: bool):
     for dtype in DTYPES:
-        for dim in DIMS:
-            cfg = module.launch_config(dim)
+        for rows, keys, dim in SHAPES:
+            cfg = module.launch_config(rows, keys, dim)
             constexprs = {
                 "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"],
                 # float32 ieee products, tf32 for bf16 / fp16 (exact on their values)
@@ -31,7 +33,8 @@ def _variants(module, pointers, uses_dv: bool):
             }
             if uses_dv:
                 constexprs["BLOCK_DV"] = cfg["BLOCK_DV"]
-            yield Variant(f"{dtype} D={dim}", _types(dtype, pointers(dtype)), constexprs, cfg["num_warps"])
+            label = f"{dtype} N={rows} M={keys} D={dim}"
+            yield Variant(label, _types(dtype, pointers(dtype)), constexprs, cfg["num_warps"])
 
 
 def forward_variants(module):
