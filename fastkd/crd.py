@@ -6,26 +6,71 @@ and the bank update, which it shares with the reference
 (:class:`fastkd.reference.crd.CRDLoss`) so that both update identically; only
 the NCE computation differs.
 
-The fused ``cpu`` kernel (``torch.ops.fastkd.crd_nce_forward``) gathers each
-bank row, takes its dot product, exponential and NCE term and adds its share
-of the gradient while the row is in cache: the ``(B, K+1, feat_dim)`` gather
-of the reference never exists, so memory is O(B · feat_dim) besides the
-banks. It returns the gradient with the loss; the backward only scales it.
+The fused kernels (the ``cpu`` and ``cuda`` op ``torch.ops.fastkd.crd_nce_forward``,
+the ``triton`` kernels of ``fastkd.kernels.crd``) gather each bank row, take its
+dot product, exponential and NCE term and add its share of the gradient
+while the row is in cache (in registers for Triton): the
+``(B, K+1, feat_dim)`` gather of the reference never exists, so memory is
+O(B · feat_dim) besides the banks. They return the gradient with the loss;
+the backward only scales it. The GPU kernels take float32 banks only.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastkd import _ops  # noqa: F401  (registers fastkd::crd_nce_forward and its fake kernel)
+from fastkd import (
+    _dispatch,
+    _ops,  # noqa: F401  (registers fastkd::crd_nce_forward and its fake kernel)
+)
 from fastkd.functional import _backend_for, _scale_by_upstream
 from fastkd.reference import crd as _reference_crd
 
 __all__ = ["CRDLoss", "crd_nce"]
 
-# The compiled backends with a CRD kernel. On CUDA tensors backend="auto"
-# uses the reference until triton / cuda get one.
-CRD_KERNELS = ("cpu",)
+# The compiled backends with a CRD kernel.
+CRD_KERNELS = ("cpu", "triton", "cuda")
+# The widest feat_dim of the CUDA kernel (kMaxFeatDim of csrc/cuda/crd.cu:
+# 32 lanes × 32 registers).
+CUDA_MAX_FEAT_DIM = 1024
+
+
+def _crd_op(backend: str):
+    """The ``fastkd::crd_nce_forward`` contract on ``backend``."""
+    if backend == "triton":
+        from fastkd.kernels import crd as triton_crd
+
+        return triton_crd.crd_nce_forward
+    return torch.ops.fastkd.crd_nce_forward
+
+
+def _feat_dim_limit(backend: str) -> int | None:
+    """The widest feat_dim ``backend``'s kernel takes (None: any)."""
+    if backend == "triton":
+        from fastkd.kernels import crd as triton_crd
+
+        return triton_crd.MAX_FEAT_DIM
+    if backend == "cuda":
+        return CUDA_MAX_FEAT_DIM
+    return None
+
+
+def _crd_backend(backend: str, v: torch.Tensor, bank: torch.Tensor) -> str:
+    """The backend that runs one direction: ``_backend_for`` on the bank (the
+    computation's dtype; the GPU kernels take float32 banks, so ``"auto"``
+    gives float64 banks on CUDA to the reference), then, for ``"auto"``, the
+    next kernel in line when a kernel cannot take this feat_dim."""
+    chosen = _backend_for("crd", CRD_KERNELS, backend, bank)
+    limit = _feat_dim_limit(chosen)
+    if limit is None or bank.shape[1] <= limit:
+        return chosen
+    if backend != "auto":
+        raise ValueError(f"backend={chosen!r} takes feat_dim <= {limit}, got {bank.shape[1]}")
+    for name in CRD_KERNELS[CRD_KERNELS.index(chosen) + 1:]:
+        status = _dispatch.backend_status(name, v.device.type)
+        if status.available and (_feat_dim_limit(name) or bank.shape[1]) >= bank.shape[1]:
+            return name
+    return "reference"
 
 
 class CRDNCEFunction(torch.autograd.Function):
@@ -36,8 +81,8 @@ class CRDNCEFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, v, bank, contrast_idx, z, inv_temperature):
-        row_loss, grad, z_used = torch.ops.fastkd.crd_nce_forward(
+    def forward(ctx, v, bank, contrast_idx, z, inv_temperature, backend):
+        row_loss, grad, z_used = _crd_op(backend)(
             v, bank, contrast_idx, z, inv_temperature, ctx.needs_input_grad[0]
         )
         ctx.save_for_backward(grad)
@@ -48,8 +93,8 @@ class CRDNCEFunction(torch.autograd.Function):
     def backward(ctx, grad_output, _grad_z):
         (grad,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        return _scale_by_upstream(grad, grad_output / grad.shape[0]), None, None, None, None
+            return None, None, None, None, None, None
+        return _scale_by_upstream(grad, grad_output / grad.shape[0]), None, None, None, None, None
 
 
 def crd_nce(
@@ -77,9 +122,10 @@ def crd_nce(
         temperature: ``τ > 0``.
         z: the normalisation constant ``Z > 0``; ``None`` sets it from this
             batch, ``Z = mean_bj exp(s_bj / τ) · n_data``.
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``;
-            only ``"cpu"`` has a CRD kernel: ``"auto"`` uses the reference for
-            CUDA tensors, an explicit ``"cuda"`` / ``"triton"`` raises ``ValueError``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
+            The GPU kernels take float32 banks (``"auto"`` uses the reference
+            for float64 banks on CUDA) and feat_dim up to 8192 (triton) and
+            1024 (cuda); ``"auto"`` moves on to the next backend beyond that.
 
     Returns:
         ``(loss, Z)``: the ``()`` loss in the bank's dtype and the ``Z`` used (a float).
@@ -92,13 +138,13 @@ def crd_nce(
 
 def _crd_nce_unchecked(v, bank, contrast_idx, temperature: float, z: float | None, backend: str):
     """:func:`crd_nce` on validated arguments (the module validates once for both directions)."""
-    chosen = _backend_for("crd", CRD_KERNELS, backend, v)
+    chosen = _crd_backend(backend, v, bank)
     if chosen == "reference":
         return _reference_crd.crd_nce_unchecked(v, bank, contrast_idx, temperature, z)
     if bank.stride(1) != 1 and bank.shape[1] > 1:
         bank = bank.contiguous()  # the kernel reads rows at any stride, elements at unit stride
     loss, z_used = CRDNCEFunction.apply(
-        v.to(bank.dtype), bank.detach(), contrast_idx, -1.0 if z is None else z, 1.0 / temperature
+        v.to(bank.dtype), bank.detach(), contrast_idx, -1.0 if z is None else z, 1.0 / temperature, chosen
     )
     return loss, z if z is not None else z_used.item()
 

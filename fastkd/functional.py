@@ -366,9 +366,8 @@ def kd_loss(
 
 # ---- InfoNCE (SPEC §4) --------------------------------------------------------
 
-# The compiled backends that have an InfoNCE kernel. On CUDA tensors
-# backend="auto" falls back to the reference until triton / cuda get one.
-INFO_NCE_KERNELS = ("cpu",)
+# The compiled backends that have an InfoNCE kernel.
+INFO_NCE_KERNELS = ("cpu", "triton", "cuda")
 
 
 def _info_nce_tile_rows(m: int) -> int:
@@ -380,8 +379,26 @@ def _info_nce_tile_rows(m: int) -> int:
     return max(1, 2**23 // max(m, 1))
 
 
+def _info_nce_ops(backend: str):
+    """``(forward, backward)`` of ``backend`` with the signatures of ``fastkd::info_nce_forward`` /
+    ``fastkd::info_nce_backward``. The Triton kernels keep their logits tile in
+    registers, so they take no ``tile_rows`` (it only sizes the ATen tiles of
+    the cpu / cuda ops)."""
+    if backend == "triton":
+        from fastkd.kernels import contrastive as triton_contrastive
+
+        def forward(q, k, labels, inv_temperature, tile_rows):
+            return triton_contrastive.info_nce_forward(q, k, labels, inv_temperature)
+
+        def backward(grad_rows, q, k, labels, row_lse, inv_temperature, tile_rows):
+            return triton_contrastive.info_nce_backward(grad_rows, q, k, labels, row_lse, inv_temperature)
+
+        return forward, backward
+    return torch.ops.fastkd.info_nce_forward, torch.ops.fastkd.info_nce_backward
+
+
 class InfoNCEFunction(torch.autograd.Function):
-    """One InfoNCE direction, ``mean_i (lse_j logits_ij − logits_{i, y_i})``, on the fused ops.
+    """One InfoNCE direction, ``mean_i (lse_j logits_ij − logits_{i, y_i})``, on the fused kernels.
 
     Between forward and backward it keeps only ``labels`` and the row
     log-sum-exp (O(N), besides references to ``q`` and ``k`` themselves); the
@@ -389,27 +406,28 @@ class InfoNCEFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, labels, inv_temperature, tile_rows):
-        row_loss, row_lse = torch.ops.fastkd.info_nce_forward(q, k, labels, inv_temperature, tile_rows)
+    def forward(ctx, q, k, labels, inv_temperature, tile_rows, backend):
+        forward_op, _ = _info_nce_ops(backend)
+        row_loss, row_lse = forward_op(q, k, labels, inv_temperature, tile_rows)
         ctx.save_for_backward(q, k, labels, row_lse)
         ctx.inv_temperature = inv_temperature
         ctx.tile_rows = tile_rows
+        ctx.backend = backend
         return row_loss.mean()
 
     @staticmethod
     def backward(ctx, grad_output):
         q, k, labels, row_lse = ctx.saved_tensors
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         n = q.shape[0]
         grad_rows = (grad_output.to(row_lse.dtype) / n).expand(n).contiguous()
-        grad_q, grad_k = torch.ops.fastkd.info_nce_backward(
-            grad_rows, q, k, labels, row_lse, ctx.inv_temperature, ctx.tile_rows
-        )
+        _, backward_op = _info_nce_ops(ctx.backend)
+        grad_q, grad_k = backward_op(grad_rows, q, k, labels, row_lse, ctx.inv_temperature, ctx.tile_rows)
         return (
             grad_q if ctx.needs_input_grad[0] else None,
             grad_k if ctx.needs_input_grad[1] else None,
-            None, None, None,
+            None, None, None, None,
         )
 
 
@@ -445,9 +463,12 @@ def info_nce(
     (``F.cross_entropy(q @ k.T / τ, y)``) with ``y = labels`` or, without
     labels, ``y_i = i`` (keys beyond the N-th are extra negatives).
 
-    The fused CPU kernel tiles the similarity matrix (about 32 MiB of logits
-    at a time) and keeps only the row log-sum-exp between forward and
-    backward, so memory is O(N) instead of O(N·M) (Inf-CL style).
+    The fused kernels keep only the row log-sum-exp between forward and
+    backward and recompute the logits in the backward, so memory is O(N)
+    instead of O(N·M) (Inf-CL style): the cpu and cuda ops tile the
+    similarity matrix (ATen GEMMs on about 32 MiB of logits at a time, plus
+    their own row log-sum-exp / softmax-gradient kernels), the triton kernels
+    hold one 64 × 64 logits tile per program, flash-attention style.
 
     Args:
         q: ``(N, D)`` queries, float32 / bfloat16 / float16 / float64.
@@ -458,10 +479,8 @@ def info_nce(
         symmetric: average with the key→query direction (needs ``M == N``).
         normalize: L2-normalise the rows of ``q`` and ``k`` first (in float32,
             float64 for float64 input), as the reference does.
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``;
-            only ``"cpu"`` has an InfoNCE kernel so far: ``"auto"`` uses the
-            reference for CUDA tensors, an explicit ``"cuda"`` / ``"triton"``
-            raises ``ValueError``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``
+            (the GPU kernels take float32 / bfloat16 / float16).
         gather: gather ``q``, ``k`` (and ``labels``, each rank's indexing its
             own keys) from every rank of ``process_group`` (default: the world)
             and compute the loss of the global batch, negatives from every rank
@@ -498,9 +517,9 @@ def info_nce(
         q = torch.nn.functional.normalize(q.to(acc), dim=1)
         k = torch.nn.functional.normalize(k.to(acc), dim=1)
     inv_temperature = 1.0 / temperature
-    loss = InfoNCEFunction.apply(q, k, labels, inv_temperature, _info_nce_tile_rows(k.shape[0]))
+    loss = InfoNCEFunction.apply(q, k, labels, inv_temperature, _info_nce_tile_rows(k.shape[0]), chosen)
     if symmetric:
-        back = InfoNCEFunction.apply(k, q, labels, inv_temperature, _info_nce_tile_rows(q.shape[0]))
+        back = InfoNCEFunction.apply(k, q, labels, inv_temperature, _info_nce_tile_rows(q.shape[0]), chosen)
         loss = (loss + back) / 2
     return loss
 

@@ -1,7 +1,10 @@
-"""InfoNCE (SPEC §4): the fused cpu backend against the float64 reference,
-the ops themselves (opcheck, C++ checks) and the argument validation."""
+"""InfoNCE (SPEC §4): the fused kernels (cpu and triton here; triton and cuda
+with FASTKD_TEST_DEVICE=cuda) against the float64 reference, the ops
+themselves (opcheck, C++ and launcher checks) and the argument validation."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
@@ -9,77 +12,117 @@ import torch
 import fastkd
 from fastkd import _ops, reference
 from fastkd import functional as fkf
-from tests.helpers import assert_matches
+from tests.helpers import DEVICE, assert_matches
 
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 UPSTREAM = 0.7  # never test only with an upstream gradient of 1
-SMALL_TILE = 4  # rows per tile when the multi-tile path is forced
+SMALL_TILE = 4  # rows per tile of the cpu / cuda ops when the multi-tile path is forced
+# Triton blocks when the multi-block path is forced (tl.dot needs >= 16).
+SMALL_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 128, "BLOCK_DV": 128, "num_warps": 1}
+
+
+def kernel_params():
+    """The backends with an InfoNCE kernel on DEVICE, skipped with the reason when unavailable."""
+    params = []
+    for name in fkf.INFO_NCE_KERNELS:
+        status = fastkd._dispatch.backend_status(name, DEVICE.type)
+        marks = () if status.available else (pytest.mark.skip(reason=f"{name}: {status.reason}"),)
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def op_device_params():
+    """The devices whose fastkd::info_nce_* ops are built here."""
+    params = [pytest.param("cpu", id="cpu")]
+    status = fastkd._dispatch.backend_status("cuda", "cuda")
+    marks = () if status.available and _ops.has_kernel("info_nce_forward", "CUDA") else (
+        pytest.mark.skip(reason=f"cuda: {status.reason}" if not status.available else "no CUDA info_nce op"),
+    )
+    params.append(pytest.param("cuda", marks=marks, id="cuda"))
+    return params
 
 
 @pytest.fixture(params=["default_tile", "small_tile"])
 def tiles(request, monkeypatch):
-    """Runs a test with the default tile size and with tiles of SMALL_TILE rows."""
+    """Runs a test with the default tiles and with small ones (several tiles / blocks per dim)."""
     if request.param == "small_tile":
         monkeypatch.setattr(fkf, "_info_nce_tile_rows", lambda m: SMALL_TILE)
+        if importlib.util.find_spec("triton") is not None:
+            from fastkd.kernels import contrastive as triton_contrastive
+
+            def small_blocks(rows, keys, dim):
+                return dict(SMALL_BLOCKS)
+
+            monkeypatch.setattr(triton_contrastive, "launch_config", small_blocks)
     return request.param
 
 
-def embeddings(rows, dim, dtype, seed):
+def embeddings(rows, dim, dtype, seed, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, dim, generator=g, dtype=torch.float64).to(dtype)
+    return torch.randn(rows, dim, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 def run_with_grads(fn, q, k, upstream=UPSTREAM):
     q = q.detach().clone().requires_grad_(True)
     k = k.detach().clone().requires_grad_(True)
     loss = fn(q, k)
-    loss.backward(torch.tensor(upstream, dtype=loss.dtype))
+    loss.backward(torch.tensor(upstream, dtype=loss.dtype, device=loss.device))
     return loss.detach(), q.grad, k.grad
 
 
-def check_parity(q, k, **kwargs):
+def check_parity(backend, q, k, **kwargs):
     dtype = q.dtype
-    got = run_with_grads(lambda a, b: fastkd.info_nce(a, b, backend="cpu", **kwargs), q, k)
+    got = run_with_grads(lambda a, b: fastkd.info_nce(a, b, backend=backend, **kwargs), q, k)
     want = run_with_grads(lambda a, b: reference.info_nce(a, b, **kwargs), q.double(), k.double())
     same = run_with_grads(lambda a, b: reference.info_nce(a, b, **kwargs), q, k)
     assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert got[1].dtype == dtype and got[2].dtype == dtype
     for name, a, b, c in zip(("loss", "q grad", "k grad"), got, want, same, strict=True):
-        assert_matches(a, b, dtype, f"cpu info_nce {name}", [c])
+        assert_matches(a, b, dtype, f"{backend} info_nce {name}", [c])
 
 
 # (N, M, D, with labels)
 SHAPES = ((1, 1, 5, False), (37, 37, 130, False), (17, 53, 5, True), (17, 53, 130, False))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# (dtype, τ): both temperatures in float32, one per reduced precision (the
+# interpreter's time goes into each of these combinations)
+DTYPE_TEMPERATURES = (
+    (torch.float32, 0.07), (torch.float32, 1.0), (torch.bfloat16, 0.07), (torch.float16, 1.0),
+)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("dtype,temperature", DTYPE_TEMPERATURES, ids=lambda x: str(x))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:3])) + ("_labels" * s[3]))
-@pytest.mark.parametrize("temperature", (0.07, 1.0))
-def test_parity(tiles, dtype, shape, temperature):
+def test_parity(tiles, backend, dtype, shape, temperature):
     n, m, d, with_labels = shape
     q = embeddings(n, d, dtype, 0)
     k = embeddings(m, d, dtype, 1)
     # unnormalised inputs at τ = 0.07 give huge logits; keep them O(1/τ)
     q, k = q / d**0.5, k / d**0.5
-    labels = torch.randint(0, m, (n,), generator=torch.Generator().manual_seed(2)) if with_labels else None
-    check_parity(q, k, temperature=temperature, labels=labels)
+    labels = None
+    if with_labels:
+        labels = torch.randint(0, m, (n,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    check_parity(backend, q, k, temperature=temperature, labels=labels)
 
 
+@pytest.mark.parametrize("backend", kernel_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("symmetric", (False, True))
 @pytest.mark.parametrize("normalize", (False, True))
-def test_parity_symmetric_normalize(tiles, dtype, symmetric, normalize):
+def test_parity_symmetric_normalize(tiles, backend, dtype, symmetric, normalize):
     n, d = 23, 33
     q = embeddings(n, d, dtype, 3) * (1.0 if normalize else d**-0.5)
     k = embeddings(n, d, dtype, 4) * (1.0 if normalize else d**-0.5)
-    check_parity(q, k, temperature=0.07, symmetric=symmetric, normalize=normalize)
+    check_parity(backend, q, k, temperature=0.07, symmetric=symmetric, normalize=normalize)
 
 
 def test_float64_and_non_contiguous(tiles):
-    q = embeddings(9, 20, torch.float64, 5).t().contiguous().t()  # column-major view
-    k = embeddings(40, 20, torch.float64, 6)[::2]  # row stride 40
+    q = embeddings(9, 20, torch.float64, 5, "cpu").t().contiguous().t()  # column-major view
+    k = embeddings(40, 20, torch.float64, 6, "cpu")[::2]  # row stride 40
     assert not q.is_contiguous() and not k.is_contiguous()
     got = run_with_grads(lambda a, b: fastkd.info_nce(a, b, temperature=0.3, backend="cpu"), q, k)
     want = run_with_grads(lambda a, b: reference.info_nce(a, b, temperature=0.3), q, k)
@@ -88,10 +131,20 @@ def test_float64_and_non_contiguous(tiles):
         assert_matches(a, b, torch.float64, "float64 info_nce")
 
 
-def test_auto_uses_the_cpu_kernel_and_the_module_matches():
+@pytest.mark.parametrize("backend", kernel_params())
+def test_non_contiguous_and_large_logits(tiles, backend):
+    """Column-major q, row-strided k, |logits| in the hundreds (τ = 0.05, unnormalised)."""
+    q = embeddings(19, 20, torch.float32, 5).t().contiguous().t()
+    k = embeddings(66, 20, torch.float32, 6)[::2]
+    assert not q.is_contiguous() and not k.is_contiguous()
+    check_parity(backend, q, k, temperature=0.05)
+
+
+def test_auto_uses_the_first_kernel_and_the_module_matches():
     q, k = embeddings(6, 8, torch.float32, 7), embeddings(6, 8, torch.float32, 8)
     auto = fastkd.info_nce(q, k, symmetric=True)
-    assert torch.equal(auto, fastkd.info_nce(q, k, symmetric=True, backend="cpu"))
+    first = "cpu" if DEVICE.type == "cpu" else "triton"
+    assert torch.equal(auto, fastkd.info_nce(q, k, symmetric=True, backend=first))
     module = fastkd.InfoNCELoss(symmetric=True)
     assert torch.equal(module(q, k), auto)
     assert "symmetric=True" in repr(module)
@@ -99,13 +152,14 @@ def test_auto_uses_the_cpu_kernel_and_the_module_matches():
 
 def test_reference_backend_through_the_public_function_symmetric():
     """backend="reference" through fastkd.info_nce (not only fastkd.reference directly)."""
-    q, k = embeddings(6, 8, torch.float64, 9), embeddings(6, 8, torch.float64, 10)
+    q, k = embeddings(6, 8, torch.float64, 9, "cpu"), embeddings(6, 8, torch.float64, 10, "cpu")
     got = fastkd.info_nce(q, k, symmetric=True, backend="reference")
     torch.testing.assert_close(got, reference.info_nce(q, k, symmetric=True))
     torch.testing.assert_close(got, fastkd.info_nce(q, k, symmetric=True, backend="cpu"))
 
 
-def test_only_row_state_is_saved_for_backward():
+@pytest.mark.parametrize("backend", kernel_params())
+def test_only_row_state_is_saved_for_backward(backend):
     """Between forward and backward: q, k (the inputs themselves), labels and the
     row log-sum-exp; nothing of size N × M."""
     n, m, d = 48, 64, 4
@@ -113,39 +167,76 @@ def test_only_row_state_is_saved_for_backward():
     k = embeddings(m, d, torch.float32, 10).requires_grad_(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = fastkd.info_nce(q, k, backend="cpu")
+        loss = fastkd.info_nce(q, k, backend=backend)
     assert saved and max(t.numel() for t in saved) <= m * d < n * m
     loss.backward()
     assert q.grad is not None and k.grad is not None
 
 
-def test_nan_propagates():
+@pytest.mark.parametrize("backend", kernel_params())
+def test_nan_propagates(backend):
     q = embeddings(5, 3, torch.float32, 11)
     q[2, 1] = float("nan")
-    assert torch.isnan(fastkd.info_nce(q, embeddings(5, 3, torch.float32, 12), backend="cpu"))
+    assert torch.isnan(fastkd.info_nce(q, embeddings(5, 3, torch.float32, 12), backend=backend))
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+def test_deterministic(backend):
+    """Two runs give bit-identical losses and gradients (no atomics in any kernel)."""
+    q, k = embeddings(21, 24, torch.float32, 13), embeddings(35, 24, torch.float32, 14)
+    first = run_with_grads(lambda a, b: fastkd.info_nce(a, b, backend=backend), q, k)
+    again = run_with_grads(lambda a, b: fastkd.info_nce(a, b, backend=backend), q, k)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
 
 
 # ---- the ops ------------------------------------------------------------------
 
 
-def op_args(dtype, n=7, m=11, d=5, tile_rows=3):
-    q = torch.randn(n, d, dtype=dtype)
-    k = torch.randn(m, d, dtype=dtype)
-    labels = torch.randint(0, m, (n,))
+def op_args(dtype, n=7, m=11, d=5, tile_rows=3, device="cpu"):
+    q = torch.randn(n, d, dtype=dtype, device=device)
+    k = torch.randn(m, d, dtype=dtype, device=device)
+    labels = torch.randint(0, m, (n,), device=device)
     return q, k, labels, 2.0, tile_rows
 
 
+@pytest.mark.parametrize("device", op_device_params())
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=str)
-def test_opcheck(dtype):
-    args = op_args(dtype)
+def test_opcheck(device, dtype):
+    args = op_args(dtype, device=device)
     torch.library.opcheck(torch.ops.fastkd.info_nce_forward.default, args)
     row_loss, row_lse = torch.ops.fastkd.info_nce_forward(*args)
     q, k, labels, inv_t, tile_rows = args
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert row_loss.shape == (7,) and row_loss.dtype == acc and row_lse.dtype == acc
-    grad_rows = torch.linspace(0.5, 1.5, 7, dtype=row_lse.dtype)
+    grad_rows = torch.linspace(0.5, 1.5, 7, dtype=row_lse.dtype, device=device)
     torch.library.opcheck(torch.ops.fastkd.info_nce_backward.default,
                           (grad_rows, q, k, labels, row_lse, inv_t, tile_rows))
+    grad_q, grad_k = torch.ops.fastkd.info_nce_backward(grad_rows, q, k, labels, row_lse, inv_t, tile_rows)
+    assert grad_q.dtype == dtype and grad_k.dtype == dtype
+
+
+OP_CHECK_CASES = [
+    ({"q": torch.randn(7)}, "q must be 2-D"),
+    ({"k": torch.randn(11, 4)}, "same feature dim"),
+    ({"k": torch.randn(11, 5, dtype=torch.float64)}, "same dtype"),
+    ({"labels": torch.zeros(7, dtype=torch.int32)}, "labels must be int64"),
+    ({"labels": torch.zeros(6, dtype=torch.long)}, "one entry per row"),
+    ({"labels": torch.full((7,), 11)}, "labels must lie in"),
+    ({"labels": torch.full((7,), -1)}, "labels must lie in"),
+    ({"inv_temperature": 0.0}, "inv_temperature"),
+    ({"tile_rows": 0}, "tile_rows"),
+]
+
+
+@pytest.mark.parametrize("device", op_device_params())
+@pytest.mark.parametrize("change,needle", OP_CHECK_CASES)
+def test_op_checks(device, change, needle):
+    names = ("q", "k", "labels", "inv_temperature", "tile_rows")
+    args = dict(zip(names, op_args(torch.float32, device=device), strict=True))
+    args.update({name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in change.items()})
+    with pytest.raises(RuntimeError, match=needle):
+        torch.ops.fastkd.info_nce_forward(*args.values())
 
 
 @pytest.mark.parametrize(
@@ -153,20 +244,42 @@ def test_opcheck(dtype):
     [
         ({"q": torch.randn(7)}, "q must be 2-D"),
         ({"k": torch.randn(11, 4)}, "same feature dim"),
-        ({"k": torch.randn(11, 5, dtype=torch.float64)}, "same dtype"),
-        ({"labels": torch.zeros(7, dtype=torch.int32)}, "labels must be int64"),
-        ({"labels": torch.zeros(6, dtype=torch.long)}, "one entry per row"),
+        ({"k": torch.randn(11, 5, dtype=torch.float16)}, "same dtype"),
+        ({"q": torch.randn(7, 5, dtype=torch.float64), "k": torch.randn(11, 5, dtype=torch.float64)},
+         "q must be float32, bfloat16 or float16"),
+        ({"labels": torch.zeros(7, dtype=torch.int32)}, "labels must be torch.int64"),
+        ({"labels": torch.zeros(6, dtype=torch.long)}, r"labels must be a \(7,\) tensor"),
+        ({"labels": [0] * 7}, r"labels must be a \(7,\) tensor"),
         ({"labels": torch.full((7,), 11)}, "labels must lie in"),
+        ({"labels": torch.full((7,), -1)}, "labels must lie in"),
         ({"inv_temperature": 0.0}, "inv_temperature"),
-        ({"tile_rows": 0}, "tile_rows"),
+        ({"inv_temperature": float("inf")}, "inv_temperature"),
     ],
 )
-def test_op_checks(change, needle):
-    names = ("q", "k", "labels", "inv_temperature", "tile_rows")
-    args = dict(zip(names, op_args(torch.float32), strict=True))
-    args.update(change)
-    with pytest.raises(RuntimeError, match=needle):
-        torch.ops.fastkd.info_nce_forward(*args.values())
+def test_triton_launcher_checks(change, needle):
+    """The Triton launchers raise ValueError naming the argument before any kernel runs."""
+    triton_contrastive = pytest.importorskip("fastkd.kernels.contrastive")
+    device = triton_contrastive.DEVICE_TYPE
+    names = ("q", "k", "labels", "inv_temperature")
+    args = dict(zip(names, op_args(torch.float32, device=device)[:4], strict=True))
+    args.update({name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in change.items()})
+    q, k, labels, inv_t = args.values()
+    with pytest.raises(ValueError, match=needle):
+        triton_contrastive.info_nce_forward(q, k, labels, inv_t)
+    grad_rows, row_lse = torch.ones(7, device=device), torch.zeros(7, device=device)
+    with pytest.raises(ValueError, match=needle):
+        triton_contrastive.info_nce_backward(grad_rows, q, k, labels, row_lse, inv_t)
+
+
+def test_triton_launcher_checks_row_vectors():
+    triton_contrastive = pytest.importorskip("fastkd.kernels.contrastive")
+    device = triton_contrastive.DEVICE_TYPE
+    q, k, labels, inv_t, _ = op_args(torch.float32, device=device)
+    ones, zeros = torch.ones(7, device=device), torch.zeros(7, device=device)
+    with pytest.raises(ValueError, match="grad_row_loss"):
+        triton_contrastive.info_nce_backward(ones[:6], q, k, labels, zeros, inv_t)
+    with pytest.raises(ValueError, match="row_lse must be a floating-point"):
+        triton_contrastive.info_nce_backward(ones, q, k, labels, zeros.long(), inv_t)
 
 
 # ---- validation -----------------------------------------------------------------
@@ -201,6 +314,7 @@ def test_explicit_gpu_backend_on_cpu_tensors_raises():
 
 
 def test_explicit_backend_without_info_nce_kernel_raises(monkeypatch):
+    monkeypatch.setattr(fkf, "INFO_NCE_KERNELS", ("cpu",))
     monkeypatch.setattr(fkf._dispatch, "resolve", lambda backend, tensor: "triton")
     with pytest.raises(ValueError, match="backend='triton' has no info_nce kernel yet"):
         fastkd.info_nce(torch.randn(4, 5), torch.randn(4, 5), backend="triton")

@@ -1,0 +1,299 @@
+// CUDA implementation of fastkd::info_nce_forward / fastkd::info_nce_backward
+// (SPEC §4), with the same tiling and contract as the CPU op
+// (csrc/cpu/contrastive.cpp): the (N, M) similarity matrix is never stored.
+// Each op walks q in tiles of `tile_rows` rows; a tile's raw products
+// q_tile kᵀ (tile_rows × M, from an ATen GEMM, i.e. cuBLAS) are the only large
+// temporary, so memory is O(tile_rows · M), not O(N · M). What is ours is the
+// small kernels between the GEMMs:
+//
+//   forward   _info_nce_row_lse_kernel: per row of the tile, the log-sum-exp
+//             of logits = products / T (max, then Σ exp(x − max), each a
+//             cub block reduction) and the positive logit at the row's label:
+//             row_loss = lse − logit_{i, y_i}; row_lse is kept (O(N)).
+//   backward  recomputes the tile's products, then
+//             _info_nce_logit_grad_kernel turns them in place into
+//             G_ij = (exp(x_ij − lse_i) − [j = y_i]) · grad_row_loss_i / T;
+//             dq_tile = G k and dk += Gᵀ q_tile are two more GEMMs.
+//
+// This is honest about what it is: GEMMs from ATen plus fused element / row
+// kernels, not a flash-style single kernel (that is the Triton backend,
+// kernels/contrastive.py). Its extra cost over a fused kernel is the
+// round trip of each logits tile through global memory (written by the GEMM,
+// read by the row kernel; in the backward read and written once more), i.e.
+// 2–3 · N · M · sizeof(acc) bytes of traffic besides the GEMMs'
+// 2·N·M·D (forward) and 3 × 2·N·M·D (backward) multiply-adds.
+//
+// bfloat16 / float16 inputs are upcast tile by tile (k once) and everything
+// is computed in float32 (float32 GEMMs: no TF32 unless the user enabled it
+// in torch); float64 inputs stay float64, as on CPU.
+//
+// Layout: the device code and raw-pointer launchers first, then the ops
+// (checks, outputs, device guard, stream) and their registration.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+#include "../common/checks.h"
+
+namespace fastkd {
+namespace cuda {
+namespace {
+
+// Blocks beyond this many are grid-strided.
+constexpr int64_t kMaxBlocks = int64_t(1) << 20;
+// Threads per block of the element-wise gradient kernel.
+constexpr int kElementThreads = 256;
+
+// ---- device code --------------------------------------------------------------
+
+__device__ __forceinline__ float dev_exp(float x) { return expf(x); }
+__device__ __forceinline__ double dev_exp(double x) { return exp(x); }
+__device__ __forceinline__ float dev_log(float x) { return logf(x); }
+__device__ __forceinline__ double dev_log(double x) { return log(x); }
+
+// max that keeps a NaN from either side (so that a NaN logit gives a NaN lse)
+template <class T>
+__device__ __forceinline__ T max_nan(T a, T b) {
+  return (a != a || a > b) ? a : b;
+}
+
+struct MaxNanOp {
+  template <class T>
+  __device__ __forceinline__ T operator()(const T& a, const T& b) const {
+    return max_nan(a, b);
+  }
+};
+
+struct SumOp {
+  template <class T>
+  __device__ __forceinline__ T operator()(const T& a, const T& b) const {
+    return a + b;
+  }
+};
+
+// Reduces `value` over the block and returns the total to every thread.
+// `temp` and `result` are free again when this returns (second barrier).
+template <int BLOCK, class T, class Op>
+__device__ __forceinline__ T block_all_reduce(T value, Op op,
+                                              typename cub::BlockReduce<T, BLOCK>::TempStorage& temp,
+                                              T& result) {
+  const T total = cub::BlockReduce<T, BLOCK>(temp).Reduce(value, op);
+  if (threadIdx.x == 0) result = total;
+  __syncthreads();
+  const T broadcast = result;
+  __syncthreads();
+  return broadcast;
+}
+
+// One block per row of the tile (blocks grid-stride over rows); threads
+// stride over M so that a warp's loads are coalesced. The row is read twice
+// (max, then Σ exp), the second time from L2.
+template <class T, int BLOCK>
+__global__ void __launch_bounds__(BLOCK) _info_nce_row_lse_kernel(
+    const T* __restrict__ products,     // [rows, M] contiguous, q_i · k_j (not yet / T)
+    const int64_t* __restrict__ labels,  // [rows], in [0, M) (checked on the host)
+    T* __restrict__ row_loss,            // [rows] lse_i − logit_{i, y_i}
+    T* __restrict__ row_lse,             // [rows]
+    int64_t rows, int64_t M, T inv_temperature) {
+  using Reduce = cub::BlockReduce<T, BLOCK>;
+  __shared__ typename Reduce::TempStorage temp;
+  __shared__ T result;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const T* x = products + row * M;
+    // logits x_ij / T, rounded as the CPU op's mul_(inv_temperature)
+    T m = -INFINITY;
+    for (int64_t j = threadIdx.x; j < M; j += BLOCK) m = max_nan(m, x[j] * inv_temperature);
+    m = block_all_reduce<BLOCK>(m, MaxNanOp{}, temp, result);
+    T sum = T(0);
+    for (int64_t j = threadIdx.x; j < M; j += BLOCK) sum += dev_exp(x[j] * inv_temperature - m);
+    sum = block_all_reduce<BLOCK>(sum, SumOp{}, temp, result);
+    if (threadIdx.x == 0) {
+      const T lse = m + dev_log(sum);
+      row_lse[row] = lse;
+      row_loss[row] = lse - x[labels[row]] * inv_temperature;
+    }
+  }
+}
+
+// G_ij = (exp(x_ij / T − lse_i) − [j = y_i]) · scale_i, in place over the
+// tile's products; scale_i = grad_row_loss_i / T. Grid-stride over elements.
+template <class T>
+__global__ void __launch_bounds__(kElementThreads) _info_nce_logit_grad_kernel(
+    T* __restrict__ g,                   // [rows, M] contiguous: products in, G out
+    const int64_t* __restrict__ labels,  // [rows], in [0, M)
+    const T* __restrict__ lse,           // [rows]
+    const T* __restrict__ scale,         // [rows]
+    int64_t rows, int64_t M, T inv_temperature) {
+  const int64_t total = rows * M;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    const int64_t i = e / M;
+    const int64_t j = e - i * M;
+    T p = dev_exp(g[e] * inv_temperature - lse[i]);
+    if (j == labels[i]) p -= T(1);
+    g[e] = p * scale[i];
+  }
+}
+
+// ---- launchers ------------------------------------------------------------------
+
+template <class T>
+void launch_row_lse(const T* products, const int64_t* labels, T* row_loss, T* row_lse, int64_t rows,
+                    int64_t m, T inv_temperature, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(std::min(rows, kMaxBlocks));
+  // Short rows (a few thousand keys) get small blocks so that most threads have work.
+  if (m <= 2048) {
+    _info_nce_row_lse_kernel<T, 128><<<grid, 128, 0, stream>>>(products, labels, row_loss, row_lse,
+                                                               rows, m, inv_temperature);
+  } else {
+    _info_nce_row_lse_kernel<T, 512><<<grid, 512, 0, stream>>>(products, labels, row_loss, row_lse,
+                                                               rows, m, inv_temperature);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <class T>
+void launch_logit_grad(T* g, const int64_t* labels, const T* lse, const T* scale, int64_t rows,
+                       int64_t m, T inv_temperature, cudaStream_t stream) {
+  const int64_t blocks = (rows * m + kElementThreads - 1) / kElementThreads;
+  const unsigned grid = static_cast<unsigned>(std::min(blocks, kMaxBlocks));
+  _info_nce_logit_grad_kernel<T><<<grid, kElementThreads, 0, stream>>>(g, labels, lse, scale, rows, m,
+                                                                       inv_temperature);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---- the ops ------------------------------------------------------------------
+
+at::ScalarType accumulation_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_info_nce_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& labels,
+                         double inv_temperature, int64_t tile_rows) {
+  CHECK_DEVICE_TYPE(q, at::kCUDA);
+  CHECK_DEVICE_TYPE(k, at::kCUDA);
+  CHECK_DEVICE_TYPE(labels, at::kCUDA);
+  CHECK_SAME_DEVICE(q, k);
+  CHECK_SAME_DEVICE(q, labels);
+  CHECK_DIM(q, 2);
+  CHECK_DIM(k, 2);
+  CHECK_DIM(labels, 1);
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "q must be a floating-point tensor, got ",
+              q.scalar_type());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "q and k must have the same dtype, got ",
+              q.scalar_type(), " and ", k.scalar_type());
+  TORCH_CHECK(q.size(1) == k.size(1), "q and k must have the same feature dim D, got ", q.size(1),
+              " and ", k.size(1));
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK(labels.size(0) == q.size(0), "labels must have one entry per row of q (",
+              q.size(0), "), got ", labels.size(0));
+  if (labels.numel() > 0) {
+    // before any kernel: they index each row of the tile unchecked
+    const int64_t lo = labels.min().item<int64_t>();
+    const int64_t hi = labels.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < k.size(0), "labels must lie in [0, M) = [0, ", k.size(0),
+                "), got values in [", lo, ", ", hi, "]");
+  }
+  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
+              "inv_temperature must be finite and > 0, got ", inv_temperature);
+  TORCH_CHECK(tile_rows >= 1, "tile_rows must be >= 1, got ", tile_rows);
+}
+
+std::tuple<at::Tensor, at::Tensor> info_nce_forward_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& labels,
+                                                         double inv_temperature,
+                                                         int64_t tile_rows) {
+  check_info_nce_args(q, k, labels, inv_temperature, tile_rows);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const auto acc = accumulation_type(q);
+  const int64_t n = q.size(0), m = k.size(0);
+  at::Tensor row_loss = at::empty({n}, q.options().dtype(acc));
+  at::Tensor row_lse = at::empty({n}, q.options().dtype(acc));
+  if (n == 0) return {row_loss, row_lse};
+  const at::Tensor k_acc = k.to(acc);
+  const at::Tensor labels_c = labels.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  for (int64_t start = 0; start < n; start += tile_rows) {
+    const int64_t rows = std::min(tile_rows, n - start);
+    const at::Tensor products = at::mm(q.narrow(0, start, rows).to(acc), k_acc.t());  // contiguous
+    AT_DISPATCH_FLOATING_TYPES(acc, "info_nce_forward_cuda", [&] {
+      launch_row_lse<scalar_t>(products.data_ptr<scalar_t>(), labels_c.data_ptr<int64_t>() + start,
+                               row_loss.data_ptr<scalar_t>() + start,
+                               row_lse.data_ptr<scalar_t>() + start, rows, m,
+                               static_cast<scalar_t>(inv_temperature), stream);
+    });
+  }
+  return {row_loss, row_lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> info_nce_backward_cuda(
+    const at::Tensor& grad_row_loss, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& labels, const at::Tensor& row_lse, double inv_temperature,
+    int64_t tile_rows) {
+  check_info_nce_args(q, k, labels, inv_temperature, tile_rows);
+  CHECK_DEVICE_TYPE(grad_row_loss, at::kCUDA);
+  CHECK_DEVICE_TYPE(row_lse, at::kCUDA);
+  CHECK_SAME_DEVICE(q, grad_row_loss);
+  CHECK_SAME_DEVICE(q, row_lse);
+  CHECK_DIM(grad_row_loss, 1);
+  CHECK_DIM(row_lse, 1);
+  const int64_t n = q.size(0), m = k.size(0);
+  TORCH_CHECK(grad_row_loss.size(0) == n, "grad_row_loss must have one entry per row of q (", n,
+              "), got ", grad_row_loss.size(0));
+  TORCH_CHECK(row_lse.size(0) == n, "row_lse must have one entry per row of q (", n, "), got ",
+              row_lse.size(0));
+  TORCH_CHECK(at::isFloatingType(grad_row_loss.scalar_type()) &&
+                  at::isFloatingType(row_lse.scalar_type()),
+              "grad_row_loss and row_lse must be floating-point tensors");
+  const c10::cuda::CUDAGuard device_guard(q.device());
+
+  const auto acc = accumulation_type(q);
+  const bool upcast = acc != q.scalar_type();
+  at::Tensor grad_q = at::empty(q.sizes(), q.options());
+  at::Tensor grad_k_acc = at::zeros(k.sizes(), k.options().dtype(acc));
+  if (n == 0) return {grad_q, upcast ? grad_k_acc.to(k.scalar_type()) : grad_k_acc};
+
+  const at::Tensor k_acc = k.to(acc);
+  const at::Tensor lse_acc = row_lse.to(acc).contiguous();
+  const at::Tensor labels_c = labels.contiguous();
+  // d row_loss_i / d logits_ij = P_ij − [j = y_i]; d logits / d (q kᵀ) = 1 / T.
+  const at::Tensor row_scale = grad_row_loss.to(acc).mul(inv_temperature).contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  for (int64_t start = 0; start < n; start += tile_rows) {
+    const int64_t rows = std::min(tile_rows, n - start);
+    const at::Tensor q_tile = q.narrow(0, start, rows).to(acc);
+    at::Tensor g = at::mm(q_tile, k_acc.t());  // contiguous; becomes G in place
+    AT_DISPATCH_FLOATING_TYPES(acc, "info_nce_backward_cuda", [&] {
+      launch_logit_grad<scalar_t>(g.data_ptr<scalar_t>(), labels_c.data_ptr<int64_t>() + start,
+                                  lse_acc.data_ptr<scalar_t>() + start,
+                                  row_scale.data_ptr<scalar_t>() + start, rows, m,
+                                  static_cast<scalar_t>(inv_temperature), stream);
+    });
+    if (upcast) {
+      grad_q.narrow(0, start, rows).copy_(at::mm(g, k_acc));
+    } else {
+      at::Tensor out = grad_q.narrow(0, start, rows);
+      at::mm_out(out, g, k_acc);
+    }
+    grad_k_acc.addmm_(g.t(), q_tile);
+  }
+  return {grad_q, upcast ? grad_k_acc.to(k.scalar_type()) : grad_k_acc};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastkd
+
+TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
+  m.impl("info_nce_forward", &fastkd::cuda::info_nce_forward_cuda);
+  m.impl("info_nce_backward", &fastkd::cuda::info_nce_backward_cuda);
+}
