@@ -17,9 +17,10 @@ Providers:
   skips it.
 - ``fastkd-cpu`` (CPU): ``fastkd.info_nce(..., backend="cpu")``, tiled, keeping
   O(N) state (the row log-sum-exp) between forward and backward and
-  recomputing the logits in backward. On CUDA ``fastkd-triton`` and
-  ``fastkd-cuda`` are listed as not measured until ``fastkd.functional.
-  INFO_NCE_KERNELS`` has them; Liger-Kernel has no InfoNCE loss.
+  recomputing the logits in backward. On CUDA ``fastkd-triton`` (flash-style
+  kernels) and ``fastkd-cuda`` (cuBLAS tiles + row kernels), each measured
+  when ``fastkd.functional.INFO_NCE_KERNELS`` lists it; Liger-Kernel has no
+  InfoNCE loss.
 
 ``eager`` and ``compile`` hold several ``N × M`` float32 tensors at once
 (measured at N = M = 4096, fp32 and bf16: eager 5, compile 2, including the

@@ -18,8 +18,8 @@ Providers:
   no gathered tensor).
 - ``compile`` is not measured: the module reads ``Z`` from its buffer and
   checks index values (data-dependent ``.item()`` / ``.any()``), which break
-  ``torch.compile``'s graph; on CUDA ``fastkd-triton`` / ``fastkd-cuda`` are
-  not measured until ``fastkd.crd.CRD_KERNELS`` has them.
+  ``torch.compile``'s graph; on CUDA ``fastkd-triton`` / ``fastkd-cuda``,
+  each measured when ``fastkd.crd.CRD_KERNELS`` lists it.
 
 No floor: the loss's cost is the random gather of ``2·B·(K+1)`` bank rows
 (``gathered_mib`` per step, 1 GiB at the default sizes), which the bank's size

@@ -16,8 +16,8 @@ Providers:
 - ``fastkd-cpu`` (CPU): ``fastkd.mmd_loss(..., backend="cpu")``: tiled over
   rows (blocks of about 2**22 kernel values), squared distances from one
   GEMM per block (``‖a‖² + ‖b‖² − 2 a·b``), nothing saved for the backward,
-  which recomputes the blocks. On CUDA ``fastkd-triton`` and ``fastkd-cuda``
-  are listed as not measured until ``fastkd.functional.MMD_KERNELS`` has them.
+  which recomputes the blocks. On CUDA ``fastkd-triton`` and ``fastkd-cuda``,
+  each measured when ``fastkd.functional.MMD_KERNELS`` lists it.
 
 ``eager`` and ``compile`` hold several ``N × M`` float32 tensors at once
 (``NM_TENSORS``, from :func:`bench.common.peak_extra_bytes` on the
