@@ -6,12 +6,12 @@ differ: only the ``N × N`` relations are compared). The teacher is a constant:
 it is detached and never receives a gradient. Losses are float32 (float64 for
 float64 inputs); the student's gradient comes back in its dtype.
 
-Backends: ``"cpu"`` has fused ops for the RKD terms, built on Gram matrices
-with O(N²) memory (``csrc/cpu/relational.cpp``); PKT, SP and CC have no fused
+Backends: the RKD terms have fused kernels built on Gram matrices with O(N²)
+memory: ``"cpu"`` (``csrc/cpu/relational.cpp``) for CPU tensors, ``"triton"``
+(``kernels/relational.py``) for CUDA tensors. PKT, SP and CC have no fused
 kernel yet (their references are already O(N²) Gram computations), so
-``backend="auto"`` runs the reference for them, and for every relational loss
-on CUDA tensors. An explicit ``"cpu"`` / ``"cuda"`` / ``"triton"`` where no
-kernel exists raises ``ValueError``.
+``backend="auto"`` runs the reference for them. An explicit ``"cpu"`` /
+``"cuda"`` / ``"triton"`` where no kernel exists raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from fastkd.reference import relational as _reference
 
 __all__ = ["cc_loss", "pkt_loss", "rkd_angle", "rkd_distance", "rkd_loss", "sp_loss"]
 
-# The compiled backends with a kernel, per loss. On CUDA tensors
-# backend="auto" falls back to the reference until triton / cuda get one.
-RKD_KERNELS = ("cpu",)
+# The compiled backends with a kernel, per loss (backend="auto" runs the
+# reference for the others).
+RKD_KERNELS = ("cpu", "triton")
 NO_KERNELS: tuple[str, ...] = ()
 
 
@@ -87,13 +87,21 @@ class RKDFunction(torch.autograd.Function):
         return _scale_by_upstream(grad, grad_output), None, None
 
 
+def _rkd_op(name: str, backend: str):
+    """The ``fastkd::<name>_forward`` contract on ``backend``: the op (cpu, cuda) or the Triton launcher."""
+    if backend == "triton":
+        from fastkd.kernels import relational as triton_relational
+
+        return getattr(triton_relational, f"{name}_forward")
+    return getattr(torch.ops.fastkd, f"{name}_forward")
+
+
 def _rkd_term(name: str, student, teacher, backend: str, gather=False, process_group=None) -> torch.Tensor:
     s, t = _check_pair(student, teacher, gather, process_group)
     chosen = _backend_for(name, RKD_KERNELS, backend, s)
     if chosen == "reference":
         return getattr(_reference, name)(s, t)
-    op = getattr(torch.ops.fastkd, f"{name}_forward")
-    return RKDFunction.apply(s, t, op)
+    return RKDFunction.apply(s, t, _rkd_op(name, chosen))
 
 
 def rkd_distance(
@@ -112,8 +120,8 @@ def rkd_distance(
     (RepDistiller: NaN, the mean of an empty set); see
     :func:`fastkd.reference.rkd_distance`.
 
-    The ``"cpu"`` kernel works from the Gram matrices of the centred
-    embeddings with O(N²) memory and returns the gradient from the same pass;
+    The kernels work from the Gram matrices of the centred embeddings with
+    O(N²) memory and return the gradient from the same pass;
     pairs too close for the Gram form's rounding are recomputed from their
     differences (exact duplicates are exactly at the 1e-6 clamp, as in the
     reference).
@@ -123,9 +131,9 @@ def rkd_distance(
             float32 / bfloat16 / float16 / float64.
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``;
             same dtype and device (a constant: no gradient).
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``;
-            only ``"cpu"`` has a kernel: ``"auto"`` uses the reference for
-            CUDA tensors, an explicit ``"cuda"`` / ``"triton"`` raises ``ValueError``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``
+            (``"auto"``: ``"cpu"`` for CPU tensors, ``"triton"`` for CUDA
+            tensors; float64 on CUDA runs the reference).
         gather: compute the loss of the batch gathered from every rank of
             ``process_group`` (same ``N`` on each; see :mod:`fastkd.distributed`
             for the gradient convention).
@@ -151,7 +159,7 @@ def rkd_angle(
     ``a_ijk = e_ij · e_ik``, ``smooth_l1(a_s, a_t)`` (β = 1) over all ``N³``
     angles, the zero ones with a repeated index included.
 
-    The ``"cpu"`` kernel never forms the ``(N, N, D)`` differences nor the
+    The kernels never form the ``(N, N, D)`` differences nor the
     ``(N, N, N)`` angles: with ``G = X Xᵀ`` of the centred embeddings,
     ``(x_j − x_i)·(x_k − x_i) = G_jk − G_ij − G_ik + G_ii``, so each anchor's
     angles come from rows of G (O(N³) arithmetic, O(N²) memory), and the
@@ -159,7 +167,9 @@ def rkd_angle(
     G is formed in float64 and split into two float32 halves, which keeps the
     numerators of nearby samples accurate; samples that coincide exactly give
     0 angles (and F.normalize's ``1 / eps`` gradient) as in the reference.
-    Extra memory: about ``(9 + threads) · N² · 4`` bytes for float32.
+    Extra memory: about ``(9 + threads) · N² · 4`` bytes for float32 on
+    ``"cpu"``, ``(8 + P) · N² · 4`` with ``P ≤ 8`` anchor chunks on
+    ``"triton"`` (plus the float64 Gram matrices while they are split).
 
     Args:
         student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``;
