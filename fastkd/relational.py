@@ -8,10 +8,11 @@ float64 inputs); the student's gradient comes back in its dtype.
 
 Backends: the RKD terms have fused kernels built on Gram matrices with O(N²)
 memory: ``"cpu"`` (``csrc/cpu/relational.cpp``) for CPU tensors, ``"triton"``
-(``kernels/relational.py``) for CUDA tensors. PKT, SP and CC have no fused
-kernel yet (their references are already O(N²) Gram computations), so
-``backend="auto"`` runs the reference for them. An explicit ``"cpu"`` /
-``"cuda"`` / ``"triton"`` where no kernel exists raises ``ValueError``.
+(``kernels/relational.py``) and ``"cuda"`` (``csrc/cuda/relational.cu``) for
+CUDA tensors. PKT, SP and CC have no fused kernel yet (their references are
+already O(N²) Gram computations), so ``backend="auto"`` runs the reference for
+them. An explicit ``"cpu"`` / ``"cuda"`` / ``"triton"`` where no kernel exists
+raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ __all__ = ["cc_loss", "pkt_loss", "rkd_angle", "rkd_distance", "rkd_loss", "sp_l
 
 # The compiled backends with a kernel, per loss (backend="auto" runs the
 # reference for the others).
-RKD_KERNELS = ("cpu", "triton")
+RKD_KERNELS = ("cpu", "triton", "cuda")
 NO_KERNELS: tuple[str, ...] = ()
 
 
@@ -169,7 +170,8 @@ def rkd_angle(
     0 angles (and F.normalize's ``1 / eps`` gradient) as in the reference.
     Extra memory: about ``(9 + threads) · N² · 4`` bytes for float32 on
     ``"cpu"``, ``(8 + P) · N² · 4`` with ``P ≤ 8`` anchor chunks on
-    ``"triton"`` (plus the float64 Gram matrices while they are split).
+    ``"triton"`` and ``"cuda"`` (plus the float64 Gram matrices while they
+    are split).
 
     Args:
         student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``;
