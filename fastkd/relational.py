@@ -9,13 +9,18 @@ float64 inputs); the student's gradient comes back in its dtype.
 Backends: the RKD terms have fused kernels built on Gram matrices with O(N²)
 memory: ``"cpu"`` (``csrc/cpu/relational.cpp``) for CPU tensors, ``"triton"``
 (``kernels/relational.py``) and ``"cuda"`` (``csrc/cuda/relational.cu``) for
-CUDA tensors. PKT, SP and CC have no fused kernel yet (their references are
-already O(N²) Gram computations), so ``backend="auto"`` runs the reference for
-them. An explicit ``"cpu"`` / ``"cuda"`` / ``"triton"`` where no kernel exists
-raises ``ValueError``.
+CUDA tensors. SP and CC have ``"triton"`` kernels (row passes over the Gram
+matrices, ``kernels/relational.py``); PKT has no fused kernel yet (its
+reference is already an O(N²) Gram computation). ``backend="auto"`` runs the
+reference where the chosen backend has no kernel (SP and CC on CPU tensors,
+PKT everywhere); an explicit ``"cpu"`` / ``"cuda"`` / ``"triton"`` where no
+kernel exists raises ``ValueError``.
 """
 
 from __future__ import annotations
+
+import functools
+import numbers
 
 import torch
 
@@ -32,6 +37,8 @@ __all__ = ["cc_loss", "pkt_loss", "rkd_angle", "rkd_distance", "rkd_loss", "sp_l
 # The compiled backends with a kernel, per loss (backend="auto" runs the
 # reference for the others).
 RKD_KERNELS = ("cpu", "triton", "cuda")
+SP_KERNELS = ("triton",)
+CC_KERNELS = ("triton",)
 NO_KERNELS: tuple[str, ...] = ()
 
 
@@ -68,8 +75,9 @@ def _check_pair(student, teacher, gather=False, process_group=None) -> tuple[tor
 
 
 class RKDFunction(torch.autograd.Function):
-    """One RKD term on its fused op: the op returns the loss and, when the
-    student needs it, the student's gradient (computed in the same pass).
+    """One relational term (RKD, and SP / CC on triton) on its fused op: the op
+    returns the loss and, when the student needs it, the student's gradient
+    (computed in the same call).
 
     Between forward and backward only that ``(N, D_s)`` gradient is kept.
     """
@@ -234,6 +242,19 @@ def _reference_only(
     return getattr(_reference, name)(s, t, **kwargs)
 
 
+def _gram_term(
+    name: str, kernels, student, teacher, backend: str, gather=False, process_group=None, **kwargs
+) -> torch.Tensor:
+    """SP / CC: the Triton launcher ``<stem>_forward`` where ``kernels`` has the chosen backend."""
+    s, t = _check_pair(student, teacher, gather, process_group)
+    if _backend_for(name, kernels, backend, s) == "reference":
+        return getattr(_reference, name)(s, t, **kwargs)
+    from fastkd.kernels import relational as triton_relational
+
+    launcher = getattr(triton_relational, f"{name.removesuffix('_loss')}_forward")
+    return RKDFunction.apply(s, t, functools.partial(launcher, **kwargs))
+
+
 def pkt_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -281,18 +302,20 @@ def sp_loss(
     """Similarity-preserving KD (Tung & Mori, ICCV 2019; RepDistiller ``Similarity``).
 
     ``G = F.normalize(X Xᵀ)`` row-wise per side, ``L = ‖G_t − G_s‖²_F / N²``.
-    No fused kernel yet (see :func:`pkt_loss`).
+    ``"triton"`` has a kernel (row passes over the two Gram matrices, the
+    gradient from the same call); for CPU tensors ``"auto"`` runs the
+    reference, and an explicit ``"cpu"`` / ``"cuda"`` raises ``ValueError``.
 
     Args:
         student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
-        backend: ``"auto"`` or ``"reference"``.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
         gather, process_group: as for :func:`rkd_distance`.
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
     """
-    return _reference_only("sp_loss", student, teacher, backend, gather, process_group)
+    return _gram_term("sp_loss", SP_KERNELS, student, teacher, backend, gather, process_group)
 
 
 def cc_loss(
@@ -310,19 +333,25 @@ def cc_loss(
     ``K_ij = exp(−2γ) Σ_{p=0..P} (2γ)^p / p! · (x_i·x_j)^p`` per side (the
     Taylor expansion of the Gaussian RBF, on the embeddings as given),
     ``L = ‖K_s − K_t‖_F / N²`` (the norm, not its square); see
-    :func:`fastkd.reference.cc_loss`. No fused kernel yet (see :func:`pkt_loss`).
+    :func:`fastkd.reference.cc_loss`. Kernels as for :func:`sp_loss`
+    (``"triton"`` only).
 
     Args:
         student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
         gamma: RBF parameter ``γ > 0``.
         order: Taylor order ``P >= 1`` (an int).
-        backend: ``"auto"`` or ``"reference"``.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
         gather, process_group: as for :func:`rkd_distance`.
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
     """
-    return _reference_only(
-        "cc_loss", student, teacher, backend, gather, process_group, gamma=gamma, order=order
+    gamma = _validate.real("gamma", gamma, low=0.0, low_open=True)
+    if isinstance(order, bool) or not isinstance(order, numbers.Integral):
+        raise ValueError(f"order must be an int, got {type(order).__name__}")
+    if order < 1:
+        raise ValueError(f"order must be >= 1, got {order}")
+    return _gram_term(
+        "cc_loss", CC_KERNELS, student, teacher, backend, gather, process_group, gamma=gamma, order=int(order)
     )

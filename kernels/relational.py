@@ -1,5 +1,6 @@
-"""RKD distance and angle losses (SPEC §2) in Triton, the ``triton`` backend of
-``fastkd.rkd_distance`` / ``fastkd.rkd_angle``.
+"""Relational losses (SPEC §2) in Triton: the ``triton`` backend of
+``fastkd.rkd_distance`` / ``fastkd.rkd_angle`` and of ``fastkd.sp_loss`` /
+``fastkd.cc_loss`` (those two at the end of this file).
 
 Same contract as the C++ ops ``fastkd::rkd_distance_forward`` and
 ``fastkd::rkd_angle_forward`` (csrc/fastkd.cpp) and the same formulation as
@@ -8,7 +9,7 @@ Gram matrices of the centred embeddings (``torch.mm`` here), O(N²) memory,
 pairs that the Gram form cannot resolve recomputed from their differences,
 the student's gradient produced in the same call.
 
-Distance (float32 Gram; every pass is one program per row i, or per (i, j-block)):
+Distance (float32 Gram; every pass is one program per block of rows, the first also per j-block):
 
   _pair_sq_kernel          ‖x_i − x_j‖² = G_ii + G_jj − 2 G_ij; the pairs
                            below ``factor · (G_ii + G_jj)`` (the Gram form's
@@ -54,12 +55,14 @@ kernels run on CPU tensors, which is how the tests check them without a GPU.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ["rkd_angle_forward", "rkd_distance_forward"]
+__all__ = ["cc_forward", "rkd_angle_forward", "rkd_distance_forward", "sp_forward"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -622,3 +625,207 @@ def rkd_angle_forward(
     del d_part
     grad = _angle_gradient(d_gram, row_sums, ang_sums, us, centred, n)
     return loss, grad.to(student.dtype)
+
+
+# ---- SP and CC: per-element functions of the Gram matrices --------------------------------
+#
+# Both losses compare functions of G = X Xᵀ (torch.mm in the launchers) and
+# map their gradient back as dX = (dG + dGᵀ) X (torch.mm): the kernels are
+# row passes over the two [N, N] Gram matrices that write dG in place of what
+# the reference's autograd keeps (the normalised / kernelised matrices, their
+# difference and its gradient). Traffic floor: read 2·N² floats per pass
+# (SP: three passes over the rows, re-read from L2 for N up to ~10⁴), write N².
+
+
+@triton.jit
+def _sp_kernel(
+    gs_ptr,  # [N, N] float32 student Gram matrix
+    gt_ptr,  # [N, N] float32 teacher Gram matrix
+    loss_ptr,  # [N] float32 out: Σ_j (Ĝ_t − Ĝ_s)²_ij
+    dg_ptr,  # [N, N] float32 out: ∂loss/∂G_s (GRAD); may alias gs_ptr
+    N,
+    inv_n2,  # 1 / N²
+    GRAD: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+    im = rows < N
+    # pass 1: row norms; Ĝ = G / max(‖G_i‖, 1e-12) (F.normalize)
+    ss = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+    st = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+    for j0 in range(0, N, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+        m = im[:, None] & (js < N)[None, :]
+        at = rows[:, None] * N + js[None, :]
+        gs = tl.load(gs_ptr + at, mask=m, other=0.0)
+        gt = tl.load(gt_ptr + at, mask=m, other=0.0)
+        ss += gs * gs
+        st += gt * gt
+    norm_s = tl.sqrt(tl.sum(ss, 1))
+    r_s = _nan_max(norm_s, 1e-12)
+    r_t = _nan_max(tl.sqrt(tl.sum(st, 1)), 1e-12)
+    # pass 2: loss, and Ĝ_i · dĜ_i for the normalisation's gradient
+    loss = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+    dot = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+    for j0 in range(0, N, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+        m = im[:, None] & (js < N)[None, :]
+        at = rows[:, None] * N + js[None, :]
+        ys = tl.load(gs_ptr + at, mask=m, other=0.0) / r_s[:, None]
+        diff = tl.load(gt_ptr + at, mask=m, other=0.0) / r_t[:, None] - ys
+        loss += diff * diff
+        dot += ys * (-2.0 * inv_n2) * diff
+    tl.store(loss_ptr + rows, tl.sum(loss, 1), mask=im)
+    if GRAD:
+        # dG = (dĜ − Ĝ (Ĝ·dĜ)) / ‖G_i‖; below eps the divisor is the constant eps
+        proj = tl.where(norm_s > 1e-12, tl.sum(dot, 1), 0.0)
+        for j0 in range(0, N, BLOCK_J):
+            js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+            m = im[:, None] & (js < N)[None, :]
+            at = rows[:, None] * N + js[None, :]
+            ys = tl.load(gs_ptr + at, mask=m, other=0.0) / r_s[:, None]
+            dy = (-2.0 * inv_n2) * (tl.load(gt_ptr + at, mask=m, other=0.0) / r_t[:, None] - ys)
+            tl.store(dg_ptr + at, (dy - ys * proj[:, None]) / r_s[:, None], mask=m)
+
+
+@triton.jit
+def _cc_taylor(g, two_gamma, order):
+    # Σ_{p=0..P} (2γ g)^p / p! by Horner, and its derivative in g,
+    # 2γ Σ_{q=0..P−1} (2γ g)^q / q!
+    k = tl.full(g.shape, 1.0, tl.float32)
+    dk = tl.full(g.shape, 1.0, tl.float32)
+    for q in range(0, order):
+        p = (order - q).to(tl.float32)
+        k = 1.0 + (two_gamma * g / p) * k
+        if q > 0:
+            dk = 1.0 + (two_gamma * g / p) * dk
+    return k, two_gamma * dk
+
+
+@triton.jit
+def _cc_kernel(
+    gs_ptr,  # [N, N] float32 student Gram matrix
+    gt_ptr,  # [N, N] float32 teacher Gram matrix
+    sq_ptr,  # [N] float32 out: Σ_j (K_s − K_t)²_ij (FIRST pass)
+    dg_ptr,  # [N, N] float32 out: ∂loss/∂G_s (second pass); may alias gs_ptr
+    N,
+    two_gamma,  # 2γ
+    scale,  # exp(−2γ)
+    coef,  # second pass: 1 / (‖K_s − K_t‖_F N²), 0 where the norm is 0
+    order,  # P >= 1
+    FIRST: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+    im = rows < N
+    acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+    for j0 in range(0, N, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+        m = im[:, None] & (js < N)[None, :]
+        at = rows[:, None] * N + js[None, :]
+        k_s, dk_s = _cc_taylor(tl.load(gs_ptr + at, mask=m, other=0.0), two_gamma, order)
+        k_t, _ = _cc_taylor(tl.load(gt_ptr + at, mask=m, other=0.0), two_gamma, order)
+        # K = exp(−2γ) Σ_p (2γ)^p / p! G^p; lanes past N: K_s = K_t, no term
+        diff = scale * (k_s - k_t)
+        if FIRST:
+            acc += diff * diff
+        else:
+            # ∂‖K_s − K_t‖_F / N² / ∂G_s = (K_s − K_t) / (‖·‖_F N²) · dK/dG
+            tl.store(dg_ptr + at, coef * diff * scale * dk_s, mask=m)
+    if FIRST:
+        tl.store(sq_ptr + rows, tl.sum(acc, 1), mask=im)
+
+
+def gram_config(n: int) -> tuple[int, int, int]:
+    """(BLOCK_I, BLOCK_J, num_warps) of the SP and CC row passes (as row_config)."""
+    return row_config(n)
+
+
+def _grams(student, teacher):
+    # (student rows in float32, G_s, G_t); TF32 matmuls (if enabled) would cost accuracy
+    xs = student.float().contiguous()
+    xt = teacher.float().contiguous()
+    return xs, torch.mm(xs, xs.t()), torch.mm(xt, xt.t())
+
+
+def _grad_from_gram(d_gram: torch.Tensor, xs: torch.Tensor, dtype) -> torch.Tensor:
+    # G = X Xᵀ: dX = (dG + dGᵀ) X
+    return torch.mm(d_gram + d_gram.t(), xs).to(dtype)
+
+
+def sp_forward(
+    student: torch.Tensor, teacher: torch.Tensor, student_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SP loss ``‖F.normalize(G_t) − F.normalize(G_s)‖²_F / N²`` and the student's gradient.
+
+    Args:
+        student: ``(N, D_s)`` float32 / bfloat16 / float16.
+        teacher: ``(N, D_t)``, same N, dtype and device.
+        student_grad: whether to compute the gradient.
+
+    Returns:
+        ``loss`` ``()`` float32 and ``grad`` ``(N, D_s)`` in the student's
+        dtype, or ``(0, 0)`` when not requested.
+    """
+    _check_args(student, teacher, student_grad)
+    n = student.shape[0]
+    xs, gram_s, gram_t = _grams(student, teacher)
+    block_i, block_j, num_warps = gram_config(n)
+    loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
+    inv_n2 = 1.0 / (float(n) * float(n))
+    _sp_kernel[(triton.cdiv(n, block_i),)](
+        gram_s, gram_t, loss_rows, gram_s if student_grad else None, n, inv_n2,
+        GRAD=student_grad, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps,
+    )
+    loss = (loss_rows.sum(dtype=torch.float64) * inv_n2).float()
+    if not student_grad:
+        return loss, student.new_zeros((0, 0))
+    # each program overwrote its own rows of gram_s with dG after reading them
+    return loss, _grad_from_gram(gram_s, xs, student.dtype)
+
+
+def cc_forward(
+    student: torch.Tensor, teacher: torch.Tensor, student_grad: bool, *, gamma: float, order: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CC loss ``‖K_s − K_t‖_F / N²`` (torchdistill's Gaussian-RBF Taylor form) and the student's gradient.
+
+    Args:
+        student: ``(N, D_s)`` float32 / bfloat16 / float16.
+        teacher: ``(N, D_t)``, same N, dtype and device.
+        student_grad: whether to compute the gradient.
+        gamma: ``γ > 0``.
+        order: Taylor order ``P >= 1``.
+
+    Returns:
+        ``loss`` ``()`` float32 and ``grad`` ``(N, D_s)`` in the student's
+        dtype, or ``(0, 0)`` when not requested. Where ``K_s = K_t`` the
+        gradient is 0 (as autograd's of the norm).
+    """
+    _check_args(student, teacher, student_grad)
+    if not (isinstance(gamma, float | int) and gamma > 0):
+        raise ValueError(f"gamma must be > 0, got {gamma!r}")
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise ValueError(f"order must be an int >= 1, got {order!r}")
+    n = student.shape[0]
+    xs, gram_s, gram_t = _grams(student, teacher)
+    block_i, block_j, num_warps = gram_config(n)
+    grid = (triton.cdiv(n, block_i),)
+    two_gamma, scale = 2.0 * float(gamma), math.exp(-2.0 * float(gamma))
+    sq_rows = torch.empty(n, dtype=torch.float32, device=student.device)
+    _cc_kernel[grid](
+        gram_s, gram_t, sq_rows, None, n, two_gamma, scale, 0.0, int(order),
+        FIRST=True, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps,
+    )
+    norm = math.sqrt(sq_rows.sum(dtype=torch.float64).item())
+    n2 = float(n) * float(n)
+    loss = torch.tensor(norm / n2, dtype=torch.float32, device=student.device)
+    if not student_grad:
+        return loss, student.new_zeros((0, 0))
+    coef = 0.0 if norm == 0.0 else 1.0 / (norm * n2)  # NaN stays NaN
+    _cc_kernel[grid](
+        gram_s, gram_t, sq_rows, gram_s, n, two_gamma, scale, coef, int(order),
+        FIRST=False, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps,
+    )
+    return loss, _grad_from_gram(gram_s, xs, student.dtype)

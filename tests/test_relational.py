@@ -16,7 +16,7 @@ import torch
 
 import fastkd
 from fastkd import _dispatch, _ops, reference
-from fastkd.relational import RKD_KERNELS
+from fastkd.relational import CC_KERNELS, NO_KERNELS, RKD_KERNELS, SP_KERNELS
 from tests.helpers import DEVICE, KERNEL_BACKENDS, assert_matches, backend_params
 
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
@@ -307,25 +307,102 @@ def test_triton_launcher_checks(name, student, teacher, grad, needle, backend):
         getattr(kernels, f"{name}_forward")(student, move(teacher), grad)
 
 
-# ---- PKT, SP, CC: no fused kernel yet -------------------------------------------
+# ---- SP and CC (kernels on triton), PKT (reference only) ----------------------------
 
 OTHERS = {
     "pkt_loss": (fastkd.pkt_loss, reference.pkt_loss, fastkd.PKTLoss),
     "sp_loss": (fastkd.sp_loss, reference.sp_loss, fastkd.SPLoss),
     "cc_loss": (fastkd.cc_loss, reference.cc_loss, fastkd.CCLoss),
 }
+KERNELS_OF = {"pkt_loss": NO_KERNELS, "sp_loss": SP_KERNELS, "cc_loss": CC_KERNELS}
+# (name, hyper-parameters) of the Gram-relation kernels
+GRAM_CASES = (
+    ("sp_loss", {}),
+    ("cc_loss", {}),
+    ("cc_loss", {"gamma": 0.15, "order": 3}),
+    ("cc_loss", {"gamma": 1.0, "order": 1}),
+)
+
+
+def gram_params():
+    """(name, kwargs, backend) for every SP / CC case on each of its kernel backends."""
+    return [
+        pytest.param(name, kwargs, p.values[0], marks=p.marks, id=f"{name}-{kwargs}-{p.id}")
+        for name, kwargs in GRAM_CASES
+        for p in backend_params()
+        if p.id in KERNELS_OF[name]
+    ]
+
+
+def check_gram_parity(name, kwargs, backend, student, teacher, what=""):
+    fn, ref, _ = OTHERS[name]
+    dtype = student.dtype
+    got = run(lambda a, b: fn(a, b, backend=backend, **kwargs), student, teacher)
+    want = run(lambda a, b: ref(a, b, **kwargs), student.double(), teacher.double())
+    same = run(lambda a, b: ref(a, b, **kwargs), student, teacher)
+    assert got[0].dtype == torch.float32 and got[0].shape == ()
+    assert got[1].dtype == dtype and got[1].shape == student.shape
+    for label, a, b, c in zip(("loss", "grad"), got, want, same, strict=True):
+        assert_matches(a, b, dtype, f"{backend} {name} {kwargs} {what} {label}", [c])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}_{'x'.join(map(str, s[1]))}")
+@pytest.mark.parametrize("name,kwargs,backend", gram_params())
+def test_sp_cc_parity(name, kwargs, backend, shape):
+    n, fs, ft = shape
+    if interpreted(backend) and n > INTERPRETED_MAX_N:
+        pytest.skip(f"interpreted triton: N <= {INTERPRETED_MAX_N}")
+    s, t = embeddings((n, *fs), torch.float32, 46), embeddings((n, *ft), torch.float32, 47)
+    check_gram_parity(name, kwargs, backend, s, t)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("name,kwargs,backend", gram_params())
+def test_sp_cc_reduced_precision(name, kwargs, backend, dtype):
+    s, t = embeddings((13, 17), dtype, 48), embeddings((13, 9), dtype, 49)
+    check_gram_parity(name, kwargs, backend, s, t, str(dtype))
+
+
+@pytest.mark.parametrize("name,kwargs,backend", gram_params())
+def test_sp_cc_edge_cases(name, kwargs, backend):
+    """A zero embedding (SP: a Gram row below F.normalize's eps, whose gradient
+    is 1/eps), duplicates, and a student equal to the teacher (CC: the norm's
+    zero gradient there)."""
+    s, t = embeddings((11, 8), torch.float32, 50), embeddings((11, 5), torch.float32, 51)
+    s[4] = 0.0
+    s[7] = s[2]
+    t[3] = t[9]
+    check_gram_parity(name, kwargs, backend, s, t, "zero row and duplicates")
+    loss, grad = run(lambda a, b: OTHERS[name][0](a, b, backend=backend, **kwargs), t, t)
+    assert loss.item() == 0.0 and torch.count_nonzero(grad) == 0
+
+
+@pytest.mark.parametrize("name,kwargs,backend", gram_params())
+def test_sp_cc_nan_and_no_gradient(name, kwargs, backend):
+    fn = OTHERS[name][0]
+    s, t = embeddings((9, 7), torch.float32, 52), embeddings((9, 5), torch.float32, 53)
+    with_grad = fn(s.clone().requires_grad_(True), t, backend=backend, **kwargs)
+    with torch.no_grad():
+        without = fn(s, t, backend=backend, **kwargs)
+    assert torch.allclose(with_grad.detach(), without, rtol=1e-6, atol=0)
+    s[2, 3] = float("nan")
+    assert torch.isnan(fn(s, t, backend=backend, **kwargs))
+    assert torch.isnan(fn(t, s, backend=backend, **kwargs))
 
 
 @pytest.mark.parametrize("name", OTHERS)
-def test_reference_only_losses(name):
+def test_pkt_sp_cc_dispatch(name):
+    """An explicit backend without the loss's kernel raises; "auto" runs the
+    reference where the device's first backend has no kernel."""
     fn, ref, module = OTHERS[name]
     s = embeddings((7, 2, 3), torch.float32, 33).requires_grad_(True)
     t = embeddings((7, 5), torch.float32, 34)
-    assert torch.equal(fn(s, t), ref(s, t))
-    assert torch.equal(module()(s, t), ref(s, t))
-    backend = KERNEL_BACKENDS[0]
-    with pytest.raises(ValueError, match=f"backend='{backend}' has no {name} kernel yet"):
-        fn(s, t, backend=backend)
+    if KERNEL_BACKENDS[0] not in KERNELS_OF[name]:
+        assert torch.equal(fn(s, t), ref(s, t))
+        assert torch.equal(module()(s, t), ref(s, t))
+    without = DEVICE.type  # cpu / cuda: neither has a PKT, SP or CC kernel
+    with pytest.raises(ValueError, match=f"backend='{without}' has no {name} kernel yet"):
+        fn(s, t, backend=without)
     fn(s, t).backward()
     assert s.grad is not None
 
@@ -341,7 +418,8 @@ def test_pkt_nan_input_gives_nan_but_infinite_entries_are_zeroed():
 
 
 def test_hyper_parameters_reach_the_reference():
-    s, t = embeddings((6, 4), torch.float32, 37), embeddings((6, 4), torch.float32, 38)
+    # CPU tensors: "auto" runs the reference for PKT and CC there
+    s, t = embeddings((6, 4), torch.float32, 37).cpu(), embeddings((6, 4), torch.float32, 38).cpu()
     assert torch.equal(fastkd.cc_loss(s, t, gamma=0.2, order=3), reference.cc_loss(s, t, gamma=0.2, order=3))
     assert torch.equal(fastkd.CCLoss(gamma=0.2, order=3)(s, t), reference.cc_loss(s, t, gamma=0.2, order=3))
     assert torch.equal(fastkd.pkt_loss(s, t, eps=1e-3), reference.pkt_loss(s, t, eps=1e-3))
@@ -358,9 +436,9 @@ def test_explicit_gpu_backend_on_cpu_tensors_raises(name):
         fn(torch.randn(4, 5), torch.randn(4, 5), backend="cuda")
 
 
-@pytest.mark.parametrize("name", OTHERS)
+@pytest.mark.parametrize("name", ("pkt_loss",))
 def test_backend_without_a_kernel(name, monkeypatch):
-    """PKT, SP, CC on triton (as on any compiled backend): explicit raises, auto runs the reference."""
+    """PKT on triton (as on any compiled backend): explicit raises, auto runs the reference."""
     monkeypatch.setattr(fastkd._dispatch, "resolve", lambda backend, tensor: "triton")
     fn = getattr(fastkd, name)
     s, t = torch.randn(4, 5), torch.randn(4, 3)
