@@ -9,12 +9,11 @@ float64 inputs); the student's gradient comes back in its dtype.
 Backends: the RKD terms have fused kernels built on Gram matrices with O(N²)
 memory: ``"cpu"`` (``csrc/cpu/relational.cpp``) for CPU tensors, ``"triton"``
 (``kernels/relational.py``) and ``"cuda"`` (``csrc/cuda/relational.cu``) for
-CUDA tensors. SP and CC have ``"triton"`` kernels (row passes over the Gram
-matrices, ``kernels/relational.py``); PKT has no fused kernel yet (its
-reference is already an O(N²) Gram computation). ``backend="auto"`` runs the
-reference where the chosen backend has no kernel (SP and CC on CPU tensors,
-PKT everywhere); an explicit ``"cpu"`` / ``"cuda"`` / ``"triton"`` where no
-kernel exists raises ``ValueError``.
+CUDA tensors. SP, CC and PKT have ``"triton"`` kernels only (row passes over
+the Gram matrices, ``kernels/relational.py``). ``backend="auto"`` runs the
+reference where the chosen backend has no kernel (SP, CC and PKT on CPU
+tensors); an explicit ``"cpu"`` / ``"cuda"`` / ``"triton"`` where no kernel
+exists raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -37,9 +36,9 @@ __all__ = ["cc_loss", "pkt_loss", "rkd_angle", "rkd_distance", "rkd_loss", "sp_l
 # The compiled backends with a kernel, per loss (backend="auto" runs the
 # reference for the others).
 RKD_KERNELS = ("cpu", "triton", "cuda")
+PKT_KERNELS = ("triton",)
 SP_KERNELS = ("triton",)
 CC_KERNELS = ("triton",)
-NO_KERNELS: tuple[str, ...] = ()
 
 
 def _check_pair(student, teacher, gather=False, process_group=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,18 +233,10 @@ def rkd_loss(
     return loss
 
 
-def _reference_only(
-    name: str, student, teacher, backend: str, gather=False, process_group=None, **kwargs
-) -> torch.Tensor:
-    s, t = _check_pair(student, teacher, gather, process_group)
-    _backend_for(name, NO_KERNELS, backend, s)  # "auto" → reference; an explicit kernel raises
-    return getattr(_reference, name)(s, t, **kwargs)
-
-
 def _gram_term(
     name: str, kernels, student, teacher, backend: str, gather=False, process_group=None, **kwargs
 ) -> torch.Tensor:
-    """SP / CC: the Triton launcher ``<stem>_forward`` where ``kernels`` has the chosen backend."""
+    """SP / CC / PKT: the Triton launcher ``<stem>_forward`` where ``kernels`` has the chosen backend."""
     s, t = _check_pair(student, teacher, gather, process_group)
     if _backend_for(name, kernels, backend, s) == "reference":
         return getattr(_reference, name)(s, t, **kwargs)
@@ -274,21 +265,21 @@ def pkt_loss(
     entry, inf / inf) is zeroed; a NaN in the input still gives a NaN loss
     (SPEC §6).
 
-    No fused kernel yet: ``backend="auto"`` (and ``"reference"``) run
-    :func:`fastkd.reference.pkt_loss`, itself O(N²) memory; an explicit
-    compiled backend raises ``ValueError``.
+    Kernels as for :func:`sp_loss` (``"triton"`` only: the O(N²) part in one
+    kernel, the row normalisation's gradient by autograd).
 
     Args:
         student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
         eps: ``> 0``, added to the norms and inside the log ratio.
-        backend: ``"auto"`` or ``"reference"``.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
         gather, process_group: as for :func:`rkd_distance`.
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
     """
-    return _reference_only("pkt_loss", student, teacher, backend, gather, process_group, eps=eps)
+    eps = _validate.real("eps", eps, low=0.0, low_open=True)
+    return _gram_term("pkt_loss", PKT_KERNELS, student, teacher, backend, gather, process_group, eps=eps)
 
 
 def sp_loss(

@@ -1,6 +1,6 @@
 """Relational losses (SPEC §2) in Triton: the ``triton`` backend of
-``fastkd.rkd_distance`` / ``fastkd.rkd_angle`` and of ``fastkd.sp_loss`` /
-``fastkd.cc_loss`` (those two at the end of this file).
+``fastkd.rkd_distance`` / ``fastkd.rkd_angle`` and of ``fastkd.sp_loss``,
+``fastkd.cc_loss``, ``fastkd.pkt_loss`` (those three at the end of this file).
 
 Same contract as the C++ ops ``fastkd::rkd_distance_forward`` and
 ``fastkd::rkd_angle_forward`` (csrc/fastkd.cpp) and the same formulation as
@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ["cc_forward", "rkd_angle_forward", "rkd_distance_forward", "sp_forward"]
+__all__ = ["cc_forward", "pkt_forward", "rkd_angle_forward", "rkd_distance_forward", "sp_forward"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -627,9 +627,9 @@ def rkd_angle_forward(
     return loss, grad.to(student.dtype)
 
 
-# ---- SP and CC: per-element functions of the Gram matrices --------------------------------
+# ---- SP, CC, PKT: per-element functions of the Gram matrices -------------------------------
 #
-# Both losses compare functions of G = X Xᵀ (torch.mm in the launchers) and
+# These losses compare functions of G = X Xᵀ (torch.mm in the launchers) and
 # map their gradient back as dX = (dG + dGᵀ) X (torch.mm): the kernels are
 # row passes over the two [N, N] Gram matrices that write dG in place of what
 # the reference's autograd keeps (the normalised / kernelised matrices, their
@@ -738,8 +738,60 @@ def _cc_kernel(
         tl.store(sq_ptr + rows, tl.sum(acc, 1), mask=im)
 
 
+@triton.jit
+def _pkt_kernel(
+    hs_ptr,  # [N, N] float32 student Gram matrix of the normalised rows x̂
+    ht_ptr,  # [N, N] float32 teacher, likewise
+    loss_ptr,  # [N] float32 out: Σ_j P_t log((P_t + eps) / (P_s + eps))
+    dh_ptr,  # [N, N] float32 out: ∂loss/∂H_s (GRAD); may alias hs_ptr
+    N,
+    eps,
+    inv_n2,  # 1 / N²
+    GRAD: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+    im = rows < N
+    # pass 1: row sums of S = (H + 1) / 2
+    sum_s = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+    sum_t = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+    for j0 in range(0, N, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+        m = im[:, None] & (js < N)[None, :]
+        at = rows[:, None] * N + js[None, :]
+        sum_s += tl.where(m, (tl.load(hs_ptr + at, mask=m, other=0.0) + 1.0) * 0.5, 0.0)
+        sum_t += tl.where(m, (tl.load(ht_ptr + at, mask=m, other=0.0) + 1.0) * 0.5, 0.0)
+    # masked rows get 1: no division by 0 in lanes that are never stored
+    r_s = tl.where(im, tl.sum(sum_s, 1), 1.0)
+    r_t = tl.where(im, tl.sum(sum_t, 1), 1.0)
+    # pass 2: loss; dP = ∂loss/∂P_s = −P_t / (P_s + eps) / N² and Σ_j dP P_s
+    loss = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+    dot = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+    for j0 in range(0, N, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+        m = im[:, None] & (js < N)[None, :]
+        at = rows[:, None] * N + js[None, :]
+        p_s = (tl.load(hs_ptr + at, mask=m, other=0.0) + 1.0) * 0.5 / r_s[:, None]
+        p_t = (tl.load(ht_ptr + at, mask=m, other=0.0) + 1.0) * 0.5 / r_t[:, None]
+        loss += tl.where(m, p_t * tl.log((p_t + eps) / (p_s + eps)), 0.0)
+        dot += tl.where(m, -inv_n2 * p_t / (p_s + eps) * p_s, 0.0)
+    tl.store(loss_ptr + rows, tl.sum(loss, 1), mask=im)
+    if GRAD:
+        # P = S / rowsum(S): dS = (dP − Σ_j dP P) / rowsum(S); S = (H + 1)/2: dH = dS / 2
+        row_dot = tl.sum(dot, 1)
+        for j0 in range(0, N, BLOCK_J):
+            js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+            m = im[:, None] & (js < N)[None, :]
+            at = rows[:, None] * N + js[None, :]
+            p_s = (tl.load(hs_ptr + at, mask=m, other=0.0) + 1.0) * 0.5 / r_s[:, None]
+            p_t = (tl.load(ht_ptr + at, mask=m, other=0.0) + 1.0) * 0.5 / r_t[:, None]
+            d_p = -inv_n2 * p_t / (p_s + eps)
+            tl.store(dh_ptr + at, 0.5 * (d_p - row_dot[:, None]) / r_s[:, None], mask=m)
+
+
 def gram_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_I, BLOCK_J, num_warps) of the SP and CC row passes (as row_config)."""
+    """(BLOCK_I, BLOCK_J, num_warps) of the SP, CC and PKT row passes (as row_config)."""
     return row_config(n)
 
 
@@ -829,3 +881,58 @@ def cc_forward(
         FIRST=False, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps,
     )
     return loss, _grad_from_gram(gram_s, xs, student.dtype)
+
+
+def _pkt_rows(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x̂ = x / (‖x‖ + eps), the NaN that the division creates (inf / inf) set
+    to 0, a NaN input kept: the reference's _pkt_probabilities, whose
+    autograd graph the launcher reuses for the O(N·D) normalisation."""
+    xh = x / (torch.linalg.vector_norm(x, dim=1, keepdim=True) + eps)
+    made_nan = torch.isnan(xh) & ~torch.isnan(x).any(1, keepdim=True)
+    return torch.where(made_nan, torch.zeros_like(xh), xh)
+
+
+def pkt_forward(
+    student: torch.Tensor, teacher: torch.Tensor, student_grad: bool, *, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PKT loss ``mean_ij P_t log((P_t + eps) / (P_s + eps))`` and the student's gradient.
+
+    The O(N²) part (the row-stochastic ``P`` of ``S = (x̂ x̂ᵀ + 1) / 2``, the
+    loss and ``∂loss/∂(x̂ x̂ᵀ)``) is one kernel; the Gram matrix and
+    ``dx̂ = (dH + dHᵀ) x̂`` are torch.mm, and the normalisation's O(N·D)
+    gradient is torch autograd on the rows.
+
+    Args:
+        student: ``(N, D_s)`` float32 / bfloat16 / float16.
+        teacher: ``(N, D_t)``, same N, dtype and device.
+        student_grad: whether to compute the gradient.
+        eps: ``> 0``.
+
+    Returns:
+        ``loss`` ``()`` float32 and ``grad`` ``(N, D_s)`` in the student's
+        dtype, or ``(0, 0)`` when not requested.
+    """
+    _check_args(student, teacher, student_grad)
+    if not (isinstance(eps, float | int) and eps > 0):
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    n = student.shape[0]
+    xs = student.float().detach().requires_grad_(student_grad)
+    with torch.enable_grad():
+        xh_s = _pkt_rows(xs, float(eps))
+    xh_t = _pkt_rows(teacher.float(), float(eps))
+    h_s = torch.mm(xh_s.detach(), xh_s.detach().t())
+    h_t = torch.mm(xh_t, xh_t.t())
+    block_i, block_j, num_warps = gram_config(n)
+    loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
+    inv_n2 = 1.0 / (float(n) * float(n))
+    _pkt_kernel[(triton.cdiv(n, block_i),)](
+        h_s, h_t, loss_rows, h_s if student_grad else None, n, float(eps), inv_n2,
+        GRAD=student_grad, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps,
+    )
+    loss = (loss_rows.sum(dtype=torch.float64) * inv_n2).float()
+    if not student_grad:
+        return loss, student.new_zeros((0, 0))
+    # h_s now holds dH (each program overwrote its rows after reading them)
+    d_xh = torch.mm(h_s + h_s.t(), xh_s.detach())
+    (grad,) = torch.autograd.grad(xh_s, xs, d_xh)
+    return loss, grad.to(student.dtype)

@@ -16,7 +16,7 @@ import torch
 
 import fastkd
 from fastkd import _dispatch, _ops, reference
-from fastkd.relational import CC_KERNELS, NO_KERNELS, RKD_KERNELS, SP_KERNELS
+from fastkd.relational import CC_KERNELS, PKT_KERNELS, RKD_KERNELS, SP_KERNELS
 from tests.helpers import DEVICE, KERNEL_BACKENDS, assert_matches, backend_params
 
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
@@ -307,16 +307,18 @@ def test_triton_launcher_checks(name, student, teacher, grad, needle, backend):
         getattr(kernels, f"{name}_forward")(student, move(teacher), grad)
 
 
-# ---- SP and CC (kernels on triton), PKT (reference only) ----------------------------
+# ---- SP, CC, PKT (kernels on triton) ------------------------------------------------
 
 OTHERS = {
     "pkt_loss": (fastkd.pkt_loss, reference.pkt_loss, fastkd.PKTLoss),
     "sp_loss": (fastkd.sp_loss, reference.sp_loss, fastkd.SPLoss),
     "cc_loss": (fastkd.cc_loss, reference.cc_loss, fastkd.CCLoss),
 }
-KERNELS_OF = {"pkt_loss": NO_KERNELS, "sp_loss": SP_KERNELS, "cc_loss": CC_KERNELS}
+KERNELS_OF = {"pkt_loss": PKT_KERNELS, "sp_loss": SP_KERNELS, "cc_loss": CC_KERNELS}
 # (name, hyper-parameters) of the Gram-relation kernels
 GRAM_CASES = (
+    ("pkt_loss", {}),
+    ("pkt_loss", {"eps": 1e-3}),
     ("sp_loss", {}),
     ("cc_loss", {}),
     ("cc_loss", {"gamma": 0.15, "order": 3}),
@@ -325,7 +327,7 @@ GRAM_CASES = (
 
 
 def gram_params():
-    """(name, kwargs, backend) for every SP / CC case on each of its kernel backends."""
+    """(name, kwargs, backend) for every SP / CC / PKT case on each of its kernel backends."""
     return [
         pytest.param(name, kwargs, p.values[0], marks=p.marks, id=f"{name}-{kwargs}-{p.id}")
         for name, kwargs in GRAM_CASES
@@ -348,7 +350,7 @@ def check_gram_parity(name, kwargs, backend, student, teacher, what=""):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}_{'x'.join(map(str, s[1]))}")
 @pytest.mark.parametrize("name,kwargs,backend", gram_params())
-def test_sp_cc_parity(name, kwargs, backend, shape):
+def test_sp_cc_pkt_parity(name, kwargs, backend, shape):
     n, fs, ft = shape
     if interpreted(backend) and n > INTERPRETED_MAX_N:
         pytest.skip(f"interpreted triton: N <= {INTERPRETED_MAX_N}")
@@ -358,27 +360,39 @@ def test_sp_cc_parity(name, kwargs, backend, shape):
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("name,kwargs,backend", gram_params())
-def test_sp_cc_reduced_precision(name, kwargs, backend, dtype):
+def test_sp_cc_pkt_reduced_precision(name, kwargs, backend, dtype):
     s, t = embeddings((13, 17), dtype, 48), embeddings((13, 9), dtype, 49)
     check_gram_parity(name, kwargs, backend, s, t, str(dtype))
 
 
 @pytest.mark.parametrize("name,kwargs,backend", gram_params())
-def test_sp_cc_edge_cases(name, kwargs, backend):
+def test_sp_cc_pkt_edge_cases(name, kwargs, backend):
     """A zero embedding (SP: a Gram row below F.normalize's eps, whose gradient
-    is 1/eps), duplicates, and a student equal to the teacher (CC: the norm's
-    zero gradient there)."""
+    is 1/eps; PKT: x / eps), duplicates, and a student equal to the teacher
+    (loss 0; CC: the norm's zero gradient there)."""
     s, t = embeddings((11, 8), torch.float32, 50), embeddings((11, 5), torch.float32, 51)
     s[4] = 0.0
     s[7] = s[2]
     t[3] = t[9]
     check_gram_parity(name, kwargs, backend, s, t, "zero row and duplicates")
+    check_gram_parity(name, kwargs, backend, t, t, "student = teacher")
     loss, grad = run(lambda a, b: OTHERS[name][0](a, b, backend=backend, **kwargs), t, t)
-    assert loss.item() == 0.0 and torch.count_nonzero(grad) == 0
+    assert loss.item() == 0.0
+    if name != "pkt_loss":  # PKT's gradient there is O(eps), not 0
+        assert torch.count_nonzero(grad) == 0
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.id in PKT_KERNELS])
+def test_pkt_infinite_entry(backend):
+    """An infinite entry: x̂'s inf / inf is zeroed, as in the reference (loss and gradient)."""
+    s, t = embeddings((6, 4), torch.float32, 54), embeddings((6, 3), torch.float32, 55)
+    s[1, 2] = float("inf")
+    check_gram_parity("pkt_loss", {}, backend, s, t, "inf entry")
+    assert torch.isfinite(fastkd.pkt_loss(s, t, backend=backend))
 
 
 @pytest.mark.parametrize("name,kwargs,backend", gram_params())
-def test_sp_cc_nan_and_no_gradient(name, kwargs, backend):
+def test_sp_cc_pkt_nan_and_no_gradient(name, kwargs, backend):
     fn = OTHERS[name][0]
     s, t = embeddings((9, 7), torch.float32, 52), embeddings((9, 5), torch.float32, 53)
     with_grad = fn(s.clone().requires_grad_(True), t, backend=backend, **kwargs)
@@ -436,14 +450,14 @@ def test_explicit_gpu_backend_on_cpu_tensors_raises(name):
         fn(torch.randn(4, 5), torch.randn(4, 5), backend="cuda")
 
 
-@pytest.mark.parametrize("name", ("pkt_loss",))
+@pytest.mark.parametrize("name", OTHERS)
 def test_backend_without_a_kernel(name, monkeypatch):
-    """PKT on triton (as on any compiled backend): explicit raises, auto runs the reference."""
-    monkeypatch.setattr(fastkd._dispatch, "resolve", lambda backend, tensor: "triton")
+    """PKT, SP, CC on cuda (as on CUDA tensors): explicit raises, auto runs the reference."""
+    monkeypatch.setattr(fastkd._dispatch, "resolve", lambda backend, tensor: "cuda")
     fn = getattr(fastkd, name)
     s, t = torch.randn(4, 5), torch.randn(4, 3)
-    with pytest.raises(ValueError, match=f"backend='triton' has no {name} kernel yet"):
-        fn(s, t, backend="triton")
+    with pytest.raises(ValueError, match=f"backend='cuda' has no {name} kernel yet"):
+        fn(s, t, backend="cuda")
     assert torch.equal(fn(s, t), getattr(reference, name)(s, t))
 
 

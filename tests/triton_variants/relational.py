@@ -91,7 +91,20 @@ def cc_variants(module):
     yield Variant("fp32 gradient pass", types, {"FIRST": False, **blocks}, num_warps)
 
 
+def pkt_variants(module):
+    """With the gradient (written over the student's Gram matrix) and loss only."""
+    block_i, block_j, num_warps = module.gram_config(N)
+    types = {
+        "hs_ptr": "*fp32", "ht_ptr": "*fp32", "loss_ptr": "*fp32", "dh_ptr": "*fp32",
+        "N": "i32", "eps": "fp32", "inv_n2": "fp32",
+    }
+    blocks = {"BLOCK_I": block_i, "BLOCK_J": block_j}
+    yield Variant("fp32 grad", types, {"GRAD": True, **blocks}, num_warps)
+    yield Variant("fp32 loss only", types, {"GRAD": False, "dh_ptr": None, **blocks}, num_warps)
+
+
 VARIANTS = {
+    "_pkt_kernel": pkt_variants,
     "_sp_kernel": sp_variants,
     "_cc_kernel": cc_variants,
     "_pair_sq_kernel": pair_sq_variants,
