@@ -315,9 +315,9 @@ __global__ void __launch_bounds__(kAngleThreads) rkd_angle_kernel(AngleArgs a) {
       const int64_t row = i * n;
       __syncthreads();  // the previous anchor's row_cache and red are consumed
       for (int t = threadIdx.x; t < 6 * kAngleRow; t += kAngleThreads) {
-        const int which = t / kAngleRow, at = t % kAngleRow;
-        const int64_t col = at < kAngleJ ? j0 + at : k0 + (at - kAngleJ);
-        row_cache[which][at] = col < n ? angle_source(a, which)[row + col] : 0.f;
+        const int which = t / kAngleRow, slot = t % kAngleRow;
+        const int64_t col = slot < kAngleJ ? j0 + slot : k0 + (slot - kAngleJ);
+        row_cache[which][slot] = col < n ? angle_source(a, which)[row + col] : 0.f;
       }
       if (threadIdx.x < 4) {
         // student hi, lo (sources 0, 1), teacher hi, lo (3, 4)
@@ -337,9 +337,9 @@ __global__ void __launch_bounds__(kAngleThreads) rkd_angle_kernel(AngleArgs a) {
         const float num_t = numerator(t_hi[r], t_lo[r], row_cache[3][kk], row_cache[4][kk], tij_hi, tij_lo,
                                       diag_cache[2], diag_cache[3], fabsf(ut_k) > fabsf(ut_j));
         // a_ijk = num · u_ij · u_ik (0 where j or k coincides with i, or is i)
-        const float as = num_s * fs_j * positive(us_k);
-        const float at = num_t * ft_j * positive(ut_k);
-        const float diff = as - at;
+        const float ang_s = num_s * fs_j * positive(us_k);
+        const float ang_t = num_t * ft_j * positive(ut_k);
+        const float diff = ang_s - ang_t;
         tile_loss += smooth_l1(diff);
         if (kGrad) {
           const float g = clamp_unit(diff);
@@ -349,7 +349,7 @@ __global__ void __launch_bounds__(kAngleThreads) rkd_angle_kernel(AngleArgs a) {
           const float w = (us_j < 0.f && us_k < 0.f) ? 0.f : g * fabsf(us_j) * fabsf(us_k);
           d_acc[r] += w;
           w_sum += w;
-          s_sum += g * as;
+          s_sum += g * ang_s;
         }
       }
       if (kGrad) {
