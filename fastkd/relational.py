@@ -6,15 +6,20 @@ differ: only the ``N × N`` relations are compared). The teacher is a constant:
 it is detached and never receives a gradient. Losses are float32 (float64 for
 float64 inputs); the student's gradient comes back in its dtype.
 
-Backends: ``"cpu"`` has fused ops for the RKD terms, built on Gram matrices
-with O(N²) memory (``csrc/cpu/relational.cpp``); PKT, SP and CC have no fused
-kernel yet (their references are already O(N²) Gram computations), so
-``backend="auto"`` runs the reference for them, and for every relational loss
-on CUDA tensors. An explicit ``"cpu"`` / ``"cuda"`` / ``"triton"`` where no
-kernel exists raises ``ValueError``.
+Backends: the RKD terms have fused kernels built on Gram matrices with O(N²)
+memory: ``"cpu"`` (``csrc/cpu/relational.cpp``) for CPU tensors, ``"triton"``
+(``kernels/relational.py``) and ``"cuda"`` (``csrc/cuda/relational.cu``) for
+CUDA tensors. SP, CC and PKT have ``"triton"`` kernels only (row passes over
+the Gram matrices, ``kernels/relational.py``). ``backend="auto"`` runs the
+reference where the chosen backend has no kernel (SP, CC and PKT on CPU
+tensors); an explicit ``"cpu"`` / ``"cuda"`` / ``"triton"`` where no kernel
+exists raises ``ValueError``.
 """
 
 from __future__ import annotations
+
+import functools
+import numbers
 
 import torch
 
@@ -28,10 +33,12 @@ from fastkd.reference import relational as _reference
 
 __all__ = ["cc_loss", "pkt_loss", "rkd_angle", "rkd_distance", "rkd_loss", "sp_loss"]
 
-# The compiled backends with a kernel, per loss. On CUDA tensors
-# backend="auto" falls back to the reference until triton / cuda get one.
-RKD_KERNELS = ("cpu",)
-NO_KERNELS: tuple[str, ...] = ()
+# The compiled backends with a kernel, per loss (backend="auto" runs the
+# reference for the others).
+RKD_KERNELS = ("cpu", "triton", "cuda")
+PKT_KERNELS = ("triton",)
+SP_KERNELS = ("triton",)
+CC_KERNELS = ("triton",)
 
 
 def _check_pair(student, teacher, gather=False, process_group=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,8 +74,9 @@ def _check_pair(student, teacher, gather=False, process_group=None) -> tuple[tor
 
 
 class RKDFunction(torch.autograd.Function):
-    """One RKD term on its fused op: the op returns the loss and, when the
-    student needs it, the student's gradient (computed in the same pass).
+    """One relational term (RKD, and SP / CC on triton) on its fused op: the op
+    returns the loss and, when the student needs it, the student's gradient
+    (computed in the same call).
 
     Between forward and backward only that ``(N, D_s)`` gradient is kept.
     """
@@ -87,13 +95,21 @@ class RKDFunction(torch.autograd.Function):
         return _scale_by_upstream(grad, grad_output), None, None
 
 
+def _rkd_op(name: str, backend: str):
+    """The ``fastkd::<name>_forward`` contract on ``backend``: the op (cpu, cuda) or the Triton launcher."""
+    if backend == "triton":
+        from fastkd.kernels import relational as triton_relational
+
+        return getattr(triton_relational, f"{name}_forward")
+    return getattr(torch.ops.fastkd, f"{name}_forward")
+
+
 def _rkd_term(name: str, student, teacher, backend: str, gather=False, process_group=None) -> torch.Tensor:
     s, t = _check_pair(student, teacher, gather, process_group)
     chosen = _backend_for(name, RKD_KERNELS, backend, s)
     if chosen == "reference":
         return getattr(_reference, name)(s, t)
-    op = getattr(torch.ops.fastkd, f"{name}_forward")
-    return RKDFunction.apply(s, t, op)
+    return RKDFunction.apply(s, t, _rkd_op(name, chosen))
 
 
 def rkd_distance(
@@ -112,8 +128,8 @@ def rkd_distance(
     (RepDistiller: NaN, the mean of an empty set); see
     :func:`fastkd.reference.rkd_distance`.
 
-    The ``"cpu"`` kernel works from the Gram matrices of the centred
-    embeddings with O(N²) memory and returns the gradient from the same pass;
+    The kernels work from the Gram matrices of the centred embeddings with
+    O(N²) memory and return the gradient from the same pass;
     pairs too close for the Gram form's rounding are recomputed from their
     differences (exact duplicates are exactly at the 1e-6 clamp, as in the
     reference).
@@ -123,9 +139,9 @@ def rkd_distance(
             float32 / bfloat16 / float16 / float64.
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``;
             same dtype and device (a constant: no gradient).
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``;
-            only ``"cpu"`` has a kernel: ``"auto"`` uses the reference for
-            CUDA tensors, an explicit ``"cuda"`` / ``"triton"`` raises ``ValueError``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``
+            (``"auto"``: ``"cpu"`` for CPU tensors, ``"triton"`` for CUDA
+            tensors; float64 on CUDA runs the reference).
         gather: compute the loss of the batch gathered from every rank of
             ``process_group`` (same ``N`` on each; see :mod:`fastkd.distributed`
             for the gradient convention).
@@ -151,7 +167,7 @@ def rkd_angle(
     ``a_ijk = e_ij · e_ik``, ``smooth_l1(a_s, a_t)`` (β = 1) over all ``N³``
     angles, the zero ones with a repeated index included.
 
-    The ``"cpu"`` kernel never forms the ``(N, N, D)`` differences nor the
+    The kernels never form the ``(N, N, D)`` differences nor the
     ``(N, N, N)`` angles: with ``G = X Xᵀ`` of the centred embeddings,
     ``(x_j − x_i)·(x_k − x_i) = G_jk − G_ij − G_ik + G_ii``, so each anchor's
     angles come from rows of G (O(N³) arithmetic, O(N²) memory), and the
@@ -159,7 +175,10 @@ def rkd_angle(
     G is formed in float64 and split into two float32 halves, which keeps the
     numerators of nearby samples accurate; samples that coincide exactly give
     0 angles (and F.normalize's ``1 / eps`` gradient) as in the reference.
-    Extra memory: about ``(9 + threads) · N² · 4`` bytes for float32.
+    Extra memory: about ``(9 + threads) · N² · 4`` bytes for float32 on
+    ``"cpu"``, ``(8 + P) · N² · 4`` with ``P ≤ 8`` anchor chunks on
+    ``"triton"`` and ``"cuda"`` (plus the float64 Gram matrices while they
+    are split).
 
     Args:
         student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``;
@@ -214,12 +233,17 @@ def rkd_loss(
     return loss
 
 
-def _reference_only(
-    name: str, student, teacher, backend: str, gather=False, process_group=None, **kwargs
+def _gram_term(
+    name: str, kernels, student, teacher, backend: str, gather=False, process_group=None, **kwargs
 ) -> torch.Tensor:
+    """SP / CC / PKT: the Triton launcher ``<stem>_forward`` where ``kernels`` has the chosen backend."""
     s, t = _check_pair(student, teacher, gather, process_group)
-    _backend_for(name, NO_KERNELS, backend, s)  # "auto" → reference; an explicit kernel raises
-    return getattr(_reference, name)(s, t, **kwargs)
+    if _backend_for(name, kernels, backend, s) == "reference":
+        return getattr(_reference, name)(s, t, **kwargs)
+    from fastkd.kernels import relational as triton_relational
+
+    launcher = getattr(triton_relational, f"{name.removesuffix('_loss')}_forward")
+    return RKDFunction.apply(s, t, functools.partial(launcher, **kwargs))
 
 
 def pkt_loss(
@@ -241,21 +265,21 @@ def pkt_loss(
     entry, inf / inf) is zeroed; a NaN in the input still gives a NaN loss
     (SPEC §6).
 
-    No fused kernel yet: ``backend="auto"`` (and ``"reference"``) run
-    :func:`fastkd.reference.pkt_loss`, itself O(N²) memory; an explicit
-    compiled backend raises ``ValueError``.
+    Kernels as for :func:`sp_loss` (``"triton"`` only: the O(N²) part in one
+    kernel, the row normalisation's gradient by autograd).
 
     Args:
         student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
         eps: ``> 0``, added to the norms and inside the log ratio.
-        backend: ``"auto"`` or ``"reference"``.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
         gather, process_group: as for :func:`rkd_distance`.
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
     """
-    return _reference_only("pkt_loss", student, teacher, backend, gather, process_group, eps=eps)
+    eps = _validate.real("eps", eps, low=0.0, low_open=True)
+    return _gram_term("pkt_loss", PKT_KERNELS, student, teacher, backend, gather, process_group, eps=eps)
 
 
 def sp_loss(
@@ -269,18 +293,20 @@ def sp_loss(
     """Similarity-preserving KD (Tung & Mori, ICCV 2019; RepDistiller ``Similarity``).
 
     ``G = F.normalize(X Xᵀ)`` row-wise per side, ``L = ‖G_t − G_s‖²_F / N²``.
-    No fused kernel yet (see :func:`pkt_loss`).
+    ``"triton"`` has a kernel (row passes over the two Gram matrices, the
+    gradient from the same call); for CPU tensors ``"auto"`` runs the
+    reference, and an explicit ``"cpu"`` / ``"cuda"`` raises ``ValueError``.
 
     Args:
         student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
-        backend: ``"auto"`` or ``"reference"``.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
         gather, process_group: as for :func:`rkd_distance`.
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
     """
-    return _reference_only("sp_loss", student, teacher, backend, gather, process_group)
+    return _gram_term("sp_loss", SP_KERNELS, student, teacher, backend, gather, process_group)
 
 
 def cc_loss(
@@ -298,19 +324,25 @@ def cc_loss(
     ``K_ij = exp(−2γ) Σ_{p=0..P} (2γ)^p / p! · (x_i·x_j)^p`` per side (the
     Taylor expansion of the Gaussian RBF, on the embeddings as given),
     ``L = ‖K_s − K_t‖_F / N²`` (the norm, not its square); see
-    :func:`fastkd.reference.cc_loss`. No fused kernel yet (see :func:`pkt_loss`).
+    :func:`fastkd.reference.cc_loss`. Kernels as for :func:`sp_loss`
+    (``"triton"`` only).
 
     Args:
         student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
         gamma: RBF parameter ``γ > 0``.
         order: Taylor order ``P >= 1`` (an int).
-        backend: ``"auto"`` or ``"reference"``.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
         gather, process_group: as for :func:`rkd_distance`.
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
     """
-    return _reference_only(
-        "cc_loss", student, teacher, backend, gather, process_group, gamma=gamma, order=order
+    gamma = _validate.real("gamma", gamma, low=0.0, low_open=True)
+    if isinstance(order, bool) or not isinstance(order, numbers.Integral):
+        raise ValueError(f"order must be an int, got {type(order).__name__}")
+    if order < 1:
+        raise ValueError(f"order must be >= 1, got {order}")
+    return _gram_term(
+        "cc_loss", CC_KERNELS, student, teacher, backend, gather, process_group, gamma=gamma, order=int(order)
     )

@@ -1,6 +1,13 @@
-"""Relational losses (SPEC §2): the fused cpu RKD ops against the float64
-reference, edge cases of the Gram formulation (duplicates, near-duplicates,
-offsets), the ops themselves (opcheck, C++ checks), dispatch and validation."""
+"""Relational losses (SPEC §2): the fused RKD kernels of every backend against
+the float64 reference, edge cases of the Gram formulation (duplicates,
+near-duplicates, offsets), the ops themselves (opcheck, C++ checks), dispatch
+and validation.
+
+The parity tests run on DEVICE over the family's kernel backends: ``cpu`` and
+``triton`` (in the interpreter) here, ``triton`` and ``cuda`` under
+``FASTKD_TEST_DEVICE=cuda``. The interpreter is slow, so interpreted triton
+takes N ≤ 24 and the reduced-precision dtypes on one shape only.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,9 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import _ops, reference
-from tests.helpers import assert_matches
+from fastkd import _dispatch, _ops, reference
+from fastkd.relational import CC_KERNELS, PKT_KERNELS, RKD_KERNELS, SP_KERNELS
+from tests.helpers import DEVICE, KERNEL_BACKENDS, assert_matches, backend_params
 
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
 
@@ -20,86 +28,116 @@ RKD = {
     "rkd_angle": (fastkd.rkd_angle, reference.rkd_angle),
     "rkd_loss": (fastkd.rkd_loss, reference.rkd_loss),
 }
+INTERPRETED_MAX_N = 24
+
+
+def kernel_params():
+    """The family's kernel backends on DEVICE (skipped with the reason where unavailable)."""
+    return [p for p in backend_params() if p.id in RKD_KERNELS]
+
+
+def interpreted(backend) -> bool:
+    return backend == "triton" and DEVICE.type == "cpu"
 
 
 def embeddings(shape, dtype, seed, shift=0.0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) + shift).to(dtype)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) + shift).to(device=DEVICE, dtype=dtype)
 
 
 def run(fn, student, teacher, upstream=UPSTREAM):
     """(loss, student gradient) of ``fn`` with a non-unit upstream gradient; the teacher needs none."""
     s = student.detach().clone().requires_grad_(True)
     loss = fn(s, teacher)
-    loss.backward(torch.tensor(upstream, dtype=loss.dtype))
+    loss.backward(torch.tensor(upstream, dtype=loss.dtype, device=loss.device))
     return loss.detach(), s.grad
 
 
-def check_parity(name, student, teacher, what=""):
+def check_parity(backend, name, student, teacher, what=""):
     fused, ref = RKD[name]
     dtype = student.dtype
-    got = run(lambda a, b: fused(a, b, backend="cpu"), student, teacher)
+    if dtype not in _dispatch.KERNEL_DTYPES[backend]:
+        pytest.skip(f"{backend} does not take {dtype}")
+    if interpreted(backend) and student.shape[0] > INTERPRETED_MAX_N:
+        pytest.skip(f"interpreted triton: N <= {INTERPRETED_MAX_N}")
+    got = run(lambda a, b: fused(a, b, backend=backend), student, teacher)
     want = run(ref, student.double(), teacher.double())
     same = run(ref, student, teacher)
     assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert got[1].dtype == dtype and got[1].shape == student.shape
+    assert got[0].device == student.device and got[1].device == student.device
     for label, a, b, c in zip(("loss", "grad"), got, want, same, strict=True):
-        assert_matches(a, b, dtype, f"cpu {name} {what} {label}", [c])
+        assert_matches(a, b, dtype, f"{backend} {name} {what} {label}", [c])
 
 
 # (N, student feature shape, teacher feature shape): N = 1 and 2, tiny and
-# awkward feature sizes, SIMD tails (N not a multiple of 8 / 16), (N, C, H, W).
+# awkward feature sizes, SIMD tails (N not a multiple of 8 / 16), (N, C, H, W);
+# N = 37 beyond one 32-wide block (compiled backends), N = 21 for the interpreter.
 SHAPES = (
     (1, (3,), (4,)),
     (2, (5,), (3,)),
     (3, (1,), (1,)),
     (13, (17,), (9,)),
+    (21, (130,), (65,)),
     (37, (130,), (65,)),
     (6, (2, 3, 5), (7,)),
 )
+# The one shape interpreted triton runs in bfloat16 / float16.
+LOW_PRECISION_SHAPE = (13, (17,), (9,))
 
 
+@pytest.mark.parametrize("backend", kernel_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}_{'x'.join(map(str, s[1]))}")
 @pytest.mark.parametrize("name", RKD)
-def test_rkd_parity(name, shape, dtype):
+def test_rkd_parity(name, shape, dtype, backend):
+    if interpreted(backend) and dtype != torch.float32 and shape != LOW_PRECISION_SHAPE:
+        pytest.skip(f"interpreted triton: {dtype} on shape {LOW_PRECISION_SHAPE} only")
     n, fs, ft = shape
-    check_parity(name, embeddings((n, *fs), dtype, 0), embeddings((n, *ft), dtype, 1))
+    check_parity(backend, name, embeddings((n, *fs), dtype, 0), embeddings((n, *ft), dtype, 1))
 
 
+@pytest.mark.parametrize("backend", kernel_params())
 @pytest.mark.parametrize("name", RKD)
-def test_rkd_float64_and_non_contiguous(name):
+def test_rkd_float64_and_non_contiguous(name, backend):
     s = embeddings((20, 11), torch.float64, 2).t().contiguous().t()  # column-major
     t = embeddings((40, 9), torch.float64, 3)[::2]  # row stride 18
     assert not s.is_contiguous() and not t.is_contiguous()
-    check_parity(name, s, t, "float64")
-    check_parity(name, s.float(), t.float(), "float32 non-contiguous")
+    if torch.float64 in _dispatch.KERNEL_DTYPES[backend]:
+        check_parity(backend, name, s, t, "float64")
+    else:
+        with pytest.raises(ValueError, match=f"backend='{backend}' does not take torch.float64"):
+            RKD[name][0](s, t, backend=backend)
+    check_parity(backend, name, s.float(), t.float(), "float32 non-contiguous")
 
 
+@pytest.mark.parametrize("backend", kernel_params())
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 @pytest.mark.parametrize("name", RKD)
-def test_rkd_duplicates_on_both_sides(name, dtype):
+def test_rkd_duplicates_on_both_sides(name, dtype, backend):
     """Exact duplicates (in student and teacher alike): their distance is the
     1e-6 clamp, their normalised difference 0, exactly as in the reference."""
     s, t = embeddings((12, 20), dtype, 4), embeddings((12, 8), dtype, 5)
     for x in (s, t):
         x[5] = x[2]
         x[9] = x[2]
-    check_parity(name, s, t, "duplicates")
+    check_parity(backend, name, s, t, "duplicates")
 
 
+@pytest.mark.parametrize("backend", kernel_params())
 @pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))
-def test_rkd_duplicates_in_the_student_only(name):
+def test_rkd_duplicates_in_the_student_only(name, backend):
     """A collapsed student pair against a distinct teacher pair: the angle's
     gradient is F.normalize's x / eps (~1e12), matched all the same."""
     s, t = embeddings((10, 16), torch.float32, 6), embeddings((10, 16), torch.float32, 7)
     s[7] = s[3]
-    check_parity(name, s, t, "student duplicates")
+    check_parity(backend, name, s, t, "student duplicates")
 
 
+@pytest.mark.parametrize("backend", kernel_params())
 @pytest.mark.parametrize("scale", (1e-2, 1e-4))
-@pytest.mark.parametrize("name", RKD)
-def test_rkd_nearly_equal_embeddings(name, scale):
+@pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))
+def test_rkd_nearly_equal_embeddings(name, scale, backend):
     """Rows closer than the Gram form resolves well in float32 (the norms are
     ~10⁴ times the distances at scale 1e-4), far from the origin."""
     s = embeddings((14, 24), torch.float32, 8, shift=3.0)
@@ -107,75 +145,79 @@ def test_rkd_nearly_equal_embeddings(name, scale):
     s[4] = s[1] + scale * embeddings((24,), torch.float32, 10)
     s[11] = s[1] - scale * embeddings((24,), torch.float32, 11)
     t[6] = t[0] + scale * embeddings((10,), torch.float32, 12)
-    check_parity(name, s, t, f"near rows {scale}")
+    check_parity(backend, name, s, t, f"near rows {scale}")
 
 
-@pytest.mark.parametrize("name", RKD)
-def test_rkd_converged_student(name):
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))
+def test_rkd_converged_student(name, backend):
     """Student ≈ teacher (the loss is tiny): relative accuracy of a small loss."""
     t = embeddings((16, 32), torch.float32, 13, shift=1.0)
     s = t + 1e-3 * embeddings((16, 32), torch.float32, 14)
-    check_parity(name, s, t, "converged")
+    check_parity(backend, name, s, t, "converged")
 
 
-@pytest.mark.parametrize("name", RKD)
-def test_rkd_large_offset(name):
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))
+def test_rkd_large_offset(name, backend):
     """A common offset 10³ times the spread: centring keeps the Gram form accurate."""
     s = embeddings((15, 12), torch.float32, 15) + 1000.0
     t = embeddings((15, 6), torch.float32, 16) - 500.0
-    check_parity(name, s, t, "offset")
+    check_parity(backend, name, s, t, "offset")
 
 
+@pytest.mark.parametrize("backend", kernel_params())
 @pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))
-def test_rkd_small_n_values(name):
+def test_rkd_small_n_values(name, backend):
     fused = RKD[name][0]
     for n in (1, 2):
         s, t = embeddings((n, 4), torch.float32, 17), embeddings((n, 3), torch.float32, 18)
-        loss, grad = run(lambda a, b: fused(a, b, backend="cpu"), s, t)
-        if n == 1 or name == "rkd_angle":
-            # N = 1: no pair; N = 2: the only non-zero angles are a_ijj = 1 on both sides
-            assert loss.item() == pytest.approx(0.0, abs=1e-6)
-            assert grad.abs().max().item() == pytest.approx(0.0, abs=1e-6)
-        else:
-            # N = 2: both normalised distances are 1
-            assert loss.item() == pytest.approx(0.0, abs=1e-6)
+        loss, grad = run(lambda a, b: fused(a, b, backend=backend), s, t)
+        # N = 1: no pair; N = 2: both normalised distances are 1, and the only
+        # non-zero angles are a_ijj = 1 on both sides
+        assert loss.item() == pytest.approx(0.0, abs=1e-6)
+        assert grad.abs().max().item() == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("name", RKD)
-def test_rkd_nan_propagates(name):
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))
+def test_rkd_nan_propagates(name, backend):
     fused = RKD[name][0]
     for n in (1, 5):
         s, t = embeddings((n, 3), torch.float32, 19), embeddings((n, 3), torch.float32, 20)
         s[n // 2, 1] = float("nan")
-        assert torch.isnan(fused(s, t, backend="cpu"))
-        assert torch.isnan(fused(t, s, backend="cpu"))
+        assert torch.isnan(fused(s, t, backend=backend))
+        assert torch.isnan(fused(t, s, backend=backend))
 
 
-@pytest.mark.parametrize("name", RKD)
-def test_rkd_without_gradient_gives_the_same_loss(name):
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))
+def test_rkd_without_gradient_gives_the_same_loss(name, backend):
     fused = RKD[name][0]
     s, t = embeddings((9, 7), torch.float32, 21), embeddings((9, 5), torch.float32, 22)
-    with_grad = fused(s.clone().requires_grad_(True), t, backend="cpu")
+    with_grad = fused(s.clone().requires_grad_(True), t, backend=backend)
     with torch.no_grad():
-        without = fused(s, t, backend="cpu")
+        without = fused(s, t, backend=backend)
     assert torch.allclose(with_grad.detach(), without, rtol=1e-6, atol=0)
-    assert fused(s, t.requires_grad_(True), backend="cpu").requires_grad is False
+    assert fused(s, t.requires_grad_(True), backend=backend).requires_grad is False
 
 
-def test_teacher_gets_no_gradient():
+@pytest.mark.parametrize("backend", kernel_params())
+def test_teacher_gets_no_gradient(backend):
     s = embeddings((8, 6), torch.float32, 23).requires_grad_(True)
     t = embeddings((8, 4), torch.float32, 24).requires_grad_(True)
-    fastkd.rkd_loss(s, t, backend="cpu").backward()
+    fastkd.rkd_loss(s, t, backend=backend).backward()
     assert s.grad is not None and t.grad is None
 
 
-def test_only_the_gradient_is_saved_for_backward():
-    n, d = 64, 5
+@pytest.mark.parametrize("backend", kernel_params())
+def test_only_the_gradient_is_saved_for_backward(backend):
+    n, d = 24, 5
     s = embeddings((n, d), torch.float32, 25).requires_grad_(True)
     t = embeddings((n, d), torch.float32, 26)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
-        loss = fastkd.rkd_loss(s, t, backend="cpu")
+        loss = fastkd.rkd_loss(s, t, backend=backend)
     assert saved and max(x.numel() for x in saved) <= n * d < n * n
     loss.backward()
 
@@ -185,20 +227,24 @@ def test_rkd_loss_weights_and_module(weights):
     w_d, w_a = weights
     s, t = embeddings((10, 6), torch.float32, 27), embeddings((10, 3), torch.float32, 28)
     kwargs = {"distance_weight": w_d, "angle_weight": w_a}
-    got = fastkd.rkd_loss(s, t, backend="cpu", **kwargs)
+    backend = KERNEL_BACKENDS[0]
+    got = fastkd.rkd_loss(s, t, backend=backend, **kwargs)
     assert_matches(got, reference.rkd_loss(s.double(), t.double(), **kwargs), torch.float32, "rkd_loss")
     module = fastkd.RKDLoss(**kwargs)
     assert torch.equal(module(s, t), fastkd.rkd_loss(s, t, **kwargs))
     assert "angle_weight" in repr(module)
 
 
-def test_auto_uses_the_cpu_kernel():
+def test_auto_uses_the_first_kernel_backend():
+    """backend="auto": cpu for CPU tensors, triton for CUDA tensors."""
     s, t = embeddings((9, 4), torch.float32, 29), embeddings((9, 4), torch.float32, 30)
+    backend = KERNEL_BACKENDS[0]
     for name in ("rkd_distance", "rkd_angle"):
         fused = RKD[name][0]
-        assert torch.equal(fused(s, t), fused(s, t, backend="cpu"))
+        assert torch.equal(fused(s, t), fused(s, t, backend=backend))
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend's SIMD variants")
 @pytest.mark.parametrize("capability", ("default", "avx2", "avx512"))
 def test_every_simd_variant_matches_the_reference(capability, monkeypatch):
     order = ["default", "avx2", "avx512"]
@@ -209,27 +255,168 @@ def test_every_simd_variant_matches_the_reference(capability, monkeypatch):
     for dtype in (torch.float32, torch.float64):
         s, t = embeddings((19, 7), dtype, 31), embeddings((19, 5), dtype, 32)  # 19: a SIMD tail
         s[3] = s[8]
-        check_parity("rkd_angle", s, t, capability)
+        check_parity("cpu", "rkd_angle", s, t, capability)
 
 
-# ---- PKT, SP, CC: no fused kernel yet -------------------------------------------
+# ---- the Triton launchers ------------------------------------------------------------
+
+TRITON = [p for p in kernel_params() if p.id == "triton"]
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))
+def test_triton_small_blocks(name, backend, monkeypatch):
+    """Tiles much smaller than N (several row, j and k blocks, ragged tails,
+    three anchor chunks), with duplicates and near pairs on both sides."""
+    from fastkd.kernels import relational as kernels
+
+    monkeypatch.setattr(kernels, "pair_config", lambda n, d: (4, 8, 4, 4))
+    monkeypatch.setattr(kernels, "row_config", lambda n: (4, 8, 4))
+    monkeypatch.setattr(kernels, "near_grad_config", lambda n, d: (8, 4, 4))
+    monkeypatch.setattr(kernels, "angle_config", lambda n: (8, 4, 4))
+    monkeypatch.setattr(kernels, "anchor_chunks", lambda n, j_blocks: 3)
+    s = embeddings((19, 11), torch.float32, 43, shift=2.0)
+    t = embeddings((19, 6), torch.float32, 44)
+    s[5] = s[2]
+    s[13] = s[2] + 1e-3 * embeddings((11,), torch.float32, 45)
+    t[7] = t[1]
+    check_parity(backend, name, s, t, "small blocks")
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize(
+    "student,teacher,grad,needle",
+    [
+        (torch.randn(7), torch.randn(7, 3), True, "student must be 2-D"),
+        (torch.randn(7, 3), torch.randn(6, 3), True, "same number of samples"),
+        (torch.randn(7, 3), torch.randn(7, 3).half(), True, "same dtype"),
+        (torch.randn(7, 3).double(), torch.randn(7, 3).double(), True, "student must be float32"),
+        (torch.randn(0, 3), torch.randn(0, 3), True, "at least one sample"),
+        (torch.randn(7, 0), torch.randn(7, 3), True, "student must have at least one feature"),
+        (torch.randn(7, 3), torch.randn(7, 3), 1, "student_grad must be a bool"),
+        ([[1.0]], torch.randn(1, 3), True, "student must be a torch.Tensor"),
+    ],
+)
+@pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))
+def test_triton_launcher_checks(name, student, teacher, grad, needle, backend):
+    from fastkd.kernels import relational as kernels
+
+    move = (lambda x: x.to(DEVICE)) if DEVICE.type == "cuda" else (lambda x: x)
+    student = move(student) if isinstance(student, torch.Tensor) else student
+    with pytest.raises(ValueError, match=needle):
+        getattr(kernels, f"{name}_forward")(student, move(teacher), grad)
+
+
+# ---- SP, CC, PKT (kernels on triton) ------------------------------------------------
 
 OTHERS = {
     "pkt_loss": (fastkd.pkt_loss, reference.pkt_loss, fastkd.PKTLoss),
     "sp_loss": (fastkd.sp_loss, reference.sp_loss, fastkd.SPLoss),
     "cc_loss": (fastkd.cc_loss, reference.cc_loss, fastkd.CCLoss),
 }
+KERNELS_OF = {"pkt_loss": PKT_KERNELS, "sp_loss": SP_KERNELS, "cc_loss": CC_KERNELS}
+# (name, hyper-parameters) of the Gram-relation kernels
+GRAM_CASES = (
+    ("pkt_loss", {}),
+    ("pkt_loss", {"eps": 1e-3}),
+    ("sp_loss", {}),
+    ("cc_loss", {}),
+    ("cc_loss", {"gamma": 0.15, "order": 3}),
+    ("cc_loss", {"gamma": 1.0, "order": 1}),
+)
+
+
+def gram_params():
+    """(name, kwargs, backend) for every SP / CC / PKT case on each of its kernel backends."""
+    return [
+        pytest.param(name, kwargs, p.values[0], marks=p.marks, id=f"{name}-{kwargs}-{p.id}")
+        for name, kwargs in GRAM_CASES
+        for p in backend_params()
+        if p.id in KERNELS_OF[name]
+    ]
+
+
+def check_gram_parity(name, kwargs, backend, student, teacher, what=""):
+    fn, ref, _ = OTHERS[name]
+    dtype = student.dtype
+    got = run(lambda a, b: fn(a, b, backend=backend, **kwargs), student, teacher)
+    want = run(lambda a, b: ref(a, b, **kwargs), student.double(), teacher.double())
+    same = run(lambda a, b: ref(a, b, **kwargs), student, teacher)
+    assert got[0].dtype == torch.float32 and got[0].shape == ()
+    assert got[1].dtype == dtype and got[1].shape == student.shape
+    for label, a, b, c in zip(("loss", "grad"), got, want, same, strict=True):
+        assert_matches(a, b, dtype, f"{backend} {name} {kwargs} {what} {label}", [c])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}_{'x'.join(map(str, s[1]))}")
+@pytest.mark.parametrize("name,kwargs,backend", gram_params())
+def test_sp_cc_pkt_parity(name, kwargs, backend, shape):
+    n, fs, ft = shape
+    if interpreted(backend) and n > INTERPRETED_MAX_N:
+        pytest.skip(f"interpreted triton: N <= {INTERPRETED_MAX_N}")
+    s, t = embeddings((n, *fs), torch.float32, 46), embeddings((n, *ft), torch.float32, 47)
+    check_gram_parity(name, kwargs, backend, s, t)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("name,kwargs,backend", gram_params())
+def test_sp_cc_pkt_reduced_precision(name, kwargs, backend, dtype):
+    s, t = embeddings((13, 17), dtype, 48), embeddings((13, 9), dtype, 49)
+    check_gram_parity(name, kwargs, backend, s, t, str(dtype))
+
+
+@pytest.mark.parametrize("name,kwargs,backend", gram_params())
+def test_sp_cc_pkt_edge_cases(name, kwargs, backend):
+    """A zero embedding (SP: a Gram row below F.normalize's eps, whose gradient
+    is 1/eps; PKT: x / eps), duplicates, and a student equal to the teacher
+    (loss 0; CC: the norm's zero gradient there)."""
+    s, t = embeddings((11, 8), torch.float32, 50), embeddings((11, 5), torch.float32, 51)
+    s[4] = 0.0
+    s[7] = s[2]
+    t[3] = t[9]
+    check_gram_parity(name, kwargs, backend, s, t, "zero row and duplicates")
+    check_gram_parity(name, kwargs, backend, t, t, "student = teacher")
+    loss, grad = run(lambda a, b: OTHERS[name][0](a, b, backend=backend, **kwargs), t, t)
+    assert loss.item() == 0.0
+    if name != "pkt_loss":  # PKT's gradient there is O(eps), not 0
+        assert torch.count_nonzero(grad) == 0
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.id in PKT_KERNELS])
+def test_pkt_infinite_entry(backend):
+    """An infinite entry: x̂'s inf / inf is zeroed, as in the reference (loss and gradient)."""
+    s, t = embeddings((6, 4), torch.float32, 54), embeddings((6, 3), torch.float32, 55)
+    s[1, 2] = float("inf")
+    check_gram_parity("pkt_loss", {}, backend, s, t, "inf entry")
+    assert torch.isfinite(fastkd.pkt_loss(s, t, backend=backend))
+
+
+@pytest.mark.parametrize("name,kwargs,backend", gram_params())
+def test_sp_cc_pkt_nan_and_no_gradient(name, kwargs, backend):
+    fn = OTHERS[name][0]
+    s, t = embeddings((9, 7), torch.float32, 52), embeddings((9, 5), torch.float32, 53)
+    with_grad = fn(s.clone().requires_grad_(True), t, backend=backend, **kwargs)
+    with torch.no_grad():
+        without = fn(s, t, backend=backend, **kwargs)
+    assert torch.allclose(with_grad.detach(), without, rtol=1e-6, atol=0)
+    s[2, 3] = float("nan")
+    assert torch.isnan(fn(s, t, backend=backend, **kwargs))
+    assert torch.isnan(fn(t, s, backend=backend, **kwargs))
 
 
 @pytest.mark.parametrize("name", OTHERS)
-def test_reference_only_losses(name):
+def test_pkt_sp_cc_dispatch(name):
+    """An explicit backend without the loss's kernel raises; "auto" runs the
+    reference where the device's first backend has no kernel."""
     fn, ref, module = OTHERS[name]
     s = embeddings((7, 2, 3), torch.float32, 33).requires_grad_(True)
     t = embeddings((7, 5), torch.float32, 34)
-    assert torch.equal(fn(s, t), ref(s, t))
-    assert torch.equal(module()(s, t), ref(s, t))
-    with pytest.raises(ValueError, match=f"backend='cpu' has no {name} kernel yet"):
-        fn(s, t, backend="cpu")
+    if KERNEL_BACKENDS[0] not in KERNELS_OF[name]:
+        assert torch.equal(fn(s, t), ref(s, t))
+        assert torch.equal(module()(s, t), ref(s, t))
+    without = DEVICE.type  # cpu / cuda: neither has a PKT, SP or CC kernel
+    with pytest.raises(ValueError, match=f"backend='{without}' has no {name} kernel yet"):
+        fn(s, t, backend=without)
     fn(s, t).backward()
     assert s.grad is not None
 
@@ -245,7 +432,8 @@ def test_pkt_nan_input_gives_nan_but_infinite_entries_are_zeroed():
 
 
 def test_hyper_parameters_reach_the_reference():
-    s, t = embeddings((6, 4), torch.float32, 37), embeddings((6, 4), torch.float32, 38)
+    # CPU tensors: "auto" runs the reference for PKT and CC there
+    s, t = embeddings((6, 4), torch.float32, 37).cpu(), embeddings((6, 4), torch.float32, 38).cpu()
     assert torch.equal(fastkd.cc_loss(s, t, gamma=0.2, order=3), reference.cc_loss(s, t, gamma=0.2, order=3))
     assert torch.equal(fastkd.CCLoss(gamma=0.2, order=3)(s, t), reference.cc_loss(s, t, gamma=0.2, order=3))
     assert torch.equal(fastkd.pkt_loss(s, t, eps=1e-3), reference.pkt_loss(s, t, eps=1e-3))
@@ -262,25 +450,36 @@ def test_explicit_gpu_backend_on_cpu_tensors_raises(name):
         fn(torch.randn(4, 5), torch.randn(4, 5), backend="cuda")
 
 
-@pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))
+@pytest.mark.parametrize("name", OTHERS)
 def test_backend_without_a_kernel(name, monkeypatch):
-    """As on CUDA tensors today: explicit triton raises, auto runs the reference."""
-    monkeypatch.setattr(fastkd._dispatch, "resolve", lambda backend, tensor: "triton")
+    """PKT, SP, CC on cuda (as on CUDA tensors): explicit raises, auto runs the reference."""
+    monkeypatch.setattr(fastkd._dispatch, "resolve", lambda backend, tensor: "cuda")
     fn = getattr(fastkd, name)
     s, t = torch.randn(4, 5), torch.randn(4, 3)
-    with pytest.raises(ValueError, match=f"backend='triton' has no {name} kernel yet"):
-        fn(s, t, backend="triton")
+    with pytest.raises(ValueError, match=f"backend='cuda' has no {name} kernel yet"):
+        fn(s, t, backend="cuda")
     assert torch.equal(fn(s, t), getattr(reference, name)(s, t))
 
 
 # ---- the ops --------------------------------------------------------------------
 
 
+# The ops on DEVICE: the cpu implementation here, the cuda one under FASTKD_TEST_DEVICE=cuda.
+OPS_ON_DEVICE = pytest.mark.skipif(
+    DEVICE.type == "cuda" and _ops.CUDA_EXTENSION_ERROR is not None, reason=str(_ops.CUDA_EXTENSION_ERROR)
+)
+
+
+@OPS_ON_DEVICE
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=str)
 @pytest.mark.parametrize("op", ("rkd_distance_forward", "rkd_angle_forward"))
 def test_opcheck(op, dtype):
     fn = getattr(torch.ops.fastkd, op)
     s, t = embeddings((9, 6), dtype, 39), embeddings((9, 4), dtype, 40)
+    if DEVICE.type == "cuda" and dtype == torch.float64:
+        with pytest.raises(RuntimeError, match="float64"):
+            fn(s, t, True)
+        return
     for student_grad in (True, False):
         torch.library.opcheck(fn.default, (s, t, student_grad))
     loss, grad = fn(s, t, True)
@@ -301,9 +500,10 @@ def test_opcheck(op, dtype):
     ],
 )
 @pytest.mark.parametrize("op", ("rkd_distance_forward", "rkd_angle_forward"))
+@OPS_ON_DEVICE
 def test_op_checks(op, student, teacher, needle):
     with pytest.raises(RuntimeError, match=needle):
-        getattr(torch.ops.fastkd, op)(student, teacher, True)
+        getattr(torch.ops.fastkd, op)(student.to(DEVICE), teacher.to(DEVICE), True)
 
 
 # ---- validation -------------------------------------------------------------------
@@ -346,11 +546,14 @@ def test_bad_hyper_parameters_raise_value_error(call, needle):
         call(torch.randn(5, 3), torch.randn(5, 3))
 
 
+@OPS_ON_DEVICE
 def test_torch_compile_fullgraph():
+    """The op-based backend of DEVICE (cpu, or cuda) under torch.compile."""
+    backend = DEVICE.type
     s = embeddings((9, 6), torch.float32, 41)
     t = embeddings((9, 4), torch.float32, 42)
-    compiled = torch.compile(lambda a, b: fastkd.rkd_loss(a, b, backend="cpu"), fullgraph=True)
+    compiled = torch.compile(lambda a, b: fastkd.rkd_loss(a, b, backend=backend), fullgraph=True)
     got = run(compiled, s, t)
-    want = run(lambda a, b: fastkd.rkd_loss(a, b, backend="cpu"), s, t)
+    want = run(lambda a, b: fastkd.rkd_loss(a, b, backend=backend), s, t)
     for a, b in zip(got, want, strict=True):
         assert_matches(a, b.double(), torch.float32, "compiled rkd_loss")
