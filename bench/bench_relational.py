@@ -16,8 +16,9 @@ Providers:
   an untimed first call. ``--no-compile`` skips it.
 - ``fastkd-cpu``: ``fastkd.rkd_distance`` / ``rkd_angle`` with
   ``backend="cpu"``: Gram matrices, O(N²) memory, the gradient computed in
-  the same pass (csrc/cpu/relational.cpp). On CUDA no fastkd kernel exists
-  yet; the rows say so.
+  the same pass (csrc/cpu/relational.cpp). On CUDA ``fastkd-triton`` and
+  ``fastkd-cuda`` (the same Gram formulation, kernels/relational.py and
+  csrc/cuda/relational.cu).
 
 ``eager`` and ``compile`` run the angle term only up to ``N = EAGER_ANGLE_MAX_N``
 (640): it holds several ``N³`` float32 tensors (at ``N = 512`` about 0.5 GiB
@@ -38,8 +39,8 @@ only warm-up and each provider gets exactly ``LONG_REPEATS`` timed runs.
 ``python -m bench.run --families relational`` runs the sweep; ``pytest bench/``
 runs the small pytest-benchmark cases below once each.
 
-PKT, SP and CC are not benchmarked: fastkd has no fused kernel for them yet
-(``backend="auto"`` runs their reference, already O(N²) memory).
+PKT, SP and CC are not benchmarked: on CPU they run their reference (already
+O(N²) memory; their only fused kernels are Triton's, for CUDA tensors).
 """
 
 from __future__ import annotations
