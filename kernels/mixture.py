@@ -65,6 +65,9 @@ MAX_TEACHER_BLOCK = 8
 # the registers of the float32 single-teacher kernel, so half its 4096.
 MAX_TILE = 2048
 _ELEMENTS_PER_THREAD = 8
+# The interpreter pays per operation, not per element: 4× wider chunks there
+# (V > 2048 still takes several, so the online passes are exercised).
+INTERPRETER_MAX_TILE = 8192
 # How far the weights' sum may be from 1 (as the CPU op and fastkd/multi_teacher.py).
 WEIGHT_SUM_TOLERANCE = 1e-6
 
@@ -298,7 +301,8 @@ DEVICE_TYPE = "cpu" if isinstance(_mixture_fwd_kernel, InterpretedFunction) else
 def launch_config(vocab: int, teachers: int) -> tuple[int, int, int]:
     """(TEACHER_BLOCK, BLOCK, num_warps) for rows of ``vocab`` logits and ``teachers`` teachers."""
     teacher_block = min(triton.next_power_of_2(max(teachers, 1)), MAX_TEACHER_BLOCK)
-    block = min(triton.next_power_of_2(max(vocab, 1)), MAX_TILE // teacher_block)
+    tile = MAX_TILE if DEVICE_TYPE == "cuda" else INTERPRETER_MAX_TILE
+    block = min(triton.next_power_of_2(max(vocab, 1)), tile // teacher_block)
     num_warps = max(1, min(8, teacher_block * block // (32 * _ELEMENTS_PER_THREAD)))
     return teacher_block, block, num_warps
 

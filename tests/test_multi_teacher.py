@@ -228,7 +228,7 @@ def test_non_contiguous_teachers_and_float64(backend):
 def test_many_teachers(backend, divergence):
     """K = 11: more teachers than the Triton kernel holds in one tile (groups of 8, an
     online log-sum-exp across groups); one of them of weight 0."""
-    s, t = logits((3, 700)), logits((11, 3, 700))
+    s, t = logits((3, 1500)), logits((11, 3, 1500))
     weights = random_weights(11)
     weights[4] = 0.0
     check_parity(backend, s, t, weights / weights.sum(), divergence=divergence, temperature=1.5)
