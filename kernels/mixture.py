@@ -31,14 +31,18 @@ teachers when K is larger):
   pass 3  gradient (u − q Σu)·grad_scale/T (every kind but KL)   read s, t; write grad
 
 Memory traffic floor, b bytes per logit: read (K + 1)·N·V·b, write N·V·b of
-gradient, 4·N (8·N) bytes of loss and 32·N·K of scratch. Passes 2 and 3
-re-read the row from L2 while the rows resident at once ((K + 1)·V·b bytes
-each) fit in it. Arithmetic: pass 2 costs K + 2 float64 exponentials and a
-log per element (pass 1: K + 1 exponentials; pass 3 repeats pass 2). At
-~15–25 fp64 instructions per libdevice exp / log, an H100 / H200 (34 TFLOPS
-fp64 without tensor cores) runs this compute-bound for bf16 inputs beyond
-K ≈ 1, roughly at the memory floor for float32 with K ≤ 2: the price of
-float64 accuracy, still one pass-structure and no (N, V) intermediate.
+gradient, 4·N (8·N) bytes of loss; the 16·N·K bytes of scratch are written
+once and read back from cache. Passes 2 and 3 re-read the row from L2 while
+the rows resident at once ((K + 1)·V·b bytes each) fit in it.
+
+Arithmetic, the real bound: pass 1 costs K + 1 float64 exponentials per
+element, pass 2 K + 2 and a log (pass 3 repeats pass 2). At ~20 fp64
+instructions per libdevice exp / log, KL with K = 3 needs ~200 fp64 operations
+per element against 18 bytes (fp32) or 10 bytes (bf16) of traffic: on an
+H100 / H200 (34 TFLOPS fp64 without tensor cores, 3.4–4.8 TB/s) an estimated
+1.5–3× above the memory floor, more for the kinds with a gradient pass (not
+measured yet: no GPU here). That is the price of the float64 accuracy; there
+is still no (N, V) intermediate and one kernel launch.
 
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernel runs
 on CPU tensors, which is how the tests check it without a GPU.
@@ -63,6 +67,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MAX_TEACHER_BLOCK = 8
 # Elements of one [TEACHER_BLOCK, BLOCK] tile, 8 per thread: float64 doubles
 # the registers of the float32 single-teacher kernel, so half its 4096.
+# ptxas (sm_90) reports 78–122 registers with K = 3, up to 164 with teacher
+# groups (K > 8), and no spills.
 MAX_TILE = 2048
 _ELEMENTS_PER_THREAD = 8
 # The interpreter pays per operation, not per element: 4× wider chunks there

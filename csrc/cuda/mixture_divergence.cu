@@ -13,10 +13,11 @@
 // the divergence is tiny (T = 100: ~1e-4) that put the float32 loss 3× further
 // from the float64 reference than PyTorch's float32 computation (see
 // mixture_kernel.cpp), failing SPEC §6's 2× rule. The price: per element,
-// pass 2 costs K + 2 double exponentials and a log (pass 1: K + 1
-// exponentials, pass 3 repeats pass 2); at the ~34 TFLOPS of non-tensor fp64
-// on an H100 / H200 that is above the memory floor for bf16 inputs beyond
-// K ≈ 1, and about at it for float32 with K ≤ 2.
+// pass 1 costs K + 1 double exponentials, pass 2 K + 2 and a log (pass 3
+// repeats pass 2); at ~20 fp64 instructions each, KL with K = 3 needs ~200
+// fp64 operations per element against 18 (fp32) or 10 (bf16) bytes of
+// traffic: on an H100 / H200 (34 TFLOPS fp64 without tensor cores) an
+// estimated 1.5–3× above the memory floor (not measured yet).
 //
 // One thread block per row (blocks grid-stride over rows when N exceeds the
 // grid), threads stride over V so that a warp's loads are coalesced (for each
@@ -329,6 +330,8 @@ void launch(const MixtureDivergenceArgs& a, cudaStream_t stream) {
 // Short rows (classification heads, V ≤ 2048) get 128 threads so that most
 // have work; vocabulary-sized rows 256 (double math: about twice the
 // registers per element of the float32 single-teacher kernel, half its 512).
+// ptxas (sm_90) reports 48–64 registers per thread; 16 of the 48
+// instantiations spill 4–12 bytes.
 template <int KIND, class scalar_t, class loss_t>
 void launch_for_vocab(const MixtureDivergenceArgs& a, cudaStream_t stream) {
   if (a.vocab <= 2048) {
