@@ -16,6 +16,10 @@ Providers:
   backend="cpu")`` on ``T · log p``.
 - ``fastkd-cpu``: ``fastkd.divergence(s, teachers, teacher_weights=w,
   backend="cpu")``, one fused call, the mixture formed per row in log space.
+- ``fastkd-triton``, ``fastkd-cuda`` (``--device cuda`` only): the same fused
+  call on the GPU backends (kernels/mixture.py, csrc/cuda/mixture_divergence.cu),
+  which compute in float64 like the CPU kernel: on GPUs with little fp64
+  throughput they are compute-bound (see their headers).
 - ``3×fastkd-cpu``: three single-teacher calls ``Σ_k w_k D(p_k ‖ q)`` — a
   *different* objective (the weighted average of the divergences, not the
   divergence to the mixture), listed only as the cost of three dense passes;
@@ -59,6 +63,7 @@ COLUMNS = (
 )
 OUTPUT_KEY = "output_mib"
 SEPARATE = "3×fastkd-cpu"
+GPU_BACKENDS = ("triton", "cuda")
 
 
 def reference_loss(student, teachers, weights):
@@ -90,17 +95,31 @@ def providers(device: torch.device, *, use_compile: bool):
     status = fastkd.backends()
     if device.type == "cpu" and status["cpu"].available and "cpu" in MIXTURE_KERNELS:
         found["mixture+fastkd-cpu"] = mixture_then_fastkd
-        found["fastkd-cpu"] = lambda s, t, w: fastkd.divergence(
-            s, t, teacher_weights=w, temperature=TEMPERATURE, backend="cpu"
-        )
+        found["fastkd-cpu"] = fused_call("cpu")
         found[SEPARATE] = separate_calls
-    else:
-        reason = (
-            status["cpu"].reason if device.type == "cpu" else f"no multi-teacher kernel on {device.type} yet"
-        )
+    elif device.type == "cpu":
         for name in ("mixture+fastkd-cpu", "fastkd-cpu", SEPARATE):
-            skipped[name] = reason
+            skipped[name] = status["cpu"].reason
+    if device.type == "cuda":
+        for name in ("mixture+fastkd-cpu", "fastkd-cpu", SEPARATE):
+            skipped[name] = "CPU tensors only"
+        for backend in GPU_BACKENDS:
+            backend_status = fastkd._dispatch.backend_status(backend, "cuda")
+            if backend_status.available and backend in MIXTURE_KERNELS:
+                found[f"fastkd-{backend}"] = fused_call(backend)
+            else:
+                skipped[f"fastkd-{backend}"] = backend_status.reason
     return found, skipped
+
+
+def fused_call(backend: str):
+    """``fastkd.divergence`` to the mixture, one fused call on ``backend``."""
+
+    def loss(student, teachers, weights):
+        return fastkd.divergence(student, teachers, teacher_weights=weights, temperature=TEMPERATURE,
+                                 backend=backend)
+
+    return loss
 
 
 def configs(quick: bool) -> list[tuple[str, int, int]]:

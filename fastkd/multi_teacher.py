@@ -27,9 +27,14 @@ from fastkd.reference import multi_teacher as _reference
 
 __all__ = ["mixture_divergence"]
 
-# The compiled backends with a multi-teacher kernel; on CUDA tensors
-# backend="auto" uses the reference until triton / cuda get one.
-MIXTURE_KERNELS = ("cpu",)
+# The compiled backends with a multi-teacher kernel. All of them compute in
+# float64 whatever the input dtype (see csrc/cpu/mixture_kernel.cpp); float64
+# inputs on CUDA still go to the reference under backend="auto", as
+# fastkd._dispatch routes no float64 to the GPU backends.
+MIXTURE_KERNELS = ("cpu", "triton", "cuda")
+# The CUDA kernel keeps the teachers' row statistics in shared memory (the
+# limit of csrc/cuda/mixture_divergence.cu); the triton kernel takes any K.
+CUDA_MAX_TEACHERS = 2048
 
 # How far the weights' sum may be from 1 (SPEC §6: "weights not summing to 1"
 # is an error); loose enough for float32 weights from a softmax.
@@ -60,6 +65,15 @@ def check_teacher_weights(teacher_weights, count: int) -> torch.Tensor:
     if not math.isclose(total, 1.0, rel_tol=0.0, abs_tol=WEIGHT_SUM_TOLERANCE):
         raise ValueError(f"teacher_weights must sum to 1, got {total}")
     return weights
+
+
+def _mixture_op(backend: str):
+    """The forward of ``backend`` with the contract of ``fastkd::mixture_divergence_forward``."""
+    if backend == "triton":
+        from fastkd.kernels import mixture as triton_mixture
+
+        return triton_mixture.mixture_divergence_forward
+    return torch.ops.fastkd.mixture_divergence_forward
 
 
 def mixture_divergence(
@@ -132,6 +146,10 @@ def mixture_divergence(
         )
 
     vocab, count = s.shape[-1], t.shape[0]
+    if chosen == "cuda" and count > CUDA_MAX_TEACHERS:
+        raise ValueError(
+            f"teacher_logits holds {count} teachers; the cuda backend takes at most {CUDA_MAX_TEACHERS}"
+        )
     student = _row_major(s.reshape(-1, vocab))
     teachers = t.reshape(count, -1, vocab)
     if vocab > 1 and teachers.stride(-1) != 1:
@@ -140,7 +158,7 @@ def mixture_divergence(
     factor = _loss_factor(reduction, scale, student.shape[0], keep, vocab)
     kind, coef = _kernel_divergence(divergence, beta, alpha)
     loss = RowLossKernelFunction.apply(
-        torch.ops.fastkd.mixture_divergence_forward, factor, reduction == "none",
+        _mixture_op(chosen), factor, reduction == "none",
         student, teachers, weights, keep, kind, 1.0 / temperature, coef, factor,
     )
     return loss.reshape(s.shape[:-1]) if reduction == "none" else loss

@@ -16,6 +16,10 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPES = ((1, (1,), 1), (2, (3,), 7), (3, (41,), 1271), (3, (2,), 5000), (2, (2, 3), 257))
 UPSTREAM = 0.7
 HAS_OP = fastkd._ops.has_kernel("mixture_divergence_forward", "CPU")
+# The Triton interpreter runs one program (row) after another, milliseconds
+# per loop iteration: on CPU tensors the triton backend gets at most this many
+# rows of each shape (its V, K and the chunking of V stay as given).
+INTERPRETER_MAX_ROWS = 5
 
 
 def kernel_params():
@@ -26,6 +30,23 @@ def kernel_params():
         params.append(pytest.param(name, marks=marks, id=name))
     none = pytest.param("none", marks=pytest.mark.skip(reason=f"no multi-teacher kernel on {DEVICE.type}"))
     return params or [none]
+
+
+def interpreter_rows(backend, lead):
+    """``lead`` (the student's leading dims), its first dim capped for the Triton interpreter."""
+    if backend == "triton" and DEVICE.type == "cpu":
+        return (min(lead[0], INTERPRETER_MAX_ROWS), *lead[1:])
+    return lead
+
+
+def raw_forward(backend):
+    """(the backend's function with the contract of fastkd::mixture_divergence_forward,
+    the exception its argument checks raise)."""
+    if backend == "triton":
+        from fastkd.kernels import mixture
+
+        return mixture.mixture_divergence_forward, ValueError
+    return torch.ops.fastkd.mixture_divergence_forward, RuntimeError
 
 
 def logits(shape, dtype=torch.float32, spread=3.0):
@@ -125,6 +146,7 @@ def test_reference_equals_written_out_mixture(divergence):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_parity_every_divergence_dtype_shape(backend, dtype, divergence, shape):
     count, lead, vocab = shape
+    lead = interpreter_rows(backend, lead)
     s = logits((*lead, vocab), dtype)
     t = logits((count, *lead, vocab), dtype)
     check_parity(backend, s, t, random_weights(count), divergence=divergence, temperature=2.0)
@@ -194,9 +216,51 @@ def test_identical_teachers_equal_one(backend):
 
 @pytest.mark.parametrize("backend", kernel_params())
 def test_non_contiguous_teachers_and_float64(backend):
-    t = logits((5, 3, 130), torch.float64).transpose(0, 1)  # (K, N, V) with a permuted stride
-    s = logits((5, 2 * 130), torch.float64)[:, ::2]  # stride 2 along V
+    # float64 where the backend's dispatch takes it (fastkd._dispatch.KERNEL_DTYPES), else float32
+    dtype = torch.float64 if torch.float64 in fastkd._dispatch.KERNEL_DTYPES[backend] else torch.float32
+    t = logits((5, 3, 130), dtype).transpose(0, 1)  # (K, N, V) with a permuted stride
+    s = logits((5, 2 * 130), dtype)[:, ::2]  # stride 2 along V
     check_parity(backend, s, t, random_weights(3), divergence="skew_reverse_kl", temperature=1.5)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("divergence", ("kl", "reverse_kl", "jsd"))
+def test_many_teachers(backend, divergence):
+    """K = 11: more teachers than the Triton kernel holds in one tile (groups of 8, an
+    online log-sum-exp across groups); one of them of weight 0."""
+    s, t = logits((3, 1500)), logits((11, 3, 1500))
+    weights = random_weights(11)
+    weights[4] = 0.0
+    check_parity(backend, s, t, weights / weights.sum(), divergence=divergence, temperature=1.5)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("layout", ("expanded", "permuted"))
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_raw_forward_float64_strided_teachers_and_mask(backend, layout, divergence):
+    """The op contract itself in float64 (the kernels compute in float64 for every dtype,
+    so they take it even where the dispatch does not route it): teachers with outer
+    strides as given (one teacher expanded over K with stride 0, or a permuted
+    stack), a masked row, every kind's loss and gradient against the float64
+    reference at the float64 tolerance."""
+    op, _ = raw_forward(backend)
+    s = logits((4, 301), torch.float64)
+    if layout == "expanded":
+        t = logits((4, 301), torch.float64).expand(4, 4, 301)
+    else:
+        t = logits((4, 4, 301), torch.float64).transpose(0, 1)
+    weights = random_weights(4)
+    mask = torch.tensor([True, False, True, True], device=DEVICE)
+    kind, coef = fastkd.functional._kernel_divergence(divergence, 0.3, 0.2)
+    loss, grad = op(s, t, weights, mask, kind, 1 / 1.7, coef, 0.6, True)
+    assert loss.dtype == grad.dtype == torch.float64
+    a = s.clone().requires_grad_(True)
+    want = reference_mt.mixture_divergence(a, t, weights, divergence=divergence, beta=0.3, alpha=0.2,
+                                           temperature=1.7, scale=1.0, reduction="none", mask=mask)
+    want.backward(torch.full_like(want, 0.6))
+    assert_matches(loss, want, torch.float64, f"{backend} float64 row loss")
+    assert_matches(grad, a.grad, torch.float64, f"{backend} float64 grad")
+    assert torch.equal(grad[1], torch.zeros_like(grad[1])) and loss[1].item() == 0.0
 
 
 @pytest.mark.parametrize("backend", kernel_params())
@@ -249,7 +313,8 @@ def test_bad_teachers_raise_value_error():
         fastkd.divergence(s, logits((4, 30)), teacher_weights=[1.0])  # weights but one teacher, no K dim
 
 
-def test_explicit_backend_without_kernel_raises():
+def test_explicit_backend_without_kernel_raises(monkeypatch):
+    monkeypatch.setattr(fastkd.multi_teacher, "MIXTURE_KERNELS", ("cpu",))
     s, t = logits((2, 10)), logits((2, 2, 10))
     with pytest.raises(ValueError, match="no multi-teacher divergence kernel"):
         fastkd.divergence(s, t, backend="triton")
@@ -258,24 +323,54 @@ def test_explicit_backend_without_kernel_raises():
 # ---- the op itself --------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HAS_OP, reason="no CPU extension")
-def test_op_checks_weights_itself():
-    op = torch.ops.fastkd.mixture_divergence_forward
-    s, t = torch.randn(2, 10), torch.randn(2, 2, 10)
-    with pytest.raises(RuntimeError, match="sum to 1"):
+@pytest.mark.parametrize("backend", kernel_params())
+def test_op_checks_its_arguments(backend):
+    """The checks of the op / launcher itself, before any kernel runs."""
+    op, error = raw_forward(backend)
+    s, t = logits((2, 10)), logits((2, 2, 10))
+    w = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    with pytest.raises(error, match="sum to 1"):
         op(s, t, torch.tensor([0.5, 0.6], dtype=torch.float64), None, 0, 1.0, 0.0, 1.0, True)
-    with pytest.raises(RuntimeError, match=">= 0"):
+    with pytest.raises(error, match=">= 0"):
         op(s, t, torch.tensor([1.5, -0.5], dtype=torch.float64), None, 0, 1.0, 0.0, 1.0, True)
-    with pytest.raises(RuntimeError, match="one entry per teacher"):
+    with pytest.raises(error, match="one entry per teacher"):
         op(s, t, torch.tensor([1.0], dtype=torch.float64), None, 0, 1.0, 0.0, 1.0, True)
+    with pytest.raises(error, match="float64"):
+        op(s, t, w.float(), None, 0, 1.0, 0.0, 1.0, True)
+    with pytest.raises(error, match="at least one teacher"):
+        op(s, t[:0], w[:0], None, 0, 1.0, 0.0, 1.0, True)
+    with pytest.raises(error, match="same dtype"):
+        op(s, t.half(), w, None, 0, 1.0, 0.0, 1.0, True)
+    with pytest.raises(error, match=r"must be \(K|must be \[K"):
+        op(s, t[:, :1], w, None, 0, 1.0, 0.0, 1.0, True)
+    with pytest.raises(error, match="unit stride"):
+        op(s, logits((2, 2, 20))[..., ::2], w, None, 0, 1.0, 0.0, 1.0, True)
+    with pytest.raises(error, match="row_mask"):
+        op(s, t, w, torch.ones(3, dtype=torch.bool, device=DEVICE), 0, 1.0, 0.0, 1.0, True)
+    with pytest.raises(error, match="kind"):
+        op(s, t, w, None, 6, 1.0, 0.0, 1.0, True)
+    with pytest.raises(error, match="inv_temperature"):
+        op(s, t, w, None, 0, 0.0, 0.0, 1.0, True)
+    with pytest.raises(error, match="beta"):
+        op(s, t, w, None, 2, 1.0, 1.0, 1.0, True)
+    with pytest.raises(error, match="grad_scale"):
+        op(s, t, w, None, 0, 1.0, 0.0, float("nan"), True)
 
 
-@pytest.mark.skipif(not HAS_OP, reason="no CPU extension")
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cpu", marks=pytest.mark.skipif(not HAS_OP, reason="no CPU extension")),
+        pytest.param("cuda", marks=pytest.mark.skipif(
+            DEVICE.type != "cuda" or not fastkd._ops.has_kernel("mixture_divergence_forward", "CUDA"),
+            reason="no CUDA kernel on this device")),
+    ],
+)
 @pytest.mark.parametrize("student_grad", (True, False))
-def test_opcheck(student_grad):
-    s, t = torch.randn(5, 33), torch.randn(3, 5, 33)
+def test_opcheck(device, student_grad):
+    s, t = torch.randn(5, 33, device=device), torch.randn(3, 5, 33, device=device)
     weights = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
-    mask = torch.tensor([True, False, True, True, True])
+    mask = torch.tensor([True, False, True, True, True], device=device)
     torch.library.opcheck(
         torch.ops.fastkd.mixture_divergence_forward, (s, t, weights, mask, 2, 0.5, 0.3, 0.25, student_grad)
     )

@@ -1,0 +1,443 @@
+"""Multi-teacher (mixture) divergence, SPEC §1, in Triton: the ``triton`` backend of
+``fastkd.divergence(s, teachers (K, ..., V), teacher_weights=(K,))``.
+
+Same contract as the C++ op ``fastkd::mixture_divergence_forward``
+(csrc/fastkd.cpp) and the same arithmetic as its CPU kernel
+(csrc/cpu/mixture_kernel.cpp): the target ``p = Σ_k w_k softmax(t_k / T)`` is
+formed per row in log space, ``log p = logsumexp_k(log w_k + log_softmax(t_k /
+T))``, and fed to the per-element terms of the single-teacher kernel
+(``_element_terms`` of kernels/divergence.py, i.e. ``element_terms`` of
+csrc/common/divergence_math.h). Teachers get no gradient.
+
+Precision: every quantity after the load is float64, for every input dtype,
+as on CPU. In float32 ``log p`` carries rounding at its own magnitude
+(~log V), re-added by the mixture's log-sum-exp; where the divergence is tiny
+(T = 100: ~1e-4) that put the float32 loss 3× further from the float64
+reference than PyTorch's own float32 computation, failing SPEC §6's 2× rule
+(see the comment in csrc/cpu/mixture_kernel.cpp). fp64 exp / log lower to
+libdevice's polynomial (``fma.rn.f64``, no ``ex2.approx``); the 1 / T, the
+coefficients and the log-weights are passed as float64 too.
+
+One program per row streams the row in BLOCK-wide chunks, the K teachers of a
+chunk as one ``[TEACHER_BLOCK, BLOCK]`` tile (groups of TEACHER_BLOCK
+teachers when K is larger):
+
+  pass 1  student max (and its first index), Σ exp((s − max)/T), online;
+          per teacher max_k and Σ exp((t_k − max_k)/T), online; the teachers'
+          (max_k, log w_k − log Σ_k) go to a [N, 2, K] float64 scratch      read s, t
+  pass 2  log p = logsumexp_k((t_k − max_k)/T + log w_k − log Σ_k), then the
+          loss and Σu; KL writes its gradient (q − p)·grad_scale/T here
+          (Σu = −Σp = −1)                                                    read s, t
+  pass 3  gradient (u − q Σu)·grad_scale/T (every kind but KL)   read s, t; write grad
+
+Memory traffic floor, b bytes per logit: read (K + 1)·N·V·b, write N·V·b of
+gradient, 4·N (8·N) bytes of loss; the 16·N·K bytes of scratch are written
+once and read back from cache. Passes 2 and 3 re-read the row from L2 while
+the rows resident at once ((K + 1)·V·b bytes each) fit in it.
+
+Arithmetic, the real bound: pass 1 costs K + 1 float64 exponentials per
+element, pass 2 K + 2 and a log (pass 3 repeats pass 2). At ~20 fp64
+instructions per libdevice exp / log, KL with K = 3 needs ~200 fp64 operations
+per element against 18 bytes (fp32) or 10 bytes (bf16) of traffic: on an
+H100 / H200 (34 TFLOPS fp64 without tensor cores, 3.4–4.8 TB/s) an estimated
+1.5–3× above the memory floor, more for the kinds with a gradient pass (not
+measured yet: no GPU here). That is the price of the float64 accuracy; there
+is still no (N, V) intermediate and one kernel launch.
+
+Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernel runs
+on CPU tensors, which is how the tests check it without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from .divergence import JSD, KL, SKEW_KL, SKEW_REVERSE_KL, TVD, _element_terms, coefficient_terms
+
+__all__ = ["mixture_divergence_forward"]
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Teachers held in one tile; more are processed in groups of this many (with
+# an online log-sum-exp across groups).
+MAX_TEACHER_BLOCK = 8
+# Elements of one [TEACHER_BLOCK, BLOCK] tile, 8 per thread: float64 doubles
+# the registers of the float32 single-teacher kernel, so half its 4096.
+# ptxas (sm_90) reports 78–122 registers with K = 3, up to 164 with teacher
+# groups (K > 8), and no spills.
+MAX_TILE = 2048
+_ELEMENTS_PER_THREAD = 8
+# The interpreter pays per operation, not per element: 4× wider chunks there
+# (V > 2048 still takes several, so the online passes are exercised).
+INTERPRETER_MAX_TILE = 8192
+# How far the weights' sum may be from 1 (as the CPU op and fastkd/multi_teacher.py).
+WEIGHT_SUM_TOLERANCE = 1e-6
+
+
+@triton.jit
+def _max_nan(a, b):
+    # max that propagates NaN from either side
+    return tl.where((a != a) | (a > b), a, b)
+
+
+@triton.jit
+def _online_max_sum_exp(m, d, x, inv_temperature, AXIS: tl.constexpr):
+    # Running m = max x and d = Σ exp((x − m) / T) along AXIS after the chunk
+    # x (float64). While everything seen is −inf the shift is 0, so no
+    # −inf − (−inf) appears; a NaN (or +inf) entry makes d NaN.
+    m_new = _max_nan(m, tl.max(x, AXIS))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if AXIS == 0:
+        tail = tl.sum(tl.exp((x - shift) * inv_temperature), 0)
+    else:
+        tail = tl.sum(tl.exp((x - shift[:, None]) * inv_temperature), 1)
+    return m_new, d * tl.exp((m - shift) * inv_temperature) + tail
+
+
+@triton.jit
+def _teacher_tile(t_row, stride_tk, teachers, offs, valid, K):
+    # [TEACHER_BLOCK, BLOCK] float64 logits of `teachers` at `offs`; −inf where
+    # a teacher index is ≥ K or a lane is not `valid`
+    ptrs = t_row + teachers.to(tl.int64)[:, None] * stride_tk + offs[None, :]
+    ok = (teachers < K)[:, None] & valid[None, :]
+    return tl.load(ptrs, mask=ok, other=float("-inf")).to(tl.float64)
+
+
+@triton.jit
+def _log_mixture(
+    t_row, stride_tk, stats_row, K, offs, valid, inv_temperature,
+    TEACHER_BLOCK: tl.constexpr, SINGLE_GROUP: tl.constexpr,
+):
+    """[BLOCK] log p = logsumexp_k((t_k − max_k)/T + off_k), off_k = log w_k − log Σ_k.
+
+    −inf where every teacher's term is −inf (no mass, or a weight-0 teacher,
+    or an invalid lane); a NaN term (also in a weight-0 teacher: NaN − inf is
+    NaN) makes it NaN.
+    """
+    kk = tl.arange(0, TEACHER_BLOCK)
+    if SINGLE_GROUP:
+        m = tl.load(stats_row + kk, mask=kk < K, other=0.0)
+        off = tl.load(stats_row + K + kk, mask=kk < K, other=float("-inf"))
+        t = _teacher_tile(t_row, stride_tk, kk, offs, valid, K)
+        a = (t - m[:, None]) * inv_temperature + off[:, None]
+        top = tl.max(a, 0)
+        shift = tl.where(top == float("-inf"), 0.0, top)
+        log_p = shift + tl.log(tl.sum(tl.exp(a - shift[None, :]), 0))
+    else:
+        # online log-sum-exp over the groups of TEACHER_BLOCK teachers
+        top = tl.full(offs.shape, float("-inf"), tl.float64)
+        total = tl.zeros(offs.shape, tl.float64)
+        for first in range(0, K, TEACHER_BLOCK):
+            ks = first + kk
+            m = tl.load(stats_row + ks, mask=ks < K, other=0.0)
+            off = tl.load(stats_row + K + ks, mask=ks < K, other=float("-inf"))
+            t = _teacher_tile(t_row, stride_tk, ks, offs, valid, K)
+            a = (t - m[:, None]) * inv_temperature + off[:, None]
+            new_top = _max_nan(top, tl.max(a, 0))
+            shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+            total = total * tl.exp(top - shift) + tl.sum(tl.exp(a - shift[None, :]), 0)
+            top = new_top
+        shift = tl.where(top == float("-inf"), 0.0, top)
+        log_p = shift + tl.log(total)
+    return log_p
+
+
+@triton.jit
+def _terms_at(
+    s_row, t_row, stride_tk, stats_row, K, offs, V,
+    m_s, log_sum_s, inv_sum_s, log_p_mode,
+    inv_temperature, c, one_minus_c, log_c, log_one_minus_c,
+    KIND: tl.constexpr, TEACHER_BLOCK: tl.constexpr, SINGLE_GROUP: tl.constexpr,
+):
+    # The chunk's element terms (terms_at of csrc/cpu/mixture_kernel.cpp), in
+    # float64. Lanes past V load −inf: p = q = 0 there, every term is 0 by
+    # the xlogy rule.
+    valid = offs < V
+    s = tl.load(s_row + offs, mask=valid, other=float("-inf")).to(tl.float64)
+    a_s = (s - m_s) * inv_temperature
+    log_p = _log_mixture(
+        t_row, stride_tk, stats_row, K, offs, valid, inv_temperature, TEACHER_BLOCK, SINGLE_GROUP
+    )
+    # log(q/p) minus its value at the student's mode (where a_s = 0): the
+    # shift REVERSE_KL's u reads (divergence_math.h); log Σ_s cancels exactly
+    ratio_q = a_s - (log_p - log_p_mode)
+    return _element_terms(
+        log_p, a_s - log_sum_s, tl.exp(log_p), tl.exp(a_s) * inv_sum_s, ratio_q, 0.0,
+        c, one_minus_c, log_c, log_one_minus_c, KIND,
+    )
+
+
+@triton.jit
+def _store_grad(g_ptr, row, V, offs, grad):
+    # one chunk of row `row` of a contiguous [N, V] gradient, rounded to its dtype
+    tl.store(g_ptr + row * V + offs, grad.to(g_ptr.dtype.element_ty), mask=offs < V)
+
+
+@triton.jit
+def _mixture_fwd_kernel(
+    s_ptr,  # [N, V] student logits, row stride stride_s, unit stride along V
+    t_ptr,  # [K, N, V] teacher logits, strides (stride_tk, stride_tn, 1); any outer strides (0: expanded)
+    log_w_ptr,  # [K] float64 log w_k (−inf for weight 0)
+    stats_ptr,  # [N, 2, K] float64 scratch: per teacher max_k, then log w_k − log Σ_k
+    mask_ptr,  # [N] bool, False → row excluded (None when HAS_MASK is False)
+    loss_ptr,  # [N] float32 (float64 for float64 inputs) row losses ℓ_i
+    g_ptr,  # [N, V] contiguous grad_scale · dℓ_i/ds (None unless STUDENT_GRAD)
+    stride_s,
+    stride_tk,
+    stride_tn,
+    K,
+    V,
+    inv_temperature: tl.float64,  # 1 / T
+    grad_factor: tl.float64,  # grad_scale / T
+    c: tl.float64,  # β (JSD) or α (skew); unused by the other kinds
+    one_minus_c: tl.float64,
+    log_c: tl.float64,
+    log_one_minus_c: tl.float64,  # −inf for α = 1
+    KIND: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    STUDENT_GRAD: tl.constexpr,
+    SINGLE_GROUP: tl.constexpr,  # K <= TEACHER_BLOCK
+    TEACHER_BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    # KL: Σu = −Σp = −1 is known in advance (the launcher normalises the
+    # weights), so the gradient is written in pass 2 and pass 3 is skipped.
+    FUSED_KL_GRAD: tl.constexpr = KIND == 0 and STUDENT_GRAD
+    # REVERSE_KL's u reads log(q/p) shifted by its value at the student's mode.
+    NEED_MODE: tl.constexpr = KIND == 1 and STUDENT_GRAD
+
+    if HAS_MASK:
+        if tl.load(mask_ptr + row) == 0:
+            # excluded row: ℓ = 0 and a zero gradient, without reading the logits
+            tl.store(loss_ptr + row, 0.0)
+            if STUDENT_GRAD:
+                zero = tl.zeros([BLOCK], tl.float64)
+                for start in range(0, V, BLOCK):
+                    _store_grad(g_ptr, row, V, start + cols, zero)
+            return
+
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_tn
+    stats_row = stats_ptr + row * 2 * K
+
+    # pass 1, student: max, the first index holding it, log Σ exp((s − max)/T).
+    # An all −inf (or NaN) row has a NaN loss: it has no distribution.
+    m_s = tl.full([], float("-inf"), tl.float64)
+    d_s = tl.zeros([], tl.float64)
+    s_at = V
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        s = tl.load(s_row + offs, mask=offs < V, other=float("-inf")).to(tl.float64)
+        if NEED_MODE:
+            chunk_max = tl.max(s, 0)
+            s_at = tl.where(chunk_max > m_s, tl.min(tl.where(s == chunk_max, offs, V), 0), s_at)
+        m_s, d_s = _online_max_sum_exp(m_s, d_s, s, inv_temperature, 0)
+    log_sum_s = tl.log(d_s)
+    inv_sum_s = 1.0 / d_s
+
+    # pass 1, teachers: max_k and Σ_k = Σ exp((t_k − max_k)/T) per teacher, a
+    # group of TEACHER_BLOCK teachers per sweep. A weight-0 teacher is still
+    # read: its offset is −inf, so it adds nothing but NaN (SPEC §6).
+    kk = tl.arange(0, TEACHER_BLOCK)
+    for first in range(0, K, TEACHER_BLOCK):
+        ks = first + kk
+        m_t = tl.full([TEACHER_BLOCK], float("-inf"), tl.float64)
+        d_t = tl.zeros([TEACHER_BLOCK], tl.float64)
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            t = _teacher_tile(t_row, stride_tk, ks, offs, offs < V, K)
+            m_t, d_t = _online_max_sum_exp(m_t, d_t, t, inv_temperature, 1)
+        log_w = tl.load(log_w_ptr + ks, mask=ks < K, other=float("-inf"))
+        tl.store(stats_row + ks, m_t, mask=ks < K)
+        tl.store(stats_row + K + ks, log_w - tl.log(d_t), mask=ks < K)
+    # the scratch written above is read back by other threads of the program
+    tl.debug_barrier()
+
+    log_p_mode = tl.zeros([], tl.float64)
+    if NEED_MODE:
+        # log p at the student's mode; index 0 for a row without a maximum
+        # (NaN: its loss is NaN anyway), as on CPU. Lane 0 only.
+        s_at = tl.where(s_at < V, s_at, 0)
+        lane0 = cols == 0
+        at_mode = _log_mixture(
+            t_row, stride_tk, stats_row, K, s_at + cols * 0, lane0 & (s_at < V), inv_temperature,
+            TEACHER_BLOCK, SINGLE_GROUP,
+        )
+        log_p_mode = tl.sum(tl.where(lane0, at_mode, 0.0), 0)
+
+    # pass 2: ℓ = Σ_j loss_j and Σu
+    loss_acc = tl.zeros([BLOCK], tl.float64)
+    u_acc = tl.zeros([BLOCK], tl.float64)
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        loss, u, v, p, q = _terms_at(
+            s_row, t_row, stride_tk, stats_row, K, offs, V, m_s, log_sum_s, inv_sum_s, log_p_mode,
+            inv_temperature, c, one_minus_c, log_c, log_one_minus_c, KIND, TEACHER_BLOCK, SINGLE_GROUP,
+        )
+        loss_acc += loss
+        if FUSED_KL_GRAD:
+            # dKL/ds = (q − p) / T
+            _store_grad(g_ptr, row, V, offs, grad_factor * (q - p))
+        elif STUDENT_GRAD:
+            u_acc += u
+    tl.store(loss_ptr + row, tl.sum(loss_acc, 0).to(loss_ptr.dtype.element_ty))
+
+    # pass 3: dℓ/ds_j = (u_j − q_j Σu) / T, times grad_scale
+    if STUDENT_GRAD and not FUSED_KL_GRAD:
+        sum_u = tl.sum(u_acc, 0)
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            loss, u, v, p, q = _terms_at(
+                s_row, t_row, stride_tk, stats_row, K, offs, V, m_s, log_sum_s, inv_sum_s, log_p_mode,
+                inv_temperature, c, one_minus_c, log_c, log_one_minus_c, KIND, TEACHER_BLOCK, SINGLE_GROUP,
+            )
+            _store_grad(g_ptr, row, V, offs, grad_factor * (u - q * sum_u))
+
+
+# The kernel runs where triton.jit put it: the interpreter on CPU tensors, or CUDA.
+DEVICE_TYPE = "cpu" if isinstance(_mixture_fwd_kernel, InterpretedFunction) else "cuda"
+
+
+def launch_config(vocab: int, teachers: int) -> tuple[int, int, int]:
+    """(TEACHER_BLOCK, BLOCK, num_warps) for rows of ``vocab`` logits and ``teachers`` teachers."""
+    teacher_block = min(triton.next_power_of_2(max(teachers, 1)), MAX_TEACHER_BLOCK)
+    tile = MAX_TILE if DEVICE_TYPE == "cuda" else INTERPRETER_MAX_TILE
+    block = min(triton.next_power_of_2(max(vocab, 1)), tile // teacher_block)
+    num_warps = max(1, min(8, teacher_block * block // (32 * _ELEMENTS_PER_THREAD)))
+    return teacher_block, block, num_warps
+
+
+def _check_args(student, teachers, teacher_weights, row_mask, kind, inv_temperature, coef, grad_scale):
+    """The checks of csrc/cpu/mixture_divergence.cpp as ValueError; the (K,) float64 weights on CPU."""
+    for name, x, dim in (("student", student, 2), ("teachers", teachers, 3)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != dim:
+            raise ValueError(f"{name} must be {dim}-D, got shape {tuple(x.shape)}")
+        if x.dtype not in DTYPES:
+            raise ValueError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+        if x.device.type != DEVICE_TYPE:
+            takes = "CPU tensors (TRITON_INTERPRET=1)" if DEVICE_TYPE == "cpu" else "CUDA tensors"
+            raise ValueError(f"{name} is on {x.device}, but this triton kernel takes {takes}")
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride along V, got strides {x.stride()}")
+    rows, vocab = student.shape
+    if vocab == 0:
+        raise ValueError("student must have at least one column (vocabulary entry)")
+    if rows > 1 and student.stride(0) < vocab:
+        raise ValueError(f"student rows must not overlap, got strides {student.stride()} for {(rows, vocab)}")
+    # The teachers are only read, so any outer strides are fine (a permuted
+    # stack, or one teacher expanded over K with stride 0).
+    if teachers.shape[1:] != student.shape:
+        raise ValueError(f"teachers {tuple(teachers.shape)} must be (K, {rows}, {vocab})")
+    if teachers.shape[0] < 1:
+        raise ValueError("teachers must hold at least one teacher (K >= 1)")
+    if teachers.dtype != student.dtype:
+        raise ValueError(f"student and teachers must have the same dtype ({student.dtype}, {teachers.dtype})")
+    if teachers.device != student.device:
+        raise ValueError(f"student ({student.device}) and teachers ({teachers.device}) must share a device")
+    if not isinstance(teacher_weights, torch.Tensor) or teacher_weights.dtype != torch.float64:
+        raise ValueError("teacher_weights must be a float64 tensor")
+    if teacher_weights.shape != teachers.shape[:1]:
+        raise ValueError(
+            f"teacher_weights must have one entry per teacher, shape ({teachers.shape[0]},), "
+            f"got {tuple(teacher_weights.shape)}"
+        )
+    weights = teacher_weights.detach().cpu()
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError(f"teacher_weights must be finite and >= 0, got {weights.tolist()}")
+    total = float(weights.sum())
+    if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
+        raise ValueError(f"teacher_weights must sum to 1, got {total}")
+    if row_mask is not None:
+        if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
+            raise ValueError("row_mask must be None or a bool tensor")
+        if row_mask.shape != (rows,):
+            raise ValueError(f"row_mask must have shape ({rows},), got {tuple(row_mask.shape)}")
+        if row_mask.device != student.device:
+            raise ValueError(f"row_mask ({row_mask.device}) must be on student's device ({student.device})")
+    if not isinstance(kind, int) or isinstance(kind, bool) or not KL <= kind <= TVD:
+        raise ValueError(f"kind must be an int in [0, 6), got {kind!r}")
+    if not (math.isfinite(inv_temperature) and inv_temperature > 0):
+        raise ValueError(f"inv_temperature must be finite and > 0, got {inv_temperature}")
+    if kind == JSD and not 0.0 < coef < 1.0:
+        raise ValueError(f"coef (beta) must be in (0, 1) for JSD, got {coef}")
+    if kind in (SKEW_KL, SKEW_REVERSE_KL) and not 0.0 < coef <= 1.0:
+        raise ValueError(f"coef (alpha) must be in (0, 1] for skew divergences, got {coef}")
+    if not math.isfinite(grad_scale):
+        raise ValueError(f"grad_scale must be finite, got {grad_scale}")
+    return weights
+
+
+def mixture_divergence_forward(
+    student: torch.Tensor,
+    teachers: torch.Tensor,
+    teacher_weights: torch.Tensor,
+    row_mask: torch.Tensor | None,
+    kind: int,
+    inv_temperature: float,
+    coef: float,
+    grad_scale: float,
+    student_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row divergences to the teachers' mixture and the scaled student gradient;
+    the contract of ``fastkd::mixture_divergence_forward``.
+
+    Args:
+        student: ``(N, V)`` logits, float32 / bfloat16 / float16 / float64,
+            unit stride along V, any row stride.
+        teachers: ``(K, N, V)``, same dtype and device, unit stride along V,
+            any other strides (e.g. one teacher expanded over K).
+        teacher_weights: ``(K,)`` float64 (any device), finite, >= 0, summing
+            to 1 within 1e-6 (they are renormalised to sum to exactly 1).
+        row_mask: ``(N,)`` bool or None; False rows get loss 0 and a zero gradient.
+        kind: divergence code (csrc/common/divergence_math.h): 0 kl,
+            1 reverse_kl, 2 jsd, 3 skew_kl, 4 skew_reverse_kl, 5 tvd.
+        inv_temperature: ``1 / T``.
+        coef: β in (0, 1) for JSD, α in (0, 1] for the skew divergences.
+        grad_scale: factor applied to the gradient (not to the loss).
+        student_grad: whether to compute the gradient.
+
+    Returns:
+        ``row_loss`` ``(N,)`` float32 (float64 for float64 inputs), the
+        unscaled ``ℓ_i``; ``grad``: ``(N, V)`` contiguous in the input dtype,
+        ``grad_scale · dℓ_i/ds``, or ``(0, 0)`` when not requested.
+    """
+    weights = _check_args(
+        student, teachers, teacher_weights, row_mask, kind, inv_temperature, coef, grad_scale
+    )
+    rows, vocab = student.shape
+    count = teachers.shape[0]
+    device = student.device
+    loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    row_loss = torch.empty(rows, dtype=loss_dtype, device=device)
+    # The interpreter truncates float32 → bfloat16 where CUDA rounds to
+    # nearest even (see kernels/divergence.py): under it, bf16 gradients are
+    # stored in float32 and rounded by torch.
+    interpreted_bf16 = DEVICE_TYPE == "cpu" and student.dtype == torch.bfloat16
+    grad_dtype = torch.float32 if interpreted_bf16 else student.dtype
+    grad = student.new_empty((rows, vocab) if student_grad else (0, 0), dtype=grad_dtype)
+    if rows == 0:
+        return row_loss, grad.to(student.dtype)
+    # log w_k − log Σw: p sums to 1 exactly (as the reference's softmax of
+    # T·log p does), which the fused KL gradient relies on; log 0 = −inf.
+    log_w = weights.log() - weights.sum().log()
+    if device.type == "cuda":
+        log_w = log_w.pin_memory().to(device, non_blocking=True)
+    stats = torch.empty((rows, 2, count), dtype=torch.float64, device=device)
+    teacher_block, block, num_warps = launch_config(vocab, count)
+    _mixture_fwd_kernel[(rows,)](
+        student, teachers, log_w, stats, None if row_mask is None else row_mask.contiguous(), row_loss,
+        grad if student_grad else None,
+        student.stride(0), teachers.stride(0), teachers.stride(1), count, vocab,
+        float(inv_temperature), float(grad_scale * inv_temperature), *coefficient_terms(kind, coef),
+        KIND=kind, HAS_MASK=row_mask is not None, STUDENT_GRAD=bool(student_grad),
+        SINGLE_GROUP=count <= teacher_block, TEACHER_BLOCK=teacher_block, BLOCK=block, num_warps=num_warps,
+    )
+    return row_loss, grad.to(student.dtype)
