@@ -165,8 +165,10 @@ def _terms_at(
     # log(q/p) minus its value at the student's mode (where a_s = 0): the
     # shift REVERSE_KL's u reads (divergence_math.h); log Σ_s cancels exactly
     ratio_q = a_s - (log_p - log_p_mode)
+    # log(q/p), in float64 here, so the plain difference of the two logs
+    log_ratio = (a_s - log_sum_s) - log_p
     return _element_terms(
-        log_p, a_s - log_sum_s, tl.exp(log_p), tl.exp(a_s) * inv_sum_s, ratio_q, 0.0,
+        tl.exp(log_p), tl.exp(a_s) * inv_sum_s, log_ratio, ratio_q, 0.0,
         c, one_minus_c, log_c, log_one_minus_c, KIND,
     )
 
