@@ -28,7 +28,7 @@ __all__ = ["TOPK_DIVERGENCES", "TopKDivergenceLoss", "topk_divergence"]
 
 # The compiled backends with a top-k kernel (fastkd::topk_divergence_forward on
 # cpu and cuda, kernels/topk.py on triton).
-TOPK_KERNELS = ("cpu", "triton")
+TOPK_KERNELS = ("cpu", "triton", "cuda")
 
 # Divergences defined for a teacher with support on k ids: everything in the
 # family except KL(q‖p), which is +∞ whenever the student puts mass off the

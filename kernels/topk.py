@@ -101,6 +101,14 @@ def _chunk_hits(sorted_row, cursor, K, start, offs, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _load_ids(idx_row, kk, K, V):
+    # a tile of the row's ids and the lanes that hold one; the range test
+    # repeats the launcher's check, so no gather or scatter can leave the row
+    ids = tl.load(idx_row + kk, mask=kk < K, other=0)
+    return ids, (kk < K) & (ids >= 0) & (ids < V)
+
+
+@triton.jit
 def _widen(x):
     # a float32 scalar argument as float64; the interpreter passes Python
     # floats through unrounded, so round to float32 first as CUDA receives it
@@ -222,9 +230,9 @@ def _topk_divergence_fwd_kernel(
     m_t = float("-inf")
     for kstart in range(0, K, KBLOCK):
         kk = kstart + kcols
-        ids = tl.load(idx_row + kk, mask=kk < K, other=0)
-        s_j = tl.load(s_row + ids, mask=kk < K, other=float("-inf")).to(tl.float32)
-        t_j = tl.load(val_row + kk, mask=kk < K, other=float("-inf")).to(tl.float32)
+        ids, ok = _load_ids(idx_row, kk, K, V)
+        s_j = tl.load(s_row + ids, mask=ok, other=float("-inf")).to(tl.float32)
+        t_j = tl.load(val_row + kk, mask=ok, other=float("-inf")).to(tl.float32)
         m_s = _max_nan(m_s, tl.max(s_j, 0))
         m_t = _max_nan(m_t, tl.max(t_j, 0))
     m_s64 = m_s.to(tl.float64)
@@ -236,16 +244,17 @@ def _topk_divergence_fwd_kernel(
     sum_t = tl.zeros([KBLOCK], tl.float64)
     for kstart in range(0, K, KBLOCK):
         kk = kstart + kcols
-        ids = tl.load(idx_row + kk, mask=kk < K, other=0)
-        s_j = tl.load(s_row + ids, mask=kk < K, other=float("-inf")).to(tl.float64)
-        t_j = tl.load(val_row + kk, mask=kk < K, other=float("-inf")).to(tl.float64)
-        sum_ids += tl.where(kk < K, tl.exp((s_j - m_s64) * inv_t), 0.0)
-        sum_t += tl.where(kk < K, tl.exp((t_j - m_t64) * inv_t), 0.0)
-    # the off-support sum, rescaled from its own max to the row max (0 when
-    # there is none; an all −inf row has no max and a NaN loss, as on CPU)
-    off_sum = tl.where(
-        m_off == float("-inf"), 0.0, d_off.to(tl.float64) * tl.exp((m_off.to(tl.float64) - m_s64) * inv_t)
-    )
+        ids, ok = _load_ids(idx_row, kk, K, V)
+        s_j = tl.load(s_row + ids, mask=ok, other=float("-inf")).to(tl.float64)
+        t_j = tl.load(val_row + kk, mask=ok, other=float("-inf")).to(tl.float64)
+        sum_ids += tl.where(ok, tl.exp((s_j - m_s64) * inv_t), 0.0)
+        sum_t += tl.where(ok, tl.exp((t_j - m_t64) * inv_t), 0.0)
+    # the off-support sum, rescaled from its own max to the row max (without
+    # a finite entry d_off is 0, or NaN after a NaN; an all −inf row has no
+    # max and a NaN loss, as on CPU)
+    off_sum = d_off.to(tl.float64)
+    rescale = tl.exp((m_off.to(tl.float64) - m_s64) * inv_t)
+    off_sum = tl.where(m_off == float("-inf"), off_sum, off_sum * rescale)
     total = off_sum + tl.sum(sum_ids, 0)
     log_total = tl.log(total)
     log_sum_t = tl.log(tl.sum(sum_t, 0))
@@ -264,14 +273,14 @@ def _topk_divergence_fwd_kernel(
     g_acc = tl.zeros([KBLOCK], tl.float64)
     for kstart in range(0, K, KBLOCK):
         kk = kstart + kcols
-        ids = tl.load(idx_row + kk, mask=kk < K, other=0)
-        s_j = tl.load(s_row + ids, mask=kk < K, other=0.0).to(tl.float64)
-        t_j = tl.load(val_row + kk, mask=kk < K, other=0.0).to(tl.float64)
+        ids, ok = _load_ids(idx_row, kk, K, V)
+        s_j = tl.load(s_row + ids, mask=ok, other=0.0).to(tl.float64)
+        t_j = tl.load(val_row + kk, mask=ok, other=0.0).to(tl.float64)
         log_q = (s_j - m_s64) * inv_t - log_total
         log_p = (t_j - m_t64) * inv_t - log_sum_t
         loss, qg = _support_terms(log_q, log_p, c64, one_minus_c64, log_c64, log_one_minus_c64, KIND)
-        loss_acc += tl.where(kk < K, loss, 0.0)
-        g_acc += tl.where(kk < K, qg, 0.0)
+        loss_acc += tl.where(ok, loss, 0.0)
+        g_acc += tl.where(ok, qg, 0.0)
     big_g = slope * off_mass + tl.sum(g_acc, 0)
     tl.store(loss_ptr + row, (slope * off_mass + tl.sum(loss_acc, 0)).to(tl.float32))
 
@@ -281,14 +290,14 @@ def _topk_divergence_fwd_kernel(
         # support 4: dℓ/ds_j = (q_j g_j − q_j G)/T at the ids
         for kstart in range(0, K, KBLOCK):
             kk = kstart + kcols
-            ids = tl.load(idx_row + kk, mask=kk < K, other=0)
-            s_j = tl.load(s_row + ids, mask=kk < K, other=0.0).to(tl.float64)
-            t_j = tl.load(val_row + kk, mask=kk < K, other=0.0).to(tl.float64)
+            ids, ok = _load_ids(idx_row, kk, K, V)
+            s_j = tl.load(s_row + ids, mask=ok, other=0.0).to(tl.float64)
+            t_j = tl.load(val_row + kk, mask=ok, other=0.0).to(tl.float64)
             log_q = (s_j - m_s64) * inv_t - log_total
             log_p = (t_j - m_t64) * inv_t - log_sum_t
             _, qg = _support_terms(log_q, log_p, c64, one_minus_c64, log_c64, log_one_minus_c64, KIND)
             grad = ((qg - tl.exp(log_q) * big_g) * factor).to(tl.float32)
-            tl.store(g_row + ids, grad.to(g_ptr.dtype.element_ty), mask=kk < K)
+            tl.store(g_row + ids, grad.to(g_ptr.dtype.element_ty), mask=ok)
 
         # stream 2: off the support q_v (c − G)/T = e_v (c − G)/(T Σe), the ids
         # skipped (written above)
