@@ -173,7 +173,8 @@ def test_parity_reductions_and_row_exclusion(backend, reduction, selector):
 def test_no_kept_rows_gives_zero_loss_and_gradient(backend):
     s = student_logits((4,), 30).requires_grad_(True)
     index, values = sparse_teacher((4,), 30, 5)
-    loss = fastkd.topk_divergence(s, index, values, mask=torch.zeros(4, dtype=torch.bool), backend=backend)
+    loss = fastkd.topk_divergence(s, index, values, mask=torch.zeros(4, dtype=torch.bool, device=DEVICE),
+                                  backend=backend)
     loss.backward()
     assert loss.item() == 0.0
     assert torch.equal(s.grad, torch.zeros_like(s))
@@ -364,12 +365,17 @@ def test_return_parts_and_default_unchanged(backend):
 # ---- bad input ------------------------------------------------------------------
 
 
+def with_first_id(index, value):
+    """``index`` with its first column set to ``value``."""
+    return torch.cat([torch.full_like(index[:, :1], value), index[:, 1:]], dim=1)
+
+
 @pytest.mark.parametrize(
     ("mutate", "match"),
     [
         (lambda s, i, v: (s, i.int(), v), "teacher_index must be int64"),
-        (lambda s, i, v: (s, i.clone().index_fill_(1, torch.tensor([0]), 50), v), r"outside \[0, 50\)"),
-        (lambda s, i, v: (s, i.clone().index_fill_(1, torch.tensor([0]), -1), v), r"outside \[0, 50\)"),
+        (lambda s, i, v: (s, with_first_id(i, 50), v), r"outside \[0, 50\)"),
+        (lambda s, i, v: (s, with_first_id(i, -1), v), r"outside \[0, 50\)"),
         (lambda s, i, v: (s, torch.cat([i[:, :1], i[:, :1]], 1), v[:, :2]), "twice"),
         (lambda s, i, v: (s, i, v[:, :3]), "teacher_values shape"),
         (lambda s, i, v: (s, i[:2], v[:2]), "teacher_index shape"),
