@@ -193,6 +193,20 @@ def test_student_mass_on_teacher_ids(backend, divergence):
 
 
 @pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("divergence", ("kl", "skew_reverse_kl"))
+def test_many_ids_per_row(backend, divergence, monkeypatch):
+    """k = 300 ids: more than one CUDA block's threads (128 at this V) and, with
+    the Triton support tile narrowed to 64, five support tiles per row."""
+    if backend == "triton":
+        from fastkd.kernels import topk as triton_topk
+
+        monkeypatch.setattr(triton_topk, "MAX_KBLOCK", 64)
+    s = student_logits((3,), 1000)
+    index, values = sparse_teacher((3,), 1000, 300)
+    check_parity(backend, s, index, values, divergence=divergence, temperature=1.5, reduction="none")
+
+
+@pytest.mark.parametrize("backend", kernel_params())
 @pytest.mark.parametrize("temperature", (1.0, 100.0))
 @pytest.mark.parametrize("divergence", TOPK_DIVERGENCES)
 def test_small_divergence_within_float32_tolerance(backend, temperature, divergence):
