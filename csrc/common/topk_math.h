@@ -1,8 +1,8 @@
 // Per-id mathematics of the top-k (sparse teacher) divergence (SPEC §1), in
-// double, host and device: the CUDA kernel (csrc/cuda/topk_divergence.cu)
-// evaluates its k support terms with it; the same formulas as support_term()
-// and off_support_slope() of csrc/cpu/topk_kernel.cpp, whose header derives
-// them:
+// double, host and device, shared by the CPU kernel (csrc/cpu/topk_kernel.cpp,
+// whose header derives the formulas) and the CUDA kernel
+// (csrc/cuda/topk_divergence.cu), so the CPU tests exercise the arithmetic of
+// the GPU's k support terms:
 //
 //   ℓ = Σ_{j ∈ ids} loss_j + c·R,     G = Σ_{j ∈ ids} q_j g_j + c·R,
 //   dℓ/ds_v = q_v (g_v − G)/T,        g_v = ∂ℓ/∂q_v (= c off the ids),
