@@ -4,22 +4,22 @@ logits (N, k))``, the student ``(N, V)`` requiring a gradient,
 ``loss.backward()`` with the default upstream gradient of 1. ``V = 128256``
 (a Llama-3-size vocabulary), ``k = 64``.
 
-Providers — everything but ``fastkd-cpu`` first builds the dense ``(N, V)``
-teacher logits, ``−inf`` off the k ids (what one does without a sparse-teacher
-loss; its softmax is the teacher renormalised over the k ids), and that
-scatter is timed as part of the loss:
+Providers — everything but ``fastkd-<backend>`` first builds the dense
+``(N, V)`` teacher logits, ``−inf`` off the k ids (what one does without a
+sparse-teacher loss; its softmax is the teacher renormalised over the k ids),
+and that scatter is timed as part of the loss:
 
 - ``eager``: dense teacher, then ``bench_divergence.reference_loss`` (the
   reference's plain-PyTorch computation of the divergence).
 - ``compile``: ``torch.compile`` (``fullgraph=True, dynamic=False``) of the
   same function, scatter included. ``--no-compile`` skips it.
-- ``dense-fastkd-cpu``: dense teacher, then ``fastkd.divergence(...,
-  backend="cpu")``, the fused dense kernel.
-- ``fastkd-cpu``: ``fastkd.topk_divergence(..., backend="cpu")``: no dense
-  teacher; its dense work is the student row alone.
+- ``dense-fastkd-<backend>``: dense teacher, then ``fastkd.divergence(...,
+  backend=<backend>)``, the fused dense kernel.
+- ``fastkd-<backend>``: ``fastkd.topk_divergence(..., backend=<backend>)``:
+  no dense teacher; its dense work is the student row alone.
 
-On CUDA nothing but ``eager`` / ``compile`` / ``dense-fastkd-*`` would run
-(no top-k kernel there yet), so the family is CPU-only for now.
+``<backend>`` is ``cpu`` on the CPU (``--device cpu``), ``triton`` and
+``cuda`` on a GPU (``--device cuda``).
 
 Memory traffic (the floor): read the student logits once, write the student
 gradient once, ``2 · N · V · itemsize`` bytes (the teacher's ``N · k`` pairs
@@ -64,7 +64,6 @@ SIZE_AXIS = f"tokens N (V = {VOCAB}, k = {TOP_K})"
 # The student gradient: the least a fused forward + backward allocates.
 OUTPUT_KEY = "output_mib"
 # Every provider computes in float32; they differ by summation order only.
-DENSE_FASTKD = "dense-fastkd-cpu"
 
 
 def dense_teacher(index: torch.Tensor, values: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -87,16 +86,18 @@ def providers(device: torch.device, *, use_compile: bool):
     else:
         skipped[COMPILE] = "--no-compile"
     status = fastkd.backends()
-    if device.type == "cpu" and status["cpu"].available and "cpu" in TOPK_KERNELS:
-        found[DENSE_FASTKD] = lambda s, i, v: fastkd.divergence(
-            s, dense_teacher(i, v, s.shape[1]), temperature=TEMPERATURE, backend="cpu"
-        )
-        found["fastkd-cpu"] = lambda s, i, v: fastkd.topk_divergence(
-            s, i, v, temperature=TEMPERATURE, backend="cpu"
-        )
-    else:
-        reason = status["cpu"].reason if device.type == "cpu" else f"no top-k kernel on {device.type} yet"
-        skipped["fastkd-cpu"] = skipped[DENSE_FASTKD] = reason
+    for backend in ("cpu",) if device.type == "cpu" else ("triton", "cuda"):
+        dense, sparse = f"dense-fastkd-{backend}", f"fastkd-{backend}"
+        if status[backend].available and backend in TOPK_KERNELS:
+            found[dense] = lambda s, i, v, backend=backend: fastkd.divergence(
+                s, dense_teacher(i, v, s.shape[1]), temperature=TEMPERATURE, backend=backend
+            )
+            found[sparse] = lambda s, i, v, backend=backend: fastkd.topk_divergence(
+                s, i, v, temperature=TEMPERATURE, backend=backend
+            )
+        else:
+            reason = status[backend].reason if not status[backend].available else "no top-k kernel"
+            skipped[dense] = skipped[sparse] = reason
     return found, skipped
 
 

@@ -26,9 +26,9 @@ from fastkd.reference import topk as _reference_topk
 
 __all__ = ["TOPK_DIVERGENCES", "TopKDivergenceLoss", "topk_divergence"]
 
-# The compiled backends with a top-k kernel; on CUDA tensors backend="auto"
-# uses the reference until triton / cuda get one.
-TOPK_KERNELS = ("cpu",)
+# The compiled backends with a top-k kernel (fastkd::topk_divergence_forward on
+# cpu and cuda, kernels/topk.py on triton).
+TOPK_KERNELS = ("cpu", "triton", "cuda")
 
 # Divergences defined for a teacher with support on k ids: everything in the
 # family except KL(q‖p), which is +∞ whenever the student puts mass off the
@@ -178,7 +178,7 @@ def topk_divergence(
         )
     else:
         soft = _fused_topk(s, teacher_index, values, divergence, temperature, beta, alpha, scale,
-                           reduction, labels, ignore_index, mask)
+                           reduction, labels, ignore_index, mask, chosen)
     if not (mixing or soft_weight != 1.0 or return_parts):
         return soft
     soft = soft * soft_weight
@@ -205,9 +205,18 @@ def _hard_part(s, labels, ignore_index, mask, reduction, hard_weight, chosen):
     return hard.reshape(s.shape[:-1]) if reduction == "none" else hard
 
 
+def _topk_op(backend: str):
+    """``backend``'s ``op(student, index, values, row_mask, kind, inv_t, coef, grad_scale, student_grad)``."""
+    if backend == "triton":
+        from fastkd.kernels import topk as triton_topk
+
+        return triton_topk.topk_divergence_forward
+    return torch.ops.fastkd.topk_divergence_forward
+
+
 def _fused_topk(s, teacher_index, values, divergence, temperature, beta, alpha, scale, reduction, labels,
-                ignore_index, mask):
-    """The divergence term on the fused kernel (validated arguments)."""
+                ignore_index, mask, backend):
+    """The divergence term on the fused kernel of ``backend`` (validated arguments)."""
     vocab, k = s.shape[-1], teacher_index.shape[-1]
     student = _row_major(s.reshape(-1, vocab))
     index = teacher_index.reshape(-1, k).contiguous()
@@ -217,7 +226,7 @@ def _fused_topk(s, teacher_index, values, divergence, temperature, beta, alpha, 
     factor = _loss_factor(reduction, scale, student.shape[0], keep, vocab)
     kind, coef = _kernel_divergence(divergence, beta, alpha)
     loss = RowLossKernelFunction.apply(
-        torch.ops.fastkd.topk_divergence_forward, factor, reduction == "none",
+        _topk_op(backend), factor, reduction == "none",
         student, index, value_rows, keep, kind, 1.0 / temperature, coef, factor,
     )
     return loss.reshape(s.shape[:-1]) if reduction == "none" else loss

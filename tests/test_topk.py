@@ -10,19 +10,25 @@ import torch
 import fastkd
 from fastkd.reference import topk as reference_topk
 from fastkd.topk import TOPK_DIVERGENCES, TOPK_KERNELS
-from tests.helpers import DEVICE, assert_matches
+from tests.helpers import DEVICE, KERNEL_BACKENDS, TOLERANCES, assert_matches, relative_error
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (N..., V, k): one entry; tiny; awkward; k = V; V above a SIMD block with a
 # large k; leading dims flattened into rows.
 SHAPES = (((1,), 1, 1), ((3,), 7, 3), ((41,), 1271, 17), ((4,), 9, 9), ((2,), 5000, 64), ((2, 3), 257, 5))
 UPSTREAM = 0.7
+# The Triton interpreter (triton on CPU tensors) pays milliseconds per program
+# and loop iteration: it runs at most this many rows of a shape; on a GPU
+# every shape runs whole.
+INTERPRETED_ROWS = 5
 
 
 def kernel_params():
-    """The backends with a top-k kernel on DEVICE, skipped with the reason when unavailable."""
+    """The backends with a top-k kernel among DEVICE's kernel backends (cpu + triton
+    on a CPU, triton + cuda under FASTKD_TEST_DEVICE=cuda), skipped with the
+    reason when unavailable."""
     params = []
-    for name in TOPK_KERNELS:
+    for name in (name for name in KERNEL_BACKENDS if name in TOPK_KERNELS):
         status = fastkd._dispatch.backend_status(name, DEVICE.type)
         marks = () if status.available else (pytest.mark.skip(reason=f"{name}: {status.reason}"),)
         params.append(pytest.param(name, marks=marks, id=name))
@@ -126,12 +132,33 @@ def test_reference_equals_written_out_formula(divergence):
 # ---- parity -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", kernel_params())
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("divergence", TOPK_DIVERGENCES)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def interpreted(backend: str) -> bool:
+    """Whether ``backend`` runs in the Triton interpreter (triton on CPU tensors)."""
+    return backend == "triton" and DEVICE.type == "cpu"
+
+
+def parity_params():
+    """(backend, dtype, divergence, shape): every combination, except that the
+    Triton interpreter runs bfloat16 / float16 (which change only the loads
+    and the gradient store) on the vocabulary-sized shapes only."""
+    params = []
+    for backend in kernel_params():
+        name = backend.values[0]
+        for shape in SHAPES:
+            for divergence in TOPK_DIVERGENCES:
+                for dtype in DTYPES:
+                    if interpreted(name) and dtype != torch.float32 and shape[1] < 1000:
+                        continue
+                    params.append(pytest.param(name, dtype, divergence, shape, marks=backend.marks,
+                                               id=f"{shape}-{divergence}-{dtype}-{name}"))
+    return params
+
+
+@pytest.mark.parametrize(("backend", "dtype", "divergence", "shape"), parity_params())
 def test_parity_every_divergence_dtype_shape(backend, dtype, divergence, shape):
     lead, vocab, k = shape
+    if interpreted(backend):
+        lead = (min(lead[0], INTERPRETED_ROWS), *lead[1:])
     s = student_logits(lead, vocab, dtype)
     index, values = sparse_teacher(lead, vocab, k, dtype)
     check_parity(backend, s, index, values, divergence=divergence, temperature=2.0)
@@ -165,7 +192,8 @@ def test_parity_reductions_and_row_exclusion(backend, reduction, selector):
 def test_no_kept_rows_gives_zero_loss_and_gradient(backend):
     s = student_logits((4,), 30).requires_grad_(True)
     index, values = sparse_teacher((4,), 30, 5)
-    loss = fastkd.topk_divergence(s, index, values, mask=torch.zeros(4, dtype=torch.bool), backend=backend)
+    loss = fastkd.topk_divergence(s, index, values, mask=torch.zeros(4, dtype=torch.bool, device=DEVICE),
+                                  backend=backend)
     loss.backward()
     assert loss.item() == 0.0
     assert torch.equal(s.grad, torch.zeros_like(s))
@@ -181,6 +209,46 @@ def test_student_mass_on_teacher_ids(backend, divergence):
     s = student_logits(lead, vocab, spread=1.0) - 30.0
     s.scatter_(-1, index, values + 0.01 * torch.randn_like(values))
     check_parity(backend, s, index, values, divergence=divergence, temperature=1.0)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("divergence", ("kl", "skew_reverse_kl"))
+def test_many_ids_per_row(backend, divergence, monkeypatch):
+    """k = 300 ids: more than one CUDA block's threads (128 at this V) and, with
+    the Triton support tile narrowed to 64, five support tiles per row."""
+    if backend == "triton":
+        from fastkd.kernels import topk as triton_topk
+
+        monkeypatch.setattr(triton_topk, "MAX_KBLOCK", 64)
+    s = student_logits((3,), 1000)
+    index, values = sparse_teacher((3,), 1000, 300)
+    check_parity(backend, s, index, values, divergence=divergence, temperature=1.5, reduction="none")
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("temperature", (1.0, 100.0))
+@pytest.mark.parametrize("divergence", TOPK_DIVERGENCES)
+def test_small_divergence_within_float32_tolerance(backend, temperature, divergence):
+    """A student close to the teacher on its ids (logit ratios 1e-3 apart, the
+    off-support mass e^-30): ℓ ~ 1e-7 (1e-4 for TVD) is a small difference of
+    nearly equal log-probabilities. The reference computed in float32 is off
+    by 60–180 % here; the kernels' float64 support terms keep ℓ and its
+    gradient within the float32 rtol (measured: under 1e-7), with no atol and
+    no allowance for the reference's own error, at T = 1 and, logits scaled
+    by T, at T = 100."""
+    lead, vocab, k = (4,), 3000, 48
+    index, values = sparse_teacher(lead, vocab, k)
+    values = values * temperature
+    s = (student_logits(lead, vocab, spread=1.0) - 30.0) * temperature
+    s.scatter_(-1, index, values + 1e-3 * temperature * torch.randn_like(values))
+    kwargs = {"divergence": divergence, "temperature": temperature, "scale": 1.0, "reduction": "none"}
+    got = run_with_grad(lambda a: fastkd.topk_divergence(a, index, values, backend=backend, **kwargs), s)
+    want = run_with_grad(lambda a: reference_topk.topk_divergence(a, index, values.double(), **kwargs),
+                         s.double())
+    assert 0 < want[0].abs().max() < 1e-3  # the small-divergence case
+    rtol = TOLERANCES[torch.float32][0]
+    assert relative_error(got[0], want[0]) <= rtol, "loss"
+    assert relative_error(got[1], want[1]) <= rtol, "student grad"
 
 
 @pytest.mark.parametrize("backend", kernel_params())
@@ -256,6 +324,11 @@ def test_non_contiguous_student(backend):
 def test_float64_input(backend):
     s = student_logits((5,), 77, torch.float64)
     index, values = sparse_teacher((5,), 77, 6, torch.float64)
+    if torch.float64 not in fastkd._dispatch.KERNEL_DTYPES[backend]:
+        # the GPU kernels accumulate in float32: an explicit request is refused
+        with pytest.raises(ValueError, match="does not take torch.float64"):
+            fastkd.topk_divergence(s, index, values, backend=backend)
+        return
     check_parity(backend, s, index, values, divergence="skew_reverse_kl", temperature=1.5)
 
 
@@ -326,12 +399,17 @@ def test_return_parts_and_default_unchanged(backend):
 # ---- bad input ------------------------------------------------------------------
 
 
+def with_first_id(index, value):
+    """``index`` with its first column set to ``value``."""
+    return torch.cat([torch.full_like(index[:, :1], value), index[:, 1:]], dim=1)
+
+
 @pytest.mark.parametrize(
     ("mutate", "match"),
     [
         (lambda s, i, v: (s, i.int(), v), "teacher_index must be int64"),
-        (lambda s, i, v: (s, i.clone().index_fill_(1, torch.tensor([0]), 50), v), r"outside \[0, 50\)"),
-        (lambda s, i, v: (s, i.clone().index_fill_(1, torch.tensor([0]), -1), v), r"outside \[0, 50\)"),
+        (lambda s, i, v: (s, with_first_id(i, 50), v), r"outside \[0, 50\)"),
+        (lambda s, i, v: (s, with_first_id(i, -1), v), r"outside \[0, 50\)"),
         (lambda s, i, v: (s, torch.cat([i[:, :1], i[:, :1]], 1), v[:, :2]), "twice"),
         (lambda s, i, v: (s, i, v[:, :3]), "teacher_values shape"),
         (lambda s, i, v: (s, i[:2], v[:2]), "teacher_index shape"),
@@ -368,36 +446,95 @@ def test_bad_options_raise_value_error(kwargs, match):
         fastkd.topk_divergence(s, index, values, **kwargs)
 
 
-def test_explicit_backend_without_kernel_raises():
+def test_explicit_backend_without_kernel_raises(monkeypatch):
     s = student_logits((2,), 10)
     index, values = sparse_teacher((2,), 10, 3)
+    backend = KERNEL_BACKENDS[-1]
+    monkeypatch.setattr(fastkd.topk, "TOPK_KERNELS", tuple(n for n in TOPK_KERNELS if n != backend))
+    if not fastkd._dispatch.backend_status(backend, DEVICE.type).available:
+        pytest.skip(f"{backend} is unavailable here")
     with pytest.raises(ValueError, match="no top-k divergence kernel"):
-        fastkd.topk_divergence(s, index, values, backend="triton")
+        fastkd.topk_divergence(s, index, values, backend=backend)
 
 
 # ---- the op itself ------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not fastkd._ops.has_kernel("topk_divergence_forward", "CPU"), reason="no CPU extension")
-def test_op_checks_ids_itself():
-    """Called directly through torch.ops (no Python validation), the op refuses bad ids."""
-    s = torch.randn(2, 10)
-    values = torch.randn(2, 3)
-    op = torch.ops.fastkd.topk_divergence_forward
-    with pytest.raises(RuntimeError, match="outside"):
-        op(s, torch.tensor([[0, 1, 10], [0, 1, 2]]), values, None, 0, 1.0, 0.0, 1.0, True)
-    with pytest.raises(RuntimeError, match="twice"):
-        op(s, torch.tensor([[0, 1, 2], [4, 4, 2]]), values, None, 0, 1.0, 0.0, 1.0, True)
-    with pytest.raises(RuntimeError, match="reverse KL"):
-        op(s, torch.tensor([[0, 1, 2], [0, 1, 2]]), values, None, 1, 1.0, 0.0, 1.0, True)
+def direct_op(backend):
+    """``backend``'s top-k op without the Python layer's validation, and the
+    exception it raises on bad arguments: the Triton launcher (ValueError), or
+    ``fastkd::topk_divergence_forward`` dispatched on DEVICE (RuntimeError)."""
+    if backend == "triton":
+        from fastkd.kernels import topk as triton_topk
+
+        return triton_topk.topk_divergence_forward, ValueError
+    return torch.ops.fastkd.topk_divergence_forward, RuntimeError
 
 
-@pytest.mark.skipif(not fastkd._ops.has_kernel("topk_divergence_forward", "CPU"), reason="no CPU extension")
+def op_params():
+    """kernel_params() of the backends that are torch.library ops (not triton)."""
+    params = [p for p in kernel_params() if p.values[0] not in ("triton", "none")]
+    none = pytest.param("none", marks=pytest.mark.skip(reason=f"no fastkd:: top-k op on {DEVICE.type}"))
+    return params or [none]
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+def test_op_checks_ids_itself(backend):
+    """Called directly (no Python validation), each backend refuses ids that would
+    take its gather or scatter out of the row, and the reverse KL."""
+    op, error = direct_op(backend)
+    s = torch.randn(2, 10, device=DEVICE)
+    values = torch.randn(2, 3, device=DEVICE)
+
+    def ids(rows):
+        return torch.tensor(rows, device=DEVICE)
+
+    with pytest.raises(error, match="outside"):
+        op(s, ids([[0, 1, 10], [0, 1, 2]]), values, None, 0, 1.0, 0.0, 1.0, True)
+    with pytest.raises(error, match="outside"):
+        op(s, ids([[0, 1, 2], [0, -1, 2]]), values, None, 0, 1.0, 0.0, 1.0, False)
+    with pytest.raises(error, match="twice"):
+        op(s, ids([[0, 1, 2], [4, 4, 2]]), values, None, 0, 1.0, 0.0, 1.0, True)
+    with pytest.raises(error, match="reverse KL"):
+        op(s, ids([[0, 1, 2], [0, 1, 2]]), values, None, 1, 1.0, 0.0, 1.0, True)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda a: {**a, "teacher_value": a["teacher_value"].double()}, "(?i)teacher_value must be float"),
+        (lambda a: {**a, "teacher_value": a["teacher_value"][:, :2]}, "same shape"),
+        (lambda a: {**a, "teacher_index": a["teacher_index"].int()}, "teacher_index must be int64"),
+        (lambda a: {**a, "teacher_index": a["teacher_index"][:1], "teacher_value": a["teacher_value"][:1]},
+         "one row per student row"),
+        (lambda a: {**a, "row_mask": a["row_mask"][:1]}, "row_mask"),
+        (lambda a: {**a, "kind": 6}, "kind"),
+        (lambda a: {**a, "kind": 2, "coef": 1.0}, "beta"),
+        (lambda a: {**a, "kind": 3, "coef": 0.0}, "alpha"),
+        (lambda a: {**a, "inv_temperature": 0.0}, "inv_temperature"),
+        (lambda a: {**a, "grad_scale": math.inf}, "grad_scale"),
+    ],
+)
+def test_op_checks_arguments(backend, mutate, match):
+    op, error = direct_op(backend)
+    index, values = sparse_teacher((3,), 20, 4)
+    args = {
+        "student": student_logits((3,), 20), "teacher_index": index, "teacher_value": values,
+        "row_mask": torch.ones(3, dtype=torch.bool, device=DEVICE), "kind": 0, "inv_temperature": 0.5,
+        "coef": 0.5, "grad_scale": 1.0, "student_grad": True,
+    }
+    op(*args.values())  # the unchanged arguments are accepted
+    with pytest.raises(error, match=match):
+        op(*mutate(args).values())
+
+
+@pytest.mark.parametrize("backend", op_params())
 @pytest.mark.parametrize("student_grad", (True, False))
-def test_opcheck(student_grad):
-    s = torch.randn(5, 33)
+def test_opcheck(backend, student_grad):
+    s = student_logits((5,), 33)
     index, values = sparse_teacher((5,), 33, 4)
-    mask = torch.tensor([True, False, True, True, True])
+    mask = torch.tensor([True, False, True, True, True], device=DEVICE)
     torch.library.opcheck(
         torch.ops.fastkd.topk_divergence_forward,
         (s, index, values, mask, 2, 0.5, 0.3, 0.25, student_grad),

@@ -45,6 +45,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/topk_math.h"
 #include "vec_math.h"
 
 namespace fastkd {
@@ -110,67 +111,30 @@ double exponentiate_and_sum(W* x, int64_t V, W max, W inv_t) {
   return total;
 }
 
-// log(exp(a) + exp(b)), −inf when both are −inf.
-inline double logaddexp(double a, double b) {
-  const double hi = std::max(a, b), lo = std::min(a, b);
-  if (hi == kNegInf) return kNegInf;
-  return hi + std::log1p(std::exp(lo - hi));
+// The support terms and the off-support slope c of csrc/common/topk_math.h
+// (shared with the CUDA kernel), for the row's runtime kind.
+inline Coefficient<double> coefficient(double coef) {
+  return {coef, 1.0 - coef, std::log(coef), std::log1p(-coef)};
 }
 
-// x·(log x − log y) with the xlogy rule: 0 when x is 0.
-inline double xlog_ratio(double x, double log_x, double log_y) {
-  return x == 0.0 ? 0.0 : x * (log_x - log_y);
-}
-
-// Loss term and q_j·g_j of one support id (see the file header), from log q_j
-// and log p_j.
-struct SupportTerm {
-  double loss;
-  double q_times_g;
-};
-
-inline SupportTerm support_term(int kind, double coef, double log_q, double log_p) {
-  const double q = std::exp(log_q), p = std::exp(log_p);
+inline topk::SupportTerm support_term(int kind, const Coefficient<double>& coef, double log_q,
+                                      double log_p) {
   switch (kind) {
-    case KL:
-      return {xlog_ratio(p, log_p, log_q), -p};
-    case JSD: {
-      const double beta = coef;
-      const double log_m = logaddexp(std::log(beta) + log_p, std::log1p(-beta) + log_q);
-      const double q_term = xlog_ratio(q, log_q, log_m);
-      return {beta * xlog_ratio(p, log_p, log_m) + (1.0 - beta) * q_term, (1.0 - beta) * q_term};
-    }
-    case SKEW_KL: {
-      const double alpha = coef;
-      const double log_m = logaddexp(std::log(alpha) + log_p, std::log1p(-alpha) + log_q);
-      // g = −(1−α) p/m, so q g = −(1−α) q p/m (0 when p is 0)
-      const double qg = p == 0.0 ? 0.0 : -(1.0 - alpha) * std::exp(log_q + log_p - log_m);
-      return {xlog_ratio(p, log_p, log_m), qg};
-    }
-    case SKEW_REVERSE_KL: {
-      const double alpha = coef;
-      const double log_m = logaddexp(std::log(alpha) + log_q, std::log1p(-alpha) + log_p);
-      // g = log(q/m) + (1−α) p/m
-      const double q_term = xlog_ratio(q, log_q, log_m);
-      const double mix = (q == 0.0 || p == 0.0) ? 0.0 : (1.0 - alpha) * std::exp(log_q + log_p - log_m);
-      return {q_term, q_term + mix};
-    }
-    case TVD: {
-      const double d = q - p;
-      const double half_sign = d > 0 ? 0.5 : (d < 0 ? -0.5 : 0.0);
-      return {0.5 * std::abs(d), q * half_sign};
-    }
+    case KL: return topk::support_term<KL>(log_q, log_p, coef);
+    case JSD: return topk::support_term<JSD>(log_q, log_p, coef);
+    case SKEW_KL: return topk::support_term<SKEW_KL>(log_q, log_p, coef);
+    case SKEW_REVERSE_KL: return topk::support_term<SKEW_REVERSE_KL>(log_q, log_p, coef);
+    case TVD: return topk::support_term<TVD>(log_q, log_p, coef);
     default:
       return {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::quiet_NaN()};
   }
 }
 
-// The constant c = g_v off the support (file header).
-inline double off_support_slope(int kind, double coef) {
+inline double off_support_slope(int kind, const Coefficient<double>& coef) {
   switch (kind) {
-    case JSD: return -(1.0 - coef) * std::log1p(-coef);
-    case SKEW_REVERSE_KL: return -std::log(coef);
-    case TVD: return 0.5;
+    case JSD: return topk::off_support_slope<JSD>(coef);
+    case SKEW_REVERSE_KL: return topk::off_support_slope<SKEW_REVERSE_KL>(coef);
+    case TVD: return topk::off_support_slope<TVD>(coef);
     default: return 0.0;
   }
 }
@@ -184,7 +148,8 @@ void topk_rows(const TopKDivergenceArgs& a) {
   const int64_t V = a.vocab, K = a.k;
   const W inv_t = W(a.inv_temperature);
   const double inv_t_d = a.inv_temperature;
-  const double c = off_support_slope(a.kind, a.coef);
+  const Coefficient<double> coef = coefficient(a.coef);
+  const double c = off_support_slope(a.kind, coef);
 
   // Grain: enough rows that a task streams at least ~256 KiB.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(V, 1));
@@ -210,8 +175,10 @@ void topk_rows(const TopKDivergenceArgs& a) {
       }
       const W max_s = row_max(scratch.data(), V);
 
-      // support: a_j = (s_j − max)/T, exact near the max (Sterbenz)
-      for (int64_t j = 0; j < K; ++j) log_q[j] = double(scratch[ids[j]] - max_s) * inv_t_d;
+      // support: a_j = (s_j − max)/T, the difference exact in double (in float
+      // it rounds to the ulp of the difference, ~1e-6 for logits ~10, which
+      // shifts a tiny divergence by ~1e-4 of itself)
+      for (int64_t j = 0; j < K; ++j) log_q[j] = (double(scratch[ids[j]]) - double(max_s)) * inv_t_d;
       for (int64_t j = 0; j < K; ++j) scratch[ids[j]] = -std::numeric_limits<W>::infinity();
 
       // pass 2
@@ -238,7 +205,7 @@ void topk_rows(const TopKDivergenceArgs& a) {
       // support terms
       double loss = c * off_mass, big_g = c * off_mass;
       for (int64_t j = 0; j < K; ++j) {
-        const SupportTerm term = support_term(a.kind, a.coef, log_q[j], log_p[j]);
+        const topk::SupportTerm term = support_term(a.kind, coef, log_q[j], log_p[j]);
         loss += term.loss;
         q_times_g[j] = term.q_times_g;
         big_g += term.q_times_g;

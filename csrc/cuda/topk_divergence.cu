@@ -1,0 +1,448 @@
+// Divergence against a top-k (sparse) teacher on CUDA: fastkd::topk_divergence_forward
+// for CUDA tensors (SPEC §1). Same contract and numerics as the CPU kernel
+// (csrc/cpu/topk_kernel.cpp, whose header derives the formulas): every
+// divergence is Σ_ids terms + c·R, R = Σ_{v ∉ ids} q_v the student's mass off
+// the teacher's k ids, summed directly (never as 1 − Σ_ids q, which cancels when
+// the ids hold nearly all of the student's mass); the k support terms, the
+// normaliser and R in double (csrc/common/topk_math.h), the vocabulary-sized
+// work in float32. float64 inputs are refused, as by the dense CUDA op.
+//
+// One thread block per row (blocks grid-stride over rows when N exceeds the
+// grid), threads stride over V so that a warp's loads are coalesced:
+//   ids      mark the row's k ids in a shared-memory bitmap (V bits)   read k ids
+//   stream 1 online max and Σ exp((s − max)/T) of the off-support
+//            entries, per thread, then one block reduction             read s
+//   support  the row max over the ids too, Σ_ids exp, the teacher's
+//            normaliser, then ℓ and G = Σ_ids q_j g_j + c R (double);
+//            with the gradient, (q_j g_j − q_j G)·grad_scale/T at the ids
+//   stream 2 the gradient e_v (c − G)·grad_scale/(T Σe) off the support
+//                                                       read s; write N·V
+// The bitmap makes each off-support test one shared-memory load (a warp's 32
+// neighbours share one word), and every gradient entry is written exactly once.
+// Memory traffic floor: read N·V, write N·V elements of gradient (plus 12·N·k
+// bytes of ids and values). Stream 2 re-reads the row from L2 while the rows
+// resident at once (SMs × blocks per SM, V·sizeof(dtype) bytes each) fit in it.
+// Shared memory: V/8 bytes per block (16 KiB at V = 128256), over 48 KiB only
+// past V = 393216 (opted in up to the device's per-block limit, checked).
+//
+// The ids are checked on the device with ATen ops before the launch (sorted:
+// in range and distinct per row; one device → host copy of two flags), so the
+// gathers and scatters at the ids never leave the row.
+//
+// Layout: the device code and a raw-pointer launcher first, then the op
+// (checks, outputs, device guard, stream) and its registration.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sort.h>
+#include <ATen/ops/stack.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "../common/checks.h"
+#include "../common/divergence_op.h"
+#include "../common/topk_args.h"
+#include "../common/topk_math.h"
+
+namespace fastkd {
+namespace cuda {
+namespace {
+
+using namespace fastkd::divergence;
+
+// ---- device code --------------------------------------------------------------
+
+// Running max and Σ exp((x − max)/T) of one thread's (then the block's) entries.
+struct OnlineSum {
+  float max, sum;
+};
+
+// Combines two partial (max, Σ) at their common max. A side without a finite
+// entry (max −inf) has sum 0, or NaN if it met a NaN: its sum is added as is.
+struct OnlineSumOp {
+  float inv_t;
+  __device__ __forceinline__ OnlineSum operator()(const OnlineSum& a, const OnlineSum& b) const {
+    const float m = fk_max(a.max, b.max);
+    if (m == -INFINITY) return {m, a.sum + b.sum};
+    return {m, a.sum * fk_exp((a.max - m) * inv_t) + b.sum * fk_exp((b.max - m) * inv_t)};
+  }
+};
+
+struct MaxOp2 {
+  __device__ __forceinline__ float2 operator()(const float2& a, const float2& b) const {
+    return make_float2(fk_max(a.x, b.x), fk_max(a.y, b.y));
+  }
+};
+
+struct SumOpDouble2 {
+  __device__ __forceinline__ double2 operator()(const double2& a, const double2& b) const {
+    return make_double2(a.x + b.x, a.y + b.y);
+  }
+};
+
+// Reduces `value` over the block and returns the total to every thread.
+// `temp` and `result` are free again when this returns (second barrier).
+template <int BLOCK, class T, class Op>
+__device__ __forceinline__ T block_all_reduce(T value, Op op,
+                                              typename cub::BlockReduce<T, BLOCK>::TempStorage& temp,
+                                              T& result) {
+  const T total = cub::BlockReduce<T, BLOCK>(temp).Reduce(value, op);
+  if (threadIdx.x == 0) result = total;
+  __syncthreads();
+  const T broadcast = result;
+  __syncthreads();
+  return broadcast;
+}
+
+// s[id] for one of the row's ids; an id outside the row (refused by the op's
+// check before the launch) reads nothing and gives NaN
+template <class scalar_t>
+__device__ __forceinline__ float logit_at(const scalar_t* s, int64_t id, int64_t V) {
+  return (id >= 0 && id < V) ? static_cast<float>(s[id]) : NAN;
+}
+
+__device__ __forceinline__ bool marked(const uint32_t* bits, int64_t v) {
+  return (bits[v >> 5] >> (v & 31)) & 1u;
+}
+
+// What the support pass needs besides one id's two logits.
+struct SupportConstants {
+  double inv_t;      // 1/T
+  double max_s;      // the row max of the student logits
+  double log_total;  // log Σ_v exp((s_v − max_s)/T)
+  double max_t;      // the max of the teacher's k logits
+  double log_sum_t;  // log Σ_j exp((t_j − max_t)/T)
+};
+
+template <int KIND>
+__device__ __forceinline__ topk::SupportTerm support_term_at(float s, float t, const SupportConstants& c,
+                                                              const Coefficient<double>& coef,
+                                                              double& log_q) {
+  // (s − max) is exact in double, and 0 at the max
+  log_q = (static_cast<double>(s) - c.max_s) * c.inv_t - c.log_total;
+  const double log_p = (static_cast<double>(t) - c.max_t) * c.inv_t - c.log_sum_t;
+  return topk::support_term<KIND>(log_q, log_p, coef);
+}
+
+template <int KIND, int BLOCK, class scalar_t>
+__global__ void __launch_bounds__(BLOCK) _topk_divergence_fwd_kernel(
+    const scalar_t* __restrict__ student,  // [N, V] logits, row stride student_row_stride
+    int64_t student_row_stride,
+    const int64_t* __restrict__ index,     // [N, K] teacher ids, distinct and in [0, V) per row
+    const float* __restrict__ value,       // [N, K] teacher logits at those ids
+    const bool* __restrict__ row_mask,     // [N] or nullptr
+    float* __restrict__ row_loss,          // [N]
+    scalar_t* __restrict__ student_grad,   // [N, V] contiguous, or nullptr
+    int64_t rows, int64_t V, int64_t K,
+    float inv_t_float,                     // 1/T for the vocabulary-sized streams
+    double inv_t,                          // 1/T for the support terms
+    double grad_factor,                    // grad_scale / T
+    Coefficient<double> coef) {
+  static_assert(BLOCK % 32 == 0, "block size must be a whole number of warps");
+  using ReduceOnline = cub::BlockReduce<OnlineSum, BLOCK>;
+  using ReduceMax2 = cub::BlockReduce<float2, BLOCK>;
+  using ReduceSum2 = cub::BlockReduce<double2, BLOCK>;
+  __shared__ union {
+    typename ReduceOnline::TempStorage online;
+    typename ReduceMax2::TempStorage max2;
+    typename ReduceSum2::TempStorage sum2;
+  } temp;
+  __shared__ OnlineSum online_result;
+  __shared__ float2 max2_result;
+  __shared__ double2 sum2_result;
+  // ceil(V / 32) words: bit v set ⇔ v is one of the row's ids
+  extern __shared__ uint32_t support_bits[];
+
+  const int64_t words = (V + 31) / 32;
+  const double slope = topk::off_support_slope<KIND>(coef);
+  const int64_t first = threadIdx.x;
+
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    scalar_t* g = student_grad != nullptr ? student_grad + row * V : nullptr;
+    // Every thread of the block reads the same mask entry: the branch is
+    // uniform, so no thread skips the barriers below.
+    if (row_mask != nullptr && !row_mask[row]) {
+      if (threadIdx.x == 0) row_loss[row] = 0.f;
+      if (g != nullptr) {
+        for (int64_t v = first; v < V; v += BLOCK) g[v] = scalar_t(0.f);
+      }
+      continue;
+    }
+    const scalar_t* s = student + row * student_row_stride;
+    const int64_t* ids = index + row * K;
+    const float* t = value + row * K;
+
+    // ids: the bitmap (the id range check keeps the write inside it even for
+    // ids the op's check would have refused)
+    for (int64_t w = first; w < words; w += BLOCK) support_bits[w] = 0u;
+    __syncthreads();
+    for (int64_t j = first; j < K; j += BLOCK) {
+      const int64_t id = ids[j];
+      if (id >= 0 && id < V) atomicOr(&support_bits[id >> 5], 1u << (id & 31));
+    }
+    __syncthreads();
+
+    // stream 1: off-support max and Σ exp, online per thread (one exp per
+    // entry, a rescale when the max moves); −inf entries add nothing, a NaN
+    // makes the sum NaN
+    OnlineSum off{-INFINITY, 0.f};
+    for (int64_t v = first; v < V; v += BLOCK) {
+      if (marked(support_bits, v)) continue;
+      const float x = static_cast<float>(s[v]);
+      if (x > off.max) {
+        off.sum = off.sum * fk_exp((off.max - x) * inv_t_float) + 1.f;
+        off.max = x;
+      } else if (x != -INFINITY) {
+        off.sum += fk_exp((x - off.max) * inv_t_float);
+      }
+    }
+    off = block_all_reduce<BLOCK>(off, OnlineSumOp{inv_t_float}, temp.online, online_result);
+
+    // support: the row max (ids included) and the teacher's max
+    float2 mx = make_float2(-INFINITY, -INFINITY);
+    for (int64_t j = first; j < K; j += BLOCK) {
+      mx.x = fk_max(mx.x, logit_at(s, ids[j], V));
+      mx.y = fk_max(mx.y, t[j]);
+    }
+    mx = block_all_reduce<BLOCK>(mx, MaxOp2{}, temp.max2, max2_result);
+    const float max_s = fk_max(off.max, mx.x);
+    SupportConstants c;
+    c.inv_t = inv_t;
+    c.max_s = max_s;
+    c.max_t = mx.y;
+
+    // support: Σ_ids exp((s_j − max)/T) and Σ_j exp((t_j − max_t)/T), double
+    double2 sums = make_double2(0.0, 0.0);
+    for (int64_t j = first; j < K; j += BLOCK) {
+      sums.x += fk_exp((static_cast<double>(logit_at(s, ids[j], V)) - c.max_s) * inv_t);
+      sums.y += fk_exp((static_cast<double>(t[j]) - c.max_t) * inv_t);
+    }
+    sums = block_all_reduce<BLOCK>(sums, SumOpDouble2{}, temp.sum2, sum2_result);
+    // the off-support sum at the row max (no finite entry: 0, or NaN after a
+    // NaN; an all −inf row has no max and a NaN loss, as on CPU)
+    const double off_sum = off.max == -INFINITY
+                               ? static_cast<double>(off.sum)
+                               : static_cast<double>(off.sum) *
+                                     fk_exp((static_cast<double>(off.max) - c.max_s) * inv_t);
+    const double total = off_sum + sums.x;
+    c.log_total = fk_log(total);
+    c.log_sum_t = fk_log(sums.y);
+    const double off_mass = off_sum / total;  // R
+
+    // support: ℓ = c R + Σ_ids terms, G = c R + Σ_ids q_j g_j
+    double2 acc = make_double2(0.0, 0.0);
+    for (int64_t j = first; j < K; j += BLOCK) {
+      double log_q;
+      const topk::SupportTerm term =
+          support_term_at<KIND>(logit_at(s, ids[j], V), t[j], c, coef, log_q);
+      acc.x += term.loss;
+      acc.y += term.q_times_g;
+    }
+    acc = block_all_reduce<BLOCK>(acc, SumOpDouble2{}, temp.sum2, sum2_result);
+    if (threadIdx.x == 0) row_loss[row] = static_cast<float>(slope * off_mass + acc.x);
+
+    if (g != nullptr) {
+      const double big_g = slope * off_mass + acc.y;
+      // at the ids: dℓ/ds_j = (q_j g_j − q_j G)/T
+      for (int64_t j = first; j < K; j += BLOCK) {
+        double log_q;
+        const int64_t id = ids[j];
+        if (id < 0 || id >= V) continue;
+        const topk::SupportTerm term = support_term_at<KIND>(logit_at(s, id, V), t[j], c, coef, log_q);
+        g[id] = static_cast<scalar_t>(
+            static_cast<float>((term.q_times_g - fk_exp(log_q) * big_g) * grad_factor));
+      }
+      // stream 2: off the ids q_v (c − G)/T = e_v (c − G)/(T Σe)
+      const float off_factor = static_cast<float>((slope - big_g) * grad_factor / total);
+      for (int64_t v = first; v < V; v += BLOCK) {
+        if (marked(support_bits, v)) continue;
+        g[v] = static_cast<scalar_t>(fk_exp((static_cast<float>(s[v]) - max_s) * inv_t_float) * off_factor);
+      }
+    }
+    // the bitmap is read above and cleared for the next row
+    __syncthreads();
+  }
+}
+
+// ---- launcher -----------------------------------------------------------------
+
+// Rows beyond this many blocks are grid-strided: far more blocks than can be
+// resident on any GPU, and well inside gridDim.x's limit.
+constexpr int64_t kMaxBlocks = int64_t(1) << 20;
+
+template <int KIND, int BLOCK, class scalar_t>
+void launch(const TopKDivergenceArgs& a, cudaStream_t stream) {
+  Coefficient<double> coef;
+  coef.c = a.coef;
+  coef.one_minus_c = 1.0 - a.coef;
+  coef.log_c = std::log(a.coef);
+  coef.log_one_minus_c = std::log1p(-a.coef);
+  const auto kernel = _topk_divergence_fwd_kernel<KIND, BLOCK, scalar_t>;
+  // the bitmap: dynamic shared memory, opted in past the default 48 KiB
+  const size_t bitmap_bytes = static_cast<size_t>((a.vocab + 31) / 32) * sizeof(uint32_t);
+  int device = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  TORCH_CHECK(bitmap_bytes + attributes.sharedSizeBytes <= static_cast<size_t>(optin),
+              "fastkd::topk_divergence_forward on CUDA: V = ", a.vocab, " needs ", bitmap_bytes,
+              " bytes of shared memory for its id bitmap, more than this device's ", optin,
+              " per block");
+  if (bitmap_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bitmap_bytes)));
+  }
+  const unsigned grid = static_cast<unsigned>(std::min(a.rows, kMaxBlocks));
+  kernel<<<grid, BLOCK, bitmap_bytes, stream>>>(
+      static_cast<const scalar_t*>(a.student), a.student_row_stride, a.index,
+      static_cast<const float*>(a.value), a.row_mask, static_cast<float*>(a.row_loss),
+      static_cast<scalar_t*>(a.student_grad), a.rows, a.vocab, a.k,
+      static_cast<float>(a.inv_temperature), a.inv_temperature, a.grad_scale * a.inv_temperature, coef);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Short rows (classification heads, V ≤ 2048) get small blocks so that most
+// threads have work; vocabulary-sized rows get 512 threads.
+template <int KIND, class scalar_t>
+void launch_for_vocab(const TopKDivergenceArgs& a, cudaStream_t stream) {
+  if (a.vocab <= 2048) {
+    launch<KIND, 128, scalar_t>(a, stream);
+  } else {
+    launch<KIND, 512, scalar_t>(a, stream);
+  }
+}
+
+template <int KIND>
+void launch_for_dtype(const TopKDivergenceArgs& a, cudaStream_t stream) {
+  switch (a.dtype) {
+    case DType::Float32: return launch_for_vocab<KIND, float>(a, stream);
+    case DType::BFloat16: return launch_for_vocab<KIND, c10::BFloat16>(a, stream);
+    case DType::Float16: return launch_for_vocab<KIND, c10::Half>(a, stream);
+    case DType::Float64: break;  // refused by the op before any launch
+  }
+  TORCH_CHECK(false, "fastkd::topk_divergence_forward on CUDA: float64 is not supported");
+}
+
+void topk_divergence_launch(const TopKDivergenceArgs& a, cudaStream_t stream) {
+  switch (a.kind) {
+    case KL: return launch_for_dtype<KL>(a, stream);
+    case JSD: return launch_for_dtype<JSD>(a, stream);
+    case SKEW_KL: return launch_for_dtype<SKEW_KL>(a, stream);
+    case SKEW_REVERSE_KL: return launch_for_dtype<SKEW_REVERSE_KL>(a, stream);
+    case TVD: return launch_for_dtype<TVD>(a, stream);
+    default: break;  // REVERSE_KL and unknown kinds are refused by the op
+  }
+  TORCH_CHECK(false, "fastkd::topk_divergence_forward: unsupported kind ", a.kind);
+}
+
+// ---- the op -------------------------------------------------------------------
+
+// Every id in [0, vocab) and no id twice in a row, on the device: each row
+// sorted, its first and last id against the range, neighbours compared.
+void check_teacher_index(const at::Tensor& index, int64_t vocab) {
+  const int64_t k = index.size(1);
+  const at::Tensor ordered = std::get<0>(at::sort(index, 1));
+  const at::Tensor outside = ordered.select(1, 0).lt(0).logical_or(ordered.select(1, k - 1).ge(vocab)).any();
+  const at::Tensor twice = ordered.slice(1, 1, k).eq(ordered.slice(1, 0, k - 1)).any();
+  const at::Tensor flags = at::stack({outside, twice}).to(at::kCPU);
+  const bool* flag = flags.data_ptr<bool>();
+  TORCH_CHECK(!flag[0], "teacher_index: ids outside [0, ", vocab, ")");
+  TORCH_CHECK(!flag[1], "teacher_index: an id appears twice in a row");
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_divergence_forward_cuda(
+    const at::Tensor& student, const at::Tensor& teacher_index, const at::Tensor& teacher_value,
+    const std::optional<at::Tensor>& row_mask, int64_t kind, double inv_temperature, double coef,
+    double grad_scale, bool student_grad) {
+  // the checks of the CPU op (csrc/cpu/topk_divergence.cpp), float64 refused
+  CHECK_DEVICE_TYPE(student, at::kCUDA);
+  CHECK_DIM(student, 2);
+  CHECK_DIM(teacher_index, 2);
+  CHECK_DIM(teacher_value, 2);
+  CHECK_SAME_DEVICE(student, teacher_index);
+  CHECK_SAME_DEVICE(student, teacher_value);
+  CHECK_UNIT_LAST_STRIDE(student);
+  TORCH_CHECK(student.scalar_type() != at::kDouble,
+              "fastkd::topk_divergence_forward on CUDA: student must be float32, bfloat16 or "
+              "float16 (the GPU kernels accumulate in float32), got float64");
+  const int64_t rows = student.size(0), vocab = student.size(1);
+  TORCH_CHECK(vocab > 0, "student must have at least one column (vocabulary entry)");
+  TORCH_CHECK(student.size(0) <= 1 || student.stride(0) >= vocab, "student rows must not overlap");
+  TORCH_CHECK(teacher_index.scalar_type() == at::kLong, "teacher_index must be int64");
+  TORCH_CHECK(teacher_index.sizes() == teacher_value.sizes(), "teacher_index ",
+              teacher_index.sizes(), " and teacher_value ", teacher_value.sizes(),
+              " must have the same shape");
+  TORCH_CHECK(teacher_index.size(0) == rows, "teacher_index must have one row per student row");
+  const int64_t k = teacher_index.size(1);
+  TORCH_CHECK(k >= 1 && k <= vocab, "k (teacher ids per row) must be in [1, ", vocab, "], got ", k);
+  const DType dtype = divergence_dtype(student.scalar_type());
+  TORCH_CHECK(teacher_value.scalar_type() == at::kFloat, "teacher_value must be Float for ",
+              student.scalar_type(), " student logits, got ", teacher_value.scalar_type());
+  TORCH_CHECK(kind == KL || (kind >= JSD && kind <= TVD),
+              "kind must be KL (0), JSD (2), skew KL (3), skew reverse KL (4) or TVD (5) for a top-k "
+              "teacher (reverse KL is infinite off the teacher's ids), got ", kind);
+  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
+              "inv_temperature must be finite and > 0, got ", inv_temperature);
+  if (kind == JSD) {
+    TORCH_CHECK(coef > 0 && coef < 1, "coef (beta) must be in (0, 1) for JSD, got ", coef);
+  } else if (kind == SKEW_KL || kind == SKEW_REVERSE_KL) {
+    TORCH_CHECK(coef > 0 && coef <= 1, "coef (alpha) must be in (0, 1] for skew divergences, got ", coef);
+  } else {
+    coef = 0.5;  // unused by the kind; keeps log c and log(1 − c) finite
+  }
+  TORCH_CHECK(std::isfinite(grad_scale), "grad_scale must be finite");
+  at::Tensor mask;
+  if (row_mask.has_value()) {
+    TORCH_CHECK(row_mask->scalar_type() == at::kBool, "row_mask must be bool");
+    TORCH_CHECK(row_mask->dim() == 1 && row_mask->size(0) == rows, "row_mask must be [rows]");
+    CHECK_SAME_DEVICE(student, *row_mask);
+    mask = row_mask->contiguous();
+  }
+
+  const c10::cuda::CUDAGuard device_guard(student.device());
+  at::Tensor row_loss = at::empty({rows}, student.options().dtype(at::kFloat));
+  at::Tensor grad = at::empty({student_grad ? rows : 0, student_grad ? vocab : 0}, student.options());
+  if (rows == 0) return {row_loss, grad};
+  const at::Tensor index = teacher_index.contiguous();
+  const at::Tensor value = teacher_value.contiguous();
+  check_teacher_index(index, vocab);
+
+  TopKDivergenceArgs a;
+  a.student = student.data_ptr();
+  a.student_row_stride = student.stride(0);
+  a.index = index.data_ptr<int64_t>();
+  a.value = value.data_ptr();
+  a.row_mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  a.row_loss = row_loss.data_ptr();
+  a.student_grad = student_grad ? grad.data_ptr() : nullptr;
+  a.rows = rows;
+  a.vocab = vocab;
+  a.k = k;
+  a.dtype = dtype;
+  a.kind = static_cast<int>(kind);
+  a.inv_temperature = inv_temperature;
+  a.coef = coef;
+  a.grad_scale = grad_scale;
+  topk_divergence_launch(a, c10::cuda::getCurrentCUDAStream());
+  return {row_loss, grad};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastkd
+
+TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
+  m.impl("topk_divergence_forward", &fastkd::cuda::topk_divergence_forward_cuda);
+}

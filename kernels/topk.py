@@ -1,0 +1,463 @@
+"""Divergence against a top-k (sparse) teacher (SPEC §1) in Triton, the
+``triton`` backend of ``fastkd.topk_divergence``.
+
+Same contract as the C++ op ``fastkd::topk_divergence_forward``
+(csrc/fastkd.cpp) and the same numerics as its CPU kernel
+(csrc/cpu/topk_kernel.cpp, whose header derives the formulas): every
+divergence the op takes is, as a function of the student's q, a sum of terms
+on the teacher's k ids plus ``c · R`` with ``R = Σ_{v ∉ ids} q_v`` the student's
+off-support mass and ``c`` a constant of the divergence (0 for KL and skew KL,
+``−(1−β) log(1−β)`` for JSD, ``−log α`` for skew reverse KL, ½ for TVD); the
+gradient is ``dℓ/ds_v = q_v (g_v − G) / T`` with ``g_v = c`` off the support
+and ``G = Σ_ids q_j g_j + c R``. KL(q‖p) is +∞ off the support and refused.
+
+One program per row:
+
+  stream 1  online max and Σ exp((s − max)/T) over the row's off-support
+            entries only: the k ids of the chunk are masked out as the chunk
+            is read, so R is summed directly, never as 1 − Σ_ids q (which
+            cancels when the ids hold nearly all of the student's mass)  read s
+  support   k gathers of s: the row max, Σ_ids exp, then the k terms, ℓ and G
+            — in float64 (k ≪ V, so it costs nothing next to the stream)
+  support   the gradient at the k ids                         write k values
+  stream 2  the gradient e_v (c − G)·grad_scale/(T Σe) off the support, the
+            ids masked out again, so every gradient entry is written once
+                                                             read s; write N·V
+
+Which ids fall into a chunk: the launcher sorts each row's ids (it sorts them
+anyway to refuse duplicates, since a repeated id would be written twice);
+a cursor walks the sorted row alongside the chunks, so each stream costs one
+BLOCK-wide compare per id in total, k · BLOCK per row (≈ 2 operations per
+logit at V = 128256, k = 64, BLOCK = 4096).
+
+Memory traffic floor: read N·V·b (b bytes per logit) and write N·V·b of
+gradient, plus 20·N·k bytes of ids and values. Stream 2 re-reads the row, from
+L2 while the rows resident at once (about one per SM, V·b bytes each) fit in
+it: on a 50 MiB L2 with 132 SMs up to V ≈ 99K in fp32; beyond that the
+re-read goes to HBM (3 N·V·b in all).
+
+Precision: the stream accumulates in float32 (bf16 / fp16 widened on load,
+gradients rounded to the input dtype on store); the k support terms, the
+normaliser Σe and R are float64, as on CPU, so the divergence of a student
+that matches the teacher closely (a tiny ℓ, a difference of nearly equal
+log-probabilities) keeps its digits (tests/test_topk.py: ~5e-8 relative
+error on ℓ ~ 1e-7 at T = 1 and T = 100, where the reference computed in
+float32 is off by 60–180 %). The scalar arguments 1/T and β (α) arrive in
+float32 — Triton passes Python floats as fp32 — and are widened; 1 − β,
+log β, log(1 − β) and c are derived from the widened β in the kernel, so
+the mixture weights sum to 1 in float64 (rounded separately, they would
+shift a tiny divergence by their rounding). That is the exact loss at a T
+and β within a relative 6e-8 of the requested ones: no cancellation, far
+inside every tolerance. Under ``TRITON_INTERPRET=1`` (set before triton is
+imported) the kernel runs on CPU tensors, which is how the tests check it
+without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .divergence import (
+    DEVICE_TYPE,
+    DTYPES,
+    JSD,
+    KL,
+    SKEW_KL,
+    SKEW_REVERSE_KL,
+    TVD,
+    _half_sign,
+    _log1p,
+    _logaddexp,
+    _max_nan,
+    _online_max_sum_exp,
+    _zero_where_zero,
+    launch_config,
+)
+
+__all__ = ["KINDS", "topk_divergence_forward"]
+
+# The kinds the op takes (fastkd::divergence::Kind), REVERSE_KL excluded.
+KINDS = (KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD)
+# Widest tile of a row's k ids one support loop iteration holds: the support
+# loops keep about six float64 values per id live, at most 2 per thread with
+# 16 warps.
+MAX_KBLOCK = 1024
+
+
+@triton.jit
+def _chunk_hits(sorted_row, cursor, K, start, offs, BLOCK: tl.constexpr):
+    """Which lanes of the chunk [start, start + BLOCK) hold one of the row's ids.
+
+    ``sorted_row`` holds the row's k ids in ascending order, ``cursor`` the
+    number of them below ``start``; returns the hit mask and the cursor for
+    the next chunk. The sentinel past the last id is ≥ every chunk's end.
+    """
+    hits = offs < 0
+    nxt = tl.load(sorted_row + cursor, mask=cursor < K, other=start + 2 * BLOCK)
+    while nxt < start + BLOCK:
+        hits = hits | (offs == nxt)
+        cursor += 1
+        nxt = tl.load(sorted_row + cursor, mask=cursor < K, other=start + 2 * BLOCK)
+    return hits, cursor
+
+
+@triton.jit
+def _load_ids(idx_row, kk, K, V):
+    # a tile of the row's ids and the lanes that hold one; the range test
+    # repeats the launcher's check, so no gather or scatter can leave the row
+    ids = tl.load(idx_row + kk, mask=kk < K, other=0)
+    return ids, (kk < K) & (ids >= 0) & (ids < V)
+
+
+@triton.jit
+def _widen(x):
+    # a float32 scalar argument as float64; the interpreter passes Python
+    # floats through unrounded, so round to float32 first as CUDA receives it
+    return (x + tl.zeros([], tl.float32)).to(tl.float64)
+
+
+@triton.jit
+def _off_support_slope(c, log_c, log_one_minus_c, one_minus_c, KIND: tl.constexpr):
+    # c = g_v off the teacher's ids (module docstring), off_support_slope() of the CPU kernel
+    if KIND == 2:
+        slope = -one_minus_c * log_one_minus_c
+    elif KIND == 4:
+        slope = -log_c
+    elif KIND == 5:
+        slope = 0.5 + 0.0 * c
+    else:
+        slope = 0.0 * c
+    return slope
+
+
+@triton.jit
+def _xlog_ratio(x, log_x, log_y):
+    # x (log x − log y) with the xlogy rule: 0 where x is 0
+    return _zero_where_zero(x, x * (log_x - log_y))
+
+
+@triton.jit
+def _support_terms(log_q, log_p, c, one_minus_c, log_c, log_one_minus_c, KIND: tl.constexpr):
+    """Loss term and q_j g_j (g = ∂ℓ/∂q) at support ids, float64: support_term() of
+    csrc/cpu/topk_kernel.cpp. c is β (JSD) or α (skew)."""
+    q = tl.exp(log_q)
+    p = tl.exp(log_p)
+    if KIND == 0:
+        # KL(p‖q) = Σ p (log p − log q);  g = −p/q
+        loss = _xlog_ratio(p, log_p, log_q)
+        qg = -p
+    elif KIND == 2:
+        # m = β p + (1−β) q (log space);  ℓ = β KL(p‖m) + (1−β) KL(q‖m);  g = (1−β) log(q/m)
+        log_m = _logaddexp(log_c + log_p, log_one_minus_c + log_q)
+        q_term = _xlog_ratio(q, log_q, log_m)
+        loss = c * _xlog_ratio(p, log_p, log_m) + one_minus_c * q_term
+        qg = one_minus_c * q_term
+    elif KIND == 3:
+        # m = α p + (1−α) q;  ℓ = KL(p‖m);  g = −(1−α) p/m
+        log_m = _logaddexp(log_c + log_p, log_one_minus_c + log_q)
+        loss = _xlog_ratio(p, log_p, log_m)
+        qg = -one_minus_c * _zero_where_zero(p, tl.exp(log_q + log_p - log_m))
+    elif KIND == 4:
+        # m = α q + (1−α) p;  ℓ = KL(q‖m);  g = log(q/m) + (1−α) p/m
+        log_m = _logaddexp(log_c + log_q, log_one_minus_c + log_p)
+        loss = _xlog_ratio(q, log_q, log_m)
+        mix = one_minus_c * tl.exp(log_q + log_p - log_m)
+        qg = loss + tl.where((q == 0.0) | (p == 0.0), 0.0, mix)
+    else:
+        tl.static_assert(KIND == 5, "unknown divergence kind (reverse KL is refused by the launcher)")
+        # TVD = ½ Σ |p − q|;  g = ½ sign(q − p)
+        d = q - p
+        loss = 0.5 * tl.abs(d)
+        qg = q * _half_sign(d)
+    return loss, qg
+
+
+@triton.jit
+def _topk_divergence_fwd_kernel(
+    s_ptr,  # [N, V] student logits, row stride stride_s, unit stride along V
+    idx_ptr,  # [N, k] int64 teacher ids, distinct and in [0, V) per row, contiguous
+    sorted_ptr,  # [N, k] int64 the same ids in ascending order per row, contiguous
+    val_ptr,  # [N, k] float32 teacher logits at idx, contiguous
+    mask_ptr,  # [N] bool, False → row excluded (None when HAS_MASK is False)
+    loss_ptr,  # [N] float32 row losses ℓ_i
+    g_ptr,  # [N, V] contiguous grad_scale · dℓ_i/ds (None unless STUDENT_GRAD)
+    stride_s,
+    V,
+    K,
+    inv_temperature,  # 1 / T
+    grad_factor,  # grad_scale / T
+    coef,  # β (JSD) or α (skew); unused by the other kinds
+    KIND: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    STUDENT_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    KBLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    kcols = tl.arange(0, KBLOCK)
+
+    if HAS_MASK:
+        if tl.load(mask_ptr + row) == 0:
+            # excluded row: ℓ = 0 and a zero gradient, without reading the logits
+            tl.store(loss_ptr + row, 0.0)
+            if STUDENT_GRAD:
+                g_row = g_ptr + row * V
+                zero = tl.zeros([BLOCK], tl.float32)
+                for start in range(0, V, BLOCK):
+                    offs = start + cols
+                    tl.store(g_row + offs, zero.to(g_ptr.dtype.element_ty), mask=offs < V)
+            return
+
+    s_row = s_ptr + row * stride_s
+    idx_row = idx_ptr + row * K
+    sorted_row = sorted_ptr + row * K
+    val_row = val_ptr + row * K
+    inv_t = _widen(inv_temperature)
+
+    # stream 1: max and Σ exp((s − max)/T) of the off-support entries, online;
+    # the ids read −inf (no off-support entry at all leaves max −inf, sum 0)
+    m_off = float("-inf")
+    d_off = 0.0
+    cursor = 0
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        hits, cursor = _chunk_hits(sorted_row, cursor, K, start, offs, BLOCK)
+        x = tl.load(s_row + offs, mask=(offs < V) & ~hits, other=float("-inf")).to(tl.float32)
+        m_off, d_off, _ = _online_max_sum_exp(m_off, d_off, 0, x, offs, V, inv_temperature, False)
+
+    # support 1: the row max over the ids too, and the teacher's max
+    m_s = m_off
+    m_t = float("-inf")
+    for kstart in range(0, K, KBLOCK):
+        kk = kstart + kcols
+        ids, ok = _load_ids(idx_row, kk, K, V)
+        s_j = tl.load(s_row + ids, mask=ok, other=float("-inf")).to(tl.float32)
+        t_j = tl.load(val_row + kk, mask=ok, other=float("-inf")).to(tl.float32)
+        m_s = _max_nan(m_s, tl.max(s_j, 0))
+        m_t = _max_nan(m_t, tl.max(t_j, 0))
+    m_s64 = m_s.to(tl.float64)
+    m_t64 = m_t.to(tl.float64)
+
+    # support 2: Σe over the ids and the teacher's normaliser, float64;
+    # (s_j − max) is exact in float64, and exact at the max
+    sum_ids = tl.zeros([KBLOCK], tl.float64)
+    sum_t = tl.zeros([KBLOCK], tl.float64)
+    for kstart in range(0, K, KBLOCK):
+        kk = kstart + kcols
+        ids, ok = _load_ids(idx_row, kk, K, V)
+        s_j = tl.load(s_row + ids, mask=ok, other=float("-inf")).to(tl.float64)
+        t_j = tl.load(val_row + kk, mask=ok, other=float("-inf")).to(tl.float64)
+        sum_ids += tl.where(ok, tl.exp((s_j - m_s64) * inv_t), 0.0)
+        sum_t += tl.where(ok, tl.exp((t_j - m_t64) * inv_t), 0.0)
+    # the off-support sum, rescaled from its own max to the row max (without
+    # a finite entry d_off is 0, or NaN after a NaN; an all −inf row has no
+    # max and a NaN loss, as on CPU)
+    off_sum = d_off.to(tl.float64)
+    rescale = tl.exp((m_off.to(tl.float64) - m_s64) * inv_t)
+    off_sum = tl.where(m_off == float("-inf"), off_sum, off_sum * rescale)
+    total = off_sum + tl.sum(sum_ids, 0)
+    log_total = tl.log(total)
+    log_sum_t = tl.log(tl.sum(sum_t, 0))
+    off_mass = off_sum / total  # R
+    # β or α and what the formulas derive from it, all from the one float32
+    # value: the mixture weights c and 1 − c must sum to 1 in float64, or a
+    # tiny divergence shifts by their rounding
+    c64 = _widen(coef)
+    one_minus_c64 = 1.0 - c64
+    log_c64 = tl.log(c64)
+    log_one_minus_c64 = _log1p(-c64)  # −inf for α = 1
+    slope = _off_support_slope(c64, log_c64, log_one_minus_c64, one_minus_c64, KIND)
+
+    # support 3: ℓ = c R + Σ_ids terms, G = c R + Σ_ids q_j g_j
+    loss_acc = tl.zeros([KBLOCK], tl.float64)
+    g_acc = tl.zeros([KBLOCK], tl.float64)
+    for kstart in range(0, K, KBLOCK):
+        kk = kstart + kcols
+        ids, ok = _load_ids(idx_row, kk, K, V)
+        s_j = tl.load(s_row + ids, mask=ok, other=0.0).to(tl.float64)
+        t_j = tl.load(val_row + kk, mask=ok, other=0.0).to(tl.float64)
+        log_q = (s_j - m_s64) * inv_t - log_total
+        log_p = (t_j - m_t64) * inv_t - log_sum_t
+        loss, qg = _support_terms(log_q, log_p, c64, one_minus_c64, log_c64, log_one_minus_c64, KIND)
+        loss_acc += tl.where(ok, loss, 0.0)
+        g_acc += tl.where(ok, qg, 0.0)
+    big_g = slope * off_mass + tl.sum(g_acc, 0)
+    tl.store(loss_ptr + row, (slope * off_mass + tl.sum(loss_acc, 0)).to(tl.float32))
+
+    if STUDENT_GRAD:
+        g_row = g_ptr + row * V
+        factor = _widen(grad_factor)
+        # support 4: dℓ/ds_j = (q_j g_j − q_j G)/T at the ids
+        for kstart in range(0, K, KBLOCK):
+            kk = kstart + kcols
+            ids, ok = _load_ids(idx_row, kk, K, V)
+            s_j = tl.load(s_row + ids, mask=ok, other=0.0).to(tl.float64)
+            t_j = tl.load(val_row + kk, mask=ok, other=0.0).to(tl.float64)
+            log_q = (s_j - m_s64) * inv_t - log_total
+            log_p = (t_j - m_t64) * inv_t - log_sum_t
+            _, qg = _support_terms(log_q, log_p, c64, one_minus_c64, log_c64, log_one_minus_c64, KIND)
+            grad = ((qg - tl.exp(log_q) * big_g) * factor).to(tl.float32)
+            tl.store(g_row + ids, grad.to(g_ptr.dtype.element_ty), mask=ok)
+
+        # stream 2: off the support q_v (c − G)/T = e_v (c − G)/(T Σe), the ids
+        # skipped (written above)
+        off_factor = ((slope - big_g) * factor / total).to(tl.float32)
+        cursor = 0
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            hits, cursor = _chunk_hits(sorted_row, cursor, K, start, offs, BLOCK)
+            off = (offs < V) & ~hits
+            x = tl.load(s_row + offs, mask=off, other=float("-inf")).to(tl.float32)
+            grad = tl.exp((x - m_s) * inv_temperature) * off_factor
+            tl.store(g_row + offs, grad.to(g_ptr.dtype.element_ty), mask=off)
+
+
+def support_block(k: int) -> int:
+    """KBLOCK: the tile of a row's k ids one support loop iteration holds."""
+    return min(triton.next_power_of_2(max(k, 1)), MAX_KBLOCK)
+
+
+def _check_tensors(student, teacher_index, teacher_value, row_mask) -> None:
+    """The tensor checks of the CPU op (csrc/cpu/topk_divergence.cpp) as ValueError."""
+    for name, x in (("student", student), ("teacher_index", teacher_index), ("teacher_value", teacher_value)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
+        if x.device != student.device:
+            raise ValueError(f"{name} ({x.device}) must be on student's device ({student.device})")
+    if student.dtype not in DTYPES:
+        raise ValueError(f"student must be float32, bfloat16 or float16 for triton, got {student.dtype}")
+    if student.device.type != DEVICE_TYPE:
+        takes = "CPU tensors (TRITON_INTERPRET=1)" if DEVICE_TYPE == "cpu" else "CUDA tensors"
+        raise ValueError(f"student is on {student.device}, but this triton kernel takes {takes}")
+    rows, vocab = student.shape
+    if vocab == 0:
+        raise ValueError("student must have at least one column (vocabulary entry)")
+    if vocab > 1 and student.stride(1) != 1:
+        raise ValueError(f"student must have unit stride along V, got strides {student.stride()}")
+    if rows > 1 and student.stride(0) < vocab:
+        raise ValueError(
+            f"student rows must not overlap, got strides {student.stride()} for {tuple(student.shape)}"
+        )
+    if teacher_index.dtype != torch.int64:
+        raise ValueError(f"teacher_index must be int64, got {teacher_index.dtype}")
+    if teacher_value.dtype != torch.float32:
+        raise ValueError(
+            f"teacher_value must be float32 for a {student.dtype} student, got {teacher_value.dtype}"
+        )
+    if teacher_index.shape != teacher_value.shape:
+        raise ValueError(
+            f"teacher_index {tuple(teacher_index.shape)} and teacher_value {tuple(teacher_value.shape)} "
+            "must have the same shape"
+        )
+    if teacher_index.shape[0] != rows:
+        raise ValueError(
+            f"teacher_index must have one row per student row ({rows}), got {teacher_index.shape[0]}"
+        )
+    if not 1 <= teacher_index.shape[1] <= vocab:
+        raise ValueError(f"k (teacher ids per row) must be in [1, {vocab}], got {teacher_index.shape[1]}")
+    if row_mask is not None:
+        if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
+            raise ValueError("row_mask must be None or a bool tensor")
+        if row_mask.shape != (rows,):
+            raise ValueError(f"row_mask must have shape ({rows},), got {tuple(row_mask.shape)}")
+        if row_mask.device != student.device:
+            raise ValueError(f"row_mask ({row_mask.device}) must be on student's device ({student.device})")
+
+
+def _check_scalars(kind, inv_temperature, coef, grad_scale) -> None:
+    if not isinstance(kind, int) or isinstance(kind, bool) or kind not in KINDS:
+        raise ValueError(
+            "kind must be KL (0), JSD (2), skew KL (3), skew reverse KL (4) or TVD (5) for a top-k teacher "
+            f"(reverse KL is infinite off the teacher's ids), got {kind!r}"
+        )
+    if not (math.isfinite(inv_temperature) and inv_temperature > 0):
+        raise ValueError(f"inv_temperature must be finite and > 0, got {inv_temperature}")
+    if kind == JSD and not 0.0 < coef < 1.0:
+        raise ValueError(f"coef (beta) must be in (0, 1) for JSD, got {coef}")
+    if kind in (SKEW_KL, SKEW_REVERSE_KL) and not 0.0 < coef <= 1.0:
+        raise ValueError(f"coef (alpha) must be in (0, 1] for skew divergences, got {coef}")
+    if not math.isfinite(grad_scale):
+        raise ValueError(f"grad_scale must be finite, got {grad_scale}")
+
+
+def sorted_checked_ids(teacher_index: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Each row's ids in ascending order, after refusing (ValueError) an id
+    outside ``[0, vocab)`` or twice in a row — either would send the kernel's
+    gather or scatter out of the row. One device → host sync."""
+    ordered = teacher_index.sort(dim=1).values
+    outside = (ordered[:, 0] < 0) | (ordered[:, -1] >= vocab)
+    twice = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+    outside_any, twice_any = torch.stack([outside.any(), twice.any()]).tolist()
+    if outside_any:
+        raise ValueError(f"teacher_index has ids outside [0, {vocab})")
+    if twice_any:
+        raise ValueError("teacher_index has an id twice in one row")
+    return ordered
+
+
+def topk_divergence_forward(
+    student: torch.Tensor,
+    teacher_index: torch.Tensor,
+    teacher_value: torch.Tensor,
+    row_mask: torch.Tensor | None,
+    kind: int,
+    inv_temperature: float,
+    coef: float,
+    grad_scale: float,
+    student_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row divergences against a top-k teacher and the scaled student gradient;
+    the contract of ``fastkd::topk_divergence_forward``.
+
+    Args:
+        student: ``(N, V)`` logits, float32 / bfloat16 / float16, unit stride
+            along V, any row stride.
+        teacher_index: ``(N, k)`` int64, distinct ids in ``[0, V)`` per row,
+            ``1 ≤ k ≤ V`` (checked here: ValueError otherwise).
+        teacher_value: ``(N, k)`` float32 teacher logits at those ids.
+        row_mask: ``(N,)`` bool or None; False rows get loss 0 and a zero gradient.
+        kind: divergence code: 0 kl, 2 jsd, 3 skew_kl, 4 skew_reverse_kl,
+            5 tvd (1, reverse KL, is refused: +∞ off the teacher's ids).
+        inv_temperature: ``1 / T``.
+        coef: β in (0, 1) for JSD, α in (0, 1] for the skew divergences.
+        grad_scale: factor applied to the gradient (not to the loss).
+        student_grad: whether to compute the gradient.
+
+    Returns:
+        ``row_loss`` ``(N,)`` float32, the unscaled ``ℓ_i``, and ``grad``
+        ``(N, V)`` contiguous in the student's dtype, ``grad_scale · dℓ_i/ds``,
+        or ``(0, 0)`` when not requested.
+    """
+    _check_tensors(student, teacher_index, teacher_value, row_mask)
+    _check_scalars(kind, inv_temperature, coef, grad_scale)
+    rows, vocab = student.shape
+    k = teacher_index.shape[1]
+    row_loss = torch.empty(rows, dtype=torch.float32, device=student.device)
+    # The interpreter truncates float32 → bfloat16 where CUDA rounds to
+    # nearest even (see kernels/divergence.py): under it, bf16 gradients are
+    # stored in float32 and rounded by torch.
+    interpreted_bf16 = DEVICE_TYPE == "cpu" and student.dtype == torch.bfloat16
+    grad_dtype = torch.float32 if interpreted_bf16 else student.dtype
+    grad = student.new_empty((rows, vocab) if student_grad else (0, 0), dtype=grad_dtype)
+    if rows == 0:
+        return row_loss, grad.to(student.dtype)
+    index = teacher_index.contiguous()
+    ordered = sorted_checked_ids(index, vocab)
+    block, num_warps = launch_config(vocab)
+    _topk_divergence_fwd_kernel[(rows,)](
+        student, index, ordered, teacher_value.contiguous(),
+        None if row_mask is None else row_mask.contiguous(), row_loss, grad if student_grad else None,
+        student.stride(0), vocab, k, float(inv_temperature), float(grad_scale * inv_temperature),
+        # the other kinds ignore coef: 0.5 keeps log c and log(1 − c) finite
+        float(coef) if kind in (JSD, SKEW_KL, SKEW_REVERSE_KL) else 0.5,
+        KIND=kind, HAS_MASK=row_mask is not None, STUDENT_GRAD=bool(student_grad),
+        BLOCK=block, KBLOCK=support_block(k), num_warps=num_warps,
+    )
+    return row_loss, grad.to(student.dtype)
