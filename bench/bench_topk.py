@@ -63,7 +63,6 @@ COLUMNS = (
 SIZE_AXIS = f"tokens N (V = {VOCAB}, k = {TOP_K})"
 # The student gradient: the least a fused forward + backward allocates.
 OUTPUT_KEY = "output_mib"
-# Every provider computes in float32; they differ by summation order only.
 
 
 def dense_teacher(index: torch.Tensor, values: torch.Tensor, vocab: int) -> torch.Tensor:

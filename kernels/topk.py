@@ -222,7 +222,7 @@ def _topk_divergence_fwd_kernel(
     # stream 1: max and Σ exp((s − max)/T) of the off-support entries, online;
     # the ids read −inf (no off-support entry at all leaves max −inf, sum 0)
     m_off = float("-inf")
-    d_off = 0.0
+    d_off = tl.zeros([], tl.float64)  # _online_max_sum_exp sums in float64
     cursor = 0
     for start in range(0, V, BLOCK):
         offs = start + cols
