@@ -55,6 +55,7 @@
 #include <tuple>
 
 #include "../common/checks.h"
+#include "block_reduce.cuh"
 
 namespace fastkd {
 namespace cuda {
@@ -157,30 +158,6 @@ __global__ void __launch_bounds__(kMapThreads) attention_map_channels_last_kerne
     for (int offset = kWarp / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
     if (lane == 0) v[n * HW + k] = sum * inv_c;
   }
-}
-
-struct SumOp2 {
-  __device__ __forceinline__ float2 operator()(const float2& a, const float2& b) const {
-    return make_float2(a.x + b.x, a.y + b.y);
-  }
-};
-
-struct SumOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
-};
-
-// Reduces `value` over the block and returns the total to every thread.
-// `temp` and `result` are free again when this returns (second barrier).
-template <int BLOCK, class T, class Op>
-__device__ __forceinline__ T block_all_reduce(T value, Op op,
-                                              typename cub::BlockReduce<T, BLOCK>::TempStorage& temp,
-                                              T& result) {
-  const T total = cub::BlockReduce<T, BLOCK>(temp).Reduce(value, op);
-  if (threadIdx.x == 0) result = total;
-  __syncthreads();
-  const T broadcast = result;
-  __syncthreads();
-  return broadcast;
 }
 
 // Per sample: ‖v_s‖, ‖v_t‖ and Σ_k (a_s − a_t)².

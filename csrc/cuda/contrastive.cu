@@ -43,6 +43,7 @@
 #include <tuple>
 
 #include "../common/checks.h"
+#include "block_reduce.cuh"
 
 namespace fastkd {
 namespace cuda {
@@ -72,27 +73,6 @@ struct MaxNanOp {
     return max_nan(a, b);
   }
 };
-
-struct SumOp {
-  template <class T>
-  __device__ __forceinline__ T operator()(const T& a, const T& b) const {
-    return a + b;
-  }
-};
-
-// Reduces `value` over the block and returns the total to every thread.
-// `temp` and `result` are free again when this returns (second barrier).
-template <int BLOCK, class T, class Op>
-__device__ __forceinline__ T block_all_reduce(T value, Op op,
-                                              typename cub::BlockReduce<T, BLOCK>::TempStorage& temp,
-                                              T& result) {
-  const T total = cub::BlockReduce<T, BLOCK>(temp).Reduce(value, op);
-  if (threadIdx.x == 0) result = total;
-  __syncthreads();
-  const T broadcast = result;
-  __syncthreads();
-  return broadcast;
-}
 
 // One block per row of the tile (blocks grid-stride over rows); threads
 // stride over M so that a warp's loads are coalesced. The row is read twice

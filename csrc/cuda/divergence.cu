@@ -43,6 +43,7 @@
 
 #include "../common/divergence_math.h"
 #include "../common/divergence_op.h"
+#include "block_reduce.cuh"
 
 namespace fastkd {
 namespace cuda {
@@ -69,32 +70,6 @@ struct RowMaxOp {
             first_at(a.t, a.t_at, b.t, b.t_at)};
   }
 };
-
-struct SumOp2 {
-  __device__ __forceinline__ float2 operator()(const float2& a, const float2& b) const {
-    return make_float2(a.x + b.x, a.y + b.y);
-  }
-};
-
-struct SumOp3 {
-  __device__ __forceinline__ float3 operator()(const float3& a, const float3& b) const {
-    return make_float3(a.x + b.x, a.y + b.y, a.z + b.z);
-  }
-};
-
-// Reduces `value` over the block and returns the total to every thread.
-// `temp` and `result` are free again when this returns (second barrier).
-template <int BLOCK, class T, class Op>
-__device__ __forceinline__ T block_all_reduce(T value, Op op,
-                                              typename cub::BlockReduce<T, BLOCK>::TempStorage& temp,
-                                              T& result) {
-  const T total = cub::BlockReduce<T, BLOCK>(temp).Reduce(value, op);
-  if (threadIdx.x == 0) result = total;
-  __syncthreads();
-  const T broadcast = result;
-  __syncthreads();
-  return broadcast;
-}
 
 // Everything element_terms needs besides the two logits; the same constants
 // and the same expressions as RowConstants / terms_at in

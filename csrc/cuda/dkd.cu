@@ -53,6 +53,7 @@
 #include <tuple>
 
 #include "../common/checks.h"
+#include "block_reduce.cuh"
 
 namespace fastkd {
 namespace cuda {
@@ -113,10 +114,6 @@ struct MaxSumOp {
     online_merge(r.m_t, r.d_t, b.m_t, b.d_t, inv_t);
     return r;
   }
-};
-
-struct SumOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
 };
 
 // Everything pass 2 needs besides the two logits (the same constants as

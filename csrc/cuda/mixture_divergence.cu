@@ -62,6 +62,7 @@
 #include "../common/checks.h"
 #include "../common/divergence_math.h"
 #include "../common/mixture_args.h"
+#include "block_reduce.cuh"
 
 namespace fastkd {
 namespace cuda {
@@ -123,26 +124,6 @@ struct MaxSumOp {
     return {m, d, at};
   }
 };
-
-struct SumOp2 {
-  __device__ __forceinline__ double2 operator()(const double2& a, const double2& b) const {
-    return make_double2(a.x + b.x, a.y + b.y);
-  }
-};
-
-// Reduces `value` over the block and returns the total to every thread.
-// `temp` and `result` are free again when this returns (second barrier).
-template <int BLOCK, class T, class Op>
-__device__ __forceinline__ T block_all_reduce(T value, Op op,
-                                              typename cub::BlockReduce<T, BLOCK>::TempStorage& temp,
-                                              T& result) {
-  const T total = cub::BlockReduce<T, BLOCK>(temp).Reduce(value, op);
-  if (threadIdx.x == 0) result = total;
-  __syncthreads();
-  const T broadcast = result;
-  __syncthreads();
-  return broadcast;
-}
 
 // log p_j = logsumexp_k((t_k[j] − max_k)/T + off_k), online over k (one
 // exponential per teacher). −inf where no teacher has mass (a weight-0

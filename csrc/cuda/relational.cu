@@ -50,6 +50,7 @@
 #include <tuple>
 
 #include "../common/checks.h"
+#include "block_reduce.cuh"
 
 namespace fastkd {
 namespace cuda {
@@ -95,12 +96,6 @@ __device__ __forceinline__ float smooth_l1(float d) {
 __device__ __forceinline__ float distance(float sq, int64_t i, int64_t j) {
   return j == i ? 0.f : sqrtf(nan_max(sq, static_cast<float>(kPdistEps)));
 }
-
-struct SumOp2 {
-  __device__ __forceinline__ float2 operator()(const float2& a, const float2& b) const {
-    return make_float2(a.x + b.x, a.y + b.y);
-  }
-};
 
 // ---- RKD distance ------------------------------------------------------------------
 

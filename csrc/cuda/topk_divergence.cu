@@ -54,6 +54,7 @@
 #include "../common/divergence_op.h"
 #include "../common/topk_args.h"
 #include "../common/topk_math.h"
+#include "block_reduce.cuh"
 
 namespace fastkd {
 namespace cuda {
@@ -84,26 +85,6 @@ struct MaxOp2 {
     return make_float2(fk_max(a.x, b.x), fk_max(a.y, b.y));
   }
 };
-
-struct SumOpDouble2 {
-  __device__ __forceinline__ double2 operator()(const double2& a, const double2& b) const {
-    return make_double2(a.x + b.x, a.y + b.y);
-  }
-};
-
-// Reduces `value` over the block and returns the total to every thread.
-// `temp` and `result` are free again when this returns (second barrier).
-template <int BLOCK, class T, class Op>
-__device__ __forceinline__ T block_all_reduce(T value, Op op,
-                                              typename cub::BlockReduce<T, BLOCK>::TempStorage& temp,
-                                              T& result) {
-  const T total = cub::BlockReduce<T, BLOCK>(temp).Reduce(value, op);
-  if (threadIdx.x == 0) result = total;
-  __syncthreads();
-  const T broadcast = result;
-  __syncthreads();
-  return broadcast;
-}
 
 // s[id] for one of the row's ids; an id outside the row (refused by the op's
 // check before the launch) reads nothing and gives NaN
@@ -228,7 +209,7 @@ __global__ void __launch_bounds__(BLOCK) _topk_divergence_fwd_kernel(
       sums.x += fk_exp((static_cast<double>(logit_at(s, ids[j], V)) - c.max_s) * inv_t);
       sums.y += fk_exp((static_cast<double>(t[j]) - c.max_t) * inv_t);
     }
-    sums = block_all_reduce<BLOCK>(sums, SumOpDouble2{}, temp.sum2, sum2_result);
+    sums = block_all_reduce<BLOCK>(sums, SumOp2{}, temp.sum2, sum2_result);
     // the off-support sum at the row max (no finite entry: 0, or NaN after a
     // NaN; an all −inf row has no max and a NaN loss, as on CPU)
     const double off_sum = off.max == -INFINITY
@@ -249,7 +230,7 @@ __global__ void __launch_bounds__(BLOCK) _topk_divergence_fwd_kernel(
       acc.x += term.loss;
       acc.y += term.q_times_g;
     }
-    acc = block_all_reduce<BLOCK>(acc, SumOpDouble2{}, temp.sum2, sum2_result);
+    acc = block_all_reduce<BLOCK>(acc, SumOp2{}, temp.sum2, sum2_result);
     if (threadIdx.x == 0) row_loss[row] = static_cast<float>(slope * off_mass + acc.x);
 
     if (g != nullptr) {
