@@ -1,5 +1,5 @@
-"""Relational losses (SPEC §2): the fused RKD kernels of every backend against
-the float64 reference, edge cases of the Gram formulation (duplicates,
+"""Relational losses (SPEC §2): the fused RKD, PKT, SP and CC kernels of every
+backend against the float64 reference, edge cases of the Gram formulation (duplicates,
 near-duplicates, offsets), the ops themselves (opcheck, C++ checks), dispatch
 and validation.
 
@@ -627,13 +627,18 @@ def test_bad_hyper_parameters_raise_value_error(call, needle):
 
 
 @OPS_ON_DEVICE
-def test_torch_compile_fullgraph():
-    """The op-based backend of DEVICE (cpu, or cuda) under torch.compile."""
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [("rkd_loss", {}), ("pkt_loss", {"eps": 1e-3}), ("sp_loss", {}), ("cc_loss", {"gamma": 0.3, "order": 3})],
+)
+def test_torch_compile_fullgraph(name, kwargs):
+    """The op-based backend of DEVICE (cpu, or cuda) under torch.compile, hyper-parameters included."""
     backend = DEVICE.type
+    fn = getattr(fastkd, name)
     s = embeddings((9, 6), torch.float32, 41)
     t = embeddings((9, 4), torch.float32, 42)
-    compiled = torch.compile(lambda a, b: fastkd.rkd_loss(a, b, backend=backend), fullgraph=True)
+    compiled = torch.compile(lambda a, b: fn(a, b, backend=backend, **kwargs), fullgraph=True)
     got = run(compiled, s, t)
-    want = run(lambda a, b: fastkd.rkd_loss(a, b, backend=backend), s, t)
+    want = run(lambda a, b: fn(a, b, backend=backend, **kwargs), s, t)
     for a, b in zip(got, want, strict=True):
-        assert_matches(a, b.double(), torch.float32, "compiled rkd_loss")
+        assert_matches(a, b.double(), torch.float32, f"compiled {name}")
