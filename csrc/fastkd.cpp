@@ -132,6 +132,16 @@ TORCH_LIBRARY(fastkd, m) {
   // loss itself (upstream gradient 1), computed in the same pass.
   m.def("rkd_distance_forward(Tensor student, Tensor teacher, bool student_grad) -> (Tensor, Tensor)");
   m.def("rkd_angle_forward(Tensor student, Tensor teacher, bool student_grad) -> (Tensor, Tensor)");
+  // PKT, SP and CC (SPEC §2): functions of the Gram matrices X Xᵀ (PKT: of
+  // the normalised rows), O(N²) memory. Same arguments and outputs as the
+  // RKD ops above, the loss's hyper-parameters last:
+  //   pkt_forward: eps > 0 (added to the norms and inside the log ratio);
+  //   cc_forward:  gamma > 0, Taylor order >= 1.
+  m.def("pkt_forward(Tensor student, Tensor teacher, bool student_grad, float eps) -> (Tensor, Tensor)");
+  m.def("sp_forward(Tensor student, Tensor teacher, bool student_grad) -> (Tensor, Tensor)");
+  m.def(
+      "cc_forward(Tensor student, Tensor teacher, bool student_grad, float gamma, int order) "
+      "-> (Tensor, Tensor)");
 }
 
 namespace py = pybind11;

@@ -156,3 +156,13 @@ if _C is not None and has_kernel("dkd_forward", "CPU"):
 
     torch.library.register_fake("fastkd::rkd_distance_forward")(_rkd_forward_fake)
     torch.library.register_fake("fastkd::rkd_angle_forward")(_rkd_forward_fake)
+
+    @torch.library.register_fake("fastkd::pkt_forward")
+    def _pkt_forward_fake(student, teacher, student_grad, eps):
+        return _rkd_forward_fake(student, teacher, student_grad)
+
+    torch.library.register_fake("fastkd::sp_forward")(_rkd_forward_fake)
+
+    @torch.library.register_fake("fastkd::cc_forward")
+    def _cc_forward_fake(student, teacher, student_grad, gamma, order):
+        return _rkd_forward_fake(student, teacher, student_grad)

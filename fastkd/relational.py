@@ -6,14 +6,25 @@ differ: only the ``N × N`` relations are compared). The teacher is a constant:
 it is detached and never receives a gradient. Losses are float32 (float64 for
 float64 inputs); the student's gradient comes back in its dtype.
 
-Backends: the RKD terms have fused kernels built on Gram matrices with O(N²)
-memory: ``"cpu"`` (``csrc/cpu/relational.cpp``) for CPU tensors, ``"triton"``
-(``kernels/relational.py``) and ``"cuda"`` (``csrc/cuda/relational.cu``) for
-CUDA tensors. SP, CC and PKT have ``"triton"`` kernels only (row passes over
-the Gram matrices, ``kernels/relational.py``). ``backend="auto"`` runs the
-reference where the chosen backend has no kernel (SP, CC and PKT on CPU
-tensors); an explicit ``"cpu"`` / ``"cuda"`` / ``"triton"`` where no kernel
-exists raises ``ValueError``.
+Backends: every term has fused kernels built on Gram matrices with O(N²)
+memory, which return the student's gradient from the same call:
+``"cpu"`` for CPU tensors, ``"triton"`` and ``"cuda"`` for CUDA tensors.
+
+- RKD distance and angle: ``csrc/cpu/relational.cpp``,
+  ``kernels/relational.py``, ``csrc/cuda/relational.cu``.
+- PKT, SP, CC: the Gram matrices by matmul (PKT: of the normalised rows),
+  then row passes that compute each row's loss terms and write ``∂loss/∂G``
+  in place of the student's Gram row, and ``dX = (dG + dGᵀ) X`` by matmul:
+  ``"cpu"`` (``csrc/cpu/relational_losses.cpp``: at::mm, OpenMP row passes
+  accumulating in float64, float64 inputs in float64), ``"cuda"``
+  (``csrc/cuda/relational_losses.cu``: at::mm, one thread block per row with
+  cub reductions, float32) and ``"triton"`` (``kernels/relational.py``: row
+  blocks, float32). PKT's O(N·D) normalisation gradient is ATen on ``cpu`` /
+  ``cuda`` and autograd on ``triton``.
+
+``backend="auto"`` picks the device's first backend (``"cpu"`` for CPU
+tensors, ``"triton"`` for CUDA tensors; float64 on CUDA runs the reference);
+an explicit backend without a kernel raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -36,9 +47,9 @@ __all__ = ["cc_loss", "pkt_loss", "rkd_angle", "rkd_distance", "rkd_loss", "sp_l
 # The compiled backends with a kernel, per loss (backend="auto" runs the
 # reference for the others).
 RKD_KERNELS = ("cpu", "triton", "cuda")
-PKT_KERNELS = ("triton",)
-SP_KERNELS = ("triton",)
-CC_KERNELS = ("triton",)
+PKT_KERNELS = ("cpu", "triton", "cuda")
+SP_KERNELS = ("cpu", "triton", "cuda")
+CC_KERNELS = ("cpu", "triton", "cuda")
 
 
 def _check_pair(student, teacher, gather=False, process_group=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +85,7 @@ def _check_pair(student, teacher, gather=False, process_group=None) -> tuple[tor
 
 
 class RKDFunction(torch.autograd.Function):
-    """One relational term (RKD, and SP / CC on triton) on its fused op: the op
+    """One relational term (RKD, PKT, SP, CC) on its fused op: the op
     returns the loss and, when the student needs it, the student's gradient
     (computed in the same call).
 
@@ -236,14 +247,15 @@ def rkd_loss(
 def _gram_term(
     name: str, kernels, student, teacher, backend: str, gather=False, process_group=None, **kwargs
 ) -> torch.Tensor:
-    """SP / CC / PKT: the Triton launcher ``<stem>_forward`` where ``kernels`` has the chosen backend."""
+    """SP / CC / PKT on the chosen backend: ``fastkd::<stem>_forward`` (cpu, cuda),
+    the Triton launcher ``<stem>_forward`` (triton), the reference where
+    ``kernels`` lacks the backend under ``"auto"``; ``kwargs`` are the loss's
+    hyper-parameters (the ops' and launchers' last arguments, by name)."""
     s, t = _check_pair(student, teacher, gather, process_group)
-    if _backend_for(name, kernels, backend, s) == "reference":
+    chosen = _backend_for(name, kernels, backend, s)
+    if chosen == "reference":
         return getattr(_reference, name)(s, t, **kwargs)
-    from fastkd.kernels import relational as triton_relational
-
-    launcher = getattr(triton_relational, f"{name.removesuffix('_loss')}_forward")
-    return RKDFunction.apply(s, t, functools.partial(launcher, **kwargs))
+    return RKDFunction.apply(s, t, functools.partial(_rkd_op(name.removesuffix("_loss"), chosen), **kwargs))
 
 
 def pkt_loss(
@@ -265,14 +277,16 @@ def pkt_loss(
     entry, inf / inf) is zeroed; a NaN in the input still gives a NaN loss
     (SPEC §6).
 
-    Kernels as for :func:`sp_loss` (``"triton"`` only: the O(N²) part in one
-    kernel, the row normalisation's gradient by autograd).
+    Kernels as for :func:`sp_loss`, on the Gram matrix of the normalised
+    rows ``x̂``; the normalisation's O(N·D) gradient is ATen tensor ops on
+    ``"cpu"`` / ``"cuda"`` and autograd on ``"triton"``.
 
     Args:
         student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
         eps: ``> 0``, added to the norms and inside the log ratio.
-        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``
+            (as for :func:`rkd_distance`).
         gather, process_group: as for :func:`rkd_distance`.
 
     Returns:
@@ -293,14 +307,17 @@ def sp_loss(
     """Similarity-preserving KD (Tung & Mori, ICCV 2019; RepDistiller ``Similarity``).
 
     ``G = F.normalize(X Xᵀ)`` row-wise per side, ``L = ‖G_t − G_s‖²_F / N²``.
-    ``"triton"`` has a kernel (row passes over the two Gram matrices, the
-    gradient from the same call); for CPU tensors ``"auto"`` runs the
-    reference, and an explicit ``"cpu"`` / ``"cuda"`` raises ``ValueError``.
+    The kernels (``"cpu"``, ``"cuda"``, ``"triton"``) form both Gram
+    matrices by matmul, then one row pass computes the row's norms, loss
+    terms and ``∂loss/∂G_s`` (written over ``G_s``), and
+    ``dX = (dG + dGᵀ) X`` by matmul: O(N²) memory, where the reference's
+    autograd keeps the normalised matrices and their difference.
 
     Args:
         student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
-        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``
+            (as for :func:`rkd_distance`).
         gather, process_group: as for :func:`rkd_distance`.
 
     Returns:
@@ -324,15 +341,17 @@ def cc_loss(
     ``K_ij = exp(−2γ) Σ_{p=0..P} (2γ)^p / p! · (x_i·x_j)^p`` per side (the
     Taylor expansion of the Gaussian RBF, on the embeddings as given),
     ``L = ‖K_s − K_t‖_F / N²`` (the norm, not its square); see
-    :func:`fastkd.reference.cc_loss`. Kernels as for :func:`sp_loss`
-    (``"triton"`` only).
+    :func:`fastkd.reference.cc_loss`. Kernels as for :func:`sp_loss` (the
+    row pass forms ``K`` by Horner's rule; the norm's factor is applied to
+    ``∂loss/∂G_s`` once the norm is known).
 
     Args:
         student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
         gamma: RBF parameter ``γ > 0``.
         order: Taylor order ``P >= 1`` (an int).
-        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``
+            (as for :func:`rkd_distance`).
         gather, process_group: as for :func:`rkd_distance`.
 
     Returns:

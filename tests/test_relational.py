@@ -1,5 +1,5 @@
-"""Relational losses (SPEC §2): the fused RKD kernels of every backend against
-the float64 reference, edge cases of the Gram formulation (duplicates,
+"""Relational losses (SPEC §2): the fused RKD, PKT, SP and CC kernels of every
+backend against the float64 reference, edge cases of the Gram formulation (duplicates,
 near-duplicates, offsets), the ops themselves (opcheck, C++ checks), dispatch
 and validation.
 
@@ -307,7 +307,7 @@ def test_triton_launcher_checks(name, student, teacher, grad, needle, backend):
         getattr(kernels, f"{name}_forward")(student, move(teacher), grad)
 
 
-# ---- SP, CC, PKT (kernels on triton) ------------------------------------------------
+# ---- SP, CC, PKT (kernels on cpu, triton, cuda) ----------------------------------------
 
 OTHERS = {
     "pkt_loss": (fastkd.pkt_loss, reference.pkt_loss, fastkd.PKTLoss),
@@ -339,11 +339,14 @@ def gram_params():
 def check_gram_parity(name, kwargs, backend, student, teacher, what=""):
     fn, ref, _ = OTHERS[name]
     dtype = student.dtype
+    if dtype not in _dispatch.KERNEL_DTYPES[backend]:
+        pytest.skip(f"{backend} does not take {dtype}")
     got = run(lambda a, b: fn(a, b, backend=backend, **kwargs), student, teacher)
     want = run(lambda a, b: ref(a, b, **kwargs), student.double(), teacher.double())
     same = run(lambda a, b: ref(a, b, **kwargs), student, teacher)
-    assert got[0].dtype == torch.float32 and got[0].shape == ()
+    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and got[0].shape == ()
     assert got[1].dtype == dtype and got[1].shape == student.shape
+    assert got[0].device == student.device and got[1].device == student.device
     for label, a, b, c in zip(("loss", "grad"), got, want, same, strict=True):
         assert_matches(a, b, dtype, f"{backend} {name} {kwargs} {what} {label}", [c])
 
@@ -363,6 +366,29 @@ def test_sp_cc_pkt_parity(name, kwargs, backend, shape):
 def test_sp_cc_pkt_reduced_precision(name, kwargs, backend, dtype):
     s, t = embeddings((13, 17), dtype, 48), embeddings((13, 9), dtype, 49)
     check_gram_parity(name, kwargs, backend, s, t, str(dtype))
+
+
+@pytest.mark.parametrize("name,kwargs,backend", gram_params())
+def test_sp_cc_pkt_float64_and_non_contiguous(name, kwargs, backend):
+    """float64 (cpu: computed in float64, checked at float64 tolerances; the
+    GPU backends refuse it) and non-contiguous (N, C, H, W) views."""
+    s = embeddings((8, 3, 4, 2), torch.float32, 58).transpose(1, 3)
+    t = embeddings((5, 8), torch.float32, 59).t()
+    assert not s.is_contiguous() and not t.is_contiguous()
+    check_gram_parity(name, kwargs, backend, s, t, "non-contiguous")
+    s, t = embeddings((10, 6), torch.float64, 56), embeddings((10, 4), torch.float64, 57)
+    check_gram_parity(name, kwargs, backend, s, t, "float64")  # skips where float64 is not taken
+
+
+@pytest.mark.parametrize("name,kwargs,backend", gram_params())
+def test_sp_cc_pkt_small_n_and_duplicates(name, kwargs, backend):
+    """N = 1 and N = 2 (losses 0 and non-trivial), and a batch of identical rows."""
+    for n in (1, 2):
+        s, t = embeddings((n, 5), torch.float32, 60 + n), embeddings((n, 3), torch.float32, 62 + n)
+        check_gram_parity(name, kwargs, backend, s, t, f"N = {n}")
+    s = embeddings((1, 6), torch.float32, 65).expand(7, 6).clone()
+    t = embeddings((7, 4), torch.float32, 66)
+    check_gram_parity(name, kwargs, backend, s, t, "identical student rows")
 
 
 @pytest.mark.parametrize("name,kwargs,backend", gram_params())
@@ -406,19 +432,19 @@ def test_sp_cc_pkt_nan_and_no_gradient(name, kwargs, backend):
 
 @pytest.mark.parametrize("name", OTHERS)
 def test_pkt_sp_cc_dispatch(name):
-    """An explicit backend without the loss's kernel raises; "auto" runs the
-    reference where the device's first backend has no kernel."""
+    """"auto" (function and module) runs the device's first kernel backend,
+    which every loss of the family has, and its gradient reaches the student."""
     fn, ref, module = OTHERS[name]
+    first = KERNEL_BACKENDS[0]
+    assert first in KERNELS_OF[name]
     s = embeddings((7, 2, 3), torch.float32, 33).requires_grad_(True)
     t = embeddings((7, 5), torch.float32, 34)
-    if KERNEL_BACKENDS[0] not in KERNELS_OF[name]:
-        assert torch.equal(fn(s, t), ref(s, t))
-        assert torch.equal(module()(s, t), ref(s, t))
-    without = DEVICE.type  # cpu / cuda: neither has a PKT, SP or CC kernel
-    with pytest.raises(ValueError, match=f"backend='{without}' has no {name} kernel yet"):
-        fn(s, t, backend=without)
+    explicit = fn(s, t, backend=first)
+    assert torch.equal(fn(s, t), explicit)
+    assert torch.equal(module()(s, t), explicit)
+    assert_matches(explicit.detach(), ref(s.double(), t.double()), torch.float32, f"auto {name}")
     fn(s, t).backward()
-    assert s.grad is not None
+    assert s.grad is not None and torch.isfinite(s.grad).all()
 
 
 def test_pkt_nan_input_gives_nan_but_infinite_entries_are_zeroed():
@@ -432,12 +458,35 @@ def test_pkt_nan_input_gives_nan_but_infinite_entries_are_zeroed():
 
 
 def test_hyper_parameters_reach_the_reference():
-    # CPU tensors: "auto" runs the reference for PKT and CC there
     s, t = embeddings((6, 4), torch.float32, 37).cpu(), embeddings((6, 4), torch.float32, 38).cpu()
-    assert torch.equal(fastkd.cc_loss(s, t, gamma=0.2, order=3), reference.cc_loss(s, t, gamma=0.2, order=3))
-    assert torch.equal(fastkd.CCLoss(gamma=0.2, order=3)(s, t), reference.cc_loss(s, t, gamma=0.2, order=3))
-    assert torch.equal(fastkd.pkt_loss(s, t, eps=1e-3), reference.pkt_loss(s, t, eps=1e-3))
-    assert torch.equal(fastkd.PKTLoss(eps=1e-3)(s, t), reference.pkt_loss(s, t, eps=1e-3))
+    want_cc = reference.cc_loss(s, t, gamma=0.2, order=3)
+    assert torch.equal(fastkd.cc_loss(s, t, gamma=0.2, order=3, backend="reference"), want_cc)
+    assert torch.equal(fastkd.CCLoss(gamma=0.2, order=3, backend="reference")(s, t), want_cc)
+    want_pkt = reference.pkt_loss(s, t, eps=1e-3)
+    assert torch.equal(fastkd.pkt_loss(s, t, eps=1e-3, backend="reference"), want_pkt)
+    assert torch.equal(fastkd.PKTLoss(eps=1e-3, backend="reference")(s, t), want_pkt)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+def test_hyper_parameters_reach_the_kernels(backend):
+    """Through the functions and the modules: each setting matches the
+    reference at that setting, and the settings give different losses."""
+    s, t = embeddings((6, 4), torch.float32, 37), embeddings((6, 4), torch.float32, 38)
+    ccs = []
+    for gamma, order in ((0.2, 3), (0.9, 1)):
+        want = reference.cc_loss(s.double(), t.double(), gamma=gamma, order=order)
+        got = fastkd.cc_loss(s, t, gamma=gamma, order=order, backend=backend)
+        assert_matches(got, want, torch.float32, f"cc gamma={gamma} order={order}")
+        assert torch.equal(fastkd.CCLoss(gamma=gamma, order=order, backend=backend)(s, t), got)
+        ccs.append(got)
+    pkts = []
+    for eps in (1e-3, 0.5):
+        want = reference.pkt_loss(s.double(), t.double(), eps=eps)
+        got = fastkd.pkt_loss(s, t, eps=eps, backend=backend)
+        assert_matches(got, want, torch.float32, f"pkt eps={eps}")
+        assert torch.equal(fastkd.PKTLoss(eps=eps, backend=backend)(s, t), got)
+        pkts.append(got)
+    assert not torch.allclose(*ccs) and not torch.allclose(*pkts)
 
 
 # ---- dispatch ----------------------------------------------------------------------
@@ -452,12 +501,14 @@ def test_explicit_gpu_backend_on_cpu_tensors_raises(name):
 
 @pytest.mark.parametrize("name", OTHERS)
 def test_backend_without_a_kernel(name, monkeypatch):
-    """PKT, SP, CC on cuda (as on CUDA tensors): explicit raises, auto runs the reference."""
-    monkeypatch.setattr(fastkd._dispatch, "resolve", lambda backend, tensor: "cuda")
+    """A backend missing from the loss's *_KERNELS tuple: explicit raises, auto runs the reference."""
+    tuple_name = {"pkt_loss": "PKT_KERNELS", "sp_loss": "SP_KERNELS", "cc_loss": "CC_KERNELS"}[name]
+    monkeypatch.setattr(fastkd.relational, tuple_name, ("triton",))
+    monkeypatch.setattr(fastkd._dispatch, "resolve", lambda backend, tensor: "cpu")
     fn = getattr(fastkd, name)
     s, t = torch.randn(4, 5), torch.randn(4, 3)
-    with pytest.raises(ValueError, match=f"backend='cuda' has no {name} kernel yet"):
-        fn(s, t, backend="cuda")
+    with pytest.raises(ValueError, match=f"backend='cpu' has no {name} kernel yet"):
+        fn(s, t, backend="cpu")
     assert torch.equal(fn(s, t), getattr(reference, name)(s, t))
 
 
@@ -470,22 +521,34 @@ OPS_ON_DEVICE = pytest.mark.skipif(
 )
 
 
+# The ops' hyper-parameters after (student, teacher, student_grad).
+OP_EXTRA = {
+    "rkd_distance_forward": (),
+    "rkd_angle_forward": (),
+    "pkt_forward": (1e-7,),
+    "sp_forward": (),
+    "cc_forward": (0.4, 2),
+}
+
+
 @OPS_ON_DEVICE
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=str)
-@pytest.mark.parametrize("op", ("rkd_distance_forward", "rkd_angle_forward"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16, torch.float64), ids=str)
+@pytest.mark.parametrize("op", OP_EXTRA)
 def test_opcheck(op, dtype):
     fn = getattr(torch.ops.fastkd, op)
+    extra = OP_EXTRA[op]
     s, t = embeddings((9, 6), dtype, 39), embeddings((9, 4), dtype, 40)
     if DEVICE.type == "cuda" and dtype == torch.float64:
         with pytest.raises(RuntimeError, match="float64"):
-            fn(s, t, True)
+            fn(s, t, True, *extra)
         return
     for student_grad in (True, False):
-        torch.library.opcheck(fn.default, (s, t, student_grad))
-    loss, grad = fn(s, t, True)
+        torch.library.opcheck(fn.default, (s, t, student_grad, *extra))
+    loss, grad = fn(s, t, True, *extra)
     assert loss.shape == () and loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert grad.shape == s.shape and grad.dtype == dtype
-    assert fn(s, t, False)[1].shape == (0, 0)
+    assert grad.shape == s.shape and grad.dtype == dtype and grad.device == s.device
+    assert fn(s, t, False, *extra)[1].shape == (0, 0)
+    assert torch.equal(fn(s, t, False, *extra)[0], loss)
 
 
 @pytest.mark.parametrize(
@@ -499,11 +562,28 @@ def test_opcheck(op, dtype):
         (torch.randn(7, 0), torch.randn(7, 3), "at least one feature"),
     ],
 )
-@pytest.mark.parametrize("op", ("rkd_distance_forward", "rkd_angle_forward"))
+@pytest.mark.parametrize("op", OP_EXTRA)
 @OPS_ON_DEVICE
 def test_op_checks(op, student, teacher, needle):
     with pytest.raises(RuntimeError, match=needle):
-        getattr(torch.ops.fastkd, op)(student.to(DEVICE), teacher.to(DEVICE), True)
+        getattr(torch.ops.fastkd, op)(student.to(DEVICE), teacher.to(DEVICE), True, *OP_EXTRA[op])
+
+
+@pytest.mark.parametrize(
+    "op,extra,needle",
+    [
+        ("pkt_forward", (0.0,), "eps must be finite and > 0"),
+        ("pkt_forward", (float("nan"),), "eps must be finite and > 0"),
+        ("cc_forward", (-0.5, 2), "gamma must be finite and > 0"),
+        ("cc_forward", (0.4, 0), "order must be >= 1"),
+    ],
+)
+@OPS_ON_DEVICE
+def test_op_hyper_parameter_checks(op, extra, needle):
+    s, t = embeddings((5, 3), torch.float32, 67), embeddings((5, 2), torch.float32, 68)
+    with pytest.raises(RuntimeError, match=needle):
+        getattr(torch.ops.fastkd, op)(s, t, True, *extra)
+
 
 
 # ---- validation -------------------------------------------------------------------
@@ -547,13 +627,18 @@ def test_bad_hyper_parameters_raise_value_error(call, needle):
 
 
 @OPS_ON_DEVICE
-def test_torch_compile_fullgraph():
-    """The op-based backend of DEVICE (cpu, or cuda) under torch.compile."""
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [("rkd_loss", {}), ("pkt_loss", {"eps": 1e-3}), ("sp_loss", {}), ("cc_loss", {"gamma": 0.3, "order": 3})],
+)
+def test_torch_compile_fullgraph(name, kwargs):
+    """The op-based backend of DEVICE (cpu, or cuda) under torch.compile, hyper-parameters included."""
     backend = DEVICE.type
+    fn = getattr(fastkd, name)
     s = embeddings((9, 6), torch.float32, 41)
     t = embeddings((9, 4), torch.float32, 42)
-    compiled = torch.compile(lambda a, b: fastkd.rkd_loss(a, b, backend=backend), fullgraph=True)
+    compiled = torch.compile(lambda a, b: fn(a, b, backend=backend, **kwargs), fullgraph=True)
     got = run(compiled, s, t)
-    want = run(lambda a, b: fastkd.rkd_loss(a, b, backend=backend), s, t)
+    want = run(lambda a, b: fn(a, b, backend=backend, **kwargs), s, t)
     for a, b in zip(got, want, strict=True):
-        assert_matches(a, b.double(), torch.float32, "compiled rkd_loss")
+        assert_matches(a, b.double(), torch.float32, f"compiled {name}")

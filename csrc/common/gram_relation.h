@@ -1,0 +1,102 @@
+// Shared by the CPU and CUDA implementations of fastkd::pkt_forward,
+// fastkd::sp_forward and fastkd::cc_forward (csrc/cpu/relational_losses.cpp,
+// csrc/cuda/relational_losses.cu): the argument checks, the per-element
+// Taylor series of CC, and PKT's row normalisation x̂ = x / (‖x‖ + eps) with
+// its hand-written gradient (ATen tensor ops on the rows, O(N·D); no
+// autograd graph).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <utility>
+
+#include "checks.h"
+
+#if defined(__CUDACC__)
+#define FASTKD_GRAM_HD __host__ __device__ __forceinline__
+#else
+#define FASTKD_GRAM_HD inline
+#endif
+
+namespace fastkd {
+namespace gram {
+
+constexpr double kNormalizeEps = 1e-12;  // F.normalize's eps (SP)
+
+// The checks of the RKD ops (csrc/cpu/relational.cpp), for PKT / SP / CC on `device`.
+inline void check_args(const at::Tensor& student, const at::Tensor& teacher, c10::DeviceType device) {
+  CHECK_DEVICE_TYPE(student, device);
+  CHECK_DEVICE_TYPE(teacher, device);
+  CHECK_SAME_DEVICE(student, teacher);
+  CHECK_DIM(student, 2);
+  CHECK_DIM(teacher, 2);
+  TORCH_CHECK(at::isFloatingType(student.scalar_type()),
+              "student must be a floating-point tensor, got ", student.scalar_type());
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
+              "student and teacher must have the same dtype, got ", student.scalar_type(), " and ",
+              teacher.scalar_type());
+  TORCH_CHECK(student.size(0) == teacher.size(0),
+              "student and teacher must have the same number of samples N, got ", student.size(0),
+              " and ", teacher.size(0));
+  TORCH_CHECK(student.size(0) >= 1, "student must hold at least one sample");
+  TORCH_CHECK(student.size(1) >= 1 && teacher.size(1) >= 1,
+              "student and teacher must have at least one feature per sample");
+}
+
+inline void check_pkt_eps(double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps);
+}
+
+inline void check_cc_params(double gamma, int64_t order) {
+  TORCH_CHECK(std::isfinite(gamma) && gamma > 0, "gamma must be finite and > 0, got ", gamma);
+  TORCH_CHECK(order >= 1, "order must be >= 1, got ", order);
+}
+
+// CC's Taylor series in g = x_i·x_j: (Σ_{p=0..P} (2γ g)^p / p!, its derivative
+// in g, 2γ Σ_{q=0..P−1} (2γ g)^q / q!), both by Horner (kernels/relational.py's
+// _cc_taylor).
+template <class T>
+FASTKD_GRAM_HD void cc_taylor(T g, T two_gamma, int64_t order, T& k, T& dk) {
+  k = T(1);
+  dk = T(1);
+  for (int64_t q = 0; q < order; ++q) {
+    const T step = two_gamma * g / static_cast<T>(order - q);
+    k = T(1) + step * k;
+    if (q > 0) dk = T(1) + step * dk;
+  }
+  dk *= two_gamma;
+}
+
+// PKT's rows: x̂ = x / (‖x‖ + eps), the NaN that the division creates (inf /
+// inf, from an infinite entry of a row without NaN) set to 0 as RepDistiller
+// does; a NaN input stays NaN (SPEC §6). `x`: [N, D] in the accumulation
+// dtype. Returns (x̂, ‖x‖, the zeroed entries).
+struct PktRows {
+  at::Tensor xh, norm, made_nan;
+};
+
+inline PktRows pkt_rows(const at::Tensor& x, double eps) {
+  at::Tensor norm = at::linalg_vector_norm(x, 2, at::IntArrayRef{1}, /*keepdim=*/true);
+  const at::Tensor raw = x / (norm + eps);
+  at::Tensor made_nan = raw.isnan().logical_and_(x.isnan().any(1, true).logical_not_());
+  return {raw.masked_fill(made_nan, 0.0), std::move(norm), std::move(made_nan)};
+}
+
+// dx from dx̂, exactly as torch autograd differentiates the reference's
+// expression (so NaN / inf cases agree): with a = ‖x‖ + eps,
+//   ∂/∂x of x / a:  d / a,  ∂/∂a: −Σ d · (x / a) / a,
+//   vector_norm:    x · (da / ‖x‖), 0 where ‖x‖ = 0,
+// where d is dx̂ with the zeroed entries masked out.
+inline at::Tensor pkt_rows_backward(const at::Tensor& x, const PktRows& rows, const at::Tensor& d_xh,
+                                    double eps) {
+  const at::Tensor d = d_xh.masked_fill(rows.made_nan, 0.0);
+  const at::Tensor a = rows.norm + eps;
+  const at::Tensor da = (d * ((x / a) / a)).sum(1, true).neg_();
+  const at::Tensor per_norm = (da / rows.norm).masked_fill_(rows.norm == 0, 0.0);
+  return (d / a).add_(x * per_norm);
+}
+
+}  // namespace gram
+}  // namespace fastkd

@@ -1,0 +1,236 @@
+// CPU implementation of fastkd::pkt_forward, fastkd::sp_forward and
+// fastkd::cc_forward (SPEC §2): the loss and the student's gradient from the
+// Gram matrices, O(N²) memory, no autograd graph. Same maths and contract as
+// the Triton launchers (kernels/relational.py, read their comments) and the
+// CUDA ops (csrc/cuda/relational_losses.cu).
+//
+// Each op: the two Gram matrices with at::mm (PKT: of the normalised rows
+// x̂), in float32 for float32 / bfloat16 / float16 inputs and float64 for
+// float64; one at::parallel_for over the rows that computes the row's loss
+// terms and writes ∂loss/∂G of the student's row in place of its Gram row
+// (each row reads only its own row, so the overwrite is safe); then
+// dX = (dG + dGᵀ) X with at::mm (PKT: dx̂, then the normalisation's O(N·D)
+// gradient by hand, csrc/common/gram_relation.h).
+//
+// Per row the sums (norms, row sums, loss terms, the projections of the
+// normalisations' gradients) accumulate in float64, and the rows' losses are
+// added in row order: the result does not depend on the thread count.
+// Cost: the Gram matmuls O(N² (D_s + D_t)), then O(N²) per pass (SP, PKT: a
+// row is read three times from cache, CC: once), and the dX matmul.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "../common/gram_relation.h"
+
+namespace fastkd {
+namespace cpu {
+namespace {
+
+at::ScalarType accumulation_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Rows per parallel_for task: about GRAIN_SIZE elements of an [N, N] matrix.
+int64_t row_grain(int64_t n) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(n, 1)); }
+
+// max(x, floor) that keeps NaN (std::max would drop it only for NaN in x: be explicit).
+template <class T>
+inline T nan_max(T x, T floor) {
+  return x < floor ? floor : x;
+}
+
+// Σ of per-row values in row order (deterministic), as float64.
+double ordered_sum(const std::vector<double>& rows) {
+  double total = 0;
+  for (const double v : rows) total += v;
+  return total;
+}
+
+std::tuple<at::Tensor, at::Tensor> no_grad_result(const at::Tensor& loss, const at::Tensor& student) {
+  return {loss, at::zeros({0, 0}, student.options())};
+}
+
+// ---- SP ----------------------------------------------------------------------
+// Ĝ = G / max(‖G_i‖, 1e-12) per row (F.normalize), L = ‖Ĝ_t − Ĝ_s‖²_F / N².
+// dĜ_s = −2 (Ĝ_t − Ĝ_s) / N², dG = (dĜ − Ĝ (Ĝ·dĜ)) / ‖G_i‖ (the projection
+// only where ‖G_i‖ > eps: below it the divisor is the constant eps).
+template <class T>
+std::tuple<at::Tensor, at::Tensor> sp_impl(const at::Tensor& student, const at::Tensor& teacher,
+                                           bool student_grad) {
+  const auto acc = accumulation_type(student);
+  const at::Tensor xs = student.to(acc).contiguous();
+  const at::Tensor xt = teacher.to(acc).contiguous();
+  at::Tensor gs = at::mm(xs, xs.t());
+  const at::Tensor gt = at::mm(xt, xt.t());
+  const int64_t n = xs.size(0);
+  const double inv_n2 = 1.0 / (double(n) * double(n));
+  T* gs_p = gs.data_ptr<T>();
+  const T* gt_p = gt.data_ptr<T>();
+  std::vector<double> loss_rows(n, 0.0);
+  at::parallel_for(0, n, row_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* gs_row = gs_p + i * n;
+      const T* gt_row = gt_p + i * n;
+      double ss = 0, st = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        ss += double(gs_row[j]) * double(gs_row[j]);
+        st += double(gt_row[j]) * double(gt_row[j]);
+      }
+      const double norm_s = std::sqrt(ss);
+      const double r_s = nan_max(norm_s, gram::kNormalizeEps);
+      const double r_t = nan_max(std::sqrt(st), gram::kNormalizeEps);
+      double loss = 0, dot = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const double ys = double(gs_row[j]) / r_s;
+        const double diff = double(gt_row[j]) / r_t - ys;
+        loss += diff * diff;
+        dot += ys * (-2.0 * inv_n2) * diff;
+      }
+      loss_rows[i] = loss;
+      if (!student_grad) continue;
+      const double proj = norm_s > gram::kNormalizeEps ? dot : 0.0;
+      for (int64_t j = 0; j < n; ++j) {
+        const double ys = double(gs_row[j]) / r_s;
+        const double dy = (-2.0 * inv_n2) * (double(gt_row[j]) / r_t - ys);
+        gs_row[j] = static_cast<T>((dy - ys * proj) / r_s);
+      }
+    }
+  });
+  const at::Tensor loss = at::scalar_tensor(ordered_sum(loss_rows) * inv_n2, at::TensorOptions().dtype(acc));
+  if (!student_grad) return no_grad_result(loss, student);
+  // gs now holds dG; G = X Xᵀ: dX = (dG + dGᵀ) X
+  return {loss, at::mm(gs + gs.t(), xs).to(student.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> sp_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                  bool student_grad) {
+  gram::check_args(student, teacher, at::kCPU);
+  if (student.scalar_type() == at::kDouble) return sp_impl<double>(student, teacher, student_grad);
+  return sp_impl<float>(student, teacher, student_grad);
+}
+
+// ---- CC ----------------------------------------------------------------------
+// K = exp(−2γ) Σ_p (2γ)^p / p! G^p per side, L = ‖K_s − K_t‖_F / N².
+// The row pass writes (K_s − K_t) dK_s/dG into the student's Gram row; the
+// norm's factor 1 / (‖K_s − K_t‖_F N²) (0 where the norm is 0, as autograd's
+// gradient of the norm there) is applied once the norm is known.
+template <class T>
+std::tuple<at::Tensor, at::Tensor> cc_impl(const at::Tensor& student, const at::Tensor& teacher,
+                                           bool student_grad, double gamma, int64_t order) {
+  const auto acc = accumulation_type(student);
+  const at::Tensor xs = student.to(acc).contiguous();
+  const at::Tensor xt = teacher.to(acc).contiguous();
+  at::Tensor gs = at::mm(xs, xs.t());
+  const at::Tensor gt = at::mm(xt, xt.t());
+  const int64_t n = xs.size(0);
+  const T two_gamma = static_cast<T>(2.0 * gamma);
+  const T scale = static_cast<T>(std::exp(-2.0 * gamma));
+  T* gs_p = gs.data_ptr<T>();
+  const T* gt_p = gt.data_ptr<T>();
+  std::vector<double> sq_rows(n, 0.0);
+  at::parallel_for(0, n, row_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* gs_row = gs_p + i * n;
+      const T* gt_row = gt_p + i * n;
+      double sq = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        T k_s, dk_s, k_t, dk_t;
+        gram::cc_taylor<T>(gs_row[j], two_gamma, order, k_s, dk_s);
+        gram::cc_taylor<T>(gt_row[j], two_gamma, order, k_t, dk_t);
+        const T diff = scale * (k_s - k_t);
+        sq += double(diff) * double(diff);
+        if (student_grad) gs_row[j] = diff * scale * dk_s;
+      }
+      sq_rows[i] = sq;
+    }
+  });
+  const double norm = std::sqrt(ordered_sum(sq_rows));
+  const double n2 = double(n) * double(n);
+  const at::Tensor loss = at::scalar_tensor(norm / n2, at::TensorOptions().dtype(acc));
+  if (!student_grad) return no_grad_result(loss, student);
+  const double coef = norm == 0.0 ? 0.0 : 1.0 / (norm * n2);  // NaN stays NaN
+  gs.mul_(coef);
+  return {loss, at::mm(gs + gs.t(), xs).to(student.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> cc_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                  bool student_grad, double gamma, int64_t order) {
+  gram::check_args(student, teacher, at::kCPU);
+  gram::check_cc_params(gamma, order);
+  if (student.scalar_type() == at::kDouble) return cc_impl<double>(student, teacher, student_grad, gamma, order);
+  return cc_impl<float>(student, teacher, student_grad, gamma, order);
+}
+
+// ---- PKT ---------------------------------------------------------------------
+// H = x̂ x̂ᵀ, S = (H + 1) / 2, P = S / rowsum(S) per side,
+// L = mean_ij P_t log((P_t + eps) / (P_s + eps)).
+// dP = −P_t / (P_s + eps) / N², dS = (dP − Σ_j dP P_s) / rowsum(S_s), dH = dS / 2.
+template <class T>
+std::tuple<at::Tensor, at::Tensor> pkt_impl(const at::Tensor& student, const at::Tensor& teacher,
+                                            bool student_grad, double eps) {
+  const auto acc = accumulation_type(student);
+  const at::Tensor xs = student.to(acc).contiguous();
+  const at::Tensor xt = teacher.to(acc).contiguous();
+  const gram::PktRows rows_s = gram::pkt_rows(xs, eps);
+  const gram::PktRows rows_t = gram::pkt_rows(xt, eps);
+  at::Tensor hs = at::mm(rows_s.xh, rows_s.xh.t());
+  const at::Tensor ht = at::mm(rows_t.xh, rows_t.xh.t());
+  const int64_t n = xs.size(0);
+  const double inv_n2 = 1.0 / (double(n) * double(n));
+  T* hs_p = hs.data_ptr<T>();
+  const T* ht_p = ht.data_ptr<T>();
+  std::vector<double> loss_rows(n, 0.0);
+  at::parallel_for(0, n, row_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* hs_row = hs_p + i * n;
+      const T* ht_row = ht_p + i * n;
+      double sum_s = 0, sum_t = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        sum_s += (double(hs_row[j]) + 1.0) * 0.5;
+        sum_t += (double(ht_row[j]) + 1.0) * 0.5;
+      }
+      double loss = 0, dot = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const double p_s = (double(hs_row[j]) + 1.0) * 0.5 / sum_s;
+        const double p_t = (double(ht_row[j]) + 1.0) * 0.5 / sum_t;
+        loss += p_t * std::log((p_t + eps) / (p_s + eps));
+        const double d_p = -inv_n2 * p_t / (p_s + eps);
+        dot += d_p * p_s;
+        if (student_grad) hs_row[j] = static_cast<T>(d_p);  // dP, finished below
+      }
+      loss_rows[i] = loss;
+      if (!student_grad) continue;
+      for (int64_t j = 0; j < n; ++j) hs_row[j] = static_cast<T>(0.5 * (double(hs_row[j]) - dot) / sum_s);
+    }
+  });
+  const at::Tensor loss = at::scalar_tensor(ordered_sum(loss_rows) * inv_n2, at::TensorOptions().dtype(acc));
+  if (!student_grad) return no_grad_result(loss, student);
+  // hs now holds dH; H = x̂ x̂ᵀ: dx̂ = (dH + dHᵀ) x̂, then through the normalisation
+  const at::Tensor d_xh = at::mm(hs + hs.t(), rows_s.xh);
+  return {loss, gram::pkt_rows_backward(xs, rows_s, d_xh, eps).to(student.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> pkt_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                   bool student_grad, double eps) {
+  gram::check_args(student, teacher, at::kCPU);
+  gram::check_pkt_eps(eps);
+  if (student.scalar_type() == at::kDouble) return pkt_impl<double>(student, teacher, student_grad, eps);
+  return pkt_impl<float>(student, teacher, student_grad, eps);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastkd
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("pkt_forward", &fastkd::cpu::pkt_forward_cpu);
+  m.impl("sp_forward", &fastkd::cpu::sp_forward_cpu);
+  m.impl("cc_forward", &fastkd::cpu::cc_forward_cpu);
+}
