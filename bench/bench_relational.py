@@ -39,8 +39,8 @@ only warm-up and each provider gets exactly ``LONG_REPEATS`` timed runs.
 ``python -m bench.run --families relational`` runs the sweep; ``pytest bench/``
 runs the small pytest-benchmark cases below once each.
 
-PKT, SP and CC are not benchmarked: on CPU they run their reference (already
-O(N²) memory; their only fused kernels are Triton's, for CUDA tensors).
+PKT, SP and CC are not in this sweep yet (their fused ops are Gram GEMMs plus
+one row pass; see the README for a one-off measurement).
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@
 #include <tuple>
 
 #include "../common/gram_relation.h"
+#include "block_reduce.cuh"
 
 namespace fastkd {
 namespace cuda {
@@ -49,12 +50,6 @@ unsigned row_grid(int64_t n) { return static_cast<unsigned>(std::min(n, kMaxBloc
 
 // max(x, floor) keeping NaN (fmaxf would drop it).
 __device__ __forceinline__ float nan_max(float x, float floor) { return x < floor ? floor : x; }
-
-struct SumOp2 {
-  __device__ __forceinline__ float2 operator()(const float2& a, const float2& b) const {
-    return make_float2(a.x + b.x, a.y + b.y);
-  }
-};
 
 using Reduce2 = cub::BlockReduce<float2, kRowThreads>;
 
