@@ -155,8 +155,8 @@ def test_several_teachers(backend, reduction):
 
     def mixed(a, b):
         total, hard, soft = fastkd.divergence(
-            a, b.detach(), teacher_weights=w, hard_weight=0.6, soft_weight=0.4, return_parts=True, backend=backend,
-            **kwargs,
+            a, b.detach(), teacher_weights=w, hard_weight=0.6, soft_weight=0.4, return_parts=True,
+            backend=backend, **kwargs,
         )
         torch.testing.assert_close(total, hard + soft)
         return total
