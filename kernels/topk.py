@@ -36,8 +36,10 @@ L2 while the rows resident at once (about one per SM, V·b bytes each) fit in
 it: on a 50 MiB L2 with 132 SMs up to V ≈ 99K in fp32; beyond that the
 re-read goes to HBM (3 N·V·b in all).
 
-Precision: the stream accumulates in float32 (bf16 / fp16 widened on load,
-gradients rounded to the input dtype on store); the k support terms, the
+Precision: the stream's element math is float32 (bf16 / fp16 widened on
+load, gradients rounded to the input dtype on store; each chunk's Σ exp is
+summed in float64 by kernels/divergence.py's online log-sum-exp); the k
+support terms, the
 normaliser Σe and R are float64, as on CPU, so the divergence of a student
 that matches the teacher closely (a tiny ℓ, a difference of nearly equal
 log-probabilities) keeps its digits (tests/test_topk.py: ~5e-8 relative
