@@ -42,7 +42,12 @@ WEIGHT_SUM_TOLERANCE = 1e-6
 
 
 def check_teacher_weights(teacher_weights, count: int) -> torch.Tensor:
-    """``(K,)`` float64 CPU weights: finite, >= 0, summing to 1 (``None``: uniform)."""
+    """``(K,)`` float64 CPU weights: finite, >= 0, summing to 1 (``None``: uniform).
+
+    Weights within ``WEIGHT_SUM_TOLERANCE`` of summing to 1 are accepted and
+    returned divided by their sum, so that every backend (and the reference)
+    mixes with the same weights and the mixture is a distribution.
+    """
     if teacher_weights is None:
         return torch.full((count,), 1.0 / count, dtype=torch.float64)
     if isinstance(teacher_weights, torch.Tensor):
@@ -64,7 +69,7 @@ def check_teacher_weights(teacher_weights, count: int) -> torch.Tensor:
     total = float(weights.sum())
     if not math.isclose(total, 1.0, rel_tol=0.0, abs_tol=WEIGHT_SUM_TOLERANCE):
         raise ValueError(f"teacher_weights must sum to 1, got {total}")
-    return weights
+    return weights / total
 
 
 def _mixture_op(backend: str):

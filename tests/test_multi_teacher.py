@@ -374,3 +374,17 @@ def test_opcheck(device, student_grad):
     torch.library.opcheck(
         torch.ops.fastkd.mixture_divergence_forward, (s, t, weights, mask, 2, 0.5, 0.3, 0.25, student_grad)
     )
+
+
+@pytest.mark.parametrize("backend", ["reference", *kernel_params()])
+def test_weights_off_by_rounding_are_renormalised(backend):
+    # weights summing to 1 + 6e-7 (accepted: within WEIGHT_SUM_TOLERANCE) mix
+    # exactly as the same weights divided by their sum, on every backend
+    s = torch.randn(4, 37, device=DEVICE)
+    t = torch.randn(3, 4, 37, device=DEVICE)
+    off = torch.tensor([0.5, 0.3, 0.2000006], dtype=torch.float64)
+    exact = off / off.sum()
+    kwargs = dict(divergence="jsd", temperature=2.0, backend=backend)
+    got = fastkd.divergence(s, t, teacher_weights=off, **kwargs)
+    want = fastkd.divergence(s, t, teacher_weights=exact, **kwargs)
+    assert torch.equal(got, want)
