@@ -403,15 +403,26 @@ def _check_args(student, teacher, row_mask, kind, inv_temperature, coef, grad_sc
         raise ValueError(f"student ({student.dtype}) and teacher ({teacher.dtype}) must have the same dtype")
     if student.device != teacher.device:
         raise ValueError(f"student ({student.device}) and teacher ({teacher.device}) must share a device")
-    if row_mask is not None:
-        if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
-            raise ValueError("row_mask must be None or a bool tensor")
-        if row_mask.shape != student.shape[:1]:
-            raise ValueError(f"row_mask must have shape ({student.shape[0]},), got {tuple(row_mask.shape)}")
-        if row_mask.device != student.device:
-            raise ValueError(f"row_mask ({row_mask.device}) must be on student's device ({student.device})")
+    check_row_mask(row_mask, student)
     if not isinstance(kind, int) or isinstance(kind, bool) or not KL <= kind <= TVD:
         raise ValueError(f"kind must be an int in [0, 6), got {kind!r}")
+    check_scalars(kind, inv_temperature, coef, grad_scale)
+
+
+def check_row_mask(row_mask, student: torch.Tensor) -> None:
+    """``row_mask``: None or an ``(N,)`` bool tensor on ``student``'s device (ValueError)."""
+    if row_mask is None:
+        return
+    if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
+        raise ValueError("row_mask must be None or a bool tensor")
+    if row_mask.shape != student.shape[:1]:
+        raise ValueError(f"row_mask must have shape ({student.shape[0]},), got {tuple(row_mask.shape)}")
+    if row_mask.device != student.device:
+        raise ValueError(f"row_mask ({row_mask.device}) must be on student's device ({student.device})")
+
+
+def check_scalars(kind: int, inv_temperature, coef, grad_scale) -> None:
+    """The scalar arguments every divergence launcher takes (``kind`` already checked) (ValueError)."""
     if not (math.isfinite(inv_temperature) and inv_temperature > 0):
         raise ValueError(f"inv_temperature must be finite and > 0, got {inv_temperature}")
     if kind == JSD and not 0.0 < coef < 1.0:

@@ -50,14 +50,19 @@ on CPU tensors, which is how the tests check it without a GPU.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .divergence import JSD, KL, SKEW_KL, SKEW_REVERSE_KL, TVD, _element_terms, coefficient_terms
+from .divergence import (
+    KL,
+    TVD,
+    _element_terms,
+    check_row_mask,
+    check_scalars,
+    coefficient_terms,
+)
 
 __all__ = ["mixture_divergence_forward"]
 
@@ -357,23 +362,10 @@ def _check_args(student, teachers, teacher_weights, row_mask, kind, inv_temperat
     total = float(weights.sum())
     if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
         raise ValueError(f"teacher_weights must sum to 1, got {total}")
-    if row_mask is not None:
-        if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
-            raise ValueError("row_mask must be None or a bool tensor")
-        if row_mask.shape != (rows,):
-            raise ValueError(f"row_mask must have shape ({rows},), got {tuple(row_mask.shape)}")
-        if row_mask.device != student.device:
-            raise ValueError(f"row_mask ({row_mask.device}) must be on student's device ({student.device})")
+    check_row_mask(row_mask, student)
     if not isinstance(kind, int) or isinstance(kind, bool) or not KL <= kind <= TVD:
         raise ValueError(f"kind must be an int in [0, 6), got {kind!r}")
-    if not (math.isfinite(inv_temperature) and inv_temperature > 0):
-        raise ValueError(f"inv_temperature must be finite and > 0, got {inv_temperature}")
-    if kind == JSD and not 0.0 < coef < 1.0:
-        raise ValueError(f"coef (beta) must be in (0, 1) for JSD, got {coef}")
-    if kind in (SKEW_KL, SKEW_REVERSE_KL) and not 0.0 < coef <= 1.0:
-        raise ValueError(f"coef (alpha) must be in (0, 1] for skew divergences, got {coef}")
-    if not math.isfinite(grad_scale):
-        raise ValueError(f"grad_scale must be finite, got {grad_scale}")
+    check_scalars(kind, inv_temperature, coef, grad_scale)
     return weights
 
 

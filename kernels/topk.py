@@ -57,8 +57,6 @@ without a GPU.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -77,6 +75,8 @@ from .divergence import (
     _max_nan,
     _online_max_sum_exp,
     _zero_where_zero,
+    check_row_mask,
+    check_scalars,
     launch_config,
 )
 
@@ -364,13 +364,7 @@ def _check_tensors(student, teacher_index, teacher_value, row_mask) -> None:
         )
     if not 1 <= teacher_index.shape[1] <= vocab:
         raise ValueError(f"k (teacher ids per row) must be in [1, {vocab}], got {teacher_index.shape[1]}")
-    if row_mask is not None:
-        if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
-            raise ValueError("row_mask must be None or a bool tensor")
-        if row_mask.shape != (rows,):
-            raise ValueError(f"row_mask must have shape ({rows},), got {tuple(row_mask.shape)}")
-        if row_mask.device != student.device:
-            raise ValueError(f"row_mask ({row_mask.device}) must be on student's device ({student.device})")
+    check_row_mask(row_mask, student)
 
 
 def _check_scalars(kind, inv_temperature, coef, grad_scale) -> None:
@@ -379,14 +373,7 @@ def _check_scalars(kind, inv_temperature, coef, grad_scale) -> None:
             "kind must be KL (0), JSD (2), skew KL (3), skew reverse KL (4) or TVD (5) for a top-k teacher "
             f"(reverse KL is infinite off the teacher's ids), got {kind!r}"
         )
-    if not (math.isfinite(inv_temperature) and inv_temperature > 0):
-        raise ValueError(f"inv_temperature must be finite and > 0, got {inv_temperature}")
-    if kind == JSD and not 0.0 < coef < 1.0:
-        raise ValueError(f"coef (beta) must be in (0, 1) for JSD, got {coef}")
-    if kind in (SKEW_KL, SKEW_REVERSE_KL) and not 0.0 < coef <= 1.0:
-        raise ValueError(f"coef (alpha) must be in (0, 1] for skew divergences, got {coef}")
-    if not math.isfinite(grad_scale):
-        raise ValueError(f"grad_scale must be finite, got {grad_scale}")
+    check_scalars(kind, inv_temperature, coef, grad_scale)
 
 
 def sorted_checked_ids(teacher_index: torch.Tensor, vocab: int) -> torch.Tensor:
