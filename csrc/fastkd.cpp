@@ -16,13 +16,19 @@ TORCH_LIBRARY(fastkd, m) {
   //   student, teacher: [N, V] logits, unit stride along V, same dtype.
   //   row_mask: [N] bool (false → row excluded: loss 0, gradient 0).
   //   kind: fastkd::divergence::Kind; coef: β (JSD) or α (skew), interior.
+  //   labels: [N] int64 or None: with labels, the hard-label cross-entropy at
+  //   temperature 1 in the same pass, CE_i = lse(s_i) − s_{i, labels_i}
+  //   (kept rows' labels must be in [0, V)).
   // Returns (row_loss [N] fp32 (fp64 for fp64 input),
-  //          student_grad [N, V] or [0, 0], teacher_grad [N, V] or [0, 0]);
-  // gradients are grad_scale · d(row loss)/d(logits), in the input dtype.
+  //          student_grad [N, V] or [0, 0], teacher_grad [N, V] or [0, 0],
+  //          row_ce [N] (0 for excluded rows) or [0] without labels);
+  // gradients are grad_scale · d(row loss)/d(logits), in the input dtype, the
+  // student's plus hard_grad_scale · d(CE_i)/d(s) = (softmax(s_i) − onehot).
   m.def(
       "divergence_forward(Tensor student, Tensor teacher, Tensor? row_mask, int kind, "
       "float inv_temperature, float coef, float grad_scale, bool student_grad, "
-      "bool teacher_grad) -> (Tensor, Tensor, Tensor)");
+      "bool teacher_grad, Tensor? labels=None, float hard_grad_scale=0.) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 
   // InfoNCE (SPEC §4), tiled over the rows of q (Inf-CL style): only a
   // tile_rows × M block of logits exists at a time, and O(N) state (the row

@@ -25,7 +25,9 @@ constexpr int64_t kNumDivergenceKinds = 6;
 
 inline void check_divergence_args(const at::Tensor& student, const at::Tensor& teacher,
                                   const std::optional<at::Tensor>& row_mask, int64_t kind,
-                                  double inv_temperature, double coef, double grad_scale) {
+                                  double inv_temperature, double coef, double grad_scale,
+                                  const std::optional<at::Tensor>& labels = std::nullopt,
+                                  double hard_grad_scale = 0.0) {
   CHECK_DIM(student, 2);
   CHECK_DIM(teacher, 2);
   TORCH_CHECK(student.sizes() == teacher.sizes(), "student ", student.sizes(),
@@ -59,6 +61,16 @@ inline void check_divergence_args(const at::Tensor& student, const at::Tensor& t
     TORCH_CHECK(coef > 0 && coef <= 1, "coef (alpha) must be in (0, 1] for skew divergences, got ", coef);
   }
   TORCH_CHECK(std::isfinite(grad_scale), "grad_scale must be finite");
+  TORCH_CHECK(std::isfinite(hard_grad_scale), "hard_grad_scale must be finite");
+  if (labels.has_value()) {
+    const at::Tensor& y = *labels;
+    TORCH_CHECK(y.scalar_type() == at::kLong, "labels must be int64, got ", y.scalar_type());
+    CHECK_DIM(y, 1);
+    TORCH_CHECK(y.size(0) == student.size(0), "labels must have one entry per row");
+    CHECK_SAME_DEVICE(student, y);
+  } else {
+    TORCH_CHECK(hard_grad_scale == 0.0, "hard_grad_scale must be 0 without labels");
+  }
 }
 
 }  // namespace fastkd

@@ -26,6 +26,17 @@ struct DivergenceArgs {
   double inv_temperature;      // 1 / T, > 0
   double coef;                 // β (JSD) or α (skew); see checks.h for the ranges
   double grad_scale;           // gradients are grad_scale · d(row loss)/d(logits)
+  // Hard-label cross-entropy at temperature 1 in the same pass (nullptr
+  // labels: none). For a kept row i with label y = labels[i] in [0, vocab):
+  //   row_ce[i] = log Σ_j exp(s_ij) − s_iy   (0 for excluded rows)
+  // and the student gradient gets + hard_grad_scale · (softmax(s_i) − onehot(y)).
+  // The kernels reuse the student normaliser when inv_temperature == 1. A
+  // kept row with a label outside [0, vocab) (the ops check before launching;
+  // this is the kernels' own guard) gets row_ce NaN and a NaN gradient row,
+  // and nothing is read or written out of bounds.
+  const int64_t* labels;       // [rows] contiguous int64, or nullptr
+  void* row_ce;                // [rows] like row_loss, or nullptr (iff labels is)
+  double hard_grad_scale;      // 0 when labels is nullptr
 };
 
 }  // namespace fastkd

@@ -14,13 +14,14 @@
 namespace fastkd {
 
 // The op's outputs (see the schema in csrc/fastkd.cpp) and the kernel's view of
-// them; `mask` keeps a contiguous copy of row_mask alive while the kernel runs.
+// them; `mask` and `labels` keep contiguous copies of row_mask and labels
+// alive while the kernel runs.
 struct DivergenceCall {
-  at::Tensor row_loss, student_grad, teacher_grad, mask;
+  at::Tensor row_loss, student_grad, teacher_grad, row_ce, mask, labels;
   DivergenceArgs args;
 
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs() const {
-    return {row_loss, student_grad, teacher_grad};
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    return {row_loss, student_grad, teacher_grad, row_ce};
   }
 };
 
@@ -44,13 +45,18 @@ DivergenceCall prepare_divergence(const at::Tensor& student, const at::Tensor& t
                                   const std::optional<at::Tensor>& row_mask, int64_t kind,
                                   double inv_temperature, double coef, double grad_scale,
                                   bool student_grad, bool teacher_grad,
+                                  const std::optional<at::Tensor>& labels, double hard_grad_scale,
                                   EmptyGradient empty_gradient) {
-  check_divergence_args(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale);
+  check_divergence_args(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale, labels,
+                        hard_grad_scale);
   const int64_t rows = student.size(0), vocab = student.size(1);
   const DType dtype = divergence_dtype(student.scalar_type());
+  const auto loss_options =
+      student.options().dtype(dtype == DType::Float64 ? at::kDouble : at::kFloat);
   DivergenceCall call;
-  call.row_loss = at::empty(
-      {rows}, student.options().dtype(dtype == DType::Float64 ? at::kDouble : at::kFloat));
+  call.row_loss = at::empty({rows}, loss_options);
+  call.row_ce = at::empty({labels.has_value() ? rows : 0}, loss_options);
+  if (labels.has_value()) call.labels = labels->contiguous();
   call.student_grad = empty_gradient(at::IntArrayRef{student_grad ? rows : 0, student_grad ? vocab : 0},
                                      student.options());
   call.teacher_grad = empty_gradient(at::IntArrayRef{teacher_grad ? rows : 0, teacher_grad ? vocab : 0},
@@ -73,6 +79,9 @@ DivergenceCall prepare_divergence(const at::Tensor& student, const at::Tensor& t
   a.inv_temperature = inv_temperature;
   a.coef = coef;
   a.grad_scale = grad_scale;
+  a.labels = call.labels.defined() ? call.labels.data_ptr<int64_t>() : nullptr;
+  a.row_ce = call.labels.defined() ? call.row_ce.data_ptr() : nullptr;
+  a.hard_grad_scale = hard_grad_scale;
   return call;
 }
 

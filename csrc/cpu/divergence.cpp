@@ -12,16 +12,28 @@ namespace fastkd {
 namespace cpu {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_forward_cpu(
+// Every kept row's label must be a class id: the kernel indexes the row with it.
+void check_label_range(const DivergenceArgs& a) {
+  if (a.labels == nullptr) return;
+  for (int64_t i = 0; i < a.rows; ++i) {
+    if (a.row_mask != nullptr && !a.row_mask[i]) continue;
+    TORCH_CHECK(a.labels[i] >= 0 && a.labels[i] < a.vocab, "labels of kept rows must lie in [0, ",
+                a.vocab, "), got ", a.labels[i], " at row ", i);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher,
     const std::optional<at::Tensor>& row_mask, int64_t kind, double inv_temperature,
-    double coef, double grad_scale, bool student_grad, bool teacher_grad) {
+    double coef, double grad_scale, bool student_grad, bool teacher_grad,
+    const std::optional<at::Tensor>& labels, double hard_grad_scale) {
   CHECK_DEVICE_TYPE(student, at::kCPU);
   CHECK_DEVICE_TYPE(teacher, at::kCPU);
   const DivergenceCall call =
       prepare_divergence(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale,
-                         student_grad, teacher_grad, &empty_for_output);
+                         student_grad, teacher_grad, labels, hard_grad_scale, &empty_for_output);
   if (call.args.rows == 0) return call.outputs();
+  check_label_range(call.args);
   switch (active_capability()) {
     case Capability::AVX512: AVX512::divergence_kernel(call.args); break;
     case Capability::AVX2: AVX2::divergence_kernel(call.args); break;
