@@ -8,20 +8,31 @@
 // grid), threads stride over V so that a warp's loads are coalesced; each pass
 // ends in one cub::BlockReduce whose result is broadcast to the block:
 //   pass 1  max of s and t, and the first index of each max    read s, t
-//   pass 2  Σ exp((s − max)/T), Σ exp((t − max)/T)              read s, t
+//   pass 2  Σ exp((s − max)/T), Σ exp((t − max)/T)
+//           (+ Σ exp(s − max) with labels and T ≠ 1)            read s, t
 //   pass 3  loss, Σu, Σv  (KL with the student gradient only: Σu = −1 is
 //           known in advance, so the gradient (q − p)·grad_scale/T is written
 //           here and pass 4 is skipped)                          read s, t
 //   pass 4  gradients (u − q Σu)·grad_scale/T, (v − p Σv)·grad_scale/T
 //                                                     read s, t; write grads
+// With labels, the hard-label cross-entropy at T = 1 rides along (SPEC's
+// hard_weight · CE + soft_weight · KD): row_ce = log Σ exp(s) − s_y =
+// (max_s − s_y) + log Σ exp(s − max_s), written after pass 2 from one extra
+// load of s_y; the student gradient gets + hard_grad_scale · (softmax(s) −
+// onehot(y)), added in float32 where the gradient is written (pass 3 or 4)
+// before the one cast to the input dtype. It costs no extra read or write of
+// a row: at T = 1 the student's normaliser is the cross-entropy's and
+// softmax(s) is q, so not even an extra exp; at T ≠ 1 one exp per element in
+// pass 2 (the third sum) and one where the gradient is written.
 // The row's mode (index of the max) locates the shift of the unbounded log
 // ratios of REVERSE_KL's u and KL's v (divergence_math.h); the CPU kernel finds
 // it with a separate scan, here it rides along with pass 1's max.
 // Memory traffic floor: read 2·N·V elements, write N·V per gradient requested
-// (and 4·N bytes of row loss). Passes 2–4 re-read the row; the re-reads come
-// from L2 only while the rows resident on the GPU at once (SMs × blocks per
-// SM, one row each: 2·V·sizeof(dtype) bytes) fit in it, so the floor is
-// reached for small and moderate V, and large V approaches 3–4 reads.
+// (and 4·N bytes of row loss; with labels 8·N bytes read and 4·N of row_ce
+// written). Passes 2–4 re-read the row; the re-reads come from L2 only while
+// the rows resident on the GPU at once (SMs × blocks per SM, one row each:
+// 2·V·sizeof(dtype) bytes) fit in it, so the floor is reached for small and
+// moderate V, and large V approaches 3–4 reads.
 //
 // Layout: the device code and a raw-pointer launcher (no at::Tensor) first,
 // then the op (checks, outputs, device guard, stream) and its registration.
@@ -82,6 +93,25 @@ struct RowConstants {
   float s_mode, t_at_s_mode, t_mode, s_at_t_mode;
 };
 
+// The hard-label cross-entropy's row constants (rows with labels only).
+// `scale` is hard_grad_scale, or NaN for a label outside [0, V): the kernel's
+// own guard (the Python layer and the CPU op check the range first) turns the
+// whole gradient row NaN without a branch in the element loop.
+struct HardLabel {
+  int64_t y;       // the label
+  float log_sum;   // log Σ_j exp(s_j − max_s), at temperature 1
+  float scale;     // hard_grad_scale, or NaN
+};
+
+// hard_grad_scale · (softmax(s)_j − [j == y]) for the element s = s_j, whose
+// student probability at temperature T is q (softmax(s)_j itself when unit_t,
+// T == 1).
+__device__ __forceinline__ float hard_label_grad(float s, int64_t j, float q, float max_s,
+                                                 bool unit_t, const HardLabel& h) {
+  const float softmax = unit_t ? q : fk_exp((s - max_s) - h.log_sum);
+  return h.scale * (j == h.y ? softmax - 1.f : softmax);
+}
+
 template <int KIND>
 __device__ __forceinline__ ElementTerms<float> terms_at(float s, float t, const RowConstants& c,
                                                         const Coefficient<float>& coef) {
@@ -94,7 +124,9 @@ __device__ __forceinline__ ElementTerms<float> terms_at(float s, float t, const 
   return element_terms<KIND>({logp, logq, fk_exp(logp), fk_exp(logq), ratio_q, ratio_p}, coef);
 }
 
-template <int KIND, int BLOCK, class scalar_t>
+// WITH_CE: labels given (labels and row_ce non-null); see the launcher for
+// why a template parameter rather than a runtime flag.
+template <int KIND, int BLOCK, class scalar_t, bool WITH_CE>
 __global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
     const scalar_t* __restrict__ student,  // [N, V] student logits, row stride student_row_stride
     const scalar_t* __restrict__ teacher,  // [N, V] teacher logits, row stride teacher_row_stride
@@ -103,6 +135,9 @@ __global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
     float* __restrict__ row_loss,          // [N]
     scalar_t* __restrict__ student_grad,   // [N, V] contiguous, or nullptr
     scalar_t* __restrict__ teacher_grad,   // [N, V] contiguous, or nullptr
+    const int64_t* __restrict__ labels,    // [N] hard labels if WITH_CE (else unused)
+    float* __restrict__ row_ce,            // [N] if WITH_CE (else unused)
+    float hard_grad_scale,                 // the cross-entropy's gradient factor
     int64_t rows, int64_t V, float inv_temperature,
     float grad_factor,                     // grad_scale / T
     Coefficient<float> coef) {
@@ -127,6 +162,11 @@ __global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
   // The gradients whose log ratios are shifted by their value at the mode.
   // (V > 0: the mode is loaded, and an empty row has none.)
   const bool need_modes = V > 0 && ((KIND == REVERSE_KL && want_s) || (KIND == KL && want_t));
+  // The cross-entropy is at temperature 1: when T is 1 as well (the float the
+  // kernel computes with), the student's normaliser and q serve it, otherwise
+  // pass 2 sums exp(s − max_s) too. Uniform over the grid.
+  const bool unit_t = inv_temperature == 1.f;
+  const bool sum_ce = WITH_CE && !unit_t;
   const int64_t first = threadIdx.x;
 
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -135,7 +175,10 @@ __global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
     // Every thread of the block reads the same mask entry: the branch is
     // uniform, so no thread skips the barriers below.
     if (row_mask != nullptr && !row_mask[row]) {
-      if (threadIdx.x == 0) row_loss[row] = 0.f;
+      if (threadIdx.x == 0) {
+        row_loss[row] = 0.f;
+        if constexpr (WITH_CE) row_ce[row] = 0.f;
+      }
       for (int64_t j = first; j < V; j += BLOCK) {
         if (want_s) gs[j] = scalar_t(0.f);
         if (want_t) gt[j] = scalar_t(0.f);
@@ -160,15 +203,40 @@ __global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
     c.max_s = mx.s;
     c.max_t = mx.t;
 
-    // pass 2: the log-sum-exp (an all −inf row gives NaN, as on CPU).
-    float2 sum_st = make_float2(0.f, 0.f);
+    // pass 2: the log-sum-exp (an all −inf row gives NaN, as on CPU); with
+    // labels and T ≠ 1 also the cross-entropy's Σ exp(s − max_s) (sum_ce is
+    // uniform over the block, so both threads and barriers agree on the
+    // reduction taken).
+    float3 sums = make_float3(0.f, 0.f, 0.f);
     for (int64_t j = first; j < V; j += BLOCK) {
-      sum_st.x += fk_exp((static_cast<float>(s[j]) - c.max_s) * inv_temperature);
-      sum_st.y += fk_exp((static_cast<float>(t[j]) - c.max_t) * inv_temperature);
+      const float sj = static_cast<float>(s[j]);
+      sums.x += fk_exp((sj - c.max_s) * inv_temperature);
+      sums.y += fk_exp((static_cast<float>(t[j]) - c.max_t) * inv_temperature);
+      if (sum_ce) sums.z += fk_exp(sj - c.max_s);
     }
-    sum_st = block_all_reduce<BLOCK>(sum_st, SumOp2{}, temp.pair, pair_result);
-    c.log_sum_s = fk_log(sum_st.x);
-    c.log_sum_t = fk_log(sum_st.y);
+    if (sum_ce) {
+      sums = block_all_reduce<BLOCK>(sums, SumOp3{}, temp.triple, triple_result);
+    } else {
+      const float2 st = block_all_reduce<BLOCK>(make_float2(sums.x, sums.y), SumOp2{}, temp.pair,
+                                                pair_result);
+      sums.x = st.x;
+      sums.y = st.y;
+    }
+    c.log_sum_s = fk_log(sums.x);
+    c.log_sum_t = fk_log(sums.y);
+    HardLabel h{0, 0.f, 0.f};
+    if constexpr (WITH_CE) {
+      // Every thread reads the same label; s_y is loaded (by thread 0 only)
+      // for a label in [0, V) alone, so an out-of-range label (and any label
+      // of an empty row) reads nothing out of bounds: row_ce is then NaN.
+      h.y = labels[row];
+      const bool in_range = h.y >= 0 && h.y < V;
+      h.log_sum = unit_t ? c.log_sum_s : fk_log(sums.z);
+      h.scale = in_range ? hard_grad_scale : NAN;
+      if (threadIdx.x == 0) {
+        row_ce[row] = in_range ? (c.max_s - static_cast<float>(s[h.y])) + h.log_sum : NAN;
+      }
+    }
     c.s_mode = c.t_at_s_mode = c.t_mode = c.s_at_t_mode = 0.f;
     if (need_modes) {
       // No index for a row without a maximum (NaN, or all −inf): such a row's
@@ -184,11 +252,13 @@ __global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
     // pass 3: ℓ = Σ loss terms, Σu, Σv (divergence_math.h).
     float3 acc = make_float3(0.f, 0.f, 0.f);
     for (int64_t j = first; j < V; j += BLOCK) {
-      const ElementTerms<float> e =
-          terms_at<KIND>(static_cast<float>(s[j]), static_cast<float>(t[j]), c, coef);
+      const float sj = static_cast<float>(s[j]);
+      const ElementTerms<float> e = terms_at<KIND>(sj, static_cast<float>(t[j]), c, coef);
       acc.x += e.loss;
       if (fused_grad) {
-        gs[j] = static_cast<scalar_t>(softmax_grad(e.u, e.q, -1.f, grad_factor));
+        float g = softmax_grad(e.u, e.q, -1.f, grad_factor);
+        if constexpr (WITH_CE) g += hard_label_grad(sj, j, e.q, c.max_s, unit_t, h);
+        gs[j] = static_cast<scalar_t>(g);
       } else {
         if (want_s) acc.y += e.u;
         if (want_t) acc.z += e.v;
@@ -198,12 +268,17 @@ __global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
     if (threadIdx.x == 0) row_loss[row] = acc.x;
     if (fused_grad || !(want_s || want_t)) continue;
 
-    // pass 4: dL/ds = (u − q Σu)/T, dL/dt = (v − p Σv)/T, times grad_scale.
+    // pass 4: dL/ds = (u − q Σu)/T, dL/dt = (v − p Σv)/T, times grad_scale;
+    // the student's plus the cross-entropy's hard_grad_scale · (softmax − onehot).
     const float sum_u = acc.y, sum_v = acc.z;
     for (int64_t j = first; j < V; j += BLOCK) {
-      const ElementTerms<float> e =
-          terms_at<KIND>(static_cast<float>(s[j]), static_cast<float>(t[j]), c, coef);
-      if (want_s) gs[j] = static_cast<scalar_t>(softmax_grad(e.u, e.q, sum_u, grad_factor));
+      const float sj = static_cast<float>(s[j]);
+      const ElementTerms<float> e = terms_at<KIND>(sj, static_cast<float>(t[j]), c, coef);
+      if (want_s) {
+        float g = softmax_grad(e.u, e.q, sum_u, grad_factor);
+        if constexpr (WITH_CE) g += hard_label_grad(sj, j, e.q, c.max_s, unit_t, h);
+        gs[j] = static_cast<scalar_t>(g);
+      }
       if (want_t) gt[j] = static_cast<scalar_t>(softmax_grad(e.v, e.p, sum_v, grad_factor));
     }
   }
@@ -223,11 +298,20 @@ void launch(const DivergenceArgs& a, cudaStream_t stream) {
   coef.log_c = static_cast<float>(std::log(a.coef));
   coef.log_one_minus_c = static_cast<float>(std::log1p(-a.coef));
   const unsigned grid = static_cast<unsigned>(std::min(a.rows, kMaxBlocks));
-  _divergence_fwd_kernel<KIND, BLOCK, scalar_t><<<grid, BLOCK, 0, stream>>>(
+  // The cross-entropy is a template parameter, not a runtime flag: as a flag
+  // its state (label, scale, a third sum) is compiled into every kernel, and
+  // it raised the registers of most label-free kernels on sm_90 by 8–20 (KL at
+  // 512 threads 40 → 60: 3 → 2 resident blocks per SM; JSD and the skews
+  // 32 → 40: 4 → 3); as a parameter the label-free kernels compile exactly as
+  // before, for twice the instantiations (and compile time).
+  const auto kernel = a.labels != nullptr ? _divergence_fwd_kernel<KIND, BLOCK, scalar_t, true>
+                                          : _divergence_fwd_kernel<KIND, BLOCK, scalar_t, false>;
+  kernel<<<grid, BLOCK, 0, stream>>>(
       static_cast<const scalar_t*>(a.student), static_cast<const scalar_t*>(a.teacher),
       a.student_row_stride, a.teacher_row_stride, a.row_mask, static_cast<float*>(a.row_loss),
-      static_cast<scalar_t*>(a.student_grad), static_cast<scalar_t*>(a.teacher_grad), a.rows,
-      a.vocab, static_cast<float>(a.inv_temperature),
+      static_cast<scalar_t*>(a.student_grad), static_cast<scalar_t*>(a.teacher_grad), a.labels,
+      static_cast<float*>(a.row_ce), static_cast<float>(a.hard_grad_scale), a.rows, a.vocab,
+      static_cast<float>(a.inv_temperature),
       static_cast<float>(a.grad_scale * a.inv_temperature), coef);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -268,10 +352,13 @@ void divergence_forward_launch(const DivergenceArgs& a, cudaStream_t stream) {
 
 // ---- the op -------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_forward_cuda(
+// No range check of the labels here (it would synchronise with the device):
+// the Python layer checks them, and the kernel guards itself (see HardLabel).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_forward_cuda(
     const at::Tensor& student, const at::Tensor& teacher,
     const std::optional<at::Tensor>& row_mask, int64_t kind, double inv_temperature,
-    double coef, double grad_scale, bool student_grad, bool teacher_grad) {
+    double coef, double grad_scale, bool student_grad, bool teacher_grad,
+    const std::optional<at::Tensor>& labels, double hard_grad_scale) {
   CHECK_DEVICE_TYPE(student, at::kCUDA);
   CHECK_DEVICE_TYPE(teacher, at::kCUDA);
   TORCH_CHECK(student.scalar_type() != at::kDouble,
@@ -283,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_forward_cuda(
   };
   const DivergenceCall call =
       prepare_divergence(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale,
-                         student_grad, teacher_grad, empty);
+                         student_grad, teacher_grad, labels, hard_grad_scale, empty);
   if (call.args.rows == 0) return call.outputs();
   divergence_forward_launch(call.args, c10::cuda::getCurrentCUDAStream());
   return call.outputs();
