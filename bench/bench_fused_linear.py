@@ -12,7 +12,11 @@ Providers:
   ``fastkd.divergence(..., backend="cpu")``: the fused divergence kernel on
   materialised ``(N, V)`` logits. This is the baseline of the targets.
 - ``fastkd-cpu``: ``fastkd.fused_linear_divergence(..., backend="cpu")``:
-  chunks of rows (``memory_budget`` 128 MiB), the logits never whole.
+  chunks of rows (``memory_budget`` 64 MiB), the logits never whole; for
+  bf16 the weight gradient is accumulated in bf16 (one rounding per chunk).
+- ``fastkd-cpu-f32acc`` (bf16 only): the same with
+  ``weight_grad_dtype=torch.float32``, a float32 weight-gradient accumulator
+  (one rounding at the end, as the unfused backward).
 
 ``compile`` is not measured for this family (the comparison is fused vs
 unfused; compiling the reference at N·V = 1.3·10⁸ on two cores is slow and
@@ -128,8 +132,14 @@ def providers(device: torch.device):
                 s_h, s_w, t_h, t_w, temperature=TEMPERATURE, backend=backend
             )
 
+        def fused_f32acc(s_h, s_w, t_h, t_w, backend=backend):
+            return fastkd.fused_linear_divergence(
+                s_h, s_w, t_h, t_w, temperature=TEMPERATURE, backend=backend, weight_grad_dtype=torch.float32
+            )
+
         found[f"unfused-{backend}"] = unfused
         found[f"fastkd-{backend}"] = fused
+        found[f"fastkd-{backend}-f32acc"] = fused_f32acc
     return found, skipped
 
 
@@ -219,7 +229,11 @@ def sweep(ctx: SweepContext) -> list[dict]:
         unfused_name = next((name for name in found if name.startswith("unfused-")), None)
         measured = measure_config(
             ctx, task, label, base, found, inputs, reset, unavailable=skipped,
-            skip=lambda name, why=too_big: why if name == EAGER else None,
+            skip=lambda name, why=too_big, dtype_name=dtype_name: (
+                why if name == EAGER
+                else "float32 inputs accumulate in float32 anyway"
+                if name.endswith("-f32acc") and dtype_name == "fp32" else None
+            ),
             baseline=unfused_name,
             timing_options={"warmup": 0, "min_repeats": 3, "max_repeats": 3, "attempts": 2} if slow else None,
             per_second={"model_gflops": base["model_gflop"]},

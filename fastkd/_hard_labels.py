@@ -9,9 +9,12 @@ cross-entropy too. Reductions of the CE term: ``"sum"`` sums the kept rows,
 ``F.cross_entropy(reduction="mean")``; the divergence's ``"mean"`` also divides
 by V, the CE's does not), ``"none"`` gives one value per row (0 when excluded).
 
-The CE is computed with ATen operations, chunk by chunk (at most
-``CE_CHUNK_ELEMENTS`` logits at a time), not inside the fused divergence
-kernel; only the row log-sum-exp is kept between forward and backward.
+With one teacher on a compiled backend the CE is computed inside the fused
+divergence kernel (``fastkd.functional.HardSoftDivergenceFunction``); this
+module holds the checks shared by every path, and the ATen form used next to
+the top-k and multi-teacher kernels: chunk by chunk (at most
+``CE_CHUNK_ELEMENTS`` logits at a time), keeping nothing of size N·V between
+forward and backward.
 """
 
 from __future__ import annotations
@@ -106,6 +109,30 @@ def ce_rows(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | Non
     return torch.cat(parts) if parts else logits.new_zeros((0,), dtype=acc)
 
 
+def ce_grad(
+    logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None, row_scale: torch.Tensor
+) -> torch.Tensor:
+    """``row_scale_i · (softmax(x_i) − onehot(y_i))`` for every kept row (0 elsewhere), chunk by chunk.
+
+    Args:
+        logits: ``(N, V)``; labels: ``(N,)`` int64; keep: ``(N,)`` bool or None;
+        row_scale: ``(N,)`` float.
+
+    Returns:
+        ``(N, V)`` in the logits' dtype (each chunk computed in the
+        accumulation dtype, then rounded).
+    """
+    n, vocab = logits.shape
+    grad = torch.empty_like(logits)
+    step = max(1, CE_CHUNK_ELEMENTS // max(vocab, 1))
+    for i in range(0, n, step):
+        chunk_keep = None if keep is None else keep[i : i + step]
+        rows = slice(i, i + step)
+        _, g = ce_rows_and_grad(logits[rows], labels[rows], chunk_keep, row_scale[rows])
+        grad[i : i + step].copy_(g)
+    return grad
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """``factor · Σ_kept CE_i`` (or per row, ``factor · CE_i``) on ``(N, V)`` logits.
 
@@ -126,18 +153,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         logits, labels, keep = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        n, vocab = logits.shape
+        n = logits.shape[0]
         upstream = grad_output.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
         upstream = upstream * ctx.factor if ctx.per_row else upstream.expand(n) * ctx.factor
-        grad = torch.empty_like(logits)
-        step = max(1, CE_CHUNK_ELEMENTS // max(vocab, 1))
-        for i in range(0, n, step):
-            chunk_keep = None if keep is None else keep[i : i + step]
-            _, g = ce_rows_and_grad(
-                logits[i : i + step], labels[i : i + step], chunk_keep, upstream[i : i + step]
-            )
-            grad[i : i + step].copy_(g)
-        return grad, None, None, None, None
+        return ce_grad(logits, labels, keep, upstream), None, None, None, None
 
 
 def reduce_factor(reduction: str, n_kept: int) -> float:

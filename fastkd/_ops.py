@@ -62,14 +62,16 @@ if _C is not None:
 
     @torch.library.register_fake("fastkd::divergence_forward")
     def _divergence_forward_fake(
-        student, teacher, row_mask, kind, inv_temperature, coef, grad_scale, student_grad, teacher_grad
+        student, teacher, row_mask, kind, inv_temperature, coef, grad_scale, student_grad, teacher_grad,
+        labels=None, hard_grad_scale=0.0,
     ):
         rows, vocab = student.shape
         loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
         row_loss = student.new_empty((rows,), dtype=loss_dtype)
         grad_s = student.new_empty((rows, vocab) if student_grad else (0, 0))
         grad_t = teacher.new_empty((rows, vocab) if teacher_grad else (0, 0))
-        return row_loss, grad_s, grad_t
+        row_ce = student.new_empty((rows if labels is not None else 0,), dtype=loss_dtype)
+        return row_loss, grad_s, grad_t, row_ce
 
     @torch.library.register_fake("fastkd::info_nce_forward")
     def _info_nce_forward_fake(q, k, labels, inv_temperature, tile_rows):

@@ -86,7 +86,7 @@ class DivergenceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, row_mask, kind, inv_temperature, coef, factor, per_row, backend):
-        row_loss, grad_s, grad_t = _run_kernel(
+        row_loss, grad_s, grad_t, _ = _run_kernel(
             backend, student, teacher, row_mask, kind, inv_temperature, coef, factor,
             ctx.needs_input_grad[0], ctx.needs_input_grad[1],
         )
@@ -99,6 +99,57 @@ class DivergenceFunction(torch.autograd.Function):
         grad_student = _scale_by_upstream(grad_s, grad_output) if ctx.needs_input_grad[0] else None
         grad_teacher = _scale_by_upstream(grad_t, grad_output) if ctx.needs_input_grad[1] else None
         return grad_student, grad_teacher, None, None, None, None, None, None, None
+
+
+class HardSoftDivergenceFunction(torch.autograd.Function):
+    """``(soft, hard)``: the fused divergence and the hard-label cross-entropy
+    of the same rows, from one kernel call (SPEC §1, hard-label mixing).
+
+    The kernel computes the row divergences, the row cross-entropies (from the
+    student log-sum-exp it already has) and one student gradient,
+    ``soft_factor · dℓ/ds + hard_factor · dCE/ds``. When both outputs reach
+    the loss with the same upstream gradient (``total = soft + hard``, all
+    that is possible without ``return_parts``) the backward only scales it.
+    With ``return_parts`` the parts may be used apart; only then are the
+    logits kept, and where the two upstream gradients differ the CE gradient
+    is recomputed from them (chunked ATen, ``fastkd._hard_labels``) to
+    separate the terms.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, row_mask, labels, kind, inv_temperature, coef, soft_factor,
+                hard_factor, per_row, separable, backend):
+        row_loss, grad_s, grad_t, row_ce = _run_kernel(
+            backend, student, teacher, row_mask, kind, inv_temperature, coef, soft_factor,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1], labels, hard_factor,
+        )
+        kept_for_split = (student, labels, row_mask) if separable else (None, None, None)
+        ctx.save_for_backward(grad_s, grad_t, *kept_for_split)
+        ctx.hard_factor = hard_factor
+        if per_row:
+            return row_loss * soft_factor, row_ce * hard_factor
+        return row_loss.sum() * soft_factor, row_ce.sum() * hard_factor
+
+    @staticmethod
+    def backward(ctx, grad_soft, grad_hard):
+        grad_s, grad_t, student, labels, row_mask = ctx.saved_tensors
+        grad_student = grad_teacher = None
+        if ctx.needs_input_grad[0]:
+            # under torch.compile no data-dependent branch: always separate when possible
+            split = student is not None and (
+                torch.compiler.is_compiling() or not torch.equal(grad_soft, grad_hard)
+            )
+            if split:
+                # the kernel's gradient is soft + hard; this adds hard · (upstream_hard − upstream_soft)
+                n = student.shape[0]
+                row_scale = ((grad_hard - grad_soft) * ctx.hard_factor).expand(n)
+                correction = _hard_labels.ce_grad(student, labels, row_mask, row_scale)
+                grad_student = grad_s * grad_soft.reshape(-1, 1).to(grad_s.dtype) + correction
+            else:
+                grad_student = _scale_by_upstream(grad_s, grad_soft)
+        if ctx.needs_input_grad[1]:
+            grad_teacher = _scale_by_upstream(grad_t, grad_soft)
+        return (grad_student, grad_teacher) + (None,) * 10
 
 
 @dataclass(frozen=True)
@@ -234,10 +285,13 @@ def divergence(
         A float32 scalar (float64 for float64 input), or ``(...)`` for ``"none"``.
         With no kept rows the loss is 0 and so is its gradient.
 
-    The cross-entropy of the fused backends is computed with ATen operations
-    in chunks (``fastkd._hard_labels``), next to the divergence kernel, keeping
-    only O(N) state between forward and backward; it is not fused into the
-    divergence kernel's pass.
+    With one teacher, the fused backends compute the cross-entropy inside the
+    divergence kernel's pass, from the student log-sum-exp it already has
+    (the same one at ``temperature=1``; one more exponential per logit
+    otherwise), and produce one combined student gradient. With several
+    teachers the cross-entropy is ATen operations in chunks next to the
+    mixture kernel (``fastkd._hard_labels``), keeping O(N) state between
+    forward and backward.
 
     A kept row whose logits are all ``−inf`` has no distribution: the
     reference raises ``ValueError``, the fused kernels return NaN for it.
@@ -290,14 +344,19 @@ def divergence(
     if s.shape[-1] == 0:
         raise ValueError("student_logits must have a non-empty last (vocabulary) dimension")
     hard_weight, soft_weight, mixing = _hard_labels.mixing_weights(hard_weight, soft_weight, labels)
+    chosen = _dispatch.resolve(backend, s)
+    if mixing and chosen != "reference":
+        return _fused_hard_soft_divergence(
+            s, t, divergence=divergence, temperature=temperature, beta=beta, alpha=alpha, scale=scale,
+            reduction=reduction, labels=labels, ignore_index=ignore_index, mask=mask,
+            hard_weight=hard_weight, soft_weight=soft_weight, return_parts=return_parts, backend=chosen,
+        )
     if mixing or soft_weight != 1.0 or return_parts:
         return _mixed_divergence(
             s, t, divergence=divergence, temperature=temperature, beta=beta, alpha=alpha, scale=scale,
             reduction=reduction, labels=labels, ignore_index=ignore_index, mask=mask,
             hard_weight=hard_weight, soft_weight=soft_weight, return_parts=return_parts, backend=backend,
         )
-
-    chosen = _dispatch.resolve(backend, s)
     if chosen == "reference":
         return _reference.divergence(
             s, t, divergence=divergence, temperature=temperature, beta=beta, alpha=alpha, scale=scale,
@@ -313,6 +372,28 @@ def divergence(
         reduction == "none", chosen,
     )
     return loss.reshape(rows.lead_shape) if reduction == "none" else loss
+
+
+def _fused_hard_soft_divergence(s, t, *, divergence, temperature, beta, alpha, scale, reduction, labels,
+                                ignore_index, mask, hard_weight, soft_weight, return_parts, backend):
+    """``hard_weight · CE + soft_weight · divergence`` in one kernel pass (one teacher, a
+    compiled backend, ``hard_weight > 0``; arguments validated)."""
+    rows = _as_rows(s, t, labels, ignore_index, mask)
+    n_rows, vocab = rows.student.shape
+    flat_labels = labels.reshape(-1).long()
+    _hard_labels.check_label_range(flat_labels, rows.keep, vocab)
+    n_kept = int(rows.keep.sum().item())
+    kind, coef = _kernel_divergence(divergence, beta, alpha)
+    soft, hard = HardSoftDivergenceFunction.apply(
+        rows.student, rows.teacher, rows.keep, flat_labels, kind, 1.0 / temperature, coef,
+        soft_weight * _loss_factor(reduction, scale, n_rows, rows.keep, vocab),
+        hard_weight * _hard_labels.reduce_factor(reduction, n_kept),
+        reduction == "none", return_parts, backend,
+    )
+    if reduction == "none":
+        soft, hard = soft.reshape(rows.lead_shape), hard.reshape(rows.lead_shape)
+    total = hard + soft
+    return (total, hard, soft) if return_parts else total
 
 
 def _mixed_divergence(s, t, *, labels, ignore_index, mask, reduction, hard_weight, soft_weight,

@@ -8,20 +8,22 @@ full ``(N, V)`` logits. Rows are processed in chunks; per chunk:
 1. student and teacher logits, one matmul each (``addmm`` with the bias);
 2. the fused divergence op (``torch.ops.fastkd.divergence_forward`` or the
    Triton kernel), which returns the row losses *and* the gradient w.r.t. the
-   chunk's student logits, already multiplied by the reduction's factor;
-3. with ``hard_weight``, the chunk's cross-entropy and its gradient (ATen,
-   ``fastkd._hard_labels``), added to that gradient;
-4. the chunk's contribution to ``grad_hidden`` (``g @ W``, its own rows),
+   chunk's student logits, already multiplied by the reduction's factor; with
+   ``hard_weight`` the same pass gives the rows' cross-entropy and adds its
+   gradient;
+3. the chunk's contribution to ``grad_hidden`` (``g @ W``, its own rows),
    ``grad_weight`` (``gᵀ h``, accumulated) and ``grad_bias`` (``Σ g``).
 
 So the forward produces the gradients (Liger-style) and the backward only
 multiplies them by the upstream gradient. Memory beyond the inputs: one
 chunk's logits and gradient (bounded by ``memory_budget``) plus the gradients
-themselves (``grad_weight`` is summed over the chunks in float32 for
-bfloat16 / float16 inputs, each chunk's ``gᵀ h`` computed in the input
-dtype). With ``reduction="none"`` the upstream gradient differs per row and
-is only known in backward, which then recomputes the chunks (twice the
-matmuls).
+themselves. For bfloat16 / float16 the weight gradient is accumulated in the
+input dtype by default (``addmm`` into it, one rounding per chunk: the
+Liger-Kernel convention, no extra memory), or in a float32 accumulator with
+``weight_grad_dtype=torch.float32`` (one rounding at the end, as the
+unfused backward; ``V × H × 4`` bytes more). With ``reduction="none"`` the
+upstream gradient differs per row and is only known in backward, which then
+recomputes the chunks (twice the matmuls).
 """
 
 from __future__ import annotations
@@ -37,23 +39,26 @@ from fastkd.reference import fused_linear as _reference
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "FusedLinearDivergenceLoss", "fused_linear_divergence"]
 
-# Bytes of per-chunk temporaries (logits, their gradient, float32 copies) the
-# automatic chunk size aims at: 128 MiB, e.g. 341 rows at V = 32000 in float32.
-DEFAULT_MEMORY_BUDGET = 128 * 2**20
+# Bytes of per-chunk temporaries (logits, their gradient) the automatic chunk
+# size aims at: 64 MiB, e.g. 174 rows at V = 32000 in float32, 349 in
+# bfloat16. Chunks of a few hundred rows keep the products efficient (their
+# inner dimension, the chunk's rows, stays in the hundreds) while the
+# temporaries stay well under the gradients of a V = 32000, H = 1024 head.
+DEFAULT_MEMORY_BUDGET = 64 * 2**20
 
 
-def chunk_rows(vocab: int, dtype: torch.dtype, hard: bool, memory_budget: int) -> int:
+def chunk_rows(vocab: int, dtype: torch.dtype, per_row_upstream: bool, memory_budget: int) -> int:
     """Rows per chunk so that the chunk's temporaries fit in ``memory_budget`` bytes.
 
     Per row: student logits, teacher logits and their gradient in the input
-    dtype; for bfloat16 / float16 a float32 row more (a float32 copy of the
-    gradient where CE or a per-row upstream gradient is added to it); with
-    hard labels two more float32 rows (the upcast logits and the softmax).
-    Besides the chunk: the float32 weight-gradient accumulator, and for
-    bfloat16 / float16 one chunk's product ``gᵀ h`` (``V × H``).
+    dtype; for bfloat16 / float16 with a per-row upstream gradient
+    (``reduction="none"``) a float32 row more, the gradient it multiplies.
+    Besides the chunk: the weight gradient (and with ``weight_grad_dtype=
+    torch.float32`` for bfloat16 / float16 its float32 accumulator and one
+    chunk's product ``gᵀ h``).
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
-    per_row = vocab * (3 * itemsize + (4 if itemsize < 4 else 0) + (8 if hard else 0))
+    per_row = vocab * (3 * itemsize + (4 if itemsize < 4 and per_row_upstream else 0))
     return max(1, memory_budget // max(per_row, 1))
 
 
@@ -67,6 +72,7 @@ class _Config:
     per_row: bool  # reduction == "none"
     chunk: int
     backend: str
+    weight_grad_dtype: torch.dtype  # accumulator of grad_weight (and of grad_bias: float32 at least)
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -91,10 +97,11 @@ def _chunk_pass(cfg: _Config, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need, 
     dtype = s_h.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     any_grad = any(need)
+    hard = cfg.ce_factor != 0.0
     kd_rows = s_h.new_empty((n,), dtype=acc)
     ce_rows = s_h.new_zeros((n,), dtype=acc)
     grad_h = s_h.new_empty(s_h.shape) if need[0] else None  # new_empty is contiguous
-    grad_w = s_w.new_zeros(s_w.shape, dtype=acc) if need[1] else None
+    grad_w = s_w.new_zeros(s_w.shape, dtype=cfg.weight_grad_dtype) if need[1] else None
     grad_b = s_w.new_zeros((vocab,), dtype=acc) if need[2] else None
     for start in range(0, n, cfg.chunk):
         rows = slice(start, min(start + cfg.chunk, n))
@@ -102,47 +109,36 @@ def _chunk_pass(cfg: _Config, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need, 
         s_logits = _logits(h, s_w, s_b)
         t_logits = _logits(t_h[rows], t_w, t_b)
         chunk_keep = None if keep is None else keep[rows]
-        row_loss, g, _ = _functional._run_kernel(
-            cfg.backend,
-            s_logits,
-            t_logits,
-            chunk_keep,
-            cfg.kind,
-            cfg.inv_temperature,
-            cfg.coef,
-            cfg.kd_factor,
-            any_grad,
-            False,
+        # the divergence and (with labels) the cross-entropy in one kernel
+        # pass; g = kd_factor · dℓ/ds + ce_factor · dCE/ds
+        row_loss, g, _, row_ce = _functional._run_kernel(
+            cfg.backend, s_logits, t_logits, chunk_keep, cfg.kind, cfg.inv_temperature, cfg.coef,
+            cfg.kd_factor, any_grad, False, labels[rows] if hard else None,
+            cfg.ce_factor if hard else 0.0,
         )
         kd_rows[rows] = row_loss
-        g_ce = None
-        if cfg.ce_factor != 0.0:
-            ce, g_ce = _hard_labels.ce_rows_and_grad(
-                s_logits, labels[rows], chunk_keep, cfg.ce_factor if any_grad else None
-            )
-            ce_rows[rows] = ce
+        if hard:
+            ce_rows[rows] = row_ce
         if not any_grad:
             continue
         del s_logits, t_logits
-        if g_ce is not None or row_upstream is not None:
-            # Combined in the accumulation dtype (for float32 / float64 that
-            # is the kernel's own buffer), then rounded once to the input dtype.
+        if row_upstream is not None:
+            # in the accumulation dtype (for float32 / float64 the kernel's
+            # own buffer), then rounded once to the input dtype
             g_acc = g if g.dtype == acc else g.to(acc)
-            if g_ce is not None:
-                g_acc.add_(g_ce)
-            if row_upstream is not None:
-                g_acc.mul_(row_upstream[rows].to(acc).unsqueeze(1))
+            g_acc.mul_(row_upstream[rows].to(acc).unsqueeze(1))
             g = g_acc if g_acc.dtype == dtype else g_acc.to(dtype)
         if need[0]:
             torch.mm(g, s_w, out=grad_h[rows])
         if need[1]:
-            if dtype == acc:
+            if grad_w.dtype == dtype:
+                # accumulated inside the product (float32 accumulation within
+                # a chunk's product; for bfloat16 / float16 rounded per chunk)
                 grad_w.addmm_(g.t(), h)
             else:
-                # bfloat16 / float16: the chunk's product runs in the input
-                # dtype (about twice as fast as a float32 product on CPUs with
-                # bf16 units; float32 accumulation inside), and the chunks are
-                # summed in float32.
+                # bfloat16 / float16 into a float32 accumulator: the chunk's
+                # product in the input dtype (twice as fast as a float32 one
+                # on CPUs with bf16 units), summed in float32
                 grad_w.add_(torch.mm(g.t(), h))
         if need[2]:
             grad_b.add_(g.sum(0, dtype=acc))
@@ -249,6 +245,7 @@ def fused_linear_divergence(
     return_parts: bool = False,
     chunk_size: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    weight_grad_dtype: torch.dtype | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fastkd.divergence` on two linear heads' logits, without materialising them.
@@ -278,18 +275,23 @@ def fused_linear_divergence(
         return_parts: return ``(total, hard_part, soft_part)``; ``total`` is
             the only one with a gradient (the parts are for logging).
         chunk_size: rows per chunk; ``None`` chooses it from ``memory_budget``.
-        memory_budget: bytes of per-chunk temporaries (logits, their gradient,
-            float32 copies) when ``chunk_size`` is None; default 128 MiB.
+        memory_budget: bytes of per-chunk temporaries (logits, their gradient)
+            when ``chunk_size`` is None; default 64 MiB.
+        weight_grad_dtype: what ``grad_weight`` is summed over the chunks in:
+            ``None`` (default) the input dtype (for bfloat16 / float16 one
+            rounding per chunk, Liger-Kernel's convention, no extra memory),
+            or ``torch.float32`` for bfloat16 / float16 inputs (one rounding
+            at the end, as the unfused backward, at ``V × H × 4`` bytes of
+            accumulator plus one chunk's ``V × H`` product). The bias gradient
+            is always summed in float32 (float64 for float64).
         backend: ``"auto"``, ``"reference"`` (unfused: full logits and
             autograd, the parity oracle), ``"cpu"``, ``"cuda"``, ``"triton"``
             (the divergence kernel each chunk runs).
 
     Returns:
         float32 scalar (float64 for float64 inputs), or ``(N,)`` / ``(B, T)``
-        for ``"none"``. Gradients come back in the input dtype; for bfloat16 /
-        float16 the weight and bias gradients are summed over the chunks in
-        float32 (each chunk's ``gᵀ h`` is one product in the input dtype, as
-        the unfused backward computes the whole of it).
+        for ``"none"``. Gradients come back in the input dtype (see
+        ``weight_grad_dtype`` for how the weight gradient is summed).
     """
     s_h, s_w, s_b = _check_linear("student", student_hidden, student_weight, student_bias)
     t_h, t_w, t_b = _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
@@ -323,6 +325,13 @@ def fused_linear_divergence(
     if chunk_size is not None:
         chunk_size = _positive_int("chunk_size", chunk_size)
     memory_budget = _positive_int("memory_budget", memory_budget)
+    if weight_grad_dtype is None:
+        weight_grad_dtype = s_h.dtype
+    elif weight_grad_dtype != torch.float32 or s_h.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(
+            "weight_grad_dtype must be None (the input dtype) or torch.float32 for bfloat16 / float16 "
+            f"inputs, got {weight_grad_dtype} for {s_h.dtype} inputs"
+        )
     if not isinstance(return_parts, bool):
         raise ValueError(f"return_parts must be a bool, got {type(return_parts).__name__}")
 
@@ -370,8 +379,9 @@ def fused_linear_divergence(
         kd_factor=soft_weight * scale / kd_norm,
         ce_factor=hard_weight / ce_norm,
         per_row=reduction == "none",
-        chunk=chunk_size or chunk_rows(vocab, s_h.dtype, mixing, memory_budget),
+        chunk=chunk_size or chunk_rows(vocab, s_h.dtype, reduction == "none", memory_budget),
         backend=chosen,
+        weight_grad_dtype=weight_grad_dtype,
     )
     flat_labels = labels.reshape(-1).long() if mixing else None
     total, hard, soft = FusedLinearDivergenceFunction.apply(
@@ -412,6 +422,7 @@ class FusedLinearDivergenceLoss(nn.Module):
         soft_weight: float = 1.0,
         chunk_size: int | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        weight_grad_dtype: torch.dtype | None = None,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -427,6 +438,7 @@ class FusedLinearDivergenceLoss(nn.Module):
             soft_weight=soft_weight,
             chunk_size=chunk_size,
             memory_budget=memory_budget,
+            weight_grad_dtype=weight_grad_dtype,
             backend=backend,
         )
 

@@ -66,7 +66,7 @@ def check(backend, tensors, upstream=None, **kwargs):
     if upstream is None:
         upstream = torch.linspace(0.3, 1.8, lead.numel(), dtype=torch.float64).reshape(lead)
     got = run(lambda **x: fastkd.fused_linear_divergence(**x, backend=backend, **kwargs), tensors, upstream)
-    oracle = {k for k in ("chunk_size", "memory_budget")}
+    oracle = {k for k in ("chunk_size", "memory_budget", "weight_grad_dtype")}
     ref_kwargs = {k: v for k, v in kwargs.items() if k not in oracle}
     want = run(
         lambda **x: unfused(**x, **ref_kwargs),
@@ -211,9 +211,21 @@ def test_logits_never_materialised():
 
 
 def test_automatic_chunk_size():
+    # logits of both models and their gradient in the input dtype, and for
+    # bf16 / fp16 with a per-row upstream gradient a float32 gradient row
     assert fused_linear.chunk_rows(32000, torch.float32, False, 128 * 2**20) == 128 * 2**20 // (32000 * 12)
-    assert fused_linear.chunk_rows(32000, torch.bfloat16, True, 128 * 2**20) == 128 * 2**20 // (32000 * 18)
+    assert fused_linear.chunk_rows(32000, torch.bfloat16, False, 128 * 2**20) == 128 * 2**20 // (32000 * 6)
+    assert fused_linear.chunk_rows(32000, torch.bfloat16, True, 128 * 2**20) == 128 * 2**20 // (32000 * 10)
     assert fused_linear.chunk_rows(10**9, torch.float32, False, 1) == 1
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_float32_weight_grad_accumulator(backend, dtype):
+    # one rounding of the weight gradient at the end, as the unfused backward
+    labels = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(51)).to(DEVICE)
+    check(backend, problem(dtype, seed=50), temperature=2.0, chunk_size=2, weight_grad_dtype=torch.float32,
+          labels=labels, hard_weight=0.5)
 
 
 @pytest.mark.parametrize(
@@ -232,6 +244,8 @@ def test_automatic_chunk_size():
         (dict(chunk_size=-3), "chunk_size"),
         (dict(chunk_size=2.5), "chunk_size"),
         (dict(memory_budget=0), "memory_budget"),
+        (dict(weight_grad_dtype=torch.float32), "weight_grad_dtype"),  # float32 inputs: already float32
+        (dict(weight_grad_dtype=torch.float16), "weight_grad_dtype"),
         (dict(labels=torch.zeros(N + 1, dtype=torch.long)), "labels shape"),
         (dict(mask=torch.ones(N)), "mask must be a bool"),
         (dict(hard_weight=1.0), "labels is required"),

@@ -174,3 +174,50 @@ def test_several_teachers(backend, reduction):
     want = run(composed, s.double(), t.double(), upstream)
     assert_matches(got[0], want[0], torch.float32, f"{backend} several-teacher mixed loss")
     assert_matches(got[1], want[1], torch.float32, f"{backend} several-teacher mixed student grad")
+
+
+@pytest.mark.parametrize("backend", backend_params(include_reference=True))
+@pytest.mark.parametrize("temperature", (1.0, 0.7))
+@pytest.mark.parametrize("divergence", ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"))
+def test_every_divergence_with_the_cross_entropy(backend, temperature, divergence):
+    # T = 1 is the kernels' shared-normaliser path (the CE's softmax is q);
+    # V = 4500 spans more than one Triton block
+    s, t = logits((5, 4500), torch.float32, 16), logits((5, 4500), torch.float32, 17)
+    y = class_labels((5,), 4500, 18, ignored=(2,))
+    kwargs = dict(divergence=divergence, temperature=temperature, labels=y, hard_weight=1.3, soft_weight=0.4)
+    upstream = torch.tensor(0.6, dtype=torch.float64)
+    got = run(lambda a, b: fastkd.divergence(a, b, backend=backend, **kwargs), s, t, upstream)
+    want = run(lambda a, b: reference.mixed_divergence(a, b, **kwargs)[0], s.double(), t.double(), upstream)
+    same = run(lambda a, b: reference.mixed_divergence(a, b, **kwargs)[0], s, t, upstream)
+    for name, a, b, c in zip(("loss", "student grad", "teacher grad"), got, want, same, strict=True):
+        assert_matches(a, b, torch.float32, f"{backend} {divergence} T={temperature} {name}", [c])
+
+
+@pytest.mark.parametrize("backend", backend_params(include_reference=True))
+@pytest.mark.parametrize("reduction", ("batchmean", "none"))
+def test_parts_used_apart_get_their_own_gradients(backend, reduction):
+    # The fused kernel returns one gradient for hard + soft; a loss that
+    # weighs the parts differently must still get each part's own gradient.
+    s, t = logits((6, 90), torch.float32, 19), logits((6, 90), torch.float32, 20)
+    y = class_labels((6,), 90, 21, ignored=(0,))
+    kwargs = dict(temperature=2.0, labels=y, hard_weight=0.8, soft_weight=0.5, reduction=reduction)
+    row_weights = torch.linspace(0.5, 2.0, 6, dtype=torch.float64)
+
+    def combine(total, hard, soft, how):
+        reduce = (lambda x: (x * row_weights.to(x.dtype)).sum()) if reduction == "none" else (lambda x: x)
+        return {"hard only": reduce(hard), "soft only": reduce(soft),
+                "weighted": reduce(3.0 * hard - 0.25 * soft) + reduce(total)}[how]
+
+    for how in ("hard only", "soft only", "weighted"):
+        grads = []
+        fused = lambda a, b: fastkd.divergence(a, b, return_parts=True, backend=backend, **kwargs)  # noqa: E731
+        oracle = lambda a, b: reference.mixed_divergence(a, b, **kwargs)  # noqa: E731
+        for fn, dtype in ((fused, torch.float32), (oracle, torch.float64)):
+            a = s.detach().to(dtype).clone().requires_grad_(True)
+            b = t.detach().to(dtype).clone().requires_grad_(True)
+            combine(*fn(a, b), how).backward()
+            # the CE alone does not reach the teacher: no gradient or a zero one
+            grads.append((a.grad, torch.zeros_like(b) if b.grad is None else b.grad))
+        (gs, gt), (ws, wt) = grads
+        assert_matches(gs, ws, torch.float32, f"{backend} {how} student grad")
+        assert_matches(gt, wt, torch.float32, f"{backend} {how} teacher grad")

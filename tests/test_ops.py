@@ -35,16 +35,39 @@ def test_opcheck_divergence_forward(kind, dtype):
     torch.library.opcheck(torch.ops.fastkd.divergence_forward.default, divergence_op_args(kind, dtype=dtype))
     torch.library.opcheck(torch.ops.fastkd.divergence_forward.default,
                           divergence_op_args(kind, mask=False)[:7] + (False, False))
+    # with the hard-label cross-entropy (labels of excluded rows may be anything)
+    args = divergence_op_args(kind, dtype=dtype)
+    labels = torch.randint(0, 37, (5,), device=DEVICE).masked_fill(~args[2], -100)
+    torch.library.opcheck(torch.ops.fastkd.divergence_forward.default, args + (labels, 0.7))
+
+
+def test_op_row_ce_is_the_cross_entropy_and_adds_its_gradient():
+    s, t, row_mask, *rest = divergence_op_args(2)
+    labels = torch.randint(0, 37, (5,), device=DEVICE)
+    loss, gs, gt, ce = torch.ops.fastkd.divergence_forward(s, t, row_mask, *rest, labels, 0.7)
+    loss0, gs0, gt0, ce0 = torch.ops.fastkd.divergence_forward(s, t, row_mask, *rest)
+    assert ce0.shape == (0,)
+    expected_ce = torch.nn.functional.cross_entropy(s.double(), labels, reduction="none") * row_mask
+    assert_matches(ce, expected_ce, torch.float32, "row_ce")
+    expected_gs = gs0.double() + 0.7 * row_mask.unsqueeze(1) * (
+        s.double().softmax(1) - torch.nn.functional.one_hot(labels, 37)
+    )
+    assert_matches(gs, expected_gs, torch.float32, "student grad with the CE term")
+    torch.testing.assert_close(loss, loss0, rtol=0, atol=0)
+    torch.testing.assert_close(gt, gt0, rtol=0, atol=0)
 
 
 def test_op_outputs_follow_the_schema_contract():
     s, t, row_mask, *rest = divergence_op_args(2)
-    loss, gs, gt = torch.ops.fastkd.divergence_forward(s, t, row_mask, *rest)
+    labels = torch.full((5,), -100, device=DEVICE).masked_fill(row_mask, 3)
+    loss, gs, gt, ce = torch.ops.fastkd.divergence_forward(s, t, row_mask, *rest, labels, 0.5)
     assert loss.shape == (5,) and loss.dtype == torch.float32
+    assert ce.shape == (5,) and ce.dtype == torch.float32
     assert gs.shape == s.shape and gt.shape == t.shape and gs.is_contiguous()
     assert torch.all(loss[~row_mask] == 0) and torch.all(gs[~row_mask] == 0) and torch.all(gt[~row_mask] == 0)
-    loss, gs, gt = torch.ops.fastkd.divergence_forward(s, t, None, *rest[:4], False, False)
-    assert gs.shape == (0, 0) and gt.shape == (0, 0)
+    assert torch.all(ce[~row_mask] == 0) and torch.all(ce[row_mask] > 0)
+    loss, gs, gt, ce = torch.ops.fastkd.divergence_forward(s, t, None, *rest[:4], False, False)
+    assert gs.shape == (0, 0) and gt.shape == (0, 0) and ce.shape == (0,)
 
 
 @pytest.mark.parametrize(
@@ -63,14 +86,21 @@ def test_op_outputs_follow_the_schema_contract():
         ({"kind": 2, "coef": 1.0}, "beta"),
         ({"kind": 3, "coef": 0.0}, "alpha"),
         ({"grad_scale": float("nan")}, "grad_scale must be finite"),
+        ({"labels": torch.zeros(5, dtype=torch.int32)}, "labels must be int64"),
+        ({"labels": torch.zeros(4, dtype=torch.int64)}, "one entry per row"),
+        ({"labels": torch.full((5,), 37)}, r"labels of kept rows must lie in \[0, 37\)"),
+        ({"labels": torch.full((5,), -1)}, r"labels of kept rows must lie in \[0, 37\)"),
+        ({"hard_grad_scale": 0.5}, "hard_grad_scale must be 0 without labels"),
+        ({"labels": torch.zeros(5, dtype=torch.int64), "hard_grad_scale": float("inf")},
+         "hard_grad_scale must be finite"),
     ],
 )
 def test_op_checks_its_arguments_in_cpp(change, needle):
     if DEVICE.type != "cpu":
         pytest.skip("argument tensors are built on the CPU")
     names = ["student", "teacher", "row_mask", "kind", "inv_temperature", "coef", "grad_scale",
-             "student_grad", "teacher_grad"]
-    args = dict(zip(names, divergence_op_args(0, mask=False), strict=True))
+             "student_grad", "teacher_grad", "labels", "hard_grad_scale"]
+    args = dict(zip(names, divergence_op_args(0, mask=False) + (None, 0.0), strict=True))
     args.update(change)
     with pytest.raises(RuntimeError, match=needle):
         torch.ops.fastkd.divergence_forward(*[args[n] for n in names])

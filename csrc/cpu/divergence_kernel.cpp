@@ -21,6 +21,14 @@
 // e_s, e_t are 500 KiB, within a 1 MiB L2. Exponentials: 2 per element, the
 // minimum (plus the log-space mixture of JSD and the skew divergences).
 // Reduced-precision rows are widened into the scratch first.
+//
+// With labels, the row's hard-label cross-entropy at temperature 1 comes
+// after pass 4, from the row still in cache (no second read from memory): at
+// T = 1 it is the student normaliser itself, log Σ exp(s − max) = log_sum,
+// and softmax(s) = e_s / Σe_s is in the scratch (no exp); at T ≠ 1 one more
+// exp per element fills the scratch with exp(s − max). Its gradient,
+// (softmax(s) − onehot)·hard_grad_scale, is added to the student gradient
+// before it is rounded to the input dtype.
 #include "divergence_kernel.h"
 
 #include <ATen/Parallel.h>
@@ -89,6 +97,8 @@ struct RowParams {
   Coefficient<T> coef;
   bool student_grad;
   bool teacher_grad;
+  T hard_scale;  // hard_grad_scale: multiplies the cross-entropy's gradient
+  bool ce_shares_normaliser;  // T == 1: the CE's softmax is the student's q
 };
 
 // The scratch rows of one task: exponentials of the current row, and, for
@@ -227,14 +237,16 @@ inline ElementTerms<W> terms_at(W s, W t, W e_s, W e_t, const RowConstants<W>& c
 
 // One row: returns the row loss and writes the gradients requested
 // (STUDENT_GRAD → gs, TEACHER_GRAD → gt), scaled by rp.grad_factor.
+// `ns` receives the student's normaliser (the cross-entropy reuses it).
 template <int KIND, bool STUDENT_GRAD, bool TEACHER_GRAD, class T>
 T divergence_row(const T* s, const T* t, int64_t V, const RowParams<T>& rp, T* gs, T* gt,
-                 const Scratch<T>& scratch, const NextRow& next) {
+                 const Scratch<T>& scratch, const NextRow& next, Normaliser<T>& ns) {
   constexpr int64_t L = Vec<T>::size();
   // KL's loss comes out of pass 2; with at most the student gradient, pass 3
   // only writes (q − p)·factor and pass 4 is not needed.
   constexpr bool kl_shortcut = KIND == KL && !TEACHER_GRAD;
-  Normaliser<T> ns{}, nt{};
+  Normaliser<T> nt{};
+  ns = Normaliser<T>{};
   ns.max = row_max(s, V);
   nt.max = row_max(t, V);
   const T gap = row_exponentials<kl_shortcut>(s, t, V, rp.inv_temperature, ns, nt, scratch, next);
@@ -308,7 +320,51 @@ T divergence_row(const T* s, const T* t, int64_t V, const RowParams<T>& rp, T* g
 // The row function for the gradients requested, chosen once per call.
 template <class T>
 using RowFn = T (*)(const T*, const T*, int64_t, const RowParams<T>&, T*, T*, const Scratch<T>&,
-                    const NextRow&);
+                    const NextRow&, Normaliser<T>&);
+
+// The row's cross-entropy log Σ_j exp(s_j) − s_y, after divergence_row (whose
+// student normaliser is `ns` and whose e_s = exp((s − max)/T) is still in
+// the scratch); with `gs`, adds rp.hard_scale·(softmax(s) − onehot(y)) to it.
+// y is in [0, V) (checked by the op).
+template <class T>
+T cross_entropy_row(const T* s, int64_t V, int64_t y, const RowParams<T>& rp,
+                    const Normaliser<T>& ns, T* e_s, T* gs) {
+  constexpr int64_t L = Vec<T>::size();
+  T log_sum = ns.log_sum, inv_sum = ns.inv_sum;
+  if (!rp.ce_shares_normaliser) {
+    // T ≠ 1: e_s ← exp(s − max) and its sum, in place of the divergence's
+    // exponentials (no longer needed)
+    const Vec<T> vmax(ns.max);
+    CompensatedSum<Vec<T>> vsum;
+    int64_t j = 0;
+    for (; j + L <= V; j += L) {
+      const Vec<T> e = fk_exp_normaliser(Vec<T>::loadu(s + j) - vmax);
+      e.store(e_s + j);
+      vsum.add(e);
+    }
+    CompensatedSum<T> tail;
+    for (; j < V; ++j) {
+      e_s[j] = fk_exp(s[j] - ns.max);
+      tail.add(e_s[j]);
+    }
+    const T sum = total(vsum, tail);
+    log_sum = fk_log(sum);
+    inv_sum = T(1) / sum;
+  }
+  if (gs != nullptr) {
+    // softmax(s)_j = e_s[j] / Σ e_s
+    const T factor = rp.hard_scale * inv_sum;
+    const Vec<T> vfactor(factor);
+    int64_t j = 0;
+    for (; j + L <= V; j += L) {
+      (Vec<T>::loadu(gs + j) + Vec<T>::loadu(e_s + j) * vfactor).store(gs + j);
+    }
+    for (; j < V; ++j) gs[j] += e_s[j] * factor;
+    gs[y] -= rp.hard_scale;
+  }
+  // log Σ exp(s) − s_y = (max − s_y) + log Σ exp(s − max): exact at the max
+  return (ns.max - s[y]) + log_sum;
+}
 
 template <int KIND, class T>
 RowFn<T> pick_row_fn(bool student_grad, bool teacher_grad) {
@@ -339,6 +395,9 @@ void divergence_rows(const DivergenceArgs& a) {
   rp.coef = make_coefficient<acc_t>(a.coef);
   rp.student_grad = student_grad != nullptr;
   rp.teacher_grad = teacher_grad != nullptr;
+  rp.hard_scale = acc_t(a.hard_grad_scale);
+  rp.ce_shares_normaliser = a.inv_temperature == 1.0;
+  auto* row_ce = static_cast<acc_t*>(a.row_ce);
   constexpr bool widen = !std::is_same_v<scalar_t, acc_t>;
   const RowFn<acc_t> row_fn = pick_row_fn<KIND, acc_t>(rp.student_grad, rp.teacher_grad);
 
@@ -358,6 +417,7 @@ void divergence_rows(const DivergenceArgs& a) {
       scalar_t* gt_row = rp.teacher_grad ? teacher_grad + i * V : nullptr;
       if (a.row_mask != nullptr && !a.row_mask[i]) {
         row_loss[i] = acc_t(0);
+        if (row_ce != nullptr) row_ce[i] = acc_t(0);
         if (gs_row) std::memset(static_cast<void*>(gs_row), 0, V * sizeof(scalar_t));
         if (gt_row) std::memset(static_cast<void*>(gt_row), 0, V * sizeof(scalar_t));
         continue;
@@ -370,14 +430,22 @@ void divergence_rows(const DivergenceArgs& a) {
                         reinterpret_cast<const char*>(t_row + a.teacher_row_stride),
                         static_cast<int64_t>(sizeof(scalar_t))}
               : NextRow{nullptr, nullptr, 0};
+      Normaliser<acc_t> ns;
       if constexpr (widen) {
         at::vec::convert(s_row, s_buf, V);
         at::vec::convert(t_row, t_buf, V);
-        row_loss[i] = row_fn(s_buf, t_buf, V, rp, gs_buf, gt_buf, scratch, next);
+        row_loss[i] = row_fn(s_buf, t_buf, V, rp, gs_buf, gt_buf, scratch, next, ns);
+        if (row_ce != nullptr) {
+          row_ce[i] = cross_entropy_row(s_buf, V, a.labels[i], rp, ns, scratch.e_s,
+                                        gs_row ? gs_buf : nullptr);
+        }
         if (gs_row) at::vec::convert(gs_buf, gs_row, V);
         if (gt_row) at::vec::convert(gt_buf, gt_row, V);
       } else {
-        row_loss[i] = row_fn(s_row, t_row, V, rp, gs_row, gt_row, scratch, next);
+        row_loss[i] = row_fn(s_row, t_row, V, rp, gs_row, gt_row, scratch, next, ns);
+        if (row_ce != nullptr) {
+          row_ce[i] = cross_entropy_row(s_row, V, a.labels[i], rp, ns, scratch.e_s, gs_row);
+        }
       }
     }
   });
