@@ -3,20 +3,37 @@
 Same contract as the C++ op ``fastkd::divergence_forward`` (csrc/fastkd.cpp),
 the per-element math of ``csrc/common/divergence_math.h`` (whose comment
 derives the gradients) and the passes of ``csrc/cuda/divergence.cu``, with
-its first two passes fused by an online log-sum-exp. One program per row
-streams the row in BLOCK-wide chunks:
+its first two passes fused by an online log-sum-exp. With hard labels y the
+op also computes the cross-entropy at temperature 1, CE_i = log Σ_j exp(s_ij)
+− s_iy, and adds hard_grad_scale · (softmax(s_i) − onehot(y_i)) to the
+student gradient, in the same passes. One program per row streams the row in
+BLOCK-wide chunks:
 
   pass 1  max of s and t (and the first index of each, for the mode-
-          shifted log ratios), Σ exp((x − max)/T), online          read s, t
+          shifted log ratios), Σ exp((x − max)/T), online; with
+          labels at T ≠ 1 also Σ exp(s − max) (the max is the
+          same at every T); then CE = max − s_y + log Σ exp(s − max)
+                                                                  read s, t; s_y
   pass 2  loss, Σu, Σv; KL with only the student gradient writes
           it here, (q − p)/T, since Σu = −Σp = −1                 read s, t
   pass 3  gradients (u − q Σu)/T and (v − p Σv)/T                 read s, t; write gradients
 
+The CE gradient term is added to the student gradient in float32 in the
+store that writes it (pass 2 or 3), before the rounding to the input dtype.
+At T = 1 exactly (the launcher's CE_SHARES_NORMALISER) the CE reuses the
+student's normaliser and q = softmax(s), so it costs no exp at all; at
+T ≠ 1 it costs one exp per element in pass 1 and one more in the gradient
+pass. A kept row whose label is not in [0, V) gets CE NaN and a NaN student
+gradient row; the s_y load is at a clamped index, so nothing outside the
+row is read.
+
 Memory traffic floor, b bytes per logit: read 2·N·V·b, write N·V·b per
-requested gradient and 4·N bytes of row loss. Passes 2 and 3 re-read the row
-from L2 while the rows resident at once (about one per SM: 2·V·b bytes each)
-fit in it: on a 50 MiB L2 with 132 SMs up to V ≈ 49K in fp32 (≈ 99K in
-bf16 / fp16); beyond that the re-reads go to HBM.
+requested gradient and 4·N bytes of row loss; the CE adds no read of the
+row, only 8·N bytes of labels, N values s_y and 4·N bytes of row CE.
+Passes 2 and 3 re-read the row from L2 while the rows resident at once
+(about one per SM: 2·V·b bytes each) fit in it: on a 50 MiB L2 with 132
+SMs up to V ≈ 49K in fp32 (≈ 99K in bf16 / fp16); beyond that the re-reads
+go to HBM.
 
 Everything is accumulated in float32 except the normalisers Σ exp, summed
 (per chunk, across lanes) and logged in float64 so that the row constant of
@@ -198,17 +215,23 @@ def _online_max_sum_exp(m, d, at, x, offs, V, inv_temperature, TRACK_AT: tl.cons
 
 
 @triton.jit
+def _load_chunk(s_row, t_row, offs, V):
+    # one chunk of both rows in float32; lanes past V load −inf (p = q = 0
+    # there, and every divergence term is 0 by the xlogy rule)
+    s = tl.load(s_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    t = tl.load(t_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    return s, t
+
+
+@triton.jit
 def _terms_at(
-    s_row, t_row, offs, V,
+    s, t,  # the chunk, from _load_chunk
     m_s, log_d_s, m_t, log_d_t,  # row maxima and log Σ exp((x − m) / T)
     row_shift,  # log(q/p) = (s − t) / T − row_shift
     s_mode, t_at_s_mode, t_mode, s_at_t_mode,  # logits at the modes of q and p
     inv_temperature, c, one_minus_c, log_c, log_one_minus_c, KIND: tl.constexpr,
 ):
-    # The chunk's element terms (terms_at of csrc/cuda/divergence.cu). Lanes
-    # past V load −inf: p = q = 0 there, and every term is 0 by the xlogy rule.
-    s = tl.load(s_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-    t = tl.load(t_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    # The chunk's element terms (terms_at of csrc/cuda/divergence.cu).
     # log softmax(x / T) = (x − m) / T − log d: the rounding of the product
     # scales with |x − m| / T, small where the probability is large, rather
     # than with |x / T| (the interpreter has no FMA to hide it)
@@ -241,24 +264,52 @@ def _logit_at(x_row, at, V):
 
 
 @triton.jit
+def _rescaled_sum_exp(d, m_old, m_new, x):
+    # Σ exp(x − m) at temperature 1, online, sharing the running max m of the
+    # same logits at temperature T (max x is the same at every T > 0): d was
+    # relative to m_old, the result is relative to m_new. Float64 sums, the
+    # shift rule and the NaN behaviour of _online_max_sum_exp.
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return d * tl.exp(m_old - shift).to(tl.float64) + tl.sum(tl.exp(x - shift).to(tl.float64), 0)
+
+
+@triton.jit
+def _ce_grad(s, q, offs, m_s, log_d_ce, label, label_ok, hard_grad_scale, CE_SHARES_NORMALISER: tl.constexpr):
+    # hard_grad_scale · d(CE)/ds_j = hard_grad_scale · (softmax(s)_j − [j = y]);
+    # at T = 1 softmax(s) is q itself, otherwise one exp per element. A row
+    # whose label is not a class id gets NaN (the kernel's own guard).
+    if CE_SHARES_NORMALISER:
+        prob = q
+    else:
+        prob = tl.exp((s - m_s) - log_d_ce)
+    term = hard_grad_scale * (prob - tl.where(offs == label, 1.0, 0.0))
+    return tl.where(label_ok, term, float("nan"))
+
+
+@triton.jit
 def _divergence_fwd_kernel(
     s_ptr,  # [N, V] student logits, row stride stride_s, unit stride along V
     t_ptr,  # [N, V] teacher logits, row stride stride_t, unit stride along V
     mask_ptr,  # [N] bool, False → row excluded (None when HAS_MASK is False)
+    labels_ptr,  # [N] int64 hard labels (None unless HAS_LABELS)
     loss_ptr,  # [N] float32 row losses ℓ_i
-    gs_ptr,  # [N, V] contiguous grad_scale · dℓ_i/ds (None unless STUDENT_GRAD)
+    ce_ptr,  # [N] float32 row cross-entropies log Σ_j exp(s_ij) − s_iy (None unless HAS_LABELS)
+    gs_ptr,  # [N, V] contiguous grad_scale · dℓ_i/ds (+ the CE term) (None unless STUDENT_GRAD)
     gt_ptr,  # [N, V] contiguous grad_scale · dℓ_i/dt (None unless TEACHER_GRAD)
     stride_s,
     stride_t,
     V,
     inv_temperature,  # 1 / T
     grad_factor,  # grad_scale / T
+    hard_grad_scale,  # factor of the CE gradient (unused unless HAS_LABELS)
     c,  # β (JSD) or α (skew); unused by the other kinds
     one_minus_c,
     log_c,
     log_one_minus_c,  # −inf for α = 1
     KIND: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    CE_SHARES_NORMALISER: tl.constexpr,  # inv_temperature == 1: the CE's lse and softmax are the student's
     STUDENT_GRAD: tl.constexpr,
     TEACHER_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -271,11 +322,16 @@ def _divergence_fwd_kernel(
     # The gradients whose unbounded log ratios are shifted by their value at
     # the mode (divergence_math.h): REVERSE_KL's u and KL's v.
     NEED_MODES: tl.constexpr = (KIND == 1 and STUDENT_GRAD) or (KIND == 0 and TEACHER_GRAD)
+    # The CE's own Σ exp(s − max) at temperature 1 (pass 1)
+    CE_OWN_SUM: tl.constexpr = HAS_LABELS and not CE_SHARES_NORMALISER
 
     if HAS_MASK:
         if tl.load(mask_ptr + row) == 0:
-            # excluded row: ℓ = 0 and zero gradients, without reading the logits
+            # excluded row: ℓ = 0 (and CE = 0) and zero gradients, without
+            # reading the logits or the label
             tl.store(loss_ptr + row, 0.0)
+            if HAS_LABELS:
+                tl.store(ce_ptr + row, 0.0)
             zero = tl.zeros([BLOCK], tl.float32)
             for start in range(0, V, BLOCK):
                 if STUDENT_GRAD:
@@ -288,7 +344,8 @@ def _divergence_fwd_kernel(
     t_row = t_ptr + row * stride_t
 
     # pass 1: max (and, for the mode shifts, the first index of the max) and
-    # log Σ_j exp((x_j − max) / T), online. An all −inf row keeps max = −inf,
+    # log Σ_j exp((x_j − max) / T), online, and with labels at T ≠ 1 the
+    # student's Σ_j exp(s_j − max) as well. An all −inf row keeps max = −inf,
     # so its x − max and its loss are NaN (it has no distribution).
     m_s = float("-inf")
     d_s = tl.zeros([], tl.float64)
@@ -296,12 +353,15 @@ def _divergence_fwd_kernel(
     m_t = float("-inf")
     d_t = tl.zeros([], tl.float64)
     t_at = V
+    d_ce = tl.zeros([], tl.float64)
     for start in range(0, V, BLOCK):
         offs = start + cols
-        s = tl.load(s_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        t = tl.load(t_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        s, t = _load_chunk(s_row, t_row, offs, V)
+        m_prev = m_s
         m_s, d_s, s_at = _online_max_sum_exp(m_s, d_s, s_at, s, offs, V, inv_temperature, NEED_MODES)
         m_t, d_t, t_at = _online_max_sum_exp(m_t, d_t, t_at, t, offs, V, inv_temperature, NEED_MODES)
+        if CE_OWN_SUM:
+            d_ce = _rescaled_sum_exp(d_ce, m_prev, m_s, s)
     log_d_s64 = tl.log(d_s)
     log_d_t64 = tl.log(d_t)
     # in float64, then rounded once: the row constant of log(q/p)
@@ -324,21 +384,45 @@ def _divergence_fwd_kernel(
         t_mode = _logit_at(t_row, t_at, V)
         s_at_t_mode = _logit_at(s_row, t_at, V)
 
+    # CE = log Σ exp(s) − s_y = (max − s_y) + log Σ exp(s − max), in float64
+    # and rounded once. s_y is one load, at an index clamped into the row so
+    # that a label outside [0, V) reads nothing out of bounds; such a row's
+    # CE (and its student gradient) is NaN.
+    label = 0
+    label_ok = False
+    log_d_ce = 0.0
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        label_ok = (label >= 0) & (label < V)
+        s_label = _logit_at(s_row, tl.where(label_ok, label, 0), V)
+        if CE_SHARES_NORMALISER:
+            log_d_ce64 = log_d_s64
+        else:
+            log_d_ce64 = tl.log(d_ce)
+        log_d_ce = log_d_ce64.to(tl.float32)
+        ce = (m_s.to(tl.float64) - s_label.to(tl.float64) + log_d_ce64).to(tl.float32)
+        tl.store(ce_ptr + row, tl.where(label_ok, ce, float("nan")))
+
     # pass 2: ℓ = Σ_j loss_j, Σu, Σv
     loss_acc = tl.zeros([BLOCK], tl.float32)
     u_acc = tl.zeros([BLOCK], tl.float32)
     v_acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, V, BLOCK):
         offs = start + cols
+        s, t = _load_chunk(s_row, t_row, offs, V)
         loss, u, v, p, q = _terms_at(
-            s_row, t_row, offs, V, m_s, log_d_s, m_t, log_d_t, row_shift, s_mode, t_at_s_mode, t_mode,
-                s_at_t_mode,
+            s, t, m_s, log_d_s, m_t, log_d_t, row_shift, s_mode, t_at_s_mode, t_mode, s_at_t_mode,
             inv_temperature, c, one_minus_c, log_c, log_one_minus_c, KIND,
         )
         loss_acc += loss
         if FUSED_KL_GRAD:
-            # dKL/ds = (q − p) / T
-            _store_grad(gs_ptr, row, V, offs, _softmax_grad(u, q, -1.0, grad_factor))
+            # dKL/ds = (q − p) / T, plus the CE term in the same store
+            grad = _softmax_grad(u, q, -1.0, grad_factor)
+            if HAS_LABELS:
+                grad += _ce_grad(
+                    s, q, offs, m_s, log_d_ce, label, label_ok, hard_grad_scale, CE_SHARES_NORMALISER
+                )
+            _store_grad(gs_ptr, row, V, offs, grad)
         else:
             if STUDENT_GRAD:
                 u_acc += u
@@ -346,19 +430,24 @@ def _divergence_fwd_kernel(
                 v_acc += v
     tl.store(loss_ptr + row, tl.sum(loss_acc, 0))
 
-    # pass 3: dℓ/ds_j = (u_j − q_j Σu) / T,  dℓ/dt_j = (v_j − p_j Σv) / T
+    # pass 3: dℓ/ds_j = (u_j − q_j Σu) / T (+ the CE term),  dℓ/dt_j = (v_j − p_j Σv) / T
     if (STUDENT_GRAD or TEACHER_GRAD) and not FUSED_KL_GRAD:
         sum_u = tl.sum(u_acc, 0)
         sum_v = tl.sum(v_acc, 0)
         for start in range(0, V, BLOCK):
             offs = start + cols
+            s, t = _load_chunk(s_row, t_row, offs, V)
             loss, u, v, p, q = _terms_at(
-                s_row, t_row, offs, V, m_s, log_d_s, m_t, log_d_t, row_shift, s_mode, t_at_s_mode, t_mode,
-                s_at_t_mode,
+                s, t, m_s, log_d_s, m_t, log_d_t, row_shift, s_mode, t_at_s_mode, t_mode, s_at_t_mode,
                 inv_temperature, c, one_minus_c, log_c, log_one_minus_c, KIND,
             )
             if STUDENT_GRAD:
-                _store_grad(gs_ptr, row, V, offs, _softmax_grad(u, q, sum_u, grad_factor))
+                grad = _softmax_grad(u, q, sum_u, grad_factor)
+                if HAS_LABELS:
+                    grad += _ce_grad(
+                        s, q, offs, m_s, log_d_ce, label, label_ok, hard_grad_scale, CE_SHARES_NORMALISER
+                    )
+                _store_grad(gs_ptr, row, V, offs, grad)
             if TEACHER_GRAD:
                 _store_grad(gt_ptr, row, V, offs, _softmax_grad(v, p, sum_v, grad_factor))
 
@@ -433,6 +522,24 @@ def check_scalars(kind: int, inv_temperature, coef, grad_scale) -> None:
         raise ValueError(f"grad_scale must be finite, got {grad_scale}")
 
 
+def check_labels(labels, hard_grad_scale, student: torch.Tensor) -> None:
+    """``labels``: None or an ``(N,)`` int64 tensor on ``student``'s device; ``hard_grad_scale``
+    finite, and 0 without labels (ValueError). The labels' range is the kernel's own guard."""
+    if not math.isfinite(hard_grad_scale):
+        raise ValueError(f"hard_grad_scale must be finite, got {hard_grad_scale}")
+    if labels is None:
+        if hard_grad_scale != 0.0:
+            raise ValueError(f"hard_grad_scale must be 0 without labels, got {hard_grad_scale}")
+        return
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be None or an int64 tensor, got {got}")
+    if labels.shape != student.shape[:1]:
+        raise ValueError(f"labels must have shape ({student.shape[0]},), got {tuple(labels.shape)}")
+    if labels.device != student.device:
+        raise ValueError(f"labels ({labels.device}) must be on student's device ({student.device})")
+
+
 def divergence_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -443,29 +550,44 @@ def divergence_forward(
     grad_scale: float,
     student_grad: bool,
     teacher_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row divergences and their scaled gradients; the contract of ``fastkd::divergence_forward``.
+    labels: torch.Tensor | None = None,
+    hard_grad_scale: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row divergences, their scaled gradients and optionally the hard-label CE;
+    the contract of ``fastkd::divergence_forward``.
 
     Args:
         student: ``(N, V)`` logits, float32 / bfloat16 / float16, unit stride
             along V, any row stride.
         teacher: ``(N, V)``, same dtype and device.
-        row_mask: ``(N,)`` bool or None; False rows get loss 0 and zero gradients.
+        row_mask: ``(N,)`` bool or None; False rows get loss 0, CE 0 and zero gradients.
         kind: divergence code (csrc/common/divergence_math.h): 0 kl,
             1 reverse_kl, 2 jsd, 3 skew_kl, 4 skew_reverse_kl, 5 tvd.
         inv_temperature: ``1 / T``.
         coef: β in (0, 1) for JSD, α in (0, 1] for the skew divergences.
-        grad_scale: factor applied to the gradients (not to the loss).
+        grad_scale: factor applied to the divergence gradients (not to the loss).
         student_grad, teacher_grad: which gradients to compute.
+        labels: ``(N,)`` int64 on the student's device, or None: the hard-label
+            cross-entropy at temperature 1 is computed in the same pass. Kept
+            rows' labels should lie in ``[0, V)``; this is not checked here
+            (it would need a device sync): a kept row with any other label
+            gets CE NaN and a NaN student-gradient row.
+        hard_grad_scale: factor of the CE gradient, 0 without labels.
 
     Returns:
         ``row_loss`` ``(N,)`` float32, the unscaled ``ℓ_i``; ``grad_s`` and
         ``grad_t``: ``(N, V)`` contiguous in the input dtype, equal to
-        ``grad_scale · dℓ_i/d(logits)``, or ``(0, 0)`` when not requested.
+        ``grad_scale · dℓ_i/d(logits)``, or ``(0, 0)`` when not requested;
+        ``grad_s`` also holds ``hard_grad_scale · (softmax(s_i) − onehot(y_i))``
+        with labels; ``row_ce`` ``(N,)`` float32, ``log Σ_j exp(s_ij) − s_iy_i``
+        (0 for excluded rows), or ``(0,)`` without labels.
     """
     _check_args(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale)
+    check_labels(labels, hard_grad_scale, student)
     rows, vocab = student.shape
+    has_labels = labels is not None
     row_loss = torch.empty(rows, dtype=torch.float32, device=student.device)
+    row_ce = torch.empty(rows if has_labels else 0, dtype=torch.float32, device=student.device)
     # The interpreter truncates float32 → bfloat16 (triton 3.7 casts there
     # without a rounding mode) where CUDA rounds to nearest even, doubling the
     # rounding error: under it, bf16 gradients are stored in float32 and
@@ -477,11 +599,16 @@ def divergence_forward(
     if rows > 0:
         block, num_warps = launch_config(vocab)
         _divergence_fwd_kernel[(rows,)](
-            student, teacher, None if row_mask is None else row_mask.contiguous(), row_loss,
+            student, teacher, None if row_mask is None else row_mask.contiguous(),
+            labels.contiguous() if has_labels else None, row_loss, row_ce if has_labels else None,
             grad_s if student_grad else None, grad_t if teacher_grad else None,
             student.stride(0), teacher.stride(0), vocab,
-            float(inv_temperature), float(grad_scale * inv_temperature), *coefficient_terms(kind, coef),
-            KIND=kind, HAS_MASK=row_mask is not None, STUDENT_GRAD=bool(student_grad),
-            TEACHER_GRAD=bool(teacher_grad), BLOCK=block, num_warps=num_warps,
+            float(inv_temperature), float(grad_scale * inv_temperature), float(hard_grad_scale),
+            *coefficient_terms(kind, coef),
+            KIND=kind, HAS_MASK=row_mask is not None, HAS_LABELS=has_labels,
+            # at T = 1 exactly the CE's log Σ exp and softmax are the student's own
+            CE_SHARES_NORMALISER=has_labels and float(inv_temperature) == 1.0,
+            STUDENT_GRAD=bool(student_grad), TEACHER_GRAD=bool(teacher_grad), BLOCK=block,
+            num_warps=num_warps,
         )
-    return row_loss, grad_s.to(student.dtype), grad_t.to(teacher.dtype)
+    return row_loss, grad_s.to(student.dtype), grad_t.to(teacher.dtype), row_ce

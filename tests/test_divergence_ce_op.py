@@ -1,0 +1,216 @@
+"""The hard-label cross-entropy fused into ``fastkd::divergence_forward``: op-level parity per kernel backend.
+
+With ``labels`` the op also returns ``row_ce[i] = log Σ_j exp(s_ij) − s_iy``
+(temperature 1) and adds ``hard_grad_scale · (softmax(s_i) − onehot(y_i))``
+to the student gradient; the divergence outputs are those of the op without
+labels. Everything is compared with a float64 computation written here in
+plain torch (the divergence part through ``fastkd.reference.divergence`` and
+autograd), on the ``cpu`` + ``triton`` backends here and ``triton`` + ``cuda``
+under ``FASTKD_TEST_DEVICE=cuda``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastkd import reference
+from tests.helpers import DEVICE, assert_matches, backend_params
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")  # kind codes 0..5
+COEF = 0.5  # β (JSD) / α (skew) for kinds 2, 3, 4
+GRAD_SCALE = 0.7  # never only unit scales; distinct so that a swapped factor shows
+HARD_GRAD_SCALE = 0.3
+
+
+def coef_of(kind: int) -> float:
+    return COEF if kind in (2, 3, 4) else 0.0
+
+
+def logits(shape, dtype=torch.float32, spread=3.0):
+    """Random logits in ``dtype`` (on DEVICE), drawn in float64 first."""
+    return (torch.randn(shape, dtype=torch.float64) * spread).to(device=DEVICE, dtype=dtype)
+
+
+def strided_labels(rows: int, vocab: int) -> torch.Tensor:
+    """Random class ids as a non-contiguous (N,) int64 view (the op makes it contiguous)."""
+    return torch.randint(0, vocab, (rows, 2), device=DEVICE)[:, 1]
+
+
+def forward(backend, s, t, row_mask, kind, temperature, *, student_grad=True, teacher_grad=False,
+            labels=None, hard_grad_scale=HARD_GRAD_SCALE):
+    """The op of ``backend``: (row_loss, grad_s, grad_t, row_ce)."""
+    args = (s, t, row_mask, kind, 1.0 / temperature, coef_of(kind), GRAD_SCALE, student_grad, teacher_grad,
+            labels, hard_grad_scale)
+    if backend == "triton":
+        from fastkd.kernels import divergence as triton_divergence
+
+        return triton_divergence.divergence_forward(*args)
+    return torch.ops.fastkd.divergence_forward(*args)
+
+
+def expected(s, t, row_mask, kind, temperature, labels, precision=torch.float64):
+    """(row_loss, row_ce, grad_s, grad_t) in ``precision`` from the same input values, in plain torch."""
+    s = s.detach().to(precision).requires_grad_(True)
+    t = t.detach().to(precision).requires_grad_(True)
+    rows = reference.divergence(
+        s, t, divergence=DIVERGENCES[kind], temperature=temperature, beta=COEF, alpha=COEF, scale=1.0,
+        reduction="none", mask=row_mask,
+    )
+    (GRAD_SCALE * rows.sum()).backward()
+    keep = torch.ones(s.shape[0], dtype=torch.bool, device=s.device) if row_mask is None else row_mask
+    log_softmax = F.log_softmax(s.detach(), dim=-1)  # temperature 1
+    ce = torch.where(keep, -log_softmax.gather(1, labels[:, None]).squeeze(1), 0.0)
+    onehot = F.one_hot(labels, s.shape[1]).to(precision)
+    ce_grad = HARD_GRAD_SCALE * (log_softmax.exp() - onehot) * keep[:, None]
+    return rows.detach(), ce, s.grad + ce_grad, t.grad
+
+
+def check_ce_parity(backend, s, t, row_mask, kind, temperature, *, teacher_grad):
+    """The op with labels against the float64 computation; its divergence
+    outputs against the op without labels."""
+    dtype = s.dtype
+    labels = strided_labels(*s.shape)
+    loss, gs, gt, ce = forward(backend, s, t, row_mask, kind, temperature, teacher_grad=teacher_grad,
+                               labels=labels)
+    plain = forward(backend, s, t, row_mask, kind, temperature, teacher_grad=teacher_grad,
+                    hard_grad_scale=0.0)
+    want = expected(s, t, row_mask, kind, temperature, labels)
+    # the reference from the same inputs in float32 (SPEC §6's relative pass mark)
+    same = expected(s, t, row_mask, kind, temperature, labels, precision=torch.float32)
+    assert ce.shape == (s.shape[0],) and ce.dtype == torch.float32
+    assert gs.shape == s.shape and gs.dtype == dtype
+    assert plain[3].shape == (0,) and plain[3].dtype == torch.float32
+    # the CE changes neither the row loss nor the teacher gradient
+    assert torch.equal(loss, plain[0])
+    if teacher_grad:
+        assert torch.equal(gt, plain[2])
+    else:
+        assert gt.shape == (0, 0)
+    assert_matches(ce, want[1], dtype, f"{backend} row_ce", [same[1]])
+    assert_matches(loss, want[0], dtype, f"{backend} row_loss", [same[0]])
+    assert_matches(gs, want[2], dtype, f"{backend} student grad", [same[2]])
+    if teacher_grad:
+        assert_matches(gt, want[3], dtype, f"{backend} teacher grad", [same[3]])
+    if row_mask is not None:
+        excluded = ~row_mask
+        assert torch.all(ce[excluded] == 0) and torch.all(gs[excluded] == 0)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("teacher_grad", (False, True), ids=("student-grad", "both-grads"))
+@pytest.mark.parametrize("temperature", (1.0, 2.5))
+@pytest.mark.parametrize("kind", range(6), ids=DIVERGENCES)
+def test_ce_parity_every_kind(backend, kind, temperature, teacher_grad):
+    # V = 300: not a power of two (one masked chunk); row 2 excluded
+    s, t = logits((4, 300)), logits((4, 300))
+    row_mask = torch.tensor([True, True, False, True], device=DEVICE)
+    check_ce_parity(backend, s, t, row_mask, kind, temperature, teacher_grad=teacher_grad)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("temperature", (1.0, 2.5))
+@pytest.mark.parametrize(("kind", "teacher_grad"), ((0, False), (3, True)), ids=("kl-fused", "skew_kl-both"))
+def test_ce_parity_vocab_above_one_block(backend, kind, temperature, teacher_grad):
+    # V = 5000 > the Triton kernel's 4096-wide chunk: the online sums over chunks
+    s, t = logits((2, 5000)), logits((2, 5000))
+    check_ce_parity(backend, s, t, None, kind, temperature, teacher_grad=teacher_grad)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("temperature", (1.0, 2.5))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_ce_parity_low_precision(backend, dtype, temperature):
+    s, t = logits((3, 257), dtype), logits((3, 257), dtype)
+    row_mask = torch.tensor([True, False, True], device=DEVICE)
+    check_ce_parity(backend, s, t, row_mask, 1, temperature, teacher_grad=True)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("teacher_grad", (False, True), ids=("no-grads", "teacher-grad"))
+@pytest.mark.parametrize("temperature", (1.0, 2.5))
+def test_ce_without_student_gradient(backend, temperature, teacher_grad):
+    s, t = logits((3, 130)), logits((3, 130))
+    labels = strided_labels(3, 130)
+    row_mask = torch.tensor([True, False, True], device=DEVICE)
+    loss, gs, gt, ce = forward(backend, s, t, row_mask, 2, temperature, student_grad=False,
+                               teacher_grad=teacher_grad, labels=labels)
+    plain = forward(backend, s, t, row_mask, 2, temperature, student_grad=False, teacher_grad=teacher_grad,
+                    hard_grad_scale=0.0)
+    want = expected(s, t, row_mask, 2, temperature, labels)
+    assert gs.shape == (0, 0)
+    assert torch.equal(loss, plain[0]) and torch.equal(gt, plain[2])
+    assert_matches(ce, want[1], torch.float32, f"{backend} row_ce")
+    assert ce[1] == 0
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("temperature", (1.0, 2.5))
+@pytest.mark.parametrize("kind", (0, 5), ids=("kl", "tvd"))
+def test_out_of_range_label_of_a_kept_row(backend, kind, temperature):
+    """Rows 0 and 2 are kept with labels −1 and V: the GPU kernels give NaN
+    there (their own guard, nothing read out of bounds); the CPU op raises.
+    Row 3 is excluded, so its out-of-range label is never used."""
+    vocab = 50
+    s, t = logits((5, vocab)), logits((5, vocab))
+    labels = torch.tensor([-1, 7, vocab, 10**12, 0], device=DEVICE)
+    row_mask = torch.tensor([True, True, True, False, True], device=DEVICE)
+    if backend == "cpu":
+        with pytest.raises(RuntimeError, match="labels"):
+            forward(backend, s, t, row_mask, kind, temperature, labels=labels)
+        return
+    loss, gs, _, ce = forward(backend, s, t, row_mask, kind, temperature, labels=labels)
+    bad = torch.tensor([True, False, True, False, False], device=DEVICE)
+    assert torch.isnan(ce[bad]).all() and torch.isnan(gs[bad]).all()
+    assert ce[3] == 0 and torch.all(gs[3] == 0)
+    # the other rows are untouched by their neighbours' labels
+    good = ~bad
+    want = expected(s[good], t[good], row_mask[good], kind, temperature, labels[good].clamp(0, vocab - 1))
+    assert_matches(ce[good], want[1], torch.float32, f"{backend} row_ce")
+    assert_matches(gs[good], want[2], torch.float32, f"{backend} student grad")
+    plain = forward(backend, s, t, row_mask, kind, temperature, hard_grad_scale=0.0)
+    assert torch.equal(loss, plain[0])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_without_labels_row_ce_is_empty(backend):
+    s, t = logits((3, 20)), logits((3, 20))
+    loss, gs, _, ce = forward(backend, s, t, None, 0, 2.0, hard_grad_scale=0.0)
+    assert ce.shape == (0,) and ce.dtype == torch.float32
+    want = expected(s, t, None, 0, 2.0, torch.zeros(3, dtype=torch.int64, device=DEVICE))
+    assert_matches(loss, want[0], torch.float32, f"{backend} row_loss")
+
+
+def _bad_label_arguments(rows: int):
+    return (
+        ({"labels": torch.zeros(rows, dtype=torch.int32, device=DEVICE)}, "labels"),
+        ({"labels": torch.zeros(rows + 1, dtype=torch.int64, device=DEVICE)}, "labels"),
+        ({"labels": torch.zeros(rows, 1, dtype=torch.int64, device=DEVICE)}, "labels"),
+        ({"labels": None, "hard_grad_scale": 0.5}, "hard_grad_scale"),
+        ({"labels": torch.zeros(rows, dtype=torch.int64, device=DEVICE), "hard_grad_scale": math.inf},
+         "hard_grad_scale"),
+        ({"labels": torch.zeros(rows, dtype=torch.int64, device=DEVICE), "hard_grad_scale": math.nan},
+         "hard_grad_scale"),
+    )
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("case", range(6))
+def test_bad_label_arguments_raise(backend, case):
+    """ValueError naming the argument from the Triton launcher, before any
+    kernel runs; the C++ ops' TORCH_CHECK raises RuntimeError (whose
+    messages do not always name the argument: CHECK_DIM says "y")."""
+    s, t = logits((3, 20)), logits((3, 20))
+    kwargs, name = _bad_label_arguments(3)[case]
+    if backend != "triton":
+        with pytest.raises(RuntimeError):
+            forward(backend, s, t, None, 0, 2.0, **kwargs)
+        return
+    with pytest.raises(ValueError, match=name):
+        forward(backend, s, t, None, 0, 2.0, **kwargs)
+    if case == 0:  # not a tensor at all
+        with pytest.raises(ValueError, match="labels"):
+            forward(backend, s, t, None, 0, 2.0, labels=[0, 1, 2])
