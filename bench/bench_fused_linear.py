@@ -12,7 +12,8 @@ Providers:
   ``fastkd.divergence(..., backend="cpu")``: the fused divergence kernel on
   materialised ``(N, V)`` logits. This is the baseline of the targets.
 - ``fastkd-cpu``: ``fastkd.fused_linear_divergence(..., backend="cpu")``:
-  chunks of rows (``memory_budget`` 64 MiB), the logits never whole; for
+  chunks of rows (``memory_budget`` 128 MiB for fp32, 32 MiB for bf16:
+  ``fastkd.fused_linear.default_memory_budget``), the logits never whole; for
   bf16 the weight gradient is accumulated in bf16 (one rounding per chunk).
 - ``fastkd-cpu-f32acc`` (bf16 only): the same with
   ``weight_grad_dtype=torch.float32``, a float32 weight-gradient accumulator

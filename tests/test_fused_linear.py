@@ -266,3 +266,10 @@ def test_bad_arguments(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         fastkd.fused_linear_divergence(**args)
+
+
+def test_default_memory_budget_by_dtype():
+    assert fused_linear.default_memory_budget(torch.float32) == 128 * 2**20
+    assert fused_linear.default_memory_budget(torch.float64) == 128 * 2**20
+    assert fused_linear.default_memory_budget(torch.bfloat16) == 32 * 2**20
+    assert fused_linear.default_memory_budget(torch.float16) == 32 * 2**20
