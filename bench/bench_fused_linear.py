@@ -19,6 +19,12 @@ Providers:
   ``weight_grad_dtype=torch.float32``, a float32 weight-gradient accumulator
   (one rounding at the end, as the unfused backward).
 
+- ``liger`` (CUDA, when ``liger_kernel`` imports): Liger-Kernel's
+  ``LigerFusedLinearJSD`` with ``jsd_beta=0`` (its forward KL, in the Liger
+  versions whose β may be 0; skipped with the reason otherwise) times T², its
+  loss being the per-token mean without the T² factor. ``loss_rel_diff``
+  against ``unfused`` checks that it is the same loss.
+
 ``compile`` is not measured for this family (the comparison is fused vs
 unfused; compiling the reference at N·V = 1.3·10⁸ on two cores is slow and
 changes nothing in the matmuls). On CUDA the fused path runs the Triton / CUDA
@@ -141,7 +147,30 @@ def providers(device: torch.device):
         found[f"unfused-{backend}"] = unfused
         found[f"fastkd-{backend}"] = fused
         found[f"fastkd-{backend}-f32acc"] = fused_f32acc
+    if device.type == "cuda":
+        liger, why = _liger()
+        if liger is None:
+            skipped["liger"] = why
+        else:
+            found["liger"] = liger
     return found, skipped
+
+
+def _liger():
+    """(``loss(s_h, s_w, t_h, t_w)`` of Liger-Kernel's fused linear KL, None) or (None, why not)."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+    except ImportError:
+        return None, "liger_kernel not installed"
+    try:
+        module = LigerFusedLinearJSD(jsd_beta=0.0, temperature=TEMPERATURE)
+    except (AssertionError, ValueError) as exc:  # versions whose beta must lie in (0, 1)
+        return None, f"this Liger-Kernel has no forward-KL fused linear loss (jsd_beta=0: {exc})"
+
+    def liger(s_h, s_w, t_h, t_w):
+        return TEMPERATURE**2 * module(s_h, s_w, t_h, t_w)
+
+    return liger, None
 
 
 def configs(quick: bool) -> list[tuple[str, tuple[int, int, int]]]:
