@@ -73,24 +73,28 @@ TORCH_LIBRARY(fastkd, m) {
   //   teacher_value: [N, k] teacher logits, float32 (float64 for float64 student).
   //   kind: as divergence_forward, except reverse KL (1), which is infinite
   //   off the teacher's ids.
+  //   labels, hard_grad_scale: as divergence_forward (the CE of the student).
   // Returns (row_loss [N] fp32 (fp64 for fp64 input), student_grad [N, V] or
-  // [0, 0] in the input dtype, = grad_scale · d(row loss)/d(logits)).
+  // [0, 0] in the input dtype, = grad_scale · d(row loss)/d(logits) (+ the
+  // CE's, as divergence_forward), row_ce [N] or [0] without labels).
   m.def(
       "topk_divergence_forward(Tensor student, Tensor teacher_index, Tensor teacher_value, "
       "Tensor? row_mask, int kind, float inv_temperature, float coef, float grad_scale, "
-      "bool student_grad) -> (Tensor, Tensor)");
+      "bool student_grad, Tensor? labels=None, float hard_grad_scale=0.) -> (Tensor, Tensor, Tensor)");
 
   // Multi-teacher divergence (SPEC §1): the target is the mixture
   // p = Σ_k w_k softmax(t_k / T), accumulated in log space in one pass.
   //   student: [N, V]; teachers: [K, N, V], same dtype, unit stride along V.
   //   teacher_weights: [K] float64 on the CPU, >= 0, summing to 1.
   //   kind, coef: as divergence_forward. Teachers get no gradient.
+  //   labels, hard_grad_scale: as divergence_forward (the CE of the student).
   // Returns (row_loss [N] fp32 (fp64 for fp64 input), student_grad [N, V] or
-  // [0, 0] in the input dtype, = grad_scale · d(row loss)/d(logits)).
+  // [0, 0] in the input dtype, = grad_scale · d(row loss)/d(logits) (+ the
+  // CE's, as divergence_forward), row_ce [N] or [0] without labels).
   m.def(
       "mixture_divergence_forward(Tensor student, Tensor teachers, Tensor teacher_weights, "
       "Tensor? row_mask, int kind, float inv_temperature, float coef, float grad_scale, "
-      "bool student_grad) -> (Tensor, Tensor)");
+      "bool student_grad, Tensor? labels=None, float hard_grad_scale=0.) -> (Tensor, Tensor, Tensor)");
   // Decoupled KD (SPEC §1, mdistiller), one pass per row (csrc/cpu/dkd.cpp).
   //   student, teacher: [N, C] logits (C >= 2), same dtype; labels: [N] int64
   //   in [0, C). Returns (row_loss [N] = α·TCKD + β·NCKD (no T²), fp32 (fp64

@@ -9,12 +9,12 @@ cross-entropy too. Reductions of the CE term: ``"sum"`` sums the kept rows,
 ``F.cross_entropy(reduction="mean")``; the divergence's ``"mean"`` also divides
 by V, the CE's does not), ``"none"`` gives one value per row (0 when excluded).
 
-With one teacher on a compiled backend the CE is computed inside the fused
-divergence kernel (``fastkd.functional.HardSoftDivergenceFunction``); this
-module holds the checks shared by every path, and the ATen form used next to
-the top-k and multi-teacher kernels: chunk by chunk (at most
-``CE_CHUNK_ELEMENTS`` logits at a time), keeping nothing of size N·V between
-forward and backward.
+On the compiled backends the CE is computed inside the fused divergence,
+top-k and mixture kernels' pass (``fastkd.functional.HardSoftDivergenceFunction``,
+``StudentHardSoftFunction``); this module holds the checks shared by every
+path, and the ATen form of the CE's gradient (chunk by chunk, at most
+``CE_CHUNK_ELEMENTS`` logits at a time) that separates the hard and soft
+gradients when ``return_parts`` weighs them apart.
 """
 
 from __future__ import annotations
@@ -95,20 +95,6 @@ def ce_rows_and_grad(
     return rows, grad.mul_(row_scale.to(acc).unsqueeze(1))
 
 
-def ce_rows(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """Row cross-entropies of ``(N, V)`` logits, ``CE_CHUNK_ELEMENTS`` logits at a time."""
-    n, vocab = logits.shape
-    step = max(1, CE_CHUNK_ELEMENTS // max(vocab, 1))
-    parts = [
-        ce_rows_and_grad(
-            logits[i : i + step], labels[i : i + step], None if keep is None else keep[i : i + step], None
-        )[0]
-        for i in range(0, n, step)
-    ]
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return torch.cat(parts) if parts else logits.new_zeros((0,), dtype=acc)
-
-
 def ce_grad(
     logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None, row_scale: torch.Tensor
 ) -> torch.Tensor:
@@ -131,32 +117,6 @@ def ce_grad(
         _, g = ce_rows_and_grad(logits[rows], labels[rows], chunk_keep, row_scale[rows])
         grad[i : i + step].copy_(g)
     return grad
-
-
-class CrossEntropyFunction(torch.autograd.Function):
-    """``factor · Σ_kept CE_i`` (or per row, ``factor · CE_i``) on ``(N, V)`` logits.
-
-    The forward keeps nothing of size N·V: the backward recomputes the softmax
-    chunk by chunk from the logits.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, labels, keep, factor, per_row):
-        rows = ce_rows(logits, labels, keep)
-        ctx.save_for_backward(logits, labels, keep)
-        ctx.factor = factor
-        ctx.per_row = per_row
-        return rows * factor if per_row else rows.sum() * factor
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        logits, labels, keep = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        n = logits.shape[0]
-        upstream = grad_output.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-        upstream = upstream * ctx.factor if ctx.per_row else upstream.expand(n) * ctx.factor
-        return ce_grad(logits, labels, keep, upstream), None, None, None, None
 
 
 def reduce_factor(reduction: str, n_kept: int) -> float:

@@ -92,25 +92,28 @@ if _C is not None:
     def _mmd_backward_fake(grad, x, y, kernel, bandwidths, degree, c, unbiased, tile_rows):
         return x.new_empty(x.shape), y.new_empty(y.shape)
 
-    @torch.library.register_fake("fastkd::topk_divergence_forward")
-    def _topk_divergence_forward_fake(
-        student, teacher_index, teacher_value, row_mask, kind, inv_temperature, coef, grad_scale, student_grad
-    ):
+    def _student_only_divergence_fake(student, student_grad, labels):
+        # (row_loss, student_grad, row_ce) of the top-k and mixture ops
         rows, vocab = student.shape
         loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
         row_loss = student.new_empty((rows,), dtype=loss_dtype)
         grad = student.new_empty((rows, vocab) if student_grad else (0, 0))
-        return row_loss, grad
+        row_ce = student.new_empty((rows if labels is not None else 0,), dtype=loss_dtype)
+        return row_loss, grad, row_ce
+
+    @torch.library.register_fake("fastkd::topk_divergence_forward")
+    def _topk_divergence_forward_fake(
+        student, teacher_index, teacher_value, row_mask, kind, inv_temperature, coef, grad_scale,
+        student_grad, labels=None, hard_grad_scale=0.0,
+    ):
+        return _student_only_divergence_fake(student, student_grad, labels)
 
     @torch.library.register_fake("fastkd::mixture_divergence_forward")
     def _mixture_divergence_forward_fake(
-        student, teachers, teacher_weights, row_mask, kind, inv_temperature, coef, grad_scale, student_grad
+        student, teachers, teacher_weights, row_mask, kind, inv_temperature, coef, grad_scale, student_grad,
+        labels=None, hard_grad_scale=0.0,
     ):
-        rows, vocab = student.shape
-        loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-        row_loss = student.new_empty((rows,), dtype=loss_dtype)
-        grad = student.new_empty((rows, vocab) if student_grad else (0, 0))
-        return row_loss, grad
+        return _student_only_divergence_fake(student, student_grad, labels)
 
 # An extension built before fastkd::dkd_forward existed lacks it; DKD's cpu
 # backend then fails at call time instead of breaking the import.

@@ -135,21 +135,88 @@ class HardSoftDivergenceFunction(torch.autograd.Function):
         grad_s, grad_t, student, labels, row_mask = ctx.saved_tensors
         grad_student = grad_teacher = None
         if ctx.needs_input_grad[0]:
-            # under torch.compile no data-dependent branch: always separate when possible
-            split = student is not None and (
-                torch.compiler.is_compiling() or not torch.equal(grad_soft, grad_hard)
+            grad_student = _split_hard_soft(
+                grad_s, grad_soft, grad_hard, student, labels, row_mask, ctx.hard_factor
             )
-            if split:
-                # the kernel's gradient is soft + hard; this adds hard · (upstream_hard − upstream_soft)
-                n = student.shape[0]
-                row_scale = ((grad_hard - grad_soft) * ctx.hard_factor).expand(n)
-                correction = _hard_labels.ce_grad(student, labels, row_mask, row_scale)
-                grad_student = grad_s * grad_soft.reshape(-1, 1).to(grad_s.dtype) + correction
-            else:
-                grad_student = _scale_by_upstream(grad_s, grad_soft)
         if ctx.needs_input_grad[1]:
             grad_teacher = _scale_by_upstream(grad_t, grad_soft)
         return (grad_student, grad_teacher) + (None,) * 10
+
+
+def _split_hard_soft(grad, grad_soft, grad_hard, student, labels, row_mask, hard_factor):
+    """The student gradient of ``grad_soft · soft + grad_hard · hard`` from the kernel's ``grad``
+    (``= d(soft + hard)/ds``). ``student`` is None when the parts cannot be
+    used apart (no ``return_parts``): then the upstream gradients are equal."""
+    # under torch.compile no data-dependent branch: always separate when possible
+    split = student is not None and (torch.compiler.is_compiling() or not torch.equal(grad_soft, grad_hard))
+    if not split:
+        return _scale_by_upstream(grad, grad_soft)
+    # grad · upstream_soft + (upstream_hard − upstream_soft) · dhard/ds, the
+    # latter recomputed from the logits
+    row_scale = ((grad_hard - grad_soft) * hard_factor).expand(student.shape[0])
+    correction = _hard_labels.ce_grad(student, labels, row_mask, row_scale)
+    return grad * grad_soft.reshape(-1, 1).to(grad.dtype) + correction
+
+
+@dataclass(frozen=True)
+class StudentKernelCall:
+    """A fused student-only op with the hard-label CE in its pass (the top-k and
+    mixture ops): ``op(student, teacher_a, teacher_b, row_mask, kind,
+    inv_temperature, coef, grad_scale, student_grad, labels, hard_grad_scale)
+    -> (row_loss, grad, row_ce)``, and the factors of its two terms."""
+
+    op: object
+    kind: int
+    inv_temperature: float
+    coef: float
+    soft_factor: float  # multiplies the row divergences (and is the op's grad_scale)
+    hard_factor: float  # multiplies the row cross-entropies (the op's hard_grad_scale)
+    per_row: bool  # reduction == "none"
+    separable: bool  # return_parts: the parts may be back-propagated apart
+
+
+class StudentHardSoftFunction(torch.autograd.Function):
+    """``(soft, hard)`` of a :class:`StudentKernelCall`: one kernel call, one combined
+    student gradient (separated in the backward only as
+    :class:`HardSoftDivergenceFunction` does). Teachers get no gradient."""
+
+    @staticmethod
+    def forward(ctx, call, student, teacher_a, teacher_b, row_mask, labels):
+        row_loss, grad, row_ce = call.op(
+            student, teacher_a, teacher_b, row_mask, call.kind, call.inv_temperature, call.coef,
+            call.soft_factor, ctx.needs_input_grad[1], labels, call.hard_factor,
+        )
+        kept_for_split = (student, labels, row_mask) if call.separable else (None, None, None)
+        ctx.save_for_backward(grad, *kept_for_split)
+        ctx.hard_factor = call.hard_factor
+        if call.per_row:
+            return row_loss * call.soft_factor, row_ce * call.hard_factor
+        return row_loss.sum() * call.soft_factor, row_ce.sum() * call.hard_factor
+
+    @staticmethod
+    def backward(ctx, grad_soft, grad_hard):
+        grad, student, labels, row_mask = ctx.saved_tensors
+        grad_student = None
+        if ctx.needs_input_grad[1]:
+            grad_student = _split_hard_soft(
+                grad, grad_soft, grad_hard, student, labels, row_mask, ctx.hard_factor
+            )
+        return None, grad_student, None, None, None, None
+
+
+def student_hard_soft(call: StudentKernelCall, student, teacher_a, teacher_b, keep, labels, lead_shape,
+                      return_parts: bool):
+    """``hard + soft`` (or ``(total, hard, soft)``) of a student-only op with the CE in its pass.
+
+    ``student`` ``(N, V)`` rows, ``keep`` ``(N,)`` bool, ``labels`` ``(N,)``
+    int64 (checked: kept rows' labels in ``[0, V)``); ``lead_shape`` the
+    shape of ``"none"``'s per-row result.
+    """
+    soft, hard = StudentHardSoftFunction.apply(call, student, teacher_a, teacher_b, keep, labels)
+    if call.per_row:
+        soft, hard = soft.reshape(lead_shape), hard.reshape(lead_shape)
+    total = hard + soft
+    return (total, hard, soft) if return_parts else total
 
 
 @dataclass(frozen=True)
@@ -189,7 +256,8 @@ class RowLossKernelFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, factor, per_row, student, *op_args):
-        row_loss, grad = op(student, *op_args, ctx.needs_input_grad[3])
+        # the top-k and mixture ops also return the (empty) row cross-entropies
+        row_loss, grad, *_ = op(student, *op_args, ctx.needs_input_grad[3])
         ctx.save_for_backward(grad)
         ctx.num_op_args = len(op_args)
         return row_loss * factor if per_row else row_loss.sum() * factor
@@ -285,13 +353,10 @@ def divergence(
         A float32 scalar (float64 for float64 input), or ``(...)`` for ``"none"``.
         With no kept rows the loss is 0 and so is its gradient.
 
-    With one teacher, the fused backends compute the cross-entropy inside the
-    divergence kernel's pass, from the student log-sum-exp it already has
-    (the same one at ``temperature=1``; one more exponential per logit
-    otherwise), and produce one combined student gradient. With several
-    teachers the cross-entropy is ATen operations in chunks next to the
-    mixture kernel (``fastkd._hard_labels``), keeping O(N) state between
-    forward and backward.
+    With hard labels the fused backends compute the cross-entropy inside the
+    divergence (or mixture) kernel's pass, from the student log-sum-exp it
+    already has (the same one at ``temperature=1``; one more exponential per
+    logit otherwise), and produce one combined student gradient.
 
     A kept row whose logits are all ``−inf`` has no distribution: the
     reference raises ``ValueError``, the fused kernels return NaN for it.
@@ -313,22 +378,14 @@ def divergence(
             ignore_index=ignore_index, mask=mask, hard_weight=hard_weight, soft_weight=soft_weight,
             return_parts=return_parts,
         )
-    if several_teachers and (hard_weight or soft_weight != 1.0 or return_parts):
-        # the cross-entropy needs the student only: the mixture is the soft term
-        hard_weight, soft_weight, _ = _hard_labels.mixing_weights(hard_weight, soft_weight, labels)
-        return _mixed_divergence(
-            s, t, divergence=divergence, temperature=temperature, beta=beta, alpha=alpha, scale=scale,
-            reduction=reduction, labels=labels, ignore_index=ignore_index, mask=mask,
-            hard_weight=hard_weight, soft_weight=soft_weight, return_parts=return_parts, backend=backend,
-            teacher_weights=teacher_weights,
-        )
     if several_teachers:
         from fastkd.multi_teacher import mixture_divergence
 
         return mixture_divergence(
             s, t, teacher_weights=teacher_weights, divergence=divergence, temperature=temperature,
             beta=beta, alpha=alpha, scale=scale, reduction=reduction, labels=labels,
-            ignore_index=ignore_index, mask=mask, backend=backend,
+            ignore_index=ignore_index, mask=mask, hard_weight=hard_weight, soft_weight=soft_weight,
+            return_parts=return_parts, backend=backend,
         )
     _validate.same_layout("teacher_logits", t, "student_logits", s)
     _validate.choice("divergence", divergence, _validate.DIVERGENCES)
@@ -408,22 +465,13 @@ def _mixed_divergence(s, t, *, labels, ignore_index, mask, reduction, hard_weigh
     if hard_weight == 0.0:
         total = soft
         return (total, torch.zeros_like(soft), soft) if return_parts else total
-    # the student's rows only: t may be (K, ..., V), several teachers
-    student_rows = _row_major(s.reshape(-1, s.shape[-1]))
+    # the compiled backends compute the CE in the kernel's pass
+    # (_fused_hard_soft_divergence); this is the reference's
     keep = _kept_rows(labels, ignore_index, mask)
-    _hard_labels.check_label_range(labels.reshape(-1), keep, student_rows.shape[1])
-    if _dispatch.resolve(backend, s) == "reference":
-        hard = hard_weight * _reference_fused_linear.cross_entropy(
-            s, labels, reduction=reduction, ignore_index=ignore_index, mask=mask
-        )
-    else:
-        n_kept = int(keep.sum().item())
-        factor = hard_weight * _hard_labels.reduce_factor(reduction, n_kept)
-        hard = _hard_labels.CrossEntropyFunction.apply(
-            student_rows, labels.reshape(-1).long(), keep, factor, reduction == "none"
-        )
-        if reduction == "none":
-            hard = hard.reshape(s.shape[:-1])
+    _hard_labels.check_label_range(labels.reshape(-1), keep, s.shape[-1])
+    hard = hard_weight * _reference_fused_linear.cross_entropy(
+        s, labels, reduction=reduction, ignore_index=ignore_index, mask=mask
+    )
     total = hard + soft
     return (total, hard, soft) if return_parts else total
 

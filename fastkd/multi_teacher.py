@@ -14,15 +14,18 @@ from collections.abc import Sequence
 
 import torch
 
-from fastkd import _ops, _validate  # noqa: F401  (_ops registers the fastkd:: ops)
+from fastkd import _hard_labels, _ops, _validate  # noqa: F401  (_ops registers the fastkd:: ops)
 from fastkd.functional import (
     RowLossKernelFunction,
+    StudentKernelCall,
     _backend_for,
     _kept_rows,
     _kernel_divergence,
     _loss_factor,
     _row_major,
+    student_hard_soft,
 )
+from fastkd.reference import fused_linear as _reference_fused_linear
 from fastkd.reference import multi_teacher as _reference
 
 __all__ = ["mixture_divergence"]
@@ -95,8 +98,11 @@ def mixture_divergence(
     labels: torch.Tensor | None = None,
     ignore_index: int = -100,
     mask: torch.Tensor | None = None,
+    hard_weight: float | None = None,
+    soft_weight: float = 1.0,
+    return_parts: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Divergence between the mixture of K teachers and the student (SPEC §1, multi-teacher).
 
     ``p = Σ_k w_k softmax(t_k / T)``, ``q = softmax(s / T)``, then the chosen
@@ -109,7 +115,10 @@ def mixture_divergence(
             gradient (must not require one).
         teacher_weights: ``(K,)`` tensor or sequence, >= 0, summing to 1;
             ``None`` means uniform ``1/K``.
-        The rest: as :func:`fastkd.divergence`.
+        The rest: as :func:`fastkd.divergence`; with ``hard_weight > 0`` the
+            loss is ``hard_weight · CE(student, labels) + soft_weight ·
+            divergence``, the CE computed in the fused kernel's pass from the
+            student normaliser.
 
     A teacher row that is entirely ``−inf`` gives NaN (every backend).
     """
@@ -142,14 +151,40 @@ def mixture_divergence(
     mask = _validate.row_selector("mask", mask, s.shape[:-1], s, integer=False)
     if s.shape[-1] == 0:
         raise ValueError("student_logits must have a non-empty last (vocabulary) dimension")
+    hard_weight, soft_weight, mixing = _hard_labels.mixing_weights(hard_weight, soft_weight, labels)
+    if not isinstance(return_parts, bool):
+        raise ValueError(f"return_parts must be a bool, got {type(return_parts).__name__}")
 
     chosen = _backend_for("multi-teacher divergence", MIXTURE_KERNELS, backend, s)
     if chosen == "reference":
-        return _reference.mixture_divergence(
+        soft = _reference.mixture_divergence(
             s, t, weights, divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
             scale=scale, reduction=reduction, labels=labels, ignore_index=ignore_index, mask=mask,
         )
+    else:
+        soft = _fused_mixture(s, t, weights, divergence, temperature, beta, alpha, scale, reduction, labels,
+                              ignore_index, mask, hard_weight if mixing else 0.0, soft_weight, return_parts,
+                              chosen)
+        if mixing:
+            return soft  # (total, hard, soft) or total: the CE came from the kernel's pass
+    if not (mixing or soft_weight != 1.0 or return_parts):
+        return soft
+    soft = soft * soft_weight
+    if not mixing:
+        return (soft, torch.zeros_like(soft), soft) if return_parts else soft
+    keep = _kept_rows(labels, ignore_index, mask)
+    _hard_labels.check_label_range(labels.reshape(-1), keep, s.shape[-1])
+    hard = hard_weight * _reference_fused_linear.cross_entropy(
+        s, labels, reduction=reduction, ignore_index=ignore_index, mask=mask
+    )
+    total = hard + soft
+    return (total, hard, soft) if return_parts else total
 
+
+def _fused_mixture(s, t, weights, divergence, temperature, beta, alpha, scale, reduction, labels,
+                   ignore_index, mask, hard_weight, soft_weight, return_parts, chosen):
+    """The mixture divergence on ``chosen``'s kernel (validated arguments); with ``hard_weight > 0``
+    ``(total, hard, soft)`` / ``total`` with the CE from the same pass."""
     vocab, count = s.shape[-1], t.shape[0]
     if chosen == "cuda" and count > CUDA_MAX_TEACHERS:
         raise ValueError(
@@ -162,6 +197,17 @@ def mixture_divergence(
     keep = _kept_rows(labels, ignore_index, mask)
     factor = _loss_factor(reduction, scale, student.shape[0], keep, vocab)
     kind, coef = _kernel_divergence(divergence, beta, alpha)
+    if hard_weight > 0.0:
+        flat_labels = labels.reshape(-1).long()
+        _hard_labels.check_label_range(flat_labels, keep, vocab)
+        call = StudentKernelCall(
+            op=_mixture_op(chosen), kind=kind, inv_temperature=1.0 / temperature, coef=coef,
+            soft_factor=soft_weight * factor,
+            hard_factor=hard_weight * _hard_labels.reduce_factor(reduction, int(keep.sum().item())),
+            per_row=reduction == "none", separable=return_parts,
+        )
+        lead = s.shape[:-1]
+        return student_hard_soft(call, student, teachers, weights, keep, flat_labels, lead, return_parts)
     loss = RowLossKernelFunction.apply(
         _mixture_op(chosen), factor, reduction == "none",
         student, teachers, weights, keep, kind, 1.0 / temperature, coef, factor,

@@ -15,11 +15,13 @@ from torch import nn
 from fastkd import _hard_labels, _ops, _validate  # noqa: F401  (_ops registers the fastkd:: ops)
 from fastkd.functional import (
     RowLossKernelFunction,
+    StudentKernelCall,
     _backend_for,
     _kept_rows,
     _kernel_divergence,
     _loss_factor,
     _row_major,
+    student_hard_soft,
 )
 from fastkd.reference import fused_linear as _reference_fused_linear
 from fastkd.reference import topk as _reference_topk
@@ -140,8 +142,9 @@ def topk_divergence(
             :func:`fastkd.divergence` (``"mean"`` divides by kept rows · V, the
             full vocabulary; with ``hard_weight > 0`` the loss is
             ``hard_weight · CE(student, labels) + soft_weight · divergence``,
-            the CE over the full vocabulary at temperature 1, computed next
-            to the kernel as in :func:`fastkd.divergence`).
+            the CE over the full vocabulary at temperature 1, computed in
+            the fused kernel's pass from the student normaliser, as in
+            :func:`fastkd.divergence`).
 
     Returns:
         A float32 scalar (float64 for float64 input), or ``(...)`` for ``"none"``.
@@ -170,6 +173,10 @@ def topk_divergence(
     hard_weight, soft_weight, mixing = _hard_labels.mixing_weights(hard_weight, soft_weight, labels)
 
     chosen = _backend_for("top-k divergence", TOPK_KERNELS, backend, s)
+    if mixing and chosen != "reference":
+        return _fused_topk_hard_soft(s, teacher_index, values, divergence, temperature, beta, alpha, scale,
+                                     reduction, labels, ignore_index, mask, hard_weight, soft_weight,
+                                     return_parts, chosen)
     if chosen == "reference":
         soft = _reference_topk.topk_divergence(
             s, teacher_index, values, divergence=divergence, temperature=temperature, beta=beta,
@@ -190,19 +197,33 @@ def topk_divergence(
 
 
 def _hard_part(s, labels, ignore_index, mask, reduction, hard_weight, chosen):
-    """``hard_weight · CE(s, labels)`` over the kept rows (validated arguments, labels given)."""
-    vocab = s.shape[-1]
+    """The reference's ``hard_weight · CE(s, labels)`` over the kept rows (validated arguments)."""
     keep = _kept_rows(labels, ignore_index, mask)
-    _hard_labels.check_label_range(labels.reshape(-1), keep, vocab)
-    if chosen == "reference":
-        return hard_weight * _reference_fused_linear.cross_entropy(
-            s, labels, reduction=reduction, ignore_index=ignore_index, mask=mask
-        )
-    factor = hard_weight * _hard_labels.reduce_factor(reduction, int(keep.sum().item()))
-    hard = _hard_labels.CrossEntropyFunction.apply(
-        _row_major(s.reshape(-1, vocab)), labels.reshape(-1).long(), keep, factor, reduction == "none"
+    _hard_labels.check_label_range(labels.reshape(-1), keep, s.shape[-1])
+    return hard_weight * _reference_fused_linear.cross_entropy(
+        s, labels, reduction=reduction, ignore_index=ignore_index, mask=mask
     )
-    return hard.reshape(s.shape[:-1]) if reduction == "none" else hard
+
+
+def _fused_topk_hard_soft(s, teacher_index, values, divergence, temperature, beta, alpha, scale, reduction,
+                          labels, ignore_index, mask, hard_weight, soft_weight, return_parts, backend):
+    """``hard_weight · CE + soft_weight · divergence`` in one pass of ``backend``'s kernel."""
+    vocab, k = s.shape[-1], teacher_index.shape[-1]
+    student = _row_major(s.reshape(-1, vocab))
+    flat_labels = labels.reshape(-1).long()
+    keep = _kept_rows(labels, ignore_index, mask)
+    _hard_labels.check_label_range(flat_labels, keep, vocab)
+    kind, coef = _kernel_divergence(divergence, beta, alpha)
+    value_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+    call = StudentKernelCall(
+        op=_topk_op(backend), kind=kind, inv_temperature=1.0 / temperature, coef=coef,
+        soft_factor=soft_weight * _loss_factor(reduction, scale, student.shape[0], keep, vocab),
+        hard_factor=hard_weight * _hard_labels.reduce_factor(reduction, int(keep.sum().item())),
+        per_row=reduction == "none", separable=return_parts,
+    )
+    index = teacher_index.reshape(-1, k).contiguous()
+    value_rows = values.reshape(-1, k).to(value_dtype).contiguous()
+    return student_hard_soft(call, student, index, value_rows, keep, flat_labels, s.shape[:-1], return_parts)
 
 
 def _topk_op(backend: str):

@@ -221,3 +221,56 @@ def test_parts_used_apart_get_their_own_gradients(backend, reduction):
         (gs, gt), (ws, wt) = grads
         assert_matches(gs, ws, torch.float32, f"{backend} {how} student grad")
         assert_matches(gt, wt, torch.float32, f"{backend} {how} teacher grad")
+
+
+def _student_only_cases():
+    """(name, loss(s, backend, **kwargs) -> (total, hard, soft), backends) for the top-k and mixture ops."""
+    from fastkd.multi_teacher import MIXTURE_KERNELS
+    from fastkd.topk import TOPK_KERNELS
+
+    g = torch.Generator().manual_seed(22)
+    index = torch.stack([torch.randperm(70, generator=g)[:9] for _ in range(6)])
+    values = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    teachers = torch.randn(3, 6, 70, generator=g, dtype=torch.float64)
+
+    def topk(s, backend, **kwargs):
+        return fastkd.topk_divergence(
+            s, index, values.to(s.dtype), return_parts=True, backend=backend, **kwargs
+        )
+
+    def mixture(s, backend, **kwargs):
+        return fastkd.divergence(s, teachers.to(s.dtype), teacher_weights=[0.2, 0.5, 0.3], return_parts=True,
+                                 backend=backend, **kwargs)
+
+    return (("top-k", topk, TOPK_KERNELS), ("mixture", mixture, MIXTURE_KERNELS))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("case", range(2), ids=("top-k", "mixture"))
+@pytest.mark.parametrize("reduction", ("batchmean", "none"))
+def test_student_only_ops_parts_apart(backend, case, reduction):
+    # the top-k and mixture kernels' CE and combined gradient, against the
+    # reference backend in float64, with the parts weighed differently
+    name, loss, kernels = _student_only_cases()[case]
+    if backend not in kernels:
+        pytest.skip(f"no {name} kernel on {backend}")
+    s = logits((6, 70), torch.float32, 23)
+    y = class_labels((6,), 70, 24, ignored=(3,))
+    kwargs = dict(
+        divergence="jsd", temperature=1.5, labels=y, hard_weight=0.7, soft_weight=0.4, reduction=reduction
+    )
+    row_weights = torch.linspace(0.5, 2.0, 6, dtype=torch.float64)
+    for how in ((1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (2.5, -0.5)):
+        results = []
+        for dtype, chosen in ((torch.float32, backend), (torch.float64, "reference")):
+            a = s.detach().to(dtype).clone().requires_grad_(True)
+            total, hard, soft = loss(a, chosen, **kwargs)
+            torch.testing.assert_close(total, hard + soft)
+            weighted = how[0] * hard + how[1] * soft
+            if reduction == "none":
+                weighted = (weighted * row_weights.to(dtype)).sum()
+            weighted.backward()
+            results.append((total.detach(), a.grad))
+        (got_loss, got_grad), (want_loss, want_grad) = results
+        assert_matches(got_loss, want_loss, torch.float32, f"{backend} {name} loss")
+        assert_matches(got_grad, want_grad, torch.float32, f"{backend} {name} grad, parts weighed {how}")

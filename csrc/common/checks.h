@@ -20,6 +20,37 @@
 
 namespace fastkd {
 
+// The hard-label arguments of the divergence ops (divergence_forward,
+// topk_divergence_forward, mixture_divergence_forward): labels [N] int64 on
+// the student's device, or none and then hard_grad_scale == 0.
+inline void check_hard_label_args(const at::Tensor& student, const std::optional<at::Tensor>& labels,
+                                  double hard_grad_scale) {
+  TORCH_CHECK(std::isfinite(hard_grad_scale), "hard_grad_scale must be finite");
+  if (labels.has_value()) {
+    const at::Tensor& y = *labels;
+    TORCH_CHECK(y.scalar_type() == at::kLong, "labels must be int64, got ", y.scalar_type());
+    TORCH_CHECK(y.dim() == 1, "labels must be 1-D, got ", y.dim(), "-D");
+    TORCH_CHECK(y.size(0) == student.size(0), "labels must have one entry per row");
+    CHECK_SAME_DEVICE(student, y);
+  } else {
+    TORCH_CHECK(hard_grad_scale == 0.0, "hard_grad_scale must be 0 without labels");
+  }
+}
+
+// Host-side range check of the kept rows' labels (CPU ops: the kernels index
+// the row with them; the CUDA ops leave it to the Python layer, which checks
+// before any launch, and guard in the kernel instead). labels: [rows]
+// contiguous or nullptr; row_mask: [rows] contiguous or nullptr (all kept).
+inline void check_kept_label_range(const int64_t* labels, const bool* row_mask, int64_t rows,
+                                   int64_t vocab) {
+  if (labels == nullptr) return;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (row_mask != nullptr && !row_mask[i]) continue;
+    TORCH_CHECK(labels[i] >= 0 && labels[i] < vocab, "labels of kept rows must lie in [0, ", vocab,
+                "), got ", labels[i], " at row ", i);
+  }
+}
+
 // Number of divergence kinds (fastkd::divergence::Kind).
 constexpr int64_t kNumDivergenceKinds = 6;
 
@@ -61,16 +92,7 @@ inline void check_divergence_args(const at::Tensor& student, const at::Tensor& t
     TORCH_CHECK(coef > 0 && coef <= 1, "coef (alpha) must be in (0, 1] for skew divergences, got ", coef);
   }
   TORCH_CHECK(std::isfinite(grad_scale), "grad_scale must be finite");
-  TORCH_CHECK(std::isfinite(hard_grad_scale), "hard_grad_scale must be finite");
-  if (labels.has_value()) {
-    const at::Tensor& y = *labels;
-    TORCH_CHECK(y.scalar_type() == at::kLong, "labels must be int64, got ", y.scalar_type());
-    CHECK_DIM(y, 1);
-    TORCH_CHECK(y.size(0) == student.size(0), "labels must have one entry per row");
-    CHECK_SAME_DEVICE(student, y);
-  } else {
-    TORCH_CHECK(hard_grad_scale == 0.0, "hard_grad_scale must be 0 without labels");
-  }
+  check_hard_label_args(student, labels, hard_grad_scale);
 }
 
 }  // namespace fastkd

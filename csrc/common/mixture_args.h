@@ -28,6 +28,16 @@ struct MixtureDivergenceArgs {
   double inv_temperature;      // 1 / T, > 0
   double coef;                 // β (JSD) or α (skew), interior as for divergence_forward
   double grad_scale;           // the gradient is grad_scale · d(row loss)/d(logits)
+  // Hard-label cross-entropy in the same pass, exactly as DivergenceArgs's
+  // labels / row_ce / hard_grad_scale (csrc/common/divergence_args.h):
+  // row_ce[i] = log Σ_j exp(s_ij) − s_iy at temperature 1 for kept rows (0
+  // for excluded ones), the student gradient gets
+  // + hard_grad_scale · (softmax(s_i) − onehot(y)); a kept row with a label
+  // outside [0, vocab) gets NaN row_ce and a NaN gradient row in the GPU
+  // kernels (the CPU op rejects it), never an out-of-bounds access.
+  const int64_t* labels;       // [rows] contiguous int64, or nullptr (no cross-entropy)
+  void* row_ce;                // [rows] like row_loss, or nullptr (iff labels is)
+  double hard_grad_scale;      // 0 when labels is nullptr
 };
 
 }  // namespace fastkd

@@ -12,16 +12,6 @@ namespace fastkd {
 namespace cpu {
 namespace {
 
-// Every kept row's label must be a class id: the kernel indexes the row with it.
-void check_label_range(const DivergenceArgs& a) {
-  if (a.labels == nullptr) return;
-  for (int64_t i = 0; i < a.rows; ++i) {
-    if (a.row_mask != nullptr && !a.row_mask[i]) continue;
-    TORCH_CHECK(a.labels[i] >= 0 && a.labels[i] < a.vocab, "labels of kept rows must lie in [0, ",
-                a.vocab, "), got ", a.labels[i], " at row ", i);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher,
     const std::optional<at::Tensor>& row_mask, int64_t kind, double inv_temperature,
@@ -33,7 +23,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_forward_cp
       prepare_divergence(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale,
                          student_grad, teacher_grad, labels, hard_grad_scale, &empty_for_output);
   if (call.args.rows == 0) return call.outputs();
-  check_label_range(call.args);
+  // every kept row's label must be a class id: the kernel indexes the row with it
+  check_kept_label_range(call.args.labels, call.args.row_mask, call.args.rows, call.args.vocab);
   switch (active_capability()) {
     case Capability::AVX512: AVX512::divergence_kernel(call.args); break;
     case Capability::AVX2: AVX2::divergence_kernel(call.args); break;
