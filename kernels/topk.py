@@ -44,7 +44,8 @@ BLOCK-wide compare per id in total, k · BLOCK per row (≈ 2 operations per
 logit at V = 128256, k = 64, BLOCK = 4096).
 
 Memory traffic floor: read N·V·b (b bytes per logit) and write N·V·b of
-gradient, plus 20·N·k bytes of ids and values. Stream 2 re-reads the row, from
+gradient, plus 20·N·k bytes of ids and values (with labels 8·N bytes read
+and 4·N bytes of row CE written: the CE adds no pass over the row). Stream 2 re-reads the row, from
 L2 while the rows resident at once (about one per SM, V·b bytes each) fit in
 it: on a 50 MiB L2 with 132 SMs up to V ≈ 99K in fp32; beyond that the
 re-read goes to HBM (3 N·V·b in all).

@@ -169,6 +169,23 @@ def test_ce_parity_low_precision(backend, dtype, temperature):
     check_ce_parity(backend, s, index, values, row_mask, 2, temperature)
 
 
+def float64_params():
+    """kernel_params() of the backends that take float64 logits (the CPU op only)."""
+    params = [p for p in kernel_params() if p.values[0] == "cpu"]
+    return params or [pytest.param("none", marks=pytest.mark.skip(reason="no float64 top-k kernel here"))]
+
+
+@pytest.mark.parametrize("backend", float64_params())
+@pytest.mark.parametrize("temperature", (1.0, 2.5))
+@pytest.mark.parametrize("kind", (0, 2), ids=("kl", "jsd"))
+def test_ce_parity_float64(backend, kind, temperature):
+    # float64 logits and teacher values: row_ce and the gradient in double
+    s = logits((4, 300), torch.float64)
+    index, values = sparse_teacher(4, 300, 7)
+    row_mask = torch.tensor([True, True, False, True], device=DEVICE)
+    check_ce_parity(backend, s, index, values.double(), row_mask, kind, temperature)
+
+
 @pytest.mark.parametrize("backend", kernel_params())
 @pytest.mark.parametrize("temperature", (1.0, 2.5))
 def test_ce_without_student_gradient(backend, temperature):
