@@ -231,8 +231,12 @@ def _topk_op(backend: str):
     if backend == "triton":
         from fastkd.kernels import topk as triton_topk
 
-        return triton_topk.topk_divergence_forward
-    return torch.ops.fastkd.topk_divergence_forward
+        op = triton_topk.topk_divergence_forward
+    else:
+        op = torch.ops.fastkd.topk_divergence_forward
+    # TEMPORARY (ce_topk branch, for the integrator to replace): the op now
+    # returns (row_loss, grad, row_ce); the Python API passes no labels yet
+    return lambda *args: op(*args)[:2]
 
 
 def _fused_topk(s, teacher_index, values, divergence, temperature, beta, alpha, scale, reduction, labels,

@@ -24,6 +24,19 @@ One program per row:
             ids masked out again, so every gradient entry is written once
                                                              read s; write N·V
 
+With hard labels y the op also computes the cross-entropy at temperature 1,
+CE_i = log Σ_v exp(s_iv) − s_iy = (max − s_y) + log Σ_v exp(s_v − max), and
+adds hard_grad_scale · (softmax(s_i) − onehot(y_i)) to the student gradient,
+in the same passes (the contract of kernels/divergence.py). At T = 1 exactly
+(the launcher's CE_SHARES_NORMALISER) the student's normaliser Σe is the
+CE's and softmax(s) is q: no exp at all. At T ≠ 1 stream 1 also sums
+exp(s − max) over the off-support entries (sharing the running max, which is
+the same at every T), support 2 over the ids (float64), and stream 2 pays one
+more exp per element for softmax(s). The CE term is added to the gradient
+before it is rounded to the input dtype: in float64 at the ids, in float32 in
+stream 2's store. s_y is one load at an index clamped into the row; a kept
+row whose label is not in [0, V) gets CE NaN and a NaN gradient row.
+
 Which ids fall into a chunk: the launcher sorts each row's ids (it sorts them
 anyway to refuse duplicates, since a repeated id would be written twice);
 a cursor walks the sorted row alongside the chunks, so each stream costs one
@@ -31,7 +44,8 @@ BLOCK-wide compare per id in total, k · BLOCK per row (≈ 2 operations per
 logit at V = 128256, k = 64, BLOCK = 4096).
 
 Memory traffic floor: read N·V·b (b bytes per logit) and write N·V·b of
-gradient, plus 20·N·k bytes of ids and values. Stream 2 re-reads the row, from
+gradient, plus 20·N·k bytes of ids and values (with labels 8·N bytes read
+and 4·N bytes of row CE written: the CE adds no pass over the row). Stream 2 re-reads the row, from
 L2 while the rows resident at once (about one per SM, V·b bytes each) fit in
 it: on a 50 MiB L2 with 132 SMs up to V ≈ 99K in fp32; beyond that the
 re-read goes to HBM (3 N·V·b in all).
@@ -72,9 +86,12 @@ from .divergence import (
     _half_sign,
     _log1p,
     _logaddexp,
+    _logit_at,
     _max_nan,
     _online_max_sum_exp,
+    _rescaled_sum_exp,
     _zero_where_zero,
+    check_labels,
     check_row_mask,
     check_scalars,
     launch_config,
@@ -185,16 +202,21 @@ def _topk_divergence_fwd_kernel(
     sorted_ptr,  # [N, k] int64 the same ids in ascending order per row, contiguous
     val_ptr,  # [N, k] float32 teacher logits at idx, contiguous
     mask_ptr,  # [N] bool, False → row excluded (None when HAS_MASK is False)
+    labels_ptr,  # [N] int64 hard labels (None unless HAS_LABELS)
     loss_ptr,  # [N] float32 row losses ℓ_i
-    g_ptr,  # [N, V] contiguous grad_scale · dℓ_i/ds (None unless STUDENT_GRAD)
+    ce_ptr,  # [N] float32 row cross-entropies log Σ_v exp(s_iv) − s_iy (None unless HAS_LABELS)
+    g_ptr,  # [N, V] contiguous grad_scale · dℓ_i/ds (+ the CE term) (None unless STUDENT_GRAD)
     stride_s,
     V,
     K,
     inv_temperature,  # 1 / T
     grad_factor,  # grad_scale / T
+    hard_grad_scale,  # factor of the CE gradient (unused unless HAS_LABELS)
     coef,  # β (JSD) or α (skew); unused by the other kinds
     KIND: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    CE_SHARES_NORMALISER: tl.constexpr,  # inv_temperature == 1: the CE's lse and softmax are the student's
     STUDENT_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
     KBLOCK: tl.constexpr,
@@ -202,11 +224,16 @@ def _topk_divergence_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     kcols = tl.arange(0, KBLOCK)
+    # The CE's own Σ exp(s − max) at temperature 1 (stream 1 and support 2)
+    CE_OWN_SUM: tl.constexpr = HAS_LABELS and not CE_SHARES_NORMALISER
 
     if HAS_MASK:
         if tl.load(mask_ptr + row) == 0:
-            # excluded row: ℓ = 0 and a zero gradient, without reading the logits
+            # excluded row: ℓ = 0 (and CE = 0) and a zero gradient, without
+            # reading the logits or the label
             tl.store(loss_ptr + row, 0.0)
+            if HAS_LABELS:
+                tl.store(ce_ptr + row, 0.0)
             if STUDENT_GRAD:
                 g_row = g_ptr + row * V
                 zero = tl.zeros([BLOCK], tl.float32)
@@ -222,15 +249,20 @@ def _topk_divergence_fwd_kernel(
     inv_t = _widen(inv_temperature)
 
     # stream 1: max and Σ exp((s − max)/T) of the off-support entries, online;
-    # the ids read −inf (no off-support entry at all leaves max −inf, sum 0)
+    # the ids read −inf (no off-support entry at all leaves max −inf, sum 0);
+    # with labels at T ≠ 1 also their Σ exp(s − max)
     m_off = float("-inf")
     d_off = tl.zeros([], tl.float64)  # _online_max_sum_exp sums in float64
+    d_ce_off = tl.zeros([], tl.float64)
     cursor = 0
     for start in range(0, V, BLOCK):
         offs = start + cols
         hits, cursor = _chunk_hits(sorted_row, cursor, K, start, offs, BLOCK)
         x = tl.load(s_row + offs, mask=(offs < V) & ~hits, other=float("-inf")).to(tl.float32)
+        m_prev = m_off
         m_off, d_off, _ = _online_max_sum_exp(m_off, d_off, 0, x, offs, V, inv_temperature, False)
+        if CE_OWN_SUM:
+            d_ce_off = _rescaled_sum_exp(d_ce_off, m_prev, m_off, x)
 
     # support 1: the row max over the ids too, and the teacher's max
     m_s = m_off
@@ -249,6 +281,7 @@ def _topk_divergence_fwd_kernel(
     # (s_j − max) is exact in float64, and exact at the max
     sum_ids = tl.zeros([KBLOCK], tl.float64)
     sum_t = tl.zeros([KBLOCK], tl.float64)
+    sum_ce_ids = tl.zeros([KBLOCK], tl.float64)
     for kstart in range(0, K, KBLOCK):
         kk = kstart + kcols
         ids, ok = _load_ids(idx_row, kk, K, V)
@@ -256,6 +289,8 @@ def _topk_divergence_fwd_kernel(
         t_j = tl.load(val_row + kk, mask=ok, other=float("-inf")).to(tl.float64)
         sum_ids += tl.where(ok, tl.exp((s_j - m_s64) * inv_t), 0.0)
         sum_t += tl.where(ok, tl.exp((t_j - m_t64) * inv_t), 0.0)
+        if CE_OWN_SUM:
+            sum_ce_ids += tl.where(ok, tl.exp(s_j - m_s64), 0.0)
     # the off-support sum, rescaled from its own max to the row max (without
     # a finite entry d_off is 0, or NaN after a NaN; an all −inf row has no
     # max and a NaN loss, as on CPU)
@@ -264,6 +299,27 @@ def _topk_divergence_fwd_kernel(
     off_sum = tl.where(m_off == float("-inf"), off_sum, off_sum * rescale)
     total = off_sum + tl.sum(sum_ids, 0)
     log_total = tl.log(total)
+
+    # CE = log Σ exp(s) − s_y = (max − s_y) + log Σ exp(s − max), in float64
+    # and rounded once; at T = 1 the log Σ is log_total itself. s_y is one
+    # load at an index clamped into the row, so that a label outside [0, V)
+    # reads nothing out of bounds; such a row's CE and gradient are NaN.
+    label = 0
+    label_ok = False
+    log_ce = tl.zeros([], tl.float64)
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        label_ok = (label >= 0) & (label < V)
+        s_label = _logit_at(s_row, tl.where(label_ok, label, 0), V)
+        if CE_SHARES_NORMALISER:
+            log_ce = log_total
+        else:
+            ce_rescale = tl.exp(m_off.to(tl.float64) - m_s64)
+            ce_off = d_ce_off.to(tl.float64)
+            ce_off = tl.where(m_off == float("-inf"), ce_off, ce_off * ce_rescale)
+            log_ce = tl.log(ce_off + tl.sum(sum_ce_ids, 0))
+        ce = (m_s64 - s_label.to(tl.float64) + log_ce).to(tl.float32)
+        tl.store(ce_ptr + row, tl.where(label_ok, ce, float("nan")))
     log_sum_t = tl.log(tl.sum(sum_t, 0))
     off_mass = off_sum / total  # R
     # β or α and what the formulas derive from it, all from the one float32
@@ -294,7 +350,9 @@ def _topk_divergence_fwd_kernel(
     if STUDENT_GRAD:
         g_row = g_ptr + row * V
         factor = _widen(grad_factor)
-        # support 4: dℓ/ds_j = (q_j g_j − q_j G)/T at the ids
+        hard64 = _widen(hard_grad_scale)
+        # support 4: dℓ/ds_j = (q_j g_j − q_j G)/T at the ids (+ the CE term
+        # hard_grad_scale · (softmax(s)_j − [j = y]), in float64)
         for kstart in range(0, K, KBLOCK):
             kk = kstart + kcols
             ids, ok = _load_ids(idx_row, kk, K, V)
@@ -303,19 +361,39 @@ def _topk_divergence_fwd_kernel(
             log_q = (s_j - m_s64) * inv_t - log_total
             log_p = (t_j - m_t64) * inv_t - log_sum_t
             _, qg = _support_terms(log_q, log_p, c64, one_minus_c64, log_c64, log_one_minus_c64, KIND)
-            grad = ((qg - tl.exp(log_q) * big_g) * factor).to(tl.float32)
+            q = tl.exp(log_q)
+            grad64 = (qg - q * big_g) * factor
+            if HAS_LABELS:
+                if CE_SHARES_NORMALISER:
+                    prob = q
+                else:
+                    prob = tl.exp((s_j - m_s64) - log_ce)
+                ce_term = hard64 * (prob - tl.where(ids == label, 1.0, 0.0))
+                grad64 += tl.where(label_ok, ce_term, float("nan"))
+            grad = grad64.to(tl.float32)
             tl.store(g_row + ids, grad.to(g_ptr.dtype.element_ty), mask=ok)
 
         # stream 2: off the support q_v (c − G)/T = e_v (c − G)/(T Σe), the ids
-        # skipped (written above)
+        # skipped (written above); + hard_grad_scale · (softmax(s)_v − [v = y])
+        # in float32, softmax(s)_v = e_v / Σe at T = 1
         off_factor = ((slope - big_g) * factor / total).to(tl.float32)
+        inv_total = (1.0 / total).to(tl.float32)
+        log_ce32 = log_ce.to(tl.float32)
         cursor = 0
         for start in range(0, V, BLOCK):
             offs = start + cols
             hits, cursor = _chunk_hits(sorted_row, cursor, K, start, offs, BLOCK)
             off = (offs < V) & ~hits
             x = tl.load(s_row + offs, mask=off, other=float("-inf")).to(tl.float32)
-            grad = tl.exp((x - m_s) * inv_temperature) * off_factor
+            e = tl.exp((x - m_s) * inv_temperature)
+            grad = e * off_factor
+            if HAS_LABELS:
+                if CE_SHARES_NORMALISER:
+                    prob = e * inv_total
+                else:
+                    prob = tl.exp((x - m_s) - log_ce32)
+                ce_term = hard_grad_scale * (prob - tl.where(offs == label, 1.0, 0.0))
+                grad += tl.where(label_ok, ce_term, float("nan"))
             tl.store(g_row + offs, grad.to(g_ptr.dtype.element_ty), mask=off)
 
 
@@ -401,9 +479,11 @@ def topk_divergence_forward(
     coef: float,
     grad_scale: float,
     student_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row divergences against a top-k teacher and the scaled student gradient;
-    the contract of ``fastkd::topk_divergence_forward``.
+    labels: torch.Tensor | None = None,
+    hard_grad_scale: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row divergences against a top-k teacher, the scaled student gradient and
+    optionally the hard-label CE; the contract of ``fastkd::topk_divergence_forward``.
 
     Args:
         student: ``(N, V)`` logits, float32 / bfloat16 / float16, unit stride
@@ -411,24 +491,36 @@ def topk_divergence_forward(
         teacher_index: ``(N, k)`` int64, distinct ids in ``[0, V)`` per row,
             ``1 ≤ k ≤ V`` (checked here: ValueError otherwise).
         teacher_value: ``(N, k)`` float32 teacher logits at those ids.
-        row_mask: ``(N,)`` bool or None; False rows get loss 0 and a zero gradient.
+        row_mask: ``(N,)`` bool or None; False rows get loss 0, CE 0 and a zero gradient.
         kind: divergence code: 0 kl, 2 jsd, 3 skew_kl, 4 skew_reverse_kl,
             5 tvd (1, reverse KL, is refused: +∞ off the teacher's ids).
         inv_temperature: ``1 / T``.
         coef: β in (0, 1) for JSD, α in (0, 1] for the skew divergences.
         grad_scale: factor applied to the gradient (not to the loss).
         student_grad: whether to compute the gradient.
+        labels: ``(N,)`` int64 on the student's device, or None: the hard-label
+            cross-entropy at temperature 1 is computed in the same pass. Kept
+            rows' labels should lie in ``[0, V)``; this is not checked here
+            (it would need a device sync): a kept row with any other label
+            gets CE NaN and a NaN gradient row.
+        hard_grad_scale: factor of the CE gradient, 0 without labels.
 
     Returns:
-        ``row_loss`` ``(N,)`` float32, the unscaled ``ℓ_i``, and ``grad``
-        ``(N, V)`` contiguous in the student's dtype, ``grad_scale · dℓ_i/ds``,
-        or ``(0, 0)`` when not requested.
+        ``row_loss`` ``(N,)`` float32, the unscaled ``ℓ_i``; ``grad``
+        ``(N, V)`` contiguous in the student's dtype, ``grad_scale · dℓ_i/ds``
+        (+ ``hard_grad_scale · (softmax(s_i) − onehot(y_i))`` with labels), or
+        ``(0, 0)`` when not requested; ``row_ce`` ``(N,)`` float32,
+        ``log Σ_v exp(s_iv) − s_iy_i`` (0 for excluded rows), or ``(0,)``
+        without labels.
     """
     _check_tensors(student, teacher_index, teacher_value, row_mask)
     _check_scalars(kind, inv_temperature, coef, grad_scale)
+    check_labels(labels, hard_grad_scale, student)
     rows, vocab = student.shape
     k = teacher_index.shape[1]
+    has_labels = labels is not None
     row_loss = torch.empty(rows, dtype=torch.float32, device=student.device)
+    row_ce = torch.empty(rows if has_labels else 0, dtype=torch.float32, device=student.device)
     # The interpreter truncates float32 → bfloat16 where CUDA rounds to
     # nearest even (see kernels/divergence.py): under it, bf16 gradients are
     # stored in float32 and rounded by torch.
@@ -436,17 +528,22 @@ def topk_divergence_forward(
     grad_dtype = torch.float32 if interpreted_bf16 else student.dtype
     grad = student.new_empty((rows, vocab) if student_grad else (0, 0), dtype=grad_dtype)
     if rows == 0:
-        return row_loss, grad.to(student.dtype)
+        return row_loss, grad.to(student.dtype), row_ce
     index = teacher_index.contiguous()
     ordered = sorted_checked_ids(index, vocab)
     block, num_warps = launch_config(vocab)
     _topk_divergence_fwd_kernel[(rows,)](
         student, index, ordered, teacher_value.contiguous(),
-        None if row_mask is None else row_mask.contiguous(), row_loss, grad if student_grad else None,
+        None if row_mask is None else row_mask.contiguous(),
+        labels.contiguous() if has_labels else None, row_loss, row_ce if has_labels else None,
+        grad if student_grad else None,
         student.stride(0), vocab, k, float(inv_temperature), float(grad_scale * inv_temperature),
+        float(hard_grad_scale),
         # the other kinds ignore coef: 0.5 keeps log c and log(1 − c) finite
         float(coef) if kind in (JSD, SKEW_KL, SKEW_REVERSE_KL) else 0.5,
-        KIND=kind, HAS_MASK=row_mask is not None, STUDENT_GRAD=bool(student_grad),
-        BLOCK=block, KBLOCK=support_block(k), num_warps=num_warps,
+        KIND=kind, HAS_MASK=row_mask is not None, HAS_LABELS=has_labels,
+        # at T = 1 exactly the CE's log Σ exp and softmax are the student's own
+        CE_SHARES_NORMALISER=has_labels and float(inv_temperature) == 1.0,
+        STUDENT_GRAD=bool(student_grad), BLOCK=block, KBLOCK=support_block(k), num_warps=num_warps,
     )
-    return row_loss, grad.to(student.dtype)
+    return row_loss, grad.to(student.dtype), row_ce

@@ -1,7 +1,9 @@
 // CPU implementation of fastkd::topk_divergence_forward: checks the tensors
 // (including the teacher ids: in range and distinct per row, since a bad id
 // would be an out-of-bounds write), allocates the outputs, and hands raw
-// pointers to the SIMD variant chosen for this CPU.
+// pointers to the SIMD variant chosen for this CPU. With labels, the kept
+// rows' labels are checked to lie in [0, vocab) first (the kernel indexes the
+// row with them).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -37,10 +39,11 @@ void check_teacher_index(const at::Tensor& index, int64_t vocab) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_divergence_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_divergence_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher_index, const at::Tensor& teacher_value,
     const std::optional<at::Tensor>& row_mask, int64_t kind, double inv_temperature, double coef,
-    double grad_scale, bool student_grad) {
+    double grad_scale, bool student_grad, const std::optional<at::Tensor>& labels,
+    double hard_grad_scale) {
   CHECK_DEVICE_TYPE(student, at::kCPU);
   CHECK_DIM(student, 2);
   CHECK_DIM(teacher_index, 2);
@@ -73,6 +76,7 @@ std::tuple<at::Tensor, at::Tensor> topk_divergence_forward_cpu(
     TORCH_CHECK(coef > 0 && coef <= 1, "coef (alpha) must be in (0, 1] for skew divergences, got ", coef);
   }
   TORCH_CHECK(std::isfinite(grad_scale), "grad_scale must be finite");
+  check_hard_label_args(student, labels, hard_grad_scale);
   at::Tensor mask;
   if (row_mask.has_value()) {
     TORCH_CHECK(row_mask->scalar_type() == at::kBool, "row_mask must be bool");
@@ -84,11 +88,13 @@ std::tuple<at::Tensor, at::Tensor> topk_divergence_forward_cpu(
   const at::Tensor index = teacher_index.contiguous();
   const at::Tensor value = teacher_value.contiguous();
   check_teacher_index(index, vocab);
+  const at::Tensor label_ids = labels.has_value() ? labels->contiguous() : at::Tensor();
 
   at::Tensor row_loss = at::empty({rows}, student.options().dtype(accumulate));
   at::Tensor grad = empty_for_output(
       at::IntArrayRef{student_grad ? rows : 0, student_grad ? vocab : 0}, student.options());
-  if (rows == 0) return {row_loss, grad};
+  at::Tensor row_ce = at::empty({labels.has_value() ? rows : 0}, student.options().dtype(accumulate));
+  if (rows == 0) return {row_loss, grad, row_ce};
 
   TopKDivergenceArgs a;
   a.student = student.data_ptr();
@@ -106,12 +112,17 @@ std::tuple<at::Tensor, at::Tensor> topk_divergence_forward_cpu(
   a.inv_temperature = inv_temperature;
   a.coef = coef;
   a.grad_scale = grad_scale;
+  a.labels = label_ids.defined() ? label_ids.data_ptr<int64_t>() : nullptr;
+  a.row_ce = label_ids.defined() ? row_ce.data_ptr() : nullptr;
+  a.hard_grad_scale = hard_grad_scale;
+  // every kept row's label must be a class id: the kernel indexes the row with it
+  check_kept_label_range(a.labels, a.row_mask, rows, vocab);
   switch (active_capability()) {
     case Capability::AVX512: AVX512::topk_divergence_kernel(a); break;
     case Capability::AVX2: AVX2::topk_divergence_kernel(a); break;
     case Capability::Default: DEFAULT::topk_divergence_kernel(a); break;
   }
-  return {row_loss, grad};
+  return {row_loss, grad, row_ce};
 }
 
 }  // namespace

@@ -31,6 +31,16 @@
 //   pass 3  gradient: e_v · (c − G)/(T Σe) · grad_scale everywhere (0 on the
 //           support, whose scratch holds e = 0), then the k support values
 //                                                              write N·V
+//
+// With labels, the row's hard-label cross-entropy at temperature 1,
+// log Σ_v exp(s_v) − s_y = (max − s_y) + log Σ_v exp(s_v − max), comes from
+// the same pass. At T = 1 the student's normaliser above is that sum, and
+// softmax(s) is e_v / Σe off the support and q_j on it: no extra exp. At
+// T ≠ 1 one more exp per element, right after pass 1 (while the widened row
+// is in the scratch), fills a second scratch row with exp(s − max) and sums
+// it. The CE's gradient, hard_grad_scale · (softmax(s) − onehot(y)), is added
+// in float (double on the support) before the gradient is rounded to the
+// input dtype.
 #include "topk_kernel.h"
 
 #include <ATen/Parallel.h>
@@ -150,16 +160,24 @@ void topk_rows(const TopKDivergenceArgs& a) {
   const double inv_t_d = a.inv_temperature;
   const Coefficient<double> coef = coefficient(a.coef);
   const double c = off_support_slope(a.kind, coef);
+  auto* row_ce = static_cast<W*>(a.row_ce);
+  const bool with_ce = row_ce != nullptr;
+  // T = 1: the cross-entropy's softmax is the student's q (no second exp)
+  const bool ce_shares_normaliser = a.inv_temperature == 1.0;
+  const W hard_scale = W(a.hard_grad_scale);
 
   // Grain: enough rows that a task streams at least ~256 KiB.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(V, 1));
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<W> scratch(V);
+    // exp(s − max) for the cross-entropy at T ≠ 1; unused (empty) otherwise
+    std::vector<W> ce_exp(with_ce && !ce_shares_normaliser ? V : 0);
     std::vector<double> log_q(K), log_p(K), q_times_g(K);
     for (int64_t i = begin; i < end; ++i) {
       scalar_t* grad_row = grad != nullptr ? grad + i * V : nullptr;
       if (a.row_mask != nullptr && !a.row_mask[i]) {
         row_loss[i] = W(0);
+        if (with_ce) row_ce[i] = W(0);
         if (grad_row) std::fill(grad_row, grad_row + V, scalar_t(0));
         continue;
       }
@@ -174,6 +192,14 @@ void topk_rows(const TopKDivergenceArgs& a) {
         at::vec::convert(s, scratch.data(), V);
       }
       const W max_s = row_max(scratch.data(), V);
+      // the label's logit and, at T ≠ 1, the CE's own normaliser
+      const int64_t y = with_ce ? a.labels[i] : 0;  // in [0, V): checked by the op
+      const double s_y = with_ce ? double(scratch[y]) : 0.0;
+      double ce_sum = 0.0;
+      if (with_ce && !ce_shares_normaliser) {
+        std::copy(scratch.begin(), scratch.end(), ce_exp.begin());
+        ce_sum = exponentiate_and_sum(ce_exp.data(), V, max_s, W(1));
+      }
 
       // support: a_j = (s_j − max)/T, the difference exact in double (in float
       // it rounds to the ulp of the difference, ~1e-6 for logits ~10, which
@@ -211,23 +237,58 @@ void topk_rows(const TopKDivergenceArgs& a) {
         big_g += term.q_times_g;
       }
       row_loss[i] = W(loss);
+      if (with_ce) {
+        // (max − s_y) is exact near the max; log Σ exp(s − max) at T = 1 is log_sum
+        const double ce_log_sum = ce_shares_normaliser ? log_sum : std::log(ce_sum);
+        row_ce[i] = W((double(max_s) - s_y) + ce_log_sum);
+      }
       if (grad_row == nullptr) continue;
 
-      // pass 3: off the support q_v (c − G)/T = e_v (c − G)/(T Σe)
+      // pass 3: off the support q_v (c − G)/T = e_v (c − G)/(T Σe), plus
+      // hard_scale · softmax(s)_v with labels, in W; the support and the
+      // label's entry are then set in W too, and a bf16 / fp16 row is
+      // rounded once at the end (the scratch is its float gradient row)
       const double factor = a.grad_scale * inv_t_d;
       const W off_factor = W((c - big_g) * factor / sum);
+      W* g = nullptr;
       if constexpr (std::is_same_v<scalar_t, W>) {
-        at::vec::map([off_factor](Vec<W> e) { return e * Vec<W>(off_factor); }, grad_row,
-                     scratch.data(), V);
+        g = grad_row;
       } else {
-        at::vec::map([off_factor](Vec<W> e) { return e * Vec<W>(off_factor); }, scratch.data(),
-                     scratch.data(), V);
-        at::vec::convert(scratch.data(), grad_row, V);
+        g = scratch.data();
+      }
+      if (!with_ce) {
+        at::vec::map([off_factor](Vec<W> e) { return e * Vec<W>(off_factor); }, g, scratch.data(),
+                     V);
+      } else if (ce_shares_normaliser) {
+        // softmax(s)_v = e_v / Σe (0 here on the support, whose e is 0)
+        const W ce_factor = W(a.hard_grad_scale / sum);
+        at::vec::map(
+            [off_factor, ce_factor](Vec<W> e) {
+              return e * Vec<W>(off_factor) + e * Vec<W>(ce_factor);
+            },
+            g, scratch.data(), V);
+      } else {
+        // softmax(s)_v = exp(s_v − max) / Σ exp(s − max), on the support too
+        const W ce_factor = W(a.hard_grad_scale / ce_sum);
+        at::vec::map2(
+            [off_factor, ce_factor](Vec<W> e, Vec<W> e1) {
+              return e * Vec<W>(off_factor) + e1 * Vec<W>(ce_factor);
+            },
+            g, scratch.data(), ce_exp.data(), V);
       }
       for (int64_t j = 0; j < K; ++j) {
         const double q = std::exp(log_q[j]);
-        grad_row[ids[j]] = scalar_t((q_times_g[j] - q * big_g) * factor);
+        const W divergence_grad = W((q_times_g[j] - q * big_g) * factor);
+        if (!with_ce) {
+          g[ids[j]] = divergence_grad;
+        } else if (ce_shares_normaliser) {
+          g[ids[j]] = divergence_grad + W(a.hard_grad_scale * q);
+        } else {
+          g[ids[j]] = divergence_grad + g[ids[j]];  // the map left the CE's term there
+        }
       }
+      if (with_ce) g[y] -= hard_scale;
+      if constexpr (!std::is_same_v<scalar_t, W>) at::vec::convert(g, grad_row, V);
     }
   });
 }

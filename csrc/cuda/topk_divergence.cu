@@ -17,6 +17,20 @@
 //            with the gradient, (q_j g_j − q_j G)·grad_scale/T at the ids
 //   stream 2 the gradient e_v (c − G)·grad_scale/(T Σe) off the support
 //                                                       read s; write N·V
+// With labels (the WITH_CE instantiations), the hard-label cross-entropy at
+// T = 1 rides along, as in csrc/cuda/divergence.cu: row_ce = log Σ exp(s) −
+// s_y = (max_s − s_y) + log Σ_v exp(s_v − max_s), from one extra load of s_y
+// (thread 0, only for a label in [0, V)), and the gradient gets
+// + hard_grad_scale · (softmax(s) − onehot(y)), added before the one cast to
+// the input dtype (in double at the ids, in float32 in stream 2). At T = 1
+// the student's normaliser Σe is the cross-entropy's and softmax(s) is q: no
+// extra exp. At T ≠ 1 stream 1 also sums exp(s − max) off the support
+// (sharing the running max: the max is the same at every T), the support pass
+// on the ids (double), and stream 2 pays one more exp per element. No extra
+// read or write of a row; 8·N bytes of labels read, 4·N of row_ce written. A
+// kept row whose label is outside [0, V) gets row_ce NaN and a NaN gradient
+// row (the Python layer checks the range first; this is the kernel's own
+// guard), never an out-of-bounds load.
 // The bitmap makes each off-support test one shared-memory load (a warp's 32
 // neighbours share one word), and every gradient entry is written exactly once.
 // Memory traffic floor: read N·V, write N·V elements of gradient (plus 12·N·k
@@ -80,6 +94,28 @@ struct OnlineSumOp {
   }
 };
 
+// OnlineSum plus the cross-entropy's Σ exp(x − max) at temperature 1 over the
+// same entries and the same running max (labels at T ≠ 1 only).
+struct OnlineSumCE {
+  float max, sum, sum_ce;
+};
+
+struct OnlineSumCEOp {
+  float inv_t;
+  __device__ __forceinline__ OnlineSumCE operator()(const OnlineSumCE& a, const OnlineSumCE& b) const {
+    const float m = fk_max(a.max, b.max);
+    if (m == -INFINITY) return {m, a.sum + b.sum, a.sum_ce + b.sum_ce};
+    return {m, a.sum * fk_exp((a.max - m) * inv_t) + b.sum * fk_exp((b.max - m) * inv_t),
+            a.sum_ce * fk_exp(a.max - m) + b.sum_ce * fk_exp(b.max - m)};
+  }
+};
+
+struct SumOp3d {
+  __device__ __forceinline__ double3 operator()(const double3& a, const double3& b) const {
+    return make_double3(a.x + b.x, a.y + b.y, a.z + b.z);
+  }
+};
+
 struct MaxOp2 {
   __device__ __forceinline__ float2 operator()(const float2& a, const float2& b) const {
     return make_float2(fk_max(a.x, b.x), fk_max(a.y, b.y));
@@ -116,7 +152,9 @@ __device__ __forceinline__ topk::SupportTerm support_term_at(float s, float t, c
   return topk::support_term<KIND>(log_q, log_p, coef);
 }
 
-template <int KIND, int BLOCK, class scalar_t>
+// WITH_CE: labels given (labels and row_ce non-null); a template parameter
+// so that the label-free kernels compile exactly as without the feature.
+template <int KIND, int BLOCK, class scalar_t, bool WITH_CE>
 __global__ void __launch_bounds__(BLOCK) _topk_divergence_fwd_kernel(
     const scalar_t* __restrict__ student,  // [N, V] logits, row stride student_row_stride
     int64_t student_row_stride,
@@ -125,6 +163,9 @@ __global__ void __launch_bounds__(BLOCK) _topk_divergence_fwd_kernel(
     const bool* __restrict__ row_mask,     // [N] or nullptr
     float* __restrict__ row_loss,          // [N]
     scalar_t* __restrict__ student_grad,   // [N, V] contiguous, or nullptr
+    const int64_t* __restrict__ labels,    // [N] hard labels if WITH_CE (else unused)
+    float* __restrict__ row_ce,            // [N] if WITH_CE (else unused)
+    double hard_grad_scale,                // the cross-entropy's gradient factor
     int64_t rows, int64_t V, int64_t K,
     float inv_t_float,                     // 1/T for the vocabulary-sized streams
     double inv_t,                          // 1/T for the support terms
@@ -132,29 +173,43 @@ __global__ void __launch_bounds__(BLOCK) _topk_divergence_fwd_kernel(
     Coefficient<double> coef) {
   static_assert(BLOCK % 32 == 0, "block size must be a whole number of warps");
   using ReduceOnline = cub::BlockReduce<OnlineSum, BLOCK>;
+  using ReduceOnlineCE = cub::BlockReduce<OnlineSumCE, BLOCK>;
   using ReduceMax2 = cub::BlockReduce<float2, BLOCK>;
   using ReduceSum2 = cub::BlockReduce<double2, BLOCK>;
+  using ReduceSum3 = cub::BlockReduce<double3, BLOCK>;
   __shared__ union {
     typename ReduceOnline::TempStorage online;
+    typename ReduceOnlineCE::TempStorage online_ce;
     typename ReduceMax2::TempStorage max2;
     typename ReduceSum2::TempStorage sum2;
+    typename ReduceSum3::TempStorage sum3;
   } temp;
   __shared__ OnlineSum online_result;
+  __shared__ OnlineSumCE online_ce_result;
   __shared__ float2 max2_result;
   __shared__ double2 sum2_result;
+  __shared__ double3 sum3_result;
   // ceil(V / 32) words: bit v set ⇔ v is one of the row's ids
   extern __shared__ uint32_t support_bits[];
 
   const int64_t words = (V + 31) / 32;
   const double slope = topk::off_support_slope<KIND>(coef);
   const int64_t first = threadIdx.x;
+  // The cross-entropy is at temperature 1: when T is 1 as well the student's
+  // normaliser and q serve it, otherwise its own sums. Uniform over the grid,
+  // so threads and barriers agree on the reductions taken.
+  const bool unit_t = inv_t == 1.0;
+  const bool sum_ce = WITH_CE && !unit_t;
 
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     scalar_t* g = student_grad != nullptr ? student_grad + row * V : nullptr;
     // Every thread of the block reads the same mask entry: the branch is
     // uniform, so no thread skips the barriers below.
     if (row_mask != nullptr && !row_mask[row]) {
-      if (threadIdx.x == 0) row_loss[row] = 0.f;
+      if (threadIdx.x == 0) {
+        row_loss[row] = 0.f;
+        if constexpr (WITH_CE) row_ce[row] = 0.f;
+      }
       if (g != nullptr) {
         for (int64_t v = first; v < V; v += BLOCK) g[v] = scalar_t(0.f);
       }
@@ -176,19 +231,28 @@ __global__ void __launch_bounds__(BLOCK) _topk_divergence_fwd_kernel(
 
     // stream 1: off-support max and Σ exp, online per thread (one exp per
     // entry, a rescale when the max moves); −inf entries add nothing, a NaN
-    // makes the sum NaN
-    OnlineSum off{-INFINITY, 0.f};
+    // makes the sum NaN. With labels at T ≠ 1 also Σ exp(x − max) (sum_ce).
+    OnlineSumCE off{-INFINITY, 0.f, 0.f};
     for (int64_t v = first; v < V; v += BLOCK) {
       if (marked(support_bits, v)) continue;
       const float x = static_cast<float>(s[v]);
       if (x > off.max) {
         off.sum = off.sum * fk_exp((off.max - x) * inv_t_float) + 1.f;
+        if (sum_ce) off.sum_ce = off.sum_ce * fk_exp(off.max - x) + 1.f;
         off.max = x;
       } else if (x != -INFINITY) {
         off.sum += fk_exp((x - off.max) * inv_t_float);
+        if (sum_ce) off.sum_ce += fk_exp(x - off.max);
       }
     }
-    off = block_all_reduce<BLOCK>(off, OnlineSumOp{inv_t_float}, temp.online, online_result);
+    if (sum_ce) {
+      off = block_all_reduce<BLOCK>(off, OnlineSumCEOp{inv_t_float}, temp.online_ce, online_ce_result);
+    } else {
+      const OnlineSum o = block_all_reduce<BLOCK>(OnlineSum{off.max, off.sum}, OnlineSumOp{inv_t_float},
+                                                  temp.online, online_result);
+      off.max = o.max;
+      off.sum = o.sum;
+    }
 
     // support: the row max (ids included) and the teacher's max
     float2 mx = make_float2(-INFINITY, -INFINITY);
@@ -204,12 +268,22 @@ __global__ void __launch_bounds__(BLOCK) _topk_divergence_fwd_kernel(
     c.max_t = mx.y;
 
     // support: Σ_ids exp((s_j − max)/T) and Σ_j exp((t_j − max_t)/T), double
-    double2 sums = make_double2(0.0, 0.0);
+    // (and with sum_ce Σ_ids exp(s_j − max))
+    double3 sums = make_double3(0.0, 0.0, 0.0);
     for (int64_t j = first; j < K; j += BLOCK) {
-      sums.x += fk_exp((static_cast<double>(logit_at(s, ids[j], V)) - c.max_s) * inv_t);
+      const double s_j = static_cast<double>(logit_at(s, ids[j], V));
+      sums.x += fk_exp((s_j - c.max_s) * inv_t);
       sums.y += fk_exp((static_cast<double>(t[j]) - c.max_t) * inv_t);
+      if (sum_ce) sums.z += fk_exp(s_j - c.max_s);
     }
-    sums = block_all_reduce<BLOCK>(sums, SumOp2{}, temp.sum2, sum2_result);
+    if (sum_ce) {
+      sums = block_all_reduce<BLOCK>(sums, SumOp3d{}, temp.sum3, sum3_result);
+    } else {
+      const double2 st = block_all_reduce<BLOCK>(make_double2(sums.x, sums.y), SumOp2{}, temp.sum2,
+                                                 sum2_result);
+      sums.x = st.x;
+      sums.y = st.y;
+    }
     // the off-support sum at the row max (no finite entry: 0, or NaN after a
     // NaN; an all −inf row has no max and a NaN loss, as on CPU)
     const double off_sum = off.max == -INFINITY
@@ -220,6 +294,31 @@ __global__ void __launch_bounds__(BLOCK) _topk_divergence_fwd_kernel(
     c.log_total = fk_log(total);
     c.log_sum_t = fk_log(sums.y);
     const double off_mass = off_sum / total;  // R
+
+    // the cross-entropy: log Σ exp(s − max) (at T = 1 log_total itself) and
+    // row_ce; `hard` is hard_grad_scale, or NaN for a label outside [0, V)
+    int64_t y = 0;
+    double log_ce = 0.0, hard = 0.0;
+    if constexpr (WITH_CE) {
+      // every thread reads the same label; s_y is loaded by thread 0 only,
+      // and only for a label in the row
+      y = labels[row];
+      const bool in_range = y >= 0 && y < V;
+      if (unit_t) {
+        log_ce = c.log_total;
+      } else {
+        const double off_ce = off.max == -INFINITY
+                                  ? static_cast<double>(off.sum_ce)
+                                  : static_cast<double>(off.sum_ce) *
+                                        fk_exp(static_cast<double>(off.max) - c.max_s);
+        log_ce = fk_log(off_ce + sums.z);
+      }
+      hard = in_range ? hard_grad_scale : static_cast<double>(NAN);
+      if (threadIdx.x == 0) {
+        row_ce[row] = in_range ? static_cast<float>((c.max_s - static_cast<double>(s[y])) + log_ce)
+                               : NAN;
+      }
+    }
 
     // support: ℓ = c R + Σ_ids terms, G = c R + Σ_ids q_j g_j
     double2 acc = make_double2(0.0, 0.0);
@@ -235,20 +334,36 @@ __global__ void __launch_bounds__(BLOCK) _topk_divergence_fwd_kernel(
 
     if (g != nullptr) {
       const double big_g = slope * off_mass + acc.y;
-      // at the ids: dℓ/ds_j = (q_j g_j − q_j G)/T
+      // at the ids: dℓ/ds_j = (q_j g_j − q_j G)/T (+ hard · (softmax_j − [j = y]))
       for (int64_t j = first; j < K; j += BLOCK) {
         double log_q;
         const int64_t id = ids[j];
         if (id < 0 || id >= V) continue;
-        const topk::SupportTerm term = support_term_at<KIND>(logit_at(s, id, V), t[j], c, coef, log_q);
-        g[id] = static_cast<scalar_t>(
-            static_cast<float>((term.q_times_g - fk_exp(log_q) * big_g) * grad_factor));
+        const float s_j = logit_at(s, id, V);
+        const topk::SupportTerm term = support_term_at<KIND>(s_j, t[j], c, coef, log_q);
+        const double q = fk_exp(log_q);
+        double grad = (term.q_times_g - q * big_g) * grad_factor;
+        if constexpr (WITH_CE) {
+          const double softmax = unit_t ? q : fk_exp((static_cast<double>(s_j) - c.max_s) - log_ce);
+          grad += hard * (id == y ? softmax - 1.0 : softmax);
+        }
+        g[id] = static_cast<scalar_t>(static_cast<float>(grad));
       }
       // stream 2: off the ids q_v (c − G)/T = e_v (c − G)/(T Σe)
+      // (+ hard · (softmax_v − [v = y]), softmax_v = e_v/Σe at T = 1)
       const float off_factor = static_cast<float>((slope - big_g) * grad_factor / total);
+      const float inv_total = static_cast<float>(1.0 / total);
+      const float log_ce_f = static_cast<float>(log_ce), hard_f = static_cast<float>(hard);
       for (int64_t v = first; v < V; v += BLOCK) {
         if (marked(support_bits, v)) continue;
-        g[v] = static_cast<scalar_t>(fk_exp((static_cast<float>(s[v]) - max_s) * inv_t_float) * off_factor);
+        const float x = static_cast<float>(s[v]);
+        const float e = fk_exp((x - max_s) * inv_t_float);
+        float grad = e * off_factor;
+        if constexpr (WITH_CE) {
+          const float softmax = unit_t ? e * inv_total : fk_exp((x - max_s) - log_ce_f);
+          grad += hard_f * (v == y ? softmax - 1.f : softmax);
+        }
+        g[v] = static_cast<scalar_t>(grad);
       }
     }
     // the bitmap is read above and cleared for the next row
@@ -269,7 +384,9 @@ void launch(const TopKDivergenceArgs& a, cudaStream_t stream) {
   coef.one_minus_c = 1.0 - a.coef;
   coef.log_c = std::log(a.coef);
   coef.log_one_minus_c = std::log1p(-a.coef);
-  const auto kernel = _topk_divergence_fwd_kernel<KIND, BLOCK, scalar_t>;
+  // labels select the WITH_CE instantiation (see the kernel)
+  const auto kernel = a.labels != nullptr ? _topk_divergence_fwd_kernel<KIND, BLOCK, scalar_t, true>
+                                          : _topk_divergence_fwd_kernel<KIND, BLOCK, scalar_t, false>;
   // the bitmap: dynamic shared memory, opted in past the default 48 KiB
   const size_t bitmap_bytes = static_cast<size_t>((a.vocab + 31) / 32) * sizeof(uint32_t);
   int device = 0, optin = 0;
@@ -289,7 +406,8 @@ void launch(const TopKDivergenceArgs& a, cudaStream_t stream) {
   kernel<<<grid, BLOCK, bitmap_bytes, stream>>>(
       static_cast<const scalar_t*>(a.student), a.student_row_stride, a.index,
       static_cast<const float*>(a.value), a.row_mask, static_cast<float*>(a.row_loss),
-      static_cast<scalar_t*>(a.student_grad), a.rows, a.vocab, a.k,
+      static_cast<scalar_t*>(a.student_grad), a.labels, static_cast<float*>(a.row_ce),
+      a.hard_grad_scale, a.rows, a.vocab, a.k,
       static_cast<float>(a.inv_temperature), a.inv_temperature, a.grad_scale * a.inv_temperature, coef);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -343,10 +461,13 @@ void check_teacher_index(const at::Tensor& index, int64_t vocab) {
   TORCH_CHECK(!flag[1], "teacher_index: an id appears twice in a row");
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_divergence_forward_cuda(
+// No range check of the labels here (it would synchronise with the device):
+// the kernel's guard turns a kept row with a label outside [0, V) into NaN.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_divergence_forward_cuda(
     const at::Tensor& student, const at::Tensor& teacher_index, const at::Tensor& teacher_value,
     const std::optional<at::Tensor>& row_mask, int64_t kind, double inv_temperature, double coef,
-    double grad_scale, bool student_grad) {
+    double grad_scale, bool student_grad, const std::optional<at::Tensor>& labels,
+    double hard_grad_scale) {
   // the checks of the CPU op (csrc/cpu/topk_divergence.cpp), float64 refused
   CHECK_DEVICE_TYPE(student, at::kCUDA);
   CHECK_DIM(student, 2);
@@ -384,6 +505,7 @@ std::tuple<at::Tensor, at::Tensor> topk_divergence_forward_cuda(
     coef = 0.5;  // unused by the kind; keeps log c and log(1 − c) finite
   }
   TORCH_CHECK(std::isfinite(grad_scale), "grad_scale must be finite");
+  check_hard_label_args(student, labels, hard_grad_scale);
   at::Tensor mask;
   if (row_mask.has_value()) {
     TORCH_CHECK(row_mask->scalar_type() == at::kBool, "row_mask must be bool");
@@ -395,7 +517,9 @@ std::tuple<at::Tensor, at::Tensor> topk_divergence_forward_cuda(
   const c10::cuda::CUDAGuard device_guard(student.device());
   at::Tensor row_loss = at::empty({rows}, student.options().dtype(at::kFloat));
   at::Tensor grad = at::empty({student_grad ? rows : 0, student_grad ? vocab : 0}, student.options());
-  if (rows == 0) return {row_loss, grad};
+  at::Tensor row_ce = at::empty({labels.has_value() ? rows : 0}, student.options().dtype(at::kFloat));
+  if (rows == 0) return {row_loss, grad, row_ce};
+  const at::Tensor label_ids = labels.has_value() ? labels->contiguous() : at::Tensor();
   const at::Tensor index = teacher_index.contiguous();
   const at::Tensor value = teacher_value.contiguous();
   check_teacher_index(index, vocab);
@@ -416,8 +540,11 @@ std::tuple<at::Tensor, at::Tensor> topk_divergence_forward_cuda(
   a.inv_temperature = inv_temperature;
   a.coef = coef;
   a.grad_scale = grad_scale;
+  a.labels = label_ids.defined() ? label_ids.data_ptr<int64_t>() : nullptr;
+  a.row_ce = label_ids.defined() ? row_ce.data_ptr() : nullptr;
+  a.hard_grad_scale = hard_grad_scale;
   topk_divergence_launch(a, c10::cuda::getCurrentCUDAStream());
-  return {row_loss, grad};
+  return {row_loss, grad, row_ce};
 }
 
 }  // namespace
