@@ -227,16 +227,13 @@ def _fused_topk_hard_soft(s, teacher_index, values, divergence, temperature, bet
 
 
 def _topk_op(backend: str):
-    """``backend``'s ``op(student, index, values, row_mask, kind, inv_t, coef, grad_scale, student_grad)``."""
+    """``backend``'s ``op(student, index, values, row_mask, kind, inv_t, coef, grad_scale, student_grad,
+    labels=None, hard_grad_scale=0.0) -> (row_loss, grad, row_ce)``."""
     if backend == "triton":
         from fastkd.kernels import topk as triton_topk
 
-        op = triton_topk.topk_divergence_forward
-    else:
-        op = torch.ops.fastkd.topk_divergence_forward
-    # TEMPORARY (ce_topk branch, for the integrator to replace): the op now
-    # returns (row_loss, grad, row_ce); the Python API passes no labels yet
-    return lambda *args: op(*args)[:2]
+        return triton_topk.topk_divergence_forward
+    return torch.ops.fastkd.topk_divergence_forward
 
 
 def _fused_topk(s, teacher_index, values, divergence, temperature, beta, alpha, scale, reduction, labels,
