@@ -132,6 +132,20 @@ PYTEST_ARGS=(-q -k "triton or cuda" --maxfail=30 --junitxml="$OUTDIR/pytest.xml"
 "$PY" -c 'import pytest_benchmark' >/dev/null 2>&1 || PYTEST_ARGS+=(-o "addopts=-ra")
 run_step tests 180 env FASTKD_TEST_DEVICE=cuda "$PY" -m pytest tests "${PYTEST_ARGS[@]}"
 
+# ---- optional: Liger-Kernel, the benchmarks' GPU comparison ------------------
+# No network here: from a local wheel only. On a machine with PyPI,
+# `pip download liger-kernel --no-deps -d build/wheels`, then carry build/wheels
+# (it is ignored by git) to this machine. Installed into build/pydeps, not
+# into the interpreter's site-packages.
+if compgen -G "build/wheels/liger_kernel-*.whl" >/dev/null; then
+  run_step liger 60 "$PY" -m pip install --quiet --no-deps --no-index --target build/pydeps \
+    build/wheels/liger_kernel-*.whl
+  export PYTHONPATH="$ROOT/build/pydeps${PYTHONPATH:+:$PYTHONPATH}"
+else
+  say ""
+  say "=== liger: no build/wheels/liger_kernel-*.whl; the benchmarks skip Liger-Kernel"
+fi
+
 # ---- benchmark --------------------------------------------------------------
 run_step bench 150 "$PY" -m bench.run --device cuda --out "$OUTDIR"
 
