@@ -388,8 +388,9 @@ void launch(const MixtureDivergenceArgs& a, cudaStream_t stream) {
 // Short rows (classification heads, V ≤ 2048) get 128 threads so that most
 // have work; vocabulary-sized rows 256 (double math: about twice the
 // registers per element of the float32 single-teacher kernel, half its 512).
-// ptxas (sm_90) reports 48–64 registers per thread; 16 of the 48
-// instantiations spill 4–12 bytes.
+// ptxas (sm_90, nvcc 13.0) reports 48–64 registers per thread; 12 of the 48
+// label-free instantiations spill 4–12 bytes (the same with and without the
+// WITH_CE parameter), 16 of the 48 with labels 8–48 bytes (56–64 registers).
 template <int KIND, class scalar_t, class loss_t>
 void launch_for_vocab(const MixtureDivergenceArgs& a, cudaStream_t stream) {
   if (a.vocab <= 2048) {
