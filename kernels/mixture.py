@@ -7,7 +7,11 @@ Same contract as the C++ op ``fastkd::mixture_divergence_forward``
 formed per row in log space, ``log p = logsumexp_k(log w_k + log_softmax(t_k /
 T))``, and fed to the per-element terms of the single-teacher kernel
 (``_element_terms`` of kernels/divergence.py, i.e. ``element_terms`` of
-csrc/common/divergence_math.h). Teachers get no gradient.
+csrc/common/divergence_math.h). Teachers get no gradient. With hard labels y
+the op also computes the student's cross-entropy at temperature 1, CE_i =
+log Σ_j exp(s_ij) − s_iy, and adds hard_grad_scale · (softmax(s_i) −
+onehot(y_i)) to the student gradient, in the same passes, exactly as
+kernels/divergence.py does for one teacher.
 
 Precision: every quantity after the load is float64, for every input dtype,
 as on CPU. In float32 ``log p`` carries rounding at its own magnitude
@@ -22,7 +26,9 @@ One program per row streams the row in BLOCK-wide chunks, the K teachers of a
 chunk as one ``[TEACHER_BLOCK, BLOCK]`` tile (groups of TEACHER_BLOCK
 teachers when K is larger):
 
-  pass 1  student max (and its first index), Σ exp((s − max)/T), online;
+  pass 1  student max (and its first index), Σ exp((s − max)/T), online
+          (with labels at T ≠ 1 also Σ exp(s − max), the max being the
+          same at every T; then CE = max − s_y + log Σ exp(s − max));
           per teacher max_k and Σ exp((t_k − max_k)/T), online; the teachers'
           (max_k, log w_k − log Σ_k) go to a [N, 2, K] float64 scratch      read s, t
   pass 2  log p = logsumexp_k((t_k − max_k)/T + log w_k − log Σ_k), then the
@@ -30,9 +36,19 @@ teachers when K is larger):
           (Σu = −Σp = −1)                                                    read s, t
   pass 3  gradient (u − q Σu)·grad_scale/T (every kind but KL)   read s, t; write grad
 
+The CE gradient term is added in float64 in the store that writes the
+gradient (pass 2 for KL, pass 3 otherwise), before the rounding to the input
+dtype. At T = 1 exactly (the launcher's CE_SHARES_NORMALISER) the CE reuses
+the student's normaliser and q = softmax(s): no exp at all; at T ≠ 1 one
+float64 exp per element in pass 1 and one more in the gradient pass (against
+the K + 2 exps and the log per element the divergence costs there). A kept
+row whose label is not in [0, V) gets CE NaN and a NaN gradient row; s_y is
+loaded at a clamped index, so nothing outside the row is read.
+
 Memory traffic floor, b bytes per logit: read (K + 1)·N·V·b, write N·V·b of
 gradient, 4·N (8·N) bytes of loss; the 16·N·K bytes of scratch are written
-once and read back from cache. Passes 2 and 3 re-read the row from L2 while
+once and read back from cache. The CE adds no read of the row: 8·N bytes of
+labels, N values s_y, 4·N (8·N) bytes of row CE. Passes 2 and 3 re-read the row from L2 while
 the rows resident at once ((K + 1)·V·b bytes each) fit in it.
 
 Arithmetic, the real bound: pass 1 costs K + 1 float64 exponentials per
@@ -58,7 +74,10 @@ from triton.runtime.interpreter import InterpretedFunction
 from .divergence import (
     KL,
     TVD,
+    _ce_grad,
     _element_terms,
+    _rescaled_sum_exp,
+    check_labels,
     check_row_mask,
     check_scalars,
     coefficient_terms,
@@ -152,17 +171,22 @@ def _log_mixture(
 
 
 @triton.jit
+def _load_student(s_row, offs, V):
+    # one chunk of the student row in float64; lanes past V load −inf (p = q
+    # = 0 there, every term is 0 by the xlogy rule, and so is softmax(s))
+    return tl.load(s_row + offs, mask=offs < V, other=float("-inf")).to(tl.float64)
+
+
+@triton.jit
 def _terms_at(
-    s_row, t_row, stride_tk, stats_row, K, offs, V,
+    s, t_row, stride_tk, stats_row, K, offs, V,
     m_s, log_sum_s, inv_sum_s, log_p_mode,
     inv_temperature, c, one_minus_c, log_c, log_one_minus_c,
     KIND: tl.constexpr, TEACHER_BLOCK: tl.constexpr, SINGLE_GROUP: tl.constexpr,
 ):
     # The chunk's element terms (terms_at of csrc/cpu/mixture_kernel.cpp), in
-    # float64. Lanes past V load −inf: p = q = 0 there, every term is 0 by
-    # the xlogy rule.
+    # float64, for the student chunk s from _load_student.
     valid = offs < V
-    s = tl.load(s_row + offs, mask=valid, other=float("-inf")).to(tl.float64)
     a_s = (s - m_s) * inv_temperature
     log_p = _log_mixture(
         t_row, stride_tk, stats_row, K, offs, valid, inv_temperature, TEACHER_BLOCK, SINGLE_GROUP
@@ -191,8 +215,10 @@ def _mixture_fwd_kernel(
     log_w_ptr,  # [K] float64 log w_k (−inf for weight 0)
     stats_ptr,  # [N, 2, K] float64 scratch: per teacher max_k, then log w_k − log Σ_k
     mask_ptr,  # [N] bool, False → row excluded (None when HAS_MASK is False)
+    labels_ptr,  # [N] int64 hard labels (None unless HAS_LABELS)
     loss_ptr,  # [N] float32 (float64 for float64 inputs) row losses ℓ_i
-    g_ptr,  # [N, V] contiguous grad_scale · dℓ_i/ds (None unless STUDENT_GRAD)
+    ce_ptr,  # [N] like loss_ptr: log Σ_j exp(s_ij) − s_iy (None unless HAS_LABELS)
+    g_ptr,  # [N, V] contiguous grad_scale · dℓ_i/ds (+ the CE term) (None unless STUDENT_GRAD)
     stride_s,
     stride_tk,
     stride_tn,
@@ -200,12 +226,15 @@ def _mixture_fwd_kernel(
     V,
     inv_temperature: tl.float64,  # 1 / T
     grad_factor: tl.float64,  # grad_scale / T
+    hard_grad_scale: tl.float64,  # factor of the CE gradient (unused unless HAS_LABELS)
     c: tl.float64,  # β (JSD) or α (skew); unused by the other kinds
     one_minus_c: tl.float64,
     log_c: tl.float64,
     log_one_minus_c: tl.float64,  # −inf for α = 1
     KIND: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    CE_SHARES_NORMALISER: tl.constexpr,  # inv_temperature == 1: the CE's lse and softmax are the student's
     STUDENT_GRAD: tl.constexpr,
     SINGLE_GROUP: tl.constexpr,  # K <= TEACHER_BLOCK
     TEACHER_BLOCK: tl.constexpr,
@@ -218,11 +247,16 @@ def _mixture_fwd_kernel(
     FUSED_KL_GRAD: tl.constexpr = KIND == 0 and STUDENT_GRAD
     # REVERSE_KL's u reads log(q/p) shifted by its value at the student's mode.
     NEED_MODE: tl.constexpr = KIND == 1 and STUDENT_GRAD
+    # The CE's own Σ exp(s − max) at temperature 1 (pass 1)
+    CE_OWN_SUM: tl.constexpr = HAS_LABELS and not CE_SHARES_NORMALISER
 
     if HAS_MASK:
         if tl.load(mask_ptr + row) == 0:
-            # excluded row: ℓ = 0 and a zero gradient, without reading the logits
+            # excluded row: ℓ = 0 (and CE = 0) and a zero gradient, without
+            # reading the logits or the label
             tl.store(loss_ptr + row, 0.0)
+            if HAS_LABELS:
+                tl.store(ce_ptr + row, 0.0)
             if STUDENT_GRAD:
                 zero = tl.zeros([BLOCK], tl.float64)
                 for start in range(0, V, BLOCK):
@@ -233,20 +267,44 @@ def _mixture_fwd_kernel(
     t_row = t_ptr + row * stride_tn
     stats_row = stats_ptr + row * 2 * K
 
-    # pass 1, student: max, the first index holding it, log Σ exp((s − max)/T).
+    # pass 1, student: max, the first index holding it, log Σ exp((s − max)/T)
+    # (and with labels at T ≠ 1 Σ exp(s − max), sharing the running max).
     # An all −inf (or NaN) row has a NaN loss: it has no distribution.
     m_s = tl.full([], float("-inf"), tl.float64)
     d_s = tl.zeros([], tl.float64)
+    d_ce = tl.zeros([], tl.float64)
     s_at = V
     for start in range(0, V, BLOCK):
         offs = start + cols
-        s = tl.load(s_row + offs, mask=offs < V, other=float("-inf")).to(tl.float64)
+        s = _load_student(s_row, offs, V)
         if NEED_MODE:
             chunk_max = tl.max(s, 0)
             s_at = tl.where(chunk_max > m_s, tl.min(tl.where(s == chunk_max, offs, V), 0), s_at)
+        m_prev = m_s
         m_s, d_s = _online_max_sum_exp(m_s, d_s, s, inv_temperature, 0)
+        if CE_OWN_SUM:
+            d_ce = _rescaled_sum_exp(d_ce, m_prev, m_s, s)
     log_sum_s = tl.log(d_s)
     inv_sum_s = 1.0 / d_s
+
+    # CE = log Σ exp(s) − s_y = (max − s_y) + log Σ exp(s − max), in float64.
+    # s_y is one load, at an index clamped into the row so that a label
+    # outside [0, V) reads nothing out of bounds; such a row's CE (and its
+    # gradient) is NaN.
+    label = 0
+    label_ok = False
+    log_d_ce = tl.zeros([], tl.float64)
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        label_ok = (label >= 0) & (label < V)
+        at = tl.where(label_ok, label, 0)
+        s_label = tl.load(s_row + at, mask=at < V, other=0.0).to(tl.float64)
+        if CE_SHARES_NORMALISER:
+            log_d_ce = log_sum_s
+        else:
+            log_d_ce = tl.log(d_ce)
+        ce = m_s - s_label + log_d_ce
+        tl.store(ce_ptr + row, tl.where(label_ok, ce, float("nan")).to(ce_ptr.dtype.element_ty))
 
     # pass 1, teachers: max_k and Σ_k = Σ exp((t_k − max_k)/T) per teacher, a
     # group of TEACHER_BLOCK teachers per sweep. A weight-0 teacher is still
@@ -283,28 +341,40 @@ def _mixture_fwd_kernel(
     u_acc = tl.zeros([BLOCK], tl.float64)
     for start in range(0, V, BLOCK):
         offs = start + cols
+        s = _load_student(s_row, offs, V)
         loss, u, v, p, q = _terms_at(
-            s_row, t_row, stride_tk, stats_row, K, offs, V, m_s, log_sum_s, inv_sum_s, log_p_mode,
+            s, t_row, stride_tk, stats_row, K, offs, V, m_s, log_sum_s, inv_sum_s, log_p_mode,
             inv_temperature, c, one_minus_c, log_c, log_one_minus_c, KIND, TEACHER_BLOCK, SINGLE_GROUP,
         )
         loss_acc += loss
         if FUSED_KL_GRAD:
-            # dKL/ds = (q − p) / T
-            _store_grad(g_ptr, row, V, offs, grad_factor * (q - p))
+            # dKL/ds = (q − p) / T, plus the CE term in the same store
+            grad = grad_factor * (q - p)
+            if HAS_LABELS:
+                grad += _ce_grad(
+                    s, q, offs, m_s, log_d_ce, label, label_ok, hard_grad_scale, CE_SHARES_NORMALISER
+                )
+            _store_grad(g_ptr, row, V, offs, grad)
         elif STUDENT_GRAD:
             u_acc += u
     tl.store(loss_ptr + row, tl.sum(loss_acc, 0).to(loss_ptr.dtype.element_ty))
 
-    # pass 3: dℓ/ds_j = (u_j − q_j Σu) / T, times grad_scale
+    # pass 3: dℓ/ds_j = (u_j − q_j Σu) / T, times grad_scale (+ the CE term)
     if STUDENT_GRAD and not FUSED_KL_GRAD:
         sum_u = tl.sum(u_acc, 0)
         for start in range(0, V, BLOCK):
             offs = start + cols
+            s = _load_student(s_row, offs, V)
             loss, u, v, p, q = _terms_at(
-                s_row, t_row, stride_tk, stats_row, K, offs, V, m_s, log_sum_s, inv_sum_s, log_p_mode,
+                s, t_row, stride_tk, stats_row, K, offs, V, m_s, log_sum_s, inv_sum_s, log_p_mode,
                 inv_temperature, c, one_minus_c, log_c, log_one_minus_c, KIND, TEACHER_BLOCK, SINGLE_GROUP,
             )
-            _store_grad(g_ptr, row, V, offs, grad_factor * (u - q * sum_u))
+            grad = grad_factor * (u - q * sum_u)
+            if HAS_LABELS:
+                grad += _ce_grad(
+                    s, q, offs, m_s, log_d_ce, label, label_ok, hard_grad_scale, CE_SHARES_NORMALISER
+                )
+            _store_grad(g_ptr, row, V, offs, grad)
 
 
 # The kernel runs where triton.jit put it: the interpreter on CPU tensors, or CUDA.
@@ -379,9 +449,12 @@ def mixture_divergence_forward(
     coef: float,
     grad_scale: float,
     student_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row divergences to the teachers' mixture and the scaled student gradient;
-    the contract of ``fastkd::mixture_divergence_forward``.
+    labels: torch.Tensor | None = None,
+    hard_grad_scale: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row divergences to the teachers' mixture, the scaled student gradient and
+    optionally the student's hard-label CE; the contract of
+    ``fastkd::mixture_divergence_forward``.
 
     Args:
         student: ``(N, V)`` logits, float32 / bfloat16 / float16 / float64,
@@ -390,27 +463,39 @@ def mixture_divergence_forward(
             any other strides (e.g. one teacher expanded over K).
         teacher_weights: ``(K,)`` float64 (any device), finite, >= 0, summing
             to 1 within 1e-6 (they are renormalised to sum to exactly 1).
-        row_mask: ``(N,)`` bool or None; False rows get loss 0 and a zero gradient.
+        row_mask: ``(N,)`` bool or None; False rows get loss 0, CE 0 and a zero gradient.
         kind: divergence code (csrc/common/divergence_math.h): 0 kl,
             1 reverse_kl, 2 jsd, 3 skew_kl, 4 skew_reverse_kl, 5 tvd.
         inv_temperature: ``1 / T``.
         coef: β in (0, 1) for JSD, α in (0, 1] for the skew divergences.
         grad_scale: factor applied to the gradient (not to the loss).
         student_grad: whether to compute the gradient.
+        labels: ``(N,)`` int64 on the student's device, or None: the student's
+            hard-label cross-entropy at temperature 1 is computed in the same
+            pass. Kept rows' labels should lie in ``[0, V)``; this is not
+            checked here (it would need a device sync): a kept row with any
+            other label gets CE NaN and a NaN gradient row.
+        hard_grad_scale: factor of the CE gradient, 0 without labels.
 
     Returns:
         ``row_loss`` ``(N,)`` float32 (float64 for float64 inputs), the
         unscaled ``ℓ_i``; ``grad``: ``(N, V)`` contiguous in the input dtype,
-        ``grad_scale · dℓ_i/ds``, or ``(0, 0)`` when not requested.
+        ``grad_scale · dℓ_i/ds`` (+ ``hard_grad_scale · (softmax(s_i) −
+        onehot(y_i))`` with labels), or ``(0, 0)`` when not requested;
+        ``row_ce`` ``(N,)`` like ``row_loss``, ``log Σ_j exp(s_ij) − s_iy_i``
+        (0 for excluded rows), or ``(0,)`` without labels.
     """
     weights = _check_args(
         student, teachers, teacher_weights, row_mask, kind, inv_temperature, coef, grad_scale
     )
+    check_labels(labels, hard_grad_scale, student)
     rows, vocab = student.shape
     count = teachers.shape[0]
     device = student.device
+    has_labels = labels is not None
     loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     row_loss = torch.empty(rows, dtype=loss_dtype, device=device)
+    row_ce = torch.empty(rows if has_labels else 0, dtype=loss_dtype, device=device)
     # The interpreter truncates float32 → bfloat16 where CUDA rounds to
     # nearest even (see kernels/divergence.py): under it, bf16 gradients are
     # stored in float32 and rounded by torch.
@@ -418,7 +503,7 @@ def mixture_divergence_forward(
     grad_dtype = torch.float32 if interpreted_bf16 else student.dtype
     grad = student.new_empty((rows, vocab) if student_grad else (0, 0), dtype=grad_dtype)
     if rows == 0:
-        return row_loss, grad.to(student.dtype)
+        return row_loss, grad.to(student.dtype), row_ce
     # log w_k − log Σw: p sums to 1 exactly (as the reference's softmax of
     # T·log p does), which the fused KL gradient relies on; log 0 = −inf.
     log_w = weights.log() - weights.sum().log()
@@ -427,11 +512,16 @@ def mixture_divergence_forward(
     stats = torch.empty((rows, 2, count), dtype=torch.float64, device=device)
     teacher_block, block, num_warps = launch_config(vocab, count)
     _mixture_fwd_kernel[(rows,)](
-        student, teachers, log_w, stats, None if row_mask is None else row_mask.contiguous(), row_loss,
+        student, teachers, log_w, stats, None if row_mask is None else row_mask.contiguous(),
+        labels.contiguous() if has_labels else None, row_loss, row_ce if has_labels else None,
         grad if student_grad else None,
         student.stride(0), teachers.stride(0), teachers.stride(1), count, vocab,
-        float(inv_temperature), float(grad_scale * inv_temperature), *coefficient_terms(kind, coef),
-        KIND=kind, HAS_MASK=row_mask is not None, STUDENT_GRAD=bool(student_grad),
-        SINGLE_GROUP=count <= teacher_block, TEACHER_BLOCK=teacher_block, BLOCK=block, num_warps=num_warps,
+        float(inv_temperature), float(grad_scale * inv_temperature), float(hard_grad_scale),
+        *coefficient_terms(kind, coef),
+        KIND=kind, HAS_MASK=row_mask is not None, HAS_LABELS=has_labels,
+        # at T = 1 exactly the CE's log Σ exp and softmax are the student's own
+        CE_SHARES_NORMALISER=has_labels and float(inv_temperature) == 1.0,
+        STUDENT_GRAD=bool(student_grad), SINGLE_GROUP=count <= teacher_block, TEACHER_BLOCK=teacher_block,
+        BLOCK=block, num_warps=num_warps,
     )
-    return row_loss, grad.to(student.dtype)
+    return row_loss, grad.to(student.dtype), row_ce

@@ -21,10 +21,11 @@ namespace fastkd {
 namespace cpu {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> mixture_divergence_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_divergence_forward_cpu(
     const at::Tensor& student, const at::Tensor& teachers, const at::Tensor& teacher_weights,
     const std::optional<at::Tensor>& row_mask, int64_t kind, double inv_temperature, double coef,
-    double grad_scale, bool student_grad) {
+    double grad_scale, bool student_grad, const std::optional<at::Tensor>& labels,
+    double hard_grad_scale) {
   CHECK_DEVICE_TYPE(student, at::kCPU);
   CHECK_DIM(student, 2);
   CHECK_DIM(teachers, 3);
@@ -55,6 +56,7 @@ std::tuple<at::Tensor, at::Tensor> mixture_divergence_forward_cpu(
     TORCH_CHECK(coef > 0 && coef <= 1, "coef (alpha) must be in (0, 1] for skew divergences, got ", coef);
   }
   TORCH_CHECK(std::isfinite(grad_scale), "grad_scale must be finite");
+  check_hard_label_args(student, labels, hard_grad_scale);
 
   const at::Tensor weights = teacher_weights.contiguous();
   std::vector<double> log_weights(count);
@@ -75,11 +77,19 @@ std::tuple<at::Tensor, at::Tensor> mixture_divergence_forward_cpu(
     mask = row_mask->contiguous();
   }
   const DType dtype = divergence_dtype(student.scalar_type());
-  at::Tensor row_loss =
-      at::empty({rows}, student.options().dtype(dtype == DType::Float64 ? at::kDouble : at::kFloat));
+  const auto loss_options =
+      student.options().dtype(dtype == DType::Float64 ? at::kDouble : at::kFloat);
+  at::Tensor row_loss = at::empty({rows}, loss_options);
   at::Tensor grad = empty_for_output(
       at::IntArrayRef{student_grad ? rows : 0, student_grad ? vocab : 0}, student.options());
-  if (rows == 0) return {row_loss, grad};
+  at::Tensor row_ce = at::empty({labels.has_value() ? rows : 0}, loss_options);
+  if (rows == 0) return {row_loss, grad, row_ce};
+  // a contiguous copy kept alive while the kernel runs
+  const at::Tensor label_ids = labels.has_value() ? labels->contiguous() : at::Tensor();
+  const int64_t* label_ptr = label_ids.defined() ? label_ids.data_ptr<int64_t>() : nullptr;
+  const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  // every kept row's label must be a class id: the kernel indexes the row with it
+  check_kept_label_range(label_ptr, mask_ptr, rows, vocab);
 
   MixtureDivergenceArgs a;
   a.student = student.data_ptr();
@@ -89,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> mixture_divergence_forward_cpu(
   a.teacher_row_stride = teachers.stride(1);
   a.log_weights = log_weights.data();
   a.teachers = count;
-  a.row_mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  a.row_mask = mask_ptr;
   a.row_loss = row_loss.data_ptr();
   a.student_grad = student_grad ? grad.data_ptr() : nullptr;
   a.rows = rows;
@@ -99,12 +109,15 @@ std::tuple<at::Tensor, at::Tensor> mixture_divergence_forward_cpu(
   a.inv_temperature = inv_temperature;
   a.coef = coef;
   a.grad_scale = grad_scale;
+  a.labels = label_ptr;
+  a.row_ce = label_ptr != nullptr ? row_ce.data_ptr() : nullptr;
+  a.hard_grad_scale = hard_grad_scale;
   switch (active_capability()) {
     case Capability::AVX512: AVX512::mixture_divergence_kernel(a); break;
     case Capability::AVX2: AVX2::mixture_divergence_kernel(a); break;
     case Capability::Default: DEFAULT::mixture_divergence_kernel(a); break;
   }
-  return {row_loss, grad};
+  return {row_loss, grad, row_ce};
 }
 
 }  // namespace

@@ -18,6 +18,16 @@
 // Each input row is read from memory once (max pass) and again from cache.
 // Teachers get no gradient (the Python layer refuses teachers that need one).
 //
+// With labels, the student's hard-label cross-entropy at temperature 1,
+// log Σ exp(s) − s_y = (max − s_y) + log Σ exp(s − max), comes after the
+// terms pass from the row still in cache (no second read from memory): at
+// T = 1 its normaliser is the student's own and softmax(s) = e_s / Σ_s is in
+// the scratch (no exp); at T ≠ 1 one more exp per element, exp(s − max),
+// written over log p (no longer needed) when the gradient wants it. Its
+// gradient, (softmax(s) − onehot(y))·hard_grad_scale, is added to the
+// student gradient in double, before the gradient is rounded to the input
+// dtype. The op checks the kept rows' labels are in [0, V) first.
+//
 // Everything is evaluated in double, for every input dtype. In float the
 // mixture's log p carries rounding at the magnitude of log p itself (~log V),
 // re-added by every logaddexp; with the divergence ~1e-4 (T = 100, where
@@ -169,6 +179,10 @@ void mixture_rows(const MixtureDivergenceArgs& a) {
   const W inv_t = W(a.inv_temperature);
   const W factor = W(a.grad_scale * a.inv_temperature);
   const Coefficient<W> coef{W(a.coef), W(1.0 - a.coef), W(std::log(a.coef)), W(std::log1p(-a.coef))};
+  auto* row_ce = static_cast<loss_t*>(a.row_ce);
+  const W hard_scale = W(a.hard_grad_scale);
+  // T == 1: the cross-entropy's normaliser and softmax are the student's own
+  const bool ce_shares_normaliser = a.inv_temperature == 1.0;
 
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(V * a.teachers, 1));
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
@@ -183,6 +197,7 @@ void mixture_rows(const MixtureDivergenceArgs& a) {
       scalar_t* grad_row = grad != nullptr ? grad + i * V : nullptr;
       if (a.row_mask != nullptr && !a.row_mask[i]) {
         row_loss[i] = loss_t(0);
+        if (row_ce != nullptr) row_ce[i] = loss_t(0);
         if (grad_row) std::fill(grad_row, grad_row + V, scalar_t(0));
         continue;
       }
@@ -240,6 +255,23 @@ void mixture_rows(const MixtureDivergenceArgs& a) {
         u[j] = e.u;
       }
       row_loss[i] = loss_t(total(vloss, tail_loss));
+
+      // the hard-label cross-entropy: e_ce = exp(s − max) (e_s itself at
+      // T = 1; at T ≠ 1 written over log p, only if the gradient needs it)
+      const W* e_ce = e_s;
+      W ce_inv_sum = c.inv_sum_s;
+      if (row_ce != nullptr) {
+        W ce_log_sum = c.log_sum_s;
+        if (!ce_shares_normaliser) {
+          W* out = grad_row != nullptr ? log_p : nullptr;
+          const W sum = exp_sum(s, V, max_s, W(1), out);
+          ce_log_sum = fk_log(sum);
+          ce_inv_sum = W(1) / sum;
+          e_ce = log_p;
+        }
+        // log Σ exp(s) − s_y = (max − s_y) + log Σ exp(s − max): exact at the max
+        row_ce[i] = loss_t((max_s - s[a.labels[i]]) + ce_log_sum);
+      }
       if (grad_row == nullptr) continue;
 
       // gradient (u − q Σu)·factor, q = e_s / Σ_s; written over u, then narrowed
@@ -256,6 +288,16 @@ void mixture_rows(const MixtureDivergenceArgs& a) {
         softmax_grad(Vec<W>::loadu(u + j), q, vsum, vfactor).store(out + j);
       }
       for (; j < V; ++j) out[j] = softmax_grad(u[j], e_s[j] * c.inv_sum_s, sum_u, factor);
+      if (row_ce != nullptr) {
+        // + (softmax(s) − onehot(y))·hard_grad_scale, softmax(s) = e_ce / Σ e_ce
+        const W hard_factor = hard_scale * ce_inv_sum;
+        const Vec<W> vhard(hard_factor);
+        for (j = 0; j + L <= V; j += L) {
+          (Vec<W>::loadu(out + j) + Vec<W>::loadu(e_ce + j) * vhard).store(out + j);
+        }
+        for (; j < V; ++j) out[j] += e_ce[j] * hard_factor;
+        out[a.labels[i]] -= hard_scale;
+      }
       if constexpr (widen) at::vec::convert(u, grad_row, V);
     }
   });

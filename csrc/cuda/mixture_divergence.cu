@@ -31,8 +31,19 @@
 //           (q − p)·grad_scale/T here (Σu = −Σp = −1) and skips pass 3
 //                                                                read s, t
 //   pass 3  gradient (u − q Σu)·grad_scale/T          read s, t; write grad
+// With labels, the student's hard-label cross-entropy at T = 1 rides along
+// (SPEC's hard_weight · CE + soft_weight · KD), exactly as in
+// csrc/cuda/divergence.cu: row_ce = log Σ exp(s) − s_y = (max_s − s_y) +
+// log Σ exp(s − max_s), written after pass 1 from one extra load of s_y; the
+// gradient gets + hard_grad_scale · (softmax(s) − onehot(y)), added in double
+// where the gradient is written (pass 2 for KL, pass 3 otherwise) before the
+// one rounding to the input dtype. No extra read or write of a row: at T = 1
+// the student's normaliser is the CE's and softmax(s) is q (not even an
+// exp); at T ≠ 1 pass 1 sums exp(s − max) online too (one exp per element,
+// one more block reduction), and the gradient store one exp per element.
 // Memory traffic floor: read (K + 1)·N·V elements, write N·V of gradient (and
-// 4·N or 8·N bytes of row loss). Passes 2 and 3 re-read the row from L2 while
+// 4·N or 8·N bytes of row loss; with labels 8·N bytes of labels read and 4·N
+// or 8·N of row_ce written). Passes 2 and 3 re-read the row from L2 while
 // the rows resident at once ((K + 1)·V elements each) fit in it.
 //
 // The teachers may have any outer strides (a permuted stack, or one teacher
@@ -174,7 +185,28 @@ __device__ __forceinline__ ElementTerms<double> terms_at(double s, const scalar_
   return element_terms<KIND>(x, coef);
 }
 
-template <int KIND, int BLOCK, class scalar_t, class loss_t>
+// The hard-label cross-entropy's row constants (rows with labels only).
+// `scale` is hard_grad_scale, or NaN for a label outside [0, V): the kernel's
+// own guard (the Python layer and the CPU op check the range first) turns the
+// whole gradient row NaN without a branch in the element loop.
+struct HardLabel {
+  int64_t y;       // the label
+  double log_sum;  // log Σ_j exp(s_j − max_s), at temperature 1
+  double scale;    // hard_grad_scale, or NaN
+};
+
+// hard_grad_scale · (softmax(s)_j − [j == y]) for the element s = s_j, whose
+// student probability at temperature T is q (softmax(s)_j itself when unit_t,
+// T == 1).
+__device__ __forceinline__ double hard_label_grad(double s, int64_t j, double q, double max_s,
+                                                  bool unit_t, const HardLabel& h) {
+  const double softmax = unit_t ? q : fk_exp((s - max_s) - h.log_sum);
+  return h.scale * (j == h.y ? softmax - 1.0 : softmax);
+}
+
+// WITH_CE: labels given (labels and row_ce non-null); see the launcher for
+// why a template parameter rather than a runtime flag.
+template <int KIND, int BLOCK, class scalar_t, class loss_t, bool WITH_CE>
 __global__ void __launch_bounds__(BLOCK) _mixture_fwd_kernel(
     const scalar_t* __restrict__ student,  // [N, V] logits, row stride student_row_stride
     const scalar_t* __restrict__ teacher,  // [K, N, V], strides (teacher_stride, teacher_row_stride,
@@ -185,6 +217,9 @@ __global__ void __launch_bounds__(BLOCK) _mixture_fwd_kernel(
     const bool* __restrict__ row_mask,     // [N] or nullptr
     loss_t* __restrict__ row_loss,         // [N]
     scalar_t* __restrict__ student_grad,   // [N, V] contiguous, or nullptr
+    const int64_t* __restrict__ labels,    // [N] hard labels if WITH_CE (else unused)
+    loss_t* __restrict__ row_ce,           // [N] if WITH_CE (else unused)
+    double hard_grad_scale,                // the cross-entropy's gradient factor
     int64_t rows, int64_t V, double inv_temperature,
     double grad_factor,                    // grad_scale / T
     Coefficient<double> coef) {
@@ -207,6 +242,11 @@ __global__ void __launch_bounds__(BLOCK) _mixture_fwd_kernel(
   // REVERSE_KL's u reads log(q/p) shifted by its value at the student's mode.
   const bool need_mode = KIND == REVERSE_KL && want_grad;
   const MaxSumOp max_sum{inv_temperature};
+  // The cross-entropy is at temperature 1: when T is 1 as well, the
+  // student's normaliser and q serve it, otherwise pass 1 sums exp(s − max)
+  // too. Uniform over the grid.
+  const bool unit_t = inv_temperature == 1.0;
+  const bool sum_ce = WITH_CE && !unit_t;
   const int64_t first = threadIdx.x;
 
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -214,7 +254,10 @@ __global__ void __launch_bounds__(BLOCK) _mixture_fwd_kernel(
     // Every thread of the block reads the same mask entry: the branch is
     // uniform, so no thread skips the barriers below.
     if (row_mask != nullptr && !row_mask[row]) {
-      if (threadIdx.x == 0) row_loss[row] = loss_t(0);
+      if (threadIdx.x == 0) {
+        row_loss[row] = loss_t(0);
+        if constexpr (WITH_CE) row_ce[row] = loss_t(0);
+      }
       if (want_grad) {
         for (int64_t j = first; j < V; j += BLOCK) g[j] = narrow<scalar_t>(0.0);
       }
@@ -223,15 +266,38 @@ __global__ void __launch_bounds__(BLOCK) _mixture_fwd_kernel(
     const scalar_t* s = student + row * student_row_stride;
     const scalar_t* t = teacher + row * teacher_row_stride;
 
-    // pass 1, student. An all −inf (or NaN) row has a NaN loss (no distribution).
+    // pass 1, student (with labels at T ≠ 1 also Σ exp(s − max) at T = 1,
+    // online: the max is the same at every T). An all −inf (or NaN) row has
+    // a NaN loss (no distribution).
     MaxSum st{-INFINITY, 0.0, V};
-    for (int64_t j = first; j < V; j += BLOCK) online_add(st, load_wide(s + j), j, inv_temperature);
+    MaxSum ce{-INFINITY, 0.0, V};
+    for (int64_t j = first; j < V; j += BLOCK) {
+      const double sj = load_wide(s + j);
+      online_add(st, sj, j, inv_temperature);
+      if (sum_ce) online_add(ce, sj, j, 1.0);
+    }
     st = block_all_reduce<BLOCK>(st, max_sum, temp.max, max_result);
+    // sum_ce is uniform over the block: every thread takes this reduction or none does
+    if (sum_ce) ce = block_all_reduce<BLOCK>(ce, MaxSumOp{1.0}, temp.max, max_result);
     RowConstants c;
     c.inv_t = inv_temperature;
     c.max_s = st.m;
     c.log_sum_s = fk_log(st.d);
     c.inv_sum_s = 1.0 / st.d;
+    HardLabel h{0, 0.0, 0.0};
+    if constexpr (WITH_CE) {
+      // Every thread reads the same label; s_y is loaded (by thread 0 only)
+      // for a label in [0, V) alone, so an out-of-range label reads nothing
+      // out of bounds: row_ce is then NaN. ce.m == max_s (the same logits).
+      h.y = labels[row];
+      const bool in_range = h.y >= 0 && h.y < V;
+      h.log_sum = unit_t ? c.log_sum_s : fk_log(ce.d);
+      h.scale = in_range ? hard_grad_scale : static_cast<double>(NAN);
+      if (threadIdx.x == 0) {
+        row_ce[row] = static_cast<loss_t>(in_range ? (c.max_s - load_wide(s + h.y)) + h.log_sum
+                                                   : static_cast<double>(NAN));
+      }
+    }
 
     // pass 1, teachers, one at a time. A weight-0 teacher is still read: its
     // offset is −inf, so it adds nothing but NaN (SPEC §6). The barriers of
@@ -259,11 +325,13 @@ __global__ void __launch_bounds__(BLOCK) _mixture_fwd_kernel(
     // pass 2: ℓ = Σ loss terms and Σu
     double2 acc = make_double2(0.0, 0.0);
     for (int64_t j = first; j < V; j += BLOCK) {
-      const ElementTerms<double> e =
-          terms_at<KIND>(load_wide(s + j), t + j, teacher_stride, K, teacher_stats, c, coef);
+      const double sj = load_wide(s + j);
+      const ElementTerms<double> e = terms_at<KIND>(sj, t + j, teacher_stride, K, teacher_stats, c, coef);
       acc.x += e.loss;
       if (fused_grad) {
-        g[j] = narrow<scalar_t>(softmax_grad(e.u, e.q, -1.0, grad_factor));
+        double gj = softmax_grad(e.u, e.q, -1.0, grad_factor);
+        if constexpr (WITH_CE) gj += hard_label_grad(sj, j, e.q, c.max_s, unit_t, h);
+        g[j] = narrow<scalar_t>(gj);
       } else if (want_grad) {
         acc.y += e.u;
       }
@@ -272,12 +340,15 @@ __global__ void __launch_bounds__(BLOCK) _mixture_fwd_kernel(
     if (threadIdx.x == 0) row_loss[row] = static_cast<loss_t>(acc.x);
     if (fused_grad || !want_grad) continue;
 
-    // pass 3: dℓ/ds = (u − q Σu)/T, times grad_scale
+    // pass 3: dℓ/ds = (u − q Σu)/T, times grad_scale, plus the
+    // cross-entropy's hard_grad_scale · (softmax − onehot)
     const double sum_u = acc.y;
     for (int64_t j = first; j < V; j += BLOCK) {
-      const ElementTerms<double> e =
-          terms_at<KIND>(load_wide(s + j), t + j, teacher_stride, K, teacher_stats, c, coef);
-      g[j] = narrow<scalar_t>(softmax_grad(e.u, e.q, sum_u, grad_factor));
+      const double sj = load_wide(s + j);
+      const ElementTerms<double> e = terms_at<KIND>(sj, t + j, teacher_stride, K, teacher_stats, c, coef);
+      double gj = softmax_grad(e.u, e.q, sum_u, grad_factor);
+      if constexpr (WITH_CE) gj += hard_label_grad(sj, j, e.q, c.max_s, unit_t, h);
+      g[j] = narrow<scalar_t>(gj);
     }
   }
 }
@@ -300,19 +371,26 @@ void launch(const MixtureDivergenceArgs& a, cudaStream_t stream) {
   coef.log_one_minus_c = std::log1p(-a.coef);
   const unsigned grid = static_cast<unsigned>(std::min(a.rows, kMaxBlocks));
   const size_t shared = static_cast<size_t>(2 * a.teachers) * sizeof(double);
-  _mixture_fwd_kernel<KIND, BLOCK, scalar_t, loss_t><<<grid, BLOCK, shared, stream>>>(
+  // The cross-entropy is a template parameter, not a runtime flag, as in
+  // csrc/cuda/divergence.cu: the label-free kernels compile exactly as
+  // before (no label state, no third sum), for twice the instantiations.
+  const auto kernel = a.labels != nullptr ? _mixture_fwd_kernel<KIND, BLOCK, scalar_t, loss_t, true>
+                                          : _mixture_fwd_kernel<KIND, BLOCK, scalar_t, loss_t, false>;
+  kernel<<<grid, BLOCK, shared, stream>>>(
       static_cast<const scalar_t*>(a.student), static_cast<const scalar_t*>(a.teacher),
       a.student_row_stride, a.teacher_stride, a.teacher_row_stride, a.log_weights, a.teachers,
-      a.row_mask, static_cast<loss_t*>(a.row_loss), static_cast<scalar_t*>(a.student_grad), a.rows,
-      a.vocab, a.inv_temperature, a.grad_scale * a.inv_temperature, coef);
+      a.row_mask, static_cast<loss_t*>(a.row_loss), static_cast<scalar_t*>(a.student_grad), a.labels,
+      static_cast<loss_t*>(a.row_ce), a.hard_grad_scale, a.rows, a.vocab, a.inv_temperature,
+      a.grad_scale * a.inv_temperature, coef);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Short rows (classification heads, V ≤ 2048) get 128 threads so that most
 // have work; vocabulary-sized rows 256 (double math: about twice the
 // registers per element of the float32 single-teacher kernel, half its 512).
-// ptxas (sm_90) reports 48–64 registers per thread; 16 of the 48
-// instantiations spill 4–12 bytes.
+// ptxas (sm_90, nvcc 13.0) reports 48–64 registers per thread; 12 of the 48
+// label-free instantiations spill 4–12 bytes (the same with and without the
+// WITH_CE parameter), 16 of the 48 with labels 8–48 bytes (56–64 registers).
 template <int KIND, class scalar_t, class loss_t>
 void launch_for_vocab(const MixtureDivergenceArgs& a, cudaStream_t stream) {
   if (a.vocab <= 2048) {
@@ -359,11 +437,14 @@ DType mixture_dtype(at::ScalarType t) {
 }
 
 // The checks of csrc/cpu/mixture_divergence.cpp, on CUDA tensors; the weights
-// may be on the CPU (as the Python layer passes them) or on the GPU.
-std::tuple<at::Tensor, at::Tensor> mixture_divergence_forward_cuda(
+// may be on the CPU (as the Python layer passes them) or on the GPU. No range
+// check of the labels here (it would synchronise with the device): the
+// Python layer checks them, and the kernel guards itself (see HardLabel).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_divergence_forward_cuda(
     const at::Tensor& student, const at::Tensor& teachers, const at::Tensor& teacher_weights,
     const std::optional<at::Tensor>& row_mask, int64_t kind, double inv_temperature, double coef,
-    double grad_scale, bool student_grad) {
+    double grad_scale, bool student_grad, const std::optional<at::Tensor>& labels,
+    double hard_grad_scale) {
   CHECK_DEVICE_TYPE(student, at::kCUDA);
   CHECK_DIM(student, 2);
   CHECK_DIM(teachers, 3);
@@ -395,6 +476,7 @@ std::tuple<at::Tensor, at::Tensor> mixture_divergence_forward_cuda(
     TORCH_CHECK(coef > 0 && coef <= 1, "coef (alpha) must be in (0, 1] for skew divergences, got ", coef);
   }
   TORCH_CHECK(std::isfinite(grad_scale), "grad_scale must be finite");
+  check_hard_label_args(student, labels, hard_grad_scale);
   const DType dtype = mixture_dtype(student.scalar_type());
 
   // log w_k − log Σw (p sums to 1 exactly, as the reference's softmax of
@@ -417,10 +499,15 @@ std::tuple<at::Tensor, at::Tensor> mixture_divergence_forward_cuda(
     mask = row_mask->contiguous();
   }
   const c10::cuda::CUDAGuard device_guard(student.device());
-  at::Tensor row_loss =
-      at::empty({rows}, student.options().dtype(dtype == DType::Float64 ? at::kDouble : at::kFloat));
+  const auto loss_options =
+      student.options().dtype(dtype == DType::Float64 ? at::kDouble : at::kFloat);
+  at::Tensor row_loss = at::empty({rows}, loss_options);
   at::Tensor grad = at::empty({student_grad ? rows : 0, student_grad ? vocab : 0}, student.options());
-  if (rows == 0) return {row_loss, grad};
+  at::Tensor row_ce = at::empty({labels.has_value() ? rows : 0}, loss_options);
+  if (rows == 0) return {row_loss, grad, row_ce};
+  // a contiguous copy, alive until the kernel is enqueued (the caching
+  // allocator keeps its memory for the stream)
+  const at::Tensor label_ids = labels.has_value() ? labels->contiguous() : at::Tensor();
 
   at::Tensor log_weights_host =
       at::empty({count}, at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
@@ -450,8 +537,11 @@ std::tuple<at::Tensor, at::Tensor> mixture_divergence_forward_cuda(
   a.inv_temperature = inv_temperature;
   a.coef = coef;
   a.grad_scale = grad_scale;
+  a.labels = label_ids.defined() ? label_ids.data_ptr<int64_t>() : nullptr;
+  a.row_ce = label_ids.defined() ? row_ce.data_ptr() : nullptr;
+  a.hard_grad_scale = hard_grad_scale;
   mixture_divergence_launch(a, c10::cuda::getCurrentCUDAStream());
-  return {row_loss, grad};
+  return {row_loss, grad, row_ce};
 }
 
 }  // namespace
