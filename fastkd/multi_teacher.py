@@ -76,16 +76,13 @@ def check_teacher_weights(teacher_weights, count: int) -> torch.Tensor:
 
 
 def _mixture_op(backend: str):
-    """The forward of ``backend`` with the contract of ``fastkd::mixture_divergence_forward``,
-    less its third output (row_ce, empty without labels): the student-only
-    Function unpacks (row_loss, grad). Interim, until labels are wired here."""
+    """The forward of ``backend`` with the contract of ``fastkd::mixture_divergence_forward``
+    (``-> (row_loss, grad, row_ce)``)."""
     if backend == "triton":
         from fastkd.kernels import mixture as triton_mixture
 
-        op = triton_mixture.mixture_divergence_forward
-    else:
-        op = torch.ops.fastkd.mixture_divergence_forward
-    return lambda *args: op(*args)[:2]
+        return triton_mixture.mixture_divergence_forward
+    return torch.ops.fastkd.mixture_divergence_forward
 
 
 def mixture_divergence(
