@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from fastkd import _validate
+from fastkd.reference.fused_linear import cross_entropy as _reference_cross_entropy
 
 # Logits per CE chunk: 2**22 elements, 16 MiB of float32 temporaries.
 CE_CHUNK_ELEMENTS = 2**22
@@ -117,6 +118,30 @@ def ce_grad(
         _, g = ce_rows_and_grad(logits[rows], labels[rows], chunk_keep, row_scale[rows])
         grad[i : i + step].copy_(g)
     return grad
+
+
+def mix_soft_with_reference_ce(soft, student_logits, labels, *, reduction, ignore_index, mask, hard_weight,
+                                soft_weight, return_parts):
+    """``soft_weight · soft`` plus, for ``hard_weight > 0``, the reference's ``hard_weight · CE``.
+
+    The tail of the paths that do not compute the CE in a kernel's pass (the
+    reference backend, and no hard labels at all); arguments validated.
+
+    Returns:
+        ``total``, or ``(total, hard_part, soft_part)`` with ``return_parts``
+        (``hard_part`` 0 without hard labels).
+    """
+    soft = soft * soft_weight
+    if hard_weight == 0.0:
+        return (soft, torch.zeros_like(soft), soft) if return_parts else soft
+    flat = labels.reshape(-1)
+    keep = flat != ignore_index if mask is None else (flat != ignore_index) & mask.reshape(-1)
+    check_label_range(flat, keep, student_logits.shape[-1])
+    hard = hard_weight * _reference_cross_entropy(
+        student_logits, labels, reduction=reduction, ignore_index=ignore_index, mask=mask
+    )
+    total = hard + soft
+    return (total, hard, soft) if return_parts else total
 
 
 def reduce_factor(reduction: str, n_kept: int) -> float:

@@ -20,7 +20,6 @@ from fastkd import (
 from fastkd import distributed as _distributed
 from fastkd import reference as _reference
 from fastkd.reference import contrastive as _reference_contrastive
-from fastkd.reference import fused_linear as _reference_fused_linear
 from fastkd.reference import mmd as _reference_mmd
 
 __all__ = ["divergence", "info_nce", "kd_loss", "mmd_loss", "nst_loss"]
@@ -460,20 +459,12 @@ def _mixed_divergence(s, t, *, labels, ignore_index, mask, reduction, hard_weigh
         s, t, labels=labels, ignore_index=ignore_index, mask=mask, reduction=reduction, backend=backend,
         **divergence_kwargs,
     )
-    # soft_weight scales the loss and (through autograd's scalar multiply) its gradient.
-    soft = soft * soft_weight
-    if hard_weight == 0.0:
-        total = soft
-        return (total, torch.zeros_like(soft), soft) if return_parts else total
     # the compiled backends compute the CE in the kernel's pass
-    # (_fused_hard_soft_divergence); this is the reference's
-    keep = _kept_rows(labels, ignore_index, mask)
-    _hard_labels.check_label_range(labels.reshape(-1), keep, s.shape[-1])
-    hard = hard_weight * _reference_fused_linear.cross_entropy(
-        s, labels, reduction=reduction, ignore_index=ignore_index, mask=mask
+    # (_fused_hard_soft_divergence); here it is the reference's, if any
+    return _hard_labels.mix_soft_with_reference_ce(
+        soft, s, labels, reduction=reduction, ignore_index=ignore_index, mask=mask,
+        hard_weight=hard_weight, soft_weight=soft_weight, return_parts=return_parts,
     )
-    total = hard + soft
-    return (total, hard, soft) if return_parts else total
 
 
 def kd_loss(

@@ -25,7 +25,6 @@ from fastkd.functional import (
     _row_major,
     student_hard_soft,
 )
-from fastkd.reference import fused_linear as _reference_fused_linear
 from fastkd.reference import multi_teacher as _reference
 
 __all__ = ["mixture_divergence"]
@@ -170,16 +169,10 @@ def mixture_divergence(
             return soft  # (total, hard, soft) or total: the CE came from the kernel's pass
     if not (mixing or soft_weight != 1.0 or return_parts):
         return soft
-    soft = soft * soft_weight
-    if not mixing:
-        return (soft, torch.zeros_like(soft), soft) if return_parts else soft
-    keep = _kept_rows(labels, ignore_index, mask)
-    _hard_labels.check_label_range(labels.reshape(-1), keep, s.shape[-1])
-    hard = hard_weight * _reference_fused_linear.cross_entropy(
-        s, labels, reduction=reduction, ignore_index=ignore_index, mask=mask
+    return _hard_labels.mix_soft_with_reference_ce(
+        soft, s, labels, reduction=reduction, ignore_index=ignore_index, mask=mask,
+        hard_weight=hard_weight, soft_weight=soft_weight, return_parts=return_parts,
     )
-    total = hard + soft
-    return (total, hard, soft) if return_parts else total
 
 
 def _fused_mixture(s, t, weights, divergence, temperature, beta, alpha, scale, reduction, labels,

@@ -23,7 +23,6 @@ from fastkd.functional import (
     _row_major,
     student_hard_soft,
 )
-from fastkd.reference import fused_linear as _reference_fused_linear
 from fastkd.reference import topk as _reference_topk
 
 __all__ = ["TOPK_DIVERGENCES", "TopKDivergenceLoss", "topk_divergence"]
@@ -188,20 +187,9 @@ def topk_divergence(
                            reduction, labels, ignore_index, mask, chosen)
     if not (mixing or soft_weight != 1.0 or return_parts):
         return soft
-    soft = soft * soft_weight
-    if not mixing:
-        return (soft, torch.zeros_like(soft), soft) if return_parts else soft
-    hard = _hard_part(s, labels, ignore_index, mask, reduction, hard_weight, chosen)
-    total = hard + soft
-    return (total, hard, soft) if return_parts else total
-
-
-def _hard_part(s, labels, ignore_index, mask, reduction, hard_weight, chosen):
-    """The reference's ``hard_weight · CE(s, labels)`` over the kept rows (validated arguments)."""
-    keep = _kept_rows(labels, ignore_index, mask)
-    _hard_labels.check_label_range(labels.reshape(-1), keep, s.shape[-1])
-    return hard_weight * _reference_fused_linear.cross_entropy(
-        s, labels, reduction=reduction, ignore_index=ignore_index, mask=mask
+    return _hard_labels.mix_soft_with_reference_ce(
+        soft, s, labels, reduction=reduction, ignore_index=ignore_index, mask=mask,
+        hard_weight=hard_weight, soft_weight=soft_weight, return_parts=return_parts,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -86,4 +87,19 @@ def assert_matches(
     assert baseline_err is not None and err <= 2 * baseline_err, (
         f"{what}: relative error {err:.3g} > rtol {rtol:g} (dtype {dtype}, max |ref| {scale:.3g}; "
         f"reference in {dtype}: {baseline_err})"
+    )
+
+
+def bad_label_arguments(rows: int) -> tuple[tuple[dict, str], ...]:
+    """(keyword changes, the argument the error must name) for the hard-label
+    arguments (``labels``, ``hard_grad_scale``) of the divergence, top-k and
+    mixture ops with ``rows`` rows."""
+    labels = torch.zeros(rows, dtype=torch.int64, device=DEVICE)
+    return (
+        ({"labels": torch.zeros(rows, dtype=torch.int32, device=DEVICE)}, "labels"),
+        ({"labels": torch.zeros(rows + 1, dtype=torch.int64, device=DEVICE)}, "labels"),
+        ({"labels": torch.zeros(rows, 1, dtype=torch.int64, device=DEVICE)}, "labels"),
+        ({"labels": None, "hard_grad_scale": 0.5}, "hard_grad_scale"),
+        ({"labels": labels, "hard_grad_scale": math.inf}, "hard_grad_scale"),
+        ({"labels": labels, "hard_grad_scale": math.nan}, "hard_grad_scale"),
     )

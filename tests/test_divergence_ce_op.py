@@ -11,14 +11,12 @@ under ``FASTKD_TEST_DEVICE=cuda``.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastkd import reference
-from tests.helpers import DEVICE, assert_matches, backend_params
+from tests.helpers import DEVICE, assert_matches, backend_params, bad_label_arguments
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")  # kind codes 0..5
 COEF = 0.5  # β (JSD) / α (skew) for kinds 2, 3, 4
@@ -184,19 +182,6 @@ def test_without_labels_row_ce_is_empty(backend):
     assert_matches(loss, want[0], torch.float32, f"{backend} row_loss")
 
 
-def _bad_label_arguments(rows: int):
-    return (
-        ({"labels": torch.zeros(rows, dtype=torch.int32, device=DEVICE)}, "labels"),
-        ({"labels": torch.zeros(rows + 1, dtype=torch.int64, device=DEVICE)}, "labels"),
-        ({"labels": torch.zeros(rows, 1, dtype=torch.int64, device=DEVICE)}, "labels"),
-        ({"labels": None, "hard_grad_scale": 0.5}, "hard_grad_scale"),
-        ({"labels": torch.zeros(rows, dtype=torch.int64, device=DEVICE), "hard_grad_scale": math.inf},
-         "hard_grad_scale"),
-        ({"labels": torch.zeros(rows, dtype=torch.int64, device=DEVICE), "hard_grad_scale": math.nan},
-         "hard_grad_scale"),
-    )
-
-
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("case", range(6))
 def test_bad_label_arguments_raise(backend, case):
@@ -204,7 +189,7 @@ def test_bad_label_arguments_raise(backend, case):
     kernel runs; the C++ ops' TORCH_CHECK raises RuntimeError (whose
     messages do not always name the argument: CHECK_DIM says "y")."""
     s, t = logits((3, 20)), logits((3, 20))
-    kwargs, name = _bad_label_arguments(3)[case]
+    kwargs, name = bad_label_arguments(3)[case]
     if backend != "triton":
         with pytest.raises(RuntimeError):
             forward(backend, s, t, None, 0, 2.0, **kwargs)

@@ -13,8 +13,6 @@ the rest of the row in different passes); the others are random.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,7 +20,7 @@ import torch.nn.functional as F
 import fastkd
 from fastkd.reference import topk as reference_topk
 from fastkd.topk import TOPK_KERNELS
-from tests.helpers import DEVICE, KERNEL_BACKENDS, assert_matches
+from tests.helpers import DEVICE, KERNEL_BACKENDS, assert_matches, bad_label_arguments
 
 # kind code → divergence name; reverse KL (1) is refused by the top-k op
 NAMES = {0: "kl", 2: "jsd", 3: "skew_kl", 4: "skew_reverse_kl", 5: "tvd"}
@@ -245,19 +243,6 @@ def test_without_labels_row_ce_is_empty(backend):
     assert_matches(grad, want[2] - want[3], torch.float32, f"{backend} student grad")
 
 
-def _bad_label_arguments(rows: int):
-    return (
-        ({"labels": torch.zeros(rows, dtype=torch.int32, device=DEVICE)}, "labels"),
-        ({"labels": torch.zeros(rows + 1, dtype=torch.int64, device=DEVICE)}, "labels"),
-        ({"labels": torch.zeros(rows, 1, dtype=torch.int64, device=DEVICE)}, "labels"),
-        ({"labels": None, "hard_grad_scale": 0.5}, "hard_grad_scale"),
-        ({"labels": torch.zeros(rows, dtype=torch.int64, device=DEVICE), "hard_grad_scale": math.inf},
-         "hard_grad_scale"),
-        ({"labels": torch.zeros(rows, dtype=torch.int64, device=DEVICE), "hard_grad_scale": math.nan},
-         "hard_grad_scale"),
-    )
-
-
 @pytest.mark.parametrize("backend", kernel_params())
 @pytest.mark.parametrize("case", range(6))
 def test_bad_label_arguments_raise(backend, case):
@@ -265,7 +250,7 @@ def test_bad_label_arguments_raise(backend, case):
     kernel runs; the C++ ops' TORCH_CHECK raises RuntimeError naming it."""
     s = logits((3, 20))
     index, values = sparse_teacher(3, 20, 4)
-    kwargs, name = _bad_label_arguments(3)[case]
+    kwargs, name = bad_label_arguments(3)[case]
     error = ValueError if backend == "triton" else RuntimeError
     with pytest.raises(error, match=name):
         forward(backend, s, index, values, None, 0, 2.0, **kwargs)
