@@ -55,6 +55,7 @@
 #include "../common/divergence_math.h"
 #include "../common/divergence_op.h"
 #include "block_reduce.cuh"
+#include "hard_label.cuh"
 
 namespace fastkd {
 namespace cuda {
@@ -92,25 +93,6 @@ struct RowConstants {
   float inv_t, max_s, log_sum_s, max_t, log_sum_t;
   float s_mode, t_at_s_mode, t_mode, s_at_t_mode;
 };
-
-// The hard-label cross-entropy's row constants (rows with labels only).
-// `scale` is hard_grad_scale, or NaN for a label outside [0, V): the kernel's
-// own guard (the Python layer and the CPU op check the range first) turns the
-// whole gradient row NaN without a branch in the element loop.
-struct HardLabel {
-  int64_t y;       // the label
-  float log_sum;   // log Σ_j exp(s_j − max_s), at temperature 1
-  float scale;     // hard_grad_scale, or NaN
-};
-
-// hard_grad_scale · (softmax(s)_j − [j == y]) for the element s = s_j, whose
-// student probability at temperature T is q (softmax(s)_j itself when unit_t,
-// T == 1).
-__device__ __forceinline__ float hard_label_grad(float s, int64_t j, float q, float max_s,
-                                                 bool unit_t, const HardLabel& h) {
-  const float softmax = unit_t ? q : fk_exp((s - max_s) - h.log_sum);
-  return h.scale * (j == h.y ? softmax - 1.f : softmax);
-}
 
 template <int KIND>
 __device__ __forceinline__ ElementTerms<float> terms_at(float s, float t, const RowConstants& c,
@@ -224,7 +206,7 @@ __global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
     }
     c.log_sum_s = fk_log(sums.x);
     c.log_sum_t = fk_log(sums.y);
-    HardLabel h{0, 0.f, 0.f};
+    HardLabel<float> h{0, 0.f, 0.f};
     if constexpr (WITH_CE) {
       // Every thread reads the same label; s_y is loaded (by thread 0 only)
       // for a label in [0, V) alone, so an out-of-range label (and any label

@@ -74,6 +74,7 @@
 #include "../common/divergence_math.h"
 #include "../common/mixture_args.h"
 #include "block_reduce.cuh"
+#include "hard_label.cuh"
 
 namespace fastkd {
 namespace cuda {
@@ -185,25 +186,6 @@ __device__ __forceinline__ ElementTerms<double> terms_at(double s, const scalar_
   return element_terms<KIND>(x, coef);
 }
 
-// The hard-label cross-entropy's row constants (rows with labels only).
-// `scale` is hard_grad_scale, or NaN for a label outside [0, V): the kernel's
-// own guard (the Python layer and the CPU op check the range first) turns the
-// whole gradient row NaN without a branch in the element loop.
-struct HardLabel {
-  int64_t y;       // the label
-  double log_sum;  // log Σ_j exp(s_j − max_s), at temperature 1
-  double scale;    // hard_grad_scale, or NaN
-};
-
-// hard_grad_scale · (softmax(s)_j − [j == y]) for the element s = s_j, whose
-// student probability at temperature T is q (softmax(s)_j itself when unit_t,
-// T == 1).
-__device__ __forceinline__ double hard_label_grad(double s, int64_t j, double q, double max_s,
-                                                  bool unit_t, const HardLabel& h) {
-  const double softmax = unit_t ? q : fk_exp((s - max_s) - h.log_sum);
-  return h.scale * (j == h.y ? softmax - 1.0 : softmax);
-}
-
 // WITH_CE: labels given (labels and row_ce non-null); see the launcher for
 // why a template parameter rather than a runtime flag.
 template <int KIND, int BLOCK, class scalar_t, class loss_t, bool WITH_CE>
@@ -284,7 +266,7 @@ __global__ void __launch_bounds__(BLOCK) _mixture_fwd_kernel(
     c.max_s = st.m;
     c.log_sum_s = fk_log(st.d);
     c.inv_sum_s = 1.0 / st.d;
-    HardLabel h{0, 0.0, 0.0};
+    HardLabel<double> h{0, 0.0, 0.0};
     if constexpr (WITH_CE) {
       // Every thread reads the same label; s_y is loaded (by thread 0 only)
       // for a label in [0, V) alone, so an out-of-range label reads nothing
