@@ -243,8 +243,25 @@ def _loss_factor(reduction: str, scale: float, n_rows: int, keep, vocab: int) ->
     reduction's denominator (kept rows, × V for ``"mean"``; none for ``"sum"`` / ``"none"``)."""
     if reduction in ("none", "sum"):
         return scale
-    n_kept = n_rows if keep is None else int(keep.sum().item())
+    return _scale_over_kept(reduction, scale, n_rows if keep is None else int(keep.sum().item()), vocab)
+
+
+def _scale_over_kept(reduction: str, scale: float, n_kept: int, vocab: int) -> float:
+    """:func:`_loss_factor` for a known count of kept rows."""
+    if reduction in ("none", "sum"):
+        return scale
     return scale / max(n_kept * (vocab if reduction == "mean" else 1), 1)
+
+
+def _hard_soft_factors(reduction: str, scale: float, keep: torch.Tensor, vocab: int, hard_weight: float,
+                       soft_weight: float) -> tuple[float, float]:
+    """``(soft_factor, hard_factor)`` of a kernel call with the CE in its pass: what the row
+    divergences and the row cross-entropies are multiplied by, the kept rows counted once."""
+    n_kept = int(keep.sum().item())
+    return (
+        soft_weight * _scale_over_kept(reduction, scale, n_kept, vocab),
+        hard_weight * _hard_labels.reduce_factor(reduction, n_kept),
+    )
 
 
 class RowLossKernelFunction(torch.autograd.Function):
@@ -435,15 +452,13 @@ def _fused_hard_soft_divergence(s, t, *, divergence, temperature, beta, alpha, s
     """``hard_weight · CE + soft_weight · divergence`` in one kernel pass (one teacher, a
     compiled backend, ``hard_weight > 0``; arguments validated)."""
     rows = _as_rows(s, t, labels, ignore_index, mask)
-    n_rows, vocab = rows.student.shape
+    vocab = rows.student.shape[1]
     flat_labels = labels.reshape(-1).long()
     _hard_labels.check_label_range(flat_labels, rows.keep, vocab)
-    n_kept = int(rows.keep.sum().item())
     kind, coef = _kernel_divergence(divergence, beta, alpha)
     soft, hard = HardSoftDivergenceFunction.apply(
         rows.student, rows.teacher, rows.keep, flat_labels, kind, 1.0 / temperature, coef,
-        soft_weight * _loss_factor(reduction, scale, n_rows, rows.keep, vocab),
-        hard_weight * _hard_labels.reduce_factor(reduction, n_kept),
+        *_hard_soft_factors(reduction, scale, rows.keep, vocab, hard_weight, soft_weight),
         reduction == "none", return_parts, backend,
     )
     if reduction == "none":

@@ -19,6 +19,7 @@ from fastkd.functional import (
     RowLossKernelFunction,
     StudentKernelCall,
     _backend_for,
+    _hard_soft_factors,
     _kept_rows,
     _kernel_divergence,
     _loss_factor,
@@ -189,19 +190,19 @@ def _fused_mixture(s, t, weights, divergence, temperature, beta, alpha, scale, r
     if vocab > 1 and teachers.stride(-1) != 1:
         teachers = teachers.contiguous()
     keep = _kept_rows(labels, ignore_index, mask)
-    factor = _loss_factor(reduction, scale, student.shape[0], keep, vocab)
     kind, coef = _kernel_divergence(divergence, beta, alpha)
     if hard_weight > 0.0:
         flat_labels = labels.reshape(-1).long()
         _hard_labels.check_label_range(flat_labels, keep, vocab)
+        soft_factor, hard_factor = _hard_soft_factors(reduction, scale, keep, vocab, hard_weight, soft_weight)
         call = StudentKernelCall(
             op=_mixture_op(chosen), kind=kind, inv_temperature=1.0 / temperature, coef=coef,
-            soft_factor=soft_weight * factor,
-            hard_factor=hard_weight * _hard_labels.reduce_factor(reduction, int(keep.sum().item())),
-            per_row=reduction == "none", separable=return_parts,
+            soft_factor=soft_factor, hard_factor=hard_factor, per_row=reduction == "none",
+            separable=return_parts,
         )
         lead = s.shape[:-1]
         return student_hard_soft(call, student, teachers, weights, keep, flat_labels, lead, return_parts)
+    factor = _loss_factor(reduction, scale, student.shape[0], keep, vocab)
     loss = RowLossKernelFunction.apply(
         _mixture_op(chosen), factor, reduction == "none",
         student, teachers, weights, keep, kind, 1.0 / temperature, coef, factor,

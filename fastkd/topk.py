@@ -17,6 +17,7 @@ from fastkd.functional import (
     RowLossKernelFunction,
     StudentKernelCall,
     _backend_for,
+    _hard_soft_factors,
     _kept_rows,
     _kernel_divergence,
     _loss_factor,
@@ -203,11 +204,10 @@ def _fused_topk_hard_soft(s, teacher_index, values, divergence, temperature, bet
     _hard_labels.check_label_range(flat_labels, keep, vocab)
     kind, coef = _kernel_divergence(divergence, beta, alpha)
     value_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+    soft_factor, hard_factor = _hard_soft_factors(reduction, scale, keep, vocab, hard_weight, soft_weight)
     call = StudentKernelCall(
         op=_topk_op(backend), kind=kind, inv_temperature=1.0 / temperature, coef=coef,
-        soft_factor=soft_weight * _loss_factor(reduction, scale, student.shape[0], keep, vocab),
-        hard_factor=hard_weight * _hard_labels.reduce_factor(reduction, int(keep.sum().item())),
-        per_row=reduction == "none", separable=return_parts,
+        soft_factor=soft_factor, hard_factor=hard_factor, per_row=reduction == "none", separable=return_parts,
     )
     index = teacher_index.reshape(-1, k).contiguous()
     value_rows = values.reshape(-1, k).to(value_dtype).contiguous()
