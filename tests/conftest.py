@@ -1,5 +1,5 @@
 """Shared test set-up: the Triton interpreter on CPU-only machines, seeds,
-and the tolerance table (SPEC §6) every parity test uses."""
+and the hypothesis profiles every property test runs under."""
 
 import os
 
@@ -10,6 +10,22 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# "ci" (the default, used by `make test` and CI): derandomised, so every run
+# draws the same examples and a red run can be reproduced. "explore":
+# fresh random examples, for hunting bugs locally
+# (HYPOTHESIS_PROFILE=explore make test). Each test sets its own
+# max_examples to stay inside the suite's time budget.
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors],
+)
+settings.register_profile(
+    "explore", derandomize=False, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)
