@@ -1,6 +1,7 @@
 """Compile targets that need no GPU: every CUDA source through nvcc for sm_80
 and sm_90, and every Triton kernel lowered to PTX for sm_90
-(``tests/_lower_triton.py``). Run alone with ``make check``.
+(``tests/_lower_triton.py``). Marked ``slow``: ``make check`` runs them,
+``make test`` does not.
 
 The nvcc command mirrors what ``torch.utils.cpp_extension`` (through
 setup.py's ``CUDAExtension``) passes for ``fastkd._C_cuda``: torch's include
@@ -30,6 +31,7 @@ ARCHS = ("80", "90")
 # setup.py's nvcc flags (keep in step with its CUDAExtension).
 SETUP_NVCC_FLAGS = ["-std=c++20", "-lineinfo", "-O3", "-DNDEBUG"]
 SUBPROCESS_TIMEOUT_S = 900
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(SUBPROCESS_TIMEOUT_S + 60)]
 
 
 def nvcc_command(source: Path, output: Path) -> list[str]:

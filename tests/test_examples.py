@@ -1,4 +1,8 @@
-"""The end-to-end example runs (a few steps per method, the `--smoke` mode)."""
+"""The digits example's end-to-end run (a few steps per method, the `--smoke` mode).
+
+Needs the `examples` extra (scikit-learn): `make examples-smoke` installs it
+and runs the tests marked `examples`; `make test` deselects them.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("sklearn", reason="examples/digits.py needs scikit-learn (pip install fastkd[examples])")
+pytestmark = pytest.mark.examples
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits.py"
 
