@@ -304,7 +304,7 @@ def test_bad_teachers_raise_value_error():
     s = logits((4, 30))
     with pytest.raises(ValueError, match="must be \\(K, \\*student shape\\)"):
         fastkd.divergence(s, logits((2, 4, 31)), teacher_weights=[0.5, 0.5])
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(ValueError, match=r"^teacher_logits dtype torch.float64 does not match"):
         fastkd.divergence(s, logits((2, 4, 30), torch.float64))
     with pytest.raises(ValueError, match="requires grad"):
         fastkd.divergence(s, logits((2, 4, 30)).requires_grad_(True))
@@ -336,7 +336,7 @@ def test_op_checks_its_arguments(backend):
         op(s, t, torch.tensor([1.5, -0.5], dtype=torch.float64), None, 0, 1.0, 0.0, 1.0, True)
     with pytest.raises(error, match="one entry per teacher"):
         op(s, t, torch.tensor([1.0], dtype=torch.float64), None, 0, 1.0, 0.0, 1.0, True)
-    with pytest.raises(error, match="float64"):
+    with pytest.raises(error, match=r"^teacher_weights must be (a )?float64"):
         op(s, t, w.float(), None, 0, 1.0, 0.0, 1.0, True)
     with pytest.raises(error, match="at least one teacher"):
         op(s, t[:0], w[:0], None, 0, 1.0, 0.0, 1.0, True)
@@ -348,11 +348,11 @@ def test_op_checks_its_arguments(backend):
         op(s, logits((2, 2, 20))[..., ::2], w, None, 0, 1.0, 0.0, 1.0, True)
     with pytest.raises(error, match="row_mask"):
         op(s, t, w, torch.ones(3, dtype=torch.bool, device=DEVICE), 0, 1.0, 0.0, 1.0, True)
-    with pytest.raises(error, match="kind"):
+    with pytest.raises(error, match=r"^kind must be in \[0, 6\)"):
         op(s, t, w, None, 6, 1.0, 0.0, 1.0, True)
     with pytest.raises(error, match="inv_temperature"):
         op(s, t, w, None, 0, 0.0, 0.0, 1.0, True)
-    with pytest.raises(error, match="beta"):
+    with pytest.raises(error, match=r"^coef \(beta\) must be in \(0, 1\)"):
         op(s, t, w, None, 2, 1.0, 1.0, 1.0, True)
     with pytest.raises(error, match="grad_scale"):
         op(s, t, w, None, 0, 1.0, 0.0, float("nan"), True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -92,14 +94,23 @@ def test_losses_are_finite_and_reach_the_student():
 
 
 @pytest.mark.examples
-def test_sentence_embeddings_smoke(tmp_path, capsys):
+@pytest.mark.timeout(660)
+def test_sentence_embeddings_smoke(tmp_path):
+    # Run as a user runs it, in a fresh interpreter started outside the
+    # repository: with the repository root on sys.path, its `kernels/` folder
+    # (installed as fastkd.kernels) would shadow the `kernels` package that
+    # transformers imports.
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--smoke", "--out", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
     se = load_example()
-    rows = se.main(["--smoke", "--out", str(tmp_path)])
+    with open(tmp_path / "sentence_embeddings.csv") as f:
+        rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["untrained student"] + [m.name for m in se.METHODS]
     for r in rows:
-        assert 0.0 <= r["recall10_mean"] <= 1.0 and -1.0 <= r["spearman_mean"] <= 1.0
-    with open(tmp_path / "sentence_embeddings.csv") as f:
-        assert [r["method"] for r in csv.DictReader(f)] == [r["method"] for r in rows]
-    assert "| InfoNCE |" in capsys.readouterr().out
-    if importlib.util.find_spec("matplotlib") is not None:
-        assert (tmp_path / "sentence_embeddings.png").stat().st_size > 0
+        assert 0.0 <= float(r["recall10_mean"]) <= 1.0 and -1.0 <= float(r["spearman_mean"]) <= 1.0
+    assert "| InfoNCE |" in result.stdout
+    assert (tmp_path / "sentence_embeddings.png").stat().st_size > 0
