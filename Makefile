@@ -13,6 +13,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
+# The venv's tools (ninja, which the extension build uses when it finds it) come first on PATH.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # torch.compile's cache stays inside the ignored build folder.
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/build/inductor-cache
 export TRITON_CACHE_DIR := $(CURDIR)/build/triton-cache

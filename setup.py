@@ -16,8 +16,13 @@ Environment switches (all optional; each is printed when it takes effect):
   FASTKD_CUDA_ARCH_LIST="8.0;9.0"
                               GPU architectures for fastkd._C_cuda     (default "8.0;9.0")
   FASTKD_DEBUG=1              -O0 -g, no NDEBUG                        (default 0)
-  FASTKD_BUILD_JOBS=N         parallel compile jobs inside one build;
+  FASTKD_BUILD_JOBS=N         SIMD capability variants compiled side by side;
                               do not use `build_ext -j`, which races   (default 1)
+  MAX_JOBS=N                  torch's own switch: parallel compile jobs of
+                              ninja within one extension      (default: all cores)
+
+With ninja on PATH (pip install ninja), each extension's sources compile in
+parallel and only changed objects are rebuilt; without it, one by one.
 
 A missing or unusable CUDA toolchain gives a warning and a CPU-only build.
 """
@@ -156,7 +161,9 @@ def make_build_ext():
                 objects = list(pool.map(compile_variant, SIMD_VARIANTS.items()))
             return [obj for variant in objects for obj in variant]
 
-    return FastkdBuildExt.with_options(use_ninja=False)
+    from torch.utils.cpp_extension import is_ninja_available
+
+    return FastkdBuildExt.with_options(use_ninja=is_ninja_available())
 
 
 setup(
