@@ -52,12 +52,13 @@ ZERO = {
              s, const(0, V), divergence=d, reduction=r, backend=b), [s]))(leaf(0, V)))
         for reduction in ("batchmean", "sum", "mean", "none") for divergence in ("kl", "jsd")
     ] + [
-        ("lead-shape", lambda b: (lambda s: (fastkd.divergence(s, const(2, 0, V), reduction="none", backend=b),
-                                             [s]))(leaf(2, 0, V))),
+        ("lead-shape", lambda b: (lambda s: (
+            fastkd.divergence(s, const(2, 0, V), reduction="none", backend=b), [s]))(leaf(2, 0, V))),
         ("teacher-grad", lambda b: (lambda s, t: (fastkd.divergence(s, t, backend=b), [s, t]))(leaf(0, V),
                                                                                               leaf(0, V))),
         ("hard-labels", lambda b: (lambda s: (fastkd.divergence(
-            s, const(0, V), labels=index(0), mask=index(0).bool(), hard_weight=0.5, backend=b), [s]))(leaf(0, V))),
+            s, const(0, V), labels=index(0), mask=index(0).bool(), hard_weight=0.5, backend=b), [s]))(
+            leaf(0, V))),
         ("return-parts", lambda b: (lambda s: (torch.stack(fastkd.divergence(
             s, const(0, V), labels=index(0), hard_weight=0.5, return_parts=True, backend=b)).sum(), [s]))(
             leaf(0, V))),
@@ -66,7 +67,8 @@ ZERO = {
         ("teachers-none", lambda b: (lambda s: (fastkd.divergence(
             s, const(2, 0, V), teacher_weights=[0.25, 0.75], reduction="none", backend=b), [s]))(leaf(0, V))),
     ],
-    "kd_loss": [("default", lambda b: (lambda s: (fastkd.kd_loss(s, const(0, V), backend=b), [s]))(leaf(0, V)))],
+    "kd_loss": [("default", lambda b: (lambda s: (fastkd.kd_loss(s, const(0, V), backend=b), [s]))(
+        leaf(0, V)))],
     "DivergenceLoss": [("module", lambda b: (lambda s: (fastkd.DivergenceLoss(divergence="tvd", backend=b)(
         s, const(0, V)), [s]))(leaf(0, V)))],
     "KDLoss": [("module", lambda b: (lambda s: (fastkd.KDLoss(backend=b)(s, const(0, V)), [s]))(leaf(0, V)))],
@@ -131,12 +133,16 @@ RAISES = {
          "student_features must be non-empty"),
     ],
 }
-for _name in ("rkd_loss", "rkd_distance", "rkd_angle", "pkt_loss", "sp_loss", "cc_loss"):
-    RAISES[_name] = [("embeddings", lambda b, f=getattr(fastkd, _name): f(leaf(0, D), const(0, D), backend=b),
-                      "student must hold at least one sample")]
-for _name in ("RKDLoss", "PKTLoss", "SPLoss", "CCLoss"):
-    RAISES[_name] = [("module", lambda b, m=getattr(fastkd, _name): m(backend=b)(leaf(0, D), const(0, D)),
-                      "student must hold at least one sample")]
+def _relational_case(name: str):
+    loss, needle = getattr(fastkd, name), "student must hold at least one sample"
+    if name[0].isupper():  # a module
+        return ("module", lambda b: loss(backend=b)(leaf(0, D), const(0, D)), needle)
+    return ("embeddings", lambda b: loss(leaf(0, D), const(0, D), backend=b), needle)
+
+
+for _name in ("rkd_loss", "rkd_distance", "rkd_angle", "pkt_loss", "sp_loss", "cc_loss", "RKDLoss", "PKTLoss",
+              "SPLoss", "CCLoss"):
+    RAISES[_name] = [_relational_case(_name)]
 
 # Public names that are not losses.
 NOT_LOSSES = {

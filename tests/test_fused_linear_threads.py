@@ -43,9 +43,11 @@ s_logits, t_logits = hs @ ws.t(), ht @ wt.t()
 def run(threads):
     torch.set_num_threads(threads)
     hid, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
-    loss = fastkd.fused_linear_divergence(hid, w, ht, wt, labels=y, hard_weight=0.5, chunk_size=100, backend="cpu")
+    loss = fastkd.fused_linear_divergence(hid, w, ht, wt, labels=y, hard_weight=0.5, chunk_size=100,
+                                          backend="cpu")
     loss.backward()
-    op = torch.ops.fastkd.divergence_forward(s_logits, t_logits, None, 0, 1.0, 0.0, 1.0 / n, True, False, y, 0.5)
+    op = torch.ops.fastkd.divergence_forward(s_logits, t_logits, None, 0, 1.0, 0.0, 1.0 / n, True, False,
+                                             y, 0.5)
     return [loss.detach(), hid.grad, w.grad], list(op)
 
 fused_1, op_1 = run(1)

@@ -55,9 +55,10 @@ def topk_args(student, row_mask=None, labels=None):
 FAMILIES = {
     "divergence": (lambda: torch.ops.fastkd.divergence_forward, ("divergence", "divergence_forward"),
                    lambda s, **kw: divergence_args(s, randn(*s.shape, seed=3), **kw)),
-    "mixture": (lambda: torch.ops.fastkd.mixture_divergence_forward, ("mixture", "mixture_divergence_forward"),
-                mixture_args),
-    "topk": (lambda: torch.ops.fastkd.topk_divergence_forward, ("topk", "topk_divergence_forward"), topk_args),
+    "mixture": (lambda: torch.ops.fastkd.mixture_divergence_forward,
+                ("mixture", "mixture_divergence_forward"), mixture_args),
+    "topk": (lambda: torch.ops.fastkd.topk_divergence_forward, ("topk", "topk_divergence_forward"),
+             topk_args),
 }
 
 
@@ -67,14 +68,16 @@ def test_kept_labels_outside_the_vocabulary(family, bad):
     op, (stem, name), make = FAMILIES[family]
     labels = torch.tensor([0, 2, bad, 1])
     args = make(randn(N, V), labels=labels)
-    both_raise(op(), launcher(stem, name), args, {}, rf"labels of kept rows must lie in \[0, {V}\), got {bad} at row 2")
+    needle = rf"labels of kept rows must lie in \[0, {V}\), got {bad} at row 2"
+    both_raise(op(), launcher(stem, name), args, {}, needle)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_excluded_rows_labels_are_not_read(family):
     """A label outside [0, V) on an excluded row is allowed (ignore_index): same result as the op."""
     op, (stem, name), make = FAMILIES[family]
-    args = make(randn(N, V), labels=torch.tensor([0, 2, -100, 1]), row_mask=torch.tensor([True, True, False, True]))
+    keep = torch.tensor([True, True, False, True])
+    args = make(randn(N, V), labels=torch.tensor([0, 2, -100, 1]), row_mask=keep)
     want = op()(*args)
     got = launcher(stem, name)(*args)
     for a, b in zip(got, want, strict=True):

@@ -36,13 +36,15 @@ def top_ids():
 # name → (inputs that get gradients, fn(backend, reduction, *inputs)); reduction is
 # None for the losses that only return a scalar.
 LOSSES = {
-    "divergence": ([(N, V)], lambda b, r, s: fastkd.divergence(s, randn(N, V, seed=1), reduction=r, backend=b)),
+    "divergence": ([(N, V)], lambda b, r, s: fastkd.divergence(
+        s, randn(N, V, seed=1), reduction=r, backend=b)),
     "divergence-teacher-grad": ([(N, V), (N, V)], lambda b, r, s, t: fastkd.divergence(
         s, t, divergence="jsd", reduction=r, backend=b)),
     "divergence-hard": ([(N, V)], lambda b, r, s: fastkd.divergence(
         s, randn(N, V, seed=1), labels=labels(), hard_weight=0.5, reduction=r, backend=b)),
-    "divergence-parts": ([(N, V)], lambda b, r, s: (lambda total, hard, soft: hard + 2 * soft)(*fastkd.divergence(
-        s, randn(N, V, seed=1), labels=labels(), hard_weight=0.5, return_parts=True, reduction=r, backend=b))),
+    "divergence-parts": ([(N, V)], lambda b, r, s: (lambda total, hard, soft: hard + 2 * soft)(
+        *fastkd.divergence(s, randn(N, V, seed=1), labels=labels(), hard_weight=0.5, return_parts=True,
+                           reduction=r, backend=b))),
     "kd_loss": ([(N, V)], lambda b, r, s: fastkd.kd_loss(s, randn(N, V, seed=1), reduction=r, backend=b)),
     "multi-teacher": ([(N, V)], lambda b, r, s: fastkd.divergence(
         s, randn(3, N, V, seed=1), labels=labels(), hard_weight=0.5, reduction=r, backend=b)),
@@ -50,9 +52,9 @@ LOSSES = {
         s, top_ids(), randn(N, 3, seed=1), labels=labels(), reduction=r, backend=b)),
     "topk_divergence-hard": ([(N, V)], lambda b, r, s: fastkd.topk_divergence(
         s, top_ids(), randn(N, 3, seed=1), labels=labels(), hard_weight=0.5, reduction=r, backend=b)),
-    "fused_linear_divergence": ([(N, D), (V, D), (V,)], lambda b, r, h, w, bias: fastkd.fused_linear_divergence(
-        h, w, randn(N, 4, seed=1), randn(V, 4, seed=2), student_bias=bias, labels=labels(), hard_weight=0.5,
-        reduction=r, backend=b)),
+    "fused_linear_divergence": ([(N, D), (V, D), (V,)], lambda b, r, h, w, bias: (
+        fastkd.fused_linear_divergence(h, w, randn(N, 4, seed=1), randn(V, 4, seed=2), student_bias=bias,
+                                       labels=labels(), hard_weight=0.5, reduction=r, backend=b))),
     "dkd_loss": ([(N, V)], lambda b, r, s: fastkd.dkd_loss(
         s, randn(N, V, seed=1), labels().clamp(min=0), reduction=r, backend=b)),
     "info_nce": ([(N, D), (N + 2, D)], lambda b, r, q, k: fastkd.info_nce(q, k, temperature=0.5, backend=b)),

@@ -76,7 +76,9 @@ def test_divergence_labels_and_mask(backend, hard_weight):
     s, t = randn(ROWS, VOCAB, seed=2), randn(ROWS, VOCAB, seed=3)
 
     def fn(b, s, t):
-        return fastkd.divergence(s, t, temperature=2.0, labels=labels, mask=mask, hard_weight=hard_weight, backend=b)
+        return fastkd.divergence(
+            s, t, temperature=2.0, labels=labels, mask=mask, hard_weight=hard_weight, backend=b
+        )
 
     check(backend, fn, (s, t), "divergence")
 
