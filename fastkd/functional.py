@@ -57,21 +57,34 @@ def _run_kernel(backend: str, *args):
     return torch.ops.fastkd.divergence_forward(*args)
 
 
-def _scale_by_upstream(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """``grad · grad_output`` (scalar, or one value per row), reusing ``grad``.
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph`` / ``create_graph``): then
+    the saved tensors are read again by a later backward. Unknown (no such query in this
+    torch) counts as kept."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
 
-    ``grad`` is the gradient the forward kernel already produced. When the
-    upstream gradient is exactly 1 (``loss.backward()``) it is returned as is;
-    otherwise it is scaled in place, which bumps its version counter, so a
-    second backward through the same graph (``retain_graph=True``) raises
-    instead of scaling twice. Under ``torch.compile`` the product is out of
-    place (no data-dependent branch).
+
+def _scale_by_upstream(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """``grad · grad_output`` (scalar, or one value per row), reusing ``grad`` where that is safe.
+
+    ``grad`` is the gradient the forward kernel already produced and saved.
+    When the upstream gradient is exactly 1 (``loss.backward()``) it is
+    returned as is. Otherwise it is scaled in place when this backward frees
+    the graph (nothing reads ``grad`` again: no second ``(N, V)`` buffer), and
+    out of place when the graph is kept (``retain_graph=True``), so that a
+    second backward reads the unscaled gradient again and accumulates the
+    same result. Under ``torch.compile`` the product is out of place (no
+    data-dependent branch).
     """
     factor = grad_output if grad_output.dim() == 0 else grad_output.reshape(-1, 1)
     if torch.compiler.is_compiling():
         return grad * factor.to(grad.dtype)
     if grad_output.numel() == 1 and grad_output.item() == 1.0:
         return grad
+    if _graph_is_kept():
+        # as mul_ computes it: in the promoted dtype, rounded to grad's
+        return torch.mul(grad, factor, out=torch.empty_like(grad))
     return grad.mul_(factor)
 
 

@@ -297,6 +297,11 @@ def _check_args(q, k, labels, inv_temperature) -> None:
         raise ValueError(f"inv_temperature must be finite and > 0, got {inv_temperature}")
 
 
+def _labels(labels: torch.Tensor) -> torch.Tensor:
+    """The kernels read labels at unit stride: a strided view is copied."""
+    return labels.contiguous()
+
+
 def _strides(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int]:
     return q.stride(0), q.stride(1), k.stride(0), k.stride(1)
 
@@ -309,7 +314,8 @@ def info_nce_forward(
     Args:
         q: ``(N, D)`` queries, float32 / bfloat16 / float16, any strides.
         k: ``(M, D)`` keys, same dtype and device.
-        labels: ``(N,)`` int64, the positive key of each query, in ``[0, M)``.
+        labels: ``(N,)`` int64, the positive key of each query, in ``[0, M)``,
+            any stride.
         inv_temperature: ``1 / τ``.
 
     Returns:
@@ -325,7 +331,7 @@ def info_nce_forward(
         return row_loss, row_lse
     cfg = launch_config(n, m, d)
     _info_nce_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_M"]),)](
-        q, k, labels, row_loss, row_lse, n, m, d, *_strides(q, k), float(inv_temperature),
+        q, k, _labels(labels), row_loss, row_lse, n, m, d, *_strides(q, k), float(inv_temperature),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
         PRECISION=_precision(q.dtype), num_warps=cfg["num_warps"],
     )
@@ -366,6 +372,7 @@ def info_nce_backward(
     grad_k = (torch.empty if n > 0 else torch.zeros)((m, d), dtype=out_dtype, device=q.device)
     if n > 0:
         cfg = launch_config(n, m, d)
+        labels = _labels(labels)
         grad = grad_row_loss.to(torch.float32).contiguous()
         lse = row_lse.to(torch.float32).contiguous()
         common = (n, m, d, *_strides(q, k), float(inv_temperature))

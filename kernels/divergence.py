@@ -488,6 +488,8 @@ def _check_args(student, teacher, row_mask, kind, inv_temperature, coef, grad_sc
             raise ValueError(f"{name} rows must not overlap, got strides {x.stride()} for {tuple(x.shape)}")
     if student.shape != teacher.shape:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in shape")
+    if student.shape[1] < 1:
+        raise ValueError("student must have at least one column (vocabulary entry)")
     if student.dtype != teacher.dtype:
         raise ValueError(f"student ({student.dtype}) and teacher ({teacher.dtype}) must have the same dtype")
     if student.device != teacher.device:
@@ -524,7 +526,7 @@ def check_scalars(kind: int, inv_temperature, coef, grad_scale) -> None:
 
 def check_labels(labels, hard_grad_scale, student: torch.Tensor) -> None:
     """``labels``: None or an ``(N,)`` int64 tensor on ``student``'s device; ``hard_grad_scale``
-    finite, and 0 without labels (ValueError). The labels' range is the kernel's own guard."""
+    finite, and 0 without labels (ValueError). Their range: :func:`check_kept_label_range`."""
     if not math.isfinite(hard_grad_scale):
         raise ValueError(f"hard_grad_scale must be finite, got {hard_grad_scale}")
     if labels is None:
@@ -538,6 +540,21 @@ def check_labels(labels, hard_grad_scale, student: torch.Tensor) -> None:
         raise ValueError(f"labels must have shape ({student.shape[0]},), got {tuple(labels.shape)}")
     if labels.device != student.device:
         raise ValueError(f"labels ({labels.device}) must be on student's device ({student.device})")
+
+
+def check_kept_label_range(labels, row_mask, vocab: int) -> None:
+    """Every kept row's label (``row_mask`` None: every row) lies in ``[0, vocab)``
+    (ValueError, in csrc/common/checks.h's words), before the kernel indexes the
+    row with it. One device sync on CUDA (the kernels' guard, a NaN row, stays
+    for the rows this cannot see)."""
+    if labels is None or labels.numel() == 0:
+        return
+    outside = (labels < 0) | (labels >= vocab)
+    if row_mask is not None:
+        outside &= row_mask
+    if bool(outside.any()):
+        row = int(outside.nonzero()[0, 0])
+        raise ValueError(f"labels of kept rows must lie in [0, {vocab}), got {int(labels[row])} at row {row}")
 
 
 def divergence_forward(
@@ -569,9 +586,7 @@ def divergence_forward(
         student_grad, teacher_grad: which gradients to compute.
         labels: ``(N,)`` int64 on the student's device, or None: the hard-label
             cross-entropy at temperature 1 is computed in the same pass. Kept
-            rows' labels should lie in ``[0, V)``; this is not checked here
-            (it would need a device sync): a kept row with any other label
-            gets CE NaN and a NaN student-gradient row.
+            rows' labels must lie in ``[0, V)`` (ValueError otherwise).
         hard_grad_scale: factor of the CE gradient, 0 without labels.
 
     Returns:
@@ -585,6 +600,7 @@ def divergence_forward(
     _check_args(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale)
     check_labels(labels, hard_grad_scale, student)
     rows, vocab = student.shape
+    check_kept_label_range(labels, row_mask, vocab)
     has_labels = labels is not None
     row_loss = torch.empty(rows, dtype=torch.float32, device=student.device)
     row_ce = torch.empty(rows if has_labels else 0, dtype=torch.float32, device=student.device)

@@ -77,6 +77,7 @@ from .divergence import (
     _ce_grad,
     _element_terms,
     _rescaled_sum_exp,
+    check_kept_label_range,
     check_labels,
     check_row_mask,
     check_scalars,
@@ -472,9 +473,7 @@ def mixture_divergence_forward(
         student_grad: whether to compute the gradient.
         labels: ``(N,)`` int64 on the student's device, or None: the student's
             hard-label cross-entropy at temperature 1 is computed in the same
-            pass. Kept rows' labels should lie in ``[0, V)``; this is not
-            checked here (it would need a device sync): a kept row with any
-            other label gets CE NaN and a NaN gradient row.
+            pass. Kept rows' labels must lie in ``[0, V)`` (ValueError otherwise).
         hard_grad_scale: factor of the CE gradient, 0 without labels.
 
     Returns:
@@ -490,6 +489,7 @@ def mixture_divergence_forward(
     )
     check_labels(labels, hard_grad_scale, student)
     rows, vocab = student.shape
+    check_kept_label_range(labels, row_mask, vocab)
     count = teachers.shape[0]
     device = student.device
     has_labels = labels is not None

@@ -856,8 +856,8 @@ def cc_forward(
         gradient is 0 (as autograd's of the norm).
     """
     _check_args(student, teacher, student_grad)
-    if not (isinstance(gamma, float | int) and gamma > 0):
-        raise ValueError(f"gamma must be > 0, got {gamma!r}")
+    if not (isinstance(gamma, float | int) and math.isfinite(gamma) and gamma > 0):
+        raise ValueError(f"gamma must be finite and > 0, got {gamma!r}")
     if isinstance(order, bool) or not isinstance(order, int) or order < 1:
         raise ValueError(f"order must be an int >= 1, got {order!r}")
     n = student.shape[0]
@@ -913,8 +913,8 @@ def pkt_forward(
         dtype, or ``(0, 0)`` when not requested.
     """
     _check_args(student, teacher, student_grad)
-    if not (isinstance(eps, float | int) and eps > 0):
-        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if not (isinstance(eps, float | int) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be finite and > 0, got {eps!r}")
     n = student.shape[0]
     xs = student.float().detach().requires_grad_(student_grad)
     with torch.enable_grad():

@@ -91,6 +91,7 @@ from .divergence import (
     _online_max_sum_exp,
     _rescaled_sum_exp,
     _zero_where_zero,
+    check_kept_label_range,
     check_labels,
     check_row_mask,
     check_scalars,
@@ -500,9 +501,7 @@ def topk_divergence_forward(
         student_grad: whether to compute the gradient.
         labels: ``(N,)`` int64 on the student's device, or None: the hard-label
             cross-entropy at temperature 1 is computed in the same pass. Kept
-            rows' labels should lie in ``[0, V)``; this is not checked here
-            (it would need a device sync): a kept row with any other label
-            gets CE NaN and a NaN gradient row.
+            rows' labels must lie in ``[0, V)`` (ValueError otherwise).
         hard_grad_scale: factor of the CE gradient, 0 without labels.
 
     Returns:
@@ -517,6 +516,7 @@ def topk_divergence_forward(
     _check_scalars(kind, inv_temperature, coef, grad_scale)
     check_labels(labels, hard_grad_scale, student)
     rows, vocab = student.shape
+    check_kept_label_range(labels, row_mask, vocab)
     k = teacher_index.shape[1]
     has_labels = labels is not None
     row_loss = torch.empty(rows, dtype=torch.float32, device=student.device)

@@ -103,6 +103,68 @@ def test_reference_log_space_where_probability_space_fails():
     assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
 
 
+def neg_inf_teacher():
+    """Student logits (finite) and teacher logits with −inf entries (no mass, SPEC §1): at a
+    non-target class (row 0), at the target (row 1), at all non-targets but one (row 2), none (row 3)."""
+    s = logits(4, 6, torch.float64, 40)
+    t = logits(4, 6, torch.float64, 41)
+    y = torch.tensor([1, 2, 0, 5])
+    t[0, 3] = t[0, 4] = -math.inf
+    t[1, 2] = -math.inf
+    t[2, 1:5] = -math.inf
+    return s, t, y
+
+
+def dkd_xlogy(s, t, y, alpha, beta, temperature):
+    """DKD rows in float64, mdistiller's probability-space form with xlogy (0 · log 0 = 0)
+    on the teacher side: the gradient oracle for finite student logits."""
+    a_s, a_t = s / temperature, t / temperature
+    target = torch.nn.functional.one_hot(y, s.shape[1]).bool()
+
+    def kl(p, log_q):
+        return (torch.xlogy(p, p) - p * log_q).sum(1)
+
+    def binary(a):
+        prob = torch.softmax(a, 1)
+        return torch.stack((prob[target], prob.masked_fill(target, 0.0).sum(1)), 1)
+
+    def non_target(a):
+        return torch.where(target, a - 1000.0, a)
+
+    tckd = kl(binary(a_t), binary(a_s).log())
+    nckd = kl(torch.softmax(non_target(a_t), 1), torch.log_softmax(non_target(a_s), 1))
+    return (alpha * tckd + beta * nckd) * temperature**2
+
+
+@pytest.mark.parametrize("params", ((1.0, 8.0, 4.0), (0.5, 2.0, 1.0)))
+def test_reference_neg_inf_teacher_logits(params):
+    """−inf teacher logits carry no mass: the reference is finite and equals the
+    float64 loop and the xlogy oracle, loss and gradient."""
+    alpha, beta, temperature = params
+    s, t, y = neg_inf_teacher()
+    got = reference.dkd_loss(s, t, y, alpha=alpha, beta=beta, temperature=temperature)
+    want = dkd_loop(s, t, y.tolist(), alpha, beta, temperature)
+    assert math.isfinite(got.item()) and math.isfinite(want)
+    assert abs(got.item() - want) <= 1e-12 + 1e-10 * abs(want)
+    upstream = torch.linspace(0.3, 1.7, 4, dtype=torch.float64)
+    got_rows, got_grad = run_with_grad(
+        lambda a, b, c: reference.dkd_loss(a, b, c, alpha=alpha, beta=beta, temperature=temperature,
+                                           reduction="none"), s, t, y, upstream,
+    )
+    want_rows, want_grad = run_with_grad(
+        lambda a, b, c: dkd_xlogy(a, b, c, alpha, beta, temperature), s, t, y, upstream
+    )
+    assert_matches(got_rows, want_rows, torch.float64, "reference dkd rows, -inf teacher")
+    assert_matches(got_grad, want_grad, torch.float64, "reference dkd grad, -inf teacher")
+
+
+def test_reference_row_entirely_neg_inf_raises():
+    s, t, y = neg_inf_teacher()
+    t[3] = -math.inf
+    with pytest.raises(ValueError, match="row of student_logits or teacher_logits is entirely -inf"):
+        reference.dkd_loss(s, t, y)
+
+
 
 # ---- fused backends against the float64 reference ------------------------------------
 
@@ -230,6 +292,14 @@ def test_target_probability_rounding_to_one(backend):
     rows = fastkd.dkd_loss(s, t, y, temperature=1.0, reduction="none", backend=backend)
     assert torch.isfinite(rows).all()
     check_parity(backend, s, t, y, "p_y → 1", temperature=1.0, reduction="none")
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_parity_neg_inf_teacher_logits(backend, dtype):
+    s, t, y = neg_inf_teacher()
+    s, t, y = s.to(DEVICE, dtype), t.to(DEVICE, dtype), y.to(DEVICE)
+    check_parity(backend, s, t, y, "-inf teacher", reduction="none")
 
 
 @pytest.mark.parametrize("backend", kernel_params())

@@ -178,10 +178,12 @@ def test_ce_without_student_gradient(backend, temperature):
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("temperature", (1.0, 2.5))
 @pytest.mark.parametrize("kind", (0, 5), ids=("kl", "tvd"))
-def test_out_of_range_label_of_a_kept_row(backend, kind, temperature):
-    """Rows 0 and 2 are kept with labels −1 and V: the GPU kernels give NaN
-    there (their own guard, nothing read out of bounds); the CPU op raises.
-    Row 3 is excluded, so its out-of-range label is never used."""
+def test_out_of_range_label_of_a_kept_row(backend, kind, temperature, monkeypatch):
+    """Rows 0 and 2 are kept with labels −1 and V: the CPU op and the Triton
+    launcher raise; past the launcher's check (and in the CUDA op, which does
+    not synchronise to check) the kernels give NaN there (their own guard,
+    nothing read out of bounds). Row 3 is excluded, so its out-of-range label
+    is never used."""
     vocab = 50
     s, t = logits((5, vocab)), logits((2, 5, vocab))
     weights = random_weights(2)
@@ -191,6 +193,12 @@ def test_out_of_range_label_of_a_kept_row(backend, kind, temperature):
         with pytest.raises(RuntimeError, match=r"^labels\b"):
             forward(backend, s, t, weights, row_mask, kind, temperature, labels=labels)
         return
+    if backend == "triton":
+        with pytest.raises(ValueError, match=r"labels of kept rows must lie in \[0, 50\), got -1 at row 0"):
+            forward(backend, s, t, weights, row_mask, kind, temperature, labels=labels)
+        from fastkd.kernels import mixture as triton_module
+
+        monkeypatch.setattr(triton_module, "check_kept_label_range", lambda *args: None)
     loss, grad, ce = forward(backend, s, t, weights, row_mask, kind, temperature, labels=labels)
     bad = torch.tensor([True, False, True, False, False], device=DEVICE)
     assert torch.isnan(ce[bad]).all() and torch.isnan(grad[bad]).all()

@@ -87,8 +87,11 @@ def check_nce_arguments(v, bank, contrast_idx, temperature, z):
     if bank.dim() != 2 or bank.shape[0] == 0 or bank.shape[1] == 0:
         raise ValueError(f"bank must have shape (n_data, feat_dim) with both >= 1, got {tuple(bank.shape)}")
     v = _validate.tensor("v", v, min_dim=2)
-    if v.dim() != 2 or v.shape[1] != bank.shape[1]:
-        raise ValueError(f"v must have shape (B, feat_dim) = (B, {bank.shape[1]}), got {tuple(v.shape)}")
+    # B = 0 is refused: Z is set from the batch, and CRDLoss refuses empty features too
+    if v.dim() != 2 or v.shape[0] == 0 or v.shape[1] != bank.shape[1]:
+        raise ValueError(
+            f"v must have shape (B, feat_dim) = (B, {bank.shape[1]}) with B >= 1, got {tuple(v.shape)}"
+        )
     _validate.same_device("v", v, "bank", bank)
     if not isinstance(contrast_idx, torch.Tensor) or contrast_idx.dim() != 2 or contrast_idx.shape[1] < 1:
         got = tuple(contrast_idx.shape) if isinstance(contrast_idx, torch.Tensor) else type(contrast_idx)

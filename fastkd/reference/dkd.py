@@ -10,6 +10,9 @@ With target class ``y`` and ``a = z / T`` (student ``z = s``, teacher ``z = t``)
   about ``e^{-1000}``, which is 0 unless the logits span ~1000·T);
 - ``DKD_i = (α · TCKD + β · NCKD) · T²``, averaged over the rows ("batchmean").
 
+``−inf`` logits are legal and carry no mass (``0 · log 0 = 0``); a row that is
+entirely ``−inf`` has no distribution (``ValueError``; the fused kernels give NaN).
+
 ``1 − p_y`` and ``log(1 − p_y)`` are computed in log space (``log Σ_{j≠y} e^{a_j}
 − log Σ_j e^{a_j}``) rather than mdistiller's probability-space sums, which
 equal them up to rounding but give ``log 0`` once ``p_y`` rounds to 1. The
@@ -56,12 +59,22 @@ def check_dkd_arguments(student_logits, teacher_logits, labels, alpha, beta, tem
     return s, t, labels.long(), alpha, beta, temperature
 
 
-def _binary_log_probs(a: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-    """``(N, 2)``: ``[log p_y, log(1 − p_y)]`` of ``p = softmax(a)``, in log space."""
+def _binary_log_probs(a: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``(N, 2)``: ``[log p_y, log(1 − p_y)]`` of ``p = softmax(a)``, in log space.
+
+    ``target`` is the ``(N, C)`` bool one-hot of ``y``. ``a_y`` is selected, not
+    taken as ``Σ a · onehot``, which is NaN for a ``−inf`` logit (``−inf · 0``).
+    """
     lse = torch.logsumexp(a, dim=1)
-    log_target = (a * onehot).sum(1) - lse
-    log_other = torch.logsumexp(a.masked_fill(onehot.bool(), float("-inf")), dim=1) - lse
+    log_target = torch.where(target, a, 0.0).sum(1) - lse
+    log_other = torch.logsumexp(a.masked_fill(target, float("-inf")), dim=1) - lse
     return torch.stack((log_target, log_other), dim=1)
+
+
+def _non_target_log_probs(a: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(a − 1000·onehot(y))``, the offset applied to the target entry only
+    (a ``−inf`` logit stays ``−inf``: no mass)."""
+    return F.log_softmax(torch.where(target, a - TARGET_OFFSET, a), dim=1)
 
 
 def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -100,10 +113,11 @@ def dkd_loss(
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
     a_s = s.to(acc) / temperature
     a_t = t.detach().to(acc) / temperature
-    onehot = F.one_hot(y, s.shape[1]).to(acc)
-    tckd = _kl_rows(_binary_log_probs(a_t, onehot), _binary_log_probs(a_s, onehot))
-    offset = TARGET_OFFSET * onehot
-    nckd = _kl_rows(F.log_softmax(a_t - offset, dim=1), F.log_softmax(a_s - offset, dim=1))
+    if bool((torch.isneginf(a_s).all(1) | torch.isneginf(a_t).all(1)).any()):
+        raise ValueError("a row of student_logits or teacher_logits is entirely -inf")
+    target = F.one_hot(y, s.shape[1]).bool()
+    tckd = _kl_rows(_binary_log_probs(a_t, target), _binary_log_probs(a_s, target))
+    nckd = _kl_rows(_non_target_log_probs(a_t, target), _non_target_log_probs(a_s, target))
     rows = (alpha * tckd + beta * nckd) * temperature**2
     if reduction == "none":
         return rows

@@ -1,0 +1,108 @@
+"""The Triton launchers (``fastkd.kernels.<stem>``, callable by users) refuse what
+their C++ ops refuse, with a ValueError in the same words as the op's
+TORCH_CHECK (csrc/common/checks.h, csrc/cpu/*.cpp): each case is run on the cpu
+op and on the launcher with the same arguments."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastkd import _ops
+
+pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
+
+N, V = 4, 6
+
+
+def launcher(stem: str, name: str):
+    module = pytest.importorskip(f"fastkd.kernels.{stem}")
+    if module.DEVICE_TYPE != "cpu":
+        pytest.skip("the cpu op and the launcher share inputs only under the Triton interpreter")
+    return getattr(module, name)
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def both_raise(op, triton_launcher, args, kwargs, needle):
+    with pytest.raises(RuntimeError, match=needle):
+        op(*args, **kwargs)
+    with pytest.raises(ValueError, match=needle):
+        triton_launcher(*args, **kwargs)
+
+
+def divergence_args(student, teacher, row_mask=None, labels=None):
+    return (student, teacher, row_mask, 0, 1.0, 0.0, 1.0, True, False, labels, 0.0 if labels is None else 1.0)
+
+
+def mixture_args(student, row_mask=None, labels=None):
+    weights = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    return (student, randn(2, *student.shape, seed=1), weights, row_mask, 0, 1.0, 0.0, 1.0, True, labels,
+            0.0 if labels is None else 1.0)
+
+
+def topk_args(student, row_mask=None, labels=None):
+    ids = torch.stack([torch.randperm(student.shape[1], generator=torch.Generator().manual_seed(i))[:3]
+                       for i in range(student.shape[0])])
+    return (student, ids, randn(student.shape[0], 3, seed=2), row_mask, 0, 1.0, 0.0, 1.0, True, labels,
+            0.0 if labels is None else 1.0)
+
+
+FAMILIES = {
+    "divergence": (lambda: torch.ops.fastkd.divergence_forward, ("divergence", "divergence_forward"),
+                   lambda s, **kw: divergence_args(s, randn(*s.shape, seed=3), **kw)),
+    "mixture": (lambda: torch.ops.fastkd.mixture_divergence_forward,
+                ("mixture", "mixture_divergence_forward"), mixture_args),
+    "topk": (lambda: torch.ops.fastkd.topk_divergence_forward, ("topk", "topk_divergence_forward"),
+             topk_args),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("bad", (V, V + 5, -1, -100))
+def test_kept_labels_outside_the_vocabulary(family, bad):
+    op, (stem, name), make = FAMILIES[family]
+    labels = torch.tensor([0, 2, bad, 1])
+    args = make(randn(N, V), labels=labels)
+    needle = rf"labels of kept rows must lie in \[0, {V}\), got {bad} at row 2"
+    both_raise(op(), launcher(stem, name), args, {}, needle)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_excluded_rows_labels_are_not_read(family):
+    """A label outside [0, V) on an excluded row is allowed (ignore_index): same result as the op."""
+    op, (stem, name), make = FAMILIES[family]
+    keep = torch.tensor([True, True, False, True])
+    args = make(randn(N, V), labels=torch.tensor([0, 2, -100, 1]), row_mask=keep)
+    want = op()(*args)
+    got = launcher(stem, name)(*args)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_divergence_without_vocabulary():
+    args = divergence_args(randn(N, 0), randn(N, 0))
+    both_raise(torch.ops.fastkd.divergence_forward, launcher("divergence", "divergence_forward"), args, {},
+               r"student must have at least one column \(vocabulary entry\)")
+
+
+@pytest.mark.parametrize("gamma", (math.inf, -math.inf, math.nan, 0.0))
+def test_cc_gamma_must_be_finite_and_positive(gamma):
+    s, t = randn(N, 5), randn(N, 3, seed=1)
+    with pytest.raises(RuntimeError, match="gamma must be finite and > 0"):
+        torch.ops.fastkd.cc_forward(s, t, True, gamma, 2)
+    with pytest.raises(ValueError, match="gamma must be finite and > 0"):
+        launcher("relational", "cc_forward")(s, t, True, gamma=gamma, order=2)
+
+
+@pytest.mark.parametrize("eps", (math.inf, math.nan, 0.0, -1e-7))
+def test_pkt_eps_must_be_finite_and_positive(eps):
+    s, t = randn(N, 5), randn(N, 3, seed=1)
+    with pytest.raises(RuntimeError, match="eps must be finite and > 0"):
+        torch.ops.fastkd.pkt_forward(s, t, True, eps)
+    with pytest.raises(ValueError, match="eps must be finite and > 0"):
+        launcher("relational", "pkt_forward")(s, t, True, eps=eps)
