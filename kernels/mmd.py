@@ -80,6 +80,10 @@ _NEAR_FACTOR = tl.constexpr((2.0**-23 / 1e-6) ** 2)
 # splitting the column range (SPLITS > 1): 64 MiB of fp32.
 _SPLIT_WORKSPACE_ELEMENTS = 2**24
 _MAX_SPLITS = 16
+# fastkd.reference.mmd.MIN_BANDWIDTH: 1/(2σ²) must be a finite float64.
+MIN_BANDWIDTH = 1e-150
+# The most negative exponent the kernels use (fp32), see _exponents.
+_MOST_NEGATIVE_EXPONENT = -float(torch.finfo(torch.float32).max) / 2
 
 
 # ---- per-tile helpers ---------------------------------------------------------------
@@ -405,8 +409,10 @@ def _check_args(x, y, kernel, bandwidths, degree, c, unbiased) -> None:
         if len(bandwidths) == 0:
             raise ValueError("bandwidths must not be empty")
         for s in bandwidths:
-            if not (math.isfinite(s) and s > 0):
-                raise ValueError(f"bandwidths must be finite and > 0, got {s}")
+            if not math.isfinite(s):
+                raise ValueError(f"bandwidths must be finite, got {s}")
+            if s < MIN_BANDWIDTH:
+                raise ValueError(f"bandwidths must be >= {MIN_BANDWIDTH:g}, got {s}")
     if isinstance(degree, bool) or not isinstance(degree, numbers.Integral) or degree < 1:
         raise ValueError(f"degree must be an integer >= 1, got {degree!r}")
     if not isinstance(c, numbers.Real) or isinstance(c, bool) or not (math.isfinite(c) and c > 0):
@@ -424,6 +430,22 @@ def _bandwidth_list(bandwidths) -> list[float]:
         raise ValueError(f"bandwidths must be a sequence of numbers, got {bandwidths!r}") from exc
 
 
+def _centred(x: torch.Tensor, y: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and y less the mean of all their rows (fp64 mean), as fp32 (distance kernels).
+
+    Distances do not change, but the rounding of ‖a‖² + ‖b‖² − 2a·b scales
+    with the norms: without this, a common offset of 1e3 costs percents and
+    one of 1e19 overflows ‖a‖². Gradients w.r.t. the centred rows are the
+    gradients w.r.t. x and y (the centre is a constant shift). The polynomial
+    kernel is not translation-invariant and keeps the samples as they are.
+    """
+    if kernel == POLYNOMIAL:
+        return x, y
+    centre = (x.double().sum(0) + y.double().sum(0)) / (x.shape[0] + y.shape[0])
+    centre = centre.float()
+    return x.float() - centre, y.float() - centre
+
+
 def _prepare(t: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Unit stride along D, and the fp32 squared row norms (distance kernels)."""
     t = t if t.stride(1) == 1 or t.shape[1] == 1 else t.contiguous()
@@ -432,11 +454,15 @@ def _prepare(t: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor |
 
 
 def _exponents(kernel: int, bandwidths, device) -> torch.Tensor:
-    # k = Σ exp(e σ-term): e = −1/(2σ²) on sq (gaussian), −1/σ on d (laplacian)
+    # k = Σ exp(e σ-term): e = −1/(2σ²) on sq (gaussian), −1/σ on d (laplacian).
+    # An e beyond fp32 is held at −FLT_MAX / 2 (2e, the gaussian's slope, stays
+    # finite): exp(e·sq) is still 0 for every distance that is a normal fp32,
+    # and 1 at distance 0, where −inf would give 0·inf = NaN.
     if kernel == POLYNOMIAL:
         values = [0.0]  # unread
     else:
         values = [-1.0 / s if kernel == LAPLACIAN else -0.5 / (s * s) for s in bandwidths]
+        values = [max(v, _MOST_NEGATIVE_EXPONENT) for v in values]
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
@@ -486,6 +512,7 @@ def mmd_forward(
     """
     bandwidths = _bandwidth_list(bandwidths)
     _check_args(x, y, kernel, bandwidths, degree, c, unbiased)
+    x, y = _centred(x, y, kernel)
     x, x_norm = _prepare(x, kernel)
     y, y_norm = _prepare(y, kernel)
     exps = _exponents(kernel, bandwidths, x.device)
@@ -546,6 +573,7 @@ def mmd_backward(
     if grad.device != x.device:
         raise ValueError(f"grad ({grad.device}) must be on x's device ({x.device})")
     dtype = x.dtype
+    x, y = _centred(x, y, kernel)
     x, x_norm = _prepare(x, kernel)
     y, y_norm = _prepare(y, kernel)
     exps = _exponents(kernel, bandwidths, x.device)
