@@ -10,7 +10,10 @@ a_i·b_j come from ``tl.dot`` over D in BLOCK_D chunks (IEEE fp32, no TF32:
 the distances are a difference of norms and would lose three digits), then
 every bandwidth's kernel value (forward) or gradient coefficient (backward)
 is formed in registers. Squared distances come from the norms,
-``‖a‖² + ‖b‖² − 2 a·b`` clamped at 0, exactly as on CPU:
+``‖a‖² + ‖b‖² − 2 a·b`` clamped at 0, exactly as on CPU, after the samples
+are shifted by a common centre for which every subtraction is exact (see
+``_centred``: distances and gradients unchanged, the norms no longer grow
+with a common offset):
 
 - a point against itself (the diagonal of a within-sample term) has distance
   exactly 0, so ``k(a, a)`` is exact and its gradient contribution is 0;
@@ -431,19 +434,34 @@ def _bandwidth_list(bandwidths) -> list[float]:
 
 
 def _centred(x: torch.Tensor, y: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x and y less the mean of all their rows (fp64 mean), as fp32 (distance kernels).
+    """x and y (fp32) less an exact common centre, for the distance kernels.
 
-    Distances do not change, but the rounding of ‖a‖² + ‖b‖² − 2a·b scales
-    with the norms: without this, a common offset of 1e3 costs percents and
-    one of 1e19 overflows ‖a‖². Gradients w.r.t. the centred rows are the
-    gradients w.r.t. x and y (the centre is a constant shift). The polynomial
+    Distances do not change under a common shift, but the rounding of
+    ``‖a‖² + ‖b‖² − 2a·b`` scales with the norms: a common offset of 1e3 on
+    unit-scale data costs percents, and beyond ~1e19 ``‖a‖²`` overflows. Each
+    feature is shifted by a centre ``c`` for which every ``v − c`` is exact
+    (Sterbenz: ``c/2 <= v <= 2c``), so every difference ``a − b``, hence
+    every distance and gradient, is unchanged: where the feature's values
+    (x and y together, in ``[lo, hi]``) share a sign and ``|hi| <= 4 |lo|``,
+    ``c`` is the midpoint clamped to ``[hi/2, 2 lo]`` (mirrored for negative
+    values); elsewhere ``c = 0`` (the offset is then at most a few spreads).
+    The rule of csrc/common/mmd_centre.h (exactly_centred). The polynomial
     kernel is not translation-invariant and keeps the samples as they are.
     """
     if kernel == POLYNOMIAL:
         return x, y
-    centre = (x.double().sum(0) + y.double().sum(0)) / (x.shape[0] + y.shape[0])
-    centre = centre.float()
-    return x.float() - centre, y.float() - centre
+    x, y = x.float(), y.float()
+    lo = torch.minimum(x.amin(0), y.amin(0))
+    hi = torch.maximum(x.amax(0), y.amax(0))
+    mid = lo * 0.5 + hi * 0.5
+    positive = (lo > 0) & (hi <= lo * 4)
+    negative = (hi < 0) & (lo >= hi * 4)
+    zero = torch.zeros((), dtype=lo.dtype, device=lo.device)
+    centre = torch.where(
+        positive, torch.clamp(mid, hi * 0.5, lo * 2),
+        torch.where(negative, torch.clamp(mid, hi * 2, lo * 0.5), zero),
+    )
+    return x - centre, y - centre
 
 
 def _prepare(t: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor | None]:
