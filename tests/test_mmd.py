@@ -226,7 +226,8 @@ def test_mmd_distance_kernels_are_translation_invariant(backend, kernel, offset,
     ‖a‖² + ‖b‖² − 2a·b, whose rounding would otherwise scale with ‖a‖²."""
     g = torch.Generator().manual_seed(30)
     x = (torch.randn(13, 3, generator=g, dtype=torch.float64) * spread + offset).float().to(DEVICE)
-    y = (torch.randn(9, 3, generator=g, dtype=torch.float64) * spread + 0.3 * spread + offset).float().to(DEVICE)
+    y = (torch.randn(9, 3, generator=g, dtype=torch.float64) + 0.3) * spread + offset
+    y = y.float().to(DEVICE)
     kwargs = {"kernel": kernel, "bandwidths": tuple(s * spread for s in (0.5, 1.0, 2.0, 4.0, 8.0))}
     check_parity(
         lambda a, b: fastkd.mmd_loss(a, b, backend=backend, **kwargs),
@@ -282,7 +283,7 @@ def test_mmd_cpu_result_does_not_depend_on_the_thread_count(dtype, kernel):
             results.append(run_with_grads(lambda a, b: fastkd.mmd_loss(a, b, backend="cpu", **kwargs), x, y))
     finally:
         torch.set_num_threads(threads)
-    for count, result in zip((2, 4), results[1:]):
+    for count, result in zip((2, 4), results[1:], strict=True):
         for name, a, b in zip(("loss", "grad x", "grad y"), results[0], result, strict=True):
             assert torch.equal(a, b), f"{kernel} {name}: 1 and {count} threads differ"
 
