@@ -774,14 +774,25 @@ def mmd_loss(
     (``‖a‖² + ‖b‖² − 2a·b``), exact 0 for a point against itself; for the
     laplacian, whose square root amplifies that form's rounding at small
     distances, near pairs are recomputed from their differences (gradient 0
-    at exactly coincident points, as the reference).
+    at exactly coincident points, as the reference). For the distance
+    kernels the samples are first shifted by a common centre for which every
+    subtraction is exact (per feature, where all values share a sign and span
+    at most a factor 4), so a common offset costs no accuracy and distances
+    and gradients are otherwise unchanged. The cpu op's result does not
+    depend on the number of threads.
+
+    Bandwidths below 1e-150 are rejected (``1/(2σ²)`` is no finite float64);
+    where ``1/(2σ²)`` or ``1/σ`` overflows float32, the float32 kernels use
+    the largest finite exponent, which gives ``k = 0`` and a zero gradient
+    for every pair whose squared distance is a normal float32.
 
     Args:
         x: ``(N, D)`` samples, float32 / bfloat16 / float16 / float64.
         y: ``(M, D)`` samples, same dtype and device; ``M`` may differ from ``N``.
         kernel: ``"gaussian"``, ``"laplacian"`` or ``"polynomial"``.
-        bandwidths: one ``σ > 0`` or a non-empty sequence of them (gaussian,
-            laplacian); default ``(0.5, 1, 2, 4, 8)``, for features of unit scale.
+        bandwidths: one ``σ >= 1e-150`` or a non-empty sequence of them
+            (gaussian, laplacian); default ``(0.5, 1, 2, 4, 8)``, for features
+            of unit scale.
         unbiased: leave the within-sample diagonals out (then ``N, M >= 2``).
         degree: polynomial degree, an integer ``>= 1``.
         c: polynomial scale, ``> 0``.

@@ -10,7 +10,10 @@ a_i·b_j come from ``tl.dot`` over D in BLOCK_D chunks (IEEE fp32, no TF32:
 the distances are a difference of norms and would lose three digits), then
 every bandwidth's kernel value (forward) or gradient coefficient (backward)
 is formed in registers. Squared distances come from the norms,
-``‖a‖² + ‖b‖² − 2 a·b`` clamped at 0, exactly as on CPU:
+``‖a‖² + ‖b‖² − 2 a·b`` clamped at 0, exactly as on CPU, after the samples
+are shifted by a common centre for which every subtraction is exact (see
+``_centred``: distances and gradients unchanged, the norms no longer grow
+with a common offset):
 
 - a point against itself (the diagonal of a within-sample term) has distance
   exactly 0, so ``k(a, a)`` is exact and its gradient contribution is 0;
@@ -80,6 +83,10 @@ _NEAR_FACTOR = tl.constexpr((2.0**-23 / 1e-6) ** 2)
 # splitting the column range (SPLITS > 1): 64 MiB of fp32.
 _SPLIT_WORKSPACE_ELEMENTS = 2**24
 _MAX_SPLITS = 16
+# fastkd.reference.mmd.MIN_BANDWIDTH: 1/(2σ²) must be a finite float64.
+MIN_BANDWIDTH = 1e-150
+# The most negative exponent the kernels use (fp32), see _exponents.
+_MOST_NEGATIVE_EXPONENT = -float(torch.finfo(torch.float32).max) / 2
 
 
 # ---- per-tile helpers ---------------------------------------------------------------
@@ -405,8 +412,10 @@ def _check_args(x, y, kernel, bandwidths, degree, c, unbiased) -> None:
         if len(bandwidths) == 0:
             raise ValueError("bandwidths must not be empty")
         for s in bandwidths:
-            if not (math.isfinite(s) and s > 0):
-                raise ValueError(f"bandwidths must be finite and > 0, got {s}")
+            if not math.isfinite(s):
+                raise ValueError(f"bandwidths must be finite, got {s}")
+            if s < MIN_BANDWIDTH:
+                raise ValueError(f"bandwidths must be >= {MIN_BANDWIDTH:g}, got {s}")
     if isinstance(degree, bool) or not isinstance(degree, numbers.Integral) or degree < 1:
         raise ValueError(f"degree must be an integer >= 1, got {degree!r}")
     if not isinstance(c, numbers.Real) or isinstance(c, bool) or not (math.isfinite(c) and c > 0):
@@ -424,6 +433,37 @@ def _bandwidth_list(bandwidths) -> list[float]:
         raise ValueError(f"bandwidths must be a sequence of numbers, got {bandwidths!r}") from exc
 
 
+def _centred(x: torch.Tensor, y: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and y (fp32) less an exact common centre, for the distance kernels.
+
+    Distances do not change under a common shift, but the rounding of
+    ``‖a‖² + ‖b‖² − 2a·b`` scales with the norms: a common offset of 1e3 on
+    unit-scale data costs percents, and beyond ~1e19 ``‖a‖²`` overflows. Each
+    feature is shifted by a centre ``c`` for which every ``v − c`` is exact
+    (Sterbenz: ``c/2 <= v <= 2c``), so every difference ``a − b``, hence
+    every distance and gradient, is unchanged: where the feature's values
+    (x and y together, in ``[lo, hi]``) share a sign and ``|hi| <= 4 |lo|``,
+    ``c`` is the midpoint clamped to ``[hi/2, 2 lo]`` (mirrored for negative
+    values); elsewhere ``c = 0`` (the offset is then at most a few spreads).
+    The rule of csrc/common/mmd_centre.h (exactly_centred). The polynomial
+    kernel is not translation-invariant and keeps the samples as they are.
+    """
+    if kernel == POLYNOMIAL:
+        return x, y
+    x, y = x.float(), y.float()
+    lo = torch.minimum(x.amin(0), y.amin(0))
+    hi = torch.maximum(x.amax(0), y.amax(0))
+    mid = lo * 0.5 + hi * 0.5
+    positive = (lo > 0) & (hi <= lo * 4)
+    negative = (hi < 0) & (lo >= hi * 4)
+    zero = torch.zeros((), dtype=lo.dtype, device=lo.device)
+    centre = torch.where(
+        positive, torch.clamp(mid, hi * 0.5, lo * 2),
+        torch.where(negative, torch.clamp(mid, hi * 2, lo * 0.5), zero),
+    )
+    return x - centre, y - centre
+
+
 def _prepare(t: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Unit stride along D, and the fp32 squared row norms (distance kernels)."""
     t = t if t.stride(1) == 1 or t.shape[1] == 1 else t.contiguous()
@@ -432,11 +472,15 @@ def _prepare(t: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor |
 
 
 def _exponents(kernel: int, bandwidths, device) -> torch.Tensor:
-    # k = Σ exp(e σ-term): e = −1/(2σ²) on sq (gaussian), −1/σ on d (laplacian)
+    # k = Σ exp(e σ-term): e = −1/(2σ²) on sq (gaussian), −1/σ on d (laplacian).
+    # An e beyond fp32 is held at −FLT_MAX / 2 (2e, the gaussian's slope, stays
+    # finite): exp(e·sq) is still 0 for every distance that is a normal fp32,
+    # and 1 at distance 0, where −inf would give 0·inf = NaN.
     if kernel == POLYNOMIAL:
         values = [0.0]  # unread
     else:
         values = [-1.0 / s if kernel == LAPLACIAN else -0.5 / (s * s) for s in bandwidths]
+        values = [max(v, _MOST_NEGATIVE_EXPONENT) for v in values]
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
@@ -486,6 +530,7 @@ def mmd_forward(
     """
     bandwidths = _bandwidth_list(bandwidths)
     _check_args(x, y, kernel, bandwidths, degree, c, unbiased)
+    x, y = _centred(x, y, kernel)
     x, x_norm = _prepare(x, kernel)
     y, y_norm = _prepare(y, kernel)
     exps = _exponents(kernel, bandwidths, x.device)
@@ -546,6 +591,7 @@ def mmd_backward(
     if grad.device != x.device:
         raise ValueError(f"grad ({grad.device}) must be on x's device ({x.device})")
     dtype = x.dtype
+    x, y = _centred(x, y, kernel)
     x, x_norm = _prepare(x, kernel)
     y, y_norm = _prepare(y, kernel)
     exps = _exponents(kernel, bandwidths, x.device)

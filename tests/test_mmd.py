@@ -208,6 +208,86 @@ def test_mmd_nan_propagates(backend):
         assert torch.isnan(xg.grad[2]).all()
 
 
+# ---- translation invariance, bandwidth range, thread count -------------------------
+
+# (offset, spread): samples of scale `spread` around `offset` in every coordinate,
+# with the bandwidths scaled by `spread`. At offset 1e19 with spread 1 the float32
+# inputs collapse onto a few points (their spacing there is ~1e12): the loss and
+# gradients are then exactly those of coincident points.
+OFFSETS = ((0.0, 1.0), (1e3, 1.0), (1e4, 1.0), (1e19, 1.0), (1e19, 1e16))
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("kernel", ("gaussian", "laplacian"))
+@pytest.mark.parametrize("offset,spread", OFFSETS, ids=lambda v: f"{v:g}")
+def test_mmd_distance_kernels_are_translation_invariant(backend, kernel, offset, spread):
+    """Distances do not depend on a common offset, so neither does their
+    accuracy: the fused backends centre the samples before forming
+    ‖a‖² + ‖b‖² − 2a·b, whose rounding would otherwise scale with ‖a‖²."""
+    g = torch.Generator().manual_seed(30)
+    x = (torch.randn(13, 3, generator=g, dtype=torch.float64) * spread + offset).float().to(DEVICE)
+    y = (torch.randn(9, 3, generator=g, dtype=torch.float64) + 0.3) * spread + offset
+    y = y.float().to(DEVICE)
+    kwargs = {"kernel": kernel, "bandwidths": tuple(s * spread for s in (0.5, 1.0, 2.0, 4.0, 8.0))}
+    check_parity(
+        lambda a, b: fastkd.mmd_loss(a, b, backend=backend, **kwargs),
+        lambda a, b: reference.mmd_loss(a, b, **kwargs),
+        (x, y),
+        f"{backend} mmd {kernel} offset {offset:g}",
+    )
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("kernel", ("gaussian", "laplacian"))
+@pytest.mark.parametrize("bandwidths", (1e-20, (1e-20, 1.0), (1e-100, 2.0)), ids=str)
+def test_mmd_tiny_bandwidths(backend, kernel, bandwidths):
+    """A bandwidth far below every distance contributes k = 0 off the diagonal
+    and a zero gradient, although 1/(2σ²) overflows float32."""
+    x = samples(13, 3, torch.float32, 31)
+    y = samples(9, 3, torch.float32, 32, shift=0.3)
+    kwargs = {"kernel": kernel, "bandwidths": bandwidths}
+    got = run_with_grads(lambda a, b: fastkd.mmd_loss(a, b, backend=backend, **kwargs), x, y)
+    assert all(torch.isfinite(t).all() for t in got)
+    check_parity(
+        lambda a, b: fastkd.mmd_loss(a, b, backend=backend, **kwargs),
+        lambda a, b: reference.mmd_loss(a, b, **kwargs),
+        (x, y),
+        f"{backend} mmd {kernel} bandwidths {bandwidths}",
+    )
+
+
+@pytest.mark.parametrize("backend", ["reference", *kernel_params()])
+@pytest.mark.parametrize("bandwidths", (1e-200, (1.0, 1e-151)), ids=str)
+def test_mmd_unrepresentable_bandwidths_raise(backend, bandwidths):
+    """1/(2σ²) is not a finite float64 below σ ~ 1e-154: rejected on every backend alike."""
+    x, y = samples(4, 3, torch.float32, 33), samples(3, 3, torch.float32, 34)
+    for kernel in ("gaussian", "laplacian"):
+        with pytest.raises(ValueError, match=r"bandwidths must be >= 1e-150"):
+            fastkd.mmd_loss(x, y, kernel=kernel, bandwidths=bandwidths, backend=backend)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu op's thread pool")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_mmd_cpu_result_does_not_depend_on_the_thread_count(dtype, kernel):
+    """Every reduction of the cpu op runs over chunks fixed by the shapes, not
+    by the number of threads, and combines them in a fixed order."""
+    x = samples(300, 40, dtype, 35)
+    y = samples(257, 40, dtype, 36, shift=0.3)
+    kwargs = kernel_kwargs(kernel)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 4):
+            torch.set_num_threads(count)
+            results.append(run_with_grads(lambda a, b: fastkd.mmd_loss(a, b, backend="cpu", **kwargs), x, y))
+    finally:
+        torch.set_num_threads(threads)
+    for count, result in zip((2, 4), results[1:], strict=True):
+        for name, a, b in zip(("loss", "grad x", "grad y"), results[0], result, strict=True):
+            assert torch.equal(a, b), f"{kernel} {name}: 1 and {count} threads differ"
+
+
 # ---- the ops ------------------------------------------------------------------
 
 OP_DISPATCH_KEY = "CUDA" if DEVICE.type == "cuda" else "CPU"
@@ -263,6 +343,7 @@ OP_CHECK_CASES = [
     ({"c": 0.0}, "c must be"),
     ({"x": torch.randn(1, 5), "unbiased": True}, "unbiased"),
     ({"tile_rows": 0}, "tile_rows"),
+    ({"bandwidths": [1.0, 1e-200]}, "bandwidths must be >= 1e-150"),
 ]
 
 

@@ -42,6 +42,26 @@ def test_gaussian_every_simd_variant(capability, dtype, unbiased, tile, monkeypa
     )
 
 
+@pytest.mark.parametrize("capability", _supported_capabilities())
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_gaussian_every_simd_variant_at_an_offset_with_a_tiny_bandwidth(capability, dtype, monkeypatch):
+    """Samples at a common offset of 1e4 (centred exactly before the norm form)
+    and a bandwidth whose 1/(2σ²) overflows float32 (exponent held finite), in
+    every SIMD variant, against the float64 reference."""
+    monkeypatch.setenv("FASTKD_CPU_CAPABILITY", capability)
+    monkeypatch.setattr(fkf, "_mmd_tile_rows", lambda n, m: 5)
+    assert _ops._C.cpu_capability() == capability
+    x = (samples(37, 19, torch.float64, 27).cpu() + 1e4).to(dtype)
+    y = (samples(53, 19, torch.float64, 28, shift=0.2).cpu() + 1e4).to(dtype)
+    kwargs = {"kernel": "gaussian", "bandwidths": (1e-20, 0.3, 1.0, 3.0)}
+    check_parity(
+        lambda a, b: fastkd.mmd_loss(a, b, backend="cpu", **kwargs),
+        lambda a, b: reference.mmd_loss(a, b, **kwargs),
+        (x, y),
+        f"gaussian mmd {capability} offset 1e4",
+    )
+
+
 def test_gaussian_large_n_loss_is_accurate_in_float32():
     """The loss is a small difference of three block means of size ~Σ_σ 1: the
     block sums are accumulated in double, so float32 stays within tolerance."""

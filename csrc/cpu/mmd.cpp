@@ -7,6 +7,13 @@
 // saves nothing: it recomputes each block from x and y. The work is ATen
 // (at::mm / addmm for the dot products, elementwise exp), no SIMD of our own.
 //
+// For the distance kernels the samples are first shifted by a common centre,
+// chosen so that every subtraction is exact (csrc/common/mmd_centre.h): the
+// differences a − b, hence distances and gradients, are unchanged, but the
+// rounding of ‖a‖² + ‖b‖² − 2 a·b, which scales with the norms, no longer
+// grows with a common offset. The polynomial kernel is not
+// translation-invariant and is computed on the samples as they are.
+//
 // Squared distances come from the norms, ‖a‖² + ‖b‖² − 2 a·b, clamped at 0.
 // A point's distance to itself (the diagonal of a within-sample block) is set
 // to exactly 0, as the reference's difference-based cdist gives it, so that
@@ -21,13 +28,25 @@
 //
 // bfloat16 / float16 inputs are upcast once and everything accumulates in
 // float32; float64 inputs stay float64.
+//
+// The result does not depend on the number of threads: every reduction runs
+// over chunks fixed by the shapes and combines them in a fixed order, and
+// the elementwise ATen work (whose vectorised body and scalar tail may round
+// exp or a fused multiply-add differently) runs over fixed row chunks too,
+// each chunk single-threaded inside at::parallel_for.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/ParallelGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
+#include <tuple>
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/mmd_centre.h"
 #include "capability.h"
 #include "mmd_kernel.h"
 
@@ -37,6 +56,86 @@ namespace {
 
 // fastkd.functional.MMD_KERNEL_CODES
 enum class MmdKernel : int64_t { kGaussian = 0, kLaplacian = 1, kPolynomial = 2 };
+
+// Elements per chunk of the fixed-chunk loops below.
+constexpr int64_t kChunkElements = 1 << 14;
+
+// fn(r0, r1) over rows [0, rows) in chunks of a row count fixed by `cols`
+// alone, the chunks spread over the threads. ATen ops inside fn run
+// single-threaded (at::parallel_for marks its body a parallel region), so
+// every element is computed the same way whatever the number of threads.
+template <class F>
+void for_row_chunks(int64_t rows, int64_t cols, const F& fn) {
+  const int64_t chunk = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(cols, 1));
+  const int64_t chunks = (rows + chunk - 1) / chunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) fn(c * chunk, std::min(rows, (c + 1) * chunk));
+  });
+}
+
+// Per-row sums of a contiguous 2-D tensor (of its squares when `squares`),
+// each row in order in double; returned in t's dtype.
+at::Tensor row_sums(const at::Tensor& t, bool squares = false) {
+  const at::Tensor c = t.contiguous();
+  const int64_t rows = c.size(0), cols = c.size(1);
+  at::Tensor out = at::empty({rows}, c.options());
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "mmd_row_sums", [&] {
+    const scalar_t* src = c.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    for_row_chunks(rows, cols, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        double total = 0.0;
+        const scalar_t* row = src + i * cols;
+        for (int64_t j = 0; j < cols; ++j) total += squares ? double(row[j]) * double(row[j]) : double(row[j]);
+        dst[i] = static_cast<scalar_t>(total);
+      }
+    });
+  });
+  return out;
+}
+
+// Σ of a 2-D tensor in double: per-row totals (row_sums' order), then the rows in order.
+double ordered_sum(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  const int64_t rows = c.size(0), cols = c.size(1);
+  std::vector<double> totals(rows, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "mmd_ordered_sum", [&] {
+    const scalar_t* src = c.data_ptr<scalar_t>();
+    for_row_chunks(rows, cols, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        double total = 0.0;
+        for (int64_t j = 0; j < cols; ++j) total += double(src[i * cols + j]);
+        totals[i] = total;
+      }
+    });
+  });
+  double total = 0.0;
+  for (double v : totals) total += v;
+  return total;
+}
+
+// Per-column sums of a contiguous (rows, cols) tensor, each column summed
+// down the rows in order in double; in double.
+at::Tensor column_sums(const at::Tensor& a) {
+  const at::Tensor c = a.contiguous();
+  const int64_t cols = c.size(1);
+  at::Tensor out = at::zeros({cols}, c.options().dtype(at::kDouble));
+  double* dst = out.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "mmd_column_sums", [&] {
+    // column chunks of a fixed width, each a task: the rows are walked in order
+    constexpr int64_t kWidth = 64;
+    const int64_t chunks = (cols + kWidth - 1) / kWidth;
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      const scalar_t* src = c.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < c.size(0); ++i) {
+        for (int64_t j = begin * kWidth; j < std::min(cols, end * kWidth); ++j) {
+          dst[j] += double(src[i * cols + j]);
+        }
+      }
+    });
+  });
+  return out;
+}
 
 at::ScalarType accumulation_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -62,7 +161,8 @@ void check_mmd_args(const at::Tensor& x, const at::Tensor& y, int64_t kernel,
   if (kernel != static_cast<int64_t>(MmdKernel::kPolynomial)) {
     TORCH_CHECK(!bandwidths.empty(), "bandwidths must not be empty");
     for (double s : bandwidths) {
-      TORCH_CHECK(std::isfinite(s) && s > 0, "bandwidths must be finite and > 0, got ", s);
+      TORCH_CHECK(std::isfinite(s), "bandwidths must be finite, got ", s);
+      TORCH_CHECK(s >= mmd::kMinBandwidth, "bandwidths must be >= 1e-150, got ", s);
     }
   }
   TORCH_CHECK(degree >= 1, "degree must be >= 1, got ", degree);
@@ -93,10 +193,11 @@ struct Samples {
 
 Samples prepare(const at::Tensor& x, const at::Tensor& y, const MmdParams& p) {
   const auto acc = accumulation_type(x);
-  Samples s{x.to(acc), y.to(acc), {}, {}};
+  Samples s{x.to(acc).contiguous(), y.to(acc).contiguous(), {}, {}};
   if (p.distance_based()) {
-    s.x_norm = s.x.square().sum(1);
-    s.y_norm = s.y.square().sum(1);
+    std::tie(s.x, s.y) = mmd::exactly_centred(s.x, s.y);
+    s.x_norm = row_sums(s.x, /*squares=*/true);
+    s.y_norm = row_sums(s.y, /*squares=*/true);
   }
   return s;
 }
@@ -142,6 +243,8 @@ std::pair<at::Tensor, at::Tensor> refine_near_pairs(at::Tensor& sq, const at::Te
   const int64_t pairs = rows.size(0);
   const int64_t chunk = near_chunk(a_tile.size(1));
   at::Tensor flat = sq.view({-1});
+  // single-threaded ATen: the same result whatever the number of threads
+  const c10::ParallelGuard serial(true);
   for (int64_t start = 0; start < pairs; start += chunk) {
     const int64_t len = std::min(chunk, pairs - start);
     const at::Tensor r = rows.narrow(0, start, len), c = cols.narrow(0, start, len);
@@ -160,8 +263,8 @@ double gaussian_block(at::Tensor& dots, const at::Tensor& a_norm_tile, const at:
   AT_DISPATCH_FLOATING_TYPES(dots.scalar_type(), "mmd_gaussian_block", [&] {
     std::vector<scalar_t> exponents, slopes;
     for (double s : p.bandwidths) {
-      exponents.push_back(static_cast<scalar_t>(-0.5 / (s * s)));
-      slopes.push_back(static_cast<scalar_t>(-1.0 / (s * s)));
+      exponents.push_back(static_cast<scalar_t>(mmd::finite_in(-0.5 / (s * s), dots.scalar_type())));
+      slopes.push_back(static_cast<scalar_t>(mmd::finite_in(-1.0 / (s * s), dots.scalar_type())));
     }
     const GaussianBlockArgs<scalar_t> args{
         dots.data_ptr<scalar_t>(), dots.stride(0), a_norm_tile.data_ptr<scalar_t>(),
@@ -194,54 +297,71 @@ Block kernel_block(const at::Tensor& a_tile, const at::Tensor& a_norm_tile, cons
     gaussian_block(out.coef, a_norm_tile, b_norm, within, start, p, /*want_sum=*/false);
     return out;
   }
+  const int64_t cols = b.size(0);
   if (!p.distance_based()) {
     // u = a·b / c + 1; k = u^degree; dk/da = degree / c · u^(degree − 1) · b.
-    at::Tensor u = at::mm(a_tile, b.t()).mul_(1.0 / p.c).add_(1.0);
-    if (want_coef) {
-      out.coef = p.degree == 1 ? at::full_like(u, 1.0 / p.c)
-                               : at::pow(u, static_cast<double>(p.degree - 1)).mul_(
-                                     static_cast<double>(p.degree) / p.c);
-      if (within && p.unbiased) at::diagonal(out.coef, start).zero_();
-    }
-    if (want_k) {
-      out.k = p.degree == 1 ? u : at::pow(u, static_cast<double>(p.degree));
-      if (within && p.unbiased) at::diagonal(out.k, start).zero_();
-    }
+    at::Tensor u = at::mm(a_tile, b.t());
+    if (want_coef) out.coef = at::empty_like(u);
+    if (want_k) out.k = at::empty_like(u);
+    for_row_chunks(u.size(0), cols, [&](int64_t r0, int64_t r1) {
+      at::Tensor uc = u.narrow(0, r0, r1 - r0).mul_(1.0 / p.c).add_(1.0);
+      if (want_coef) {
+        at::Tensor coef = out.coef.narrow(0, r0, r1 - r0);
+        if (p.degree == 1) {
+          coef.fill_(1.0 / p.c);
+        } else {
+          at::pow_out(coef, uc, static_cast<double>(p.degree - 1))
+              .mul_(static_cast<double>(p.degree) / p.c);
+        }
+      }
+      if (want_k) {
+        at::Tensor k = out.k.narrow(0, r0, r1 - r0);
+        if (p.degree == 1) {
+          k.copy_(uc);
+        } else {
+          at::pow_out(k, uc, static_cast<double>(p.degree));
+        }
+      }
+    });
+    if (want_coef && within && p.unbiased) at::diagonal(out.coef, start).zero_();
+    if (want_k && within && p.unbiased) at::diagonal(out.k, start).zero_();
     return out;
   }
   // sq = ‖a‖² + ‖b‖² − 2 a·b, clamped at 0 (NaN stays NaN), exact 0 on the diagonal.
   at::Tensor sq = at::addmm(b_norm.unsqueeze(0), a_tile, b.t(), /*beta=*/1, /*alpha=*/-2);
   sq.add_(a_norm_tile.unsqueeze(1)).clamp_min_(0);
   if (within) at::diagonal(sq, start).zero_();
-  at::Tensor dist;
-  at::Tensor inv_dist;
-  if (p.kernel == MmdKernel::kLaplacian) {
+  const bool laplacian = p.kernel == MmdKernel::kLaplacian;
+  if (laplacian) {
     std::tie(out.near_rows, out.near_cols) = refine_near_pairs(sq, a_tile, a_norm_tile, b, b_norm);
-    dist = sq.sqrt_();
-    if (want_coef) {
-      // 1/d, and 0 where d == 0 (the derivative of ‖a − b‖ taken as 0 there).
-      inv_dist = at::where(dist > 0, dist.reciprocal(), at::zeros({}, dist.options()));
-    }
   }
   if (want_k) out.k = at::zeros_like(sq);
   if (want_coef) out.coef = at::zeros_like(sq);
-  at::Tensor term = at::empty_like(sq);
-  for (double s : p.bandwidths) {
-    if (p.kernel == MmdKernel::kGaussian) {
-      // k_σ = exp(−sq / (2σ²)); dk_σ/da = −k_σ / σ² · (a − b).
-      at::mul_out(term, sq, -0.5 / (s * s)).exp_();
-      if (want_k) out.k.add_(term);
-      if (want_coef) out.coef.add_(term, -1.0 / (s * s));
-    } else {
-      // k_σ = exp(−d / σ); dk_σ/da = −k_σ / (σ d) · (a − b).
-      at::mul_out(term, dist, -1.0 / s).exp_();
-      if (want_k) out.k.add_(term);
-      if (want_coef) out.coef.add_(term, -1.0 / s);
+  const auto type = sq.scalar_type();
+  for_row_chunks(sq.size(0), cols, [&](int64_t r0, int64_t r1) {
+    at::Tensor arg = sq.narrow(0, r0, r1 - r0);  // sq (gaussian) or d (laplacian)
+    at::Tensor k = want_k ? out.k.narrow(0, r0, r1 - r0) : at::Tensor();
+    at::Tensor coef = want_coef ? out.coef.narrow(0, r0, r1 - r0) : at::Tensor();
+    at::Tensor inv_dist;
+    if (laplacian) {
+      arg.sqrt_();
+      // 1/d, and 0 where d == 0 (the derivative of ‖a − b‖ taken as 0 there).
+      if (want_coef) inv_dist = at::where(arg > 0, arg.reciprocal(), at::zeros({}, arg.options()));
     }
-  }
+    at::Tensor term = at::empty_like(arg);
+    for (double s : p.bandwidths) {
+      // gaussian: k_σ = exp(−sq / (2σ²)), dk_σ/da = −k_σ / σ² · (a − b);
+      // laplacian: k_σ = exp(−d / σ), dk_σ/da = −k_σ / (σ d) · (a − b).
+      const double exponent = mmd::finite_in(laplacian ? -1.0 / s : -0.5 / (s * s), type);
+      const double slope = mmd::finite_in(laplacian ? -1.0 / s : -1.0 / (s * s), type);
+      at::mul_out(term, arg, exponent).exp_();
+      if (want_k) k.add_(term);
+      if (want_coef) coef.add_(term, slope);
+    }
+    if (want_coef && laplacian) coef.mul_(inv_dist);
+  });
   if (want_coef) {
-    if (p.kernel == MmdKernel::kLaplacian) {
-      out.coef.mul_(inv_dist);
+    if (laplacian) {
       out.coef.view({-1}).index_fill_(0, out.near_rows * out.coef.size(1) + out.near_cols, 0.0);
     }
     if (within) at::diagonal(out.coef, start).zero_();
@@ -255,7 +375,13 @@ at::Tensor row_side_grad(const at::Tensor& coef, const at::Tensor& a_tile, const
                          const MmdParams& p) {
   if (!p.distance_based()) return at::mm(coef, b);
   // Σ_j C_ij (a_i − b_j) = a_i Σ_j C_ij − (C b)_i
-  return at::mm(coef, b).neg_().addcmul_(a_tile, coef.sum(1, /*keepdim=*/true));
+  at::Tensor out = at::mm(coef, b);
+  const at::Tensor coef_sum = row_sums(coef).unsqueeze(1);
+  for_row_chunks(out.size(0), out.size(1), [&](int64_t r0, int64_t r1) {
+    out.narrow(0, r0, r1 - r0).neg_().addcmul_(a_tile.narrow(0, r0, r1 - r0),
+                                                coef_sum.narrow(0, r0, r1 - r0));
+  });
+  return out;
 }
 
 // The laplacian's near pairs (Block::near_rows / near_cols), from their
@@ -268,13 +394,18 @@ void near_pairs_grad(const Block& blk, const at::Tensor& a_tile, const at::Tenso
                      at::Tensor& col_out, const at::Tensor& col_weight) {
   const int64_t pairs = blk.near_rows.size(0);
   const int64_t chunk = near_chunk(a_tile.size(1));
+  // single-threaded ATen: the same result whatever the number of threads
+  const c10::ParallelGuard serial(true);
   for (int64_t start = 0; start < pairs; start += chunk) {
     const int64_t len = std::min(chunk, pairs - start);
     const at::Tensor r = blk.near_rows.narrow(0, start, len), c = blk.near_cols.narrow(0, start, len);
     at::Tensor diff = a_tile.index_select(0, r) - b.index_select(0, c);
     const at::Tensor dist = diff.square().sum(1).sqrt_();
     at::Tensor coef = at::zeros_like(dist);
-    for (double s : p.bandwidths) coef.add_(at::mul(dist, -1.0 / s).exp_(), -1.0 / s);
+    for (double s : p.bandwidths) {
+      const double e = mmd::finite_in(-1.0 / s, dist.scalar_type());
+      coef.add_(at::mul(dist, e).exp_(), e);
+    }
     coef = at::where(dist > 0, coef / dist, at::zeros({}, dist.options()));
     diff.mul_(coef.unsqueeze(1));
     row_out.index_add_(0, r, diff * row_weight);
@@ -331,23 +462,22 @@ at::Tensor mmd_forward_cpu(const at::Tensor& x, const at::Tensor& y, int64_t ker
     }
     return at::scalar_tensor(w.xx * sum_xx + w.yy * sum_yy - w.xy * sum_xy, s.x.options());
   }
-  at::Tensor sum_xx = at::zeros({}, s.x.options());
-  at::Tensor sum_xy = at::zeros({}, s.x.options());
-  at::Tensor sum_yy = at::zeros({}, s.x.options());
+  // Block sums in double, in a fixed order (ordered_sum), combined in double.
+  double sum_xx = 0.0, sum_xy = 0.0, sum_yy = 0.0;
   for (int64_t start = 0; start < n; start += tile_rows) {
     const int64_t rows = std::min(tile_rows, n - start);
     const at::Tensor a = s.x.narrow(0, start, rows);
     const at::Tensor a_norm = narrow_or_empty(s.x_norm, start, rows);
-    sum_xx.add_(kernel_block(a, a_norm, s.x, s.x_norm, true, start, p, true, false).k.sum());
-    sum_xy.add_(kernel_block(a, a_norm, s.y, s.y_norm, false, start, p, true, false).k.sum());
+    sum_xx += ordered_sum(kernel_block(a, a_norm, s.x, s.x_norm, true, start, p, true, false).k);
+    sum_xy += ordered_sum(kernel_block(a, a_norm, s.y, s.y_norm, false, start, p, true, false).k);
   }
   for (int64_t start = 0; start < m; start += tile_rows) {
     const int64_t rows = std::min(tile_rows, m - start);
     const at::Tensor a = s.y.narrow(0, start, rows);
     const at::Tensor a_norm = narrow_or_empty(s.y_norm, start, rows);
-    sum_yy.add_(kernel_block(a, a_norm, s.y, s.y_norm, true, start, p, true, false).k.sum());
+    sum_yy += ordered_sum(kernel_block(a, a_norm, s.y, s.y_norm, true, start, p, true, false).k);
   }
-  return sum_xx.mul_(w.xx).add_(sum_yy, w.yy).sub_(sum_xy, w.xy);
+  return at::scalar_tensor(w.xx * sum_xx + w.yy * sum_yy - w.xy * sum_xy, s.x.options());
 }
 
 std::tuple<at::Tensor, at::Tensor> mmd_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
@@ -374,7 +504,7 @@ std::tuple<at::Tensor, at::Tensor> mmd_backward_cpu(const at::Tensor& grad, cons
   // The column side of the cross term, Σ_i d k(x_i, y_j) / d y_j, accumulated over x tiles:
   //   distance kernels: Σ_i C_ij (y_j − x_i) = y_j Σ_i C_ij − (Cᵀ x)_j;  polynomial: (Cᵀ x)_j.
   at::Tensor cross_y = at::zeros(s.y.sizes(), s.y.options());
-  at::Tensor cross_colsum = p.distance_based() ? at::zeros({m}, s.y.options()) : at::Tensor();
+  at::Tensor cross_colsum = p.distance_based() ? at::zeros({m}, s.y.options().dtype(at::kDouble)) : at::Tensor();
   for (int64_t start = 0; start < n; start += tile_rows) {
     const int64_t rows = std::min(tile_rows, n - start);
     const at::Tensor a = s.x.narrow(0, start, rows);
@@ -391,12 +521,17 @@ std::tuple<at::Tensor, at::Tensor> mmd_backward_cpu(const at::Tensor& grad, cons
     }
     if (p.distance_based()) {
       cross_y.addmm_(xy.coef.t(), a, 1, -1);
-      cross_colsum.add_(xy.coef.sum(0));
+      cross_colsum.add_(column_sums(xy.coef));
     } else {
       cross_y.addmm_(xy.coef.t(), a);
     }
   }
-  if (p.distance_based()) cross_y.addcmul_(s.y, cross_colsum.unsqueeze(1));
+  if (p.distance_based()) {
+    const at::Tensor colsum = cross_colsum.to(s.y.scalar_type()).unsqueeze(1);
+    for_row_chunks(m, s.y.size(1), [&](int64_t r0, int64_t r1) {
+      cross_y.narrow(0, r0, r1 - r0).addcmul_(s.y.narrow(0, r0, r1 - r0), colsum.narrow(0, r0, r1 - r0));
+    });
+  }
   for (int64_t start = 0; start < m; start += tile_rows) {
     const int64_t rows = std::min(tile_rows, m - start);
     const at::Tensor a = s.y.narrow(0, start, rows);

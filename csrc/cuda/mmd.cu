@@ -14,6 +14,9 @@
 //   This is not one fused kernel: every tile costs a GEMM launch, one
 //   elementwise/reduction kernel and a few ATen ops, and the block makes a
 //   round trip through global memory (L2 for moderate tiles).
+// - Distance kernels: the samples are first shifted by a common centre for
+//   which every subtraction is exact (csrc/common/mmd_centre.h), so that the
+//   norm form's rounding does not grow with a common offset.
 // - Squared distances from the norms, ‖a‖² + ‖b‖² − 2 a·b clamped at 0 (NaN
 //   stays NaN), exactly 0 for a point against itself (within-sample diagonal).
 // - Laplacian near pairs (sq < (eps / target)² (‖a‖² + ‖b‖²), the CPU rule)
@@ -47,6 +50,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/mmd_centre.h"
 
 namespace fastkd {
 namespace cuda {
@@ -308,7 +312,8 @@ void check_mmd_args(const at::Tensor& x, const at::Tensor& y, int64_t kernel,
   if (kernel != kPolynomial) {
     TORCH_CHECK(!bandwidths.empty(), "bandwidths must not be empty");
     for (double s : bandwidths) {
-      TORCH_CHECK(std::isfinite(s) && s > 0, "bandwidths must be finite and > 0, got ", s);
+      TORCH_CHECK(std::isfinite(s), "bandwidths must be finite, got ", s);
+      TORCH_CHECK(s >= mmd::kMinBandwidth, "bandwidths must be >= 1e-150, got ", s);
     }
   }
   TORCH_CHECK(degree >= 1, "degree must be >= 1, got ", degree);
@@ -344,12 +349,17 @@ Problem prepare(const at::Tensor& x, const at::Tensor& y, int64_t kernel,
   p.x = x.to(acc).contiguous();
   p.y = y.to(acc).contiguous();
   if (p.distance_based()) {
+    // exact common shift: distances unchanged, norms independent of an offset
+    std::tie(p.x, p.y) = mmd::exactly_centred(p.x, p.y);
     p.x_norm = p.x.square().sum(1);
     p.y_norm = p.y.square().sum(1);
   }
   std::vector<double> exps;
   if (p.distance_based()) {
-    for (double s : bandwidths) exps.push_back(kernel == kLaplacian ? -1.0 / s : -0.5 / (s * s));
+    for (double s : bandwidths) {
+      // held finite in the accumulation dtype (its slope 2e too): see mmd_centre.h
+      exps.push_back(mmd::finite_in(kernel == kLaplacian ? -1.0 / s : -0.5 / (s * s), acc));
+    }
   } else {
     exps.push_back(0.0);  // unread
   }

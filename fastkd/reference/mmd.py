@@ -18,6 +18,11 @@ KERNELS = ("gaussian", "laplacian", "polynomial")
 # ladder of bandwidths around 1, for features of unit scale. Choose your own
 # for other scales (a bandwidth far below the typical distance contributes ~0).
 DEFAULT_BANDWIDTHS = (0.5, 1.0, 2.0, 4.0, 8.0)
+# The smallest bandwidth accepted, on every backend: below ~1e-154 the
+# gaussian's 1/(2σ²) is no finite float64. (Where 1/(2σ²) or 1/σ overflows
+# float32, the float32 kernels use the largest finite exponent instead: any
+# distance that is a normal float32 then gives k = 0, as it should.)
+MIN_BANDWIDTH = 1e-150
 
 
 def _samples(name: str, value) -> torch.Tensor:
@@ -41,14 +46,14 @@ def _same_features(name: str, value: torch.Tensor, ref_name: str, ref: torch.Ten
 
 
 def _bandwidths(value) -> tuple[float, ...]:
-    """One positive finite number or a non-empty sequence of them."""
+    """One finite number ``>= MIN_BANDWIDTH`` or a non-empty sequence of them."""
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         value = (value,)
     if not isinstance(value, Sequence) or isinstance(value, str) or len(value) == 0:
         raise ValueError(
             f"bandwidths must be a positive number or a non-empty sequence of them, got {value!r}"
         )
-    return tuple(_validate.real("bandwidths", s, low=0.0, low_open=True) for s in value)
+    return tuple(_validate.real("bandwidths", s, low=MIN_BANDWIDTH) for s in value)
 
 
 def _positive_int(name: str, value) -> int:
@@ -163,7 +168,8 @@ def mmd_loss(
         x: ``(N, D)`` samples (student embeddings, say).
         y: ``(M, D)`` samples (teacher embeddings); ``M`` may differ from ``N``.
         kernel: ``"gaussian"``, ``"laplacian"`` or ``"polynomial"``.
-        bandwidths: one ``σ > 0`` or a non-empty sequence of them. The default
+        bandwidths: one ``σ >= 1e-150`` (``MIN_BANDWIDTH``) or a non-empty
+            sequence of them. The default
             ``(0.5, 1, 2, 4, 8)`` is this package's convention, not the SPEC's.
         unbiased: exclude the diagonals of the within-sample means (then
             ``N >= 2`` and ``M >= 2``).
