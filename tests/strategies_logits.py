@@ -166,14 +166,14 @@ def check_parity(
     upstream_seed: int,
     *,
     per_row: bool = False,
-    samples: int = 3,
+    samples: int = 6,
     what: str = "",
 ) -> None:
     """``call(backend, **tensors)`` against ``call("reference", **float64 tensors)``.
 
     ``permute(tensors, perm, inverse) -> (tensors', {name: grad -> grad in the
     original order})`` renames the vocabulary: the same loss with a different
-    rounding, the reference's pass mark for reduced precision (tests/helpers.py
+    rounding, the reference's pass mark (tests/helpers.py
     assert_matches, the baseline rule). Loss and every gradient must match,
     NaN / ±inf pattern included; ``per_row`` also checks each row loss of
     ``reduction="none"`` against its own tolerance.
