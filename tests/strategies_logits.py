@@ -33,8 +33,17 @@ def dtypes_for(backend: str) -> tuple[torch.dtype, ...]:
 
 
 def vocab_sizes(largest: int = 300) -> st.SearchStrategy[int]:
-    """A block boundary, or any size up to ``largest``."""
-    return st.one_of(st.sampled_from(VOCAB_EDGES), st.integers(1, largest))
+    """A SIMD-width boundary, a Triton block boundary (each about a third of the
+    draws), or any size up to ``largest``."""
+    small = tuple(v for v in VOCAB_EDGES if v <= largest)
+    large = tuple(v for v in VOCAB_EDGES if v > largest)
+    return st.one_of(st.sampled_from(small), st.sampled_from(large), st.integers(1, largest))
+
+
+def row_counts(max_rows: int = 8) -> st.SearchStrategy[int]:
+    """N = 0 and N = 1 a fifth of the draws each, else 2..``max_rows``."""
+    many = st.integers(2, max_rows)
+    return st.one_of(many, many, many, st.just(1), st.just(0))
 
 
 def temperatures() -> st.SearchStrategy[float]:
@@ -52,9 +61,9 @@ def unit_interval() -> st.SearchStrategy[float]:
 
 def lead_shapes(max_rows: int = 8) -> st.SearchStrategy[tuple[int, ...]]:
     """Leading dims of at most ``max_rows`` rows: ``(N,)`` with N = 0 and 1 included, or ``(B, T)``."""
-    flat = st.one_of(st.sampled_from((0, 1)), st.integers(0, max_rows)).map(lambda n: (n,))
-    split = st.tuples(st.integers(1, 2), st.integers(0, max_rows // 2))
-    return st.one_of(flat, flat, split)
+    flat = row_counts(max_rows).map(lambda n: (n,))
+    split = st.tuples(st.integers(1, 2), st.integers(1, max_rows // 2))
+    return st.one_of(flat, flat, flat, split)
 
 
 def randn(shape, gen: torch.Generator, spread: float = 1.0) -> torch.Tensor:
