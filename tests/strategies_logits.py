@@ -151,7 +151,8 @@ def permutations(vocab: int, samples: int):
     """``(perm, inverse)`` pairs: the identity, then ``samples − 1`` random orders of the vocabulary."""
     out = []
     for k in range(samples):
-        perm = torch.arange(vocab) if k == 0 else torch.randperm(vocab, generator=torch.Generator().manual_seed(k))
+        gen = torch.Generator().manual_seed(k)
+        perm = torch.arange(vocab) if k == 0 else torch.randperm(vocab, generator=gen)
         out.append((perm.to(DEVICE), torch.argsort(perm).to(DEVICE)))
     return out
 
