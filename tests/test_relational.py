@@ -256,6 +256,14 @@ def test_every_simd_variant_matches_the_reference(capability, monkeypatch):
         s, t = embeddings((19, 7), dtype, 31), embeddings((19, 5), dtype, 32)  # 19: a SIMD tail
         s[3] = s[8]
         check_parity("cpu", "rkd_angle", s, t, capability)
+        check_parity("cpu", "rkd_distance", s, t, capability)
+        # a zero centred row on the diagonal of each lane position of a vector
+        for position in (0, 5, 18):
+            s = torch.full((19, 7), 1.5, dtype=dtype)
+            s[position] += 1e-3 * torch.arange(7, dtype=dtype)
+            s[position + 1 if position < 18 else 0] -= 1e-3 * torch.arange(7, dtype=dtype)
+            check_parity("cpu", "rkd_distance", s, t, f"{capability} row {position} at the mean")
+        check_parity("cpu", "rkd_distance", torch.ones(19, 7, dtype=dtype), t, f"{capability} collapsed")
 
 
 # ---- the Triton launchers ------------------------------------------------------------
