@@ -12,7 +12,8 @@ dot product, exponential and NCE term and add its share of the gradient
 while the row is in cache (in registers for Triton): the
 ``(B, K+1, feat_dim)`` gather of the reference never exists, so memory is
 O(B · feat_dim) besides the banks. They return the gradient with the loss;
-the backward only scales it. The GPU kernels take float32 banks only.
+the backward only scales it (out of place). The ``cpu`` kernel accumulates
+each sample's gradient, a sum over its K+1 bank rows, in float64. The GPU kernels take float32 banks only.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from fastkd import (
     _dispatch,
     _ops,  # noqa: F401  (registers fastkd::crd_nce_forward and its fake kernel)
 )
-from fastkd.functional import _backend_for, _scale_by_upstream
+from fastkd.functional import _backend_for
 from fastkd.reference import crd as _reference_crd
 
 __all__ = ["CRDLoss", "crd_nce"]
@@ -77,7 +78,10 @@ class CRDNCEFunction(torch.autograd.Function):
     """One CRD direction on the fused op: ``mean_b row_loss_b``.
 
     The forward op returns ``d row_loss_b / d v_b`` ((B, feat_dim), the only
-    thing saved); the backward scales it by ``grad_output / B``.
+    thing saved); the backward returns a new tensor, that gradient times
+    ``grad_output / B``, and never writes to the saved one, so a second
+    backward through a retained graph (``retain_graph=True``) gives the same
+    gradient again.
     """
 
     @staticmethod
@@ -94,7 +98,8 @@ class CRDNCEFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
-        return _scale_by_upstream(grad, grad_output / grad.shape[0]), None, None, None, None, None
+        factor = (grad_output / grad.shape[0]).to(grad.dtype)
+        return grad * factor, None, None, None, None, None
 
 
 def crd_nce(

@@ -30,7 +30,6 @@ an explicit backend without a kernel raises ``ValueError``.
 from __future__ import annotations
 
 import functools
-import numbers
 
 import torch
 
@@ -39,7 +38,7 @@ from fastkd import (
     _validate,
 )
 from fastkd import distributed as _distributed
-from fastkd.functional import _backend_for, _scale_by_upstream
+from fastkd.functional import _backend_for
 from fastkd.reference import relational as _reference
 
 __all__ = ["cc_loss", "pkt_loss", "rkd_angle", "rkd_distance", "rkd_loss", "sp_loss"]
@@ -90,6 +89,9 @@ class RKDFunction(torch.autograd.Function):
     (computed in the same call).
 
     Between forward and backward only that ``(N, D_s)`` gradient is kept.
+    The backward returns a new tensor ``grad · grad_output`` and never writes
+    to the saved one, so a second backward through a retained graph
+    (``retain_graph=True``) gives the same gradient again.
     """
 
     @staticmethod
@@ -103,7 +105,7 @@ class RKDFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        return _scale_by_upstream(grad, grad_output), None, None
+        return grad * grad_output.to(grad.dtype), None, None
 
 
 def _rkd_op(name: str, backend: str):
@@ -349,7 +351,7 @@ def cc_loss(
         student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
         gamma: RBF parameter ``γ > 0``.
-        order: Taylor order ``P >= 1`` (an int).
+        order: Taylor order ``1 <= P <= 170`` (an int; 171! overflows float64).
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``
             (as for :func:`rkd_distance`).
         gather, process_group: as for :func:`rkd_distance`.
@@ -358,10 +360,7 @@ def cc_loss(
         ``()`` loss, float32 (float64 for float64 inputs).
     """
     gamma = _validate.real("gamma", gamma, low=0.0, low_open=True)
-    if isinstance(order, bool) or not isinstance(order, numbers.Integral):
-        raise ValueError(f"order must be an int, got {type(order).__name__}")
-    if order < 1:
-        raise ValueError(f"order must be >= 1, got {order}")
+    order = _reference.check_cc_order(order)
     return _gram_term(
-        "cc_loss", CC_KERNELS, student, teacher, backend, gather, process_group, gamma=gamma, order=int(order)
+        "cc_loss", CC_KERNELS, student, teacher, backend, gather, process_group, gamma=gamma, order=order
     )

@@ -80,6 +80,10 @@ _ANGLE_FACTOR = (_EPS64 / 1e-8) ** 2
 # floats (256 MiB), or one chunk when N² alone exceeds it.
 _MAX_PARTIAL_ELEMENTS = 1 << 26
 _MAX_ANCHOR_CHUNKS = 8
+# CC's largest Taylor order: the reference's coefficient (2γ)^p / p! needs p!
+# as a float64, which overflows beyond 170! (and the kernel's cost grows with
+# the order).
+CC_MAX_ORDER = 170
 
 
 @triton.jit
@@ -848,7 +852,7 @@ def cc_forward(
         teacher: ``(N, D_t)``, same N, dtype and device.
         student_grad: whether to compute the gradient.
         gamma: ``γ > 0``.
-        order: Taylor order ``P >= 1``.
+        order: Taylor order ``1 <= P <= 170``.
 
     Returns:
         ``loss`` ``()`` float32 and ``grad`` ``(N, D_s)`` in the student's
@@ -860,6 +864,10 @@ def cc_forward(
         raise ValueError(f"gamma must be finite and > 0, got {gamma!r}")
     if isinstance(order, bool) or not isinstance(order, int) or order < 1:
         raise ValueError(f"order must be an int >= 1, got {order!r}")
+    if order > CC_MAX_ORDER:
+        raise ValueError(
+            f"order must be <= {CC_MAX_ORDER} (p! overflows float64 for p > {CC_MAX_ORDER}), got {order}"
+        )
     n = student.shape[0]
     xs, gram_s, gram_t = _grams(student, teacher)
     block_i, block_j, num_warps = gram_config(n)

@@ -256,6 +256,14 @@ def test_every_simd_variant_matches_the_reference(capability, monkeypatch):
         s, t = embeddings((19, 7), dtype, 31), embeddings((19, 5), dtype, 32)  # 19: a SIMD tail
         s[3] = s[8]
         check_parity("cpu", "rkd_angle", s, t, capability)
+        check_parity("cpu", "rkd_distance", s, t, capability)
+        # a zero centred row on the diagonal of each lane position of a vector
+        for position in (0, 5, 18):
+            s = torch.full((19, 7), 1.5, dtype=dtype)
+            s[position] += 1e-3 * torch.arange(7, dtype=dtype)
+            s[position + 1 if position < 18 else 0] -= 1e-3 * torch.arange(7, dtype=dtype)
+            check_parity("cpu", "rkd_distance", s, t, f"{capability} row {position} at the mean")
+        check_parity("cpu", "rkd_distance", torch.ones(19, 7, dtype=dtype), t, f"{capability} collapsed")
 
 
 # ---- the Triton launchers ------------------------------------------------------------
@@ -642,3 +650,122 @@ def test_torch_compile_fullgraph(name, kwargs):
     want = run(lambda a, b: fn(a, b, backend=backend, **kwargs), s, t)
     for a, b in zip(got, want, strict=True):
         assert_matches(a, b.double(), torch.float32, f"compiled {name}")
+
+
+# ---- degenerate batches, hyper-parameter bounds, threads, autograd ---------------------
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("n", (2, 5))
+@pytest.mark.parametrize("name", ("rkd_distance", "rkd_loss"))
+def test_rkd_collapsed_student(name, n, backend):
+    """Every student row equal (all pairwise distances at the 1e-6 clamp, so each
+    normalised distance is 1): only the off-diagonal distances enter the mean."""
+    t = embeddings((n, 3), torch.float32, 70)
+    for s in (torch.ones(n, 4), torch.full((n, 4), -2.5)):
+        check_parity(backend, name, s.to(DEVICE), t, "collapsed student")
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+def test_rkd_distance_row_at_the_mean(backend):
+    """A row equal to the batch mean (a zero row once centred) among distinct rows."""
+    s = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]], device=DEVICE) * 1e-3
+    t = embeddings((3, 2), torch.float32, 71)
+    check_parity(backend, "rkd_distance", s, t, "row at the mean")
+
+
+# The largest Taylor order: the reference's coefficient (2γ)^p / p! needs p! as
+# a float64, which overflows beyond 170!.
+CC_MAX_ORDER = 170
+
+
+@pytest.mark.parametrize("backend", ["reference", *(p for p in backend_params() if p.id in CC_KERNELS)])
+def test_cc_order_is_bounded(backend):
+    s, t = embeddings((5, 3), torch.float32, 72), embeddings((5, 2), torch.float32, 73)
+    for order in (CC_MAX_ORDER + 1, 2**40):
+        with pytest.raises(ValueError, match=rf"order must be <= {CC_MAX_ORDER} \(p! overflows float64"):
+            fastkd.cc_loss(s, t, order=order, backend=backend)
+        with pytest.raises(ValueError, match=rf"order must be <= {CC_MAX_ORDER} \(p! overflows float64"):
+            fastkd.CCLoss(order=order, backend=backend)(s, t)
+    # the largest order runs (the float32 reference's (x_i·x_j)^p overflows at
+    # such orders, so the reference backend runs it in float64)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    got = fastkd.cc_loss(s.to(dtype), t.to(dtype), gamma=0.3, order=CC_MAX_ORDER, backend=backend)
+    want = reference.cc_loss(s.double(), t.double(), gamma=0.3, order=CC_MAX_ORDER)
+    assert_matches(got, want, dtype, f"{backend} cc order {CC_MAX_ORDER}")
+
+
+@OPS_ON_DEVICE
+def test_cc_op_order_is_bounded():
+    s, t = embeddings((5, 3), torch.float32, 74), embeddings((5, 2), torch.float32, 75)
+    with pytest.raises(RuntimeError, match=rf"order must be <= {CC_MAX_ORDER} \(p! overflows float64"):
+        torch.ops.fastkd.cc_forward(s, t, True, 0.4, 2**40)
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.id == "triton"])
+def test_cc_triton_launcher_order_is_bounded(backend):
+    from fastkd.kernels import relational as kernels
+
+    s, t = embeddings((5, 3), torch.float32, 76), embeddings((5, 2), torch.float32, 77)
+    with pytest.raises(ValueError, match=rf"order must be <= {CC_MAX_ORDER} \(p! overflows float64"):
+        kernels.cc_forward(s, t, True, gamma=0.4, order=2**40)
+
+
+# Every relational loss with a cpu kernel, as f(student, teacher, backend=...).
+ALL_LOSSES = {
+    "rkd_distance": fastkd.rkd_distance,
+    "rkd_angle": fastkd.rkd_angle,
+    "rkd_loss": fastkd.rkd_loss,
+    "pkt_loss": fastkd.pkt_loss,
+    "sp_loss": fastkd.sp_loss,
+    "cc_loss": fastkd.cc_loss,
+}
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_cpu_result_does_not_depend_on_the_thread_count(name, dtype):
+    """Loss and gradient bit for bit the same with 1, 2 and 4 threads (N large
+    enough for several row and anchor chunks, a near pair included)."""
+    fn = ALL_LOSSES[name]
+    s, t = embeddings((203, 24), dtype, 78).cpu(), embeddings((203, 16), dtype, 79).cpu()
+    s[7] = s[150] + 1e-4
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 4):
+            torch.set_num_threads(count)
+            results.append(run(lambda a, b: fn(a, b, backend="cpu"), s, t))
+    finally:
+        torch.set_num_threads(threads)
+    for count, (loss, grad) in zip((2, 4), results[1:], strict=True):
+        assert torch.equal(loss, results[0][0]), f"{name} loss with {count} threads"
+        assert torch.equal(grad, results[0][1]), f"{name} gradient with {count} threads"
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_second_backward_through_a_retained_graph(name, backend):
+    """backward(retain_graph=True) then backward again: twice the gradient, the
+    saved gradient untouched (with a unit upstream gradient too)."""
+    fn = ALL_LOSSES[name]
+    s, t = embeddings((7, 5), torch.float32, 80), embeddings((7, 3), torch.float32, 81)
+    for upstream in (UPSTREAM, 1.0):
+        once = run(lambda a, b: fn(a, b, backend=backend), s, t, upstream)[1]
+        x = s.detach().clone().requires_grad_(True)
+        loss = fn(x, t, backend=backend)
+        grad_output = torch.tensor(upstream, dtype=loss.dtype, device=loss.device)
+        loss.backward(grad_output, retain_graph=True)
+        loss.backward(grad_output)
+        assert torch.equal(x.grad, 2 * once)
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_cpu_gradcheck_float64(name):
+    """gradcheck (which also runs each backward twice) on the loss and on a
+    multiple of it (a non-unit upstream gradient)."""
+    fn = ALL_LOSSES[name]
+    s, t = embeddings((6, 4), torch.float64, 82).cpu(), embeddings((6, 3), torch.float64, 83).cpu()
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: fn(a, t, backend="cpu"), (s,))
+    assert torch.autograd.gradcheck(lambda a: UPSTREAM * fn(a, t, backend="cpu"), (s,))

@@ -49,9 +49,16 @@ inline void check_pkt_eps(double eps) {
   TORCH_CHECK(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps);
 }
 
+// CC's largest Taylor order: the coefficient (2γ)^p / p! of the reference
+// needs p! as a float64, which overflows beyond 170! (and every kernel's cost
+// grows with the order).
+constexpr int64_t kCcMaxOrder = 170;
+
 inline void check_cc_params(double gamma, int64_t order) {
   TORCH_CHECK(std::isfinite(gamma) && gamma > 0, "gamma must be finite and > 0, got ", gamma);
   TORCH_CHECK(order >= 1, "order must be >= 1, got ", order);
+  TORCH_CHECK(order <= kCcMaxOrder, "order must be <= ", kCcMaxOrder,
+              " (p! overflows float64 for p > ", kCcMaxOrder, "), got ", order);
 }
 
 // CC's Taylor series in g = x_i·x_j: (Σ_{p=0..P} (2γ g)^p / p!, its derivative

@@ -28,7 +28,9 @@
 // batch), which costs one extra gather-dot pass. The Z used is returned.
 //
 // float32 inputs compute the dot products, exp and log in float32 and
-// accumulate the loss in double; float64 inputs stay float64.
+// accumulate the loss and the gradient in double; float64 inputs stay float64.
+// Each sample is computed by one task, in column order, so the results do not
+// depend on the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -112,10 +114,13 @@ inline T log1p_nonnegative(T x) {
   return std::log1p(x);
 }
 
+// y += alpha · x with y in double: a float32 alpha · x is exact in double,
+// so the only rounding is the sum's, at double precision.
 template <class T>
-inline void axpy(T alpha, const T* x, T* y, int64_t d) {
+inline void axpy(T alpha, const T* x, double* y, int64_t d) {
+  const double a = alpha;
 #pragma omp simd
-  for (int64_t i = 0; i < d; ++i) y[i] += alpha * x[i];
+  for (int64_t i = 0; i < d; ++i) y[i] += a * static_cast<double>(x[i]);
 }
 
 // Raw views of the op's inputs.
@@ -162,10 +167,14 @@ void crd_kernel(const CrdView<T>& w, int64_t n_data, T z, double* row_loss, T* g
   const double shift = negatives > 0 ? double(negatives) * std::log1p(kNceEps / c) : 0.0;
   const T inv_z = T(1) / z;
   at::parallel_for(0, w.batch, 1, [&](int64_t begin, int64_t end) {
+    // The sample's gradient Σ_j g_bj bank[idx_bj] sums K+1 rows (16385 in
+    // RepDistiller) with weights of both signs: it accumulates in double and
+    // is rounded once.
+    std::vector<double> acc(grad == nullptr ? 0 : w.dim);
     for (int64_t b = begin; b < end; ++b) {
       const T* vb = w.v + b * w.dim;
       T* gb = grad == nullptr ? nullptr : grad + b * w.dim;
-      if (gb != nullptr) std::fill(gb, gb + w.dim, T(0));
+      if (gb != nullptr) std::fill(acc.begin(), acc.end(), 0.0);
       double loss = 0.0;
       for (int64_t j = 0; j < w.cols; ++j) {
         if (j + kPrefetchDistance < w.cols) prefetch_row(w.row(b, j + kPrefetchDistance), w.dim);
@@ -183,7 +192,10 @@ void crd_kernel(const CrdView<T>& w, int64_t n_data, T z, double* row_loss, T* g
           loss += log1p_nonnegative(p * inv_c_eps);
           g = p / denom * w.inv_temperature;
         }
-        if (gb != nullptr) axpy(g, row, gb, w.dim);
+        if (gb != nullptr) axpy(g, row, acc.data(), w.dim);
+      }
+      if (gb != nullptr) {
+        for (int64_t i = 0; i < w.dim; ++i) gb[i] = static_cast<T>(acc[i]);
       }
       row_loss[b] = loss + shift;
     }

@@ -82,13 +82,14 @@ double direct_sq(const T* a, const T* b, int64_t d) {
 
 // The SIMD variant of each distance row pass (relational_kernel.h).
 template <class T>
-double distance_row(const T* g, const T* norms, T n_i, T factor, T* d, uint8_t* near, int64_t n) {
+double distance_row(const T* g, const T* norms, T n_i, T factor, T* d, uint8_t* near, int64_t n,
+                    int64_t diag) {
   switch (active_capability()) {
-    case Capability::AVX512: return AVX512::distance_row(g, norms, n_i, factor, d, near, n);
-    case Capability::AVX2: return AVX2::distance_row(g, norms, n_i, factor, d, near, n);
+    case Capability::AVX512: return AVX512::distance_row(g, norms, n_i, factor, d, near, n, diag);
+    case Capability::AVX2: return AVX2::distance_row(g, norms, n_i, factor, d, near, n, diag);
     case Capability::Default: break;
   }
-  return DEFAULT::distance_row(g, norms, n_i, factor, d, near, n);
+  return DEFAULT::distance_row(g, norms, n_i, factor, d, near, n, diag);
 }
 
 template <class T>
@@ -130,8 +131,7 @@ double distances(const at::Tensor& x, const at::Tensor& gram, T* dist, uint8_t* 
     for (int64_t i = begin; i < end; ++i) {
       T* row = dist + i * n;
       uint8_t* near_row = near + i * n;
-      double sum = distance_row(g + i * n, norms, norms[i], factor, row, near_row, n);
-      near_row[i] = 1;
+      double sum = distance_row(g + i * n, norms, norms[i], factor, row, near_row, n, i);
       for (int64_t j = 0; j < n; ++j) {
         if (!near_row[j]) continue;
         if (j == i) {

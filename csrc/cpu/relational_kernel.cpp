@@ -15,9 +15,11 @@
 //   ∂/∂u_ij · (from both j and k sides)  → ang_sums[i, j] = Σ_k g a_ijk
 // relational.cpp turns these into dG and then dX = (dG + dGᵀ) X.
 //
-// Anchors are split over threads (at::parallel_for); each task accumulates
-// into its own [n, n] d_gram and adds it to the shared one at the end, so the
-// extra memory is one n × n buffer per thread. The inner loop over k is
+// Anchors are split into a fixed number of chunks (a function of n only), run
+// in parallel (at::parallel_for), each accumulating into its own [n, n]
+// d_gram partial; the partials are added to the shared d_gram in chunk
+// order, so the result does not depend on the thread count. At most one
+// partial per thread exists at a time. The inner loop over k is
 // at::vec SIMD; reads per element: the anchor's rows (in L1/L2) and row j of
 // the four Gram halves (streamed), plus d_gram's row j (read-modify-write).
 #include "relational_kernel.h"
@@ -27,7 +29,6 @@
 
 #include <algorithm>
 #include <array>
-#include <mutex>
 #include <vector>
 
 namespace fastkd {
@@ -227,29 +228,58 @@ double anchor_block(const AngleArgs<T>& a, int64_t first, int64_t count, T* d_gr
 
 // Anchors per block of anchor_block.
 constexpr int64_t kAnchorBlock = 8;
+// The anchors are split into at most this many chunks of consecutive anchors,
+// each with its own d_gram partial; the split depends on n only.
+constexpr int64_t kAngleChunks = 32;
+
+// Chunk c of `chunks` over n anchors: [n·c / chunks, n·(c + 1) / chunks).
+inline int64_t chunk_start(int64_t n, int64_t chunks, int64_t c) { return n * c / chunks; }
 
 template <class T>
 double run(const AngleArgs<T>& a) {
   const int64_t n = a.n;
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-  const int64_t grain = (n + tasks - 1) / tasks;
-  std::mutex mutex;
-  double total = 0;
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> d_gram(a.grad ? n * n : 0, T(0));
-    std::vector<T> r_acc(a.grad ? kAnchorBlock * n : 0), s_acc(a.grad ? kAnchorBlock * n : 0);
-    double part = 0;
-    for (int64_t first = begin; first < end; first += kAnchorBlock) {
-      const int64_t count = std::min(kAnchorBlock, end - first);
-      part += a.grad ? anchor_block<T, true>(a, first, count, d_gram.data(), r_acc.data(), s_acc.data())
-                     : anchor_block<T, false>(a, first, count, nullptr, nullptr, nullptr);
-    }
-    std::lock_guard<std::mutex> lock(mutex);
-    total += part;
+  // A fixed split (not derived from the thread count) and a fixed order of
+  // combination (chunk order, for the loss and for every d_gram element) make
+  // the result the same bit for bit whatever the number of threads. The
+  // chunks run in waves of at most get_num_threads(), so that only that many
+  // n × n partials exist at once; their sums are added in chunk order.
+  const int64_t chunks = std::min<int64_t>(kAngleChunks, (n + kAnchorBlock - 1) / kAnchorBlock);
+  const int64_t wave = std::max<int64_t>(1, std::min<int64_t>(chunks, at::get_num_threads()));
+  std::vector<double> parts(chunks, 0.0);
+  std::vector<std::vector<T>> partials(a.grad ? wave : 0);
+  for (int64_t first = 0; first < chunks; first += wave) {
+    const int64_t last = std::min(chunks, first + wave);
+    at::parallel_for(first, last, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> r_acc(a.grad ? kAnchorBlock * n : 0), s_acc(a.grad ? kAnchorBlock * n : 0);
+      for (int64_t c = begin; c < end; ++c) {
+        T* d_gram = nullptr;
+        if (a.grad) {
+          std::vector<T>& partial = partials[c - first];
+          partial.assign(n * n, T(0));
+          d_gram = partial.data();
+        }
+        const int64_t stop = chunk_start(n, chunks, c + 1);
+        double part = 0;
+        for (int64_t anchor = chunk_start(n, chunks, c); anchor < stop; anchor += kAnchorBlock) {
+          const int64_t count = std::min(kAnchorBlock, stop - anchor);
+          part += a.grad ? anchor_block<T, true>(a, anchor, count, d_gram, r_acc.data(), s_acc.data())
+                         : anchor_block<T, false>(a, anchor, count, nullptr, nullptr, nullptr);
+        }
+        parts[c] = part;
+      }
+    });
     if (a.grad) {
-      for (int64_t e = 0; e < n * n; ++e) a.d_gram[e] += d_gram[e];
+      // d_gram += partials in chunk order, element by element
+      at::parallel_for(0, n * n, 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t c = first; c < last; ++c) {
+          const T* partial = partials[c - first].data();
+          for (int64_t e = begin; e < end; ++e) a.d_gram[e] += partial[e];
+        }
+      });
     }
-  });
+  }
+  double total = 0;
+  for (const double part : parts) total += part;
   return total;
 }
 
@@ -259,7 +289,8 @@ double rkd_angle_kernel(const AngleArgs<float>& args) { return run(args); }
 double rkd_angle_kernel(const AngleArgs<double>& args) { return run(args); }
 
 template <class T>
-double distance_row(const T* g, const T* norms, T n_i, T factor, T* d, uint8_t* near, int64_t n) {
+double distance_row(const T* g, const T* norms, T n_i, T factor, T* d, uint8_t* near, int64_t n,
+                    int64_t diag) {
   constexpr int64_t L = Vec<T>::size();
   const Vec<T> vni(n_i), two(T(2)), vfactor(factor), eps(T(1e-12)), zero(T(0));
   Vec<T> sum(T(0));
@@ -268,12 +299,17 @@ double distance_row(const T* g, const T* norms, T n_i, T factor, T* d, uint8_t* 
     const Vec<T> nk = load(norms + k, cnt);
     const Vec<T> sq = vni + nk - two * load(g + k, cnt);
     // near: !(sq >= factor · (n_i + n_k)), NaN included
-    const Vec<T> ok = sq >= vfactor * (vni + nk);
+    Vec<T> ok = sq >= vfactor * (vni + nk);
+    std::array<T, L> flags;
+    if (diag >= k && diag < k + cnt) {
+      ok.store(flags.data());
+      flags[diag - k] = T(0);  // all bits clear: not ok
+      ok = Vec<T>::loadu(flags.data());
+    }
     const Vec<T> dist = at::vec::maximum(sq, eps).sqrt();
     store<T>(dist, d + k, cnt);
     // Tail lanes (zeros loaded) look like a far pair: leave them out.
     sum = sum + Vec<T>::set(zero, Vec<T>::blendv(zero, dist, ok), cnt);
-    std::array<T, L> flags;
     ok.store(flags.data());
     for (int64_t l = 0; l < cnt; ++l) near[k + l] = flags[l] == T(0);
   }
@@ -315,7 +351,7 @@ double distance_coef_row(T* d_s, const T* q, T shift, T inv_s, int64_t n) {
 }
 
 #define FASTKD_INSTANTIATE_DISTANCE_ROWS(T)                                                    \
-  template double distance_row<T>(const T*, const T*, T, T, T*, uint8_t*, int64_t);           \
+  template double distance_row<T>(const T*, const T*, T, T, T*, uint8_t*, int64_t, int64_t);  \
   template std::pair<double, double> distance_loss_row<T>(const T*, T*, T, T, T, int64_t);     \
   template double distance_coef_row<T>(T*, const T*, T, T, int64_t);
 FASTKD_INSTANTIATE_DISTANCE_ROWS(float)

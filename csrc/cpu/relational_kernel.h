@@ -51,9 +51,12 @@ struct AngleArgs {
 // Row passes of the RKD distance op (relational.cpp), one row of [n, n] each:
 //   distance_row   d_k = sqrt(max(n_i + n_k − 2 g_k, 1e-12)) from Gram row g
 //                  and squared norms; lanes where the Gram form is too close
-//                  to its rounding (sq < factor · (n_i + n_k), or NaN) get
-//                  near[k] = 1 (their d is left for the caller to recompute),
-//                  others near[k] = 0. Returns the sum of the others' d.
+//                  to its rounding (sq < factor · (n_i + n_k), or NaN) and
+//                  the diagonal lane k = diag get near[k] = 1 (their d is
+//                  left for the caller to set), others near[k] = 0. Returns
+//                  the sum of the others' d. (The diagonal needs the explicit
+//                  lane: a zero centred row, as when every row is equal, has
+//                  sq = 0 >= factor · 0 there and would pass as a far pair.)
 //   distance_loss_row  ρ = d_s · inv_s − d_t · inv_t; writes
 //                  q = clamp(ρ, −1, 1) · inv_n2 over d_t; returns
 //                  (Σ smooth_l1(ρ), Σ q · d_s).
@@ -65,7 +68,7 @@ struct AngleArgs {
   double rkd_angle_kernel(const AngleArgs<double>& args);                                     \
   template <class T>                                                                          \
   double distance_row(const T* g, const T* norms, T n_i, T factor, T* d, uint8_t* near,       \
-                      int64_t n);                                                             \
+                      int64_t n, int64_t diag);                                               \
   template <class T>                                                                          \
   std::pair<double, double> distance_loss_row(const T* d_s, T* d_t, T inv_s, T inv_t,         \
                                               T inv_n2, int64_t n);                           \

@@ -16,9 +16,10 @@
 // A batch has few samples (64–256) against K+1 = 16385 columns, so each
 // sample's columns are split over enough warps to fill the GPU (about
 // kTargetWarps work items, at least kMinColumnsPerSplit columns each); each
-// item writes a partial loss (double) and a partial gradient, which ATen sums
-// over the splits in a fixed order: deterministic, no atomics. Memory besides
-// the inputs: splits × B × (D + 2) values.
+// item writes a partial loss and a partial gradient (both accumulated in
+// double: a split sums hundreds of rows with weights of both signs), which
+// ATen sums over the splits in a fixed order: deterministic, no atomics.
+// Memory besides the inputs: splits × B × (D + 1) doubles.
 //
 // Memory traffic floor: the gather, B·(K+1)·D·sizeof(T) bytes of random bank
 // rows plus the indices, once (twice when Z is set from the batch: the first
@@ -26,8 +27,8 @@
 // hide the gather's latency.
 //
 // float32 inputs compute the dot products, exp and log1p in float32 and
-// accumulate the loss (and the exp sum for Z) in double, as on CPU; float64
-// inputs stay float64. feat_dim is limited to kMaxFeatDim (R <= 32) and every
+// accumulate the loss, the gradient and the exp sum for Z in double, as on
+// CPU; float64 inputs stay float64. feat_dim is limited to kMaxFeatDim (R <= 32) and every
 // index is bounds-checked on the host before any gather.
 //
 // Layout: the device code and raw-pointer launchers first, then the op
@@ -57,7 +58,8 @@ constexpr int kWarp = 32;
 // 4 warps per block: small blocks, so that the last wave is short.
 constexpr int kThreads = 128;
 constexpr int kWarpsPerBlock = kThreads / kWarp;
-// Registers per lane for v and for the gradient: R <= 32 keeps them at 64.
+// Elements per lane of v, the gathered row and the (double) gradient: R <= 32
+// keeps them within 128 registers.
 constexpr int kMaxPerLane = 32;
 constexpr int64_t kMaxFeatDim = int64_t(kWarp) * kMaxPerLane;
 // Work items to aim for (an H100 holds 132 SMs × 64 warps = 8448), and the
@@ -163,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) _crd_nce_kernel(
     CrdView<T> w,
     const T* __restrict__ z,              // [] Z > 0, on the device (no host sync)
     double* __restrict__ loss_partial,    // [splits, B]
-    T* __restrict__ grad_partial,         // [splits, B, D] or nullptr
+    double* __restrict__ grad_partial,    // [splits, B, D] or nullptr
     T c_eps,                              // c' = K / n_data + 1e-7
     T inv_c_eps) {                        // 1 / c'
   const int lane = threadIdx.x % kWarp;
@@ -175,10 +177,11 @@ __global__ void __launch_bounds__(kThreads) _crd_nce_kernel(
     const WorkItem it = work_item(w, item);
     T vr[R];
     T rr[R];
-    T gr[R];
+    // the gradient sums up to K+1 rows with weights of both signs: in double
+    double gr[R];
     load_v(w, it.b, lane, vr);
 #pragma unroll
-    for (int r = 0; r < R; ++r) gr[r] = T(0);
+    for (int r = 0; r < R; ++r) gr[r] = 0.0;
     double loss = 0.0;
     for (int64_t j = it.lo; j < it.hi; ++j) {
       // P = exp(s / T) / Z
@@ -196,7 +199,7 @@ __global__ void __launch_bounds__(kThreads) _crd_nce_kernel(
       }
       if (want_grad) {
 #pragma unroll
-        for (int r = 0; r < R; ++r) gr[r] += g * rr[r];
+        for (int r = 0; r < R; ++r) gr[r] += static_cast<double>(g) * static_cast<double>(rr[r]);
       }
     }
     const int64_t out = it.split * w.batch + it.b;
@@ -224,7 +227,7 @@ void launch_exp_sum(const CrdView<T>& w, double* partial, cudaStream_t stream) {
 }
 
 template <class T, int R>
-void launch_nce(const CrdView<T>& w, const T* z, double* loss_partial, T* grad_partial, T c_eps,
+void launch_nce(const CrdView<T>& w, const T* z, double* loss_partial, double* grad_partial, T c_eps,
                 T inv_c_eps, cudaStream_t stream) {
   _crd_nce_kernel<T, R><<<blocks_for(w.items), kThreads, 0, stream>>>(w, z, loss_partial,
                                                                       grad_partial, c_eps, inv_c_eps);
@@ -313,8 +316,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_nce_forward_cuda(
   const int64_t negatives = cols - 1;
   const double c = double(negatives) / double(n_data);
   at::Tensor loss_partial = at::empty({splits, batch}, options.dtype(at::kDouble));
-  at::Tensor grad_partial =
-      want_grad ? at::empty({splits, batch, dim}, options) : at::empty({0, 0}, options);
+  at::Tensor grad_partial = want_grad ? at::empty({splits, batch, dim}, options.dtype(at::kDouble))
+                                       : at::empty({0, 0}, options);
   at::Tensor z_out;
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "crd_nce_forward_cuda", [&] {
     const CrdView<scalar_t> w{vc.data_ptr<scalar_t>(), bank.data_ptr<scalar_t>(),
@@ -336,14 +339,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_nce_forward_cuda(
     const scalar_t inv_c_eps = static_cast<scalar_t>(1.0 / (c + kNceEps));
     with_per_lane(dim, [&]<int R>() {
       launch_nce<scalar_t, R>(w, z_out.data_ptr<scalar_t>(), loss_partial.data_ptr<double>(),
-                              want_grad ? grad_partial.data_ptr<scalar_t>() : nullptr, c_eps,
+                              want_grad ? grad_partial.data_ptr<double>() : nullptr, c_eps,
                               inv_c_eps, stream);
     });
   });
   // Σ_k log((P_k + c') / c) = Σ_k log1p(P_k / c') + K log(c' / c)
   const double shift = negatives > 0 ? double(negatives) * std::log1p(kNceEps / c) : 0.0;
   at::Tensor row_loss = loss_partial.sum(0).add_(shift).to(v.scalar_type());
-  at::Tensor grad = want_grad ? grad_partial.sum(0) : grad_partial;
+  at::Tensor grad = want_grad ? grad_partial.sum(0).to(v.scalar_type()) : grad_partial;
   return {row_loss, grad, z_out};
 }
 

@@ -205,6 +205,24 @@ def sp_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (g_t - g_s).pow(2).sum() / s.shape[0] ** 2
 
 
+# CC's largest Taylor order: the coefficient (2γ)^p / p! needs p! as a float64,
+# which overflows beyond 170! (and every backend's cost grows with the order).
+CC_MAX_ORDER = 170
+
+
+def check_cc_order(order) -> int:
+    """``order`` as an int in ``[1, CC_MAX_ORDER]``, or a ``ValueError`` naming it."""
+    if isinstance(order, bool) or not isinstance(order, numbers.Integral):
+        raise ValueError(f"order must be an int, got {type(order).__name__}")
+    if order < 1:
+        raise ValueError(f"order must be >= 1, got {order}")
+    if order > CC_MAX_ORDER:
+        raise ValueError(
+            f"order must be <= {CC_MAX_ORDER} (p! overflows float64 for p > {CC_MAX_ORDER}), got {order}"
+        )
+    return int(order)
+
+
 def _cc_matrix(x: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
     """``(N, N)`` ``K_ij = exp(−2γ) Σ_{p=0..P} (2γ)^p / p! · (x_i·x_j)^p``."""
     gram = x @ x.t()
@@ -244,15 +262,12 @@ def cc_loss(
         student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
         gamma: RBF parameter ``γ > 0``.
-        order: Taylor order ``P >= 1`` (an int).
+        order: Taylor order ``1 <= P <= 170`` (an int; 171! overflows float64).
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
     """
     gamma = _validate.real("gamma", gamma, low=0.0, low_open=True)
-    if isinstance(order, bool) or not isinstance(order, numbers.Integral):
-        raise ValueError(f"order must be an int, got {type(order).__name__}")
-    if order < 1:
-        raise ValueError(f"order must be >= 1, got {order}")
+    order = check_cc_order(order)
     s, t = _pair(student, teacher)
-    diff = _cc_matrix(s, gamma, int(order)) - _cc_matrix(t, gamma, int(order))
+    diff = _cc_matrix(s, gamma, order) - _cc_matrix(t, gamma, order)
     return torch.linalg.vector_norm(diff) / s.shape[0] ** 2
