@@ -113,8 +113,8 @@ def relational_cases(draw, name, backend):
     ds, dt = draw(st.sampled_from(student_dims)), draw(st.sampled_from(dims))
     scale = draw(SCALES)
     if name == "cc_loss" and dtype == torch.float16:
-        # the CC kernel grows like |x|^(2·order): keep the float16 gradient representable
-        scale = min(scale, 1.0)
+        # the CC kernel grows like (x·x')^order: keep the float16 gradient representable
+        scale = min(scale, 1.0 / math.sqrt(ds))
     student = operand(draw, (n, ds), layouts=s_layouts, scale=scale)
     teacher = operand(draw, (n, dt), grad=False, scale=draw(SCALES))
     return [student, teacher], kwargs, dtype, draw(UPSTREAMS)
@@ -132,7 +132,7 @@ def _relational_test(name):
             check_against_reference(
                 lambda s, t: fused(s, t, backend=backend, **kwargs),
                 lambda s, t: ref(s, t, **kwargs),
-                operands, dtype, upstream, f"{backend} {name} {kwargs}",
+                operands, dtype, upstream, f"{backend} {name} {kwargs}", reorderable=True,
             )
         inner()
 
@@ -183,7 +183,7 @@ def test_mmd_matches_the_reference(backend):
         check_against_reference(
             lambda x, y: fastkd.mmd_loss(x, y, backend=backend, **kwargs),
             lambda x, y: reference.mmd_loss(x, y, **kwargs),
-            operands, dtype, upstream, f"{backend} mmd {kwargs}",
+            operands, dtype, upstream, f"{backend} mmd {kwargs}", reorderable=True,
         )
     inner()
 
@@ -195,9 +195,11 @@ def info_nce_cases(draw, backend):
     rows = ROWS_SMALL + (63, 65) if small(backend) else ROWS + (63, 64, 65)
     dims = DIMS_SMALL if small(backend) else DIMS
     n = draw(st.sampled_from(rows))
-    d = draw(st.sampled_from(dims))
     mode = draw(st.sampled_from(("diagonal", "labels", "symmetric")))
     normalize = draw(st.booleans())
+    # one normalised feature is ±1: an exactly zero gradient, reached only to
+    # rounding noise (test_info_nce_normalized_single_feature)
+    d = draw(st.sampled_from(tuple(x for x in dims if x > 1) if normalize else dims))
     temperature = draw(st.sampled_from((0.07, 0.05, 1.0, 100.0)))
     if mode == "labels":
         m = draw(st.sampled_from(rows))
@@ -231,7 +233,8 @@ def test_info_nce_matches_the_reference(backend):
         def ref(q, k, labels=None):
             return reference.info_nce(q, k, labels=labels, **kwargs)
 
-        check_against_reference(fused, ref, operands, dtype, upstream, f"{backend} info_nce {kwargs}")
+        check_against_reference(fused, ref, operands, dtype, upstream, f"{backend} info_nce {kwargs}",
+                                reorderable=True)
     inner()
 
 
@@ -269,7 +272,7 @@ def test_crd_nce_matches_the_reference(backend):
         check_against_reference(
             lambda v, bank, idx: fastkd.crd_nce(v, bank, idx, backend=backend, **kwargs),
             lambda v, bank, idx: reference.crd.crd_nce(v, bank, idx, **kwargs),
-            operands, dtype, upstream, f"{backend} crd_nce {kwargs} bank {bank_dtype}",
+            operands, dtype, upstream, f"{backend} crd_nce {kwargs} bank {bank_dtype}", reorderable=True,
         )
     inner()
 
@@ -281,7 +284,9 @@ def map_cases(draw, backend, *, at: bool):
     small_ = small(backend)
     n = draw(st.sampled_from((1, 2, 3) if small_ else (1, 2, 3, 5)))
     cs, ct = (draw(st.sampled_from((1, 2, 3, 8, 17))) for _ in range(2))
-    sides = (1, 2, 3, 4, 7) if small_ else (1, 2, 3, 4, 7, 8, 9, 16, 33)
+    # 17 × 17 positions cross the triton AT kernel's 256-wide runs, 65 × 65
+    # its 4096-position row block
+    sides = (1, 2, 3, 4, 7, 17) if small_ else (1, 2, 3, 4, 7, 8, 9, 16, 17, 33, 65)
     hs, ws, ht, wt = (draw(st.sampled_from(sides)) for _ in range(4))
     if not at:
         ct = cs  # NST compares channel pairs of equal count
@@ -636,3 +641,17 @@ def test_mmd_gaussian_small_bandwidth_gradient(backend, request):
     check_against_reference(lambda a, b: fastkd.mmd_loss(a, b, bandwidths=0.25, backend=backend),
                             lambda a, b: reference.mmd_loss(a, b, bandwidths=0.25),
                             operands, torch.float32, 0.7, f"{backend} mmd small bandwidth")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_info_nce_normalized_single_feature(backend, request):
+    """normalize=True with D = 1: the normalised rows are ±1, so the exact
+    gradients are 0 (the reference's F.normalize gives exactly 0)."""
+    _xfail_if(request, True, "new (minor): info_nce normalize=True with D = 1 gives a k gradient of "
+              "-3.8e-6 instead of 0 (cpu and triton, float32 and bfloat16)")
+    operands = [Operand((2, 1), values=torch.tensor([[1.5410], [-0.2934]], dtype=torch.float64)),
+                Operand((2, 1), values=torch.tensor([[2.0883], [0.4275]], dtype=torch.float64))]
+    check_against_reference(
+        lambda q, k: fastkd.info_nce(q, k, symmetric=True, normalize=True, backend=backend),
+        lambda q, k: reference.info_nce(q, k, symmetric=True, normalize=True),
+        operands, torch.float32, -1.3, f"{backend} info_nce normalize D = 1")
