@@ -5,8 +5,8 @@ run in the input dtype as the baseline)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from hypothesis import strategies as st
@@ -68,7 +68,6 @@ class Operand:
     values: torch.Tensor | None = None
     dtype: torch.dtype | None = None  # fixed dtype (e.g. a CRD bank), else the test's dtype
     integer: bool = False  # an index tensor, passed as is
-    extra: dict = field(default_factory=dict)
 
 
 def make_values(shape, seed: int, *, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
@@ -90,7 +89,7 @@ def run_once(fn: Callable, operands: list[Operand], dtype: torch.dtype, upstream
         args.append(apply_layout(leaf, op.shape, op.layout))
     out = fn(*args)
     loss = out[0] if isinstance(out, tuple) else out
-    wanted = [leaf for leaf, op in zip(leaves, operands) if op.grad and not op.integer]
+    wanted = [leaf for leaf, op in zip(leaves, operands, strict=True) if op.grad and not op.integer]
     grads = []
     if wanted:
         loss.backward(torch.full_like(loss, upstream))
@@ -106,7 +105,7 @@ def rounded(operands: list[Operand], dtype: torch.dtype) -> list[Operand]:
             out.append(op)
             continue
         values = op.values.to(op.dtype or dtype).to(torch.float64)
-        out.append(Operand(op.shape, op.layout, op.grad, values, None, False, op.extra))
+        out.append(Operand(op.shape, op.layout, op.grad, values))
     return out
 
 

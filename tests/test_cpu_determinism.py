@@ -83,10 +83,11 @@ ROWS, VOCAB = 64, 4096
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("name", ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"))
 def test_divergence(name, dtype):
-    s, t = grad(randn(ROWS, VOCAB, seed=0, scale=3, dtype=dtype)), grad(randn(ROWS, VOCAB, seed=1, scale=3,
-                                                                            dtype=dtype))
-    assert_thread_invariant(lambda a, b: fastkd.divergence(a, b, divergence=name, temperature=2.0, backend=BACKEND),
-                            [s, t], f"divergence {name} {dtype}")
+    s = grad(randn(ROWS, VOCAB, seed=0, scale=3, dtype=dtype))
+    t = grad(randn(ROWS, VOCAB, seed=1, scale=3, dtype=dtype))
+    assert_thread_invariant(
+        lambda a, b: fastkd.divergence(a, b, divergence=name, temperature=2.0, backend=BACKEND),
+        [s, t], f"divergence {name} {dtype}")
 
 
 def test_divergence_hard_labels_and_rows():
@@ -94,7 +95,8 @@ def test_divergence_hard_labels_and_rows():
     labels = torch.randint(0, VOCAB, (ROWS,), generator=torch.Generator().manual_seed(2))
     labels[::5] = -100
     assert_thread_invariant(
-        lambda a, b: fastkd.divergence(a, b, labels=labels, hard_weight=0.3, soft_weight=0.7, backend=BACKEND),
+        lambda a, b: fastkd.divergence(a, b, labels=labels, hard_weight=0.3, soft_weight=0.7,
+                                       backend=BACKEND),
         [s, t], "divergence with hard labels")
     assert_thread_invariant(
         lambda a, b: fastkd.divergence(a, b, divergence="jsd", reduction="none", backend=BACKEND),
@@ -105,8 +107,9 @@ def test_divergence_hard_labels_and_rows():
 def test_topk_divergence(name):
     s = grad(randn(ROWS, VOCAB, seed=0, scale=3))
     values, index = randn(ROWS, VOCAB, seed=1, scale=3).topk(64, dim=-1)
-    assert_thread_invariant(lambda a: fastkd.topk_divergence(a, index, values, divergence=name, backend=BACKEND),
-                            [s], f"topk {name}")
+    assert_thread_invariant(
+        lambda a: fastkd.topk_divergence(a, index, values, divergence=name, backend=BACKEND),
+        [s], f"topk {name}")
 
 
 @pytest.mark.parametrize("name", ("kl", "jsd"))
@@ -175,8 +178,9 @@ def test_mmd(kernel, unbiased, request):
     _xfail_if(request, kernel == "polynomial", "new (defect 11's kind): the polynomial MMD loss depends on "
               "the thread count (7.6e-6 apart with 1 and 2 threads)")
     x, y = grad(randn(PAIRS, 32, seed=0)), grad(randn(PAIRS + 3, 32, seed=1, scale=1.2))
-    assert_thread_invariant(lambda a, b: fastkd.mmd_loss(a, b, kernel=kernel, unbiased=unbiased, backend=BACKEND),
-                            [x, y], f"mmd {kernel} unbiased={unbiased}")
+    assert_thread_invariant(
+        lambda a, b: fastkd.mmd_loss(a, b, kernel=kernel, unbiased=unbiased, backend=BACKEND),
+        [x, y], f"mmd {kernel} unbiased={unbiased}")
 
 
 RELATIONAL = ("rkd_distance", "rkd_angle", "rkd_loss", "pkt_loss", "sp_loss", "cc_loss")

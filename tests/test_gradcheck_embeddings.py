@@ -165,20 +165,13 @@ def test_hint_loss(adapter, s_shape, t_shape):
     m = fastkd.HintLoss(s_shape[1], t_shape[1], adapter=adapter).double()
     teacher = f64(*t_shape, seed=1, grad=False)
     check(lambda s: m(s, teacher), f64(*s_shape, seed=0))
-    params = [p for p in m.parameters()]
+    names = [name for name, _ in m.named_parameters()]
     student = f64(*s_shape, seed=0, grad=False)
 
     def through_parameters(*values):
-        saved = [p.data for p in params]
-        try:
-            out = torch.func.functional_call(m, dict(zip([n for n, _ in m.named_parameters()], values)),
-                                             (student, teacher))
-        finally:
-            for p, d in zip(params, saved):
-                p.data = d
-        return out
+        return torch.func.functional_call(m, dict(zip(names, values, strict=True)), (student, teacher))
 
-    check(through_parameters, *[p.detach().clone().requires_grad_(True) for p in params])
+    check(through_parameters, *[p.detach().clone().requires_grad_(True) for p in m.parameters()])
 
 
 # ---- InfoNCE and CRD -------------------------------------------------------------
@@ -214,7 +207,8 @@ def _crd_case(b, feat, k, z):
     return (lambda x: fastkd.crd_nce(x, bank, idx, temperature=0.5, z=z, backend=BACKEND)[0]), v
 
 
-@pytest.mark.parametrize("b, feat, k, z", [CRD_CASES[0]] + [pytest.param(*c, marks=DEFECT_12) for c in CRD_CASES[1:]])
+@pytest.mark.parametrize(
+    "b, feat, k, z", [CRD_CASES[0]] + [pytest.param(*c, marks=DEFECT_12) for c in CRD_CASES[1:]])
 def test_crd_nce(b, feat, k, z):
     """The student-side embedding ``v`` gets the gradient; the bank none."""
     check(*_crd_case(b, feat, k, z))
@@ -229,7 +223,8 @@ def test_crd_nce_finite_differences(b, feat, k, z):
 @pytest.mark.parametrize("n, d", ((1, 3), (2, 1), (5, 4)))
 def test_rkd_loss_finite_differences(kwargs, n, d):
     teacher = f64(n, d + 2, seed=1, grad=False)
-    finite_difference_check(lambda s: fastkd.rkd_loss(s, teacher, backend=BACKEND, **kwargs), f64(n, d, seed=0))
+    finite_difference_check(lambda s: fastkd.rkd_loss(s, teacher, backend=BACKEND, **kwargs),
+                            f64(n, d, seed=0))
 
 
 @DEFECT_12

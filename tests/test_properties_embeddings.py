@@ -255,7 +255,8 @@ def crd_cases(draw, backend):
     bank_values = bank_values / bank_values.norm(dim=1, keepdim=True)
     bank = Operand((n_data, feat), "contiguous", False, bank_values, bank_dtype)
     g = torch.Generator().manual_seed(draw(SEEDS))
-    idx = Operand((b, k + 1), grad=False, values=torch.randint(0, n_data, (b, k + 1), generator=g), integer=True)
+    idx_values = torch.randint(0, n_data, (b, k + 1), generator=g)
+    idx = Operand((b, k + 1), grad=False, values=idx_values, integer=True)
     dtype = sample_dtype(draw, backend)
     if bank_dtype == torch.float32 and dtype == torch.float64:
         dtype = torch.float32
@@ -369,7 +370,8 @@ def _family_operands(name: str, values: torch.Tensor) -> list[Operand]:
         bank = make_values((10, d), 12)
         bank = bank / bank.norm(dim=1, keepdim=True)
         idx = torch.randint(0, 10, (n, 4), generator=torch.Generator().manual_seed(3))
-        return [Operand((n, d), values=values), Operand((10, d), grad=False, values=bank, dtype=torch.float32),
+        return [Operand((n, d), values=values),
+                Operand((10, d), grad=False, values=bank, dtype=torch.float32),
                 Operand((n, 4), grad=False, values=idx, integer=True)]
     return [Operand((n, d), values=values), Operand((n, 5), grad=False, values=teacher)]
 
@@ -496,7 +498,8 @@ def test_mmd_tiny_bandwidth(bandwidth, backend, request):
     """A tiny bandwidth leaves only the diagonal: finite loss, finite (zero) gradient."""
     _xfail_if(request, (backend != "reference" and bandwidth <= 1e-20) or bandwidth <= 1e-30,
               "defect 7: mmd tiny bandwidth gives a NaN gradient (cpu) or loss (triton, float32 reference)")
-    operands = [Operand((8, 4), values=make_values((8, 4), 0)), Operand((9, 4), values=make_values((9, 4), 1))]
+    operands = [Operand((8, 4), values=make_values((8, 4), 0)),
+                Operand((9, 4), values=make_values((9, 4), 1))]
     check_against_reference(lambda a, b: fastkd.mmd_loss(a, b, bandwidths=bandwidth, backend=backend),
                             lambda a, b: reference.mmd_loss(a, b, bandwidths=bandwidth),
                             operands, torch.float32, 0.7, f"{backend} mmd bandwidth {bandwidth:g}")
@@ -533,20 +536,21 @@ def test_cc_loss_huge_order(order, backend, request):
                        f"float64 reference cc_loss order {order}")
 
 
+def _empty(*shape):
+    return torch.randn(0, *shape, requires_grad=True)
+
+
 EMPTY_CALLS = {
-    "rkd_distance": lambda be: fastkd.rkd_distance(torch.randn(0, 4, requires_grad=True), torch.randn(0, 3),
-                                                   backend=be),
-    "pkt_loss": lambda be: fastkd.pkt_loss(torch.randn(0, 4, requires_grad=True), torch.randn(0, 3), backend=be),
-    "sp_loss": lambda be: fastkd.sp_loss(torch.randn(0, 4, requires_grad=True), torch.randn(0, 3), backend=be),
-    "cc_loss": lambda be: fastkd.cc_loss(torch.randn(0, 4, requires_grad=True), torch.randn(0, 3), backend=be),
-    "mmd_loss": lambda be: fastkd.mmd_loss(torch.randn(0, 4, requires_grad=True), torch.randn(3, 4), backend=be),
-    "info_nce": lambda be: fastkd.info_nce(torch.randn(0, 4, requires_grad=True), torch.randn(3, 4), backend=be),
-    "at_loss": lambda be: fastkd.at_loss(torch.randn(0, 2, 3, 3, requires_grad=True), torch.randn(0, 2, 3, 3),
-                                         backend=be),
-    "nst_loss": lambda be: fastkd.nst_loss(torch.randn(0, 2, 3, 3, requires_grad=True), torch.randn(0, 2, 3, 3),
-                                           backend=be),
-    "crd_nce": lambda be: fastkd.crd_nce(torch.randn(0, 4, requires_grad=True), torch.randn(10, 4),
-                                         torch.zeros(0, 3, dtype=torch.int64), z=1.0, backend=be)[0],
+    "rkd_distance": lambda be: fastkd.rkd_distance(_empty(4), torch.randn(0, 3), backend=be),
+    "pkt_loss": lambda be: fastkd.pkt_loss(_empty(4), torch.randn(0, 3), backend=be),
+    "sp_loss": lambda be: fastkd.sp_loss(_empty(4), torch.randn(0, 3), backend=be),
+    "cc_loss": lambda be: fastkd.cc_loss(_empty(4), torch.randn(0, 3), backend=be),
+    "mmd_loss": lambda be: fastkd.mmd_loss(_empty(4), torch.randn(3, 4), backend=be),
+    "info_nce": lambda be: fastkd.info_nce(_empty(4), torch.randn(3, 4), backend=be),
+    "at_loss": lambda be: fastkd.at_loss(_empty(2, 3, 3), torch.randn(0, 2, 3, 3), backend=be),
+    "nst_loss": lambda be: fastkd.nst_loss(_empty(2, 3, 3), torch.randn(0, 2, 3, 3), backend=be),
+    "crd_nce": lambda be: fastkd.crd_nce(_empty(4), torch.randn(10, 4), torch.zeros(0, 3, dtype=torch.int64),
+                                         z=1.0, backend=be)[0],
 }
 EMPTY_ARGUMENT = {"mmd_loss": "x", "info_nce": "q", "at_loss": "student_maps", "nst_loss": "student_maps",
                   "crd_nce": "v"}
@@ -607,8 +611,8 @@ def test_rkd_angle_of_collinear_rows(dtype, backend, request):
     gradient is 0 (the reference's F.normalize gives exactly 0)."""
     if dtype not in dtypes_for(backend):
         pytest.skip(f"{backend} does not take {dtype}")
-    _xfail_if(request, backend == "cpu", "new: rkd_angle gradient of collinear rows (D = 1, |x| ~ 0.01) is rounding "
-              "noise of the Gram form, 3.6e-11 (cpu, float64) / 2.3e-6 (float32), not 0")
+    _xfail_if(request, backend == "cpu", "new: rkd_angle gradient of collinear rows (D = 1, |x| ~ 0.01) is "
+              "rounding noise of the Gram form, 3.6e-11 (cpu, float64) / 2.3e-6 (float32), not 0")
     operands = [Operand((15, 1), values=make_values((15, 1), 0) * 0.01),
                 Operand((15, 1), grad=False, values=make_values((15, 1), 1))]
     check_against_reference(lambda s, t: fastkd.rkd_angle(s, t, backend=backend), reference.rkd_angle,
