@@ -109,33 +109,35 @@ def rounded(operands: list[Operand], dtype: torch.dtype) -> list[Operand]:
     return out
 
 
-def features_reversed(reference: Callable) -> Callable:
-    """``reference`` on its 2-D float arguments with the feature columns in
-    reverse order: the same loss (these losses see features only through
-    dot products, norms and distances) with another rounding, one more
-    summation order for :func:`check_against_reference`'s baselines."""
+def reordered(reference: Callable, dim: int) -> Callable:
+    """``reference`` on its 2-D float arguments reversed along ``dim``: -1 the
+    feature columns (these losses see features only through dot products,
+    norms and distances), 0 the rows (for losses symmetric in the samples,
+    every argument's rows reversed together). The same loss with another
+    rounding: one more summation order for the baselines of
+    :func:`check_against_reference`."""
 
     def run(*args):
-        return reference(*[a.flip(-1) if a.dim() == 2 and a.dtype.is_floating_point else a for a in args])
+        return reference(*[a.flip(dim) if a.dim() == 2 and a.dtype.is_floating_point else a for a in args])
 
     return run
 
 
 def check_against_reference(fused: Callable, reference: Callable, operands: list[Operand],
                             dtype: torch.dtype, upstream: float, what: str,
-                            *, check_grads: bool = True, reorderable: bool = False) -> None:
+                            *, check_grads: bool = True, reorder: tuple[int, ...] = ()) -> None:
     """Loss and gradients of ``fused`` on ``dtype`` inputs match ``reference``
     on the same (rounded) values in float64; the reference on the ``dtype``
-    inputs is the baseline. With ``reorderable`` (the arguments are (N, D)
-    embeddings whose feature order does not matter) the reference on the
-    reversed features is a second baseline, so that an ill-conditioned case
-    (near-duplicate rows under the Gram form, PKT's P ~ eps) is judged against
-    the reference's own sensitivity to rounding, float64 included."""
+    inputs is the baseline. ``reorder`` names the dims (see :func:`reordered`)
+    along which the arguments may be reversed without changing the loss: the
+    reference on those orders is a further baseline each, so that an
+    ill-conditioned case (near-duplicate rows under the Gram form, PKT's
+    P ~ eps, a row of tiny norm) is judged against the reference's own
+    sensitivity to rounding, float64 included."""
     got = run_once(fused, operands, dtype, upstream)
     want = run_once(reference, rounded(operands, dtype), torch.float64, upstream)
     baselines = [run_once(reference, operands, dtype, upstream)] if dtype != torch.float64 else []
-    if reorderable:
-        baselines.append(run_once(features_reversed(reference), operands, dtype, upstream))
+    baselines += [run_once(reordered(reference, dim), operands, dtype, upstream) for dim in reorder]
     assert_matches(got[0], want[0], dtype, f"{what} loss", tuple(b[0] for b in baselines))
     if not check_grads:
         return
