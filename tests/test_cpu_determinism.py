@@ -92,8 +92,7 @@ def test_divergence(name, dtype):
 
 def test_divergence_hard_labels_and_rows():
     s, t = grad(randn(ROWS, VOCAB, seed=0, scale=3)), randn(ROWS, VOCAB, seed=1, scale=3)
-    labels = torch.randint(0, VOCAB, (ROWS,), generator=torch.Generator().manual_seed(2))
-    labels[::5] = -100
+    labels = _labels()
     assert_thread_invariant(
         lambda a, b: fastkd.divergence(a, b, labels=labels, hard_weight=0.3, soft_weight=0.7,
                                        backend=BACKEND),
@@ -103,23 +102,34 @@ def test_divergence_hard_labels_and_rows():
         [s, t], "divergence reduction='none'")
 
 
+def _labels():
+    labels = torch.randint(0, VOCAB, (ROWS,), generator=torch.Generator().manual_seed(2))
+    labels[::5] = -100
+    return labels
+
+
+@pytest.mark.parametrize("hard", (False, True))
 @pytest.mark.parametrize("name", ("kl", "jsd", "tvd"))
-def test_topk_divergence(name):
+def test_topk_divergence(name, hard):
     s = grad(randn(ROWS, VOCAB, seed=0, scale=3))
     values, index = randn(ROWS, VOCAB, seed=1, scale=3).topk(64, dim=-1)
+    kwargs = {"labels": _labels(), "hard_weight": 0.4} if hard else {}
     assert_thread_invariant(
-        lambda a: fastkd.topk_divergence(a, index, values, divergence=name, backend=BACKEND),
-        [s], f"topk {name}")
+        lambda a: fastkd.topk_divergence(a, index, values, divergence=name, backend=BACKEND, **kwargs),
+        [s], f"topk {name} hard={hard}")
 
 
+@pytest.mark.parametrize("hard", (False, True))
 @pytest.mark.parametrize("name", ("kl", "jsd"))
-def test_multi_teacher(name):
+def test_multi_teacher(name, hard):
     s = grad(randn(ROWS, VOCAB, seed=0, scale=3))
     t = randn(3, ROWS, VOCAB, seed=1, scale=3)
     weights = torch.tensor([0.5, 0.3, 0.2])
+    kwargs = {"labels": _labels(), "hard_weight": 0.4} if hard else {}
     assert_thread_invariant(
-        lambda a: fastkd.divergence(a, t, teacher_weights=weights, divergence=name, backend=BACKEND),
-        [s], f"multi-teacher {name}")
+        lambda a: fastkd.divergence(a, t, teacher_weights=weights, divergence=name, backend=BACKEND,
+                                    **kwargs),
+        [s], f"multi-teacher {name} hard={hard}")
 
 
 def test_fused_linear_divergence(request):
