@@ -228,6 +228,7 @@ def _terms_at(
     s, t,  # the chunk, from _load_chunk
     m_s, log_d_s, m_t, log_d_t,  # row maxima and log Σ exp((x − m) / T)
     row_shift,  # log(q/p) = (s − t) / T − row_shift
+    log_d_gap,  # log d_s − log d_t, rounded once: log(q/p) = a_s − a_t − log_d_gap
     s_mode, t_at_s_mode, t_mode, s_at_t_mode,  # logits at the modes of q and p
     inv_temperature, c, one_minus_c, log_c, log_one_minus_c, KIND: tl.constexpr,
 ):
@@ -235,8 +236,10 @@ def _terms_at(
     # log softmax(x / T) = (x − m) / T − log d: the rounding of the product
     # scales with |x − m| / T, small where the probability is large, rather
     # than with |x / T| (the interpreter has no FMA to hide it)
-    logq = (s - m_s) * inv_temperature - log_d_s
-    logp = (t - m_t) * inv_temperature - log_d_t
+    a_s = (s - m_s) * inv_temperature
+    a_t = (t - m_t) * inv_temperature
+    logq = a_s - log_d_s
+    logp = a_t - log_d_t
     # log(q/p) − (its value at q's mode) and log(p/q) − (its value at p's
     # mode), from logit differences; only KL and REVERSE_KL read them
     ratio_q = (s - s_mode) * inv_temperature - (t - t_at_s_mode) * inv_temperature
@@ -245,7 +248,15 @@ def _terms_at(
     # where p ≈ q, and rounded relative to that size, where log q − log p
     # would carry the rounding of two numbers of magnitude ~log V. Where both
     # logits are −inf it is NaN, and p = q = 0 zero every term that reads it.
-    log_ratio = (s - t) * inv_temperature - row_shift
+    # That form loses everything when (s − t) / T and row_shift are huge and
+    # nearly cancel (finite logits ~±3.4e38), where a_s − a_t − log_d_gap,
+    # relative to the maxima, does not: each element takes the form whose
+    # rounding bound is smaller.
+    by_logits = (s - t) * inv_temperature - row_shift
+    by_maxima = (a_s - a_t) - log_d_gap
+    bound_logits = tl.abs((s - t) * inv_temperature) + tl.abs(row_shift)
+    bound_maxima = tl.abs(a_s) + tl.abs(a_t) + tl.abs(log_d_gap)
+    log_ratio = tl.where(bound_logits <= bound_maxima, by_logits, by_maxima)
     return _element_terms(
         tl.exp(logp), tl.exp(logq), log_ratio, ratio_q, ratio_p, c, one_minus_c, log_c, log_one_minus_c, KIND
     )
@@ -368,6 +379,7 @@ def _divergence_fwd_kernel(
     row_shift = ((m_s.to(tl.float64) - m_t.to(tl.float64)) * inv_temperature + (log_d_s64 - log_d_t64)).to(
         tl.float32
     )
+    log_d_gap = (log_d_s64 - log_d_t64).to(tl.float32)
     log_d_s = log_d_s64.to(tl.float32)
     log_d_t = log_d_t64.to(tl.float32)
     s_mode = 0.0
@@ -383,6 +395,16 @@ def _divergence_fwd_kernel(
         t_at_s_mode = _logit_at(t_row, s_at, V)
         t_mode = _logit_at(t_row, t_at, V)
         s_at_t_mode = _logit_at(s_row, t_at, V)
+        # a mode where the other side is −inf (an infinite divergence):
+        # shifting by an infinite log ratio would make every term NaN; shift
+        # by the maxima instead, so the gradient is −inf / NaN where the
+        # float64 reference's is (csrc/cpu/divergence_kernel.cpp does the same)
+        s_bad = (t_at_s_mode == float("-inf")) | (t_at_s_mode != t_at_s_mode)
+        t_bad = (s_at_t_mode == float("-inf")) | (s_at_t_mode != s_at_t_mode)
+        s_mode = tl.where(s_bad, m_s, s_mode)
+        t_at_s_mode = tl.where(s_bad, m_t, t_at_s_mode)
+        t_mode = tl.where(t_bad, m_t, t_mode)
+        s_at_t_mode = tl.where(t_bad, m_s, s_at_t_mode)
 
     # CE = log Σ exp(s) − s_y = (max − s_y) + log Σ exp(s − max), in float64
     # and rounded once. s_y is one load, at an index clamped into the row so
@@ -411,7 +433,8 @@ def _divergence_fwd_kernel(
         offs = start + cols
         s, t = _load_chunk(s_row, t_row, offs, V)
         loss, u, v, p, q = _terms_at(
-            s, t, m_s, log_d_s, m_t, log_d_t, row_shift, s_mode, t_at_s_mode, t_mode, s_at_t_mode,
+            s, t, m_s, log_d_s, m_t, log_d_t, row_shift, log_d_gap,
+            s_mode, t_at_s_mode, t_mode, s_at_t_mode,
             inv_temperature, c, one_minus_c, log_c, log_one_minus_c, KIND,
         )
         loss_acc += loss
@@ -428,7 +451,9 @@ def _divergence_fwd_kernel(
                 u_acc += u
             if TEACHER_GRAD:
                 v_acc += v
-    tl.store(loss_ptr + row, tl.sum(loss_acc, 0))
+    # a divergence is never negative (rounding of a tiny one); NaN stays NaN
+    row_loss = tl.sum(loss_acc, 0)
+    tl.store(loss_ptr + row, tl.where(row_loss < 0.0, 0.0, row_loss))
 
     # pass 3: dℓ/ds_j = (u_j − q_j Σu) / T (+ the CE term),  dℓ/dt_j = (v_j − p_j Σv) / T
     if (STUDENT_GRAD or TEACHER_GRAD) and not FUSED_KL_GRAD:
@@ -438,7 +463,8 @@ def _divergence_fwd_kernel(
             offs = start + cols
             s, t = _load_chunk(s_row, t_row, offs, V)
             loss, u, v, p, q = _terms_at(
-                s, t, m_s, log_d_s, m_t, log_d_t, row_shift, s_mode, t_at_s_mode, t_mode, s_at_t_mode,
+                s, t, m_s, log_d_s, m_t, log_d_t, row_shift, log_d_gap,
+                s_mode, t_at_s_mode, t_mode, s_at_t_mode,
                 inv_temperature, c, one_minus_c, log_c, log_one_minus_c, KIND,
             )
             if STUDENT_GRAD:
@@ -484,8 +510,8 @@ def _check_args(student, teacher, row_mask, kind, inv_temperature, coef, grad_sc
             raise ValueError(f"{name} is on {x.device}, but this triton kernel takes {takes}")
         if x.shape[1] > 1 and x.stride(1) != 1:
             raise ValueError(f"{name} must have unit stride along V, got strides {x.stride()}")
-        if x.shape[0] > 1 and x.stride(0) < x.shape[1]:
-            raise ValueError(f"{name} rows must not overlap, got strides {x.stride()} for {tuple(x.shape)}")
+        # any row stride, 0 (an expanded row) included: the logits are only
+        # read and the gradients are written to fresh contiguous tensors
     if student.shape != teacher.shape:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in shape")
     if student.shape[1] < 1:

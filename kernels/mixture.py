@@ -358,7 +358,9 @@ def _mixture_fwd_kernel(
             _store_grad(g_ptr, row, V, offs, grad)
         elif STUDENT_GRAD:
             u_acc += u
-    tl.store(loss_ptr + row, tl.sum(loss_acc, 0).to(loss_ptr.dtype.element_ty))
+    # a divergence is never negative (rounding of a tiny one); NaN stays NaN
+    row_loss = tl.sum(loss_acc, 0)
+    tl.store(loss_ptr + row, tl.where(row_loss < 0.0, 0.0, row_loss).to(loss_ptr.dtype.element_ty))
 
     # pass 3: dℓ/ds_j = (u_j − q_j Σu) / T, times grad_scale (+ the CE term)
     if STUDENT_GRAD and not FUSED_KL_GRAD:
@@ -408,10 +410,9 @@ def _check_args(student, teachers, teacher_weights, row_mask, kind, inv_temperat
     rows, vocab = student.shape
     if vocab == 0:
         raise ValueError("student must have at least one column (vocabulary entry)")
-    if rows > 1 and student.stride(0) < vocab:
-        raise ValueError(f"student rows must not overlap, got strides {student.stride()} for {(rows, vocab)}")
-    # The teachers are only read, so any outer strides are fine (a permuted
-    # stack, or one teacher expanded over K with stride 0).
+    # The student and the teachers are only read, so any outer strides are
+    # fine (a permuted stack, one teacher expanded over K or a row expanded
+    # over N with stride 0).
     if teachers.shape[1:] != student.shape:
         raise ValueError(f"teachers {tuple(teachers.shape)} must be (K, {rows}, {vocab})")
     if teachers.shape[0] < 1:

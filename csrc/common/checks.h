@@ -69,10 +69,8 @@ inline void check_divergence_args(const at::Tensor& student, const at::Tensor& t
   CHECK_SAME_DEVICE(student, teacher);
   CHECK_UNIT_LAST_STRIDE(student);
   CHECK_UNIT_LAST_STRIDE(teacher);
-  TORCH_CHECK(student.size(0) <= 1 || student.stride(0) >= student.size(1),
-              "student rows must not overlap");
-  TORCH_CHECK(teacher.size(0) <= 1 || teacher.stride(0) >= teacher.size(1),
-              "teacher rows must not overlap");
+  // Any row stride, 0 (an expanded row) included: the logits are only read
+  // and the gradients go to fresh contiguous tensors.
   if (row_mask.has_value()) {
     const at::Tensor& m = *row_mask;
     TORCH_CHECK(m.scalar_type() == at::kBool, "row_mask must be bool");

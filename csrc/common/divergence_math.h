@@ -3,8 +3,15 @@
 // csrc/cpu/vec_math.h, the at::vec SIMD body) and the CUDA kernel.
 //
 // Notation per row: p = softmax(t / T) (teacher), q = softmax(s / T)
-// (student), given here as log p and log q (log-softmax, computed from the
-// row's log-sum-exp by the caller). Every divergence L(p, q) is written as a
+// (student), given here as p, q and the log ratio D = log p − log q. D is
+// not the difference of two log-softmaxes: each of those carries the
+// rounding of its row's log-sum-exp (~log V), which swamps the divergence
+// when it is small (at T = 1e4 a KL of 1e-8 against log Σ exp ≈ 10); the
+// caller forms D from logit differences and the difference of the two
+// log-sum-exps, rounded once. Every divergence term below is written in D
+// (the mixtures m of JSD and the skew divergences through log(m/p) or
+// log(m/q), which are near 0 where p ≈ q), so its rounding is relative to
+// its own size. Every divergence L(p, q) is written as a
 // sum of per-element terms, and its gradient through the two softmaxes as
 //
 //   dL/ds_j = (u_j − q_j · Σ_k u_k) / T,   u_j = q_j · ∂L/∂q_j
@@ -56,6 +63,8 @@ FASTKD_HOST_DEVICE float fk_log(float x) { return ::logf(x); }
 FASTKD_HOST_DEVICE double fk_log(double x) { return ::log(x); }
 FASTKD_HOST_DEVICE float fk_log1p(float x) { return ::log1pf(x); }
 FASTKD_HOST_DEVICE double fk_log1p(double x) { return ::log1p(x); }
+FASTKD_HOST_DEVICE float fk_expm1(float x) { return ::expm1f(x); }
+FASTKD_HOST_DEVICE double fk_expm1(double x) { return ::expm1(x); }
 FASTKD_HOST_DEVICE float fk_abs(float x) { return ::fabsf(x); }
 FASTKD_HOST_DEVICE double fk_abs(double x) { return ::fabs(x); }
 
@@ -81,6 +90,12 @@ FASTKD_HOST_DEVICE T fk_half_sign(T d) {
   return d > T(0) ? T(0.5) : (d < T(0) ? T(-0.5) : T(0));
 }
 
+// d > 0 ? a : b (b for a NaN d).
+template <class T>
+FASTKD_HOST_DEVICE T fk_where_positive(T d, T a, T b) {
+  return d > T(0) ? a : b;
+}
+
 // log(e^a + e^b) without overflow; −inf when both are −inf (no NaN).
 template <class T>
 FASTKD_HOST_DEVICE T fk_logaddexp(T a, T b) {
@@ -91,6 +106,20 @@ FASTKD_HOST_DEVICE T fk_logaddexp(T a, T b) {
 }
 
 // ---- per-element terms, generic over scalar and SIMD types ------------------
+
+// log(c + (1 − c) e^d) for a log ratio d = log(other / ref): log(m / ref)
+// for the mixture m = c·ref + (1 − c)·other, c in (0, 1]. Written as
+//   d ≤ 0:  log1p((1 − c) expm1(d))
+//   d > 0:  d + log1p(c expm1(−d))
+// (one expm1 and one log1p, no overflow): near d = 0 the result is near 0
+// and rounded relative to its size. d = −inf gives log c, d = +inf gives
+// +inf (−inf·… only where the caller's gate, ref = 0, zeroes the term).
+template <class V>
+FASTKD_HOST_DEVICE V log_mixture_ratio(V d, V c, V one_minus_c) {
+  const V zero = V(0);
+  const V w = fk_where_positive(d, c, one_minus_c);
+  return fk_max(d, zero) + fk_log1p(w * fk_expm1(zero - fk_abs(d)));
+}
 
 // The divergence coefficient c (β for JSD, α for the skew divergences) in the
 // forms the formulas use; log c and log(1−c) may be −inf.
@@ -104,8 +133,8 @@ struct Coefficient {
 // its normalising pass needs no second exponential.
 template <class V>
 struct ElementInputs {
-  V logp, logq;  // log-softmax of t/T and s/T
-  V p, q;        // exp(logp), exp(logq)
+  V log_ratio;   // D = log p − log q (see the header comment); +inf where q = 0 < p
+  V p, q;        // softmax of t/T and s/T
   V shifted_ratio_q;  // log(q/p) − c_q, read by REVERSE_KL's u
   V shifted_ratio_p;  // log(p/q) − c_p, read by KL's v   (c_q, c_p: row constants)
 };
@@ -120,51 +149,57 @@ struct ElementTerms {
 template <int KIND, class V>
 FASTKD_HOST_DEVICE ElementTerms<V> element_terms(const ElementInputs<V>& x,
                                                  const Coefficient<V>& k) {
-  const V logp = x.logp, logq = x.logq, p = x.p, q = x.q;
+  const V d = x.log_ratio, p = x.p, q = x.q;
+  const V zero = V(0);
   const V shifted_ratio_q = x.shifted_ratio_q, shifted_ratio_p = x.shifted_ratio_p;
   ElementTerms<V> r;
   r.p = p;
   r.q = q;
   if constexpr (KIND == KL) {
-    // KL(p‖q) = Σ p (log p − log q);  u = −p,  v = p (log p − log q − c_p)
-    r.loss = fk_zero_where_zero(p, p * (logp - logq));
-    r.u = V(0) - p;
+    // KL(p‖q) = Σ p D;  u = −p,  v = p (D − c_p)
+    r.loss = fk_zero_where_zero(p, p * d);
+    r.u = zero - p;
     r.v = fk_zero_where_zero(p, p * shifted_ratio_p);
   } else if constexpr (KIND == REVERSE_KL) {
-    // KL(q‖p) = Σ q (log q − log p);  u = q (log q − log p − c_q),  v = −q
-    r.loss = fk_zero_where_zero(q, q * (logq - logp));
+    // KL(q‖p) = Σ q (−D);  u = q (log q − log p − c_q),  v = −q
+    r.loss = fk_zero_where_zero(q, q * (zero - d));
     r.u = fk_zero_where_zero(q, q * shifted_ratio_q);
-    r.v = V(0) - q;
+    r.v = zero - q;
   } else if constexpr (KIND == JSD) {
-    // m = β p + (1−β) q in log space;  L = β KL(p‖m) + (1−β) KL(q‖m)
-    // u = (1−β) q (log q − log m),  v = β p (log p − log m)
-    const V logm = fk_logaddexp(k.log_c + logp, k.log_one_minus_c + logq);
-    const V a = fk_zero_where_zero(p, p * (logp - logm));
-    const V b = fk_zero_where_zero(q, q * (logq - logm));
+    // m = β p + (1−β) q;  L = β KL(p‖m) + (1−β) KL(q‖m)
+    // u = (1−β) q (log q − log m),  v = β p (log p − log m), with
+    // log(m/p) = log(β + (1−β) q/p) and log(m/q) = log((1−β) + β p/q)
+    const V log_m_over_p = log_mixture_ratio(zero - d, k.c, k.one_minus_c);
+    const V log_m_over_q = log_mixture_ratio(d, k.one_minus_c, k.c);
+    const V a = fk_zero_where_zero(p, zero - p * log_m_over_p);
+    const V b = fk_zero_where_zero(q, zero - q * log_m_over_q);
     r.u = k.one_minus_c * b;
     r.v = k.c * a;
     r.loss = r.v + r.u;
   } else if constexpr (KIND == SKEW_KL) {
     // m = α p + (1−α) q;  L = KL(p‖m)
     // u = −(1−α) q p / m,  v = p (log p − log m) − α p² / m
-    const V logm = fk_logaddexp(k.log_c + logp, k.log_one_minus_c + logq);
-    const V a = fk_zero_where_zero(p, p * (logp - logm));
+    const V log_m_over_p = log_mixture_ratio(zero - d, k.c, k.one_minus_c);
+    const V p_over_m = fk_exp(zero - log_m_over_p);
+    const V a = fk_zero_where_zero(p, zero - p * log_m_over_p);
     r.loss = a;
-    r.u = V(0) - k.one_minus_c * fk_zero_where_zero(p, fk_exp(logp + logq - logm));
-    r.v = a - k.c * fk_zero_where_zero(p, fk_exp(logp + logp - logm));
+    r.u = zero - k.one_minus_c * fk_zero_where_zero(p, q * p_over_m);
+    r.v = a - k.c * fk_zero_where_zero(p, p * p_over_m);
   } else if constexpr (KIND == SKEW_REVERSE_KL) {
-    // m = α q + (1−α) p;  L = KL(q‖m)  (SKEW_KL with the roles swapped)
-    const V logm = fk_logaddexp(k.log_c + logq, k.log_one_minus_c + logp);
-    const V b = fk_zero_where_zero(q, q * (logq - logm));
+    // m = α q + (1−α) p;  L = KL(q‖m)  (SKEW_KL with the roles swapped:
+    // log(m/q) = log(α + (1−α) p/q))
+    const V log_m_over_q = log_mixture_ratio(d, k.c, k.one_minus_c);
+    const V q_over_m = fk_exp(zero - log_m_over_q);
+    const V b = fk_zero_where_zero(q, zero - q * log_m_over_q);
     r.loss = b;
-    r.u = b - k.c * fk_zero_where_zero(q, fk_exp(logq + logq - logm));
-    r.v = V(0) - k.one_minus_c * fk_zero_where_zero(q, fk_exp(logp + logq - logm));
+    r.u = b - k.c * fk_zero_where_zero(q, q * q_over_m);
+    r.v = zero - k.one_minus_c * fk_zero_where_zero(q, p * q_over_m);
   } else {
     static_assert(KIND == TVD, "unknown divergence kind");
     // TVD = ½ Σ |p − q|;  u = q · ½ sign(q − p),  v = −p · ½ sign(q − p)
-    const V d = q - p;
-    const V hs = fk_half_sign(d);
-    r.loss = V(0.5) * fk_abs(d);
+    const V diff = q - p;
+    const V hs = fk_half_sign(diff);
+    r.loss = V(0.5) * fk_abs(diff);
     r.u = q * hs;
     r.v = V(0) - p * hs;
   }

@@ -67,27 +67,50 @@ T horizontal_max(Vec<T> v) {
 // both signs, it is worse. Plain lane sums fell behind PyTorch's cascade
 // summation there; compensated ones do not depend on V. Four extra additions
 // per term. (No -ffast-math: it would undo this.)
+//
+// Once the sum is ±inf (an infinite divergence term) the compensation would
+// be inf − inf = NaN and turn the total into NaN: a NaN compensation is reset
+// to 0, so ±inf stays ±inf, and a NaN term still makes the sum NaN.
 template <class W>
 struct CompensatedSum {
   W sum = W(0), compensation = W(0);
   void add(W x) {
     const W y = x - compensation;
     const W total = sum + y;
-    compensation = (total - sum) - y;
+    compensation = zero_where_nan((total - sum) - y);
     sum = total;
+  }
+  static W zero_where_nan(W c) {
+    if constexpr (std::is_floating_point_v<W>) {
+      return c == c ? c : W(0);
+    } else {
+      return W::blendv(W(0), c, c == c);
+    }
   }
 };
 
 // Total of a SIMD compensated sum and a scalar one (the row's tail), with the
-// lanes combined in double.
+// lanes combined in double; total_double keeps the double.
 template <class T>
-T total(const CompensatedSum<Vec<T>>& lanes, const CompensatedSum<T>& tail) {
+double total_double(const CompensatedSum<Vec<T>>& lanes, const CompensatedSum<T>& tail) {
   std::array<T, Vec<T>::size()> sums, compensations;
   lanes.sum.store(sums.data());
   lanes.compensation.store(compensations.data());
   double result = double(tail.sum) - double(tail.compensation);
   for (size_t i = 0; i < sums.size(); ++i) result += double(sums[i]) - double(compensations[i]);
-  return T(result);
+  return result;
+}
+
+template <class T>
+T total(const CompensatedSum<Vec<T>>& lanes, const CompensatedSum<T>& tail) {
+  return T(total_double(lanes, tail));
+}
+
+// A row divergence is never negative; rounding can take a tiny one below 0
+// (the float64 reference's too). NaN stays NaN.
+template <class T>
+T non_negative(T loss) {
+  return loss < T(0) ? T(0) : loss;
 }
 
 template <class T>
@@ -129,6 +152,7 @@ struct Normaliser {
   T max;      // max_j x_j
   T log_sum;  // log Σ_j exp((x_j − max)/T)
   T inv_sum;  // 1 / Σ_j exp((x_j − max)/T)
+  double log_sum_double;  // log_sum before its rounding to T
 };
 
 template <class T>
@@ -184,11 +208,13 @@ T row_exponentials(const T* s, const T* t, int64_t V, T inv_t, Normaliser<T>& ns
   }
   // An all −inf row: max −inf, so every exponent is NaN and so is everything
   // after (documented: such a row has no distribution). NaN inputs likewise.
-  const T sum_s = total(vsum_s, tail_s), sum_t = total(vsum_t, tail_t);
-  ns.log_sum = fk_log(sum_s);
-  nt.log_sum = fk_log(sum_t);
-  ns.inv_sum = T(1) / sum_s;
-  nt.inv_sum = T(1) / sum_t;
+  const double sum_s = total_double(vsum_s, tail_s), sum_t = total_double(vsum_t, tail_t);
+  ns.log_sum_double = std::log(sum_s);
+  nt.log_sum_double = std::log(sum_t);
+  ns.log_sum = T(ns.log_sum_double);
+  nt.log_sum = T(nt.log_sum_double);
+  ns.inv_sum = T(1.0 / sum_s);
+  nt.inv_sum = T(1.0 / sum_t);
   return total(vgap, gap);
 }
 
@@ -205,9 +231,12 @@ int64_t index_of(const T* x, int64_t V, T value) {
 // exponentials, for scalar (W = T) or SIMD (W = Vec<T>) evaluation. The *_mode
 // values are the logits at the student's and the teacher's most probable
 // entry (see divergence_math.h on shifted log ratios).
+// log_sum_gap is log Σe_t − log Σe_s, rounded once from double: log p −
+// log q = a_t − a_s − log_sum_gap (a = (x − max)/T), whose rounding is
+// relative to its own size, not to log Σ ~ log V (see divergence_math.h).
 template <class W>
 struct RowConstants {
-  W inv_t, max_s, log_sum_s, inv_sum_s, max_t, log_sum_t, inv_sum_t;
+  W inv_t, max_s, inv_sum_s, max_t, inv_sum_t, log_sum_gap;
   W s_mode, t_at_s_mode, t_mode, s_at_t_mode;
   Coefficient<W> coef;
 };
@@ -215,17 +244,17 @@ struct RowConstants {
 template <class T>
 RowConstants<Vec<T>> broadcast(const RowConstants<T>& c) {
   using W = Vec<T>;
-  return {W(c.inv_t),  W(c.max_s), W(c.log_sum_s),   W(c.inv_sum_s), W(c.max_t),
-          W(c.log_sum_t), W(c.inv_sum_t), W(c.s_mode), W(c.t_at_s_mode), W(c.t_mode),
-          W(c.s_at_t_mode),
+  return {W(c.inv_t),  W(c.max_s), W(c.inv_sum_s), W(c.max_t), W(c.inv_sum_t), W(c.log_sum_gap),
+          W(c.s_mode), W(c.t_at_s_mode), W(c.t_mode), W(c.s_at_t_mode),
           {W(c.coef.c), W(c.coef.one_minus_c), W(c.coef.log_c), W(c.coef.log_one_minus_c)}};
 }
 
 template <int KIND, class W>
 inline ElementTerms<W> terms_at(W s, W t, W e_s, W e_t, const RowConstants<W>& c) {
   ElementInputs<W> x;
-  x.logq = (s - c.max_s) * c.inv_t - c.log_sum_s;
-  x.logp = (t - c.max_t) * c.inv_t - c.log_sum_t;
+  // x − max overflows to −inf for finite logits ~±3.4e38 apart: such an
+  // entry has probability 0 (e = 0) and an infinite log ratio, as for −inf.
+  x.log_ratio = ((t - c.max_t) * c.inv_t - (s - c.max_s) * c.inv_t) - c.log_sum_gap;
   x.q = e_s * c.inv_sum_s;
   x.p = e_t * c.inv_sum_t;
   // log(q/p) − (its value at q's mode), from logit differences (exact near
@@ -254,8 +283,11 @@ T divergence_row(const T* s, const T* t, int64_t V, const RowParams<T>& rp, T* g
   const T* e_t = scratch.e_t;
 
   if constexpr (kl_shortcut) {
-    // KL = Σ p (log p − log q) = Σ p (a_t − a_s) − (log Σ_t − log Σ_s)
-    const T loss = gap * nt.inv_sum - (nt.log_sum - ns.log_sum);
+    // KL = Σ p (log p − log q) = Σ p (a_t − a_s) − (log Σ_t − log Σ_s), the
+    // difference of the log sums taken in double before it is rounded: at
+    // T = 1e4 KL ~ 1e-8 is far below the rounding of log Σ ~ log V in float
+    const T log_sum_gap = T(nt.log_sum_double - ns.log_sum_double);
+    const T loss = non_negative(T(gap * nt.inv_sum - log_sum_gap));
     if constexpr (STUDENT_GRAD) {
       // dKL/ds = (q − p)/T
       const T fq = rp.grad_factor * ns.inv_sum, fp = rp.grad_factor * nt.inv_sum;
@@ -269,14 +301,26 @@ T divergence_row(const T* s, const T* t, int64_t V, const RowParams<T>& rp, T* g
     return loss;
   }
 
-  RowConstants<T> c{rp.inv_temperature, ns.max, ns.log_sum, ns.inv_sum, nt.max, nt.log_sum,
-                    nt.inv_sum, T(0), T(0), T(0), T(0), rp.coef};
+  RowConstants<T> c{rp.inv_temperature, ns.max, ns.inv_sum, nt.max, nt.inv_sum,
+                    T(nt.log_sum_double - ns.log_sum_double), T(0), T(0), T(0), T(0), rp.coef};
   if constexpr ((KIND == REVERSE_KL && STUDENT_GRAD) || (KIND == KL && TEACHER_GRAD)) {
     const int64_t s_mode = index_of(s, V, ns.max), t_mode = index_of(t, V, nt.max);
     c.s_mode = s[s_mode];
     c.t_at_s_mode = t[s_mode];
     c.t_mode = t[t_mode];
     c.s_at_t_mode = s[t_mode];
+    // A mode where the other side is −inf (an infinite divergence): shifting
+    // by an infinite log ratio would make every term NaN; shift by the two
+    // maxima instead (a finite row constant), so that the gradient is −inf /
+    // NaN where the float64 reference's is, not NaN everywhere.
+    if (!std::isfinite(double(c.t_at_s_mode))) {
+      c.s_mode = ns.max;
+      c.t_at_s_mode = nt.max;
+    }
+    if (!std::isfinite(double(c.s_at_t_mode))) {
+      c.t_mode = nt.max;
+      c.s_at_t_mode = ns.max;
+    }
   }
   const RowConstants<Vec<T>> vc = broadcast(c);
 
@@ -297,7 +341,7 @@ T divergence_row(const T* s, const T* t, int64_t V, const RowParams<T>& rp, T* g
     if constexpr (STUDENT_GRAD) tail_u.add(e.u);
     if constexpr (TEACHER_GRAD) tail_v.add(e.v);
   }
-  const T loss = total(vloss, tail_loss);
+  const T loss = non_negative(total(vloss, tail_loss));
   if constexpr (!(STUDENT_GRAD || TEACHER_GRAD)) return loss;
   const T sum_u = total(vsum_u, tail_u), sum_v = total(vsum_v, tail_v);
 

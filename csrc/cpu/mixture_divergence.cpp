@@ -43,9 +43,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_divergence_forward_cpu(
               "student and teachers must have the same dtype");
   CHECK_UNIT_LAST_STRIDE(student);
   CHECK_UNIT_LAST_STRIDE(teachers);
-  TORCH_CHECK(rows <= 1 || student.stride(0) >= vocab, "student rows must not overlap");
-  // The teachers are only read, so any outer strides are fine (a permuted
-  // stack, or one teacher expanded over K with stride 0).
+  // The student and the teachers are only read, so any outer strides are
+  // fine (a permuted stack, one teacher expanded over K or a row expanded
+  // over N with stride 0).
   TORCH_CHECK(kind >= 0 && kind < kNumDivergenceKinds, "kind must be in [0, ", kNumDivergenceKinds,
               "), got ", kind);
   TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,

@@ -61,13 +61,24 @@ namespace {
 
 // Kahan-compensated sum (see divergence_kernel.cpp for why row sums are).
 template <class W>
+//
+// Once the sum is ±inf (an infinite divergence term) the compensation would
+// be inf − inf = NaN and turn the total into NaN: a NaN compensation is reset
+// to 0, so ±inf stays ±inf, and a NaN term still makes the sum NaN.
 struct Compensated {
   W sum = W(0), compensation = W(0);
   void add(W x) {
     const W y = x - compensation;
     const W t = sum + y;
-    compensation = (t - sum) - y;
+    compensation = zero_where_nan((t - sum) - y);
     sum = t;
+  }
+  static W zero_where_nan(W c) {
+    if constexpr (std::is_floating_point_v<W>) {
+      return c == c ? c : W(0);
+    } else {
+      return W::blendv(W(0), c, c == c);
+    }
   }
 };
 
@@ -153,8 +164,8 @@ template <int KIND, class X>
 inline ElementTerms<X> terms_at(X s, X e_s, X log_p, const TermConstants<X>& c) {
   ElementInputs<X> x;
   const X a_s = (s - c.max_s) * c.inv_t;
-  x.logq = a_s - c.log_sum_s;
-  x.logp = log_p;
+  // in double, where log p − log q needs no special care
+  x.log_ratio = log_p - (a_s - c.log_sum_s);
   x.q = e_s * c.inv_sum_s;
   x.p = fk_exp(log_p);
   // log(q/p) minus its value at the student's mode (where a_s = 0), which
@@ -254,7 +265,9 @@ void mixture_rows(const MixtureDivergenceArgs& a) {
         tail_u.add(e.u);
         u[j] = e.u;
       }
-      row_loss[i] = loss_t(total(vloss, tail_loss));
+      // a divergence is never negative (rounding of a tiny one); NaN stays NaN
+      const W loss = total(vloss, tail_loss);
+      row_loss[i] = loss_t(loss < W(0) ? W(0) : loss);
 
       // the hard-label cross-entropy: e_ce = exp(s − max) (e_s itself at
       // T = 1; at T ≠ 1 written over log p, only if the gradient needs it)

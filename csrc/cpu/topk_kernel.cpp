@@ -236,7 +236,8 @@ void topk_rows(const TopKDivergenceArgs& a) {
         q_times_g[j] = term.q_times_g;
         big_g += term.q_times_g;
       }
-      row_loss[i] = W(loss);
+      // a divergence is never negative (rounding of a tiny one); NaN stays NaN
+      row_loss[i] = W(loss < 0.0 ? 0.0 : loss);
       if (with_ce) {
         // (max − s_y) is exact near the max; log Σ exp(s − max) at T = 1 is log_sum
         const double ce_log_sum = ce_shares_normaliser ? log_sum : std::log(ce_sum);

@@ -39,7 +39,13 @@ inline Vec<T> fk_exp_normaliser(Vec<T> x) {
 template <class T>
 inline Vec<T> fk_log1p(Vec<T> x) { return x.log1p(); }
 template <class T>
+inline Vec<T> fk_expm1(Vec<T> x) { return x.expm1(); }
+template <class T>
 inline Vec<T> fk_abs(Vec<T> x) { return x.abs(); }
+template <class T>
+inline Vec<T> fk_where_positive(Vec<T> d, Vec<T> a, Vec<T> b) {
+  return Vec<T>::blendv(b, a, d > Vec<T>(T(0)));
+}
 
 // at::vec::maximum / minimum propagate NaN, like the scalar versions.
 template <class T>

@@ -91,19 +91,24 @@ struct RowMaxOp {
 // most probable entry.
 struct RowConstants {
   float inv_t, max_s, log_sum_s, max_t, log_sum_t;
+  float log_sum_gap;  // log_sum_t − log_sum_s, taken in double and rounded once
   float s_mode, t_at_s_mode, t_mode, s_at_t_mode;
 };
 
 template <int KIND>
 __device__ __forceinline__ ElementTerms<float> terms_at(float s, float t, const RowConstants& c,
                                                         const Coefficient<float>& coef) {
-  const float logq = (s - c.max_s) * c.inv_t - c.log_sum_s;
-  const float logp = (t - c.max_t) * c.inv_t - c.log_sum_t;
+  const float a_s = (s - c.max_s) * c.inv_t, a_t = (t - c.max_t) * c.inv_t;
+  const float logq = a_s - c.log_sum_s;
+  const float logp = a_t - c.log_sum_t;
+  // log p − log q from the logit differences and one rounded row constant,
+  // not logp − logq (each carries the rounding of its ~log V normaliser)
+  const float log_ratio = (a_t - a_s) - c.log_sum_gap;
   // log(q/p) − (its value at q's mode), from logit differences; likewise for
   // log(p/q) at p's mode. Only KL / REVERSE_KL read them (dead code otherwise).
   const float ratio_q = (s - c.s_mode) * c.inv_t - (t - c.t_at_s_mode) * c.inv_t;
   const float ratio_p = (t - c.t_mode) * c.inv_t - (s - c.s_at_t_mode) * c.inv_t;
-  return element_terms<KIND>({logp, logq, fk_exp(logp), fk_exp(logq), ratio_q, ratio_p}, coef);
+  return element_terms<KIND>({log_ratio, fk_exp(logp), fk_exp(logq), ratio_q, ratio_p}, coef);
 }
 
 // WITH_CE: labels given (labels and row_ce non-null); see the launcher for
@@ -206,6 +211,8 @@ __global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
     }
     c.log_sum_s = fk_log(sums.x);
     c.log_sum_t = fk_log(sums.y);
+    c.log_sum_gap = static_cast<float>(::log(static_cast<double>(sums.y)) -
+                                       ::log(static_cast<double>(sums.x)));
     HardLabel<float> h{0, 0.f, 0.f};
     if constexpr (WITH_CE) {
       // Every thread reads the same label; s_y is loaded (by thread 0 only)
@@ -229,6 +236,16 @@ __global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
       c.t_at_s_mode = static_cast<float>(t[s_at]);
       c.t_mode = static_cast<float>(t[t_at]);
       c.s_at_t_mode = static_cast<float>(s[t_at]);
+      // a mode where the other side is −inf (an infinite divergence): shift
+      // by the maxima instead, as the CPU kernel does
+      if (!isfinite(c.t_at_s_mode)) {
+        c.s_mode = c.max_s;
+        c.t_at_s_mode = c.max_t;
+      }
+      if (!isfinite(c.s_at_t_mode)) {
+        c.t_mode = c.max_t;
+        c.s_at_t_mode = c.max_s;
+      }
     }
 
     // pass 3: ℓ = Σ loss terms, Σu, Σv (divergence_math.h).
@@ -247,7 +264,8 @@ __global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
       }
     }
     acc = block_all_reduce<BLOCK>(acc, SumOp3{}, temp.triple, triple_result);
-    if (threadIdx.x == 0) row_loss[row] = acc.x;
+    // a divergence is never negative (rounding of a tiny one); NaN stays NaN
+    if (threadIdx.x == 0) row_loss[row] = acc.x < 0.f ? 0.f : acc.x;
     if (fused_grad || !(want_s || want_t)) continue;
 
     // pass 4: dL/ds = (u − q Σu)/T, dL/dt = (v − p Σv)/T, times grad_scale;

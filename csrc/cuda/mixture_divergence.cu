@@ -175,8 +175,8 @@ __device__ __forceinline__ ElementTerms<double> terms_at(double s, const scalar_
   const double a_s = (s - c.max_s) * c.inv_t;
   const double log_p = log_mixture(t, teacher_stride, K, stats, c.inv_t);
   ElementInputs<double> x;
-  x.logq = a_s - c.log_sum_s;
-  x.logp = log_p;
+  // in double, where log p − log q needs no special care
+  x.log_ratio = log_p - (a_s - c.log_sum_s);
   x.q = fk_exp(a_s) * c.inv_sum_s;
   x.p = fk_exp(log_p);
   // log(q/p) minus its value at the student's mode (where a_s = 0), which
@@ -319,7 +319,8 @@ __global__ void __launch_bounds__(BLOCK) _mixture_fwd_kernel(
       }
     }
     acc = block_all_reduce<BLOCK>(acc, SumOp2{}, temp.pair, pair_result);
-    if (threadIdx.x == 0) row_loss[row] = static_cast<loss_t>(acc.x);
+    // a divergence is never negative (rounding of a tiny one); NaN stays NaN
+    if (threadIdx.x == 0) row_loss[row] = static_cast<loss_t>(acc.x < 0.0 ? 0.0 : acc.x);
     if (fused_grad || !want_grad) continue;
 
     // pass 3: dℓ/ds = (u − q Σu)/T, times grad_scale, plus the
@@ -445,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_divergence_forward_cuda(
               "student and teachers must have the same dtype");
   CHECK_UNIT_LAST_STRIDE(student);
   CHECK_UNIT_LAST_STRIDE(teachers);
-  TORCH_CHECK(rows <= 1 || student.stride(0) >= vocab, "student rows must not overlap");
+  // Any row stride (0 for an expanded row): the student is only read.
   // The teachers are only read, so any outer strides are fine (a permuted
   // stack, or one teacher expanded over K with stride 0).
   TORCH_CHECK(kind >= 0 && kind < kNumDivergenceKinds, "kind must be in [0, ", kNumDivergenceKinds,
