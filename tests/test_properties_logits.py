@@ -54,6 +54,12 @@ BACKENDS = backend_params(include_reference=True)
 SEEDS = st.integers(0, 2**31 - 1)
 
 
+def draw_seed_and_dtype(draw, backend: str) -> tuple[int, torch.Generator, torch.dtype]:
+    """An example's seed, a torch generator seeded with it, and its input dtype."""
+    seed = draw(SEEDS, "seed")
+    return seed, torch.Generator().manual_seed(seed), draw(st.sampled_from(dtypes_for(backend)), "dtype")
+
+
 def xfail(reason: str):
     return pytest.mark.xfail(strict=True, reason=reason)
 
@@ -90,9 +96,7 @@ def _dense_call(divergence, use_kd_loss, **kwargs):
 @given(data=st.data())
 def test_divergence_property(backend, data):
     draw = data.draw
-    seed = draw(SEEDS, "seed")
-    gen = torch.Generator().manual_seed(seed)
-    dtype = draw(st.sampled_from(dtypes_for(backend)), "dtype")
+    seed, gen, dtype = draw_seed_and_dtype(draw, backend)
     lead = draw(lead_shapes(), "lead")
     vocab = draw(vocab_sizes(), "vocab")
     divergence = draw(st.sampled_from(DIVERGENCES), "divergence")
@@ -160,9 +164,7 @@ def sparse_teacher(rows, vocab, k, gen, spread):
 @given(data=st.data())
 def test_topk_property(backend, data):
     draw = data.draw
-    seed = draw(SEEDS, "seed")
-    gen = torch.Generator().manual_seed(seed)
-    dtype = draw(st.sampled_from(dtypes_for(backend)), "dtype")
+    seed, gen, dtype = draw_seed_and_dtype(draw, backend)
     rows = draw(row_counts(), "rows")
     vocab = draw(vocab_sizes(), "vocab")
     k = draw(st.one_of(st.sampled_from((1, vocab)), st.integers(1, min(vocab, 80))), "k")
@@ -226,9 +228,7 @@ def teachers_with_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 @given(data=st.data())
 def test_multi_teacher_property(backend, data):
     draw = data.draw
-    seed = draw(SEEDS, "seed")
-    gen = torch.Generator().manual_seed(seed)
-    dtype = draw(st.sampled_from(dtypes_for(backend)), "dtype")
+    seed, gen, dtype = draw_seed_and_dtype(draw, backend)
     rows = draw(row_counts(), "rows")
     vocab = draw(vocab_sizes(), "vocab")
     # K = 9: more teachers than the triton kernel's tile holds (groups of 8)
@@ -295,9 +295,7 @@ def _fused_permute(tensors, perm, inverse):
 @given(data=st.data())
 def test_fused_linear_property(backend, data):
     draw = data.draw
-    seed = draw(SEEDS, "seed")
-    gen = torch.Generator().manual_seed(seed)
-    dtype = draw(st.sampled_from(dtypes_for(backend)), "dtype")
+    seed, gen, dtype = draw_seed_and_dtype(draw, backend)
     lead = draw(lead_shapes(), "lead")
     rows = math.prod(lead)
     vocab = draw(vocab_sizes(), "vocab")
@@ -355,9 +353,7 @@ def _dkd_call(**kwargs):
 @given(data=st.data())
 def test_dkd_property(backend, data):
     draw = data.draw
-    seed = draw(SEEDS, "seed")
-    gen = torch.Generator().manual_seed(seed)
-    dtype = draw(st.sampled_from(dtypes_for(backend)), "dtype")
+    seed, gen, dtype = draw_seed_and_dtype(draw, backend)
     rows = draw(row_counts(), "rows")
     classes = draw(vocab_sizes().filter(lambda c: c >= 2), "classes")
     reduction = draw(st.sampled_from(("batchmean", "sum", "none")), "reduction")
@@ -398,9 +394,7 @@ def test_divergence_special_values_property(backend, data):
     # on both sides where one side alone makes the loss +inf (tested apart,
     # with ±inf and ±3e38, below). Column 0 stays finite (no all −inf row).
     draw = data.draw
-    seed = draw(SEEDS, "seed")
-    gen = torch.Generator().manual_seed(seed)
-    dtype = draw(st.sampled_from(dtypes_for(backend)), "dtype")
+    seed, gen, dtype = draw_seed_and_dtype(draw, backend)
     rows = draw(st.integers(1, 6), "rows")
     vocab = draw(vocab_sizes(40).filter(lambda v: v >= 2), "vocab")
     divergence = draw(st.sampled_from(DIVERGENCES), "divergence")
