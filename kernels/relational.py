@@ -704,6 +704,11 @@ def _cc_taylor(g, two_gamma, order):
         k = 1.0 + (two_gamma * g / p) * k
         if q > 0:
             dk = 1.0 + (two_gamma * g / p) * dk
+    # g = -inf (an infinite input entry): the series' terms alternate ±inf,
+    # so the sum is NaN for P >= 2 (Horner would give ±inf)
+    alternating = (g == float("-inf")) & (order >= 2)
+    k = tl.where(alternating, float("nan"), k)
+    dk = tl.where(alternating, float("nan"), dk)
     return k, two_gamma * dk
 
 
