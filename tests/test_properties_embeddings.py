@@ -408,11 +408,7 @@ HUGE = {name: 1e15 for name in ("rkd_distance", "rkd_angle", "rkd_loss", "pkt_lo
 HUGE["crd_nce"] = 2.0
 
 # (family, kind, backend) → reason of the strict xfail.
-SPECIAL_XFAIL = {
-    **{(name, "denormal", "cpu"): f"new: cpu {name} in float32 with student magnitudes whose squares "
-       "underflow (<= ~1e-20) differs from the reference (pairwise distances all clamped)"
-       for name in ("rkd_distance", "rkd_loss")},
-}
+SPECIAL_XFAIL: dict[tuple[str, str, str], str] = {}
 
 
 def _special_values(kind: str, name: str) -> torch.Tensor:
@@ -470,11 +466,9 @@ def test_rkd_collapsed_student_batch(name, n, d, backend, request):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ("rkd_distance", "rkd_loss"))
-def test_rkd_student_whose_squares_underflow(name, backend, request):
+def test_rkd_student_whose_squares_underflow(name, backend):
     """float32 student entries ~1e-30 (normal numbers whose squares underflow):
     the reference's clamped distances, as for a collapsed batch."""
-    _xfail_if(request, backend == "cpu", f"new: cpu {name} with float32 student entries ~1e-30 gives a "
-              "different loss from the reference (0.0357 vs 0.0241 for rkd_distance)")
     fused, ref = SPECIAL_FAMILIES[name]
     operands = [Operand((6, 9), values=make_values((6, 9), 0) * 1e-30),
                 Operand((6, 5), grad=False, values=make_values((6, 5), 1))]
