@@ -271,7 +271,7 @@ def pkt_loss(
 ) -> torch.Tensor:
     """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018; RepDistiller ``PKT``).
 
-    ``x̂ = x / (‖x‖ + eps)``, ``S = (x̂ x̂ᵀ + 1) / 2``, ``P = S / rowsum(S)``,
+    ``x̂ = x / (‖x‖ + eps)``, ``S = max((x̂ x̂ᵀ + 1) / 2, 0)``, ``P = S / rowsum(S)``,
     ``L = mean_ij P_t log((P_t + eps) / (P_s + eps))`` over all ``N²`` entries.
 
     NaN: RepDistiller sets NaN entries of ``x̂`` to 0 (SPEC §2, "NaN → 0"); like

@@ -118,10 +118,14 @@ def _info_nce_fwd_kernel(
         s = tl.where(col_ok[None, :], s, float("-inf"))
         positive += tl.sum(tl.where(cols[None, :] == labels[:, None], s, 0.0), 1)
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        # the sums are shifted by the max, or by 0 once it is +inf (a +inf
+        # logit): inf − inf would be NaN where torch.logsumexp gives +inf
+        shift_old = tl.where(m_i == float("inf"), 0.0, m_i)
+        shift_new = tl.where(m_new == float("inf"), 0.0, m_new)
         # a NaN logit makes Σ exp NaN, whatever the max does with it
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        l_i = l_i * tl.exp(shift_old - shift_new) + tl.sum(tl.exp(s - shift_new[:, None]), 1)
         m_i = m_new
-    lse = m_i + tl.log(l_i)
+    lse = tl.where(m_i == float("inf"), 0.0, m_i) + tl.log(l_i)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(loss_ptr + rows, lse - positive, mask=row_ok)
 

@@ -150,7 +150,10 @@ def _crd_nce_kernel(
         denom = p + c_eps
         positive = cols == 0
         # −log(P0 / (P0 + c')) = log1p(c' / P0);  −log(c / (Pk + c')) − log(c'/c) = log1p(Pk / c')
-        term = tl.where(positive, _log1p(c_eps / p), _log1p(p * inv_c_eps))
+        # P0 = inf (an infinite score): the ratio is inf / inf, NaN, where
+        # log1p(c' / P0) would give 0
+        term_positive = tl.where(p == float("inf"), float("nan"), _log1p(c_eps / p))
+        term = tl.where(positive, term_positive, _log1p(p * inv_c_eps))
         loss += tl.where(col_ok, term, 0.0).to(tl.float64)
         if WANT_GRAD:
             # d/ds: −c' / (T (P0 + c')) for the positive, Pk / (T (Pk + c')) for a negative

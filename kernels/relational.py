@@ -704,6 +704,11 @@ def _cc_taylor(g, two_gamma, order):
         k = 1.0 + (two_gamma * g / p) * k
         if q > 0:
             dk = 1.0 + (two_gamma * g / p) * dk
+    # g = -inf (an infinite input entry): the series' terms alternate ±inf,
+    # so the sum is NaN for P >= 2 (Horner would give ±inf)
+    alternating = (g == float("-inf")) & (order >= 2)
+    k = tl.where(alternating, float("nan"), k)
+    dk = tl.where(alternating, float("nan"), dk)
     return k, two_gamma * dk
 
 
@@ -743,6 +748,14 @@ def _cc_kernel(
 
 
 @triton.jit
+def _pkt_similarity(h):
+    # S = max((H + 1) / 2, 0): the cosine of antipodal rows can round below
+    # -1, and S < 0 would make log(P + eps) NaN; a NaN passes through
+    s = (h + 1.0) * 0.5
+    return tl.where(s < 0.0, 0.0, s)
+
+
+@triton.jit
 def _pkt_kernel(
     hs_ptr,  # [N, N] float32 student Gram matrix of the normalised rows x̂
     ht_ptr,  # [N, N] float32 teacher, likewise
@@ -764,8 +777,8 @@ def _pkt_kernel(
         js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
         m = im[:, None] & (js < N)[None, :]
         at = rows[:, None] * N + js[None, :]
-        sum_s += tl.where(m, (tl.load(hs_ptr + at, mask=m, other=0.0) + 1.0) * 0.5, 0.0)
-        sum_t += tl.where(m, (tl.load(ht_ptr + at, mask=m, other=0.0) + 1.0) * 0.5, 0.0)
+        sum_s += tl.where(m, _pkt_similarity(tl.load(hs_ptr + at, mask=m, other=0.0)), 0.0)
+        sum_t += tl.where(m, _pkt_similarity(tl.load(ht_ptr + at, mask=m, other=0.0)), 0.0)
     # masked rows get 1: no division by 0 in lanes that are never stored
     r_s = tl.where(im, tl.sum(sum_s, 1), 1.0)
     r_t = tl.where(im, tl.sum(sum_t, 1), 1.0)
@@ -776,8 +789,8 @@ def _pkt_kernel(
         js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
         m = im[:, None] & (js < N)[None, :]
         at = rows[:, None] * N + js[None, :]
-        p_s = (tl.load(hs_ptr + at, mask=m, other=0.0) + 1.0) * 0.5 / r_s[:, None]
-        p_t = (tl.load(ht_ptr + at, mask=m, other=0.0) + 1.0) * 0.5 / r_t[:, None]
+        p_s = _pkt_similarity(tl.load(hs_ptr + at, mask=m, other=0.0)) / r_s[:, None]
+        p_t = _pkt_similarity(tl.load(ht_ptr + at, mask=m, other=0.0)) / r_t[:, None]
         loss += tl.where(m, p_t * tl.log((p_t + eps) / (p_s + eps)), 0.0)
         dot += tl.where(m, -inv_n2 * p_t / (p_s + eps) * p_s, 0.0)
     tl.store(loss_ptr + rows, tl.sum(loss, 1), mask=im)
@@ -788,10 +801,13 @@ def _pkt_kernel(
             js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
             m = im[:, None] & (js < N)[None, :]
             at = rows[:, None] * N + js[None, :]
-            p_s = (tl.load(hs_ptr + at, mask=m, other=0.0) + 1.0) * 0.5 / r_s[:, None]
-            p_t = (tl.load(ht_ptr + at, mask=m, other=0.0) + 1.0) * 0.5 / r_t[:, None]
+            h_s = tl.load(hs_ptr + at, mask=m, other=0.0)
+            p_s = _pkt_similarity(h_s) / r_s[:, None]
+            p_t = _pkt_similarity(tl.load(ht_ptr + at, mask=m, other=0.0)) / r_t[:, None]
             d_p = -inv_n2 * p_t / (p_s + eps)
-            tl.store(dh_ptr + at, 0.5 * (d_p - row_dot[:, None]) / r_s[:, None], mask=m)
+            # no gradient through the clamp where it acted
+            d_h = tl.where((h_s + 1.0) * 0.5 < 0.0, 0.0, 0.5 * (d_p - row_dot[:, None]) / r_s[:, None])
+            tl.store(dh_ptr + at, d_h, mask=m)
 
 
 def gram_config(n: int) -> tuple[int, int, int]:
@@ -905,7 +921,7 @@ def pkt_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PKT loss ``mean_ij P_t log((P_t + eps) / (P_s + eps))`` and the student's gradient.
 
-    The O(N²) part (the row-stochastic ``P`` of ``S = (x̂ x̂ᵀ + 1) / 2``, the
+    The O(N²) part (the row-stochastic ``P`` of ``S = max((x̂ x̂ᵀ + 1) / 2, 0)``, the
     loss and ``∂loss/∂(x̂ x̂ᵀ)``) is one kernel; the Gram matrix and
     ``dx̂ = (dH + dHᵀ) x̂`` are torch.mm, and the normalisation's O(N·D)
     gradient is torch autograd on the rows.

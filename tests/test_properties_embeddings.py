@@ -408,17 +408,7 @@ HUGE = {name: 1e15 for name in ("rkd_distance", "rkd_angle", "rkd_loss", "pkt_lo
 HUGE["crd_nce"] = 2.0
 
 # (family, kind, backend) → reason of the strict xfail.
-SPECIAL_XFAIL = {
-    **{("cc_loss", kind, b): f"new: cc_loss with a {kind} student entry gives +inf; the reference gives NaN"
-       for kind in ("inf", "-inf") for b in ("cpu", "triton")},
-    **{("crd_nce", "-inf", b): "new: crd_nce with a -inf entry in v gives +inf; the reference gives NaN "
-       "(exp(+inf) / (exp(+inf) + c))" for b in ("cpu", "triton")},
-    ("info_nce", "inf", "triton"): "new: triton info_nce with a +inf entry in q gives NaN; the reference "
-    "and cpu give +inf",
-    **{(name, "denormal", "cpu"): f"new: cpu {name} in float32 with student magnitudes whose squares "
-       "underflow (<= ~1e-20) differs from the reference (pairwise distances all clamped)"
-       for name in ("rkd_distance", "rkd_loss")},
-}
+SPECIAL_XFAIL: dict[tuple[str, str, str], str] = {}
 
 
 def _special_values(kind: str, name: str) -> torch.Tensor:
@@ -463,10 +453,9 @@ def _xfail_if(request, condition: bool, reason: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ("rkd_distance", "rkd_loss"))
 @pytest.mark.parametrize("n, d", ((2, 4), (3, 1), (8, 1)))
-def test_rkd_collapsed_student_batch(name, n, d, backend, request):
+def test_rkd_collapsed_student_batch(name, n, d, backend):
     """Every student row equal: all student distances clamp to the same
     value, the normalised distances are all 1 off the diagonal."""
-    _xfail_if(request, backend == "cpu", "defect 4: cpu rkd on a collapsed student batch")
     fused, ref = SPECIAL_FAMILIES[name]
     values = make_values((1, d), 3).expand(n, d).contiguous()
     operands = [Operand((n, d), values=values), Operand((n, 5), grad=False, values=make_values((n, 5), 4))]
@@ -476,11 +465,9 @@ def test_rkd_collapsed_student_batch(name, n, d, backend, request):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ("rkd_distance", "rkd_loss"))
-def test_rkd_student_whose_squares_underflow(name, backend, request):
+def test_rkd_student_whose_squares_underflow(name, backend):
     """float32 student entries ~1e-30 (normal numbers whose squares underflow):
     the reference's clamped distances, as for a collapsed batch."""
-    _xfail_if(request, backend == "cpu", f"new: cpu {name} with float32 student entries ~1e-30 gives a "
-              "different loss from the reference (0.0357 vs 0.0241 for rkd_distance)")
     fused, ref = SPECIAL_FAMILIES[name]
     operands = [Operand((6, 9), values=make_values((6, 9), 0) * 1e-30),
                 Operand((6, 5), grad=False, values=make_values((6, 5), 1))]
@@ -674,10 +661,8 @@ def test_info_nce_normalized_single_feature(backend, request):
 @pytest.mark.parametrize("side", ("teacher", "student"))
 def test_pkt_antipodal_rows(side, backend, request):
     """Rows constant along 130 features, of both signs: cosines of exactly ±1,
-    so S = (cos + 1) / 2 is 0 or 1; rounded below 0, log(P + eps) is NaN."""
-    _xfail_if(request, True, "new: pkt_loss in float32 is NaN when two rows are antipodal (cosine -1 "
-              "rounds below -1, S < 0, log(P + eps) of a negative); float64 gives 0.0642 / 0.531 "
-              "(the float32 reference is NaN too)")
+    so S = (cos + 1) / 2 is 0 or 1. A cosine rounded below -1 would make S
+    negative and log(P + eps) NaN: S is clamped at 0 (no gradient there)."""
     antipodal = Operand((7, 130), "expanded", grad=side == "student", values=make_values((7, 1), 0))
     other = Operand((7, 2), values=make_values((7, 2), 0))
     operands = [other, antipodal] if side == "teacher" else [antipodal, other]

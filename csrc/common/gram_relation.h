@@ -74,6 +74,10 @@ FASTKD_GRAM_HD void cc_taylor(T g, T two_gamma, int64_t order, T& k, T& dk) {
     if (q > 0) dk = T(1) + step * dk;
   }
   dk *= two_gamma;
+  // g = −inf (an infinite input entry): the series' terms alternate ±inf, so
+  // the sum is NaN for P >= 2 (Horner would give ±inf). Only −inf halves to
+  // itself among negatives; g − g is that NaN (no <cmath> in device code).
+  if (order >= 2 && g < T(0) && g * T(0.5) == g) k = dk = g - g;
 }
 
 // PKT's rows: x̂ = x / (‖x‖ + eps), the NaN that the division creates (inf /

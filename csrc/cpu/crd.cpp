@@ -184,8 +184,10 @@ void crd_kernel(const CrdView<T>& w, int64_t n_data, T z, double* row_loss, T* g
         const T denom = p + c_eps;
         T g;
         if (j == 0) {
-          // −log(P0 / (P0 + c')) = log1p(c' / P0);  d/ds = −c' / (T (P0 + c'))
-          loss += std::log1p(c_eps / p);
+          // −log(P0 / (P0 + c')) = log1p(c' / P0);  d/ds = −c' / (T (P0 + c')).
+          // P0 = inf (an infinite score): the ratio is inf / inf, NaN, where
+          // log1p(c' / P0) would give 0.
+          loss += std::isinf(p) ? p - p : std::log1p(c_eps / p);
           g = -c_eps / denom * w.inv_temperature;
         } else {
           // −log(c / (Pk + c')) = log1p(Pk / c') + log(c' / c);  d/ds = Pk / (T (Pk + c'))

@@ -169,9 +169,16 @@ std::tuple<at::Tensor, at::Tensor> cc_forward_cpu(const at::Tensor& student, con
 }
 
 // ---- PKT ---------------------------------------------------------------------
-// H = x̂ x̂ᵀ, S = (H + 1) / 2, P = S / rowsum(S) per side,
+// H = x̂ x̂ᵀ, S = max((H + 1) / 2, 0), P = S / rowsum(S) per side,
 // L = mean_ij P_t log((P_t + eps) / (P_s + eps)).
-// dP = −P_t / (P_s + eps) / N², dS = (dP − Σ_j dP P_s) / rowsum(S_s), dH = dS / 2.
+// dP = −P_t / (P_s + eps) / N², dS = (dP − Σ_j dP P_s) / rowsum(S_s), dH = dS / 2
+// (0 where the clamp acted: an antipodal pair whose cosine rounded below −1).
+template <class T>
+inline double pkt_similarity(T h) {
+  const double s = (double(h) + 1.0) * 0.5;
+  return s < 0.0 ? 0.0 : s;  // a NaN passes through
+}
+
 template <class T>
 std::tuple<at::Tensor, at::Tensor> pkt_impl(const at::Tensor& student, const at::Tensor& teacher,
                                             bool student_grad, double eps) {
@@ -193,21 +200,26 @@ std::tuple<at::Tensor, at::Tensor> pkt_impl(const at::Tensor& student, const at:
       const T* ht_row = ht_p + i * n;
       double sum_s = 0, sum_t = 0;
       for (int64_t j = 0; j < n; ++j) {
-        sum_s += (double(hs_row[j]) + 1.0) * 0.5;
-        sum_t += (double(ht_row[j]) + 1.0) * 0.5;
+        sum_s += pkt_similarity(hs_row[j]);
+        sum_t += pkt_similarity(ht_row[j]);
       }
       double loss = 0, dot = 0;
       for (int64_t j = 0; j < n; ++j) {
-        const double p_s = (double(hs_row[j]) + 1.0) * 0.5 / sum_s;
-        const double p_t = (double(ht_row[j]) + 1.0) * 0.5 / sum_t;
+        const double p_s = pkt_similarity(hs_row[j]) / sum_s;
+        const double p_t = pkt_similarity(ht_row[j]) / sum_t;
         loss += p_t * std::log((p_t + eps) / (p_s + eps));
-        const double d_p = -inv_n2 * p_t / (p_s + eps);
-        dot += d_p * p_s;
-        if (student_grad) hs_row[j] = static_cast<T>(d_p);  // dP, finished below
+        dot += -inv_n2 * p_t / (p_s + eps) * p_s;
       }
       loss_rows[i] = loss;
       if (!student_grad) continue;
-      for (int64_t j = 0; j < n; ++j) hs_row[j] = static_cast<T>(0.5 * (double(hs_row[j]) - dot) / sum_s);
+      // dP recomputed (H_s is overwritten in place by dH)
+      for (int64_t j = 0; j < n; ++j) {
+        const bool clamped = (double(hs_row[j]) + 1.0) * 0.5 < 0.0;
+        const double p_s = pkt_similarity(hs_row[j]) / sum_s;
+        const double p_t = pkt_similarity(ht_row[j]) / sum_t;
+        const double d_p = -inv_n2 * p_t / (p_s + eps);
+        hs_row[j] = clamped ? T(0) : static_cast<T>(0.5 * (d_p - dot) / sum_s);
+      }
     }
   });
   const at::Tensor loss = at::scalar_tensor(ordered_sum(loss_rows) * inv_n2, at::TensorOptions().dtype(acc));

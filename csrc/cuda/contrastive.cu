@@ -93,11 +93,14 @@ __global__ void __launch_bounds__(BLOCK) _info_nce_row_lse_kernel(
     T m = -INFINITY;
     for (int64_t j = threadIdx.x; j < M; j += BLOCK) m = max_nan(m, x[j] * inv_temperature);
     m = block_all_reduce<BLOCK>(m, MaxNanOp{}, temp, result);
+    // shifted by 0 where the max is +inf (a +inf logit), as torch.logsumexp:
+    // inf − inf would make the lse NaN instead of +inf
+    const T shift = m == T(INFINITY) ? T(0) : m;
     T sum = T(0);
-    for (int64_t j = threadIdx.x; j < M; j += BLOCK) sum += dev_exp(x[j] * inv_temperature - m);
+    for (int64_t j = threadIdx.x; j < M; j += BLOCK) sum += dev_exp(x[j] * inv_temperature - shift);
     sum = block_all_reduce<BLOCK>(sum, SumOp{}, temp, result);
     if (threadIdx.x == 0) {
-      const T lse = m + dev_log(sum);
+      const T lse = shift + dev_log(sum);
       row_lse[row] = lse;
       row_loss[row] = lse - x[labels[row]] * inv_temperature;
     }

@@ -189,8 +189,10 @@ __global__ void __launch_bounds__(kThreads) _crd_nce_kernel(
       const T denom = p + c_eps;
       T g;
       if (j == 0) {
-        // −log(P0 / (P0 + c')) = log1p(c' / P0);  d/ds = −c' / (T (P0 + c'))
-        loss += static_cast<double>(dev_log1p(c_eps / p));
+        // −log(P0 / (P0 + c')) = log1p(c' / P0);  d/ds = −c' / (T (P0 + c')).
+        // P0 = inf (an infinite score): the ratio is inf / inf, NaN, where
+        // log1p(c' / P0) would give 0 (p − p is NaN exactly when p is not finite).
+        loss += static_cast<double>(p - p != T(0) ? p - p : dev_log1p(c_eps / p));
         g = -c_eps / denom * w.inv_temperature;
       } else {
         // −log(c / (Pk + c')) = log1p(Pk / c') + log(c' / c);  d/ds = Pk / (T (Pk + c'))

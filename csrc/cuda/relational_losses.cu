@@ -138,8 +138,14 @@ __global__ void __launch_bounds__(kRowThreads) cc_row_kernel(
 }
 
 // ---- PKT -----------------------------------------------------------------------------
-// S = (H + 1) / 2, P = S / rowsum(S) per side; loss row Σ_j P_t log((P_t + eps) / (P_s + eps));
-// with `grad`, dH = (dP − Σ_j dP P_s) / (2 rowsum(S_s)), dP = −P_t / (P_s + eps) / N².
+// S = max((H + 1) / 2, 0), P = S / rowsum(S) per side; loss row Σ_j P_t log((P_t + eps) / (P_s + eps));
+// with `grad`, dH = (dP − Σ_j dP P_s) / (2 rowsum(S_s)), dP = −P_t / (P_s + eps) / N², and
+// dH = 0 where the clamp acted (an antipodal pair whose cosine rounded below −1).
+__device__ __forceinline__ float pkt_similarity(float h) {
+  const float s = (h + 1.f) * 0.5f;
+  return s < 0.f ? 0.f : s;  // a NaN passes through
+}
+
 __global__ void __launch_bounds__(kRowThreads) pkt_row_kernel(
     float* __restrict__ hs,         // [n, n] student Gram matrix of x̂; out: dH (grad)
     const float* __restrict__ ht,   // [n, n] teacher, likewise
@@ -152,14 +158,14 @@ __global__ void __launch_bounds__(kRowThreads) pkt_row_kernel(
     const float* ht_row = ht + i * n;
     float a = 0.f, b = 0.f;
     for (int64_t j = threadIdx.x; j < n; j += kRowThreads) {
-      a += (hs_row[j] + 1.f) * 0.5f;
-      b += (ht_row[j] + 1.f) * 0.5f;
+      a += pkt_similarity(hs_row[j]);
+      b += pkt_similarity(ht_row[j]);
     }
     const float2 r = block_sum2(temp, &rows_sh, a, b);
     float loss = 0.f, dot = 0.f;
     for (int64_t j = threadIdx.x; j < n; j += kRowThreads) {
-      const float p_s = (hs_row[j] + 1.f) * 0.5f / r.x;
-      const float p_t = (ht_row[j] + 1.f) * 0.5f / r.y;
+      const float p_s = pkt_similarity(hs_row[j]) / r.x;
+      const float p_t = pkt_similarity(ht_row[j]) / r.y;
       loss += p_t * logf((p_t + eps) / (p_s + eps));
       dot += -inv_n2 * p_t / (p_s + eps) * p_s;
     }
@@ -167,10 +173,11 @@ __global__ void __launch_bounds__(kRowThreads) pkt_row_kernel(
     if (threadIdx.x == 0) loss_rows[i] = sums.x;
     if (grad) {
       for (int64_t j = threadIdx.x; j < n; j += kRowThreads) {
-        const float p_s = (hs_row[j] + 1.f) * 0.5f / r.x;
-        const float p_t = (ht_row[j] + 1.f) * 0.5f / r.y;
+        const bool clamped = (hs_row[j] + 1.f) * 0.5f < 0.f;
+        const float p_s = pkt_similarity(hs_row[j]) / r.x;
+        const float p_t = pkt_similarity(ht_row[j]) / r.y;
         const float d_p = -inv_n2 * p_t / (p_s + eps);
-        hs_row[j] = 0.5f * (d_p - sums.y) / r.x;
+        hs_row[j] = clamped ? 0.f : 0.5f * (d_p - sums.y) / r.x;
       }
     }
     __syncthreads();

@@ -152,7 +152,7 @@ def rkd_loss(
 
 
 def _pkt_probabilities(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """``(N, N)`` row-stochastic ``P = S / rowsum(S)``, ``S = (x̂ x̂ᵀ + 1) / 2``."""
+    """``(N, N)`` row-stochastic ``P = S / rowsum(S)``, ``S = max((x̂ x̂ᵀ + 1) / 2, 0)``."""
     # vector_norm rather than sqrt(sum x²): same value, but a zero row gets a
     # finite gradient (x / eps) instead of sqrt'(0) · 0 = NaN.
     xh = x / (torch.linalg.vector_norm(x, dim=1, keepdim=True) + eps)
@@ -161,14 +161,17 @@ def _pkt_probabilities(x: torch.Tensor, eps: float) -> torch.Tensor:
     # (SPEC §6: NaN is never silently dropped).
     made_nan = torch.isnan(xh) & ~torch.isnan(x).any(1, keepdim=True)
     xh = torch.where(made_nan, torch.zeros_like(xh), xh)
-    sim = (xh @ xh.t() + 1) / 2
+    # The cosine of two antipodal rows can round below -1: clamping S at 0
+    # keeps P >= 0 (log(P + eps) is finite); no gradient flows through a
+    # clamped entry (clamp_min's subgradient).
+    sim = ((xh @ xh.t() + 1) / 2).clamp_min(0)
     return sim / sim.sum(1, keepdim=True)
 
 
 def pkt_loss(student: torch.Tensor, teacher: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
     """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018; RepDistiller ``PKT``).
 
-    ``x̂ = x / (‖x‖ + eps)``, ``S = (x̂ x̂ᵀ + 1) / 2``, ``P = S / rowsum(S)``,
+    ``x̂ = x / (‖x‖ + eps)``, ``S = max((x̂ x̂ᵀ + 1) / 2, 0)``, ``P = S / rowsum(S)``,
     ``L = mean_ij P_t log((P_t + eps) / (P_s + eps))`` over all ``N²``
     entries, the diagonal included. ``rowsum(S) >= S_ii >= 1/2``, so every
     ``N >= 1`` is finite (``N = 1``: ``P = 1`` on both sides, loss 0).
