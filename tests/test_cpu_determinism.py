@@ -183,10 +183,7 @@ def test_crd_nce():
 
 @pytest.mark.parametrize("kernel", ("gaussian", "laplacian", "polynomial"))
 @pytest.mark.parametrize("unbiased", (False, True))
-def test_mmd(kernel, unbiased, request):
-    _xfail_if(request, kernel == "laplacian", "defect 11: laplacian MMD depends on the thread count")
-    _xfail_if(request, kernel == "polynomial", "new (defect 11's kind): the polynomial MMD loss depends on "
-              "the thread count (7.6e-6 apart with 1 and 2 threads)")
+def test_mmd(kernel, unbiased):
     x, y = grad(randn(PAIRS, 32, seed=0)), grad(randn(PAIRS + 3, 32, seed=1, scale=1.2))
     assert_thread_invariant(
         lambda a, b: fastkd.mmd_loss(a, b, kernel=kernel, unbiased=unbiased, backend=BACKEND),
@@ -194,15 +191,9 @@ def test_mmd(kernel, unbiased, request):
 
 
 RELATIONAL = ("rkd_distance", "rkd_angle", "rkd_loss", "pkt_loss", "sp_loss", "cc_loss")
-RELATIONAL_XFAIL = {
-    "rkd_angle": "defect 11: the rkd_angle gradient depends on the thread count",
-    "rkd_loss": "defect 11: the rkd_loss gradient depends on the thread count",
-}
 
 
 @pytest.mark.parametrize("name", RELATIONAL)
-def test_relational(name, request):
-    reason = RELATIONAL_XFAIL.get(name)
-    _xfail_if(request, reason is not None, reason or "")
+def test_relational(name):
     s, t = grad(randn(PAIRS, 32, seed=0)), randn(PAIRS, 24, seed=1)
     assert_thread_invariant(lambda a, b: getattr(fastkd, name)(a, b, backend=BACKEND), [s, t], name)

@@ -32,15 +32,9 @@ def check(fn, *inputs) -> None:
     assert gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=False)
 
 
-# gradcheck runs backward twice on one graph (retain_graph, its reentrancy
-# check); these backwards change a saved tensor in place.
-DEFECT_12 = pytest.mark.xfail(strict=True, raises=RuntimeError,
-                              reason="defect 12: a second backward through the retained graph fails")
-
-
 def finite_difference_check(fn, *inputs, eps: float = 1e-6) -> None:
-    """One backward against float64 central differences (gradcheck's
-    tolerances), for the functions whose retained graph cannot be replayed."""
+    """One backward through a fresh (not retained) graph against float64
+    central differences, with gradcheck's tolerances."""
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
     grads = torch.autograd.grad(fn(*leaves), leaves)
     for i, (x, g) in enumerate(zip(inputs, grads, strict=True)):
@@ -72,9 +66,7 @@ def finite_difference_check(fn, *inputs, eps: float = 1e-6) -> None:
     ("cc_loss", {}),
     ("cc_loss", {"gamma": 0.1, "order": 3}),
 ))
-def test_relational(name, kwargs, n, d, request):
-    if name == "rkd_loss":
-        request.applymarker(DEFECT_12)
+def test_relational(name, kwargs, n, d):
     if name == "pkt_loss" and d == 1:
         # one feature: the normalised rows are ±1 up to eps, P_s ~ 0, and central
         # differences of log(P_s + 1e-7) lose all accuracy (the reference's too)
@@ -85,7 +77,7 @@ def test_relational(name, kwargs, n, d, request):
 
 
 @pytest.mark.parametrize("module, fn", (
-    pytest.param(fastkd.RKDLoss, fastkd.rkd_loss, marks=DEFECT_12),
+    (fastkd.RKDLoss, fastkd.rkd_loss),
     (fastkd.PKTLoss, fastkd.pkt_loss),
     (fastkd.SPLoss, fastkd.sp_loss),
     (fastkd.CCLoss, fastkd.cc_loss),
@@ -207,8 +199,7 @@ def _crd_case(b, feat, k, z):
     return (lambda x: fastkd.crd_nce(x, bank, idx, temperature=0.5, z=z, backend=BACKEND)[0]), v
 
 
-@pytest.mark.parametrize(
-    "b, feat, k, z", [CRD_CASES[0]] + [pytest.param(*c, marks=DEFECT_12) for c in CRD_CASES[1:]])
+@pytest.mark.parametrize("b, feat, k, z", CRD_CASES)
 def test_crd_nce(b, feat, k, z):
     """The student-side embedding ``v`` gets the gradient; the bank none."""
     check(*_crd_case(b, feat, k, z))
@@ -227,7 +218,6 @@ def test_rkd_loss_finite_differences(kwargs, n, d):
                             f64(n, d, seed=0))
 
 
-@DEFECT_12
 def test_crd_module():
     """CRDLoss (embeddings, the NCE of both directions) through its linear
     heads, with the banks frozen (momentum 1 leaves them as they are)."""
