@@ -218,9 +218,9 @@ def test_rkd_loss_finite_differences(kwargs, n, d):
                             f64(n, d, seed=0))
 
 
-def test_crd_module():
-    """CRDLoss (embeddings, the NCE of both directions) through its linear
-    heads, with the banks frozen (momentum 1 leaves them as they are)."""
+def crd_module_loss_of_student():
+    """f_s ↦ CRDLoss(f_s, f_t, idx, contrast) in float64, its Z fixed by a first
+    call and its banks frozen (momentum 1)."""
     torch.manual_seed(0)
     module = fastkd.CRDLoss(student_dim=5, teacher_dim=4, n_data=12, feat_dim=3, nce_k=4, nce_m=1.0,
                             backend=BACKEND).double()
@@ -228,15 +228,14 @@ def test_crd_module():
     contrast = torch.randint(0, 12, (3, 5), generator=torch.Generator().manual_seed(1))
     f_t = f64(3, 4, seed=1, grad=False)
     module(f64(3, 5, seed=2, grad=False), f_t, idx, contrast)  # fixes Z
-    check(lambda f_s: module(f_s, f_t, idx, contrast), f64(3, 5, seed=0))
+    return lambda f_s: module(f_s, f_t, idx, contrast)
+
+
+def test_crd_module():
+    """CRDLoss (embeddings, the NCE of both directions) through its linear
+    heads, with the banks frozen (momentum 1 leaves them as they are)."""
+    check(crd_module_loss_of_student(), f64(3, 5, seed=0))
 
 
 def test_crd_module_finite_differences():
-    torch.manual_seed(0)
-    module = fastkd.CRDLoss(student_dim=5, teacher_dim=4, n_data=12, feat_dim=3, nce_k=4, nce_m=1.0,
-                            backend=BACKEND).double()
-    idx = torch.tensor([0, 3, 7])
-    contrast = torch.randint(0, 12, (3, 5), generator=torch.Generator().manual_seed(1))
-    f_t = f64(3, 4, seed=1, grad=False)
-    module(f64(3, 5, seed=2, grad=False), f_t, idx, contrast)
-    finite_difference_check(lambda f_s: module(f_s, f_t, idx, contrast), f64(3, 5, seed=0))
+    finite_difference_check(crd_module_loss_of_student(), f64(3, 5, seed=0))

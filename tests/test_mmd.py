@@ -88,6 +88,16 @@ def check_parity(fused, ref, inputs, what):
         assert_matches(a, b, dtype, f"{what} {name}", [c])
 
 
+def check_mmd_parity(backend, x, y, what, **kwargs):
+    """check_parity of fastkd.mmd_loss(x, y, **kwargs) on ``backend`` against the reference."""
+    check_parity(
+        lambda a, b: fastkd.mmd_loss(a, b, backend=backend, **kwargs),
+        lambda a, b: reference.mmd_loss(a, b, **kwargs),
+        (x, y),
+        what,
+    )
+
+
 def kernel_kwargs(kernel):
     if kernel == "polynomial":
         return {"kernel": kernel, "degree": 3, "c": 2.0}
@@ -115,12 +125,7 @@ def test_mmd_parity(tiles, backend, dtype, shape, kernel, unbiased):
     x = samples(n, d, dtype, 0)
     y = samples(m, d, dtype, 1, shift=0.3)
     kwargs = {**kernel_kwargs(kernel), "unbiased": unbiased}
-    check_parity(
-        lambda a, b: fastkd.mmd_loss(a, b, backend=backend, **kwargs),
-        lambda a, b: reference.mmd_loss(a, b, **kwargs),
-        (x, y),
-        f"{backend} mmd {kernel}",
-    )
+    check_mmd_parity(backend, x, y, f"{backend} mmd {kernel}", **kwargs)
 
 
 @pytest.mark.parametrize("backend", kernel_params())
@@ -133,12 +138,7 @@ def test_mmd_bandwidths_non_contiguous(tiles, backend, bandwidths, kernel):
     y = samples(30, 20, dtype, 3)[::2]  # row stride 40
     assert not x.is_contiguous() and not y.is_contiguous()
     kwargs = {"kernel": kernel, "bandwidths": bandwidths}
-    check_parity(
-        lambda a, b: fastkd.mmd_loss(a, b, backend=backend, **kwargs),
-        lambda a, b: reference.mmd_loss(a, b, **kwargs),
-        (x, y),
-        f"{backend} {dtype} mmd",
-    )
+    check_mmd_parity(backend, x, y, f"{backend} {dtype} mmd", **kwargs)
 
 
 @pytest.mark.parametrize("backend", kernel_params())
@@ -229,12 +229,7 @@ def test_mmd_distance_kernels_are_translation_invariant(backend, kernel, offset,
     y = (torch.randn(9, 3, generator=g, dtype=torch.float64) + 0.3) * spread + offset
     y = y.float().to(DEVICE)
     kwargs = {"kernel": kernel, "bandwidths": tuple(s * spread for s in (0.5, 1.0, 2.0, 4.0, 8.0))}
-    check_parity(
-        lambda a, b: fastkd.mmd_loss(a, b, backend=backend, **kwargs),
-        lambda a, b: reference.mmd_loss(a, b, **kwargs),
-        (x, y),
-        f"{backend} mmd {kernel} offset {offset:g}",
-    )
+    check_mmd_parity(backend, x, y, f"{backend} mmd {kernel} offset {offset:g}", **kwargs)
 
 
 @pytest.mark.parametrize("backend", kernel_params())
@@ -248,12 +243,7 @@ def test_mmd_tiny_bandwidths(backend, kernel, bandwidths):
     kwargs = {"kernel": kernel, "bandwidths": bandwidths}
     got = run_with_grads(lambda a, b: fastkd.mmd_loss(a, b, backend=backend, **kwargs), x, y)
     assert all(torch.isfinite(t).all() for t in got)
-    check_parity(
-        lambda a, b: fastkd.mmd_loss(a, b, backend=backend, **kwargs),
-        lambda a, b: reference.mmd_loss(a, b, **kwargs),
-        (x, y),
-        f"{backend} mmd {kernel} bandwidths {bandwidths}",
-    )
+    check_mmd_parity(backend, x, y, f"{backend} mmd {kernel} bandwidths {bandwidths}", **kwargs)
 
 
 @pytest.mark.parametrize("backend", ["reference", *kernel_params()])
