@@ -141,3 +141,39 @@ def bad_label_arguments(rows: int) -> tuple[tuple[dict, str], ...]:
         ({"labels": labels, "hard_grad_scale": math.inf}, "hard_grad_scale"),
         ({"labels": labels, "hard_grad_scale": math.nan}, "hard_grad_scale"),
     )
+
+
+# Kept rows 0 and 2 carry labels −1 and V, excluded row 3 a label far out of range.
+OUT_OF_RANGE_ROW_MASK = (True, True, True, False, True)
+
+
+def out_of_range_labels(vocab: int, last: int = 0) -> torch.Tensor:
+    """Labels of five rows for OUT_OF_RANGE_ROW_MASK: −1 and ``vocab`` on kept rows 0 and 2."""
+    return torch.tensor([-1, 7, vocab, 10**12, last], device=DEVICE)
+
+
+def run_past_the_label_check(backend: str, call, triton_module, monkeypatch, vocab: int):
+    """``call()`` with out_of_range_labels: the CPU op raises RuntimeError and
+    the Triton launcher ValueError, both naming ``labels``. On cpu that is all
+    (returns None); on triton the launcher's check is then patched out, so that
+    ``call()`` reaches the kernels' own guard, as the CUDA op (which does not
+    synchronise to check) always does. Returns ``call()``'s outputs."""
+    if backend == "cpu":
+        with pytest.raises(RuntimeError, match=r"^labels\b"):
+            call()
+        return None
+    if backend == "triton":
+        message = rf"^labels of kept rows must lie in \[0, {vocab}\), got -1 at row 0"
+        with pytest.raises(ValueError, match=message):
+            call()
+        monkeypatch.setattr(triton_module, "check_kept_label_range", lambda *args: None)
+    return call()
+
+
+def assert_nan_on_out_of_range_rows(row_ce: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The kernels' guard: NaN CE and gradient on the kept rows with out-of-range
+    labels, zeros on the excluded row. Returns the mask of the other rows."""
+    bad = torch.tensor([True, False, True, False, False], device=DEVICE)
+    assert torch.isnan(row_ce[bad]).all() and torch.isnan(grad[bad]).all()
+    assert row_ce[3] == 0 and torch.all(grad[3] == 0)
+    return ~bad

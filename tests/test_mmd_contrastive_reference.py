@@ -332,6 +332,7 @@ def _bad_cases():
     x, y = randn(4, 3), randn(5, 3)
     s, t = randn(2, 3, 4, 4), randn(2, 2, 4, 4)
     lab = torch.tensor([0, 1, 2, 4], device=DEVICE)
+    above, below = torch.tensor([0, 1, 2, 5], device=DEVICE), torch.tensor([0, -1, 2, 3], device=DEVICE)
     return [
         (r"^x must be a torch\.Tensor", lambda: mmd_loss([[1.0]], y)),
         (r"^x must have dtype in", lambda: mmd_loss(x.long(), y)),
@@ -362,12 +363,13 @@ def _bad_cases():
         (r"^temperature must be > 0", lambda: info_nce(x, y, temperature=0.0)),
         (r"^temperature must be > 0", lambda: info_nce(x, y, temperature=-0.07)),
         (r"^temperature must be finite", lambda: info_nce(x, y, temperature=float("inf"))),
-        (r"^labels must lie in \[0, M\)", lambda: info_nce(x, y, labels=torch.tensor([0, 1, 2, 5], device=DEVICE))),
-        (r"^labels must lie in \[0, M\)", lambda: info_nce(x, y, labels=torch.tensor([0, -1, 2, 3], device=DEVICE))),
+        (r"^labels must lie in \[0, M\)", lambda: info_nce(x, y, labels=above)),
+        (r"^labels must lie in \[0, M\)", lambda: info_nce(x, y, labels=below)),
         (r"^labels must be an integer tensor", lambda: info_nce(x, y, labels=lab.double())),
         (r"^labels shape \(3,\) must be \(N,\)", lambda: info_nce(x, y, labels=lab[:3])),
         (r"^labels must be a torch\.Tensor", lambda: info_nce(x, y, labels=[0, 1, 2, 3])),
-        (r"^labels must be None when symmetric=True", lambda: info_nce(x, randn(4, 3), labels=lab.clamp(max=3), symmetric=True)),
+        (r"^labels must be None when symmetric=True",
+         lambda: info_nce(x, randn(4, 3), labels=lab.clamp(max=3), symmetric=True)),
         (r"^symmetric=True needs as many rows in k as in q", lambda: info_nce(x, y, symmetric=True)),
         (r"^normalize must be a bool", lambda: info_nce(x, y, normalize="yes")),
     ]
