@@ -380,24 +380,13 @@ def test_dkd_property(backend, data):
 # ---- special values ------------------------------------------------------------------
 
 
-def cpu_coefficient_defect(divergence, coef):
-    """Whether the cpu kernel's open defect with a mixture coefficient near 0 or 1
-    applies (test_mixture_coefficient_near_endpoint): skew with α = 1, or JSD / skew
-    with β or α (or 1 − it) in (0, 1e-3)."""
-    if coef is None or divergence not in ("jsd", "skew_kl", "skew_reverse_kl"):
-        return False
-    return (divergence != "jsd" and coef == 1.0) or 0.0 < min(coef, 1.0 - coef) < 1e-3
-
-
 def coefficient_defect(backend, divergence, coef):
-    """Whether an open defect with a mixture coefficient near 0 or 1 applies on
-    ``backend``: the cpu one above, or on triton a coefficient below float32's
-    smallest normal number (test_coefficient_below_float32_range)."""
-    if backend == "cpu":
-        return cpu_coefficient_defect(divergence, coef)
-    if backend == "triton" and coef is not None and divergence in ("jsd", "skew_kl", "skew_reverse_kl"):
-        return 0.0 < min(coef, 1.0 - coef) < 1.2e-38
-    return False
+    """Whether the open defect of a mixture coefficient below float32's smallest
+    normal number (or within it of 1) applies on ``backend``
+    (test_coefficient_below_float32_range)."""
+    if backend == "reference" or coef is None or divergence not in ("jsd", "skew_kl", "skew_reverse_kl"):
+        return False
+    return 0.0 < min(coef, 1.0 - coef) < 1.2e-38
 
 
 def student_neg_inf_is_finite(divergence, beta, alpha):
@@ -573,14 +562,14 @@ def test_pos_inf_logit_gives_nan_loss_and_gradients(backend, divergence, side):
     dense_parity(backend, s, t, divergence=divergence)
 
 
-COEFFICIENT_NEAR_ENDPOINT = xfail(
-    "open: cpu JSD / skew with β or α near 0 or 1 (log(c + (1 − c) e^d) loses c where 1 − c rounds): "
-    "skew_kl / skew_reverse_kl α = 1, T = 0.05: +inf loss for the reference's 0; α = 1e-7: 0.039856 for "
-    "0.040295 (float32 reference error 3.3e-9); JSD β = 1e-8: +inf for 4.86e-10; gradients -inf / NaN"
+COEFFICIENT_BELOW_FLOAT32 = xfail(
+    "open: cpu JSD / skew with a coefficient below float32's smallest normal number (it rounds to 0 in "
+    "the float32 kernel): skew_reverse_kl α = 2.2e-309 with a −inf student logit and ±1e4 entries differs "
+    "from the float64 reference"
 )
 
 
-@pytest.mark.parametrize("backend", backends_marked(cpu=COEFFICIENT_NEAR_ENDPOINT))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence,coef", (("skew_kl", 1.0), ("skew_reverse_kl", 1.0), ("skew_kl", 1e-7),
                                              ("skew_reverse_kl", 1e-7), ("jsd", 1e-8), ("jsd", 1 - 1e-8)))
 def test_mixture_coefficient_near_endpoint(backend, divergence, coef):
@@ -591,7 +580,7 @@ def test_mixture_coefficient_near_endpoint(backend, divergence, coef):
     dense_parity(backend, s, t, divergence=divergence, temperature=0.05, **{key: coef})
 
 
-@pytest.mark.parametrize("backend", backends_marked(cpu=COEFFICIENT_NEAR_ENDPOINT, triton=xfail(
+@pytest.mark.parametrize("backend", backends_marked(cpu=COEFFICIENT_BELOW_FLOAT32, triton=xfail(
     "open: triton JSD / skew with a coefficient below float32's smallest normal number (it rounds to 0 "
     "in the kernel): skew_reverse_kl α = 2.2e-309 with a −inf student logit and ±1e4 entries differs "
     "from the float64 reference")))
@@ -600,7 +589,6 @@ def test_coefficient_below_float32_range(backend):
     s[0, 1] = -math.inf
     s[1, 22] = t[1, 19] = -1e4
     dense_parity(backend, s, t, divergence="skew_reverse_kl", alpha=2.2250738585072014e-309)
-
 
 
 @pytest.mark.parametrize("backend", backends_marked(reference=xfail(

@@ -108,17 +108,25 @@ FASTKD_HOST_DEVICE T fk_logaddexp(T a, T b) {
 // ---- per-element terms, generic over scalar and SIMD types ------------------
 
 // log(c + (1 − c) e^d) for a log ratio d = log(other / ref): log(m / ref)
-// for the mixture m = c·ref + (1 − c)·other, c in (0, 1]. Written as
-//   d ≤ 0:  log1p((1 − c) expm1(d))
-//   d > 0:  d + log1p(c expm1(−d))
-// (one expm1 and one log1p, no overflow): near d = 0 the result is near 0
-// and rounded relative to its size. d = −inf gives log c, d = +inf gives
-// +inf (−inf·… only where the caller's gate, ref = 0, zeroes the term).
+// for the mixture m = c·ref + (1 − c)·other, c in (0, 1]. With a = |d|,
+// w the weight of the side e^d multiplies after factoring out e^max(d, 0)
+// and w' the other one (d ≤ 0: w = 1 − c, w' = c; d > 0: w = c, w' = 1 − c):
+//   log(m / ref) = max(d, 0) + log(w' + w e^−a)
+//   a ≤ ln 2:  log1p(w expm1(−a))       near d = 0 the result is near 0 and
+//                                        rounded relative to its size
+//   a > ln 2:  logaddexp(log w', log w − a)   keeps w' when it is tiny or
+//                                        1 − w' rounds to 1 (c near 0 or 1)
+// d = −inf gives log c, d = +inf gives +inf (−inf·… only where the caller's
+// gate, ref = 0, zeroes the term).
 template <class V>
 FASTKD_HOST_DEVICE V log_mixture_ratio(V d, V c, V one_minus_c) {
   const V zero = V(0);
   const V w = fk_where_positive(d, c, one_minus_c);
-  return fk_max(d, zero) + fk_log1p(w * fk_expm1(zero - fk_abs(d)));
+  const V w_other = fk_where_positive(d, one_minus_c, c);
+  const V a = fk_abs(d);
+  const V near = fk_log1p(w * fk_expm1(zero - a));
+  const V far = fk_logaddexp(fk_log(w_other), fk_log(w) - a);
+  return fk_max(d, zero) + fk_where_positive(a - V(0.6931471805599453), far, near);
 }
 
 // The divergence coefficient c (β for JSD, α for the skew divergences) in the
