@@ -152,6 +152,11 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "cc_forward(Tensor student, Tensor teacher, bool student_grad, float gamma, int order) "
       "-> (Tensor, Tensor)");
+  // The matrix products of fused_linear_divergence on CPU tensors (CPU only):
+  // out = beta · out + a @ b, beta 0 or 1 (0: out's contents are ignored),
+  // out [M, N], a [M, K], b [K, N], one floating dtype; the result does not
+  // depend on the thread count.
+  m.def("fused_linear_addmm_(Tensor(a!) out, Tensor a, Tensor b, float beta) -> ()");
 }
 
 namespace py = pybind11;

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastkd import _dispatch, _hard_labels, _validate
+from fastkd import _dispatch, _hard_labels, _ops, _validate
 from fastkd import functional as _functional
 from fastkd.reference import fused_linear as _reference
 
@@ -84,8 +84,35 @@ class _Config:
     weight_grad_dtype: torch.dtype  # accumulator of grad_weight (and of grad_bias: float32 at least)
 
 
+def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool) -> None:
+    """``out = a @ b``, or ``out += a @ b`` with ``accumulate``; out [M, N], a [M, K], b [K, N].
+
+    On CPU tensors the product is ``fastkd::fused_linear_addmm_``, whose
+    result does not depend on the thread count (a BLAS gemm may split a long
+    K between threads); elsewhere ATen's.
+    """
+    if out.device.type == "cpu" and _ops.CPU_EXTENSION_ERROR is None:
+        torch.ops.fastkd.fused_linear_addmm_(out, a, b, 1.0 if accumulate else 0.0)
+    elif accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+if _ops.CPU_EXTENSION_ERROR is None:
+
+    @torch.library.register_fake("fastkd::fused_linear_addmm_")
+    def _fused_linear_addmm_fake(out, a, b, beta):
+        return None
+
+
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.mm(hidden, weight.t()) if bias is None else torch.addmm(bias, hidden, weight.t())
+    """``hidden @ weightᵀ (+ bias)``: [rows, H] and [V, H] give [rows, V]."""
+    out = hidden.new_empty((hidden.shape[0], weight.shape[0]))
+    if bias is not None:
+        out.copy_(bias.expand_as(out))
+    _matmul_into(out, hidden, weight.t(), accumulate=bias is not None)
+    return out
 
 
 def _chunk_pass(cfg: _Config, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need, row_upstream=None):
@@ -138,17 +165,19 @@ def _chunk_pass(cfg: _Config, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need, 
             g_acc.mul_(row_upstream[rows].to(acc).unsqueeze(1))
             g = g_acc if g_acc.dtype == dtype else g_acc.to(dtype)
         if need[0]:
-            torch.mm(g, s_w, out=grad_h[rows])
+            _matmul_into(grad_h[rows], g, s_w, accumulate=False)
         if need[1]:
             if grad_w.dtype == dtype:
                 # accumulated inside the product (float32 accumulation within
                 # a chunk's product; for bfloat16 / float16 rounded per chunk)
-                grad_w.addmm_(g.t(), h)
+                _matmul_into(grad_w, g.t(), h, accumulate=True)
             else:
                 # bfloat16 / float16 into a float32 accumulator: the chunk's
                 # product in the input dtype (twice as fast as a float32 one
                 # on CPUs with bf16 units), summed in float32
-                grad_w.add_(torch.mm(g.t(), h))
+                product = s_w.new_empty(s_w.shape)
+                _matmul_into(product, g.t(), h, accumulate=False)
+                grad_w.add_(product)
         if need[2]:
             grad_b.add_(g.sum(0, dtype=acc))
     cast = (lambda x: x) if acc == dtype else (lambda x: None if x is None else x.to(dtype))
