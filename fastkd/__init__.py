@@ -5,10 +5,12 @@ Public API: the functional losses, their modules, and :func:`backends`.
 
 from fastkd._dispatch import BackendStatus, backends
 from fastkd._ops import empty_cache
+from fastkd.attention_relation import AttentionRelationLoss, attention_relation_loss
 from fastkd.crd import CRDLoss, crd_nce
 from fastkd.distiller import OUTPUT, Distiller, DistillerOutput, EMATeacher, Term
 from fastkd.dkd import DKDLoss, dkd_loss
 from fastkd.feature import ATLoss, HintLoss, at_loss
+from fastkd.hidden_state import HiddenStateLoss, hidden_state_loss
 from fastkd.functional import divergence, info_nce, kd_loss, mmd_loss, nst_loss
 from fastkd.fused_linear import FusedLinearDivergenceLoss, fused_linear_divergence
 from fastkd.losses import DivergenceLoss, InfoNCELoss, KDLoss, MMDLoss, NSTLoss
@@ -20,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ATLoss",
+    "AttentionRelationLoss",
     "BackendStatus",
     "CCLoss",
     "CRDLoss",
@@ -29,6 +32,7 @@ __all__ = [
     "DivergenceLoss",
     "EMATeacher",
     "FusedLinearDivergenceLoss",
+    "HiddenStateLoss",
     "HintLoss",
     "InfoNCELoss",
     "KDLoss",
@@ -41,6 +45,7 @@ __all__ = [
     "Term",
     "TopKDivergenceLoss",
     "at_loss",
+    "attention_relation_loss",
     "backends",
     "cc_loss",
     "crd_nce",
@@ -48,6 +53,7 @@ __all__ = [
     "dkd_loss",
     "empty_cache",
     "fused_linear_divergence",
+    "hidden_state_loss",
     "info_nce",
     "kd_loss",
     "mmd_loss",
