@@ -152,6 +152,23 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "cc_forward(Tensor student, Tensor teacher, bool student_grad, float gamma, int order) "
       "-> (Tensor, Tensor)");
+  // Self-attention relations (docs/spec.md §5.3, MiniLM), flash-style.
+  //   student [B, T, D_s], teacher [B, T, D_t], one floating dtype; heads
+  //   divides D_s and D_t; mask [B, T] bool or None (false: excluded as row
+  //   and key); causal: keys j <= i only; temperature > 0.
+  // forward returns (rows [B, T]: the head-mean KL(teacher || student) of
+  //   each row, 0 when excluded; lse_student, lse_teacher, head_kl [B, A, T]),
+  //   all in the accumulation dtype (fp32; fp64 for fp64 input).
+  // backward takes row_grad [B, T] (the upstream gradient of `rows`) and the
+  //   saved statistics; returns (grad_student, grad_teacher) in the input dtype,
+  //   [0] where not requested.
+  m.def(
+      "attention_relation_forward(Tensor student, Tensor teacher, int heads, Tensor? mask, bool causal, "
+      "float temperature) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_relation_backward(Tensor row_grad, Tensor student, Tensor teacher, int heads, Tensor? mask, "
+      "bool causal, float temperature, Tensor lse_student, Tensor lse_teacher, Tensor head_kl, "
+      "bool student_grad, bool teacher_grad) -> (Tensor, Tensor)");
   // The matrix products of fused_linear_divergence on CPU tensors (CPU only):
   // out = beta · out + a @ b, beta 0 or 1 (0: out's contents are ignored),
   // out [M, N], a [M, K], b [K, N], one floating dtype; the result does not

@@ -4,9 +4,12 @@
 layer) of student and teacher: per relation head, the softmax of the scaled
 dot products between a sequence's vectors, ``KL(teacher ‖ student)`` per row.
 MiniLMv2's objective is the sum of three calls (Q-Q, K-K and V-V relations of
-the teacher's chosen layer). The only backend is the reference, which
-materialises the ``(B, A, T, T)`` relations (about ``2 · B · A · T²`` values
-per model and call, plus what autograd keeps).
+the teacher's chosen layer).
+
+The ``cpu`` kernel is flash-style: it streams key tiles with an online
+log-sum-exp for both models and keeps ``O(B · A · T)`` statistics, never a
+``(T, T)`` relation; the reference materialises the ``(B, A, T, T)``
+relations of both models (and autograd keeps them).
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastkd import _dispatch
+from fastkd import _dispatch, _ops
 from fastkd.reference import attention_relation as _reference
 
 __all__ = ["AttentionRelationLoss", "attention_relation_loss"]
 
 # backends with a kernel for this loss (the reference always runs)
-KERNEL_BACKENDS: tuple[str, ...] = ()
+KERNEL_BACKENDS: tuple[str, ...] = ("cpu",)
 
 
 def _backend(backend: str, tensor: torch.Tensor) -> str:
@@ -30,6 +33,54 @@ def _backend(backend: str, tensor: torch.Tensor) -> str:
     if backend == "auto":
         return "reference"
     raise ValueError(f"backend={chosen!r} has no attention_relation_loss kernel yet")
+
+
+if _ops.CPU_EXTENSION_ERROR is None:
+
+    @torch.library.register_fake("fastkd::attention_relation_forward")
+    def _forward_fake(student, teacher, heads, mask, causal, temperature):
+        acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+        batch, length = student.shape[:2]
+        stats = student.new_empty((batch, heads, length), dtype=acc)
+        return student.new_empty((batch, length), dtype=acc), stats, torch.empty_like(stats), torch.empty_like(stats)
+
+    @torch.library.register_fake("fastkd::attention_relation_backward")
+    def _backward_fake(row_grad, student, teacher, heads, mask, causal, temperature, lse_student, lse_teacher,
+                       head_kl, student_grad, teacher_grad):
+        return (torch.empty_like(student) if student_grad else student.new_empty((0,)),
+                torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,)))
+
+
+class AttentionRelationFunction(torch.autograd.Function):
+    """Row losses ``(B, T)`` of the fused kernel; gradients for both states."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, heads, mask, causal, temperature):
+        rows, lse_s, lse_t, head_kl = torch.ops.fastkd.attention_relation_forward(
+            student, teacher, heads, mask, causal, temperature)
+        ctx.save_for_backward(student, teacher, mask, lse_s, lse_t, head_kl)
+        ctx.options = (heads, causal, temperature)
+        return rows
+
+    @staticmethod
+    def backward(ctx, row_grad):
+        student, teacher, mask, lse_s, lse_t, head_kl = ctx.saved_tensors
+        heads, causal, temperature = ctx.options
+        want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_s, grad_t = torch.ops.fastkd.attention_relation_backward(
+            row_grad, student, teacher, heads, mask, causal, temperature, lse_s, lse_t, head_kl, want_s, want_t)
+        return (grad_s if want_s else None, grad_t if want_t else None, None, None, None, None)
+
+
+def _reduce(rows: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """``rows`` (B, T), 0 on excluded rows, reduced; ``batchmean`` divides by the kept rows (at least 1)."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    kept = rows.numel() if mask is None else mask.sum().clamp(min=1)
+    return total / kept
 
 
 def attention_relation_loss(
@@ -62,20 +113,21 @@ def attention_relation_loss(
         reduction: ``"batchmean"`` (sum of the row losses over the kept rows,
             divided by their number), ``"sum"``, or ``"none"`` (``(B, T)``, 0
             for excluded rows).
-        backend: ``"auto"`` or ``"reference"`` (no fused kernel yet; an
-            explicit ``"cpu"``, ``"triton"`` or ``"cuda"`` raises ``ValueError``).
+        backend: ``"auto"``, ``"reference"`` or ``"cpu"`` (``"triton"`` and
+            ``"cuda"`` have no kernel yet: asked for explicitly they raise
+            ``ValueError``, ``"auto"`` runs the reference on a GPU).
 
     Returns:
         float32 scalar (float64 for float64 inputs), ``(B, T)`` for ``"none"``;
         0 when no row is kept.
     """
-    _reference.check_arguments(student_states, teacher_states, num_relation_heads, mask, causal, temperature,
-                               reduction)
-    _backend(backend, student_states)
-    return _reference.attention_relation_loss(
-        student_states, teacher_states, num_relation_heads=num_relation_heads, mask=mask, causal=causal,
-        temperature=temperature, reduction=reduction,
-    )
+    s, t, heads, mask, temperature = _reference.check_arguments(
+        student_states, teacher_states, num_relation_heads, mask, causal, temperature, reduction)
+    if _backend(backend, s) == "reference":
+        return _reference.attention_relation_loss(
+            s, t, num_relation_heads=heads, mask=mask, causal=causal, temperature=temperature, reduction=reduction)
+    rows = AttentionRelationFunction.apply(s, t, heads, mask, causal, temperature)
+    return _reduce(rows, mask, reduction)
 
 
 class AttentionRelationLoss(nn.Module):

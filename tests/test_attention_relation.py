@@ -15,7 +15,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastkd
-from tests.helpers import DEVICE, TOLERANCES, assert_matches
+from tests.helpers import DEVICE, TOLERANCES, assert_matches, backend_params
+
+# the backends with a kernel for this loss on DEVICE, and the reference
+BACKENDS = [p for p in backend_params(include_reference=True) if p.values[0] in ("reference", "cpu")]
 
 
 def loop_oracle(s, t, heads, mask=None, causal=False, temperature=1.0):
@@ -23,7 +26,7 @@ def loop_oracle(s, t, heads, mask=None, causal=False, temperature=1.0):
     s, t = s.double(), t.double()
     batch, length = s.shape[:2]
     ds, dt = s.shape[2] // heads, t.shape[2] // heads
-    rows = torch.zeros(batch, length, dtype=torch.float64)
+    rows = [[torch.zeros((), dtype=torch.float64) for _ in range(length)] for _ in range(batch)]
     for b in range(batch):
         for i in range(length):
             if mask is not None and not mask[b, i]:
@@ -34,9 +37,9 @@ def loop_oracle(s, t, heads, mask=None, causal=False, temperature=1.0):
                 xs, xt = s[b, :, a * ds:(a + 1) * ds], t[b, :, a * dt:(a + 1) * dt]
                 log_q = torch.log_softmax(xs[keys] @ xs[i] / (math.sqrt(ds) * temperature), 0)
                 log_p = torch.log_softmax(xt[keys] @ xt[i] / (math.sqrt(dt) * temperature), 0)
-                total += float((log_p.exp() * (log_p - log_q)).sum())
-            rows[b, i] = total / heads
-    return rows
+                total = total + (log_p.exp() * (log_p - log_q)).sum()
+            rows[b][i] = total / heads
+    return torch.stack([torch.stack(row) for row in rows])
 
 
 def reduce(rows, mask, reduction):
@@ -46,6 +49,7 @@ def reduce(rows, mask, reduction):
     return rows.sum() if reduction == "sum" else rows.sum() / max(kept, 1)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(
     batch=st.integers(1, 3),
     length=st.integers(1, 9),
@@ -57,8 +61,8 @@ def reduce(rows, mask, reduction):
     reduction=st.sampled_from(["batchmean", "sum", "none"]),
     seed=st.integers(0, 2**16),
 )
-def test_matches_the_row_loop_in_float64(batch, length, heads, widths, masked, causal, temperature, reduction,
-                                         seed):
+def test_matches_the_row_loop_in_float64(backend, batch, length, heads, widths, masked, causal, temperature,
+                                         reduction, seed):
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(batch, length, heads * widths[0], generator=g, dtype=torch.float64) * 2
     t = torch.randn(batch, length, heads * widths[1], generator=g, dtype=torch.float64) * 2
@@ -69,9 +73,31 @@ def test_matches_the_row_loop_in_float64(batch, length, heads, widths, masked, c
     expected = reduce(loop_oracle(s, t, heads, mask, causal, temperature), mask, reduction)
     got = fastkd.attention_relation_loss(s.to(DEVICE), t.to(DEVICE), num_relation_heads=heads,
                                          mask=None if mask is None else mask.to(DEVICE), causal=causal,
-                                         temperature=temperature, reduction=reduction)
+                                         temperature=temperature, reduction=reduction, backend=backend)
     assert got.dtype == torch.float64
-    assert_matches(got.cpu(), expected, torch.float64, "attention_relation_loss")
+    assert_matches(got.cpu(), expected.detach(), torch.float64, f"attention_relation_loss {backend}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("length", "causal"), [(7, False), (7, True), (300, True), (70, False)])
+def test_gradients_match_the_row_loop(backend, length, causal):
+    """Both inputs' gradients against autograd through the row loop, float64, a
+    non-unit upstream per row; T = 70 / 300 cross the kernels' row blocks and key tiles."""
+    g = torch.Generator().manual_seed(length)
+    s = torch.randn(2, length, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, length, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, length, generator=g) < 0.8
+    upstream = torch.randn(2, length, generator=g, dtype=torch.float64)
+    if length > 100:  # the loop oracle is slow: rows of one sequence only
+        mask[1] = False
+    got = fastkd.attention_relation_loss(s.to(DEVICE), t.to(DEVICE), num_relation_heads=3, mask=mask.to(DEVICE),
+                                         causal=causal, reduction="none", backend=backend)
+    got_grads = torch.autograd.grad((got.cpu() * upstream).sum(), (s, t))
+    expected = loop_oracle(s, t, 3, mask, causal)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (s, t))
+    assert_matches(got.detach().cpu(), expected.detach(), torch.float64, f"rows {backend}")
+    for name, a, b in zip(("student", "teacher"), got_grads, expected_grads):
+        assert_matches(a, b, torch.float64, f"{name} gradient {backend}")
 
 
 def test_hand_computed_value():
@@ -108,24 +134,27 @@ def test_gradcheck_both_inputs(causal):
         assert torch.autograd.gradcheck(loss, (s, t))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_low_precision_against_float64(dtype):
+def test_low_precision_against_float64(backend, dtype):
     g = torch.Generator().manual_seed(3)
     s = torch.randn(2, 16, 32, generator=g).to(dtype)
     t = torch.randn(2, 16, 48, generator=g).to(dtype)
     mask = torch.ones(2, 16, dtype=torch.bool)
     mask[1, 10:] = False
-    got = fastkd.attention_relation_loss(s, t, num_relation_heads=4, mask=mask)
+    got = fastkd.attention_relation_loss(s, t, num_relation_heads=4, mask=mask, backend=backend)
     assert got.dtype == torch.float32
-    expected = reduce(loop_oracle(s, t, 4, mask), mask, "batchmean")
+    expected = reduce(loop_oracle(s, t, 4, mask), mask, "batchmean").detach()
     rtol, atol = TOLERANCES[dtype]
     assert abs(got.item() - expected.item()) <= atol + rtol * abs(expected.item())
 
 
-def test_no_kept_row_gives_zero_with_a_zero_gradient():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_kept_row_gives_zero_with_a_zero_gradient(backend):
     s = torch.randn(2, 3, 4, requires_grad=True)
     mask = torch.zeros(2, 3, dtype=torch.bool)
-    loss = fastkd.attention_relation_loss(s, torch.randn(2, 3, 4), num_relation_heads=2, mask=mask)
+    loss = fastkd.attention_relation_loss(s, torch.randn(2, 3, 4), num_relation_heads=2, mask=mask,
+                                          backend=backend)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(s.grad, torch.zeros_like(s))
 
@@ -151,7 +180,7 @@ BAD = [
     (dict(teacher_states=torch.randn(2, 5, 8)), r"teacher_states \(B, T\) \(2, 5\) does not match"),
     (dict(teacher_states=torch.randn(2, 4, 8, dtype=torch.float64)), "teacher_states dtype torch.float64"),
     (dict(student_states=torch.randn(8, 4)), "student_states must have at least 3 dim"),
-    (dict(backend="cpu"), "backend='cpu' has no attention_relation_loss kernel yet"),
+    (dict(backend="triton"), "backend='triton' (has no attention_relation_loss kernel yet|is unavailable)"),
 ]
 
 
@@ -161,3 +190,34 @@ def test_bad_arguments_raise_value_error_naming_them(change, message):
     kwargs.update(change)
     with pytest.raises(ValueError, match=message):
         fastkd.attention_relation_loss(**kwargs)
+
+
+@pytest.mark.skipif(fastkd._ops.CPU_EXTENSION_ERROR is not None, reason="no cpu extension")
+def test_opcheck_of_the_cpu_ops():
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True, False, True, True, True], [True] * 5])
+    args = (s, t, 2, mask, True, 1.5)
+    torch.library.opcheck(torch.ops.fastkd.attention_relation_forward, args)
+    _, lse_s, lse_t, kl = torch.ops.fastkd.attention_relation_forward(*args)
+    row_grad = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.fastkd.attention_relation_backward,
+                          (row_grad, *args, lse_s, lse_t, kl, True, True))
+
+
+@pytest.mark.skipif(fastkd._ops.CPU_EXTENSION_ERROR is not None, reason="no cpu extension")
+def test_compiles_with_fullgraph():
+    g = torch.Generator().manual_seed(6)
+    s = torch.randn(2, 9, 8, generator=g, requires_grad=True)
+    t = torch.randn(2, 9, 12, generator=g)
+
+    def loss(a, b):
+        return fastkd.attention_relation_loss(a, b, num_relation_heads=4, causal=True, backend="cpu")
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = compiled(s, t)
+    (got_grad,) = torch.autograd.grad(got, s)
+    expected = loss(s, t)
+    (expected_grad,) = torch.autograd.grad(expected, s)
+    assert torch.equal(got, expected) and torch.equal(got_grad, expected_grad)

@@ -19,16 +19,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <exception>
-#include <mutex>
-
 #include "../common/checks.h"
-
-// MKL's per-thread thread count (the C entry point behind mkl.h's
-// mkl_set_num_threads_local macro; the lower-case symbols are the Fortran ones,
-// which take a pointer), exported by libtorch_cpu when torch is built with
-// MKL; weak, so that a torch without MKL links and runs too.
-extern "C" int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));
+#include "single_threaded_tasks.h"
 
 namespace fastkd {
 namespace cpu {
@@ -43,45 +35,10 @@ constexpr int64_t kKBlock = 4096;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Keeps the BLAS of the calling thread single-threaded for its lifetime.
-class SingleThreadedBlas {
- public:
-  SingleThreadedBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
-  ~SingleThreadedBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
-  }
-
- private:
-  int previous_;
-};
-
-// Runs task(0 .. count-1) on at::get_num_threads() threads inside one OpenMP
-// region (an active one whenever there is more than one thread, so nested
-// BLAS calls stay sequential), rethrowing the first exception after it.
-template <typename Task>
-void run_tasks(int64_t count, const Task& task) {
-  std::exception_ptr error;
-  std::mutex error_lock;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
-  for (int64_t i = 0; i < count; ++i) {
-    try {
-      // worker threads start with autograd on: these products are plain
-      // arithmetic on tensors the caller owns
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      SingleThreadedBlas sequential;
-      task(i);
-    } catch (...) {
-      std::lock_guard<std::mutex> hold(error_lock);
-      if (!error) error = std::current_exception();
-    }
-  }
-  if (error) std::rethrow_exception(error);
-}
-
 void tiled_addmm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
   const int64_t m = out.size(0), n = out.size(1);
   const int64_t row_tiles = ceil_div(m, kTileRows), col_tiles = ceil_div(n, kTileCols);
-  run_tasks(row_tiles * col_tiles, [&](int64_t tile) {
+  run_single_threaded_tasks(row_tiles * col_tiles, [&](int64_t tile) {
     const int64_t r0 = (tile / col_tiles) * kTileRows, c0 = (tile % col_tiles) * kTileCols;
     const int64_t rows = std::min(kTileRows, m - r0), cols = std::min(kTileCols, n - c0);
     at::Tensor out_tile = out.narrow(0, r0, rows).narrow(1, c0, cols);
@@ -94,7 +51,7 @@ void k_split_addmm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, do
   const int64_t k = a.size(1);
   const int64_t block = ceil_div(k, blocks);
   at::Tensor partial = at::empty({blocks, out.size(0), out.size(1)}, out.options().dtype(acc));
-  run_tasks(blocks, [&](int64_t i) {
+  run_single_threaded_tasks(blocks, [&](int64_t i) {
     const int64_t k0 = i * block, len = std::min(block, k - k0);
     at::Tensor part = partial.select(0, i);
     if (len <= 0) {

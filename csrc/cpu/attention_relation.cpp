@@ -1,0 +1,278 @@
+// CPU implementation of fastkd::attention_relation_forward / _backward
+// (docs/spec.md §5.3, MiniLM self-attention relations), flash-style: the
+// (T, T) relations are never stored.
+//
+// For batch element b and relation head a, X = states[b, :, a·d:(a+1)·d]
+// (T × d, d = D / A) and z_ij = c · x_i · x_j with c = 1 / (√d · τ); over the
+// kept keys j of row i, R_i = softmax(z_i). Per kept row the forward keeps, for
+// student (s) and teacher (t), the running maxima m and sums l of exp(z − m)
+// over key tiles, and w = Σ_j exp(zt_ij − m_t)(zt_ij − zs_ij), so that
+//   lse = m + log l,   KL_i = KL(R^t_i ‖ R^s_i) = w / l_t − lse_t + lse_s.
+// It returns the head-mean KL of every row and saves lse_s, lse_t and KL
+// ((B, A, T) each) for the backward, which recomputes the score tiles and
+// writes, with g_i the upstream gradient of row i divided by A,
+//   dzs_ij = g_i (q_ij − p_ij),   dzt_ij = g_i p_ij (log p_ij − log q_ij − KL_i),
+//   dX = c (dZ + dZᵀ) X            (z depends on x_i and on x_j).
+// Score tiles are GEMMs (ATen, single-threaded inside a task); each task is
+// one (b, a) pair and owns the d columns of X's gradient it writes, so tasks
+// never share output and the result does not depend on the thread count.
+//
+// Inputs: student [B, T, D_s], teacher [B, T, D_t] (float32 / float64 /
+// bfloat16 / float16, one dtype), mask [B, T] bool or None (false: excluded as
+// row and as key), causal (keys j ≤ i only). Accumulation in float32 (float64
+// for float64 inputs).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "../common/checks.h"
+#include "single_threaded_tasks.h"
+
+namespace fastkd {
+namespace cpu {
+namespace {
+
+constexpr int64_t kRowBlock = 64;
+constexpr int64_t kKeyTile = 256;
+
+struct RelationShape {
+  int64_t batch, length, heads, width_s, width_t;
+  bool causal;
+  double scale_s, scale_t;  // 1 / (√d · τ) of each model
+};
+
+void check_inputs(const at::Tensor& student, const at::Tensor& teacher, int64_t heads,
+                  const std::optional<at::Tensor>& mask, double temperature) {
+  CHECK_DIM(student, 3);
+  CHECK_DIM(teacher, 3);
+  CHECK_DEVICE_TYPE(student, at::kCPU);
+  CHECK_SAME_DEVICE(student, teacher);
+  TORCH_CHECK(student.size(0) == teacher.size(0) && student.size(1) == teacher.size(1),
+              "teacher_states (B, T) must match student_states'");
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "teacher_states dtype must match student_states'");
+  TORCH_CHECK(at::isFloatingType(student.scalar_type()), "student_states must be floating point");
+  TORCH_CHECK(heads >= 1, "num_relation_heads must be >= 1, got ", heads);
+  TORCH_CHECK(student.size(2) > 0 && student.size(2) % heads == 0,
+              "student_states width must be a positive multiple of num_relation_heads");
+  TORCH_CHECK(teacher.size(2) > 0 && teacher.size(2) % heads == 0,
+              "teacher_states width must be a positive multiple of num_relation_heads");
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "temperature must be > 0 and finite, got ",
+              temperature);
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "mask must be bool");
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == student.size(0) && mask->size(1) == student.size(1),
+                "mask must be [B, T]");
+    CHECK_SAME_DEVICE(student, (*mask));
+  }
+}
+
+RelationShape shape_of(const at::Tensor& student, const at::Tensor& teacher, int64_t heads, bool causal,
+                       double temperature) {
+  RelationShape r{student.size(0), student.size(1), heads, student.size(2) / heads, teacher.size(2) / heads,
+                  causal, 0.0, 0.0};
+  r.scale_s = 1.0 / (std::sqrt(static_cast<double>(r.width_s)) * temperature);
+  r.scale_t = 1.0 / (std::sqrt(static_cast<double>(r.width_t)) * temperature);
+  return r;
+}
+
+// One head's vectors of one batch element, [T, d], contiguous, in acc_t.
+at::Tensor head_vectors(const at::Tensor& states, int64_t b, int64_t a, int64_t width, at::ScalarType acc) {
+  return states.select(0, b).narrow(1, a * width, width).to(acc).contiguous();
+}
+
+// keys[j]: may key j be attended to at all (the mask); rows additionally need j ≤ i when causal.
+std::vector<uint8_t> kept_keys(const std::optional<at::Tensor>& mask, int64_t b, int64_t length) {
+  std::vector<uint8_t> kept(length, 1);
+  if (mask.has_value()) {
+    const at::Tensor row = mask->select(0, b).contiguous();
+    const bool* m = row.data_ptr<bool>();
+    for (int64_t j = 0; j < length; ++j) kept[j] = m[j] ? 1 : 0;
+  }
+  return kept;
+}
+
+template <typename acc_t>
+void forward_head(const RelationShape& r, const at::Tensor& xs, const at::Tensor& xt,
+                  const std::vector<uint8_t>& kept, acc_t* lse_s, acc_t* lse_t, acc_t* kl) {
+  const acc_t cs = static_cast<acc_t>(r.scale_s), ct = static_cast<acc_t>(r.scale_t);
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t i0 = 0; i0 < r.length; i0 += kRowBlock) {
+    const int64_t rows = std::min(kRowBlock, r.length - i0);
+    acc_t m_s[kRowBlock], l_s[kRowBlock], m_t[kRowBlock], l_t[kRowBlock], w[kRowBlock];
+    for (int64_t k = 0; k < rows; ++k) m_s[k] = m_t[k] = neg_inf, l_s[k] = l_t[k] = w[k] = 0;
+    const int64_t key_end = r.causal ? i0 + rows : r.length;
+    for (int64_t j0 = 0; j0 < key_end; j0 += kKeyTile) {
+      const int64_t cols = std::min(kKeyTile, key_end - j0);
+      const at::Tensor zs = at::mm(xs.narrow(0, i0, rows), xs.narrow(0, j0, cols).t()).contiguous();
+      const at::Tensor zt = at::mm(xt.narrow(0, i0, rows), xt.narrow(0, j0, cols).t()).contiguous();
+      const acc_t* ps = zs.data_ptr<acc_t>();
+      const acc_t* pt = zt.data_ptr<acc_t>();
+      for (int64_t k = 0; k < rows; ++k) {
+        const int64_t i = i0 + k;
+        if (!kept[i]) continue;
+        const int64_t end = r.causal ? std::min(cols, i - j0 + 1) : cols;
+        for (int64_t c = 0; c < end; ++c) {
+          if (!kept[j0 + c]) continue;
+          const acc_t s = cs * ps[k * cols + c], t = ct * pt[k * cols + c];
+          if (s > m_s[k]) {
+            l_s[k] = l_s[k] * std::exp(m_s[k] - s) + 1;
+            m_s[k] = s;
+          } else {
+            l_s[k] += std::exp(s - m_s[k]);
+          }
+          if (t > m_t[k]) {
+            const acc_t rescale = std::exp(m_t[k] - t);
+            l_t[k] = l_t[k] * rescale + 1;
+            w[k] = w[k] * rescale + (t - s);
+            m_t[k] = t;
+          } else {
+            const acc_t e = std::exp(t - m_t[k]);
+            l_t[k] += e;
+            w[k] += e * (t - s);
+          }
+        }
+      }
+    }
+    for (int64_t k = 0; k < rows; ++k) {
+      const int64_t i = i0 + k;
+      if (!kept[i]) {
+        lse_s[i] = lse_t[i] = kl[i] = 0;
+        continue;
+      }
+      lse_s[i] = m_s[k] + std::log(l_s[k]);
+      lse_t[i] = m_t[k] + std::log(l_t[k]);
+      kl[i] = w[k] / l_t[k] - (m_t[k] - m_s[k]) - std::log(l_t[k] / l_s[k]);
+    }
+  }
+}
+
+template <typename acc_t>
+void backward_head(const RelationShape& r, const at::Tensor& xs, const at::Tensor& xt,
+                   const std::vector<uint8_t>& kept, const acc_t* lse_s, const acc_t* lse_t, const acc_t* kl,
+                   const acc_t* row_grad, at::Tensor* dxs, at::Tensor* dxt) {
+  const acc_t cs = static_cast<acc_t>(r.scale_s), ct = static_cast<acc_t>(r.scale_t);
+  const acc_t head_share = acc_t(1) / static_cast<acc_t>(r.heads);
+  for (int64_t i0 = 0; i0 < r.length; i0 += kRowBlock) {
+    const int64_t rows = std::min(kRowBlock, r.length - i0);
+    const int64_t key_end = r.causal ? i0 + rows : r.length;
+    for (int64_t j0 = 0; j0 < key_end; j0 += kKeyTile) {
+      const int64_t cols = std::min(kKeyTile, key_end - j0);
+      const at::Tensor zs = at::mm(xs.narrow(0, i0, rows), xs.narrow(0, j0, cols).t()).contiguous();
+      const at::Tensor zt = at::mm(xt.narrow(0, i0, rows), xt.narrow(0, j0, cols).t()).contiguous();
+      at::Tensor dzs = at::zeros_like(zs), dzt = at::zeros_like(zt);
+      const acc_t* ps = zs.data_ptr<acc_t>();
+      const acc_t* pt = zt.data_ptr<acc_t>();
+      acc_t* gs = dzs.data_ptr<acc_t>();
+      acc_t* gt = dzt.data_ptr<acc_t>();
+      for (int64_t k = 0; k < rows; ++k) {
+        const int64_t i = i0 + k;
+        if (!kept[i]) continue;
+        const acc_t g = row_grad[i] * head_share;
+        const int64_t end = r.causal ? std::min(cols, i - j0 + 1) : cols;
+        for (int64_t c = 0; c < end; ++c) {
+          if (!kept[j0 + c]) continue;
+          const acc_t log_q = cs * ps[k * cols + c] - lse_s[i];
+          const acc_t log_p = ct * pt[k * cols + c] - lse_t[i];
+          const acc_t p = std::exp(log_p);
+          gs[k * cols + c] = g * (std::exp(log_q) - p) * cs;
+          gt[k * cols + c] = g * p * (log_p - log_q - kl[i]) * ct;
+        }
+      }
+      if (dxs != nullptr) {
+        dxs->narrow(0, i0, rows).addmm_(dzs, xs.narrow(0, j0, cols));
+        dxs->narrow(0, j0, cols).addmm_(dzs.t(), xs.narrow(0, i0, rows));
+      }
+      if (dxt != nullptr) {
+        dxt->narrow(0, i0, rows).addmm_(dzt, xt.narrow(0, j0, cols));
+        dxt->narrow(0, j0, cols).addmm_(dzt.t(), xt.narrow(0, i0, rows));
+      }
+    }
+  }
+}
+
+at::ScalarType accumulation_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Returns (rows [B, T]: head-mean KL, 0 for excluded rows; lse_student, lse_teacher, head_kl [B, A, T]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_relation_forward_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, int64_t heads, const std::optional<at::Tensor>& mask,
+    bool causal, double temperature) {
+  check_inputs(student, teacher, heads, mask, temperature);
+  const RelationShape r = shape_of(student, teacher, heads, causal, temperature);
+  const auto acc = accumulation_type(student);
+  const auto options = student.options().dtype(acc);
+  at::Tensor lse_s = at::zeros({r.batch, heads, r.length}, options);
+  at::Tensor lse_t = at::zeros_like(lse_s), head_kl = at::zeros_like(lse_s);
+  if (r.batch * r.length > 0) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "attention_relation_forward", [&] {
+      run_single_threaded_tasks(r.batch * heads, [&](int64_t task) {
+        const int64_t b = task / heads, a = task % heads;
+        const at::Tensor xs = head_vectors(student, b, a, r.width_s, acc);
+        const at::Tensor xt = head_vectors(teacher, b, a, r.width_t, acc);
+        const int64_t at_row = (b * heads + a) * r.length;
+        forward_head<scalar_t>(r, xs, xt, kept_keys(mask, b, r.length), lse_s.data_ptr<scalar_t>() + at_row,
+                               lse_t.data_ptr<scalar_t>() + at_row, head_kl.data_ptr<scalar_t>() + at_row);
+      });
+    });
+  }
+  at::Tensor rows = head_kl.mean(1);
+  return {rows, lse_s, lse_t, head_kl};
+}
+
+// Returns (grad_student [B, T, D_s] or [0], grad_teacher [B, T, D_t] or [0]) in the input dtype.
+std::tuple<at::Tensor, at::Tensor> attention_relation_backward_cpu(
+    const at::Tensor& row_grad, const at::Tensor& student, const at::Tensor& teacher, int64_t heads,
+    const std::optional<at::Tensor>& mask, bool causal, double temperature, const at::Tensor& lse_s,
+    const at::Tensor& lse_t, const at::Tensor& head_kl, bool student_grad, bool teacher_grad) {
+  check_inputs(student, teacher, heads, mask, temperature);
+  const RelationShape r = shape_of(student, teacher, heads, causal, temperature);
+  const auto acc = accumulation_type(student);
+  TORCH_CHECK(row_grad.dim() == 2 && row_grad.size(0) == r.batch && row_grad.size(1) == r.length,
+              "row_grad must be [B, T]");
+  for (const at::Tensor* saved : {&lse_s, &lse_t, &head_kl}) {
+    TORCH_CHECK(saved->dim() == 3 && saved->size(0) == r.batch && saved->size(1) == heads &&
+                    saved->size(2) == r.length && saved->scalar_type() == acc,
+                "the saved statistics must be [B, A, T] in the accumulation dtype");
+  }
+  const at::Tensor g = row_grad.to(acc).contiguous();
+  const at::Tensor ls = lse_s.contiguous(), lt = lse_t.contiguous(), kl = head_kl.contiguous();
+  at::Tensor grad_s = student_grad ? at::zeros(student.sizes(), student.options().dtype(acc)) : at::Tensor();
+  at::Tensor grad_t = teacher_grad ? at::zeros(teacher.sizes(), teacher.options().dtype(acc)) : at::Tensor();
+  if ((student_grad || teacher_grad) && r.batch * r.length > 0) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "attention_relation_backward", [&] {
+      run_single_threaded_tasks(r.batch * heads, [&](int64_t task) {
+        const int64_t b = task / heads, a = task % heads;
+        const at::Tensor xs = head_vectors(student, b, a, r.width_s, acc);
+        const at::Tensor xt = head_vectors(teacher, b, a, r.width_t, acc);
+        at::Tensor dxs = student_grad ? at::zeros_like(xs) : at::Tensor();
+        at::Tensor dxt = teacher_grad ? at::zeros_like(xt) : at::Tensor();
+        const int64_t at_row = (b * heads + a) * r.length;
+        backward_head<scalar_t>(r, xs, xt, kept_keys(mask, b, r.length), ls.data_ptr<scalar_t>() + at_row,
+                                lt.data_ptr<scalar_t>() + at_row, kl.data_ptr<scalar_t>() + at_row,
+                                g.data_ptr<scalar_t>() + b * r.length, student_grad ? &dxs : nullptr,
+                                teacher_grad ? &dxt : nullptr);
+        if (student_grad) grad_s.select(0, b).narrow(1, a * r.width_s, r.width_s).copy_(dxs);
+        if (teacher_grad) grad_t.select(0, b).narrow(1, a * r.width_t, r.width_t).copy_(dxt);
+      });
+    });
+  }
+  auto finish = [](const at::Tensor& grad, const at::Tensor& like, bool wanted) {
+    return wanted ? grad.to(like.scalar_type()) : at::empty({0}, like.options());
+  };
+  return {finish(grad_s, student, student_grad), finish(grad_t, teacher, teacher_grad)};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastkd
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("attention_relation_forward", &fastkd::cpu::attention_relation_forward_cpu);
+  m.impl("attention_relation_backward", &fastkd::cpu::attention_relation_backward_cpu);
+}
