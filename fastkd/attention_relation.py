@@ -6,7 +6,7 @@ dot products between a sequence's vectors, ``KL(teacher ‖ student)`` per row.
 MiniLMv2's objective is the sum of three calls (Q-Q, K-K and V-V relations of
 the teacher's chosen layer).
 
-The ``cpu`` kernel is flash-style: it streams key tiles with an online
+The ``cpu`` and ``triton`` kernels are flash-style: it streams key tiles with an online
 log-sum-exp for both models and keeps ``O(B · A · T)`` statistics, never a
 ``(T, T)`` relation; the reference materialises the ``(B, A, T, T)``
 relations of both models (and autograd keeps them).
@@ -17,13 +17,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastkd import _dispatch, _ops
+from fastkd import _dispatch
+from fastkd import _ops as _extension
 from fastkd.reference import attention_relation as _reference
 
 __all__ = ["AttentionRelationLoss", "attention_relation_loss"]
 
 # backends with a kernel for this loss (the reference always runs)
-KERNEL_BACKENDS: tuple[str, ...] = ("cpu",)
+KERNEL_BACKENDS: tuple[str, ...] = ("cpu", "triton")
+
+
+def _ops(backend: str):
+    """``(forward, backward)`` with the contracts of ``fastkd::attention_relation_forward`` / ``_backward``."""
+    if backend == "triton":
+        from fastkd.kernels import attention_relation as triton_attention_relation
+
+        return triton_attention_relation.attention_relation_forward, triton_attention_relation.attention_relation_backward
+    return torch.ops.fastkd.attention_relation_forward, torch.ops.fastkd.attention_relation_backward
 
 
 def _backend(backend: str, tensor: torch.Tensor) -> str:
@@ -35,7 +45,7 @@ def _backend(backend: str, tensor: torch.Tensor) -> str:
     raise ValueError(f"backend={chosen!r} has no attention_relation_loss kernel yet")
 
 
-if _ops.CPU_EXTENSION_ERROR is None:
+if _extension.CPU_EXTENSION_ERROR is None:
 
     @torch.library.register_fake("fastkd::attention_relation_forward")
     def _forward_fake(student, teacher, heads, mask, causal, temperature):
@@ -55,21 +65,22 @@ class AttentionRelationFunction(torch.autograd.Function):
     """Row losses ``(B, T)`` of the fused kernel; gradients for both states."""
 
     @staticmethod
-    def forward(ctx, student, teacher, heads, mask, causal, temperature):
-        rows, lse_s, lse_t, head_kl = torch.ops.fastkd.attention_relation_forward(
-            student, teacher, heads, mask, causal, temperature)
+    def forward(ctx, student, teacher, heads, mask, causal, temperature, backend):
+        forward, _ = _ops(backend)
+        rows, lse_s, lse_t, head_kl = forward(student, teacher, heads, mask, causal, temperature)
         ctx.save_for_backward(student, teacher, mask, lse_s, lse_t, head_kl)
-        ctx.options = (heads, causal, temperature)
+        ctx.options = (heads, causal, temperature, backend)
         return rows
 
     @staticmethod
     def backward(ctx, row_grad):
         student, teacher, mask, lse_s, lse_t, head_kl = ctx.saved_tensors
-        heads, causal, temperature = ctx.options
+        heads, causal, temperature, backend = ctx.options
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_s, grad_t = torch.ops.fastkd.attention_relation_backward(
-            row_grad, student, teacher, heads, mask, causal, temperature, lse_s, lse_t, head_kl, want_s, want_t)
-        return (grad_s if want_s else None, grad_t if want_t else None, None, None, None, None)
+        _, backward = _ops(backend)
+        grad_s, grad_t = backward(row_grad.contiguous(), student, teacher, heads, mask, causal, temperature, lse_s,
+                                  lse_t, head_kl, want_s, want_t)
+        return (grad_s if want_s else None, grad_t if want_t else None, None, None, None, None, None)
 
 
 def _reduce(rows: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
@@ -113,9 +124,11 @@ def attention_relation_loss(
         reduction: ``"batchmean"`` (sum of the row losses over the kept rows,
             divided by their number), ``"sum"``, or ``"none"`` (``(B, T)``, 0
             for excluded rows).
-        backend: ``"auto"``, ``"reference"`` or ``"cpu"`` (``"triton"`` and
-            ``"cuda"`` have no kernel yet: asked for explicitly they raise
-            ``ValueError``, ``"auto"`` runs the reference on a GPU).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"triton"``
+            (``"cuda"`` has no kernel yet: asked for explicitly it raises
+            ``ValueError``; ``"auto"`` picks triton on a GPU). The triton
+            kernel holds one relation head's ``D / A`` channels in registers:
+            ``D / A`` ≤ 256.
 
     Returns:
         float32 scalar (float64 for float64 inputs), ``(B, T)`` for ``"none"``;
@@ -123,10 +136,11 @@ def attention_relation_loss(
     """
     s, t, heads, mask, temperature = _reference.check_arguments(
         student_states, teacher_states, num_relation_heads, mask, causal, temperature, reduction)
-    if _backend(backend, s) == "reference":
+    chosen = _backend(backend, s)
+    if chosen == "reference":
         return _reference.attention_relation_loss(
             s, t, num_relation_heads=heads, mask=mask, causal=causal, temperature=temperature, reduction=reduction)
-    rows = AttentionRelationFunction.apply(s, t, heads, mask, causal, temperature)
+    rows = AttentionRelationFunction.apply(s, t, heads, mask, causal, temperature, chosen)
     return _reduce(rows, mask, reduction)
 
 

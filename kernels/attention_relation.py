@@ -1,0 +1,347 @@
+"""Self-attention relations (docs/spec.md §5.3, MiniLM) in Triton, the ``triton`` backend of
+``fastkd.attention_relation_loss``.
+
+Same contract as the C++ ops ``fastkd::attention_relation_forward`` /
+``_backward`` (csrc/fastkd.cpp, csrc/cpu/attention_relation.cpp),
+flash-attention style: for batch element b and relation head a the scores
+``z_ij = c · x_i · x_j`` (``c = 1 / (√d · τ)``, one per model) exist one
+``BLOCK_M × BLOCK_N`` tile at a time, in registers.
+
+  forward   one program per (b, a, block of BLOCK_M rows); it walks the key
+            tiles keeping, for student and teacher, the online row max m and
+            Σ exp(z − m), and w = Σ exp(zt − m_t)(zt − zs); then
+            lse = m + log Σ and KL_i = w / Σ_t − lse_t + lse_s. Writes lse_s,
+            lse_t and KL per (b, a, row): O(B · A · T).
+  backward  with g_i the row's upstream gradient / A, recomputed tile by tile:
+              dzs_ij = g_i (q_ij − p_ij) c_s,  dzt_ij = g_i p_ij (log p_ij − log q_ij − KL_i) c_t,
+              dX = (dZ + dZᵀ) X:
+            the row role (dZ X) by one program per row block walking the key
+            tiles, then the column role (dZᵀ X) by one program per key block
+            walking the row tiles, which adds the row role's result for its
+            rows and writes the gradient. No atomics: each element is written
+            by one program in a fixed order, so the gradients are deterministic.
+
+A head's d = D / A channels are held in registers (``BLOCK_D`` ≥ d, d ≤ 256).
+float32 inputs use ``input_precision="ieee"``; bfloat16 / float16 inputs
+``"tf32"`` (their values are exact in tf32). Under ``TRITON_INTERPRET=1`` the
+kernels run on CPU tensors, which is how the tests check them without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["attention_relation_backward", "attention_relation_forward"]
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_HEAD_WIDTH = 256
+BLOCK_M = 32
+BLOCK_N = 32
+
+
+@triton.jit
+def _head_rows(x_ptr, b, a, rows, row_ok, stride_b, stride_t, stride_d, width, BLOCK_D: tl.constexpr):
+    # x[b, rows, a·width : (a+1)·width] as float32, zeros past T and past width
+    dims = tl.arange(0, BLOCK_D)
+    ptrs = x_ptr + b * stride_b + rows[:, None] * stride_t + (a * width + dims)[None, :] * stride_d
+    return tl.load(ptrs, mask=row_ok[:, None] & (dims < width)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _kept(mask_ptr, b, idx, idx_ok, T, HAS_MASK: tl.constexpr):
+    # is idx a kept position (in range and, with a mask, unmasked)
+    if HAS_MASK:
+        return idx_ok & (tl.load(mask_ptr + b * T + idx, mask=idx_ok, other=0) != 0)
+    return idx_ok
+
+
+@triton.jit
+def _pair_mask(row_kept, col_kept, rows, cols, CAUSAL: tl.constexpr):
+    keep = row_kept[:, None] & col_kept[None, :]
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= rows[:, None])
+    return keep
+
+
+@triton.jit
+def _attention_relation_fwd_kernel(
+    s_ptr, t_ptr,  # [B, T, D_s], [B, T, D_t] states, any strides
+    mask_ptr,  # [B, T] int8 (1 = kept), contiguous; unused without HAS_MASK
+    lse_s_ptr, lse_t_ptr, kl_ptr,  # [B, A, T] float32
+    T, A, width_s, width_t,
+    s_stride_b, s_stride_t, s_stride_d, t_stride_b, t_stride_t, t_stride_d,
+    scale_s, scale_t,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = (bh // A).to(tl.int64)
+    a = bh % A
+    rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    row_kept = _kept(mask_ptr, b, rows, row_ok, T, HAS_MASK)
+    xs = _head_rows(s_ptr, b, a, rows, row_ok, s_stride_b, s_stride_t, s_stride_d, width_s, BLOCK_DS)
+    xt = _head_rows(t_ptr, b, a, rows, row_ok, t_stride_b, t_stride_t, t_stride_d, width_t, BLOCK_DT)
+    m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_s = tl.zeros([BLOCK_M], tl.float32)
+    l_t = tl.zeros([BLOCK_M], tl.float32)
+    w = tl.zeros([BLOCK_M], tl.float32)
+    key_end = T
+    if CAUSAL:
+        key_end = tl.minimum(T, (tl.program_id(1) + 1) * BLOCK_M)
+    for n0 in range(0, key_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < T
+        col_kept = _kept(mask_ptr, b, cols, col_ok, T, HAS_MASK)
+        ks = _head_rows(s_ptr, b, a, cols, col_ok, s_stride_b, s_stride_t, s_stride_d, width_s, BLOCK_DS)
+        kt = _head_rows(t_ptr, b, a, cols, col_ok, t_stride_b, t_stride_t, t_stride_d, width_t, BLOCK_DT)
+        keep = _pair_mask(row_kept, col_kept, rows, cols, CAUSAL)
+        zs = tl.where(keep, tl.dot(xs, tl.trans(ks), input_precision=PRECISION) * scale_s, float("-inf"))
+        zt = tl.where(keep, tl.dot(xt, tl.trans(kt), input_precision=PRECISION) * scale_t, float("-inf"))
+        # shifts stay finite for rows without a kept key yet (−inf − −inf is NaN)
+        new_s = tl.maximum(m_s, tl.max(zs, 1))
+        new_t = tl.maximum(m_t, tl.max(zt, 1))
+        shift_s = tl.where(new_s == float("-inf"), 0.0, new_s)
+        shift_t = tl.where(new_t == float("-inf"), 0.0, new_t)
+        l_s = l_s * tl.exp(m_s - shift_s) + tl.sum(tl.exp(zs - shift_s[:, None]), 1)
+        rescale_t = tl.exp(m_t - shift_t)
+        e_t = tl.exp(zt - shift_t[:, None])
+        l_t = l_t * rescale_t + tl.sum(e_t, 1)
+        w = w * rescale_t + tl.sum(tl.where(keep, e_t * (zt - zs), 0.0), 1)
+        m_s = new_s
+        m_t = new_t
+    lse_s = m_s + tl.log(l_s)
+    lse_t = m_t + tl.log(l_t)
+    kl = w / l_t - (m_t - m_s) - tl.log(l_t / l_s)
+    out = (b * A + a) * T + rows
+    tl.store(lse_s_ptr + out, tl.where(row_kept, lse_s, 0.0), mask=row_ok)
+    tl.store(lse_t_ptr + out, tl.where(row_kept, lse_t, 0.0), mask=row_ok)
+    tl.store(kl_ptr + out, tl.where(row_kept, kl, 0.0), mask=row_ok)
+
+
+@triton.jit
+def _score_gradients(xs, xt, ks, kt, keep, lse_s, lse_t, kl, g, scale_s, scale_t, PRECISION: tl.constexpr):
+    # dzs, dzt of one BLOCK_M × BLOCK_N tile (0 outside keep), the scale factors included
+    log_q = tl.dot(xs, tl.trans(ks), input_precision=PRECISION) * scale_s - lse_s[:, None]
+    log_p = tl.dot(xt, tl.trans(kt), input_precision=PRECISION) * scale_t - lse_t[:, None]
+    p = tl.where(keep, tl.exp(log_p), 0.0)
+    q = tl.where(keep, tl.exp(log_q), 0.0)
+    dzs = g[:, None] * (q - p) * scale_s
+    dzt = tl.where(keep, g[:, None] * p * (log_p - log_q - kl[:, None]), 0.0) * scale_t
+    return dzs, dzt
+
+
+@triton.jit
+def _row_stats(lse_s_ptr, lse_t_ptr, kl_ptr, grad_ptr, b, a, A, T, rows, row_ok, row_kept, head_share):
+    at = (b * A + a) * T + rows
+    lse_s = tl.load(lse_s_ptr + at, mask=row_ok, other=0.0)
+    lse_t = tl.load(lse_t_ptr + at, mask=row_ok, other=0.0)
+    kl = tl.load(kl_ptr + at, mask=row_ok, other=0.0)
+    g = tl.where(row_kept, tl.load(grad_ptr + b * T + rows, mask=row_ok, other=0.0) * head_share, 0.0)
+    return lse_s, lse_t, kl, g
+
+
+@triton.jit
+def _attention_relation_bwd_rows_kernel(
+    s_ptr, t_ptr, mask_ptr, lse_s_ptr, lse_t_ptr, kl_ptr,
+    grad_ptr,  # [B, T] float32 upstream gradient of each row's head-mean KL
+    ds_ptr, dt_ptr,  # [B, T, D_s], [B, T, D_t] float32, contiguous: the row role dZ X
+    T, A, width_s, width_t,
+    s_stride_b, s_stride_t, s_stride_d, t_stride_b, t_stride_t, t_stride_d,
+    scale_s, scale_t, head_share,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = (bh // A).to(tl.int64)
+    a = bh % A
+    rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    row_kept = _kept(mask_ptr, b, rows, row_ok, T, HAS_MASK)
+    xs = _head_rows(s_ptr, b, a, rows, row_ok, s_stride_b, s_stride_t, s_stride_d, width_s, BLOCK_DS)
+    xt = _head_rows(t_ptr, b, a, rows, row_ok, t_stride_b, t_stride_t, t_stride_d, width_t, BLOCK_DT)
+    lse_s, lse_t, kl, g = _row_stats(lse_s_ptr, lse_t_ptr, kl_ptr, grad_ptr, b, a, A, T, rows, row_ok, row_kept,
+                                     head_share)
+    acc_s = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
+    acc_t = tl.zeros([BLOCK_M, BLOCK_DT], tl.float32)
+    key_end = T
+    if CAUSAL:
+        key_end = tl.minimum(T, (tl.program_id(1) + 1) * BLOCK_M)
+    for n0 in range(0, key_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < T
+        col_kept = _kept(mask_ptr, b, cols, col_ok, T, HAS_MASK)
+        ks = _head_rows(s_ptr, b, a, cols, col_ok, s_stride_b, s_stride_t, s_stride_d, width_s, BLOCK_DS)
+        kt = _head_rows(t_ptr, b, a, cols, col_ok, t_stride_b, t_stride_t, t_stride_d, width_t, BLOCK_DT)
+        keep = _pair_mask(row_kept, col_kept, rows, cols, CAUSAL)
+        dzs, dzt = _score_gradients(xs, xt, ks, kt, keep, lse_s, lse_t, kl, g, scale_s, scale_t, PRECISION)
+        if STUDENT_GRAD:
+            acc_s = tl.dot(dzs, ks, acc_s, input_precision=PRECISION)
+        if TEACHER_GRAD:
+            acc_t = tl.dot(dzt, kt, acc_t, input_precision=PRECISION)
+    dims_s = tl.arange(0, BLOCK_DS)
+    dims_t = tl.arange(0, BLOCK_DT)
+    if STUDENT_GRAD:
+        D_s = width_s * A
+        tl.store(ds_ptr + b * T * D_s + rows[:, None] * D_s + (a * width_s + dims_s)[None, :], acc_s,
+                 mask=row_ok[:, None] & (dims_s < width_s)[None, :])
+    if TEACHER_GRAD:
+        D_t = width_t * A
+        tl.store(dt_ptr + b * T * D_t + rows[:, None] * D_t + (a * width_t + dims_t)[None, :], acc_t,
+                 mask=row_ok[:, None] & (dims_t < width_t)[None, :])
+
+
+@triton.jit
+def _attention_relation_bwd_cols_kernel(
+    s_ptr, t_ptr, mask_ptr, lse_s_ptr, lse_t_ptr, kl_ptr, grad_ptr,
+    ds_ptr, dt_ptr,  # in: the row role; out: the gradient, (dZ + dZᵀ) X
+    T, A, width_s, width_t,
+    s_stride_b, s_stride_t, s_stride_d, t_stride_b, t_stride_t, t_stride_d,
+    scale_s, scale_t, head_share,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = (bh // A).to(tl.int64)
+    a = bh % A
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < T
+    col_kept = _kept(mask_ptr, b, cols, col_ok, T, HAS_MASK)
+    ks = _head_rows(s_ptr, b, a, cols, col_ok, s_stride_b, s_stride_t, s_stride_d, width_s, BLOCK_DS)
+    kt = _head_rows(t_ptr, b, a, cols, col_ok, t_stride_b, t_stride_t, t_stride_d, width_t, BLOCK_DT)
+    acc_s = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
+    acc_t = tl.zeros([BLOCK_N, BLOCK_DT], tl.float32)
+    # with CAUSAL only rows i >= j see key j: start at the row block holding this key block's first key
+    row_start = 0
+    if CAUSAL:
+        row_start = (tl.program_id(1) * BLOCK_N // BLOCK_M) * BLOCK_M
+    for m0 in range(row_start, T, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_ok = rows < T
+        row_kept = _kept(mask_ptr, b, rows, row_ok, T, HAS_MASK)
+        xs = _head_rows(s_ptr, b, a, rows, row_ok, s_stride_b, s_stride_t, s_stride_d, width_s, BLOCK_DS)
+        xt = _head_rows(t_ptr, b, a, rows, row_ok, t_stride_b, t_stride_t, t_stride_d, width_t, BLOCK_DT)
+        lse_s, lse_t, kl, g = _row_stats(lse_s_ptr, lse_t_ptr, kl_ptr, grad_ptr, b, a, A, T, rows, row_ok,
+                                         row_kept, head_share)
+        keep = _pair_mask(row_kept, col_kept, rows, cols, CAUSAL)
+        dzs, dzt = _score_gradients(xs, xt, ks, kt, keep, lse_s, lse_t, kl, g, scale_s, scale_t, PRECISION)
+        if STUDENT_GRAD:
+            acc_s = tl.dot(tl.trans(dzs), xs, acc_s, input_precision=PRECISION)
+        if TEACHER_GRAD:
+            acc_t = tl.dot(tl.trans(dzt), xt, acc_t, input_precision=PRECISION)
+    dims_s = tl.arange(0, BLOCK_DS)
+    dims_t = tl.arange(0, BLOCK_DT)
+    if STUDENT_GRAD:
+        D_s = width_s * A
+        ptrs = ds_ptr + b * T * D_s + cols[:, None] * D_s + (a * width_s + dims_s)[None, :]
+        ok = col_ok[:, None] & (dims_s < width_s)[None, :]
+        tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + acc_s, mask=ok)
+    if TEACHER_GRAD:
+        D_t = width_t * A
+        ptrs = dt_ptr + b * T * D_t + cols[:, None] * D_t + (a * width_t + dims_t)[None, :]
+        ok = col_ok[:, None] & (dims_t < width_t)[None, :]
+        tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + acc_t, mask=ok)
+
+
+def _check_args(student, teacher, heads, mask, temperature) -> None:
+    """The checks of the C++ ops, in their words, plus the Triton kernels' own limits."""
+    for name, x in (("student_states", student), ("teacher_states", teacher)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D tensor [B, T, D]")
+        if x.dtype not in DTYPES:
+            raise ValueError(f"{name} must be float32, bfloat16 or float16 for the triton backend, got {x.dtype}")
+    if teacher.shape[:2] != student.shape[:2]:
+        raise ValueError("teacher_states (B, T) must match student_states'")
+    if teacher.dtype != student.dtype:
+        raise ValueError("teacher_states dtype must match student_states'")
+    if teacher.device != student.device:
+        raise ValueError("student_states and teacher_states must be on the same device")
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"num_relation_heads must be >= 1, got {heads!r}")
+    for name, x in (("student_states", student), ("teacher_states", teacher)):
+        if x.shape[2] == 0 or x.shape[2] % heads:
+            raise ValueError(f"{name} width must be a positive multiple of num_relation_heads")
+        if x.shape[2] // heads > MAX_HEAD_WIDTH:
+            raise ValueError(f"{name}: a relation head's width {x.shape[2] // heads} exceeds the triton "
+                             f"kernel's {MAX_HEAD_WIDTH}; use more num_relation_heads or another backend")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError("mask must be bool")
+        if mask.shape != student.shape[:2]:
+            raise ValueError("mask must be [B, T]")
+        if mask.device != student.device:
+            raise ValueError("student_states and mask must be on the same device")
+
+
+def _launch_common(student, teacher, heads, mask, temperature):
+    batch, length = student.shape[:2]
+    width_s, width_t = student.shape[2] // heads, teacher.shape[2] // heads
+    mask_arg = (mask.to(torch.int8).contiguous() if mask is not None
+                else torch.empty(0, dtype=torch.int8, device=student.device))
+    args = (length, heads, width_s, width_t, *student.stride(), *teacher.stride(),
+            1.0 / (math.sqrt(width_s) * temperature), 1.0 / (math.sqrt(width_t) * temperature))
+    meta = {
+        "HAS_MASK": mask is not None, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N,
+        "BLOCK_DS": max(16, triton.next_power_of_2(width_s)), "BLOCK_DT": max(16, triton.next_power_of_2(width_t)),
+        "PRECISION": "ieee" if student.dtype == torch.float32 else "tf32",
+    }
+    return batch, length, mask_arg, args, meta
+
+
+def attention_relation_forward(student, teacher, heads: int, mask, causal: bool, temperature: float):
+    """The contract of ``fastkd::attention_relation_forward``.
+
+    Args:
+        student: ``(B, T, D_s)``, teacher: ``(B, T, D_t)``; float32 / bfloat16 /
+            float16, one dtype, any strides; ``heads`` divides both widths and
+            ``D / heads`` ≤ 256.
+        mask: ``(B, T)`` bool or None; causal: keys ``j ≤ i`` only.
+
+    Returns:
+        ``(rows (B, T), lse_student, lse_teacher, head_kl (B, A, T))``, float32.
+    """
+    _check_args(student, teacher, heads, mask, temperature)
+    batch, length, mask_arg, args, meta = _launch_common(student, teacher, heads, mask, temperature)
+    stats = [torch.zeros(batch, heads, length, dtype=torch.float32, device=student.device) for _ in range(3)]
+    if batch * length > 0:
+        _attention_relation_fwd_kernel[(batch * heads, triton.cdiv(length, BLOCK_M))](
+            student, teacher, mask_arg, *stats, *args, CAUSAL=causal, **meta,
+        )
+    lse_s, lse_t, head_kl = stats
+    return head_kl.mean(1), lse_s, lse_t, head_kl
+
+
+def attention_relation_backward(row_grad, student, teacher, heads: int, mask, causal: bool, temperature: float,
+                                lse_student, lse_teacher, head_kl, student_grad: bool, teacher_grad: bool):
+    """The contract of ``fastkd::attention_relation_backward``: ``(grad_student, grad_teacher)``
+    in the input dtype, ``(0,)``-shaped where not requested."""
+    _check_args(student, teacher, heads, mask, temperature)
+    batch, length, mask_arg, args, meta = _launch_common(student, teacher, heads, mask, temperature)
+    if row_grad.shape != (batch, length):
+        raise ValueError("row_grad must be [B, T]")
+    for name, x in (("lse_student", lse_student), ("lse_teacher", lse_teacher), ("head_kl", head_kl)):
+        if x.shape != (batch, heads, length):
+            raise ValueError(f"{name} must be [B, A, T]")
+    # an unrequested gradient gets a one-element stand-in: the kernels never
+    # touch it, but a launch wants a valid pointer
+    grads = [torch.zeros(x.shape if want else (1,), dtype=torch.float32, device=x.device)
+             for x, want in ((student, student_grad), (teacher, teacher_grad))]
+    if (student_grad or teacher_grad) and batch * length > 0:
+        stats = [x.to(torch.float32).contiguous() for x in (lse_student, lse_teacher, head_kl)]
+        grad = row_grad.to(torch.float32).contiguous()
+        common = (student, teacher, mask_arg, *stats, grad, *grads, *args, 1.0 / heads)
+        flags = {"CAUSAL": causal, "STUDENT_GRAD": student_grad, "TEACHER_GRAD": teacher_grad, **meta}
+        _attention_relation_bwd_rows_kernel[(batch * heads, triton.cdiv(length, BLOCK_M))](*common, **flags)
+        _attention_relation_bwd_cols_kernel[(batch * heads, triton.cdiv(length, BLOCK_N))](*common, **flags)
+    return tuple(g.to(x.dtype) if want else x.new_empty((0,))
+                 for g, x, want in zip(grads, (student, teacher), (student_grad, teacher_grad)))
