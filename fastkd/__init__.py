@@ -6,17 +6,25 @@ Public API: the functional losses, their modules, and :func:`backends`.
 from fastkd._dispatch import BackendStatus, backends
 from fastkd._ops import empty_cache
 from fastkd.attention_relation import AttentionRelationLoss, attention_relation_loss
+from fastkd.attention_transfer import ATLoss, at_loss
 from fastkd.crd import CRDLoss, crd_nce
 from fastkd.distiller import OUTPUT, Distiller, DistillerOutput, EMATeacher, Term
+from fastkd.divergence import DivergenceLoss, KDLoss, divergence, kd_loss
 from fastkd.dkd import DKDLoss, dkd_loss
-from fastkd.feature import ATLoss, HintLoss, at_loss
-from fastkd.hidden_state import HiddenStateLoss, hidden_state_loss
-from fastkd.functional import divergence, info_nce, kd_loss, mmd_loss, nst_loss
 from fastkd.fused_linear import FusedLinearDivergenceLoss, fused_linear_divergence
-from fastkd.losses import DivergenceLoss, InfoNCELoss, KDLoss, MMDLoss, NSTLoss
-from fastkd.relational import cc_loss, pkt_loss, rkd_angle, rkd_distance, rkd_loss, sp_loss
-from fastkd.relational_losses import CCLoss, PKTLoss, RKDLoss, SPLoss
+from fastkd.gram_relation import CCLoss, PKTLoss, SPLoss, cc_loss, pkt_loss, sp_loss
+from fastkd.hidden_state import HiddenStateLoss, hidden_state_loss
+from fastkd.hint import HintLoss
+from fastkd.info_nce import InfoNCELoss, info_nce
+from fastkd.mmd import MMDLoss, mmd_loss
+from fastkd.nst import NSTLoss, nst_loss
+from fastkd.rkd import RKDLoss, rkd_angle, rkd_distance, rkd_loss
 from fastkd.topk import TopKDivergenceLoss, topk_divergence
+
+# fastkd.divergence and fastkd.info_nce name a function here and a module in
+# sys.modules: the package imports both modules above, before binding the
+# functions, so the attributes stay the functions. Reach the modules with
+# importlib.import_module("fastkd.divergence").
 
 __version__ = "0.1.0"
 

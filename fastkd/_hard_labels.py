@@ -10,7 +10,7 @@ cross-entropy too. Reductions of the CE term: ``"sum"`` sums the kept rows,
 by V, the CE's does not), ``"none"`` gives one value per row (0 when excluded).
 
 On the compiled backends the CE is computed inside the fused divergence,
-top-k and mixture kernels' pass (``fastkd.functional.HardSoftDivergenceFunction``,
+top-k and mixture kernels' pass (``fastkd.divergence.HardSoftDivergenceFunction``,
 ``StudentHardSoftFunction``); this module holds the checks shared by every
 path, and the ATen form of the CE's gradient (chunk by chunk, at most
 ``CE_CHUNK_ELEMENTS`` logits at a time) that separates the hard and soft

@@ -4,7 +4,7 @@ Importing this module never fails: a missing extension is logged and reported
 by :func:`fastkd.backends`. For each ``fastkd::`` op it registers a fake
 (meta) kernel, so the ops trace under ``torch.compile`` and pass
 ``torch.library.opcheck``. The ops are not differentiable themselves: they
-return the gradients, which the autograd Functions in ``functional.py`` scale.
+return the gradients, which the autograd Functions of the family modules scale.
 """
 
 from __future__ import annotations

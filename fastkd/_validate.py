@@ -80,3 +80,10 @@ def row_selector(name: str, value, rows_shape: torch.Size, ref: torch.Tensor, *,
         )
     same_device(name, value, "student_logits", ref)
     return value
+
+
+def flag(name: str, value) -> bool:
+    """``value`` if it is a bool, else ``ValueError`` naming the argument."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {type(value).__name__}")
+    return value

@@ -17,14 +17,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastkd import _dispatch
 from fastkd import _ops as _extension
+from fastkd._backend import backend_for
 from fastkd.reference import attention_relation as _reference
 
 __all__ = ["AttentionRelationLoss", "attention_relation_loss"]
 
 # backends with a kernel for this loss (the reference always runs)
 KERNEL_BACKENDS: tuple[str, ...] = ("cpu", "triton")
+
+
+def _ops(backend: str):
+    """``(forward, backward)`` with the contracts of ``fastkd::attention_relation_forward`` / ``_backward``."""
+    if backend == "triton":
+        from fastkd.kernels import attention_relation as triton_attention_relation
+
+        return triton_attention_relation.attention_relation_forward, triton_attention_relation.attention_relation_backward
+    return torch.ops.fastkd.attention_relation_forward, torch.ops.fastkd.attention_relation_backward
 
 
 def _ops(backend: str):
@@ -136,7 +145,7 @@ def attention_relation_loss(
     """
     s, t, heads, mask, temperature = _reference.check_arguments(
         student_states, teacher_states, num_relation_heads, mask, causal, temperature, reduction)
-    chosen = _backend(backend, s)
+    chosen = backend_for("attention_relation_loss", KERNEL_BACKENDS, backend, s)
     if chosen == "reference":
         return _reference.attention_relation_loss(
             s, t, num_relation_heads=heads, mask=mask, causal=causal, temperature=temperature, reduction=reduction)

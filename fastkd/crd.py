@@ -12,7 +12,7 @@ dot product, exponential and NCE term and add its share of the gradient
 while the row is in cache (in registers for Triton): the
 ``(B, K+1, feat_dim)`` gather of the reference never exists, so memory is
 O(B · feat_dim) besides the banks. They return the gradient with the loss;
-the backward only scales it (out of place). The ``cpu`` kernel accumulates
+the backward only scales it. The ``cpu`` kernel accumulates
 each sample's gradient, a sum over its K+1 bank rows, in float64. The GPU kernels take float32 banks only.
 """
 
@@ -24,7 +24,8 @@ from fastkd import (
     _dispatch,
     _ops,  # noqa: F401  (registers fastkd::crd_nce_forward and its fake kernel)
 )
-from fastkd.functional import _backend_for
+from fastkd._backend import backend_for
+from fastkd._row_loss import scale_by_upstream
 from fastkd.reference import crd as _reference_crd
 
 __all__ = ["CRDLoss", "crd_nce"]
@@ -57,11 +58,11 @@ def _feat_dim_limit(backend: str) -> int | None:
 
 
 def _crd_backend(backend: str, v: torch.Tensor, bank: torch.Tensor) -> str:
-    """The backend that runs one direction: ``_backend_for`` on the bank (the
+    """The backend that runs one direction: ``backend_for`` on the bank (the
     computation's dtype; the GPU kernels take float32 banks, so ``"auto"``
     gives float64 banks on CUDA to the reference), then, for ``"auto"``, the
     next kernel in line when a kernel cannot take this feat_dim."""
-    chosen = _backend_for("crd", CRD_KERNELS, backend, bank)
+    chosen = backend_for("crd", CRD_KERNELS, backend, bank)
     limit = _feat_dim_limit(chosen)
     if limit is None or bank.shape[1] <= limit:
         return chosen
@@ -78,10 +79,10 @@ class CRDNCEFunction(torch.autograd.Function):
     """One CRD direction on the fused op: ``mean_b row_loss_b``.
 
     The forward op returns ``d row_loss_b / d v_b`` ((B, feat_dim), the only
-    thing saved); the backward returns a new tensor, that gradient times
-    ``grad_output / B``, and never writes to the saved one, so a second
-    backward through a retained graph (``retain_graph=True``) gives the same
-    gradient again.
+    thing saved); the backward multiplies it by ``grad_output / B`` with
+    :func:`fastkd._row_loss.scale_by_upstream`, which writes over the saved
+    gradient only when the graph is freed, so a second backward through a
+    retained graph (``retain_graph=True``) gives the same gradient again.
     """
 
     @staticmethod
@@ -98,8 +99,7 @@ class CRDNCEFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
-        factor = (grad_output / grad.shape[0]).to(grad.dtype)
-        return grad * factor, None, None, None, None, None
+        return scale_by_upstream(grad, grad_output / grad.shape[0]), None, None, None, None, None
 
 
 def crd_nce(

@@ -1,8 +1,8 @@
 """Gathering a batch across ranks with gradients, for the batch-relational losses.
 
 With ``gather=True`` (``fastkd.info_nce``, ``fastkd.mmd_loss`` and the
-relational losses of :mod:`fastkd.relational`) every rank gathers the inputs
-of all ranks (``torch.distributed.all_gather``, in rank
+relational losses of :mod:`fastkd.rkd` and :mod:`fastkd.gram_relation`) every
+rank gathers the inputs of all ranks (``torch.distributed.all_gather``, in rank
 order) and computes the loss of the whole global batch, so negatives (InfoNCE)
 and sample pairs (MMD) span every rank; the value is the same on every rank.
 The backward all-reduces (sums) the gradient of the gathered tensor and hands

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from fastkd import _ops  # noqa: F401  (registers fastkd::dkd_forward and its fake kernel)
-from fastkd import functional as _functional
+from fastkd._backend import backend_for
+from fastkd._row_loss import RowLossKernelFunction
 from fastkd.reference import dkd as _reference
 
 __all__ = ["DKD_KERNELS", "DKDLoss", "dkd_loss"]
@@ -68,14 +69,14 @@ def dkd_loss(
     s, t, y, alpha, beta, temperature = _reference.check_dkd_arguments(
         student_logits, teacher_logits, labels, alpha, beta, temperature, reduction
     )
-    chosen = _functional._backend_for("dkd", DKD_KERNELS, backend, s)
+    chosen = backend_for("dkd", DKD_KERNELS, backend, s)
     if chosen == "reference":
         return _reference.dkd_loss(
             s, t, y, alpha=alpha, beta=beta, temperature=temperature, reduction=reduction
         )
     n = s.shape[0]
     factor = temperature**2 / (max(n, 1) if reduction == "batchmean" else 1)
-    return _functional.RowLossKernelFunction.apply(
+    return RowLossKernelFunction.apply(
         _dkd_op(chosen), factor, reduction == "none",
         s, t.detach(), y, alpha, beta, 1.0 / temperature, factor,
     )

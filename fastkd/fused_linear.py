@@ -34,7 +34,9 @@ import torch
 from torch import nn
 
 from fastkd import _dispatch, _hard_labels, _ops, _validate
-from fastkd import functional as _functional
+from fastkd._backend import run_divergence_kernel
+from fastkd._divergence_options import DivergenceOptions
+from fastkd._row_loss import kept_rows, scale_by_upstream
 from fastkd.reference import fused_linear as _reference
 
 __all__ = ["FusedLinearDivergenceLoss", "default_memory_budget", "fused_linear_divergence"]
@@ -147,7 +149,7 @@ def _chunk_pass(cfg: _Config, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need, 
         chunk_keep = None if keep is None else keep[rows]
         # the divergence and (with labels) the cross-entropy in one kernel
         # pass; g = kd_factor · dℓ/ds + ce_factor · dCE/ds
-        row_loss, g, _, row_ce = _functional._run_kernel(
+        row_loss, g, _, row_ce = run_divergence_kernel(
             cfg.backend, s_logits, t_logits, chunk_keep, cfg.kind, cfg.inv_temperature, cfg.coef,
             cfg.kd_factor, any_grad, False, labels[rows] if hard else None,
             cfg.ce_factor if hard else 0.0,
@@ -221,7 +223,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
             )
         else:
             grad_h, grad_w, grad_b = (
-                None if g is None else _functional._scale_by_upstream(g, grad_total)
+                None if g is None else scale_by_upstream(g, grad_total)
                 for g in ctx.saved_tensors
             )
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
@@ -349,18 +351,15 @@ def fused_linear_divergence(
     vocab = s_w.shape[0]
     if vocab == 0:
         raise ValueError("student_weight must have at least one row (vocabulary entry)")
-    _validate.choice("divergence", divergence, _validate.DIVERGENCES)
-    _validate.choice("reduction", reduction, _validate.REDUCTIONS)
-    temperature = _validate.real("temperature", temperature, low=0.0, low_open=True)
-    beta = _validate.real("beta", beta, low=0.0, high=1.0)
-    alpha = _validate.real("alpha", alpha, low=0.0, high=1.0)
-    scale = temperature**2 if scale is None else _validate.real("scale", scale)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    options = DivergenceOptions.from_arguments(
+        divergence=divergence, temperature=temperature, beta=beta, alpha=alpha, scale=scale,
+        reduction=reduction, ignore_index=ignore_index, labels=labels, mask=mask, hard_weight=hard_weight,
+        soft_weight=soft_weight, ref=s_h, check_vocab=False,
+    )
+    temperature, beta, alpha, scale = options.temperature, options.beta, options.alpha, options.scale
+    labels, mask = options.labels, options.mask
+    hard_weight, soft_weight, mixing = options.hard_weight, options.soft_weight, options.mixing
     lead = s_h.shape[:-1]
-    labels = _validate.row_selector("labels", labels, lead, s_h, integer=True)
-    mask = _validate.row_selector("mask", mask, lead, s_h, integer=False)
-    hard_weight, soft_weight, mixing = _hard_labels.mixing_weights(hard_weight, soft_weight, labels)
     if chunk_size is not None:
         chunk_size = _positive_int("chunk_size", chunk_size)
     if memory_budget is None:
@@ -376,7 +375,7 @@ def fused_linear_divergence(
     if not isinstance(return_parts, bool):
         raise ValueError(f"return_parts must be a bool, got {type(return_parts).__name__}")
 
-    keep = _functional._kept_rows(labels, ignore_index, mask)
+    keep = kept_rows(labels, ignore_index, mask)
     if mixing:
         _hard_labels.check_label_range(labels.reshape(-1), keep, vocab)
 
@@ -412,7 +411,7 @@ def fused_linear_divergence(
         n_kept = n_rows if keep is None else int(keep.sum().item())
         kd_norm = max(n_kept * (vocab if reduction == "mean" else 1), 1)
         ce_norm = max(n_kept, 1)
-    kind, coef = _functional._kernel_divergence(divergence, beta, alpha)
+    kind, coef = options.kernel_divergence()
     cfg = _Config(
         kind=kind,
         inv_temperature=1.0 / temperature,

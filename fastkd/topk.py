@@ -13,15 +13,15 @@ import torch
 from torch import nn
 
 from fastkd import _hard_labels, _ops, _validate  # noqa: F401  (_ops registers the fastkd:: ops)
-from fastkd.functional import (
+from fastkd._backend import backend_for
+from fastkd._divergence_options import DivergenceOptions
+from fastkd._row_loss import (
     RowLossKernelFunction,
     StudentKernelCall,
-    _backend_for,
-    _hard_soft_factors,
-    _kept_rows,
-    _kernel_divergence,
-    _loss_factor,
-    _row_major,
+    hard_soft_factors,
+    kept_rows,
+    loss_factor,
+    row_major,
     student_hard_soft,
 )
 from fastkd.reference import topk as _reference_topk
@@ -153,64 +153,62 @@ def topk_divergence(
     if s.shape[-1] == 0:
         raise ValueError("student_logits must have a non-empty last (vocabulary) dimension")
     values = _check_teacher(s, teacher_index, teacher_values, teacher_is_logprob)
-    _validate.choice("divergence", divergence, TOPK_DIVERGENCES)
-    _validate.choice("reduction", reduction, _validate.REDUCTIONS)
-    temperature = _validate.real("temperature", temperature, low=0.0, low_open=True)
-    beta = _validate.real("beta", beta, low=0.0, high=1.0)
-    alpha = _validate.real("alpha", alpha, low=0.0, high=1.0)
+    options = DivergenceOptions.from_arguments(
+        divergence=divergence, temperature=temperature, beta=beta, alpha=alpha, scale=scale,
+        reduction=reduction, ignore_index=ignore_index, labels=labels, mask=mask, hard_weight=hard_weight,
+        soft_weight=soft_weight, ref=s, divergences=TOPK_DIVERGENCES, check_endpoints=_check_endpoints,
+    )
+
+    chosen = backend_for("top-k divergence", TOPK_KERNELS, backend, s)
+    if options.mixing and chosen != "reference":
+        return _fused_topk_hard_soft(s, teacher_index, values, options, return_parts, chosen)
+    if chosen == "reference":
+        soft = _reference_topk.topk_divergence(s, teacher_index, values, **options.divergence_kwargs())
+    else:
+        soft = _fused_topk(s, teacher_index, values, options, chosen)
+    if not (options.mixing or options.soft_weight != 1.0 or return_parts):
+        return soft
+    return _hard_labels.mix_soft_with_reference_ce(
+        soft, s, options.labels, reduction=options.reduction, ignore_index=options.ignore_index,
+        mask=options.mask, hard_weight=options.hard_weight, soft_weight=options.soft_weight,
+        return_parts=return_parts,
+    )
+
+
+def _check_endpoints(divergence: str, beta: float, alpha: float) -> None:
+    """Rejects the endpoint values that make a divergence the reverse KL (undefined here)."""
     if divergence == "jsd" and beta == 1.0:
         raise ValueError("beta=1 makes jsd the reverse KL, which is not defined for a top-k teacher")
     if divergence == "skew_reverse_kl" and alpha == 0.0:
         raise ValueError(
             "alpha=0 makes skew_reverse_kl the reverse KL, which is not defined for a top-k teacher"
         )
-    scale = temperature**2 if scale is None else _validate.real("scale", scale)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    labels = _validate.row_selector("labels", labels, s.shape[:-1], s, integer=True)
-    mask = _validate.row_selector("mask", mask, s.shape[:-1], s, integer=False)
-
-    hard_weight, soft_weight, mixing = _hard_labels.mixing_weights(hard_weight, soft_weight, labels)
-
-    chosen = _backend_for("top-k divergence", TOPK_KERNELS, backend, s)
-    if mixing and chosen != "reference":
-        return _fused_topk_hard_soft(s, teacher_index, values, divergence, temperature, beta, alpha, scale,
-                                     reduction, labels, ignore_index, mask, hard_weight, soft_weight,
-                                     return_parts, chosen)
-    if chosen == "reference":
-        soft = _reference_topk.topk_divergence(
-            s, teacher_index, values, divergence=divergence, temperature=temperature, beta=beta,
-            alpha=alpha, scale=scale, reduction=reduction, labels=labels, ignore_index=ignore_index,
-            mask=mask,
-        )
-    else:
-        soft = _fused_topk(s, teacher_index, values, divergence, temperature, beta, alpha, scale,
-                           reduction, labels, ignore_index, mask, chosen)
-    if not (mixing or soft_weight != 1.0 or return_parts):
-        return soft
-    return _hard_labels.mix_soft_with_reference_ce(
-        soft, s, labels, reduction=reduction, ignore_index=ignore_index, mask=mask,
-        hard_weight=hard_weight, soft_weight=soft_weight, return_parts=return_parts,
-    )
 
 
-def _fused_topk_hard_soft(s, teacher_index, values, divergence, temperature, beta, alpha, scale, reduction,
-                          labels, ignore_index, mask, hard_weight, soft_weight, return_parts, backend):
-    """``hard_weight · CE + soft_weight · divergence`` in one pass of ``backend``'s kernel."""
-    vocab, k = s.shape[-1], teacher_index.shape[-1]
-    student = _row_major(s.reshape(-1, vocab))
-    flat_labels = labels.reshape(-1).long()
-    keep = _kept_rows(labels, ignore_index, mask)
-    _hard_labels.check_label_range(flat_labels, keep, vocab)
-    kind, coef = _kernel_divergence(divergence, beta, alpha)
+def _teacher_rows(s, teacher_index, values):
+    """``(N, k)`` contiguous ids and values (float32; float64 for a float64 student)."""
+    k = teacher_index.shape[-1]
     value_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
-    soft_factor, hard_factor = _hard_soft_factors(reduction, scale, keep, vocab, hard_weight, soft_weight)
-    call = StudentKernelCall(
-        op=_topk_op(backend), kind=kind, inv_temperature=1.0 / temperature, coef=coef,
-        soft_factor=soft_factor, hard_factor=hard_factor, per_row=reduction == "none", separable=return_parts,
+    return teacher_index.reshape(-1, k).contiguous(), values.reshape(-1, k).to(value_dtype).contiguous()
+
+
+def _fused_topk_hard_soft(s, teacher_index, values, options: DivergenceOptions, return_parts: bool,
+                          backend: str):
+    """``hard_weight · CE + soft_weight · divergence`` in one pass of ``backend``'s kernel."""
+    vocab = s.shape[-1]
+    student = row_major(s.reshape(-1, vocab))
+    flat_labels = options.labels.reshape(-1).long()
+    keep = kept_rows(options.labels, options.ignore_index, options.mask)
+    _hard_labels.check_label_range(flat_labels, keep, vocab)
+    kind, coef = options.kernel_divergence()
+    soft_factor, hard_factor = hard_soft_factors(
+        options.reduction, options.scale, keep, vocab, options.hard_weight, options.soft_weight
     )
-    index = teacher_index.reshape(-1, k).contiguous()
-    value_rows = values.reshape(-1, k).to(value_dtype).contiguous()
+    call = StudentKernelCall(
+        op=_topk_op(backend), kind=kind, inv_temperature=options.inv_temperature, coef=coef,
+        soft_factor=soft_factor, hard_factor=hard_factor, per_row=options.per_row, separable=return_parts,
+    )
+    index, value_rows = _teacher_rows(s, teacher_index, values)
     return student_hard_soft(call, student, index, value_rows, keep, flat_labels, s.shape[:-1], return_parts)
 
 
@@ -224,22 +222,19 @@ def _topk_op(backend: str):
     return torch.ops.fastkd.topk_divergence_forward
 
 
-def _fused_topk(s, teacher_index, values, divergence, temperature, beta, alpha, scale, reduction, labels,
-                ignore_index, mask, backend):
+def _fused_topk(s, teacher_index, values, options: DivergenceOptions, backend: str):
     """The divergence term on the fused kernel of ``backend`` (validated arguments)."""
-    vocab, k = s.shape[-1], teacher_index.shape[-1]
-    student = _row_major(s.reshape(-1, vocab))
-    index = teacher_index.reshape(-1, k).contiguous()
-    value_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
-    value_rows = values.reshape(-1, k).to(value_dtype).contiguous()
-    keep = _kept_rows(labels, ignore_index, mask)
-    factor = _loss_factor(reduction, scale, student.shape[0], keep, vocab)
-    kind, coef = _kernel_divergence(divergence, beta, alpha)
+    vocab = s.shape[-1]
+    student = row_major(s.reshape(-1, vocab))
+    index, value_rows = _teacher_rows(s, teacher_index, values)
+    keep = kept_rows(options.labels, options.ignore_index, options.mask)
+    factor = loss_factor(options.reduction, options.scale, student.shape[0], keep, vocab)
+    kind, coef = options.kernel_divergence()
     loss = RowLossKernelFunction.apply(
-        _topk_op(backend), factor, reduction == "none",
-        student, index, value_rows, keep, kind, 1.0 / temperature, coef, factor,
+        _topk_op(backend), factor, options.per_row,
+        student, index, value_rows, keep, kind, options.inv_temperature, coef, factor,
     )
-    return loss.reshape(s.shape[:-1]) if reduction == "none" else loss
+    return loss.reshape(s.shape[:-1]) if options.per_row else loss
 
 
 class TopKDivergenceLoss(nn.Module):

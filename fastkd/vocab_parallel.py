@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from fastkd import _hard_labels, _validate
+from fastkd._divergence_options import DivergenceOptions
 from fastkd.reference.divergence import row_divergence
 
 __all__ = ["vocab_parallel_divergence"]
@@ -139,18 +140,15 @@ def vocab_parallel_divergence(
     _validate.same_layout("teacher_logits", t, "student_logits", s)
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("process_group needs torch.distributed to be initialised (init_process_group)")
-    _validate.choice("divergence", divergence, _validate.DIVERGENCES)
-    _validate.choice("reduction", reduction, _validate.REDUCTIONS)
-    temperature = _validate.real("temperature", temperature, low=0.0, low_open=True)
-    beta = _validate.real("beta", beta, low=0.0, high=1.0)
-    alpha = _validate.real("alpha", alpha, low=0.0, high=1.0)
-    scale = temperature**2 if scale is None else _validate.real("scale", scale)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    options = DivergenceOptions.from_arguments(
+        divergence=divergence, temperature=temperature, beta=beta, alpha=alpha, scale=scale,
+        reduction=reduction, ignore_index=ignore_index, labels=labels, mask=mask, hard_weight=hard_weight,
+        soft_weight=soft_weight, ref=s, check_vocab=False,
+    )
+    temperature, beta, alpha, scale = options.temperature, options.beta, options.alpha, options.scale
+    labels, mask = options.labels, options.mask
+    hard_weight, soft_weight, mixing = options.hard_weight, options.soft_weight, options.mixing
     lead = s.shape[:-1]
-    labels = _validate.row_selector("labels", labels, lead, s, integer=True)
-    mask = _validate.row_selector("mask", mask, lead, s, integer=False)
-    hard_weight, soft_weight, mixing = _hard_labels.mixing_weights(hard_weight, soft_weight, labels)
 
     # every rank's slice width, in rank order: V, and where this rank's slice starts
     world = dist.get_world_size(process_group)

@@ -571,7 +571,7 @@ def test_triton_feat_dim_limit(monkeypatch):
     if triton_crd.DEVICE_TYPE == "cpu":
         with pytest.raises(ValueError, match="feat_dim <= 3"):
             fastkd.crd_nce(v, bank, contrast_idx, z=2.0, backend="triton")
-    monkeypatch.setattr(fkcrd, "_backend_for", lambda *args: "triton")
+    monkeypatch.setattr(fkcrd, "backend_for", lambda *args: "triton")
     cuda = "cuda" in fkcrd.CRD_KERNELS and fastkd._dispatch.backend_status("cuda", DEVICE.type).available
     assert fkcrd._crd_backend("auto", v.to(DEVICE), bank.to(DEVICE)) == ("cuda" if cuda else "reference")
 

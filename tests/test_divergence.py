@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import fastkd
 from fastkd import reference
-from fastkd.reference import multi_teacher as reference_mt
+from fastkd.reference import mixture as reference_mt
 from tests.helpers import DEVICE, assert_matches, backend_params
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")

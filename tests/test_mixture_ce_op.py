@@ -6,7 +6,7 @@ exp(s_ij) − s_iy`` (temperature 1) and adds ``hard_grad_scale · (softmax(s_i)
 − onehot(y_i))`` to the student gradient; the divergence outputs are those of
 the op without labels. Everything is compared with a float64 computation
 written here in plain torch (the divergence part through
-``fastkd.reference.multi_teacher`` and autograd), on the ``cpu`` + ``triton``
+``fastkd.reference.mixture`` and autograd), on the ``cpu`` + ``triton``
 backends here and ``triton`` + ``cuda`` under ``FASTKD_TEST_DEVICE=cuda``.
 """
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastkd.reference import multi_teacher as reference_mt
+from fastkd.reference import mixture as reference_mt
 from tests.helpers import (
     DEVICE,
     OUT_OF_RANGE_ROW_MASK,

@@ -1,4 +1,4 @@
-"""MMD and NST (SPEC §3): every fused backend (cpu + triton here, triton + cuda under
+"""MMD (SPEC §3): every fused backend (cpu + triton here, triton + cuda under
 FASTKD_TEST_DEVICE=cuda) against the float64 reference, the ops themselves
 (opcheck, C++ checks) and the argument validation."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import _ops, reference
-from fastkd import functional as fkf
+from fastkd import _dispatch, _ops, reference
+from fastkd import mmd as fkmmd
 from tests.helpers import DEVICE, KERNEL_BACKENDS, assert_matches
 
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
@@ -31,7 +31,7 @@ def kernel_params():
     params = []
     for name in KERNEL_BACKENDS:
         status = fastkd._dispatch.backend_status(name, DEVICE.type)
-        if name not in fkf.MMD_KERNELS:
+        if name not in fkmmd.MMD_KERNELS:
             status = fastkd._dispatch.BackendStatus(False, "no MMD kernel")
         marks = () if status.available else (pytest.mark.skip(reason=f"{name}: {status.reason}"),)
         params.append(pytest.param(name, marks=marks, id=name))
@@ -49,7 +49,7 @@ def tiles(request, monkeypatch):
     per tile of the cpu / cuda ops, and SMALL_BLOCK-row Triton tiles with the
     columns split over two programs (the GPU's SPLITS path)."""
     if request.param == "small_tile":
-        monkeypatch.setattr(fkf, "_mmd_tile_rows", lambda n, m: SMALL_TILE)
+        monkeypatch.setattr(fkmmd, "_mmd_tile_rows", lambda n, m: SMALL_TILE)
         if fastkd._dispatch.backend_status("triton", DEVICE.type).available:
             from fastkd.kernels import mmd as triton_mmd
 
@@ -404,71 +404,16 @@ def test_mmd_bad_arguments_raise_value_error(kwargs, needle, backend):
         fastkd.mmd_loss(args.pop("x"), args.pop("y"), **args)
 
 
-@pytest.mark.parametrize("fn", ("mmd", "nst"))
-def test_explicit_gpu_backend_on_cpu_tensors_raises(fn):
+def test_explicit_gpu_backend_on_cpu_tensors_raises():
     with pytest.raises(ValueError, match="backend='cuda'"):
-        if fn == "mmd":
-            fastkd.mmd_loss(torch.randn(4, 5), torch.randn(4, 5), backend="cuda")
-        else:
-            fastkd.nst_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), backend="cuda")
+        fastkd.mmd_loss(torch.randn(4, 5), torch.randn(4, 5), backend="cuda")
 
 
 def test_explicit_backend_without_mmd_kernel_raises(monkeypatch):
-    monkeypatch.setattr(fkf._dispatch, "resolve", lambda backend, tensor: "triton")
-    monkeypatch.setattr(fkf, "MMD_KERNELS", ("cpu",))
-    monkeypatch.setattr(fkf, "NST_CLOSED_FORM_BACKENDS", ("cpu",))
+    monkeypatch.setattr(_dispatch, "resolve", lambda backend, tensor: "triton")
+    monkeypatch.setattr(fkmmd, "MMD_KERNELS", ("cpu",))
     with pytest.raises(ValueError, match="backend='triton' has no mmd kernel yet"):
         fastkd.mmd_loss(torch.randn(4, 5), torch.randn(4, 5), backend="triton")
-    with pytest.raises(ValueError, match="backend='triton' has no nst kernel yet"):
-        fastkd.nst_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), backend="triton")
     # backend="auto" falls back to the reference instead
     x, y = torch.randn(4, 5), torch.randn(4, 5)
     assert torch.equal(fastkd.mmd_loss(x, y), reference.mmd_loss(x, y))
-
-
-# ---- NST --------------------------------------------------------------------------
-
-
-def nst_params():
-    """KERNEL_BACKENDS that run NST's closed form (composite ATen: no kernel of their own)."""
-    params = []
-    for name in KERNEL_BACKENDS:
-        status = fastkd._dispatch.backend_status(name, DEVICE.type)
-        if name not in fkf.NST_CLOSED_FORM_BACKENDS:
-            status = fastkd._dispatch.BackendStatus(False, "no NST path")
-        marks = () if status.available else (pytest.mark.skip(reason=f"{name}: {status.reason}"),)
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
-
-
-def feature_maps(n, c, h, w, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, c, h, w, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-
-
-# (N, C_s, H_s, C_t, H_t): both the channel form (HW >= C) and the Gram form (HW < C)
-NST_SHAPES = ((3, 4, 8, 6, 4), (2, 16, 2, 24, 4), (1, 5, 3, 5, 3), (4, 32, 4, 8, 2))
-
-
-@pytest.mark.parametrize("backend", nst_params())
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", NST_SHAPES, ids=lambda s: "_".join(map(str, s)))
-def test_nst_parity(backend, dtype, shape):
-    n, c_s, h_s, c_t, h_t = shape
-    s = feature_maps(n, c_s, h_s, h_s, dtype, 0)
-    t = feature_maps(n, c_t, h_t, h_t + 1, dtype, 1)
-    check_parity(
-        lambda a, b: fastkd.nst_loss(a, b, backend=backend),
-        reference.nst_loss,
-        (s, t),
-        f"{backend} nst",
-    )
-
-
-def test_nst_module_and_validation():
-    s, t = feature_maps(2, 3, 4, 4, torch.float32, 2), feature_maps(2, 5, 4, 4, torch.float32, 3)
-    assert torch.allclose(fastkd.NSTLoss()(s, t), reference.nst_loss(s, t), rtol=1e-5, atol=1e-7)
-    with pytest.raises(ValueError, match="teacher_maps batch size"):
-        fastkd.nst_loss(s, t[:1])
-    with pytest.raises(ValueError, match="student_maps"):
-        fastkd.nst_loss(s[0], t)

@@ -10,7 +10,7 @@ import torch
 
 import fastkd
 from fastkd import _ops, reference
-from fastkd import functional as fkf
+from fastkd import mmd as fkmmd
 from tests.helpers import assert_matches
 from tests.test_mmd import INTERPRETED, KERNELS, check_parity, kernel_kwargs, kernel_params, samples
 
@@ -29,7 +29,7 @@ def _supported_capabilities():
 @pytest.mark.parametrize("tile", (5, 64))
 def test_gaussian_every_simd_variant(capability, dtype, unbiased, tile, monkeypatch):
     monkeypatch.setenv("FASTKD_CPU_CAPABILITY", capability)
-    monkeypatch.setattr(fkf, "_mmd_tile_rows", lambda n, m: tile)
+    monkeypatch.setattr(fkmmd, "_mmd_tile_rows", lambda n, m: tile)
     assert _ops._C.cpu_capability() == capability
     # 37 and 53 columns: a SIMD tail in every width, diagonals at every lane offset
     x, y = samples(37, 19, dtype, 20).cpu(), samples(53, 19, dtype, 21, shift=0.2).cpu()
@@ -49,7 +49,7 @@ def test_gaussian_every_simd_variant_at_an_offset_with_a_tiny_bandwidth(capabili
     and a bandwidth whose 1/(2σ²) overflows float32 (exponent held finite), in
     every SIMD variant, against the float64 reference."""
     monkeypatch.setenv("FASTKD_CPU_CAPABILITY", capability)
-    monkeypatch.setattr(fkf, "_mmd_tile_rows", lambda n, m: 5)
+    monkeypatch.setattr(fkmmd, "_mmd_tile_rows", lambda n, m: 5)
     assert _ops._C.cpu_capability() == capability
     x = (samples(37, 19, torch.float64, 27).cpu() + 1e4).to(dtype)
     y = (samples(53, 19, torch.float64, 28, shift=0.2).cpu() + 1e4).to(dtype)

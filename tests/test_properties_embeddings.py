@@ -320,7 +320,7 @@ def test_at_loss_matches_the_reference(backend):
         operands, kwargs, dtype, upstream = case
         check_against_reference(
             lambda s, t: fastkd.at_loss(s, t, backend=backend, **kwargs),
-            lambda s, t: reference.feature.at_loss(s, t, **kwargs),
+            lambda s, t: reference.attention_transfer.at_loss(s, t, **kwargs),
             operands, dtype, upstream, f"{backend} at_loss {kwargs}",
         )
     inner()
@@ -341,7 +341,8 @@ def test_at_module_sums_layer_pairs(backend):
             return module([s1, s2], [t1, t2])
 
         def ref(s1, t1, s2, t2):
-            return reference.feature.at_loss(s1, t1, **kw1) + reference.feature.at_loss(s2, t2, **kw1)
+            at_loss = reference.attention_transfer.at_loss
+            return at_loss(s1, t1, **kw1) + at_loss(s2, t2, **kw1)
 
         check_against_reference(fused, ref, [ops1[0], ops1[1], ops2[0], ops2[1]], dtype, upstream,
                                 f"{backend} ATLoss {kw1}")
@@ -356,7 +357,7 @@ def test_nst_loss_matches_the_reference(backend):
         operands, kwargs, dtype, upstream = case
         check_against_reference(
             lambda s, t: fastkd.nst_loss(s, t, backend=backend),
-            lambda s, t: reference.mmd.nst_loss(s, t),
+            lambda s, t: reference.nst.nst_loss(s, t),
             operands, dtype, upstream, f"{backend} nst_loss",
         )
     inner()
@@ -398,8 +399,8 @@ SPECIAL_FAMILIES = {
     "info_nce": (fastkd.info_nce, reference.info_nce),
     "crd_nce": (lambda v, b, i, **kw: fastkd.crd_nce(v, b, i, z=2.0, **kw),
                 lambda v, b, i: reference.crd.crd_nce(v, b, i, z=2.0)),
-    "at_loss": (fastkd.at_loss, reference.feature.at_loss),
-    "nst_loss": (fastkd.nst_loss, reference.mmd.nst_loss),
+    "at_loss": (fastkd.at_loss, reference.attention_transfer.at_loss),
+    "nst_loss": (fastkd.nst_loss, reference.nst.nst_loss),
 }
 # Scale-invariant families take the largest magnitudes float32 squares hold;
 # the others the SPEC's large-logit range.

@@ -144,16 +144,16 @@ def test_info_nce_labels(backend):
 
 def test_info_nce_launcher_labels():
     """The Triton launchers themselves, as users may call them."""
-    triton_contrastive = pytest.importorskip("fastkd.kernels.contrastive")
-    device = triton_contrastive.DEVICE_TYPE
+    triton_info_nce = pytest.importorskip("fastkd.kernels.info_nce")
+    device = triton_info_nce.DEVICE_TYPE
     labels = torch.tensor([[3, 0], [2, 1], [1, 2], [0, 3]], device=device)[:, 0]
     q, k = randn(4, 8, seed=2).float().to(device), randn(4, 8, seed=3).float().to(device)
-    row_loss, row_lse = triton_contrastive.info_nce_forward(q, k, labels, 10.0)
+    row_loss, row_lse = triton_info_nce.info_nce_forward(q, k, labels, 10.0)
     logits = q.double() @ k.double().t() * 10.0
     want = F.cross_entropy(logits, labels, reduction="none")
     assert_matches(row_loss, want, torch.float32, "triton info_nce_forward row loss")
     grad_rows = torch.full((4,), UPSTREAM, device=device)
-    grad_q, grad_k = triton_contrastive.info_nce_backward(grad_rows, q, k, labels, row_lse, 10.0)
+    grad_q, grad_k = triton_info_nce.info_nce_backward(grad_rows, q, k, labels, row_lse, 10.0)
     want_q, want_k = loss_and_grads(
         lambda a, b: F.cross_entropy(a @ b.t() * 10.0, labels, reduction="sum"), q.double(), k.double()
     )[1:]

@@ -1,4 +1,4 @@
-"""Kernel two-sample losses, SPEC §3 (MMD and NST), as plain PyTorch with autograd.
+"""Maximum mean discrepancy, SPEC §3, as plain PyTorch with autograd.
 
 Every kernel matrix is materialised here; the fused kernels must not.
 """
@@ -9,9 +9,9 @@ import numbers
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from fastkd import _validate
+from fastkd.reference._common import accumulation_dtype, same_features, samples
 
 KERNELS = ("gaussian", "laplacian", "polynomial")
 # A convention of this package, not from the SPEC or a paper: a geometric
@@ -23,26 +23,6 @@ DEFAULT_BANDWIDTHS = (0.5, 1.0, 2.0, 4.0, 8.0)
 # float32, the float32 kernels use the largest finite exponent instead: any
 # distance that is a normal float32 then gives k = 0, as it should.)
 MIN_BANDWIDTH = 1e-150
-
-
-def _samples(name: str, value) -> torch.Tensor:
-    """A non-empty ``(rows, D)`` floating-point matrix."""
-    value = _validate.tensor(name, value, min_dim=2)
-    if value.dim() != 2 or value.numel() == 0:
-        raise ValueError(f"{name} must have shape (rows, D) with rows, D >= 1, got {tuple(value.shape)}")
-    return value
-
-
-def _same_features(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    """``value`` must match ``ref`` in its last dim, dtype and device (the row counts may differ)."""
-    if value.shape[-1] != ref.shape[-1]:
-        raise ValueError(
-            f"{name} has feature dim {value.shape[-1]} but {ref_name} has {ref.shape[-1]} "
-            f"(shapes {tuple(value.shape)} and {tuple(ref.shape)})"
-        )
-    if value.dtype != ref.dtype:
-        raise ValueError(f"{name} dtype {value.dtype} does not match {ref_name} dtype {ref.dtype}")
-    _validate.same_device(name, value, ref_name, ref)
 
 
 def _bandwidths(value) -> tuple[float, ...]:
@@ -60,10 +40,6 @@ def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
-
-
-def _accumulation_dtype(value: torch.Tensor) -> torch.dtype:
-    return torch.float64 if value.dtype == torch.float64 else torch.float32
 
 
 def kernel_matrix(
@@ -118,9 +94,9 @@ def check_mmd_arguments(x, y, kernel, bandwidths, unbiased, degree, c):
     Returns ``(x, y, bandwidths as a tuple of floats, degree, c)``; shared
     with the fused backends so that every backend rejects the same inputs.
     """
-    x = _samples("x", x)
-    y = _samples("y", y)
-    _same_features("y", y, "x", x)
+    x = samples("x", x)
+    y = samples("y", y)
+    same_features("y", y, "x", x)
     _validate.choice("kernel", kernel, KERNELS)
     bandwidths = _bandwidths(bandwidths)
     degree = _positive_int("degree", degree)
@@ -179,80 +155,10 @@ def mmd_loss(
         ``()`` loss, float32 (float64 for float64 inputs).
     """
     x, y, bandwidths, degree, c = check_mmd_arguments(x, y, kernel, bandwidths, unbiased, degree, c)
-    acc = _accumulation_dtype(x)
+    acc = accumulation_dtype(x)
     x, y = x.to(acc), y.to(acc)
     params = {"bandwidths": bandwidths, "degree": degree, "c": c}
     k_xx = kernel_matrix(x, x, kernel, **params)
     k_yy = kernel_matrix(y, y, kernel, **params)
     k_xy = kernel_matrix(x, y, kernel, **params)
     return _within_mean(k_xx, unbiased) + _within_mean(k_yy, unbiased) - 2 * k_xy.mean()
-
-
-def _feature_maps(name: str, value) -> torch.Tensor:
-    """A non-empty ``(N, C, H, W)`` floating-point tensor."""
-    value = _validate.tensor(name, value, min_dim=4)
-    if value.dim() != 4 or value.numel() == 0:
-        raise ValueError(f"{name} must have shape (N, C, H, W) with every dim >= 1, got {tuple(value.shape)}")
-    return value
-
-
-def check_nst_arguments(student_maps, teacher_maps) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validates :func:`nst_loss`'s arguments (``ValueError`` naming the bad one)."""
-    s = _feature_maps("student_maps", student_maps)
-    t = _feature_maps("teacher_maps", teacher_maps)
-    if t.shape[0] != s.shape[0]:
-        raise ValueError(
-            f"teacher_maps batch size {t.shape[0]} does not match student_maps batch size {s.shape[0]}"
-        )
-    if t.dtype != s.dtype:
-        raise ValueError(f"teacher_maps dtype {t.dtype} does not match student_maps dtype {s.dtype}")
-    _validate.same_device("teacher_maps", t, "student_maps", s)
-    return s, t
-
-
-def nst_features(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validated maps → pooled to a common size, ``(N, C, HW)``, L2-normalised over HW.
-
-    Computed in float32 (float64 for float64 inputs).
-    """
-    acc = _accumulation_dtype(s)
-    s, t = s.to(acc), t.to(acc)
-    size = (min(s.shape[2], t.shape[2]), min(s.shape[3], t.shape[3]))
-    if s.shape[2:] != size:
-        s = F.adaptive_avg_pool2d(s, size)
-    if t.shape[2:] != size:
-        t = F.adaptive_avg_pool2d(t, size)
-    return F.normalize(s.flatten(2), dim=2), F.normalize(t.flatten(2), dim=2)
-
-
-def nst_loss(student_maps: torch.Tensor, teacher_maps: torch.Tensor) -> torch.Tensor:
-    """Neural selectivity transfer (RepDistiller ``NSTLoss``, SPEC §3).
-
-    Both maps are adaptive-average-pooled to ``(min(H, H'), min(W, W'))``
-    (for square maps: the larger map pooled to the smaller, RepDistiller's
-    rule; a map already of that size is left as it is), flattened to
-    ``(N, C, HW)`` and L2-normalised over ``HW`` (``F.normalize``, eps 1e-12).
-    With the polynomial kernel ``k(a, b) = (a·b)²`` over channel pairs, per
-    sample ``mean K(t, t) + mean K(s, s) − 2 mean K(s, t)``, averaged over N.
-
-    This reference builds the ``(N, C, C')`` kernel matrices; the closed form
-    ``Σ_{c,c'} (a_c·b_{c'})² = ⟨AᵀA, BᵀB⟩_F`` is for the fused kernels.
-    Nothing is detached: RepDistiller detaches the ``K(t, t)`` term, which
-    changes only the teacher's gradient; detach ``teacher_maps`` for the usual
-    frozen teacher.
-
-    Args:
-        student_maps: ``(N, C_s, H, W)`` student feature maps.
-        teacher_maps: ``(N, C_t, H', W')`` teacher feature maps; channel counts
-            and spatial sizes may differ from the student's.
-    Returns:
-        ``()`` loss, float32 (float64 for float64 inputs).
-    """
-    s, t = check_nst_arguments(student_maps, teacher_maps)
-    s, t = nst_features(s, t)
-
-    def poly(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        # (N, C_a, HW), (N, C_b, HW) → per-sample mean over channel pairs of (a_c·b_c')², (N,)
-        return (a @ b.transpose(1, 2)).square().mean(dim=(1, 2))
-
-    return (poly(t, t) + poly(s, s) - 2 * poly(s, t)).mean()

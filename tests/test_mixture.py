@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import fastkd
-from fastkd.multi_teacher import MIXTURE_KERNELS
-from fastkd.reference import multi_teacher as reference_mt
+from fastkd._divergence_options import kernel_divergence
+from fastkd.mixture import MIXTURE_KERNELS
+from fastkd.reference import mixture as reference_mt
 from tests.helpers import DEVICE, assert_matches
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
@@ -251,7 +252,7 @@ def test_raw_forward_float64_strided_teachers_and_mask(backend, layout, divergen
         t = logits((4, 4, 301), torch.float64).transpose(0, 1)
     weights = random_weights(4)
     mask = torch.tensor([True, False, True, True], device=DEVICE)
-    kind, coef = fastkd.functional._kernel_divergence(divergence, 0.3, 0.2)
+    kind, coef = kernel_divergence(divergence, 0.3, 0.2)
     loss, grad, row_ce = op(s, t, weights, mask, kind, 1 / 1.7, coef, 0.6, True)
     assert row_ce.shape == (0,)  # no labels
     assert loss.dtype == grad.dtype == torch.float64
@@ -315,7 +316,7 @@ def test_bad_teachers_raise_value_error():
 
 
 def test_explicit_backend_without_kernel_raises(monkeypatch):
-    monkeypatch.setattr(fastkd.multi_teacher, "MIXTURE_KERNELS", ("cpu",))
+    monkeypatch.setattr(fastkd.mixture, "MIXTURE_KERNELS", ("cpu",))
     s, t = logits((2, 10)), logits((2, 2, 10))
     with pytest.raises(ValueError, match="no multi-teacher divergence kernel"):
         fastkd.divergence(s, t, backend="triton")

@@ -4,15 +4,18 @@ themselves (opcheck, C++ and launcher checks) and the argument validation."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import pytest
 import torch
 
 import fastkd
-from fastkd import _ops, reference
-from fastkd import functional as fkf
+from fastkd import _dispatch, _ops, reference
 from tests.helpers import DEVICE, assert_matches
+
+# the module (fastkd.info_nce, the attribute, is the function)
+fkinfo = importlib.import_module("fastkd.info_nce")
 
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
 
@@ -26,7 +29,7 @@ SMALL_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 128, "BLOCK_DV": 128, "
 def kernel_params():
     """The backends with an InfoNCE kernel on DEVICE, skipped with the reason when unavailable."""
     params = []
-    for name in fkf.INFO_NCE_KERNELS:
+    for name in fkinfo.INFO_NCE_KERNELS:
         status = fastkd._dispatch.backend_status(name, DEVICE.type)
         marks = () if status.available else (pytest.mark.skip(reason=f"{name}: {status.reason}"),)
         params.append(pytest.param(name, marks=marks, id=name))
@@ -48,14 +51,14 @@ def op_device_params():
 def tiles(request, monkeypatch):
     """Runs a test with the default tiles and with small ones (several tiles / blocks per dim)."""
     if request.param == "small_tile":
-        monkeypatch.setattr(fkf, "_info_nce_tile_rows", lambda m: SMALL_TILE)
+        monkeypatch.setattr(fkinfo, "_info_nce_tile_rows", lambda m: SMALL_TILE)
         if importlib.util.find_spec("triton") is not None:
-            from fastkd.kernels import contrastive as triton_contrastive
+            from fastkd.kernels import info_nce as triton_info_nce
 
             def small_blocks(rows, keys, dim):
                 return dict(SMALL_BLOCKS)
 
-            monkeypatch.setattr(triton_contrastive, "launch_config", small_blocks)
+            monkeypatch.setattr(triton_info_nce, "launch_config", small_blocks)
     return request.param
 
 
@@ -258,28 +261,28 @@ def test_op_checks(device, change, needle):
 )
 def test_triton_launcher_checks(change, needle):
     """The Triton launchers raise ValueError naming the argument before any kernel runs."""
-    triton_contrastive = pytest.importorskip("fastkd.kernels.contrastive")
-    device = triton_contrastive.DEVICE_TYPE
+    triton_info_nce = pytest.importorskip("fastkd.kernels.info_nce")
+    device = triton_info_nce.DEVICE_TYPE
     names = ("q", "k", "labels", "inv_temperature")
     args = dict(zip(names, op_args(torch.float32, device=device)[:4], strict=True))
     args.update({name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in change.items()})
     q, k, labels, inv_t = args.values()
     with pytest.raises(ValueError, match=needle):
-        triton_contrastive.info_nce_forward(q, k, labels, inv_t)
+        triton_info_nce.info_nce_forward(q, k, labels, inv_t)
     grad_rows, row_lse = torch.ones(7, device=device), torch.zeros(7, device=device)
     with pytest.raises(ValueError, match=needle):
-        triton_contrastive.info_nce_backward(grad_rows, q, k, labels, row_lse, inv_t)
+        triton_info_nce.info_nce_backward(grad_rows, q, k, labels, row_lse, inv_t)
 
 
 def test_triton_launcher_checks_row_vectors():
-    triton_contrastive = pytest.importorskip("fastkd.kernels.contrastive")
-    device = triton_contrastive.DEVICE_TYPE
+    triton_info_nce = pytest.importorskip("fastkd.kernels.info_nce")
+    device = triton_info_nce.DEVICE_TYPE
     q, k, labels, inv_t, _ = op_args(torch.float32, device=device)
     ones, zeros = torch.ones(7, device=device), torch.zeros(7, device=device)
     with pytest.raises(ValueError, match="grad_row_loss"):
-        triton_contrastive.info_nce_backward(ones[:6], q, k, labels, zeros, inv_t)
+        triton_info_nce.info_nce_backward(ones[:6], q, k, labels, zeros, inv_t)
     with pytest.raises(ValueError, match="row_lse must be a floating-point"):
-        triton_contrastive.info_nce_backward(ones, q, k, labels, zeros.long(), inv_t)
+        triton_info_nce.info_nce_backward(ones, q, k, labels, zeros.long(), inv_t)
 
 
 # ---- validation -----------------------------------------------------------------
@@ -314,8 +317,8 @@ def test_explicit_gpu_backend_on_cpu_tensors_raises():
 
 
 def test_explicit_backend_without_info_nce_kernel_raises(monkeypatch):
-    monkeypatch.setattr(fkf, "INFO_NCE_KERNELS", ("cpu",))
-    monkeypatch.setattr(fkf._dispatch, "resolve", lambda backend, tensor: "triton")
+    monkeypatch.setattr(fkinfo, "INFO_NCE_KERNELS", ("cpu",))
+    monkeypatch.setattr(_dispatch, "resolve", lambda backend, tensor: "triton")
     with pytest.raises(ValueError, match="backend='triton' has no info_nce kernel yet"):
         fastkd.info_nce(torch.randn(4, 5), torch.randn(4, 5), backend="triton")
     # backend="auto" falls back to the reference instead

@@ -1,8 +1,8 @@
-"""Feature losses (SPEC §5): the attention-transfer reference against explicit
-loops, every fused backend of AT_KERNELS on DEVICE (cpu and triton here,
-triton and cuda under FASTKD_TEST_DEVICE=cuda) against the float64 reference
-(loss and gradients), the ops themselves (opcheck, C++ and launcher checks),
-validation, and HintLoss."""
+"""Attention transfer (SPEC §5): the reference against explicit loops, every
+fused backend of AT_KERNELS on DEVICE (cpu and triton here, triton and cuda
+under FASTKD_TEST_DEVICE=cuda) against the float64 reference (loss and
+gradients), the ops themselves (opcheck, C++ and launcher checks), and
+validation."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import _ops
-from fastkd import feature as fkfeat
-from fastkd.reference import feature as ref
+from fastkd import _dispatch, _ops
+from fastkd import attention_transfer as fkat
+from fastkd.reference import attention_transfer as ref
 from tests.helpers import DEVICE, assert_matches
 
 needs_cpu_ext = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
@@ -105,7 +105,7 @@ def kernel_params():
     here, triton and cuda under FASTKD_TEST_DEVICE=cuda), skipped with the
     reason when unavailable."""
     params = []
-    for name in fkfeat.AT_KERNELS:
+    for name in fkat.AT_KERNELS:
         status = fastkd._dispatch.backend_status(name, DEVICE.type)
         marks = () if status.available else (pytest.mark.skip(reason=f"{name}: {status.reason}"),)
         params.append(pytest.param(name, marks=marks, id=name))
@@ -305,7 +305,7 @@ def registered_op_params():
     """The fastkd:: ops on DEVICE: the cpu op here, the cuda op under FASTKD_TEST_DEVICE=cuda."""
     name = "cpu" if DEVICE.type == "cpu" else "cuda"
     status = fastkd._dispatch.backend_status(name, DEVICE.type)
-    if name not in fkfeat.AT_KERNELS:
+    if name not in fkat.AT_KERNELS:
         return [pytest.param(name, marks=pytest.mark.skip(reason=f"no {name} attention-transfer kernel"))]
     marks = () if status.available else (pytest.mark.skip(reason=f"{name}: {status.reason}"),)
     return [pytest.param(name, marks=marks, id=name)]
@@ -361,7 +361,7 @@ def test_backward_op_checks_norms(op_backend):
 
 def triton_at():
     available = fastkd._dispatch.backend_status("triton", DEVICE.type).available
-    if "triton" not in fkfeat.AT_KERNELS or not available:
+    if "triton" not in fkat.AT_KERNELS or not available:
         pytest.skip("no triton attention-transfer kernel on this device")
     from fastkd.kernels import attention_transfer
 
@@ -432,104 +432,11 @@ def test_at_bad_arguments_raise_value_error(kwargs, needle, backend):
 def test_explicit_backend_without_at_kernel_raises(monkeypatch):
     """A backend missing from AT_KERNELS: an explicit request raises, "auto" uses the reference."""
     s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    monkeypatch.setattr(fkfeat, "AT_KERNELS", ())
-    monkeypatch.setattr(
-        fkfeat._backend_for.__globals__["_dispatch"], "resolve", lambda backend, tensor: "triton"
-    )
+    monkeypatch.setattr(fkat, "AT_KERNELS", ())
+    monkeypatch.setattr(_dispatch, "resolve", lambda backend, tensor: "triton")
     with pytest.raises(ValueError, match="backend='triton' has no at kernel yet"):
         fastkd.at_loss(s, t, backend="triton")
     assert torch.equal(fastkd.at_loss(s, t), ref.at_loss(s, t))
-
-
-# ---- HintLoss -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "adapter,weight_shape",
-    [("conv1x1", (12, 5, 1, 1)), ("conv3x3", (12, 5, 3, 3)), ("linear", (12, 5))],
-)
-def test_hint_adapter_shapes(adapter, weight_shape):
-    hint = fastkd.HintLoss(5, 12, adapter=adapter)
-    params = dict(hint.named_parameters())
-    weight = next(v for k, v in params.items() if k.endswith("weight") and v.dim() >= 2)
-    assert tuple(weight.shape) == weight_shape
-    if adapter == "linear":
-        assert isinstance(hint.adapter, torch.nn.Linear)
-    else:
-        conv, bn = hint.adapter
-        assert isinstance(bn, torch.nn.BatchNorm2d) and bn.num_features == 12 and conv.bias is None
-    assert adapter in repr(hint)
-
-
-@pytest.mark.parametrize(
-    "s_shape,t_shape",
-    [((4, 5, 6, 6), (4, 12, 6, 6)), ((4, 5, 8, 8), (4, 12, 4, 4)), ((4, 5, 3, 5), (4, 12, 6, 10))],
-)
-def test_hint_value_pooling_and_gradients(s_shape, t_shape):
-    torch.manual_seed(1)
-    hint = fastkd.HintLoss(5, 12)
-    s = torch.randn(*s_shape, requires_grad=True)
-    t = torch.randn(*t_shape, requires_grad=True)
-    loss = hint(s, t)
-    adapted = hint.adapter(s)
-    size = (min(s_shape[2], t_shape[2]), min(s_shape[3], t_shape[3]))
-    want = (
-        (
-            torch.nn.functional.adaptive_avg_pool2d(adapted, size)
-            - torch.nn.functional.adaptive_avg_pool2d(t, size)
-        )
-        ** 2
-    ).mean()
-    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
-    loss.backward()
-    assert s.grad is not None and s.grad.abs().sum() > 0
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in hint.parameters())
-    assert t.grad is None  # the hint is a target
-
-
-def test_hint_linear_vectors():
-    torch.manual_seed(2)
-    hint = fastkd.HintLoss(7, 3, adapter="linear")
-    s, t = torch.randn(9, 7, requires_grad=True), torch.randn(9, 3)
-    loss = hint(s, t)
-    assert loss.item() == pytest.approx(((hint.adapter(s) - t) ** 2).mean().item(), rel=1e-6)
-    loss.backward()
-    assert hint.adapter.weight.grad is not None and s.grad is not None
-
-
-@pytest.mark.parametrize(
-    "adapter,s,t,needle",
-    [
-        (
-            "conv1x1",
-            torch.randn(4, 5),
-            torch.randn(4, 12),
-            "student_features has shape .* use adapter='linear'",
-        ),
-        ("linear", torch.randn(4, 5, 2, 2), torch.randn(4, 12), "student_features has shape .* conv adapter"),
-        ("linear", torch.randn(4, 5), torch.randn(4, 12, 2, 2), "teacher_features has shape"),
-        ("conv1x1", torch.randn(4, 6, 3, 3), torch.randn(4, 12, 3, 3), "student_features has 6 channels"),
-        ("conv1x1", torch.randn(4, 5, 3, 3), torch.randn(4, 11, 3, 3), "teacher_features has 11 channels"),
-        ("conv1x1", torch.randn(4, 5, 3, 3), torch.randn(3, 12, 3, 3), "teacher_features batch size"),
-        ("conv1x1", torch.randn(4, 5, 3, 3), "maps", "teacher_features must be a torch.Tensor"),
-    ],
-)
-def test_hint_unbridgeable_inputs_raise(adapter, s, t, needle):
-    with pytest.raises(ValueError, match=needle):
-        fastkd.HintLoss(5, 12, adapter=adapter)(s, t)
-
-
-@pytest.mark.parametrize(
-    "args,kwargs,needle",
-    [
-        ((0, 4), {}, "student_channels"),
-        ((4, 2.5), {}, "teacher_channels"),
-        ((4, 4), {"adapter": "mlp"}, "adapter"),
-    ],
-)
-def test_hint_bad_construction(args, kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        fastkd.HintLoss(*args, **kwargs)
 
 
 @needs_cpu_ext

@@ -1,4 +1,4 @@
-"""Contrastive losses, SPEC §4 (InfoNCE / CLIP), as plain PyTorch with autograd.
+"""InfoNCE / CLIP, SPEC §4,, as plain PyTorch with autograd.
 
 The ``(N, M)`` similarity matrix is materialised here; the fused kernels keep
 only O(N) state between forward and backward.
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastkd import _validate
-from fastkd.reference.mmd import _accumulation_dtype, _same_features, _samples
+from fastkd.reference._common import accumulation_dtype, same_features, samples
 
 
 def _labels(value, n: int, m: int, ref: torch.Tensor) -> torch.Tensor:
@@ -39,11 +39,11 @@ def check_arguments(q, k, temperature, labels, symmetric, normalize):
 
     Returns ``(q, k, temperature, labels)`` with ``temperature`` a float and
     ``labels`` an int64 ``(N,)`` tensor (``arange(N)`` when not given).
-    Shared with the fused backends (``fastkd.functional.info_nce``).
+    Shared with the fused backends (:func:`fastkd.info_nce`).
     """
-    q = _samples("q", q)
-    k = _samples("k", k)
-    _same_features("k", k, "q", q)
+    q = samples("q", q)
+    k = samples("k", k)
+    same_features("k", k, "q", q)
     temperature = _validate.real("temperature", temperature, low=0.0, low_open=True)
     for name, flag in (("symmetric", symmetric), ("normalize", normalize)):
         if not isinstance(flag, bool):
@@ -96,7 +96,7 @@ def info_nce(
         ``()`` loss, float32 (float64 for float64 inputs).
     """
     q, k, temperature, labels = check_arguments(q, k, temperature, labels, symmetric, normalize)
-    acc = _accumulation_dtype(q)
+    acc = accumulation_dtype(q)
     q, k = q.to(acc), k.to(acc)
     if normalize:
         q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)

@@ -1,4 +1,4 @@
-"""Multi-teacher divergence, SPEC §1: the student against a weighted mixture of teachers.
+"""Multi-teacher divergence (the mixture family, SPEC §1): the student against a mixture of teachers.
 
 ``fastkd.divergence(student (..., V), teachers (K, ..., V), teacher_weights=(K,))``
 lands here. The target is ``p = Σ_k w_k softmax(t_k / T)``; the fused kernel
@@ -15,18 +15,18 @@ from collections.abc import Sequence
 import torch
 
 from fastkd import _hard_labels, _ops, _validate  # noqa: F401  (_ops registers the fastkd:: ops)
-from fastkd.functional import (
+from fastkd._backend import backend_for
+from fastkd._divergence_options import DivergenceOptions
+from fastkd._row_loss import (
     RowLossKernelFunction,
     StudentKernelCall,
-    _backend_for,
-    _hard_soft_factors,
-    _kept_rows,
-    _kernel_divergence,
-    _loss_factor,
-    _row_major,
+    hard_soft_factors,
+    kept_rows,
+    loss_factor,
+    row_major,
     student_hard_soft,
 )
-from fastkd.reference import multi_teacher as _reference
+from fastkd.reference import mixture as _reference
 
 __all__ = ["mixture_divergence"]
 
@@ -36,7 +36,7 @@ __all__ = ["mixture_divergence"]
 # fastkd._dispatch routes no float64 to the GPU backends.
 MIXTURE_KERNELS = ("cpu", "triton", "cuda")
 # The CUDA kernel keeps the teachers' row statistics in shared memory (the
-# limit of csrc/cuda/mixture_divergence.cu); the triton kernel takes any K.
+# limit of csrc/cuda/mixture.cu); the triton kernel takes any K.
 CUDA_MAX_TEACHERS = 2048
 
 # How far the weights' sum may be from 1 (SPEC §6: "weights not summing to 1"
@@ -140,71 +140,60 @@ def mixture_divergence(
     if t.shape[0] == 0:
         raise ValueError("teacher_logits must hold at least one teacher (K >= 1)")
     weights = check_teacher_weights(teacher_weights, t.shape[0])
-    _validate.choice("divergence", divergence, _validate.DIVERGENCES)
-    _validate.choice("reduction", reduction, _validate.REDUCTIONS)
-    temperature = _validate.real("temperature", temperature, low=0.0, low_open=True)
-    beta = _validate.real("beta", beta, low=0.0, high=1.0)
-    alpha = _validate.real("alpha", alpha, low=0.0, high=1.0)
-    scale = temperature**2 if scale is None else _validate.real("scale", scale)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    labels = _validate.row_selector("labels", labels, s.shape[:-1], s, integer=True)
-    mask = _validate.row_selector("mask", mask, s.shape[:-1], s, integer=False)
-    if s.shape[-1] == 0:
-        raise ValueError("student_logits must have a non-empty last (vocabulary) dimension")
-    hard_weight, soft_weight, mixing = _hard_labels.mixing_weights(hard_weight, soft_weight, labels)
+    options = DivergenceOptions.from_arguments(
+        divergence=divergence, temperature=temperature, beta=beta, alpha=alpha, scale=scale,
+        reduction=reduction, ignore_index=ignore_index, labels=labels, mask=mask, hard_weight=hard_weight,
+        soft_weight=soft_weight, ref=s,
+    )
     if not isinstance(return_parts, bool):
         raise ValueError(f"return_parts must be a bool, got {type(return_parts).__name__}")
 
-    chosen = _backend_for("multi-teacher divergence", MIXTURE_KERNELS, backend, s)
+    chosen = backend_for("multi-teacher divergence", MIXTURE_KERNELS, backend, s)
     if chosen == "reference":
-        soft = _reference.mixture_divergence(
-            s, t, weights, divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-            scale=scale, reduction=reduction, labels=labels, ignore_index=ignore_index, mask=mask,
-        )
+        soft = _reference.mixture_divergence(s, t, weights, **options.divergence_kwargs())
     else:
-        soft = _fused_mixture(s, t, weights, divergence, temperature, beta, alpha, scale, reduction, labels,
-                              ignore_index, mask, hard_weight if mixing else 0.0, soft_weight, return_parts,
-                              chosen)
-        if mixing:
+        soft = _fused_mixture(s, t, weights, options, return_parts, chosen)
+        if options.mixing:
             return soft  # (total, hard, soft) or total: the CE came from the kernel's pass
-    if not (mixing or soft_weight != 1.0 or return_parts):
+    if not (options.mixing or options.soft_weight != 1.0 or return_parts):
         return soft
     return _hard_labels.mix_soft_with_reference_ce(
-        soft, s, labels, reduction=reduction, ignore_index=ignore_index, mask=mask,
-        hard_weight=hard_weight, soft_weight=soft_weight, return_parts=return_parts,
+        soft, s, options.labels, reduction=options.reduction, ignore_index=options.ignore_index,
+        mask=options.mask, hard_weight=options.hard_weight, soft_weight=options.soft_weight,
+        return_parts=return_parts,
     )
 
 
-def _fused_mixture(s, t, weights, divergence, temperature, beta, alpha, scale, reduction, labels,
-                   ignore_index, mask, hard_weight, soft_weight, return_parts, chosen):
-    """The mixture divergence on ``chosen``'s kernel (validated arguments); with ``hard_weight > 0``
-    ``(total, hard, soft)`` / ``total`` with the CE from the same pass."""
+def _fused_mixture(s, t, weights, options: DivergenceOptions, return_parts: bool, chosen: str):
+    """The mixture divergence on ``chosen``'s kernel (validated arguments); with hard labels
+    mixed in, ``(total, hard, soft)`` / ``total`` with the CE from the same pass."""
     vocab, count = s.shape[-1], t.shape[0]
     if chosen == "cuda" and count > CUDA_MAX_TEACHERS:
         raise ValueError(
             f"teacher_logits holds {count} teachers; the cuda backend takes at most {CUDA_MAX_TEACHERS}"
         )
-    student = _row_major(s.reshape(-1, vocab))
+    student = row_major(s.reshape(-1, vocab))
     teachers = t.reshape(count, -1, vocab)
     if vocab > 1 and teachers.stride(-1) != 1:
         teachers = teachers.contiguous()
-    keep = _kept_rows(labels, ignore_index, mask)
-    kind, coef = _kernel_divergence(divergence, beta, alpha)
-    if hard_weight > 0.0:
-        flat_labels = labels.reshape(-1).long()
+    keep = kept_rows(options.labels, options.ignore_index, options.mask)
+    kind, coef = options.kernel_divergence()
+    if options.mixing:
+        flat_labels = options.labels.reshape(-1).long()
         _hard_labels.check_label_range(flat_labels, keep, vocab)
-        soft_factor, hard_factor = _hard_soft_factors(reduction, scale, keep, vocab, hard_weight, soft_weight)
+        soft_factor, hard_factor = hard_soft_factors(
+            options.reduction, options.scale, keep, vocab, options.hard_weight, options.soft_weight
+        )
         call = StudentKernelCall(
-            op=_mixture_op(chosen), kind=kind, inv_temperature=1.0 / temperature, coef=coef,
-            soft_factor=soft_factor, hard_factor=hard_factor, per_row=reduction == "none",
+            op=_mixture_op(chosen), kind=kind, inv_temperature=options.inv_temperature, coef=coef,
+            soft_factor=soft_factor, hard_factor=hard_factor, per_row=options.per_row,
             separable=return_parts,
         )
         lead = s.shape[:-1]
         return student_hard_soft(call, student, teachers, weights, keep, flat_labels, lead, return_parts)
-    factor = _loss_factor(reduction, scale, student.shape[0], keep, vocab)
+    factor = loss_factor(options.reduction, options.scale, student.shape[0], keep, vocab)
     loss = RowLossKernelFunction.apply(
-        _mixture_op(chosen), factor, reduction == "none",
-        student, teachers, weights, keep, kind, 1.0 / temperature, coef, factor,
+        _mixture_op(chosen), factor, options.per_row,
+        student, teachers, weights, keep, kind, options.inv_temperature, coef, factor,
     )
-    return loss.reshape(s.shape[:-1]) if reduction == "none" else loss
+    return loss.reshape(s.shape[:-1]) if options.per_row else loss

@@ -1,5 +1,5 @@
-"""``gather=True`` for the relational losses: two gloo processes on CPU against
-the single-process computation on the concatenated batch."""
+"""``gather=True`` for the pairwise-relation losses (RKD, PKT, SP, CC): two gloo
+processes on CPU against the single-process computation on the concatenated batch."""
 
 from __future__ import annotations
 

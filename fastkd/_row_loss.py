@@ -1,0 +1,220 @@
+"""The autograd Functions shared by the row-loss families, and their scale factors.
+
+The fused row kernels (divergence, top-k, mixture, DKD) return the row losses
+and, from the same pass, the gradients already multiplied by the reduction's
+factor; the Functions here only apply the upstream gradient
+(:func:`scale_by_upstream`, also used by the embedding families whose ops
+return their gradient). The helpers flatten ``(..., V)`` logits to rows and
+compute the factors of the reductions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastkd import _hard_labels
+
+__all__ = [
+    "Rows",
+    "RowLossKernelFunction",
+    "StudentHardSoftFunction",
+    "StudentKernelCall",
+    "as_rows",
+    "graph_is_kept",
+    "hard_soft_factors",
+    "kept_rows",
+    "loss_factor",
+    "row_major",
+    "scale_by_upstream",
+    "scale_over_kept",
+    "split_hard_soft",
+    "student_hard_soft",
+]
+
+
+def graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph`` / ``create_graph``): then
+    the saved tensors are read again by a later backward. Unknown (no such query in this
+    torch) counts as kept."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
+
+
+def scale_by_upstream(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """``grad · grad_output`` (scalar, or one value per row), reusing ``grad`` where that is safe.
+
+    ``grad`` is the gradient the forward kernel already produced and saved.
+    When the upstream gradient is exactly 1 (``loss.backward()``) it is
+    returned as is. Otherwise it is scaled in place when this backward frees
+    the graph (nothing reads ``grad`` again: no second ``(N, V)`` buffer), and
+    out of place when the graph is kept (``retain_graph=True``), so that a
+    second backward reads the unscaled gradient again and accumulates the
+    same result. Under ``torch.compile`` the product is out of place (no
+    data-dependent branch).
+    """
+    factor = grad_output if grad_output.dim() == 0 else grad_output.reshape(-1, 1)
+    if torch.compiler.is_compiling():
+        return grad * factor.to(grad.dtype)
+    if grad_output.numel() == 1 and grad_output.item() == 1.0:
+        return grad
+    if graph_is_kept():
+        # as mul_ computes it: in the promoted dtype, rounded to grad's
+        return torch.mul(grad, factor, out=torch.empty_like(grad))
+    return grad.mul_(factor)
+
+
+class RowLossKernelFunction(torch.autograd.Function):
+    """A fused student-only op ``op(student, *op_args, student_grad) -> (row_loss, grad)``
+    whose gradient, already multiplied by ``factor``, comes out of the forward
+    (the top-k and multi-teacher divergences); the backward applies the
+    upstream gradient. ``factor`` also scales the returned loss."""
+
+    @staticmethod
+    def forward(ctx, op, factor, per_row, student, *op_args):
+        # the top-k and mixture ops also return the (empty) row cross-entropies
+        row_loss, grad, *_ = op(student, *op_args, ctx.needs_input_grad[3])
+        ctx.save_for_backward(grad)
+        ctx.num_op_args = len(op_args)
+        return row_loss * factor if per_row else row_loss.sum() * factor
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        grad_student = scale_by_upstream(grad, grad_output) if ctx.needs_input_grad[3] else None
+        return (None, None, None, grad_student, *([None] * ctx.num_op_args))
+
+
+@dataclass(frozen=True)
+class StudentKernelCall:
+    """A fused student-only op with the hard-label CE in its pass (the top-k and
+    mixture ops): ``op(student, teacher_a, teacher_b, row_mask, kind,
+    inv_temperature, coef, grad_scale, student_grad, labels, hard_grad_scale)
+    -> (row_loss, grad, row_ce)``, and the factors of its two terms."""
+
+    op: object
+    kind: int
+    inv_temperature: float
+    coef: float
+    soft_factor: float  # multiplies the row divergences (and is the op's grad_scale)
+    hard_factor: float  # multiplies the row cross-entropies (the op's hard_grad_scale)
+    per_row: bool  # reduction == "none"
+    separable: bool  # return_parts: the parts may be back-propagated apart
+
+
+class StudentHardSoftFunction(torch.autograd.Function):
+    """``(soft, hard)`` of a :class:`StudentKernelCall`: one kernel call, one combined
+    student gradient (separated in the backward only as
+    :class:`fastkd.divergence.HardSoftDivergenceFunction` does). Teachers get no gradient."""
+
+    @staticmethod
+    def forward(ctx, call, student, teacher_a, teacher_b, row_mask, labels):
+        row_loss, grad, row_ce = call.op(
+            student, teacher_a, teacher_b, row_mask, call.kind, call.inv_temperature, call.coef,
+            call.soft_factor, ctx.needs_input_grad[1], labels, call.hard_factor,
+        )
+        kept_for_split = (student, labels, row_mask) if call.separable else (None, None, None)
+        ctx.save_for_backward(grad, *kept_for_split)
+        ctx.hard_factor = call.hard_factor
+        if call.per_row:
+            return row_loss * call.soft_factor, row_ce * call.hard_factor
+        return row_loss.sum() * call.soft_factor, row_ce.sum() * call.hard_factor
+
+    @staticmethod
+    def backward(ctx, grad_soft, grad_hard):
+        grad, student, labels, row_mask = ctx.saved_tensors
+        grad_student = None
+        if ctx.needs_input_grad[1]:
+            grad_student = split_hard_soft(
+                grad, grad_soft, grad_hard, student, labels, row_mask, ctx.hard_factor
+            )
+        return None, grad_student, None, None, None, None
+
+
+def student_hard_soft(call: StudentKernelCall, student, teacher_a, teacher_b, keep, labels, lead_shape,
+                      return_parts: bool):
+    """``hard + soft`` (or ``(total, hard, soft)``) of a student-only op with the CE in its pass.
+
+    ``student`` ``(N, V)`` rows, ``keep`` ``(N,)`` bool, ``labels`` ``(N,)``
+    int64 (checked: kept rows' labels in ``[0, V)``); ``lead_shape`` the
+    shape of ``"none"``'s per-row result.
+    """
+    soft, hard = StudentHardSoftFunction.apply(call, student, teacher_a, teacher_b, keep, labels)
+    if call.per_row:
+        soft, hard = soft.reshape(lead_shape), hard.reshape(lead_shape)
+    total = hard + soft
+    return (total, hard, soft) if return_parts else total
+
+
+def split_hard_soft(grad, grad_soft, grad_hard, student, labels, row_mask, hard_factor):
+    """The student gradient of ``grad_soft · soft + grad_hard · hard`` from the kernel's ``grad``
+    (``= d(soft + hard)/ds``). ``student`` is None when the parts cannot be
+    used apart (no ``return_parts``): then the upstream gradients are equal."""
+    # under torch.compile no data-dependent branch: always separate when possible
+    split = student is not None and (torch.compiler.is_compiling() or not torch.equal(grad_soft, grad_hard))
+    if not split:
+        return scale_by_upstream(grad, grad_soft)
+    # grad · upstream_soft + (upstream_hard − upstream_soft) · dhard/ds, the
+    # latter recomputed from the logits
+    row_scale = ((grad_hard - grad_soft) * hard_factor).expand(student.shape[0])
+    correction = _hard_labels.ce_grad(student, labels, row_mask, row_scale)
+    return grad * grad_soft.reshape(-1, 1).to(grad.dtype) + correction
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Logits flattened to rows, and which rows count."""
+
+    student: torch.Tensor  # (N, V)
+    teacher: torch.Tensor  # (N, V)
+    keep: torch.Tensor | None  # (N,) bool, None = every row
+    lead_shape: torch.Size
+
+
+def kept_rows(labels, ignore_index: int, mask) -> torch.Tensor | None:
+    """``(N,)`` bool of the rows that count (label not ``ignore_index``, mask true); None: every row."""
+    keep = None
+    if labels is not None:
+        keep = labels.reshape(-1) != ignore_index
+    if mask is not None:
+        keep = mask.reshape(-1) if keep is None else keep & mask.reshape(-1)
+    return keep
+
+
+def loss_factor(reduction: str, scale: float, n_rows: int, keep, vocab: int) -> float:
+    """What the kernels' row losses (and gradients) are multiplied by: ``scale`` over the
+    reduction's denominator (kept rows, × V for ``"mean"``; none for ``"sum"`` / ``"none"``)."""
+    if reduction in ("none", "sum"):
+        return scale
+    return scale_over_kept(reduction, scale, n_rows if keep is None else int(keep.sum().item()), vocab)
+
+
+def scale_over_kept(reduction: str, scale: float, n_kept: int, vocab: int) -> float:
+    """:func:`loss_factor` for a known count of kept rows."""
+    if reduction in ("none", "sum"):
+        return scale
+    return scale / max(n_kept * (vocab if reduction == "mean" else 1), 1)
+
+
+def hard_soft_factors(reduction: str, scale: float, keep: torch.Tensor, vocab: int, hard_weight: float,
+                       soft_weight: float) -> tuple[float, float]:
+    """``(soft_factor, hard_factor)`` of a kernel call with the CE in its pass: what the row
+    divergences and the row cross-entropies are multiplied by, the kept rows counted once."""
+    n_kept = int(keep.sum().item())
+    return (
+        soft_weight * scale_over_kept(reduction, scale, n_kept, vocab),
+        hard_weight * _hard_labels.reduce_factor(reduction, n_kept),
+    )
+
+
+def as_rows(s: torch.Tensor, t: torch.Tensor, labels, ignore_index: int, mask) -> Rows:
+    """``(..., V)`` student and teacher logits as ``(N, V)`` rows, with the rows that count."""
+    vocab = s.shape[-1]
+    keep = kept_rows(labels, ignore_index, mask)
+    return Rows(row_major(s.reshape(-1, vocab)), row_major(t.reshape(-1, vocab)), keep, s.shape[:-1])
+
+
+def row_major(x: torch.Tensor) -> torch.Tensor:
+    """The kernels take any row stride but need unit stride along V."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()

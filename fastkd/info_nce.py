@@ -1,0 +1,208 @@
+"""InfoNCE / CLIP with in-batch negatives (SPEC §4): :func:`info_nce` and :class:`InfoNCELoss`.
+
+The fused ops (``fastkd::info_nce_forward`` / ``_backward`` on cpu / cuda,
+``kernels/info_nce.py`` on triton) keep only the row log-sum-exp between
+forward and backward. The mathematics is :func:`fastkd.reference.info_nce`'s.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastkd import _validate
+from fastkd import distributed as _distributed
+from fastkd._backend import backend_for
+from fastkd.reference.info_nce import check_arguments
+from fastkd.reference.info_nce import info_nce as reference_info_nce
+
+__all__ = ["INFO_NCE_KERNELS", "InfoNCEFunction", "InfoNCELoss", "info_nce"]
+
+# The compiled backends that have an InfoNCE kernel.
+INFO_NCE_KERNELS = ("cpu", "triton", "cuda")
+
+
+def _info_nce_tile_rows(m: int) -> int:
+    """Rows of q per tile of the InfoNCE ops.
+
+    A tile's logits (tile_rows × M) are the ops' only large temporary: 2**23
+    elements, i.e. 32 MiB in float32 (64 MiB for float64 input), whatever N.
+    """
+    return max(1, 2**23 // max(m, 1))
+
+
+def _info_nce_ops(backend: str):
+    """``(forward, backward)`` of ``backend`` with the signatures of ``fastkd::info_nce_forward`` /
+    ``fastkd::info_nce_backward``. The Triton kernels keep their logits tile in
+    registers, so they take no ``tile_rows`` (it only sizes the ATen tiles of
+    the cpu / cuda ops)."""
+    if backend == "triton":
+        from fastkd.kernels import info_nce as triton_info_nce
+
+        def forward(q, k, labels, inv_temperature, tile_rows):
+            return triton_info_nce.info_nce_forward(q, k, labels, inv_temperature)
+
+        def backward(grad_rows, q, k, labels, row_lse, inv_temperature, tile_rows):
+            return triton_info_nce.info_nce_backward(grad_rows, q, k, labels, row_lse, inv_temperature)
+
+        return forward, backward
+    return torch.ops.fastkd.info_nce_forward, torch.ops.fastkd.info_nce_backward
+
+
+class InfoNCEFunction(torch.autograd.Function):
+    """One InfoNCE direction, ``mean_i (lse_j logits_ij − logits_{i, y_i})``, on the fused kernels.
+
+    Between forward and backward it keeps only ``labels`` and the row
+    log-sum-exp (O(N), besides references to ``q`` and ``k`` themselves); the
+    backward recomputes the logits tile by tile.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, labels, inv_temperature, tile_rows, backend):
+        forward_op, _ = _info_nce_ops(backend)
+        row_loss, row_lse = forward_op(q, k, labels, inv_temperature, tile_rows)
+        ctx.save_for_backward(q, k, labels, row_lse)
+        ctx.inv_temperature = inv_temperature
+        ctx.tile_rows = tile_rows
+        ctx.backend = backend
+        return row_loss.mean()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        q, k, labels, row_lse = ctx.saved_tensors
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None, None, None
+        n = q.shape[0]
+        grad_rows = (grad_output.to(row_lse.dtype) / n).expand(n).contiguous()
+        _, backward_op = _info_nce_ops(ctx.backend)
+        grad_q, grad_k = backward_op(grad_rows, q, k, labels, row_lse, ctx.inv_temperature, ctx.tile_rows)
+        return (
+            grad_q if ctx.needs_input_grad[0] else None,
+            grad_k if ctx.needs_input_grad[1] else None,
+            None, None, None, None,
+        )
+
+
+def info_nce(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    temperature: float = 0.07,
+    labels: torch.Tensor | None = None,
+    symmetric: bool = False,
+    normalize: bool = False,
+    backend: str = "auto",
+    gather: bool = False,
+    process_group=None,
+) -> torch.Tensor:
+    """InfoNCE / CLIP loss with in-batch negatives (SPEC §4).
+
+    ``logits = q kᵀ / τ``, ``L = mean_i (lse_j logits_ij − logits_{i, y_i})``
+    (``F.cross_entropy(q @ k.T / τ, y)``) with ``y = labels`` or, without
+    labels, ``y_i = i`` (keys beyond the N-th are extra negatives).
+
+    The fused kernels keep only the row log-sum-exp between forward and
+    backward and recompute the logits in the backward, so memory is O(N)
+    instead of O(N·M) (Inf-CL style): the cpu and cuda ops tile the
+    similarity matrix (ATen GEMMs on about 32 MiB of logits at a time, plus
+    their own row log-sum-exp / softmax-gradient kernels), the triton kernels
+    hold one 64 × 64 logits tile per program, flash-attention style.
+
+    Args:
+        q: ``(N, D)`` queries, float32 / bfloat16 / float16 / float64.
+        k: ``(M, D)`` keys, same dtype and device; without ``labels`` ``M >= N``.
+        temperature: ``τ > 0``.
+        labels: optional ``(N,)`` integer tensor, each query's positive key in
+            ``[0, M)``. Not allowed with ``symmetric=True``.
+        symmetric: average with the key→query direction (needs ``M == N``).
+        normalize: L2-normalise the rows of ``q`` and ``k`` first (in float32,
+            float64 for float64 input), as the reference does.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``
+            (the GPU kernels take float32 / bfloat16 / float16).
+        gather: gather ``q``, ``k`` (and ``labels``, each rank's indexing its
+            own keys) from every rank of ``process_group`` (default: the world)
+            and compute the loss of the global batch, negatives from every rank
+            (:mod:`fastkd.distributed`: same value on every rank; each rank's
+            gradient is ``world_size`` × the single-process one of its rows).
+            Every rank passes ``labels`` or every rank passes None.
+
+    Returns:
+        ``()`` loss, float32 (float64 for float64 inputs).
+    """
+    if gather:
+        # Every rank must make the same collective calls in the same order.
+        diagonal = labels is None and k.shape[0] == q.shape[0]
+        q, k, temperature, labels = check_arguments(
+            q, k, temperature, labels, symmetric, normalize
+        )
+        keys_per_rank = k.shape[0]
+        q = _distributed.gather_with_grad("q", q, process_group)
+        k = _distributed.gather_with_grad("k", k, process_group)
+        labels = None if diagonal else _distributed.gather_labels(labels, keys_per_rank, process_group)
+    q, k, temperature, labels = check_arguments(
+        q, k, temperature, labels, symmetric, normalize
+    )
+    chosen = backend_for("info_nce", INFO_NCE_KERNELS, backend, q)
+    if chosen == "reference":
+        # check_arguments filled in arange labels; the reference rejects labels
+        # with symmetric=True (whose positives are the diagonal by definition)
+        return reference_info_nce(
+            q, k, temperature=temperature, labels=None if symmetric else labels, symmetric=symmetric,
+            normalize=normalize,
+        )
+    if normalize:
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q = torch.nn.functional.normalize(q.to(acc), dim=1)
+        k = torch.nn.functional.normalize(k.to(acc), dim=1)
+    inv_temperature = 1.0 / temperature
+    loss = InfoNCEFunction.apply(q, k, labels, inv_temperature, _info_nce_tile_rows(k.shape[0]), chosen)
+    if symmetric:
+        back = InfoNCEFunction.apply(k, q, labels, inv_temperature, _info_nce_tile_rows(q.shape[0]), chosen)
+        loss = (loss + back) / 2
+    return loss
+
+
+class InfoNCELoss(nn.Module):
+    """Module form of :func:`fastkd.info_nce`; keyword arguments as there.
+
+    ``forward(q (N, D), k (M, D), labels=None)`` → ``()`` loss. With
+    ``gather=True`` the negatives span every rank of ``process_group``
+    (default: the world), as :func:`fastkd.info_nce`'s ``gather``.
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 0.07,
+        symmetric: bool = False,
+        normalize: bool = False,
+        backend: str = "auto",
+        gather: bool = False,
+        process_group=None,
+    ) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.symmetric = symmetric
+        self.normalize = normalize
+        self.backend = backend
+        self.gather = _validate.flag("gather", gather)
+        self.process_group = process_group
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return info_nce(
+            q,
+            k,
+            temperature=self.temperature,
+            labels=labels,
+            symmetric=self.symmetric,
+            normalize=self.normalize,
+            backend=self.backend,
+            gather=self.gather,
+            process_group=self.process_group,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, symmetric={self.symmetric}, "
+            f"normalize={self.normalize}, backend={self.backend!r}, gather={self.gather}"
+        )
