@@ -1,4 +1,4 @@
-"""Attention transfer (SPEC §5, RepDistiller ``Attention``) in Triton: at_loss's ``triton`` backend.
+"""Attention transfer (docs/spec.md §5, RepDistiller ``Attention``) in Triton: at_loss's ``triton`` backend.
 
 Same contracts as the C++ ops ``fastkd::attention_transfer_forward`` and
 ``fastkd::attention_transfer_backward`` (csrc/fastkd.cpp,

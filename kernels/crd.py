@@ -1,4 +1,5 @@
-"""CRD's NCE loss (SPEC §4, RepDistiller ``CRDLoss``) in Triton, the ``triton`` backend of ``fastkd.crd_nce``.
+"""CRD's NCE loss (docs/spec.md §4, RepDistiller ``CRDLoss``) in Triton, the ``triton``
+backend of ``fastkd.crd_nce``.
 
 Same contract as the C++ op ``fastkd::crd_nce_forward`` (csrc/fastkd.cpp),
 whose CPU implementation (csrc/cpu/crd.cpp) derives the terms. For sample b

@@ -1,4 +1,4 @@
-"""Fused softmax divergences (SPEC §1) in Triton, the ``triton`` backend of ``fastkd.divergence``.
+"""Fused softmax divergences (docs/spec.md §1) in Triton, the ``triton`` backend of ``fastkd.divergence``.
 
 Same contract as the C++ op ``fastkd::divergence_forward`` (csrc/fastkd.cpp),
 the per-element math of ``csrc/common/divergence_math.h`` (whose comment

@@ -1,4 +1,5 @@
-"""Decoupled knowledge distillation (DKD, SPEC §1) in Triton, the ``triton`` backend of ``fastkd.dkd_loss``.
+"""Decoupled knowledge distillation (DKD, docs/spec.md §1) in Triton, the ``triton``
+backend of ``fastkd.dkd_loss``.
 
 Same contract as the C++ op ``fastkd::dkd_forward`` (csrc/fastkd.cpp,
 csrc/cpu/dkd.cpp): row losses ``α·TCKD + β·NCKD`` and, if asked for, the

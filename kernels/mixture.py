@@ -1,4 +1,4 @@
-"""Multi-teacher (mixture) divergence, SPEC §1, in Triton: the ``triton`` backend of
+"""Multi-teacher (mixture) divergence, docs/spec.md §1, in Triton: the ``triton`` backend of
 ``fastkd.divergence(s, teachers (K, ..., V), teacher_weights=(K,))``.
 
 Same contract as the C++ op ``fastkd::mixture_divergence_forward``
@@ -17,7 +17,7 @@ Precision: every quantity after the load is float64, for every input dtype,
 as on CPU. In float32 ``log p`` carries rounding at its own magnitude
 (~log V), re-added by the mixture's log-sum-exp; where the divergence is tiny
 (T = 100: ~1e-4) that put the float32 loss 3× further from the float64
-reference than PyTorch's own float32 computation, failing SPEC §6's 2× rule
+reference than PyTorch's own float32 computation, failing docs/spec.md §6's 2× rule
 (see the comment in csrc/cpu/mixture_kernel.cpp). fp64 exp / log lower to
 libdevice's polynomial (``fma.rn.f64``, no ``ex2.approx``); the 1 / T, the
 coefficients and the log-weights are passed as float64 too.
@@ -99,7 +99,7 @@ _ELEMENTS_PER_THREAD = 8
 # The interpreter pays per operation, not per element: 4× wider chunks there
 # (V > 2048 still takes several, so the online passes are exercised).
 INTERPRETER_MAX_TILE = 8192
-# How far the weights' sum may be from 1 (as the CPU op and fastkd/multi_teacher.py).
+# How far the weights' sum may be from 1 (as the CPU op and fastkd/mixture.py).
 WEIGHT_SUM_TOLERANCE = 1e-6
 
 
@@ -309,7 +309,7 @@ def _mixture_fwd_kernel(
 
     # pass 1, teachers: max_k and Σ_k = Σ exp((t_k − max_k)/T) per teacher, a
     # group of TEACHER_BLOCK teachers per sweep. A weight-0 teacher is still
-    # read: its offset is −inf, so it adds nothing but NaN (SPEC §6).
+    # read: its offset is −inf, so it adds nothing but NaN (docs/spec.md §6).
     kk = tl.arange(0, TEACHER_BLOCK)
     for first in range(0, K, TEACHER_BLOCK):
         ks = first + kk
@@ -394,7 +394,7 @@ def launch_config(vocab: int, teachers: int) -> tuple[int, int, int]:
 
 
 def _check_args(student, teachers, teacher_weights, row_mask, kind, inv_temperature, coef, grad_scale):
-    """The checks of csrc/cpu/mixture_divergence.cpp as ValueError; the (K,) float64 weights on CPU."""
+    """The checks of csrc/cpu/mixture.cpp as ValueError; the (K,) float64 weights on CPU."""
     for name, x, dim in (("student", student, 2), ("teachers", teachers, 3)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -1,4 +1,4 @@
-"""Squared MMD (SPEC §3) in Triton, the ``triton`` backend of ``fastkd.mmd_loss``.
+"""Squared MMD (docs/spec.md §3) in Triton, the ``triton`` backend of ``fastkd.mmd_loss``.
 
 Same contract as the C++ ops ``fastkd::mmd_forward`` / ``fastkd::mmd_backward``
 (csrc/cpu/mmd.cpp): ``MMD² = w_xx Σ k(x, x') + w_yy Σ k(y, y') − w_xy Σ k(x, y)``

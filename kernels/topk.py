@@ -1,4 +1,4 @@
-"""Divergence against a top-k (sparse) teacher (SPEC §1) in Triton, the
+"""Divergence against a top-k (sparse) teacher (docs/spec.md §1) in Triton, the
 ``triton`` backend of ``fastkd.topk_divergence``.
 
 Same contract as the C++ op ``fastkd::topk_divergence_forward``
@@ -406,7 +406,7 @@ def support_block(k: int) -> int:
 
 
 def _check_tensors(student, teacher_index, teacher_value, row_mask) -> None:
-    """The tensor checks of the CPU op (csrc/cpu/topk_divergence.cpp) as ValueError."""
+    """The tensor checks of the CPU op (csrc/cpu/topk.cpp) as ValueError."""
     for name, x in (("student", student), ("teacher_index", teacher_index), ("teacher_value", teacher_value)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -96,7 +96,7 @@ def test_cc_gamma_must_be_finite_and_positive(gamma):
     with pytest.raises(RuntimeError, match="gamma must be finite and > 0"):
         torch.ops.fastkd.cc_forward(s, t, True, gamma, 2)
     with pytest.raises(ValueError, match="gamma must be finite and > 0"):
-        launcher("relational", "cc_forward")(s, t, True, gamma=gamma, order=2)
+        launcher("gram_relation", "cc_forward")(s, t, True, gamma=gamma, order=2)
 
 
 @pytest.mark.parametrize("eps", (math.inf, math.nan, 0.0, -1e-7))
@@ -105,4 +105,4 @@ def test_pkt_eps_must_be_finite_and_positive(eps):
     with pytest.raises(RuntimeError, match="eps must be finite and > 0"):
         torch.ops.fastkd.pkt_forward(s, t, True, eps)
     with pytest.raises(ValueError, match="eps must be finite and > 0"):
-        launcher("relational", "pkt_forward")(s, t, True, eps=eps)
+        launcher("gram_relation", "pkt_forward")(s, t, True, eps=eps)

@@ -1,7 +1,7 @@
-"""InfoNCE (SPEC §4) in Triton, the ``triton`` backend of ``fastkd.info_nce``.
+"""InfoNCE (docs/spec.md §4) in Triton, the ``triton`` backend of ``fastkd.info_nce``.
 
 Same contract as the C++ ops ``fastkd::info_nce_forward`` /
-``fastkd::info_nce_backward`` (csrc/fastkd.cpp, csrc/cpu/contrastive.cpp),
+``fastkd::info_nce_backward`` (csrc/fastkd.cpp, csrc/cpu/info_nce.cpp),
 flash-attention style: the ``(N, M)`` logits ``q kᵀ / τ`` exist only one
 ``BLOCK_M × BLOCK_N`` tile at a time, in registers (64 × 64 for large
 batches, see launch_config).
@@ -283,7 +283,7 @@ def _check_vector(name: str, x, rows: int, device: torch.device, dtype: torch.dt
 
 
 def _check_args(q, k, labels, inv_temperature) -> None:
-    """The checks of csrc/cpu/contrastive.cpp's check_info_nce_args, as ValueError."""
+    """The checks of csrc/cpu/info_nce.cpp's check_info_nce_args, as ValueError."""
     _check_matrix("q", q)
     _check_matrix("k", k)
     if k.dtype != q.dtype:

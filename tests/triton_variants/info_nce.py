@@ -1,4 +1,4 @@
-"""Lowering variants of kernels/contrastive.py."""
+"""Lowering variants of kernels/info_nce.py."""
 
 from __future__ import annotations
 
