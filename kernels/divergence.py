@@ -54,19 +54,34 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from fastkd._enums import DivergenceKind
+
+from ._common import (
+    DEVICE_TYPE,  # noqa: F401  (re-exported: callers ask a module where its kernels run)
+    JSD,
+    KINDS_WITH_COEF,
+    KL,
+    REVERSE_KL,
+    SKEW_KL,
+    SKEW_REVERSE_KL,
+    TVD,
+    check_finite,
+    check_pair,
+    check_positive,
+    check_tensor,
+    guard_device,
+    log1p,
+    max_nan,
+    min_nan,
+    row_launch_config,
+    stored_dtype,
+)
 
 __all__ = ["divergence_forward"]
 
-# fastkd::divergence::Kind (csrc/common/divergence_math.h).
-KL, REVERSE_KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD = range(6)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Widest chunk of a row one loop iteration holds, with 8 elements per thread:
-# at 4096 and 16 warps ptxas (sm_90) reports about 100 registers and no
-# spills for every kind. The interpreter pays milliseconds per iteration, so
-# it wants wide chunks too.
-MAX_BLOCK = 4096
-_ELEMENTS_PER_THREAD = 8
+# (BLOCK, num_warps) for rows of V logits.
+launch_config = row_launch_config
 
 
 @triton.jit
@@ -76,31 +91,11 @@ def _zero_where_zero(gate, value):
 
 
 @triton.jit
-def _max_nan(a, b):
-    # max that propagates NaN from either side
-    return tl.where((a != a) | (a > b), a, b)
-
-
-@triton.jit
-def _min_nan(a, b):
-    return tl.where((a != a) | (a < b), a, b)
-
-
-@triton.jit
-def _log1p(x):
-    # log(1 + x) = log(u) · x / (u − 1) with u = fl(1 + x) (Goldberg 1991,
-    # Theorem 4): the ratio cancels the rounding of 1 + x; libdevice's log1p
-    # is off limits (the interpreter has no libdevice).
-    u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
-
-
-@triton.jit
 def _logaddexp(a, b):
     # log(e^a + e^b) = hi + log1p(e^(lo − hi)); −inf when both are −inf (no NaN)
-    hi = _max_nan(a, b)
-    lo = _min_nan(a, b)
-    return tl.where(hi == float("-inf"), float("-inf"), hi + _log1p(tl.exp(lo - hi)))
+    hi = max_nan(a, b)
+    lo = min_nan(a, b)
+    return tl.where(hi == float("-inf"), float("-inf"), hi + log1p(tl.exp(lo - hi)))
 
 
 @triton.jit
@@ -123,7 +118,7 @@ def _log_mixture_ratio(d, one_minus_c, log_c, log_one_minus_c):
     # side) for m = c·ref + (1 − c)·other and d = log(other / ref). Near d = 0
     # the result is near 0 and is formed as log1p((1 − c) expm1(d)), so no
     # difference of two log-probabilities of magnitude ~log V is taken.
-    near = _log1p(one_minus_c * _expm1(d))
+    near = log1p(one_minus_c * _expm1(d))
     far = _logaddexp(log_c + tl.zeros_like(d), log_one_minus_c + d)
     return tl.where(tl.abs(d) < 1.0, near, far)
 
@@ -143,17 +138,17 @@ def _element_terms(
     divergence_math.h's, with the cancellation of log p − log q (both ~log V,
     their difference ~1e-3 at T = 100) taken out of the per-element work.
     """
-    if KIND == 0:
+    if KIND == KL:
         # KL(p‖q) = Σ p (log p − log q);  u = −p,  v = p (log p − log q − c_p)
         loss = _zero_where_zero(p, -p * log_ratio)
         u = -p
         v = _zero_where_zero(p, p * ratio_p)
-    elif KIND == 1:
+    elif KIND == REVERSE_KL:
         # KL(q‖p) = Σ q (log q − log p);  u = q (log q − log p − c_q),  v = −q
         loss = _zero_where_zero(q, q * log_ratio)
         u = _zero_where_zero(q, q * ratio_q)
         v = -q
-    elif KIND == 2:
+    elif KIND == JSD:
         # m = β p + (1−β) q;  L = β KL(p‖m) + (1−β) KL(q‖m)
         # u = (1−β) q (log q − log m),  v = β p (log p − log m)
         # with log(m/p) = log(β + (1−β) q/p) and log(m/q) = log((1−β) + β p/q)
@@ -163,7 +158,7 @@ def _element_terms(
         u = one_minus_c * _zero_where_zero(q, -q * log_m_over_q)
         v = c * _zero_where_zero(p, -p * log_m_over_p)
         loss = v + u
-    elif KIND == 3:
+    elif KIND == SKEW_KL:
         # m = α p + (1−α) q;  L = KL(p‖m)
         # u = −(1−α) q p / m,  v = p (log p − log m) − α p² / m,  p / m = e^(−log(m/p))
         log_m_over_p = _log_mixture_ratio(log_ratio, one_minus_c, log_c, log_one_minus_c)
@@ -171,8 +166,8 @@ def _element_terms(
         loss = _zero_where_zero(p, -p * log_m_over_p)
         u = -one_minus_c * _zero_where_zero(p, q * p_over_m)
         v = loss - c * _zero_where_zero(p, p * p_over_m)
-    elif KIND == 4:
-        # m = α q + (1−α) p;  L = KL(q‖m)  (KIND 3 with the roles swapped:
+    elif KIND == SKEW_REVERSE_KL:
+        # m = α q + (1−α) p;  L = KL(q‖m)  (SKEW_KL with the roles swapped:
         # log(m/q) = log(α + (1−α) p/q), p/q = e^(−log_ratio))
         log_m_over_q = _log_mixture_ratio(-log_ratio, one_minus_c, log_c, log_one_minus_c)
         q_over_m = tl.exp(-log_m_over_q)
@@ -180,7 +175,7 @@ def _element_terms(
         u = loss - c * _zero_where_zero(q, q * q_over_m)
         v = -one_minus_c * _zero_where_zero(q, p * q_over_m)
     else:
-        tl.static_assert(KIND == 5, "unknown divergence kind")
+        tl.static_assert(KIND == TVD, "unknown divergence kind")
         # TVD = ½ Σ |p − q|;  u = q · ½ sign(q − p),  v = −p · ½ sign(q − p)
         d = q - p
         hs = _half_sign(d)
@@ -207,7 +202,7 @@ def _online_max_sum_exp(m, d, at, x, offs, V, inv_temperature, TRACK_AT: tl.cons
     chunk_max = tl.max(x, 0)
     if TRACK_AT:
         at = tl.where(chunk_max > m, tl.min(tl.where(x == chunk_max, offs, V), 0), at)
-    m_new = _max_nan(m, chunk_max)
+    m_new = max_nan(m, chunk_max)
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     rescale = tl.exp((m - shift) * inv_temperature).to(tl.float64)
     d = d * rescale + tl.sum(tl.exp((x - shift) * inv_temperature).to(tl.float64), 0)
@@ -329,10 +324,10 @@ def _divergence_fwd_kernel(
     cols = tl.arange(0, BLOCK)
     # KL with only the student gradient: Σu = −Σp = −1 is known in advance,
     # so the gradient is written in pass 2 and pass 3 is skipped.
-    FUSED_KL_GRAD: tl.constexpr = KIND == 0 and STUDENT_GRAD and not TEACHER_GRAD
+    FUSED_KL_GRAD: tl.constexpr = KIND == KL and STUDENT_GRAD and not TEACHER_GRAD
     # The gradients whose unbounded log ratios are shifted by their value at
     # the mode (divergence_math.h): REVERSE_KL's u and KL's v.
-    NEED_MODES: tl.constexpr = (KIND == 1 and STUDENT_GRAD) or (KIND == 0 and TEACHER_GRAD)
+    NEED_MODES: tl.constexpr = (KIND == REVERSE_KL and STUDENT_GRAD) or (KIND == KL and TEACHER_GRAD)
     # The CE's own Σ exp(s − max) at temperature 1 (pass 1)
     CE_OWN_SUM: tl.constexpr = HAS_LABELS and not CE_SHARES_NORMALISER
 
@@ -478,19 +473,9 @@ def _divergence_fwd_kernel(
                 _store_grad(gt_ptr, row, V, offs, _softmax_grad(v, p, sum_v, grad_factor))
 
 
-# The kernel runs where triton.jit put it: the interpreter on CPU tensors, or CUDA.
-DEVICE_TYPE = "cpu" if isinstance(_divergence_fwd_kernel, InterpretedFunction) else "cuda"
-
-
-def launch_config(vocab: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for rows of ``vocab`` logits."""
-    block = min(triton.next_power_of_2(max(vocab, 1)), MAX_BLOCK)
-    return block, max(1, min(16, block // (32 * _ELEMENTS_PER_THREAD)))
-
-
 def coefficient_terms(kind: int, coef: float) -> tuple[float, float, float, float]:
     """(c, 1 − c, log c, log(1 − c)) for the kernel; only JSD and the skew kinds read them."""
-    if kind not in (JSD, SKEW_KL, SKEW_REVERSE_KL):
+    if kind not in KINDS_WITH_COEF:
         return 0.0, 1.0, -math.inf, 0.0
     c = float(coef)
     return c, 1.0 - c, math.log(c), math.log1p(-c) if c < 1.0 else -math.inf
@@ -499,15 +484,7 @@ def coefficient_terms(kind: int, coef: float) -> tuple[float, float, float, floa
 def _check_args(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale) -> None:
     """The checks of csrc/common/checks.h as ValueError, and the device the kernel runs on."""
     for name, x in (("student", student), ("teacher", teacher)):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (N, V), got shape {tuple(x.shape)}")
-        if x.dtype not in DTYPES:
-            raise ValueError(f"{name} must be float32, bfloat16 or float16 for triton, got {x.dtype}")
-        if x.device.type != DEVICE_TYPE:
-            takes = "CPU tensors (TRITON_INTERPRET=1)" if DEVICE_TYPE == "cpu" else "CUDA tensors"
-            raise ValueError(f"{name} is on {x.device}, but this triton kernel takes {takes}")
+        check_tensor(name, x, 2, "N, V")
         if x.shape[1] > 1 and x.stride(1) != 1:
             raise ValueError(f"{name} must have unit stride along V, got strides {x.stride()}")
         # any row stride, 0 (an expanded row) included: the logits are only
@@ -516,12 +493,9 @@ def _check_args(student, teacher, row_mask, kind, inv_temperature, coef, grad_sc
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in shape")
     if student.shape[1] < 1:
         raise ValueError("student must have at least one column (vocabulary entry)")
-    if student.dtype != teacher.dtype:
-        raise ValueError(f"student ({student.dtype}) and teacher ({teacher.dtype}) must have the same dtype")
-    if student.device != teacher.device:
-        raise ValueError(f"student ({student.device}) and teacher ({teacher.device}) must share a device")
+    check_pair("student", student, "teacher", teacher)
     check_row_mask(row_mask, student)
-    if not isinstance(kind, int) or isinstance(kind, bool) or not KL <= kind <= TVD:
+    if not isinstance(kind, int) or isinstance(kind, bool) or kind not in tuple(DivergenceKind):
         raise ValueError(f"kind must be an int in [0, 6), got {kind!r}")
     check_scalars(kind, inv_temperature, coef, grad_scale)
 
@@ -540,21 +514,18 @@ def check_row_mask(row_mask, student: torch.Tensor) -> None:
 
 def check_scalars(kind: int, inv_temperature, coef, grad_scale) -> None:
     """The scalar arguments every divergence launcher takes (``kind`` already checked) (ValueError)."""
-    if not (math.isfinite(inv_temperature) and inv_temperature > 0):
-        raise ValueError(f"inv_temperature must be finite and > 0, got {inv_temperature}")
-    if kind == JSD and not 0.0 < coef < 1.0:
+    check_positive("inv_temperature", inv_temperature)
+    if kind == DivergenceKind.JSD and not 0.0 < coef < 1.0:
         raise ValueError(f"coef (beta) must be in (0, 1) for JSD, got {coef}")
-    if kind in (SKEW_KL, SKEW_REVERSE_KL) and not 0.0 < coef <= 1.0:
+    if kind in (DivergenceKind.SKEW_KL, DivergenceKind.SKEW_REVERSE_KL) and not 0.0 < coef <= 1.0:
         raise ValueError(f"coef (alpha) must be in (0, 1] for skew divergences, got {coef}")
-    if not math.isfinite(grad_scale):
-        raise ValueError(f"grad_scale must be finite, got {grad_scale}")
+    check_finite("grad_scale", grad_scale)
 
 
 def check_labels(labels, hard_grad_scale, student: torch.Tensor) -> None:
     """``labels``: None or an ``(N,)`` int64 tensor on ``student``'s device; ``hard_grad_scale``
     finite, and 0 without labels (ValueError). Their range: :func:`check_kept_label_range`."""
-    if not math.isfinite(hard_grad_scale):
-        raise ValueError(f"hard_grad_scale must be finite, got {hard_grad_scale}")
+    check_finite("hard_grad_scale", hard_grad_scale)
     if labels is None:
         if hard_grad_scale != 0.0:
             raise ValueError(f"hard_grad_scale must be 0 without labels, got {hard_grad_scale}")
@@ -583,6 +554,7 @@ def check_kept_label_range(labels, row_mask, vocab: int) -> None:
         raise ValueError(f"labels of kept rows must lie in [0, {vocab}), got {int(labels[row])} at row {row}")
 
 
+@guard_device
 def divergence_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -630,12 +602,7 @@ def divergence_forward(
     has_labels = labels is not None
     row_loss = torch.empty(rows, dtype=torch.float32, device=student.device)
     row_ce = torch.empty(rows if has_labels else 0, dtype=torch.float32, device=student.device)
-    # The interpreter truncates float32 → bfloat16 (triton 3.7 casts there
-    # without a rounding mode) where CUDA rounds to nearest even, doubling the
-    # rounding error: under it, bf16 gradients are stored in float32 and
-    # rounded by torch.
-    interpreted_bf16 = DEVICE_TYPE == "cpu" and student.dtype == torch.bfloat16
-    grad_dtype = torch.float32 if interpreted_bf16 else student.dtype
+    grad_dtype = stored_dtype(student.dtype)
     grad_s = student.new_empty((rows, vocab) if student_grad else (0, 0), dtype=grad_dtype)
     grad_t = teacher.new_empty((rows, vocab) if teacher_grad else (0, 0), dtype=grad_dtype)
     if rows > 0:

@@ -22,22 +22,23 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from ._common import (
+    DEVICE_TYPE,  # noqa: F401  (re-exported: callers ask a module where its kernels run)
+    check_embedding_pair,
+    check_positive,
+    guard_device,
+    max_nan,
+    square_row_config,
+)
 
 __all__ = ["cc_forward", "pkt_forward", "sp_forward"]
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # CC's largest Taylor order: the reference's coefficient (2γ)^p / p! needs p!
 # as a float64, which overflows beyond 170! (and the kernel's cost grows with
 # the order).
 CC_MAX_ORDER = 170
-
-
-@triton.jit
-def _nan_max(x, floor):
-    # max(x, floor) that keeps NaN (fmaxf would drop it)
-    return tl.where(x < floor, floor, x)
 
 
 @triton.jit
@@ -66,8 +67,8 @@ def _sp_kernel(
         ss += gs * gs
         st += gt * gt
     norm_s = tl.sqrt(tl.sum(ss, 1))
-    r_s = _nan_max(norm_s, 1e-12)
-    r_t = _nan_max(tl.sqrt(tl.sum(st, 1)), 1e-12)
+    r_s = max_nan(norm_s, 1e-12)
+    r_t = max_nan(tl.sqrt(tl.sum(st, 1)), 1e-12)
     # pass 2: loss, and Ĝ_i · dĜ_i for the normalisation's gradient
     loss = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
     dot = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
@@ -209,44 +210,8 @@ def _pkt_kernel(
             tl.store(dh_ptr + at, d_h, mask=m)
 
 
-# The kernels run where triton.jit put them: the interpreter on CPU tensors, or CUDA.
-DEVICE_TYPE = "cpu" if isinstance(_sp_kernel, InterpretedFunction) else "cuda"
-_INTERPRETED = DEVICE_TYPE == "cpu"
-
-
-def gram_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_I, BLOCK_J, num_warps) of the SP, CC and PKT row passes: [4, 256] tiles on a GPU."""
-    block = min(triton.next_power_of_2(max(n, 1)), 32 if _INTERPRETED else 256)
-    return (block if _INTERPRETED else 4), block, 4
-
-
-def _check_args(student, teacher, student_grad) -> None:
-    """The checks of check_args of csrc/common/gram_relation.h as ValueError."""
-    for name, x in (("student", student), ("teacher", teacher)):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
-        if x.dtype not in DTYPES:
-            raise ValueError(f"{name} must be float32, bfloat16 or float16 for triton, got {x.dtype}")
-        if x.device.type != DEVICE_TYPE:
-            takes = "CPU tensors (TRITON_INTERPRET=1)" if DEVICE_TYPE == "cpu" else "CUDA tensors"
-            raise ValueError(f"{name} is on {x.device}, but this triton kernel takes {takes}")
-        if x.shape[1] < 1:
-            raise ValueError(f"{name} must have at least one feature per sample, got shape {tuple(x.shape)}")
-    if student.shape[0] < 1:
-        raise ValueError(f"student must hold at least one sample, got shape {tuple(student.shape)}")
-    if student.shape[0] != teacher.shape[0]:
-        raise ValueError(
-            f"student and teacher must have the same number of samples N, got {student.shape[0]} "
-            f"and {teacher.shape[0]}"
-        )
-    if student.dtype != teacher.dtype:
-        raise ValueError(f"student ({student.dtype}) and teacher ({teacher.dtype}) must have the same dtype")
-    if student.device != teacher.device:
-        raise ValueError(f"student ({student.device}) and teacher ({teacher.device}) must share a device")
-    if not isinstance(student_grad, bool):
-        raise ValueError(f"student_grad must be a bool, got {type(student_grad).__name__}")
+# (BLOCK_I, BLOCK_J, num_warps) of the SP, CC and PKT row passes.
+gram_config = square_row_config
 
 
 def _grams(student, teacher):
@@ -261,6 +226,7 @@ def _grad_from_gram(d_gram: torch.Tensor, xs: torch.Tensor, dtype) -> torch.Tens
     return torch.mm(d_gram + d_gram.t(), xs).to(dtype)
 
 
+@guard_device
 def sp_forward(
     student: torch.Tensor, teacher: torch.Tensor, student_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,7 +241,7 @@ def sp_forward(
         ``loss`` ``()`` float32 and ``grad`` ``(N, D_s)`` in the student's
         dtype, or ``(0, 0)`` when not requested.
     """
-    _check_args(student, teacher, student_grad)
+    check_embedding_pair(student, teacher, student_grad)
     n = student.shape[0]
     xs, gram_s, gram_t = _grams(student, teacher)
     block_i, block_j, num_warps = gram_config(n)
@@ -292,6 +258,7 @@ def sp_forward(
     return loss, _grad_from_gram(gram_s, xs, student.dtype)
 
 
+@guard_device
 def cc_forward(
     student: torch.Tensor, teacher: torch.Tensor, student_grad: bool, *, gamma: float, order: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,9 +276,10 @@ def cc_forward(
         dtype, or ``(0, 0)`` when not requested. Where ``K_s = K_t`` the
         gradient is 0 (as autograd's of the norm).
     """
-    _check_args(student, teacher, student_grad)
-    if not (isinstance(gamma, float | int) and math.isfinite(gamma) and gamma > 0):
+    check_embedding_pair(student, teacher, student_grad)
+    if not isinstance(gamma, float | int):
         raise ValueError(f"gamma must be finite and > 0, got {gamma!r}")
+    check_positive("gamma", gamma)
     if isinstance(order, bool) or not isinstance(order, int) or order < 1:
         raise ValueError(f"order must be an int >= 1, got {order!r}")
     if order > CC_MAX_ORDER:
@@ -350,6 +318,7 @@ def _pkt_rows(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(made_nan, torch.zeros_like(xh), xh)
 
 
+@guard_device
 def pkt_forward(
     student: torch.Tensor, teacher: torch.Tensor, student_grad: bool, *, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,9 +339,10 @@ def pkt_forward(
         ``loss`` ``()`` float32 and ``grad`` ``(N, D_s)`` in the student's
         dtype, or ``(0, 0)`` when not requested.
     """
-    _check_args(student, teacher, student_grad)
-    if not (isinstance(eps, float | int) and math.isfinite(eps) and eps > 0):
+    check_embedding_pair(student, teacher, student_grad)
+    if not isinstance(eps, float | int):
         raise ValueError(f"eps must be finite and > 0, got {eps!r}")
+    check_positive("eps", eps)
     n = student.shape[0]
     xs = student.float().detach().requires_grad_(student_grad)
     with torch.enable_grad():

@@ -43,16 +43,21 @@ on CPU tensors, which is how the tests check them without a GPU.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from ._common import (
+    DEVICE_TYPE,
+    check_pair,
+    check_positive,
+    check_tensor,
+    guard_device,
+    stored_dtype,
+)
 
 __all__ = ["info_nce_backward", "info_nce_forward"]
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -215,8 +220,6 @@ def _info_nce_bwd_dk_kernel(
     )
 
 
-# The kernels run where triton.jit put them: the interpreter on CPU tensors, or CUDA.
-DEVICE_TYPE = "cpu" if isinstance(_info_nce_fwd_kernel, InterpretedFunction) else "cuda"
 
 
 # Programs that fill an H100 / H200 once (one per SM).
@@ -260,18 +263,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _check_matrix(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
-    if x.dtype not in DTYPES:
-        raise ValueError(f"{name} must be float32, bfloat16 or float16 for triton, got {x.dtype}")
-    if x.device.type != DEVICE_TYPE:
-        takes = "CPU tensors (TRITON_INTERPRET=1)" if DEVICE_TYPE == "cpu" else "CUDA tensors"
-        raise ValueError(f"{name} is on {x.device}, but this triton kernel takes {takes}")
-
-
 def _check_vector(name: str, x, rows: int, device: torch.device, dtype: torch.dtype | None = None) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 1 or x.shape[0] != rows:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -284,12 +275,9 @@ def _check_vector(name: str, x, rows: int, device: torch.device, dtype: torch.dt
 
 def _check_args(q, k, labels, inv_temperature) -> None:
     """The checks of csrc/cpu/info_nce.cpp's check_info_nce_args, as ValueError."""
-    _check_matrix("q", q)
-    _check_matrix("k", k)
-    if k.dtype != q.dtype:
-        raise ValueError(f"q ({q.dtype}) and k ({k.dtype}) must have the same dtype")
-    if k.device != q.device:
-        raise ValueError(f"q ({q.device}) and k ({k.device}) must share a device")
+    check_tensor("q", q, 2)
+    check_tensor("k", k, 2)
+    check_pair("q", q, "k", k)
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"q and k must have the same feature dim D, got {q.shape[1]} and {k.shape[1]}")
     _check_vector("labels", labels, q.shape[0], q.device, torch.int64)
@@ -297,8 +285,7 @@ def _check_args(q, k, labels, inv_temperature) -> None:
         low, high = (int(x) for x in torch.aminmax(labels))
         if low < 0 or high >= k.shape[0]:
             raise ValueError(f"labels must lie in [0, M) = [0, {k.shape[0]}), got values in [{low}, {high}]")
-    if not (math.isfinite(inv_temperature) and inv_temperature > 0):
-        raise ValueError(f"inv_temperature must be finite and > 0, got {inv_temperature}")
+    check_positive("inv_temperature", inv_temperature)
 
 
 def _labels(labels: torch.Tensor) -> torch.Tensor:
@@ -310,6 +297,7 @@ def _strides(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int]:
     return q.stride(0), q.stride(1), k.stride(0), k.stride(1)
 
 
+@guard_device
 def info_nce_forward(
     q: torch.Tensor, k: torch.Tensor, labels: torch.Tensor, inv_temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,6 +330,7 @@ def info_nce_forward(
     return row_loss, row_lse
 
 
+@guard_device
 def info_nce_backward(
     grad_row_loss: torch.Tensor,
     q: torch.Tensor,
@@ -367,10 +356,7 @@ def info_nce_backward(
         _check_vector(name, x, n, q.device)
         if not x.dtype.is_floating_point:
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    # The interpreter truncates float32 → bfloat16 on store (CUDA rounds to
-    # nearest even): under it, bf16 gradients are stored in float32 and
-    # rounded by torch.
-    out_dtype = torch.float32 if DEVICE_TYPE == "cpu" and q.dtype == torch.bfloat16 else q.dtype
+    out_dtype = stored_dtype(q.dtype)
     grad_q = torch.empty((n, d), dtype=out_dtype, device=q.device)
     # without queries no kernel runs and dk = 0
     grad_k = (torch.empty if n > 0 else torch.zeros)((m, d), dtype=out_dtype, device=q.device)

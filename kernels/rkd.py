@@ -57,11 +57,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from ._common import (
+    DEVICE_TYPE,  # noqa: F401  (re-exported: callers ask a module where its kernels run)
+    INTERPRETED,
+    check_embedding_pair,
+    guard_device,
+    max_nan,
+    square_row_config,
+)
 
 __all__ = ["rkd_angle_forward", "rkd_distance_forward"]
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _PDIST_EPS = 1e-12  # RepDistiller's clamp on squared distances
 _NORMALIZE_EPS = 1e-12  # F.normalize's eps
@@ -77,12 +84,6 @@ _ANGLE_FACTOR = (_EPS64 / 1e-8) ** 2
 # floats (256 MiB), or one chunk when N² alone exceeds it.
 _MAX_PARTIAL_ELEMENTS = 1 << 26
 _MAX_ANCHOR_CHUNKS = 8
-
-
-@triton.jit
-def _nan_max(x, floor):
-    # max(x, floor) that keeps NaN (fmaxf would drop it)
-    return tl.where(x < floor, floor, x)
 
 
 @triton.jit
@@ -110,7 +111,7 @@ def _tile_distances(sq_ptr, rows, js, N):
     # diagonal and outside [N, N]. Also returns the squared distances.
     m = (rows < N)[:, None] & (js < N)[None, :]
     sq = tl.load(sq_ptr + rows[:, None] * N + js[None, :], mask=m, other=0.0)
-    d = tl.sqrt(_nan_max(sq, 1e-12))
+    d = tl.sqrt(max_nan(sq, 1e-12))
     return tl.where((rows[:, None] == js[None, :]) | ~m, 0.0, d), sq
 
 
@@ -161,7 +162,7 @@ def _pair_sq_kernel(
                 sq = tl.where(near & (rows == i)[:, None], direct[None, :], sq)
     tl.store(sq_ptr + rows[:, None] * N + js[None, :], sq, mask=m)
     tl.store(near_ptr + rows[:, None] * N + js[None, :], (near | diag).to(tl.int8), mask=m)
-    d = tl.where(diag | ~m, 0.0, tl.sqrt(_nan_max(sq, 1e-12)))
+    d = tl.where(diag | ~m, 0.0, tl.sqrt(max_nan(sq, 1e-12)))
     tl.store(dsum_ptr + rows * tl.num_programs(1) + jb, tl.sum(d, 1), mask=im)
 
 
@@ -362,9 +363,6 @@ def _rkd_angle_kernel(
     tl.store(loss_ptr + p * tl.num_programs(0) + jb + tl.arange(0, 1), loss)
 
 
-# The kernels run where triton.jit put them: the interpreter on CPU tensors, or CUDA.
-DEVICE_TYPE = "cpu" if isinstance(_rkd_angle_kernel, InterpretedFunction) else "cuda"
-_INTERPRETED = DEVICE_TYPE == "cpu"
 
 
 def pair_config(n: int, d: int) -> tuple[int, int, int, int]:
@@ -376,21 +374,19 @@ def pair_config(n: int, d: int) -> tuple[int, int, int, int]:
     255). Under the interpreter, whose cost is per operation and per program,
     the blocks are as wide as the problem (up to 32 × 32 × 128).
     """
-    if _INTERPRETED:
+    if INTERPRETED:
         block = min(triton.next_power_of_2(max(n, 1)), 32)
         return block, block, min(triton.next_power_of_2(max(d, 1)), 128), 4
     return 8, 128, 16, 4
 
 
-def row_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_I, BLOCK_J, num_warps) of the distance term's row passes: [4, 256] tiles on a GPU."""
-    block = min(triton.next_power_of_2(max(n, 1)), 32 if _INTERPRETED else 256)
-    return (block if _INTERPRETED else 4), block, 4
+# (BLOCK_I, BLOCK_J, num_warps) of the distance term's row passes.
+row_config = square_row_config
 
 
 def near_grad_config(n: int, d: int) -> tuple[int, int, int]:
     """(BLOCK_J, BLOCK_D, num_warps) of _near_grad_kernel: [64, 64] difference tiles on a GPU."""
-    if _INTERPRETED:
+    if INTERPRETED:
         return min(triton.next_power_of_2(max(n, 1)), 32), min(triton.next_power_of_2(max(d, 1)), 128), 4
     return 64, min(triton.next_power_of_2(max(d, 1)), 64), 4
 
@@ -403,7 +399,7 @@ def angle_config(n: int) -> tuple[int, int, int]:
     with the per-anchor temporaries of the same shape 206 registers and no
     spills (ptxas, sm_90); at 4 warps, or [64, 64] at 8, it spills.
     """
-    if _INTERPRETED:
+    if INTERPRETED:
         block = min(triton.next_power_of_2(max(n, 1)), 32)
         return block, block, 4
     return 32, 64, 8
@@ -413,38 +409,9 @@ def anchor_chunks(n: int, j_blocks: int) -> int:
     """Number of anchor chunks P: enough programs to fill a GPU (about 256 with
     the j-blocks), at most 8 partial dG copies, within _MAX_PARTIAL_ELEMENTS;
     two under the interpreter (the partial sums still exercised)."""
-    want = 2 if _INTERPRETED else triton.cdiv(256, j_blocks)
+    want = 2 if INTERPRETED else triton.cdiv(256, j_blocks)
     fits = max(1, _MAX_PARTIAL_ELEMENTS // (n * n))
     return max(1, min(want, fits, _MAX_ANCHOR_CHUNKS, n))
-
-
-def _check_args(student, teacher, student_grad) -> None:
-    """The checks of check_relational_args (csrc/cpu/rkd.cpp) as ValueError."""
-    for name, x in (("student", student), ("teacher", teacher)):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
-        if x.dtype not in DTYPES:
-            raise ValueError(f"{name} must be float32, bfloat16 or float16 for triton, got {x.dtype}")
-        if x.device.type != DEVICE_TYPE:
-            takes = "CPU tensors (TRITON_INTERPRET=1)" if DEVICE_TYPE == "cpu" else "CUDA tensors"
-            raise ValueError(f"{name} is on {x.device}, but this triton kernel takes {takes}")
-        if x.shape[1] < 1:
-            raise ValueError(f"{name} must have at least one feature per sample, got shape {tuple(x.shape)}")
-    if student.shape[0] < 1:
-        raise ValueError(f"student must hold at least one sample, got shape {tuple(student.shape)}")
-    if student.shape[0] != teacher.shape[0]:
-        raise ValueError(
-            f"student and teacher must have the same number of samples N, got {student.shape[0]} "
-            f"and {teacher.shape[0]}"
-        )
-    if student.dtype != teacher.dtype:
-        raise ValueError(f"student ({student.dtype}) and teacher ({teacher.dtype}) must have the same dtype")
-    if student.device != teacher.device:
-        raise ValueError(f"student ({student.device}) and teacher ({teacher.device}) must share a device")
-    if not isinstance(student_grad, bool):
-        raise ValueError(f"student_grad must be a bool, got {type(student_grad).__name__}")
 
 
 def _single_sample(student, teacher, student_grad):
@@ -473,6 +440,7 @@ def _centred_gram(x: torch.Tensor) -> torch.Tensor:
     return xc, torch.mm(xc, xc.t())
 
 
+@guard_device
 def rkd_distance_forward(
     student: torch.Tensor, teacher: torch.Tensor, student_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -487,7 +455,7 @@ def rkd_distance_forward(
         ``loss`` ``()`` float32 and ``grad`` ``(N, D_s)`` in the student's
         dtype (``d loss / d student``), or ``(0, 0)`` when not requested.
     """
-    _check_args(student, teacher, student_grad)
+    check_embedding_pair(student, teacher, student_grad)
     n = student.shape[0]
     if n == 1:
         return _single_sample(student, teacher, student_grad)
@@ -578,6 +546,7 @@ def _angle_gradient(d_gram, row_sums, ang_sums, u, centred, n):
     return grad.sub_(grad.mean(0, keepdim=True))
 
 
+@guard_device
 def rkd_angle_forward(
     student: torch.Tensor, teacher: torch.Tensor, student_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -592,7 +561,7 @@ def rkd_angle_forward(
         ``loss`` ``()`` float32 and ``grad`` ``(N, D_s)`` in the student's
         dtype, or ``(0, 0)`` when not requested.
     """
-    _check_args(student, teacher, student_grad)
+    check_embedding_pair(student, teacher, student_grad)
     n = student.shape[0]
     if n == 1:
         return _single_sample(student, teacher, student_grad)

@@ -75,19 +75,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .divergence import (
-    DEVICE_TYPE,
-    DTYPES,
+from fastkd._enums import DivergenceKind
+
+from ._common import (
+    DEVICE_TYPE,  # noqa: F401  (re-exported: callers ask a module where its kernels run)
     JSD,
+    KINDS_WITH_COEF,
     KL,
     SKEW_KL,
     SKEW_REVERSE_KL,
     TVD,
+    check_tensor,
+    guard_device,
+    log1p,
+    max_nan,
+    stored_dtype,
+)
+from .divergence import (
     _half_sign,
-    _log1p,
     _logaddexp,
     _logit_at,
-    _max_nan,
     _online_max_sum_exp,
     _rescaled_sum_exp,
     _zero_where_zero,
@@ -100,8 +107,8 @@ from .divergence import (
 
 __all__ = ["KINDS", "topk_divergence_forward"]
 
-# The kinds the op takes (fastkd::divergence::Kind), REVERSE_KL excluded.
-KINDS = (KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD)
+# The kinds the op takes, REVERSE_KL excluded.
+KINDS = tuple(kind for kind in DivergenceKind if kind != DivergenceKind.REVERSE_KL)
 # Widest tile of a row's k ids one support loop iteration holds: the support
 # loops keep about six float64 values per id live, at most 2 per thread with
 # 16 warps.
@@ -143,11 +150,11 @@ def _widen(x):
 @triton.jit
 def _off_support_slope(c, log_c, log_one_minus_c, one_minus_c, KIND: tl.constexpr):
     # c = g_v off the teacher's ids (module docstring), off_support_slope() of the CPU kernel
-    if KIND == 2:
+    if KIND == JSD:
         slope = -one_minus_c * log_one_minus_c
-    elif KIND == 4:
+    elif KIND == SKEW_REVERSE_KL:
         slope = -log_c
-    elif KIND == 5:
+    elif KIND == TVD:
         slope = 0.5 + 0.0 * c
     else:
         slope = 0.0 * c
@@ -166,29 +173,29 @@ def _support_terms(log_q, log_p, c, one_minus_c, log_c, log_one_minus_c, KIND: t
     csrc/cpu/topk_kernel.cpp. c is β (JSD) or α (skew)."""
     q = tl.exp(log_q)
     p = tl.exp(log_p)
-    if KIND == 0:
+    if KIND == KL:
         # KL(p‖q) = Σ p (log p − log q);  g = −p/q
         loss = _xlog_ratio(p, log_p, log_q)
         qg = -p
-    elif KIND == 2:
+    elif KIND == JSD:
         # m = β p + (1−β) q (log space);  ℓ = β KL(p‖m) + (1−β) KL(q‖m);  g = (1−β) log(q/m)
         log_m = _logaddexp(log_c + log_p, log_one_minus_c + log_q)
         q_term = _xlog_ratio(q, log_q, log_m)
         loss = c * _xlog_ratio(p, log_p, log_m) + one_minus_c * q_term
         qg = one_minus_c * q_term
-    elif KIND == 3:
+    elif KIND == SKEW_KL:
         # m = α p + (1−α) q;  ℓ = KL(p‖m);  g = −(1−α) p/m
         log_m = _logaddexp(log_c + log_p, log_one_minus_c + log_q)
         loss = _xlog_ratio(p, log_p, log_m)
         qg = -one_minus_c * _zero_where_zero(p, tl.exp(log_q + log_p - log_m))
-    elif KIND == 4:
+    elif KIND == SKEW_REVERSE_KL:
         # m = α q + (1−α) p;  ℓ = KL(q‖m);  g = log(q/m) + (1−α) p/m
         log_m = _logaddexp(log_c + log_q, log_one_minus_c + log_p)
         loss = _xlog_ratio(q, log_q, log_m)
         mix = one_minus_c * tl.exp(log_q + log_p - log_m)
         qg = loss + tl.where((q == 0.0) | (p == 0.0), 0.0, mix)
     else:
-        tl.static_assert(KIND == 5, "unknown divergence kind (reverse KL is refused by the launcher)")
+        tl.static_assert(KIND == TVD, "unknown divergence kind (reverse KL is refused by the launcher)")
         # TVD = ½ Σ |p − q|;  g = ½ sign(q − p)
         d = q - p
         loss = 0.5 * tl.abs(d)
@@ -273,8 +280,8 @@ def _topk_divergence_fwd_kernel(
         ids, ok = _load_ids(idx_row, kk, K, V)
         s_j = tl.load(s_row + ids, mask=ok, other=float("-inf")).to(tl.float32)
         t_j = tl.load(val_row + kk, mask=ok, other=float("-inf")).to(tl.float32)
-        m_s = _max_nan(m_s, tl.max(s_j, 0))
-        m_t = _max_nan(m_t, tl.max(t_j, 0))
+        m_s = max_nan(m_s, tl.max(s_j, 0))
+        m_t = max_nan(m_t, tl.max(t_j, 0))
     m_s64 = m_s.to(tl.float64)
     m_t64 = m_t.to(tl.float64)
 
@@ -329,7 +336,7 @@ def _topk_divergence_fwd_kernel(
     c64 = _widen(coef)
     one_minus_c64 = 1.0 - c64
     log_c64 = tl.log(c64)
-    log_one_minus_c64 = _log1p(-c64)  # −inf for α = 1
+    log_one_minus_c64 = log1p(-c64)  # −inf for α = 1
     slope = _off_support_slope(c64, log_c64, log_one_minus_c64, one_minus_c64, KIND)
 
     # support 3: ℓ = c R + Σ_ids terms, G = c R + Σ_ids q_j g_j
@@ -414,11 +421,7 @@ def _check_tensors(student, teacher_index, teacher_value, row_mask) -> None:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
         if x.device != student.device:
             raise ValueError(f"{name} ({x.device}) must be on student's device ({student.device})")
-    if student.dtype not in DTYPES:
-        raise ValueError(f"student must be float32, bfloat16 or float16 for triton, got {student.dtype}")
-    if student.device.type != DEVICE_TYPE:
-        takes = "CPU tensors (TRITON_INTERPRET=1)" if DEVICE_TYPE == "cpu" else "CUDA tensors"
-        raise ValueError(f"student is on {student.device}, but this triton kernel takes {takes}")
+    check_tensor("student", student, 2)
     rows, vocab = student.shape
     if vocab == 0:
         raise ValueError("student must have at least one column (vocabulary entry)")
@@ -469,6 +472,7 @@ def sorted_checked_ids(teacher_index: torch.Tensor, vocab: int) -> torch.Tensor:
     return ordered
 
 
+@guard_device
 def topk_divergence_forward(
     student: torch.Tensor,
     teacher_index: torch.Tensor,
@@ -520,11 +524,7 @@ def topk_divergence_forward(
     has_labels = labels is not None
     row_loss = torch.empty(rows, dtype=torch.float32, device=student.device)
     row_ce = torch.empty(rows if has_labels else 0, dtype=torch.float32, device=student.device)
-    # The interpreter truncates float32 → bfloat16 where CUDA rounds to
-    # nearest even (see kernels/divergence.py): under it, bf16 gradients are
-    # stored in float32 and rounded by torch.
-    interpreted_bf16 = DEVICE_TYPE == "cpu" and student.dtype == torch.bfloat16
-    grad_dtype = torch.float32 if interpreted_bf16 else student.dtype
+    grad_dtype = stored_dtype(student.dtype)
     grad = student.new_empty((rows, vocab) if student_grad else (0, 0), dtype=grad_dtype)
     if rows == 0:
         return row_loss, grad.to(student.dtype), row_ce
@@ -539,7 +539,7 @@ def topk_divergence_forward(
         student.stride(0), vocab, k, float(inv_temperature), float(grad_scale * inv_temperature),
         float(hard_grad_scale),
         # the other kinds ignore coef: 0.5 keeps log c and log(1 − c) finite
-        float(coef) if kind in (JSD, SKEW_KL, SKEW_REVERSE_KL) else 0.5,
+        float(coef) if kind in KINDS_WITH_COEF else 0.5,
         KIND=kind, HAS_MASK=row_mask is not None, HAS_LABELS=has_labels,
         # at T = 1 exactly the CE's log Σ exp and softmax are the student's own
         CE_SHARES_NORMALISER=has_labels and float(inv_temperature) == 1.0,
