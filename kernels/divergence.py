@@ -264,6 +264,22 @@ def _store_grad(g_ptr, row, V, offs, grad):
 
 
 @triton.jit
+def _zero_grad_row(g_ptr, row, V, cols, BLOCK: tl.constexpr):
+    # row `row` of a contiguous [N, V] gradient set to 0 (an excluded row's)
+    zero = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, V, BLOCK):
+        _store_grad(g_ptr, row, V, start + cols, zero)
+
+
+@triton.jit
+def _excluded_row_loss(loss_ptr, ce_ptr, row, HAS_LABELS: tl.constexpr):
+    # an excluded row: ℓ = 0 (and CE = 0), written without reading the logits or the label
+    tl.store(loss_ptr + row, 0.0)
+    if HAS_LABELS:
+        tl.store(ce_ptr + row, 0.0)
+
+
+@triton.jit
 def _logit_at(x_row, at, V):
     # x[at] in float32, for an index already clamped into the row (masked for V = 0)
     return tl.load(x_row + at, mask=at < V, other=0.0).to(tl.float32)
@@ -333,17 +349,11 @@ def _divergence_fwd_kernel(
 
     if HAS_MASK:
         if tl.load(mask_ptr + row) == 0:
-            # excluded row: ℓ = 0 (and CE = 0) and zero gradients, without
-            # reading the logits or the label
-            tl.store(loss_ptr + row, 0.0)
-            if HAS_LABELS:
-                tl.store(ce_ptr + row, 0.0)
-            zero = tl.zeros([BLOCK], tl.float32)
-            for start in range(0, V, BLOCK):
-                if STUDENT_GRAD:
-                    _store_grad(gs_ptr, row, V, start + cols, zero)
-                if TEACHER_GRAD:
-                    _store_grad(gt_ptr, row, V, start + cols, zero)
+            _excluded_row_loss(loss_ptr, ce_ptr, row, HAS_LABELS)
+            if STUDENT_GRAD:
+                _zero_grad_row(gs_ptr, row, V, cols, BLOCK)
+            if TEACHER_GRAD:
+                _zero_grad_row(gt_ptr, row, V, cols, BLOCK)
             return
 
     s_row = s_ptr + row * stride_s

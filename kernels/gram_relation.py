@@ -13,6 +13,12 @@ three passes over the rows, re-read from L2 for N up to ~10⁴), write N².
 Everything in the kernels is float32; bfloat16 / float16 embeddings are widened
 first and the gradient rounded by torch at the end. Under ``TRITON_INTERPRET=1``
 the kernels run on CPU tensors, which is how the tests check them without a GPU.
+
+The launchers' contract: each takes ``student`` ``(N, D_s)`` float32 / bfloat16 / float16,
+``teacher`` ``(N, D_t)`` (same N, dtype and device) and ``student_grad``
+(whether to compute the gradient), and returns ``loss`` ``()`` float32 and
+``grad`` ``(N, D_s)`` in the student's dtype (``d loss / d student``), or
+``(0, 0)`` when not requested.
 """
 
 from __future__ import annotations
@@ -232,14 +238,8 @@ def sp_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SP loss ``‖F.normalize(G_t) − F.normalize(G_s)‖²_F / N²`` and the student's gradient.
 
-    Args:
-        student: ``(N, D_s)`` float32 / bfloat16 / float16.
-        teacher: ``(N, D_t)``, same N, dtype and device.
-        student_grad: whether to compute the gradient.
-
-    Returns:
-        ``loss`` ``()`` float32 and ``grad`` ``(N, D_s)`` in the student's
-        dtype, or ``(0, 0)`` when not requested.
+    ``student``, ``teacher``, ``student_grad`` and the results: the launchers'
+    contract (module docstring).
     """
     check_embedding_pair(student, teacher, student_grad)
     n = student.shape[0]
@@ -264,17 +264,10 @@ def cc_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CC loss ``‖K_s − K_t‖_F / N²`` (torchdistill's Gaussian-RBF Taylor form) and the student's gradient.
 
-    Args:
-        student: ``(N, D_s)`` float32 / bfloat16 / float16.
-        teacher: ``(N, D_t)``, same N, dtype and device.
-        student_grad: whether to compute the gradient.
-        gamma: ``γ > 0``.
-        order: Taylor order ``1 <= P <= 170``.
-
-    Returns:
-        ``loss`` ``()`` float32 and ``grad`` ``(N, D_s)`` in the student's
-        dtype, or ``(0, 0)`` when not requested. Where ``K_s = K_t`` the
-        gradient is 0 (as autograd's of the norm).
+    ``student``, ``teacher``, ``student_grad`` and the results: the launchers'
+    contract (module docstring); ``gamma``: ``γ > 0``; ``order``: the Taylor order,
+    ``1 <= P <= 170``. Where ``K_s = K_t`` the gradient is 0 (as autograd's of
+    the norm).
     """
     check_embedding_pair(student, teacher, student_grad)
     if not isinstance(gamma, float | int):
@@ -329,15 +322,8 @@ def pkt_forward(
     ``dx̂ = (dH + dHᵀ) x̂`` are torch.mm, and the normalisation's O(N·D)
     gradient is torch autograd on the rows.
 
-    Args:
-        student: ``(N, D_s)`` float32 / bfloat16 / float16.
-        teacher: ``(N, D_t)``, same N, dtype and device.
-        student_grad: whether to compute the gradient.
-        eps: ``> 0``.
-
-    Returns:
-        ``loss`` ``()`` float32 and ``grad`` ``(N, D_s)`` in the student's
-        dtype, or ``(0, 0)`` when not requested.
+    ``student``, ``teacher``, ``student_grad`` and the results: the launchers'
+    contract (module docstring); ``eps`` > 0.
     """
     check_embedding_pair(student, teacher, student_grad)
     if not isinstance(eps, float | int):

@@ -3,8 +3,8 @@
 Same contract as the C++ ops ``fastkd::info_nce_forward`` /
 ``fastkd::info_nce_backward`` (csrc/fastkd.cpp, csrc/cpu/info_nce.cpp),
 flash-attention style: the ``(N, M)`` logits ``q kᵀ / τ`` exist only one
-``BLOCK_M × BLOCK_N`` tile at a time, in registers (64 × 64 for large
-batches, see launch_config).
+``BLOCK_M × BLOCK_N`` tile at a time, in registers (64 × 64 in the forward
+for large batches, see launch_config and backward_blocks).
 
   forward     one program per block of BLOCK_M query rows; it walks the key
               blocks, computing each logits tile with tl.dot (contracted over
@@ -57,7 +57,6 @@ from ._common import (
 )
 
 __all__ = ["info_nce_backward", "info_nce_forward"]
-
 
 
 @triton.jit
@@ -220,8 +219,6 @@ def _info_nce_bwd_dk_kernel(
     )
 
 
-
-
 # Programs that fill an H100 / H200 once (one per SM).
 _SMS = 132
 
@@ -243,20 +240,37 @@ def launch_config(rows: int, keys: int, dim: int) -> dict:
     """Block sizes and num_warps for ``rows`` queries, ``keys`` keys of ``dim``
     features (one configuration per call, no autotuning).
 
-    BLOCK_M (query rows) and BLOCK_N (keys) are 64 for large batches: a
-    64 × 64 float32 logits tile and two BLOCK_D-wide operand chunks stay in
-    registers at 4 warps. Smaller batches get smaller blocks so that every
-    SM has a program (chosen so, not measured). tl.dot needs every dimension
-    >= 16. BLOCK_DV, the slice of D one backward program owns, is as wide as
-    D up to 128 (a BLOCK × 128 float32 accumulator): wider D recomputes the
-    logits once per slice.
+    BLOCK_M (query rows) and BLOCK_N (keys) are 64 for large batches (8 warps);
+    smaller batches get 32 or 16 (4 warps) so that every SM has a program
+    (chosen so, not measured). tl.dot needs every dimension >= 16. BLOCK_D,
+    the chunk of D one logits product contracts, is 16: float32's ieee
+    products are FMAs on [rows, BLOCK_D] × [BLOCK_D, cols] operands held in
+    registers. BLOCK_DV, the slice of D one backward program owns, is as wide
+    as D up to 128: wider D recomputes the logits once per slice. With the
+    backward's inner blocks of :func:`backward_blocks`, ptxas (sm_90) reports
+    no spills for any dtype (at most 198 registers).
     """
     width = max(16, triton.next_power_of_2(max(dim, 1)))
     block_m, block_n = _rows_per_block(rows), _rows_per_block(keys)
     return {
-        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": min(width, 64), "BLOCK_DV": min(width, 128),
-        "num_warps": 4 if max(block_m, block_n) == 64 else 2,
+        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": 16, "BLOCK_DV": min(width, 128),
+        "num_warps": 8 if max(block_m, block_n) == 64 else 4,
     }
+
+
+# The blocks a backward program walks (keys for dq, queries for dk): the
+# [BLOCK_M, BLOCK_N] logits and G tiles live next to the [block, BLOCK_DV]
+# accumulator, which at 64 × 64 tiles spill in float32.
+BACKWARD_INNER_BLOCK = 32
+
+
+def backward_blocks(cfg: dict) -> tuple[dict, dict]:
+    """(BLOCK_M, BLOCK_N) of the dq and of the dk kernel from :func:`launch_config`'s:
+    each keeps the block it owns and walks the other in blocks of at most
+    BACKWARD_INNER_BLOCK."""
+    dq = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": min(cfg["BLOCK_N"], BACKWARD_INNER_BLOCK)}
+    dk = {"BLOCK_M": min(cfg["BLOCK_M"], BACKWARD_INNER_BLOCK), "BLOCK_N": cfg["BLOCK_N"]}
+    return dq, dk
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -367,14 +381,15 @@ def info_nce_backward(
         lse = row_lse.to(torch.float32).contiguous()
         common = (n, m, d, *_strides(q, k), float(inv_temperature))
         meta = {
-            "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"],
-            "BLOCK_DV": cfg["BLOCK_DV"], "PRECISION": _precision(q.dtype), "num_warps": cfg["num_warps"],
+            "BLOCK_D": cfg["BLOCK_D"], "BLOCK_DV": cfg["BLOCK_DV"], "PRECISION": _precision(q.dtype),
+            "num_warps": cfg["num_warps"],
         }
+        dq_blocks, dk_blocks = backward_blocks(cfg)
         d_slices = triton.cdiv(d, cfg["BLOCK_DV"])
         _info_nce_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), d_slices)](
-            q, k, labels, lse, grad, grad_q, *common, **meta
+            q, k, labels, lse, grad, grad_q, *common, **dq_blocks, **meta
         )
         _info_nce_bwd_dk_kernel[(triton.cdiv(m, cfg["BLOCK_N"]), d_slices)](
-            q, k, labels, lse, grad, grad_k, *common, **meta
+            q, k, labels, lse, grad, grad_k, *common, **dk_blocks, **meta
         )
     return grad_q.to(q.dtype), grad_k.to(q.dtype)

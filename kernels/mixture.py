@@ -86,7 +86,10 @@ from ._common import (
 from .divergence import (
     _ce_grad,
     _element_terms,
+    _excluded_row_loss,
     _rescaled_sum_exp,
+    _store_grad,
+    _zero_grad_row,
     check_kept_label_range,
     check_labels,
     check_row_mask,
@@ -193,12 +196,6 @@ def _terms_at(
 
 
 @triton.jit
-def _store_grad(g_ptr, row, V, offs, grad):
-    # one chunk of row `row` of a contiguous [N, V] gradient, rounded to its dtype
-    tl.store(g_ptr + row * V + offs, grad.to(g_ptr.dtype.element_ty), mask=offs < V)
-
-
-@triton.jit
 def _mixture_fwd_kernel(
     s_ptr,  # [N, V] student logits, row stride stride_s, unit stride along V
     t_ptr,  # [K, N, V] teacher logits, strides (stride_tk, stride_tn, 1); any outer strides (0: expanded)
@@ -242,15 +239,9 @@ def _mixture_fwd_kernel(
 
     if HAS_MASK:
         if tl.load(mask_ptr + row) == 0:
-            # excluded row: ℓ = 0 (and CE = 0) and a zero gradient, without
-            # reading the logits or the label
-            tl.store(loss_ptr + row, 0.0)
-            if HAS_LABELS:
-                tl.store(ce_ptr + row, 0.0)
+            _excluded_row_loss(loss_ptr, ce_ptr, row, HAS_LABELS)
             if STUDENT_GRAD:
-                zero = tl.zeros([BLOCK], tl.float64)
-                for start in range(0, V, BLOCK):
-                    _store_grad(g_ptr, row, V, start + cols, zero)
+                _zero_grad_row(g_ptr, row, V, cols, BLOCK)
             return
 
     s_row = s_ptr + row * stride_s

@@ -50,6 +50,12 @@ Everything in the kernels is float32 (the angle numerators by the hi + lo
 pairing of the CPU kernel); bfloat16 / float16 embeddings are widened first and
 the gradient rounded by torch at the end. Under ``TRITON_INTERPRET=1`` the
 kernels run on CPU tensors, which is how the tests check them without a GPU.
+
+The launchers' contract: each takes ``student`` ``(N, D_s)`` float32 / bfloat16 / float16,
+``teacher`` ``(N, D_t)`` (same N, dtype and device) and ``student_grad``
+(whether to compute the gradient), and returns ``loss`` ``()`` float32 and
+``grad`` ``(N, D_s)`` in the student's dtype (``d loss / d student``), or
+``(0, 0)`` when not requested.
 """
 
 from __future__ import annotations
@@ -446,14 +452,8 @@ def rkd_distance_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RKD distance loss and the student's gradient; the contract of ``fastkd::rkd_distance_forward``.
 
-    Args:
-        student: ``(N, D_s)`` float32 / bfloat16 / float16.
-        teacher: ``(N, D_t)``, same N, dtype and device.
-        student_grad: whether to compute the gradient.
-
-    Returns:
-        ``loss`` ``()`` float32 and ``grad`` ``(N, D_s)`` in the student's
-        dtype (``d loss / d student``), or ``(0, 0)`` when not requested.
+    ``student``, ``teacher``, ``student_grad`` and the results: the launchers'
+    contract (module docstring).
     """
     check_embedding_pair(student, teacher, student_grad)
     n = student.shape[0]
@@ -552,14 +552,8 @@ def rkd_angle_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RKD angle loss and the student's gradient; the contract of ``fastkd::rkd_angle_forward``.
 
-    Args:
-        student: ``(N, D_s)`` float32 / bfloat16 / float16.
-        teacher: ``(N, D_t)``, same N, dtype and device.
-        student_grad: whether to compute the gradient.
-
-    Returns:
-        ``loss`` ``()`` float32 and ``grad`` ``(N, D_s)`` in the student's
-        dtype, or ``(0, 0)`` when not requested.
+    ``student``, ``teacher``, ``student_grad`` and the results: the launchers'
+    contract (module docstring).
     """
     check_embedding_pair(student, teacher, student_grad)
     n = student.shape[0]

@@ -92,11 +92,13 @@ from ._common import (
     stored_dtype,
 )
 from .divergence import (
+    _excluded_row_loss,
     _half_sign,
     _logaddexp,
     _logit_at,
     _online_max_sum_exp,
     _rescaled_sum_exp,
+    _zero_grad_row,
     _zero_where_zero,
     check_kept_label_range,
     check_labels,
@@ -237,17 +239,9 @@ def _topk_divergence_fwd_kernel(
 
     if HAS_MASK:
         if tl.load(mask_ptr + row) == 0:
-            # excluded row: ℓ = 0 (and CE = 0) and a zero gradient, without
-            # reading the logits or the label
-            tl.store(loss_ptr + row, 0.0)
-            if HAS_LABELS:
-                tl.store(ce_ptr + row, 0.0)
+            _excluded_row_loss(loss_ptr, ce_ptr, row, HAS_LABELS)
             if STUDENT_GRAD:
-                g_row = g_ptr + row * V
-                zero = tl.zeros([BLOCK], tl.float32)
-                for start in range(0, V, BLOCK):
-                    offs = start + cols
-                    tl.store(g_row + offs, zero.to(g_ptr.dtype.element_ty), mask=offs < V)
+                _zero_grad_row(g_ptr, row, V, cols, BLOCK)
             return
 
     s_row = s_ptr + row * stride_s
