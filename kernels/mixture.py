@@ -6,7 +6,7 @@ Same contract as the C++ op ``fastkd::mixture_divergence_forward``
 (csrc/cpu/mixture_kernel.cpp): the target ``p = Σ_k w_k softmax(t_k / T)`` is
 formed per row in log space, ``log p = logsumexp_k(log w_k + log_softmax(t_k /
 T))``, and fed to the per-element terms of the single-teacher kernel
-(``_element_terms`` of kernels/divergence.py, i.e. ``element_terms`` of
+(``element_terms`` of kernels/_divergence_math.py, i.e. ``element_terms`` of
 csrc/common/divergence_math.h). Teachers get no gradient. With hard labels y
 the op also computes the student's cross-entropy at temperature 1, CE_i =
 log Σ_j exp(s_ij) − s_iy, and adds hard_grad_scale · (softmax(s_i) −
@@ -83,18 +83,18 @@ from ._common import (
     online_max_sum_exp,
     stored_dtype,
 )
-from .divergence import (
-    _ce_grad,
-    _element_terms,
-    _excluded_row_loss,
-    _rescaled_sum_exp,
-    _store_grad,
-    _zero_grad_row,
+from ._divergence_math import (
+    ce_grad,
     check_kept_label_range,
     check_labels,
     check_row_mask,
     check_scalars,
     coefficient_terms,
+    element_terms,
+    excluded_row_loss,
+    rescaled_sum_exp,
+    store_grad,
+    zero_grad_row,
 )
 
 __all__ = ["mixture_divergence_forward"]
@@ -189,7 +189,7 @@ def _terms_at(
     ratio_q = a_s - (log_p - log_p_mode)
     # log(q/p), in float64 here, so the plain difference of the two logs
     log_ratio = (a_s - log_sum_s) - log_p
-    return _element_terms(
+    return element_terms(
         tl.exp(log_p), tl.exp(a_s) * inv_sum_s, log_ratio, ratio_q, 0.0,
         c, one_minus_c, log_c, log_one_minus_c, KIND,
     )
@@ -239,9 +239,9 @@ def _mixture_fwd_kernel(
 
     if HAS_MASK:
         if tl.load(mask_ptr + row) == 0:
-            _excluded_row_loss(loss_ptr, ce_ptr, row, HAS_LABELS)
+            excluded_row_loss(loss_ptr, ce_ptr, row, HAS_LABELS)
             if STUDENT_GRAD:
-                _zero_grad_row(g_ptr, row, V, cols, BLOCK)
+                zero_grad_row(g_ptr, row, V, cols, BLOCK)
             return
 
     s_row = s_ptr + row * stride_s
@@ -264,7 +264,7 @@ def _mixture_fwd_kernel(
         m_prev = m_s
         m_s, d_s = online_max_sum_exp(m_s, d_s, s, inv_temperature, 0)
         if CE_OWN_SUM:
-            d_ce = _rescaled_sum_exp(d_ce, m_prev, m_s, s)
+            d_ce = rescaled_sum_exp(d_ce, m_prev, m_s, s)
     log_sum_s = tl.log(d_s)
     inv_sum_s = 1.0 / d_s
 
@@ -332,10 +332,10 @@ def _mixture_fwd_kernel(
             # dKL/ds = (q − p) / T, plus the CE term in the same store
             grad = grad_factor * (q - p)
             if HAS_LABELS:
-                grad += _ce_grad(
+                grad += ce_grad(
                     s, q, offs, m_s, log_d_ce, label, label_ok, hard_grad_scale, CE_SHARES_NORMALISER
                 )
-            _store_grad(g_ptr, row, V, offs, grad)
+            store_grad(g_ptr, row, V, offs, grad)
         elif STUDENT_GRAD:
             u_acc += u
     # a divergence is never negative (rounding of a tiny one); NaN stays NaN
@@ -354,10 +354,10 @@ def _mixture_fwd_kernel(
             )
             grad = grad_factor * (u - q * sum_u)
             if HAS_LABELS:
-                grad += _ce_grad(
+                grad += ce_grad(
                     s, q, offs, m_s, log_d_ce, label, label_ok, hard_grad_scale, CE_SHARES_NORMALISER
                 )
-            _store_grad(g_ptr, row, V, offs, grad)
+            store_grad(g_ptr, row, V, offs, grad)
 
 
 def launch_config(vocab: int, teachers: int) -> tuple[int, int, int]:

@@ -12,7 +12,7 @@ every bandwidth's kernel value (forward) or gradient coefficient (backward)
 is formed in registers. Squared distances come from the norms,
 ``‖a‖² + ‖b‖² − 2 a·b`` clamped at 0, exactly as on CPU, after the samples
 are shifted by a common centre for which every subtraction is exact (see
-``_centred``: distances and gradients unchanged, the norms no longer grow
+``_centred``: distances and gradients unchanged, the norms do not grow
 with a common offset):
 
 - a point against itself (the diagonal of a within-sample term) has distance

@@ -52,7 +52,7 @@ re-read goes to HBM (3 N·V·b in all).
 
 Precision: the stream's element math is float32 (bf16 / fp16 widened on
 load, gradients rounded to the input dtype on store; each chunk's Σ exp is
-summed in float64 by kernels/divergence.py's online log-sum-exp); the k
+summed in float64 by kernels/_divergence_math.py's online_normaliser); the k
 support terms, the
 normaliser Σe and R are float64, as on CPU, so the divergence of a student
 that matches the teacher closely (a tiny ℓ, a difference of nearly equal
@@ -89,25 +89,28 @@ from ._common import (
     guard_device,
     log1p,
     max_nan,
+    row_launch_config,
     stored_dtype,
 )
-from .divergence import (
-    _excluded_row_loss,
-    _half_sign,
-    _logaddexp,
-    _logit_at,
-    _online_max_sum_exp,
-    _rescaled_sum_exp,
-    _zero_grad_row,
-    _zero_where_zero,
+from ._divergence_math import (
     check_kept_label_range,
     check_labels,
     check_row_mask,
     check_scalars,
-    launch_config,
+    excluded_row_loss,
+    half_sign,
+    logaddexp,
+    logit_at,
+    online_normaliser,
+    rescaled_sum_exp,
+    zero_grad_row,
+    zero_where_zero,
 )
 
 __all__ = ["KINDS", "topk_divergence_forward"]
+
+# (BLOCK, num_warps) for rows of V logits, as the divergence kernel streams them.
+launch_config = row_launch_config
 
 # The kinds the op takes, REVERSE_KL excluded.
 KINDS = tuple(kind for kind in DivergenceKind if kind != DivergenceKind.REVERSE_KL)
@@ -166,7 +169,7 @@ def _off_support_slope(c, log_c, log_one_minus_c, one_minus_c, KIND: tl.constexp
 @triton.jit
 def _xlog_ratio(x, log_x, log_y):
     # x (log x − log y) with the xlogy rule: 0 where x is 0
-    return _zero_where_zero(x, x * (log_x - log_y))
+    return zero_where_zero(x, x * (log_x - log_y))
 
 
 @triton.jit
@@ -181,18 +184,18 @@ def _support_terms(log_q, log_p, c, one_minus_c, log_c, log_one_minus_c, KIND: t
         qg = -p
     elif KIND == JSD:
         # m = β p + (1−β) q (log space);  ℓ = β KL(p‖m) + (1−β) KL(q‖m);  g = (1−β) log(q/m)
-        log_m = _logaddexp(log_c + log_p, log_one_minus_c + log_q)
+        log_m = logaddexp(log_c + log_p, log_one_minus_c + log_q)
         q_term = _xlog_ratio(q, log_q, log_m)
         loss = c * _xlog_ratio(p, log_p, log_m) + one_minus_c * q_term
         qg = one_minus_c * q_term
     elif KIND == SKEW_KL:
         # m = α p + (1−α) q;  ℓ = KL(p‖m);  g = −(1−α) p/m
-        log_m = _logaddexp(log_c + log_p, log_one_minus_c + log_q)
+        log_m = logaddexp(log_c + log_p, log_one_minus_c + log_q)
         loss = _xlog_ratio(p, log_p, log_m)
-        qg = -one_minus_c * _zero_where_zero(p, tl.exp(log_q + log_p - log_m))
+        qg = -one_minus_c * zero_where_zero(p, tl.exp(log_q + log_p - log_m))
     elif KIND == SKEW_REVERSE_KL:
         # m = α q + (1−α) p;  ℓ = KL(q‖m);  g = log(q/m) + (1−α) p/m
-        log_m = _logaddexp(log_c + log_q, log_one_minus_c + log_p)
+        log_m = logaddexp(log_c + log_q, log_one_minus_c + log_p)
         loss = _xlog_ratio(q, log_q, log_m)
         mix = one_minus_c * tl.exp(log_q + log_p - log_m)
         qg = loss + tl.where((q == 0.0) | (p == 0.0), 0.0, mix)
@@ -201,7 +204,7 @@ def _support_terms(log_q, log_p, c, one_minus_c, log_c, log_one_minus_c, KIND: t
         # TVD = ½ Σ |p − q|;  g = ½ sign(q − p)
         d = q - p
         loss = 0.5 * tl.abs(d)
-        qg = q * _half_sign(d)
+        qg = q * half_sign(d)
     return loss, qg
 
 
@@ -239,9 +242,9 @@ def _topk_divergence_fwd_kernel(
 
     if HAS_MASK:
         if tl.load(mask_ptr + row) == 0:
-            _excluded_row_loss(loss_ptr, ce_ptr, row, HAS_LABELS)
+            excluded_row_loss(loss_ptr, ce_ptr, row, HAS_LABELS)
             if STUDENT_GRAD:
-                _zero_grad_row(g_ptr, row, V, cols, BLOCK)
+                zero_grad_row(g_ptr, row, V, cols, BLOCK)
             return
 
     s_row = s_ptr + row * stride_s
@@ -254,7 +257,7 @@ def _topk_divergence_fwd_kernel(
     # the ids read −inf (no off-support entry at all leaves max −inf, sum 0);
     # with labels at T ≠ 1 also their Σ exp(s − max)
     m_off = float("-inf")
-    d_off = tl.zeros([], tl.float64)  # _online_max_sum_exp sums in float64
+    d_off = tl.zeros([], tl.float64)  # online_normaliser sums in float64
     d_ce_off = tl.zeros([], tl.float64)
     cursor = 0
     for start in range(0, V, BLOCK):
@@ -262,9 +265,9 @@ def _topk_divergence_fwd_kernel(
         hits, cursor = _chunk_hits(sorted_row, cursor, K, start, offs, BLOCK)
         x = tl.load(s_row + offs, mask=(offs < V) & ~hits, other=float("-inf")).to(tl.float32)
         m_prev = m_off
-        m_off, d_off, _ = _online_max_sum_exp(m_off, d_off, 0, x, offs, V, inv_temperature, False)
+        m_off, d_off, _ = online_normaliser(m_off, d_off, 0, x, offs, V, inv_temperature, False)
         if CE_OWN_SUM:
-            d_ce_off = _rescaled_sum_exp(d_ce_off, m_prev, m_off, x)
+            d_ce_off = rescaled_sum_exp(d_ce_off, m_prev, m_off, x)
 
     # support 1: the row max over the ids too, and the teacher's max
     m_s = m_off
@@ -312,7 +315,7 @@ def _topk_divergence_fwd_kernel(
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         label_ok = (label >= 0) & (label < V)
-        s_label = _logit_at(s_row, tl.where(label_ok, label, 0), V)
+        s_label = logit_at(s_row, tl.where(label_ok, label, 0), V)
         if CE_SHARES_NORMALISER:
             log_ce = log_total
         else:
