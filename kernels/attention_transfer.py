@@ -1,4 +1,4 @@
-"""Attention transfer (SPEC §5, RepDistiller ``Attention``) in Triton: at_loss's ``triton`` backend.
+"""Attention transfer (docs/spec.md §5, RepDistiller ``Attention``) in Triton: at_loss's ``triton`` backend.
 
 Same contracts as the C++ ops ``fastkd::attention_transfer_forward`` and
 ``fastkd::attention_transfer_backward`` (csrc/fastkd.cpp,
@@ -46,16 +46,21 @@ on CPU tensors, which is how the tests check them without a GPU.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from ._common import (
+    DEVICE_TYPE,  # noqa: F401  (re-exported: callers ask a module where its kernels run)
+    check_pair,
+    check_positive,
+    check_tensor,
+    guard_device,
+    stored_dtype,
+)
 
 __all__ = ["attention_transfer_backward", "attention_transfer_forward"]
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Elements of one [BLOCK_C, BLOCK_K] tile of a map: 16 per thread at 8 warps.
 MAX_TILE = 4096
 # The widest run of the contiguous axis in one tile (channels for
@@ -244,8 +249,6 @@ def _attention_map_grad_kernel(
     tl.store(out_ptr + n * stride_n + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# The kernels run where triton.jit put them: the interpreter on CPU tensors, or CUDA.
-DEVICE_TYPE = "cpu" if isinstance(_attention_map_kernel, InterpretedFunction) else "cuda"
 
 
 def _reads_channels_last(x: torch.Tensor) -> bool:
@@ -312,23 +315,12 @@ def _attention_maps(maps: _Maps, p: int) -> torch.Tensor:
 def _check_maps(student, teacher, p, eps) -> None:
     """The checks of csrc/cpu/attention_transfer.cpp (check_at_args) as ValueError."""
     for name, x in (("student", student), ("teacher", teacher)):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-        if x.dtype not in DTYPES:
-            raise ValueError(f"{name} must be float32, bfloat16 or float16 for triton, got {x.dtype}")
-        if x.device.type != DEVICE_TYPE:
-            takes = "CPU tensors (TRITON_INTERPRET=1)" if DEVICE_TYPE == "cpu" else "CUDA tensors"
-            raise ValueError(f"{name} is on {x.device}, but this triton kernel takes {takes}")
+        check_tensor(name, x, 4, "N, C, H, W")
         if x.numel() == 0:
             raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
         if x[0].numel() > MAX_SAMPLE_ELEMENTS:
             raise ValueError(f"{name} has {x[0].numel()} elements per sample, over {MAX_SAMPLE_ELEMENTS}")
-    if student.dtype != teacher.dtype:
-        raise ValueError(f"student ({student.dtype}) and teacher ({teacher.dtype}) must have the same dtype")
-    if student.device != teacher.device:
-        raise ValueError(f"student ({student.device}) and teacher ({teacher.device}) must share a device")
+    check_pair("student", student, "teacher", teacher)
     if student.shape[0] != teacher.shape[0]:
         raise ValueError(
             f"student and teacher must have the same batch size N, got {student.shape[0]}, {teacher.shape[0]}"
@@ -340,10 +332,10 @@ def _check_maps(student, teacher, p, eps) -> None:
         )
     if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p < 2**31:
         raise ValueError(f"p must be an integer in [1, 2**31), got {p!r}")
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be finite and > 0, got {eps}")
+    check_positive("eps", eps)
 
 
+@guard_device
 def attention_transfer_forward(
     student: torch.Tensor, teacher: torch.Tensor, p: int, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -375,6 +367,7 @@ def attention_transfer_forward(
     return row_loss.sum() / (n * hw), s_norm, t_norm
 
 
+@guard_device
 def attention_transfer_backward(
     grad: torch.Tensor,
     student: torch.Tensor,
@@ -421,16 +414,12 @@ def attention_transfer_backward(
         g_s, g_t, s_norm.contiguous(), t_norm.contiguous(), grad.reshape(()).to(torch.float32),
         hw, 2.0 / (n * hw), float(eps), BLOCK=block, num_warps=num_warps,
     )
-    # The interpreter truncates float32 → bfloat16 on store (CUDA rounds to
-    # nearest even): under it, bf16 gradients are stored in float32 and
-    # rounded by torch (as kernels/divergence.py does).
-    interpreted_bf16 = DEVICE_TYPE == "cpu" and student.dtype == torch.bfloat16
     out = []
     for maps, g, wanted in ((s_maps, g_s, student_grad), (t_maps, g_t, teacher_grad)):
         if not wanted:
             out.append(maps.data.new_empty((0,)))
             continue
-        result = maps.grad_buffer(torch.float32 if interpreted_bf16 else maps.data.dtype)
+        result = maps.grad_buffer(stored_dtype(maps.data.dtype))
         block_c, block_k, num_warps = maps.tile()
         grid = (n, _tiles(hw, block_k, "positions"), _tiles(maps.channels, block_c, "channels"))
         _attention_map_grad_kernel[grid](

@@ -1,4 +1,5 @@
-"""CRD's NCE loss (SPEC §4, RepDistiller ``CRDLoss``) in Triton, the ``triton`` backend of ``fastkd.crd_nce``.
+"""CRD's NCE loss (docs/spec.md §4, RepDistiller ``CRDLoss``) in Triton, the ``triton``
+backend of ``fastkd.crd_nce``.
 
 Same contract as the C++ op ``fastkd::crd_nce_forward`` (csrc/fastkd.cpp),
 whose CPU implementation (csrc/cpu/crd.cpp) derives the terms. For sample b
@@ -40,7 +41,14 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from ._common import (
+    DEVICE_TYPE,  # noqa: F401  (re-exported: callers ask a module where its kernels run)
+    check_positive,
+    check_tensor,
+    guard_device,
+    log1p,
+)
 
 __all__ = ["MAX_FEAT_DIM", "crd_nce_forward"]
 
@@ -54,16 +62,6 @@ MAX_FEAT_DIM = 8192
 _TILE = 4096
 # Programs to aim for when splitting the columns: several per SM on a 132-SM GPU.
 _TARGET_PROGRAMS = 1024
-
-
-@triton.jit
-def _log1p(x):
-    # log(1 + x) = log(u) · x / (u − 1) with u = fl(1 + x) (Goldberg 1991,
-    # Theorem 4): exact to a few ulp for the tiny P_k / c' of the negatives,
-    # where log(1 + x) would round x away; libdevice's log1p is off limits
-    # (the interpreter has no libdevice). x = +inf gives +inf.
-    u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.where(u == float("inf"), u, tl.log(u) * (x / (u - 1.0))))
 
 
 @triton.jit
@@ -152,8 +150,8 @@ def _crd_nce_kernel(
         # −log(P0 / (P0 + c')) = log1p(c' / P0);  −log(c / (Pk + c')) − log(c'/c) = log1p(Pk / c')
         # P0 = inf (an infinite score): the ratio is inf / inf, NaN, where
         # log1p(c' / P0) would give 0
-        term_positive = tl.where(p == float("inf"), float("nan"), _log1p(c_eps / p))
-        term = tl.where(positive, term_positive, _log1p(p * inv_c_eps))
+        term_positive = tl.where(p == float("inf"), float("nan"), log1p(c_eps / p))
+        term = tl.where(positive, term_positive, log1p(p * inv_c_eps))
         loss += tl.where(col_ok, term, 0.0).to(tl.float64)
         if WANT_GRAD:
             # d/ds: −c' / (T (P0 + c')) for the positive, Pk / (T (Pk + c')) for a negative
@@ -165,8 +163,6 @@ def _crd_nce_kernel(
         tl.store(grad_ptr + (split * B + b) * D + d, grad, mask=d_ok)
 
 
-# The kernels run where triton.jit put them: the interpreter on CPU tensors, or CUDA.
-DEVICE_TYPE = "cpu" if isinstance(_crd_nce_kernel, InterpretedFunction) else "cuda"
 
 
 def launch_config(batch: int, cols: int, dim: int) -> dict:
@@ -189,13 +185,7 @@ def launch_config(batch: int, cols: int, dim: int) -> dict:
 def _check_args(v, bank, contrast_idx, z, inv_temperature, want_grad) -> None:
     """The checks of csrc/cpu/crd.cpp's check_crd_args as ValueError, float32 only."""
     for name, x in (("v", v), ("bank", bank), ("contrast_idx", contrast_idx)):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
-        if x.device.type != DEVICE_TYPE:
-            takes = "CPU tensors (TRITON_INTERPRET=1)" if DEVICE_TYPE == "cpu" else "CUDA tensors"
-            raise ValueError(f"{name} is on {x.device}, but this triton kernel takes {takes}")
+        check_tensor(name, x, 2, dtypes=None)
     if v.dtype != torch.float32 or bank.dtype != torch.float32:
         raise ValueError(f"v and bank must be float32 for triton, got {v.dtype} and {bank.dtype}")
     if bank.device != v.device or contrast_idx.device != v.device:
@@ -224,12 +214,12 @@ def _check_args(v, bank, contrast_idx, z, inv_temperature, want_grad) -> None:
             )
     if not math.isfinite(z):
         raise ValueError(f"z must be finite, got {z}")
-    if not (math.isfinite(inv_temperature) and inv_temperature > 0):
-        raise ValueError(f"inv_temperature must be finite and > 0, got {inv_temperature}")
+    check_positive("inv_temperature", inv_temperature)
     if not isinstance(want_grad, bool):
         raise ValueError(f"want_grad must be a bool, got {type(want_grad).__name__}")
 
 
+@guard_device
 def crd_nce_forward(
     v: torch.Tensor,
     bank: torch.Tensor,

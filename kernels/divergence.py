@@ -1,4 +1,4 @@
-"""Fused softmax divergences (SPEC §1) in Triton, the ``triton`` backend of ``fastkd.divergence``.
+"""Fused softmax divergences (docs/spec.md §1) in Triton, the ``triton`` backend of ``fastkd.divergence``.
 
 Same contract as the C++ op ``fastkd::divergence_forward`` (csrc/fastkd.cpp),
 the per-element math of ``csrc/common/divergence_math.h`` (whose comment
@@ -40,178 +40,57 @@ Everything is accumulated in float32 except the normalisers Σ exp, summed
 the log ratio log(q/p) = (s − t)/T − row constant is rounded once; the
 mixture divergences (JSD, skew) are written in that log ratio rather than as
 differences of log-probabilities, which at T = 100 cancel to ~1e-3 of their
-magnitude (their error went from about 2× the float32 reference's to 0.1–0.6×
-of it). bf16 / fp16 logits are widened as they are loaded and the gradients
-rounded to the input dtype as they are stored.
+magnitude (their error is 0.1–0.6× the float32 reference's). bf16 / fp16
+logits are widened as they are loaded and the gradients rounded to the input
+dtype as they are stored.
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernel runs
 on CPU tensors, which is how the tests check it without a GPU.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from fastkd._enums import DivergenceKind
+
+from ._common import (
+    DEVICE_TYPE,  # noqa: F401  (re-exported: callers ask a module where its kernels run)
+    KL,
+    REVERSE_KL,
+    check_pair,
+    check_tensor,
+    guard_device,
+    row_launch_config,
+    stored_dtype,
+)
+from ._divergence_math import (
+    ce_grad,
+    check_kept_label_range,
+    check_labels,
+    check_row_mask,
+    check_scalars,
+    coefficient_terms,
+    element_terms,
+    excluded_row_loss,
+    logit_at,
+    online_normaliser,
+    rescaled_sum_exp,
+    store_grad,
+    zero_grad_row,
+)
 
 __all__ = ["divergence_forward"]
 
-# fastkd::divergence::Kind (csrc/common/divergence_math.h).
-KL, REVERSE_KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD = range(6)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Widest chunk of a row one loop iteration holds, with 8 elements per thread:
-# at 4096 and 16 warps ptxas (sm_90) reports about 100 registers and no
-# spills for every kind. The interpreter pays milliseconds per iteration, so
-# it wants wide chunks too.
-MAX_BLOCK = 4096
-_ELEMENTS_PER_THREAD = 8
-
-
-@triton.jit
-def _zero_where_zero(gate, value):
-    # The xlogy rule: gate == 0 → 0 (even where value is NaN); a NaN gate keeps the value.
-    return tl.where(gate == 0.0, 0.0, value)
-
-
-@triton.jit
-def _max_nan(a, b):
-    # max that propagates NaN from either side
-    return tl.where((a != a) | (a > b), a, b)
-
-
-@triton.jit
-def _min_nan(a, b):
-    return tl.where((a != a) | (a < b), a, b)
-
-
-@triton.jit
-def _log1p(x):
-    # log(1 + x) = log(u) · x / (u − 1) with u = fl(1 + x) (Goldberg 1991,
-    # Theorem 4): the ratio cancels the rounding of 1 + x; libdevice's log1p
-    # is off limits (the interpreter has no libdevice).
-    u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
-
-
-@triton.jit
-def _logaddexp(a, b):
-    # log(e^a + e^b) = hi + log1p(e^(lo − hi)); −inf when both are −inf (no NaN)
-    hi = _max_nan(a, b)
-    lo = _min_nan(a, b)
-    return tl.where(hi == float("-inf"), float("-inf"), hi + _log1p(tl.exp(lo - hi)))
-
-
-@triton.jit
-def _half_sign(d):
-    # ½ sign(d) with sign(0) = 0 (torch.abs's subgradient)
-    return tl.where(d > 0.0, 0.5, tl.where(d < 0.0, -0.5, 0.0))
-
-
-@triton.jit
-def _expm1(x):
-    # e^x − 1 = (u − 1) · x / log u with u = fl(e^x) (Kahan): the ratio cancels
-    # the rounding of u; accurate for the |x| < 1 it is used at
-    u = tl.exp(x)
-    return tl.where(u == 1.0, x, (u - 1.0) * (x / tl.log(u)))
-
-
-@triton.jit
-def _log_mixture_ratio(d, one_minus_c, log_c, log_one_minus_c):
-    # log(c + (1 − c) e^d) for a log ratio d: the log of m / (the reference
-    # side) for m = c·ref + (1 − c)·other and d = log(other / ref). Near d = 0
-    # the result is near 0 and is formed as log1p((1 − c) expm1(d)), so no
-    # difference of two log-probabilities of magnitude ~log V is taken.
-    near = _log1p(one_minus_c * _expm1(d))
-    far = _logaddexp(log_c + tl.zeros_like(d), log_one_minus_c + d)
-    return tl.where(tl.abs(d) < 1.0, near, far)
-
-
-@triton.jit
-def _element_terms(
-    p, q, log_ratio, ratio_q, ratio_p, c, one_minus_c, log_c, log_one_minus_c, KIND: tl.constexpr
-):
-    """Per-element (loss, u, v, p, q) of divergence KIND: element_terms() of divergence_math.h.
-
-    u = q ∂L/∂q and v = p ∂L/∂p, less the terms proportional to q (p) that
-    cancel in the softmax Jacobian, including a row constant: ratio_q is
-    log(q/p) and ratio_p is log(p/q), each minus its value at the mode of
-    q (p). c is β (JSD) or α (skew). log_ratio is log(q/p) itself, formed
-    from the logit difference and one row constant (see _terms_at), which
-    every log ratio below is written in: the same quantities as
-    divergence_math.h's, with the cancellation of log p − log q (both ~log V,
-    their difference ~1e-3 at T = 100) taken out of the per-element work.
-    """
-    if KIND == 0:
-        # KL(p‖q) = Σ p (log p − log q);  u = −p,  v = p (log p − log q − c_p)
-        loss = _zero_where_zero(p, -p * log_ratio)
-        u = -p
-        v = _zero_where_zero(p, p * ratio_p)
-    elif KIND == 1:
-        # KL(q‖p) = Σ q (log q − log p);  u = q (log q − log p − c_q),  v = −q
-        loss = _zero_where_zero(q, q * log_ratio)
-        u = _zero_where_zero(q, q * ratio_q)
-        v = -q
-    elif KIND == 2:
-        # m = β p + (1−β) q;  L = β KL(p‖m) + (1−β) KL(q‖m)
-        # u = (1−β) q (log q − log m),  v = β p (log p − log m)
-        # with log(m/p) = log(β + (1−β) q/p) and log(m/q) = log((1−β) + β p/q)
-        # (each finite where its own probability is positive)
-        log_m_over_p = _log_mixture_ratio(log_ratio, one_minus_c, log_c, log_one_minus_c)
-        log_m_over_q = _log_mixture_ratio(-log_ratio, c, log_one_minus_c, log_c)
-        u = one_minus_c * _zero_where_zero(q, -q * log_m_over_q)
-        v = c * _zero_where_zero(p, -p * log_m_over_p)
-        loss = v + u
-    elif KIND == 3:
-        # m = α p + (1−α) q;  L = KL(p‖m)
-        # u = −(1−α) q p / m,  v = p (log p − log m) − α p² / m,  p / m = e^(−log(m/p))
-        log_m_over_p = _log_mixture_ratio(log_ratio, one_minus_c, log_c, log_one_minus_c)
-        p_over_m = tl.exp(-log_m_over_p)
-        loss = _zero_where_zero(p, -p * log_m_over_p)
-        u = -one_minus_c * _zero_where_zero(p, q * p_over_m)
-        v = loss - c * _zero_where_zero(p, p * p_over_m)
-    elif KIND == 4:
-        # m = α q + (1−α) p;  L = KL(q‖m)  (KIND 3 with the roles swapped:
-        # log(m/q) = log(α + (1−α) p/q), p/q = e^(−log_ratio))
-        log_m_over_q = _log_mixture_ratio(-log_ratio, one_minus_c, log_c, log_one_minus_c)
-        q_over_m = tl.exp(-log_m_over_q)
-        loss = _zero_where_zero(q, -q * log_m_over_q)
-        u = loss - c * _zero_where_zero(q, q * q_over_m)
-        v = -one_minus_c * _zero_where_zero(q, p * q_over_m)
-    else:
-        tl.static_assert(KIND == 5, "unknown divergence kind")
-        # TVD = ½ Σ |p − q|;  u = q · ½ sign(q − p),  v = −p · ½ sign(q − p)
-        d = q - p
-        hs = _half_sign(d)
-        loss = 0.5 * tl.abs(d)
-        u = q * hs
-        v = -p * hs
-    return loss, u, v, p, q
+# (BLOCK, num_warps) for rows of V logits.
+launch_config = row_launch_config
 
 
 @triton.jit
 def _softmax_grad(term, prob, term_sum, factor):
     # dL/dx_j = (term_j − prob_j Σ term) / T, times grad_scale (factor = grad_scale / T)
     return factor * (term - prob * term_sum)
-
-
-@triton.jit
-def _online_max_sum_exp(m, d, at, x, offs, V, inv_temperature, TRACK_AT: tl.constexpr):
-    # Running m = max x, d = Σ exp((x − m) / T) and (if TRACK_AT) `at`, the
-    # first index holding m (V while there is none), after the chunk x. While
-    # the row has been all −inf the shift is 0, so no −inf − (−inf) appears;
-    # a NaN (or +inf) logit makes d NaN. d is float64: the chunk's terms are
-    # summed in float64, so log d (and the log ratio's row constant built
-    # from it) carry about float32's rounding of one value, not of a sum.
-    chunk_max = tl.max(x, 0)
-    if TRACK_AT:
-        at = tl.where(chunk_max > m, tl.min(tl.where(x == chunk_max, offs, V), 0), at)
-    m_new = _max_nan(m, chunk_max)
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    rescale = tl.exp((m - shift) * inv_temperature).to(tl.float64)
-    d = d * rescale + tl.sum(tl.exp((x - shift) * inv_temperature).to(tl.float64), 0)
-    return m_new, d, at
 
 
 @triton.jit
@@ -257,44 +136,9 @@ def _terms_at(
     bound_logits = tl.abs((s - t) * inv_temperature) + tl.abs(row_shift)
     bound_maxima = tl.abs(a_s) + tl.abs(a_t) + tl.abs(log_d_gap)
     log_ratio = tl.where(bound_logits <= bound_maxima, by_logits, by_maxima)
-    return _element_terms(
+    return element_terms(
         tl.exp(logp), tl.exp(logq), log_ratio, ratio_q, ratio_p, c, one_minus_c, log_c, log_one_minus_c, KIND
     )
-
-
-@triton.jit
-def _store_grad(g_ptr, row, V, offs, grad):
-    # one chunk of row `row` of a contiguous [N, V] gradient, rounded to its dtype
-    tl.store(g_ptr + row * V + offs, grad.to(g_ptr.dtype.element_ty), mask=offs < V)
-
-
-@triton.jit
-def _logit_at(x_row, at, V):
-    # x[at] in float32, for an index already clamped into the row (masked for V = 0)
-    return tl.load(x_row + at, mask=at < V, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _rescaled_sum_exp(d, m_old, m_new, x):
-    # Σ exp(x − m) at temperature 1, online, sharing the running max m of the
-    # same logits at temperature T (max x is the same at every T > 0): d was
-    # relative to m_old, the result is relative to m_new. Float64 sums, the
-    # shift rule and the NaN behaviour of _online_max_sum_exp.
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return d * tl.exp(m_old - shift).to(tl.float64) + tl.sum(tl.exp(x - shift).to(tl.float64), 0)
-
-
-@triton.jit
-def _ce_grad(s, q, offs, m_s, log_d_ce, label, label_ok, hard_grad_scale, CE_SHARES_NORMALISER: tl.constexpr):
-    # hard_grad_scale · d(CE)/ds_j = hard_grad_scale · (softmax(s)_j − [j = y]);
-    # at T = 1 softmax(s) is q itself, otherwise one exp per element. A row
-    # whose label is not a class id gets NaN (the kernel's own guard).
-    if CE_SHARES_NORMALISER:
-        prob = q
-    else:
-        prob = tl.exp((s - m_s) - log_d_ce)
-    term = hard_grad_scale * (prob - tl.where(offs == label, 1.0, 0.0))
-    return tl.where(label_ok, term, float("nan"))
 
 
 @triton.jit
@@ -329,26 +173,20 @@ def _divergence_fwd_kernel(
     cols = tl.arange(0, BLOCK)
     # KL with only the student gradient: Σu = −Σp = −1 is known in advance,
     # so the gradient is written in pass 2 and pass 3 is skipped.
-    FUSED_KL_GRAD: tl.constexpr = KIND == 0 and STUDENT_GRAD and not TEACHER_GRAD
+    FUSED_KL_GRAD: tl.constexpr = KIND == KL and STUDENT_GRAD and not TEACHER_GRAD
     # The gradients whose unbounded log ratios are shifted by their value at
     # the mode (divergence_math.h): REVERSE_KL's u and KL's v.
-    NEED_MODES: tl.constexpr = (KIND == 1 and STUDENT_GRAD) or (KIND == 0 and TEACHER_GRAD)
+    NEED_MODES: tl.constexpr = (KIND == REVERSE_KL and STUDENT_GRAD) or (KIND == KL and TEACHER_GRAD)
     # The CE's own Σ exp(s − max) at temperature 1 (pass 1)
     CE_OWN_SUM: tl.constexpr = HAS_LABELS and not CE_SHARES_NORMALISER
 
     if HAS_MASK:
         if tl.load(mask_ptr + row) == 0:
-            # excluded row: ℓ = 0 (and CE = 0) and zero gradients, without
-            # reading the logits or the label
-            tl.store(loss_ptr + row, 0.0)
-            if HAS_LABELS:
-                tl.store(ce_ptr + row, 0.0)
-            zero = tl.zeros([BLOCK], tl.float32)
-            for start in range(0, V, BLOCK):
-                if STUDENT_GRAD:
-                    _store_grad(gs_ptr, row, V, start + cols, zero)
-                if TEACHER_GRAD:
-                    _store_grad(gt_ptr, row, V, start + cols, zero)
+            excluded_row_loss(loss_ptr, ce_ptr, row, HAS_LABELS)
+            if STUDENT_GRAD:
+                zero_grad_row(gs_ptr, row, V, cols, BLOCK)
+            if TEACHER_GRAD:
+                zero_grad_row(gt_ptr, row, V, cols, BLOCK)
             return
 
     s_row = s_ptr + row * stride_s
@@ -369,10 +207,10 @@ def _divergence_fwd_kernel(
         offs = start + cols
         s, t = _load_chunk(s_row, t_row, offs, V)
         m_prev = m_s
-        m_s, d_s, s_at = _online_max_sum_exp(m_s, d_s, s_at, s, offs, V, inv_temperature, NEED_MODES)
-        m_t, d_t, t_at = _online_max_sum_exp(m_t, d_t, t_at, t, offs, V, inv_temperature, NEED_MODES)
+        m_s, d_s, s_at = online_normaliser(m_s, d_s, s_at, s, offs, V, inv_temperature, NEED_MODES)
+        m_t, d_t, t_at = online_normaliser(m_t, d_t, t_at, t, offs, V, inv_temperature, NEED_MODES)
         if CE_OWN_SUM:
-            d_ce = _rescaled_sum_exp(d_ce, m_prev, m_s, s)
+            d_ce = rescaled_sum_exp(d_ce, m_prev, m_s, s)
     log_d_s64 = tl.log(d_s)
     log_d_t64 = tl.log(d_t)
     # in float64, then rounded once: the row constant of log(q/p)
@@ -391,10 +229,10 @@ def _divergence_fwd_kernel(
         # the loads in the row, as in the CPU and CUDA kernels
         s_at = tl.where(s_at < V, s_at, 0)
         t_at = tl.where(t_at < V, t_at, 0)
-        s_mode = _logit_at(s_row, s_at, V)
-        t_at_s_mode = _logit_at(t_row, s_at, V)
-        t_mode = _logit_at(t_row, t_at, V)
-        s_at_t_mode = _logit_at(s_row, t_at, V)
+        s_mode = logit_at(s_row, s_at, V)
+        t_at_s_mode = logit_at(t_row, s_at, V)
+        t_mode = logit_at(t_row, t_at, V)
+        s_at_t_mode = logit_at(s_row, t_at, V)
         # a mode where the other side is −inf (an infinite divergence):
         # shifting by an infinite log ratio would make every term NaN; shift
         # by the maxima instead, so the gradient is −inf / NaN where the
@@ -416,7 +254,7 @@ def _divergence_fwd_kernel(
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         label_ok = (label >= 0) & (label < V)
-        s_label = _logit_at(s_row, tl.where(label_ok, label, 0), V)
+        s_label = logit_at(s_row, tl.where(label_ok, label, 0), V)
         if CE_SHARES_NORMALISER:
             log_d_ce64 = log_d_s64
         else:
@@ -442,10 +280,10 @@ def _divergence_fwd_kernel(
             # dKL/ds = (q − p) / T, plus the CE term in the same store
             grad = _softmax_grad(u, q, -1.0, grad_factor)
             if HAS_LABELS:
-                grad += _ce_grad(
+                grad += ce_grad(
                     s, q, offs, m_s, log_d_ce, label, label_ok, hard_grad_scale, CE_SHARES_NORMALISER
                 )
-            _store_grad(gs_ptr, row, V, offs, grad)
+            store_grad(gs_ptr, row, V, offs, grad)
         else:
             if STUDENT_GRAD:
                 u_acc += u
@@ -470,44 +308,18 @@ def _divergence_fwd_kernel(
             if STUDENT_GRAD:
                 grad = _softmax_grad(u, q, sum_u, grad_factor)
                 if HAS_LABELS:
-                    grad += _ce_grad(
+                    grad += ce_grad(
                         s, q, offs, m_s, log_d_ce, label, label_ok, hard_grad_scale, CE_SHARES_NORMALISER
                     )
-                _store_grad(gs_ptr, row, V, offs, grad)
+                store_grad(gs_ptr, row, V, offs, grad)
             if TEACHER_GRAD:
-                _store_grad(gt_ptr, row, V, offs, _softmax_grad(v, p, sum_v, grad_factor))
-
-
-# The kernel runs where triton.jit put it: the interpreter on CPU tensors, or CUDA.
-DEVICE_TYPE = "cpu" if isinstance(_divergence_fwd_kernel, InterpretedFunction) else "cuda"
-
-
-def launch_config(vocab: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for rows of ``vocab`` logits."""
-    block = min(triton.next_power_of_2(max(vocab, 1)), MAX_BLOCK)
-    return block, max(1, min(16, block // (32 * _ELEMENTS_PER_THREAD)))
-
-
-def coefficient_terms(kind: int, coef: float) -> tuple[float, float, float, float]:
-    """(c, 1 − c, log c, log(1 − c)) for the kernel; only JSD and the skew kinds read them."""
-    if kind not in (JSD, SKEW_KL, SKEW_REVERSE_KL):
-        return 0.0, 1.0, -math.inf, 0.0
-    c = float(coef)
-    return c, 1.0 - c, math.log(c), math.log1p(-c) if c < 1.0 else -math.inf
+                store_grad(gt_ptr, row, V, offs, _softmax_grad(v, p, sum_v, grad_factor))
 
 
 def _check_args(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale) -> None:
     """The checks of csrc/common/checks.h as ValueError, and the device the kernel runs on."""
     for name, x in (("student", student), ("teacher", teacher)):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (N, V), got shape {tuple(x.shape)}")
-        if x.dtype not in DTYPES:
-            raise ValueError(f"{name} must be float32, bfloat16 or float16 for triton, got {x.dtype}")
-        if x.device.type != DEVICE_TYPE:
-            takes = "CPU tensors (TRITON_INTERPRET=1)" if DEVICE_TYPE == "cpu" else "CUDA tensors"
-            raise ValueError(f"{name} is on {x.device}, but this triton kernel takes {takes}")
+        check_tensor(name, x, 2, "N, V")
         if x.shape[1] > 1 and x.stride(1) != 1:
             raise ValueError(f"{name} must have unit stride along V, got strides {x.stride()}")
         # any row stride, 0 (an expanded row) included: the logits are only
@@ -516,73 +328,14 @@ def _check_args(student, teacher, row_mask, kind, inv_temperature, coef, grad_sc
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in shape")
     if student.shape[1] < 1:
         raise ValueError("student must have at least one column (vocabulary entry)")
-    if student.dtype != teacher.dtype:
-        raise ValueError(f"student ({student.dtype}) and teacher ({teacher.dtype}) must have the same dtype")
-    if student.device != teacher.device:
-        raise ValueError(f"student ({student.device}) and teacher ({teacher.device}) must share a device")
+    check_pair("student", student, "teacher", teacher)
     check_row_mask(row_mask, student)
-    if not isinstance(kind, int) or isinstance(kind, bool) or not KL <= kind <= TVD:
+    if not isinstance(kind, int) or isinstance(kind, bool) or kind not in tuple(DivergenceKind):
         raise ValueError(f"kind must be an int in [0, 6), got {kind!r}")
     check_scalars(kind, inv_temperature, coef, grad_scale)
 
 
-def check_row_mask(row_mask, student: torch.Tensor) -> None:
-    """``row_mask``: None or an ``(N,)`` bool tensor on ``student``'s device (ValueError)."""
-    if row_mask is None:
-        return
-    if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
-        raise ValueError("row_mask must be None or a bool tensor")
-    if row_mask.shape != student.shape[:1]:
-        raise ValueError(f"row_mask must have shape ({student.shape[0]},), got {tuple(row_mask.shape)}")
-    if row_mask.device != student.device:
-        raise ValueError(f"row_mask ({row_mask.device}) must be on student's device ({student.device})")
-
-
-def check_scalars(kind: int, inv_temperature, coef, grad_scale) -> None:
-    """The scalar arguments every divergence launcher takes (``kind`` already checked) (ValueError)."""
-    if not (math.isfinite(inv_temperature) and inv_temperature > 0):
-        raise ValueError(f"inv_temperature must be finite and > 0, got {inv_temperature}")
-    if kind == JSD and not 0.0 < coef < 1.0:
-        raise ValueError(f"coef (beta) must be in (0, 1) for JSD, got {coef}")
-    if kind in (SKEW_KL, SKEW_REVERSE_KL) and not 0.0 < coef <= 1.0:
-        raise ValueError(f"coef (alpha) must be in (0, 1] for skew divergences, got {coef}")
-    if not math.isfinite(grad_scale):
-        raise ValueError(f"grad_scale must be finite, got {grad_scale}")
-
-
-def check_labels(labels, hard_grad_scale, student: torch.Tensor) -> None:
-    """``labels``: None or an ``(N,)`` int64 tensor on ``student``'s device; ``hard_grad_scale``
-    finite, and 0 without labels (ValueError). Their range: :func:`check_kept_label_range`."""
-    if not math.isfinite(hard_grad_scale):
-        raise ValueError(f"hard_grad_scale must be finite, got {hard_grad_scale}")
-    if labels is None:
-        if hard_grad_scale != 0.0:
-            raise ValueError(f"hard_grad_scale must be 0 without labels, got {hard_grad_scale}")
-        return
-    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
-        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"labels must be None or an int64 tensor, got {got}")
-    if labels.shape != student.shape[:1]:
-        raise ValueError(f"labels must have shape ({student.shape[0]},), got {tuple(labels.shape)}")
-    if labels.device != student.device:
-        raise ValueError(f"labels ({labels.device}) must be on student's device ({student.device})")
-
-
-def check_kept_label_range(labels, row_mask, vocab: int) -> None:
-    """Every kept row's label (``row_mask`` None: every row) lies in ``[0, vocab)``
-    (ValueError, in csrc/common/checks.h's words), before the kernel indexes the
-    row with it. One device sync on CUDA (the kernels' guard, a NaN row, stays
-    for the rows this cannot see)."""
-    if labels is None or labels.numel() == 0:
-        return
-    outside = (labels < 0) | (labels >= vocab)
-    if row_mask is not None:
-        outside &= row_mask
-    if bool(outside.any()):
-        row = int(outside.nonzero()[0, 0])
-        raise ValueError(f"labels of kept rows must lie in [0, {vocab}), got {int(labels[row])} at row {row}")
-
-
+@guard_device
 def divergence_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -630,12 +383,7 @@ def divergence_forward(
     has_labels = labels is not None
     row_loss = torch.empty(rows, dtype=torch.float32, device=student.device)
     row_ce = torch.empty(rows if has_labels else 0, dtype=torch.float32, device=student.device)
-    # The interpreter truncates float32 → bfloat16 (triton 3.7 casts there
-    # without a rounding mode) where CUDA rounds to nearest even, doubling the
-    # rounding error: under it, bf16 gradients are stored in float32 and
-    # rounded by torch.
-    interpreted_bf16 = DEVICE_TYPE == "cpu" and student.dtype == torch.bfloat16
-    grad_dtype = torch.float32 if interpreted_bf16 else student.dtype
+    grad_dtype = stored_dtype(student.dtype)
     grad_s = student.new_empty((rows, vocab) if student_grad else (0, 0), dtype=grad_dtype)
     grad_t = teacher.new_empty((rows, vocab) if teacher_grad else (0, 0), dtype=grad_dtype)
     if rows > 0:

@@ -1,4 +1,5 @@
-"""Decoupled knowledge distillation (DKD, SPEC §1) in Triton, the ``triton`` backend of ``fastkd.dkd_loss``.
+"""Decoupled knowledge distillation (DKD, docs/spec.md §1) in Triton, the ``triton``
+backend of ``fastkd.dkd_loss``.
 
 Same contract as the C++ op ``fastkd::dkd_forward`` (csrc/fastkd.cpp,
 csrc/cpu/dkd.cpp): row losses ``α·TCKD + β·NCKD`` and, if asked for, the
@@ -45,39 +46,34 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from ._common import (
+    DEVICE_TYPE,  # noqa: F401  (re-exported: callers ask a module where its kernels run)
+    check_finite,
+    check_pair,
+    check_positive,
+    check_tensor,
+    guard_device,
+    log1p,
+    online_max_sum_exp,
+    row_launch_config,
+    stored_dtype,
+)
 
 __all__ = ["dkd_forward"]
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # mdistiller's offset on the target logit in the non-target softmax.
 TARGET_OFFSET = tl.constexpr(1000.0)
-# Widest chunk of a row one loop iteration holds, 8 elements per thread (as
-# kernels/divergence.py): DKD rows are classification heads (C ≤ a few
-# thousand), so one chunk usually holds the whole row and pass 2 re-reads it
-# from L1 / L2.
-MAX_BLOCK = 4096
-_ELEMENTS_PER_THREAD = 8
-
-
-@triton.jit
-def _max_nan(a, b):
-    # max that propagates NaN from either side
-    return tl.where((a != a) | (a > b), a, b)
-
-
-@triton.jit
-def _log1p(x):
-    # log(1 + x) = log(u) · x / (u − 1) with u = fl(1 + x) (Goldberg 1991,
-    # Theorem 4); libdevice's log1p is off limits (the interpreter has none).
-    u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+# (BLOCK, num_warps) for rows of C logits. DKD rows are classification heads
+# (C ≤ a few thousand), so one chunk usually holds the whole row and pass 2
+# re-reads it from L1 / L2.
+launch_config = row_launch_config
 
 
 @triton.jit
 def _softplus(x):
     # log(1 + e^x) = max(x, 0) + log1p(e^−|x|): no overflow; NaN stays NaN
-    return tl.where(x > 0.0, x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+    return tl.where(x > 0.0, x, 0.0) + log1p(tl.exp(-tl.abs(x)))
 
 
 @triton.jit
@@ -85,17 +81,6 @@ def _xlogratio(log_p, log_q):
     # p (log p − log q) with 0 · anything = 0 (a NaN p keeps the NaN)
     p = tl.exp(log_p)
     return tl.where(p == 0.0, 0.0, p * (log_p - log_q))
-
-
-@triton.jit
-def _online_max_sum_exp(m, d, x, inv_temperature):
-    # Running m = max x, d = Σ exp((x − m) / T) after the chunk x. While
-    # everything seen is −inf the shift is 0, so no −inf − (−inf) appears; a
-    # NaN logit makes m (and so everything after) NaN.
-    m_new = _max_nan(m, tl.max(x, 0))
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    d = d * tl.exp((m - shift) * inv_temperature) + tl.sum(tl.exp((x - shift) * inv_temperature), 0)
-    return m_new, d
 
 
 @triton.jit
@@ -138,8 +123,8 @@ def _dkd_fwd_kernel(
         other = (offs < C) & (offs != y)
         s = tl.load(s_row + offs, mask=other, other=float("-inf")).to(tl.float32)
         t = tl.load(t_row + offs, mask=other, other=float("-inf")).to(tl.float32)
-        m_s, d_s = _online_max_sum_exp(m_s, d_s, s, inv_temperature)
-        m_t, d_t = _online_max_sum_exp(m_t, d_t, t, inv_temperature)
+        m_s, d_s = online_max_sum_exp(m_s, d_s, s, inv_temperature, 0)
+        m_t, d_t = online_max_sum_exp(m_t, d_t, t, inv_temperature, 0)
     log_d_s = tl.log(d_s)
     log_d_t = tl.log(d_t)
     # r = a_y − log Σ_{j≠y} e^{a_j}, and r − 1000 with the offset taken off
@@ -198,34 +183,17 @@ def _dkd_fwd_kernel(
     tl.store(loss_ptr + row, tl.where(valid, loss, float("nan")))
 
 
-# The kernel runs where triton.jit put it: the interpreter on CPU tensors, or CUDA.
-DEVICE_TYPE = "cpu" if isinstance(_dkd_fwd_kernel, InterpretedFunction) else "cuda"
 
 
-def launch_config(classes: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for rows of ``classes`` logits."""
-    block = min(triton.next_power_of_2(max(classes, 1)), MAX_BLOCK)
-    return block, max(1, min(16, block // (32 * _ELEMENTS_PER_THREAD)))
 
 
 def _check_args(student, teacher, labels, alpha, beta, inv_temperature, grad_scale) -> None:
     """The checks of csrc/cpu/dkd.cpp as ValueError, before any launch."""
     for name, x in (("student", student), ("teacher", teacher)):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (N, C), got shape {tuple(x.shape)}")
-        if x.dtype not in DTYPES:
-            raise ValueError(f"{name} must be float32, bfloat16 or float16 for triton, got {x.dtype}")
-        if x.device.type != DEVICE_TYPE:
-            takes = "CPU tensors (TRITON_INTERPRET=1)" if DEVICE_TYPE == "cpu" else "CUDA tensors"
-            raise ValueError(f"{name} is on {x.device}, but this triton kernel takes {takes}")
+        check_tensor(name, x, 2, "N, C")
     if student.shape != teacher.shape:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in shape")
-    if student.dtype != teacher.dtype:
-        raise ValueError(f"student ({student.dtype}) and teacher ({teacher.dtype}) must have the same dtype")
-    if student.device != teacher.device:
-        raise ValueError(f"student ({student.device}) and teacher ({teacher.device}) must share a device")
+    check_pair("student", student, "teacher", teacher)
     rows, classes = student.shape
     if classes < 2:
         raise ValueError(f"student must have at least 2 classes for DKD, got {classes}")
@@ -238,10 +206,8 @@ def _check_args(student, teacher, labels, alpha, beta, inv_temperature, grad_sca
     for name, value in (("alpha", alpha), ("beta", beta)):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    if not (math.isfinite(inv_temperature) and inv_temperature > 0):
-        raise ValueError(f"inv_temperature must be finite and > 0, got {inv_temperature}")
-    if not math.isfinite(grad_scale):
-        raise ValueError(f"grad_scale must be finite, got {grad_scale}")
+    check_positive("inv_temperature", inv_temperature)
+    check_finite("grad_scale", grad_scale)
     # one device → host sync for both bounds
     if rows and bool(((labels < 0) | (labels >= classes)).any()):
         raise ValueError(
@@ -256,6 +222,7 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+@guard_device
 def dkd_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -286,11 +253,7 @@ def dkd_forward(
     student, teacher, labels = _row_major(student), _row_major(teacher), labels.contiguous()
     rows, classes = student.shape
     row_loss = torch.empty(rows, dtype=torch.float32, device=student.device)
-    # The interpreter truncates float32 → bfloat16 on store (CUDA rounds to
-    # nearest even): under it, bf16 gradients are stored in float32 and
-    # rounded by torch (as kernels/divergence.py does).
-    interpreted_bf16 = DEVICE_TYPE == "cpu" and student.dtype == torch.bfloat16
-    grad_dtype = torch.float32 if interpreted_bf16 else student.dtype
+    grad_dtype = stored_dtype(student.dtype)
     grad = student.new_empty((rows, classes) if student_grad else (0, 0), dtype=grad_dtype)
     if rows > 0:
         block, num_warps = launch_config(classes)

@@ -1,4 +1,4 @@
-"""Multi-teacher (mixture) divergence, SPEC §1, in Triton: the ``triton`` backend of
+"""Multi-teacher (mixture) divergence, docs/spec.md §1, in Triton: the ``triton`` backend of
 ``fastkd.divergence(s, teachers (K, ..., V), teacher_weights=(K,))``.
 
 Same contract as the C++ op ``fastkd::mixture_divergence_forward``
@@ -6,7 +6,7 @@ Same contract as the C++ op ``fastkd::mixture_divergence_forward``
 (csrc/cpu/mixture_kernel.cpp): the target ``p = Σ_k w_k softmax(t_k / T)`` is
 formed per row in log space, ``log p = logsumexp_k(log w_k + log_softmax(t_k /
 T))``, and fed to the per-element terms of the single-teacher kernel
-(``_element_terms`` of kernels/divergence.py, i.e. ``element_terms`` of
+(``element_terms`` of kernels/_divergence_math.py, i.e. ``element_terms`` of
 csrc/common/divergence_math.h). Teachers get no gradient. With hard labels y
 the op also computes the student's cross-entropy at temperature 1, CE_i =
 log Σ_j exp(s_ij) − s_iy, and adds hard_grad_scale · (softmax(s_i) −
@@ -17,7 +17,7 @@ Precision: every quantity after the load is float64, for every input dtype,
 as on CPU. In float32 ``log p`` carries rounding at its own magnitude
 (~log V), re-added by the mixture's log-sum-exp; where the divergence is tiny
 (T = 100: ~1e-4) that put the float32 loss 3× further from the float64
-reference than PyTorch's own float32 computation, failing SPEC §6's 2× rule
+reference than PyTorch's own float32 computation, failing docs/spec.md §6's 2× rule
 (see the comment in csrc/cpu/mixture_kernel.cpp). fp64 exp / log lower to
 libdevice's polynomial (``fma.rn.f64``, no ``ex2.approx``); the 1 / T, the
 coefficients and the log-weights are passed as float64 too.
@@ -69,19 +69,32 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-from .divergence import (
+from fastkd._enums import DivergenceKind
+
+from ._common import (
+    DEVICE_TYPE,
+    ELEMENTS_PER_THREAD,
     KL,
-    TVD,
-    _ce_grad,
-    _element_terms,
-    _rescaled_sum_exp,
+    REVERSE_KL,
+    check_device,
+    guard_device,
+    max_nan,
+    online_max_sum_exp,
+    stored_dtype,
+)
+from ._divergence_math import (
+    ce_grad,
     check_kept_label_range,
     check_labels,
     check_row_mask,
     check_scalars,
     coefficient_terms,
+    element_terms,
+    excluded_row_loss,
+    rescaled_sum_exp,
+    store_grad,
+    zero_grad_row,
 )
 
 __all__ = ["mixture_divergence_forward"]
@@ -95,32 +108,11 @@ MAX_TEACHER_BLOCK = 8
 # ptxas (sm_90) reports 78–122 registers with K = 3, up to 164 with teacher
 # groups (K > 8), and no spills.
 MAX_TILE = 2048
-_ELEMENTS_PER_THREAD = 8
 # The interpreter pays per operation, not per element: 4× wider chunks there
 # (V > 2048 still takes several, so the online passes are exercised).
 INTERPRETER_MAX_TILE = 8192
-# How far the weights' sum may be from 1 (as the CPU op and fastkd/multi_teacher.py).
+# How far the weights' sum may be from 1 (as the CPU op and fastkd/mixture.py).
 WEIGHT_SUM_TOLERANCE = 1e-6
-
-
-@triton.jit
-def _max_nan(a, b):
-    # max that propagates NaN from either side
-    return tl.where((a != a) | (a > b), a, b)
-
-
-@triton.jit
-def _online_max_sum_exp(m, d, x, inv_temperature, AXIS: tl.constexpr):
-    # Running m = max x and d = Σ exp((x − m) / T) along AXIS after the chunk
-    # x (float64). While everything seen is −inf the shift is 0, so no
-    # −inf − (−inf) appears; a NaN (or +inf) entry makes d NaN.
-    m_new = _max_nan(m, tl.max(x, AXIS))
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    if AXIS == 0:
-        tail = tl.sum(tl.exp((x - shift) * inv_temperature), 0)
-    else:
-        tail = tl.sum(tl.exp((x - shift[:, None]) * inv_temperature), 1)
-    return m_new, d * tl.exp((m - shift) * inv_temperature) + tail
 
 
 @triton.jit
@@ -162,7 +154,7 @@ def _log_mixture(
             off = tl.load(stats_row + K + ks, mask=ks < K, other=float("-inf"))
             t = _teacher_tile(t_row, stride_tk, ks, offs, valid, K)
             a = (t - m[:, None]) * inv_temperature + off[:, None]
-            new_top = _max_nan(top, tl.max(a, 0))
+            new_top = max_nan(top, tl.max(a, 0))
             shift = tl.where(new_top == float("-inf"), 0.0, new_top)
             total = total * tl.exp(top - shift) + tl.sum(tl.exp(a - shift[None, :]), 0)
             top = new_top
@@ -197,16 +189,10 @@ def _terms_at(
     ratio_q = a_s - (log_p - log_p_mode)
     # log(q/p), in float64 here, so the plain difference of the two logs
     log_ratio = (a_s - log_sum_s) - log_p
-    return _element_terms(
+    return element_terms(
         tl.exp(log_p), tl.exp(a_s) * inv_sum_s, log_ratio, ratio_q, 0.0,
         c, one_minus_c, log_c, log_one_minus_c, KIND,
     )
-
-
-@triton.jit
-def _store_grad(g_ptr, row, V, offs, grad):
-    # one chunk of row `row` of a contiguous [N, V] gradient, rounded to its dtype
-    tl.store(g_ptr + row * V + offs, grad.to(g_ptr.dtype.element_ty), mask=offs < V)
 
 
 @triton.jit
@@ -245,23 +231,17 @@ def _mixture_fwd_kernel(
     cols = tl.arange(0, BLOCK)
     # KL: Σu = −Σp = −1 is known in advance (the launcher normalises the
     # weights), so the gradient is written in pass 2 and pass 3 is skipped.
-    FUSED_KL_GRAD: tl.constexpr = KIND == 0 and STUDENT_GRAD
+    FUSED_KL_GRAD: tl.constexpr = KIND == KL and STUDENT_GRAD
     # REVERSE_KL's u reads log(q/p) shifted by its value at the student's mode.
-    NEED_MODE: tl.constexpr = KIND == 1 and STUDENT_GRAD
+    NEED_MODE: tl.constexpr = KIND == REVERSE_KL and STUDENT_GRAD
     # The CE's own Σ exp(s − max) at temperature 1 (pass 1)
     CE_OWN_SUM: tl.constexpr = HAS_LABELS and not CE_SHARES_NORMALISER
 
     if HAS_MASK:
         if tl.load(mask_ptr + row) == 0:
-            # excluded row: ℓ = 0 (and CE = 0) and a zero gradient, without
-            # reading the logits or the label
-            tl.store(loss_ptr + row, 0.0)
-            if HAS_LABELS:
-                tl.store(ce_ptr + row, 0.0)
+            excluded_row_loss(loss_ptr, ce_ptr, row, HAS_LABELS)
             if STUDENT_GRAD:
-                zero = tl.zeros([BLOCK], tl.float64)
-                for start in range(0, V, BLOCK):
-                    _store_grad(g_ptr, row, V, start + cols, zero)
+                zero_grad_row(g_ptr, row, V, cols, BLOCK)
             return
 
     s_row = s_ptr + row * stride_s
@@ -282,9 +262,9 @@ def _mixture_fwd_kernel(
             chunk_max = tl.max(s, 0)
             s_at = tl.where(chunk_max > m_s, tl.min(tl.where(s == chunk_max, offs, V), 0), s_at)
         m_prev = m_s
-        m_s, d_s = _online_max_sum_exp(m_s, d_s, s, inv_temperature, 0)
+        m_s, d_s = online_max_sum_exp(m_s, d_s, s, inv_temperature, 0)
         if CE_OWN_SUM:
-            d_ce = _rescaled_sum_exp(d_ce, m_prev, m_s, s)
+            d_ce = rescaled_sum_exp(d_ce, m_prev, m_s, s)
     log_sum_s = tl.log(d_s)
     inv_sum_s = 1.0 / d_s
 
@@ -309,7 +289,7 @@ def _mixture_fwd_kernel(
 
     # pass 1, teachers: max_k and Σ_k = Σ exp((t_k − max_k)/T) per teacher, a
     # group of TEACHER_BLOCK teachers per sweep. A weight-0 teacher is still
-    # read: its offset is −inf, so it adds nothing but NaN (SPEC §6).
+    # read: its offset is −inf, so it adds nothing but NaN (docs/spec.md §6).
     kk = tl.arange(0, TEACHER_BLOCK)
     for first in range(0, K, TEACHER_BLOCK):
         ks = first + kk
@@ -318,7 +298,7 @@ def _mixture_fwd_kernel(
         for start in range(0, V, BLOCK):
             offs = start + cols
             t = _teacher_tile(t_row, stride_tk, ks, offs, offs < V, K)
-            m_t, d_t = _online_max_sum_exp(m_t, d_t, t, inv_temperature, 1)
+            m_t, d_t = online_max_sum_exp(m_t, d_t, t, inv_temperature, 1)
         log_w = tl.load(log_w_ptr + ks, mask=ks < K, other=float("-inf"))
         tl.store(stats_row + ks, m_t, mask=ks < K)
         tl.store(stats_row + K + ks, log_w - tl.log(d_t), mask=ks < K)
@@ -352,10 +332,10 @@ def _mixture_fwd_kernel(
             # dKL/ds = (q − p) / T, plus the CE term in the same store
             grad = grad_factor * (q - p)
             if HAS_LABELS:
-                grad += _ce_grad(
+                grad += ce_grad(
                     s, q, offs, m_s, log_d_ce, label, label_ok, hard_grad_scale, CE_SHARES_NORMALISER
                 )
-            _store_grad(g_ptr, row, V, offs, grad)
+            store_grad(g_ptr, row, V, offs, grad)
         elif STUDENT_GRAD:
             u_acc += u
     # a divergence is never negative (rounding of a tiny one); NaN stays NaN
@@ -374,14 +354,10 @@ def _mixture_fwd_kernel(
             )
             grad = grad_factor * (u - q * sum_u)
             if HAS_LABELS:
-                grad += _ce_grad(
+                grad += ce_grad(
                     s, q, offs, m_s, log_d_ce, label, label_ok, hard_grad_scale, CE_SHARES_NORMALISER
                 )
-            _store_grad(g_ptr, row, V, offs, grad)
-
-
-# The kernel runs where triton.jit put it: the interpreter on CPU tensors, or CUDA.
-DEVICE_TYPE = "cpu" if isinstance(_mixture_fwd_kernel, InterpretedFunction) else "cuda"
+            store_grad(g_ptr, row, V, offs, grad)
 
 
 def launch_config(vocab: int, teachers: int) -> tuple[int, int, int]:
@@ -389,12 +365,12 @@ def launch_config(vocab: int, teachers: int) -> tuple[int, int, int]:
     teacher_block = min(triton.next_power_of_2(max(teachers, 1)), MAX_TEACHER_BLOCK)
     tile = MAX_TILE if DEVICE_TYPE == "cuda" else INTERPRETER_MAX_TILE
     block = min(triton.next_power_of_2(max(vocab, 1)), tile // teacher_block)
-    num_warps = max(1, min(8, teacher_block * block // (32 * _ELEMENTS_PER_THREAD)))
+    num_warps = max(1, min(8, teacher_block * block // (32 * ELEMENTS_PER_THREAD)))
     return teacher_block, block, num_warps
 
 
 def _check_args(student, teachers, teacher_weights, row_mask, kind, inv_temperature, coef, grad_scale):
-    """The checks of csrc/cpu/mixture_divergence.cpp as ValueError; the (K,) float64 weights on CPU."""
+    """The checks of csrc/cpu/mixture.cpp as ValueError; the (K,) float64 weights on CPU."""
     for name, x, dim in (("student", student, 2), ("teachers", teachers, 3)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -402,9 +378,7 @@ def _check_args(student, teachers, teacher_weights, row_mask, kind, inv_temperat
             raise ValueError(f"{name} must be {dim}-D, got shape {tuple(x.shape)}")
         if x.dtype not in DTYPES:
             raise ValueError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
-        if x.device.type != DEVICE_TYPE:
-            takes = "CPU tensors (TRITON_INTERPRET=1)" if DEVICE_TYPE == "cpu" else "CUDA tensors"
-            raise ValueError(f"{name} is on {x.device}, but this triton kernel takes {takes}")
+        check_device(name, x)
         if x.shape[-1] > 1 and x.stride(-1) != 1:
             raise ValueError(f"{name} must have unit stride along V, got strides {x.stride()}")
     rows, vocab = student.shape
@@ -435,12 +409,13 @@ def _check_args(student, teachers, teacher_weights, row_mask, kind, inv_temperat
     if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
         raise ValueError(f"teacher_weights must sum to 1, got {total}")
     check_row_mask(row_mask, student)
-    if not isinstance(kind, int) or isinstance(kind, bool) or not KL <= kind <= TVD:
+    if not isinstance(kind, int) or isinstance(kind, bool) or kind not in tuple(DivergenceKind):
         raise ValueError(f"kind must be an int in [0, 6), got {kind!r}")
     check_scalars(kind, inv_temperature, coef, grad_scale)
     return weights
 
 
+@guard_device
 def mixture_divergence_forward(
     student: torch.Tensor,
     teachers: torch.Tensor,
@@ -497,11 +472,7 @@ def mixture_divergence_forward(
     loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     row_loss = torch.empty(rows, dtype=loss_dtype, device=device)
     row_ce = torch.empty(rows if has_labels else 0, dtype=loss_dtype, device=device)
-    # The interpreter truncates float32 → bfloat16 where CUDA rounds to
-    # nearest even (see kernels/divergence.py): under it, bf16 gradients are
-    # stored in float32 and rounded by torch.
-    interpreted_bf16 = DEVICE_TYPE == "cpu" and student.dtype == torch.bfloat16
-    grad_dtype = torch.float32 if interpreted_bf16 else student.dtype
+    grad_dtype = stored_dtype(student.dtype)
     grad = student.new_empty((rows, vocab) if student_grad else (0, 0), dtype=grad_dtype)
     if rows == 0:
         return row_loss, grad.to(student.dtype), row_ce

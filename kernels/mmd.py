@@ -1,4 +1,4 @@
-"""Squared MMD (SPEC §3) in Triton, the ``triton`` backend of ``fastkd.mmd_loss``.
+"""Squared MMD (docs/spec.md §3) in Triton, the ``triton`` backend of ``fastkd.mmd_loss``.
 
 Same contract as the C++ ops ``fastkd::mmd_forward`` / ``fastkd::mmd_backward``
 (csrc/cpu/mmd.cpp): ``MMD² = w_xx Σ k(x, x') + w_yy Σ k(y, y') − w_xy Σ k(x, y)``
@@ -12,7 +12,7 @@ every bandwidth's kernel value (forward) or gradient coefficient (backward)
 is formed in registers. Squared distances come from the norms,
 ``‖a‖² + ‖b‖² − 2 a·b`` clamped at 0, exactly as on CPU, after the samples
 are shifted by a common centre for which every subtraction is exact (see
-``_centred``: distances and gradients unchanged, the norms no longer grow
+``_centred``: distances and gradients unchanged, the norms do not grow
 with a common offset):
 
 - a point against itself (the diagonal of a within-sample term) has distance
@@ -68,13 +68,21 @@ import numbers
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from fastkd._enums import MMDKernel
+
+from ._common import (
+    DEVICE_TYPE,
+    GAUSSIAN,
+    LAPLACIAN,
+    POLYNOMIAL,
+    check_pair,
+    check_tensor,
+    guard_device,
+)
 
 __all__ = ["mmd_backward", "mmd_forward"]
 
-# fastkd.functional.MMD_KERNEL_CODES (csrc/cpu/mmd.cpp, MmdKernel).
-GAUSSIAN, LAPLACIAN, POLYNOMIAL = range(3)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The laplacian's near-pair rule of csrc/cpu/mmd.cpp (refine_near_pairs) in
 # float32: sq < (eps / 1e-6)² (‖a‖² + ‖b‖²) is recomputed from differences,
 # which keeps the distance error below about 1e-6 times the norms.
@@ -211,13 +219,13 @@ def _mmd_fwd_kernel(
         valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
         is_self = rows[:, None] == cols[None, :]
         dots = _dot_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, D, stride_a, stride_b, BLOCK, BLOCK_D)
-        if KERNEL == 2:
+        if KERNEL == POLYNOMIAL:
             # k = (a·b / c + 1)^degree
             k = _int_power(dots * inv_c + 1.0, degree)
         else:
             b_norm = tl.load(b_norm_ptr + cols, mask=cols < n_b, other=0.0)
             arg = _squared_distance(dots, a_norm, b_norm, is_self, WITHIN)
-            if KERNEL == 1:
+            if KERNEL == LAPLACIAN:
                 near, any_near = _near_pairs(arg, a_norm, b_norm, valid, is_self, WITHIN)
                 if any_near:
                     arg = _exact_squared_distance(arg, near, a_ptr, b_ptr, rows, cols, n_a, n_b, D,
@@ -271,7 +279,7 @@ def _mmd_bwd_kernel(
         valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
         is_self = rows[:, None] == cols[None, :]
         dots = _dot_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, D, stride_a, stride_b, BLOCK, BLOCK_D)
-        if KERNEL == 2:
+        if KERNEL == POLYNOMIAL:
             # ∂k/∂a = degree/c · u^(degree−1) · b with u = a·b/c + 1
             coef = (degree * inv_c) * _int_power(dots * inv_c + 1.0, degree - 1)
             if WITHIN and UNBIASED:
@@ -281,7 +289,7 @@ def _mmd_bwd_kernel(
             b_norm = tl.load(b_norm_ptr + cols, mask=cols < n_b, other=0.0)
             sq = _squared_distance(dots, a_norm, b_norm, is_self, WITHIN)
             coef = tl.zeros([BLOCK, BLOCK], tl.float32)
-            if KERNEL == 0:
+            if KERNEL == GAUSSIAN:
                 # ∂k/∂a = Σ_σ −exp(−sq/(2σ²))/σ² · (a − b) = Σ_σ 2e_σ exp(e_σ sq) · (a − b)
                 for s in range(0, n_bw):
                     e = tl.load(exps_ptr + s)
@@ -302,7 +310,7 @@ def _mmd_bwd_kernel(
             if WITHIN:
                 coef = tl.where(is_self, 0.0, coef)
             coef = tl.where(valid, coef, 0.0)
-            if KERNEL == 1:
+            if KERNEL == LAPLACIAN:
                 if any_near:
                     # near pairs: weight · Σ_j C_ij (a_i − b_j) from the differences
                     near_coef = tl.where(near, coef, 0.0)
@@ -332,8 +340,6 @@ def _mmd_bwd_kernel(
             _accumulate(ws, rows, n_a, D, d0, (weight * a) * coef_sum[:, None], BLOCK_D)
 
 
-# The kernels run where triton.jit put them: the interpreter on CPU tensors, or CUDA.
-DEVICE_TYPE = "cpu" if isinstance(_mmd_fwd_kernel, InterpretedFunction) else "cuda"
 
 
 # ---- launch configuration -----------------------------------------------------------
@@ -358,7 +364,7 @@ def launch_config(kernel: int, dim: int, backward: bool = False) -> tuple[int, i
     if DEVICE_TYPE == "cpu":
         block_d = max(16, min(triton.next_power_of_2(max(dim, 1)), 128))
         return 32, block_d, block_d, 4
-    if kernel == LAPLACIAN:
+    if kernel == MMDKernel.LAPLACIAN:
         return 32, 16, 8, 8
     return 64, 16 if backward else 32, 4, 8
 
@@ -389,26 +395,15 @@ def splits_for(row_blocks: int, col_blocks: int, rows: int, dim: int, device: to
 def _check_args(x, y, kernel, bandwidths, degree, c, unbiased) -> None:
     """The checks of csrc/cpu/mmd.cpp (check_mmd_args) as ValueError, before any launch."""
     for name, t in (("x", x), ("y", y)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (rows, D), got shape {tuple(t.shape)}")
-        if t.dtype not in DTYPES:
-            raise ValueError(f"{name} must be float32, bfloat16 or float16 for triton, got {t.dtype}")
-        if t.device.type != DEVICE_TYPE:
-            takes = "CPU tensors (TRITON_INTERPRET=1)" if DEVICE_TYPE == "cpu" else "CUDA tensors"
-            raise ValueError(f"{name} is on {t.device}, but this triton kernel takes {takes}")
+        check_tensor(name, t, 2, "rows, D")
         if t.shape[0] < 1 or t.shape[1] < 1:
             raise ValueError(f"{name} must have at least one row and one feature, got {tuple(t.shape)}")
-    if x.dtype != y.dtype:
-        raise ValueError(f"x ({x.dtype}) and y ({y.dtype}) must have the same dtype")
-    if x.device != y.device:
-        raise ValueError(f"x ({x.device}) and y ({y.device}) must share a device")
+    check_pair("x", x, "y", y)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same feature dim D, got {x.shape[1]} and {y.shape[1]}")
-    if not isinstance(kernel, int) or isinstance(kernel, bool) or kernel not in range(3):
+    if not isinstance(kernel, int) or isinstance(kernel, bool) or kernel not in tuple(MMDKernel):
         raise ValueError(f"kernel must be 0 (gaussian), 1 (laplacian) or 2 (polynomial), got {kernel!r}")
-    if kernel != POLYNOMIAL:
+    if kernel != MMDKernel.POLYNOMIAL:
         if len(bandwidths) == 0:
             raise ValueError("bandwidths must not be empty")
         for s in bandwidths:
@@ -448,7 +443,7 @@ def _centred(x: torch.Tensor, y: torch.Tensor, kernel: int) -> tuple[torch.Tenso
     The rule of csrc/common/mmd_centre.h (exactly_centred). The polynomial
     kernel is not translation-invariant and keeps the samples as they are.
     """
-    if kernel == POLYNOMIAL:
+    if kernel == MMDKernel.POLYNOMIAL:
         return x, y
     x, y = x.float(), y.float()
     lo = torch.minimum(x.amin(0), y.amin(0))
@@ -467,7 +462,7 @@ def _centred(x: torch.Tensor, y: torch.Tensor, kernel: int) -> tuple[torch.Tenso
 def _prepare(t: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Unit stride along D, and the fp32 squared row norms (distance kernels)."""
     t = t if t.stride(1) == 1 or t.shape[1] == 1 else t.contiguous()
-    norm = None if kernel == POLYNOMIAL else t.float().square().sum(1)
+    norm = None if kernel == MMDKernel.POLYNOMIAL else t.float().square().sum(1)
     return t, norm
 
 
@@ -476,10 +471,10 @@ def _exponents(kernel: int, bandwidths, device) -> torch.Tensor:
     # An e beyond fp32 is held at −FLT_MAX / 2 (2e, the gaussian's slope, stays
     # finite): exp(e·sq) is still 0 for every distance that is a normal fp32,
     # and 1 at distance 0, where −inf would give 0·inf = NaN.
-    if kernel == POLYNOMIAL:
+    if kernel == MMDKernel.POLYNOMIAL:
         values = [0.0]  # unread
     else:
-        values = [-1.0 / s if kernel == LAPLACIAN else -0.5 / (s * s) for s in bandwidths]
+        values = [-1.0 / s if kernel == MMDKernel.LAPLACIAN else -0.5 / (s * s) for s in bandwidths]
         values = [max(v, _MOST_NEGATIVE_EXPONENT) for v in values]
     return torch.tensor(values, dtype=torch.float32, device=device)
 
@@ -506,6 +501,7 @@ def _term_sum(a, a_norm, b, b_norm, exps, kernel, n_bw, degree, c, within, unbia
     return partial.sum()
 
 
+@guard_device
 def mmd_forward(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -534,7 +530,7 @@ def mmd_forward(
     x, x_norm = _prepare(x, kernel)
     y, y_norm = _prepare(y, kernel)
     exps = _exponents(kernel, bandwidths, x.device)
-    n_bw = len(bandwidths) if kernel != POLYNOMIAL else 0
+    n_bw = len(bandwidths) if kernel != MMDKernel.POLYNOMIAL else 0
     w_xx, w_yy, w_xy = _estimator_weights(x.shape[0], y.shape[0], unbiased)
     common = (exps, kernel, n_bw, int(degree), float(c))
     s_xx = _term_sum(x, x_norm, x, x_norm, *common, True, unbiased)
@@ -565,6 +561,7 @@ def _workspace(t: torch.Tensor, kernel: int, other_rows: int) -> torch.Tensor:
     return torch.zeros(splits, *t.shape, dtype=torch.float32, device=t.device)
 
 
+@guard_device
 def mmd_backward(
     grad: torch.Tensor,
     x: torch.Tensor,
@@ -595,7 +592,7 @@ def mmd_backward(
     x, x_norm = _prepare(x, kernel)
     y, y_norm = _prepare(y, kernel)
     exps = _exponents(kernel, bandwidths, x.device)
-    n_bw = len(bandwidths) if kernel != POLYNOMIAL else 0
+    n_bw = len(bandwidths) if kernel != MMDKernel.POLYNOMIAL else 0
     n, m = x.shape[0], y.shape[0]
     w_xx, w_yy, w_xy = _estimator_weights(n, m, unbiased)
     common = (exps, kernel, n_bw, int(degree), float(c))

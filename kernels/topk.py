@@ -1,4 +1,4 @@
-"""Divergence against a top-k (sparse) teacher (SPEC §1) in Triton, the
+"""Divergence against a top-k (sparse) teacher (docs/spec.md §1) in Triton, the
 ``triton`` backend of ``fastkd.topk_divergence``.
 
 Same contract as the C++ op ``fastkd::topk_divergence_forward``
@@ -52,7 +52,7 @@ re-read goes to HBM (3 N·V·b in all).
 
 Precision: the stream's element math is float32 (bf16 / fp16 widened on
 load, gradients rounded to the input dtype on store; each chunk's Σ exp is
-summed in float64 by kernels/divergence.py's online log-sum-exp); the k
+summed in float64 by kernels/_divergence_math.py's online_normaliser); the k
 support terms, the
 normaliser Σe and R are float64, as on CPU, so the divergence of a student
 that matches the teacher closely (a tiny ℓ, a difference of nearly equal
@@ -75,33 +75,45 @@ import torch
 import triton
 import triton.language as tl
 
-from .divergence import (
-    DEVICE_TYPE,
-    DTYPES,
+from fastkd._enums import DivergenceKind
+
+from ._common import (
+    DEVICE_TYPE,  # noqa: F401  (re-exported: callers ask a module where its kernels run)
     JSD,
+    KINDS_WITH_COEF,
     KL,
     SKEW_KL,
     SKEW_REVERSE_KL,
     TVD,
-    _half_sign,
-    _log1p,
-    _logaddexp,
-    _logit_at,
-    _max_nan,
-    _online_max_sum_exp,
-    _rescaled_sum_exp,
-    _zero_where_zero,
+    check_tensor,
+    guard_device,
+    log1p,
+    max_nan,
+    row_launch_config,
+    stored_dtype,
+)
+from ._divergence_math import (
     check_kept_label_range,
     check_labels,
     check_row_mask,
     check_scalars,
-    launch_config,
+    excluded_row_loss,
+    half_sign,
+    logaddexp,
+    logit_at,
+    online_normaliser,
+    rescaled_sum_exp,
+    zero_grad_row,
+    zero_where_zero,
 )
 
 __all__ = ["KINDS", "topk_divergence_forward"]
 
-# The kinds the op takes (fastkd::divergence::Kind), REVERSE_KL excluded.
-KINDS = (KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD)
+# (BLOCK, num_warps) for rows of V logits, as the divergence kernel streams them.
+launch_config = row_launch_config
+
+# The kinds the op takes, REVERSE_KL excluded.
+KINDS = tuple(kind for kind in DivergenceKind if kind != DivergenceKind.REVERSE_KL)
 # Widest tile of a row's k ids one support loop iteration holds: the support
 # loops keep about six float64 values per id live, at most 2 per thread with
 # 16 warps.
@@ -143,11 +155,11 @@ def _widen(x):
 @triton.jit
 def _off_support_slope(c, log_c, log_one_minus_c, one_minus_c, KIND: tl.constexpr):
     # c = g_v off the teacher's ids (module docstring), off_support_slope() of the CPU kernel
-    if KIND == 2:
+    if KIND == JSD:
         slope = -one_minus_c * log_one_minus_c
-    elif KIND == 4:
+    elif KIND == SKEW_REVERSE_KL:
         slope = -log_c
-    elif KIND == 5:
+    elif KIND == TVD:
         slope = 0.5 + 0.0 * c
     else:
         slope = 0.0 * c
@@ -157,7 +169,7 @@ def _off_support_slope(c, log_c, log_one_minus_c, one_minus_c, KIND: tl.constexp
 @triton.jit
 def _xlog_ratio(x, log_x, log_y):
     # x (log x − log y) with the xlogy rule: 0 where x is 0
-    return _zero_where_zero(x, x * (log_x - log_y))
+    return zero_where_zero(x, x * (log_x - log_y))
 
 
 @triton.jit
@@ -166,33 +178,33 @@ def _support_terms(log_q, log_p, c, one_minus_c, log_c, log_one_minus_c, KIND: t
     csrc/cpu/topk_kernel.cpp. c is β (JSD) or α (skew)."""
     q = tl.exp(log_q)
     p = tl.exp(log_p)
-    if KIND == 0:
+    if KIND == KL:
         # KL(p‖q) = Σ p (log p − log q);  g = −p/q
         loss = _xlog_ratio(p, log_p, log_q)
         qg = -p
-    elif KIND == 2:
+    elif KIND == JSD:
         # m = β p + (1−β) q (log space);  ℓ = β KL(p‖m) + (1−β) KL(q‖m);  g = (1−β) log(q/m)
-        log_m = _logaddexp(log_c + log_p, log_one_minus_c + log_q)
+        log_m = logaddexp(log_c + log_p, log_one_minus_c + log_q)
         q_term = _xlog_ratio(q, log_q, log_m)
         loss = c * _xlog_ratio(p, log_p, log_m) + one_minus_c * q_term
         qg = one_minus_c * q_term
-    elif KIND == 3:
+    elif KIND == SKEW_KL:
         # m = α p + (1−α) q;  ℓ = KL(p‖m);  g = −(1−α) p/m
-        log_m = _logaddexp(log_c + log_p, log_one_minus_c + log_q)
+        log_m = logaddexp(log_c + log_p, log_one_minus_c + log_q)
         loss = _xlog_ratio(p, log_p, log_m)
-        qg = -one_minus_c * _zero_where_zero(p, tl.exp(log_q + log_p - log_m))
-    elif KIND == 4:
+        qg = -one_minus_c * zero_where_zero(p, tl.exp(log_q + log_p - log_m))
+    elif KIND == SKEW_REVERSE_KL:
         # m = α q + (1−α) p;  ℓ = KL(q‖m);  g = log(q/m) + (1−α) p/m
-        log_m = _logaddexp(log_c + log_q, log_one_minus_c + log_p)
+        log_m = logaddexp(log_c + log_q, log_one_minus_c + log_p)
         loss = _xlog_ratio(q, log_q, log_m)
         mix = one_minus_c * tl.exp(log_q + log_p - log_m)
         qg = loss + tl.where((q == 0.0) | (p == 0.0), 0.0, mix)
     else:
-        tl.static_assert(KIND == 5, "unknown divergence kind (reverse KL is refused by the launcher)")
+        tl.static_assert(KIND == TVD, "unknown divergence kind (reverse KL is refused by the launcher)")
         # TVD = ½ Σ |p − q|;  g = ½ sign(q − p)
         d = q - p
         loss = 0.5 * tl.abs(d)
-        qg = q * _half_sign(d)
+        qg = q * half_sign(d)
     return loss, qg
 
 
@@ -230,17 +242,9 @@ def _topk_divergence_fwd_kernel(
 
     if HAS_MASK:
         if tl.load(mask_ptr + row) == 0:
-            # excluded row: ℓ = 0 (and CE = 0) and a zero gradient, without
-            # reading the logits or the label
-            tl.store(loss_ptr + row, 0.0)
-            if HAS_LABELS:
-                tl.store(ce_ptr + row, 0.0)
+            excluded_row_loss(loss_ptr, ce_ptr, row, HAS_LABELS)
             if STUDENT_GRAD:
-                g_row = g_ptr + row * V
-                zero = tl.zeros([BLOCK], tl.float32)
-                for start in range(0, V, BLOCK):
-                    offs = start + cols
-                    tl.store(g_row + offs, zero.to(g_ptr.dtype.element_ty), mask=offs < V)
+                zero_grad_row(g_ptr, row, V, cols, BLOCK)
             return
 
     s_row = s_ptr + row * stride_s
@@ -253,7 +257,7 @@ def _topk_divergence_fwd_kernel(
     # the ids read −inf (no off-support entry at all leaves max −inf, sum 0);
     # with labels at T ≠ 1 also their Σ exp(s − max)
     m_off = float("-inf")
-    d_off = tl.zeros([], tl.float64)  # _online_max_sum_exp sums in float64
+    d_off = tl.zeros([], tl.float64)  # online_normaliser sums in float64
     d_ce_off = tl.zeros([], tl.float64)
     cursor = 0
     for start in range(0, V, BLOCK):
@@ -261,9 +265,9 @@ def _topk_divergence_fwd_kernel(
         hits, cursor = _chunk_hits(sorted_row, cursor, K, start, offs, BLOCK)
         x = tl.load(s_row + offs, mask=(offs < V) & ~hits, other=float("-inf")).to(tl.float32)
         m_prev = m_off
-        m_off, d_off, _ = _online_max_sum_exp(m_off, d_off, 0, x, offs, V, inv_temperature, False)
+        m_off, d_off, _ = online_normaliser(m_off, d_off, 0, x, offs, V, inv_temperature, False)
         if CE_OWN_SUM:
-            d_ce_off = _rescaled_sum_exp(d_ce_off, m_prev, m_off, x)
+            d_ce_off = rescaled_sum_exp(d_ce_off, m_prev, m_off, x)
 
     # support 1: the row max over the ids too, and the teacher's max
     m_s = m_off
@@ -273,8 +277,8 @@ def _topk_divergence_fwd_kernel(
         ids, ok = _load_ids(idx_row, kk, K, V)
         s_j = tl.load(s_row + ids, mask=ok, other=float("-inf")).to(tl.float32)
         t_j = tl.load(val_row + kk, mask=ok, other=float("-inf")).to(tl.float32)
-        m_s = _max_nan(m_s, tl.max(s_j, 0))
-        m_t = _max_nan(m_t, tl.max(t_j, 0))
+        m_s = max_nan(m_s, tl.max(s_j, 0))
+        m_t = max_nan(m_t, tl.max(t_j, 0))
     m_s64 = m_s.to(tl.float64)
     m_t64 = m_t.to(tl.float64)
 
@@ -311,7 +315,7 @@ def _topk_divergence_fwd_kernel(
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         label_ok = (label >= 0) & (label < V)
-        s_label = _logit_at(s_row, tl.where(label_ok, label, 0), V)
+        s_label = logit_at(s_row, tl.where(label_ok, label, 0), V)
         if CE_SHARES_NORMALISER:
             log_ce = log_total
         else:
@@ -329,7 +333,7 @@ def _topk_divergence_fwd_kernel(
     c64 = _widen(coef)
     one_minus_c64 = 1.0 - c64
     log_c64 = tl.log(c64)
-    log_one_minus_c64 = _log1p(-c64)  # −inf for α = 1
+    log_one_minus_c64 = log1p(-c64)  # −inf for α = 1
     slope = _off_support_slope(c64, log_c64, log_one_minus_c64, one_minus_c64, KIND)
 
     # support 3: ℓ = c R + Σ_ids terms, G = c R + Σ_ids q_j g_j
@@ -406,7 +410,7 @@ def support_block(k: int) -> int:
 
 
 def _check_tensors(student, teacher_index, teacher_value, row_mask) -> None:
-    """The tensor checks of the CPU op (csrc/cpu/topk_divergence.cpp) as ValueError."""
+    """The tensor checks of the CPU op (csrc/cpu/topk.cpp) as ValueError."""
     for name, x in (("student", student), ("teacher_index", teacher_index), ("teacher_value", teacher_value)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -414,11 +418,7 @@ def _check_tensors(student, teacher_index, teacher_value, row_mask) -> None:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
         if x.device != student.device:
             raise ValueError(f"{name} ({x.device}) must be on student's device ({student.device})")
-    if student.dtype not in DTYPES:
-        raise ValueError(f"student must be float32, bfloat16 or float16 for triton, got {student.dtype}")
-    if student.device.type != DEVICE_TYPE:
-        takes = "CPU tensors (TRITON_INTERPRET=1)" if DEVICE_TYPE == "cpu" else "CUDA tensors"
-        raise ValueError(f"student is on {student.device}, but this triton kernel takes {takes}")
+    check_tensor("student", student, 2)
     rows, vocab = student.shape
     if vocab == 0:
         raise ValueError("student must have at least one column (vocabulary entry)")
@@ -469,6 +469,7 @@ def sorted_checked_ids(teacher_index: torch.Tensor, vocab: int) -> torch.Tensor:
     return ordered
 
 
+@guard_device
 def topk_divergence_forward(
     student: torch.Tensor,
     teacher_index: torch.Tensor,
@@ -520,11 +521,7 @@ def topk_divergence_forward(
     has_labels = labels is not None
     row_loss = torch.empty(rows, dtype=torch.float32, device=student.device)
     row_ce = torch.empty(rows if has_labels else 0, dtype=torch.float32, device=student.device)
-    # The interpreter truncates float32 → bfloat16 where CUDA rounds to
-    # nearest even (see kernels/divergence.py): under it, bf16 gradients are
-    # stored in float32 and rounded by torch.
-    interpreted_bf16 = DEVICE_TYPE == "cpu" and student.dtype == torch.bfloat16
-    grad_dtype = torch.float32 if interpreted_bf16 else student.dtype
+    grad_dtype = stored_dtype(student.dtype)
     grad = student.new_empty((rows, vocab) if student_grad else (0, 0), dtype=grad_dtype)
     if rows == 0:
         return row_loss, grad.to(student.dtype), row_ce
@@ -539,7 +536,7 @@ def topk_divergence_forward(
         student.stride(0), vocab, k, float(inv_temperature), float(grad_scale * inv_temperature),
         float(hard_grad_scale),
         # the other kinds ignore coef: 0.5 keeps log c and log(1 − c) finite
-        float(coef) if kind in (JSD, SKEW_KL, SKEW_REVERSE_KL) else 0.5,
+        float(coef) if kind in KINDS_WITH_COEF else 0.5,
         KIND=kind, HAS_MASK=row_mask is not None, HAS_LABELS=has_labels,
         # at T = 1 exactly the CE's log Σ exp and softmax are the student's own
         CE_SHARES_NORMALISER=has_labels and float(inv_temperature) == 1.0,

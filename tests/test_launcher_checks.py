@@ -96,7 +96,7 @@ def test_cc_gamma_must_be_finite_and_positive(gamma):
     with pytest.raises(RuntimeError, match="gamma must be finite and > 0"):
         torch.ops.fastkd.cc_forward(s, t, True, gamma, 2)
     with pytest.raises(ValueError, match="gamma must be finite and > 0"):
-        launcher("relational", "cc_forward")(s, t, True, gamma=gamma, order=2)
+        launcher("gram_relation", "cc_forward")(s, t, True, gamma=gamma, order=2)
 
 
 @pytest.mark.parametrize("eps", (math.inf, math.nan, 0.0, -1e-7))
@@ -105,4 +105,80 @@ def test_pkt_eps_must_be_finite_and_positive(eps):
     with pytest.raises(RuntimeError, match="eps must be finite and > 0"):
         torch.ops.fastkd.pkt_forward(s, t, True, eps)
     with pytest.raises(ValueError, match="eps must be finite and > 0"):
-        launcher("relational", "pkt_forward")(s, t, True, eps=eps)
+        launcher("gram_relation", "pkt_forward")(s, t, True, eps=eps)
+
+
+# ---- index and label tensors as strided views -------------------------------------------
+# The kernels read labels, masks and ids through a bare pointer: each launcher
+# must hand them over contiguous (or pass their strides). A 1-D view is a
+# column of a two-column tensor whose other column holds different values,
+# so a launcher that read it as contiguous would read those instead.
+
+
+def strided(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a non-contiguous view with the same values."""
+    if x.dim() == 1:
+        other = ~x if x.dtype == torch.bool else x.flip(0)
+        view = torch.stack([x, other], 1)[:, 0]
+    else:
+        view = x.t().contiguous().t()
+    assert not view.is_contiguous() and torch.equal(view, x)
+    return view
+
+
+def labels_and_mask():
+    return torch.tensor([3, 0, 5, 1]), torch.tensor([True, False, True, True])
+
+
+def divergence_case(view):
+    labels, keep = labels_and_mask()
+    args = divergence_args(randn(N, V), randn(N, V, seed=3), row_mask=view(keep), labels=view(labels))
+    return ("divergence", "divergence_forward"), args
+
+
+def mixture_case(view):
+    labels, keep = labels_and_mask()
+    return ("mixture", "mixture_divergence_forward"), mixture_args(randn(N, V), view(keep), view(labels))
+
+
+def topk_case(view):
+    labels, keep = labels_and_mask()
+    args = list(topk_args(randn(N, V), view(keep), view(labels)))
+    args[1] = view(args[1])  # teacher ids, (N, k)
+    return ("topk", "topk_divergence_forward"), tuple(args)
+
+
+def dkd_case(view):
+    labels, _ = labels_and_mask()
+    return ("dkd", "dkd_forward"), (randn(N, V), randn(N, V, seed=3), view(labels), 1.0, 8.0, 0.5, 1.0, True)
+
+
+def info_nce_case(view):
+    labels, _ = labels_and_mask()
+    return ("info_nce", "info_nce_forward"), (randn(N, 5), randn(V, 5, seed=3), view(labels), 2.0)
+
+
+def info_nce_backward_case(view):
+    labels, _ = labels_and_mask()
+    q, k = randn(N, 5), randn(V, 5, seed=3)
+    _, lse = launcher("info_nce", "info_nce_forward")(q, k, labels, 2.0)
+    return ("info_nce", "info_nce_backward"), (torch.full((N,), 0.5), q, k, view(labels), lse, 2.0)
+
+
+def crd_case(view):
+    ids = torch.stack([torch.randperm(9, generator=torch.Generator().manual_seed(i))[:3] for i in range(N)])
+    return ("crd", "crd_nce_forward"), (randn(N, 5), randn(9, 5, seed=3), view(ids), 0.0, 2.0, True)
+
+
+@pytest.mark.parametrize(
+    "case",
+    (divergence_case, mixture_case, topk_case, dkd_case, info_nce_case, info_nce_backward_case, crd_case),
+    ids=lambda case: case.__name__.removesuffix("_case"),
+)
+def test_strided_index_views_read_by_value(case):
+    """The launcher gives the same results for strided label / mask / id views as for contiguous copies."""
+    (stem, name), contiguous_args = case(lambda x: x)
+    _, strided_args = case(strided)
+    run = launcher(stem, name)
+    for got, want in zip(run(*strided_args), run(*contiguous_args), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fastkd._enums import DivergenceKind
 from tests.triton_variants import DTYPES, Variant
 
 
@@ -12,10 +13,7 @@ def divergence_variants(module):
     student's normaliser) and at T ≠ 1 (its own Σ exp in pass 1), and the CE
     without gradients."""
     block, num_warps = module.launch_config(128256)
-    names = {
-        module.KL: "kl", module.REVERSE_KL: "reverse_kl", module.JSD: "jsd",
-        module.SKEW_KL: "skew_kl", module.SKEW_REVERSE_KL: "skew_reverse_kl", module.TVD: "tvd",
-    }
+    names = {int(kind): kind.name.lower() for kind in DivergenceKind}
     for dtype in DTYPES:
         types = {
             "s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "mask_ptr": "*i1", "labels_ptr": "*i64",
@@ -32,7 +30,7 @@ def divergence_variants(module):
             }
             yield Variant(f"{dtype} {name} mask+both-grads", types, constexprs, num_warps)
         kl_student = {
-            "KIND": module.KL, "HAS_MASK": False, "STUDENT_GRAD": True, "TEACHER_GRAD": False,
+            "KIND": int(DivergenceKind.KL), "HAS_MASK": False, "STUDENT_GRAD": True, "TEACHER_GRAD": False,
             "BLOCK": block, "mask_ptr": None, "gt_ptr": None,
         }
         yield Variant(f"{dtype} kl student-grad", types, {**kl_student, **no_labels}, num_warps)
@@ -41,12 +39,13 @@ def divergence_variants(module):
             constexprs = {**kl_student, **labelled}
             yield Variant(f"{dtype} kl student-grad labels {at}", types, constexprs, num_warps)
             constexprs = {
-                "KIND": module.JSD, "HAS_MASK": True, "STUDENT_GRAD": True, "TEACHER_GRAD": True,
+                "KIND": int(DivergenceKind.JSD), "HAS_MASK": True, "STUDENT_GRAD": True, "TEACHER_GRAD": True,
                 "BLOCK": block, **labelled,
             }
             yield Variant(f"{dtype} jsd mask+both-grads labels {at}", types, constexprs, num_warps)
         constexprs = {
-            "KIND": module.REVERSE_KL, "HAS_MASK": True, "STUDENT_GRAD": False, "TEACHER_GRAD": False,
+            "KIND": int(DivergenceKind.REVERSE_KL), "HAS_MASK": True, "STUDENT_GRAD": False,
+            "TEACHER_GRAD": False,
             "BLOCK": block, "gs_ptr": None, "gt_ptr": None, "HAS_LABELS": True, "CE_SHARES_NORMALISER": False,
         }
         yield Variant(f"{dtype} reverse_kl labels no-grads", types, constexprs, num_warps)

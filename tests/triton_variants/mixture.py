@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from fastkd._enums import DivergenceKind
 from tests.triton_variants import DTYPES, Variant
 
-KINDS = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+KINDS = tuple(kind.name.lower() for kind in DivergenceKind)
 
 
 def _types(dtype: str) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fastkd._enums import MMDKernel
 from tests.triton_variants import DTYPES, Variant
 
 # (WITHIN, UNBIASED): the cross term, and a within-sample term with and
@@ -10,7 +11,7 @@ TERMS = {"cross": (False, False), "within": (True, False), "within-unbiased": (T
 
 
 def _kernels(module):
-    return {module.GAUSSIAN: "gaussian", module.LAPLACIAN: "laplacian", module.POLYNOMIAL: "polynomial"}
+    return {int(kernel): kernel.name.lower() for kernel in MMDKernel}
 
 
 def _variants(module, extra_types: dict, backward: bool):
@@ -28,7 +29,7 @@ def _variants(module, extra_types: dict, backward: bool):
                     "KERNEL": kernel, "WITHIN": within, "UNBIASED": unbiased,
                     "BLOCK": block, "BLOCK_D": block_d, "BLOCK_E": block_e,
                 }
-                if kernel == module.POLYNOMIAL:
+                if kernel == MMDKernel.POLYNOMIAL:
                     constexprs.update({"a_norm_ptr": None, "b_norm_ptr": None})
                 yield Variant(f"{dtype} {name} {term}", types, constexprs, num_warps)
 

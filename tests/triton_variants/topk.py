@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fastkd._enums import DivergenceKind
 from tests.triton_variants import DTYPES, Variant
 
 # A Llama-3-size vocabulary and a typical stored top-k.
@@ -18,11 +19,7 @@ def topk_variants(module):
     sums in stream 1 and support 2, one more exp in stream 2), also at the
     widest support tile, and the CE without the gradient."""
     block, num_warps = module.launch_config(VOCAB)
-    names = {
-        module.KL: "kl", module.JSD: "jsd", module.SKEW_KL: "skew_kl",
-        module.SKEW_REVERSE_KL: "skew_reverse_kl", module.TVD: "tvd",
-    }
-    assert set(names) == set(module.KINDS)
+    names = {int(kind): kind.name.lower() for kind in module.KINDS}
     for dtype in DTYPES:
         types = {
             "s_ptr": f"*{dtype}", "idx_ptr": "*i64", "sorted_ptr": "*i64", "val_ptr": "*fp32",
@@ -46,8 +43,8 @@ def topk_variants(module):
                     grad_label = "grad" if grad else "no-grad"
                     yield Variant(f"{dtype} {name} {mask_label} {grad_label}", types, constexprs, num_warps)
         constexprs = {
-            "KIND": module.SKEW_REVERSE_KL, "HAS_MASK": True, "STUDENT_GRAD": True, "BLOCK": block,
-            "KBLOCK": module.MAX_KBLOCK, **no_labels,
+            "KIND": int(DivergenceKind.SKEW_REVERSE_KL), "HAS_MASK": True, "STUDENT_GRAD": True,
+            "BLOCK": block, "KBLOCK": module.MAX_KBLOCK, **no_labels,
         }
         label = f"{dtype} skew_reverse_kl mask grad KBLOCK={module.MAX_KBLOCK}"
         yield Variant(label, types, constexprs, num_warps)
@@ -55,18 +52,18 @@ def topk_variants(module):
             labelled = {"HAS_LABELS": True, "CE_SHARES_NORMALISER": shares}
             for kblock in (module.support_block(TOP_K), module.MAX_KBLOCK):
                 constexprs = {
-                    "KIND": module.SKEW_REVERSE_KL, "HAS_MASK": True, "STUDENT_GRAD": True, "BLOCK": block,
-                    "KBLOCK": kblock, **labelled,
+                    "KIND": int(DivergenceKind.SKEW_REVERSE_KL), "HAS_MASK": True, "STUDENT_GRAD": True,
+                    "BLOCK": block, "KBLOCK": kblock, **labelled,
                 }
                 label = f"{dtype} skew_reverse_kl mask grad labels {at} KBLOCK={kblock}"
                 yield Variant(label, types, constexprs, num_warps)
             constexprs = {
-                "KIND": module.KL, "HAS_MASK": False, "STUDENT_GRAD": True, "BLOCK": block,
+                "KIND": int(DivergenceKind.KL), "HAS_MASK": False, "STUDENT_GRAD": True, "BLOCK": block,
                 "KBLOCK": module.support_block(TOP_K), "mask_ptr": None, **labelled,
             }
             yield Variant(f"{dtype} kl no-mask grad labels {at}", types, constexprs, num_warps)
         constexprs = {
-            "KIND": module.TVD, "HAS_MASK": True, "STUDENT_GRAD": False, "BLOCK": block,
+            "KIND": int(DivergenceKind.TVD), "HAS_MASK": True, "STUDENT_GRAD": False, "BLOCK": block,
             "KBLOCK": module.support_block(TOP_K), "g_ptr": None, "HAS_LABELS": True,
             "CE_SHARES_NORMALISER": False,
         }

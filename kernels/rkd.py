@@ -1,10 +1,9 @@
-"""Relational losses (SPEC §2) in Triton: the ``triton`` backend of
-``fastkd.rkd_distance`` / ``fastkd.rkd_angle`` and of ``fastkd.sp_loss``,
-``fastkd.cc_loss``, ``fastkd.pkt_loss`` (those three at the end of this file).
+"""RKD distance and angle losses (docs/spec.md §2) in Triton: the ``triton`` backend of
+``fastkd.rkd_distance`` / ``fastkd.rkd_angle``.
 
 Same contract as the C++ ops ``fastkd::rkd_distance_forward`` and
 ``fastkd::rkd_angle_forward`` (csrc/fastkd.cpp) and the same formulation as
-their CPU implementation (csrc/cpu/relational.cpp, relational_kernel.cpp):
+their CPU implementation (csrc/cpu/rkd.cpp, rkd_kernel.cpp):
 Gram matrices of the centred embeddings (``torch.mm`` here), O(N²) memory,
 pairs that the Gram form cannot resolve recomputed from their differences,
 the student's gradient produced in the same call.
@@ -45,26 +44,37 @@ CPU kernel's k ≥ j, but no program has to add into another's rows of R, S).
 Memory: (P + 8)·N²·4 bytes for P anchor chunks (P ≤ 8, bounded by
 ``_MAX_PARTIAL_ELEMENTS``). The launcher then forms dG and
 dX = (dG + dGᵀ) X and the normalisers' part in float64 (torch.mm), exactly as
-relational.cpp does.
+rkd.cpp does.
 
 Everything in the kernels is float32 (the angle numerators by the hi + lo
 pairing of the CPU kernel); bfloat16 / float16 embeddings are widened first and
 the gradient rounded by torch at the end. Under ``TRITON_INTERPRET=1`` the
 kernels run on CPU tensors, which is how the tests check them without a GPU.
+
+The launchers' contract: each takes ``student`` ``(N, D_s)`` float32 / bfloat16 / float16,
+``teacher`` ``(N, D_t)`` (same N, dtype and device) and ``student_grad``
+(whether to compute the gradient), and returns ``loss`` ``()`` float32 and
+``grad`` ``(N, D_s)`` in the student's dtype (``d loss / d student``), or
+``(0, 0)`` when not requested.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ["cc_forward", "pkt_forward", "rkd_angle_forward", "rkd_distance_forward", "sp_forward"]
+from ._common import (
+    DEVICE_TYPE,  # noqa: F401  (re-exported: callers ask a module where its kernels run)
+    INTERPRETED,
+    check_embedding_pair,
+    guard_device,
+    max_nan,
+    square_row_config,
+)
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+__all__ = ["rkd_angle_forward", "rkd_distance_forward"]
+
 
 _PDIST_EPS = 1e-12  # RepDistiller's clamp on squared distances
 _NORMALIZE_EPS = 1e-12  # F.normalize's eps
@@ -72,7 +82,7 @@ _EPS32 = 1.1920928955078125e-07
 _EPS64 = 2.220446049250313e-16
 # Gram-form squared distances below factor · (‖x_i‖² + ‖x_j‖²) are recomputed
 # from x_i − x_j: (eps / target)² for a distance accurate to `target` relative
-# to the norms (relational.cpp's near_factor): 1e-6 from a float32 Gram for
+# to the norms (rkd.cpp's near_factor): 1e-6 from a float32 Gram for
 # the distance term, 1e-8 from the float64 Gram for the angle's normalisers.
 _DISTANCE_FACTOR = (_EPS32 / 1e-6) ** 2
 _ANGLE_FACTOR = (_EPS64 / 1e-8) ** 2
@@ -80,16 +90,6 @@ _ANGLE_FACTOR = (_EPS64 / 1e-8) ** 2
 # floats (256 MiB), or one chunk when N² alone exceeds it.
 _MAX_PARTIAL_ELEMENTS = 1 << 26
 _MAX_ANCHOR_CHUNKS = 8
-# CC's largest Taylor order: the reference's coefficient (2γ)^p / p! needs p!
-# as a float64, which overflows beyond 170! (and the kernel's cost grows with
-# the order).
-CC_MAX_ORDER = 170
-
-
-@triton.jit
-def _nan_max(x, floor):
-    # max(x, floor) that keeps NaN (fmaxf would drop it)
-    return tl.where(x < floor, floor, x)
 
 
 @triton.jit
@@ -117,7 +117,7 @@ def _tile_distances(sq_ptr, rows, js, N):
     # diagonal and outside [N, N]. Also returns the squared distances.
     m = (rows < N)[:, None] & (js < N)[None, :]
     sq = tl.load(sq_ptr + rows[:, None] * N + js[None, :], mask=m, other=0.0)
-    d = tl.sqrt(_nan_max(sq, 1e-12))
+    d = tl.sqrt(max_nan(sq, 1e-12))
     return tl.where((rows[:, None] == js[None, :]) | ~m, 0.0, d), sq
 
 
@@ -168,7 +168,7 @@ def _pair_sq_kernel(
                 sq = tl.where(near & (rows == i)[:, None], direct[None, :], sq)
     tl.store(sq_ptr + rows[:, None] * N + js[None, :], sq, mask=m)
     tl.store(near_ptr + rows[:, None] * N + js[None, :], (near | diag).to(tl.int8), mask=m)
-    d = tl.where(diag | ~m, 0.0, tl.sqrt(_nan_max(sq, 1e-12)))
+    d = tl.where(diag | ~m, 0.0, tl.sqrt(max_nan(sq, 1e-12)))
     tl.store(dsum_ptr + rows * tl.num_programs(1) + jb, tl.sum(d, 1), mask=im)
 
 
@@ -277,7 +277,7 @@ def _angle_numerator(gjk_hi, gjk_lo, gik_hi, gik_lo, gij_hi, gij_lo, gii_hi, gii
     # hi terms are paired so that each difference cancels exactly where it
     # cancels at all (Sterbenz): (G_jk − G_ik) + (G_ii − G_ij) when x_j is the
     # nearer of x_j, x_k to x_i, (G_jk − G_ij) + (G_ii − G_ik) when x_k is;
-    # the small lo halves are added last (relational_kernel.cpp's numerator()).
+    # the small lo halves are added last (rkd_kernel.cpp's numerator()).
     j_first = (gjk_hi - gik_hi[None, :]) + (gii_hi - gij_hi)[:, None]
     k_first = (gjk_hi - gij_hi[:, None]) + (gii_hi - gik_hi)[None, :]
     hi = tl.where(k_nearer, k_first, j_first)
@@ -369,9 +369,6 @@ def _rkd_angle_kernel(
     tl.store(loss_ptr + p * tl.num_programs(0) + jb + tl.arange(0, 1), loss)
 
 
-# The kernels run where triton.jit put them: the interpreter on CPU tensors, or CUDA.
-DEVICE_TYPE = "cpu" if isinstance(_rkd_angle_kernel, InterpretedFunction) else "cuda"
-_INTERPRETED = DEVICE_TYPE == "cpu"
 
 
 def pair_config(n: int, d: int) -> tuple[int, int, int, int]:
@@ -383,21 +380,19 @@ def pair_config(n: int, d: int) -> tuple[int, int, int, int]:
     255). Under the interpreter, whose cost is per operation and per program,
     the blocks are as wide as the problem (up to 32 × 32 × 128).
     """
-    if _INTERPRETED:
+    if INTERPRETED:
         block = min(triton.next_power_of_2(max(n, 1)), 32)
         return block, block, min(triton.next_power_of_2(max(d, 1)), 128), 4
     return 8, 128, 16, 4
 
 
-def row_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_I, BLOCK_J, num_warps) of the distance term's row passes: [4, 256] tiles on a GPU."""
-    block = min(triton.next_power_of_2(max(n, 1)), 32 if _INTERPRETED else 256)
-    return (block if _INTERPRETED else 4), block, 4
+# (BLOCK_I, BLOCK_J, num_warps) of the distance term's row passes.
+row_config = square_row_config
 
 
 def near_grad_config(n: int, d: int) -> tuple[int, int, int]:
     """(BLOCK_J, BLOCK_D, num_warps) of _near_grad_kernel: [64, 64] difference tiles on a GPU."""
-    if _INTERPRETED:
+    if INTERPRETED:
         return min(triton.next_power_of_2(max(n, 1)), 32), min(triton.next_power_of_2(max(d, 1)), 128), 4
     return 64, min(triton.next_power_of_2(max(d, 1)), 64), 4
 
@@ -410,7 +405,7 @@ def angle_config(n: int) -> tuple[int, int, int]:
     with the per-anchor temporaries of the same shape 206 registers and no
     spills (ptxas, sm_90); at 4 warps, or [64, 64] at 8, it spills.
     """
-    if _INTERPRETED:
+    if INTERPRETED:
         block = min(triton.next_power_of_2(max(n, 1)), 32)
         return block, block, 4
     return 32, 64, 8
@@ -420,38 +415,9 @@ def anchor_chunks(n: int, j_blocks: int) -> int:
     """Number of anchor chunks P: enough programs to fill a GPU (about 256 with
     the j-blocks), at most 8 partial dG copies, within _MAX_PARTIAL_ELEMENTS;
     two under the interpreter (the partial sums still exercised)."""
-    want = 2 if _INTERPRETED else triton.cdiv(256, j_blocks)
+    want = 2 if INTERPRETED else triton.cdiv(256, j_blocks)
     fits = max(1, _MAX_PARTIAL_ELEMENTS // (n * n))
     return max(1, min(want, fits, _MAX_ANCHOR_CHUNKS, n))
-
-
-def _check_args(student, teacher, student_grad) -> None:
-    """The checks of check_relational_args (csrc/cpu/relational.cpp) as ValueError."""
-    for name, x in (("student", student), ("teacher", teacher)):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
-        if x.dtype not in DTYPES:
-            raise ValueError(f"{name} must be float32, bfloat16 or float16 for triton, got {x.dtype}")
-        if x.device.type != DEVICE_TYPE:
-            takes = "CPU tensors (TRITON_INTERPRET=1)" if DEVICE_TYPE == "cpu" else "CUDA tensors"
-            raise ValueError(f"{name} is on {x.device}, but this triton kernel takes {takes}")
-        if x.shape[1] < 1:
-            raise ValueError(f"{name} must have at least one feature per sample, got shape {tuple(x.shape)}")
-    if student.shape[0] < 1:
-        raise ValueError(f"student must hold at least one sample, got shape {tuple(student.shape)}")
-    if student.shape[0] != teacher.shape[0]:
-        raise ValueError(
-            f"student and teacher must have the same number of samples N, got {student.shape[0]} "
-            f"and {teacher.shape[0]}"
-        )
-    if student.dtype != teacher.dtype:
-        raise ValueError(f"student ({student.dtype}) and teacher ({teacher.dtype}) must have the same dtype")
-    if student.device != teacher.device:
-        raise ValueError(f"student ({student.device}) and teacher ({teacher.device}) must share a device")
-    if not isinstance(student_grad, bool):
-        raise ValueError(f"student_grad must be a bool, got {type(student_grad).__name__}")
 
 
 def _single_sample(student, teacher, student_grad):
@@ -480,21 +446,16 @@ def _centred_gram(x: torch.Tensor) -> torch.Tensor:
     return xc, torch.mm(xc, xc.t())
 
 
+@guard_device
 def rkd_distance_forward(
     student: torch.Tensor, teacher: torch.Tensor, student_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RKD distance loss and the student's gradient; the contract of ``fastkd::rkd_distance_forward``.
 
-    Args:
-        student: ``(N, D_s)`` float32 / bfloat16 / float16.
-        teacher: ``(N, D_t)``, same N, dtype and device.
-        student_grad: whether to compute the gradient.
-
-    Returns:
-        ``loss`` ``()`` float32 and ``grad`` ``(N, D_s)`` in the student's
-        dtype (``d loss / d student``), or ``(0, 0)`` when not requested.
+    ``student``, ``teacher``, ``student_grad`` and the results: the launchers'
+    contract (module docstring).
     """
-    _check_args(student, teacher, student_grad)
+    check_embedding_pair(student, teacher, student_grad)
     n = student.shape[0]
     if n == 1:
         return _single_sample(student, teacher, student_grad)
@@ -541,7 +502,7 @@ def rkd_distance_forward(
 
 
 def _angle_side(x: torch.Tensor):
-    """One side's kernel inputs (relational.cpp's angle_side): the centred rows
+    """One side's kernel inputs (rkd.cpp's angle_side): the centred rows
     in float64, their Gram matrix split into float32 hi + lo halves, and the
     signed inverse distances u ([N, N] float32: 1 / max(e_ij, 1e-12), −1e12
     for distinct samples that coincide, 0 on the diagonal)."""
@@ -558,7 +519,7 @@ def _angle_side(x: torch.Tensor):
 
 
 def _angle_gradient(d_gram, row_sums, ang_sums, u, centred, n):
-    """dX of the angle loss from the kernel's sums, in float64 (relational.cpp's rkd_angle_impl).
+    """dX of the angle loss from the kernel's sums, in float64 (rkd.cpp's rkd_angle_impl).
 
     ∂loss/∂G from the numerators G_jk − G_ij − G_ik + G_ii, summed over the
     anchors: dG = Σ_i W^(i) − 2 R + diag(rowsum R); dX = M X with
@@ -585,21 +546,16 @@ def _angle_gradient(d_gram, row_sums, ang_sums, u, centred, n):
     return grad.sub_(grad.mean(0, keepdim=True))
 
 
+@guard_device
 def rkd_angle_forward(
     student: torch.Tensor, teacher: torch.Tensor, student_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RKD angle loss and the student's gradient; the contract of ``fastkd::rkd_angle_forward``.
 
-    Args:
-        student: ``(N, D_s)`` float32 / bfloat16 / float16.
-        teacher: ``(N, D_t)``, same N, dtype and device.
-        student_grad: whether to compute the gradient.
-
-    Returns:
-        ``loss`` ``()`` float32 and ``grad`` ``(N, D_s)`` in the student's
-        dtype, or ``(0, 0)`` when not requested.
+    ``student``, ``teacher``, ``student_grad`` and the results: the launchers'
+    contract (module docstring).
     """
-    _check_args(student, teacher, student_grad)
+    check_embedding_pair(student, teacher, student_grad)
     n = student.shape[0]
     if n == 1:
         return _single_sample(student, teacher, student_grad)
@@ -628,335 +584,4 @@ def rkd_angle_forward(
     d_gram = d_part.sum(0) if chunks > 1 else d_part[0]
     del d_part
     grad = _angle_gradient(d_gram, row_sums, ang_sums, us, centred, n)
-    return loss, grad.to(student.dtype)
-
-
-# ---- SP, CC, PKT: per-element functions of the Gram matrices -------------------------------
-#
-# These losses compare functions of G = X Xᵀ (torch.mm in the launchers) and
-# map their gradient back as dX = (dG + dGᵀ) X (torch.mm): the kernels are
-# row passes over the two [N, N] Gram matrices that write dG in place of what
-# the reference's autograd keeps (the normalised / kernelised matrices, their
-# difference and its gradient). Traffic floor: read 2·N² floats per pass
-# (SP: three passes over the rows, re-read from L2 for N up to ~10⁴), write N².
-
-
-@triton.jit
-def _sp_kernel(
-    gs_ptr,  # [N, N] float32 student Gram matrix
-    gt_ptr,  # [N, N] float32 teacher Gram matrix
-    loss_ptr,  # [N] float32 out: Σ_j (Ĝ_t − Ĝ_s)²_ij
-    dg_ptr,  # [N, N] float32 out: ∂loss/∂G_s (GRAD); may alias gs_ptr
-    N,
-    inv_n2,  # 1 / N²
-    GRAD: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
-    im = rows < N
-    # pass 1: row norms; Ĝ = G / max(‖G_i‖, 1e-12) (F.normalize)
-    ss = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
-    st = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
-    for j0 in range(0, N, BLOCK_J):
-        js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-        m = im[:, None] & (js < N)[None, :]
-        at = rows[:, None] * N + js[None, :]
-        gs = tl.load(gs_ptr + at, mask=m, other=0.0)
-        gt = tl.load(gt_ptr + at, mask=m, other=0.0)
-        ss += gs * gs
-        st += gt * gt
-    norm_s = tl.sqrt(tl.sum(ss, 1))
-    r_s = _nan_max(norm_s, 1e-12)
-    r_t = _nan_max(tl.sqrt(tl.sum(st, 1)), 1e-12)
-    # pass 2: loss, and Ĝ_i · dĜ_i for the normalisation's gradient
-    loss = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
-    dot = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
-    for j0 in range(0, N, BLOCK_J):
-        js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-        m = im[:, None] & (js < N)[None, :]
-        at = rows[:, None] * N + js[None, :]
-        ys = tl.load(gs_ptr + at, mask=m, other=0.0) / r_s[:, None]
-        diff = tl.load(gt_ptr + at, mask=m, other=0.0) / r_t[:, None] - ys
-        loss += diff * diff
-        dot += ys * (-2.0 * inv_n2) * diff
-    tl.store(loss_ptr + rows, tl.sum(loss, 1), mask=im)
-    if GRAD:
-        # dG = (dĜ − Ĝ (Ĝ·dĜ)) / ‖G_i‖; below eps the divisor is the constant eps
-        proj = tl.where(norm_s > 1e-12, tl.sum(dot, 1), 0.0)
-        for j0 in range(0, N, BLOCK_J):
-            js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-            m = im[:, None] & (js < N)[None, :]
-            at = rows[:, None] * N + js[None, :]
-            ys = tl.load(gs_ptr + at, mask=m, other=0.0) / r_s[:, None]
-            dy = (-2.0 * inv_n2) * (tl.load(gt_ptr + at, mask=m, other=0.0) / r_t[:, None] - ys)
-            tl.store(dg_ptr + at, (dy - ys * proj[:, None]) / r_s[:, None], mask=m)
-
-
-@triton.jit
-def _cc_taylor(g, two_gamma, order):
-    # Σ_{p=0..P} (2γ g)^p / p! by Horner, and its derivative in g,
-    # 2γ Σ_{q=0..P−1} (2γ g)^q / q!
-    k = tl.full(g.shape, 1.0, tl.float32)
-    dk = tl.full(g.shape, 1.0, tl.float32)
-    for q in range(0, order):
-        p = (order - q).to(tl.float32)
-        k = 1.0 + (two_gamma * g / p) * k
-        if q > 0:
-            dk = 1.0 + (two_gamma * g / p) * dk
-    # g = -inf (an infinite input entry): the series' terms alternate ±inf,
-    # so the sum is NaN for P >= 2 (Horner would give ±inf)
-    alternating = (g == float("-inf")) & (order >= 2)
-    k = tl.where(alternating, float("nan"), k)
-    dk = tl.where(alternating, float("nan"), dk)
-    return k, two_gamma * dk
-
-
-@triton.jit
-def _cc_kernel(
-    gs_ptr,  # [N, N] float32 student Gram matrix
-    gt_ptr,  # [N, N] float32 teacher Gram matrix
-    sq_ptr,  # [N] float32 out: Σ_j (K_s − K_t)²_ij (FIRST pass)
-    dg_ptr,  # [N, N] float32 out: ∂loss/∂G_s (second pass); may alias gs_ptr
-    N,
-    two_gamma,  # 2γ
-    scale,  # exp(−2γ)
-    coef,  # second pass: 1 / (‖K_s − K_t‖_F N²), 0 where the norm is 0
-    order,  # P >= 1
-    FIRST: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
-    im = rows < N
-    acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
-    for j0 in range(0, N, BLOCK_J):
-        js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-        m = im[:, None] & (js < N)[None, :]
-        at = rows[:, None] * N + js[None, :]
-        k_s, dk_s = _cc_taylor(tl.load(gs_ptr + at, mask=m, other=0.0), two_gamma, order)
-        k_t, _ = _cc_taylor(tl.load(gt_ptr + at, mask=m, other=0.0), two_gamma, order)
-        # K = exp(−2γ) Σ_p (2γ)^p / p! G^p; lanes past N: K_s = K_t, no term
-        diff = scale * (k_s - k_t)
-        if FIRST:
-            acc += diff * diff
-        else:
-            # ∂‖K_s − K_t‖_F / N² / ∂G_s = (K_s − K_t) / (‖·‖_F N²) · dK/dG
-            tl.store(dg_ptr + at, coef * diff * scale * dk_s, mask=m)
-    if FIRST:
-        tl.store(sq_ptr + rows, tl.sum(acc, 1), mask=im)
-
-
-@triton.jit
-def _pkt_similarity(h):
-    # S = max((H + 1) / 2, 0): the cosine of antipodal rows can round below
-    # -1, and S < 0 would make log(P + eps) NaN; a NaN passes through
-    s = (h + 1.0) * 0.5
-    return tl.where(s < 0.0, 0.0, s)
-
-
-@triton.jit
-def _pkt_kernel(
-    hs_ptr,  # [N, N] float32 student Gram matrix of the normalised rows x̂
-    ht_ptr,  # [N, N] float32 teacher, likewise
-    loss_ptr,  # [N] float32 out: Σ_j P_t log((P_t + eps) / (P_s + eps))
-    dh_ptr,  # [N, N] float32 out: ∂loss/∂H_s (GRAD); may alias hs_ptr
-    N,
-    eps,
-    inv_n2,  # 1 / N²
-    GRAD: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
-    im = rows < N
-    # pass 1: row sums of S = (H + 1) / 2
-    sum_s = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
-    sum_t = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
-    for j0 in range(0, N, BLOCK_J):
-        js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-        m = im[:, None] & (js < N)[None, :]
-        at = rows[:, None] * N + js[None, :]
-        sum_s += tl.where(m, _pkt_similarity(tl.load(hs_ptr + at, mask=m, other=0.0)), 0.0)
-        sum_t += tl.where(m, _pkt_similarity(tl.load(ht_ptr + at, mask=m, other=0.0)), 0.0)
-    # masked rows get 1: no division by 0 in lanes that are never stored
-    r_s = tl.where(im, tl.sum(sum_s, 1), 1.0)
-    r_t = tl.where(im, tl.sum(sum_t, 1), 1.0)
-    # pass 2: loss; dP = ∂loss/∂P_s = −P_t / (P_s + eps) / N² and Σ_j dP P_s
-    loss = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
-    dot = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
-    for j0 in range(0, N, BLOCK_J):
-        js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-        m = im[:, None] & (js < N)[None, :]
-        at = rows[:, None] * N + js[None, :]
-        p_s = _pkt_similarity(tl.load(hs_ptr + at, mask=m, other=0.0)) / r_s[:, None]
-        p_t = _pkt_similarity(tl.load(ht_ptr + at, mask=m, other=0.0)) / r_t[:, None]
-        loss += tl.where(m, p_t * tl.log((p_t + eps) / (p_s + eps)), 0.0)
-        dot += tl.where(m, -inv_n2 * p_t / (p_s + eps) * p_s, 0.0)
-    tl.store(loss_ptr + rows, tl.sum(loss, 1), mask=im)
-    if GRAD:
-        # P = S / rowsum(S): dS = (dP − Σ_j dP P) / rowsum(S); S = (H + 1)/2: dH = dS / 2
-        row_dot = tl.sum(dot, 1)
-        for j0 in range(0, N, BLOCK_J):
-            js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-            m = im[:, None] & (js < N)[None, :]
-            at = rows[:, None] * N + js[None, :]
-            h_s = tl.load(hs_ptr + at, mask=m, other=0.0)
-            p_s = _pkt_similarity(h_s) / r_s[:, None]
-            p_t = _pkt_similarity(tl.load(ht_ptr + at, mask=m, other=0.0)) / r_t[:, None]
-            d_p = -inv_n2 * p_t / (p_s + eps)
-            # no gradient through the clamp where it acted
-            d_h = tl.where((h_s + 1.0) * 0.5 < 0.0, 0.0, 0.5 * (d_p - row_dot[:, None]) / r_s[:, None])
-            tl.store(dh_ptr + at, d_h, mask=m)
-
-
-def gram_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_I, BLOCK_J, num_warps) of the SP, CC and PKT row passes (as row_config)."""
-    return row_config(n)
-
-
-def _grams(student, teacher):
-    # (student rows in float32, G_s, G_t); TF32 matmuls (if enabled) would cost accuracy
-    xs = student.float().contiguous()
-    xt = teacher.float().contiguous()
-    return xs, torch.mm(xs, xs.t()), torch.mm(xt, xt.t())
-
-
-def _grad_from_gram(d_gram: torch.Tensor, xs: torch.Tensor, dtype) -> torch.Tensor:
-    # G = X Xᵀ: dX = (dG + dGᵀ) X
-    return torch.mm(d_gram + d_gram.t(), xs).to(dtype)
-
-
-def sp_forward(
-    student: torch.Tensor, teacher: torch.Tensor, student_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SP loss ``‖F.normalize(G_t) − F.normalize(G_s)‖²_F / N²`` and the student's gradient.
-
-    Args:
-        student: ``(N, D_s)`` float32 / bfloat16 / float16.
-        teacher: ``(N, D_t)``, same N, dtype and device.
-        student_grad: whether to compute the gradient.
-
-    Returns:
-        ``loss`` ``()`` float32 and ``grad`` ``(N, D_s)`` in the student's
-        dtype, or ``(0, 0)`` when not requested.
-    """
-    _check_args(student, teacher, student_grad)
-    n = student.shape[0]
-    xs, gram_s, gram_t = _grams(student, teacher)
-    block_i, block_j, num_warps = gram_config(n)
-    loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
-    inv_n2 = 1.0 / (float(n) * float(n))
-    _sp_kernel[(triton.cdiv(n, block_i),)](
-        gram_s, gram_t, loss_rows, gram_s if student_grad else None, n, inv_n2,
-        GRAD=student_grad, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps,
-    )
-    loss = (loss_rows.sum(dtype=torch.float64) * inv_n2).float()
-    if not student_grad:
-        return loss, student.new_zeros((0, 0))
-    # each program overwrote its own rows of gram_s with dG after reading them
-    return loss, _grad_from_gram(gram_s, xs, student.dtype)
-
-
-def cc_forward(
-    student: torch.Tensor, teacher: torch.Tensor, student_grad: bool, *, gamma: float, order: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CC loss ``‖K_s − K_t‖_F / N²`` (torchdistill's Gaussian-RBF Taylor form) and the student's gradient.
-
-    Args:
-        student: ``(N, D_s)`` float32 / bfloat16 / float16.
-        teacher: ``(N, D_t)``, same N, dtype and device.
-        student_grad: whether to compute the gradient.
-        gamma: ``γ > 0``.
-        order: Taylor order ``1 <= P <= 170``.
-
-    Returns:
-        ``loss`` ``()`` float32 and ``grad`` ``(N, D_s)`` in the student's
-        dtype, or ``(0, 0)`` when not requested. Where ``K_s = K_t`` the
-        gradient is 0 (as autograd's of the norm).
-    """
-    _check_args(student, teacher, student_grad)
-    if not (isinstance(gamma, float | int) and math.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"gamma must be finite and > 0, got {gamma!r}")
-    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-        raise ValueError(f"order must be an int >= 1, got {order!r}")
-    if order > CC_MAX_ORDER:
-        raise ValueError(
-            f"order must be <= {CC_MAX_ORDER} (p! overflows float64 for p > {CC_MAX_ORDER}), got {order}"
-        )
-    n = student.shape[0]
-    xs, gram_s, gram_t = _grams(student, teacher)
-    block_i, block_j, num_warps = gram_config(n)
-    grid = (triton.cdiv(n, block_i),)
-    two_gamma, scale = 2.0 * float(gamma), math.exp(-2.0 * float(gamma))
-    sq_rows = torch.empty(n, dtype=torch.float32, device=student.device)
-    _cc_kernel[grid](
-        gram_s, gram_t, sq_rows, None, n, two_gamma, scale, 0.0, int(order),
-        FIRST=True, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps,
-    )
-    norm = math.sqrt(sq_rows.sum(dtype=torch.float64).item())
-    n2 = float(n) * float(n)
-    loss = torch.tensor(norm / n2, dtype=torch.float32, device=student.device)
-    if not student_grad:
-        return loss, student.new_zeros((0, 0))
-    coef = 0.0 if norm == 0.0 else 1.0 / (norm * n2)  # NaN stays NaN
-    _cc_kernel[grid](
-        gram_s, gram_t, sq_rows, gram_s, n, two_gamma, scale, coef, int(order),
-        FIRST=False, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps,
-    )
-    return loss, _grad_from_gram(gram_s, xs, student.dtype)
-
-
-def _pkt_rows(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x̂ = x / (‖x‖ + eps), the NaN that the division creates (inf / inf) set
-    to 0, a NaN input kept: the reference's _pkt_probabilities, whose
-    autograd graph the launcher reuses for the O(N·D) normalisation."""
-    xh = x / (torch.linalg.vector_norm(x, dim=1, keepdim=True) + eps)
-    made_nan = torch.isnan(xh) & ~torch.isnan(x).any(1, keepdim=True)
-    return torch.where(made_nan, torch.zeros_like(xh), xh)
-
-
-def pkt_forward(
-    student: torch.Tensor, teacher: torch.Tensor, student_grad: bool, *, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PKT loss ``mean_ij P_t log((P_t + eps) / (P_s + eps))`` and the student's gradient.
-
-    The O(N²) part (the row-stochastic ``P`` of ``S = max((x̂ x̂ᵀ + 1) / 2, 0)``, the
-    loss and ``∂loss/∂(x̂ x̂ᵀ)``) is one kernel; the Gram matrix and
-    ``dx̂ = (dH + dHᵀ) x̂`` are torch.mm, and the normalisation's O(N·D)
-    gradient is torch autograd on the rows.
-
-    Args:
-        student: ``(N, D_s)`` float32 / bfloat16 / float16.
-        teacher: ``(N, D_t)``, same N, dtype and device.
-        student_grad: whether to compute the gradient.
-        eps: ``> 0``.
-
-    Returns:
-        ``loss`` ``()`` float32 and ``grad`` ``(N, D_s)`` in the student's
-        dtype, or ``(0, 0)`` when not requested.
-    """
-    _check_args(student, teacher, student_grad)
-    if not (isinstance(eps, float | int) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be finite and > 0, got {eps!r}")
-    n = student.shape[0]
-    xs = student.float().detach().requires_grad_(student_grad)
-    with torch.enable_grad():
-        xh_s = _pkt_rows(xs, float(eps))
-    xh_t = _pkt_rows(teacher.float(), float(eps))
-    h_s = torch.mm(xh_s.detach(), xh_s.detach().t())
-    h_t = torch.mm(xh_t, xh_t.t())
-    block_i, block_j, num_warps = gram_config(n)
-    loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
-    inv_n2 = 1.0 / (float(n) * float(n))
-    _pkt_kernel[(triton.cdiv(n, block_i),)](
-        h_s, h_t, loss_rows, h_s if student_grad else None, n, float(eps), inv_n2,
-        GRAD=student_grad, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps,
-    )
-    loss = (loss_rows.sum(dtype=torch.float64) * inv_n2).float()
-    if not student_grad:
-        return loss, student.new_zeros((0, 0))
-    # h_s now holds dH (each program overwrote its rows after reading them)
-    d_xh = torch.mm(h_s + h_s.t(), xh_s.detach())
-    (grad,) = torch.autograd.grad(xh_s, xs, d_xh)
     return loss, grad.to(student.dtype)

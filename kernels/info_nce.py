@@ -1,10 +1,10 @@
-"""InfoNCE (SPEC §4) in Triton, the ``triton`` backend of ``fastkd.info_nce``.
+"""InfoNCE (docs/spec.md §4) in Triton, the ``triton`` backend of ``fastkd.info_nce``.
 
 Same contract as the C++ ops ``fastkd::info_nce_forward`` /
-``fastkd::info_nce_backward`` (csrc/fastkd.cpp, csrc/cpu/contrastive.cpp),
+``fastkd::info_nce_backward`` (csrc/fastkd.cpp, csrc/cpu/info_nce.cpp),
 flash-attention style: the ``(N, M)`` logits ``q kᵀ / τ`` exist only one
-``BLOCK_M × BLOCK_N`` tile at a time, in registers (64 × 64 for large
-batches, see launch_config).
+``BLOCK_M × BLOCK_N`` tile at a time, in registers (64 × 64 in the forward
+for large batches, see launch_config and backward_blocks).
 
   forward     one program per block of BLOCK_M query rows; it walks the key
               blocks, computing each logits tile with tl.dot (contracted over
@@ -43,16 +43,20 @@ on CPU tensors, which is how the tests check them without a GPU.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from ._common import (
+    DEVICE_TYPE,
+    check_pair,
+    check_positive,
+    check_tensor,
+    guard_device,
+    stored_dtype,
+)
 
 __all__ = ["info_nce_backward", "info_nce_forward"]
-
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -215,10 +219,6 @@ def _info_nce_bwd_dk_kernel(
     )
 
 
-# The kernels run where triton.jit put them: the interpreter on CPU tensors, or CUDA.
-DEVICE_TYPE = "cpu" if isinstance(_info_nce_fwd_kernel, InterpretedFunction) else "cuda"
-
-
 # Programs that fill an H100 / H200 once (one per SM).
 _SMS = 132
 
@@ -240,36 +240,41 @@ def launch_config(rows: int, keys: int, dim: int) -> dict:
     """Block sizes and num_warps for ``rows`` queries, ``keys`` keys of ``dim``
     features (one configuration per call, no autotuning).
 
-    BLOCK_M (query rows) and BLOCK_N (keys) are 64 for large batches: a
-    64 × 64 float32 logits tile and two BLOCK_D-wide operand chunks stay in
-    registers at 4 warps. Smaller batches get smaller blocks so that every
-    SM has a program (chosen so, not measured). tl.dot needs every dimension
-    >= 16. BLOCK_DV, the slice of D one backward program owns, is as wide as
-    D up to 128 (a BLOCK × 128 float32 accumulator): wider D recomputes the
-    logits once per slice.
+    BLOCK_M (query rows) and BLOCK_N (keys) are 64 for large batches (8 warps);
+    smaller batches get 32 or 16 (4 warps) so that every SM has a program
+    (chosen so, not measured). tl.dot needs every dimension >= 16. BLOCK_D,
+    the chunk of D one logits product contracts, is 16: float32's ieee
+    products are FMAs on [rows, BLOCK_D] × [BLOCK_D, cols] operands held in
+    registers. BLOCK_DV, the slice of D one backward program owns, is as wide
+    as D up to 128: wider D recomputes the logits once per slice. With the
+    backward's inner blocks of :func:`backward_blocks`, ptxas (sm_90) reports
+    no spills for any dtype (at most 198 registers).
     """
     width = max(16, triton.next_power_of_2(max(dim, 1)))
     block_m, block_n = _rows_per_block(rows), _rows_per_block(keys)
     return {
-        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": min(width, 64), "BLOCK_DV": min(width, 128),
-        "num_warps": 4 if max(block_m, block_n) == 64 else 2,
+        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": 16, "BLOCK_DV": min(width, 128),
+        "num_warps": 8 if max(block_m, block_n) == 64 else 4,
     }
+
+
+# The blocks a backward program walks (keys for dq, queries for dk): the
+# [BLOCK_M, BLOCK_N] logits and G tiles live next to the [block, BLOCK_DV]
+# accumulator, which at 64 × 64 tiles spill in float32.
+BACKWARD_INNER_BLOCK = 32
+
+
+def backward_blocks(cfg: dict) -> tuple[dict, dict]:
+    """(BLOCK_M, BLOCK_N) of the dq and of the dk kernel from :func:`launch_config`'s:
+    each keeps the block it owns and walks the other in blocks of at most
+    BACKWARD_INNER_BLOCK."""
+    dq = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": min(cfg["BLOCK_N"], BACKWARD_INNER_BLOCK)}
+    dk = {"BLOCK_M": min(cfg["BLOCK_M"], BACKWARD_INNER_BLOCK), "BLOCK_N": cfg["BLOCK_N"]}
+    return dq, dk
 
 
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _check_matrix(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
-    if x.dtype not in DTYPES:
-        raise ValueError(f"{name} must be float32, bfloat16 or float16 for triton, got {x.dtype}")
-    if x.device.type != DEVICE_TYPE:
-        takes = "CPU tensors (TRITON_INTERPRET=1)" if DEVICE_TYPE == "cpu" else "CUDA tensors"
-        raise ValueError(f"{name} is on {x.device}, but this triton kernel takes {takes}")
 
 
 def _check_vector(name: str, x, rows: int, device: torch.device, dtype: torch.dtype | None = None) -> None:
@@ -283,13 +288,10 @@ def _check_vector(name: str, x, rows: int, device: torch.device, dtype: torch.dt
 
 
 def _check_args(q, k, labels, inv_temperature) -> None:
-    """The checks of csrc/cpu/contrastive.cpp's check_info_nce_args, as ValueError."""
-    _check_matrix("q", q)
-    _check_matrix("k", k)
-    if k.dtype != q.dtype:
-        raise ValueError(f"q ({q.dtype}) and k ({k.dtype}) must have the same dtype")
-    if k.device != q.device:
-        raise ValueError(f"q ({q.device}) and k ({k.device}) must share a device")
+    """The checks of csrc/cpu/info_nce.cpp's check_info_nce_args, as ValueError."""
+    check_tensor("q", q, 2)
+    check_tensor("k", k, 2)
+    check_pair("q", q, "k", k)
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"q and k must have the same feature dim D, got {q.shape[1]} and {k.shape[1]}")
     _check_vector("labels", labels, q.shape[0], q.device, torch.int64)
@@ -297,8 +299,7 @@ def _check_args(q, k, labels, inv_temperature) -> None:
         low, high = (int(x) for x in torch.aminmax(labels))
         if low < 0 or high >= k.shape[0]:
             raise ValueError(f"labels must lie in [0, M) = [0, {k.shape[0]}), got values in [{low}, {high}]")
-    if not (math.isfinite(inv_temperature) and inv_temperature > 0):
-        raise ValueError(f"inv_temperature must be finite and > 0, got {inv_temperature}")
+    check_positive("inv_temperature", inv_temperature)
 
 
 def _labels(labels: torch.Tensor) -> torch.Tensor:
@@ -310,6 +311,7 @@ def _strides(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int]:
     return q.stride(0), q.stride(1), k.stride(0), k.stride(1)
 
 
+@guard_device
 def info_nce_forward(
     q: torch.Tensor, k: torch.Tensor, labels: torch.Tensor, inv_temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,6 +344,7 @@ def info_nce_forward(
     return row_loss, row_lse
 
 
+@guard_device
 def info_nce_backward(
     grad_row_loss: torch.Tensor,
     q: torch.Tensor,
@@ -367,10 +370,7 @@ def info_nce_backward(
         _check_vector(name, x, n, q.device)
         if not x.dtype.is_floating_point:
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    # The interpreter truncates float32 → bfloat16 on store (CUDA rounds to
-    # nearest even): under it, bf16 gradients are stored in float32 and
-    # rounded by torch.
-    out_dtype = torch.float32 if DEVICE_TYPE == "cpu" and q.dtype == torch.bfloat16 else q.dtype
+    out_dtype = stored_dtype(q.dtype)
     grad_q = torch.empty((n, d), dtype=out_dtype, device=q.device)
     # without queries no kernel runs and dk = 0
     grad_k = (torch.empty if n > 0 else torch.zeros)((m, d), dtype=out_dtype, device=q.device)
@@ -381,14 +381,15 @@ def info_nce_backward(
         lse = row_lse.to(torch.float32).contiguous()
         common = (n, m, d, *_strides(q, k), float(inv_temperature))
         meta = {
-            "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"],
-            "BLOCK_DV": cfg["BLOCK_DV"], "PRECISION": _precision(q.dtype), "num_warps": cfg["num_warps"],
+            "BLOCK_D": cfg["BLOCK_D"], "BLOCK_DV": cfg["BLOCK_DV"], "PRECISION": _precision(q.dtype),
+            "num_warps": cfg["num_warps"],
         }
+        dq_blocks, dk_blocks = backward_blocks(cfg)
         d_slices = triton.cdiv(d, cfg["BLOCK_DV"])
         _info_nce_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), d_slices)](
-            q, k, labels, lse, grad, grad_q, *common, **meta
+            q, k, labels, lse, grad, grad_q, *common, **dq_blocks, **meta
         )
         _info_nce_bwd_dk_kernel[(triton.cdiv(m, cfg["BLOCK_N"]), d_slices)](
-            q, k, labels, lse, grad, grad_k, *common, **meta
+            q, k, labels, lse, grad, grad_k, *common, **dk_blocks, **meta
         )
     return grad_q.to(q.dtype), grad_k.to(q.dtype)
