@@ -1,6 +1,6 @@
 // Shared by the CPU and CUDA implementations of fastkd::pkt_forward,
-// fastkd::sp_forward and fastkd::cc_forward (csrc/cpu/relational_losses.cpp,
-// csrc/cuda/relational_losses.cu): the argument checks, the per-element
+// fastkd::sp_forward and fastkd::cc_forward (csrc/cpu/gram_relation.cpp,
+// csrc/cuda/gram_relation.cu): the argument checks, the per-element
 // Taylor series of CC, and PKT's row normalisation x̂ = x / (‖x‖ + eps) with
 // its hand-written gradient (ATen tensor ops on the rows, O(N·D); no
 // autograd graph).
@@ -25,7 +25,7 @@ namespace gram {
 
 constexpr double kNormalizeEps = 1e-12;  // F.normalize's eps (SP)
 
-// The checks of the RKD ops (csrc/cpu/relational.cpp), for PKT / SP / CC on `device`.
+// The checks of the RKD ops (csrc/cpu/rkd.cpp), for PKT / SP / CC on `device`.
 inline void check_args(const at::Tensor& student, const at::Tensor& teacher, c10::DeviceType device) {
   CHECK_DEVICE_TYPE(student, device);
   CHECK_DEVICE_TYPE(teacher, device);
@@ -62,7 +62,7 @@ inline void check_cc_params(double gamma, int64_t order) {
 }
 
 // CC's Taylor series in g = x_i·x_j: (Σ_{p=0..P} (2γ g)^p / p!, its derivative
-// in g, 2γ Σ_{q=0..P−1} (2γ g)^q / q!), both by Horner (kernels/relational.py's
+// in g, 2γ Σ_{q=0..P−1} (2γ g)^q / q!), both by Horner (kernels/gram_relation.py's
 // _cc_taylor).
 template <class T>
 FASTKD_GRAM_HD void cc_taylor(T g, T two_gamma, int64_t order, T& k, T& dk) {

@@ -419,7 +419,7 @@ DType mixture_dtype(at::ScalarType t) {
   TORCH_CHECK(false, "student must be float32, float64, bfloat16 or float16, got ", t);
 }
 
-// The checks of csrc/cpu/mixture_divergence.cpp, on CUDA tensors; the weights
+// The checks of csrc/cpu/mixture.cpp, on CUDA tensors; the weights
 // may be on the CPU (as the Python layer passes them) or on the GPU. No range
 // check of the labels here (it would synchronise with the device): the
 // Python layer checks them, and the kernel guards itself (see HardLabel).

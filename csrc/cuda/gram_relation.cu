@@ -1,7 +1,7 @@
 // PKT, SP and CC on CUDA: fastkd::pkt_forward, fastkd::sp_forward and
 // fastkd::cc_forward for CUDA tensors (SPEC §2). Same contract and maths as
-// the CPU ops (csrc/cpu/relational_losses.cpp) and the Triton launchers
-// (kernels/relational.py): the Gram matrices with at::mm (cuBLAS; PKT: of
+// the CPU ops (csrc/cpu/gram_relation.cpp) and the Triton launchers
+// (kernels/gram_relation.py): the Gram matrices with at::mm (cuBLAS; PKT: of
 // the normalised rows x̂), a row kernel that computes the row's loss terms
 // and writes ∂loss/∂G in place of the student's Gram row, then
 // dX = (dG + dGᵀ) X with at::mm (PKT: dx̂, then the normalisation's O(N·D)

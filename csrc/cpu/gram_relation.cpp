@@ -1,8 +1,8 @@
 // CPU implementation of fastkd::pkt_forward, fastkd::sp_forward and
 // fastkd::cc_forward (SPEC §2): the loss and the student's gradient from the
 // Gram matrices, O(N²) memory, no autograd graph. Same maths and contract as
-// the Triton launchers (kernels/relational.py, read their comments) and the
-// CUDA ops (csrc/cuda/relational_losses.cu).
+// the Triton launchers (kernels/gram_relation.py, read their comments) and the
+// CUDA ops (csrc/cuda/gram_relation.cu).
 //
 // Each op: the two Gram matrices with at::mm (PKT: of the normalised rows
 // x̂), in float32 for float32 / bfloat16 / float16 inputs and float64 for

@@ -1,7 +1,7 @@
 // RKD distance and angle losses on CUDA: fastkd::rkd_distance_forward and
 // fastkd::rkd_angle_forward for CUDA tensors (SPEC §2). Same contract and the
-// same formulation as the CPU ops (csrc/cpu/relational.cpp, read its comments)
-// and the Triton kernels (kernels/relational.py): Gram matrices of the
+// same formulation as the CPU ops (csrc/cpu/rkd.cpp, read its comments)
+// and the Triton kernels (kernels/rkd.py): Gram matrices of the
 // centred embeddings (at::mm), O(N²) memory, pairs that the Gram form cannot
 // resolve recomputed from their differences, the student's gradient from the
 // same call. float32 / bfloat16 / float16 inputs (widened to float32);
@@ -33,7 +33,7 @@
 // anchors and stored once per k-block into the chunk's partial copy.
 // Every (j, k) pair is visited (twice the CPU kernel's k ≥ j), so that no
 // block adds into another block's R and S rows. Then dG, dX = (dG + dGᵀ) X and
-// the normalisers' part in float64 with ATen, as in relational.cpp.
+// the normalisers' part in float64 with ATen, as in rkd.cpp.
 //
 // Layout: device code, launchers, then the ops and their registration.
 #include <ATen/ATen.h>
@@ -63,7 +63,7 @@ constexpr double kEps64 = 2.220446049250313e-16;
 
 // Gram-form squared distances below factor · (‖x_i‖² + ‖x_j‖²) are recomputed
 // from x_i − x_j: (eps / target)² for a distance accurate to `target`
-// relative to the norms (relational.cpp's near_factor): 1e-6 from the float32
+// relative to the norms (rkd.cpp's near_factor): 1e-6 from the float32
 // Gram (distance term), 1e-8 from the float64 Gram (angle normalisers).
 constexpr double near_factor(double eps, double target) { return (eps / target) * (eps / target); }
 
@@ -267,7 +267,7 @@ __device__ __forceinline__ const float* angle_source(const AngleArgs& a, int whi
 // that each difference cancels exactly where it cancels at all (Sterbenz):
 // (G_jk − G_ik) + (G_ii − G_ij) when x_j is the nearer of x_j, x_k to x_i,
 // (G_jk − G_ij) + (G_ii − G_ik) when x_k is; the small lo halves last
-// (relational_kernel.cpp's numerator()).
+// (rkd_kernel.cpp's numerator()).
 __device__ __forceinline__ float numerator(float jk_hi, float jk_lo, float ik_hi, float ik_lo, float ij_hi,
                                           float ij_lo, float ii_hi, float ii_lo, bool k_nearer) {
   const float hi = k_nearer ? (jk_hi - ij_hi) + (ii_hi - ik_hi) : (jk_hi - ik_hi) + (ii_hi - ij_hi);
@@ -486,7 +486,7 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_forward_cuda(const at::Tensor& s
   return {loss, grad.to(student.scalar_type())};
 }
 
-// One side's angle-kernel inputs (relational.cpp's angle_side): the centred
+// One side's angle-kernel inputs (rkd.cpp's angle_side): the centred
 // rows in float64, their Gram matrix split into float32 hi + lo, and the
 // signed inverse distances u (1 / max(e, 1e-12); −1e12 for distinct samples
 // that coincide; 0 on the diagonal).

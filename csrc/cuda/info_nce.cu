@@ -1,6 +1,6 @@
 // CUDA implementation of fastkd::info_nce_forward / fastkd::info_nce_backward
 // (SPEC §4), with the same tiling and contract as the CPU op
-// (csrc/cpu/contrastive.cpp): the (N, M) similarity matrix is never stored.
+// (csrc/cpu/info_nce.cpp): the (N, M) similarity matrix is never stored.
 // Each op walks q in tiles of `tile_rows` rows; a tile's raw products
 // q_tile kᵀ (tile_rows × M, from an ATen GEMM, i.e. cuBLAS) are the only large
 // temporary, so memory is O(tile_rows · M), not O(N · M). What is ours is the
@@ -17,7 +17,7 @@
 //
 // This is honest about what it is: GEMMs from ATen plus fused element / row
 // kernels, not a flash-style single kernel (that is the Triton backend,
-// kernels/contrastive.py). Its extra cost over a fused kernel is the
+// kernels/info_nce.py). Its extra cost over a fused kernel is the
 // round trip of each logits tile through global memory (written by the GEMM,
 // read by the row kernel; in the backward read and written once more), i.e.
 // 2–3 · N · M · sizeof(acc) bytes of traffic besides the GEMMs'

@@ -472,7 +472,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_divergence_forward_cuda(
     const std::optional<at::Tensor>& row_mask, int64_t kind, double inv_temperature, double coef,
     double grad_scale, bool student_grad, const std::optional<at::Tensor>& labels,
     double hard_grad_scale) {
-  // the checks of the CPU op (csrc/cpu/topk_divergence.cpp), float64 refused
+  // the checks of the CPU op (csrc/cpu/topk.cpp), float64 refused
   CHECK_DEVICE_TYPE(student, at::kCUDA);
   CHECK_DIM(student, 2);
   CHECK_DIM(teacher_index, 2);

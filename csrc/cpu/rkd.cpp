@@ -13,7 +13,7 @@
 // bfloat16 / float16 inputs are upcast; the distance op accumulates in float32
 // (float64 for float64 input). The angle op builds its Gram matrix in float64
 // and hands it to the float32 kernel split into hi + lo halves (see
-// relational_kernel.h); float64 input runs the kernel in float64.
+// rkd_kernel.h); float64 input runs the kernel in float64.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,7 +25,7 @@
 
 #include "../common/checks.h"
 #include "capability.h"
-#include "relational_kernel.h"
+#include "rkd_kernel.h"
 
 namespace fastkd {
 namespace cpu {
@@ -80,7 +80,7 @@ double direct_sq(const T* a, const T* b, int64_t d) {
 
 // ---- RKD distance -----------------------------------------------------------
 
-// The SIMD variant of each distance row pass (relational_kernel.h).
+// The SIMD variant of each distance row pass (rkd_kernel.h).
 template <class T>
 double distance_row(const T* g, const T* norms, T n_i, T factor, T* d, uint8_t* near, int64_t n,
                     int64_t diag) {
@@ -237,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_forward_cpu(const at::Tensor& st
 
 // ---- RKD angle ----------------------------------------------------------------
 
-// One side's kernel inputs (relational_kernel.h): the float64 Gram matrix of
+// One side's kernel inputs (rkd_kernel.h): the float64 Gram matrix of
 // the centred rows split into hi + lo halves of type T, and the signed
 // inverse distances u.
 template <class T>
