@@ -365,7 +365,9 @@ void check_at_args(const at::Tensor& student, const at::Tensor& teacher, int64_t
               "maps of more than 2^31 - 1 elements per sample are not supported");
 }
 
-MapArgs map_args(const at::Tensor& x) { return {x.const_data_ptr(), x.size(1), attention::reads_channels_last(x)}; }
+MapArgs map_args(const at::Tensor& x) {
+  return {x.const_data_ptr(), x.size(1), attention::reads_channels_last(x)};
+}
 
 // v of both maps into two fresh (N, HW) float32 rows.
 std::tuple<at::Tensor, at::Tensor> attention_maps(const at::Tensor& s, const at::Tensor& t, int64_t p,

@@ -410,8 +410,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_divergence_forward_cuda(
     double hard_grad_scale) {
   CHECK_DEVICE_TYPE(student, at::kCUDA);
   CHECK_DIM(teachers, 3);
-  TORCH_CHECK(teachers.size(0) <= kMaxTeachers, "fastkd::mixture_divergence_forward on CUDA takes at most ",
-              kMaxTeachers, " teachers, got ", teachers.size(0));
+  TORCH_CHECK(teachers.size(0) <= kMaxTeachers,
+              "fastkd::mixture_divergence_forward on CUDA takes at most ", kMaxTeachers,
+              " teachers, got ", teachers.size(0));
   const c10::cuda::CUDAGuard device_guard(student.device());
   MixtureCall call = prepare_mixture(student, teachers, teacher_weights, row_mask, kind,
                                      inv_temperature, coef, grad_scale, student_grad, labels,

@@ -275,9 +275,12 @@ template <bool SUM, class T>
 void launch_block_for_kernel(MmdKernel kernel, T* dots, T* near_coef, int* near_flag, double* row_sums,
                              const BlockArgs<T>& args, cudaStream_t stream) {
   switch (kernel) {
-    case MmdKernel::kGaussian: return launch_block<MmdKernel::kGaussian, SUM>(dots, near_coef, near_flag, row_sums, args, stream);
-    case MmdKernel::kLaplacian: return launch_block<MmdKernel::kLaplacian, SUM>(dots, near_coef, near_flag, row_sums, args, stream);
-    case MmdKernel::kPolynomial: return launch_block<MmdKernel::kPolynomial, SUM>(dots, near_coef, near_flag, row_sums, args, stream);
+    case MmdKernel::kGaussian:
+      return launch_block<MmdKernel::kGaussian, SUM>(dots, near_coef, near_flag, row_sums, args, stream);
+    case MmdKernel::kLaplacian:
+      return launch_block<MmdKernel::kLaplacian, SUM>(dots, near_coef, near_flag, row_sums, args, stream);
+    case MmdKernel::kPolynomial:
+      return launch_block<MmdKernel::kPolynomial, SUM>(dots, near_coef, near_flag, row_sums, args, stream);
   }
   TORCH_CHECK(false, "fastkd::mmd on CUDA: unknown kernel ", static_cast<int>(kernel));
 }
@@ -316,7 +319,8 @@ Problem prepare(const at::Tensor& x, const at::Tensor& y, int64_t kernel,
   if (p.distance_based()) {
     for (double s : bandwidths) {
       // held finite in the accumulation dtype (its slope 2e too): see mmd_centre.h
-      exps.push_back(mmd::finite_in(kernel == static_cast<int64_t>(MmdKernel::kLaplacian) ? -1.0 / s : -0.5 / (s * s), acc));
+      const bool laplacian = p.kernel == MmdKernel::kLaplacian;
+      exps.push_back(mmd::finite_in(laplacian ? -1.0 / s : -0.5 / (s * s), acc));
     }
   } else {
     exps.push_back(0.0);  // unread
@@ -328,7 +332,9 @@ Problem prepare(const at::Tensor& x, const at::Tensor& y, int64_t kernel,
   const int64_t widest = std::max(x.size(0), y.size(0));
   p.tile_rows = std::min(tile_rows, widest);
   p.block = at::empty({p.tile_rows * widest}, p.x.options());
-  if (backward && p.kernel == MmdKernel::kLaplacian) p.near_block = at::empty({p.tile_rows * widest}, p.x.options());
+  if (backward && p.kernel == MmdKernel::kLaplacian) {
+    p.near_block = at::empty({p.tile_rows * widest}, p.x.options());
+  }
   return p;
 }
 
