@@ -16,10 +16,13 @@ Environment switches (all optional; each is printed when it takes effect):
   FASTKD_CUDA_ARCH_LIST="8.0;9.0"
                               GPU architectures for fastkd._C_cuda     (default "8.0;9.0")
   FASTKD_DEBUG=1              -O0 -g, no NDEBUG                        (default 0)
-  FASTKD_BUILD_JOBS=N         SIMD capability variants compiled side by side;
-                              do not use `build_ext -j`, which races   (default 1)
-  MAX_JOBS=N                  torch's own switch: parallel compile jobs of
-                              ninja within one extension      (default: all cores)
+  MAX_JOBS=N                  torch's own switch: compile jobs run side by
+                              side, shared by the SIMD capability variants
+                              and ninja; also nvcc's --threads (capped at the
+                              number of architectures)    (default: all cores)
+  FASTKD_BUILD_JOBS=N         deprecated alias of MAX_JOBS, read only when
+                              MAX_JOBS is unset
+Do not use `build_ext -j`, which races with the SIMD variants' compilation.
 
 With ninja on PATH (pip install ninja), each extension's sources compile in
 parallel and only changed objects are rebuilt; without it, one by one.
@@ -49,7 +52,23 @@ def env_flag(name: str, default: str) -> str:
 SKIP_CUDA = env_flag("FASTKD_SKIP_CUDA", "0") == "1"
 CUDA_ARCH_LIST = env_flag("FASTKD_CUDA_ARCH_LIST", "8.0;9.0")
 DEBUG = env_flag("FASTKD_DEBUG", "0") == "1"
-BUILD_JOBS = max(1, int(env_flag("FASTKD_BUILD_JOBS", "1")))
+
+
+def build_jobs() -> int:
+    """Compile jobs to run side by side: torch's MAX_JOBS, else the deprecated
+    FASTKD_BUILD_JOBS, else the number of CPU cores."""
+    if "MAX_JOBS" in os.environ:
+        return max(1, int(env_flag("MAX_JOBS", "1")))
+    if "FASTKD_BUILD_JOBS" in os.environ:
+        print("fastkd setup: FASTKD_BUILD_JOBS is deprecated; set MAX_JOBS", file=sys.stderr)
+        jobs = max(1, int(env_flag("FASTKD_BUILD_JOBS", "1")))
+        # torch's ninja build reads MAX_JOBS too: one number for both
+        os.environ["MAX_JOBS"] = str(jobs)
+        return jobs
+    return os.cpu_count() or 1
+
+
+BUILD_JOBS = build_jobs()
 
 # Flags for each SIMD variant of the CPU kernels (the flag sets PyTorch uses
 # for its own ATen/native/cpu kernels). No -ffast-math: it breaks -inf.
@@ -91,6 +110,13 @@ def want_cuda() -> bool:
     return True
 
 
+def nvcc_threads() -> int:
+    """nvcc's --threads: one per architecture of FASTKD_CUDA_ARCH_LIST, at most
+    BUILD_JOBS (more threads than architectures have nothing to do)."""
+    archs = [arch for arch in CUDA_ARCH_LIST.replace(",", ";").replace(" ", ";").split(";") if arch]
+    return max(1, min(len(archs), BUILD_JOBS))
+
+
 def make_extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -121,8 +147,8 @@ def make_extensions():
                 depends=headers,
                 extra_compile_args={
                     "cxx": [*CXX_FLAGS, f"-DFASTKD_CUDA_ARCHS=\"{CUDA_ARCH_LIST}\""],
-                    # --threads: compile the architectures in parallel
-                    "nvcc": ["-std=c++20", "-lineinfo", "--threads", "2", *OPT_FLAGS],
+                    # --threads: compile the architectures of one source in parallel
+                    "nvcc": ["-std=c++20", "-lineinfo", "--threads", str(nvcc_threads()), *OPT_FLAGS],
                 },
             )
         )
@@ -157,8 +183,19 @@ def make_build_ext():
                     depends=ext.depends,
                 )
 
-            with ThreadPoolExecutor(max_workers=BUILD_JOBS) as pool:
-                objects = list(pool.map(compile_variant, SIMD_VARIANTS.items()))
+            # BUILD_JOBS jobs in all: variants side by side, and with ninja each
+            # variant's sources side by side within its share (ninja reads MAX_JOBS)
+            workers = min(len(SIMD_VARIANTS), BUILD_JOBS)
+            saved = os.environ.get("MAX_JOBS")
+            os.environ["MAX_JOBS"] = str(max(1, BUILD_JOBS // workers))
+            try:
+                with ThreadPoolExecutor(max_workers=workers) as pool:
+                    objects = list(pool.map(compile_variant, SIMD_VARIANTS.items()))
+            finally:
+                if saved is None:
+                    del os.environ["MAX_JOBS"]
+                else:
+                    os.environ["MAX_JOBS"] = saved
             return [obj for variant in objects for obj in variant]
 
     from torch.utils.cpp_extension import is_ninja_available

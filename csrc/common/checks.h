@@ -54,6 +54,70 @@ inline void check_kept_label_range(const int64_t* labels, const bool* row_mask, 
 // Number of divergence kinds (fastkd::divergence::Kind).
 constexpr int64_t kNumDivergenceKinds = 6;
 
+inline void check_divergence_kind(int64_t kind) {
+  TORCH_CHECK(kind >= 0 && kind < kNumDivergenceKinds, "kind must be in [0, ",
+              kNumDivergenceKinds, "), got ", kind);
+}
+
+// The scalar options of every divergence op (divergence, top-k, mixture) for
+// a kind already checked: 1 / T, the kind's coefficient and the gradient scale.
+inline void check_divergence_options(int64_t kind, double inv_temperature, double coef,
+                                     double grad_scale) {
+  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
+              "inv_temperature must be finite and > 0, got ", inv_temperature);
+  // JSD (2) takes β in (0, 1); the skew divergences (3, 4) α in (0, 1]. The
+  // endpoints that equal another divergence are mapped to it by the caller.
+  if (kind == 2) {
+    TORCH_CHECK(coef > 0 && coef < 1, "coef (beta) must be in (0, 1) for JSD, got ", coef);
+  } else if (kind == 3 || kind == 4) {
+    TORCH_CHECK(coef > 0 && coef <= 1, "coef (alpha) must be in (0, 1] for skew divergences, got ", coef);
+  }
+  TORCH_CHECK(std::isfinite(grad_scale), "grad_scale must be finite");
+}
+
+// The row mask of the top-k and mixture ops: bool [rows] on the student's
+// device, or none. Returns a contiguous copy (undefined without a mask).
+inline at::Tensor checked_row_mask(const at::Tensor& student, const std::optional<at::Tensor>& row_mask) {
+  if (!row_mask.has_value()) return at::Tensor();
+  TORCH_CHECK(row_mask->scalar_type() == at::kBool, "row_mask must be bool");
+  TORCH_CHECK(row_mask->dim() == 1 && row_mask->size(0) == student.size(0), "row_mask must be [rows]");
+  CHECK_SAME_DEVICE(student, *row_mask);
+  return row_mask->contiguous();
+}
+
+// A student / teacher pair of feature batches [N, D_s], [N, D_t] on `device`
+// (the relational ops: RKD distance and angle, PKT, SP, CC).
+inline void check_feature_pair_args(const at::Tensor& student, const at::Tensor& teacher,
+                                    c10::DeviceType device) {
+  CHECK_DEVICE_TYPE(student, device);
+  CHECK_DEVICE_TYPE(teacher, device);
+  CHECK_SAME_DEVICE(student, teacher);
+  CHECK_DIM(student, 2);
+  CHECK_DIM(teacher, 2);
+  TORCH_CHECK(at::isFloatingType(student.scalar_type()),
+              "student must be a floating-point tensor, got ", student.scalar_type());
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
+              "student and teacher must have the same dtype, got ", student.scalar_type(), " and ",
+              teacher.scalar_type());
+  TORCH_CHECK(student.size(0) == teacher.size(0),
+              "student and teacher must have the same number of samples N, got ", student.size(0),
+              " and ", teacher.size(0));
+  TORCH_CHECK(student.size(0) >= 1, "student must hold at least one sample");
+  TORCH_CHECK(student.size(1) >= 1 && teacher.size(1) >= 1,
+              "student and teacher must have at least one feature per sample");
+}
+
+// The float32 accumulation of the GPU kernels: float64 input is refused there.
+inline void check_not_float64_on_cuda(const at::Tensor& x, const char* ops, const char* what) {
+  TORCH_CHECK(x.scalar_type() != at::kDouble, ops, " on CUDA: ", what,
+              " must be float32, bfloat16 or float16 (the GPU kernels accumulate in float32), got float64");
+}
+
+// float32 for every floating input but float64, which keeps float64.
+inline at::ScalarType accumulation_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 inline void check_divergence_args(const at::Tensor& student, const at::Tensor& teacher,
                                   const std::optional<at::Tensor>& row_mask, int64_t kind,
                                   double inv_temperature, double coef, double grad_scale,
@@ -78,18 +142,8 @@ inline void check_divergence_args(const at::Tensor& student, const at::Tensor& t
     TORCH_CHECK(m.size(0) == student.size(0), "row_mask must have one entry per row");
     CHECK_SAME_DEVICE(student, m);
   }
-  TORCH_CHECK(kind >= 0 && kind < kNumDivergenceKinds, "kind must be in [0, ",
-              kNumDivergenceKinds, "), got ", kind);
-  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
-              "inv_temperature must be finite and > 0, got ", inv_temperature);
-  // JSD (2) takes β in (0, 1); the skew divergences (3, 4) α in (0, 1]. The
-  // endpoints that equal another divergence are mapped to it by the caller.
-  if (kind == 2) {
-    TORCH_CHECK(coef > 0 && coef < 1, "coef (beta) must be in (0, 1) for JSD, got ", coef);
-  } else if (kind == 3 || kind == 4) {
-    TORCH_CHECK(coef > 0 && coef <= 1, "coef (alpha) must be in (0, 1] for skew divergences, got ", coef);
-  }
-  TORCH_CHECK(std::isfinite(grad_scale), "grad_scale must be finite");
+  check_divergence_kind(kind);
+  check_divergence_options(kind, inv_temperature, coef, grad_scale);
   check_hard_label_args(student, labels, hard_grad_scale);
 }
 

@@ -7,17 +7,64 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "checks.h"
 #include "divergence_args.h"
 
 namespace fastkd {
 
+// The outputs and kept inputs every divergence-family op call shares (see the
+// schemas in csrc/fastkd.cpp): the row losses, the student's gradient and the
+// cross-entropy rows, with the contiguous row mask and labels the kernel
+// reads, kept alive while it runs.
+struct RowLossTensors {
+  at::Tensor row_loss, student_grad, row_ce, mask, labels;
+};
+
+// Allocates `out`'s outputs for the checked `student` [rows, vocab] (row
+// losses in the accumulation dtype with at::empty, the gradient with
+// `empty_gradient(sizes, options)`, the CPU op passing its caching allocator)
+// and fills the fields of `a` that DivergenceArgs, TopKDivergenceArgs and
+// MixtureDivergenceArgs share. `mask`: the checked row mask, contiguous, or
+// undefined.
+template <class Args, class EmptyGradient>
+void prepare_row_loss_call(Args& a, RowLossTensors& out, const at::Tensor& student, DType dtype,
+                           at::Tensor mask, int64_t kind, double inv_temperature, double coef,
+                           double grad_scale, bool student_grad,
+                           const std::optional<at::Tensor>& labels, double hard_grad_scale,
+                           EmptyGradient empty_gradient) {
+  const int64_t rows = student.size(0), vocab = student.size(1);
+  const auto loss_options =
+      student.options().dtype(dtype == DType::Float64 ? at::kDouble : at::kFloat);
+  out.row_loss = at::empty({rows}, loss_options);
+  out.row_ce = at::empty({labels.has_value() ? rows : 0}, loss_options);
+  out.student_grad = empty_gradient(
+      at::IntArrayRef{student_grad ? rows : 0, student_grad ? vocab : 0}, student.options());
+  out.mask = std::move(mask);
+  if (labels.has_value()) out.labels = labels->contiguous();
+
+  a.student = student.data_ptr();
+  a.student_row_stride = student.stride(0);
+  a.row_mask = out.mask.defined() ? out.mask.data_ptr<bool>() : nullptr;
+  a.row_loss = out.row_loss.data_ptr();
+  a.student_grad = student_grad ? out.student_grad.data_ptr() : nullptr;
+  a.rows = rows;
+  a.vocab = vocab;
+  a.dtype = dtype;
+  a.kind = static_cast<int>(kind);
+  a.inv_temperature = inv_temperature;
+  a.coef = coef;
+  a.grad_scale = grad_scale;
+  a.labels = out.labels.defined() ? out.labels.data_ptr<int64_t>() : nullptr;
+  a.row_ce = out.labels.defined() ? out.row_ce.data_ptr() : nullptr;
+  a.hard_grad_scale = hard_grad_scale;
+}
+
 // The op's outputs (see the schema in csrc/fastkd.cpp) and the kernel's view of
-// them; `mask` and `labels` keep contiguous copies of row_mask and labels
-// alive while the kernel runs.
-struct DivergenceCall {
-  at::Tensor row_loss, student_grad, teacher_grad, row_ce, mask, labels;
+// them.
+struct DivergenceCall : RowLossTensors {
+  at::Tensor teacher_grad;
   DivergenceArgs args;
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
@@ -37,6 +84,11 @@ inline DType divergence_dtype(at::ScalarType t) {
                      "bfloat16 or float16, got ", t);
 }
 
+// The plain allocation of the gradients (the CUDA ops' `empty_gradient`).
+inline at::Tensor empty_gradient_tensor(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options);
+}
+
 // Checks the arguments and allocates the outputs: the row losses with
 // at::empty, the gradients with `empty_gradient(sizes, options)` (the CPU op
 // passes its caching allocator).
@@ -51,37 +103,16 @@ DivergenceCall prepare_divergence(const at::Tensor& student, const at::Tensor& t
                         hard_grad_scale);
   const int64_t rows = student.size(0), vocab = student.size(1);
   const DType dtype = divergence_dtype(student.scalar_type());
-  const auto loss_options =
-      student.options().dtype(dtype == DType::Float64 ? at::kDouble : at::kFloat);
   DivergenceCall call;
-  call.row_loss = at::empty({rows}, loss_options);
-  call.row_ce = at::empty({labels.has_value() ? rows : 0}, loss_options);
-  if (labels.has_value()) call.labels = labels->contiguous();
-  call.student_grad = empty_gradient(at::IntArrayRef{student_grad ? rows : 0, student_grad ? vocab : 0},
-                                     student.options());
+  DivergenceArgs& a = call.args;
+  prepare_row_loss_call(a, call, student, dtype, row_mask.has_value() ? row_mask->contiguous() : at::Tensor(),
+                        kind, inv_temperature, coef, grad_scale, student_grad, labels,
+                        hard_grad_scale, empty_gradient);
   call.teacher_grad = empty_gradient(at::IntArrayRef{teacher_grad ? rows : 0, teacher_grad ? vocab : 0},
                                      teacher.options());
-  if (row_mask.has_value()) call.mask = row_mask->contiguous();
-
-  DivergenceArgs& a = call.args;
-  a.student = student.data_ptr();
   a.teacher = teacher.data_ptr();
-  a.student_row_stride = student.stride(0);
   a.teacher_row_stride = teacher.stride(0);
-  a.row_mask = call.mask.defined() ? call.mask.data_ptr<bool>() : nullptr;
-  a.row_loss = call.row_loss.data_ptr();
-  a.student_grad = student_grad ? call.student_grad.data_ptr() : nullptr;
   a.teacher_grad = teacher_grad ? call.teacher_grad.data_ptr() : nullptr;
-  a.rows = rows;
-  a.vocab = vocab;
-  a.dtype = dtype;
-  a.kind = static_cast<int>(kind);
-  a.inv_temperature = inv_temperature;
-  a.coef = coef;
-  a.grad_scale = grad_scale;
-  a.labels = call.labels.defined() ? call.labels.data_ptr<int64_t>() : nullptr;
-  a.row_ce = call.labels.defined() ? call.row_ce.data_ptr() : nullptr;
-  a.hard_grad_scale = hard_grad_scale;
   return call;
 }
 

@@ -1,6 +1,6 @@
 // Shared by the CPU and CUDA implementations of fastkd::pkt_forward,
-// fastkd::sp_forward and fastkd::cc_forward (csrc/cpu/relational_losses.cpp,
-// csrc/cuda/relational_losses.cu): the argument checks, the per-element
+// fastkd::sp_forward and fastkd::cc_forward (csrc/cpu/gram_relation.cpp,
+// csrc/cuda/gram_relation.cu): the argument checks, the per-element
 // Taylor series of CC, and PKT's row normalisation x̂ = x / (‖x‖ + eps) with
 // its hand-written gradient (ATen tensor ops on the rows, O(N·D); no
 // autograd graph).
@@ -25,26 +25,6 @@ namespace gram {
 
 constexpr double kNormalizeEps = 1e-12;  // F.normalize's eps (SP)
 
-// The checks of the RKD ops (csrc/cpu/relational.cpp), for PKT / SP / CC on `device`.
-inline void check_args(const at::Tensor& student, const at::Tensor& teacher, c10::DeviceType device) {
-  CHECK_DEVICE_TYPE(student, device);
-  CHECK_DEVICE_TYPE(teacher, device);
-  CHECK_SAME_DEVICE(student, teacher);
-  CHECK_DIM(student, 2);
-  CHECK_DIM(teacher, 2);
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()),
-              "student must be a floating-point tensor, got ", student.scalar_type());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
-              "student and teacher must have the same dtype, got ", student.scalar_type(), " and ",
-              teacher.scalar_type());
-  TORCH_CHECK(student.size(0) == teacher.size(0),
-              "student and teacher must have the same number of samples N, got ", student.size(0),
-              " and ", teacher.size(0));
-  TORCH_CHECK(student.size(0) >= 1, "student must hold at least one sample");
-  TORCH_CHECK(student.size(1) >= 1 && teacher.size(1) >= 1,
-              "student and teacher must have at least one feature per sample");
-}
-
 inline void check_pkt_eps(double eps) {
   TORCH_CHECK(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps);
 }
@@ -62,7 +42,7 @@ inline void check_cc_params(double gamma, int64_t order) {
 }
 
 // CC's Taylor series in g = x_i·x_j: (Σ_{p=0..P} (2γ g)^p / p!, its derivative
-// in g, 2γ Σ_{q=0..P−1} (2γ g)^q / q!), both by Horner (kernels/relational.py's
+// in g, 2γ Σ_{q=0..P−1} (2γ g)^q / q!), both by Horner (kernels/gram_relation.py's
 // _cc_taylor).
 template <class T>
 FASTKD_GRAM_HD void cc_taylor(T g, T two_gamma, int64_t order, T& k, T& dk) {
@@ -107,6 +87,54 @@ inline at::Tensor pkt_rows_backward(const at::Tensor& x, const PktRows& rows, co
   const at::Tensor da = (d * ((x / a) / a)).sum(1, true).neg_();
   const at::Tensor per_norm = (da / rows.norm).masked_fill_(rows.norm == 0, 0.0);
   return (d / a).add_(x * per_norm);
+}
+
+// Both sides' rows in the accumulation dtype `acc` (contiguous) and their
+// Gram matrices G = X Xᵀ [N, N] (SP, CC). `gs` is the student's, written in
+// place by the row passes.
+struct GramPair {
+  at::Tensor xs, xt, gs, gt;
+};
+
+inline GramPair gram_pair(const at::Tensor& student, const at::Tensor& teacher, at::ScalarType acc) {
+  GramPair g;
+  g.xs = student.to(acc).contiguous();
+  g.xt = teacher.to(acc).contiguous();
+  g.gs = at::mm(g.xs, g.xs.t());
+  g.gt = at::mm(g.xt, g.xt.t());
+  return g;
+}
+
+// PKT's inputs: the student's rows and normalised rows, and both sides'
+// cosine matrices H = x̂ x̂ᵀ [N, N]; `hs` is written in place by the row passes.
+struct PktPair {
+  at::Tensor xs;
+  PktRows rows_s;
+  at::Tensor hs, ht;
+};
+
+inline PktPair pkt_pair(const at::Tensor& student, const at::Tensor& teacher, at::ScalarType acc,
+                        double eps) {
+  PktPair p;
+  p.xs = student.to(acc).contiguous();
+  const at::Tensor xt = teacher.to(acc).contiguous();
+  p.rows_s = pkt_rows(p.xs, eps);
+  const PktRows rows_t = pkt_rows(xt, eps);
+  p.hs = at::mm(p.rows_s.xh, p.rows_s.xh.t());
+  p.ht = at::mm(rows_t.xh, rows_t.xh.t());
+  return p;
+}
+
+// The student's gradient once `hs` holds dH: H = x̂ x̂ᵀ gives
+// dx̂ = (dH + dHᵀ) x̂, then through the normalisation; in `dtype`.
+inline at::Tensor pkt_student_grad(const PktPair& p, double eps, at::ScalarType dtype) {
+  const at::Tensor d_xh = at::mm(p.hs + p.hs.t(), p.rows_s.xh);
+  return pkt_rows_backward(p.xs, p.rows_s, d_xh, eps).to(dtype);
+}
+
+// The student's gradient once `gs` holds dG: G = X Xᵀ gives dX = (dG + dGᵀ) X; in `dtype`.
+inline at::Tensor gram_student_grad(const GramPair& g, at::ScalarType dtype) {
+  return at::mm(g.gs + g.gs.t(), g.xs).to(dtype);
 }
 
 }  // namespace gram

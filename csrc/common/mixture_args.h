@@ -1,5 +1,5 @@
 // Raw-pointer interface of the multi-teacher (mixture) divergence kernel:
-// csrc/cpu/mixture_divergence.cpp checks the tensors and fills it;
+// csrc/cpu/mixture.cpp checks the tensors and fills it;
 // csrc/cpu/mixture_kernel.cpp (compiled once per CPU capability) never sees
 // an at::Tensor. Plain C++: no ATen here.
 #pragma once

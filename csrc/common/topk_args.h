@@ -1,5 +1,5 @@
 // Raw-pointer interface of the top-k (sparse teacher) divergence kernel:
-// csrc/cpu/topk_divergence.cpp checks the tensors and fills it;
+// csrc/cpu/topk.cpp checks the tensors and fills it;
 // csrc/cpu/topk_kernel.cpp (compiled once per CPU capability) never sees an
 // at::Tensor. Plain C++: no ATen here.
 #pragma once

@@ -1,7 +1,7 @@
 // Per-id mathematics of the top-k (sparse teacher) divergence (SPEC §1), in
 // double, host and device, shared by the CPU kernel (csrc/cpu/topk_kernel.cpp,
 // whose header derives the formulas) and the CUDA kernel
-// (csrc/cuda/topk_divergence.cu), so the CPU tests exercise the arithmetic of
+// (csrc/cuda/topk.cu), so the CPU tests exercise the arithmetic of
 // the GPU's k support terms:
 //
 //   ℓ = Σ_{j ∈ ids} loss_j + c·R,     G = Σ_{j ∈ ids} q_j g_j + c·R,

@@ -33,7 +33,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../common/checks.h"
+#include "../common/attention_transfer_op.h"
 
 namespace fastkd {
 namespace cpu {
@@ -164,43 +164,6 @@ void map_grad(const SampleMaps<scalar_t>& f, int64_t p, const acc_t* g, scalar_t
   }
 }
 
-at::ScalarType accumulation_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// channels_last only when it is that and not also plain contiguous (C = 1 or
-// HW = 1 make both true: then NCHW).
-bool reads_channels_last(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-// The map as the kernel reads it: itself if NCHW- or channels_last-
-// contiguous, else an NCHW copy.
-at::Tensor readable(const at::Tensor& x) {
-  return x.is_contiguous() || reads_channels_last(x) ? x : x.contiguous();
-}
-
-void check_at_args(const at::Tensor& student, const at::Tensor& teacher, int64_t p, double eps) {
-  CHECK_DEVICE_TYPE(student, at::kCPU);
-  CHECK_DEVICE_TYPE(teacher, at::kCPU);
-  CHECK_DIM(student, 4);
-  CHECK_DIM(teacher, 4);
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()),
-              "student must be a floating-point tensor, got ", student.scalar_type());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
-              "student and teacher must have the same dtype, got ", student.scalar_type(), " and ",
-              teacher.scalar_type());
-  TORCH_CHECK(student.size(0) == teacher.size(0), "student and teacher must have the same batch size N, got ",
-              student.size(0), " and ", teacher.size(0));
-  TORCH_CHECK(student.size(2) == teacher.size(2) && student.size(3) == teacher.size(3),
-              "student and teacher must have the same spatial size (pool the larger map first), got ",
-              student.sizes(), " and ", teacher.sizes());
-  TORCH_CHECK(student.numel() > 0 && teacher.numel() > 0,
-              "student and teacher must be non-empty, got ", student.sizes(), " and ", teacher.sizes());
-  TORCH_CHECK(p >= 1, "p must be >= 1, got ", p);
-  TORCH_CHECK(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps);
-}
-
 template <typename scalar_t>
 SampleMaps<scalar_t> sample(const at::Tensor& x, int64_t n, bool channels_last) {
   const int64_t c = x.size(1), hw = x.size(2) * x.size(3);
@@ -285,9 +248,9 @@ void backward_samples(const at::Tensor& student, const at::Tensor& teacher, bool
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_transfer_forward_cpu(
     const at::Tensor& student_in, const at::Tensor& teacher_in, int64_t p, double eps) {
-  check_at_args(student_in, teacher_in, p, eps);
-  const at::Tensor student = readable(student_in), teacher = readable(teacher_in);
-  const bool s_last = reads_channels_last(student), t_last = reads_channels_last(teacher);
+  attention::check_args(student_in, teacher_in, p, eps, at::kCPU);
+  const at::Tensor student = attention::readable(student_in), teacher = attention::readable(teacher_in);
+  const bool s_last = attention::reads_channels_last(student), t_last = attention::reads_channels_last(teacher);
   const int64_t n = student.size(0), hw = student.size(2) * student.size(3);
   const auto acc = accumulation_type(student);
   const auto acc_options = student.options().dtype(acc);
@@ -307,31 +270,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_transfer_forward_cpu(
   return {loss, s_norm, t_norm};
 }
 
-at::Tensor grad_buffer(const at::Tensor& x, bool wanted) {
-  if (!wanted) return at::empty({0}, x.options());
-  const auto layout = reads_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  return at::empty(x.sizes(), x.options().memory_format(layout));
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_transfer_backward_cpu(
     const at::Tensor& grad, const at::Tensor& student_in, const at::Tensor& teacher_in,
     const at::Tensor& s_norm, const at::Tensor& t_norm, int64_t p, double eps, bool student_grad,
     bool teacher_grad) {
-  check_at_args(student_in, teacher_in, p, eps);
-  CHECK_DEVICE_TYPE(grad, at::kCPU);
-  TORCH_CHECK(grad.numel() == 1, "grad must have one element, got ", grad.numel());
+  attention::check_args(student_in, teacher_in, p, eps, at::kCPU);
   const int64_t n = student_in.size(0), hw = student_in.size(2) * student_in.size(3);
   const auto acc = accumulation_type(student_in);
-  for (const at::Tensor* norm : {&s_norm, &t_norm}) {
-    CHECK_DEVICE_TYPE(*norm, at::kCPU);
-    TORCH_CHECK(norm->dim() == 1 && norm->size(0) == n, "norms must have shape [N] = [", n, "], got ",
-                norm->sizes());
-    TORCH_CHECK(norm->scalar_type() == acc, "norms must have dtype ", acc, ", got ", norm->scalar_type());
-  }
-  const at::Tensor student = readable(student_in), teacher = readable(teacher_in);
-  const bool s_last = reads_channels_last(student), t_last = reads_channels_last(teacher);
-  at::Tensor grad_s = grad_buffer(student, student_grad);
-  at::Tensor grad_t = grad_buffer(teacher, teacher_grad);
+  attention::check_backward_args(grad, student_in, s_norm, t_norm, acc, at::kCPU);
+  const at::Tensor student = attention::readable(student_in), teacher = attention::readable(teacher_in);
+  const bool s_last = attention::reads_channels_last(student), t_last = attention::reads_channels_last(teacher);
+  at::Tensor grad_s = attention::grad_buffer(student, student_grad);
+  at::Tensor grad_t = attention::grad_buffer(teacher, teacher_grad);
   if (!student_grad && !teacher_grad) return {grad_s, grad_t};
   const at::Tensor s_norm_c = s_norm.contiguous(), t_norm_c = t_norm.contiguous();
   const double factor =

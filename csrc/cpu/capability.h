@@ -18,5 +18,18 @@ Capability supported_capability();
 
 std::string capability_name(Capability c);
 
+// Runs the variant of one kernel for active_capability() on `args`: `avx512`,
+// `avx2` and `fallback` are its AVX512::, AVX2:: and DEFAULT:: builds.
+template <class Args>
+void run_kernel_variant(const Args& args, void (*avx512)(const Args&), void (*avx2)(const Args&),
+                        void (*fallback)(const Args&)) {
+  switch (active_capability()) {
+    case Capability::AVX512: return avx512(args);
+    case Capability::AVX2: return avx2(args);
+    case Capability::Default: break;
+  }
+  fallback(args);
+}
+
 }  // namespace cpu
 }  // namespace fastkd

@@ -38,7 +38,7 @@
 #include <cmath>
 #include <vector>
 
-#include "../common/checks.h"
+#include "../common/crd_op.h"
 
 namespace fastkd {
 namespace cpu {
@@ -48,38 +48,6 @@ namespace {
 constexpr double kNceEps = 1e-7;
 // How many indices ahead the gathered rows are prefetched.
 constexpr int64_t kPrefetchDistance = 6;
-
-void check_crd_args(const at::Tensor& v, const at::Tensor& bank, const at::Tensor& contrast_idx,
-                    double z, double inv_temperature) {
-  CHECK_DEVICE_TYPE(v, at::kCPU);
-  CHECK_DEVICE_TYPE(bank, at::kCPU);
-  CHECK_DEVICE_TYPE(contrast_idx, at::kCPU);
-  CHECK_DIM(v, 2);
-  CHECK_DIM(bank, 2);
-  CHECK_DIM(contrast_idx, 2);
-  TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble,
-              "v must be float32 or float64, got ", v.scalar_type());
-  TORCH_CHECK(bank.scalar_type() == v.scalar_type(), "bank and v must have the same dtype, got ",
-              bank.scalar_type(), " and ", v.scalar_type());
-  TORCH_CHECK(bank.size(1) == v.size(1), "bank and v must have the same feature dim, got ",
-              bank.size(1), " and ", v.size(1));
-  TORCH_CHECK(bank.size(0) >= 1, "bank must have at least one row");
-  CHECK_UNIT_LAST_STRIDE(bank);
-  TORCH_CHECK(contrast_idx.scalar_type() == at::kLong, "contrast_idx must be int64, got ",
-              contrast_idx.scalar_type());
-  TORCH_CHECK(contrast_idx.size(0) == v.size(0), "contrast_idx must have one row per row of v (",
-              v.size(0), "), got ", contrast_idx.size(0));
-  TORCH_CHECK(contrast_idx.size(1) >= 1, "contrast_idx must have at least one column (the positive)");
-  if (contrast_idx.numel() > 0) {
-    const int64_t lo = contrast_idx.min().item<int64_t>();
-    const int64_t hi = contrast_idx.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < bank.size(0), "contrast_idx must lie in [0, n_data) = [0, ",
-                bank.size(0), "), got values in [", lo, ", ", hi, "]");
-  }
-  TORCH_CHECK(std::isfinite(z), "z must be finite, got ", z);
-  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
-              "inv_temperature must be finite and > 0, got ", inv_temperature);
-}
 
 template <class T>
 inline void prefetch_row(const T* row, int64_t d) {
@@ -207,7 +175,7 @@ void crd_kernel(const CrdView<T>& w, int64_t n_data, T z, double* row_loss, T* g
 std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_nce_forward_cpu(
     const at::Tensor& v, const at::Tensor& bank, const at::Tensor& contrast_idx, double z,
     double inv_temperature, bool want_grad) {
-  check_crd_args(v, bank, contrast_idx, z, inv_temperature);
+  check_crd_args(v, bank, contrast_idx, z, inv_temperature, at::kCPU);
   const at::Tensor vc = v.contiguous();
   const at::Tensor idx = contrast_idx.contiguous();
   const int64_t batch = v.size(0), dim = v.size(1), n_data = bank.size(0);

@@ -5,7 +5,7 @@
 
 #include "../common/divergence_op.h"
 #include "allocation.h"
-#include "capability.h"
+#include "divergence_dispatch.h"
 #include "divergence_kernel.h"
 
 namespace fastkd {
@@ -22,15 +22,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_forward_cp
   const DivergenceCall call =
       prepare_divergence(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale,
                          student_grad, teacher_grad, labels, hard_grad_scale, &empty_for_output);
-  if (call.args.rows == 0) return call.outputs();
-  // every kept row's label must be a class id: the kernel indexes the row with it
-  check_kept_label_range(call.args.labels, call.args.row_mask, call.args.rows, call.args.vocab);
-  switch (active_capability()) {
-    case Capability::AVX512: AVX512::divergence_kernel(call.args); break;
-    case Capability::AVX2: AVX2::divergence_kernel(call.args); break;
-    case Capability::Default: DEFAULT::divergence_kernel(call.args); break;
-  }
-  return call.outputs();
+  return run_divergence_kernel(call, &AVX512::divergence_kernel, &AVX2::divergence_kernel,
+                               &DEFAULT::divergence_kernel);
 }
 
 }  // namespace

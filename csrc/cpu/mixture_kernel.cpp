@@ -1,7 +1,7 @@
 // Fused multi-teacher divergence forward (+ student gradient) on CPU.
 //
 // Compiled three times by setup.py (CPU_CAPABILITY = DEFAULT, AVX2, AVX512);
-// csrc/cpu/mixture_divergence.cpp picks one at run time.
+// csrc/cpu/mixture.cpp picks one at run time.
 //
 // The target is the weighted mixture of the teachers' softened distributions
 // (SPEC §1): p = Σ_k w_k softmax(t_k / T). Per row, in one call and without

@@ -1,5 +1,5 @@
 // The CPU multi-teacher divergence kernel (csrc/cpu/mixture_kernel.cpp),
-// compiled once per CPU capability; csrc/cpu/mixture_divergence.cpp checks
+// compiled once per CPU capability; csrc/cpu/mixture.cpp checks
 // the tensors and calls one.
 #pragma once
 

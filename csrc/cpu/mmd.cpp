@@ -46,16 +46,13 @@
 #include <vector>
 
 #include "../common/checks.h"
-#include "../common/mmd_centre.h"
+#include "../common/mmd_op.h"
 #include "capability.h"
 #include "mmd_kernel.h"
 
 namespace fastkd {
 namespace cpu {
 namespace {
-
-// fastkd.functional.MMD_KERNEL_CODES
-enum class MmdKernel : int64_t { kGaussian = 0, kLaplacian = 1, kPolynomial = 2 };
 
 // Elements per chunk of the fixed-chunk loops below.
 constexpr int64_t kChunkElements = 1 << 14;
@@ -135,44 +132,6 @@ at::Tensor column_sums(const at::Tensor& a) {
     });
   });
   return out;
-}
-
-at::ScalarType accumulation_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_mmd_args(const at::Tensor& x, const at::Tensor& y, int64_t kernel,
-                    at::ArrayRef<double> bandwidths, int64_t degree, double c, bool unbiased,
-                    int64_t tile_rows) {
-  CHECK_DEVICE_TYPE(x, at::kCPU);
-  CHECK_DEVICE_TYPE(y, at::kCPU);
-  CHECK_DIM(x, 2);
-  CHECK_DIM(y, 2);
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be a floating-point tensor, got ",
-              x.scalar_type());
-  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "x and y must have the same dtype, got ",
-              x.scalar_type(), " and ", y.scalar_type());
-  TORCH_CHECK(x.size(1) == y.size(1), "x and y must have the same feature dim D, got ", x.size(1),
-              " and ", y.size(1));
-  TORCH_CHECK(x.size(0) >= 1 && y.size(0) >= 1, "x and y must have at least one row, got ",
-              x.size(0), " and ", y.size(0));
-  TORCH_CHECK(kernel >= 0 && kernel <= 2, "kernel must be 0 (gaussian), 1 (laplacian) or 2 "
-              "(polynomial), got ", kernel);
-  if (kernel != static_cast<int64_t>(MmdKernel::kPolynomial)) {
-    TORCH_CHECK(!bandwidths.empty(), "bandwidths must not be empty");
-    for (double s : bandwidths) {
-      TORCH_CHECK(std::isfinite(s), "bandwidths must be finite, got ", s);
-      TORCH_CHECK(s >= mmd::kMinBandwidth, "bandwidths must be >= 1e-150, got ", s);
-    }
-  }
-  TORCH_CHECK(degree >= 1, "degree must be >= 1, got ", degree);
-  TORCH_CHECK(std::isfinite(c) && c > 0, "c must be finite and > 0, got ", c);
-  if (unbiased) {
-    TORCH_CHECK(x.size(0) >= 2 && y.size(0) >= 2,
-                "unbiased needs at least 2 rows in x and in y, got ", x.size(0), " and ",
-                y.size(0));
-  }
-  TORCH_CHECK(tile_rows >= 1, "tile_rows must be >= 1, got ", tile_rows);
 }
 
 struct MmdParams {
@@ -437,7 +396,7 @@ at::Tensor narrow_or_empty(const at::Tensor& t, int64_t start, int64_t rows) {
 at::Tensor mmd_forward_cpu(const at::Tensor& x, const at::Tensor& y, int64_t kernel,
                            at::ArrayRef<double> bandwidths, int64_t degree, double c,
                            bool unbiased, int64_t tile_rows) {
-  check_mmd_args(x, y, kernel, bandwidths, degree, c, unbiased, tile_rows);
+  check_mmd_args(x, y, kernel, bandwidths, degree, c, unbiased, tile_rows, at::kCPU);
   const MmdParams p = make_params(kernel, bandwidths, degree, c, unbiased, tile_rows);
   const Samples s = prepare(x, y, p);
   const int64_t n = x.size(0), m = y.size(0);
@@ -485,7 +444,7 @@ std::tuple<at::Tensor, at::Tensor> mmd_backward_cpu(const at::Tensor& grad, cons
                                                     at::ArrayRef<double> bandwidths,
                                                     int64_t degree, double c, bool unbiased,
                                                     int64_t tile_rows) {
-  check_mmd_args(x, y, kernel, bandwidths, degree, c, unbiased, tile_rows);
+  check_mmd_args(x, y, kernel, bandwidths, degree, c, unbiased, tile_rows, at::kCPU);
   CHECK_DEVICE_TYPE(grad, at::kCPU);
   TORCH_CHECK(grad.numel() == 1, "grad must have one element, got ", grad.numel());
   const MmdParams p = make_params(kernel, bandwidths, degree, c, unbiased, tile_rows);

@@ -1,7 +1,7 @@
 // Fused top-k (sparse teacher) divergence forward (+ student gradient) on CPU.
 //
 // Compiled three times by setup.py (CPU_CAPABILITY = DEFAULT, AVX2, AVX512);
-// csrc/cpu/topk_divergence.cpp picks one at run time.
+// csrc/cpu/topk.cpp picks one at run time.
 //
 // The teacher is k (id, logit) pairs per row; p lives on those ids,
 // renormalised over them. The student q is the full-vocabulary softmax. No

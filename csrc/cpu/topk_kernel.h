@@ -1,5 +1,5 @@
 // The CPU top-k divergence kernel (csrc/cpu/topk_kernel.cpp), compiled once
-// per CPU capability; csrc/cpu/topk_divergence.cpp checks the tensors and
+// per CPU capability; csrc/cpu/topk.cpp checks the tensors and
 // calls one.
 #pragma once
 

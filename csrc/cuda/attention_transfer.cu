@@ -54,7 +54,7 @@
 #include <limits>
 #include <tuple>
 
-#include "../common/checks.h"
+#include "../common/attention_transfer_op.h"
 #include "block_reduce.cuh"
 
 namespace fastkd {
@@ -354,48 +354,20 @@ void dispatch_dtype(at::ScalarType dtype, F&& f) {
 // ---- the ops ------------------------------------------------------------------
 
 void check_at_args(const at::Tensor& student, const at::Tensor& teacher, int64_t p, double eps) {
-  CHECK_DEVICE_TYPE(student, at::kCUDA);
-  CHECK_DEVICE_TYPE(teacher, at::kCUDA);
-  CHECK_SAME_DEVICE(student, teacher);
-  CHECK_DIM(student, 4);
-  CHECK_DIM(teacher, 4);
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()),
-              "student must be a floating-point tensor, got ", student.scalar_type());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
-              "student and teacher must have the same dtype, got ", student.scalar_type(), " and ",
-              teacher.scalar_type());
+  attention::check_args(student, teacher, p, eps, at::kCUDA);
   const auto dtype = student.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "fastkd::attention_transfer on CUDA: maps must be float32, bfloat16 or float16 (the GPU "
               "kernels accumulate in float32), got ", dtype);
-  TORCH_CHECK(student.size(0) == teacher.size(0), "student and teacher must have the same batch size N, got ",
-              student.size(0), " and ", teacher.size(0));
-  TORCH_CHECK(student.size(2) == teacher.size(2) && student.size(3) == teacher.size(3),
-              "student and teacher must have the same spatial size (pool the larger map first), got ",
-              student.sizes(), " and ", teacher.sizes());
-  TORCH_CHECK(student.numel() > 0 && teacher.numel() > 0,
-              "student and teacher must be non-empty, got ", student.sizes(), " and ", teacher.sizes());
   constexpr int64_t kMaxSample = std::numeric_limits<int32_t>::max();
   TORCH_CHECK(student.numel() / student.size(0) <= kMaxSample &&
                   teacher.numel() / teacher.size(0) <= kMaxSample,
               "maps of more than 2^31 - 1 elements per sample are not supported");
-  TORCH_CHECK(p >= 1, "p must be >= 1, got ", p);
-  TORCH_CHECK(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps);
 }
 
-// channels_last only when it is that and not also plain contiguous (C = 1 or
-// HW = 1 make both true: then NCHW), as on CPU and in the fake kernel.
-bool reads_channels_last(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+MapArgs map_args(const at::Tensor& x) {
+  return {x.const_data_ptr(), x.size(1), attention::reads_channels_last(x)};
 }
-
-// The map as the kernels read it: itself if NCHW- or channels_last-
-// contiguous, else an NCHW copy.
-at::Tensor readable(const at::Tensor& x) {
-  return x.is_contiguous() || reads_channels_last(x) ? x : x.contiguous();
-}
-
-MapArgs map_args(const at::Tensor& x) { return {x.const_data_ptr(), x.size(1), reads_channels_last(x)}; }
 
 // v of both maps into two fresh (N, HW) float32 rows.
 std::tuple<at::Tensor, at::Tensor> attention_maps(const at::Tensor& s, const at::Tensor& t, int64_t p,
@@ -416,7 +388,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_transfer_forward_cuda(
   check_at_args(student_in, teacher_in, p, eps);
   const c10::cuda::CUDAGuard device_guard(student_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor student = readable(student_in), teacher = readable(teacher_in);
+  const at::Tensor student = attention::readable(student_in), teacher = attention::readable(teacher_in);
   const int64_t n = student.size(0), hw = student.size(2) * student.size(3);
   const auto options = student.options().dtype(at::kFloat);
   at::Tensor s_norm = at::empty({n}, options);
@@ -432,34 +404,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_transfer_forward_cuda(
   return {loss, s_norm, t_norm};
 }
 
-at::Tensor grad_buffer(const at::Tensor& x, bool wanted) {
-  if (!wanted) return at::empty({0}, x.options());
-  const auto layout = reads_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  return at::empty(x.sizes(), x.options().memory_format(layout));
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_transfer_backward_cuda(
     const at::Tensor& grad, const at::Tensor& student_in, const at::Tensor& teacher_in,
     const at::Tensor& s_norm, const at::Tensor& t_norm, int64_t p, double eps, bool student_grad,
     bool teacher_grad) {
   check_at_args(student_in, teacher_in, p, eps);
-  CHECK_DEVICE_TYPE(grad, at::kCUDA);
-  CHECK_SAME_DEVICE(grad, student_in);
-  TORCH_CHECK(grad.numel() == 1, "grad must have one element, got ", grad.numel());
+  attention::check_backward_args(grad, student_in, s_norm, t_norm, at::kFloat, at::kCUDA);
   const int64_t n = student_in.size(0), hw = student_in.size(2) * student_in.size(3);
-  for (const at::Tensor* norm : {&s_norm, &t_norm}) {
-    CHECK_DEVICE_TYPE(*norm, at::kCUDA);
-    CHECK_SAME_DEVICE(*norm, student_in);
-    TORCH_CHECK(norm->dim() == 1 && norm->size(0) == n, "norms must have shape [N] = [", n, "], got ",
-                norm->sizes());
-    TORCH_CHECK(norm->scalar_type() == at::kFloat, "norms must have dtype ", at::kFloat, ", got ",
-                norm->scalar_type());
-  }
   const c10::cuda::CUDAGuard device_guard(student_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor student = readable(student_in), teacher = readable(teacher_in);
-  at::Tensor grad_s = grad_buffer(student, student_grad);
-  at::Tensor grad_t = grad_buffer(teacher, teacher_grad);
+  const at::Tensor student = attention::readable(student_in), teacher = attention::readable(teacher_in);
+  at::Tensor grad_s = attention::grad_buffer(student, student_grad);
+  at::Tensor grad_t = attention::grad_buffer(teacher, teacher_grad);
   if (!student_grad && !teacher_grad) return {grad_s, grad_t};
   // The upstream gradient stays on the device: no host sync.
   const at::Tensor upstream = grad.reshape({1}).to(at::kFloat).contiguous();

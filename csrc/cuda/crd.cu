@@ -46,7 +46,7 @@
 #include <utility>
 #include <vector>
 
-#include "../common/checks.h"
+#include "../common/crd_op.h"
 
 namespace fastkd {
 namespace cuda {
@@ -251,43 +251,6 @@ void with_per_lane(int64_t dim, F&& f) {
 
 // ---- the op -------------------------------------------------------------------
 
-void check_crd_args(const at::Tensor& v, const at::Tensor& bank, const at::Tensor& contrast_idx,
-                    double z, double inv_temperature) {
-  CHECK_DEVICE_TYPE(v, at::kCUDA);
-  CHECK_DEVICE_TYPE(bank, at::kCUDA);
-  CHECK_DEVICE_TYPE(contrast_idx, at::kCUDA);
-  CHECK_SAME_DEVICE(v, bank);
-  CHECK_SAME_DEVICE(v, contrast_idx);
-  CHECK_DIM(v, 2);
-  CHECK_DIM(bank, 2);
-  CHECK_DIM(contrast_idx, 2);
-  TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble,
-              "v must be float32 or float64, got ", v.scalar_type());
-  TORCH_CHECK(bank.scalar_type() == v.scalar_type(), "bank and v must have the same dtype, got ",
-              bank.scalar_type(), " and ", v.scalar_type());
-  TORCH_CHECK(bank.size(1) == v.size(1), "bank and v must have the same feature dim, got ",
-              bank.size(1), " and ", v.size(1));
-  TORCH_CHECK(v.size(1) <= kMaxFeatDim, "feat_dim must be <= ", kMaxFeatDim,
-              " for the CUDA kernel, got ", v.size(1));
-  TORCH_CHECK(bank.size(0) >= 1, "bank must have at least one row");
-  CHECK_UNIT_LAST_STRIDE(bank);
-  TORCH_CHECK(contrast_idx.scalar_type() == at::kLong, "contrast_idx must be int64, got ",
-              contrast_idx.scalar_type());
-  TORCH_CHECK(contrast_idx.size(0) == v.size(0), "contrast_idx must have one row per row of v (",
-              v.size(0), "), got ", contrast_idx.size(0));
-  TORCH_CHECK(contrast_idx.size(1) >= 1, "contrast_idx must have at least one column (the positive)");
-  if (contrast_idx.numel() > 0) {
-    // before any gather: the kernels read bank rows at these indices unchecked
-    const int64_t lo = contrast_idx.min().item<int64_t>();
-    const int64_t hi = contrast_idx.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < bank.size(0), "contrast_idx must lie in [0, n_data) = [0, ",
-                bank.size(0), "), got values in [", lo, ", ", hi, "]");
-  }
-  TORCH_CHECK(std::isfinite(z), "z must be finite, got ", z);
-  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
-              "inv_temperature must be finite and > 0, got ", inv_temperature);
-}
-
 // Splits per sample: about kTargetWarps work items in all, at least
 // kMinColumnsPerSplit columns each; returns (splits, columns per split) with
 // no empty split.
@@ -302,7 +265,9 @@ std::pair<int64_t, int64_t> column_splits(int64_t batch, int64_t cols) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_nce_forward_cuda(
     const at::Tensor& v, const at::Tensor& bank, const at::Tensor& contrast_idx, double z,
     double inv_temperature, bool want_grad) {
-  check_crd_args(v, bank, contrast_idx, z, inv_temperature);
+  check_crd_args(v, bank, contrast_idx, z, inv_temperature, at::kCUDA);
+  TORCH_CHECK(v.size(1) <= kMaxFeatDim, "feat_dim must be <= ", kMaxFeatDim,
+              " for the CUDA kernel, got ", v.size(1));
   const c10::cuda::CUDAGuard device_guard(v.device());
   const at::Tensor vc = v.contiguous();
   const at::Tensor idx = contrast_idx.contiguous();

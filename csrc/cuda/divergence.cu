@@ -55,6 +55,7 @@
 #include "../common/divergence_math.h"
 #include "../common/divergence_op.h"
 #include "block_reduce.cuh"
+#include "divergence_dispatch.cuh"
 #include "hard_label.cuh"
 
 namespace fastkd {
@@ -318,36 +319,17 @@ void launch(const DivergenceArgs& a, cudaStream_t stream) {
 
 // Short rows (classification heads, V ≤ 2048) get small blocks so that most
 // threads have work; vocabulary-sized rows get 512 threads.
-template <int KIND, class scalar_t>
-void launch_for_vocab(const DivergenceArgs& a, cudaStream_t stream) {
-  if (a.vocab <= 2048) {
-    launch<KIND, 128, scalar_t>(a, stream);
-  } else {
-    launch<KIND, 512, scalar_t>(a, stream);
-  }
-}
-
-template <int KIND>
-void launch_for_dtype(const DivergenceArgs& a, cudaStream_t stream) {
-  switch (a.dtype) {
-    case DType::Float32: return launch_for_vocab<KIND, float>(a, stream);
-    case DType::BFloat16: return launch_for_vocab<KIND, c10::BFloat16>(a, stream);
-    case DType::Float16: return launch_for_vocab<KIND, c10::Half>(a, stream);
-    case DType::Float64: break;  // refused by the op before any launch
-  }
-  TORCH_CHECK(false, "fastkd::divergence_forward on CUDA: float64 is not supported");
-}
-
 void divergence_forward_launch(const DivergenceArgs& a, cudaStream_t stream) {
-  switch (a.kind) {
-    case KL: return launch_for_dtype<KL>(a, stream);
-    case REVERSE_KL: return launch_for_dtype<REVERSE_KL>(a, stream);
-    case JSD: return launch_for_dtype<JSD>(a, stream);
-    case SKEW_KL: return launch_for_dtype<SKEW_KL>(a, stream);
-    case SKEW_REVERSE_KL: return launch_for_dtype<SKEW_REVERSE_KL>(a, stream);
-    case TVD: return launch_for_dtype<TVD>(a, stream);
-  }
-  TORCH_CHECK(false, "fastkd::divergence_forward: unknown kind ", a.kind);
+  dispatch_kind<KL, REVERSE_KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD>(
+      a.kind, "fastkd::divergence_forward: unknown kind ", [&]<int KIND>() {
+        dispatch_float32_accumulated(a.dtype, "fastkd::divergence_forward", [&]<class scalar_t>() {
+          if (a.vocab <= 2048) {
+            launch<KIND, 128, scalar_t>(a, stream);
+          } else {
+            launch<KIND, 512, scalar_t>(a, stream);
+          }
+        });
+      });
 }
 
 // ---- the op -------------------------------------------------------------------
@@ -361,19 +343,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_forward_cu
     const std::optional<at::Tensor>& labels, double hard_grad_scale) {
   CHECK_DEVICE_TYPE(student, at::kCUDA);
   CHECK_DEVICE_TYPE(teacher, at::kCUDA);
-  TORCH_CHECK(student.scalar_type() != at::kDouble,
-              "fastkd::divergence_forward on CUDA: student must be float32, bfloat16 or "
-              "float16 (the GPU kernels accumulate in float32), got float64");
+  check_not_float64_on_cuda(student, "fastkd::divergence_forward", "student");
   const c10::cuda::CUDAGuard device_guard(student.device());
-  const auto empty = [](at::IntArrayRef sizes, const at::TensorOptions& options) {
-    return at::empty(sizes, options);
-  };
   const DivergenceCall call =
       prepare_divergence(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale,
-                         student_grad, teacher_grad, labels, hard_grad_scale, empty);
-  if (call.args.rows == 0) return call.outputs();
-  divergence_forward_launch(call.args, c10::cuda::getCurrentCUDAStream());
-  return call.outputs();
+                         student_grad, teacher_grad, labels, hard_grad_scale, &empty_gradient_tensor);
+  return run_divergence_launch(call, &divergence_forward_launch);
 }
 
 }  // namespace

@@ -52,7 +52,7 @@
 #include <cstdint>
 #include <tuple>
 
-#include "../common/checks.h"
+#include "../common/dkd_op.h"
 #include "block_reduce.cuh"
 
 namespace fastkd {
@@ -291,31 +291,11 @@ std::tuple<at::Tensor, at::Tensor> dkd_forward_cuda(const at::Tensor& student,
                                                     const at::Tensor& labels, double alpha,
                                                     double beta, double inv_temperature,
                                                     double grad_scale, bool student_grad) {
-  CHECK_DEVICE_TYPE(student, at::kCUDA);
-  CHECK_DEVICE_TYPE(teacher, at::kCUDA);
-  CHECK_DEVICE_TYPE(labels, at::kCUDA);
-  CHECK_SAME_DEVICE(student, teacher);
-  CHECK_SAME_DEVICE(student, labels);
-  CHECK_DIM(student, 2);
-  CHECK_DIM(teacher, 2);
-  CHECK_DIM(labels, 1);
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "student ", student.sizes(), " and teacher ",
-              teacher.sizes(), " must have the same shape");
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
-              "student and teacher must have the same dtype");
+  check_dkd_args(student, teacher, labels, alpha, beta, inv_temperature, grad_scale, at::kCUDA);
   const auto dtype = student.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "fastkd::dkd_forward on CUDA: student must be float32, bfloat16 or float16 (the GPU "
               "kernels accumulate in float32), got ", dtype);
-  TORCH_CHECK(student.size(1) >= 2, "DKD needs at least 2 classes, got ", student.size(1));
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK(labels.size(0) == student.size(0), "labels must have one entry per row (",
-              student.size(0), "), got ", labels.size(0));
-  TORCH_CHECK(std::isfinite(alpha) && alpha >= 0, "alpha must be finite and >= 0, got ", alpha);
-  TORCH_CHECK(std::isfinite(beta) && beta >= 0, "beta must be finite and >= 0, got ", beta);
-  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
-              "inv_temperature must be finite and > 0, got ", inv_temperature);
-  TORCH_CHECK(std::isfinite(grad_scale), "grad_scale must be finite");
 
   const c10::cuda::CUDAGuard device_guard(student.device());
   const int64_t rows = student.size(0), classes = student.size(1);

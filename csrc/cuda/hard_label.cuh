@@ -1,6 +1,6 @@
 // The hard-label cross-entropy's per-row state and gradient term, shared by
 // the CUDA divergence kernels that compute it in their pass (divergence.cu in
-// float, mixture_divergence.cu in double).
+// float, mixture.cu in double).
 #pragma once
 
 #include <cstdint>

@@ -50,14 +50,12 @@
 #include <vector>
 
 #include "../common/checks.h"
-#include "../common/mmd_centre.h"
+#include "../common/mmd_op.h"
+#include "op_scope.cuh"
 
 namespace fastkd {
 namespace cuda {
 namespace {
-
-// fastkd.functional.MMD_KERNEL_CODES (csrc/cpu/mmd.cpp, MmdKernel).
-enum MmdKernel : int { kGaussian = 0, kLaplacian = 1, kPolynomial = 2 };
 
 // ---- device code --------------------------------------------------------------
 
@@ -123,7 +121,7 @@ struct BlockArgs {
 // for the polynomial), 0 on a within-sample diagonal where the contribution is 0
 // or excluded; laplacian near pairs' C_ij go to near_coef instead (0 in dots) and
 // raise *near_flag.
-template <int BLOCK, int KERNEL, bool SUM, class T>
+template <int BLOCK, MmdKernel KERNEL, bool SUM, class T>
 __global__ void __launch_bounds__(BLOCK) _mmd_block_kernel(
     T* __restrict__ dots,            // [rows, cols] contiguous a_i·b_j (coefficients out if !SUM)
     T* __restrict__ near_coef,       // [rows, cols] contiguous, laplacian !SUM only, else nullptr
@@ -138,13 +136,13 @@ __global__ void __launch_bounds__(BLOCK) _mmd_block_kernel(
     T* row = dots + i * p.cols;
     const int64_t self = p.diag < 0 ? -1 : p.diag + i;
     T a_norm = T(0);
-    if constexpr (KERNEL != kPolynomial) a_norm = p.a_norm[i];
+    if constexpr (KERNEL != MmdKernel::kPolynomial) a_norm = p.a_norm[i];
     double acc = 0.0;
     int any_near = 0;
     for (int64_t j = threadIdx.x; j < p.cols; j += BLOCK) {
       const bool is_self = j == self;
       T k = T(0), coef = T(0), near_c = T(0);
-      if constexpr (KERNEL == kPolynomial) {
+      if constexpr (KERNEL == MmdKernel::kPolynomial) {
         // k = u^degree, ∂k/∂a = degree/c · u^(degree−1) · b with u = a·b/c + 1
         const T u = row[j] * p.inv_c + T(1);
         if constexpr (SUM) {
@@ -157,24 +155,24 @@ __global__ void __launch_bounds__(BLOCK) _mmd_block_kernel(
         const T b_norm = p.b_norm[j];
         T sq = is_self ? T(0) : squared_distance(row[j], a_norm, b_norm);
         bool near = false;
-        if (KERNEL == kLaplacian && !is_self && sq < p.near_factor * (a_norm + b_norm)) {
+        if (KERNEL == MmdKernel::kLaplacian && !is_self && sq < p.near_factor * (a_norm + b_norm)) {
           sq = exact_squared_distance(p.a + i * p.lda, p.b + j * p.ldb, p.dim);
           near = true;
         }
         // gaussian: k = Σ exp(e sq), ∂k/∂a = Σ 2e exp(e sq) (a − b)
         // laplacian: k = Σ exp(e d), ∂k/∂a = Σ e exp(e d) / d (a − b), 0 at d = 0
-        const T arg = KERNEL == kLaplacian ? fk_sqrt(sq) : sq;
+        const T arg = KERNEL == MmdKernel::kLaplacian ? fk_sqrt(sq) : sq;
         T sum_k = T(0), sum_c = T(0);
         for (int64_t s = 0; s < p.n_exps; ++s) {
           const T e = p.exps[s];
           const T term = fk_exp(arg * e);
           sum_k += term;
-          sum_c += (KERNEL == kGaussian ? T(2) * e : e) * term;
+          sum_c += (KERNEL == MmdKernel::kGaussian ? T(2) * e : e) * term;
         }
         if constexpr (SUM) {
           k = is_self && p.unbiased ? T(0) : sum_k;
         } else {
-          coef = KERNEL == kLaplacian ? (arg == T(0) ? T(0) : sum_c / arg) : sum_c;
+          coef = KERNEL == MmdKernel::kLaplacian ? (arg == T(0) ? T(0) : sum_c / arg) : sum_c;
           if (is_self) coef = T(0);  // a − a = 0
           if (near) {
             near_c = coef;
@@ -187,7 +185,7 @@ __global__ void __launch_bounds__(BLOCK) _mmd_block_kernel(
         acc += static_cast<double>(k);
       } else {
         row[j] = coef;
-        if constexpr (KERNEL == kLaplacian) near_coef[i * p.cols + j] = near_c;
+        if constexpr (KERNEL == MmdKernel::kLaplacian) near_coef[i * p.cols + j] = near_c;
       }
     }
     // The sum ends in a barrier every thread of the block reaches (the row
@@ -197,7 +195,7 @@ __global__ void __launch_bounds__(BLOCK) _mmd_block_kernel(
       const double total = Reduce(temp).Sum(acc);
       if (threadIdx.x == 0) row_sums[i] = total;
       __syncthreads();
-    } else if constexpr (KERNEL == kLaplacian) {
+    } else if constexpr (KERNEL == MmdKernel::kLaplacian) {
       if (__syncthreads_or(any_near) && threadIdx.x == 0) atomicExch(near_flag, 1);
     }
   }
@@ -265,7 +263,7 @@ unsigned grid_for(int64_t items) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(items, kMaxBlocks)));
 }
 
-template <int KERNEL, bool SUM, class T>
+template <MmdKernel KERNEL, bool SUM, class T>
 void launch_block(T* dots, T* near_coef, int* near_flag, double* row_sums, const BlockArgs<T>& args,
                   cudaStream_t stream) {
   _mmd_block_kernel<kBlockThreads, KERNEL, SUM, T><<<grid_for(args.rows), kBlockThreads, 0, stream>>>(
@@ -274,62 +272,25 @@ void launch_block(T* dots, T* near_coef, int* near_flag, double* row_sums, const
 }
 
 template <bool SUM, class T>
-void launch_block_for_kernel(int kernel, T* dots, T* near_coef, int* near_flag, double* row_sums,
+void launch_block_for_kernel(MmdKernel kernel, T* dots, T* near_coef, int* near_flag, double* row_sums,
                              const BlockArgs<T>& args, cudaStream_t stream) {
   switch (kernel) {
-    case kGaussian: return launch_block<kGaussian, SUM>(dots, near_coef, near_flag, row_sums, args, stream);
-    case kLaplacian: return launch_block<kLaplacian, SUM>(dots, near_coef, near_flag, row_sums, args, stream);
-    case kPolynomial: return launch_block<kPolynomial, SUM>(dots, near_coef, near_flag, row_sums, args, stream);
+    case MmdKernel::kGaussian:
+      return launch_block<MmdKernel::kGaussian, SUM>(dots, near_coef, near_flag, row_sums, args, stream);
+    case MmdKernel::kLaplacian:
+      return launch_block<MmdKernel::kLaplacian, SUM>(dots, near_coef, near_flag, row_sums, args, stream);
+    case MmdKernel::kPolynomial:
+      return launch_block<MmdKernel::kPolynomial, SUM>(dots, near_coef, near_flag, row_sums, args, stream);
   }
-  TORCH_CHECK(false, "fastkd::mmd on CUDA: unknown kernel ", kernel);
+  TORCH_CHECK(false, "fastkd::mmd on CUDA: unknown kernel ", static_cast<int>(kernel));
 }
 
 // ---- the ops ------------------------------------------------------------------
 
-at::ScalarType accumulation_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// check_mmd_args of csrc/cpu/mmd.cpp, for CUDA tensors.
-void check_mmd_args(const at::Tensor& x, const at::Tensor& y, int64_t kernel,
-                    at::ArrayRef<double> bandwidths, int64_t degree, double c, bool unbiased,
-                    int64_t tile_rows) {
-  CHECK_DEVICE_TYPE(x, at::kCUDA);
-  CHECK_DEVICE_TYPE(y, at::kCUDA);
-  CHECK_SAME_DEVICE(x, y);
-  CHECK_DIM(x, 2);
-  CHECK_DIM(y, 2);
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be a floating-point tensor, got ",
-              x.scalar_type());
-  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "x and y must have the same dtype, got ",
-              x.scalar_type(), " and ", y.scalar_type());
-  TORCH_CHECK(x.size(1) == y.size(1), "x and y must have the same feature dim D, got ", x.size(1),
-              " and ", y.size(1));
-  TORCH_CHECK(x.size(0) >= 1 && y.size(0) >= 1, "x and y must have at least one row, got ",
-              x.size(0), " and ", y.size(0));
-  TORCH_CHECK(kernel >= 0 && kernel <= 2, "kernel must be 0 (gaussian), 1 (laplacian) or 2 "
-              "(polynomial), got ", kernel);
-  if (kernel != kPolynomial) {
-    TORCH_CHECK(!bandwidths.empty(), "bandwidths must not be empty");
-    for (double s : bandwidths) {
-      TORCH_CHECK(std::isfinite(s), "bandwidths must be finite, got ", s);
-      TORCH_CHECK(s >= mmd::kMinBandwidth, "bandwidths must be >= 1e-150, got ", s);
-    }
-  }
-  TORCH_CHECK(degree >= 1, "degree must be >= 1, got ", degree);
-  TORCH_CHECK(std::isfinite(c) && c > 0, "c must be finite and > 0, got ", c);
-  if (unbiased) {
-    TORCH_CHECK(x.size(0) >= 2 && y.size(0) >= 2,
-                "unbiased needs at least 2 rows in x and in y, got ", x.size(0), " and ",
-                y.size(0));
-  }
-  TORCH_CHECK(tile_rows >= 1, "tile_rows must be >= 1, got ", tile_rows);
-}
-
 // The samples in the accumulation dtype (contiguous), their squared row norms
 // (distance kernels), the exponents on the device, and the reused block buffers.
 struct Problem {
-  int kernel;
+  MmdKernel kernel;
   at::Tensor x, y, x_norm, y_norm, exps;
   int64_t degree;
   double c;
@@ -337,7 +298,7 @@ struct Problem {
   int64_t tile_rows;
   at::Tensor block, near_block;  // flat (tile_rows · max(N, M)); near_block: laplacian backward
 
-  bool distance_based() const { return kernel != kPolynomial; }
+  bool distance_based() const { return kernel != MmdKernel::kPolynomial; }
 };
 
 Problem prepare(const at::Tensor& x, const at::Tensor& y, int64_t kernel,
@@ -345,7 +306,7 @@ Problem prepare(const at::Tensor& x, const at::Tensor& y, int64_t kernel,
                 int64_t tile_rows, bool backward) {
   const auto acc = accumulation_type(x);
   Problem p;
-  p.kernel = static_cast<int>(kernel);
+  p.kernel = static_cast<MmdKernel>(kernel);
   p.x = x.to(acc).contiguous();
   p.y = y.to(acc).contiguous();
   if (p.distance_based()) {
@@ -358,7 +319,8 @@ Problem prepare(const at::Tensor& x, const at::Tensor& y, int64_t kernel,
   if (p.distance_based()) {
     for (double s : bandwidths) {
       // held finite in the accumulation dtype (its slope 2e too): see mmd_centre.h
-      exps.push_back(mmd::finite_in(kernel == kLaplacian ? -1.0 / s : -0.5 / (s * s), acc));
+      const bool laplacian = p.kernel == MmdKernel::kLaplacian;
+      exps.push_back(mmd::finite_in(laplacian ? -1.0 / s : -0.5 / (s * s), acc));
     }
   } else {
     exps.push_back(0.0);  // unread
@@ -370,7 +332,9 @@ Problem prepare(const at::Tensor& x, const at::Tensor& y, int64_t kernel,
   const int64_t widest = std::max(x.size(0), y.size(0));
   p.tile_rows = std::min(tile_rows, widest);
   p.block = at::empty({p.tile_rows * widest}, p.x.options());
-  if (backward && p.kernel == kLaplacian) p.near_block = at::empty({p.tile_rows * widest}, p.x.options());
+  if (backward && p.kernel == MmdKernel::kLaplacian) {
+    p.near_block = at::empty({p.tile_rows * widest}, p.x.options());
+  }
   return p;
 }
 
@@ -435,7 +399,7 @@ CoefBlock block_coef(const Problem& p, const at::Tensor& a, const at::Tensor& a_
   CoefBlock out;
   out.coef = block_view(p.block, a.size(0), b.size(0));
   at::mm_out(out.coef, a, b.t());
-  if (p.kernel == kLaplacian) {
+  if (p.kernel == MmdKernel::kLaplacian) {
     out.near_coef = block_view(p.near_block, a.size(0), b.size(0));
     out.near_flag = at::zeros({1}, a.options().dtype(at::kInt));
   }
@@ -495,8 +459,8 @@ Weights estimator_weights(int64_t n, int64_t m, bool unbiased) {
 at::Tensor mmd_forward_cuda(const at::Tensor& x, const at::Tensor& y, int64_t kernel,
                             at::ArrayRef<double> bandwidths, int64_t degree, double c,
                             bool unbiased, int64_t tile_rows) {
-  check_mmd_args(x, y, kernel, bandwidths, degree, c, unbiased, tile_rows);
-  const c10::cuda::CUDAGuard device_guard(x.device());
+  check_mmd_args(x, y, kernel, bandwidths, degree, c, unbiased, tile_rows, at::kCUDA);
+  const CudaOpScope scope(x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Problem p = prepare(x, y, kernel, bandwidths, degree, c, unbiased, tile_rows, false);
   const int64_t n = x.size(0), m = y.size(0);
@@ -526,11 +490,11 @@ std::tuple<at::Tensor, at::Tensor> mmd_backward_cuda(const at::Tensor& grad, con
                                                      at::ArrayRef<double> bandwidths,
                                                      int64_t degree, double c, bool unbiased,
                                                      int64_t tile_rows) {
-  check_mmd_args(x, y, kernel, bandwidths, degree, c, unbiased, tile_rows);
+  check_mmd_args(x, y, kernel, bandwidths, degree, c, unbiased, tile_rows, at::kCUDA);
   CHECK_DEVICE_TYPE(grad, at::kCUDA);
   CHECK_SAME_DEVICE(grad, x);
   TORCH_CHECK(grad.numel() == 1, "grad must have one element, got ", grad.numel());
-  const c10::cuda::CUDAGuard device_guard(x.device());
+  const CudaOpScope scope(x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Problem p = prepare(x, y, kernel, bandwidths, degree, c, unbiased, tile_rows, true);
   const int64_t n = x.size(0), m = y.size(0);
@@ -541,7 +505,7 @@ std::tuple<at::Tensor, at::Tensor> mmd_backward_cuda(const at::Tensor& grad, con
   const at::Tensor g_yy = g * (2.0 * w.yy);
   const at::Tensor g_xy = g * (-w.xy);
   const at::Tensor one = at::ones({}, g.options());
-  const bool laplacian = p.kernel == kLaplacian;
+  const bool laplacian = p.kernel == MmdKernel::kLaplacian;
   const at::Tensor none;
 
   at::Tensor grad_x = at::empty(p.x.sizes(), p.x.options());

@@ -1,8 +1,8 @@
 // CPU implementation of fastkd::pkt_forward, fastkd::sp_forward and
 // fastkd::cc_forward (SPEC §2): the loss and the student's gradient from the
 // Gram matrices, O(N²) memory, no autograd graph. Same maths and contract as
-// the Triton launchers (kernels/relational.py, read their comments) and the
-// CUDA ops (csrc/cuda/relational_losses.cu).
+// the Triton launchers (kernels/gram_relation.py, read their comments) and the
+// CUDA ops (csrc/cuda/gram_relation.cu).
 //
 // Each op: the two Gram matrices with at::mm (PKT: of the normalised rows
 // x̂), in float32 for float32 / bfloat16 / float16 inputs and float64 for
@@ -33,10 +33,6 @@ namespace fastkd {
 namespace cpu {
 namespace {
 
-at::ScalarType accumulation_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Rows per parallel_for task: about GRAIN_SIZE elements of an [N, N] matrix.
 int64_t row_grain(int64_t n) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(n, 1)); }
 
@@ -65,11 +61,9 @@ template <class T>
 std::tuple<at::Tensor, at::Tensor> sp_impl(const at::Tensor& student, const at::Tensor& teacher,
                                            bool student_grad) {
   const auto acc = accumulation_type(student);
-  const at::Tensor xs = student.to(acc).contiguous();
-  const at::Tensor xt = teacher.to(acc).contiguous();
-  at::Tensor gs = at::mm(xs, xs.t());
-  const at::Tensor gt = at::mm(xt, xt.t());
-  const int64_t n = xs.size(0);
+  const gram::GramPair g = gram::gram_pair(student, teacher, acc);
+  const at::Tensor &gs = g.gs, &gt = g.gt;
+  const int64_t n = g.xs.size(0);
   const double inv_n2 = 1.0 / (double(n) * double(n));
   T* gs_p = gs.data_ptr<T>();
   const T* gt_p = gt.data_ptr<T>();
@@ -105,13 +99,12 @@ std::tuple<at::Tensor, at::Tensor> sp_impl(const at::Tensor& student, const at::
   });
   const at::Tensor loss = at::scalar_tensor(ordered_sum(loss_rows) * inv_n2, at::TensorOptions().dtype(acc));
   if (!student_grad) return no_grad_result(loss, student);
-  // gs now holds dG; G = X Xᵀ: dX = (dG + dGᵀ) X
-  return {loss, at::mm(gs + gs.t(), xs).to(student.scalar_type())};
+  return {loss, gram::gram_student_grad(g, student.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> sp_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                   bool student_grad) {
-  gram::check_args(student, teacher, at::kCPU);
+  check_feature_pair_args(student, teacher, at::kCPU);
   if (student.scalar_type() == at::kDouble) return sp_impl<double>(student, teacher, student_grad);
   return sp_impl<float>(student, teacher, student_grad);
 }
@@ -125,11 +118,9 @@ template <class T>
 std::tuple<at::Tensor, at::Tensor> cc_impl(const at::Tensor& student, const at::Tensor& teacher,
                                            bool student_grad, double gamma, int64_t order) {
   const auto acc = accumulation_type(student);
-  const at::Tensor xs = student.to(acc).contiguous();
-  const at::Tensor xt = teacher.to(acc).contiguous();
-  at::Tensor gs = at::mm(xs, xs.t());
-  const at::Tensor gt = at::mm(xt, xt.t());
-  const int64_t n = xs.size(0);
+  const gram::GramPair g = gram::gram_pair(student, teacher, acc);
+  const at::Tensor &gs = g.gs, &gt = g.gt;
+  const int64_t n = g.xs.size(0);
   const T two_gamma = static_cast<T>(2.0 * gamma);
   const T scale = static_cast<T>(std::exp(-2.0 * gamma));
   T* gs_p = gs.data_ptr<T>();
@@ -157,12 +148,12 @@ std::tuple<at::Tensor, at::Tensor> cc_impl(const at::Tensor& student, const at::
   if (!student_grad) return no_grad_result(loss, student);
   const double coef = norm == 0.0 ? 0.0 : 1.0 / (norm * n2);  // NaN stays NaN
   gs.mul_(coef);
-  return {loss, at::mm(gs + gs.t(), xs).to(student.scalar_type())};
+  return {loss, gram::gram_student_grad(g, student.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> cc_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                   bool student_grad, double gamma, int64_t order) {
-  gram::check_args(student, teacher, at::kCPU);
+  check_feature_pair_args(student, teacher, at::kCPU);
   gram::check_cc_params(gamma, order);
   if (student.scalar_type() == at::kDouble) return cc_impl<double>(student, teacher, student_grad, gamma, order);
   return cc_impl<float>(student, teacher, student_grad, gamma, order);
@@ -183,13 +174,9 @@ template <class T>
 std::tuple<at::Tensor, at::Tensor> pkt_impl(const at::Tensor& student, const at::Tensor& teacher,
                                             bool student_grad, double eps) {
   const auto acc = accumulation_type(student);
-  const at::Tensor xs = student.to(acc).contiguous();
-  const at::Tensor xt = teacher.to(acc).contiguous();
-  const gram::PktRows rows_s = gram::pkt_rows(xs, eps);
-  const gram::PktRows rows_t = gram::pkt_rows(xt, eps);
-  at::Tensor hs = at::mm(rows_s.xh, rows_s.xh.t());
-  const at::Tensor ht = at::mm(rows_t.xh, rows_t.xh.t());
-  const int64_t n = xs.size(0);
+  const gram::PktPair pair = gram::pkt_pair(student, teacher, acc, eps);
+  const at::Tensor &hs = pair.hs, &ht = pair.ht;
+  const int64_t n = pair.xs.size(0);
   const double inv_n2 = 1.0 / (double(n) * double(n));
   T* hs_p = hs.data_ptr<T>();
   const T* ht_p = ht.data_ptr<T>();
@@ -224,14 +211,12 @@ std::tuple<at::Tensor, at::Tensor> pkt_impl(const at::Tensor& student, const at:
   });
   const at::Tensor loss = at::scalar_tensor(ordered_sum(loss_rows) * inv_n2, at::TensorOptions().dtype(acc));
   if (!student_grad) return no_grad_result(loss, student);
-  // hs now holds dH; H = x̂ x̂ᵀ: dx̂ = (dH + dHᵀ) x̂, then through the normalisation
-  const at::Tensor d_xh = at::mm(hs + hs.t(), rows_s.xh);
-  return {loss, gram::pkt_rows_backward(xs, rows_s, d_xh, eps).to(student.scalar_type())};
+  return {loss, gram::pkt_student_grad(pair, eps, student.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> pkt_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                    bool student_grad, double eps) {
-  gram::check_args(student, teacher, at::kCPU);
+  check_feature_pair_args(student, teacher, at::kCPU);
   gram::check_pkt_eps(eps);
   if (student.scalar_type() == at::kDouble) return pkt_impl<double>(student, teacher, student_grad, eps);
   return pkt_impl<float>(student, teacher, student_grad, eps);

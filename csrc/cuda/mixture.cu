@@ -72,8 +72,9 @@
 
 #include "../common/checks.h"
 #include "../common/divergence_math.h"
-#include "../common/mixture_args.h"
+#include "../common/mixture_op.h"
 #include "block_reduce.cuh"
+#include "divergence_dispatch.cuh"
 #include "hard_label.cuh"
 
 namespace fastkd {
@@ -383,43 +384,22 @@ void launch_for_vocab(const MixtureDivergenceArgs& a, cudaStream_t stream) {
   }
 }
 
-template <int KIND>
-void launch_for_dtype(const MixtureDivergenceArgs& a, cudaStream_t stream) {
-  switch (a.dtype) {
-    case DType::Float32: return launch_for_vocab<KIND, float, float>(a, stream);
-    case DType::Float64: return launch_for_vocab<KIND, double, double>(a, stream);
-    case DType::BFloat16: return launch_for_vocab<KIND, c10::BFloat16, float>(a, stream);
-    case DType::Float16: return launch_for_vocab<KIND, c10::Half, float>(a, stream);
-  }
-  TORCH_CHECK(false, "fastkd::mixture_divergence_forward on CUDA: unknown dtype");
-}
-
 void mixture_divergence_launch(const MixtureDivergenceArgs& a, cudaStream_t stream) {
-  switch (a.kind) {
-    case KL: return launch_for_dtype<KL>(a, stream);
-    case REVERSE_KL: return launch_for_dtype<REVERSE_KL>(a, stream);
-    case JSD: return launch_for_dtype<JSD>(a, stream);
-    case SKEW_KL: return launch_for_dtype<SKEW_KL>(a, stream);
-    case SKEW_REVERSE_KL: return launch_for_dtype<SKEW_REVERSE_KL>(a, stream);
-    case TVD: return launch_for_dtype<TVD>(a, stream);
-  }
-  TORCH_CHECK(false, "fastkd::mixture_divergence_forward: unknown kind ", a.kind);
+  dispatch_kind<KL, REVERSE_KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD>(
+      a.kind, "fastkd::mixture_divergence_forward: unknown kind ", [&]<int KIND>() {
+        switch (a.dtype) {
+          case DType::Float32: return launch_for_vocab<KIND, float, float>(a, stream);
+          case DType::Float64: return launch_for_vocab<KIND, double, double>(a, stream);
+          case DType::BFloat16: return launch_for_vocab<KIND, c10::BFloat16, float>(a, stream);
+          case DType::Float16: return launch_for_vocab<KIND, c10::Half, float>(a, stream);
+        }
+        TORCH_CHECK(false, "fastkd::mixture_divergence_forward on CUDA: unknown dtype");
+      });
 }
 
 // ---- the op -------------------------------------------------------------------
 
-DType mixture_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::Float32;
-    case at::kDouble: return DType::Float64;
-    case at::kBFloat16: return DType::BFloat16;
-    case at::kHalf: return DType::Float16;
-    default: break;
-  }
-  TORCH_CHECK(false, "student must be float32, float64, bfloat16 or float16, got ", t);
-}
-
-// The checks of csrc/cpu/mixture_divergence.cpp, on CUDA tensors; the weights
+// The checks of csrc/common/mixture_op.h, on CUDA tensors; the weights
 // may be on the CPU (as the Python layer passes them) or on the GPU. No range
 // check of the labels here (it would synchronise with the device): the
 // Python layer checks them, and the kernel guards itself (see HardLabel).
@@ -429,102 +409,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_divergence_forward_cuda(
     double grad_scale, bool student_grad, const std::optional<at::Tensor>& labels,
     double hard_grad_scale) {
   CHECK_DEVICE_TYPE(student, at::kCUDA);
-  CHECK_DIM(student, 2);
   CHECK_DIM(teachers, 3);
-  CHECK_DIM(teacher_weights, 1);
-  CHECK_SAME_DEVICE(student, teachers);
-  const int64_t rows = student.size(0), vocab = student.size(1), count = teachers.size(0);
-  TORCH_CHECK(vocab > 0, "student must have at least one column (vocabulary entry)");
-  TORCH_CHECK(teachers.size(1) == rows && teachers.size(2) == vocab, "teachers ", teachers.sizes(),
-              " must be [K, ", rows, ", ", vocab, "]");
-  TORCH_CHECK(count >= 1, "teachers must hold at least one teacher");
-  TORCH_CHECK(count <= kMaxTeachers, "fastkd::mixture_divergence_forward on CUDA takes at most ",
-              kMaxTeachers, " teachers, got ", count);
-  TORCH_CHECK(teacher_weights.size(0) == count, "teacher_weights must have one entry per teacher");
-  TORCH_CHECK(teacher_weights.scalar_type() == at::kDouble, "teacher_weights must be float64");
-  TORCH_CHECK(student.scalar_type() == teachers.scalar_type(),
-              "student and teachers must have the same dtype");
-  CHECK_UNIT_LAST_STRIDE(student);
-  CHECK_UNIT_LAST_STRIDE(teachers);
-  // Any row stride (0 for an expanded row): the student is only read.
-  // The teachers are only read, so any outer strides are fine (a permuted
-  // stack, or one teacher expanded over K with stride 0).
-  TORCH_CHECK(kind >= 0 && kind < kNumDivergenceKinds, "kind must be in [0, ", kNumDivergenceKinds,
-              "), got ", kind);
-  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
-              "inv_temperature must be finite and > 0, got ", inv_temperature);
-  if (kind == JSD) {
-    TORCH_CHECK(coef > 0 && coef < 1, "coef (beta) must be in (0, 1) for JSD, got ", coef);
-  } else if (kind == SKEW_KL || kind == SKEW_REVERSE_KL) {
-    TORCH_CHECK(coef > 0 && coef <= 1, "coef (alpha) must be in (0, 1] for skew divergences, got ", coef);
-  }
-  TORCH_CHECK(std::isfinite(grad_scale), "grad_scale must be finite");
-  check_hard_label_args(student, labels, hard_grad_scale);
-  const DType dtype = mixture_dtype(student.scalar_type());
+  TORCH_CHECK(teachers.size(0) <= kMaxTeachers,
+              "fastkd::mixture_divergence_forward on CUDA takes at most ", kMaxTeachers,
+              " teachers, got ", teachers.size(0));
+  const c10::cuda::CUDAGuard device_guard(student.device());
+  MixtureCall call = prepare_mixture(student, teachers, teacher_weights, row_mask, kind,
+                                     inv_temperature, coef, grad_scale, student_grad, labels,
+                                     hard_grad_scale, at::kCUDA, &empty_gradient_tensor);
+  MixtureDivergenceArgs& a = call.args;
+  if (a.rows == 0) return call.outputs();
 
   // log w_k − log Σw (p sums to 1 exactly, as the reference's softmax of
   // T·log p does, which the fused KL gradient relies on), computed on the
   // host and copied from pinned memory, asynchronously on the current stream.
-  const at::Tensor weights = teacher_weights.cpu().contiguous();
-  const double* w = weights.data_ptr<double>();
-  double weight_sum = 0.0;
-  for (int64_t k = 0; k < count; ++k) {
-    TORCH_CHECK(std::isfinite(w[k]) && w[k] >= 0, "teacher_weights must be finite and >= 0, got ", w[k]);
-    weight_sum += w[k];
-  }
-  TORCH_CHECK(std::abs(weight_sum - 1.0) <= 1e-6, "teacher_weights must sum to 1, got ", weight_sum);
-
-  at::Tensor mask;
-  if (row_mask.has_value()) {
-    TORCH_CHECK(row_mask->scalar_type() == at::kBool, "row_mask must be bool");
-    TORCH_CHECK(row_mask->dim() == 1 && row_mask->size(0) == rows, "row_mask must be [rows]");
-    CHECK_SAME_DEVICE(student, *row_mask);
-    mask = row_mask->contiguous();
-  }
-  const c10::cuda::CUDAGuard device_guard(student.device());
-  const auto loss_options =
-      student.options().dtype(dtype == DType::Float64 ? at::kDouble : at::kFloat);
-  at::Tensor row_loss = at::empty({rows}, loss_options);
-  at::Tensor grad = at::empty({student_grad ? rows : 0, student_grad ? vocab : 0}, student.options());
-  at::Tensor row_ce = at::empty({labels.has_value() ? rows : 0}, loss_options);
-  if (rows == 0) return {row_loss, grad, row_ce};
-  // a contiguous copy, alive until the kernel is enqueued (the caching
-  // allocator keeps its memory for the stream)
-  const at::Tensor label_ids = labels.has_value() ? labels->contiguous() : at::Tensor();
-
+  const int64_t count = a.teachers;
   at::Tensor log_weights_host =
       at::empty({count}, at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
   double* lw = log_weights_host.data_ptr<double>();
-  const double log_sum = std::log(weight_sum);
+  const double log_sum = std::log(call.weight_sum);
   for (int64_t k = 0; k < count; ++k) {
-    lw[k] = w[k] > 0 ? std::log(w[k]) - log_sum : -std::numeric_limits<double>::infinity();
+    const double w = call.weights[k];
+    lw[k] = w > 0 ? std::log(w) - log_sum : -std::numeric_limits<double>::infinity();
   }
   const at::Tensor log_weights = log_weights_host.to(
       at::TensorOptions().device(student.device()).dtype(at::kDouble), /*non_blocking=*/true);
-
-  MixtureDivergenceArgs a;
-  a.student = student.data_ptr();
-  a.student_row_stride = student.stride(0);
-  a.teacher = teachers.data_ptr();
-  a.teacher_stride = teachers.stride(0);
-  a.teacher_row_stride = teachers.stride(1);
   a.log_weights = log_weights.data_ptr<double>();
-  a.teachers = count;
-  a.row_mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  a.row_loss = row_loss.data_ptr();
-  a.student_grad = student_grad ? grad.data_ptr() : nullptr;
-  a.rows = rows;
-  a.vocab = vocab;
-  a.dtype = dtype;
-  a.kind = static_cast<int>(kind);
-  a.inv_temperature = inv_temperature;
-  a.coef = coef;
-  a.grad_scale = grad_scale;
-  a.labels = label_ids.defined() ? label_ids.data_ptr<int64_t>() : nullptr;
-  a.row_ce = label_ids.defined() ? row_ce.data_ptr() : nullptr;
-  a.hard_grad_scale = hard_grad_scale;
-  mixture_divergence_launch(a, c10::cuda::getCurrentCUDAStream());
-  return {row_loss, grad, row_ce};
+  return run_divergence_launch(call, &mixture_divergence_launch);
 }
 
 }  // namespace

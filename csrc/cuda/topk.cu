@@ -65,10 +65,10 @@
 #include <tuple>
 
 #include "../common/checks.h"
-#include "../common/divergence_op.h"
-#include "../common/topk_args.h"
+#include "../common/topk_op.h"
 #include "../common/topk_math.h"
 #include "block_reduce.cuh"
+#include "divergence_dispatch.cuh"
 
 namespace fastkd {
 namespace cuda {
@@ -391,7 +391,7 @@ void launch(const TopKDivergenceArgs& a, cudaStream_t stream) {
   // labels select the WITH_CE instantiation (see the kernel)
   const auto kernel = a.labels != nullptr ? _topk_divergence_fwd_kernel<KIND, BLOCK, scalar_t, true>
                                           : _topk_divergence_fwd_kernel<KIND, BLOCK, scalar_t, false>;
-  // the bitmap: dynamic shared memory, opted in past the default 48 KiB
+  // the bitmap: dynamic shared memory, next to the kernel's static shared memory
   const size_t bitmap_bytes = static_cast<size_t>((a.vocab + 31) / 32) * sizeof(uint32_t);
   int device = 0, optin = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -402,7 +402,9 @@ void launch(const TopKDivergenceArgs& a, cudaStream_t stream) {
               "fastkd::topk_divergence_forward on CUDA: V = ", a.vocab, " needs ", bitmap_bytes,
               " bytes of shared memory for its id bitmap, more than this device's ", optin,
               " per block");
-  if (bitmap_bytes > 48 * 1024) {
+  // Static and dynamic shared memory together above the default 48 KiB per
+  // block need the opt-in, not the dynamic part alone.
+  if (bitmap_bytes + attributes.sharedSizeBytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bitmap_bytes)));
   }
@@ -417,37 +419,19 @@ void launch(const TopKDivergenceArgs& a, cudaStream_t stream) {
 }
 
 // Short rows (classification heads, V ≤ 2048) get small blocks so that most
-// threads have work; vocabulary-sized rows get 512 threads.
-template <int KIND, class scalar_t>
-void launch_for_vocab(const TopKDivergenceArgs& a, cudaStream_t stream) {
-  if (a.vocab <= 2048) {
-    launch<KIND, 128, scalar_t>(a, stream);
-  } else {
-    launch<KIND, 512, scalar_t>(a, stream);
-  }
-}
-
-template <int KIND>
-void launch_for_dtype(const TopKDivergenceArgs& a, cudaStream_t stream) {
-  switch (a.dtype) {
-    case DType::Float32: return launch_for_vocab<KIND, float>(a, stream);
-    case DType::BFloat16: return launch_for_vocab<KIND, c10::BFloat16>(a, stream);
-    case DType::Float16: return launch_for_vocab<KIND, c10::Half>(a, stream);
-    case DType::Float64: break;  // refused by the op before any launch
-  }
-  TORCH_CHECK(false, "fastkd::topk_divergence_forward on CUDA: float64 is not supported");
-}
-
+// threads have work; vocabulary-sized rows get 512 threads. REVERSE_KL is
+// refused by the op (infinite off the teacher's ids).
 void topk_divergence_launch(const TopKDivergenceArgs& a, cudaStream_t stream) {
-  switch (a.kind) {
-    case KL: return launch_for_dtype<KL>(a, stream);
-    case JSD: return launch_for_dtype<JSD>(a, stream);
-    case SKEW_KL: return launch_for_dtype<SKEW_KL>(a, stream);
-    case SKEW_REVERSE_KL: return launch_for_dtype<SKEW_REVERSE_KL>(a, stream);
-    case TVD: return launch_for_dtype<TVD>(a, stream);
-    default: break;  // REVERSE_KL and unknown kinds are refused by the op
-  }
-  TORCH_CHECK(false, "fastkd::topk_divergence_forward: unsupported kind ", a.kind);
+  dispatch_kind<KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD>(
+      a.kind, "fastkd::topk_divergence_forward: unsupported kind ", [&]<int KIND>() {
+        dispatch_float32_accumulated(a.dtype, "fastkd::topk_divergence_forward", [&]<class scalar_t>() {
+          if (a.vocab <= 2048) {
+            launch<KIND, 128, scalar_t>(a, stream);
+          } else {
+            launch<KIND, 512, scalar_t>(a, stream);
+          }
+        });
+      });
 }
 
 // ---- the op -------------------------------------------------------------------
@@ -472,83 +456,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_divergence_forward_cuda(
     const std::optional<at::Tensor>& row_mask, int64_t kind, double inv_temperature, double coef,
     double grad_scale, bool student_grad, const std::optional<at::Tensor>& labels,
     double hard_grad_scale) {
-  // the checks of the CPU op (csrc/cpu/topk_divergence.cpp), float64 refused
   CHECK_DEVICE_TYPE(student, at::kCUDA);
-  CHECK_DIM(student, 2);
-  CHECK_DIM(teacher_index, 2);
-  CHECK_DIM(teacher_value, 2);
-  CHECK_SAME_DEVICE(student, teacher_index);
-  CHECK_SAME_DEVICE(student, teacher_value);
-  CHECK_UNIT_LAST_STRIDE(student);
-  TORCH_CHECK(student.scalar_type() != at::kDouble,
-              "fastkd::topk_divergence_forward on CUDA: student must be float32, bfloat16 or "
-              "float16 (the GPU kernels accumulate in float32), got float64");
-  const int64_t rows = student.size(0), vocab = student.size(1);
-  TORCH_CHECK(vocab > 0, "student must have at least one column (vocabulary entry)");
-  // Any row stride (0 for an expanded row): the student is only read.
-  TORCH_CHECK(teacher_index.scalar_type() == at::kLong, "teacher_index must be int64");
-  TORCH_CHECK(teacher_index.sizes() == teacher_value.sizes(), "teacher_index ",
-              teacher_index.sizes(), " and teacher_value ", teacher_value.sizes(),
-              " must have the same shape");
-  TORCH_CHECK(teacher_index.size(0) == rows, "teacher_index must have one row per student row");
-  const int64_t k = teacher_index.size(1);
-  TORCH_CHECK(k >= 1 && k <= vocab, "k (teacher ids per row) must be in [1, ", vocab, "], got ", k);
-  const DType dtype = divergence_dtype(student.scalar_type());
-  TORCH_CHECK(teacher_value.scalar_type() == at::kFloat, "teacher_value must be Float for ",
-              student.scalar_type(), " student logits, got ", teacher_value.scalar_type());
-  TORCH_CHECK(kind == KL || (kind >= JSD && kind <= TVD),
-              "kind must be KL (0), JSD (2), skew KL (3), skew reverse KL (4) or TVD (5) for a top-k "
-              "teacher (reverse KL is infinite off the teacher's ids), got ", kind);
-  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
-              "inv_temperature must be finite and > 0, got ", inv_temperature);
-  if (kind == JSD) {
-    TORCH_CHECK(coef > 0 && coef < 1, "coef (beta) must be in (0, 1) for JSD, got ", coef);
-  } else if (kind == SKEW_KL || kind == SKEW_REVERSE_KL) {
-    TORCH_CHECK(coef > 0 && coef <= 1, "coef (alpha) must be in (0, 1] for skew divergences, got ", coef);
-  } else {
-    coef = 0.5;  // unused by the kind; keeps log c and log(1 − c) finite
-  }
-  TORCH_CHECK(std::isfinite(grad_scale), "grad_scale must be finite");
-  check_hard_label_args(student, labels, hard_grad_scale);
-  at::Tensor mask;
-  if (row_mask.has_value()) {
-    TORCH_CHECK(row_mask->scalar_type() == at::kBool, "row_mask must be bool");
-    TORCH_CHECK(row_mask->dim() == 1 && row_mask->size(0) == rows, "row_mask must be [rows]");
-    CHECK_SAME_DEVICE(student, *row_mask);
-    mask = row_mask->contiguous();
-  }
-
+  check_not_float64_on_cuda(student, "fastkd::topk_divergence_forward", "student");
   const c10::cuda::CUDAGuard device_guard(student.device());
-  at::Tensor row_loss = at::empty({rows}, student.options().dtype(at::kFloat));
-  at::Tensor grad = at::empty({student_grad ? rows : 0, student_grad ? vocab : 0}, student.options());
-  at::Tensor row_ce = at::empty({labels.has_value() ? rows : 0}, student.options().dtype(at::kFloat));
-  if (rows == 0) return {row_loss, grad, row_ce};
-  const at::Tensor label_ids = labels.has_value() ? labels->contiguous() : at::Tensor();
-  const at::Tensor index = teacher_index.contiguous();
-  const at::Tensor value = teacher_value.contiguous();
-  check_teacher_index(index, vocab);
-
-  TopKDivergenceArgs a;
-  a.student = student.data_ptr();
-  a.student_row_stride = student.stride(0);
-  a.index = index.data_ptr<int64_t>();
-  a.value = value.data_ptr();
-  a.row_mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  a.row_loss = row_loss.data_ptr();
-  a.student_grad = student_grad ? grad.data_ptr() : nullptr;
-  a.rows = rows;
-  a.vocab = vocab;
-  a.k = k;
-  a.dtype = dtype;
-  a.kind = static_cast<int>(kind);
-  a.inv_temperature = inv_temperature;
-  a.coef = coef;
-  a.grad_scale = grad_scale;
-  a.labels = label_ids.defined() ? label_ids.data_ptr<int64_t>() : nullptr;
-  a.row_ce = label_ids.defined() ? row_ce.data_ptr() : nullptr;
-  a.hard_grad_scale = hard_grad_scale;
-  topk_divergence_launch(a, c10::cuda::getCurrentCUDAStream());
-  return {row_loss, grad, row_ce};
+  TopKCall call = prepare_topk(
+      student, teacher_index, teacher_value, row_mask, kind, inv_temperature, coef, grad_scale,
+      student_grad, labels, hard_grad_scale, at::kCUDA, &empty_gradient_tensor);
+  TopKDivergenceArgs& a = call.args;
+  // unused by the kind; keeps log c and log(1 − c) finite
+  if (kind != JSD && kind != SKEW_KL && kind != SKEW_REVERSE_KL) a.coef = 0.5;
+  if (a.rows > 0) check_teacher_index(call.index, a.vocab);
+  return run_divergence_launch(call, &topk_divergence_launch);
 }
 
 }  // namespace

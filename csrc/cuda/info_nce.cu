@@ -1,6 +1,6 @@
 // CUDA implementation of fastkd::info_nce_forward / fastkd::info_nce_backward
 // (SPEC §4), with the same tiling and contract as the CPU op
-// (csrc/cpu/contrastive.cpp): the (N, M) similarity matrix is never stored.
+// (csrc/cpu/info_nce.cpp): the (N, M) similarity matrix is never stored.
 // Each op walks q in tiles of `tile_rows` rows; a tile's raw products
 // q_tile kᵀ (tile_rows × M, from an ATen GEMM, i.e. cuBLAS) are the only large
 // temporary, so memory is O(tile_rows · M), not O(N · M). What is ours is the
@@ -17,7 +17,7 @@
 //
 // This is honest about what it is: GEMMs from ATen plus fused element / row
 // kernels, not a flash-style single kernel (that is the Triton backend,
-// kernels/contrastive.py). Its extra cost over a fused kernel is the
+// kernels/info_nce.py). Its extra cost over a fused kernel is the
 // round trip of each logits tile through global memory (written by the GEMM,
 // read by the row kernel; in the backward read and written once more), i.e.
 // 2–3 · N · M · sizeof(acc) bytes of traffic besides the GEMMs'
@@ -42,8 +42,9 @@
 #include <cstdint>
 #include <tuple>
 
-#include "../common/checks.h"
+#include "../common/info_nce_op.h"
 #include "block_reduce.cuh"
+#include "op_scope.cuh"
 
 namespace fastkd {
 namespace cuda {
@@ -156,47 +157,12 @@ void launch_logit_grad(T* g, const int64_t* labels, const T* lse, const T* scale
 
 // ---- the ops ------------------------------------------------------------------
 
-at::ScalarType accumulation_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_info_nce_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& labels,
-                         double inv_temperature, int64_t tile_rows) {
-  CHECK_DEVICE_TYPE(q, at::kCUDA);
-  CHECK_DEVICE_TYPE(k, at::kCUDA);
-  CHECK_DEVICE_TYPE(labels, at::kCUDA);
-  CHECK_SAME_DEVICE(q, k);
-  CHECK_SAME_DEVICE(q, labels);
-  CHECK_DIM(q, 2);
-  CHECK_DIM(k, 2);
-  CHECK_DIM(labels, 1);
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "q must be a floating-point tensor, got ",
-              q.scalar_type());
-  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "q and k must have the same dtype, got ",
-              q.scalar_type(), " and ", k.scalar_type());
-  TORCH_CHECK(q.size(1) == k.size(1), "q and k must have the same feature dim D, got ", q.size(1),
-              " and ", k.size(1));
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK(labels.size(0) == q.size(0), "labels must have one entry per row of q (",
-              q.size(0), "), got ", labels.size(0));
-  if (labels.numel() > 0) {
-    // before any kernel: they index each row of the tile unchecked
-    const int64_t lo = labels.min().item<int64_t>();
-    const int64_t hi = labels.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < k.size(0), "labels must lie in [0, M) = [0, ", k.size(0),
-                "), got values in [", lo, ", ", hi, "]");
-  }
-  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
-              "inv_temperature must be finite and > 0, got ", inv_temperature);
-  TORCH_CHECK(tile_rows >= 1, "tile_rows must be >= 1, got ", tile_rows);
-}
-
 std::tuple<at::Tensor, at::Tensor> info_nce_forward_cuda(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& labels,
                                                          double inv_temperature,
                                                          int64_t tile_rows) {
-  check_info_nce_args(q, k, labels, inv_temperature, tile_rows);
-  const c10::cuda::CUDAGuard device_guard(q.device());
+  check_info_nce_args(q, k, labels, inv_temperature, tile_rows, at::kCUDA);
+  const CudaOpScope scope(q);
   const auto acc = accumulation_type(q);
   const int64_t n = q.size(0), m = k.size(0);
   at::Tensor row_loss = at::empty({n}, q.options().dtype(acc));
@@ -222,28 +188,14 @@ std::tuple<at::Tensor, at::Tensor> info_nce_backward_cuda(
     const at::Tensor& grad_row_loss, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& labels, const at::Tensor& row_lse, double inv_temperature,
     int64_t tile_rows) {
-  check_info_nce_args(q, k, labels, inv_temperature, tile_rows);
-  CHECK_DEVICE_TYPE(grad_row_loss, at::kCUDA);
-  CHECK_DEVICE_TYPE(row_lse, at::kCUDA);
-  CHECK_SAME_DEVICE(q, grad_row_loss);
-  CHECK_SAME_DEVICE(q, row_lse);
-  CHECK_DIM(grad_row_loss, 1);
-  CHECK_DIM(row_lse, 1);
+  check_info_nce_args(q, k, labels, inv_temperature, tile_rows, at::kCUDA);
+  check_info_nce_backward_args(grad_row_loss, q, row_lse, at::kCUDA);
   const int64_t n = q.size(0), m = k.size(0);
-  TORCH_CHECK(grad_row_loss.size(0) == n, "grad_row_loss must have one entry per row of q (", n,
-              "), got ", grad_row_loss.size(0));
-  TORCH_CHECK(row_lse.size(0) == n, "row_lse must have one entry per row of q (", n, "), got ",
-              row_lse.size(0));
-  TORCH_CHECK(at::isFloatingType(grad_row_loss.scalar_type()) &&
-                  at::isFloatingType(row_lse.scalar_type()),
-              "grad_row_loss and row_lse must be floating-point tensors");
-  const c10::cuda::CUDAGuard device_guard(q.device());
+  const CudaOpScope scope(q);
 
   const auto acc = accumulation_type(q);
-  const bool upcast = acc != q.scalar_type();
-  at::Tensor grad_q = at::empty(q.sizes(), q.options());
-  at::Tensor grad_k_acc = at::zeros(k.sizes(), k.options().dtype(acc));
-  if (n == 0) return {grad_q, upcast ? grad_k_acc.to(k.scalar_type()) : grad_k_acc};
+  InfoNceGrads grads(q, k, acc);
+  if (n == 0) return grads.outputs();
 
   const at::Tensor k_acc = k.to(acc);
   const at::Tensor lse_acc = row_lse.to(acc).contiguous();
@@ -261,15 +213,9 @@ std::tuple<at::Tensor, at::Tensor> info_nce_backward_cuda(
                                   row_scale.data_ptr<scalar_t>() + start, rows, m,
                                   static_cast<scalar_t>(inv_temperature), stream);
     });
-    if (upcast) {
-      grad_q.narrow(0, start, rows).copy_(at::mm(g, k_acc));
-    } else {
-      at::Tensor out = grad_q.narrow(0, start, rows);
-      at::mm_out(out, g, k_acc);
-    }
-    grad_k_acc.addmm_(g.t(), q_tile);
+    grads.add_tile(g, q_tile, k_acc, start);
   }
-  return {grad_q, upcast ? grad_k_acc.to(k.scalar_type()) : grad_k_acc};
+  return grads.outputs();
 }
 
 }  // namespace

@@ -13,7 +13,7 @@
 // bfloat16 / float16 inputs are upcast; the distance op accumulates in float32
 // (float64 for float64 input). The angle op builds its Gram matrix in float64
 // and hands it to the float32 kernel split into hi + lo halves (see
-// relational_kernel.h); float64 input runs the kernel in float64.
+// rkd_kernel.h); float64 input runs the kernel in float64.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,8 +24,9 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/rkd_angle_grad.h"
 #include "capability.h"
-#include "relational_kernel.h"
+#include "rkd_kernel.h"
 
 namespace fastkd {
 namespace cpu {
@@ -33,28 +34,6 @@ namespace {
 
 constexpr double kPdistEps = 1e-12;      // RepDistiller's clamp on squared distances
 constexpr double kNormalizeEps = 1e-12;  // F.normalize's eps
-
-void check_relational_args(const at::Tensor& student, const at::Tensor& teacher) {
-  CHECK_DEVICE_TYPE(student, at::kCPU);
-  CHECK_DEVICE_TYPE(teacher, at::kCPU);
-  CHECK_DIM(student, 2);
-  CHECK_DIM(teacher, 2);
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()),
-              "student must be a floating-point tensor, got ", student.scalar_type());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
-              "student and teacher must have the same dtype, got ", student.scalar_type(), " and ",
-              teacher.scalar_type());
-  TORCH_CHECK(student.size(0) == teacher.size(0),
-              "student and teacher must have the same number of samples N, got ", student.size(0),
-              " and ", teacher.size(0));
-  TORCH_CHECK(student.size(0) >= 1, "student must hold at least one sample");
-  TORCH_CHECK(student.size(1) >= 1 && teacher.size(1) >= 1,
-              "student and teacher must have at least one feature per sample");
-}
-
-at::ScalarType accumulation_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // Whether the Gram-form squared distance `sq` of rows with squared norms
 // `ni`, `nj` is too close to its rounding error (relative eps · (ni + nj) of
@@ -80,7 +59,7 @@ double direct_sq(const T* a, const T* b, int64_t d) {
 
 // ---- RKD distance -----------------------------------------------------------
 
-// The SIMD variant of each distance row pass (relational_kernel.h).
+// The SIMD variant of each distance row pass (rkd_kernel.h).
 template <class T>
 double distance_row(const T* g, const T* norms, T n_i, T factor, T* d, uint8_t* near, int64_t n,
                     int64_t diag) {
@@ -230,14 +209,14 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_impl(const at::Tensor& student,
 std::tuple<at::Tensor, at::Tensor> rkd_distance_forward_cpu(const at::Tensor& student,
                                                             const at::Tensor& teacher,
                                                             bool student_grad) {
-  check_relational_args(student, teacher);
+  check_feature_pair_args(student, teacher, at::kCPU);
   if (student.scalar_type() == at::kDouble) return rkd_distance_impl<double>(student, teacher, student_grad);
   return rkd_distance_impl<float>(student, teacher, student_grad);
 }
 
 // ---- RKD angle ----------------------------------------------------------------
 
-// One side's kernel inputs (relational_kernel.h): the float64 Gram matrix of
+// One side's kernel inputs (rkd_kernel.h): the float64 Gram matrix of
 // the centred rows split into hi + lo halves of type T, and the signed
 // inverse distances u.
 template <class T>
@@ -350,45 +329,15 @@ std::tuple<at::Tensor, at::Tensor> rkd_angle_impl(const at::Tensor& student, con
   s.hi.reset();
   s.lo.reset();
 
-  // ∂loss/∂G (up to transposition) from the numerators
-  // (x_j − x_i)·(x_k − x_i) = G_jk − G_ij − G_ik + G_ii, summed over anchors i:
-  //   Σ_i W^(i) − 2 R + diag(rowsum R),   R[i, m] = Σ_k W^(i)_mk.
   at::Tensor d_g = d_gram.to(at::kDouble);
   d_gram.reset();
-  {
-    const at::Tensor r = row_sums.to(at::kDouble);
-    row_sums.reset();
-    d_g.sub_(r, 2.0);
-    d_g.diagonal().add_(r.sum(1));
-  }
-  // dX = M X with M = dG + dGᵀ, whose rows sum to 0 (translation
-  // invariance), written as Σ_m M_km (x_m − x_k): the rounding of the large
-  // weights of nearby samples (~1 / e²) then multiplies x_m − x_k, not x_m.
-  d_g.add_(d_g.t().clone());
-  at::Tensor grad = at::mm(d_g, s.centred).sub_(s.centred * d_g.sum(1, true));
-  d_g.reset();
-  // The normalisers: ∂loss/∂e_ij = −2 u_ij S_ij, i.e. ∂loss/∂‖x_i − x_j‖² =
-  // −S_ij u_ij² where e_ij > eps (F.normalize's max holds it constant below).
-  // Both (i, j) and (j, i) act on x_i − x_j: x_i's gradient is
-  // 2 Σ_j C_ij (x_i − x_j) with C = c + cᵀ, in float64 (near pairs cancel).
-  at::Tensor c = ang_sums.to(at::kDouble);
-  ang_sums.reset();
-  {
-    const at::Tensor u = s.u.to(at::kDouble);
-    const at::Tensor live = (u > 0) & (u < 1.0 / kNormalizeEps);
-    c.mul_(u.square()).neg_().mul_(live);
-  }
-  c.add_(c.t().clone());
-  grad.addcmul_(s.centred, c.sum(1, true), 2.0).sub_(at::mm(c, s.centred), 2.0);
-  grad.mul_(scale);
-  // x enters through its centred copy: project out the mean (a no-op up to rounding).
-  grad.sub_(grad.mean(0, true));
+  const at::Tensor grad = rkd::angle_student_grad(std::move(d_g), row_sums, ang_sums, s.u, s.centred, scale);
   return {loss, grad.to(student.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> rkd_angle_forward_cpu(const at::Tensor& student,
                                                          const at::Tensor& teacher, bool student_grad) {
-  check_relational_args(student, teacher);
+  check_feature_pair_args(student, teacher, at::kCPU);
   if (student.scalar_type() == at::kDouble) return rkd_angle_impl<double>(student, teacher, student_grad);
   return rkd_angle_impl<float>(student, teacher, student_grad);
 }

@@ -2,7 +2,7 @@
 // in O(n³) arithmetic and O(n²) memory.
 //
 // This file is compiled three times by setup.py, with CPU_CAPABILITY set to
-// DEFAULT, AVX2 and AVX512 (and the matching -m flags); csrc/cpu/relational.cpp
+// DEFAULT, AVX2 and AVX512 (and the matching -m flags); csrc/cpu/rkd.cpp
 // picks one at run time from what the CPU supports.
 //
 // For anchor i the angle between j and k is
@@ -13,7 +13,7 @@
 // Per term, with g = clamp(a_s − a_t, −1, 1) (smooth-L1, β = 1):
 //   ∂/∂num = W = g u_ij u_ik              → d_gram[j, k], row_sums[i, ·]
 //   ∂/∂u_ij · (from both j and k sides)  → ang_sums[i, j] = Σ_k g a_ijk
-// relational.cpp turns these into dG and then dX = (dG + dGᵀ) X.
+// rkd.cpp turns these into dG and then dX = (dG + dGᵀ) X.
 //
 // Anchors are split into a fixed number of chunks (a function of n only), run
 // in parallel (at::parallel_for), each accumulating into its own [n, n]
@@ -22,7 +22,7 @@
 // partial per thread exists at a time. The inner loop over k is
 // at::vec SIMD; reads per element: the anchor's rows (in L1/L2) and row j of
 // the four Gram halves (streamed), plus d_gram's row j (read-modify-write).
-#include "relational_kernel.h"
+#include "rkd_kernel.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -170,7 +170,7 @@ double row_pair(const AngleArgs<T>& a, int64_t i, int64_t j, T* d_gram, T* r_acc
       num_t = numerator(side_t, gtj_hi + k, gti_hi + k, gtj_lo + k, gti_lo + k, ut_k, cnt);
     } else {
       // x_j and x_k far from x_i: (G_jk − G_ik) + (G_ii − G_ij) on the hi
-      // halves is within ~1e-6 of the numerator's scale (angle_side, relational.cpp).
+      // halves is within ~1e-6 of the numerator's scale (angle_side, rkd.cpp).
       num_s = (load(gsj_hi + k, cnt) - load(gsi_hi + k, cnt)) + vcs;
       num_t = (load(gtj_hi + k, cnt) - load(gti_hi + k, cnt)) + vct;
     }

@@ -1,7 +1,7 @@
 // PKT, SP and CC on CUDA: fastkd::pkt_forward, fastkd::sp_forward and
 // fastkd::cc_forward for CUDA tensors (SPEC §2). Same contract and maths as
-// the CPU ops (csrc/cpu/relational_losses.cpp) and the Triton launchers
-// (kernels/relational.py): the Gram matrices with at::mm (cuBLAS; PKT: of
+// the CPU ops (csrc/cpu/gram_relation.cpp) and the Triton launchers
+// (kernels/gram_relation.py): the Gram matrices with at::mm (cuBLAS; PKT: of
 // the normalised rows x̂), a row kernel that computes the row's loss terms
 // and writes ∂loss/∂G in place of the student's Gram row, then
 // dX = (dG + dGᵀ) X with at::mm (PKT: dx̂, then the normalisation's O(N·D)
@@ -35,6 +35,7 @@
 
 #include "../common/gram_relation.h"
 #include "block_reduce.cuh"
+#include "op_scope.cuh"
 
 namespace fastkd {
 namespace cuda {
@@ -187,10 +188,8 @@ __global__ void __launch_bounds__(kRowThreads) pkt_row_kernel(
 // ---- launchers and ops --------------------------------------------------------------
 
 void check_args(const at::Tensor& student, const at::Tensor& teacher) {
-  gram::check_args(student, teacher, at::kCUDA);
-  TORCH_CHECK(student.scalar_type() != at::kDouble,
-              "fastkd PKT / SP / CC ops on CUDA: student must be float32, bfloat16 or float16 (the GPU "
-              "kernels accumulate in float32), got float64");
+  check_feature_pair_args(student, teacher, at::kCUDA);
+  check_not_float64_on_cuda(student, "fastkd PKT / SP / CC ops", "student");
 }
 
 std::tuple<at::Tensor, at::Tensor> no_grad_result(const at::Tensor& loss, const at::Tensor& student) {
@@ -200,37 +199,32 @@ std::tuple<at::Tensor, at::Tensor> no_grad_result(const at::Tensor& loss, const 
 std::tuple<at::Tensor, at::Tensor> sp_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                    bool student_grad) {
   check_args(student, teacher);
-  const c10::cuda::CUDAGuard device_guard(student.device());
+  const CudaOpScope scope(student);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor xs = student.to(at::kFloat).contiguous();
-  const at::Tensor xt = teacher.to(at::kFloat).contiguous();
-  at::Tensor gs = at::mm(xs, xs.t());
-  const at::Tensor gt = at::mm(xt, xt.t());
-  const int64_t n = xs.size(0);
+  const gram::GramPair g = gram::gram_pair(student, teacher, at::kFloat);
+  const at::Tensor &gs = g.gs, &gt = g.gt;
+  const int64_t n = g.xs.size(0);
   const double inv_n2 = 1.0 / (double(n) * double(n));
-  at::Tensor loss_rows = at::empty({n}, xs.options());
+  at::Tensor loss_rows = at::empty({n}, g.xs.options());
   sp_row_kernel<<<row_grid(n), kRowThreads, 0, stream>>>(gs.data_ptr<float>(), gt.data_ptr<float>(),
                                                          loss_rows.data_ptr<float>(), n,
                                                          static_cast<float>(inv_n2), student_grad);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor loss = loss_rows.sum(at::kDouble).mul_(inv_n2).to(at::kFloat);
   if (!student_grad) return no_grad_result(loss, student);
-  // gs holds dG; G = X Xᵀ: dX = (dG + dGᵀ) X
-  return {loss, at::mm(gs + gs.t(), xs).to(student.scalar_type())};
+  return {loss, gram::gram_student_grad(g, student.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> cc_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                    bool student_grad, double gamma, int64_t order) {
   check_args(student, teacher);
   gram::check_cc_params(gamma, order);
-  const c10::cuda::CUDAGuard device_guard(student.device());
+  const CudaOpScope scope(student);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor xs = student.to(at::kFloat).contiguous();
-  const at::Tensor xt = teacher.to(at::kFloat).contiguous();
-  at::Tensor gs = at::mm(xs, xs.t());
-  const at::Tensor gt = at::mm(xt, xt.t());
-  const int64_t n = xs.size(0);
-  at::Tensor sq_rows = at::empty({n}, xs.options());
+  const gram::GramPair g = gram::gram_pair(student, teacher, at::kFloat);
+  const at::Tensor &gs = g.gs, &gt = g.gt;
+  const int64_t n = g.xs.size(0);
+  at::Tensor sq_rows = at::empty({n}, g.xs.options());
   cc_row_kernel<<<row_grid(n), kRowThreads, 0, stream>>>(
       gs.data_ptr<float>(), gt.data_ptr<float>(), sq_rows.data_ptr<float>(), n, static_cast<float>(2.0 * gamma),
       static_cast<float>(std::exp(-2.0 * gamma)), order, student_grad);
@@ -238,37 +232,31 @@ std::tuple<at::Tensor, at::Tensor> cc_forward_cuda(const at::Tensor& student, co
   // the norm is needed on the host for the gradient's factor (one sync, as the Triton launcher)
   const double norm = std::sqrt(sq_rows.sum(at::kDouble).item<double>());
   const double n2 = double(n) * double(n);
-  const at::Tensor loss = at::scalar_tensor(norm / n2, xs.options());
+  const at::Tensor loss = at::scalar_tensor(norm / n2, g.xs.options());
   if (!student_grad) return no_grad_result(loss, student);
   const double coef = norm == 0.0 ? 0.0 : 1.0 / (norm * n2);  // NaN stays NaN
   gs.mul_(coef);
-  return {loss, at::mm(gs + gs.t(), xs).to(student.scalar_type())};
+  return {loss, gram::gram_student_grad(g, student.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> pkt_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                     bool student_grad, double eps) {
   check_args(student, teacher);
   gram::check_pkt_eps(eps);
-  const c10::cuda::CUDAGuard device_guard(student.device());
+  const CudaOpScope scope(student);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor xs = student.to(at::kFloat).contiguous();
-  const at::Tensor xt = teacher.to(at::kFloat).contiguous();
-  const gram::PktRows rows_s = gram::pkt_rows(xs, eps);
-  const gram::PktRows rows_t = gram::pkt_rows(xt, eps);
-  at::Tensor hs = at::mm(rows_s.xh, rows_s.xh.t());
-  const at::Tensor ht = at::mm(rows_t.xh, rows_t.xh.t());
-  const int64_t n = xs.size(0);
+  const gram::PktPair pair = gram::pkt_pair(student, teacher, at::kFloat, eps);
+  const at::Tensor &hs = pair.hs, &ht = pair.ht;
+  const int64_t n = pair.xs.size(0);
   const double inv_n2 = 1.0 / (double(n) * double(n));
-  at::Tensor loss_rows = at::empty({n}, xs.options());
+  at::Tensor loss_rows = at::empty({n}, pair.xs.options());
   pkt_row_kernel<<<row_grid(n), kRowThreads, 0, stream>>>(hs.data_ptr<float>(), ht.data_ptr<float>(),
                                                           loss_rows.data_ptr<float>(), n, static_cast<float>(eps),
                                                           static_cast<float>(inv_n2), student_grad);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor loss = loss_rows.sum(at::kDouble).mul_(inv_n2).to(at::kFloat);
   if (!student_grad) return no_grad_result(loss, student);
-  // hs holds dH; H = x̂ x̂ᵀ: dx̂ = (dH + dHᵀ) x̂, then through the normalisation
-  const at::Tensor d_xh = at::mm(hs + hs.t(), rows_s.xh);
-  return {loss, gram::pkt_rows_backward(xs, rows_s, d_xh, eps).to(student.scalar_type())};
+  return {loss, gram::pkt_student_grad(pair, eps, student.scalar_type())};
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-// The RKD angle kernel (csrc/cpu/relational_kernel.cpp), compiled once per CPU
-// capability; csrc/cpu/relational.cpp prepares the Gram matrices and calls one.
+// The RKD angle kernel (csrc/cpu/rkd_kernel.cpp), compiled once per CPU
+// capability; csrc/cpu/rkd.cpp prepares the Gram matrices and calls one.
 #pragma once
 
 #include <cstdint>
@@ -48,7 +48,7 @@ struct AngleArgs {
   T* ang_sums;
 };
 
-// Row passes of the RKD distance op (relational.cpp), one row of [n, n] each:
+// Row passes of the RKD distance op (rkd.cpp), one row of [n, n] each:
 //   distance_row   d_k = sqrt(max(n_i + n_k − 2 g_k, 1e-12)) from Gram row g
 //                  and squared norms; lanes where the Gram form is too close
 //                  to its rounding (sq < factor · (n_i + n_k), or NaN) and

@@ -1,7 +1,7 @@
 // RKD distance and angle losses on CUDA: fastkd::rkd_distance_forward and
 // fastkd::rkd_angle_forward for CUDA tensors (SPEC §2). Same contract and the
-// same formulation as the CPU ops (csrc/cpu/relational.cpp, read its comments)
-// and the Triton kernels (kernels/relational.py): Gram matrices of the
+// same formulation as the CPU ops (csrc/cpu/rkd.cpp, read its comments)
+// and the Triton kernels (kernels/rkd.py): Gram matrices of the
 // centred embeddings (at::mm), O(N²) memory, pairs that the Gram form cannot
 // resolve recomputed from their differences, the student's gradient from the
 // same call. float32 / bfloat16 / float16 inputs (widened to float32);
@@ -33,7 +33,7 @@
 // anchors and stored once per k-block into the chunk's partial copy.
 // Every (j, k) pair is visited (twice the CPU kernel's k ≥ j), so that no
 // block adds into another block's R and S rows. Then dG, dX = (dG + dGᵀ) X and
-// the normalisers' part in float64 with ATen, as in relational.cpp.
+// the normalisers' part in float64 with ATen, as in rkd.cpp.
 //
 // Layout: device code, launchers, then the ops and their registration.
 #include <ATen/ATen.h>
@@ -50,7 +50,9 @@
 #include <tuple>
 
 #include "../common/checks.h"
+#include "../common/rkd_angle_grad.h"
 #include "block_reduce.cuh"
+#include "op_scope.cuh"
 
 namespace fastkd {
 namespace cuda {
@@ -63,7 +65,7 @@ constexpr double kEps64 = 2.220446049250313e-16;
 
 // Gram-form squared distances below factor · (‖x_i‖² + ‖x_j‖²) are recomputed
 // from x_i − x_j: (eps / target)² for a distance accurate to `target`
-// relative to the norms (relational.cpp's near_factor): 1e-6 from the float32
+// relative to the norms (rkd.cpp's near_factor): 1e-6 from the float32
 // Gram (distance term), 1e-8 from the float64 Gram (angle normalisers).
 constexpr double near_factor(double eps, double target) { return (eps / target) * (eps / target); }
 
@@ -267,7 +269,7 @@ __device__ __forceinline__ const float* angle_source(const AngleArgs& a, int whi
 // that each difference cancels exactly where it cancels at all (Sterbenz):
 // (G_jk − G_ik) + (G_ii − G_ij) when x_j is the nearer of x_j, x_k to x_i,
 // (G_jk − G_ij) + (G_ii − G_ik) when x_k is; the small lo halves last
-// (relational_kernel.cpp's numerator()).
+// (rkd_kernel.cpp's numerator()).
 __device__ __forceinline__ float numerator(float jk_hi, float jk_lo, float ik_hi, float ik_lo, float ij_hi,
                                           float ij_lo, float ii_hi, float ii_lo, bool k_nearer) {
   const float hi = k_nearer ? (jk_hi - ij_hi) + (ii_hi - ik_hi) : (jk_hi - ik_hi) + (ii_hi - ij_hi);
@@ -411,25 +413,8 @@ int64_t anchor_chunks(int64_t n, int64_t j_blocks) {
 // ---- the ops ----------------------------------------------------------------------------
 
 void check_relational_args(const at::Tensor& student, const at::Tensor& teacher) {
-  CHECK_DEVICE_TYPE(student, at::kCUDA);
-  CHECK_DEVICE_TYPE(teacher, at::kCUDA);
-  CHECK_SAME_DEVICE(student, teacher);
-  CHECK_DIM(student, 2);
-  CHECK_DIM(teacher, 2);
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()),
-              "student must be a floating-point tensor, got ", student.scalar_type());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
-              "student and teacher must have the same dtype, got ", student.scalar_type(), " and ",
-              teacher.scalar_type());
-  TORCH_CHECK(student.scalar_type() != at::kDouble,
-              "fastkd relational ops on CUDA: student must be float32, bfloat16 or float16 (the GPU "
-              "kernels accumulate in float32), got float64");
-  TORCH_CHECK(student.size(0) == teacher.size(0),
-              "student and teacher must have the same number of samples N, got ", student.size(0),
-              " and ", teacher.size(0));
-  TORCH_CHECK(student.size(0) >= 1, "student must hold at least one sample");
-  TORCH_CHECK(student.size(1) >= 1 && teacher.size(1) >= 1,
-              "student and teacher must have at least one feature per sample");
+  check_feature_pair_args(student, teacher, at::kCUDA);
+  check_not_float64_on_cuda(student, "fastkd relational ops", "student");
 }
 
 // N = 1: no pair, loss 0 and gradient 0; a NaN (or inf) input still gives NaN.
@@ -442,7 +427,7 @@ std::tuple<at::Tensor, at::Tensor> single_sample(const at::Tensor& student, cons
 std::tuple<at::Tensor, at::Tensor> rkd_distance_forward_cuda(const at::Tensor& student,
                                                              const at::Tensor& teacher, bool student_grad) {
   check_relational_args(student, teacher);
-  const c10::cuda::CUDAGuard device_guard(student.device());
+  const CudaOpScope scope(student);
   const int64_t n = student.size(0);
   if (n == 1) return single_sample(student, teacher, student_grad);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -486,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_forward_cuda(const at::Tensor& s
   return {loss, grad.to(student.scalar_type())};
 }
 
-// One side's angle-kernel inputs (relational.cpp's angle_side): the centred
+// One side's angle-kernel inputs (rkd.cpp's angle_side): the centred
 // rows in float64, their Gram matrix split into float32 hi + lo, and the
 // signed inverse distances u (1 / max(e, 1e-12); −1e12 for distinct samples
 // that coincide; 0 on the diagonal).
@@ -515,7 +500,7 @@ AngleSide angle_side(const at::Tensor& x, cudaStream_t stream) {
 std::tuple<at::Tensor, at::Tensor> rkd_angle_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                           bool student_grad) {
   check_relational_args(student, teacher);
-  const c10::cuda::CUDAGuard device_guard(student.device());
+  const CudaOpScope scope(student);
   const int64_t n = student.size(0);
   if (n == 1) return single_sample(student, teacher, student_grad);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -553,37 +538,9 @@ std::tuple<at::Tensor, at::Tensor> rkd_angle_forward_cuda(const at::Tensor& stud
   s.hi.reset();
   s.lo.reset();
 
-  // ∂loss/∂G (up to transposition) from the numerators
-  // (x_j − x_i)·(x_k − x_i) = G_jk − G_ij − G_ik + G_ii, summed over anchors i:
-  //   Σ_i W^(i) − 2 R + diag(rowsum R),   R[i, m] = Σ_k W^(i)_mk.
   at::Tensor d_g = d_part.sum(0, false, at::kDouble);
   d_part.reset();
-  {
-    const at::Tensor r = row_sums.to(at::kDouble);
-    row_sums.reset();
-    d_g.sub_(r, 2.0);
-    d_g.diagonal().add_(r.sum(1));
-  }
-  // dX = M X with M = dG + dGᵀ, whose rows sum to 0, written as
-  // Σ_m M_km (x_m − x_k): the rounding of the large weights of nearby
-  // samples then multiplies differences.
-  d_g.add_(d_g.t().clone());
-  at::Tensor grad = at::mm(d_g, s.centred).sub_(s.centred * d_g.sum(1, true));
-  d_g.reset();
-  // The normalisers: ∂loss/∂‖x_i − x_j‖² = −S_ij u_ij² where e_ij > eps, for
-  // both (i, j) and (j, i): x_i's gradient 2 Σ_j C_ij (x_i − x_j), C = c + cᵀ.
-  at::Tensor c = ang_sums.to(at::kDouble);
-  ang_sums.reset();
-  {
-    const at::Tensor u = s.u.to(at::kDouble);
-    const at::Tensor live = (u > 0).logical_and_(u < 1.0 / kNormalizeEps);
-    c.mul_(u.square()).neg_().mul_(live);
-  }
-  c.add_(c.t().clone());
-  grad.addcmul_(s.centred, c.sum(1, true), 2.0).sub_(at::mm(c, s.centred), 2.0);
-  grad.mul_(scale);
-  // x enters through its centred copy: project out the mean (a no-op up to rounding).
-  grad.sub_(grad.mean(0, true));
+  const at::Tensor grad = rkd::angle_student_grad(std::move(d_g), row_sums, ang_sums, s.u, s.centred, scale);
   return {loss, grad.to(student.scalar_type())};
 }
 
