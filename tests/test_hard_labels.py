@@ -168,7 +168,7 @@ def test_bad_arguments(change, match, backend):
 
 
 def _mixture_backends():
-    from fastkd.multi_teacher import MIXTURE_KERNELS
+    from fastkd.mixture import MIXTURE_KERNELS
 
     names = ("reference", *MIXTURE_KERNELS)
     return [p for p in backend_params(include_reference=True) if p.id in names]
@@ -179,7 +179,7 @@ def _mixture_backends():
 def test_several_teachers(backend, reduction):
     # CE of the student + the mixture divergence of K = 3 teachers, against
     # F.cross_entropy and the reference mixture computed separately in float64
-    from fastkd.reference import multi_teacher as reference_mt
+    from fastkd.reference import mixture as reference_mt
 
     s, t = logits((2, 5, 33), torch.float32, 13), logits((3, 2, 5, 33), torch.float32, 14)
     w = on_device([0.5, 0.2, 0.3], torch.float64)
@@ -269,7 +269,7 @@ def _student_only_inputs():
 
 def _student_only_cases():
     """(name, loss(s, backend, **kwargs) -> (total, hard, soft), backends) for the top-k and mixture ops."""
-    from fastkd.multi_teacher import MIXTURE_KERNELS
+    from fastkd.mixture import MIXTURE_KERNELS
     from fastkd.topk import TOPK_KERNELS
 
     index, values, teachers = _student_only_inputs()
