@@ -43,6 +43,8 @@
 #   OUT                   output folder   (default bench/results/gpu; dry run:
 #                                          build/gpu_check_dry_run)
 #   PYTHON                interpreter with torch and triton   (default python3)
+#   GPU_CHECK_WORK        folder of the stage logs and benchmark outputs before
+#                         they are packed            (default build/gpu_check)
 #   FASTKD_CUDA_ARCH_LIST arch to build          (default: this GPU's, else 9.0)
 #   MAX_JOBS              parallel compile jobs              (default: nproc)
 #   GPU_CHECK_BUDGET_S    deadline for all stages, s (default 540; dry run 1500)
@@ -58,7 +60,7 @@ cd "$ROOT" || exit 1
 PY="${PYTHON:-python3}"
 DRY="${GPU_CHECK_DRY_RUN:-0}"
 [[ "$DRY" == 1 ]] || DRY=0
-WORK="$ROOT/build/gpu_check"
+WORK="${GPU_CHECK_WORK:-$ROOT/build/gpu_check}"
 if ((DRY)); then
   DEFAULT_OUT="$ROOT/build/gpu_check_dry_run"
   DEVICE=cpu

@@ -31,7 +31,11 @@ MAX_OUTPUT_FILES = 8
 
 
 def run_check(out: Path, timeout_s: float, **env) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "OUT": str(out), "PYTHON": sys.executable, **env}
+    """bench/gpu_check.sh's dry run into ``out``, its work folder beside it."""
+    environment = {
+        **os.environ, "GPU_CHECK_DRY_RUN": "1", "OUT": str(out), "GPU_CHECK_WORK": str(out.parent / "work"),
+        "PYTHON": sys.executable, **env,
+    }
     return subprocess.run(
         ["bash", str(SCRIPT)], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout_s
     )
@@ -50,10 +54,11 @@ def read_csv(path: Path) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_dry_run_runs_every_stage(tmp_path):
-    result = run_check(tmp_path, timeout_s=1700)
-    log = (tmp_path / "gpu_check.log").read_text()
+    out = tmp_path / "out"
+    result = run_check(out, timeout_s=1700)
+    log = (out / "gpu_check.log").read_text()
     assert result.returncode == 0, f"the dry run exited {result.returncode}:\n{log[-6000:]}{result.stderr}"
-    assert {p.name for p in tmp_path.iterdir()} == OUTPUTS
+    assert {p.name for p in out.iterdir()} == OUTPUTS
     assert len(OUTPUTS) <= MAX_OUTPUT_FILES
     stages = stage_lines(log)
     assert list(stages) == list(STAGES), log[-3000:]
@@ -62,7 +67,7 @@ def test_dry_run_runs_every_stage(tmp_path):
     assert log.rstrip().endswith("GPU_CHECK PASSED")
 
     # smoke: one verdict per case, backend and dtype, every case judged, none failing
-    smoke = read_csv(tmp_path / "smoke.csv")
+    smoke = read_csv(out / "smoke.csv")
     judged = {row["case"] for row in smoke}
     assert judged == {case.name for case in gpu_smoke.CASES}
     kernel_rows = [row for row in smoke if row["backend"] != gpu_smoke.TORCH_ONLY]
@@ -74,17 +79,17 @@ def test_dry_run_runs_every_stage(tmp_path):
         assert line in log
 
     # sync: skipped on the CPU, with a line saying why
-    sync = read_csv(tmp_path / "sync_check.csv")
+    sync = read_csv(out / "sync_check.csv")
     assert {row["case"] for row in sync} == set(gpu_smoke.SYNC_CASES)
     assert all(row["verdict"] == "SKIP" and "CUDA device" in row["detail"] for row in sync)
     assert "SYNC divergence-kl - -: SKIP" in log
 
-    suite = ET.parse(tmp_path / "pytest.xml").getroot().find("testsuite")
+    suite = ET.parse(out / "pytest.xml").getroot().find("testsuite")
     assert int(suite.get("tests")) >= 1 and suite.get("failures") == "0" and suite.get("errors") == "0"
     names = [case.get("name") for case in suite.iter("testcase")]
     assert names and all("triton" in name or "cuda" in name for name in names)
 
-    with tarfile.open(tmp_path / "bench.tar.gz") as tar:
+    with tarfile.open(out / "bench.tar.gz") as tar:
         members = set(tar.getnames())
     for divergence in ("kl", "jsd"):
         assert f"bench/{divergence}/divergence_cpu.csv" in members
@@ -94,13 +99,14 @@ def test_dry_run_runs_every_stage(tmp_path):
 def test_no_time_left_skips_every_stage_and_still_writes_the_log(tmp_path):
     # A budget under 10 s: no stage starts, each is reported SKIPPED, the log
     # and the archive of the stage logs still come back, the exit status is 1.
-    result = run_check(tmp_path, timeout_s=300, GPU_CHECK_BUDGET_S="5")
-    log = (tmp_path / "gpu_check.log").read_text()
+    out = tmp_path / "out"
+    result = run_check(out, timeout_s=300, GPU_CHECK_BUDGET_S="5")
+    log = (out / "gpu_check.log").read_text()
     assert result.returncode == 1, log
     stages = stage_lines(log)
     assert list(stages) == list(STAGES)
     assert all("SKIPPED" in line for line in stages.values()), stages
-    assert {p.name for p in tmp_path.iterdir()} == {"gpu_check.log", "bench.tar.gz"}
+    assert {p.name for p in out.iterdir()} == {"gpu_check.log", "bench.tar.gz"}
     assert "=== versions" in log and "torch" in log
     assert log.rstrip().endswith("GPU_CHECK FAILED")
 
