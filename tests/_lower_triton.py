@@ -10,9 +10,10 @@ every specialisation that changes its code — with the launch configuration
 its launcher uses.
 
 Prints one line per variant with its registers per thread and its stack
-frame (the per-thread local memory that Triton reports as ``n_spills`` once a
-kernel is loaded on a GPU), read from the compiled cubin, and for a variant
-with a stack frame the spill stores / loads ptxas reports. Exits 1 if any
+frame (the per-thread local memory; Triton reports a quarter of it as
+``n_spills`` once a kernel is loaded on a GPU), read from the compiled cubin,
+and for a variant with a stack frame the spill stores / loads that ptxas
+reports when run again on its PTX. Exits 1 if any
 lowering fails, a kernel has no variants listed, or (without
 ``--allow-spills``) any variant spills: a kernel that spills reads and writes
 local memory in its inner loop and loses most of its speed.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import os
 import re
 import shutil
@@ -102,15 +104,16 @@ def _nvidia_tool(name: str) -> str | None:
 
 def _ptxas_spills(ptx: str, arch: str) -> tuple[int, int] | None:
     """(spill store bytes, spill load bytes) that ``ptxas -v`` reports for ``ptx`` (None: no ptxas)."""
-    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.backends.nvidia import compiler as nvidia
 
-    ptxas = get_ptxas(TARGET.arch).path
+    ptxas = nvidia.get_ptxas(TARGET.arch).path
+    # The flag of triton's own ptxas call that changes register allocation, where this triton passes it.
+    reg_alloc = ["--regAllocOptLevel=2"] if "regAllocOptLevel" in inspect.getsource(nvidia) else []
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "kernel.ptx"
         source.write_text(ptx)
-        # The flags triton's own ptxas call passes that change register allocation.
         result = subprocess.run(
-            [ptxas, "-v", "-lineinfo", "--regAllocOptLevel=2", f"--gpu-name={arch}", str(source),
+            [ptxas, "-v", "-lineinfo", *reg_alloc, f"--gpu-name={arch}", str(source),
              "-o", str(Path(tmp) / "kernel.cubin")],
             capture_output=True, text=True,
         )
