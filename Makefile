@@ -65,3 +65,29 @@ lint: $(VENV)/.installed
 
 clean:
 	rm -rf build fastkd/*.so $(VENV)/.built
+
+# ---- the GPU machine's versions, and the GPU check's plumbing ---------------------------------
+#   make check-triton36     every Triton variant lowered to PTX with triton 3.6.0 (the oldest
+#                           fastkd supports: the GPU machine's), with its register / spill report
+#   make gpu-check-dry-run  bench/gpu_check.sh's stages on the CPU (GPU_CHECK_DRY_RUN=1), into a
+#                           temporary folder
+.PHONY: check-triton36 gpu-check-dry-run
+
+TRITON_OLDEST := 3.6.0
+# triton 3.6.0 alone, installed into a folder of its own; on PYTHONPATH it comes before the venv's
+# site-packages, so `import triton` finds it while torch and the rest come from the venv.
+TRITON_OLDEST_DIR := build/triton-$(TRITON_OLDEST)
+
+$(TRITON_OLDEST_DIR)/.installed: $(VENV)/.installed
+	rm -rf $(TRITON_OLDEST_DIR)
+	$(PIP) install -q --no-deps --target $(TRITON_OLDEST_DIR) triton==$(TRITON_OLDEST)
+	touch $@
+
+check-triton36: $(VENV)/.built $(TRITON_OLDEST_DIR)/.installed
+	PYTHONPATH=$(CURDIR)/$(TRITON_OLDEST_DIR) $(PY) -c \
+		"import triton; assert triton.__version__ == '$(TRITON_OLDEST)', (triton.__version__, triton.__file__)"
+	PYTHONPATH=$(CURDIR)/$(TRITON_OLDEST_DIR):$(CURDIR) $(PY) tests/_lower_triton.py
+
+gpu-check-dry-run: $(VENV)/.built
+	out=$$(mktemp -d) && GPU_CHECK_DRY_RUN=1 OUT=$$out PYTHON=$(CURDIR)/$(PY) bash bench/gpu_check.sh; \
+		status=$$?; echo "gpu-check dry run: outputs in $$out"; exit $$status

@@ -1,6 +1,8 @@
 """Hard-label mixing in fastkd.divergence / kd_loss (SPEC §1):
 ``hard_weight · CE + soft_weight · KD`` against the float64 reference, and
-the reference CE against torch's cross_entropy."""
+the reference CE against torch's cross_entropy. Every tensor lives on the
+test device (``FASTKD_TEST_DEVICE``), drawn on the CPU first so that the
+values are the same on every device."""
 
 from __future__ import annotations
 
@@ -10,29 +12,36 @@ import torch.nn.functional as F
 
 import fastkd
 from fastkd import reference
-from tests.helpers import assert_matches, backend_params
+from tests.helpers import DEVICE, assert_matches, backend_params
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def logits(shape, dtype, seed):
+    """``shape`` logits of ``dtype`` on DEVICE, ~N(0, 4)."""
     g = torch.Generator().manual_seed(seed)
-    return (2.0 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+    return (2.0 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(DEVICE, dtype)
 
 
 def class_labels(shape, vocab, seed, ignored=()):
+    """``shape`` int64 labels in [0, vocab) on DEVICE, -100 at the flat positions ``ignored``."""
     y = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
     flat = y.view(-1)
     for i in ignored:
         flat[i] = -100
-    return y
+    return y.to(DEVICE)
+
+
+def on_device(values, dtype=None):
+    """``torch.tensor(values)`` on DEVICE."""
+    return torch.tensor(values, dtype=dtype, device=DEVICE)
 
 
 def run(fn, s, t, upstream):
     s = s.detach().clone().requires_grad_(True)
     t = t.detach().clone().requires_grad_(True)
     out = fn(s, t)
-    grad = upstream.to(out.dtype) if out.dim() else torch.tensor(0.6, dtype=out.dtype)
+    grad = upstream.to(out) if out.dim() else torch.full((), 0.6, dtype=out.dtype, device=out.device)
     out.backward(grad)
     return out.detach(), s.grad, t.grad
 
@@ -78,9 +87,9 @@ def test_mixed_parity(backend, dtype, reduction, divergence):
     shape, vocab = (3, 7), 301
     s, t = logits((*shape, vocab), dtype, 2), logits((*shape, vocab), dtype, 3)
     y = class_labels(shape, vocab, 4, ignored=(1, 8))
-    mask = torch.ones(shape, dtype=torch.bool)
+    mask = torch.ones(shape, dtype=torch.bool, device=DEVICE)
     mask[2, 3] = False
-    upstream = torch.linspace(0.2, 1.9, 21, dtype=torch.float64).reshape(shape)
+    upstream = torch.linspace(0.2, 1.9, 21, dtype=torch.float64, device=DEVICE).reshape(shape)
     kwargs = dict(
         divergence=divergence,
         temperature=2.0,
@@ -132,7 +141,7 @@ def test_defaults_keep_todays_behaviour(backend):
 @pytest.mark.parametrize("backend", backend_params(include_reference=True))
 def test_no_kept_rows(backend):
     s = logits((3, 8), torch.float32, 11).requires_grad_(True)
-    y = torch.full((3,), -100)
+    y = torch.full((3,), -100, device=DEVICE)
     loss = fastkd.divergence(s, logits((3, 8), torch.float32, 12), labels=y, hard_weight=1.0, backend=backend)
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(s.grad) == 0
@@ -144,16 +153,18 @@ def test_no_kept_rows(backend):
         (dict(labels=None), "labels is required"),
         (dict(hard_weight=-0.5), "hard_weight"),
         (dict(soft_weight=float("nan")), "soft_weight"),
-        (dict(labels=torch.tensor([0, 8, 1])), r"labels of kept rows must lie in \[0, V\)"),
-        (dict(labels=torch.tensor([0, -5, 1])), r"labels of kept rows"),
+        (dict(labels=on_device([0, 8, 1])), r"labels of kept rows must lie in \[0, V\)"),
+        (dict(labels=on_device([0, -5, 1])), r"labels of kept rows"),
     ),
 )
 @pytest.mark.parametrize("backend", backend_params(include_reference=True))
 def test_bad_arguments(change, match, backend):
-    args = dict(labels=torch.tensor([0, 7, -100]), hard_weight=1.0)
+    args = dict(labels=on_device([0, 7, -100]), hard_weight=1.0)
     args.update(change)
     with pytest.raises(ValueError, match=match):
-        fastkd.divergence(torch.zeros(3, 8), torch.zeros(3, 8), backend=backend, **args)
+        fastkd.divergence(
+            torch.zeros(3, 8, device=DEVICE), torch.zeros(3, 8, device=DEVICE), backend=backend, **args
+        )
 
 
 def _mixture_backends():
@@ -171,9 +182,9 @@ def test_several_teachers(backend, reduction):
     from fastkd.reference import mixture as reference_mt
 
     s, t = logits((2, 5, 33), torch.float32, 13), logits((3, 2, 5, 33), torch.float32, 14)
-    w = torch.tensor([0.5, 0.2, 0.3], dtype=torch.float64)
+    w = on_device([0.5, 0.2, 0.3], torch.float64)
     y = class_labels((2, 5), 33, 15, ignored=(3,))
-    upstream = torch.linspace(0.3, 1.7, 10, dtype=torch.float64).reshape(2, 5)
+    upstream = torch.linspace(0.3, 1.7, 10, dtype=torch.float64, device=DEVICE).reshape(2, 5)
     kwargs = dict(divergence="jsd", temperature=3.0, reduction=reduction, labels=y)
 
     def mixed(a, b):
@@ -188,7 +199,8 @@ def test_several_teachers(backend, reduction):
         kept = y.reshape(-1) != -100
         ce_rows = F.cross_entropy(a.reshape(-1, 33)[kept], y.reshape(-1)[kept], reduction="none")
         if reduction == "none":
-            ce = torch.zeros(10, dtype=a.dtype).index_put((kept.nonzero().squeeze(1),), ce_rows).reshape(2, 5)
+            ce = torch.zeros(10, dtype=a.dtype, device=a.device)
+            ce = ce.index_put((kept.nonzero().squeeze(1),), ce_rows).reshape(2, 5)
         else:
             ce = ce_rows.mean()
         return 0.6 * ce + 0.4 * reference_mt.mixture_divergence(a, b.detach(), w, **kwargs)
@@ -208,7 +220,7 @@ def test_every_divergence_with_the_cross_entropy(backend, temperature, divergenc
     s, t = logits((5, 4500), torch.float32, 16), logits((5, 4500), torch.float32, 17)
     y = class_labels((5,), 4500, 18, ignored=(2,))
     kwargs = dict(divergence=divergence, temperature=temperature, labels=y, hard_weight=1.3, soft_weight=0.4)
-    upstream = torch.tensor(0.6, dtype=torch.float64)
+    upstream = on_device(0.6, torch.float64)
     got = run(lambda a, b: fastkd.divergence(a, b, backend=backend, **kwargs), s, t, upstream)
     want = run(lambda a, b: reference.mixed_divergence(a, b, **kwargs)[0], s.double(), t.double(), upstream)
     same = run(lambda a, b: reference.mixed_divergence(a, b, **kwargs)[0], s, t, upstream)
@@ -224,7 +236,7 @@ def test_parts_used_apart_get_their_own_gradients(backend, reduction):
     s, t = logits((6, 90), torch.float32, 19), logits((6, 90), torch.float32, 20)
     y = class_labels((6,), 90, 21, ignored=(0,))
     kwargs = dict(temperature=2.0, labels=y, hard_weight=0.8, soft_weight=0.5, reduction=reduction)
-    row_weights = torch.linspace(0.5, 2.0, 6, dtype=torch.float64)
+    row_weights = torch.linspace(0.5, 2.0, 6, dtype=torch.float64, device=DEVICE)
 
     def combine(total, hard, soft, how):
         reduce = (lambda x: (x * row_weights.to(x.dtype)).sum()) if reduction == "none" else (lambda x: x)
@@ -246,15 +258,21 @@ def test_parts_used_apart_get_their_own_gradients(backend, reduction):
         assert_matches(gt, wt, torch.float32, f"{backend} {how} teacher grad")
 
 
+def _student_only_inputs():
+    """(top-k index (6, 9), top-k values (6, 9), teachers (3, 6, 70)) on DEVICE, for V = 70."""
+    g = torch.Generator().manual_seed(22)
+    index = torch.stack([torch.randperm(70, generator=g)[:9] for _ in range(6)])
+    values = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    teachers = torch.randn(3, 6, 70, generator=g, dtype=torch.float64)
+    return index.to(DEVICE), values.to(DEVICE), teachers.to(DEVICE)
+
+
 def _student_only_cases():
     """(name, loss(s, backend, **kwargs) -> (total, hard, soft), backends) for the top-k and mixture ops."""
     from fastkd.mixture import MIXTURE_KERNELS
     from fastkd.topk import TOPK_KERNELS
 
-    g = torch.Generator().manual_seed(22)
-    index = torch.stack([torch.randperm(70, generator=g)[:9] for _ in range(6)])
-    values = torch.randn(6, 9, generator=g, dtype=torch.float64)
-    teachers = torch.randn(3, 6, 70, generator=g, dtype=torch.float64)
+    index, values, teachers = _student_only_inputs()
 
     def topk(s, backend, **kwargs):
         return fastkd.topk_divergence(
@@ -282,7 +300,7 @@ def test_student_only_ops_parts_apart(backend, case, reduction):
     kwargs = dict(
         divergence="jsd", temperature=1.5, labels=y, hard_weight=0.7, soft_weight=0.4, reduction=reduction
     )
-    row_weights = torch.linspace(0.5, 2.0, 6, dtype=torch.float64)
+    row_weights = torch.linspace(0.5, 2.0, 6, dtype=torch.float64, device=DEVICE)
     for how in ((1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (2.5, -0.5)):
         results = []
         for dtype, chosen in ((torch.float32, backend), (torch.float64, "reference")):
@@ -297,3 +315,11 @@ def test_student_only_ops_parts_apart(backend, case, reduction):
         (got_loss, got_grad), (want_loss, want_grad) = results
         assert_matches(got_loss, want_loss, torch.float32, f"{backend} {name} loss")
         assert_matches(got_grad, want_grad, torch.float32, f"{backend} {name} grad, parts weighed {how}")
+
+
+def test_inputs_live_on_the_test_device():
+    # FASTKD_TEST_DEVICE=cuda runs this file on CUDA tensors: a CPU tensor
+    # among the inputs would reach a GPU backend and fail at dispatch.
+    made = [logits((2, 3), torch.float32, 0), class_labels((2,), 3, 0, ignored=(1,)), on_device([1.0]),
+            *_student_only_inputs()]
+    assert [t.device for t in made] == [DEVICE] * len(made)
