@@ -49,7 +49,7 @@ import pytest
 import torch
 
 import fastkd
-from bench.bench_contrastive import available_memory_bytes
+from bench.bench_info_nce import available_memory_bytes
 from bench.common import (
     COMPILE,
     EAGER,

@@ -32,11 +32,11 @@ angle's ``N³`` terms at ~40 FLOP each (forward and gradient, both sides)
 and the distance's three ``N² D`` products (``2 N² D`` each: both Grams and
 the gradient ``C X``), as a size scale rather than a hardware rate.
 
-Timing: as ``bench_contrastive`` (:func:`bench.common.time_uncontended`);
+Timing: as ``bench_info_nce`` (:func:`bench.common.time_uncontended`);
 an angle call at ``N = 4096`` takes seconds, so there the first call is the
 only warm-up and each provider gets exactly ``LONG_REPEATS`` timed runs.
 
-``python -m bench.run --families relational`` runs the sweep; ``pytest bench/``
+``python -m bench.run --families rkd`` runs the sweep; ``pytest bench/``
 runs the small pytest-benchmark cases below once each.
 
 PKT, SP and CC are not in this sweep yet (their fused ops are Gram GEMMs plus
@@ -63,7 +63,7 @@ from bench.common import (
 from fastkd.reference import relational as reference_relational
 from fastkd.relational import RKD_KERNELS
 
-FAMILY = "relational"
+FAMILY = "rkd"
 DIM = 128
 SIZES = (128, 256, 512, 1024, 4096)
 LOSSES = ("distance", "angle")

@@ -28,7 +28,7 @@ Providers:
 Memory traffic (the floor): read the student and the K teachers once, write
 the student gradient once, ``(K + 2) · N · V · itemsize`` bytes.
 
-``python -m bench.run --families multi_teacher`` runs the sweep.
+``python -m bench.run --families mixture`` runs the sweep.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from bench.common import (
 from fastkd.multi_teacher import MIXTURE_KERNELS
 from fastkd.reference import multi_teacher as reference_mt
 
-FAMILY = "multi_teacher"
+FAMILY = "mixture"
 SHAPES = ((4096, 1024), (1024, 32000))
 WEIGHTS = (0.5, 0.3, 0.2)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -189,7 +189,7 @@ _PROVIDERS, _ = providers(_DEVICE, use_compile=False)
 
 
 @pytest.mark.parametrize("provider", list(_PROVIDERS))
-def test_multi_teacher_fwd_bwd(benchmark, provider):
+def test_mixture_fwd_bwd(benchmark, provider):
     s = torch.randn(32, 2048, requires_grad=True)
     t = torch.randn(3, 32, 2048)
     weights = torch.tensor(WEIGHTS, dtype=torch.float64)

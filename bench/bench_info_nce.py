@@ -50,7 +50,7 @@ Timing: as ``bench_divergence``; a call at N = 65536 (``4.4 TFLOP`` executed
 by fastkd-cpu) takes tens of seconds on two cores, so there the first call is
 the only warm-up and each provider gets exactly ``LONG_REPEATS`` timed runs.
 
-``python -m bench.run --families contrastive`` runs the sweep; ``pytest bench/``
+``python -m bench.run --families info_nce`` runs the sweep; ``pytest bench/``
 runs the small pytest-benchmark cases below once each (the project's pytest
 options disable timing; add ``--benchmark-enable`` for timings).
 """
@@ -76,7 +76,7 @@ from bench.common import (
 from fastkd.functional import INFO_NCE_KERNELS
 from fastkd.reference import info_nce as reference_info_nce
 
-FAMILY = "contrastive"
+FAMILY = "info_nce"
 DIM = 128
 SIZES = (1024, 8192, 65536)  # N = M
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -156,7 +156,7 @@ def memory_skip_reason(provider: str, n: int, m: int, available: int | None) -> 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("contrastive")
+    group = parser.add_argument_group("info_nce")
     group.add_argument("--nce-temperature", type=float, default=0.07, help="InfoNCE τ")
 
 
