@@ -5,7 +5,7 @@ student requiring a gradient, ``loss.backward()`` with upstream gradient 1.
 
 Providers:
 
-- ``eager``: ``fastkd.reference.multi_teacher.mixture_divergence`` — the
+- ``eager``: ``fastkd.reference.mixture.mixture_divergence`` — the
   mixture's log-probabilities (``logsumexp_k(log w_k + log_softmax(t_k/T))``,
   an ``(N, V)`` tensor and K ``log_softmax`` temporaries), then the reference
   divergence on it.
@@ -17,7 +17,7 @@ Providers:
 - ``fastkd-cpu``: ``fastkd.divergence(s, teachers, teacher_weights=w,
   backend="cpu")``, one fused call, the mixture formed per row in log space.
 - ``fastkd-triton``, ``fastkd-cuda`` (``--device cuda`` only): the same fused
-  call on the GPU backends (kernels/mixture.py, csrc/cuda/mixture_divergence.cu),
+  call on the GPU backends (kernels/mixture.py, csrc/cuda/mixture.cu),
   which compute in float64 like the CPU kernel: on GPUs with little fp64
   throughput they are compute-bound (see their headers).
 - ``3×fastkd-cpu``: three single-teacher calls ``Σ_k w_k D(p_k ‖ q)`` — a
@@ -37,42 +37,25 @@ import pytest
 import torch
 
 import fastkd
-from bench.common import (
-    COMPILE,
-    EAGER,
-    MIB,
-    SweepContext,
-    allow_recompiles,
-    measure_config,
-    synchronize,
-)
-from fastkd.multi_teacher import MIXTURE_KERNELS
-from fastkd.reference import multi_teacher as reference_mt
+from bench.family import Case, Family
+from bench.measure import MIB
+from bench.report import EAGER
+from fastkd.reference import mixture as reference_mixture
 
-FAMILY = "mixture"
 SHAPES = ((4096, 1024), (1024, 32000))
 WEIGHTS = (0.5, 0.3, 0.2)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TEMPERATURE = 2.0
-CONFIG_KEYS = ("dtype", "N", "V", "K")
-COLUMNS = (
-    "family", "temperature", "device", "dtype", "N", "V", "K", "provider",
-    "median_ms", "min_ms", "max_ms", "repeats", "peak_extra_mib", "output_mib", "traffic_bytes",
-    "floor_ms", "copy_gbs",
-    "speedup_vs_eager", "speedup_vs_compile", "x_floor", "loss_rel_diff", "other_load", "thp", "note",
-)
-OUTPUT_KEY = "output_mib"
 SEPARATE = "3×fastkd-cpu"
-GPU_BACKENDS = ("triton", "cuda")
+CPU_ONLY = ("mixture+fastkd-cpu", SEPARATE)
 
 
 def reference_loss(student, teachers, weights):
-    return reference_mt.mixture_divergence(student, teachers, weights, temperature=TEMPERATURE)
+    return reference_mixture.mixture_divergence(student, teachers, weights, temperature=TEMPERATURE)
 
 
 def mixture_then_fastkd(student, teachers, weights):
     with torch.no_grad():
-        log_p = reference_mt.mixture_log_probs(teachers, weights, TEMPERATURE)
+        log_p = reference_mixture.mixture_log_probs(teachers, weights, TEMPERATURE)
     return fastkd.divergence(student, (TEMPERATURE * log_p).to(student.dtype), temperature=TEMPERATURE,
                              backend="cpu")
 
@@ -84,132 +67,64 @@ def separate_calls(student, teachers, weights):
     )
 
 
-def providers(device: torch.device, *, use_compile: bool):
-    """(name → ``loss(student, teachers, weights)``, name → why it is not measured)."""
-    found = {EAGER: reference_loss}
-    skipped = {}
-    if use_compile:
-        found[COMPILE] = torch.compile(reference_loss, dynamic=False)
-    else:
-        skipped[COMPILE] = "--no-compile"
-    status = fastkd.backends()
-    if device.type == "cpu" and status["cpu"].available and "cpu" in MIXTURE_KERNELS:
-        found["mixture+fastkd-cpu"] = mixture_then_fastkd
-        found["fastkd-cpu"] = fused_call("cpu")
-        found[SEPARATE] = separate_calls
-    elif device.type == "cpu":
-        for name in ("mixture+fastkd-cpu", "fastkd-cpu", SEPARATE):
-            skipped[name] = status["cpu"].reason
-    if device.type == "cuda":
-        for name in ("mixture+fastkd-cpu", "fastkd-cpu", SEPARATE):
-            skipped[name] = "CPU tensors only"
-        for backend in GPU_BACKENDS:
-            backend_status = fastkd._dispatch.backend_status(backend, "cuda")
-            if backend_status.available and backend in MIXTURE_KERNELS:
-                found[f"fastkd-{backend}"] = fused_call(backend)
+class MixtureBench(Family):
+    name = "mixture"
+    config_columns = ("temperature", "device", "dtype", "N", "V", "K")
+    config_keys = ("dtype", "N", "V", "K")
+    config_format = "{dtype} K={K} {N}×{V}"
+    description = f"fastkd.divergence with K={len(WEIGHTS)} teachers: kl to the mixture (T={TEMPERATURE:g})"
+    compile_options = {"dynamic": False}
+    unlike_baseline = {SEPARATE: "a different objective (Σ w_k D(p_k‖q)): cost of 3 dense passes only"}
+    small_configs = (("fp32", 32, 2048),)
+
+    def reference(self, options):
+        return reference_loss
+
+    def fused(self, backend, options):
+        """``fastkd.divergence`` to the mixture, one fused call on ``backend``."""
+
+        def loss(student, teachers, weights):
+            return fastkd.divergence(student, teachers, teacher_weights=weights, temperature=TEMPERATURE,
+                                     backend=backend)
+
+        return loss
+
+    def more_providers(self, device, options, found, skipped):
+        cpu = fastkd.backends()["cpu"]
+        for name, loss in zip(CPU_ONLY, (mixture_then_fastkd, separate_calls), strict=True):
+            if device.type != "cpu":
+                skipped[name] = "CPU tensors only"
+            elif cpu.available:
+                found[name] = loss
             else:
-                skipped[f"fastkd-{backend}"] = backend_status.reason
-    return found, skipped
+                skipped[name] = cpu.reason
 
+    def all_configs(self):
+        return [(dtype, n, v) for dtype in self.dtypes for n, v in SHAPES]
 
-def fused_call(backend: str):
-    """``fastkd.divergence`` to the mixture, one fused call on ``backend``."""
-
-    def loss(student, teachers, weights):
-        return fastkd.divergence(student, teachers, teacher_weights=weights, temperature=TEMPERATURE,
-                                 backend=backend)
-
-    return loss
-
-
-def configs(quick: bool) -> list[tuple[str, int, int]]:
-    if quick:
-        return [("fp32", *SHAPES[0])]
-    return [(dtype, n, v) for dtype in DTYPES for n, v in SHAPES]
-
-
-def sweep(ctx: SweepContext) -> list[dict]:
-    """Every provider on every configuration; one row per (configuration, provider)
-    (:func:`bench.common.measure_config`)."""
-    device = ctx.device
-    found, skipped = providers(device, use_compile=ctx.compile)
-    if ctx.compile:
-        allow_recompiles()
-    todo = configs(ctx.quick)
-    task = ctx.progress.add_task(FAMILY, total=len(todo) * len(found))
-    weights = torch.tensor(WEIGHTS, dtype=torch.float64)
-    rows = []
-    for dtype_name, n, v in todo:
-        dtype = DTYPES[dtype_name]
+    def case(self, config, device, options, providers):
+        dtype_name, n, v = config
+        dtype = self.dtypes[dtype_name]
         generator = torch.Generator(device=device).manual_seed(0)
         s = torch.randn(n, v, device=device, generator=generator).to(dtype).requires_grad_()
         t = torch.randn(len(WEIGHTS), n, v, device=device, generator=generator).to(dtype)
-        base = {
-            "family": FAMILY, "temperature": TEMPERATURE, "device": device.type, "dtype": dtype_name,
-            "N": n, "V": v, "K": len(WEIGHTS), "output_mib": s.nbytes / MIB,
-            "traffic_bytes": (len(WEIGHTS) + 2) * s.nbytes, "thp": ctx.thp.short,
+        weights = torch.tensor(WEIGHTS, dtype=torch.float64)
+        columns = {
+            "temperature": TEMPERATURE, "dtype": dtype_name, "N": n, "V": v, "K": len(WEIGHTS),
+            "output_mib": s.nbytes / MIB, "traffic_bytes": (len(WEIGHTS) + 2) * s.nbytes,
         }
-
-        def reset(s=s):
-            s.grad = None
-
-        rows += measure_config(
-            ctx, task, f"{FAMILY} {dtype_name} {n}×{v}", base, found, (s, t, weights), reset,
-            unavailable=skipped,
-            unlike_baseline={SEPARATE: "a different objective (Σ w_k D(p_k‖q)): cost of 3 dense passes only"},
-        )
-        del s, t, reset
-    ctx.progress.update(task, description=f"{FAMILY} done")
-    return rows
+        return Case(columns, (s, t, weights))
 
 
-def config_label(row: dict) -> str:
-    return f"{row['dtype']} K={row['K']} {row['N']}×{row['V']}"
+BENCH = MixtureBench()
 
-
-def size_label(row: dict) -> str:
-    return f"{row['N']}×{row['V']}"
-
-
-def size_order(row: dict) -> tuple[int, int]:
-    return (row["N"] * row["V"], row["V"])
-
-
-def title(rows: list[dict], ctx: SweepContext) -> str:
-    return (
-        f"fastkd.divergence with K={len(WEIGHTS)} teachers: kl to the mixture (T={TEMPERATURE:g}) "
-        f"forward + backward, {ctx.device.type}, {torch.get_num_threads()} threads, THP {ctx.thp.short}"
-    )
-
-
-# ----------------------------------------------------------------------------- pytest-benchmark
-
-_DEVICE = torch.device("cpu")
-_PROVIDERS, _ = providers(_DEVICE, use_compile=False)
-
-
-@pytest.mark.parametrize("provider", list(_PROVIDERS))
-def test_mixture_fwd_bwd(benchmark, provider):
-    s = torch.randn(32, 2048, requires_grad=True)
-    t = torch.randn(3, 32, 2048)
-    weights = torch.tensor(WEIGHTS, dtype=torch.float64)
-    loss_fn = _PROVIDERS[provider]
-
-    def reset():
-        s.grad = None
-
-    def step():
-        loss_fn(s, t, weights).backward()
-        synchronize(_DEVICE)
-
-    benchmark.pedantic(step, setup=reset, rounds=10, warmup_rounds=1)
-    assert s.grad is not None and torch.isfinite(s.grad).all()
 
 
 def test_mixture_providers_agree():
     s = torch.randn(8, 500, dtype=torch.float64, requires_grad=True)
     t = torch.randn(3, 8, 500, dtype=torch.float64)
     weights = torch.tensor(WEIGHTS, dtype=torch.float64)
-    losses = {name: fn(s, t, weights).item() for name, fn in _PROVIDERS.items() if name != SEPARATE}
+    found, _ = BENCH.providers(torch.device("cpu"), {}, use_compile=False)
+    losses = {name: fn(s, t, weights).item() for name, fn in found.items() if name != SEPARATE}
     for name, loss in losses.items():
         assert loss == pytest.approx(losses[EAGER], rel=1e-9), name

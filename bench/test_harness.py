@@ -1,0 +1,53 @@
+"""Checks of the shared benchmark machinery: measure, report, the family protocol (``pytest bench/``)."""
+
+import time
+
+import pytest
+import torch
+
+from bench import measure, report
+from bench.run import discover
+
+FAMILIES = discover()
+
+
+@pytest.mark.skipif(not measure.cpu_peak_memory_supported(), reason="needs /proc/self/clear_refs (Linux)")
+def test_peak_memory_known_cases():
+    for check in measure.validate_peak_memory(torch.device("cpu")):
+        assert check.ok, check
+
+
+def test_time_call_stops_on_budget():
+    # 50 ms per call, 0.1 s budget: the three minimum runs already exceed it.
+    timing = measure.time_call(lambda: time.sleep(0.05), device=torch.device("cpu"), warmup=0, budget_s=0.1)
+    assert timing.repeats == 3
+    assert 45 <= timing.median_ms < 200
+
+
+def test_floor_and_ratios():
+    rows = [
+        {"provider": report.EAGER, "cfg": 1, "median_ms": 100.0, "traffic_bytes": 10**9},
+        {"provider": report.COMPILE, "cfg": 1, "median_ms": 40.0, "traffic_bytes": 10**9},
+        {"provider": "fastkd-cpu", "cfg": 1, "median_ms": 10.0, "traffic_bytes": 10**9},
+        {"provider": "liger", "cfg": 1, "note": "liger_kernel not installed", "traffic_bytes": 10**9},
+    ]
+    report.add_floor_and_ratios(rows, bandwidth=2e11, group_keys=("cfg",))
+    assert rows[2]["floor_ms"] == pytest.approx(5.0)
+    assert rows[2]["x_floor"] == pytest.approx(2.0)
+    assert rows[2]["speedup_vs_eager"] == pytest.approx(10.0)
+    assert rows[2]["speedup_vs_compile"] == pytest.approx(4.0)
+    assert rows[3]["speedup_vs_eager"] is None
+
+
+@pytest.mark.parametrize(
+    ("stem", "provider", "config"),
+    [
+        pytest.param(stem, *param.values, id=f"{stem}-{param.id}")
+        for stem, family in FAMILIES.items()
+        for param in family.small_params()
+    ],
+)
+def test_family_fwd_bwd(benchmark, stem, provider, config):
+    """Every family's providers run forward + backward on a small configuration
+    (pytest-benchmark times them with ``--benchmark-enable``)."""
+    FAMILIES[stem].run_small(benchmark, provider, config)
