@@ -118,9 +118,13 @@ def summary_table(results: dict[str, list[dict]]) -> list[str]:
     return _table(header, lines)
 
 
-def family_section(
-    stem: str, family: Family, rows: list[dict], csv_name: str, png: Path | None
-) -> list[str]:
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository where it lies inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def family_section(stem: str, family: Family, rows: list[dict], csv: Path, png: Path | None) -> list[str]:
     columns = [c for c in family.table_columns if c[0] not in LEFT_OUT]
     measured = [row for row in rows if row.get("median_ms") is not None]
     header = ["configuration", "provider", *(c[1] for c in columns), "note"]
@@ -131,7 +135,7 @@ def family_section(
     ]
     out = [
         f"## {stem}", "", summary_paragraph(stem), "",
-        f"From `bench/results/{csv_name}`: {machine_line(rows)}", "",
+        f"From `{_shown(csv)}`: {machine_line(rows)}", "",
     ]
     if not any(row.get("floor_ms") for row in measured):
         out += ["No memory-traffic floor: the family's cost is compute or a random gather, not streaming "
@@ -146,7 +150,7 @@ def family_section(
         out += ["", "Not measured:", ""]
         out += [f"- {name} ({', '.join(configs)}): {note}" for (name, note), configs in reasons.items()]
     if png is not None:
-        out += ["", f"![{stem}](../bench/results/{png.name})"]
+        out += ["", f"![{stem}](../{_shown(png)})"]
     return out + [""]
 
 
@@ -194,7 +198,7 @@ def render(results_dir: Path = RESULTS) -> str:
     for key, rows in results.items():
         stem, path = files[key]
         png = path.with_suffix(".png")
-        out += family_section(stem, families[stem], rows, path.name, png if png.exists() else None)
+        out += family_section(stem, families[stem], rows, path, png if png.exists() else None)
     return "\n".join(out).rstrip("\n") + "\n"
 
 
