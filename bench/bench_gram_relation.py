@@ -18,7 +18,8 @@ Providers:
   by GEMM, then one pass over the rows computing the loss and the gradient
   with respect to the student's Gram matrix in place. On CUDA
   ``fastkd-triton`` and ``fastkd-cuda``. Each provider takes the term
-  (``"pkt"``, ``"sp"`` or ``"cc"``) as its third argument.
+  (``"pkt"``, ``"sp"`` or ``"cc"``) as its third argument
+  (:class:`bench.family.EmbeddingTermsFamily`).
 
 The ``dtype`` column names the term and the dtype (``pkt fp32``), so that the
 plot draws one line per provider and term. No floor: the Gram products are
@@ -36,64 +37,31 @@ from __future__ import annotations
 import torch
 
 import fastkd
-from bench.family import Case, Family
-from bench.measure import MIB, few_runs
+from bench.family import EmbeddingTermsFamily
+from bench.measure import few_runs
+from bench.report import EAGER
 from fastkd import reference
 
-DIM = 128
-SIZES = (512, 2048, 8192)
 # N from which a call takes seconds: no extra warm-up, exactly two runs.
 LONG_N = 8192
-REFERENCE_TERMS = {"pkt": reference.pkt_loss, "sp": reference.sp_loss, "cc": reference.cc_loss}
-FUSED_TERMS = {"pkt": fastkd.pkt_loss, "sp": fastkd.sp_loss, "cc": fastkd.cc_loss}
 
 
-def model_flop(n: int, d: int) -> int:
-    """``3 · 2·N²·D``: both Gram matrices and the gradient product."""
-    return 3 * 2 * n * n * d
-
-
-class GramRelationBench(Family):
+class GramRelationBench(EmbeddingTermsFamily):
     name = "gram_relation"
-    description = f"fastkd PKT / SP / CC (D={DIM}, fp32, student requires grad)"
-    config_columns = ("loss", "device", "dtype", "N", "D")
-    config_keys = ("loss", "dtype", "N", "D")
-    config_format = "{loss} {N}"  # D is in the title
-    size_columns = ("N",)
-    metric_columns = ("model_gflop", "model_gflops")
-    table_metrics = (  # no floor: compute-bound
-        ("model_gflop", "GFLOP (model)", ".2f"),
-        ("model_gflops", "GFLOP/s (model)", ".1f"),
-        ("loss_rel_diff", "loss vs eager", ".1e"),
-    )
-    size_axis = f"batch size N (D = {DIM})"
-    tolerance = 1e-4
-    small_configs = tuple((loss, 96, 32) for loss in REFERENCE_TERMS)
+    description = "fastkd PKT / SP / CC (D=128, fp32, student requires grad)"
+    terms = {
+        "pkt": (reference.pkt_loss, fastkd.pkt_loss),
+        "sp": (reference.sp_loss, fastkd.sp_loss),
+        "cc": (reference.cc_loss, fastkd.cc_loss),
+    }
+    sizes = (512, 2048, 8192)
 
-    def reference(self, options):
-        return lambda s, t, loss: REFERENCE_TERMS[loss](s, t)
+    def model_flop(self, term, n, d):
+        """``3 · 2·N²·D``: both Gram matrices and the gradient product."""
+        return 3 * 2 * n * n * d
 
-    def fused(self, backend, options):
-        return lambda s, t, loss: FUSED_TERMS[loss](s, t, backend=backend)
-
-    def all_configs(self):
-        return [(loss, n, DIM) for loss in REFERENCE_TERMS for n in SIZES]
-
-    def quick_configs(self):
-        return [(loss, SIZES[0], DIM) for loss in REFERENCE_TERMS]
-
-    def case(self, config, device, options, providers):
-        loss, n, d = config
-        generator = torch.Generator(device=device).manual_seed(0)
-        teacher = torch.randn(n, d, device=device, generator=generator)
-        student = (teacher + 0.5 * torch.randn(n, d, device=device, generator=generator)).requires_grad_()
-        columns = {
-            "loss": loss, "dtype": f"{loss} fp32", "N": n, "D": d,
-            "output_mib": student.nbytes / MIB,  # the student's gradient
-            "traffic_bytes": None,  # compute-bound: no floor
-            "model_gflop": model_flop(n, d) / 1e9,
-        }
-        return Case(columns, (student, teacher, loss), timing=few_runs() if n >= LONG_N else None)
+    def timing(self, term, n):
+        return few_runs() if n >= LONG_N else None
 
 
 BENCH = GramRelationBench()
@@ -103,11 +71,11 @@ def test_providers_agree():
     s = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
     t = torch.randn(40, 16, dtype=torch.float64)
     found, _ = BENCH.providers(torch.device("cpu"), {}, use_compile=False)
-    for loss in REFERENCE_TERMS:
-        expected = found["eager"](s, t, loss).item()
+    for term in BENCH.terms:
+        expected = found[EAGER](s, t, term).item()
         for name, fn in found.items():
-            assert abs(fn(s, t, loss).item() - expected) <= 1e-9 * abs(expected), (name, loss)
+            assert abs(fn(s, t, term).item() - expected) <= 1e-9 * abs(expected), (name, term)
 
 
 def test_flop_count():
-    assert model_flop(10, 3) == 6 * 100 * 3
+    assert BENCH.model_flop("sp", 10, 3) == 6 * 100 * 3

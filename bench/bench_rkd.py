@@ -19,7 +19,7 @@ Providers:
   the same pass (csrc/cpu/rkd.cpp). On CUDA ``fastkd-triton`` and
   ``fastkd-cuda`` (the same Gram formulation, kernels/rkd.py and
   csrc/cuda/rkd.cu). Each provider takes the term (``"distance"`` or
-  ``"angle"``) as its third argument.
+  ``"angle"``) as its third argument (:class:`bench.family.EmbeddingTermsFamily`).
 
 ``eager`` and ``compile`` run the angle term only up to ``N = EAGER_ANGLE_MAX_N``
 (640): it holds several ``N³`` float32 tensors (at ``N = 512`` about 0.5 GiB
@@ -44,95 +44,53 @@ runs the small pytest-benchmark cases once each. PKT, SP and CC are
 
 from __future__ import annotations
 
-import torch
-
 import fastkd
-from bench.family import Case, Family
-from bench.measure import MIB, few_runs
+from bench.family import EmbeddingTermsFamily
+from bench.measure import few_runs
 from bench.report import COMPILE, EAGER
 from fastkd import reference
 
-DIM = 128
-SIZES = (128, 256, 512, 1024, 4096)
-LOSSES = ("distance", "angle")
 EAGER_ANGLE_MAX_N = 640
 # Angle calls from this N take seconds: no extra warm-up, exactly two runs.
 LONG_N = 2048
 ANGLE_FLOP_PER_TERM = 40
-REFERENCE_TERMS = {"distance": reference.rkd_distance, "angle": reference.rkd_angle}
-FUSED_TERMS = {"distance": fastkd.rkd_distance, "angle": fastkd.rkd_angle}
 
 
-def model_flop(loss: str, n: int, d: int) -> int:
-    if loss == "angle":
-        return ANGLE_FLOP_PER_TERM * n**3
-    return 3 * 2 * n * n * d
-
-
-def size_skip_reason(provider: str, loss: str, n: int) -> str | None:
-    if provider in (EAGER, COMPILE) and loss == "angle" and n > EAGER_ANGLE_MAX_N:
-        gib = 6 * n**3 * 4 / 2**30
-        return f"skipped: N > {EAGER_ANGLE_MAX_N} (~{gib:.0f} GiB of N³ float32 tensors)"
-    return None
-
-
-class RkdBench(Family):
+class RkdBench(EmbeddingTermsFamily):
     name = "rkd"
-    config_columns = ("loss", "device", "dtype", "N", "D")
-    config_keys = ("loss", "dtype", "N", "D")
-    config_format = "{loss} {N}"  # D is in the title
-    size_columns = ("N",)
-    description = f"fastkd RKD distance / angle (D={DIM}, fp32, student requires grad)"
-    metric_columns = ("model_gflop", "model_gflops")
-    table_metrics = (  # no floor: compute-bound
-        ("model_gflop", "GFLOP (model)", ".2f"),
-        ("loss_rel_diff", "loss vs eager", ".1e"),
-    )
-    size_axis = f"batch size N (D = {DIM})"
-    tolerance = 1e-4
-    small_configs = tuple((loss, 96, 32) for loss in LOSSES)
+    description = "fastkd RKD distance / angle (D=128, fp32, student requires grad)"
+    terms = {
+        "distance": (reference.rkd_distance, fastkd.rkd_distance),
+        "angle": (reference.rkd_angle, fastkd.rkd_angle),
+    }
+    sizes = (128, 256, 512, 1024, 4096)
 
-    def reference(self, options):
-        return lambda s, t, loss: REFERENCE_TERMS[loss](s, t)
+    def model_flop(self, term, n, d):
+        if term == "angle":
+            return ANGLE_FLOP_PER_TERM * n**3
+        return 3 * 2 * n * n * d
 
-    def fused(self, backend, options):
-        return lambda s, t, loss: FUSED_TERMS[loss](s, t, backend=backend)
+    def skip(self, provider, term, n):
+        if provider in (EAGER, COMPILE) and term == "angle" and n > EAGER_ANGLE_MAX_N:
+            gib = 6 * n**3 * 4 / 2**30
+            return f"skipped: N > {EAGER_ANGLE_MAX_N} (~{gib:.0f} GiB of N³ float32 tensors)"
+        return None
 
-    def all_configs(self):
-        return [(loss, n, DIM) for loss in LOSSES for n in SIZES]
-
-    def quick_configs(self):
-        return [(loss, SIZES[0], DIM) for loss in LOSSES]
-
-    def case(self, config, device, options, providers):
-        loss, n, d = config
-        generator = torch.Generator(device=device).manual_seed(0)
-        teacher = torch.randn(n, d, device=device, generator=generator)
-        student = (teacher + 0.5 * torch.randn(n, d, device=device, generator=generator)).requires_grad_()
-        columns = {
-            "loss": loss, "dtype": f"{loss} fp32", "N": n, "D": d,
-            "output_mib": student.nbytes / MIB,  # the student's gradient
-            "traffic_bytes": None,  # compute-bound: no floor
-            "model_gflop": model_flop(loss, n, d) / 1e9,
-        }
-        return Case(
-            columns, (student, teacher, loss), skip=lambda provider: size_skip_reason(provider, loss, n),
-            timing=few_runs() if loss == "angle" and n >= LONG_N else None,
-        )
+    def timing(self, term, n):
+        return few_runs() if term == "angle" and n >= LONG_N else None
 
 
 BENCH = RkdBench()
 
 
-
-def test_size_skip_reason():
-    assert size_skip_reason(EAGER, "angle", 1024).startswith("skipped: N > 640")
-    assert size_skip_reason(COMPILE, "angle", 4096) is not None
-    assert size_skip_reason(EAGER, "angle", 512) is None
-    assert size_skip_reason(EAGER, "distance", 4096) is None
-    assert size_skip_reason("fastkd-cpu", "angle", 4096) is None
+def test_skip():
+    assert BENCH.skip(EAGER, "angle", 1024).startswith("skipped: N > 640")
+    assert BENCH.skip(COMPILE, "angle", 4096) is not None
+    assert BENCH.skip(EAGER, "angle", 512) is None
+    assert BENCH.skip(EAGER, "distance", 4096) is None
+    assert BENCH.skip("fastkd-cpu", "angle", 4096) is None
 
 
 def test_flop_counts():
-    assert model_flop("angle", 10, 3) == ANGLE_FLOP_PER_TERM * 1000
-    assert model_flop("distance", 10, 3) == 6 * 100 * 3
+    assert BENCH.model_flop("angle", 10, 3) == ANGLE_FLOP_PER_TERM * 1000
+    assert BENCH.model_flop("distance", 10, 3) == 6 * 100 * 3

@@ -401,3 +401,79 @@ class Family:
         for x in case.inputs:
             if isinstance(x, torch.Tensor) and x.requires_grad:
                 assert x.grad is not None and x.grad.shape == x.shape
+
+
+class EmbeddingTermsFamily(Family):
+    """A family of losses between ``(N, D)`` student and teacher embeddings, float32,
+    the student requiring a gradient, with several terms measured side by side
+    (RKD's distance and angle; PKT, SP and CC). Each provider takes the term's
+    name as its third argument; the ``dtype`` column names the term and the
+    dtype (``angle fp32``), so that the plot draws one line per provider and term.
+
+    Subclasses set ``terms`` (name → (reference function, fastkd function)),
+    ``sizes`` (the batch sizes N), ``dim`` (D), ``name`` and ``description``, and
+    implement :meth:`model_flop`; :meth:`skip` and :meth:`timing` are optional.
+    """
+
+    terms: dict[str, tuple[Callable, Callable]]
+    sizes: tuple[int, ...]
+    dim = 128
+    config_columns = ("loss", "device", "dtype", "N", "D")
+    config_keys = ("loss", "dtype", "N", "D")
+    config_format = "{loss} {N}"  # D is in the title
+    size_columns = ("N",)
+    metric_columns = ("model_gflop", "model_gflops")
+    table_metrics = (  # no floor: compute-bound
+        ("model_gflop", "GFLOP (model)", ".2f"),
+        ("model_gflops", "GFLOP/s (model)", ".1f"),
+        ("loss_rel_diff", "loss vs eager", ".1e"),
+    )
+    tolerance = 1e-4
+
+    @property
+    def size_axis(self) -> str:
+        return f"batch size N (D = {self.dim})"
+
+    @property
+    def small_configs(self) -> tuple:
+        return tuple((term, 96, 32) for term in self.terms)
+
+    def model_flop(self, term: str, n: int, d: int) -> int:
+        """The FLOP count of one call, a size scale for ``model_gflop``."""
+        raise NotImplementedError
+
+    def skip(self, provider: str, term: str, n: int) -> str | None:
+        """Why ``provider`` does not run ``term`` at ``N = n``, or None."""
+        return None
+
+    def timing(self, term: str, n: int) -> dict | None:
+        """Timing options for ``term`` at ``N = n`` (None: the defaults)."""
+        return None
+
+    def reference(self, options):
+        return lambda s, t, term: self.terms[term][0](s, t)
+
+    def fused(self, backend, options):
+        return lambda s, t, term: self.terms[term][1](s, t, backend=backend)
+
+    def all_configs(self):
+        return [(term, n, self.dim) for term in self.terms for n in self.sizes]
+
+    def quick_configs(self):
+        return [(term, self.sizes[0], self.dim) for term in self.terms]
+
+    def case(self, config, device, options, providers):
+        term, n, d = config
+        generator = torch.Generator(device=device).manual_seed(0)
+        teacher = torch.randn(n, d, device=device, generator=generator)
+        student = (teacher + 0.5 * torch.randn(n, d, device=device, generator=generator)).requires_grad_()
+        columns = {
+            "loss": term, "dtype": f"{term} fp32", "N": n, "D": d,
+            "output_mib": student.nbytes / MIB,  # the student's gradient
+            "traffic_bytes": None,  # compute-bound: no floor
+            "model_gflop": self.model_flop(term, n, d) / 1e9,
+        }
+        return Case(
+            columns, (student, teacher, term), skip=lambda provider: self.skip(provider, term, n),
+            timing=self.timing(term, n),
+        )
