@@ -45,6 +45,7 @@ from fastkd.reference import divergence as reference_divergence
 from fastkd.reference import row_divergence
 
 SHAPES = ((4096, 1024), (2048, 32000), (512, 128256))
+DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTION_NAMES = ("divergence", "temperature", "beta", "alpha")
 
 
@@ -70,6 +71,12 @@ def reference_loss(
     log_p = F.log_softmax(teacher.to(acc) / temperature, dim=-1)
     rows = row_divergence(log_p, log_q, divergence, beta=beta, alpha=alpha)
     return temperature**2 * rows.sum() / student.shape[0]
+
+
+def shape(text: str) -> tuple[int, int]:
+    """``"NxV"`` (or ``N×V``) as ``(N, V)``."""
+    n, v = text.lower().replace("×", "x").split("x")
+    return int(n), int(v)
 
 
 def _liger(options: dict):
@@ -107,6 +114,14 @@ class DivergenceBench(Family):
         group.add_argument("--temperature", type=float, default=2.0)
         group.add_argument("--beta", type=float, default=0.5, help="JSD weight")
         group.add_argument("--alpha", type=float, default=0.1, help="skew weight")
+        group.add_argument(
+            "--divergence-shapes", nargs="+", type=shape, metavar="NxV",
+            help="measure these shapes instead of the sweep's (e.g. 16384x131072)",
+        )
+        group.add_argument(
+            "--divergence-dtypes", nargs="+", choices=DTYPE_NAMES,
+            help="measure these dtypes instead of the sweep's",
+        )
 
     def reference(self, options):
         kwargs = {k: options[k] for k in OPTION_NAMES}
@@ -125,10 +140,21 @@ class DivergenceBench(Family):
     def all_configs(self):
         return [(dtype, n, v) for dtype in self.dtypes for n, v in SHAPES]
 
+    def configs(self, quick, options):
+        """The sweep's configurations, or those ``--divergence-shapes`` and
+        ``--divergence-dtypes`` name (each defaulting to the sweep's, or to
+        ``--quick``'s: the first shape, fp32)."""
+        shapes, dtypes = options.get("divergence_shapes"), options.get("divergence_dtypes")
+        if not (shapes or dtypes):
+            return super().configs(quick, options)
+        shapes = shapes or (SHAPES[:1] if quick else SHAPES)
+        dtypes = dtypes or (["fp32"] if quick else self.dtypes)
+        return [(dtype, n, v) for dtype in dtypes for n, v in shapes]
+
     def case(self, config, device, options, providers):
         dtype_name, n, v = config
         generator = torch.Generator(device=device).manual_seed(0)
-        dtype = self.dtypes[dtype_name]
+        dtype = DTYPE_NAMES[dtype_name]
         s = torch.randn(n, v, device=device, dtype=dtype, generator=generator).requires_grad_()
         t = torch.randn(n, v, device=device, dtype=dtype, generator=generator)
         columns = {
@@ -159,3 +185,14 @@ def test_reference_loss_is_the_reference(divergence):
     (theirs_grad,) = torch.autograd.grad(theirs, s)
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(ours_grad, theirs_grad)
+
+
+def test_configs_from_the_command_line():
+    parse = BENCH.default_options
+    assert BENCH.configs(False, parse()) == BENCH.all_configs()
+    assert BENCH.configs(True, parse()) == [("fp32", *SHAPES[0])]
+    options = {**parse(), "divergence_shapes": [shape("16384x131072")], "divergence_dtypes": ["bf16", "fp16"]}
+    assert BENCH.configs(False, options) == [("bf16", 16384, 131072), ("fp16", 16384, 131072)]
+    options = {**parse(), "divergence_dtypes": ["fp16"]}
+    assert BENCH.configs(False, options) == [("fp16", n, v) for n, v in SHAPES]
+    assert BENCH.configs(True, options) == [("fp16", *SHAPES[0])]

@@ -87,9 +87,10 @@ def measure_config(
 
     Each provider ``loss_fns[name](*inputs)`` (a loss whose ``.backward()``
     is timed with it) gets an untimed first call (warm-up, compile, and the
-    loss value it is checked by), then the providers' timed runs take turns
-    (:func:`time_uncontended`), then each one's peak extra memory. ``reset``
-    clears the gradients before every call.
+    loss value it is checked by; a provider running out of device memory
+    there gets a row saying so and is not measured), then the providers'
+    timed runs take turns (:func:`time_uncontended`), then each one's peak
+    extra memory. ``reset`` clears the gradients before every call.
 
     Args:
         ctx, task: the sweep's context and its progress task (advanced once
@@ -121,14 +122,24 @@ def measure_config(
         else:
             rows.append({**base, "provider": name, "note": reason})
             ctx.progress.advance(task)
-    calls = {
-        name: Call(lambda loss_fn=loss_fn: loss_fn(*inputs).backward(), reset)
-        for name, loss_fn in here.items()
-    }
     first = {}
     for name, loss_fn in here.items():
         ctx.progress.update(task, description=f"{label} {name}: first call")
-        first[name] = first_call(loss_fn, inputs, device=ctx.device)
+        try:
+            first[name] = first_call(loss_fn, inputs, device=ctx.device)
+        except torch.OutOfMemoryError as exc:
+            # A provider too big for the device is a result, not the end of the sweep.
+            reset()
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+            first_line = str(exc).splitlines()[0][:120]
+            rows.append({**base, "provider": name, "note": f"out of memory: {first_line}"})
+            ctx.progress.advance(task)
+    calls = {
+        name: Call(lambda loss_fn=loss_fn: loss_fn(*inputs).backward(), reset)
+        for name, loss_fn in here.items()
+        if name in first
+    }
     ctx.progress.update(task, description=f"{label}: timing")
     timings, other_load = time_uncontended(calls, device=ctx.device, **(timing_options or {}))
     baseline_loss = first[baseline][0] if baseline in first else None
@@ -310,7 +321,8 @@ class Family:
         self.add_arguments(parser)
         return vars(parser.parse_args([]))
 
-    def configs(self, quick: bool) -> list:
+    def configs(self, quick: bool, options: dict) -> list:
+        """The configurations to measure (``options``: the parsed command line)."""
         return self.quick_configs() if quick else self.all_configs()
 
     def providers(self, device: torch.device, options: dict, *, use_compile: bool) -> tuple[dict, dict]:
@@ -341,7 +353,7 @@ class Family:
         found, skipped = self.providers(ctx.device, ctx.options, use_compile=ctx.compile)
         if COMPILE in found:
             allow_recompiles()
-        todo = self.configs(ctx.quick)
+        todo = self.configs(ctx.quick, ctx.options)
         task = ctx.progress.add_task(self.name, total=len(todo) * len(found))
         rows = []
         for config in todo:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bench import measure, report
+from bench.family import SweepContext, measure_config
 from bench.run import discover
 
 FAMILIES = discover()
@@ -51,3 +52,34 @@ def test_family_fwd_bwd(benchmark, stem, provider, config):
     """Every family's providers run forward + backward on a small configuration
     (pytest-benchmark times them with ``--benchmark-enable``)."""
     FAMILIES[stem].run_small(benchmark, provider, config)
+
+
+class _Progress:
+    """The part of rich's Progress that measure_config uses, doing nothing."""
+
+    def update(self, task, **fields):
+        pass
+
+    def advance(self, task):
+        pass
+
+
+def test_a_provider_out_of_memory_is_a_row():
+    ctx = SweepContext(
+        device=torch.device("cpu"), quick=True, compile=False, thp=measure.thp_setting(), progress=_Progress()
+    )
+    x = torch.randn(8, 4, requires_grad=True)
+
+    def too_big(x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB\n(details)")
+
+    rows = measure_config(
+        ctx, None, "test", {"cfg": 1}, {report.EAGER: lambda x: (x * x).sum(), "big": too_big}, (x,),
+        lambda: setattr(x, "grad", None),
+        timing_options={"warmup": 0, "min_repeats": 1, "max_repeats": 1, "attempts": 1},
+    )
+    by_provider = {row["provider"]: row for row in rows}
+    assert by_provider["big"] == {
+        "cfg": 1, "provider": "big", "note": "out of memory: CUDA out of memory. Tried to allocate 4.00 GiB"
+    }
+    assert by_provider[report.EAGER]["median_ms"] > 0
