@@ -1,1 +1,2 @@
-"""fastkd benchmarks: one ``bench_<family>.py`` per loss family, run by ``python -m bench.run``."""
+"""fastkd benchmarks: one ``bench_<stem>.py`` per loss family (a :class:`bench.family.Family`), run by
+``python -m bench.run``; ``measure``, ``report`` and ``plot`` are the harness."""

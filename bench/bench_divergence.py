@@ -25,8 +25,8 @@ Memory traffic (the floor): read the student and teacher logits once, write
 the student gradient once, ``3 · N · V · itemsize`` bytes.
 
 ``python -m bench.run --families divergence`` runs the sweep; ``pytest bench/``
-runs the small pytest-benchmark cases below once each (the project's pytest
-options disable timing; add ``--benchmark-enable`` for timings).
+runs the small pytest-benchmark cases once each (the project's pytest options
+disable timing; add ``--benchmark-enable`` for timings).
 """
 
 from __future__ import annotations
@@ -38,34 +38,15 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from bench.common import (
-    COMPILE,
-    EAGER,
-    MIB,
-    SweepContext,
-    allow_recompiles,
-    measure_config,
-    synchronize,
-)
+from bench.family import Case, Family
+from bench.measure import MIB
 from fastkd import _validate
 from fastkd.reference import divergence as reference_divergence
 from fastkd.reference import row_divergence
 
-FAMILY = "divergence"
 SHAPES = ((4096, 1024), (2048, 32000), (512, 128256))
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CONFIG_KEYS = ("divergence", "dtype", "N", "V")
-COLUMNS = (
-    "family", "divergence", "temperature", "device", "dtype", "N", "V", "provider",
-    "median_ms", "min_ms", "max_ms", "repeats", "peak_extra_mib", "output_mib", "traffic_bytes",
-    "floor_ms", "copy_gbs",
-    "speedup_vs_eager", "speedup_vs_compile", "x_floor", "loss_rel_diff", "other_load", "thp", "note",
-)
-# The student gradient: the least a fused forward + backward allocates.
-OUTPUT_KEY = "output_mib"
-# A provider whose loss differs from eager's by more than this (relative) is
-# flagged in its note. The reference and fastkd compute in float32 whatever
-# the input dtype; Liger takes bf16 log-probabilities as given.
+DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPTION_NAMES = ("divergence", "temperature", "beta", "alpha")
 
 
 def reference_loss(
@@ -92,12 +73,10 @@ def reference_loss(
     return temperature**2 * rows.sum() / student.shape[0]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("divergence")
-    group.add_argument("--divergence", default="kl", choices=_validate.DIVERGENCES)
-    group.add_argument("--temperature", type=float, default=2.0)
-    group.add_argument("--beta", type=float, default=0.5, help="JSD weight")
-    group.add_argument("--alpha", type=float, default=0.1, help="skew weight")
+def shape(text: str) -> tuple[int, int]:
+    """``"NxV"`` (or ``N×V``) as ``(N, V)``."""
+    n, v = text.lower().replace("×", "x").split("x")
+    return int(n), int(v)
 
 
 def _liger(options: dict):
@@ -122,124 +101,76 @@ def _liger(options: dict):
     return {"liger": liger}, {}
 
 
-def providers(device: torch.device, options: dict, *, use_compile: bool):
-    """(name → ``loss(student, teacher)``, name → why it is not measured)."""
-    kwargs = {k: options[k] for k in ("divergence", "temperature", "beta", "alpha")}
+class DivergenceBench(Family):
+    name = "divergence"
+    config_columns = ("divergence", "temperature", "device", "dtype", "N", "V")
+    config_keys = ("divergence", "dtype", "N", "V")
+    config_format = "{divergence} {dtype} {N}×{V}"
+    small_configs = (("fp32", 64, 4096), ("bf16", 64, 4096))
 
-    def eager(s, t):
-        return reference_loss(s, t, **kwargs)
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("divergence")
+        group.add_argument("--divergence", default="kl", choices=_validate.DIVERGENCES)
+        group.add_argument("--temperature", type=float, default=2.0)
+        group.add_argument("--beta", type=float, default=0.5, help="JSD weight")
+        group.add_argument("--alpha", type=float, default=0.1, help="skew weight")
+        group.add_argument(
+            "--divergence-shapes", nargs="+", type=shape, metavar="NxV",
+            help="measure these shapes instead of the sweep's (e.g. 16384x131072)",
+        )
+        group.add_argument(
+            "--divergence-dtypes", nargs="+", choices=DTYPE_NAMES,
+            help="measure these dtypes instead of the sweep's",
+        )
 
-    found = {EAGER: eager}
-    skipped = {}
-    if use_compile:
-        compiled = torch.compile(reference_loss, fullgraph=True, dynamic=False)
-        found[COMPILE] = lambda s, t: compiled(s, t, **kwargs)
-    else:
-        skipped[COMPILE] = "--no-compile"
-    status = fastkd.backends()
-    for backend in ("cpu",) if device.type == "cpu" else ("triton", "cuda"):
-        name = f"fastkd-{backend}"
-        if status[backend].available:
-            found[name] = lambda s, t, backend=backend: fastkd.divergence(s, t, **kwargs, backend=backend)
-        else:
-            skipped[name] = status[backend].reason
-    if device.type == "cuda":
-        liger_found, liger_skipped = _liger(options)
-        found.update(liger_found)
-        skipped.update(liger_skipped)
-    return found, skipped
+    def reference(self, options):
+        kwargs = {k: options[k] for k in OPTION_NAMES}
+        return lambda s, t: reference_loss(s, t, **kwargs)
 
+    def fused(self, backend, options):
+        kwargs = {k: options[k] for k in OPTION_NAMES}
+        return lambda s, t: fastkd.divergence(s, t, **kwargs, backend=backend)
 
-def configs(quick: bool) -> list[tuple[str, int, int]]:
-    if quick:
-        return [("fp32", *SHAPES[0])]
-    return [(dtype, n, v) for dtype in DTYPES for n, v in SHAPES]
+    def more_providers(self, device, options, found, skipped):
+        if device.type == "cuda":
+            liger_found, liger_skipped = _liger(options)
+            found.update(liger_found)
+            skipped.update(liger_skipped)
 
+    def all_configs(self):
+        return [(dtype, n, v) for dtype in self.dtypes for n, v in SHAPES]
 
-def sweep(ctx: SweepContext) -> list[dict]:
-    """Every provider on every configuration; one row per (configuration, provider)
-    (:func:`bench.common.measure_config`)."""
-    options = ctx.options
-    device = ctx.device
-    found, skipped = providers(device, options, use_compile=ctx.compile)
-    if ctx.compile:
-        allow_recompiles()
-    todo = configs(ctx.quick)
-    task = ctx.progress.add_task(FAMILY, total=len(todo) * len(found))
-    rows = []
-    for dtype_name, n, v in todo:
-        dtype = DTYPES[dtype_name]
+    def configs(self, quick, options):
+        """The sweep's configurations, or those ``--divergence-shapes`` and
+        ``--divergence-dtypes`` name (each defaulting to the sweep's, or to
+        ``--quick``'s: the first shape, fp32)."""
+        shapes, dtypes = options.get("divergence_shapes"), options.get("divergence_dtypes")
+        if not (shapes or dtypes):
+            return super().configs(quick, options)
+        shapes = shapes or (SHAPES[:1] if quick else SHAPES)
+        dtypes = dtypes or (["fp32"] if quick else self.dtypes)
+        return [(dtype, n, v) for dtype in dtypes for n, v in shapes]
+
+    def case(self, config, device, options, providers):
+        dtype_name, n, v = config
         generator = torch.Generator(device=device).manual_seed(0)
+        dtype = DTYPE_NAMES[dtype_name]
         s = torch.randn(n, v, device=device, dtype=dtype, generator=generator).requires_grad_()
         t = torch.randn(n, v, device=device, dtype=dtype, generator=generator)
-        base = {
-            "family": FAMILY,
-            "divergence": options["divergence"],
-            "temperature": options["temperature"],
-            "device": device.type,
-            "dtype": dtype_name,
-            "N": n,
-            "V": v,
-            "output_mib": s.nbytes / MIB,
+        columns = {
+            "divergence": options["divergence"], "temperature": options["temperature"], "dtype": dtype_name,
+            "N": n, "V": v,
+            "output_mib": s.nbytes / MIB,  # the student gradient: the least a fused call allocates
             "traffic_bytes": 3 * s.nbytes,
-            "thp": ctx.thp.short,
         }
+        return Case(columns, (s, t))
 
-        def reset(s=s):
-            s.grad = None
-
-        rows += measure_config(
-            ctx, task, f"{FAMILY} {dtype_name} {n}×{v}", base, found, (s, t), reset, unavailable=skipped
-        )
-        del s, t, reset
-    ctx.progress.update(task, description=f"{FAMILY} done")
-    return rows
+    def describe(self, options):
+        return f"fastkd.divergence: {options['divergence']} (T={options['temperature']:g})"
 
 
-def config_label(row: dict) -> str:
-    return f"{row['divergence']} {row['dtype']} {row['N']}×{row['V']}"
+BENCH = DivergenceBench()
 
-
-def size_label(row: dict) -> str:
-    return f"{row['N']}×{row['V']}"
-
-
-def size_order(row: dict) -> tuple[int, int]:
-    return (row["N"] * row["V"], row["V"])
-
-
-def title(rows: list[dict], ctx: SweepContext) -> str:
-    options = ctx.options
-    return (
-        f"fastkd.divergence: {options['divergence']} (T={options['temperature']:g}) forward + backward, "
-        f"{ctx.device.type}, {torch.get_num_threads()} threads, THP {ctx.thp.short}"
-    )
-
-
-# ----------------------------------------------------------------------------- pytest-benchmark
-
-_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_OPTIONS = {"divergence": "kl", "temperature": 2.0, "beta": 0.5, "alpha": 0.1}
-# torch.compile is left to the sweep: a cold compile costs 10-30 s on CPU.
-_PROVIDERS, _ = providers(_DEVICE, _OPTIONS, use_compile=False)
-
-
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("provider", list(_PROVIDERS))
-def test_divergence_fwd_bwd(benchmark, provider, dtype):
-    s = torch.randn(64, 4096, device=_DEVICE, dtype=DTYPES[dtype], requires_grad=True)
-    t = torch.randn(64, 4096, device=_DEVICE, dtype=DTYPES[dtype])
-    loss_fn = _PROVIDERS[provider]
-
-    def reset():
-        s.grad = None
-
-    def step():
-        loss_fn(s, t).backward()
-        synchronize(_DEVICE)
-
-    benchmark.pedantic(step, setup=reset, rounds=20, warmup_rounds=2)
-    assert s.grad is not None and s.grad.shape == s.shape
 
 
 @pytest.mark.parametrize("divergence", _validate.DIVERGENCES)
@@ -254,3 +185,14 @@ def test_reference_loss_is_the_reference(divergence):
     (theirs_grad,) = torch.autograd.grad(theirs, s)
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(ours_grad, theirs_grad)
+
+
+def test_configs_from_the_command_line():
+    parse = BENCH.default_options
+    assert BENCH.configs(False, parse()) == BENCH.all_configs()
+    assert BENCH.configs(True, parse()) == [("fp32", *SHAPES[0])]
+    options = {**parse(), "divergence_shapes": [shape("16384x131072")], "divergence_dtypes": ["bf16", "fp16"]}
+    assert BENCH.configs(False, options) == [("bf16", 16384, 131072), ("fp16", 16384, 131072)]
+    options = {**parse(), "divergence_dtypes": ["fp16"]}
+    assert BENCH.configs(False, options) == [("fp16", n, v) for n, v in SHAPES]
+    assert BENCH.configs(True, options) == [("fp16", *SHAPES[0])]

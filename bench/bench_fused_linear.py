@@ -41,51 +41,23 @@ FLOP in all (``model_gflop``), compute-bound; the divergence itself is
 
 ``python -m bench.run --families fused_linear`` runs the sweep; the first
 configuration (``--quick``) is small. ``pytest bench/`` runs the small
-pytest-benchmark cases below once each.
+pytest-benchmark cases once each.
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 import fastkd
-from bench.common import (
-    EAGER,
-    MIB,
-    SweepContext,
-    measure_config,
-    synchronize,
-)
+from bench.family import Case, Family
+from bench.measure import MIB, available_memory_bytes, few_runs, fp32_tensors_skip_reason
+from bench.report import EAGER
 from fastkd.reference import divergence as reference_divergence
 
-FAMILY = "fused_linear"
 TEMPERATURE = 2.0
-UNFUSED = "unfused-cpu"
 # (N, H, V): a small one first (--quick), then the target shape.
 SIZES = ((512, 256, 8000), (4096, 1024, 32000))
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CONFIG_KEYS = ("dtype", "N", "H", "V")
-COLUMNS = (
-    "family", "temperature", "device", "dtype", "N", "H", "V", "provider",
-    "median_ms", "min_ms", "max_ms", "repeats", "peak_extra_mib", "output_mib",
-    "model_gflop", "model_gflops", "traffic_bytes", "floor_ms", "copy_gbs",
-    "speedup_vs_eager", "speedup_vs_compile", "x_floor", "time_vs_unfused", "memory_vs_unfused",
-    "target", "loss_rel_diff", "other_load", "thp", "note",
-)  # fmt: skip
-TABLE_COLUMNS = (
-    ("median_ms", "median ms", ".0f"),
-    ("repeats", "runs", "d"),
-    ("peak_extra_mib", "peak extra MiB", ".0f"),
-    ("model_gflops", "GFLOP/s (8NVH)", ".1f"),
-    ("time_vs_unfused", "time / unfused", ".2f"),
-    ("memory_vs_unfused", "memory / unfused", ".2f"),
-    ("speedup_vs_eager", "vs eager", ".2f"),
-    ("other_load", "other load", ".2f"),
-)
-SIZE_AXIS = "problem size N × V (H given in the label)"
-OUTPUT_KEY = "output_mib"
 TIME_TARGET = 1.2  # fused time ≤ 1.2 × unfused
 MEMORY_TARGET = 0.25  # fused peak extra memory ≤ ¼ of unfused
 # N × V float32 tensors the eager provider holds at once (logits, log-softmaxes,
@@ -100,60 +72,32 @@ def model_flop(n: int, h: int, v: int) -> int:
     return 8 * n * h * v
 
 
-def available_memory_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def eager_loss(s_h, s_w, t_h, t_w):
+    s = F.linear(s_h, s_w)
+    with torch.no_grad():
+        t = F.linear(t_h, t_w)
+    return reference_divergence(s, t, temperature=TEMPERATURE)
 
 
-def providers(device: torch.device):
-    """(name → ``loss(s_h, s_w, t_h, t_w)``, name → why it is not measured)."""
+def unfused_loss(backend: str):
+    """Both heads' logits materialised, then ``fastkd.divergence`` on ``backend``."""
 
-    def eager(s_h, s_w, t_h, t_w):
+    def unfused(s_h, s_w, t_h, t_w):
         s = F.linear(s_h, s_w)
         with torch.no_grad():
             t = F.linear(t_h, t_w)
-        return reference_divergence(s, t, temperature=TEMPERATURE)
+        return fastkd.divergence(s, t, temperature=TEMPERATURE, backend=backend)
 
-    found = {EAGER: eager}
-    skipped = {"compile": "not measured for this family (see the module docstring)"}
-    status = fastkd.backends()
-    for backend in ("cpu",) if device.type == "cpu" else ("triton", "cuda"):
-        if not status[backend].available:
-            skipped[f"fastkd-{backend}"] = status[backend].reason
-            continue
+    return unfused
 
-        def unfused(s_h, s_w, t_h, t_w, backend=backend):
-            s = F.linear(s_h, s_w)
-            with torch.no_grad():
-                t = F.linear(t_h, t_w)
-            return fastkd.divergence(s, t, temperature=TEMPERATURE, backend=backend)
 
-        def fused(s_h, s_w, t_h, t_w, backend=backend):
-            return fastkd.fused_linear_divergence(
-                s_h, s_w, t_h, t_w, temperature=TEMPERATURE, backend=backend
-            )
+def fused_loss(backend: str, weight_grad_dtype: torch.dtype | None = None):
+    def fused(s_h, s_w, t_h, t_w):
+        return fastkd.fused_linear_divergence(
+            s_h, s_w, t_h, t_w, temperature=TEMPERATURE, backend=backend, weight_grad_dtype=weight_grad_dtype
+        )
 
-        def fused_f32acc(s_h, s_w, t_h, t_w, backend=backend):
-            return fastkd.fused_linear_divergence(
-                s_h, s_w, t_h, t_w, temperature=TEMPERATURE, backend=backend, weight_grad_dtype=torch.float32
-            )
-
-        found[f"unfused-{backend}"] = unfused
-        found[f"fastkd-{backend}"] = fused
-        found[f"fastkd-{backend}-f32acc"] = fused_f32acc
-    if device.type == "cuda":
-        liger, why = _liger()
-        if liger is None:
-            skipped["liger"] = why
-        else:
-            found["liger"] = liger
-    return found, skipped
+    return fused
 
 
 def _liger():
@@ -171,12 +115,6 @@ def _liger():
         return TEMPERATURE**2 * module(s_h, s_w, t_h, t_w)
 
     return liger, None
-
-
-def configs(quick: bool) -> list[tuple[str, tuple[int, int, int]]]:
-    if quick:
-        return [("fp32", SIZES[0])]
-    return [(dtype, size) for dtype in DTYPES for size in SIZES]
 
 
 def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device):
@@ -205,10 +143,12 @@ def target_verdict(time_ratio: float | None, memory_ratio: float | None) -> str:
     return "met" if not missed else "missed: " + ", ".join(missed)
 
 
-def add_unfused_ratios(rows: list[dict], unfused_name: str | None) -> None:
-    """``time_vs_unfused``, ``memory_vs_unfused`` (and the issue's ``target``
-    verdict for fastkd's rows) in place, for one configuration's measured rows."""
-    unfused = next((row for row in rows if row["provider"] == unfused_name and "median_ms" in row), None)
+def add_unfused_ratios(rows: list[dict]) -> None:
+    """``time_vs_unfused``, ``memory_vs_unfused`` (and the ``target`` verdict for
+    fastkd's rows) in place, for one configuration's measured rows."""
+    unfused = next(
+        (row for row in rows if row["provider"].startswith("unfused-") and "median_ms" in row), None
+    )
     if unfused is None:
         return
     for row in rows:
@@ -221,101 +161,77 @@ def add_unfused_ratios(rows: list[dict], unfused_name: str | None) -> None:
             row["target"] = target_verdict(row["time_vs_unfused"], row.get("memory_vs_unfused"))
 
 
-def sweep(ctx: SweepContext) -> list[dict]:
-    """Every provider on every configuration; one row per (configuration, provider)."""
-    device = ctx.device
-    found, skipped = providers(device)
-    todo = configs(ctx.quick)
-    task = ctx.progress.add_task(FAMILY, total=len(todo) * len(found))
-    rows = []
-    for dtype_name, (n, h, v) in todo:
-        dtype = DTYPES[dtype_name]
-        inputs = make_inputs(n, h, v, dtype, device)
+class FusedLinearBench(Family):
+    name = "fused_linear"
+    config_columns = ("temperature", "device", "dtype", "N", "H", "V")
+    config_keys = ("dtype", "N", "H", "V")
+    config_format = "{dtype} {N}×{V} (H {H})"
+    description = (
+        f"fastkd.fused_linear_divergence (KL, T={TEMPERATURE:g}, student hidden + weight require grad)"
+    )
+    metric_columns = ("model_gflop", "model_gflops", "time_vs_unfused", "memory_vs_unfused", "target")
+    table_metrics = (  # no floor: compute-bound
+        ("model_gflops", "GFLOP/s (8NVH)", ".1f"),
+        ("time_vs_unfused", "time / unfused", ".2f"),
+        ("memory_vs_unfused", "memory / unfused", ".2f"),
+    )
+    size_axis = "problem size N × V (H given in the label)"
+    no_compile = "not measured for this family (see the module docstring)"
+    small_configs = (("fp32", 64, 32, 500), ("bf16", 64, 32, 500))
+
+    def reference(self, options):
+        return eager_loss
+
+    def fused(self, backend, options):
+        return fused_loss(backend)
+
+    def more_providers(self, device, options, found, skipped):
+        """``unfused-<backend>`` and ``fastkd-<backend>-f32acc`` next to each fused
+        provider; Liger-Kernel's fused linear KL on CUDA."""
+        for backend in [name.removeprefix("fastkd-") for name in found if name.startswith("fastkd-")]:
+            found[f"unfused-{backend}"] = unfused_loss(backend)
+            found[f"fastkd-{backend}-f32acc"] = fused_loss(backend, torch.float32)
+        if device.type == "cuda":
+            liger, why = _liger()
+            if liger is None:
+                skipped["liger"] = why
+            else:
+                found["liger"] = liger
+
+    def baseline(self, providers):
+        return next((name for name in providers if name.startswith("unfused-")), None)
+
+    def all_configs(self):
+        return [(dtype, *size) for dtype in self.dtypes for size in SIZES]
+
+    def case(self, config, device, options, providers):
+        dtype_name, n, h, v = config
+        inputs = make_inputs(n, h, v, self.dtypes[dtype_name], device)
         s_h, s_w = inputs[0], inputs[1]
-        label = f"{FAMILY} {dtype_name} {n}×{h}×{v}"
-        base = {
-            "family": FAMILY,
-            "temperature": TEMPERATURE,
-            "device": device.type,
-            "dtype": dtype_name,
-            "N": n,
-            "H": h,
-            "V": v,
+        columns = {
+            "temperature": TEMPERATURE, "dtype": dtype_name, "N": n, "H": h, "V": v,
             "output_mib": (s_h.nbytes + s_w.nbytes) / MIB,
             "traffic_bytes": None,  # compute-bound: no floor
             "model_gflop": model_flop(n, h, v) / 1e9,
-            "thp": ctx.thp.short,
         }
+        available = available_memory_bytes(device) if device.type == "cpu" else None
+        too_big = fp32_tensors_skip_reason(EAGER_NV_TENSORS, n * v, available, "N×V", MEMORY_FRACTION)
 
-        def reset(s_h=s_h, s_w=s_w):
-            s_h.grad = s_w.grad = None
+        def skip(provider: str) -> str | None:
+            if provider == EAGER:
+                return too_big
+            if provider.endswith("-f32acc") and dtype_name == "fp32":
+                return "float32 inputs accumulate in float32 anyway"
+            return None
 
-        available = available_memory_bytes() if device.type == "cpu" else None
-        need = EAGER_NV_TENSORS * n * v * 4
-        too_big = None
-        if available is not None and need > MEMORY_FRACTION * available:
-            too_big = f"skipped: would need ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
-        slow = n * h * v >= 2**30
-        unfused_name = next((name for name in found if name.startswith("unfused-")), None)
-        measured = measure_config(
-            ctx, task, label, base, found, inputs, reset, unavailable=skipped,
-            skip=lambda name, why=too_big, dtype_name=dtype_name: (
-                why if name == EAGER
-                else "float32 inputs accumulate in float32 anyway"
-                if name.endswith("-f32acc") and dtype_name == "fp32" else None
-            ),
-            baseline=unfused_name,
-            timing_options={"warmup": 0, "min_repeats": 3, "max_repeats": 3, "attempts": 2} if slow else None,
-            per_second={"model_gflops": base["model_gflop"]},
-        )
-        add_unfused_ratios(measured, unfused_name)
-        rows += measured
-        del inputs, s_h, s_w, reset
-    ctx.progress.update(task, description=f"{FAMILY} done")
-    return rows
+        return Case(columns, inputs, skip=skip, timing=few_runs(3) if n * h * v >= 2**30 else None)
+
+    def finish(self, rows):
+        add_unfused_ratios(rows)
 
 
-def config_label(row: dict) -> str:
-    return f"{row['dtype']} {row['N']}×{row['V']} (H {row['H']})"
+BENCH = FusedLinearBench()
 
-
-def size_label(row: dict) -> str:
-    return f"{row['N']}×{row['V']}"
-
-
-def size_order(row: dict) -> tuple[int, int]:
-    return (row["N"] * row["V"] * row["H"], row["V"])
-
-
-def title(rows: list[dict], ctx: SweepContext) -> str:
-    return (
-        f"fastkd.fused_linear_divergence (KL, T={TEMPERATURE:g}, student hidden + weight require grad) "
-        f"forward + backward, {ctx.device.type}, {torch.get_num_threads()} threads, THP {ctx.thp.short}"
-    )
-
-
-# ----------------------------------------------------------------------------- pytest-benchmark
-
-_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_PROVIDERS, _ = providers(_DEVICE)
-
-
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("provider", list(_PROVIDERS))
-def test_fused_linear_fwd_bwd(benchmark, provider, dtype):
-    inputs = make_inputs(64, 32, 500, DTYPES[dtype], _DEVICE)
-    loss_fn = _PROVIDERS[provider]
-
-    def reset():
-        inputs[0].grad = inputs[1].grad = None
-
-    def step():
-        loss_fn(*inputs).backward()
-        synchronize(_DEVICE)
-
-    benchmark.pedantic(step, setup=reset, rounds=5, warmup_rounds=1)
-    assert inputs[0].grad is not None and inputs[0].grad.shape == inputs[0].shape
-    assert inputs[1].grad is not None and inputs[1].grad.shape == inputs[1].shape
 
 
 def test_target_verdict():

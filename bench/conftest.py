@@ -1,5 +1,7 @@
-"""Collect ``bench_<family>.py`` modules too, so ``pytest bench/`` runs their
-pytest-benchmark cases (pytest's default only collects ``test_*.py``)."""
+"""Collect ``bench_<stem>.py`` modules too, so ``pytest bench/`` runs their
+checks of the families' own helpers (pytest's default only collects
+``test_*.py``); ``test_harness.py`` runs every family's small pytest-benchmark
+configurations."""
 
 import pytest
 

@@ -3,25 +3,16 @@
     python -m bench.run [--device cpu|cuda] [--out DIR] [--quick] [--no-compile]
                         [--families divergence ...] [family options, e.g. --divergence jsd]
 
-Every ``bench/bench_<family>.py`` is a family. Each one's sweep writes
-``<out>/<family>_<device>.csv`` and ``<out>/<family>_<device>.png`` (default
-``bench/results``) and prints a table. Before the sweeps the run checks the
-peak-memory measurement on known cases and measures the copy bandwidth; it
-measures the bandwidth again after them and takes the higher of the two for
-the floors (the lower floor), since other work on the machine can only slow a
-copy down. It prints the ``THP_MEM_ALLOC_ENABLE`` setting it ran under, and
-the configurations timed while other processes kept a core busy.
-
-A family module provides ``FAMILY``, ``COLUMNS``, ``CONFIG_KEYS`` (the
-columns that make a configuration), ``sweep(ctx) -> rows``,
-``config_label(row)``, ``size_label(row)``, ``size_order(row)`` and
-``title(rows, ctx)``, and may provide ``add_arguments(parser)`` and
-``OUTPUT_KEY`` (a MiB column: the size of the outputs, drawn on the memory
-panel), ``TABLE_COLUMNS`` (the table's numeric columns, default
-``common.TABLE_COLUMNS``) and ``SIZE_AXIS`` (the plot's x label). Each row
-has ``provider``, ``dtype``, ``traffic_bytes`` (None for a compute-bound
-loss: no floor) and, when measured, ``median_ms`` and ``peak_extra_mib``;
-``run`` adds the floor and the ratios.
+Every ``bench/bench_<stem>.py`` is a family (its ``BENCH``, a
+:class:`bench.family.Family`). Each one's sweep writes ``<out>/<stem>_<device>.csv``
+and ``<out>/<stem>_<device>.png`` (default ``bench/results``) and prints a
+table. Before the sweeps the run checks the peak-memory measurement on known
+cases and measures the copy bandwidth; it measures the bandwidth again after
+them and takes the higher of the two for the floors (the lower floor), since
+other work on the machine can only slow a copy down. It prints the
+``THP_MEM_ALLOC_ENABLE`` setting it ran under, and the configurations timed
+while other processes kept a core busy. ``python -m bench.render_docs`` turns
+the CSV files into ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -43,13 +34,14 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 import bench  # noqa: E402
-from bench import common  # noqa: E402
+from bench import measure, plot, report  # noqa: E402
+from bench.family import Family, SweepContext  # noqa: E402
 
 
-def discover() -> dict:
-    """family name → its ``bench_<family>`` module."""
+def discover() -> dict[str, Family]:
+    """stem → the ``BENCH`` of ``bench/bench_<stem>.py``."""
     return {
-        info.name.removeprefix("bench_"): importlib.import_module(f"bench.{info.name}")
+        info.name.removeprefix("bench_"): importlib.import_module(f"bench.{info.name}").BENCH
         for info in pkgutil.iter_modules(bench.__path__)
         if info.name.startswith("bench_")
     }
@@ -62,9 +54,8 @@ def parse_args(families: dict, argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smallest shape, fp32 only: a smoke test")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     parser.add_argument("--families", nargs="+", choices=sorted(families), default=sorted(families))
-    for module in families.values():
-        if hasattr(module, "add_arguments"):
-            module.add_arguments(parser)
+    for family in families.values():
+        family.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
@@ -80,36 +71,36 @@ def main(argv=None) -> None:
     if not console.is_terminal:  # a log file: no need to squeeze the table into 80 columns
         console = Console(width=150)
     device = torch.device(args.device)
-    thp = common.thp_setting()
+    thp = measure.thp_setting()
     console.print(
         f"torch {torch.__version__}, {device.type}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
            f", {torch.get_num_threads()} threads, SIMD {torch.backends.cpu.get_cpu_capability()}")
     )
     console.print(f"THP: {thp.describe()}")
-    for check in common.validate_peak_memory(device):
+    for check in measure.validate_peak_memory(device):
         if check.measured_bytes is None:
             measured = "unavailable"
         else:
-            measured = f"{check.measured_bytes / common.MIB:.1f} MiB"
+            measured = f"{check.measured_bytes / measure.MIB:.1f} MiB"
         verdict = "[green]ok[/]" if check.ok else "[bold red]WRONG: peak memory columns untrustworthy[/]"
         console.print(
-            f"peak-memory check: {check.case}: expected {check.expected_bytes / common.MIB:.1f} MiB, "
+            f"peak-memory check: {check.case}: expected {check.expected_bytes / measure.MIB:.1f} MiB, "
             f"measured {measured} {verdict}"
         )
-    bandwidth_before = common.copy_bandwidth(device)
+    bandwidth_before = measure.copy_bandwidth(device)
     console.print(f"copy bandwidth (read + write): {bandwidth_before / 1e9:.1f} GB/s")
 
     results = {}
     started = time.perf_counter()
-    with common.make_progress(console) as progress:
-        ctx = common.SweepContext(
+    with report.make_progress(console) as progress:
+        ctx = SweepContext(
             device=device, quick=args.quick, compile=not args.no_compile, thp=thp, progress=progress,
-            options=vars(args),
+            options=vars(args), machine=measure.machine_columns(device),
         )
         for name in args.families:
             results[name] = families[name].sweep(ctx)
-    bandwidth_after = common.copy_bandwidth(device)
+    bandwidth_after = measure.copy_bandwidth(device)
     bandwidth = max(bandwidth_before, bandwidth_after)
     console.print(
         f"sweep took {time.perf_counter() - started:.0f} s; copy bandwidth after it "
@@ -117,25 +108,24 @@ def main(argv=None) -> None:
     )
 
     for name, rows in results.items():
-        module = families[name]
-        common.add_floor_and_ratios(rows, bandwidth, module.CONFIG_KEYS)
+        family = families[name]
+        report.add_floor_and_ratios(rows, bandwidth, family.config_keys)
         csv_path = args.out / f"{name}_{device.type}.csv"
         png_path = args.out / f"{name}_{device.type}.png"
-        common.write_csv(csv_path, rows, module.COLUMNS)
-        plot_options = {"xlabel": module.SIZE_AXIS} if hasattr(module, "SIZE_AXIS") else {}
-        common.plot_family(
-            rows, png_path, title=module.title(rows, ctx), size_label=module.size_label,
-            size_order=module.size_order, output_key=getattr(module, "OUTPUT_KEY", None), **plot_options,
+        report.write_csv(csv_path, rows, family.columns)
+        title = family.title(ctx)
+        plot.plot_family(
+            rows, png_path, title=title, size_label=family.size_label, size_order=family.size_order,
+            output_key=family.output_key, xlabel=family.size_axis,
         )
-        common.print_table(
-            console, rows, title=module.title(rows, ctx), config_label=module.config_label,
-            columns=getattr(module, "TABLE_COLUMNS", common.TABLE_COLUMNS),
+        report.print_table(
+            console, rows, title=title, config_label=family.config_label, columns=family.table_columns
         )
-        loaded = [r for r in rows if (r.get("other_load") or 0) > common.CONTENDED_LOAD]
-        busy = sorted({module.config_label(r) for r in loaded})
+        loaded = [r for r in rows if (r.get("other_load") or 0) > measure.CONTENDED_LOAD]
+        busy = sorted({family.config_label(r) for r in loaded})
         if busy:
             console.print(
-                f"[yellow]other processes kept over {common.CONTENDED_LOAD} of a core busy while timing "
+                f"[yellow]other processes kept over {measure.CONTENDED_LOAD} of a core busy while timing "
                 f"{', '.join(busy)} (column other_load): their times and ratios are distorted[/]"
             )
         console.print(f"wrote {csv_path} and {png_path}")

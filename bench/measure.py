@@ -1,48 +1,42 @@
-"""What every ``bench_<family>.py`` shares: timing, peak memory, bandwidth and
-the memory-traffic floor, the THP setting, and the report (CSV, rich progress
-and table, matplotlib PNG).
+"""Measurement: wall time, peak memory, copy bandwidth and the memory-traffic
+floor, the load other processes put on the machine, the THP setting, and a
+description of the machine.
 
-Conventions (DESIGN.md, "Benchmarks are not tests"):
+Conventions:
 
 - A measurement is forward + backward of one loss call, timed with
   ``time.perf_counter`` (after ``torch.cuda.synchronize`` on CUDA) and
   reported as the median over repeats, after a warm-up. The providers of one
   configuration take turns, and the turns are retried while other processes
   load the machine; ``other_load`` records how loaded it was.
-- Speed-ups are ratios of medians measured in the same run, against the
-  ``eager`` and ``compile`` providers of the same configuration.
 - The floor of a configuration is the bytes it must move (read the inputs
   once, write the outputs once) over the measured copy bandwidth of this
-  machine; ``x_floor`` is how many floors a provider takes.
+  machine.
 """
 
 from __future__ import annotations
 
-import csv
 import ctypes
 import ctypes.util
 import gc
 import math
 import os
+import platform
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 import fastkd
 
 MIB = 2**20
-EAGER = "eager"
-COMPILE = "compile"
 
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
 
 # ----------------------------------------------------------------------------- timing
 
@@ -118,11 +112,13 @@ def first_call(loss_fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tens
                device: torch.device) -> tuple[float, float]:
     """(loss, seconds) of an untimed first forward + backward of ``loss_fn(*inputs)``:
     a warm-up, the compile for ``compile``, and the value the providers are
-    checked by. The inputs' gradients are cleared before and after."""
+    checked by. The gradients of the tensors among the inputs are cleared
+    before and after."""
 
     def clear_grads() -> None:
         for x in inputs:
-            x.grad = None
+            if isinstance(x, torch.Tensor):
+                x.grad = None
 
     clear_grads()
     start = time.perf_counter()
@@ -431,367 +427,72 @@ def thp_setting() -> ThpSetting:
     return ThpSetting(os.environ.get("THP_MEM_ALLOC_ENABLE"), kernel)
 
 
-# ----------------------------------------------------------------------------- one configuration
 
-# A provider's first loss may differ from the baseline's by this much
-# (relative) before its row says so: a benchmark is not a parity test, but a
-# provider computing something else must not pass silently.
-LOSS_REL_TOLERANCE = 1e-3
-
-
-def allow_recompiles() -> None:
-    """Let ``torch.compile`` keep one static graph per shape and dtype of the same function."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    torch._dynamo.config.accumulated_recompile_limit = max(
-        torch._dynamo.config.accumulated_recompile_limit, 256
-    )
+def few_runs(repeats: int = 2) -> dict:
+    """Timing options for a configuration whose call takes seconds: the untimed
+    first call is the only warm-up, each provider gets exactly ``repeats`` timed
+    runs, and a contended attempt is retried once."""
+    return {"warmup": 0, "min_repeats": repeats, "max_repeats": repeats, "attempts": 2}
 
 
-def measure_config(
-    ctx: SweepContext,
-    task,
-    label: str,
-    base: dict,
-    loss_fns: dict[str, Callable[..., torch.Tensor]],
-    inputs: Sequence[torch.Tensor],
-    reset: Callable[[], object],
-    *,
-    skip: Callable[[str], str | None] | None = None,
-    unavailable: dict[str, str] | None = None,
-    baseline: str | None = EAGER,
-    tolerance: float = LOSS_REL_TOLERANCE,
-    unlike_baseline: dict[str, str] | None = None,
-    timing_options: dict | None = None,
-    per_second: dict[str, float] | None = None,
-) -> list[dict]:
-    """Measure every provider on one configuration; one row per provider.
-
-    Each provider ``loss_fns[name](*inputs)`` (a loss whose ``.backward()``
-    is timed with it) gets an untimed first call (warm-up, compile, and the
-    loss value it is checked by), then the providers' timed runs take turns
-    (:func:`time_uncontended`), then each one's peak extra memory. ``reset``
-    clears the gradients before every call.
-
-    Args:
-        ctx, task: the sweep's context and its progress task (advanced once
-            per measured or ``skip``-ped provider).
-        label: what the progress line says about this configuration.
-        base: the configuration's columns, copied into every row.
-        skip: ``skip(name)`` is why a provider is not run on this
-            configuration (too big for memory, say) or None: a row with the
-            reason as its note, first.
-        unavailable: providers not run at all (not installed ...): rows with
-            the reason, last; not counted in the progress.
-        baseline: the provider whose first loss the others are compared with
-            (``loss_rel_diff``, and a note beyond ``tolerance``); None or
-            absent: no comparison.
-        unlike_baseline: providers that compute a different objective on
-            purpose, with the note saying so instead of a comparison.
-        timing_options: passed to :func:`time_uncontended` (fewer repeats for
-            slow configurations).
-        per_second: column name → amount per call (GFLOP, GB ...); the row
-            gets ``amount / median seconds`` under that name.
-    """
-    unlike_baseline = unlike_baseline or {}
-    rows = []
-    here = {}
-    for name, loss_fn in loss_fns.items():
-        reason = skip(name) if skip is not None else None
-        if reason is None:
-            here[name] = loss_fn
-        else:
-            rows.append({**base, "provider": name, "note": reason})
-            ctx.progress.advance(task)
-    calls = {
-        name: Call(lambda loss_fn=loss_fn: loss_fn(*inputs).backward(), reset)
-        for name, loss_fn in here.items()
-    }
-    first = {}
-    for name, loss_fn in here.items():
-        ctx.progress.update(task, description=f"{label} {name}: first call")
-        first[name] = first_call(loss_fn, inputs, device=ctx.device)
-    ctx.progress.update(task, description=f"{label}: timing")
-    timings, other_load = time_uncontended(calls, device=ctx.device, **(timing_options or {}))
-    baseline_loss = first[baseline][0] if baseline in first else None
-    for name, call in calls.items():
-        ctx.progress.update(task, description=f"{label} {name}: memory")
-        peak = peak_extra_bytes(call.fn, device=ctx.device, setup=reset)
-        reset()
-        loss, first_s = first[name]
-        rel_diff = abs(loss - baseline_loss) / abs(baseline_loss) if baseline_loss else None
-        notes = []
-        if name == COMPILE:
-            notes.append(f"first call (compile or cache load) {first_s:.1f} s")
-        if name in unlike_baseline:
-            notes.append(unlike_baseline[name])
-        elif rel_diff is not None and rel_diff > tolerance:
-            notes.append(f"loss differs from {baseline} by {rel_diff:.1e}")
-        timing = timings[name]
-        seconds = timing.median_ms * 1e-3
-        rows.append({
-            **base,
-            "provider": name,
-            "median_ms": timing.median_ms,
-            "min_ms": min(timing.times_ms),
-            "max_ms": max(timing.times_ms),
-            "repeats": timing.repeats,
-            "peak_extra_mib": None if peak is None else peak / MIB,
-            **{column: amount / seconds for column, amount in (per_second or {}).items()},
-            "loss_rel_diff": rel_diff,
-            "other_load": other_load,
-            "note": "; ".join(notes),
-        })
-        ctx.progress.advance(task)
-    rows.extend({**base, "provider": name, "note": reason} for name, reason in (unavailable or {}).items())
-    return rows
+# ----------------------------------------------------------------------------- memory available
 
 
-# ----------------------------------------------------------------------------- rows and ratios
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free device memory on CUDA, ``MemAvailable`` on CPU; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
-def add_floor_and_ratios(rows: list[dict], bandwidth: float, group_keys: Sequence[str]) -> None:
-    """Fill ``floor_ms``, ``copy_gbs``, ``x_floor``, ``speedup_vs_eager`` and
-    ``speedup_vs_compile`` in place.
-
-    ``floor_ms`` is the row's ``traffic_bytes`` (the bytes its family counts
-    as the least any implementation must move) at ``bandwidth`` bytes/s; a
-    family whose loss is compute-bound gives ``traffic_bytes`` None and gets
-    no floor (``floor_ms`` and ``x_floor`` None).
-    Speed-ups are taken within one configuration (the rows sharing
-    ``group_keys``), between medians measured in this run.
-    """
-    baselines: dict[tuple, dict[str, float]] = {}
-    for row in rows:
-        if row["provider"] in (EAGER, COMPILE) and row.get("median_ms") is not None:
-            baselines.setdefault(tuple(row[k] for k in group_keys), {})[row["provider"]] = row["median_ms"]
-    for row in rows:
-        traffic = row.get("traffic_bytes")
-        row["floor_ms"] = None if traffic is None else floor_ms(traffic, bandwidth)
-        row["copy_gbs"] = bandwidth / 1e9
-        ms = row.get("median_ms")
-        base = baselines.get(tuple(row[k] for k in group_keys), {})
-        row["x_floor"] = ms / row["floor_ms"] if ms and row["floor_ms"] else None
-        row["speedup_vs_eager"] = base[EAGER] / ms if ms and EAGER in base else None
-        row["speedup_vs_compile"] = base[COMPILE] / ms if ms and COMPILE in base else None
+def memory_skip_reason(
+    need_bytes: int, available: int | None, what: str, fraction: float = 0.8
+) -> str | None:
+    """Why a provider needing ``need_bytes`` (``what`` they are) cannot run, or None:
+    it would take more than ``fraction`` of the ``available`` bytes (None: unknown, run it)."""
+    if available is None or need_bytes <= fraction * available:
+        return None
+    gib = 2**30
+    return f"skipped: would need ~{need_bytes / gib:.0f} GiB ({what}), {available / gib:.0f} GiB available"
 
 
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
+def fp32_tensors_skip_reason(
+    count: int, elements: int, available: int | None, shape: str, fraction: float = 0.8
+) -> str | None:
+    """:func:`memory_skip_reason` of a provider holding ``count`` float32 tensors
+    of ``elements`` elements (``shape``, e.g. ``"N×M"``) at once; None for 0."""
+    if not count:
+        return None
+    return memory_skip_reason(count * elements * 4, available, f"{count} {shape} fp32 tensors", fraction)
 
 
-def write_csv(path: Path, rows: Iterable[dict], columns: Sequence[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as out:
-        writer = csv.writer(out)
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([_cell(row.get(c)) for c in columns])
+# ----------------------------------------------------------------------------- machine
 
 
-# ----------------------------------------------------------------------------- terminal report
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
-@dataclass
-class SweepContext:
-    """What ``run.py`` hands each family's ``sweep``."""
-
-    device: torch.device
-    quick: bool
-    compile: bool
-    thp: ThpSetting
-    progress: object  # rich.progress.Progress
-    options: dict = field(default_factory=dict)  # the parsed command line; families read their own
-
-
-def make_progress(console):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    )
-
-
-def _fmt(value, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
-
-
-TABLE_COLUMNS = (
-    # (row key, header, format)
-    ("median_ms", "median ms", ".1f"),
-    ("repeats", "runs", "d"),
-    ("peak_extra_mib", "peak extra MiB", ".0f"),
-    ("floor_ms", "floor ms", ".1f"),
-    ("x_floor", "× floor", ".1f"),
-    ("speedup_vs_eager", "vs eager", ".1f"),
-    ("speedup_vs_compile", "vs compile", ".2f"),
-    ("other_load", "other load", ".2f"),
-)
-
-
-def print_table(
-    console,
-    rows: Sequence[dict],
-    *,
-    title: str,
-    config_label: Callable[[dict], str],
-    columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS,
-) -> None:
-    """One line per measured row: its configuration, provider, and the numbers
-    (``columns``: (row key, header, format), default :data:`TABLE_COLUMNS`);
-    then one line per provider that was not measured, with the reason."""
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("configuration")
-    table.add_column("provider")
-    for _, header, _ in columns:
-        table.add_column(header, justify="right")
-    previous = None
-    for row in rows:
-        if row.get("median_ms") is None:
-            continue
-        config = config_label(row)
-        if previous is not None and config != previous:
-            table.add_section()
-        table.add_row(
-            config if config != previous else "",
-            row["provider"],
-            *(_fmt(row.get(key), spec) for key, _, spec in columns),
-        )
-        previous = config
-    console.print(table)
-    for row in rows:
-        if row.get("median_ms") is None and row.get("note"):
-            console.print(f"  not measured: {row['provider']} ({config_label(row)}): {row['note']}")
-
-
-# ----------------------------------------------------------------------------- plot
-
-PROVIDER_COLOURS = {
-    EAGER: "tab:gray",
-    COMPILE: "tab:orange",
-    "fastkd-cpu": "tab:blue",
-    "fastkd-triton": "tab:green",
-    "fastkd-cuda": "tab:purple",
-    "liger": "tab:red",
-}
-DTYPE_STYLES = {"fp32": ("-", "o"), "bf16": (":", "s"), "fp16": ("-.", "^"), "fp64": ("--", "D")}
-FLOOR_GREYS = ("black", "0.55", "0.75")
-
-
-def plot_family(
-    rows: Sequence[dict],
-    path: Path,
-    *,
-    title: str,
-    size_label: Callable[[dict], str],
-    size_order: Callable[[dict], object],
-    output_key: str | None = None,
-    xlabel: str = "problem size N × V (ordered by N·V)",
-) -> None:
-    """Two panels against problem size: median fwd+bwd time (with the traffic
-    floor dashed, where the rows have one) and peak extra memory (with the
-    size of the outputs dashed when ``output_key`` names a MiB column), one
-    line per provider and dtype.
-
-    Sizes are placed in order of ``size_order`` at even spacing, providers
-    side by side around each: families sweep shapes whose element counts can
-    coincide (2048×32000 and 512×128256), which a logarithmic x axis would
-    stack on one another.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
-    measured = [r for r in rows if r.get("median_ms") is not None]
-    order = {size_label(r): size_order(r) for r in measured}
-    labels = sorted(order, key=order.__getitem__)
-    position = {label: i for i, label in enumerate(labels)}
-    dtypes = list(dict.fromkeys(r["dtype"] for r in measured))
-    providers = list(dict.fromkeys(r["provider"] for r in measured))
-
-    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(13, 5.2))
-    for rank, provider in enumerate(providers):
-        # Side by side around each size, so equal values (memory) stay visible.
-        dodge = 0.05 * (rank - (len(providers) - 1) / 2)
-        for dtype in dtypes:
-            points = sorted(
-                (position[size_label(r)], r)
-                for r in measured
-                if r["provider"] == provider and r["dtype"] == dtype
-            )
-            if not points:
-                continue
-            style, marker = DTYPE_STYLES.get(dtype, ("-", "o"))
-            colour = PROVIDER_COLOURS.get(provider)
-            xs = [x + dodge for x, _ in points]
-            ax_time.plot(xs, [r["median_ms"] for _, r in points], style, marker=marker, color=colour)
-            mem = [(x + dodge, r["peak_extra_mib"]) for x, r in points if r.get("peak_extra_mib")]
-            if mem:
-                ax_mem.plot(*zip(*mem, strict=True), style, marker=marker, color=colour)
-    for grey, dtype in zip(FLOOR_GREYS, dtypes, strict=False):
-        floor = {}
-        outputs = {}
-        for r in measured:
-            if r["dtype"] == dtype:
-                if r.get("floor_ms") is not None:
-                    floor[position[size_label(r)]] = r["floor_ms"]
-                if output_key:
-                    outputs[position[size_label(r)]] = r[output_key]
-        # A wide flat marker keeps a one-size floor (--quick) visible.
-        dashed = {"linestyle": "--", "color": grey, "linewidth": 1.2, "marker": "_", "markersize": 18}
-        if floor:
-            xs = sorted(floor)
-            ax_time.plot(xs, [floor[x] for x in xs], **dashed)
-        if outputs:
-            xs = sorted(outputs)
-            ax_mem.plot(xs, [outputs[x] for x in xs], **dashed)
-    has_floor = any(r.get("floor_ms") is not None for r in measured)
-
-    for ax, ylabel in ((ax_time, "median forward + backward time (ms)"), (ax_mem, "peak extra memory (MiB)")):
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(labels)), labels)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.set_xlim(-0.25, len(labels) - 0.75)
-    ax_time.set_title("time (dashed: memory-traffic floor)" if has_floor else "time")
-    ax_mem.set_title("peak extra memory" + (" (dashed: size of the outputs)" if output_key else ""))
-
-    handles = [Line2D([], [], color=PROVIDER_COLOURS.get(p), linewidth=2.5, label=p) for p in providers]
-    handles += [
-        Line2D([], [], color="0.3", linestyle=DTYPE_STYLES.get(d, ("-", "o"))[0],
-               marker=DTYPE_STYLES.get(d, ("-", "o"))[1], label=d)
-        for d in dtypes
-    ]
-    dashed_label = "floor / outputs" if has_floor else "outputs"
-    if has_floor or output_key:
-        handles += [
-            Line2D([], [], color=grey, linestyle="--", label=f"{dashed_label} ({d})")
-            for grey, d in zip(FLOOR_GREYS, dtypes, strict=False)
-        ]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), frameon=False)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
+def machine_columns(device: torch.device) -> dict:
+    """What ran the measurement, as CSV columns copied into every row:
+    ``machine`` (the GPU's name, or the CPU model and its SIMD level),
+    ``threads`` (torch's intra-op threads) and ``torch`` (its version)."""
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
+    else:
+        machine = f"{_cpu_model()}, {os.cpu_count()} cores, SIMD {torch.backends.cpu.get_cpu_capability()}"
+    return {"machine": machine, "threads": torch.get_num_threads(), "torch": torch.__version__}
