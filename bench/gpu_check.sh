@@ -115,7 +115,7 @@ stage_build() {
     if [[ -n "$so" && -z "$newer" ]]; then
       echo "dry run: $so is newer than every source in csrc/ and setup.py: no build"
     else
-      env FASTKD_SKIP_CUDA=1 FASTKD_BUILD_JOBS="$jobs" MAX_JOBS="$jobs" \
+      env FASTKD_SKIP_CUDA=1 MAX_JOBS="$jobs" \
         "$PY" setup.py build_ext --inplace || return
     fi
   else
@@ -127,7 +127,7 @@ stage_build() {
     arch="${arch:-9.0}"
     echo "building fastkd._C and fastkd._C_cuda for arch $arch with MAX_JOBS=$jobs"
     # setup.py sets TORCH_CUDA_ARCH_LIST from FASTKD_CUDA_ARCH_LIST.
-    env -u TORCH_CUDA_ARCH_LIST FASTKD_CUDA_ARCH_LIST="$arch" FASTKD_BUILD_JOBS=3 MAX_JOBS="$jobs" \
+    env -u TORCH_CUDA_ARCH_LIST FASTKD_CUDA_ARCH_LIST="$arch" MAX_JOBS="$jobs" \
       "$PY" setup.py build_ext --inplace || return
   fi
   "$PY" - "$DEVICE" <<'EOF'
@@ -208,61 +208,26 @@ stage_bench() {
   export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
   "$PY" - "$DEVICE" "$shape" "$dtype" "$WORK/bench" "${GPU_CHECK_BENCH_COMPILE:-0}" <<'EOF'
 """bench.run's divergence family on one shape and dtype, once per divergence (kl, jsd),
-each into its own folder; one divergence failing does not stop the other."""
+each into its own folder; one divergence failing does not stop the other (a provider
+that runs out of GPU memory is a row with a note, not the end of the sweep)."""
 import sys
 import traceback
 from pathlib import Path
 
 import torch
 
-import bench.bench_divergence as family
 from bench import run
-from bench.common import COMPILE
 
 device, shape, dtype, out, use_compile = sys.argv[1:]
-rows, vocab = (int(n) for n in shape.split("x"))
-torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-# The sweep's shapes and dtypes are module constants: one configuration here.
-family.SHAPES = ((rows, vocab),)
-family.DTYPES = {dtype: torch_dtype}
-all_providers = family.providers
-
-
-def providers_that_fit(device, options, *, use_compile):
-    """family.providers, less those that run out of GPU memory at this size (the eager
-    reference's float32 temporaries: about 12 bytes per logit for KL, more for JSD),
-    which are reported as not measured instead of ending the sweep."""
-    found, skipped = all_providers(device, options, use_compile=use_compile)
-    if device.type != "cuda":
-        return found, skipped
-    s = torch.randn(rows, vocab, device=device, dtype=torch_dtype, requires_grad=True)
-    t = torch.randn(rows, vocab, device=device, dtype=torch_dtype)
-    for name, loss_fn in list(found.items()):
-        if name == COMPILE:  # its first call compiles: left to the sweep
-            continue
-        try:
-            loss_fn(s, t).backward()
-        except torch.cuda.OutOfMemoryError as exc:
-            del found[name]
-            skipped[name] = f"out of GPU memory at {rows}x{vocab} {dtype}: {str(exc).splitlines()[0][:120]}"
-            print(f"{name}: {skipped[name]}", flush=True)
-        s.grad = None
-        torch.cuda.empty_cache()
-    del s, t
-    torch.cuda.empty_cache()
-    return found, skipped
-
-
-family.providers = providers_that_fit
 failed = []
 for divergence in ("kl", "jsd"):
     folder = Path(out) / divergence
     folder.mkdir(parents=True, exist_ok=True)
-    argv = ["--device", device, "--families", "divergence", "--divergence", divergence, "--out", str(folder)]
+    argv = ["--device", device, "--families", "divergence", "--divergence", divergence,
+            "--divergence-shapes", shape, "--divergence-dtypes", dtype, "--out", str(folder)]
     if use_compile != "1":
         argv.append("--no-compile")
-    print(f"=== bench {divergence} {rows}x{vocab} {dtype} on {device}: python -m bench.run {' '.join(argv)}",
-          flush=True)
+    print(f"=== bench {divergence} {shape} {dtype} on {device}: python -m bench.run {' '.join(argv)}", flush=True)
     try:
         run.main(argv)
     except BaseException:  # noqa: BLE001 - report, then the next divergence

@@ -12,7 +12,7 @@
 #endif
 
 TORCH_LIBRARY(fastkd, m) {
-  // Softmax-divergence family (SPEC §1), one fused row pass.
+  // Softmax-divergence family (docs/spec.md §1), one fused row pass.
   //   student, teacher: [N, V] logits, unit stride along V, same dtype.
   //   row_mask: [N] bool (false → row excluded: loss 0, gradient 0).
   //   kind: fastkd::divergence::Kind; coef: β (JSD) or α (skew), interior.
@@ -30,7 +30,7 @@ TORCH_LIBRARY(fastkd, m) {
       "bool teacher_grad, Tensor? labels=None, float hard_grad_scale=0.) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
 
-  // InfoNCE (SPEC §4), tiled over the rows of q (Inf-CL style): only a
+  // InfoNCE (docs/spec.md §4), tiled over the rows of q (Inf-CL style): only a
   // tile_rows × M block of logits exists at a time, and O(N) state (the row
   // log-sum-exp) is kept between forward and backward.
   //   q: [N, D], k: [M, D], same floating dtype; labels: [N] int64 in [0, M)
@@ -47,7 +47,7 @@ TORCH_LIBRARY(fastkd, m) {
       "info_nce_backward(Tensor grad_row_loss, Tensor q, Tensor k, Tensor labels, "
       "Tensor row_lse, float inv_temperature, int tile_rows) -> (Tensor, Tensor)");
 
-  // Squared MMD (SPEC §3), tiled over the rows of x and of y: only
+  // Squared MMD (docs/spec.md §3), tiled over the rows of x and of y: only
   // tile_rows × max(N, M) blocks of the kernel matrices exist at a time, and
   // nothing is kept between forward and backward (the backward recomputes).
   //   x: [N, D], y: [M, D], same floating dtype.
@@ -65,7 +65,7 @@ TORCH_LIBRARY(fastkd, m) {
       "mmd_backward(Tensor grad, Tensor x, Tensor y, int kernel, float[] bandwidths, "
       "int degree, float c, bool unbiased, int tile_rows) -> (Tensor, Tensor)");
 
-  // Top-k (sparse) teacher divergence (SPEC §1): the teacher is k (id, logit)
+  // Top-k (sparse) teacher divergence (docs/spec.md §1): the teacher is k (id, logit)
   // pairs per row, renormalised over its ids; the student's softmax is over
   // the full vocabulary. No [N, V] teacher tensor is built.
   //   student: [N, V] logits, unit stride along V.
@@ -82,7 +82,7 @@ TORCH_LIBRARY(fastkd, m) {
       "Tensor? row_mask, int kind, float inv_temperature, float coef, float grad_scale, "
       "bool student_grad, Tensor? labels=None, float hard_grad_scale=0.) -> (Tensor, Tensor, Tensor)");
 
-  // Multi-teacher divergence (SPEC §1): the target is the mixture
+  // Multi-teacher divergence (docs/spec.md §1): the target is the mixture
   // p = Σ_k w_k softmax(t_k / T), accumulated in log space in one pass.
   //   student: [N, V]; teachers: [K, N, V], same dtype, unit stride along V.
   //   teacher_weights: [K] float64 on the CPU, >= 0, summing to 1.
@@ -95,7 +95,7 @@ TORCH_LIBRARY(fastkd, m) {
       "mixture_divergence_forward(Tensor student, Tensor teachers, Tensor teacher_weights, "
       "Tensor? row_mask, int kind, float inv_temperature, float coef, float grad_scale, "
       "bool student_grad, Tensor? labels=None, float hard_grad_scale=0.) -> (Tensor, Tensor, Tensor)");
-  // Decoupled KD (SPEC §1, mdistiller), one pass per row (csrc/cpu/dkd.cpp).
+  // Decoupled KD (docs/spec.md §1, mdistiller), one pass per row (csrc/cpu/dkd.cpp).
   //   student, teacher: [N, C] logits (C >= 2), same dtype; labels: [N] int64
   //   in [0, C). Returns (row_loss [N] = α·TCKD + β·NCKD (no T²), fp32 (fp64
   //   for fp64 input); student_grad [N, C] = grad_scale · d row_loss / d
@@ -103,7 +103,7 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "dkd_forward(Tensor student, Tensor teacher, Tensor labels, float alpha, float beta, "
       "float inv_temperature, float grad_scale, bool student_grad) -> (Tensor, Tensor)");
-  // CRD (SPEC §4, RepDistiller CRDLoss), one direction of the NCE loss over a
+  // CRD (docs/spec.md §4, RepDistiller CRDLoss), one direction of the NCE loss over a
   // memory bank, fused: gather + dot + exp + NCE terms + gradient per sample,
   // without the (B, K+1, D) gather.
   //   v: [B, D] embeddings, bank: [n_data, D] memory (same dtype, float32 or
@@ -116,7 +116,7 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "crd_nce_forward(Tensor v, Tensor bank, Tensor contrast_idx, float z, "
       "float inv_temperature, bool want_grad) -> (Tensor, Tensor, Tensor)");
-  // Attention transfer (SPEC §5, RepDistiller `Attention`), one pass over C
+  // Attention transfer (docs/spec.md §5, RepDistiller `Attention`), one pass over C
   // per spatial position. student: [N, C_s, H, W], teacher: [N, C_t, H, W]
   // (same N, H, W and dtype; the caller pools the larger map), read as NCHW or
   // channels_last (other strides are copied). a = v / max(‖v‖, eps) with
@@ -133,7 +133,7 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "attention_transfer_backward(Tensor grad, Tensor student, Tensor teacher, Tensor s_norm, "
       "Tensor t_norm, int p, float eps, bool student_grad, bool teacher_grad) -> (Tensor, Tensor)");
-  // RKD relational losses (SPEC §2) from Gram matrices, O(N²) memory: the
+  // RKD relational losses (docs/spec.md §2) from Gram matrices, O(N²) memory: the
   // distance term (O(N² D)) and the angle term (O(N³) arithmetic).
   //   student: [N, D_s], teacher: [N, D_t], same floating dtype (D may differ);
   //   the teacher is a constant (no gradient).
@@ -142,7 +142,7 @@ TORCH_LIBRARY(fastkd, m) {
   // loss itself (upstream gradient 1), computed in the same pass.
   m.def("rkd_distance_forward(Tensor student, Tensor teacher, bool student_grad) -> (Tensor, Tensor)");
   m.def("rkd_angle_forward(Tensor student, Tensor teacher, bool student_grad) -> (Tensor, Tensor)");
-  // PKT, SP and CC (SPEC §2): functions of the Gram matrices X Xᵀ (PKT: of
+  // PKT, SP and CC (docs/spec.md §2): functions of the Gram matrices X Xᵀ (PKT: of
   // the normalised rows), O(N²) memory. Same arguments and outputs as the
   // RKD ops above, the loss's hyper-parameters last:
   //   pkt_forward: eps > 0 (added to the norms and inside the log ratio);

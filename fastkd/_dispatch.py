@@ -1,4 +1,4 @@
-"""Backend registry and choice (DESIGN.md, "backends").
+"""Backend registry and choice (docs/design.md §2).
 
 ``backend="auto"`` (or the environment variable ``FASTKD_BACKEND``) picks, for
 CUDA tensors, ``triton`` then ``cuda`` then ``reference``; for CPU tensors,

@@ -24,7 +24,7 @@ __all__ = ["DivergenceOptions", "kernel_divergence"]
 def kernel_divergence(divergence: str, beta: float, alpha: float) -> tuple[int, float]:
     """(kind code, interior coefficient) for the kernels.
 
-    Endpoints are exact special cases (SPEC §1): JSD at β=0 is KL(p‖q) and at
+    Endpoints are exact special cases (docs/spec.md §1): JSD at β=0 is KL(p‖q) and at
     β=1 is KL(q‖p); skew divergences at α=0 are the plain ones. The kernels
     see β in (0, 1) and α in (0, 1] (α=1 is the zero divergence KL(p‖p),
     which the kernels' formulas handle without special-casing).

@@ -1,4 +1,4 @@
-"""Hard-label mixing (SPEC §1): ``hard_weight · CE(student, labels) + soft_weight · KD``.
+"""Hard-label mixing (docs/spec.md §1): ``hard_weight · CE(student, labels) + soft_weight · KD``.
 
 Shared by :func:`fastkd.divergence` and :func:`fastkd.fused_linear_divergence`.
 The cross-entropy is at temperature 1 and is not multiplied by ``scale`` (the

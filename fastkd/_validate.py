@@ -1,7 +1,7 @@
 """Argument checks shared by every entry point.
 
 Each check raises ``ValueError`` naming the offending argument, before any
-kernel runs (SPEC §6).
+kernel runs (docs/spec.md §6).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Attention transfer (SPEC §5): :func:`at_loss` and :class:`ATLoss`."""
+"""Attention transfer (docs/spec.md §5): :func:`at_loss` and :class:`ATLoss`."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class ATFunction(torch.autograd.Function):
 def at_loss(
     student_maps: torch.Tensor, teacher_maps: torch.Tensor, *, p: int = 2, backend: str = "auto"
 ) -> torch.Tensor:
-    """Attention transfer for one pair of feature maps (RepDistiller ``Attention``, SPEC §5).
+    """Attention transfer for one pair of feature maps (RepDistiller ``Attention``, docs/spec.md §5).
 
     ``a(f) = normalize(mean_c f^p)`` over each sample's ``H·W`` positions
     (``F.normalize``, eps 1e-12); ``L = mean((a_s − a_t)²)`` over ``N·H·W``.
@@ -101,7 +101,7 @@ def at_loss(
 
 
 class ATLoss(nn.Module):
-    """Attention transfer summed over layer pairs (RepDistiller ``Attention``, SPEC §5).
+    """Attention transfer summed over layer pairs (RepDistiller ``Attention``, docs/spec.md §5).
 
     ``forward(student_maps, teacher_maps)`` takes two equally long sequences of
     ``(N, C, H, W)`` maps (or one map each) and returns

@@ -1,4 +1,4 @@
-"""Contrastive representation distillation (SPEC §4, RepDistiller ``CRDLoss``) on the fused op.
+"""Contrastive representation distillation (docs/spec.md §4, RepDistiller ``CRDLoss``) on the fused op.
 
 :func:`crd_nce` is one direction of the loss (embeddings against a memory
 bank); :class:`CRDLoss` is the whole module: embed heads, the two banks, ``Z``
@@ -116,7 +116,7 @@ def crd_nce(
     ``P_bj = exp(bank[contrast_idx_bj] · v_b / τ) / Z``;
     ``loss = −(Σ_b log(P_b0 / (P_b0 + c')) + Σ_bk log(c / (P_bk + c'))) / B``
     with ``c = K / n_data``, ``c' = c + 1e-7`` (RepDistiller ``ContrastMemory``
-    + ``ContrastLoss``; SPEC §4). The bank gets no gradient.
+    + ``ContrastLoss``; docs/spec.md §4). The bank gets no gradient.
 
     Args:
         v: ``(B, feat_dim)`` embeddings (any float dtype; computed in the bank's

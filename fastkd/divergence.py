@@ -1,4 +1,4 @@
-"""The divergence family (SPEC §1): KL, reverse KL, JSD, skew KL, TVD and Hinton KD.
+"""The divergence family (docs/spec.md §1): KL, reverse KL, JSD, skew KL, TVD and Hinton KD.
 
 :func:`divergence` validates, picks a backend and runs one fused row kernel
 (``fastkd::divergence_forward`` on cpu / cuda, ``kernels/divergence.py`` on
@@ -58,7 +58,7 @@ class DivergenceFunction(torch.autograd.Function):
 
 class HardSoftDivergenceFunction(torch.autograd.Function):
     """``(soft, hard)``: the fused divergence and the hard-label cross-entropy
-    of the same rows, from one kernel call (SPEC §1, hard-label mixing).
+    of the same rows, from one kernel call (docs/spec.md §1, hard-label mixing).
 
     The kernel computes the row divergences, the row cross-entropies (from the
     student log-sum-exp it already has) and one student gradient,
@@ -121,7 +121,7 @@ def divergence(
     """Divergence between the temperature-softened teacher and student distributions.
 
     Per row ``i``: ``p = softmax(t_i / T)``, ``q = softmax(s_i / T)`` and ``ℓ_i``
-    is the chosen divergence (SPEC §1). ``loss = scale · reduce(ℓ)``.
+    is the chosen divergence (docs/spec.md §1). ``loss = scale · reduce(ℓ)``.
 
     Args:
         student_logits: ``(..., V)`` float32 / bfloat16 / float16 / float64.

@@ -1,4 +1,4 @@
-"""Decoupled knowledge distillation (DKD, SPEC §1): public loss and module.
+"""Decoupled knowledge distillation (DKD, docs/spec.md §1): public loss and module.
 
 The mathematics is :mod:`fastkd.reference.dkd`'s. Each compiled backend is one
 fused call with the contract of ``fastkd::dkd_forward`` that returns the row

@@ -1,4 +1,4 @@
-"""Fused linear head + softmax divergence for LLM distillation (SPEC §1, "Fused linear").
+"""Fused linear head + softmax divergence for LLM distillation (docs/spec.md §1, "Fused linear").
 
 ``fused_linear_divergence`` computes ``fastkd.divergence`` on
 ``student_hidden @ student_weightᵀ + student_bias`` and

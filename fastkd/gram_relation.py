@@ -1,4 +1,4 @@
-"""Gram-matrix relations (SPEC §2): PKT, SP and CC, their functions and modules.
+"""Gram-matrix relations (docs/spec.md §2): PKT, SP and CC, their functions and modules.
 
 Each function takes embeddings ``student (N, ...)`` and ``teacher (N, ...)``,
 flattened per sample to ``(N, D_s)`` and ``(N, D_t)`` (the feature sizes may
@@ -85,10 +85,10 @@ def pkt_loss(
     ``x̂ = x / (‖x‖ + eps)``, ``S = max((x̂ x̂ᵀ + 1) / 2, 0)``, ``P = S / rowsum(S)``,
     ``L = mean_ij P_t log((P_t + eps) / (P_s + eps))`` over all ``N²`` entries.
 
-    NaN: RepDistiller sets NaN entries of ``x̂`` to 0 (SPEC §2, "NaN → 0"); like
+    NaN: RepDistiller sets NaN entries of ``x̂`` to 0 (docs/spec.md §2, "NaN → 0"); like
     the reference, only NaN *created* by the normalisation (an infinite
     entry, inf / inf) is zeroed; a NaN in the input still gives a NaN loss
-    (SPEC §6).
+    (docs/spec.md §6).
 
     Kernels as for :func:`sp_loss`, on the Gram matrix of the normalised
     rows ``x̂``; the normalisation's O(N·D) gradient is ATen tensor ops on

@@ -1,4 +1,4 @@
-"""FitNets hints (SPEC §5): :class:`HintLoss`, a trained adapter and an MSE."""
+"""FitNets hints (docs/spec.md §5): :class:`HintLoss`, a trained adapter and an MSE."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _positive_int(name: str, value) -> int:
 
 
 class HintLoss(nn.Module):
-    """FitNets hint loss (SPEC §5): ``MSE(adapter(f_s), f_t)``.
+    """FitNets hint loss (docs/spec.md §5): ``MSE(adapter(f_s), f_t)``.
 
     The adapter maps the student's channels to the teacher's and is trained
     with the student (give ``HintLoss.parameters()`` to the optimizer;

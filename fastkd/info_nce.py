@@ -1,4 +1,4 @@
-"""InfoNCE / CLIP with in-batch negatives (SPEC §4): :func:`info_nce` and :class:`InfoNCELoss`.
+"""InfoNCE / CLIP with in-batch negatives (docs/spec.md §4): :func:`info_nce` and :class:`InfoNCELoss`.
 
 The fused ops (``fastkd::info_nce_forward`` / ``_backward`` on cpu / cuda,
 ``kernels/info_nce.py`` on triton) keep only the row log-sum-exp between
@@ -95,7 +95,7 @@ def info_nce(
     gather: bool = False,
     process_group=None,
 ) -> torch.Tensor:
-    """InfoNCE / CLIP loss with in-batch negatives (SPEC §4).
+    """InfoNCE / CLIP loss with in-batch negatives (docs/spec.md §4).
 
     ``logits = q kᵀ / τ``, ``L = mean_i (lse_j logits_ij − logits_{i, y_i})``
     (``F.cross_entropy(q @ k.T / τ, y)``) with ``y = labels`` or, without

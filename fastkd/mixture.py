@@ -1,4 +1,4 @@
-"""Multi-teacher divergence (the mixture family, SPEC §1): the student against a mixture of teachers.
+"""Multi-teacher divergence (the mixture family, docs/spec.md §1): the student against a mixture of teachers.
 
 ``fastkd.divergence(student (..., V), teachers (K, ..., V), teacher_weights=(K,))``
 lands here. The target is ``p = Σ_k w_k softmax(t_k / T)``; the fused kernel
@@ -39,7 +39,7 @@ MIXTURE_KERNELS = ("cpu", "triton", "cuda")
 # limit of csrc/cuda/mixture.cu); the triton kernel takes any K.
 CUDA_MAX_TEACHERS = 2048
 
-# How far the weights' sum may be from 1 (SPEC §6: "weights not summing to 1"
+# How far the weights' sum may be from 1 (docs/spec.md §6: "weights not summing to 1"
 # is an error); loose enough for float32 weights from a softmax.
 WEIGHT_SUM_TOLERANCE = 1e-6
 
@@ -104,7 +104,7 @@ def mixture_divergence(
     return_parts: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Divergence between the mixture of K teachers and the student (SPEC §1, multi-teacher).
+    """Divergence between the mixture of K teachers and the student (docs/spec.md §1, multi-teacher).
 
     ``p = Σ_k w_k softmax(t_k / T)``, ``q = softmax(s / T)``, then the chosen
     divergence, ``scale`` and reduction exactly as :func:`fastkd.divergence`

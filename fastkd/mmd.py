@@ -1,4 +1,4 @@
-"""Squared maximum mean discrepancy (SPEC §3): :func:`mmd_loss` and :class:`MMDLoss`.
+"""Squared maximum mean discrepancy (docs/spec.md §3): :func:`mmd_loss` and :class:`MMDLoss`.
 
 The fused ops (``fastkd::mmd_forward`` / ``_backward`` on cpu / cuda,
 ``kernels/mmd.py`` on triton) never hold a kernel matrix. The mathematics is
@@ -91,7 +91,7 @@ def mmd_loss(
     gather: bool = False,
     process_group=None,
 ) -> torch.Tensor:
-    """Squared maximum mean discrepancy between two samples (SPEC §3).
+    """Squared maximum mean discrepancy between two samples (docs/spec.md §3).
 
     ``MMD² = mean k(x, x') + mean k(y, y') − 2 mean k(x, y)``; the semantics,
     kernels and defaults are :func:`fastkd.reference.mmd_loss`'s:

@@ -1,4 +1,4 @@
-"""Neural selectivity transfer (SPEC §3): :func:`nst_loss` and :class:`NSTLoss`.
+"""Neural selectivity transfer (docs/spec.md §3): :func:`nst_loss` and :class:`NSTLoss`.
 
 No backend has an NST kernel: the compiled backends take a closed form in
 composite ATen. The mathematics is :func:`fastkd.reference.nst_loss`'s.
@@ -46,7 +46,7 @@ def _nst_closed_form(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def nst_loss(
     student_maps: torch.Tensor, teacher_maps: torch.Tensor, *, backend: str = "auto"
 ) -> torch.Tensor:
-    """Neural selectivity transfer (RepDistiller ``NSTLoss``, SPEC §3).
+    """Neural selectivity transfer (RepDistiller ``NSTLoss``, docs/spec.md §3).
 
     Same semantics as :func:`fastkd.reference.nst_loss`: both maps pooled to
     ``(min(H, H'), min(W, W'))``, flattened to ``(N, C, HW)``, L2-normalised

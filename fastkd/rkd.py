@@ -1,4 +1,4 @@
-"""Relational KD (SPEC §2): RKD distance and angle, :func:`rkd_loss` and :class:`RKDLoss`.
+"""Relational KD (docs/spec.md §2): RKD distance and angle, :func:`rkd_loss` and :class:`RKDLoss`.
 
 Each function takes embeddings ``student (N, ...)`` and ``teacher (N, ...)``,
 flattened per sample to ``(N, D_s)`` and ``(N, D_t)`` (the feature sizes may

@@ -1,4 +1,4 @@
-"""Divergence against a top-k (sparse) teacher, SPEC §1.
+"""Divergence against a top-k (sparse) teacher, docs/spec.md §1.
 
 What LLM distillation pipelines store offline instead of full teacher logits:
 per token, the teacher's k most likely vocabulary ids and their logits (or

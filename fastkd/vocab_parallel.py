@@ -1,4 +1,4 @@
-"""Vocabulary-parallel divergences (SPEC §1): logits sharded along V across ranks.
+"""Vocabulary-parallel divergences (docs/spec.md §1): logits sharded along V across ranks.
 
 In tensor-parallel (Megatron-layout) LLM training each rank of a
 ``process_group`` holds a contiguous slice of the vocabulary: student and

@@ -35,9 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import FLOAT_DTYPES, guard_device
+
 __all__ = ["attention_relation_backward", "attention_relation_forward"]
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = FLOAT_DTYPES
 MAX_HEAD_WIDTH = 256
 BLOCK_M = 32
 BLOCK_N = 32
@@ -298,6 +300,7 @@ def _launch_common(student, teacher, heads, mask, temperature):
     return batch, length, mask_arg, args, meta
 
 
+@guard_device
 def attention_relation_forward(student, teacher, heads: int, mask, causal: bool, temperature: float):
     """The contract of ``fastkd::attention_relation_forward``.
 
@@ -321,6 +324,7 @@ def attention_relation_forward(student, teacher, heads: int, mask, causal: bool,
     return head_kl.mean(1), lse_s, lse_t, head_kl
 
 
+@guard_device
 def attention_relation_backward(row_grad, student, teacher, heads: int, mask, causal: bool, temperature: float,
                                 lse_student, lse_teacher, head_kl, student_grad: bool, teacher_grad: bool):
     """The contract of ``fastkd::attention_relation_backward``: ``(grad_student, grad_teacher)``

@@ -1,4 +1,4 @@
-"""Tolerances (SPEC §6, declared once) and parity assertions shared by every test."""
+"""Tolerances (docs/spec.md §6, declared once) and parity assertions shared by every test."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import fastkd
 
 # (rtol, atol): |actual − expected| <= atol + rtol · max|expected|, against the
-# float64 reference (SPEC §6). Losses and accumulation are float32 for every
+# float64 reference (docs/spec.md §6). Losses and accumulation are float32 for every
 # reduced-precision input, so the float32 atol applies to them too (it only
 # matters where the exact value is ~0, e.g. any divergence at V = 1).
 TOLERANCES = {

@@ -1,4 +1,4 @@
-"""Attention transfer (SPEC §5): the reference against explicit loops, every
+"""Attention transfer (docs/spec.md §5): the reference against explicit loops, every
 fused backend of AT_KERNELS on DEVICE (cpu and triton here, triton and cuda
 under FASTKD_TEST_DEVICE=cuda) against the float64 reference (loss and
 gradients), the ops themselves (opcheck, C++ and launcher checks), and

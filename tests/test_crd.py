@@ -1,4 +1,4 @@
-"""CRD (SPEC §4, RepDistiller CRDLoss): the reference against a loop transcription
+"""CRD (docs/spec.md §4, RepDistiller CRDLoss): the reference against a loop transcription
 of the formulas, the fused kernels (cpu and triton here; triton and cuda with
 FASTKD_TEST_DEVICE=cuda) against the float64 reference (loss and gradients of
 the embed heads and inputs), the memory banks and Z (update rule, state_dict),
@@ -91,7 +91,7 @@ def step(module, f_s, f_t, idx, contrast_idx, upstream=UPSTREAM):
 
 
 def loop_nce(v, bank, contrast_idx, temperature, z):
-    """SPEC §4 for one direction, element by element in float64."""
+    """docs/spec.md §4 for one direction, element by element in float64."""
     b, cols = contrast_idx.shape
     n = bank.shape[0]
     negatives = cols - 1
@@ -291,7 +291,7 @@ def test_module_first_call_sets_z(backend):
     contrast_idx = torch.randint(64, (13, 37)).to(DEVICE)
     got_loss, _ = step(fused, f_s, f_t, idx, contrast_idx)
     want_loss, _ = step(ref64, f_s.double(), f_t.double(), idx, contrast_idx)
-    torch.testing.assert_close(fused.z.double(), ref64.z, rtol=1e-5, atol=0)  # SPEC §6 float32
+    torch.testing.assert_close(fused.z.double(), ref64.z, rtol=1e-5, atol=0)  # docs/spec.md §6 float32
     assert_matches(got_loss, want_loss, torch.float32, f"{backend} first-call loss")
 
 

@@ -1,4 +1,4 @@
-"""Softmax-divergence family (SPEC §1): every backend against the float64 reference."""
+"""Softmax-divergence family (docs/spec.md §1): every backend against the float64 reference."""
 
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def test_float64_inputs(backend):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_parity_property(backend, rows, vocab, temperature, divergence, spread, seed):
-    # Random shapes, temperatures (SPEC §6: 0.05 to 100) and logit scales.
+    # Random shapes, temperatures (docs/spec.md §6: 0.05 to 100) and logit scales.
     torch.manual_seed(seed)
     s, t = logits((rows, vocab), spread=spread), logits((rows, vocab), spread=spread)
     check_parity(backend, s, t, divergence=divergence, temperature=temperature, teacher_grad=True,
@@ -238,7 +238,7 @@ def test_endpoint_coefficients_are_exact():
     assert abs(zero.item()) < 1e-6
 
 
-# ---- what the divergences match (SPEC §1, "matches" column) --------------------
+# ---- what the divergences match (docs/spec.md §1, "matches" column) --------------------
 
 
 def test_kl_matches_torch_kldivloss():

@@ -86,7 +86,7 @@ def check_ce_parity(backend, s, t, row_mask, kind, temperature, *, teacher_grad)
     plain = forward(backend, s, t, row_mask, kind, temperature, teacher_grad=teacher_grad,
                     hard_grad_scale=0.0)
     want = expected(s, t, row_mask, kind, temperature, labels)
-    # the reference from the same inputs in float32 (SPEC §6's relative pass mark)
+    # the reference from the same inputs in float32 (docs/spec.md §6's relative pass mark)
     same = expected(s, t, row_mask, kind, temperature, labels, precision=torch.float32)
     assert ce.shape == (s.shape[0],) and ce.dtype == torch.float32
     assert gs.shape == s.shape and gs.dtype == dtype

@@ -1,4 +1,4 @@
-"""DKD (SPEC §1): the reference against an explicit per-row loop, every fused
+"""DKD (docs/spec.md §1): the reference against an explicit per-row loop, every fused
 backend of DKD_KERNELS on DEVICE (cpu and triton here, triton and cuda under
 FASTKD_TEST_DEVICE=cuda) against the float64 reference (loss and gradient),
 the ops themselves and the argument checks."""
@@ -104,7 +104,7 @@ def test_reference_log_space_where_probability_space_fails():
 
 
 def neg_inf_teacher():
-    """Student logits (finite) and teacher logits with −inf entries (no mass, SPEC §1): at a
+    """Student logits (finite) and teacher logits with −inf entries (no mass, docs/spec.md §1): at a
     non-target class (row 0), at the target (row 1), at all non-targets but one (row 2), none (row 3)."""
     s = logits(4, 6, torch.float64, 40)
     t = logits(4, 6, torch.float64, 41)
@@ -271,7 +271,7 @@ def test_non_contiguous_and_large_logits(backend):
 
 @pytest.mark.parametrize("backend", kernel_params())
 def test_logits_of_magnitude_1e4(backend):
-    """|x| up to 1e4 at T = 1 (SPEC §6): the binary split and the non-target
+    """|x| up to 1e4 at T = 1 (docs/spec.md §6): the binary split and the non-target
     softmax stay finite and accurate (log space, shifted by the row max)."""
     s = logits(6, 50, torch.float32, 26, spread=4000.0, device=DEVICE).clamp(-1e4, 1e4)
     t = logits(6, 50, torch.float32, 27, spread=4000.0, device=DEVICE).clamp(-1e4, 1e4)

@@ -1,4 +1,4 @@
-"""fastkd.fused_linear_divergence (SPEC §1, "Fused linear") against the
+"""fastkd.fused_linear_divergence (docs/spec.md §1, "Fused linear") against the
 float64 unfused reference (logits = hidden @ Wᵀ + b, then
 fastkd.reference.divergence / mixed_divergence): loss and the gradients of the
 student hidden states, weight and bias; chunking; argument checks."""

@@ -1,4 +1,4 @@
-"""PKT, SP and CC (SPEC §2): every fused backend against the float64 reference, their
+"""PKT, SP and CC (docs/spec.md §2): every fused backend against the float64 reference, their
 hyper-parameters through functions, modules and ops, dispatch and CC's order bound."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PKT, SP and CC (SPEC §2): the reference against explicit loops, PKT's zero rows and
+"""PKT, SP and CC (docs/spec.md §2): the reference against explicit loops, PKT's zero rows and
 normalisation NaN, and the hyper-parameters' checks."""
 
 from __future__ import annotations

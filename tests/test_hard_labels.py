@@ -1,4 +1,4 @@
-"""Hard-label mixing in fastkd.divergence / kd_loss (SPEC §1):
+"""Hard-label mixing in fastkd.divergence / kd_loss (docs/spec.md §1):
 ``hard_weight · CE + soft_weight · KD`` against the float64 reference, and
 the reference CE against torch's cross_entropy. Every tensor lives on the
 test device (``FASTKD_TEST_DEVICE``), drawn on the CPU first so that the

@@ -1,4 +1,4 @@
-"""FitNets hints (SPEC §5): HintLoss's adapters, value, pooling, gradients and argument checks."""
+"""FitNets hints (docs/spec.md §5): HintLoss's adapters, value, pooling, gradients and argument checks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""InfoNCE (SPEC §4): the fused kernels (cpu and triton here; triton and cuda
+"""InfoNCE (docs/spec.md §4): the fused kernels (cpu and triton here; triton and cuda
 with FASTKD_TEST_DEVICE=cuda) against the float64 reference, the ops
 themselves (opcheck, C++ and launcher checks) and the argument validation."""
 

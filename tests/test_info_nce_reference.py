@@ -1,4 +1,4 @@
-"""The InfoNCE reference (SPEC §4) against explicit loops, cross-entropy and CLIP."""
+"""The InfoNCE reference (docs/spec.md §4) against explicit loops, cross-entropy and CLIP."""
 
 from __future__ import annotations
 

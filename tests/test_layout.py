@@ -37,8 +37,8 @@ FAMILIES = {
         "tests/test_topk*.py", "bench/bench_topk.py",
     ),
     "fused_linear": (
-        "fastkd/fused_linear.py", "fastkd/reference/fused_linear.py", "tests/test_fused_linear*.py",
-        "bench/bench_fused_linear.py",
+        "fastkd/fused_linear.py", "fastkd/reference/fused_linear.py", "csrc/cpu/fused_linear_gemm.cpp",
+        "tests/test_fused_linear*.py", "bench/bench_fused_linear.py",
     ),
     "vocab_parallel": ("fastkd/vocab_parallel.py", "tests/test_vocab_parallel*.py"),
     "dkd": (
@@ -75,6 +75,11 @@ FAMILIES = {
         "tests/test_attention_transfer*.py",
     ),
     "hint": ("fastkd/hint.py", "fastkd/reference/hint.py", "tests/test_hint*.py"),
+    "attention_relation": (
+        "fastkd/attention_relation.py", "fastkd/reference/attention_relation.py", "kernels/attention_relation.py",
+        "csrc/cpu/attention_relation.cpp", "tests/test_attention_relation*.py",
+    ),
+    "hidden_state": ("fastkd/hidden_state.py", "fastkd/reference/hidden_state.py", "tests/test_hidden_state*.py"),
 }
 
 # The files of each layer that belong to no family (shared machinery); every
@@ -84,8 +89,8 @@ NOT_FAMILIES = {
     "fastkd/reference": ("__init__.py", "_*.py"),
     "kernels": ("__init__.py", "_*.py"),
     "csrc/common": ("checks.h",),
-    "csrc/cpu": ("allocation.*", "capability.*", "vec_math.h"),
-    "csrc/cuda": ("cuda_module.cpp", "block_reduce.cuh", "hard_label.cuh"),
+    "csrc/cpu": ("allocation.*", "capability.*", "vec_math.h", "single_threaded_tasks.h"),
+    "csrc/cuda": ("cuda_module.cpp", "block_reduce.cuh", "hard_label.cuh", "op_scope.cuh"),
     "bench": ("*.py",),  # only bench_*.py files are family files there
 }
 LAYER_SUFFIXES = {"fastkd": ".py", "fastkd/reference": ".py", "kernels": ".py"}

@@ -1,4 +1,4 @@
-"""Multi-teacher divergence (SPEC §1): mixture target, reference and fused kernels vs float64."""
+"""Multi-teacher divergence (docs/spec.md §1): mixture target, reference and fused kernels vs float64."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def reference_in_input_dtype(s, t, weights, samples=3, **kwargs):
 
 
 def explicit_row_divergence(p, q, divergence, beta=0.5, alpha=0.1):
-    """(N,) from probabilities, float64, SPEC §1 as written (0 log 0 = 0)."""
+    """(N,) from probabilities, float64, docs/spec.md §1 as written (0 log 0 = 0)."""
 
     def kl(a, b):
         return torch.where(a > 0, a * (a.log() - b.log()), torch.zeros_like(a)).sum(-1)
@@ -185,7 +185,7 @@ def test_large_logits_neg_inf_and_a_zero_weight(backend, divergence):
     t[0, 2, 9] = -torch.inf  # one does not
     weights = torch.tensor([0.25, 0.75, 0.0], dtype=torch.float64)  # the third adds nothing
     check_parity(backend, s, t, weights, divergence=divergence, temperature=3.0)
-    t[2, 4, 0] = torch.nan  # ... but NaN in it is not dropped (SPEC §6)
+    t[2, 4, 0] = torch.nan  # ... but NaN in it is not dropped (docs/spec.md §6)
     got = fastkd.divergence(s, t, teacher_weights=weights, divergence=divergence, temperature=3.0,
                             backend=backend)
     assert torch.isnan(got)

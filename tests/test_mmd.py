@@ -1,4 +1,4 @@
-"""MMD (SPEC §3): every fused backend (cpu + triton here, triton + cuda under
+"""MMD (docs/spec.md §3): every fused backend (cpu + triton here, triton + cuda under
 FASTKD_TEST_DEVICE=cuda) against the float64 reference, the ops themselves
 (opcheck, C++ checks) and the argument validation."""
 
@@ -183,7 +183,7 @@ def test_mmd_only_inputs_are_saved_for_backward(backend):
 
 
 def test_mmd_auto_uses_the_first_kernel_backend_and_the_module_matches():
-    """backend="auto": the cpu op on CPU tensors, triton on CUDA tensors (DESIGN.md)."""
+    """backend="auto": the cpu op on CPU tensors, triton on CUDA tensors (docs/design.md §2)."""
     first = KERNEL_BACKENDS[0]
     if not fastkd._dispatch.backend_status(first, DEVICE.type).available:
         pytest.skip(f"{first} is unavailable")

@@ -1,4 +1,4 @@
-"""The MMD reference (SPEC §3) against explicit loops, autograd and the published formulas."""
+"""The MMD reference (docs/spec.md §3) against explicit loops, autograd and the published formulas."""
 
 from __future__ import annotations
 

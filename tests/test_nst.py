@@ -1,4 +1,4 @@
-"""NST (SPEC §3): the closed form of the compiled backends (cpu + triton here,
+"""NST (docs/spec.md §3): the closed form of the compiled backends (cpu + triton here,
 triton + cuda under FASTKD_TEST_DEVICE=cuda) against the float64 reference,
 the module and the argument validation."""
 

@@ -1,4 +1,4 @@
-"""The NST reference (SPEC §3) against explicit loops, autograd and the closed form."""
+"""The NST reference (docs/spec.md §3) against explicit loops, autograd and the closed form."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The contract every pairwise-relation reference keeps (RKD, PKT, SP, CC; SPEC §2): flattened
+"""The contract every pairwise-relation reference keeps (RKD, PKT, SP, CC; docs/spec.md §2): flattened
 samples, dtypes, gradients (the teacher gets none), edge cases and the argument checks."""
 
 from __future__ import annotations

@@ -403,7 +403,7 @@ SPECIAL_FAMILIES = {
     "nst_loss": (fastkd.nst_loss, reference.nst.nst_loss),
 }
 # Scale-invariant families take the largest magnitudes float32 squares hold;
-# the others the SPEC's large-logit range.
+# the others docs/spec.md §6's large-logit range.
 # CRD scores unit-norm embeddings against a unit-norm bank: "huge" there is
 # a logit near float32's exp limit (|v| ~ 6, τ = 0.07).
 HUGE = {name: 1e15 for name in ("rkd_distance", "rkd_angle", "rkd_loss", "pkt_loss", "sp_loss", "at_loss",

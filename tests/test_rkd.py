@@ -1,4 +1,4 @@
-"""RKD distance and angle (SPEC §2): every fused backend (cpu + triton here, triton + cuda under
+"""RKD distance and angle (docs/spec.md §2): every fused backend (cpu + triton here, triton + cuda under
 FASTKD_TEST_DEVICE=cuda) against the float64 reference, degenerate batches, the SIMD variants,
 the Triton launchers and rkd_loss / RKDLoss."""
 

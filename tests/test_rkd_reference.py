@@ -1,4 +1,4 @@
-"""RKD distance and angle (SPEC §2): the reference against explicit loops, its invariances,
+"""RKD distance and angle (docs/spec.md §2): the reference against explicit loops, its invariances,
 the documented small-batch values and the weights' checks."""
 
 from __future__ import annotations

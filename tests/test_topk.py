@@ -1,4 +1,4 @@
-"""Top-k (sparse) teacher divergence (SPEC §1): reference and fused kernels vs float64."""
+"""Top-k (sparse) teacher divergence (docs/spec.md §1): reference and fused kernels vs float64."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def reference_in_input_dtype(s, index, values, samples=3, **kwargs):
 
 
 def explicit_topk_divergence(s, index, values, divergence, temperature, beta=0.5, alpha=0.1):
-    """Row losses (N,) in float64 from SPEC §1's formulas, with p zero off the ids."""
+    """Row losses (N,) in float64 from docs/spec.md §1's formulas, with p zero off the ids."""
     log_q = torch.log_softmax(s.double() / temperature, dim=-1)
     q = log_q.exp()
     p = torch.zeros_like(q).scatter(-1, index, torch.softmax(values.double() / temperature, dim=-1))

@@ -117,7 +117,7 @@ def check_ce_parity(backend, s, index, values, row_mask, kind, temperature):
     loss, grad, ce = forward(backend, s, index, values, row_mask, kind, temperature, labels=labels)
     plain = forward(backend, s, index, values, row_mask, kind, temperature, hard_grad_scale=0.0)
     want = expected(s, index, values, row_mask, kind, temperature, labels)
-    # the reference from the same inputs in float32 (SPEC §6's relative pass mark)
+    # the reference from the same inputs in float32 (docs/spec.md §6's relative pass mark)
     same = expected(s, index, values, row_mask, kind, temperature, labels, precision=torch.float32)
     loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert ce.shape == (s.shape[0],) and ce.dtype == loss_dtype

@@ -1,4 +1,4 @@
-"""Vocabulary-parallel divergence (SPEC §1): 2 gloo processes on CPU, each with a
+"""Vocabulary-parallel divergence (docs/spec.md §1): 2 gloo processes on CPU, each with a
 slice of the vocabulary, against the unsharded reference on the full logits."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// Per-element mathematics of the softmax-divergence family (SPEC section 1),
+// Per-element mathematics of the softmax-divergence family (docs/spec.md §1),
 // shared by the CPU kernel (scalar tails and, through the overloads in
 // csrc/cpu/vec_math.h, the at::vec SIMD body) and the CUDA kernel.
 //

@@ -62,7 +62,7 @@ FASTKD_GRAM_HD void cc_taylor(T g, T two_gamma, int64_t order, T& k, T& dk) {
 
 // PKT's rows: x̂ = x / (‖x‖ + eps), the NaN that the division creates (inf /
 // inf, from an infinite entry of a row without NaN) set to 0 as RepDistiller
-// does; a NaN input stays NaN (SPEC §6). `x`: [N, D] in the accumulation
+// does; a NaN input stays NaN (docs/spec.md §6). `x`: [N, D] in the accumulation
 // dtype. Returns (x̂, ‖x‖, the zeroed entries).
 struct PktRows {
   at::Tensor xh, norm, made_nan;

@@ -1,4 +1,4 @@
-// Per-id mathematics of the top-k (sparse teacher) divergence (SPEC §1), in
+// Per-id mathematics of the top-k (sparse teacher) divergence (docs/spec.md §1), in
 // double, host and device, shared by the CPU kernel (csrc/cpu/topk_kernel.cpp,
 // whose header derives the formulas) and the CUDA kernel
 // (csrc/cuda/topk.cu), so the CPU tests exercise the arithmetic of

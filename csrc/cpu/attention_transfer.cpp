@@ -1,5 +1,5 @@
 // CPU implementation of fastkd::attention_transfer_forward / _backward
-// (SPEC §5, RepDistiller `Attention`): for feature maps f of one sample,
+// (docs/spec.md §5, RepDistiller `Attention`): for feature maps f of one sample,
 //   v_k = (1/C) Σ_c f_ck^p            (attention map over the HW positions k)
 //   a   = v / max(‖v‖₂, eps)          (F.normalize)
 //   L   = 1/(N·HW) Σ_n Σ_k (a_s − a_t)²

@@ -1,4 +1,4 @@
-// CPU implementation of fastkd::crd_nce_forward (SPEC §4, CRD): one direction
+// CPU implementation of fastkd::crd_nce_forward (docs/spec.md §4, CRD): one direction
 // of RepDistiller's contrastive memory loss, fused. For each sample b and each
 // of its K+1 memory indices j (column 0 the positive, the others negatives):
 //

@@ -1,5 +1,5 @@
 // CPU implementation of fastkd::dkd_forward: decoupled knowledge distillation
-// (SPEC §1, mdistiller dkd_loss), one row at a time, loss and student gradient
+// (docs/spec.md §1, mdistiller dkd_loss), one row at a time, loss and student gradient
 // in the same call.
 //
 // Per row, with a = s/T, b = t/T, target y, and the non-target log-sum-exps

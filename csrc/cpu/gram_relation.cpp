@@ -1,5 +1,5 @@
 // CPU implementation of fastkd::pkt_forward, fastkd::sp_forward and
-// fastkd::cc_forward (SPEC §2): the loss and the student's gradient from the
+// fastkd::cc_forward (docs/spec.md §2): the loss and the student's gradient from the
 // Gram matrices, O(N²) memory, no autograd graph. Same maths and contract as
 // the Triton launchers (kernels/gram_relation.py, read their comments) and the
 // CUDA ops (csrc/cuda/gram_relation.cu).

@@ -1,5 +1,5 @@
 // CPU implementation of fastkd::info_nce_forward / fastkd::info_nce_backward
-// (SPEC §4), Inf-CL style: the (N, M) similarity matrix is never stored. Each
+// (docs/spec.md §4), Inf-CL style: the (N, M) similarity matrix is never stored. Each
 // op walks q in tiles of `tile_rows` rows; a tile's logits
 // q_tile kᵀ · inv_temperature (tile_rows × M) are the only large temporary.
 // The forward keeps one log-sum-exp per row; the backward recomputes each

@@ -4,7 +4,7 @@
 // csrc/cpu/mixture.cpp picks one at run time.
 //
 // The target is the weighted mixture of the teachers' softened distributions
-// (SPEC §1): p = Σ_k w_k softmax(t_k / T). Per row, in one call and without
+// (docs/spec.md §1): p = Σ_k w_k softmax(t_k / T). Per row, in one call and without
 // any [N, V] intermediate:
 //   student   max, then e_s = exp((s − max)/T) into the scratch and its sum
 //   teacher k max, then Σ exp((t_k − max_k)/T), then
@@ -35,7 +35,7 @@
 // float64 reference than PyTorch's float32 computation (measured, and
 // reproduced by emulating the float arithmetic in PyTorch). Double SIMD lanes
 // are half as many; the kernel stays well ahead of the eager mixture (see
-// bench/bench_multi_teacher.py).
+// bench/bench_mixture.py).
 #include "mixture_kernel.h"
 
 #include <ATen/Parallel.h>
@@ -237,7 +237,7 @@ void mixture_rows(const MixtureDivergenceArgs& a) {
         const W max_t = row_max(t, V);
         const W sum_t = exp_sum(t, V, max_t, inv_t, static_cast<W*>(nullptr));
         // A teacher of weight 0 is still read: its offset is −inf, so it adds
-        // nothing, except NaN from a NaN input (SPEC §6: NaN is never dropped).
+        // nothing, except NaN from a NaN input (docs/spec.md §6: NaN is never dropped).
         const W offset = W(a.log_weights[k] - std::log(double(sum_t)));
         accumulate_log_mixture(log_p, t, V, max_t, inv_t, offset, first);
         first = false;

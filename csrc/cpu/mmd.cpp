@@ -1,4 +1,4 @@
-// CPU implementation of fastkd::mmd_forward / fastkd::mmd_backward (SPEC §3):
+// CPU implementation of fastkd::mmd_forward / fastkd::mmd_backward (docs/spec.md §3):
 // the squared MMD between samples x (N, D) and y (M, D) without the (N, N),
 // (M, M) or (N, M) kernel matrices. Each op walks the rows of x (for the
 // x–x and x–y terms) and then of y (for the y–y term) in tiles of

@@ -1,5 +1,5 @@
 // CPU implementation of fastkd::rkd_distance_forward / fastkd::rkd_angle_forward
-// (SPEC §2): RKD's distance and angle losses and the student's gradient, from
+// (docs/spec.md §2): RKD's distance and angle losses and the student's gradient, from
 // Gram matrices, with O(n²) memory (the reference holds (n, n, D) differences
 // and (n, n, n) angles).
 //

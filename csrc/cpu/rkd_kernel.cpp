@@ -1,4 +1,4 @@
-// RKD angle loss (SPEC §2) and its gradient w.r.t. the student's Gram matrix,
+// RKD angle loss (docs/spec.md §2) and its gradient w.r.t. the student's Gram matrix,
 // in O(n³) arithmetic and O(n²) memory.
 //
 // This file is compiled three times by setup.py, with CPU_CAPABILITY set to

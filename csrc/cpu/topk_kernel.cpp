@@ -9,7 +9,7 @@
 //
 // Every divergence the kernel takes is, as a function of q, a sum of terms on
 // the k support ids plus, off the support (where p = 0), a term c·q_v with a
-// constant c (SPEC §1 formulas with p = 0):
+// constant c (docs/spec.md §1 formulas with p = 0):
 //   KL(p‖q)                      c = 0
 //   JSD_β                        c = −(1−β) log(1−β)   ((1−β) q log(q/m), m = (1−β) q)
 //   KL(p‖αp+(1−α)q)              c = 0

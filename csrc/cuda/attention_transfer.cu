@@ -1,5 +1,5 @@
 // Attention transfer on CUDA: fastkd::attention_transfer_forward / _backward
-// for CUDA tensors (SPEC §5, RepDistiller `Attention`). Same contracts as the
+// for CUDA tensors (docs/spec.md §5, RepDistiller `Attention`). Same contracts as the
 // CPU ops (csrc/cpu/attention_transfer.cpp); for the feature maps f of one
 // sample,
 //   v_k = (1/C) Σ_c f_ck^p            (attention map over the HW positions k)

@@ -1,4 +1,4 @@
-// CUDA implementation of fastkd::crd_nce_forward (SPEC §4, CRD): one direction
+// CUDA implementation of fastkd::crd_nce_forward (docs/spec.md §4, CRD): one direction
 // of RepDistiller's contrastive memory loss, fused. Same contract, terms and
 // gradient as the CPU op (csrc/cpu/crd.cpp, which derives them): for sample b
 // and its K+1 bank indices j (column 0 the positive),

@@ -1,5 +1,5 @@
 // Fused softmax-divergence forward (+ gradient) on CUDA: fastkd::divergence_forward
-// for CUDA tensors (SPEC §1). Same contract and pass structure as the CPU
+// for CUDA tensors (docs/spec.md §1). Same contract and pass structure as the CPU
 // kernel (csrc/cpu/divergence_kernel.cpp); the per-element math is the shared
 // csrc/common/divergence_math.h, evaluated in float32 for float32, bfloat16
 // and float16 inputs (float64 is refused: nothing here accumulates in double).
@@ -15,7 +15,7 @@
 //           here and pass 4 is skipped)                          read s, t
 //   pass 4  gradients (u − q Σu)·grad_scale/T, (v − p Σv)·grad_scale/T
 //                                                     read s, t; write grads
-// With labels, the hard-label cross-entropy at T = 1 rides along (SPEC's
+// With labels, the hard-label cross-entropy at T = 1 rides along (docs/spec.md §1.7:
 // hard_weight · CE + soft_weight · KD): row_ce = log Σ exp(s) − s_y =
 // (max_s − s_y) + log Σ exp(s − max_s), written after pass 2 from one extra
 // load of s_y; the student gradient gets + hard_grad_scale · (softmax(s) −

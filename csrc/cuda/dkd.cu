@@ -1,5 +1,5 @@
 // Decoupled knowledge distillation on CUDA: fastkd::dkd_forward for CUDA
-// tensors (SPEC §1, mdistiller dkd_loss). Same contract as the CPU op
+// tensors (docs/spec.md §1, mdistiller dkd_loss). Same contract as the CPU op
 // (csrc/cpu/dkd.cpp): row losses α·TCKD + β·NCKD and, if asked for, the
 // student gradient times grad_scale, in one call. The formulas are those of
 // kernels/dkd.py, evaluated in float32 for float32, bfloat16 and float16

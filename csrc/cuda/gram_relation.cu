@@ -1,5 +1,5 @@
 // PKT, SP and CC on CUDA: fastkd::pkt_forward, fastkd::sp_forward and
-// fastkd::cc_forward for CUDA tensors (SPEC §2). Same contract and maths as
+// fastkd::cc_forward for CUDA tensors (docs/spec.md §2). Same contract and maths as
 // the CPU ops (csrc/cpu/gram_relation.cpp) and the Triton launchers
 // (kernels/gram_relation.py): the Gram matrices with at::mm (cuBLAS; PKT: of
 // the normalised rows x̂), a row kernel that computes the row's loss terms

@@ -1,5 +1,5 @@
 // CUDA implementation of fastkd::info_nce_forward / fastkd::info_nce_backward
-// (SPEC §4), with the same tiling and contract as the CPU op
+// (docs/spec.md §4), with the same tiling and contract as the CPU op
 // (csrc/cpu/info_nce.cpp): the (N, M) similarity matrix is never stored.
 // Each op walks q in tiles of `tile_rows` rows; a tile's raw products
 // q_tile kᵀ (tile_rows × M, from an ATen GEMM, i.e. cuBLAS) are the only large

@@ -1,5 +1,5 @@
 // Fused multi-teacher (mixture) divergence forward (+ student gradient) on
-// CUDA: fastkd::mixture_divergence_forward for CUDA tensors (SPEC §1,
+// CUDA: fastkd::mixture_divergence_forward for CUDA tensors (docs/spec.md §1,
 // multi-teacher). Same contract and arithmetic as the CPU kernel
 // (csrc/cpu/mixture_kernel.cpp): the target p = Σ_k w_k softmax(t_k / T) is
 // formed per element in log space,
@@ -12,7 +12,7 @@
 // at its own magnitude (~log V), re-added by every term of the mixture; where
 // the divergence is tiny (T = 100: ~1e-4) that put the float32 loss 3× further
 // from the float64 reference than PyTorch's float32 computation (see
-// mixture_kernel.cpp), failing SPEC §6's 2× rule. The price: per element,
+// mixture_kernel.cpp), failing docs/spec.md §6's 2× rule. The price: per element,
 // pass 1 costs K + 1 double exponentials, pass 2 K + 2 and a log (pass 3
 // repeats pass 2); at ~20 fp64 instructions each, KL with K = 3 needs ~200
 // fp64 operations per element against 18 (fp32) or 10 (bf16) bytes of
@@ -32,7 +32,7 @@
 //                                                                read s, t
 //   pass 3  gradient (u − q Σu)·grad_scale/T          read s, t; write grad
 // With labels, the student's hard-label cross-entropy at T = 1 rides along
-// (SPEC's hard_weight · CE + soft_weight · KD), exactly as in
+// (docs/spec.md §1.7: hard_weight · CE + soft_weight · KD), exactly as in
 // csrc/cuda/divergence.cu: row_ce = log Σ exp(s) − s_y = (max_s − s_y) +
 // log Σ exp(s − max_s), written after pass 1 from one extra load of s_y; the
 // gradient gets + hard_grad_scale · (softmax(s) − onehot(y)), added in double
@@ -141,7 +141,7 @@ struct MaxSumOp {
 // log p_j = logsumexp_k((t_k[j] − max_k)/T + off_k), online over k (one
 // exponential per teacher). −inf where no teacher has mass (a weight-0
 // teacher's offset is −inf); NaN in any teacher, weight 0 included, gives NaN
-// (NaN − inf is NaN): SPEC §6, NaN is never dropped.
+// (NaN − inf is NaN): docs/spec.md §6, NaN is never dropped.
 template <class scalar_t>
 __device__ __forceinline__ double log_mixture(const scalar_t* t, int64_t teacher_stride, int64_t K,
                                               const double* stats, double inv_t) {
@@ -283,7 +283,7 @@ __global__ void __launch_bounds__(BLOCK) _mixture_fwd_kernel(
     }
 
     // pass 1, teachers, one at a time. A weight-0 teacher is still read: its
-    // offset is −inf, so it adds nothing but NaN (SPEC §6). The barriers of
+    // offset is −inf, so it adds nothing but NaN (docs/spec.md §6). The barriers of
     // the reductions order these shared writes after every read of the
     // previous row's stats.
     for (int64_t k = 0; k < K; ++k) {

@@ -1,4 +1,4 @@
-// CUDA implementation of fastkd::mmd_forward / fastkd::mmd_backward (SPEC §3):
+// CUDA implementation of fastkd::mmd_forward / fastkd::mmd_backward (docs/spec.md §3):
 // the squared MMD between samples x (N, D) and y (M, D) without the (N, N),
 // (M, M) or (N, M) kernel matrices. Same structure, arithmetic and rules as
 // the CPU op (csrc/cpu/mmd.cpp), whose comments derive it:

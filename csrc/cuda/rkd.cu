@@ -1,5 +1,5 @@
 // RKD distance and angle losses on CUDA: fastkd::rkd_distance_forward and
-// fastkd::rkd_angle_forward for CUDA tensors (SPEC §2). Same contract and the
+// fastkd::rkd_angle_forward for CUDA tensors (docs/spec.md §2). Same contract and the
 // same formulation as the CPU ops (csrc/cpu/rkd.cpp, read its comments)
 // and the Triton kernels (kernels/rkd.py): Gram matrices of the
 // centred embeddings (at::mm), O(N²) memory, pairs that the Gram form cannot

@@ -1,5 +1,5 @@
 // Divergence against a top-k (sparse) teacher on CUDA: fastkd::topk_divergence_forward
-// for CUDA tensors (SPEC §1). Same contract and numerics as the CPU kernel
+// for CUDA tensors (docs/spec.md §1). Same contract and numerics as the CPU kernel
 // (csrc/cpu/topk_kernel.cpp, whose header derives the formulas): every
 // divergence is Σ_ids terms + c·R, R = Σ_{v ∉ ids} q_v the student's mass off
 // the teacher's k ids, summed directly (never as 1 − Σ_ids q, which cancels when

@@ -1,4 +1,4 @@
-"""Attention transfer, SPEC §5, as plain PyTorch with autograd."""
+"""Attention transfer, docs/spec.md §5, as plain PyTorch with autograd."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def attention_map(f: torch.Tensor, p: int = 2) -> torch.Tensor:
 
 
 def at_loss(student_maps: torch.Tensor, teacher_maps: torch.Tensor, *, p: int = 2) -> torch.Tensor:
-    """Attention transfer for one pair of maps (RepDistiller ``Attention``, SPEC §5).
+    """Attention transfer for one pair of maps (RepDistiller ``Attention``, docs/spec.md §5).
 
     ``a(f) = normalize(mean_c f^p)`` over each sample's ``H·W`` positions
     (``F.normalize``, eps 1e-12), after both maps are pooled to

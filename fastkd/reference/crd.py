@@ -1,4 +1,4 @@
-"""Contrastive representation distillation, SPEC §4 (RepDistiller ``CRDLoss``), in plain PyTorch.
+"""Contrastive representation distillation, docs/spec.md §4 (RepDistiller ``CRDLoss``), in plain PyTorch.
 
 The parts, as RepDistiller's ``crd/`` builds them:
 
@@ -191,7 +191,7 @@ class CRDLoss(nn.Module):
       positive is ``idx``.
 
     The loss is ``nce(v_s against memory_t) + nce(v_t against memory_s)``
-    (SPEC §4). On the first call each direction's ``Z`` is set from that
+    (docs/spec.md §4). On the first call each direction's ``Z`` is set from that
     batch and kept in the buffer ``z`` (``[Z_s, Z_t]``, −1 until set). In
     training mode the banks are then updated (:func:`update_memory`); in eval
     mode they are left as they are. Buffers: ``memory_s``, ``memory_t``

@@ -1,4 +1,4 @@
-"""Softmax divergences, SPEC §1, as plain PyTorch with autograd."""
+"""Softmax divergences, docs/spec.md §1, as plain PyTorch with autograd."""
 
 from __future__ import annotations
 

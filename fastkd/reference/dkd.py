@@ -1,4 +1,4 @@
-"""Decoupled knowledge distillation (DKD, Zhao et al. 2022; mdistiller ``dkd_loss``), SPEC §1.
+"""Decoupled knowledge distillation (DKD, Zhao et al. 2022; mdistiller ``dkd_loss``), docs/spec.md §1.
 
 With target class ``y`` and ``a = z / T`` (student ``z = s``, teacher ``z = t``):
 

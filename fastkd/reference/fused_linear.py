@@ -1,4 +1,4 @@
-"""Hard-label mixing and the linear head of LLM distillation (SPEC §1), unfused.
+"""Hard-label mixing and the linear head of LLM distillation (docs/spec.md §1), unfused.
 
 ``mixed_divergence`` is ``hard_weight · CE(student, labels) + soft_weight · KD``
 (the rules are in ``fastkd._hard_labels``); ``fused_linear_divergence``

@@ -1,11 +1,11 @@
-"""Gram-matrix relations (PKT, SP, CC), SPEC §2, as plain PyTorch with autograd.
+"""Gram-matrix relations (PKT, SP, CC), docs/spec.md §2, as plain PyTorch with autograd.
 
 Every function takes embeddings ``student (N, ...)`` and ``teacher (N, ...)``,
 flattens them per sample to ``(N, D_s)`` and ``(N, D_t)`` (the feature sizes
 may differ: only the ``N × N`` relations are compared), treats the teacher as
 constant (it is detached, so it never receives a gradient) and returns a
 scalar loss in float32 (float64 for float64 inputs). NaN in either input gives
-a NaN loss (SPEC §6).
+a NaN loss (docs/spec.md §6).
 
 This is the oracle: it materialises whatever is convenient (the ``N × N``
 matrices and their normalised forms).
@@ -30,7 +30,7 @@ def _pkt_probabilities(x: torch.Tensor, eps: float) -> torch.Tensor:
     xh = x / (torch.linalg.vector_norm(x, dim=1, keepdim=True) + eps)
     # RepDistiller sets NaN entries of x̂ to 0. From a non-NaN row they come
     # from an infinite entry (inf / inf); a row with a NaN input stays NaN
-    # (SPEC §6: NaN is never silently dropped).
+    # (docs/spec.md §6: NaN is never silently dropped).
     made_nan = torch.isnan(xh) & ~torch.isnan(x).any(1, keepdim=True)
     xh = torch.where(made_nan, torch.zeros_like(xh), xh)
     # The cosine of two antipodal rows can round below -1: clamping S at 0

@@ -1,4 +1,4 @@
-"""FitNets hint, SPEC §5, as plain PyTorch with autograd."""
+"""FitNets hint, docs/spec.md §5, as plain PyTorch with autograd."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fastkd.reference._common import accumulation_dtype, pool_to_common_size
 
 
 def hint_loss(adapted_student: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
-    """FitNets hint: ``MSE(adapter(f_s), f_t)`` given the adapted student features (SPEC §5).
+    """FitNets hint: ``MSE(adapter(f_s), f_t)`` given the adapted student features (docs/spec.md §5).
 
     4-D maps of different spatial size are pooled to the common (smaller)
     size first; the mean is over every element. Computed in float32 (float64

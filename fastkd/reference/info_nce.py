@@ -1,4 +1,4 @@
-"""InfoNCE / CLIP, SPEC §4,, as plain PyTorch with autograd.
+"""InfoNCE / CLIP, docs/spec.md §4,, as plain PyTorch with autograd.
 
 The ``(N, M)`` similarity matrix is materialised here; the fused kernels keep
 only O(N) state between forward and backward.
@@ -71,7 +71,7 @@ def info_nce(
     symmetric: bool = False,
     normalize: bool = False,
 ) -> torch.Tensor:
-    """InfoNCE with in-batch negatives (SPEC §4).
+    """InfoNCE with in-batch negatives (docs/spec.md §4).
 
     ``logits = q kᵀ / τ`` and ``L = mean_i (lse_j logits_ij − logits_{i, y_i})``,
     i.e. ``F.cross_entropy(q @ k.T / τ, y)``, where ``y = labels`` or, without
@@ -80,7 +80,7 @@ def info_nce(
     direction, ``F.cross_entropy(k @ q.T / τ, arange(N))``; with
     ``normalize=True`` that is exactly CLIP's loss with ``logit_scale = 1/τ``.
 
-    The SPEC expects L2-normalised ``q`` and ``k``: normalise them yourself or
+    The specification (docs/spec.md §4.1) expects L2-normalised ``q`` and ``k``: normalise them yourself or
     pass ``normalize=True`` (``F.normalize``, eps 1e-12, before the product).
 
     Args:

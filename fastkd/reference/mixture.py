@@ -1,4 +1,4 @@
-"""Multi-teacher divergence, SPEC §1, as plain PyTorch with autograd.
+"""Multi-teacher divergence, docs/spec.md §1, as plain PyTorch with autograd.
 
 The target is the mixture of the teachers' softened distributions,
 ``p = Σ_k w_k softmax(t_k / T)``, formed in log space

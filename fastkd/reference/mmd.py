@@ -1,4 +1,4 @@
-"""Maximum mean discrepancy, SPEC §3, as plain PyTorch with autograd.
+"""Maximum mean discrepancy, docs/spec.md §3, as plain PyTorch with autograd.
 
 Every kernel matrix is materialised here; the fused kernels must not.
 """
@@ -14,7 +14,7 @@ from fastkd import _validate
 from fastkd.reference._common import accumulation_dtype, same_features, samples
 
 KERNELS = ("gaussian", "laplacian", "polynomial")
-# A convention of this package, not from the SPEC or a paper: a geometric
+# A convention of this package, not from docs/spec.md's sources or a paper: a geometric
 # ladder of bandwidths around 1, for features of unit scale. Choose your own
 # for other scales (a bandwidth far below the typical distance contributes ~0).
 DEFAULT_BANDWIDTHS = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -120,7 +120,7 @@ def mmd_loss(
     degree: int = 2,
     c: float = 1.0,
 ) -> torch.Tensor:
-    """Squared maximum mean discrepancy between two samples (SPEC §3).
+    """Squared maximum mean discrepancy between two samples (docs/spec.md §3).
 
     ``MMD² = mean k(x, x') + mean k(y, y') − 2 mean k(x, y)``. The biased
     estimator (default) averages the within-sample kernel matrices over all
@@ -146,7 +146,7 @@ def mmd_loss(
         kernel: ``"gaussian"``, ``"laplacian"`` or ``"polynomial"``.
         bandwidths: one ``σ >= 1e-150`` (``MIN_BANDWIDTH``) or a non-empty
             sequence of them. The default
-            ``(0.5, 1, 2, 4, 8)`` is this package's convention, not the SPEC's.
+            ``(0.5, 1, 2, 4, 8)`` is this package's convention, not a published one.
         unbiased: exclude the diagonals of the within-sample means (then
             ``N >= 2`` and ``M >= 2``).
         degree: polynomial degree, an integer ``>= 1``.

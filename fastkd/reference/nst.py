@@ -1,4 +1,4 @@
-"""Neural selectivity transfer, SPEC §3, as plain PyTorch with autograd.
+"""Neural selectivity transfer, docs/spec.md §3, as plain PyTorch with autograd.
 
 The ``(N, C, C')`` kernel matrices are materialised here; the fused path
 (:func:`fastkd.nst_loss`) uses a closed form.
@@ -28,7 +28,7 @@ def nst_features(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def nst_loss(student_maps: torch.Tensor, teacher_maps: torch.Tensor) -> torch.Tensor:
-    """Neural selectivity transfer (RepDistiller ``NSTLoss``, SPEC §3).
+    """Neural selectivity transfer (RepDistiller ``NSTLoss``, docs/spec.md §3).
 
     Both maps are adaptive-average-pooled to ``(min(H, H'), min(W, W'))``
     (for square maps: the larger map pooled to the smaller, RepDistiller's

@@ -1,4 +1,4 @@
-"""Top-k (sparse) teacher divergence, SPEC §1, as plain PyTorch with autograd.
+"""Top-k (sparse) teacher divergence, docs/spec.md §1, as plain PyTorch with autograd.
 
 The teacher is given at k vocabulary ids per row. The reference builds the
 dense teacher logits with ``−inf`` everywhere else — a legal input of
