@@ -41,8 +41,8 @@
 namespace fastkd {
 namespace divergence {
 
-// Codes shared with fastkd/_dispatch.py (DIVERGENCE_CODES) and
-// kernels/divergence.py. Endpoint cases (JSD with β ∈ {0, 1}, skew with
+// The codes of fastkd/_enums.py's DivergenceKind (tests/test_enums.py
+// checks that the two agree), which the Triton kernels use too. Endpoint cases (JSD with β ∈ {0, 1}, skew with
 // α = 0) are mapped to KL / REVERSE_KL by the Python layer, so the kernels
 // only see the interior coefficients where every formula below is finite.
 enum Kind : int {
