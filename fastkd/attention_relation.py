@@ -99,7 +99,7 @@ def _reduce(rows: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> to
     total = rows.sum()
     if reduction == "sum":
         return total
-    kept = rows.numel() if mask is None else mask.sum().clamp(min=1)
+    kept = max(rows.numel(), 1) if mask is None else mask.sum().clamp(min=1)
     return total / kept
 
 

@@ -43,6 +43,12 @@ DTYPES = FLOAT_DTYPES
 MAX_HEAD_WIDTH = 256
 BLOCK_M = 32
 BLOCK_N = 32
+FORWARD_WARPS = 4
+# the backward holds both models' row and key tiles and two score gradients
+# (float32 ones with ieee products): 16 × 16 tiles on 4 warps stay within the
+# registers of a thread at sm_90 (32 × 32 tiles spill, even on 8 warps)
+BACKWARD_BLOCK = 16
+BACKWARD_WARPS = 4
 
 
 @triton.jit
@@ -318,7 +324,7 @@ def attention_relation_forward(student, teacher, heads: int, mask, causal: bool,
     stats = [torch.zeros(batch, heads, length, dtype=torch.float32, device=student.device) for _ in range(3)]
     if batch * length > 0:
         _attention_relation_fwd_kernel[(batch * heads, triton.cdiv(length, BLOCK_M))](
-            student, teacher, mask_arg, *stats, *args, CAUSAL=causal, **meta,
+            student, teacher, mask_arg, *stats, *args, CAUSAL=causal, num_warps=FORWARD_WARPS, **meta,
         )
     lse_s, lse_t, head_kl = stats
     return head_kl.mean(1), lse_s, lse_t, head_kl
@@ -344,8 +350,10 @@ def attention_relation_backward(row_grad, student, teacher, heads: int, mask, ca
         stats = [x.to(torch.float32).contiguous() for x in (lse_student, lse_teacher, head_kl)]
         grad = row_grad.to(torch.float32).contiguous()
         common = (student, teacher, mask_arg, *stats, grad, *grads, *args, 1.0 / heads)
-        flags = {"CAUSAL": causal, "STUDENT_GRAD": student_grad, "TEACHER_GRAD": teacher_grad, **meta}
-        _attention_relation_bwd_rows_kernel[(batch * heads, triton.cdiv(length, BLOCK_M))](*common, **flags)
-        _attention_relation_bwd_cols_kernel[(batch * heads, triton.cdiv(length, BLOCK_N))](*common, **flags)
+        flags = {**meta, "CAUSAL": causal, "STUDENT_GRAD": student_grad, "TEACHER_GRAD": teacher_grad,
+                 "num_warps": BACKWARD_WARPS, "BLOCK_M": BACKWARD_BLOCK, "BLOCK_N": BACKWARD_BLOCK}
+        grid = (batch * heads, triton.cdiv(length, BACKWARD_BLOCK))
+        _attention_relation_bwd_rows_kernel[grid](*common, **flags)
+        _attention_relation_bwd_cols_kernel[grid](*common, **flags)
     return tuple(g.to(x.dtype) if want else x.new_empty((0,))
                  for g, x, want in zip(grads, (student, teacher), (student_grad, teacher_grad)))

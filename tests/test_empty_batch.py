@@ -3,7 +3,9 @@ on every backend (reference, cpu, triton; triton and cuda on CUDA):
 
 - the logit losses, a per-row term reduced over the (kept) rows — ``divergence``
   (one teacher or several), ``kd_loss``, ``topk_divergence``,
-  ``fused_linear_divergence``, ``dkd_loss`` and their modules: N = 0 is the case
+  ``fused_linear_divergence``, ``dkd_loss`` and their modules — and the
+  per-token transformer-layer losses (``attention_relation_loss`` with B = 0 or
+  T = 0, ``hidden_state_loss`` and their modules): N = 0 is the case
   of no kept rows, a loss of 0 (``"none"``: an empty tensor) and zero gradients
   of the inputs' shapes (empty for the logits, zeros for weights);
 - the embedding and feature losses, whose value is a statistic of the batch
@@ -96,6 +98,24 @@ ZERO = {
     ],
     "DKDLoss": [("module", lambda b: (lambda s: (fastkd.DKDLoss(backend=b)(s, const(0, V), index(0)), [s]))(
         leaf(0, V)))],
+    "attention_relation_loss": [
+        (f"{reduction}-{'batch' if empty_dim == 0 else 'length'}",
+         lambda b, r=reduction, e=empty_dim: (lambda s, t: (fastkd.attention_relation_loss(
+             s, t, num_relation_heads=2, reduction=r, backend=b), [s, t]))(
+             leaf(*((0, 4) if e == 0 else (2, 0)), 8), leaf(*((0, 4) if e == 0 else (2, 0)), 6)))
+        for reduction in ("batchmean", "sum", "none") for empty_dim in (0, 1)
+    ] + [("mask", lambda b: (lambda s: (fastkd.attention_relation_loss(
+        s, const(0, 4, 6), num_relation_heads=2, mask=index(0, 4).bool(), backend=b), [s]))(leaf(0, 4, 8)))],
+    "AttentionRelationLoss": [("module", lambda b: (lambda s: (fastkd.AttentionRelationLoss(2, backend=b)(
+        s, const(0, 4, 6)), [s]))(leaf(0, 4, 8)))],
+    # element-wise over tokens, plain PyTorch on every device: no backend argument
+    "hidden_state_loss": [
+        (f"{kind}-{reduction}", lambda b, k=kind, r=reduction: (lambda h, t: (fastkd.hidden_state_loss(
+            h, t, kind=k, reduction=r), [h, t]))(leaf(0, D), leaf(0, D)))
+        for kind in ("mse", "cosine") for reduction in ("mean", "sum", "none")
+    ],
+    "HiddenStateLoss": [("module", lambda b: (lambda h, m: (m(h, const(0, 3, 5)), [h, *m.parameters()]))(
+        leaf(0, 3, D), fastkd.HiddenStateLoss(student_dim=D, teacher_dim=5).to(DEVICE)))],
 }
 
 # name → [(case id, fn(backend), the argument the ValueError names)]

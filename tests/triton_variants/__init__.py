@@ -9,6 +9,30 @@ its launcher uses. A kernel without an entry fails the lowering check.
 from __future__ import annotations
 
 DTYPES = ("fp32", "bf16", "fp16")
+
+# Kernels known to spill registers in some of their variants, per triton
+# version (major.minor): tests/_lower_triton.py reports their spills and fails
+# on a spill anywhere else, and on a kernel listed here that no longer spills
+# (so that the list only shrinks). Each spills a few bytes (4 to 76 B per
+# thread of stack) at the register cap of 16 warps (64 registers) or 8 warps
+# (128): retuning them is open work.
+KNOWN_SPILLS = {
+    "3.7": {
+        "divergence.py:_divergence_fwd_kernel": "bf16/fp16 kl with student gradient and labels, T != 1, 16 warps",
+        "dkd.py:_dkd_fwd_kernel": "forward only at C = 32000, 16 warps",
+        "mixture.py:_mixture_fwd_kernel": "jsd with mask, gradient and labels, 8 warps",
+        "mmd.py:_mmd_fwd_kernel": "bf16/fp16 samples",
+        "mmd.py:_mmd_bwd_kernel": "bf16/fp16 samples",
+        "topk.py:_topk_divergence_fwd_kernel": "skew_reverse_kl with mask, gradient and labels, 16 warps",
+    },
+    "3.6": {
+        "divergence.py:_divergence_fwd_kernel": "fp32 kl with student gradient and labels, T != 1, 16 warps",
+        "gram_relation.py:_pkt_kernel": "fp32 with gradient, 4 B",
+        "mixture.py:_mixture_fwd_kernel": "most kinds and dtypes, 8 warps",
+        "mmd.py:_mmd_fwd_kernel": "bf16/fp16 samples",
+        "topk.py:_topk_divergence_fwd_kernel": "skew kinds with mask, gradient and labels, 16 warps",
+    },
+}
 # What torch allocations give the JIT: 16-byte aligned pointers.
 ALIGNED = [["tt.divisibility", 16]]
 

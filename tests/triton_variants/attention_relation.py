@@ -14,9 +14,9 @@ SCALARS = {
 }
 
 
-def _constexprs(module, dtype: str, **flags) -> dict:
+def _constexprs(block: int, dtype: str, **flags) -> dict:
     return {
-        "BLOCK_M": module.BLOCK_M, "BLOCK_N": module.BLOCK_N, "BLOCK_DS": BLOCK_DS, "BLOCK_DT": BLOCK_DT,
+        "BLOCK_M": block, "BLOCK_N": block, "BLOCK_DS": BLOCK_DS, "BLOCK_DT": BLOCK_DT,
         "PRECISION": "ieee" if dtype == "fp32" else "tf32", **flags,
     }
 
@@ -28,7 +28,8 @@ def forward_variants(module):
                 types = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "mask_ptr": "*i8", "lse_s_ptr": "*fp32",
                          "lse_t_ptr": "*fp32", "kl_ptr": "*fp32", **SCALARS}
                 yield Variant(f"{dtype} mask={has_mask} causal={causal}", types,
-                              _constexprs(module, dtype, HAS_MASK=has_mask, CAUSAL=causal), 4)
+                              _constexprs(module.BLOCK_M, dtype, HAS_MASK=has_mask, CAUSAL=causal),
+                              module.FORWARD_WARPS)
 
 
 def backward_variants(module):
@@ -41,7 +42,7 @@ def backward_variants(module):
                          "dt_ptr": "*fp32", "head_share": "fp32", **SCALARS}
                 flags = {"HAS_MASK": has_mask, "CAUSAL": causal, "STUDENT_GRAD": True, "TEACHER_GRAD": teacher_grad}
                 yield Variant(f"{dtype} mask={has_mask} causal={causal} teacher_grad={teacher_grad}", types,
-                              _constexprs(module, dtype, **flags), 4)
+                              _constexprs(module.BACKWARD_BLOCK, dtype, **flags), module.BACKWARD_WARPS)
 
 
 VARIANTS = {
