@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastkd import _hard_labels
+from fastkd import _dispatch, _hard_labels
 
 __all__ = [
     "Rows",
@@ -42,12 +42,23 @@ def graph_is_kept() -> bool:
     return True if query is None else bool(query())
 
 
+def _device_scaling_available(grad: torch.Tensor, grad_output: torch.Tensor) -> bool:
+    """Whether the Triton kernel that scales a CUDA gradient unless the factor is 1 can run."""
+    if not _dispatch.backend_status("triton", grad.device.type).available:
+        return False
+    from fastkd.kernels import _upstream
+
+    return _upstream.can_scale(grad, grad_output)
+
+
 def scale_by_upstream(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     """``grad · grad_output`` (scalar, or one value per row), reusing ``grad`` where that is safe.
 
     ``grad`` is the gradient the forward kernel already produced and saved.
     When the upstream gradient is exactly 1 (``loss.backward()``) it is
-    returned as is. Otherwise it is scaled in place when this backward frees
+    returned as is: on CPU tensors after reading the factor, on CUDA tensors
+    through a Triton kernel that reads it on the device and skips the
+    product (no host synchronisation). Otherwise it is scaled in place when this backward frees
     the graph (nothing reads ``grad`` again: no second ``(N, V)`` buffer), and
     out of place when the graph is kept (``retain_graph=True``), so that a
     second backward reads the unscaled gradient again and accumulates the
@@ -57,9 +68,17 @@ def scale_by_upstream(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Te
     factor = grad_output if grad_output.dim() == 0 else grad_output.reshape(-1, 1)
     if torch.compiler.is_compiling():
         return grad * factor.to(grad.dtype)
-    if grad_output.numel() == 1 and grad_output.item() == 1.0:
+    kept = graph_is_kept()
+    if grad_output.numel() == 1 and grad.device.type == "cuda":
+        # grad_output.item() would synchronise with the device on every step:
+        # the comparison with 1 happens on the device instead
+        if not kept and _device_scaling_available(grad, grad_output):
+            from fastkd.kernels import _upstream
+
+            return _upstream.scale_unless_one_(grad, grad_output)
+    elif grad_output.numel() == 1 and grad_output.item() == 1.0:
         return grad
-    if graph_is_kept():
+    if kept:
         # as mul_ computes it: in the promoted dtype, rounded to grad's
         return torch.mul(grad, factor, out=torch.empty_like(grad))
     return grad.mul_(factor)

@@ -182,3 +182,29 @@ def test_strided_index_views_read_by_value(case):
     run = launcher(stem, name)
     for got, want in zip(run(*strided_args), run(*contiguous_args), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ---- the upstream-gradient scaling kernel ------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("factor", [1.0, 0.25, -3.0, float("nan")])
+def test_scale_unless_one_matches_mul_(dtype, factor):
+    from fastkd.kernels import _upstream
+
+    grad = torch.randn(5000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    expected = grad.clone().mul_(torch.tensor(factor))
+    got = _upstream.scale_unless_one_(grad, torch.tensor(factor))
+    assert got is grad
+    # the interpreter truncates float32 → bfloat16 where CUDA (and torch) round to nearest: one ulp
+    rtol = 2**-7 if dtype == torch.bfloat16 and _upstream.INTERPRETED else 0
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=0, equal_nan=True)
+
+
+def test_scale_unless_one_rejects_what_it_cannot_scale():
+    from fastkd.kernels import _upstream
+
+    with pytest.raises(ValueError, match="grad must be a contiguous float32"):
+        _upstream.scale_unless_one_(torch.randn(4, 4).t(), torch.tensor(2.0))
+    with pytest.raises(ValueError, match="factor one floating value"):
+        _upstream.scale_unless_one_(torch.randn(4), torch.tensor([1.0, 2.0]))
