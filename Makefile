@@ -34,7 +34,7 @@ $(VENV)/.built: $(VENV)/.installed $(CSRC)
 	touch $@
 
 test: $(VENV)/.built
-	$(PY) -m pytest tests -m "not slow and not examples"
+	$(PY) -m pytest tests bench -m "not slow and not examples"
 
 check: $(VENV)/.built
 	$(PY) -m pytest tests -m slow
