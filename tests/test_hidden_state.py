@@ -99,3 +99,19 @@ def test_bad_arguments_raise_value_error_naming_them(change, message):
     kwargs.update(change)
     with pytest.raises(ValueError, match=message):
         fastkd.hidden_state_loss(**kwargs)
+
+
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_both_inputs(kind, reduction):
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, False, True], [True, True, True]])
+    weights = torch.randn(2, 3, generator=g, dtype=torch.float64)
+
+    def loss(a, b):
+        out = fastkd.hidden_state_loss(a, b, kind=kind, mask=mask, reduction=reduction)
+        return out * weights if reduction == "none" else out
+
+    assert torch.autograd.gradcheck(loss, (h, t))
