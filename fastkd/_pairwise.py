@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from fastkd import _validate
 from fastkd import distributed as _distributed
 from fastkd._row_loss import scale_by_upstream
+from fastkd.reference._common import checked_pair
 
 __all__ = ["StudentGradFunction", "check_pair"]
 
@@ -26,23 +26,7 @@ def check_pair(student, teacher, gather=False, process_group=None) -> tuple[torc
     """
     if not isinstance(gather, bool):
         raise ValueError(f"gather must be a bool, got {type(gather).__name__}")
-    s = _validate.tensor("student", student, min_dim=2)
-    t = _validate.tensor("teacher", teacher, min_dim=2)
-    if s.shape[0] == 0:
-        raise ValueError(f"student must hold at least one sample (N >= 1), got shape {tuple(s.shape)}")
-    if t.shape[0] != s.shape[0]:
-        raise ValueError(
-            f"teacher shape {tuple(t.shape)} does not match student shape {tuple(s.shape)} in dim 0 (N)"
-        )
-    if t.dtype != s.dtype:
-        raise ValueError(f"teacher dtype {t.dtype} does not match student dtype {s.dtype}")
-    _validate.same_device("teacher", t, "student", s)
-    for name, x in (("student", s), ("teacher", t)):
-        if x[0].numel() == 0:
-            raise ValueError(
-                f"{name} must have a non-empty feature size per sample, got shape {tuple(x.shape)}"
-            )
-    s, t = s.flatten(1), t.detach().flatten(1)
+    s, t = checked_pair(student, teacher)
     if gather:
         s, t = _distributed.gather_batch(s, t, process_group)
     return s, t

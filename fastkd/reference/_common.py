@@ -11,6 +11,7 @@ __all__ = [
     "NORMALIZE_EPS",
     "accumulation_dtype",
     "check_map_pair",
+    "checked_pair",
     "embedding_pair",
     "feature_maps",
     "pool_to_common_size",
@@ -83,11 +84,12 @@ def pool_to_common_size(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor,
     return s, t
 
 
-def embedding_pair(student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checked ``(N, D_s)`` student and detached ``(N, D_t)`` teacher in the accumulation dtype.
+def checked_pair(student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked ``(N, D_s)`` student and detached ``(N, D_t)`` teacher, flattened, in the input dtype.
 
     Student and teacher must agree in ``N``, dtype and device; the feature
-    dimensions may differ.
+    dimensions may differ. ``ValueError`` naming the argument otherwise (the
+    fused losses check with these same words).
     """
     s = _validate.tensor("student", student, min_dim=2)
     t = _validate.tensor("teacher", teacher, min_dim=2)
@@ -105,5 +107,11 @@ def embedding_pair(student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
             raise ValueError(
                 f"{name} must have a non-empty feature size per sample, got shape {tuple(x.shape)}"
             )
+    return s.flatten(1), t.detach().flatten(1)
+
+
+def embedding_pair(student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`checked_pair` in the accumulation dtype (float32; float64 for float64 inputs)."""
+    s, t = checked_pair(student, teacher)
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-    return s.flatten(1).to(acc), t.detach().flatten(1).to(acc)
+    return s.to(acc), t.to(acc)
