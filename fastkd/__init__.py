@@ -19,6 +19,7 @@ from fastkd.info_nce import InfoNCELoss, info_nce
 from fastkd.mmd import MMDLoss, mmd_loss
 from fastkd.nst import NSTLoss, nst_loss
 from fastkd.rkd import RKDLoss, rkd_angle, rkd_distance, rkd_loss
+from fastkd.token_alignment import TokenAlignment, align_by_offsets, merge_aligned
 from fastkd.topk import TopKDivergenceLoss, topk_divergence
 
 # fastkd.divergence and fastkd.info_nce name a function here and a module in
@@ -51,7 +52,9 @@ __all__ = [
     "RKDLoss",
     "SPLoss",
     "Term",
+    "TokenAlignment",
     "TopKDivergenceLoss",
+    "align_by_offsets",
     "at_loss",
     "attention_relation_loss",
     "backends",
@@ -64,6 +67,7 @@ __all__ = [
     "hidden_state_loss",
     "info_nce",
     "kd_loss",
+    "merge_aligned",
     "mmd_loss",
     "nst_loss",
     "pkt_loss",

@@ -85,7 +85,10 @@ FAMILIES = {
 # The files of each layer that belong to no family (shared machinery); every
 # other file there must start with a family's stem.
 NOT_FAMILIES = {
-    "fastkd": ("__init__.py", "_*.py", "distiller.py", "distributed.py", "functional.py", "losses.py"),
+    # token_alignment.py: the cross-tokenizer alignment and merge that feed a
+    # loss, plain PyTorch with no kernels: a preprocessing step, not a loss family.
+    "fastkd": ("__init__.py", "_*.py", "distiller.py", "distributed.py", "functional.py", "losses.py",
+               "token_alignment.py"),
     "fastkd/reference": ("__init__.py", "_*.py"),
     "kernels": ("__init__.py", "_*.py"),
     "csrc/common": ("checks.h",),
