@@ -121,7 +121,7 @@ def walk_oracle(student, teacher):
 
 def spans(cuts, length):
     points = [0, *sorted(cuts), length]
-    return [(a, b) for a, b in zip(points, points[1:])]
+    return list(zip(points, points[1:], strict=False))
 
 
 @st.composite
@@ -152,7 +152,7 @@ def test_groups_partition_both_sequences_into_equal_spans(sides):
         assert groups[0][0] == 0 and groups[-1][1] == len(tokens)
         assert all(a < b for a, b in groups)
         assert all(groups[g][1] == groups[g + 1][0] for g in range(len(groups) - 1))
-    for (sa, sb), (ta, tb) in zip(s_groups, t_groups):
+    for (sa, sb), (ta, tb) in zip(s_groups, t_groups, strict=True):
         assert (student[sa][0], student[sb - 1][1]) == (teacher[ta][0], teacher[tb - 1][1])
     # minimal: the group ends are exactly the offsets where both sides have a token boundary
     group_ends = {student[sb - 1][1] for _, sb in s_groups}
@@ -198,7 +198,8 @@ def test_gaps_keep_the_groups(sides, data):
         ([(0, 3)], [(0, 2), (1, 3)], r"teacher_offsets\[1\] = \(1, 3\) starts before the end of token 0"),
         # HF tokenizers' (0, 0) span of a special token after the text: out of order
         ([(0, 3), (0, 0)], [(0, 3)], r"student_offsets\[1\] = \(0, 0\) starts before the end"),
-        ([(0, 3), (3, 5)], [(0, 3), (3, 6)], r"teacher_offsets covers \[0, 6\) but student_offsets covers \[0, 5\)"),
+        ([(0, 3), (3, 5)], [(0, 3), (3, 6)],
+         r"teacher_offsets covers \[0, 6\) but student_offsets covers \[0, 5\)"),
         ([(1, 3)], [(0, 3)], r"teacher_offsets covers \[0, 3\) but student_offsets covers \[1, 3\)"),
         ([], [(0, 3)], "student_offsets has 0 tokens and teacher_offsets 1"),
         ([(0, 0)], [], "student_offsets has 1 tokens and teacher_offsets 0"),
@@ -244,7 +245,8 @@ def test_several_groups_one_token_groups_and_rows_left_out():
 
 
 def test_temperature_applies_before_the_merge():
-    # at T = 2: softmax(log p / 2) ∝ sqrt(p); [0.64, 0.36] → [0.8, 0.6] / 1.4 and [0.36, 0.64] → [0.6, 0.8] / 1.4
+    # at T = 2: softmax(log p / 2) ∝ sqrt(p): [0.64, 0.36] → [0.8, 0.6] / 1.4,
+    # and p_1[1] = 0.8 / 1.4 for [0.36, 0.64]
     probs = torch.tensor([[0.64, 0.36], [0.36, 0.64]], dtype=torch.float64)
     merged = fastkd.merge_aligned(probs.log(), torch.tensor([0, 1]), torch.tensor([[0, 2]]), temperature=2.0)
     expected = torch.tensor([[4 / 7, 3 / 7]], dtype=torch.float64) * (4 / 7)
@@ -307,7 +309,8 @@ def test_merge_matches_a_loop_over_groups(num_tokens, vocab, strategy, temperatu
     generator = torch.Generator().manual_seed(seed)
     logits = torch.randn(num_tokens, vocab, generator=generator, dtype=torch.float64) * 3
     ids = torch.randint(0, vocab, (num_tokens,), generator=generator)
-    pairs = data.draw(st.lists(st.tuples(st.integers(0, num_tokens - 1), st.integers(1, num_tokens)), max_size=6))
+    bounds = st.tuples(st.integers(0, num_tokens - 1), st.integers(1, num_tokens))
+    pairs = data.draw(st.lists(bounds, max_size=6))
     groups = torch.tensor([[min(a, b - 1), max(a + 1, b)] for a, b in pairs], dtype=torch.long).reshape(-1, 2)
     merged = fastkd.merge_aligned(logits, ids, groups, strategy=strategy, temperature=temperature,
                                   min_token_probability=floor)
@@ -369,36 +372,36 @@ def test_logits_to_aligned_rows():
 # ---------------------------------------------------------------------------
 # merge_aligned: bad input
 
-Z = torch.randn(3, 4)
-I = torch.tensor([0, 1, 2])
-G = torch.tensor([[0, 2], [2, 3]])
+LOGITS = torch.randn(3, 4)
+TOKENS = torch.tensor([0, 1, 2])
+GROUPS = torch.tensor([[0, 2], [2, 3]])
 
 
 @pytest.mark.parametrize(
     "args,kwargs,needle",
     [
-        ((Z.long(), I, G), {}, "logits must have dtype"),
-        ((Z[0], I, G), {}, "logits must have at least 2"),
-        ((Z.unsqueeze(0), I, G), {}, r"logits must have shape \(T, V\)"),
-        ((Z[:, :0], I, G), {}, r"logits must have shape \(T, V\) with V >= 1"),
-        ((Z, [0, 1, 2], G), {}, "token_ids must be a torch.Tensor"),
-        ((Z, I.double(), G), {}, "token_ids must be an integer tensor"),
-        ((Z, I[:2], G), {}, r"token_ids must have shape \(3,\)"),
-        ((Z, torch.tensor([0, 4, 1]), G), {}, r"token_ids\[1\] = 4 is outside \[0, 4\)"),
-        ((Z, torch.tensor([0, -100, 1]), G), {}, r"token_ids\[1\] = -100"),
-        ((Z, I, [[0, 3]]), {}, "groups must be a"),
-        ((Z, I, G.double()), {}, "groups must hold integers"),
-        ((Z, I, G[0]), {}, r"groups must have shape \(G, 2\)"),
-        ((Z, I, torch.tensor([[0, 2], [2, 2]])), {}, r"groups\[1\] = \(2, 2\) is not a non-empty"),
-        ((Z, I, torch.tensor([[3, 1]])), {}, r"groups\[0\] = \(3, 1\)"),
-        ((Z, I, torch.tensor([[1, 4]])), {}, r"groups\[0\] = \(1, 4\) .* within the 3 rows"),
-        ((Z, I, torch.tensor([[-1, 1]])), {}, r"groups\[0\] = \(-1, 1\)"),
-        ((Z, I, G), {"strategy": "bayesian"}, "strategy must be one of"),
-        ((Z, I, G), {"temperature": 0.0}, "temperature must be > 0"),
-        ((Z, I, G), {"temperature": math.nan}, "temperature must be finite"),
-        ((Z, I, G), {"temperature": True}, "temperature must be a real number"),
-        ((Z, I, G), {"min_token_probability": -0.1}, "min_token_probability must be >= 0"),
-        ((Z, I, G), {"min_token_probability": 1.0}, "min_token_probability must be < 1"),
+        ((LOGITS.long(), TOKENS, GROUPS), {}, "logits must have dtype"),
+        ((LOGITS[0], TOKENS, GROUPS), {}, "logits must have at least 2"),
+        ((LOGITS.unsqueeze(0), TOKENS, GROUPS), {}, r"logits must have shape \(T, V\)"),
+        ((LOGITS[:, :0], TOKENS, GROUPS), {}, r"logits must have shape \(T, V\) with V >= 1"),
+        ((LOGITS, [0, 1, 2], GROUPS), {}, "token_ids must be a torch.Tensor"),
+        ((LOGITS, TOKENS.double(), GROUPS), {}, "token_ids must be an integer tensor"),
+        ((LOGITS, TOKENS[:2], GROUPS), {}, r"token_ids must have shape \(3,\)"),
+        ((LOGITS, torch.tensor([0, 4, 1]), GROUPS), {}, r"token_ids\[1\] = 4 is outside \[0, 4\)"),
+        ((LOGITS, torch.tensor([0, -100, 1]), GROUPS), {}, r"token_ids\[1\] = -100"),
+        ((LOGITS, TOKENS, [[0, 3]]), {}, "groups must be a"),
+        ((LOGITS, TOKENS, GROUPS.double()), {}, "groups must hold integers"),
+        ((LOGITS, TOKENS, GROUPS[0]), {}, r"groups must have shape \(G, 2\)"),
+        ((LOGITS, TOKENS, torch.tensor([[0, 2], [2, 2]])), {}, r"groups\[1\] = \(2, 2\) is not a non-empty"),
+        ((LOGITS, TOKENS, torch.tensor([[3, 1]])), {}, r"groups\[0\] = \(3, 1\)"),
+        ((LOGITS, TOKENS, torch.tensor([[1, 4]])), {}, r"groups\[0\] = \(1, 4\) .* within the 3 rows"),
+        ((LOGITS, TOKENS, torch.tensor([[-1, 1]])), {}, r"groups\[0\] = \(-1, 1\)"),
+        ((LOGITS, TOKENS, GROUPS), {"strategy": "bayesian"}, "strategy must be one of"),
+        ((LOGITS, TOKENS, GROUPS), {"temperature": 0.0}, "temperature must be > 0"),
+        ((LOGITS, TOKENS, GROUPS), {"temperature": math.nan}, "temperature must be finite"),
+        ((LOGITS, TOKENS, GROUPS), {"temperature": True}, "temperature must be a real number"),
+        ((LOGITS, TOKENS, GROUPS), {"min_token_probability": -0.1}, "min_token_probability must be >= 0"),
+        ((LOGITS, TOKENS, GROUPS), {"min_token_probability": 1.0}, "min_token_probability must be < 1"),
     ],
 )
 def test_bad_merge_arguments_raise_naming_the_argument(args, kwargs, needle):
