@@ -121,13 +121,13 @@ def align_by_offsets(student_offsets, teacher_offsets) -> TokenAlignment:
 
     Zero-width tokens (a special token's span ``(x, x)``): the tokens of each
     side that end at the same offset ``x`` are matched by their order there (the
-    token whose text ends at ``x``, then the zero-width tokens at ``x``), and
-    each matched pair closes a group. So an end-of-sequence token ``(n, n)`` on
-    both sides forms a group of its own, a zero-width token the other side lacks
-    joins the group after it, and one the other side lacks at the very end of the
-    text belongs to no group. This is the grouping of TRL's GOLD trainer
-    (``ULDLoss._align_by_byte_offsets``) once its groups with no token on one
-    side are dropped.
+    token whose text ends at ``x``, if any, then the zero-width tokens at
+    ``x``), and each matched pair closes a group. So where both sides have text
+    ending at ``x``, an end-of-sequence token ``(x, x)`` on both sides forms a
+    group of its own, and a zero-width token the other side lacks joins the
+    group after it, or belongs to no group at the very end of the text. This
+    is the grouping of TRL's GOLD trainer (``ULDLoss._align_by_byte_offsets``)
+    once its groups with no token on one side are dropped.
 
     Args:
         student_offsets: ``(T_s, 2)`` integer tensor or a sequence of ``(start,
@@ -136,7 +136,9 @@ def align_by_offsets(student_offsets, teacher_offsets) -> TokenAlignment:
             overlap (``start_i ≥ end_{i-1}``); gaps (text in no token) are
             allowed. Special tokens that a tokenizer reports as ``(0, 0)`` after
             the text begins must be given the span ``(x, x)`` of their position,
-            or left out.
+            or left out. Byte-level BPE tokens that split one multi-byte
+            character report overlapping character spans: pass byte spans that
+            share the character's bytes out between them.
         teacher_offsets: ``(T_t, 2)``, the teacher's spans of the same text, in
             the same units. Both must start at the same offset and end at the
             same offset (or both be empty).

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastkd
+from tests.helpers import DEVICE
 
 
 def groups_of(alignment):
@@ -125,18 +126,25 @@ def spans(cuts, length):
 
 
 @st.composite
-def segmentations(draw, zero_width=False):
-    """Two segmentations of a text of ``length`` characters, optionally with
-    zero-width tokens inserted at any offset (both ends included)."""
+def segmentations(draw, zero_width=False, gaps=False):
+    """Two segmentations of a text of ``length`` characters; optionally with
+    gaps (a token's start moved right, text in no token) and with zero-width
+    tokens inserted at either end of any gap or token boundary (both ends of
+    the text included)."""
     length = draw(st.integers(1, 30))
     inner = st.sets(st.integers(1, length - 1), max_size=length - 1) if length > 1 else st.just(set())
     sides = []
     for _ in range(2):
         tokens = spans(draw(inner), length)
+        if gaps:
+            tokens = [tokens[0]] + [(draw(st.integers(start, end - 1)), end) for start, end in tokens[1:]]
         if zero_width:
             for _ in range(draw(st.integers(0, 4))):
                 at = draw(st.integers(0, len(tokens)))
-                offset = tokens[at - 1][1] if at > 0 else 0
+                candidates = {tokens[at - 1][1] if at > 0 else 0}
+                if 0 < at < len(tokens):
+                    candidates.add(tokens[at][0])
+                offset = draw(st.sampled_from(sorted(candidates)))
                 tokens.insert(at, (offset, offset))
         sides.append(tokens)
     return sides
@@ -159,9 +167,9 @@ def test_groups_partition_both_sequences_into_equal_spans(sides):
     assert group_ends == {end for _, end in student} & {end for _, end in teacher}
 
 
-@settings(max_examples=150)
-@given(segmentations(zero_width=True))
-def test_zero_width_tokens_follow_the_walk(sides):
+@settings(max_examples=200)
+@given(segmentations(zero_width=True, gaps=True))
+def test_zero_width_tokens_and_gaps_follow_the_walk(sides):
     student, teacher = sides
     assert groups_of(fastkd.align_by_offsets(student, teacher)) == walk_oracle(student, teacher)
 
@@ -407,3 +415,32 @@ GROUPS = torch.tensor([[0, 2], [2, 3]])
 def test_bad_merge_arguments_raise_naming_the_argument(args, kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         fastkd.merge_aligned(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# devices and layouts
+
+
+def test_device_tensors_match_the_cpu_result():
+    student = torch.tensor([[0, 0], [0, 3], [3, 5], [5, 8], [8, 8]], device=DEVICE)
+    teacher = [(0, 3), (3, 8), (8, 8)]  # a sequence of pairs goes to the other side's device
+    alignment = fastkd.align_by_offsets(student, teacher)
+    assert alignment.student_groups.device == DEVICE and alignment.teacher_groups.device == DEVICE
+    expected = fastkd.align_by_offsets(student.cpu(), teacher)
+    assert groups_of(alignment) == groups_of(expected)
+    logits = torch.randn(5, 9, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    ids = torch.tensor([2, 0, 5, 8, 1], device=DEVICE)
+    for strategy in ("first", "last"):
+        merged = fastkd.merge_aligned(logits, ids, alignment.student_groups, strategy=strategy)
+        reference = fastkd.merge_aligned(logits.detach().cpu(), ids.cpu(), expected.student_groups,
+                                         strategy=strategy)
+        torch.testing.assert_close(merged.detach().cpu(), reference)
+        merged.sum().backward()
+
+
+def test_non_contiguous_logits():
+    logits = torch.randn(6, 4, dtype=torch.float64).t()  # (4, 6), transposed
+    ids, groups = torch.tensor([5, 0, 3, 2]), torch.tensor([[0, 3], [3, 4]])
+    merged = fastkd.merge_aligned(logits, ids, groups, strategy="last", temperature=0.7)
+    torch.testing.assert_close(merged, fastkd.merge_aligned(logits.contiguous(), ids, groups, strategy="last",
+                                                            temperature=0.7))
