@@ -10,10 +10,10 @@ losses and the student gradient together; the backward only scales it:
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from fastkd import _ops  # noqa: F401  (registers fastkd::dkd_forward and its fake kernel)
 from fastkd._backend import backend_for
+from fastkd._module_form import LossModule
 from fastkd._row_loss import RowLossKernelFunction
 from fastkd.reference import dkd as _reference
 
@@ -82,44 +82,16 @@ def dkd_loss(
     )
 
 
-class DKDLoss(nn.Module):
+class DKDLoss(LossModule):
     """Module form of :func:`dkd_loss`.
 
     ``forward(student_logits (N, C), teacher_logits (N, C), labels (N,))`` → loss.
     """
 
-    def __init__(
-        self,
-        *,
-        alpha: float = 1.0,
-        beta: float = 8.0,
-        temperature: float = 4.0,
-        reduction: str = "batchmean",
-        backend: str = "auto",
-    ) -> None:
-        super().__init__()
-        self.alpha = alpha
-        self.beta = beta
-        self.temperature = temperature
-        self.reduction = reduction
-        self.backend = backend
+    loss_function = staticmethod(dkd_loss)
 
-    def forward(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        return dkd_loss(
-            student_logits,
-            teacher_logits,
-            labels,
-            alpha=self.alpha,
-            beta=self.beta,
-            temperature=self.temperature,
-            reduction=self.reduction,
-            backend=self.backend,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
+    def __init__(self, *, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
+                 reduction: str = "batchmean", backend: str = "auto") -> None:
+        super().__init__(
+            alpha=alpha, beta=beta, temperature=temperature, reduction=reduction, backend=backend
         )

@@ -28,13 +28,13 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch import nn
 
 from fastkd import (
     _ops,  # noqa: F401  (registers the fastkd:: ops and their fake kernels)
     _validate,
 )
 from fastkd._backend import backend_for
+from fastkd._module_form import LossModule
 from fastkd._pairwise import StudentGradFunction, check_pair
 from fastkd.reference import gram_relation as _reference
 
@@ -177,86 +177,40 @@ def cc_loss(
     )
 
 
-class PKTLoss(nn.Module):
+class PKTLoss(LossModule):
     """Module form of :func:`fastkd.pkt_loss`.
 
     ``forward(student (N, ...), teacher (N, ...))`` → ``()`` loss.
     """
 
+    loss_function = staticmethod(pkt_loss)
+
     def __init__(self, *, eps: float = 1e-7, backend: str = "auto", gather: bool = False, process_group=None):
-        super().__init__()
-        self.eps = eps
-        self.backend = backend
-        self.gather = gather
-        self.process_group = process_group
-
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return pkt_loss(
-            student,
-            teacher,
-            eps=self.eps,
-            backend=self.backend,
-            gather=self.gather,
-            process_group=self.process_group,
-        )
-
-    def extra_repr(self) -> str:
-        return f"eps={self.eps}, backend={self.backend!r}"
+        super().__init__(eps=eps, backend=backend, gather=gather, process_group=process_group)
 
 
-class SPLoss(nn.Module):
+class SPLoss(LossModule):
     """Module form of :func:`fastkd.sp_loss`.
 
     ``forward(student (N, ...), teacher (N, ...))`` → ``()`` loss.
     """
 
+    loss_function = staticmethod(sp_loss)
+
     def __init__(self, *, backend: str = "auto", gather: bool = False, process_group=None):
-        super().__init__()
-        self.backend = backend
-        self.gather = gather
-        self.process_group = process_group
-
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return sp_loss(
-            student, teacher, backend=self.backend, gather=self.gather, process_group=self.process_group
-        )
-
-    def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"
+        super().__init__(backend=backend, gather=gather, process_group=process_group)
 
 
-class CCLoss(nn.Module):
+class CCLoss(LossModule):
     """Module form of :func:`fastkd.cc_loss` (torchdistill ``CCKDLoss`` Gaussian form).
 
     ``forward(student (N, ...), teacher (N, ...))`` → ``()`` loss.
     """
 
-    def __init__(
-        self,
-        *,
-        gamma: float = 0.4,
-        order: int = 2,
-        backend: str = "auto",
-        gather: bool = False,
-        process_group=None,
-    ):
-        super().__init__()
-        self.gamma = gamma
-        self.order = order
-        self.backend = backend
-        self.gather = gather
-        self.process_group = process_group
+    loss_function = staticmethod(cc_loss)
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return cc_loss(
-            student,
-            teacher,
-            gamma=self.gamma,
-            order=self.order,
-            backend=self.backend,
-            gather=self.gather,
-            process_group=self.process_group,
+    def __init__(self, *, gamma: float = 0.4, order: int = 2, backend: str = "auto", gather: bool = False,
+                 process_group=None):
+        super().__init__(
+            gamma=gamma, order=order, backend=backend, gather=gather, process_group=process_group
         )
-
-    def extra_repr(self) -> str:
-        return f"gamma={self.gamma}, order={self.order}, backend={self.backend!r}"

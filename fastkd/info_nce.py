@@ -8,11 +8,11 @@ forward and backward. The mathematics is :func:`fastkd.reference.info_nce`'s.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from fastkd import _validate
 from fastkd import distributed as _distributed
 from fastkd._backend import backend_for
+from fastkd._module_form import LossModule
 from fastkd.reference.info_nce import check_arguments
 from fastkd.reference.info_nce import info_nce as reference_info_nce
 
@@ -162,7 +162,7 @@ def info_nce(
     return loss
 
 
-class InfoNCELoss(nn.Module):
+class InfoNCELoss(LossModule):
     """Module form of :func:`fastkd.info_nce`; keyword arguments as there.
 
     ``forward(q (N, D), k (M, D), labels=None)`` → ``()`` loss. With
@@ -170,39 +170,12 @@ class InfoNCELoss(nn.Module):
     (default: the world), as :func:`fastkd.info_nce`'s ``gather``.
     """
 
-    def __init__(
-        self,
-        *,
-        temperature: float = 0.07,
-        symmetric: bool = False,
-        normalize: bool = False,
-        backend: str = "auto",
-        gather: bool = False,
-        process_group=None,
-    ) -> None:
-        super().__init__()
-        self.temperature = temperature
-        self.symmetric = symmetric
-        self.normalize = normalize
-        self.backend = backend
-        self.gather = _validate.flag("gather", gather)
-        self.process_group = process_group
+    loss_function = staticmethod(info_nce)
+
+    def __init__(self, *, temperature: float = 0.07, symmetric: bool = False, normalize: bool = False,
+                 backend: str = "auto", gather: bool = False, process_group=None) -> None:
+        super().__init__(temperature=temperature, symmetric=symmetric, normalize=normalize, backend=backend,
+                         gather=_validate.flag("gather", gather), process_group=process_group)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return info_nce(
-            q,
-            k,
-            temperature=self.temperature,
-            labels=labels,
-            symmetric=self.symmetric,
-            normalize=self.normalize,
-            backend=self.backend,
-            gather=self.gather,
-            process_group=self.process_group,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, symmetric={self.symmetric}, "
-            f"normalize={self.normalize}, backend={self.backend!r}, gather={self.gather}"
-        )
+        return super().forward(q, k, labels=labels)

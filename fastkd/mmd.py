@@ -8,12 +8,12 @@ The fused ops (``fastkd::mmd_forward`` / ``_backward`` on cpu / cuda,
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from fastkd import _validate
 from fastkd import distributed as _distributed
 from fastkd._backend import backend_for
 from fastkd._enums import MMDKernel
+from fastkd._module_form import LossModule
 from fastkd.reference import mmd as _reference
 
 __all__ = ["MMD_KERNELS", "MMDFunction", "MMDLoss", "mmd_loss"]
@@ -161,7 +161,7 @@ def mmd_loss(
     )
 
 
-class MMDLoss(nn.Module):
+class MMDLoss(LossModule):
     """Module form of :func:`fastkd.mmd_loss`; keyword arguments as there.
 
     ``forward(x (N, D), y (M, D))`` → ``()`` loss. With ``gather=True`` the
@@ -169,49 +169,15 @@ class MMDLoss(nn.Module):
     compared, as :func:`fastkd.mmd_loss`'s ``gather``.
     """
 
+    loss_function = staticmethod(mmd_loss)
+
     def __init__(
-        self,
-        *,
-        kernel: str = "gaussian",
+        self, *, kernel: str = "gaussian",
         bandwidths: float | tuple[float, ...] = _reference.DEFAULT_BANDWIDTHS,
-        unbiased: bool = False,
-        degree: int = 2,
-        c: float = 1.0,
-        backend: str = "auto",
-        gather: bool = False,
+        unbiased: bool = False, degree: int = 2, c: float = 1.0, backend: str = "auto", gather: bool = False,
         process_group=None,
     ) -> None:
-        super().__init__()
-        self.kernel = kernel
-        self.bandwidths = bandwidths
-        self.unbiased = unbiased
-        self.degree = degree
-        self.c = c
-        self.backend = backend
-        self.gather = _validate.flag("gather", gather)
-        self.process_group = process_group
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return mmd_loss(
-            x,
-            y,
-            kernel=self.kernel,
-            bandwidths=self.bandwidths,
-            unbiased=self.unbiased,
-            degree=self.degree,
-            c=self.c,
-            backend=self.backend,
-            gather=self.gather,
-            process_group=self.process_group,
-        )
-
-    def extra_repr(self) -> str:
-        params = (
-            f"degree={self.degree}, c={self.c}"
-            if self.kernel == "polynomial"
-            else f"bandwidths={self.bandwidths}"
-        )
-        return (
-            f"kernel={self.kernel!r}, {params}, unbiased={self.unbiased}, backend={self.backend!r}, "
-            f"gather={self.gather}"
+        super().__init__(
+            kernel=kernel, bandwidths=bandwidths, unbiased=unbiased, degree=degree, c=c, backend=backend,
+            gather=_validate.flag("gather", gather), process_group=process_group,
         )

@@ -7,9 +7,9 @@ composite ATen. The mathematics is :func:`fastkd.reference.nst_loss`'s.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from fastkd._backend import backend_for
+from fastkd._module_form import LossModule
 from fastkd.reference import nst as _reference
 
 __all__ = ["NST_CLOSED_FORM_BACKENDS", "NSTLoss", "nst_loss"]
@@ -79,18 +79,13 @@ def nst_loss(
     return _nst_closed_form(*_reference.nst_features(s, t))
 
 
-class NSTLoss(nn.Module):
+class NSTLoss(LossModule):
     """Module form of :func:`fastkd.nst_loss`.
 
     ``forward(student_maps (N, C_s, H, W), teacher_maps (N, C_t, H', W'))`` → ``()`` loss.
     """
 
+    loss_function = staticmethod(nst_loss)
+
     def __init__(self, *, backend: str = "auto") -> None:
-        super().__init__()
-        self.backend = backend
-
-    def forward(self, student_maps: torch.Tensor, teacher_maps: torch.Tensor) -> torch.Tensor:
-        return nst_loss(student_maps, teacher_maps, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"
+        super().__init__(backend=backend)

@@ -17,13 +17,13 @@ explicit backend without a kernel raises ``ValueError``.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from fastkd import (
     _ops,  # noqa: F401  (registers the fastkd:: ops and their fake kernels)
     _validate,
 )
 from fastkd._backend import backend_for
+from fastkd._module_form import LossModule
 from fastkd._pairwise import StudentGradFunction, check_pair
 from fastkd.reference import rkd as _reference
 
@@ -172,41 +172,15 @@ def rkd_loss(
     return loss
 
 
-class RKDLoss(nn.Module):
+class RKDLoss(LossModule):
     """Module form of :func:`fastkd.rkd_loss`: ``w_d · distance + w_a · angle``.
 
     ``forward(student (N, ...), teacher (N, ...))`` → ``()`` loss.
     """
 
-    def __init__(
-        self,
-        *,
-        distance_weight: float = 25.0,
-        angle_weight: float = 50.0,
-        backend: str = "auto",
-        gather: bool = False,
-        process_group=None,
-    ):
-        super().__init__()
-        self.distance_weight = distance_weight
-        self.angle_weight = angle_weight
-        self.backend = backend
-        self.gather = gather
-        self.process_group = process_group
+    loss_function = staticmethod(rkd_loss)
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return rkd_loss(
-            student,
-            teacher,
-            distance_weight=self.distance_weight,
-            angle_weight=self.angle_weight,
-            backend=self.backend,
-            gather=self.gather,
-            process_group=self.process_group,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}, "
-            f"backend={self.backend!r}"
-        )
+    def __init__(self, *, distance_weight: float = 25.0, angle_weight: float = 50.0, backend: str = "auto",
+                 gather: bool = False, process_group=None):
+        super().__init__(distance_weight=distance_weight, angle_weight=angle_weight, backend=backend,
+                         gather=gather, process_group=process_group)
