@@ -48,6 +48,13 @@ CC_MAX_ORDER = 170
 
 
 @triton.jit
+def _gram_tile(rows, row_ok, j0, N, BLOCK_J: tl.constexpr):
+    """Offsets and in-bounds mask of the ``[BLOCK_I, BLOCK_J]`` tile at column ``j0``."""
+    js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+    return rows[:, None] * N + js[None, :], row_ok[:, None] & (js < N)[None, :]
+
+
+@triton.jit
 def _sp_kernel(
     gs_ptr,  # [N, N] float32 student Gram matrix
     gt_ptr,  # [N, N] float32 teacher Gram matrix
@@ -65,9 +72,7 @@ def _sp_kernel(
     ss = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
     st = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
     for j0 in range(0, N, BLOCK_J):
-        js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-        m = im[:, None] & (js < N)[None, :]
-        at = rows[:, None] * N + js[None, :]
+        at, m = _gram_tile(rows, im, j0, N, BLOCK_J)
         gs = tl.load(gs_ptr + at, mask=m, other=0.0)
         gt = tl.load(gt_ptr + at, mask=m, other=0.0)
         ss += gs * gs
@@ -79,9 +84,7 @@ def _sp_kernel(
     loss = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
     dot = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
     for j0 in range(0, N, BLOCK_J):
-        js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-        m = im[:, None] & (js < N)[None, :]
-        at = rows[:, None] * N + js[None, :]
+        at, m = _gram_tile(rows, im, j0, N, BLOCK_J)
         ys = tl.load(gs_ptr + at, mask=m, other=0.0) / r_s[:, None]
         diff = tl.load(gt_ptr + at, mask=m, other=0.0) / r_t[:, None] - ys
         loss += diff * diff
@@ -91,9 +94,7 @@ def _sp_kernel(
         # dG = (dĜ − Ĝ (Ĝ·dĜ)) / ‖G_i‖; below eps the divisor is the constant eps
         proj = tl.where(norm_s > 1e-12, tl.sum(dot, 1), 0.0)
         for j0 in range(0, N, BLOCK_J):
-            js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-            m = im[:, None] & (js < N)[None, :]
-            at = rows[:, None] * N + js[None, :]
+            at, m = _gram_tile(rows, im, j0, N, BLOCK_J)
             ys = tl.load(gs_ptr + at, mask=m, other=0.0) / r_s[:, None]
             dy = (-2.0 * inv_n2) * (tl.load(gt_ptr + at, mask=m, other=0.0) / r_t[:, None] - ys)
             tl.store(dg_ptr + at, (dy - ys * proj[:, None]) / r_s[:, None], mask=m)
@@ -137,9 +138,7 @@ def _cc_kernel(
     im = rows < N
     acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
     for j0 in range(0, N, BLOCK_J):
-        js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-        m = im[:, None] & (js < N)[None, :]
-        at = rows[:, None] * N + js[None, :]
+        at, m = _gram_tile(rows, im, j0, N, BLOCK_J)
         k_s, dk_s = _cc_taylor(tl.load(gs_ptr + at, mask=m, other=0.0), two_gamma, order)
         k_t, _ = _cc_taylor(tl.load(gt_ptr + at, mask=m, other=0.0), two_gamma, order)
         # K = exp(−2γ) Σ_p (2γ)^p / p! G^p; lanes past N: K_s = K_t, no term
@@ -180,9 +179,7 @@ def _pkt_kernel(
     sum_s = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
     sum_t = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
     for j0 in range(0, N, BLOCK_J):
-        js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-        m = im[:, None] & (js < N)[None, :]
-        at = rows[:, None] * N + js[None, :]
+        at, m = _gram_tile(rows, im, j0, N, BLOCK_J)
         sum_s += tl.where(m, _pkt_similarity(tl.load(hs_ptr + at, mask=m, other=0.0)), 0.0)
         sum_t += tl.where(m, _pkt_similarity(tl.load(ht_ptr + at, mask=m, other=0.0)), 0.0)
     # masked rows get 1: no division by 0 in lanes that are never stored
@@ -192,9 +189,7 @@ def _pkt_kernel(
     loss = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
     dot = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
     for j0 in range(0, N, BLOCK_J):
-        js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-        m = im[:, None] & (js < N)[None, :]
-        at = rows[:, None] * N + js[None, :]
+        at, m = _gram_tile(rows, im, j0, N, BLOCK_J)
         p_s = _pkt_similarity(tl.load(hs_ptr + at, mask=m, other=0.0)) / r_s[:, None]
         p_t = _pkt_similarity(tl.load(ht_ptr + at, mask=m, other=0.0)) / r_t[:, None]
         loss += tl.where(m, p_t * tl.log((p_t + eps) / (p_s + eps)), 0.0)
@@ -204,9 +199,7 @@ def _pkt_kernel(
         # P = S / rowsum(S): dS = (dP − Σ_j dP P) / rowsum(S); S = (H + 1)/2: dH = dS / 2
         row_dot = tl.sum(dot, 1)
         for j0 in range(0, N, BLOCK_J):
-            js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-            m = im[:, None] & (js < N)[None, :]
-            at = rows[:, None] * N + js[None, :]
+            at, m = _gram_tile(rows, im, j0, N, BLOCK_J)
             h_s = tl.load(hs_ptr + at, mask=m, other=0.0)
             p_s = _pkt_similarity(h_s) / r_s[:, None]
             p_t = _pkt_similarity(tl.load(ht_ptr + at, mask=m, other=0.0)) / r_t[:, None]
