@@ -177,3 +177,32 @@ def assert_nan_on_out_of_range_rows(row_ce: torch.Tensor, grad: torch.Tensor) ->
     assert torch.isnan(row_ce[bad]).all() and torch.isnan(grad[bad]).all()
     assert row_ce[3] == 0 and torch.all(grad[3] == 0)
     return ~bad
+
+
+UPSTREAM = 0.7  # a loss's upstream gradient in the parity checks: never only 1
+
+
+def run_with_grads(fn, *inputs, upstream=UPSTREAM):
+    """``(loss, *d(upstream · loss)/d input)`` of ``fn(*inputs)`` on fresh leaf copies of ``inputs``."""
+    inputs = [a.detach().clone().requires_grad_(True) for a in inputs]
+    loss = fn(*inputs)
+    loss.backward(torch.tensor(upstream, dtype=loss.dtype, device=loss.device))
+    return (loss.detach(), *(a.grad for a in inputs))
+
+
+def check_parity_with_grads(fused, reference, inputs, what, names=None):
+    """``fused(*inputs)`` against ``reference`` in float64: the loss and every input's gradient.
+
+    The tolerance is :func:`assert_matches`' for the inputs' dtype, widened by
+    the reference's own error in that dtype. The loss is float32 (float64 for
+    float64 inputs); each gradient has its input's dtype and device.
+    """
+    dtype = inputs[0].dtype
+    got = run_with_grads(fused, *inputs)
+    want = run_with_grads(reference, *(a.double() for a in inputs))
+    same = run_with_grads(reference, *inputs)
+    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert all(g.dtype == dtype and g.device == inputs[0].device for g in got[1:])
+    names = names or ("loss",) + tuple(f"grad {i}" for i in range(len(inputs)))
+    for name, a, b, c in zip(names, got, want, same, strict=True):
+        assert_matches(a, b, dtype, f"{what} {name}", [c])

@@ -15,12 +15,11 @@ import fastkd
 from fastkd import _dispatch, _ops
 from fastkd import attention_transfer as fkat
 from fastkd.reference import attention_transfer as ref
-from tests.helpers import DEVICE, assert_matches
+from tests.helpers import DEVICE, assert_matches, check_parity_with_grads, run_with_grads
 
 needs_cpu_ext = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-UPSTREAM = 0.7  # never test only with an upstream gradient of 1
 
 
 def maps(n, c, h, w, dtype=torch.float64, seed=0):
@@ -119,32 +118,14 @@ def float_dtype(backend):
     return torch.float64 if backend == "cpu" else torch.float32
 
 
-def run_with_grads(fn, *inputs, upstream=UPSTREAM):
-    inputs = [a.detach().clone().requires_grad_(True) for a in inputs]
-    loss = fn(*inputs)
-    loss.backward(torch.tensor(upstream, dtype=loss.dtype, device=loss.device))
-    return (loss.detach(), *(a.grad for a in inputs))
-
-
 def check_parity(backend, inputs, what, p=2, prepare=lambda x: x):
     """``backend``'s kernel (inputs moved to DEVICE and passed through ``prepare``,
     e.g. to channels_last) vs the float64 reference, loss and both gradients."""
-    inputs = [x.to(DEVICE) for x in inputs]
-    dtype = inputs[0].dtype
-
-    def fused(a, b):
-        return fastkd.at_loss(prepare(a), prepare(b), p=p, backend=backend)
-
-    def reference(a, b):
-        return ref.at_loss(a, b, p=p)
-
-    got = run_with_grads(fused, *inputs)
-    want = run_with_grads(reference, *(a.double() for a in inputs))
-    same = run_with_grads(reference, *inputs)
-    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert all(g.dtype == dtype and g.device == inputs[0].device for g in got[1:])
-    for name, a, b, c in zip(("loss", "grad student", "grad teacher"), got, want, same, strict=True):
-        assert_matches(a, b, dtype, f"{backend} {what} {name}", [c])
+    check_parity_with_grads(
+        lambda a, b: fastkd.at_loss(prepare(a), prepare(b), p=p, backend=backend),
+        lambda a, b: ref.at_loss(a, b, p=p),
+        [x.to(DEVICE) for x in inputs], f"{backend} {what}", ("loss", "grad student", "grad teacher"),
+    )
 
 
 @pytest.mark.parametrize("backend", kernel_params())

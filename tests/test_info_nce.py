@@ -12,7 +12,7 @@ import torch
 
 import fastkd
 from fastkd import _dispatch, _ops, reference
-from tests.helpers import DEVICE, assert_matches
+from tests.helpers import DEVICE, assert_matches, check_parity_with_grads, run_with_grads
 
 # the module (fastkd.info_nce, the attribute, is the function)
 fkinfo = importlib.import_module("fastkd.info_nce")
@@ -20,7 +20,6 @@ fkinfo = importlib.import_module("fastkd.info_nce")
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-UPSTREAM = 0.7  # never test only with an upstream gradient of 1
 SMALL_TILE = 4  # rows per tile of the cpu / cuda ops when the multi-tile path is forced
 # Triton blocks when the multi-block path is forced (tl.dot needs >= 16).
 SMALL_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 128, "BLOCK_DV": 128, "num_warps": 1}
@@ -67,23 +66,12 @@ def embeddings(rows, dim, dtype, seed, device=DEVICE):
     return torch.randn(rows, dim, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
-def run_with_grads(fn, q, k, upstream=UPSTREAM):
-    q = q.detach().clone().requires_grad_(True)
-    k = k.detach().clone().requires_grad_(True)
-    loss = fn(q, k)
-    loss.backward(torch.tensor(upstream, dtype=loss.dtype, device=loss.device))
-    return loss.detach(), q.grad, k.grad
-
-
 def check_parity(backend, q, k, **kwargs):
-    dtype = q.dtype
-    got = run_with_grads(lambda a, b: fastkd.info_nce(a, b, backend=backend, **kwargs), q, k)
-    want = run_with_grads(lambda a, b: reference.info_nce(a, b, **kwargs), q.double(), k.double())
-    same = run_with_grads(lambda a, b: reference.info_nce(a, b, **kwargs), q, k)
-    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert got[1].dtype == dtype and got[2].dtype == dtype
-    for name, a, b, c in zip(("loss", "q grad", "k grad"), got, want, same, strict=True):
-        assert_matches(a, b, dtype, f"{backend} info_nce {name}", [c])
+    check_parity_with_grads(
+        lambda a, b: fastkd.info_nce(a, b, backend=backend, **kwargs),
+        lambda a, b: reference.info_nce(a, b, **kwargs),
+        [q, k], f"{backend} info_nce", ("loss", "q grad", "k grad"),
+    )
 
 
 # (N, M, D, with labels)

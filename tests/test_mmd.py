@@ -10,12 +10,12 @@ import torch
 import fastkd
 from fastkd import _dispatch, _ops, reference
 from fastkd import mmd as fkmmd
-from tests.helpers import DEVICE, KERNEL_BACKENDS, assert_matches
+from tests.helpers import DEVICE, KERNEL_BACKENDS, run_with_grads
+from tests.helpers import check_parity_with_grads as check_parity
 
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-UPSTREAM = 0.7  # never test only with an upstream gradient of 1
 SMALL_TILE = 4  # rows per tile (cpu / cuda ops) when the multi-tile path is forced
 SMALL_BLOCK = 16  # rows per Triton tile when the multi-tile path is forced (its minimum)
 KERNELS = ("gaussian", "laplacian", "polynomial")
@@ -69,23 +69,6 @@ def samples(rows, dim, dtype, seed, shift=0.0):
     return ((torch.randn(rows, dim, generator=g, dtype=torch.float64) + shift) / dim**0.5).to(DEVICE, dtype)
 
 
-def run_with_grads(fn, *inputs, upstream=UPSTREAM):
-    inputs = [a.detach().clone().requires_grad_(True) for a in inputs]
-    loss = fn(*inputs)
-    loss.backward(torch.tensor(upstream, dtype=loss.dtype, device=loss.device))
-    return (loss.detach(), *(a.grad for a in inputs))
-
-
-def check_parity(fused, ref, inputs, what):
-    dtype = inputs[0].dtype
-    got = run_with_grads(fused, *inputs)
-    want = run_with_grads(ref, *(a.double() for a in inputs))
-    same = run_with_grads(ref, *inputs)
-    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert all(g.dtype == dtype for g in got[1:])
-    names = ("loss",) + tuple(f"grad {i}" for i in range(len(inputs)))
-    for name, a, b, c in zip(names, got, want, same, strict=True):
-        assert_matches(a, b, dtype, f"{what} {name}", [c])
 
 
 def check_mmd_parity(backend, x, y, what, **kwargs):

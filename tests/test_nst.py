@@ -10,31 +10,14 @@ import torch
 import fastkd
 from fastkd import _dispatch, _ops, reference
 from fastkd import nst as fknst
-from tests.helpers import DEVICE, KERNEL_BACKENDS, assert_matches
+from tests.helpers import DEVICE, KERNEL_BACKENDS
+from tests.helpers import check_parity_with_grads as check_parity
 
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-UPSTREAM = 0.7  # never test only with an upstream gradient of 1
 
 
-def run_with_grads(fn, *inputs, upstream=UPSTREAM):
-    inputs = [a.detach().clone().requires_grad_(True) for a in inputs]
-    loss = fn(*inputs)
-    loss.backward(torch.tensor(upstream, dtype=loss.dtype, device=loss.device))
-    return (loss.detach(), *(a.grad for a in inputs))
-
-
-def check_parity(fused, ref, inputs, what):
-    dtype = inputs[0].dtype
-    got = run_with_grads(fused, *inputs)
-    want = run_with_grads(ref, *(a.double() for a in inputs))
-    same = run_with_grads(ref, *inputs)
-    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert all(g.dtype == dtype for g in got[1:])
-    names = ("loss",) + tuple(f"grad {i}" for i in range(len(inputs)))
-    for name, a, b, c in zip(names, got, want, same, strict=True):
-        assert_matches(a, b, dtype, f"{what} {name}", [c])
 
 
 def nst_params():
