@@ -145,9 +145,12 @@ class DivergenceOptions:
         return kernel_divergence(self.divergence, self.beta, self.alpha)
 
     def divergence_kwargs(self) -> dict:
-        """The divergence keywords of :func:`fastkd.reference.divergence` and friends."""
+        """The divergence keywords of :func:`fastkd.reference.divergence` and friends (and of
+        :func:`fastkd.divergence` itself): only the coefficient the divergence reads."""
+        coefficient = ({"beta": self.beta} if self.divergence == "jsd" else
+                       {"alpha": self.alpha} if self.divergence in SKEW_DIVERGENCES else {})
         return dict(
-            divergence=self.divergence, temperature=self.temperature, beta=self.beta, alpha=self.alpha,
+            divergence=self.divergence, temperature=self.temperature, **coefficient,
             scale=self.scale, reduction=self.reduction, labels=self.labels, ignore_index=self.ignore_index,
             mask=self.mask,
         )

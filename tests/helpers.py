@@ -177,3 +177,14 @@ def assert_nan_on_out_of_range_rows(row_ce: torch.Tensor, grad: torch.Tensor) ->
     assert torch.isnan(row_ce[bad]).all() and torch.isnan(grad[bad]).all()
     assert row_ce[3] == 0 and torch.all(grad[3] == 0)
     return ~bad
+
+
+def coefficients(divergence: str, *, beta: float = 0.5, alpha: float = 0.1) -> dict:
+    """The coefficient ``divergence`` reads, as keyword arguments: ``beta`` for
+    ``jsd``, ``alpha`` for the skew kinds, nothing otherwise (a coefficient the
+    divergence does not use is a ``ValueError``)."""
+    if divergence == "jsd":
+        return {"beta": beta}
+    if divergence in ("skew_kl", "skew_reverse_kl"):
+        return {"alpha": alpha}
+    return {}
