@@ -434,8 +434,11 @@ def test_divergence_special_values_property(backend, data):
     # test_nan_logit_over_zero_mass_of_other_side (cpu, triton)
     coef = beta if divergence == "jsd" else alpha
     assume(not coefficient_defect(backend, divergence, coef))
-    if divergence in ("kl", "reverse_kl") and backend != "reference":
-        nan_side, zero_side = (s, t) if divergence == "kl" else (t, s)
+    # the endpoints (jsd at β = 0 / 1, skew at α = 0) run the KL / reverse-KL kernels
+    kernel_kind = {("jsd", 0.0): "kl", ("jsd", 1.0): "reverse_kl", ("skew_kl", 0.0): "kl",
+                   ("skew_reverse_kl", 0.0): "reverse_kl"}.get((divergence, coef), divergence)
+    if kernel_kind in ("kl", "reverse_kl") and backend != "reference":
+        nan_side, zero_side = (s, t) if kernel_kind == "kl" else (t, s)
         # -1e4 at T = 1.5 underflows to zero mass as -inf does: the same defect
         assume(not (nan_side.isnan() & (zero_side <= -1e4)).any())
     # open reference defect, shown by test_skew_alpha_one_with_zero_mass
