@@ -73,6 +73,17 @@ def reference_loss(
     return temperature**2 * rows.sum() / student.shape[0]
 
 
+def fastkd_keywords(options: dict) -> dict:
+    """The :func:`fastkd.divergence` keywords of ``options``: a coefficient only
+    where the divergence reads it (fastkd rejects one it would ignore)."""
+    kwargs = {"divergence": options["divergence"], "temperature": options["temperature"]}
+    if options["divergence"] == "jsd":
+        kwargs["beta"] = options["beta"]
+    elif options["divergence"] in ("skew_kl", "skew_reverse_kl"):
+        kwargs["alpha"] = options["alpha"]
+    return kwargs
+
+
 def shape(text: str) -> tuple[int, int]:
     """``"NxV"`` (or ``N×V``) as ``(N, V)``."""
     n, v = text.lower().replace("×", "x").split("x")
@@ -128,7 +139,7 @@ class DivergenceBench(Family):
         return lambda s, t: reference_loss(s, t, **kwargs)
 
     def fused(self, backend, options):
-        kwargs = {k: options[k] for k in OPTION_NAMES}
+        kwargs = fastkd_keywords(options)
         return lambda s, t: fastkd.divergence(s, t, **kwargs, backend=backend)
 
     def more_providers(self, device, options, found, skipped):

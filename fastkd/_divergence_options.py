@@ -18,7 +18,7 @@ import torch
 from fastkd import _hard_labels, _validate
 from fastkd._enums import DivergenceKind
 
-__all__ = ["DivergenceOptions", "kernel_divergence"]
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_BETA", "DivergenceOptions", "kernel_divergence", "used_coefficients"]
 
 
 def kernel_divergence(divergence: str, beta: float, alpha: float) -> tuple[int, float]:
@@ -40,6 +40,28 @@ def kernel_divergence(divergence: str, beta: float, alpha: float) -> tuple[int, 
             return int(DivergenceKind.from_name(divergence.removeprefix("skew_"))), 0.0
         return int(DivergenceKind.from_name(divergence)), alpha
     return int(DivergenceKind.from_name(divergence)), 0.0
+
+
+# The coefficients' defaults, for the divergences that use them.
+DEFAULT_BETA = 0.5  # JSD, TRL's default
+DEFAULT_ALPHA = 0.1  # skew KL / skew reverse KL, DistiLLM's default
+SKEW_DIVERGENCES = ("skew_kl", "skew_reverse_kl")
+
+
+def used_coefficients(divergence: str, beta, alpha) -> tuple[float, float]:
+    """``(beta, alpha)`` validated, their defaults filled in; a coefficient given
+    to a divergence that does not use it is a ``ValueError`` naming it (it would
+    otherwise be dropped without a word)."""
+    if beta is not None and divergence != "jsd":
+        raise ValueError(f"beta is the JSD weight; divergence={divergence!r} does not use it (leave beta=None)")
+    if alpha is not None and divergence not in SKEW_DIVERGENCES:
+        raise ValueError(
+            f"alpha is the skew weight of skew_kl / skew_reverse_kl; divergence={divergence!r} does not use it "
+            "(leave alpha=None)"
+        )
+    beta = DEFAULT_BETA if beta is None else _validate.real("beta", beta, low=0.0, high=1.0)
+    alpha = DEFAULT_ALPHA if alpha is None else _validate.real("alpha", alpha, low=0.0, high=1.0)
+    return beta, alpha
 
 
 @dataclass(frozen=True)
@@ -91,8 +113,7 @@ class DivergenceOptions:
         _validate.choice("divergence", divergence, divergences)
         _validate.choice("reduction", reduction, _validate.REDUCTIONS)
         temperature = _validate.real("temperature", temperature, low=0.0, low_open=True)
-        beta = _validate.real("beta", beta, low=0.0, high=1.0)
-        alpha = _validate.real("alpha", alpha, low=0.0, high=1.0)
+        beta, alpha = used_coefficients(divergence, beta, alpha)
         if check_endpoints is not None:
             check_endpoints(divergence, beta, alpha)
         scale = temperature**2 if scale is None else _validate.real("scale", scale)
@@ -124,9 +145,12 @@ class DivergenceOptions:
         return kernel_divergence(self.divergence, self.beta, self.alpha)
 
     def divergence_kwargs(self) -> dict:
-        """The divergence keywords of :func:`fastkd.reference.divergence` and friends."""
+        """The divergence keywords of :func:`fastkd.reference.divergence` and friends (and of
+        :func:`fastkd.divergence` itself): only the coefficient the divergence reads."""
+        coefficient = ({"beta": self.beta} if self.divergence == "jsd" else
+                       {"alpha": self.alpha} if self.divergence in SKEW_DIVERGENCES else {})
         return dict(
-            divergence=self.divergence, temperature=self.temperature, beta=self.beta, alpha=self.alpha,
+            divergence=self.divergence, temperature=self.temperature, **coefficient,
             scale=self.scale, reduction=self.reduction, labels=self.labels, ignore_index=self.ignore_index,
             mask=self.mask,
         )

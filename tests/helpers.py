@@ -206,3 +206,14 @@ def check_parity_with_grads(fused, reference, inputs, what, names=None):
     names = names or ("loss",) + tuple(f"grad {i}" for i in range(len(inputs)))
     for name, a, b, c in zip(names, got, want, same, strict=True):
         assert_matches(a, b, dtype, f"{what} {name}", [c])
+
+
+def coefficients(divergence: str, *, beta: float = 0.5, alpha: float = 0.1) -> dict:
+    """The coefficient ``divergence`` reads, as keyword arguments: ``beta`` for
+    ``jsd``, ``alpha`` for the skew kinds, nothing otherwise (a coefficient the
+    divergence does not use is a ``ValueError``)."""
+    if divergence == "jsd":
+        return {"beta": beta}
+    if divergence in ("skew_kl", "skew_reverse_kl"):
+        return {"alpha": alpha}
+    return {}

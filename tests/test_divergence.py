@@ -497,3 +497,17 @@ def test_mixture_of_teachers_infinite_divergence_is_inf_not_nan(backend, diverge
     got = fastkd.divergence(s, t, teacher_weights=w, backend=backend, **kwargs)
     want = reference_mt.mixture_divergence(s.double(), t.double(), w, **kwargs)
     assert_matches(got, want.to(got.dtype), torch.float32, f"{backend} mixture {divergence}")
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "tvd", "skew_kl", "skew_reverse_kl"])
+def test_beta_given_to_a_divergence_without_it_is_an_error(divergence):
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    with pytest.raises(ValueError, match=rf"beta is the JSD weight; divergence='{divergence}' does not use it"):
+        fastkd.divergence(s, t, divergence=divergence, beta=0.5)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "tvd", "jsd"])
+def test_alpha_given_to_a_divergence_without_it_is_an_error(divergence):
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    with pytest.raises(ValueError, match=rf"alpha is the skew weight .* divergence='{divergence}' does not use it"):
+        fastkd.divergence(s, t, divergence=divergence, alpha=0.1)

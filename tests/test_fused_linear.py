@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fastkd
 from fastkd import fused_linear, reference
-from tests.helpers import DEVICE, assert_matches, backend_params
+from tests.helpers import DEVICE, assert_matches, backend_params, coefficients
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 N, H_S, H_T, V = 13, 24, 20, 301
@@ -100,8 +100,7 @@ def test_parity_every_divergence_and_reduction(backend, divergence, reduction):
         divergence=divergence,
         reduction=reduction,
         temperature=1.5,
-        beta=0.3,
-        alpha=0.2,
+        **coefficients(divergence, beta=0.3, alpha=0.2),
         chunk_size=4,
     )
 
