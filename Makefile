@@ -3,7 +3,12 @@
 #   make test      build and run the test suite (every test not marked `slow` or `examples`)
 #   make check     the `slow` tests: nvcc (sm_80, sm_90) and Triton → PTX (sm_90) compile checks
 #   make examples-smoke  install the `examples` extra, run the `examples` tests (each example's --smoke run)
-#   make bench     build and run the CPU benchmark report (CSV + PNG in bench/results/)
+#   make bench     build and run the CPU benchmark report: one or two configurations per family against
+#                  eager and torch.compile, the copy / GEMM floors and 1-vs-2-thread scaling measured in
+#                  the same run (~7 min of measuring on 2 idle cores; bench/results/report_cpu.csv + .png,
+#                  docs/benchmarks.md)
+#   make bench-full  the full sweep, every configuration of every family (over 30 min on 2 cores;
+#                  bench/results/<family>_cpu.csv + .png, docs/benchmarks.md)
 #   make examples  build, install the `examples` extra, run examples/digits.py, tiny_lm.py and sentence_embeddings.py (→ examples/results/)
 #   make lint      ruff
 
@@ -19,7 +24,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/build/inductor-cache
 export TRITON_CACHE_DIR := $(CURDIR)/build/triton-cache
 
-.PHONY: test bench examples examples-smoke check lint clean
+.PHONY: test bench bench-full examples examples-smoke check lint clean
 
 $(VENV)/.installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +45,10 @@ check: $(VENV)/.built
 	$(PY) -m pytest tests -m slow
 
 bench: $(VENV)/.built
+	$(PY) -m bench.run --quick
+	$(PY) -m bench.render_docs
+
+bench-full: $(VENV)/.built
 	$(PY) -m bench.run
 	$(PY) -m bench.render_docs
 

@@ -118,6 +118,8 @@ class DivergenceBench(Family):
     config_keys = ("divergence", "dtype", "N", "V")
     config_format = "{divergence} {dtype} {N}×{V}"
     small_configs = (("fp32", 64, 4096), ("bf16", 64, 4096))
+    report_configs = (("fp32", 2048, 32000), ("bf16", 2048, 32000))
+    scaling_configs = (("fp32", 2048, 32000),)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("divergence")
@@ -201,7 +203,7 @@ def test_reference_loss_is_the_reference(divergence):
 def test_configs_from_the_command_line():
     parse = BENCH.default_options
     assert BENCH.configs(False, parse()) == BENCH.all_configs()
-    assert BENCH.configs(True, parse()) == [("fp32", *SHAPES[0])]
+    assert BENCH.configs(True, parse()) == list(BENCH.report_configs)
     options = {**parse(), "divergence_shapes": [shape("16384x131072")], "divergence_dtypes": ["bf16", "fp16"]}
     assert BENCH.configs(False, options) == [("bf16", 16384, 131072), ("fp16", 16384, 131072)]
     options = {**parse(), "divergence_dtypes": ["fp16"]}

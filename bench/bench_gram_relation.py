@@ -55,6 +55,7 @@ class GramRelationBench(EmbeddingTermsFamily):
         "cc": (reference.cc_loss, fastkd.cc_loss),
     }
     sizes = (512, 2048, 8192)
+    report_configs = tuple((term, 2048, 128) for term in ("pkt", "sp", "cc"))
 
     def model_flop(self, term, n, d):
         """``3 · 2·N²·D``: both Gram matrices and the gradient product."""

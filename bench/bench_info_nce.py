@@ -108,6 +108,12 @@ class InfoNceBench(Family):
     )
     size_axis = f"problem size N = M (D = {DIM})"
     small_configs = (("fp32", 256, 64), ("bf16", 256, 64))
+    report_configs = scaling_configs = (("fp32", 8192, DIM),)
+
+    def floor_gemms(self, row):
+        """``q kᵀ``, ``G k`` and ``Gᵀ q``: the three products of ``6·N·M·D``."""
+        n, m, d = row["N"], row["M"], row["D"]
+        return [(n, d, m), (n, m, d), (m, n, d)]
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("info_nce")

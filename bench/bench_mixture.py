@@ -76,6 +76,7 @@ class MixtureBench(Family):
     compile_options = {"dynamic": False}
     unlike_baseline = {SEPARATE: "a different objective (Σ w_k D(p_k‖q)): cost of 3 dense passes only"}
     small_configs = (("fp32", 32, 2048),)
+    report_configs = (("fp32", *SHAPES[0]),)
 
     def reference(self, options):
         return reference_loss

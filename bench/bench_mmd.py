@@ -98,6 +98,7 @@ class MmdBench(Family):
     size_axis = f"problem size N = M (D = {DIM})"
     dtypes = {"fp32": torch.float32}
     small_configs = (("fp32", 256, 192, 64),)
+    report_configs = (("fp32", 1024, 1024, DIM),)
 
     def reference(self, options):
         return lambda x, y: reference_mmd_loss(x, y, bandwidths=BANDWIDTHS)

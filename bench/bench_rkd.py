@@ -64,6 +64,7 @@ class RkdBench(EmbeddingTermsFamily):
         "angle": (reference.rkd_angle, fastkd.rkd_angle),
     }
     sizes = (128, 256, 512, 1024, 4096)
+    report_configs = (("distance", 4096, 128), ("angle", 256, 128))
 
     def model_flop(self, term, n, d):
         if term == "angle":

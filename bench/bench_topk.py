@@ -74,6 +74,7 @@ class TopkBench(Family):
     description = f"fastkd.topk_divergence: kl (T={TEMPERATURE:g}, k={TOP_K})"
     size_axis = f"tokens N (V = {VOCAB}, k = {TOP_K})"
     small_configs = (("fp32", 16, 4096, 32),)
+    report_configs = (("fp32", 512, VOCAB, TOP_K),)
 
     def reference(self, options):
         return dense_reference_loss

@@ -10,6 +10,14 @@ base class runs the sweep (:func:`measure_config` on every configuration),
 titles and labels the report, and runs one small configuration per provider
 under pytest-benchmark (``pytest bench/``).
 
+Two plans: the full sweep (``all_configs``, ``make bench-full``) and the
+representative report (``report_configs``: one or two configurations per
+family, ``make bench``, ``python -m bench.run --quick``). Configurations in
+``scaling_configs`` are measured a second time with one thread (the fastkd
+providers only), next to the hardware's own one-thread rates; a family whose
+loss is bound by matrix products names them (:meth:`Family.floor_gemms`) and
+gets a GEMM floor measured with ``torch.mm`` at the same shapes in the same run.
+
 Every row has ``provider``, ``dtype``, ``traffic_bytes`` (None for a
 compute-bound loss: no floor) and, when measured, ``median_ms`` and
 ``peak_extra_mib``; ``run`` adds the floor and the ratios
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -31,12 +40,14 @@ from bench.measure import (
     MIB,
     Call,
     ThpSetting,
+    copy_bandwidth,
     first_call,
+    gemm_ms,
     peak_extra_bytes,
     synchronize,
     time_uncontended,
 )
-from bench.report import COMPILE, EAGER, FLOOR_METRICS, TABLE_HEAD, TABLE_TAIL
+from bench.report import COMPILE, EAGER, FLOOR_METRICS, ONE_THREAD, TABLE_HEAD, TABLE_TAIL
 
 
 @dataclass
@@ -50,6 +61,7 @@ class SweepContext:
     progress: object  # rich.progress.Progress
     options: dict = field(default_factory=dict)  # the parsed command line; families read their own
     machine: dict = field(default_factory=dict)  # bench.measure.machine_columns, copied into every row
+    timing: dict = field(default_factory=dict)  # time_uncontended options under each case's own
 
 
 # A provider's first loss may differ from the baseline's by this much
@@ -165,6 +177,7 @@ def measure_config(
             "min_ms": min(timing.times_ms),
             "max_ms": max(timing.times_ms),
             "repeats": timing.repeats,
+            "first_call_s": first_s,
             "peak_extra_mib": None if peak is None else peak / MIB,
             **{column: amount / seconds for column, amount in (per_second or {}).items()},
             "loss_rel_diff": rel_diff,
@@ -180,11 +193,31 @@ def measure_config(
 
 # The columns every family writes, around its own: configuration first, then
 # the measurement, the family's metrics, the floor and ratios, the context.
-MEASURED_COLUMNS = ("median_ms", "min_ms", "max_ms", "repeats", "peak_extra_mib", "output_mib")
-RATIO_COLUMNS = ("traffic_bytes", "floor_ms", "copy_gbs", "speedup_vs_eager", "speedup_vs_compile", "x_floor")
-CONTEXT_COLUMNS = ("loss_rel_diff", "other_load", "thp", "threads", "machine", "torch", "note")
+MEASURED_COLUMNS = (
+    "median_ms", "min_ms", "max_ms", "repeats", "first_call_s", "peak_extra_mib", "output_mib",
+)
+RATIO_COLUMNS = (
+    "traffic_bytes", "floor_ms", "copy_gbs", "speedup_vs_eager", "speedup_vs_compile", "x_floor",
+    "gemm_gflop", "gemm_gflops", "gemm_floor_ms", "x_gemm_floor",
+)
+CONTEXT_COLUMNS = (
+    "loss_rel_diff", "other_load", "config", "config_s", "config_cpu_s", "thp", "threads", "machine", "torch",
+    "note",
+)
+# A GEMM-bound family's table shows its GEMM floor (Family.floor_gemms).
+GEMM_METRICS = (
+    ("gemm_gflops", "torch.mm GFLOP/s", ".1f"),
+    ("gemm_floor_ms", "GEMM floor ms", ".1f"),
+    ("x_gemm_floor", "× GEMM floor", ".2f"),
+)
+
 # Where the pytest-benchmark cases run.
 SMALL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def config_key(config) -> str:
+    """A configuration (a family's tuple) as one CSV cell: its items joined by spaces."""
+    return " ".join(map(str, config))
 
 
 def backends_on(device: torch.device) -> tuple[str, ...]:
@@ -254,6 +287,9 @@ class Family:
     no_compile: str | None = None  # why torch.compile is not measured for this family
     unlike_baseline: dict[str, str] = {}  # providers computing another objective on purpose: the note
     small_configs: tuple = ()  # configurations of the pytest-benchmark cases
+    # make bench's configurations (one or two, the costly providers included); None: the first of the sweep's
+    report_configs: tuple | None = None
+    scaling_configs: tuple = ()  # configurations measured again with one thread (the fastkd providers)
 
     # ------------------------------------------------------------------------- what a family says
 
@@ -275,8 +311,14 @@ class Family:
         raise NotImplementedError
 
     def quick_configs(self) -> list:
-        """``--quick``: the first configuration."""
-        return self.all_configs()[:1]
+        """``--quick`` (``make bench``): ``report_configs``, by default the sweep's first configuration."""
+        return list(self.report_configs) if self.report_configs is not None else self.all_configs()[:1]
+
+    def floor_gemms(self, row: dict) -> list[tuple[int, int, int]] | None:
+        """The matrix products ``(m, k, n)`` the loss needs at the configuration of
+        ``row`` (its columns), or None where it is not bound by matrix products.
+        Their time with ``torch.mm`` in the same run is the row's GEMM floor."""
+        return None
 
     def case(self, config, device: torch.device, options: dict, providers: dict) -> Case:
         raise NotImplementedError
@@ -305,8 +347,12 @@ class Family:
         return (math.prod(sizes), sizes)
 
     @property
+    def has_gemm_floor(self) -> bool:
+        return type(self).floor_gemms is not Family.floor_gemms
+
+    @property
     def table_columns(self) -> tuple[tuple[str, str, str], ...]:
-        return TABLE_HEAD + self.table_metrics + TABLE_TAIL
+        return TABLE_HEAD + self.table_metrics + (GEMM_METRICS if self.has_gemm_floor else ()) + TABLE_TAIL
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -349,14 +395,20 @@ class Family:
 
     def sweep(self, ctx: SweepContext) -> list[dict]:
         """Every provider on every configuration; one row per (configuration, provider)
-        (:func:`measure_config`)."""
+        (:func:`measure_config`), then the one-thread rows of ``scaling_configs``
+        (:meth:`measure_one_thread`). Every row of a configuration gets its wall
+        time and this process's CPU time (all threads), first calls and compiling
+        included (``config_s``, ``config_cpu_s``)."""
         found, skipped = self.providers(ctx.device, ctx.options, use_compile=ctx.compile)
         if COMPILE in found:
             allow_recompiles()
         todo = self.configs(ctx.quick, ctx.options)
-        task = ctx.progress.add_task(self.name, total=len(todo) * len(found))
+        scaling = [config for config in todo if config in self.scaling_configs and ctx.device.type == "cpu"]
+        fused = [name for name in found if name.startswith("fastkd-")]
+        task = ctx.progress.add_task(self.name, total=len(todo) * len(found) + len(scaling) * len(fused))
         rows = []
         for config in todo:
+            started, cpu_started = time.perf_counter(), time.process_time()
             case = self.case(config, ctx.device, ctx.options, found)
             columns = {
                 "family": self.name, "device": ctx.device.type, **case.columns, "thp": ctx.thp.short,
@@ -366,13 +418,68 @@ class Family:
             measured = measure_config(
                 ctx, task, label, columns, case.loss_fns or found, case.inputs,
                 case.reset, skip=case.skip, unavailable=skipped, baseline=self.baseline(found),
-                tolerance=self.tolerance, unlike_baseline=self.unlike_baseline, timing_options=case.timing,
-                per_second=case.per_second,
+                tolerance=self.tolerance, unlike_baseline=self.unlike_baseline,
+                timing_options={**ctx.timing, **(case.timing or {})}, per_second=case.per_second,
             )
             self.finish(measured)
+            self.add_gemm_floor(ctx, measured)
+            if config in scaling:
+                measured += self.measure_one_thread(ctx, task, label, columns, case, found)
+            for row in measured:
+                row["config"] = config_key(config)
+                row["config_s"] = time.perf_counter() - started
+                row["config_cpu_s"] = time.process_time() - cpu_started
             rows += measured
             del case, measured
         ctx.progress.update(task, description=f"{self.name} done")
+        return rows
+
+    def add_gemm_floor(self, ctx: SweepContext, rows: list[dict]) -> None:
+        """Fill ``gemm_gflop``, ``gemm_floor_ms`` (:meth:`floor_gemms` timed with
+        ``torch.mm`` now, at the current thread count), ``gemm_gflops`` and
+        ``x_gemm_floor`` of one configuration's rows; nothing where the family
+        names no GEMMs."""
+        if not rows or (gemms := self.floor_gemms(rows[0])) is None:
+            return
+        dtype = self.dtypes.get(rows[0].get("dtype"), torch.float32)
+        floor = gemm_ms(gemms, dtype, ctx.device)
+        gflop = 2 * sum(m * k * n for m, k, n in gemms) / 1e9
+        for row in rows:
+            row["gemm_gflop"] = gflop
+            row["gemm_floor_ms"] = floor
+            row["gemm_gflops"] = gflop / (floor * 1e-3)
+            if row.get("median_ms") is not None:
+                row["x_gemm_floor"] = row["median_ms"] / floor
+
+    def measure_one_thread(
+        self, ctx: SweepContext, task, label: str, columns: dict, case: Case, found: dict
+    ) -> list[dict]:
+        """The fastkd providers on ``case`` again with one thread: rows named
+        ``<provider> (1 thread)``, with the copy bandwidth (``copy_gbs``) and the
+        GEMM floor measured with one thread too, so that the loss's scaling can be
+        read against the machine's."""
+        threads = torch.get_num_threads()
+        providers = {
+            name + ONE_THREAD: fn
+            for name, fn in (case.loss_fns or found).items()
+            if name.startswith("fastkd-")
+        }
+        skip = None
+        if case.skip is not None:
+            def skip(name: str, inner=case.skip) -> str | None:
+                return inner(name.removesuffix(ONE_THREAD))
+        torch.set_num_threads(1)
+        try:
+            base = {**columns, "threads": 1, "copy_gbs": copy_bandwidth(ctx.device) / 1e9}
+            rows = measure_config(
+                ctx, task, f"{label}, 1 thread", base, providers, case.inputs, case.reset, skip=skip,
+                baseline=None, timing_options={**ctx.timing, **(case.timing or {})},
+                per_second=case.per_second,
+            )
+            self.finish(rows)
+            self.add_gemm_floor(ctx, rows)
+        finally:
+            torch.set_num_threads(threads)
         return rows
 
     def title(self, ctx: SweepContext) -> str:
@@ -472,6 +579,9 @@ class EmbeddingTermsFamily(Family):
         return [(term, n, self.dim) for term in self.terms for n in self.sizes]
 
     def quick_configs(self):
+        """``report_configs``, by default every term at the smallest size."""
+        if self.report_configs is not None:
+            return list(self.report_configs)
         return [(term, self.sizes[0], self.dim) for term in self.terms]
 
     def case(self, config, device, options, providers):

@@ -381,6 +381,28 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
     return 2 * src.nbytes / (timing.median_ms * 1e-3)
 
 
+def gemm_ms(
+    shapes: Sequence[tuple[int, int, int]], dtype: torch.dtype, device: torch.device, budget_s: float = 0.5
+) -> float:
+    """The summed median time, in milliseconds, of ``torch.mm`` on each ``(m, k, n)``
+    of ``shapes`` (an ``(m, k)`` by ``(k, n)`` product of ``dtype``, into a
+    preallocated output, with all of torch's threads): what the matrix
+    products of a loss cost at the rate this machine's BLAS reaches at those
+    shapes (the GEMM floor). A shape listed twice is timed once."""
+    medians: dict[tuple[int, int, int], float] = {}
+    for shape in dict.fromkeys(shapes):
+        m, k, n = shape
+        a = torch.randn(m, k, device=device).to(dtype)
+        b = torch.randn(k, n, device=device).to(dtype)
+        out = torch.empty(m, n, device=device, dtype=dtype)
+        medians[shape] = time_call(
+            lambda a=a, b=b, out=out: torch.mm(a, b, out=out), device=device, warmup=1, min_repeats=3,
+            max_repeats=10, budget_s=budget_s,
+        ).median_ms
+        del a, b, out
+    return sum(medians[shape] for shape in shapes)
+
+
 def floor_ms(nbytes: int, bandwidth: float) -> float:
     """Time to move ``nbytes`` at ``bandwidth`` bytes/s: no kernel can beat it."""
     return nbytes / bandwidth * 1e3

@@ -1,11 +1,13 @@
-"""Plot: one PNG per family, time and peak memory against problem size."""
+"""Plot: one PNG per family (the full sweep), time and peak memory against
+problem size; one PNG for the representative report, every fastkd provider's
+ratios to eager, compile and its floor."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench.report import COMPILE, EAGER
+from bench.report import COMPILE, EAGER, ONE_THREAD
 
 PROVIDER_COLOURS = {
     EAGER: "tab:gray",
@@ -117,4 +119,60 @@ def plot_family(
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_report(rows: Sequence[dict], path: Path, *, title: str, config_label: Callable[[dict], str]) -> None:
+    """The representative report in one figure, one line per measured ``fastkd-*``
+    row at the full thread count (family, configuration, provider): left, how
+    many times faster than ``eager`` and ``compile`` (same run); right, how many
+    floors it takes (the copy floor, else the GEMM floor; none for the rest).
+    Both axes logarithmic, 1 marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    mine = [
+        r for r in rows
+        if str(r["provider"]).startswith("fastkd-") and not str(r["provider"]).endswith(ONE_THREAD)
+        and r.get("median_ms") is not None
+    ]
+    labels = [f"{r['family']}: {config_label(r)}, {r['provider']}" for r in mine]
+    ys = list(range(len(mine)))[::-1]
+    fig, (ax_speed, ax_floor) = plt.subplots(
+        1, 2, figsize=(14, 1.5 + 0.32 * max(len(mine), 1)), sharey=True, gridspec_kw={"width_ratios": (3, 2)}
+    )
+    for offset, column, colour, name in (
+        (0.2, "speedup_vs_eager", PROVIDER_COLOURS[EAGER], "vs eager"),
+        (-0.2, "speedup_vs_compile", PROVIDER_COLOURS[COMPILE], "vs torch.compile"),
+    ):
+        points = [(y + offset, r[column]) for y, r in zip(ys, mine, strict=True) if r.get(column)]
+        if points:
+            ax_speed.barh(*zip(*points, strict=True), height=0.38, color=colour, label=name)
+    ax_speed.axvline(1.0, color="black", linewidth=1)
+    ax_speed.set_xscale("log")
+    ax_speed.set_xlabel("× faster (median fwd + bwd time, same run)")
+    ax_speed.legend(loc="lower right")
+    floors = (("copy floor", "x_floor", "tab:blue"), ("GEMM floor", "x_gemm_floor", "tab:green"))
+    for kind, column, colour in floors:
+        points = [(y, r[column]) for y, r in zip(ys, mine, strict=True) if r.get(column)]
+        if points:
+            ax_floor.barh(*zip(*points, strict=True), height=0.6, color=colour, label=kind)
+    ax_floor.axvline(1.0, color="black", linewidth=1)
+    ax_floor.set_xscale("log")
+    ax_floor.set_xlabel("× the floor measured in the run (1 = the machine's limit)")
+    if any(r.get("x_floor") or r.get("x_gemm_floor") for r in mine):
+        ax_floor.legend(loc="lower right")
+    ax_speed.set_yticks(ys, labels)
+    for ax in (ax_speed, ax_floor):
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

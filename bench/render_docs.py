@@ -2,8 +2,11 @@
 
     python -m bench.render_docs [--results bench/results] [--out docs/benchmarks.md] [--check]
 
+``<results>/report_<device>.csv``, the representative report (``make bench``),
+becomes the first section: its summary of every fastkd provider against
+``eager``, ``compile`` and the floor, its thread scaling, and its plot.
 Every ``<results>/<stem>_<device>.csv`` whose stem is a family
-(``bench/bench_<stem>.py``) becomes one section: what was measured (the
+(``bench/bench_<stem>.py``), the full sweep (``make bench-full``), becomes one section: what was measured (the
 family module's first paragraph), the machine and run it came from (the CSV's
 ``device``, ``machine``, ``threads``, ``torch``, ``thp``, ``copy_gbs`` and
 ``other_load`` columns), one table with the family's report columns (time,
@@ -23,7 +26,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from bench.family import Family
-from bench.report import read_csv
+from bench.report import (
+    SCALING_HEADER,
+    SUMMARY_HEADER,
+    measuring_line,
+    read_csv,
+    scaling_lines,
+    summary_lines,
+)
 from bench.run import discover
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,6 +164,41 @@ def family_section(stem: str, family: Family, rows: list[dict], csv: Path, png: 
     return out + [""]
 
 
+def report_section(path: Path, families: dict[str, Family]) -> list[str]:
+    """The representative report's section, from ``report_<device>.csv`` (rows of
+    families no longer in ``bench/`` are left out)."""
+    device = path.stem.removeprefix("report_")
+    rows = [row for row in read_csv(path) if row.get("family") in families]
+
+    def label(row: dict) -> str:
+        return families[row["family"]].config_label(row)
+
+    title = "Representative report (`make bench`)" + ("" if device == "cpu" else f", {device}")
+    out = [
+        f"## {title}", "",
+        f"From `{_shown(path)}`: {machine_line(rows)}", "",
+        f"In that run, {measuring_line(rows)}.", "",
+        "Every fastkd provider at the full thread count; the CSV file has every provider's row. `floor` is "
+        "the copy floor (the bytes the loss must move at the copy bandwidth) or the GEMM floor (the matrix "
+        "products the loss needs, timed with `torch.mm` at the same shapes); `floor's work` is those "
+        "bytes or GFLOP, `achieved` the rate the loss reaches on them, `machine` the rate measured "
+        "in the run. `config s` is the configuration's wall time in the run, compiling included.", "",
+        *_table(list(SUMMARY_HEADER), summary_lines(rows, label), left=(0, 1, 2)),
+    ]
+    scaling = scaling_lines(rows, label)
+    if scaling:
+        out += [
+            "", "Thread scaling: the same configuration with one thread, against the machine's rate that "
+            "bounds it measured with one thread too (copy bandwidth, or `torch.mm` at the loss's shapes). A "
+            "loss speed-up below the machine's is scaling the loss itself loses.", "",
+            *_table(list(SCALING_HEADER), scaling, left=(0, 1, 2)),
+        ]
+    png = path.with_suffix(".png")
+    if png.exists():
+        out += ["", f"![representative report](../{_shown(png)})"]
+    return out + [""]
+
+
 def render(results_dir: Path = RESULTS) -> str:
     """``docs/benchmarks.md`` for the CSV files in ``results_dir``."""
     families = discover()
@@ -171,10 +216,19 @@ def render(results_dir: Path = RESULTS) -> str:
         "",
         "# Benchmarks",
         "",
-        "`make bench` (`python -m bench.run`) measures every loss family against plain PyTorch (`eager`: the "
-        "reference formula in `fastkd/reference`) and `torch.compile` of the same formula (`compile`), and "
-        "writes `bench/results/<family>_<device>.csv` and `.png`; `python -m bench.render_docs` writes this "
-        "page from those files.",
+        "The benchmarks measure every loss family against plain PyTorch (`eager`: the reference formula in "
+        "`fastkd/reference`) and `torch.compile` of the same formula (`compile`), with the machine's limits "
+        "measured in the same run. Two plans write separate files:",
+        "",
+        "- `make bench` (`python -m bench.run --quick`, under 10 minutes on two cores): the representative "
+        "report, one or two configurations per family (each family's `report_configs`), fewer timed runs, "
+        "the dense divergence and InfoNCE also with one thread; `bench/results/report_<device>.csv` (all "
+        "families in one file) and `report_<device>.png`.",
+        "- `make bench-full` (`python -m bench.run`, over half an hour on two cores): every configuration "
+        "of every family; `bench/results/<family>_<device>.csv` and `.png`.",
+        "",
+        "`python -m bench.render_docs` (run by both targets) writes this page from whichever files are in "
+        "`bench/results/`: a run of one plan leaves the other's files as they were.",
         "",
         "How to read the numbers:",
         "",
@@ -186,11 +240,22 @@ def render(results_dir: Path = RESULTS) -> str:
         "that provider on the same configuration.",
         "- `floor ms` is the least time any implementation needs to read the inputs once and write the "
         "outputs once at the copy bandwidth measured in the same run; `× floor` is how many floors a "
-        "provider takes. Compute-bound families report GFLOP/s (or gather throughput) instead.",
+        "provider takes. A family bound by matrix products gets a GEMM floor instead: the time `torch.mm` "
+        "takes for the products the loss needs, at the same shapes, in the same run (`× GEMM floor`); the "
+        "other compute-bound families report GFLOP/s (or gather throughput).",
+        "- `(1 thread)` rows are the same configuration measured with one thread, next to the copy "
+        "bandwidth and GEMM rate of one thread: where a loss gains less from the second thread than the "
+        "machine does, the loss loses the scaling.",
         "- `peak extra MiB` is the memory a call holds at its peak above what existed before it (resident "
         "set size on CPU, allocator statistics on CUDA), gradients included.",
         "",
+    ]
+    for path in sorted(results_dir.glob("report_*.csv")):
+        out += report_section(path, families)
+    out += [
         "## Summary",
+        "",
+        f"The full sweep (`make bench-full`), from `{_shown(results_dir)}/<family>_<device>.csv`.",
         "",
         *summary_table(results),
         "",

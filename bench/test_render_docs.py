@@ -14,7 +14,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def test_renders_every_committed_family():
     text = render_docs.render(RESULTS)
     families = discover()
-    stems = [p.stem.rpartition("_")[0] for p in sorted(RESULTS.glob("*_cpu.csv"))]
+    stems = [p.stem.rpartition("_")[0] for p in sorted(RESULTS.glob("*_cpu.csv")) if p.stem != "report_cpu"]
     assert stems, "no committed results"
     for stem in stems:
         assert stem in families, f"bench/results/{stem}_cpu.csv has no bench/bench_{stem}.py"
@@ -22,6 +22,19 @@ def test_renders_every_committed_family():
         assert f"From `bench/results/{stem}_cpu.csv`: device cpu;" in text
         assert f"![{stem}](../bench/results/{stem}_cpu.png)" in text
     assert "| fastkd-cpu |" in text
+
+
+def test_renders_the_representative_report():
+    text = render_docs.render(RESULTS)
+    assert (RESULTS / "report_cpu.csv").exists(), "no committed representative report (make bench)"
+    report = text.split("## Representative report (`make bench`)\n", 1)[1].split("\n## Summary\n", 1)[0]
+    assert "From `bench/results/report_cpu.csv`: device cpu;" in report
+    families = discover()
+    for stem in ("divergence", "info_nce", "topk"):
+        assert stem in families
+        assert f"\n| {stem} | " in report
+    assert "Thread scaling" in report
+    assert "![representative report](../bench/results/report_cpu.png)" in report
 
 
 def test_committed_page_is_current():
