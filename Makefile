@@ -5,8 +5,8 @@
 #   make examples-smoke  install the `examples` extra, run the `examples` tests (each example's --smoke run)
 #   make bench     build and run the CPU benchmark report: one or two configurations per family against
 #                  eager and torch.compile, the copy / GEMM floors and 1-vs-2-thread scaling measured in
-#                  the same run (~7 min of measuring on 2 idle cores; bench/results/report_cpu.csv + .png,
-#                  docs/benchmarks.md)
+#                  the same run (under 6 min on 2 idle cores, compiling included; bench/results/report_cpu.csv
+#                  + .png, docs/benchmarks.md)
 #   make bench-full  the full sweep, every configuration of every family (over 30 min on 2 cores;
 #                  bench/results/<family>_cpu.csv + .png, docs/benchmarks.md)
 #   make examples  build, install the `examples` extra, run examples/digits.py, tiny_lm.py and sentence_embeddings.py (→ examples/results/)

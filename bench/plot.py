@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from bench.measure import CONTENDED_LOAD
 from bench.report import COMPILE, EAGER, ONE_THREAD
 
 PROVIDER_COLOURS = {
@@ -127,7 +128,8 @@ def plot_report(rows: Sequence[dict], path: Path, *, title: str, config_label: C
     row at the full thread count (family, configuration, provider): left, how
     many times faster than ``eager`` and ``compile`` (same run); right, how many
     floors it takes (the copy floor, else the GEMM floor; none for the rest).
-    Both axes logarithmic, 1 marked."""
+    Both axes logarithmic, 1 marked. A run timed while other processes kept
+    more than ``CONTENDED_LOAD`` cores busy says so under the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,7 +156,7 @@ def plot_report(rows: Sequence[dict], path: Path, *, title: str, config_label: C
     ax_speed.axvline(1.0, color="black", linewidth=1)
     ax_speed.set_xscale("log")
     ax_speed.set_xlabel("× faster (median fwd + bwd time, same run)")
-    ax_speed.legend(loc="lower right")
+    ax_speed.legend(loc="best")
     floors = (("copy floor", "x_floor", "tab:blue"), ("GEMM floor", "x_gemm_floor", "tab:green"))
     for kind, column, colour in floors:
         points = [(y, r[column]) for y, r in zip(ys, mine, strict=True) if r.get(column)]
@@ -164,13 +166,17 @@ def plot_report(rows: Sequence[dict], path: Path, *, title: str, config_label: C
     ax_floor.set_xscale("log")
     ax_floor.set_xlabel("× the floor measured in the run (1 = the machine's limit)")
     if any(r.get("x_floor") or r.get("x_gemm_floor") for r in mine):
-        ax_floor.legend(loc="lower right")
+        ax_floor.legend(loc="best")
     ax_speed.set_yticks(ys, labels)
     for ax in (ax_speed, ax_floor):
         ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, axis="x", which="both", alpha=0.3)
+    loads = [r["other_load"] for r in rows if isinstance(r.get("other_load"), (int, float))]
+    if loads and max(loads) > CONTENDED_LOAD:
+        title += (f"\ntimed while other processes kept up to {max(loads):.2f} cores busy: "
+                  "times, ratios and floors distorted")
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

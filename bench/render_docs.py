@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from bench.family import Family
+from bench.measure import CONTENDED_LOAD
 from bench.report import (
     SCALING_HEADER,
     SUMMARY_HEADER,
@@ -164,6 +165,19 @@ def family_section(stem: str, family: Family, rows: list[dict], csv: Path, png: 
     return out + [""]
 
 
+def _contention_warning(rows: list[dict]) -> list[str]:
+    """A paragraph where other processes loaded the machine during the timing."""
+    loads = [row["other_load"] for row in rows if isinstance(row.get("other_load"), (int, float))]
+    if not loads or max(loads) <= CONTENDED_LOAD:
+        return []
+    return [
+        f"**Timed on a loaded machine**: other processes kept {_range(loads, '.2f')} cores busy while "
+        "timing, so every time, ratio and rate of this run, the copy bandwidth and GEMM rate included, is "
+        "distorted; the run shows that every family is measured and what the report holds, not fastkd's "
+        "speed. Run `make bench` on an idle machine for numbers to quote.", "",
+    ]
+
+
 def report_section(path: Path, families: dict[str, Family]) -> list[str]:
     """The representative report's section, from ``report_<device>.csv`` (rows of
     families no longer in ``bench/`` are left out)."""
@@ -178,6 +192,7 @@ def report_section(path: Path, families: dict[str, Family]) -> list[str]:
         f"## {title}", "",
         f"From `{_shown(path)}`: {machine_line(rows)}", "",
         f"In that run, {measuring_line(rows)}.", "",
+        *_contention_warning(rows),
         "Every fastkd provider at the full thread count; the CSV file has every provider's row. `floor` is "
         "the copy floor (the bytes the loss must move at the copy bandwidth) or the GEMM floor (the matrix "
         "products the loss needs, timed with `torch.mm` at the same shapes); `floor's work` is those "

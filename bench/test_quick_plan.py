@@ -23,8 +23,8 @@ MAX_CONFIGS = 3
 # start-up, the peak-memory checks, the copy bandwidth, the files and the page.
 MEASURING_BUDGET_S = 7 * 60
 # A configuration not in the committed report (a new family, or a changed plan) is counted at this
-# much until `make bench` measures it: the most one configuration of today's plan may take.
-UNMEASURED_CONFIG_S = 45
+# much until `make bench` measures it: more than any configuration of the committed run took (CPU time).
+UNMEASURED_CONFIG_S = 60
 
 
 def test_every_family_module_is_discovered():
