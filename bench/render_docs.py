@@ -250,7 +250,9 @@ def render(results_dir: Path = RESULTS) -> str:
         "- A measurement is one forward + backward call, timed as the median of repeated runs after an "
         "untimed first call (which also compiles `compile`). The providers of one configuration take turns, "
         "and the turns are repeated while other processes load the machine; `other load` is how many cores "
-        "they kept busy during the kept attempt.",
+        "they kept busy during the kept attempt. The first call's time is the CSV's `first_call_s`: for "
+        "`compile` it is the compile, or the load of the graph from `build/inductor-cache` (the Makefile's "
+        "`TORCHINDUCTOR_CACHE_DIR`) on a later run.",
         "- `vs eager` and `vs compile` are ratios of medians from the same run: how many times faster than "
         "that provider on the same configuration.",
         "- `floor ms` is the least time any implementation needs to read the inputs once and write the "

@@ -25,6 +25,8 @@ MEASURING_BUDGET_S = 7 * 60
 # A configuration not in the committed report (a new family, or a changed plan) is counted at this
 # much until `make bench` measures it: more than any configuration of the committed run took (CPU time).
 UNMEASURED_CONFIG_S = 60
+# CPU time of the compiler processes torch.compile started in the committed run (see committed_seconds).
+COMPILER_CHILDREN_S = 52
 
 
 def test_every_family_module_is_discovered():
@@ -49,12 +51,15 @@ def test_thread_scaling_covers_the_dense_divergence_and_info_nce():
 
 
 def committed_seconds() -> dict[tuple[str, str], float]:
-    """(family, configuration key) → an upper bound of its wall time on an idle
+    """(family, configuration key) → an estimate of its wall time on an idle
     machine from the committed run: the lesser of its wall time there and the
     process's CPU time over it. Other processes only lengthen the wall time; the
-    run never waits on anything but the CPU (the pauses between contended
-    attempts happen only under load), so its CPU time bounds an idle run's wall
-    time, and spinning OpenMP threads only add to it."""
+    run waits on nothing but the CPU (the pauses between contended attempts
+    happen only under load) and its own children, the C++ compiler that
+    ``torch.compile`` runs, whose CPU time ``config_cpu_s`` leaves out: the
+    committed run's children took 52 s in all (``/usr/bin/time``: 326 s of CPU
+    against the process's own 274 s), which the margin between the estimate
+    and ``MEASURING_BUDGET_S`` covers (checked below)."""
     return {
         key: wall if cpu is None else min(wall, cpu)
         for key, (wall, cpu) in report.config_times(report.read_csv(REPORT)).items()
@@ -77,7 +82,7 @@ def test_plan_fits_the_budget():
             else:
                 unmeasured.append(key)
                 estimate += UNMEASURED_CONFIG_S
-    assert estimate <= MEASURING_BUDGET_S, (estimate, unmeasured)
+    assert estimate + COMPILER_CHILDREN_S <= MEASURING_BUDGET_S, (estimate, unmeasured)
 
 
 @pytest.mark.skipif(not REPORT.exists(), reason="no committed bench/results/report_cpu.csv")
