@@ -6,9 +6,9 @@ dot products between a sequence's vectors, ``KL(teacher ‖ student)`` per row.
 MiniLMv2's objective is the sum of three calls (Q-Q, K-K and V-V relations of
 the teacher's chosen layer).
 
-The ``cpu`` and ``triton`` kernels are flash-style: it streams key tiles with an online
-log-sum-exp for both models and keeps ``O(B · A · T)`` statistics, never a
-``(T, T)`` relation; the reference materialises the ``(B, A, T, T)``
+The ``cpu``, ``triton`` and ``cuda`` kernels are flash-style: they stream key
+tiles with an online log-sum-exp for both models and keep ``O(B · A · T)``
+statistics, never a ``(T, T)`` relation; the reference materialises the ``(B, A, T, T)``
 relations of both models (and autograd keeps them).
 """
 
@@ -24,34 +24,17 @@ from fastkd.reference import attention_relation as _reference
 __all__ = ["AttentionRelationLoss", "attention_relation_loss"]
 
 # backends with a kernel for this loss (the reference always runs)
-KERNEL_BACKENDS: tuple[str, ...] = ("cpu", "triton")
+KERNEL_BACKENDS: tuple[str, ...] = ("cpu", "triton", "cuda")
 
 
 def _ops(backend: str):
-    """``(forward, backward)`` with the contracts of ``fastkd::attention_relation_forward`` / ``_backward``."""
+    """``(forward, backward)`` with the contracts of ``fastkd::attention_relation_forward`` / ``_backward``:
+    the Triton launchers, or the registered ops (cpu, cuda: chosen by the inputs' device)."""
     if backend == "triton":
         from fastkd.kernels import attention_relation as triton_attention_relation
 
         return triton_attention_relation.attention_relation_forward, triton_attention_relation.attention_relation_backward
     return torch.ops.fastkd.attention_relation_forward, torch.ops.fastkd.attention_relation_backward
-
-
-def _ops(backend: str):
-    """``(forward, backward)`` with the contracts of ``fastkd::attention_relation_forward`` / ``_backward``."""
-    if backend == "triton":
-        from fastkd.kernels import attention_relation as triton_attention_relation
-
-        return triton_attention_relation.attention_relation_forward, triton_attention_relation.attention_relation_backward
-    return torch.ops.fastkd.attention_relation_forward, torch.ops.fastkd.attention_relation_backward
-
-
-def _backend(backend: str, tensor: torch.Tensor) -> str:
-    chosen = _dispatch.resolve(backend, tensor)
-    if chosen == "reference" or chosen in KERNEL_BACKENDS:
-        return chosen
-    if backend == "auto":
-        return "reference"
-    raise ValueError(f"backend={chosen!r} has no attention_relation_loss kernel yet")
 
 
 if _extension.CPU_EXTENSION_ERROR is None:
@@ -66,8 +49,9 @@ if _extension.CPU_EXTENSION_ERROR is None:
     @torch.library.register_fake("fastkd::attention_relation_backward")
     def _backward_fake(row_grad, student, teacher, heads, mask, causal, temperature, lse_student, lse_teacher,
                        head_kl, student_grad, teacher_grad):
-        return (torch.empty_like(student) if student_grad else student.new_empty((0,)),
-                torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,)))
+        # the ops return contiguous gradients whatever the inputs' strides
+        return (student.new_empty(student.shape) if student_grad else student.new_empty((0,)),
+                teacher.new_empty(teacher.shape) if teacher_grad else teacher.new_empty((0,)))
 
 
 class AttentionRelationFunction(torch.autograd.Function):
@@ -133,11 +117,12 @@ def attention_relation_loss(
         reduction: ``"batchmean"`` (sum of the row losses over the kept rows,
             divided by their number), ``"sum"``, or ``"none"`` (``(B, T)``, 0
             for excluded rows).
-        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"triton"``
-            (``"cuda"`` has no kernel yet: asked for explicitly it raises
-            ``ValueError``; ``"auto"`` picks triton on a GPU). The triton
-            kernel holds one relation head's ``D / A`` channels in registers:
-            ``D / A`` ≤ 256.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or
+            ``"cuda"`` (``"auto"`` picks triton on a GPU). The triton kernel
+            holds one relation head's ``D / A`` channels in registers:
+            ``D / A`` ≤ 256; the cuda kernel streams them in chunks (any
+            ``D / A``, T ≤ 2 097 120). The GPU backends take float32,
+            bfloat16 and float16.
 
     Returns:
         float32 scalar (float64 for float64 inputs), ``(B, T)`` for ``"none"``;

@@ -77,7 +77,8 @@ FAMILIES = {
     "hint": ("fastkd/hint.py", "fastkd/reference/hint.py", "tests/test_hint*.py"),
     "attention_relation": (
         "fastkd/attention_relation.py", "fastkd/reference/attention_relation.py", "kernels/attention_relation.py",
-        "csrc/cpu/attention_relation.cpp", "tests/test_attention_relation*.py", "bench/bench_attention_relation.py",
+        "csrc/cpu/attention_relation.cpp", "csrc/cuda/attention_relation.cu", "tests/test_attention_relation*.py",
+        "bench/bench_attention_relation.py",
     ),
     "hidden_state": ("fastkd/hidden_state.py", "fastkd/reference/hidden_state.py", "tests/test_hidden_state*.py"),
 }
