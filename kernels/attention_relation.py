@@ -10,7 +10,8 @@ flash-attention style: for batch element b and relation head a the scores
   forward   one program per (b, a, block of BLOCK_M rows); it walks the key
             tiles keeping, for student and teacher, the online row max m and
             Σ exp(z − m), and w = Σ exp(zt − m_t)(zt − zs); then
-            lse = m + log Σ and KL_i = w / Σ_t − lse_t + lse_s. Writes lse_s,
+            lse = m + log Σ and KL_i = w / Σ_t − lse_t + lse_s (a key the
+            teacher gives no mass adds 0 to w: 0 · log 0 = 0). Writes lse_s,
             lse_t and KL per (b, a, row): O(B · A · T).
   backward  with g_i the row's upstream gradient / A, recomputed tile by tile:
               dzs_ij = g_i (q_ij − p_ij) c_s,  dzt_ij = g_i p_ij (log p_ij − log q_ij − KL_i) c_t,
@@ -121,7 +122,8 @@ def _attention_relation_fwd_kernel(
         rescale_t = tl.exp(m_t - shift_t)
         e_t = tl.exp(zt - shift_t[:, None])
         l_t = l_t * rescale_t + tl.sum(e_t, 1)
-        w = w * rescale_t + tl.sum(tl.where(keep, e_t * (zt - zs), 0.0), 1)
+        # 0 · log 0 = 0: a key without teacher mass adds nothing (its zt − zs may be inf)
+        w = w * rescale_t + tl.sum(tl.where(keep & (e_t != 0.0), e_t * (zt - zs), 0.0), 1)
         m_s = new_s
         m_t = new_t
     lse_s = m_s + tl.log(l_s)
@@ -141,7 +143,8 @@ def _score_gradients(xs, xt, ks, kt, keep, lse_s, lse_t, kl, g, scale_s, scale_t
     p = tl.where(keep, tl.exp(log_p), 0.0)
     q = tl.where(keep, tl.exp(log_q), 0.0)
     dzs = g[:, None] * (q - p) * scale_s
-    dzt = tl.where(keep, g[:, None] * p * (log_p - log_q - kl[:, None]), 0.0) * scale_t
+    # 0 · log 0 = 0 again: no teacher gradient where p = 0
+    dzt = tl.where(keep & (p != 0.0), g[:, None] * p * (log_p - log_q - kl[:, None]), 0.0) * scale_t
     return dzs, dzt
 
 

@@ -23,7 +23,7 @@ BACKENDS = backend_params(include_reference=True)
 
 def dtype_for(backend: str) -> torch.dtype:
     """float64 where the backend takes it; the GPU kernels' widest input, float32, otherwise."""
-    return torch.float32 if backend == "triton" else torch.float64
+    return torch.float32 if backend in ("triton", "cuda") else torch.float64
 
 
 def loop_oracle(s, t, heads, mask=None, causal=False, temperature=1.0):
