@@ -33,7 +33,8 @@ def _ops(backend: str):
     if backend == "triton":
         from fastkd.kernels import attention_relation as triton_attention_relation
 
-        return triton_attention_relation.attention_relation_forward, triton_attention_relation.attention_relation_backward
+        return (triton_attention_relation.attention_relation_forward,
+                triton_attention_relation.attention_relation_backward)
     return torch.ops.fastkd.attention_relation_forward, torch.ops.fastkd.attention_relation_backward
 
 
@@ -44,7 +45,8 @@ if _extension.CPU_EXTENSION_ERROR is None:
         acc = torch.float64 if student.dtype == torch.float64 else torch.float32
         batch, length = student.shape[:2]
         stats = student.new_empty((batch, heads, length), dtype=acc)
-        return student.new_empty((batch, length), dtype=acc), stats, torch.empty_like(stats), torch.empty_like(stats)
+        rows = student.new_empty((batch, length), dtype=acc)
+        return rows, stats, torch.empty_like(stats), torch.empty_like(stats)
 
     @torch.library.register_fake("fastkd::attention_relation_backward")
     def _backward_fake(row_grad, student, teacher, heads, mask, causal, temperature, lse_student, lse_teacher,
@@ -71,8 +73,8 @@ class AttentionRelationFunction(torch.autograd.Function):
         heads, causal, temperature, backend = ctx.options
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         _, backward = _ops(backend)
-        grad_s, grad_t = backward(row_grad.contiguous(), student, teacher, heads, mask, causal, temperature, lse_s,
-                                  lse_t, head_kl, want_s, want_t)
+        grad_s, grad_t = backward(row_grad.contiguous(), student, teacher, heads, mask, causal, temperature,
+                                  lse_s, lse_t, head_kl, want_s, want_t)
         return (grad_s if want_s else None, grad_t if want_t else None, None, None, None, None, None)
 
 
@@ -133,13 +135,15 @@ def attention_relation_loss(
     chosen = backend_for("attention_relation_loss", KERNEL_BACKENDS, backend, s)
     if chosen == "reference":
         return _reference.attention_relation_loss(
-            s, t, num_relation_heads=heads, mask=mask, causal=causal, temperature=temperature, reduction=reduction)
+            s, t, num_relation_heads=heads, mask=mask, causal=causal, temperature=temperature,
+            reduction=reduction)
     rows = AttentionRelationFunction.apply(s, t, heads, mask, causal, temperature, chosen)
     return _reduce(rows, mask, reduction)
 
 
 class AttentionRelationLoss(nn.Module):
-    """Module form of :func:`attention_relation_loss`; ``forward(student_states, teacher_states, mask=None)``."""
+    """Module form of :func:`attention_relation_loss`:
+    ``forward(student_states, teacher_states, mask=None)``."""
 
     def __init__(self, num_relation_heads: int, *, causal: bool = False, temperature: float = 1.0,
                  reduction: str = "batchmean", backend: str = "auto"):

@@ -178,8 +178,8 @@ def _attention_relation_bwd_rows_kernel(
     row_kept = _kept(mask_ptr, b, rows, row_ok, T, HAS_MASK)
     xs = _head_rows(s_ptr, b, a, rows, row_ok, s_stride_b, s_stride_t, s_stride_d, width_s, BLOCK_DS)
     xt = _head_rows(t_ptr, b, a, rows, row_ok, t_stride_b, t_stride_t, t_stride_d, width_t, BLOCK_DT)
-    lse_s, lse_t, kl, g = _row_stats(lse_s_ptr, lse_t_ptr, kl_ptr, grad_ptr, b, a, A, T, rows, row_ok, row_kept,
-                                     head_share)
+    lse_s, lse_t, kl, g = _row_stats(lse_s_ptr, lse_t_ptr, kl_ptr, grad_ptr, b, a, A, T, rows, row_ok,
+                                     row_kept, head_share)
     acc_s = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_DT], tl.float32)
     key_end = T
@@ -268,7 +268,8 @@ def _check_args(student, teacher, heads, mask, temperature) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             raise ValueError(f"{name} must be a 3-D tensor [B, T, D]")
         if x.dtype not in DTYPES:
-            raise ValueError(f"{name} must be float32, bfloat16 or float16 for the triton backend, got {x.dtype}")
+            raise ValueError(f"{name} must be float32, bfloat16 or float16 for the triton backend, "
+                             f"got {x.dtype}")
     if teacher.shape[:2] != student.shape[:2]:
         raise ValueError("teacher_states (B, T) must match student_states'")
     if teacher.dtype != student.dtype:
@@ -303,7 +304,8 @@ def _launch_common(student, teacher, heads, mask, temperature):
             1.0 / (math.sqrt(width_s) * temperature), 1.0 / (math.sqrt(width_t) * temperature))
     meta = {
         "HAS_MASK": mask is not None, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N,
-        "BLOCK_DS": max(16, triton.next_power_of_2(width_s)), "BLOCK_DT": max(16, triton.next_power_of_2(width_t)),
+        "BLOCK_DS": max(16, triton.next_power_of_2(width_s)),
+        "BLOCK_DT": max(16, triton.next_power_of_2(width_t)),
         "PRECISION": "ieee" if student.dtype == torch.float32 else "tf32",
     }
     return batch, length, mask_arg, args, meta
@@ -334,8 +336,9 @@ def attention_relation_forward(student, teacher, heads: int, mask, causal: bool,
 
 
 @guard_device
-def attention_relation_backward(row_grad, student, teacher, heads: int, mask, causal: bool, temperature: float,
-                                lse_student, lse_teacher, head_kl, student_grad: bool, teacher_grad: bool):
+def attention_relation_backward(row_grad, student, teacher, heads: int, mask, causal: bool,
+                                temperature: float, lse_student, lse_teacher, head_kl, student_grad: bool,
+                                teacher_grad: bool):
     """The contract of ``fastkd::attention_relation_backward``: ``(grad_student, grad_teacher)``
     in the input dtype, ``(0,)``-shaped where not requested."""
     _check_args(student, teacher, heads, mask, temperature)
@@ -359,4 +362,4 @@ def attention_relation_backward(row_grad, student, teacher, heads: int, mask, ca
         _attention_relation_bwd_rows_kernel[grid](*common, **flags)
         _attention_relation_bwd_cols_kernel[grid](*common, **flags)
     return tuple(g.to(x.dtype) if want else x.new_empty((0,))
-                 for g, x, want in zip(grads, (student, teacher), (student_grad, teacher_grad)))
+                 for g, x, want in zip(grads, (student, teacher), (student_grad, teacher_grad), strict=True))

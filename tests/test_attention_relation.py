@@ -104,7 +104,7 @@ def test_gradients_match_the_row_loop(backend, length, causal):
     expected = loop_oracle(s, t, 3, mask, causal)
     expected_grads = torch.autograd.grad((expected * upstream).sum(), (s, t))
     assert_matches(got.detach().cpu(), expected.detach(), dtype, f"rows {backend}")
-    for name, a, b in zip(("student", "teacher"), got_grads, expected_grads):
+    for name, a, b in zip(("student", "teacher"), got_grads, expected_grads, strict=True):
         assert_matches(a.cpu(), b, dtype, f"{name} gradient {backend}")
 
 
@@ -194,7 +194,8 @@ BAD = [
 
 @pytest.mark.parametrize(("change", "message"), BAD, ids=[m[:30] for _, m in BAD])
 def test_bad_arguments_raise_value_error_naming_them(change, message):
-    kwargs = dict(student_states=torch.randn(2, 4, 8), teacher_states=torch.randn(2, 4, 12), num_relation_heads=4)
+    kwargs = dict(student_states=torch.randn(2, 4, 8), teacher_states=torch.randn(2, 4, 12),
+                  num_relation_heads=4)
     kwargs.update(change)
     with pytest.raises(ValueError, match=message):
         fastkd.attention_relation_loss(**kwargs)

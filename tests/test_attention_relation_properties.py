@@ -36,13 +36,15 @@ HEADS = 2
 # ---- known defects (strict xfails, removed when the fixes land) ------------------
 
 CPU_ZERO_MASS_KEY = (
-    "open: cpu: a kept key whose teacher score is -inf (no teacher mass) adds exp(-inf) * (zt - zs) = 0 * -inf "
+    "open: cpu: a kept key whose teacher score is -inf (no teacher mass) adds exp(-inf) * (zt - zs) = "
+    "0 * -inf "
     "= NaN to the row's KL instead of 0 (0 log 0 = 0; csrc/cpu/attention_relation.cpp forward_head's "
     "w += e * (t - s) needs e != 0, and backward_head's teacher gradient p != 0): NaN rows where the "
     "reference's are finite; triton and cuda skip such keys"
 )
 HUGE_SCORES = (
-    "open: fused kernels, scores ~1e3 (states x30): the one-pass KL w / l_t - (m_t - m_s) - log(l_t / l_s) and "
+    "open: fused kernels, scores ~1e3 (states x30): the one-pass KL w / l_t - (m_t - m_s) - log(l_t / l_s) "
+    "and "
     "log p = z - lse cancel terms of the scores' size, an absolute error ~eps32 * |z| (loss 5e-5 on 2.7, "
     "gradients 2.8e-3 on 31) where the float32 reference's per-entry log-softmax errs by 3e-7 and 1.3e-5"
 )
@@ -105,7 +107,7 @@ def test_strided_states_give_the_contiguous_result(backend, layout, causal):
     want, want_grads = loss_and_grads(run, (s_leaf, t_leaf), True)
     assert not view(s_leaf).is_contiguous()
     assert_matches(got.cpu(), want.cpu(), dtype, f"{backend} {layout} rows", elementwise=True)
-    for name, a, b in zip(("student", "teacher"), got_grads, want_grads):
+    for name, a, b in zip(("student", "teacher"), got_grads, want_grads, strict=True):
         assert_matches(a.cpu(), b.cpu(), dtype, f"{backend} {layout} {name} gradient")
 
 
@@ -206,7 +208,7 @@ def test_huge_and_subnormal_states(backend, side, kind, request):
     base, base_grads = loss_and_grads(run("reference"), (s, t))
     assert torch.isfinite(want).all()
     assert_matches(got.cpu(), want, torch.float32, f"{backend} {kind} loss", (base,), elementwise=True)
-    for name, a, b, c in zip(("student", "teacher"), got_grads, want_grads, base_grads):
+    for name, a, b, c in zip(("student", "teacher"), got_grads, want_grads, base_grads, strict=True):
         assert_matches(a.cpu(), b, torch.float32, f"{backend} {kind} {name} gradient", (c,))
 
 
@@ -240,8 +242,8 @@ def test_finite_padding_gets_a_zero_gradient(backend, causal):
     mask[1, 0] = False
 
     def fn(a, b):
-        return fastkd.attention_relation_loss(a, b, num_relation_heads=HEADS, mask=mask.to(DEVICE), causal=causal,
-                                              reduction="none", backend=backend)
+        return fastkd.attention_relation_loss(a, b, num_relation_heads=HEADS, mask=mask.to(DEVICE),
+                                              causal=causal, reduction="none", backend=backend)
 
     _, grads = loss_and_grads(fn, (s.to(DEVICE, dtype), t.to(DEVICE, dtype)))
     for grad in grads:
@@ -264,8 +266,8 @@ def test_half_precision_losses_and_gradients(backend, dtype, causal):
     mask[1, 30:] = False
 
     def fn(a, b):
-        return fastkd.attention_relation_loss(a, b, num_relation_heads=4, mask=mask.to(a.device), causal=causal,
-                                              reduction="none", backend=backend)
+        return fastkd.attention_relation_loss(a, b, num_relation_heads=4, mask=mask.to(a.device),
+                                              causal=causal, reduction="none", backend=backend)
 
     def oracle(a, b):
         return loop_oracle(a, b, 4, mask, causal)
@@ -275,7 +277,7 @@ def test_half_precision_losses_and_gradients(backend, dtype, causal):
     assert got.dtype == torch.float32
     # the loss is float32 whatever the input: the float32 tolerance applies to it
     assert_matches(got.cpu(), want, torch.float32, f"{backend} {dtype} rows", elementwise=True)
-    for name, a, b in zip(("student", "teacher"), got_grads, want_grads):
+    for name, a, b in zip(("student", "teacher"), got_grads, want_grads, strict=True):
         assert a.dtype == dtype
         assert_matches(a.cpu(), b, dtype, f"{backend} {dtype} {name} gradient")
 
