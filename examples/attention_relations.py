@@ -268,8 +268,8 @@ def write_results(rows: list[dict], teacher_row: dict, out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=400, help="student steps (batches of 32 windows)")
-    parser.add_argument("--teacher-steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=300, help="student steps (batches of 32 windows)")
+    parser.add_argument("--teacher-steps", type=int, default=600)
     parser.add_argument("--context", type=int, default=64, help="bytes per training window")
     parser.add_argument("--relation-weight", type=float, default=1.0, help="weight of the Q/K/V relation sum")
     parser.add_argument("--smoke", action="store_true", help="a few steps per run on a 20 kB slice, one seed")
