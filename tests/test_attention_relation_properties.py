@@ -15,7 +15,9 @@ Every backend on DEVICE (and the reference) against:
     reference: ``X Xᵀ``'s backward multiplies the padding's zero score
     gradients by its values);
   - bfloat16 / float16 inputs: float32 losses and input-dtype gradients within
-    docs/spec.md §6's tolerances of the float64 loop oracle.
+    docs/spec.md §6's tolerances of the float64 loop oracle;
+  - relation heads wider than the kernels' tiles (cpu, cuda), and opcheck of
+    the ops on strided inputs (cpu; cuda under FASTKD_TEST_DEVICE=cuda).
 """
 
 from __future__ import annotations
@@ -291,5 +293,41 @@ def test_opcheck_on_strided_inputs():
     torch.library.opcheck(torch.ops.fastkd.attention_relation_forward, args)
     _, lse_s, lse_t, kl = torch.ops.fastkd.attention_relation_forward(*args)
     row_grad = states((2, 6), 16)
+    torch.library.opcheck(torch.ops.fastkd.attention_relation_backward,
+                          (row_grad, *args, lse_s, lse_t, kl, True, True))
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id != "triton"])
+def test_heads_wider_than_a_tile(backend):
+    """D / A = 300 and 70 (the triton kernel's limit is 256; the cuda kernel
+    streams a head's channels in chunks of 32): T = 40 crosses the tiles."""
+    dtype = dtype_for(backend)
+    s, t = states((2, 40, 300), 17), states((2, 40, 70), 18)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[0, 33:] = False
+
+    def fn(a, b):
+        return fastkd.attention_relation_loss(a, b, num_relation_heads=1, mask=mask.to(a.device), causal=True,
+                                              reduction="none", backend=backend)
+
+    got, got_grads = loss_and_grads(fn, (s.to(DEVICE, dtype), t.to(DEVICE, dtype)))
+    want, want_grads = loss_and_grads(
+        lambda a, b: loop_oracle(a, b, 1, mask, causal=True), (s.to(dtype).double(), t.to(dtype).double()))
+    assert_matches(got.cpu(), want, dtype, f"{backend} wide heads rows", elementwise=True)
+    for name, a, b in zip(("student", "teacher"), got_grads, want_grads, strict=True):
+        assert_matches(a.cpu(), b, dtype, f"{backend} wide heads {name} gradient")
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda" or fastkd._ops.CUDA_EXTENSION_ERROR is not None,
+                    reason="the cuda ops need FASTKD_TEST_DEVICE=cuda and fastkd._C_cuda")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_of_the_cuda_ops(dtype):
+    s = states((6, 2, 4), 19).to(DEVICE, dtype).transpose(0, 1)
+    t = states((2, 6, 6), 20).to(DEVICE, dtype)
+    mask = torch.tensor([[True, False, True, True, True, True], [True] * 6], device=DEVICE)
+    args = (s, t, 2, mask, True, 1.5)
+    torch.library.opcheck(torch.ops.fastkd.attention_relation_forward, args)
+    _, lse_s, lse_t, kl = torch.ops.fastkd.attention_relation_forward(*args)
+    row_grad = states((2, 6), 21).to(DEVICE, torch.float32)
     torch.library.opcheck(torch.ops.fastkd.attention_relation_backward,
                           (row_grad, *args, lse_s, lse_t, kl, True, True))
