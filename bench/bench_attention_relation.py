@@ -75,11 +75,6 @@ class AttentionRelationBench(Family):
     def fused(self, backend, options):
         return lambda s, t: fastkd.attention_relation_loss(s, t, num_relation_heads=HEADS, backend=backend)
 
-    def more_providers(self, device, options, found, skipped):
-        if device.type == "cuda":
-            skipped["fastkd-cuda"] = "no CUDA C++ kernel for this loss yet (fastkd-triton runs on CUDA)"
-            found.pop("fastkd-cuda", None)
-
     def all_configs(self):
         return [(dtype, BATCH, length) for dtype in self.dtypes for length in LENGTHS
                 if dtype == "fp32" or length <= BF16_MAX_T]
