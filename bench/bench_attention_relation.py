@@ -11,7 +11,7 @@ Providers:
   log-softmax, probabilities, the KL terms; autograd keeps several).
 - ``compile``: ``torch.compile`` of the same function (``fullgraph``, one
   graph per shape). ``--no-compile`` skips it.
-- ``fastkd-cpu`` (CPU), ``fastkd-triton`` (CUDA): the flash-style kernels,
+- ``fastkd-cpu`` (CPU), ``fastkd-triton`` and ``fastkd-cuda`` (CUDA): the flash-style kernels,
   which keep ``O(B · A · T)`` statistics and recompute the score tiles in
   backward.
 
