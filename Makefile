@@ -9,7 +9,7 @@
 #                  + .png, docs/benchmarks.md)
 #   make bench-full  the full sweep, every configuration of every family (over 30 min on 2 cores;
 #                  bench/results/<family>_cpu.csv + .png, docs/benchmarks.md)
-#   make examples  build, install the `examples` extra, run examples/digits.py, tiny_lm.py and sentence_embeddings.py (→ examples/results/)
+#   make examples  build, install the `examples` extra, run examples/digits.py, tiny_lm.py, sentence_embeddings.py and attention_relations.py (→ examples/results/)
 #   make lint      ruff
 
 PYTHON ?= python3
@@ -66,6 +66,7 @@ examples: $(VENV)/.examples
 	$(PY) examples/digits.py
 	$(PY) examples/tiny_lm.py
 	$(PY) examples/sentence_embeddings.py
+	$(PY) examples/attention_relations.py
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check fastkd kernels tests bench examples
