@@ -10,11 +10,14 @@ compute the factors of the reductions.
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from fastkd import _dispatch, _hard_labels
+from fastkd import _dispatch, _hard_labels, _validate
 
 __all__ = [
     "Rows",
@@ -26,6 +29,7 @@ __all__ = [
     "hard_soft_factors",
     "kept_rows",
     "loss_factor",
+    "over_given_items",
     "row_major",
     "scale_by_upstream",
     "scale_over_kept",
@@ -237,3 +241,82 @@ def as_rows(s: torch.Tensor, t: torch.Tensor, labels, ignore_index: int, mask) -
 def row_major(x: torch.Tensor) -> torch.Tensor:
     """The kernels take any row stride but need unit stride along V."""
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+# The reductions whose denominator ``num_items_in_batch`` replaces: only the
+# kept-row mean has a count of kept rows to replace.
+GIVEN_ITEMS_REDUCTIONS = ("batchmean",)
+
+
+def _checked_items(num_items_in_batch, reduction: str) -> float | torch.Tensor:
+    """``num_items_in_batch`` checked (ValueError naming it): a finite number > 0, or a 0-d real
+    tensor (its value checked only on the CPU, where reading it costs no device synchronisation)."""
+    _validate.choice("reduction", reduction, _validate.REDUCTIONS)
+    if reduction not in GIVEN_ITEMS_REDUCTIONS:
+        raise ValueError(
+            "num_items_in_batch replaces the kept-row count of reduction='batchmean' (the loss is the "
+            f"kept-row sum over num_items_in_batch); it cannot be combined with reduction={reduction!r}"
+        )
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.dim() != 0:
+            shape = tuple(num_items_in_batch.shape)
+            raise ValueError(f"num_items_in_batch must be a number or a 0-d tensor, got shape {shape}")
+        if num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex():
+            raise ValueError(f"num_items_in_batch must be real, got dtype {num_items_in_batch.dtype}")
+        if num_items_in_batch.device.type == "cpu":
+            value = float(num_items_in_batch)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"num_items_in_batch must be finite and > 0, got {value}")
+        return num_items_in_batch
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
+        raise ValueError(
+            f"num_items_in_batch must be a number or a 0-d tensor, got {type(num_items_in_batch).__name__}"
+        )
+    value = float(num_items_in_batch)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"num_items_in_batch must be finite and > 0, got {value}")
+    return value
+
+
+def over_given_items(call: Callable, num_items_in_batch, *, reduction: str, scale, temperature, hard_weight):
+    """The loss of ``call`` with the kept-row sum divided by ``num_items_in_batch``.
+
+    ``num_items_in_batch`` has TRL's and transformers' meaning: the number of
+    kept tokens of the whole optimiser step (every micro-batch of the gradient
+    accumulation, every rank), so that the micro-batch losses add up to the
+    step's per-token mean. ``loss = scale · Σ_kept ℓ / num_items_in_batch``
+    (with hard-label mixing the cross-entropy's kept-row sum is divided by it
+    too, as transformers' causal-LM loss does). Only ``reduction="batchmean"``
+    takes it.
+
+    ``call(reduction=, scale=, hard_weight=)`` computes the loss with the
+    other arguments bound. A number is folded into ``scale`` and
+    ``hard_weight`` (the kernels' gradients come out already divided); a 0-d
+    tensor divides the ``"sum"`` result (and each part of ``return_parts``)
+    on its device, never read on the host, so the backward scales the saved
+    gradient by ``1 / num_items_in_batch`` there. ``scale=None`` is
+    ``temperature²`` (checked here only when it is needed).
+    """
+    items = _checked_items(num_items_in_batch, reduction)
+    if isinstance(items, float):
+        if scale is None:
+            scale = _validate.real("temperature", temperature, low=0.0, low_open=True) ** 2
+        # anything but a number is left for the call to reject, naming it
+        if _is_number(scale):
+            scale = float(scale) / items
+        if _is_number(hard_weight):
+            hard_weight = float(hard_weight) / items
+        return call(reduction="sum", scale=scale, hard_weight=hard_weight)
+    result = call(reduction="sum", scale=scale, hard_weight=hard_weight)
+    if isinstance(result, tuple):
+        return tuple(_divided(part, items) for part in result)
+    return _divided(result, items)
+
+
+def _divided(loss: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    # in the loss's dtype (a float64 or int64 0-d count must not promote a float32 loss)
+    return loss / items.to(device=loss.device, dtype=loss.dtype)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -116,6 +116,7 @@ def divergence(
     hard_weight: float | None = None,
     soft_weight: float = 1.0,
     return_parts: bool = False,
+    num_items_in_batch: float | torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Divergence between the temperature-softened teacher and student distributions.
@@ -179,6 +180,19 @@ def divergence(
     A kept row whose logits are all ``−inf`` has no distribution: the
     reference raises ``ValueError``, the fused kernels return NaN for it.
     """
+    if num_items_in_batch is not None:
+        def summed(*, reduction, scale, hard_weight):
+            return _divergence_function(
+                student_logits, teacher_logits, divergence=divergence, temperature=temperature, beta=beta,
+                alpha=alpha, scale=scale, reduction=reduction, labels=labels, ignore_index=ignore_index,
+                mask=mask, teacher_weights=teacher_weights, process_group=process_group,
+                hard_weight=hard_weight, soft_weight=soft_weight, return_parts=return_parts, backend=backend,
+            )
+
+        return _row_loss.over_given_items(
+            summed, num_items_in_batch, reduction=reduction, scale=scale, temperature=temperature,
+            hard_weight=hard_weight,
+        )
     s = _validate.tensor("student_logits", student_logits)
     t = _validate.tensor("teacher_logits", teacher_logits)
     several_teachers = teacher_weights is not None or t.dim() == s.dim() + 1
@@ -224,6 +238,10 @@ def divergence(
         options.per_row, chosen,
     )
     return loss.reshape(rows.lead_shape) if options.per_row else loss
+
+
+# the function, under a name its ``divergence`` argument does not shadow
+_divergence_function = divergence
 
 
 def _fused_hard_soft_divergence(s, t, options: DivergenceOptions, return_parts: bool, backend: str):

@@ -36,7 +36,7 @@ from torch import nn
 from fastkd import _dispatch, _hard_labels, _ops, _validate
 from fastkd._backend import run_divergence_kernel
 from fastkd._divergence_options import DivergenceOptions
-from fastkd._row_loss import kept_rows, scale_by_upstream
+from fastkd._row_loss import kept_rows, over_given_items, scale_by_upstream
 from fastkd.reference import fused_linear as _reference
 
 __all__ = ["FusedLinearDivergenceLoss", "default_memory_budget", "fused_linear_divergence"]
@@ -283,6 +283,7 @@ def fused_linear_divergence(
     hard_weight: float | None = None,
     soft_weight: float = 1.0,
     return_parts: bool = False,
+    num_items_in_batch: float | torch.Tensor | None = None,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     weight_grad_dtype: torch.dtype | None = None,
@@ -314,6 +315,9 @@ def fused_linear_divergence(
             ``"batchmean"`` divides by kept tokens).
         return_parts: return ``(total, hard_part, soft_part)``; ``total`` is
             the only one with a gradient (the parts are for logging).
+        num_items_in_batch: as :func:`fastkd.divergence` (the kept-token sum
+            over this count, in place of the kept-token count; ``"batchmean"``
+            only).
         chunk_size: rows per chunk; ``None`` chooses it from ``memory_budget``.
         memory_budget: bytes of per-chunk temporaries (logits, their gradient)
             when ``chunk_size`` is None; ``None``: :func:`default_memory_budget`
@@ -334,6 +338,21 @@ def fused_linear_divergence(
         for ``"none"``. Gradients come back in the input dtype (see
         ``weight_grad_dtype`` for how the weight gradient is summed).
     """
+    if num_items_in_batch is not None:
+        def summed(*, reduction, scale, hard_weight):
+            return fused_linear_divergence(
+                student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
+                teacher_bias=teacher_bias, divergence=divergence, temperature=temperature, beta=beta,
+                alpha=alpha, scale=scale, reduction=reduction, labels=labels, ignore_index=ignore_index,
+                mask=mask, hard_weight=hard_weight, soft_weight=soft_weight, return_parts=return_parts,
+                chunk_size=chunk_size, memory_budget=memory_budget, weight_grad_dtype=weight_grad_dtype,
+                backend=backend,
+            )
+
+        return over_given_items(
+            summed, num_items_in_batch, reduction=reduction, scale=scale, temperature=temperature,
+            hard_weight=hard_weight,
+        )
     s_h, s_w, s_b = _check_linear("student", student_hidden, student_weight, student_bias)
     t_h, t_w, t_b = _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
     if t_h.shape[:-1] != s_h.shape[:-1]:

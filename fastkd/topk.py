@@ -21,6 +21,7 @@ from fastkd._row_loss import (
     hard_soft_factors,
     kept_rows,
     loss_factor,
+    over_given_items,
     row_major,
     student_hard_soft,
 )
@@ -106,6 +107,7 @@ def topk_divergence(
     hard_weight: float | None = None,
     soft_weight: float = 1.0,
     return_parts: bool = False,
+    num_items_in_batch: float | torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Divergence between a top-k teacher and the full-vocabulary student.
@@ -138,7 +140,7 @@ def topk_divergence(
             ids), nor are its endpoint forms ``jsd`` with ``beta=1`` and
             ``skew_reverse_kl`` with ``alpha=0``.
         temperature, beta, alpha, scale, reduction, labels, ignore_index, mask,
-        hard_weight, soft_weight, return_parts, backend: as
+        hard_weight, soft_weight, return_parts, num_items_in_batch, backend: as
             :func:`fastkd.divergence` (``"mean"`` divides by kept rows · V, the
             full vocabulary; with ``hard_weight > 0`` the loss is
             ``hard_weight · CE(student, labels) + soft_weight · divergence``,
@@ -149,6 +151,19 @@ def topk_divergence(
     Returns:
         A float32 scalar (float64 for float64 input), or ``(...)`` for ``"none"``.
     """
+    if num_items_in_batch is not None:
+        def summed(*, reduction, scale, hard_weight):
+            return topk_divergence(
+                student_logits, teacher_index, teacher_values, teacher_is_logprob=teacher_is_logprob,
+                divergence=divergence, temperature=temperature, beta=beta, alpha=alpha, scale=scale,
+                reduction=reduction, labels=labels, ignore_index=ignore_index, mask=mask,
+                hard_weight=hard_weight, soft_weight=soft_weight, return_parts=return_parts, backend=backend,
+            )
+
+        return over_given_items(
+            summed, num_items_in_batch, reduction=reduction, scale=scale, temperature=temperature,
+            hard_weight=hard_weight,
+        )
     s = _validate.tensor("student_logits", student_logits)
     if s.shape[-1] == 0:
         raise ValueError("student_logits must have a non-empty last (vocabulary) dimension")
