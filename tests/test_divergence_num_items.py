@@ -39,7 +39,7 @@ def loss_and_grads(fn, s, t, upstream=(1.0,)):
     t = t.detach().clone().requires_grad_(True)
     out = fn(s, t)
     parts = out if isinstance(out, tuple) else (out,)
-    total = sum(w * p for w, p in zip(upstream, parts))
+    total = sum(w * p for w, p in zip(upstream, parts, strict=True))
     total.backward()
     return [p.detach() for p in parts], s.grad, t.grad
 
@@ -60,7 +60,9 @@ def test_kept_row_sum_over_the_given_count(backend, count, options):
     s, t, labels = logits_and_labels(dtype=dtype)
     n = 11  # more than the 4 kept rows here: other micro-batches' tokens count too
     got = loss_and_grads(
-        lambda a, b: fastkd.divergence(a, b, labels=labels, num_items_in_batch=count(n), backend=backend, **options),
+        lambda a, b: fastkd.divergence(
+            a, b, labels=labels, num_items_in_batch=count(n), backend=backend, **options
+        ),
         s, t,
     )
     want = loss_and_grads(
@@ -79,8 +81,8 @@ def test_hard_label_mixing_and_parts_are_divided_by_the_count(backend, count):
     dtype, rtol = dtype_and_rtol(backend)
     s, t, labels = logits_and_labels(seed=1, dtype=dtype)
     n = 9
-    kwargs = dict(divergence="jsd", beta=0.3, temperature=2.0, labels=labels, hard_weight=0.4, soft_weight=0.6,
-                  return_parts=True)
+    kwargs = dict(divergence="jsd", beta=0.3, temperature=2.0, labels=labels, hard_weight=0.4,
+                  soft_weight=0.6, return_parts=True)
     # the parts back-propagated with different weights: each carries its own gradient
     upstream = (1.0, 0.25, 2.0)
     got = loss_and_grads(
@@ -88,10 +90,12 @@ def test_hard_label_mixing_and_parts_are_divided_by_the_count(backend, count):
         upstream,
     )
     want = loss_and_grads(
-        lambda a, b: tuple(p / n for p in fastkd.divergence(a, b, reduction="sum", backend=backend, **kwargs)),
+        lambda a, b: tuple(
+            p / n for p in fastkd.divergence(a, b, reduction="sum", backend=backend, **kwargs)
+        ),
         s, t, upstream,
     )
-    for g, w in zip(got[0], want[0]):
+    for g, w in zip(got[0], want[0], strict=True):
         torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * 1e-3)
     torch.testing.assert_close(got[1], want[1], rtol=rtol, atol=rtol * 1e-3)
     torch.testing.assert_close(got[2], want[2], rtol=rtol, atol=rtol * 1e-3)
@@ -108,7 +112,9 @@ def test_micro_batch_losses_add_up_to_the_step_mean(backend):
     kwargs = dict(divergence="jsd", beta=0.5, scale=1.0, backend=backend)
     s = s.detach().clone().requires_grad_(True)
     total = sum(
-        fastkd.divergence(s[i:i + 4], t[i:i + 4], labels=labels[i:i + 4], num_items_in_batch=step_tokens, **kwargs)
+        fastkd.divergence(
+            s[i:i + 4], t[i:i + 4], labels=labels[i:i + 4], num_items_in_batch=step_tokens, **kwargs
+        )
         for i in range(0, 12, 4)
     )
     (grad,) = torch.autograd.grad(total, s)
