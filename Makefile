@@ -1,8 +1,9 @@
 # The README's commands. Each target sets itself up on a fresh machine:
 # .venv, pinned installs (torch from the local CPU wheel), the extension build.
-#   make test      build and run the test suite (every test not marked `slow` or `examples`)
+#   make test      build and run the test suite (every test not marked `slow`, `examples` or `integrations`)
 #   make check     the `slow` tests: nvcc (sm_80, sm_90) and Triton → PTX (sm_90) compile checks
 #   make examples-smoke  install the `examples` extra, run the `examples` tests (each example's --smoke run)
+#   make integrations  install the `integrations` extra (transformers, trl), run the `integrations` tests
 #   make bench     build and run the CPU benchmark report: one or two configurations per family against
 #                  eager and torch.compile, the copy / GEMM floors and 1-vs-2-thread scaling measured in
 #                  the same run (under 6 min on 2 idle cores, compiling included; bench/results/report_cpu.csv
@@ -24,7 +25,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/build/inductor-cache
 export TRITON_CACHE_DIR := $(CURDIR)/build/triton-cache
 
-.PHONY: test bench bench-full examples examples-smoke check lint clean
+.PHONY: test bench bench-full examples examples-smoke integrations check lint clean
 
 $(VENV)/.installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +40,7 @@ $(VENV)/.built: $(VENV)/.installed $(CSRC)
 	touch $@
 
 test: $(VENV)/.built
-	$(PY) -m pytest tests bench -m "not slow and not examples"
+	$(PY) -m pytest tests bench -m "not slow and not examples and not integrations"
 
 check: $(VENV)/.built
 	$(PY) -m pytest tests -m slow
@@ -67,6 +68,18 @@ examples: $(VENV)/.examples
 	$(PY) examples/tiny_lm.py
 	$(PY) examples/sentence_embeddings.py
 	$(PY) examples/attention_relations.py
+
+# The `integrations` extra (transformers, trl, tokenizers at the versions tests/integrations check against),
+# installed by the names pyproject.toml lists; the import check fails the target when one is missing (the
+# tests would skip), and pytest's exit 5 when it collects no test.
+$(VENV)/.integrations: $(VENV)/.built pyproject.toml
+	$(PY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['integrations'])" \
+		| xargs $(PIP) install -q
+	$(PY) -c "import transformers, trl, tokenizers"
+	touch $@
+
+integrations: $(VENV)/.integrations
+	$(PY) -m pytest tests -m integrations
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check fastkd kernels tests bench examples
