@@ -179,3 +179,25 @@ def test_bad_count_raises_value_error_naming_it(kwargs, needle):
     s, t, labels = logits_and_labels()
     with pytest.raises(ValueError, match=needle):
         fastkd.divergence(s, t, labels=labels, **kwargs)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="host synchronisation: CUDA only (FASTKD_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_device_count_is_never_read_on_the_host(backend):
+    """With the count on the device, neither the forward nor the backward waits for the device:
+    the kept rows are not counted on the host either (the given count replaces them)."""
+    if backend == "reference":
+        pytest.skip("the reference is the plain-PyTorch specification, not held to this")
+    s, t, labels = logits_and_labels(rows=64, vocab=1000, dtype=torch.float32)
+    s.requires_grad_(True)
+    count = torch.tensor(100.0, device=DEVICE)
+    fastkd.divergence(s, t, labels=labels, num_items_in_batch=count, backend=backend).backward()  # warm-up
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = fastkd.divergence(s, t, labels=labels, divergence="jsd", beta=0.5, num_items_in_batch=count,
+                                 backend=backend)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
