@@ -20,14 +20,16 @@ full ``(N, V)`` logits. Rows are processed in chunks; per chunk:
 So the forward produces the gradients (Liger-style) and the backward only
 multiplies them by the upstream gradient. Memory beyond the inputs: one
 chunk's logits and gradient in float32 (bounded by ``memory_budget``), the
-weight gradient's float32 accumulator, for bfloat16 / float16 weights their
-float32 copies (``V × H × 4`` bytes each: the price of float32 logits on
-CPUs, where no matmul takes bfloat16 operands into a float32 result), plus the
-gradients themselves. Keeping the chunk logits and their gradient in float32
-is what makes the bfloat16 fused head as accurate as a float32 projection
-(docs/accuracy.md). With ``reduction="none"``, or ``return_parts`` parts
-back-propagated with different upstream gradients, the upstream gradient is
-only known in backward, which then recomputes the chunks (twice the matmuls).
+weight gradient's float32 accumulator (``V × H × 4`` bytes) and the gradients
+themselves. On CPU tensors ``fastkd::fused_linear_addmm_`` reads bfloat16 /
+float16 operands as they are (two bfloat16 operands: a bfloat16 gemm summing
+in float32); elsewhere each bfloat16 / float16 weight is converted to float32
+once per call (``V × H × 4`` bytes each). Keeping the chunk logits and their
+gradient in float32 is what makes the bfloat16 fused head as accurate as a
+float32 projection (docs/accuracy.md). With ``reduction="none"``, or
+``return_parts`` parts back-propagated with different upstream gradients, the
+upstream gradient is only known in backward, which then recomputes the chunks
+(twice the matmuls).
 """
 
 from __future__ import annotations
@@ -75,8 +77,8 @@ def chunk_rows(vocab: int, dtype: torch.dtype, per_row_upstream: bool, memory_bu
     float16 inputs). ``per_row_upstream`` (``reduction="none"``) needs
     nothing more: the upstream gradient multiplies the gradient in place.
     Besides the chunk: the weight gradient's accumulator (``V × H`` in the
-    compute dtype) and, for bfloat16 / float16 weights, their compute-dtype
-    copies.
+    compute dtype) and, off CPU, compute-dtype copies of bfloat16 / float16
+    weights.
     """
     del per_row_upstream
     itemsize = torch.empty((), dtype=compute_dtype(dtype)).element_size()
@@ -127,14 +129,22 @@ class _Config:
     teacher_map: _LogitMap
 
 
+def _native_mixed_matmul(device: torch.device) -> bool:
+    """Whether :func:`_matmul_into` takes bfloat16 / float16 operands into a float32
+    ``out`` without converting them whole (the CPU op does)."""
+    return device.type == "cpu" and _ops.CPU_EXTENSION_ERROR is None
+
+
 def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool) -> None:
     """``out = a @ b``, or ``out += a @ b`` with ``accumulate``; out [M, N], a [M, K], b [K, N].
 
     On CPU tensors the product is ``fastkd::fused_linear_addmm_``, whose
     result does not depend on the thread count (a BLAS gemm may split a long
-    K between threads); elsewhere ATen's.
+    K between threads) and which takes bfloat16 / float16 operands into a
+    float32 ``out`` (summing their products in float32); elsewhere ATen's,
+    with operands of ``out``'s dtype.
     """
-    if out.device.type == "cpu" and _ops.CPU_EXTENSION_ERROR is None:
+    if _native_mixed_matmul(out.device):
         torch.ops.fastkd.fused_linear_addmm_(out, a, b, 1.0 if accumulate else 0.0)
     elif accumulate:
         out.addmm_(a, b)
@@ -149,10 +159,10 @@ if _ops.CPU_EXTENSION_ERROR is None:
         return None
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
             logit_map: _LogitMap) -> torch.Tensor:
-    """``map(hidden @ weightᵀ (+ bias))``: [rows, H] and [V, H] (and [V]) in one dtype give [rows, V]."""
-    out = hidden.new_empty((hidden.shape[0], weight.shape[0]))
+    """``map(hidden @ weightᵀ (+ bias))`` in ``dtype``: [rows, H] and [V, H] (and [V]) give [rows, V]."""
+    out = hidden.new_empty((hidden.shape[0], weight.shape[0]), dtype=dtype)
     if bias is not None:
         out.copy_(bias.expand_as(out))
     _matmul_into(out, hidden, weight.t(), accumulate=bias is not None)
@@ -169,10 +179,11 @@ def _chunk_pass(cfg: _Config, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need, 
     """One walk over the row chunks.
 
     Every product, the chunk logits and their gradient are in ``cfg.compute``
-    (float32 for bfloat16 / float16 inputs, float64 for float64): each hidden
-    chunk is converted as it is read, and each weight (``(V, H)``) and bias of
-    another dtype once per pass. The gradients are rounded to their inputs'
-    dtypes once, at the end (the hidden states' per chunk, its own rows).
+    (float32 for bfloat16 / float16 inputs, float64 for float64), the
+    products' operands read in their own dtypes on CPU (elsewhere converted:
+    each weight once per pass, each hidden chunk as it is read). The
+    gradients are rounded to their inputs' dtypes once, at the end (the
+    hidden states' per chunk, its own rows).
 
     Args:
         need: ``(hidden, weight, bias)``: which student gradients to produce.
@@ -190,7 +201,10 @@ def _chunk_pass(cfg: _Config, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need, 
     acc = cfg.compute
     any_grad = any(need)
     hard = cfg.ce_factor != 0.0
-    s_w_acc, s_b_acc, t_w_acc, t_b_acc = (_in(acc, x) for x in (s_w, s_b, t_w, t_b))
+    # operands as the products take them: the CPU op reads each in its own
+    # dtype; elsewhere each weight is converted once per pass
+    operand = (lambda x: x) if _native_mixed_matmul(s_h.device) else (lambda x: _in(acc, x))
+    s_w_acc, t_w_acc = operand(s_w), operand(t_w)
     kd_rows = s_h.new_empty((n,), dtype=acc)
     ce_rows = s_h.new_zeros((n,), dtype=acc)
     grad_h = s_h.new_empty(s_h.shape) if need[0] else None  # new_empty is contiguous
@@ -199,9 +213,9 @@ def _chunk_pass(cfg: _Config, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need, 
     u_soft, u_hard = upstream if upstream is not None else (None, None)
     for start in range(0, n, cfg.chunk):
         rows = slice(start, min(start + cfg.chunk, n))
-        h = _in(acc, s_h[rows])
-        s_logits = _logits(h, s_w_acc, s_b_acc, cfg.student_map)
-        t_logits = _logits(_in(acc, t_h[rows]), t_w_acc, t_b_acc, cfg.teacher_map)
+        h = operand(s_h[rows])
+        s_logits = _logits(h, s_w_acc, s_b, acc, cfg.student_map)
+        t_logits = _logits(operand(t_h[rows]), t_w_acc, t_b, acc, cfg.teacher_map)
         chunk_keep = None if keep is None else keep[rows]
         # the divergence and (with labels) the cross-entropy in one kernel
         # pass; g = kd_factor · dℓ/ds + ce_factor · dCE/ds
@@ -397,10 +411,11 @@ def fused_linear_divergence(
 
     Precision: every chunk's logits, their softmax and gradient, and every
     matrix product are float32 (float64 for float64 inputs), whatever the
-    inputs' dtypes: bfloat16 / float16 hidden-state chunks are converted as
-    they are read, and bfloat16 / float16 weights and biases once per pass
-    (a ``V × H`` float32 copy of each model's weight; the ``(N, V)`` logits
-    are never converted). Each gradient is rounded to its input's dtype once.
+    inputs' dtypes (the products of bfloat16 / float16 operands are summed in
+    float32; nothing of size ``(N, V)`` is converted). On CPU the operands
+    are read in their own dtypes; on other devices each bfloat16 / float16
+    weight is converted to float32 once per call (``V × H × 4`` bytes). Each
+    gradient is rounded to its input's dtype once.
 
     Under ``torch.autocast`` (``cpu`` or ``cuda``) the floating inputs other
     than float64 are cast to the autocast dtype first, as autocast casts a

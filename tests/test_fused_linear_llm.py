@@ -325,3 +325,23 @@ def test_addmm_op_opcheck(dtype, beta):
 def test_addmm_op_rejects_bad_inputs(out, a, b, beta, match):
     with pytest.raises((RuntimeError, NotImplementedError), match=match):
         torch.ops.fastkd.fused_linear_addmm_(out, a, b, beta)
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize("reduced", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("operands", ("both", "a", "b"))
+@pytest.mark.parametrize("layout", ("weight_t", "row_major"))
+@pytest.mark.parametrize("beta", (0.0, 1.0))
+def test_addmm_op_reduced_operands_into_float32(reduced, operands, layout, beta):
+    """bfloat16 / float16 operands into a float32 out: products summed in float32, no rounding
+    of the result to the operands' dtype (out 300 × 700 spans several 128 × 512 tiles)."""
+    g = torch.Generator().manual_seed(610)
+    m, k, n = 300, 96, 700
+    a = torch.randn(m, k, generator=g)
+    b = torch.randn(n, k, generator=g).t() if layout == "weight_t" else torch.randn(k, n, generator=g)
+    a, b = (a.to(reduced) if operands in ("both", "a") else a), (b.to(reduced) if operands in ("both", "b") else b)
+    out = torch.randn(m, n, generator=g)
+    want = beta * out.double() + a.double() @ b.double()
+    torch.library.opcheck(torch.ops.fastkd.fused_linear_addmm_, (out.clone(), a, b, beta))
+    torch.ops.fastkd.fused_linear_addmm_(out, a, b, beta)
+    assert relative_error(out, want) < 1e-6
