@@ -125,6 +125,7 @@ class _Config:
     chunk: int
     backend: str
     compute: torch.dtype  # logits, their gradient, every product and accumulator
+    weight_grad_dtype: torch.dtype  # what grad_weight is summed over the chunks in
     student_map: _LogitMap
     teacher_map: _LogitMap
 
@@ -208,7 +209,7 @@ def _chunk_pass(cfg: _Config, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need, 
     kd_rows = s_h.new_empty((n,), dtype=acc)
     ce_rows = s_h.new_zeros((n,), dtype=acc)
     grad_h = s_h.new_empty(s_h.shape) if need[0] else None  # new_empty is contiguous
-    grad_w = s_w.new_zeros(s_w.shape, dtype=acc) if need[1] else None
+    grad_w = s_w.new_zeros(s_w.shape, dtype=cfg.weight_grad_dtype) if need[1] else None
     grad_b = s_w.new_zeros((vocab,), dtype=acc) if need[2] else None
     u_soft, u_hard = upstream if upstream is not None else (None, None)
     for start in range(0, n, cfg.chunk):
@@ -248,7 +249,12 @@ def _chunk_pass(cfg: _Config, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need, 
                 _matmul_into(product, g, s_w_acc, accumulate=False)
                 grad_h[rows].copy_(product)
         if need[1]:
-            _matmul_into(grad_w, g.t(), h, accumulate=True)
+            if grad_w.dtype == acc:
+                _matmul_into(grad_w, g.t(), h, accumulate=True)
+            else:
+                # summed in the weight's bfloat16 / float16: the chunk's
+                # product of g rounded to it, added with one rounding per chunk
+                _matmul_into(grad_w, g.t().to(grad_w.dtype), _in(grad_w.dtype, h), accumulate=True)
         if need[2]:
             grad_b.add_(g.sum(0))
     return (
@@ -447,10 +453,15 @@ def fused_linear_divergence(
         memory_budget: bytes of per-chunk temporaries (logits, their gradient)
             when ``chunk_size`` is None; ``None``: :func:`default_memory_budget`
             (128 MiB for float32 / float64, 64 MiB for bfloat16 / float16).
-        weight_grad_dtype: ``None`` or, for bfloat16 / float16 weights,
-            ``torch.float32``: the weight and bias gradients are summed over
-            the chunks in the compute dtype (float32; float64 for float64) and
-            rounded to the weight's dtype once, at the end.
+        weight_grad_dtype: what the weight gradient is summed over the
+            chunks in: ``None`` (default) or ``torch.float32``, the compute
+            dtype (float32; float64 for float64), rounded to the weight's
+            dtype once at the end (``V × H × 4`` bytes of accumulator); or,
+            for bfloat16 / float16 weights, the weight's dtype (the chunk's
+            gradient rounded to it for this product and one rounding per
+            chunk, Liger-Kernel's convention: no accumulator, a larger
+            error, docs/accuracy.md). The bias gradient is always summed in
+            the compute dtype.
         backend: ``"auto"``, ``"reference"`` (unfused: full logits and
             autograd, the parity oracle), ``"cpu"``, ``"cuda"``, ``"triton"``
             (the divergence kernel each chunk runs).
@@ -496,12 +507,13 @@ def fused_linear_divergence(
     if memory_budget is None:
         memory_budget = default_memory_budget(s_h.dtype)
     memory_budget = _positive_int("memory_budget", memory_budget)
+    reduced_weight = s_w.dtype in (torch.bfloat16, torch.float16)
     if weight_grad_dtype is not None and (
-        weight_grad_dtype != torch.float32 or s_w.dtype not in (torch.bfloat16, torch.float16)
+        not reduced_weight or weight_grad_dtype not in (torch.float32, s_w.dtype)
     ):
         raise ValueError(
-            "weight_grad_dtype must be None or torch.float32 for bfloat16 / float16 weights, got "
-            f"{weight_grad_dtype} for {s_w.dtype} weights"
+            "weight_grad_dtype must be None, or torch.float32 or the weight's dtype for bfloat16 / float16 "
+            f"weights, got {weight_grad_dtype} for {s_w.dtype} weights"
         )
 
     keep = kept_rows(labels, ignore_index, mask)
@@ -545,6 +557,7 @@ def fused_linear_divergence(
             chunk=chunk_size or chunk_rows(vocab, compute, reduction == "none", memory_budget),
             backend=chosen,
             compute=compute,
+            weight_grad_dtype=compute if weight_grad_dtype is None else weight_grad_dtype,
             student_map=student_map,
             teacher_map=teacher_map,
         )

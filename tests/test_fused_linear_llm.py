@@ -345,3 +345,20 @@ def test_addmm_op_reduced_operands_into_float32(reduced, operands, layout, beta)
     torch.library.opcheck(torch.ops.fastkd.fused_linear_addmm_, (out.clone(), a, b, beta))
     torch.ops.fastkd.fused_linear_addmm_(out, a, b, beta)
     assert relative_error(out, want) < 1e-6
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_weight_grad_summed_in_the_weight_dtype(backend, dtype):
+    """``weight_grad_dtype=<the weight's dtype>``: one rounding per chunk, no float32 accumulator;
+    within the reduced-precision tolerance of float64, the rest exactly as the default."""
+    tensors = problem(seed=700, dtype=dtype)
+    labels = labels_for(N, 701)
+    kwargs = dict(labels=labels, hard_weight=0.5, temperature=2.0, chunk_size=3, backend=backend)
+    low = grads_of(lambda **x: fastkd.fused_linear_divergence(**x, weight_grad_dtype=dtype, **kwargs), tensors)
+    default = grads_of(lambda **x: fastkd.fused_linear_divergence(**x, **kwargs), tensors)
+    want = float64_oracle(tensors, labels=labels, hard_weight=0.5, temperature=2.0)
+    assert low[1][1].dtype == dtype
+    assert torch.equal(low[0], default[0]) and torch.equal(low[1][0], default[1][0])
+    assert torch.equal(low[1][2], default[1][2])
+    assert relative_error(low[1][1], want[1][1]) < 2e-2
