@@ -14,10 +14,8 @@ Providers:
 - ``fastkd-cpu``: ``fastkd.fused_linear_divergence(..., backend="cpu")``:
   chunks of rows (``memory_budget`` 128 MiB for fp32, 32 MiB for bf16:
   ``fastkd.fused_linear.default_memory_budget``), the logits never whole; for
-  bf16 the weight gradient is accumulated in bf16 (one rounding per chunk).
-- ``fastkd-cpu-f32acc`` (bf16 only): the same with
-  ``weight_grad_dtype=torch.float32``, a float32 weight-gradient accumulator
-  (one rounding at the end, as the unfused backward).
+  bf16 the chunk logits, their gradient and every product are float32 (the
+  weights converted once per call, the weight gradient summed in float32).
 
 - ``liger`` (CUDA, when ``liger_kernel`` imports): Liger-Kernel's
   ``LigerFusedLinearJSD`` with ``jsd_beta=0`` (its forward KL, in the Liger
@@ -91,11 +89,9 @@ def unfused_loss(backend: str):
     return unfused
 
 
-def fused_loss(backend: str, weight_grad_dtype: torch.dtype | None = None):
+def fused_loss(backend: str):
     def fused(s_h, s_w, t_h, t_w):
-        return fastkd.fused_linear_divergence(
-            s_h, s_w, t_h, t_w, temperature=TEMPERATURE, backend=backend, weight_grad_dtype=weight_grad_dtype
-        )
+        return fastkd.fused_linear_divergence(s_h, s_w, t_h, t_w, temperature=TEMPERATURE, backend=backend)
 
     return fused
 
@@ -186,11 +182,10 @@ class FusedLinearBench(Family):
         return fused_loss(backend)
 
     def more_providers(self, device, options, found, skipped):
-        """``unfused-<backend>`` and ``fastkd-<backend>-f32acc`` next to each fused
-        provider; Liger-Kernel's fused linear KL on CUDA."""
+        """``unfused-<backend>`` next to each fused provider; Liger-Kernel's fused
+        linear KL on CUDA."""
         for backend in [name.removeprefix("fastkd-") for name in found if name.startswith("fastkd-")]:
             found[f"unfused-{backend}"] = unfused_loss(backend)
-            found[f"fastkd-{backend}-f32acc"] = fused_loss(backend, torch.float32)
         if device.type == "cuda":
             liger, why = _liger()
             if liger is None:
@@ -218,11 +213,7 @@ class FusedLinearBench(Family):
         too_big = fp32_tensors_skip_reason(EAGER_NV_TENSORS, n * v, available, "N×V", MEMORY_FRACTION)
 
         def skip(provider: str) -> str | None:
-            if provider == EAGER:
-                return too_big
-            if provider.endswith("-f32acc") and dtype_name == "fp32":
-                return "float32 inputs accumulate in float32 anyway"
-            return None
+            return too_big if provider == EAGER else None
 
         return Case(columns, inputs, skip=skip, timing=few_runs(3) if n * h * v >= 2**30 else None)
 

@@ -1,69 +1,164 @@
-"""Weight-gradient accuracy of ``fastkd.fused_linear_divergence`` in bfloat16, per accumulation mode.
+"""bfloat16 accuracy, time and memory of ``fastkd.fused_linear_divergence`` against other ways to compute it.
 
-``python -m bench.fused_linear_precision`` prints the relative Frobenius
-error of ``grad_weight`` against a float64 computation of the same loss (KL
-at T = 2, batchmean) for the unfused path (two ``F.linear`` + the fused
-divergence: one rounding of the whole product) and for the fused head with
-bfloat16 accumulation (the default: one rounding per chunk) or a float32
-accumulator (``weight_grad_dtype=torch.float32``), at the automatic chunk
-size and at 64-row chunks. All inputs are the same bfloat16 values.
+``python -m bench.fused_linear_precision`` prints, for bfloat16 inputs (the
+same bfloat16 values for every path) and JSD (β = 0.5, T = 1, batchmean, the
+student hidden states and weight requiring a gradient):
+
+1. the relative Frobenius error of the loss, ``grad_hidden`` and
+   ``grad_weight`` against a float64 computation of the same loss on the same
+   values, at N = 2048, H = 256, V = 8000;
+2. with ``--timing``: the median time of forward + backward over a few runs
+   and the peak extra memory (``bench.measure.peak_extra_bytes``) at
+   N = 1024, H = 1024, V = 32000, and their ratios to the fused head.
+
+Providers:
+
+- ``fused``: ``fastkd.fused_linear_divergence`` (automatic chunk size),
+  ``fused-64`` (64-row chunks) and ``fused, bf16 dW sum``
+  (``weight_grad_dtype=torch.bfloat16``: the weight gradient summed in
+  bfloat16, one rounding per chunk, no float32 accumulator; skipped where the
+  fused head does not take it);
+- ``unfused bf16``: ``F.linear`` in bfloat16 (bfloat16 logits), then
+  ``fastkd.divergence``;
+- ``float32 projection``: hidden states and weights converted to float32,
+  ``F.linear``, ``fastkd.reference.divergence`` and autograd, the gradients
+  rounded to bfloat16 by the conversions' backward (how the chunked losses of
+  TRL project; here unchunked, so its memory is the whole ``(N, V)``).
+
+The script uses only arguments every version of the fused head takes, so it
+can measure another checkout too (``PYTHONPATH=<checkout> python
+bench/fused_linear_precision.py``).
 """
 
 from __future__ import annotations
+
+import argparse
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 
 import fastkd
-from fastkd import fused_linear, reference
+from bench.measure import MIB, peak_extra_bytes
+from fastkd import reference
 
-N, H, V, TEMPERATURE = 2048, 256, 8000, 2.0
+ERROR_SHAPE = (2048, 256, 8000)  # N, H, V
+TIMING_SHAPE = (1024, 1024, 32000)
+OPTIONS = dict(divergence="jsd", beta=0.5, temperature=1.0)
 
 
 def relative_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
     return ((actual.double() - exact).norm() / exact.norm()).item()
 
 
-def weight_grad(loss_fn, inputs, dtype: torch.dtype) -> torch.Tensor:
-    s_h, s_w, t_h, t_w = (x.to(dtype).clone() for x in inputs)
-    s_h.requires_grad_(True)
-    s_w.requires_grad_(True)
-    loss_fn(s_h, s_w, t_h, t_w).backward()
-    return s_w.grad
-
-
-def main() -> None:
+def inputs(n: int, h: int, v: int) -> list[torch.Tensor]:
+    """Student / teacher hidden states and weights (logits of O(1)), rounded to bfloat16."""
     generator = torch.Generator().manual_seed(0)
 
     def randn(*shape, std=1.0):
-        return std * torch.randn(*shape, generator=generator, dtype=torch.float64)
+        return (std * torch.randn(*shape, generator=generator)).to(torch.bfloat16)
 
-    # rounded to bfloat16 once, so that every path sees the same input values
-    inputs = [x.to(torch.bfloat16).double() for x in (randn(N, H), randn(V, H, std=2 * H**-0.5),
-                                                       randn(N, H), randn(V, H, std=2 * H**-0.5))]
+    return [randn(n, h), randn(v, h, std=2 * h**-0.5), randn(n, h), randn(v, h, std=2 * h**-0.5)]
 
-    def unfused(s_h, s_w, t_h, t_w, divergence=reference.divergence):
-        return divergence(F.linear(s_h, s_w), F.linear(t_h, t_w), temperature=TEMPERATURE)
 
-    exact = weight_grad(unfused, inputs, torch.float64)
-    rows = [("unfused bf16 (one rounding)", relative_error(
-        weight_grad(lambda *x: unfused(*x, divergence=fastkd.divergence), inputs, torch.bfloat16), exact))]
-    budget = fused_linear.default_memory_budget(torch.bfloat16)
-    automatic = fused_linear.chunk_rows(V, torch.bfloat16, False, budget)
-    for chunk in (automatic, 64):
-        for accumulator in (None, torch.float32):
-            def fused(s_h, s_w, t_h, t_w, chunk=chunk, accumulator=accumulator):
-                return fastkd.fused_linear_divergence(
-                    s_h, s_w, t_h, t_w, temperature=TEMPERATURE, chunk_size=chunk,
-                    weight_grad_dtype=accumulator,
-                )
+def fused(chunk_size=None, **more):
+    def loss(s_h, s_w, t_h, t_w):
+        return fastkd.fused_linear_divergence(s_h, s_w, t_h, t_w, chunk_size=chunk_size, **more, **OPTIONS)
 
-            summed = "bf16" if accumulator is None else "fp32"
-            name = f"fused, {-(-N // chunk)} chunks of {chunk} rows, {summed} sum"
-            rows.append((name, relative_error(weight_grad(fused, inputs, torch.bfloat16), exact)))
-    print(f"grad_weight relative error vs float64, N={N} H={H} V={V} T={TEMPERATURE}:")
-    for name, error in rows:
-        print(f"  {name:45s} {error:.2e}")
+    return loss
+
+
+def unfused_bf16(s_h, s_w, t_h, t_w):
+    with torch.no_grad():
+        t = F.linear(t_h, t_w)
+    return fastkd.divergence(F.linear(s_h, s_w), t, **OPTIONS)
+
+
+def float32_projection(s_h, s_w, t_h, t_w):
+    with torch.no_grad():
+        t = F.linear(t_h.float(), t_w.float())
+    return reference.divergence(F.linear(s_h.float(), s_w.float()), t, **OPTIONS)
+
+
+def exact(s_h, s_w, t_h, t_w):
+    return reference.divergence(F.linear(s_h, s_w), F.linear(t_h, t_w), **OPTIONS)
+
+
+PROVIDERS = {
+    "fused": fused(),
+    "fused-64": fused(64),
+    "fused, bf16 dW sum": fused(weight_grad_dtype=torch.bfloat16),
+    "unfused bf16": unfused_bf16,
+    "float32 projection": float32_projection,
+}
+
+
+def supported(providers: dict) -> dict:
+    """The providers whose arguments this fastkd takes (tried on a tiny problem)."""
+    tiny = inputs(2, 4, 8)
+    found = {}
+    for name, loss_fn in providers.items():
+        try:
+            loss_fn(*tiny)
+        except ValueError as exc:
+            print(f"  ({name} skipped: {exc})")
+            continue
+        found[name] = loss_fn
+    return found
+
+
+def loss_and_grads(loss_fn, tensors, dtype=None):
+    s_h, s_w, t_h, t_w = (x.detach().clone() if dtype is None else x.to(dtype) for x in tensors)
+    s_h.requires_grad_(True)
+    s_w.requires_grad_(True)
+    loss = loss_fn(s_h, s_w, t_h, t_w)
+    loss.backward()
+    return loss.detach(), s_h.grad, s_w.grad
+
+
+def errors() -> None:
+    tensors = inputs(*ERROR_SHAPE)
+    want = loss_and_grads(exact, tensors, torch.float64)
+    n, h, v = ERROR_SHAPE
+    print(f"relative error vs float64 on the same bfloat16 inputs (N={n} H={h} V={v}, JSD β=0.5, T=1):")
+    print(f"  {'provider':22s} {'loss':>9s} {'grad_h':>9s} {'grad_W':>9s}")
+    for name, loss_fn in supported(PROVIDERS).items():
+        got = loss_and_grads(loss_fn, tensors)
+        print(f"  {name:22s} " + " ".join(f"{relative_error(a, b):9.2e}" for a, b in zip(got, want, strict=True)))
+
+
+def timing(repeats: int) -> None:
+    tensors = inputs(*TIMING_SHAPE)
+    device = torch.device("cpu")
+    rows = {}
+    for name, loss_fn in supported(PROVIDERS).items():
+        loss_and_grads(loss_fn, tensors)  # warm-up
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            loss_and_grads(loss_fn, tensors)
+            runs.append(time.perf_counter() - start)
+        peak = peak_extra_bytes(lambda loss_fn=loss_fn: loss_and_grads(loss_fn, tensors), device=device)
+        rows[name] = (statistics.median(runs) * 1e3, None if peak is None else peak / MIB)
+    n, h, v = TIMING_SHAPE
+    base_ms, base_mib = rows["fused"]
+    print(f"forward + backward, bfloat16, N={n} H={h} V={v}, {torch.get_num_threads()} threads, "
+          f"median of {repeats}:")
+    print(f"  {'provider':22s} {'ms':>9s} {'/ fused':>8s} {'peak MiB':>9s} {'/ fused':>8s}")
+    for name, (ms, mib) in rows.items():
+        mem = "n/a" if mib is None else f"{mib:9.0f} {mib / base_mib:8.2f}"
+        print(f"  {name:22s} {ms:9.0f} {ms / base_ms:8.2f} {mem}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--timing", action="store_true", help="also time and measure memory")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    errors()
+    if args.timing:
+        timing(args.repeats)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,27 @@ def mixed_divergence(
     return hard + soft, hard, soft
 
 
+def logit_map(logits: torch.Tensor, scale: float = 1.0, softcapping: float | None = None) -> torch.Tensor:
+    """``c · tanh(a · z / c)`` of the logits ``z`` (``a · z`` when ``softcapping`` is None),
+    ``a = scale``, ``c = softcapping``: Cohere's ``logit_scale`` and Gemma's
+    ``final_logit_softcapping``."""
+    logits = logits * scale if scale != 1.0 else logits
+    return logits if softcapping is None else softcapping * torch.tanh(logits / softcapping)
+
+
+def linear_logits(hidden, weight, bias=None, *, scale: float = 1.0, softcapping: float | None = None):
+    """``logit_map(hidden @ weightᵀ + bias)`` computed in float64 if any input is
+    float64, else in float32 (bfloat16 / float16 inputs converted first).
+
+    ``hidden`` ``(..., H)``, ``weight`` ``(V, H)``, ``bias`` ``(V,)`` or None,
+    their dtypes free; returns ``(..., V)`` in the compute dtype.
+    """
+    dtypes = [x.dtype for x in (hidden, weight, bias) if x is not None]
+    compute = torch.float64 if torch.float64 in dtypes else torch.float32
+    z = F.linear(hidden.to(compute), weight.to(compute), None if bias is None else bias.to(compute))
+    return logit_map(z, scale, softcapping)
+
+
 def fused_linear_divergence(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -96,18 +117,27 @@ def fused_linear_divergence(
     hard_weight: float | None = None,
     soft_weight: float = 1.0,
     return_parts: bool = False,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_logit_softcapping: float | None = None,
+    teacher_logit_softcapping: float | None = None,
     **divergence_kwargs,
 ):
     """Reference for :func:`fastkd.fused_linear_divergence`: full logits, then the divergence.
 
-    ``student_logits = F.linear(student_hidden, student_weight, student_bias)``
-    (likewise the teacher, under ``torch.no_grad``: the teacher side gets no
-    gradient), then :func:`fastkd.reference.divergence` or, with
-    ``hard_weight``, :func:`mixed_divergence`.
+    ``student_logits = linear_logits(student_hidden, student_weight,
+    student_bias, scale=student_logit_scale,
+    softcapping=student_logit_softcapping)`` (float32, or float64 for float64
+    inputs; likewise the teacher, under ``torch.no_grad``: the teacher side
+    gets no gradient), then :func:`fastkd.reference.divergence` or, with
+    ``hard_weight``, :func:`mixed_divergence`. ``return_parts``:
+    ``(total, hard_part, soft_part)``, each differentiable.
     """
-    s = F.linear(student_hidden, student_weight, student_bias)
+    s = linear_logits(student_hidden, student_weight, student_bias, scale=student_logit_scale,
+                      softcapping=student_logit_softcapping)
     with torch.no_grad():
-        t = F.linear(teacher_hidden, teacher_weight, teacher_bias)
+        t = linear_logits(teacher_hidden, teacher_weight, teacher_bias, scale=teacher_logit_scale,
+                          softcapping=teacher_logit_softcapping)
     if hard_weight:
         parts = mixed_divergence(
             s, t, labels=labels, hard_weight=hard_weight, soft_weight=soft_weight, **divergence_kwargs
