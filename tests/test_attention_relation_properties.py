@@ -37,13 +37,6 @@ HEADS = 2
 
 # ---- known defects (strict xfails, removed when the fixes land) ------------------
 
-CPU_ZERO_MASS_KEY = (
-    "open: cpu: a kept key whose teacher score is -inf (no teacher mass) adds exp(-inf) * (zt - zs) = "
-    "0 * -inf "
-    "= NaN to the row's KL instead of 0 (0 log 0 = 0; csrc/cpu/attention_relation.cpp forward_head's "
-    "w += e * (t - s) needs e != 0, and backward_head's teacher gradient p != 0): NaN rows where the "
-    "reference's are finite; triton and cuda skip such keys"
-)
 HUGE_SCORES = (
     "open: fused kernels, scores ~1e3 (states x30): the one-pass KL w / l_t - (m_t - m_s) - log(l_t / l_s) "
     "and "
@@ -152,11 +145,10 @@ def special_states(kind: str, side: str, position: int = 3):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("side", ["student", "teacher"])
 @pytest.mark.parametrize("kind", ["nan", "inf", "-inf"])
-def test_non_finite_states_give_the_references_rows(backend, side, kind, request):
+def test_non_finite_states_give_the_references_rows(backend, side, kind):
     """Per row, exactly the reference's NaN / ±inf rows (a ±inf entry makes
     scores ±inf: +inf ones give NaN rows, −inf student ones +inf rows, −inf
     teacher ones a key with no teacher mass) and its finite values elsewhere."""
-    xfail_if(request, backend == "cpu" and side == "teacher" and kind != "nan", CPU_ZERO_MASS_KEY)
     s, t = special_states(kind, side)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 4:] = False
@@ -174,11 +166,10 @@ def test_non_finite_states_give_the_references_rows(backend, side, kind, request
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_teacher_score_of_minus_inf_is_a_key_without_mass(backend, request):
+def test_teacher_score_of_minus_inf_is_a_key_without_mass(backend):
     """Hand-made: T = 2, D = 1, the teacher's second position −inf. Row 0's
     teacher scores are (x0², −inf·x0) = (finite, −inf) for x0 > 0: all the
     teacher's mass on key 0, so the row's KL is −log q_00, finite."""
-    xfail_if(request, backend == "cpu", CPU_ZERO_MASS_KEY)
     s = torch.tensor([[[0.5], [0.25]]])
     t = torch.tensor([[[1.0], [-math.inf]]])
     got = fastkd.attention_relation_loss(s.to(DEVICE), t.to(DEVICE), num_relation_heads=1, reduction="none",

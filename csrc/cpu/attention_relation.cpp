@@ -133,7 +133,8 @@ void forward_head(const RelationShape& r, const at::Tensor& xs, const at::Tensor
           } else {
             const acc_t e = std::exp(t - m_t[k]);
             l_t[k] += e;
-            w[k] += e * (t - s);
+            // A key without teacher mass (t = -inf) adds 0 log 0 = 0, not 0 * -inf.
+            if (e != 0) w[k] += e * (t - s);
           }
         }
       }
@@ -180,7 +181,7 @@ void backward_head(const RelationShape& r, const at::Tensor& xs, const at::Tenso
           const acc_t log_p = ct * pt[k * cols + c] - lse_t[i];
           const acc_t p = std::exp(log_p);
           gs[k * cols + c] = g * (std::exp(log_q) - p) * cs;
-          gt[k * cols + c] = g * p * (log_p - log_q - kl[i]) * ct;
+          gt[k * cols + c] = p == 0 ? acc_t(0) : g * p * (log_p - log_q - kl[i]) * ct;
         }
       }
       if (dxs != nullptr) {
