@@ -136,11 +136,10 @@ def chunked_divergence_loss(
         num_items_in_batch: ``None`` (divide by the valid tokens, at least 1),
             or the count to divide the sum by (number or 0-d tensor).
         student_lm_head_bias, teacher_lm_head_bias: optional ``(V,)``.
-        student_logit_scale, teacher_logit_scale: multiply each model's logits
-            (applied to the hidden states and bias, which is the same product).
-        student_final_logit_softcapping, teacher_final_logit_softcapping: must
-            be ``None``: the fused head does not apply ``c · tanh(z / c)``
-            (``ValueError`` otherwise).
+        student_logit_scale, teacher_logit_scale: multiply each model's logits.
+        student_final_logit_softcapping, teacher_final_logit_softcapping: the
+            cap ``c`` of ``c · tanh(z / c)`` applied after the scale (Gemma's
+            ``final_logit_softcapping``), or ``None``.
         temperature: both distributions are ``softmax(logits / temperature)``; no ``T²``.
 
     Returns:
@@ -150,43 +149,40 @@ def chunked_divergence_loss(
         gradient; one extra chunked projection of the student's valid rows
         under ``no_grad``) and the number of valid tokens (a 0-d int64 tensor).
     """
-    for name, softcap in (("student_final_logit_softcapping", student_final_logit_softcapping),
-                          ("teacher_final_logit_softcapping", teacher_final_logit_softcapping)):
-        if softcap is not None:
-            raise ValueError(f"{name}={softcap}: fastkd's fused head does not apply final-logit softcapping")
     valid = completion_mask.reshape(-1) != 0
     n_valid = valid.sum()
     # only the tokens in the loss are projected (one host synchronisation, for their count)
     h_s = student_hidden_states.reshape(-1, student_hidden_states.shape[-1])[valid]
     h_t = teacher_hidden_states.reshape(-1, teacher_hidden_states.shape[-1])[valid]
-    h_s, b_s = _scaled(h_s, student_lm_head_bias, student_logit_scale)
-    h_t, b_t = _scaled(h_t, teacher_lm_head_bias, teacher_logit_scale)
     loss = fastkd.fused_linear_divergence(
-        h_s, student_lm_head_weight, h_t, teacher_lm_head_weight, student_bias=b_s, teacher_bias=b_t,
-        temperature=temperature, scale=1.0, num_items_in_batch=num_items_in_batch, **_jsd_arguments(beta),
+        h_s, student_lm_head_weight, h_t, teacher_lm_head_weight, student_bias=student_lm_head_bias,
+        teacher_bias=teacher_lm_head_bias, temperature=temperature, scale=1.0,
+        num_items_in_batch=num_items_in_batch, student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale, student_logit_softcapping=student_final_logit_softcapping,
+        teacher_logit_softcapping=teacher_final_logit_softcapping, **_jsd_arguments(beta),
     )
-    entropy_sum = _entropy_sum(h_s.detach(), student_lm_head_weight.detach(),
-                               None if b_s is None else b_s.detach(), temperature)
+    entropy_sum = _entropy_sum(
+        h_s.detach(), student_lm_head_weight.detach(),
+        None if student_lm_head_bias is None else student_lm_head_bias.detach(), temperature,
+        student_logit_scale, student_final_logit_softcapping,
+    )
     return loss, entropy_sum, n_valid
 
 
-def _scaled(hidden: torch.Tensor, bias: torch.Tensor | None, logit_scale: float):
-    """``(hidden, bias)`` whose logits are ``logit_scale`` times the given ones."""
-    if logit_scale == 1.0:
-        return hidden, bias
-    return hidden * logit_scale, None if bias is None else bias * logit_scale
-
-
 @torch.no_grad()
-def _entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 temperature: float) -> torch.Tensor:
-    """``Σ_rows H(softmax((hidden @ weightᵀ + bias) / temperature))``, chunk by chunk of rows;
-    float32 (float64 for float64 inputs) from the logits in the heads' dtype."""
+def _entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float,
+                 logit_scale: float, softcapping: float | None) -> torch.Tensor:
+    """``Σ_rows H(softmax(z / temperature))`` of the post-processed logits ``z`` (``hidden @ weightᵀ +
+    bias``, times ``logit_scale``, then ``c · tanh(z / c)`` with ``c = softcapping`` when given), chunk
+    by chunk of rows; float32 (float64 for float64 inputs) from the logits in the heads' dtype."""
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     total = torch.zeros((), dtype=acc, device=hidden.device)
     rows = max(1, ENTROPY_CHUNK_ELEMENTS // max(weight.shape[0], 1))
     for chunk in hidden.split(rows):
-        logits = F.linear(chunk, weight, bias).to(acc) / temperature
+        logits = F.linear(chunk, weight, bias).to(acc) * logit_scale
+        if softcapping is not None:
+            logits = softcapping * torch.tanh(logits / softcapping)
+        logits = logits / temperature
         log_p = torch.log_softmax(logits, dim=-1)
         total -= (log_p.exp() * log_p).sum()
     return total

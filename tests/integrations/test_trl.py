@@ -160,9 +160,20 @@ def test_fused_head_equals_trls_chunked_loss(beta, temperature, count):
         torch.testing.assert_close(g, w.to(g.dtype), rtol=2e-5, atol=1e-6, msg=what)
 
 
-def test_fused_head_rejects_softcapping():
-    with pytest.raises(ValueError, match="student_final_logit_softcapping"):
-        fastkd_trl.chunked_divergence_loss(**heads_case(), beta=0.5, student_final_logit_softcapping=30.0)
+@pytest.mark.parametrize("beta", (0.0, 0.5))
+def test_fused_head_with_softcapping_equals_trls_chunked_loss(beta):
+    """Gemma's final-logit softcapping (after a logit scale) on both models, as TRL's own loss applies it."""
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    case = heads_case(seed=2, dtype=torch.float32)
+    common = dict(beta=beta, temperature=2.0, student_logit_scale=0.8)
+    caps = dict(student_final_logit_softcapping=1.5, teacher_final_logit_softcapping=2.5)
+    got = fused_head_with_grads(fastkd_trl.chunked_divergence_loss, case, **common, **caps)
+    want = fused_head_with_grads(_chunked_divergence_loss, case, **common, **caps)
+    uncapped = fused_head_with_grads(_chunked_divergence_loss, case, **common)
+    assert not torch.allclose(want[0], uncapped[0], rtol=1e-3), "the caps bite on these logits"
+    for g, w, what in zip(got, want, ("loss", "entropy sum", "valid", "dH", "dW", "db"), strict=True):
+        torch.testing.assert_close(g, w.to(g.dtype), rtol=2e-5, atol=1e-6, msg=what)
 
 
 def test_the_package_imports_neither_trl_nor_transformers():
