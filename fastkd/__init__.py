@@ -20,6 +20,7 @@ from fastkd.mmd import MMDLoss, mmd_loss
 from fastkd.nst import NSTLoss, nst_loss
 from fastkd.rkd import RKDLoss, rkd_angle, rkd_distance, rkd_loss
 from fastkd.topk import TopKDivergenceLoss, topk_divergence
+from fastkd.uld import ULDLoss, uld_loss
 
 # fastkd.divergence and fastkd.info_nce name a function here and a module in
 # sys.modules: the package imports both modules above, before binding the
@@ -52,6 +53,7 @@ __all__ = [
     "SPLoss",
     "Term",
     "TopKDivergenceLoss",
+    "ULDLoss",
     "at_loss",
     "attention_relation_loss",
     "backends",
@@ -72,5 +74,6 @@ __all__ = [
     "rkd_loss",
     "sp_loss",
     "topk_divergence",
+    "uld_loss",
     "__version__",
 ]

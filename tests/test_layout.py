@@ -80,6 +80,10 @@ FAMILIES = {
         "csrc/cpu/attention_relation.cpp", "tests/test_attention_relation*.py", "bench/bench_attention_relation.py",
     ),
     "hidden_state": ("fastkd/hidden_state.py", "fastkd/reference/hidden_state.py", "tests/test_hidden_state*.py"),
+    "uld": (
+        "fastkd/uld.py", "fastkd/reference/uld.py", "kernels/uld.py", "csrc/cpu/uld.cpp", "tests/test_uld*.py",
+        "bench/bench_uld.py",
+    ),
 }
 
 # The files of each layer that belong to no family (shared machinery); every
