@@ -7,8 +7,9 @@ with the shorter one zero-padded (the 1-D optimal-transport distance between
 the two sets of probability values). With one shared tokenizer use
 :func:`fastkd.divergence`, which compares the same token's probabilities.
 
-The fused kernels (``cpu``: ``fastkd::uld_forward``, csrc/cpu/uld.cpp;
-``triton``: kernels/uld.py) sort each row inside the kernel and return the
+The fused kernels (``cpu`` and ``cuda``: ``fastkd::uld_forward``,
+csrc/cpu/uld.cpp, csrc/cuda/uld.cu; ``triton``: kernels/uld.py) sort each row
+inside the kernel (``cuda``: a bounded scratch of a chunk of rows) and return the
 row losses and, from the same pass, the gradients already multiplied by the
 reduction's factor: no sorted ``(N, V)`` tensor is written or kept; the
 backward only applies the upstream gradient. The reference
@@ -42,14 +43,18 @@ def _run_kernel(backend: str, *args):
 # backend is then unavailable for it, and the package still imports
 HAS_CPU_OP = _extension.has_kernel("uld_forward", "CPU")
 
+HAS_CUDA_OP = _extension.has_kernel("uld_forward", "CUDA")
+
 # backends with a kernel for this loss (the reference always runs)
-KERNEL_BACKENDS: tuple[str, ...] = ("cpu", "triton") if HAS_CPU_OP else ("triton",)
+KERNEL_BACKENDS: tuple[str, ...] = (
+    ("cpu",) * HAS_CPU_OP + ("triton",) + ("cuda",) * HAS_CUDA_OP
+)
 
 if HAS_CPU_OP:
 
     @torch.library.register_fake("fastkd::uld_forward")
-    def _uld_forward_fake(student, teacher, row_mask, inv_student_temperature, inv_teacher_temperature, grad_scale,
-                          student_grad, teacher_grad):
+    def _uld_forward_fake(student, teacher, row_mask, inv_student_temperature, inv_teacher_temperature,
+                          grad_scale, student_grad, teacher_grad):
         rows = student.shape[0]
         loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
         return (
@@ -92,8 +97,10 @@ def _choose_backend(backend: str, s: torch.Tensor, t: torch.Tensor) -> str:
         from fastkd.kernels import uld as triton_uld
 
         if max(s.shape[1], t.shape[1]) > triton_uld.MAX_VOCAB:
-            status = _dispatch.backend_status("cpu", s.device.type)
-            return "cpu" if status.available and "cpu" in KERNEL_BACKENDS else "reference"
+            for other in ("cuda", "cpu"):
+                if other in KERNEL_BACKENDS and _dispatch.backend_status(other, s.device.type).available:
+                    return other
+            return "reference"
     return chosen
 
 
@@ -136,11 +143,10 @@ def uld_loss(
             objective).
         soft_weight: ``>= 0`` multiplier of the ULD term (default 1).
         return_parts: return ``(total, hard_part, soft_part)``.
-        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"triton"``
-            (``"cuda"`` has no kernel yet: asked for explicitly it raises
-            ``ValueError``). The triton kernel sorts a whole row in registers:
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or
+            ``"triton"``. The triton kernel sorts a whole row in registers:
             ``max(V_s, V_t) ≤ kernels.uld.MAX_VOCAB`` (``"auto"`` falls back to
-            the cpu op or the reference beyond it).
+            the cuda or cpu op, else the reference, beyond it).
 
     Returns:
         A float32 scalar (float64 for float64 input), or ``(N,)`` for ``"none"``.
@@ -164,12 +170,13 @@ def uld_loss(
         every = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
         rows = _reference.uld_rows(s, t, every if keep is None else keep, ts, tt)
         n_kept = s.shape[0] if keep is None else int(keep.sum())
-        soft = rows if reduction == "none" else rows.sum() / (max(n_kept, 1) if reduction == "batchmean" else 1)
+        denominator = max(n_kept, 1) if reduction == "batchmean" else 1
+        soft = rows if reduction == "none" else rows.sum() / denominator
     else:
         factor = _row_loss.loss_factor(reduction, 1.0, s.shape[0], keep, 1)
         soft = ULDFunction.apply(
-            _row_loss.row_major(s), _row_loss.row_major(t), keep, 1.0 / ts, 1.0 / tt, factor, reduction == "none",
-            chosen,
+            _row_loss.row_major(s), _row_loss.row_major(t), keep, 1.0 / ts, 1.0 / tt, factor,
+            reduction == "none", chosen,
         )
     if not mixing and soft_weight == 1.0 and not return_parts:
         return soft
@@ -209,5 +216,6 @@ class ULDLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return (f"student_temperature={self.student_temperature}, teacher_temperature={self.teacher_temperature}, "
+        return (f"student_temperature={self.student_temperature}, "
+                f"teacher_temperature={self.teacher_temperature}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}")

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_device, check_pair, check_positive, check_tensor, guard_device, stored_dtype
+from ._common import check_device, check_pair, check_positive, check_tensor, guard_device, stored_dtype
 
 __all__ = ["MAX_VOCAB", "uld_forward"]
 
@@ -70,7 +70,8 @@ def _last_run(first_1, last_1, sum_1, count_1, first_2, last_2, sum_2, count_2):
     # of two adjacent pieces of a sorted row: the right piece's last run extends
     # the left one's only when the right piece is a single run of the same value
     joined = (first_2 == last_2) & (last_1 == first_2)
-    return first_1, last_2, tl.where(joined, sum_1 + sum_2, sum_2), tl.where(joined, count_1 + count_2, count_2)
+    total = tl.where(joined, sum_1 + sum_2, sum_2)
+    return first_1, last_2, total, tl.where(joined, count_1 + count_2, count_2)
 
 
 @triton.jit
@@ -147,8 +148,8 @@ def _check_args(student, teacher, row_mask, inv_student_temperature, inv_teacher
         if x.shape[1] > 1 and x.stride(1) != 1:
             raise ValueError(f"{name} must have unit stride in its last dim")
         if x.shape[1] > MAX_VOCAB:
-            raise ValueError(f"{name} rows have {x.shape[1]} entries, more than the triton ULD kernel sorts in "
-                             f"registers ({MAX_VOCAB}); use backend='cpu' or 'reference'")
+            raise ValueError(f"{name} rows have {x.shape[1]} entries, more than the triton ULD kernel "
+                             f"sorts in registers ({MAX_VOCAB}); use backend='cpu', 'cuda' or 'reference'")
     check_positive("inv_student_temperature", inv_student_temperature)
     check_positive("inv_teacher_temperature", inv_teacher_temperature)
     if not math.isfinite(grad_scale):
@@ -193,7 +194,8 @@ def uld_forward(student, teacher, row_mask, inv_student_temperature: float, inv_
                     else torch.empty(0, dtype=torch.int8, device=device))
         block, warps = launch_config(max(vs, vt))
         _uld_fwd_kernel[(rows,)](
-            student, teacher, mask_arg, row_loss, grad_s, grad_t, vs, vt, student.stride(0), teacher.stride(0),
+            student, teacher, mask_arg, row_loss, grad_s, grad_t, vs, vt,
+            student.stride(0), teacher.stride(0),
             inv_student_temperature, inv_teacher_temperature, grad_scale * inv_student_temperature,
             grad_scale * inv_teacher_temperature,
             HAS_MASK=row_mask is not None, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad, BLOCK=block,

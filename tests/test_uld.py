@@ -60,7 +60,7 @@ def loop_oracle(s, t, student_temperature=1.0, teacher_temperature=1.0, mask=Non
         q = torch.softmax(t[i] / teacher_temperature, 0)
         a = sorted(p.tolist(), reverse=True) + [0.0] * (width - p.numel())
         b = sorted(q.tolist(), reverse=True) + [0.0] * (width - q.numel())
-        rows[i] = sum(abs(x - y) for x, y in zip(a, b))
+        rows[i] = sum(abs(x - y) for x, y in zip(a, b, strict=True))
         g, h = rank_coefficients(p, q), rank_coefficients(q, p)
         grad_s[i] = p * (g - (p * g).sum()) / student_temperature
         grad_t[i] = q * (h - (q * h).sum()) / teacher_temperature
@@ -316,7 +316,8 @@ def test_opcheck_of_the_cpu_op():
     s = torch.randn(4, 6, generator=g, dtype=torch.float64)
     t = torch.randn(4, 9, generator=g, dtype=torch.float64)
     mask = torch.tensor([True, False, True, True])
-    for args in ((s, t, mask, 1.0, 0.5, 0.25, True, True), (s.float(), t.float(), None, 2.0, 1.0, 1.0, True, False),
+    for args in ((s, t, mask, 1.0, 0.5, 0.25, True, True),
+                 (s.float(), t.float(), None, 2.0, 1.0, 1.0, True, False),
                  (s.bfloat16(), t.bfloat16(), mask, 1.0, 1.0, 1.0, False, True)):
         torch.library.opcheck(torch.ops.fastkd.uld_forward, args)
 
@@ -404,7 +405,7 @@ def test_cpu_op_matches_the_reference_in_float64(rows, vs, vt, tied, masked, see
     upstream = torch.randn(rows, generator=g, dtype=torch.float64)
     expected = run("reference", s, t, torch.float64, upstream, reduction="none", mask=mask)
     got = run("cpu", s, t, torch.float64, upstream, reduction="none", mask=mask)
-    for what, a, b in zip(("rows", "student gradient", "teacher gradient"), got, expected):
+    for what, a, b in zip(("rows", "student gradient", "teacher gradient"), got, expected, strict=True):
         assert_matches(a, b, torch.float64, what)
 
 

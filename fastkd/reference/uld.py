@@ -31,7 +31,8 @@ def check_options(student_temperature, teacher_temperature, reduction) -> tuple[
     return ts, tt
 
 
-def check_arguments(student_logits, teacher_logits, mask, student_temperature, teacher_temperature, reduction):
+def check_arguments(student_logits, teacher_logits, mask, student_temperature, teacher_temperature,
+                    reduction):
     """Validate the arguments; return ``(student, teacher, mask or None, T_s, T_t)``.
 
     Raises ``ValueError`` naming the argument for anything out of contract.
@@ -46,7 +47,8 @@ def check_arguments(student_logits, teacher_logits, mask, student_temperature, t
             raise ValueError(f"{name} must have at least one vocabulary entry, got shape {tuple(x.shape)}")
     if t.shape[0] != s.shape[0]:
         raise ValueError(
-            f"teacher_logits has {t.shape[0]} rows but student_logits has {s.shape[0]}: the rows must be aligned"
+            f"teacher_logits has {t.shape[0]} rows but student_logits has {s.shape[0]}: "
+            "the rows must be aligned"
         )
     if t.dtype != s.dtype:
         raise ValueError(f"teacher_logits dtype {t.dtype} does not match student_logits dtype {s.dtype}")

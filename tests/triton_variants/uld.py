@@ -19,8 +19,10 @@ def forward_variants(module):
             for has_mask, teacher_grad in ((True, True), (False, False)):
                 types = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "mask_ptr": "*i8", "loss_ptr": "*fp32",
                          "gs_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", **SCALARS}
-                flags = {"HAS_MASK": has_mask, "STUDENT_GRAD": True, "TEACHER_GRAD": teacher_grad, "BLOCK": block}
-                yield Variant(f"{dtype} V={vocab} mask={has_mask} teacher_grad={teacher_grad}", types, flags, warps)
+                flags = {"HAS_MASK": has_mask, "STUDENT_GRAD": True, "TEACHER_GRAD": teacher_grad,
+                         "BLOCK": block}
+                label = f"{dtype} V={vocab} mask={has_mask} teacher_grad={teacher_grad}"
+                yield Variant(label, types, flags, warps)
 
 
 VARIANTS = {"_uld_fwd_kernel": forward_variants}
