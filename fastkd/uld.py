@@ -68,24 +68,30 @@ class ULDFunction(torch.autograd.Function):
     """Fused ULD on aligned ``(N, V_s)`` / ``(N, V_t)`` logits; one kernel call.
 
     The kernel returns the row losses and the gradients of the inputs that need
-    them, already multiplied by ``factor``; the backward applies the upstream
-    gradient (scalar, or one value per row for ``per_row``).
+    them, already multiplied by ``factor`` (a float); the backward applies the
+    upstream gradient (scalar, or one value per row for ``per_row``). A
+    ``factor`` given as a 0-d tensor (the kept-row count of a mask under
+    ``torch.compile``, not known while tracing) is applied with the upstream
+    gradient instead.
     """
 
     @staticmethod
     def forward(ctx, student, teacher, row_mask, inv_ts, inv_tt, factor, per_row, backend):
+        grad_scale = factor if isinstance(factor, float) else 1.0
         row_loss, grad_s, grad_t = _run_kernel(
-            backend, student, teacher, row_mask, inv_ts, inv_tt, factor, ctx.needs_input_grad[0],
+            backend, student, teacher, row_mask, inv_ts, inv_tt, grad_scale, ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
         )
-        ctx.save_for_backward(grad_s, grad_t)
+        deferred = None if isinstance(factor, float) else factor
+        ctx.save_for_backward(grad_s, grad_t, deferred)
         return row_loss * factor if per_row else row_loss.sum() * factor
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_s, grad_t = ctx.saved_tensors
-        grad_student = _row_loss.scale_by_upstream(grad_s, grad_output) if ctx.needs_input_grad[0] else None
-        grad_teacher = _row_loss.scale_by_upstream(grad_t, grad_output) if ctx.needs_input_grad[1] else None
+        grad_s, grad_t, deferred = ctx.saved_tensors
+        upstream = grad_output if deferred is None else grad_output * deferred
+        grad_student = _row_loss.scale_by_upstream(grad_s, upstream) if ctx.needs_input_grad[0] else None
+        grad_teacher = _row_loss.scale_by_upstream(grad_t, upstream) if ctx.needs_input_grad[1] else None
         return grad_student, grad_teacher, None, None, None, None, None, None
 
 
@@ -165,6 +171,8 @@ def uld_loss(
     hard_weight, soft_weight, mixing = _hard_labels.mixing_weights(hard_weight, soft_weight, labels)
     _validate.flag("return_parts", return_parts)
     keep = _row_loss.kept_rows(labels, ignore_index, mask)
+    if mixing:
+        _hard_labels.check_label_range(labels.reshape(-1), keep, s.shape[1])
     chosen = _choose_backend(backend, s, t)
     if chosen == "reference":
         every = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
@@ -173,7 +181,12 @@ def uld_loss(
         denominator = max(n_kept, 1) if reduction == "batchmean" else 1
         soft = rows if reduction == "none" else rows.sum() / denominator
     else:
-        factor = _row_loss.loss_factor(reduction, 1.0, s.shape[0], keep, 1)
+        if reduction == "batchmean" and keep is not None and torch.compiler.is_compiling():
+            # no host read of the kept-row count while tracing
+            acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+            factor = 1.0 / keep.sum().clamp(min=1).to(acc)
+        else:
+            factor = _row_loss.loss_factor(reduction, 1.0, s.shape[0], keep, 1)
         soft = ULDFunction.apply(
             _row_loss.row_major(s), _row_loss.row_major(t), keep, 1.0 / ts, 1.0 / tt, factor,
             reduction == "none", chosen,

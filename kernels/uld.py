@@ -40,8 +40,9 @@ from ._common import check_device, check_pair, check_positive, check_tensor, gua
 __all__ = ["MAX_VOCAB", "uld_forward"]
 
 # The widest row one program sorts in registers: two int64 keys and a few
-# float32 vectors per entry, 8 entries per thread on 32 warps at 8192.
-MAX_VOCAB = 8192
+# float32 vectors per entry, 8 entries per thread on 16 warps at 4096 (at 8192
+# on 32 warps a thread has 64 registers and spills several hundred bytes).
+MAX_VOCAB = 4096
 ELEMENTS_PER_THREAD = 8
 
 

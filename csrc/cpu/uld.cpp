@@ -4,9 +4,10 @@
 //   ℓ_i = Σ_k |a_k − b_k|,   a = sort↓(p), b = sort↓(q), zero-padded to max(V_s, V_t).
 //
 // One task per row (at::parallel_for; a row's result does not depend on the
-// thread count). A row is sorted by index (std::sort on a per-thread scratch,
-// no sorted [N, V] tensor exists) and the loss and the gradient come from the
-// same pass; nothing is kept for the backward.
+// thread count). Each row is sorted on a per-thread scratch (a radix sort of
+// packed (value, column) keys for float32 probabilities, std::sort for
+// float64), so no sorted [N, V] tensor exists; the loss and the gradient come
+// from the same pass and nothing is kept for the backward.
 //
 // Gradient. With sign(0) = 0 and ties sharing the mean of their ranks' signs,
 // the gradient of ℓ_i with respect to an entry of p with value v > 0 is
@@ -33,6 +34,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <optional>
@@ -62,36 +64,85 @@ bool row_softmax(const scalar_t* x, int64_t n, double inv_temperature, prob_t* o
   return finite;
 }
 
-// Indices of values[0, n) by decreasing value (ties by index; no NaN).
+// One row's probabilities sorted by decreasing value, and the column each came from.
 template <typename prob_t>
-void sort_descending(const prob_t* values, int64_t n, std::vector<int32_t>& order) {
-  order.resize(n);
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(), [values](int32_t a, int32_t b) {
-    return values[a] > values[b] || (values[a] == values[b] && a < b);
-  });
+struct SortedRow {
+  std::vector<prob_t> value;
+  std::vector<int32_t> column;
+  std::vector<uint64_t> keys, swap;  // radix sort scratch (float rows)
+};
+
+// float rows: LSD radix sort of (~bits(p) << 32 | column) on the upper 32 bits
+// (the bits of a float ≥ 0 order like its value; ~ makes the order
+// decreasing), three passes of 11 bits, a pass skipped when every key shares
+// its digit. Columns in the low half ride along; the order of ties does not
+// matter (their coefficients are run means).
+inline void sort_descending(const float* p, int64_t n, SortedRow<float>& row) {
+  constexpr int kBits = 11;
+  constexpr uint64_t kDigits = uint64_t(1) << kBits;
+  row.keys.resize(n);
+  row.swap.resize(n);
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, &p[j], sizeof(bits));
+    row.keys[j] = (static_cast<uint64_t>(~bits) << 32) | static_cast<uint32_t>(j);
+  }
+  std::vector<int64_t> count(kDigits);
+  uint64_t* from = row.keys.data();
+  uint64_t* to = row.swap.data();
+  for (int shift = 32; shift < 64; shift += kBits) {
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t j = 0; j < n; ++j) ++count[(from[j] >> shift) & (kDigits - 1)];
+    if (count[(from[0] >> shift) & (kDigits - 1)] == n) continue;
+    int64_t total = 0;
+    for (uint64_t d = 0; d < kDigits; ++d) {
+      const int64_t c = count[d];
+      count[d] = total;
+      total += c;
+    }
+    for (int64_t j = 0; j < n; ++j) to[count[(from[j] >> shift) & (kDigits - 1)]++] = from[j];
+    std::swap(from, to);
+  }
+  row.value.resize(n);
+  row.column.resize(n);
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t bits = ~static_cast<uint32_t>(from[k] >> 32);
+    std::memcpy(&row.value[k], &bits, sizeof(bits));
+    row.column[k] = static_cast<int32_t>(from[k] & 0xFFFFFFFFu);
+  }
 }
 
-// coef[j] = g(values[j]) (see the header) for the row `values` sorted by `order`
-// against the other row `other` sorted by `other_order`.
+// double rows: std::sort of the columns by value.
+inline void sort_descending(const double* p, int64_t n, SortedRow<double>& row) {
+  row.column.resize(n);
+  std::iota(row.column.begin(), row.column.end(), 0);
+  std::sort(row.column.begin(), row.column.end(),
+            [p](int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+  row.value.resize(n);
+  for (int64_t k = 0; k < n; ++k) row.value[k] = p[row.column[k]];
+}
+
+// coef[column] = g(value) (see the header) for the sorted row `self` against
+// the sorted row `other`, run by run.
 template <typename prob_t>
-void sign_coefficients(const prob_t* values, const std::vector<int32_t>& order, const prob_t* other,
-                       const std::vector<int32_t>& other_order, prob_t* coef) {
-  const int64_t n_self = static_cast<int64_t>(order.size());
-  const int64_t n_other = static_cast<int64_t>(other_order.size());
+void sign_coefficients(const SortedRow<prob_t>& self, const SortedRow<prob_t>& other, prob_t* coef) {
+  const int64_t n_self = static_cast<int64_t>(self.value.size());
+  const int64_t n_other = static_cast<int64_t>(other.value.size());
+  const prob_t* a = self.value.data();
+  const prob_t* b = other.value.data();
   int64_t other_gt = 0, other_ge = 0;  // #{other > v}, #{other ≥ v}
   for (int64_t start = 0; start < n_self;) {
-    const prob_t v = values[order[start]];
+    const prob_t v = a[start];
     int64_t end = start + 1;
-    while (end < n_self && values[order[end]] == v) ++end;
-    while (other_gt < n_other && other[other_order[other_gt]] > v) ++other_gt;
+    while (end < n_self && a[end] == v) ++end;
+    while (other_gt < n_other && b[other_gt] > v) ++other_gt;
     other_ge = std::max(other_ge, other_gt);
-    while (other_ge < n_other && other[other_order[other_ge]] >= v) ++other_ge;
+    while (other_ge < n_other && b[other_ge] >= v) ++other_ge;
     const int64_t run = end - start;
     const int64_t below = std::clamp<int64_t>(end - other_ge, 0, run);
     const int64_t above = std::clamp<int64_t>(other_gt - start, 0, run);
     const prob_t g = static_cast<prob_t>(static_cast<double>(below - above) / static_cast<double>(run));
-    for (int64_t r = start; r < end; ++r) coef[order[r]] = g;
+    for (int64_t r = start; r < end; ++r) coef[self.column[r]] = g;
     start = end;
   }
 }
@@ -122,7 +173,7 @@ void uld_rows(const at::Tensor& student, const at::Tensor& teacher, const bool* 
   const prob_t nan = std::numeric_limits<prob_t>::quiet_NaN();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<prob_t> p(vs), q(vt), coef_p(vs), coef_q(vt);
-    std::vector<int32_t> order_p, order_q;
+    SortedRow<prob_t> sorted_p, sorted_q;
     for (int64_t i = begin; i < end; ++i) {
       scalar_t* gs_row = gs != nullptr ? gs + i * vs : nullptr;
       scalar_t* gt_row = gt != nullptr ? gt + i * vt : nullptr;
@@ -140,21 +191,21 @@ void uld_rows(const at::Tensor& student, const at::Tensor& teacher, const bool* 
         if (gt_row != nullptr) std::fill(gt_row, gt_row + vt, static_cast<scalar_t>(nan));
         continue;
       }
-      sort_descending(p.data(), vs, order_p);
-      sort_descending(q.data(), vt, order_q);
+      sort_descending(p.data(), vs, sorted_p);
+      sort_descending(q.data(), vt, sorted_q);
       double total = 0;
       for (int64_t k = 0; k < width; ++k) {
-        const double a = k < vs ? static_cast<double>(p[order_p[k]]) : 0.0;
-        const double b = k < vt ? static_cast<double>(q[order_q[k]]) : 0.0;
+        const double a = k < vs ? static_cast<double>(sorted_p.value[k]) : 0.0;
+        const double b = k < vt ? static_cast<double>(sorted_q.value[k]) : 0.0;
         total += std::abs(a - b);
       }
       loss[i] = static_cast<loss_t>(total);
       if (gs_row != nullptr) {
-        sign_coefficients(p.data(), order_p, q.data(), order_q, coef_p.data());
+        sign_coefficients(sorted_p, sorted_q, coef_p.data());
         softmax_backward(p.data(), coef_p.data(), vs, grad_scale * inv_ts, gs_row);
       }
       if (gt_row != nullptr) {
-        sign_coefficients(q.data(), order_q, p.data(), order_p, coef_q.data());
+        sign_coefficients(sorted_q, sorted_p, coef_q.data());
         softmax_backward(q.data(), coef_q.data(), vt, grad_scale * inv_tt, gt_row);
       }
     }
