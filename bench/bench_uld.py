@@ -16,10 +16,12 @@ Providers:
   probabilities, the sort indices (int64) and the padded sorted rows.
 - ``compile``: ``torch.compile`` of the same function (``fullgraph``).
   ``--no-compile`` skips it.
-- ``fastkd-cpu`` (CPU): ``fastkd::uld_forward``, one row per task, the sort
-  on a per-thread scratch; the gradient comes from the same pass.
-  ``fastkd-triton`` (CUDA) sorts a row in registers and only takes rows up to
-  ``kernels.uld.MAX_VOCAB`` entries: skipped at these vocabularies.
+- ``fastkd-cpu`` (CPU): ``fastkd::uld_forward``, one row per task, a radix
+  sort on a per-thread scratch; the gradient comes from the same pass.
+  ``fastkd-cuda`` (CUDA): the same op, a segmented radix sort of a chunk of
+  rows in a bounded scratch. ``fastkd-triton`` (CUDA) sorts a row in
+  registers and only takes rows up to ``kernels.uld.MAX_VOCAB`` entries:
+  skipped at these vocabularies.
 
 ``traffic_bytes`` is the least a fused call moves: both logit matrices read
 once and the student's gradient written once.
@@ -73,11 +75,6 @@ class ULDBench(Family):
 
     def fused(self, backend, options):
         return lambda s, t: fastkd.uld_loss(s, t, backend=backend)
-
-    def more_providers(self, device, options, found, skipped):
-        if device.type == "cuda":
-            skipped["fastkd-cuda"] = "no CUDA C++ kernel for this loss yet"
-            found.pop("fastkd-cuda", None)
 
     def all_configs(self):
         return [(dtype, ROWS, vs, vt) for dtype in self.dtypes for vs, vt in VOCABULARIES]

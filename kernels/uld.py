@@ -14,8 +14,9 @@ csrc/cpu/uld.cpp). One program per row holds the whole row in registers:
      σ_k = sign(a_k − b_k) (sign(0) = 0) are elementwise.
   3. Ties: a run of equal values in a shares the mean of σ over the run
      (the reference's convention, independent of the order the sort gives
-     ties). Run sums come from two segmented scans — forward for the run's
-     part at or before k, over the flipped row for the part at or after k.
+     ties). Run sums and lengths come from two segmented scans — forward for
+     the run's part at or before k, over the flipped row for the part at or
+     after k.
   4. dℓ/ds_j = p_j (g_j − Σ_k p_k g_k) / T_s, stored through the column of
      each sorted entry (a scatter; the sorted row is never written). The
      teacher's gradient is the same with −σ over the runs of b.
@@ -40,10 +41,11 @@ from ._common import check_device, check_pair, check_positive, check_tensor, gua
 __all__ = ["MAX_VOCAB", "uld_forward"]
 
 # The widest row one program sorts in registers: two int64 keys and a few
-# float32 vectors per entry, 8 entries per thread on 16 warps at 4096 (at 8192
-# on 32 warps a thread has 64 registers and spills several hundred bytes).
+# 32-bit vectors per entry, 16 entries per thread on 8 warps at 4096 (up to
+# 255 registers a thread; on 16 warps a thread has 128 and spills, on 32
+# warps 64).
 MAX_VOCAB = 4096
-ELEMENTS_PER_THREAD = 8
+ELEMENTS_PER_THREAD = 16
 
 
 @triton.jit
@@ -65,27 +67,32 @@ def _sorted_with_columns(p, cols):
     return values, (key & 0xFFFFFFFF).to(tl.int32)
 
 
+# A run statistic packs (length, Σ sign) into one int32, length · 2^16 + Σ sign:
+# sums of packed values are the packed sums, and |Σ sign| ≤ length < 2^15.
+RUN_LENGTH_UNIT = tl.constexpr(65536)
+
+
 @triton.jit
-def _last_run(first_1, last_1, sum_1, count_1, first_2, last_2, sum_2, count_2):
-    # (first value, last value, Σ sign and length of the last run of equal values)
-    # of two adjacent pieces of a sorted row: the right piece's last run extends
-    # the left one's only when the right piece is a single run of the same value
-    joined = (first_2 == last_2) & (last_1 == first_2)
-    total = tl.where(joined, sum_1 + sum_2, sum_2)
-    return first_1, last_2, total, tl.where(joined, count_1 + count_2, count_2)
+def _last_run(uniform_1, last_1, packed_1, uniform_2, last_2, packed_2):
+    # (whether the piece is one run, its last value, the packed statistic of its
+    # last run) of two adjacent pieces of a sorted row: the right piece's last
+    # run extends the left one's only when the right piece is a single run of
+    # the left piece's last value
+    joined = (uniform_2 != 0) & (last_1 == last_2)
+    uniform = (uniform_1 != 0) & joined
+    return uniform.to(tl.int32), last_2, tl.where(joined, packed_1 + packed_2, packed_2)
 
 
 @triton.jit
 def _run_means(values, signs):
-    # mean of `signs` over each run of equal `values` (sorted), at every position
-    ones = tl.full(values.shape, 1.0, tl.float32)
-    _, _, head_sum, head_count = tl.associative_scan((values, values, signs, ones), 0, _last_run)
-    flipped_values = tl.flip(values, 0)
-    _, _, tail_sum, tail_count = tl.associative_scan(
-        (flipped_values, flipped_values, tl.flip(signs, 0), ones), 0, _last_run)
-    tail_sum = tl.flip(tail_sum, 0)
-    tail_count = tl.flip(tail_count, 0)
-    return (head_sum + tail_sum - signs) / (head_count + tail_count - 1.0)
+    # mean of `signs` (−1, 0, 1) over each run of equal `values` (sorted), at every position
+    ones = tl.full(values.shape, 1, tl.int32)
+    packed = signs.to(tl.int32) + RUN_LENGTH_UNIT
+    _, _, head = tl.associative_scan((ones, values, packed), 0, _last_run)
+    _, _, tail = tl.associative_scan((ones, tl.flip(values, 0), tl.flip(packed, 0)), 0, _last_run)
+    run = head + tl.flip(tail, 0) - packed
+    length = (run + RUN_LENGTH_UNIT // 2) // RUN_LENGTH_UNIT
+    return (run - length * RUN_LENGTH_UNIT).to(tl.float32) / length.to(tl.float32)
 
 
 @triton.jit
@@ -131,7 +138,7 @@ def _uld_fwd_kernel(
 def launch_config(vocab: int) -> tuple[int, int]:
     """(BLOCK, num_warps) of a row of ``vocab`` entries (at most MAX_VOCAB)."""
     block = triton.next_power_of_2(max(vocab, 1))
-    return block, max(1, min(32, block // (32 * ELEMENTS_PER_THREAD)))
+    return block, max(1, min(8, block // (32 * ELEMENTS_PER_THREAD)))
 
 
 def _check_args(student, teacher, row_mask, inv_student_temperature, inv_teacher_temperature, grad_scale,

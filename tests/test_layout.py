@@ -81,8 +81,8 @@ FAMILIES = {
     ),
     "hidden_state": ("fastkd/hidden_state.py", "fastkd/reference/hidden_state.py", "tests/test_hidden_state*.py"),
     "uld": (
-        "fastkd/uld.py", "fastkd/reference/uld.py", "kernels/uld.py", "csrc/cpu/uld.cpp", "tests/test_uld*.py",
-        "bench/bench_uld.py",
+        "fastkd/uld.py", "fastkd/reference/uld.py", "kernels/uld.py", "csrc/cpu/uld.cpp", "csrc/cuda/uld.cu",
+        "tests/test_uld*.py", "bench/bench_uld.py",
     ),
 }
 

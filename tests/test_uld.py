@@ -29,7 +29,7 @@ HAS_CPU_OP = uld_module.HAS_CPU_OP
 
 def dtype_for(backend: str) -> torch.dtype:
     """float64 where the backend takes it; the GPU kernels' widest input, float32, otherwise."""
-    return torch.float32 if backend == "triton" else torch.float64
+    return torch.float32 if backend in ("triton", "cuda") else torch.float64
 
 
 def rank_coefficients(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -384,7 +384,7 @@ def test_reference_properties(rows, vs, vt, tied, temperatures, seed):
     assert_matches(permuted, got.detach(), torch.float64, "permuted rows")
 
 
-@pytest.mark.skipif(not HAS_CPU_OP, reason="no cpu uld op in the extension")
+@pytest.mark.skipif(not HAS_CPU_OP or DEVICE.type != "cpu", reason="the cpu uld op on cpu tensors")
 @settings(deadline=None, max_examples=30)
 @given(
     rows=st.integers(0, 4),
@@ -416,8 +416,9 @@ def test_hard_label_mixing_and_parts():
     labels = torch.tensor([1, -100, 6, 0, 3])
     for backend in [p.values[0] for p in BACKENDS if not p.marks]:
         dtype = dtype_for(backend)
-        total, hard, soft = fastkd.uld_loss(s.to(dtype), t.to(dtype), labels=labels, hard_weight=0.5,
-                                            soft_weight=2.0, return_parts=True, backend=backend)
+        total, hard, soft = fastkd.uld_loss(
+            s.to(DEVICE, dtype), t.to(DEVICE, dtype), labels=labels.to(DEVICE), hard_weight=0.5,
+            soft_weight=2.0, return_parts=True, backend=backend)
         keep = labels != -100
         ce = torch.nn.functional.cross_entropy(s[keep], labels[keep])
         uld = loop_oracle(s[keep], t[keep])[0].mean()
@@ -439,11 +440,12 @@ def test_module_form():
 
 def test_triton_row_limit():
     kernels = pytest.importorskip("fastkd.kernels.uld")
-    wide = torch.randn(2, kernels.MAX_VOCAB + 1)
-    if fastkd._dispatch.backend_status("triton", "cpu").available:
+    wide = torch.randn(2, kernels.MAX_VOCAB + 1, device=DEVICE)
+    narrow = torch.randn(2, 3, device=DEVICE)
+    if fastkd._dispatch.backend_status("triton", DEVICE.type).available:
         with pytest.raises(ValueError, match="more than the triton ULD kernel sorts"):
-            fastkd.uld_loss(wide, torch.randn(2, 3), backend="triton")
-    assert uld_module._choose_backend("auto", wide, torch.randn(2, 3)) in ("cpu", "reference")
+            fastkd.uld_loss(wide, narrow, backend="triton")
+    assert uld_module._choose_backend("auto", wide, narrow) in ("cpu", "cuda", "reference")
 
 
 BAD = [

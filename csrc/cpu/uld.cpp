@@ -47,19 +47,24 @@ namespace fastkd {
 namespace cpu {
 namespace {
 
-// softmax(x / T) of one row into out; false when a probability is NaN.
+// softmax(x / T) of one row into out, the exponentials in prob_t and their
+// sum in float64; false when a probability is NaN.
 template <typename scalar_t, typename prob_t>
 bool row_softmax(const scalar_t* x, int64_t n, double inv_temperature, prob_t* out) {
-  double m = -std::numeric_limits<double>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, static_cast<double>(x[j]));
+  prob_t m = -std::numeric_limits<prob_t>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, static_cast<prob_t>(x[j]));
+  const prob_t inv_t = static_cast<prob_t>(inv_temperature);
   double total = 0;
-  for (int64_t j = 0; j < n; ++j) total += std::exp((static_cast<double>(x[j]) - m) * inv_temperature);
-  bool finite = true;
   for (int64_t j = 0; j < n; ++j) {
     // (x − m) is NaN for an all −inf row or a +inf entry; NaN inputs stay NaN
-    const double p = std::exp((static_cast<double>(x[j]) - m) * inv_temperature) / total;
-    out[j] = static_cast<prob_t>(p);
-    finite &= !std::isnan(p);
+    out[j] = std::exp((static_cast<prob_t>(x[j]) - m) * inv_t);
+    total += static_cast<double>(out[j]);
+  }
+  const prob_t inv_total = static_cast<prob_t>(1.0 / total);
+  bool finite = true;
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] *= inv_total;
+    finite &= !std::isnan(out[j]);
   }
   return finite;
 }
