@@ -41,11 +41,11 @@ from ._common import check_device, check_pair, check_positive, check_tensor, gua
 __all__ = ["MAX_VOCAB", "uld_forward"]
 
 # The widest row one program sorts in registers: two int64 keys and a few
-# 32-bit vectors per entry, 16 entries per thread on 8 warps at 4096 (up to
-# 255 registers a thread; on 16 warps a thread has 128 and spills, on 32
-# warps 64).
-MAX_VOCAB = 4096
-ELEMENTS_PER_THREAD = 16
+# 32-bit vectors per entry, 8 entries per thread on 8 warps at 2048 (up to 255
+# registers a thread). ptxas (sm_90) spills at 4096 on 8 warps (16 entries a
+# thread), 16 warps (128 registers) and 32 warps (64).
+MAX_VOCAB = 2048
+ELEMENTS_PER_THREAD = 8
 
 
 @triton.jit
