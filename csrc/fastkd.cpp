@@ -169,6 +169,20 @@ TORCH_LIBRARY(fastkd, m) {
       "attention_relation_backward(Tensor row_grad, Tensor student, Tensor teacher, int heads, Tensor? mask, "
       "bool causal, float temperature, Tensor lse_student, Tensor lse_teacher, Tensor head_kl, "
       "bool student_grad, bool teacher_grad) -> (Tensor, Tensor)");
+  // Universal Logit Distillation (docs/spec.md §1.14): aligned rows of two
+  // vocabularies, per row Σ_k |sort↓(softmax(s/T_s))_k − sort↓(softmax(t/T_t))_k|
+  // with the shorter sorted row zero-padded. Sort, L1 and gradient in one pass
+  // per row; no sorted [N, V] tensor is written.
+  //   student: [N, V_s], teacher: [N, V_t] logits, same dtype, unit stride along V.
+  //   row_mask: [N] bool (false → row excluded: loss 0, gradient 0).
+  // Returns (row_loss [N] fp32 (fp64 for fp64 input), student_grad [N, V_s] or
+  // [0, 0], teacher_grad [N, V_t] or [0, 0]); the gradients are grad_scale ·
+  // d(row loss)/d(logits) in the input dtype (ties share the mean of their
+  // ranks' signs, sign(0) = 0).
+  m.def(
+      "uld_forward(Tensor student, Tensor teacher, Tensor? row_mask, float inv_student_temperature, "
+      "float inv_teacher_temperature, float grad_scale, bool student_grad, bool teacher_grad) "
+      "-> (Tensor, Tensor, Tensor)");
   // The matrix products of fused_linear_divergence on CPU tensors (CPU only):
   // out = beta · out + a @ b, beta 0 or 1 (0: out's contents are ignored),
   // out [M, N], a [M, K], b [K, N], one floating dtype; the result does not

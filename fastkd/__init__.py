@@ -21,6 +21,7 @@ from fastkd.nst import NSTLoss, nst_loss
 from fastkd.rkd import RKDLoss, rkd_angle, rkd_distance, rkd_loss
 from fastkd.token_alignment import TokenAlignment, align_by_offsets, merge_aligned
 from fastkd.topk import TopKDivergenceLoss, topk_divergence
+from fastkd.uld import ULDLoss, uld_loss
 
 # fastkd.divergence and fastkd.info_nce name a function here and a module in
 # sys.modules: the package imports both modules above, before binding the
@@ -54,6 +55,7 @@ __all__ = [
     "Term",
     "TokenAlignment",
     "TopKDivergenceLoss",
+    "ULDLoss",
     "align_by_offsets",
     "at_loss",
     "attention_relation_loss",
@@ -76,5 +78,6 @@ __all__ = [
     "rkd_loss",
     "sp_loss",
     "topk_divergence",
+    "uld_loss",
     "__version__",
 ]

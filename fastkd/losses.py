@@ -18,9 +18,10 @@ from fastkd.mmd import MMDLoss
 from fastkd.nst import NSTLoss
 from fastkd.rkd import RKDLoss
 from fastkd.topk import TopKDivergenceLoss
+from fastkd.uld import ULDLoss
 
 __all__ = [
     "ATLoss", "AttentionRelationLoss", "CCLoss", "CRDLoss", "DKDLoss", "DivergenceLoss",
     "FusedLinearDivergenceLoss", "HiddenStateLoss", "HintLoss", "InfoNCELoss", "KDLoss", "MMDLoss", "NSTLoss",
-    "PKTLoss", "RKDLoss", "SPLoss", "TopKDivergenceLoss",
+    "PKTLoss", "RKDLoss", "SPLoss", "TopKDivergenceLoss", "ULDLoss",
 ]

@@ -1,4 +1,4 @@
-"""Cross-tokenizer alignment (docs/spec.md §1.14): token groups that cover the same text, and their merge.
+"""Cross-tokenizer alignment (docs/spec.md §1.15): token groups that cover the same text, and their merge.
 
 A student and a teacher with different tokenizers cut the same text into
 different tokens, so their logits have no common row index. :func:`align_by_offsets`

@@ -3,7 +3,7 @@ on every backend (reference, cpu, triton; triton and cuda on CUDA):
 
 - the logit losses, a per-row term reduced over the (kept) rows — ``divergence``
   (one teacher or several), ``kd_loss``, ``topk_divergence``,
-  ``fused_linear_divergence``, ``dkd_loss`` and their modules — and the
+  ``fused_linear_divergence``, ``dkd_loss``, ``uld_loss`` and their modules — and the
   per-token transformer-layer losses (``attention_relation_loss`` with B = 0 or
   T = 0, ``hidden_state_loss`` and their modules): N = 0 is the case
   of no kept rows, a loss of 0 (``"none"``: an empty tensor) and zero gradients
@@ -97,6 +97,14 @@ ZERO = {
         for reduction in ("batchmean", "sum", "none")
     ],
     "DKDLoss": [("module", lambda b: (lambda s: (fastkd.DKDLoss(backend=b)(s, const(0, V), index(0)), [s]))(
+        leaf(0, V)))],
+    "uld_loss": [
+        (reduction, lambda b, r=reduction: (lambda s, t: (
+            fastkd.uld_loss(s, t, reduction=r, backend=b), [s, t]))(leaf(0, V), leaf(0, 5)))
+        for reduction in ("batchmean", "sum", "none")
+    ] + [("hard-labels", lambda b: (lambda s: (fastkd.uld_loss(
+        s, const(0, 5), labels=index(0), hard_weight=0.5, backend=b), [s]))(leaf(0, V)))],
+    "ULDLoss": [("module", lambda b: (lambda s: (fastkd.ULDLoss(backend=b)(s, const(0, 5)), [s]))(
         leaf(0, V)))],
     "attention_relation_loss": [
         (f"{reduction}-{'batch' if empty_dim == 0 else 'length'}",

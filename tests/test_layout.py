@@ -81,6 +81,10 @@ FAMILIES = {
         "bench/bench_attention_relation.py",
     ),
     "hidden_state": ("fastkd/hidden_state.py", "fastkd/reference/hidden_state.py", "tests/test_hidden_state*.py"),
+    "uld": (
+        "fastkd/uld.py", "fastkd/reference/uld.py", "kernels/uld.py", "csrc/cpu/uld.cpp", "csrc/cuda/uld.cu",
+        "tests/test_uld*.py", "bench/bench_uld.py",
+    ),
 }
 
 # The files of each layer that belong to no family (shared machinery); every

@@ -1,4 +1,4 @@
-"""Cross-tokenizer alignment (docs/spec.md §1.14): align_by_offsets and merge_aligned.
+"""Cross-tokenizer alignment (docs/spec.md §1.15): align_by_offsets and merge_aligned.
 
 Hand-worked groups and merged rows, property tests over random segmentations
 of one text, a loop oracle for both functions, float64 gradcheck of the merge,

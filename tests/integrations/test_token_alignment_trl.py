@@ -1,4 +1,4 @@
-"""fastkd's cross-tokenizer alignment against TRL's GOLD trainer (docs/spec.md §1.14).
+"""fastkd's cross-tokenizer alignment against TRL's GOLD trainer (docs/spec.md §1.15).
 
 Two byte-level BPE tokenizers with different vocabularies, trained here on a
 small inline corpus with the ``tokenizers`` library (no downloads), cut the

@@ -1,0 +1,140 @@
+"""Universal Logit Distillation (ULD, Boizard et al. 2024), docs/spec.md §1.14, as plain PyTorch.
+
+Student and teacher rows are aligned (row ``i`` of both predicts the same
+text) but their vocabularies differ (``V_s ≠ V_t`` allowed). Per kept row:
+
+    p = softmax(s_i / T_s),  q = softmax(t_i / T_t)
+    a = sort↓(p), b = sort↓(q), the shorter padded with zeros to W = max(V_s, V_t)
+    ℓ_i = Σ_k |a_k − b_k|
+
+Subgradient convention: ``sign(0) = 0``, and entries of one row with equal
+probabilities (a *tie*) share the mean of the signs over the ranks they
+occupy, so that the gradient does not depend on how the sort orders ties
+(:func:`tie_averaged`). This module sorts and pads whole ``(N, W)`` rows: it
+is the oracle of the fused kernels, not the fast path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastkd import _validate
+
+REDUCTIONS = ("batchmean", "sum", "none")
+
+
+def check_options(student_temperature, teacher_temperature, reduction) -> tuple[float, float]:
+    """Validate the non-tensor arguments; return ``(T_s, T_t)``."""
+    ts = _validate.real("student_temperature", student_temperature, low=0.0, low_open=True)
+    tt = _validate.real("teacher_temperature", teacher_temperature, low=0.0, low_open=True)
+    _validate.choice("reduction", reduction, REDUCTIONS)
+    return ts, tt
+
+
+def check_arguments(student_logits, teacher_logits, mask, student_temperature, teacher_temperature,
+                    reduction):
+    """Validate the arguments; return ``(student, teacher, mask or None, T_s, T_t)``.
+
+    Raises ``ValueError`` naming the argument for anything out of contract.
+    """
+    ts, tt = check_options(student_temperature, teacher_temperature, reduction)
+    s = _validate.tensor("student_logits", student_logits)
+    t = _validate.tensor("teacher_logits", teacher_logits)
+    for name, x, width in (("student_logits", s, "V_s"), ("teacher_logits", t, "V_t")):
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (N, {width}), got shape {tuple(x.shape)}")
+        if x.shape[1] == 0:
+            raise ValueError(f"{name} must have at least one vocabulary entry, got shape {tuple(x.shape)}")
+    if t.shape[0] != s.shape[0]:
+        raise ValueError(
+            f"teacher_logits has {t.shape[0]} rows but student_logits has {s.shape[0]}: "
+            "the rows must be aligned"
+        )
+    if t.dtype != s.dtype:
+        raise ValueError(f"teacher_logits dtype {t.dtype} does not match student_logits dtype {s.dtype}")
+    _validate.same_device("teacher_logits", t, "student_logits", s)
+    mask = _validate.row_selector("mask", mask, s.shape[:1], s, integer=False)
+    return s, t, mask, ts, tt
+
+
+def tie_averaged(sorted_rows: torch.Tensor) -> torch.Tensor:
+    """``sorted_rows`` ``(N, W)`` (each row sorted), unchanged in value, whose gradient is, at
+    every entry, the mean of the upstream gradient over the run of equal values it belongs to.
+
+    Through ``sort``'s backward this gives tied probabilities the mean of their
+    ranks' signs, whichever order the sort put them in.
+    """
+    if sorted_rows.shape[1] == 0:
+        return sorted_rows
+    starts = torch.ones_like(sorted_rows, dtype=torch.bool)
+    starts[:, 1:] = sorted_rows[:, 1:] != sorted_rows[:, :-1]
+    run = starts.long().cumsum(1) - 1
+    sums = torch.zeros_like(sorted_rows).scatter_add(1, run, sorted_rows)
+    counts = torch.zeros_like(sorted_rows).scatter_add(1, run, torch.ones_like(sorted_rows))
+    means = (sums / counts.clamp(min=1)).gather(1, run)
+    return sorted_rows.detach() + (means - means.detach())
+
+
+def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` ``Σ_k |sort↓(p)_k − sort↓(q)_k|`` of ``(N, V_s)`` and ``(N, V_t)`` probabilities,
+    the shorter row padded with zeros; tie-averaged gradient (see the module docstring)."""
+    width = max(p.shape[1], q.shape[1])
+    a = tie_averaged(torch.nn.functional.pad(p.sort(1, descending=True).values, (0, width - p.shape[1])))
+    b = tie_averaged(torch.nn.functional.pad(q.sort(1, descending=True).values, (0, width - q.shape[1])))
+    # abs' gradient at 0 is 0: sign(0) = 0
+    return (a - b).abs().sum(1)
+
+
+def uld_rows(s: torch.Tensor, t: torch.Tensor, keep: torch.Tensor, student_temperature: float,
+             teacher_temperature: float) -> torch.Tensor:
+    """``(N,)`` ULD row losses in the accumulation dtype, 0 on the rows where ``keep`` is false.
+
+    Raises ``ValueError`` for a kept row whose student or teacher logits are
+    all ``−inf`` (no distribution).
+    """
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    s, t = s.to(acc), t.to(acc)
+    if bool((torch.isneginf(s[keep]).all(-1) | torch.isneginf(t[keep]).all(-1)).any()):
+        raise ValueError("a kept row of student_logits or teacher_logits is entirely -inf")
+    # excluded rows become finite dummies, so that no NaN of theirs reaches a gradient
+    s = torch.where(keep[:, None], s, torch.zeros_like(s))
+    t = torch.where(keep[:, None], t, torch.zeros_like(t))
+    p = torch.softmax(s / student_temperature, 1)
+    q = torch.softmax(t / teacher_temperature, 1)
+    rows = sorted_l1(p, q)
+    return torch.where(keep, rows, torch.zeros_like(rows))
+
+
+def uld_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    student_temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    reduction: str = "batchmean",
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference for :func:`fastkd.uld_loss` without hard labels (same arguments, same result).
+
+    Args:
+        student_logits: ``(N, V_s)``.
+        teacher_logits: ``(N, V_t)``, same N, dtype and device; ``V_t`` may differ.
+        student_temperature, teacher_temperature: ``> 0``.
+        reduction: ``"batchmean"`` (sum over kept rows / their number),
+            ``"sum"``, ``"none"`` (``(N,)``, 0 on excluded rows).
+        mask: ``(N,)`` bool, False excludes the row.
+
+    Returns:
+        float32 (float64 for float64 inputs) scalar, ``(N,)`` for ``"none"``;
+        0 with a zero gradient when no row is kept.
+    """
+    s, t, mask, ts, tt = check_arguments(student_logits, teacher_logits, mask, student_temperature,
+                                         teacher_temperature, reduction)
+    keep = torch.ones(s.shape[0], dtype=torch.bool, device=s.device) if mask is None else mask
+    rows = uld_rows(s, t, keep, ts, tt)
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / max(int(keep.sum()), 1)

@@ -1,0 +1,234 @@
+"""Universal Logit Distillation (ULD; Boizard et al. 2024), docs/spec.md §1.14.
+
+Distillation across tokenizers: the student and teacher rows are aligned (they
+predict the same text) but the vocabularies differ, so the two distributions
+are compared as sorted probability vectors, ``Σ_k |sort↓(p)_k − sort↓(q)_k|``
+with the shorter one zero-padded (the 1-D optimal-transport distance between
+the two sets of probability values). With one shared tokenizer use
+:func:`fastkd.divergence`, which compares the same token's probabilities.
+
+The fused kernels (``cpu`` and ``cuda``: ``fastkd::uld_forward``,
+csrc/cpu/uld.cpp, csrc/cuda/uld.cu; ``triton``: kernels/uld.py) sort each row
+inside the kernel (``cuda``: a bounded scratch of a chunk of rows) and return the
+row losses and, from the same pass, the gradients already multiplied by the
+reduction's factor: no sorted ``(N, V)`` tensor is written or kept; the
+backward only applies the upstream gradient. The reference
+(:mod:`fastkd.reference.uld`) sorts and pads whole rows with ``torch.sort``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastkd import _dispatch, _hard_labels, _row_loss, _validate
+from fastkd import _ops as _extension
+from fastkd._backend import backend_for
+from fastkd.reference import uld as _reference
+
+__all__ = ["ULDFunction", "ULDLoss", "uld_loss"]
+
+
+
+def _run_kernel(backend: str, *args):
+    """``fastkd::uld_forward`` on ``backend`` (``"cpu"``: the op; ``"triton"``: the launcher)."""
+    if backend == "triton":
+        from fastkd.kernels import uld as triton_uld
+
+        return triton_uld.uld_forward(*args)
+    return torch.ops.fastkd.uld_forward(*args)
+
+
+# a build of the extension older than this family has no such op: the cpu
+# backend is then unavailable for it, and the package still imports
+HAS_CPU_OP = _extension.has_kernel("uld_forward", "CPU")
+
+HAS_CUDA_OP = _extension.has_kernel("uld_forward", "CUDA")
+
+# backends with a kernel for this loss (the reference always runs)
+KERNEL_BACKENDS: tuple[str, ...] = (
+    ("cpu",) * HAS_CPU_OP + ("triton",) + ("cuda",) * HAS_CUDA_OP
+)
+
+if HAS_CPU_OP:
+
+    @torch.library.register_fake("fastkd::uld_forward")
+    def _uld_forward_fake(student, teacher, row_mask, inv_student_temperature, inv_teacher_temperature,
+                          grad_scale, student_grad, teacher_grad):
+        rows = student.shape[0]
+        loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        return (
+            student.new_empty((rows,), dtype=loss_dtype),
+            student.new_empty((rows, student.shape[1]) if student_grad else (0, 0)),
+            teacher.new_empty((rows, teacher.shape[1]) if teacher_grad else (0, 0)),
+        )
+
+
+class ULDFunction(torch.autograd.Function):
+    """Fused ULD on aligned ``(N, V_s)`` / ``(N, V_t)`` logits; one kernel call.
+
+    The kernel returns the row losses and the gradients of the inputs that need
+    them, already multiplied by ``factor`` (a float); the backward applies the
+    upstream gradient (scalar, or one value per row for ``per_row``). A
+    ``factor`` given as a 0-d tensor (the kept-row count of a mask under
+    ``torch.compile``, not known while tracing) is applied with the upstream
+    gradient instead.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, row_mask, inv_ts, inv_tt, factor, per_row, backend):
+        grad_scale = factor if isinstance(factor, float) else 1.0
+        row_loss, grad_s, grad_t = _run_kernel(
+            backend, student, teacher, row_mask, inv_ts, inv_tt, grad_scale, ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+        )
+        deferred = None if isinstance(factor, float) else factor
+        ctx.save_for_backward(grad_s, grad_t, deferred)
+        return row_loss * factor if per_row else row_loss.sum() * factor
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_s, grad_t, deferred = ctx.saved_tensors
+        upstream = grad_output if deferred is None else grad_output * deferred
+        grad_student = _row_loss.scale_by_upstream(grad_s, upstream) if ctx.needs_input_grad[0] else None
+        grad_teacher = _row_loss.scale_by_upstream(grad_t, upstream) if ctx.needs_input_grad[1] else None
+        return grad_student, grad_teacher, None, None, None, None, None, None
+
+
+def _choose_backend(backend: str, s: torch.Tensor, t: torch.Tensor) -> str:
+    """The backend that runs ``(s, t)``; ``"auto"`` leaves the triton kernel for the
+    next one when a row is longer than it holds."""
+    chosen = backend_for("uld_loss", KERNEL_BACKENDS, backend, s)
+    if chosen == "triton" and backend == "auto":
+        from fastkd.kernels import uld as triton_uld
+
+        if max(s.shape[1], t.shape[1]) > triton_uld.MAX_VOCAB:
+            for other in ("cuda", "cpu"):
+                if other in KERNEL_BACKENDS and _dispatch.backend_status(other, s.device.type).available:
+                    return other
+            return "reference"
+    return chosen
+
+
+def uld_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    student_temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    reduction: str = "batchmean",
+    mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    hard_weight: float | None = None,
+    soft_weight: float = 1.0,
+    return_parts: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Universal Logit Distillation loss between aligned rows of two vocabularies.
+
+    Per kept row ``i``: ``p = softmax(s_i / T_s)``, ``q = softmax(t_i / T_t)`` and
+    ``ℓ_i = Σ_k |sort↓(p)_k − sort↓(q)_k|``, the shorter sorted vector padded
+    with zeros (docs/spec.md §1.14). ``0 ≤ ℓ_i ≤ 2``.
+
+    Args:
+        student_logits: ``(N, V_s)`` float32 / bfloat16 / float16 / float64.
+        teacher_logits: ``(N, V_t)``, same N, dtype and device; ``V_t`` may
+            differ from ``V_s``. Gets a gradient when it requires one.
+        student_temperature, teacher_temperature: ``T_s, T_t > 0``.
+        reduction: ``"batchmean"`` (sum over kept rows / number of kept rows),
+            ``"sum"``, ``"none"`` (``(N,)``, 0 for excluded rows). There is no
+            ``"mean"``: the rows have two lengths.
+        mask: ``(N,)`` bool; rows where it is False are excluded.
+        labels: ``(N,)`` integer student token ids; rows with
+            ``labels == ignore_index`` are excluded. Needed for ``hard_weight``.
+        hard_weight: ``None`` / 0 (off) or ``> 0``: add the student's
+            cross-entropy on ``labels`` (temperature 1, over the same kept rows,
+            reduced as :func:`fastkd.divergence` reduces it):
+            ``loss = hard_weight · CE + soft_weight · ULD`` (the ULD paper's
+            objective).
+        soft_weight: ``>= 0`` multiplier of the ULD term (default 1).
+        return_parts: return ``(total, hard_part, soft_part)``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or
+            ``"triton"``. The triton kernel sorts a whole row in registers:
+            ``max(V_s, V_t) ≤ kernels.uld.MAX_VOCAB`` (``"auto"`` falls back to
+            the cuda or cpu op, else the reference, beyond it).
+
+    Returns:
+        A float32 scalar (float64 for float64 input), or ``(N,)`` for ``"none"``.
+        With no kept row the loss is 0 with a zero gradient.
+
+    Subgradient: ``sign(0) = 0``, and entries of a row with equal probabilities
+    share the mean of the signs of the ranks they occupy, whatever order a
+    sort gives them. A kept row whose logits are all ``−inf`` has no
+    distribution: the reference raises ``ValueError``, the kernels return NaN.
+    """
+    s, t, mask, ts, tt = _reference.check_arguments(student_logits, teacher_logits, mask, student_temperature,
+                                                    teacher_temperature, reduction)
+    labels = _validate.row_selector("labels", labels, s.shape[:1], s, integer=True)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    hard_weight, soft_weight, mixing = _hard_labels.mixing_weights(hard_weight, soft_weight, labels)
+    _validate.flag("return_parts", return_parts)
+    keep = _row_loss.kept_rows(labels, ignore_index, mask)
+    if mixing:
+        _hard_labels.check_label_range(labels.reshape(-1), keep, s.shape[1])
+    chosen = _choose_backend(backend, s, t)
+    if chosen == "reference":
+        every = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+        rows = _reference.uld_rows(s, t, every if keep is None else keep, ts, tt)
+        n_kept = s.shape[0] if keep is None else int(keep.sum())
+        denominator = max(n_kept, 1) if reduction == "batchmean" else 1
+        soft = rows if reduction == "none" else rows.sum() / denominator
+    else:
+        if reduction == "batchmean" and keep is not None and torch.compiler.is_compiling():
+            # no host read of the kept-row count while tracing
+            acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+            factor = 1.0 / keep.sum().clamp(min=1).to(acc)
+        else:
+            factor = _row_loss.loss_factor(reduction, 1.0, s.shape[0], keep, 1)
+        soft = ULDFunction.apply(
+            _row_loss.row_major(s), _row_loss.row_major(t), keep, 1.0 / ts, 1.0 / tt, factor,
+            reduction == "none", chosen,
+        )
+    if not mixing and soft_weight == 1.0 and not return_parts:
+        return soft
+    return _hard_labels.mix_soft_with_reference_ce(
+        soft, s, labels, reduction=reduction, ignore_index=ignore_index, mask=mask, hard_weight=hard_weight,
+        soft_weight=soft_weight, return_parts=return_parts,
+    )
+
+
+class ULDLoss(nn.Module):
+    """Module form of :func:`uld_loss`; keyword arguments as there.
+
+    ``forward(student_logits (N, V_s), teacher_logits (N, V_t), labels=None, mask=None)``
+    """
+
+    def __init__(self, *, student_temperature: float = 1.0, teacher_temperature: float = 1.0,
+                 reduction: str = "batchmean", ignore_index: int = -100, hard_weight: float | None = None,
+                 soft_weight: float = 1.0, backend: str = "auto") -> None:
+        super().__init__()
+        # validated here so that a bad module fails at construction
+        _reference.check_options(student_temperature, teacher_temperature, reduction)
+        self.student_temperature = student_temperature
+        self.teacher_temperature = teacher_temperature
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.hard_weight = hard_weight
+        self.soft_weight = soft_weight
+        self.backend = backend
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                labels: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return uld_loss(
+            student_logits, teacher_logits, student_temperature=self.student_temperature,
+            teacher_temperature=self.teacher_temperature, reduction=self.reduction, mask=mask, labels=labels,
+            ignore_index=self.ignore_index, hard_weight=self.hard_weight, soft_weight=self.soft_weight,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"student_temperature={self.student_temperature}, "
+                f"teacher_temperature={self.teacher_temperature}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")

@@ -1,0 +1,28 @@
+"""Lowering variants of kernels/uld.py."""
+
+from __future__ import annotations
+
+from tests.triton_variants import DTYPES, Variant
+
+SCALARS = {
+    "Vs": "i32", "Vt": "i32", "s_stride": "i32", "t_stride": "i32",
+    "inv_ts": "fp32", "inv_tt": "fp32", "scale_s": "fp32", "scale_t": "fp32",
+}
+
+
+def forward_variants(module):
+    # the widest row (most entries per thread at the most warps) and a short one;
+    # both gradients with a mask, the student's alone without one
+    for vocab in (module.MAX_VOCAB, 1024):
+        block, warps = module.launch_config(vocab)
+        for dtype in DTYPES if vocab == module.MAX_VOCAB else ("fp32",):
+            for has_mask, teacher_grad in ((True, True), (False, False)):
+                types = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "mask_ptr": "*i8", "loss_ptr": "*fp32",
+                         "gs_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", **SCALARS}
+                flags = {"HAS_MASK": has_mask, "STUDENT_GRAD": True, "TEACHER_GRAD": teacher_grad,
+                         "BLOCK": block}
+                label = f"{dtype} V={vocab} mask={has_mask} teacher_grad={teacher_grad}"
+                yield Variant(label, types, flags, warps)
+
+
+VARIANTS = {"_uld_fwd_kernel": forward_variants}
