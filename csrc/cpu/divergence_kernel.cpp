@@ -5,7 +5,7 @@
 // picks one at run time from what the CPU supports.
 //
 // Per row (rows in parallel, at::parallel_for):
-//   pass 1  max of s and t                                read s, t (memory)
+//   pass 1  max of s and t, in one loop                   read s, t (memory)
 //   pass 2  e_s = exp((s − max_s)/T), e_t = exp((t − max_t)/T), stored in a
 //           per-task scratch row, and their sums           read s, t (cache)
 //           KL also sums p·(a_t − a_s) here (a = (x − max)/T), which
@@ -16,11 +16,19 @@
 //   pass 4  gradients (u − q Σu)/T, (v − p Σv)/T           other cases
 // REVERSE_KL's student gradient and KL's teacher gradient also locate the
 // row's mode (a scalar scan) to shift their unbounded log ratios.
-// Memory traffic: read N·V twice (s and t), write N·V per gradient requested.
+// Memory traffic: read N·V twice (s and t), write N·V per gradient requested;
+// KL's student gradient, when the call's is 4 MiB or more, with
+// non-temporal stores (no read of the lines it overwrites: see
+// kStreamGradientBytes).
 // Passes 2–4 work on the row in cache: at V = 32000, fp32, the row's s, t,
-// e_s, e_t are 500 KiB, within a 1 MiB L2. Exponentials: 2 per element, the
+// e_s, e_t are 500 KiB, within a 2 MiB L2. Exponentials: 2 per element, the
 // minimum (plus the log-space mixture of JSD and the skew divergences).
-// Reduced-precision rows are widened into the scratch first.
+//
+// bf16 / fp16 logits are read as they are and widened to float in registers
+// in every pass (a load and one or two instructions per vector); the
+// gradient is rounded to the input dtype as it is stored. With labels (below)
+// the row is widened into the scratch first instead, so that the gradient,
+// to which the cross-entropy's is added, is rounded once.
 //
 // With labels, the row's hard-label cross-entropy at temperature 1 comes
 // after pass 4, from the row still in cache (no second read from memory): at
@@ -32,10 +40,13 @@
 #include "divergence_kernel.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <array>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -66,7 +77,10 @@ T horizontal_max(Vec<T> v) {
 // high temperature) cannot absorb; in the loss, Σu and Σv, whose terms have
 // both signs, it is worse. Plain lane sums fell behind PyTorch's cascade
 // summation there; compensated ones do not depend on V. Four extra additions
-// per term. (No -ffast-math: it would undo this.)
+// per term; the exponential passes add blocks of kBlock vectors, summed
+// pairwise first (an error of log2(kBlock) roundings of the block, whatever
+// V), which takes the compensation off the critical path of the row.
+// (No -ffast-math: it would undo this.)
 //
 // Once the sum is ±inf (an infinite divergence term) the compensation would
 // be inf − inf = NaN and turn the total into NaN: a NaN compensation is reset
@@ -113,6 +127,151 @@ T non_negative(T loss) {
   return loss < T(0) ? T(0) : loss;
 }
 
+// Vectors of Vec<A> per block of the exponential passes (see CompensatedSum).
+constexpr int64_t kBlock = 4;
+
+// Row input and output in the logits' dtype S, computed in A (float for
+// float, bf16 and fp16; double for double). load: the L = Vec<A>::size()
+// logits at p, widened in registers. store: the `pack` vectors v[0..pack) at
+// p, rounded to S (bf16 / fp16 round two float vectors, one S vector, at a time).
+template <class A, class S>
+struct RowIO {
+  static constexpr int64_t L = Vec<A>::size();
+  static constexpr bool same = std::is_same_v<A, S>;
+  static constexpr int64_t pack = same ? 1 : 2;
+
+  static Vec<A> load(const S* p) {
+    if constexpr (same) {
+      return Vec<A>::loadu(p);
+    } else {
+      Vec<A> v;
+      at::vec::load_to_float(p, v);
+      return v;
+    }
+  }
+  static void store(S* p, const Vec<A>* v) {
+    if constexpr (same) {
+      v[0].store(p);
+    } else {
+      at::vec::convert_from_float<S>(v[0], v[1]).store(p);
+    }
+  }
+};
+
+// Whether this build can write gradients with non-temporal (streaming)
+// stores: 64 bytes, one Vec<A> pack, per store.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kCanStream = true;
+#else
+constexpr bool kCanStream = false;
+#endif
+
+// The `pack` vectors v[0..pack) at p (64-byte aligned), rounded to S, by a
+// non-temporal store.
+template <class A, class S>
+inline void stream_store(S* p, const Vec<A>* v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<S, float>) {
+    _mm512_stream_ps(reinterpret_cast<float*>(p), v[0]);
+  } else if constexpr (std::is_same_v<S, double>) {
+    _mm512_stream_pd(reinterpret_cast<double*>(p), v[0]);
+  } else {
+    const __m512i packed = at::vec::convert_from_float<S>(v[0], v[1]);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), packed);
+  }
+#endif
+}
+
+// Writes value(j) for j in [0, V) to out, rounded to S: vec_at(j) gives
+// the L values from j as a Vec<A>, scalar_at(j) one value (rows shorter
+// than one pack). In longer rows every element comes from the vector lanes,
+// whatever V and out's alignment: the last pack ends at V, overlapping the one before
+// it, and with `stream` (non-temporal stores, 64-byte aligned: see
+// RowParams::stream_gradient) the first pack is stored normally and the
+// streamed ones start at the first 64-byte boundary.
+template <class A, class S, class VecAt, class ScalarAt>
+inline void write_row(S* out, int64_t V, bool stream, VecAt vec_at, ScalarAt scalar_at) {
+  using IO = RowIO<A, S>;
+  constexpr int64_t L = IO::L, step = IO::pack * L;
+  Vec<A> v[IO::pack];
+  auto pack_at = [&](int64_t j) {
+    for (int64_t k = 0; k < IO::pack; ++k) v[k] = vec_at(j + k * L);
+  };
+  if (V < step) {
+    for (int64_t j = 0; j < V; ++j) out[j] = S(scalar_at(j));
+    return;
+  }
+  int64_t j = 0;
+  if (kCanStream && stream) {
+    pack_at(0);
+    IO::store(out, v);
+    const auto offset = int64_t(reinterpret_cast<std::uintptr_t>(out) % 64);
+    j = offset == 0 ? 0 : (64 - offset) / int64_t(sizeof(S));
+    for (; j + step <= V; j += step) {
+      pack_at(j);
+      stream_store<A>(out + j, v);
+    }
+  } else {
+    for (; j + step <= V; j += step) {
+      pack_at(j);
+      IO::store(out + j, v);
+    }
+  }
+  if (j < V) {
+    pack_at(V - step);
+    IO::store(out + V - step, v);
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// KL's student gradient (q − p)·factor as write_row computes it (the same
+// fmsub), rounded to bf16 by vcvtne2ps2bf16 (AVX512-BF16): one instruction
+// per 32 values against ~16 for at::vec's integer rounding (about an eighth
+// of a bf16 KL row's instructions). Round to nearest even like
+// c10::BFloat16; values below the float range (|g| < 1.2e-38) round to ±0
+// instead of a bf16 subnormal. Rows of at least 32 values; `stream` as in write_row.
+__attribute__((target("avx512bf16"))) inline __m512i kl_gradient_bf16_at(
+    const float* e_s, const float* e_t, int64_t j, __m512 fq, __m512 fp) {
+  const __m512 lo = _mm512_fmsub_ps(_mm512_loadu_ps(e_s + j), fq, _mm512_mul_ps(_mm512_loadu_ps(e_t + j), fp));
+  const __m512 hi =
+      _mm512_fmsub_ps(_mm512_loadu_ps(e_s + j + 16), fq, _mm512_mul_ps(_mm512_loadu_ps(e_t + j + 16), fp));
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+__attribute__((target("avx512bf16"))) void write_kl_gradient_bf16(
+    c10::BFloat16* out, const float* e_s, const float* e_t, int64_t V, float fq, float fp, bool stream) {
+  constexpr int64_t step = 32;
+  const __m512 vfq = _mm512_set1_ps(fq), vfp = _mm512_set1_ps(fp);
+  int64_t j = 0;
+  if (stream) {
+    _mm512_storeu_si512(out, kl_gradient_bf16_at(e_s, e_t, 0, vfq, vfp));
+    const auto offset = int64_t(reinterpret_cast<std::uintptr_t>(out) % 64);
+    j = offset == 0 ? 0 : (64 - offset) / 2;
+    for (; j + step <= V; j += step) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(out + j), kl_gradient_bf16_at(e_s, e_t, j, vfq, vfp));
+    }
+  } else {
+    for (; j + step <= V; j += step) {
+      _mm512_storeu_si512(out + j, kl_gradient_bf16_at(e_s, e_t, j, vfq, vfp));
+    }
+  }
+  if (j < V) _mm512_storeu_si512(out + V - step, kl_gradient_bf16_at(e_s, e_t, V - step, vfq, vfp));
+}
+
+// Whether this CPU has AVX512-BF16 (checked once).
+inline bool cpu_has_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+#endif
+
+// Gradients of at least this many bytes per call are written with
+// non-temporal stores (RowParams::stream_gradient): more than the L2 caches
+// of a machine hold. Measured on one core (bench/kl_passes.py, KL fp32):
+// 2048×32000 at 1.30× the copy floor streaming against 1.61× not, and
+// 4096×1024 (16 MiB) at 1.36× against 1.55×.
+constexpr double kStreamGradientBytes = 4.0 * 1024 * 1024;
+
 template <class T>
 struct RowParams {
   T inv_temperature;
@@ -122,6 +281,11 @@ struct RowParams {
   bool teacher_grad;
   T hard_scale;  // hard_grad_scale: multiplies the cross-entropy's gradient
   bool ce_shares_normaliser;  // T == 1: the CE's softmax is the student's q
+  // Write KL's student gradient with non-temporal stores: the call's
+  // gradient is too large to stay in cache for whoever reads it next, so
+  // reading each line in before overwriting it (a quarter of the traffic
+  // of a KL row) is wasted.
+  bool stream_gradient;
 };
 
 // The scratch rows of one task: exponentials of the current row, and, for
@@ -155,15 +319,40 @@ struct Normaliser {
   double log_sum_double;  // log_sum before its rounding to T
 };
 
-template <class T>
-T row_max(const T* x, int64_t V) {
-  constexpr int64_t L = Vec<T>::size();
-  Vec<T> vmax(-std::numeric_limits<T>::infinity());
+// Pass 1: ns.max = max_j s_j and nt.max = max_j t_j, in one loop with
+// kBlock independent maxima per row (one chain would wait on the latency of
+// every max). Vector lanes take the max without ordering NaN (one
+// instruction instead of four); a NaN logit still makes the row NaN, through
+// its exponential in pass 2 (fk_exp_normaliser keeps NaN) and so every sum.
+template <class A, class S>
+void row_maxima(const S* s, const S* t, int64_t V, Normaliser<A>& ns, Normaliser<A>& nt) {
+  using IO = RowIO<A, S>;
+  constexpr int64_t L = IO::L;
+  const Vec<A> neg_inf(-std::numeric_limits<A>::infinity());
+  static_assert(kBlock == 4, "one initial value per running maximum");
+  Vec<A> max_s[kBlock] = {neg_inf, neg_inf, neg_inf, neg_inf};
+  Vec<A> max_t[kBlock] = {neg_inf, neg_inf, neg_inf, neg_inf};
   int64_t j = 0;
-  for (; j + L <= V; j += L) vmax = fk_max(vmax, Vec<T>::loadu(x + j));
-  T best = horizontal_max(vmax);
-  for (; j < V; ++j) best = fk_max(best, x[j]);
-  return best;
+  for (; j + kBlock * L <= V; j += kBlock * L) {
+    for (int64_t k = 0; k < kBlock; ++k) {
+      max_s[k] = fk_max_unordered(max_s[k], IO::load(s + j + k * L));
+      max_t[k] = fk_max_unordered(max_t[k], IO::load(t + j + k * L));
+    }
+  }
+  for (; j + L <= V; j += L) {
+    max_s[0] = fk_max_unordered(max_s[0], IO::load(s + j));
+    max_t[0] = fk_max_unordered(max_t[0], IO::load(t + j));
+  }
+  A best_s = horizontal_max(fk_max_unordered(fk_max_unordered(max_s[0], max_s[1]),
+                                             fk_max_unordered(max_s[2], max_s[3])));
+  A best_t = horizontal_max(fk_max_unordered(fk_max_unordered(max_t[0], max_t[1]),
+                                             fk_max_unordered(max_t[2], max_t[3])));
+  for (; j < V; ++j) {
+    best_s = fk_max(best_s, A(s[j]));
+    best_t = fk_max(best_t, A(t[j]));
+  }
+  ns.max = best_s;
+  nt.max = best_t;
 }
 
 // e_t·(a_t − a_s), a = (x − max)/T, with the xlogy rule (0 where e_t is 0,
@@ -174,55 +363,76 @@ inline W weighted_log_ratio(W e_t, W a_s, W a_t) {
 }
 
 // Pass 2 (see the file header). Returns Σ e_t·(a_t − a_s) when KL_GAP, else 0.
-template <bool KL_GAP, class T>
-T row_exponentials(const T* s, const T* t, int64_t V, T inv_t, Normaliser<T>& ns,
-                   Normaliser<T>& nt, const Scratch<T>& scratch, const NextRow& next) {
-  constexpr int64_t L = Vec<T>::size();
-  const Vec<T> vinv(inv_t), vmax_s(ns.max), vmax_t(nt.max);
-  CompensatedSum<Vec<T>> vsum_s, vsum_t, vgap;
-  int64_t j = 0;
-  for (; j + L <= V; j += L) {
-    if (next.s != nullptr) {
-      // one vector of this row ↔ the same element range of the next one
-      __builtin_prefetch(next.s + j * next.element_size);
-      __builtin_prefetch(next.t + j * next.element_size);
-    }
-    const Vec<T> a_s = (Vec<T>::loadu(s + j) - vmax_s) * vinv;
-    const Vec<T> a_t = (Vec<T>::loadu(t + j) - vmax_t) * vinv;
-    const Vec<T> es = fk_exp_normaliser(a_s), et = fk_exp_normaliser(a_t);
+template <bool KL_GAP, class A, class S>
+A row_exponentials(const S* s, const S* t, int64_t V, A inv_t, Normaliser<A>& ns,
+                   Normaliser<A>& nt, const Scratch<A>& scratch, const NextRow& next) {
+  using IO = RowIO<A, S>;
+  constexpr int64_t L = IO::L;
+  const Vec<A> vinv(inv_t), vmax_s(ns.max), vmax_t(nt.max);
+  CompensatedSum<Vec<A>> vsum_s, vsum_t, vgap;
+  // One vector of s and t at j: stores e_s, e_t; returns e_s, e_t and the gap term.
+  auto exponentials_at = [&](int64_t j, Vec<A>& es, Vec<A>& et, Vec<A>& gap) {
+    const Vec<A> a_s = (IO::load(s + j) - vmax_s) * vinv;
+    const Vec<A> a_t = (IO::load(t + j) - vmax_t) * vinv;
+    es = fk_exp_normaliser(a_s);
+    et = fk_exp_normaliser(a_t);
     es.store(scratch.e_s + j);
     et.store(scratch.e_t + j);
+    if constexpr (KL_GAP) gap = weighted_log_ratio(et, a_s, a_t);
+  };
+  // bytes of the next row to ask for per block (whole cache lines)
+  constexpr int64_t kLine = 64;
+  const int64_t block_bytes = kBlock * L * next.element_size;
+  int64_t j = 0;
+  for (; j + kBlock * L <= V; j += kBlock * L) {
+    if (next.s != nullptr) {
+      // this block of the row ↔ the same element range of the next one
+      for (int64_t b = 0; b < block_bytes; b += kLine) {
+        __builtin_prefetch(next.s + j * next.element_size + b);
+        __builtin_prefetch(next.t + j * next.element_size + b);
+      }
+    }
+    Vec<A> es[kBlock], et[kBlock], gap[kBlock];
+    for (int64_t k = 0; k < kBlock; ++k) exponentials_at(j + k * L, es[k], et[k], gap[k]);
+    static_assert(kBlock == 4, "the pairwise block sums below add four vectors");
+    vsum_s.add((es[0] + es[1]) + (es[2] + es[3]));
+    vsum_t.add((et[0] + et[1]) + (et[2] + et[3]));
+    if constexpr (KL_GAP) vgap.add((gap[0] + gap[1]) + (gap[2] + gap[3]));
+  }
+  for (; j + L <= V; j += L) {
+    Vec<A> es, et, gap;
+    exponentials_at(j, es, et, gap);
     vsum_s.add(es);
     vsum_t.add(et);
-    if constexpr (KL_GAP) vgap.add(weighted_log_ratio(et, a_s, a_t));
+    if constexpr (KL_GAP) vgap.add(gap);
   }
-  CompensatedSum<T> tail_s, tail_t, gap;
+  CompensatedSum<A> tail_s, tail_t, tail_gap;
   for (; j < V; ++j) {
-    const T a_s = (s[j] - ns.max) * inv_t, a_t = (t[j] - nt.max) * inv_t;
-    const T es = fk_exp(a_s), et = fk_exp(a_t);
+    const A a_s = (A(s[j]) - ns.max) * inv_t, a_t = (A(t[j]) - nt.max) * inv_t;
+    const A es = fk_exp(a_s), et = fk_exp(a_t);
     scratch.e_s[j] = es;
     scratch.e_t[j] = et;
     tail_s.add(es);
     tail_t.add(et);
-    if constexpr (KL_GAP) gap.add(weighted_log_ratio(et, a_s, a_t));
+    if constexpr (KL_GAP) tail_gap.add(weighted_log_ratio(et, a_s, a_t));
   }
   // An all −inf row: max −inf, so every exponent is NaN and so is everything
   // after (documented: such a row has no distribution). NaN inputs likewise.
   const double sum_s = total_double(vsum_s, tail_s), sum_t = total_double(vsum_t, tail_t);
   ns.log_sum_double = std::log(sum_s);
   nt.log_sum_double = std::log(sum_t);
-  ns.log_sum = T(ns.log_sum_double);
-  nt.log_sum = T(nt.log_sum_double);
-  ns.inv_sum = T(1.0 / sum_s);
-  nt.inv_sum = T(1.0 / sum_t);
-  return total(vgap, gap);
+  ns.log_sum = A(ns.log_sum_double);
+  nt.log_sum = A(nt.log_sum_double);
+  ns.inv_sum = A(1.0 / sum_s);
+  nt.inv_sum = A(1.0 / sum_t);
+  return total(vgap, tail_gap);
 }
 
 // First index holding `value` (the row's max), 0 if none (a NaN row).
-template <class T>
-int64_t index_of(const T* x, int64_t V, T value) {
+template <class A, class S>
+int64_t index_of(const S* x, int64_t V, A value) {
   for (int64_t j = 0; j < V; ++j) {
-    if (x[j] == value) return j;
+    if (A(x[j]) == value) return j;
   }
   return 0;
 }
@@ -264,51 +474,64 @@ inline ElementTerms<W> terms_at(W s, W t, W e_s, W e_t, const RowConstants<W>& c
   return element_terms<KIND>(x, c.coef);
 }
 
-// One row: returns the row loss and writes the gradients requested
-// (STUDENT_GRAD → gs, TEACHER_GRAD → gt), scaled by rp.grad_factor.
-// `ns` receives the student's normaliser (the cross-entropy reuses it).
-template <int KIND, bool STUDENT_GRAD, bool TEACHER_GRAD, class T>
-T divergence_row(const T* s, const T* t, int64_t V, const RowParams<T>& rp, T* gs, T* gt,
-                 const Scratch<T>& scratch, const NextRow& next, Normaliser<T>& ns) {
-  constexpr int64_t L = Vec<T>::size();
+// One row of S logits, computed in A: returns the row loss and writes the
+// gradients requested (STUDENT_GRAD → gs, TEACHER_GRAD → gt), scaled by
+// rp.grad_factor. `ns` receives the student's normaliser (the cross-entropy
+// reuses it).
+template <int KIND, bool STUDENT_GRAD, bool TEACHER_GRAD, class A, class S>
+A divergence_row(const S* s, const S* t, int64_t V, const RowParams<A>& rp, S* gs, S* gt,
+                 const Scratch<A>& scratch, const NextRow& next, Normaliser<A>& ns) {
+  using IO = RowIO<A, S>;
+  constexpr int64_t L = IO::L;
   // KL's loss comes out of pass 2; with at most the student gradient, pass 3
   // only writes (q − p)·factor and pass 4 is not needed.
   constexpr bool kl_shortcut = KIND == KL && !TEACHER_GRAD;
-  Normaliser<T> nt{};
-  ns = Normaliser<T>{};
-  ns.max = row_max(s, V);
-  nt.max = row_max(t, V);
-  const T gap = row_exponentials<kl_shortcut>(s, t, V, rp.inv_temperature, ns, nt, scratch, next);
-  const T* e_s = scratch.e_s;
-  const T* e_t = scratch.e_t;
+  Normaliser<A> nt{};
+  ns = Normaliser<A>{};
+  row_maxima(s, t, V, ns, nt);
+  const A gap = row_exponentials<kl_shortcut>(s, t, V, rp.inv_temperature, ns, nt, scratch, next);
+  const A* e_s = scratch.e_s;
+  const A* e_t = scratch.e_t;
 
   if constexpr (kl_shortcut) {
     // KL = Σ p (log p − log q) = Σ p (a_t − a_s) − (log Σ_t − log Σ_s), the
     // difference of the log sums taken in double before it is rounded: at
     // T = 1e4 KL ~ 1e-8 is far below the rounding of log Σ ~ log V in float
-    const T log_sum_gap = T(nt.log_sum_double - ns.log_sum_double);
-    const T loss = non_negative(T(gap * nt.inv_sum - log_sum_gap));
+    const A log_sum_gap = A(nt.log_sum_double - ns.log_sum_double);
+    const A loss = non_negative(A(gap * nt.inv_sum - log_sum_gap));
     if constexpr (STUDENT_GRAD) {
-      // dKL/ds = (q − p)/T
-      const T fq = rp.grad_factor * ns.inv_sum, fp = rp.grad_factor * nt.inv_sum;
-      const Vec<T> vfq(fq), vfp(fp);
-      int64_t j = 0;
-      for (; j + L <= V; j += L) {
-        (Vec<T>::loadu(e_s + j) * vfq - Vec<T>::loadu(e_t + j) * vfp).store(gs + j);
+      // dKL/ds = (q − p)/T, with one explicit fused multiply-subtract: the
+      // same rounding in every copy of the loop (write_row's first and last
+      // packs and its streamed ones), which the compiler's contraction of
+      // a·b − c·d would not promise
+      const A fq = rp.grad_factor * ns.inv_sum, fp = rp.grad_factor * nt.inv_sum;
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<S, c10::BFloat16>) {
+        if (V >= 32 && cpu_has_avx512_bf16()) {
+          write_kl_gradient_bf16(gs, e_s, e_t, V, fq, fp, rp.stream_gradient);
+          return loss;
+        }
       }
-      for (; j < V; ++j) gs[j] = e_s[j] * fq - e_t[j] * fp;
+#endif
+      const Vec<A> vfq(fq), vfp(fp);
+      write_row<A>(
+          gs, V, rp.stream_gradient,
+          [&](int64_t j) {
+            return at::vec::fmsub(Vec<A>::loadu(e_s + j), vfq, Vec<A>::loadu(e_t + j) * vfp);
+          },
+          [&](int64_t j) { return A(std::fma(e_s[j], fq, -(e_t[j] * fp))); });
     }
     return loss;
   }
 
-  RowConstants<T> c{rp.inv_temperature, ns.max, ns.inv_sum, nt.max, nt.inv_sum,
-                    T(nt.log_sum_double - ns.log_sum_double), T(0), T(0), T(0), T(0), rp.coef};
+  RowConstants<A> c{rp.inv_temperature, ns.max, ns.inv_sum, nt.max, nt.inv_sum,
+                    A(nt.log_sum_double - ns.log_sum_double), A(0), A(0), A(0), A(0), rp.coef};
   if constexpr ((KIND == REVERSE_KL && STUDENT_GRAD) || (KIND == KL && TEACHER_GRAD)) {
     const int64_t s_mode = index_of(s, V, ns.max), t_mode = index_of(t, V, nt.max);
-    c.s_mode = s[s_mode];
-    c.t_at_s_mode = t[s_mode];
-    c.t_mode = t[t_mode];
-    c.s_at_t_mode = s[t_mode];
+    c.s_mode = A(s[s_mode]);
+    c.t_at_s_mode = A(t[s_mode]);
+    c.t_mode = A(t[t_mode]);
+    c.s_at_t_mode = A(s[t_mode]);
     // A mode where the other side is −inf (an infinite divergence): shifting
     // by an infinite log ratio would make every term NaN; shift by the two
     // maxima instead (a finite row constant), so that the gradient is −inf /
@@ -322,49 +545,60 @@ T divergence_row(const T* s, const T* t, int64_t V, const RowParams<T>& rp, T* g
       c.s_at_t_mode = ns.max;
     }
   }
-  const RowConstants<Vec<T>> vc = broadcast(c);
+  const RowConstants<Vec<A>> vc = broadcast(c);
+  auto vector_terms = [&](int64_t j) {
+    return terms_at<KIND>(IO::load(s + j), IO::load(t + j), Vec<A>::loadu(e_s + j),
+                          Vec<A>::loadu(e_t + j), vc);
+  };
+  auto scalar_terms = [&](int64_t j) {
+    return terms_at<KIND>(A(s[j]), A(t[j]), e_s[j], e_t[j], c);
+  };
 
   // pass 3: loss, Σu, Σv
-  CompensatedSum<Vec<T>> vloss, vsum_u, vsum_v;
+  CompensatedSum<Vec<A>> vloss, vsum_u, vsum_v;
   int64_t j = 0;
   for (; j + L <= V; j += L) {
-    const ElementTerms<Vec<T>> e = terms_at<KIND>(Vec<T>::loadu(s + j), Vec<T>::loadu(t + j),
-                                                  Vec<T>::loadu(e_s + j), Vec<T>::loadu(e_t + j), vc);
+    const ElementTerms<Vec<A>> e = vector_terms(j);
     vloss.add(e.loss);
     if constexpr (STUDENT_GRAD) vsum_u.add(e.u);
     if constexpr (TEACHER_GRAD) vsum_v.add(e.v);
   }
-  CompensatedSum<T> tail_loss, tail_u, tail_v;
+  CompensatedSum<A> tail_loss, tail_u, tail_v;
   for (; j < V; ++j) {
-    const ElementTerms<T> e = terms_at<KIND>(s[j], t[j], e_s[j], e_t[j], c);
+    const ElementTerms<A> e = scalar_terms(j);
     tail_loss.add(e.loss);
     if constexpr (STUDENT_GRAD) tail_u.add(e.u);
     if constexpr (TEACHER_GRAD) tail_v.add(e.v);
   }
-  const T loss = non_negative(total(vloss, tail_loss));
+  const A loss = non_negative(total(vloss, tail_loss));
   if constexpr (!(STUDENT_GRAD || TEACHER_GRAD)) return loss;
-  const T sum_u = total(vsum_u, tail_u), sum_v = total(vsum_v, tail_v);
+  const A sum_u = total(vsum_u, tail_u), sum_v = total(vsum_v, tail_v);
 
-  // pass 4: gradients
-  const Vec<T> vfactor(rp.grad_factor), vsum_u_all(sum_u), vsum_v_all(sum_v);
-  for (j = 0; j + L <= V; j += L) {
-    const ElementTerms<Vec<T>> e = terms_at<KIND>(Vec<T>::loadu(s + j), Vec<T>::loadu(t + j),
-                                                  Vec<T>::loadu(e_s + j), Vec<T>::loadu(e_t + j), vc);
-    if constexpr (STUDENT_GRAD) softmax_grad(e.u, e.q, vsum_u_all, vfactor).store(gs + j);
-    if constexpr (TEACHER_GRAD) softmax_grad(e.v, e.p, vsum_v_all, vfactor).store(gt + j);
+  // pass 4: gradients, `pack` vectors (one vector of S) at a time
+  const Vec<A> vfactor(rp.grad_factor), vsum_u_all(sum_u), vsum_v_all(sum_v);
+  constexpr int64_t step = IO::pack * L;
+  for (j = 0; j + step <= V; j += step) {
+    Vec<A> g_s[IO::pack], g_t[IO::pack];
+    for (int64_t k = 0; k < IO::pack; ++k) {
+      const ElementTerms<Vec<A>> e = vector_terms(j + k * L);
+      if constexpr (STUDENT_GRAD) g_s[k] = softmax_grad(e.u, e.q, vsum_u_all, vfactor);
+      if constexpr (TEACHER_GRAD) g_t[k] = softmax_grad(e.v, e.p, vsum_v_all, vfactor);
+    }
+    if constexpr (STUDENT_GRAD) IO::store(gs + j, g_s);
+    if constexpr (TEACHER_GRAD) IO::store(gt + j, g_t);
   }
   for (; j < V; ++j) {
-    const ElementTerms<T> e = terms_at<KIND>(s[j], t[j], e_s[j], e_t[j], c);
-    if constexpr (STUDENT_GRAD) gs[j] = softmax_grad(e.u, e.q, sum_u, rp.grad_factor);
-    if constexpr (TEACHER_GRAD) gt[j] = softmax_grad(e.v, e.p, sum_v, rp.grad_factor);
+    const ElementTerms<A> e = scalar_terms(j);
+    if constexpr (STUDENT_GRAD) gs[j] = S(softmax_grad(e.u, e.q, sum_u, rp.grad_factor));
+    if constexpr (TEACHER_GRAD) gt[j] = S(softmax_grad(e.v, e.p, sum_v, rp.grad_factor));
   }
   return loss;
 }
 
 // The row function for the gradients requested, chosen once per call.
-template <class T>
-using RowFn = T (*)(const T*, const T*, int64_t, const RowParams<T>&, T*, T*, const Scratch<T>&,
-                    const NextRow&, Normaliser<T>&);
+template <class A, class S>
+using RowFn = A (*)(const S*, const S*, int64_t, const RowParams<A>&, S*, S*, const Scratch<A>&,
+                    const NextRow&, Normaliser<A>&);
 
 // The row's cross-entropy log Σ_j exp(s_j) − s_y, after divergence_row (whose
 // student normaliser is `ns` and whose e_s = exp((s − max)/T) is still in
@@ -410,12 +644,12 @@ T cross_entropy_row(const T* s, int64_t V, int64_t y, const RowParams<T>& rp,
   return (ns.max - s[y]) + log_sum;
 }
 
-template <int KIND, class T>
-RowFn<T> pick_row_fn(bool student_grad, bool teacher_grad) {
-  if (student_grad && teacher_grad) return &divergence_row<KIND, true, true, T>;
-  if (student_grad) return &divergence_row<KIND, true, false, T>;
-  if (teacher_grad) return &divergence_row<KIND, false, true, T>;
-  return &divergence_row<KIND, false, false, T>;
+template <int KIND, class A, class S>
+RowFn<A, S> pick_row_fn(bool student_grad, bool teacher_grad) {
+  if (student_grad && teacher_grad) return &divergence_row<KIND, true, true, A, S>;
+  if (student_grad) return &divergence_row<KIND, true, false, A, S>;
+  if (teacher_grad) return &divergence_row<KIND, false, true, A, S>;
+  return &divergence_row<KIND, false, false, A, S>;
 }
 
 template <class T>
@@ -441,15 +675,23 @@ void divergence_rows(const DivergenceArgs& a) {
   rp.teacher_grad = teacher_grad != nullptr;
   rp.hard_scale = acc_t(a.hard_grad_scale);
   rp.ce_shares_normaliser = a.inv_temperature == 1.0;
+  // Not with labels: the cross-entropy adds its gradient to the one just written.
+  rp.stream_gradient = kCanStream && rp.student_grad && a.row_ce == nullptr &&
+                       double(a.rows) * double(V) * sizeof(scalar_t) >= kStreamGradientBytes;
   auto* row_ce = static_cast<acc_t*>(a.row_ce);
-  constexpr bool widen = !std::is_same_v<scalar_t, acc_t>;
-  const RowFn<acc_t> row_fn = pick_row_fn<KIND, acc_t>(rp.student_grad, rp.teacher_grad);
+  // bf16 / fp16 with labels: rows widened into the scratch first (see the
+  // file header); otherwise the row functions read the logits as they are.
+  const bool widen = !std::is_same_v<scalar_t, acc_t> && row_ce != nullptr;
+  const RowFn<acc_t, scalar_t> row_fn =
+      pick_row_fn<KIND, acc_t, scalar_t>(rp.student_grad, rp.teacher_grad);
+  const RowFn<acc_t, acc_t> widened_row_fn =
+      pick_row_fn<KIND, acc_t, acc_t>(rp.student_grad, rp.teacher_grad);
 
   // Grain: enough rows that a task streams at least ~256 KiB.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(V, 1));
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
-    // Per task: the exponentials of one row, and for bf16 / fp16 inputs its
-    // widened logits and float gradients.
+    // Per task: the exponentials of one row, and when widening its float
+    // logits and gradients.
     std::vector<acc_t> buffer((widen ? 6 : 2) * V);
     const Scratch<acc_t> scratch{buffer.data(), buffer.data() + V};
     acc_t* s_buf = buffer.data() + 2 * V;
@@ -475,23 +717,29 @@ void divergence_rows(const DivergenceArgs& a) {
                         static_cast<int64_t>(sizeof(scalar_t))}
               : NextRow{nullptr, nullptr, 0};
       Normaliser<acc_t> ns;
-      if constexpr (widen) {
-        at::vec::convert(s_row, s_buf, V);
-        at::vec::convert(t_row, t_buf, V);
-        row_loss[i] = row_fn(s_buf, t_buf, V, rp, gs_buf, gt_buf, scratch, next, ns);
-        if (row_ce != nullptr) {
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+        if (widen) {
+          at::vec::convert(s_row, s_buf, V);
+          at::vec::convert(t_row, t_buf, V);
+          row_loss[i] = widened_row_fn(s_buf, t_buf, V, rp, gs_buf, gt_buf, scratch, next, ns);
           row_ce[i] = cross_entropy_row(s_buf, V, a.labels[i], rp, ns, scratch.e_s,
                                         gs_row ? gs_buf : nullptr);
+          if (gs_row) at::vec::convert(gs_buf, gs_row, V);
+          if (gt_row) at::vec::convert(gt_buf, gt_row, V);
+          continue;
         }
-        if (gs_row) at::vec::convert(gs_buf, gs_row, V);
-        if (gt_row) at::vec::convert(gt_buf, gt_row, V);
-      } else {
-        row_loss[i] = row_fn(s_row, t_row, V, rp, gs_row, gt_row, scratch, next, ns);
+      }
+      row_loss[i] = row_fn(s_row, t_row, V, rp, gs_row, gt_row, scratch, next, ns);
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
         if (row_ce != nullptr) {
           row_ce[i] = cross_entropy_row(s_row, V, a.labels[i], rp, ns, scratch.e_s, gs_row);
         }
       }
     }
+#if defined(CPU_CAPABILITY_AVX512)
+    // order the streaming stores before the results are read
+    if (rp.stream_gradient) _mm_sfence();
+#endif
   });
 }
 

@@ -1,0 +1,110 @@
+"""Dense KL on CPU against its memory-traffic floor, for comparing two builds.
+
+Times ``fastkd.divergence(s, t, divergence="kl", temperature=T)`` forward +
+backward (student gradient only, as ``bench/bench_divergence.py`` does) and,
+taking turns with it in the same process, the 256 MiB ``copy_`` that gives
+the copy bandwidth. The floor of a shape is ``3 · N · V · itemsize`` bytes
+(read student and teacher, write the student gradient) over that bandwidth;
+``x_floor`` is the median call time over it. Taking turns makes the ratio
+robust to a machine whose load drifts: both sides see the same load.
+
+Two builds compare best by alternating processes, e.g. ::
+
+    for i in 1 2 3; do
+      PYTHONPATH=/path/to/baseline python -m bench.kl_passes --label before
+      python -m bench.kl_passes --label after
+    done
+
+(each prints one line per configuration; the ``fastkd`` imported is the first
+on ``sys.path``). ``--threads 1`` takes the other processes' load out of the
+OpenMP barriers; the ratio then compares against a copy on one thread.
+``--cpu-time`` times with the process's CPU time instead of the wall clock:
+on a machine whose other processes take most of the cores, one thread's CPU
+time is what it would take alone (with two threads it also counts the time
+a thread spins waiting for the other).
+
+Per-element work of the KL rows this measures (student gradient only):
+the row's max (one read of ``s`` and ``t`` from memory), two exponentials,
+three row sums, and the gradient ``(q − p)·scale/T`` (one write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import fastkd
+from bench.measure import MIB, OtherLoad
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _shape(text: str) -> tuple[int, int]:
+    n, v = text.lower().replace("×", "x").split("x")
+    return int(n), int(v)
+
+
+def measure(n: int, v: int, dtype: torch.dtype, *, temperature: float, repeats: int, copy_mib: int,
+            clock=time.perf_counter):
+    """(median call ms, median copy GB/s, other processes' load) for one shape.
+
+    Args:
+        n, v: logits shape ``(n, v)``.
+    """
+    generator = torch.Generator().manual_seed(0)
+    s = torch.randn(n, v, dtype=dtype, generator=generator).requires_grad_()
+    t = torch.randn(n, v, dtype=dtype, generator=generator)
+    src = torch.ones(copy_mib * MIB // 4)
+    dst = torch.zeros_like(src)
+
+    def call():
+        s.grad = None
+        fastkd.divergence(s, t, divergence="kl", temperature=temperature, backend="cpu").backward()
+
+    call()
+    dst.copy_(src)
+    call_ms, copy_gbs = [], []
+    with OtherLoad() as load:
+        for _ in range(repeats):
+            start = clock()
+            call()
+            call_ms.append((clock() - start) * 1e3)
+            start = clock()
+            dst.copy_(src)
+            copy_gbs.append(2 * src.nbytes / (clock() - start) / 1e9)
+    return statistics.median(call_ms), statistics.median(copy_gbs), load.cores
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", type=_shape,
+                        default=[(4096, 1024), (2048, 32000), (512, 128256)])
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["fp32", "bf16"])
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--copy-mib", type=int, default=256, help="size of the copied tensor")
+    parser.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time")
+    parser.add_argument("--label", default="", help="first column of every line")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        for n, v in args.shapes:
+            call_ms, copy_gbs, load = measure(
+                n, v, dtype, temperature=args.temperature, repeats=args.repeats, copy_mib=args.copy_mib,
+                clock=time.process_time if args.cpu_time else time.perf_counter,
+            )
+            floor_ms = 3 * n * v * dtype.itemsize / (copy_gbs * 1e9) * 1e3
+            load_text = "?" if load is None else f"{load:.2f}"
+            print(f"{args.label}\t{dtype_name}\t{n}x{v}\tthreads={torch.get_num_threads()}\t"
+                  f"{'cpu' if args.cpu_time else 'wall'} {call_ms:.2f} ms\tcopy {copy_gbs:.1f} GB/s\tfloor {floor_ms:.2f} ms\t"
+                  f"x_floor {call_ms / floor_ms:.2f}\tload {load_text}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
