@@ -66,17 +66,8 @@ VOCAB = tiny_lm.VOCAB
 # ---- models ---------------------------------------------------------------------------
 
 
-class Block(nn.Module):
-    """Pre-norm causal transformer block; also returns its queries, keys and values, ``(B, T, dim)`` each."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+class Block(tiny_lm.Block):
+    """tiny_lm's block, also returning its queries, keys and values, ``(B, T, dim)`` each."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         b, t, d = x.shape
@@ -90,16 +81,11 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x)), (q, k, v)
 
 
-class RelationLM(nn.Module):
-    """Bytes ``(B, T)`` → hidden ``(B, T, H)`` and the last block's ``(q, k, v)`` → ``head`` → logits."""
+class RelationLM(tiny_lm.TinyLM):
+    """tiny_lm's model with relation blocks: bytes ``(B, T)`` → hidden ``(B, T, H)`` and the last
+    block's ``(q, k, v)``; ``head`` → logits."""
 
-    def __init__(self, dim: int, layers: int, heads: int, context: int) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, dim)
-        self.pos = nn.Parameter(torch.randn(context, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, VOCAB, bias=False)
+    block_class = Block
 
     def hidden_and_relations(self, tokens: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         x = self.embed(tokens) + self.pos[: tokens.shape[1]]

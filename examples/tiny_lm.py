@@ -163,11 +163,13 @@ class Block(nn.Module):
 class TinyLM(nn.Module):
     """Bytes ``(B, T)`` → hidden ``(B, T, H)`` → ``head`` (``Linear(H, 256)``, no bias) → logits."""
 
+    block_class = Block  # a subclass may swap the block (examples/attention_relations.py does)
+
     def __init__(self, dim: int, layers: int, heads: int, context: int) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, dim)
         self.pos = nn.Parameter(torch.randn(context, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(self.block_class(dim, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, VOCAB, bias=False)
 
