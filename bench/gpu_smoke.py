@@ -130,6 +130,18 @@ def _maps(z, g):
     return _pair(z, g, *z.maps, scale=1.0)
 
 
+def _states(z, g):
+    """``(2, T, D)`` hidden states of a transformer layer (queries, keys or values): T = rows."""
+    return _pair(z, g, 2, z.rows, z.dim, scale=1.0)
+
+
+def _uld_inputs(z, g):
+    """Aligned rows of two vocabularies, the teacher's the larger; within the Triton kernel's row limit."""
+    v_s = min(z.vocab // 5, 1500)  # small: the Triton interpreter's sort is slow (--tiny)
+    student, teacher = _randn(g, z.rows, v_s, scale=2.0), _randn(g, z.rows, v_s + v_s // 3, scale=2.0)
+    return Inputs({"student": student, "teacher": teacher}, {}, ("student",))
+
+
 def _dkd_inputs(z, g):
     inputs = _logits(z, g)
     inputs.fixed["labels"] = torch.randint(0, z.vocab, (z.rows,), generator=g)
@@ -262,6 +274,11 @@ CASES = (
     Case("nst", "nst", _maps, _student_teacher(fastkd.nst_loss), (TORCH_ONLY,)),
     Case("hint", "hint", _maps, _hint, (TORCH_ONLY,)),
     Case("vocab_parallel", "vocab_parallel", _logits, _vocab_parallel, (TORCH_ONLY,)),
+    Case("attention_relation", "attention_relation", _states,
+         _student_teacher(fastkd.attention_relation_loss, num_relation_heads=2, causal=True)),
+    Case("hidden_state", "hidden_state", _states,
+         lambda x, backend: fastkd.hidden_state_loss(x["student"], x["teacher"], kind="mse"), (TORCH_ONLY,)),
+    Case("uld", "uld", _uld_inputs, _student_teacher(fastkd.uld_loss)),
 )
 
 
