@@ -6,6 +6,10 @@ are compared as sorted probability vectors, ``Σ_k |sort↓(p)_k − sort↓(q)_
 with the shorter one zero-padded (the 1-D optimal-transport distance between
 the two sets of probability values). With one shared tokenizer use
 :func:`fastkd.divergence`, which compares the same token's probabilities.
+Either side may be given as log-probabilities used as they are
+(``student_is_logprob`` / ``teacher_is_logprob``: ``exp`` of the row, no
+softmax), which is how the unnormalised rows of :func:`fastkd.merge_aligned`
+are compared.
 
 The fused kernels (``cpu`` and ``cuda``: ``fastkd::uld_forward``,
 csrc/cpu/uld.cpp, csrc/cuda/uld.cu; ``triton``: kernels/uld.py) sort each row
@@ -134,7 +138,8 @@ def uld_loss(
 
     Per kept row ``i``: ``p = softmax(s_i / T_s)``, ``q = softmax(t_i / T_t)`` and
     ``ℓ_i = Σ_k |sort↓(p)_k − sort↓(q)_k|``, the shorter sorted vector padded
-    with zeros (docs/spec.md §1.14). ``0 ≤ ℓ_i ≤ 2``.
+    with zeros (docs/spec.md §1.14). ``0 ≤ ℓ_i ≤ 2`` (for rows of total
+    probability at most 1).
 
     A side flagged ``*_is_logprob`` holds log-probabilities used as given:
     ``p = exp(s_i)`` with no softmax and no renormalisation. This is how the
