@@ -175,14 +175,17 @@ TORCH_LIBRARY(fastkd, m) {
   // per row; no sorted [N, V] tensor is written.
   //   student: [N, V_s], teacher: [N, V_t] logits, same dtype, unit stride along V.
   //   row_mask: [N] bool (false → row excluded: loss 0, gradient 0).
+  //   student_is_logprob / teacher_is_logprob: that side holds log-probabilities
+  //   used as given, p = exp(x) (no softmax, no normalisation; its inverse
+  //   temperature must be 1), gradient p · g without the softmax centring.
   // Returns (row_loss [N] fp32 (fp64 for fp64 input), student_grad [N, V_s] or
   // [0, 0], teacher_grad [N, V_t] or [0, 0]); the gradients are grad_scale ·
   // d(row loss)/d(logits) in the input dtype (ties share the mean of their
   // ranks' signs, sign(0) = 0).
   m.def(
       "uld_forward(Tensor student, Tensor teacher, Tensor? row_mask, float inv_student_temperature, "
-      "float inv_teacher_temperature, float grad_scale, bool student_grad, bool teacher_grad) "
-      "-> (Tensor, Tensor, Tensor)");
+      "float inv_teacher_temperature, float grad_scale, bool student_grad, bool teacher_grad, "
+      "bool student_is_logprob=False, bool teacher_is_logprob=False) -> (Tensor, Tensor, Tensor)");
   // The matrix products of fused_linear_divergence on CPU tensors (CPU only):
   // out = beta · out + a @ b, beta 0 or 1 (0: out's contents are ignored),
   // out [M, N], a [M, K], b [K, N], one floating dtype; the result does not

@@ -6,6 +6,10 @@ are compared as sorted probability vectors, ``Σ_k |sort↓(p)_k − sort↓(q)_
 with the shorter one zero-padded (the 1-D optimal-transport distance between
 the two sets of probability values). With one shared tokenizer use
 :func:`fastkd.divergence`, which compares the same token's probabilities.
+Either side may be given as log-probabilities used as they are
+(``student_is_logprob`` / ``teacher_is_logprob``: ``exp`` of the row, no
+softmax), which is how the unnormalised rows of :func:`fastkd.merge_aligned`
+are compared.
 
 The fused kernels (``cpu`` and ``cuda``: ``fastkd::uld_forward``,
 csrc/cpu/uld.cpp, csrc/cuda/uld.cu; ``triton``: kernels/uld.py) sort each row
@@ -54,7 +58,8 @@ if HAS_CPU_OP:
 
     @torch.library.register_fake("fastkd::uld_forward")
     def _uld_forward_fake(student, teacher, row_mask, inv_student_temperature, inv_teacher_temperature,
-                          grad_scale, student_grad, teacher_grad):
+                          grad_scale, student_grad, teacher_grad, student_is_logprob=False,
+                          teacher_is_logprob=False):
         rows = student.shape[0]
         loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
         return (
@@ -65,7 +70,8 @@ if HAS_CPU_OP:
 
 
 class ULDFunction(torch.autograd.Function):
-    """Fused ULD on aligned ``(N, V_s)`` / ``(N, V_t)`` logits; one kernel call.
+    """Fused ULD on aligned ``(N, V_s)`` / ``(N, V_t)`` rows (logits, or
+    log-probabilities on a side whose ``*_is_logprob`` is set); one kernel call.
 
     The kernel returns the row losses and the gradients of the inputs that need
     them, already multiplied by ``factor`` (a float); the backward applies the
@@ -76,11 +82,12 @@ class ULDFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, row_mask, inv_ts, inv_tt, factor, per_row, backend):
+    def forward(ctx, student, teacher, row_mask, inv_ts, inv_tt, factor, per_row, backend,
+                student_is_logprob=False, teacher_is_logprob=False):
         grad_scale = factor if isinstance(factor, float) else 1.0
         row_loss, grad_s, grad_t = _run_kernel(
             backend, student, teacher, row_mask, inv_ts, inv_tt, grad_scale, ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
+            ctx.needs_input_grad[1], student_is_logprob, teacher_is_logprob,
         )
         deferred = None if isinstance(factor, float) else factor
         ctx.save_for_backward(grad_s, grad_t, deferred)
@@ -92,7 +99,7 @@ class ULDFunction(torch.autograd.Function):
         upstream = grad_output if deferred is None else grad_output * deferred
         grad_student = _row_loss.scale_by_upstream(grad_s, upstream) if ctx.needs_input_grad[0] else None
         grad_teacher = _row_loss.scale_by_upstream(grad_t, upstream) if ctx.needs_input_grad[1] else None
-        return grad_student, grad_teacher, None, None, None, None, None, None
+        return grad_student, grad_teacher, None, None, None, None, None, None, None, None
 
 
 def _choose_backend(backend: str, s: torch.Tensor, t: torch.Tensor) -> str:
@@ -123,19 +130,33 @@ def uld_loss(
     hard_weight: float | None = None,
     soft_weight: float = 1.0,
     return_parts: bool = False,
+    student_is_logprob: bool = False,
+    teacher_is_logprob: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Universal Logit Distillation loss between aligned rows of two vocabularies.
 
     Per kept row ``i``: ``p = softmax(s_i / T_s)``, ``q = softmax(t_i / T_t)`` and
     ``ℓ_i = Σ_k |sort↓(p)_k − sort↓(q)_k|``, the shorter sorted vector padded
-    with zeros (docs/spec.md §1.14). ``0 ≤ ℓ_i ≤ 2``.
+    with zeros (docs/spec.md §1.14). ``0 ≤ ℓ_i ≤ 2`` (for rows of total
+    probability at most 1).
+
+    A side flagged ``*_is_logprob`` holds log-probabilities used as given:
+    ``p = exp(s_i)`` with no softmax and no renormalisation. This is how the
+    rows of :func:`fastkd.merge_aligned` (not normalised: ``exp(row)`` is the
+    merged probability row) are compared::
+
+        student_rows = fastkd.merge_aligned(student_logits, student_ids, alignment.student_groups)
+        teacher_rows = fastkd.merge_aligned(teacher_logits, teacher_ids, alignment.teacher_groups)
+        loss = fastkd.uld_loss(student_rows, teacher_rows, student_is_logprob=True, teacher_is_logprob=True)
 
     Args:
         student_logits: ``(N, V_s)`` float32 / bfloat16 / float16 / float64.
         teacher_logits: ``(N, V_t)``, same N, dtype and device; ``V_t`` may
             differ from ``V_s``. Gets a gradient when it requires one.
-        student_temperature, teacher_temperature: ``T_s, T_t > 0``.
+        student_temperature, teacher_temperature: ``T_s, T_t > 0``; 1 on a side
+            given as log-probabilities (apply a temperature before the
+            log-softmax, e.g. ``merge_aligned(..., temperature=T)``).
         reduction: ``"batchmean"`` (sum over kept rows / number of kept rows),
             ``"sum"``, ``"none"`` (``(N,)``, 0 for excluded rows). There is no
             ``"mean"``: the rows have two lengths.
@@ -149,6 +170,12 @@ def uld_loss(
             objective).
         soft_weight: ``>= 0`` multiplier of the ULD term (default 1).
         return_parts: return ``(total, hard_part, soft_part)``.
+        student_is_logprob, teacher_is_logprob: that side's rows are
+            log-probabilities, compared as ``exp(x)`` (no softmax, no
+            normalisation; the values are not checked to be ``≤ 0``), with the
+            gradient ``dℓ/dx_j = g_j · exp(x_j)``. An all ``−inf`` row of such a
+            side is the zero vector, a legal input. The hard-label term always
+            takes the student rows as logits (its softmax renormalises them).
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or
             ``"triton"``. The triton kernel sorts a whole row in registers:
             ``max(V_s, V_t) ≤ kernels.uld.MAX_VOCAB`` (``"auto"`` falls back to
@@ -162,9 +189,11 @@ def uld_loss(
     share the mean of the signs of the ranks they occupy, whatever order a
     sort gives them. A kept row whose logits are all ``−inf`` has no
     distribution: the reference raises ``ValueError``, the kernels return NaN.
+    A NaN entry, or a log-probability whose ``exp`` is ``+inf``, gives a NaN row.
     """
     s, t, mask, ts, tt = _reference.check_arguments(student_logits, teacher_logits, mask, student_temperature,
-                                                    teacher_temperature, reduction)
+                                                    teacher_temperature, reduction, student_is_logprob,
+                                                    teacher_is_logprob)
     labels = _validate.row_selector("labels", labels, s.shape[:1], s, integer=True)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -176,7 +205,8 @@ def uld_loss(
     chosen = _choose_backend(backend, s, t)
     if chosen == "reference":
         every = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
-        rows = _reference.uld_rows(s, t, every if keep is None else keep, ts, tt)
+        rows = _reference.uld_rows(s, t, every if keep is None else keep, ts, tt, student_is_logprob,
+                                   teacher_is_logprob)
         n_kept = s.shape[0] if keep is None else int(keep.sum())
         denominator = max(n_kept, 1) if reduction == "batchmean" else 1
         soft = rows if reduction == "none" else rows.sum() / denominator
@@ -189,7 +219,7 @@ def uld_loss(
             factor = _row_loss.loss_factor(reduction, 1.0, s.shape[0], keep, 1)
         soft = ULDFunction.apply(
             _row_loss.row_major(s), _row_loss.row_major(t), keep, 1.0 / ts, 1.0 / tt, factor,
-            reduction == "none", chosen,
+            reduction == "none", chosen, student_is_logprob, teacher_is_logprob,
         )
     if not mixing and soft_weight == 1.0 and not return_parts:
         return soft
@@ -207,16 +237,20 @@ class ULDLoss(nn.Module):
 
     def __init__(self, *, student_temperature: float = 1.0, teacher_temperature: float = 1.0,
                  reduction: str = "batchmean", ignore_index: int = -100, hard_weight: float | None = None,
-                 soft_weight: float = 1.0, backend: str = "auto") -> None:
+                 soft_weight: float = 1.0, student_is_logprob: bool = False, teacher_is_logprob: bool = False,
+                 backend: str = "auto") -> None:
         super().__init__()
         # validated here so that a bad module fails at construction
-        _reference.check_options(student_temperature, teacher_temperature, reduction)
+        _reference.check_options(student_temperature, teacher_temperature, reduction, student_is_logprob,
+                                 teacher_is_logprob)
         self.student_temperature = student_temperature
         self.teacher_temperature = teacher_temperature
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.hard_weight = hard_weight
         self.soft_weight = soft_weight
+        self.student_is_logprob = student_is_logprob
+        self.teacher_is_logprob = teacher_is_logprob
         self.backend = backend
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -225,10 +259,13 @@ class ULDLoss(nn.Module):
             student_logits, teacher_logits, student_temperature=self.student_temperature,
             teacher_temperature=self.teacher_temperature, reduction=self.reduction, mask=mask, labels=labels,
             ignore_index=self.ignore_index, hard_weight=self.hard_weight, soft_weight=self.soft_weight,
+            student_is_logprob=self.student_is_logprob, teacher_is_logprob=self.teacher_is_logprob,
             backend=self.backend,
         )
 
     def extra_repr(self) -> str:
+        logprob = "".join(f", {side}_is_logprob=True" for side in ("student", "teacher")
+                          if getattr(self, f"{side}_is_logprob"))
         return (f"student_temperature={self.student_temperature}, "
-                f"teacher_temperature={self.teacher_temperature}, "
+                f"teacher_temperature={self.teacher_temperature}{logprob}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}")

@@ -5,7 +5,9 @@ Same contract as the C++ op ``fastkd::uld_forward`` (csrc/fastkd.cpp,
 csrc/cpu/uld.cpp). One program per row holds the whole row in registers:
 
   1. p = softmax(s / T_s) and q = softmax(t / T_t), zero past V_s / V_t: the
-     zero padding of the definition comes for free.
+     zero padding of the definition comes for free. A side given as
+     log-probabilities (STUDENT_LOGPROB / TEACHER_LOGPROB) is p = exp(s) as
+     given, no softmax and no normalisation.
   2. Each probability is packed with its column into one int64 key (the
      float32 bits of a probability ≥ 0 order like the value) and both rows
      are sorted descending with ``tl.sort`` (bitonic): sorted values a, b and,
@@ -17,9 +19,10 @@ csrc/cpu/uld.cpp). One program per row holds the whole row in registers:
      ties). Run sums and lengths come from two segmented scans — forward for
      the run's part at or before k, over the flipped row for the part at or
      after k.
-  4. dℓ/ds_j = p_j (g_j − Σ_k p_k g_k) / T_s, stored through the column of
-     each sorted entry (a scatter; the sorted row is never written). The
-     teacher's gradient is the same with −σ over the runs of b.
+  4. dℓ/ds_j = p_j (g_j − Σ_k p_k g_k) / T_s (p_j g_j for log-probabilities:
+     no softmax Jacobian), stored through the column of each sorted entry (a
+     scatter; the sorted row is never written). The teacher's gradient is the
+     same with −σ over the runs of b.
 
 The loss and the gradients come from the same pass (already multiplied by
 ``grad_scale``), as the fused divergence kernels do. The row must fit one
@@ -36,7 +39,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, check_pair, check_positive, check_tensor, guard_device, stored_dtype
+from ._common import (
+    DEVICE_TYPE,  # noqa: F401  (re-exported: callers ask a module where its kernels run)
+    check_device,
+    check_pair,
+    check_positive,
+    check_tensor,
+    guard_device,
+    stored_dtype,
+)
 
 __all__ = ["MAX_VOCAB", "uld_forward"]
 
@@ -49,13 +60,18 @@ ELEMENTS_PER_THREAD = 8
 
 
 @triton.jit
-def _row_softmax(x_ptr, n, inv_temperature, cols):
-    # softmax(x / T) over the n entries of one row, 0 past n; NaN for an all −inf row
+def _row_probabilities(x_ptr, n, inv_temperature, cols, IS_LOGPROB: tl.constexpr):
+    # over the n entries of one row, 0 past n: exp(x) of log-probabilities as
+    # given, else softmax(x / T) (NaN for an all −inf row)
     x = tl.load(x_ptr + cols, mask=cols < n, other=float("-inf")).to(tl.float32)
-    m = tl.max(x, 0)
-    e = tl.exp((x - m) * inv_temperature)
-    e = tl.where(cols < n, e, 0.0)
-    return e / tl.sum(e, 0)
+    if IS_LOGPROB:
+        p = tl.exp(x)
+    else:
+        m = tl.max(x, 0)
+        e = tl.exp((x - m) * inv_temperature)
+        e = tl.where(cols < n, e, 0.0)
+        p = e / tl.sum(e, 0)
+    return p
 
 
 @triton.jit
@@ -96,10 +112,13 @@ def _run_means(values, signs):
 
 
 @triton.jit
-def _store_gradient(grad_ptr, values, columns, coefficients, n, scale, row_nan, kept):
-    # grad[column] = scale · p (g − Σ p g) through the columns of the sorted entries
-    centre = tl.sum(values * coefficients, 0)
-    grad = scale * values * (coefficients - centre)
+def _store_gradient(grad_ptr, values, columns, coefficients, n, scale, row_nan, kept, CENTRED: tl.constexpr):
+    # grad[column] = scale · p (g − Σ p g) through the columns of the sorted
+    # entries (a softmax's Jacobian), scale · p g without CENTRED (exp alone)
+    if CENTRED:
+        grad = scale * values * (coefficients - tl.sum(values * coefficients, 0))
+    else:
+        grad = scale * values * coefficients
     grad = tl.where(row_nan, float("nan"), grad)
     grad = tl.where(kept, grad, 0.0)
     tl.store(grad_ptr + columns, grad.to(grad_ptr.dtype.element_ty), mask=columns < n)
@@ -113,16 +132,19 @@ def _uld_fwd_kernel(
     gs_ptr, gt_ptr,  # [N, V_s], [N, V_t] contiguous gradients; unused without *_GRAD
     Vs, Vt, s_stride, t_stride,
     inv_ts, inv_tt, scale_s, scale_t,  # scale_*: grad_scale / T_*
-    HAS_MASK: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_MASK: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+    STUDENT_LOGPROB: tl.constexpr, TEACHER_LOGPROB: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     kept = True
     if HAS_MASK:
         kept = tl.load(mask_ptr + row) != 0
     cols = tl.arange(0, BLOCK)
-    p = _row_softmax(s_ptr + row * s_stride, Vs, inv_ts, cols)
-    q = _row_softmax(t_ptr + row * t_stride, Vt, inv_tt, cols)
-    row_nan = (tl.sum((p != p).to(tl.int32), 0) + tl.sum((q != q).to(tl.int32), 0)) > 0
+    p = _row_probabilities(s_ptr + row * s_stride, Vs, inv_ts, cols, STUDENT_LOGPROB)
+    q = _row_probabilities(t_ptr + row * t_stride, Vt, inv_tt, cols, TEACHER_LOGPROB)
+    # a NaN probability, or +inf (only a log-probability's exp can overflow)
+    unusable = (p != p) | (p == float("inf")) | (q != q) | (q == float("inf"))
+    row_nan = tl.sum(unusable.to(tl.int32), 0) > 0
     a, a_cols = _sorted_with_columns(p, cols)
     b, b_cols = _sorted_with_columns(q, cols)
     loss = tl.sum(tl.abs(a - b), 0)
@@ -130,9 +152,11 @@ def _uld_fwd_kernel(
     tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
     signs = tl.where(a > b, 1.0, tl.where(a < b, -1.0, 0.0))
     if STUDENT_GRAD:
-        _store_gradient(gs_ptr + row * Vs, a, a_cols, _run_means(a, signs), Vs, scale_s, row_nan, kept)
+        _store_gradient(gs_ptr + row * Vs, a, a_cols, _run_means(a, signs), Vs, scale_s, row_nan, kept,
+                        not STUDENT_LOGPROB)
     if TEACHER_GRAD:
-        _store_gradient(gt_ptr + row * Vt, b, b_cols, _run_means(b, -signs), Vt, scale_t, row_nan, kept)
+        _store_gradient(gt_ptr + row * Vt, b, b_cols, _run_means(b, -signs), Vt, scale_t, row_nan, kept,
+                        not TEACHER_LOGPROB)
 
 
 def launch_config(vocab: int) -> tuple[int, int]:
@@ -142,7 +166,7 @@ def launch_config(vocab: int) -> tuple[int, int]:
 
 
 def _check_args(student, teacher, row_mask, inv_student_temperature, inv_teacher_temperature, grad_scale,
-                student_grad, teacher_grad) -> None:
+                student_grad, teacher_grad, student_is_logprob, teacher_is_logprob) -> None:
     """The checks of the C++ op, in its words, plus the kernel's row limit."""
     check_tensor("student", student, 2, "N, V_s")
     check_tensor("teacher", teacher, 2, "N, V_t")
@@ -162,9 +186,16 @@ def _check_args(student, teacher, row_mask, inv_student_temperature, inv_teacher
     check_positive("inv_teacher_temperature", inv_teacher_temperature)
     if not math.isfinite(grad_scale):
         raise ValueError(f"grad_scale must be finite, got {grad_scale}")
-    for name, flag in (("student_grad", student_grad), ("teacher_grad", teacher_grad)):
+    flags = {"student_grad": student_grad, "teacher_grad": teacher_grad,
+             "student_is_logprob": student_is_logprob, "teacher_is_logprob": teacher_is_logprob}
+    for name, flag in flags.items():
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be a bool, got {type(flag).__name__}")
+    # a log-probability row is used as given: no temperature to divide by
+    for side, inverse, is_logprob in (("student", inv_student_temperature, student_is_logprob),
+                                      ("teacher", inv_teacher_temperature, teacher_is_logprob)):
+        if is_logprob and inverse != 1.0:
+            raise ValueError(f"inv_{side}_temperature must be 1 when {side}_is_logprob, got {inverse}")
     if row_mask is not None:
         if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
             raise ValueError("row_mask must be bool")
@@ -175,13 +206,16 @@ def _check_args(student, teacher, row_mask, inv_student_temperature, inv_teacher
 
 @guard_device
 def uld_forward(student, teacher, row_mask, inv_student_temperature: float, inv_teacher_temperature: float,
-                grad_scale: float, student_grad: bool, teacher_grad: bool):
+                grad_scale: float, student_grad: bool, teacher_grad: bool, student_is_logprob: bool = False,
+                teacher_is_logprob: bool = False):
     """The contract of ``fastkd::uld_forward``.
 
     Args:
         student: ``(N, V_s)``, teacher: ``(N, V_t)`` logits; float32 / bfloat16
             / float16, one dtype, unit stride along V, ``V ≤ MAX_VOCAB``.
         row_mask: ``(N,)`` bool or None (False: loss 0, gradient 0).
+        student_is_logprob, teacher_is_logprob: that side holds log-probabilities
+            used as given (``exp(x)``, no softmax); its inverse temperature must be 1.
 
     Returns:
         ``(row_loss (N,) float32, student_grad (N, V_s) or (0, 0),
@@ -189,7 +223,7 @@ def uld_forward(student, teacher, row_mask, inv_student_temperature: float, inv_
         d(row loss)/d(logits)`` in the input dtype.
     """
     _check_args(student, teacher, row_mask, inv_student_temperature, inv_teacher_temperature, grad_scale,
-                student_grad, teacher_grad)
+                student_grad, teacher_grad, student_is_logprob, teacher_is_logprob)
     rows, vs = student.shape
     vt = teacher.shape[1]
     device = student.device
@@ -206,7 +240,8 @@ def uld_forward(student, teacher, row_mask, inv_student_temperature: float, inv_
             student.stride(0), teacher.stride(0),
             inv_student_temperature, inv_teacher_temperature, grad_scale * inv_student_temperature,
             grad_scale * inv_teacher_temperature,
-            HAS_MASK=row_mask is not None, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad, BLOCK=block,
+            HAS_MASK=row_mask is not None, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
+            STUDENT_LOGPROB=student_is_logprob, TEACHER_LOGPROB=teacher_is_logprob, BLOCK=block,
             num_warps=warps,
         )
     grad_s = grad_s.to(student.dtype) if student_grad else student.new_empty((0, 0))

@@ -108,6 +108,53 @@ def test_pkt_eps_must_be_finite_and_positive(eps):
         launcher("gram_relation", "pkt_forward")(s, t, True, eps=eps)
 
 
+# ---- uld_forward ---------------------------------------------------------------------------
+
+
+def uld_args(student=None, teacher=None, row_mask=None, inv_ts=1.0, inv_tt=1.0, grad_scale=1.0,
+             student_is_logprob=False, teacher_is_logprob=False):
+    student = randn(N, V) if student is None else student
+    teacher = randn(N, V + 3, seed=1) if teacher is None else teacher
+    return (student, teacher, row_mask, inv_ts, inv_tt, grad_scale, True, True, student_is_logprob,
+            teacher_is_logprob)
+
+
+ULD_BAD = [
+    (dict(teacher=randn(N + 1, V)), "rows must be aligned"),
+    (dict(student=randn(N, V, 2)), "student must be 2-D"),
+    (dict(teacher=randn(N)), "teacher must be 2-D"),
+    (dict(student=randn(N, 0)), r"student and teacher must have at least one column \(vocabulary entry\)"),
+    (dict(teacher=randn(N, 0)), r"student and teacher must have at least one column \(vocabulary entry\)"),
+    (dict(teacher=randn(N, V).bfloat16()), "must have the same dtype"),
+    (dict(inv_ts=0.0), "inv_student_temperature must be finite and > 0"),
+    (dict(inv_tt=math.inf), "inv_teacher_temperature must be finite and > 0"),
+    (dict(inv_ts=-1.0), "inv_student_temperature must be finite and > 0"),
+    (dict(inv_ts=0.5, student_is_logprob=True), "inv_student_temperature must be 1 when student_is_logprob"),
+    (dict(inv_tt=2.0, teacher_is_logprob=True), "inv_teacher_temperature must be 1 when teacher_is_logprob"),
+    (dict(grad_scale=math.nan), "grad_scale must be finite"),
+    (dict(row_mask=torch.ones(N)), "row_mask must be bool"),
+    (dict(row_mask=torch.ones(N + 1, dtype=torch.bool)), r"row_mask must be \[N\]"),
+]
+
+
+@pytest.mark.parametrize(("change", "needle"), ULD_BAD,
+                         ids=[f"{i}-{needle[:30]}" for i, (_, needle) in enumerate(ULD_BAD)])
+def test_uld_bad_inputs(change, needle):
+    both_raise(torch.ops.fastkd.uld_forward, launcher("uld", "uld_forward"), uld_args(**change), {}, needle)
+
+
+@pytest.mark.parametrize(("student_is_logprob", "teacher_is_logprob"),
+                         [(False, False), (True, False), (True, True)])
+def test_uld_launcher_matches_the_op(student_is_logprob, teacher_is_logprob):
+    """Same arguments, same rows and gradients (a mask, a grad_scale, both input modes)."""
+    args = uld_args(row_mask=torch.tensor([True, False, True, True]),
+                    inv_ts=1.0 if student_is_logprob else 0.5, grad_scale=0.25,
+                    student_is_logprob=student_is_logprob, teacher_is_logprob=teacher_is_logprob)
+    got = launcher("uld", "uld_forward")(*args)
+    for a, b in zip(got, torch.ops.fastkd.uld_forward(*args), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ---- index and label tensors as strided views -------------------------------------------
 # The kernels read labels, masks and ids through a bare pointer: each launcher
 # must hand them over contiguous (or pass their strides). A 1-D view is a
@@ -165,6 +212,11 @@ def info_nce_backward_case(view):
     return ("info_nce", "info_nce_backward"), (torch.full((N,), 0.5), q, k, view(labels), lse, 2.0)
 
 
+def uld_case(view):
+    _, keep = labels_and_mask()
+    return ("uld", "uld_forward"), uld_args(row_mask=view(keep))
+
+
 def crd_case(view):
     ids = torch.stack([torch.randperm(9, generator=torch.Generator().manual_seed(i))[:3] for i in range(N)])
     return ("crd", "crd_nce_forward"), (randn(N, 5), randn(9, 5, seed=3), view(ids), 0.0, 2.0, True)
@@ -172,7 +224,8 @@ def crd_case(view):
 
 @pytest.mark.parametrize(
     "case",
-    (divergence_case, mixture_case, topk_case, dkd_case, info_nce_case, info_nce_backward_case, crd_case),
+    (divergence_case, mixture_case, topk_case, dkd_case, info_nce_case, info_nce_backward_case, crd_case,
+     uld_case),
     ids=lambda case: case.__name__.removesuffix("_case"),
 )
 def test_strided_index_views_read_by_value(case):

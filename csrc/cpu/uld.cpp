@@ -21,11 +21,16 @@
 //   dℓ_i/ds_j = p_j (g_j − Σ_k p_k g_k) / T_s,
 // and the teacher's gradient is the same with the roles swapped.
 //
+// Log-probability rows (student_is_logprob / teacher_is_logprob): that side's
+// row x is used as given, p_j = exp(x_j), no softmax and no normalisation
+// (temperature 1), and dℓ_i/dx_j = p_j g_j, no softmax Jacobian centring.
+//
 // Inputs: student [N, V_s], teacher [N, V_t] (one floating dtype, unit stride
 // along V), row_mask [N] bool or None (false: loss 0, gradient 0). float32
 // (float64 for float64 input) probabilities; row sums and the L1 sum in
-// float64. A row with a NaN probability (NaN or +inf logits, or all logits
-// −inf) gets a NaN loss and NaN gradients.
+// float64. A row with a NaN or infinite probability (NaN or +inf logits, all
+// logits −inf, or a log-probability whose exp overflows) gets a NaN loss and
+// NaN gradients; an all −inf log-probability row is the zero vector.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -67,6 +72,23 @@ bool row_softmax(const scalar_t* x, int64_t n, double inv_temperature, prob_t* o
     finite &= !std::isnan(out[j]);
   }
   return finite;
+}
+
+// exp(x) of one log-probability row into out, as given; false when a value
+// is NaN or +inf.
+template <typename scalar_t, typename prob_t>
+bool row_exp(const scalar_t* x, int64_t n, prob_t* out) {
+  bool finite = true;
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = std::exp(static_cast<prob_t>(x[j]));
+    finite &= std::isfinite(out[j]);
+  }
+  return finite;
+}
+
+template <typename scalar_t, typename prob_t>
+bool row_probabilities(const scalar_t* x, int64_t n, double inv_temperature, bool is_logprob, prob_t* out) {
+  return is_logprob ? row_exp(x, n, out) : row_softmax(x, n, inv_temperature, out);
 }
 
 // One row's probabilities sorted by decreasing value, and the column each came from.
@@ -152,11 +174,15 @@ void sign_coefficients(const SortedRow<prob_t>& self, const SortedRow<prob_t>& o
   }
 }
 
-// grad[j] = scale · p_j (g_j − Σ_k p_k g_k), in the output dtype.
+// grad[j] = scale · p_j (g_j − Σ_k p_k g_k) through a softmax (centred), or
+// scale · p_j g_j through exp alone (a log-probability row), in the output dtype.
 template <typename scalar_t, typename prob_t>
-void softmax_backward(const prob_t* p, const prob_t* coef, int64_t n, double scale, scalar_t* grad) {
+void probability_backward(const prob_t* p, const prob_t* coef, int64_t n, double scale, bool centred,
+                          scalar_t* grad) {
   double mean = 0;
-  for (int64_t j = 0; j < n; ++j) mean += static_cast<double>(p[j]) * static_cast<double>(coef[j]);
+  if (centred) {
+    for (int64_t j = 0; j < n; ++j) mean += static_cast<double>(p[j]) * static_cast<double>(coef[j]);
+  }
   for (int64_t j = 0; j < n; ++j) {
     grad[j] = static_cast<scalar_t>(scale * static_cast<double>(p[j]) * (static_cast<double>(coef[j]) - mean));
   }
@@ -164,7 +190,8 @@ void softmax_backward(const prob_t* p, const prob_t* coef, int64_t n, double sca
 
 template <typename scalar_t>
 void uld_rows(const at::Tensor& student, const at::Tensor& teacher, const bool* row_mask, double inv_ts,
-              double inv_tt, double grad_scale, at::Tensor& row_loss, at::Tensor* grad_s, at::Tensor* grad_t) {
+              double inv_tt, double grad_scale, bool student_is_logprob, bool teacher_is_logprob,
+              at::Tensor& row_loss, at::Tensor* grad_s, at::Tensor* grad_t) {
   using prob_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   using loss_t = prob_t;
   const int64_t rows = student.size(0), vs = student.size(1), vt = teacher.size(1);
@@ -188,8 +215,8 @@ void uld_rows(const at::Tensor& student, const at::Tensor& teacher, const bool* 
         if (gt_row != nullptr) std::fill(gt_row, gt_row + vt, scalar_t(0));
         continue;
       }
-      const bool finite_p = row_softmax(s_base + i * s_stride, vs, inv_ts, p.data());
-      const bool finite_q = row_softmax(t_base + i * t_stride, vt, inv_tt, q.data());
+      const bool finite_p = row_probabilities(s_base + i * s_stride, vs, inv_ts, student_is_logprob, p.data());
+      const bool finite_q = row_probabilities(t_base + i * t_stride, vt, inv_tt, teacher_is_logprob, q.data());
       if (!finite_p || !finite_q) {
         loss[i] = nan;
         if (gs_row != nullptr) std::fill(gs_row, gs_row + vs, static_cast<scalar_t>(nan));
@@ -207,18 +234,19 @@ void uld_rows(const at::Tensor& student, const at::Tensor& teacher, const bool* 
       loss[i] = static_cast<loss_t>(total);
       if (gs_row != nullptr) {
         sign_coefficients(sorted_p, sorted_q, coef_p.data());
-        softmax_backward(p.data(), coef_p.data(), vs, grad_scale * inv_ts, gs_row);
+        probability_backward(p.data(), coef_p.data(), vs, grad_scale * inv_ts, !student_is_logprob, gs_row);
       }
       if (gt_row != nullptr) {
         sign_coefficients(sorted_q, sorted_p, coef_q.data());
-        softmax_backward(q.data(), coef_q.data(), vt, grad_scale * inv_tt, gt_row);
+        probability_backward(q.data(), coef_q.data(), vt, grad_scale * inv_tt, !teacher_is_logprob, gt_row);
       }
     }
   });
 }
 
 void check_uld_args(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& row_mask,
-                    double inv_student_temperature, double inv_teacher_temperature, double grad_scale) {
+                    double inv_student_temperature, double inv_teacher_temperature, double grad_scale,
+                    bool student_is_logprob, bool teacher_is_logprob) {
   CHECK_DIM(student, 2);
   CHECK_DIM(teacher, 2);
   CHECK_DEVICE_TYPE(student, at::kCPU);
@@ -237,6 +265,11 @@ void check_uld_args(const at::Tensor& student, const at::Tensor& teacher, const 
               "inv_student_temperature must be finite and > 0, got ", inv_student_temperature);
   TORCH_CHECK(std::isfinite(inv_teacher_temperature) && inv_teacher_temperature > 0,
               "inv_teacher_temperature must be finite and > 0, got ", inv_teacher_temperature);
+  // a log-probability row is used as given: no temperature to divide by
+  TORCH_CHECK(!student_is_logprob || inv_student_temperature == 1.0,
+              "inv_student_temperature must be 1 when student_is_logprob, got ", inv_student_temperature);
+  TORCH_CHECK(!teacher_is_logprob || inv_teacher_temperature == 1.0,
+              "inv_teacher_temperature must be 1 when teacher_is_logprob, got ", inv_teacher_temperature);
   TORCH_CHECK(std::isfinite(grad_scale), "grad_scale must be finite");
   if (row_mask.has_value()) {
     TORCH_CHECK(row_mask->scalar_type() == at::kBool, "row_mask must be bool");
@@ -251,8 +284,9 @@ void check_uld_args(const at::Tensor& student, const at::Tensor& teacher, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> uld_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& row_mask,
     double inv_student_temperature, double inv_teacher_temperature, double grad_scale, bool student_grad,
-    bool teacher_grad) {
-  check_uld_args(student, teacher, row_mask, inv_student_temperature, inv_teacher_temperature, grad_scale);
+    bool teacher_grad, bool student_is_logprob, bool teacher_is_logprob) {
+  check_uld_args(student, teacher, row_mask, inv_student_temperature, inv_teacher_temperature, grad_scale,
+                 student_is_logprob, teacher_is_logprob);
   // unit stride along V; any row stride
   const at::Tensor s = student.stride(1) == 1 || student.size(1) == 1 ? student : student.contiguous();
   const at::Tensor t = teacher.stride(1) == 1 || teacher.size(1) == 1 ? teacher : teacher.contiguous();
@@ -266,7 +300,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uld_forward_cpu(
   if (rows > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "uld_forward", [&] {
       uld_rows<scalar_t>(s, t, mask.defined() ? mask.data_ptr<bool>() : nullptr, inv_student_temperature,
-                         inv_teacher_temperature, grad_scale, row_loss, student_grad ? &grad_s : nullptr,
+                         inv_teacher_temperature, grad_scale, student_is_logprob, teacher_is_logprob, row_loss,
+                         student_grad ? &grad_s : nullptr,
                          teacher_grad ? &grad_t : nullptr);
     });
   }

@@ -24,6 +24,10 @@
 //   4. _uld_grad_kernel (one block per row): grad_j = grad_scale / T ·
 //      p_j (g_j − Σ p g), p_j recomputed from the logits and the row's max
 //      and sum; 0 on excluded rows, NaN on rows with a NaN probability.
+// A side given as log-probabilities (student_is_logprob / teacher_is_logprob)
+// is used as given: p_j = exp(x_j) (its max taken as 0 and its sum as 1, the
+// temperature is 1), and grad_j = grad_scale · p_j g_j, without the softmax
+// centring. Its exp can overflow: an infinite probability makes the row NaN.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -89,16 +93,17 @@ __device__ void row_max_sum(const scalar_t* x, int64_t n, float inv_t,
   sum = block_all_reduce<kBlock>(part, SumOp{}, temp, result);
 }
 
-// Writes the keys of one row; returns (to every thread) whether a probability is NaN.
+// Writes the keys of one row; returns (to every thread) whether a probability
+// is NaN or infinite. A log-probability row is exp(x) as given: max 0, sum 1.
 template <class scalar_t>
-__device__ bool row_keys(const scalar_t* x, int64_t n, float inv_t, uint64_t* keys, float* stats,
+__device__ bool row_keys(const scalar_t* x, int64_t n, float inv_t, bool is_logprob, uint64_t* keys, float* stats,
                          typename cub::BlockReduce<float, kBlock>::TempStorage& temp, float& result) {
-  float m, sum;
-  row_max_sum(x, n, inv_t, temp, result, m, sum);
+  float m = 0.f, sum = 1.f;
+  if (!is_logprob) row_max_sum(x, n, inv_t, temp, result, m, sum);
   float nan_seen = 0.f;
   for (int64_t j = threadIdx.x; j < n; j += kBlock) {
     const float p = expf((static_cast<float>(x[j]) - m) * inv_t) / sum;
-    if (p != p) nan_seen = 1.f;
+    if (p != p || isinf(p)) nan_seen = 1.f;
     keys[j] = (static_cast<uint64_t>(__float_as_uint(p)) << 32) | static_cast<uint64_t>(j);
   }
   const bool row_nan = block_all_reduce<kBlock>(nan_seen, MaxNanOp{}, temp, result) > 0.f;
@@ -116,7 +121,7 @@ template <class scalar_t>
 __global__ void __launch_bounds__(kBlock) _uld_keys_kernel(
     const scalar_t* __restrict__ student, const scalar_t* __restrict__ teacher,  // chunk's first rows
     int64_t s_stride, int64_t t_stride, const bool* __restrict__ row_mask,       // chunk's mask or nullptr
-    int64_t Vs, int64_t Vt, float inv_ts, float inv_tt,
+    int64_t Vs, int64_t Vt, float inv_ts, float inv_tt, bool student_is_logprob, bool teacher_is_logprob,
     uint64_t* __restrict__ keys_s, uint64_t* __restrict__ keys_t, float* __restrict__ stats) {
   __shared__ typename cub::BlockReduce<float, kBlock>::TempStorage temp;
   __shared__ float result;
@@ -133,8 +138,10 @@ __global__ void __launch_bounds__(kBlock) _uld_keys_kernel(
     }
     return;
   }
-  const bool nan_s = row_keys(student + row * s_stride, Vs, inv_ts, keys_s + row * Vs, st, temp, result);
-  const bool nan_t = row_keys(teacher + row * t_stride, Vt, inv_tt, keys_t + row * Vt, st + 2, temp, result);
+  const bool nan_s =
+      row_keys(student + row * s_stride, Vs, inv_ts, student_is_logprob, keys_s + row * Vs, st, temp, result);
+  const bool nan_t =
+      row_keys(teacher + row * t_stride, Vt, inv_tt, teacher_is_logprob, keys_t + row * Vt, st + 2, temp, result);
   if (threadIdx.x == 0) {
     st[6] = (nan_s || nan_t) ? 1.f : 0.f;
     st[7] = 1.f;
@@ -206,13 +213,15 @@ __global__ void __launch_bounds__(kBlock) _uld_rows_kernel(
 template <class scalar_t>
 __global__ void __launch_bounds__(kBlock) _uld_grad_kernel(
     const scalar_t* __restrict__ x, int64_t stride, int64_t n, float inv_t, float scale,  // scale: grad_scale / T
+    bool centred,  // false for log-probabilities: no softmax Jacobian
     const float* __restrict__ stats, int stat_offset,  // 0 for the student, 2 for the teacher
     const float* __restrict__ coef, scalar_t* __restrict__ grad) {
   const int64_t row = blockIdx.x;
   const float* st = stats + row * kStats;
   scalar_t* g = grad + row * n;
   const bool kept = st[7] != 0.f, row_nan = st[6] != 0.f;
-  const float m = st[stat_offset], sum = st[stat_offset + 1], dot = st[4 + stat_offset / 2];
+  const float m = st[stat_offset], sum = st[stat_offset + 1];
+  const float dot = centred ? st[4 + stat_offset / 2] : 0.f;
   for (int64_t j = threadIdx.x; j < n; j += kBlock) {
     float value = 0.f;
     if (kept) {
@@ -227,7 +236,8 @@ __global__ void __launch_bounds__(kBlock) _uld_grad_kernel(
 
 template <class scalar_t>
 void uld_launch(const at::Tensor& s, const at::Tensor& t, const bool* mask, double inv_ts, double inv_tt,
-                double grad_scale, at::Tensor& row_loss, at::Tensor* grad_s, at::Tensor* grad_t) {
+                double grad_scale, bool student_is_logprob, bool teacher_is_logprob, at::Tensor& row_loss,
+                at::Tensor* grad_s, at::Tensor* grad_t) {
   const int64_t rows = s.size(0), vs = s.size(1), vt = t.size(1);
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(rows, kScratchEntries / (vs + vt)));
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -263,7 +273,8 @@ void uld_launch(const at::Tensor& s, const at::Tensor& t, const bool* mask, doub
     const scalar_t* t_rows = t_base + first * t.stride(0);
     _uld_keys_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(
         s_rows, t_rows, s.stride(0), t.stride(0), mask != nullptr ? mask + first : nullptr, vs, vt,
-        static_cast<float>(inv_ts), static_cast<float>(inv_tt), in, in + chunk * vs, stats.data_ptr<float>());
+        static_cast<float>(inv_ts), static_cast<float>(inv_tt), student_is_logprob, teacher_is_logprob, in,
+        in + chunk * vs, stats.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // a short last chunk sorts its stale tail segments too: harmless, never read
     C10_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortKeysDescending(
@@ -276,13 +287,13 @@ void uld_launch(const at::Tensor& s, const at::Tensor& t, const bool* mask, doub
     if (grad_s != nullptr) {
       _uld_grad_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(
           s_rows, s.stride(0), vs, static_cast<float>(inv_ts), static_cast<float>(grad_scale * inv_ts),
-          stats.data_ptr<float>(), 0, coef_s, grad_s->data_ptr<scalar_t>() + first * vs);
+          !student_is_logprob, stats.data_ptr<float>(), 0, coef_s, grad_s->data_ptr<scalar_t>() + first * vs);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (grad_t != nullptr) {
       _uld_grad_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(
           t_rows, t.stride(0), vt, static_cast<float>(inv_tt), static_cast<float>(grad_scale * inv_tt),
-          stats.data_ptr<float>(), 2, coef_t, grad_t->data_ptr<scalar_t>() + first * vt);
+          !teacher_is_logprob, stats.data_ptr<float>(), 2, coef_t, grad_t->data_ptr<scalar_t>() + first * vt);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
@@ -293,7 +304,7 @@ void uld_launch(const at::Tensor& s, const at::Tensor& t, const bool* mask, doub
 std::tuple<at::Tensor, at::Tensor, at::Tensor> uld_forward_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& row_mask,
     double inv_student_temperature, double inv_teacher_temperature, double grad_scale, bool student_grad,
-    bool teacher_grad) {
+    bool teacher_grad, bool student_is_logprob, bool teacher_is_logprob) {
   CHECK_DIM(student, 2);
   CHECK_DIM(teacher, 2);
   CHECK_DEVICE_TYPE(student, at::kCUDA);
@@ -310,6 +321,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uld_forward_cuda(
               "inv_student_temperature must be finite and > 0, got ", inv_student_temperature);
   TORCH_CHECK(std::isfinite(inv_teacher_temperature) && inv_teacher_temperature > 0,
               "inv_teacher_temperature must be finite and > 0, got ", inv_teacher_temperature);
+  // a log-probability row is used as given: no temperature to divide by
+  TORCH_CHECK(!student_is_logprob || inv_student_temperature == 1.0,
+              "inv_student_temperature must be 1 when student_is_logprob, got ", inv_student_temperature);
+  TORCH_CHECK(!teacher_is_logprob || inv_teacher_temperature == 1.0,
+              "inv_teacher_temperature must be 1 when teacher_is_logprob, got ", inv_teacher_temperature);
   TORCH_CHECK(std::isfinite(grad_scale), "grad_scale must be finite");
   // one chunk's segment offsets are int32
   TORCH_CHECK(student.size(1) + teacher.size(1) <= kScratchEntries,
@@ -333,16 +349,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uld_forward_cuda(
   at::Tensor* gt = teacher_grad ? &grad_t : nullptr;
   switch (s.scalar_type()) {
     case at::kFloat:
-      uld_launch<float>(s, t, mask_ptr, inv_student_temperature, inv_teacher_temperature, grad_scale, row_loss, gs,
-                        gt);
+      uld_launch<float>(s, t, mask_ptr, inv_student_temperature, inv_teacher_temperature, grad_scale,
+                        student_is_logprob, teacher_is_logprob, row_loss, gs, gt);
       break;
     case at::kBFloat16:
       uld_launch<c10::BFloat16>(s, t, mask_ptr, inv_student_temperature, inv_teacher_temperature, grad_scale,
-                                row_loss, gs, gt);
+                                student_is_logprob, teacher_is_logprob, row_loss, gs, gt);
       break;
     case at::kHalf:
-      uld_launch<c10::Half>(s, t, mask_ptr, inv_student_temperature, inv_teacher_temperature, grad_scale, row_loss,
-                            gs, gt);
+      uld_launch<c10::Half>(s, t, mask_ptr, inv_student_temperature, inv_teacher_temperature, grad_scale,
+                            student_is_logprob, teacher_is_logprob, row_loss, gs, gt);
       break;
     default:
       TORCH_CHECK(false, "fastkd::uld_forward on CUDA: unsupported dtype ", s.scalar_type());

@@ -7,6 +7,11 @@ text) but their vocabularies differ (``V_s ≠ V_t`` allowed). Per kept row:
     a = sort↓(p), b = sort↓(q), the shorter padded with zeros to W = max(V_s, V_t)
     ℓ_i = Σ_k |a_k − b_k|
 
+A side given as log-probabilities (``student_is_logprob`` /
+``teacher_is_logprob``) is used as it is: ``p = exp(s_i)``, no softmax and no
+renormalisation (the unnormalised merged rows of
+:func:`fastkd.merge_aligned` keep their mass), temperature 1.
+
 Subgradient convention: ``sign(0) = 0``, and entries of one row with equal
 probabilities (a *tie*) share the mean of the signs over the ranks they
 occupy, so that the gradient does not depend on how the sort orders ties
@@ -16,6 +21,8 @@ is the oracle of the fused kernels, not the fast path.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastkd import _validate
@@ -23,21 +30,34 @@ from fastkd import _validate
 REDUCTIONS = ("batchmean", "sum", "none")
 
 
-def check_options(student_temperature, teacher_temperature, reduction) -> tuple[float, float]:
-    """Validate the non-tensor arguments; return ``(T_s, T_t)``."""
+def check_options(student_temperature, teacher_temperature, reduction, student_is_logprob=False,
+                  teacher_is_logprob=False) -> tuple[float, float]:
+    """Validate the non-tensor arguments; return ``(T_s, T_t)``.
+
+    A side given as log-probabilities has no temperature to apply: its
+    temperature must be 1.
+    """
     ts = _validate.real("student_temperature", student_temperature, low=0.0, low_open=True)
     tt = _validate.real("teacher_temperature", teacher_temperature, low=0.0, low_open=True)
     _validate.choice("reduction", reduction, REDUCTIONS)
+    sides = (("student", ts, student_is_logprob), ("teacher", tt, teacher_is_logprob))
+    for side, temperature, is_logprob in sides:
+        if _validate.flag(f"{side}_is_logprob", is_logprob) and temperature != 1.0:
+            raise ValueError(
+                f"{side}_temperature must be 1 when {side}_is_logprob=True, got {temperature} "
+                "(log-probabilities are used as given; divide the logits before the log-softmax instead)"
+            )
     return ts, tt
 
 
 def check_arguments(student_logits, teacher_logits, mask, student_temperature, teacher_temperature,
-                    reduction):
+                    reduction, student_is_logprob=False, teacher_is_logprob=False):
     """Validate the arguments; return ``(student, teacher, mask or None, T_s, T_t)``.
 
     Raises ``ValueError`` naming the argument for anything out of contract.
     """
-    ts, tt = check_options(student_temperature, teacher_temperature, reduction)
+    ts, tt = check_options(student_temperature, teacher_temperature, reduction, student_is_logprob,
+                           teacher_is_logprob)
     s = _validate.tensor("student_logits", student_logits)
     t = _validate.tensor("teacher_logits", teacher_logits)
     for name, x, width in (("student_logits", s, "V_s"), ("teacher_logits", t, "V_t")):
@@ -85,22 +105,41 @@ def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (a - b).abs().sum(1)
 
 
+def probabilities(x: torch.Tensor, temperature: float, is_logprob: bool) -> torch.Tensor:
+    """``(N, V)`` probability rows of ``x``: ``exp(x)`` as given for log-probabilities
+    (NaN across a row with an entry whose ``exp`` is NaN or ``+inf``, as the
+    kernels give), else ``softmax(x / T)``."""
+    if not is_logprob:
+        return torch.softmax(x / temperature, 1)
+    p = x.exp()
+    usable = torch.isfinite(p).all(1, keepdim=True)
+    # a product, not a selection, so that the row's gradient is NaN too
+    return p * torch.where(usable, 1.0, math.nan).to(p.dtype)
+
+
 def uld_rows(s: torch.Tensor, t: torch.Tensor, keep: torch.Tensor, student_temperature: float,
-             teacher_temperature: float) -> torch.Tensor:
+             teacher_temperature: float, student_is_logprob: bool = False,
+             teacher_is_logprob: bool = False) -> torch.Tensor:
     """``(N,)`` ULD row losses in the accumulation dtype, 0 on the rows where ``keep`` is false.
 
-    Raises ``ValueError`` for a kept row whose student or teacher logits are
-    all ``−inf`` (no distribution).
+    Raises ``ValueError`` for a kept row of logits (not log-probabilities)
+    that is all ``−inf`` (no distribution); an all ``−inf`` log-probability row
+    is the zero vector.
     """
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
     s, t = s.to(acc), t.to(acc)
-    if bool((torch.isneginf(s[keep]).all(-1) | torch.isneginf(t[keep]).all(-1)).any()):
+    no_distribution = torch.zeros_like(keep[keep])
+    if not student_is_logprob:
+        no_distribution |= torch.isneginf(s[keep]).all(-1)
+    if not teacher_is_logprob:
+        no_distribution |= torch.isneginf(t[keep]).all(-1)
+    if bool(no_distribution.any()):
         raise ValueError("a kept row of student_logits or teacher_logits is entirely -inf")
     # excluded rows become finite dummies, so that no NaN of theirs reaches a gradient
     s = torch.where(keep[:, None], s, torch.zeros_like(s))
     t = torch.where(keep[:, None], t, torch.zeros_like(t))
-    p = torch.softmax(s / student_temperature, 1)
-    q = torch.softmax(t / teacher_temperature, 1)
+    p = probabilities(s, student_temperature, student_is_logprob)
+    q = probabilities(t, teacher_temperature, teacher_is_logprob)
     rows = sorted_l1(p, q)
     return torch.where(keep, rows, torch.zeros_like(rows))
 
@@ -113,25 +152,32 @@ def uld_loss(
     teacher_temperature: float = 1.0,
     reduction: str = "batchmean",
     mask: torch.Tensor | None = None,
+    student_is_logprob: bool = False,
+    teacher_is_logprob: bool = False,
 ) -> torch.Tensor:
     """Reference for :func:`fastkd.uld_loss` without hard labels (same arguments, same result).
 
     Args:
         student_logits: ``(N, V_s)``.
         teacher_logits: ``(N, V_t)``, same N, dtype and device; ``V_t`` may differ.
-        student_temperature, teacher_temperature: ``> 0``.
+        student_temperature, teacher_temperature: ``> 0``; 1 on a side given as
+            log-probabilities.
         reduction: ``"batchmean"`` (sum over kept rows / their number),
             ``"sum"``, ``"none"`` (``(N,)``, 0 on excluded rows).
         mask: ``(N,)`` bool, False excludes the row.
+        student_is_logprob, teacher_is_logprob: that side's rows are
+            log-probabilities, compared as ``exp(x)`` without a softmax or any
+            renormalisation (the rows of :func:`fastkd.merge_aligned`).
 
     Returns:
         float32 (float64 for float64 inputs) scalar, ``(N,)`` for ``"none"``;
         0 with a zero gradient when no row is kept.
     """
     s, t, mask, ts, tt = check_arguments(student_logits, teacher_logits, mask, student_temperature,
-                                         teacher_temperature, reduction)
+                                         teacher_temperature, reduction, student_is_logprob,
+                                         teacher_is_logprob)
     keep = torch.ones(s.shape[0], dtype=torch.bool, device=s.device) if mask is None else mask
-    rows = uld_rows(s, t, keep, ts, tt)
+    rows = uld_rows(s, t, keep, ts, tt, student_is_logprob, teacher_is_logprob)
     if reduction == "none":
         return rows
     total = rows.sum()

@@ -6,8 +6,10 @@ same completions; TRL's own byte offsets (``encode_with_byte_offsets``) feed
 both TRL's ``ULDLoss`` and fastkd. Checked: the groups of
 ``fastkd.align_by_offsets`` against ``ULDLoss._align_by_byte_offsets``, the
 rows of ``fastkd.merge_aligned`` against ``_merge_probabilities_with_alignment_groups``
-(both strategies), and TRL's non-hybrid distillation loss against fastkd's
-rows compared by the sorted L1 distance, to float64 rounding.
+(both strategies), and TRL's non-hybrid distillation loss against
+``fastkd.uld_loss`` on those rows taken as log-probabilities
+(``student_is_logprob=True, teacher_is_logprob=True``: the merged rows are not
+normalised, and TRL compares them as they are), to float64 rounding.
 
 Skipped unless ``trl`` (with its ``experimental.gold`` module) and
 ``tokenizers`` import.
@@ -130,20 +132,23 @@ def test_merged_rows_match_trl(encoded, strategy, temperature):
             torch.testing.assert_close(merged.exp(), expected, rtol=1e-12, atol=1e-300)
 
 
-def sorted_l1(student_rows: torch.Tensor, teacher_rows: torch.Tensor) -> torch.Tensor:
-    """Σ_k |sort↓(p)_k − sort↓(q)_k| over the rows, the shorter vocabulary zero-padded."""
-    p = student_rows.sort(dim=-1, descending=True).values
-    q = teacher_rows.sort(dim=-1, descending=True).values
-    width = max(p.shape[-1], q.shape[-1])
-    return (F.pad(p, (0, width - p.shape[-1])) - F.pad(q, (0, width - q.shape[-1]))).abs().sum()
+def float64_backends():
+    """The uld_loss backends that compute in float64 here: the reference, and the cpu op where it is built."""
+    params = [pytest.param("reference", id="reference")]
+    status = fastkd._dispatch.backend_status("cpu", "cpu")
+    available = status.available and "cpu" in fastkd.uld.KERNEL_BACKENDS
+    marks = () if available else (pytest.mark.skip(reason=f"cpu: {status.reason or 'no uld op'}"),)
+    return params + [pytest.param("cpu", marks=marks, id="cpu")]
 
 
+@pytest.mark.parametrize("backend", float64_backends())
 @pytest.mark.parametrize("strategy", ["first", "last"])
-def test_distillation_loss_matches_trl(encoded, strategy):
+def test_distillation_loss_matches_trl(encoded, strategy, backend):
     """TRL's non-hybrid ULD distillation term on a padded batch with prompts, and
-    the same from fastkd's alignment and merge: per sequence, the sorted L1
-    distance summed over the aligned rows over their number, then the batch
-    mean."""
+    the same in two fastkd calls per sequence, ``merge_aligned`` then
+    ``uld_loss(..., student_is_logprob=True, teacher_is_logprob=True)`` (its
+    batchmean is the sum over the aligned rows over their number), then the
+    batch mean."""
     cases, v_student, v_teacher = encoded
     t_student, t_teacher = 1.0, 2.0
     generator = torch.Generator().manual_seed(2)
@@ -184,5 +189,6 @@ def test_distillation_loss_matches_trl(encoded, strategy):
         teacher_rows = fastkd.merge_aligned(
             t_logits[row, t_span.start - shift:t_span.stop - shift], t_ids[row, t_span],
             alignment.teacher_groups, strategy=strategy, temperature=t_teacher)
-        per_sequence.append(sorted_l1(student_rows.exp(), teacher_rows.exp()) / alignment.num_groups)
+        per_sequence.append(fastkd.uld_loss(student_rows, teacher_rows, student_is_logprob=True,
+                                            teacher_is_logprob=True, backend=backend))
     torch.testing.assert_close(torch.stack(per_sequence).mean(), expected.reshape(()), rtol=1e-12, atol=1e-15)
