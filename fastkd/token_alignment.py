@@ -155,6 +155,7 @@ def align_by_offsets(student_offsets, teacher_offsets) -> TokenAlignment:
         student_rows = fastkd.merge_aligned(student_logits, student_ids, alignment.student_groups)
         teacher_rows = fastkd.merge_aligned(teacher_logits, teacher_ids, alignment.teacher_groups)
         # (G, V_s) and (G, V_t) log-probabilities, one row per group
+        loss = fastkd.uld_loss(student_rows, teacher_rows, student_is_logprob=True, teacher_is_logprob=True)
 
     Raises:
         ValueError: naming the argument, for a wrong type, dtype or shape, a
