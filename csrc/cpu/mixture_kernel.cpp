@@ -342,7 +342,8 @@ void mixture_rows(const MixtureDivergenceArgs& a) {
 // an exact log ratio (b_j is a difference of logits). The probabilities
 // themselves are p = Σ_k (w_k / Σ_k) e_k and q = e_s / Σ_s, from the
 // exponentials of the normalising passes. Per element: K + 1 exponentials
-// to normalise, then K expm1, K exp, one log1p and one log.
+// to normalise, then K expm1 and one log1p (K exp and one log more in a
+// vector with a lane of X ≤ −½).
 //
 // Weights: teachers of weight 0 are only scanned for their max (a NaN or
 // infinite max makes the row NaN, as in the reference: docs/spec.md §6).
@@ -466,14 +467,25 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
             b_sel = VW::blendv(b_sel, b, take);
             a_max = VW::blendv(a_max, a_k, a_k > a_max);
           }
-          VW x = zero, y = zero;
+          VW x = zero;
           for (int64_t k = 0; k < K; ++k) {
             const VW a_k = (VW::loadu(t[k] + j) - VW(max_t[k])) * vinv;
             const VW d = ((a_k - a_s) - VW(gap[k])) - b_sel;
             x = x + VW(weight[k]) * d.expm1();
-            y = y + VW(weight[k]) * fk_exp_normaliser(d);
           }
-          VW value = b_sel + VW::blendv(y.log(), x.log1p(), x > half);
+          const VW near = x > half;
+          VW value = b_sel + x.log1p();
+          // Y and its log only for vectors with a lane where the other
+          // teachers add less than ½ (rare where the teachers agree)
+          if (near.zero_mask() != 0) {
+            VW y = zero;
+            for (int64_t k = 0; k < K; ++k) {
+              const VW a_k = (VW::loadu(t[k] + j) - VW(max_t[k])) * vinv;
+              const VW d = ((a_k - a_s) - VW(gap[k])) - b_sel;
+              y = y + VW(weight[k]) * fk_exp_normaliser(d);
+            }
+            value = VW::blendv(b_sel + y.log(), value, near);
+          }
           value = VW::blendv(value, neg_inf, b_sel == neg_inf);
           value = VW::blendv(value, a_max - a_s, a_s == neg_inf);
           (value + vpoison).store(log_ratio + j);
