@@ -390,3 +390,25 @@ def test_weights_off_by_rounding_are_renormalised(backend):
     got = fastkd.divergence(s, t, teacher_weights=off, **kwargs)
     want = fastkd.divergence(s, t, teacher_weights=exact, **kwargs)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("divergence", ("reverse_kl", "jsd", "kl"))
+def test_probability_underflowing_in_every_teacher_keeps_its_log(backend, divergence):
+    """float32 rows where every teacher puts ~e^−300 on entries that carry the student's
+    mass: p underflows float32 there in each teacher and in the mixture, but log p is
+    finite, and the reverse KL (~300 per row) and its gradient follow from it."""
+    s, t = logits((4, 300)), logits((3, 4, 300))
+    t[:, :, :5] -= 600.0  # at T = 2: every teacher's p ~ e^−300 on the first five entries
+    s[:, :5] += 20.0  # where the student has nearly all its mass
+    check_parity(backend, s, t, random_weights(3), divergence=divergence, temperature=2.0, reduction="none")
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_small_divergence_at_high_temperature_float32(backend, divergence):
+    """T = 100, teachers near the student: log p − log q ~ 1e-3 against log p ~ log V,
+    so the mixture's log must not carry rounding at the size of log V."""
+    s = logits((6, 2000))
+    t = s.unsqueeze(0) + 0.1 * logits((3, 6, 2000))
+    check_parity(backend, s, t, random_weights(3), divergence=divergence, temperature=100.0, reduction="none")

@@ -28,14 +28,15 @@
 // student gradient in double, before the gradient is rounded to the input
 // dtype. The op checks the kept rows' labels are in [0, V) first.
 //
-// Everything is evaluated in double, for every input dtype. In float the
-// mixture's log p carries rounding at the magnitude of log p itself (~log V),
-// re-added by every logaddexp; with the divergence ~1e-4 (T = 100, where
-// log p − log q is ~1e-2) that put the float32 loss 3× further from the
-// float64 reference than PyTorch's float32 computation (measured, and
-// reproduced by emulating the float arithmetic in PyTorch). Double SIMD lanes
-// are half as many; the kernel stays well ahead of the eager mixture (see
-// bench/bench_mixture.py).
+// float64 inputs are evaluated in double as above (mixture_rows). float32,
+// bfloat16 and float16 inputs take the float path (mixture_rows_float, see
+// its comment): the mixture is not accumulated as log p, whose rounding is at
+// the magnitude of log p itself (~log V) and, with the divergence ~1e-4
+// (T = 100, where log p − log q is ~1e-2), would put the float32 loss further
+// from the float64 reference than PyTorch's float32 computation; instead the
+// log ratio log p − log q is formed per element from logit differences and
+// one rounded row constant per teacher, so its rounding is relative to its
+// own size.
 #include "mixture_kernel.h"
 
 #include <ATen/Parallel.h>
@@ -84,14 +85,19 @@ struct Compensated {
 
 // Total of SIMD lanes and a scalar tail, combined in double.
 template <class W>
-W total(const Compensated<Vec<W>>& lanes, const Compensated<W>& tail) {
+double total_double(const Compensated<Vec<W>>& lanes, const Compensated<W>& tail) {
   constexpr int64_t L = Vec<W>::size();
   std::array<W, L> sums, comps;
   lanes.sum.store(sums.data());
   lanes.compensation.store(comps.data());
   double result = double(tail.sum) - double(tail.compensation);
   for (int64_t l = 0; l < L; ++l) result += double(sums[l]) - double(comps[l]);
-  return W(result);
+  return result;
+}
+
+template <class W>
+W total(const Compensated<Vec<W>>& lanes, const Compensated<W>& tail) {
+  return W(total_double(lanes, tail));
 }
 
 template <class W>
@@ -108,9 +114,10 @@ W row_max(const W* x, int64_t V) {
   return best;
 }
 
-// Σ exp((x − max)/T); with `out`, the exponentials are stored there too.
+// Σ exp((x − max)/T), summed in W and returned in double; with `out`, the
+// exponentials are stored there too.
 template <class W>
-W exp_sum(const W* x, int64_t V, W max, W inv_t, W* out) {
+double exp_sum(const W* x, int64_t V, W max, W inv_t, W* out) {
   constexpr int64_t L = Vec<W>::size();
   const Vec<W> vmax(max), vinv(inv_t);
   Compensated<Vec<W>> lanes;
@@ -126,7 +133,7 @@ W exp_sum(const W* x, int64_t V, W max, W inv_t, W* out) {
     if (out != nullptr) out[j] = e;
     tail.add(e);
   }
-  return total(lanes, tail);
+  return total_double(lanes, tail);
 }
 
 // log p ← (first ? a : logaddexp(log p, a)), a = (t − max)/T + offset.
@@ -316,13 +323,336 @@ void mixture_rows(const MixtureDivergenceArgs& a) {
   });
 }
 
+// ---- float32 path (float32, bfloat16 and float16 inputs) --------------------
+//
+// The same passes in float, with the mixture formed in the student's log
+// ratio space: per element and teacher,
+//   b_k = log p_k − log q = (a_k − a_s) − g_k,   a = (x − max)/T,
+//   g_k = log Σ_k − log Σ_s  (a row constant from double sums, rounded once),
+// and D = log p − log q = log Σ_k w_k e^{b_k}. With j the teacher of largest
+// b_j + log w_j at that element and Σ_k w_k = 1,
+//   Σ_k w_k e^{b_k − b_j} = 1 + X,   X = Σ_k w_k expm1(b_k − b_j),
+//   D = b_j + log1p(X)   where X > −½ (the teachers are comparable there, so
+//                        D is rounded relative to its own size, not to
+//                        log p ~ log V: a small divergence stays accurate)
+//   D = b_j + log(Y)     elsewhere, Y = Σ_k w_k e^{b_k − b_j} ≥ w_j (a sum of
+//                        positive terms, no cancellation).
+// No exponential of a large negative argument is taken for the dominant
+// teacher, so a probability that underflows float32 in every teacher keeps
+// an exact log ratio (b_j is a difference of logits). The probabilities
+// themselves are p = Σ_k (w_k / Σ_k) e_k and q = e_s / Σ_s, from the
+// exponentials of the normalising passes. Per element: K + 1 exponentials
+// to normalise, then K expm1 (expm1_lanes) and one log1p (K exp and one log more in a
+// vector with a lane of X ≤ −½).
+//
+// Weights: teachers of weight 0 are only scanned for their max (a NaN or
+// infinite max makes the row NaN, as in the reference: docs/spec.md §6).
+// Positive weights below kSmallestFloatWeight go to the double path (see
+// mixture_divergence_kernel).
+
+// expm1 of float lanes for the log ratio pass, arguments up to 88 (larger
+// ones overflow to inf), −inf (−1) and NaN. AVX512: the reduction of
+// fk_exp_normaliser (vec_math.h), x = n ln2 + r with |r| ≤ ln2/2, then
+// expm1(x) = 2^n expm1(r) + (2^n − 1), expm1(r) = r + r²(1/2 + r/6 + … +
+// r⁵/5040) (truncation below 2e-8 relative): rounded relative to the result
+// near 0, where exp(x) − 1 would not be, in ~15 instructions against ~40 for
+// Sleef's. Elsewhere at::vec's expm1.
+inline Vec<float> expm1_lanes(Vec<float> x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // vmaxps returns its second operand for a NaN: NaN passes through
+  const __m512 a = _mm512_max_ps(_mm512_set1_ps(-110.0f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(a, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), a);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0f / 5040.0f), _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.5f));
+  const __m512 expm1_r = _mm512_fmadd_ps(_mm512_mul_ps(r, r), p, r);
+  const __m512 two_n = _mm512_scalef_ps(_mm512_set1_ps(1.0f), n);
+  return _mm512_fmadd_ps(two_n, expm1_r, _mm512_sub_ps(two_n, _mm512_set1_ps(1.0f)));
+#else
+  return x.expm1();
+#endif
+}
+
+template <class S>
+void widen_row(const S* x, float* out, int64_t V) {
+  at::vec::convert(x, out, V);
+}
+
+template <int KIND, class S>
+void mixture_rows_float(const MixtureDivergenceArgs& a) {
+  using W = float;
+  using VW = Vec<W>;
+  constexpr bool widen = !std::is_same_v<S, float>;
+  constexpr int64_t L = VW::size();
+  const auto* student = static_cast<const S*>(a.student);
+  const auto* teacher = static_cast<const S*>(a.teacher);
+  auto* row_loss = static_cast<float*>(a.row_loss);
+  auto* row_ce = static_cast<float*>(a.row_ce);
+  auto* grad = static_cast<S*>(a.student_grad);
+  const int64_t V = a.vocab;
+  const W inv_t = W(a.inv_temperature);
+  const W factor = W(a.grad_scale * a.inv_temperature);
+  const Coefficient<W> coef{W(a.coef), W(1.0 - a.coef), W(std::log(a.coef)), W(std::log1p(-a.coef))};
+  const W hard_scale = W(a.hard_grad_scale);
+  const bool ce_shares_normaliser = a.inv_temperature == 1.0;
+
+  // the teachers of positive weight, their weights and log weights
+  std::vector<int64_t> active;
+  std::vector<W> weight, log_weight;
+  for (int64_t k = 0; k < a.teachers; ++k) {
+    if (a.log_weights[k] > -std::numeric_limits<double>::infinity()) {
+      active.push_back(k);
+      weight.push_back(W(std::exp(a.log_weights[k])));
+      log_weight.push_back(W(a.log_weights[k]));
+    }
+  }
+  const int64_t K = int64_t(active.size());
+
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(V * a.teachers, 1));
+  at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
+    // e_s, D, u, the K active teachers' e_k; widened inputs (bf16 / fp16) after them
+    std::vector<W> buffer((3 + K + (widen ? 1 + K : 0)) * V);
+    W* e_s = buffer.data();
+    W* log_ratio = e_s + V;
+    W* u = log_ratio + V;
+    W* e_t = u + V;  // [K, V]
+    W* s_wide = widen ? e_t + K * V : nullptr;
+    W* t_wide = widen ? s_wide + V : nullptr;  // [K, V]
+    std::vector<const W*> t(K);
+    std::vector<W> max_t(K), gap(K), p_scale(K);
+    for (int64_t i = begin; i < end; ++i) {
+      S* grad_row = grad != nullptr ? grad + i * V : nullptr;
+      if (a.row_mask != nullptr && !a.row_mask[i]) {
+        row_loss[i] = 0.0f;
+        if (row_ce != nullptr) row_ce[i] = 0.0f;
+        if (grad_row) std::fill(grad_row, grad_row + V, S(0));
+        continue;
+      }
+      const S* s_row = student + i * a.student_row_stride;
+      const W* s = nullptr;
+      if constexpr (widen) {
+        widen_row(s_row, s_wide, V);
+        s = s_wide;
+      } else {
+        s = s_row;
+      }
+      const W max_s = row_max(s, V);
+      const double sum_s = exp_sum(s, V, max_s, inv_t, e_s);
+      const double log_sum_s = std::log(sum_s);
+      const W inv_sum_s = W(1.0 / sum_s);
+
+      // a teacher of weight 0 adds nothing but NaN (a NaN, +inf or all −inf row)
+      W poison = 0.0f;
+      for (int64_t k = 0, next = 0; k < a.teachers; ++k) {
+        const S* t_row = teacher + k * a.teacher_stride + i * a.teacher_row_stride;
+        if (next < K && active[next] == k) {
+          const W* tk = nullptr;
+          if constexpr (widen) {
+            widen_row(t_row, t_wide + next * V, V);
+            tk = t_wide + next * V;
+          } else {
+            tk = t_row;
+          }
+          t[next] = tk;
+          max_t[next] = row_max(tk, V);
+          const double sum_t = exp_sum(tk, V, max_t[next], inv_t, e_t + next * V);
+          gap[next] = W(std::log(sum_t) - log_sum_s);
+          p_scale[next] = W(double(weight[next]) / sum_t);
+          poison += 0.0f * gap[next];
+          ++next;
+        } else {
+          W m = 0.0f;
+          if constexpr (widen) {
+            widen_row(t_row, u, V);  // u is free until the terms pass
+            m = row_max(static_cast<const W*>(u), V);
+          } else {
+            m = row_max(t_row, V);
+          }
+          if (!std::isfinite(m)) poison = std::numeric_limits<W>::quiet_NaN();
+        }
+      }
+      poison += 0.0f * W(log_sum_s);
+
+      // D = log p − log q per element (see the section comment)
+      {
+        const VW vmax_s(max_s), vinv(inv_t), neg_inf(-std::numeric_limits<W>::infinity());
+        const VW vpoison(poison), half(-0.5f), zero(0.0f);
+        int64_t j = 0;
+        for (; j + L <= V; j += L) {
+          const VW a_s = (VW::loadu(s + j) - vmax_s) * vinv;
+          VW z_max = neg_inf, b_sel = neg_inf, a_max = neg_inf;
+          for (int64_t k = 0; k < K; ++k) {
+            const VW a_k = (VW::loadu(t[k] + j) - VW(max_t[k])) * vinv;
+            const VW b = (a_k - a_s) - VW(gap[k]);
+            const VW z = b + VW(log_weight[k]);
+            const VW take = z > z_max;
+            z_max = VW::blendv(z_max, z, take);
+            b_sel = VW::blendv(b_sel, b, take);
+            a_max = VW::blendv(a_max, a_k, a_k > a_max);
+          }
+          VW x = zero;
+          for (int64_t k = 0; k < K; ++k) {
+            const VW a_k = (VW::loadu(t[k] + j) - VW(max_t[k])) * vinv;
+            const VW d = ((a_k - a_s) - VW(gap[k])) - b_sel;
+            x = x + VW(weight[k]) * expm1_lanes(d);
+          }
+          const VW near = x > half;
+          VW value = b_sel + x.log1p();
+          // Y and its log only for vectors with a lane where the other
+          // teachers add less than ½ (rare where the teachers agree)
+          if (near.zero_mask() != 0) {
+            VW y = zero;
+            for (int64_t k = 0; k < K; ++k) {
+              const VW a_k = (VW::loadu(t[k] + j) - VW(max_t[k])) * vinv;
+              const VW d = ((a_k - a_s) - VW(gap[k])) - b_sel;
+              y = y + VW(weight[k]) * fk_exp_normaliser(d);
+            }
+            value = VW::blendv(b_sel + y.log(), value, near);
+          }
+          value = VW::blendv(value, neg_inf, b_sel == neg_inf);
+          value = VW::blendv(value, a_max - a_s, a_s == neg_inf);
+          (value + vpoison).store(log_ratio + j);
+        }
+        for (; j < V; ++j) {
+          const W a_s = (s[j] - max_s) * inv_t;
+          W z_max = -INFINITY, b_sel = -INFINITY, a_max = -INFINITY;
+          for (int64_t k = 0; k < K; ++k) {
+            const W a_k = (t[k][j] - max_t[k]) * inv_t;
+            const W b = (a_k - a_s) - gap[k];
+            const W z = b + log_weight[k];
+            if (z > z_max) {
+              z_max = z;
+              b_sel = b;
+            }
+            if (a_k > a_max) a_max = a_k;
+          }
+          W x = 0.0f, y = 0.0f;
+          for (int64_t k = 0; k < K; ++k) {
+            const W d = (((t[k][j] - max_t[k]) * inv_t - a_s) - gap[k]) - b_sel;
+            x += weight[k] * std::expm1(d);
+            y += weight[k] * std::exp(d);
+          }
+          W value = b_sel + (x > -0.5f ? std::log1p(x) : std::log(y));
+          if (b_sel == -INFINITY) value = -INFINITY;
+          if (a_s == -INFINITY) value = a_max - a_s;
+          log_ratio[j] = value + poison;
+        }
+      }
+      // log(q/p) at the student's mode, for REVERSE_KL's shifted ratio
+      const W ratio_at_mode = -log_ratio[index_of(s, V, max_s)];
+
+      // terms: loss, Σu (u kept for the gradient)
+      Compensated<VW> vloss, vsum_u;
+      Compensated<W> tail_loss, tail_u;
+      {
+        const VW vinv_sum(inv_sum_s), vmode(ratio_at_mode), vpoison(poison);
+        const Coefficient<VW> vcoef{VW(coef.c), VW(coef.one_minus_c), VW(coef.log_c), VW(coef.log_one_minus_c)};
+        int64_t j = 0;
+        for (; j + L <= V; j += L) {
+          ElementInputs<VW> x;
+          VW p = vpoison;  // NaN in p too: TVD does not read the log ratio
+          for (int64_t k = 0; k < K; ++k) p = p + VW::loadu(e_t + k * V + j) * VW(p_scale[k]);
+          const VW d = VW::loadu(log_ratio + j);
+          x.log_ratio = d;
+          x.p = p;
+          x.q = VW::loadu(e_s + j) * vinv_sum;
+          x.shifted_ratio_q = (VW(0.0f) - d) - vmode;
+          x.shifted_ratio_p = VW(0.0f);
+          const ElementTerms<VW> e = element_terms<KIND>(x, vcoef);
+          vloss.add(e.loss);
+          vsum_u.add(e.u);
+          e.u.store(u + j);
+        }
+        for (; j < V; ++j) {
+          ElementInputs<W> x;
+          W p = poison;
+          for (int64_t k = 0; k < K; ++k) p += e_t[k * V + j] * p_scale[k];
+          const W d = log_ratio[j];
+          x.log_ratio = d;
+          x.p = p;
+          x.q = e_s[j] * inv_sum_s;
+          x.shifted_ratio_q = -d - ratio_at_mode;
+          x.shifted_ratio_p = 0.0f;
+          const ElementTerms<W> e = element_terms<KIND>(x, coef);
+          tail_loss.add(e.loss);
+          tail_u.add(e.u);
+          u[j] = e.u;
+        }
+      }
+      const double loss = total_double(vloss, tail_loss);
+      row_loss[i] = float(loss < 0.0 ? 0.0 : loss);
+
+      // the hard-label cross-entropy (as in mixture_rows): e_ce over D at T ≠ 1
+      const W* e_ce = e_s;
+      W ce_inv_sum = inv_sum_s;
+      if (row_ce != nullptr) {
+        double ce_log_sum = log_sum_s;
+        if (!ce_shares_normaliser) {
+          W* out = grad_row != nullptr ? log_ratio : nullptr;
+          const double sum = exp_sum(s, V, max_s, 1.0f, out);
+          ce_log_sum = std::log(sum);
+          ce_inv_sum = W(1.0 / sum);
+          e_ce = log_ratio;
+        }
+        row_ce[i] = float((double(max_s) - double(s[a.labels[i]])) + ce_log_sum);
+      }
+      if (grad_row == nullptr) continue;
+
+      // gradient (u − q Σu)·factor, written over u, then rounded to S
+      const W sum_u = total(vsum_u, tail_u);
+      W* out = nullptr;
+      if constexpr (widen) {
+        out = u;
+      } else {
+        out = grad_row;
+      }
+      {
+        const VW vfactor(factor), vsum(sum_u), vinv_sum(inv_sum_s);
+        int64_t j = 0;
+        for (; j + L <= V; j += L) {
+          const VW q = VW::loadu(e_s + j) * vinv_sum;
+          softmax_grad(VW::loadu(u + j), q, vsum, vfactor).store(out + j);
+        }
+        for (; j < V; ++j) out[j] = softmax_grad(u[j], e_s[j] * inv_sum_s, sum_u, factor);
+      }
+      if (row_ce != nullptr) {
+        const W hard_factor = hard_scale * ce_inv_sum;
+        const VW vhard(hard_factor);
+        int64_t j = 0;
+        for (; j + L <= V; j += L) (VW::loadu(out + j) + VW::loadu(e_ce + j) * vhard).store(out + j);
+        for (; j < V; ++j) out[j] += e_ce[j] * hard_factor;
+        out[a.labels[i]] -= hard_scale;
+      }
+      if constexpr (widen) at::vec::convert(u, grad_row, V);
+    }
+  });
+}
+
+// Positive weights below this take the double path: the float path's
+// w_k·expm1(b_k − b_j) stays below 1 only for weights of at least ~e^−69.
+constexpr double kSmallestFloatWeight = 1e-30;
+
 template <int KIND>
 void mixture_rows_for_dtype(const MixtureDivergenceArgs& a) {
+  bool float_weights = true;
+  for (int64_t k = 0; k < a.teachers; ++k) {
+    const double w = std::exp(a.log_weights[k]);
+    if (w > 0.0 && w < kSmallestFloatWeight) float_weights = false;
+  }
   switch (a.dtype) {
-    case DType::Float32: return mixture_rows<KIND, float, float>(a);
+    case DType::Float32:
+      return float_weights ? mixture_rows_float<KIND, float>(a) : mixture_rows<KIND, float, float>(a);
     case DType::Float64: return mixture_rows<KIND, double, double>(a);
-    case DType::BFloat16: return mixture_rows<KIND, c10::BFloat16, float>(a);
-    case DType::Float16: return mixture_rows<KIND, c10::Half, float>(a);
+    case DType::BFloat16:
+      return float_weights ? mixture_rows_float<KIND, c10::BFloat16>(a)
+                           : mixture_rows<KIND, c10::BFloat16, float>(a);
+    case DType::Float16:
+      return float_weights ? mixture_rows_float<KIND, c10::Half>(a) : mixture_rows<KIND, c10::Half, float>(a);
   }
 }
 

@@ -1,0 +1,117 @@
+"""Multi-teacher KL on CPU against ``torch.compile`` and the memory-traffic floor.
+
+Times, taking turns in one process, forward + backward (student gradient)
+of ``fastkd.divergence(s, teachers, teacher_weights=w, backend="cpu")``
+(``K`` teachers ``(K, N, V)``, KL to their mixture, T = 2, weights
+``(0.5, 0.3, 0.2)`` as ``bench/bench_mixture.py``), the same through
+``torch.compile`` (``dynamic=False``) of the reference formula
+(``fastkd.reference.mixture.mixture_divergence``), and a 256 MiB ``copy_``
+that gives the copy bandwidth. The floor of a shape is ``(K + 2) · N · V ·
+itemsize`` bytes (read the student and the K teachers, write the student
+gradient) over that bandwidth. Taking turns makes the ratios robust to a
+machine whose load drifts.
+
+Two builds compare by alternating processes, e.g. ::
+
+    for i in 1 2; do
+      PYTHONPATH=/path/to/baseline python -m bench.mixture_passes --label before
+      python -m bench.mixture_passes --label after
+    done
+
+Per-element work of the fused kernel's float path (K teachers): K + 1
+exponentials in the normalising passes, then K expm1 and one log1p for the
+log ratio to the mixture (K exp and one log more where one teacher
+dominates); one read of each input row from memory, one write of the
+gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import fastkd
+from bench.measure import MIB, OtherLoad
+from fastkd.reference import mixture as reference_mixture
+
+WEIGHTS = (0.5, 0.3, 0.2)
+TEMPERATURE = 2.0
+
+
+def _shape(text: str) -> tuple[int, int]:
+    n, v = text.lower().replace("×", "x").split("x")
+    return int(n), int(v)
+
+
+def reference_loss(student, teachers, weights):
+    return reference_mixture.mixture_divergence(student, teachers, weights, temperature=TEMPERATURE)
+
+
+def measure(n: int, v: int, *, repeats: int, copy_mib: int, use_compile: bool):
+    """Median ms of the fastkd call and of the compiled reference, median copy GB/s
+    and the other processes' load, for ``(n, v)`` logits and ``len(WEIGHTS)`` teachers."""
+    generator = torch.Generator().manual_seed(0)
+    s = torch.randn(n, v, generator=generator).requires_grad_()
+    t = torch.randn(len(WEIGHTS), n, v, generator=generator)
+    w = torch.tensor(WEIGHTS, dtype=torch.float64)
+    src = torch.ones(copy_mib * MIB // 4)
+    dst = torch.zeros_like(src)
+    compiled = torch.compile(reference_loss, dynamic=False) if use_compile else None
+
+    def fused():
+        s.grad = None
+        fastkd.divergence(s, t, teacher_weights=w, temperature=TEMPERATURE, backend="cpu").backward()
+
+    def reference():
+        s.grad = None
+        compiled(s, t, w).backward()
+
+    fused()
+    if compiled is not None:
+        reference()
+    dst.copy_(src)
+    fused_ms, compile_ms, copy_gbs = [], [], []
+    with OtherLoad() as load:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fused()
+            fused_ms.append((time.perf_counter() - start) * 1e3)
+            if compiled is not None:
+                start = time.perf_counter()
+                reference()
+                compile_ms.append((time.perf_counter() - start) * 1e3)
+            start = time.perf_counter()
+            dst.copy_(src)
+            copy_gbs.append(2 * src.nbytes / (time.perf_counter() - start) / 1e9)
+    compile_median = statistics.median(compile_ms) if compile_ms else float("nan")
+    return statistics.median(fused_ms), compile_median, statistics.median(copy_gbs), load.cores
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", type=_shape, default=[(4096, 1024), (1024, 32000)])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--copy-mib", type=int, default=256, help="size of the copied tensor")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    parser.add_argument("--label", default="", help="first column of every line")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    k = len(WEIGHTS)
+    for n, v in args.shapes:
+        fused_ms, compile_ms, copy_gbs, load = measure(n, v, repeats=args.repeats, copy_mib=args.copy_mib,
+                                                       use_compile=not args.no_compile)
+        floor_ms = (k + 2) * n * v * 4 / (copy_gbs * 1e9) * 1e3
+        load_text = "?" if load is None else f"{load:.2f}"
+        print(f"{args.label}\tfp32 K={k}\t{n}x{v}\tthreads={torch.get_num_threads()}\t"
+              f"fastkd {fused_ms:.1f} ms\tcompile {compile_ms:.1f} ms\tcopy {copy_gbs:.1f} GB/s\t"
+              f"floor {floor_ms:.2f} ms\tx_floor {fused_ms / floor_ms:.2f}\t"
+              f"x_compile {compile_ms / fused_ms:.2f}\tload {load_text}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
