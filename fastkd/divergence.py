@@ -126,7 +126,9 @@ def divergence(
 
     Args:
         student_logits: ``(..., V)`` float32 / bfloat16 / float16 / float64.
-        teacher_logits: ``(..., V)``, same shape, dtype and device. Gets a
+        teacher_logits: ``(..., V)``, same shape, dtype and device. A teacher
+            vocabulary padded beyond the student's (same tokenizer) raises a
+            ``ValueError`` that gives the slice ``teacher_logits[..., :V]``. Gets a
             gradient when it requires one (online / mutual distillation).
         divergence: ``"kl"`` KL(p‖q), ``"reverse_kl"`` KL(q‖p), ``"jsd"``
             (β-weighted; β=0 is KL(p‖q), β=1 is KL(q‖p) exactly),
@@ -214,6 +216,11 @@ def divergence(
             beta=beta, alpha=alpha, scale=scale, reduction=reduction, labels=labels,
             ignore_index=ignore_index, mask=mask, hard_weight=hard_weight, soft_weight=soft_weight,
             return_parts=return_parts, backend=backend,
+        )
+    if t.shape[:-1] == s.shape[:-1]:
+        _validate.teacher_vocabulary(
+            f"teacher_logits shape {tuple(t.shape)} does not match student_logits shape {tuple(s.shape)}",
+            t.shape[-1], s.shape[-1], "teacher_logits[..., :{V}]",
         )
     _validate.same_layout("teacher_logits", t, "student_logits", s)
     options = DivergenceOptions.from_arguments(

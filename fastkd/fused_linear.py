@@ -437,7 +437,9 @@ def fused_linear_divergence(
             from ``student_hidden``'s (float64 mixes only with float64).
         teacher_hidden: ``(N, H_t)`` / ``(B, T, H_t)``: same leading dims; any
             of the dtypes above (a bfloat16 teacher with a float32 student).
-        teacher_weight: ``(V, H_t)``, same V as ``student_weight``.
+        teacher_weight: ``(V, H_t)``, same V as ``student_weight`` (a teacher
+            vocabulary padded beyond it raises a ``ValueError`` giving the slice
+            ``teacher_weight[:V]``).
         student_bias, teacher_bias: optional ``(V,)``.
         divergence, temperature, beta, alpha, scale, reduction, labels,
         ignore_index, mask, hard_weight, soft_weight: as :func:`fastkd.divergence`
@@ -502,6 +504,10 @@ def fused_linear_divergence(
     _check_float64_not_mixed(
         {"student_hidden": s_h, "student_weight": s_w, "student_bias": s_b, "teacher_hidden": t_h,
          "teacher_weight": t_w, "teacher_bias": t_b}
+    )
+    _validate.teacher_vocabulary(
+        f"teacher_weight vocabulary size {t_w.shape[0]} does not match student_weight's {s_w.shape[0]}",
+        t_w.shape[0], s_w.shape[0], "teacher_weight[:{V}] (and teacher_bias[:{V}])",
     )
     if t_w.shape[0] != s_w.shape[0]:
         raise ValueError(
