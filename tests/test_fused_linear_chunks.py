@@ -30,5 +30,6 @@ def test_gpu_chunks_of_an_llm_head_are_few_and_large(dtype):
 @pytest.mark.parametrize("n_rows, vocab, hidden", ((1, 128256, 4096), (4096, 1000, 4096), (100, 50, 3)))
 def test_gpu_chunks_never_below_the_memory_budget_rule(n_rows, vocab, hidden):
     rows = fused_linear.default_chunk_rows(n_rows, vocab, hidden, torch.bfloat16, "cuda")
-    budget = fused_linear.chunk_rows(vocab, torch.bfloat16, False, fused_linear.default_memory_budget(torch.bfloat16))
+    budget_bytes = fused_linear.default_memory_budget(torch.bfloat16)
+    budget = fused_linear.chunk_rows(vocab, torch.bfloat16, False, budget_bytes)
     assert rows >= budget and math.ceil(n_rows / rows) <= max(1, math.ceil(vocab / hidden))

@@ -54,7 +54,9 @@ def test_excluded_rows_are_not_projected(backend, kwargs, monkeypatch):
 
     monkeypatch.setattr(module, "_logits", counting_logits)
     s_h_leaf, s_w_leaf = s_h.clone().requires_grad_(True), s_w.clone().requires_grad_(True)
-    out = fastkd.fused_linear_divergence(s_h_leaf, s_w_leaf, t_h, t_w, chunk_size=4, backend=backend, **kwargs)
+    out = fastkd.fused_linear_divergence(
+        s_h_leaf, s_w_leaf, t_h, t_w, chunk_size=4, backend=backend, **kwargs
+    )
     total = out[0] if isinstance(out, tuple) else out
     total.sum().backward()
     kept = int((labels != -100).sum())
