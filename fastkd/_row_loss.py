@@ -25,6 +25,7 @@ __all__ = [
     "StudentHardSoftFunction",
     "StudentKernelCall",
     "as_rows",
+    "as_rows_in_place",
     "graph_is_kept",
     "hard_soft_factors",
     "kept_rows",
@@ -236,6 +237,41 @@ def as_rows(s: torch.Tensor, t: torch.Tensor, labels, ignore_index: int, mask) -
     vocab = s.shape[-1]
     keep = kept_rows(labels, ignore_index, mask)
     return Rows(row_major(s.reshape(-1, vocab)), row_major(t.reshape(-1, vocab)), keep, s.shape[:-1])
+
+
+def as_rows_in_place(s: torch.Tensor, t: torch.Tensor, labels, ignore_index: int, mask) -> Rows:
+    """:func:`as_rows` for the divergence kernels, which also read ``(A, R, V)`` logits in place.
+
+    ``(..., V)`` logits whose rows cannot be one ``(N, V)`` view, such as the
+    causal shift ``logits[:, :-1]`` of ``(B, T, V)`` logits (the batch stride
+    is not ``T - 1`` rows), are given as an ``(A, R, V)`` view with the same
+    ``A · R = N`` rows in the same order, when both student and teacher have
+    one; the kernel reads each row through two strides. Only logits strided
+    along V, or with no such split of their leading dimensions, are copied.
+    Under ``torch.compile`` the rows are ``(N, V)`` as in :func:`as_rows`.
+    """
+    vocab = s.shape[-1]
+    flat_s, flat_t = _view_or_none(s, (-1, vocab)), _view_or_none(t, (-1, vocab))
+    two_strides = flat_s is None or flat_t is None
+    if two_strides and not torch.compiler.is_compiling() and _unit_stride_along_v(s, t):
+        lead = s.shape[:-1]
+        for split in range(1, len(lead)):
+            shape = (math.prod(lead[:split]), math.prod(lead[split:]), vocab)
+            blocked_s, blocked_t = _view_or_none(s, shape), _view_or_none(t, shape)
+            if blocked_s is not None and blocked_t is not None:
+                return Rows(blocked_s, blocked_t, kept_rows(labels, ignore_index, mask), lead)
+    return as_rows(s, t, labels, ignore_index, mask)
+
+
+def _view_or_none(x: torch.Tensor, shape) -> torch.Tensor | None:
+    try:
+        return x.view(shape)
+    except RuntimeError:  # the strides do not allow that view
+        return None
+
+
+def _unit_stride_along_v(*tensors: torch.Tensor) -> bool:
+    return all(x.stride(-1) == 1 or x.shape[-1] == 1 for x in tensors)
 
 
 def row_major(x: torch.Tensor) -> torch.Tensor:

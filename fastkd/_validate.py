@@ -38,6 +38,26 @@ def same_layout(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor
     same_device(name, value, ref_name, ref)
 
 
+def teacher_vocabulary(mismatch: str, teacher_size: int, student_size: int, slice_hint: str) -> None:
+    """A teacher vocabulary larger than the student's: ``ValueError`` naming both sizes and the slice.
+
+    Models of one tokenizer often pad their embedding tables to different
+    sizes (152064 vs 151936 rows); the ids beyond the tokenizer's are never
+    produced. Dropping the teacher's extra entries is right only when they are
+    such padding (their mass would otherwise vanish from the target), so the
+    caller slices. ``mismatch`` opens the message (naming the arguments);
+    ``slice_hint`` is the slice, ``{V}`` standing for the student size
+    (``"teacher_logits[..., :{V}]"``).
+    """
+    if teacher_size > student_size:
+        raise ValueError(
+            f"{mismatch}: the teacher vocabulary ({teacher_size}) is larger than the student's "
+            f"({student_size}). If the teacher's extra ids are padding of the same tokenizer (never "
+            f"produced), pass {slice_hint.format(V=student_size)}; if they are real tokens, the "
+            f"vocabularies differ and a cross-vocabulary loss (fastkd.uld_loss) applies"
+        )
+
+
 def same_device(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if value.device != ref.device:
         raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}")

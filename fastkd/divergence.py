@@ -32,7 +32,8 @@ __all__ = [
 
 
 class DivergenceFunction(torch.autograd.Function):
-    """Fused softmax divergence on ``(N, V)`` logits; one kernel call.
+    """Fused softmax divergence on ``(N, V)`` logits, or the rows of an ``(A, R, V)`` view
+    (:func:`fastkd._row_loss.as_rows_in_place`); one kernel call.
 
     The forward kernel returns the row losses and, for the inputs that need
     them, the gradients already multiplied by the reduction's factor; the
@@ -46,13 +47,19 @@ class DivergenceFunction(torch.autograd.Function):
             ctx.needs_input_grad[0], ctx.needs_input_grad[1],
         )
         ctx.save_for_backward(grad_s, grad_t)
+        ctx.shapes = student.shape, teacher.shape
         return row_loss * factor if per_row else row_loss.sum() * factor
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_s, grad_t = ctx.saved_tensors
-        grad_student = _row_loss.scale_by_upstream(grad_s, grad_output) if ctx.needs_input_grad[0] else None
-        grad_teacher = _row_loss.scale_by_upstream(grad_t, grad_output) if ctx.needs_input_grad[1] else None
+        student_shape, teacher_shape = ctx.shapes
+        # the kernel's gradients are (N, V) rows; (A, R, V) inputs take them as (A, R, V)
+        grad_student = grad_teacher = None
+        if ctx.needs_input_grad[0]:
+            grad_student = _row_loss.scale_by_upstream(grad_s, grad_output).view(student_shape)
+        if ctx.needs_input_grad[1]:
+            grad_teacher = _row_loss.scale_by_upstream(grad_t, grad_output).view(teacher_shape)
         return grad_student, grad_teacher, None, None, None, None, None, None, None
 
 
@@ -81,6 +88,7 @@ class HardSoftDivergenceFunction(torch.autograd.Function):
         kept_for_split = (student, labels, row_mask) if separable else (None, None, None)
         ctx.save_for_backward(grad_s, grad_t, *kept_for_split)
         ctx.hard_factor = hard_factor
+        ctx.shapes = student.shape, teacher.shape
         if per_row:
             return row_loss * soft_factor, row_ce * hard_factor
         return row_loss.sum() * soft_factor, row_ce.sum() * hard_factor
@@ -92,9 +100,9 @@ class HardSoftDivergenceFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_student = _row_loss.split_hard_soft(
                 grad_s, grad_soft, grad_hard, student, labels, row_mask, ctx.hard_factor
-            )
+            ).view(ctx.shapes[0])
         if ctx.needs_input_grad[1]:
-            grad_teacher = _row_loss.scale_by_upstream(grad_t, grad_soft)
+            grad_teacher = _row_loss.scale_by_upstream(grad_t, grad_soft).view(ctx.shapes[1])
         return (grad_student, grad_teacher) + (None,) * 10
 
 
@@ -126,7 +134,9 @@ def divergence(
 
     Args:
         student_logits: ``(..., V)`` float32 / bfloat16 / float16 / float64.
-        teacher_logits: ``(..., V)``, same shape, dtype and device. Gets a
+        teacher_logits: ``(..., V)``, same shape, dtype and device. A teacher
+            vocabulary padded beyond the student's (same tokenizer) raises a
+            ``ValueError`` that gives the slice ``teacher_logits[..., :V]``. Gets a
             gradient when it requires one (online / mutual distillation).
         divergence: ``"kl"`` KL(p‖q), ``"reverse_kl"`` KL(q‖p), ``"jsd"``
             (β-weighted; β=0 is KL(p‖q), β=1 is KL(q‖p) exactly),
@@ -215,6 +225,11 @@ def divergence(
             ignore_index=ignore_index, mask=mask, hard_weight=hard_weight, soft_weight=soft_weight,
             return_parts=return_parts, backend=backend,
         )
+    if t.shape[:-1] == s.shape[:-1]:
+        _validate.teacher_vocabulary(
+            f"teacher_logits shape {tuple(t.shape)} does not match student_logits shape {tuple(s.shape)}",
+            t.shape[-1], s.shape[-1], "teacher_logits[..., :{V}]",
+        )
     _validate.same_layout("teacher_logits", t, "student_logits", s)
     options = DivergenceOptions.from_arguments(
         divergence=divergence, temperature=temperature, beta=beta, alpha=alpha, scale=scale,
@@ -229,8 +244,8 @@ def divergence(
     if chosen == "reference":
         return _reference.divergence(s, t, **options.divergence_kwargs())
 
-    rows = _row_loss.as_rows(s, t, options.labels, options.ignore_index, options.mask)
-    n_rows, vocab = rows.student.shape
+    rows = _row_loss.as_rows_in_place(s, t, options.labels, options.ignore_index, options.mask)
+    n_rows, vocab = rows.lead_shape.numel(), s.shape[-1]
     factor = _row_loss.loss_factor(options.reduction, options.scale, n_rows, rows.keep, vocab)
     kind, coef = options.kernel_divergence()
     loss = DivergenceFunction.apply(
@@ -247,8 +262,10 @@ _divergence_function = divergence
 def _fused_hard_soft_divergence(s, t, options: DivergenceOptions, return_parts: bool, backend: str):
     """``hard_weight · CE + soft_weight · divergence`` in one kernel pass (one teacher, a
     compiled backend, ``hard_weight > 0``; arguments validated)."""
-    rows = _row_loss.as_rows(s, t, options.labels, options.ignore_index, options.mask)
-    vocab = rows.student.shape[1]
+    # with return_parts the backward may recompute the CE gradient from (N, V) rows
+    as_rows = _row_loss.as_rows if return_parts else _row_loss.as_rows_in_place
+    rows = as_rows(s, t, options.labels, options.ignore_index, options.mask)
+    vocab = s.shape[-1]
     flat_labels = options.labels.reshape(-1).long()
     _hard_labels.check_label_range(flat_labels, rows.keep, vocab)
     kind, coef = options.kernel_divergence()

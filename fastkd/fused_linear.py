@@ -86,6 +86,27 @@ def chunk_rows(vocab: int, dtype: torch.dtype, per_row_upstream: bool, memory_bu
     return max(1, memory_budget // max(per_row, 1))
 
 
+def default_chunk_rows(n_rows: int, vocab: int, hidden: int, dtype: torch.dtype, device_type: str) -> int:
+    """Rows per chunk when neither ``chunk_size`` nor ``memory_budget`` is given.
+
+    On CPU the :func:`default_memory_budget` rule (:func:`chunk_rows`). On a
+    GPU the budget alone gives tiny chunks for LLM vocabularies (43 rows for
+    bfloat16 at V = 128256: hundreds of Python-loop iterations, each chunk's
+    kernels far from filling the device), so the chunks are at least
+    ``⌈N / ⌈V/H⌉⌉`` rows: at most ``⌈V/H⌉`` chunks (32 for V = 128256,
+    H = 4096), whose temporaries (``3 · rows · V`` float32) are about three
+    float32 copies of the hidden states — memory proportional to the input,
+    as the hidden states themselves. The chunk count also bounds how often a
+    weight gradient summed in bfloat16 / float16 (``weight_grad_dtype``) is
+    rounded.
+    """
+    rows = chunk_rows(vocab, dtype, False, default_memory_budget(dtype))
+    if device_type == "cpu":
+        return rows
+    most_chunks = max(1, -(-vocab // max(hidden, 1)))
+    return max(rows, -(-n_rows // most_chunks))
+
+
 @dataclass(frozen=True)
 class _LogitMap:
     """``cap · tanh(scale · z / cap)`` (no cap: ``scale · z``) applied to one model's logits ``z``."""
@@ -206,18 +227,28 @@ def _chunk_pass(cfg: _Config, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need, 
     # dtype; elsewhere each weight is converted once per pass
     operand = (lambda x: x) if _native_mixed_matmul(s_h.device) else (lambda x: _in(acc, x))
     s_w_acc, t_w_acc = operand(s_w), operand(t_w)
-    kd_rows = s_h.new_empty((n,), dtype=acc)
+    # Excluded rows (labels == ignore_index, mask False: prompt and padding
+    # tokens) are never projected: the kept rows' indices are found once, up
+    # front (one host synchronisation, for their count), and the chunks walk
+    # them; excluded rows keep loss 0 and a zero hidden-state gradient.
+    kept_index = None if keep is None else keep.nonzero().squeeze(1)
+    n_walked = n if kept_index is None else kept_index.numel()
+    kd_rows = s_h.new_empty((n,), dtype=acc) if kept_index is None else s_h.new_zeros((n,), dtype=acc)
     ce_rows = s_h.new_zeros((n,), dtype=acc)
-    grad_h = s_h.new_empty(s_h.shape) if need[0] else None  # new_empty is contiguous
+    grad_h = None
+    if need[0]:  # contiguous either way
+        grad_h = s_h.new_empty(s_h.shape) if kept_index is None else s_h.new_zeros(s_h.shape)
     grad_w = s_w.new_zeros(s_w.shape, dtype=cfg.weight_grad_dtype) if need[1] else None
     grad_b = s_w.new_zeros((vocab,), dtype=acc) if need[2] else None
     u_soft, u_hard = upstream if upstream is not None else (None, None)
-    for start in range(0, n, cfg.chunk):
-        rows = slice(start, min(start + cfg.chunk, n))
+    for start in range(0, n_walked, cfg.chunk):
+        stop = min(start + cfg.chunk, n_walked)
+        # a slice of the rows, or the indices of the chunk's kept rows
+        rows = slice(start, stop) if kept_index is None else kept_index[start:stop]
         h = operand(s_h[rows])
         s_logits = _logits(h, s_w_acc, s_b, acc, cfg.student_map)
         t_logits = _logits(operand(t_h[rows]), t_w_acc, t_b, acc, cfg.teacher_map)
-        chunk_keep = None if keep is None else keep[rows]
+        chunk_keep = None  # every walked row is kept
         # the divergence and (with labels) the cross-entropy in one kernel
         # pass; g = kd_factor · dℓ/ds + ce_factor · dCE/ds
         row_loss, g, _, row_ce = run_divergence_kernel(
@@ -242,12 +273,15 @@ def _chunk_pass(cfg: _Config, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need, 
         cfg.student_map.chain_(g, s_logits)
         del s_logits
         if need[0]:
-            if grad_h.dtype == acc:
+            if grad_h.dtype == acc and kept_index is None:
                 _matmul_into(grad_h[rows], g, s_w_acc, accumulate=False)
             else:
                 product = g.new_empty((g.shape[0], s_w.shape[1]))
                 _matmul_into(product, g, s_w_acc, accumulate=False)
-                grad_h[rows].copy_(product)
+                if kept_index is None:
+                    grad_h[rows].copy_(product)
+                else:
+                    grad_h.index_copy_(0, rows, product.to(grad_h.dtype))
         if need[1]:
             if grad_w.dtype == acc:
                 _matmul_into(grad_w, g.t(), h, accumulate=True)
@@ -437,7 +471,9 @@ def fused_linear_divergence(
             from ``student_hidden``'s (float64 mixes only with float64).
         teacher_hidden: ``(N, H_t)`` / ``(B, T, H_t)``: same leading dims; any
             of the dtypes above (a bfloat16 teacher with a float32 student).
-        teacher_weight: ``(V, H_t)``, same V as ``student_weight``.
+        teacher_weight: ``(V, H_t)``, same V as ``student_weight`` (a teacher
+            vocabulary padded beyond it raises a ``ValueError`` giving the slice
+            ``teacher_weight[:V]``).
         student_bias, teacher_bias: optional ``(V,)``.
         divergence, temperature, beta, alpha, scale, reduction, labels,
         ignore_index, mask, hard_weight, soft_weight: as :func:`fastkd.divergence`
@@ -455,8 +491,10 @@ def fused_linear_divergence(
             ``c`` of each model's logits, or None (default) for no cap.
         chunk_size: rows per chunk; ``None`` chooses it from ``memory_budget``.
         memory_budget: bytes of per-chunk temporaries (logits, their gradient)
-            when ``chunk_size`` is None; ``None``: :func:`default_memory_budget`
-            (128 MiB for float32 / float64, 64 MiB for bfloat16 / float16).
+            when ``chunk_size`` is None; ``None``: :func:`default_chunk_rows`
+            (on CPU :func:`default_memory_budget`, 128 MiB for float32 /
+            float64, 64 MiB for bfloat16 / float16; on a GPU at most
+            ``⌈V/H⌉`` chunks).
         weight_grad_dtype: what the weight gradient is summed over the
             chunks in: ``None`` (default) or ``torch.float32``, the compute
             dtype (float32; float64 for float64), rounded to the weight's
@@ -503,6 +541,10 @@ def fused_linear_divergence(
         {"student_hidden": s_h, "student_weight": s_w, "student_bias": s_b, "teacher_hidden": t_h,
          "teacher_weight": t_w, "teacher_bias": t_b}
     )
+    _validate.teacher_vocabulary(
+        f"teacher_weight vocabulary size {t_w.shape[0]} does not match student_weight's {s_w.shape[0]}",
+        t_w.shape[0], s_w.shape[0], "teacher_weight[:{V}] (and teacher_bias[:{V}])",
+    )
     if t_w.shape[0] != s_w.shape[0]:
         raise ValueError(
             f"teacher_weight vocabulary size {t_w.shape[0]} does not match student_weight's {s_w.shape[0]}"
@@ -525,9 +567,8 @@ def fused_linear_divergence(
     lead = s_h.shape[:-1]
     if chunk_size is not None:
         chunk_size = _positive_int("chunk_size", chunk_size)
-    if memory_budget is None:
-        memory_budget = default_memory_budget(s_h.dtype)
-    memory_budget = _positive_int("memory_budget", memory_budget)
+    if memory_budget is not None:
+        memory_budget = _positive_int("memory_budget", memory_budget)
     reduced_weight = s_w.dtype in (torch.bfloat16, torch.float16)
     if weight_grad_dtype is not None and (
         not reduced_weight or weight_grad_dtype not in (torch.float32, s_w.dtype)
@@ -575,7 +616,11 @@ def fused_linear_divergence(
             ce_factor=hard_weight / ce_norm,
             per_row=reduction == "none",
             separable=return_parts,
-            chunk=chunk_size or chunk_rows(vocab, compute, reduction == "none", memory_budget),
+            chunk=chunk_size or (
+                default_chunk_rows(n_rows, vocab, s_rows.shape[1], s_h.dtype, device_type)
+                if memory_budget is None
+                else chunk_rows(vocab, compute, reduction == "none", memory_budget)
+            ),
             backend=chosen,
             compute=compute,
             weight_grad_dtype=compute if weight_grad_dtype is None else weight_grad_dtype,

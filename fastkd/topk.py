@@ -74,7 +74,11 @@ def _check_teacher(student: torch.Tensor, index, values, teacher_is_logprob: boo
     if index.numel() == 0:
         return values
     if bool(((index < 0) | (index >= vocab)).any()):
-        raise ValueError(f"teacher_index has ids outside [0, {vocab})")
+        raise ValueError(
+            f"teacher_index has ids outside [0, {vocab}) (the student's vocabulary); if the teacher's "
+            f"vocabulary is padded beyond the student's (same tokenizer), its padding ids carry no mass: "
+            f"take the top-k of teacher_logits[..., :{vocab}]"
+        )
     ordered = index.sort(dim=-1).values
     if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
         raise ValueError("teacher_index has an id twice in one row")

@@ -153,6 +153,9 @@ def _divergence_fwd_kernel(
     gt_ptr,  # [N, V] contiguous grad_scale · dℓ_i/dt (None unless TEACHER_GRAD)
     stride_s,
     stride_t,
+    rows_per_block,  # row r at (r // rows_per_block) · block stride + (r % rows_per_block) · row stride
+    block_stride_s,
+    block_stride_t,
     V,
     inv_temperature,  # 1 / T
     grad_factor,  # grad_scale / T
@@ -189,8 +192,10 @@ def _divergence_fwd_kernel(
                 zero_grad_row(gt_ptr, row, V, cols, BLOCK)
             return
 
-    s_row = s_ptr + row * stride_s
-    t_row = t_ptr + row * stride_t
+    block = row // rows_per_block
+    in_block = row - block * rows_per_block
+    s_row = s_ptr + block * block_stride_s + in_block * stride_s
+    t_row = t_ptr + block * block_stride_t + in_block * stride_t
 
     # pass 1: max (and, for the mode shifts, the first index of the max) and
     # log Σ_j exp((x_j − max) / T), online, and with labels at T ≠ 1 the
@@ -316,8 +321,28 @@ def _divergence_fwd_kernel(
                 store_grad(gt_ptr, row, V, offs, _softmax_grad(v, p, sum_v, grad_factor))
 
 
+def _as_row_shape(x: torch.Tensor) -> torch.Tensor:
+    """A ``(blocks, rows_per_block, V)`` tensor as the ``(rows, V)`` shape of its rows, for the
+    checks: a zero-row-stride view of its first element (never read through); others unchanged."""
+    if x.dim() != 3:
+        return x
+    return x.as_strided((x.shape[0] * x.shape[1], x.shape[2]), (0, x.stride(2)))
+
+
+def _row_geometry(x: torch.Tensor) -> tuple[int, int, int]:
+    """``(row_stride, rows_per_block, block_stride)`` of ``(N, V)`` or
+    ``(blocks, rows_per_block, V)`` logits: row ``r`` starts at
+    ``(r // rows_per_block) · block_stride + (r % rows_per_block) · row_stride``."""
+    if x.dim() == 3:
+        return x.stride(1), max(x.shape[1], 1), x.stride(0)
+    return x.stride(0), max(x.shape[0], 1), 0
+
+
 def _check_args(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale) -> None:
     """The checks of csrc/common/checks.h as ValueError, and the device the kernel runs on."""
+    if student.dim() == 3 and student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in shape")
+    student, teacher = _as_row_shape(student), _as_row_shape(teacher)
     for name, x in (("student", student), ("teacher", teacher)):
         check_tensor(name, x, 2, "N, V")
         if x.shape[1] > 1 and x.stride(1) != 1:
@@ -354,8 +379,10 @@ def divergence_forward(
 
     Args:
         student: ``(N, V)`` logits, float32 / bfloat16 / float16, unit stride
-            along V, any row stride.
-        teacher: ``(N, V)``, same dtype and device.
+            along V, any row stride; or ``(A, R, V)`` (any strides but the
+            unit one along V), read as its ``N = A·R`` rows in place (the
+            causal shift ``logits[:, :-1]`` of ``(B, T, V)`` logits).
+        teacher: the student's shape, same dtype and device.
         row_mask: ``(N,)`` bool or None; False rows get loss 0, CE 0 and zero gradients.
         kind: divergence code (csrc/common/divergence_math.h): 0 kl,
             1 reverse_kl, 2 jsd, 3 skew_kl, 4 skew_reverse_kl, 5 tvd.
@@ -377,8 +404,10 @@ def divergence_forward(
         (0 for excluded rows), or ``(0,)`` without labels.
     """
     _check_args(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale)
-    check_labels(labels, hard_grad_scale, student)
-    rows, vocab = student.shape
+    check_labels(labels, hard_grad_scale, _as_row_shape(student))
+    rows, vocab = _as_row_shape(student).shape
+    stride_s, rows_per_block, block_stride_s = _row_geometry(student)
+    stride_t, _, block_stride_t = _row_geometry(teacher)
     check_kept_label_range(labels, row_mask, vocab)
     has_labels = labels is not None
     row_loss = torch.empty(rows, dtype=torch.float32, device=student.device)
@@ -392,7 +421,7 @@ def divergence_forward(
             student, teacher, None if row_mask is None else row_mask.contiguous(),
             labels.contiguous() if has_labels else None, row_loss, row_ce if has_labels else None,
             grad_s if student_grad else None, grad_t if teacher_grad else None,
-            student.stride(0), teacher.stride(0), vocab,
+            stride_s, stride_t, rows_per_block, block_stride_s, block_stride_t, vocab,
             float(inv_temperature), float(grad_scale * inv_temperature), float(hard_grad_scale),
             *coefficient_terms(kind, coef),
             KIND=kind, HAS_MASK=row_mask is not None, HAS_LABELS=has_labels,

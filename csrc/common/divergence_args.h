@@ -10,11 +10,24 @@ namespace fastkd {
 
 enum class DType : int { Float32, Float64, BFloat16, Float16 };
 
+// Row i of the logits starts (i / rows_per_block) · block_stride +
+// (i % rows_per_block) · row_stride elements after the base pointer: a
+// [blocks, rows_per_block, vocab] view such as the causal shift
+// logits[:, :-1] of [B, T, vocab] logits, read in place. Plain [rows, vocab]
+// logits have rows_per_block = rows (at least 1) and block strides 0.
+inline int64_t logit_row_offset(int64_t i, int64_t rows_per_block, int64_t block_stride,
+                                int64_t row_stride) {
+  return (i / rows_per_block) * block_stride + (i % rows_per_block) * row_stride;
+}
+
 struct DivergenceArgs {
   const void* student;         // [rows, vocab], unit stride along vocab
   const void* teacher;         // [rows, vocab], unit stride along vocab
-  int64_t student_row_stride;  // elements between consecutive rows
+  int64_t student_row_stride;  // elements between consecutive rows of a block
   int64_t teacher_row_stride;
+  int64_t rows_per_block;      // >= 1; see logit_row_offset
+  int64_t student_block_stride;  // elements between consecutive blocks
+  int64_t teacher_block_stride;
   const bool* row_mask;        // [rows] or nullptr (all rows kept)
   void* row_loss;              // [rows] float (float64 for Float64 inputs)
   void* student_grad;          // [rows, vocab] contiguous, input dtype, or nullptr

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -89,6 +90,15 @@ inline at::Tensor empty_gradient_tensor(at::IntArrayRef sizes, const at::TensorO
   return at::empty(sizes, options);
 }
 
+// A [blocks, rows_per_block, vocab] tensor as the [rows, vocab] shape of its
+// rows, for the checks and the output sizes: a zero-stride view of its first
+// element (never read through; data_ptr, device and dtype are the tensor's).
+// Other tensors unchanged.
+inline at::Tensor as_row_shape(const at::Tensor& x) {
+  if (x.dim() != 3) return x;
+  return x.as_strided({x.size(0) * x.size(1), x.size(2)}, {0, x.stride(2)});
+}
+
 // Checks the arguments and allocates the outputs: the row losses with
 // at::empty, the gradients with `empty_gradient(sizes, options)` (the CPU op
 // passes its caching allocator).
@@ -99,19 +109,29 @@ DivergenceCall prepare_divergence(const at::Tensor& student, const at::Tensor& t
                                   bool student_grad, bool teacher_grad,
                                   const std::optional<at::Tensor>& labels, double hard_grad_scale,
                                   EmptyGradient empty_gradient) {
-  check_divergence_args(student, teacher, row_mask, kind, inv_temperature, coef, grad_scale, labels,
-                        hard_grad_scale);
-  const int64_t rows = student.size(0), vocab = student.size(1);
+  // [blocks, rows_per_block, vocab] logits (a strided view, see
+  // logit_row_offset) are checked and sized as the [rows, vocab] rows they hold
+  TORCH_CHECK(student.dim() != 3 || student.sizes() == teacher.sizes(), "student ", student.sizes(),
+              " and teacher ", teacher.sizes(), " must have the same shape");
+  const at::Tensor student_rows = as_row_shape(student), teacher_rows = as_row_shape(teacher);
+  check_divergence_args(student_rows, teacher_rows, row_mask, kind, inv_temperature, coef, grad_scale,
+                        labels, hard_grad_scale);
+  const int64_t rows = student_rows.size(0), vocab = student_rows.size(1);
   const DType dtype = divergence_dtype(student.scalar_type());
   DivergenceCall call;
   DivergenceArgs& a = call.args;
-  prepare_row_loss_call(a, call, student, dtype, row_mask.has_value() ? row_mask->contiguous() : at::Tensor(),
+  prepare_row_loss_call(a, call, student_rows, dtype, row_mask.has_value() ? row_mask->contiguous() : at::Tensor(),
                         kind, inv_temperature, coef, grad_scale, student_grad, labels,
                         hard_grad_scale, empty_gradient);
   call.teacher_grad = empty_gradient(at::IntArrayRef{teacher_grad ? rows : 0, teacher_grad ? vocab : 0},
                                      teacher.options());
   a.teacher = teacher.data_ptr();
-  a.teacher_row_stride = teacher.stride(0);
+  const bool blocked = student.dim() == 3;
+  a.student_row_stride = student.stride(blocked ? 1 : 0);
+  a.teacher_row_stride = teacher.stride(blocked ? 1 : 0);
+  a.rows_per_block = blocked ? std::max<int64_t>(student.size(1), 1) : std::max<int64_t>(rows, 1);
+  a.student_block_stride = blocked ? student.stride(0) : 0;
+  a.teacher_block_stride = blocked ? teacher.stride(0) : 0;
   a.teacher_grad = teacher_grad ? call.teacher_grad.data_ptr() : nullptr;
   return call;
 }

@@ -693,6 +693,13 @@ void divergence_rows(const DivergenceArgs& a) {
   const RowFn<acc_t, acc_t> widened_row_fn =
       pick_row_fn<KIND, acc_t, acc_t>(rp.student_grad, rp.teacher_grad);
 
+  const auto student_offset = [&a](int64_t i) {
+    return logit_row_offset(i, a.rows_per_block, a.student_block_stride, a.student_row_stride);
+  };
+  const auto teacher_offset = [&a](int64_t i) {
+    return logit_row_offset(i, a.rows_per_block, a.teacher_block_stride, a.teacher_row_stride);
+  };
+
   // Grain: enough rows that a task streams at least ~256 KiB.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(V, 1));
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
@@ -714,12 +721,12 @@ void divergence_rows(const DivergenceArgs& a) {
         if (gt_row) std::memset(static_cast<void*>(gt_row), 0, V * sizeof(scalar_t));
         continue;
       }
-      const scalar_t* s_row = student + i * a.student_row_stride;
-      const scalar_t* t_row = teacher + i * a.teacher_row_stride;
+      const scalar_t* s_row = student + student_offset(i);
+      const scalar_t* t_row = teacher + teacher_offset(i);
       const NextRow next =
           i + 1 < end
-              ? NextRow{reinterpret_cast<const char*>(s_row + a.student_row_stride),
-                        reinterpret_cast<const char*>(t_row + a.teacher_row_stride),
+              ? NextRow{reinterpret_cast<const char*>(student + student_offset(i + 1)),
+                        reinterpret_cast<const char*>(teacher + teacher_offset(i + 1)),
                         static_cast<int64_t>(sizeof(scalar_t))}
               : NextRow{nullptr, nullptr, 0};
       Normaliser<acc_t> ns;

@@ -119,6 +119,9 @@ __global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
     const scalar_t* __restrict__ student,  // [N, V] student logits, row stride student_row_stride
     const scalar_t* __restrict__ teacher,  // [N, V] teacher logits, row stride teacher_row_stride
     int64_t student_row_stride, int64_t teacher_row_stride,
+    int64_t rows_per_block,                // row r at (r / rows_per_block) · block stride +
+    int64_t student_block_stride,          // (r % rows_per_block) · row stride
+    int64_t teacher_block_stride,
     const bool* __restrict__ row_mask,     // [N] or nullptr
     float* __restrict__ row_loss,          // [N]
     scalar_t* __restrict__ student_grad,   // [N, V] contiguous, or nullptr
@@ -173,8 +176,9 @@ __global__ void __launch_bounds__(BLOCK) _divergence_fwd_kernel(
       }
       continue;
     }
-    const scalar_t* s = student + row * student_row_stride;
-    const scalar_t* t = teacher + row * teacher_row_stride;
+    const int64_t block = row / rows_per_block, in_block = row - block * rows_per_block;
+    const scalar_t* s = student + block * student_block_stride + in_block * student_row_stride;
+    const scalar_t* t = teacher + block * teacher_block_stride + in_block * teacher_row_stride;
 
     // pass 1: max(x)/T == max(x/T) because T > 0.
     RowMax mx{-INFINITY, -INFINITY, V, V};
@@ -309,7 +313,8 @@ void launch(const DivergenceArgs& a, cudaStream_t stream) {
                                           : _divergence_fwd_kernel<KIND, BLOCK, scalar_t, false>;
   kernel<<<grid, BLOCK, 0, stream>>>(
       static_cast<const scalar_t*>(a.student), static_cast<const scalar_t*>(a.teacher),
-      a.student_row_stride, a.teacher_row_stride, a.row_mask, static_cast<float*>(a.row_loss),
+      a.student_row_stride, a.teacher_row_stride, a.rows_per_block, a.student_block_stride,
+      a.teacher_block_stride, a.row_mask, static_cast<float*>(a.row_loss),
       static_cast<scalar_t*>(a.student_grad), static_cast<scalar_t*>(a.teacher_grad), a.labels,
       static_cast<float*>(a.row_ce), static_cast<float>(a.hard_grad_scale), a.rows, a.vocab,
       static_cast<float>(a.inv_temperature),
