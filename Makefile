@@ -6,7 +6,7 @@
 #   make integrations  install the `integrations` extra (transformers, trl), run the `integrations` tests
 #   make bench     build and run the CPU benchmark report: one or two configurations per family against
 #                  eager and torch.compile, the copy / GEMM floors and 1-vs-2-thread scaling measured in
-#                  the same run (under 6 min on 2 idle cores, compiling included; bench/results/report_cpu.csv
+#                  the same run (about 3 min on 2 idle cores, compiling included; bench/results/report_cpu.csv
 #                  + .png, docs/benchmarks.md)
 #   make bench-full  the full sweep, every configuration of every family (over 30 min on 2 cores;
 #                  bench/results/<family>_cpu.csv + .png, docs/benchmarks.md)
