@@ -19,6 +19,8 @@ def divergence_variants(module):
             "s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "mask_ptr": "*i1", "labels_ptr": "*i64",
             "loss_ptr": "*fp32", "ce_ptr": "*fp32", "gs_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}",
             "stride_s": "i32", "stride_t": "i32", "V": "i32", "inv_temperature": "fp32",
+            # (B, T, V) logits read in place: B·T·V of an LLM batch passes 2^31, so the block strides are i64
+            "rows_per_block": "i32", "block_stride_s": "i64", "block_stride_t": "i64",
             "grad_factor": "fp32", "hard_grad_scale": "fp32", "c": "fp32", "one_minus_c": "fp32",
             "log_c": "fp32", "log_one_minus_c": "fp32",
         }
