@@ -199,8 +199,6 @@ def main(argv=None) -> int:
                     spilling.append(f"{where} {usage.describe()}")
     if lowered == 0 and not failures:
         failures.append(f"no Triton kernels found in {KERNELS_DIR}")
-    for failure in failures:
-        print(f"LOWERING FAILED: {failure}", file=sys.stderr)
     known = KNOWN_SPILLS.get(".".join(triton.__version__.split(".")[:2]), {})
     unknown = [line for line in spilling if line.split(" [")[0] not in known]
     for line in spilling:
@@ -209,6 +207,8 @@ def main(argv=None) -> int:
     for kernel in sorted(known.keys() - spilling_kernels):
         failures.append(f"{kernel} is listed in tests/triton_variants KNOWN_SPILLS but no longer spills: "
                         "remove it from the list")
+    for failure in failures:
+        print(f"LOWERING FAILED: {failure}", file=sys.stderr)
     print(
         f"{lowered} variants lowered to PTX for {TARGET} with triton {triton.__version__}, "
         f"{len(failures)} failures, {len(spilling)} spilling ({len(unknown)} not in KNOWN_SPILLS)"

@@ -18,7 +18,6 @@ DTYPES = ("fp32", "bf16", "fp16")
 # (128): retuning them is open work.
 KNOWN_SPILLS = {
     "3.7": {
-        "divergence.py:_divergence_fwd_kernel": "bf16/fp16 kl with student gradient and labels, T != 1, 16 warps",
         "dkd.py:_dkd_fwd_kernel": "forward only at C = 32000, 16 warps",
         "mixture.py:_mixture_fwd_kernel": "jsd with mask, gradient and labels, 8 warps",
         "mmd.py:_mmd_fwd_kernel": "bf16/fp16 samples",
