@@ -23,11 +23,11 @@ backward only applies the upstream gradient. The reference
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from fastkd import _dispatch, _hard_labels, _row_loss, _validate
 from fastkd import _ops as _extension
 from fastkd._backend import backend_for
+from fastkd._module_form import LossModule
 from fastkd.reference import uld as _reference
 
 __all__ = ["ULDFunction", "ULDLoss", "uld_loss"]
@@ -229,43 +229,27 @@ def uld_loss(
     )
 
 
-class ULDLoss(nn.Module):
+class ULDLoss(LossModule):
     """Module form of :func:`uld_loss`; keyword arguments as there.
 
     ``forward(student_logits (N, V_s), teacher_logits (N, V_t), labels=None, mask=None)``
     """
 
+    loss_function = staticmethod(uld_loss)
+
     def __init__(self, *, student_temperature: float = 1.0, teacher_temperature: float = 1.0,
                  reduction: str = "batchmean", ignore_index: int = -100, hard_weight: float | None = None,
                  soft_weight: float = 1.0, student_is_logprob: bool = False, teacher_is_logprob: bool = False,
                  backend: str = "auto") -> None:
-        super().__init__()
         # validated here so that a bad module fails at construction
         _reference.check_options(student_temperature, teacher_temperature, reduction, student_is_logprob,
                                  teacher_is_logprob)
-        self.student_temperature = student_temperature
-        self.teacher_temperature = teacher_temperature
-        self.reduction = reduction
-        self.ignore_index = ignore_index
-        self.hard_weight = hard_weight
-        self.soft_weight = soft_weight
-        self.student_is_logprob = student_is_logprob
-        self.teacher_is_logprob = teacher_is_logprob
-        self.backend = backend
+        super().__init__(
+            student_temperature=student_temperature, teacher_temperature=teacher_temperature,
+            reduction=reduction, ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
+            student_is_logprob=student_is_logprob, teacher_is_logprob=teacher_is_logprob, backend=backend,
+        )
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return uld_loss(
-            student_logits, teacher_logits, student_temperature=self.student_temperature,
-            teacher_temperature=self.teacher_temperature, reduction=self.reduction, mask=mask, labels=labels,
-            ignore_index=self.ignore_index, hard_weight=self.hard_weight, soft_weight=self.soft_weight,
-            student_is_logprob=self.student_is_logprob, teacher_is_logprob=self.teacher_is_logprob,
-            backend=self.backend,
-        )
-
-    def extra_repr(self) -> str:
-        logprob = "".join(f", {side}_is_logprob=True" for side in ("student", "teacher")
-                          if getattr(self, f"{side}_is_logprob"))
-        return (f"student_temperature={self.student_temperature}, "
-                f"teacher_temperature={self.teacher_temperature}{logprob}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+        return super().forward(student_logits, teacher_logits, labels=labels, mask=mask)
