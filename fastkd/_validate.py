@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import torch
 
@@ -107,3 +108,21 @@ def flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def values_checked_on_host(value: torch.Tensor) -> bool:
+    """Whether checks that read a tensor's *values* (ids in range, weights
+    finite and >= 0, ...) run on the host for ``value``.
+
+    Reading a CPU tensor costs nothing. Reading a GPU tensor is a device →
+    host synchronisation, on every step, that stalls the pipeline and breaks
+    CUDA-graph capture. So on a GPU the kernels guard instead: the rows
+    (or the whole loss) that bad values touch come out NaN, and nothing is
+    read or written out of bounds (docs/spec.md §6). ``FASTKD_CHECK_DEVICE_VALUES=1``
+    in the environment asks for the host checks and their ``ValueError`` on
+    every device, which is what one wants while debugging. Shape, dtype and
+    device checks never read values and always run.
+    """
+    if value.device.type in ("cpu", "meta"):
+        return value.device.type == "cpu"
+    return os.environ.get("FASTKD_CHECK_DEVICE_VALUES", "") == "1"
