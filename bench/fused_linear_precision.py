@@ -23,7 +23,15 @@ Providers:
 - ``float32 projection``: hidden states and weights converted to float32,
   ``F.linear``, ``fastkd.reference.divergence`` and autograd, the gradients
   rounded to bfloat16 by the conversions' backward (how the chunked losses of
-  TRL project; here unchunked, so its memory is the whole ``(N, V)``).
+  TRL project; here unchunked, so its memory is the whole ``(N, V)``);
+- ``TRL chunked``: TRL's own fused head, ``_chunked_divergence_loss`` of
+  ``trl.trainer.distillation_trainer`` (every row kept, β = 0.5, which is
+  the same loss: see docs/llm.md), when ``trl`` is importable
+  (``pip install -e '.[integrations]'``).
+
+``--csv PATH`` writes every provider's errors (and, with ``--timing``, its
+time and memory and their ratios to ``fused``) as one table; the committed
+``bench/results/fused_linear_precision_cpu.csv`` is one such run.
 
 The script uses only arguments every version of the fused head takes, so it
 can measure another checkout too (``PYTHONPATH=<checkout> python
@@ -33,8 +41,10 @@ bench/fused_linear_precision.py``).
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +95,23 @@ def exact(s_h, s_w, t_h, t_w):
     return reference.divergence(F.linear(s_h, s_w), F.linear(t_h, t_w), **OPTIONS)
 
 
+def trl_chunked():
+    """TRL's chunked fused head, or None where trl is not installed."""
+    try:
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+    except ImportError:
+        return None
+
+    def loss(s_h, s_w, t_h, t_w):
+        every_row = torch.ones(1, s_h.shape[0])
+        value, _entropy, _count = _chunked_divergence_loss(
+            s_h[None], t_h[None], s_w, t_w, every_row, beta=OPTIONS["beta"], temperature=OPTIONS["temperature"]
+        )
+        return value
+
+    return loss
+
+
 PROVIDERS = {
     "fused": fused(),
     "fused-64": fused(64),
@@ -92,6 +119,8 @@ PROVIDERS = {
     "unfused bf16": unfused_bf16,
     "float32 projection": float32_projection,
 }
+if (_trl := trl_chunked()) is not None:
+    PROVIDERS["TRL chunked"] = _trl
 
 
 def supported(providers: dict) -> dict:
@@ -117,7 +146,7 @@ def loss_and_grads(loss_fn, tensors, dtype=None):
     return loss.detach(), s_h.grad, s_w.grad
 
 
-def errors() -> None:
+def errors(table: dict) -> None:
     tensors = inputs(*ERROR_SHAPE)
     want = loss_and_grads(exact, tensors, torch.float64)
     n, h, v = ERROR_SHAPE
@@ -125,10 +154,12 @@ def errors() -> None:
     print(f"  {'provider':22s} {'loss':>9s} {'grad_h':>9s} {'grad_W':>9s}")
     for name, loss_fn in supported(PROVIDERS).items():
         got = loss_and_grads(loss_fn, tensors)
-        print(f"  {name:22s} " + " ".join(f"{relative_error(a, b):9.2e}" for a, b in zip(got, want, strict=True)))
+        errs = [relative_error(a, b) for a, b in zip(got, want, strict=True)]
+        table.setdefault(name, {}).update(zip(("loss_error", "grad_h_error", "grad_w_error"), errs, strict=True))
+        print(f"  {name:22s} " + " ".join(f"{e:9.2e}" for e in errs))
 
 
-def timing(repeats: int) -> None:
+def timing(repeats: int, table: dict) -> None:
     tensors = inputs(*TIMING_SHAPE)
     device = torch.device("cpu")
     rows = {}
@@ -149,16 +180,42 @@ def timing(repeats: int) -> None:
     for name, (ms, mib) in rows.items():
         mem = "n/a" if mib is None else f"{mib:9.0f} {mib / base_mib:8.2f}"
         print(f"  {name:22s} {ms:9.0f} {ms / base_ms:8.2f} {mem}")
+        table.setdefault(name, {}).update(
+            ms=round(ms, 1), ms_over_fused=round(ms / base_ms, 3),
+            peak_mib=None if mib is None else round(mib, 1),
+            peak_over_fused=None if mib is None else round(mib / base_mib, 3),
+        )
+
+
+def write_csv(path: Path, table: dict) -> None:
+    n, h, v = ERROR_SHAPE
+    tn, th, tv = TIMING_SHAPE
+    columns = ["provider", "loss_error", "grad_h_error", "grad_w_error",
+               "ms", "ms_over_fused", "peak_mib", "peak_over_fused"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        handle.write(f"# bf16 inputs, JSD beta=0.5 T=1 batchmean; errors at N={n} H={h} V={v} vs float64; "
+                     f"time/memory at N={tn} H={th} V={tv}, {torch.get_num_threads()} threads, torch "
+                     f"{torch.__version__}\n")
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        for name, row in table.items():
+            writer.writerow({"provider": name, **{k: ("" if v is None else v) for k, v in row.items()}})
+    print(f"wrote {path}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timing", action="store_true", help="also time and measure memory")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--csv", type=Path, help="also write the table here")
     args = parser.parse_args()
-    errors()
+    table: dict = {}
+    errors(table)
     if args.timing:
-        timing(args.repeats)
+        timing(args.repeats, table)
+    if args.csv:
+        write_csv(args.csv, table)
 
 
 if __name__ == "__main__":
