@@ -9,6 +9,8 @@ the student's is its full-vocabulary softmax. The fused kernel never builds an
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -45,7 +47,11 @@ _LOGPROB_SLACK = 1e-2
 
 
 def _check_teacher(student: torch.Tensor, index, values, teacher_is_logprob: bool):
-    """Validates the sparse teacher against ``student`` ``(..., V)``."""
+    """Validates the sparse teacher against ``student`` ``(..., V)``: its shapes,
+    dtypes and devices always; its values (ids in range and distinct per row,
+    no all ``-inf`` row, log-probabilities) only where
+    :func:`fastkd._validate.values_checked_on_host` — on a GPU those rows come
+    out NaN instead (:func:`_mark_bad_rows`)."""
     if not isinstance(index, torch.Tensor):
         raise ValueError(f"teacher_index must be a torch.Tensor, got {type(index).__name__}")
     if index.dtype != torch.int64:
@@ -71,7 +77,7 @@ def _check_teacher(student: torch.Tensor, index, values, teacher_is_logprob: boo
     vocab, k = student.shape[-1], index.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"teacher_index must hold between 1 and V={vocab} ids per row, got k={k}")
-    if index.numel() == 0:
+    if index.numel() == 0 or not _validate.values_checked_on_host(index):
         return values
     if bool(((index < 0) | (index >= vocab)).any()):
         raise ValueError(
@@ -91,6 +97,38 @@ def _check_teacher(student: torch.Tensor, index, values, teacher_is_logprob: boo
         if bool((mass > _LOGPROB_SLACK).any()):
             raise ValueError("teacher_is_logprob=True but a row of teacher_values has total probability > 1")
     return values
+
+
+def _mark_bad_rows(index: torch.Tensor, values: torch.Tensor, vocab: int, teacher_is_logprob: bool,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, values)`` ``(..., k)`` for a teacher whose values were not checked
+    on the host: every row that :func:`_check_teacher` would refuse comes out of
+    the loss NaN, with device ops only (no device → host synchronisation).
+
+    The fused kernels guard the ids themselves (an id outside ``[0, V)`` or
+    twice in a row: NaN loss and gradient row, nothing read or written out of
+    bounds), and an all ``-inf`` row has no teacher normaliser, which makes
+    its loss and gradient row NaN in their arithmetic. What is left here: rows
+    of ``teacher_is_logprob=True`` values that are not log-probabilities get
+    NaN values; and for the reference, which scatters the values into a dense
+    row (and refuses an all ``-inf`` one), a row with bad ids gets the
+    in-range ids ``0 … k−1`` and NaN values, as does an all ``-inf`` row.
+    """
+    bad = None
+    if teacher_is_logprob:
+        bad = (values > _LOGPROB_SLACK).any(dim=-1)
+        bad |= torch.logsumexp(values.float(), dim=-1) > _LOGPROB_SLACK
+    if backend == "reference":
+        ordered = index.sort(dim=-1).values
+        bad_ids = (ordered[..., 0] < 0) | (ordered[..., -1] >= vocab)
+        bad_ids |= (ordered[..., 1:] == ordered[..., :-1]).any(dim=-1)
+        in_range = torch.arange(index.shape[-1], device=index.device).expand_as(index)
+        index = torch.where(bad_ids.unsqueeze(-1), in_range, index)
+        bad_ids |= torch.isneginf(values).all(dim=-1)
+        bad = bad_ids if bad is None else bad | bad_ids
+    if bad is not None:
+        values = values.masked_fill(bad.unsqueeze(-1), float("nan"))
+    return index, values
 
 
 def topk_divergence(
@@ -125,7 +163,11 @@ def topk_divergence(
 
     Args:
         student_logits: ``(..., V)`` float32 / bfloat16 / float16 / float64.
-        teacher_index: ``(..., k)`` int64, distinct ids in ``[0, V)`` per row.
+        teacher_index: ``(..., k)`` int64, distinct ids in ``[0, V)`` per row
+            (ValueError otherwise; on a GPU, where reading them would
+            synchronise with the host, such a row's loss and gradient are
+            NaN instead unless ``FASTKD_CHECK_DEVICE_VALUES=1``, as for the
+            value checks below: docs/spec.md §6).
         teacher_values: ``(..., k)`` floating, the teacher's logits at those
             ids (any floating dtype; the fused kernel reads them in float32,
             float64 for a float64 student). Gets no gradient (must not
@@ -179,12 +221,15 @@ def topk_divergence(
     )
 
     chosen = backend_for("top-k divergence", TOPK_KERNELS, backend, s)
+    ids_checked = _validate.values_checked_on_host(teacher_index)
+    if not ids_checked and teacher_index.numel() > 0:
+        teacher_index, values = _mark_bad_rows(teacher_index, values, s.shape[-1], teacher_is_logprob, chosen)
     if options.mixing and chosen != "reference":
-        return _fused_topk_hard_soft(s, teacher_index, values, options, return_parts, chosen)
+        return _fused_topk_hard_soft(s, teacher_index, values, options, return_parts, chosen, ids_checked)
     if chosen == "reference":
         soft = _reference_topk.topk_divergence(s, teacher_index, values, **options.divergence_kwargs())
     else:
-        soft = _fused_topk(s, teacher_index, values, options, chosen)
+        soft = _fused_topk(s, teacher_index, values, options, chosen, ids_checked)
     if not (options.mixing or options.soft_weight != 1.0 or return_parts):
         return soft
     return _hard_labels.mix_soft_with_reference_ce(
@@ -212,7 +257,7 @@ def _teacher_rows(s, teacher_index, values):
 
 
 def _fused_topk_hard_soft(s, teacher_index, values, options: DivergenceOptions, return_parts: bool,
-                          backend: str):
+                          backend: str, ids_checked: bool):
     """``hard_weight · CE + soft_weight · divergence`` in one pass of ``backend``'s kernel."""
     vocab = s.shape[-1]
     student = row_major(s.reshape(-1, vocab))
@@ -224,24 +269,30 @@ def _fused_topk_hard_soft(s, teacher_index, values, options: DivergenceOptions, 
         options.reduction, options.scale, keep, vocab, options.hard_weight, options.soft_weight
     )
     call = StudentKernelCall(
-        op=_topk_op(backend), kind=kind, inv_temperature=options.inv_temperature, coef=coef,
+        op=_topk_op(backend, ids_checked), kind=kind, inv_temperature=options.inv_temperature, coef=coef,
         soft_factor=soft_factor, hard_factor=hard_factor, per_row=options.per_row, separable=return_parts,
     )
     index, value_rows = _teacher_rows(s, teacher_index, values)
     return student_hard_soft(call, student, index, value_rows, keep, flat_labels, s.shape[:-1], return_parts)
 
 
-def _topk_op(backend: str):
+def _topk_op(backend: str, ids_checked: bool):
     """``backend``'s ``op(student, index, values, row_mask, kind, inv_t, coef, grad_scale, student_grad,
-    labels=None, hard_grad_scale=0.0) -> (row_loss, grad, row_ce)``."""
+    labels=None, hard_grad_scale=0.0) -> (row_loss, grad, row_ce)``.
+
+    ``ids_checked``: the ids were checked on the host (:func:`_check_teacher`),
+    so the Triton launcher does not read them again; otherwise its kernel
+    guards each row. The ``fastkd::`` op checks on the host on CPU and guards
+    in the kernel on CUDA by itself.
+    """
     if backend == "triton":
         from fastkd.kernels import topk as triton_topk
 
-        return triton_topk.topk_divergence_forward
+        return functools.partial(triton_topk.topk_divergence_forward, ids_checked=ids_checked)
     return torch.ops.fastkd.topk_divergence_forward
 
 
-def _fused_topk(s, teacher_index, values, options: DivergenceOptions, backend: str):
+def _fused_topk(s, teacher_index, values, options: DivergenceOptions, backend: str, ids_checked: bool):
     """The divergence term on the fused kernel of ``backend`` (validated arguments)."""
     vocab = s.shape[-1]
     student = row_major(s.reshape(-1, vocab))
@@ -250,7 +301,7 @@ def _fused_topk(s, teacher_index, values, options: DivergenceOptions, backend: s
     factor = loss_factor(options.reduction, options.scale, student.shape[0], keep, vocab)
     kind, coef = options.kernel_divergence()
     loss = RowLossKernelFunction.apply(
-        _topk_op(backend), factor, options.per_row,
+        _topk_op(backend, ids_checked), factor, options.per_row,
         student, index, value_rows, keep, kind, options.inv_temperature, coef, factor,
     )
     return loss.reshape(s.shape[:-1]) if options.per_row else loss

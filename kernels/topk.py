@@ -37,11 +37,19 @@ before it is rounded to the input dtype: in float64 at the ids, in float32 in
 stream 2's store. s_y is one load at an index clamped into the row; a kept
 row whose label is not in [0, V) gets CE NaN and a NaN gradient row.
 
-Which ids fall into a chunk: the launcher sorts each row's ids (it sorts them
-anyway to refuse duplicates, since a repeated id would be written twice);
-a cursor walks the sorted row alongside the chunks, so each stream costs one
-BLOCK-wide compare per id in total, k · BLOCK per row (≈ 2 operations per
+Which ids fall into a chunk: the launcher sorts each row's ids (a device
+op); a cursor walks the sorted row alongside the chunks, so each stream costs
+one BLOCK-wide compare per id in total, k · BLOCK per row (≈ 2 operations per
 logit at V = 128256, k = 64, BLOCK = 4096).
+
+Bad ids: an id outside [0, V) would send a gather or scatter out of the row,
+a repeated one would be written twice. Where tensor values are checked on
+the host (CPU tensors; fastkd._validate.values_checked_on_host) they are
+refused with a ValueError before the launch. On a GPU that check would be a
+device → host synchronisation on every step, so the kernel checks its own
+row first, on the sorted ids (first < 0, last ≥ V, or two equal
+neighbours: k loads): such a row gets a NaN loss (and CE) and a NaN
+gradient row and nothing else runs for it (docs/spec.md §6).
 
 Memory traffic floor: read N·V·b (b bytes per logit) and write N·V·b of
 gradient, plus 20·N·k bytes of ids and values (with labels 8·N bytes read
@@ -75,6 +83,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastkd import _validate
 from fastkd._enums import DivergenceKind
 
 from ._common import (
@@ -103,6 +112,7 @@ from ._divergence_math import (
     logit_at,
     online_normaliser,
     rescaled_sum_exp,
+    store_grad,
     zero_grad_row,
     zero_where_zero,
 )
@@ -143,6 +153,21 @@ def _load_ids(idx_row, kk, K, V):
     # repeats the launcher's check, so no gather or scatter can leave the row
     ids = tl.load(idx_row + kk, mask=kk < K, other=0)
     return ids, (kk < K) & (ids >= 0) & (ids < V)
+
+
+@triton.jit
+def _ids_leave_row_or_repeat(sorted_row, K, V, kcols, KBLOCK: tl.constexpr):
+    """Whether the row's ids (``sorted_row``, ascending) hold one outside
+    ``[0, V)`` or one twice: its first or last id out of range, or two
+    neighbours equal. The launcher's host check, made on the device."""
+    bad = (tl.load(sorted_row) < 0) | (tl.load(sorted_row + K - 1) >= V)
+    for kstart in range(0, K, KBLOCK):
+        kk = kstart + kcols
+        pair = (kk >= 1) & (kk < K)
+        here = tl.load(sorted_row + kk, mask=pair, other=0)
+        before = tl.load(sorted_row + kk - 1, mask=pair, other=0)
+        bad = bad | (tl.max((pair & (here == before)).to(tl.int32), 0) > 0)
+    return bad
 
 
 @triton.jit
@@ -211,7 +236,7 @@ def _support_terms(log_q, log_p, c, one_minus_c, log_c, log_one_minus_c, KIND: t
 @triton.jit
 def _topk_divergence_fwd_kernel(
     s_ptr,  # [N, V] student logits, row stride stride_s, unit stride along V
-    idx_ptr,  # [N, k] int64 teacher ids, distinct and in [0, V) per row, contiguous
+    idx_ptr,  # [N, k] int64 teacher ids, contiguous; a row not distinct and in [0, V) comes out NaN
     sorted_ptr,  # [N, k] int64 the same ids in ascending order per row, contiguous
     val_ptr,  # [N, k] float32 teacher logits at idx, contiguous
     mask_ptr,  # [N] bool, False → row excluded (None when HAS_MASK is False)
@@ -250,6 +275,21 @@ def _topk_divergence_fwd_kernel(
     s_row = s_ptr + row * stride_s
     idx_row = idx_ptr + row * K
     sorted_row = sorted_ptr + row * K
+
+    # ids the launcher did not check (a GPU, docs/spec.md §6): a row with an
+    # id outside [0, V) or twice gets a NaN loss (and CE) and a NaN gradient
+    # row, and nothing below runs for it, so no gather or scatter leaves the
+    # row and no gradient entry is written twice
+    if _ids_leave_row_or_repeat(sorted_row, K, V, kcols, KBLOCK):
+        tl.store(loss_ptr + row, float("nan"))
+        if HAS_LABELS:
+            tl.store(ce_ptr + row, float("nan"))
+        if STUDENT_GRAD:
+            nan = tl.full([BLOCK], float("nan"), tl.float32)
+            for start in range(0, V, BLOCK):
+                store_grad(g_ptr, row, V, start + cols, nan)
+        return
+
     val_row = val_ptr + row * K
     inv_t = _widen(inv_temperature)
 
@@ -454,11 +494,15 @@ def _check_scalars(kind, inv_temperature, coef, grad_scale) -> None:
     check_scalars(kind, inv_temperature, coef, grad_scale)
 
 
-def sorted_checked_ids(teacher_index: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Each row's ids in ascending order, after refusing (ValueError) an id
-    outside ``[0, vocab)`` or twice in a row — either would send the kernel's
-    gather or scatter out of the row. One device → host sync."""
+def sorted_ids(teacher_index: torch.Tensor, vocab: int, *, check: bool) -> torch.Tensor:
+    """``(N, k)``: each row's ids in ascending order, which the kernel walks
+    alongside the chunks, and where it finds an id out of range (the first or
+    last) or twice (two equal neighbours). With ``check``, an id outside
+    ``[0, vocab)`` or twice in a row is refused first (ValueError): one
+    device → host read, so only where values are checked on the host."""
     ordered = teacher_index.sort(dim=1).values
+    if not check:
+        return ordered
     outside = (ordered[:, 0] < 0) | (ordered[:, -1] >= vocab)
     twice = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
     outside_any, twice_any = torch.stack([outside.any(), twice.any()]).tolist()
@@ -482,6 +526,8 @@ def topk_divergence_forward(
     student_grad: bool,
     labels: torch.Tensor | None = None,
     hard_grad_scale: float = 0.0,
+    *,
+    ids_checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row divergences against a top-k teacher, the scaled student gradient and
     optionally the hard-label CE; the contract of ``fastkd::topk_divergence_forward``.
@@ -490,7 +536,7 @@ def topk_divergence_forward(
         student: ``(N, V)`` logits, float32 / bfloat16 / float16, unit stride
             along V, any row stride.
         teacher_index: ``(N, k)`` int64, distinct ids in ``[0, V)`` per row,
-            ``1 ≤ k ≤ V`` (checked here: ValueError otherwise).
+            ``1 ≤ k ≤ V`` (see ``ids_checked`` for who checks the ids).
         teacher_value: ``(N, k)`` float32 teacher logits at those ids.
         row_mask: ``(N,)`` bool or None; False rows get loss 0, CE 0 and a zero gradient.
         kind: divergence code: 0 kl, 2 jsd, 3 skew_kl, 4 skew_reverse_kl,
@@ -503,6 +549,14 @@ def topk_divergence_forward(
             cross-entropy at temperature 1 is computed in the same pass. Kept
             rows' labels must lie in ``[0, V)`` (ValueError otherwise).
         hard_grad_scale: factor of the CE gradient, 0 without labels.
+        ids_checked: the caller has checked the ids' range and distinctness
+            on the host (``fastkd.topk_divergence`` does where
+            ``fastkd._validate.values_checked_on_host``). Otherwise this
+            launcher checks them (ValueError) where values are checked on
+            the host, and elsewhere (a GPU) leaves them to the kernel, with
+            no device → host synchronisation: a row with an id outside
+            ``[0, V)`` or twice gets a NaN ``row_loss`` (and ``row_ce``) and
+            a NaN gradient row, and nothing is read or written out of bounds.
 
     Returns:
         ``row_loss`` ``(N,)`` float32, the unscaled ``ℓ_i``; ``grad``
@@ -515,6 +569,7 @@ def topk_divergence_forward(
     _check_tensors(student, teacher_index, teacher_value, row_mask)
     _check_scalars(kind, inv_temperature, coef, grad_scale)
     check_labels(labels, hard_grad_scale, student)
+    _validate.flag("ids_checked", ids_checked)
     rows, vocab = student.shape
     check_kept_label_range(labels, row_mask, vocab)
     k = teacher_index.shape[1]
@@ -526,7 +581,7 @@ def topk_divergence_forward(
     if rows == 0:
         return row_loss, grad.to(student.dtype), row_ce
     index = teacher_index.contiguous()
-    ordered = sorted_checked_ids(index, vocab)
+    ordered = sorted_ids(index, vocab, check=not ids_checked and _validate.values_checked_on_host(index))
     block, num_warps = launch_config(vocab)
     _topk_divergence_fwd_kernel[(rows,)](
         student, index, ordered, teacher_value.contiguous(),

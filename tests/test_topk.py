@@ -419,7 +419,10 @@ def with_first_id(index, value):
         (lambda s, i, v: (s, i, v.clone().requires_grad_(True)), "detach"),
     ],
 )
-def test_bad_teacher_raises_value_error(mutate, match):
+def test_bad_teacher_raises_value_error(mutate, match, monkeypatch):
+    # the checks that read values run on a GPU only when asked for
+    # (tests/test_topk_device_checks.py: the NaN rows otherwise)
+    monkeypatch.setenv("FASTKD_CHECK_DEVICE_VALUES", "1")
     s = student_logits((4,), 50)
     index, values = sparse_teacher((4,), 50, 5)
     s, index, values = mutate(s, index, values)
@@ -438,7 +441,8 @@ def test_bad_teacher_raises_value_error(mutate, match):
         ({"reduction": "avg"}, "reduction"),
     ],
 )
-def test_bad_options_raise_value_error(kwargs, match):
+def test_bad_options_raise_value_error(kwargs, match, monkeypatch):
+    monkeypatch.setenv("FASTKD_CHECK_DEVICE_VALUES", "1")  # teacher_is_logprob's check on a GPU
     s = student_logits((4,), 50)
     index, values = sparse_teacher((4,), 50, 5)
     values = values.abs() + 1.0  # positive: not log-probabilities
@@ -481,20 +485,33 @@ def op_params():
 @pytest.mark.parametrize("backend", kernel_params())
 def test_op_checks_ids_itself(backend):
     """Called directly (no Python validation), each backend refuses ids that would
-    take its gather or scatter out of the row, and the reverse KL."""
+    take its gather or scatter out of the row where values are checked on the
+    host (the cpu op; the Triton launcher on CPU tensors), and otherwise (on a
+    GPU: the CUDA op, the Triton launcher) makes that row NaN in its kernel
+    (tests/test_topk_device_checks.py checks the other rows); and refuses the
+    reverse KL."""
     op, error = direct_op(backend)
     s = torch.randn(2, 10, device=DEVICE)
     values = torch.randn(2, 3, device=DEVICE)
+    host_checked = backend == "cpu" or (backend == "triton" and fastkd._validate.values_checked_on_host(s))
 
     def ids(rows):
         return torch.tensor(rows, device=DEVICE)
 
-    with pytest.raises(error, match=r"^teacher_index\b.* outside \[0, 10\)"):
-        op(s, ids([[0, 1, 10], [0, 1, 2]]), values, None, 0, 1.0, 0.0, 1.0, True)
-    with pytest.raises(error, match=r"^teacher_index\b.* outside \[0, 10\)"):
-        op(s, ids([[0, 1, 2], [0, -1, 2]]), values, None, 0, 1.0, 0.0, 1.0, False)
-    with pytest.raises(error, match=r"^teacher_index\b.* twice"):
-        op(s, ids([[0, 1, 2], [4, 4, 2]]), values, None, 0, 1.0, 0.0, 1.0, True)
+    cases = (
+        (ids([[0, 1, 10], [0, 1, 2]]), True, r"^teacher_index\b.* outside \[0, 10\)", 0),
+        (ids([[0, 1, 2], [0, -1, 2]]), False, r"^teacher_index\b.* outside \[0, 10\)", 1),
+        (ids([[0, 1, 2], [4, 4, 2]]), True, r"^teacher_index\b.* twice", 1),
+    )
+    for index, student_grad, match, bad_row in cases:
+        if host_checked:
+            with pytest.raises(error, match=match):
+                op(s, index, values, None, 0, 1.0, 0.0, 1.0, student_grad)
+            continue
+        loss, grad, _ = op(s, index, values, None, 0, 1.0, 0.0, 1.0, student_grad)
+        assert loss[bad_row].isnan() and loss[1 - bad_row].isfinite()
+        if student_grad:
+            assert grad[bad_row].isnan().all() and grad[1 - bad_row].isfinite().all()
     with pytest.raises(error, match="reverse KL"):
         op(s, ids([[0, 1, 2], [0, 1, 2]]), values, None, 1, 1.0, 0.0, 1.0, True)
 

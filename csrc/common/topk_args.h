@@ -14,6 +14,7 @@ struct TopKDivergenceArgs {
   const void* student;         // [rows, vocab] logits, unit stride along vocab
   int64_t student_row_stride;  // elements between consecutive rows
   const int64_t* index;        // [rows, k] contiguous, distinct ids in [0, vocab) per row
+                               // (on CUDA the kernel makes a row that is not NaN)
   const void* value;           // [rows, k] contiguous teacher logits (float; double for Float64)
   const bool* row_mask;        // [rows] or nullptr (all rows kept)
   void* row_loss;              // [rows] float (double for Float64 inputs)

@@ -1,8 +1,9 @@
 // Host-side body of fastkd::topk_divergence_forward shared by the CPU and CUDA
 // ops (csrc/cpu/topk.cpp, csrc/cuda/topk.cu): argument checks, outputs, and
 // the raw-pointer arguments for the kernel. The teacher ids' range and
-// distinctness are checked by each op (on the host on the CPU, on the device
-// on CUDA) before its kernel runs.
+// distinctness are checked by each op: on the host before the kernel runs on
+// the CPU, by the kernel itself on CUDA (a row with a bad id comes out NaN,
+// with no device → host synchronisation).
 #pragma once
 
 #include <ATen/core/Tensor.h>

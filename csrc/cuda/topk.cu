@@ -39,16 +39,19 @@
 // Shared memory: V/8 bytes per block (16 KiB at V = 128256), over 48 KiB only
 // past V = 393216 (opted in up to the device's per-block limit, checked).
 //
-// The ids are checked on the device with ATen ops before the launch (sorted:
-// in range and distinct per row; one device → host copy of two flags), so the
-// gathers and scatters at the ids never leave the row.
+// The ids are checked by the kernel, with no device → host synchronisation
+// (docs/spec.md §6): building the bitmap, an id outside [0, V) is not marked
+// and an id already marked (atomicOr's old word has its bit) is a repeat;
+// either flags the row, which then gets a NaN loss (and row_ce) and a NaN
+// gradient row and nothing else: no gather or scatter leaves the row and no
+// gradient entry is written twice. The Python layer refuses such ids with a
+// ValueError first where values are checked on the host
+// (fastkd._validate.values_checked_on_host).
 //
 // Layout: the device code and a raw-pointer launcher first, then the op
 // (checks, outputs, device guard, stream) and its registration.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sort.h>
-#include <ATen/ops/stack.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -122,8 +125,8 @@ struct MaxOp2 {
   }
 };
 
-// s[id] for one of the row's ids; an id outside the row (refused by the op's
-// check before the launch) reads nothing and gives NaN
+// s[id] for one of the row's ids; an id outside the row (whose row the
+// kernel's id check has already made NaN) reads nothing and gives NaN
 template <class scalar_t>
 __device__ __forceinline__ float logit_at(const scalar_t* s, int64_t id, int64_t V) {
   return (id >= 0 && id < V) ? static_cast<float>(s[id]) : NAN;
@@ -158,7 +161,7 @@ template <int KIND, int BLOCK, class scalar_t, bool WITH_CE>
 __global__ void __launch_bounds__(BLOCK) _topk_divergence_fwd_kernel(
     const scalar_t* __restrict__ student,  // [N, V] logits, row stride student_row_stride
     int64_t student_row_stride,
-    const int64_t* __restrict__ index,     // [N, K] teacher ids, distinct and in [0, V) per row
+    const int64_t* __restrict__ index,     // [N, K] teacher ids; a row not distinct and in [0, V) is NaN
     const float* __restrict__ value,       // [N, K] teacher logits at those ids
     const bool* __restrict__ row_mask,     // [N] or nullptr
     float* __restrict__ row_loss,          // [N]
@@ -189,6 +192,8 @@ __global__ void __launch_bounds__(BLOCK) _topk_divergence_fwd_kernel(
   __shared__ float2 max2_result;
   __shared__ double2 sum2_result;
   __shared__ double3 sum3_result;
+  // set when the row holds an id outside [0, V) or one id twice
+  __shared__ int bad_ids;
   // ceil(V / 32) words: bit v set ⇔ v is one of the row's ids
   extern __shared__ uint32_t support_bits[];
 
@@ -219,15 +224,35 @@ __global__ void __launch_bounds__(BLOCK) _topk_divergence_fwd_kernel(
     const int64_t* ids = index + row * K;
     const float* t = value + row * K;
 
-    // ids: the bitmap (the id range check keeps the write inside it even for
-    // ids the op's check would have refused)
+    // ids: the bitmap, and the row's id check (an id outside the row is not
+    // marked, an id whose bit was already set is a repeat)
+    if (threadIdx.x == 0) bad_ids = 0;
     for (int64_t w = first; w < words; w += BLOCK) support_bits[w] = 0u;
     __syncthreads();
     for (int64_t j = first; j < K; j += BLOCK) {
       const int64_t id = ids[j];
-      if (id >= 0 && id < V) atomicOr(&support_bits[id >> 5], 1u << (id & 31));
+      if (id < 0 || id >= V) {
+        bad_ids = 1;
+      } else {
+        const uint32_t bit = 1u << (id & 31);
+        if (atomicOr(&support_bits[id >> 5], bit) & bit) bad_ids = 1;
+      }
     }
     __syncthreads();
+    // uniform over the block (read after the barrier), so every thread takes
+    // the same branch; the barrier before `continue` keeps the next row's
+    // reset of bad_ids and the bitmap after every thread's read
+    if (bad_ids) {
+      if (threadIdx.x == 0) {
+        row_loss[row] = NAN;
+        if constexpr (WITH_CE) row_ce[row] = NAN;
+      }
+      if (g != nullptr) {
+        for (int64_t v = first; v < V; v += BLOCK) g[v] = scalar_t(NAN);
+      }
+      __syncthreads();
+      continue;
+    }
 
     // stream 1: off-support max and Σ exp, online per thread (one exp per
     // entry, a rescale when the max moves); −inf entries add nothing, a NaN
@@ -436,21 +461,9 @@ void topk_divergence_launch(const TopKDivergenceArgs& a, cudaStream_t stream) {
 
 // ---- the op -------------------------------------------------------------------
 
-// Every id in [0, vocab) and no id twice in a row, on the device: each row
-// sorted, its first and last id against the range, neighbours compared.
-void check_teacher_index(const at::Tensor& index, int64_t vocab) {
-  const int64_t k = index.size(1);
-  const at::Tensor ordered = std::get<0>(at::sort(index, 1));
-  const at::Tensor outside = ordered.select(1, 0).lt(0).logical_or(ordered.select(1, k - 1).ge(vocab)).any();
-  const at::Tensor twice = ordered.slice(1, 1, k).eq(ordered.slice(1, 0, k - 1)).any();
-  const at::Tensor flags = at::stack({outside, twice}).to(at::kCPU);
-  const bool* flag = flags.data_ptr<bool>();
-  TORCH_CHECK(!flag[0], "teacher_index: ids outside [0, ", vocab, ")");
-  TORCH_CHECK(!flag[1], "teacher_index: an id appears twice in a row");
-}
-
-// No range check of the labels here (it would synchronise with the device):
-// the kernel's guard turns a kept row with a label outside [0, V) into NaN.
+// No range check of the labels or the teacher's ids here (either would
+// synchronise with the device): the kernel's guards turn a kept row with a
+// label outside [0, V), or a row with an id outside [0, V) or twice, into NaN.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_divergence_forward_cuda(
     const at::Tensor& student, const at::Tensor& teacher_index, const at::Tensor& teacher_value,
     const std::optional<at::Tensor>& row_mask, int64_t kind, double inv_temperature, double coef,
@@ -465,7 +478,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_divergence_forward_cuda(
   TopKDivergenceArgs& a = call.args;
   // unused by the kind; keeps log c and log(1 − c) finite
   if (kind != JSD && kind != SKEW_KL && kind != SKEW_REVERSE_KL) a.coef = 0.5;
-  if (a.rows > 0) check_teacher_index(call.index, a.vocab);
   return run_divergence_launch(call, &topk_divergence_launch);
 }
 
