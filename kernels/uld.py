@@ -346,8 +346,8 @@ def _uld_sorted_kernel(
             sum_s, start_s = _run_prefix_pass(ks_row, prefix_s_ptr + row * W, start_s_ptr + row * W, signs, k,
                                               W, sum_s, start_s)
         if TEACHER_GRAD:
-            sum_t, start_t = _run_prefix_pass(kt_row, prefix_t_ptr + row * W, start_t_ptr + row * W, -signs, k,
-                                              W, sum_t, start_t)
+            sum_t, start_t = _run_prefix_pass(kt_row, prefix_t_ptr + row * W, start_t_ptr + row * W, -signs,
+                                              k, W, sum_t, start_t)
     loss = tl.where(row_nan, float("nan"), loss)
     tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
     # pass 2, last block first: run ends, run means and Σ value · mean
@@ -484,7 +484,8 @@ def _sorted_rows(student, teacher, row_mask, row_loss, grad_s, grad_t, inv_ts, i
     vt = teacher.shape[1]
     width = max(vs, vt)
     device = student.device
-    mask = row_mask.to(torch.int8) if row_mask is not None else torch.empty(0, dtype=torch.int8, device=device)
+    no_mask = torch.empty(0, dtype=torch.int8, device=device)
+    mask = row_mask.to(torch.int8) if row_mask is not None else no_mask
     chunk = sorted_chunk_rows(width)
     scratch_shape = (min(chunk, rows), width)
     ints = [torch.empty(scratch_shape, dtype=torch.int32, device=device) for _ in range(4)]
@@ -505,7 +506,8 @@ def _sorted_rows(student, teacher, row_mask, row_loss, grad_s, grad_t, inv_ts, i
         _uld_sorted_kernel[(r,)](
             sorted_keys[0], sorted_keys[1], unusable[0], unusable[1],
             mask[first:first + r] if row_mask is not None else mask, row_loss[first:first + r],
-            grad_s[first:first + r] if student_grad else grad_s, grad_t[first:first + r] if teacher_grad else grad_t,
+            grad_s[first:first + r] if student_grad else grad_s,
+            grad_t[first:first + r] if teacher_grad else grad_t,
             ints[0], ints[1], means[0], ints[2], ints[3], means[1],
             vs, vt, width, grad_scale * inv_ts, grad_scale * inv_tt,
             HAS_MASK=row_mask is not None, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,

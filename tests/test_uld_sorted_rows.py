@@ -41,7 +41,8 @@ def expected(s, t, *, mask=None, ts=1.0, tt=1.0, scale=1.0, s_logprob=False, t_l
     s64 = s.double().requires_grad_(True)
     t64 = t.double().requires_grad_(True)
     rows = reference_uld.uld_loss(s64, t64, student_temperature=ts, teacher_temperature=tt, mask=mask,
-                                  reduction="none", student_is_logprob=s_logprob, teacher_is_logprob=t_logprob)
+                                  reduction="none", student_is_logprob=s_logprob,
+                                  teacher_is_logprob=t_logprob)
     grad_s, grad_t = torch.autograd.grad(rows.sum() * scale, (s64, t64))
     return rows.detach(), grad_s, grad_t
 
