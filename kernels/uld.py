@@ -200,15 +200,20 @@ def _uld_keys_kernel(
     m = float("-inf")
     total = 0.0
     if not IS_LOGPROB:
-        # online max and sum of exp((x - m) / T) over the row's blocks
+        # online max and sum of exp((x - m) / T) per lane over the row's
+        # blocks, then across lanes (a lane that saw only -inf keeps 0)
+        m_lane = tl.full((BLOCK,), float("-inf"), tl.float32)
+        sum_lane = tl.zeros((BLOCK,), tl.float32)
         for base in range(0, V, BLOCK):
             x = tl.load(x_row + base + cols, mask=base + cols < V, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, 0))
-            # a row that is -inf so far keeps total 0 (exp(-inf - -inf) would be NaN)
-            rescale = tl.where(m_new == float("-inf"), 0.0, tl.exp((m - m_new) * inv_temperature))
+            m_new = tl.maximum(m_lane, x)
+            rescale = tl.where(m_new == float("-inf"), 0.0, tl.exp((m_lane - m_new) * inv_temperature))
             e = tl.where(x == float("-inf"), 0.0, tl.exp((x - m_new) * inv_temperature))
-            total = total * rescale + tl.sum(e, 0)
-            m = m_new
+            sum_lane = sum_lane * rescale + e
+            m_lane = m_new
+        m = tl.max(m_lane, 0)
+        lane_total = sum_lane * tl.exp((m_lane - m) * inv_temperature)
+        total = tl.sum(tl.where(m_lane == float("-inf"), 0.0, lane_total), 0)
     bad = 0
     for base in range(0, W, BLOCK):
         k = base + cols
