@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from fastkd import _dispatch, _hard_labels, _row_loss, _validate
+from fastkd import _hard_labels, _row_loss, _validate
 from fastkd import _ops as _extension
 from fastkd._backend import backend_for
 from fastkd._module_form import LossModule
@@ -102,21 +102,6 @@ class ULDFunction(torch.autograd.Function):
         return grad_student, grad_teacher, None, None, None, None, None, None, None, None
 
 
-def _choose_backend(backend: str, s: torch.Tensor, t: torch.Tensor) -> str:
-    """The backend that runs ``(s, t)``; ``"auto"`` leaves the triton kernel for the
-    next one when a row is longer than it holds."""
-    chosen = backend_for("uld_loss", KERNEL_BACKENDS, backend, s)
-    if chosen == "triton" and backend == "auto":
-        from fastkd.kernels import uld as triton_uld
-
-        if max(s.shape[1], t.shape[1]) > triton_uld.MAX_VOCAB:
-            for other in ("cuda", "cpu"):
-                if other in KERNEL_BACKENDS and _dispatch.backend_status(other, s.device.type).available:
-                    return other
-            return "reference"
-    return chosen
-
-
 def uld_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -177,9 +162,9 @@ def uld_loss(
             side is the zero vector, a legal input. The hard-label term always
             takes the student rows as logits (its softmax renormalises them).
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or
-            ``"triton"``. The triton kernel sorts a whole row in registers:
-            ``max(V_s, V_t) ≤ kernels.uld.MAX_VOCAB`` (``"auto"`` falls back to
-            the cuda or cpu op, else the reference, beyond it).
+            ``"triton"``. The triton kernel sorts a whole row in registers up
+            to ``kernels.uld.MAX_VOCAB`` entries, longer rows by a device sort
+            of packed (probability, column) keys per chunk of rows.
 
     Returns:
         A float32 scalar (float64 for float64 input), or ``(N,)`` for ``"none"``.
@@ -202,7 +187,7 @@ def uld_loss(
     keep = _row_loss.kept_rows(labels, ignore_index, mask)
     if mixing:
         _hard_labels.check_label_range(labels.reshape(-1), keep, s.shape[1])
-    chosen = _choose_backend(backend, s, t)
+    chosen = backend_for("uld_loss", KERNEL_BACKENDS, backend, s)
     if chosen == "reference":
         every = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
         rows = _reference.uld_rows(s, t, every if keep is None else keep, ts, tt, student_is_logprob,

@@ -438,14 +438,25 @@ def test_module_form():
         fastkd.ULDLoss(teacher_temperature=0.0)
 
 
-def test_triton_row_limit():
+def test_triton_rows_longer_than_a_block():
+    """Rows past the triton kernel's register row take the sorted-keys path:
+    the reference's loss and gradients through the public function."""
+    if not fastkd._dispatch.backend_status("triton", DEVICE.type).available:
+        pytest.skip("triton backend unavailable")
     kernels = pytest.importorskip("fastkd.kernels.uld")
-    wide = torch.randn(2, kernels.MAX_VOCAB + 1, device=DEVICE)
-    narrow = torch.randn(2, 3, device=DEVICE)
-    if fastkd._dispatch.backend_status("triton", DEVICE.type).available:
-        with pytest.raises(ValueError, match="more than the triton ULD kernel sorts"):
-            fastkd.uld_loss(wide, narrow, backend="triton")
-    assert uld_module._choose_backend("auto", wide, narrow) in ("cpu", "cuda", "reference")
+    g = torch.Generator().manual_seed(7)
+    wide = torch.randn(2, kernels.MAX_VOCAB + 1, generator=g)
+    narrow = torch.randn(2, 3, generator=g) * 4
+    for s, t in ((wide, narrow), (narrow, wide)):
+        got_s, got_t = (x.clone().to(DEVICE).requires_grad_(True) for x in (s, t))
+        got = fastkd.uld_loss(got_s, got_t, reduction="sum", backend="triton")
+        got.backward()
+        want_s, want_t = s.double().requires_grad_(True), t.double().requires_grad_(True)
+        want = reference_uld.uld_loss(want_s, want_t, reduction="sum")
+        want.backward()
+        for name, a, b in (("loss", got, want), ("grad_s", got_s.grad, want_s.grad),
+                           ("grad_t", got_t.grad, want_t.grad)):
+            assert_matches(a.detach().cpu(), b.detach(), torch.float32, f"V={tuple(s.shape)} {name}")
 
 
 BAD = [
