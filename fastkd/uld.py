@@ -168,8 +168,8 @@ def _matched_divergence(log_p, log_q, table, keep, beta, backend, student_is_log
         rest_s = _log_rest_mass(log_p, matched_s, student_rest, student_is_logprob)
         rest_t = _log_rest_mass(log_q, matched_t, teacher_rest, teacher_is_logprob)
         completed = _RowDivergenceFunction.apply(
-            torch.cat([matched_s, rest_s[:, None]], 1), torch.cat([matched_t, rest_t[:, None]], 1), keep, kind,
-            coef, backend,
+            torch.cat([matched_s, rest_s[:, None]], 1), torch.cat([matched_t, rest_t[:, None]], 1), keep,
+            kind, coef, backend,
         )
         return completed - row_divergence(rest_t[:, None], rest_s[:, None], "jsd", beta=beta)
     mass_s, mass_t = torch.logsumexp(matched_s, 1), torch.logsumexp(matched_t, 1)
@@ -180,8 +180,8 @@ def _matched_divergence(log_p, log_q, table, keep, beta, backend, student_is_log
     row_mask = live if keep is None else live & keep
     zero = torch.zeros_like(matched_s[:, :1])
     kl = _RowDivergenceFunction.apply(
-        torch.where(live[:, None], matched_s, zero), torch.where(live[:, None], matched_t, zero), row_mask, kind,
-        coef, backend,
+        torch.where(live[:, None], matched_s, zero), torch.where(live[:, None], matched_t, zero), row_mask,
+        kind, coef, backend,
     )
     log_weight = torch.where(live, log_weight, 0.0)
     log_other = torch.where(live, log_other, 0.0)
@@ -216,7 +216,8 @@ def _hybrid_rows(s, t, keep, ts, tt, student_is_logprob, teacher_is_logprob, tab
         chosen = _choose_backend(backend, rest_s, rest_t)
         if chosen == "reference":
             every = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
-            unmatched = _reference.uld_rows(rest_s, rest_t, every if keep is None else keep, 1.0, 1.0, True, True)
+            unmatched = _reference.uld_rows(rest_s, rest_t, every if keep is None else keep, 1.0, 1.0, True,
+                                            True)
         else:
             unmatched = ULDFunction.apply(rest_s, rest_t, keep, 1.0, 1.0, 1.0, True, chosen, True, True)
         rows = rows + w_unmatched * unmatched
@@ -358,8 +359,8 @@ def uld_loss(
             rows = _reference.uld_rows(s, t, every if keep is None else keep, ts, tt, student_is_logprob,
                                        teacher_is_logprob, table, hybrid_beta, hybrid_weights)
         else:
-            rows = _hybrid_rows(s, t, keep, ts, tt, student_is_logprob, teacher_is_logprob, table, hybrid_beta,
-                                hybrid_weights, chosen)
+            rows = _hybrid_rows(s, t, keep, ts, tt, student_is_logprob, teacher_is_logprob, table,
+                                hybrid_beta, hybrid_weights, chosen)
         if reduction == "none":
             soft = rows
         elif reduction == "sum" or keep is None:

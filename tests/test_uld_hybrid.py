@@ -121,8 +121,8 @@ def test_reference_matches_the_loop_oracle(vs, vt, table_kind, beta):
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
     weights = (0.3, 1.4)
     expected = loop_oracle(s, t, table, beta=beta, weights=weights, **options)
-    got = reference_uld.uld_loss(s, t, hybrid=table, hybrid_beta=beta, hybrid_weights=weights, reduction="none",
-                                 **options)
+    got = reference_uld.uld_loss(s, t, hybrid=table, hybrid_beta=beta, hybrid_weights=weights,
+                                 reduction="none", **options)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
 
 
@@ -169,8 +169,8 @@ def test_backends_match_the_reference(backend, vs, vt, table_kind, beta):
         t[2, -1] = -math.inf
     mask = torch.tensor([True, True, True, False, True])
     upstream = torch.randn(n, generator=g, dtype=torch.float64)
-    options = dict(hybrid=table, hybrid_beta=beta, student_temperature=0.7, teacher_temperature=2.5, mask=mask,
-                   reduction="none")
+    options = dict(hybrid=table, hybrid_beta=beta, student_temperature=0.7, teacher_temperature=2.5,
+                   mask=mask, reduction="none")
     expected = reference_run(s, t, upstream, **options)
     dtype = dtype_for(backend)
     got = run(backend, s, t, dtype, upstream, **options)
@@ -213,7 +213,8 @@ def test_log_probability_sides(backend, beta, sides):
     # rows of mass 0.3 .. 0.9
     s = s + torch.linspace(0.3, 0.9, 4, dtype=torch.float64).log()[:, None]
     t = t + torch.linspace(0.9, 0.4, 4, dtype=torch.float64).log()[:, None]
-    flags = dict(student_is_logprob=sides in ("student", "both"), teacher_is_logprob=sides in ("teacher", "both"))
+    flags = dict(student_is_logprob=sides in ("student", "both"),
+                 teacher_is_logprob=sides in ("teacher", "both"))
     upstream = torch.randn(4, generator=g, dtype=torch.float64)
     for table in (random_table(g, 8, 12, 5), random_table(g, 8, 12, 8)):
         options = dict(hybrid=table, hybrid_beta=beta, reduction="none", **flags)

@@ -23,7 +23,8 @@ pairs naming the same token, TRL GOLD's ``uld_use_hybrid_loss``): per kept row
 
     D_i = Σ_{(a, b) ∈ table} β·q_b·log(q_b / m_ab) + (1 − β)·p_a·log(p_a / m_ab),
           m_ab = β·q_b + (1 − β)·p_a     (β = 0: Σ q_b log(q_b / p_a); β = 1: Σ p_a log(p_a / q_b))
-    U_i = Σ_k |sort↓(p_unmatched)_k − sort↓(q_unmatched)_k| (zero-padded), 0 if either side has no unmatched id
+    U_i = Σ_k |sort↓(p_unmatched)_k − sort↓(q_unmatched)_k| (zero-padded),
+          0 if either side has no unmatched id
     ℓ_i = w_m·D_i + w_u·U_i,  (w_m, w_u) = hybrid_weights, default (M / V_t, 1 − M / V_t)
 
 with ``p``, ``q`` the full-vocabulary probabilities above: the matched
@@ -50,8 +51,11 @@ def check_hybrid_options(hybrid_beta, hybrid_weights) -> tuple[float, tuple[floa
     beta = _validate.real("hybrid_beta", hybrid_beta, low=0.0, high=1.0)
     if hybrid_weights is None:
         return beta, None
-    if isinstance(hybrid_weights, (str, bytes)) or not hasattr(hybrid_weights, "__len__") or len(hybrid_weights) != 2:
-        raise ValueError(f"hybrid_weights must be None or a pair (matched, unmatched), got {hybrid_weights!r}")
+    is_pair = not isinstance(hybrid_weights, (str, bytes)) and hasattr(hybrid_weights, "__len__")
+    if not is_pair or len(hybrid_weights) != 2:
+        raise ValueError(
+            f"hybrid_weights must be None or a pair (matched, unmatched), got {hybrid_weights!r}"
+        )
     matched = _validate.real("hybrid_weights[0]", hybrid_weights[0], low=0.0)
     unmatched = _validate.real("hybrid_weights[1]", hybrid_weights[1], low=0.0)
     return beta, (matched, unmatched)
@@ -83,10 +87,13 @@ def check_hybrid(hybrid, student_vocab: int, teacher_vocab: int) -> torch.Tensor
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= vocab:
             raise ValueError(
-                f"hybrid[:, {column}] holds {side} ids in [{low}, {high}], outside the {side} vocabulary [0, {vocab})"
+                f"hybrid[:, {column}] holds {side} ids in [{low}, {high}], outside the {side} "
+                f"vocabulary [0, {vocab})"
             )
         if torch.unique(ids).numel() != ids.numel():
-            raise ValueError(f"hybrid[:, {column}] lists a {side} id more than once (the pairs must be one-to-one)")
+            raise ValueError(
+                f"hybrid[:, {column}] lists a {side} id more than once (the pairs must be one-to-one)"
+            )
     return table
 
 
