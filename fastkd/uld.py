@@ -175,17 +175,21 @@ def _matched_divergence(log_p, log_q, table, keep, beta, backend, student_is_log
     mass_s, mass_t = torch.logsumexp(matched_s, 1), torch.logsumexp(matched_t, 1)
     log_weight, log_other = (mass_t, mass_s) if beta == 0.0 else (mass_s, mass_t)
     live = log_weight > -math.inf
-    # rows whose weighting side has no matched mass contribute 0; they are kept
-    # out of the kernel, whose softmax of an all -inf row is NaN
-    row_mask = live if keep is None else live & keep
+    # a row whose weighting side has no matched mass is 0, and one whose other
+    # side has none (but the weighting side has) is +inf; both are kept out of
+    # the kernel, whose softmax of an all -inf row is NaN
+    infinite = live & (log_other == -math.inf)
+    finite = live & ~infinite
+    row_mask = finite if keep is None else finite & keep
     zero = torch.zeros_like(matched_s[:, :1])
     kl = _RowDivergenceFunction.apply(
-        torch.where(live[:, None], matched_s, zero), torch.where(live[:, None], matched_t, zero), row_mask,
-        kind, coef, backend,
+        torch.where(finite[:, None], matched_s, zero), torch.where(finite[:, None], matched_t, zero),
+        row_mask, kind, coef, backend,
     )
-    log_weight = torch.where(live, log_weight, 0.0)
-    log_other = torch.where(live, log_other, 0.0)
-    return torch.where(live, log_weight.exp() * (kl + log_weight - log_other), 0.0)
+    log_weight = torch.where(finite, log_weight, 0.0)
+    log_other = torch.where(finite, log_other, 0.0)
+    rows = torch.where(finite, log_weight.exp() * (kl + log_weight - log_other), 0.0)
+    return torch.where(infinite, math.inf, rows)
 
 
 def _hybrid_rows(s, t, keep, ts, tt, student_is_logprob, teacher_is_logprob, table, beta, weights, backend):

@@ -290,6 +290,25 @@ def test_hard_labels_and_parts(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
+def test_zero_matched_probabilities(backend, beta):
+    """Rows where one side, or both, give matched ids probability 0: the same loss
+    values as the reference, +inf included (the KL endpoints), never NaN."""
+    s = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = torch.randn(4, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    table = torch.tensor([[0, 0], [1, 1], [2, 2]])
+    s[0, 0] = -math.inf  # the student has no probability on one matched id
+    t[1, :3] = -math.inf  # the teacher has no matched mass
+    s[2, :3] = t[2, :3] = -math.inf  # neither has
+    t[3, 1] = -math.inf
+    expected = reference_uld.uld_loss(s, t, hybrid=table, hybrid_beta=beta, reduction="none")
+    got = fastkd.uld_loss(s.to(DEVICE, dtype_for(backend)), t.to(DEVICE, dtype_for(backend)), hybrid=table,
+                          hybrid_beta=beta, reduction="none", backend=backend).cpu()
+    assert not got.isnan().any()
+    assert_matches(got, expected, dtype_for(backend), f"rows {backend}", elementwise=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_kept_row(backend):
     s = torch.randn(3, 5, dtype=torch.float64)
     t = torch.randn(3, 4, dtype=torch.float64)
