@@ -154,7 +154,8 @@ def _matched_divergence(log_p, log_q, table, keep, beta, backend, student_is_log
       kernel's JSD of the matched entries completed by one *rest* entry each (the
       mass ``1 − Σ`` they lack, so that the completed rows are distributions and
       the kernel's softmax leaves them as they are) minus that rest entry's term,
-      which is finite for such β.
+      which is finite for such β (the subtraction's error is absolute: about
+      the dtype's epsilon times that term, at most ``log 2``).
     - ``β = 0`` (``β = 1`` mirrored): with ``T = Σ q_b``, ``S = Σ p_a`` over the
       matched ids, ``Σ q_b log(q_b / p_a) = T·(KL(q/T ‖ p/S) + log T − log S)``,
       and the kernel's KL of the matched entries is ``KL(q/T ‖ p/S)``; 0 where ``T = 0``.
