@@ -106,14 +106,15 @@ LAYER_SUFFIXES = {"fastkd": ".py", "fastkd/reference": ".py", "kernels": ".py"}
 # Family modules that import another family on purpose: fastkd.divergence is
 # the entry point that routes (K, ..., V) teachers to mixture and a
 # vocabulary-sharded process_group to vocab_parallel; the references of the
-# top-k, mixture and fused-linear losses are defined through the dense
-# divergence.
+# top-k, mixture and fused-linear losses, and ULD's hybrid matched term, are
+# defined through the dense divergence.
 ALLOWED_FAMILY_IMPORTS = {
     ("fastkd.divergence", "fastkd.mixture"),
     ("fastkd.divergence", "fastkd.vocab_parallel"),
     ("fastkd.reference.topk", "fastkd.reference.divergence"),
     ("fastkd.reference.mixture", "fastkd.reference.divergence"),
     ("fastkd.reference.fused_linear", "fastkd.reference.divergence"),
+    ("fastkd.reference.uld", "fastkd.reference.divergence"),
 }
 
 

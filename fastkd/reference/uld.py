@@ -17,6 +17,20 @@ probabilities (a *tie*) share the mean of the signs over the ranks they
 occupy, so that the gradient does not depend on how the sort orders ties
 (:func:`tie_averaged`). This module sorts and pads whole ``(N, W)`` rows: it
 is the oracle of the fused kernels, not the fast path.
+
+Hybrid mode (``hybrid=`` an ``(M, 2)`` table of ``(student id, teacher id)``
+pairs naming the same token, TRL GOLD's ``uld_use_hybrid_loss``): per kept row
+
+    D_i = Σ_{(a, b) ∈ table} β·q_b·log(q_b / m_ab) + (1 − β)·p_a·log(p_a / m_ab),
+          m_ab = β·q_b + (1 − β)·p_a     (β = 0: Σ q_b log(q_b / p_a); β = 1: Σ p_a log(p_a / q_b))
+    U_i = Σ_k |sort↓(p_unmatched)_k − sort↓(q_unmatched)_k| (zero-padded),
+          0 if either side has no unmatched id
+    ℓ_i = w_m·D_i + w_u·U_i,  (w_m, w_u) = hybrid_weights, default (M / V_t, 1 − M / V_t)
+
+with ``p``, ``q`` the full-vocabulary probabilities above: the matched
+entries are *not* renormalised (TRL compares them as they are), so ``D_i``
+is the generalised JSD of two sub-probability vectors (``≥ 0`` for
+``0 < β < 1``; the KL endpoints of unnormalised vectors can be negative).
 """
 
 from __future__ import annotations
@@ -26,8 +40,76 @@ import math
 import torch
 
 from fastkd import _validate
+from fastkd.reference.divergence import row_divergence
 
 REDUCTIONS = ("batchmean", "sum", "none")
+
+
+def check_hybrid_options(hybrid_beta, hybrid_weights) -> tuple[float, tuple[float, float] | None]:
+    """Validate ``hybrid_beta`` (in [0, 1]) and ``hybrid_weights`` (None, or two finite reals
+    ``>= 0``); return them as floats."""
+    beta = _validate.real("hybrid_beta", hybrid_beta, low=0.0, high=1.0)
+    if hybrid_weights is None:
+        return beta, None
+    is_pair = not isinstance(hybrid_weights, (str, bytes)) and hasattr(hybrid_weights, "__len__")
+    if not is_pair or len(hybrid_weights) != 2:
+        raise ValueError(
+            f"hybrid_weights must be None or a pair (matched, unmatched), got {hybrid_weights!r}"
+        )
+    matched = _validate.real("hybrid_weights[0]", hybrid_weights[0], low=0.0)
+    unmatched = _validate.real("hybrid_weights[1]", hybrid_weights[1], low=0.0)
+    return beta, (matched, unmatched)
+
+
+def check_hybrid(hybrid, student_vocab: int, teacher_vocab: int) -> torch.Tensor | None:
+    """Validate the hybrid table against ``V_s = student_vocab`` and ``V_t = teacher_vocab``.
+
+    ``hybrid`` is ``None`` or an ``(M, 2)`` int64 tensor, column 0 student ids
+    in ``[0, V_s)``, column 1 teacher ids in ``[0, V_t)``, no id twice in a
+    column (``M = 0`` is legal). It is a constant of the two tokenizers and is
+    checked on the host (a table on a GPU is copied once for the check).
+    Returns the table on the CPU, or None. Raises ``ValueError`` naming ``hybrid``.
+    """
+    if hybrid is None:
+        return None
+    if not isinstance(hybrid, torch.Tensor):
+        raise ValueError(f"hybrid must be None or an (M, 2) int64 tensor, got {type(hybrid).__name__}")
+    if hybrid.dtype != torch.int64 or hybrid.dim() != 2 or hybrid.shape[1] != 2:
+        raise ValueError(
+            f"hybrid must be an (M, 2) int64 tensor of (student id, teacher id) pairs, got shape "
+            f"{tuple(hybrid.shape)} and dtype {hybrid.dtype}"
+        )
+    table = hybrid.detach().cpu()
+    for column, side, vocab in ((0, "student", student_vocab), (1, "teacher", teacher_vocab)):
+        ids = table[:, column]
+        if ids.numel() == 0:
+            continue
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"hybrid[:, {column}] holds {side} ids in [{low}, {high}], outside the {side} "
+                f"vocabulary [0, {vocab})"
+            )
+        if torch.unique(ids).numel() != ids.numel():
+            raise ValueError(
+                f"hybrid[:, {column}] lists a {side} id more than once (the pairs must be one-to-one)"
+            )
+    return table
+
+
+def hybrid_weights_for(table: torch.Tensor, teacher_vocab: int, hybrid_weights) -> tuple[float, float]:
+    """``(w_m, w_u)``: the given weights, or TRL's default ``(M / V_t, 1 − M / V_t)``."""
+    if hybrid_weights is not None:
+        return hybrid_weights
+    matched = table.shape[0] / teacher_vocab
+    return matched, 1.0 - matched
+
+
+def unmatched_ids(table_column: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``(V − M,)`` int64: the ids of ``[0, vocab)`` not in ``table_column``, ascending."""
+    matched = torch.zeros(vocab, dtype=torch.bool)
+    matched[table_column] = True
+    return (~matched).nonzero().reshape(-1)
 
 
 def check_options(student_temperature, teacher_temperature, reduction, student_is_logprob=False,
@@ -105,6 +187,27 @@ def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (a - b).abs().sum(1)
 
 
+def log_probabilities(x: torch.Tensor, temperature: float, is_logprob: bool) -> torch.Tensor:
+    """``(N, V)`` log-probability rows of ``x``: ``x`` as given, or ``log_softmax(x / T)``."""
+    return x if is_logprob else torch.log_softmax(x / temperature, 1)
+
+
+def hybrid_parts(log_p: torch.Tensor, log_q: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
+                 table: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(D, U)``, each ``(N,)``: the matched generalised JSD and the sorted L1 of the
+    unmatched entries (module docstring), from student ``log_p``/``p`` ``(N, V_s)`` and teacher
+    ``log_q``/``q`` ``(N, V_t)``; ``table`` ``(M, 2)`` on the CPU."""
+    student_ids, teacher_ids = table[:, 0].to(p.device), table[:, 1].to(p.device)
+    # row_divergence's p is the teacher: β weighs the teacher side, as TRL's β does
+    matched = row_divergence(log_q[:, teacher_ids], log_p[:, student_ids], "jsd", beta=beta)
+    student_rest = unmatched_ids(table[:, 0], p.shape[1]).to(p.device)
+    teacher_rest = unmatched_ids(table[:, 1], q.shape[1]).to(p.device)
+    if student_rest.numel() == 0 or teacher_rest.numel() == 0:
+        # TRL's convention: no sorted term unless both sides have an unmatched id
+        return matched, torch.zeros_like(matched)
+    return matched, sorted_l1(p[:, student_rest], q[:, teacher_rest])
+
+
 def probabilities(x: torch.Tensor, temperature: float, is_logprob: bool) -> torch.Tensor:
     """``(N, V)`` probability rows of ``x``: ``exp(x)`` as given for log-probabilities
     (NaN across a row with an entry whose ``exp`` is NaN or ``+inf``, as the
@@ -119,8 +222,12 @@ def probabilities(x: torch.Tensor, temperature: float, is_logprob: bool) -> torc
 
 def uld_rows(s: torch.Tensor, t: torch.Tensor, keep: torch.Tensor, student_temperature: float,
              teacher_temperature: float, student_is_logprob: bool = False,
-             teacher_is_logprob: bool = False) -> torch.Tensor:
+             teacher_is_logprob: bool = False, hybrid: torch.Tensor | None = None, hybrid_beta: float = 0.5,
+             hybrid_weights: tuple[float, float] | None = None) -> torch.Tensor:
     """``(N,)`` ULD row losses in the accumulation dtype, 0 on the rows where ``keep`` is false.
+
+    ``hybrid``: None, or the checked ``(M, 2)`` table (:func:`check_hybrid`)
+    for the hybrid row loss ``w_m·D_i + w_u·U_i`` (module docstring).
 
     Raises ``ValueError`` for a kept row of logits (not log-probabilities)
     that is all ``−inf`` (no distribution); an all ``−inf`` log-probability row
@@ -140,7 +247,14 @@ def uld_rows(s: torch.Tensor, t: torch.Tensor, keep: torch.Tensor, student_tempe
     t = torch.where(keep[:, None], t, torch.zeros_like(t))
     p = probabilities(s, student_temperature, student_is_logprob)
     q = probabilities(t, teacher_temperature, teacher_is_logprob)
-    rows = sorted_l1(p, q)
+    if hybrid is None:
+        rows = sorted_l1(p, q)
+    else:
+        log_p = log_probabilities(s, student_temperature, student_is_logprob)
+        log_q = log_probabilities(t, teacher_temperature, teacher_is_logprob)
+        matched, unmatched = hybrid_parts(log_p, log_q, p, q, hybrid, hybrid_beta)
+        w_matched, w_unmatched = hybrid_weights_for(hybrid, t.shape[1], hybrid_weights)
+        rows = w_matched * matched + w_unmatched * unmatched
     return torch.where(keep, rows, torch.zeros_like(rows))
 
 
@@ -154,6 +268,9 @@ def uld_loss(
     mask: torch.Tensor | None = None,
     student_is_logprob: bool = False,
     teacher_is_logprob: bool = False,
+    hybrid: torch.Tensor | None = None,
+    hybrid_beta: float = 0.5,
+    hybrid_weights: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Reference for :func:`fastkd.uld_loss` without hard labels (same arguments, same result).
 
@@ -168,6 +285,11 @@ def uld_loss(
         student_is_logprob, teacher_is_logprob: that side's rows are
             log-probabilities, compared as ``exp(x)`` without a softmax or any
             renormalisation (the rows of :func:`fastkd.merge_aligned`).
+        hybrid: None, or ``(M, 2)`` int64 ``(student id, teacher id)`` pairs of
+            the tokens both vocabularies hold: the hybrid row loss of the
+            module docstring.
+        hybrid_beta: β of the matched generalised JSD, in [0, 1] (teacher side).
+        hybrid_weights: ``(w_m, w_u)``, both ``>= 0``; None: ``(M/V_t, 1 − M/V_t)``.
 
     Returns:
         float32 (float64 for float64 inputs) scalar, ``(N,)`` for ``"none"``;
@@ -176,8 +298,11 @@ def uld_loss(
     s, t, mask, ts, tt = check_arguments(student_logits, teacher_logits, mask, student_temperature,
                                          teacher_temperature, reduction, student_is_logprob,
                                          teacher_is_logprob)
+    hybrid_beta, hybrid_weights = check_hybrid_options(hybrid_beta, hybrid_weights)
+    table = check_hybrid(hybrid, s.shape[1], t.shape[1])
     keep = torch.ones(s.shape[0], dtype=torch.bool, device=s.device) if mask is None else mask
-    rows = uld_rows(s, t, keep, ts, tt, student_is_logprob, teacher_is_logprob)
+    rows = uld_rows(s, t, keep, ts, tt, student_is_logprob, teacher_is_logprob, table, hybrid_beta,
+                    hybrid_weights)
     if reduction == "none":
         return rows
     total = rows.sum()
