@@ -74,7 +74,8 @@ _TARGET_PROGRAMS = 1024
 
 @triton.jit
 def _gather_scores(
-    v, idx_ptr, bank_ptr, b, cols, col_ok, d, d_ok, n_data, stride_ib, stride_ik, stride_bank_n, stride_bank_d,
+    v, idx_ptr, bank_ptr, b, cols, col_ok, d, d_ok, n_data,
+    stride_ib, stride_ik, stride_bank_n, stride_bank_d,
 ):
     # the BLOCK_K gathered bank rows of sample b (zeros past the last column
     # and past D) and their dot products s_bj with v_b; an index outside

@@ -25,7 +25,9 @@ def no_host_reads():
         for name in READS:
 
             def refuse(self, *args, _name=name, **kwargs):
-                raise AssertionError(f"host read of a tensor's value: Tensor.{_name} (shape {tuple(self.shape)})")
+                raise AssertionError(
+                    f"host read of a tensor's value: Tensor.{_name} (shape {tuple(self.shape)})"
+                )
 
             patch.setattr(torch.Tensor, name, refuse)
         yield

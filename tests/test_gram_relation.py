@@ -10,8 +10,8 @@ import fastkd
 from fastkd import _dispatch, _ops, reference
 from fastkd.gram_relation import CC_KERNELS, PKT_KERNELS, SP_KERNELS
 from tests.helpers import KERNEL_BACKENDS, assert_matches, backend_params
-from tests.pairwise_helpers import INTERPRETED_MAX_N, OPS_ON_DEVICE, SHAPES, embeddings, interpreted, run
 from tests.no_host_reads import no_host_reads
+from tests.pairwise_helpers import INTERPRETED_MAX_N, OPS_ON_DEVICE, SHAPES, embeddings, interpreted, run
 
 
 def kernel_params():

@@ -11,8 +11,8 @@ import fastkd
 from fastkd import _dispatch, _ops, reference
 from fastkd.rkd import RKD_KERNELS
 from tests.helpers import DEVICE, KERNEL_BACKENDS, assert_matches, backend_params
-from tests.pairwise_helpers import INTERPRETED_MAX_N, SHAPES, embeddings, interpreted, run
 from tests.no_host_reads import no_host_reads
+from tests.pairwise_helpers import INTERPRETED_MAX_N, SHAPES, embeddings, interpreted, run
 
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
 

@@ -31,7 +31,8 @@ def cc_variants(module):
         "N": "i32", "two_gamma": "fp32", "scale": "fp32", "order": "i32",
     }
     blocks = {"BLOCK_I": block_i, "BLOCK_J": block_j}
-    yield Variant("fp32 norm pass", types, {"FIRST": True, "dg_ptr": None, "coef_ptr": None, **blocks}, num_warps)
+    norm_pass = {"FIRST": True, "dg_ptr": None, "coef_ptr": None, **blocks}
+    yield Variant("fp32 norm pass", types, norm_pass, num_warps)
     yield Variant("fp32 gradient pass", types, {"FIRST": False, **blocks}, num_warps)
 
 
