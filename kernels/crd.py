@@ -100,7 +100,7 @@ def _column_range(cols_total, COLS_PER_SPLIT: tl.constexpr):
 def _crd_exp_sum_kernel(
     v_ptr,  # [B, D] float32 embeddings, strides (stride_vb, stride_vd)
     bank_ptr,  # [n_data, D] float32 memory bank, strides (stride_bank_n, stride_bank_d)
-    idx_ptr,  # [B, K+1] int64 bank indices in [0, n_data), strides (stride_ib, stride_ik)
+    idx_ptr,  # [B, K+1] int64 bank indices (outside [0, n_data): NaN), strides (stride_ib, stride_ik)
     partial_ptr,  # [SPLITS, B] float64: Σ_j exp(s_bj / T) over this program's columns
     B, D, cols_total, n_data,
     stride_vb, stride_vd, stride_bank_n, stride_bank_d, stride_ib, stride_ik,
@@ -128,7 +128,7 @@ def _crd_exp_sum_kernel(
 def _crd_nce_kernel(
     v_ptr,  # [B, D] float32 embeddings, strides (stride_vb, stride_vd)
     bank_ptr,  # [n_data, D] float32 memory bank, strides (stride_bank_n, stride_bank_d)
-    idx_ptr,  # [B, K+1] int64 bank indices in [0, n_data), strides (stride_ib, stride_ik)
+    idx_ptr,  # [B, K+1] int64 bank indices (outside [0, n_data): NaN), strides (stride_ib, stride_ik)
     z_ptr,  # [] float32 normalisation constant Z > 0
     loss_ptr,  # [SPLITS, B] float64 partial row losses (without the constant K log(c'/c))
     grad_ptr,  # [SPLITS, B, D] float32 partial d row_loss_b / d v_b (None unless WANT_GRAD)
