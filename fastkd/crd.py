@@ -23,6 +23,7 @@ import torch
 from fastkd import (
     _dispatch,
     _ops,  # noqa: F401  (registers fastkd::crd_nce_forward and its fake kernel)
+    _validate,
 )
 from fastkd._backend import backend_for
 from fastkd._row_loss import scale_by_upstream
@@ -123,7 +124,12 @@ def crd_nce(
             dtype, the gradient comes back in ``v``'s).
         bank: ``(n_data, feat_dim)`` float32 / float64 memory bank.
         contrast_idx: ``(B, K+1)`` integer indices into ``bank``, column 0 the
-            positive, the others the negatives.
+            positive, the others the negatives, in ``[0, n_data)``. Checked on
+            the host for CPU tensors (``ValueError``); on a GPU the kernels give
+            a sample with an index outside a NaN loss and gradient (and a NaN
+            ``Z`` when it is set from the batch), unless
+            ``FASTKD_CHECK_DEVICE_VALUES=1`` asks for the host check there too
+            (docs/spec.md §6; the ``"reference"`` backend always checks).
         temperature: ``τ > 0``.
         z: the normalisation constant ``Z > 0``; ``None`` sets it from this
             batch, ``Z = mean_bj exp(s_bj / τ) · n_data``.
@@ -135,16 +141,25 @@ def crd_nce(
     Returns:
         ``(loss, Z)``: the ``()`` loss in the bank's dtype and the ``Z`` used (a float).
     """
+    # the range of GPU indices is checked by the kernels (no device → host sync)
+    index_range = not isinstance(contrast_idx, torch.Tensor) or _validate.values_checked_on_host(contrast_idx)
     v, bank, contrast_idx, temperature, z = _reference_crd.check_nce_arguments(
-        v, bank, contrast_idx, temperature, z
+        v, bank, contrast_idx, temperature, z, index_range=index_range
     )
     return _crd_nce_unchecked(v, bank, contrast_idx, temperature, z, backend)
 
 
 def _crd_nce_unchecked(v, bank, contrast_idx, temperature: float, z: float | None, backend: str):
-    """:func:`crd_nce` on validated arguments (the module validates once for both directions)."""
+    """:func:`crd_nce` on validated arguments (the module validates once for both directions).
+
+    The callers leave ``contrast_idx``'s range to the kernels exactly where
+    ``values_checked_on_host`` is False; the reference, which has no guard,
+    checks it then.
+    """
     chosen = _crd_backend(backend, v, bank)
     if chosen == "reference":
+        if not _validate.values_checked_on_host(contrast_idx):
+            _reference_crd.check_index_range("contrast_idx", contrast_idx, bank.shape[0])
         return _reference_crd.crd_nce_unchecked(v, bank, contrast_idx, temperature, z)
     if bank.stride(1) != 1 and bank.shape[1] > 1:
         bank = bank.contiguous()  # the kernel reads rows at any stride, elements at unit stride
@@ -190,6 +205,10 @@ class CRDLoss(_reference_crd.CRDLoss):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
+
+    def _checks_contrast_range(self, contrast_idx: torch.Tensor) -> bool:
+        # on a GPU the kernels guard the indices (no device → host sync), docs/spec.md §6
+        return _validate.values_checked_on_host(contrast_idx)
 
     def _nce(self, v, bank, contrast_idx, z):
         return _crd_nce_unchecked(v, bank, contrast_idx, self.nce_t, z, self.backend)

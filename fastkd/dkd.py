@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from fastkd import _ops  # noqa: F401  (registers fastkd::dkd_forward and its fake kernel)
+from fastkd import (
+    _ops,  # noqa: F401  (registers fastkd::dkd_forward and its fake kernel)
+    _validate,
+)
 from fastkd._backend import backend_for
 from fastkd._module_form import LossModule
 from fastkd._row_loss import RowLossKernelFunction
@@ -54,7 +57,11 @@ def dkd_loss(
         student_logits: ``(N, C)``, ``C >= 2``, float32 / bfloat16 / float16 / float64.
         teacher_logits: ``(N, C)``, same dtype and device. Gets no gradient
             (as in mdistiller, where the teacher runs under ``no_grad``).
-        labels: ``(N,)`` integer target classes in ``[0, C)``.
+        labels: ``(N,)`` integer target classes in ``[0, C)``. Checked on the
+            host for CPU tensors (``ValueError``); on a GPU the kernels give a
+            row with a label outside ``[0, C)`` a NaN loss and gradient, unless
+            ``FASTKD_CHECK_DEVICE_VALUES=1`` asks for the host check there too
+            (docs/spec.md §6; the ``"reference"`` backend always checks).
         alpha: TCKD weight, ``>= 0`` (default 1).
         beta: NCKD weight, ``>= 0`` (default 8).
         temperature: ``T > 0`` (default 4).
@@ -66,11 +73,14 @@ def dkd_loss(
     Returns:
         float32 (float64 for float64 inputs) scalar, or ``(N,)`` for ``"none"``.
     """
+    # the range of GPU labels is checked by the kernels (no device → host sync)
+    label_range = not isinstance(labels, torch.Tensor) or _validate.values_checked_on_host(labels)
     s, t, y, alpha, beta, temperature = _reference.check_dkd_arguments(
-        student_logits, teacher_logits, labels, alpha, beta, temperature, reduction
+        student_logits, teacher_logits, labels, alpha, beta, temperature, reduction, label_range=label_range
     )
     chosen = backend_for("dkd", DKD_KERNELS, backend, s)
     if chosen == "reference":
+        # checks the labels' range itself: the reference has no in-kernel guard
         return _reference.dkd_loss(
             s, t, y, alpha=alpha, beta=beta, temperature=temperature, reduction=reduction
         )

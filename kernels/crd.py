@@ -27,8 +27,14 @@ plus the gradient's as many: far below the gather's bandwidth cost.
 
 float32 only (the op's dtypes are float32 / float64, and the GPU kernels do
 not compute in double): dot products, exp and log1p in float32; the loss
-and the exp sum for Z are accumulated in float64, as on CPU. Indices are
-bounds-checked by the launcher before any gather.
+and the exp sum for Z are accumulated in float64, as on CPU.
+
+Indices: a bank index outside [0, n_data) gathers row 0 instead and makes
+its score NaN, so its sample's loss and gradient are NaN (and Z, when it is
+set from the batch) and nothing outside the bank is read. The launcher also
+refuses such indices (ValueError) where ``fastkd._validate.values_checked_on_host``
+says so: for CPU tensors, or on a GPU with FASTKD_CHECK_DEVICE_VALUES=1
+(elsewhere the check would be a device → host synchronisation on every call).
 
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run
 on CPU tensors, which is how the tests check them without a GPU.
@@ -41,6 +47,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from fastkd import _validate
 
 from ._common import (
     DEVICE_TYPE,  # noqa: F401  (re-exported: callers ask a module where its kernels run)
@@ -66,16 +74,20 @@ _TARGET_PROGRAMS = 1024
 
 @triton.jit
 def _gather_scores(
-    v, idx_ptr, bank_ptr, b, cols, col_ok, d, d_ok, stride_ib, stride_ik, stride_bank_n, stride_bank_d,
+    v, idx_ptr, bank_ptr, b, cols, col_ok, d, d_ok, n_data,
+    stride_ib, stride_ik, stride_bank_n, stride_bank_d,
 ):
     # the BLOCK_K gathered bank rows of sample b (zeros past the last column
-    # and past D) and their dot products s_bj with v_b
+    # and past D) and their dot products s_bj with v_b; an index outside
+    # [0, n_data) reads row 0 and gets a NaN score
     idx = tl.load(idx_ptr + b * stride_ib + cols * stride_ik, mask=col_ok, other=0)
+    in_bank = (idx >= 0) & (idx < n_data)
+    idx = tl.where(in_bank, idx, 0)
     rows = tl.load(
         bank_ptr + idx[:, None] * stride_bank_n + d[None, :] * stride_bank_d,
         mask=col_ok[:, None] & d_ok[None, :], other=0.0,
     ).to(tl.float32)
-    return rows, tl.sum(rows * v[None, :], 1)
+    return rows, tl.where(in_bank, tl.sum(rows * v[None, :], 1), float("nan"))
 
 
 @triton.jit
@@ -88,9 +100,9 @@ def _column_range(cols_total, COLS_PER_SPLIT: tl.constexpr):
 def _crd_exp_sum_kernel(
     v_ptr,  # [B, D] float32 embeddings, strides (stride_vb, stride_vd)
     bank_ptr,  # [n_data, D] float32 memory bank, strides (stride_bank_n, stride_bank_d)
-    idx_ptr,  # [B, K+1] int64 bank indices in [0, n_data), strides (stride_ib, stride_ik)
+    idx_ptr,  # [B, K+1] int64 bank indices (outside [0, n_data): NaN), strides (stride_ib, stride_ik)
     partial_ptr,  # [SPLITS, B] float64: Σ_j exp(s_bj / T) over this program's columns
-    B, D, cols_total,
+    B, D, cols_total, n_data,
     stride_vb, stride_vd, stride_bank_n, stride_bank_d, stride_ib, stride_ik,
     inv_temperature,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, COLS_PER_SPLIT: tl.constexpr,
@@ -105,7 +117,7 @@ def _crd_exp_sum_kernel(
         cols = start + tl.arange(0, BLOCK_K).to(tl.int64)
         col_ok = cols < hi
         _, s = _gather_scores(
-            v, idx_ptr, bank_ptr, b, cols, col_ok, d, d_ok,
+            v, idx_ptr, bank_ptr, b, cols, col_ok, d, d_ok, n_data,
             stride_ib, stride_ik, stride_bank_n, stride_bank_d,
         )
         total += tl.where(col_ok, tl.exp(s * inv_temperature), 0.0).to(tl.float64)
@@ -116,11 +128,11 @@ def _crd_exp_sum_kernel(
 def _crd_nce_kernel(
     v_ptr,  # [B, D] float32 embeddings, strides (stride_vb, stride_vd)
     bank_ptr,  # [n_data, D] float32 memory bank, strides (stride_bank_n, stride_bank_d)
-    idx_ptr,  # [B, K+1] int64 bank indices in [0, n_data), strides (stride_ib, stride_ik)
+    idx_ptr,  # [B, K+1] int64 bank indices (outside [0, n_data): NaN), strides (stride_ib, stride_ik)
     z_ptr,  # [] float32 normalisation constant Z > 0
     loss_ptr,  # [SPLITS, B] float64 partial row losses (without the constant K log(c'/c))
     grad_ptr,  # [SPLITS, B, D] float32 partial d row_loss_b / d v_b (None unless WANT_GRAD)
-    B, D, cols_total,
+    B, D, cols_total, n_data,
     stride_vb, stride_vd, stride_bank_n, stride_bank_d, stride_ib, stride_ik,
     inv_temperature,  # 1 / T
     c_eps,  # c' = K / n_data + 1e-7
@@ -140,7 +152,7 @@ def _crd_nce_kernel(
         cols = start + tl.arange(0, BLOCK_K).to(tl.int64)
         col_ok = cols < hi
         rows, s = _gather_scores(
-            v, idx_ptr, bank_ptr, b, cols, col_ok, d, d_ok,
+            v, idx_ptr, bank_ptr, b, cols, col_ok, d, d_ok, n_data,
             stride_ib, stride_ik, stride_bank_n, stride_bank_d,
         )
         # P = exp(s / T) / Z
@@ -205,8 +217,8 @@ def _check_args(v, bank, contrast_idx, z, inv_temperature, want_grad) -> None:
         )
     if contrast_idx.shape[1] < 1:
         raise ValueError("contrast_idx must have at least one column (the positive)")
-    if contrast_idx.numel():
-        # before any gather: the kernels read bank rows at these indices unchecked
+    if contrast_idx.numel() and _validate.values_checked_on_host(contrast_idx):
+        # on a GPU only when asked for (a device → host sync); the kernels guard anyway
         low, high = (int(x) for x in torch.aminmax(contrast_idx))
         if low < 0 or high >= bank.shape[0]:
             raise ValueError(
@@ -234,7 +246,9 @@ def crd_nce_forward(
         v: ``(B, D)`` float32 embeddings, any strides.
         bank: ``(n_data, D)`` float32 memory bank, any strides.
         contrast_idx: ``(B, K+1)`` int64 bank indices (column 0 the positive),
-            in ``[0, n_data)``, any strides.
+            in ``[0, n_data)``, any strides (an index outside gives its
+            sample a NaN loss and gradient where the launcher does not
+            check values: module docstring).
         z: the normalisation constant ``Z``; ``z <= 0`` sets it from this
             batch, ``Z = mean_bj exp(s_bj / T) · n_data`` (one more gather pass).
         inv_temperature: ``1 / T``.
@@ -266,7 +280,7 @@ def crd_nce_forward(
     if z <= 0:
         partial = torch.empty((splits, batch), dtype=torch.float64, device=device)
         _crd_exp_sum_kernel[grid](
-            v, bank, contrast_idx, partial, batch, dim, cols, *strides, float(inv_temperature), **meta
+            v, bank, contrast_idx, partial, batch, dim, cols, n_data, *strides, float(inv_temperature), **meta
         )
         # Z = mean_bj exp(s_bj / T) · n_data, rounded to float32 once (as on
         # CPU), so that the stored Z reproduces this batch's loss exactly
@@ -282,7 +296,7 @@ def crd_nce_forward(
     if want_grad:
         grad_partial = torch.empty((splits, batch, dim), dtype=torch.float32, device=device)
     _crd_nce_kernel[grid](
-        v, bank, contrast_idx, z_used, loss_partial, grad_partial, batch, dim, cols, *strides,
+        v, bank, contrast_idx, z_used, loss_partial, grad_partial, batch, dim, cols, n_data, *strides,
         float(inv_temperature), float(c_eps), float(1.0 / c_eps), WANT_GRAD=want_grad, **meta,
     )
     # Σ_k log((P_k + c') / c) = Σ_k log1p(P_k / c') + K log(c' / c)

@@ -28,10 +28,12 @@ Memory traffic floor, b bytes per logit: read 2·N·C·b, write N·C·b for the
 gradient and 4·N bytes of row loss; pass 2 re-reads the row, from L2 for
 classification-sized rows (2·C·b bytes per resident row).
 
-Labels: the launcher refuses labels outside [0, C) (ValueError) before the
-launch; the kernel still clamps the index it loads with and gives a row with
-an out-of-range label a NaN loss and gradient, so no label ever indexes memory
-outside its row.
+Labels: the kernel clamps the index it loads with and gives a row with an
+out-of-range label a NaN loss and gradient, so no label ever indexes memory
+outside its row. The launcher also refuses labels outside [0, C) (ValueError)
+where ``fastkd._validate.values_checked_on_host`` says so: for CPU tensors, or
+on a GPU with FASTKD_CHECK_DEVICE_VALUES=1 (elsewhere the check would be a
+device → host synchronisation on every call).
 
 Everything is accumulated in float32; bf16 / fp16 logits are widened as they
 are loaded and the gradient is rounded to the input dtype as it is stored.
@@ -46,6 +48,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from fastkd import _validate
 
 from ._common import (
     DEVICE_TYPE,  # noqa: F401  (re-exported: callers ask a module where its kernels run)
@@ -105,8 +109,8 @@ def _dkd_fwd_kernel(
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
 
-    # An out-of-range label (refused by the launcher) loads at index 0 and
-    # makes the row NaN: nothing outside the row is ever read.
+    # An out-of-range label (refused by the launcher where it checks values)
+    # loads at index 0 and makes the row NaN: nothing outside the row is ever read.
     y_raw = tl.load(y_ptr + row)
     valid = (y_raw >= 0) & (y_raw < C)
     y = tl.where(valid, y_raw, 0)
@@ -208,8 +212,8 @@ def _check_args(student, teacher, labels, alpha, beta, inv_temperature, grad_sca
             raise ValueError(f"{name} must be finite and >= 0, got {value}")
     check_positive("inv_temperature", inv_temperature)
     check_finite("grad_scale", grad_scale)
-    # one device → host sync for both bounds
-    if rows and bool(((labels < 0) | (labels >= classes)).any()):
+    # on a GPU only when asked for (a device → host sync); the kernel guards anyway
+    if rows and _validate.values_checked_on_host(labels) and bool(((labels < 0) | (labels >= classes)).any()):
         raise ValueError(
             f"labels must lie in [0, {classes}), got values in [{int(labels.min())}, {int(labels.max())}]"
         )

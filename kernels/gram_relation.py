@@ -9,6 +9,8 @@ passes over the two [N, N] Gram matrices that write dG in place of what the
 reference's autograd keeps (the normalised / kernelised matrices, their
 difference and its gradient). Traffic floor: read 2·N² floats per pass (SP:
 three passes over the rows, re-read from L2 for N up to ~10⁴), write N².
+CC's norm ‖K_s − K_t‖_F, which scales its gradient, stays a float64 tensor on
+the device that the gradient pass reads: no launcher synchronises with the host.
 
 Everything in the kernels is float32; bfloat16 / float16 embeddings are widened
 first and the gradient rounded by torch at the end. Under ``TRITON_INTERPRET=1``
@@ -125,10 +127,10 @@ def _cc_kernel(
     gt_ptr,  # [N, N] float32 teacher Gram matrix
     sq_ptr,  # [N] float32 out: Σ_j (K_s − K_t)²_ij (FIRST pass)
     dg_ptr,  # [N, N] float32 out: ∂loss/∂G_s (second pass); may alias gs_ptr
+    coef_ptr,  # [] float64, second pass: 1 / (‖K_s − K_t‖_F N²), 0 where the norm is 0
     N,
     two_gamma,  # 2γ
     scale,  # exp(−2γ)
-    coef,  # second pass: 1 / (‖K_s − K_t‖_F N²), 0 where the norm is 0
     order,  # P >= 1
     FIRST: tl.constexpr,
     BLOCK_I: tl.constexpr,
@@ -136,6 +138,8 @@ def _cc_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
     im = rows < N
+    if not FIRST:
+        coef = tl.load(coef_ptr).to(tl.float32)
     acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
     for j0 in range(0, N, BLOCK_J):
         at, m = _gram_tile(rows, im, j0, N, BLOCK_J)
@@ -279,17 +283,18 @@ def cc_forward(
     two_gamma, scale = 2.0 * float(gamma), math.exp(-2.0 * float(gamma))
     sq_rows = torch.empty(n, dtype=torch.float32, device=student.device)
     _cc_kernel[grid](
-        gram_s, gram_t, sq_rows, None, n, two_gamma, scale, 0.0, int(order),
+        gram_s, gram_t, sq_rows, None, None, n, two_gamma, scale, int(order),
         FIRST=True, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps,
     )
-    norm = math.sqrt(sq_rows.sum(dtype=torch.float64).item())
+    # the norm stays on the device (float64): the gradient pass reads its factor there
+    norm = sq_rows.sum(dtype=torch.float64).sqrt()
     n2 = float(n) * float(n)
-    loss = torch.tensor(norm / n2, dtype=torch.float32, device=student.device)
+    loss = (norm / n2).float()
     if not student_grad:
         return loss, student.new_zeros((0, 0))
-    coef = 0.0 if norm == 0.0 else 1.0 / (norm * n2)  # NaN stays NaN
+    coef = torch.where(norm == 0.0, 0.0, (norm * n2).reciprocal())  # NaN stays NaN
     _cc_kernel[grid](
-        gram_s, gram_t, sq_rows, gram_s, n, two_gamma, scale, coef, int(order),
+        gram_s, gram_t, sq_rows, gram_s, coef, n, two_gamma, scale, int(order),
         FIRST=False, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps,
     )
     return loss, _grad_from_gram(gram_s, xs, student.dtype)

@@ -23,6 +23,9 @@ Distance (float32 Gram; every pass is one program per block of rows, the first a
   then dX = x·rowsum(C_far) − C_far x + near part (torch.mm, float32).
 
 Traffic floor: the Gram matmuls (2·N·D·N), then a few passes over N² floats.
+The scalars between the passes (1/μ_s, 1/μ_t from float64 totals, and the
+mean's share of ∂loss/∂ρ) stay float64 tensors on the device that the
+kernels read: the launcher never synchronises with the host.
 
 Angle (float64 Gram, split into float32 hi + lo halves, as on CPU): for anchor i,
 
@@ -178,14 +181,15 @@ def _distance_loss_kernel(
     sq_t_ptr,  # [N, N] float32 teacher squared distances
     loss_ptr,  # [N] float32 out: Σ_j smooth_l1(ρ_ij)
     qd_ptr,  # [N] float32 out: Σ_j q_ij d_s,ij
+    inv_mean_ptr,  # [2] float64: 1 / μ_s, 1 / μ_t (μ: mean off-diagonal distance)
     N,
-    inv_s,  # 1 / μ_s (mean off-diagonal student distance)
-    inv_t,  # 1 / μ_t
     inv_n2,  # 1 / N²
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+    inv_s = tl.load(inv_mean_ptr).to(tl.float32)
+    inv_t = tl.load(inv_mean_ptr + 1).to(tl.float32)
     loss = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
     qd = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
     for j0 in range(0, N, BLOCK_J):
@@ -209,15 +213,17 @@ def _distance_coef_kernel(
     close_ptr,  # [N, N] float32 out: C_ij of the near pairs off the diagonal, 0 elsewhere
     csum_ptr,  # [N] float32 out: Σ_j far C_ij
     ncount_ptr,  # [N] int32 out: number of near pairs in row i, off the diagonal
+    inv_mean_ptr,  # [2] float64: 1 / μ_s, 1 / μ_t
+    shift_ptr,  # [] float64: Q / (μ_s · N (N − 1)), Q = Σ q d_s: the mean's share of ∂loss/∂ρ
     N,
-    inv_s,
-    inv_t,
     inv_n2,
-    shift,  # Q / (μ_s · N (N − 1)), Q = Σ q d_s: the mean's share of ∂loss/∂ρ
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+    inv_s = tl.load(inv_mean_ptr).to(tl.float32)
+    inv_t = tl.load(inv_mean_ptr + 1).to(tl.float32)
+    shift = tl.load(shift_ptr).to(tl.float32)
     csum = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
     count = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int32)
     for j0 in range(0, N, BLOCK_J):
@@ -427,7 +433,11 @@ def _single_sample(student, teacher, student_grad):
 
 
 def _pair_sq(gram: torch.Tensor, x: torch.Tensor, factor: float):
-    """(sq, near, Σ d) of the rows ``x`` ``(N, D)``; ``gram``: of the centred rows, same dtype."""
+    """(sq, near, Σ d) of the rows ``x`` ``(N, D)``; ``gram``: of the centred rows, same dtype.
+
+    ``sq`` ``(N, N)`` in gram's dtype, ``near`` ``(N, N)`` int8, and Σ d a ``()``
+    float64 tensor on the device: reading it on the host would synchronise.
+    """
     n, d = x.shape
     block_i, block_j, block_d, num_warps = pair_config(n, d)
     j_blocks = triton.cdiv(n, block_j)
@@ -438,7 +448,7 @@ def _pair_sq(gram: torch.Tensor, x: torch.Tensor, factor: float):
         gram, x, sq, near, dsum, n, d, factor,
         BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, num_warps=num_warps,
     )
-    return sq, near, dsum.sum(dtype=torch.float64).item()
+    return sq, near, dsum.sum(dtype=torch.float64)
 
 
 def _centred_gram(x: torch.Tensor) -> torch.Tensor:
@@ -467,27 +477,30 @@ def rkd_distance_forward(
     sq_t, _, sum_t = _pair_sq(gram_t, xt, _DISTANCE_FACTOR)
     del gram_s, gram_t
     pairs = float(n) * float(n - 1)
-    inv_s, inv_t = pairs / sum_s, pairs / sum_t  # 1 / μ from float64 totals
+    # 1 / μ from the float64 totals, on the device: the kernels read them
+    # (pairs / Σ d in one division, as a tensor divided by a tensor)
+    totals = torch.stack((sum_s, sum_t))
+    inv_mean = torch.full_like(totals, pairs).div_(totals)
     inv_n2 = 1.0 / (float(n) * float(n))
     block_i, block_j, num_warps = row_config(n)
     row_grid = (triton.cdiv(n, block_i),)
     loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
     qd_rows = torch.empty(n, dtype=torch.float32, device=student.device)
     _distance_loss_kernel[row_grid](
-        sq_s, sq_t, loss_rows, qd_rows, n, inv_s, inv_t, inv_n2,
+        sq_s, sq_t, loss_rows, qd_rows, inv_mean, n, inv_n2,
         BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps,
     )
     loss = (loss_rows.sum(dtype=torch.float64) * inv_n2).float()
     if not student_grad:
         return loss, student.new_zeros((0, 0))
 
-    shift = qd_rows.sum(dtype=torch.float64).item() * inv_s / pairs
+    shift = qd_rows.sum(dtype=torch.float64) * inv_mean[0] / pairs
     far = sq_t  # each program reads its rows of sq_t, then overwrites them
     close = torch.empty_like(sq_s)
     csum = torch.empty(n, dtype=torch.float32, device=student.device)
     ncount = torch.empty(n, dtype=torch.int32, device=student.device)
     _distance_coef_kernel[row_grid](
-        sq_s, sq_t, near_s, far, close, csum, ncount, n, inv_s, inv_t, inv_n2, shift,
+        sq_s, sq_t, near_s, far, close, csum, ncount, inv_mean, shift, n, inv_n2,
         BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps,
     )
     d = xs.shape[1]

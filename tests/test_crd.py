@@ -18,6 +18,7 @@ from fastkd import _ops
 from fastkd import crd as fkcrd
 from fastkd.reference import crd as refcrd
 from tests.helpers import DEVICE, assert_matches, relative_error
+from tests.no_host_reads import no_host_reads, values_checked_in_kernels
 
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
 
@@ -534,6 +535,11 @@ def crd_op_args(device):
 def test_op_checks(device, change, needle):
     args = crd_op_args(device)
     args.update({name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in change.items()})
+    if device == "cuda" and needle == "contrast_idx must lie in":
+        # on a GPU the kernels check the range (no device → host sync): NaN samples
+        row_loss, grad, _ = torch.ops.fastkd.crd_nce_forward(*args.values())
+        assert torch.isnan(row_loss).all() and torch.isnan(grad).all()
+        return
     with pytest.raises(RuntimeError, match=needle):
         torch.ops.fastkd.crd_nce_forward(*args.values())
 
@@ -553,8 +559,10 @@ def test_op_checks(device, change, needle):
         ({"want_grad": 1}, "want_grad must be a bool"),
     ],
 )
-def test_triton_launcher_checks(change, needle):
-    """The Triton launcher raises ValueError naming the argument before any gather."""
+def test_triton_launcher_checks(change, needle, monkeypatch):
+    """The Triton launcher raises ValueError naming the argument before any gather
+    (the index range: on a GPU when FASTKD_CHECK_DEVICE_VALUES=1 asks for it)."""
+    monkeypatch.setenv("FASTKD_CHECK_DEVICE_VALUES", "1")
     triton_crd = pytest.importorskip("fastkd.kernels.crd")
     device = triton_crd.DEVICE_TYPE
     args = crd_op_args(device)
@@ -674,3 +682,102 @@ def test_explicit_backend_without_crd_kernel_raises(monkeypatch):
     got = fastkd.crd_nce(v, bank, contrast_idx, z=2.0)
     want = refcrd.crd_nce(v, bank, contrast_idx, z=2.0)
     assert torch.equal(got[0], want[0])
+
+
+# ---- the GPU policy: indices checked in the kernels, no host reads (docs/spec.md §6) ----
+
+
+def gpu_kernel_params():
+    """The CRD kernel backends of a GPU (triton, cuda) that run on DEVICE."""
+    return [param for param in kernel_params() if param.values[0] != "cpu"]
+
+
+def bad_index_inputs(seed=60):
+    """(v (6, 5), bank (11, 5), contrast_idx (6, 8), contrast_idx with samples 1 and 4
+    pointing outside the bank) float32 on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.nn.functional.normalize(torch.randn(6, 5, generator=g), dim=1).to(DEVICE)
+    bank = torch.nn.functional.normalize(torch.randn(11, 5, generator=g), dim=1).to(DEVICE)
+    contrast_idx = torch.randint(11, (6, 8), generator=g).to(DEVICE)
+    bad = contrast_idx.clone()
+    bad[1, 3] = 11
+    bad[4, 0] = -1
+    return v, bank, contrast_idx, bad
+
+
+@pytest.mark.parametrize("backend", gpu_kernel_params())
+def test_out_of_range_indices_give_nan_samples_without_the_host_check(blocks, backend, monkeypatch):
+    """A sample with an index outside [0, n_data) gets a NaN loss and gradient; the
+    others are exact (Z given); nothing is read outside the bank."""
+    values_checked_in_kernels(monkeypatch)
+    v, bank, contrast_idx, bad = bad_index_inputs()
+    v_bad = v.clone().requires_grad_(True)
+    loss, _ = fastkd.crd_nce(v_bad, bank, bad, temperature=0.2, z=3.0, backend=backend)
+    loss.backward()
+    assert torch.isnan(loss)
+    assert torch.isnan(v_bad.grad[[1, 4]]).all()
+    good = [0, 2, 3, 5]
+    v_ref = v[good].double().requires_grad_(True)
+    want, _ = refcrd.crd_nce(v_ref, bank.double(), contrast_idx[good], temperature=0.2, z=3.0)
+    # the mean over 6 samples: each good sample's gradient is 4/6 of the 4-sample mean's
+    (want * len(good) / 6).backward()
+    assert_matches(v_bad.grad[good], v_ref.grad, torch.float32, f"{backend} good samples' gradient")
+
+
+def test_out_of_range_indices_rows_and_z_of_the_triton_launcher(blocks, monkeypatch):
+    """The launcher's row losses: NaN for the bad samples only with Z given; with Z
+    set from the batch, Z (and so every row) is NaN."""
+    triton_crd = pytest.importorskip("fastkd.kernels.crd")
+    if triton_crd.DEVICE_TYPE != DEVICE.type:
+        pytest.skip(f"triton runs on {triton_crd.DEVICE_TYPE} tensors")
+    values_checked_in_kernels(monkeypatch)
+    v, bank, contrast_idx, bad = bad_index_inputs(61)
+    rows, grad, _ = triton_crd.crd_nce_forward(v, bank, bad, 3.0, 5.0, True)
+    want_rows, want_grad, _ = triton_crd.crd_nce_forward(v, bank, contrast_idx, 3.0, 5.0, True)
+    good = [0, 2, 3, 5]
+    assert torch.isnan(rows[[1, 4]]).all() and torch.isnan(grad[[1, 4]]).all()
+    assert torch.equal(rows[good], want_rows[good]) and torch.equal(grad[good], want_grad[good])
+    rows, grad, z_used = triton_crd.crd_nce_forward(v, bank, bad, -1.0, 5.0, True)
+    assert torch.isnan(z_used) and torch.isnan(rows).all()
+
+
+def test_reference_backend_checks_indices_without_the_host_check(monkeypatch):
+    """The reference gathers with the indices, unguarded: it refuses bad ones on every device."""
+    values_checked_in_kernels(monkeypatch)
+    v, bank, _, bad = bad_index_inputs(62)
+    with pytest.raises(ValueError, match="contrast_idx must lie in"):
+        fastkd.crd_nce(v, bank, bad, z=3.0, backend="reference")
+    module = refcrd.CRDLoss(4, 3, 11, feat_dim=5, nce_k=7).to(DEVICE)
+    f_s, f_t, idx = batch(6, 4, 3, 11, torch.float32, 63, DEVICE)
+    with pytest.raises(ValueError, match="contrast_idx must lie in"):
+        module(f_s, f_t, idx, bad)
+
+
+def test_device_value_checks_on_request(monkeypatch):
+    """FASTKD_CHECK_DEVICE_VALUES=1: the index range raises ValueError on every device."""
+    monkeypatch.setenv("FASTKD_CHECK_DEVICE_VALUES", "1")
+    v, bank, _, bad = bad_index_inputs(64)
+    with pytest.raises(ValueError, match="contrast_idx must lie in"):
+        fastkd.crd_nce(v, bank, bad, z=3.0)
+
+
+@pytest.mark.parametrize("backend", gpu_kernel_params())
+@pytest.mark.parametrize("z", (3.0, -1.0), ids=("z_given", "z_from_batch"))
+def test_no_host_reads(backend, z, monkeypatch):
+    """A GPU path never reads a value on the host (a device → host sync): the op
+    contract and crd_nce with Z given (crd_nce returns a Z set from the batch as
+    a float, which is a read by contract)."""
+    values_checked_in_kernels(monkeypatch)
+    v, bank, contrast_idx, _ = bad_index_inputs(65)
+    op = fkcrd._crd_op(backend)
+    with no_host_reads():
+        rows, grad, z_used = op(v, bank, contrast_idx, z, 5.0, True)
+    want, want_z = refcrd.crd_nce(v.double(), bank.double(), contrast_idx, temperature=0.2,
+                                  z=None if z < 0 else z)
+    assert z_used.item() == pytest.approx(want_z, rel=1e-5)
+    assert_matches(rows.mean(), want, torch.float32, f"{backend} op")
+    if z > 0:
+        v_grad = v.clone().requires_grad_(True)
+        with no_host_reads():
+            loss, _ = fastkd.crd_nce(v_grad, bank, contrast_idx, temperature=0.2, z=z, backend=backend)
+        assert_matches(loss.detach(), want, torch.float32, f"{backend} crd_nce")

@@ -14,6 +14,7 @@ import fastkd
 from fastkd import _ops, reference
 from fastkd.dkd import DKD_KERNELS
 from tests.helpers import DEVICE, assert_matches
+from tests.no_host_reads import no_host_reads, values_checked_in_kernels
 
 needs_cpu = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
 
@@ -396,7 +397,9 @@ def triton_dkd():
         (dict(beta=float("nan")), "beta"),
     ),
 )
-def test_triton_launcher_checks_arguments(change, match):
+def test_triton_launcher_checks_arguments(change, match, monkeypatch):
+    # the label range is checked on the host for CPU tensors, on a GPU only when asked for
+    monkeypatch.setenv("FASTKD_CHECK_DEVICE_VALUES", "1")
     dkd = triton_dkd()
     args = dict(
         student=torch.zeros(3, 4), teacher=torch.zeros(3, 4), labels=torch.tensor([0, 1, 3]), alpha=1.0,
@@ -431,10 +434,12 @@ def test_cuda_op_checks_arguments():
     if not fastkd._dispatch.backend_status("cuda", "cuda").available or "cuda" not in DKD_KERNELS:
         pytest.skip("no cuda DKD kernel")
     s, t, y = inputs(3, 4, torch.float32, 18)
-    with pytest.raises(RuntimeError, match="labels must lie"):
-        torch.ops.fastkd.dkd_forward(s, t, torch.tensor([0, 4, 1], device=DEVICE), 1.0, 8.0, 0.25, 1.0, True)
-    with pytest.raises(RuntimeError, match="labels must lie"):
-        torch.ops.fastkd.dkd_forward(s, t, torch.tensor([0, -1, 1], device=DEVICE), 1.0, 8.0, 0.25, 1.0, True)
+    # the label range is checked in the kernel (no device → host sync): NaN rows
+    for bad in ([0, 4, 1], [0, -1, 1]):
+        labels = torch.tensor(bad, device=DEVICE)
+        loss, grad = torch.ops.fastkd.dkd_forward(s, t, labels, 1.0, 8.0, 0.25, 1.0, True)
+        assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all()
+        assert torch.isfinite(loss[[0, 2]]).all() and torch.isfinite(grad[[0, 2]]).all()
     with pytest.raises(RuntimeError, match="at least 2 classes"):
         torch.ops.fastkd.dkd_forward(s[:, :1], t[:, :1], y * 0, 1.0, 8.0, 0.25, 1.0, True)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
@@ -465,3 +470,59 @@ def test_bad_arguments(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         fastkd.dkd_loss(**args)
+
+
+def gpu_backends():
+    """The DKD kernel backends of a GPU (triton, cuda) that run on DEVICE."""
+    return kernel_params(tuple(name for name in DKD_KERNELS if name != "cpu"))
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_out_of_range_labels_give_nan_rows_without_the_host_check(backend, monkeypatch):
+    """The GPU policy (docs/spec.md §6): labels are not read on the host; a row
+    whose label lies outside [0, C) gets a NaN loss and gradient, the other
+    rows are exact."""
+    values_checked_in_kernels(monkeypatch)
+    s, t, y = inputs(5, 7, torch.float32, 50)
+    bad = y.clone()
+    bad[1], bad[3] = 7, -1
+    s_bad = s.clone().requires_grad_(True)
+    rows = fastkd.dkd_loss(s_bad, t, bad, reduction="none", backend=backend)
+    rows.backward(torch.ones_like(rows))
+    good = [0, 2, 4]
+    assert torch.isnan(rows[[1, 3]]).all() and torch.isnan(s_bad.grad[[1, 3]]).all()
+    s_ref = s[good].double().requires_grad_(True)
+    want = reference.dkd_loss(s_ref, t[good].double(), y[good], reduction="none")
+    want.backward(torch.ones_like(want))
+    assert_matches(rows[good], want, torch.float32, f"{backend} good rows")
+    assert_matches(s_bad.grad[good], s_ref.grad, torch.float32, f"{backend} good rows' gradient")
+
+
+def test_reference_backend_checks_labels_without_the_host_check(monkeypatch):
+    """The reference has no in-kernel guard: it refuses bad labels on every device."""
+    values_checked_in_kernels(monkeypatch)
+    s, t, y = inputs(3, 4, torch.float32, 51)
+    with pytest.raises(ValueError, match="labels must lie"):
+        fastkd.dkd_loss(s, t, torch.tensor([0, 4, 1], device=DEVICE), backend="reference")
+
+
+def test_device_value_checks_on_request(monkeypatch):
+    """FASTKD_CHECK_DEVICE_VALUES=1: the label range raises ValueError on every device."""
+    monkeypatch.setenv("FASTKD_CHECK_DEVICE_VALUES", "1")
+    s, t, _ = inputs(3, 4, torch.float32, 52)
+    with pytest.raises(ValueError, match="labels must lie"):
+        fastkd.dkd_loss(s, t, torch.tensor([0, 4, 1], device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("with_grad", (True, False), ids=("grad", "no_grad"))
+def test_no_host_reads(backend, with_grad, monkeypatch):
+    """A GPU path never reads a value on the host (a device → host sync): the
+    forward (which computes the gradient too) with every host read refused."""
+    values_checked_in_kernels(monkeypatch)
+    s, t, y = inputs(6, 9, torch.float32, 53)
+    s.requires_grad_(with_grad)
+    with no_host_reads():
+        loss = fastkd.dkd_loss(s, t, y, backend=backend)
+    want = reference.dkd_loss(s.detach().double(), t.double(), y)
+    assert_matches(loss.detach(), want, torch.float32, backend)

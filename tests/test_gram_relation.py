@@ -10,6 +10,7 @@ import fastkd
 from fastkd import _dispatch, _ops, reference
 from fastkd.gram_relation import CC_KERNELS, PKT_KERNELS, SP_KERNELS
 from tests.helpers import KERNEL_BACKENDS, assert_matches, backend_params
+from tests.no_host_reads import no_host_reads
 from tests.pairwise_helpers import INTERPRETED_MAX_N, OPS_ON_DEVICE, SHAPES, embeddings, interpreted, run
 
 
@@ -269,3 +270,30 @@ def test_cc_triton_launcher_order_is_bounded(backend):
     s, t = embeddings((5, 3), torch.float32, 76), embeddings((5, 2), torch.float32, 77)
     with pytest.raises(ValueError, match=rf"order must be <= {CC_MAX_ORDER} \(p! overflows float64"):
         kernels.cc_forward(s, t, True, gamma=0.4, order=2**40)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, backend", [p for p in gram_params() if p.values[2] != "cpu"]
+)
+@pytest.mark.parametrize("with_grad", (True, False), ids=("grad", "no_grad"))
+def test_no_host_reads(name, kwargs, backend, with_grad):
+    """A GPU path never reads a value on the host (a device → host sync that
+    stalls the stream and breaks CUDA-graph capture; CC's norm stays on the
+    device): the forward, which computes the gradient too, with every host
+    read refused."""
+    fn, ref, _ = OTHERS[name]
+    student = embeddings((10, 6), torch.float32, 72)
+    teacher = embeddings((10, 5), torch.float32, 73)
+    s = student.clone().requires_grad_(with_grad)
+    with no_host_reads():
+        loss = fn(s, teacher, backend=backend, **kwargs)
+    if not with_grad:
+        want = ref(student.double(), teacher.double(), **kwargs)
+        assert_matches(loss, want, torch.float32, f"{backend} {name} loss")
+        return
+    loss.backward(torch.tensor(0.7, device=loss.device))
+    s_ref = student.double().requires_grad_(True)
+    want = ref(s_ref, teacher.double(), **kwargs)
+    want.backward(torch.tensor(0.7, dtype=torch.float64, device=want.device))
+    assert_matches(loss.detach(), want.detach(), torch.float32, f"{backend} {name} loss")
+    assert_matches(s.grad, s_ref.grad, torch.float32, f"{backend} {name} gradient")

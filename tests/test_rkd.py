@@ -11,6 +11,7 @@ import fastkd
 from fastkd import _dispatch, _ops, reference
 from fastkd.rkd import RKD_KERNELS
 from tests.helpers import DEVICE, KERNEL_BACKENDS, assert_matches, backend_params
+from tests.no_host_reads import no_host_reads
 from tests.pairwise_helpers import INTERPRETED_MAX_N, SHAPES, embeddings, interpreted, run
 
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
@@ -296,3 +297,29 @@ def test_rkd_distance_row_at_the_mean(backend):
     s = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]], device=DEVICE) * 1e-3
     t = embeddings((3, 2), torch.float32, 71)
     check_parity(backend, "rkd_distance", s, t, "row at the mean")
+
+
+@pytest.mark.parametrize("backend", [p for p in kernel_params() if p.id != "cpu"])
+@pytest.mark.parametrize("with_grad", (True, False), ids=("grad", "no_grad"))
+@pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))
+def test_no_host_reads(backend, name, with_grad):
+    """A GPU path never reads a value on the host (a device → host sync that
+    stalls the stream and breaks CUDA-graph capture): the forward, which
+    computes the gradient too, with every host read refused. Coinciding rows
+    take the near-pair paths."""
+    fused, ref = RKD[name]
+    student = embeddings((11, 6), torch.float32, 70)
+    student[7] = student[2]
+    teacher = embeddings((11, 4), torch.float32, 71)
+    s = student.clone().requires_grad_(with_grad)
+    with no_host_reads():
+        loss = fused(s, teacher, backend=backend)
+    if not with_grad:
+        assert_matches(loss, ref(student.double(), teacher.double()), torch.float32, f"{backend} {name} loss")
+        return
+    loss.backward(torch.tensor(0.7, device=loss.device))
+    s_ref = student.double().requires_grad_(True)
+    want = ref(s_ref, teacher.double())
+    want.backward(torch.tensor(0.7, dtype=torch.float64, device=want.device))
+    assert_matches(loss.detach(), want.detach(), torch.float32, f"{backend} {name} loss")
+    assert_matches(s.grad, s_ref.grad, torch.float32, f"{backend} {name} gradient")

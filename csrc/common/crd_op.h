@@ -7,8 +7,11 @@
 namespace fastkd {
 
 // v [B, D] and bank [n_data, D] float32 / float64, contrast_idx [B, K + 1]
-// int64 in [0, n_data) on `device`. The indices' range is checked on the host
-// before any gather: the kernels read bank rows at these indices unchecked.
+// int64 in [0, n_data) on `device`. The indices' range is checked here, on
+// the host, only for CPU tensors, before any gather (the CPU kernel reads bank
+// rows at these indices unchecked). On a GPU that check would be a device →
+// host synchronisation on every call: there the kernels guard instead (an
+// index outside gives its sample a NaN loss and gradient, docs/spec.md §6).
 inline void check_crd_args(const at::Tensor& v, const at::Tensor& bank, const at::Tensor& contrast_idx,
                            double z, double inv_temperature, c10::DeviceType device) {
   CHECK_DEVICE_TYPE(v, device);
@@ -32,7 +35,7 @@ inline void check_crd_args(const at::Tensor& v, const at::Tensor& bank, const at
   TORCH_CHECK(contrast_idx.size(0) == v.size(0), "contrast_idx must have one row per row of v (",
               v.size(0), "), got ", contrast_idx.size(0));
   TORCH_CHECK(contrast_idx.size(1) >= 1, "contrast_idx must have at least one column (the positive)");
-  if (contrast_idx.numel() > 0) {
+  if (contrast_idx.is_cpu() && contrast_idx.numel() > 0) {
     const int64_t lo = contrast_idx.min().item<int64_t>();
     const int64_t hi = contrast_idx.max().item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi < bank.size(0), "contrast_idx must lie in [0, n_data) = [0, ",

@@ -1,6 +1,7 @@
 // Argument checks of fastkd::dkd_forward, shared by the CPU and CUDA ops
 // (csrc/cpu/dkd.cpp, csrc/cuda/dkd.cu). The labels' range is checked by each
-// op (every label on the CPU, their bounds in one copy on CUDA).
+// op: every label on the host by the CPU op, in the kernel on CUDA (a row
+// with an out-of-range label gets a NaN loss and gradient).
 #pragma once
 
 #include "checks.h"

@@ -28,8 +28,14 @@
 //
 // float32 inputs compute the dot products, exp and log1p in float32 and
 // accumulate the loss, the gradient and the exp sum for Z in double, as on
-// CPU; float64 inputs stay float64. feat_dim is limited to kMaxFeatDim (R <= 32) and every
-// index is bounds-checked on the host before any gather.
+// CPU; float64 inputs stay float64. feat_dim is limited to kMaxFeatDim (R <= 32).
+//
+// Indices are checked in the kernels, not on the host (that would be a
+// device → host synchronisation on every call): an index outside
+// [0, n_data) gathers row 0 instead and gets a NaN score, so its sample's
+// loss and gradient are NaN (and Z, when set from the batch), and nothing
+// outside the bank is read (docs/spec.md §6; the Python layer checks on the
+// host when FASTKD_CHECK_DEVICE_VALUES=1).
 //
 // Layout: the device code and raw-pointer launchers first, then the op
 // (checks, outputs, device guard, stream) and its registration.
@@ -91,8 +97,8 @@ template <class T>
 struct CrdView {
   const T* v;          // [B, D], contiguous
   const T* bank;       // [n_data, D], rows at bank_stride, unit stride along D
-  const int64_t* idx;  // [B, K+1], contiguous, every entry in [0, n_data) (checked on the host)
-  int64_t batch, dim, cols, bank_stride;
+  const int64_t* idx;  // [B, K+1], contiguous; entries outside [0, n_data) score NaN
+  int64_t batch, dim, cols, n_data, bank_stride;
   int64_t cols_per_split, items;  // items = batch × splits
   T inv_temperature;
 };
@@ -122,11 +128,14 @@ __device__ __forceinline__ void load_v(const CrdView<T>& w, int64_t b, int lane,
   }
 }
 
-// Gathers bank[idx_bj] into the lane's registers and returns s_bj to every lane.
+// Gathers bank[idx_bj] into the lane's registers and returns s_bj to every
+// lane; an index outside [0, n_data) gathers row 0 and returns NaN.
 template <class T, int R>
 __device__ __forceinline__ T gather_dot(const CrdView<T>& w, int64_t b, int64_t j, int lane,
                                         const T (&vr)[R], T (&rr)[R]) {
-  const T* row = w.bank + w.idx[b * w.cols + j] * w.bank_stride;
+  const int64_t index = w.idx[b * w.cols + j];
+  const bool in_bank = index >= 0 && index < w.n_data;  // the same for every lane
+  const T* row = w.bank + (in_bank ? index : 0) * w.bank_stride;
   T partial = T(0);
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -134,7 +143,8 @@ __device__ __forceinline__ T gather_dot(const CrdView<T>& w, int64_t b, int64_t 
     rr[r] = d < w.dim ? row[d] : T(0);
     partial += rr[r] * vr[r];
   }
-  return warp_sum(partial);
+  const T score = warp_sum(partial);
+  return in_bank ? score : T(NAN);
 }
 
 // Z's pass: partial[split, b] = Σ_{j in the slice} exp(s_bj / T), in double.
@@ -288,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_nce_forward_cuda(
   at::Tensor z_out;
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "crd_nce_forward_cuda", [&] {
     const CrdView<scalar_t> w{vc.data_ptr<scalar_t>(), bank.data_ptr<scalar_t>(),
-                              idx.data_ptr<int64_t>(), batch, dim, cols,
+                              idx.data_ptr<int64_t>(), batch, dim, cols, n_data,
                               n_data <= 1 ? dim : bank.stride(0), per_split, batch * splits,
                               static_cast<scalar_t>(inv_temperature)};
     if (z <= 0) {

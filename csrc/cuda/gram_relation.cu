@@ -229,13 +229,14 @@ std::tuple<at::Tensor, at::Tensor> cc_forward_cuda(const at::Tensor& student, co
       gs.data_ptr<float>(), gt.data_ptr<float>(), sq_rows.data_ptr<float>(), n, static_cast<float>(2.0 * gamma),
       static_cast<float>(std::exp(-2.0 * gamma)), order, student_grad);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // the norm is needed on the host for the gradient's factor (one sync, as the Triton launcher)
-  const double norm = std::sqrt(sq_rows.sum(at::kDouble).item<double>());
+  // the norm stays on the device (float64): reading it on the host would synchronise
+  const at::Tensor norm = sq_rows.sum(at::kDouble).sqrt_();
   const double n2 = double(n) * double(n);
-  const at::Tensor loss = at::scalar_tensor(norm / n2, g.xs.options());
+  const at::Tensor loss = norm.div(n2).to(at::kFloat);
   if (!student_grad) return no_grad_result(loss, student);
-  const double coef = norm == 0.0 ? 0.0 : 1.0 / (norm * n2);  // NaN stays NaN
-  gs.mul_(coef);
+  // 1 / (‖K_s − K_t‖_F N²), 0 where the norm is 0 (NaN stays NaN)
+  const at::Tensor coef = at::where(norm == 0.0, at::zeros_like(norm), norm.mul(n2).reciprocal_());
+  gs.mul_(coef.to(at::kFloat));
   return {loss, gram::gram_student_grad(g, student.scalar_type())};
 }
 

@@ -19,6 +19,9 @@
 //                          differences (the matrix form would cancel); rows
 //                          without near pairs only write zeros
 // Traffic floor: the Gram matmuls, then a few passes over N² floats.
+// The scalars between the passes (1/μ from float64 totals, the mean's share
+// of ∂loss/∂ρ) stay float64 tensors on the device that the kernels read: no
+// device → host synchronisation.
 //
 // Angle (float64 Gram split into float32 hi + lo halves): rkd_angle_kernel,
 // one block per (32-row j-block, chunk of anchors). Lane l of every warp
@@ -144,9 +147,11 @@ __global__ void __launch_bounds__(kRowThreads) distance_loss_kernel(
     const float* __restrict__ sq_t,  // [n, n] teacher squared distances
     float* __restrict__ loss_rows,   // [n] out: Σ_j smooth_l1(ρ_ij)
     float* __restrict__ qd_rows,     // [n] out: Σ_j q_ij d_s,ij
-    int64_t n, float inv_s, float inv_t, float inv_n2) {
+    const double* __restrict__ inv_mean,  // [2]: 1/μ_s, 1/μ_t
+    int64_t n, float inv_n2) {
   using Reduce = cub::BlockReduce<float2, kRowThreads>;
   __shared__ typename Reduce::TempStorage temp;
+  const float inv_s = static_cast<float>(inv_mean[0]), inv_t = static_cast<float>(inv_mean[1]);
   for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
     float2 acc = make_float2(0.f, 0.f);
     for (int64_t j = threadIdx.x; j < n; j += kRowThreads) {
@@ -176,10 +181,13 @@ __global__ void __launch_bounds__(kRowThreads) distance_coef_kernel(
     float* __restrict__ close,        // [n, n] out: C_ij of the near pairs off the diagonal
     float* __restrict__ csum,         // [n] out: Σ_j far C_ij
     int* __restrict__ ncount,         // [n] out: near pairs of row i off the diagonal
-    int64_t n, float inv_s, float inv_t, float inv_n2,
-    float shift) {                    // Q/(μ_s N (N − 1)): the mean's share of ∂loss/∂ρ
+    const double* __restrict__ inv_mean,  // [2]: 1/μ_s, 1/μ_t
+    const double* __restrict__ shift_ptr, // []: Q/(μ_s N (N − 1)), the mean's share of ∂loss/∂ρ
+    int64_t n, float inv_n2) {
   using Reduce = cub::BlockReduce<float2, kRowThreads>;
   __shared__ typename Reduce::TempStorage temp;
+  const float inv_s = static_cast<float>(inv_mean[0]), inv_t = static_cast<float>(inv_mean[1]);
+  const float shift = static_cast<float>(*shift_ptr);
   for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
     float2 acc = make_float2(0.f, 0.f);  // (Σ far C, near count)
     for (int64_t j = threadIdx.x; j < n; j += kRowThreads) {
@@ -386,9 +394,10 @@ __global__ void __launch_bounds__(kAngleThreads) rkd_angle_kernel(AngleArgs a) {
 
 unsigned row_grid(int64_t n) { return static_cast<unsigned>(std::min(n, kMaxBlocks)); }
 
-// (sq, near, Σ d) of the rows x [n, d] (contiguous, the Gram matrix's dtype).
+// (sq, near, Σ d) of the rows x [n, d] (contiguous, the Gram matrix's dtype); Σ d
+// is a [] float64 tensor on the device (reading it here would synchronise).
 template <class T>
-std::tuple<at::Tensor, at::Tensor, double> pair_sq(const at::Tensor& gram, const at::Tensor& x, double factor,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_sq(const at::Tensor& gram, const at::Tensor& x, double factor,
                                                    cudaStream_t stream) {
   const int64_t n = x.size(0), d = x.size(1);
   at::Tensor sq = at::empty_like(gram);
@@ -398,7 +407,7 @@ std::tuple<at::Tensor, at::Tensor, double> pair_sq(const at::Tensor& gram, const
       gram.data_ptr<T>(), x.data_ptr<T>(), sq.data_ptr<T>(), near.data_ptr<uint8_t>(), dsum.data_ptr<T>(), n, d,
       static_cast<T>(factor));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {sq, near, dsum.sum(at::kDouble).item<double>()};
+  return {sq, near, dsum.sum(at::kDouble)};
 }
 
 // Anchor chunks: enough blocks to fill a GPU (about 256 with the j-blocks), at
@@ -440,26 +449,28 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_forward_cuda(const at::Tensor& s
   auto [sq_t, near_t, sum_t] = pair_sq<float>(at::mm(xt_c, xt_c.t()), xt, factor, stream);
   near_t.reset();
   const double pairs = double(n) * double(n - 1);
-  const double inv_s = pairs / sum_s, inv_t = pairs / sum_t;  // 1/μ from float64 totals
+  // 1/μ from the float64 totals, on the device: the kernels read them
+  const at::Tensor totals = at::stack({sum_s, sum_t});
+  const at::Tensor inv_mean = at::full_like(totals, pairs).div_(totals);
   const double inv_n2 = 1.0 / (double(n) * double(n));
   const auto f32 = xs.options();
   at::Tensor loss_rows = at::empty({n}, f32), qd_rows = at::empty({n}, f32);
   distance_loss_kernel<<<row_grid(n), kRowThreads, 0, stream>>>(
-      sq_s.data_ptr<float>(), sq_t.data_ptr<float>(), loss_rows.data_ptr<float>(), qd_rows.data_ptr<float>(), n,
-      static_cast<float>(inv_s), static_cast<float>(inv_t), static_cast<float>(inv_n2));
+      sq_s.data_ptr<float>(), sq_t.data_ptr<float>(), loss_rows.data_ptr<float>(), qd_rows.data_ptr<float>(),
+      inv_mean.data_ptr<double>(), n, static_cast<float>(inv_n2));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor loss = loss_rows.sum(at::kDouble).mul_(inv_n2).to(at::kFloat);
   if (!student_grad) return {loss, at::zeros({0, 0}, student.options())};
 
-  const double shift = qd_rows.sum(at::kDouble).item<double>() * inv_s / pairs;
+  const at::Tensor shift = qd_rows.sum(at::kDouble).mul_(inv_mean[0]).div_(pairs);
   at::Tensor far = sq_t;  // overwritten element by element after it is read
   at::Tensor close = at::empty_like(sq_s);
   at::Tensor csum = at::empty({n}, f32);
   at::Tensor ncount = at::empty({n}, f32.dtype(at::kInt));
   distance_coef_kernel<<<row_grid(n), kRowThreads, 0, stream>>>(
       sq_s.data_ptr<float>(), sq_t.data_ptr<float>(), near_s.data_ptr<uint8_t>(), far.data_ptr<float>(),
-      close.data_ptr<float>(), csum.data_ptr<float>(), ncount.data_ptr<int>(), n, static_cast<float>(inv_s),
-      static_cast<float>(inv_t), static_cast<float>(inv_n2), static_cast<float>(shift));
+      close.data_ptr<float>(), csum.data_ptr<float>(), ncount.data_ptr<int>(), inv_mean.data_ptr<double>(),
+      shift.data_ptr<double>(), n, static_cast<float>(inv_n2));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t d = xs.size(1);
   at::Tensor grad = at::empty_like(xs);

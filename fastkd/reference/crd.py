@@ -59,8 +59,23 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
-def _index_tensor(name: str, value, shape: tuple[int, ...], high: int, ref: torch.Tensor) -> torch.Tensor:
-    """An integer tensor of ``shape`` with values in ``[0, high)``, as int64."""
+def check_index_range(name: str, value: torch.Tensor, high: int) -> None:
+    """``ValueError`` unless every entry of ``value`` lies in ``[0, high)``.
+
+    Reads the values: a device → host synchronisation for a GPU tensor.
+    """
+    if value.numel():
+        low_seen, high_seen = (int(x) for x in torch.aminmax(value))  # one pass, no temporaries
+        if low_seen < 0 or high_seen >= high:
+            raise ValueError(
+                f"{name} must lie in [0, n_data) = [0, {high}), got values in [{low_seen}, {high_seen}]"
+            )
+
+
+def _index_tensor(name: str, value, shape: tuple[int, ...], high: int, ref: torch.Tensor, *,
+                  check_range: bool = True) -> torch.Tensor:
+    """An integer tensor of ``shape`` with values in ``[0, high)`` (the values
+    checked unless ``check_range`` is False), as int64."""
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
@@ -68,20 +83,18 @@ def _index_tensor(name: str, value, shape: tuple[int, ...], high: int, ref: torc
     if tuple(value.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
     _validate.same_device(name, value, "the features", ref)
-    if value.numel():
-        low_seen, high_seen = (int(x) for x in torch.aminmax(value))  # one pass, no temporaries
-        if low_seen < 0 or high_seen >= high:
-            raise ValueError(
-                f"{name} must lie in [0, n_data) = [0, {high}), got values in [{low_seen}, {high_seen}]"
-            )
+    if check_range:
+        check_index_range(name, value, high)
     return value.long()
 
 
-def check_nce_arguments(v, bank, contrast_idx, temperature, z):
+def check_nce_arguments(v, bank, contrast_idx, temperature, z, *, index_range: bool = True):
     """Validates one NCE direction's arguments (``ValueError`` naming the argument).
 
     Returns ``(v, bank, contrast_idx as int64, temperature, z or None)``.
-    Shared by the reference and the fused backend.
+    Shared by the reference and the fused backend; ``index_range=False``
+    leaves out the check that reads ``contrast_idx``'s values (the fused
+    kernels guard them, docs/spec.md §6).
     """
     bank = _validate.tensor("bank", bank, dtypes=(torch.float32, torch.float64), min_dim=2)
     if bank.dim() != 2 or bank.shape[0] == 0 or bank.shape[1] == 0:
@@ -97,7 +110,8 @@ def check_nce_arguments(v, bank, contrast_idx, temperature, z):
         got = tuple(contrast_idx.shape) if isinstance(contrast_idx, torch.Tensor) else type(contrast_idx)
         raise ValueError(f"contrast_idx must be a (B, K+1) integer tensor, got {got}")
     contrast_idx = _index_tensor(
-        "contrast_idx", contrast_idx, (v.shape[0], contrast_idx.shape[1]), bank.shape[0], v
+        "contrast_idx", contrast_idx, (v.shape[0], contrast_idx.shape[1]), bank.shape[0], v,
+        check_range=index_range,
     )
     temperature = _validate.real("temperature", temperature, low=0.0, low_open=True)
     if z is not None:
@@ -245,6 +259,12 @@ class CRDLoss(nn.Module):
         _validate.same_device(name, value, "memory_s", self.memory_s)
         return value
 
+    def _checks_contrast_range(self, contrast_idx: torch.Tensor) -> bool:
+        """Whether :meth:`contrast_indices` checks a given ``contrast_idx``'s range
+        on the host: always here, where the bank is indexed with it (the fused
+        module leaves it to its kernels on a GPU)."""
+        return True
+
     def contrast_indices(self, idx, contrast_idx, generator, ref: torch.Tensor):
         """Validated ``(idx (B,), contrast_idx (B, K+1))``, drawing the negatives when needed."""
         batch = ref.shape[0]
@@ -265,10 +285,15 @@ class CRDLoss(nn.Module):
             raise ValueError(
                 f"contrast_idx must be a torch.Tensor or None, got {type(contrast_idx).__name__}"
             )
+        check_range = self._checks_contrast_range(contrast_idx)
         if contrast_idx.dim() == 2 and contrast_idx.shape[1] == self.nce_k:
-            contrast_idx = _index_tensor("contrast_idx", contrast_idx, (batch, self.nce_k), self.n_data, ref)
+            contrast_idx = _index_tensor(
+                "contrast_idx", contrast_idx, (batch, self.nce_k), self.n_data, ref, check_range=check_range
+            )
             return idx, torch.cat([idx[:, None], contrast_idx], dim=1)
-        return idx, _index_tensor("contrast_idx", contrast_idx, (batch, self.nce_k + 1), self.n_data, ref)
+        return idx, _index_tensor(
+            "contrast_idx", contrast_idx, (batch, self.nce_k + 1), self.n_data, ref, check_range=check_range
+        )
 
     def _nce(self, v: torch.Tensor, bank: torch.Tensor, contrast_idx: torch.Tensor, z: float | None):
         """One direction: ``(loss, Z used)``, on arguments :meth:`forward` validated.

@@ -31,8 +31,15 @@ DKD_REDUCTIONS = ("batchmean", "sum", "none")
 TARGET_OFFSET = 1000.0
 
 
-def check_dkd_arguments(student_logits, teacher_logits, labels, alpha, beta, temperature, reduction):
-    """Validated ``(s, t, labels, alpha, beta, temperature)``; ValueError naming the argument."""
+def check_dkd_arguments(student_logits, teacher_logits, labels, alpha, beta, temperature, reduction,
+                        *, label_range: bool = True):
+    """Validated ``(s, t, labels, alpha, beta, temperature)``; ValueError naming the argument.
+
+    ``label_range=False`` leaves out the one check that reads the labels'
+    values (a device → host synchronisation on a GPU): the fused kernels give
+    a row whose label is outside ``[0, C)`` a NaN loss and gradient instead
+    (docs/spec.md §6).
+    """
     s = _validate.tensor("student_logits", student_logits, min_dim=2)
     t = _validate.tensor("teacher_logits", teacher_logits, min_dim=2)
     if s.dim() != 2:
@@ -47,7 +54,7 @@ def check_dkd_arguments(student_logits, teacher_logits, labels, alpha, beta, tem
     if labels.shape != (s.shape[0],):
         raise ValueError(f"labels shape {tuple(labels.shape)} must be (N,) = ({s.shape[0]},)")
     _validate.same_device("labels", labels, "student_logits", s)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= s.shape[1]):
+    if label_range and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= s.shape[1]):
         raise ValueError(
             f"labels must lie in [0, C) = [0, {s.shape[1]}), got values in "
             f"[{int(labels.min())}, {int(labels.max())}]"

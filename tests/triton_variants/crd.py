@@ -10,7 +10,7 @@ SHAPES = ((64, 16385, 128), (64, 16385, 8192))
 
 _COMMON = {
     "v_ptr": "*fp32", "bank_ptr": "*fp32", "idx_ptr": "*i64",
-    "B": "i32", "D": "i32", "cols_total": "i32",
+    "B": "i32", "D": "i32", "cols_total": "i32", "n_data": "i32",
     "stride_vb": "i32", "stride_vd": "i32", "stride_bank_n": "i32", "stride_bank_d": "i32",
     "stride_ib": "i32", "stride_ik": "i32", "inv_temperature": "fp32",
 }

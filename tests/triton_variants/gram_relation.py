@@ -27,11 +27,12 @@ def cc_variants(module):
     """The norm pass and the gradient pass."""
     block_i, block_j, num_warps = module.gram_config(N)
     types = {
-        "gs_ptr": "*fp32", "gt_ptr": "*fp32", "sq_ptr": "*fp32", "dg_ptr": "*fp32", "N": "i32",
-        "two_gamma": "fp32", "scale": "fp32", "coef": "fp32", "order": "i32",
+        "gs_ptr": "*fp32", "gt_ptr": "*fp32", "sq_ptr": "*fp32", "dg_ptr": "*fp32", "coef_ptr": "*fp64",
+        "N": "i32", "two_gamma": "fp32", "scale": "fp32", "order": "i32",
     }
     blocks = {"BLOCK_I": block_i, "BLOCK_J": block_j}
-    yield Variant("fp32 norm pass", types, {"FIRST": True, "dg_ptr": None, **blocks}, num_warps)
+    norm_pass = {"FIRST": True, "dg_ptr": None, "coef_ptr": None, **blocks}
+    yield Variant("fp32 norm pass", types, norm_pass, num_warps)
     yield Variant("fp32 gradient pass", types, {"FIRST": False, **blocks}, num_warps)
 
 

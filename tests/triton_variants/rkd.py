@@ -27,8 +27,8 @@ def pair_sq_variants(module):
 def distance_loss_variants(module):
     block_i, block_j, num_warps = module.row_config(N)
     types = {
-        "sq_s_ptr": "*fp32", "sq_t_ptr": "*fp32", "loss_ptr": "*fp32", "qd_ptr": "*fp32", "N": "i32",
-        "inv_s": "fp32", "inv_t": "fp32", "inv_n2": "fp32",
+        "sq_s_ptr": "*fp32", "sq_t_ptr": "*fp32", "loss_ptr": "*fp32", "qd_ptr": "*fp32",
+        "inv_mean_ptr": "*fp64", "N": "i32", "inv_n2": "fp32",
     }
     yield Variant("fp32", types, {"BLOCK_I": block_i, "BLOCK_J": block_j}, num_warps)
 
@@ -37,8 +37,8 @@ def distance_coef_variants(module):
     block_i, block_j, num_warps = module.row_config(N)
     types = {
         "sq_s_ptr": "*fp32", "sq_t_ptr": "*fp32", "near_ptr": "*i8", "far_ptr": "*fp32", "close_ptr": "*fp32",
-        "csum_ptr": "*fp32", "ncount_ptr": "*i32", "N": "i32", "inv_s": "fp32", "inv_t": "fp32",
-        "inv_n2": "fp32", "shift": "fp32",
+        "csum_ptr": "*fp32", "ncount_ptr": "*i32", "inv_mean_ptr": "*fp64", "shift_ptr": "*fp64",
+        "N": "i32", "inv_n2": "fp32",
     }
     yield Variant("fp32", types, {"BLOCK_I": block_i, "BLOCK_J": block_j}, num_warps)
 
