@@ -14,7 +14,8 @@
 #             backend; never tests/test_compile_targets.py), not slow, not
 #             examples, FASTKD_TEST_DEVICE=cuda, --maxfail, junit XML (≤ 150 s)
 #   4 sync    bench/gpu_smoke.py sync: the divergence, top-k, mixture and
-#             fused-linear paths without labels/mask, forward + backward under
+#             fused-linear paths without labels/mask, DKD, RKD, PKT/SP/CC,
+#             forward + backward under
 #             torch.cuda.set_sync_debug_mode("error")                 (≤ 45 s)
 #   5 bench   KL and JSD at 16384 × 131072 bf16 through bench/run.py's
 #             divergence family, with Liger-Kernel when its wheel is carried

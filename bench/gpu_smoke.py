@@ -14,7 +14,7 @@ on their PyTorch path (backend ``torch``). Every case is judged on its own: an
 exception is that case's ERROR, and the next case runs.
 
 ``sync``: the divergence, top-k, mixture and fused-linear paths without
-labels or mask, forward and backward, in bfloat16, on each GPU backend, under
+labels or mask, DKD, RKD and PKT/SP/CC (``SYNC_CASES``), forward and backward, in bfloat16, on each GPU backend, under
 ``torch.cuda.set_sync_debug_mode("error")``: a host synchronisation (an
 ``.item()``, a ``nonzero``, a copy to pageable host memory) raises, and the
 case FAILs with the operation and the fastkd line that asked for it. On a
@@ -421,8 +421,10 @@ def _short(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------------------- sync check
 
-# The paths that must not synchronise with the host (no labels, no mask).
-SYNC_CASES = ("divergence-kl", "topk", "mixture", "fused_linear")
+# The paths that must not synchronise with the host: the logit losses without
+# labels or a mask, DKD (its labels checked in the kernel on a GPU) and the
+# relational losses (their scalars kept on the device).
+SYNC_CASES = ("divergence-kl", "topk", "mixture", "fused_linear", "dkd", "rkd", "pkt", "sp", "cc")
 
 
 def run_sync(device: torch.device, sizes: Sizes, report: Report) -> None:
