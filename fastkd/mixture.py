@@ -151,7 +151,10 @@ def mixture_divergence(
         teacher_logits: ``(K, ..., V)``, same dtype and device; gets no
             gradient (must not require one).
         teacher_weights: ``(K,)`` tensor or sequence, >= 0, summing to 1;
-            ``None`` means uniform ``1/K``.
+            ``None`` means uniform ``1/K``. Bad values raise ``ValueError``,
+            except in a GPU tensor (unless ``FASTKD_CHECK_DEVICE_VALUES=1``),
+            whose values are not read on the host: there they give a NaN
+            loss and NaN gradients (docs/spec.md §6).
         The rest: as :func:`fastkd.divergence`; with ``hard_weight > 0`` the
             loss is ``hard_weight · CE(student, labels) + soft_weight ·
             divergence``, the CE computed in the fused kernel's pass from the
