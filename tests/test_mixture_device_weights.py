@@ -89,8 +89,10 @@ def test_bad_weights_give_nan_loss_and_gradient(device_checks, backend, divergen
     w = weights_tensor(BAD_WEIGHTS[bad])
     for reduction in ("none", "batchmean"):
         loss, grad = run_with_grad(
-            lambda a: fastkd.divergence(a, t, teacher_weights=w, divergence=divergence, temperature=2.0,
-                                        reduction=reduction, backend=backend), s
+            lambda a, reduction=reduction: fastkd.divergence(
+                a, t, teacher_weights=w, divergence=divergence, temperature=2.0, reduction=reduction,
+                backend=backend,
+            ), s
         )
         assert torch.isnan(loss).all(), (reduction, loss)
         assert torch.isnan(grad).all(), reduction
@@ -134,13 +136,15 @@ def test_good_weights_unchanged(device_checks, backend, divergence):
     for values in (GOOD_WEIGHTS, [0.5, 0.3, 0.2000006], [0.25, 0.75, 0.0]):
         w = weights_tensor(values)
         check_parity(backend, s, t, w / w.sum(), **kwargs)
-        got = run_with_grad(lambda a: fastkd.divergence(a, t, teacher_weights=w, backend=backend, **kwargs), s)
+
+        def loss_fn(a, w=w):
+            return fastkd.divergence(a, t, teacher_weights=w, backend=backend, **kwargs)
+
+        got = run_with_grad(loss_fn, s)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(_validate, "values_checked_on_host", lambda value: True)
-            host = run_with_grad(
-                lambda a: fastkd.divergence(a, t, teacher_weights=w, backend=backend, **kwargs), s
-            )
-        for a, b in zip(got, host):
+            host = run_with_grad(loss_fn, s)
+        for a, b in zip(got, host, strict=True):
             if DEVICE.type == "cpu":
                 assert torch.equal(a, b)
             else:
