@@ -85,7 +85,9 @@ TORCH_LIBRARY(fastkd, m) {
   // Multi-teacher divergence (docs/spec.md §1): the target is the mixture
   // p = Σ_k w_k softmax(t_k / T), accumulated in log space in one pass.
   //   student: [N, V]; teachers: [K, N, V], same dtype, unit stride along V.
-  //   teacher_weights: [K] float64 on the CPU, >= 0, summing to 1.
+  //   teacher_weights: [K] float64, >= 0, summing to 1 within 1e-6: on the
+  //   CPU (checked there), or on the student's GPU (not read on the host:
+  //   invalid weights make every row loss and the gradient NaN).
   //   kind, coef: as divergence_forward. Teachers get no gradient.
   //   labels, hard_grad_scale: as divergence_forward (the CE of the student).
   // Returns (row_loss [N] fp32 (fp64 for fp64 input), student_grad [N, V] or

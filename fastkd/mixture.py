@@ -44,35 +44,71 @@ CUDA_MAX_TEACHERS = 2048
 WEIGHT_SUM_TOLERANCE = 1e-6
 
 
-def check_teacher_weights(teacher_weights, count: int) -> torch.Tensor:
-    """``(K,)`` float64 CPU weights: finite, >= 0, summing to 1 (``None``: uniform).
+def check_teacher_weights(teacher_weights, count: int, student: torch.Tensor) -> torch.Tensor:
+    """``(K,)`` float64 weights: finite, >= 0, summing to 1 (``None``: uniform).
 
     Weights within ``WEIGHT_SUM_TOLERANCE`` of summing to 1 are accepted and
     returned divided by their sum, so that every backend (and the reference)
     mixes with the same weights and the mixture is a distribution.
+
+    A sequence of numbers is checked in Python and returned on the CPU (the
+    kernels copy it to the device without waiting). A tensor is read on the
+    host when :func:`fastkd._validate.values_checked_on_host` says so (a CPU
+    tensor; a GPU tensor under ``FASTKD_CHECK_DEVICE_VALUES=1``), and bad
+    values raise ``ValueError``; otherwise (a GPU tensor, on ``student``'s
+    device type) it stays on its device and its values are never read on the
+    host: invalid weights come back all NaN, which makes the loss and its
+    gradient NaN (docs/spec.md §6).
     """
     if teacher_weights is None:
         return torch.full((count,), 1.0 / count, dtype=torch.float64)
     if isinstance(teacher_weights, torch.Tensor):
         if not teacher_weights.dtype.is_floating_point:
             raise ValueError(f"teacher_weights must be floating point, got {teacher_weights.dtype}")
+        _check_weight_count(teacher_weights.shape, count)
+        on_device = teacher_weights.device.type == student.device.type
+        if on_device and not _validate.values_checked_on_host(teacher_weights):
+            return _weights_or_nan(teacher_weights.detach().to(device=student.device, dtype=torch.float64))
         weights = teacher_weights.detach().to(device="cpu", dtype=torch.float64)
     elif isinstance(teacher_weights, Sequence) and all(
         isinstance(w, (int, float)) and not isinstance(w, bool) for w in teacher_weights
     ):
-        weights = torch.tensor(list(teacher_weights), dtype=torch.float64)
+        # the values are Python numbers: checked without building a tensor first
+        values = [float(w) for w in teacher_weights]
+        _check_weight_count((len(values),), count)
+        _check_weight_values(all(math.isfinite(w) and w >= 0 for w in values), math.fsum(values))
+        weights = torch.tensor(values, dtype=torch.float64)
+        return weights / weights.sum()
     else:
         raise ValueError("teacher_weights must be a (K,) tensor or a sequence of numbers")
-    if weights.shape != (count,):
-        raise ValueError(
-            f"teacher_weights must have shape ({count},) (one per teacher), got {tuple(weights.shape)}"
-        )
-    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+    _check_weight_values(
+        bool(torch.isfinite(weights).all()) and not bool((weights < 0).any()), float(weights.sum())
+    )
+    return weights / weights.sum()
+
+
+def _check_weight_count(shape, count: int) -> None:
+    if tuple(shape) != (count,):
+        raise ValueError(f"teacher_weights must have shape ({count},) (one per teacher), got {tuple(shape)}")
+
+
+def _check_weight_values(finite_non_negative: bool, total: float) -> None:
+    if not finite_non_negative:
         raise ValueError("teacher_weights must be finite and >= 0")
-    total = float(weights.sum())
     if not math.isclose(total, 1.0, rel_tol=0.0, abs_tol=WEIGHT_SUM_TOLERANCE):
         raise ValueError(f"teacher_weights must sum to 1, got {total}")
-    return weights / total
+
+
+def _weights_or_nan(weights: torch.Tensor) -> torch.Tensor:
+    """``(K,)`` float64 ``weights / Σ weights``, or all NaN where the checks of
+    :func:`check_teacher_weights` would fail; computed on the weights' device
+    (no host read)."""
+    total = weights.sum()
+    valid = (
+        torch.isfinite(weights).all() & (weights >= 0).all()
+        & ((total - 1.0).abs() <= WEIGHT_SUM_TOLERANCE)
+    )
+    return torch.where(valid, weights / total, torch.nan)
 
 
 def _mixture_op(backend: str):
@@ -115,7 +151,10 @@ def mixture_divergence(
         teacher_logits: ``(K, ..., V)``, same dtype and device; gets no
             gradient (must not require one).
         teacher_weights: ``(K,)`` tensor or sequence, >= 0, summing to 1;
-            ``None`` means uniform ``1/K``.
+            ``None`` means uniform ``1/K``. Bad values raise ``ValueError``,
+            except in a GPU tensor (unless ``FASTKD_CHECK_DEVICE_VALUES=1``),
+            whose values are not read on the host: there they give a NaN
+            loss and NaN gradients (docs/spec.md §6).
         The rest: as :func:`fastkd.divergence`; with ``hard_weight > 0`` the
             loss is ``hard_weight · CE(student, labels) + soft_weight ·
             divergence``, the CE computed in the fused kernel's pass from the
@@ -139,7 +178,7 @@ def mixture_divergence(
         )
     if t.shape[0] == 0:
         raise ValueError("teacher_logits must hold at least one teacher (K >= 1)")
-    weights = check_teacher_weights(teacher_weights, t.shape[0])
+    weights = check_teacher_weights(teacher_weights, t.shape[0], s)
     options = DivergenceOptions.from_arguments(
         divergence=divergence, temperature=temperature, beta=beta, alpha=alpha, scale=scale,
         reduction=reduction, ignore_index=ignore_index, labels=labels, mask=mask, hard_weight=hard_weight,

@@ -70,6 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastkd import _validate
 from fastkd._enums import DivergenceKind
 
 from ._common import (
@@ -370,7 +371,8 @@ def launch_config(vocab: int, teachers: int) -> tuple[int, int, int]:
 
 
 def _check_args(student, teachers, teacher_weights, row_mask, kind, inv_temperature, coef, grad_scale):
-    """The checks of csrc/cpu/mixture.cpp as ValueError; the (K,) float64 weights on CPU."""
+    """The checks of csrc/cpu/mixture.cpp as ValueError; the (K,) float64 weights on
+    the CPU where their values are checked on the host, else None."""
     for name, x, dim in (("student", student, 2), ("teachers", teachers, 3)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -402,17 +404,54 @@ def _check_args(student, teachers, teacher_weights, row_mask, kind, inv_temperat
             f"teacher_weights must have one entry per teacher, shape ({teachers.shape[0]},), "
             f"got {tuple(teacher_weights.shape)}"
         )
+    host_weights = _host_checked_weights(teacher_weights)
+    check_row_mask(row_mask, student)
+    if not isinstance(kind, int) or isinstance(kind, bool) or kind not in tuple(DivergenceKind):
+        raise ValueError(f"kind must be an int in [0, 6), got {kind!r}")
+    check_scalars(kind, inv_temperature, coef, grad_scale)
+    return host_weights
+
+
+def _host_checked_weights(teacher_weights: torch.Tensor) -> torch.Tensor | None:
+    """The ``(K,)`` weights on the CPU, checked there (``ValueError``, as
+    csrc/cpu/mixture.cpp), where ``fastkd._validate.values_checked_on_host``
+    holds for them; None where their values are not to be read on the host
+    (GPU weights: :func:`_log_weights` guards them on the device)."""
+    if not _validate.values_checked_on_host(teacher_weights):
+        return None
     weights = teacher_weights.detach().cpu()
     if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
         raise ValueError(f"teacher_weights must be finite and >= 0, got {weights.tolist()}")
     total = float(weights.sum())
     if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
         raise ValueError(f"teacher_weights must sum to 1, got {total}")
-    check_row_mask(row_mask, student)
-    if not isinstance(kind, int) or isinstance(kind, bool) or kind not in tuple(DivergenceKind):
-        raise ValueError(f"kind must be an int in [0, 6), got {kind!r}")
-    check_scalars(kind, inv_temperature, coef, grad_scale)
     return weights
+
+
+def _log_weights(teacher_weights: torch.Tensor, host_weights: torch.Tensor | None,
+                 device: torch.device) -> torch.Tensor:
+    """``(K,)`` float64 ``log w_k − log Σw`` on ``device`` (``−inf`` for a weight 0).
+
+    The mixture then sums to 1 exactly (as the reference's softmax of
+    ``T·log p`` does), which the fused KL gradient relies on. From
+    ``host_weights`` (checked on the host) they are copied to a GPU from
+    pinned memory, without waiting. Without them the weights are never read
+    on the host: invalid ones (not finite, negative, or not summing to 1
+    within ``WEIGHT_SUM_TOLERANCE``) make every log weight NaN, and with it
+    the kernel's log p, the loss and the gradient (docs/spec.md §6).
+    """
+    if host_weights is not None:
+        log_w = host_weights.log() - host_weights.sum().log()
+        if device.type == "cuda":
+            log_w = log_w.pin_memory().to(device, non_blocking=True)
+        return log_w
+    weights = teacher_weights.detach().to(device, non_blocking=True)
+    total = weights.sum()
+    valid = (
+        torch.isfinite(weights).all() & (weights >= 0).all()
+        & ((total - 1.0).abs() <= WEIGHT_SUM_TOLERANCE)
+    )
+    return torch.where(valid, weights.log() - total.log(), torch.nan)
 
 
 @guard_device
@@ -440,6 +479,10 @@ def mixture_divergence_forward(
             any other strides (e.g. one teacher expanded over K).
         teacher_weights: ``(K,)`` float64 (any device), finite, >= 0, summing
             to 1 within 1e-6 (they are renormalised to sum to exactly 1).
+            Where ``fastkd._validate.values_checked_on_host`` holds for them
+            (CPU weights) bad values raise ValueError; GPU weights are not
+            read on the host, and bad values give every row a NaN loss and
+            a NaN gradient (docs/spec.md §6).
         row_mask: ``(N,)`` bool or None; False rows get loss 0, CE 0 and a zero gradient.
         kind: divergence code (csrc/common/divergence_math.h): 0 kl,
             1 reverse_kl, 2 jsd, 3 skew_kl, 4 skew_reverse_kl, 5 tvd.
@@ -460,7 +503,7 @@ def mixture_divergence_forward(
         ``row_ce`` ``(N,)`` like ``row_loss``, ``log Σ_j exp(s_ij) − s_iy_i``
         (0 for excluded rows), or ``(0,)`` without labels.
     """
-    weights = _check_args(
+    host_weights = _check_args(
         student, teachers, teacher_weights, row_mask, kind, inv_temperature, coef, grad_scale
     )
     check_labels(labels, hard_grad_scale, student)
@@ -476,11 +519,7 @@ def mixture_divergence_forward(
     grad = student.new_empty((rows, vocab) if student_grad else (0, 0), dtype=grad_dtype)
     if rows == 0:
         return row_loss, grad.to(student.dtype), row_ce
-    # log w_k − log Σw: p sums to 1 exactly (as the reference's softmax of
-    # T·log p does), which the fused KL gradient relies on; log 0 = −inf.
-    log_w = weights.log() - weights.sum().log()
-    if device.type == "cuda":
-        log_w = log_w.pin_memory().to(device, non_blocking=True)
+    log_w = _log_weights(teacher_weights, host_weights, device)
     stats = torch.empty((rows, 2, count), dtype=torch.float64, device=device)
     teacher_block, block, num_warps = launch_config(vocab, count)
     _mixture_fwd_kernel[(rows,)](

@@ -18,10 +18,17 @@
 
 namespace fastkd {
 
+// How far the teacher weights' sum may be from 1 (docs/spec.md §6; as
+// fastkd/mixture.py): loose enough for float32 weights from a softmax.
+constexpr double kWeightSumTolerance = 1e-6;
+
 // The op's outputs (see the schema in csrc/fastkd.cpp) and the kernel's view
-// of them. `weights` holds the checked teacher weights w_k on the host,
-// `weight_sum` their sum.
+// of them. With `weights_on_host` (teacher_weights on the CPU), `weights`
+// holds the checked teacher weights w_k and `weight_sum` their sum; weights
+// on the GPU are never read on the host (that would synchronise with the
+// device): the CUDA op guards them on the device (csrc/cuda/mixture.cu).
 struct MixtureCall : RowLossTensors {
+  bool weights_on_host = true;
   std::vector<double> weights;
   double weight_sum = 0.0;
   MixtureDivergenceArgs args;
@@ -31,8 +38,9 @@ struct MixtureCall : RowLossTensors {
   }
 };
 
-// Checks the arguments for tensors on `device` (teacher_weights on the host
-// or on `device`: they are read on the host) and allocates the outputs: the
+// Checks the arguments for tensors on `device` (teacher_weights on the host,
+// where their values are checked, or on the student's device, where only
+// their shape and dtype are) and allocates the outputs: the
 // row losses with at::empty, the gradient with `empty_gradient(sizes,
 // options)` (the CPU op passes its caching allocator).
 template <class EmptyGradient>
@@ -68,14 +76,21 @@ MixtureCall prepare_mixture(const at::Tensor& student, const at::Tensor& teacher
   const DType dtype = divergence_dtype(student.scalar_type());
 
   MixtureCall call;
-  const at::Tensor weights = teacher_weights.cpu().contiguous();
-  call.weights.assign(weights.data_ptr<double>(), weights.data_ptr<double>() + count);
-  for (const double w : call.weights) {
-    TORCH_CHECK(std::isfinite(w) && w >= 0, "teacher_weights must be finite and >= 0, got ", w);
-    call.weight_sum += w;
+  call.weights_on_host = teacher_weights.device().is_cpu();
+  if (call.weights_on_host) {
+    const at::Tensor weights = teacher_weights.contiguous();
+    call.weights.assign(weights.data_ptr<double>(), weights.data_ptr<double>() + count);
+    for (const double w : call.weights) {
+      TORCH_CHECK(std::isfinite(w) && w >= 0, "teacher_weights must be finite and >= 0, got ", w);
+      call.weight_sum += w;
+    }
+    TORCH_CHECK(std::abs(call.weight_sum - 1.0) <= kWeightSumTolerance,
+                "teacher_weights must sum to 1, got ", call.weight_sum);
+  } else {
+    TORCH_CHECK(teacher_weights.device() == student.device(), "teacher_weights is on ",
+                teacher_weights.device(), ": it must be on the CPU or on student's device (",
+                student.device(), ")");
   }
-  TORCH_CHECK(std::abs(call.weight_sum - 1.0) <= 1e-6, "teacher_weights must sum to 1, got ",
-              call.weight_sum);
 
   MixtureDivergenceArgs& a = call.args;
   prepare_row_loss_call(a, call, student, dtype, checked_row_mask(student, row_mask), kind,

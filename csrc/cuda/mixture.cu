@@ -337,6 +337,37 @@ __global__ void __launch_bounds__(BLOCK) _mixture_fwd_kernel(
   }
 }
 
+// log w_k − log Σw from weights in device memory, for a GPU teacher_weights
+// that the op does not read on the host (a read would synchronise with the
+// device on every step): one block sums the K weights and counts the invalid
+// ones (not finite, or negative); if any is invalid or the sum is more than
+// `tolerance` from 1, every log weight is NaN, so log p, every row's loss
+// and the gradient are NaN (docs/spec.md §6). Otherwise the same values as
+// the host path (−inf for a weight 0), up to the order of the sum.
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) _log_weights_kernel(const double* __restrict__ weights,
+                                                             int64_t K, double tolerance,
+                                                             double* __restrict__ log_weights) {
+  using Reduce2 = cub::BlockReduce<double2, BLOCK>;
+  __shared__ typename Reduce2::TempStorage temp;
+  __shared__ double2 result;
+  // x: Σw, y: how many weights are invalid
+  double2 acc = make_double2(0.0, 0.0);
+  for (int64_t k = threadIdx.x; k < K; k += BLOCK) {
+    const double w = weights[k];
+    acc.x += w;
+    if (!(isfinite(w) && w >= 0.0)) acc.y += 1.0;
+  }
+  acc = block_all_reduce<BLOCK>(acc, SumOp2{}, temp, result);
+  // a NaN sum fails the comparison too
+  const bool valid = acc.y == 0.0 && fabs(acc.x - 1.0) <= tolerance;
+  const double log_sum = fk_log(acc.x);
+  for (int64_t k = threadIdx.x; k < K; k += BLOCK) {
+    const double w = weights[k];
+    log_weights[k] = !valid ? static_cast<double>(NAN) : (w > 0.0 ? fk_log(w) - log_sum : -INFINITY);
+  }
+}
+
 // ---- launcher -----------------------------------------------------------------
 
 // Rows beyond this many blocks are grid-strided: far more blocks than can be
@@ -345,6 +376,8 @@ constexpr int64_t kMaxBlocks = int64_t(1) << 20;
 // The teachers' row stats live in shared memory, 16 bytes per teacher: up to
 // 2048 teachers fit in the 48 KiB every GPU grants without opting in.
 constexpr int64_t kMaxTeachers = 2048;
+// Threads of the one block of _log_weights_kernel (K <= kMaxTeachers weights).
+constexpr int kLogWeightsBlock = 256;
 
 template <int KIND, int BLOCK, class scalar_t, class loss_t>
 void launch(const MixtureDivergenceArgs& a, cudaStream_t stream) {
@@ -400,9 +433,12 @@ void mixture_divergence_launch(const MixtureDivergenceArgs& a, cudaStream_t stre
 // ---- the op -------------------------------------------------------------------
 
 // The checks of csrc/common/mixture_op.h, on CUDA tensors; the weights
-// may be on the CPU (as the Python layer passes them) or on the GPU. No range
-// check of the labels here (it would synchronise with the device): the
-// Python layer checks them, and the kernel guards itself (see HardLabel).
+// may be on the CPU (a sequence or CPU tensor passed to fastkd.divergence:
+// their values are checked on the host) or on the student's GPU (their
+// values are guarded on the device, see _log_weights_kernel: no host
+// synchronisation). No range check of the labels here (it would synchronise
+// with the device): the Python layer checks them, and the kernel guards
+// itself (see HardLabel).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_divergence_forward_cuda(
     const at::Tensor& student, const at::Tensor& teachers, const at::Tensor& teacher_weights,
     const std::optional<at::Tensor>& row_mask, int64_t kind, double inv_temperature, double coef,
@@ -421,19 +457,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_divergence_forward_cuda(
   if (a.rows == 0) return call.outputs();
 
   // log w_k − log Σw (p sums to 1 exactly, as the reference's softmax of
-  // T·log p does, which the fused KL gradient relies on), computed on the
-  // host and copied from pinned memory, asynchronously on the current stream.
+  // T·log p does, which the fused KL gradient relies on), on the current
+  // stream without waiting for the device: from host weights computed here
+  // and copied from pinned memory asynchronously; from GPU weights by
+  // _log_weights_kernel, which also guards their values.
   const int64_t count = a.teachers;
-  at::Tensor log_weights_host =
-      at::empty({count}, at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
-  double* lw = log_weights_host.data_ptr<double>();
-  const double log_sum = std::log(call.weight_sum);
-  for (int64_t k = 0; k < count; ++k) {
-    const double w = call.weights[k];
-    lw[k] = w > 0 ? std::log(w) - log_sum : -std::numeric_limits<double>::infinity();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor log_weights;
+  if (call.weights_on_host) {
+    at::Tensor log_weights_host =
+        at::empty({count}, at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
+    double* lw = log_weights_host.data_ptr<double>();
+    const double log_sum = std::log(call.weight_sum);
+    for (int64_t k = 0; k < count; ++k) {
+      const double w = call.weights[k];
+      lw[k] = w > 0 ? std::log(w) - log_sum : -std::numeric_limits<double>::infinity();
+    }
+    log_weights = log_weights_host.to(
+        at::TensorOptions().device(student.device()).dtype(at::kDouble), /*non_blocking=*/true);
+  } else {
+    const at::Tensor weights = teacher_weights.contiguous();
+    log_weights = at::empty({count}, weights.options());
+    _log_weights_kernel<kLogWeightsBlock><<<1, kLogWeightsBlock, 0, stream>>>(
+        weights.data_ptr<double>(), count, kWeightSumTolerance, log_weights.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const at::Tensor log_weights = log_weights_host.to(
-      at::TensorOptions().device(student.device()).dtype(at::kDouble), /*non_blocking=*/true);
   a.log_weights = log_weights.data_ptr<double>();
   return run_divergence_launch(call, &mixture_divergence_launch);
 }
