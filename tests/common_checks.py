@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from tests.helpers import assert_matches
+import fastkd
+from tests.helpers import DEVICE, KERNEL_BACKENDS, assert_matches
 
 
 def strided(x: torch.Tensor) -> torch.Tensor:
@@ -40,3 +42,19 @@ def assert_results_close(got, want, rtol: float) -> None:
         torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * 1e-3)
     torch.testing.assert_close(got[1], want[1], rtol=rtol, atol=rtol * 1e-3)
     torch.testing.assert_close(got[2], want[2], rtol=rtol, atol=rtol * 1e-3)
+
+
+def backend_param(name: str, unavailable: str | None = None):
+    """The pytest param of backend ``name`` on DEVICE, skipped with the reason
+    when the backend is unavailable there, or with ``unavailable`` when given
+    (a backend without the family's kernel)."""
+    status = fastkd._dispatch.backend_status(name, DEVICE.type)
+    reason = unavailable if unavailable is not None else (None if status.available else status.reason)
+    marks = () if reason is None else (pytest.mark.skip(reason=f"{name}: {reason}"),)
+    return pytest.param(name, marks=marks, id=name)
+
+
+def family_backend_params(family_backends, missing: str) -> list:
+    """Every backend of KERNEL_BACKENDS as a pytest param (:func:`backend_param`),
+    those not in ``family_backends`` skipped with the reason ``missing``."""
+    return [backend_param(name, None if name in family_backends else missing) for name in KERNEL_BACKENDS]
