@@ -29,9 +29,6 @@ float32 only (the op's dtypes are float32 / float64, and the GPU kernels do
 not compute in double): dot products, exp and log1p in float32; the loss
 and the exp sum for Z are accumulated in float64, as on CPU. Indices are
 bounds-checked by the launcher before any gather.
-
-Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run
-on CPU tensors, which is how the tests check them without a GPU.
 """
 
 from __future__ import annotations

@@ -27,8 +27,7 @@ csrc/cpu/uld.cpp). One program per row holds the whole row in registers:
 The loss and the gradients come from the same pass (already multiplied by
 ``grad_scale``), as the fused divergence kernels do. The row must fit one
 block: ``max(V_s, V_t) ≤ MAX_VOCAB``; longer rows raise ``ValueError`` (use
-the ``cpu`` op or the reference). Under ``TRITON_INTERPRET=1`` the kernel
-runs on CPU tensors, which is how the tests check it without a GPU.
+the ``cpu`` op or the reference).
 """
 
 from __future__ import annotations
