@@ -33,7 +33,7 @@ from fastkd import (
     _ops,  # noqa: F401  (registers the fastkd:: ops and their fake kernels)
     _validate,
 )
-from fastkd._backend import backend_for
+from fastkd._backend import backend_for, kernel_op
 from fastkd._module_form import LossModule
 from fastkd._pairwise import StudentGradFunction, check_pair
 from fastkd.reference import gram_relation as _reference
@@ -47,15 +47,6 @@ SP_KERNELS = ("cpu", "triton", "cuda")
 CC_KERNELS = ("cpu", "triton", "cuda")
 
 
-def _gram_op(stem: str, backend: str):
-    """The ``fastkd::<stem>_forward`` contract on ``backend``: the op (cpu, cuda) or the Triton launcher."""
-    if backend == "triton":
-        from fastkd.kernels import gram_relation as triton_gram_relation
-
-        return getattr(triton_gram_relation, f"{stem}_forward")
-    return getattr(torch.ops.fastkd, f"{stem}_forward")
-
-
 def _gram_term(
     name: str, kernels, student, teacher, backend: str, gather=False, process_group=None, **kwargs
 ) -> torch.Tensor:
@@ -67,7 +58,8 @@ def _gram_term(
     chosen = backend_for(name, kernels, backend, s)
     if chosen == "reference":
         return getattr(_reference, name)(s, t, **kwargs)
-    op = functools.partial(_gram_op(name.removesuffix("_loss"), chosen), **kwargs)
+    forward = kernel_op(chosen, "gram_relation", f"{name.removesuffix('_loss')}_forward")
+    op = functools.partial(forward, **kwargs)
     return StudentGradFunction.apply(s, t, op)
 
 
