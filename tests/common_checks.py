@@ -58,3 +58,15 @@ def family_backend_params(family_backends, missing: str) -> list:
     """Every backend of KERNEL_BACKENDS as a pytest param (:func:`backend_param`),
     those not in ``family_backends`` skipped with the reason ``missing``."""
     return [backend_param(name, None if name in family_backends else missing) for name in KERNEL_BACKENDS]
+
+
+def check_aot_eager_equals_eager(loss, s: torch.Tensor, t: torch.Tensor) -> None:
+    """``torch.compile(loss, fullgraph=True, backend="aot_eager")`` (fails on a
+    graph break; the ops traced through their fake kernels) gives eager
+    ``loss``'s value and gradient with respect to ``s`` bit for bit."""
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = compiled(s, t)
+    (got_grad,) = torch.autograd.grad(got, s)
+    expected = loss(s, t)
+    (expected_grad,) = torch.autograd.grad(expected, s)
+    assert torch.equal(got, expected) and torch.equal(got_grad, expected_grad)

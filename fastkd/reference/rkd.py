@@ -88,11 +88,7 @@ def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     ``j ≠ i``) give ``e_ij = 0`` and a finite but large gradient (through
     ``x / eps``): that is ``F.normalize``'s, and RepDistiller's, behaviour.
 
-    Args:
-        student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
-        teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
-    Returns:
-        ``()`` loss, float32 (float64 for float64 inputs).
+    Arguments and result as for :func:`rkd_distance`.
     """
     s, t = embedding_pair(student, teacher)
     return F.smooth_l1_loss(_angles(s), _angles(t), beta=1.0)
