@@ -127,7 +127,15 @@ def checked_pair(student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def embedding_pair(student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`checked_pair` in the accumulation dtype (float32; float64 for float64 inputs)."""
+    """:func:`checked_pair` in the accumulation dtype (float32; float64 for float64 inputs).
+
+    The relational references' contract (RKD, PKT, SP, CC): each takes
+    embeddings ``student (N, ...)`` and ``teacher (N, ...)``, flattens them per
+    sample to ``(N, D_s)`` and ``(N, D_t)`` (the feature sizes may differ: only
+    the ``N × N`` relations are compared), treats the teacher as constant (it is
+    detached, so it never receives a gradient) and returns a scalar loss in
+    float32 (float64 for float64 inputs). NaN in either input gives a NaN loss
+    (docs/spec.md §6)."""
     s, t = checked_pair(student, teacher)
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
     return s.to(acc), t.to(acc)
