@@ -90,9 +90,7 @@ def pkt_loss(
         student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
         eps: ``> 0``, added to the norms and inside the log ratio.
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``
-            (as for :func:`rkd_distance`).
-        gather, process_group: as for :func:`rkd_distance`.
+        backend, gather, process_group: as for :func:`rkd_distance`.
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
@@ -121,9 +119,7 @@ def sp_loss(
     Args:
         student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``
-            (as for :func:`rkd_distance`).
-        gather, process_group: as for :func:`rkd_distance`.
+        backend, gather, process_group: as for :func:`rkd_distance`.
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
@@ -155,9 +151,7 @@ def cc_loss(
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
         gamma: RBF parameter ``γ > 0``.
         order: Taylor order ``1 <= P <= 170`` (an int; 171! overflows float64).
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``
-            (as for :func:`rkd_distance`).
-        gather, process_group: as for :func:`rkd_distance`.
+        backend, gather, process_group: as for :func:`rkd_distance`.
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
