@@ -110,15 +110,7 @@ def rkd_angle(
     ``"triton"`` and ``"cuda"`` (plus the float64 Gram matrices while they
     are split).
 
-    Args:
-        student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``;
-            float32 / bfloat16 / float16 / float64.
-        teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``;
-            same dtype and device (a constant: no gradient).
-        backend, gather, process_group: as for :func:`rkd_distance`.
-
-    Returns:
-        ``()`` loss, float32 (float64 for float64 inputs).
+    Arguments and result as for :func:`rkd_distance`.
     """
     return _rkd_term("rkd_angle", student, teacher, backend, gather, process_group)
 
