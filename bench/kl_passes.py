@@ -30,21 +30,15 @@ three row sums, and the gradient ``(q − p)·scale/T`` (one write).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
 import fastkd
-from bench.measure import MIB, OtherLoad
+from bench.measure import MIB, OtherLoad, parse_passes_arguments, passes_argument_parser
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _shape(text: str) -> tuple[int, int]:
-    n, v = text.lower().replace("×", "x").split("x")
-    return int(n), int(v)
 
 
 def measure(n: int, v: int, dtype: torch.dtype, *, temperature: float, repeats: int, copy_mib: int,
@@ -79,19 +73,11 @@ def measure(n: int, v: int, dtype: torch.dtype, *, temperature: float, repeats: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", type=_shape,
-                        default=[(4096, 1024), (2048, 32000), (512, 128256)])
+    parser = passes_argument_parser(__doc__, [(4096, 1024), (2048, 32000), (512, 128256)], repeats=7)
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["fp32", "bf16"])
     parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--copy-mib", type=int, default=256, help="size of the copied tensor")
     parser.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time")
-    parser.add_argument("--label", default="", help="first column of every line")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_passes_arguments(parser, argv)
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         for n, v in args.shapes:

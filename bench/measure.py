@@ -16,6 +16,7 @@ Conventions:
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import gc
@@ -518,3 +519,33 @@ def machine_columns(device: torch.device) -> dict:
     else:
         machine = f"{_cpu_model()}, {os.cpu_count()} cores, SIMD {torch.backends.cpu.get_cpu_capability()}"
     return {"machine": machine, "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+# ---- the options of the pass-count scripts (kl_passes.py, mixture_passes.py) ----
+
+
+def shape_argument(text: str) -> tuple[int, int]:
+    """``"NxV"`` (or ``"N×V"``) → ``(N, V)``."""
+    n, v = text.lower().replace("×", "x").split("x")
+    return int(n), int(v)
+
+
+def passes_argument_parser(doc: str, shapes: list[tuple[int, int]], repeats: int) -> argparse.ArgumentParser:
+    """The options every pass-count script takes (``--shapes``, ``--repeats``,
+    ``--threads``, ``--copy-mib``, ``--label``), described by the first
+    paragraph of its docstring; the script adds its own."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", type=shape_argument, default=shapes)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--copy-mib", type=int, default=256, help="size of the copied tensor")
+    parser.add_argument("--label", default="", help="first column of every line")
+    return parser
+
+
+def parse_passes_arguments(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """``argv`` parsed, torch's thread count set to ``--threads`` when given."""
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return args

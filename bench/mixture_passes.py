@@ -27,23 +27,17 @@ gradient.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
 import fastkd
-from bench.measure import MIB, OtherLoad
+from bench.measure import MIB, OtherLoad, parse_passes_arguments, passes_argument_parser
 from fastkd.reference import mixture as reference_mixture
 
 WEIGHTS = (0.5, 0.3, 0.2)
 TEMPERATURE = 2.0
-
-
-def _shape(text: str) -> tuple[int, int]:
-    n, v = text.lower().replace("×", "x").split("x")
-    return int(n), int(v)
 
 
 def reference_loss(student, teachers, weights):
@@ -91,16 +85,9 @@ def measure(n: int, v: int, *, repeats: int, copy_mib: int, use_compile: bool):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", type=_shape, default=[(4096, 1024), (1024, 32000)])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--copy-mib", type=int, default=256, help="size of the copied tensor")
+    parser = passes_argument_parser(__doc__, [(4096, 1024), (1024, 32000)], repeats=5)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    parser.add_argument("--label", default="", help="first column of every line")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_passes_arguments(parser, argv)
     k = len(WEIGHTS)
     for n, v in args.shapes:
         fused_ms, compile_ms, copy_gbs, load = measure(n, v, repeats=args.repeats, copy_mib=args.copy_mib,

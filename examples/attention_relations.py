@@ -29,19 +29,14 @@ heads, so no projection is needed.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import importlib.util
-import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import fastkd
 
@@ -59,7 +54,9 @@ def _load_tiny_lm():
 
 
 tiny_lm = _load_tiny_lm()
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report  # noqa: E402  (the examples' shared csv / plot / summary helpers)
+
 VOCAB = tiny_lm.VOCAB
 
 
@@ -98,19 +95,12 @@ class RelationLM(tiny_lm.TinyLM):
         return self.head(self.hidden_and_relations(tokens)[0])
 
 
-@dataclass(frozen=True)
-class Size:
-    dim: int
-    layers: int
-    heads: int
-
-
-TEACHER = Size(dim=128, layers=3, heads=4)
-STUDENT = Size(dim=64, layers=2, heads=2)
+TEACHER = tiny_lm.Size(dim=128, layers=3, heads=4)
+STUDENT = tiny_lm.Size(dim=64, layers=2, heads=2)
 RELATION_HEADS = 4  # divides both widths: 32 teacher, 16 student channels per relation head
 
 
-def build(size: Size, context: int) -> RelationLM:
+def build(size: tiny_lm.Size, context: int) -> RelationLM:
     return RelationLM(size.dim, size.layers, size.heads, context)
 
 
@@ -165,17 +155,8 @@ def loss_for(method: Method, student: RelationLM, teacher: RelationLM | None, to
 def train(model: RelationLM, method: Method, corpus, sched, seed: int, teacher: RelationLM | None = None,
           relation_weight: float = 1.0) -> None:
     """Trains ``model`` in place (AdamW, warm-up + cosine, gradient clipping at 1), as tiny_lm.py does."""
-    opt = torch.optim.AdamW(model.parameters(), lr=sched.lr, weight_decay=0.01)
-    model.train()
-    for step, idx in tiny_lm.batches(len(corpus.train), sched, seed):
-        for group in opt.param_groups:
-            group["lr"] = tiny_lm.lr_at(step, sched)
-        loss = loss_for(method, model, teacher, corpus.train[idx].long(), relation_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    model.eval()
+    tiny_lm.fit(model, sched, seed, len(corpus.train),
+                lambda idx: loss_for(method, model, teacher, corpus.train[idx].long(), relation_weight))
 
 
 @torch.no_grad()
@@ -196,83 +177,36 @@ def held_out_relation_kl(student: RelationLM, teacher: RelationLM, held_out: tor
 
 
 def summary(name: str, params: int, ppls, agrees, rels, note: str) -> dict:
-    def std(xs):
-        return statistics.stdev(xs) if len(xs) > 1 else 0.0
-
-    return {
-        "method": name, "params": params, "seeds": len(ppls),
-        "ppl_mean": statistics.fmean(ppls), "ppl_std": std(ppls),
-        "agree_mean": statistics.fmean(agrees), "agree_std": std(agrees),
-        "rel_mean": statistics.fmean(rels), "rel_std": std(rels),
-        "ppls": ppls, "agreements": agrees, "relation_kls": rels, "note": note,
-    }
+    return _report.summary(name, params, note, ppl=("ppls", ppls), agree=("agreements", agrees),
+                           rel=("relation_kls", rels))
 
 
 def write_results(rows: list[dict], teacher_row: dict, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    written = [out / "attention_relations.csv"]
-    fields = ["method", "params", "seeds", "ppl_mean", "ppl_std", "agree_mean", "agree_std", "rel_mean",
-              "rel_std", "ppls", "agreements", "relation_kls", "note"]
-    with open(written[0], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in [*rows, teacher_row]:
-            writer.writerow({**row, **{k: " ".join(f"{x:.4f}" for x in row[k])
-                                       for k in ("ppls", "agreements", "relation_kls")}})
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
-        return written
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.0), dpi=100)
-    names = [r["method"] for r in rows]
     panels = (("ppl", "held-out perplexity per byte (lower is better)", 1.0),
               ("agree", "top-1 agreement with the teacher, %", 100.0),
               ("rel", "held-out Q/K/V relation KL to the teacher", 1.0))
-    for ax, (key, label, factor) in zip(axes, panels, strict=True):
-        means = [factor * r[f"{key}_mean"] for r in rows]
-        stds = [factor * r[f"{key}_std"] for r in rows]
-        # points, not bars: the axes do not start at zero
-        ax.errorbar(means, range(len(rows)), xerr=stds, fmt="o", color="#4c72b0", capsize=3)
-        ax.set_yticks(range(len(rows)), names if ax is axes[0] else [""] * len(rows))
-        ax.set_ylim(len(rows) - 0.5, -0.5)
-        ax.grid(axis="x", alpha=0.3)
-        ax.set_xlabel(label, fontsize=8)
-    fig.suptitle(f"fastkd, attention-relation distillation of a tiny byte-level LM: "
-                 f"{round(rows[0]['params'] / 1000)}k-parameter student, "
-                 f"{round(teacher_row['params'] / 1000)}k teacher, {rows[0]['seeds']} seeds", fontsize=9)
-    fig.tight_layout()
-    written.append(out / "attention_relations.png")
-    fig.savefig(written[1])
-    plt.close(fig)
-    return written
+
+    def draw(plt):
+        fig, _ = _report.point_panels(plt, rows, panels, figsize=(11, 3.0))
+        fig.suptitle(f"fastkd, attention-relation distillation of a tiny byte-level LM: "
+                     f"{round(rows[0]['params'] / 1000)}k-parameter student, "
+                     f"{round(teacher_row['params'] / 1000)}k teacher, {rows[0]['seeds']} seeds", fontsize=9)
+        return fig
+
+    fields = ["method", "params", "seeds", "ppl_mean", "ppl_std", "agree_mean", "agree_std", "rel_mean",
+              "rel_std", "ppls", "agreements", "relation_kls", "note"]
+    series = ("ppls", "agreements", "relation_kls")
+    return _report.write_results(out, "attention_relations", [*rows, teacher_row], fields, series, draw)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=300, help="student steps (batches of 32 windows)")
-    parser.add_argument("--teacher-steps", type=int, default=600)
-    parser.add_argument("--context", type=int, default=64, help="bytes per training window")
+    parser = _report.argument_parser(__doc__, seeds=3, smoke="a few steps per run on a 20 kB slice, one seed",
+                                     threads="tiny matmuls: 1 is fastest", name="attention_relations")
+    tiny_lm.add_training_arguments(parser, steps=300, teacher_steps=600)
     parser.add_argument("--relation-weight", type=float, default=1.0, help="weight of the Q/K/V relation sum")
-    parser.add_argument("--smoke", action="store_true", help="a few steps per run on a 20 kB slice, one seed")
-    parser.add_argument("--methods", nargs="*", help="only these METHODS names")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where the csv / png go (default examples/results; a temporary folder with "
-                             "--smoke)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny matmuls: 1 is fastest)")
-    args = parser.parse_args(argv)
-    if args.out is None:  # a smoke run never overwrites the committed results
-        smoke_dir = Path(tempfile.mkdtemp(prefix="fastkd-attention_relations-smoke-")) if args.smoke else None
-        args.out = smoke_dir or RESULTS
-    torch.set_num_threads(args.threads)
+    args = _report.parse_arguments(parser, argv, "attention_relations")
     seeds = 1 if args.smoke else args.seeds
-    sched = tiny_lm.Schedule(steps=3 if args.smoke else args.steps, warmup=1 if args.smoke else 50)
-    teacher_sched = tiny_lm.Schedule(steps=3 if args.smoke else args.teacher_steps,
-                                     warmup=1 if args.smoke else 100)
+    sched, teacher_sched = tiny_lm.schedules(args)
     methods = [m for m in METHODS if not args.methods or m.name in args.methods]
 
     start = time.perf_counter()
@@ -320,8 +254,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"| {r['rel_mean']:.3f} ± {r['rel_std']:.3f} | {r['note']} |")
     print(f"| teacher | {teacher_ppl:.3f} | 100 | 0 | {tiny_lm.n_params(teacher)} parameters, "
           f"{teacher_sched.steps} steps |")
-    for path in write_results(rows, teacher_row, args.out):
-        print(f"wrote {path}")
+    write_results(rows, teacher_row, args.out)
     print(f"total {time.perf_counter() - start:.1f} s")
     return rows
 

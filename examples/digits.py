@@ -18,11 +18,8 @@ here). Adding a loss is one more entry.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,8 +31,9 @@ from torch import nn
 import fastkd
 from fastkd import Term
 
-RESULTS = Path(__file__).parent / "results"
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report  # noqa: E402  (the examples' shared csv / plot / summary helpers)
+from _report import n_params  # noqa: E402
 
 # ---- models ---------------------------------------------------------------------------
 
@@ -224,64 +222,35 @@ def train(
                     return
 
 
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # ---- report ---------------------------------------------------------------------------
 
 
 def write_results(rows: list[dict], teacher_acc: float, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    written = [out / "digits.csv"]
-    with open(written[0], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["method", "seeds", "mean", "std", "accuracies", "note"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "accuracies": " ".join(f"{a:.4f}" for a in row["accuracies"])})
-    try:
-        import matplotlib
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+        names = [r["method"] for r in rows]
+        means = [100 * r["mean"] for r in rows]
+        stds = [100 * r["std"] for r in rows]
+        ax.barh(names, means, xerr=stds, color="#4c72b0", capsize=3)
+        ax.axvline(100 * rows[0]["mean"], color="grey", ls="--", lw=1, label="student alone")
+        ax.axvline(100 * teacher_acc, color="#dd8452", ls=":", lw=1.5, label="teacher")
+        lo = min(m - s for m, s in zip(means, stds, strict=True))
+        ax.set_xlim(max(0.0, lo - 2), 100)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"student test accuracy, % (mean ± std over {rows[0]['seeds']} seeds)")
+        ax.set_title("fastkd on sklearn digits: ~2.5k-parameter student, ~52k teacher", fontsize=10)
+        ax.legend(loc="lower right", fontsize=8, framealpha=1.0)
+        return fig
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
-        return written
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
-    names = [r["method"] for r in rows]
-    means = [100 * r["mean"] for r in rows]
-    stds = [100 * r["std"] for r in rows]
-    ax.barh(names, means, xerr=stds, color="#4c72b0", capsize=3)
-    ax.axvline(100 * rows[0]["mean"], color="grey", ls="--", lw=1, label="student alone")
-    ax.axvline(100 * teacher_acc, color="#dd8452", ls=":", lw=1.5, label="teacher")
-    lo = min(m - s for m, s in zip(means, stds, strict=True))
-    ax.set_xlim(max(0.0, lo - 2), 100)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"student test accuracy, % (mean ± std over {rows[0]['seeds']} seeds)")
-    ax.set_title("fastkd on sklearn digits: ~2.5k-parameter student, ~52k teacher", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8, framealpha=1.0)
-    fig.tight_layout()
-    written.append(out / "digits.png")
-    fig.savefig(written[1])
-    plt.close(fig)
-    return written
+    fields = ["method", "seeds", "mean", "std", "accuracies", "note"]
+    return _report.write_results(out, "digits", rows, fields, ("accuracies",), draw)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=5)
+    parser = _report.argument_parser(__doc__, seeds=5, smoke="a few steps per run, one seed",
+                                     threads="tiny models: 1 is fastest", name="digits")
     parser.add_argument("--epochs", type=int, default=20, help="student epochs (the teacher trains 30)")
-    parser.add_argument("--smoke", action="store_true", help="a few steps per run, one seed")
-    parser.add_argument("--methods", nargs="*", help="only these METHODS names")
-    parser.add_argument(
-        "--out", type=Path, default=None,
-        help="where digits.csv / digits.png go (default examples/results; a temporary folder with --smoke)",
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
-    args = parser.parse_args(argv)
-    if args.out is None:  # a smoke run never overwrites the committed results
-        args.out = Path(tempfile.mkdtemp(prefix="fastkd-digits-smoke-")) if args.smoke else RESULTS
-    torch.set_num_threads(args.threads)
+    args = _report.parse_arguments(parser, argv, "digits")
     seeds = 1 if args.smoke else args.seeds
     sched = Schedule(epochs=1 if args.smoke else args.epochs, max_steps=3 if args.smoke else None)
     teacher_sched = Schedule(epochs=1 if args.smoke else 30, max_steps=3 if args.smoke else None)
@@ -335,8 +304,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     epochs = teacher_sched.epochs
     print(f"| teacher | {100 * teacher_acc:.2f} | | {n_params(teacher)} parameters, {epochs} epochs |")
-    for path in write_results(rows, teacher_acc, args.out):
-        print(f"wrote {path}")
+    write_results(rows, teacher_acc, args.out)
     print(f"total {time.perf_counter() - start:.1f} s")
     return rows
 

@@ -40,15 +40,11 @@ cosine similarities.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import importlib.util
 import math
 import os
 import re
-import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,9 +60,10 @@ from torch import nn  # noqa: E402
 import fastkd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report  # noqa: E402  (the examples' shared csv / plot / summary helpers)
 import tiny_lm  # noqa: E402  (its stdlib docstring corpus)
+from _report import n_params  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 TEACHER_DIM = 384
 
 # More standard-library modules than tiny_lm uses, for more sentences; a module
@@ -178,26 +175,6 @@ class Vocabulary:
 # ---- student --------------------------------------------------------------------------
 
 
-class Block(nn.Module):
-    """Pre-norm bidirectional transformer block; padded positions are never attended to."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
-        x = x + self.proj(attn.transpose(1, 2).reshape(b, t, d))
-        return x + self.mlp(self.norm2(x))
-
-
 class Student(nn.Module):
     """Token ids ``(B, L)`` → ``(B, out_dim)`` sentence embeddings (masked mean pooling)."""
 
@@ -205,7 +182,8 @@ class Student(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim, padding_idx=0)
         self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        # tiny_lm's pre-norm blocks, bidirectional: padded positions are never attended to
+        self.blocks = nn.ModuleList(tiny_lm.Block(dim, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, out_dim)
 
@@ -213,13 +191,9 @@ class Student(nn.Module):
         keep = ids != 0
         x = self.embed(ids) + self.pos[: ids.shape[1]]
         for block in self.blocks:
-            x = block(x, keep)
+            x = block(x, keep[:, None, None, :])
         x = self.norm(x) * keep.unsqueeze(-1)
         return self.out(x.sum(1) / keep.sum(1, keepdim=True).clamp_min(1))
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ---- losses and training --------------------------------------------------------------
@@ -253,47 +227,18 @@ def loss_for(method: Method, student_emb: torch.Tensor, teacher_emb: torch.Tenso
     raise ValueError(f"unknown method {method.name!r}")
 
 
-@dataclass(frozen=True)
-class Schedule:
-    steps: int
-    batch: int = 128
-    lr: float = 2e-3
-    warmup: int = 50
-
-
-def batches(n: int, sched: Schedule, seed: int):
-    """``sched.steps`` index batches: epochs of a seeded permutation."""
-    order = torch.Generator().manual_seed(1000 + seed)
-    step = 0
-    while True:
-        perm = torch.randperm(n, generator=order)
-        for i in range(0, n - sched.batch + 1, sched.batch):
-            if step == sched.steps:
-                return
-            yield step, perm[i : i + sched.batch]
-            step += 1
-
-
 def trimmed(tokens: Tokens, idx: torch.Tensor) -> torch.Tensor:
     """The rows ``idx``, cut to their longest sentence."""
     return tokens.ids[idx, : int(tokens.lengths[idx].max())]
 
 
 def train(
-    student: Student, method: Method, tokens: Tokens, targets: torch.Tensor, sched: Schedule, seed: int
+    student: Student, method: Method, tokens: Tokens, targets: torch.Tensor, sched: tiny_lm.Schedule,
+    seed: int,
 ):
-    """Trains ``student`` in place (AdamW, warm-up + cosine decay, gradient clipping at 1)."""
-    opt = torch.optim.AdamW(student.parameters(), lr=sched.lr, weight_decay=0.01)
-    student.train()
-    for step, idx in batches(len(targets), sched, seed):
-        for group in opt.param_groups:
-            group["lr"] = tiny_lm.lr_at(step, sched)
-        loss = loss_for(method, student(trimmed(tokens, idx)), targets[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-    student.eval()
+    """Trains ``student`` in place (AdamW, warm-up + cosine decay, gradient clipping at 1): tiny_lm.fit."""
+    tiny_lm.fit(student, sched, seed, len(targets),
+                lambda idx: loss_for(method, student(trimmed(tokens, idx)), targets[idx]))
 
 
 @torch.no_grad()
@@ -342,92 +287,39 @@ def spearman(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> float:
 
 
 def summary(name: str, params: int, recalls: list[float], rhos: list[float], note: str) -> dict:
-    def std(xs: list[float]) -> float:
-        return statistics.stdev(xs) if len(xs) > 1 else 0.0
-
-    return {
-        "method": name,
-        "params": params,
-        "seeds": len(recalls),
-        "recall10_mean": statistics.fmean(recalls),
-        "recall10_std": std(recalls),
-        "spearman_mean": statistics.fmean(rhos),
-        "spearman_std": std(rhos),
-        "recalls": recalls,
-        "spearmans": rhos,
-        "note": note,
-    }
+    return _report.summary(name, params, note, recall10=("recalls", recalls), spearman=("spearmans", rhos))
 
 
 def write_results(rows: list[dict], out: Path, title: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    written = [out / "sentence_embeddings.csv"]
-    fields = list(rows[0])
-    with open(written[0], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(
-                {
-                    **row,
-                    "recalls": " ".join(f"{x:.4f}" for x in row["recalls"]),
-                    "spearmans": " ".join(f"{x:.4f}" for x in row["spearmans"]),
-                }
-            )
-    try:
-        import matplotlib
+    panels = (("recall10", "held-out recall@10 of the teacher's neighbours", 1.0),
+              ("spearman", "Spearman ρ of pairwise cosines vs teacher", 1.0))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
-        return written
-    fig, axes = plt.subplots(1, 2, figsize=(9, 2.8), dpi=100)
-    names = [r["method"] for r in rows]
-    for ax, key, label in (
-        (axes[0], "recall10", "held-out recall@10 of the teacher's neighbours"),
-        (axes[1], "spearman", "Spearman ρ of pairwise cosines vs teacher"),
-    ):
-        means = [r[f"{key}_mean"] for r in rows]
-        stds = [r[f"{key}_std"] for r in rows]
-        ax.errorbar(means, range(len(rows)), xerr=stds, fmt="o", color="#4c72b0", capsize=3)
-        ax.set_yticks(range(len(rows)), names)
-        ax.set_ylim(len(rows) - 0.5, -0.5)
-        ax.set_xlim(0, 1)
-        ax.grid(axis="x", alpha=0.3)
-        ax.set_xlabel(label, fontsize=8)
-    axes[1].set_yticklabels([])
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    written.append(out / "sentence_embeddings.png")
-    fig.savefig(written[1])
-    plt.close(fig)
-    return written
+    def draw(plt):
+        fig, axes = _report.point_panels(plt, rows, panels, figsize=(9, 2.8))
+        for ax in axes:
+            ax.set_xlim(0, 1)
+        fig.suptitle(title, fontsize=9)
+        return fig
+
+    series = ("recalls", "spearmans")
+    return _report.write_results(out, "sentence_embeddings", rows, list(rows[0]), series, draw)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser = _report.argument_parser(
+        __doc__, seeds=3, smoke="a few steps on a few hundred sentences, one seed",
+        threads="1 is fastest for the student", name="sentence_embeddings",
+    )
     parser.add_argument("--steps", type=int, default=2000, help="student steps (batches of 128 sentences)")
     parser.add_argument("--dim", type=int, default=128, help="student width")
     parser.add_argument("--layers", type=int, default=0, help="student transformer blocks (0: embedding bag)")
     parser.add_argument("--max-len", type=int, default=64, help="tokens per sentence")
-    parser.add_argument(
-        "--smoke", action="store_true", help="a few steps on a few hundred sentences, one seed"
-    )
-    parser.add_argument("--methods", nargs="*", help="only these METHODS names")
-    parser.add_argument(
-        "--out", type=Path, default=None,
-        help="where the .csv / .png go (default examples/results; a temporary folder with --smoke)",
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for the student)")
-    args = parser.parse_args(argv)
-    if args.out is None:  # a smoke run never overwrites the committed results
-        args.out = Path(tempfile.mkdtemp(prefix="fastkd-sentences-smoke-")) if args.smoke else RESULTS
-    torch.set_num_threads(args.threads)
+    args = _report.parse_arguments(parser, argv, "sentences")
     seeds = 1 if args.smoke else args.seeds
-    sched = Schedule(
-        steps=3 if args.smoke else args.steps, batch=32 if args.smoke else 128, warmup=1 if args.smoke else 50
+    # tiny_lm's schedule with batches of 128 sentences at a peak learning rate of 2e-3
+    sched = tiny_lm.Schedule(
+        steps=3 if args.smoke else args.steps, batch=32 if args.smoke else 128, lr=2e-3,
+        warmup=1 if args.smoke else 50,
     )
     methods = [m for m in METHODS if not args.methods or m.name in args.methods]
 
@@ -494,8 +386,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"fastkd: all-MiniLM-L6-v2 ({n_teacher / 1e6:.1f}M) → {n_student / 1e6:.2f}M student on stdlib "
         f"docstring sentences, {len(held_text)} held out, {seeds} seeds"
     )
-    for path in write_results(rows, args.out, title):
-        print(f"wrote {path}")
+    write_results(rows, args.out, title)
     print(f"total {time.perf_counter() - start:.1f} s")
     return rows
 

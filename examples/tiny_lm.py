@@ -35,14 +35,10 @@ next-byte cross-entropy) and top-1 agreement with the teacher's argmax.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import importlib
 import inspect
 import math
-import statistics
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -54,7 +50,10 @@ from torch import nn
 
 import fastkd
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report  # noqa: E402  (the examples' shared csv / plot / summary helpers)
+from _report import n_params  # noqa: E402
+
 VOCAB = 256  # bytes
 
 MODULES = (
@@ -141,7 +140,9 @@ def load_corpus(context: int, max_bytes: int | None = None) -> Corpus:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: causal self-attention and a 4× MLP."""
+    """Pre-norm transformer block: causal self-attention and a 4× MLP; with an
+    ``attn_mask`` (bool, True: may attend), attention under that mask instead
+    (examples/sentence_embeddings.py's bidirectional student)."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -152,10 +153,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
         x = x + self.proj(attn.transpose(1, 2).reshape(b, t, d))
         return x + self.mlp(self.norm2(x))
 
@@ -196,10 +197,6 @@ STUDENT = Size(dim=64, layers=1, heads=2)
 
 def build(size: Size, context: int) -> TinyLM:
     return TinyLM(size.dim, size.layers, size.heads, context)
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ---- training -------------------------------------------------------------------------
@@ -330,17 +327,26 @@ def train(
     kd: KDSettings = KDSettings(),
 ) -> None:
     """Trains ``student`` in place (AdamW, warm-up + cosine, gradient clipping at 1)."""
-    opt = torch.optim.AdamW(student.parameters(), lr=sched.lr, weight_decay=0.01)
-    student.train()
-    for step, idx in batches(len(corpus.train), sched, seed):
+    fit(student, sched, seed, len(corpus.train),
+        lambda idx: loss_for(method, student, teacher, topk, corpus.train, idx, kd))
+
+
+def fit(model: nn.Module, sched, seed: int, n_examples: int, batch_loss) -> None:
+    """Trains ``model`` in place on ``batches(n_examples, sched, seed)``: AdamW
+    at ``lr_at(step, sched)`` (warm-up + cosine), gradient clipping at 1;
+    ``batch_loss(idx)`` is the loss of the examples ``idx``. Every example
+    trains this way (``sched``: any schedule with this one's fields)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=sched.lr, weight_decay=0.01)
+    model.train()
+    for step, idx in batches(n_examples, sched, seed):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, sched)
-        loss = loss_for(method, student, teacher, topk, corpus.train, idx, kd)
+        loss = batch_loss(idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    student.eval()
+    model.eval()
 
 
 @torch.no_grad()
@@ -370,120 +376,63 @@ def argmax_on(model: TinyLM, held_out: torch.Tensor, chunk: int = 64) -> torch.T
 
 
 def write_results(rows: list[dict], teacher_row: dict, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    written = [out / "tiny_lm.csv"]
-    fields = [
-        "method",
-        "params",
-        "seeds",
-        "ppl_mean",
-        "ppl_std",
-        "agree_mean",
-        "agree_std",
-        "ppls",
-        "agreements",
-        "note",
-    ]
-    with open(written[0], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in [*rows, teacher_row]:
-            writer.writerow(
-                {
-                    **row,
-                    "ppls": " ".join(f"{p:.4f}" for p in row["ppls"]),
-                    "agreements": " ".join(f"{a:.4f}" for a in row["agreements"]),
-                }
-            )
-    try:
-        import matplotlib
+    panels = (("ppl", "held-out perplexity per byte (lower is better)", 1.0),
+              ("agree", "top-1 agreement with the teacher, %", 100.0))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
-        return written
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
-    names = [r["method"] for r in rows]
-    for ax, key, label, ref in (
-        (ax1, "ppl", "held-out perplexity per byte (lower is better)", teacher_row["ppl_mean"]),
-        (ax2, "agree", "top-1 agreement with the teacher, %", None),
-    ):
-        factor = 100.0 if key == "agree" else 1.0
-        means = [factor * r[f"{key}_mean"] for r in rows]
-        stds = [factor * r[f"{key}_std"] for r in rows]
-        # Points, not bars: the axes do not start at zero.
-        ax.errorbar(means, range(len(rows)), xerr=stds, fmt="o", color="#4c72b0", capsize=3)
-        ax.set_yticks(range(len(rows)), names)
-        ax.grid(axis="x", alpha=0.3)
-        if ref is not None:
-            ax.axvline(ref, color="#dd8452", ls=":", lw=1.5, label="teacher")
-            ax.legend(loc="lower right", fontsize=8, framealpha=1.0)
-        lo = min(m - s for m, s in zip(means, stds, strict=True))
-        hi = max(m + s for m, s in zip(means, stds, strict=True))
-        low = min(lo, ref) if ref is not None else lo
-        pad = 0.15 * max(hi - low, 1e-3)
-        ax.set_xlim(low - pad, hi + pad)
-        ax.set_xlabel(label, fontsize=8)
-    ax2.set_yticklabels([])
-    ax1.set_ylim(len(rows) - 0.5, -0.5)
-    ax2.set_ylim(len(rows) - 0.5, -0.5)
-    fig.suptitle(
-        f"fastkd, tiny byte-level LM on stdlib docstrings: {round(rows[0]['params'] / 1000)}k-parameter "
-        f"student, {round(teacher_row['params'] / 1000)}k teacher, {rows[0]['seeds']} seeds",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    written.append(out / "tiny_lm.png")
-    fig.savefig(written[1])
-    plt.close(fig)
-    return written
+    def draw(plt):
+        fig, axes = _report.point_panels(plt, rows, panels, figsize=(9, 3.2))
+        # each panel spans its error bars, the perplexity one the teacher's line too
+        for ax, (key, _, factor), ref in zip(axes, panels, (teacher_row["ppl_mean"], None), strict=True):
+            if ref is not None:
+                ax.axvline(ref, color="#dd8452", ls=":", lw=1.5, label="teacher")
+                ax.legend(loc="lower right", fontsize=8, framealpha=1.0)
+            lo = min(factor * (r[f"{key}_mean"] - r[f"{key}_std"]) for r in rows)
+            hi = max(factor * (r[f"{key}_mean"] + r[f"{key}_std"]) for r in rows)
+            low = min(lo, ref) if ref is not None else lo
+            pad = 0.15 * max(hi - low, 1e-3)
+            ax.set_xlim(low - pad, hi + pad)
+        fig.suptitle(
+            f"fastkd, tiny byte-level LM on stdlib docstrings: {round(rows[0]['params'] / 1000)}k-parameter "
+            f"student, {round(teacher_row['params'] / 1000)}k teacher, {rows[0]['seeds']} seeds",
+            fontsize=9,
+        )
+        return fig
+
+    fields = ["method", "params", "seeds", "ppl_mean", "ppl_std", "agree_mean", "agree_std", "ppls",
+              "agreements", "note"]
+    return _report.write_results(out, "tiny_lm", [*rows, teacher_row], fields, ("ppls", "agreements"), draw)
 
 
 def summary(name: str, params: int, ppls: list[float], agrees: list[float], note: str) -> dict:
-    def std(xs: list[float]) -> float:
-        return statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return _report.summary(name, params, note, ppl=("ppls", ppls), agree=("agreements", agrees))
 
-    return {
-        "method": name,
-        "params": params,
-        "seeds": len(ppls),
-        "ppl_mean": statistics.fmean(ppls),
-        "ppl_std": std(ppls),
-        "agree_mean": statistics.fmean(agrees),
-        "agree_std": std(agrees),
-        "ppls": ppls,
-        "agreements": agrees,
-        "note": note,
-    }
+
+def add_training_arguments(parser, steps: int, teacher_steps: int) -> None:
+    """The options of the byte-level LM examples (this one and
+    attention_relations.py): student and teacher steps, window length."""
+    parser.add_argument("--steps", type=int, default=steps, help="student steps (batches of 32 windows)")
+    parser.add_argument("--teacher-steps", type=int, default=teacher_steps)
+    parser.add_argument("--context", type=int, default=64, help="bytes per training window")
+
+
+def schedules(args) -> tuple[Schedule, Schedule]:
+    """The student's and the teacher's schedules for the parsed options: three
+    steps each with ``--smoke``."""
+    if args.smoke:
+        return Schedule(steps=3, warmup=1), Schedule(steps=3, warmup=1)
+    return Schedule(steps=args.steps, warmup=50), Schedule(steps=args.teacher_steps, warmup=100)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=800, help="student steps (batches of 32 windows)")
-    parser.add_argument("--teacher-steps", type=int, default=1200)
-    parser.add_argument("--context", type=int, default=64, help="bytes per training window")
+    parser = _report.argument_parser(
+        __doc__, seeds=3, smoke="a few steps per run on a 20 kB slice, one seed",
+        threads="1: tiny matmuls, and 2 threads on a shared 2-core CPU were 30× slower", name="tiny_lm",
+    )
+    add_training_arguments(parser, steps=800, teacher_steps=1200)
     parser.add_argument("--k", type=int, default=8, help="teacher logits stored per position (top-k KD)")
-    parser.add_argument("--smoke", action="store_true", help="a few steps per run on a 20 kB slice, one seed")
-    parser.add_argument("--methods", nargs="*", help="only these METHODS names")
-    parser.add_argument(
-        "--out", type=Path, default=None,
-        help="where tiny_lm.csv / tiny_lm.png go (default examples/results; a temporary folder with --smoke)",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (1: tiny matmuls, and 2 threads on a shared 2-core CPU were 30× slower)",
-    )
-    args = parser.parse_args(argv)
-    if args.out is None:  # a smoke run never overwrites the committed results
-        args.out = Path(tempfile.mkdtemp(prefix="fastkd-tiny_lm-smoke-")) if args.smoke else RESULTS
-    torch.set_num_threads(args.threads)
+    args = _report.parse_arguments(parser, argv, "tiny_lm")
     seeds = 1 if args.smoke else args.seeds
-    sched = Schedule(steps=3 if args.smoke else args.steps, warmup=1 if args.smoke else 50)
-    teacher_sched = Schedule(steps=3 if args.smoke else args.teacher_steps, warmup=1 if args.smoke else 100)
+    sched, teacher_sched = schedules(args)
     methods = [m for m in METHODS if not args.methods or m.name in args.methods]
 
     start = time.perf_counter()
@@ -538,8 +487,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         f"| teacher | {teacher_ppl:.3f} | 100 | {n_params(teacher)} parameters, {teacher_sched.steps} steps |"
     )
-    for path in write_results(rows, teacher_row, args.out):
-        print(f"wrote {path}")
+    write_results(rows, teacher_row, args.out)
     print(f"total {time.perf_counter() - start:.1f} s")
     return rows
 

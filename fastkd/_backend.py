@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from fastkd import (
@@ -9,7 +11,7 @@ from fastkd import (
     _ops,  # noqa: F401  (registers the fastkd:: ops and their fake kernels)
 )
 
-__all__ = ["backend_for", "run_divergence_kernel"]
+__all__ = ["backend_for", "kernel_op", "run_divergence_kernel"]
 
 
 def backend_for(loss_name: str, kernels: tuple[str, ...], backend: str, tensor: torch.Tensor) -> str:
@@ -24,6 +26,16 @@ def backend_for(loss_name: str, kernels: tuple[str, ...], backend: str, tensor: 
     if backend == "auto":
         return "reference"
     raise ValueError(f"backend={chosen!r} has no {loss_name} kernel yet")
+
+
+def kernel_op(backend: str, stem: str, name: str):
+    """The function with the contract of the op ``fastkd::<name>`` on ``backend``:
+    the Triton launcher ``name`` of ``kernels/<stem>.py`` (imported only then:
+    importing it imports triton), or the registered op (cpu, cuda: chosen by
+    the inputs' device)."""
+    if backend == "triton":
+        return getattr(importlib.import_module(f"fastkd.kernels.{stem}"), name)
+    return getattr(torch.ops.fastkd, name)
 
 
 def run_divergence_kernel(backend: str, *args):

@@ -18,24 +18,13 @@ import torch
 from torch import nn
 
 from fastkd import _ops as _extension
-from fastkd._backend import backend_for
+from fastkd._backend import backend_for, kernel_op
 from fastkd.reference import attention_relation as _reference
 
 __all__ = ["AttentionRelationLoss", "attention_relation_loss"]
 
 # backends with a kernel for this loss (the reference always runs)
 KERNEL_BACKENDS: tuple[str, ...] = ("cpu", "triton", "cuda")
-
-
-def _ops(backend: str):
-    """``(forward, backward)`` with the contracts of ``fastkd::attention_relation_forward`` / ``_backward``:
-    the Triton launchers, or the registered ops (cpu, cuda: chosen by the inputs' device)."""
-    if backend == "triton":
-        from fastkd.kernels import attention_relation as triton_attention_relation
-
-        return (triton_attention_relation.attention_relation_forward,
-                triton_attention_relation.attention_relation_backward)
-    return torch.ops.fastkd.attention_relation_forward, torch.ops.fastkd.attention_relation_backward
 
 
 if _extension.CPU_EXTENSION_ERROR is None:
@@ -61,7 +50,7 @@ class AttentionRelationFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, heads, mask, causal, temperature, backend):
-        forward, _ = _ops(backend)
+        forward = kernel_op(backend, "attention_relation", "attention_relation_forward")
         rows, lse_s, lse_t, head_kl = forward(student, teacher, heads, mask, causal, temperature)
         ctx.save_for_backward(student, teacher, mask, lse_s, lse_t, head_kl)
         ctx.options = (heads, causal, temperature, backend)
@@ -72,7 +61,7 @@ class AttentionRelationFunction(torch.autograd.Function):
         student, teacher, mask, lse_s, lse_t, head_kl = ctx.saved_tensors
         heads, causal, temperature, backend = ctx.options
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        _, backward = _ops(backend)
+        backward = kernel_op(backend, "attention_relation", "attention_relation_backward")
         grad_s, grad_t = backward(row_grad.contiguous(), student, teacher, heads, mask, causal, temperature,
                                   lse_s, lse_t, head_kl, want_s, want_t)
         return (grad_s if want_s else None, grad_t if want_t else None, None, None, None, None, None)

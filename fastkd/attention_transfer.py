@@ -8,23 +8,13 @@ import torch
 from torch import nn
 
 from fastkd import _ops  # noqa: F401  (registers the fastkd:: ops and their fake kernels)
-from fastkd._backend import backend_for
+from fastkd._backend import backend_for, kernel_op
 from fastkd.reference import attention_transfer as _reference
 
 __all__ = ["ATLoss", "at_loss"]
 
 # The compiled backends that have an attention-transfer kernel.
 AT_KERNELS = ("cpu", "triton", "cuda")
-
-
-def _at_ops(backend: str):
-    """(forward, backward) with the contracts of ``fastkd::attention_transfer_forward`` /
-    ``_backward`` on ``backend``: the Triton launchers or the registered ops (cpu, cuda)."""
-    if backend == "triton":
-        from fastkd.kernels import attention_transfer as triton_at
-
-        return triton_at.attention_transfer_forward, triton_at.attention_transfer_backward
-    return torch.ops.fastkd.attention_transfer_forward, torch.ops.fastkd.attention_transfer_backward
 
 
 class ATFunction(torch.autograd.Function):
@@ -37,7 +27,7 @@ class ATFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, p, eps, backend):
-        forward_op, _ = _at_ops(backend)
+        forward_op = kernel_op(backend, "attention_transfer", "attention_transfer_forward")
         loss, s_norm, t_norm = forward_op(student, teacher, p, eps)
         ctx.save_for_backward(student, teacher, s_norm, t_norm)
         ctx.p, ctx.eps, ctx.backend = p, eps, backend
@@ -49,7 +39,7 @@ class ATFunction(torch.autograd.Function):
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (want_s or want_t):
             return None, None, None, None, None
-        _, backward_op = _at_ops(ctx.backend)
+        backward_op = kernel_op(ctx.backend, "attention_transfer", "attention_transfer_backward")
         grad_s, grad_t = backward_op(
             grad_output, student, teacher, s_norm, t_norm, ctx.p, ctx.eps, want_s, want_t
         )

@@ -25,7 +25,7 @@ from fastkd import (
     _ops,  # noqa: F401  (registers fastkd::crd_nce_forward and its fake kernel)
     _validate,
 )
-from fastkd._backend import backend_for
+from fastkd._backend import backend_for, kernel_op
 from fastkd._row_loss import scale_by_upstream
 from fastkd.reference import crd as _reference_crd
 
@@ -36,15 +36,6 @@ CRD_KERNELS = ("cpu", "triton", "cuda")
 # The widest feat_dim of the CUDA kernel (kMaxFeatDim of csrc/cuda/crd.cu:
 # 32 lanes × 32 registers).
 CUDA_MAX_FEAT_DIM = 1024
-
-
-def _crd_op(backend: str):
-    """The ``fastkd::crd_nce_forward`` contract on ``backend``."""
-    if backend == "triton":
-        from fastkd.kernels import crd as triton_crd
-
-        return triton_crd.crd_nce_forward
-    return torch.ops.fastkd.crd_nce_forward
 
 
 def _feat_dim_limit(backend: str) -> int | None:
@@ -88,7 +79,7 @@ class CRDNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v, bank, contrast_idx, z, inv_temperature, backend):
-        row_loss, grad, z_used = _crd_op(backend)(
+        row_loss, grad, z_used = kernel_op(backend, "crd", "crd_nce_forward")(
             v, bank, contrast_idx, z, inv_temperature, ctx.needs_input_grad[0]
         )
         ctx.save_for_backward(grad)

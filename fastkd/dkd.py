@@ -15,7 +15,7 @@ from fastkd import (
     _ops,  # noqa: F401  (registers fastkd::dkd_forward and its fake kernel)
     _validate,
 )
-from fastkd._backend import backend_for
+from fastkd._backend import backend_for, kernel_op
 from fastkd._module_form import LossModule
 from fastkd._row_loss import RowLossKernelFunction
 from fastkd.reference import dkd as _reference
@@ -24,15 +24,6 @@ __all__ = ["DKD_KERNELS", "DKDLoss", "dkd_loss"]
 
 # The compiled backends that have a DKD kernel.
 DKD_KERNELS = ("cpu", "triton", "cuda")
-
-
-def _dkd_op(backend: str):
-    """``fastkd::dkd_forward`` on ``backend``: the Triton launcher or the registered op (cpu, cuda)."""
-    if backend == "triton":
-        from fastkd.kernels import dkd as triton_dkd
-
-        return triton_dkd.dkd_forward
-    return torch.ops.fastkd.dkd_forward
 
 
 def dkd_loss(
@@ -87,7 +78,7 @@ def dkd_loss(
     n = s.shape[0]
     factor = temperature**2 / (max(n, 1) if reduction == "batchmean" else 1)
     return RowLossKernelFunction.apply(
-        _dkd_op(chosen), factor, reduction == "none",
+        kernel_op(chosen, "dkd", "dkd_forward"), factor, reduction == "none",
         s, t.detach(), y, alpha, beta, 1.0 / temperature, factor,
     )
 

@@ -33,7 +33,7 @@ from fastkd import (
     _ops,  # noqa: F401  (registers the fastkd:: ops and their fake kernels)
     _validate,
 )
-from fastkd._backend import backend_for
+from fastkd._backend import backend_for, kernel_op
 from fastkd._module_form import LossModule
 from fastkd._pairwise import StudentGradFunction, check_pair
 from fastkd.reference import gram_relation as _reference
@@ -47,15 +47,6 @@ SP_KERNELS = ("cpu", "triton", "cuda")
 CC_KERNELS = ("cpu", "triton", "cuda")
 
 
-def _gram_op(stem: str, backend: str):
-    """The ``fastkd::<stem>_forward`` contract on ``backend``: the op (cpu, cuda) or the Triton launcher."""
-    if backend == "triton":
-        from fastkd.kernels import gram_relation as triton_gram_relation
-
-        return getattr(triton_gram_relation, f"{stem}_forward")
-    return getattr(torch.ops.fastkd, f"{stem}_forward")
-
-
 def _gram_term(
     name: str, kernels, student, teacher, backend: str, gather=False, process_group=None, **kwargs
 ) -> torch.Tensor:
@@ -67,7 +58,8 @@ def _gram_term(
     chosen = backend_for(name, kernels, backend, s)
     if chosen == "reference":
         return getattr(_reference, name)(s, t, **kwargs)
-    op = functools.partial(_gram_op(name.removesuffix("_loss"), chosen), **kwargs)
+    forward = kernel_op(chosen, "gram_relation", f"{name.removesuffix('_loss')}_forward")
+    op = functools.partial(forward, **kwargs)
     return StudentGradFunction.apply(s, t, op)
 
 
@@ -98,9 +90,7 @@ def pkt_loss(
         student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
         eps: ``> 0``, added to the norms and inside the log ratio.
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``
-            (as for :func:`rkd_distance`).
-        gather, process_group: as for :func:`rkd_distance`.
+        backend, gather, process_group: as for :func:`rkd_distance`.
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
@@ -129,9 +119,7 @@ def sp_loss(
     Args:
         student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``
-            (as for :func:`rkd_distance`).
-        gather, process_group: as for :func:`rkd_distance`.
+        backend, gather, process_group: as for :func:`rkd_distance`.
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).
@@ -163,9 +151,7 @@ def cc_loss(
         teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
         gamma: RBF parameter ``γ > 0``.
         order: Taylor order ``1 <= P <= 170`` (an int; 171! overflows float64).
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``
-            (as for :func:`rkd_distance`).
-        gather, process_group: as for :func:`rkd_distance`.
+        backend, gather, process_group: as for :func:`rkd_distance`.
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).

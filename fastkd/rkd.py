@@ -22,7 +22,7 @@ from fastkd import (
     _ops,  # noqa: F401  (registers the fastkd:: ops and their fake kernels)
     _validate,
 )
-from fastkd._backend import backend_for
+from fastkd._backend import backend_for, kernel_op
 from fastkd._module_form import LossModule
 from fastkd._pairwise import StudentGradFunction, check_pair
 from fastkd.reference import rkd as _reference
@@ -34,21 +34,12 @@ __all__ = ["RKDLoss", "rkd_angle", "rkd_distance", "rkd_loss"]
 RKD_KERNELS = ("cpu", "triton", "cuda")
 
 
-def _rkd_op(name: str, backend: str):
-    """The ``fastkd::<name>_forward`` contract on ``backend``: the op (cpu, cuda) or the Triton launcher."""
-    if backend == "triton":
-        from fastkd.kernels import rkd as triton_rkd
-
-        return getattr(triton_rkd, f"{name}_forward")
-    return getattr(torch.ops.fastkd, f"{name}_forward")
-
-
 def _rkd_term(name: str, student, teacher, backend: str, gather=False, process_group=None) -> torch.Tensor:
     s, t = check_pair(student, teacher, gather, process_group)
     chosen = backend_for(name, RKD_KERNELS, backend, s)
     if chosen == "reference":
         return getattr(_reference, name)(s, t)
-    return StudentGradFunction.apply(s, t, _rkd_op(name, chosen))
+    return StudentGradFunction.apply(s, t, kernel_op(chosen, "rkd", f"{name}_forward"))
 
 
 def rkd_distance(
@@ -119,15 +110,7 @@ def rkd_angle(
     ``"triton"`` and ``"cuda"`` (plus the float64 Gram matrices while they
     are split).
 
-    Args:
-        student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``;
-            float32 / bfloat16 / float16 / float64.
-        teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``;
-            same dtype and device (a constant: no gradient).
-        backend, gather, process_group: as for :func:`rkd_distance`.
-
-    Returns:
-        ``()`` loss, float32 (float64 for float64 inputs).
+    Arguments and result as for :func:`rkd_distance`.
     """
     return _rkd_term("rkd_angle", student, teacher, backend, gather, process_group)
 

@@ -1,7 +1,9 @@
 """Triton kernels, installed as ``fastkd.kernels`` (one module per loss family).
 
 Importing a module here imports triton; ``fastkd._dispatch`` only does so when
-the triton backend is chosen.
+the triton backend is chosen. Under ``TRITON_INTERPRET=1`` (set before triton
+is imported) every kernel runs in Triton's interpreter on CPU tensors, which is
+how the tests check them without a GPU.
 
 The folder sits at the repository root, so wherever the root is on
 ``sys.path`` (pytest, ``python`` started there) it is also importable as a

@@ -190,7 +190,13 @@ def square_row_config(n: int) -> tuple[int, int, int]:
 def check_embedding_pair(student, teacher, student_grad) -> None:
     """``(N, D)`` student and teacher embeddings of the relational launchers (RKD,
     SP, CC, PKT): the checks of csrc/cpu/rkd.cpp's check_relational_args and of
-    csrc/common/gram_relation.h's check_args, as ValueError."""
+    csrc/common/gram_relation.h's check_args, as ValueError.
+
+    The relational launchers' contract: each takes ``student`` ``(N, D_s)``
+    float32 / bfloat16 / float16, ``teacher`` ``(N, D_t)`` (same N, dtype and
+    device) and ``student_grad`` (whether to compute the gradient), and returns
+    ``loss`` ``()`` float32 and ``grad`` ``(N, D_s)`` in the student's dtype
+    (``d loss / d student``), or ``(0, 0)`` when not requested."""
     for name, x in (("student", student), ("teacher", teacher)):
         check_tensor(name, x, 2, "N, D")
         if x.shape[1] < 1:

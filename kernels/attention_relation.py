@@ -24,8 +24,7 @@ flash-attention style: for batch element b and relation head a the scores
 
 A head's d = D / A channels are held in registers (``BLOCK_D`` ≥ d, d ≤ 256).
 float32 inputs use ``input_precision="ieee"``; bfloat16 / float16 inputs
-``"tf32"`` (their values are exact in tf32). Under ``TRITON_INTERPRET=1`` the
-kernels run on CPU tensors, which is how the tests check them without a GPU.
+``"tf32"`` (their values are exact in tf32).
 """
 
 from __future__ import annotations

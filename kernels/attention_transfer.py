@@ -40,8 +40,6 @@ first, as the CPU kernel does. Gradients come back in the layout read
 
 Everything is accumulated in float32; bf16 / fp16 maps are widened as they
 are loaded and the gradients rounded to the input dtype as they are stored.
-Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run
-on CPU tensors, which is how the tests check them without a GPU.
 """
 
 from __future__ import annotations

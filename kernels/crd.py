@@ -36,8 +36,6 @@ refuses such indices (ValueError) where ``fastkd._validate.values_checked_on_hos
 says so: for CPU tensors, or on a GPU with FASTKD_CHECK_DEVICE_VALUES=1
 (elsewhere the check would be a device → host synchronisation on every call).
 
-Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run
-on CPU tensors, which is how the tests check them without a GPU.
 """
 
 from __future__ import annotations

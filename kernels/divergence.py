@@ -43,8 +43,6 @@ differences of log-probabilities, which at T = 100 cancel to ~1e-3 of their
 magnitude (their error is 0.1–0.6× the float32 reference's). bf16 / fp16
 logits are widened as they are loaded and the gradients rounded to the input
 dtype as they are stored.
-Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernel runs
-on CPU tensors, which is how the tests check it without a GPU.
 """
 
 from __future__ import annotations

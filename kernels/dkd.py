@@ -37,8 +37,6 @@ device → host synchronisation on every call).
 
 Everything is accumulated in float32; bf16 / fp16 logits are widened as they
 are loaded and the gradient is rounded to the input dtype as it is stored.
-Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernel runs
-on CPU tensors, which is how the tests check it without a GPU.
 """
 
 from __future__ import annotations

@@ -13,14 +13,10 @@ CC's norm ‖K_s − K_t‖_F, which scales its gradient, stays a float64 tensor
 the device that the gradient pass reads: no launcher synchronises with the host.
 
 Everything in the kernels is float32; bfloat16 / float16 embeddings are widened
-first and the gradient rounded by torch at the end. Under ``TRITON_INTERPRET=1``
-the kernels run on CPU tensors, which is how the tests check them without a GPU.
+first and the gradient rounded by torch at the end.
 
-The launchers' contract: each takes ``student`` ``(N, D_s)`` float32 / bfloat16 / float16,
-``teacher`` ``(N, D_t)`` (same N, dtype and device) and ``student_grad``
-(whether to compute the gradient), and returns ``loss`` ``()`` float32 and
-``grad`` ``(N, D_s)`` in the student's dtype (``d loss / d student``), or
-``(0, 0)`` when not requested.
+The launchers follow the relational launchers' contract (see
+``_common.check_embedding_pair``).
 """
 
 from __future__ import annotations
@@ -235,8 +231,8 @@ def sp_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SP loss ``‖F.normalize(G_t) − F.normalize(G_s)‖²_F / N²`` and the student's gradient.
 
-    ``student``, ``teacher``, ``student_grad`` and the results: the launchers'
-    contract (module docstring).
+    ``student``, ``teacher``, ``student_grad`` and the results: the relational
+    launchers' contract (``_common.check_embedding_pair``).
     """
     check_embedding_pair(student, teacher, student_grad)
     n = student.shape[0]
@@ -261,8 +257,8 @@ def cc_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CC loss ``‖K_s − K_t‖_F / N²`` (torchdistill's Gaussian-RBF Taylor form) and the student's gradient.
 
-    ``student``, ``teacher``, ``student_grad`` and the results: the launchers'
-    contract (module docstring); ``gamma``: ``γ > 0``; ``order``: the Taylor order,
+    ``student``, ``teacher``, ``student_grad`` and the results: the relational
+    launchers' contract (``_common.check_embedding_pair``); ``gamma``: ``γ > 0``; ``order``: the Taylor order,
     ``1 <= P <= 170``. Where ``K_s = K_t`` the gradient is 0 (as autograd's of
     the norm).
     """
@@ -320,8 +316,8 @@ def pkt_forward(
     ``dx̂ = (dH + dHᵀ) x̂`` are torch.mm, and the normalisation's O(N·D)
     gradient is torch autograd on the rows.
 
-    ``student``, ``teacher``, ``student_grad`` and the results: the launchers'
-    contract (module docstring); ``eps`` > 0.
+    ``student``, ``teacher``, ``student_grad`` and the results: the relational
+    launchers' contract (``_common.check_embedding_pair``); ``eps`` > 0.
     """
     check_embedding_pair(student, teacher, student_grad)
     if not isinstance(eps, float | int):

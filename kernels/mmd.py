@@ -55,8 +55,7 @@ memory is O((N + M)·D) for norms and the fp32 workspace (× SPLITS, capped).
 bfloat16 / float16 inputs are widened as they are loaded; every dot product
 and every kernel value is fp32; gradients come back in the input dtype
 (rounded by torch from the fp32 workspace, which also sidesteps the
-interpreter's truncating bf16 stores). Under ``TRITON_INTERPRET=1`` the kernels
-run on CPU tensors, which is how the tests check them without a GPU.
+interpreter's truncating bf16 stores).
 """
 
 from __future__ import annotations

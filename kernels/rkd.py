@@ -51,17 +51,15 @@ rkd.cpp does.
 
 Everything in the kernels is float32 (the angle numerators by the hi + lo
 pairing of the CPU kernel); bfloat16 / float16 embeddings are widened first and
-the gradient rounded by torch at the end. Under ``TRITON_INTERPRET=1`` the
-kernels run on CPU tensors, which is how the tests check them without a GPU.
+the gradient rounded by torch at the end.
 
-The launchers' contract: each takes ``student`` ``(N, D_s)`` float32 / bfloat16 / float16,
-``teacher`` ``(N, D_t)`` (same N, dtype and device) and ``student_grad``
-(whether to compute the gradient), and returns ``loss`` ``()`` float32 and
-``grad`` ``(N, D_s)`` in the student's dtype (``d loss / d student``), or
-``(0, 0)`` when not requested.
+The launchers follow the relational launchers' contract (see
+``_common.check_embedding_pair``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -432,6 +430,23 @@ def _single_sample(student, teacher, student_grad):
     return loss, torch.zeros_like(student) if student_grad else student.new_zeros((0, 0))
 
 
+def _rkd_launcher(term):
+    """The launcher of an RKD term that ``term(student, teacher, student_grad)``
+    computes for N ≥ 2: device-guarded, the arguments checked
+    (``_common.check_embedding_pair``, the relational launchers' contract) and
+    one sample, which has no pair, answered by ``_single_sample``."""
+
+    @guard_device
+    @functools.wraps(term)
+    def launcher(student: torch.Tensor, teacher: torch.Tensor, student_grad: bool):
+        check_embedding_pair(student, teacher, student_grad)
+        if student.shape[0] == 1:
+            return _single_sample(student, teacher, student_grad)
+        return term(student, teacher, student_grad)
+
+    return launcher
+
+
 def _pair_sq(gram: torch.Tensor, x: torch.Tensor, factor: float):
     """(sq, near, Σ d) of the rows ``x`` ``(N, D)``; ``gram``: of the centred rows, same dtype.
 
@@ -456,19 +471,16 @@ def _centred_gram(x: torch.Tensor) -> torch.Tensor:
     return xc, torch.mm(xc, xc.t())
 
 
-@guard_device
+@_rkd_launcher
 def rkd_distance_forward(
     student: torch.Tensor, teacher: torch.Tensor, student_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RKD distance loss and the student's gradient; the contract of ``fastkd::rkd_distance_forward``.
 
-    ``student``, ``teacher``, ``student_grad`` and the results: the launchers'
-    contract (module docstring).
+    ``student``, ``teacher``, ``student_grad`` and the results: the relational
+    launchers' contract (``_common.check_embedding_pair``).
     """
-    check_embedding_pair(student, teacher, student_grad)
     n = student.shape[0]
-    if n == 1:
-        return _single_sample(student, teacher, student_grad)
     xs = student.float().contiguous()
     xt = teacher.float().contiguous()
     xs_c, gram_s = _centred_gram(xs)
@@ -559,19 +571,16 @@ def _angle_gradient(d_gram, row_sums, ang_sums, u, centred, n):
     return grad.sub_(grad.mean(0, keepdim=True))
 
 
-@guard_device
+@_rkd_launcher
 def rkd_angle_forward(
     student: torch.Tensor, teacher: torch.Tensor, student_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RKD angle loss and the student's gradient; the contract of ``fastkd::rkd_angle_forward``.
 
-    ``student``, ``teacher``, ``student_grad`` and the results: the launchers'
-    contract (module docstring).
+    ``student``, ``teacher``, ``student_grad`` and the results: the relational
+    launchers' contract (``_common.check_embedding_pair``).
     """
-    check_embedding_pair(student, teacher, student_grad)
     n = student.shape[0]
-    if n == 1:
-        return _single_sample(student, teacher, student_grad)
     centred, gs_hi, gs_lo, us = _angle_side(student)
     _, gt_hi, gt_lo, ut = _angle_side(teacher)
     block_j, block_k, num_warps = angle_config(n)

@@ -46,8 +46,6 @@ gradients:
      + 1), and Σ_k value_k · mean_k) and a third pass storing the gradient
      through the columns, as step 4 above.
 
-Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors, which is how the
-tests check them without a GPU.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastkd import _ops
-from tests.helpers import DEVICE
+from tests.helpers import DEVICE, assert_matches
 
 UPSTREAM = 0.7  # never test only with an upstream gradient of 1
 INTERPRETED_MAX_N = 24
@@ -21,6 +21,22 @@ OPS_ON_DEVICE = pytest.mark.skipif(
 def embeddings(shape, dtype, seed, shift=0.0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=g, dtype=torch.float64) + shift).to(device=DEVICE, dtype=dtype)
+
+
+def reference_embeddings(n, d, dtype=torch.float64):
+    """``(n, d)`` random embeddings for the reference tests, drawn in float64 first (default device)."""
+    return torch.randn(n, d, dtype=torch.float64).to(dtype)
+
+
+def check_reference_equals_loop(loss, loop, d_teacher: int, name: str) -> None:
+    """The reference ``loss`` of (4, 3) student and (4, ``d_teacher``) teacher
+    float64 embeddings: a float64 ``()`` tensor equal to the Python-float oracle
+    ``loop(student_rows, teacher_rows)``."""
+    s, t = reference_embeddings(4, 3), reference_embeddings(4, d_teacher)
+    got = loss(s, t)
+    want = torch.tensor(loop(s.tolist(), t.tolist()), dtype=torch.float64)
+    assert got.shape == () and got.dtype == torch.float64
+    assert_matches(got, want, torch.float64, name)
 
 
 def run(fn, student, teacher, upstream=UPSTREAM):

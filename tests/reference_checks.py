@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from tests.helpers import DEVICE
@@ -58,3 +59,29 @@ def check_non_contiguous_inputs(fn, a_shape, b_shape):
     a_strided, b_strided = (v.transpose(0, -1).contiguous().transpose(0, -1) for v in (a, b))
     assert not a_strided.is_contiguous() and not b_strided.is_contiguous()
     close(fn(a_strided, b_strided), fn(a, b).item())
+
+
+class ReferenceContract:
+    """The three checks above as pytest tests. A reference test module binds
+    them to its loss by subclassing, ``class TestContract(ReferenceContract)``,
+    with ``CALL = (fn, a_shape, b_shape)`` as the checks take it."""
+
+    CALL: tuple
+
+    @pytest.mark.parametrize(("dtype", "loss_dtype"), LOSS_DTYPES, ids=str)
+    def test_loss_dtype_and_gradient_dtype(self, dtype, loss_dtype):
+        check_loss_dtype_and_gradient_dtype(*self.CALL, dtype, loss_dtype)
+
+    def test_nan_input_gives_nan_loss(self):
+        check_nan_input_gives_nan_loss(*self.CALL)
+
+    def test_non_contiguous_inputs(self):
+        check_non_contiguous_inputs(*self.CALL)
+
+
+def check_raises_value_error(pattern: str, call) -> None:
+    """``call()`` raises ValueError with a message matching ``pattern`` (the
+    invalid-argument tests: the message starts with the argument's name and
+    says what is wrong)."""
+    with pytest.raises(ValueError, match=pattern):
+        call()

@@ -15,6 +15,7 @@ import fastkd
 from fastkd import _dispatch, _ops
 from fastkd import attention_transfer as fkat
 from fastkd.reference import attention_transfer as ref
+from tests.common_checks import backend_param, check_compiled_matches_eager
 from tests.helpers import DEVICE, assert_matches, check_parity_with_grads, run_with_grads
 
 needs_cpu_ext = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
@@ -103,11 +104,7 @@ def kernel_params():
     """The backends with an attention-transfer kernel on DEVICE (cpu and triton
     here, triton and cuda under FASTKD_TEST_DEVICE=cuda), skipped with the
     reason when unavailable."""
-    params = []
-    for name in fkat.AT_KERNELS:
-        status = fastkd._dispatch.backend_status(name, DEVICE.type)
-        marks = () if status.available else (pytest.mark.skip(reason=f"{name}: {status.reason}"),)
-        params.append(pytest.param(name, marks=marks, id=name))
+    params = [backend_param(name) for name in fkat.AT_KERNELS]
     reason = f"no attention-transfer kernel on {DEVICE.type}"
     none = pytest.param("none", marks=pytest.mark.skip(reason=reason))
     return params or [none]
@@ -428,13 +425,6 @@ def test_torch_compile_fullgraph_without_graph_breaks(tmp_path, monkeypatch):
     def step(s, t):
         return fastkd.at_loss(s, t, backend="cpu") * 3.0
 
-    compiled = torch.compile(step, fullgraph=True)
-    s = maps(2, 3, 4, 5, torch.float32).requires_grad_(True)
-    t = maps(2, 6, 4, 5, torch.float32, 1)
-    loss = compiled(s, t)
-    loss.backward()
-    s_eager = s.detach().clone().requires_grad_(True)
-    expected = step(s_eager, t)
-    expected.backward()
-    assert_matches(loss, expected.double(), torch.float32, "compiled loss")
-    assert_matches(s.grad, s_eager.grad.double(), torch.float32, "compiled grad")
+    check_compiled_matches_eager(
+        step, maps(2, 3, 4, 5, torch.float32).requires_grad_(True), maps(2, 6, 4, 5, torch.float32, 1)
+    )

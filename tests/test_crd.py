@@ -17,6 +17,7 @@ import fastkd
 from fastkd import _ops
 from fastkd import crd as fkcrd
 from fastkd.reference import crd as refcrd
+from tests.common_checks import backend_param
 from tests.helpers import DEVICE, assert_matches, relative_error
 from tests.no_host_reads import no_host_reads, values_checked_in_kernels
 
@@ -27,12 +28,7 @@ UPSTREAM = 0.7  # never test only with an upstream gradient of 1
 
 def kernel_params():
     """The backends with a CRD kernel on DEVICE, skipped with the reason when unavailable."""
-    params = []
-    for name in fkcrd.CRD_KERNELS:
-        status = fastkd._dispatch.backend_status(name, DEVICE.type)
-        marks = () if status.available else (pytest.mark.skip(reason=f"{name}: {status.reason}"),)
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
+    return [backend_param(name) for name in fkcrd.CRD_KERNELS]
 
 
 def op_device_params():

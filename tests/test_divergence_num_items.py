@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastkd
+from tests.common_checks import assert_results_close
 from tests.helpers import DEVICE, backend_params
 
 BACKENDS = backend_params(include_reference=True)
@@ -95,10 +96,7 @@ def test_hard_label_mixing_and_parts_are_divided_by_the_count(backend, count):
         ),
         s, t, upstream,
     )
-    for g, w in zip(got[0], want[0], strict=True):
-        torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * 1e-3)
-    torch.testing.assert_close(got[1], want[1], rtol=rtol, atol=rtol * 1e-3)
-    torch.testing.assert_close(got[2], want[2], rtol=rtol, atol=rtol * 1e-3)
+    assert_results_close(got, want, rtol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

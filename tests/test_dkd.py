@@ -13,6 +13,7 @@ import torch
 import fastkd
 from fastkd import _ops, reference
 from fastkd.dkd import DKD_KERNELS
+from tests.common_checks import backend_param
 from tests.helpers import DEVICE, assert_matches
 from tests.no_host_reads import no_host_reads, values_checked_in_kernels
 
@@ -24,11 +25,7 @@ UPSTREAM = 0.7
 
 def kernel_params(backends=DKD_KERNELS):
     """The backends with a DKD kernel on DEVICE, skipped with the reason when unavailable."""
-    params = []
-    for name in backends:
-        status = fastkd._dispatch.backend_status(name, DEVICE.type)
-        marks = () if status.available else (pytest.mark.skip(reason=f"{name}: {status.reason}"),)
-        params.append(pytest.param(name, marks=marks, id=name))
+    params = [backend_param(name) for name in backends]
     none = pytest.param("none", marks=pytest.mark.skip(reason=f"no DKD kernel on {DEVICE.type}"))
     return params or [none]
 

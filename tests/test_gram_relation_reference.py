@@ -10,6 +10,8 @@ import torch
 
 from fastkd.reference import gram_relation
 from tests.helpers import assert_matches
+from tests.pairwise_helpers import check_reference_equals_loop, reference_embeddings
+from tests.reference_checks import dot
 
 LOSSES = {
     "pkt_loss": gram_relation.pkt_loss,
@@ -18,20 +20,11 @@ LOSSES = {
 }
 
 
-def embeddings(n, d, dtype=torch.float64):
-    """``(n, d)`` random embeddings, drawn in float64 first."""
-    return torch.randn(n, d, dtype=torch.float64).to(dtype)
-
-
-def _dot(a, b):
-    return sum(x * y for x, y in zip(a, b, strict=True))
-
-
 def loop_pkt(xs, xt, eps=1e-7):
     def probabilities(x):
         n = len(x)
-        xh = [[c / (math.sqrt(_dot(row, row)) + eps) for c in row] for row in x]
-        sim = [[(_dot(xh[i], xh[j]) + 1) / 2 for j in range(n)] for i in range(n)]
+        xh = [[c / (math.sqrt(dot(row, row)) + eps) for c in row] for row in x]
+        sim = [[(dot(xh[i], xh[j]) + 1) / 2 for j in range(n)] for i in range(n)]
         return [[sim[i][j] / sum(sim[i]) for j in range(n)] for i in range(n)]
 
     ps, pt = probabilities(xs), probabilities(xt)
@@ -43,8 +36,8 @@ def loop_pkt(xs, xt, eps=1e-7):
 def loop_sp(xs, xt):
     def normalised_gram(x):
         n = len(x)
-        g = [[_dot(x[i], x[j]) for j in range(n)] for i in range(n)]
-        return [[g[i][j] / max(math.sqrt(_dot(g[i], g[i])), 1e-12) for j in range(n)] for i in range(n)]
+        g = [[dot(x[i], x[j]) for j in range(n)] for i in range(n)]
+        return [[g[i][j] / max(math.sqrt(dot(g[i], g[i])), 1e-12) for j in range(n)] for i in range(n)]
 
     gs, gt = normalised_gram(xs), normalised_gram(xt)
     n = len(xs)
@@ -53,7 +46,7 @@ def loop_sp(xs, xt):
 
 def loop_cc(xs, xt, gamma=0.4, order=2):
     def kernel(x, i, j):
-        g = _dot(x[i], x[j])
+        g = dot(x[i], x[j])
         taylor = sum((2 * gamma) ** p / math.factorial(p) * g**p for p in range(order + 1))
         return math.exp(-2 * gamma) * taylor
 
@@ -72,24 +65,20 @@ LOOPS = {
 @pytest.mark.parametrize("d_teacher", (3, 5))
 @pytest.mark.parametrize("name", LOSSES)
 def test_reference_equals_loops(name, d_teacher):
-    s, t = embeddings(4, 3), embeddings(4, d_teacher)
-    got = LOSSES[name](s, t)
-    want = torch.tensor(LOOPS[name](s.tolist(), t.tolist()), dtype=torch.float64)
-    assert got.shape == () and got.dtype == torch.float64
-    assert_matches(got, want, torch.float64, name)
+    check_reference_equals_loop(LOSSES[name], LOOPS[name], d_teacher, name)
 
 
 def test_pkt_zero_row_has_a_finite_gradient():
-    s = embeddings(4, 3)
+    s = reference_embeddings(4, 3)
     s[2] = 0
     s.requires_grad_(True)
-    gram_relation.pkt_loss(s, embeddings(4, 3)).backward()
+    gram_relation.pkt_loss(s, reference_embeddings(4, 3)).backward()
     assert torch.isfinite(s.grad).all()
 
 
 def test_pkt_sets_normalisation_nan_to_zero_as_repdistiller():
     # An infinite entry makes x̂ = [inf/inf, 0/inf] = [NaN, 0] → [0, 0]: the row counts as a zero row.
-    s, t = embeddings(4, 2), embeddings(4, 2)
+    s, t = reference_embeddings(4, 2), reference_embeddings(4, 2)
     with_inf, zeroed = s.clone(), s.clone()
     with_inf[1, 0] = math.inf
     zeroed[1] = 0
@@ -97,7 +86,7 @@ def test_pkt_sets_normalisation_nan_to_zero_as_repdistiller():
 
 
 def test_non_default_hyper_parameters_equal_loops():
-    s, t = embeddings(4, 3), embeddings(4, 3)
+    s, t = reference_embeddings(4, 3), reference_embeddings(4, 3)
     xs, xt = s.tolist(), t.tolist()
     cases = [
         (gram_relation.pkt_loss(s, t, eps=1e-3), loop_pkt(xs, xt, eps=1e-3)),
@@ -108,8 +97,8 @@ def test_non_default_hyper_parameters_equal_loops():
 
 
 def test_documented_value_for_one_sample():
-    one_s = embeddings(1, 3).requires_grad_(True)
-    one_t = embeddings(1, 4)
+    one_s = reference_embeddings(1, 3).requires_grad_(True)
+    one_t = reference_embeddings(1, 4)
     pkt = gram_relation.pkt_loss(one_s, one_t)  # P = [[1]] on both sides; the gradient is rounding only
     (grad,) = torch.autograd.grad(pkt, one_s)
     assert pkt.item() == 0 and grad.abs().max() < 1e-15

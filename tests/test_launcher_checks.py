@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastkd import _ops
+from tests.common_checks import strided
 
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
 
@@ -159,18 +160,8 @@ def test_uld_launcher_matches_the_op(student_is_logprob, teacher_is_logprob):
 # The kernels read labels, masks and ids through a bare pointer: each launcher
 # must hand them over contiguous (or pass their strides). A 1-D view is a
 # column of a two-column tensor whose other column holds different values,
-# so a launcher that read it as contiguous would read those instead.
-
-
-def strided(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as a non-contiguous view with the same values."""
-    if x.dim() == 1:
-        other = ~x if x.dtype == torch.bool else x.flip(0)
-        view = torch.stack([x, other], 1)[:, 0]
-    else:
-        view = x.t().contiguous().t()
-    assert not view.is_contiguous() and torch.equal(view, x)
-    return view
+# so a launcher that read it as contiguous would read those instead
+# (tests.common_checks.strided).
 
 
 def labels_and_mask():

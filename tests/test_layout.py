@@ -98,7 +98,9 @@ NOT_FAMILIES = {
     "kernels": ("__init__.py", "_*.py"),
     "csrc/common": ("checks.h",),
     "csrc/cpu": ("allocation.*", "capability.*", "vec_math.h", "single_threaded_tasks.h"),
-    "csrc/cuda": ("cuda_module.cpp", "block_reduce.cuh", "hard_label.cuh", "op_scope.cuh"),
+    "csrc/cuda": (
+        "cuda_module.cpp", "block_reduce.cuh", "float_dispatch.cuh", "hard_label.cuh", "op_scope.cuh",
+    ),
     "bench": ("*.py",),  # only bench_*.py files are family files there
 }
 LAYER_SUFFIXES = {"fastkd": ".py", "fastkd/reference": ".py", "kernels": ".py"}

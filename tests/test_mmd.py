@@ -10,6 +10,7 @@ import torch
 import fastkd
 from fastkd import _dispatch, _ops, reference
 from fastkd import mmd as fkmmd
+from tests.common_checks import family_backend_params
 from tests.helpers import DEVICE, KERNEL_BACKENDS, run_with_grads
 from tests.helpers import check_parity_with_grads as check_parity
 
@@ -28,14 +29,7 @@ INTERPRETER_SHAPES = ((13, 9, 3), (9, 21, 130))
 
 def kernel_params():
     """The backends of KERNEL_BACKENDS that have an MMD kernel, skipped with the reason when unavailable."""
-    params = []
-    for name in KERNEL_BACKENDS:
-        status = fastkd._dispatch.backend_status(name, DEVICE.type)
-        if name not in fkmmd.MMD_KERNELS:
-            status = fastkd._dispatch.BackendStatus(False, "no MMD kernel")
-        marks = () if status.available else (pytest.mark.skip(reason=f"{name}: {status.reason}"),)
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
+    return family_backend_params(fkmmd.MMD_KERNELS, "no MMD kernel")
 
 
 def native_dtypes(backend):

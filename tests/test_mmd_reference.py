@@ -11,10 +11,8 @@ from fastkd.reference.mmd import mmd_loss
 from tests.helpers import DEVICE
 from tests.reference_checks import (
     F64,
-    LOSS_DTYPES,
-    check_loss_dtype_and_gradient_dtype,
-    check_nan_input_gives_nan_loss,
-    check_non_contiguous_inputs,
+    ReferenceContract,
+    check_raises_value_error,
     close,
     dot,
     randn,
@@ -120,20 +118,8 @@ def test_mmd_is_a_two_sample_statistic():
 # ---- shared contract: dtypes, NaN, layout -------------------------------------------------
 
 
-CALL = (lambda a, b: mmd_loss(a, b, kernel="laplacian"), (4, 3), (5, 3))
-
-
-@pytest.mark.parametrize(("dtype", "loss_dtype"), LOSS_DTYPES, ids=str)
-def test_loss_dtype_and_gradient_dtype(dtype, loss_dtype):
-    check_loss_dtype_and_gradient_dtype(*CALL, dtype, loss_dtype)
-
-
-def test_nan_input_gives_nan_loss():
-    check_nan_input_gives_nan_loss(*CALL)
-
-
-def test_non_contiguous_inputs():
-    check_non_contiguous_inputs(*CALL)
+class TestContract(ReferenceContract):
+    CALL = (lambda a, b: mmd_loss(a, b, kernel="laplacian"), (4, 3), (5, 3))
 
 
 # ---- invalid arguments ------------------------------------------------------------------------
@@ -164,7 +150,4 @@ def _bad_cases():
 
 @pytest.mark.parametrize("case", range(len(_bad_cases())))
 def test_invalid_arguments_raise_value_error_naming_the_argument(case):
-    """Each message starts with the argument's name and says what is wrong."""
-    pattern, call = _bad_cases()[case]
-    with pytest.raises(ValueError, match=pattern):
-        call()
+    check_raises_value_error(*_bad_cases()[case])

@@ -10,7 +10,8 @@ import torch
 import fastkd
 from fastkd import _dispatch, _ops, reference
 from fastkd import nst as fknst
-from tests.helpers import DEVICE, KERNEL_BACKENDS
+from tests.common_checks import family_backend_params
+from tests.helpers import DEVICE
 from tests.helpers import check_parity_with_grads as check_parity
 
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
@@ -22,14 +23,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def nst_params():
     """KERNEL_BACKENDS that run NST's closed form (composite ATen: no kernel of their own)."""
-    params = []
-    for name in KERNEL_BACKENDS:
-        status = fastkd._dispatch.backend_status(name, DEVICE.type)
-        if name not in fknst.NST_CLOSED_FORM_BACKENDS:
-            status = fastkd._dispatch.BackendStatus(False, "no NST path")
-        marks = () if status.available else (pytest.mark.skip(reason=f"{name}: {status.reason}"),)
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
+    return family_backend_params(fknst.NST_CLOSED_FORM_BACKENDS, "no NST path")
 
 
 def feature_maps(n, c, h, w, dtype, seed):

@@ -10,10 +10,8 @@ import torch.nn.functional as F
 
 from fastkd.reference.nst import nst_loss
 from tests.reference_checks import (
-    LOSS_DTYPES,
-    check_loss_dtype_and_gradient_dtype,
-    check_nan_input_gives_nan_loss,
-    check_non_contiguous_inputs,
+    ReferenceContract,
+    check_raises_value_error,
     close,
     dot,
     randn,
@@ -112,20 +110,8 @@ def test_nst_gradcheck(s_shape, t_shape):
 # ---- shared contract: dtypes, NaN, layout -------------------------------------------------
 
 
-CALL = (nst_loss, (2, 3, 4, 4), (2, 2, 6, 6))
-
-
-@pytest.mark.parametrize(("dtype", "loss_dtype"), LOSS_DTYPES, ids=str)
-def test_loss_dtype_and_gradient_dtype(dtype, loss_dtype):
-    check_loss_dtype_and_gradient_dtype(*CALL, dtype, loss_dtype)
-
-
-def test_nan_input_gives_nan_loss():
-    check_nan_input_gives_nan_loss(*CALL)
-
-
-def test_non_contiguous_inputs():
-    check_non_contiguous_inputs(*CALL)
+class TestContract(ReferenceContract):
+    CALL = (nst_loss, (2, 3, 4, 4), (2, 2, 6, 6))
 
 
 # ---- invalid arguments ------------------------------------------------------------------------
@@ -144,7 +130,4 @@ def _bad_cases():
 
 @pytest.mark.parametrize("case", range(len(_bad_cases())))
 def test_invalid_arguments_raise_value_error_naming_the_argument(case):
-    """Each message starts with the argument's name and says what is wrong."""
-    pattern, call = _bad_cases()[case]
-    with pytest.raises(ValueError, match=pattern):
-        call()
+    check_raises_value_error(*_bad_cases()[case])

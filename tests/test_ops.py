@@ -12,6 +12,7 @@ import torch
 
 import fastkd
 from fastkd import _ops
+from tests.common_checks import check_compiled_matches_eager
 from tests.helpers import DEVICE, assert_matches
 
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
@@ -114,16 +115,7 @@ def test_torch_compile_fullgraph_without_graph_breaks():
     def step(s, t):
         return fastkd.kd_loss(s, t, temperature=2.0, backend="cpu") * 2.0
 
-    compiled = torch.compile(step, fullgraph=True)  # inductor, as users run it
-    s = torch.randn(6, 50, requires_grad=True)
-    t = torch.randn(6, 50)
-    loss = compiled(s, t)
-    loss.backward()
-    s_eager = s.detach().clone().requires_grad_(True)
-    expected = step(s_eager, t)
-    expected.backward()
-    assert_matches(loss, expected.double(), torch.float32, "compiled loss")
-    assert_matches(s.grad, s_eager.grad.double(), torch.float32, "compiled grad")
+    check_compiled_matches_eager(step, torch.randn(6, 50, requires_grad=True), torch.randn(6, 50))
 
 
 def _supported_capabilities():

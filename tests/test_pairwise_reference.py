@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastkd.reference import gram_relation, rkd
+from tests.pairwise_helpers import reference_embeddings
 
 LOSSES = {
     "rkd_distance": rkd.rkd_distance,
@@ -20,14 +21,9 @@ LOSSES = {
 }
 
 
-def embeddings(n, d, dtype=torch.float64):
-    """``(n, d)`` random embeddings, drawn in float64 first."""
-    return torch.randn(n, d, dtype=torch.float64).to(dtype)
-
-
 @pytest.mark.parametrize("name", LOSSES)
 def test_samples_are_flattened(name):
-    s, t = embeddings(5, 12), embeddings(5, 8)
+    s, t = reference_embeddings(5, 12), reference_embeddings(5, 8)
     flat = LOSSES[name](s, t)
     assert torch.equal(LOSSES[name](s.reshape(5, 3, 2, 2), t.reshape(5, 2, 4)), flat)
 
@@ -35,8 +31,8 @@ def test_samples_are_flattened(name):
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16, torch.float16), ids=str)
 def test_loss_and_gradient_dtypes(name, dtype):
-    s = embeddings(6, 4, dtype).requires_grad_(True)
-    loss = LOSSES[name](s, embeddings(6, 3, dtype))
+    s = reference_embeddings(6, 4, dtype).requires_grad_(True)
+    loss = LOSSES[name](s, reference_embeddings(6, 3, dtype))
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     loss.backward()
     assert s.grad.dtype == dtype
@@ -44,15 +40,15 @@ def test_loss_and_gradient_dtypes(name, dtype):
 
 @pytest.mark.parametrize("name", LOSSES)
 def test_gradcheck_student(name):
-    s = embeddings(5, 3).requires_grad_(True)
-    t = embeddings(5, 4)
+    s = reference_embeddings(5, 3).requires_grad_(True)
+    t = reference_embeddings(5, 4)
     assert torch.autograd.gradcheck(lambda x: LOSSES[name](x, t), (s,))
 
 
 @pytest.mark.parametrize("name", LOSSES)
 def test_teacher_gets_no_gradient(name):
-    s = embeddings(5, 3).requires_grad_(True)
-    t = embeddings(5, 3).requires_grad_(True)
+    s = reference_embeddings(5, 3).requires_grad_(True)
+    t = reference_embeddings(5, 3).requires_grad_(True)
     LOSSES[name](s, t).backward()
     assert t.grad is None
     assert s.grad is not None and torch.isfinite(s.grad).all()
@@ -60,7 +56,7 @@ def test_teacher_gets_no_gradient(name):
 
 @pytest.mark.parametrize("name", LOSSES)
 def test_identical_student_and_teacher_give_zero(name):
-    s = embeddings(5, 3)
+    s = reference_embeddings(5, 3)
     loss = LOSSES[name](s, s.clone())
     assert abs(loss.item()) < 1e-12
 
@@ -68,8 +64,8 @@ def test_identical_student_and_teacher_give_zero(name):
 @pytest.mark.parametrize("n", (1, 2))
 @pytest.mark.parametrize("name", LOSSES)
 def test_one_or_two_samples_are_finite(name, n):
-    s = embeddings(n, 3).requires_grad_(True)
-    loss = LOSSES[name](s, embeddings(n, 4))
+    s = reference_embeddings(n, 3).requires_grad_(True)
+    loss = LOSSES[name](s, reference_embeddings(n, 4))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
 
@@ -77,7 +73,7 @@ def test_one_or_two_samples_are_finite(name, n):
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("where", ("student", "teacher", "both"))
 def test_duplicate_embeddings_are_finite(name, where):
-    s, t = embeddings(5, 3), embeddings(5, 3)
+    s, t = reference_embeddings(5, 3), reference_embeddings(5, 3)
     if where in ("student", "both"):
         s[3] = s[1]
     if where in ("teacher", "both"):
@@ -90,8 +86,8 @@ def test_duplicate_embeddings_are_finite(name, where):
 
 @pytest.mark.parametrize("name", LOSSES)
 def test_all_samples_identical_is_finite(name):
-    s = embeddings(1, 3).expand(4, 3).clone().requires_grad_(True)
-    loss = LOSSES[name](s, embeddings(1, 2).expand(4, 2))
+    s = reference_embeddings(1, 3).expand(4, 3).clone().requires_grad_(True)
+    loss = LOSSES[name](s, reference_embeddings(1, 2).expand(4, 2))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
 
@@ -100,7 +96,7 @@ def test_all_samples_identical_is_finite(name):
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("which", ("student", "teacher"))
 def test_nan_input_gives_nan_loss(name, which, n):
-    s, t = embeddings(n, 3), embeddings(n, 3)
+    s, t = reference_embeddings(n, 3), reference_embeddings(n, 3)
     (s if which == "student" else t)[n - 1, 1] = math.nan
     assert torch.isnan(LOSSES[name](s, t))
 

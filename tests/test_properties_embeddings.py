@@ -51,6 +51,23 @@ def examples(backend: str) -> settings:
     return settings(max_examples=EXAMPLES[backend])
 
 
+def check_cases(backend: str, cases, fused, ref, what: str, reorder: tuple[int, ...] = ()) -> None:
+    """Hypothesis over ``cases``, a strategy of ``(operands, kwargs, dtype,
+    upstream)``: ``fused(*tensors, backend=backend, **kwargs)`` against
+    ``ref(*tensors, **kwargs)`` by check_against_reference (``reorder`` as there)."""
+
+    @examples(backend)
+    @given(case=cases)
+    def inner(case):
+        operands, kwargs, dtype, upstream = case
+        check_against_reference(
+            lambda *x: fused(*x, backend=backend, **kwargs), lambda *x: ref(*x, **kwargs),
+            operands, dtype, upstream, f"{backend} {what} {kwargs}", reorder=reorder,
+        )
+
+    inner()
+
+
 def small(backend: str) -> bool:
     return backend == "triton" and INTERPRETED
 
@@ -132,16 +149,7 @@ def _relational_test(name):
 
     @pytest.mark.parametrize("backend", BACKENDS)
     def test(backend):
-        @examples(backend)
-        @given(case=relational_cases(name, backend))
-        def inner(case):
-            operands, kwargs, dtype, upstream = case
-            check_against_reference(
-                lambda s, t: fused(s, t, backend=backend, **kwargs),
-                lambda s, t: ref(s, t, **kwargs),
-                operands, dtype, upstream, f"{backend} {name} {kwargs}", reorder=(-1, 0),
-            )
-        inner()
+        check_cases(backend, relational_cases(name, backend), fused, ref, name, reorder=(-1, 0))
 
     test.__name__ = f"test_{name}_matches_the_reference"
     return test
@@ -185,16 +193,7 @@ def mmd_cases(draw, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mmd_matches_the_reference(backend):
-    @examples(backend)
-    @given(case=mmd_cases(backend))
-    def inner(case):
-        operands, kwargs, dtype, upstream = case
-        check_against_reference(
-            lambda x, y: fastkd.mmd_loss(x, y, backend=backend, **kwargs),
-            lambda x, y: reference.mmd_loss(x, y, **kwargs),
-            operands, dtype, upstream, f"{backend} mmd {kwargs}", reorder=(-1, 0),
-        )
-    inner()
+    check_cases(backend, mmd_cases(backend), fastkd.mmd_loss, reference.mmd_loss, "mmd", reorder=(-1, 0))
 
 
 # ---- InfoNCE ----------------------------------------------------------------
@@ -276,17 +275,7 @@ def crd_cases(draw, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_crd_nce_matches_the_reference(backend):
-    @examples(backend)
-    @given(case=crd_cases(backend))
-    def inner(case):
-        operands, kwargs, dtype, upstream = case
-        bank_dtype = operands[1].dtype
-        check_against_reference(
-            lambda v, bank, idx: fastkd.crd_nce(v, bank, idx, backend=backend, **kwargs),
-            lambda v, bank, idx: reference.crd.crd_nce(v, bank, idx, **kwargs),
-            operands, dtype, upstream, f"{backend} crd_nce {kwargs} bank {bank_dtype}", reorder=(-1,),
-        )
-    inner()
+    check_cases(backend, crd_cases(backend), fastkd.crd_nce, reference.crd.crd_nce, "crd_nce", reorder=(-1,))
 
 
 # ---- feature maps: attention transfer and NST --------------------------------
@@ -314,16 +303,8 @@ def map_cases(draw, backend, *, at: bool):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_at_loss_matches_the_reference(backend):
-    @examples(backend)
-    @given(case=map_cases(backend, at=True))
-    def inner(case):
-        operands, kwargs, dtype, upstream = case
-        check_against_reference(
-            lambda s, t: fastkd.at_loss(s, t, backend=backend, **kwargs),
-            lambda s, t: reference.attention_transfer.at_loss(s, t, **kwargs),
-            operands, dtype, upstream, f"{backend} at_loss {kwargs}",
-        )
-    inner()
+    check_cases(backend, map_cases(backend, at=True), fastkd.at_loss, reference.attention_transfer.at_loss,
+                "at_loss")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -351,16 +332,7 @@ def test_at_module_sums_layer_pairs(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nst_loss_matches_the_reference(backend):
-    @examples(backend)
-    @given(case=map_cases(backend, at=False))
-    def inner(case):
-        operands, kwargs, dtype, upstream = case
-        check_against_reference(
-            lambda s, t: fastkd.nst_loss(s, t, backend=backend),
-            lambda s, t: reference.nst.nst_loss(s, t),
-            operands, dtype, upstream, f"{backend} nst_loss",
-        )
-    inner()
+    check_cases(backend, map_cases(backend, at=False), fastkd.nst_loss, reference.nst.nst_loss, "nst_loss")
 
 
 # ---- special values (explicit cases) -----------------------------------------

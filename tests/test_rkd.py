@@ -32,6 +32,12 @@ def kernel_params():
     return [p for p in backend_params() if p.id in RKD_KERNELS]
 
 
+def over_terms_and_backends(test):
+    """``test(name, backend)`` parametrised over the two RKD terms and the kernel backends."""
+    test = pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))(test)
+    return pytest.mark.parametrize("backend", kernel_params())(test)
+
+
 def check_parity(backend, name, student, teacher, what=""):
     fused, ref = RKD[name]
     dtype = student.dtype
@@ -91,8 +97,7 @@ def test_rkd_duplicates_on_both_sides(name, dtype, backend):
     check_parity(backend, name, s, t, "duplicates")
 
 
-@pytest.mark.parametrize("backend", kernel_params())
-@pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))
+@over_terms_and_backends
 def test_rkd_duplicates_in_the_student_only(name, backend):
     """A collapsed student pair against a distinct teacher pair: the angle's
     gradient is F.normalize's x / eps (~1e12), matched all the same."""
@@ -115,8 +120,7 @@ def test_rkd_nearly_equal_embeddings(name, scale, backend):
     check_parity(backend, name, s, t, f"near rows {scale}")
 
 
-@pytest.mark.parametrize("backend", kernel_params())
-@pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))
+@over_terms_and_backends
 def test_rkd_converged_student(name, backend):
     """Student ≈ teacher (the loss is tiny): relative accuracy of a small loss."""
     t = embeddings((16, 32), torch.float32, 13, shift=1.0)
@@ -124,8 +128,7 @@ def test_rkd_converged_student(name, backend):
     check_parity(backend, name, s, t, "converged")
 
 
-@pytest.mark.parametrize("backend", kernel_params())
-@pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))
+@over_terms_and_backends
 def test_rkd_large_offset(name, backend):
     """A common offset 10³ times the spread: centring keeps the Gram form accurate."""
     s = embeddings((15, 12), torch.float32, 15) + 1000.0
@@ -133,8 +136,7 @@ def test_rkd_large_offset(name, backend):
     check_parity(backend, name, s, t, "offset")
 
 
-@pytest.mark.parametrize("backend", kernel_params())
-@pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))
+@over_terms_and_backends
 def test_rkd_small_n_values(name, backend):
     fused = RKD[name][0]
     for n in (1, 2):
@@ -146,8 +148,7 @@ def test_rkd_small_n_values(name, backend):
         assert grad.abs().max().item() == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("backend", kernel_params())
-@pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))
+@over_terms_and_backends
 def test_rkd_nan_propagates(name, backend):
     fused = RKD[name][0]
     for n in (1, 5):
@@ -157,8 +158,7 @@ def test_rkd_nan_propagates(name, backend):
         assert torch.isnan(fused(t, s, backend=backend))
 
 
-@pytest.mark.parametrize("backend", kernel_params())
-@pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))
+@over_terms_and_backends
 def test_rkd_without_gradient_gives_the_same_loss(name, backend):
     fused = RKD[name][0]
     s, t = embeddings((9, 7), torch.float32, 21), embeddings((9, 5), torch.float32, 22)

@@ -10,21 +10,14 @@ import torch
 
 from fastkd.reference import rkd
 from tests.helpers import assert_matches
+from tests.pairwise_helpers import check_reference_equals_loop, reference_embeddings
+from tests.reference_checks import dot
 
 LOSSES = {
     "rkd_distance": rkd.rkd_distance,
     "rkd_angle": rkd.rkd_angle,
     "rkd_loss": rkd.rkd_loss,
 }
-
-
-def embeddings(n, d, dtype=torch.float64):
-    """``(n, d)`` random embeddings, drawn in float64 first."""
-    return torch.randn(n, d, dtype=torch.float64).to(dtype)
-
-
-def _dot(a, b):
-    return sum(x * y for x, y in zip(a, b, strict=True))
 
 
 def _smooth_l1(a, b):
@@ -49,7 +42,7 @@ def loop_distance(xs, xt):
 def loop_angle(xs, xt):
     def unit(x, i, j):
         v = [b - a for a, b in zip(x[i], x[j], strict=True)]  # x_j − x_i
-        norm = math.sqrt(_dot(v, v))
+        norm = math.sqrt(dot(v, v))
         return [c / max(norm, 1e-12) for c in v]
 
     n = len(xs)
@@ -57,8 +50,8 @@ def loop_angle(xs, xt):
     for i in range(n):
         for j in range(n):
             for k in range(n):
-                a_s = _dot(unit(xs, i, j), unit(xs, i, k))
-                a_t = _dot(unit(xt, i, j), unit(xt, i, k))
+                a_s = dot(unit(xs, i, j), unit(xs, i, k))
+                a_t = dot(unit(xt, i, j), unit(xt, i, k))
                 total += _smooth_l1(a_s, a_t)
     return total / n**3
 
@@ -73,18 +66,14 @@ LOOPS = {
 @pytest.mark.parametrize("d_teacher", (3, 5))
 @pytest.mark.parametrize("name", LOSSES)
 def test_reference_equals_loops(name, d_teacher):
-    s, t = embeddings(4, 3), embeddings(4, d_teacher)
-    got = LOSSES[name](s, t)
-    want = torch.tensor(LOOPS[name](s.tolist(), t.tolist()), dtype=torch.float64)
-    assert got.shape == () and got.dtype == torch.float64
-    assert_matches(got, want, torch.float64, name)
+    check_reference_equals_loop(LOSSES[name], LOOPS[name], d_teacher, name)
 
 
 @pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))
 def test_rkd_invariant_to_translating_and_scaling_the_student(name):
-    s, t = embeddings(6, 4), embeddings(6, 5)
+    s, t = reference_embeddings(6, 4), reference_embeddings(6, 5)
     base = LOSSES[name](s, t)
-    shift = embeddings(1, 4)
+    shift = reference_embeddings(1, 4)
     assert_matches(LOSSES[name](s + shift, t), base, torch.float64, f"{name} translated")
     assert_matches(LOSSES[name](s * 3.7, t), base, torch.float64, f"{name} scaled")
     assert_matches(LOSSES[name](0.25 * s - shift, t), base, torch.float64, f"{name} scaled and translated")
@@ -92,13 +81,13 @@ def test_rkd_invariant_to_translating_and_scaling_the_student(name):
 
 @pytest.mark.parametrize("name", ("rkd_distance", "rkd_angle"))
 def test_rkd_invariant_to_rotating_the_student(name):
-    s, t = embeddings(6, 4), embeddings(6, 5)
-    rotation, _ = torch.linalg.qr(embeddings(4, 4))
+    s, t = reference_embeddings(6, 4), reference_embeddings(6, 5)
+    rotation, _ = torch.linalg.qr(reference_embeddings(4, 4))
     assert_matches(LOSSES[name](s @ rotation, t), LOSSES[name](s, t), torch.float64, f"{name} rotated")
 
 
 def test_non_default_weights_equal_loops():
-    s, t = embeddings(4, 3), embeddings(4, 3)
+    s, t = reference_embeddings(4, 3), reference_embeddings(4, 3)
     xs, xt = s.tolist(), t.tolist()
     got = rkd.rkd_loss(s, t, distance_weight=1.0, angle_weight=2.0)
     want = loop_distance(xs, xt) + 2 * loop_angle(xs, xt)
@@ -106,13 +95,13 @@ def test_non_default_weights_equal_loops():
 
 
 def test_documented_values_for_one_and_two_samples():
-    one_s = embeddings(1, 3).requires_grad_(True)
-    one_t = embeddings(1, 4)
+    one_s = reference_embeddings(1, 3).requires_grad_(True)
+    one_t = reference_embeddings(1, 4)
     for name in ("rkd_distance", "rkd_angle", "rkd_loss"):
         loss = LOSSES[name](one_s, one_t)
         (grad,) = torch.autograd.grad(loss, one_s)
         assert loss.item() == 0 and torch.all(grad == 0), name
-    two_s, two_t = embeddings(2, 3), embeddings(2, 4)
+    two_s, two_t = reference_embeddings(2, 3), reference_embeddings(2, 4)
     assert rkd.rkd_distance(two_s, two_t).item() == 0  # both normalise to the same [[0, 1], [1, 0]]
     assert abs(rkd.rkd_angle(two_s, two_t).item()) < 1e-15
 

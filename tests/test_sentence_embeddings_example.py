@@ -9,31 +9,23 @@ runs after installing it and `make test` deselects.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sentence_embeddings.py"
+from tests.example_modules import EXAMPLES, load_example
 
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("fastkd_example_sentence_embeddings", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+EXAMPLE = EXAMPLES / "sentence_embeddings.py"
 
 
 @pytest.mark.examples
 def test_spearman_matches_scipy():
     import scipy.stats as scipy_stats
 
-    se = load_example()
+    se = load_example("sentence_embeddings")
     torch.manual_seed(0)
     s, t = torch.randn(30, 5), torch.randn(30, 7)
     t[:, :3] += 0.5 * s[:, :3]  # correlated, not identical
@@ -50,7 +42,7 @@ def test_spearman_matches_scipy():
 
 
 def test_recall_at_k_by_hand():
-    se = load_example()
+    se = load_example("sentence_embeddings")
     torch.manual_seed(1)
     t = torch.randn(12, 4)
     assert se.recall_at_k(t * 3.0, t, k=3) == 1.0  # cosine ignores scale
@@ -67,7 +59,7 @@ def test_recall_at_k_by_hand():
 
 
 def test_sentences_are_prose_and_split_by_docstring():
-    se = load_example()
+    se = load_example("sentence_embeddings")
     doc = "First one is here. Second one, (still prose) ends here!\n\n    indented code = 1\n\n>>> f(x)\n"
     expected = ["First one is here.", "Second one, (still prose) ends here!"]
     assert se.split_sentences(doc, min_words=3) == expected
@@ -78,7 +70,7 @@ def test_sentences_are_prose_and_split_by_docstring():
 
 
 def test_losses_are_finite_and_reach_the_student():
-    se = load_example()
+    se = load_example("sentence_embeddings")
     torch.manual_seed(0)
     student = se.Student(vocab=20, dim=8, layers=1, heads=2, max_len=6, out_dim=se.TEACHER_DIM)
     ids = torch.randint(1, 20, (10, 6))
@@ -106,7 +98,7 @@ def test_sentence_embeddings_smoke(tmp_path):
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    se = load_example()
+    se = load_example("sentence_embeddings")
     with open(tmp_path / "sentence_embeddings.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["untrained student"] + [m.name for m in se.METHODS]

@@ -15,22 +15,12 @@ import torch.nn.functional as F
 
 import fastkd
 from fastkd import _ops
+from tests.common_checks import strided
 from tests.helpers import DEVICE, assert_matches, backend_params
 
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
 
 UPSTREAM = 0.7
-
-
-def strided(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as a non-contiguous view with the same values."""
-    if x.dim() == 1:
-        other = ~x if x.dtype == torch.bool else x.flip(0)
-        view = torch.stack([x, other], 1)[:, 0]
-    else:
-        view = x.t().contiguous().t()
-    assert not view.is_contiguous() and torch.equal(view, x)
-    return view
 
 
 def randn(*shape, seed):

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import csv
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import torch
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_lm.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("fastkd_example_tiny_lm", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from tests.example_modules import load_example, run_smoke
 
 
 def test_corpus_is_deterministic_and_split():
-    tiny_lm = load_example()
+    tiny_lm = load_example("tiny_lm")
     docs = tiny_lm.docstrings()
     assert docs == tiny_lm.docstrings()
     assert len(docs) > 500 and len(set(docs)) == len(docs)
@@ -37,7 +25,7 @@ def test_corpus_is_deterministic_and_split():
 
 
 def test_topk_store_matches_teacher_logits():
-    tiny_lm = load_example()
+    tiny_lm = load_example("tiny_lm")
     torch.manual_seed(0)
     teacher = tiny_lm.TinyLM(dim=16, layers=1, heads=2, context=8)
     windows = torch.randint(0, 256, (5, 9), dtype=torch.uint8)
@@ -49,24 +37,15 @@ def test_topk_store_matches_teacher_logits():
 
 
 def test_tiny_lm_smoke(tmp_path, capsys):
-    tiny_lm = load_example()
-    rows = tiny_lm.main(["--smoke", "--out", str(tmp_path)])
-    assert [r["method"] for r in rows] == [m.name for m in tiny_lm.METHODS]
+    tiny_lm, rows = run_smoke("tiny_lm", tmp_path, capsys, ("teacher",), ("CE alone", "teacher"))
     for r in rows:
         assert len(r["ppls"]) == 1 and 1.0 < r["ppl_mean"] < 2 * tiny_lm.VOCAB
         assert math.isfinite(r["ppl_mean"]) and 0.0 <= r["agree_mean"] <= 1.0
-    with open(tmp_path / "tiny_lm.csv") as f:
-        methods = [r["method"] for r in csv.DictReader(f)]
-    assert methods == [m.name for m in tiny_lm.METHODS] + ["teacher"]
-    printed = capsys.readouterr().out
-    assert "| CE alone |" in printed and "| teacher |" in printed
-    if importlib.util.find_spec("matplotlib") is not None:
-        assert (tmp_path / "tiny_lm.png").stat().st_size > 0
 
 
 def test_distillation_losses_match_unfused_formulas():
     """The example's fused and top-k losses are 0.5·CE + 0.5·KL written out by hand."""
-    tiny_lm = load_example()
+    tiny_lm = load_example("tiny_lm")
     torch.manual_seed(0)
     student = tiny_lm.TinyLM(dim=8, layers=1, heads=2, context=8)
     teacher = tiny_lm.TinyLM(dim=16, layers=1, heads=2, context=8)

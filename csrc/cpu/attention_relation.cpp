@@ -30,6 +30,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../common/attention_relation_op.h"
 #include "../common/checks.h"
 #include "single_threaded_tasks.h"
 
@@ -45,31 +46,6 @@ struct RelationShape {
   bool causal;
   double scale_s, scale_t;  // 1 / (√d · τ) of each model
 };
-
-void check_inputs(const at::Tensor& student, const at::Tensor& teacher, int64_t heads,
-                  const std::optional<at::Tensor>& mask, double temperature) {
-  CHECK_DIM(student, 3);
-  CHECK_DIM(teacher, 3);
-  CHECK_DEVICE_TYPE(student, at::kCPU);
-  CHECK_SAME_DEVICE(student, teacher);
-  TORCH_CHECK(student.size(0) == teacher.size(0) && student.size(1) == teacher.size(1),
-              "teacher_states (B, T) must match student_states'");
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "teacher_states dtype must match student_states'");
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()), "student_states must be floating point");
-  TORCH_CHECK(heads >= 1, "num_relation_heads must be >= 1, got ", heads);
-  TORCH_CHECK(student.size(2) > 0 && student.size(2) % heads == 0,
-              "student_states width must be a positive multiple of num_relation_heads");
-  TORCH_CHECK(teacher.size(2) > 0 && teacher.size(2) % heads == 0,
-              "teacher_states width must be a positive multiple of num_relation_heads");
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "temperature must be > 0 and finite, got ",
-              temperature);
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool, "mask must be bool");
-    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == student.size(0) && mask->size(1) == student.size(1),
-                "mask must be [B, T]");
-    CHECK_SAME_DEVICE(student, (*mask));
-  }
-}
 
 RelationShape shape_of(const at::Tensor& student, const at::Tensor& teacher, int64_t heads, bool causal,
                        double temperature) {
@@ -196,20 +172,14 @@ void backward_head(const RelationShape& r, const at::Tensor& xs, const at::Tenso
   }
 }
 
-at::ScalarType accumulation_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Returns (rows [B, T]: head-mean KL, 0 for excluded rows; lse_student, lse_teacher, head_kl [B, A, T]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_relation_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, int64_t heads, const std::optional<at::Tensor>& mask,
     bool causal, double temperature) {
-  check_inputs(student, teacher, heads, mask, temperature);
+  attention_relation::check_args(student, teacher, heads, mask, temperature, at::kCPU);
   const RelationShape r = shape_of(student, teacher, heads, causal, temperature);
   const auto acc = accumulation_type(student);
-  const auto options = student.options().dtype(acc);
-  at::Tensor lse_s = at::zeros({r.batch, heads, r.length}, options);
-  at::Tensor lse_t = at::zeros_like(lse_s), head_kl = at::zeros_like(lse_s);
+  const attention_relation::RelationStats stats(student, heads, acc);
   if (r.batch * r.length > 0) {
     AT_DISPATCH_FLOATING_TYPES(acc, "attention_relation_forward", [&] {
       run_single_threaded_tasks(r.batch * heads, [&](int64_t task) {
@@ -217,13 +187,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_relation_fo
         const at::Tensor xs = head_vectors(student, b, a, r.width_s, acc);
         const at::Tensor xt = head_vectors(teacher, b, a, r.width_t, acc);
         const int64_t at_row = (b * heads + a) * r.length;
-        forward_head<scalar_t>(r, xs, xt, kept_keys(mask, b, r.length), lse_s.data_ptr<scalar_t>() + at_row,
-                               lse_t.data_ptr<scalar_t>() + at_row, head_kl.data_ptr<scalar_t>() + at_row);
+        forward_head<scalar_t>(r, xs, xt, kept_keys(mask, b, r.length), stats.lse_s.data_ptr<scalar_t>() + at_row,
+                               stats.lse_t.data_ptr<scalar_t>() + at_row, stats.head_kl.data_ptr<scalar_t>() + at_row);
       });
     });
   }
-  at::Tensor rows = head_kl.mean(1);
-  return {rows, lse_s, lse_t, head_kl};
+  return stats.outputs();
 }
 
 // Returns (grad_student [B, T, D_s] or [0], grad_teacher [B, T, D_t] or [0]) in the input dtype.
@@ -231,20 +200,14 @@ std::tuple<at::Tensor, at::Tensor> attention_relation_backward_cpu(
     const at::Tensor& row_grad, const at::Tensor& student, const at::Tensor& teacher, int64_t heads,
     const std::optional<at::Tensor>& mask, bool causal, double temperature, const at::Tensor& lse_s,
     const at::Tensor& lse_t, const at::Tensor& head_kl, bool student_grad, bool teacher_grad) {
-  check_inputs(student, teacher, heads, mask, temperature);
+  attention_relation::check_args(student, teacher, heads, mask, temperature, at::kCPU);
   const RelationShape r = shape_of(student, teacher, heads, causal, temperature);
   const auto acc = accumulation_type(student);
-  TORCH_CHECK(row_grad.dim() == 2 && row_grad.size(0) == r.batch && row_grad.size(1) == r.length,
-              "row_grad must be [B, T]");
-  for (const at::Tensor* saved : {&lse_s, &lse_t, &head_kl}) {
-    TORCH_CHECK(saved->dim() == 3 && saved->size(0) == r.batch && saved->size(1) == heads &&
-                    saved->size(2) == r.length && saved->scalar_type() == acc,
-                "the saved statistics must be [B, A, T] in the accumulation dtype");
-  }
+  attention_relation::check_backward_args(row_grad, student, heads, lse_s, lse_t, head_kl, acc);
   const at::Tensor g = row_grad.to(acc).contiguous();
   const at::Tensor ls = lse_s.contiguous(), lt = lse_t.contiguous(), kl = head_kl.contiguous();
-  at::Tensor grad_s = student_grad ? at::zeros(student.sizes(), student.options().dtype(acc)) : at::Tensor();
-  at::Tensor grad_t = teacher_grad ? at::zeros(teacher.sizes(), teacher.options().dtype(acc)) : at::Tensor();
+  at::Tensor grad_s = attention_relation::zero_gradient(student, acc, student_grad);
+  at::Tensor grad_t = attention_relation::zero_gradient(teacher, acc, teacher_grad);
   if ((student_grad || teacher_grad) && r.batch * r.length > 0) {
     AT_DISPATCH_FLOATING_TYPES(acc, "attention_relation_backward", [&] {
       run_single_threaded_tasks(r.batch * heads, [&](int64_t task) {
@@ -263,10 +226,7 @@ std::tuple<at::Tensor, at::Tensor> attention_relation_backward_cpu(
       });
     });
   }
-  auto finish = [](const at::Tensor& grad, const at::Tensor& like, bool wanted) {
-    return wanted ? grad.to(like.scalar_type()) : at::empty({0}, like.options());
-  };
-  return {finish(grad_s, student, student_grad), finish(grad_t, teacher, teacher_grad)};
+  return attention_relation::backward_outputs(student, teacher, grad_s, grad_t, student_grad, teacher_grad);
 }
 
 }  // namespace

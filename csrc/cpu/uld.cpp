@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/uld_op.h"
 
 namespace fastkd {
 namespace cpu {
@@ -244,40 +245,6 @@ void uld_rows(const at::Tensor& student, const at::Tensor& teacher, const bool* 
   });
 }
 
-void check_uld_args(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& row_mask,
-                    double inv_student_temperature, double inv_teacher_temperature, double grad_scale,
-                    bool student_is_logprob, bool teacher_is_logprob) {
-  CHECK_DIM(student, 2);
-  CHECK_DIM(teacher, 2);
-  CHECK_DEVICE_TYPE(student, at::kCPU);
-  CHECK_SAME_DEVICE(student, teacher);
-  TORCH_CHECK(student.size(0) == teacher.size(0), "teacher has ", teacher.size(0), " rows but student has ",
-              student.size(0), ": the rows must be aligned");
-  TORCH_CHECK(student.size(1) > 0 && teacher.size(1) > 0,
-              "student and teacher must have at least one column (vocabulary entry)");
-  TORCH_CHECK(student.size(1) <= std::numeric_limits<int32_t>::max() &&
-                  teacher.size(1) <= std::numeric_limits<int32_t>::max(),
-              "student and teacher rows must have fewer than 2^31 entries");
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()), "student must be floating point, got ",
-              student.scalar_type());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "student and teacher must have the same dtype");
-  TORCH_CHECK(std::isfinite(inv_student_temperature) && inv_student_temperature > 0,
-              "inv_student_temperature must be finite and > 0, got ", inv_student_temperature);
-  TORCH_CHECK(std::isfinite(inv_teacher_temperature) && inv_teacher_temperature > 0,
-              "inv_teacher_temperature must be finite and > 0, got ", inv_teacher_temperature);
-  // a log-probability row is used as given: no temperature to divide by
-  TORCH_CHECK(!student_is_logprob || inv_student_temperature == 1.0,
-              "inv_student_temperature must be 1 when student_is_logprob, got ", inv_student_temperature);
-  TORCH_CHECK(!teacher_is_logprob || inv_teacher_temperature == 1.0,
-              "inv_teacher_temperature must be 1 when teacher_is_logprob, got ", inv_teacher_temperature);
-  TORCH_CHECK(std::isfinite(grad_scale), "grad_scale must be finite");
-  if (row_mask.has_value()) {
-    TORCH_CHECK(row_mask->scalar_type() == at::kBool, "row_mask must be bool");
-    TORCH_CHECK(row_mask->dim() == 1 && row_mask->size(0) == student.size(0), "row_mask must be [N]");
-    CHECK_SAME_DEVICE(student, (*row_mask));
-  }
-}
-
 // Returns (row_loss [N] fp32 (fp64 for fp64 input), student_grad [N, V_s] or
 // [0, 0], teacher_grad [N, V_t] or [0, 0]); the gradients are grad_scale ·
 // d(row loss)/d(logits) in the input dtype.
@@ -285,27 +252,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uld_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& row_mask,
     double inv_student_temperature, double inv_teacher_temperature, double grad_scale, bool student_grad,
     bool teacher_grad, bool student_is_logprob, bool teacher_is_logprob) {
-  check_uld_args(student, teacher, row_mask, inv_student_temperature, inv_teacher_temperature, grad_scale,
-                 student_is_logprob, teacher_is_logprob);
-  // unit stride along V; any row stride
-  const at::Tensor s = student.stride(1) == 1 || student.size(1) == 1 ? student : student.contiguous();
-  const at::Tensor t = teacher.stride(1) == 1 || teacher.size(1) == 1 ? teacher : teacher.contiguous();
-  const int64_t rows = s.size(0);
-  at::Tensor row_loss = at::empty({rows}, s.options().dtype(accumulation_type(s)));
-  const std::vector<int64_t> shape_s = student_grad ? std::vector<int64_t>{rows, s.size(1)} : std::vector<int64_t>{0, 0};
-  const std::vector<int64_t> shape_t = teacher_grad ? std::vector<int64_t>{rows, t.size(1)} : std::vector<int64_t>{0, 0};
-  at::Tensor grad_s = at::empty(shape_s, s.options());
-  at::Tensor grad_t = at::empty(shape_t, t.options());
-  const at::Tensor mask = row_mask.has_value() ? row_mask->contiguous() : at::Tensor();
-  if (rows > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "uld_forward", [&] {
-      uld_rows<scalar_t>(s, t, mask.defined() ? mask.data_ptr<bool>() : nullptr, inv_student_temperature,
-                         inv_teacher_temperature, grad_scale, student_is_logprob, teacher_is_logprob, row_loss,
-                         student_grad ? &grad_s : nullptr,
-                         teacher_grad ? &grad_t : nullptr);
+  uld::check_args(student, teacher, row_mask, inv_student_temperature, inv_teacher_temperature, grad_scale,
+                  student_is_logprob, teacher_is_logprob, at::kCPU);
+  uld::UldCall call(student, teacher, row_mask, student_grad, teacher_grad, accumulation_type(student));
+  if (call.rows() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, call.student.scalar_type(), "uld_forward", [&] {
+      uld_rows<scalar_t>(call.student, call.teacher, call.mask_ptr(), inv_student_temperature,
+                         inv_teacher_temperature, grad_scale, student_is_logprob, teacher_is_logprob, call.row_loss,
+                         student_grad ? &call.student_grad : nullptr,
+                         teacher_grad ? &call.teacher_grad : nullptr);
     });
   }
-  return {row_loss, grad_s, grad_t};
+  return call.outputs();
 }
 
 }  // namespace

@@ -50,7 +50,9 @@
 #include <optional>
 #include <tuple>
 
+#include "../common/attention_relation_op.h"
 #include "../common/checks.h"
+#include "float_dispatch.cuh"
 
 namespace fastkd {
 namespace cuda {
@@ -314,6 +316,23 @@ struct GradBuffers {
   float head_share;       // 1 / A
 };
 
+// add_tile_product of the tile's dZ_s and dZ_t (sh.dzs, sh.dzt) into head a's
+// columns of element b of each wanted gradient buffer ([B, T, D] float32).
+template <bool kTransposed, class scalar_t>
+__device__ __forceinline__ void add_head_gradients(const RelationArgs<scalar_t>& args, const GradBuffers& out,
+                                                   int64_t b, int64_t a, int64_t other0, int64_t out0,
+                                                   SharedTiles& sh) {
+  const int64_t T = args.length, D_s = args.width_s * args.heads, D_t = args.width_t * args.heads;
+  if (out.student != nullptr) {
+    add_tile_product<kTransposed>(sh.dzs, args.student_head(b, a), T, other0, out0,
+                                  out.student + b * T * D_s + a * args.width_s, D_s, sh);
+  }
+  if (out.teacher != nullptr) {
+    add_tile_product<kTransposed>(sh.dzt, args.teacher_head(b, a), T, other0, out0,
+                                  out.teacher + b * T * D_t + a * args.width_t, D_t, sh);
+  }
+}
+
 // Grid (B·A, ⌈T / kTile⌉): block (b·A + a, y) adds the row role dZ X for rows
 // y·kTile ... of head a of element b, walking the key tiles.
 template <class scalar_t>
@@ -324,18 +343,10 @@ __global__ void __launch_bounds__(kThreads) attention_relation_backward_rows_ker
   const int64_t T = args.length;
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const RowStats stats = load_row_stats(args, b, a, i0, out.lse_s, out.lse_t, out.kl, out.row_grad, out.head_share);
-  const int64_t D_s = args.width_s * args.heads, D_t = args.width_t * args.heads;
   const int64_t key_end = args.causal ? (i0 + kTile < T ? i0 + kTile : T) : T;
   for (int64_t j0 = 0; j0 < key_end; j0 += kTile) {
     score_gradient_tile(args, b, a, i0, j0, stats, sh);
-    if (out.student != nullptr) {
-      add_tile_product<false>(sh.dzs, args.student_head(b, a), T, j0, i0, out.student + b * T * D_s + a * args.width_s,
-                              D_s, sh);
-    }
-    if (out.teacher != nullptr) {
-      add_tile_product<false>(sh.dzt, args.teacher_head(b, a), T, j0, i0, out.teacher + b * T * D_t + a * args.width_t,
-                              D_t, sh);
-    }
+    add_head_gradients<false>(args, out, b, a, j0, i0, sh);
     // the next tile overwrites sh.dzs and sh.dzt
     __syncthreads();
   }
@@ -351,20 +362,12 @@ __global__ void __launch_bounds__(kThreads) attention_relation_backward_cols_ker
   const int64_t b = blockIdx.x / args.heads, a = blockIdx.x % args.heads;
   const int64_t T = args.length;
   const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kTile;
-  const int64_t D_s = args.width_s * args.heads, D_t = args.width_t * args.heads;
   // causal: rows i < j0 see no key of this tile (row and key tiles are aligned)
   for (int64_t i0 = args.causal ? j0 : 0; i0 < T; i0 += kTile) {
     const RowStats stats =
         load_row_stats(args, b, a, i0, out.lse_s, out.lse_t, out.kl, out.row_grad, out.head_share);
     score_gradient_tile(args, b, a, i0, j0, stats, sh);
-    if (out.student != nullptr) {
-      add_tile_product<true>(sh.dzs, args.student_head(b, a), T, i0, j0, out.student + b * T * D_s + a * args.width_s,
-                             D_s, sh);
-    }
-    if (out.teacher != nullptr) {
-      add_tile_product<true>(sh.dzt, args.teacher_head(b, a), T, i0, j0, out.teacher + b * T * D_t + a * args.width_t,
-                             D_t, sh);
-    }
+    add_head_gradients<true>(args, out, b, a, i0, j0, sh);
     __syncthreads();
   }
 }
@@ -374,36 +377,19 @@ __global__ void __launch_bounds__(kThreads) attention_relation_backward_cols_ker
 // Tiles along T are grid.y blocks (at most 65535).
 constexpr int64_t kMaxLength = int64_t(65535) * kTile;
 
+// The common checks, then the CUDA kernels' limits: no float64 (float32
+// accumulation) and T, B·A within the grid.
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher, int64_t heads,
                   const std::optional<at::Tensor>& mask, double temperature) {
-  CHECK_DIM(student, 3);
-  CHECK_DIM(teacher, 3);
-  CHECK_DEVICE_TYPE(student, at::kCUDA);
-  CHECK_SAME_DEVICE(student, teacher);
-  TORCH_CHECK(student.size(0) == teacher.size(0) && student.size(1) == teacher.size(1),
-              "teacher_states (B, T) must match student_states'");
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "teacher_states dtype must match student_states'");
+  attention_relation::check_args(student, teacher, heads, mask, temperature, at::kCUDA);
   check_not_float64_on_cuda(student, "fastkd::attention_relation", "student_states");
   const auto dtype = student.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "student_states must be float32, bfloat16 or float16 on CUDA, got ", dtype);
-  TORCH_CHECK(heads >= 1, "num_relation_heads must be >= 1, got ", heads);
-  TORCH_CHECK(student.size(2) > 0 && student.size(2) % heads == 0,
-              "student_states width must be a positive multiple of num_relation_heads");
-  TORCH_CHECK(teacher.size(2) > 0 && teacher.size(2) % heads == 0,
-              "teacher_states width must be a positive multiple of num_relation_heads");
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "temperature must be > 0 and finite, got ",
-              temperature);
   TORCH_CHECK(student.size(1) <= kMaxLength, "sequences longer than ", kMaxLength,
               " are not supported on CUDA, got ", student.size(1));
   TORCH_CHECK(student.size(0) * heads <= std::numeric_limits<int32_t>::max(),
               "B * num_relation_heads must be below 2^31 on CUDA");
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool, "mask must be bool");
-    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == student.size(0) && mask->size(1) == student.size(1),
-                "mask must be [B, T]");
-    CHECK_SAME_DEVICE(student, (*mask));
-  }
 }
 
 template <class scalar_t>
@@ -419,17 +405,6 @@ RelationArgs<scalar_t> relation_args(const at::Tensor& student, const at::Tensor
           static_cast<float>(1.0 / (std::sqrt(static_cast<double>(width_s)) * temperature)),
           static_cast<float>(1.0 / (std::sqrt(static_cast<double>(width_t)) * temperature)),
           causal};
-}
-
-template <class F>
-void dispatch_dtype(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    case at::kHalf: return f(c10::Half{});
-    default: break;
-  }
-  TORCH_CHECK(false, "fastkd::attention_relation on CUDA: unsupported dtype ", dtype);
 }
 
 dim3 grid_for(int64_t batch, int64_t heads, int64_t length) {
@@ -448,21 +423,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_relation_fo
   const c10::cuda::CUDAGuard device_guard(student.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t batch = student.size(0), length = student.size(1);
-  const auto options = student.options().dtype(at::kFloat);
-  at::Tensor lse_s = at::zeros({batch, heads, length}, options);
-  at::Tensor lse_t = at::zeros_like(lse_s), head_kl = at::zeros_like(lse_s);
+  const attention_relation::RelationStats stats(student, heads, at::kFloat);
   if (batch * length > 0) {
     const at::Tensor kept = contiguous_mask(mask);
-    dispatch_dtype(student.scalar_type(), [&](auto tag) {
+    dispatch_float_dtype(student.scalar_type(), "fastkd::attention_relation", [&](auto tag) {
       using scalar_t = decltype(tag);
       attention_relation_forward_kernel<scalar_t><<<grid_for(batch, heads, length), kThreads, 0, stream>>>(
           relation_args<scalar_t>(student, teacher, heads, kept, causal, temperature),
-          lse_s.mutable_data_ptr<float>(), lse_t.mutable_data_ptr<float>(), head_kl.mutable_data_ptr<float>());
+          stats.lse_s.mutable_data_ptr<float>(), stats.lse_t.mutable_data_ptr<float>(),
+          stats.head_kl.mutable_data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  at::Tensor rows = head_kl.mean(1);
-  return {rows, lse_s, lse_t, head_kl};
+  return stats.outputs();
 }
 
 // Returns (grad_student [B, T, D_s] or [0], grad_teacher [B, T, D_t] or [0]) in the input dtype, contiguous.
@@ -472,20 +445,11 @@ std::tuple<at::Tensor, at::Tensor> attention_relation_backward_cuda(
     const at::Tensor& lse_t, const at::Tensor& head_kl, bool student_grad, bool teacher_grad) {
   check_inputs(student, teacher, heads, mask, temperature);
   const int64_t batch = student.size(0), length = student.size(1);
-  TORCH_CHECK(row_grad.dim() == 2 && row_grad.size(0) == batch && row_grad.size(1) == length,
-              "row_grad must be [B, T]");
-  CHECK_SAME_DEVICE(student, row_grad);
-  for (const at::Tensor* saved : {&lse_s, &lse_t, &head_kl}) {
-    TORCH_CHECK(saved->dim() == 3 && saved->size(0) == batch && saved->size(1) == heads &&
-                    saved->size(2) == length && saved->scalar_type() == at::kFloat,
-                "the saved statistics must be [B, A, T] float32");
-    CHECK_SAME_DEVICE(student, (*saved));
-  }
+  attention_relation::check_backward_args(row_grad, student, heads, lse_s, lse_t, head_kl, at::kFloat);
   const c10::cuda::CUDAGuard device_guard(student.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const auto options = student.options().dtype(at::kFloat);
-  at::Tensor grad_s = student_grad ? at::zeros(student.sizes(), options) : at::Tensor();
-  at::Tensor grad_t = teacher_grad ? at::zeros(teacher.sizes(), options) : at::Tensor();
+  at::Tensor grad_s = attention_relation::zero_gradient(student, at::kFloat, student_grad);
+  at::Tensor grad_t = attention_relation::zero_gradient(teacher, at::kFloat, teacher_grad);
   if ((student_grad || teacher_grad) && batch * length > 0) {
     const at::Tensor kept = contiguous_mask(mask);
     const at::Tensor g = row_grad.to(at::kFloat).contiguous();
@@ -498,7 +462,7 @@ std::tuple<at::Tensor, at::Tensor> attention_relation_backward_cuda(
                               g.const_data_ptr<float>(),
                               static_cast<float>(1.0 / static_cast<double>(heads))};
     const dim3 grid = grid_for(batch, heads, length);
-    dispatch_dtype(student.scalar_type(), [&](auto tag) {
+    dispatch_float_dtype(student.scalar_type(), "fastkd::attention_relation", [&](auto tag) {
       using scalar_t = decltype(tag);
       const auto args = relation_args<scalar_t>(student, teacher, heads, kept, causal, temperature);
       attention_relation_backward_rows_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(args, buffers);
@@ -507,10 +471,7 @@ std::tuple<at::Tensor, at::Tensor> attention_relation_backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  auto finish = [](const at::Tensor& grad, const at::Tensor& like, bool wanted) {
-    return wanted ? grad.to(like.scalar_type()) : at::empty({0}, like.options());
-  };
-  return {finish(grad_s, student, student_grad), finish(grad_t, teacher, teacher_grad)};
+  return attention_relation::backward_outputs(student, teacher, grad_s, grad_t, student_grad, teacher_grad);
 }
 
 }  // namespace

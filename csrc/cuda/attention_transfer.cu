@@ -56,6 +56,7 @@
 
 #include "../common/attention_transfer_op.h"
 #include "block_reduce.cuh"
+#include "float_dispatch.cuh"
 
 namespace fastkd {
 namespace cuda {
@@ -340,17 +341,6 @@ void launch_attention_map_grad(const MapArgs& m, const float* g, void* out, int6
   });
 }
 
-template <class F>
-void dispatch_dtype(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    case at::kHalf: return f(c10::Half{});
-    default: break;
-  }
-  TORCH_CHECK(false, "fastkd::attention_transfer on CUDA: unsupported dtype ", dtype);
-}
-
 // ---- the ops ------------------------------------------------------------------
 
 void check_at_args(const at::Tensor& student, const at::Tensor& teacher, int64_t p, double eps) {
@@ -375,7 +365,7 @@ std::tuple<at::Tensor, at::Tensor> attention_maps(const at::Tensor& s, const at:
   const int64_t n = s.size(0), hw = s.size(2) * s.size(3);
   at::Tensor v_s = at::empty({n, hw}, s.options().dtype(at::kFloat));
   at::Tensor v_t = at::empty({n, hw}, s.options().dtype(at::kFloat));
-  dispatch_dtype(s.scalar_type(), [&](auto tag) {
+  dispatch_float_dtype(s.scalar_type(), "fastkd::attention_transfer", [&](auto tag) {
     using scalar_t = decltype(tag);
     launch_attention_map<scalar_t>(map_args(s), v_s.mutable_data_ptr<float>(), n, hw, p, stream);
     launch_attention_map<scalar_t>(map_args(t), v_t.mutable_data_ptr<float>(), n, hw, p, stream);
@@ -426,7 +416,7 @@ std::tuple<at::Tensor, at::Tensor> attention_transfer_backward_cuda(
       t_norm_c.const_data_ptr<float>(), upstream.const_data_ptr<float>(), n, hw,
       static_cast<float>(2.0 / (static_cast<double>(n) * static_cast<double>(hw))), static_cast<float>(eps));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  dispatch_dtype(student.scalar_type(), [&](auto tag) {
+  dispatch_float_dtype(student.scalar_type(), "fastkd::attention_transfer", [&](auto tag) {
     using scalar_t = decltype(tag);
     if (student_grad) {
       launch_attention_map_grad<scalar_t>(map_args(student), g_s.const_data_ptr<float>(),

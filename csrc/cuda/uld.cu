@@ -48,7 +48,9 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/uld_op.h"
 #include "block_reduce.cuh"
+#include "float_dispatch.cuh"
 
 namespace fastkd {
 namespace cuda {
@@ -305,65 +307,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uld_forward_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& row_mask,
     double inv_student_temperature, double inv_teacher_temperature, double grad_scale, bool student_grad,
     bool teacher_grad, bool student_is_logprob, bool teacher_is_logprob) {
-  CHECK_DIM(student, 2);
-  CHECK_DIM(teacher, 2);
-  CHECK_DEVICE_TYPE(student, at::kCUDA);
-  CHECK_SAME_DEVICE(student, teacher);
-  TORCH_CHECK(student.size(0) == teacher.size(0), "teacher has ", teacher.size(0), " rows but student has ",
-              student.size(0), ": the rows must be aligned");
-  TORCH_CHECK(student.size(1) > 0 && teacher.size(1) > 0,
-              "student and teacher must have at least one column (vocabulary entry)");
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "student and teacher must have the same dtype");
+  // float64 first: the CUDA kernels accumulate in float32 and refuse it
   check_not_float64_on_cuda(student, "fastkd::uld_forward", "student and teacher");
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()), "student must be floating point, got ",
-              student.scalar_type());
-  TORCH_CHECK(std::isfinite(inv_student_temperature) && inv_student_temperature > 0,
-              "inv_student_temperature must be finite and > 0, got ", inv_student_temperature);
-  TORCH_CHECK(std::isfinite(inv_teacher_temperature) && inv_teacher_temperature > 0,
-              "inv_teacher_temperature must be finite and > 0, got ", inv_teacher_temperature);
-  // a log-probability row is used as given: no temperature to divide by
-  TORCH_CHECK(!student_is_logprob || inv_student_temperature == 1.0,
-              "inv_student_temperature must be 1 when student_is_logprob, got ", inv_student_temperature);
-  TORCH_CHECK(!teacher_is_logprob || inv_teacher_temperature == 1.0,
-              "inv_teacher_temperature must be 1 when teacher_is_logprob, got ", inv_teacher_temperature);
-  TORCH_CHECK(std::isfinite(grad_scale), "grad_scale must be finite");
+  uld::check_args(student, teacher, row_mask, inv_student_temperature, inv_teacher_temperature, grad_scale,
+                  student_is_logprob, teacher_is_logprob, at::kCUDA);
   // one chunk's segment offsets are int32
   TORCH_CHECK(student.size(1) + teacher.size(1) <= kScratchEntries,
               "student and teacher rows must have at most ", kScratchEntries, " entries together");
-  if (row_mask.has_value()) {
-    TORCH_CHECK(row_mask->scalar_type() == at::kBool, "row_mask must be bool");
-    TORCH_CHECK(row_mask->dim() == 1 && row_mask->size(0) == student.size(0), "row_mask must be [N]");
-    CHECK_SAME_DEVICE(student, (*row_mask));
-  }
   const c10::cuda::CUDAGuard device_guard(student.device());
-  const at::Tensor s = student.stride(1) == 1 || student.size(1) == 1 ? student : student.contiguous();
-  const at::Tensor t = teacher.stride(1) == 1 || teacher.size(1) == 1 ? teacher : teacher.contiguous();
-  const int64_t rows = s.size(0);
-  at::Tensor row_loss = at::empty({rows}, s.options().dtype(at::kFloat));
-  at::Tensor grad_s = student_grad ? at::empty({rows, s.size(1)}, s.options()) : at::empty({0, 0}, s.options());
-  at::Tensor grad_t = teacher_grad ? at::empty({rows, t.size(1)}, t.options()) : at::empty({0, 0}, t.options());
-  const at::Tensor mask = row_mask.has_value() ? row_mask->contiguous() : at::Tensor();
-  if (rows == 0) return {row_loss, grad_s, grad_t};
-  const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  at::Tensor* gs = student_grad ? &grad_s : nullptr;
-  at::Tensor* gt = teacher_grad ? &grad_t : nullptr;
-  switch (s.scalar_type()) {
-    case at::kFloat:
-      uld_launch<float>(s, t, mask_ptr, inv_student_temperature, inv_teacher_temperature, grad_scale,
-                        student_is_logprob, teacher_is_logprob, row_loss, gs, gt);
-      break;
-    case at::kBFloat16:
-      uld_launch<c10::BFloat16>(s, t, mask_ptr, inv_student_temperature, inv_teacher_temperature, grad_scale,
-                                student_is_logprob, teacher_is_logprob, row_loss, gs, gt);
-      break;
-    case at::kHalf:
-      uld_launch<c10::Half>(s, t, mask_ptr, inv_student_temperature, inv_teacher_temperature, grad_scale,
-                            student_is_logprob, teacher_is_logprob, row_loss, gs, gt);
-      break;
-    default:
-      TORCH_CHECK(false, "fastkd::uld_forward on CUDA: unsupported dtype ", s.scalar_type());
-  }
-  return {row_loss, grad_s, grad_t};
+  uld::UldCall call(student, teacher, row_mask, student_grad, teacher_grad, at::kFloat);
+  if (call.rows() == 0) return call.outputs();
+  const at::Tensor& s = call.student;
+  const at::Tensor& t = call.teacher;
+  const bool* mask_ptr = call.mask_ptr();
+  at::Tensor& row_loss = call.row_loss;
+  at::Tensor* gs = student_grad ? &call.student_grad : nullptr;
+  at::Tensor* gt = teacher_grad ? &call.teacher_grad : nullptr;
+  dispatch_float_dtype(s.scalar_type(), "fastkd::uld_forward", [&](auto tag) {
+    uld_launch<decltype(tag)>(s, t, mask_ptr, inv_student_temperature, inv_teacher_temperature, grad_scale,
+                              student_is_logprob, teacher_is_logprob, row_loss, gs, gt);
+  });
+  return call.outputs();
 }
 
 }  // namespace

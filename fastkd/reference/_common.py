@@ -15,6 +15,7 @@ __all__ = [
     "embedding_pair",
     "feature_maps",
     "pool_to_common_size",
+    "reduce_kept",
     "same_features",
     "samples",
 ]
@@ -25,6 +26,21 @@ NORMALIZE_EPS = 1e-12  # F.normalize's default
 def accumulation_dtype(value: torch.Tensor) -> torch.dtype:
     """float64 for float64 input, else float32: the dtype the references compute in."""
     return torch.float64 if value.dtype == torch.float64 else torch.float32
+
+
+def reduce_kept(losses: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """Per-row (or per-token) ``losses``, 0 where ``mask`` (same shape, bool) is
+    False, reduced: ``"none"`` keeps them, ``"sum"`` sums them, ``"batchmean"``
+    / ``"mean"`` divides the sum by the number of kept entries (at least 1)."""
+    if mask is not None:
+        losses = torch.where(mask, losses, torch.zeros_like(losses))
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    if reduction == "sum":
+        return total
+    kept = losses.numel() if mask is None else int(mask.sum())
+    return total / max(kept, 1)
 
 
 def samples(name: str, value) -> torch.Tensor:
@@ -111,7 +127,15 @@ def checked_pair(student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def embedding_pair(student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`checked_pair` in the accumulation dtype (float32; float64 for float64 inputs)."""
+    """:func:`checked_pair` in the accumulation dtype (float32; float64 for float64 inputs).
+
+    The relational references' contract (RKD, PKT, SP, CC): each takes
+    embeddings ``student (N, ...)`` and ``teacher (N, ...)``, flattens them per
+    sample to ``(N, D_s)`` and ``(N, D_t)`` (the feature sizes may differ: only
+    the ``N × N`` relations are compared), treats the teacher as constant (it is
+    detached, so it never receives a gradient) and returns a scalar loss in
+    float32 (float64 for float64 inputs). NaN in either input gives a NaN loss
+    (docs/spec.md §6)."""
     s, t = checked_pair(student, teacher)
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
     return s.to(acc), t.to(acc)

@@ -20,6 +20,7 @@ import math
 import torch
 
 from fastkd import _validate
+from fastkd.reference._common import reduce_kept
 
 REDUCTIONS = ("batchmean", "sum", "none")
 
@@ -134,11 +135,4 @@ def attention_relation_loss(
     ratio = torch.where(p == 0, torch.zeros_like(p), log_p - log_q)
     terms = p * ratio
     rows = terms.sum(-1).mean(1)  # (B, T): the head-mean KL of each row
-    kept = torch.ones(batch, length, dtype=torch.bool, device=s.device) if mask is None else mask
-    rows = torch.where(kept, rows, torch.zeros_like(rows))
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    return total / max(int(kept.sum()), 1)
+    return reduce_kept(rows, mask, reduction)

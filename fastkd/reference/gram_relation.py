@@ -1,11 +1,7 @@
 """Gram-matrix relations (PKT, SP, CC), docs/spec.md §2, as plain PyTorch with autograd.
 
-Every function takes embeddings ``student (N, ...)`` and ``teacher (N, ...)``,
-flattens them per sample to ``(N, D_s)`` and ``(N, D_t)`` (the feature sizes
-may differ: only the ``N × N`` relations are compared), treats the teacher as
-constant (it is detached, so it never receives a gradient) and returns a
-scalar loss in float32 (float64 for float64 inputs). NaN in either input gives
-a NaN loss (docs/spec.md §6).
+Every function takes and returns what the relational references share (see
+``_common.embedding_pair``).
 
 This is the oracle: it materialises whatever is convenient (the ``N × N``
 matrices and their normalised forms).
@@ -47,12 +43,8 @@ def pkt_loss(student: torch.Tensor, teacher: torch.Tensor, *, eps: float = 1e-7)
     entries, the diagonal included. ``rowsum(S) >= S_ii >= 1/2``, so every
     ``N >= 1`` is finite (``N = 1``: ``P = 1`` on both sides, loss 0).
 
-    Args:
-        student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
-        teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
+    Args (besides the embeddings, see ``_common.embedding_pair``):
         eps: ``> 0``, added to the norms and inside the log ratio.
-    Returns:
-        ``()`` loss, float32 (float64 for float64 inputs).
     """
     eps = _validate.real("eps", eps, low=0.0, low_open=True)
     s, t = embedding_pair(student, teacher)
@@ -66,11 +58,7 @@ def sp_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     ``L = ‖G_t − G_s‖²_F / N²``. RepDistiller returns a ``(1,)`` tensor; this
     returns the same value as a scalar.
 
-    Args:
-        student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
-        teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
-    Returns:
-        ``()`` loss, float32 (float64 for float64 inputs).
+    Arguments and result: see ``_common.embedding_pair``.
     """
     s, t = embedding_pair(student, teacher)
     g_s = F.normalize(s @ s.t(), p=2, dim=1, eps=NORMALIZE_EPS)
@@ -127,13 +115,9 @@ def cc_loss(
     kernel, and the Knowledge-Distillation-Zoo variant L2-normalises the
     features and takes an MSE.
 
-    Args:
-        student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
-        teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
+    Args (besides the embeddings, see ``_common.embedding_pair``):
         gamma: RBF parameter ``γ > 0``.
         order: Taylor order ``1 <= P <= 170`` (an int; 171! overflows float64).
-    Returns:
-        ``()`` loss, float32 (float64 for float64 inputs).
     """
     gamma = _validate.real("gamma", gamma, low=0.0, low_open=True)
     order = check_cc_order(order)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastkd import _validate
+from fastkd.reference._common import reduce_kept
 
 KINDS = ("mse", "cosine")
 REDUCTIONS = ("mean", "sum", "none")
@@ -100,13 +101,4 @@ def hidden_state_loss(
     check_options(kind, reduction)
     h, g, mask = check_arguments(project(student_hidden, projection), teacher_hidden, kind, mask, reduction)
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    losses = token_losses(h.to(acc), g.to(acc), kind)
-    if mask is not None:
-        losses = torch.where(mask, losses, torch.zeros_like(losses))
-    if reduction == "none":
-        return losses
-    total = losses.sum()
-    if reduction == "sum":
-        return total
-    kept = losses.numel() if mask is None else int(mask.sum())
-    return total / max(kept, 1)
+    return reduce_kept(token_losses(h.to(acc), g.to(acc), kind), mask, reduction)

@@ -1,11 +1,7 @@
 """Relational KD (RKD distance and angle), docs/spec.md §2, as plain PyTorch with autograd.
 
-Every function takes embeddings ``student (N, ...)`` and ``teacher (N, ...)``,
-flattens them per sample to ``(N, D_s)`` and ``(N, D_t)`` (the feature sizes
-may differ: only the ``N × N`` relations are compared), treats the teacher as
-constant (it is detached, so it never receives a gradient) and returns a
-scalar loss in float32 (float64 for float64 inputs). NaN in either input gives
-a NaN loss (docs/spec.md §6).
+Every function takes and returns what the relational references share (see
+``_common.embedding_pair``).
 
 This is the oracle: it materialises whatever is convenient, up to the
 ``(N, N, D)`` differences and the ``(N, N, N)`` angles of RKD.
@@ -88,11 +84,7 @@ def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     ``j ≠ i``) give ``e_ij = 0`` and a finite but large gradient (through
     ``x / eps``): that is ``F.normalize``'s, and RepDistiller's, behaviour.
 
-    Args:
-        student: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
-        teacher: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``.
-    Returns:
-        ``()`` loss, float32 (float64 for float64 inputs).
+    Arguments and result as for :func:`rkd_distance`.
     """
     s, t = embedding_pair(student, teacher)
     return F.smooth_l1_loss(_angles(s), _angles(t), beta=1.0)
