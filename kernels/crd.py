@@ -35,7 +35,6 @@ set from the batch) and nothing outside the bank is read. The launcher also
 refuses such indices (ValueError) where ``fastkd._validate.values_checked_on_host``
 says so: for CPU tensors, or on a GPU with FASTKD_CHECK_DEVICE_VALUES=1
 (elsewhere the check would be a device → host synchronisation on every call).
-
 """
 
 from __future__ import annotations

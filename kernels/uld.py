@@ -45,7 +45,6 @@ gradients:
      each rank's run mean is (prefix[end] − prefix[start − 1]) / (end − start
      + 1), and Σ_k value_k · mean_k) and a third pass storing the gradient
      through the columns, as step 4 above.
-
 """
 
 from __future__ import annotations
