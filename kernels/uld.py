@@ -149,6 +149,15 @@ def _store_gradient(grad_ptr, values, columns, coefficients, n, scale, row_nan, 
 
 
 @triton.jit
+def _row_kept(mask_ptr, row, HAS_MASK: tl.constexpr):
+    # whether the row counts: its mask entry, or every row without a mask
+    kept = True
+    if HAS_MASK:
+        kept = tl.load(mask_ptr + row) != 0
+    return kept
+
+
+@triton.jit
 def _uld_fwd_kernel(
     s_ptr, t_ptr,  # [N, V_s], [N, V_t] logits, unit stride along V
     mask_ptr,  # [N] int8 (1 = kept); unused without HAS_MASK
@@ -160,9 +169,7 @@ def _uld_fwd_kernel(
     STUDENT_LOGPROB: tl.constexpr, TEACHER_LOGPROB: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    kept = True
-    if HAS_MASK:
-        kept = tl.load(mask_ptr + row) != 0
+    kept = _row_kept(mask_ptr, row, HAS_MASK)
     cols = tl.arange(0, BLOCK)
     p = _row_probabilities(s_ptr + row * s_stride, Vs, inv_ts, cols, STUDENT_LOGPROB)
     q = _row_probabilities(t_ptr + row * t_stride, Vt, inv_tt, cols, TEACHER_LOGPROB)
@@ -325,9 +332,7 @@ def _uld_sorted_kernel(
     STUDENT_LOGPROB: tl.constexpr, TEACHER_LOGPROB: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    kept = True
-    if HAS_MASK:
-        kept = tl.load(mask_ptr + row) != 0
+    kept = _row_kept(mask_ptr, row, HAS_MASK)
     row_nan = (tl.load(unusable_s_ptr + row) + tl.load(unusable_t_ptr + row)) > 0
     ks_row = ks_ptr + row * W
     kt_row = kt_ptr + row * W

@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 
 import fastkd
 from fastkd.reference import uld as reference_uld
+from tests.common_checks import check_aot_eager_equals_eager
 from tests.helpers import DEVICE, assert_matches
-from tests.test_uld import BACKENDS, HAS_CPU_OP, dtype_for, rank_coefficients, run
+from tests.test_uld import BACKENDS, HAS_CPU_OP, check_rows, dtype_for, rank_coefficients, run
 
 SIDES = {"student": (True, False), "teacher": (False, True), "both": (True, True)}
 
@@ -103,13 +104,7 @@ def test_log_prob_rows_match_the_oracle(backend, side, vs, vt, ties):
     mask = torch.tensor([True, True, True, False])
     upstream = torch.randn(n, generator=g, dtype=torch.float64)
     options = dict(**flags(side), **logit_side_temperatures(side))
-    rows, grad_s, grad_t = oracle(s, t, mask=mask, **options)
-    dtype = dtype_for(backend)
-    got, got_s, got_t = run(backend, s, t, dtype, upstream, reduction="none", mask=mask, **options)
-    assert got.dtype == dtype
-    assert_matches(got, rows, dtype, f"rows {backend}", elementwise=True)
-    assert_matches(got_s, grad_s * upstream[:, None], dtype, f"student gradient {backend}")
-    assert_matches(got_t, grad_t * upstream[:, None], dtype, f"teacher gradient {backend}")
+    check_rows(backend, s, t, oracle(s, t, mask=mask, **options), upstream, mask=mask, **options)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -266,12 +261,7 @@ def test_compiles_with_fullgraph():
         return fastkd.uld_loss(a, b, mask=mask, teacher_temperature=2.0, student_is_logprob=True,
                                backend="cpu")
 
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    got = compiled(s, t.float())
-    (got_grad,) = torch.autograd.grad(got, s)
-    expected = loss(s, t.float())
-    (expected_grad,) = torch.autograd.grad(expected, s)
-    assert torch.equal(got, expected) and torch.equal(got_grad, expected_grad)
+    check_aot_eager_equals_eager(loss, s, t.float())
 
 
 @pytest.mark.skipif(not HAS_CPU_OP or DEVICE.type != "cpu", reason="the cpu uld op on cpu tensors")
