@@ -179,11 +179,13 @@ def info_nce(
             always recomputes. Nothing is kept when neither ``q`` nor ``k``
             needs a gradient. The default, 1 GiB
             (``DEFAULT_LOGITS_MEMORY_BUDGET``), keeps the float32 softmax up
-            to ``N = M = 16384``: there it is no more than the one ``N × M``
-            tensor that ``torch.compile`` of the plain loss holds (eager
-            PyTorch holds about five) and saves a quarter of the products;
-            beyond, the memory, which grows as ``N·M``, matters more than the
-            time, which the recompute raises by a third of the products.
+            to ``N = M = 16384``. Keeping holds one ``N × M`` tensor, half of
+            what ``torch.compile`` of the plain loss holds and a fifth of
+            eager PyTorch's (bench/bench_info_nce.py), and saves a quarter of
+            the products; up to 1 GiB that memory is small next to what
+            produced embedding batches of that size, while beyond it grows
+            as ``N·M`` (16 GiB at 65536) and O(N) memory is worth the
+            recompute's third more products.
 
     Returns:
         ``()`` loss, float32 (float64 for float64 inputs).

@@ -179,7 +179,9 @@ def test_only_row_state_is_saved_for_backward(backend):
     n, m, d = 48, 64, 4
     q = embeddings(n, d, torch.float32, 9).requires_grad_(True)
     k = embeddings(m, d, torch.float32, 10).requires_grad_(True)
-    saved, loss = saved_for_backward(lambda a, b: fastkd.info_nce(a, b, backend=backend, logits_memory_budget=0), q, k)
+    saved, loss = saved_for_backward(
+        lambda a, b: fastkd.info_nce(a, b, backend=backend, logits_memory_budget=0), q, k
+    )
     assert saved and max(t.numel() for t in saved) <= m * d < n * m
     loss.backward()
     assert q.grad is not None and k.grad is not None
@@ -190,7 +192,9 @@ def kept_directions(saved, n, m):
     return sum(1 for t in saved if t.dim() == 2 and tuple(t.shape) in ((n, m), (m, n)))
 
 
-@pytest.mark.parametrize("dtype,element", ((torch.float32, 4), (torch.bfloat16, 4), (torch.float64, 8)), ids=str)
+@pytest.mark.parametrize(
+    "dtype,element", ((torch.float32, 4), (torch.bfloat16, 4), (torch.float64, 8)), ids=str
+)
 def test_the_budget_decides_what_is_kept(dtype, element):
     """A direction keeps its softmax exactly when its N·M·element bytes fit; with
     symmetric=True the second direction keeps only if both fit. The triton
@@ -213,7 +217,8 @@ def test_the_budget_decides_what_is_kept(dtype, element):
 
     def kept_symmetric(budget):
         saved, _ = saved_for_backward(
-            lambda a, b: fastkd.info_nce(a, b, backend="cpu", symmetric=True, logits_memory_budget=budget), qs, ks
+            lambda a, b: fastkd.info_nce(a, b, backend="cpu", symmetric=True, logits_memory_budget=budget),
+            qs, ks,
         )
         return kept_directions(saved, 6, 6)
 
@@ -257,7 +262,9 @@ def test_keep_and_recompute_agree_with_repeated_labels():
     for budget in (KEEP_EVERYTHING, RECOMPUTE):
         check_parity("cpu", q, k, budget, temperature=0.1, labels=labels)
         results[budget] = run_with_grads(
-            lambda a, b: fastkd.info_nce(a, b, temperature=0.1, labels=labels, logits_memory_budget=budget),
+            lambda a, b, budget=budget: fastkd.info_nce(
+                a, b, temperature=0.1, labels=labels, logits_memory_budget=budget
+            ),
             q, k, upstream=1.7,
         )
     for a, b in zip(results[KEEP_EVERYTHING], results[RECOMPUTE], strict=True):
