@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -294,6 +295,20 @@ def test_nan_propagates(backend):
     q = embeddings(5, 3, torch.float32, 11)
     q[2, 1] = float("nan")
     assert torch.isnan(fastkd.info_nce(q, embeddings(5, 3, torch.float32, 12), backend=backend))
+
+
+@pytest.mark.parametrize("budget", (KEEP_EVERYTHING, RECOMPUTE), ids=("keep", "recompute"))
+@pytest.mark.parametrize("labels,expected", (([0, 1], math.inf), ([1, 0], math.nan)), ids=("inf", "nan"))
+def test_infinite_logits_follow_the_reference(budget, labels, expected):
+    """A row with logits −inf and +inf: its log-sum-exp is +inf, so the loss is
+    +inf with the −inf positive and NaN (inf − inf) with the +inf one."""
+    q = torch.tensor([[math.inf, 0.0], [0.0, 1.0]])
+    k = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])
+    labels = torch.tensor(labels)
+    want = reference.info_nce(q.double(), k.double(), temperature=1.0, labels=labels)
+    got = fastkd.info_nce(q, k, temperature=1.0, labels=labels, backend="cpu", logits_memory_budget=budget)
+    assert want.isnan() if math.isnan(expected) else want == expected
+    assert got.isnan() if math.isnan(expected) else got == expected
 
 
 @pytest.mark.parametrize("budget", (KEEP_EVERYTHING, RECOMPUTE), ids=("keep", "recompute"))

@@ -64,6 +64,14 @@ T row_max(const T* x, int64_t cols) {
   return best;
 }
 
+template <class T>
+bool row_has_nan(const T* x, int64_t cols) {
+  for (int64_t j = 0; j < cols; ++j) {
+    if (x[j] != x[j]) return true;
+  }
+  return false;
+}
+
 // Σ_j exp(x_j − shift); with STORE the exponentials replace x.
 template <bool STORE, class T>
 T row_exp_sum(T* x, int64_t cols, T shift) {
@@ -102,6 +110,17 @@ void rows_lse(const InfoNceRowsArgs<T>& w) {
       T* x = w.logits + i * w.ld;
       const T positive = x[w.labels[i]];  // read before SOFTMAX overwrites it
       const T shift = row_max(x, w.cols);
+      if (std::isinf(shift)) {
+        // A logit of +inf (or every logit −inf): x − shift would be NaN
+        // where the log-sum-exp is shift itself, unless the row holds a NaN.
+        const T lse = row_has_nan(x, w.cols) ? std::numeric_limits<T>::quiet_NaN() : shift;
+        w.row_lse[i] = lse;
+        w.row_loss[i] = lse - positive;
+        if constexpr (SOFTMAX) {
+          for (int64_t j = 0; j < w.cols; ++j) x[j] = std::exp(x[j] - lse);
+        }
+        continue;
+      }
       const T sum = row_exp_sum<SOFTMAX>(x, w.cols, shift);
       const T lse = shift + std::log(sum);
       w.row_lse[i] = lse;
