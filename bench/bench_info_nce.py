@@ -15,11 +15,16 @@ Providers:
   dynamic=False)``, one graph per shape and dtype, compiled (or loaded from
   ``TORCHINDUCTOR_CACHE_DIR``) in an untimed first call. ``--no-compile``
   skips it.
-- ``fastkd-cpu`` (CPU): ``fastkd.info_nce(..., backend="cpu")``, tiled, keeping
-  O(N) state (the row log-sum-exp) between forward and backward and
-  recomputing the logits in backward. On CUDA ``fastkd-triton`` (flash-style
-  kernels) and ``fastkd-cuda`` (cuBLAS tiles + row kernels); Liger-Kernel
-  has no InfoNCE loss.
+- ``fastkd-cpu`` (CPU): ``fastkd.info_nce(..., backend="cpu")`` with the
+  default ``logits_memory_budget`` (1 GiB): up to N = M = 16384 it keeps the
+  float32 softmax between forward and backward (three GEMMs); beyond, it
+  keeps O(N) state (the row log-sum-exp) and recomputes the logits tile by
+  tile in backward (four GEMMs). On CUDA ``fastkd-triton`` (flash-style
+  kernels, always recomputing) and ``fastkd-cuda`` (cuBLAS + row kernels,
+  keeping as on CPU); Liger-Kernel has no InfoNCE loss.
+- ``fastkd-cpu recompute`` (``fastkd-cuda recompute`` on CUDA): the same
+  with ``logits_memory_budget=0``, i.e. always recomputing, so that both
+  modes are measured at every size.
 
 ``eager`` and ``compile`` hold several ``N × M`` float32 tensors at once
 (measured at N = M = 4096, fp32 and bf16: eager 5, compile 2, including the
@@ -40,10 +45,14 @@ work at D = 128):
   ``grad_q = G k`` and ``grad_k = Gᵀ q`` (``G`` = softmax − one-hot, ``N × M``)
   ``2·N·M·D`` each. ``model_gflops`` = ``model_gflop`` / median time:
   comparable across providers (ratios equal the speed-ups).
-- ``executed_gflop``: what the provider runs. ``eager`` / ``compile`` keep the
-  logits (or softmax) for backward: ``6·N·M·D``. ``fastkd-cpu`` recomputes the
-  logits tile by tile in backward: forward ``2·N·M·D`` + backward
-  ``3 · 2·N·M·D`` = ``8·N·M·D``. ``executed_gflops`` is the hardware rate.
+- ``executed_gflop``: what the provider runs. ``eager`` / ``compile`` and
+  fastkd keeping the softmax: ``6·N·M·D``. fastkd recomputing the logits
+  tile by tile in backward: forward ``2·N·M·D`` + backward ``3 · 2·N·M·D`` =
+  ``8·N·M·D``. ``executed_gflops`` is the hardware rate.
+- ``x_mode_gemm_floor``: the time over the GEMM floor of the provider's
+  mode, the floor (three products) scaled by ``executed_gflop /
+  model_gflop`` (4/3 when recomputing: the fourth product has the shape of
+  the first).
 
 Timing: as ``bench_divergence``; a call at N = 65536 (``4.4 TFLOP`` executed
 by fastkd-cpu) takes tens of seconds on two cores, so there the first call is
@@ -64,10 +73,12 @@ from torch.nn.functional import normalize
 import fastkd
 from bench.family import Case, Family
 from bench.measure import MIB, available_memory_bytes, few_runs, fp32_tensors_skip_reason
-from bench.report import COMPILE, EAGER
+from bench.report import COMPILE, EAGER, ONE_THREAD
+from fastkd.info_nce import DEFAULT_LOGITS_MEMORY_BUDGET, KEEPING_KERNELS
 from fastkd.reference import info_nce as reference_info_nce
 
 DIM = 128
+RECOMPUTE = " recompute"  # suffix of the fastkd providers run with logits_memory_budget=0
 SIZES = (1024, 8192, 65536)  # N = M
 # bf16 only at the smaller sizes: at 65536 only fastkd-cpu runs, tens of seconds a call.
 BF16_MAX_N = 8192
@@ -83,9 +94,21 @@ def model_flop(n: int, m: int, d: int) -> int:
     return 6 * n * m * d
 
 
+def recomputes(provider: str, n: int, m: int) -> bool:
+    """Whether ``provider`` recomputes the logits in backward at ``N × M`` (float32:
+    fastkd keeps them, on cpu and cuda, when they fit the default budget)."""
+    provider = provider.removesuffix(ONE_THREAD)
+    if not provider.startswith("fastkd-"):
+        return False
+    backend = provider.removeprefix("fastkd-").removesuffix(RECOMPUTE)
+    if provider.endswith(RECOMPUTE) or backend not in KEEPING_KERNELS:
+        return True
+    return 4 * n * m > DEFAULT_LOGITS_MEMORY_BUDGET
+
+
 def executed_flop(provider: str, n: int, m: int, d: int) -> int:
-    """``model_flop``, plus ``2·N·M·D`` for fastkd's recomputed logits."""
-    recompute = 2 * n * m * d if provider.startswith("fastkd") else 0
+    """``model_flop``, plus ``2·N·M·D`` where fastkd recomputes the logits."""
+    recompute = 2 * n * m * d if recomputes(provider, n, m) else 0
     return model_flop(n, m, d) + recompute
 
 
@@ -100,7 +123,7 @@ class InfoNceBench(Family):
     config_keys = ("dtype", "N", "M", "D")
     config_format = "{dtype} {N}×{M}"  # D is in the title
     size_columns = ("N",)
-    metric_columns = ("model_gflop", "model_gflops", "executed_gflop", "executed_gflops")
+    metric_columns = ("model_gflop", "model_gflops", "executed_gflop", "executed_gflops", "x_mode_gemm_floor")
     table_metrics = (  # no floor: compute-bound
         ("model_gflop", "GFLOP (6NMD)", ".1f"),
         ("model_gflops", "GFLOP/s (6NMD)", ".1f"),
@@ -123,11 +146,19 @@ class InfoNceBench(Family):
         temperature = options["nce_temperature"]
         return lambda q, k: reference_info_nce(q, k, temperature=temperature)
 
-    def fused(self, backend, options):
+    def fused(self, backend, options, logits_memory_budget=DEFAULT_LOGITS_MEMORY_BUDGET):
         temperature = options["nce_temperature"]
-        return lambda q, k: fastkd.info_nce(q, k, temperature=temperature, backend=backend)
+        return lambda q, k: fastkd.info_nce(
+            q, k, temperature=temperature, backend=backend, logits_memory_budget=logits_memory_budget
+        )
 
     def more_providers(self, device, options, found, skipped):
+        for backend in KEEPING_KERNELS:
+            name = f"fastkd-{backend}"
+            if name in found:
+                found[name + RECOMPUTE] = self.fused(backend, options, logits_memory_budget=0)
+            elif name in skipped:
+                skipped[name + RECOMPUTE] = skipped[name]
         if device.type == "cuda":
             skipped["liger"] = "Liger-Kernel has no InfoNCE loss"
 
@@ -163,6 +194,12 @@ class InfoNceBench(Family):
                 row["executed_gflop"] = executed
                 row["executed_gflops"] = executed / (row["median_ms"] * 1e-3)
 
+    def add_gemm_floor(self, ctx, rows):
+        super().add_gemm_floor(ctx, rows)
+        for row in rows:
+            if row.get("x_gemm_floor") is not None and row.get("executed_gflop") is not None:
+                row["x_mode_gemm_floor"] = row["x_gemm_floor"] * row["model_gflop"] / row["executed_gflop"]
+
     def describe(self, options):
         return f"fastkd.info_nce (τ={options['nce_temperature']:g}, D={DIM}, q and k require grad)"
 
@@ -184,4 +221,8 @@ def test_nm_skip_reason():
 def test_flop_counts():
     assert model_flop(2, 3, 5) == 6 * 2 * 3 * 5
     assert executed_flop(EAGER, 2, 3, 5) == model_flop(2, 3, 5)
-    assert executed_flop("fastkd-cpu", 2, 3, 5) == 8 * 2 * 3 * 5
+    assert executed_flop("fastkd-cpu", 2, 3, 5) == 6 * 2 * 3 * 5  # keeps the softmax
+    assert executed_flop("fastkd-cpu recompute", 2, 3, 5) == 8 * 2 * 3 * 5
+    assert executed_flop("fastkd-triton", 2, 3, 5) == 8 * 2 * 3 * 5
+    assert executed_flop("fastkd-cpu", 65536, 65536, 5) == 8 * 65536 * 65536 * 5  # 16 GiB: recomputes
+    assert executed_flop("fastkd-cpu recompute (1 thread)", 2, 3, 5) == 8 * 2 * 3 * 5

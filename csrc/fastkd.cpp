@@ -46,6 +46,19 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "info_nce_backward(Tensor grad_row_loss, Tensor q, Tensor k, Tensor labels, "
       "Tensor row_lse, float inv_temperature, int tile_rows) -> (Tensor, Tensor)");
+  // The same loss keeping the softmax instead of recomputing it (three GEMMs
+  // instead of four, N × M memory between forward and backward):
+  // info_nce_softmax_forward returns (row_loss [N], probabilities [N, M]),
+  // both fp32 (fp64 for fp64 input), probabilities_ij = softmax_j(logits_i);
+  // info_nce_softmax_backward takes the upstream gradient of row_loss and
+  // those probabilities (read, not modified) and returns (grad_q, grad_k) as
+  // info_nce_backward.
+  m.def(
+      "info_nce_softmax_forward(Tensor q, Tensor k, Tensor labels, float inv_temperature) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "info_nce_softmax_backward(Tensor grad_row_loss, Tensor q, Tensor k, Tensor labels, "
+      "Tensor probabilities, float inv_temperature) -> (Tensor, Tensor)");
 
   // Squared MMD (docs/spec.md §3), tiled over the rows of x and of y: only
   // tile_rows × max(N, M) blocks of the kernel matrices exist at a time, and

@@ -83,6 +83,15 @@ if _C is not None:
     def _info_nce_backward_fake(grad_row_loss, q, k, labels, row_lse, inv_temperature, tile_rows):
         return q.new_empty(q.shape), k.new_empty(k.shape)
 
+    @torch.library.register_fake("fastkd::info_nce_softmax_forward")
+    def _info_nce_softmax_forward_fake(q, k, labels, inv_temperature):
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.new_empty((q.shape[0],), dtype=acc), q.new_empty((q.shape[0], k.shape[0]), dtype=acc)
+
+    @torch.library.register_fake("fastkd::info_nce_softmax_backward")
+    def _info_nce_softmax_backward_fake(grad_row_loss, q, k, labels, probabilities, inv_temperature):
+        return q.new_empty(q.shape), k.new_empty(k.shape)
+
     @torch.library.register_fake("fastkd::mmd_forward")
     def _mmd_forward_fake(x, y, kernel, bandwidths, degree, c, unbiased, tile_rows):
         loss_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -162,7 +162,10 @@ def test_nst_loss():
     assert_thread_invariant(lambda a, b: fastkd.nst_loss(a, b, backend=BACKEND), [s, t], "nst_loss")
 
 
-@pytest.mark.parametrize("kwargs", ({}, {"symmetric": True, "normalize": True}))
+@pytest.mark.parametrize("kwargs", (
+    {}, {"symmetric": True, "normalize": True},  # the default budget: the softmax is kept
+    {"logits_memory_budget": 0}, {"symmetric": True, "normalize": True, "logits_memory_budget": 0},
+))
 def test_info_nce(kwargs):
     q, k = grad(randn(PAIRS, 64, seed=0, scale=0.125)), grad(randn(PAIRS, 64, seed=1, scale=0.125))
     assert_thread_invariant(lambda a, b: fastkd.info_nce(a, b, backend=BACKEND, **kwargs), [q, k], "info_nce")

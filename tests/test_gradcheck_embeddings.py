@@ -175,6 +175,10 @@ def test_hint_loss(adapter, s_shape, t_shape):
     ({"temperature": 2.0, "symmetric": True}, 4),
     ({"symmetric": True, "normalize": True}, 4),
     ({"labels": torch.tensor([2, 0, 0, 5])}, 6),
+    # the default budget keeps the softmax at these sizes; 0 recomputes it
+    ({"logits_memory_budget": 0}, 6),
+    ({"symmetric": True, "logits_memory_budget": 0}, 4),
+    ({"labels": torch.tensor([2, 0, 0, 5]), "logits_memory_budget": 0}, 6),
 ))
 def test_info_nce(kwargs, m):
     q, k = f64(4, 3, seed=0, scale=0.5), f64(m, 3, seed=1, scale=0.5)

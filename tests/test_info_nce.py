@@ -1,11 +1,13 @@
 """InfoNCE (docs/spec.md §4): the fused kernels (cpu and triton here; triton and cuda
-with FASTKD_TEST_DEVICE=cuda) against the float64 reference, the ops
-themselves (opcheck, C++ and launcher checks) and the argument validation."""
+with FASTKD_TEST_DEVICE=cuda) against the float64 reference, in both modes
+(keeping the softmax and recomputing it), the ops themselves (opcheck, C++ and
+launcher checks) and the argument validation."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -46,10 +48,22 @@ def op_device_params():
     return params
 
 
-@pytest.fixture(params=["default_tile", "small_tile"])
-def tiles(request, monkeypatch):
-    """Runs a test with the default tiles and with small ones (several tiles / blocks per dim)."""
-    if request.param == "small_tile":
+# logits_memory_budget that forces each mode
+KEEP_EVERYTHING = 2**62
+RECOMPUTE = 0
+
+
+@pytest.fixture(params=["keep", "recompute", "recompute_small_tile"])
+def budget(request, monkeypatch):
+    """``logits_memory_budget`` of a test: keep the softmax, or recompute with the
+    default tiles and with small ones (several tiles / blocks per dim). The
+    triton kernels always recompute, so their keep case is skipped (it repeats
+    the recompute one)."""
+    if request.param == "keep":
+        if "triton" in request.node.callspec.params.values():
+            pytest.skip("triton always recomputes")
+        return KEEP_EVERYTHING
+    if request.param == "recompute_small_tile":
         monkeypatch.setattr(fkinfo, "_info_nce_tile_rows", lambda m: SMALL_TILE)
         if importlib.util.find_spec("triton") is not None:
             from fastkd.kernels import info_nce as triton_info_nce
@@ -58,7 +72,7 @@ def tiles(request, monkeypatch):
                 return dict(SMALL_BLOCKS)
 
             monkeypatch.setattr(triton_info_nce, "launch_config", small_blocks)
-    return request.param
+    return RECOMPUTE
 
 
 def embeddings(rows, dim, dtype, seed, device=DEVICE):
@@ -66,15 +80,15 @@ def embeddings(rows, dim, dtype, seed, device=DEVICE):
     return torch.randn(rows, dim, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
-def check_parity(backend, q, k, **kwargs):
+def check_parity(backend, q, k, budget=KEEP_EVERYTHING, **kwargs):
     check_parity_with_grads(
-        lambda a, b: fastkd.info_nce(a, b, backend=backend, **kwargs),
+        lambda a, b: fastkd.info_nce(a, b, backend=backend, logits_memory_budget=budget, **kwargs),
         lambda a, b: reference.info_nce(a, b, **kwargs),
-        [q, k], f"{backend} info_nce", ("loss", "q grad", "k grad"),
+        [q, k], f"{backend} info_nce (budget {budget})", ("loss", "q grad", "k grad"),
     )
 
 
-# (N, M, D, with labels)
+# (N, M, D, with labels); M = 37, 53 leave a tail after the SIMD vectors
 SHAPES = ((1, 1, 5, False), (37, 37, 130, False), (17, 53, 5, True), (17, 53, 130, False))
 
 
@@ -88,7 +102,7 @@ DTYPE_TEMPERATURES = (
 @pytest.mark.parametrize("backend", kernel_params())
 @pytest.mark.parametrize("dtype,temperature", DTYPE_TEMPERATURES, ids=lambda x: str(x))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:3])) + ("_labels" * s[3]))
-def test_parity(tiles, backend, dtype, shape, temperature):
+def test_parity(budget, backend, dtype, shape, temperature):
     n, m, d, with_labels = shape
     q = embeddings(n, d, dtype, 0)
     k = embeddings(m, d, dtype, 1)
@@ -97,25 +111,27 @@ def test_parity(tiles, backend, dtype, shape, temperature):
     labels = None
     if with_labels:
         labels = torch.randint(0, m, (n,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    check_parity(backend, q, k, temperature=temperature, labels=labels)
+    check_parity(backend, q, k, budget, temperature=temperature, labels=labels)
 
 
 @pytest.mark.parametrize("backend", kernel_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("symmetric", (False, True))
 @pytest.mark.parametrize("normalize", (False, True))
-def test_parity_symmetric_normalize(tiles, backend, dtype, symmetric, normalize):
+def test_parity_symmetric_normalize(budget, backend, dtype, symmetric, normalize):
     n, d = 23, 33
     q = embeddings(n, d, dtype, 3) * (1.0 if normalize else d**-0.5)
     k = embeddings(n, d, dtype, 4) * (1.0 if normalize else d**-0.5)
-    check_parity(backend, q, k, temperature=0.07, symmetric=symmetric, normalize=normalize)
+    check_parity(backend, q, k, budget, temperature=0.07, symmetric=symmetric, normalize=normalize)
 
 
-def test_float64_and_non_contiguous(tiles):
+def test_float64_and_non_contiguous(budget):
     q = embeddings(9, 20, torch.float64, 5, "cpu").t().contiguous().t()  # column-major view
     k = embeddings(40, 20, torch.float64, 6, "cpu")[::2]  # row stride 40
     assert not q.is_contiguous() and not k.is_contiguous()
-    got = run_with_grads(lambda a, b: fastkd.info_nce(a, b, temperature=0.3, backend="cpu"), q, k)
+    got = run_with_grads(
+        lambda a, b: fastkd.info_nce(a, b, temperature=0.3, backend="cpu", logits_memory_budget=budget), q, k
+    )
     want = run_with_grads(lambda a, b: reference.info_nce(a, b, temperature=0.3), q, k)
     assert got[0].dtype == torch.float64
     for a, b in zip(got, want, strict=True):
@@ -123,12 +139,12 @@ def test_float64_and_non_contiguous(tiles):
 
 
 @pytest.mark.parametrize("backend", kernel_params())
-def test_non_contiguous_and_large_logits(tiles, backend):
+def test_non_contiguous_and_large_logits(budget, backend):
     """Column-major q, row-strided k, |logits| in the hundreds (τ = 0.05, unnormalised)."""
     q = embeddings(19, 20, torch.float32, 5).t().contiguous().t()
     k = embeddings(66, 20, torch.float32, 6)[::2]
     assert not q.is_contiguous() and not k.is_contiguous()
-    check_parity(backend, q, k, temperature=0.05)
+    check_parity(backend, q, k, budget, temperature=0.05)
 
 
 def test_auto_uses_the_first_kernel_and_the_module_matches():
@@ -149,19 +165,129 @@ def test_reference_backend_through_the_public_function_symmetric():
     torch.testing.assert_close(got, fastkd.info_nce(q, k, symmetric=True, backend="cpu"))
 
 
+def saved_for_backward(fn, *inputs):
+    """The tensors ``fn(*inputs)`` saves for backward, and the loss."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = fn(*inputs)
+    return saved, loss
+
+
 @pytest.mark.parametrize("backend", kernel_params())
 def test_only_row_state_is_saved_for_backward(backend):
-    """Between forward and backward: q, k (the inputs themselves), labels and the
-    row log-sum-exp; nothing of size N × M."""
+    """Recomputing, between forward and backward: q, k (the inputs themselves),
+    labels and the row log-sum-exp; nothing of size N × M."""
     n, m, d = 48, 64, 4
     q = embeddings(n, d, torch.float32, 9).requires_grad_(True)
     k = embeddings(m, d, torch.float32, 10).requires_grad_(True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = fastkd.info_nce(q, k, backend=backend)
+    saved, loss = saved_for_backward(
+        lambda a, b: fastkd.info_nce(a, b, backend=backend, logits_memory_budget=0), q, k
+    )
     assert saved and max(t.numel() for t in saved) <= m * d < n * m
     loss.backward()
     assert q.grad is not None and k.grad is not None
+
+
+def kept_directions(saved, n, m):
+    """How many (N, M) / (M, N) probability matrices are among the saved tensors."""
+    return sum(1 for t in saved if t.dim() == 2 and tuple(t.shape) in ((n, m), (m, n)))
+
+
+@pytest.mark.parametrize(
+    "dtype,element", ((torch.float32, 4), (torch.bfloat16, 4), (torch.float64, 8)), ids=str
+)
+def test_the_budget_decides_what_is_kept(dtype, element):
+    """A direction keeps its softmax exactly when its N·M·element bytes fit; with
+    symmetric=True the second direction keeps only if both fit. The triton
+    kernels never keep."""
+    n, m, d = 6, 10, 4
+    q = embeddings(n, d, dtype, 9, "cpu").requires_grad_(True)
+    k = embeddings(m, d, dtype, 10, "cpu").requires_grad_(True)
+    one = n * m * element
+
+    def kept(budget, **kwargs):
+        saved, _ = saved_for_backward(
+            lambda a, b: fastkd.info_nce(a, b, backend="cpu", logits_memory_budget=budget, **kwargs), q, k
+        )
+        return kept_directions(saved, n, m)
+
+    assert kept(one) == 1 and kept(one - 1) == 0 and kept(0) == 0
+    assert kept(fkinfo.DEFAULT_LOGITS_MEMORY_BUDGET) == 1
+    qs, ks = q[:6], k[:6]
+    square = 6 * 6 * element
+
+    def kept_symmetric(budget):
+        saved, _ = saved_for_backward(
+            lambda a, b: fastkd.info_nce(a, b, backend="cpu", symmetric=True, logits_memory_budget=budget),
+            qs, ks,
+        )
+        return kept_directions(saved, 6, 6)
+
+    assert kept_symmetric(2 * square) == 2 and kept_symmetric(2 * square - 1) == 1
+    assert kept_symmetric(square - 1) == 0
+
+
+def test_triton_never_keeps():
+    pytest.importorskip("fastkd.kernels.info_nce")
+    if not fastkd._dispatch.backend_status("triton", DEVICE.type).available:
+        pytest.skip("no triton backend here")
+    n, m, d = 16, 32, 8
+    q = embeddings(n, d, torch.float32, 9).requires_grad_(True)
+    k = embeddings(m, d, torch.float32, 10).requires_grad_(True)
+    saved, _ = saved_for_backward(
+        lambda a, b: fastkd.info_nce(a, b, backend="triton", logits_memory_budget=KEEP_EVERYTHING), q, k
+    )
+    assert kept_directions(saved, n, m) == 0
+
+
+def test_kept_probabilities_survive_a_second_backward():
+    """The keep backward reads the softmax without changing it: backward twice
+    through the same graph (retain_graph) gives the same gradients twice."""
+    q = embeddings(9, 12, torch.float32, 15, "cpu").requires_grad_(True)
+    k = embeddings(13, 12, torch.float32, 16, "cpu").requires_grad_(True)
+    loss = fastkd.info_nce(q, k, backend="cpu", logits_memory_budget=KEEP_EVERYTHING)
+    first = torch.autograd.grad(loss, (q, k), retain_graph=True)
+    second = torch.autograd.grad(loss, (q, k))
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_keep_and_recompute_agree_with_repeated_labels():
+    """Several queries sharing a positive key (the scatter-add of the keep
+    backward's dk) and a non-unit upstream gradient: both modes match the
+    float64 reference and each other to float32 rounding."""
+    q = embeddings(40, 16, torch.float32, 17, "cpu") / 4
+    k = embeddings(25, 16, torch.float32, 18, "cpu") / 4
+    labels = torch.tensor([3, 3, 3, 0, 24] * 8)
+    results = {}
+    for budget in (KEEP_EVERYTHING, RECOMPUTE):
+        check_parity("cpu", q, k, budget, temperature=0.1, labels=labels)
+        results[budget] = run_with_grads(
+            lambda a, b, budget=budget: fastkd.info_nce(
+                a, b, temperature=0.1, labels=labels, logits_memory_budget=budget
+            ),
+            q, k, upstream=1.7,
+        )
+    for a, b in zip(results[KEEP_EVERYTHING], results[RECOMPUTE], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("budget", (KEEP_EVERYTHING, RECOMPUTE), ids=("keep", "recompute"))
+def test_compiles_with_fullgraph(budget):
+    q = embeddings(12, 8, torch.float32, 19, "cpu").requires_grad_(True)
+    k = embeddings(12, 8, torch.float32, 20, "cpu").requires_grad_(True)
+
+    def loss(a, b):
+        return fastkd.info_nce(a, b, symmetric=True, backend="cpu", logits_memory_budget=budget)
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = compiled(q, k)
+    got_grads = torch.autograd.grad(got, (q, k))
+    expected = loss(q, k)
+    expected_grads = torch.autograd.grad(expected, (q, k))
+    assert torch.equal(got, expected)
+    for a, b in zip(got_grads, expected_grads, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", kernel_params())
@@ -171,12 +297,29 @@ def test_nan_propagates(backend):
     assert torch.isnan(fastkd.info_nce(q, embeddings(5, 3, torch.float32, 12), backend=backend))
 
 
+@pytest.mark.parametrize("budget", (KEEP_EVERYTHING, RECOMPUTE), ids=("keep", "recompute"))
+@pytest.mark.parametrize("labels,expected", (([0, 1], math.inf), ([1, 0], math.nan)), ids=("inf", "nan"))
+def test_infinite_logits_follow_the_reference(budget, labels, expected):
+    """A row with logits −inf and +inf: its log-sum-exp is +inf, so the loss is
+    +inf with the −inf positive and NaN (inf − inf) with the +inf one."""
+    q = torch.tensor([[math.inf, 0.0], [0.0, 1.0]])
+    k = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])
+    labels = torch.tensor(labels)
+    want = reference.info_nce(q.double(), k.double(), temperature=1.0, labels=labels)
+    got = fastkd.info_nce(q, k, temperature=1.0, labels=labels, backend="cpu", logits_memory_budget=budget)
+    assert want.isnan() if math.isnan(expected) else want == expected
+    assert got.isnan() if math.isnan(expected) else got == expected
+
+
+@pytest.mark.parametrize("budget", (KEEP_EVERYTHING, RECOMPUTE), ids=("keep", "recompute"))
 @pytest.mark.parametrize("backend", kernel_params())
-def test_deterministic(backend):
+def test_deterministic(backend, budget):
     """Two runs give bit-identical losses and gradients (no atomics in any kernel)."""
     q, k = embeddings(21, 24, torch.float32, 13), embeddings(35, 24, torch.float32, 14)
-    first = run_with_grads(lambda a, b: fastkd.info_nce(a, b, backend=backend), q, k)
-    again = run_with_grads(lambda a, b: fastkd.info_nce(a, b, backend=backend), q, k)
+    labels = torch.tensor([0, 5, 5, 34, 5, 7, 0] * 3, device=DEVICE)  # shared positives: the keep scatter-add
+    fn = lambda a, b: fastkd.info_nce(a, b, labels=labels, backend=backend, logits_memory_budget=budget)  # noqa: E731
+    first = run_with_grads(fn, q, k)
+    again = run_with_grads(fn, q, k)
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a, b)
 
@@ -206,6 +349,23 @@ def test_opcheck(device, dtype):
     grad_q, grad_k = torch.ops.fastkd.info_nce_backward(grad_rows, q, k, labels, row_lse, inv_t, tile_rows)
     assert grad_q.dtype == dtype and grad_k.dtype == dtype
 
+    # the keep ops: same row losses, probabilities summing to 1, same gradients
+    torch.library.opcheck(torch.ops.fastkd.info_nce_softmax_forward.default, (q, k, labels, inv_t))
+    kept_loss, probabilities = torch.ops.fastkd.info_nce_softmax_forward(q, k, labels, inv_t)
+    assert probabilities.shape == (7, 11) and probabilities.dtype == acc and kept_loss.dtype == acc
+    close = {"rtol": 1e-5, "atol": 1e-6} if acc == torch.float32 else {}
+    torch.testing.assert_close(kept_loss, row_loss, **close)
+    torch.testing.assert_close(probabilities.sum(1), torch.ones_like(row_lse), **close)
+    args = (grad_rows, q, k, labels, probabilities, inv_t)
+    torch.library.opcheck(torch.ops.fastkd.info_nce_softmax_backward.default, args)
+    before = probabilities.clone()
+    kept_q, kept_k = torch.ops.fastkd.info_nce_softmax_backward(*args)
+    assert torch.equal(probabilities, before)
+    assert kept_q.dtype == dtype and kept_k.dtype == dtype
+    close = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else close
+    torch.testing.assert_close(kept_q, grad_q, **close)
+    torch.testing.assert_close(kept_k, grad_k, **close)
+
 
 OP_CHECK_CASES = [
     ({"q": torch.randn(7)}, "q must be 2-D"),
@@ -228,6 +388,38 @@ def test_op_checks(device, change, needle):
     args.update({name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in change.items()})
     with pytest.raises(RuntimeError, match=needle):
         torch.ops.fastkd.info_nce_forward(*args.values())
+
+
+@pytest.mark.parametrize("device", op_device_params())
+@pytest.mark.parametrize("change,needle", OP_CHECK_CASES[:-1])  # the keep ops take no tile_rows
+def test_softmax_op_checks(device, change, needle):
+    names = ("q", "k", "labels", "inv_temperature")
+    args = dict(zip(names, op_args(torch.float32, device=device)[:4], strict=True))
+    args.update({name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in change.items()})
+    with pytest.raises(RuntimeError, match=needle):
+        torch.ops.fastkd.info_nce_softmax_forward(*args.values())
+
+
+@pytest.mark.parametrize("device", op_device_params())
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"probabilities": torch.rand(7, 10)}, r"probabilities must be \(N, M\) = \(7, 11\)"),
+        ({"probabilities": torch.rand(77)}, "probabilities must be 2-D"),
+        ({"probabilities": torch.rand(7, 11, dtype=torch.float64)}, "probabilities must be Float"),
+        ({"grad_row_loss": torch.ones(6)}, "grad_row_loss must have one entry per row"),
+        ({"grad_row_loss": torch.ones(7, dtype=torch.long)}, "grad_row_loss must be a floating-point"),
+        ({"labels": torch.full((7,), 11)}, "labels must lie in"),
+    ],
+)
+def test_softmax_backward_op_checks(device, change, needle):
+    q, k, labels, inv_t, _ = op_args(torch.float32, device=device)
+    args = {"grad_row_loss": torch.ones(7), "q": q, "k": k, "labels": labels,
+            "probabilities": torch.rand(7, 11), "inv_temperature": inv_t}
+    args.update(change)
+    args = {name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in args.items()}
+    with pytest.raises(RuntimeError, match=needle):
+        torch.ops.fastkd.info_nce_softmax_backward(*args.values())
 
 
 @pytest.mark.parametrize(
@@ -290,6 +482,10 @@ def test_triton_launcher_checks_row_vectors():
         ({"symmetric": 1}, "symmetric"),
         ({"normalize": "yes"}, "normalize"),
         ({"backend": "fast"}, "backend"),
+        ({"logits_memory_budget": -1}, "logits_memory_budget"),
+        ({"logits_memory_budget": 1.5e9}, "logits_memory_budget"),
+        ({"logits_memory_budget": True}, "logits_memory_budget"),
+        ({"logits_memory_budget": None}, "logits_memory_budget"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, needle):
@@ -312,3 +508,19 @@ def test_explicit_backend_without_info_nce_kernel_raises(monkeypatch):
     # backend="auto" falls back to the reference instead
     q, k = torch.randn(4, 5), torch.randn(4, 5)
     assert torch.equal(fastkd.info_nce(q, k), reference.info_nce(q, k))
+
+
+@pytest.mark.parametrize("budget", (-1, 2.0, None, "1GiB"))
+def test_module_bad_budget_raises_value_error(budget):
+    with pytest.raises(ValueError, match="logits_memory_budget"):
+        fastkd.InfoNCELoss(logits_memory_budget=budget)
+
+
+def test_module_forwards_the_budget():
+    module = fastkd.InfoNCELoss(logits_memory_budget=0)
+    assert module.logits_memory_budget == 0 and "logits_memory_budget=0" in repr(module)
+    assert fastkd.InfoNCELoss().logits_memory_budget == fkinfo.DEFAULT_LOGITS_MEMORY_BUDGET
+    q = embeddings(6, 4, torch.float32, 21, "cpu").requires_grad_(True)
+    k = embeddings(6, 4, torch.float32, 22, "cpu").requires_grad_(True)
+    saved, _ = saved_for_backward(module, q, k)
+    assert kept_directions(saved, 6, 6) == 0

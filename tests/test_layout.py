@@ -67,7 +67,8 @@ FAMILIES = {
     "nst": ("fastkd/nst.py", "fastkd/reference/nst.py", "tests/test_nst*.py"),
     "info_nce": (
         "fastkd/info_nce.py", "fastkd/reference/info_nce.py", "kernels/info_nce.py", "csrc/cpu/info_nce.cpp",
-        "csrc/cuda/info_nce.cu", "tests/test_info_nce*.py", "bench/bench_info_nce.py",
+        "csrc/cpu/info_nce_kernel.cpp", "csrc/cpu/info_nce_kernel.h", "csrc/cuda/info_nce.cu",
+        "tests/test_info_nce*.py", "bench/bench_info_nce.py",
     ),
     "attention_transfer": (
         "fastkd/attention_transfer.py", "fastkd/reference/attention_transfer.py",

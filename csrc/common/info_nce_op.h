@@ -1,6 +1,8 @@
 // Shared by the CPU and CUDA implementations of fastkd::info_nce_forward /
-// info_nce_backward (csrc/cpu/info_nce.cpp, csrc/cuda/info_nce.cu): the
-// argument checks and the backward's tile-by-tile gradient accumulation.
+// info_nce_backward and of fastkd::info_nce_softmax_forward / _backward
+// (csrc/cpu/info_nce.cpp, csrc/cuda/info_nce.cu): the argument checks, the
+// recomputing backward's tile-by-tile gradient accumulation and the backward
+// from kept probabilities.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -93,5 +95,51 @@ struct InfoNceGrads {
     return {grad_q, upcast ? grad_k_acc.to(grad_q.scalar_type()) : grad_k_acc};
   }
 };
+
+// The extra inputs of info_nce_softmax_backward: grad_row_loss [N], floating
+// point, and the probabilities kept by info_nce_softmax_forward, [N, M] in
+// the accumulation dtype of q; both on q's device.
+inline void check_info_nce_softmax_backward_args(const at::Tensor& grad_row_loss,
+                                                 const at::Tensor& probabilities, const at::Tensor& q,
+                                                 const at::Tensor& k, c10::DeviceType device) {
+  CHECK_DEVICE_TYPE(grad_row_loss, device);
+  CHECK_DEVICE_TYPE(probabilities, device);
+  CHECK_SAME_DEVICE(q, grad_row_loss);
+  CHECK_SAME_DEVICE(q, probabilities);
+  CHECK_DIM(grad_row_loss, 1);
+  CHECK_DIM(probabilities, 2);
+  TORCH_CHECK(grad_row_loss.size(0) == q.size(0), "grad_row_loss must have one entry per row of q (",
+              q.size(0), "), got ", grad_row_loss.size(0));
+  TORCH_CHECK(at::isFloatingType(grad_row_loss.scalar_type()),
+              "grad_row_loss must be a floating-point tensor");
+  TORCH_CHECK(probabilities.size(0) == q.size(0) && probabilities.size(1) == k.size(0),
+              "probabilities must be (N, M) = (", q.size(0), ", ", k.size(0), "), got ",
+              probabilities.sizes());
+  TORCH_CHECK(probabilities.scalar_type() == accumulation_type(q), "probabilities must be ",
+              accumulation_type(q), " for ", q.scalar_type(), " q, got ", probabilities.scalar_type());
+}
+
+// (dq, dk) in q's / k's dtype from the kept probabilities P [N, M] (the
+// accumulation dtype): with s_i = grad_row_loss_i · inv_temperature and Y the
+// one-hot labels, ∂loss/∂(q kᵀ) = G = diag(s) (P − Y), so
+//   dq = G k  = s ⊙ (P k − k_y)            (one GEMM)
+//   dk = Gᵀ q = Pᵀ (s ⊙ q) − Yᵀ (s ⊙ q)    (one GEMM and a scatter-add).
+// G itself is never formed: P is read by the two GEMMs and left as it is
+// (a second backward through the same graph finds it unchanged), and the
+// backward needs no (N, M) temporary. The scatter-add of Yᵀ is index_put_
+// with accumulate, deterministic on CPU and CUDA alike.
+inline std::tuple<at::Tensor, at::Tensor> info_nce_grads_from_probabilities(
+    const at::Tensor& grad_row_loss, const at::Tensor& q, const at::Tensor& k, const at::Tensor& labels,
+    const at::Tensor& probabilities, double inv_temperature) {
+  const auto acc = probabilities.scalar_type();
+  const at::Tensor row_scale = grad_row_loss.to(acc).mul(inv_temperature).unsqueeze(1);  // [N, 1]
+  const at::Tensor k_acc = k.to(acc);
+  at::Tensor grad_q = at::mm(probabilities, k_acc);
+  grad_q.sub_(k_acc.index_select(0, labels)).mul_(row_scale);
+  const at::Tensor scaled_q = q.to(acc).mul(row_scale);
+  at::Tensor grad_k = at::mm(probabilities.t(), scaled_q);
+  grad_k.index_put_({labels}, scaled_q.neg(), /*accumulate=*/true);
+  return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type())};
+}
 
 }  // namespace fastkd

@@ -1,6 +1,8 @@
 // CUDA implementation of fastkd::info_nce_forward / fastkd::info_nce_backward
 // (docs/spec.md §4), with the same tiling and contract as the CPU op
 // (csrc/cpu/info_nce.cpp): the (N, M) similarity matrix is never stored.
+// (The keep mode, fastkd::info_nce_softmax_forward / _backward, at the end of
+// this file, stores it as the softmax instead and skips the recompute.)
 // Each op walks q in tiles of `tile_rows` rows; a tile's raw products
 // q_tile kᵀ (tile_rows × M, from an ATen GEMM, i.e. cuBLAS) are the only large
 // temporary, so memory is O(tile_rows · M), not O(N · M). What is ours is the
@@ -218,6 +220,41 @@ std::tuple<at::Tensor, at::Tensor> info_nce_backward_cuda(
   return grads.outputs();
 }
 
+// The keep mode: all the logits in one GEMM against k · inv_temperature (so
+// that the row maximum's own exponent is exactly exp(0), as on CPU), the row
+// kernel's log-sum-exp and loss, then P = exp(logits − lse) in place (two
+// ATen element-wise passes; on a GPU a small share of the GEMM's time).
+std::tuple<at::Tensor, at::Tensor> info_nce_softmax_forward_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                                 const at::Tensor& labels,
+                                                                 double inv_temperature) {
+  check_info_nce_args(q, k, labels, inv_temperature, /*tile_rows=*/1, at::kCUDA);
+  const CudaOpScope scope(q);
+  const auto acc = accumulation_type(q);
+  const int64_t n = q.size(0), m = k.size(0);
+  at::Tensor row_loss = at::empty({n}, q.options().dtype(acc));
+  if (n == 0) return {row_loss, at::empty({0, m}, q.options().dtype(acc))};
+  at::Tensor row_lse = at::empty({n}, q.options().dtype(acc));
+  at::Tensor probabilities = at::mm(q.to(acc), k.to(acc).mul(inv_temperature).t());  // becomes P in place
+  const at::Tensor labels_c = labels.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(acc, "info_nce_softmax_forward_cuda", [&] {
+    launch_row_lse<scalar_t>(probabilities.data_ptr<scalar_t>(), labels_c.data_ptr<int64_t>(),
+                             row_loss.data_ptr<scalar_t>(), row_lse.data_ptr<scalar_t>(), n, m,
+                             scalar_t(1), stream);
+  });
+  probabilities.sub_(row_lse.unsqueeze(1)).exp_();
+  return {row_loss, probabilities};
+}
+
+std::tuple<at::Tensor, at::Tensor> info_nce_softmax_backward_cuda(
+    const at::Tensor& grad_row_loss, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& labels, const at::Tensor& probabilities, double inv_temperature) {
+  check_info_nce_args(q, k, labels, inv_temperature, /*tile_rows=*/1, at::kCUDA);
+  check_info_nce_softmax_backward_args(grad_row_loss, probabilities, q, k, at::kCUDA);
+  const CudaOpScope scope(q);
+  return info_nce_grads_from_probabilities(grad_row_loss, q, k, labels, probabilities, inv_temperature);
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fastkd
@@ -225,4 +262,6 @@ std::tuple<at::Tensor, at::Tensor> info_nce_backward_cuda(
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
   m.impl("info_nce_forward", &fastkd::cuda::info_nce_forward_cuda);
   m.impl("info_nce_backward", &fastkd::cuda::info_nce_backward_cuda);
+  m.impl("info_nce_softmax_forward", &fastkd::cuda::info_nce_softmax_forward_cuda);
+  m.impl("info_nce_softmax_backward", &fastkd::cuda::info_nce_softmax_backward_cuda);
 }
