@@ -30,8 +30,7 @@ namespace CPU_CAPABILITY {
 
 namespace {
 
-template <class T>
-using Vec = at::vec::Vectorized<T>;
+using divergence::Vec;  // at::vec::Vectorized<T> of this capability
 
 // Elements per parallel task: enough to amortise the task, few enough that
 // two threads share a block of a few rows.

@@ -359,12 +359,8 @@ void mixture_rows(const MixtureDivergenceArgs& a) {
 // Sleef's. Elsewhere at::vec's expm1.
 inline Vec<float> expm1_lanes(Vec<float> x) {
 #if defined(CPU_CAPABILITY_AVX512)
-  // vmaxps returns its second operand for a NaN: NaN passes through
-  const __m512 a = _mm512_max_ps(_mm512_set1_ps(-110.0f), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(a, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), a);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 n;
+  const __m512 r = fk_ln2_reduce(x, n);
   __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0f / 5040.0f), _mm512_set1_ps(1.0f / 720.0f));
   p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f / 120.0f));
   p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f / 24.0f));

@@ -22,14 +22,15 @@
 #include <cmath>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace fastkd {
 namespace cpu {
 namespace CPU_CAPABILITY {
 
 namespace {
 
-template <class T>
-using Vec = at::vec::Vectorized<T>;
+using divergence::Vec;  // at::vec::Vectorized<T> of this capability
 
 // Rows per parallel task: a task's rows × cols block stays in cache.
 constexpr int64_t kGrainRows = 4;

@@ -31,13 +31,14 @@
 #include <array>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace fastkd {
 namespace cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-template <class T>
-using Vec = at::vec::Vectorized<T>;
+using divergence::Vec;  // at::vec::Vectorized<T> of this capability
 
 template <class T>
 double lane_sum(const Vec<T>& v) {

@@ -40,16 +40,25 @@ inline Vec<T> fk_log(Vec<T> x) { return x.log(); }
 // Elsewhere: at::vec's exp_u20 (a degree-5 polynomial, ≤ 20 ulp: ~2e-6
 // relative, well inside the float32 tolerance), about twice as fast as
 // Sleef's exp; it maps NaN to a finite value, so NaN is put back.
+#if defined(CPU_CAPABILITY_AVX512)
+// x = n ln 2 + r with n an integer and |r| ≤ ln2/2, for x clamped below at
+// −110 (vmaxps returns its second operand for a NaN: NaN passes through to r).
+inline __m512 fk_ln2_reduce(__m512 x, __m512& n) {
+  const __m512 a = _mm512_max_ps(_mm512_set1_ps(-110.0f), x);
+  n = _mm512_roundscale_ps(_mm512_mul_ps(a, _mm512_set1_ps(1.44269504088896341f)),
+                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // ln 2 in two parts; n·0.693359375 is exact for |n| < 2^15
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), a);
+  return _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+}
+#endif
+
 template <class T>
 inline Vec<T> fk_exp_normaliser(Vec<T> x) {
   if constexpr (std::is_same_v<T, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
-    const __m512 a = _mm512_max_ps(_mm512_set1_ps(-110.0f), x);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(a, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    // ln 2 in two parts; n·0.693359375 is exact for |n| < 2^15
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), a);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 n;
+    const __m512 r = fk_ln2_reduce(x, n);
     __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
     p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.166676521f));
     p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.499991506f));
