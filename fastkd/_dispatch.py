@@ -56,17 +56,16 @@ def backend_status(name: str, device_type: str | None = None) -> BackendStatus:
     """Whether ``name`` can run ``fastkd::`` kernels (on ``device_type`` if given)."""
     if name == "reference":
         return BackendStatus(True, "plain PyTorch, runs anywhere")
+    if name in ("cpu", "cuda"):
+        # each C++ backend takes the tensors of its own device, from its own extension
+        if device_type not in (None, name):
+            return BackendStatus(False, f"the {name} backend takes {name.upper()} tensors, not {device_type}")
+        extension_error = _ops.CPU_EXTENSION_ERROR if name == "cpu" else _ops.CUDA_EXTENSION_ERROR
+        if extension_error:
+            return BackendStatus(False, extension_error)
     if name == "cpu":
-        if device_type not in (None, "cpu"):
-            return BackendStatus(False, f"the cpu backend takes CPU tensors, not {device_type}")
-        if _ops.CPU_EXTENSION_ERROR:
-            return BackendStatus(False, _ops.CPU_EXTENSION_ERROR)
         return BackendStatus(True, "fastkd._C (SIMD variant: see backends())")
     if name == "cuda":
-        if device_type not in (None, "cuda"):
-            return BackendStatus(False, f"the cuda backend takes CUDA tensors, not {device_type}")
-        if _ops.CUDA_EXTENSION_ERROR:
-            return BackendStatus(False, _ops.CUDA_EXTENSION_ERROR)
         if not torch.cuda.is_available():
             return BackendStatus(False, "no CUDA device")
         return BackendStatus(True, "fastkd._C_cuda")

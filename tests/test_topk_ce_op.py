@@ -17,12 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastkd
 from fastkd.reference import topk as reference_topk
-from fastkd.topk import TOPK_KERNELS
 from tests.helpers import (
     DEVICE,
-    KERNEL_BACKENDS,
     OUT_OF_RANGE_ROW_MASK,
     assert_matches,
     assert_nan_on_out_of_range_rows,
@@ -30,25 +27,13 @@ from tests.helpers import (
     out_of_range_labels,
     run_past_the_label_check,
 )
+from tests.test_topk import kernel_params
 
 # kind code → divergence name; reverse KL (1) is refused by the top-k op
 NAMES = {0: "kl", 2: "jsd", 3: "skew_kl", 4: "skew_reverse_kl", 5: "tvd"}
 COEF = 0.5  # β (JSD) / α (skew) for kinds 2, 3, 4
 GRAD_SCALE = 0.7  # never only unit scales; distinct so that a swapped factor shows
 HARD_GRAD_SCALE = 0.3
-
-
-def kernel_params():
-    """The backends with a top-k kernel among DEVICE's kernel backends (cpu +
-    triton on a CPU, triton + cuda under FASTKD_TEST_DEVICE=cuda), skipped with
-    the reason when unavailable."""
-    params = []
-    for name in (name for name in KERNEL_BACKENDS if name in TOPK_KERNELS):
-        status = fastkd._dispatch.backend_status(name, DEVICE.type)
-        marks = () if status.available else (pytest.mark.skip(reason=f"{name}: {status.reason}"),)
-        params.append(pytest.param(name, marks=marks, id=name))
-    none = pytest.param("none", marks=pytest.mark.skip(reason=f"no top-k kernel on {DEVICE.type}"))
-    return params or [none]
 
 
 def coef_of(kind: int) -> float:
@@ -146,23 +131,23 @@ def test_ce_parity_every_kind(backend, kind, temperature):
     check_ce_parity(backend, s, index, values, row_mask, kind, temperature)
 
 
-@pytest.mark.parametrize("backend", kernel_params())
-@pytest.mark.parametrize("temperature", (1.0, 2.5))
-@pytest.mark.parametrize("kind", (0, 4), ids=("kl", "skew_reverse_kl"))
-def test_ce_parity_vocab_above_one_block(backend, kind, temperature):
-    # V = 5000 > the Triton kernel's 4096-wide chunk: the online sums over chunks
-    s = logits((2, 5000))
-    index, values = sparse_teacher(2, 5000, 64)
-    check_ce_parity(backend, s, index, values, None, kind, temperature)
+# (rows, V, k, kind): V = 5000 is past the Triton kernel's 4096-wide chunk (the
+# online sums over chunks); k = V leaves nothing off the support (the
+# off-support sums are empty)
+WIDTH_CASES = [
+    pytest.param(2, 5000, 64, 0, id="vocab_above_one_block-kl"),
+    pytest.param(2, 5000, 64, 4, id="vocab_above_one_block-skew_reverse_kl"),
+    pytest.param(3, 9, 9, 0, id="support_is_the_whole_row-kl"),
+    pytest.param(3, 9, 9, 5, id="support_is_the_whole_row-tvd"),
+]
 
 
 @pytest.mark.parametrize("backend", kernel_params())
 @pytest.mark.parametrize("temperature", (1.0, 2.5))
-@pytest.mark.parametrize("kind", (0, 5), ids=("kl", "tvd"))
-def test_ce_parity_support_is_the_whole_row(backend, kind, temperature):
-    # k = V: nothing off the support (the off-support sums are empty)
-    s = logits((3, 9))
-    index, values = sparse_teacher(3, 9, 9)
+@pytest.mark.parametrize(("rows", "vocab", "k", "kind"), WIDTH_CASES)
+def test_ce_parity_widths(backend, rows, vocab, k, kind, temperature):
+    s = logits((rows, vocab))
+    index, values = sparse_teacher(rows, vocab, k)
     check_ce_parity(backend, s, index, values, None, kind, temperature)
 
 
