@@ -126,11 +126,11 @@ TORCH_LIBRARY(fastkd, m) {
   //   [0, n_data), column 0 the positive; z: the normalisation constant Z,
   //   or <= 0 to set it from this batch (mean exp(s/T) · n_data).
   // Returns (row_loss [B] in v's dtype, grad [B, D] = d row_loss_b / d v_b
-  // (or [0, 0] without want_grad), z_used [] in v's dtype). The bank gets
+  // (or [0, 0] without student_grad), z_used [] in v's dtype). The bank gets
   // no gradient.
   m.def(
       "crd_nce_forward(Tensor v, Tensor bank, Tensor contrast_idx, float z, "
-      "float inv_temperature, bool want_grad) -> (Tensor, Tensor, Tensor)");
+      "float inv_temperature, bool student_grad) -> (Tensor, Tensor, Tensor)");
   // Attention transfer (docs/spec.md §5, RepDistiller `Attention`), one pass over C
   // per spatial position. student: [N, C_s, H, W], teacher: [N, C_t, H, W]
   // (same N, H, W and dtype; the caller pools the larger map), read as NCHW or

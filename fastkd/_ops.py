@@ -135,9 +135,9 @@ if _C is not None and has_kernel("dkd_forward", "CPU"):
         grad = student.new_empty((rows, classes) if student_grad else (0, 0))
         return student.new_empty((rows,), dtype=loss_dtype), grad
     @torch.library.register_fake("fastkd::crd_nce_forward")
-    def _crd_nce_forward_fake(v, bank, contrast_idx, z, inv_temperature, want_grad):
+    def _crd_nce_forward_fake(v, bank, contrast_idx, z, inv_temperature, student_grad):
         rows, dim = v.shape
-        return v.new_empty((rows,)), v.new_empty((rows, dim) if want_grad else (0, 0)), v.new_empty(())
+        return v.new_empty((rows,)), v.new_empty((rows, dim) if student_grad else (0, 0)), v.new_empty(())
     def _at_reads_channels_last(x):
         # csrc/cpu/attention_transfer.cpp: channels_last only when not also NCHW-contiguous
         return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)

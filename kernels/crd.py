@@ -128,13 +128,13 @@ def _crd_nce_kernel(
     idx_ptr,  # [B, K+1] int64 bank indices (outside [0, n_data): NaN), strides (stride_ib, stride_ik)
     z_ptr,  # [] float32 normalisation constant Z > 0
     loss_ptr,  # [SPLITS, B] float64 partial row losses (without the constant K log(c'/c))
-    grad_ptr,  # [SPLITS, B, D] float32 partial d row_loss_b / d v_b (None unless WANT_GRAD)
+    grad_ptr,  # [SPLITS, B, D] float32 partial d row_loss_b / d v_b (None unless STUDENT_GRAD)
     B, D, cols_total, n_data,
     stride_vb, stride_vd, stride_bank_n, stride_bank_d, stride_ib, stride_ik,
     inv_temperature,  # 1 / T
     c_eps,  # c' = K / n_data + 1e-7
     inv_c_eps,  # 1 / c'
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, COLS_PER_SPLIT: tl.constexpr, WANT_GRAD: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, COLS_PER_SPLIT: tl.constexpr, STUDENT_GRAD: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -162,13 +162,13 @@ def _crd_nce_kernel(
         term_positive = tl.where(p == float("inf"), float("nan"), log1p(c_eps / p))
         term = tl.where(positive, term_positive, log1p(p * inv_c_eps))
         loss += tl.where(col_ok, term, 0.0).to(tl.float64)
-        if WANT_GRAD:
+        if STUDENT_GRAD:
             # d/ds: −c' / (T (P0 + c')) for the positive, Pk / (T (Pk + c')) for a negative
             g = tl.where(positive, -c_eps / denom, p / denom) * inv_temperature
             g = tl.where(col_ok, g, 0.0)
             grad += tl.sum(g[:, None] * rows, 0)
     tl.store(loss_ptr + split * B + b, tl.sum(loss, 0))
-    if WANT_GRAD:
+    if STUDENT_GRAD:
         tl.store(grad_ptr + (split * B + b) * D + d, grad, mask=d_ok)
 
 
@@ -191,7 +191,7 @@ def launch_config(batch: int, cols: int, dim: int) -> dict:
     }
 
 
-def _check_args(v, bank, contrast_idx, z, inv_temperature, want_grad) -> None:
+def _check_args(v, bank, contrast_idx, z, inv_temperature, student_grad) -> None:
     """The checks of csrc/cpu/crd.cpp's check_crd_args as ValueError, float32 only."""
     for name, x in (("v", v), ("bank", bank), ("contrast_idx", contrast_idx)):
         check_tensor(name, x, 2, dtypes=None)
@@ -224,8 +224,8 @@ def _check_args(v, bank, contrast_idx, z, inv_temperature, want_grad) -> None:
     if not math.isfinite(z):
         raise ValueError(f"z must be finite, got {z}")
     check_positive("inv_temperature", inv_temperature)
-    if not isinstance(want_grad, bool):
-        raise ValueError(f"want_grad must be a bool, got {type(want_grad).__name__}")
+    if not isinstance(student_grad, bool):
+        raise ValueError(f"student_grad must be a bool, got {type(student_grad).__name__}")
 
 
 @guard_device
@@ -235,7 +235,7 @@ def crd_nce_forward(
     contrast_idx: torch.Tensor,
     z: float,
     inv_temperature: float,
-    want_grad: bool,
+    student_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One CRD direction's row losses and gradient; the contract of ``fastkd::crd_nce_forward``.
 
@@ -249,18 +249,18 @@ def crd_nce_forward(
         z: the normalisation constant ``Z``; ``z <= 0`` sets it from this
             batch, ``Z = mean_bj exp(s_bj / T) · n_data`` (one more gather pass).
         inv_temperature: ``1 / T``.
-        want_grad: whether to compute the gradient.
+        student_grad: whether to compute the gradient.
 
     Returns:
         ``row_loss`` ``(B,)`` float32; ``grad`` ``(B, D)`` float32
-        ``d row_loss_b / d v_b`` (``(0, 0)`` without ``want_grad``); ``z_used``,
+        ``d row_loss_b / d v_b`` (``(0, 0)`` without ``student_grad``); ``z_used``,
         a ``()`` float32 tensor (no host synchronisation).
     """
-    _check_args(v, bank, contrast_idx, z, inv_temperature, want_grad)
+    _check_args(v, bank, contrast_idx, z, inv_temperature, student_grad)
     batch, dim = v.shape
     n_data, cols = bank.shape[0], contrast_idx.shape[1]
     device = v.device
-    grad_shape = (batch, dim) if want_grad else (0, 0)
+    grad_shape = (batch, dim) if student_grad else (0, 0)
     if batch == 0:
         return (torch.empty(0, dtype=torch.float32, device=device),
                 torch.empty(grad_shape, dtype=torch.float32, device=device),
@@ -290,14 +290,15 @@ def crd_nce_forward(
     c_eps = c + NCE_EPS
     loss_partial = torch.empty((splits, batch), dtype=torch.float64, device=device)
     grad_partial = None
-    if want_grad:
+    if student_grad:
         grad_partial = torch.empty((splits, batch, dim), dtype=torch.float32, device=device)
     _crd_nce_kernel[grid](
         v, bank, contrast_idx, z_used, loss_partial, grad_partial, batch, dim, cols, n_data, *strides,
-        float(inv_temperature), float(c_eps), float(1.0 / c_eps), WANT_GRAD=want_grad, **meta,
+        float(inv_temperature), float(c_eps), float(1.0 / c_eps), STUDENT_GRAD=student_grad, **meta,
     )
     # Σ_k log((P_k + c') / c) = Σ_k log1p(P_k / c') + K log(c' / c)
     shift = negatives * math.log1p(NCE_EPS / c) if negatives > 0 else 0.0
     row_loss = (loss_partial.sum(0) + shift).to(torch.float32)
-    grad = grad_partial.sum(0) if want_grad else torch.empty(grad_shape, dtype=torch.float32, device=device)
+    no_grad = torch.empty(grad_shape, dtype=torch.float32, device=device)
+    grad = grad_partial.sum(0) if student_grad else no_grad
     return row_loss, grad, z_used

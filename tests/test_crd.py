@@ -484,17 +484,17 @@ def test_feature_maps_are_flattened():
 
 @pytest.mark.parametrize("device", op_device_params())
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
-@pytest.mark.parametrize("want_grad", (True, False))
+@pytest.mark.parametrize("student_grad", (True, False))
 @pytest.mark.parametrize("z", (-1.0, 2.5))
-def test_opcheck(device, dtype, want_grad, z):
+def test_opcheck(device, dtype, student_grad, z):
     v = torch.randn(5, 7, dtype=dtype, device=device)
     bank = torch.randn(12, 7, dtype=dtype, device=device)
     contrast_idx = torch.randint(12, (5, 4), device=device)
-    args = (v, bank, contrast_idx, z, 1 / 0.07, want_grad)
+    args = (v, bank, contrast_idx, z, 1 / 0.07, student_grad)
     torch.library.opcheck(torch.ops.fastkd.crd_nce_forward.default, args)
     row_loss, grad, z_used = torch.ops.fastkd.crd_nce_forward(*args)
     assert row_loss.shape == (5,) and row_loss.dtype == dtype
-    assert grad.shape == ((5, 7) if want_grad else (0, 0))
+    assert grad.shape == ((5, 7) if student_grad else (0, 0))
     assert z_used.shape == () and (z < 0 or z_used.item() == z)
 
 
@@ -523,7 +523,7 @@ def crd_op_args(device):
         "contrast_idx": torch.randint(12, (5, 4), device=device),
         "z": 1.0,
         "inv_temperature": 2.0,
-        "want_grad": True,
+        "student_grad": True,
     }
 
 
@@ -553,7 +553,7 @@ def test_op_checks(device, change, needle):
          "must be float32 for triton"),
         ({"contrast_idx": [[0] * 4] * 5}, "contrast_idx must be a torch.Tensor"),
         ({"contrast_idx": torch.zeros(5, 0, dtype=torch.long)}, "at least one column"),
-        ({"want_grad": 1}, "want_grad must be a bool"),
+        ({"student_grad": 1}, "student_grad must be a bool"),
     ],
 )
 def test_triton_launcher_checks(change, needle, monkeypatch):

@@ -174,13 +174,13 @@ void crd_kernel(const CrdView<T>& w, int64_t n_data, T z, double* row_loss, T* g
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_nce_forward_cpu(
     const at::Tensor& v, const at::Tensor& bank, const at::Tensor& contrast_idx, double z,
-    double inv_temperature, bool want_grad) {
+    double inv_temperature, bool student_grad) {
   check_crd_args(v, bank, contrast_idx, z, inv_temperature, at::kCPU);
   const at::Tensor vc = v.contiguous();
   const at::Tensor idx = contrast_idx.contiguous();
   const int64_t batch = v.size(0), dim = v.size(1), n_data = bank.size(0);
   at::Tensor row_loss = at::empty({batch}, v.options().dtype(at::kDouble));
-  at::Tensor grad = want_grad ? at::empty({batch, dim}, v.options()) : at::empty({0, 0}, v.options());
+  at::Tensor grad = student_grad ? at::empty({batch, dim}, v.options()) : at::empty({0, 0}, v.options());
   at::Tensor z_out = at::empty({}, v.options());
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "crd_nce_forward", [&] {
     const CrdView<scalar_t> w{vc.data_ptr<scalar_t>(), bank.data_ptr<scalar_t>(),
@@ -197,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_nce_forward_cpu(
     z_out.fill_(z_used);
     if (batch > 0) {
       crd_kernel(w, n_data, z_used, row_loss.data_ptr<double>(),
-                 want_grad ? grad.data_ptr<scalar_t>() : nullptr);
+                 student_grad ? grad.data_ptr<scalar_t>() : nullptr);
     }
   });
   return {row_loss.to(v.scalar_type()), grad, z_out};

@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(kThreads) _crd_nce_kernel(
   const int64_t first = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock;
   const T inv_z = T(1) / *z;
-  const bool want_grad = grad_partial != nullptr;
+  const bool student_grad = grad_partial != nullptr;
   for (int64_t item = first; item < w.items; item += stride) {
     const WorkItem it = work_item(w, item);
     T vr[R];
@@ -209,14 +209,14 @@ __global__ void __launch_bounds__(kThreads) _crd_nce_kernel(
         loss += static_cast<double>(dev_log1p(p * inv_c_eps));
         g = p / denom * w.inv_temperature;
       }
-      if (want_grad) {
+      if (student_grad) {
 #pragma unroll
         for (int r = 0; r < R; ++r) gr[r] += static_cast<double>(g) * static_cast<double>(rr[r]);
       }
     }
     const int64_t out = it.split * w.batch + it.b;
     if (lane == 0) loss_partial[out] = loss;
-    if (want_grad) {
+    if (student_grad) {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const int64_t d = lane + int64_t(kWarp) * r;
@@ -274,7 +274,7 @@ std::pair<int64_t, int64_t> column_splits(int64_t batch, int64_t cols) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_nce_forward_cuda(
     const at::Tensor& v, const at::Tensor& bank, const at::Tensor& contrast_idx, double z,
-    double inv_temperature, bool want_grad) {
+    double inv_temperature, bool student_grad) {
   check_crd_args(v, bank, contrast_idx, z, inv_temperature, at::kCUDA);
   TORCH_CHECK(v.size(1) <= kMaxFeatDim, "feat_dim must be <= ", kMaxFeatDim,
               " for the CUDA kernel, got ", v.size(1));
@@ -285,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_nce_forward_cuda(
   const at::TensorOptions options = v.options();
   if (batch == 0) {
     // as on CPU: nothing to gather, and Z stays the one passed in
-    const std::vector<int64_t> grad_sizes{0, want_grad ? dim : 0};
+    const std::vector<int64_t> grad_sizes{0, student_grad ? dim : 0};
     return {at::empty({0}, options), at::empty(grad_sizes, options), at::full({}, z, options)};
   }
   const auto [splits, per_split] = column_splits(batch, cols);
@@ -293,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_nce_forward_cuda(
   const int64_t negatives = cols - 1;
   const double c = double(negatives) / double(n_data);
   at::Tensor loss_partial = at::empty({splits, batch}, options.dtype(at::kDouble));
-  at::Tensor grad_partial = want_grad ? at::empty({splits, batch, dim}, options.dtype(at::kDouble))
+  at::Tensor grad_partial = student_grad ? at::empty({splits, batch, dim}, options.dtype(at::kDouble))
                                        : at::empty({0, 0}, options);
   at::Tensor z_out;
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "crd_nce_forward_cuda", [&] {
@@ -316,14 +316,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_nce_forward_cuda(
     const scalar_t inv_c_eps = static_cast<scalar_t>(1.0 / (c + kNceEps));
     with_per_lane(dim, [&]<int R>() {
       launch_nce<scalar_t, R>(w, z_out.data_ptr<scalar_t>(), loss_partial.data_ptr<double>(),
-                              want_grad ? grad_partial.data_ptr<double>() : nullptr, c_eps,
+                              student_grad ? grad_partial.data_ptr<double>() : nullptr, c_eps,
                               inv_c_eps, stream);
     });
   });
   // Σ_k log((P_k + c') / c) = Σ_k log1p(P_k / c') + K log(c' / c)
   const double shift = negatives > 0 ? double(negatives) * std::log1p(kNceEps / c) : 0.0;
   at::Tensor row_loss = loss_partial.sum(0).add_(shift).to(v.scalar_type());
-  at::Tensor grad = want_grad ? grad_partial.sum(0).to(v.scalar_type()) : grad_partial;
+  at::Tensor grad = student_grad ? grad_partial.sum(0).to(v.scalar_type()) : grad_partial;
   return {row_loss, grad, z_out};
 }
 

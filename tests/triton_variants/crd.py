@@ -34,9 +34,10 @@ def nce_variants(module):
     types = {**_COMMON, "z_ptr": "*fp32", "loss_ptr": "*fp64", "grad_ptr": "*fp32", "c_eps": "fp32",
              "inv_c_eps": "fp32"}
     for label, constexprs, num_warps in _configs(module):
-        yield Variant(f"fp32 {label} grad", types, {**constexprs, "WANT_GRAD": True}, num_warps)
+        yield Variant(f"fp32 {label} grad", types, {**constexprs, "STUDENT_GRAD": True}, num_warps)
         yield Variant(
-            f"fp32 {label} loss only", types, {**constexprs, "WANT_GRAD": False, "grad_ptr": None}, num_warps
+            f"fp32 {label} loss only", types, {**constexprs, "STUDENT_GRAD": False, "grad_ptr": None},
+            num_warps,
         )
 
 
