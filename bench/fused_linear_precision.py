@@ -31,7 +31,7 @@ Providers:
 
 ``--csv PATH`` writes every provider's errors (and, with ``--timing``, its
 time and memory and their ratios to ``fused``) as one table; the committed
-``bench/results/fused_linear_precision.csv`` is one such run.
+``bench/results/llm/fused_linear_precision.csv`` is one such run.
 
 The script uses only arguments every version of the fused head takes, so it
 can measure another checkout too (``PYTHONPATH=<checkout> python
