@@ -76,7 +76,7 @@ ELEMENTS_PER_THREAD = 8
 # Longer rows go through a device sort in chunks of rows: the entries each
 # step of the sorted-row kernel holds, and the scratch bytes per chunk (keys,
 # the sort's output and indices, prefix sums, run starts and means of both
-# sides: 68 bytes a rank).
+# sides: 8 + 8 + 8 + 4 + 4 + 4 = 36 bytes a rank and side).
 SORTED_BLOCK = 1024
 SORTED_WARPS = 4
 SCRATCH_BYTES = 256 * 2**20

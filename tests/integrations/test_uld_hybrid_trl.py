@@ -41,6 +41,7 @@ from tests.integrations.test_token_alignment_trl import (  # noqa: E402  (after 
     STUDENT_CORPUS,
     TEACHER_CORPUS,
     byte_level_bpe,
+    float64_backends,
 )
 
 # TRL clamps the matched probabilities at this value before its logarithm
@@ -72,15 +73,6 @@ def trl_hybrid(student, teacher, *, beta, weights, strategy="first", student_tem
         uld_hybrid_unmatched_weight=None if weights is None else weights[1], beta=beta,
     )
     return gold.ULDLoss(config, student_tokenizer=student, teacher_tokenizer=teacher)
-
-
-def float64_backends():
-    """The uld_loss backends that compute in float64 here: the reference, and the cpu op where it is built."""
-    params = [pytest.param("reference", id="reference")]
-    status = fastkd._dispatch.backend_status("cpu", "cpu")
-    available = status.available and "cpu" in fastkd.uld.KERNEL_BACKENDS
-    marks = () if available else (pytest.mark.skip(reason=f"cpu: {status.reason or 'no uld op'}"),)
-    return params + [pytest.param("cpu", marks=marks, id="cpu")]
 
 
 def assert_close(actual, expected):
