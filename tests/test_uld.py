@@ -452,11 +452,12 @@ def test_triton_rows_longer_than_a_block():
     narrow = torch.randn(2, 3, generator=g) * 4
     for s, t in ((wide, narrow), (narrow, wide)):
         got_s, got_t = (x.clone().to(DEVICE).requires_grad_(True) for x in (s, t))
-        got = fastkd.uld_loss(got_s, got_t, reduction="sum", backend="triton")
-        got.backward()
+        upstream = torch.tensor([0.7, -1.3], dtype=torch.float64)  # per row, not unit
+        got = fastkd.uld_loss(got_s, got_t, reduction="none", backend="triton")
+        got.backward(upstream.to(got.device, got.dtype))
         want_s, want_t = s.double().requires_grad_(True), t.double().requires_grad_(True)
-        want = reference_uld.uld_loss(want_s, want_t, reduction="sum")
-        want.backward()
+        want = reference_uld.uld_loss(want_s, want_t, reduction="none")
+        want.backward(upstream)
         for name, a, b in (("loss", got, want), ("grad_s", got_s.grad, want_s.grad),
                            ("grad_t", got_t.grad, want_t.grad)):
             assert_matches(a.detach().cpu(), b.detach(), torch.float32, f"V={tuple(s.shape)} {name}")

@@ -53,10 +53,10 @@ def tied_logits(generator, rows, width):
     return torch.where(torch.rand(rows, width, generator=generator) < 0.1, -math.inf, x)
 
 
-def check(got, want, label):
+def check(got, want, label, dtype=torch.float32):
     assert len(got) == len(want)
     for name, a, b in zip(("loss", "grad_s", "grad_t"), got, want, strict=False):
-        assert_matches(a, b, torch.float32, f"{label} {name}", elementwise=True)
+        assert_matches(a, b, dtype, f"{label} {name}", elementwise=True)
 
 
 @pytest.mark.parametrize("widths", [(13, 9), (9, 13), (11, 11), (16, 5)])
@@ -84,6 +84,17 @@ def test_sorted_rows_log_probabilities(small_blocks):
     t = torch.randn(3, 10, generator=g)
     got = run_triton(s, t, s_logprob=True)
     check(got, expected(s, t, s_logprob=True), "log-probabilities")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_sorted_rows_half_precision(small_blocks, dtype):
+    """bf16 / fp16 logits, read in their dtype; the reference on the same rounded values."""
+    g = torch.Generator().manual_seed(8)
+    s = (torch.randn(4, 11, generator=g) * 2).to(dtype)
+    t = (torch.randn(4, 13, generator=g) * 2).to(dtype)
+    loss, grad_s, grad_t = run_triton(s, t)
+    assert grad_s.dtype == dtype and grad_t.dtype == dtype
+    check((loss, grad_s, grad_t), expected(s, t), f"{dtype}", dtype)
 
 
 def test_sorted_rows_only_the_student_gradient(small_blocks):
