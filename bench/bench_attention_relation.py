@@ -17,7 +17,8 @@ Providers:
 
 Providers holding ``(B, A, T, T)`` float32 tensors skip a configuration where
 their estimate exceeds 80 % of the available memory (measured at T = 512:
-eager 10, compile 4 such tensors).
+eager 10, compile 4 such tensors). At T = 8192 one such tensor is 12 GiB, so
+only the fused kernels run there.
 
 No memory-traffic floor: the loss is compute-bound. ``model_gflop`` counts the
 matrix products the loss needs, ``2·B·T²·(3·D_s + D_t)``: the scores of both
@@ -36,7 +37,7 @@ from bench.report import COMPILE, EAGER
 from fastkd.reference.attention_relation import attention_relation_loss as reference_loss
 
 BATCH, HEADS, STUDENT_DIM, TEACHER_DIM = 4, 12, 384, 768
-LENGTHS = (512, 2048)
+LENGTHS = (512, 2048, 8192)
 # bf16 only at the smaller length: the reference at T = 2048 takes tens of seconds.
 BF16_MAX_T = 512
 # (B, A, T, T) float32 tensors held at once, measured at T = 512 with bench.measure.peak_extra_bytes.
