@@ -475,8 +475,8 @@ def _sync_case(case, backend, device, sizes, report) -> None:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize(device)
-    report.verdict(case.name, case.family, backend, dtype_name, verdict, seconds=time.perf_counter() - started,
-                   detail=detail)
+    report.verdict(case.name, case.family, backend, dtype_name, verdict,
+                   seconds=time.perf_counter() - started, detail=detail)
 
 
 def main(argv=None) -> int:

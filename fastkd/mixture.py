@@ -222,7 +222,9 @@ def _weights_for_capture(weights: torch.Tensor, device: torch.device) -> torch.T
 def graph_constants(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A copy of the CPU tensor ``values`` ``(K,)`` on ``device``, made by K fill
     kernels whose scalar arguments hold the values (no host buffer)."""
-    return torch.stack([torch.full((), value, dtype=values.dtype, device=device) for value in values.tolist()])
+    return torch.stack(
+        [torch.full((), value, dtype=values.dtype, device=device) for value in values.tolist()]
+    )
 
 
 def _fused_mixture(s, t, weights, options: DivergenceOptions, return_parts: bool, chosen: str):

@@ -291,7 +291,8 @@ def crd_nce_forward(
             "num_warps": cfg["num_warps"]}
     partial = torch.empty((splits, batch), dtype=torch.float64, device=device)
     _crd_exp_sum_kernel[grid](
-        v, bank, contrast_idx, z_in, partial, batch, dim, cols, n_data, *strides, float(inv_temperature), **meta
+        v, bank, contrast_idx, z_in, partial, batch, dim, cols, n_data, *strides, float(inv_temperature),
+        **meta,
     )
     # Z = mean_bj exp(s_bj / T) · n_data, rounded to float32 once (as on
     # CPU), so that the stored Z reproduces this batch's loss exactly; or

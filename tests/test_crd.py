@@ -790,7 +790,8 @@ def test_no_host_reads(backend, z, monkeypatch):
     for given in (None if z < 0 else z, z_tensor):
         v_grad = v.clone().requires_grad_(True)
         with no_host_reads():
-            loss, z_used = fastkd.crd_nce(v_grad, bank, contrast_idx, temperature=0.2, z=given, backend=backend)
+            loss, z_used = fastkd.crd_nce(v_grad, bank, contrast_idx, temperature=0.2, z=given,
+                                          backend=backend)
         loss.backward()
         assert_matches(loss.detach(), want, torch.float32, f"{backend} crd_nce")
         assert z_used.item() == pytest.approx(want_z.item(), rel=1e-5)

@@ -106,7 +106,8 @@ def test_ops_give_nan_rows_for_out_of_range_labels(backend, mode, monkeypatch):
     assert torch.equal(torch.isnan(row_loss), is_bad)
     grad_rows = torch.linspace(0.5, 1.5, 20, device=DEVICE, dtype=state.dtype)
     want_rows, want_dq, _ = reference_rows(q[~is_bad], k, labels[~is_bad], temperature, grad_rows[~is_bad])
-    assert_matches(row_loss[~is_bad], want_rows, torch.float32, f"{backend} {mode} good rows", elementwise=True)
+    assert_matches(row_loss[~is_bad], want_rows, torch.float32, f"{backend} {mode} good rows",
+                   elementwise=True)
     dq, dk = backward(grad_rows, q, k, bad, state, 1 / temperature)
     assert torch.equal(torch.isnan(dq).any(1), is_bad) and torch.isnan(dq[is_bad]).all()
     assert_matches(dq[~is_bad], want_dq, torch.float32, f"{backend} {mode} good rows' dq")
