@@ -180,3 +180,19 @@ def test_no_host_reads(backend, case, monkeypatch):
     assert_matches(loss.detach(), want, torch.float32, f"{backend} {case} loss")
     assert_matches(q_grad.grad, q64.grad, torch.float32, f"{backend} {case} q grad")
     assert_matches(k_grad.grad, k64.grad, torch.float32, f"{backend} {case} k grad")
+
+
+def test_gather_keeps_a_label_outside_its_rank_out_of_range(monkeypatch):
+    """gather=True offsets each rank's labels by its first key: a label outside the
+    rank's own keys must not land on another rank's key. This process plays
+    rank 1 of 2 (rank 0 holds the same q, k and good labels); its label −1
+    would become rank 0's last key, and must give a NaN loss instead."""
+    values_checked_in_kernels(monkeypatch)
+    q, k, labels, _ = inputs(75)
+    bad = labels.clone()
+    bad[3] = -1
+    monkeypatch.setattr(fkinfo._distributed, "gather_with_grad", lambda name, x, group: torch.cat([x, x]))
+    monkeypatch.setattr(fkinfo._distributed, "gather_labels",
+                        lambda y, keys_per_rank, group: torch.cat([labels, y + keys_per_rank]))
+    assert torch.isnan(fastkd.info_nce(q, k, labels=bad, gather=True, backend="triton"))
+    assert torch.isfinite(fastkd.info_nce(q, k, labels=labels, gather=True, backend="triton"))
