@@ -14,7 +14,9 @@ on their PyTorch path (backend ``torch``). Every case is judged on its own: an
 exception is that case's ERROR, and the next case runs.
 
 ``sync``: the divergence, top-k, mixture and fused-linear paths without
-labels or mask, DKD, RKD and PKT/SP/CC (``SYNC_CASES``), forward and backward, in bfloat16, on each GPU backend, under
+labels or mask, DKD, RKD, PKT/SP/CC, InfoNCE and CRD (``SYNC_CASES``),
+forward and backward, in bfloat16 (float32 for CRD, whose GPU kernels take
+float32 banks), on each GPU backend, under
 ``torch.cuda.set_sync_debug_mode("error")``: a host synchronisation (an
 ``.item()``, a ``nonzero``, a copy to pageable host memory) raises, and the
 case FAILs with the operation and the fastkd line that asked for it. On a
@@ -422,9 +424,12 @@ def _short(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------- sync check
 
 # The paths that must not synchronise with the host: the logit losses without
-# labels or a mask, DKD (its labels checked in the kernel on a GPU) and the
-# relational losses (their scalars kept on the device).
-SYNC_CASES = ("divergence-kl", "topk", "mixture", "fused_linear", "dkd", "rkd", "pkt", "sp", "cc")
+# labels or a mask, DKD (its labels checked in the kernel on a GPU), the
+# relational losses (their scalars kept on the device), InfoNCE (its labels
+# guarded in the kernels) and CRD (its indices guarded in the kernels, Z kept
+# on the device).
+SYNC_CASES = ("divergence-kl", "topk", "mixture", "fused_linear", "dkd", "rkd", "pkt", "sp", "cc", "info_nce",
+              "crd")
 
 
 def run_sync(device: torch.device, sizes: Sizes, report: Report) -> None:
@@ -440,12 +445,14 @@ def run_sync(device: torch.device, sizes: Sizes, report: Report) -> None:
 
 
 def _sync_case(case, backend, device, sizes, report) -> None:
+    # bfloat16 where the case takes it (CRD's GPU kernels take float32 only)
+    dtype_name = "bf16" if "bf16" in case.dtypes else case.dtypes[0]
+    dtype = DTYPES[dtype_name]
     status = fastkd.backends()[backend]
     if not status.available:
-        report.verdict(case.name, case.family, backend, "bf16", "SKIP", detail=status.reason)
+        report.verdict(case.name, case.family, backend, dtype_name, "SKIP", detail=status.reason)
         return
     inputs = case.make(sizes, torch.Generator().manual_seed(99))
-    dtype = torch.bfloat16
     try:
         # warm-up outside the check: compiles, caches, first allocations
         _forward_backward(case, inputs, device, dtype, backend)
@@ -453,7 +460,7 @@ def _sync_case(case, backend, device, sizes, report) -> None:
         fixed = {k: v.to(device) for k, v in inputs.fixed.items()}
         torch.cuda.synchronize(device)
     except Exception as exc:  # noqa: BLE001
-        report.verdict(case.name, case.family, backend, "bf16", "ERROR", detail=f"warm-up: {_short(exc)}")
+        report.verdict(case.name, case.family, backend, dtype_name, "ERROR", detail=f"warm-up: {_short(exc)}")
         return
     started = time.perf_counter()
     torch.cuda.set_sync_debug_mode("error")
@@ -468,8 +475,8 @@ def _sync_case(case, backend, device, sizes, report) -> None:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize(device)
-    report.verdict(case.name, case.family, backend, "bf16", verdict, seconds=time.perf_counter() - started,
-                   detail=detail)
+    report.verdict(case.name, case.family, backend, dtype_name, verdict,
+                   seconds=time.perf_counter() - started, detail=detail)
 
 
 def main(argv=None) -> int:

@@ -123,13 +123,15 @@ TORCH_LIBRARY(fastkd, m) {
   // without the (B, K+1, D) gather.
   //   v: [B, D] embeddings, bank: [n_data, D] memory (same dtype, float32 or
   //   float64, unit stride along D); contrast_idx: [B, K+1] int64 in
-  //   [0, n_data), column 0 the positive; z: the normalisation constant Z,
-  //   or <= 0 to set it from this batch (mean exp(s/T) · n_data).
+  //   [0, n_data), column 0 the positive; z: [] floating point on v's
+  //   device, the normalisation constant Z, or <= 0 to set it from this
+  //   batch (mean exp(s/T) · n_data); on a GPU the choice is made on the
+  //   device, so Z is never read on the host.
   // Returns (row_loss [B] in v's dtype, grad [B, D] = d row_loss_b / d v_b
   // (or [0, 0] without student_grad), z_used [] in v's dtype). The bank gets
   // no gradient.
   m.def(
-      "crd_nce_forward(Tensor v, Tensor bank, Tensor contrast_idx, float z, "
+      "crd_nce_forward(Tensor v, Tensor bank, Tensor contrast_idx, Tensor z, "
       "float inv_temperature, bool student_grad) -> (Tensor, Tensor, Tensor)");
   // Attention transfer (docs/spec.md §5, RepDistiller `Attention`), one pass over C
   // per spatial position. student: [N, C_s, H, W], teacher: [N, C_t, H, W]

@@ -100,9 +100,9 @@ def crd_nce(
     contrast_idx: torch.Tensor,
     *,
     temperature: float = 0.07,
-    z: float | None = None,
+    z: float | torch.Tensor | None = None,
     backend: str = "auto",
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One direction of the CRD loss: embeddings ``v`` scored against a memory ``bank``.
 
     ``P_bj = exp(bank[contrast_idx_bj] · v_b / τ) / Z``;
@@ -123,14 +123,18 @@ def crd_nce(
             (docs/spec.md §6; the ``"reference"`` backend always checks).
         temperature: ``τ > 0``.
         z: the normalisation constant ``Z > 0``; ``None`` sets it from this
-            batch, ``Z = mean_bj exp(s_bj / τ) · n_data``.
+            batch, ``Z = mean_bj exp(s_bj / τ) · n_data``. A ``()`` tensor on
+            v's device holds Z (> 0) or, <= 0, asks for the batch's; the
+            choice is made on the device, so Z is never read on the host (the
+            Z returned can be passed back as it is).
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
             The GPU kernels take float32 banks (``"auto"`` uses the reference
             for float64 banks on CUDA) and feat_dim up to 8192 (triton) and
             1024 (cuda); ``"auto"`` moves on to the next backend beyond that.
 
     Returns:
-        ``(loss, Z)``: the ``()`` loss in the bank's dtype and the ``Z`` used (a float).
+        ``(loss, Z)``: the ``()`` loss and the ``()`` Z used, both in the
+        bank's dtype and on its device (no host synchronisation).
     """
     # the range of GPU indices is checked by the kernels (no device → host sync)
     index_range = not isinstance(contrast_idx, torch.Tensor) or _validate.values_checked_on_host(contrast_idx)
@@ -140,7 +144,7 @@ def crd_nce(
     return _crd_nce_unchecked(v, bank, contrast_idx, temperature, z, backend)
 
 
-def _crd_nce_unchecked(v, bank, contrast_idx, temperature: float, z: float | None, backend: str):
+def _crd_nce_unchecked(v, bank, contrast_idx, temperature: float, z, backend: str):
     """:func:`crd_nce` on validated arguments (the module validates once for both directions).
 
     The callers leave ``contrast_idx``'s range to the kernels exactly where
@@ -154,10 +158,10 @@ def _crd_nce_unchecked(v, bank, contrast_idx, temperature: float, z: float | Non
         return _reference_crd.crd_nce_unchecked(v, bank, contrast_idx, temperature, z)
     if bank.stride(1) != 1 and bank.shape[1] > 1:
         bank = bank.contiguous()  # the kernel reads rows at any stride, elements at unit stride
-    loss, z_used = CRDNCEFunction.apply(
-        v.to(bank.dtype), bank.detach(), contrast_idx, -1.0 if z is None else z, 1.0 / temperature, chosen
-    )
-    return loss, z if z is not None else z_used.item()
+    if not isinstance(z, torch.Tensor):
+        # the op's Z is a () tensor, <= 0 for "from this batch"
+        z = torch.full((), -1.0 if z is None else z, dtype=bank.dtype, device=bank.device)
+    return CRDNCEFunction.apply(v.to(bank.dtype), bank.detach(), contrast_idx, z, 1.0 / temperature, chosen)
 
 
 class CRDLoss(_reference_crd.CRDLoss):
@@ -197,9 +201,10 @@ class CRDLoss(_reference_crd.CRDLoss):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
 
-    def _checks_contrast_range(self, contrast_idx: torch.Tensor) -> bool:
-        # on a GPU the kernels guard the indices (no device → host sync), docs/spec.md §6
-        return _validate.values_checked_on_host(contrast_idx)
+    def _checks_index_values(self, index: torch.Tensor) -> bool:
+        # on a GPU the kernels guard contrast_idx and forward checks idx on the
+        # device (no device → host sync), docs/spec.md §6
+        return _validate.values_checked_on_host(index)
 
     def _nce(self, v, bank, contrast_idx, z):
         return _crd_nce_unchecked(v, bank, contrast_idx, self.nce_t, z, self.backend)

@@ -32,6 +32,11 @@ KEEPING_KERNELS = ("cpu", "cuda")
 # (N, M) softmax up to N = M = 16384. See info_nce's logits_memory_budget.
 DEFAULT_LOGITS_MEMORY_BUDGET = 2**30
 
+# What a label outside a rank's keys becomes before gather=True offsets it by
+# the rank's first key: still negative after any offset, so the kernels see
+# it as out of range.
+_OUT_OF_RANGE_LABEL = -(2**62)
+
 
 def _info_nce_tile_rows(m: int) -> int:
     """Rows of q per tile of the InfoNCE ops.
@@ -159,7 +164,13 @@ def info_nce(
         k: ``(M, D)`` keys, same dtype and device; without ``labels`` ``M >= N``.
         temperature: ``τ > 0``.
         labels: optional ``(N,)`` integer tensor, each query's positive key in
-            ``[0, M)``. Not allowed with ``symmetric=True``.
+            ``[0, M)``. Not allowed with ``symmetric=True``. Checked on the
+            host for CPU tensors (``ValueError``); on a GPU the kernels give a
+            query with a label outside ``[0, M)`` a NaN row loss and a NaN
+            gradient row (so the loss, and the keys' gradient, a sum over
+            every query, are NaN), unless ``FASTKD_CHECK_DEVICE_VALUES=1``
+            asks for the host check there too (docs/spec.md §6; the
+            ``"reference"`` backend always checks).
         symmetric: average with the key→query direction (needs ``M == N``).
         normalize: L2-normalise the rows of ``q`` and ``k`` first (in float32,
             float64 for float64 input), as the reference does.
@@ -191,18 +202,24 @@ def info_nce(
         ``()`` loss, float32 (float64 for float64 inputs).
     """
     logits_memory_budget = _logits_memory_budget(logits_memory_budget)
+    # the range of GPU labels is guarded by the kernels (no device → host sync)
+    label_range = not isinstance(labels, torch.Tensor) or _validate.values_checked_on_host(labels)
     if gather:
         # Every rank must make the same collective calls in the same order.
         diagonal = labels is None and k.shape[0] == q.shape[0]
         q, k, temperature, labels = check_arguments(
-            q, k, temperature, labels, symmetric, normalize
+            q, k, temperature, labels, symmetric, normalize, label_range=label_range
         )
         keys_per_rank = k.shape[0]
+        if not label_range:
+            # a label outside this rank's keys must stay outside the gathered
+            # ones, not land on another rank's key: negative whatever the offset
+            labels = labels.masked_fill((labels < 0) | (labels >= keys_per_rank), _OUT_OF_RANGE_LABEL)
         q = _distributed.gather_with_grad("q", q, process_group)
         k = _distributed.gather_with_grad("k", k, process_group)
         labels = None if diagonal else _distributed.gather_labels(labels, keys_per_rank, process_group)
     q, k, temperature, labels = check_arguments(
-        q, k, temperature, labels, symmetric, normalize
+        q, k, temperature, labels, symmetric, normalize, label_range=label_range
     )
     chosen = backend_for("info_nce", INFO_NCE_KERNELS, backend, q)
     if chosen == "reference":

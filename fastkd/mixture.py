@@ -203,6 +203,30 @@ def mixture_divergence(
     )
 
 
+def _weights_for_capture(weights: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``weights`` ``(K,)``, or, when they are host weights (checked in Python)
+    for a CUDA stream that is capturing a graph, the same values on ``device``.
+
+    Outside a capture the kernels copy host weights from a pinned buffer
+    without waiting. A captured copy would read that buffer's address again at
+    every replay, after the call has released it to the allocator for other
+    data; so under capture the values go into the graph as the arguments of
+    fill kernels (K of them, once per replay) and reach the kernels as device
+    weights, which they take without reading them on the host.
+    """
+    if weights.device == device or device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        return weights
+    return graph_constants(weights, device)
+
+
+def graph_constants(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of the CPU tensor ``values`` ``(K,)`` on ``device``, made by K fill
+    kernels whose scalar arguments hold the values (no host buffer)."""
+    return torch.stack(
+        [torch.full((), value, dtype=values.dtype, device=device) for value in values.tolist()]
+    )
+
+
 def _fused_mixture(s, t, weights, options: DivergenceOptions, return_parts: bool, chosen: str):
     """The mixture divergence on ``chosen``'s kernel (validated arguments); with hard labels
     mixed in, ``(total, hard, soft)`` / ``total`` with the CE from the same pass."""
@@ -211,6 +235,7 @@ def _fused_mixture(s, t, weights, options: DivergenceOptions, return_parts: bool
         raise ValueError(
             f"teacher_logits holds {count} teachers; the cuda backend takes at most {CUDA_MAX_TEACHERS}"
         )
+    weights = _weights_for_capture(weights, s.device)
     student = row_major(s.reshape(-1, vocab))
     teachers = t.reshape(count, -1, vocab)
     if vocab > 1 and teachers.stride(-1) != 1:

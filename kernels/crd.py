@@ -98,7 +98,8 @@ def _crd_exp_sum_kernel(
     v_ptr,  # [B, D] float32 embeddings, strides (stride_vb, stride_vd)
     bank_ptr,  # [n_data, D] float32 memory bank, strides (stride_bank_n, stride_bank_d)
     idx_ptr,  # [B, K+1] int64 bank indices (outside [0, n_data): NaN), strides (stride_ib, stride_ik)
-    partial_ptr,  # [SPLITS, B] float64: Σ_j exp(s_bj / T) over this program's columns
+    z_ptr,  # [] float32 the Z passed in: the sum is needed only where it is <= 0
+    partial_ptr,  # [SPLITS, B] float64: Σ_j exp(s_bj / T) over this program's columns (0 if Z is given)
     B, D, cols_total, n_data,
     stride_vb, stride_vd, stride_bank_n, stride_bank_d, stride_ib, stride_ik,
     inv_temperature,
@@ -109,6 +110,10 @@ def _crd_exp_sum_kernel(
     d_ok = d < D
     v = tl.load(v_ptr + b * stride_vb + d * stride_vd, mask=d_ok, other=0.0).to(tl.float32)
     lo, hi = _column_range(cols_total, COLS_PER_SPLIT)
+    # a given Z (> 0, or NaN, which the loss then carries) needs no sum: no
+    # column is gathered. Decided here, on the device, so that the launcher
+    # never reads Z on the host.
+    hi = tl.where(tl.load(z_ptr) <= 0.0, hi, lo)
     total = tl.zeros([BLOCK_K], tl.float64)
     for start in range(lo, hi, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -126,7 +131,7 @@ def _crd_nce_kernel(
     v_ptr,  # [B, D] float32 embeddings, strides (stride_vb, stride_vd)
     bank_ptr,  # [n_data, D] float32 memory bank, strides (stride_bank_n, stride_bank_d)
     idx_ptr,  # [B, K+1] int64 bank indices (outside [0, n_data): NaN), strides (stride_ib, stride_ik)
-    z_ptr,  # [] float32 normalisation constant Z > 0
+    z_ptr,  # [] float32 normalisation constant Z used
     loss_ptr,  # [SPLITS, B] float64 partial row losses (without the constant K log(c'/c))
     grad_ptr,  # [SPLITS, B, D] float32 partial d row_loss_b / d v_b (None unless STUDENT_GRAD)
     B, D, cols_total, n_data,
@@ -221,8 +226,13 @@ def _check_args(v, bank, contrast_idx, z, inv_temperature, student_grad) -> None
             raise ValueError(
                 f"contrast_idx must lie in [0, n_data) = [0, {bank.shape[0]}), got values in [{low}, {high}]"
             )
-    if not math.isfinite(z):
-        raise ValueError(f"z must be finite, got {z}")
+    if not isinstance(z, torch.Tensor) or z.dim() != 0 or not z.dtype.is_floating_point:
+        got = f"{z.dtype} of shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"z must be a 0-dim floating-point tensor, got {got}")
+    if z.device != v.device:
+        raise ValueError(f"z ({z.device}) must be on v's device ({v.device})")
+    if _validate.values_checked_on_host(z) and not math.isfinite(float(z)):
+        raise ValueError(f"z must be finite, got {float(z)}")
     check_positive("inv_temperature", inv_temperature)
     if not isinstance(student_grad, bool):
         raise ValueError(f"student_grad must be a bool, got {type(student_grad).__name__}")
@@ -233,7 +243,7 @@ def crd_nce_forward(
     v: torch.Tensor,
     bank: torch.Tensor,
     contrast_idx: torch.Tensor,
-    z: float,
+    z: torch.Tensor,
     inv_temperature: float,
     student_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -246,8 +256,12 @@ def crd_nce_forward(
             in ``[0, n_data)``, any strides (an index outside gives its
             sample a NaN loss and gradient where the launcher does not
             check values: module docstring).
-        z: the normalisation constant ``Z``; ``z <= 0`` sets it from this
-            batch, ``Z = mean_bj exp(s_bj / T) · n_data`` (one more gather pass).
+        z: ``()`` floating-point tensor on v's device, the normalisation
+            constant ``Z``; ``z <= 0`` sets it from this batch,
+            ``Z = mean_bj exp(s_bj / T) · n_data`` (one more gather pass). The
+            choice is made on the device: Z is never read on the host (its
+            finiteness is checked there only where
+            ``fastkd._validate.values_checked_on_host`` says so).
         inv_temperature: ``1 / T``.
         student_grad: whether to compute the gradient.
 
@@ -261,10 +275,11 @@ def crd_nce_forward(
     n_data, cols = bank.shape[0], contrast_idx.shape[1]
     device = v.device
     grad_shape = (batch, dim) if student_grad else (0, 0)
+    z_in = z.to(torch.float32)
     if batch == 0:
         return (torch.empty(0, dtype=torch.float32, device=device),
                 torch.empty(grad_shape, dtype=torch.float32, device=device),
-                torch.full((), z, dtype=torch.float32, device=device))
+                z_in.clone())
     cfg = launch_config(batch, cols, dim)
     splits = cfg["SPLITS"]
     cols_per_split = triton.cdiv(triton.cdiv(cols, cfg["BLOCK_K"]), splits) * cfg["BLOCK_K"]
@@ -274,16 +289,16 @@ def crd_nce_forward(
                contrast_idx.stride(1))
     meta = {"BLOCK_K": cfg["BLOCK_K"], "BLOCK_D": cfg["BLOCK_D"], "COLS_PER_SPLIT": cols_per_split,
             "num_warps": cfg["num_warps"]}
-    if z <= 0:
-        partial = torch.empty((splits, batch), dtype=torch.float64, device=device)
-        _crd_exp_sum_kernel[grid](
-            v, bank, contrast_idx, partial, batch, dim, cols, n_data, *strides, float(inv_temperature), **meta
-        )
-        # Z = mean_bj exp(s_bj / T) · n_data, rounded to float32 once (as on
-        # CPU), so that the stored Z reproduces this batch's loss exactly
-        z_used = (partial.sum() / (batch * cols) * n_data).to(torch.float32)
-    else:
-        z_used = torch.full((), z, dtype=torch.float32, device=device)
+    partial = torch.empty((splits, batch), dtype=torch.float64, device=device)
+    _crd_exp_sum_kernel[grid](
+        v, bank, contrast_idx, z_in, partial, batch, dim, cols, n_data, *strides, float(inv_temperature),
+        **meta,
+    )
+    # Z = mean_bj exp(s_bj / T) · n_data, rounded to float32 once (as on
+    # CPU), so that the stored Z reproduces this batch's loss exactly; or
+    # the Z passed in (the kernel then summed nothing)
+    batch_z = (partial.sum() / (batch * cols) * n_data).to(torch.float32)
+    z_used = torch.where(z_in <= 0, batch_z, z_in)
 
     negatives = cols - 1
     c = negatives / n_data

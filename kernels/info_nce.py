@@ -37,6 +37,13 @@ only G (a probability difference) is rounded to tf32's 10 bits in the
 backward products, a relative 2⁻¹¹, below float16's 2e-3 tolerance. The
 interpreter computes every tl.dot in float32 whatever the precision asks.
 
+Labels: a query whose label lies outside [0, M) gets a NaN row loss and a
+NaN row of G (so dq's row and every dk entry are NaN); a label is only ever
+compared with column indices, never used as an address. The launchers also
+refuse such labels (ValueError) where ``fastkd._validate.values_checked_on_host``
+says so: for CPU tensors, or on a GPU with FASTKD_CHECK_DEVICE_VALUES=1
+(elsewhere the check would be a device → host synchronisation on every call).
+
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run
 on CPU tensors, which is how the tests check them without a GPU.
 """
@@ -46,6 +53,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from fastkd import _validate
 
 from ._common import (
     DEVICE_TYPE,
@@ -93,10 +102,18 @@ def _logit_gradient(s, lse, scale, labels, cols, col_ok):
 
 
 @triton.jit
+def _row_scale(grad_ptr, rows, row_ok, labels, M, inv_temperature):
+    # scale_i = grad_row_loss_i / τ: 0 for rows past N (their G is 0), NaN for
+    # a row whose label lies outside [0, M) (its G row is NaN)
+    scale = tl.load(grad_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
+    return tl.where(row_ok & ((labels < 0) | (labels >= M)), float("nan"), scale)
+
+
+@triton.jit
 def _info_nce_fwd_kernel(
     q_ptr,  # [N, D] queries, strides (stride_qn, stride_qd)
     k_ptr,  # [M, D] keys, strides (stride_kn, stride_kd)
-    labels_ptr,  # [N] int64, the positive key of each query, in [0, M)
+    labels_ptr,  # [N] int64, the positive key of each query (outside [0, M): NaN row loss)
     loss_ptr,  # [N] float32 row loss lse_i − logit_{i, y_i}
     lse_ptr,  # [N] float32 row log-sum-exp
     N, M, D,
@@ -107,6 +124,7 @@ def _info_nce_fwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    bad_label = (labels < 0) | (labels >= M)
     # online log-sum-exp: m = max_j s_ij, l = Σ_j exp(s_ij − m); M >= 1, so the
     # first key block already gives every row a finite max (for finite inputs)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -131,14 +149,14 @@ def _info_nce_fwd_kernel(
         m_i = m_new
     lse = tl.where(m_i == float("inf"), 0.0, m_i) + tl.log(l_i)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
-    tl.store(loss_ptr + rows, lse - positive, mask=row_ok)
+    tl.store(loss_ptr + rows, tl.where(bad_label, float("nan"), lse - positive), mask=row_ok)
 
 
 @triton.jit
 def _info_nce_bwd_dq_kernel(
     q_ptr,  # [N, D] queries, strides (stride_qn, stride_qd)
     k_ptr,  # [M, D] keys, strides (stride_kn, stride_kd)
-    labels_ptr,  # [N] int64
+    labels_ptr,  # [N] int64 (outside [0, M): NaN row of G)
     lse_ptr,  # [N] float32 row log-sum-exp of the forward
     grad_ptr,  # [N] float32 upstream gradient of each row loss
     dq_ptr,  # [N, D] contiguous, dq = G k
@@ -154,8 +172,8 @@ def _info_nce_bwd_dq_kernel(
     dv_ok = dv < D
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    # rows past N get scale 0, hence G = 0
-    scale = tl.load(grad_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
+    # rows past N get scale 0, hence G = 0; a row with a bad label NaN
+    scale = _row_scale(grad_ptr, rows, row_ok, labels, M, inv_temperature)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for n0 in range(0, M, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -181,7 +199,7 @@ def _info_nce_bwd_dq_kernel(
 def _info_nce_bwd_dk_kernel(
     q_ptr,  # [N, D] queries, strides (stride_qn, stride_qd)
     k_ptr,  # [M, D] keys, strides (stride_kn, stride_kd)
-    labels_ptr,  # [N] int64
+    labels_ptr,  # [N] int64 (outside [0, M): NaN row of G)
     lse_ptr,  # [N] float32 row log-sum-exp of the forward
     grad_ptr,  # [N] float32 upstream gradient of each row loss
     dk_ptr,  # [M, D] contiguous, dk = Gᵀ q
@@ -201,7 +219,7 @@ def _info_nce_bwd_dk_kernel(
         row_ok = rows < N
         labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        scale = tl.load(grad_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
+        scale = _row_scale(grad_ptr, rows, row_ok, labels, M, inv_temperature)
         s = _logits_tile(
             q_ptr, k_ptr, rows, cols, row_ok, col_ok, stride_qn, stride_qd, stride_kn, stride_kd, D,
             inv_temperature, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
@@ -248,7 +266,7 @@ def launch_config(rows: int, keys: int, dim: int) -> dict:
     registers. BLOCK_DV, the slice of D one backward program owns, is as wide
     as D up to 128: wider D recomputes the logits once per slice. With the
     backward's inner blocks of :func:`backward_blocks`, ptxas (sm_90) reports
-    no spills for any dtype (at most 198 registers).
+    no spills for any dtype (at most 200 registers).
     """
     width = max(16, triton.next_power_of_2(max(dim, 1)))
     block_m, block_n = _rows_per_block(rows), _rows_per_block(keys)
@@ -295,7 +313,8 @@ def _check_args(q, k, labels, inv_temperature) -> None:
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"q and k must have the same feature dim D, got {q.shape[1]} and {k.shape[1]}")
     _check_vector("labels", labels, q.shape[0], q.device, torch.int64)
-    if labels.numel():
+    # on a GPU only when asked for (a device → host sync); the kernels guard anyway
+    if labels.numel() and _validate.values_checked_on_host(labels):
         low, high = (int(x) for x in torch.aminmax(labels))
         if low < 0 or high >= k.shape[0]:
             raise ValueError(f"labels must lie in [0, M) = [0, {k.shape[0]}), got values in [{low}, {high}]")
@@ -321,7 +340,9 @@ def info_nce_forward(
         q: ``(N, D)`` queries, float32 / bfloat16 / float16, any strides.
         k: ``(M, D)`` keys, same dtype and device.
         labels: ``(N,)`` int64, the positive key of each query, in ``[0, M)``,
-            any stride.
+            any stride. Checked on the host where
+            ``fastkd._validate.values_checked_on_host`` says so (ValueError);
+            elsewhere a query with a label outside gets a NaN row loss.
         inv_temperature: ``1 / τ``.
 
     Returns:
@@ -361,7 +382,9 @@ def info_nce_backward(
         row_lse: ``(N,)`` the forward's row log-sum-exp.
 
     Returns:
-        ``(grad_q (N, D), grad_k (M, D))``, contiguous, in q's dtype.
+        ``(grad_q (N, D), grad_k (M, D))``, contiguous, in q's dtype. A query
+        with a label outside ``[0, M)`` (where the launcher does not refuse
+        it) gets a NaN gradient row, and so every entry of grad_k is NaN.
     """
     _check_args(q, k, labels, inv_temperature)
     n, d = q.shape

@@ -490,12 +490,13 @@ def test_opcheck(device, dtype, student_grad, z):
     v = torch.randn(5, 7, dtype=dtype, device=device)
     bank = torch.randn(12, 7, dtype=dtype, device=device)
     contrast_idx = torch.randint(12, (5, 4), device=device)
-    args = (v, bank, contrast_idx, z, 1 / 0.07, student_grad)
+    args = (v, bank, contrast_idx, torch.tensor(z, dtype=dtype, device=device), 1 / 0.07, student_grad)
     torch.library.opcheck(torch.ops.fastkd.crd_nce_forward.default, args)
     row_loss, grad, z_used = torch.ops.fastkd.crd_nce_forward(*args)
     assert row_loss.shape == (5,) and row_loss.dtype == dtype
     assert grad.shape == ((5, 7) if student_grad else (0, 0))
-    assert z_used.shape == () and (z < 0 or z_used.item() == z)
+    assert z_used.shape == () and z_used.dtype == dtype and (z < 0 or z_used.item() == z)
+    assert z < 0 or z_used.item() > 0
 
 
 OP_CHECK_CASES = [
@@ -512,7 +513,9 @@ OP_CHECK_CASES = [
     ({"v": torch.randn(5)}, "v must be 2-D"),
     ({"bank": torch.randn(7, 12).t()}, "unit stride"),
     ({"inv_temperature": 0.0}, "inv_temperature"),
-    ({"z": float("inf")}, "z must be finite"),
+    ({"z": torch.tensor(float("inf"))}, "z must be finite"),
+    ({"z": torch.ones(1)}, "z must be a 0-dim"),
+    ({"z": torch.tensor(1)}, "z must be a 0-dim floating-point"),
 ]
 
 
@@ -521,7 +524,7 @@ def crd_op_args(device):
         "v": torch.randn(5, 7, device=device),
         "bank": torch.randn(12, 7, device=device),
         "contrast_idx": torch.randint(12, (5, 4), device=device),
-        "z": 1.0,
+        "z": torch.tensor(1.0, device=device),
         "inv_temperature": 2.0,
         "student_grad": True,
     }
@@ -536,6 +539,11 @@ def test_op_checks(device, change, needle):
         # on a GPU the kernels check the range (no device → host sync): NaN samples
         row_loss, grad, _ = torch.ops.fastkd.crd_nce_forward(*args.values())
         assert torch.isnan(row_loss).all() and torch.isnan(grad).all()
+        return
+    if device == "cuda" and needle == "z must be finite":
+        # on a GPU Z's value is not read on the host: an infinite Z gives P = 0
+        row_loss, _, _ = torch.ops.fastkd.crd_nce_forward(*args.values())
+        assert torch.isinf(row_loss).all()
         return
     with pytest.raises(RuntimeError, match=needle):
         torch.ops.fastkd.crd_nce_forward(*args.values())
@@ -554,6 +562,7 @@ def test_op_checks(device, change, needle):
         ({"contrast_idx": [[0] * 4] * 5}, "contrast_idx must be a torch.Tensor"),
         ({"contrast_idx": torch.zeros(5, 0, dtype=torch.long)}, "at least one column"),
         ({"student_grad": 1}, "student_grad must be a bool"),
+        ({"z": 1.0}, "z must be a 0-dim floating-point tensor"),
     ],
 )
 def test_triton_launcher_checks(change, needle, monkeypatch):
@@ -729,12 +738,13 @@ def test_out_of_range_indices_rows_and_z_of_the_triton_launcher(blocks, monkeypa
         pytest.skip(f"triton runs on {triton_crd.DEVICE_TYPE} tensors")
     values_checked_in_kernels(monkeypatch)
     v, bank, contrast_idx, bad = bad_index_inputs(61)
-    rows, grad, _ = triton_crd.crd_nce_forward(v, bank, bad, 3.0, 5.0, True)
-    want_rows, want_grad, _ = triton_crd.crd_nce_forward(v, bank, contrast_idx, 3.0, 5.0, True)
+    z = torch.tensor(3.0, device=DEVICE)
+    rows, grad, _ = triton_crd.crd_nce_forward(v, bank, bad, z, 5.0, True)
+    want_rows, want_grad, _ = triton_crd.crd_nce_forward(v, bank, contrast_idx, z, 5.0, True)
     good = [0, 2, 3, 5]
     assert torch.isnan(rows[[1, 4]]).all() and torch.isnan(grad[[1, 4]]).all()
     assert torch.equal(rows[good], want_rows[good]) and torch.equal(grad[good], want_grad[good])
-    rows, grad, z_used = triton_crd.crd_nce_forward(v, bank, bad, -1.0, 5.0, True)
+    rows, grad, z_used = triton_crd.crd_nce_forward(v, bank, bad, -z, 5.0, True)
     assert torch.isnan(z_used) and torch.isnan(rows).all()
 
 
@@ -762,19 +772,66 @@ def test_device_value_checks_on_request(monkeypatch):
 @pytest.mark.parametrize("z", (3.0, -1.0), ids=("z_given", "z_from_batch"))
 def test_no_host_reads(backend, z, monkeypatch):
     """A GPU path never reads a value on the host (a device → host sync): the op
-    contract and crd_nce with Z given (crd_nce returns a Z set from the batch as
-    a float, which is a read by contract)."""
+    contract, and crd_nce with Z given as a float, as a tensor, or set from
+    the batch (Z comes back as a device tensor). The backward only scales the
+    forward's gradient (on CPU tensors it reads the upstream factor on the
+    host, which costs nothing there; on CUDA tensors it compares it on the
+    device), so it runs outside the check."""
     values_checked_in_kernels(monkeypatch)
     v, bank, contrast_idx, _ = bad_index_inputs(65)
     op = kernel_op(backend, "crd", "crd_nce_forward")
+    z_tensor = torch.tensor(z, device=DEVICE)
     with no_host_reads():
-        rows, grad, z_used = op(v, bank, contrast_idx, z, 5.0, True)
+        rows, grad, z_used = op(v, bank, contrast_idx, z_tensor, 5.0, True)
     want, want_z = refcrd.crd_nce(v.double(), bank.double(), contrast_idx, temperature=0.2,
                                   z=None if z < 0 else z)
-    assert z_used.item() == pytest.approx(want_z, rel=1e-5)
+    assert z_used.item() == pytest.approx(want_z.item(), rel=1e-5)
     assert_matches(rows.mean(), want, torch.float32, f"{backend} op")
-    if z > 0:
+    for given in (None if z < 0 else z, z_tensor):
         v_grad = v.clone().requires_grad_(True)
         with no_host_reads():
-            loss, _ = fastkd.crd_nce(v_grad, bank, contrast_idx, temperature=0.2, z=z, backend=backend)
+            loss, z_used = fastkd.crd_nce(v_grad, bank, contrast_idx, temperature=0.2, z=given,
+                                          backend=backend)
+        loss.backward()
         assert_matches(loss.detach(), want, torch.float32, f"{backend} crd_nce")
+        assert z_used.item() == pytest.approx(want_z.item(), rel=1e-5)
+        assert torch.isfinite(v_grad.grad).all()
+
+
+@pytest.mark.parametrize("backend", gpu_kernel_params())
+def test_module_no_host_reads(backend, monkeypatch):
+    """CRDLoss on a GPU path: the forward of a training step (Z set from the
+    first batch, kept by the second, the banks updated) with every host read
+    refused (the backward as in test_no_host_reads); the same losses, Z and
+    banks as the reference module."""
+    values_checked_in_kernels(monkeypatch)
+    fused, ref = make_pair(n_data=40, feat_dim=8, nce_k=5, dtype=torch.float32, backend=backend,
+                           device=DEVICE)
+    for call in range(2):
+        f_s, f_t, idx = batch(7, 11, 6, 40, torch.float32, seed=80 + call, device=DEVICE)
+        contrast_idx = torch.randint(40, (7, 5)).to(DEVICE)
+        with no_host_reads():
+            loss = fused(f_s, f_t, idx, contrast_idx)
+        loss.backward()
+        want = ref(f_s, f_t, idx, contrast_idx)
+        assert_matches(loss.detach(), want.detach().double(), torch.float32, f"{backend} loss, call {call}")
+        torch.testing.assert_close(fused.z, ref.z, rtol=1e-5, atol=0)
+        torch.testing.assert_close(fused.memory_s, ref.memory_s, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused.memory_t, ref.memory_t, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", gpu_kernel_params())
+@pytest.mark.parametrize("bad", ("above", "below", "repeated"))
+def test_module_bad_idx_gives_a_nan_loss_and_leaves_the_banks(backend, bad, monkeypatch):
+    """idx not checked on the host (the GPU policy): an index outside [0, n_data)
+    or a repeated one makes the loss NaN and leaves both banks as they were."""
+    values_checked_in_kernels(monkeypatch)
+    fused, _ = make_pair(n_data=40, feat_dim=8, nce_k=5, dtype=torch.float32, backend=backend, device=DEVICE)
+    f_s, f_t, idx = batch(7, 11, 6, 40, torch.float32, seed=90, device=DEVICE)
+    idx = idx.clone()
+    idx[3] = {"above": 40, "below": -1, "repeated": int(idx[5])}[bad]
+    banks = (fused.memory_s.clone(), fused.memory_t.clone())
+    with no_host_reads():
+        loss = fused(f_s, f_t, idx, torch.randint(40, (7, 6)).to(DEVICE))
+    assert torch.isnan(loss)
+    assert torch.equal(fused.memory_s, banks[0]) and torch.equal(fused.memory_t, banks[1])

@@ -210,7 +210,8 @@ def uld_case(view):
 
 def crd_case(view):
     ids = torch.stack([torch.randperm(9, generator=torch.Generator().manual_seed(i))[:3] for i in range(N)])
-    return ("crd", "crd_nce_forward"), (randn(N, 5), randn(9, 5, seed=3), view(ids), 0.0, 2.0, True)
+    return ("crd", "crd_nce_forward"), (randn(N, 5), randn(9, 5, seed=3), view(ids), torch.tensor(0.0), 2.0,
+                                        True)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ op reads the weights on the host by contract (csrc/cpu/mixture.cpp).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import types
 
 import pytest
@@ -243,3 +244,21 @@ def test_gpu_weights_follow_the_policy_on_the_gpu(monkeypatch):
             with pytest.raises(ValueError, match="sum to 1"):
                 fastkd.divergence(s, t, teacher_weights=bad, backend=backend)
             monkeypatch.delenv("FASTKD_CHECK_DEVICE_VALUES")
+
+
+def test_host_weights_under_graph_capture_become_fill_kernels(monkeypatch):
+    """Host weights (a list) for a CUDA stream that is capturing a graph reach the
+    kernels as device weights built by fill kernels: no pinned buffer whose
+    address a replay would read after the call released it. Outside a capture,
+    and off CUDA, the weights pass unchanged."""
+    fkmixture = importlib.import_module("fastkd.mixture")
+    weights = torch.tensor([0.25, 0.0, 0.75, 1 / 3], dtype=torch.float64)
+    built = fkmixture.graph_constants(weights, DEVICE)
+    assert built.device == DEVICE and built.dtype == torch.float64
+    assert torch.equal(built.cpu(), weights)
+    assert fkmixture._weights_for_capture(weights, torch.device("cpu")) is weights
+    if DEVICE.type != "cuda":
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        assert fkmixture._weights_for_capture(weights, torch.device("cpu")) is weights
+    else:
+        assert fkmixture._weights_for_capture(weights, DEVICE) is weights  # not capturing

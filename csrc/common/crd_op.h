@@ -7,18 +7,22 @@
 namespace fastkd {
 
 // v [B, D] and bank [n_data, D] float32 / float64, contrast_idx [B, K + 1]
-// int64 in [0, n_data) on `device`. The indices' range is checked here, on
+// int64 in [0, n_data) and z [] floating point on `device`. The indices' range is checked here, on
 // the host, only for CPU tensors, before any gather (the CPU kernel reads bank
 // rows at these indices unchecked). On a GPU that check would be a device →
 // host synchronisation on every call: there the kernels guard instead (an
 // index outside gives its sample a NaN loss and gradient, docs/spec.md §6).
+// Z's value likewise: checked finite on the host for a CPU tensor only; on a
+// GPU the kernels read it where it lies.
 inline void check_crd_args(const at::Tensor& v, const at::Tensor& bank, const at::Tensor& contrast_idx,
-                           double z, double inv_temperature, c10::DeviceType device) {
+                           const at::Tensor& z, double inv_temperature, c10::DeviceType device) {
   CHECK_DEVICE_TYPE(v, device);
   CHECK_DEVICE_TYPE(bank, device);
   CHECK_DEVICE_TYPE(contrast_idx, device);
   CHECK_SAME_DEVICE(v, bank);
   CHECK_SAME_DEVICE(v, contrast_idx);
+  CHECK_DEVICE_TYPE(z, device);
+  CHECK_SAME_DEVICE(v, z);
   CHECK_DIM(v, 2);
   CHECK_DIM(bank, 2);
   CHECK_DIM(contrast_idx, 2);
@@ -41,7 +45,12 @@ inline void check_crd_args(const at::Tensor& v, const at::Tensor& bank, const at
     TORCH_CHECK(lo >= 0 && hi < bank.size(0), "contrast_idx must lie in [0, n_data) = [0, ",
                 bank.size(0), "), got values in [", lo, ", ", hi, "]");
   }
-  TORCH_CHECK(std::isfinite(z), "z must be finite, got ", z);
+  TORCH_CHECK(z.dim() == 0 && at::isFloatingType(z.scalar_type()),
+              "z must be a 0-dim floating-point tensor, got ", z.scalar_type(), " of shape ", z.sizes());
+  if (z.is_cpu()) {
+    const double z_value = z.item<double>();
+    TORCH_CHECK(std::isfinite(z_value), "z must be finite, got ", z_value);
+  }
   TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
               "inv_temperature must be finite and > 0, got ", inv_temperature);
 }

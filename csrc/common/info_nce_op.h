@@ -7,15 +7,20 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <tuple>
 
 #include "checks.h"
 
 namespace fastkd {
 
-// q [N, D], k [M, D] and labels [N] int64 in [0, M) on `device`. The labels'
-// range is checked on the host before any kernel: they index each row of a
-// tile unchecked.
+// q [N, D], k [M, D] and labels [N] int64 on `device`. The labels' range,
+// [0, M), is checked on the host by the CPU ops only, whose row kernels index
+// each row of a tile with them unchecked; reading a GPU tensor's values would
+// synchronise the device with the host, so the CUDA kernels guard instead (a
+// query with a label outside gets a NaN row loss and gradient row,
+// docs/spec.md §6; the Python layer checks on the host when
+// FASTKD_CHECK_DEVICE_VALUES=1).
 inline void check_info_nce_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& labels,
                                 double inv_temperature, int64_t tile_rows, c10::DeviceType device) {
   CHECK_DEVICE_TYPE(q, device);
@@ -35,7 +40,7 @@ inline void check_info_nce_args(const at::Tensor& q, const at::Tensor& k, const 
   TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
   TORCH_CHECK(labels.size(0) == q.size(0), "labels must have one entry per row of q (",
               q.size(0), "), got ", labels.size(0));
-  if (labels.numel() > 0) {
+  if (device == c10::DeviceType::CPU && labels.numel() > 0) {
     const int64_t lo = labels.min().item<int64_t>();
     const int64_t hi = labels.max().item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi < k.size(0), "labels must lie in [0, M) = [0, ", k.size(0),
@@ -128,17 +133,31 @@ inline void check_info_nce_softmax_backward_args(const at::Tensor& grad_row_loss
 // (a second backward through the same graph finds it unchanged), and the
 // backward needs no (N, M) temporary. The scatter-add of Yᵀ is index_put_
 // with accumulate, deterministic on CPU and CUDA alike.
+//
+// The labels' range is not read on the host (on a GPU that would be a
+// synchronisation): the index ops take the labels clamped into [0, M), so
+// that nothing is read or written out of bounds, and a query whose label lies
+// outside gets s_i = NaN, i.e. a NaN row of G: its dq row and every dk entry
+// are NaN, as in the recomputing backward.
 inline std::tuple<at::Tensor, at::Tensor> info_nce_grads_from_probabilities(
     const at::Tensor& grad_row_loss, const at::Tensor& q, const at::Tensor& k, const at::Tensor& labels,
     const at::Tensor& probabilities, double inv_temperature) {
   const auto acc = probabilities.scalar_type();
-  const at::Tensor row_scale = grad_row_loss.to(acc).mul(inv_temperature).unsqueeze(1);  // [N, 1]
+  const int64_t m = k.size(0);
+  const at::Tensor out_of_range = labels.lt(0).logical_or(labels.ge(m));
+  const at::Tensor row_scale = grad_row_loss.to(acc)
+                                   .mul(inv_temperature)
+                                   .masked_fill(out_of_range, std::numeric_limits<double>::quiet_NaN())
+                                   .unsqueeze(1);  // [N, 1]
   const at::Tensor k_acc = k.to(acc);
   at::Tensor grad_q = at::mm(probabilities, k_acc);
-  grad_q.sub_(k_acc.index_select(0, labels)).mul_(row_scale);
+  // without keys every label is out of range and there is nothing to index
+  const at::Tensor index = m > 0 ? labels.clamp(0, m - 1) : at::Tensor();
+  if (m > 0) grad_q.sub_(k_acc.index_select(0, index));
+  grad_q.mul_(row_scale);
   const at::Tensor scaled_q = q.to(acc).mul(row_scale);
   at::Tensor grad_k = at::mm(probabilities.t(), scaled_q);
-  grad_k.index_put_({labels}, scaled_q.neg(), /*accumulate=*/true);
+  if (m > 0) grad_k.index_put_({index}, scaled_q.neg(), /*accumulate=*/true);
   return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type())};
 }
 

@@ -23,7 +23,8 @@
 // it). Samples run in parallel (at::parallel_for); rows are prefetched a few
 // indices ahead, since the gather is random access into an n_data × D bank.
 //
-// Z (the normalisation constant) is a parameter; z <= 0 asks the op to set it
+// Z (the normalisation constant) is a parameter, a 0-dim tensor (read here
+// on the host: a CPU tensor); z <= 0 asks the op to set it
 // from this batch, Z = mean_bj exp(s_bj / T) · n_data (RepDistiller's first
 // batch), which costs one extra gather-dot pass. The Z used is returned.
 //
@@ -173,9 +174,10 @@ void crd_kernel(const CrdView<T>& w, int64_t n_data, T z, double* row_loss, T* g
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_nce_forward_cpu(
-    const at::Tensor& v, const at::Tensor& bank, const at::Tensor& contrast_idx, double z,
+    const at::Tensor& v, const at::Tensor& bank, const at::Tensor& contrast_idx, const at::Tensor& z_tensor,
     double inv_temperature, bool student_grad) {
-  check_crd_args(v, bank, contrast_idx, z, inv_temperature, at::kCPU);
+  check_crd_args(v, bank, contrast_idx, z_tensor, inv_temperature, at::kCPU);
+  const double z = z_tensor.item<double>();
   const at::Tensor vc = v.contiguous();
   const at::Tensor idx = contrast_idx.contiguous();
   const int64_t batch = v.size(0), dim = v.size(1), n_data = bank.size(0);

@@ -23,7 +23,8 @@
 //
 // Memory traffic floor: the gather, B·(K+1)·D·sizeof(T) bytes of random bank
 // rows plus the indices, once (twice when Z is set from the batch: the first
-// pass only sums exp(s / T)). Many warps in flight (small R: high occupancy)
+// pass only sums exp(s / T); it reads the Z passed in, a device tensor, and
+// gathers nothing when Z is given, so that the op never reads Z on the host). Many warps in flight (small R: high occupancy)
 // hide the gather's latency.
 //
 // float32 inputs compute the dot products, exp and log1p in float32 and
@@ -147,10 +148,13 @@ __device__ __forceinline__ T gather_dot(const CrdView<T>& w, int64_t b, int64_t 
   return in_bank ? score : T(NAN);
 }
 
-// Z's pass: partial[split, b] = Σ_{j in the slice} exp(s_bj / T), in double.
+// Z's pass: partial[split, b] = Σ_{j in the slice} exp(s_bj / T), in double;
+// 0 where z_in, the Z passed in, is given (> 0, or NaN, which the loss then
+// carries): the same for every thread, so the whole grid skips the gather.
 template <class T, int R>
-__global__ void __launch_bounds__(kThreads) _crd_exp_sum_kernel(CrdView<T> w,
+__global__ void __launch_bounds__(kThreads) _crd_exp_sum_kernel(CrdView<T> w, const T* __restrict__ z_in,
                                                                double* __restrict__ partial) {
+  const bool z_given = !(*z_in <= T(0));
   const int lane = threadIdx.x % kWarp;
   const int64_t first = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock;
@@ -161,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) _crd_exp_sum_kernel(CrdView<T> w,
     T rr[R];
     load_v(w, it.b, lane, vr);
     double total = 0.0;
-    for (int64_t j = it.lo; j < it.hi; ++j) {
+    for (int64_t j = it.lo; j < (z_given ? it.lo : it.hi); ++j) {
       total += static_cast<double>(dev_exp(gather_dot(w, it.b, j, lane, vr, rr) * w.inv_temperature));
     }
     if (lane == 0) partial[it.split * w.batch + it.b] = total;
@@ -233,8 +237,8 @@ unsigned blocks_for(int64_t items) {
 }
 
 template <class T, int R>
-void launch_exp_sum(const CrdView<T>& w, double* partial, cudaStream_t stream) {
-  _crd_exp_sum_kernel<T, R><<<blocks_for(w.items), kThreads, 0, stream>>>(w, partial);
+void launch_exp_sum(const CrdView<T>& w, const T* z_in, double* partial, cudaStream_t stream) {
+  _crd_exp_sum_kernel<T, R><<<blocks_for(w.items), kThreads, 0, stream>>>(w, z_in, partial);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -273,7 +277,7 @@ std::pair<int64_t, int64_t> column_splits(int64_t batch, int64_t cols) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_nce_forward_cuda(
-    const at::Tensor& v, const at::Tensor& bank, const at::Tensor& contrast_idx, double z,
+    const at::Tensor& v, const at::Tensor& bank, const at::Tensor& contrast_idx, const at::Tensor& z,
     double inv_temperature, bool student_grad) {
   check_crd_args(v, bank, contrast_idx, z, inv_temperature, at::kCUDA);
   TORCH_CHECK(v.size(1) <= kMaxFeatDim, "feat_dim must be <= ", kMaxFeatDim,
@@ -283,10 +287,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_nce_forward_cuda(
   const at::Tensor idx = contrast_idx.contiguous();
   const int64_t batch = v.size(0), dim = v.size(1), n_data = bank.size(0), cols = idx.size(1);
   const at::TensorOptions options = v.options();
+  // the Z passed in, in v's dtype; never read on the host
+  const at::Tensor z_in = z.to(v.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
   if (batch == 0) {
     // as on CPU: nothing to gather, and Z stays the one passed in
     const std::vector<int64_t> grad_sizes{0, student_grad ? dim : 0};
-    return {at::empty({0}, options), at::empty(grad_sizes, options), at::full({}, z, options)};
+    return {at::empty({0}, options), at::empty(grad_sizes, options), z_in};
   }
   const auto [splits, per_split] = column_splits(batch, cols);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -301,17 +307,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_nce_forward_cuda(
                               idx.data_ptr<int64_t>(), batch, dim, cols, n_data,
                               n_data <= 1 ? dim : bank.stride(0), per_split, batch * splits,
                               static_cast<scalar_t>(inv_temperature)};
-    if (z <= 0) {
-      // Z = mean_bj exp(s_bj / T) · n_data, rounded to the input dtype once
-      // (as on CPU), so that the stored Z reproduces this batch's loss exactly.
-      at::Tensor partial = at::empty({splits, batch}, options.dtype(at::kDouble));
-      with_per_lane(dim, [&]<int R>() {
-        launch_exp_sum<scalar_t, R>(w, partial.data_ptr<double>(), stream);
-      });
-      z_out = partial.sum().div_(double(batch) * double(cols)).mul_(double(n_data)).to(v.scalar_type());
-    } else {
-      z_out = at::full({}, z, options);
-    }
+    // Z = mean_bj exp(s_bj / T) · n_data, rounded to the input dtype once
+    // (as on CPU), so that the stored Z reproduces this batch's loss
+    // exactly; or the Z passed in, chosen on the device (the exp-sum pass
+    // then gathers nothing).
+    at::Tensor partial = at::empty({splits, batch}, options.dtype(at::kDouble));
+    with_per_lane(dim, [&]<int R>() {
+      launch_exp_sum<scalar_t, R>(w, z_in.data_ptr<scalar_t>(), partial.data_ptr<double>(), stream);
+    });
+    const at::Tensor batch_z =
+        partial.sum().div_(double(batch) * double(cols)).mul_(double(n_data)).to(v.scalar_type());
+    z_out = at::where(z_in.le(0), batch_z, z_in);
     const scalar_t c_eps = static_cast<scalar_t>(c + kNceEps);
     const scalar_t inv_c_eps = static_cast<scalar_t>(1.0 / (c + kNceEps));
     with_per_lane(dim, [&]<int R>() {

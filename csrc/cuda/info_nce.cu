@@ -12,9 +12,13 @@
 //             of logits = products / T (max, then Σ exp(x − max), each a
 //             cub block reduction) and the positive logit at the row's label:
 //             row_loss = lse − logit_{i, y_i}; row_lse is kept (O(N)).
+//             A label outside [0, M) is never read through: its row loss
+//             is NaN (the labels are not checked on the host, which would
+//             synchronise the device with it; docs/spec.md §6).
 //   backward  recomputes the tile's products, then
 //             _info_nce_logit_grad_kernel turns them in place into
-//             G_ij = (exp(x_ij − lse_i) − [j = y_i]) · grad_row_loss_i / T;
+//             G_ij = (exp(x_ij − lse_i) − [j = y_i]) · grad_row_loss_i / T
+//             (a NaN row where y_i lies outside [0, M));
 //             dq_tile = G k and dk += Gᵀ q_tile are two more GEMMs.
 //
 // This is honest about what it is: GEMMs from ATen plus fused element / row
@@ -83,7 +87,7 @@ struct MaxNanOp {
 template <class T, int BLOCK>
 __global__ void __launch_bounds__(BLOCK) _info_nce_row_lse_kernel(
     const T* __restrict__ products,     // [rows, M] contiguous, q_i · k_j (not yet / T)
-    const int64_t* __restrict__ labels,  // [rows], in [0, M) (checked on the host)
+    const int64_t* __restrict__ labels,  // [rows]; outside [0, M): a NaN row loss
     T* __restrict__ row_loss,            // [rows] lse_i − logit_{i, y_i}
     T* __restrict__ row_lse,             // [rows]
     int64_t rows, int64_t M, T inv_temperature) {
@@ -104,18 +108,21 @@ __global__ void __launch_bounds__(BLOCK) _info_nce_row_lse_kernel(
     sum = block_all_reduce<BLOCK>(sum, SumOp{}, temp, result);
     if (threadIdx.x == 0) {
       const T lse = shift + dev_log(sum);
+      const int64_t y = labels[row];
       row_lse[row] = lse;
-      row_loss[row] = lse - x[labels[row]] * inv_temperature;
+      // a label outside the row is never used as an address
+      row_loss[row] = (y >= 0 && y < M) ? lse - x[y] * inv_temperature : T(NAN);
     }
   }
 }
 
 // G_ij = (exp(x_ij / T − lse_i) − [j = y_i]) · scale_i, in place over the
-// tile's products; scale_i = grad_row_loss_i / T. Grid-stride over elements.
+// tile's products; scale_i = grad_row_loss_i / T, NaN where y_i lies outside
+// [0, M) (the label is only compared with j). Grid-stride over elements.
 template <class T>
 __global__ void __launch_bounds__(kElementThreads) _info_nce_logit_grad_kernel(
     T* __restrict__ g,                   // [rows, M] contiguous: products in, G out
-    const int64_t* __restrict__ labels,  // [rows], in [0, M)
+    const int64_t* __restrict__ labels,  // [rows]; outside [0, M): a NaN row of G
     const T* __restrict__ lse,           // [rows]
     const T* __restrict__ scale,         // [rows]
     int64_t rows, int64_t M, T inv_temperature) {
@@ -124,9 +131,10 @@ __global__ void __launch_bounds__(kElementThreads) _info_nce_logit_grad_kernel(
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
     const int64_t i = e / M;
     const int64_t j = e - i * M;
+    const int64_t y = labels[i];
     T p = dev_exp(g[e] * inv_temperature - lse[i]);
-    if (j == labels[i]) p -= T(1);
-    g[e] = p * scale[i];
+    if (j == y) p -= T(1);
+    g[e] = (y >= 0 && y < M) ? p * scale[i] : T(NAN);
   }
 }
 

@@ -91,10 +91,11 @@ def _index_tensor(name: str, value, shape: tuple[int, ...], high: int, ref: torc
 def check_nce_arguments(v, bank, contrast_idx, temperature, z, *, index_range: bool = True):
     """Validates one NCE direction's arguments (``ValueError`` naming the argument).
 
-    Returns ``(v, bank, contrast_idx as int64, temperature, z or None)``.
-    Shared by the reference and the fused backend; ``index_range=False``
-    leaves out the check that reads ``contrast_idx``'s values (the fused
-    kernels guard them, docs/spec.md §6).
+    Returns ``(v, bank, contrast_idx as int64, temperature, z)``, ``z`` None,
+    a float or a ``()`` tensor (see :func:`crd_nce`). Shared by the reference
+    and the fused backend; ``index_range=False`` leaves out the check that
+    reads ``contrast_idx``'s values (the fused kernels guard them,
+    docs/spec.md §6).
     """
     bank = _validate.tensor("bank", bank, dtypes=(torch.float32, torch.float64), min_dim=2)
     if bank.dim() != 2 or bank.shape[0] == 0 or bank.shape[1] == 0:
@@ -114,9 +115,22 @@ def check_nce_arguments(v, bank, contrast_idx, temperature, z, *, index_range: b
         check_range=index_range,
     )
     temperature = _validate.real("temperature", temperature, low=0.0, low_open=True)
-    if z is not None:
+    if isinstance(z, torch.Tensor):
+        _z_tensor(z, v)
+    elif z is not None:
         z = _validate.real("z", z, low=0.0, low_open=True)
     return v, bank, contrast_idx, temperature, z
+
+
+def _z_tensor(z: torch.Tensor, ref: torch.Tensor) -> None:
+    """A ``()`` floating-point tensor on ``ref``'s device; its value finite
+    where :func:`fastkd._validate.values_checked_on_host` says so."""
+    if z.dim() != 0 or not z.dtype.is_floating_point:
+        raise ValueError(f"z must be a float, None or a () floating-point tensor, got {z.dtype} of shape "
+                         f"{tuple(z.shape)}")
+    _validate.same_device("z", z, "v", ref)
+    if _validate.values_checked_on_host(z) and not math.isfinite(float(z)):
+        raise ValueError(f"z must be finite, got {float(z)}")
 
 
 def nce_loss(out: torch.Tensor, n_data: int) -> torch.Tensor:
@@ -140,8 +154,8 @@ def crd_nce(
     contrast_idx: torch.Tensor,
     *,
     temperature: float = 0.07,
-    z: float | None = None,
-) -> tuple[torch.Tensor, float]:
+    z: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One direction of the CRD loss: embeddings ``v`` scored against a memory ``bank``.
 
     ``out_bj = exp(bank[contrast_idx_bj] · v_b / τ) / Z`` and :func:`nce_loss`
@@ -154,34 +168,61 @@ def crd_nce(
         temperature: ``τ > 0``.
         z: the normalisation constant ``Z > 0``; ``None`` sets it from this
             batch, ``mean(exp(·/τ)) · n_data`` (RepDistiller's first batch).
+            A ``()`` tensor on v's device holds Z (> 0) or, <= 0, asks for
+            the batch's: decided on the device, so Z is never read on the host.
     Returns:
-        ``(loss, Z)``: the ``()`` loss in the bank's dtype and the ``Z`` used.
+        ``(loss, Z)``: the ``()`` loss and the ``()`` Z used, both in the
+        bank's dtype and on its device.
     """
     v, bank, contrast_idx, temperature, z = check_nce_arguments(v, bank, contrast_idx, temperature, z)
     return crd_nce_unchecked(v, bank, contrast_idx, temperature, z)
 
 
-def crd_nce_unchecked(v, bank, contrast_idx, temperature: float, z: float | None):
+def crd_nce_unchecked(v, bank, contrast_idx, temperature: float, z):
     """:func:`crd_nce` on arguments already validated (by :func:`check_nce_arguments` or the module)."""
     n_data = bank.shape[0]
     weight = bank.detach().index_select(0, contrast_idx.reshape(-1)).view(*contrast_idx.shape, -1)
     out = torch.exp(torch.bmm(weight, v.to(bank.dtype).unsqueeze(2)).squeeze(2) / temperature)
+    batch_z = out.detach().mean() * n_data
     if z is None:
-        z = (out.detach().mean() * n_data).item()
-    return nce_loss(out / z, n_data), z
+        z_used = batch_z
+    elif isinstance(z, torch.Tensor):
+        z = z.to(out.dtype)
+        z_used = torch.where(z <= 0, batch_z, z)
+    else:
+        z_used = torch.full((), z, dtype=out.dtype, device=out.device)
+    return nce_loss(out / z_used, n_data), z_used
 
 
 @torch.no_grad()
-def update_memory(bank: torch.Tensor, idx: torch.Tensor, v: torch.Tensor, momentum: float) -> None:
+def update_memory(bank: torch.Tensor, idx: torch.Tensor, v: torch.Tensor, momentum: float,
+                  idx_ok: torch.Tensor | None = None) -> None:
     """RepDistiller's bank update, in place: ``bank[idx] = l2n(m · bank[idx] + (1 − m) · v)``.
 
-    ``idx`` must hold distinct indices (each row is written once).
+    ``idx`` must hold distinct indices in ``[0, n_data)`` (each row is
+    written once). Where they were not checked on the host, ``idx_ok`` is
+    :func:`indices_ok`'s ``()`` bool tensor: the update then indexes with
+    ``idx`` clamped into the bank and, unless ``idx_ok``, writes every row
+    back as it was (rows that clamping makes collide all get one value),
+    so bad indices leave the bank unchanged without a host read.
     """
-    rows = bank.index_select(0, idx)
-    rows.mul_(momentum)
+    if idx_ok is not None:
+        idx = idx.clamp(0, bank.shape[0] - 1)
+    old = bank.index_select(0, idx)
+    rows = old.mul(momentum)
     rows.add_(torch.mul(v.detach().to(bank.dtype), 1 - momentum))
     rows.div_(rows.pow(2).sum(1, keepdim=True).pow(0.5))
+    if idx_ok is not None:
+        rows = torch.where(idx_ok, rows, old)
     bank.index_copy_(0, idx, rows)
+
+
+def indices_ok(idx: torch.Tensor, high: int) -> torch.Tensor:
+    """``()`` bool tensor: every entry of ``idx`` (B,) lies in ``[0, high)`` and
+    none repeats. Computed on ``idx``'s device (no host read)."""
+    ordered = idx.sort().values
+    in_range = (ordered[:1] >= 0).all() & (ordered[-1:] < high).all()
+    return in_range & (ordered[1:] != ordered[:-1]).all()
 
 
 class CRDLoss(nn.Module):
@@ -259,17 +300,20 @@ class CRDLoss(nn.Module):
         _validate.same_device(name, value, "memory_s", self.memory_s)
         return value
 
-    def _checks_contrast_range(self, contrast_idx: torch.Tensor) -> bool:
-        """Whether :meth:`contrast_indices` checks a given ``contrast_idx``'s range
-        on the host: always here, where the bank is indexed with it (the fused
-        module leaves it to its kernels on a GPU)."""
+    def _checks_index_values(self, index: torch.Tensor) -> bool:
+        """Whether :meth:`contrast_indices` checks the values of ``idx`` and of a
+        given ``contrast_idx`` on the host (range, and ``idx``'s distinctness):
+        always here, where the bank is indexed with them (the fused module
+        leaves them to the device on a GPU: its kernels guard ``contrast_idx``,
+        and :meth:`forward` checks ``idx`` with :func:`indices_ok`)."""
         return True
 
     def contrast_indices(self, idx, contrast_idx, generator, ref: torch.Tensor):
         """Validated ``(idx (B,), contrast_idx (B, K+1))``, drawing the negatives when needed."""
         batch = ref.shape[0]
-        idx = _index_tensor("idx", idx, (batch,), self.n_data, ref)
-        if batch > 1 and torch.unique(idx).numel() != batch:
+        check_idx = isinstance(idx, torch.Tensor) and self._checks_index_values(idx)
+        idx = _index_tensor("idx", idx, (batch,), self.n_data, ref, check_range=check_idx)
+        if check_idx and batch > 1 and torch.unique(idx).numel() != batch:
             raise ValueError("idx must hold distinct indices (each sample's bank row is updated once)")
         if contrast_idx is None:
             if generator is not None and not isinstance(generator, torch.Generator):
@@ -285,7 +329,7 @@ class CRDLoss(nn.Module):
             raise ValueError(
                 f"contrast_idx must be a torch.Tensor or None, got {type(contrast_idx).__name__}"
             )
-        check_range = self._checks_contrast_range(contrast_idx)
+        check_range = self._checks_index_values(contrast_idx)
         if contrast_idx.dim() == 2 and contrast_idx.shape[1] == self.nce_k:
             contrast_idx = _index_tensor(
                 "contrast_idx", contrast_idx, (batch, self.nce_k), self.n_data, ref, check_range=check_range
@@ -295,9 +339,10 @@ class CRDLoss(nn.Module):
             "contrast_idx", contrast_idx, (batch, self.nce_k + 1), self.n_data, ref, check_range=check_range
         )
 
-    def _nce(self, v: torch.Tensor, bank: torch.Tensor, contrast_idx: torch.Tensor, z: float | None):
-        """One direction: ``(loss, Z used)``, on arguments :meth:`forward` validated.
-        The fused module overrides this."""
+    def _nce(self, v: torch.Tensor, bank: torch.Tensor, contrast_idx: torch.Tensor, z: torch.Tensor):
+        """One direction: ``(loss, Z used)`` (``()`` tensors), on arguments
+        :meth:`forward` validated; ``z`` is the buffer's entry, ``<= 0`` until
+        set. The fused module overrides this."""
         return crd_nce_unchecked(v, bank, contrast_idx, self.nce_t, z)
 
     def forward(
@@ -311,13 +356,21 @@ class CRDLoss(nn.Module):
         f_s = self._features("f_s", f_s, self.student_dim, None)
         f_t = self._features("f_t", f_t, self.teacher_dim, f_s.shape[0])
         idx, contrast_idx = self.contrast_indices(idx, contrast_idx, generator, f_s)
+        # idx not checked on the host is checked on the device: bad indices
+        # make the loss NaN and leave the banks as they are
+        idx_ok = None if self._checks_index_values(idx) else indices_ok(idx, self.n_data)
         v_s = self.embed_s(f_s)
         v_t = self.embed_t(f_t)
-        z_s, z_t = (None if z < 0 else z for z in self.z.tolist())
-        loss_s, z_s = self._nce(v_s, self.memory_t, contrast_idx, z_s)
-        loss_t, z_t = self._nce(v_t, self.memory_s, contrast_idx, z_t)
-        self.z.copy_(torch.tensor([z_s, z_t], dtype=self.z.dtype))
+        # Z stays on the device: each direction sets its own from this batch
+        # while its buffer entry is still −1, and keeps it afterwards
+        loss_s, z_s = self._nce(v_s, self.memory_t, contrast_idx, self.z[0])
+        loss_t, z_t = self._nce(v_t, self.memory_s, contrast_idx, self.z[1])
+        with torch.no_grad():
+            self.z.copy_(torch.stack([z_s.detach(), z_t.detach()]))
         if self.training:
-            update_memory(self.memory_s, idx, v_s, self.nce_m)
-            update_memory(self.memory_t, idx, v_t, self.nce_m)
-        return loss_s + loss_t
+            update_memory(self.memory_s, idx, v_s, self.nce_m, idx_ok)
+            update_memory(self.memory_t, idx, v_t, self.nce_m, idx_ok)
+        loss = loss_s + loss_t
+        if idx_ok is not None:
+            loss = loss * torch.where(idx_ok, 1.0, float("nan")).to(loss.dtype)
+        return loss

@@ -13,8 +13,10 @@ from fastkd import _validate
 from fastkd.reference._common import accumulation_dtype, same_features, samples
 
 
-def _labels(value, n: int, m: int, ref: torch.Tensor) -> torch.Tensor:
-    """``(N,)`` integer indices of the positive key of each query, in [0, M)."""
+def _labels(value, n: int, m: int, ref: torch.Tensor, check_range: bool) -> torch.Tensor:
+    """``(N,)`` integer indices of the positive key of each query, in [0, M)
+    (the range checked only with ``check_range``: reading the values of a GPU
+    tensor synchronises it with the host)."""
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"labels must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
@@ -22,7 +24,7 @@ def _labels(value, n: int, m: int, ref: torch.Tensor) -> torch.Tensor:
     if value.shape != (n,):
         raise ValueError(f"labels shape {tuple(value.shape)} must be (N,) = ({n},), one per row of q")
     _validate.same_device("labels", value, "q", ref)
-    if bool(((value < 0) | (value >= m)).any()):
+    if check_range and bool(((value < 0) | (value >= m)).any()):
         raise ValueError(f"labels must lie in [0, M) = [0, {m}), got values in "
                          f"[{int(value.min())}, {int(value.max())}]")
     return value.long()
@@ -34,12 +36,14 @@ def _one_direction(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (torch.logsumexp(logits, dim=1) - positive).mean()
 
 
-def check_arguments(q, k, temperature, labels, symmetric, normalize):
+def check_arguments(q, k, temperature, labels, symmetric, normalize, *, label_range: bool = True):
     """Validates InfoNCE's arguments (``ValueError`` naming the argument).
 
     Returns ``(q, k, temperature, labels)`` with ``temperature`` a float and
     ``labels`` an int64 ``(N,)`` tensor (``arange(N)`` when not given).
-    Shared with the fused backends (:func:`fastkd.info_nce`).
+    Shared with the fused backends (:func:`fastkd.info_nce`), which pass
+    ``label_range=False`` where their kernels guard the labels' range instead
+    (docs/spec.md §6); the reference gathers with the labels and always checks.
     """
     q = samples("q", q)
     k = samples("k", k)
@@ -58,7 +62,7 @@ def check_arguments(q, k, temperature, labels, symmetric, normalize):
             raise ValueError(f"k must have at least as many rows as q without labels, got {m} < {n}")
         labels = torch.arange(n, device=q.device)
     else:
-        labels = _labels(labels, n, m, q)
+        labels = _labels(labels, n, m, q, label_range)
     return q, k, temperature, labels
 
 

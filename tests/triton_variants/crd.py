@@ -27,7 +27,8 @@ def _configs(module):
 
 def exp_sum_variants(module):
     for label, constexprs, num_warps in _configs(module):
-        yield Variant(f"fp32 {label}", {**_COMMON, "partial_ptr": "*fp64"}, constexprs, num_warps)
+        yield Variant(f"fp32 {label}", {**_COMMON, "z_ptr": "*fp32", "partial_ptr": "*fp64"}, constexprs,
+                      num_warps)
 
 
 def nce_variants(module):
