@@ -61,9 +61,8 @@ class HiddenStateFunction(torch.autograd.Function):
     def forward(ctx, student, teacher, row_mask, kind, factor, per_row, backend):
         grad_scale = factor if isinstance(factor, float) else 1.0
         op = kernel_op(backend, "hidden_state", "hidden_state_forward")
-        row_loss, grad_s, grad_t = op(
-            student, teacher, row_mask, int(kind), grad_scale, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        )
+        want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        row_loss, grad_s, grad_t = op(student, teacher, row_mask, int(kind), grad_scale, want_s, want_t)
         deferred = None if isinstance(factor, float) else factor
         ctx.save_for_backward(grad_s, grad_t, deferred)
         return row_loss * factor if per_row else row_loss.sum() * factor

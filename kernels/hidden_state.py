@@ -97,18 +97,22 @@ def _hidden_state_fwd_kernel(
             cross = tl.div_rn(grad_scale, denom)
             if STUDENT_GRAD:
                 grad_h = tl.div_rn(grad_scale * cosine, norm_h) * h - cross * g
-                tl.store(gh_ptr + out_row + cols, tl.where(kept, grad_h, 0.0).to(gh_ptr.dtype.element_ty), mask=cols < D)
+                grad_h = tl.where(kept, grad_h, 0.0)
+                tl.store(gh_ptr + out_row + cols, grad_h.to(gh_ptr.dtype.element_ty), mask=cols < D)
             if TEACHER_GRAD:
                 grad_g = tl.div_rn(grad_scale * cosine, norm_g) * g - cross * h
-                tl.store(gg_ptr + out_row + cols, tl.where(kept, grad_g, 0.0).to(gg_ptr.dtype.element_ty), mask=cols < D)
+                grad_g = tl.where(kept, grad_g, 0.0)
+                tl.store(gg_ptr + out_row + cols, grad_g.to(gg_ptr.dtype.element_ty), mask=cols < D)
         else:
             diff = h - g
             loss = tl.div_rn(tl.sum(diff * diff, 0), dim_f)
             step = tl.div_rn(2.0 * grad_scale, dim_f) * diff
             if STUDENT_GRAD:
-                tl.store(gh_ptr + out_row + cols, tl.where(kept, step, 0.0).to(gh_ptr.dtype.element_ty), mask=cols < D)
+                grad_h = tl.where(kept, step, 0.0)
+                tl.store(gh_ptr + out_row + cols, grad_h.to(gh_ptr.dtype.element_ty), mask=cols < D)
             if TEACHER_GRAD:
-                tl.store(gg_ptr + out_row + cols, tl.where(kept, -step, 0.0).to(gg_ptr.dtype.element_ty), mask=cols < D)
+                grad_g = tl.where(kept, -step, 0.0)
+                tl.store(gg_ptr + out_row + cols, grad_g.to(gg_ptr.dtype.element_ty), mask=cols < D)
     else:
         if KIND == COSINE:
             dot_acc = tl.zeros([BLOCK], tl.float32)
@@ -153,11 +157,11 @@ def _hidden_state_fwd_kernel(
                 diff = h - g
                 sq_acc += diff * diff
                 if STUDENT_GRAD:
-                    tl.store(gh_ptr + out_row + offs, tl.where(kept, coef * diff, 0.0).to(gh_ptr.dtype.element_ty),
-                             mask=offs < D)
+                    grad_h = tl.where(kept, coef * diff, 0.0)
+                    tl.store(gh_ptr + out_row + offs, grad_h.to(gh_ptr.dtype.element_ty), mask=offs < D)
                 if TEACHER_GRAD:
-                    tl.store(gg_ptr + out_row + offs, tl.where(kept, -(coef * diff), 0.0).to(gg_ptr.dtype.element_ty),
-                             mask=offs < D)
+                    grad_g = tl.where(kept, -(coef * diff), 0.0)
+                    tl.store(gg_ptr + out_row + offs, grad_g.to(gg_ptr.dtype.element_ty), mask=offs < D)
             loss = tl.div_rn(tl.sum(sq_acc, 0), dim_f)
     tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
 
@@ -168,7 +172,9 @@ def _check_args(student, teacher, row_mask, kind, grad_scale, student_grad, teac
         check_tensor(name, x, 2, "N, D")
     check_pair("student", student, "teacher", teacher)
     if student.shape != teacher.shape:
-        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must have the same shape")
+        raise ValueError(
+            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must have the same shape"
+        )
     if student.shape[1] < 1:
         raise ValueError(f"student must have at least one feature per row, got shape {tuple(student.shape)}")
     for name, x in (("student", student), ("teacher", teacher)):
@@ -176,7 +182,8 @@ def _check_args(student, teacher, row_mask, kind, grad_scale, student_grad, teac
             raise ValueError(f"{name} must have unit stride in its last dim, got strides {x.stride()}")
     if row_mask is not None:
         if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
-            raise ValueError(f"row_mask must be a bool tensor, got {getattr(row_mask, 'dtype', type(row_mask))}")
+            got = getattr(row_mask, "dtype", type(row_mask))
+            raise ValueError(f"row_mask must be a bool tensor, got {got}")
         if row_mask.shape != (student.shape[0],):
             raise ValueError(f"row_mask must have shape ({student.shape[0]},), got {tuple(row_mask.shape)}")
         if row_mask.device != student.device:

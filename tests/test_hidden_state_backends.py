@@ -182,11 +182,13 @@ def test_strided_views_match_contiguous_copies(backend, kind, layout):
     s_view, t_view = view(s_leaf), view(t_leaf)
     got = fastkd.hidden_state_loss(s_view, t_view, kind=kind, mask=mask, reduction="none", backend=backend)
     got_grads = torch.autograd.grad((got * upstream).sum(), (s_leaf, t_leaf))
-    s_copy, t_copy = s_view.detach().contiguous().requires_grad_(), t_view.detach().contiguous().requires_grad_()
+    s_copy = s_view.detach().contiguous().requires_grad_()
+    t_copy = t_view.detach().contiguous().requires_grad_()
     want = fastkd.hidden_state_loss(s_copy, t_copy, kind=kind, mask=mask, reduction="none", backend=backend)
     copy_grads = torch.autograd.grad((want * upstream).sum(), (s_copy, t_copy))
-    want_grads = torch.autograd.grad((view(s_leaf) * copy_grads[0]).sum() + (view(t_leaf) * copy_grads[1]).sum(),
-                                     (s_leaf, t_leaf))
+    # the copies' gradients taken back through the view to the leaves
+    pulled_back = (view(s_leaf) * copy_grads[0]).sum() + (view(t_leaf) * copy_grads[1]).sum()
+    want_grads = torch.autograd.grad(pulled_back, (s_leaf, t_leaf))
     torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
     for a, b in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-12)
@@ -224,7 +226,8 @@ def test_non_finite_padding_never_reaches_the_loss_or_the_gradients(backend, kin
     out.sum().backward()
     clean_s, clean_t = s.detach().clone(), t.detach().clone()
     clean_s[1], clean_t[3] = 0.0, 0.0
-    want = reference.hidden_state_loss(clean_s.cpu(), clean_t.cpu(), kind=kind, mask=mask.cpu(), reduction="none")
+    want = reference.hidden_state_loss(clean_s.cpu(), clean_t.cpu(), kind=kind, mask=mask.cpu(),
+                                       reduction="none")
     assert_matches(out.cpu(), want.double(), dtype, "rows")
     assert torch.equal(s.grad[~mask], torch.zeros_like(s.grad[~mask]))
     assert torch.equal(t.grad[~mask], torch.zeros_like(t.grad[~mask]))
@@ -356,7 +359,8 @@ def test_bad_arguments_raise_before_any_kernel(backend, monkeypatch):
         (dict(teacher_hidden=torch.randn(2, 3, 5, dtype=dtype, device=DEVICE)), "student_hidden"),
         (dict(mask=torch.ones(2, 3, device=DEVICE)), "mask must be a bool tensor"),
         (dict(mask=torch.ones(3, 2, dtype=torch.bool, device=DEVICE)), "mask shape"),
-        (dict(student_hidden=torch.randn(2, 3, 4, dtype=torch.float16, device=DEVICE)), "teacher_hidden dtype"),
+        (dict(student_hidden=torch.randn(2, 3, 4, dtype=torch.float16, device=DEVICE)),
+         "teacher_hidden dtype"),
     ]
     for change, message in bad:
         kwargs = dict(student_hidden=s, teacher_hidden=s.clone(), backend=backend)

@@ -17,8 +17,8 @@ def hidden_state_variants(module):
         for dtype in DTYPES:
             types = {
                 "h_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "mask_ptr": "*i1", "loss_ptr": "*fp32",
-                "gh_ptr": f"*{dtype}", "gg_ptr": f"*{dtype}", "stride_h": "i32", "stride_g": "i32", "D": "i32",
-                "grad_scale": "fp32",
+                "gh_ptr": f"*{dtype}", "gg_ptr": f"*{dtype}", "stride_h": "i32", "stride_g": "i32",
+                "D": "i32", "grad_scale": "fp32",
             }
             for kind in (0, 1):
                 for student_grad, teacher_grad, has_mask in GRADS_AND_MASKS:
