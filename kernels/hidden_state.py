@@ -178,7 +178,7 @@ def _check_args(student, teacher, row_mask, kind, grad_scale, student_grad, teac
     if student.shape[1] < 1:
         raise ValueError(f"student must have at least one feature per row, got shape {tuple(student.shape)}")
     for name, x in (("student", student), ("teacher", teacher)):
-        if x.shape[1] > 1 and x.stride(1) != 1:
+        if x.shape[0] > 0 and x.shape[1] > 1 and x.stride(1) != 1:
             raise ValueError(f"{name} must have unit stride in its last dim, got strides {x.stride()}")
     if row_mask is not None:
         if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:

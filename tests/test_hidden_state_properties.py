@@ -25,9 +25,11 @@ from tests.strategies_embeddings import (
     SCALES,
     SEEDS,
     UPSTREAMS,
+    Operand,
     check_against_reference,
-    operand,
-    sample_dtype,
+    dtypes_for,
+    leaf_shape,
+    make_values,
 )
 
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
@@ -44,15 +46,21 @@ DIMS = (1, 2, 7, 8, 9, 15, 16, 17, 33, 130, 257)
 DIMS_SMALL = (1, 2, 7, 8, 9, 17, 33)
 
 
+def operand(draw, shape, *, grad=True, scale=1.0) -> Operand:
+    layout = draw(st.sampled_from(LAYOUTS_2D))
+    values = make_values(leaf_shape(shape, layout), draw(SEEDS), scale=scale)
+    return Operand(tuple(shape), layout, grad, values)
+
+
 @st.composite
 def cases(draw, backend):
     small = backend == "triton" and INTERPRETED
     n = draw(st.sampled_from(ROWS_SMALL if small else ROWS))
     d = draw(st.sampled_from(DIMS_SMALL if small else DIMS))
-    dtype = sample_dtype(draw, backend)
+    dtype = draw(st.sampled_from(dtypes_for(backend)))
     scale = draw(SCALES)
-    student = operand(draw, (n, d), layouts=LAYOUTS_2D, scale=scale)
-    teacher = operand(draw, (n, d), layouts=LAYOUTS_2D, grad=draw(st.booleans()), scale=draw(SCALES))
+    student = operand(draw, (n, d), scale=scale)
+    teacher = operand(draw, (n, d), grad=draw(st.booleans()), scale=draw(SCALES))
     mask = None
     if draw(st.booleans()):
         g = torch.Generator().manual_seed(draw(SEEDS))

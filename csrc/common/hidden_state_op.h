@@ -32,8 +32,8 @@ enum class HiddenStateKind : int64_t { kMse = 0, kCosine = 1 };
 constexpr double kCosineEps = 1e-12;
 
 // student, teacher [N, D] (D >= 1) of one floating dtype on `device`, unit
-// stride along D (any row stride); row_mask [N] bool or none; kind 0 or 1;
-// grad_scale finite.
+// stride along D unless N = 0 (any row stride); row_mask [N] bool or none;
+// kind 0 or 1; grad_scale finite.
 inline void check_args(const at::Tensor& student, const at::Tensor& teacher,
                        const std::optional<at::Tensor>& row_mask, int64_t kind, double grad_scale,
                        c10::DeviceType device) {
@@ -51,8 +51,12 @@ inline void check_args(const at::Tensor& student, const at::Tensor& teacher,
               teacher.sizes(), " must have the same shape");
   TORCH_CHECK(student.size(1) >= 1, "student must have at least one feature per row, got ",
               student.sizes());
-  CHECK_UNIT_LAST_STRIDE(student);
-  CHECK_UNIT_LAST_STRIDE(teacher);
+  // an empty batch has nothing to read (and a strided empty view stays strided
+  // when made contiguous)
+  if (student.size(0) > 0) {
+    CHECK_UNIT_LAST_STRIDE(student);
+    CHECK_UNIT_LAST_STRIDE(teacher);
+  }
   if (row_mask.has_value()) {
     const at::Tensor& m = *row_mask;
     TORCH_CHECK(m.scalar_type() == at::kBool, "row_mask must be bool, got ", m.scalar_type());
