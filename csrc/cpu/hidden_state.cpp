@@ -155,7 +155,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hidden_state_forward_cpu(
                                    : at::empty({0, 0}, teacher.options());
   if (rows == 0) return {row_loss, grad_s, grad_t};
   const bool cosine = kind == static_cast<int64_t>(hidden_state::HiddenStateKind::kCosine);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "hidden_state_forward", [&] {
+  const auto dtype = student.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "hidden_state_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const RowsView<scalar_t> view{
         student.const_data_ptr<scalar_t>(), student.stride(0), teacher.const_data_ptr<scalar_t>(),

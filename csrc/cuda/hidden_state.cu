@@ -59,14 +59,18 @@ struct HiddenStateArgs {
   double grad_scale;
 };
 
-// The row's loss and the gradient coefficients from its three sums:
-// grad_h = self_h·h + cross·g, grad_g = self_g·g + cross·h.
+// The row's loss and the gradient coefficients from its three sums. Cosine:
+// grad_h = self_h·h + cross·g, grad_g = self_g·g + cross·h. MSE: grad_h =
+// self_h·(h − g) = −grad_g, the difference taken first (exact for close h and
+// g, where self_h·h − self_h·g would cancel).
 struct RowResult {
   float loss, self_h, self_g, cross;
+  bool cosine;
 };
 
 __device__ __forceinline__ RowResult row_result(float3 sums, bool cosine, float dim, float grad_scale) {
   RowResult r;
+  r.cosine = cosine;
   if (cosine) {
     const float eps = static_cast<float>(hidden_state::kCosineEps);
     const float norm_h = sums.y + eps, norm_g = sums.z + eps;
@@ -80,10 +84,9 @@ __device__ __forceinline__ RowResult row_result(float3 sums, bool cosine, float 
   } else {
     // sums.x = Σ (h − g)²; dℓ/dh = 2 (h − g) / D, dℓ/dg = −dℓ/dh
     r.loss = sums.x / dim;
-    const float coef = 2.f * grad_scale / dim;
-    r.self_h = coef;
-    r.self_g = coef;
-    r.cross = -coef;
+    r.self_h = 2.f * grad_scale / dim;
+    r.self_g = 0.f;
+    r.cross = 0.f;
   }
   return r;
 }
@@ -101,14 +104,19 @@ __device__ __forceinline__ void accumulate(float3& sums, float h, float g, bool 
 }
 
 template <class scalar_t>
-__device__ __forceinline__ void store_grads(const HiddenStateArgs& a, int64_t row, int64_t j, float h, float g,
-                                            const RowResult& r) {
-  if (a.grad_student != nullptr) {
-    static_cast<scalar_t*>(a.grad_student)[row * a.dim + j] = static_cast<scalar_t>(r.self_h * h + r.cross * g);
+__device__ __forceinline__ void store_grads(const HiddenStateArgs& a, int64_t row, int64_t j, float h,
+                                            float g, const RowResult& r) {
+  float grad_h, grad_g;
+  if (r.cosine) {
+    grad_h = r.self_h * h + r.cross * g;
+    grad_g = r.self_g * g + r.cross * h;
+  } else {
+    grad_h = r.self_h * (h - g);
+    grad_g = -grad_h;
   }
-  if (a.grad_teacher != nullptr) {
-    static_cast<scalar_t*>(a.grad_teacher)[row * a.dim + j] = static_cast<scalar_t>(r.self_g * g + r.cross * h);
-  }
+  const int64_t at = row * a.dim + j;
+  if (a.grad_student != nullptr) static_cast<scalar_t*>(a.grad_student)[at] = static_cast<scalar_t>(grad_h);
+  if (a.grad_teacher != nullptr) static_cast<scalar_t*>(a.grad_teacher)[at] = static_cast<scalar_t>(grad_g);
 }
 
 template <int BLOCK, bool CACHED, class scalar_t>
