@@ -14,9 +14,9 @@ on their PyTorch path (backend ``torch``). Every case is judged on its own: an
 exception is that case's ERROR, and the next case runs.
 
 ``sync``: the divergence, top-k, mixture and fused-linear paths without
-labels or mask, DKD, RKD, PKT/SP/CC, InfoNCE and CRD (``SYNC_CASES``),
-forward and backward, in bfloat16 (float32 for CRD, whose GPU kernels take
-float32 banks), on each GPU backend, under
+labels or mask, DKD, RKD, PKT/SP/CC, InfoNCE, CRD and the hidden-state cosine
+without a mask (``SYNC_CASES``), forward and backward, in bfloat16 (float32
+for CRD, whose GPU kernels take float32 banks), on each GPU backend, under
 ``torch.cuda.set_sync_debug_mode("error")``: a host synchronisation (an
 ``.item()``, a ``nonzero``, a copy to pageable host memory) raises, and the
 case FAILs with the operation and the fastkd line that asked for it. On a
@@ -278,8 +278,10 @@ CASES = (
     Case("vocab_parallel", "vocab_parallel", _logits, _vocab_parallel, (TORCH_ONLY,)),
     Case("attention_relation", "attention_relation", _states,
          _student_teacher(fastkd.attention_relation_loss, num_relation_heads=2, causal=True)),
-    Case("hidden_state", "hidden_state", _states,
-         lambda x, backend: fastkd.hidden_state_loss(x["student"], x["teacher"], kind="mse"), (TORCH_ONLY,)),
+    Case("hidden_state-mse", "hidden_state", _states,
+         _student_teacher(fastkd.hidden_state_loss, kind="mse")),
+    Case("hidden_state-cosine", "hidden_state", _states,
+         _student_teacher(fastkd.hidden_state_loss, kind="cosine")),
     Case("uld", "uld", _uld_inputs, _student_teacher(fastkd.uld_loss)),
 )
 
@@ -426,10 +428,12 @@ def _short(exc: BaseException) -> str:
 # The paths that must not synchronise with the host: the logit losses without
 # labels or a mask, DKD (its labels checked in the kernel on a GPU), the
 # relational losses (their scalars kept on the device), InfoNCE (its labels
-# guarded in the kernels) and CRD (its indices guarded in the kernels, Z kept
-# on the device).
-SYNC_CASES = ("divergence-kl", "topk", "mixture", "fused_linear", "dkd", "rkd", "pkt", "sp", "cc", "info_nce",
-              "crd")
+# guarded in the kernels), CRD (its indices guarded in the kernels, Z kept on
+# the device) and the hidden-state loss without a mask.
+SYNC_CASES = (
+    "divergence-kl", "topk", "mixture", "fused_linear", "dkd", "rkd", "pkt", "sp", "cc", "info_nce", "crd",
+    "hidden_state-cosine",
+)
 
 
 def run_sync(device: torch.device, sizes: Sizes, report: Report) -> None:

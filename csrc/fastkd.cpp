@@ -203,6 +203,18 @@ TORCH_LIBRARY(fastkd, m) {
       "uld_forward(Tensor student, Tensor teacher, Tensor? row_mask, float inv_student_temperature, "
       "float inv_teacher_temperature, float grad_scale, bool student_grad, bool teacher_grad, "
       "bool student_is_logprob=False, bool teacher_is_logprob=False) -> (Tensor, Tensor, Tensor)");
+  // Hidden-state distillation (docs/spec.md §5.4): TinyBERT's MSE (kind 0) and
+  // DistilBERT's cosine loss (kind 1) per row, one pass over each row
+  // (csrc/common/hidden_state_op.h has the formulas and the cosine guard).
+  //   student, teacher: [N, D] (already projected) states, same dtype, unit
+  //   stride along D, any row stride. row_mask: [N] bool (false → row
+  //   excluded: loss 0, gradients 0).
+  // Returns (row_loss [N] fp32 (fp64 for fp64 input), student_grad [N, D] or
+  // [0, 0], teacher_grad [N, D] or [0, 0]); the gradients are grad_scale ·
+  // d(row loss)/d(states), contiguous, in the input dtype.
+  m.def(
+      "hidden_state_forward(Tensor student, Tensor teacher, Tensor? row_mask, int kind, "
+      "float grad_scale, bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor)");
   // The matrix products of fused_linear_divergence on CPU tensors (CPU only):
   // out = beta · out + a @ b, beta 0 or 1 (0: out's contents are ignored),
   // out [M, N], a [M, K], b [K, N], one floating dtype; the result does not

@@ -8,13 +8,16 @@ checks that they agree):
   top-k and mixture ops.
 - :class:`MMDKernel`: the C++ ``MmdKernel``, the ``kernel`` argument of the
   MMD ops.
+- :class:`HiddenStateKind`: ``fastkd::hidden_state::HiddenStateKind`` in
+  ``csrc/common/hidden_state_op.h``, the ``kind`` argument of
+  ``fastkd::hidden_state_forward``.
 """
 
 from __future__ import annotations
 
 import enum
 
-__all__ = ["DivergenceKind", "MMDKernel"]
+__all__ = ["DivergenceKind", "HiddenStateKind", "MMDKernel"]
 
 
 class DivergenceKind(enum.IntEnum):
@@ -43,4 +46,16 @@ class MMDKernel(enum.IntEnum):
     @classmethod
     def from_name(cls, name: str) -> MMDKernel:
         """The member for a ``kernel=`` argument (``"gaussian"``, ...)."""
+        return cls[name.upper()]
+
+
+class HiddenStateKind(enum.IntEnum):
+    """Which hidden-state loss the row kernels evaluate (the ``kind`` argument)."""
+
+    MSE = 0  # (1/D) Σ (h − g)², TinyBERT
+    COSINE = 1  # 1 − cos(h, g), DistilBERT
+
+    @classmethod
+    def from_name(cls, name: str) -> HiddenStateKind:
+        """The member for a ``kind=`` argument (``"mse"``, ``"cosine"``)."""
         return cls[name.upper()]

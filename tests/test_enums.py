@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from fastkd._enums import DivergenceKind, MMDKernel
+from fastkd._enums import DivergenceKind, HiddenStateKind, MMDKernel
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 SOURCE_SUFFIXES = (".h", ".cpp", ".cu", ".cuh")
 
 # (C++ enum name, Python enum)
-ENUMS = (("Kind", DivergenceKind), ("MmdKernel", MMDKernel))
+ENUMS = (("Kind", DivergenceKind), ("MmdKernel", MMDKernel), ("HiddenStateKind", HiddenStateKind))
 
 
 def _python_name(cpp_name: str) -> str:

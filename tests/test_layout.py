@@ -81,7 +81,11 @@ FAMILIES = {
         "csrc/cpu/attention_relation.cpp", "csrc/cuda/attention_relation.cu", "tests/test_attention_relation*.py",
         "bench/bench_attention_relation.py",
     ),
-    "hidden_state": ("fastkd/hidden_state.py", "fastkd/reference/hidden_state.py", "tests/test_hidden_state*.py"),
+    "hidden_state": (
+        "fastkd/hidden_state.py", "fastkd/reference/hidden_state.py", "kernels/hidden_state.py",
+        "csrc/common/hidden_state_op.h", "csrc/cpu/hidden_state.cpp", "csrc/cuda/hidden_state.cu",
+        "tests/test_hidden_state*.py", "bench/bench_hidden_state.py",
+    ),
     "uld": (
         "fastkd/uld.py", "fastkd/reference/uld.py", "kernels/uld.py", "csrc/cpu/uld.cpp", "csrc/cuda/uld.cu",
         "tests/test_uld*.py", "bench/bench_uld.py",
