@@ -9,7 +9,7 @@ list of standard-library modules, every tenth document held out, and a
 next-byte prediction. The student reads the same text through a different
 tokenizer: a byte-level BPE of 1024 tokens (the 256 single bytes and 768
 merges), trained with the ``tokenizers`` library on the training text only,
-so that one student token covers about 3.6 bytes of the teacher's. The
+so that one student token covers about 2.6 of the teacher's bytes. The
 student is tiny_lm.py's 1-layer student (dim 64) with that vocabulary.
 
 The text is cut into windows of whole BPE tokens of at most 65 bytes (the
@@ -85,7 +85,8 @@ def byte_alphabet() -> dict[str, int]:
     0xAD) for the characters from U+0100 on, in byte order. This is the
     alphabet of ``tokenizers.pre_tokenizers.ByteLevel``: a token's string
     read through this map is the token's bytes."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in set(printable)]
     alphabet = {chr(b): b for b in printable}
     alphabet.update({chr(256 + i): b for i, b in enumerate(others)})
@@ -336,7 +337,8 @@ METHODS = [
 
 
 def loss_for(method: Method, student: TokenLM, teacher: tiny_lm.TinyLM | None, windows: Windows,
-             idx: torch.Tensor, uld_weight: float, shared: torch.Tensor | None, strategy: str) -> torch.Tensor:
+             idx: torch.Tensor, uld_weight: float, shared: torch.Tensor | None,
+             strategy: str) -> torch.Tensor:
     """The training loss of the windows ``idx``: the mean next-token CE, plus
     ``uld_weight`` times the ULD loss (mean over aligned groups) for a ULD method."""
     p = predictions(windows, idx, student, teacher if method.uld else None)
@@ -395,12 +397,13 @@ def write_results(rows: list[dict], teacher_row: dict, out: Path) -> list[Path]:
         hi = max(r["bpb_mean"] + r["bpb_std"] for r in rows)
         pad = 0.15 * max(hi - min(lo, ref), 1e-3)
         axes[0].set_xlim(min(lo, ref) - pad, hi + pad)
-        fig.suptitle(f"fastkd, ULD across tokenizers: {round(rows[0]['params'] / 1000)}k-parameter BPE student, "
-                     f"{round(teacher_row['params'] / 1000)}k byte-level teacher, {rows[0]['seeds']} seeds",
-                     fontsize=9)
+        student_k, teacher_k = round(rows[0]["params"] / 1000), round(teacher_row["params"] / 1000)
+        fig.suptitle(f"fastkd, ULD across tokenizers: {student_k}k-parameter BPE student, {teacher_k}k "
+                     f"byte-level teacher, {rows[0]['seeds']} seeds", fontsize=9)
         return fig
 
-    fields = ["method", "params", "seeds", "bpb_mean", "bpb_std", "uld_mean", "uld_std", "bpbs", "ulds", "note"]
+    fields = ["method", "params", "seeds", "bpb_mean", "bpb_std", "uld_mean", "uld_std", "bpbs", "ulds",
+              "note"]
     return _report.write_results(out, "cross_tokenizer", [*rows, teacher_row], fields, ("bpbs", "ulds"), draw)
 
 
