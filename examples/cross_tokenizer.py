@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"corpus: {corpus.n_train_bytes} training bytes, {corpus.n_held_bytes} held-out bytes; "
           f"BPE of {vocab} tokens, {corpus.n_train_bytes / corpus.train.n_tokens.sub(1).sum().item():.2f} "
           f"bytes per token; {len(corpus.train)} training windows of up to {args.context + 1} bytes "
-          f"({corpus.train.tokens.shape[1]} tokens)")
+          f"(at most {corpus.train.tokens.shape[1]} tokens)")
     torch.manual_seed(0)
     teacher = tiny_lm.build(tiny_lm.TEACHER, args.context)
     tiny_lm.train(teacher, tiny_lm.METHODS[0], byte_corpus, teacher_sched, seed=0)
