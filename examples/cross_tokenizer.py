@@ -31,7 +31,7 @@ The student is trained with the same initialisation, batch order, optimiser
 and schedule per seed by
 
 * ``CE alone``: cross-entropy on the next BPE token;
-* ``CE + ULD``: that plus ``w · ULD`` (``--uld-weight``);
+* ``CE + ULD``: that plus ``w · ULD`` (``--uld-weight``, 0.3 by default);
 * ``CE + hybrid ULD``: the same with the hybrid table of the 256 single-byte
   BPE tokens paired with the teacher's bytes (compared id to id by a JSD).
 
@@ -232,6 +232,7 @@ def load_corpus(vocab_size: int, max_bytes: int, smoke_bytes: int | None = None)
 
 
 def _cut(text: bytes, size: int) -> bytes:
+    """The first ``size`` bytes of UTF-8 ``text`` or fewer, ending on a whole character."""
     while size < len(text) and text[size] & 0xC0 == 0x80:
         size -= 1
     return text[:size]
@@ -245,6 +246,7 @@ class TokenLM(tiny_lm.TinyLM):
 
     def __init__(self, vocab: int, dim: int, layers: int, heads: int, context: int) -> None:
         super().__init__(dim, layers, heads, context)
+        # tiny_lm's byte embedding and head, replaced by ones over the BPE vocabulary
         self.embed = nn.Embedding(vocab, dim)
         self.head = nn.Linear(dim, vocab, bias=False)
 
@@ -371,7 +373,7 @@ def evaluate(student: TokenLM | None, teacher: tiny_lm.TinyLM, windows: Windows,
 
 
 def train(student: TokenLM, method: Method, windows: Windows, sched, seed: int, teacher=None,
-          uld_weight: float = 1.0, shared: torch.Tensor | None = None, strategy: str = "first") -> None:
+          uld_weight: float = 0.3, shared: torch.Tensor | None = None, strategy: str = "first") -> None:
     """Trains ``student`` in place with tiny_lm.py's loop (AdamW, warm-up + cosine, clipping at 1)."""
     tiny_lm.fit(student, sched, seed, len(windows),
                 lambda idx: loss_for(method, student, teacher, windows, idx, uld_weight, shared, strategy))
