@@ -68,6 +68,7 @@ examples: $(VENV)/.examples
 	$(PY) examples/tiny_lm.py
 	$(PY) examples/sentence_embeddings.py
 	$(PY) examples/attention_relations.py
+	$(PY) examples/cross_tokenizer.py
 
 # The `integrations` extra (transformers, trl, tokenizers at the versions tests/integrations check against),
 # installed by the names pyproject.toml lists; the import check fails the target when one is missing (the

@@ -1,7 +1,8 @@
-"""The digits and attention-relations examples' end-to-end runs (a few steps per method, `--smoke`).
+"""The digits, attention-relations and cross-tokenizer examples' end-to-end runs (a few steps per
+method, `--smoke`).
 
-Needs the `examples` extra (scikit-learn): `make examples-smoke` installs it
-and runs the tests marked `examples`; `make test` deselects them.
+Needs the `examples` extra (scikit-learn; `tokenizers` through sentence-transformers): `make
+examples-smoke` installs it and runs the tests marked `examples`; `make test` deselects them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ def test_attention_relations_smoke(tmp_path, capsys):
     for r in rows:
         assert len(r["ppls"]) == 1 and 1.0 < r["ppl_mean"] < 2 * example.VOCAB
         assert 0.0 <= r["agree_mean"] <= 1.0 and 0.0 <= r["rel_mean"] < float("inf")
+
+
+def test_cross_tokenizer_smoke(tmp_path, capsys):
+    printed = ("CE alone", "CE + ULD", "teacher")
+    _, rows = run_smoke("cross_tokenizer", tmp_path, capsys, ("teacher",), printed)
+    for r in rows:
+        # three steps from a random start: a few bits per byte (a uniform student: 10 bits per token)
+        assert len(r["bpbs"]) == 1 and 0.0 < r["bpb_mean"] < 10.0
+        assert 0.0 <= r["uld_mean"] <= 2.0
 
 
 def test_attention_relations_loss_is_the_minilm_v2_sum():
