@@ -84,7 +84,8 @@ class AttentionRelationBench(Family):
         dtype_name, batch, length = config
         generator = torch.Generator(device=device).manual_seed(0)
         dtype = self.dtypes[dtype_name]
-        s = torch.randn(batch, length, STUDENT_DIM, device=device, generator=generator).to(dtype).requires_grad_()
+        s = torch.randn(batch, length, STUDENT_DIM, device=device, generator=generator)
+        s = s.to(dtype).requires_grad_()
         t = torch.randn(batch, length, TEACHER_DIM, device=device, generator=generator).to(dtype)
         columns = {
             "dtype": dtype_name, "B": batch, "T": length, "A": HEADS, "D_s": STUDENT_DIM, "D_t": TEACHER_DIM,
@@ -94,7 +95,8 @@ class AttentionRelationBench(Family):
         }
         available = available_memory_bytes(device)
         return Case(
-            columns, (s, t), skip=lambda provider: batt_skip_reason(provider, batch, HEADS, length, available),
+            columns, (s, t),
+            skip=lambda provider: batt_skip_reason(provider, batch, HEADS, length, available),
             timing=few_runs() if length >= LONG_T else None,
         )
 

@@ -105,7 +105,8 @@ def trl_chunked():
     def loss(s_h, s_w, t_h, t_w):
         every_row = torch.ones(1, s_h.shape[0])
         value, _entropy, _count = _chunked_divergence_loss(
-            s_h[None], t_h[None], s_w, t_w, every_row, beta=OPTIONS["beta"], temperature=OPTIONS["temperature"]
+            s_h[None], t_h[None], s_w, t_w, every_row,
+            beta=OPTIONS["beta"], temperature=OPTIONS["temperature"],
         )
         return value
 
@@ -155,7 +156,8 @@ def errors(table: dict) -> None:
     for name, loss_fn in supported(PROVIDERS).items():
         got = loss_and_grads(loss_fn, tensors)
         errs = [relative_error(a, b) for a, b in zip(got, want, strict=True)]
-        table.setdefault(name, {}).update(zip(("loss_error", "grad_h_error", "grad_w_error"), errs, strict=True))
+        errors = zip(("loss_error", "grad_h_error", "grad_w_error"), errs, strict=True)
+        table.setdefault(name, {}).update(errors)
         print(f"  {name:22s} " + " ".join(f"{e:9.2e}" for e in errs))
 
 

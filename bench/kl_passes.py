@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
             floor_ms = 3 * n * v * dtype.itemsize / (copy_gbs * 1e9) * 1e3
             load_text = "?" if load is None else f"{load:.2f}"
             print(f"{args.label}\t{dtype_name}\t{n}x{v}\tthreads={torch.get_num_threads()}\t"
-                  f"{'cpu' if args.cpu_time else 'wall'} {call_ms:.2f} ms\tcopy {copy_gbs:.1f} GB/s\tfloor {floor_ms:.2f} ms\t"
+                  f"{'cpu' if args.cpu_time else 'wall'} {call_ms:.2f} ms\tcopy {copy_gbs:.1f} GB/s\t"
+                  f"floor {floor_ms:.2f} ms\t"
                   f"x_floor {call_ms / floor_ms:.2f}\tload {load_text}", flush=True)
 
 

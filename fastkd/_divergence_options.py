@@ -53,10 +53,13 @@ def used_coefficients(divergence: str, beta, alpha) -> tuple[float, float]:
     to a divergence that does not use it is a ``ValueError`` naming it (it would
     otherwise be dropped without a word)."""
     if beta is not None and divergence != "jsd":
-        raise ValueError(f"beta is the JSD weight; divergence={divergence!r} does not use it (leave beta=None)")
+        raise ValueError(
+            f"beta is the JSD weight; divergence={divergence!r} does not use it (leave beta=None)"
+        )
     if alpha is not None and divergence not in SKEW_DIVERGENCES:
         raise ValueError(
-            f"alpha is the skew weight of skew_kl / skew_reverse_kl; divergence={divergence!r} does not use it "
+            "alpha is the skew weight of skew_kl / skew_reverse_kl; "
+            f"divergence={divergence!r} does not use it "
             "(leave alpha=None)"
         )
     beta = DEFAULT_BETA if beta is None else _validate.real("beta", beta, low=0.0, high=1.0)

@@ -502,12 +502,14 @@ def test_mixture_of_teachers_infinite_divergence_is_inf_not_nan(backend, diverge
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "tvd", "skew_kl", "skew_reverse_kl"])
 def test_beta_given_to_a_divergence_without_it_is_an_error(divergence):
     s, t = torch.randn(3, 5), torch.randn(3, 5)
-    with pytest.raises(ValueError, match=rf"beta is the JSD weight; divergence='{divergence}' does not use it"):
+    message = rf"beta is the JSD weight; divergence='{divergence}' does not use it"
+    with pytest.raises(ValueError, match=message):
         fastkd.divergence(s, t, divergence=divergence, beta=0.5)
 
 
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "tvd", "jsd"])
 def test_alpha_given_to_a_divergence_without_it_is_an_error(divergence):
     s, t = torch.randn(3, 5), torch.randn(3, 5)
-    with pytest.raises(ValueError, match=rf"alpha is the skew weight .* divergence='{divergence}' does not use it"):
+    message = rf"alpha is the skew weight .* divergence='{divergence}' does not use it"
+    with pytest.raises(ValueError, match=message):
         fastkd.divergence(s, t, divergence=divergence, alpha=0.1)

@@ -206,8 +206,9 @@ def capped(z, scale, cap):
 
 def test_reference_applies_scale_then_softcapping_per_model():
     tensors = {k: v.double() for k, v in problem(seed=400).items()}
-    s = capped(F.linear(tensors["student_hidden"], tensors["student_weight"], tensors["student_bias"]), 0.8, 3.0)
-    t = capped(F.linear(tensors["teacher_hidden"], tensors["teacher_weight"], tensors["teacher_bias"]), 1.3, 2.0)
+    s = F.linear(tensors["student_hidden"], tensors["student_weight"], tensors["student_bias"])
+    t = F.linear(tensors["teacher_hidden"], tensors["teacher_weight"], tensors["teacher_bias"])
+    s, t = capped(s, 0.8, 3.0), capped(t, 1.3, 2.0)
     want = reference.divergence(s, t, divergence="jsd", beta=0.4)
     got = reference.fused_linear_divergence(**tensors, divergence="jsd", beta=0.4, **POST)
     assert torch.allclose(got, want, rtol=1e-12, atol=0)
@@ -339,7 +340,8 @@ def test_addmm_op_reduced_operands_into_float32(reduced, operands, layout, beta)
     m, k, n = 300, 96, 700
     a = torch.randn(m, k, generator=g)
     b = torch.randn(n, k, generator=g).t() if layout == "weight_t" else torch.randn(k, n, generator=g)
-    a, b = (a.to(reduced) if operands in ("both", "a") else a), (b.to(reduced) if operands in ("both", "b") else b)
+    a = a.to(reduced) if operands in ("both", "a") else a
+    b = b.to(reduced) if operands in ("both", "b") else b
     out = torch.randn(m, n, generator=g)
     want = beta * out.double() + a.double() @ b.double()
     torch.library.opcheck(torch.ops.fastkd.fused_linear_addmm_, (out.clone(), a, b, beta))
@@ -355,7 +357,10 @@ def test_weight_grad_summed_in_the_weight_dtype(backend, dtype):
     tensors = problem(seed=700, dtype=dtype)
     labels = labels_for(N, 701)
     kwargs = dict(labels=labels, hard_weight=0.5, temperature=2.0, chunk_size=3, backend=backend)
-    low = grads_of(lambda **x: fastkd.fused_linear_divergence(**x, weight_grad_dtype=dtype, **kwargs), tensors)
+    def low_precision_dw(**x):
+        return fastkd.fused_linear_divergence(**x, weight_grad_dtype=dtype, **kwargs)
+
+    low = grads_of(low_precision_dw, tensors)
     default = grads_of(lambda **x: fastkd.fused_linear_divergence(**x, **kwargs), tensors)
     want = float64_oracle(tensors, labels=labels, hard_weight=0.5, temperature=2.0)
     assert low[1][1].dtype == dtype

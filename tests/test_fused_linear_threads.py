@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from fastkd import _ops
 
@@ -59,8 +58,8 @@ for threads in (2, 3, 4):
 def run_script(vocab: int, dtype: str) -> dict[str, list[bool]]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(vocab), dtype], env=env, cwd=ROOT, capture_output=True, text=True,
-                         check=True, timeout=300).stdout
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(vocab), dtype], env=env, cwd=ROOT,
+                         capture_output=True, text=True, check=True, timeout=300).stdout
     result: dict[str, list[bool]] = {"op": [], "fused": []}
     for line in out.splitlines():
         what, _, same = line.split()

@@ -87,7 +87,8 @@ BAD = [
     (dict(teacher_hidden=torch.randn(2, 3, 5)), r"student_hidden \(after projection\) shape \(2, 3, 4\)"),
     (dict(teacher_hidden=torch.randn(2, 3, 4, dtype=torch.float64)), "teacher_hidden dtype torch.float64"),
     (dict(mask=torch.ones(2, 3)), "mask must be a bool tensor"),
-    (dict(mask=torch.ones(3, 2, dtype=torch.bool)), r"mask shape \(3, 2\) must be the hidden states' leading"),
+    (dict(mask=torch.ones(3, 2, dtype=torch.bool)),
+     r"mask shape \(3, 2\) must be the hidden states' leading"),
     (dict(projection=3), "projection must be None or a callable"),
     (dict(student_hidden=[1.0]), "student_hidden must be a torch.Tensor"),
 ]

@@ -77,8 +77,9 @@ FAMILIES = {
     ),
     "hint": ("fastkd/hint.py", "fastkd/reference/hint.py", "tests/test_hint*.py"),
     "attention_relation": (
-        "fastkd/attention_relation.py", "fastkd/reference/attention_relation.py", "kernels/attention_relation.py",
-        "csrc/cpu/attention_relation.cpp", "csrc/cuda/attention_relation.cu", "tests/test_attention_relation*.py",
+        "fastkd/attention_relation.py", "fastkd/reference/attention_relation.py",
+        "kernels/attention_relation.py", "csrc/cpu/attention_relation.cpp", "csrc/cuda/attention_relation.cu",
+        "tests/test_attention_relation*.py",
         "bench/bench_attention_relation.py",
     ),
     "hidden_state": (

@@ -445,8 +445,8 @@ def test_divergence_special_values_property(backend, data):
     if divergence.startswith("skew") and alpha == 1.0 and backend != "reference":
         assume(not (s == -math.inf).any() and not (t == -math.inf).any())
     tensors = dict(s=make(s, dtype), t=make(t, dtype), labels=None, mask=None)
-    call = _dense_call(divergence, False, **coefficients(divergence, beta=beta, alpha=alpha), reduction=reduction,
-                       temperature=1.5)
+    call = _dense_call(divergence, False, **coefficients(divergence, beta=beta, alpha=alpha),
+                       reduction=reduction, temperature=1.5)
     check_parity(backend, call, tensors, ("s", "t"), dtype, _permute_last(("s", "t")), vocab, seed,
                  per_row=reduction == "none", what=f"special values {divergence}")
 

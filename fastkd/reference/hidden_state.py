@@ -30,7 +30,9 @@ def project(student_hidden: torch.Tensor, projection) -> torch.Tensor:
     if projection is None:
         return student_hidden
     if not callable(projection):
-        raise ValueError(f"projection must be None or a callable (e.g. nn.Linear), got {type(projection).__name__}")
+        raise ValueError(
+            f"projection must be None or a callable (e.g. nn.Linear), got {type(projection).__name__}"
+        )
     out = projection(student_hidden)
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"projection must return a torch.Tensor, got {type(out).__name__}")
