@@ -78,9 +78,10 @@ inline void check_args(const at::Tensor& student, const at::Tensor& teacher, int
 //
 // When a tile raises the maxima, each accumulated term of w moves by the
 // known amount (Δshift_s − Δshift_t) and is rescaled with l_t, so w gets
-// (Δshift_s − Δshift_t) · l_t before the rescale: exact in spirit, and its
-// rounding is relative to the shifts' moves, which telescope to the maxima's
-// total rise. A tile that does not raise a maximum leaves it exactly as it is.
+// (Δshift_s − Δshift_t) · l_t before the rescale: algebraically exact, and
+// its rounding is relative to the shifts' moves, which telescope to the
+// maxima's total rise. A tile that raises neither maximum leaves w and l
+// exactly as they are (a move of 0, a rescale of exp(0) = 1).
 //
 // Use per tile: rebase(tile maxima) once, then add(exp terms) for its keys
 // with the shifts of shift_s() / shift_t(). NaN scores are skipped by the
@@ -104,8 +105,10 @@ struct RelationRow {
     // exp(max − new shift): 0 while max is −inf (l = 0 then), 1 when it stays
     const acc_t rescale_s = std::exp(max_s - new_shift_s);
     const acc_t rescale_t = std::exp(max_t - new_shift_t);
-    // l_t = 0 means w = 0 (no term yet) and the shifts' moves may be infinite
-    if (sum_t != 0) cross = (cross + ((new_shift_s - old_shift_s) - (new_shift_t - old_shift_t)) * sum_t) * rescale_t;
+    // each accumulated term of w moves by this much; l_t = 0 means w = 0 (no
+    // term yet), and the moves may then be infinite
+    const acc_t move = (new_shift_s - old_shift_s) - (new_shift_t - old_shift_t);
+    if (sum_t != 0) cross = (cross + move * sum_t) * rescale_t;
     sum_s *= rescale_s;
     sum_t *= rescale_t;
     max_s = new_max_s;
