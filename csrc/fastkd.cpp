@@ -174,8 +174,11 @@ TORCH_LIBRARY(fastkd, m) {
   //   divides D_s and D_t; mask [B, T] bool or None (false: excluded as row
   //   and key); causal: keys j <= i only; temperature > 0.
   // forward returns (rows [B, T]: the head-mean KL(teacher || student) of
-  //   each row, 0 when excluded; lse_student, lse_teacher, head_kl [B, A, T]),
-  //   all in the accumulation dtype (fp32; fp64 for fp64 input).
+  //   each row, 0 when excluded; lse_student, lse_teacher [B, A, T, 2]: each
+  //   row's log-sum-exp split as (shift, log sum exp(z - shift)), shift the
+  //   row max, so that log p = (z - shift) - log sum is formed without
+  //   rounding at the scores' size; head_kl [B, A, T]), all in the
+  //   accumulation dtype (fp32; fp64 for fp64 input).
   // backward takes row_grad [B, T] (the upstream gradient of `rows`) and the
   //   saved statistics; returns (grad_student, grad_teacher) in the input dtype,
   //   [0] where not requested.

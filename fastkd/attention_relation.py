@@ -33,9 +33,11 @@ if _extension.CPU_EXTENSION_ERROR is None:
     def _forward_fake(student, teacher, heads, mask, causal, temperature):
         acc = torch.float64 if student.dtype == torch.float64 else torch.float32
         batch, length = student.shape[:2]
-        stats = student.new_empty((batch, heads, length), dtype=acc)
+        # lse_student, lse_teacher: (shift, log Σ exp(z − shift)) pairs per row
+        lse = student.new_empty((batch, heads, length, 2), dtype=acc)
+        head_kl = student.new_empty((batch, heads, length), dtype=acc)
         rows = student.new_empty((batch, length), dtype=acc)
-        return rows, stats, torch.empty_like(stats), torch.empty_like(stats)
+        return rows, lse, torch.empty_like(lse), head_kl
 
     @torch.library.register_fake("fastkd::attention_relation_backward")
     def _backward_fake(row_grad, student, teacher, heads, mask, causal, temperature, lse_student, lse_teacher,

@@ -8,12 +8,21 @@ flash-attention style: for batch element b and relation head a the scores
 ``BLOCK_M × BLOCK_N`` tile at a time, in registers.
 
   forward   one program per (b, a, block of BLOCK_M rows); it walks the key
-            tiles keeping, for student and teacher, the online row max m and
-            Σ exp(z − m), and w = Σ exp(zt − m_t)(zt − zs); then
-            lse = m + log Σ and KL_i = w / Σ_t − lse_t + lse_s (a key the
-            teacher gives no mass adds 0 to w: 0 · log 0 = 0). Writes lse_s,
-            lse_t and KL per (b, a, row): O(B · A · T).
-  backward  with g_i the row's upstream gradient / A, recomputed tile by tile:
+            tiles keeping, for student and teacher, the online row max m, its
+            finite stand-in shift (m, or 0 while m = −inf), l = Σ exp(z − shift),
+            and the KL's cross term relative to the shifts,
+              w = Σ e (zt − shift_t − (zs − shift_s)),  e = exp(zt − shift_t)
+            (a key the teacher gives no mass adds 0: 0 · log 0 = 0); then
+            KL_i = w / l_t − (log l_t − log l_s). Relative to the maxima no term
+            of the scores' size cancels (see RelationRow in
+            csrc/common/attention_relation_op.h: the one-pass
+            Σ e (zt − zs) / l_t − (lse_t − lse_s) loses eps · |z|); when a
+            tile raises the shifts, w first gets (Δshift_s − Δshift_t) · l_t,
+            the move of its accumulated terms. Writes lse_s, lse_t as
+            (shift, log l) pairs and KL per (b, a, row): O(B · A · T).
+  backward  with g_i the row's upstream gradient / A, recomputed tile by tile
+            with log p = (zt − shift_t) − log l_t (likewise log q), never
+            zt − lse_t, whose rounding of lse is of the scores' size:
               dzs_ij = g_i (q_ij − p_ij) c_s,  dzt_ij = g_i p_ij (log p_ij − log q_ij − KL_i) c_t,
               dX = (dZ + dZᵀ) X:
             the row role (dZ X) by one program per row block walking the key
@@ -79,7 +88,8 @@ def _pair_mask(row_kept, col_kept, rows, cols, CAUSAL: tl.constexpr):
 def _attention_relation_fwd_kernel(
     s_ptr, t_ptr,  # [B, T, D_s], [B, T, D_t] states, any strides
     mask_ptr,  # [B, T] int8 (1 = kept), contiguous; unused without HAS_MASK
-    lse_s_ptr, lse_t_ptr, kl_ptr,  # [B, A, T] float32
+    lse_s_ptr, lse_t_ptr,  # [B, A, T, 2] float32: (shift, log l) per row
+    kl_ptr,  # [B, A, T] float32
     T, A, width_s, width_t,
     s_stride_b, s_stride_t, s_stride_d, t_stride_b, t_stride_t, t_stride_d,
     scale_s, scale_t,
@@ -97,6 +107,8 @@ def _attention_relation_fwd_kernel(
     xt = _head_rows(t_ptr, b, a, rows, row_ok, t_stride_b, t_stride_t, t_stride_d, width_t, BLOCK_DT)
     m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
     m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    shift_s = tl.zeros([BLOCK_M], tl.float32)
+    shift_t = tl.zeros([BLOCK_M], tl.float32)
     l_s = tl.zeros([BLOCK_M], tl.float32)
     l_t = tl.zeros([BLOCK_M], tl.float32)
     w = tl.zeros([BLOCK_M], tl.float32)
@@ -115,30 +127,42 @@ def _attention_relation_fwd_kernel(
         # shifts stay finite for rows without a kept key yet (−inf − −inf is NaN)
         new_s = tl.maximum(m_s, tl.max(zs, 1))
         new_t = tl.maximum(m_t, tl.max(zt, 1))
-        shift_s = tl.where(new_s == float("-inf"), 0.0, new_s)
-        shift_t = tl.where(new_t == float("-inf"), 0.0, new_t)
-        l_s = l_s * tl.exp(m_s - shift_s) + tl.sum(tl.exp(zs - shift_s[:, None]), 1)
-        rescale_t = tl.exp(m_t - shift_t)
-        e_t = tl.exp(zt - shift_t[:, None])
+        new_shift_s = tl.where(new_s == float("-inf"), 0.0, new_s)
+        new_shift_t = tl.where(new_t == float("-inf"), 0.0, new_t)
+        rescale_t = tl.exp(m_t - new_shift_t)
+        # w's accumulated terms move by (Δshift_s − Δshift_t) each; while l_t = 0
+        # there are none (w = 0) and the moves may be infinite
+        moved = (new_shift_s - shift_s) - (new_shift_t - shift_t)
+        w = tl.where(l_t != 0.0, (w + moved * l_t) * rescale_t, w)
+        l_s = l_s * tl.exp(m_s - new_shift_s) + tl.sum(tl.exp(zs - new_shift_s[:, None]), 1)
+        e_t = tl.exp(zt - new_shift_t[:, None])
         l_t = l_t * rescale_t + tl.sum(e_t, 1)
-        # 0 · log 0 = 0: a key without teacher mass adds nothing (its zt − zs may be inf)
-        w = w * rescale_t + tl.sum(tl.where(keep & (e_t != 0.0), e_t * (zt - zs), 0.0), 1)
+        # 0 · log 0 = 0: a key without teacher mass adds nothing (its gap may be inf)
+        gap = (zt - new_shift_t[:, None]) - (zs - new_shift_s[:, None])
+        w += tl.sum(tl.where(keep & (e_t != 0.0), e_t * gap, 0.0), 1)
         m_s = new_s
         m_t = new_t
-    lse_s = m_s + tl.log(l_s)
-    lse_t = m_t + tl.log(l_t)
-    kl = w / l_t - (m_t - m_s) - tl.log(l_t / l_s)
+        shift_s = new_shift_s
+        shift_t = new_shift_t
+    log_l_s = tl.log(l_s)
+    log_l_t = tl.log(l_t)
+    kl = w / l_t - (log_l_t - log_l_s)
     out = (b * A + a) * T + rows
-    tl.store(lse_s_ptr + out, tl.where(row_kept, lse_s, 0.0), mask=row_ok)
-    tl.store(lse_t_ptr + out, tl.where(row_kept, lse_t, 0.0), mask=row_ok)
+    tl.store(lse_s_ptr + 2 * out, tl.where(row_kept, shift_s, 0.0), mask=row_ok)
+    tl.store(lse_s_ptr + 2 * out + 1, tl.where(row_kept, log_l_s, 0.0), mask=row_ok)
+    tl.store(lse_t_ptr + 2 * out, tl.where(row_kept, shift_t, 0.0), mask=row_ok)
+    tl.store(lse_t_ptr + 2 * out + 1, tl.where(row_kept, log_l_t, 0.0), mask=row_ok)
     tl.store(kl_ptr + out, tl.where(row_kept, kl, 0.0), mask=row_ok)
 
 
 @triton.jit
-def _score_gradients(xs, xt, ks, kt, keep, lse_s, lse_t, kl, g, scale_s, scale_t, PRECISION: tl.constexpr):
+def _score_gradients(xs, xt, ks, kt, keep, shift_s, log_l_s, shift_t, log_l_t, kl, g, scale_s, scale_t,
+                     PRECISION: tl.constexpr):
     # dzs, dzt of one BLOCK_M × BLOCK_N tile (0 outside keep), the scale factors included
-    log_q = tl.dot(xs, tl.trans(ks), input_precision=PRECISION) * scale_s - lse_s[:, None]
-    log_p = tl.dot(xt, tl.trans(kt), input_precision=PRECISION) * scale_t - lse_t[:, None]
+    zs = tl.dot(xs, tl.trans(ks), input_precision=PRECISION) * scale_s
+    zt = tl.dot(xt, tl.trans(kt), input_precision=PRECISION) * scale_t
+    log_q = (zs - shift_s[:, None]) - log_l_s[:, None]
+    log_p = (zt - shift_t[:, None]) - log_l_t[:, None]
     p = tl.where(keep, tl.exp(log_p), 0.0)
     q = tl.where(keep, tl.exp(log_q), 0.0)
     dzs = g[:, None] * (q - p) * scale_s
@@ -149,12 +173,15 @@ def _score_gradients(xs, xt, ks, kt, keep, lse_s, lse_t, kl, g, scale_s, scale_t
 
 @triton.jit
 def _row_stats(lse_s_ptr, lse_t_ptr, kl_ptr, grad_ptr, b, a, A, T, rows, row_ok, row_kept, head_share):
+    # (shift_s, log l_s, shift_t, log l_t, KL, g) of the rows
     at = (b * A + a) * T + rows
-    lse_s = tl.load(lse_s_ptr + at, mask=row_ok, other=0.0)
-    lse_t = tl.load(lse_t_ptr + at, mask=row_ok, other=0.0)
+    shift_s = tl.load(lse_s_ptr + 2 * at, mask=row_ok, other=0.0)
+    log_l_s = tl.load(lse_s_ptr + 2 * at + 1, mask=row_ok, other=0.0)
+    shift_t = tl.load(lse_t_ptr + 2 * at, mask=row_ok, other=0.0)
+    log_l_t = tl.load(lse_t_ptr + 2 * at + 1, mask=row_ok, other=0.0)
     kl = tl.load(kl_ptr + at, mask=row_ok, other=0.0)
     g = tl.where(row_kept, tl.load(grad_ptr + b * T + rows, mask=row_ok, other=0.0) * head_share, 0.0)
-    return lse_s, lse_t, kl, g
+    return shift_s, log_l_s, shift_t, log_l_t, kl, g
 
 
 @triton.jit
@@ -177,8 +204,8 @@ def _attention_relation_bwd_rows_kernel(
     row_kept = _kept(mask_ptr, b, rows, row_ok, T, HAS_MASK)
     xs = _head_rows(s_ptr, b, a, rows, row_ok, s_stride_b, s_stride_t, s_stride_d, width_s, BLOCK_DS)
     xt = _head_rows(t_ptr, b, a, rows, row_ok, t_stride_b, t_stride_t, t_stride_d, width_t, BLOCK_DT)
-    lse_s, lse_t, kl, g = _row_stats(lse_s_ptr, lse_t_ptr, kl_ptr, grad_ptr, b, a, A, T, rows, row_ok,
-                                     row_kept, head_share)
+    shift_s, log_l_s, shift_t, log_l_t, kl, g = _row_stats(
+        lse_s_ptr, lse_t_ptr, kl_ptr, grad_ptr, b, a, A, T, rows, row_ok, row_kept, head_share)
     acc_s = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_DT], tl.float32)
     key_end = T
@@ -191,7 +218,8 @@ def _attention_relation_bwd_rows_kernel(
         ks = _head_rows(s_ptr, b, a, cols, col_ok, s_stride_b, s_stride_t, s_stride_d, width_s, BLOCK_DS)
         kt = _head_rows(t_ptr, b, a, cols, col_ok, t_stride_b, t_stride_t, t_stride_d, width_t, BLOCK_DT)
         keep = _pair_mask(row_kept, col_kept, rows, cols, CAUSAL)
-        dzs, dzt = _score_gradients(xs, xt, ks, kt, keep, lse_s, lse_t, kl, g, scale_s, scale_t, PRECISION)
+        dzs, dzt = _score_gradients(xs, xt, ks, kt, keep, shift_s, log_l_s, shift_t, log_l_t, kl, g,
+                                    scale_s, scale_t, PRECISION)
         if STUDENT_GRAD:
             acc_s = tl.dot(dzs, ks, acc_s, input_precision=PRECISION)
         if TEACHER_GRAD:
@@ -239,10 +267,11 @@ def _attention_relation_bwd_cols_kernel(
         row_kept = _kept(mask_ptr, b, rows, row_ok, T, HAS_MASK)
         xs = _head_rows(s_ptr, b, a, rows, row_ok, s_stride_b, s_stride_t, s_stride_d, width_s, BLOCK_DS)
         xt = _head_rows(t_ptr, b, a, rows, row_ok, t_stride_b, t_stride_t, t_stride_d, width_t, BLOCK_DT)
-        lse_s, lse_t, kl, g = _row_stats(lse_s_ptr, lse_t_ptr, kl_ptr, grad_ptr, b, a, A, T, rows, row_ok,
-                                         row_kept, head_share)
+        shift_s, log_l_s, shift_t, log_l_t, kl, g = _row_stats(
+            lse_s_ptr, lse_t_ptr, kl_ptr, grad_ptr, b, a, A, T, rows, row_ok, row_kept, head_share)
         keep = _pair_mask(row_kept, col_kept, rows, cols, CAUSAL)
-        dzs, dzt = _score_gradients(xs, xt, ks, kt, keep, lse_s, lse_t, kl, g, scale_s, scale_t, PRECISION)
+        dzs, dzt = _score_gradients(xs, xt, ks, kt, keep, shift_s, log_l_s, shift_t, log_l_t, kl, g,
+                                    scale_s, scale_t, PRECISION)
         if STUDENT_GRAD:
             acc_s = tl.dot(tl.trans(dzs), xs, acc_s, input_precision=PRECISION)
         if TEACHER_GRAD:
@@ -321,11 +350,13 @@ def attention_relation_forward(student, teacher, heads: int, mask, causal: bool,
         mask: ``(B, T)`` bool or None; causal: keys ``j ≤ i`` only.
 
     Returns:
-        ``(rows (B, T), lse_student, lse_teacher, head_kl (B, A, T))``, float32.
+        ``(rows (B, T), lse_student, lse_teacher (B, A, T, 2), head_kl (B, A, T))``,
+        float32; each row's log-sum-exp split as ``(shift, log Σ exp(z − shift))``.
     """
     _check_args(student, teacher, heads, mask, temperature)
     batch, length, mask_arg, args, meta = _launch_common(student, teacher, heads, mask, temperature)
-    stats = [torch.zeros(batch, heads, length, dtype=torch.float32, device=student.device) for _ in range(3)]
+    stats = [torch.zeros(batch, heads, length, *pair, dtype=torch.float32, device=student.device)
+             for pair in ((2,), (2,), ())]
     if batch * length > 0:
         _attention_relation_fwd_kernel[(batch * heads, triton.cdiv(length, BLOCK_M))](
             student, teacher, mask_arg, *stats, *args, CAUSAL=causal, num_warps=FORWARD_WARPS, **meta,
@@ -344,9 +375,11 @@ def attention_relation_backward(row_grad, student, teacher, heads: int, mask, ca
     batch, length, mask_arg, args, meta = _launch_common(student, teacher, heads, mask, temperature)
     if row_grad.shape != (batch, length):
         raise ValueError("row_grad must be [B, T]")
-    for name, x in (("lse_student", lse_student), ("lse_teacher", lse_teacher), ("head_kl", head_kl)):
-        if x.shape != (batch, heads, length):
-            raise ValueError(f"{name} must be [B, A, T]")
+    for name, x, shape in (("lse_student", lse_student, (batch, heads, length, 2)),
+                           ("lse_teacher", lse_teacher, (batch, heads, length, 2)),
+                           ("head_kl", head_kl, (batch, heads, length))):
+        if x.shape != shape:
+            raise ValueError(f"{name} must be [B, A, T{', 2' if len(shape) == 4 else ''}]")
     # an unrequested gradient gets a one-element stand-in: the kernels never
     # touch it, but a launch wants a valid pointer
     grads = [torch.zeros(x.shape if want else (1,), dtype=torch.float32, device=x.device)

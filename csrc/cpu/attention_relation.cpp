@@ -5,12 +5,15 @@
 // For batch element b and relation head a, X = states[b, :, a·d:(a+1)·d]
 // (T × d, d = D / A) and z_ij = c · x_i · x_j with c = 1 / (√d · τ); over the
 // kept keys j of row i, R_i = softmax(z_i). Per kept row the forward keeps, for
-// student (s) and teacher (t), the running maxima m and sums l of exp(z − m)
-// over key tiles, and w = Σ_j exp(zt_ij − m_t)(zt_ij − zs_ij), so that
-//   lse = m + log l,   KL_i = KL(R^t_i ‖ R^s_i) = w / l_t − lse_t + lse_s.
-// It returns the head-mean KL of every row and saves lse_s, lse_t and KL
-// ((B, A, T) each) for the backward, which recomputes the score tiles and
-// writes, with g_i the upstream gradient of row i divided by A,
+// student (s) and teacher (t), the online statistics of RelationRow
+// (csrc/common/attention_relation_op.h) over key tiles: running maxima, sums
+// of exp(z − shift) and the KL's cross term relative to the maxima, so that
+//   lse = shift + log l,   KL_i = KL(R^t_i ‖ R^s_i) = w / l_t − (log l_t − log l_s)
+// with no term of the scores' size cancelling. It returns the head-mean KL of
+// every row and saves lse_s, lse_t as (shift, log l) pairs ((B, A, T, 2)) and
+// KL ((B, A, T)) for the backward, which recomputes the score tiles and
+// writes, with g_i the upstream gradient of row i divided by A and
+// log p_ij = (zt_ij − shift_t) − log l_t (likewise log q_ij),
 //   dzs_ij = g_i (q_ij − p_ij),   dzt_ij = g_i p_ij (log p_ij − log q_ij − KL_i),
 //   dX = c (dZ + dZᵀ) X            (z depends on x_i and on x_j).
 // Score tiles are GEMMs (ATen, single-threaded inside a task); each task is
@@ -75,12 +78,13 @@ std::vector<uint8_t> kept_keys(const std::optional<at::Tensor>& mask, int64_t b,
 template <typename acc_t>
 void forward_head(const RelationShape& r, const at::Tensor& xs, const at::Tensor& xt,
                   const std::vector<uint8_t>& kept, acc_t* lse_s, acc_t* lse_t, acc_t* kl) {
+  using Row = attention_relation::RelationRow<acc_t>;
   const acc_t cs = static_cast<acc_t>(r.scale_s), ct = static_cast<acc_t>(r.scale_t);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   for (int64_t i0 = 0; i0 < r.length; i0 += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, r.length - i0);
-    acc_t m_s[kRowBlock], l_s[kRowBlock], m_t[kRowBlock], l_t[kRowBlock], w[kRowBlock];
-    for (int64_t k = 0; k < rows; ++k) m_s[k] = m_t[k] = neg_inf, l_s[k] = l_t[k] = w[k] = 0;
+    Row stats[kRowBlock];
+    for (int64_t k = 0; k < rows; ++k) stats[k] = Row::empty();
     const int64_t key_end = r.causal ? i0 + rows : r.length;
     for (int64_t j0 = 0; j0 < key_end; j0 += kKeyTile) {
       const int64_t cols = std::min(kKeyTile, key_end - j0);
@@ -92,38 +96,39 @@ void forward_head(const RelationShape& r, const at::Tensor& xs, const at::Tensor
         const int64_t i = i0 + k;
         if (!kept[i]) continue;
         const int64_t end = r.causal ? std::min(cols, i - j0 + 1) : cols;
+        const acc_t* row_s = ps + k * cols;
+        const acc_t* row_t = pt + k * cols;
+        // the tile's maxima first (NaNs skipped: `>` is false for them), so
+        // that every key's terms are taken relative to the row's new shifts
+        acc_t tile_max_s = neg_inf, tile_max_t = neg_inf;
         for (int64_t c = 0; c < end; ++c) {
           if (!kept[j0 + c]) continue;
-          const acc_t s = cs * ps[k * cols + c], t = ct * pt[k * cols + c];
-          if (s > m_s[k]) {
-            l_s[k] = l_s[k] * std::exp(m_s[k] - s) + 1;
-            m_s[k] = s;
-          } else {
-            l_s[k] += std::exp(s - m_s[k]);
-          }
-          if (t > m_t[k]) {
-            const acc_t rescale = std::exp(m_t[k] - t);
-            l_t[k] = l_t[k] * rescale + 1;
-            w[k] = w[k] * rescale + (t - s);
-            m_t[k] = t;
-          } else {
-            const acc_t e = std::exp(t - m_t[k]);
-            l_t[k] += e;
-            // A key without teacher mass (t = -inf) adds 0 log 0 = 0, not 0 * -inf.
-            if (e != 0) w[k] += e * (t - s);
-          }
+          const acc_t s = cs * row_s[c], t = ct * row_t[c];
+          if (s > tile_max_s) tile_max_s = s;
+          if (t > tile_max_t) tile_max_t = t;
         }
+        Row& row = stats[k];
+        row.rebase(tile_max_s, tile_max_t);
+        const acc_t shift_s = row.shift_s(), shift_t = row.shift_t();
+        acc_t sum_s = 0, sum_t = 0, cross = 0;
+        for (int64_t c = 0; c < end; ++c) {
+          if (!kept[j0 + c]) continue;
+          const acc_t s = cs * row_s[c], t = ct * row_t[c];
+          const acc_t e = Row::teacher_weight(t, shift_t);
+          sum_s += Row::student_weight(s, shift_s);
+          sum_t += e;
+          cross += Row::cross_term(s, t, e, shift_s, shift_t);
+        }
+        row.add(sum_s, sum_t, cross);
       }
     }
     for (int64_t k = 0; k < rows; ++k) {
       const int64_t i = i0 + k;
-      if (!kept[i]) {
-        lse_s[i] = lse_t[i] = kl[i] = 0;
-        continue;
+      if (kept[i]) {
+        stats[k].finish(lse_s + 2 * i, lse_t + 2 * i, kl + i);
+      } else {
+        lse_s[2 * i] = lse_s[2 * i + 1] = lse_t[2 * i] = lse_t[2 * i + 1] = kl[i] = 0;
       }
-      lse_s[i] = m_s[k] + std::log(l_s[k]);
-      lse_t[i] = m_t[k] + std::log(l_t[k]);
-      kl[i] = w[k] / l_t[k] - (m_t[k] - m_s[k]) - std::log(l_t[k] / l_s[k]);
     }
   }
 }
@@ -150,11 +155,13 @@ void backward_head(const RelationShape& r, const at::Tensor& xs, const at::Tenso
         const int64_t i = i0 + k;
         if (!kept[i]) continue;
         const acc_t g = row_grad[i] * head_share;
+        const acc_t shift_s = lse_s[2 * i], log_sum_s = lse_s[2 * i + 1];
+        const acc_t shift_t = lse_t[2 * i], log_sum_t = lse_t[2 * i + 1];
         const int64_t end = r.causal ? std::min(cols, i - j0 + 1) : cols;
         for (int64_t c = 0; c < end; ++c) {
           if (!kept[j0 + c]) continue;
-          const acc_t log_q = cs * ps[k * cols + c] - lse_s[i];
-          const acc_t log_p = ct * pt[k * cols + c] - lse_t[i];
+          const acc_t log_q = attention_relation::log_relation(cs * ps[k * cols + c], shift_s, log_sum_s);
+          const acc_t log_p = attention_relation::log_relation(ct * pt[k * cols + c], shift_t, log_sum_t);
           const acc_t p = std::exp(log_p);
           gs[k * cols + c] = g * (std::exp(log_q) - p) * cs;
           gt[k * cols + c] = p == 0 ? acc_t(0) : g * p * (log_p - log_q - kl[i]) * ct;
@@ -172,7 +179,8 @@ void backward_head(const RelationShape& r, const at::Tensor& xs, const at::Tenso
   }
 }
 
-// Returns (rows [B, T]: head-mean KL, 0 for excluded rows; lse_student, lse_teacher, head_kl [B, A, T]).
+// Returns (rows [B, T]: head-mean KL, 0 for excluded rows; lse_student, lse_teacher [B, A, T, 2]: split
+// log-sum-exps (shift, log l); head_kl [B, A, T]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_relation_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, int64_t heads, const std::optional<at::Tensor>& mask,
     bool causal, double temperature) {
@@ -187,8 +195,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_relation_fo
         const at::Tensor xs = head_vectors(student, b, a, r.width_s, acc);
         const at::Tensor xt = head_vectors(teacher, b, a, r.width_t, acc);
         const int64_t at_row = (b * heads + a) * r.length;
-        forward_head<scalar_t>(r, xs, xt, kept_keys(mask, b, r.length), stats.lse_s.data_ptr<scalar_t>() + at_row,
-                               stats.lse_t.data_ptr<scalar_t>() + at_row, stats.head_kl.data_ptr<scalar_t>() + at_row);
+        forward_head<scalar_t>(r, xs, xt, kept_keys(mask, b, r.length),
+                               stats.lse_s.data_ptr<scalar_t>() + 2 * at_row,
+                               stats.lse_t.data_ptr<scalar_t>() + 2 * at_row,
+                               stats.head_kl.data_ptr<scalar_t>() + at_row);
       });
     });
   }
@@ -217,8 +227,8 @@ std::tuple<at::Tensor, at::Tensor> attention_relation_backward_cpu(
         at::Tensor dxs = student_grad ? at::zeros_like(xs) : at::Tensor();
         at::Tensor dxt = teacher_grad ? at::zeros_like(xt) : at::Tensor();
         const int64_t at_row = (b * heads + a) * r.length;
-        backward_head<scalar_t>(r, xs, xt, kept_keys(mask, b, r.length), ls.data_ptr<scalar_t>() + at_row,
-                                lt.data_ptr<scalar_t>() + at_row, kl.data_ptr<scalar_t>() + at_row,
+        backward_head<scalar_t>(r, xs, xt, kept_keys(mask, b, r.length), ls.data_ptr<scalar_t>() + 2 * at_row,
+                                lt.data_ptr<scalar_t>() + 2 * at_row, kl.data_ptr<scalar_t>() + at_row,
                                 g.data_ptr<scalar_t>() + b * r.length, student_grad ? &dxs : nullptr,
                                 teacher_grad ? &dxt : nullptr);
         if (student_grad) grad_s.select(0, b).narrow(1, a * r.width_s, r.width_s).copy_(dxs);

@@ -9,12 +9,18 @@
 // R_i = softmax(z_i). Excluded keys get z = −inf.
 //
 //   forward    one block per (b·A + a, tile of kTile rows). It walks the key
-//              tiles keeping, per row and model, the running max m and
-//              l = Σ exp(z − m), and for the teacher w = Σ exp(zt − m_t)(zt − zs)
-//              (a term with exp(zt − m_t) = 0 is 0: 0 · log 0 = 0); then
-//                lse = m + log l,   KL_i = w / l_t − (m_t − m_s) − log(l_t / l_s).
-//              Writes lse_s, lse_t and KL per (b, a, row): O(B · A · T) floats.
-//   backward   with g_i the row's upstream gradient / A, recomputed per tile:
+//              tiles keeping, per row, the online statistics of RelationRow
+//              (csrc/common/attention_relation_op.h): per model the running
+//              max and l = Σ exp(z − shift), shift the max (0 while −inf), and
+//              the KL's cross term relative to the shifts,
+//                w = Σ e ((zt − shift_t) − (zs − shift_s)),  e = exp(zt − shift_t)
+//              (a term with e = 0 is 0: 0 · log 0 = 0); then
+//                KL_i = w / l_t − (log l_t − log l_s),
+//              in which no term of the scores' size cancels. Writes lse_s,
+//              lse_t as (shift, log l) pairs and KL per (b, a, row):
+//              O(B · A · T) floats.
+//   backward   with g_i the row's upstream gradient / A, recomputed per tile,
+//              and log p = (zt − shift_t) − log l_t (likewise log q):
 //                dzs_ij = g_i (q_ij − p_ij) c_s,
 //                dzt_ij = g_i p_ij (log p_ij − log q_ij − KL_i) c_t   (0 where p_ij = 0),
 //                dX = (dZ + dZᵀ) X                  (z depends on x_i and on x_j).
@@ -172,8 +178,8 @@ struct RelationArgs {
 template <class scalar_t>
 __global__ void __launch_bounds__(kThreads) attention_relation_forward_kernel(
     RelationArgs<scalar_t> args,
-    float* __restrict__ lse_s,  // [B, A, T]
-    float* __restrict__ lse_t,  // [B, A, T]
+    float* __restrict__ lse_s,  // [B, A, T, 2]: (shift, log l) per row
+    float* __restrict__ lse_t,  // [B, A, T, 2]
     float* __restrict__ kl) {   // [B, A, T]
   __shared__ SharedTiles sh;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -182,9 +188,10 @@ __global__ void __launch_bounds__(kThreads) attention_relation_forward_kernel(
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const HeadView<scalar_t> xs = args.student_head(b, a), xt = args.teacher_head(b, a);
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  float m_s[kRowsPerWarp], l_s[kRowsPerWarp], m_t[kRowsPerWarp], l_t[kRowsPerWarp], w[kRowsPerWarp];
+  using Row = attention_relation::RelationRow<float>;
+  Row stats[kRowsPerWarp];  // the same in every lane of the warp
 #pragma unroll
-  for (int k = 0; k < kRowsPerWarp; ++k) m_s[k] = m_t[k] = neg_inf, l_s[k] = l_t[k] = w[k] = 0.f;
+  for (int k = 0; k < kRowsPerWarp; ++k) stats[k] = Row::empty();
   // causal rows of this tile see no key past its last row
   const int64_t key_end = args.causal ? (i0 + kTile < T ? i0 + kTile : T) : T;
   for (int64_t j0 = 0; j0 < key_end; j0 += kTile) {
@@ -198,18 +205,11 @@ __global__ void __launch_bounds__(kThreads) attention_relation_forward_kernel(
       const bool keep = args.keeps(b, i, j);
       const float zs = keep ? args.scale_s * dot_s[k] : neg_inf;
       const float zt = keep ? args.scale_t * dot_t[k] : neg_inf;
-      const float new_s = fmaxf(m_s[k], warp_max(zs));
-      const float new_t = fmaxf(m_t[k], warp_max(zt));
-      // shifts stay finite while a row has no kept key (−inf − −inf is NaN)
-      const float shift_s = new_s == neg_inf ? 0.f : new_s;
-      const float shift_t = new_t == neg_inf ? 0.f : new_t;
-      const float e_t = expf(zt - shift_t);
-      const float rescale_t = expf(m_t[k] - shift_t);
-      l_s[k] = l_s[k] * expf(m_s[k] - shift_s) + warp_sum(expf(zs - shift_s));
-      l_t[k] = l_t[k] * rescale_t + warp_sum(e_t);
-      w[k] = w[k] * rescale_t + warp_sum(e_t == 0.f ? 0.f : e_t * (zt - zs));
-      m_s[k] = new_s;
-      m_t[k] = new_t;
+      stats[k].rebase(warp_max(zs), warp_max(zt));
+      const float shift_s = stats[k].shift_s(), shift_t = stats[k].shift_t();
+      const float e_t = Row::teacher_weight(zt, shift_t);
+      stats[k].add(warp_sum(Row::student_weight(zs, shift_s)), warp_sum(e_t),
+                   warp_sum(Row::cross_term(zs, zt, e_t, shift_s, shift_t)));
     }
   }
   if (lane == 0) {
@@ -218,17 +218,17 @@ __global__ void __launch_bounds__(kThreads) attention_relation_forward_kernel(
       const int64_t i = i0 + warp + k * kWarps;
       if (i >= T) continue;
       const int64_t at = (b * args.heads + a) * T + i;
-      const bool row_kept = args.kept(b, i);
-      lse_s[at] = row_kept ? m_s[k] + logf(l_s[k]) : 0.f;
-      lse_t[at] = row_kept ? m_t[k] + logf(l_t[k]) : 0.f;
-      kl[at] = row_kept ? w[k] / l_t[k] - (m_t[k] - m_s[k]) - logf(l_t[k] / l_s[k]) : 0.f;
+      // excluded rows keep the zeros the statistics start with
+      if (args.kept(b, i)) stats[k].finish(lse_s + 2 * at, lse_t + 2 * at, kl + at);
     }
   }
 }
 
-// The statistics of the tile rows r = warp + k·kWarps (g = 0 for excluded rows).
+// The statistics of the tile rows r = warp + k·kWarps (g = 0 for excluded rows):
+// the split log-sum-exps (shift, log l) of both models, KL and g.
 struct RowStats {
-  float lse_s[kRowsPerWarp], lse_t[kRowsPerWarp], kl[kRowsPerWarp], g[kRowsPerWarp];
+  float shift_s[kRowsPerWarp], log_sum_s[kRowsPerWarp], shift_t[kRowsPerWarp], log_sum_t[kRowsPerWarp];
+  float kl[kRowsPerWarp], g[kRowsPerWarp];
 };
 
 template <class scalar_t>
@@ -242,8 +242,10 @@ __device__ __forceinline__ RowStats load_row_stats(const RelationArgs<scalar_t>&
     const int64_t i = i0 + warp + k * kWarps;
     const bool row_kept = args.kept(b, i);
     const int64_t at = (b * args.heads + a) * args.length + i;
-    stats.lse_s[k] = row_kept ? lse_s[at] : 0.f;
-    stats.lse_t[k] = row_kept ? lse_t[at] : 0.f;
+    stats.shift_s[k] = row_kept ? lse_s[2 * at] : 0.f;
+    stats.log_sum_s[k] = row_kept ? lse_s[2 * at + 1] : 0.f;
+    stats.shift_t[k] = row_kept ? lse_t[2 * at] : 0.f;
+    stats.log_sum_t[k] = row_kept ? lse_t[2 * at + 1] : 0.f;
     stats.kl[k] = row_kept ? kl[at] : 0.f;
     stats.g[k] = row_kept ? row_grad[b * args.length + i] * head_share : 0.f;
   }
@@ -266,8 +268,10 @@ __device__ __forceinline__ void score_gradient_tile(const RelationArgs<scalar_t>
     const int r = warp + k * kWarps;
     float dzs = 0.f, dzt = 0.f;
     if (args.keeps(b, i0 + r, j)) {
-      const float log_q = args.scale_s * dot_s[k] - stats.lse_s[k];
-      const float log_p = args.scale_t * dot_t[k] - stats.lse_t[k];
+      const float log_q =
+          attention_relation::log_relation(args.scale_s * dot_s[k], stats.shift_s[k], stats.log_sum_s[k]);
+      const float log_p =
+          attention_relation::log_relation(args.scale_t * dot_t[k], stats.shift_t[k], stats.log_sum_t[k]);
       const float p = expf(log_p);
       dzs = stats.g[k] * (expf(log_q) - p) * args.scale_s;
       // 0 · log 0 = 0: a key without teacher mass has no teacher gradient
@@ -309,9 +313,9 @@ __device__ __forceinline__ void add_tile_product(const float (*dz)[kTile + 1], c
 struct GradBuffers {
   float* student;  // [B, T, D_s] float32, zeros on entry of the row kernel; nullptr if not wanted
   float* teacher;  // [B, T, D_t]
-  const float* lse_s;
+  const float* lse_s;  // [B, A, T, 2]: (shift, log l) per row
   const float* lse_t;
-  const float* kl;
+  const float* kl;     // [B, A, T]
   const float* row_grad;  // [B, T]
   float head_share;       // 1 / A
 };
@@ -415,7 +419,8 @@ at::Tensor contiguous_mask(const std::optional<at::Tensor>& mask) {
   return mask.has_value() ? mask->contiguous() : at::Tensor();
 }
 
-// Returns (rows [B, T]: head-mean KL, 0 for excluded rows; lse_student, lse_teacher, head_kl [B, A, T]), float32.
+// Returns (rows [B, T]: head-mean KL, 0 for excluded rows; lse_student, lse_teacher [B, A, T, 2]: split
+// log-sum-exps (shift, log l); head_kl [B, A, T]), float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_relation_forward_cuda(
     const at::Tensor& student, const at::Tensor& teacher, int64_t heads, const std::optional<at::Tensor>& mask,
     bool causal, double temperature) {
