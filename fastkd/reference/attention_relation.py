@@ -27,7 +27,8 @@ REDUCTIONS = ("batchmean", "sum", "none")
 
 def check_options(num_relation_heads, causal, temperature, reduction) -> tuple[int, float]:
     """Validate the non-tensor arguments; return ``(A, temperature)``."""
-    if isinstance(num_relation_heads, bool) or not isinstance(num_relation_heads, int) or num_relation_heads < 1:
+    heads = num_relation_heads
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
         raise ValueError(f"num_relation_heads must be an int >= 1, got {num_relation_heads!r}")
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {type(causal).__name__}")
@@ -65,7 +66,9 @@ def check_arguments(student_states, teacher_states, num_relation_heads, mask, ca
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
         if mask.shape != s.shape[:2]:
-            raise ValueError(f"mask shape {tuple(mask.shape)} must be the states' (B, T) {tuple(s.shape[:2])}")
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} must be the states' (B, T) {tuple(s.shape[:2])}"
+            )
         _validate.same_device("mask", mask, "student_states", s)
     return s, t, heads, mask, temperature
 
@@ -80,7 +83,9 @@ def kept_keys(mask: torch.Tensor | None, causal: bool, batch: int, length: int, 
     return keys
 
 
-def relation_log_probs(states: torch.Tensor, heads: int, keys: torch.Tensor, temperature: float) -> torch.Tensor:
+def relation_log_probs(
+    states: torch.Tensor, heads: int, keys: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """``(B, A, T, T)`` log-relations: log_softmax over the kept keys (−inf elsewhere)."""
     b, length, width = states.shape
     x = states.reshape(b, length, heads, width // heads).transpose(1, 2)  # (B, A, T, d)

@@ -40,7 +40,10 @@ def backward_variants(module):
                 types = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "mask_ptr": "*i8", "lse_s_ptr": "*fp32",
                          "lse_t_ptr": "*fp32", "kl_ptr": "*fp32", "grad_ptr": "*fp32", "ds_ptr": "*fp32",
                          "dt_ptr": "*fp32", "head_share": "fp32", **SCALARS}
-                flags = {"HAS_MASK": has_mask, "CAUSAL": causal, "STUDENT_GRAD": True, "TEACHER_GRAD": teacher_grad}
+                flags = {
+                    "HAS_MASK": has_mask, "CAUSAL": causal,
+                    "STUDENT_GRAD": True, "TEACHER_GRAD": teacher_grad,
+                }
                 yield Variant(f"{dtype} mask={has_mask} causal={causal} teacher_grad={teacher_grad}", types,
                               _constexprs(module.BACKWARD_BLOCK, dtype, **flags), module.BACKWARD_WARPS)
 
