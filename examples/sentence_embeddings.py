@@ -321,7 +321,7 @@ class TransformerSettings:
     heads: int = 4
     steps: int = 400
     relation_heads: int = 8  # divides 128 and 384: 16 student and 48 teacher channels per relation head
-    relation_weight: float = 1.0
+    relation_weight: float = 0.3  # best of 0.3, 1, 3 on seed 0 at 300 steps
 
 
 TRANSFORMER = TransformerSettings()
