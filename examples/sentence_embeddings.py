@@ -51,7 +51,8 @@ an embedding-bag step, 16× with the relation loss), by
   its last layer's ``attention.self.query/key/value`` linear maps, with the
   student's tokenisation (so both sides have the same tokens), and stored as
   float16, about 0.3 GB. The weight 0.3 was the best of 0.3, 1 and 3 on one
-  seed; the relation term adds little at this budget (docs/examples.md).
+  seed; the relation term adds little at 400 steps, more at 2000 (one seed;
+  docs/examples.md).
 
 A transformer batch runs as 4 groups of similar length, each padded to its own
 longest sentence (the same loss as one padded batch, with less padding).
