@@ -106,3 +106,80 @@ def test_sentence_embeddings_smoke(tmp_path):
         assert 0.0 <= float(r["recall10_mean"]) <= 1.0 and -1.0 <= float(r["spearman_mean"]) <= 1.0
     assert "| InfoNCE |" in result.stdout
     assert (tmp_path / "sentence_embeddings.png").stat().st_size > 0
+
+
+def _stored_relations(se, tokens, width: int = 12):
+    """Random teacher Q/K/V ``(sum of lengths, width)`` for ``tokens``, packed as the example stores them."""
+    lengths = tokens.lengths
+    states = tuple(torch.randn(int(lengths.sum()), width).half() for _ in range(3))
+    return se.TeacherRelations(states, torch.cumsum(lengths, 0) - lengths, lengths)
+
+
+def test_stored_teacher_relations_pad_each_sentence():
+    se = load_example("sentence_embeddings")
+    torch.manual_seed(2)
+    tokens = se.Tokens(torch.zeros(3, 5, dtype=torch.long), torch.tensor([2, 5, 3]))
+    stored = _stored_relations(se, tokens)
+    q, k, v = stored.batch(torch.tensor([2, 0]), 4)
+    assert q.shape == (2, 4, 12) and q.dtype == torch.float32
+    torch.testing.assert_close(v[0, :3], stored.states[2][7:10].float())  # sentence 2: rows 2 + 5 onwards
+    torch.testing.assert_close(k[1, :2], stored.states[1][0:2].float())
+    assert not v[0, 3:].any() and not k[1, 2:].any()  # padding is zero
+
+
+def test_relation_loss_reaches_the_transformer_student_and_length_groups_keep_the_loss(monkeypatch):
+    se = load_example("sentence_embeddings")
+    torch.manual_seed(3)
+    lengths = torch.tensor([6, 2, 5, 3, 4, 6, 2, 5])
+    ids = torch.randint(1, 20, (8, 6)) * (torch.arange(6) < lengths[:, None])
+    tokens = se.Tokens(ids, lengths)
+    relations = se.RelationTerm(_stored_relations(se, tokens), heads=4, weight=0.7)
+    targets = torch.nn.functional.normalize(torch.randn(8, se.TEACHER_DIM), dim=1)
+    method = next(m for m in se.METHODS if m.relations)
+    student = se.Student(vocab=20, dim=8, layers=2, heads=2, max_len=6, out_dim=se.TEACHER_DIM)
+    idx = torch.tensor([4, 1, 7, 0, 5, 2])
+    losses = {}
+    for groups in (1, 3):
+        monkeypatch.setattr(se, "LENGTH_GROUPS", groups)
+        losses[groups] = se.batch_loss(method, student, tokens, targets, idx, relations)
+    torch.testing.assert_close(losses[3], losses[1])
+    # one padded batch: the embedding loss plus the weighted sum of three batchmean relation losses
+    emb, student_qkv = student.embed_and_relations(se.trimmed(tokens, idx))
+    teacher_qkv = relations.teacher.batch(idx, 6)
+    expected = se.loss_for(method, emb, targets[idx]) + 0.7 * sum(
+        se.fastkd.attention_relation_loss(s, t, num_relation_heads=4, mask=ids[idx] != 0)
+        for s, t in zip(student_qkv, teacher_qkv, strict=True))
+    torch.testing.assert_close(losses[1], expected)
+    losses[3].backward()
+    last_qkv = student.blocks[-1].qkv.weight.grad
+    assert torch.isfinite(last_qkv).all() and last_qkv.abs().sum() > 0
+
+
+def test_merged_rows_keep_the_students_not_rerun(tmp_path):
+    se = load_example("sentence_embeddings")
+    names = ("untrained student", "MSE", "RKD")
+    rows = [se.summary(name, 10, [0.1, 0.2], [0.3, 0.4], "old") for name in names]
+    se.write_results(rows, tmp_path, "title")
+    previous = se.read_rows(tmp_path / "sentence_embeddings.csv")
+    assert previous[1]["recall10_mean"] == pytest.approx(0.15) and previous[1]["spearmans"] == [0.3, 0.4]
+    fresh = [se.summary(name, 20, [0.5], [0.6], "new") for name in ("untrained student", "RKD")]
+    assert [(r["method"], r["note"]) for r in se.merged(fresh, previous)] == [
+        ("untrained student", "new"), ("MSE", "old"), ("RKD", "new")]
+
+
+@pytest.mark.examples
+def test_teacher_relations_are_the_last_layers_queries_keys_values():
+    se = load_example("sentence_embeddings")
+    teacher = se.load_teacher()
+    sentences = ["A short sentence.", "A somewhat longer sentence, with a comma and more words in it."]
+    stored = se.teacher_relations(teacher, sentences, max_len=8, batch=1)
+    assert stored.lengths.tolist() == [6, 8]  # [CLS] … [SEP], the second truncated at 8
+    features = teacher.tokenizer(sentences, padding=True, truncation=True, max_length=8, return_tensors="pt")
+    with torch.no_grad():
+        hidden = teacher[0].auto_model(**features, output_hidden_states=True).hidden_states[-2]
+    attention = teacher[0].auto_model.encoder.layer[-1].attention.self
+    for linear, states in zip((attention.query, attention.key, attention.value), stored.batch(
+            torch.tensor([0, 1]), 8), strict=True):
+        with torch.no_grad():
+            expected = linear(hidden) * features["attention_mask"][..., None]
+        torch.testing.assert_close(states, expected, atol=2e-2, rtol=2e-3)  # stored as float16
