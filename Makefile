@@ -10,7 +10,8 @@
 #                  + .png, docs/benchmarks.md)
 #   make bench-full  the full sweep, every configuration of every family (over 30 min on 2 cores;
 #                  bench/results/<family>_cpu.csv + .png, docs/benchmarks.md)
-#   make examples  build, install the `examples` extra, run examples/digits.py, tiny_lm.py, sentence_embeddings.py and attention_relations.py (→ examples/results/)
+#   make examples  build, install the `examples` extra, run examples/digits.py, tiny_lm.py,
+#                  sentence_embeddings.py, attention_relations.py and cross_tokenizer.py (→ examples/results/)
 #   make lint      ruff
 
 PYTHON ?= python3
