@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import statistics
 import sys
 import tempfile
@@ -18,6 +19,19 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def load_example(stem: str):
+    """``examples/<stem>.py`` as the module ``fastkd_example_<stem>``, loaded once,
+    for an example built on another's corpus, models and training loop."""
+    name = f"fastkd_example_{stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{stem}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def argument_parser(doc: str, *, seeds: int, smoke: str, threads: str, name: str) -> argparse.ArgumentParser:

@@ -29,7 +29,6 @@ heads, so no projection is needed.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 from dataclasses import dataclass
@@ -40,22 +39,10 @@ import torch.nn.functional as F
 
 import fastkd
 
-
-def _load_tiny_lm():
-    """examples/tiny_lm.py as a module (its corpus, schedule and metrics)."""
-    name = "fastkd_example_tiny_lm"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("tiny_lm.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-tiny_lm = _load_tiny_lm()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _report  # noqa: E402  (the examples' shared csv / plot / summary helpers)
+
+tiny_lm = _report.load_example("tiny_lm")  # its corpus, teacher, schedule and training loop
 
 VOCAB = tiny_lm.VOCAB
 

@@ -110,6 +110,34 @@ class RowLossKernelFunction(torch.autograd.Function):
         return (None, None, None, grad_student, *([None] * ctx.num_op_args))
 
 
+def kernel_grad_scale(factor: float | torch.Tensor) -> float:
+    """The ``grad_scale`` a two-sided row kernel bakes into its gradients: the
+    loss ``factor`` when it is a float, 1 when it is a 0-d tensor (a kept-row
+    count under ``torch.compile``, applied in the backward instead)."""
+    return factor if isinstance(factor, float) else 1.0
+
+
+def save_two_sided_grads(ctx, row_loss: torch.Tensor, grad_s, grad_t, factor, per_row: bool) -> torch.Tensor:
+    """Forward's end for a kernel that returned the student's and the teacher's
+    gradients (``(N, ...)`` or empty) with :func:`kernel_grad_scale` applied:
+    save them for :func:`two_sided_grads_backward`, return the scaled loss
+    (``(N,)`` for ``per_row``, else a scalar)."""
+    deferred = None if isinstance(factor, float) else factor
+    ctx.save_for_backward(grad_s, grad_t, deferred)
+    return row_loss * factor if per_row else row_loss.sum() * factor
+
+
+def two_sided_grads_backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The student's and the teacher's gradients (None where not needed: inputs
+    0 and 1 of the Function) saved by :func:`save_two_sided_grads`, times the
+    upstream gradient."""
+    grad_s, grad_t, deferred = ctx.saved_tensors
+    upstream = grad_output if deferred is None else grad_output * deferred
+    grad_student = scale_by_upstream(grad_s, upstream) if ctx.needs_input_grad[0] else None
+    grad_teacher = scale_by_upstream(grad_t, upstream) if ctx.needs_input_grad[1] else None
+    return grad_student, grad_teacher
+
+
 @dataclass(frozen=True)
 class StudentKernelCall:
     """A fused student-only op with the hard-label CE in its pass (the top-k and

@@ -59,21 +59,15 @@ class HiddenStateFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, row_mask, kind, factor, per_row, backend):
-        grad_scale = factor if isinstance(factor, float) else 1.0
         op = kernel_op(backend, "hidden_state", "hidden_state_forward")
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_scale = _row_loss.kernel_grad_scale(factor)
         row_loss, grad_s, grad_t = op(student, teacher, row_mask, int(kind), grad_scale, want_s, want_t)
-        deferred = None if isinstance(factor, float) else factor
-        ctx.save_for_backward(grad_s, grad_t, deferred)
-        return row_loss * factor if per_row else row_loss.sum() * factor
+        return _row_loss.save_two_sided_grads(ctx, row_loss, grad_s, grad_t, factor, per_row)
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_s, grad_t, deferred = ctx.saved_tensors
-        upstream = grad_output if deferred is None else grad_output * deferred
-        grad_student = _row_loss.scale_by_upstream(grad_s, upstream) if ctx.needs_input_grad[0] else None
-        grad_teacher = _row_loss.scale_by_upstream(grad_t, upstream) if ctx.needs_input_grad[1] else None
-        return grad_student, grad_teacher, None, None, None, None, None
+        return *_row_loss.two_sided_grads_backward(ctx, grad_output), None, None, None, None, None
 
 
 def hidden_state_loss(

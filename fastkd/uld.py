@@ -88,22 +88,15 @@ class ULDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, row_mask, inv_ts, inv_tt, factor, per_row, backend,
                 student_is_logprob=False, teacher_is_logprob=False):
-        grad_scale = factor if isinstance(factor, float) else 1.0
         row_loss, grad_s, grad_t = _run_kernel(
-            backend, student, teacher, row_mask, inv_ts, inv_tt, grad_scale, ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1], student_is_logprob, teacher_is_logprob,
+            backend, student, teacher, row_mask, inv_ts, inv_tt, _row_loss.kernel_grad_scale(factor),
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1], student_is_logprob, teacher_is_logprob,
         )
-        deferred = None if isinstance(factor, float) else factor
-        ctx.save_for_backward(grad_s, grad_t, deferred)
-        return row_loss * factor if per_row else row_loss.sum() * factor
+        return _row_loss.save_two_sided_grads(ctx, row_loss, grad_s, grad_t, factor, per_row)
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_s, grad_t, deferred = ctx.saved_tensors
-        upstream = grad_output if deferred is None else grad_output * deferred
-        grad_student = _row_loss.scale_by_upstream(grad_s, upstream) if ctx.needs_input_grad[0] else None
-        grad_teacher = _row_loss.scale_by_upstream(grad_t, upstream) if ctx.needs_input_grad[1] else None
-        return grad_student, grad_teacher, None, None, None, None, None, None, None, None
+        return *_row_loss.two_sided_grads_backward(ctx, grad_output), *([None] * 8)
 
 
 class _RowDivergenceFunction(torch.autograd.Function):
