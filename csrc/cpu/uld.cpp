@@ -4,10 +4,10 @@
 //   ℓ_i = Σ_k |a_k − b_k|,   a = sort↓(p), b = sort↓(q), zero-padded to max(V_s, V_t).
 //
 // One task per row (at::parallel_for; a row's result does not depend on the
-// thread count). Each row is sorted on a per-thread scratch (a radix sort of
-// packed (value, column) keys for float32 probabilities, std::sort for
-// float64), so no sorted [N, V] tensor exists; the loss and the gradient come
-// from the same pass and nothing is kept for the backward.
+// thread count), on per-thread scratch: float32 probabilities through value
+// buckets that sort only where the two rows cross (uld_buckets.h), float64
+// ones through std::sort. No sorted [N, V] tensor exists; the loss and the
+// gradient come from the same pass and nothing is kept for the backward.
 //
 // Gradient. With sign(0) = 0 and ties sharing the mean of their ranks' signs,
 // the gradient of ℓ_i with respect to an entry of p with value v > 0 is
@@ -48,6 +48,7 @@
 
 #include "../common/checks.h"
 #include "../common/uld_op.h"
+#include "uld_buckets.h"
 
 namespace fastkd {
 namespace cpu {
@@ -97,50 +98,9 @@ template <typename prob_t>
 struct SortedRow {
   std::vector<prob_t> value;
   std::vector<int32_t> column;
-  std::vector<uint64_t> keys, swap;  // radix sort scratch (float rows)
 };
 
-// float rows: LSD radix sort of (~bits(p) << 32 | column) on the upper 32 bits
-// (the bits of a float ≥ 0 order like its value; ~ makes the order
-// decreasing), three passes of 11 bits, a pass skipped when every key shares
-// its digit. Columns in the low half ride along; the order of ties does not
-// matter (their coefficients are run means).
-inline void sort_descending(const float* p, int64_t n, SortedRow<float>& row) {
-  constexpr int kBits = 11;
-  constexpr uint64_t kDigits = uint64_t(1) << kBits;
-  row.keys.resize(n);
-  row.swap.resize(n);
-  for (int64_t j = 0; j < n; ++j) {
-    uint32_t bits;
-    std::memcpy(&bits, &p[j], sizeof(bits));
-    row.keys[j] = (static_cast<uint64_t>(~bits) << 32) | static_cast<uint32_t>(j);
-  }
-  std::vector<int64_t> count(kDigits);
-  uint64_t* from = row.keys.data();
-  uint64_t* to = row.swap.data();
-  for (int shift = 32; shift < 64; shift += kBits) {
-    std::fill(count.begin(), count.end(), 0);
-    for (int64_t j = 0; j < n; ++j) ++count[(from[j] >> shift) & (kDigits - 1)];
-    if (count[(from[0] >> shift) & (kDigits - 1)] == n) continue;
-    int64_t total = 0;
-    for (uint64_t d = 0; d < kDigits; ++d) {
-      const int64_t c = count[d];
-      count[d] = total;
-      total += c;
-    }
-    for (int64_t j = 0; j < n; ++j) to[count[(from[j] >> shift) & (kDigits - 1)]++] = from[j];
-    std::swap(from, to);
-  }
-  row.value.resize(n);
-  row.column.resize(n);
-  for (int64_t k = 0; k < n; ++k) {
-    const uint32_t bits = ~static_cast<uint32_t>(from[k] >> 32);
-    std::memcpy(&row.value[k], &bits, sizeof(bits));
-    row.column[k] = static_cast<int32_t>(from[k] & 0xFFFFFFFFu);
-  }
-}
-
-// double rows: std::sort of the columns by value.
+// float64 rows: std::sort of the columns by value.
 inline void sort_descending(const double* p, int64_t n, SortedRow<double>& row) {
   row.column.resize(n);
   std::iota(row.column.begin(), row.column.end(), 0);
@@ -206,7 +166,8 @@ void uld_rows(const at::Tensor& student, const at::Tensor& teacher, const bool* 
   const prob_t nan = std::numeric_limits<prob_t>::quiet_NaN();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<prob_t> p(vs), q(vt), coef_p(vs), coef_q(vt);
-    SortedRow<prob_t> sorted_p, sorted_q;
+    SortedRow<prob_t> sorted_p, sorted_q;   // float64 rows
+    uld_buckets::Side side_p, side_q;        // float32 rows
     for (int64_t i = begin; i < end; ++i) {
       scalar_t* gs_row = gs != nullptr ? gs + i * vs : nullptr;
       scalar_t* gt_row = gt != nullptr ? gt + i * vt : nullptr;
@@ -224,21 +185,27 @@ void uld_rows(const at::Tensor& student, const at::Tensor& teacher, const bool* 
         if (gt_row != nullptr) std::fill(gt_row, gt_row + vt, static_cast<scalar_t>(nan));
         continue;
       }
-      sort_descending(p.data(), vs, sorted_p);
-      sort_descending(q.data(), vt, sorted_q);
-      double total = 0;
-      for (int64_t k = 0; k < width; ++k) {
-        const double a = k < vs ? static_cast<double>(sorted_p.value[k]) : 0.0;
-        const double b = k < vt ? static_cast<double>(sorted_q.value[k]) : 0.0;
-        total += std::abs(a - b);
+      if constexpr (std::is_same_v<prob_t, float>) {
+        loss[i] = static_cast<loss_t>(uld_buckets::sorted_l1(p.data(), vs, q.data(), vt, side_p, side_q,
+                                                             gs_row != nullptr ? coef_p.data() : nullptr,
+                                                             gt_row != nullptr ? coef_q.data() : nullptr));
+      } else {
+        sort_descending(p.data(), vs, sorted_p);
+        sort_descending(q.data(), vt, sorted_q);
+        double total = 0;
+        for (int64_t k = 0; k < width; ++k) {
+          const double a = k < vs ? static_cast<double>(sorted_p.value[k]) : 0.0;
+          const double b = k < vt ? static_cast<double>(sorted_q.value[k]) : 0.0;
+          total += std::abs(a - b);
+        }
+        loss[i] = static_cast<loss_t>(total);
+        if (gs_row != nullptr) sign_coefficients(sorted_p, sorted_q, coef_p.data());
+        if (gt_row != nullptr) sign_coefficients(sorted_q, sorted_p, coef_q.data());
       }
-      loss[i] = static_cast<loss_t>(total);
       if (gs_row != nullptr) {
-        sign_coefficients(sorted_p, sorted_q, coef_p.data());
         probability_backward(p.data(), coef_p.data(), vs, grad_scale * inv_ts, !student_is_logprob, gs_row);
       }
       if (gt_row != nullptr) {
-        sign_coefficients(sorted_q, sorted_p, coef_q.data());
         probability_backward(q.data(), coef_q.data(), vt, grad_scale * inv_tt, !teacher_is_logprob, gt_row);
       }
     }
