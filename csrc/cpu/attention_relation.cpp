@@ -16,7 +16,8 @@
 // log p_ij = (zt_ij − shift_t) − log l_t (likewise log q_ij),
 //   dzs_ij = g_i (q_ij − p_ij),   dzt_ij = g_i p_ij (log p_ij − log q_ij − KL_i),
 //   dX = c (dZ + dZᵀ) X            (z depends on x_i and on x_j).
-// Score tiles are GEMMs (ATen, single-threaded inside a task); each task is
+// Score tiles are GEMMs (ATen, single-threaded inside a task), their
+// exponentials the tile kernels of attention_relation_kernel.cpp; each task is
 // one (b, a) pair and owns the d columns of X's gradient it writes, so tasks
 // never share output and the result does not depend on the thread count.
 //
@@ -35,6 +36,8 @@
 
 #include "../common/attention_relation_op.h"
 #include "../common/checks.h"
+#include "attention_relation_kernel.h"
+#include "capability.h"
 #include "single_threaded_tasks.h"
 
 namespace fastkd {
@@ -75,12 +78,37 @@ std::vector<uint8_t> kept_keys(const std::optional<at::Tensor>& mask, int64_t b,
   return kept;
 }
 
+// The tile kernels of the CPU capability in use.
+template <typename acc_t>
+struct TileKernels {
+  void (*statistics)(const RelationTile<acc_t>&, attention_relation::RelationRow<acc_t>*);
+  void (*gradients)(const RelationTile<acc_t>&, const RelationRowsBackward<acc_t>&);
+};
+
+template <typename acc_t>
+TileKernels<acc_t> tile_kernels() {
+  switch (active_capability()) {
+    case Capability::AVX512: return {&AVX512::relation_tile_statistics, &AVX512::relation_tile_gradients};
+    case Capability::AVX2: return {&AVX2::relation_tile_statistics, &AVX2::relation_tile_gradients};
+    case Capability::Default: break;
+  }
+  return {&DEFAULT::relation_tile_statistics, &DEFAULT::relation_tile_gradients};
+}
+
+// Rows [i0, i0 + rows) against keys [j0, j0 + cols): zs, zt are their scores (c x_i) · x_j.
+template <typename acc_t>
+RelationTile<acc_t> tile(const RelationShape& r, const at::Tensor& zs, const at::Tensor& zt, int64_t rows,
+                         int64_t cols, int64_t i0, int64_t j0, const std::vector<uint8_t>& kept) {
+  return {zs.data_ptr<acc_t>(), zt.data_ptr<acc_t>(), rows, cols, i0, j0, kept.data(), r.causal,
+          static_cast<acc_t>(r.scale_s), static_cast<acc_t>(r.scale_t)};
+}
+
 template <typename acc_t>
 void forward_head(const RelationShape& r, const at::Tensor& xs, const at::Tensor& xt,
                   const std::vector<uint8_t>& kept, acc_t* lse_s, acc_t* lse_t, acc_t* kl) {
   using Row = attention_relation::RelationRow<acc_t>;
-  const acc_t cs = static_cast<acc_t>(r.scale_s), ct = static_cast<acc_t>(r.scale_t);
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const TileKernels<acc_t> kernels = tile_kernels<acc_t>();
+  const at::Tensor qs = xs * r.scale_s, qt = xt * r.scale_t;  // the rows' side of the scores, scaled
   for (int64_t i0 = 0; i0 < r.length; i0 += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, r.length - i0);
     Row stats[kRowBlock];
@@ -88,39 +116,9 @@ void forward_head(const RelationShape& r, const at::Tensor& xs, const at::Tensor
     const int64_t key_end = r.causal ? i0 + rows : r.length;
     for (int64_t j0 = 0; j0 < key_end; j0 += kKeyTile) {
       const int64_t cols = std::min(kKeyTile, key_end - j0);
-      const at::Tensor zs = at::mm(xs.narrow(0, i0, rows), xs.narrow(0, j0, cols).t()).contiguous();
-      const at::Tensor zt = at::mm(xt.narrow(0, i0, rows), xt.narrow(0, j0, cols).t()).contiguous();
-      const acc_t* ps = zs.data_ptr<acc_t>();
-      const acc_t* pt = zt.data_ptr<acc_t>();
-      for (int64_t k = 0; k < rows; ++k) {
-        const int64_t i = i0 + k;
-        if (!kept[i]) continue;
-        const int64_t end = r.causal ? std::min(cols, i - j0 + 1) : cols;
-        const acc_t* row_s = ps + k * cols;
-        const acc_t* row_t = pt + k * cols;
-        // the tile's maxima first (NaNs skipped: `>` is false for them), so
-        // that every key's terms are taken relative to the row's new shifts
-        acc_t tile_max_s = neg_inf, tile_max_t = neg_inf;
-        for (int64_t c = 0; c < end; ++c) {
-          if (!kept[j0 + c]) continue;
-          const acc_t s = cs * row_s[c], t = ct * row_t[c];
-          if (s > tile_max_s) tile_max_s = s;
-          if (t > tile_max_t) tile_max_t = t;
-        }
-        Row& row = stats[k];
-        row.rebase(tile_max_s, tile_max_t);
-        const acc_t shift_s = row.shift_s(), shift_t = row.shift_t();
-        acc_t sum_s = 0, sum_t = 0, cross = 0;
-        for (int64_t c = 0; c < end; ++c) {
-          if (!kept[j0 + c]) continue;
-          const acc_t s = cs * row_s[c], t = ct * row_t[c];
-          const acc_t e = Row::teacher_weight(t, shift_t);
-          sum_s += Row::student_weight(s, shift_s);
-          sum_t += e;
-          cross += Row::cross_term(s, t, e, shift_s, shift_t);
-        }
-        row.add(sum_s, sum_t, cross);
-      }
+      const at::Tensor zs = at::mm(qs.narrow(0, i0, rows), xs.narrow(0, j0, cols).t()).contiguous();
+      const at::Tensor zt = at::mm(qt.narrow(0, i0, rows), xt.narrow(0, j0, cols).t()).contiguous();
+      kernels.statistics(tile<acc_t>(r, zs, zt, rows, cols, i0, j0, kept), stats);
     }
     for (int64_t k = 0; k < rows; ++k) {
       const int64_t i = i0 + k;
@@ -137,36 +135,19 @@ template <typename acc_t>
 void backward_head(const RelationShape& r, const at::Tensor& xs, const at::Tensor& xt,
                    const std::vector<uint8_t>& kept, const acc_t* lse_s, const acc_t* lse_t, const acc_t* kl,
                    const acc_t* row_grad, at::Tensor* dxs, at::Tensor* dxt) {
-  const acc_t cs = static_cast<acc_t>(r.scale_s), ct = static_cast<acc_t>(r.scale_t);
-  const acc_t head_share = acc_t(1) / static_cast<acc_t>(r.heads);
+  const TileKernels<acc_t> kernels = tile_kernels<acc_t>();
+  const at::Tensor qs = xs * r.scale_s, qt = xt * r.scale_t;  // the rows' side of the scores, scaled
   for (int64_t i0 = 0; i0 < r.length; i0 += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, r.length - i0);
     const int64_t key_end = r.causal ? i0 + rows : r.length;
     for (int64_t j0 = 0; j0 < key_end; j0 += kKeyTile) {
       const int64_t cols = std::min(kKeyTile, key_end - j0);
-      const at::Tensor zs = at::mm(xs.narrow(0, i0, rows), xs.narrow(0, j0, cols).t()).contiguous();
-      const at::Tensor zt = at::mm(xt.narrow(0, i0, rows), xt.narrow(0, j0, cols).t()).contiguous();
-      at::Tensor dzs = at::zeros_like(zs), dzt = at::zeros_like(zt);
-      const acc_t* ps = zs.data_ptr<acc_t>();
-      const acc_t* pt = zt.data_ptr<acc_t>();
-      acc_t* gs = dzs.data_ptr<acc_t>();
-      acc_t* gt = dzt.data_ptr<acc_t>();
-      for (int64_t k = 0; k < rows; ++k) {
-        const int64_t i = i0 + k;
-        if (!kept[i]) continue;
-        const acc_t g = row_grad[i] * head_share;
-        const acc_t shift_s = lse_s[2 * i], log_sum_s = lse_s[2 * i + 1];
-        const acc_t shift_t = lse_t[2 * i], log_sum_t = lse_t[2 * i + 1];
-        const int64_t end = r.causal ? std::min(cols, i - j0 + 1) : cols;
-        for (int64_t c = 0; c < end; ++c) {
-          if (!kept[j0 + c]) continue;
-          const acc_t log_q = attention_relation::log_relation(cs * ps[k * cols + c], shift_s, log_sum_s);
-          const acc_t log_p = attention_relation::log_relation(ct * pt[k * cols + c], shift_t, log_sum_t);
-          const acc_t p = std::exp(log_p);
-          gs[k * cols + c] = g * (std::exp(log_q) - p) * cs;
-          gt[k * cols + c] = p == 0 ? acc_t(0) : g * p * (log_p - log_q - kl[i]) * ct;
-        }
-      }
+      const at::Tensor zs = at::mm(qs.narrow(0, i0, rows), xs.narrow(0, j0, cols).t()).contiguous();
+      const at::Tensor zt = at::mm(qt.narrow(0, i0, rows), xt.narrow(0, j0, cols).t()).contiguous();
+      at::Tensor dzs = at::empty_like(zs), dzt = at::empty_like(zt);
+      const RelationRowsBackward<acc_t> rows_in{lse_s, lse_t, kl, row_grad, dzs.data_ptr<acc_t>(),
+                                                dzt.data_ptr<acc_t>()};
+      kernels.gradients(tile<acc_t>(r, zs, zt, rows, cols, i0, j0, kept), rows_in);
       if (dxs != nullptr) {
         dxs->narrow(0, i0, rows).addmm_(dzs, xs.narrow(0, j0, cols));
         dxs->narrow(0, j0, cols).addmm_(dzs.t(), xs.narrow(0, i0, rows));
@@ -214,7 +195,8 @@ std::tuple<at::Tensor, at::Tensor> attention_relation_backward_cpu(
   const RelationShape r = shape_of(student, teacher, heads, causal, temperature);
   const auto acc = accumulation_type(student);
   attention_relation::check_backward_args(row_grad, student, heads, lse_s, lse_t, head_kl, acc);
-  const at::Tensor g = row_grad.to(acc).contiguous();
+  // each head's share of a row's upstream gradient (the rows are head means)
+  const at::Tensor g = (row_grad.to(acc) * (1.0 / static_cast<double>(heads))).contiguous();
   const at::Tensor ls = lse_s.contiguous(), lt = lse_t.contiguous(), kl = head_kl.contiguous();
   at::Tensor grad_s = attention_relation::zero_gradient(student, acc, student_grad);
   at::Tensor grad_t = attention_relation::zero_gradient(teacher, acc, teacher_grad);
