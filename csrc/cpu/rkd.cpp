@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "../common/checks.h"
@@ -92,7 +93,7 @@ double distance_coef_row(T* d_s, const T* q, T shift, T inv_s, int64_t n) {
 }
 
 // One side's distances d_ij = sqrt(max(‖x_i − x_j‖², 1e-12)) (0 on the
-// diagonal) into `dist` (an [n, n] buffer), from its Gram matrix; returns
+// diagonal) into `dist` (an [n, n] buffer, `gram` itself allowed), from its Gram matrix; returns
 // their sum. `near` ([n, n]) receives 1 for the pairs recomputed from
 // their differences (the diagonal included).
 template <class T>
@@ -144,16 +145,18 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_impl(const at::Tensor& student,
   }
   const at::Tensor xs_c = xs - xs.mean(0, true);
   const at::Tensor xt_c = xt - xt.mean(0, true);
-  const at::Tensor gram_s = at::mm(xs_c, xs_c.t());
-  const at::Tensor gram_t = at::mm(xt_c, xt_c.t());
-  at::Tensor ds = at::empty_like(gram_s);
-  at::Tensor dt = at::empty_like(gram_t);
-  std::vector<uint8_t> near_s(n * n), near_t(n * n);
+  // The distances overwrite the Gram matrices (row by row, each entry read
+  // before it is written): two fewer n² buffers to fault in, on a loss
+  // whose cost is passes over n² entries. The near flags are written in full
+  // before any is read, so they are not zeroed first.
+  const at::Tensor ds = at::mm(xs_c, xs_c.t());
+  const at::Tensor dt = at::mm(xt_c, xt_c.t());
+  const std::unique_ptr<uint8_t[]> near_s(new uint8_t[n * n]), near_t(new uint8_t[n * n]);
   T* ps = ds.data_ptr<T>();
   T* pt = dt.data_ptr<T>();
   const double pairs = double(n) * double(n - 1);
-  const double mean_s = distances<T>(xs, gram_s, ps, near_s.data()) / pairs;
-  const double mean_t = distances<T>(xt, gram_t, pt, near_t.data()) / pairs;
+  const double mean_s = distances<T>(xs, ds, ps, near_s.get()) / pairs;
+  const double mean_t = distances<T>(xt, dt, pt, near_t.get()) / pairs;
   const double inv_s = 1.0 / mean_s, inv_t = 1.0 / mean_t;
   const double inv_n2 = 1.0 / (double(n) * double(n));
 
