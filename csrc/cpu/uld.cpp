@@ -4,9 +4,9 @@
 //   ℓ_i = Σ_k |a_k − b_k|,   a = sort↓(p), b = sort↓(q), zero-padded to max(V_s, V_t).
 //
 // One task per row (at::parallel_for; a row's result does not depend on the
-// thread count), on per-thread scratch: float32 probabilities through value
-// buckets that sort only where the two rows cross (uld_buckets.h), float64
-// ones through std::sort. No sorted [N, V] tensor exists; the loss and the
+// thread count), on per-thread scratch: float32 probabilities (their softmax
+// lane-parallel, uld_kernel.cpp) through value buckets that sort only where
+// the two rows cross (uld_buckets.h), float64 ones through std::sort. No sorted [N, V] tensor exists; the loss and the
 // gradient come from the same pass and nothing is kept for the backward.
 //
 // Gradient. With sign(0) = 0 and ties sharing the mean of their ranks' signs,
@@ -34,6 +34,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -48,14 +49,16 @@
 
 #include "../common/checks.h"
 #include "../common/uld_op.h"
+#include "capability.h"
 #include "uld_buckets.h"
+#include "uld_kernel.h"
 
 namespace fastkd {
 namespace cpu {
 namespace {
 
-// softmax(x / T) of one row into out, the exponentials in prob_t and their
-// sum in float64; false when a probability is NaN.
+// softmax(x / T) of one float64 row into out, the sum in float64; false when
+// a probability is NaN. (Float32 rows go through uld_kernel.cpp.)
 template <typename scalar_t, typename prob_t>
 bool row_softmax(const scalar_t* x, int64_t n, double inv_temperature, prob_t* out) {
   prob_t m = -std::numeric_limits<prob_t>::infinity();
@@ -88,9 +91,34 @@ bool row_exp(const scalar_t* x, int64_t n, prob_t* out) {
   return finite;
 }
 
+using SoftmaxRow = bool (*)(const float*, int64_t, float, float*);
+
+// uld_kernel.cpp's float32 row softmax for this CPU
+SoftmaxRow simd_softmax_row() {
+  switch (active_capability()) {
+    case Capability::AVX512: return &AVX512::uld_softmax_row;
+    case Capability::AVX2: return &AVX2::uld_softmax_row;
+    case Capability::Default: break;
+  }
+  return &DEFAULT::uld_softmax_row;
+}
+
+// One row's probabilities into out: float32 ones through the SIMD softmax
+// (bf16 / fp16 rows widened into out first), float64 ones through row_softmax.
 template <typename scalar_t, typename prob_t>
-bool row_probabilities(const scalar_t* x, int64_t n, double inv_temperature, bool is_logprob, prob_t* out) {
-  return is_logprob ? row_exp(x, n, out) : row_softmax(x, n, inv_temperature, out);
+bool row_probabilities(const scalar_t* x, int64_t n, double inv_temperature, bool is_logprob, SoftmaxRow simd,
+                       prob_t* out) {
+  if (is_logprob) return row_exp(x, n, out);
+  if constexpr (std::is_same_v<prob_t, float>) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      return simd(x, n, static_cast<float>(inv_temperature), out);
+    } else {
+      at::vec::convert(x, out, n);
+      return simd(out, n, static_cast<float>(inv_temperature), out);
+    }
+  } else {
+    return row_softmax(x, n, inv_temperature, out);
+  }
 }
 
 // One row's probabilities sorted by decreasing value, and the column each came from.
@@ -164,6 +192,7 @@ void uld_rows(const at::Tensor& student, const at::Tensor& teacher, const bool* 
   scalar_t* gs = grad_s != nullptr ? grad_s->data_ptr<scalar_t>() : nullptr;
   scalar_t* gt = grad_t != nullptr ? grad_t->data_ptr<scalar_t>() : nullptr;
   const prob_t nan = std::numeric_limits<prob_t>::quiet_NaN();
+  const SoftmaxRow softmax_row = simd_softmax_row();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<prob_t> p(vs), q(vt), coef_p(vs), coef_q(vt);
     SortedRow<prob_t> sorted_p, sorted_q;   // float64 rows
@@ -177,8 +206,10 @@ void uld_rows(const at::Tensor& student, const at::Tensor& teacher, const bool* 
         if (gt_row != nullptr) std::fill(gt_row, gt_row + vt, scalar_t(0));
         continue;
       }
-      const bool finite_p = row_probabilities(s_base + i * s_stride, vs, inv_ts, student_is_logprob, p.data());
-      const bool finite_q = row_probabilities(t_base + i * t_stride, vt, inv_tt, teacher_is_logprob, q.data());
+      const bool finite_p =
+          row_probabilities(s_base + i * s_stride, vs, inv_ts, student_is_logprob, softmax_row, p.data());
+      const bool finite_q =
+          row_probabilities(t_base + i * t_stride, vt, inv_tt, teacher_is_logprob, softmax_row, q.data());
       if (!finite_p || !finite_q) {
         loss[i] = nan;
         if (gs_row != nullptr) std::fill(gs_row, gs_row + vs, static_cast<scalar_t>(nan));
