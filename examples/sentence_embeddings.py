@@ -36,9 +36,9 @@ compared, with the same initialisation, batch order, optimiser and schedule
 Transformer students: the same tokens, embeddings and pooling with 2
 bidirectional pre-norm transformer blocks of width 128 (4 attention heads)
 before the pooling, about 1.0M parameters (22× fewer than the teacher),
-trained with the same seeds, batch order and schedule shape but fewer steps
-(400, ``--transformer-steps``: on a shared two-core CPU a step costs about 8×
-an embedding-bag step, 16× with the relation loss), by
+trained with the same seeds, batch order and schedule (``--transformer-steps``,
+default 2000 like the bags: on a two-core CPU a transformer step costs about
+8× an embedding-bag step, 16× with the relation loss), by
 
 * ``transformer, RKD``: the RKD loss above alone;
 * ``transformer, RKD + Q/K/V relations``: plus MiniLMv2's relation loss, the
@@ -321,7 +321,7 @@ class TransformerSettings:
     dim: int = 128
     layers: int = 2
     heads: int = 4
-    steps: int = 400
+    steps: int = 2000
     relation_heads: int = 8  # divides 128 and 384: 16 student and 48 teacher channels per relation head
     relation_weight: float = 0.3  # best of 0.3, 1, 3 on seed 0 at 300 steps
 
