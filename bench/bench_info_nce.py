@@ -71,8 +71,8 @@ import torch
 from torch.nn.functional import normalize
 
 import fastkd
-from bench.family import Case, Family
-from bench.measure import MIB, available_memory_bytes, few_runs, fp32_tensors_skip_reason
+from bench.family import Family, compute_bound_case
+from bench.measure import available_memory_bytes, fp32_tensors_skip_reason
 from bench.report import COMPILE, EAGER, ONE_THREAD
 from fastkd.info_nce import DEFAULT_LOGITS_MEMORY_BUDGET, KEEPING_KERNELS
 from fastkd.reference import info_nce as reference_info_nce
@@ -175,16 +175,11 @@ class InfoNceBench(Family):
         dtype = self.dtypes[dtype_name]
         q = q.to(dtype).requires_grad_()
         k = k.to(dtype).requires_grad_()
-        columns = {
-            "temperature": options["nce_temperature"], "dtype": dtype_name, "N": n, "M": m, "D": d,
-            "output_mib": (q.nbytes + k.nbytes) / MIB,  # grad_q and grad_k
-            "traffic_bytes": None,  # compute-bound: no floor
-            "model_gflop": model_flop(n, m, d) / 1e9,
-        }
+        columns = {"temperature": options["nce_temperature"], "dtype": dtype_name, "N": n, "M": m, "D": d}
         available = available_memory_bytes(device)
-        return Case(
-            columns, (q, k), skip=lambda provider: nm_skip_reason(provider, n, m, available),
-            timing=few_runs() if n >= LONG_N else None,
+        return compute_bound_case(
+            columns, (q, k), lambda provider: nm_skip_reason(provider, n, m, available), model_flop(n, m, d),
+            long_calls=n >= LONG_N,
         )
 
     def finish(self, rows):

@@ -45,8 +45,8 @@ from __future__ import annotations
 import torch
 
 import fastkd
-from bench.family import Case, Family
-from bench.measure import MIB, available_memory_bytes, few_runs, fp32_tensors_skip_reason
+from bench.family import Family, compute_bound_case
+from bench.measure import available_memory_bytes, fp32_tensors_skip_reason
 from bench.report import COMPILE, EAGER
 from fastkd.reference import mmd_loss as reference_mmd_loss
 
@@ -115,14 +115,11 @@ class MmdBench(Family):
         columns = {
             "kernel": "gaussian", "bandwidths": " ".join(f"{s:g}" for s in BANDWIDTHS), "dtype": dtype_name,
             "N": n, "M": m, "D": d,
-            "output_mib": (x.nbytes + y.nbytes) / MIB,  # grad_x and grad_y
-            "traffic_bytes": None,  # compute-bound: no floor
-            "model_gflop": model_flop(n, m, d) / 1e9,
         }
         available = available_memory_bytes(device)
-        return Case(
-            columns, (x, y), skip=lambda provider: nm_skip_reason(provider, n, m, available),
-            timing=few_runs() if n >= LONG_N else None,
+        return compute_bound_case(
+            columns, (x, y), lambda provider: nm_skip_reason(provider, n, m, available), model_flop(n, m, d),
+            long_calls=n >= LONG_N,
         )
 
 

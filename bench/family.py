@@ -41,6 +41,7 @@ from bench.measure import (
     Call,
     ThpSetting,
     copy_bandwidth,
+    few_runs,
     first_call,
     gemm_ms,
     peak_extra_bytes,
@@ -264,6 +265,20 @@ class Case:
             self.reset = lambda inputs=self.inputs: clear_grads(inputs)
         if self.per_second is None and "model_gflop" in self.columns:
             self.per_second = {"model_gflops": self.columns["model_gflop"]}
+
+
+def compute_bound_case(columns: dict, inputs: tuple, skip, model_flop: int, long_calls: bool) -> Case:
+    """The :class:`Case` of a compute-bound configuration whose ``inputs`` all get a
+    gradient: ``columns`` plus ``output_mib`` (one gradient per input, the inputs'
+    size), no ``traffic_bytes`` floor and ``model_gflop`` from ``model_flop``; with
+    ``long_calls`` (calls of seconds) no extra warm-up and exactly two timed runs."""
+    columns = {
+        **columns,
+        "output_mib": sum(x.nbytes for x in inputs) / MIB,
+        "traffic_bytes": None,
+        "model_gflop": model_flop / 1e9,
+    }
+    return Case(columns, inputs, skip=skip, timing=few_runs() if long_calls else None)
 
 
 class Family:

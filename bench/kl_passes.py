@@ -36,7 +36,7 @@ import time
 import torch
 
 import fastkd
-from bench.measure import MIB, OtherLoad, parse_passes_arguments, passes_argument_parser
+from bench.measure import MIB, OtherLoad, parse_passes_arguments, passes_argument_parser, passes_line
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -85,12 +85,11 @@ def main(argv: list[str] | None = None) -> None:
                 n, v, dtype, temperature=args.temperature, repeats=args.repeats, copy_mib=args.copy_mib,
                 clock=time.process_time if args.cpu_time else time.perf_counter,
             )
-            floor_ms = 3 * n * v * dtype.itemsize / (copy_gbs * 1e9) * 1e3
-            load_text = "?" if load is None else f"{load:.2f}"
-            print(f"{args.label}\t{dtype_name}\t{n}x{v}\tthreads={torch.get_num_threads()}\t"
-                  f"{'cpu' if args.cpu_time else 'wall'} {call_ms:.2f} ms\tcopy {copy_gbs:.1f} GB/s\t"
-                  f"floor {floor_ms:.2f} ms\t"
-                  f"x_floor {call_ms / floor_ms:.2f}\tload {load_text}", flush=True)
+            timings = f"{'cpu' if args.cpu_time else 'wall'} {call_ms:.2f} ms"
+            # a pass reads the student and the teacher and writes the gradient
+            line = passes_line(args.label, dtype_name, n, v, timings, copy_gbs, 3, dtype.itemsize, call_ms,
+                               load)
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -543,6 +543,19 @@ def passes_argument_parser(doc: str, shapes: list[tuple[int, int]], repeats: int
     return parser
 
 
+def passes_line(label: str, config: str, n: int, v: int, timings: str, copy_gbs: float, passes: int,
+                element_bytes: int, call_ms: float, load: float | None, tail: str = "") -> str:
+    """One tab-separated result line of a pass-count script: ``label``, ``config``, the
+    ``N×V`` shape, torch's thread count, the script's ``timings``, the copy bandwidth, the
+    floor (``passes`` passes over ``(N, V)`` tensors of ``element_bytes`` at that
+    bandwidth), ``call_ms`` over the floor, ``tail`` and the other load on the machine."""
+    floor_ms = passes * n * v * element_bytes / (copy_gbs * 1e9) * 1e3
+    load_text = "?" if load is None else f"{load:.2f}"
+    return (f"{label}\t{config}\t{n}x{v}\tthreads={torch.get_num_threads()}\t{timings}\t"
+            f"copy {copy_gbs:.1f} GB/s\tfloor {floor_ms:.2f} ms\tx_floor {call_ms / floor_ms:.2f}\t"
+            f"{tail}load {load_text}")
+
+
 def parse_passes_arguments(parser: argparse.ArgumentParser, argv: list[str] | None):
     """``argv`` parsed, torch's thread count set to ``--threads`` when given."""
     args = parser.parse_args(argv)

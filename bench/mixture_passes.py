@@ -33,7 +33,7 @@ import time
 import torch
 
 import fastkd
-from bench.measure import MIB, OtherLoad, parse_passes_arguments, passes_argument_parser
+from bench.measure import MIB, OtherLoad, parse_passes_arguments, passes_argument_parser, passes_line
 from fastkd.reference import mixture as reference_mixture
 
 WEIGHTS = (0.5, 0.3, 0.2)
@@ -92,12 +92,11 @@ def main(argv: list[str] | None = None) -> None:
     for n, v in args.shapes:
         fused_ms, compile_ms, copy_gbs, load = measure(n, v, repeats=args.repeats, copy_mib=args.copy_mib,
                                                        use_compile=not args.no_compile)
-        floor_ms = (k + 2) * n * v * 4 / (copy_gbs * 1e9) * 1e3
-        load_text = "?" if load is None else f"{load:.2f}"
-        print(f"{args.label}\tfp32 K={k}\t{n}x{v}\tthreads={torch.get_num_threads()}\t"
-              f"fastkd {fused_ms:.1f} ms\tcompile {compile_ms:.1f} ms\tcopy {copy_gbs:.1f} GB/s\t"
-              f"floor {floor_ms:.2f} ms\tx_floor {fused_ms / floor_ms:.2f}\t"
-              f"x_compile {compile_ms / fused_ms:.2f}\tload {load_text}", flush=True)
+        # a pass reads the student and the K teachers and writes the gradient
+        timings = f"fastkd {fused_ms:.1f} ms\tcompile {compile_ms:.1f} ms"
+        line = passes_line(args.label, f"fp32 K={k}", n, v, timings, copy_gbs, k + 2, 4, fused_ms, load,
+                           tail=f"x_compile {compile_ms / fused_ms:.2f}\t")
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

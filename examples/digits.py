@@ -80,6 +80,13 @@ def kd(weight: float = 0.9) -> Term:
     return Term(fastkd.KDLoss(temperature=4.0), weight=weight, name="kd")
 
 
+def feature_method(name: str, make_loss: Callable[[], nn.Module], student_layer, weight: float,
+                   note: str) -> Method:
+    """A method of one feature-level term: ``weight · make_loss()`` between the student's and
+    the teacher's outputs of ``student_layer`` (a layer name, or a tuple of them)."""
+    return Method(name, lambda: [Term(make_loss(), student_layer=student_layer, weight=weight)], note=note)
+
+
 METHODS = [
     Method("student alone", teacher=None, note="cross-entropy only"),
     Method("KD", lambda: [kd()], hard_weight=0.1, note="Hinton, T=4, 0.1·CE + 0.9·KD"),
@@ -89,48 +96,24 @@ METHODS = [
         hard_weight=0.1,
         note="hint on block2 (1×1 conv + BN adapter), weight 100",
     ),
-    Method(
-        "AT",
-        lambda: [Term(fastkd.ATLoss(), student_layer=("block1", "block2"), weight=1000.0)],
-        note="attention transfer on block1 and block2, weight 1000",
-    ),
-    Method(
-        "NST",
-        lambda: [Term(fastkd.NSTLoss(), student_layer="block2", weight=50.0)],
-        note="neural selectivity transfer on block2, weight 50",
-    ),
-    Method(
-        "MMD",
-        lambda: [Term(fastkd.MMDLoss(), student_layer="embed", weight=10.0)],
-        note="gaussian MMD between the 32-d embeddings, weight 10",
-    ),
-    Method(
-        "InfoNCE",
-        lambda: [
-            Term(fastkd.InfoNCELoss(temperature=0.1, normalize=True), student_layer="embed", weight=1.0)
-        ],
-        note="student → teacher embedding, in-batch negatives, τ=0.1",
-    ),
+    feature_method("AT", fastkd.ATLoss, ("block1", "block2"), 1000.0,
+                   "attention transfer on block1 and block2, weight 1000"),
+    feature_method("NST", fastkd.NSTLoss, "block2", 50.0, "neural selectivity transfer on block2, weight 50"),
+    feature_method("MMD", fastkd.MMDLoss, "embed", 10.0,
+                   "gaussian MMD between the 32-d embeddings, weight 10"),
+    feature_method("InfoNCE", lambda: fastkd.InfoNCELoss(temperature=0.1, normalize=True), "embed", 1.0,
+                   "student → teacher embedding, in-batch negatives, τ=0.1"),
     Method(
         "DKD",
         lambda: [Term(fastkd.DKDLoss(), with_labels=True, name="dkd")],
         note="decoupled KD on the logits, α=1, β=8, T=4 (mdistiller's defaults, no warm-up)",
     ),
-    Method(
-        "RKD",
-        lambda: [Term(fastkd.RKDLoss(), student_layer="embed", weight=1.0)],
-        note="RKD distance (25) + angle (50) on the 32-d embeddings",
-    ),
-    Method(
-        "PKT",
-        lambda: [Term(fastkd.PKTLoss(), student_layer="embed", weight=30000.0)],
-        note="probabilistic knowledge transfer on the embeddings, weight 30000 (RepDistiller)",
-    ),
-    Method(
-        "SP",
-        lambda: [Term(fastkd.SPLoss(), student_layer="block2", weight=3000.0)],
-        note="similarity-preserving on block2, weight 3000 (RepDistiller)",
-    ),
+    feature_method("RKD", fastkd.RKDLoss, "embed", 1.0,
+                   "RKD distance (25) + angle (50) on the 32-d embeddings"),
+    feature_method("PKT", fastkd.PKTLoss, "embed", 30000.0,
+                   "probabilistic knowledge transfer on the embeddings, weight 30000 (RepDistiller)"),
+    feature_method("SP", fastkd.SPLoss, "block2", 3000.0,
+                   "similarity-preserving on block2, weight 3000 (RepDistiller)"),
     Method(
         "CRD",
         lambda: [

@@ -527,18 +527,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--layers", type=int, default=0,
                         help="transformer blocks of the embedding-loss students (0: embedding bag)")
     parser.add_argument("--max-len", type=int, default=64, help="tokens per sentence")
-    parser.add_argument("--transformer-steps", type=int, default=TRANSFORMER.steps,
-                        help="steps of the transformer students")
-    parser.add_argument("--transformer-dim", type=int, default=TRANSFORMER.dim,
-                        help="transformer student width")
-    parser.add_argument("--transformer-layers", type=int, default=TRANSFORMER.layers,
-                        help="transformer student blocks")
-    parser.add_argument("--transformer-heads", type=int, default=TRANSFORMER.heads,
-                        help="transformer student attention heads")
-    parser.add_argument("--relation-heads", type=int, default=TRANSFORMER.relation_heads,
-                        help="relation heads (divides the transformer width and 384)")
-    parser.add_argument("--relation-weight", type=float, default=TRANSFORMER.relation_weight,
-                        help="weight of the Q/K/V relation sum")
+    # the transformer students' options default to TRANSFORMER's fields
+    for option, field, kind, help_text in (
+        ("--transformer-steps", "steps", int, "steps of the transformer students"),
+        ("--transformer-dim", "dim", int, "transformer student width"),
+        ("--transformer-layers", "layers", int, "transformer student blocks"),
+        ("--transformer-heads", "heads", int, "transformer student attention heads"),
+        ("--relation-heads", "relation_heads", int, "relation heads (divides the transformer width and 384)"),
+        ("--relation-weight", "relation_weight", float, "weight of the Q/K/V relation sum"),
+    ):
+        parser.add_argument(option, type=kind, default=getattr(TRANSFORMER, field), help=help_text)
     args = _report.parse_arguments(parser, argv, "sentences")
     seeds = 1 if args.smoke else args.seeds
 

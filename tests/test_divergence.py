@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import fastkd
 from fastkd import reference
 from fastkd.reference import mixture as reference_mt
+from tests.common_checks import vocabulary_permutations
 from tests.helpers import DEVICE, assert_matches, backend_params
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
@@ -63,11 +64,7 @@ def reference_in_input_dtype(s, t, *, teacher_grad, samples=3, **kwargs):
     way in student and teacher leaves every divergence unchanged but not its
     rounding. Gradients are mapped back to the original order."""
     results = []
-    for k in range(samples):
-        perm = torch.arange(s.shape[-1], device=s.device)
-        if k:
-            perm = torch.randperm(s.shape[-1], generator=torch.Generator().manual_seed(k)).to(s.device)
-        inverse = torch.argsort(perm)
+    for perm, inverse in vocabulary_permutations(s, samples):
         loss, gs, gt = run_with_grads(lambda a, b: reference.divergence(a, b, **kwargs),
                                       s[..., perm], t[..., perm], teacher_grad=teacher_grad)
         results.append((loss, gs[..., inverse], gt[..., inverse] if teacher_grad else None))

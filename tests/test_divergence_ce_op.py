@@ -13,33 +13,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastkd import reference
-from tests.helpers import (
-    DEVICE,
-    OUT_OF_RANGE_ROW_MASK,
-    assert_matches,
-    assert_nan_on_out_of_range_rows,
-    backend_params,
-    bad_label_arguments,
-    out_of_range_labels,
-    run_past_the_label_check,
-)
+from tests import ce_op_checks
+from tests.ce_op_checks import COEF, GRAD_SCALE, HARD_GRAD_SCALE, OUT_OF_RANGE_VOCAB, coef_of, logits
+from tests.helpers import DEVICE, assert_matches, backend_params, out_of_range_labels
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")  # kind codes 0..5
-COEF = 0.5  # β (JSD) / α (skew) for kinds 2, 3, 4
-GRAD_SCALE = 0.7  # never only unit scales; distinct so that a swapped factor shows
-HARD_GRAD_SCALE = 0.3
-
-
-def coef_of(kind: int) -> float:
-    return COEF if kind in (2, 3, 4) else 0.0
-
-
-def logits(shape, dtype=torch.float32, spread=3.0):
-    """Random logits in ``dtype`` (on DEVICE), drawn in float64 first."""
-    return (torch.randn(shape, dtype=torch.float64) * spread).to(device=DEVICE, dtype=dtype)
 
 
 def strided_labels(rows: int, vocab: int) -> torch.Tensor:
@@ -50,13 +30,9 @@ def strided_labels(rows: int, vocab: int) -> torch.Tensor:
 def forward(backend, s, t, row_mask, kind, temperature, *, student_grad=True, teacher_grad=False,
             labels=None, hard_grad_scale=HARD_GRAD_SCALE):
     """The op of ``backend``: (row_loss, grad_s, grad_t, row_ce)."""
-    args = (s, t, row_mask, kind, 1.0 / temperature, coef_of(kind), GRAD_SCALE, student_grad, teacher_grad,
-            labels, hard_grad_scale)
-    if backend == "triton":
-        from fastkd.kernels import divergence as triton_divergence
-
-        return triton_divergence.divergence_forward(*args)
-    return torch.ops.fastkd.divergence_forward(*args)
+    return ce_op_checks.run_op(backend, "divergence", "divergence_forward", (
+        s, t, row_mask, kind, 1.0 / temperature, coef_of(kind), GRAD_SCALE, student_grad, teacher_grad,
+        labels, hard_grad_scale))
 
 
 def expected(s, t, row_mask, kind, temperature, labels, precision=torch.float64):
@@ -68,11 +44,7 @@ def expected(s, t, row_mask, kind, temperature, labels, precision=torch.float64)
         reduction="none", mask=row_mask,
     )
     (GRAD_SCALE * rows.sum()).backward()
-    keep = torch.ones(s.shape[0], dtype=torch.bool, device=s.device) if row_mask is None else row_mask
-    log_softmax = F.log_softmax(s.detach(), dim=-1)  # temperature 1
-    ce = torch.where(keep, -log_softmax.gather(1, labels[:, None]).squeeze(1), 0.0)
-    onehot = F.one_hot(labels, s.shape[1]).to(precision)
-    ce_grad = HARD_GRAD_SCALE * (log_softmax.exp() - onehot) * keep[:, None]
+    ce, ce_grad = ce_op_checks.hard_ce_terms(s, labels, row_mask, precision)
     return rows.detach(), ce, s.grad + ce_grad, t.grad
 
 
@@ -88,9 +60,7 @@ def check_ce_parity(backend, s, t, row_mask, kind, temperature, *, teacher_grad)
     want = expected(s, t, row_mask, kind, temperature, labels)
     # the reference from the same inputs in float32 (docs/spec.md §6's relative pass mark)
     same = expected(s, t, row_mask, kind, temperature, labels, precision=torch.float32)
-    assert ce.shape == (s.shape[0],) and ce.dtype == torch.float32
-    assert gs.shape == s.shape and gs.dtype == dtype
-    assert plain[3].shape == (0,) and plain[3].dtype == torch.float32
+    ce_op_checks.check_ce_output_layout(ce, gs, plain[3], s, torch.float32)
     # the CE changes neither the row loss nor the teacher gradient
     assert torch.equal(loss, plain[0])
     if teacher_grad:
@@ -102,9 +72,7 @@ def check_ce_parity(backend, s, t, row_mask, kind, temperature, *, teacher_grad)
     assert_matches(gs, want[2], dtype, f"{backend} student grad", [same[2]])
     if teacher_grad:
         assert_matches(gt, want[3], dtype, f"{backend} teacher grad", [same[3]])
-    if row_mask is not None:
-        excluded = ~row_mask
-        assert torch.all(ce[excluded] == 0) and torch.all(gs[excluded] == 0)
+    ce_op_checks.assert_excluded_rows_zero(ce, gs, row_mask)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -143,46 +111,34 @@ def test_ce_without_student_gradient(backend, temperature, teacher_grad):
     s, t = logits((3, 130)), logits((3, 130))
     labels = strided_labels(3, 130)
     row_mask = torch.tensor([True, False, True], device=DEVICE)
-    loss, gs, gt, ce = forward(backend, s, t, row_mask, 2, temperature, student_grad=False,
-                               teacher_grad=teacher_grad, labels=labels)
+    outputs = forward(backend, s, t, row_mask, 2, temperature, student_grad=False, teacher_grad=teacher_grad,
+                      labels=labels)
     plain = forward(backend, s, t, row_mask, 2, temperature, student_grad=False, teacher_grad=teacher_grad,
                     hard_grad_scale=0.0)
     want = expected(s, t, row_mask, 2, temperature, labels)
-    assert gs.shape == (0, 0)
-    assert torch.equal(loss, plain[0]) and torch.equal(gt, plain[2])
-    assert_matches(ce, want[1], torch.float32, f"{backend} row_ce")
-    assert ce[1] == 0
+    ce_op_checks.check_without_student_gradient(backend, outputs, plain, want[1])
+    assert torch.equal(outputs[2], plain[2])  # the teacher gradient, untouched by the CE
 
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("temperature", (1.0, 2.5))
 @pytest.mark.parametrize("kind", (0, 5), ids=("kl", "tvd"))
 def test_out_of_range_label_of_a_kept_row(backend, kind, temperature, monkeypatch):
-    """Rows 0 and 2 are kept with labels −1 and V: the CPU op and the Triton
-    launcher raise; past the launcher's check (and in the CUDA op, which does
-    not synchronise to check) the kernels give NaN there (their own guard,
-    nothing read out of bounds). Row 3 is excluded, so its out-of-range label
-    is never used."""
-    vocab = 50
-    s, t = logits((5, vocab)), logits((5, vocab))
-    labels = out_of_range_labels(vocab)
-    row_mask = torch.tensor(OUT_OF_RANGE_ROW_MASK, device=DEVICE)
+    """Labels −1 and V on kept rows: the op raises, or past the launcher's check
+    its kernels give NaN on those rows only (check_out_of_range_label_rows)."""
     from fastkd.kernels import divergence as triton_module
 
-    def call():
-        return forward(backend, s, t, row_mask, kind, temperature, labels=labels)
+    s, t = logits((5, OUT_OF_RANGE_VOCAB)), logits((5, OUT_OF_RANGE_VOCAB))
 
-    outputs = run_past_the_label_check(backend, call, triton_module, monkeypatch, vocab)
-    if outputs is None:
-        return
-    loss, gs, _, ce = outputs
-    # the other rows are untouched by their neighbours' labels
-    good = assert_nan_on_out_of_range_rows(ce, gs)
-    want = expected(s[good], t[good], row_mask[good], kind, temperature, labels[good].clamp(0, vocab - 1))
-    assert_matches(ce[good], want[1], torch.float32, f"{backend} row_ce")
-    assert_matches(gs[good], want[2], torch.float32, f"{backend} student grad")
-    plain = forward(backend, s, t, row_mask, kind, temperature, hard_grad_scale=0.0)
-    assert torch.equal(loss, plain[0])
+    def op(row_mask, labels, hard_grad_scale):
+        return forward(backend, s, t, row_mask, kind, temperature, labels=labels,
+                       hard_grad_scale=hard_grad_scale)
+
+    def expected_on(good, row_mask, labels):
+        return expected(s[good], t[good], row_mask, kind, temperature, labels)[1:3]
+
+    labels = out_of_range_labels(OUT_OF_RANGE_VOCAB)
+    ce_op_checks.check_out_of_range_label_rows(backend, labels, op, expected_on, triton_module, monkeypatch)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -200,13 +156,8 @@ def test_bad_label_arguments_raise(backend, case):
     """ValueError naming the argument from the Triton launcher, before any
     kernel runs; the C++ ops' TORCH_CHECK raises RuntimeError naming it too."""
     s, t = logits((3, 20)), logits((3, 20))
-    kwargs, name = bad_label_arguments(3)[case]
-    if backend != "triton":
-        with pytest.raises(RuntimeError, match=rf"^{name} must"):
-            forward(backend, s, t, None, 0, 2.0, **kwargs)
-        return
-    with pytest.raises(ValueError, match=rf"^{name}\b"):
-        forward(backend, s, t, None, 0, 2.0, **kwargs)
-    if case == 0:  # not a tensor at all
-        with pytest.raises(ValueError, match=r"^labels\b"):
-            forward(backend, s, t, None, 0, 2.0, labels=[0, 1, 2])
+
+    def call(**kwargs):
+        return forward(backend, s, t, None, 0, 2.0, **kwargs)
+
+    ce_op_checks.check_bad_label_arguments(backend, case, call)

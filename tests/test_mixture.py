@@ -9,6 +9,12 @@ import fastkd
 from fastkd._divergence_options import kernel_divergence
 from fastkd.mixture import MIXTURE_KERNELS
 from fastkd.reference import mixture as reference_mt
+from tests.common_checks import (
+    check_student_parity,
+    explicit_divergence,
+    reference_in_summation_orders,
+    row_exclusion_kwargs,
+)
 from tests.helpers import DEVICE, assert_matches
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
@@ -59,46 +65,23 @@ def random_weights(count: int) -> torch.Tensor:
     return w / w.sum()
 
 
-def run_with_grad(fn, s, upstream=UPSTREAM):
-    s = s.detach().clone().requires_grad_(True)
-    loss = fn(s)
-    weight = torch.full_like(loss, upstream)
-    if loss.dim():
-        ramp = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device)
-        weight = weight * ramp.reshape(loss.shape)
-    loss.backward(weight)
-    return loss.detach(), s.grad
-
-
 def check_parity(backend, s, t, weights, **kwargs):
-    dtype = s.dtype
-    got = run_with_grad(
-        lambda a: fastkd.divergence(a, t, teacher_weights=weights, backend=backend, **kwargs), s
-    )
+    """fastkd on ``backend`` vs the float64 reference (and the reference in s.dtype as baseline)."""
     t64 = t.double()
-    want = run_with_grad(lambda a: reference_mt.mixture_divergence(a, t64, weights, **kwargs), s.double())
-    same = reference_in_input_dtype(s, t, weights, **kwargs)
-    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert got[1].dtype == dtype
-    assert_matches(got[0], want[0], dtype, f"{backend} loss", [r[0] for r in same])
-    assert_matches(got[1], want[1], dtype, f"{backend} student grad", [r[1] for r in same])
+    check_student_parity(
+        backend, lambda a: fastkd.divergence(a, t, teacher_weights=weights, backend=backend, **kwargs),
+        lambda a: reference_mt.mixture_divergence(a, t64, weights, **kwargs), s,
+        reference_in_input_dtype(s, t, weights, **kwargs),
+    )
 
 
 def reference_in_input_dtype(s, t, weights, samples=3, **kwargs):
     """The reference from the same ``s.dtype`` inputs in ``samples`` summation
-    orders (vocabulary permuted alike in student and teachers: the same loss,
-    a different rounding), gradients mapped back to the original order."""
-    results = []
-    for k in range(samples):
-        perm = torch.arange(s.shape[-1], device=s.device)
-        if k:
-            perm = torch.randperm(s.shape[-1], generator=torch.Generator().manual_seed(k)).to(s.device)
-        loss, grad = run_with_grad(
-            lambda a, perm=perm: reference_mt.mixture_divergence(a, t[..., perm], weights, **kwargs),
-            s[..., perm],
-        )
-        results.append((loss, grad[..., torch.argsort(perm)]))
-    return results
+    orders (vocabulary permuted alike in student and teachers)."""
+    return reference_in_summation_orders(
+        lambda perm, inverse: lambda a: reference_mt.mixture_divergence(a, t[..., perm], weights, **kwargs),
+        s, samples,
+    )
 
 
 # ---- the reference against the formulas written out ----------------------------
@@ -106,22 +89,7 @@ def reference_in_input_dtype(s, t, weights, samples=3, **kwargs):
 
 def explicit_row_divergence(p, q, divergence, beta=0.5, alpha=0.1):
     """(N,) from probabilities, float64, docs/spec.md §1 as written (0 log 0 = 0)."""
-
-    def kl(a, b):
-        return torch.where(a > 0, a * (a.log() - b.log()), torch.zeros_like(a)).sum(-1)
-
-    if divergence == "kl":
-        return kl(p, q)
-    if divergence == "reverse_kl":
-        return kl(q, p)
-    if divergence == "jsd":
-        m = beta * p + (1 - beta) * q
-        return beta * kl(p, m) + (1 - beta) * kl(q, m)
-    if divergence == "skew_kl":
-        return kl(p, alpha * p + (1 - alpha) * q)
-    if divergence == "skew_reverse_kl":
-        return kl(q, alpha * q + (1 - alpha) * p)
-    return 0.5 * (p - q).abs().sum(-1)
+    return explicit_divergence(p, q, divergence, beta, alpha)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -166,12 +134,7 @@ def test_parity_temperatures(backend, temperature, divergence):
 @pytest.mark.parametrize("selector", ("all", "labels", "mask", "both"))
 def test_parity_reductions_and_row_exclusion(backend, reduction, selector):
     s, t = logits((3, 5, 97)), logits((2, 3, 5, 97))
-    labels = torch.randint(0, 97, (3, 5), device=DEVICE)
-    labels[0, 1] = labels[2, 4] = -100
-    mask = torch.ones(3, 5, dtype=torch.bool, device=DEVICE)
-    mask[1, 2] = False
-    kwargs = {"labels": labels if selector in ("labels", "both") else None,
-              "mask": mask if selector in ("mask", "both") else None}
+    kwargs = row_exclusion_kwargs(selector, 97)
     check_parity(backend, s, t, random_weights(2), divergence="jsd", temperature=2.0, reduction=reduction,
                  **kwargs)
 

@@ -14,34 +14,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastkd.reference import mixture as reference_mt
-from tests.helpers import (
-    DEVICE,
-    OUT_OF_RANGE_ROW_MASK,
-    assert_matches,
-    assert_nan_on_out_of_range_rows,
-    backend_params,
-    bad_label_arguments,
-    out_of_range_labels,
-    run_past_the_label_check,
-)
+from tests import ce_op_checks
+from tests.ce_op_checks import COEF, GRAD_SCALE, HARD_GRAD_SCALE, OUT_OF_RANGE_VOCAB, coef_of, logits
+from tests.helpers import DEVICE, assert_matches, backend_params, out_of_range_labels
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")  # kind codes 0..5
-COEF = 0.5  # β (JSD) / α (skew) for kinds 2, 3, 4
-GRAD_SCALE = 0.7  # never only unit scales; distinct so that a swapped factor shows
-HARD_GRAD_SCALE = 0.3
 IGNORE = -100  # the label of an excluded row: never read
-
-
-def coef_of(kind: int) -> float:
-    return COEF if kind in (2, 3, 4) else 0.0
-
-
-def logits(shape, dtype=torch.float32, spread=3.0):
-    """Random logits in ``dtype`` (on DEVICE), drawn in float64 first."""
-    return (torch.randn(shape, dtype=torch.float64) * spread).to(device=DEVICE, dtype=dtype)
 
 
 def random_weights(count: int) -> torch.Tensor:
@@ -66,27 +46,9 @@ def loss_dtype(dtype: torch.dtype) -> torch.dtype:
 def forward(backend, s, t, weights, row_mask, kind, temperature, *, student_grad=True, labels=None,
             hard_grad_scale=HARD_GRAD_SCALE):
     """The op of ``backend``: (row_loss, grad, row_ce)."""
-    args = (s, t, weights, row_mask, kind, 1.0 / temperature, coef_of(kind), GRAD_SCALE, student_grad,
-            labels, hard_grad_scale)
-    if backend == "triton":
-        from fastkd.kernels import mixture
-
-        return mixture.mixture_divergence_forward(*args)
-    return torch.ops.fastkd.mixture_divergence_forward(*args)
-
-
-def keep_of(row_mask, rows: int) -> torch.Tensor:
-    return torch.ones(rows, dtype=torch.bool, device=DEVICE) if row_mask is None else row_mask
-
-
-def ce_terms(s, labels, keep, precision=torch.float64):
-    """(row CE, hard_grad_scale · (softmax − onehot)) of the student logits ``s`` in ``precision``,
-    zero at the excluded rows (whose labels are not read)."""
-    log_softmax = F.log_softmax(s.detach().to(precision), dim=-1)  # temperature 1
-    safe = torch.where(keep, labels, 0)
-    ce = torch.where(keep, -log_softmax.gather(1, safe[:, None]).squeeze(1), 0.0)
-    onehot = F.one_hot(safe, s.shape[1]).to(precision)
-    return ce, HARD_GRAD_SCALE * (log_softmax.exp() - onehot) * keep[:, None]
+    return ce_op_checks.run_op(backend, "mixture", "mixture_divergence_forward", (
+        s, t, weights, row_mask, kind, 1.0 / temperature, coef_of(kind), GRAD_SCALE, student_grad, labels,
+        hard_grad_scale))
 
 
 def expected(s, t, weights, row_mask, kind, temperature, labels, precision=torch.float64):
@@ -97,7 +59,7 @@ def expected(s, t, weights, row_mask, kind, temperature, labels, precision=torch
         alpha=COEF, scale=1.0, reduction="none", mask=row_mask,
     )
     (GRAD_SCALE * rows.sum()).backward()
-    ce, ce_grad = ce_terms(s, labels, keep_of(row_mask, s.shape[0]), precision)
+    ce, ce_grad = ce_op_checks.hard_ce_terms(s, labels, row_mask, precision)
     return rows.detach(), ce, a.grad + ce_grad
 
 
@@ -111,21 +73,17 @@ def check_ce_parity(backend, s, t, weights, row_mask, kind, temperature):
     # the reference from the same inputs in float32 (docs/spec.md §6's relative pass mark)
     same = expected(s, t, weights, row_mask, kind, temperature, labels,
                     precision=torch.float64 if dtype == torch.float64 else torch.float32)
-    assert ce.shape == (s.shape[0],) and ce.dtype == loss_dtype(dtype)
-    assert grad.shape == s.shape and grad.dtype == dtype
-    assert plain[2].shape == (0,) and plain[2].dtype == loss_dtype(dtype)
+    ce_op_checks.check_ce_output_layout(ce, grad, plain[2], s, loss_dtype(dtype))
     # the CE does not change the row loss at all
     assert torch.equal(loss, plain[0])
     # the gradient is the label-free one plus the CE's, added before the one rounding
-    _, ce_grad = ce_terms(s, labels, keep_of(row_mask, s.shape[0]))
+    _, ce_grad = ce_op_checks.hard_ce_terms(s, labels, row_mask)
     assert_matches(grad, plain[1].double() + ce_grad, dtype, f"{backend} grad − label-free grad")
     # the kernels widen every input and keep the CE in (at least) float32
     assert_matches(ce, want[1], loss_dtype(dtype), f"{backend} row_ce")
     assert_matches(loss, want[0], dtype, f"{backend} row_loss", [same[0]])
     assert_matches(grad, want[2], dtype, f"{backend} grad", [same[2]])
-    if row_mask is not None:
-        excluded = ~row_mask
-        assert torch.all(ce[excluded] == 0) and torch.all(grad[excluded] == 0)
+    ce_op_checks.assert_excluded_rows_zero(ce, grad, row_mask)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -173,47 +131,32 @@ def test_ce_without_student_gradient(backend, temperature):
     weights = random_weights(2)
     row_mask = torch.tensor([True, False, True], device=DEVICE)
     labels = strided_labels(3, 130, row_mask)
-    loss, grad, ce = forward(backend, s, t, weights, row_mask, 1, temperature, student_grad=False,
-                             labels=labels)
+    outputs = forward(backend, s, t, weights, row_mask, 1, temperature, student_grad=False, labels=labels)
     plain = forward(backend, s, t, weights, row_mask, 1, temperature, student_grad=False, hard_grad_scale=0.0)
     want = expected(s, t, weights, row_mask, 1, temperature, labels)
-    assert grad.shape == (0, 0)
-    assert torch.equal(loss, plain[0])
-    assert_matches(ce, want[1], torch.float32, f"{backend} row_ce")
-    assert_matches(loss, want[0], torch.float32, f"{backend} row_loss")
-    assert ce[1] == 0
+    ce_op_checks.check_without_student_gradient(backend, outputs, plain, want[1])
+    assert_matches(outputs[0], want[0], torch.float32, f"{backend} row_loss")
 
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("temperature", (1.0, 2.5))
 @pytest.mark.parametrize("kind", (0, 5), ids=("kl", "tvd"))
 def test_out_of_range_label_of_a_kept_row(backend, kind, temperature, monkeypatch):
-    """Rows 0 and 2 are kept with labels −1 and V: the CPU op and the Triton
-    launcher raise; past the launcher's check (and in the CUDA op, which does
-    not synchronise to check) the kernels give NaN there (their own guard,
-    nothing read out of bounds). Row 3 is excluded, so its out-of-range label
-    is never used."""
-    vocab = 50
-    s, t = logits((5, vocab)), logits((2, 5, vocab))
+    """Labels −1 and V on kept rows of a two-teacher mixture: the op raises, or
+    past the check the kernels' guard gives NaN there (check_out_of_range_label_rows)."""
+    s, t = logits((5, OUT_OF_RANGE_VOCAB)), logits((2, 5, OUT_OF_RANGE_VOCAB))
     weights = random_weights(2)
-    labels = out_of_range_labels(vocab)
-    row_mask = torch.tensor(OUT_OF_RANGE_ROW_MASK, device=DEVICE)
     from fastkd.kernels import mixture as triton_module
 
-    def call():
-        return forward(backend, s, t, weights, row_mask, kind, temperature, labels=labels)
+    def op(row_mask, labels, hard_grad_scale):
+        return forward(backend, s, t, weights, row_mask, kind, temperature, labels=labels,
+                       hard_grad_scale=hard_grad_scale)
 
-    outputs = run_past_the_label_check(backend, call, triton_module, monkeypatch, vocab)
-    if outputs is None:
-        return
-    loss, grad, ce = outputs
-    # the other rows are untouched by their neighbours' labels
-    good = assert_nan_on_out_of_range_rows(ce, grad)
-    want = expected(s[good], t[:, good], weights, row_mask[good], kind, temperature, labels[good])
-    assert_matches(ce[good], want[1], torch.float32, f"{backend} row_ce")
-    assert_matches(grad[good], want[2], torch.float32, f"{backend} grad")
-    plain = forward(backend, s, t, weights, row_mask, kind, temperature, hard_grad_scale=0.0)
-    assert torch.equal(loss, plain[0])
+    def expected_on(good, row_mask, labels):
+        return expected(s[good], t[:, good], weights, row_mask, kind, temperature, labels)[1:3]
+
+    labels = out_of_range_labels(OUT_OF_RANGE_VOCAB)
+    ce_op_checks.check_out_of_range_label_rows(backend, labels, op, expected_on, triton_module, monkeypatch)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -233,10 +176,8 @@ def test_bad_label_arguments_raise(backend, case):
     kernel runs; RuntimeError naming it from the C++ ops' TORCH_CHECK."""
     s, t = logits((3, 20)), logits((2, 3, 20))
     weights = random_weights(2)
-    kwargs, name = bad_label_arguments(3)[case]
-    error = ValueError if backend == "triton" else RuntimeError
-    with pytest.raises(error, match=rf"^{name}\b"):
-        forward(backend, s, t, weights, None, 0, 2.0, **kwargs)
-    if backend == "triton" and case == 0:  # not a tensor at all
-        with pytest.raises(ValueError, match=r"^labels\b"):
-            forward(backend, s, t, weights, None, 0, 2.0, labels=[0, 1, 2])
+
+    def call(**kwargs):
+        return forward(backend, s, t, weights, None, 0, 2.0, **kwargs)
+
+    ce_op_checks.check_bad_label_arguments(backend, case, call)

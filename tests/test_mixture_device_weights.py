@@ -22,8 +22,9 @@ import fastkd
 from fastkd import _validate
 from fastkd._divergence_options import kernel_divergence
 from fastkd.reference import mixture as reference_mt
+from tests.common_checks import run_with_grad
 from tests.helpers import DEVICE
-from tests.test_mixture import check_parity, logits, raw_forward, run_with_grad
+from tests.test_mixture import check_parity, logits, raw_forward
 
 # The backends that guard the weights' values on the device.
 GUARDED_BACKENDS = ("reference", "triton", "cuda")

@@ -10,6 +10,13 @@ import torch
 import fastkd
 from fastkd.reference import topk as reference_topk
 from fastkd.topk import TOPK_DIVERGENCES, TOPK_KERNELS
+from tests.common_checks import (
+    check_student_parity,
+    explicit_divergence,
+    reference_in_summation_orders,
+    row_exclusion_kwargs,
+    run_with_grad,
+)
 from tests.helpers import DEVICE, KERNEL_BACKENDS, TOLERANCES, assert_matches, relative_error
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -49,47 +56,23 @@ def student_logits(lead, vocab, dtype=torch.float32, spread=3.0):
     return (torch.randn((*lead, vocab), dtype=torch.float64) * spread).to(device=DEVICE, dtype=dtype)
 
 
-def run_with_grad(fn, s, upstream=UPSTREAM):
-    """Loss of ``fn(s)`` and the gradient of ``upstream · loss`` (per-row weights for "none")."""
-    s = s.detach().clone().requires_grad_(True)
-    loss = fn(s)
-    weight = torch.full_like(loss, upstream)
-    if loss.dim():
-        ramp = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device)
-        weight = weight * ramp.reshape(loss.shape)
-    loss.backward(weight)
-    return loss.detach(), s.grad
-
-
 def check_parity(backend, s, index, values, **kwargs):
     """fastkd on ``backend`` vs the float64 reference (and the reference in s.dtype as baseline)."""
-    dtype = s.dtype
-    got = run_with_grad(lambda a: fastkd.topk_divergence(a, index, values, backend=backend, **kwargs), s)
     values64 = values.double()
-    want = run_with_grad(lambda a: reference_topk.topk_divergence(a, index, values64, **kwargs), s.double())
-    same = reference_in_input_dtype(s, index, values, **kwargs)
-    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert got[1].dtype == dtype
-    assert_matches(got[0], want[0], dtype, f"{backend} loss", [r[0] for r in same])
-    assert_matches(got[1], want[1], dtype, f"{backend} student grad", [r[1] for r in same])
+    check_student_parity(
+        backend, lambda a: fastkd.topk_divergence(a, index, values, backend=backend, **kwargs),
+        lambda a: reference_topk.topk_divergence(a, index, values64, **kwargs), s,
+        reference_in_input_dtype(s, index, values, **kwargs),
+    )
 
 
 def reference_in_input_dtype(s, index, values, samples=3, **kwargs):
     """The reference from the same ``s.dtype`` inputs in ``samples`` summation
-    orders: the vocabulary permuted (and the teacher's ids renamed to match),
-    the same loss with a different rounding; gradients mapped back."""
-    results = []
-    for k in range(samples):
-        perm = torch.arange(s.shape[-1], device=s.device)
-        if k:
-            perm = torch.randperm(s.shape[-1], generator=torch.Generator().manual_seed(k)).to(s.device)
-        inverse = torch.argsort(perm)  # original id j sits at position inverse[j]
-        loss, grad = run_with_grad(
-            lambda a, inverse=inverse: reference_topk.topk_divergence(a, inverse[index], values, **kwargs),
-            s[..., perm],
-        )
-        results.append((loss, grad[..., inverse]))
-    return results
+    orders: the vocabulary permuted and the teacher's ids renamed to match."""
+    return reference_in_summation_orders(
+        lambda perm, inverse: lambda a: reference_topk.topk_divergence(a, inverse[index], values, **kwargs),
+        s, samples,
+    )
 
 
 # ---- the reference against the formulas written out ---------------------------
@@ -103,19 +86,7 @@ def explicit_topk_divergence(s, index, values, divergence, temperature, beta=0.5
     if divergence == "kl":
         log_p_k = torch.log_softmax(values.double() / temperature, dim=-1)
         return (log_p_k.exp() * (log_p_k - log_q.gather(-1, index))).sum(-1)
-
-    def kl(a, b):  # Σ a log(a/b) with 0 log 0 = 0
-        return torch.where(a > 0, a * (a.log() - b.log()), torch.zeros_like(a)).sum(-1)
-
-    if divergence == "jsd":
-        m = beta * p + (1 - beta) * q
-        return beta * kl(p, m) + (1 - beta) * kl(q, m)
-    if divergence == "skew_kl":
-        return kl(p, alpha * p + (1 - alpha) * q)
-    if divergence == "skew_reverse_kl":
-        return kl(q, alpha * q + (1 - alpha) * p)
-    assert divergence == "tvd"
-    return 0.5 * (p - q).abs().sum(-1)
+    return explicit_divergence(p, q, divergence, beta, alpha)
 
 
 @pytest.mark.parametrize("divergence", TOPK_DIVERGENCES)
@@ -179,12 +150,7 @@ def test_parity_temperatures(backend, temperature, divergence):
 def test_parity_reductions_and_row_exclusion(backend, reduction, selector):
     s = student_logits((3, 5), 97)
     index, values = sparse_teacher((3, 5), 97, 11)
-    labels = torch.randint(0, 97, (3, 5), device=DEVICE)
-    labels[0, 1] = labels[2, 4] = -100
-    mask = torch.ones(3, 5, dtype=torch.bool, device=DEVICE)
-    mask[1, 2] = False
-    kwargs = {"labels": labels if selector in ("labels", "both") else None,
-              "mask": mask if selector in ("mask", "both") else None}
+    kwargs = row_exclusion_kwargs(selector, 97)
     check_parity(backend, s, index, values, divergence="jsd", temperature=2.0, reduction=reduction, **kwargs)
 
 

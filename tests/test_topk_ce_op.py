@@ -15,34 +15,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastkd.reference import topk as reference_topk
-from tests.helpers import (
-    DEVICE,
-    OUT_OF_RANGE_ROW_MASK,
-    assert_matches,
-    assert_nan_on_out_of_range_rows,
-    bad_label_arguments,
-    out_of_range_labels,
-    run_past_the_label_check,
-)
+from tests import ce_op_checks
+from tests.ce_op_checks import COEF, GRAD_SCALE, HARD_GRAD_SCALE, OUT_OF_RANGE_VOCAB, coef_of, logits
+from tests.helpers import DEVICE, assert_matches, out_of_range_labels
 from tests.test_topk import kernel_params
 
 # kind code → divergence name; reverse KL (1) is refused by the top-k op
 NAMES = {0: "kl", 2: "jsd", 3: "skew_kl", 4: "skew_reverse_kl", 5: "tvd"}
-COEF = 0.5  # β (JSD) / α (skew) for kinds 2, 3, 4
-GRAD_SCALE = 0.7  # never only unit scales; distinct so that a swapped factor shows
-HARD_GRAD_SCALE = 0.3
-
-
-def coef_of(kind: int) -> float:
-    return COEF if kind in (2, 3, 4) else 0.0
-
-
-def logits(shape, dtype=torch.float32, spread=3.0):
-    """Random logits in ``dtype`` (on DEVICE), drawn in float64 first."""
-    return (torch.randn(shape, dtype=torch.float64) * spread).to(device=DEVICE, dtype=dtype)
 
 
 def sparse_teacher(rows: int, vocab: int, k: int):
@@ -67,13 +48,9 @@ def labels_for(index: torch.Tensor, vocab: int, row_mask=None) -> torch.Tensor:
 def forward(backend, s, index, values, row_mask, kind, temperature, *, student_grad=True, labels=None,
             hard_grad_scale=HARD_GRAD_SCALE):
     """The op of ``backend``: (row_loss, grad, row_ce)."""
-    args = (s, index, values, row_mask, kind, 1.0 / temperature, coef_of(kind), GRAD_SCALE, student_grad,
-            labels, hard_grad_scale)
-    if backend == "triton":
-        from fastkd.kernels import topk as triton_topk
-
-        return triton_topk.topk_divergence_forward(*args)
-    return torch.ops.fastkd.topk_divergence_forward(*args)
+    return ce_op_checks.run_op(backend, "topk", "topk_divergence_forward", (
+        s, index, values, row_mask, kind, 1.0 / temperature, coef_of(kind), GRAD_SCALE, student_grad,
+        labels, hard_grad_scale))
 
 
 def expected(s, index, values, row_mask, kind, temperature, labels, precision=torch.float64):
@@ -85,12 +62,7 @@ def expected(s, index, values, row_mask, kind, temperature, labels, precision=to
         alpha=COEF, scale=1.0, reduction="none", mask=row_mask,
     )
     (GRAD_SCALE * rows.sum()).backward()
-    keep = torch.ones(s.shape[0], dtype=torch.bool, device=s.device) if row_mask is None else row_mask
-    y = torch.where(keep, labels, 0)  # excluded rows' labels (−100) are never used
-    log_softmax = F.log_softmax(s.detach(), dim=-1)  # temperature 1
-    ce = torch.where(keep, -log_softmax.gather(1, y[:, None]).squeeze(1), 0.0)
-    onehot = F.one_hot(y, s.shape[1]).to(precision)
-    ce_grad = HARD_GRAD_SCALE * (log_softmax.exp() - onehot) * keep[:, None]
+    ce, ce_grad = ce_op_checks.hard_ce_terms(s, labels, row_mask, precision)
     return rows.detach(), ce, s.grad + ce_grad, ce_grad
 
 
@@ -105,9 +77,7 @@ def check_ce_parity(backend, s, index, values, row_mask, kind, temperature):
     # the reference from the same inputs in float32 (docs/spec.md §6's relative pass mark)
     same = expected(s, index, values, row_mask, kind, temperature, labels, precision=torch.float32)
     loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    assert ce.shape == (s.shape[0],) and ce.dtype == loss_dtype
-    assert grad.shape == s.shape and grad.dtype == dtype
-    assert plain[2].shape == (0,) and plain[2].dtype == loss_dtype
+    ce_op_checks.check_ce_output_layout(ce, grad, plain[2], s, loss_dtype)
     # the CE does not change the row loss
     assert torch.equal(loss, plain[0])
     assert_matches(ce, want[1], dtype, f"{backend} row_ce", [same[1]])
@@ -115,9 +85,7 @@ def check_ce_parity(backend, s, index, values, row_mask, kind, temperature):
     assert_matches(grad, want[2], dtype, f"{backend} student grad", [same[2]])
     # the gradient is the op's without labels plus the CE's (float64)
     assert_matches(grad, plain[1].double() + want[3], dtype, f"{backend} grad − CE grad vs no labels")
-    if row_mask is not None:
-        excluded = ~row_mask
-        assert torch.all(ce[excluded] == 0) and torch.all(grad[excluded] == 0)
+    ce_op_checks.assert_excluded_rows_zero(ce, grad, row_mask)
 
 
 @pytest.mark.parametrize("backend", kernel_params())
@@ -185,48 +153,31 @@ def test_ce_without_student_gradient(backend, temperature):
     index, values = sparse_teacher(3, 130, 4)
     row_mask = torch.tensor([True, False, True], device=DEVICE)
     labels = labels_for(index, 130, row_mask)
-    loss, grad, ce = forward(backend, s, index, values, row_mask, 3, temperature, student_grad=False,
-                             labels=labels)
+    outputs = forward(backend, s, index, values, row_mask, 3, temperature, student_grad=False, labels=labels)
     plain = forward(backend, s, index, values, row_mask, 3, temperature, student_grad=False,
                     hard_grad_scale=0.0)
     want = expected(s, index, values, row_mask, 3, temperature, labels)
-    assert grad.shape == (0, 0)
-    assert torch.equal(loss, plain[0])
-    assert_matches(ce, want[1], torch.float32, f"{backend} row_ce")
-    assert ce[1] == 0
+    ce_op_checks.check_without_student_gradient(backend, outputs, plain, want[1])
 
 
 @pytest.mark.parametrize("backend", kernel_params())
 @pytest.mark.parametrize("temperature", (1.0, 2.5))
 @pytest.mark.parametrize("kind", (0, 5), ids=("kl", "tvd"))
 def test_out_of_range_label_of_a_kept_row(backend, kind, temperature, monkeypatch):
-    """Rows 0 and 2 are kept with labels −1 and V: the CPU op and the Triton
-    launcher raise; past the launcher's check (and in the CUDA op, which does
-    not synchronise to check) the kernels give NaN there (their own guard,
-    nothing read out of bounds). Row 3 is excluded, so its out-of-range label
-    is never used."""
-    vocab = 50
-    s = logits((5, vocab))
-    index, values = sparse_teacher(5, vocab, 6)
-    labels = out_of_range_labels(vocab, int(index[4, 0]))
-    row_mask = torch.tensor(OUT_OF_RANGE_ROW_MASK, device=DEVICE)
+    """Out-of-range labels on kept rows; the excluded row's label is a teacher id (never read)."""
+    s = logits((5, OUT_OF_RANGE_VOCAB))
+    index, values = sparse_teacher(5, OUT_OF_RANGE_VOCAB, 6)
     from fastkd.kernels import topk as triton_module
 
-    def call():
-        return forward(backend, s, index, values, row_mask, kind, temperature, labels=labels)
+    def op(row_mask, labels, hard_grad_scale):
+        return forward(backend, s, index, values, row_mask, kind, temperature, labels=labels,
+                       hard_grad_scale=hard_grad_scale)
 
-    outputs = run_past_the_label_check(backend, call, triton_module, monkeypatch, vocab)
-    if outputs is None:
-        return
-    loss, grad, ce = outputs
-    # the other rows are untouched by their neighbours' labels
-    good = assert_nan_on_out_of_range_rows(ce, grad)
-    want = expected(s[good], index[good], values[good], row_mask[good], kind, temperature,
-                    labels[good].clamp(0, vocab - 1))
-    assert_matches(ce[good], want[1], torch.float32, f"{backend} row_ce")
-    assert_matches(grad[good], want[2], torch.float32, f"{backend} student grad")
-    plain = forward(backend, s, index, values, row_mask, kind, temperature, hard_grad_scale=0.0)
-    assert torch.equal(loss, plain[0])
+    def expected_on(good, row_mask, labels):
+        return expected(s[good], index[good], values[good], row_mask, kind, temperature, labels)[1:3]
+
+    labels = out_of_range_labels(OUT_OF_RANGE_VOCAB, int(index[4, 0]))
+    ce_op_checks.check_out_of_range_label_rows(backend, labels, op, expected_on, triton_module, monkeypatch)
 
 
 @pytest.mark.parametrize("backend", kernel_params())
@@ -247,13 +198,11 @@ def test_bad_label_arguments_raise(backend, case):
     kernel runs; the C++ ops' TORCH_CHECK raises RuntimeError naming it."""
     s = logits((3, 20))
     index, values = sparse_teacher(3, 20, 4)
-    kwargs, name = bad_label_arguments(3)[case]
-    error = ValueError if backend == "triton" else RuntimeError
-    with pytest.raises(error, match=rf"^{name}\b"):
-        forward(backend, s, index, values, None, 0, 2.0, **kwargs)
-    if backend == "triton" and case == 0:  # not a tensor at all
-        with pytest.raises(ValueError, match=r"^labels\b"):
-            forward(backend, s, index, values, None, 0, 2.0, labels=[0, 1, 2])
+
+    def call(**kwargs):
+        return forward(backend, s, index, values, None, 0, 2.0, **kwargs)
+
+    ce_op_checks.check_bad_label_arguments(backend, case, call)
 
 
 @pytest.mark.parametrize("backend", [p for p in kernel_params() if p.values[0] not in ("triton", "none")]

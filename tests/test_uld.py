@@ -352,24 +352,39 @@ def test_compiles_with_fullgraph():
     check_aot_eager_equals_eager(loss, s, t)
 
 
+def student_and_teacher_logits(g: torch.Generator, rows: int, vs: int, vt: int, tied: bool):
+    """Float64 student ``(rows, vs)`` and teacher ``(rows, vt)`` logits drawn from ``g``:
+    rows with tied values (:func:`tied_logits`) when ``tied``, else normal with spread 3."""
+    if tied:
+        return tied_logits(g, rows, vs), tied_logits(g, rows, vt)
+    s = torch.randn(rows, vs, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(rows, vt, generator=g, dtype=torch.float64) * 3
+    return s, t
+
+
+def uld_sizes(*, min_rows: int, max_vocab: int) -> dict:
+    """Hypothesis strategies, by argument name, of a small ULD problem: ``rows`` in
+    [min_rows, 4], the student's and the teacher's vocabularies ``vs`` and ``vt`` in
+    [1, max_vocab], and the ``seed`` of the generator that draws the logits."""
+    return {
+        "rows": st.integers(min_rows, 4),
+        "vs": st.integers(1, max_vocab),
+        "vt": st.integers(1, max_vocab),
+        "seed": st.integers(0, 2**16),
+    }
+
+
 @settings(deadline=None, max_examples=40)
 @given(
-    rows=st.integers(1, 4),
-    vs=st.integers(1, 12),
-    vt=st.integers(1, 12),
+    **uld_sizes(min_rows=1, max_vocab=12),
     tied=st.booleans(),
     temperatures=st.tuples(st.sampled_from([0.5, 1.0, 4.0]), st.sampled_from([0.5, 1.0, 4.0])),
-    seed=st.integers(0, 2**16),
 )
 def test_reference_properties(rows, vs, vt, tied, temperatures, seed):
     """The reference against the oracle (value and tie-averaged gradients), 0 ≤ ℓ ≤ 2,
     symmetry under swapping the models, invariance under permuting a row."""
     g = torch.Generator().manual_seed(seed)
-    if tied:
-        s, t = tied_logits(g, rows, vs), tied_logits(g, rows, vt)
-    else:
-        s = torch.randn(rows, vs, generator=g, dtype=torch.float64) * 3
-        t = torch.randn(rows, vt, generator=g, dtype=torch.float64) * 3
+    s, t = student_and_teacher_logits(g, rows, vs, vt, tied)
     ts, tt = temperatures
     expected, grad_s, grad_t = loop_oracle(s, t, ts, tt)
     s_in, t_in = s.clone().requires_grad_(), t.clone().requires_grad_()
@@ -389,21 +404,10 @@ def test_reference_properties(rows, vs, vt, tied, temperatures, seed):
 
 @pytest.mark.skipif(not HAS_CPU_OP or DEVICE.type != "cpu", reason="the cpu uld op on cpu tensors")
 @settings(deadline=None, max_examples=30)
-@given(
-    rows=st.integers(0, 4),
-    vs=st.integers(1, 40),
-    vt=st.integers(1, 40),
-    tied=st.booleans(),
-    masked=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(**uld_sizes(min_rows=0, max_vocab=40), tied=st.booleans(), masked=st.booleans())
 def test_cpu_op_matches_the_reference_in_float64(rows, vs, vt, tied, masked, seed):
     g = torch.Generator().manual_seed(seed)
-    if tied:
-        s, t = tied_logits(g, rows, vs), tied_logits(g, rows, vt)
-    else:
-        s = torch.randn(rows, vs, generator=g, dtype=torch.float64) * 3
-        t = torch.randn(rows, vt, generator=g, dtype=torch.float64) * 3
+    s, t = student_and_teacher_logits(g, rows, vs, vt, tied)
     mask = (torch.rand(rows, generator=g) < 0.7) if masked else None
     upstream = torch.randn(rows, generator=g, dtype=torch.float64)
     expected = run("reference", s, t, torch.float64, upstream, reduction="none", mask=mask)

@@ -21,7 +21,7 @@ import fastkd
 from fastkd.reference import uld as reference_uld
 from tests.common_checks import check_aot_eager_equals_eager
 from tests.helpers import DEVICE, assert_matches
-from tests.test_uld import BACKENDS, HAS_CPU_OP, check_rows, dtype_for, rank_coefficients, run
+from tests.test_uld import BACKENDS, HAS_CPU_OP, check_rows, dtype_for, rank_coefficients, run, uld_sizes
 
 SIDES = {"student": (True, False), "teacher": (False, True), "both": (True, True)}
 
@@ -266,15 +266,8 @@ def test_compiles_with_fullgraph():
 
 @pytest.mark.skipif(not HAS_CPU_OP or DEVICE.type != "cpu", reason="the cpu uld op on cpu tensors")
 @settings(deadline=None, max_examples=30)
-@given(
-    rows=st.integers(0, 4),
-    vs=st.integers(1, 40),
-    vt=st.integers(1, 40),
-    side=st.sampled_from(sorted(SIDES)),
-    ties=st.booleans(),
-    masked=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(**uld_sizes(min_rows=0, max_vocab=40), side=st.sampled_from(sorted(SIDES)), ties=st.booleans(),
+       masked=st.booleans())
 def test_cpu_op_matches_the_reference_in_float64(rows, vs, vt, side, ties, masked, seed):
     g = torch.Generator().manual_seed(seed)
     s, t = inputs(g, side, rows, vs, vt, ties)
