@@ -38,24 +38,6 @@ namespace {
 using attention_relation::RelationRow;
 using divergence::Vec;  // at::vec::Vectorized<T> of this capability
 
-template <class T>
-T horizontal_sum(const Vec<T>& v) {
-  T lanes[Vec<T>::size()];
-  v.store(lanes);
-  T total = 0;
-  for (int64_t l = 0; l < Vec<T>::size(); ++l) total += lanes[l];
-  return total;
-}
-
-// the largest lane, NaN lanes skipped (as `>` skips them)
-template <class T>
-T horizontal_max(const Vec<T>& v, T start) {
-  T lanes[Vec<T>::size()];
-  v.store(lanes);
-  for (int64_t l = 0; l < Vec<T>::size(); ++l) start = lanes[l] > start ? lanes[l] : start;
-  return start;
-}
-
 // keys [0, end) of row k of the tile: end < cols for causal rows
 template <class T>
 int64_t row_end(const RelationTile<T>& w, int64_t k) {
@@ -101,7 +83,7 @@ void tile_statistics(const RelationTile<T>& w, RelationRow<T>* stats) {
       max_s = Vec<T>::blendv(max_s, s, s > max_s);
       max_t = Vec<T>::blendv(max_t, t, t > max_t);
     }
-    T tile_max_s = horizontal_max(max_s, neg_inf), tile_max_t = horizontal_max(max_t, neg_inf);
+    T tile_max_s = divergence::fk_lane_max(max_s, neg_inf), tile_max_t = divergence::fk_lane_max(max_t, neg_inf);
     for (int64_t tail = c; tail < end; ++tail) {
       if (!w.kept[w.first_key + tail]) continue;
       const T st = row_s[tail], tt = row_t[tail];
@@ -130,7 +112,8 @@ void tile_statistics(const RelationTile<T>& w, RelationRow<T>* stats) {
       tail_t += e;
       tail_cross += Row::cross_term(st, tt, e, shift_s, shift_t);
     }
-    row.add(horizontal_sum(sum_s) + tail_s, horizontal_sum(sum_t) + tail_t, horizontal_sum(cross) + tail_cross);
+    row.add(static_cast<T>(divergence::fk_lane_sum(sum_s) + tail_s), static_cast<T>(divergence::fk_lane_sum(sum_t) + tail_t),
+            static_cast<T>(divergence::fk_lane_sum(cross) + tail_cross));
   }
 }
 

@@ -40,14 +40,7 @@ namespace {
 
 using divergence::Vec;  // at::vec::Vectorized<T> of this capability
 
-template <class T>
-double lane_sum(const Vec<T>& v) {
-  std::array<T, Vec<T>::size()> lanes;
-  v.store(lanes.data());
-  double total = 0;
-  for (T x : lanes) total += x;
-  return total;
-}
+using divergence::fk_lane_sum;
 
 // 0 where u ≤ 0 (diagonal, coinciding samples), u elsewhere; NaN stays NaN.
 template <class T>
@@ -193,10 +186,10 @@ double row_pair(const AngleArgs<T>& a, int64_t i, int64_t j, T* d_gram, T* r_acc
     }
   }
   if constexpr (kGrad) {
-    r_acc[j] += r_j + static_cast<T>(lane_sum(vr));
-    s_acc[j] += s_j + static_cast<T>(lane_sum(vs));
+    r_acc[j] += r_j + static_cast<T>(fk_lane_sum(vr));
+    s_acc[j] += s_j + static_cast<T>(fk_lane_sum(vs));
   }
-  return row_loss + 2 * lane_sum(vloss);
+  return row_loss + 2 * fk_lane_sum(vloss);
 }
 
 // Anchors [first, first + count): one sweep over the rows j serves them all,
@@ -314,7 +307,7 @@ double distance_row(const T* g, const T* norms, T n_i, T factor, T* d, uint8_t* 
     ok.store(flags.data());
     for (int64_t l = 0; l < cnt; ++l) near[k + l] = flags[l] == T(0);
   }
-  return lane_sum(sum);
+  return fk_lane_sum(sum);
 }
 
 template <class T>
@@ -332,7 +325,7 @@ std::pair<double, double> distance_loss_row(const T* d_s, T* d_t, T inv_s, T inv
     store<T>(q, d_t + k, cnt);
     qd = qd + q * ds;
   }
-  return {lane_sum(loss), lane_sum(qd)};
+  return {fk_lane_sum(loss), fk_lane_sum(qd)};
 }
 
 template <class T>
@@ -348,7 +341,7 @@ double distance_coef_row(T* d_s, const T* q, T shift, T inv_s, int64_t n) {
     store<T>(c, d_s + k, cnt);
     sum = sum + c;
   }
-  return lane_sum(sum);
+  return fk_lane_sum(sum);
 }
 
 #define FASTKD_INSTANTIATE_DISTANCE_ROWS(T)                                                    \

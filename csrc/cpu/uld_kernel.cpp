@@ -30,21 +30,6 @@ namespace {
 using divergence::Vec;  // at::vec::Vectorized<T> of this capability
 constexpr int64_t kBlock = 1024;
 
-float lane_max(const Vec<float>& v, float start) {
-  float lanes[Vec<float>::size()];
-  v.store(lanes);
-  for (float x : lanes) start = std::max(start, x);
-  return start;
-}
-
-double lane_sum(const Vec<float>& v) {
-  float lanes[Vec<float>::size()];
-  v.store(lanes);
-  double total = 0;
-  for (float x : lanes) total += static_cast<double>(x);
-  return total;
-}
-
 }  // namespace
 
 bool uld_softmax_row(const float* x, int64_t n, float inv_temperature, float* out) {
@@ -54,7 +39,7 @@ bool uld_softmax_row(const float* x, int64_t n, float inv_temperature, float* ou
   Vec<float> vmax(neg_inf);
   int64_t j = 0;
   for (; j + L <= n; j += L) vmax = at::vec::maximum(vmax, Vec<float>::loadu(x + j));
-  float m = lane_max(vmax, neg_inf);
+  float m = divergence::fk_lane_max(vmax, neg_inf);
   for (int64_t t = j; t < n; ++t) m = std::max(m, x[t]);
   // (x − m) is NaN for an all −inf row or a +inf entry; NaN inputs stay NaN
   const Vec<float> vm(m), vinv(inv_temperature);
@@ -67,7 +52,7 @@ bool uld_softmax_row(const float* x, int64_t n, float inv_temperature, float* ou
       e.store(out + j);
       block = block + e;
     }
-    total += lane_sum(block);
+    total += divergence::fk_lane_sum(block);
     for (; j < stop; ++j) {
       out[j] = std::exp((x[j] - m) * inv_temperature);
       total += static_cast<double>(out[j]);

@@ -85,6 +85,26 @@ inline Vec<T> fk_max_unordered(Vec<T> a, Vec<T> b) {
   return Vec<T>::blendv(a, b, b > a);
 }
 
+// The lanes of v summed in float64, in lane order (a fixed order: results
+// do not depend on where a row's vectors start).
+template <class T>
+inline double fk_lane_sum(const Vec<T>& v) {
+  T lanes[Vec<T>::size()];
+  v.store(lanes);
+  double total = 0;
+  for (T lane : lanes) total += static_cast<double>(lane);
+  return total;
+}
+
+// The largest of `start` and v's lanes, NaN lanes skipped (as `>` skips them).
+template <class T>
+inline T fk_lane_max(const Vec<T>& v, T start) {
+  T lanes[Vec<T>::size()];
+  v.store(lanes);
+  for (T lane : lanes) start = lane > start ? lane : start;
+  return start;
+}
+
 template <class T>
 inline Vec<T> fk_log1p(Vec<T> x) { return x.log1p(); }
 template <class T>
