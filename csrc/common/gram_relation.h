@@ -127,14 +127,23 @@ inline PktPair pkt_pair(const at::Tensor& student, const at::Tensor& teacher, at
 
 // The student's gradient once `hs` holds dH: H = x̂ x̂ᵀ gives
 // dx̂ = (dH + dHᵀ) x̂, then through the normalisation; in `dtype`.
-inline at::Tensor pkt_student_grad(const PktPair& p, double eps, at::ScalarType dtype) {
-  const at::Tensor d_xh = at::mm(p.hs + p.hs.t(), p.rows_s.xh);
+// `symmetric` = dH + dHᵀ, formed by the caller (the CPU forms it in place).
+inline at::Tensor pkt_student_grad(const PktPair& p, const at::Tensor& symmetric, double eps,
+                                   at::ScalarType dtype) {
+  const at::Tensor d_xh = at::mm(symmetric, p.rows_s.xh);
   return pkt_rows_backward(p.xs, p.rows_s, d_xh, eps).to(dtype);
+}
+inline at::Tensor pkt_student_grad(const PktPair& p, double eps, at::ScalarType dtype) {
+  return pkt_student_grad(p, p.hs + p.hs.t(), eps, dtype);
 }
 
 // The student's gradient once `gs` holds dG: G = X Xᵀ gives dX = (dG + dGᵀ) X; in `dtype`.
+// `symmetric` = dG + dGᵀ, formed by the caller (the CPU forms it in place).
+inline at::Tensor gram_student_grad(const GramPair& g, const at::Tensor& symmetric, at::ScalarType dtype) {
+  return at::mm(symmetric, g.xs).to(dtype);
+}
 inline at::Tensor gram_student_grad(const GramPair& g, at::ScalarType dtype) {
-  return at::mm(g.gs + g.gs.t(), g.xs).to(dtype);
+  return gram_student_grad(g, g.gs + g.gs.t(), dtype);
 }
 
 }  // namespace gram

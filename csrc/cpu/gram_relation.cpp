@@ -9,7 +9,7 @@
 // float64; one at::parallel_for over the rows that computes the row's loss
 // terms and writes ∂loss/∂G of the student's row in place of its Gram row
 // (each row reads only its own row, so the overwrite is safe); then
-// dX = (dG + dGᵀ) X with at::mm (PKT: dx̂, then the normalisation's O(N·D)
+// dX = (dG + dGᵀ) X with at::mm, dG + dGᵀ formed in place (PKT: dx̂, then the normalisation's O(N·D)
 // gradient by hand, csrc/common/gram_relation.h).
 //
 // Per row the sums (norms, row sums, loss terms, the projections of the
@@ -47,6 +47,37 @@ double ordered_sum(const std::vector<double>& rows) {
   double total = 0;
   for (const double v : rows) total += v;
   return total;
+}
+
+// m ← m + mᵀ for a square [n, n] matrix, in place, by pairs of 64 × 64 tiles
+// (the tile across the diagonal is read along its columns while it is in
+// cache): the same sums as m + m.t(), without a second n × n buffer and the
+// elementwise pass that reads one operand across its rows. A task owns
+// row-block b's tiles right of the diagonal and their mirror images below it,
+// so tasks write disjoint entries.
+template <class T>
+const at::Tensor& symmetrised_in_place(const at::Tensor& m) {
+  constexpr int64_t kTile = 64;
+  const int64_t n = m.size(0);
+  T* p = m.data_ptr<T>();
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bi = begin; bi < end; ++bi) {
+      const int64_t i0 = bi * kTile, i1 = std::min(n, i0 + kTile);
+      for (int64_t j0 = i0; j0 < n; j0 += kTile) {
+        const int64_t j1 = std::min(n, j0 + kTile);
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t j = std::max(j0, i + 1); j < j1; ++j) {
+            const T sum = p[i * n + j] + p[j * n + i];
+            p[i * n + j] = sum;
+            p[j * n + i] = sum;
+          }
+        }
+      }
+      for (int64_t i = i0; i < i1; ++i) p[i * n + i] += p[i * n + i];
+    }
+  });
+  return m;
 }
 
 std::tuple<at::Tensor, at::Tensor> no_grad_result(const at::Tensor& loss, const at::Tensor& student) {
@@ -99,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> sp_impl(const at::Tensor& student, const at::
   });
   const at::Tensor loss = at::scalar_tensor(ordered_sum(loss_rows) * inv_n2, at::TensorOptions().dtype(acc));
   if (!student_grad) return no_grad_result(loss, student);
-  return {loss, gram::gram_student_grad(g, student.scalar_type())};
+  return {loss, gram::gram_student_grad(g, symmetrised_in_place<T>(gs), student.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> sp_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
@@ -148,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor> cc_impl(const at::Tensor& student, const at::
   if (!student_grad) return no_grad_result(loss, student);
   const double coef = norm == 0.0 ? 0.0 : 1.0 / (norm * n2);  // NaN stays NaN
   gs.mul_(coef);
-  return {loss, gram::gram_student_grad(g, student.scalar_type())};
+  return {loss, gram::gram_student_grad(g, symmetrised_in_place<T>(gs), student.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> cc_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
@@ -211,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> pkt_impl(const at::Tensor& student, const at:
   });
   const at::Tensor loss = at::scalar_tensor(ordered_sum(loss_rows) * inv_n2, at::TensorOptions().dtype(acc));
   if (!student_grad) return no_grad_result(loss, student);
-  return {loss, gram::pkt_student_grad(pair, eps, student.scalar_type())};
+  return {loss, gram::pkt_student_grad(pair, symmetrised_in_place<T>(hs), eps, student.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> pkt_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
