@@ -8,7 +8,8 @@
 // x̂), in float32 for float32 / bfloat16 / float16 inputs and float64 for
 // float64; one at::parallel_for over the rows that computes the row's loss
 // terms and writes ∂loss/∂G of the student's row in place of its Gram row
-// (each row reads only its own row, so the overwrite is safe); then
+// (each row reads only its own row, so the overwrite is safe; SP's and PKT's
+// rows lane-parallel in gram_relation_kernel.cpp); then
 // dX = (dG + dGᵀ) X with at::mm, dG + dGᵀ formed in place (PKT: dx̂, then the normalisation's O(N·D)
 // gradient by hand, csrc/common/gram_relation.h).
 //
@@ -28,6 +29,8 @@
 #include <vector>
 
 #include "../common/gram_relation.h"
+#include "capability.h"
+#include "gram_relation_kernel.h"
 
 namespace fastkd {
 namespace cpu {
@@ -35,12 +38,6 @@ namespace {
 
 // Rows per parallel_for task: about GRAIN_SIZE elements of an [N, N] matrix.
 int64_t row_grain(int64_t n) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(n, 1)); }
-
-// max(x, floor) that keeps NaN (std::max would drop it only for NaN in x: be explicit).
-template <class T>
-inline T nan_max(T x, T floor) {
-  return x < floor ? floor : x;
-}
 
 // Σ of per-row values in row order (deterministic), as float64.
 double ordered_sum(const std::vector<double>& rows) {
@@ -80,6 +77,27 @@ const at::Tensor& symmetrised_in_place(const at::Tensor& m) {
   return m;
 }
 
+// The row passes of gram_relation_kernel.cpp for this CPU.
+template <class T>
+auto sp_row_kernel() -> double (*)(T*, const T*, int64_t, double, bool) {
+  switch (active_capability()) {
+    case Capability::AVX512: return &AVX512::sp_row;
+    case Capability::AVX2: return &AVX2::sp_row;
+    case Capability::Default: break;
+  }
+  return &DEFAULT::sp_row;
+}
+
+template <class T>
+auto pkt_row_kernel() -> double (*)(T*, const T*, int64_t, double, double, bool) {
+  switch (active_capability()) {
+    case Capability::AVX512: return &AVX512::pkt_row;
+    case Capability::AVX2: return &AVX2::pkt_row;
+    case Capability::Default: break;
+  }
+  return &DEFAULT::pkt_row;
+}
+
 std::tuple<at::Tensor, at::Tensor> no_grad_result(const at::Tensor& loss, const at::Tensor& student) {
   return {loss, at::zeros({0, 0}, student.options())};
 }
@@ -99,33 +117,10 @@ std::tuple<at::Tensor, at::Tensor> sp_impl(const at::Tensor& student, const at::
   T* gs_p = gs.data_ptr<T>();
   const T* gt_p = gt.data_ptr<T>();
   std::vector<double> loss_rows(n, 0.0);
+  const auto row = sp_row_kernel<T>();
   at::parallel_for(0, n, row_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      T* gs_row = gs_p + i * n;
-      const T* gt_row = gt_p + i * n;
-      double ss = 0, st = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        ss += double(gs_row[j]) * double(gs_row[j]);
-        st += double(gt_row[j]) * double(gt_row[j]);
-      }
-      const double norm_s = std::sqrt(ss);
-      const double r_s = nan_max(norm_s, gram::kNormalizeEps);
-      const double r_t = nan_max(std::sqrt(st), gram::kNormalizeEps);
-      double loss = 0, dot = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        const double ys = double(gs_row[j]) / r_s;
-        const double diff = double(gt_row[j]) / r_t - ys;
-        loss += diff * diff;
-        dot += ys * (-2.0 * inv_n2) * diff;
-      }
-      loss_rows[i] = loss;
-      if (!student_grad) continue;
-      const double proj = norm_s > gram::kNormalizeEps ? dot : 0.0;
-      for (int64_t j = 0; j < n; ++j) {
-        const double ys = double(gs_row[j]) / r_s;
-        const double dy = (-2.0 * inv_n2) * (double(gt_row[j]) / r_t - ys);
-        gs_row[j] = static_cast<T>((dy - ys * proj) / r_s);
-      }
+      loss_rows[i] = row(gs_p + i * n, gt_p + i * n, n, inv_n2, student_grad);
     }
   });
   const at::Tensor loss = at::scalar_tensor(ordered_sum(loss_rows) * inv_n2, at::TensorOptions().dtype(acc));
@@ -196,12 +191,6 @@ std::tuple<at::Tensor, at::Tensor> cc_forward_cpu(const at::Tensor& student, con
 // dP = −P_t / (P_s + eps) / N², dS = (dP − Σ_j dP P_s) / rowsum(S_s), dH = dS / 2
 // (0 where the clamp acted: an antipodal pair whose cosine rounded below −1).
 template <class T>
-inline double pkt_similarity(T h) {
-  const double s = (double(h) + 1.0) * 0.5;
-  return s < 0.0 ? 0.0 : s;  // a NaN passes through
-}
-
-template <class T>
 std::tuple<at::Tensor, at::Tensor> pkt_impl(const at::Tensor& student, const at::Tensor& teacher,
                                             bool student_grad, double eps) {
   const auto acc = accumulation_type(student);
@@ -212,32 +201,10 @@ std::tuple<at::Tensor, at::Tensor> pkt_impl(const at::Tensor& student, const at:
   T* hs_p = hs.data_ptr<T>();
   const T* ht_p = ht.data_ptr<T>();
   std::vector<double> loss_rows(n, 0.0);
+  const auto row = pkt_row_kernel<T>();
   at::parallel_for(0, n, row_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      T* hs_row = hs_p + i * n;
-      const T* ht_row = ht_p + i * n;
-      double sum_s = 0, sum_t = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        sum_s += pkt_similarity(hs_row[j]);
-        sum_t += pkt_similarity(ht_row[j]);
-      }
-      double loss = 0, dot = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        const double p_s = pkt_similarity(hs_row[j]) / sum_s;
-        const double p_t = pkt_similarity(ht_row[j]) / sum_t;
-        loss += p_t * std::log((p_t + eps) / (p_s + eps));
-        dot += -inv_n2 * p_t / (p_s + eps) * p_s;
-      }
-      loss_rows[i] = loss;
-      if (!student_grad) continue;
-      // dP recomputed (H_s is overwritten in place by dH)
-      for (int64_t j = 0; j < n; ++j) {
-        const bool clamped = (double(hs_row[j]) + 1.0) * 0.5 < 0.0;
-        const double p_s = pkt_similarity(hs_row[j]) / sum_s;
-        const double p_t = pkt_similarity(ht_row[j]) / sum_t;
-        const double d_p = -inv_n2 * p_t / (p_s + eps);
-        hs_row[j] = clamped ? T(0) : static_cast<T>(0.5 * (d_p - dot) / sum_s);
-      }
+      loss_rows[i] = row(hs_p + i * n, ht_p + i * n, n, inv_n2, eps, student_grad);
     }
   });
   const at::Tensor loss = at::scalar_tensor(ordered_sum(loss_rows) * inv_n2, at::TensorOptions().dtype(acc));
