@@ -72,8 +72,8 @@ def test_log_probability_rows_inside_two_buckets():
     """A bucket is 1/256 of an octave: every entry in one of two neighbouring buckets,
     with many ties, so nearly everything goes through the exact walk."""
     g = torch.Generator().manual_seed(3)
-    pool = torch.log(torch.tensor([1.0, 1.0005, 1.001, 1.002, 1.003, 1.0045, 1.006], dtype=torch.float64) * 0.25)
-    pool = pool.float().double()
+    values = torch.tensor([1.0, 1.0005, 1.001, 1.002, 1.003, 1.0045, 1.006], dtype=torch.float64)
+    pool = torch.log(values * 0.25).float().double()
     check(pool_rows(g, 4, 3000, pool), pool_rows(g, 4, 2500, pool), student_is_logprob=True,
           teacher_is_logprob=True)
 
