@@ -6,8 +6,9 @@
 // One task per row (at::parallel_for; a row's result does not depend on the
 // thread count), on per-thread scratch: float32 probabilities (their softmax
 // lane-parallel, uld_kernel.cpp) through value buckets that sort only where
-// the two rows cross (uld_buckets.h), float64 ones through std::sort. No sorted [N, V] tensor exists; the loss and the
-// gradient come from the same pass and nothing is kept for the backward.
+// the two rows cross (uld_buckets.h), float64 ones through std::sort. No
+// sorted [N, V] tensor exists; the loss and the gradient come from the same
+// pass and nothing is kept for the backward.
 //
 // Gradient. With sign(0) = 0 and ties sharing the mean of their ranks' signs,
 // the gradient of ℓ_i with respect to an entry of p with value v > 0 is
