@@ -420,9 +420,12 @@ def test_special_values(name, kind, backend, request):
 KERNELS = [p for p in BACKENDS if p.id != "reference"]
 
 
-def _xfail_if(request, condition: bool, reason: str) -> None:
+def _xfail_if(request, condition: bool, reason: str, strict: bool = True) -> None:
+    """A known defect where `condition`; strict unless its size depends on the
+    BLAS's rounding of the dot products (MKL rounds differently on Intel and
+    AMD CPUs, so the same input is over the tolerance on one and not the other)."""
     if condition:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+        request.applymarker(pytest.mark.xfail(strict=strict, reason=reason))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -627,7 +630,8 @@ def test_mmd_gaussian_small_bandwidth_gradient(backend, request):
     """Bandwidth 0.25 with |y| ~ 4: the y gradient to float32 accuracy
     (the float32 reference is within 4e-8)."""
     _xfail_if(request, True, "defect 6 (same cause, at the origin): the y gradient is 3.5e-5 off "
-              "relative (cpu and triton)")
+              "relative (cpu and triton; cpu within the tolerance with MKL on an AMD EPYC)",
+              strict=backend != "cpu")
     x = make_values((1, 9), 0)
     # y rows constant along D, given stride 0: the gradient reaches the (7, 1) leaf summed over D
     operands = [Operand((1, 9), values=x), Operand((7, 9), "expanded", values=make_values((7, 1), 853))]
@@ -661,7 +665,7 @@ def test_mmd_gaussian_bandwidth_quarter_gradient(case, backend, request):
               "open: cpu mmd gaussian gradient, x (7, 130) rows constant 0.1 * randn(7, 1, seed 0), "
               "y (1, 130) 0.1 * randn(1, 130, seed 0), bandwidth 0.25, biased, upstream 0.7: "
               "leaf gradient of row 4 -0.662112, float64 reference -0.662122 (1.0e-5 off, "
-              "tolerance 8.4e-6); triton -0.662122")
+              "tolerance 8.4e-6; within it with MKL on an AMD EPYC); triton -0.662122", strict=False)
     operands, kwargs = _mmd_gradient_case(case)
     check_against_reference(lambda a, b: fastkd.mmd_loss(a, b, backend=backend, **kwargs),
                             lambda a, b: reference.mmd_loss(a, b, **kwargs),

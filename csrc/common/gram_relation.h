@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "checks.h"
+#include "thread_invariant_mm.h"
 
 #if defined(__CUDACC__)
 #define FASTKD_GRAM_HD __host__ __device__ __forceinline__
@@ -130,7 +131,7 @@ inline PktPair pkt_pair(const at::Tensor& student, const at::Tensor& teacher, at
 // `symmetric` = dH + dHᵀ, formed by the caller (the CPU forms it in place).
 inline at::Tensor pkt_student_grad(const PktPair& p, const at::Tensor& symmetric, double eps,
                                    at::ScalarType dtype) {
-  const at::Tensor d_xh = at::mm(symmetric, p.rows_s.xh);
+  const at::Tensor d_xh = thread_invariant_mm(symmetric, p.rows_s.xh);
   return pkt_rows_backward(p.xs, p.rows_s, d_xh, eps).to(dtype);
 }
 inline at::Tensor pkt_student_grad(const PktPair& p, double eps, at::ScalarType dtype) {
@@ -140,7 +141,7 @@ inline at::Tensor pkt_student_grad(const PktPair& p, double eps, at::ScalarType 
 // The student's gradient once `gs` holds dG: G = X Xᵀ gives dX = (dG + dGᵀ) X; in `dtype`.
 // `symmetric` = dG + dGᵀ, formed by the caller (the CPU forms it in place).
 inline at::Tensor gram_student_grad(const GramPair& g, const at::Tensor& symmetric, at::ScalarType dtype) {
-  return at::mm(symmetric, g.xs).to(dtype);
+  return thread_invariant_mm(symmetric, g.xs).to(dtype);
 }
 inline at::Tensor gram_student_grad(const GramPair& g, at::ScalarType dtype) {
   return gram_student_grad(g, g.gs + g.gs.t(), dtype);

@@ -47,6 +47,7 @@
 
 #include "../common/checks.h"
 #include "../common/mmd_op.h"
+#include "../common/thread_invariant_mm.h"
 #include "capability.h"
 #include "mmd_kernel.h"
 
@@ -332,9 +333,9 @@ Block kernel_block(const at::Tensor& a_tile, const at::Tensor& a_norm_tile, cons
 // Σ_j d k(a_i, b_j) / d a_i for the rows i of a block: C-weighted.
 at::Tensor row_side_grad(const at::Tensor& coef, const at::Tensor& a_tile, const at::Tensor& b,
                          const MmdParams& p) {
-  if (!p.distance_based()) return at::mm(coef, b);
+  if (!p.distance_based()) return thread_invariant_mm(coef, b);
   // Σ_j C_ij (a_i − b_j) = a_i Σ_j C_ij − (C b)_i
-  at::Tensor out = at::mm(coef, b);
+  at::Tensor out = thread_invariant_mm(coef, b);
   const at::Tensor coef_sum = row_sums(coef).unsqueeze(1);
   for_row_chunks(out.size(0), out.size(1), [&](int64_t r0, int64_t r1) {
     out.narrow(0, r0, r1 - r0).neg_().addcmul_(a_tile.narrow(0, r0, r1 - r0),
@@ -479,10 +480,10 @@ std::tuple<at::Tensor, at::Tensor> mmd_backward_cpu(const at::Tensor& grad, cons
       near_pairs_grad(xy, a, s.y, p, out, g_xy, cross_y, at::ones({}, g.options()));
     }
     if (p.distance_based()) {
-      cross_y.addmm_(xy.coef.t(), a, 1, -1);
+      cross_y.sub_(thread_invariant_mm(xy.coef.t(), a));
       cross_colsum.add_(column_sums(xy.coef));
     } else {
-      cross_y.addmm_(xy.coef.t(), a);
+      cross_y.add_(thread_invariant_mm(xy.coef.t(), a));
     }
   }
   if (p.distance_based()) {

@@ -26,6 +26,7 @@
 
 #include "../common/checks.h"
 #include "../common/rkd_angle_grad.h"
+#include "../common/thread_invariant_mm.h"
 #include "capability.h"
 #include "rkd_kernel.h"
 
@@ -205,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_impl(const at::Tensor& student,
     }
   });
   const at::Tensor c_sum = at::from_blob(c_rows.data(), {n, 1}, at::kDouble).to(acc);
-  at::Tensor far = xs_c * c_sum - at::mm(ds, xs_c);
+  at::Tensor far = xs_c * c_sum - thread_invariant_mm(ds, xs_c);
   return {loss_t, grad.add_(far).to(student.scalar_type())};
 }
 
