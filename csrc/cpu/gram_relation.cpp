@@ -8,14 +8,15 @@
 // x̂), in float32 for float32 / bfloat16 / float16 inputs and float64 for
 // float64; one at::parallel_for over the rows that computes the row's loss
 // terms and writes ∂loss/∂G of the student's row in place of its Gram row
-// (each row reads only its own row, so the overwrite is safe; SP's and PKT's
-// rows lane-parallel in gram_relation_kernel.cpp); then
-// dX = (dG + dGᵀ) X with at::mm, dG + dGᵀ formed in place (PKT: dx̂, then the normalisation's O(N·D)
-// gradient by hand, csrc/common/gram_relation.h).
+// (each row reads only its own row, so the overwrite is safe; the row passes
+// are lane-parallel, in gram_relation_kernel.cpp); then dX = (dG + dGᵀ) X
+// with at::mm, dG + dGᵀ formed in place (PKT: dx̂, then the normalisation's
+// O(N·D) gradient by hand, csrc/common/gram_relation.h).
 //
 // Per row the sums (norms, row sums, loss terms, the projections of the
-// normalisations' gradients) accumulate in float64, and the rows' losses are
-// added in row order: the result does not depend on the thread count.
+// normalisations' gradients) are taken in lanes per block and in float64
+// across blocks, and the rows' losses are added in row order: the result
+// does not depend on the thread count.
 // Cost: the Gram matmuls O(N² (D_s + D_t)), then O(N²) per pass (SP, PKT: a
 // row is read three times from cache, CC: once), and the dX matmul.
 #include <ATen/ATen.h>
@@ -98,6 +99,16 @@ auto pkt_row_kernel() -> double (*)(T*, const T*, int64_t, double, double, bool)
   return &DEFAULT::pkt_row;
 }
 
+template <class T>
+auto cc_row_kernel() -> double (*)(T*, const T*, int64_t, double, int64_t, bool) {
+  switch (active_capability()) {
+    case Capability::AVX512: return &AVX512::cc_row;
+    case Capability::AVX2: return &AVX2::cc_row;
+    case Capability::Default: break;
+  }
+  return &DEFAULT::cc_row;
+}
+
 std::tuple<at::Tensor, at::Tensor> no_grad_result(const at::Tensor& loss, const at::Tensor& student) {
   return {loss, at::zeros({0, 0}, student.options())};
 }
@@ -147,25 +158,13 @@ std::tuple<at::Tensor, at::Tensor> cc_impl(const at::Tensor& student, const at::
   const gram::GramPair g = gram::gram_pair(student, teacher, acc);
   const at::Tensor &gs = g.gs, &gt = g.gt;
   const int64_t n = g.xs.size(0);
-  const T two_gamma = static_cast<T>(2.0 * gamma);
-  const T scale = static_cast<T>(std::exp(-2.0 * gamma));
   T* gs_p = gs.data_ptr<T>();
   const T* gt_p = gt.data_ptr<T>();
+  const auto cc_row = cc_row_kernel<T>();
   std::vector<double> sq_rows(n, 0.0);
   at::parallel_for(0, n, row_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      T* gs_row = gs_p + i * n;
-      const T* gt_row = gt_p + i * n;
-      double sq = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        T k_s, dk_s, k_t, dk_t;
-        gram::cc_taylor<T>(gs_row[j], two_gamma, order, k_s, dk_s);
-        gram::cc_taylor<T>(gt_row[j], two_gamma, order, k_t, dk_t);
-        const T diff = scale * (k_s - k_t);
-        sq += double(diff) * double(diff);
-        if (student_grad) gs_row[j] = diff * scale * dk_s;
-      }
-      sq_rows[i] = sq;
+      sq_rows[i] = cc_row(gs_p + i * n, gt_p + i * n, n, gamma, order, student_grad);
     }
   });
   const double norm = std::sqrt(ordered_sum(sq_rows));

@@ -1,6 +1,6 @@
-// The SP and PKT row passes on CPU (docs/spec.md §2), lane-parallel: three
-// passes over a row of N entries (sums, loss terms, gradient), the row staying
-// in cache between them.
+// The SP, PKT and CC row passes on CPU (docs/spec.md §2), lane-parallel: up
+// to three passes over a row of N entries (sums, loss terms, gradient), the
+// row staying in cache between them.
 //
 // This file is compiled three times by setup.py, with CPU_CAPABILITY set to
 // DEFAULT, AVX2 and AVX512 (and the matching -m flags);
@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "../common/gram_relation.h"
 #include "vec_math.h"
@@ -153,8 +154,55 @@ double pkt_row_impl(T* hs_row, const T* ht_row, int64_t n, double inv_n2, double
   return terms[0];
 }
 
+// CC's Taylor series and its derivative (gram::cc_taylor) lane by lane; the
+// step coefficients 2γ / (P − q) come precomputed (products, not divisions).
+template <class T>
+inline void cc_taylor_lanes(const Vec<T>& g, const T* step_coef, int64_t order, T two_gamma, Vec<T>& k,
+                            Vec<T>& dk) {
+  const Vec<T> one(T(1));
+  k = one;
+  dk = one;
+  for (int64_t q = 0; q < order; ++q) {
+    const Vec<T> step = Vec<T>(step_coef[q]) * g;
+    k = one + step * k;
+    if (q > 0) dk = one + step * dk;
+  }
+  dk = dk * Vec<T>(two_gamma);
+  if (order >= 2) {
+    // g = −inf: the alternating ±inf terms sum to NaN (see gram::cc_taylor)
+    const Vec<T> minus_inf = (g < Vec<T>(T(0))) & (g * Vec<T>(T(0.5)) == g);
+    const Vec<T> nan(std::numeric_limits<T>::quiet_NaN());
+    k = Vec<T>::blendv(k, nan, minus_inf);
+    dk = Vec<T>::blendv(dk, nan, minus_inf);
+  }
+}
+
+template <class T>
+double cc_row_impl(T* gs_row, const T* gt_row, int64_t n, double gamma, int64_t order, bool student_grad) {
+  const T two_gamma = static_cast<T>(2.0 * gamma);
+  const Vec<T> scale(static_cast<T>(std::exp(-2.0 * gamma)));
+  T step_coef[gram::kCcMaxOrder];
+  for (int64_t q = 0; q < order; ++q) step_coef[q] = two_gamma / static_cast<T>(order - q);
+  double sq[1];  // Σ diff², the tail lanes' k_s = k_t giving diff = 0
+  block_sums<T, 1>(n, [&](int64_t j, int64_t cnt, Vec<T>* acc) {
+    Vec<T> k_s, dk_s, k_t, dk_t;
+    cc_taylor_lanes(load(gs_row, j, cnt), step_coef, order, two_gamma, k_s, dk_s);
+    cc_taylor_lanes(load(gt_row, j, cnt), step_coef, order, two_gamma, k_t, dk_t);
+    const Vec<T> diff = scale * (k_s - k_t);
+    acc[0] += diff * diff;
+    if (student_grad) store<T>(diff * scale * dk_s, gs_row, j, cnt);
+  }, sq);
+  return sq[0];
+}
+
 }  // namespace
 
+double cc_row(float* gs_row, const float* gt_row, int64_t n, double gamma, int64_t order, bool student_grad) {
+  return cc_row_impl(gs_row, gt_row, n, gamma, order, student_grad);
+}
+double cc_row(double* gs_row, const double* gt_row, int64_t n, double gamma, int64_t order, bool student_grad) {
+  return cc_row_impl(gs_row, gt_row, n, gamma, order, student_grad);
+}
 double sp_row(float* gs_row, const float* gt_row, int64_t n, double inv_n2, bool student_grad) {
   return sp_row_impl(gs_row, gt_row, n, inv_n2, student_grad);
 }
