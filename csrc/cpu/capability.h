@@ -18,6 +18,18 @@ Capability supported_capability();
 
 std::string capability_name(Capability c);
 
+// The one of a kernel's AVX512::, AVX2:: and DEFAULT:: builds (function
+// pointers of one type F) that active_capability() selects.
+template <class F>
+F pick_variant(F avx512, F avx2, F fallback) {
+  switch (active_capability()) {
+    case Capability::AVX512: return avx512;
+    case Capability::AVX2: return avx2;
+    case Capability::Default: break;
+  }
+  return fallback;
+}
+
 // Runs the variant of one kernel for active_capability() on `args`: `avx512`,
 // `avx2` and `fallback` are its AVX512::, AVX2:: and DEFAULT:: builds.
 template <class Args>

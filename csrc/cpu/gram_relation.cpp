@@ -80,33 +80,21 @@ const at::Tensor& symmetrised_in_place(const at::Tensor& m) {
 
 // The row passes of gram_relation_kernel.cpp for this CPU.
 template <class T>
-auto sp_row_kernel() -> double (*)(T*, const T*, int64_t, double, bool) {
-  switch (active_capability()) {
-    case Capability::AVX512: return &AVX512::sp_row;
-    case Capability::AVX2: return &AVX2::sp_row;
-    case Capability::Default: break;
-  }
-  return &DEFAULT::sp_row;
+auto sp_row_kernel() {
+  using Row = double (*)(T*, const T*, int64_t, double, bool);
+  return pick_variant<Row>(&AVX512::sp_row, &AVX2::sp_row, &DEFAULT::sp_row);
 }
 
 template <class T>
-auto pkt_row_kernel() -> double (*)(T*, const T*, int64_t, double, double, bool) {
-  switch (active_capability()) {
-    case Capability::AVX512: return &AVX512::pkt_row;
-    case Capability::AVX2: return &AVX2::pkt_row;
-    case Capability::Default: break;
-  }
-  return &DEFAULT::pkt_row;
+auto pkt_row_kernel() {
+  using Row = double (*)(T*, const T*, int64_t, double, double, bool);
+  return pick_variant<Row>(&AVX512::pkt_row, &AVX2::pkt_row, &DEFAULT::pkt_row);
 }
 
 template <class T>
-auto cc_row_kernel() -> double (*)(T*, const T*, int64_t, double, int64_t, bool) {
-  switch (active_capability()) {
-    case Capability::AVX512: return &AVX512::cc_row;
-    case Capability::AVX2: return &AVX2::cc_row;
-    case Capability::Default: break;
-  }
-  return &DEFAULT::cc_row;
+auto cc_row_kernel() {
+  using Row = double (*)(T*, const T*, int64_t, double, int64_t, bool);
+  return pick_variant<Row>(&AVX512::cc_row, &AVX2::cc_row, &DEFAULT::cc_row);
 }
 
 std::tuple<at::Tensor, at::Tensor> no_grad_result(const at::Tensor& loss, const at::Tensor& student) {

@@ -23,12 +23,8 @@ namespace {
 
 template <class S, class A>
 void run_rows(const HiddenStateRowsArgs<S, A>& args) {
-  switch (active_capability()) {
-    case Capability::AVX512: return AVX512::hidden_state_rows(args);
-    case Capability::AVX2: return AVX2::hidden_state_rows(args);
-    case Capability::Default: break;
-  }
-  DEFAULT::hidden_state_rows(args);
+  using Rows = void (*)(const HiddenStateRowsArgs<S, A>&);
+  pick_variant<Rows>(&AVX512::hidden_state_rows, &AVX2::hidden_state_rows, &DEFAULT::hidden_state_rows)(args);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hidden_state_forward_cpu(
