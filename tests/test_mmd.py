@@ -236,11 +236,14 @@ def test_mmd_unrepresentable_bandwidths_raise(backend, bandwidths):
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu op's thread pool")
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_mmd_cpu_result_does_not_depend_on_the_thread_count(dtype, kernel):
+@pytest.mark.parametrize("rows_y", (257, 1), ids=("257_rows", "one_row"))
+def test_mmd_cpu_result_does_not_depend_on_the_thread_count(dtype, kernel, rows_y):
     """Every reduction of the cpu op runs over chunks fixed by the shapes, not
-    by the number of threads, and combines them in a fixed order."""
+    by the number of threads, and combines them in a fixed order. One row of
+    ``y`` makes the cross term's gradient a one-row product ``Cᵀ x`` with a
+    long inner dimension, which a BLAS may split across threads."""
     x = samples(300, 40, dtype, 35)
-    y = samples(257, 40, dtype, 36, shift=0.3)
+    y = samples(rows_y, 40, dtype, 36, shift=0.3)
     kwargs = kernel_kwargs(kernel)
     threads = torch.get_num_threads()
     results = []

@@ -13,7 +13,6 @@
 #include <utility>
 
 #include "checks.h"
-#include "thread_invariant_mm.h"
 
 #if defined(__CUDACC__)
 #define FASTKD_GRAM_HD __host__ __device__ __forceinline__
@@ -126,25 +125,20 @@ inline PktPair pkt_pair(const at::Tensor& student, const at::Tensor& teacher, at
   return p;
 }
 
-// The student's gradient once `hs` holds dH: H = x̂ x̂ᵀ gives
-// dx̂ = (dH + dHᵀ) x̂, then through the normalisation; in `dtype`.
-// `symmetric` = dH + dHᵀ, formed by the caller (the CPU forms it in place).
-inline at::Tensor pkt_student_grad(const PktPair& p, const at::Tensor& symmetric, double eps,
-                                   at::ScalarType dtype) {
-  const at::Tensor d_xh = thread_invariant_mm(symmetric, p.rows_s.xh);
+// The student's gradient from dx̂ = (dH + dHᵀ) x̂ (H = x̂ x̂ᵀ, `hs` holding dH),
+// through the normalisation; in `dtype`. The CPU forms dx̂ itself, with a
+// product whose rounding does not depend on the thread count.
+inline at::Tensor pkt_student_grad_from(const PktPair& p, const at::Tensor& d_xh, double eps,
+                                        at::ScalarType dtype) {
   return pkt_rows_backward(p.xs, p.rows_s, d_xh, eps).to(dtype);
 }
 inline at::Tensor pkt_student_grad(const PktPair& p, double eps, at::ScalarType dtype) {
-  return pkt_student_grad(p, p.hs + p.hs.t(), eps, dtype);
+  return pkt_student_grad_from(p, at::mm(p.hs + p.hs.t(), p.rows_s.xh), eps, dtype);
 }
 
 // The student's gradient once `gs` holds dG: G = X Xᵀ gives dX = (dG + dGᵀ) X; in `dtype`.
-// `symmetric` = dG + dGᵀ, formed by the caller (the CPU forms it in place).
-inline at::Tensor gram_student_grad(const GramPair& g, const at::Tensor& symmetric, at::ScalarType dtype) {
-  return thread_invariant_mm(symmetric, g.xs).to(dtype);
-}
 inline at::Tensor gram_student_grad(const GramPair& g, at::ScalarType dtype) {
-  return gram_student_grad(g, g.gs + g.gs.t(), dtype);
+  return at::mm(g.gs + g.gs.t(), g.xs).to(dtype);
 }
 
 }  // namespace gram

@@ -10,7 +10,7 @@
 // terms and writes ∂loss/∂G of the student's row in place of its Gram row
 // (each row reads only its own row, so the overwrite is safe; the row passes
 // are lane-parallel, in gram_relation_kernel.cpp); then dX = (dG + dGᵀ) X
-// with at::mm, dG + dGᵀ formed in place (PKT: dx̂, then the normalisation's
+// with thread_invariant_mm, dG + dGᵀ formed in place (PKT: dx̂, then the normalisation's
 // O(N·D) gradient by hand, csrc/common/gram_relation.h).
 //
 // Per row the sums (norms, row sums, loss terms, the projections of the
@@ -32,6 +32,7 @@
 #include "../common/gram_relation.h"
 #include "capability.h"
 #include "gram_relation_kernel.h"
+#include "thread_invariant_mm.h"
 
 namespace fastkd {
 namespace cpu {
@@ -124,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> sp_impl(const at::Tensor& student, const at::
   });
   const at::Tensor loss = at::scalar_tensor(ordered_sum(loss_rows) * inv_n2, at::TensorOptions().dtype(acc));
   if (!student_grad) return no_grad_result(loss, student);
-  return {loss, gram::gram_student_grad(g, symmetrised_in_place<T>(gs), student.scalar_type())};
+  return {loss, thread_invariant_mm(symmetrised_in_place<T>(gs), g.xs).to(student.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> sp_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
@@ -161,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> cc_impl(const at::Tensor& student, const at::
   if (!student_grad) return no_grad_result(loss, student);
   const double coef = norm == 0.0 ? 0.0 : 1.0 / (norm * n2);  // NaN stays NaN
   gs.mul_(coef);
-  return {loss, gram::gram_student_grad(g, symmetrised_in_place<T>(gs), student.scalar_type())};
+  return {loss, thread_invariant_mm(symmetrised_in_place<T>(gs), g.xs).to(student.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> cc_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
@@ -196,7 +197,8 @@ std::tuple<at::Tensor, at::Tensor> pkt_impl(const at::Tensor& student, const at:
   });
   const at::Tensor loss = at::scalar_tensor(ordered_sum(loss_rows) * inv_n2, at::TensorOptions().dtype(acc));
   if (!student_grad) return no_grad_result(loss, student);
-  return {loss, gram::pkt_student_grad(pair, symmetrised_in_place<T>(hs), eps, student.scalar_type())};
+  return {loss, gram::pkt_student_grad_from(
+                    pair, thread_invariant_mm(symmetrised_in_place<T>(hs), pair.rows_s.xh), eps, student.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> pkt_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,

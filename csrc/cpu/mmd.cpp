@@ -47,7 +47,7 @@
 
 #include "../common/checks.h"
 #include "../common/mmd_op.h"
-#include "../common/thread_invariant_mm.h"
+#include "thread_invariant_mm.h"
 #include "capability.h"
 #include "mmd_kernel.h"
 

@@ -26,7 +26,7 @@
 
 #include "../common/checks.h"
 #include "../common/rkd_angle_grad.h"
-#include "../common/thread_invariant_mm.h"
+#include "thread_invariant_mm.h"
 #include "capability.h"
 #include "rkd_kernel.h"
 
