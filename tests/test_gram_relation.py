@@ -78,6 +78,18 @@ def test_sp_cc_pkt_parity(name, kwargs, backend, shape):
     check_gram_parity(name, kwargs, backend, s, t)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("name,kwargs,backend", gram_params())
+def test_sp_cc_pkt_parity_across_tiles(name, kwargs, backend, dtype):
+    """N = 203: several of the cpu backward's 64 × 64 tiles that form dG + dGᵀ
+    in place (a partial one last, pairs across the diagonal) and several row
+    blocks of the product with X."""
+    if interpreted(backend):
+        pytest.skip(f"interpreted triton: N <= {INTERPRETED_MAX_N}")
+    s, t = embeddings((203, 24), dtype, 50), embeddings((203, 16), dtype, 51)
+    check_gram_parity(name, kwargs, backend, s, t, "203 rows")
+
+
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("name,kwargs,backend", gram_params())
 def test_sp_cc_pkt_reduced_precision(name, kwargs, backend, dtype):
