@@ -194,3 +194,24 @@ def test_cpu_gradcheck_float64(name):
     s.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a: fn(a, t, backend="cpu"), (s,))
     assert torch.autograd.gradcheck(lambda a: UPSTREAM * fn(a, t, backend="cpu"), (s,))
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu op's cache of freed buffers")
+@pytest.mark.parametrize("name", ("rkd_distance", "pkt_loss", "sp_loss", "cc_loss"))
+def test_cpu_scratch_matrices_are_cached_and_never_read_stale(name):
+    """The n × n matrices (N = 600: 1.4 MB each, above the cache's 1 MiB
+    minimum) go back to the cache of freed buffers when the op returns; the
+    next call on other inputs reuses them and gives what it gives from an
+    empty cache."""
+    fn = ALL_LOSSES[name]
+    first = (embeddings((600, 24), torch.float32, 80).cpu(), embeddings((600, 16), torch.float32, 81).cpu())
+    second = (embeddings((600, 24), torch.float32, 82).cpu(), embeddings((600, 16), torch.float32, 83).cpu())
+    fastkd.empty_cache()
+    fresh = run(lambda a, b: fn(a, b, backend="cpu"), *second)
+    fastkd.empty_cache()
+    run(lambda a, b: fn(a, b, backend="cpu"), *first)
+    assert _ops._C.cached_bytes() >= 2 * 600 * 600 * 4
+    reused = run(lambda a, b: fn(a, b, backend="cpu"), *second)
+    for what, a, b in zip(("loss", "gradient"), reused, fresh, strict=True):
+        assert torch.equal(a, b), f"{name} {what} after the cache was filled by another call"
+    fastkd.empty_cache()

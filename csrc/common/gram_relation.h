@@ -89,6 +89,24 @@ inline at::Tensor pkt_rows_backward(const at::Tensor& x, const PktRows& rows, co
   return (d / a).add_(x * per_norm);
 }
 
+// at::empty: how the Gram matrices are allocated unless the caller passes its
+// own allocation (the CPU passes its cache of freed buffers, allocation.h:
+// an n × n matrix faulted in afresh on every call costs as much as the
+// product that fills it).
+struct PlainEmpty {
+  at::Tensor operator()(at::IntArrayRef sizes, const at::TensorOptions& options) const {
+    return at::empty(sizes, options);
+  }
+};
+
+// x xᵀ [n, n] for rows x [n, d], into a matrix from `empty`.
+template <class Empty>
+at::Tensor gram_of(const at::Tensor& x, Empty empty) {
+  at::Tensor g = empty({x.size(0), x.size(0)}, x.options());
+  at::mm_out(g, x, x.t());
+  return g;
+}
+
 // Both sides' rows in the accumulation dtype `acc` (contiguous) and their
 // Gram matrices G = X Xᵀ [N, N] (SP, CC). `gs` is the student's, written in
 // place by the row passes.
@@ -96,12 +114,13 @@ struct GramPair {
   at::Tensor xs, xt, gs, gt;
 };
 
-inline GramPair gram_pair(const at::Tensor& student, const at::Tensor& teacher, at::ScalarType acc) {
+template <class Empty = PlainEmpty>
+GramPair gram_pair(const at::Tensor& student, const at::Tensor& teacher, at::ScalarType acc, Empty empty = {}) {
   GramPair g;
   g.xs = student.to(acc).contiguous();
   g.xt = teacher.to(acc).contiguous();
-  g.gs = at::mm(g.xs, g.xs.t());
-  g.gt = at::mm(g.xt, g.xt.t());
+  g.gs = gram_of(g.xs, empty);
+  g.gt = gram_of(g.xt, empty);
   return g;
 }
 
@@ -113,15 +132,16 @@ struct PktPair {
   at::Tensor hs, ht;
 };
 
-inline PktPair pkt_pair(const at::Tensor& student, const at::Tensor& teacher, at::ScalarType acc,
-                        double eps) {
+template <class Empty = PlainEmpty>
+PktPair pkt_pair(const at::Tensor& student, const at::Tensor& teacher, at::ScalarType acc, double eps,
+                 Empty empty = {}) {
   PktPair p;
   p.xs = student.to(acc).contiguous();
   const at::Tensor xt = teacher.to(acc).contiguous();
   p.rows_s = pkt_rows(p.xs, eps);
   const PktRows rows_t = pkt_rows(xt, eps);
-  p.hs = at::mm(p.rows_s.xh, p.rows_s.xh.t());
-  p.ht = at::mm(rows_t.xh, rows_t.xh.t());
+  p.hs = gram_of(p.rows_s.xh, empty);
+  p.ht = gram_of(rows_t.xh, empty);
   return p;
 }
 

@@ -1,5 +1,8 @@
 // Output allocation for the CPU kernels: a small cache of freed output
-// buffers, the CPU counterpart of the CUDA caching allocator.
+// buffers, the CPU counterpart of the CUDA caching allocator. The n × n
+// scratch matrices of the pairwise losses (Gram and distance matrices of
+// SP, CC, PKT, RKD distance) come from it too: freed when the op returns,
+// they are there for the next step's call.
 //
 // Why: a freshly allocated output is paid for in page faults on first touch.
 // On the development machine a 250 MiB gradient costs ~60 ms of faults,

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "../common/gram_relation.h"
+#include "allocation.h"
 #include "capability.h"
 #include "gram_relation_kernel.h"
 #include "thread_invariant_mm.h"
@@ -126,7 +127,7 @@ template <class T>
 std::tuple<at::Tensor, at::Tensor> sp_impl(const at::Tensor& student, const at::Tensor& teacher,
                                            bool student_grad) {
   const auto acc = accumulation_type(student);
-  const gram::GramPair g = gram::gram_pair(student, teacher, acc);
+  const gram::GramPair g = gram::gram_pair(student, teacher, acc, &empty_for_output);
   const at::Tensor &gs = g.gs, &gt = g.gt;
   const int64_t n = g.xs.size(0);
   const double inv_n2 = 1.0 / (double(n) * double(n));
@@ -160,7 +161,7 @@ template <class T>
 std::tuple<at::Tensor, at::Tensor> cc_impl(const at::Tensor& student, const at::Tensor& teacher,
                                            bool student_grad, double gamma, int64_t order) {
   const auto acc = accumulation_type(student);
-  const gram::GramPair g = gram::gram_pair(student, teacher, acc);
+  const gram::GramPair g = gram::gram_pair(student, teacher, acc, &empty_for_output);
   const at::Tensor &gs = g.gs, &gt = g.gt;
   const int64_t n = g.xs.size(0);
   T* gs_p = gs.data_ptr<T>();
@@ -198,7 +199,7 @@ template <class T>
 std::tuple<at::Tensor, at::Tensor> pkt_impl(const at::Tensor& student, const at::Tensor& teacher,
                                             bool student_grad, double eps) {
   const auto acc = accumulation_type(student);
-  const gram::PktPair pair = gram::pkt_pair(student, teacher, acc, eps);
+  const gram::PktPair pair = gram::pkt_pair(student, teacher, acc, eps, &empty_for_output);
   const at::Tensor &hs = pair.hs, &ht = pair.ht;
   const int64_t n = pair.xs.size(0);
   const double inv_n2 = 1.0 / (double(n) * double(n));

@@ -21,11 +21,11 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <memory>
 #include <vector>
 
 #include "../common/checks.h"
 #include "../common/rkd_angle_grad.h"
+#include "allocation.h"
 #include "thread_invariant_mm.h"
 #include "capability.h"
 #include "rkd_kernel.h"
@@ -147,17 +147,23 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_impl(const at::Tensor& student,
   const at::Tensor xs_c = xs - xs.mean(0, true);
   const at::Tensor xt_c = xt - xt.mean(0, true);
   // The distances overwrite the Gram matrices (row by row, each entry read
-  // before it is written): two fewer n² buffers to fault in, on a loss
-  // whose cost is passes over n² entries. The near flags are written in full
-  // before any is read, so they are not zeroed first.
-  const at::Tensor ds = at::mm(xs_c, xs_c.t());
-  const at::Tensor dt = at::mm(xt_c, xt_c.t());
-  const std::unique_ptr<uint8_t[]> near_s(new uint8_t[n * n]), near_t(new uint8_t[n * n]);
+  // before it is written): two fewer n² buffers, on a loss whose cost is
+  // passes over n² entries. Every n² buffer comes from the cache of freed
+  // buffers (allocation.h): faulting 64 MiB in afresh costs about what the
+  // product that fills it does. The near flags are written in full before
+  // any is read, so they are not zeroed first.
+  at::Tensor ds = empty_for_output({n, n}, xs_c.options());
+  at::Tensor dt = empty_for_output({n, n}, xt_c.options());
+  at::mm_out(ds, xs_c, xs_c.t());
+  at::mm_out(dt, xt_c, xt_c.t());
+  const at::Tensor near_flags = empty_for_output({2, n, n}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* near_s = near_flags.data_ptr<uint8_t>();
+  uint8_t* near_t = near_s + n * n;
   T* ps = ds.data_ptr<T>();
   T* pt = dt.data_ptr<T>();
   const double pairs = double(n) * double(n - 1);
-  const double mean_s = distances<T>(xs, ds, ps, near_s.get()) / pairs;
-  const double mean_t = distances<T>(xt, dt, pt, near_t.get()) / pairs;
+  const double mean_s = distances<T>(xs, ds, ps, near_s) / pairs;
+  const double mean_t = distances<T>(xt, dt, pt, near_t) / pairs;
   const double inv_s = 1.0 / mean_s, inv_t = 1.0 / mean_t;
   const double inv_n2 = 1.0 / (double(n) * double(n));
 
