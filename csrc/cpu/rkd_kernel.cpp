@@ -42,9 +42,11 @@ using divergence::Vec;  // at::vec::Vectorized<T> of this capability
 
 using divergence::fk_lane_sum;
 
-// 0 where u ≤ 0 (diagonal, coinciding samples), u elsewhere; NaN stays NaN.
+// 0 where u ≤ 0 (diagonal, coinciding samples), u elsewhere; NaN stays NaN
+// (clamp_min keeps a NaN of its first operand in one instruction, where
+// maximum tests both operands for NaN).
 template <class T>
-Vec<T> forward_factor(const Vec<T>& u) { return at::vec::maximum(u, Vec<T>(T(0))); }
+Vec<T> forward_factor(const Vec<T>& u) { return at::vec::clamp_min(u, Vec<T>(T(0))); }
 
 // Smooth-L1 (β = 1) of d: ½d² for |d| < 1, |d| − ½ otherwise.
 template <class T>
@@ -142,7 +144,7 @@ double row_pair(const AngleArgs<T>& a, int64_t i, int64_t j, T* d_gram, T* r_acc
     const T g = clamp_unit(as_jj - at_jj);
     const T w = j_coincides ? T(0) : g * ws_j * ws_j;
     d_gram[j * n + j] += w;
-    r_j = w;
+    r_j = T(2) * w;  // the row sums are halved at the end
     s_j = g * as_jj;
   }
 
@@ -153,8 +155,9 @@ double row_pair(const AngleArgs<T>& a, int64_t i, int64_t j, T* d_gram, T* r_acc
   const Vec<T> vcs(cs_hi + cs_lo), vct(ct_hi + ct_lo);
   Vec<T> vloss(T(0)), vr(T(0)), vs(T(0));
   T* dgj = kGrad ? d_gram + j * n : nullptr;
-  for (int64_t k = j + 1; k < n; k += L) {
-    const int64_t cnt = std::min<int64_t>(L, n - k);
+  // Lanes k .. k + cnt − 1; inlined into a loop of full vectors (cnt = L, no
+  // partial-load branches) and one tail.
+  const auto lanes = [&](int64_t k, int64_t cnt) {
     // Tail lanes load zeros: u = 0 there, so a = 0 on both sides and they add nothing.
     const Vec<T> us_k = load(usi + k, cnt);
     const Vec<T> ut_k = load(uti + k, cnt);
@@ -171,20 +174,23 @@ double row_pair(const AngleArgs<T>& a, int64_t i, int64_t j, T* d_gram, T* r_acc
     const Vec<T> as = num_s * vfs * forward_factor(us_k);
     const Vec<T> at = num_t * vft * forward_factor(ut_k);
     const Vec<T> d = as - at;
-    vloss = vloss + smooth_l1(d);
+    // smooth-L1 (β = 1) as g (d − g/2), g = clamp(d, −1, 1): ½d² inside, |d| − ½ outside
+    const Vec<T> g = at::vec::clamp(d, Vec<T>(T(-1)), Vec<T>(T(1)));
+    vloss = at::vec::fmadd(g, at::vec::fmadd(Vec<T>(T(-0.5)), g, d), vloss);
     if constexpr (kGrad) {
-      const Vec<T> g = at::vec::clamp(d, Vec<T>(T(-1)), Vec<T>(T(1)));
-      // 2W: both (j, k) and (k, j)
+      // 2W: both (j, k) and (k, j); the row sums take it whole, halved once at the end
       const Vec<T> w = g * (j_coincides ? forward_factor(us_k) : us_k.abs()) * vws;
       store<T>(load(dgj + k, cnt) + w, dgj + k, cnt);
-      const Vec<T> half_w = w * Vec<T>(T(0.5));
-      store<T>(load(r_acc + k, cnt) + half_w, r_acc + k, cnt);
-      vr = vr + half_w;
+      store<T>(load(r_acc + k, cnt) + w, r_acc + k, cnt);
+      vr = vr + w;
       const Vec<T> ga = g * as;
       store<T>(load(s_acc + k, cnt) + ga, s_acc + k, cnt);
       vs = vs + ga;
     }
-  }
+  };
+  int64_t k = j + 1;
+  for (; k + L <= n; k += L) lanes(k, L);
+  if (k < n) lanes(k, n - k);
   if constexpr (kGrad) {
     r_acc[j] += r_j + static_cast<T>(fk_lane_sum(vr));
     s_acc[j] += s_j + static_cast<T>(fk_lane_sum(vs));
@@ -214,7 +220,8 @@ double anchor_block(const AngleArgs<T>& a, int64_t first, int64_t count, T* d_gr
     }
   }
   if constexpr (kGrad) {
-    std::copy(r_acc, r_acc + count * n, a.row_sums + first * n);
+    // the row sums were taken of 2W: halved (exactly, a power of two)
+    std::transform(r_acc, r_acc + count * n, a.row_sums + first * n, [](T r) { return r * T(0.5); });
     std::copy(s_acc, s_acc + count * n, a.ang_sums + first * n);
   }
   return total;
