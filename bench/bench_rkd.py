@@ -33,6 +33,17 @@ angle's ``N³`` terms at ~40 FLOP each (forward and gradient, both sides)
 and the distance's three ``N² D`` products (``2 N² D`` each: both Grams and
 the gradient ``C X``), as a size scale rather than a hardware rate.
 
+The angle term against the machine: ``simd_peak_gflops`` is the float32
+FMA rate of this machine's vector units measured in the same run
+(:mod:`bench.simd_peak`, at the run's thread count), and for the CPU kernel
+``kernel_gflops`` is the arithmetic its lane loop executes per second:
+``ANGLE_KERNEL_FLOP_PER_PAIR`` (29: 17 for the angle and its smooth-L1, 12 for
+the gradient sums, an FMA counted as 2) for each of its ``N (N − 1)² / 2``
+lane terms (anchor i, row j ≠ i, column k > j), over the measured time of the whole call
+(the O(N²·D) parts included). ``x_simd_peak`` is their ratio; about half of
+those operations are not FMAs, so ``x_simd_peak`` near 0.6 already means
+the floating-point pipes are close to full.
+
 Timing: as ``bench_info_nce`` (:func:`bench.measure.time_uncontended`);
 an angle call at ``N = 4096`` takes seconds, so there the first call is the
 only warm-up and each provider gets exactly ``LONG_REPEATS`` timed runs.
@@ -48,12 +59,24 @@ import fastkd
 from bench.family import EmbeddingTermsFamily
 from bench.measure import few_runs
 from bench.report import COMPILE, EAGER
+from bench.simd_peak import simd_peak_gflops
 from fastkd import reference
 
 EAGER_ANGLE_MAX_N = 640
 # Angle calls from this N take seconds: no extra warm-up, exactly two runs.
 LONG_N = 2048
 ANGLE_FLOP_PER_TERM = 40
+# FLOP the CPU angle kernel's lane loop executes per (anchor, unordered pair)
+# term (csrc/cpu/rkd_kernel.cpp, fast path with the gradient): 17 for the two
+# numerators, the two angles, their difference, the clamp and the smooth-L1
+# (two FMAs), 12 for the gradient (|u|, one product, five FMAs).
+ANGLE_KERNEL_FLOP_PER_PAIR = 29
+
+
+def angle_kernel_flop(n: int) -> int:
+    """``ANGLE_KERNEL_FLOP_PER_PAIR`` for each lane term of the kernel: anchor i,
+    row j ≠ i, column k > j, ``N (N − 1)² / 2`` in all."""
+    return ANGLE_KERNEL_FLOP_PER_PAIR * n * (n - 1) * (n - 1) // 2
 
 
 class RkdBench(EmbeddingTermsFamily):
@@ -65,6 +88,15 @@ class RkdBench(EmbeddingTermsFamily):
     }
     sizes = (128, 256, 512, 1024, 4096)
     report_configs = (("distance", 4096, 128), ("angle", 256, 128))
+    metric_columns = (
+        *EmbeddingTermsFamily.metric_columns, "simd_peak_gflops", "kernel_gflops", "x_simd_peak",
+    )
+    table_metrics = (
+        *EmbeddingTermsFamily.table_metrics,
+        ("kernel_gflops", "kernel GFLOP/s", ".1f"),
+        ("simd_peak_gflops", "SIMD FMA peak GFLOP/s", ".1f"),
+        ("x_simd_peak", "× SIMD peak", ".2f"),
+    )
 
     def model_flop(self, term, n, d):
         if term == "angle":
@@ -80,6 +112,19 @@ class RkdBench(EmbeddingTermsFamily):
     def timing(self, term, n):
         return few_runs() if term == "angle" and n >= LONG_N else None
 
+    def add_gemm_floor(self, ctx, rows):
+        """The angle rows get the measured SIMD peak and the CPU kernel's
+        executed rate (the module docstring)."""
+        super().add_gemm_floor(ctx, rows)
+        if ctx.device.type != "cpu" or not any(row.get("loss") == "angle" for row in rows):
+            return
+        peak = simd_peak_gflops()
+        for row in rows:
+            row["simd_peak_gflops"] = peak
+            if row["provider"] == "fastkd-cpu" and row.get("median_ms") is not None:
+                row["kernel_gflops"] = angle_kernel_flop(row["N"]) / (row["median_ms"] * 1e6)
+                row["x_simd_peak"] = row["kernel_gflops"] / peak
+
 
 BENCH = RkdBench()
 
@@ -94,4 +139,5 @@ def test_skip():
 
 def test_flop_counts():
     assert BENCH.model_flop("angle", 10, 3) == ANGLE_FLOP_PER_TERM * 1000
+    assert angle_kernel_flop(4) == ANGLE_KERNEL_FLOP_PER_PAIR * 18  # anchors × Σ_{j≠i} (3 − j)
     assert BENCH.model_flop("distance", 10, 3) == 6 * 100 * 3

@@ -1,0 +1,13 @@
+"""The measured SIMD peak (bench/simd_peak.py): compiled here, positive, and
+growing with the thread count on a machine with two cores or more."""
+
+import os
+
+from bench.simd_peak import simd_peak_gflops
+
+
+def test_simd_peak_is_positive_and_scales_with_threads():
+    one = simd_peak_gflops(1, seconds=0.05)
+    assert one > 1.0
+    if (os.cpu_count() or 1) >= 2:
+        assert simd_peak_gflops(2, seconds=0.05) > 1.3 * one
