@@ -30,6 +30,7 @@
 #include <cmath>
 
 #include "../common/info_nce_op.h"
+#include "allocation.h"
 #include "capability.h"
 #include "info_nce_kernel.h"
 
@@ -80,8 +81,16 @@ at::Tensor logit_keys(const at::Tensor& k, at::ScalarType acc, double inv_temper
   return k.to(acc).mul(inv_temperature);
 }
 
-// Logits q_tile (k / τ)ᵀ: (rows, M), contiguous, in the accumulation dtype.
-at::Tensor tile_logits(const at::Tensor& q_tile, const at::Tensor& keys) { return at::mm(q_tile, keys.t()); }
+// Logits q_tile (k / τ)ᵀ: (rows, M), contiguous, in the accumulation dtype,
+// in a buffer from the cache of freed buffers (allocation.h): a tile of the
+// recomputing passes is freed before the next one asks for the same size,
+// and the kept (N, M) softmax of a training step before the next step's;
+// faulting 256 MiB in afresh costs about a fifth of the three GEMMs.
+at::Tensor tile_logits(const at::Tensor& q_tile, const at::Tensor& keys) {
+  at::Tensor out = empty_for_output({q_tile.size(0), keys.size(0)}, keys.options());
+  at::mm_out(out, q_tile, keys.t());
+  return out;
+}
 
 std::tuple<at::Tensor, at::Tensor> info_nce_forward_cpu(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& labels,
