@@ -87,12 +87,10 @@ struct TileKernels {
 
 template <typename acc_t>
 TileKernels<acc_t> tile_kernels() {
-  switch (active_capability()) {
-    case Capability::AVX512: return {&AVX512::relation_tile_statistics, &AVX512::relation_tile_gradients};
-    case Capability::AVX2: return {&AVX2::relation_tile_statistics, &AVX2::relation_tile_gradients};
-    case Capability::Default: break;
-  }
-  return {&DEFAULT::relation_tile_statistics, &DEFAULT::relation_tile_gradients};
+  const TileKernels<acc_t> avx512{&AVX512::relation_tile_statistics, &AVX512::relation_tile_gradients};
+  const TileKernels<acc_t> avx2{&AVX2::relation_tile_statistics, &AVX2::relation_tile_gradients};
+  const TileKernels<acc_t> fallback{&DEFAULT::relation_tile_statistics, &DEFAULT::relation_tile_gradients};
+  return pick_variant(avx512, avx2, fallback);
 }
 
 // Rows [i0, i0 + rows) against keys [j0, j0 + cols): zs, zt are their scores (c x_i) · x_j.

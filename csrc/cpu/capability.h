@@ -19,7 +19,7 @@ Capability supported_capability();
 std::string capability_name(Capability c);
 
 // The one of a kernel's AVX512::, AVX2:: and DEFAULT:: builds (function
-// pointers of one type F) that active_capability() selects.
+// pointers of one type F, or a struct of them) that active_capability() selects.
 template <class F>
 F pick_variant(F avx512, F avx2, F fallback) {
   switch (active_capability()) {
@@ -35,12 +35,7 @@ F pick_variant(F avx512, F avx2, F fallback) {
 template <class Args>
 void run_kernel_variant(const Args& args, void (*avx512)(const Args&), void (*avx2)(const Args&),
                         void (*fallback)(const Args&)) {
-  switch (active_capability()) {
-    case Capability::AVX512: return avx512(args);
-    case Capability::AVX2: return avx2(args);
-    case Capability::Default: break;
-  }
-  fallback(args);
+  pick_variant(avx512, avx2, fallback)(args);
 }
 
 }  // namespace cpu

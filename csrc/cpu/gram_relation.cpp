@@ -214,8 +214,8 @@ std::tuple<at::Tensor, at::Tensor> pkt_impl(const at::Tensor& student, const at:
   });
   const at::Tensor loss = at::scalar_tensor(ordered_sum(loss_rows) * inv_n2, at::TensorOptions().dtype(acc));
   if (!student_grad) return no_grad_result(loss, student);
-  return {loss, gram::pkt_student_grad_from(
-                    pair, thread_invariant_mm(symmetrised_in_place<T>(hs), pair.rows_s.xh), eps, student.scalar_type())};
+  const at::Tensor d_xh = thread_invariant_mm(symmetrised_in_place<T>(hs), pair.rows_s.xh);
+  return {loss, gram::pkt_student_grad_from(pair, d_xh, eps, student.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> pkt_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,

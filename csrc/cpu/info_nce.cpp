@@ -50,29 +50,17 @@ void run_rows_pass(RowsPass pass, at::Tensor& logits, const at::Tensor& labels, 
                                 row_loss ? row_loss + start : nullptr,
                                 row_lse ? row_lse + start : nullptr,
                                 row_scale ? row_scale + start : nullptr};
-  const Capability capability = active_capability();
   switch (pass) {
     case RowsPass::Lse:
-      switch (capability) {
-        case Capability::AVX512: return AVX512::info_nce_rows_lse(args);
-        case Capability::AVX2: return AVX2::info_nce_rows_lse(args);
-        case Capability::Default: return DEFAULT::info_nce_rows_lse(args);
-      }
-      break;
+      return run_kernel_variant<InfoNceRowsArgs<T>>(args, &AVX512::info_nce_rows_lse, &AVX2::info_nce_rows_lse,
+                                                    &DEFAULT::info_nce_rows_lse);
     case RowsPass::Softmax:
-      switch (capability) {
-        case Capability::AVX512: return AVX512::info_nce_rows_softmax(args);
-        case Capability::AVX2: return AVX2::info_nce_rows_softmax(args);
-        case Capability::Default: return DEFAULT::info_nce_rows_softmax(args);
-      }
-      break;
+      return run_kernel_variant<InfoNceRowsArgs<T>>(args, &AVX512::info_nce_rows_softmax,
+                                                    &AVX2::info_nce_rows_softmax, &DEFAULT::info_nce_rows_softmax);
     case RowsPass::LogitGrad:
-      switch (capability) {
-        case Capability::AVX512: return AVX512::info_nce_rows_logit_grad(args);
-        case Capability::AVX2: return AVX2::info_nce_rows_logit_grad(args);
-        case Capability::Default: return DEFAULT::info_nce_rows_logit_grad(args);
-      }
-      break;
+      return run_kernel_variant<InfoNceRowsArgs<T>>(args, &AVX512::info_nce_rows_logit_grad,
+                                                    &AVX2::info_nce_rows_logit_grad,
+                                                    &DEFAULT::info_nce_rows_logit_grad);
   }
 }
 

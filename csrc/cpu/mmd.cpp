@@ -230,19 +230,14 @@ double gaussian_block(at::Tensor& dots, const at::Tensor& a_norm_tile, const at:
         dots.data_ptr<scalar_t>(), dots.stride(0), a_norm_tile.data_ptr<scalar_t>(),
         b_norm.data_ptr<scalar_t>(), dots.size(0), dots.size(1), within ? start : -1,
         exponents.data(), slopes.data(), static_cast<int64_t>(exponents.size()), p.unbiased};
-    const Capability capability = active_capability();
+    using Args = GaussianBlockArgs<scalar_t>;
     if (want_sum) {
-      switch (capability) {
-        case Capability::AVX512: sum = AVX512::gaussian_block_sum(args); break;
-        case Capability::AVX2: sum = AVX2::gaussian_block_sum(args); break;
-        case Capability::Default: sum = DEFAULT::gaussian_block_sum(args); break;
-      }
+      using Sum = double (*)(const Args&);
+      sum = pick_variant<Sum>(&AVX512::gaussian_block_sum, &AVX2::gaussian_block_sum,
+                              &DEFAULT::gaussian_block_sum)(args);
     } else {
-      switch (capability) {
-        case Capability::AVX512: AVX512::gaussian_block_coef(args); break;
-        case Capability::AVX2: AVX2::gaussian_block_coef(args); break;
-        case Capability::Default: DEFAULT::gaussian_block_coef(args); break;
-      }
+      run_kernel_variant<Args>(args, &AVX512::gaussian_block_coef, &AVX2::gaussian_block_coef,
+                               &DEFAULT::gaussian_block_coef);
     }
   });
   return sum;

@@ -65,32 +65,20 @@ double direct_sq(const T* a, const T* b, int64_t d) {
 template <class T>
 double distance_row(const T* g, const T* norms, T n_i, T factor, T* d, uint8_t* near, int64_t n,
                     int64_t diag) {
-  switch (active_capability()) {
-    case Capability::AVX512: return AVX512::distance_row(g, norms, n_i, factor, d, near, n, diag);
-    case Capability::AVX2: return AVX2::distance_row(g, norms, n_i, factor, d, near, n, diag);
-    case Capability::Default: break;
-  }
-  return DEFAULT::distance_row(g, norms, n_i, factor, d, near, n, diag);
+  return pick_variant(&AVX512::distance_row<T>, &AVX2::distance_row<T>, &DEFAULT::distance_row<T>)(
+      g, norms, n_i, factor, d, near, n, diag);
 }
 
 template <class T>
 std::pair<double, double> distance_loss_row(const T* d_s, T* d_t, T inv_s, T inv_t, T inv_n2, int64_t n) {
-  switch (active_capability()) {
-    case Capability::AVX512: return AVX512::distance_loss_row(d_s, d_t, inv_s, inv_t, inv_n2, n);
-    case Capability::AVX2: return AVX2::distance_loss_row(d_s, d_t, inv_s, inv_t, inv_n2, n);
-    case Capability::Default: break;
-  }
-  return DEFAULT::distance_loss_row(d_s, d_t, inv_s, inv_t, inv_n2, n);
+  return pick_variant(&AVX512::distance_loss_row<T>, &AVX2::distance_loss_row<T>,
+                      &DEFAULT::distance_loss_row<T>)(d_s, d_t, inv_s, inv_t, inv_n2, n);
 }
 
 template <class T>
 double distance_coef_row(T* d_s, const T* q, T shift, T inv_s, int64_t n) {
-  switch (active_capability()) {
-    case Capability::AVX512: return AVX512::distance_coef_row(d_s, q, shift, inv_s, n);
-    case Capability::AVX2: return AVX2::distance_coef_row(d_s, q, shift, inv_s, n);
-    case Capability::Default: break;
-  }
-  return DEFAULT::distance_coef_row(d_s, q, shift, inv_s, n);
+  return pick_variant(&AVX512::distance_coef_row<T>, &AVX2::distance_coef_row<T>,
+                      &DEFAULT::distance_coef_row<T>)(d_s, q, shift, inv_s, n);
 }
 
 // One side's distances d_ij = sqrt(max(‖x_i − x_j‖², 1e-12)) (0 on the
@@ -293,12 +281,9 @@ AngleSide<T> angle_side(const at::Tensor& x) {
 
 template <class T>
 double run_angle_kernel(const AngleArgs<T>& args) {
-  switch (active_capability()) {
-    case Capability::AVX512: return AVX512::rkd_angle_kernel(args);
-    case Capability::AVX2: return AVX2::rkd_angle_kernel(args);
-    case Capability::Default: break;
-  }
-  return DEFAULT::rkd_angle_kernel(args);
+  using Kernel = double (*)(const AngleArgs<T>&);
+  return pick_variant<Kernel>(&AVX512::rkd_angle_kernel, &AVX2::rkd_angle_kernel,
+                              &DEFAULT::rkd_angle_kernel)(args);
 }
 
 template <class T>

@@ -96,12 +96,7 @@ using SoftmaxRow = bool (*)(const float*, int64_t, float, float*);
 
 // uld_kernel.cpp's float32 row softmax for this CPU
 SoftmaxRow simd_softmax_row() {
-  switch (active_capability()) {
-    case Capability::AVX512: return &AVX512::uld_softmax_row;
-    case Capability::AVX2: return &AVX2::uld_softmax_row;
-    case Capability::Default: break;
-  }
-  return &DEFAULT::uld_softmax_row;
+  return pick_variant<SoftmaxRow>(&AVX512::uld_softmax_row, &AVX2::uld_softmax_row, &DEFAULT::uld_softmax_row);
 }
 
 // One row's probabilities into out: float32 ones through the SIMD softmax
