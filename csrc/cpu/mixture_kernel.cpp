@@ -100,20 +100,6 @@ W total(const Compensated<Vec<W>>& lanes, const Compensated<W>& tail) {
   return W(total_double(lanes, tail));
 }
 
-template <class W>
-W row_max(const W* x, int64_t V) {
-  constexpr int64_t L = Vec<W>::size();
-  Vec<W> vmax(-std::numeric_limits<W>::infinity());
-  int64_t j = 0;
-  for (; j + L <= V; j += L) vmax = fk_max(vmax, Vec<W>::loadu(x + j));
-  std::array<W, L> lanes;
-  vmax.store(lanes.data());
-  W best = -std::numeric_limits<W>::infinity();
-  for (W lane : lanes) best = fk_max(best, lane);
-  for (; j < V; ++j) best = fk_max(best, x[j]);
-  return best;
-}
-
 // The next row of the same input, asked for while this one is computed (as
 // the single-teacher kernel does): the row maxima are the first reads of a
 // row, and without it they waited on memory for a quarter of the float
@@ -238,7 +224,7 @@ void mixture_rows(const MixtureDivergenceArgs& a) {
       } else {
         s = s_row;
       }
-      const W max_s = row_max(s, V);
+      const W max_s = fk_row_max(s, V);
       const W sum_s = exp_sum(s, V, max_s, inv_t, e_s);
       TermConstants<W> c{inv_t, max_s, fk_log(sum_s), W(1) / sum_s, W(0), coef};
 
@@ -252,7 +238,7 @@ void mixture_rows(const MixtureDivergenceArgs& a) {
         } else {
           t = t_row;
         }
-        const W max_t = row_max(t, V);
+        const W max_t = fk_row_max(t, V);
         const W sum_t = exp_sum(t, V, max_t, inv_t, static_cast<W*>(nullptr));
         // A teacher of weight 0 is still read: its offset is −inf, so it adds
         // nothing, except NaN from a NaN input (docs/spec.md §6: NaN is never dropped).
@@ -504,7 +490,7 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
       } else {
         s = s_row;
       }
-      const W max_s = row_max(s, V);
+      const W max_s = fk_row_max(s, V);
       const bool has_next = i + 1 < end;
       const auto next_row = [&](const S* row, int64_t row_stride) {
         return has_next ? NextRow{reinterpret_cast<const char*>(row + row_stride), int64_t(sizeof(S))}
@@ -527,7 +513,7 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
             tk = t_row;
           }
           t[next] = tk;
-          max_t[next] = row_max(tk, V);
+          max_t[next] = fk_row_max(tk, V);
           const double sum_t =
               exp_sum(tk, V, max_t[next], inv_t, e_t + next * V, next_row(t_row, a.teacher_row_stride));
           gap[next] = W(std::log(sum_t) - log_sum_s);
@@ -538,9 +524,9 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
           W m = 0.0f;
           if constexpr (widen) {
             widen_row(t_row, u, V);  // u is free until the terms pass
-            m = row_max(static_cast<const W*>(u), V);
+            m = fk_row_max(static_cast<const W*>(u), V);
           } else {
-            m = row_max(t_row, V);
+            m = fk_row_max(t_row, V);
           }
           if (!std::isfinite(m)) poison = std::numeric_limits<W>::quiet_NaN();
         }

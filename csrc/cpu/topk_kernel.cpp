@@ -81,21 +81,6 @@ struct Compensated {
   }
 };
 
-// max of x[0, V) into a scalar; NaN propagates (fk_max).
-template <class W>
-W row_max(const W* x, int64_t V) {
-  constexpr int64_t L = Vec<W>::size();
-  Vec<W> vmax(-std::numeric_limits<W>::infinity());
-  int64_t j = 0;
-  for (; j + L <= V; j += L) vmax = fk_max(vmax, Vec<W>::loadu(x + j));
-  std::array<W, L> lanes;
-  vmax.store(lanes.data());
-  W best = -std::numeric_limits<W>::infinity();
-  for (W lane : lanes) best = fk_max(best, lane);
-  for (; j < V; ++j) best = fk_max(best, x[j]);
-  return best;
-}
-
 // x[v] ← exp((x[v] − max)·inv_t); returns Σ x[v] (compensated, lanes in double).
 template <class W>
 double exponentiate_and_sum(W* x, int64_t V, W max, W inv_t) {
@@ -191,7 +176,7 @@ void topk_rows(const TopKDivergenceArgs& a) {
       } else {
         at::vec::convert(s, scratch.data(), V);
       }
-      const W max_s = row_max(scratch.data(), V);
+      const W max_s = fk_row_max(scratch.data(), V);
       // the label's logit and, at T ≠ 1, the CE's own normaliser
       const int64_t y = with_ce ? a.labels[i] : 0;  // in [0, V): checked by the op
       const double s_y = with_ce ? double(scratch[y]) : 0.0;

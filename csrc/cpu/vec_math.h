@@ -151,3 +151,29 @@ inline Vec<T> fk_logaddexp(Vec<T> a, Vec<T> b) {
 // (a dependent call finds non-ADL overloads only if declared before the
 // template's definition).
 #include "../common/divergence_math.h"
+
+namespace fastkd {
+namespace cpu {
+// In this capability's own namespace: a helper whose signature names no
+// Vec<T> would otherwise be one inline function for all three builds.
+namespace CPU_CAPABILITY {
+
+// max of x[0, n) into a scalar; NaN propagates (fk_max).
+template <class W>
+W fk_row_max(const W* x, int64_t n) {
+  using divergence::Vec;
+  constexpr int64_t L = Vec<W>::size();
+  Vec<W> vmax(-std::numeric_limits<W>::infinity());
+  int64_t j = 0;
+  for (; j + L <= n; j += L) vmax = divergence::fk_max(vmax, Vec<W>::loadu(x + j));
+  W lanes[L];
+  vmax.store(lanes);
+  W best = -std::numeric_limits<W>::infinity();
+  for (W lane : lanes) best = divergence::fk_max(best, lane);
+  for (; j < n; ++j) best = divergence::fk_max(best, x[j]);
+  return best;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fastkd
