@@ -36,11 +36,13 @@ _C_cuda, CUDA_EXTENSION_ERROR = _load("fastkd._C_cuda") if _C is not None else (
 
 
 def empty_cache() -> int:
-    """Free the output buffers fastkd's CPU kernels keep for reuse; returns the bytes freed.
+    """Free the buffers fastkd's CPU kernels keep for reuse; returns the bytes freed.
 
-    Large CPU outputs (gradients) of the fused kernels come from a small cache
-    of freed buffers of the same size, so that a training loop does not pay
-    page faults for a fresh gradient every step (at most
+    Large CPU outputs (gradients) of the fused kernels, and the large scratch
+    matrices of the pairwise losses (the ``N × N`` Gram and distance matrices
+    of SP, CC, PKT and RKD's distance, InfoNCE's logits and kept softmax),
+    come from a small cache of freed buffers of the same size, so that a
+    training loop does not pay page faults for fresh ones every step (at most
     ``FASTKD_CPU_CACHE_MB`` MiB, default 2048, are held; 0 disables it). Like
     ``torch.cuda.empty_cache``, this returns them to the operating system.
     """

@@ -103,7 +103,9 @@ NOT_FAMILIES = {
     "fastkd/reference": ("__init__.py", "_*.py"),
     "kernels": ("__init__.py", "_*.py"),
     "csrc/common": ("checks.h",),
-    "csrc/cpu": ("allocation.*", "capability.*", "vec_math.h", "single_threaded_tasks.h", "thread_invariant_mm.h"),
+    "csrc/cpu": (
+        "allocation.*", "capability.*", "vec_math.h", "single_threaded_tasks.h", "thread_invariant_mm.h",
+    ),
     "csrc/cuda": (
         "cuda_module.cpp", "block_reduce.cuh", "float_dispatch.cuh", "hard_label.cuh", "op_scope.cuh",
     ),
