@@ -2,6 +2,7 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 
 #include <cstdlib>
 #include <map>
@@ -99,6 +100,12 @@ at::Tensor empty_for_output(at::IntArrayRef sizes, const at::TensorOptions& opti
   return at::from_blob(
       block, sizes, [rounded](void* data) { OutputCache::instance().give(data, rounded); },
       options);
+}
+
+at::Tensor mm_into_cached(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = empty_for_output({a.size(0), b.size(1)}, a.options());
+  at::mm_out(out, a, b);
+  return out;
 }
 
 size_t release_cached_outputs() { return OutputCache::instance().release_all(); }

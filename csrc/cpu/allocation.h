@@ -28,6 +28,11 @@ namespace cpu {
 // at::empty, from the cache where a buffer of the same size is free.
 at::Tensor empty_for_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// a [M, K] @ b [K, N] into a buffer from empty_for_output: for the large
+// scratch products (Gram, distance and logits matrices) that a training loop
+// frees and asks for again at the same size every step.
+at::Tensor mm_into_cached(const at::Tensor& a, const at::Tensor& b);
+
 // Frees every cached buffer; returns the bytes released.
 size_t release_cached_outputs();
 

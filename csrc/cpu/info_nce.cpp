@@ -74,11 +74,7 @@ at::Tensor logit_keys(const at::Tensor& k, at::ScalarType acc, double inv_temper
 // recomputing passes is freed before the next one asks for the same size,
 // and the kept (N, M) softmax of a training step before the next step's;
 // faulting 256 MiB in afresh costs about a fifth of the three GEMMs.
-at::Tensor tile_logits(const at::Tensor& q_tile, const at::Tensor& keys) {
-  at::Tensor out = empty_for_output({q_tile.size(0), keys.size(0)}, keys.options());
-  at::mm_out(out, q_tile, keys.t());
-  return out;
-}
+at::Tensor tile_logits(const at::Tensor& q_tile, const at::Tensor& keys) { return mm_into_cached(q_tile, keys.t()); }
 
 std::tuple<at::Tensor, at::Tensor> info_nce_forward_cpu(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& labels,

@@ -140,10 +140,8 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_impl(const at::Tensor& student,
   // buffers (allocation.h): faulting 64 MiB in afresh costs about what the
   // product that fills it does. The near flags are written in full before
   // any is read, so they are not zeroed first.
-  at::Tensor ds = empty_for_output({n, n}, xs_c.options());
-  at::Tensor dt = empty_for_output({n, n}, xt_c.options());
-  at::mm_out(ds, xs_c, xs_c.t());
-  at::mm_out(dt, xt_c, xt_c.t());
+  const at::Tensor ds = mm_into_cached(xs_c, xs_c.t());
+  const at::Tensor dt = mm_into_cached(xt_c, xt_c.t());
   const at::Tensor near_flags = empty_for_output({2, n, n}, at::TensorOptions().dtype(at::kByte));
   uint8_t* near_s = near_flags.data_ptr<uint8_t>();
   uint8_t* near_t = near_s + n * n;

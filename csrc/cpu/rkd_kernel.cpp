@@ -157,7 +157,7 @@ double row_pair(const AngleArgs<T>& a, int64_t i, int64_t j, T* d_gram, T* r_acc
   T* dgj = kGrad ? d_gram + j * n : nullptr;
   // Lanes k .. k + cnt − 1; inlined into a loop of full vectors (cnt = L, no
   // partial-load branches) and one tail.
-  const auto lanes = [&](int64_t k, int64_t cnt, Vec<T>& vloss, Vec<T>& vr, Vec<T>& vs) {
+  const auto lanes = [&](int64_t k, int64_t cnt, Vec<T>& loss_acc, Vec<T>& r_sum, Vec<T>& s_sum) {
     // Tail lanes load zeros: u = 0 there, so a = 0 on both sides and they add nothing.
     const Vec<T> us_k = load(usi + k, cnt);
     const Vec<T> ut_k = load(uti + k, cnt);
@@ -176,7 +176,7 @@ double row_pair(const AngleArgs<T>& a, int64_t i, int64_t j, T* d_gram, T* r_acc
     const Vec<T> d = as - at;
     // smooth-L1 (β = 1) as g (d − g/2), g = clamp(d, −1, 1): ½d² inside, |d| − ½ outside
     const Vec<T> g = at::vec::clamp(d, Vec<T>(T(-1)), Vec<T>(T(1)));
-    vloss = at::vec::fmadd(g, at::vec::fmadd(Vec<T>(T(-0.5)), g, d), vloss);
+    loss_acc = at::vec::fmadd(g, at::vec::fmadd(Vec<T>(T(-0.5)), g, d), loss_acc);
     if constexpr (kGrad) {
       // 2W = g |u_ik| · 2|u_ij|: both (j, k) and (k, j); the row sums take it
       // whole, halved once at the end. Each sum is one fused multiply-add
@@ -184,9 +184,9 @@ double row_pair(const AngleArgs<T>& a, int64_t i, int64_t j, T* d_gram, T* r_acc
       const Vec<T> gu = g * (j_coincides ? forward_factor(us_k) : us_k.abs());
       store<T>(at::vec::fmadd(gu, vws, load(dgj + k, cnt)), dgj + k, cnt);
       store<T>(at::vec::fmadd(gu, vws, load(r_acc + k, cnt)), r_acc + k, cnt);
-      vr = at::vec::fmadd(gu, vws, vr);
+      r_sum = at::vec::fmadd(gu, vws, r_sum);
       store<T>(at::vec::fmadd(g, as, load(s_acc + k, cnt)), s_acc + k, cnt);
-      vs = at::vec::fmadd(g, as, vs);
+      s_sum = at::vec::fmadd(g, as, s_sum);
     }
   };
   int64_t k = j + 1;
