@@ -57,6 +57,7 @@
 #include <limits>
 #include <vector>
 
+#include "row_sums.h"
 #include "vec_math.h"
 
 namespace fastkd {
@@ -76,55 +77,10 @@ T horizontal_max(Vec<T> v) {
   return best;
 }
 
-// Compensated (Kahan) summation for every row sum. Summed lane-wise, a row of
-// V terms builds chains of V/lanes additions whose rounding grows with V:
-// in Σ exp the error reaches log Σ, and so every log-probability, as a
-// shift common to the row, which a small divergence (near convergence, at
-// high temperature) cannot absorb; in the loss, Σu and Σv, whose terms have
-// both signs, it is worse. Plain lane sums fell behind PyTorch's cascade
-// summation there; compensated ones do not depend on V. Four extra additions
-// per term; the exponential passes add blocks of kBlock vectors, summed
-// pairwise first (an error of log2(kBlock) roundings of the block, whatever
-// V), which takes the compensation off the critical path of the row.
-// (No -ffast-math: it would undo this.)
-//
-// Once the sum is ±inf (an infinite divergence term) the compensation would
-// be inf − inf = NaN and turn the total into NaN: a NaN compensation is reset
-// to 0, so ±inf stays ±inf, and a NaN term still makes the sum NaN.
-template <class W>
-struct CompensatedSum {
-  W sum = W(0), compensation = W(0);
-  void add(W x) {
-    const W y = x - compensation;
-    const W total = sum + y;
-    compensation = zero_where_nan((total - sum) - y);
-    sum = total;
-  }
-  static W zero_where_nan(W c) {
-    if constexpr (std::is_floating_point_v<W>) {
-      return c == c ? c : W(0);
-    } else {
-      return W::blendv(W(0), c, c == c);
-    }
-  }
-};
-
-// Total of a SIMD compensated sum and a scalar one (the row's tail), with the
-// lanes combined in double; total_double keeps the double.
-template <class T>
-double total_double(const CompensatedSum<Vec<T>>& lanes, const CompensatedSum<T>& tail) {
-  std::array<T, Vec<T>::size()> sums, compensations;
-  lanes.sum.store(sums.data());
-  lanes.compensation.store(compensations.data());
-  double result = double(tail.sum) - double(tail.compensation);
-  for (size_t i = 0; i < sums.size(); ++i) result += double(sums[i]) - double(compensations[i]);
-  return result;
-}
-
-template <class T>
-T total(const CompensatedSum<Vec<T>>& lanes, const CompensatedSum<T>& tail) {
-  return T(total_double(lanes, tail));
-}
+// Every row sum is compensated (see row_sums.h). The exponential passes add
+// blocks of kBlock vectors, summed pairwise first (an error of log2(kBlock)
+// roundings of the block, whatever V), which takes the compensation off the
+// critical path of the row.
 
 // A row divergence is never negative; rounding can take a tiny one below 0
 // (the float64 reference's too). NaN stays NaN.
@@ -618,20 +574,7 @@ T cross_entropy_row(const T* s, int64_t V, int64_t y, const RowParams<T>& rp,
   if (!rp.ce_shares_normaliser) {
     // T ≠ 1: e_s ← exp(s − max) and its sum, in place of the divergence's
     // exponentials (no longer needed)
-    const Vec<T> vmax(ns.max);
-    CompensatedSum<Vec<T>> vsum;
-    int64_t j = 0;
-    for (; j + L <= V; j += L) {
-      const Vec<T> e = fk_exp_normaliser(Vec<T>::loadu(s + j) - vmax);
-      e.store(e_s + j);
-      vsum.add(e);
-    }
-    CompensatedSum<T> tail;
-    for (; j < V; ++j) {
-      e_s[j] = fk_exp(s[j] - ns.max);
-      tail.add(e_s[j]);
-    }
-    const T sum = total(vsum, tail);
+    const T sum = T(exp_sum(s, V, ns.max, T(1), e_s));
     log_sum = fk_log(sum);
     inv_sum = T(1) / sum;
   }

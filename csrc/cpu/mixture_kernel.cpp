@@ -50,6 +50,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "row_sums.h"
 #include "vec_math.h"
 
 namespace fastkd {
@@ -59,79 +60,6 @@ namespace CPU_CAPABILITY {
 using namespace fastkd::divergence;
 
 namespace {
-
-// Kahan-compensated sum (see divergence_kernel.cpp for why row sums are).
-template <class W>
-//
-// Once the sum is ±inf (an infinite divergence term) the compensation would
-// be inf − inf = NaN and turn the total into NaN: a NaN compensation is reset
-// to 0, so ±inf stays ±inf, and a NaN term still makes the sum NaN.
-struct Compensated {
-  W sum = W(0), compensation = W(0);
-  void add(W x) {
-    const W y = x - compensation;
-    const W t = sum + y;
-    compensation = zero_where_nan((t - sum) - y);
-    sum = t;
-  }
-  static W zero_where_nan(W c) {
-    if constexpr (std::is_floating_point_v<W>) {
-      return c == c ? c : W(0);
-    } else {
-      return W::blendv(W(0), c, c == c);
-    }
-  }
-};
-
-// Total of SIMD lanes and a scalar tail, combined in double.
-template <class W>
-double total_double(const Compensated<Vec<W>>& lanes, const Compensated<W>& tail) {
-  constexpr int64_t L = Vec<W>::size();
-  std::array<W, L> sums, comps;
-  lanes.sum.store(sums.data());
-  lanes.compensation.store(comps.data());
-  double result = double(tail.sum) - double(tail.compensation);
-  for (int64_t l = 0; l < L; ++l) result += double(sums[l]) - double(comps[l]);
-  return result;
-}
-
-template <class W>
-W total(const Compensated<Vec<W>>& lanes, const Compensated<W>& tail) {
-  return W(total_double(lanes, tail));
-}
-
-// The next row of the same input, asked for while this one is computed (as
-// the single-teacher kernel does): the row maxima are the first reads of a
-// row, and without it they waited on memory for a quarter of the float
-// path's time. `bytes_per_element` of the input's dtype; data null: none.
-struct NextRow {
-  const char* data = nullptr;
-  int64_t bytes_per_element = 0;
-};
-
-// Σ exp((x − max)/T), summed in W and returned in double; with `out`, the
-// exponentials are stored there too; asks for `next` along the way.
-template <class W>
-double exp_sum(const W* x, int64_t V, W max, W inv_t, W* out, NextRow next = {}) {
-  constexpr int64_t L = Vec<W>::size();
-  const Vec<W> vmax(max), vinv(inv_t);
-  Compensated<Vec<W>> lanes;
-  int64_t j = 0;
-  for (; j + L <= V; j += L) {
-    // one cache line per float32 vector (half a line for 16-bit inputs)
-    if (next.data != nullptr) __builtin_prefetch(next.data + j * next.bytes_per_element);
-    const Vec<W> e = fk_exp_normaliser((Vec<W>::loadu(x + j) - vmax) * vinv);
-    if (out != nullptr) e.store(out + j);
-    lanes.add(e);
-  }
-  Compensated<W> tail;
-  for (; j < V; ++j) {
-    const W e = fk_exp((x[j] - max) * inv_t);
-    if (out != nullptr) out[j] = e;
-    tail.add(e);
-  }
-  return total_double(lanes, tail);
-}
 
 // log p ← (first ? a : logaddexp(log p, a)), a = (t − max)/T + offset.
 template <class W>
@@ -253,7 +181,7 @@ void mixture_rows(const MixtureDivergenceArgs& a) {
                                      Vec<W>(c.inv_sum_s), Vec<W>(c.log_p_at_mode),
                                      {Vec<W>(coef.c), Vec<W>(coef.one_minus_c), Vec<W>(coef.log_c),
                                       Vec<W>(coef.log_one_minus_c)}};
-      Compensated<Vec<W>> vloss, vsum_u;
+      CompensatedSum<Vec<W>> vloss, vsum_u;
       int64_t j = 0;
       for (; j + L <= V; j += L) {
         const ElementTerms<Vec<W>> e = terms_at<KIND>(Vec<W>::loadu(s + j), Vec<W>::loadu(e_s + j),
@@ -262,7 +190,7 @@ void mixture_rows(const MixtureDivergenceArgs& a) {
         vsum_u.add(e.u);
         e.u.store(u + j);
       }
-      Compensated<W> tail_loss, tail_u;
+      CompensatedSum<W> tail_loss, tail_u;
       for (; j < V; ++j) {
         const ElementTerms<W> e = terms_at<KIND>(s[j], e_s[j], log_p[j], c);
         tail_loss.add(e.loss);
@@ -493,8 +421,8 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
       const W max_s = fk_row_max(s, V);
       const bool has_next = i + 1 < end;
       const auto next_row = [&](const S* row, int64_t row_stride) {
-        return has_next ? NextRow{reinterpret_cast<const char*>(row + row_stride), int64_t(sizeof(S))}
-                        : NextRow{};
+        return has_next ? RowAhead{reinterpret_cast<const char*>(row + row_stride), int64_t(sizeof(S))}
+                        : RowAhead{};
       };
       const double sum_s = exp_sum(s, V, max_s, inv_t, e_s, next_row(s_row, a.student_row_stride));
       const double log_sum_s = std::log(sum_s);
@@ -546,28 +474,27 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
             const VW b = (a_k - a_s) - VW(gap[k]);
             b.store(b_lanes + k * L);  // for the sums below, from L1
             const VW z = b + VW(log_weight[k]);
-            const VW take = z > z_max;
-            z_max = VW::blendv(z_max, z, take);
-            b_sel = VW::blendv(b_sel, b, take);
-            a_max = VW::blendv(a_max, a_k, a_k > a_max);
+            // where z > z_max: one comparison, two blends
+            b_sel = fk_where<Cmp::GT>(z, z_max, b, b_sel);
+            z_max = fk_where<Cmp::GT>(z, z_max, z, z_max);
+            a_max = fk_where<Cmp::GT>(a_k, a_max, a_k, a_max);
           }
           VW x = zero;
           for (int64_t k = 0; k < K; ++k) {
             x = x + VW(weight[k]) * expm1_lanes(VW::loadu(b_lanes + k * L) - b_sel);
           }
-          const VW near = x > half;
           VW value = b_sel + log1p_lanes(x);
           // Y and its log only for vectors with a lane where the other
           // teachers add less than ½ (rare where the teachers agree)
-          if (near.zero_mask() != 0) {
+          if ((x > half).zero_mask() != 0) {
             VW y = zero;
             for (int64_t k = 0; k < K; ++k) {
               y = y + VW(weight[k]) * fk_exp_normaliser(VW::loadu(b_lanes + k * L) - b_sel);
             }
-            value = VW::blendv(b_sel + log_lanes(y), value, near);
+            value = fk_where<Cmp::GT>(x, half, value, b_sel + log_lanes(y));
           }
-          value = VW::blendv(value, neg_inf, b_sel == neg_inf);
-          value = VW::blendv(value, a_max - a_s, a_s == neg_inf);
+          value = fk_where<Cmp::EQ>(b_sel, neg_inf, neg_inf, value);
+          value = fk_where<Cmp::EQ>(a_s, neg_inf, a_max - a_s, value);
           (value + vpoison).store(log_ratio + j);
         }
         for (; j < V; ++j) {
@@ -599,8 +526,8 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
       const W ratio_at_mode = -log_ratio[index_of(s, V, max_s)];
 
       // terms: loss, Σu (u kept for the gradient)
-      Compensated<VW> vloss, vsum_u;
-      Compensated<W> tail_loss, tail_u;
+      CompensatedSum<VW> vloss, vsum_u;
+      CompensatedSum<W> tail_loss, tail_u;
       {
         const VW vinv_sum(inv_sum_s), vmode(ratio_at_mode), vpoison(poison);
         const Coefficient<VW> vcoef{VW(coef.c), VW(coef.one_minus_c), VW(coef.log_c), VW(coef.log_one_minus_c)};

@@ -56,6 +56,7 @@
 #include <vector>
 
 #include "../common/topk_math.h"
+#include "row_sums.h"
 #include "vec_math.h"
 
 namespace fastkd {
@@ -67,44 +68,6 @@ using namespace fastkd::divergence;
 namespace {
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
-
-// Kahan-compensated sum (see divergence_kernel.cpp for why every row sum is
-// compensated: a small divergence cannot absorb a shift of log Σ).
-template <class W>
-struct Compensated {
-  W sum = W(0), compensation = W(0);
-  void add(W x) {
-    const W y = x - compensation;
-    const W t = sum + y;
-    compensation = (t - sum) - y;
-    sum = t;
-  }
-};
-
-// x[v] ← exp((x[v] − max)·inv_t); returns Σ x[v] (compensated, lanes in double).
-template <class W>
-double exponentiate_and_sum(W* x, int64_t V, W max, W inv_t) {
-  constexpr int64_t L = Vec<W>::size();
-  const Vec<W> vmax(max), vinv(inv_t);
-  Compensated<Vec<W>> lanes;
-  int64_t j = 0;
-  for (; j + L <= V; j += L) {
-    const Vec<W> e = fk_exp_normaliser((Vec<W>::loadu(x + j) - vmax) * vinv);
-    e.store(x + j);
-    lanes.add(e);
-  }
-  Compensated<W> tail;
-  for (; j < V; ++j) {
-    x[j] = fk_exp((x[j] - max) * inv_t);
-    tail.add(x[j]);
-  }
-  std::array<W, L> sums, comps;
-  lanes.sum.store(sums.data());
-  lanes.compensation.store(comps.data());
-  double total = double(tail.sum) - double(tail.compensation);
-  for (int64_t l = 0; l < L; ++l) total += double(sums[l]) - double(comps[l]);
-  return total;
-}
 
 // The support terms and the off-support slope c of csrc/common/topk_math.h
 // (shared with the CUDA kernel), for the row's runtime kind.
@@ -183,7 +146,7 @@ void topk_rows(const TopKDivergenceArgs& a) {
       double ce_sum = 0.0;
       if (with_ce && !ce_shares_normaliser) {
         std::copy(scratch.begin(), scratch.end(), ce_exp.begin());
-        ce_sum = exponentiate_and_sum(ce_exp.data(), V, max_s, W(1));
+        ce_sum = exp_sum(ce_exp.data(), V, max_s, W(1), ce_exp.data());
       }
 
       // support: a_j = (s_j − max)/T, the difference exact in double (in float
@@ -193,7 +156,7 @@ void topk_rows(const TopKDivergenceArgs& a) {
       for (int64_t j = 0; j < K; ++j) scratch[ids[j]] = -std::numeric_limits<W>::infinity();
 
       // pass 2
-      const double off_sum = exponentiate_and_sum(scratch.data(), V, max_s, inv_t);
+      const double off_sum = exp_sum(scratch.data(), V, max_s, inv_t, scratch.data());
       double support_sum = 0.0;
       for (int64_t j = 0; j < K; ++j) support_sum += std::exp(log_q[j]);
       const double sum = off_sum + support_sum;

@@ -73,6 +73,36 @@ inline Vec<T> fk_exp_normaliser(Vec<T> x) {
   }
 }
 
+// Comparisons for fk_where, with at::vec's operators' NaN rules: EQ, GT and
+// LT are false where either side is NaN, NE and UNORDERED are true.
+enum class Cmp { EQ, NE, GT, LT, UNORDERED };
+
+// x <cmp> y ? if_true : if_false, lane-wise. On AVX-512 a comparison into a
+// mask register and one masked blend: at::vec's `blendv(b, a, x > y)` takes
+// four instructions there (the comparison is widened to a vector, which
+// blendv compares again), and these selects sit in the inner loops of every
+// row kernel.
+template <Cmp C, class T>
+inline Vec<T> fk_where(Vec<T> x, Vec<T> y, Vec<T> if_true, Vec<T> if_false) {
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr int imm = C == Cmp::EQ ? _CMP_EQ_OQ
+                      : C == Cmp::NE ? _CMP_NEQ_UQ
+                      : C == Cmp::GT ? _CMP_GT_OQ
+                      : C == Cmp::LT ? _CMP_LT_OQ
+                                     : _CMP_UNORD_Q;
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, y, imm), if_false, if_true);
+  } else if constexpr (std::is_same_v<T, double>) {
+    return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(x, y, imm), if_false, if_true);
+  }
+#endif
+  if constexpr (C == Cmp::EQ) return Vec<T>::blendv(if_false, if_true, x == y);
+  if constexpr (C == Cmp::NE) return Vec<T>::blendv(if_false, if_true, x != y);
+  if constexpr (C == Cmp::GT) return Vec<T>::blendv(if_false, if_true, x > y);
+  if constexpr (C == Cmp::LT) return Vec<T>::blendv(if_false, if_true, x < y);
+  if constexpr (C == Cmp::UNORDERED) return Vec<T>::blendv(if_false, if_true, (x != x) | (y != y));
+}
+
 // max(a, b) where neither is NaN; with a NaN either may come out. For the
 // row maxima, whose NaN the exponentials after them carry on (fk_max costs
 // four instructions to propagate it, this one one).
@@ -82,7 +112,7 @@ inline Vec<T> fk_max_unordered(Vec<T> a, Vec<T> b) {
   if constexpr (std::is_same_v<T, float>) return _mm512_max_ps(a, b);
   if constexpr (std::is_same_v<T, double>) return _mm512_max_pd(a, b);
 #endif
-  return Vec<T>::blendv(a, b, b > a);
+  return fk_where<Cmp::GT>(b, a, b, a);
 }
 
 // The lanes of v summed in float64, in lane order (a fixed order: results
@@ -113,7 +143,7 @@ template <class T>
 inline Vec<T> fk_abs(Vec<T> x) { return x.abs(); }
 template <class T>
 inline Vec<T> fk_where_positive(Vec<T> d, Vec<T> a, Vec<T> b) {
-  return Vec<T>::blendv(b, a, d > Vec<T>(T(0)));
+  return fk_where<Cmp::GT>(d, Vec<T>(T(0)), a, b);
 }
 
 // at::vec::maximum / minimum propagate NaN, like the scalar versions.
@@ -125,14 +155,14 @@ inline Vec<T> fk_min(Vec<T> a, Vec<T> b) { return at::vec::minimum(a, b); }
 template <class T>
 inline Vec<T> fk_zero_where_zero(Vec<T> gate, Vec<T> value) {
   const Vec<T> zero(T(0));
-  return Vec<T>::blendv(value, zero, gate == zero);
+  return fk_where<Cmp::EQ>(gate, zero, zero, value);
 }
 
 template <class T>
 inline Vec<T> fk_half_sign(Vec<T> d) {
   const Vec<T> zero(T(0));
-  const Vec<T> positive = Vec<T>::blendv(zero, Vec<T>(T(0.5)), d > zero);
-  return Vec<T>::blendv(positive, Vec<T>(T(-0.5)), d < zero);
+  const Vec<T> positive = fk_where<Cmp::GT>(d, zero, Vec<T>(T(0.5)), zero);
+  return fk_where<Cmp::LT>(d, zero, Vec<T>(T(-0.5)), positive);
 }
 
 template <class T>
@@ -141,7 +171,7 @@ inline Vec<T> fk_logaddexp(Vec<T> a, Vec<T> b) {
   const Vec<T> lo = fk_min(a, b);
   const Vec<T> neg_inf(-std::numeric_limits<T>::infinity());
   const Vec<T> finite = hi + (lo - hi).exp().log1p();
-  return Vec<T>::blendv(finite, neg_inf, hi == neg_inf);
+  return fk_where<Cmp::EQ>(hi, neg_inf, neg_inf, finite);
 }
 
 }  // namespace divergence

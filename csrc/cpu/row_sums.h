@@ -1,0 +1,101 @@
+// Compensated row sums for the CPU row kernels (divergence, mixture, top-k),
+// compiled once per CPU capability like vec_math.h.
+//
+// Why every row sum is compensated (Kahan): summed lane-wise, a row of V
+// terms builds chains of V/lanes additions whose rounding grows with V. In
+// Σ exp the error reaches log Σ, and so every log-probability, as a shift
+// common to the row, which a small divergence (near convergence, at high
+// temperature) cannot absorb; in sums whose terms have both signs it is
+// worse. Plain lane sums fell behind PyTorch's cascade summation there;
+// compensated ones do not depend on V. (No -ffast-math: it would undo this.)
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <type_traits>
+
+#include "vec_math.h"
+
+namespace fastkd {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+// Kahan sum of scalar (W = T) or SIMD (W = Vec<T>) terms.
+//
+// Once the sum is ±inf (an infinite divergence term) the compensation would
+// be inf − inf = NaN and turn the total into NaN: a NaN compensation is reset
+// to 0, so ±inf stays ±inf, and a NaN term still makes the sum NaN.
+template <class W>
+struct CompensatedSum {
+  W sum = W(0), compensation = W(0);
+  void add(W x) {
+    const W y = x - compensation;
+    const W total = sum + y;
+    compensation = zero_where_nan((total - sum) - y);
+    sum = total;
+  }
+  static W zero_where_nan(W c) {
+    if constexpr (std::is_floating_point_v<W>) {
+      return c == c ? c : W(0);
+    } else {
+      return divergence::fk_where<divergence::Cmp::UNORDERED>(c, c, W(0), c);
+    }
+  }
+};
+
+// Total of a SIMD compensated sum and a scalar one (the row's tail), with the
+// lanes combined in double, in lane order (results do not depend on where a
+// row's vectors start).
+template <class T>
+double total_double(const CompensatedSum<divergence::Vec<T>>& lanes, const CompensatedSum<T>& tail) {
+  constexpr int64_t L = divergence::Vec<T>::size();
+  std::array<T, L> sums, compensations;
+  lanes.sum.store(sums.data());
+  lanes.compensation.store(compensations.data());
+  double result = double(tail.sum) - double(tail.compensation);
+  for (int64_t l = 0; l < L; ++l) result += double(sums[l]) - double(compensations[l]);
+  return result;
+}
+
+template <class T>
+T total(const CompensatedSum<divergence::Vec<T>>& lanes, const CompensatedSum<T>& tail) {
+  return T(total_double(lanes, tail));
+}
+
+// A row to ask the cache for while this one is computed: the row maxima are
+// a row's first reads, and without the request they wait on memory.
+// `bytes_per_element` of the row's dtype; data null: none.
+struct RowAhead {
+  const char* data = nullptr;
+  int64_t bytes_per_element = 0;
+};
+
+// Σ_j exp((x_j − max)/T) over x[0, V), summed in T and returned in double;
+// with `out` (which may be x itself), the exponentials are stored there too.
+// Asks for `ahead` along the way.
+template <class T>
+double exp_sum(const T* x, int64_t V, T max, T inv_t, T* out, RowAhead ahead = {}) {
+  using divergence::Vec;
+  constexpr int64_t L = Vec<T>::size();
+  const Vec<T> vmax(max), vinv(inv_t);
+  CompensatedSum<Vec<T>> lanes;
+  int64_t j = 0;
+  for (; j + L <= V; j += L) {
+    // one cache line per float32 vector (half a line for 16-bit inputs)
+    if (ahead.data != nullptr) __builtin_prefetch(ahead.data + j * ahead.bytes_per_element);
+    const Vec<T> e = divergence::fk_exp_normaliser((Vec<T>::loadu(x + j) - vmax) * vinv);
+    if (out != nullptr) e.store(out + j);
+    lanes.add(e);
+  }
+  CompensatedSum<T> tail;
+  for (; j < V; ++j) {
+    const T e = divergence::fk_exp((x[j] - max) * inv_t);
+    if (out != nullptr) out[j] = e;
+    tail.add(e);
+  }
+  return total_double(lanes, tail);
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fastkd
