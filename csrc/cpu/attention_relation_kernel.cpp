@@ -37,6 +37,8 @@ namespace {
 
 using attention_relation::RelationRow;
 using divergence::Vec;  // at::vec::Vectorized<T> of this capability
+using divergence::Cmp;
+using divergence::fk_where;
 
 // keys [0, end) of row k of the tile: end < cols for causal rows
 template <class T>
@@ -56,10 +58,10 @@ std::vector<T> key_gates(const RelationTile<T>& w) {
 // the scores of lanes [c, c + L) of a row, −inf at excluded keys
 template <class T>
 void load_scores(const T* row_s, const T* row_t, const T* gate, int64_t c, Vec<T>& s, Vec<T>& t) {
-  const Vec<T> excluded = Vec<T>::loadu(gate + c) == Vec<T>(T(0));
+  const Vec<T> g = Vec<T>::loadu(gate + c), zero(T(0));
   const Vec<T> neg_inf(-std::numeric_limits<T>::infinity());
-  s = Vec<T>::blendv(Vec<T>::loadu(row_s + c), neg_inf, excluded);
-  t = Vec<T>::blendv(Vec<T>::loadu(row_t + c), neg_inf, excluded);
+  s = fk_where<Cmp::EQ>(g, zero, neg_inf, Vec<T>::loadu(row_s + c));
+  t = fk_where<Cmp::EQ>(g, zero, neg_inf, Vec<T>::loadu(row_t + c));
 }
 
 template <class T>
@@ -80,10 +82,11 @@ void tile_statistics(const RelationTile<T>& w, RelationRow<T>* stats) {
     int64_t c = 0;
     for (; c + L <= end; c += L) {
       load_scores(row_s, row_t, gate.data(), c, s, t);
-      max_s = Vec<T>::blendv(max_s, s, s > max_s);
-      max_t = Vec<T>::blendv(max_t, t, t > max_t);
+      max_s = fk_where<Cmp::GT>(s, max_s, s, max_s);
+      max_t = fk_where<Cmp::GT>(t, max_t, t, max_t);
     }
-    T tile_max_s = divergence::fk_lane_max(max_s, neg_inf), tile_max_t = divergence::fk_lane_max(max_t, neg_inf);
+    T tile_max_s = divergence::fk_lane_max(max_s, neg_inf);
+    T tile_max_t = divergence::fk_lane_max(max_t, neg_inf);
     for (int64_t tail = c; tail < end; ++tail) {
       if (!w.kept[w.first_key + tail]) continue;
       const T st = row_s[tail], tt = row_t[tail];
@@ -101,7 +104,7 @@ void tile_statistics(const RelationTile<T>& w, RelationRow<T>* stats) {
       const Vec<T> e = divergence::fk_exp_normaliser(rel_t);
       sum_s += divergence::fk_exp_normaliser(rel_s);
       sum_t += e;
-      cross += Vec<T>::blendv(e * (rel_t - rel_s), zero, e == zero);
+      cross += divergence::fk_zero_where_zero(e, e * (rel_t - rel_s));
     }
     T tail_s = 0, tail_t = 0, tail_cross = 0;
     for (; c < end; ++c) {
@@ -112,7 +115,8 @@ void tile_statistics(const RelationTile<T>& w, RelationRow<T>* stats) {
       tail_t += e;
       tail_cross += Row::cross_term(st, tt, e, shift_s, shift_t);
     }
-    row.add(static_cast<T>(divergence::fk_lane_sum(sum_s) + tail_s), static_cast<T>(divergence::fk_lane_sum(sum_t) + tail_t),
+    row.add(static_cast<T>(divergence::fk_lane_sum(sum_s) + tail_s),
+            static_cast<T>(divergence::fk_lane_sum(sum_t) + tail_t),
             static_cast<T>(divergence::fk_lane_sum(cross) + tail_cross));
   }
 }
@@ -138,15 +142,15 @@ void tile_gradients(const RelationTile<T>& w, const RelationRowsBackward<T>& r) 
     const Vec<T> vg(g), vkl(kl), vshift_s(shift_s), vlog_sum_s(log_sum_s), vshift_t(shift_t), vlog_sum_t(log_sum_t);
     int64_t c = 0;
     for (; c + L <= end; c += L) {
-      const Vec<T> excluded = Vec<T>::loadu(gate.data() + c) == zero;
+      const Vec<T> key_gate = Vec<T>::loadu(gate.data() + c);
       const Vec<T> log_q = (Vec<T>::loadu(row_s + c) - vshift_s) - vlog_sum_s;
       const Vec<T> log_p = (Vec<T>::loadu(row_t + c) - vshift_t) - vlog_sum_t;
       const Vec<T> p = divergence::fk_exp_normaliser(log_p);
       const Vec<T> q = divergence::fk_exp_normaliser(log_q);
       const Vec<T> gs = vg * (q - p) * cs;
-      const Vec<T> gt = Vec<T>::blendv(vg * p * (log_p - log_q - vkl) * ct, zero, p == zero);
-      Vec<T>::blendv(gs, zero, excluded).store(grad_s + c);
-      Vec<T>::blendv(gt, zero, excluded).store(grad_t + c);
+      const Vec<T> gt = divergence::fk_zero_where_zero(p, vg * p * (log_p - log_q - vkl) * ct);
+      divergence::fk_zero_where_zero(key_gate, gs).store(grad_s + c);
+      divergence::fk_zero_where_zero(key_gate, gt).store(grad_t + c);
     }
     for (; c < end; ++c) {
       if (!w.kept[w.first_key + c]) continue;

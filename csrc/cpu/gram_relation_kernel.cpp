@@ -28,7 +28,9 @@ namespace CPU_CAPABILITY {
 
 namespace {
 
+using divergence::Cmp;
 using divergence::fk_lane_sum;
+using divergence::fk_where;
 using divergence::Vec;  // at::vec::Vectorized<T> of this capability
 constexpr int64_t kBlock = 1024;
 
@@ -112,7 +114,7 @@ double sp_row_impl(T* gs_row, const T* gt_row, int64_t n, double inv_n2, bool st
 template <class T>
 inline Vec<T> similarity(const Vec<T>& h) {
   const Vec<T> s = (h + Vec<T>(T(1))) * Vec<T>(T(0.5));
-  return Vec<T>::blendv(s, Vec<T>(T(0)), s < Vec<T>(T(0)));
+  return fk_where<Cmp::LT>(s, Vec<T>(T(0)), Vec<T>(T(0)), s);
 }
 
 template <class T>
@@ -148,7 +150,7 @@ double pkt_row_impl(T* hs_row, const T* ht_row, int64_t n, double inv_n2, double
       const Vec<T> p_s = similarity(h) * inv_ss;
       const Vec<T> p_t = similarity(load(ht_row, j, cnt)) * inv_st;
       const Vec<T> d_p = vneg * p_t / (p_s + veps);
-      store<T>(Vec<T>::blendv((d_p - vdot) * half_inv_ss, zero, raw < zero), hs_row, j, cnt);
+      store<T>(fk_where<Cmp::LT>(raw, zero, zero, (d_p - vdot) * half_inv_ss), hs_row, j, cnt);
     }
   }
   return terms[0];

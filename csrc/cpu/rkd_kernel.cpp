@@ -40,7 +40,9 @@ namespace {
 
 using divergence::Vec;  // at::vec::Vectorized<T> of this capability
 
+using divergence::Cmp;
 using divergence::fk_lane_sum;
+using divergence::fk_where;
 
 // 0 where u ≤ 0 (diagonal, coinciding samples), u elsewhere; NaN stays NaN
 // (clamp_min keeps a NaN of its first operand in one instruction, where
@@ -53,7 +55,7 @@ template <class T>
 Vec<T> smooth_l1(const Vec<T>& d) {
   const Vec<T> ad = d.abs();
   const Vec<T> half(T(0.5));
-  return Vec<T>::blendv(ad - half, half * d * d, ad < Vec<T>(T(1)));
+  return fk_where<Cmp::LT>(ad, Vec<T>(T(1)), half * d * d, ad - half);
 }
 
 template <class T>
@@ -99,7 +101,7 @@ Vec<T> numerator(const Side<T>& sd, const T* gj_hi, const T* gi_hi, const T* gj_
   const Vec<T> a = load(gj_hi, cnt), b = load(gi_hi, cnt);
   const Vec<T> j_nearer = (a - b) + Vec<T>(sd.c_hi);
   const Vec<T> k_nearer = (a - Vec<T>(sd.g_ij)) + (Vec<T>(sd.g_ii) - b);
-  const Vec<T> hi = Vec<T>::blendv(j_nearer, k_nearer, u_k.abs() > Vec<T>(sd.u_j));
+  const Vec<T> hi = fk_where<Cmp::GT>(u_k.abs(), Vec<T>(sd.u_j), k_nearer, j_nearer);
   const Vec<T> lo = (load(gj_lo, cnt) - load(gi_lo, cnt)) + Vec<T>(sd.c_lo);
   return hi + lo;
 }
@@ -353,7 +355,7 @@ double distance_coef_row(T* d_s, const T* q, T shift, T inv_s, int64_t n) {
     const int64_t cnt = std::min<int64_t>(L, n - k);
     const Vec<T> d = load(d_s + k, cnt);
     // d = 1e-6 where the clamp holds it (and 0 on the diagonal): no gradient
-    const Vec<T> c = Vec<T>::blendv(zero, (load(q + k, cnt) - vshift) * scale / d, d > floor);
+    const Vec<T> c = fk_where<Cmp::GT>(d, floor, (load(q + k, cnt) - vshift) * scale / d, zero);
     store<T>(c, d_s + k, cnt);
     sum = sum + c;
   }
