@@ -53,6 +53,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -317,27 +318,34 @@ void row_maxima(const S* s, const S* t, int64_t V, Normaliser<A>& ns, Normaliser
   nt.max = best_t;
 }
 
-// e_t·(a_t − a_s), a = (x − max)/T, with the xlogy rule (0 where e_t is 0,
-// even if a_t − a_s is NaN). a_t − a_s is log p − log q up to a row constant.
+// e_t·(a_t − a_s), with the xlogy rule (0 where e_t is 0, even if a_t − a_s
+// is NaN). With a = (x − max)/T, a_t − a_s is log p − log q up to a row
+// constant; pass 2 passes a in base 2, a·log2 e.
 template <class W>
 inline W weighted_log_ratio(W e_t, W a_s, W a_t) {
   return fk_zero_where_zero(e_t, e_t * (a_t - a_s));
 }
 
 // Pass 2 (see the file header). Returns Σ e_t·(a_t − a_s) when KL_GAP, else 0.
+// The exponents are taken in base 2, b = (x − max)·(log2 e/T) and e = 2^b
+// (fk_exp2_normaliser: the conversion to base 2 rides on the division by
+// T), and the gap is Σ e_t·(b_t − b_s)·ln 2; the scale is rounded once, so
+// the exponentials and the gap see the same temperature.
 template <bool KL_GAP, class A, class S>
 A row_exponentials(const S* s, const S* t, int64_t V, A inv_t, Normaliser<A>& ns,
                    Normaliser<A>& nt, const Scratch<A>& scratch, const NextRow& next) {
   using IO = RowIO<A, S>;
   constexpr int64_t L = IO::L;
-  const Vec<A> vinv(inv_t), vmax_s(ns.max), vmax_t(nt.max);
-  CompensatedSum<Vec<A>> vsum_s, vsum_t, vgap;
+  const A scale = A(double(inv_t) * kLog2E);
+  const Vec<A> vscale(scale), vmax_s(ns.max), vmax_t(nt.max);
+  CompensatedSum<Vec<A>, true> vsum_s, vsum_t;
+  CompensatedSum<Vec<A>> vgap;
   // One vector of s and t at j: stores e_s, e_t; returns e_s, e_t and the gap term.
   auto exponentials_at = [&](int64_t j, Vec<A>& es, Vec<A>& et, Vec<A>& gap) {
-    const Vec<A> a_s = (IO::load(s + j) - vmax_s) * vinv;
-    const Vec<A> a_t = (IO::load(t + j) - vmax_t) * vinv;
-    es = fk_exp_normaliser(a_s);
-    et = fk_exp_normaliser(a_t);
+    const Vec<A> a_s = (IO::load(s + j) - vmax_s) * vscale;
+    const Vec<A> a_t = (IO::load(t + j) - vmax_t) * vscale;
+    es = fk_exp2_normaliser(a_s);
+    et = fk_exp2_normaliser(a_t);
     es.store(scratch.e_s + j);
     et.store(scratch.e_t + j);
     if constexpr (KL_GAP) gap = weighted_log_ratio(et, a_s, a_t);
@@ -368,10 +376,11 @@ A row_exponentials(const S* s, const S* t, int64_t V, A inv_t, Normaliser<A>& ns
     vsum_t.add(et);
     if constexpr (KL_GAP) vgap.add(gap);
   }
-  CompensatedSum<A> tail_s, tail_t, tail_gap;
+  CompensatedSum<A, true> tail_s, tail_t;
+  CompensatedSum<A> tail_gap;
   for (; j < V; ++j) {
-    const A a_s = (A(s[j]) - ns.max) * inv_t, a_t = (A(t[j]) - nt.max) * inv_t;
-    const A es = fk_exp(a_s), et = fk_exp(a_t);
+    const A a_s = (A(s[j]) - ns.max) * scale, a_t = (A(t[j]) - nt.max) * scale;
+    const A es = std::exp2(a_s), et = std::exp2(a_t);
     scratch.e_s[j] = es;
     scratch.e_t[j] = et;
     tail_s.add(es);
@@ -387,7 +396,7 @@ A row_exponentials(const S* s, const S* t, int64_t V, A inv_t, Normaliser<A>& ns
   nt.log_sum = A(nt.log_sum_double);
   ns.inv_sum = A(1.0 / sum_s);
   nt.inv_sum = A(1.0 / sum_t);
-  return total(vgap, tail_gap);
+  return A(total_double(vgap, tail_gap) * kLn2);
 }
 
 // First index holding `value` (the row's max), 0 if none (a NaN row).
