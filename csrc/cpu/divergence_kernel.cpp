@@ -69,8 +69,13 @@ using namespace fastkd::divergence;
 
 namespace {
 
+// The largest lane of v (vector maxima: NaN lanes may or may not win, as in
+// row_maxima's running maxima).
 template <class T>
 T horizontal_max(Vec<T> v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) return _mm512_reduce_max_ps(v);
+#endif
   std::array<T, Vec<T>::size()> lanes;
   v.store(lanes.data());
   T best = -std::numeric_limits<T>::infinity();
