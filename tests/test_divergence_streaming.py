@@ -50,3 +50,28 @@ def test_streamed_rows_equal_the_same_rows_alone(dtype):
         row, grad = loss_and_grad(s[i : i + 1], t[i : i + 1])
         assert torch.equal(row, all_rows[i : i + 1])
         assert torch.equal(grad, all_grad[i : i + 1])
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_streamed_rows_with_excluded_rows_between_them(dtype):
+    """Excluded rows between computed ones: a row's gradient may still be
+    pending (written during the next computed row, float32) when excluded rows
+    come; it is written whole, and excluded rows get zeros."""
+    _cpu_only()
+    s, t = logits(STREAMED, dtype), logits(STREAMED, dtype)
+    mask = torch.ones(STREAMED[0], dtype=torch.bool)
+    mask[1::3] = False
+    mask[2::7] = False
+    a = s.detach().clone().requires_grad_(True)
+    options = dict(divergence="kl", temperature=2.0, reduction="none", backend="cpu")
+    rows = fastkd.divergence(a, t, mask=mask, **options)
+    rows.sum().backward()
+    assert torch.equal(a.grad[~mask], torch.zeros_like(a.grad[~mask]))
+    assert torch.equal(rows[~mask], torch.zeros_like(rows[~mask]))
+    kept = mask.nonzero().flatten().tolist()
+    for i in kept[:6] + kept[-2:]:
+        one = s[i : i + 1].detach().clone().requires_grad_(True)
+        row = fastkd.divergence(one, t[i : i + 1], **options)
+        row.sum().backward()
+        assert torch.equal(row, rows[i : i + 1])
+        assert torch.equal(one.grad, a.grad[i : i + 1])

@@ -336,9 +336,11 @@ inline W weighted_log_ratio(W e_t, W a_s, W a_t) {
 // (fk_exp2_normaliser: the conversion to base 2 rides on the division by
 // T), and the gap is Σ e_t·(b_t − b_s)·ln 2; the scale is rounded once, so
 // the exponentials and the gap see the same temperature.
-template <bool KL_GAP, class A, class S>
+// on_block() runs once per block of kBlock vectors, after its exponentials
+// (the pipelined KL rows write the previous row's gradient there).
+template <bool KL_GAP, class A, class S, class OnBlock>
 A row_exponentials(const S* s, const S* t, int64_t V, A inv_t, Normaliser<A>& ns,
-                   Normaliser<A>& nt, const Scratch<A>& scratch, const NextRow& next) {
+                   Normaliser<A>& nt, const Scratch<A>& scratch, const NextRow& next, OnBlock on_block) {
   using IO = RowIO<A, S>;
   constexpr int64_t L = IO::L;
   const A scale = A(double(inv_t) * kLog2E);
@@ -369,6 +371,7 @@ A row_exponentials(const S* s, const S* t, int64_t V, A inv_t, Normaliser<A>& ns
     }
     Vec<A> es[kBlock], et[kBlock], gap[kBlock];
     for (int64_t k = 0; k < kBlock; ++k) exponentials_at(j + k * L, es[k], et[k], gap[k]);
+    on_block();
     static_assert(kBlock == 4, "the pairwise block sums below add four vectors");
     vsum_s.add((es[0] + es[1]) + (es[2] + es[3]));
     vsum_t.add((et[0] + et[1]) + (et[2] + et[3]));
@@ -402,6 +405,16 @@ A row_exponentials(const S* s, const S* t, int64_t V, A inv_t, Normaliser<A>& ns
   ns.inv_sum = A(1.0 / sum_s);
   nt.inv_sum = A(1.0 / sum_t);
   return A(total_double(vgap, tail_gap) * kLn2);
+}
+
+// KL = Σ p (log p − log q) = Σ p (a_t − a_s) − (log Σ_t − log Σ_s), from
+// pass 2's gap Σ e_t (a_t − a_s), the difference of the log sums taken in
+// double before it is rounded: at T = 1e4 KL ~ 1e-8 is far below the
+// rounding of log Σ ~ log V in float.
+template <class A>
+A kl_row_loss(A gap, const Normaliser<A>& ns, const Normaliser<A>& nt) {
+  const A log_sum_gap = A(nt.log_sum_double - ns.log_sum_double);
+  return non_negative(A(gap * nt.inv_sum - log_sum_gap));
 }
 
 // First index holding `value` (the row's max), 0 if none (a NaN row).
@@ -465,16 +478,12 @@ A divergence_row(const S* s, const S* t, int64_t V, const RowParams<A>& rp, S* g
   Normaliser<A> nt{};
   ns = Normaliser<A>{};
   row_maxima(s, t, V, ns, nt);
-  const A gap = row_exponentials<kl_shortcut>(s, t, V, rp.inv_temperature, ns, nt, scratch, next);
+  const A gap = row_exponentials<kl_shortcut>(s, t, V, rp.inv_temperature, ns, nt, scratch, next, [] {});
   const A* e_s = scratch.e_s;
   const A* e_t = scratch.e_t;
 
   if constexpr (kl_shortcut) {
-    // KL = Σ p (log p − log q) = Σ p (a_t − a_s) − (log Σ_t − log Σ_s), the
-    // difference of the log sums taken in double before it is rounded: at
-    // T = 1e4 KL ~ 1e-8 is far below the rounding of log Σ ~ log V in float
-    const A log_sum_gap = A(nt.log_sum_double - ns.log_sum_double);
-    const A loss = non_negative(A(gap * nt.inv_sum - log_sum_gap));
+    const A loss = kl_row_loss(gap, ns, nt);
     if constexpr (STUDENT_GRAD) {
       // dKL/ds = (q − p)/T, with one explicit fused multiply-subtract: the
       // same rounding in every copy of the loop (write_row's first and last
@@ -571,6 +580,78 @@ A divergence_row(const S* s, const S* t, int64_t V, const RowParams<A>& rp, S* g
   return loss;
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// KL rows with the float32 student gradient only, in calls large enough to
+// stream it (RowParams::stream_gradient): row i's gradient (q − p)·factor =
+// e_s·fq − e_t·fp is written during row i + 1's exponential pass, kBlock
+// 64-byte lines per block, so that its non-temporal stores drain while the
+// core computes exponentials. Written after its own row, as divergence_row
+// does, the gradient took a third of a 2048×32000 call on one thread
+// (bench.kl_passes --threads 1: 33 ms, 23–24 ms with the write left out).
+// Each task alternates two scratch slots, the pending row's and the current
+// one's. The values are divergence_row's bit for bit: the same fmsub per element.
+class PendingKlGradient {
+ public:
+  PendingKlGradient() = default;
+  // e_s, e_t: the row's exponentials (scratch), fq = factor/Σe_s, fp =
+  // factor/Σe_t, out: its gradient row of V floats
+  PendingKlGradient(const float* e_s, const float* e_t, float fq, float fp, float* out, int64_t V)
+      : e_s_(e_s), e_t_(e_t), fq_(_mm512_set1_ps(fq)), fp_(_mm512_set1_ps(fp)), out_(out), V_(V) {
+    // whole 64-byte lines from the first boundary; the head and the tail masked
+    const auto offset = int64_t(reinterpret_cast<std::uintptr_t>(out) % 64);
+    head_ = std::min<int64_t>(V, offset == 0 ? 0 : (64 - offset) / int64_t(sizeof(float)));
+    next_ = head_;
+    lines_end_ = head_ + (V - head_) / kLine * kLine;
+  }
+  // up to `count` of the lines not yet written
+  void write_lines(int64_t count) {
+    for (; count > 0 && next_ < lines_end_; --count, next_ += kLine) {
+      _mm512_stream_ps(out_ + next_, values_at(next_, 0xFFFF));
+    }
+  }
+  // everything not yet written; then none is pending
+  void finish() {
+    if (out_ == nullptr) return;
+    write_lines(lines_end_);
+    write_masked(0, head_);
+    write_masked(lines_end_, V_);
+    out_ = nullptr;
+  }
+
+ private:
+  static constexpr int64_t kLine = 16;  // floats per 64-byte line
+  __m512 values_at(int64_t j, __mmask16 lanes) const {
+    return _mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, e_s_ + j), fq_,
+                           _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, e_t_ + j), fp_));
+  }
+  void write_masked(int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; j += kLine) {
+      const auto lanes = static_cast<__mmask16>((1u << std::min<int64_t>(kLine, end - j)) - 1u);
+      _mm512_mask_storeu_ps(out_ + j, lanes, values_at(j, lanes));
+    }
+  }
+  const float* e_s_ = nullptr;
+  const float* e_t_ = nullptr;
+  __m512 fq_ = _mm512_setzero_ps(), fp_ = _mm512_setzero_ps();
+  float* out_ = nullptr;  // null: nothing pending
+  int64_t V_ = 0, head_ = 0, next_ = 0, lines_end_ = 0;
+};
+
+// One pipelined KL row: finishes the pending row's gradient during this
+// row's exponentials, then leaves this row's pending. Returns the row loss.
+inline float kl_row_pipelined(const float* s, const float* t, int64_t V, const RowParams<float>& rp, float* gs,
+                              const Scratch<float>& scratch, const NextRow& next, PendingKlGradient& pending) {
+  Normaliser<float> ns{}, nt{};
+  row_maxima(s, t, V, ns, nt);
+  const float gap = row_exponentials<true>(s, t, V, rp.inv_temperature, ns, nt, scratch, next,
+                                           [&pending] { pending.write_lines(kBlock); });
+  pending.finish();
+  pending = PendingKlGradient(scratch.e_s, scratch.e_t, rp.grad_factor * ns.inv_sum,
+                              rp.grad_factor * nt.inv_sum, gs, V);
+  return kl_row_loss(gap, ns, nt);
+}
+#endif
+
 // The row function for the gradients requested, chosen once per call.
 template <class A, class S>
 using RowFn = A (*)(const S*, const S*, int64_t, const RowParams<A>&, S*, S*, const Scratch<A>&,
@@ -649,6 +730,12 @@ void divergence_rows(const DivergenceArgs& a) {
       pick_row_fn<KIND, acc_t, scalar_t>(rp.student_grad, rp.teacher_grad);
   const RowFn<acc_t, acc_t> widened_row_fn =
       pick_row_fn<KIND, acc_t, acc_t>(rp.student_grad, rp.teacher_grad);
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr bool can_pipeline = KIND == KL && std::is_same_v<scalar_t, float>;
+  const bool pipelined = can_pipeline && rp.stream_gradient && !rp.teacher_grad;
+#else
+  const bool pipelined = false;
+#endif
 
   const auto student_offset = [&a](int64_t i) {
     return logit_row_offset(i, a.rows_per_block, a.student_block_stride, a.student_row_stride);
@@ -660,10 +747,16 @@ void divergence_rows(const DivergenceArgs& a) {
   // Grain: enough rows that a task streams at least ~256 KiB.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(V, 1));
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
-    // Per task: the exponentials of one row, and when widening its float
-    // logits and gradients.
-    std::vector<acc_t> buffer((widen ? 6 : 2) * V);
+    // Per task: the exponentials of one row (pipelined: of two), and when
+    // widening its float logits and gradients.
+    std::vector<acc_t> buffer((widen ? 6 : pipelined ? 4 : 2) * V);
     const Scratch<acc_t> scratch{buffer.data(), buffer.data() + V};
+#if defined(CPU_CAPABILITY_AVX512)
+    const Scratch<acc_t> other_scratch{buffer.data() + (pipelined ? 2 * V : 0),
+                                       buffer.data() + (pipelined ? 3 * V : 0)};
+    PendingKlGradient pending;
+    bool other_slot = false;
+#endif
     acc_t* s_buf = buffer.data() + 2 * V;
     acc_t* t_buf = s_buf + (widen ? V : 0);
     acc_t* gs_buf = t_buf + (widen ? V : 0);
@@ -686,6 +779,16 @@ void divergence_rows(const DivergenceArgs& a) {
                         reinterpret_cast<const char*>(teacher + teacher_offset(i + 1)),
                         static_cast<int64_t>(sizeof(scalar_t))}
               : NextRow{nullptr, nullptr, 0};
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (can_pipeline) {
+        if (pipelined) {
+          row_loss[i] = kl_row_pipelined(s_row, t_row, V, rp, gs_row, other_slot ? other_scratch : scratch, next,
+                                         pending);
+          other_slot = !other_slot;
+          continue;
+        }
+      }
+#endif
       Normaliser<acc_t> ns;
       if constexpr (!std::is_same_v<scalar_t, acc_t>) {
         if (widen) {
@@ -707,6 +810,7 @@ void divergence_rows(const DivergenceArgs& a) {
       }
     }
 #if defined(CPU_CAPABILITY_AVX512)
+    pending.finish();
     // order the streaming stores before the results are read
     if (rp.stream_gradient) _mm_sfence();
 #endif
