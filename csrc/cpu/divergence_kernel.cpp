@@ -581,33 +581,68 @@ A divergence_row(const S* s, const S* t, int64_t V, const RowParams<A>& rp, S* g
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// KL rows with the float32 student gradient only, in calls large enough to
-// stream it (RowParams::stream_gradient): row i's gradient (q − p)·factor =
-// e_s·fq − e_t·fp is written during row i + 1's exponential pass, kBlock
-// 64-byte lines per block, so that its non-temporal stores drain while the
-// core computes exponentials. Written after its own row, as divergence_row
-// does, the gradient took a third of a 2048×32000 call on one thread
-// (bench.kl_passes --threads 1: 33 ms, 23–24 ms with the write left out).
-// Each task alternates two scratch slots, the pending row's and the current
-// one's. The values are divergence_row's bit for bit: the same fmsub per element.
+// KL rows with the student gradient only, float32 or bf16, in calls large
+// enough to stream it (RowParams::stream_gradient): row i's gradient (q −
+// p)·factor = e_s·fq − e_t·fp is written during row i + 1's exponential
+// pass, one 64-byte line per vector of the block, so that its non-temporal
+// stores drain while the core computes exponentials. Written after its own
+// row, as divergence_row does, the gradient took a third of a float32
+// 2048×32000 call on one thread (bench.kl_passes --threads 1: 33 ms, 23–24
+// ms with the write left out). Each task alternates two scratch slots, the
+// pending row's and the current one's. The values are divergence_row's bit
+// for bit: the same fmsub per element (and for bf16 the same vcvtne2ps2bf16).
+// The bf16 lines go through functions compiled for AVX512-BF16 (checked
+// before they run), one call per block: a member with that target would not
+// be inlined into the float32 rows either.
+__attribute__((target("avx512bf16"))) void stream_kl_gradient_bf16_lines(
+    c10::BFloat16* out, const float* e_s, const float* e_t, int64_t j, int64_t count, __m512 fq, __m512 fp) {
+  for (; count > 0; --count, j += 32) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(out + j), kl_gradient_bf16_at(e_s, e_t, j, fq, fp));
+  }
+}
+
+// elements [j, j + count) of a bf16 KL gradient, count ≤ 32, by masked stores
+__attribute__((target("avx512bf16"))) void store_kl_gradient_bf16_masked(
+    c10::BFloat16* out, const float* e_s, const float* e_t, int64_t j, int64_t count, __m512 fq, __m512 fp) {
+  const auto lanes = static_cast<__mmask32>((uint64_t(1) << count) - 1u);
+  const auto half = [&](int64_t k, __mmask16 m) {
+    return _mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, e_s + k), fq,
+                           _mm512_mul_ps(_mm512_maskz_loadu_ps(m, e_t + k), fp));
+  };
+  const __m512 lo = half(j, static_cast<__mmask16>(lanes)), hi = half(j + 16, static_cast<__mmask16>(lanes >> 16));
+  _mm512_mask_storeu_epi16(out + j, lanes, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+}
+
+template <class S>
 class PendingKlGradient {
+  static_assert(std::is_same_v<S, float> || std::is_same_v<S, c10::BFloat16>, "float32 or bf16 gradients");
+
  public:
+  static constexpr int64_t kLine = 64 / int64_t(sizeof(S));  // elements per 64-byte line
+
   PendingKlGradient() = default;
   // e_s, e_t: the row's exponentials (scratch), fq = factor/Σe_s, fp =
-  // factor/Σe_t, out: its gradient row of V floats
-  PendingKlGradient(const float* e_s, const float* e_t, float fq, float fp, float* out, int64_t V)
+  // factor/Σe_t, out: its gradient row of V elements
+  PendingKlGradient(const float* e_s, const float* e_t, float fq, float fp, S* out, int64_t V)
       : e_s_(e_s), e_t_(e_t), fq_(_mm512_set1_ps(fq)), fp_(_mm512_set1_ps(fp)), out_(out), V_(V) {
     // whole 64-byte lines from the first boundary; the head and the tail masked
     const auto offset = int64_t(reinterpret_cast<std::uintptr_t>(out) % 64);
-    head_ = std::min<int64_t>(V, offset == 0 ? 0 : (64 - offset) / int64_t(sizeof(float)));
+    head_ = std::min<int64_t>(V, offset == 0 ? 0 : (64 - offset) / int64_t(sizeof(S)));
     next_ = head_;
     lines_end_ = head_ + (V - head_) / kLine * kLine;
   }
   // up to `count` of the lines not yet written
   void write_lines(int64_t count) {
-    for (; count > 0 && next_ < lines_end_; --count, next_ += kLine) {
-      _mm512_stream_ps(out_ + next_, values_at(next_, 0xFFFF));
+    count = std::min(count, (lines_end_ - next_) / kLine);
+    if (count <= 0) return;
+    if constexpr (std::is_same_v<S, float>) {
+      for (int64_t j = next_; j < next_ + count * kLine; j += kLine) {
+        _mm512_stream_ps(out_ + j, float_values_at(j, 0xFFFF));
+      }
+    } else {
+      stream_kl_gradient_bf16_lines(out_, e_s_, e_t_, next_, count, fq_, fp_);
     }
+    next_ += count * kLine;
   }
   // everything not yet written; then none is pending
   void finish() {
@@ -619,35 +654,43 @@ class PendingKlGradient {
   }
 
  private:
-  static constexpr int64_t kLine = 16;  // floats per 64-byte line
-  __m512 values_at(int64_t j, __mmask16 lanes) const {
+  __m512 float_values_at(int64_t j, __mmask16 lanes) const {
     return _mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, e_s_ + j), fq_,
                            _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, e_t_ + j), fp_));
   }
   void write_masked(int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; j += kLine) {
-      const auto lanes = static_cast<__mmask16>((1u << std::min<int64_t>(kLine, end - j)) - 1u);
-      _mm512_mask_storeu_ps(out_ + j, lanes, values_at(j, lanes));
+      const int64_t count = std::min<int64_t>(kLine, end - j);
+      if constexpr (std::is_same_v<S, float>) {
+        const auto lanes = static_cast<__mmask16>((1u << count) - 1u);
+        _mm512_mask_storeu_ps(out_ + j, lanes, float_values_at(j, lanes));
+      } else {
+        store_kl_gradient_bf16_masked(out_, e_s_, e_t_, j, count, fq_, fp_);
+      }
     }
   }
   const float* e_s_ = nullptr;
   const float* e_t_ = nullptr;
   __m512 fq_ = _mm512_setzero_ps(), fp_ = _mm512_setzero_ps();
-  float* out_ = nullptr;  // null: nothing pending
+  S* out_ = nullptr;  // null: nothing pending
   int64_t V_ = 0, head_ = 0, next_ = 0, lines_end_ = 0;
 };
 
 // One pipelined KL row: finishes the pending row's gradient during this
 // row's exponentials, then leaves this row's pending. Returns the row loss.
-inline float kl_row_pipelined(const float* s, const float* t, int64_t V, const RowParams<float>& rp, float* gs,
-                              const Scratch<float>& scratch, const NextRow& next, PendingKlGradient& pending) {
+template <class S>
+float kl_row_pipelined(const S* s, const S* t, int64_t V, const RowParams<float>& rp, S* gs,
+                       const Scratch<float>& scratch, const NextRow& next, PendingKlGradient<S>& pending) {
   Normaliser<float> ns{}, nt{};
   row_maxima(s, t, V, ns, nt);
+  // kBlock vectors of float32 exponentials per block: as many 64-byte lines
+  // of float32 gradient, half as many of bf16
+  constexpr int64_t lines_per_block = kBlock * Vec<float>::size() / PendingKlGradient<S>::kLine;
   const float gap = row_exponentials<true>(s, t, V, rp.inv_temperature, ns, nt, scratch, next,
-                                           [&pending] { pending.write_lines(kBlock); });
+                                           [&pending] { pending.write_lines(lines_per_block); });
   pending.finish();
-  pending = PendingKlGradient(scratch.e_s, scratch.e_t, rp.grad_factor * ns.inv_sum,
-                              rp.grad_factor * nt.inv_sum, gs, V);
+  pending = PendingKlGradient<S>(scratch.e_s, scratch.e_t, rp.grad_factor * ns.inv_sum,
+                                 rp.grad_factor * nt.inv_sum, gs, V);
   return kl_row_loss(gap, ns, nt);
 }
 #endif
@@ -731,8 +774,10 @@ void divergence_rows(const DivergenceArgs& a) {
   const RowFn<acc_t, acc_t> widened_row_fn =
       pick_row_fn<KIND, acc_t, acc_t>(rp.student_grad, rp.teacher_grad);
 #if defined(CPU_CAPABILITY_AVX512)
-  constexpr bool can_pipeline = KIND == KL && std::is_same_v<scalar_t, float>;
-  const bool pipelined = can_pipeline && rp.stream_gradient && !rp.teacher_grad;
+  constexpr bool can_pipeline =
+      KIND == KL && (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>);
+  const bool pipelined = can_pipeline && rp.stream_gradient && !rp.teacher_grad &&
+                         (std::is_same_v<scalar_t, float> || cpu_has_avx512_bf16());
 #else
   const bool pipelined = false;
 #endif
@@ -754,7 +799,7 @@ void divergence_rows(const DivergenceArgs& a) {
 #if defined(CPU_CAPABILITY_AVX512)
     const Scratch<acc_t> other_scratch{buffer.data() + (pipelined ? 2 * V : 0),
                                        buffer.data() + (pipelined ? 3 * V : 0)};
-    PendingKlGradient pending;
+    std::conditional_t<can_pipeline, PendingKlGradient<scalar_t>, PendingKlGradient<float>> pending;
     bool other_slot = false;
 #endif
     acc_t* s_buf = buffer.data() + 2 * V;
