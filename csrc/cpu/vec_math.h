@@ -51,6 +51,18 @@ inline __m512 fk_ln2_reduce(__m512 x, __m512& n) {
   const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), a);
   return _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
 }
+
+// (1 + r·(c0 + r·(c1 + … + r·c4)))·2^floor(n), Horner's rule and vscalefps:
+// the exponentials' polynomial for the reduced argument r and the power of
+// two for the integer n.
+inline __m512 fk_scaled_polynomial(__m512 r, __m512 n, const float (&c)[5]) {
+  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(c[4]), _mm512_set1_ps(c[3]));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(c[2]));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(c[1]));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(c[0]));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
 #endif
 
 template <class T>
@@ -59,12 +71,9 @@ inline Vec<T> fk_exp_normaliser(Vec<T> x) {
 #if defined(CPU_CAPABILITY_AVX512)
     __m512 n;
     const __m512 r = fk_ln2_reduce(x, n);
-    __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.166676521f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.499991506f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.999999701f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+    static constexpr float kExpCoefficients[5] = {0.999999701f, 0.499991506f, 0.166676521f, 0.0418978221f,
+                                                  0.00828929059f};
+    return fk_scaled_polynomial(r, n, kExpCoefficients);
 #else
     return Vec<T>::blendv(x.exp_u20(), x, x != x);
 #endif
@@ -128,12 +137,9 @@ inline Vec<T> fk_exp2_normaliser(Vec<T> t) {
     const __m512 a = _mm512_max_ps(_mm512_set1_ps(-160.0f), t);
     const __m512 n = _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 r = _mm512_sub_ps(a, n);
-    __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00132647273f), _mm512_set1_ps(0.00967151299f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.0555073358f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.240222424f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.693147004f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+    static constexpr float kExp2Coefficients[5] = {0.693147004f, 0.240222424f, 0.0555073358f, 0.00967151299f,
+                                                   0.00132647273f};
+    return fk_scaled_polynomial(r, n, kExp2Coefficients);
 #else
     return fk_exp_normaliser(t * Vec<T>(T(0.693147180559945309)));
 #endif
