@@ -24,6 +24,15 @@ Providers:
 Memory traffic (the floor): read the student and teacher logits once, write
 the student gradient once, ``3 · N · V · itemsize`` bytes.
 
+Arithmetic (the exp floor, CPU): every softmax divergence takes at least
+one exponential per logit of each side, ``2 · N · V``; ``exp_floor_ms`` is
+their time at ``exp2_per_s``, the rate of fastkd's own vector exponential
+measured in the same run at the same thread count (``bench.simd_peak``),
+and ``x_exp_floor`` the call's time over it. A call far above its copy
+floor and near its exp floor is bound by arithmetic, not bytes; one above
+both is bound by neither alone (the rest of the row's work: maxima, sums,
+the gradient).
+
 ``python -m bench.run --families divergence`` runs the sweep; ``pytest bench/``
 runs the small pytest-benchmark cases once each (the project's pytest options
 disable timing; add ``--benchmark-enable`` for timings).
@@ -32,6 +41,7 @@ disable timing; add ``--benchmark-enable`` for timings).
 from __future__ import annotations
 
 import argparse
+import functools
 
 import pytest
 import torch
@@ -40,6 +50,8 @@ import torch.nn.functional as F
 import fastkd
 from bench.family import Case, Family
 from bench.measure import MIB
+from bench.report import FLOOR_METRICS
+from bench.simd_peak import exp2_rate
 from fastkd import _validate
 from fastkd.reference import divergence as reference_divergence
 from fastkd.reference import row_divergence
@@ -47,6 +59,14 @@ from fastkd.reference import row_divergence
 SHAPES = ((4096, 1024), (2048, 32000), (512, 128256))
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTION_NAMES = ("divergence", "temperature", "beta", "alpha")
+# one exponential per logit of each side: the least any softmax divergence takes
+EXPONENTIALS_PER_ELEMENT = 2
+
+
+@functools.cache
+def exponentials_per_second(threads: int) -> float:
+    """fastkd's vector exponential rate on ``threads`` threads, once per sweep."""
+    return exp2_rate(threads)
 
 
 def reference_loss(
@@ -120,6 +140,10 @@ class DivergenceBench(Family):
     small_configs = (("fp32", 64, 4096), ("bf16", 64, 4096))
     report_configs = (("fp32", 2048, 32000), ("bf16", 2048, 32000))
     scaling_configs = (("fp32", 2048, 32000),)
+    metric_columns = ("exp2_per_s", "exp_floor_ms", "x_exp_floor")
+    table_metrics = (
+        *FLOOR_METRICS, ("exp_floor_ms", "exp floor ms", ".1f"), ("x_exp_floor", "× exp floor", ".1f"),
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("divergence")
@@ -180,6 +204,20 @@ class DivergenceBench(Family):
 
     def describe(self, options):
         return f"fastkd.divergence: {options['divergence']} (T={options['temperature']:g})"
+
+    def add_gemm_floor(self, ctx, rows):
+        """The exp floor of one configuration's rows (the module docstring), at
+        the current thread count; CPU only."""
+        super().add_gemm_floor(ctx, rows)
+        if ctx.device.type != "cpu" or not rows:
+            return
+        rate = exponentials_per_second(torch.get_num_threads())
+        floor_ms = EXPONENTIALS_PER_ELEMENT * rows[0]["N"] * rows[0]["V"] / rate * 1e3
+        for row in rows:
+            row["exp2_per_s"] = rate
+            row["exp_floor_ms"] = floor_ms
+            if row.get("median_ms") is not None:
+                row["x_exp_floor"] = row["median_ms"] / floor_ms
 
 
 BENCH = DivergenceBench()

@@ -1,4 +1,5 @@
-"""The machine's measured SIMD peak: fused multiply-adds per second in float32.
+"""The machine's measured SIMD peak: fused multiply-adds per second in float32,
+and exponentials per second of fastkd's own vector exponential.
 
 A compute-bound kernel that is not a matrix product (RKD's angle term) has no
 ``torch.mm`` to compare with, and on some CPUs ``torch.mm`` itself is far
@@ -11,6 +12,15 @@ thread, long enough for the clock to settle. ``2 · lanes`` FLOP per FMA.
 ``simd_peak_gflops(threads)`` compiles once per process (through
 ``torch.utils.cpp_extension.load_inline``, into ``build/simd-peak``; about
 20 s the first time, then cached) and returns the best of a few runs.
+
+``exp2_rate(threads)`` is the same kind of loop around
+``fastkd::divergence::fk_exp2_normaliser`` (``csrc/cpu/vec_math.h``, the
+exponential of the dense divergences' normalising pass), compiled for the
+SIMD variant fastkd runs here: a floor for a loss whose every element needs
+a known number of exponentials (two for a softmax divergence), as the copy
+bandwidth is one for its bytes. Each exponential is taken of the previous
+result minus one (values stay in (0, 1]), so the loop also counts one
+subtraction per exponential.
 """
 
 from __future__ import annotations
@@ -60,19 +70,109 @@ double fma_flops(int64_t threads, int64_t iterations) {
 """
 
 
+# fastkd's SIMD variant → the compiler flags and macros setup.py builds it with
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mlzcnt"],
+    "DEFAULT": [],
+}
+
+_EXP_SOURCE = r"""
+#include <chrono>
+#include <cstdint>
+#include <omp.h>
+
+#include "vec_math.h"
+
+// Exponentials per second of `iterations` rounds of CHAINS independent
+// fk_exp2_normaliser vectors on each of `threads` threads.
+double exp2_rate(int64_t threads, int64_t iterations) {
+  using fastkd::divergence::Vec;
+  constexpr int kChains = CHAINS_VALUE;
+  constexpr int kLanes = Vec<float>::size();
+  double sink = 0;
+  const auto start = std::chrono::steady_clock::now();
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+  {
+    Vec<float> acc[kChains];
+    for (int c = 0; c < kChains; ++c) acc[c] = Vec<float>(-0.5f - 0.01f * c - 1e-4f * omp_get_thread_num());
+    const Vec<float> one(1.0f);
+    for (int64_t it = 0; it < iterations; ++it) {
+#pragma GCC unroll 16
+      for (int c = 0; c < kChains; ++c) acc[c] = fastkd::divergence::fk_exp2_normaliser(acc[c] - one);
+    }
+    float lanes[kLanes];
+    for (int c = 0; c < kChains; ++c) {
+      acc[c].store(lanes);
+      for (int l = 0; l < kLanes; ++l) sink += lanes[l];
+    }
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double exponentials = double(kLanes) * kChains * double(iterations) * double(threads);
+  return sink == 12345.0 ? 0.0 : exponentials / seconds;  // sink used: the work is not dead code
+}
+"""
+
+
+def _build_directory(name: str) -> str:
+    build = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", name)
+    os.makedirs(build, exist_ok=True)
+    return build
+
+
+@functools.cache
+def _exp_module():
+    from torch.utils.cpp_extension import load_inline
+
+    from fastkd import _ops
+
+    capability = _ops._C.cpu_capability().upper()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return load_inline(
+        name=f"fastkd_bench_exp2_rate_{capability.lower()}",
+        cpp_sources=_EXP_SOURCE.replace("CHAINS_VALUE", str(CHAINS)),
+        functions=["exp2_rate"],
+        extra_cflags=[
+            "-O2", "-fopenmp", *_CAPABILITY_FLAGS[capability],
+            f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}",
+        ],
+        extra_ldflags=["-fopenmp"],
+        extra_include_paths=[os.path.join(root, "csrc", "cpu")],
+        build_directory=_build_directory(f"exp2-rate-{capability.lower()}"),
+        verbose=False,
+    )
+
+
+def _best_rate(run, seconds: float) -> float:
+    """Best of ``ROUNDS`` runs of ``run(iterations)``, sized to about ``seconds`` each."""
+    iterations = 1 << 14
+    started = time.perf_counter()
+    run(iterations)
+    elapsed = time.perf_counter() - started
+    iterations = max(iterations, int(iterations * seconds / max(elapsed, 1e-6)))
+    return max(run(iterations) for _ in range(ROUNDS))
+
+
+def exp2_rate(threads: int | None = None, seconds: float = 0.3) -> float:
+    """Best of ``ROUNDS`` runs of about ``seconds`` each: float32 exponentials
+    per second of fastkd's ``fk_exp2_normaliser`` on ``threads`` threads
+    (default torch's), independent vectors, one subtraction each."""
+    threads = threads or torch.get_num_threads()
+    module = _exp_module()
+    return _best_rate(lambda iterations: module.exp2_rate(threads, iterations), seconds)
+
+
 @functools.cache
 def _module():
     from torch.utils.cpp_extension import load_inline
 
-    build = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "simd-peak")
-    os.makedirs(build, exist_ok=True)
     return load_inline(
         name="fastkd_bench_simd_peak",
         cpp_sources=_SOURCE.replace("CHAINS_VALUE", str(CHAINS)),
         functions=["fma_flops"],
         extra_cflags=["-O2", "-march=native", "-ffp-contract=fast", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
-        build_directory=build,
+        build_directory=_build_directory("simd-peak"),
         verbose=False,
     )
 
@@ -82,10 +182,5 @@ def simd_peak_gflops(threads: int | None = None, seconds: float = 0.3) -> float:
     independent vector FMAs on ``threads`` threads (default torch's)."""
     threads = threads or torch.get_num_threads()
     module = _module()
-    iterations = 1 << 16
-    started = time.perf_counter()
-    module.fma_flops(threads, iterations)
-    elapsed = time.perf_counter() - started
-    iterations = max(iterations, int(iterations * seconds / max(elapsed, 1e-6)))
-    return max(module.fma_flops(threads, iterations) for _ in range(ROUNDS)) / 1e9
+    return _best_rate(lambda iterations: module.fma_flops(threads, iterations), seconds) / 1e9
 
