@@ -19,7 +19,8 @@
 // Memory traffic: read N·V twice (s and t), write N·V per gradient requested;
 // KL's student gradient, when the call's is 4 MiB or more, with
 // non-temporal stores (no read of the lines it overwrites: see
-// kStreamGradientBytes).
+// kStreamGradientBytes), with AVX-512 during the next row's pass 2
+// (PendingKlGradient).
 // Passes 2–4 work on the row in cache: at V = 32000, fp32, the row's s, t,
 // e_s, e_t are 500 KiB, within a 2 MiB L2. Exponentials: 2 per element, the
 // minimum (plus the log-space mixture of JSD and the skew divergences).
