@@ -104,7 +104,8 @@ NOT_FAMILIES = {
     "kernels": ("__init__.py", "_*.py"),
     "csrc/common": ("checks.h",),
     "csrc/cpu": (
-        "allocation.*", "capability.*", "vec_math.h", "single_threaded_tasks.h", "thread_invariant_mm.h",
+        "allocation.*", "capability.*", "vec_math.h", "row_sums.h", "single_threaded_tasks.h",
+        "thread_invariant_mm.h",
     ),
     "csrc/cuda": (
         "cuda_module.cpp", "block_reduce.cuh", "float_dispatch.cuh", "hard_label.cuh", "op_scope.cuh",
