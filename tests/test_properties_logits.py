@@ -484,6 +484,22 @@ def test_neg_inf_student_logit_under_teacher_mass_is_inf_kl(backend, vocab):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab", (8, 20, 200))  # the cpu kernel's scalar tail, one vector, whole blocks
+@pytest.mark.parametrize("grads", (("s",), ("s", "t")), ids=("student", "both"))
+def test_neg_inf_teacher_logit_is_zero_mass_in_kl(backend, vocab, grads):
+    """p = 0 where the teacher's logit is −inf: its term p·log(p/q) is 0, not
+    0·(−inf), and KL stays finite; likewise where both logits are −inf (a
+    padded vocabulary entry). The student gradient alone takes the cpu
+    kernel's KL shortcut, whose loss sums plain products and redoes a row
+    whose sum is not finite."""
+    s, t = two_rows(vocab)
+    t[0, 3] = -math.inf
+    t[1, vocab - 2] = -math.inf
+    s[1, 1] = t[1, 1] = -math.inf
+    dense_parity(backend, s, t, grads=grads, divergence="kl")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("vocab", (8, 20))
 def test_neg_inf_teacher_logit_under_student_mass_is_inf_reverse_kl(backend, vocab):
     s, t = two_rows(vocab)

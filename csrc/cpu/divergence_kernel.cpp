@@ -336,7 +336,11 @@ inline W weighted_log_ratio(W e_t, W a_s, W a_t) {
 // The exponents are taken in base 2, b = (x − max)·(log2 e/T) and e = 2^b
 // (fk_exp2_normaliser: the conversion to base 2 rides on the division by
 // T), and the gap is Σ e_t·(b_t − b_s)·ln 2; the scale is rounded once, so
-// the exponentials and the gap see the same temperature.
+// the exponentials and the gap see the same temperature. The gap sums plain
+// products (multiply-adds, no test for e_t = 0 per element); a 0·∞ term of an
+// infinite logit makes it NaN, and only then is the row summed again with
+// the xlogy rule. One thread, bench.kl_passes, three alternating rounds:
+// bf16 2048×32000 24.3–24.4 → 22.1–23.3 ms, fp32 4096×1024 2.04–2.34 → 2.00–2.15 ms.
 // on_block() runs once per block of kBlock vectors, after its exponentials
 // (the pipelined KL rows write the previous row's gradient there).
 template <bool KL_GAP, class A, class S, class OnBlock>
@@ -356,7 +360,7 @@ A row_exponentials(const S* s, const S* t, int64_t V, A inv_t, Normaliser<A>& ns
     et = fk_exp2_normaliser(a_t);
     es.store(scratch.e_s + j);
     et.store(scratch.e_t + j);
-    if constexpr (KL_GAP) gap = weighted_log_ratio(et, a_s, a_t);
+    if constexpr (KL_GAP) gap = a_t - a_s;
   };
   // bytes of the next row to ask for per block (whole cache lines)
   constexpr int64_t kLine = 64;
@@ -376,14 +380,16 @@ A row_exponentials(const S* s, const S* t, int64_t V, A inv_t, Normaliser<A>& ns
     static_assert(kBlock == 4, "the pairwise block sums below add four vectors");
     vsum_s.add((es[0] + es[1]) + (es[2] + es[3]));
     vsum_t.add((et[0] + et[1]) + (et[2] + et[3]));
-    if constexpr (KL_GAP) vgap.add((gap[0] + gap[1]) + (gap[2] + gap[3]));
+    if constexpr (KL_GAP) {
+      vgap.add(at::vec::fmadd(et[0], gap[0], et[1] * gap[1]) + at::vec::fmadd(et[2], gap[2], et[3] * gap[3]));
+    }
   }
   for (; j + L <= V; j += L) {
     Vec<A> es, et, gap;
     exponentials_at(j, es, et, gap);
     vsum_s.add(es);
     vsum_t.add(et);
-    if constexpr (KL_GAP) vgap.add(gap);
+    if constexpr (KL_GAP) vgap.add(et * gap);
   }
   CompensatedSum<A, true> tail_s, tail_t;
   CompensatedSum<A> tail_gap;
@@ -405,7 +411,18 @@ A row_exponentials(const S* s, const S* t, int64_t V, A inv_t, Normaliser<A>& ns
   nt.log_sum = A(nt.log_sum_double);
   ns.inv_sum = A(1.0 / sum_s);
   nt.inv_sum = A(1.0 / sum_t);
-  return A(total_double(vgap, tail_gap) * kLn2);
+  double gap = total_double(vgap, tail_gap);
+  if (KL_GAP && !std::isfinite(gap)) {
+    // an infinite or NaN term: again with the xlogy rule (0 where e_t is
+    // 0), which the plain products above skip (rows with ±inf logits only)
+    CompensatedSum<A> safe;
+    for (j = 0; j < V; ++j) {
+      const A a_s = (A(s[j]) - ns.max) * scale, a_t = (A(t[j]) - nt.max) * scale;
+      safe.add(weighted_log_ratio(scratch.e_t[j], a_s, a_t));
+    }
+    gap = double(safe.sum) - double(safe.compensation);
+  }
+  return A(gap * kLn2);
 }
 
 // KL = Σ p (log p − log q) = Σ p (a_t − a_s) − (log Σ_t − log Σ_s), from
