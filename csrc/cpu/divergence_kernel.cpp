@@ -193,17 +193,23 @@ inline void write_row(S* out, int64_t V, bool stream, VecAt vec_at, ScalarAt sca
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// KL's student gradient (q − p)·factor as write_row computes it (the same
-// fmsub), rounded to bf16 by vcvtne2ps2bf16 (AVX512-BF16): one instruction
+// KL's student gradient (q − p)·factor = e_s·fq − e_t·fp at the 16 floats
+// from j that `lanes` keeps (the others load 0): write_row's fmsub, the one
+// every AVX-512 copy of the gradient loop calls so that all round alike.
+inline __m512 kl_gradient_lanes(const float* e_s, const float* e_t, int64_t j, __m512 fq, __m512 fp,
+                                __mmask16 lanes = 0xFFFF) {
+  return _mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, e_s + j), fq,
+                         _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, e_t + j), fp));
+}
+
+// The same at 32 values from j, rounded to bf16 by vcvtne2ps2bf16 (AVX512-BF16): one instruction
 // per 32 values against ~16 for at::vec's integer rounding (about an eighth
 // of a bf16 KL row's instructions). Round to nearest even like
 // c10::BFloat16; values below the float range (|g| < 1.2e-38) round to ±0
 // instead of a bf16 subnormal. Rows of at least 32 values; `stream` as in write_row.
 __attribute__((target("avx512bf16"))) inline __m512i kl_gradient_bf16_at(
     const float* e_s, const float* e_t, int64_t j, __m512 fq, __m512 fp) {
-  const __m512 lo = _mm512_fmsub_ps(_mm512_loadu_ps(e_s + j), fq, _mm512_mul_ps(_mm512_loadu_ps(e_t + j), fp));
-  const __m512 hi =
-      _mm512_fmsub_ps(_mm512_loadu_ps(e_s + j + 16), fq, _mm512_mul_ps(_mm512_loadu_ps(e_t + j + 16), fp));
+  const __m512 lo = kl_gradient_lanes(e_s, e_t, j, fq, fp), hi = kl_gradient_lanes(e_s, e_t, j + 16, fq, fp);
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
 }
 
@@ -623,11 +629,8 @@ __attribute__((target("avx512bf16"))) void stream_kl_gradient_bf16_lines(
 __attribute__((target("avx512bf16"))) void store_kl_gradient_bf16_masked(
     c10::BFloat16* out, const float* e_s, const float* e_t, int64_t j, int64_t count, __m512 fq, __m512 fp) {
   const auto lanes = static_cast<__mmask32>((uint64_t(1) << count) - 1u);
-  const auto half = [&](int64_t k, __mmask16 m) {
-    return _mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, e_s + k), fq,
-                           _mm512_mul_ps(_mm512_maskz_loadu_ps(m, e_t + k), fp));
-  };
-  const __m512 lo = half(j, static_cast<__mmask16>(lanes)), hi = half(j + 16, static_cast<__mmask16>(lanes >> 16));
+  const __m512 lo = kl_gradient_lanes(e_s, e_t, j, fq, fp, static_cast<__mmask16>(lanes));
+  const __m512 hi = kl_gradient_lanes(e_s, e_t, j + 16, fq, fp, static_cast<__mmask16>(lanes >> 16));
   _mm512_mask_storeu_epi16(out + j, lanes, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
 }
 
@@ -673,8 +676,7 @@ class PendingKlGradient {
 
  private:
   __m512 float_values_at(int64_t j, __mmask16 lanes) const {
-    return _mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, e_s_ + j), fq_,
-                           _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, e_t_ + j), fp_));
+    return kl_gradient_lanes(e_s_, e_t_, j, fq_, fp_, lanes);
   }
   void write_masked(int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; j += kLine) {
