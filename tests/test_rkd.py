@@ -323,3 +323,55 @@ def test_no_host_reads(backend, name, with_grad):
     want.backward(torch.tensor(0.7, dtype=torch.float64, device=want.device))
     assert_matches(loss.detach(), want.detach(), torch.float32, f"{backend} {name} loss")
     assert_matches(s.grad, s_ref.grad, torch.float32, f"{backend} {name} gradient")
+
+
+def anchorwise_angle(student, teacher, upstream=0.7):
+    """float64 RKD angle loss and student gradient, one anchor at a time: the
+    reference's formula with ``(N, N)`` memory per step instead of ``(N, N, N)``."""
+    s = student.detach().double().requires_grad_(True)
+    t = teacher.detach().double()
+    n = s.shape[0]
+
+    def angles(x, i):
+        e = torch.nn.functional.normalize(x - x[i], p=2, dim=1, eps=1e-12)
+        return e @ e.T
+
+    total = torch.zeros((), dtype=torch.float64, device=s.device)
+    for i in range(n):
+        term = torch.nn.functional.smooth_l1_loss(angles(s, i), angles(t, i), beta=1.0, reduction="sum")
+        term = term * (upstream / n**3)
+        term.backward()
+        total += term.detach()
+    return total / upstream, s.grad
+
+
+def test_anchorwise_angle_equals_the_reference():
+    s, t = embeddings((21, 5), torch.float64, 80), embeddings((21, 3), torch.float64, 81)
+    s[4] = s[9]
+    loss, grad = anchorwise_angle(s, t)
+    want = run(reference.rkd_angle, s, t)
+    torch.testing.assert_close(loss, want[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, want[1], rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("dtype, n", [(torch.float32, 600), (torch.float64, 300)], ids=("float32", "float64"))
+def test_rkd_angle_at_a_larger_n(dtype, n, backend):
+    """An N of a few hundred, against the anchorwise float64 formula: full
+    anchor blocks, 32 chunks of anchors in several waves of partial
+    gradients, and rows of many SIMD vectors on the CPU; many blocks per
+    program on a GPU. The shared parity shapes stop at N = 37 (the reference
+    holds N³ angles). Every seventh student row is a near copy of
+    the one before it, so some anchors take the exact path and share blocks
+    with anchors that do not."""
+    if interpreted(backend):
+        pytest.skip(f"interpreted triton: N <= {INTERPRETED_MAX_N}")
+    if dtype not in _dispatch.KERNEL_DTYPES[backend]:
+        pytest.skip(f"{backend} does not take {dtype}")
+    s = embeddings((n, 6), torch.float64, 82)
+    s[7::7] = s[6:-1:7] + 1e-3 * embeddings((len(range(7, n, 7)), 6), torch.float64, 83)
+    s, t = s.to(dtype), embeddings((n, 4), dtype, 84)
+    got = run(lambda a, b: fastkd.rkd_angle(a, b, backend=backend), s, t)
+    want = anchorwise_angle(s, t)
+    for label, a, b in zip(("loss", "grad"), got, want, strict=True):
+        assert_matches(a, b, dtype, f"{backend} rkd_angle N={n} {label}")
