@@ -69,6 +69,18 @@ def _head_rows(x_ptr, b, a, rows, row_ok, stride_b, stride_t, stride_d, width, B
 
 
 @triton.jit
+def _store_head_rows(out_ptr, acc, b, a, rows, row_ok, T, A, width, BLOCK_D: tl.constexpr, ADD: tl.constexpr):
+    # out[b, rows, a·width : (a+1)·width] of a contiguous [B, T, A·width] tensor = acc (+= acc with ADD)
+    dims = tl.arange(0, BLOCK_D)
+    D = width * A
+    ptrs = out_ptr + b * T * D + rows[:, None] * D + (a * width + dims)[None, :]
+    ok = row_ok[:, None] & (dims < width)[None, :]
+    if ADD:
+        acc = acc + tl.load(ptrs, mask=ok, other=0.0)
+    tl.store(ptrs, acc, mask=ok)
+
+
+@triton.jit
 def _kept(mask_ptr, b, idx, idx_ok, T, HAS_MASK: tl.constexpr):
     # is idx a kept position (in range and, with a mask, unmasked)
     if HAS_MASK:
@@ -224,16 +236,10 @@ def _attention_relation_bwd_rows_kernel(
             acc_s = tl.dot(dzs, ks, acc_s, input_precision=PRECISION)
         if TEACHER_GRAD:
             acc_t = tl.dot(dzt, kt, acc_t, input_precision=PRECISION)
-    dims_s = tl.arange(0, BLOCK_DS)
-    dims_t = tl.arange(0, BLOCK_DT)
     if STUDENT_GRAD:
-        D_s = width_s * A
-        tl.store(ds_ptr + b * T * D_s + rows[:, None] * D_s + (a * width_s + dims_s)[None, :], acc_s,
-                 mask=row_ok[:, None] & (dims_s < width_s)[None, :])
+        _store_head_rows(ds_ptr, acc_s, b, a, rows, row_ok, T, A, width_s, BLOCK_DS, False)
     if TEACHER_GRAD:
-        D_t = width_t * A
-        tl.store(dt_ptr + b * T * D_t + rows[:, None] * D_t + (a * width_t + dims_t)[None, :], acc_t,
-                 mask=row_ok[:, None] & (dims_t < width_t)[None, :])
+        _store_head_rows(dt_ptr, acc_t, b, a, rows, row_ok, T, A, width_t, BLOCK_DT, False)
 
 
 @triton.jit
@@ -276,18 +282,10 @@ def _attention_relation_bwd_cols_kernel(
             acc_s = tl.dot(tl.trans(dzs), xs, acc_s, input_precision=PRECISION)
         if TEACHER_GRAD:
             acc_t = tl.dot(tl.trans(dzt), xt, acc_t, input_precision=PRECISION)
-    dims_s = tl.arange(0, BLOCK_DS)
-    dims_t = tl.arange(0, BLOCK_DT)
     if STUDENT_GRAD:
-        D_s = width_s * A
-        ptrs = ds_ptr + b * T * D_s + cols[:, None] * D_s + (a * width_s + dims_s)[None, :]
-        ok = col_ok[:, None] & (dims_s < width_s)[None, :]
-        tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + acc_s, mask=ok)
+        _store_head_rows(ds_ptr, acc_s, b, a, cols, col_ok, T, A, width_s, BLOCK_DS, True)
     if TEACHER_GRAD:
-        D_t = width_t * A
-        ptrs = dt_ptr + b * T * D_t + cols[:, None] * D_t + (a * width_t + dims_t)[None, :]
-        ok = col_ok[:, None] & (dims_t < width_t)[None, :]
-        tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + acc_t, mask=ok)
+        _store_head_rows(dt_ptr, acc_t, b, a, cols, col_ok, T, A, width_t, BLOCK_DT, True)
 
 
 def _check_args(student, teacher, heads, mask, temperature) -> None:
