@@ -120,8 +120,7 @@ inline Vec<T> fk_where(Vec<T> x, Vec<T> y, Vec<T> if_true, Vec<T> if_false) {
 // Against fk_exp_normaliser's e^a it drops the Cody–Waite reduction
 // (t − round(t) is exact) and the multiplication by log2 e, which the caller
 // folds into its own scaling: three fewer multiply-add instructions per
-// exponential. (One-thread KL fp32 2048×32000, bench.kl_passes --threads 1:
-// 31.2–32.1 → 28.8–30.2 ms.)
+// exponential.
 // AVX512, float: n = round(t), r = t − n in [−½, ½], a degree-5 polynomial
 // for 2^r (relative error 9.1e-8 in exact arithmetic, fitted for minimax
 // relative error) and vscalefps for 2^n: ≤ 2.03 ulp against float64 exp2
