@@ -18,7 +18,7 @@ import fastkd
 from fastkd import _ops, reference
 from fastkd.reference import attention_relation as reference_attention
 from fastkd.reference import uld as reference_uld
-from tests.helpers import UPSTREAM, assert_matches
+from tests.helpers import UPSTREAM, assert_matches_at_scale
 
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
 
@@ -49,13 +49,7 @@ def parity(fused, ref, inputs, what, wrt=(0, 1)):
     same = run(ref, inputs, wrt)
     names = ("loss", *(f"grad {i}" for i in wrt))
     for name, a, b, c in zip(names, got, want, same, strict=True):
-        assert_relative(a, b, c, dtype, f"{what} {name}")
-
-
-def assert_relative(actual, expected, baseline, dtype, what):
-    """assert_matches on the three tensors divided by max |expected| (see parity)."""
-    scale = expected.abs().max().item() or 1.0
-    assert_matches(actual / scale, expected / scale, dtype, f"{what} (/ {scale:.3g})", [baseline / scale])
+        assert_matches_at_scale(a, b, dtype, f"{what} {name}", [c])
 
 
 # ---- attention_relation.cpp: kRowBlock = 64 rows, kKeyTile = 256 keys ---------------------------
@@ -189,7 +183,7 @@ def test_uld_softmax_rows_of_several_blocks():
     want = rows_and_grads(None, torch.float64)
     same = rows_and_grads(None, torch.float32)
     for name, a, b, c in zip(("rows", "student grad", "teacher grad"), got, want, same, strict=True):
-        assert_relative(a, b, c, torch.float32, f"uld 2085 / 2600 {name}")
+        assert_matches_at_scale(a, b, torch.float32, f"uld 2085 / 2600 {name}", [c])
 
 
 # ---- fused_linear_gemm.cpp: kKBlock = 4096, kMinTiles = 16, kTileRows = 128, kTileCols = 512 ------

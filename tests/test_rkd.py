@@ -10,7 +10,7 @@ import torch
 import fastkd
 from fastkd import _dispatch, _ops, reference
 from fastkd.rkd import RKD_KERNELS
-from tests.helpers import DEVICE, KERNEL_BACKENDS, assert_matches, backend_params
+from tests.helpers import DEVICE, KERNEL_BACKENDS, assert_matches, assert_matches_at_scale, backend_params
 from tests.no_host_reads import no_host_reads
 from tests.pairwise_helpers import INTERPRETED_MAX_N, SHAPES, embeddings, interpreted, run
 
@@ -52,7 +52,7 @@ def check_parity(backend, name, student, teacher, what=""):
     assert got[1].dtype == dtype and got[1].shape == student.shape
     assert got[0].device == student.device and got[1].device == student.device
     for label, a, b, c in zip(("loss", "grad"), got, want, same, strict=True):
-        assert_matches(a, b, dtype, f"{backend} {name} {what} {label}", [c])
+        assert_matches_at_scale(a, b, dtype, f"{backend} {name} {what} {label}", [c])
 
 
 # The one shape interpreted triton runs in bfloat16 / float16.
@@ -374,4 +374,4 @@ def test_rkd_angle_at_a_larger_n(dtype, n, backend):
     got = run(lambda a, b: fastkd.rkd_angle(a, b, backend=backend), s, t)
     want = anchorwise_angle(s, t)
     for label, a, b in zip(("loss", "grad"), got, want, strict=True):
-        assert_matches(a, b, dtype, f"{backend} rkd_angle N={n} {label}")
+        assert_matches_at_scale(a, b, dtype, f"{backend} rkd_angle N={n} {label}")
