@@ -9,6 +9,7 @@ import torch
 
 import fastkd
 from fastkd import _dispatch, _ops, reference
+from fastkd.reference._common import NORMALIZE_EPS
 from fastkd.rkd import RKD_KERNELS
 from tests.helpers import DEVICE, KERNEL_BACKENDS, assert_matches, assert_matches_at_scale, backend_params
 from tests.no_host_reads import no_host_reads
@@ -333,7 +334,7 @@ def anchorwise_angle(student, teacher, upstream=0.7):
     n = s.shape[0]
 
     def angles(x, i):
-        e = torch.nn.functional.normalize(x - x[i], p=2, dim=1, eps=1e-12)
+        e = torch.nn.functional.normalize(x - x[i], p=2, dim=1, eps=NORMALIZE_EPS)
         return e @ e.T
 
     total = torch.zeros((), dtype=torch.float64, device=s.device)
