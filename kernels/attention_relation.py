@@ -89,11 +89,44 @@ def _kept(mask_ptr, b, idx, idx_ok, T, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _position_tiles(s_ptr, t_ptr, mask_ptr, b, a, idx, T, width_s, width_t,
+                    s_stride_b, s_stride_t, s_stride_d, t_stride_b, t_stride_t, t_stride_d,
+                    HAS_MASK: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr):
+    # The positions idx of sequence b as every kernel reads them, as query rows or as keys: which are
+    # in range, which are kept (in range and unmasked), and head a's student and teacher rows there
+    # (float32, zeros past T and past each head's width).
+    ok = idx < T
+    kept = _kept(mask_ptr, b, idx, ok, T, HAS_MASK)
+    xs = _head_rows(s_ptr, b, a, idx, ok, s_stride_b, s_stride_t, s_stride_d, width_s, BLOCK_DS)
+    xt = _head_rows(t_ptr, b, a, idx, ok, t_stride_b, t_stride_t, t_stride_d, width_t, BLOCK_DT)
+    return ok, kept, xs, xt
+
+
+@triton.jit
 def _pair_mask(row_kept, col_kept, rows, cols, CAUSAL: tl.constexpr):
     keep = row_kept[:, None] & col_kept[None, :]
     if CAUSAL:
         keep = keep & (cols[None, :] <= rows[:, None])
     return keep
+
+
+@triton.jit
+def _program_positions(A, BLOCK: tl.constexpr):
+    # (b, a, positions) of this program: grid axis 0 walks the (batch element, relation head) pairs,
+    # axis 1 the blocks of BLOCK positions (query rows or keys, as the kernel walks them)
+    bh = tl.program_id(0)
+    b = (bh // A).to(tl.int64)
+    a = bh % A
+    return b, a, tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _key_end(T, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    # the keys this program's block of rows sees are [0, key_end): with CAUSAL, those up to its last row
+    key_end = T
+    if CAUSAL:
+        key_end = tl.minimum(T, (tl.program_id(1) + 1) * BLOCK_M)
+    return key_end
 
 
 @triton.jit
@@ -109,14 +142,10 @@ def _attention_relation_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    b = (bh // A).to(tl.int64)
-    a = bh % A
-    rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    row_kept = _kept(mask_ptr, b, rows, row_ok, T, HAS_MASK)
-    xs = _head_rows(s_ptr, b, a, rows, row_ok, s_stride_b, s_stride_t, s_stride_d, width_s, BLOCK_DS)
-    xt = _head_rows(t_ptr, b, a, rows, row_ok, t_stride_b, t_stride_t, t_stride_d, width_t, BLOCK_DT)
+    b, a, rows = _program_positions(A, BLOCK_M)
+    row_ok, row_kept, xs, xt = _position_tiles(
+        s_ptr, t_ptr, mask_ptr, b, a, rows, T, width_s, width_t,
+        s_stride_b, s_stride_t, s_stride_d, t_stride_b, t_stride_t, t_stride_d, HAS_MASK, BLOCK_DS, BLOCK_DT)
     m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
     m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)
     shift_s = tl.zeros([BLOCK_M], tl.float32)
@@ -124,15 +153,12 @@ def _attention_relation_fwd_kernel(
     l_s = tl.zeros([BLOCK_M], tl.float32)
     l_t = tl.zeros([BLOCK_M], tl.float32)
     w = tl.zeros([BLOCK_M], tl.float32)
-    key_end = T
-    if CAUSAL:
-        key_end = tl.minimum(T, (tl.program_id(1) + 1) * BLOCK_M)
-    for n0 in range(0, key_end, BLOCK_N):
+    for n0 in range(0, _key_end(T, BLOCK_M, CAUSAL), BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < T
-        col_kept = _kept(mask_ptr, b, cols, col_ok, T, HAS_MASK)
-        ks = _head_rows(s_ptr, b, a, cols, col_ok, s_stride_b, s_stride_t, s_stride_d, width_s, BLOCK_DS)
-        kt = _head_rows(t_ptr, b, a, cols, col_ok, t_stride_b, t_stride_t, t_stride_d, width_t, BLOCK_DT)
+        col_ok, col_kept, ks, kt = _position_tiles(
+            s_ptr, t_ptr, mask_ptr, b, a, cols, T, width_s, width_t,
+            s_stride_b, s_stride_t, s_stride_d, t_stride_b, t_stride_t, t_stride_d,
+            HAS_MASK, BLOCK_DS, BLOCK_DT)
         keep = _pair_mask(row_kept, col_kept, rows, cols, CAUSAL)
         zs = tl.where(keep, tl.dot(xs, tl.trans(ks), input_precision=PRECISION) * scale_s, float("-inf"))
         zt = tl.where(keep, tl.dot(xt, tl.trans(kt), input_precision=PRECISION) * scale_t, float("-inf"))
@@ -208,27 +234,20 @@ def _attention_relation_bwd_rows_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    b = (bh // A).to(tl.int64)
-    a = bh % A
-    rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    row_kept = _kept(mask_ptr, b, rows, row_ok, T, HAS_MASK)
-    xs = _head_rows(s_ptr, b, a, rows, row_ok, s_stride_b, s_stride_t, s_stride_d, width_s, BLOCK_DS)
-    xt = _head_rows(t_ptr, b, a, rows, row_ok, t_stride_b, t_stride_t, t_stride_d, width_t, BLOCK_DT)
+    b, a, rows = _program_positions(A, BLOCK_M)
+    row_ok, row_kept, xs, xt = _position_tiles(
+        s_ptr, t_ptr, mask_ptr, b, a, rows, T, width_s, width_t,
+        s_stride_b, s_stride_t, s_stride_d, t_stride_b, t_stride_t, t_stride_d, HAS_MASK, BLOCK_DS, BLOCK_DT)
     shift_s, log_l_s, shift_t, log_l_t, kl, g = _row_stats(
         lse_s_ptr, lse_t_ptr, kl_ptr, grad_ptr, b, a, A, T, rows, row_ok, row_kept, head_share)
     acc_s = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_DT], tl.float32)
-    key_end = T
-    if CAUSAL:
-        key_end = tl.minimum(T, (tl.program_id(1) + 1) * BLOCK_M)
-    for n0 in range(0, key_end, BLOCK_N):
+    for n0 in range(0, _key_end(T, BLOCK_M, CAUSAL), BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < T
-        col_kept = _kept(mask_ptr, b, cols, col_ok, T, HAS_MASK)
-        ks = _head_rows(s_ptr, b, a, cols, col_ok, s_stride_b, s_stride_t, s_stride_d, width_s, BLOCK_DS)
-        kt = _head_rows(t_ptr, b, a, cols, col_ok, t_stride_b, t_stride_t, t_stride_d, width_t, BLOCK_DT)
+        col_ok, col_kept, ks, kt = _position_tiles(
+            s_ptr, t_ptr, mask_ptr, b, a, cols, T, width_s, width_t,
+            s_stride_b, s_stride_t, s_stride_d, t_stride_b, t_stride_t, t_stride_d,
+            HAS_MASK, BLOCK_DS, BLOCK_DT)
         keep = _pair_mask(row_kept, col_kept, rows, cols, CAUSAL)
         dzs, dzt = _score_gradients(xs, xt, ks, kt, keep, shift_s, log_l_s, shift_t, log_l_t, kl, g,
                                     scale_s, scale_t, PRECISION)
@@ -253,14 +272,10 @@ def _attention_relation_bwd_cols_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    b = (bh // A).to(tl.int64)
-    a = bh % A
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < T
-    col_kept = _kept(mask_ptr, b, cols, col_ok, T, HAS_MASK)
-    ks = _head_rows(s_ptr, b, a, cols, col_ok, s_stride_b, s_stride_t, s_stride_d, width_s, BLOCK_DS)
-    kt = _head_rows(t_ptr, b, a, cols, col_ok, t_stride_b, t_stride_t, t_stride_d, width_t, BLOCK_DT)
+    b, a, cols = _program_positions(A, BLOCK_N)
+    col_ok, col_kept, ks, kt = _position_tiles(
+        s_ptr, t_ptr, mask_ptr, b, a, cols, T, width_s, width_t,
+        s_stride_b, s_stride_t, s_stride_d, t_stride_b, t_stride_t, t_stride_d, HAS_MASK, BLOCK_DS, BLOCK_DT)
     acc_s = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
     acc_t = tl.zeros([BLOCK_N, BLOCK_DT], tl.float32)
     # with CAUSAL only rows i >= j see key j: start at the row block holding this key block's first key
@@ -269,10 +284,10 @@ def _attention_relation_bwd_cols_kernel(
         row_start = (tl.program_id(1) * BLOCK_N // BLOCK_M) * BLOCK_M
     for m0 in range(row_start, T, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        row_ok = rows < T
-        row_kept = _kept(mask_ptr, b, rows, row_ok, T, HAS_MASK)
-        xs = _head_rows(s_ptr, b, a, rows, row_ok, s_stride_b, s_stride_t, s_stride_d, width_s, BLOCK_DS)
-        xt = _head_rows(t_ptr, b, a, rows, row_ok, t_stride_b, t_stride_t, t_stride_d, width_t, BLOCK_DT)
+        row_ok, row_kept, xs, xt = _position_tiles(
+            s_ptr, t_ptr, mask_ptr, b, a, rows, T, width_s, width_t,
+            s_stride_b, s_stride_t, s_stride_d, t_stride_b, t_stride_t, t_stride_d,
+            HAS_MASK, BLOCK_DS, BLOCK_DT)
         shift_s, log_l_s, shift_t, log_l_t, kl, g = _row_stats(
             lse_s_ptr, lse_t_ptr, kl_ptr, grad_ptr, b, a, A, T, rows, row_ok, row_kept, head_share)
         keep = _pair_mask(row_kept, col_kept, rows, cols, CAUSAL)
