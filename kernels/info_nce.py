@@ -69,6 +69,25 @@ __all__ = ["info_nce_backward", "info_nce_forward"]
 
 
 @triton.jit
+def _load_rows(x_ptr, idx, idx_ok, d, d_ok, stride_n, stride_d):
+    # x[idx, d] of an [·, D] matrix (queries or keys, any strides) widened to float32, zeros
+    # outside idx_ok × d_ok
+    return tl.load(
+        x_ptr + idx[:, None] * stride_n + d[None, :] * stride_d,
+        mask=idx_ok[:, None] & d_ok[None, :], other=0.0,
+    ).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(out_ptr, acc, idx, idx_ok, d, d_ok, D):
+    # out[idx, d] = acc (in out's dtype) of a contiguous [·, D] gradient, within idx_ok × d_ok
+    tl.store(
+        out_ptr + idx[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty),
+        mask=idx_ok[:, None] & d_ok[None, :],
+    )
+
+
+@triton.jit
 def _logits_tile(
     q_ptr, k_ptr, rows, cols, row_ok, col_ok,
     stride_qn, stride_qd, stride_kn, stride_kd, D, inv_temperature,
@@ -81,14 +100,8 @@ def _logits_tile(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + dims
         d_ok = d < D
-        q = tl.load(
-            q_ptr + rows[:, None] * stride_qn + d[None, :] * stride_qd,
-            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-        ).to(tl.float32)
-        k = tl.load(
-            k_ptr + cols[:, None] * stride_kn + d[None, :] * stride_kd,
-            mask=col_ok[:, None] & d_ok[None, :], other=0.0,
-        ).to(tl.float32)
+        q = _load_rows(q_ptr, rows, row_ok, d, d_ok, stride_qn, stride_qd)
+        k = _load_rows(k_ptr, cols, col_ok, d, d_ok, stride_kn, stride_kd)
         acc = tl.dot(q, tl.trans(k), acc, input_precision=PRECISION)
     return acc * inv_temperature
 
@@ -102,11 +115,14 @@ def _logit_gradient(s, lse, scale, labels, cols, col_ok):
 
 
 @triton.jit
-def _row_scale(grad_ptr, rows, row_ok, labels, M, inv_temperature):
+def _gradient_rows(labels_ptr, lse_ptr, grad_ptr, rows, row_ok, M, inv_temperature):
+    # What _logit_gradient needs of a block of rows: (labels, lse, scale), with
     # scale_i = grad_row_loss_i / τ: 0 for rows past N (their G is 0), NaN for
     # a row whose label lies outside [0, M) (its G row is NaN)
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     scale = tl.load(grad_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
-    return tl.where(row_ok & ((labels < 0) | (labels >= M)), float("nan"), scale)
+    return labels, lse, tl.where(row_ok & ((labels < 0) | (labels >= M)), float("nan"), scale)
 
 
 @triton.jit
@@ -170,10 +186,8 @@ def _info_nce_bwd_dq_kernel(
     row_ok = rows < N
     dv = tl.program_id(1).to(tl.int64) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_ok = dv < D
-    labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     # rows past N get scale 0, hence G = 0; a row with a bad label NaN
-    scale = _row_scale(grad_ptr, rows, row_ok, labels, M, inv_temperature)
+    labels, lse, scale = _gradient_rows(labels_ptr, lse_ptr, grad_ptr, rows, row_ok, M, inv_temperature)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for n0 in range(0, M, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -183,16 +197,10 @@ def _info_nce_bwd_dq_kernel(
             inv_temperature, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
         )
         g = _logit_gradient(s, lse, scale, labels, cols, col_ok)
-        k = tl.load(
-            k_ptr + cols[:, None] * stride_kn + dv[None, :] * stride_kd,
-            mask=col_ok[:, None] & dv_ok[None, :], other=0.0,
-        ).to(tl.float32)
+        k = _load_rows(k_ptr, cols, col_ok, dv, dv_ok, stride_kn, stride_kd)
         # dq_i = Σ_j G_ij k_j
         acc = tl.dot(g, k, acc, input_precision=PRECISION)
-    tl.store(
-        dq_ptr + rows[:, None] * D + dv[None, :], acc.to(dq_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & dv_ok[None, :],
-    )
+    _store_rows(dq_ptr, acc, rows, row_ok, dv, dv_ok, D)
 
 
 @triton.jit
@@ -217,24 +225,16 @@ def _info_nce_bwd_dk_kernel(
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < N
-        labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        scale = _row_scale(grad_ptr, rows, row_ok, labels, M, inv_temperature)
+        labels, lse, scale = _gradient_rows(labels_ptr, lse_ptr, grad_ptr, rows, row_ok, M, inv_temperature)
         s = _logits_tile(
             q_ptr, k_ptr, rows, cols, row_ok, col_ok, stride_qn, stride_qd, stride_kn, stride_kd, D,
             inv_temperature, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
         )
         g = _logit_gradient(s, lse, scale, labels, cols, col_ok)
-        q = tl.load(
-            q_ptr + rows[:, None] * stride_qn + dv[None, :] * stride_qd,
-            mask=row_ok[:, None] & dv_ok[None, :], other=0.0,
-        ).to(tl.float32)
+        q = _load_rows(q_ptr, rows, row_ok, dv, dv_ok, stride_qn, stride_qd)
         # dk_j = Σ_i G_ij q_i
         acc = tl.dot(tl.trans(g), q, acc, input_precision=PRECISION)
-    tl.store(
-        dk_ptr + cols[:, None] * D + dv[None, :], acc.to(dk_ptr.dtype.element_ty),
-        mask=col_ok[:, None] & dv_ok[None, :],
-    )
+    _store_rows(dk_ptr, acc, cols, col_ok, dv, dv_ok, D)
 
 
 # Programs that fill an H100 / H200 once (one per SM).
