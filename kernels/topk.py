@@ -156,6 +156,27 @@ def _load_ids(idx_row, kk, K, V):
 
 
 @triton.jit
+def _support_logits(s_row, val_row, idx_row, kk, K, V, OTHER: tl.constexpr, DTYPE: tl.constexpr):
+    # (ids, ok, s_j, t_j): a tile kk of the row's ids (_load_ids), the student's
+    # logits there and the teacher's values, as DTYPE; lanes without an id read OTHER
+    ids, ok = _load_ids(idx_row, kk, K, V)
+    s_j = tl.load(s_row + ids, mask=ok, other=OTHER).to(DTYPE)
+    t_j = tl.load(val_row + kk, mask=ok, other=OTHER).to(DTYPE)
+    return ids, ok, s_j, t_j
+
+
+@triton.jit
+def _support_log_probs(s_row, val_row, idx_row, kk, K, V, m_s64, m_t64, inv_t, log_total, log_sum_t):
+    # (ids, ok, s_j, log q_j, log p_j) in float64 at a tile kk of the row's ids, once
+    # the row's maxima and normalisers are known (supports 3 and 4); lanes without
+    # an id read 0 (their terms are masked by the caller)
+    ids, ok, s_j, t_j = _support_logits(s_row, val_row, idx_row, kk, K, V, 0.0, tl.float64)
+    log_q = (s_j - m_s64) * inv_t - log_total
+    log_p = (t_j - m_t64) * inv_t - log_sum_t
+    return ids, ok, s_j, log_q, log_p
+
+
+@triton.jit
 def _ids_leave_row_or_repeat(sorted_row, K, V, kcols, KBLOCK: tl.constexpr):
     """Whether the row's ids (``sorted_row``, ascending) hold one outside
     ``[0, V)`` or one twice: its first or last id out of range, or two
@@ -314,9 +335,7 @@ def _topk_divergence_fwd_kernel(
     m_t = float("-inf")
     for kstart in range(0, K, KBLOCK):
         kk = kstart + kcols
-        ids, ok = _load_ids(idx_row, kk, K, V)
-        s_j = tl.load(s_row + ids, mask=ok, other=float("-inf")).to(tl.float32)
-        t_j = tl.load(val_row + kk, mask=ok, other=float("-inf")).to(tl.float32)
+        ids, ok, s_j, t_j = _support_logits(s_row, val_row, idx_row, kk, K, V, float("-inf"), tl.float32)
         m_s = max_nan(m_s, tl.max(s_j, 0))
         m_t = max_nan(m_t, tl.max(t_j, 0))
     m_s64 = m_s.to(tl.float64)
@@ -329,9 +348,7 @@ def _topk_divergence_fwd_kernel(
     sum_ce_ids = tl.zeros([KBLOCK], tl.float64)
     for kstart in range(0, K, KBLOCK):
         kk = kstart + kcols
-        ids, ok = _load_ids(idx_row, kk, K, V)
-        s_j = tl.load(s_row + ids, mask=ok, other=float("-inf")).to(tl.float64)
-        t_j = tl.load(val_row + kk, mask=ok, other=float("-inf")).to(tl.float64)
+        ids, ok, s_j, t_j = _support_logits(s_row, val_row, idx_row, kk, K, V, float("-inf"), tl.float64)
         sum_ids += tl.where(ok, tl.exp((s_j - m_s64) * inv_t), 0.0)
         sum_t += tl.where(ok, tl.exp((t_j - m_t64) * inv_t), 0.0)
         if CE_OWN_SUM:
@@ -381,11 +398,8 @@ def _topk_divergence_fwd_kernel(
     g_acc = tl.zeros([KBLOCK], tl.float64)
     for kstart in range(0, K, KBLOCK):
         kk = kstart + kcols
-        ids, ok = _load_ids(idx_row, kk, K, V)
-        s_j = tl.load(s_row + ids, mask=ok, other=0.0).to(tl.float64)
-        t_j = tl.load(val_row + kk, mask=ok, other=0.0).to(tl.float64)
-        log_q = (s_j - m_s64) * inv_t - log_total
-        log_p = (t_j - m_t64) * inv_t - log_sum_t
+        _, ok, _, log_q, log_p = _support_log_probs(
+            s_row, val_row, idx_row, kk, K, V, m_s64, m_t64, inv_t, log_total, log_sum_t)
         loss, qg = _support_terms(log_q, log_p, c64, one_minus_c64, log_c64, log_one_minus_c64, KIND)
         loss_acc += tl.where(ok, loss, 0.0)
         g_acc += tl.where(ok, qg, 0.0)
@@ -402,11 +416,8 @@ def _topk_divergence_fwd_kernel(
         # hard_grad_scale · (softmax(s)_j − [j = y]), in float64)
         for kstart in range(0, K, KBLOCK):
             kk = kstart + kcols
-            ids, ok = _load_ids(idx_row, kk, K, V)
-            s_j = tl.load(s_row + ids, mask=ok, other=0.0).to(tl.float64)
-            t_j = tl.load(val_row + kk, mask=ok, other=0.0).to(tl.float64)
-            log_q = (s_j - m_s64) * inv_t - log_total
-            log_p = (t_j - m_t64) * inv_t - log_sum_t
+            ids, ok, s_j, log_q, log_p = _support_log_probs(
+                s_row, val_row, idx_row, kk, K, V, m_s64, m_t64, inv_t, log_total, log_sum_t)
             _, qg = _support_terms(log_q, log_p, c64, one_minus_c64, log_c64, log_one_minus_c64, KIND)
             q = tl.exp(log_q)
             grad64 = (qg - q * big_g) * factor
