@@ -179,6 +179,37 @@ def _accumulate(ws_ptr, rows, n_a, D, d0, value, BLOCK_W: tl.constexpr):
     tl.debug_barrier()
 
 
+@triton.jit
+def _program_rows(BLOCK: tl.constexpr):
+    # (pid_m, split, splits, rows) of this program: grid axis 0 walks the blocks of BLOCK
+    # rows of a, axis 1 the `splits` interleaved shares of their column blocks
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    return pid_m, split, splits, pid_m.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _row_norms(a_norm_ptr, rows, n_a, KERNEL: tl.constexpr, BLOCK: tl.constexpr):
+    # ‖a_i‖² of the program's rows, zeros past n_a; the polynomial kernel reads no norms (zeros)
+    a_norm = tl.zeros([BLOCK], tl.float32)
+    if KERNEL != POLYNOMIAL:
+        a_norm = tl.load(a_norm_ptr + rows, mask=rows < n_a, other=0.0)
+    return a_norm
+
+
+@triton.jit
+def _pair_tile(a_ptr, b_ptr, rows, cb, n_a, n_b, D, stride_a, stride_b,
+               BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    # The [BLOCK, BLOCK] tile of column block cb against the program's rows:
+    # (cols, valid (both in range), is_self (i = j), dots = a_i · b_j)
+    cols = cb * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
+    is_self = rows[:, None] == cols[None, :]
+    dots = _dot_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, D, stride_a, stride_b, BLOCK, BLOCK_D)
+    return cols, valid, is_self, dots
+
+
 # ---- kernels ------------------------------------------------------------------------
 
 
@@ -201,23 +232,16 @@ def _mmd_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,  # D chunk of the laplacian's near-pair differences
 ):
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
-    splits = tl.num_programs(1)
-    rows = pid_m.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    a_norm = tl.zeros([BLOCK], tl.float32)
-    if KERNEL != 2:
-        a_norm = tl.load(a_norm_ptr + rows, mask=rows < n_a, other=0.0)
+    pid_m, split, splits, rows = _program_rows(BLOCK)
+    a_norm = _row_norms(a_norm_ptr, rows, n_a, KERNEL, BLOCK)
     first = split
     if WITHIN:
         # the upper triangle of column blocks, c >= pid_m, c ≡ split (mod splits)
         first = pid_m + (split - pid_m % splits + splits) % splits
     total = tl.zeros([BLOCK], tl.float64)
     for cb in range(first, tl.cdiv(n_b, BLOCK), splits):
-        cols = cb * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
-        is_self = rows[:, None] == cols[None, :]
-        dots = _dot_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, D, stride_a, stride_b, BLOCK, BLOCK_D)
+        cols, valid, is_self, dots = _pair_tile(a_ptr, b_ptr, rows, cb, n_a, n_b, D, stride_a, stride_b,
+                                                BLOCK, BLOCK_D)
         if KERNEL == POLYNOMIAL:
             # k = (a·b / c + 1)^degree
             k = _int_power(dots * inv_c + 1.0, degree)
@@ -264,20 +288,13 @@ def _mmd_bwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
-    splits = tl.num_programs(1)
-    rows = pid_m.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pid_m, split, splits, rows = _program_rows(BLOCK)
     ws = ws_ptr + split.to(tl.int64) * n_a * D
-    a_norm = tl.zeros([BLOCK], tl.float32)
-    if KERNEL != 2:
-        a_norm = tl.load(a_norm_ptr + rows, mask=rows < n_a, other=0.0)
+    a_norm = _row_norms(a_norm_ptr, rows, n_a, KERNEL, BLOCK)
     coef_sum = tl.zeros([BLOCK], tl.float32)
     for cb in range(split, tl.cdiv(n_b, BLOCK), splits):
-        cols = cb * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
-        is_self = rows[:, None] == cols[None, :]
-        dots = _dot_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, D, stride_a, stride_b, BLOCK, BLOCK_D)
+        cols, valid, is_self, dots = _pair_tile(a_ptr, b_ptr, rows, cb, n_a, n_b, D, stride_a, stride_b,
+                                                BLOCK, BLOCK_D)
         if KERNEL == POLYNOMIAL:
             # ∂k/∂a = degree/c · u^(degree−1) · b with u = a·b/c + 1
             coef = (degree * inv_c) * _int_power(dots * inv_c + 1.0, degree - 1)
