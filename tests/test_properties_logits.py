@@ -60,6 +60,17 @@ def draw_seed_and_dtype(draw, backend: str) -> tuple[int, torch.Generator, torch
     return seed, torch.Generator().manual_seed(seed), draw(st.sampled_from(dtypes_for(backend)), "dtype")
 
 
+def draw_coefficients(draw, divergence: str, beta=None, alpha=None) -> dict:
+    """The mixture coefficient ``divergence`` takes, as fastkd keyword arguments: ``{"beta": β}``
+    for JSD, ``{"alpha": α}`` for the skew kinds (drawn from ``beta`` / ``alpha``, by default
+    unit_interval()), ``{}`` for the others, which draw nothing."""
+    if divergence == "jsd":
+        return {"beta": draw(beta if beta is not None else unit_interval(), "beta")}
+    if divergence.startswith("skew"):
+        return {"alpha": draw(alpha if alpha is not None else unit_interval(), "alpha")}
+    return {}
+
+
 def xfail(reason: str):
     return pytest.mark.xfail(strict=True, reason=reason)
 
@@ -110,10 +121,7 @@ def test_divergence_property(backend, data):
         scale=draw(st.sampled_from((None, 1.0, 2.5)), "scale"),
         reduction=reduction,
     )
-    if divergence == "jsd":
-        kwargs["beta"] = draw(unit_interval(), "beta")
-    if divergence.startswith("skew"):
-        kwargs["alpha"] = draw(unit_interval(), "alpha")
+    kwargs.update(draw_coefficients(draw, divergence))
     # open defect, shown by test_mixture_coefficient_near_endpoint
     coef = kwargs.get("beta", kwargs.get("alpha"))
     assume(not coefficient_defect(backend, divergence, coef))
@@ -180,12 +188,10 @@ def test_topk_property(backend, data):
     logprob = draw(st.booleans(), "teacher_is_logprob")
     kwargs = dict(temperature=draw(temperatures(), "temperature"), reduction=reduction,
                   teacher_is_logprob=logprob, scale=draw(st.sampled_from((None, 1.0)), "scale"))
-    if divergence == "jsd":
-        kwargs["beta"] = draw(st.floats(0.0, 0.999), "beta")
-    if divergence.startswith("skew"):
-        kwargs["alpha"] = draw(st.floats(0.001, 1.0), "alpha")
-        # open reference defect, shown by test_skew_alpha_one_with_zero_mass
-        assume(backend == "reference" or kwargs["alpha"] != 1.0)
+    kwargs.update(draw_coefficients(draw, divergence, beta=st.floats(0.0, 0.999),
+                                    alpha=st.floats(0.001, 1.0)))
+    # open reference defect, shown by test_skew_alpha_one_with_zero_mass
+    assume(backend == "reference" or kwargs.get("alpha") != 1.0)
     labels, mask = row_selectors((rows,), vocab, selector, gen)
     if labels is not None and draw(st.booleans(), "hard labels"):
         kwargs["hard_weight"] = 0.7
@@ -254,10 +260,7 @@ def test_multi_teacher_property(backend, data):
         w = w / w.sum()
     kwargs = dict(teacher_weights=w, divergence=divergence, reduction=reduction,
                   temperature=draw(temperatures(), "temperature"))
-    if divergence == "jsd":
-        kwargs["beta"] = draw(unit_interval(), "beta")
-    if divergence.startswith("skew"):
-        kwargs["alpha"] = draw(unit_interval(), "alpha")
+    kwargs.update(draw_coefficients(draw, divergence))
     labels, mask = row_selectors((rows,), vocab, selector, gen)
     if labels is not None and draw(st.booleans(), "hard labels"):
         kwargs["hard_weight"] = 0.4
@@ -316,10 +319,7 @@ def test_fused_linear_property(backend, data):
     # 2x rule fails at random (test_high_temperature_accuracy_float32); the
     # dense tests cover the whole range
     kwargs["temperature"] = min(kwargs["temperature"], 20.0)
-    if divergence == "jsd":
-        kwargs["beta"] = draw(unit_interval(), "beta")
-    if divergence.startswith("skew"):
-        kwargs["alpha"] = draw(unit_interval(), "alpha")
+    kwargs.update(draw_coefficients(draw, divergence))
     labels, mask = row_selectors(lead, vocab, selector, gen)
     if labels is not None and draw(st.booleans(), "hard labels"):
         kwargs["hard_weight"] = 0.5
