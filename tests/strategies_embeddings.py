@@ -156,3 +156,12 @@ def operands_grad_dtype(operands: list[Operand], i: int, dtype: torch.dtype) -> 
 UPSTREAMS = st.sampled_from((0.7, -1.3, 2.5))
 SEEDS = st.integers(0, 2**16)
 SCALES = st.sampled_from((1.0, 1e-2, 30.0))
+
+
+def operand(draw, shape, *, layouts=LAYOUTS_2D, grad=True, seed=None, scale=1.0, offset=0.0, dtype=None):
+    """An :class:`Operand` of ``shape`` in a drawn layout (one of ``layouts``), its values
+    make_values(seed) (a drawn seed unless given) times ``scale`` plus ``offset``."""
+    layout = draw(st.sampled_from(layouts))
+    values = make_values(leaf_shape(shape, layout), draw(SEEDS) if seed is None else seed,
+                         scale=scale, offset=offset)
+    return Operand(tuple(shape), layout, grad, values, dtype)

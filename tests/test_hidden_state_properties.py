@@ -21,15 +21,12 @@ from fastkd import _ops
 from fastkd.reference import hidden_state as reference
 from tests.helpers import DEVICE, backend_params
 from tests.strategies_embeddings import (
-    LAYOUTS_2D,
     SCALES,
     SEEDS,
     UPSTREAMS,
-    Operand,
     check_against_reference,
     dtypes_for,
-    leaf_shape,
-    make_values,
+    operand,
 )
 
 pytestmark = pytest.mark.skipif(_ops.CPU_EXTENSION_ERROR is not None, reason=str(_ops.CPU_EXTENSION_ERROR))
@@ -44,12 +41,6 @@ ROWS = (0, 1, 2, 3, 7, 8, 9, 17, 33)
 ROWS_SMALL = (0, 1, 2, 3, 5)
 DIMS = (1, 2, 7, 8, 9, 15, 16, 17, 33, 130, 257)
 DIMS_SMALL = (1, 2, 7, 8, 9, 17, 33)
-
-
-def operand(draw, shape, *, grad=True, scale=1.0) -> Operand:
-    layout = draw(st.sampled_from(LAYOUTS_2D))
-    values = make_values(leaf_shape(shape, layout), draw(SEEDS), scale=scale)
-    return Operand(tuple(shape), layout, grad, values)
 
 
 @st.composite

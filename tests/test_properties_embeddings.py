@@ -35,6 +35,7 @@ from tests.strategies_embeddings import (
     dtypes_for,
     leaf_shape,
     make_values,
+    operand,
     run_once,
 )
 
@@ -77,13 +78,6 @@ ROWS = (1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33)
 ROWS_SMALL = (1, 2, 3, 7, 8, 9, 17)
 DIMS = (1, 2, 7, 8, 9, 15, 16, 17, 33, 130)
 DIMS_SMALL = (1, 2, 7, 8, 9, 17)
-
-
-def operand(draw, shape, *, layouts=LAYOUTS_2D, grad=True, seed=None, scale=1.0, offset=0.0, dtype=None):
-    layout = draw(st.sampled_from(layouts))
-    values = make_values(leaf_shape(shape, layout), draw(SEEDS) if seed is None else seed,
-                         scale=scale, offset=offset)
-    return Operand(tuple(shape), layout, grad, values, dtype)
 
 
 def sample_dtype(draw, backend):
