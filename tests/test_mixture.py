@@ -199,6 +199,23 @@ def test_many_teachers(backend, divergence):
 
 
 @pytest.mark.parametrize("backend", kernel_params())
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("divergence", ("kl", "jsd"))
+@pytest.mark.parametrize("count", (2, 3, 4, 5, 6))
+def test_every_teacher_count(backend, dtype, divergence, count):
+    """K = 2 to 6 teachers, the last of weight 0 (so 1 to 5 take part). The
+    CPU kernel unrolls its log-ratio pass for 2, 3 and 4 teachers of positive
+    weight and loops over any other count; V = 1271 leaves 7 tail entries after
+    the vector lanes."""
+    lead = interpreter_rows(backend, (4,))
+    s, t = logits((*lead, 1271), dtype), logits((count, *lead, 1271), dtype)
+    weights = random_weights(count)
+    weights[-1] = 0.0
+    check_parity(backend, s, t, weights / weights.sum(), divergence=divergence, temperature=1.5)
+    check_parity(backend, s, t, random_weights(count), divergence=divergence, temperature=1.5)
+
+
+@pytest.mark.parametrize("backend", kernel_params())
 @pytest.mark.parametrize("layout", ("expanded", "permuted"))
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_raw_forward_float64_strided_teachers_and_mask(backend, layout, divergence):

@@ -269,6 +269,8 @@ void mixture_rows(const MixtureDivergenceArgs& a) {
 // exponentials of the normalising passes. Per element: K + 1 exponentials
 // to normalise, then K expm1 (expm1_lanes) and one log1p (K exp and one log more in a
 // vector with a lane of X ≤ −½).
+// KL takes D where it is formed: its loss Σ p·D and its gradient (q − p)·
+// grad_scale/T come out of the D pass (no terms or gradient pass).
 //
 // Weights: teachers of weight 0 are only scanned for their max (a NaN or
 // infinite max makes the row NaN, as in the reference: docs/spec.md §6).
@@ -461,41 +463,96 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
       }
       poison += 0.0f * W(log_sum_s);
 
+      // KL, the mixture's usual divergence, needs D only where it is formed:
+      // its loss is Σ p·D and its gradient (q − p)·factor (u = −p, Σu = −1:
+      // the weights sum to 1), so the D pass writes both, and neither D nor
+      // u is stored and read again
+      constexpr bool kl_shortcut = KIND == KL;
+      // the float gradient: the row itself, or u, rounded to S at the end (nullptr: none asked for)
+      W* out = nullptr;
+      if constexpr (widen) {
+        out = grad_row != nullptr ? u : nullptr;
+      } else {
+        out = grad_row;
+      }
+      CompensatedSum<VW> vloss, vsum_u;
+      CompensatedSum<W> tail_loss, tail_u;
+
       // D = log p − log q per element (see the section comment)
       {
+        const VW vfactor(factor), vinv_sum(inv_sum_s);
+        // D at the L elements from j: stored, or KL's loss and gradient there
+        const auto use_log_ratio = [&](int64_t j, VW d, int64_t teachers) {
+          if constexpr (kl_shortcut) {
+            VW p = VW(poison);
+            for (int64_t k = 0; k < teachers; ++k) p = p + VW::loadu(e_t + k * V + j) * VW(p_scale[k]);
+            vloss.add(fk_zero_where_zero(p, p * d));
+            if (out != nullptr) (vfactor * (VW::loadu(e_s + j) * vinv_sum - p)).store(out + j);
+          } else {
+            d.store(log_ratio + j);
+          }
+        };
         const VW vmax_s(max_s), vinv(inv_t), neg_inf(-std::numeric_limits<W>::infinity());
         const VW vpoison(poison), half(-0.5f), zero(0.0f);
         int64_t j = 0;
-        for (; j + L <= V; j += L) {
-          const VW a_s = (VW::loadu(s + j) - vmax_s) * vinv;
-          VW z_max = neg_inf, b_sel = neg_inf, a_max = neg_inf;
-          for (int64_t k = 0; k < K; ++k) {
-            const VW a_k = (VW::loadu(t[k] + j) - VW(max_t[k])) * vinv;
-            const VW b = (a_k - a_s) - VW(gap[k]);
-            b.store(b_lanes + k * L);  // for the sums below, from L1
-            const VW z = b + VW(log_weight[k]);
-            // where z > z_max: one comparison, two blends
-            b_sel = fk_where<Cmp::GT>(z, z_max, b, b_sel);
-            z_max = fk_where<Cmp::GT>(z, z_max, z, z_max);
-            a_max = fk_where<Cmp::GT>(a_k, a_max, a_k, a_max);
-          }
-          VW x = zero;
-          for (int64_t k = 0; k < K; ++k) {
-            x = x + VW(weight[k]) * expm1_lanes(VW::loadu(b_lanes + k * L) - b_sel);
-          }
-          VW value = b_sel + log1p_lanes(x);
-          // Y and its log only for vectors with a lane where the other
-          // teachers add less than ½ (rare where the teachers agree)
-          if ((x > half).zero_mask() != 0) {
-            VW y = zero;
-            for (int64_t k = 0; k < K; ++k) {
-              y = y + VW(weight[k]) * fk_exp_normaliser(VW::loadu(b_lanes + k * L) - b_sel);
+        // The vector loop for kTeachers = K fixed at compile time (unrolled,
+        // each teacher's b in a register), or kTeachers = 0 for any K (b
+        // through b_lanes, in L1).
+        const auto vector_loop = [&](auto fixed_teachers) {
+          constexpr int64_t kTeachers = decltype(fixed_teachers)::value;
+          const int64_t teachers = kTeachers > 0 ? kTeachers : K;
+          VW b_fixed[kTeachers > 0 ? kTeachers : 1];
+          const auto keep_b = [&](int64_t k, VW b) {
+            if constexpr (kTeachers > 0) {
+              b_fixed[k] = b;
+            } else {
+              b.store(b_lanes + k * L);
             }
-            value = fk_where<Cmp::GT>(x, half, value, b_sel + log_lanes(y));
+          };
+          const auto kept_b = [&](int64_t k) {
+            if constexpr (kTeachers > 0) {
+              return b_fixed[k];
+            } else {
+              return VW::loadu(b_lanes + k * L);
+            }
+          };
+          for (; j + L <= V; j += L) {
+            const VW a_s = (VW::loadu(s + j) - vmax_s) * vinv;
+            VW z_max = neg_inf, b_sel = neg_inf, a_max = neg_inf;
+            for (int64_t k = 0; k < teachers; ++k) {
+              const VW a_k = (VW::loadu(t[k] + j) - VW(max_t[k])) * vinv;
+              const VW b = (a_k - a_s) - VW(gap[k]);
+              keep_b(k, b);
+              const VW z = b + VW(log_weight[k]);
+              // where z > z_max: one comparison, two blends
+              b_sel = fk_where<Cmp::GT>(z, z_max, b, b_sel);
+              z_max = fk_where<Cmp::GT>(z, z_max, z, z_max);
+              a_max = fk_where<Cmp::GT>(a_k, a_max, a_k, a_max);
+            }
+            VW x = zero;
+            for (int64_t k = 0; k < teachers; ++k) {
+              x = x + VW(weight[k]) * expm1_lanes(kept_b(k) - b_sel);
+            }
+            VW value = b_sel + log1p_lanes(x);
+            // Y and its log only for vectors with a lane where the other
+            // teachers add less than ½ (rare where the teachers agree)
+            if ((x > half).zero_mask() != 0) {
+              VW y = zero;
+              for (int64_t k = 0; k < teachers; ++k) {
+                y = y + VW(weight[k]) * fk_exp_normaliser(kept_b(k) - b_sel);
+              }
+              value = fk_where<Cmp::GT>(x, half, value, b_sel + log_lanes(y));
+            }
+            value = fk_where<Cmp::EQ>(b_sel, neg_inf, neg_inf, value);
+            value = fk_where<Cmp::EQ>(a_s, neg_inf, a_max - a_s, value);
+            use_log_ratio(j, value + vpoison, teachers);
           }
-          value = fk_where<Cmp::EQ>(b_sel, neg_inf, neg_inf, value);
-          value = fk_where<Cmp::EQ>(a_s, neg_inf, a_max - a_s, value);
-          (value + vpoison).store(log_ratio + j);
+        };
+        switch (K) {
+          case 2: vector_loop(std::integral_constant<int64_t, 2>{}); break;
+          case 3: vector_loop(std::integral_constant<int64_t, 3>{}); break;
+          case 4: vector_loop(std::integral_constant<int64_t, 4>{}); break;
+          default: vector_loop(std::integral_constant<int64_t, 0>{}); break;
         }
         for (; j < V; ++j) {
           const W a_s = (s[j] - max_s) * inv_t;
@@ -519,16 +576,22 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
           W value = b_sel + (x > -0.5f ? std::log1p(x) : std::log(y));
           if (b_sel == -INFINITY) value = -INFINITY;
           if (a_s == -INFINITY) value = a_max - a_s;
-          log_ratio[j] = value + poison;
+          const W d = value + poison;
+          if constexpr (kl_shortcut) {
+            W p = poison;
+            for (int64_t k = 0; k < K; ++k) p += e_t[k * V + j] * p_scale[k];
+            tail_loss.add(fk_zero_where_zero(p, p * d));
+            if (out != nullptr) out[j] = factor * (e_s[j] * inv_sum_s - p);
+          } else {
+            log_ratio[j] = d;
+          }
         }
       }
-      // log(q/p) at the student's mode, for REVERSE_KL's shifted ratio
-      const W ratio_at_mode = -log_ratio[index_of(s, V, max_s)];
 
       // terms: loss, Σu (u kept for the gradient)
-      CompensatedSum<VW> vloss, vsum_u;
-      CompensatedSum<W> tail_loss, tail_u;
-      {
+      if constexpr (!kl_shortcut) {
+        // log(q/p) at the student's mode, for REVERSE_KL's shifted ratio
+        const W ratio_at_mode = -log_ratio[index_of(s, V, max_s)];
         const VW vinv_sum(inv_sum_s), vmode(ratio_at_mode), vpoison(poison);
         const Coefficient<VW> vcoef{VW(coef.c), VW(coef.one_minus_c), VW(coef.log_c), VW(coef.log_one_minus_c)};
         int64_t j = 0;
@@ -572,8 +635,8 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
       if (row_ce != nullptr) {
         double ce_log_sum = log_sum_s;
         if (!ce_shares_normaliser) {
-          W* out = grad_row != nullptr ? log_ratio : nullptr;
-          const double sum = exp_sum(s, V, max_s, 1.0f, out);
+          W* e_out = grad_row != nullptr ? log_ratio : nullptr;
+          const double sum = exp_sum(s, V, max_s, 1.0f, e_out);
           ce_log_sum = std::log(sum);
           ce_inv_sum = W(1.0 / sum);
           e_ce = log_ratio;
@@ -582,15 +645,9 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
       }
       if (grad_row == nullptr) continue;
 
-      // gradient (u − q Σu)·factor, written over u, then rounded to S
-      const W sum_u = total(vsum_u, tail_u);
-      W* out = nullptr;
-      if constexpr (widen) {
-        out = u;
-      } else {
-        out = grad_row;
-      }
-      {
+      // gradient (u − q Σu)·factor, written over u, then rounded to S (KL's is written)
+      if constexpr (!kl_shortcut) {
+        const W sum_u = total(vsum_u, tail_u);
         const VW vfactor(factor), vsum(sum_u), vinv_sum(inv_sum_s);
         int64_t j = 0;
         for (; j + L <= V; j += L) {
