@@ -284,10 +284,12 @@ def _attention_relation_bwd_cols_kernel(
         row_start = (tl.program_id(1) * BLOCK_N // BLOCK_M) * BLOCK_M
     for m0 in range(row_start, T, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        row_ok, row_kept, xs, xt = _position_tiles(
-            s_ptr, t_ptr, mask_ptr, b, a, rows, T, width_s, width_t,
-            s_stride_b, s_stride_t, s_stride_d, t_stride_b, t_stride_t, t_stride_d,
-            HAS_MASK, BLOCK_DS, BLOCK_DT)
+        # _position_tiles' loads, written out: through the helper here, ptxas (triton 3.6, sm_90)
+        # spills 4 bytes in the bf16 masked variant, though the PTX instructions are the same
+        row_ok = rows < T
+        row_kept = _kept(mask_ptr, b, rows, row_ok, T, HAS_MASK)
+        xs = _head_rows(s_ptr, b, a, rows, row_ok, s_stride_b, s_stride_t, s_stride_d, width_s, BLOCK_DS)
+        xt = _head_rows(t_ptr, b, a, rows, row_ok, t_stride_b, t_stride_t, t_stride_d, width_t, BLOCK_DT)
         shift_s, log_l_s, shift_t, log_l_t, kl, g = _row_stats(
             lse_s_ptr, lse_t_ptr, kl_ptr, grad_ptr, b, a, A, T, rows, row_ok, row_kept, head_share)
         keep = _pair_mask(row_kept, col_kept, rows, cols, CAUSAL)
