@@ -38,11 +38,7 @@
 // exp per element fills the scratch with exp(s − max). Its gradient,
 // (softmax(s) − onehot)·hard_grad_scale, is added to the student gradient
 // before it is rounded to the input dtype.
-// GCC 12's AVX-512 intrinsics build their "undefined" vectors as `__m512 __Y = __Y;`,
-// which -Wuninitialized reports at every inlined use (dozens of false positives here).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+#include "quiet_avx512_intrinsics.h"  // first: see there
 
 #include "divergence_kernel.h"
 

@@ -37,6 +37,8 @@
 // log ratio log p − log q is formed per element from logit differences and
 // one rounded row constant per teacher, so its rounding is relative to its
 // own size.
+#include "quiet_avx512_intrinsics.h"  // first: see there
+
 #include "mixture_kernel.h"
 
 #include <ATen/Parallel.h>

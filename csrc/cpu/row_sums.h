@@ -104,6 +104,10 @@ struct RowAhead {
 // with `out` (which may be x itself), the exponentials are stored there too.
 // The exponentials are 2^((x − max)·log2 e/T) (fk_exp2_normaliser), the
 // scale rounded once. Asks for `ahead` along the way.
+// Blocks of four vectors are summed pairwise before their compensated add
+// (two roundings per block, whatever V): one add per vector would make
+// every vector wait on the latency of the four dependent operations of the
+// last add.
 template <class T>
 double exp_sum(const T* x, int64_t V, T max, T inv_t, T* out, RowAhead ahead = {}) {
   using divergence::Vec;
@@ -111,14 +115,19 @@ double exp_sum(const T* x, int64_t V, T max, T inv_t, T* out, RowAhead ahead = {
   const T scale = T(double(inv_t) * divergence::kLog2E);
   const Vec<T> vmax(max), vscale(scale);
   CompensatedSum<Vec<T>, true> lanes;
-  int64_t j = 0;
-  for (; j + L <= V; j += L) {
+  const auto exp_at = [&](int64_t j) {
     // one cache line per float32 vector (half a line for 16-bit inputs)
     if (ahead.data != nullptr) __builtin_prefetch(ahead.data + j * ahead.bytes_per_element);
     const Vec<T> e = divergence::fk_exp2_normaliser((Vec<T>::loadu(x + j) - vmax) * vscale);
     if (out != nullptr) e.store(out + j);
-    lanes.add(e);
+    return e;
+  };
+  int64_t j = 0;
+  for (; j + 4 * L <= V; j += 4 * L) {
+    const Vec<T> e0 = exp_at(j), e1 = exp_at(j + L), e2 = exp_at(j + 2 * L), e3 = exp_at(j + 3 * L);
+    lanes.add((e0 + e1) + (e2 + e3));
   }
+  for (; j + L <= V; j += L) lanes.add(exp_at(j));
   CompensatedSum<T, true> tail;
   for (; j < V; ++j) {
     const T e = std::exp2((x[j] - max) * scale);

@@ -41,6 +41,8 @@
 // it. The CE's gradient, hard_grad_scale · (softmax(s) − onehot(y)), is added
 // in float (double on the support) before the gradient is rounded to the
 // input dtype.
+#include "quiet_avx512_intrinsics.h"  // first: see there
+
 #include "topk_kernel.h"
 
 #include <ATen/Parallel.h>

@@ -237,14 +237,24 @@ namespace cpu {
 // Vec<T> would otherwise be one inline function for all three builds.
 namespace CPU_CAPABILITY {
 
-// max of x[0, n) into a scalar; NaN propagates (fk_max).
+// max of x[0, n) into a scalar; NaN propagates (fk_max). Four running
+// maxima: with one, every vector would wait on the latency of the last max.
 template <class W>
 W fk_row_max(const W* x, int64_t n) {
   using divergence::Vec;
+  using divergence::fk_max;
   constexpr int64_t L = Vec<W>::size();
-  Vec<W> vmax(-std::numeric_limits<W>::infinity());
+  const Vec<W> neg_inf(-std::numeric_limits<W>::infinity());
+  Vec<W> max0 = neg_inf, max1 = neg_inf, max2 = neg_inf, max3 = neg_inf;
   int64_t j = 0;
-  for (; j + L <= n; j += L) vmax = divergence::fk_max(vmax, Vec<W>::loadu(x + j));
+  for (; j + 4 * L <= n; j += 4 * L) {
+    max0 = fk_max(max0, Vec<W>::loadu(x + j));
+    max1 = fk_max(max1, Vec<W>::loadu(x + j + L));
+    max2 = fk_max(max2, Vec<W>::loadu(x + j + 2 * L));
+    max3 = fk_max(max3, Vec<W>::loadu(x + j + 3 * L));
+  }
+  for (; j + L <= n; j += L) max0 = fk_max(max0, Vec<W>::loadu(x + j));
+  const Vec<W> vmax = fk_max(fk_max(max0, max1), fk_max(max2, max3));
   W lanes[L];
   vmax.store(lanes);
   W best = -std::numeric_limits<W>::infinity();
