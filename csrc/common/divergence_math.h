@@ -117,15 +117,17 @@ FASTKD_HOST_DEVICE T fk_logaddexp(T a, T b) {
 //   a > ln 2:  logaddexp(log w', log w − a)   keeps w' when it is tiny or
 //                                        1 − w' rounds to 1 (c near 0 or 1)
 // d = −inf gives log c, d = +inf gives +inf (−inf·… only where the caller's
-// gate, ref = 0, zeroes the term).
+// gate, ref = 0, zeroes the term). log_c and log_one_minus_c are the
+// weights' logarithms, taken once per call (Coefficient), not per element.
 template <class V>
-FASTKD_HOST_DEVICE V log_mixture_ratio(V d, V c, V one_minus_c) {
+FASTKD_HOST_DEVICE V log_mixture_ratio(V d, V c, V one_minus_c, V log_c, V log_one_minus_c) {
   const V zero = V(0);
   const V w = fk_where_positive(d, c, one_minus_c);
-  const V w_other = fk_where_positive(d, one_minus_c, c);
+  const V log_w = fk_where_positive(d, log_c, log_one_minus_c);
+  const V log_w_other = fk_where_positive(d, log_one_minus_c, log_c);
   const V a = fk_abs(d);
   const V near = fk_log1p(w * fk_expm1(zero - a));
-  const V far = fk_logaddexp(fk_log(w_other), fk_log(w) - a);
+  const V far = fk_logaddexp(log_w_other, log_w - a);
   return fk_max(d, zero) + fk_where_positive(a - V(0.6931471805599453), far, near);
 }
 
@@ -177,8 +179,8 @@ FASTKD_HOST_DEVICE ElementTerms<V> element_terms(const ElementInputs<V>& x,
     // m = β p + (1−β) q;  L = β KL(p‖m) + (1−β) KL(q‖m)
     // u = (1−β) q (log q − log m),  v = β p (log p − log m), with
     // log(m/p) = log(β + (1−β) q/p) and log(m/q) = log((1−β) + β p/q)
-    const V log_m_over_p = log_mixture_ratio(zero - d, k.c, k.one_minus_c);
-    const V log_m_over_q = log_mixture_ratio(d, k.one_minus_c, k.c);
+    const V log_m_over_p = log_mixture_ratio(zero - d, k.c, k.one_minus_c, k.log_c, k.log_one_minus_c);
+    const V log_m_over_q = log_mixture_ratio(d, k.one_minus_c, k.c, k.log_one_minus_c, k.log_c);
     const V a = fk_zero_where_zero(p, zero - p * log_m_over_p);
     const V b = fk_zero_where_zero(q, zero - q * log_m_over_q);
     r.u = k.one_minus_c * b;
@@ -187,7 +189,7 @@ FASTKD_HOST_DEVICE ElementTerms<V> element_terms(const ElementInputs<V>& x,
   } else if constexpr (KIND == SKEW_KL) {
     // m = α p + (1−α) q;  L = KL(p‖m)
     // u = −(1−α) q p / m,  v = p (log p − log m) − α p² / m
-    const V log_m_over_p = log_mixture_ratio(zero - d, k.c, k.one_minus_c);
+    const V log_m_over_p = log_mixture_ratio(zero - d, k.c, k.one_minus_c, k.log_c, k.log_one_minus_c);
     const V p_over_m = fk_exp(zero - log_m_over_p);
     const V a = fk_zero_where_zero(p, zero - p * log_m_over_p);
     r.loss = a;
@@ -196,7 +198,7 @@ FASTKD_HOST_DEVICE ElementTerms<V> element_terms(const ElementInputs<V>& x,
   } else if constexpr (KIND == SKEW_REVERSE_KL) {
     // m = α q + (1−α) p;  L = KL(q‖m)  (SKEW_KL with the roles swapped:
     // log(m/q) = log(α + (1−α) p/q))
-    const V log_m_over_q = log_mixture_ratio(d, k.c, k.one_minus_c);
+    const V log_m_over_q = log_mixture_ratio(d, k.c, k.one_minus_c, k.log_c, k.log_one_minus_c);
     const V q_over_m = fk_exp(zero - log_m_over_q);
     const V b = fk_zero_where_zero(q, zero - q * log_m_over_q);
     r.loss = b;

@@ -14,6 +14,8 @@
 //           or, for KL with the student gradient only, the gradient
 //           (q − p)·grad_scale/T (Σu = −1 is known in advance)
 //   pass 4  gradients (u − q Σu)/T, (v − p Σv)/T           other cases
+//           (with the student gradient only, u is kept from pass 3 in
+//           e_t's place; with both, the terms are evaluated again)
 // REVERSE_KL's student gradient and KL's teacher gradient also locate the
 // row's mode (a scalar scan) to shift their unbounded log ratios.
 // Memory traffic: read N·V twice (s and t), write N·V per gradient requested;
@@ -558,11 +560,31 @@ A divergence_row(const S* s, const S* t, int64_t V, const RowParams<A>& rp, S* g
     return terms_at<KIND>(A(s[j]), A(t[j]), e_s[j], e_t[j], c);
   };
 
-  // pass 3: loss, Σu, Σv
+  // With the student gradient only, pass 3 keeps u where e_t was (p is not
+  // read again) and pass 4 takes it from there: the terms, several
+  // logarithms per element for JSD and the skew divergences, are evaluated
+  // once instead of twice.
+  constexpr bool keep_u = STUDENT_GRAD && !TEACHER_GRAD;
+  A* const kept_u = scratch.e_t;
+
+  // pass 3: loss, Σu, Σv; blocks of kBlock vectors summed pairwise before
+  // each compensated add (as in pass 2: off the latency chain of the adds)
   CompensatedSum<Vec<A>> vloss, vsum_u, vsum_v;
   int64_t j = 0;
+  for (; j + kBlock * L <= V; j += kBlock * L) {
+    ElementTerms<Vec<A>> e[kBlock];
+    for (int64_t k = 0; k < kBlock; ++k) {
+      e[k] = vector_terms(j + k * L);
+      if constexpr (keep_u) e[k].u.store(kept_u + j + k * L);
+    }
+    static_assert(kBlock == 4, "the pairwise block sums below add four vectors");
+    vloss.add((e[0].loss + e[1].loss) + (e[2].loss + e[3].loss));
+    if constexpr (STUDENT_GRAD) vsum_u.add((e[0].u + e[1].u) + (e[2].u + e[3].u));
+    if constexpr (TEACHER_GRAD) vsum_v.add((e[0].v + e[1].v) + (e[2].v + e[3].v));
+  }
   for (; j + L <= V; j += L) {
     const ElementTerms<Vec<A>> e = vector_terms(j);
+    if constexpr (keep_u) e.u.store(kept_u + j);
     vloss.add(e.loss);
     if constexpr (STUDENT_GRAD) vsum_u.add(e.u);
     if constexpr (TEACHER_GRAD) vsum_v.add(e.v);
@@ -570,6 +592,7 @@ A divergence_row(const S* s, const S* t, int64_t V, const RowParams<A>& rp, S* g
   CompensatedSum<A> tail_loss, tail_u, tail_v;
   for (; j < V; ++j) {
     const ElementTerms<A> e = scalar_terms(j);
+    if constexpr (keep_u) kept_u[j] = e.u;
     tail_loss.add(e.loss);
     if constexpr (STUDENT_GRAD) tail_u.add(e.u);
     if constexpr (TEACHER_GRAD) tail_v.add(e.v);
@@ -579,22 +602,32 @@ A divergence_row(const S* s, const S* t, int64_t V, const RowParams<A>& rp, S* g
   const A sum_u = total(vsum_u, tail_u), sum_v = total(vsum_v, tail_v);
 
   // pass 4: gradients, `pack` vectors (one vector of S) at a time
-  const Vec<A> vfactor(rp.grad_factor), vsum_u_all(sum_u), vsum_v_all(sum_v);
+  const Vec<A> vfactor(rp.grad_factor), vsum_u_all(sum_u), vsum_v_all(sum_v), vinv_sum_s(ns.inv_sum);
   constexpr int64_t step = IO::pack * L;
   for (j = 0; j + step <= V; j += step) {
     Vec<A> g_s[IO::pack], g_t[IO::pack];
     for (int64_t k = 0; k < IO::pack; ++k) {
-      const ElementTerms<Vec<A>> e = vector_terms(j + k * L);
-      if constexpr (STUDENT_GRAD) g_s[k] = softmax_grad(e.u, e.q, vsum_u_all, vfactor);
-      if constexpr (TEACHER_GRAD) g_t[k] = softmax_grad(e.v, e.p, vsum_v_all, vfactor);
+      if constexpr (keep_u) {
+        // q as terms_at forms it
+        const Vec<A> q = Vec<A>::loadu(e_s + j + k * L) * vinv_sum_s;
+        g_s[k] = softmax_grad(Vec<A>::loadu(kept_u + j + k * L), q, vsum_u_all, vfactor);
+      } else {
+        const ElementTerms<Vec<A>> e = vector_terms(j + k * L);
+        if constexpr (STUDENT_GRAD) g_s[k] = softmax_grad(e.u, e.q, vsum_u_all, vfactor);
+        if constexpr (TEACHER_GRAD) g_t[k] = softmax_grad(e.v, e.p, vsum_v_all, vfactor);
+      }
     }
     if constexpr (STUDENT_GRAD) IO::store(gs + j, g_s);
     if constexpr (TEACHER_GRAD) IO::store(gt + j, g_t);
   }
   for (; j < V; ++j) {
-    const ElementTerms<A> e = scalar_terms(j);
-    if constexpr (STUDENT_GRAD) gs[j] = S(softmax_grad(e.u, e.q, sum_u, rp.grad_factor));
-    if constexpr (TEACHER_GRAD) gt[j] = S(softmax_grad(e.v, e.p, sum_v, rp.grad_factor));
+    if constexpr (keep_u) {
+      gs[j] = S(softmax_grad(kept_u[j], e_s[j] * ns.inv_sum, sum_u, rp.grad_factor));
+    } else {
+      const ElementTerms<A> e = scalar_terms(j);
+      if constexpr (STUDENT_GRAD) gs[j] = S(softmax_grad(e.u, e.q, sum_u, rp.grad_factor));
+      if constexpr (TEACHER_GRAD) gt[j] = S(softmax_grad(e.v, e.p, sum_v, rp.grad_factor));
+    }
   }
   return loss;
 }
