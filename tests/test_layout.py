@@ -105,7 +105,7 @@ NOT_FAMILIES = {
     "csrc/common": ("checks.h",),
     "csrc/cpu": (
         "allocation.*", "capability.*", "vec_math.h", "row_sums.h", "single_threaded_tasks.h",
-        "thread_invariant_mm.h",
+        "thread_invariant_mm.h", "quiet_avx512_intrinsics.h",
     ),
     "csrc/cuda": (
         "cuda_module.cpp", "block_reduce.cuh", "float_dispatch.cuh", "hard_label.cuh", "op_scope.cuh",
