@@ -1,6 +1,15 @@
-"""Benchmark of ``fastkd.divergence``: forward + backward of one softmax
+"""Benchmark of ``fastkd.divergence``: forward + backward of a softmax
 divergence on ``(N, V)`` logits, the student requiring a gradient and the
 teacher not, ``loss.backward()`` with the default upstream gradient of 1.
+
+Configurations: the sweep's divergence (``--divergence``, KL by default)
+at every shape of ``SHAPES`` and every dtype, then each other divergence
+at ``KINDS_SHAPE`` in float32 (JSD and the skew divergences take a
+logarithm of the mixture per element, a different cost from KL's), all at
+``T = 2``, JSD's ``β = 0.5`` and the skew divergences' ``α = 0.1``
+(``--temperature``, ``--beta``, ``--alpha``). ``--divergence-shapes`` /
+``--divergence-dtypes`` measure only the sweep's divergence at the shapes
+and dtypes they name. The divergence is each provider's third argument.
 
 Providers:
 
@@ -57,6 +66,7 @@ from fastkd.reference import divergence as reference_divergence
 from fastkd.reference import row_divergence
 
 SHAPES = ((4096, 1024), (2048, 32000), (512, 128256))
+KINDS_SHAPE = (2048, 32000)  # the other divergences', in float32
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTION_NAMES = ("divergence", "temperature", "beta", "alpha")
 # one exponential per logit of each side: the least any softmax divergence takes
@@ -117,14 +127,12 @@ def _liger(options: dict):
     except ImportError:
         return {}, {"liger": "liger_kernel not installed"}
     temperature = options["temperature"]
-    if options["divergence"] == "kl":
-        module = LigerKLDIVLoss(reduction="batchmean", log_target=True)
-    elif options["divergence"] == "jsd" and 0 < options["beta"] < 1:
-        module = LigerJSD(beta=options["beta"])
-    else:
-        return {}, {"liger": f"Liger-Kernel has no {options['divergence']} loss"}
+    modules = {"kl": LigerKLDIVLoss(reduction="batchmean", log_target=True)}
+    if 0 < options["beta"] < 1:
+        modules["jsd"] = LigerJSD(beta=options["beta"])
 
-    def liger(s, t):
+    def liger(s, t, divergence):
+        module = modules[divergence]  # the case's skip keeps the other divergences away
         log_q = F.log_softmax(s / temperature, dim=-1)
         log_p = F.log_softmax(t / temperature, dim=-1)
         return temperature**2 * module(log_q, log_p)
@@ -137,9 +145,14 @@ class DivergenceBench(Family):
     config_columns = ("divergence", "temperature", "device", "dtype", "N", "V")
     config_keys = ("divergence", "dtype", "N", "V")
     config_format = "{divergence} {dtype} {N}×{V}"
-    small_configs = (("fp32", 64, 4096), ("bf16", 64, 4096))
-    report_configs = (("fp32", 2048, 32000), ("bf16", 2048, 32000))
-    scaling_configs = (("fp32", 2048, 32000),)
+    small_configs = (("kl", "fp32", 64, 4096), ("kl", "bf16", 64, 4096), ("jsd", "fp32", 64, 4096))
+    # KL in both dtypes, and JSD (GKD's loss), a logarithm of the mixture per element
+    report_configs = (
+        ("kl", "fp32", *KINDS_SHAPE), ("kl", "bf16", *KINDS_SHAPE), ("jsd", "fp32", *KINDS_SHAPE),
+    )
+    scaling_configs = (("kl", "fp32", *KINDS_SHAPE),)
+    size_axis = (f"problem size N × V (KL, ordered by N·V), "
+                 f"then the other divergences ({KINDS_SHAPE[0]}×{KINDS_SHAPE[1]})")
     metric_columns = ("exp2_per_s", "exp_floor_ms", "x_exp_floor")
     table_metrics = (
         *FLOOR_METRICS, ("exp_floor_ms", "exp floor ms", ".1f"), ("x_exp_floor", "× exp floor", ".1f"),
@@ -161,12 +174,15 @@ class DivergenceBench(Family):
         )
 
     def reference(self, options):
-        kwargs = {k: options[k] for k in OPTION_NAMES}
-        return lambda s, t: reference_loss(s, t, **kwargs)
+        kwargs = {k: options[k] for k in OPTION_NAMES if k != "divergence"}
+        return lambda s, t, divergence: reference_loss(s, t, divergence=divergence, **kwargs)
 
     def fused(self, backend, options):
-        kwargs = fastkd_keywords(options)
-        return lambda s, t: fastkd.divergence(s, t, **kwargs, backend=backend)
+        def loss(s, t, divergence):
+            return fastkd.divergence(s, t, **fastkd_keywords({**options, "divergence": divergence}),
+                                     backend=backend)
+
+        return loss
 
     def more_providers(self, device, options, found, skipped):
         if device.type == "cuda":
@@ -174,36 +190,56 @@ class DivergenceBench(Family):
             found.update(liger_found)
             skipped.update(liger_skipped)
 
-    def all_configs(self):
-        return [(dtype, n, v) for dtype in self.dtypes for n, v in SHAPES]
+    def all_configs(self, divergence: str = "kl"):
+        sweep = [(divergence, dtype, n, v) for dtype in self.dtypes for n, v in SHAPES]
+        return sweep + [(kind, "fp32", *KINDS_SHAPE) for kind in _validate.DIVERGENCES if kind != divergence]
 
     def configs(self, quick, options):
-        """The sweep's configurations, or those ``--divergence-shapes`` and
+        """The sweep's configurations (``report_configs`` with ``--quick``) for
+        ``--divergence``, or those ``--divergence-shapes`` and
         ``--divergence-dtypes`` name (each defaulting to the sweep's, or to
         ``--quick``'s: the first shape, fp32)."""
+        divergence = options["divergence"]
         shapes, dtypes = options.get("divergence_shapes"), options.get("divergence_dtypes")
         if not (shapes or dtypes):
-            return super().configs(quick, options)
+            if not quick:
+                return self.all_configs(divergence)
+            chosen = [(divergence if kind == "kl" else kind, *rest) for kind, *rest in self.report_configs]
+            return list(dict.fromkeys(chosen))
         shapes = shapes or (SHAPES[:1] if quick else SHAPES)
         dtypes = dtypes or (["fp32"] if quick else self.dtypes)
-        return [(dtype, n, v) for dtype in dtypes for n, v in shapes]
+        return [(divergence, dtype, n, v) for dtype in dtypes for n, v in shapes]
 
     def case(self, config, device, options, providers):
-        dtype_name, n, v = config
+        divergence, dtype_name, n, v = config
         generator = torch.Generator(device=device).manual_seed(0)
         dtype = DTYPE_NAMES[dtype_name]
         s = torch.randn(n, v, device=device, dtype=dtype, generator=generator).requires_grad_()
         t = torch.randn(n, v, device=device, dtype=dtype, generator=generator)
         columns = {
-            "divergence": options["divergence"], "temperature": options["temperature"], "dtype": dtype_name,
+            "divergence": divergence, "temperature": options["temperature"], "dtype": dtype_name,
             "N": n, "V": v,
             "output_mib": s.nbytes / MIB,  # the student gradient: the least a fused call allocates
             "traffic_bytes": 3 * s.nbytes,
         }
-        return Case(columns, (s, t))
+        liger_has_it = divergence == "kl" or (divergence == "jsd" and 0 < options["beta"] < 1)  # as _liger
+
+        def skip(provider: str) -> str | None:
+            return None if provider != "liger" or liger_has_it else f"Liger-Kernel has no {divergence} loss"
+
+        return Case(columns, (s, t, divergence), skip=skip)
 
     def describe(self, options):
-        return f"fastkd.divergence: {options['divergence']} (T={options['temperature']:g})"
+        return f"fastkd.divergence: {options['divergence']} and the others (T={options['temperature']:g})"
+
+    def size_label(self, row: dict) -> str:
+        """N×V, with the divergence's name unless it is KL (``jsd 2048×32000``)."""
+        size = f"{row['N']}×{row['V']}"
+        return size if row["divergence"] == "kl" else f"{row['divergence']} {size}"
+
+    def size_order(self, row: dict) -> tuple:
+        """KL's shapes by size, then the other divergences in _validate.DIVERGENCES order."""
+        return (_validate.DIVERGENCES.index(row["divergence"]), row["N"] * row["V"], row["N"])
 
     def add_gemm_floor(self, ctx, rows):
         """The exp floor of one configuration's rows (the module docstring), at
@@ -242,8 +278,12 @@ def test_configs_from_the_command_line():
     parse = BENCH.default_options
     assert BENCH.configs(False, parse()) == BENCH.all_configs()
     assert BENCH.configs(True, parse()) == list(BENCH.report_configs)
+    others = [(kind, "fp32", *KINDS_SHAPE) for kind in _validate.DIVERGENCES if kind != "kl"]
+    assert BENCH.all_configs()[len(SHAPES) * len(BENCH.dtypes):] == others
     options = {**parse(), "divergence_shapes": [shape("16384x131072")], "divergence_dtypes": ["bf16", "fp16"]}
-    assert BENCH.configs(False, options) == [("bf16", 16384, 131072), ("fp16", 16384, 131072)]
-    options = {**parse(), "divergence_dtypes": ["fp16"]}
-    assert BENCH.configs(False, options) == [("fp16", n, v) for n, v in SHAPES]
-    assert BENCH.configs(True, options) == [("fp16", *SHAPES[0])]
+    assert BENCH.configs(False, options) == [("kl", "bf16", 16384, 131072), ("kl", "fp16", 16384, 131072)]
+    options = {**parse(), "divergence": "jsd", "divergence_dtypes": ["fp16"]}
+    assert BENCH.configs(False, options) == [("jsd", "fp16", n, v) for n, v in SHAPES]
+    assert BENCH.configs(True, options) == [("jsd", "fp16", *SHAPES[0])]
+    options = {**parse(), "divergence": "jsd"}
+    assert BENCH.configs(True, options) == [("jsd", "fp32", *KINDS_SHAPE), ("jsd", "bf16", *KINDS_SHAPE)]

@@ -95,7 +95,10 @@ def plot_family(
 
     for ax, ylabel in ((ax_time, "median forward + backward time (ms)"), (ax_mem, "peak extra memory (MiB)")):
         ax.set_yscale("log")
-        ax.set_xticks(range(len(labels)), labels)
+        # labels that would run into each other side by side are slanted
+        crowded = sum(len(label) for label in labels) > 60
+        ax.set_xticks(range(len(labels)), labels, rotation=25 if crowded else 0,
+                      ha="right" if crowded else "center")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
