@@ -224,8 +224,8 @@ inline Vec<T> fk_logaddexp(Vec<T> a, Vec<T> b) {
 }
 
 // expm1 of float lanes, arguments up to 88 (larger ones overflow to inf),
-// −inf (−1) and NaN. AVX512: the reduction of
-// fk_exp_normaliser (vec_math.h), x = n ln2 + r with |r| ≤ ln2/2, then
+// −inf (−1) and NaN. AVX512: fk_exp_normaliser's reduction (fk_ln2_reduce),
+// x = n ln2 + r with |r| ≤ ln2/2, then
 // expm1(x) = 2^n expm1(r) + (2^n − 1), expm1(r) = r + r²(1/2 + r/6 + … +
 // r⁵/5040) (truncation below 2e-8 relative): rounded relative to the result
 // near 0, where exp(x) − 1 would not be, in ~15 instructions against ~40 for
@@ -273,8 +273,8 @@ inline __m512 log_positive_lanes(__m512 u) {
 }
 #endif
 
-// log1p of float lanes of x > −1 (the mixture's callers pass x > −½, the
-// lanes below them replace; x = −1 gives NaN, not −inf). AVX512: u = 1 + x
+// log1p of float lanes of x > −1 (x = −1 gives NaN, not −inf: the callers
+// do not use such lanes). AVX512: u = 1 + x
 // rounded, log1p(x) = log(u) + (x − (u − 1))/u (the rounding of u to first
 // order, exact for u in [½, 2]), ~20 instructions against ~40 and a call
 // for Sleef's. +inf and NaN pass through. Elsewhere at::vec's log1p.
