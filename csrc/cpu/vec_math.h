@@ -301,26 +301,28 @@ inline Vec<float> log_lanes(Vec<float> y) {
 #endif
 }
 
-// log_mixture_ratio of divergence_math.h for float lanes (found before its
-// template, see the include below), with the lanes above in place of
-// Sleef's expm1, log1p and exp: JSD and the skew divergences take one or
-// two per element, most of their rows' time. The branches' arguments are in
-// these functions' ranges: the near branch's log1p gets w·expm1(−a) in
-// (−1, 0] (−1 only where a = inf, a lane the far branch takes), the far
-// branch's exp gets lo − hi ≤ 0 and its log1p a value in [0, 1].
+// The float-lane overloads of the building blocks JSD and the skew
+// divergences use per element (log_mixture_ratio in divergence_math.h, one
+// or two per element: most of their rows' time), with the lanes above in
+// place of Sleef's expm1, log1p and exp. AVX512 only: elsewhere the lanes
+// are at::vec's own functions, and fk_exp_normaliser's is less accurate.
 #if defined(CPU_CAPABILITY_AVX512)
-inline Vec<float> log_mixture_ratio(Vec<float> d, Vec<float> c, Vec<float> one_minus_c, Vec<float> log_c,
-                                    Vec<float> log_one_minus_c) {
-  const Vec<float> zero(0.0f), neg_inf(-std::numeric_limits<float>::infinity());
-  const Vec<float> w = fk_where_positive(d, c, one_minus_c);
-  const Vec<float> log_w = fk_where_positive(d, log_c, log_one_minus_c);
-  const Vec<float> log_w_other = fk_where_positive(d, log_one_minus_c, log_c);
-  const Vec<float> a = fk_abs(d);
-  const Vec<float> near = log1p_lanes(w * expm1_lanes(zero - a));
-  // logaddexp(log_w_other, log_w − a), −inf when both are
-  const Vec<float> hi = fk_max(log_w_other, log_w - a), lo = fk_min(log_w_other, log_w - a);
-  const Vec<float> far = fk_where<Cmp::EQ>(hi, neg_inf, neg_inf, hi + log1p_lanes(fk_exp_normaliser(lo - hi)));
-  return fk_max(d, zero) + fk_where_positive(a - Vec<float>(0.6931471805599453f), far, near);
+inline Vec<float> fk_expm1(Vec<float> x) { return expm1_lanes(x); }
+
+// log1p_lanes with the rest of the domain: −inf at x = −1, NaN below.
+inline Vec<float> fk_log1p(Vec<float> x) {
+  const Vec<float> minus_one(-1.0f);
+  const Vec<float> inside = fk_where<Cmp::EQ>(x, minus_one, Vec<float>(-std::numeric_limits<float>::infinity()),
+                                              log1p_lanes(x));
+  return fk_where<Cmp::LT>(x, minus_one, Vec<float>(std::numeric_limits<float>::quiet_NaN()), inside);
+}
+
+// log(e^a + e^b): the exponential's argument is lo − hi ≤ 0 (or NaN), in
+// fk_exp_normaliser's range, and log1p's in [0, 1].
+inline Vec<float> fk_logaddexp(Vec<float> a, Vec<float> b) {
+  const Vec<float> hi = fk_max(a, b), lo = fk_min(a, b);
+  const Vec<float> neg_inf(-std::numeric_limits<float>::infinity());
+  return fk_where<Cmp::EQ>(hi, neg_inf, neg_inf, hi + log1p_lanes(fk_exp_normaliser(lo - hi)));
 }
 #endif
 
