@@ -40,9 +40,13 @@ FMA rate of this machine's vector units measured in the same run
 ``ANGLE_KERNEL_FLOP_PER_PAIR`` (29: 17 for the angle and its smooth-L1, 12 for
 the gradient sums, an FMA counted as 2) for each of its ``N (N − 1)² / 2``
 lane terms (anchor i, row j ≠ i, column k > j), over the measured time of the whole call
-(the O(N²·D) parts included). ``x_simd_peak`` is their ratio; about half of
-those operations are not FMAs, so ``x_simd_peak`` near 0.6 already means
-the floating-point pipes are close to full.
+(the O(N²·D) parts included). ``x_simd_peak`` is their ratio. Per 16 lanes
+the loop issues 12 multiplies and FMAs and 9 other vector operations
+(adds, maxima and minima, one and), so with the adds on their own pipes the
+arithmetic alone would let the loop pass the FMA peak
+(``x_simd_peak`` above 1); well below 1, it is bound by something other than
+its arithmetic: per 16 lanes it also makes 9 loads and 3 stores, most from
+L2 once N ≥ 1024.
 
 Timing: as ``bench_info_nce`` (:func:`bench.measure.time_uncontended`);
 an angle call at ``N = 4096`` takes seconds, so there the first call is the

@@ -52,16 +52,27 @@ double fma_flops(int64_t threads, int64_t iterations) {
   {
     vfloat acc[kChains];
     const float seed = 1.0f + 1e-7f * omp_get_thread_num();
+    // Every loop over the chains is unrolled, so that each index is a constant
+    // and the array can live in registers: GCC otherwise keeps it on the
+    // stack, and every FMA waits on a store and a load (half the peak).
+#pragma GCC unroll 16
     for (int c = 0; c < kChains; ++c) acc[c] = vfloat{} + (seed + float(c));
     const vfloat b = vfloat{} + 0.999999f, add = vfloat{} + 1e-7f;
     for (int64_t it = 0; it < iterations; ++it) {
 #pragma GCC unroll 16
-      for (int c = 0; c < kChains; ++c) acc[c] = acc[c] * b + add;
-      // keeps the chains in registers and the loop from being folded
-      asm volatile("" : "+x"(acc[0]), "+x"(acc[1]), "+x"(acc[2]), "+x"(acc[3]));
+      for (int c = 0; c < kChains; ++c) {
+        acc[c] = acc[c] * b + add;
+        // an opaque use of every chain ("v": any vector register), so that the
+        // loop is not folded
+        asm volatile("" : "+v"(acc[c]));
+      }
     }
-    for (int c = 0; c < kChains; ++c)
-      for (int l = 0; l < kLanes; ++l) sink += acc[c][l];
+    // the chains summed as vectors first: a lane subscript of each chain would
+    // keep the whole array addressable, on the stack
+    vfloat total = acc[0];
+#pragma GCC unroll 16
+    for (int c = 1; c < kChains; ++c) total += acc[c];
+    for (int l = 0; l < kLanes; ++l) sink += total[l];
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const double flop = 2.0 * kLanes * kChains * double(iterations) * double(threads);
@@ -160,6 +171,31 @@ def exp2_rate(threads: int | None = None, seconds: float = 0.3) -> float:
     threads = threads or torch.get_num_threads()
     module = _exp_module()
     return _best_rate(lambda iterations: module.exp2_rate(threads, iterations), seconds)
+
+
+# The columns add_exp_floor fills, and their report-table entries.
+EXP_FLOOR_COLUMNS = ("exp2_per_s", "exp_floor_ms", "x_exp_floor")
+EXP_FLOOR_TABLE_METRICS = (("exp_floor_ms", "exp floor ms", ".1f"), ("x_exp_floor", "× exp floor", ".1f"))
+
+
+@functools.cache
+def _sweep_exp2_rate(threads: int) -> float:
+    """exp2_rate at ``threads``, measured once per process (per sweep)."""
+    return exp2_rate(threads)
+
+
+def add_exp_floor(rows: list[dict], transcendentals: float) -> None:
+    """The exp floor of one configuration's rows: ``transcendentals`` (the
+    least number of exponentials and logarithms the loss needs) at the
+    ``exp2_rate`` of the current thread count, as ``exp_floor_ms``, and each
+    row's ``x_exp_floor`` (its median over that); ``exp2_per_s`` the rate."""
+    rate = _sweep_exp2_rate(torch.get_num_threads())
+    floor_ms = transcendentals / rate * 1e3
+    for row in rows:
+        row["exp2_per_s"] = rate
+        row["exp_floor_ms"] = floor_ms
+        if row.get("median_ms") is not None:
+            row["x_exp_floor"] = row["median_ms"] / floor_ms
 
 
 @functools.cache
