@@ -50,7 +50,6 @@ disable timing; add ``--benchmark-enable`` for timings).
 from __future__ import annotations
 
 import argparse
-import functools
 
 import pytest
 import torch
@@ -60,7 +59,7 @@ import fastkd
 from bench.family import Case, Family
 from bench.measure import MIB
 from bench.report import FLOOR_METRICS
-from bench.simd_peak import exp2_rate
+from bench.simd_peak import EXP_FLOOR_COLUMNS, EXP_FLOOR_TABLE_METRICS, add_exp_floor
 from fastkd import _validate
 from fastkd.reference import divergence as reference_divergence
 from fastkd.reference import row_divergence
@@ -71,12 +70,6 @@ DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 OPTION_NAMES = ("divergence", "temperature", "beta", "alpha")
 # one exponential per logit of each side: the least any softmax divergence takes
 EXPONENTIALS_PER_ELEMENT = 2
-
-
-@functools.cache
-def exponentials_per_second(threads: int) -> float:
-    """fastkd's vector exponential rate on ``threads`` threads, once per sweep."""
-    return exp2_rate(threads)
 
 
 def reference_loss(
@@ -153,10 +146,8 @@ class DivergenceBench(Family):
     scaling_configs = (("kl", "fp32", *KINDS_SHAPE),)
     size_axis = (f"problem size N × V (KL, ordered by N·V), "
                  f"then the other divergences ({KINDS_SHAPE[0]}×{KINDS_SHAPE[1]})")
-    metric_columns = ("exp2_per_s", "exp_floor_ms", "x_exp_floor")
-    table_metrics = (
-        *FLOOR_METRICS, ("exp_floor_ms", "exp floor ms", ".1f"), ("x_exp_floor", "× exp floor", ".1f"),
-    )
+    metric_columns = EXP_FLOOR_COLUMNS
+    table_metrics = (*FLOOR_METRICS, *EXP_FLOOR_TABLE_METRICS)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("divergence")
@@ -247,13 +238,7 @@ class DivergenceBench(Family):
         super().add_gemm_floor(ctx, rows)
         if ctx.device.type != "cpu" or not rows:
             return
-        rate = exponentials_per_second(torch.get_num_threads())
-        floor_ms = EXPONENTIALS_PER_ELEMENT * rows[0]["N"] * rows[0]["V"] / rate * 1e3
-        for row in rows:
-            row["exp2_per_s"] = rate
-            row["exp_floor_ms"] = floor_ms
-            if row.get("median_ms") is not None:
-                row["x_exp_floor"] = row["median_ms"] / floor_ms
+        add_exp_floor(rows, EXPONENTIALS_PER_ELEMENT * rows[0]["N"] * rows[0]["V"])
 
 
 BENCH = DivergenceBench()

@@ -29,6 +29,15 @@ Providers:
 Memory traffic (the floor): read the student and the K teachers once, write
 the student gradient once, ``(K + 2) · N · V · itemsize`` bytes.
 
+Arithmetic (the exp floor, CPU): the divergence to the mixture takes at
+least one exponential per logit of the student and of each teacher and one
+logarithm of the mixture per element, ``(K + 2) · N · V`` in all, whatever
+the dtype; ``exp_floor_ms`` is their time at the rate of fastkd's own
+vector exponential measured in the same run (``bench.simd_peak``), and
+``x_exp_floor`` the call's time over it. A bf16 call reads half the bytes
+of a float32 one but needs the same transcendentals, so its copy floor is
+half as far from its exp floor.
+
 ``python -m bench.run --families mixture`` runs the sweep.
 """
 
@@ -40,7 +49,8 @@ import torch
 import fastkd
 from bench.family import Case, Family
 from bench.measure import MIB
-from bench.report import EAGER
+from bench.report import EAGER, FLOOR_METRICS
+from bench.simd_peak import EXP_FLOOR_COLUMNS, EXP_FLOOR_TABLE_METRICS, add_exp_floor
 from fastkd.reference import mixture as reference_mixture
 
 SHAPES = ((4096, 1024), (1024, 32000))
@@ -78,6 +88,8 @@ class MixtureBench(Family):
     unlike_baseline = {SEPARATE: "a different objective (Σ w_k D(p_k‖q)): cost of 3 dense passes only"}
     small_configs = (("fp32", 32, 2048),)
     report_configs = (("fp32", *SHAPES[0]),)
+    metric_columns = EXP_FLOOR_COLUMNS
+    table_metrics = (*FLOOR_METRICS, *EXP_FLOOR_TABLE_METRICS)
 
     def reference(self, options):
         return reference_loss
@@ -100,6 +112,14 @@ class MixtureBench(Family):
                 found[name] = loss
             else:
                 skipped[name] = cpu.reason
+
+    def add_gemm_floor(self, ctx, rows):
+        """The exp floor of one configuration's rows (the module docstring), at
+        the current thread count; CPU only."""
+        super().add_gemm_floor(ctx, rows)
+        if ctx.device.type != "cpu" or not rows:
+            return
+        add_exp_floor(rows, (rows[0]["K"] + 2) * rows[0]["N"] * rows[0]["V"])
 
     def all_configs(self):
         return [(dtype, n, v) for dtype in self.dtypes for n, v in SHAPES]
