@@ -220,7 +220,6 @@ struct FarRow {
   Vec<T> fs, ft;          // max(u_ij, 0) of each side
   Vec<T> ws2;             // 2 |u_ij|
   Vec<T> cs, ct;          // (G_ii − G_ij) of each side, hi + lo
-  bool coincides = false;  // u_ij < 0: j coincides with i (see row_pair)
 
   FarRow() = default;
   FarRow(const AngleArgs<T>& a, int64_t i, int64_t j, T* d_gram_task) {
@@ -234,7 +233,6 @@ struct FarRow {
     ws2 = Vec<T>(T(2) * std::abs(us));
     cs = Vec<T>((a.gs_hi[i * n + i] - a.gs_hi[i * n + j]) + (a.gs_lo[i * n + i] - a.gs_lo[i * n + j]));
     ct = Vec<T>((a.gt_hi[i * n + i] - a.gt_hi[i * n + j]) + (a.gt_lo[i * n + i] - a.gt_lo[i * n + j]));
-    coincides = us < T(0);
   }
 };
 
@@ -249,7 +247,8 @@ constexpr int64_t kRowBlock = 4;
 // row 4.5 loads and 1.5 stores instead of 9 and 3. The loop is bound by its
 // memory accesses, not its arithmetic (bench_rkd's x_simd_peak): at N = 2048
 // on one thread this took the kernel from 1.86–1.94 s to 1.45–1.59 s.
-// The same terms as row_pair<T, kGrad, false>; returns their smooth-L1 sum.
+// The same terms as row_pair<T, kGrad, false> for rows that do not coincide
+// with i (u_ij >= 0; the caller checks); returns their smooth-L1 sum.
 template <class T, bool kGrad>
 double row_block(const AngleArgs<T>& a, int64_t i, int64_t j, int64_t k_begin, T* d_gram, T* r_acc,
                  T* s_acc) {
@@ -283,7 +282,7 @@ double row_block(const AngleArgs<T>& a, int64_t i, int64_t j, int64_t k_begin, T
       const Vec<T> g = at::vec::clamp(d, Vec<T>(T(-1)), Vec<T>(T(1)));
       loss = at::vec::fmadd(g, at::vec::fmadd(Vec<T>(T(-0.5)), g, d), loss);
       if constexpr (kGrad) {
-        const Vec<T> gu = g * (row.coincides ? fs_k : w_k);
+        const Vec<T> gu = g * w_k;
         store<T>(at::vec::fmadd(gu, row.ws2, load(row.d_gram + k, cnt)), row.d_gram + k, cnt);
         r_sum[r] = at::vec::fmadd(gu, row.ws2, r_sum[r]);
         two_w = at::vec::fmadd(gu, row.ws2, two_w);
@@ -328,7 +327,11 @@ double anchor_block(const AngleArgs<T>& a, int64_t first, int64_t count, T* d_gr
       const int64_t i = first + b;
       T* r = kGrad ? r_acc + b * n : nullptr;
       T* sa = kGrad ? s_acc + b * n : nullptr;
-      const bool whole = j_end - j == kRowBlock && !(i >= j && i < j_end);
+      // whole blocks of rows, none of them i nor coinciding with i (which
+      // takes row_pair's other gradient weight; only when every sample is
+      // the same is such an anchor on the far path)
+      const bool whole = j_end - j == kRowBlock && !(i >= j && i < j_end) &&
+                         std::all_of(a.us + i * n + j, a.us + i * n + j_end, [](T u) { return !(u < T(0)); });
       if (a.precise[i] || !whole) {
         for (int64_t row = j; row < j_end; ++row) {
           if (row == i) continue;
