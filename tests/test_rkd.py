@@ -356,12 +356,16 @@ def test_anchorwise_angle_equals_the_reference():
 
 
 @pytest.mark.parametrize("backend", kernel_params())
-@pytest.mark.parametrize("dtype, n", [(torch.float32, 600), (torch.float64, 300)], ids=("float32", "float64"))
+@pytest.mark.parametrize(
+    "dtype, n", [(torch.float32, 600), (torch.float64, 300), (torch.float64, 521)],
+    ids=("float32", "float64", "float64-row-blocks"),
+)
 def test_rkd_angle_at_a_larger_n(dtype, n, backend):
     """An N of a few hundred, against the anchorwise float64 formula: full
     anchor blocks, 32 chunks of anchors in several waves of partial
-    gradients, and rows of many SIMD vectors on the CPU; many blocks per
-    program on a GPU. The shared parity shapes stop at N = 37 (the reference
+    gradients, and rows of many SIMD vectors on the CPU (from N = 512 the
+    far anchors' rows four at a time, with a last block of one row at
+    N = 521); many blocks per program on a GPU. The shared parity shapes stop at N = 37 (the reference
     holds N³ angles). Every seventh student row is a near copy of
     the one before it, so some anchors take the exact path and share blocks
     with anchors that do not."""

@@ -236,8 +236,12 @@ struct FarRow {
   }
 };
 
-// Rows of the far path swept together by row_block.
+// Rows of the far path swept together by row_block, from n = kRowBlockMinN:
+// below, an anchor's rows stay in cache and the separate call for each row's
+// first columns costs more than the block saves (N = 256, two threads:
+// 3.0–3.6 ms one row at a time, 3.3–4.0 ms in blocks; about even at 512).
 constexpr int64_t kRowBlock = 4;
+constexpr int64_t kRowBlockMinN = 512;
 
 // Anchor i (far path: no sample near it), rows j .. j + kRowBlock − 1 (none
 // of them i): the angles a_ijk of every row for k_begin <= k < n, k_begin >=
@@ -330,7 +334,7 @@ double anchor_block(const AngleArgs<T>& a, int64_t first, int64_t count, T* d_gr
       // whole blocks of rows, none of them i nor coinciding with i (which
       // takes row_pair's other gradient weight; only when every sample is
       // the same is such an anchor on the far path)
-      const bool whole = j_end - j == kRowBlock && !(i >= j && i < j_end) &&
+      const bool whole = n >= kRowBlockMinN && j_end - j == kRowBlock && !(i >= j && i < j_end) &&
                          std::all_of(a.us + i * n + j, a.us + i * n + j_end, [](T u) { return !(u < T(0)); });
       if (a.precise[i] || !whole) {
         for (int64_t row = j; row < j_end; ++row) {
@@ -353,9 +357,10 @@ double anchor_block(const AngleArgs<T>& a, int64_t first, int64_t count, T* d_gr
 }
 
 // Anchors per block of anchor_block: each row j of the Gram halves and of
-// d_gram is read once per block (16 against 8: N = 4096, two threads,
-// 6.8–7.3 s against 7.1–7.6 s).
+// d_gram is read once per block. 16 with row blocks (against 8: N = 4096,
+// two threads, 6.8–7.3 s against 7.1–7.6 s), 8 below kRowBlockMinN.
 constexpr int64_t kAnchorBlock = 16;
+inline int64_t anchor_block_size(int64_t n) { return n >= kRowBlockMinN ? kAnchorBlock : kAnchorBlock / 2; }
 // The anchors are split into at most this many chunks of consecutive anchors,
 // each with its own d_gram partial; the split depends on n only.
 constexpr int64_t kAngleChunks = 32;
@@ -371,14 +376,15 @@ double run(const AngleArgs<T>& a) {
   // the result the same bit for bit whatever the number of threads. The
   // chunks run in waves of at most get_num_threads(), so that only that many
   // n × n partials exist at once; their sums are added in chunk order.
-  const int64_t chunks = std::min<int64_t>(kAngleChunks, (n + kAnchorBlock - 1) / kAnchorBlock);
+  const int64_t block = anchor_block_size(n);
+  const int64_t chunks = std::min<int64_t>(kAngleChunks, (n + block - 1) / block);
   const int64_t wave = std::max<int64_t>(1, std::min<int64_t>(chunks, at::get_num_threads()));
   std::vector<double> parts(chunks, 0.0);
   std::vector<std::vector<T>> partials(a.grad ? wave : 0);
   for (int64_t first = 0; first < chunks; first += wave) {
     const int64_t last = std::min(chunks, first + wave);
     at::parallel_for(first, last, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> r_acc(a.grad ? kAnchorBlock * n : 0), s_acc(a.grad ? kAnchorBlock * n : 0);
+      std::vector<T> r_acc(a.grad ? block * n : 0), s_acc(a.grad ? block * n : 0);
       for (int64_t c = begin; c < end; ++c) {
         T* d_gram = nullptr;
         if (a.grad) {
@@ -388,8 +394,8 @@ double run(const AngleArgs<T>& a) {
         }
         const int64_t stop = chunk_start(n, chunks, c + 1);
         double part = 0;
-        for (int64_t anchor = chunk_start(n, chunks, c); anchor < stop; anchor += kAnchorBlock) {
-          const int64_t count = std::min(kAnchorBlock, stop - anchor);
+        for (int64_t anchor = chunk_start(n, chunks, c); anchor < stop; anchor += block) {
+          const int64_t count = std::min(block, stop - anchor);
           part += a.grad ? anchor_block<T, true>(a, anchor, count, d_gram, r_acc.data(), s_acc.data())
                          : anchor_block<T, false>(a, anchor, count, nullptr, nullptr, nullptr);
         }
