@@ -108,6 +108,16 @@ Vec<T> numerator(const Side<T>& sd, const T* gj_hi, const T* gi_hi, const T* gj_
   return hi + lo;
 }
 
+// Anchor i's rows of the kernel's inputs: Gram halves and signed inverse
+// distances of both sides.
+template <class T>
+struct AnchorRows {
+  const T *gs_hi, *gs_lo, *gt_hi, *gt_lo, *us, *ut;  // row i of each
+  AnchorRows(const AngleArgs<T>& a, int64_t i)
+      : gs_hi(a.gs_hi + i * a.n), gs_lo(a.gs_lo + i * a.n), gt_hi(a.gt_hi + i * a.n),
+        gt_lo(a.gt_lo + i * a.n), us(a.us + i * a.n), ut(a.ut + i * a.n) {}
+};
+
 // Anchor i, row j ≠ i: the angles a_ijk for j <= k < k_end (k > j counted
 // twice). Adds the gradient terms to d_gram (this task's) and to anchor i's
 // row accumulators r_acc, s_acc; returns their smooth-L1 sum.
@@ -115,33 +125,28 @@ template <class T, bool kGrad, bool kPrecise>
 double row_pair(const AngleArgs<T>& a, int64_t i, int64_t j, int64_t k_end, T* d_gram, T* r_acc, T* s_acc) {
   const int64_t n = a.n;
   constexpr int64_t L = Vec<T>::size();
-  const T* gsi_hi = a.gs_hi + i * n;
-  const T* gsi_lo = a.gs_lo + i * n;
-  const T* gti_hi = a.gt_hi + i * n;
-  const T* gti_lo = a.gt_lo + i * n;
-  const T* usi = a.us + i * n;
-  const T* uti = a.ut + i * n;
+  const AnchorRows<T> anchor(a, i);
   const T* gsj_hi = a.gs_hi + j * n;
   const T* gsj_lo = a.gs_lo + j * n;
   const T* gtj_hi = a.gt_hi + j * n;
   const T* gtj_lo = a.gt_lo + j * n;
-  const T fs_j = std::max(usi[j], T(0)), ft_j = std::max(uti[j], T(0));
+  const T fs_j = std::max(anchor.us[j], T(0)), ft_j = std::max(anchor.ut[j], T(0));
   // Gradient weight of j: |u_ij|. If j coincides with i (u_ij < 0), every
   // term that multiplies x_j − x_i (= 0) vanishes: a_ijk has a non-zero
   // derivative only through x_k − x_i, so k must not coincide with i too
   // (and k = j gives none); without this the Gram form would cancel
   // weights of 1 / eps² in float arithmetic.
-  const bool j_coincides = usi[j] < T(0);
-  const T ws_j = std::abs(usi[j]);
+  const bool j_coincides = anchor.us[j] < T(0);
+  const T ws_j = std::abs(anchor.us[j]);
   // G_ii − G_ij of the hi and lo halves
-  const T cs_hi = gsi_hi[i] - gsi_hi[j], cs_lo = gsi_lo[i] - gsi_lo[j];
-  const T ct_hi = gti_hi[i] - gti_hi[j], ct_lo = gti_lo[i] - gti_lo[j];
+  const T cs_hi = anchor.gs_hi[i] - anchor.gs_hi[j], cs_lo = anchor.gs_lo[i] - anchor.gs_lo[j];
+  const T ct_hi = anchor.gt_hi[i] - anchor.gt_hi[j], ct_lo = anchor.gt_lo[i] - anchor.gt_lo[j];
 
   // k = j: a_ijj (1 for distinct samples), counted once. (G_jj − G_ij) +
   // (G_ii − G_ij) on the hi halves cancels exactly for j ≈ i (Sterbenz);
   // the lo halves are added last.
-  const T as_jj = (((gsj_hi[j] - gsi_hi[j]) + cs_hi) + ((gsj_lo[j] - gsi_lo[j]) + cs_lo)) * fs_j * fs_j;
-  const T at_jj = (((gtj_hi[j] - gti_hi[j]) + ct_hi) + ((gtj_lo[j] - gti_lo[j]) + ct_lo)) * ft_j * ft_j;
+  const T as_jj = (((gsj_hi[j] - anchor.gs_hi[j]) + cs_hi) + ((gsj_lo[j] - anchor.gs_lo[j]) + cs_lo)) * fs_j * fs_j;
+  const T at_jj = (((gtj_hi[j] - anchor.gt_hi[j]) + ct_hi) + ((gtj_lo[j] - anchor.gt_lo[j]) + ct_lo)) * ft_j * ft_j;
   double row_loss = smooth_l1(as_jj - at_jj);
   T r_j = 0, s_j = 0;
   if constexpr (kGrad) {
@@ -154,8 +159,8 @@ double row_pair(const AngleArgs<T>& a, int64_t i, int64_t j, int64_t k_end, T* d
 
   // k > j, each counted twice (a_ijk = a_ikj).
   const Vec<T> vfs(fs_j), vft(ft_j), vws(T(2) * ws_j);
-  const Side<T> side_s{gsi_hi[j], gsi_hi[i], cs_hi, cs_lo, std::abs(usi[j])};
-  const Side<T> side_t{gti_hi[j], gti_hi[i], ct_hi, ct_lo, std::abs(uti[j])};
+  const Side<T> side_s{anchor.gs_hi[j], anchor.gs_hi[i], cs_hi, cs_lo, std::abs(anchor.us[j])};
+  const Side<T> side_t{anchor.gt_hi[j], anchor.gt_hi[i], ct_hi, ct_lo, std::abs(anchor.ut[j])};
   const Vec<T> vcs(cs_hi + cs_lo), vct(ct_hi + ct_lo);
   Vec<T> vloss(T(0)), vr(T(0)), vs(T(0));
   T* dgj = kGrad ? d_gram + j * n : nullptr;
@@ -163,17 +168,17 @@ double row_pair(const AngleArgs<T>& a, int64_t i, int64_t j, int64_t k_end, T* d
   // partial-load branches) and one tail.
   const auto lanes = [&](int64_t k, int64_t cnt, Vec<T>& loss_acc, Vec<T>& r_sum, Vec<T>& s_sum) {
     // Tail lanes load zeros: u = 0 there, so a = 0 on both sides and they add nothing.
-    const Vec<T> us_k = load(usi + k, cnt);
-    const Vec<T> ut_k = load(uti + k, cnt);
+    const Vec<T> us_k = load(anchor.us + k, cnt);
+    const Vec<T> ut_k = load(anchor.ut + k, cnt);
     Vec<T> num_s, num_t;
     if constexpr (kPrecise) {
-      num_s = numerator(side_s, gsj_hi + k, gsi_hi + k, gsj_lo + k, gsi_lo + k, us_k, cnt);
-      num_t = numerator(side_t, gtj_hi + k, gti_hi + k, gtj_lo + k, gti_lo + k, ut_k, cnt);
+      num_s = numerator(side_s, gsj_hi + k, anchor.gs_hi + k, gsj_lo + k, anchor.gs_lo + k, us_k, cnt);
+      num_t = numerator(side_t, gtj_hi + k, anchor.gt_hi + k, gtj_lo + k, anchor.gt_lo + k, ut_k, cnt);
     } else {
       // x_j and x_k far from x_i: (G_jk − G_ik) + (G_ii − G_ij) on the hi
       // halves is within ~1e-6 of the numerator's scale (angle_side, rkd.cpp).
-      num_s = (load(gsj_hi + k, cnt) - load(gsi_hi + k, cnt)) + vcs;
-      num_t = (load(gtj_hi + k, cnt) - load(gti_hi + k, cnt)) + vct;
+      num_s = (load(gsj_hi + k, cnt) - load(anchor.gs_hi + k, cnt)) + vcs;
+      num_t = (load(gtj_hi + k, cnt) - load(anchor.gt_hi + k, cnt)) + vct;
     }
     const Vec<T> as = num_s * vfs * forward_factor(us_k);
     const Vec<T> at = num_t * vft * forward_factor(ut_k);
@@ -259,10 +264,7 @@ double row_block(const AngleArgs<T>& a, int64_t i, int64_t j, int64_t k_begin, T
   constexpr int64_t R = kRowBlock;
   const int64_t n = a.n;
   constexpr int64_t L = Vec<T>::size();
-  const T* gsi = a.gs_hi + i * n;
-  const T* gti = a.gt_hi + i * n;
-  const T* usi = a.us + i * n;
-  const T* uti = a.ut + i * n;
+  const AnchorRows<T> anchor(a, i);
   std::array<FarRow<T>, R> rows;
   for (int64_t r = 0; r < R; ++r) rows[r] = FarRow<T>(a, i, j + r, d_gram);
   Vec<T> loss(T(0));
@@ -271,8 +273,8 @@ double row_block(const AngleArgs<T>& a, int64_t i, int64_t j, int64_t k_begin, T
   s_sum.fill(Vec<T>(T(0)));
   const auto lanes = [&](int64_t k, int64_t cnt) {
     // Tail lanes load zeros: u = 0 there, so a = 0 on both sides and they add nothing.
-    const Vec<T> us_k = load(usi + k, cnt), ut_k = load(uti + k, cnt);
-    const Vec<T> gsi_k = load(gsi + k, cnt), gti_k = load(gti + k, cnt);
+    const Vec<T> us_k = load(anchor.us + k, cnt), ut_k = load(anchor.ut + k, cnt);
+    const Vec<T> gsi_k = load(anchor.gs_hi + k, cnt), gti_k = load(anchor.gt_hi + k, cnt);
     const Vec<T> fs_k = forward_factor(us_k), ft_k = forward_factor(ut_k);
     const Vec<T> w_k = us_k.abs();
     Vec<T> two_w(T(0)), g_as(T(0));
