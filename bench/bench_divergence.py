@@ -56,10 +56,8 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from bench.family import Case, Family
+from bench.family import Case, ExpFloorFamily
 from bench.measure import MIB
-from bench.report import FLOOR_METRICS
-from bench.simd_peak import EXP_FLOOR_COLUMNS, EXP_FLOOR_TABLE_METRICS, add_exp_floor
 from fastkd import _validate
 from fastkd.reference import divergence as reference_divergence
 from fastkd.reference import row_divergence
@@ -133,7 +131,7 @@ def _liger(options: dict):
     return {"liger": liger}, {}
 
 
-class DivergenceBench(Family):
+class DivergenceBench(ExpFloorFamily):
     name = "divergence"
     config_columns = ("divergence", "temperature", "device", "dtype", "N", "V")
     config_keys = ("divergence", "dtype", "N", "V")
@@ -146,8 +144,6 @@ class DivergenceBench(Family):
     scaling_configs = (("kl", "fp32", *KINDS_SHAPE),)
     size_axis = (f"problem size N × V (KL, ordered by N·V), "
                  f"then the other divergences ({KINDS_SHAPE[0]}×{KINDS_SHAPE[1]})")
-    metric_columns = EXP_FLOOR_COLUMNS
-    table_metrics = (*FLOOR_METRICS, *EXP_FLOOR_TABLE_METRICS)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("divergence")
@@ -232,13 +228,9 @@ class DivergenceBench(Family):
         """KL's shapes by size, then the other divergences in _validate.DIVERGENCES order."""
         return (_validate.DIVERGENCES.index(row["divergence"]), row["N"] * row["V"], row["N"])
 
-    def add_gemm_floor(self, ctx, rows):
-        """The exp floor of one configuration's rows (the module docstring), at
-        the current thread count; CPU only."""
-        super().add_gemm_floor(ctx, rows)
-        if ctx.device.type != "cpu" or not rows:
-            return
-        add_exp_floor(rows, EXPONENTIALS_PER_ELEMENT * rows[0]["N"] * rows[0]["V"])
+    def transcendentals(self, row):
+        """One exponential per logit of each side (the module docstring)."""
+        return EXPONENTIALS_PER_ELEMENT * row["N"] * row["V"]
 
 
 BENCH = DivergenceBench()

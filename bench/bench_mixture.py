@@ -47,10 +47,9 @@ import pytest
 import torch
 
 import fastkd
-from bench.family import Case, Family
+from bench.family import Case, ExpFloorFamily
 from bench.measure import MIB
-from bench.report import EAGER, FLOOR_METRICS
-from bench.simd_peak import EXP_FLOOR_COLUMNS, EXP_FLOOR_TABLE_METRICS, add_exp_floor
+from bench.report import EAGER
 from fastkd.reference import mixture as reference_mixture
 
 SHAPES = ((4096, 1024), (1024, 32000))
@@ -78,7 +77,7 @@ def separate_calls(student, teachers, weights):
     )
 
 
-class MixtureBench(Family):
+class MixtureBench(ExpFloorFamily):
     name = "mixture"
     config_columns = ("temperature", "device", "dtype", "N", "V", "K")
     config_keys = ("dtype", "N", "V", "K")
@@ -88,8 +87,6 @@ class MixtureBench(Family):
     unlike_baseline = {SEPARATE: "a different objective (Σ w_k D(p_k‖q)): cost of 3 dense passes only"}
     small_configs = (("fp32", 32, 2048),)
     report_configs = (("fp32", *SHAPES[0]),)
-    metric_columns = EXP_FLOOR_COLUMNS
-    table_metrics = (*FLOOR_METRICS, *EXP_FLOOR_TABLE_METRICS)
 
     def reference(self, options):
         return reference_loss
@@ -113,13 +110,9 @@ class MixtureBench(Family):
             else:
                 skipped[name] = cpu.reason
 
-    def add_gemm_floor(self, ctx, rows):
-        """The exp floor of one configuration's rows (the module docstring), at
-        the current thread count; CPU only."""
-        super().add_gemm_floor(ctx, rows)
-        if ctx.device.type != "cpu" or not rows:
-            return
-        add_exp_floor(rows, (rows[0]["K"] + 2) * rows[0]["N"] * rows[0]["V"])
+    def transcendentals(self, row):
+        """Each side's softmax and the mixture's log (the module docstring)."""
+        return (row["K"] + 2) * row["N"] * row["V"]
 
     def all_configs(self):
         return [(dtype, n, v) for dtype in self.dtypes for n, v in SHAPES]

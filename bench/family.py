@@ -49,6 +49,7 @@ from bench.measure import (
     time_uncontended,
 )
 from bench.report import COMPILE, EAGER, FLOOR_METRICS, ONE_THREAD, TABLE_HEAD, TABLE_TAIL
+from bench.simd_peak import EXP_FLOOR_COLUMNS, EXP_FLOOR_TABLE_METRICS, add_exp_floor
 
 
 @dataclass
@@ -535,6 +536,25 @@ class Family:
         for x in case.inputs:
             if isinstance(x, torch.Tensor) and x.requires_grad:
                 assert x.grad is not None and x.grad.shape == x.shape
+
+
+class ExpFloorFamily(Family):
+    """A family whose CPU rows also get the exp floor
+    (:func:`bench.simd_peak.add_exp_floor`): :meth:`transcendentals` gives the
+    least number of exponentials and logarithms of one configuration."""
+
+    metric_columns = EXP_FLOOR_COLUMNS
+    table_metrics = (*FLOOR_METRICS, *EXP_FLOOR_TABLE_METRICS)
+
+    def transcendentals(self, row: dict) -> int:
+        raise NotImplementedError
+
+    def add_gemm_floor(self, ctx: SweepContext, rows: list[dict]) -> None:
+        """The GEMM floor (none for these families) and, on CPU, the exp floor at
+        the current thread count."""
+        super().add_gemm_floor(ctx, rows)
+        if ctx.device.type == "cpu" and rows:
+            add_exp_floor(rows, self.transcendentals(rows[0]))
 
 
 class EmbeddingTermsFamily(Family):
