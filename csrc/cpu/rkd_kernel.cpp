@@ -227,17 +227,15 @@ struct FarRow {
   Vec<T> cs, ct;          // (G_ii − G_ij) of each side, hi + lo
 
   FarRow() = default;
-  FarRow(const AngleArgs<T>& a, int64_t i, int64_t j, T* d_gram_task) {
-    const int64_t n = a.n;
-    const T us = a.us[i * n + j], ut = a.ut[i * n + j];
-    gs = a.gs_hi + j * n;
-    gt = a.gt_hi + j * n;
-    d_gram = d_gram_task ? d_gram_task + j * n : nullptr;
-    fs = Vec<T>(std::max(us, T(0)));
-    ft = Vec<T>(std::max(ut, T(0)));
-    ws2 = Vec<T>(T(2) * std::abs(us));
-    cs = Vec<T>((a.gs_hi[i * n + i] - a.gs_hi[i * n + j]) + (a.gs_lo[i * n + i] - a.gs_lo[i * n + j]));
-    ct = Vec<T>((a.gt_hi[i * n + i] - a.gt_hi[i * n + j]) + (a.gt_lo[i * n + i] - a.gt_lo[i * n + j]));
+  FarRow(const AngleArgs<T>& a, const AnchorRows<T>& anchor, int64_t i, int64_t j, T* d_gram_task) {
+    gs = a.gs_hi + j * a.n;
+    gt = a.gt_hi + j * a.n;
+    d_gram = d_gram_task ? d_gram_task + j * a.n : nullptr;
+    fs = Vec<T>(std::max(anchor.us[j], T(0)));
+    ft = Vec<T>(std::max(anchor.ut[j], T(0)));
+    ws2 = Vec<T>(T(2) * std::abs(anchor.us[j]));
+    cs = Vec<T>((anchor.gs_hi[i] - anchor.gs_hi[j]) + (anchor.gs_lo[i] - anchor.gs_lo[j]));
+    ct = Vec<T>((anchor.gt_hi[i] - anchor.gt_hi[j]) + (anchor.gt_lo[i] - anchor.gt_lo[j]));
   }
 };
 
@@ -254,8 +252,8 @@ constexpr int64_t kRowBlockMinN = 512;
 // and the row accumulators r_acc, s_acc) are loaded, and the accumulators
 // stored, once for kRowBlock rows instead of once per row: per 16 lanes and
 // row 4.5 loads and 1.5 stores instead of 9 and 3. The loop is bound by its
-// memory accesses, not its arithmetic (bench_rkd's x_simd_peak): at N = 2048
-// on one thread this took the kernel from 1.86–1.94 s to 1.45–1.59 s.
+// memory accesses, not its arithmetic (bench_rkd's x_simd_peak): N = 2048,
+// one thread, 1.45–1.59 s against 1.86–1.94 s one row at a time.
 // The same terms as row_pair<T, kGrad, false> for rows that do not coincide
 // with i (u_ij >= 0; the caller checks); returns their smooth-L1 sum.
 template <class T, bool kGrad>
@@ -266,7 +264,7 @@ double row_block(const AngleArgs<T>& a, int64_t i, int64_t j, int64_t k_begin, T
   constexpr int64_t L = Vec<T>::size();
   const AnchorRows<T> anchor(a, i);
   std::array<FarRow<T>, R> rows;
-  for (int64_t r = 0; r < R; ++r) rows[r] = FarRow<T>(a, i, j + r, d_gram);
+  for (int64_t r = 0; r < R; ++r) rows[r] = FarRow<T>(a, anchor, i, j + r, d_gram);
   Vec<T> loss(T(0));
   std::array<Vec<T>, R> r_sum, s_sum;
   r_sum.fill(Vec<T>(T(0)));
@@ -333,12 +331,13 @@ double anchor_block(const AngleArgs<T>& a, int64_t first, int64_t count, T* d_gr
       const int64_t i = first + b;
       T* r = kGrad ? r_acc + b * n : nullptr;
       T* sa = kGrad ? s_acc + b * n : nullptr;
-      // whole blocks of rows, none of them i nor coinciding with i (which
-      // takes row_pair's other gradient weight; only when every sample is
-      // the same is such an anchor on the far path)
-      const bool whole = n >= kRowBlockMinN && j_end - j == kRowBlock && !(i >= j && i < j_end) &&
-                         std::all_of(a.us + i * n + j, a.us + i * n + j_end, [](T u) { return !(u < T(0)); });
-      if (a.precise[i] || !whole) {
+      // far anchors, whole blocks of rows, none of them i nor coinciding
+      // with i (which takes row_pair's other gradient weight; only when
+      // every sample is the same is such an anchor on the far path)
+      const bool blocked = !a.precise[i] && n >= kRowBlockMinN && j_end - j == kRowBlock &&
+                           !(i >= j && i < j_end) &&
+                           std::all_of(a.us + i * n + j, a.us + i * n + j_end, [](T u) { return !(u < T(0)); });
+      if (!blocked) {
         for (int64_t row = j; row < j_end; ++row) {
           if (row == i) continue;
           total += a.precise[i] ? row_pair<T, kGrad, true>(a, i, row, n, d_gram, r, sa)
