@@ -12,10 +12,13 @@ Providers:
   ``fastkd.divergence(..., backend="cpu")``: the fused divergence kernel on
   materialised ``(N, V)`` logits. This is the baseline of the targets.
 - ``fastkd-cpu``: ``fastkd.fused_linear_divergence(..., backend="cpu")``:
-  chunks of rows (``memory_budget`` 128 MiB for fp32, 32 MiB for bf16:
+  chunks of rows (``memory_budget`` 128 MiB for fp32, 64 MiB for bf16:
   ``fastkd.fused_linear.default_memory_budget``), the logits never whole; for
-  bf16 the chunk logits, their gradient and every product are float32 (the
-  weights converted once per call, the weight gradient summed in float32).
+  bf16 the chunk logits and their gradient are float32, every product a
+  bfloat16 gemm summing in float32, the weight gradient summed in float32.
+  On CPU the gradient enters its two products as two bfloat16 terms (16
+  significant bits), so those two products cost twice the unfused path's,
+  which rounds the gradient to bfloat16 once.
 
 - ``liger`` (CUDA, when ``liger_kernel`` imports): Liger-Kernel's
   ``LigerFusedLinearJSD`` with ``jsd_beta=0`` (its forward KL, in the Liger
@@ -43,11 +46,14 @@ floors, both measured in the same run:
   ``x_head_product_floor``): the four products with the fused head's own
   product (``fastkd.fused_linear._matmul_into``: a float32 result, the
   operands read in their dtypes, or converted where the device's op does
-  not take them), timed on one chunk of the default size and scaled to
-  ``N`` rows. Where a bfloat16 product summing in float32 runs slower than
-  one rounded to bfloat16 (a CPU without a bfloat16 matrix unit), this floor
-  is above the GEMM floor by that ratio, and the fused head cannot be faster
-  than it: ``head_product_gflops`` against ``gemm_gflops`` says why.
+  not take them; for a bfloat16 head on CPU the gradient's products on its
+  two bfloat16 terms, as the head runs them), timed on one chunk of the
+  default size and scaled to ``N`` rows. For bf16 on CPU its gradient
+  products on the gradient's two bfloat16 terms are twice the unfused path's
+  multiply-adds, so this floor is about 1.5× the GEMM floor at equal rates;
+  it is higher again where the head's product runs slower than
+  ``torch.mm``'s. The fused head cannot be faster than it:
+  ``head_product_gflops`` against ``gemm_gflops`` says why.
 
 Peak extra memory counts the gradients (``grad_weight`` is ``V × H``)
 besides the temporaries.
@@ -163,13 +169,16 @@ def head_product_ms(n: int, h: int, v: int, dtype: torch.dtype, device: torch.de
     if not native:
         hidden, weight = hidden.to(compute), weight.to(compute)
     grad = randn(rows, v, dtype=compute)
+    # the gradient's two bfloat16 terms where the head splits it (a bfloat16 head on CPU)
+    splits = fused_linear._splits_gradient(hidden, weight)
+    terms = fused_linear._bfloat16_terms_(grad.clone()) if splits else None
     logits = torch.empty(rows, v, device=device, dtype=compute)
-    grad_hidden = torch.empty(rows, h, device=device, dtype=compute)
+    grad_hidden = torch.empty(rows, h, device=device, dtype=dtype)
     grad_weight = torch.zeros(v, h, device=device, dtype=compute)
     products = (
         lambda: fused_linear._matmul_into(logits, hidden, weight.t(), accumulate=False),
-        lambda: fused_linear._matmul_into(grad_hidden, grad, weight, accumulate=False),
-        lambda: fused_linear._matmul_into(grad_weight, grad.t(), hidden, accumulate=True),
+        lambda: fused_linear._hidden_gradient_(grad_hidden, slice(None), None, grad, terms, weight),
+        lambda: fused_linear._weight_gradient_(grad_weight, grad, terms, hidden),
     )
     medians = [
         time_call(product, device=device, warmup=1, min_repeats=3, max_repeats=10, budget_s=0.5).median_ms

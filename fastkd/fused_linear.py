@@ -26,7 +26,11 @@ float16 operands as they are (two bfloat16 operands: a bfloat16 gemm summing
 in float32); elsewhere each bfloat16 / float16 weight is converted to float32
 once per call (``V × H × 4`` bytes each). Keeping the chunk logits and their
 gradient in float32 is what makes the bfloat16 fused head as accurate as a
-float32 projection (docs/accuracy.md). With ``reduction="none"``, or
+float32 projection (docs/accuracy.md). With a bfloat16 student head on CPU
+the float32 gradient enters its two products as two bfloat16 terms
+(:func:`_bfloat16_terms_`, 16 significant bits), so that they are bfloat16
+gemms too; their ``2⁻¹⁶`` relative error is far below the gradients' one
+rounding to bfloat16. With ``reduction="none"``, or
 ``return_parts`` parts back-propagated with different upstream gradients, the
 upstream gradient is only known in backward, which then recomputes the chunks
 (twice the matmuls).
@@ -197,6 +201,67 @@ def _in(dtype: torch.dtype, x: torch.Tensor | None) -> torch.Tensor | None:
     return x if x is None or x.dtype == dtype else x.to(dtype)
 
 
+def _splits_gradient(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the logits' gradient enters the gradients' products as two bfloat16
+    terms: a bfloat16 student head (hidden states and weight) on CPU, where
+    the op multiplies two bfloat16 operands at the bfloat16 rate."""
+    return _native_mixed_matmul(hidden.device) and hidden.dtype == weight.dtype == torch.bfloat16
+
+
+def _bfloat16_terms_(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [r, C] float32 as two bfloat16 terms stacked, [2r, C]: ``hi = bf16(x)``
+    on top of ``lo = bf16(x − hi)``.
+
+    ``x − hi`` is exact in float32, so ``hi + lo`` is ``x`` to ``2⁻¹⁶ |x|``
+    (16 significant bits), and ``terms @ b`` for a bfloat16 ``b`` gives both
+    terms' products, to be added. Overwrites ``x`` with ``x − hi``.
+    """
+    r = x.shape[0]
+    terms = x.new_empty((2 * r, x.shape[1]), dtype=torch.bfloat16)
+    hi, lo = terms[:r], terms[r:]
+    hi.copy_(x)
+    lo.copy_(x.sub_(hi))
+    return terms
+
+
+def _hidden_gradient_(grad_h, rows, kept_index, g, terms, weight) -> None:
+    """``grad_h[rows] = g @ weight``: g [r, V], weight [V, H] (as the products take it);
+    from g's two bfloat16 terms ([2r, V], :func:`_bfloat16_terms_`) when given."""
+    r = g.shape[0]
+    if terms is None and grad_h.dtype == g.dtype and kept_index is None:
+        _matmul_into(grad_h[rows], g, weight, accumulate=False)
+        return
+    if terms is None:
+        product = g.new_empty((r, weight.shape[1]))
+        _matmul_into(product, g, weight, accumulate=False)
+    else:
+        pair = g.new_empty((2 * r, weight.shape[1]))
+        _matmul_into(pair, terms, weight, accumulate=False)
+        product = pair[:r].add_(pair[r:])
+    if kept_index is None:
+        grad_h[rows].copy_(product)
+    else:
+        grad_h.index_copy_(0, rows, product.to(grad_h.dtype))
+
+
+def _weight_gradient_(grad_w, g, terms, h) -> None:
+    """``grad_w += gᵀ h``: g [r, V] in the compute dtype, h [r, H] (as the products
+    take it); from g's two bfloat16 terms ([2r, V], :func:`_bfloat16_terms_`,
+    which overwrote g) when given."""
+    if grad_w.dtype == g.dtype:
+        if terms is None:
+            _matmul_into(grad_w, g.t(), h, accumulate=True)
+        else:  # [V, 2r] @ [2r, H]: both terms' products summed in one gemm (h twice,
+            # stored transposed: the op packs its columns as they lie)
+            h_twice = torch.cat((h.t(), h.t()), dim=1).t()
+            _matmul_into(grad_w, terms.t(), h_twice, accumulate=True)
+    else:
+        # summed in the weight's bfloat16 / float16: the chunk's product of g
+        # rounded to it (the terms' hi), added with one rounding per chunk
+        g_rounded = g.to(grad_w.dtype) if terms is None else terms[: g.shape[0]]
+        _matmul_into(grad_w, g_rounded.t(), _in(grad_w.dtype, h), accumulate=True)
+
+
 def _chunk_pass(cfg: _Config, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need, upstream=None):
     """One walk over the row chunks.
 
@@ -241,6 +306,11 @@ def _chunk_pass(cfg: _Config, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need, 
     grad_w = s_w.new_zeros(s_w.shape, dtype=cfg.weight_grad_dtype) if need[1] else None
     grad_b = s_w.new_zeros((vocab,), dtype=acc) if need[2] else None
     u_soft, u_hard = upstream if upstream is not None else (None, None)
+    # With a bfloat16 student head on CPU, whose gradients are rounded to
+    # bfloat16 in the end, g's products are bfloat16 gemms summing in float32
+    # (the CPU op's fast path) on g's two bfloat16 terms (_bfloat16_terms_):
+    # their 2⁻¹⁶ relative error is far below that final rounding's 2⁻⁸.
+    split_g = _splits_gradient(s_h, s_w)
     for start in range(0, n_walked, cfg.chunk):
         stop = min(start + cfg.chunk, n_walked)
         # a slice of the rows, or the indices of the chunk's kept rows
@@ -272,25 +342,13 @@ def _chunk_pass(cfg: _Config, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need, 
                 g.add_(_hard_labels.ce_grad(s_logits, labels[rows], chunk_keep, row_scale))
         cfg.student_map.chain_(g, s_logits)
         del s_logits
-        if need[0]:
-            if grad_h.dtype == acc and kept_index is None:
-                _matmul_into(grad_h[rows], g, s_w_acc, accumulate=False)
-            else:
-                product = g.new_empty((g.shape[0], s_w.shape[1]))
-                _matmul_into(product, g, s_w_acc, accumulate=False)
-                if kept_index is None:
-                    grad_h[rows].copy_(product)
-                else:
-                    grad_h.index_copy_(0, rows, product.to(grad_h.dtype))
-        if need[1]:
-            if grad_w.dtype == acc:
-                _matmul_into(grad_w, g.t(), h, accumulate=True)
-            else:
-                # summed in the weight's bfloat16 / float16: the chunk's
-                # product of g rounded to it, added with one rounding per chunk
-                _matmul_into(grad_w, g.t().to(grad_w.dtype), _in(grad_w.dtype, h), accumulate=True)
         if need[2]:
             grad_b.add_(g.sum(0))
+        terms = _bfloat16_terms_(g) if split_g else None
+        if need[0]:
+            _hidden_gradient_(grad_h, rows, kept_index, g, terms, s_w_acc)
+        if need[1]:
+            _weight_gradient_(grad_w, g, terms, h)
     return (
         kd_rows,
         ce_rows,
@@ -456,7 +514,10 @@ def fused_linear_divergence(
     float32; nothing of size ``(N, V)`` is converted). On CPU the operands
     are read in their own dtypes; on other devices each bfloat16 / float16
     weight is converted to float32 once per call (``V × H × 4`` bytes). Each
-    gradient is rounded to its input's dtype once.
+    gradient is rounded to its input's dtype once. For a bfloat16 student
+    head on CPU, the logits' float32 gradient enters the gradients' products
+    as two bfloat16 terms (16 significant bits: ``2⁻¹⁶`` relative, against
+    the final rounding's ``2⁻⁸``), so that every product is a bfloat16 gemm.
 
     Under ``torch.autocast`` (``cpu`` or ``cuda``) the floating inputs other
     than float64 are cast to the autocast dtype first, as autocast casts a

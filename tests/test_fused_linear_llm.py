@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from fastkd import _ops, reference
+from fastkd import _ops, fused_linear, reference
 from tests.helpers import DEVICE, backend_params, relative_error
 
 N, H_S, H_T, V = 13, 24, 20, 301
@@ -347,6 +347,48 @@ def test_addmm_op_reduced_operands_into_float32(reduced, operands, layout, beta)
     torch.library.opcheck(torch.ops.fastkd.fused_linear_addmm_, (out.clone(), a, b, beta))
     torch.ops.fastkd.fused_linear_addmm_(out, a, b, beta)
     assert relative_error(out, want) < 1e-6
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize(
+    "m, k, n, layout",
+    (
+        # out no larger than b: out's tiles through a transposed scratch
+        (150, 1031, 700, "b_t"),  # the logits' layout (b a weight's transpose); an odd K, 3 K blocks
+        (150, 1031, 700, "dense"),  # a row-major b (the hidden-state gradient's)
+        (40, 9000, 60, "dense"),  # one tile, long K: K split into blocks, each a bfloat16 product
+        (300, 64, 700, "out_t"),  # out transposed: no tile written in place
+        (1, 1, 5, "b_t"),  # K = 1: no pair of rows to pack
+        # out the larger: out's tiles written in place
+        (2000, 1031, 100, "dense"),  # an odd K, 3 K blocks
+        (1000, 36, 200, "grad_w"),  # the weight gradient's layout: a transposed, bᵀ row-major
+        (3, 1, 5, "dense"),
+    ),
+    ids=("weight-t", "row-major", "k-split", "out-transposed", "k1-scratch", "out-larger", "weight-grad",
+         "k1-in-place"),
+)
+@pytest.mark.parametrize("beta", (0.0, 1.0))
+def test_addmm_op_bfloat16_products_summed_in_float32(m, k, n, layout, beta):
+    """Two bfloat16 operands into a float32 out (the brgemm micro-kernel on CPUs that have it):
+    the exact products summed in float32 at every shape and layout the fused head gives it."""
+    g = torch.Generator().manual_seed(620)
+    a = torch.randn(k, m, generator=g).t() if layout == "grad_w" else torch.randn(m, k, generator=g)
+    b = torch.randn(n, k, generator=g).t() if layout in ("b_t", "grad_w") else torch.randn(k, n, generator=g)
+    a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    out = torch.randn(n, m, generator=g).t() if layout == "out_t" else torch.randn(m, n, generator=g)
+    want = beta * out.double() + a.double() @ b.double()
+    torch.ops.fastkd.fused_linear_addmm_(out, a, b, beta)
+    assert relative_error(out, want) < 2e-6
+
+
+def test_bfloat16_terms_carry_sixteen_bits():
+    """g's two bfloat16 terms (the bfloat16 head's gradient products) sum to g within 2⁻¹⁶ |g|."""
+    g = torch.randn(64, 300, generator=torch.Generator().manual_seed(630)) * torch.logspace(-30, 30, 300)
+    terms = fused_linear._bfloat16_terms_(g.clone())
+    assert terms.dtype == torch.bfloat16 and terms.shape == (128, 300)
+    total = terms[:64].double() + terms[64:].double()
+    assert ((total - g.double()).abs() <= 2.0**-16 * g.double().abs()).all()
+    assert (terms[:64] == g.to(torch.bfloat16)).all()
 
 
 @pytest.mark.parametrize("backend", backend_params())

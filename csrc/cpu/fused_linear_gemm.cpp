@@ -14,13 +14,13 @@
 // blocks as well: each block's product goes to its own float32 (float64)
 // buffer and the buffers are added in block order, then rounded once.
 //
-//
 // A float32 out takes bfloat16 / float16 operands as well (the fused head's
-// logits and gradients are float32 for reduced-precision inputs): the products
-// of two bfloat16 (float16) operands are summed in float32 by
-// at::native::cpublas::brgemm, at the speed of a bfloat16 gemm, with no
-// rounding of the result to bfloat16; an operand whose dtype differs from the
-// other's is converted to float32 tile by tile (never as a whole).
+// logits and gradients are float32 for reduced-precision inputs): the
+// products of two bfloat16 operands are summed in float32 by the brgemm
+// micro-kernel (fused_linear_bf16_gemm.h), at the speed of a bfloat16 gemm,
+// with no rounding of the result to bfloat16; other operands (float16, or a
+// bfloat16 one with a float32 other, or where the micro-kernel is missing)
+// are converted to float32 tile by tile (never as a whole).
 //
 //   out: [M, N], a: [M, K], b: [K, N]; floating dtypes (a and b: out's, or
 //   bfloat16 / float16 with a float32 out), any strides.
@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include "../common/checks.h"
+#include "fused_linear_bf16_gemm.h"
 #include "single_threaded_tasks.h"
 
 namespace fastkd {
@@ -47,50 +48,47 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 bool is_reduced(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
-// scratch [cols, rows] = b_tileᵀ @ a_tileᵀ in float32, both operands bfloat16
-// (float16): brgemm takes row-major operands, which bᵀ is for the transpose of
-// a row-major weight (the logits' b) without a copy, and aᵀ after one copy of
-// the small a per call (a_t, [K, M] contiguous).
-void reduced_tile_product(at::Tensor& scratch, const at::Tensor& b_tile, const at::Tensor& a_t_tile) {
-  const at::Tensor bt = b_tile.t().contiguous();
-  const int64_t m = bt.size(0), n = a_t_tile.size(1), k = bt.size(1);
-  if (bt.scalar_type() == at::kBFloat16) {
-    at::native::cpublas::brgemm(m, n, k, bt.stride(0), a_t_tile.stride(0), scratch.stride(0), false,
-                                bt.const_data_ptr<at::BFloat16>(), a_t_tile.const_data_ptr<at::BFloat16>(),
-                                scratch.data_ptr<float>(), false);
-  } else {
-    at::native::cpublas::brgemm(m, n, k, bt.stride(0), a_t_tile.stride(0), scratch.stride(0), false,
-                                bt.const_data_ptr<at::Half>(), a_t_tile.const_data_ptr<at::Half>(),
-                                scratch.data_ptr<float>(), false);
+// How each task multiplies: two bfloat16 operands with the brgemm
+// micro-kernel (fused_linear_bf16_gemm.h); operands of out's dtype with
+// ATen's addmm; any other pair converted to out's dtype (float16, or a
+// bfloat16 one with a float32 other: tile by tile, never as a whole).
+enum class Product { Same, Bf16, Converted };
+
+Product product_kind(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == out.scalar_type() && b.scalar_type() == out.scalar_type()) return Product::Same;
+  if (a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && bf16_brgemm_available()) {
+    return Product::Bf16;
   }
-  at::native::cpublas::brgemm_release(false);
+  return Product::Converted;
 }
 
-void tiled_addmm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
-  const int64_t m = out.size(0), n = out.size(1);
-  const int64_t row_tiles = ceil_div(m, kTileRows), col_tiles = ceil_div(n, kTileCols);
+// out (+)= a @ b on the calling thread, by `kind` (and, for Bf16, the way
+// bf16_out_in_place chose for the whole product)
+void sequential_addmm(Product kind, bool bf16_in_place, at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                      double beta) {
   const auto acc = out.scalar_type();
-  const bool same = a.scalar_type() == acc && b.scalar_type() == acc;
-  const bool reduced = !same && a.scalar_type() == b.scalar_type() && is_reduced(a.scalar_type());
-  const at::Tensor a_t = reduced ? a.t().contiguous() : at::Tensor();
-  run_single_threaded_tasks(row_tiles * col_tiles, [&](int64_t tile) {
-    const int64_t r0 = (tile / col_tiles) * kTileRows, c0 = (tile % col_tiles) * kTileCols;
-    const int64_t rows = std::min(kTileRows, m - r0), cols = std::min(kTileCols, n - c0);
-    at::Tensor out_tile = out.narrow(0, r0, rows).narrow(1, c0, cols);
-    const at::Tensor a_tile = a.narrow(0, r0, rows), b_tile = b.narrow(1, c0, cols);
-    if (same) {
-      out_tile.addmm_(a_tile, b_tile, beta, 1.0);
-    } else if (reduced) {
-      at::Tensor scratch = at::empty({cols, rows}, out.options());
-      reduced_tile_product(scratch, b_tile, a_t.narrow(1, r0, rows));
-      if (beta == 0.0) {
-        out_tile.copy_(scratch.t());
-      } else {
-        out_tile.add_(scratch.t());
-      }
-    } else {
-      out_tile.addmm_(a_tile.to(acc), b_tile.to(acc), beta, 1.0);
-    }
+  switch (kind) {
+    case Product::Same: out.addmm_(a, b, beta, 1.0); return;
+    case Product::Bf16: bf16_addmm(out, a, b, beta, bf16_in_place); return;
+    case Product::Converted: out.addmm_(a.to(acc), b.to(acc), beta, 1.0); return;
+  }
+}
+
+void tiled_addmm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b_arg, double beta) {
+  const int64_t m = out.size(0), n = out.size(1);
+  const Product kind = product_kind(out, a, b_arg);
+  const bool bf16 = kind == Product::Bf16;
+  const bool in_place = bf16 && bf16_out_in_place(out, b_arg);
+  // a bfloat16 product packs its operands' tiles once per task, so its tasks
+  // are blocks of 4 × 4 tiles, and b is laid out as it reads b once for all
+  const int64_t task_rows = bf16 ? 4 * kTileRows : kTileRows, task_cols = bf16 ? 4 * kTileCols : kTileCols;
+  const at::Tensor b = bf16 ? bf16_operand_b(b_arg) : b_arg;
+  const int64_t row_tasks = ceil_div(m, task_rows), col_tasks = ceil_div(n, task_cols);
+  run_single_threaded_tasks(row_tasks * col_tasks, [&](int64_t task) {
+    const int64_t r0 = (task / col_tasks) * task_rows, c0 = (task % col_tasks) * task_cols;
+    const int64_t rows = std::min(task_rows, m - r0), cols = std::min(task_cols, n - c0);
+    at::Tensor out_block = out.narrow(0, r0, rows).narrow(1, c0, cols);
+    sequential_addmm(kind, in_place, out_block, a.narrow(0, r0, rows), b.narrow(1, c0, cols), beta);
   });
 }
 
@@ -99,6 +97,8 @@ void k_split_addmm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, do
   const int64_t k = a.size(1);
   const int64_t block = ceil_div(k, blocks);
   at::Tensor partial = at::empty({blocks, out.size(0), out.size(1)}, out.options().dtype(acc));
+  const Product kind = product_kind(partial, a, b);
+  const bool in_place = kind == Product::Bf16 && bf16_out_in_place(partial.select(0, 0), b.narrow(0, 0, block));
   run_single_threaded_tasks(blocks, [&](int64_t i) {
     const int64_t k0 = i * block, len = std::min(block, k - k0);
     at::Tensor part = partial.select(0, i);
@@ -106,7 +106,7 @@ void k_split_addmm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, do
       part.zero_();
       return;
     }
-    at::mm_out(part, a.narrow(1, k0, len).to(acc), b.narrow(0, k0, len).to(acc));
+    sequential_addmm(kind, in_place, part, a.narrow(1, k0, len), b.narrow(0, k0, len), 0.0);
   });
   // block order, one element at a time: the same sum for any thread count
   at::Tensor total = beta == 0.0 ? partial.select(0, 0).clone() : out.to(acc).add_(partial.select(0, 0));
