@@ -171,14 +171,15 @@ def head_product_ms(n: int, h: int, v: int, dtype: torch.dtype, device: torch.de
     grad = randn(rows, v, dtype=compute)
     # the gradient's two bfloat16 terms where the head splits it (a bfloat16 head on CPU)
     splits = fused_linear._splits_gradient(hidden, weight)
-    terms = fused_linear._bfloat16_terms_(grad.clone()) if splits else None
+    if splits:
+        grad = fused_linear._bfloat16_terms_(grad)
     logits = torch.empty(rows, v, device=device, dtype=compute)
     grad_hidden = torch.empty(rows, h, device=device, dtype=dtype)
     grad_weight = torch.zeros(v, h, device=device, dtype=compute)
     products = (
         lambda: fused_linear._matmul_into(logits, hidden, weight.t(), accumulate=False),
-        lambda: fused_linear._hidden_gradient_(grad_hidden, slice(None), None, grad, terms, weight),
-        lambda: fused_linear._weight_gradient_(grad_weight, grad, terms, hidden),
+        lambda: fused_linear._hidden_gradient_(grad_hidden, slice(None), None, grad, weight, terms=splits),
+        lambda: fused_linear._weight_gradient_(grad_weight, grad, hidden, terms=splits),
     )
     medians = [
         time_call(product, device=device, warmup=1, min_repeats=3, max_repeats=10, budget_s=0.5).median_ms

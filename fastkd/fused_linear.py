@@ -224,41 +224,42 @@ def _bfloat16_terms_(x: torch.Tensor) -> torch.Tensor:
     return terms
 
 
-def _hidden_gradient_(grad_h, rows, kept_index, g, terms, weight) -> None:
-    """``grad_h[rows] = g @ weight``: g [r, V], weight [V, H] (as the products take it);
-    from g's two bfloat16 terms ([2r, V], :func:`_bfloat16_terms_`) when given."""
-    r = g.shape[0]
-    if terms is None and grad_h.dtype == g.dtype and kept_index is None:
+def _hidden_gradient_(grad_h, rows, kept_index, g, weight, *, terms: bool) -> None:
+    """``grad_h[rows] = g @ weight``, weight [V, H] (as the products take it); g the
+    logits' gradient [r, V] in the compute dtype, or with ``terms`` its two
+    bfloat16 terms [2r, V] (:func:`_bfloat16_terms_`), whose products are added."""
+    r = g.shape[0] // 2 if terms else g.shape[0]
+    if not terms and grad_h.dtype == g.dtype and kept_index is None:
         _matmul_into(grad_h[rows], g, weight, accumulate=False)
         return
-    if terms is None:
+    if terms:
+        pair = torch.empty((2 * r, weight.shape[1]), device=g.device, dtype=torch.float32)
+        _matmul_into(pair, g, weight, accumulate=False)
+        product = pair[:r].add_(pair[r:])
+    else:
         product = g.new_empty((r, weight.shape[1]))
         _matmul_into(product, g, weight, accumulate=False)
-    else:
-        pair = g.new_empty((2 * r, weight.shape[1]))
-        _matmul_into(pair, terms, weight, accumulate=False)
-        product = pair[:r].add_(pair[r:])
     if kept_index is None:
         grad_h[rows].copy_(product)
     else:
         grad_h.index_copy_(0, rows, product.to(grad_h.dtype))
 
 
-def _weight_gradient_(grad_w, g, terms, h) -> None:
-    """``grad_w += gᵀ h``: g [r, V] in the compute dtype, h [r, H] (as the products
-    take it); from g's two bfloat16 terms ([2r, V], :func:`_bfloat16_terms_`,
-    which overwrote g) when given."""
-    if grad_w.dtype == g.dtype:
-        if terms is None:
-            _matmul_into(grad_w, g.t(), h, accumulate=True)
-        else:  # [V, 2r] @ [2r, H]: both terms' products summed in one gemm (h twice,
-            # stored transposed: the op packs its columns as they lie)
-            h_twice = torch.cat((h.t(), h.t()), dim=1).t()
-            _matmul_into(grad_w, terms.t(), h_twice, accumulate=True)
+def _weight_gradient_(grad_w, g, h, *, terms: bool) -> None:
+    """``grad_w += gᵀ h``, h [r, H] (as the products take it); g the logits'
+    gradient [r, V] in the compute dtype, or with ``terms`` its two bfloat16
+    terms [2r, V] (:func:`_bfloat16_terms_`)."""
+    if not terms and grad_w.dtype == g.dtype:
+        _matmul_into(grad_w, g.t(), h, accumulate=True)
+    elif terms and grad_w.dtype == torch.float32:
+        # [V, 2r] @ [2r, H]: both terms' products summed in one gemm (h twice,
+        # stored transposed: the op packs its columns as they lie)
+        h_twice = torch.cat((h.t(), h.t()), dim=1).t()
+        _matmul_into(grad_w, g.t(), h_twice, accumulate=True)
     else:
         # summed in the weight's bfloat16 / float16: the chunk's product of g
-        # rounded to it (the terms' hi), added with one rounding per chunk
-        g_rounded = g.to(grad_w.dtype) if terms is None else terms[: g.shape[0]]
+        # rounded to it (the terms' first half), added with one rounding per chunk
+        g_rounded = g[: g.shape[0] // 2] if terms else g.to(grad_w.dtype)
         _matmul_into(grad_w, g_rounded.t(), _in(grad_w.dtype, h), accumulate=True)
 
 
@@ -344,11 +345,13 @@ def _chunk_pass(cfg: _Config, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need, 
         del s_logits
         if need[2]:
             grad_b.add_(g.sum(0))
-        terms = _bfloat16_terms_(g) if split_g else None
+        if split_g:
+            # the terms replace g, whose memory goes back before the products
+            g = _bfloat16_terms_(g)
         if need[0]:
-            _hidden_gradient_(grad_h, rows, kept_index, g, terms, s_w_acc)
+            _hidden_gradient_(grad_h, rows, kept_index, g, s_w_acc, terms=split_g)
         if need[1]:
-            _weight_gradient_(grad_w, g, terms, h)
+            _weight_gradient_(grad_w, g, h, terms=split_g)
     return (
         kd_rows,
         ce_rows,
