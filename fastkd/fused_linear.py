@@ -26,11 +26,9 @@ float16 operands as they are (two bfloat16 operands: a bfloat16 gemm summing
 in float32); elsewhere each bfloat16 / float16 weight is converted to float32
 once per call (``V × H × 4`` bytes each). Keeping the chunk logits and their
 gradient in float32 is what makes the bfloat16 fused head as accurate as a
-float32 projection (docs/accuracy.md). With a bfloat16 student head on CPU
-the float32 gradient enters its two products as two bfloat16 terms
-(:func:`_bfloat16_terms_`, 16 significant bits), so that they are bfloat16
-gemms too; their ``2⁻¹⁶`` relative error is far below the gradients' one
-rounding to bfloat16. With ``reduction="none"``, or
+float32 projection (docs/accuracy.md); with a bfloat16 student head on CPU
+the gradient's products are bfloat16 gemms as well (:func:`_bfloat16_terms_`).
+With ``reduction="none"``, or
 ``return_parts`` parts back-propagated with different upstream gradients, the
 upstream gradient is only known in backward, which then recomputes the chunks
 (twice the matmuls).
@@ -214,7 +212,12 @@ def _bfloat16_terms_(x: torch.Tensor) -> torch.Tensor:
 
     ``x − hi`` is exact in float32, so ``hi + lo`` is ``x`` to ``2⁻¹⁶ |x|``
     (16 significant bits), and ``terms @ b`` for a bfloat16 ``b`` gives both
-    terms' products, to be added. Overwrites ``x`` with ``x − hi``.
+    terms' products, to be added. This is how the logits' float32 gradient
+    enters a bfloat16 head's two gradient products on CPU (:func:`_splits_gradient`):
+    every product is then a bfloat16 gemm summing in float32 (the CPU op's
+    fast path), and the terms' ``2⁻¹⁶`` relative error is far below the
+    gradients' one final rounding to bfloat16 (``2⁻⁸``). Overwrites ``x``
+    with ``x − hi``.
     """
     r = x.shape[0]
     terms = x.new_empty((2 * r, x.shape[1]), dtype=torch.bfloat16)
@@ -307,11 +310,7 @@ def _chunk_pass(cfg: _Config, s_h, s_w, s_b, t_h, t_w, t_b, keep, labels, need, 
     grad_w = s_w.new_zeros(s_w.shape, dtype=cfg.weight_grad_dtype) if need[1] else None
     grad_b = s_w.new_zeros((vocab,), dtype=acc) if need[2] else None
     u_soft, u_hard = upstream if upstream is not None else (None, None)
-    # With a bfloat16 student head on CPU, whose gradients are rounded to
-    # bfloat16 in the end, g's products are bfloat16 gemms summing in float32
-    # (the CPU op's fast path) on g's two bfloat16 terms (_bfloat16_terms_):
-    # their 2⁻¹⁶ relative error is far below that final rounding's 2⁻⁸.
-    split_g = _splits_gradient(s_h, s_w)
+    split_g = _splits_gradient(s_h, s_w)  # g as two bfloat16 terms (_bfloat16_terms_)
     for start in range(0, n_walked, cfg.chunk):
         stop = min(start + cfg.chunk, n_walked)
         # a slice of the rows, or the indices of the chunk's kept rows
