@@ -21,16 +21,7 @@ namespace attention {
 // `device`, non-empty; p >= 1, eps finite and > 0.
 inline void check_args(const at::Tensor& student, const at::Tensor& teacher, int64_t p, double eps,
                        c10::DeviceType device) {
-  CHECK_DEVICE_TYPE(student, device);
-  CHECK_DEVICE_TYPE(teacher, device);
-  CHECK_SAME_DEVICE(student, teacher);
-  CHECK_DIM(student, 4);
-  CHECK_DIM(teacher, 4);
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()),
-              "student must be a floating-point tensor, got ", student.scalar_type());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
-              "student and teacher must have the same dtype, got ", student.scalar_type(), " and ",
-              teacher.scalar_type());
+  check_student_teacher(student, teacher, 4, device);
   TORCH_CHECK(student.size(0) == teacher.size(0), "student and teacher must have the same batch size N, got ",
               student.size(0), " and ", teacher.size(0));
   TORCH_CHECK(student.size(2) == teacher.size(2) && student.size(3) == teacher.size(3),

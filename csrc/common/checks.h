@@ -85,20 +85,27 @@ inline at::Tensor checked_row_mask(const at::Tensor& student, const std::optiona
   return row_mask->contiguous();
 }
 
-// A student / teacher pair of feature batches [N, D_s], [N, D_t] on `device`
-// (the relational ops: RKD distance and angle, PKT, SP, CC).
-inline void check_feature_pair_args(const at::Tensor& student, const at::Tensor& teacher,
-                                    c10::DeviceType device) {
+// student and teacher: `dims`-D tensors of one floating dtype on one device of type `device`
+// (what every feature op asks of its pair before its own shape rules).
+inline void check_student_teacher(const at::Tensor& student, const at::Tensor& teacher, int64_t dims,
+                                  c10::DeviceType device) {
   CHECK_DEVICE_TYPE(student, device);
   CHECK_DEVICE_TYPE(teacher, device);
   CHECK_SAME_DEVICE(student, teacher);
-  CHECK_DIM(student, 2);
-  CHECK_DIM(teacher, 2);
+  CHECK_DIM(student, dims);
+  CHECK_DIM(teacher, dims);
   TORCH_CHECK(at::isFloatingType(student.scalar_type()),
               "student must be a floating-point tensor, got ", student.scalar_type());
   TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
               "student and teacher must have the same dtype, got ", student.scalar_type(), " and ",
               teacher.scalar_type());
+}
+
+// A student / teacher pair of feature batches [N, D_s], [N, D_t] on `device`
+// (the relational ops: RKD distance and angle, PKT, SP, CC).
+inline void check_feature_pair_args(const at::Tensor& student, const at::Tensor& teacher,
+                                    c10::DeviceType device) {
+  check_student_teacher(student, teacher, 2, device);
   TORCH_CHECK(student.size(0) == teacher.size(0),
               "student and teacher must have the same number of samples N, got ", student.size(0),
               " and ", teacher.size(0));

@@ -37,16 +37,7 @@ constexpr double kCosineEps = 1e-12;
 inline void check_args(const at::Tensor& student, const at::Tensor& teacher,
                        const std::optional<at::Tensor>& row_mask, int64_t kind, double grad_scale,
                        c10::DeviceType device) {
-  CHECK_DEVICE_TYPE(student, device);
-  CHECK_DEVICE_TYPE(teacher, device);
-  CHECK_SAME_DEVICE(student, teacher);
-  CHECK_DIM(student, 2);
-  CHECK_DIM(teacher, 2);
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()),
-              "student must be a floating-point tensor, got ", student.scalar_type());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
-              "student and teacher must have the same dtype, got ", student.scalar_type(), " and ",
-              teacher.scalar_type());
+  check_student_teacher(student, teacher, 2, device);
   TORCH_CHECK(student.sizes() == teacher.sizes(), "student ", student.sizes(), " and teacher ",
               teacher.sizes(), " must have the same shape");
   TORCH_CHECK(student.size(1) >= 1, "student must have at least one feature per row, got ",
