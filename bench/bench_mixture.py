@@ -5,12 +5,12 @@ student requiring a gradient, ``loss.backward()`` with upstream gradient 1.
 
 Providers:
 
-- ``eager``: ``fastkd.reference.mixture.mixture_divergence`` — the
-  mixture's log-probabilities (``logsumexp_k(log w_k + log_softmax(t_k/T))``,
-  an ``(N, V)`` tensor and K ``log_softmax`` temporaries), then the reference
-  divergence on it.
-- ``compile``: ``torch.compile`` (``dynamic=False``) of the same function.
-  ``--no-compile`` skips it.
+- ``eager``: the reference's computation in plain PyTorch, via
+  :func:`reference_loss`: the mixture's log-probabilities
+  (``logsumexp_k(log w_k + log_softmax(t_k/T))``, an ``(N, V)`` tensor and K
+  ``log_softmax`` temporaries), then the KL rows against ``log_softmax(s/T)``.
+- ``compile``: ``torch.compile`` (``fullgraph=True, dynamic=False``) of the
+  same function. ``--no-compile`` skips it.
 - ``mixture+fastkd-cpu``: the mixture's log-probabilities in PyTorch (as
   ``eager``), then the fused single-teacher kernel ``fastkd.divergence(...,
   backend="cpu")`` on ``T · log p``.
@@ -45,12 +45,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastkd
 from bench.family import Case, ExpFloorFamily
 from bench.measure import MIB
 from bench.report import EAGER
 from fastkd.reference import mixture as reference_mixture
+from fastkd.reference import row_divergence
 
 SHAPES = ((4096, 1024), (1024, 32000))
 WEIGHTS = (0.5, 0.3, 0.2)
@@ -60,7 +62,27 @@ CPU_ONLY = ("mixture+fastkd-cpu", SEPARATE)
 
 
 def reference_loss(student, teachers, weights):
-    return reference_mixture.mixture_divergence(student, teachers, weights, temperature=TEMPERATURE)
+    """``fastkd.reference.mixture.mixture_divergence`` for every row kept: KL to the mixture, ``T²`` ·
+    batchmean.
+
+    It is the reference without its row-selection prologue (no labels or mask
+    here), whose ``nonzero`` / index copies and ``-inf`` check add work no one
+    computing this loss would do and break ``torch.compile``'s graph (as
+    ``bench.bench_divergence.reference_loss``); nor does it make ``T · log p``
+    teacher logits only to take their ``log_softmax`` again.
+
+    Args:
+        student: ``(N, V)`` logits.
+        teachers: ``(K, N, V)`` logits.
+        weights: ``(K,)`` mixture weights.
+    Returns:
+        A float32 scalar (float64 for float64 input).
+    """
+    with torch.no_grad():
+        log_p = reference_mixture.mixture_log_probs(teachers, weights, TEMPERATURE)
+    log_q = F.log_softmax(student.to(log_p.dtype) / TEMPERATURE, dim=-1)
+    rows = row_divergence(log_p, log_q, "kl")
+    return TEMPERATURE**2 * rows.sum() / student.shape[0]
 
 
 def mixture_then_fastkd(student, teachers, weights):
@@ -83,7 +105,6 @@ class MixtureBench(ExpFloorFamily):
     config_keys = ("dtype", "N", "V", "K")
     config_format = "{dtype} K={K} {N}×{V}"
     description = f"fastkd.divergence with K={len(WEIGHTS)} teachers: kl to the mixture (T={TEMPERATURE:g})"
-    compile_options = {"dynamic": False}
     unlike_baseline = {SEPARATE: "a different objective (Σ w_k D(p_k‖q)): cost of 3 dense passes only"}
     small_configs = (("fp32", 32, 2048),)
     report_configs = (("fp32", *SHAPES[0]),)
@@ -143,3 +164,27 @@ def test_mixture_providers_agree():
     losses = {name: fn(s, t, weights).item() for name, fn in found.items() if name != SEPARATE}
     for name, loss in losses.items():
         assert loss == pytest.approx(losses[EAGER], rel=1e-9), name
+
+
+def test_reference_loss_is_the_reference():
+    """The eager provider computes what fastkd.reference.mixture.mixture_divergence does."""
+    s = torch.randn(7, 301, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 7, 301, dtype=torch.float64)
+    weights = torch.tensor(WEIGHTS, dtype=torch.float64)
+    ours = reference_loss(s, t, weights)
+    (ours_grad,) = torch.autograd.grad(ours, s)
+    theirs = reference_mixture.mixture_divergence(s, t, weights, temperature=TEMPERATURE)
+    (theirs_grad,) = torch.autograd.grad(theirs, s)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(ours_grad, theirs_grad)
+
+
+def test_compile_provider_is_one_graph():
+    """torch.compile sees the eager provider as one graph (fullgraph), as every family's:
+    a graph split by a host synchronisation would flatter fastkd's speed-up over it."""
+    assert BENCH.compile_options.get("fullgraph") is True
+    s = torch.randn(4, 64, requires_grad=True)
+    t = torch.randn(3, 4, 64)
+    weights = torch.tensor(WEIGHTS, dtype=torch.float64)
+    explanation = torch._dynamo.explain(BENCH.reference({}))(s, t, weights)
+    assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -4,8 +4,8 @@ Times, taking turns in one process, forward + backward (student gradient)
 of ``fastkd.divergence(s, teachers, teacher_weights=w, backend="cpu")``
 (``K`` teachers ``(K, N, V)``, KL to their mixture, T = 2, weights
 ``(0.5, 0.3, 0.2)`` as ``bench/bench_mixture.py``), the same through
-``torch.compile`` (``dynamic=False``) of the reference formula
-(``fastkd.reference.mixture.mixture_divergence``), and a 256 MiB ``copy_``
+``torch.compile`` (``fullgraph=True, dynamic=False``) of the benchmark's
+eager provider (``bench.bench_mixture.reference_loss``), and a 256 MiB ``copy_``
 that gives the copy bandwidth. The floor of a shape is ``(K + 2) · N · V ·
 itemsize`` bytes (read the student and the K teachers, write the student
 gradient) over that bandwidth. Taking turns makes the ratios robust to a
@@ -33,15 +33,8 @@ import time
 import torch
 
 import fastkd
+from bench.bench_mixture import TEMPERATURE, WEIGHTS, reference_loss
 from bench.measure import MIB, OtherLoad, parse_passes_arguments, passes_argument_parser, passes_line
-from fastkd.reference import mixture as reference_mixture
-
-WEIGHTS = (0.5, 0.3, 0.2)
-TEMPERATURE = 2.0
-
-
-def reference_loss(student, teachers, weights):
-    return reference_mixture.mixture_divergence(student, teachers, weights, temperature=TEMPERATURE)
 
 
 def measure(n: int, v: int, *, repeats: int, copy_mib: int, use_compile: bool):
@@ -53,7 +46,7 @@ def measure(n: int, v: int, *, repeats: int, copy_mib: int, use_compile: bool):
     w = torch.tensor(WEIGHTS, dtype=torch.float64)
     src = torch.ones(copy_mib * MIB // 4)
     dst = torch.zeros_like(src)
-    compiled = torch.compile(reference_loss, dynamic=False) if use_compile else None
+    compiled = torch.compile(reference_loss, fullgraph=True, dynamic=False) if use_compile else None
 
     def fused():
         s.grad = None
