@@ -7,7 +7,9 @@ student hidden states and weight requiring a gradient, the teacher not,
 Providers:
 
 - ``eager``: ``F.linear`` for both heads (the teacher under ``no_grad``), then
-  ``fastkd.reference.divergence`` with autograd: the plain-PyTorch way.
+  the divergence's formula with autograd (``bench.bench_divergence.reference_loss``:
+  ``fastkd.reference.divergence`` without its row-selection prologue): the
+  plain-PyTorch way.
 - ``unfused-cpu``: the same two ``F.linear`` calls, then
   ``fastkd.divergence(..., backend="cpu")``: the fused divergence kernel on
   materialised ``(N, V)`` logits. This is the baseline of the targets.
@@ -69,6 +71,7 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
+from bench.bench_divergence import reference_loss as plain_divergence
 from bench.family import Case, Family
 from bench.measure import MIB, available_memory_bytes, few_runs, fp32_tensors_skip_reason, time_call
 from bench.report import EAGER
@@ -96,7 +99,7 @@ def eager_loss(s_h, s_w, t_h, t_w):
     s = F.linear(s_h, s_w)
     with torch.no_grad():
         t = F.linear(t_h, t_w)
-    return reference_divergence(s, t, temperature=TEMPERATURE)
+    return plain_divergence(s, t, divergence="kl", temperature=TEMPERATURE)
 
 
 def unfused_loss(backend: str):
@@ -319,3 +322,15 @@ def test_target_verdict():
 
 def test_flop_count():
     assert model_flop(2, 3, 5) == 8 * 2 * 3 * 5
+
+
+def test_eager_provider_is_the_plain_formula():
+    """The eager provider is the two heads and the divergence's formula alone, one graph: no
+    row-selection prologue (nonzero, index copies of the logits, a check read on the host),
+    which would add work no one computing this loss would do; and it is the reference."""
+    s_h, t_h = torch.randn(6, 16, requires_grad=True), torch.randn(6, 16)
+    s_w, t_w = torch.randn(40, 16, requires_grad=True), torch.randn(40, 16)
+    explanation = torch._dynamo.explain(eager_loss)(s_h, s_w, t_h, t_w)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    expected = reference_divergence(F.linear(s_h, s_w), F.linear(t_h, t_w), temperature=TEMPERATURE)
+    torch.testing.assert_close(eager_loss(s_h, s_w, t_h, t_w), expected)

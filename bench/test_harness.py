@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench import measure, report
-from bench.family import SweepContext, measure_config
+from bench.family import SMALL_DEVICE, SweepContext, measure_config
 from bench.run import discover
 
 FAMILIES = discover()
@@ -52,6 +52,22 @@ def test_family_fwd_bwd(benchmark, stem, provider, config):
     """Every family's providers run forward + backward on a small configuration
     (pytest-benchmark times them with ``--benchmark-enable``)."""
     FAMILIES[stem].run_small(benchmark, provider, config)
+
+
+@pytest.mark.parametrize(
+    "stem", [stem for stem, family in FAMILIES.items() if family.no_compile is None and family.small_configs]
+)
+def test_compiled_provider_is_one_graph(stem):
+    """What torch.compile compiles, every family's eager provider, traces as one graph
+    (``fullgraph``): a prologue that reads the device on the host or makes
+    data-dependent shapes would split it and flatter fastkd's speed-up over it."""
+    family = FAMILIES[stem]
+    assert family.compile_options.get("fullgraph") is True
+    options = family.default_options()
+    found, _ = family.providers(SMALL_DEVICE, options, use_compile=False)
+    case = family.case(family.small_configs[0], SMALL_DEVICE, options, found)
+    explanation = torch._dynamo.explain((case.loss_fns or found)[report.EAGER])(*case.inputs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
 class _Progress:
