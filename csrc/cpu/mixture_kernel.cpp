@@ -326,7 +326,7 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
     W* t_wide = widen ? s_wide + V : nullptr;  // [K, V]
     std::vector<const W*> t(K);
     std::vector<W> max_t(K), gap(K), p_scale(K);
-    std::vector<W> b_buffer(K * L);  // each teacher's b of the current lanes
+    std::vector<W> b_buffer(K * 2 * L);  // each teacher's b of the current lanes (two vectors)
     W* b_lanes = b_buffer.data();
     for (int64_t i = begin; i < end; ++i) {
       S* grad_row = grad != nullptr ? grad + i * V : nullptr;
@@ -421,62 +421,83 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
         int64_t j = 0;
         // The vector loop for kTeachers = K fixed at compile time (unrolled,
         // each teacher's b in a register), or kTeachers = 0 for any K (b
-        // through b_lanes, in L1).
-        const auto vector_loop = [&](auto fixed_teachers) {
+        // through b_lanes, in L1). kVectors vectors go through each step
+        // together: one vector's D is a long chain of dependent operations
+        // (the selection, then expm1 and log1p), and two independent chains
+        // side by side keep the FP pipes busy while each waits on latency.
+        // Each element's operations are the same either way.
+        const auto vector_loop = [&](auto fixed_teachers, auto vectors) {
           constexpr int64_t kTeachers = decltype(fixed_teachers)::value;
+          constexpr int64_t kVectors = decltype(vectors)::value;
           const int64_t teachers = kTeachers > 0 ? kTeachers : K;
-          VW b_fixed[kTeachers > 0 ? kTeachers : 1];
-          const auto keep_b = [&](int64_t k, VW b) {
+          VW b_fixed[kTeachers > 0 ? kTeachers : 1][kVectors];
+          const auto keep_b = [&](int64_t k, int64_t v, VW b) {
             if constexpr (kTeachers > 0) {
-              b_fixed[k] = b;
+              b_fixed[k][v] = b;
             } else {
-              b.store(b_lanes + k * L);
+              b.store(b_lanes + (k * kVectors + v) * L);
             }
           };
-          const auto kept_b = [&](int64_t k) {
+          const auto kept_b = [&](int64_t k, int64_t v) {
             if constexpr (kTeachers > 0) {
-              return b_fixed[k];
+              return b_fixed[k][v];
             } else {
-              return VW::loadu(b_lanes + k * L);
+              return VW::loadu(b_lanes + (k * kVectors + v) * L);
             }
           };
-          for (; j + L <= V; j += L) {
-            const VW a_s = (VW::loadu(s + j) - vmax_s) * vinv;
-            VW z_max = neg_inf, b_sel = neg_inf, a_max = neg_inf;
-            for (int64_t k = 0; k < teachers; ++k) {
-              const VW a_k = (VW::loadu(t[k] + j) - VW(max_t[k])) * vinv;
-              const VW b = (a_k - a_s) - VW(gap[k]);
-              keep_b(k, b);
-              const VW z = b + VW(log_weight[k]);
-              // where z > z_max: one comparison, two blends
-              b_sel = fk_where<Cmp::GT>(z, z_max, b, b_sel);
-              z_max = fk_where<Cmp::GT>(z, z_max, z, z_max);
-              a_max = fk_where<Cmp::GT>(a_k, a_max, a_k, a_max);
+          for (; j + kVectors * L <= V; j += kVectors * L) {
+            VW a_s[kVectors], z_max[kVectors], b_sel[kVectors], a_max[kVectors], x[kVectors], value[kVectors];
+            for (int64_t v = 0; v < kVectors; ++v) {
+              a_s[v] = (VW::loadu(s + j + v * L) - vmax_s) * vinv;
+              z_max[v] = b_sel[v] = a_max[v] = neg_inf;
+              x[v] = zero;
             }
-            VW x = zero;
             for (int64_t k = 0; k < teachers; ++k) {
-              x = x + VW(weight[k]) * expm1_lanes(kept_b(k) - b_sel);
-            }
-            VW value = b_sel + log1p_lanes(x);
-            // Y and its log only for vectors with a lane where the other
-            // teachers add less than ½ (rare where the teachers agree)
-            if ((x > half).zero_mask() != 0) {
-              VW y = zero;
-              for (int64_t k = 0; k < teachers; ++k) {
-                y = y + VW(weight[k]) * fk_exp_normaliser(kept_b(k) - b_sel);
+              for (int64_t v = 0; v < kVectors; ++v) {
+                const VW a_k = (VW::loadu(t[k] + j + v * L) - VW(max_t[k])) * vinv;
+                const VW b = (a_k - a_s[v]) - VW(gap[k]);
+                keep_b(k, v, b);
+                const VW z = b + VW(log_weight[k]);
+                // where z > z_max: one comparison, two blends
+                b_sel[v] = fk_where<Cmp::GT>(z, z_max[v], b, b_sel[v]);
+                z_max[v] = fk_where<Cmp::GT>(z, z_max[v], z, z_max[v]);
+                a_max[v] = fk_where<Cmp::GT>(a_k, a_max[v], a_k, a_max[v]);
               }
-              value = fk_where<Cmp::GT>(x, half, value, b_sel + log_lanes(y));
             }
-            value = fk_where<Cmp::EQ>(b_sel, neg_inf, neg_inf, value);
-            value = fk_where<Cmp::EQ>(a_s, neg_inf, a_max - a_s, value);
-            use_log_ratio(j, value + vpoison, teachers);
+            for (int64_t k = 0; k < teachers; ++k) {
+              for (int64_t v = 0; v < kVectors; ++v) {
+                x[v] = x[v] + VW(weight[k]) * expm1_lanes(kept_b(k, v) - b_sel[v]);
+              }
+            }
+            for (int64_t v = 0; v < kVectors; ++v) value[v] = b_sel[v] + log1p_lanes(x[v]);
+            for (int64_t v = 0; v < kVectors; ++v) {
+              // Y and its log only for vectors with a lane where the other
+              // teachers add less than ½ (rare where the teachers agree)
+              if ((x[v] > half).zero_mask() != 0) {
+                VW y = zero;
+                for (int64_t k = 0; k < teachers; ++k) {
+                  y = y + VW(weight[k]) * fk_exp_normaliser(kept_b(k, v) - b_sel[v]);
+                }
+                value[v] = fk_where<Cmp::GT>(x[v], half, value[v], b_sel[v] + log_lanes(y));
+              }
+            }
+            for (int64_t v = 0; v < kVectors; ++v) {
+              VW d = fk_where<Cmp::EQ>(b_sel[v], neg_inf, neg_inf, value[v]);
+              d = fk_where<Cmp::EQ>(a_s[v], neg_inf, a_max[v] - a_s[v], d);
+              use_log_ratio(j + v * L, d + vpoison, teachers);
+            }
           }
         };
+        // pairs of vectors, then the last odd one
+        const auto vector_loops = [&](auto fixed_teachers) {
+          vector_loop(fixed_teachers, std::integral_constant<int64_t, 2>{});
+          vector_loop(fixed_teachers, std::integral_constant<int64_t, 1>{});
+        };
         switch (K) {
-          case 2: vector_loop(std::integral_constant<int64_t, 2>{}); break;
-          case 3: vector_loop(std::integral_constant<int64_t, 3>{}); break;
-          case 4: vector_loop(std::integral_constant<int64_t, 4>{}); break;
-          default: vector_loop(std::integral_constant<int64_t, 0>{}); break;
+          case 2: vector_loops(std::integral_constant<int64_t, 2>{}); break;
+          case 3: vector_loops(std::integral_constant<int64_t, 3>{}); break;
+          case 4: vector_loops(std::integral_constant<int64_t, 4>{}); break;
+          default: vector_loops(std::integral_constant<int64_t, 0>{}); break;
         }
         for (; j < V; ++j) {
           const W a_s = (s[j] - max_s) * inv_t;
