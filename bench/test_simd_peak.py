@@ -1,6 +1,6 @@
 """The measured SIMD peak and exponential rate (bench/simd_peak.py): compiled
-here, positive, and growing with the thread count on a machine with two cores
-or more, and not below what a matrix product achieves."""
+here, positive, busy on every thread asked for on a machine with two cores or
+more, and not below what a matrix product achieves."""
 
 import os
 import time
@@ -10,18 +10,25 @@ import torch
 from bench.simd_peak import exp2_rate, simd_peak_gflops
 
 
-def test_simd_peak_is_positive_and_scales_with_threads():
-    one = simd_peak_gflops(1, seconds=0.05)
-    assert one > 1.0
-    if (os.cpu_count() or 1) >= 2:
-        assert simd_peak_gflops(2, seconds=0.05) > 1.3 * one
+def busy_threads(measure) -> float:
+    """CPU seconds per wall second while ``measure()`` runs: about the number of
+    threads that ran it at once, whatever speed the machine's cores give today
+    (another tenant's load slows them; it does not stop them)."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    measure()
+    return (time.process_time() - cpu) / (time.perf_counter() - wall)
 
 
-def test_exp2_rate_is_positive_and_scales_with_threads():
-    one = exp2_rate(1, seconds=0.05)
-    assert one > 1e8
+def test_simd_peak_is_positive_and_runs_on_every_thread():
+    assert simd_peak_gflops(1, seconds=0.05) > 1.0
     if (os.cpu_count() or 1) >= 2:
-        assert exp2_rate(2, seconds=0.05) > 1.3 * one
+        assert busy_threads(lambda: simd_peak_gflops(2, seconds=0.05)) > 1.5
+
+
+def test_exp2_rate_is_positive_and_runs_on_every_thread():
+    assert exp2_rate(1, seconds=0.05) > 1e8
+    if (os.cpu_count() or 1) >= 2:
+        assert busy_threads(lambda: exp2_rate(2, seconds=0.05)) > 1.5
 
 
 def test_simd_peak_is_not_below_a_matrix_product():
