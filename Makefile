@@ -1,7 +1,8 @@
 # The README's commands. Each target sets itself up on a fresh machine:
 # .venv, pinned installs (torch from the local CPU wheel), the extension build.
 #   make test      build and run the test suite (every test not marked `slow`, `examples` or `integrations`)
-#   make check     the `slow` tests: nvcc (sm_80, sm_90) and Triton → PTX (sm_90) compile checks
+#   make check     the `slow` tests: nvcc (sm_80, sm_90) and Triton → PTX (sm_90) compile checks, and the
+#                  Triton-interpreter cases that take 8 s or more each (tests/conftest.py)
 #   make examples-smoke  install the `examples` extra, run the `examples` tests (each example's --smoke run)
 #   make integrations  install the `integrations` extra (transformers, trl), run the `integrations` tests
 #   make bench     build and run the CPU benchmark report: one or two configurations per family against

@@ -54,3 +54,29 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# The Triton kernels' cases that the interpreter takes 8 s or more each on
+# the 2-core CPU (together a fifth of `make test`'s time there). Under the
+# interpreter they are `slow`: `make check` runs them (CI runs both), while
+# the CPU backend's same cases stay in `make test`. On a GPU they are
+# ordinary tests.
+INTERPRETER_SLOW_CASES = frozenset({
+    "tests/test_attention_relation.py::test_gradients_match_the_row_loop[300-True-triton]",
+    "tests/test_attention_relation.py::test_matches_the_row_loop_in_float64[triton]",
+    "tests/test_properties_logits.py::test_topk_property[triton]",
+    "tests/test_uld.py::test_triton_rows_longer_than_a_block",
+    "tests/test_uld.py::test_matches_the_loop_oracle[False-130-300-triton]",
+    "tests/test_uld.py::test_matches_the_loop_oracle[True-130-300-triton]",
+    *(f"tests/test_uld_logprob.py::test_log_prob_rows_match_the_oracle[{ties}-130-300-{side}-triton]"
+      for ties in ("False", "True") for side in ("student", "teacher", "both")),
+})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    for item in items:
+        if item.nodeid in INTERPRETER_SLOW_CASES:
+            item.add_marker(pytest.mark.slow)
