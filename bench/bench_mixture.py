@@ -177,4 +177,3 @@ def test_reference_loss_is_the_reference():
     (theirs_grad,) = torch.autograd.grad(theirs, s)
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(ours_grad, theirs_grad)
-

@@ -284,6 +284,10 @@ void widen_row(const S* x, float* out, int64_t V) {
   at::vec::convert(x, out, V);
 }
 
+// Vectors the float path's D pass takes through each step together (see its
+// vector loop); four are no faster than two.
+constexpr int64_t kVectorsPerStep = 2;
+
 template <int KIND, class S>
 void mixture_rows_float(const MixtureDivergenceArgs& a) {
   using W = float;
@@ -326,7 +330,8 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
     W* t_wide = widen ? s_wide + V : nullptr;  // [K, V]
     std::vector<const W*> t(K);
     std::vector<W> max_t(K), gap(K), p_scale(K);
-    std::vector<W> b_buffer(K * 2 * L);  // each teacher's b of the current lanes (two vectors)
+    // each teacher's b of the current lanes (kVectorsPerStep vectors)
+    std::vector<W> b_buffer(K * kVectorsPerStep * L);
     W* b_lanes = b_buffer.data();
     for (int64_t i = begin; i < end; ++i) {
       S* grad_row = grad != nullptr ? grad + i * V : nullptr;
@@ -488,9 +493,9 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
             }
           }
         };
-        // pairs of vectors, then the last odd one
+        // kVectorsPerStep vectors at a time, then one at a time
         const auto vector_loops = [&](auto fixed_teachers) {
-          vector_loop(fixed_teachers, std::integral_constant<int64_t, 2>{});
+          vector_loop(fixed_teachers, std::integral_constant<int64_t, kVectorsPerStep>{});
           vector_loop(fixed_teachers, std::integral_constant<int64_t, 1>{});
         };
         switch (K) {
