@@ -18,8 +18,8 @@ Providers:
   backend="cpu")``, one fused call, the mixture formed per row in log space.
 - ``fastkd-triton``, ``fastkd-cuda`` (``--device cuda`` only): the same fused
   call on the GPU backends (kernels/mixture.py, csrc/cuda/mixture.cu),
-  which compute the mixture in float64 (the CPU kernel uses float32 with a
-  dominant-teacher log1p): on GPUs with little fp64 throughput they are
+  which compute the mixture in float64 (the CPU kernel uses float32 and
+  one log of a ratio of its stored exponentials per element): on GPUs with little fp64 throughput they are
   compute-bound (see their headers).
 - ``3×fastkd-cpu``: three single-teacher calls ``Σ_k w_k D(p_k ‖ q)`` — a
   *different* objective (the weighted average of the divergences, not the

@@ -19,10 +19,10 @@ Two builds compare by alternating processes, e.g. ::
     done
 
 Per-element work of the fused kernel's float path (K teachers): K + 1
-exponentials in the normalising passes, then K expm1 and one log1p for the
-log ratio to the mixture (K exp and one log more where one teacher
-dominates); one read of each input row from memory, one write of the
-gradient.
+exponentials in the normalising passes, kept in a scratch row, then 2K FMAs,
+one division and one log for the log ratio to the mixture (the exact form,
+K expm1 and a log1p more, only near float32's subnormals); one read of each
+input row from memory, one write of the gradient.
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@
 // the magnitude of log p itself (~log V) and, with the divergence ~1e-4
 // (T = 100, where log p − log q is ~1e-2), would put the float32 loss further
 // from the float64 reference than PyTorch's float32 computation; instead the
-// log ratio log p − log q is formed per element from logit differences and
-// one rounded row constant per teacher, so its rounding is relative to its
-// own size.
+// log ratio log p − log q is formed per element, from the normalising
+// passes' exponentials or (where a probability underflows) from logit
+// differences, so its rounding is at the size of 1 or of itself.
 #include "quiet_avx512_intrinsics.h"  // first: see there
 
 #include "mixture_kernel.h"
@@ -252,25 +252,39 @@ void mixture_rows(const MixtureDivergenceArgs& a) {
 
 // ---- float32 path (float32, bfloat16 and float16 inputs) --------------------
 //
-// The same passes in float, with the mixture formed in the student's log
-// ratio space: per element and teacher,
+// The same passes in float, with D = log p − log q formed per element in one
+// of two ways. Neither rounds D at the size of log p (~log V), as a
+// difference of two float32 logs would: the float32 loss stays closer to the
+// float64 reference than PyTorch's float32 computation where the divergence
+// is small (T = 100).
+//
+// The ratio form, where e_s and p are at least kSmallestRatioOperand (every
+// element of ordinary rows). With e = exp((x − max)/T) from the normalising
+// passes, kept in the scratch,
+//   p / q = Σ_k r_k e_k / e_s,   r_k = w_k Σ_s / Σ_k  (a row constant from
+//                                double sums, rounded once),
+//   D = log(p / q):  positive terms, one division and one log, so D is off
+//                    by a few float32 ulps of 1 (the exponentials' rounding).
+// Per element: K FMAs, a division and a log, against the exact form's
+// selection, K expm1 and log1p.
+//
+// The exact form elsewhere, where a probability underflows or is subnormal:
 //   b_k = log p_k − log q = (a_k − a_s) − g_k,   a = (x − max)/T,
 //   g_k = log Σ_k − log Σ_s  (a row constant from double sums, rounded once),
-// and D = log p − log q = log Σ_k w_k e^{b_k}. With j the teacher of largest
-// b_j + log w_j at that element and Σ_k w_k = 1,
+// and D = log Σ_k w_k e^{b_k}. With j the teacher of largest b_j + log w_j
+// at that element and Σ_k w_k = 1,
 //   Σ_k w_k e^{b_k − b_j} = 1 + X,   X = Σ_k w_k expm1(b_k − b_j),
-//   D = b_j + log1p(X)   where X > −½ (the teachers are comparable there, so
-//                        D is rounded relative to its own size, not to
-//                        log p ~ log V: a small divergence stays accurate)
+//   D = b_j + log1p(X)   where X > −½ (D is rounded relative to its own size)
 //   D = b_j + log(Y)     elsewhere, Y = Σ_k w_k e^{b_k − b_j} ≥ w_j (a sum of
 //                        positive terms, no cancellation).
 // No exponential of a large negative argument is taken for the dominant
 // teacher, so a probability that underflows float32 in every teacher keeps
-// an exact log ratio (b_j is a difference of logits). The probabilities
-// themselves are p = Σ_k (w_k / Σ_k) e_k and q = e_s / Σ_s, from the
-// exponentials of the normalising passes. Per element: K + 1 exponentials
-// to normalise, then K expm1 (expm1_lanes) and one log1p (K exp and one log more in a
-// vector with a lane of X ≤ −½).
+// an exact log ratio (b_j is a difference of logits). It costs K expm1 and
+// one log1p per element (K exp and one log more in a vector with a lane of
+// X ≤ −½), and runs only for the vectors with a lane outside the ratio form's
+// range, blended in per lane: each element's D depends on it alone.
+//
+// The probabilities themselves are p = Σ_k (w_k / Σ_k) e_k and q = e_s / Σ_s.
 // KL takes D where it is formed: its loss Σ p·D and its gradient (q − p)·
 // grad_scale/T come out of the D pass (no terms or gradient pass).
 //
@@ -287,6 +301,10 @@ void widen_row(const S* x, float* out, int64_t V) {
 // Vectors the float path's D pass takes through each step together (see its
 // vector loop); four are no faster than two.
 constexpr int64_t kVectorsPerStep = 2;
+
+// The ratio form's range: e_s and p of at least 2^−100, far above float32's
+// subnormals (2^−126), so each is rounded relative to itself.
+constexpr float kSmallestRatioOperand = 0x1p-100f;
 
 template <int KIND, class S>
 void mixture_rows_float(const MixtureDivergenceArgs& a) {
@@ -329,9 +347,9 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
     W* s_wide = widen ? e_t + K * V : nullptr;
     W* t_wide = widen ? s_wide + V : nullptr;  // [K, V]
     std::vector<const W*> t(K);
-    std::vector<W> max_t(K), gap(K), p_scale(K);
-    // each teacher's b of the current lanes (kVectorsPerStep vectors)
-    std::vector<W> b_buffer(K * kVectorsPerStep * L);
+    std::vector<W> max_t(K), gap(K), p_scale(K), ratio_scale(K);
+    // each teacher's b of the current lanes (the exact form, any K)
+    std::vector<W> b_buffer(K * L);
     W* b_lanes = b_buffer.data();
     for (int64_t i = begin; i < end; ++i) {
       S* grad_row = grad != nullptr ? grad + i * V : nullptr;
@@ -377,6 +395,7 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
               exp_sum(tk, V, max_t[next], inv_t, e_t + next * V, next_row(t_row, a.teacher_row_stride));
           gap[next] = W(std::log(sum_t) - log_sum_s);
           p_scale[next] = W(double(weight[next]) / sum_t);
+          ratio_scale[next] = W(double(weight[next]) * sum_s / sum_t);
           poison += 0.0f * gap[next];
           ++next;
         } else {
@@ -409,12 +428,10 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
 
       // D = log p − log q per element (see the section comment)
       {
-        const VW vfactor(factor), vinv_sum(inv_sum_s);
-        // D at the L elements from j: stored, or KL's loss and gradient there
-        const auto use_log_ratio = [&](int64_t j, VW d, int64_t teachers) {
+        const VW vfactor(factor), vinv_sum(inv_sum_s), vsmallest(kSmallestRatioOperand);
+        // D and p at the L elements from j: D stored, or KL's loss and gradient there
+        const auto use_log_ratio = [&](int64_t j, VW d, VW p) {
           if constexpr (kl_shortcut) {
-            VW p = VW(poison);
-            for (int64_t k = 0; k < teachers; ++k) p = p + VW::loadu(e_t + k * V + j) * VW(p_scale[k]);
             vloss.add(fk_zero_where_zero(p, p * d));
             if (out != nullptr) (vfactor * (VW::loadu(e_s + j) * vinv_sum - p)).store(out + j);
           } else {
@@ -423,73 +440,80 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
         };
         const VW vmax_s(max_s), vinv(inv_t), neg_inf(-std::numeric_limits<W>::infinity());
         const VW vpoison(poison), half(-0.5f), zero(0.0f);
+        // The exact form's D at the L elements from j, for kTeachers = K fixed
+        // at compile time (unrolled, each teacher's b in a register) or
+        // kTeachers = 0 for any K (b through b_lanes, in L1).
+        const auto exact_log_ratio = [&](auto fixed_teachers, int64_t j) {
+          constexpr int64_t kTeachers = decltype(fixed_teachers)::value;
+          const int64_t teachers = kTeachers > 0 ? kTeachers : K;
+          VW b_fixed[kTeachers > 0 ? kTeachers : 1];
+          const auto keep_b = [&](int64_t k, VW b) {
+            if constexpr (kTeachers > 0) {
+              b_fixed[k] = b;
+            } else {
+              b.store(b_lanes + k * L);
+            }
+          };
+          const auto kept_b = [&](int64_t k) {
+            if constexpr (kTeachers > 0) {
+              return b_fixed[k];
+            } else {
+              return VW::loadu(b_lanes + k * L);
+            }
+          };
+          const VW a_s = (VW::loadu(s + j) - vmax_s) * vinv;
+          VW z_max = neg_inf, b_sel = neg_inf, a_max = neg_inf, x = zero;
+          for (int64_t k = 0; k < teachers; ++k) {
+            const VW a_k = (VW::loadu(t[k] + j) - VW(max_t[k])) * vinv;
+            const VW b = (a_k - a_s) - VW(gap[k]);
+            keep_b(k, b);
+            const VW z = b + VW(log_weight[k]);
+            // where z > z_max: one comparison, two blends
+            b_sel = fk_where<Cmp::GT>(z, z_max, b, b_sel);
+            z_max = fk_where<Cmp::GT>(z, z_max, z, z_max);
+            a_max = fk_where<Cmp::GT>(a_k, a_max, a_k, a_max);
+          }
+          for (int64_t k = 0; k < teachers; ++k) x = x + VW(weight[k]) * expm1_lanes(kept_b(k) - b_sel);
+          VW value = b_sel + log1p_lanes(x);
+          // Y and its log only for vectors with a lane where the other
+          // teachers add less than ½ (rare where the teachers agree)
+          if ((x > half).zero_mask() != 0) {
+            VW y = zero;
+            for (int64_t k = 0; k < teachers; ++k) y = y + VW(weight[k]) * fk_exp_normaliser(kept_b(k) - b_sel);
+            value = fk_where<Cmp::GT>(x, half, value, b_sel + log_lanes(y));
+          }
+          VW d = fk_where<Cmp::EQ>(b_sel, neg_inf, neg_inf, value);
+          d = fk_where<Cmp::EQ>(a_s, neg_inf, a_max - a_s, d);
+          return d + vpoison;
+        };
         int64_t j = 0;
-        // The vector loop for kTeachers = K fixed at compile time (unrolled,
-        // each teacher's b in a register), or kTeachers = 0 for any K (b
-        // through b_lanes, in L1). kVectors vectors go through each step
-        // together: one vector's D is a long chain of dependent operations
-        // (the selection, then expm1 and log1p), and two independent chains
-        // side by side keep the FP pipes busy while each waits on latency.
-        // Each element's operations are the same either way.
+        // The ratio form over kVectors vectors at a time (two independent
+        // chains of a division and a log side by side keep the FP pipes busy
+        // while each waits on latency); lanes outside its range take the
+        // exact form. Each element's operations are the same either way.
         const auto vector_loop = [&](auto fixed_teachers, auto vectors) {
           constexpr int64_t kTeachers = decltype(fixed_teachers)::value;
           constexpr int64_t kVectors = decltype(vectors)::value;
           const int64_t teachers = kTeachers > 0 ? kTeachers : K;
-          VW b_fixed[kTeachers > 0 ? kTeachers : 1][kVectors];
-          const auto keep_b = [&](int64_t k, int64_t v, VW b) {
-            if constexpr (kTeachers > 0) {
-              b_fixed[k][v] = b;
-            } else {
-              b.store(b_lanes + (k * kVectors + v) * L);
-            }
-          };
-          const auto kept_b = [&](int64_t k, int64_t v) {
-            if constexpr (kTeachers > 0) {
-              return b_fixed[k][v];
-            } else {
-              return VW::loadu(b_lanes + (k * kVectors + v) * L);
-            }
-          };
           for (; j + kVectors * L <= V; j += kVectors * L) {
-            VW a_s[kVectors], z_max[kVectors], b_sel[kVectors], a_max[kVectors], x[kVectors], value[kVectors];
+            VW p[kVectors], d[kVectors], in_range[kVectors];
             for (int64_t v = 0; v < kVectors; ++v) {
-              a_s[v] = (VW::loadu(s + j + v * L) - vmax_s) * vinv;
-              z_max[v] = b_sel[v] = a_max[v] = neg_inf;
-              x[v] = zero;
-            }
-            for (int64_t k = 0; k < teachers; ++k) {
-              for (int64_t v = 0; v < kVectors; ++v) {
-                const VW a_k = (VW::loadu(t[k] + j + v * L) - VW(max_t[k])) * vinv;
-                const VW b = (a_k - a_s[v]) - VW(gap[k]);
-                keep_b(k, v, b);
-                const VW z = b + VW(log_weight[k]);
-                // where z > z_max: one comparison, two blends
-                b_sel[v] = fk_where<Cmp::GT>(z, z_max[v], b, b_sel[v]);
-                z_max[v] = fk_where<Cmp::GT>(z, z_max[v], z, z_max[v]);
-                a_max[v] = fk_where<Cmp::GT>(a_k, a_max[v], a_k, a_max[v]);
+              const VW e = VW::loadu(e_s + j + v * L);
+              VW numerator = zero;
+              p[v] = vpoison;
+              for (int64_t k = 0; k < teachers; ++k) {
+                const VW e_k = VW::loadu(e_t + k * V + j + v * L);
+                p[v] = p[v] + e_k * VW(p_scale[k]);
+                numerator = numerator + e_k * VW(ratio_scale[k]);
               }
-            }
-            for (int64_t k = 0; k < teachers; ++k) {
-              for (int64_t v = 0; v < kVectors; ++v) {
-                x[v] = x[v] + VW(weight[k]) * expm1_lanes(kept_b(k, v) - b_sel[v]);
-              }
-            }
-            for (int64_t v = 0; v < kVectors; ++v) value[v] = b_sel[v] + log1p_lanes(x[v]);
-            for (int64_t v = 0; v < kVectors; ++v) {
-              // Y and its log only for vectors with a lane where the other
-              // teachers add less than ½ (rare where the teachers agree)
-              if ((x[v] > half).zero_mask() != 0) {
-                VW y = zero;
-                for (int64_t k = 0; k < teachers; ++k) {
-                  y = y + VW(weight[k]) * fk_exp_normaliser(kept_b(k, v) - b_sel[v]);
-                }
-                value[v] = fk_where<Cmp::GT>(x[v], half, value[v], b_sel[v] + log_lanes(y));
-              }
+              d[v] = log_lanes(numerator / e);
+              in_range[v] = (e > vsmallest) & (p[v] > vsmallest);
             }
             for (int64_t v = 0; v < kVectors; ++v) {
-              VW d = fk_where<Cmp::EQ>(b_sel[v], neg_inf, neg_inf, value[v]);
-              d = fk_where<Cmp::EQ>(a_s[v], neg_inf, a_max[v] - a_s[v], d);
-              use_log_ratio(j + v * L, d + vpoison, teachers);
+              if (in_range[v].zero_mask() != 0) {
+                d[v] = VW::blendv(exact_log_ratio(fixed_teachers, j + v * L), d[v], in_range[v]);
+              }
+              use_log_ratio(j + v * L, d[v], p[v]);
             }
           }
         };
@@ -505,31 +529,39 @@ void mixture_rows_float(const MixtureDivergenceArgs& a) {
           default: vector_loops(std::integral_constant<int64_t, 0>{}); break;
         }
         for (; j < V; ++j) {
-          const W a_s = (s[j] - max_s) * inv_t;
-          W z_max = -INFINITY, b_sel = -INFINITY, a_max = -INFINITY;
+          W p = poison, numerator = 0.0f;
           for (int64_t k = 0; k < K; ++k) {
-            const W a_k = (t[k][j] - max_t[k]) * inv_t;
-            const W b = (a_k - a_s) - gap[k];
-            const W z = b + log_weight[k];
-            if (z > z_max) {
-              z_max = z;
-              b_sel = b;
+            p += e_t[k * V + j] * p_scale[k];
+            numerator += e_t[k * V + j] * ratio_scale[k];
+          }
+          W d = 0.0f;
+          if (e_s[j] > kSmallestRatioOperand && p > kSmallestRatioOperand) {
+            d = std::log(numerator / e_s[j]);
+          } else {
+            const W a_s = (s[j] - max_s) * inv_t;
+            W z_max = -INFINITY, b_sel = -INFINITY, a_max = -INFINITY;
+            for (int64_t k = 0; k < K; ++k) {
+              const W a_k = (t[k][j] - max_t[k]) * inv_t;
+              const W b = (a_k - a_s) - gap[k];
+              const W z = b + log_weight[k];
+              if (z > z_max) {
+                z_max = z;
+                b_sel = b;
+              }
+              if (a_k > a_max) a_max = a_k;
             }
-            if (a_k > a_max) a_max = a_k;
+            W x = 0.0f, y = 0.0f;
+            for (int64_t k = 0; k < K; ++k) {
+              const W b = (((t[k][j] - max_t[k]) * inv_t - a_s) - gap[k]) - b_sel;
+              x += weight[k] * std::expm1(b);
+              y += weight[k] * std::exp(b);
+            }
+            W value = b_sel + (x > -0.5f ? std::log1p(x) : std::log(y));
+            if (b_sel == -INFINITY) value = -INFINITY;
+            if (a_s == -INFINITY) value = a_max - a_s;
+            d = value + poison;
           }
-          W x = 0.0f, y = 0.0f;
-          for (int64_t k = 0; k < K; ++k) {
-            const W d = (((t[k][j] - max_t[k]) * inv_t - a_s) - gap[k]) - b_sel;
-            x += weight[k] * std::expm1(d);
-            y += weight[k] * std::exp(d);
-          }
-          W value = b_sel + (x > -0.5f ? std::log1p(x) : std::log(y));
-          if (b_sel == -INFINITY) value = -INFINITY;
-          if (a_s == -INFINITY) value = a_max - a_s;
-          const W d = value + poison;
           if constexpr (kl_shortcut) {
-            W p = poison;
-            for (int64_t k = 0; k < K; ++k) p += e_t[k * V + j] * p_scale[k];
             tail_loss.add(fk_zero_where_zero(p, p * d));
             if (out != nullptr) out[j] = factor * (e_s[j] * inv_sum_s - p);
           } else {
