@@ -2,8 +2,8 @@
 ``fastkd.divergence(s, teachers (K, ..., V), teacher_weights=(K,))``.
 
 Same contract as the C++ op ``fastkd::mixture_divergence_forward``
-(csrc/fastkd.cpp) and the same arithmetic as its CPU kernel
-(csrc/cpu/mixture_kernel.cpp): the target ``p = Σ_k w_k softmax(t_k / T)`` is
+(csrc/fastkd.cpp) and the arithmetic of its CPU kernel's double path
+(``mixture_rows`` in csrc/cpu/mixture_kernel.cpp): the target ``p = Σ_k w_k softmax(t_k / T)`` is
 formed per row in log space, ``log p = logsumexp_k(log w_k + log_softmax(t_k /
 T))``, and fed to the per-element terms of the single-teacher kernel
 (``element_terms`` of kernels/_divergence_math.py, i.e. ``element_terms`` of

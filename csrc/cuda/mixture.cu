@@ -1,7 +1,7 @@
 // Fused multi-teacher (mixture) divergence forward (+ student gradient) on
 // CUDA: fastkd::mixture_divergence_forward for CUDA tensors (docs/spec.md §1,
-// multi-teacher). Same contract and arithmetic as the CPU kernel
-// (csrc/cpu/mixture_kernel.cpp): the target p = Σ_k w_k softmax(t_k / T) is
+// multi-teacher). Same contract as the CPU kernel and the arithmetic of its
+// double path (mixture_rows in csrc/cpu/mixture_kernel.cpp): the target p = Σ_k w_k softmax(t_k / T) is
 // formed per element in log space,
 //   log p = logsumexp_k((t_k − max_k)/T + log w_k − log Σ_k),
 // and fed to element_terms<KIND> of csrc/common/divergence_math.h, shared
