@@ -75,3 +75,16 @@ def test_streamed_rows_with_excluded_rows_between_them(dtype):
         row.sum().backward()
         assert torch.equal(row, rows[i : i + 1])
         assert torch.equal(one.grad, a.grad[i : i + 1])
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_streamed_rows_each_normalised_by_their_own_maxima(dtype):
+    """Rows whose logits sit far apart (offsets ±200, alternating): the streamed
+    path takes each row's maxima during the row before it, and another row's
+    maxima would put every exponential of the row out of float32's range."""
+    _cpu_only()
+    rows = torch.arange(STREAMED[0], dtype=torch.float64, device=DEVICE)
+    offsets = (200.0 * (1 - 2 * (rows % 2))).reshape(-1, 1)
+    s = (logits(STREAMED, torch.float64) + offsets).to(dtype)
+    t = (logits(STREAMED, torch.float64) - offsets).to(dtype)
+    check_parity("cpu", s, t, divergence="kl", temperature=2.0, reduction="none")

@@ -6,6 +6,7 @@
 //
 // Per row (rows in parallel, at::parallel_for):
 //   pass 1  max of s and t, in one loop                   read s, t (memory)
+//           (pipelined KL rows, below: during the row before's pass 2)
 //   pass 2  e_s = exp((s − max_s)/T), e_t = exp((t − max_t)/T), stored in a
 //           per-task scratch row, and their sums           read s, t (cache)
 //           KL also sums p·(a_t − a_s) here (a = (x − max)/T), which
@@ -292,40 +293,59 @@ struct Normaliser {
   double log_sum_double;  // log_sum before its rounding to T
 };
 
-// Pass 1: ns.max = max_j s_j and nt.max = max_j t_j, in one loop with
-// kBlock independent maxima per row (one chain would wait on the latency of
-// every max). Vector lanes take the max without ordering NaN (one
-// instruction instead of four); a NaN logit still makes the row NaN, through
-// its exponential in pass 2 (fk_exp_normaliser keeps NaN) and so every sum.
+// Pass 1's running maxima of a row's s and t: kBlock per side (one chain
+// would wait on the latency of every max). Vector lanes take the max without
+// ordering NaN (one instruction instead of four); a NaN logit still makes the
+// row NaN, through its exponential in pass 2 (fk_exp_normaliser keeps NaN)
+// and so every sum.
 template <class A, class S>
-void row_maxima(const S* s, const S* t, int64_t V, Normaliser<A>& ns, Normaliser<A>& nt) {
+struct RowMaxima {
   using IO = RowIO<A, S>;
-  constexpr int64_t L = IO::L;
-  const Vec<A> neg_inf(-std::numeric_limits<A>::infinity());
+  static constexpr int64_t L = IO::L;
   static_assert(kBlock == 4, "one initial value per running maximum");
-  Vec<A> max_s[kBlock] = {neg_inf, neg_inf, neg_inf, neg_inf};
-  Vec<A> max_t[kBlock] = {neg_inf, neg_inf, neg_inf, neg_inf};
-  int64_t j = 0;
-  for (; j + kBlock * L <= V; j += kBlock * L) {
+  const Vec<A> neg_inf{-std::numeric_limits<A>::infinity()};
+  Vec<A> s[kBlock] = {neg_inf, neg_inf, neg_inf, neg_inf};
+  Vec<A> t[kBlock] = {neg_inf, neg_inf, neg_inf, neg_inf};
+
+  // the kBlock vectors of each row from j
+  void add_block(const S* s_row, const S* t_row, int64_t j) {
     for (int64_t k = 0; k < kBlock; ++k) {
-      max_s[k] = fk_max_unordered(max_s[k], IO::load(s + j + k * L));
-      max_t[k] = fk_max_unordered(max_t[k], IO::load(t + j + k * L));
+      s[k] = fk_max_unordered(s[k], IO::load(s_row + j + k * L));
+      t[k] = fk_max_unordered(t[k], IO::load(t_row + j + k * L));
     }
   }
-  for (; j + L <= V; j += L) {
-    max_s[0] = fk_max_unordered(max_s[0], IO::load(s + j));
-    max_t[0] = fk_max_unordered(max_t[0], IO::load(t + j));
+  // the rows' elements from j (after the whole blocks), then ns.max and nt.max
+  void finish(const S* s_row, const S* t_row, int64_t j, int64_t V, Normaliser<A>& ns, Normaliser<A>& nt) {
+    for (; j + L <= V; j += L) {
+      s[0] = fk_max_unordered(s[0], IO::load(s_row + j));
+      t[0] = fk_max_unordered(t[0], IO::load(t_row + j));
+    }
+    A best_s = horizontal_max(fk_max_unordered(fk_max_unordered(s[0], s[1]), fk_max_unordered(s[2], s[3])));
+    A best_t = horizontal_max(fk_max_unordered(fk_max_unordered(t[0], t[1]), fk_max_unordered(t[2], t[3])));
+    for (; j < V; ++j) {
+      best_s = fk_max(best_s, A(s_row[j]));
+      best_t = fk_max(best_t, A(t_row[j]));
+    }
+    ns.max = best_s;
+    nt.max = best_t;
   }
-  A best_s = horizontal_max(fk_max_unordered(fk_max_unordered(max_s[0], max_s[1]),
-                                             fk_max_unordered(max_s[2], max_s[3])));
-  A best_t = horizontal_max(fk_max_unordered(fk_max_unordered(max_t[0], max_t[1]),
-                                             fk_max_unordered(max_t[2], max_t[3])));
-  for (; j < V; ++j) {
-    best_s = fk_max(best_s, A(s[j]));
-    best_t = fk_max(best_t, A(t[j]));
-  }
-  ns.max = best_s;
-  nt.max = best_t;
+};
+
+// Elements of the whole blocks of kBlock vectors in a row of V (pass 1's and
+// pass 2's block loops; RowMaxima::finish takes the rest).
+template <class A>
+constexpr int64_t whole_blocks(int64_t V) {
+  constexpr int64_t block = kBlock * Vec<A>::size();
+  return V / block * block;
+}
+
+// Pass 1: ns.max = max_j s_j and nt.max = max_j t_j, in one loop.
+template <class A, class S>
+void row_maxima(const S* s, const S* t, int64_t V, Normaliser<A>& ns, Normaliser<A>& nt) {
+  RowMaxima<A, S> maxima;
+  const int64_t blocks_end = whole_blocks<A>(V);
+  for (int64_t j = 0; j < blocks_end; j += kBlock * RowMaxima<A, S>::L) maxima.add_block(s, t, j);
+  maxima.finish(s, t, blocks_end, V, ns, nt);
 }
 
 // e_t·(a_t − a_s), with the xlogy rule (0 where e_t is 0, even if a_t − a_s
@@ -344,7 +364,7 @@ inline W weighted_log_ratio(W e_t, W a_s, W a_t) {
 // products (multiply-adds, no test for e_t = 0 per element); a 0·∞ term of an
 // infinite logit makes it NaN, and only then is the row summed again with
 // the xlogy rule.
-// on_block() runs once per block of kBlock vectors, after its exponentials
+// on_block(j) runs once per block of kBlock vectors (from j), after its exponentials
 // (the pipelined KL rows write the previous row's gradient there).
 template <bool KL_GAP, class A, class S, class OnBlock>
 A row_exponentials(const S* s, const S* t, int64_t V, A inv_t, Normaliser<A>& ns,
@@ -379,7 +399,7 @@ A row_exponentials(const S* s, const S* t, int64_t V, A inv_t, Normaliser<A>& ns
     }
     Vec<A> es[kBlock], et[kBlock], gap[kBlock];
     for (int64_t k = 0; k < kBlock; ++k) exponentials_at(j + k * L, es[k], et[k], gap[k]);
-    on_block();
+    on_block(j);
     static_assert(kBlock == 4, "the pairwise block sums below add four vectors");
     vsum_s.add((es[0] + es[1]) + (es[2] + es[3]));
     vsum_t.add((et[0] + et[1]) + (et[2] + et[3]));
@@ -499,7 +519,7 @@ A divergence_row(const S* s, const S* t, int64_t V, const RowParams<A>& rp, S* g
   Normaliser<A> nt{};
   ns = Normaliser<A>{};
   row_maxima(s, t, V, ns, nt);
-  const A gap = row_exponentials<kl_shortcut>(s, t, V, rp.inv_temperature, ns, nt, scratch, next, [] {});
+  const A gap = row_exponentials<kl_shortcut>(s, t, V, rp.inv_temperature, ns, nt, scratch, next, [](int64_t) {});
   const A* e_s = scratch.e_s;
   const A* e_t = scratch.e_t;
 
@@ -724,18 +744,38 @@ class PendingKlGradient {
   int64_t V_ = 0, head_ = 0, next_ = 0, lines_end_ = 0;
 };
 
-// One pipelined KL row: finishes the pending row's gradient during this
-// row's exponentials, then leaves this row's pending. Returns the row loss.
+// The rows after a pipelined KL row: the next one, whose maxima are taken
+// during this row's exponentials (s null: none, or it is not kept), and the
+// one after it, prefetched meanwhile so that those loads find it in cache.
+template <class S>
+struct RowsAhead {
+  const S* s = nullptr;
+  const S* t = nullptr;
+  NextRow prefetch{nullptr, nullptr, 0};
+};
+
+// One pipelined KL row, whose maxima come in ns.max and nt.max: finishes the
+// pending row's gradient and takes the next row's maxima (into next_ns.max,
+// next_nt.max) during this row's exponentials, then leaves this row's
+// gradient pending. The next row's pass 1 is thus no pass of its own: its
+// loads, from cache (the row was prefetched during the row before), fill
+// issue slots of this row's exponentials. Measured at 4096×1024 bf16: 5% less
+// time on two threads, 8% on one. Returns the row loss.
 template <class S>
 float kl_row_pipelined(const S* s, const S* t, int64_t V, const RowParams<float>& rp, S* gs,
-                       const Scratch<float>& scratch, const NextRow& next, PendingKlGradient<S>& pending) {
-  Normaliser<float> ns{}, nt{};
-  row_maxima(s, t, V, ns, nt);
+                       const Scratch<float>& scratch, Normaliser<float> ns, Normaliser<float> nt,
+                       const RowsAhead<S>& ahead, Normaliser<float>& next_ns, Normaliser<float>& next_nt,
+                       PendingKlGradient<S>& pending) {
   // kBlock vectors of float32 exponentials per block: as many 64-byte lines
   // of float32 gradient, half as many of bf16
   constexpr int64_t lines_per_block = kBlock * Vec<float>::size() / PendingKlGradient<S>::kLine;
-  const float gap = row_exponentials<true>(s, t, V, rp.inv_temperature, ns, nt, scratch, next,
-                                           [&pending] { pending.write_lines(lines_per_block); });
+  RowMaxima<float, S> next_maxima;
+  const float gap = row_exponentials<true>(s, t, V, rp.inv_temperature, ns, nt, scratch, ahead.prefetch,
+                                           [&](int64_t j) {
+                                             pending.write_lines(lines_per_block);
+                                             if (ahead.s != nullptr) next_maxima.add_block(ahead.s, ahead.t, j);
+                                           });
+  if (ahead.s != nullptr) next_maxima.finish(ahead.s, ahead.t, whole_blocks<float>(V), V, next_ns, next_nt);
   pending.finish();
   pending = PendingKlGradient<S>(scratch.e_s, scratch.e_t, rp.grad_factor * ns.inv_sum,
                                  rp.grad_factor * nt.inv_sum, gs, V);
@@ -849,6 +889,9 @@ void divergence_rows(const DivergenceArgs& a) {
                                        buffer.data() + (pipelined ? 3 * V : 0)};
     std::conditional_t<can_pipeline, PendingKlGradient<scalar_t>, PendingKlGradient<float>> pending;
     bool other_slot = false;
+    // the maxima of row maxima_row (−1: none), taken during the row before it
+    Normaliser<acc_t> row_ns{}, row_nt{};
+    int64_t maxima_row = -1;
 #endif
     acc_t* s_buf = buffer.data() + 2 * V;
     acc_t* t_buf = s_buf + (widen ? V : 0);
@@ -875,8 +918,25 @@ void divergence_rows(const DivergenceArgs& a) {
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (can_pipeline) {
         if (pipelined) {
-          row_loss[i] = kl_row_pipelined(s_row, t_row, V, rp, gs_row, other_slot ? other_scratch : scratch, next,
-                                         pending);
+          // this row's maxima: taken during the previous row's exponentials, or here
+          if (maxima_row != i) row_maxima(s_row, t_row, V, row_ns, row_nt);
+          RowsAhead<scalar_t> ahead;
+          const bool next_kept = i + 1 < end && (a.row_mask == nullptr || a.row_mask[i + 1]);
+          if (next_kept) {
+            ahead.s = student + student_offset(i + 1);
+            ahead.t = teacher + teacher_offset(i + 1);
+          }
+          if (i + 2 < end) {
+            ahead.prefetch = NextRow{reinterpret_cast<const char*>(student + student_offset(i + 2)),
+                                     reinterpret_cast<const char*>(teacher + teacher_offset(i + 2)),
+                                     static_cast<int64_t>(sizeof(scalar_t))};
+          }
+          Normaliser<acc_t> next_ns{}, next_nt{};
+          row_loss[i] = kl_row_pipelined(s_row, t_row, V, rp, gs_row, other_slot ? other_scratch : scratch,
+                                         row_ns, row_nt, ahead, next_ns, next_nt, pending);
+          row_ns = next_ns;
+          row_nt = next_nt;
+          maxima_row = next_kept ? i + 1 : -1;
           other_slot = !other_slot;
           continue;
         }
