@@ -265,6 +265,9 @@ void mixture_rows(const MixtureDivergenceArgs& a) {
 //                                double sums, rounded once),
 //   D = log(p / q):  positive terms, one division and one log, so D is off
 //                    by a few float32 ulps of 1 (the exponentials' rounding).
+// r_k is its own constant, not derived from p and q: log(p / q) from the
+// rounded p and q measured a 1.6× larger error at T = 100 (0.34 of PyTorch
+// float32's, against 0.21) and up to 4.5× on the reverse KL's gradient.
 // Per element: K FMAs, a division and a log, against the exact form's
 // selection, K expm1 and log1p.
 //
